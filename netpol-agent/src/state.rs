@@ -1,0 +1,59 @@
+//! The cluster as the agent knows it: typed Kubernetes objects, one store.
+//!
+//! Sources (`source/`) fill it; the compiler (`compile/`) only reads it. No I/O here.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+/// `namespace/name` of a namespaced object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectRef { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Annotation naming a pod's host-side interface (local mode; optional).
+pub const HOST_INTERFACE_ANNOTATION: &str = "netpol.dev/host-interface";
+
+/// Everything the compiler needs to know, and nothing else.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterState {
+    /// By name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<ObjectRef, Pod>,
+    pub policies: BTreeMap<ObjectRef, NetworkPolicy>,
+    pub node: NodeContext,
+}
+
+/// The node this agent enforces on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// `None`: every pod in the state runs on this node (local mode default).
+    /// `Some(n)`: only pods whose `spec.nodeName` is `n` are local; the rest are peers.
+    pub name: Option<String>,
+    /// Addresses of this node: traffic from them to local pods always passes.
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+impl NodeContext {
+    pub fn is_local(&self, pod: &Pod) -> bool {
+        match &self.name {
+            None => true,
+            Some(name) => pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name),
+        }
+    }
+}

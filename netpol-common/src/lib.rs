@@ -1,0 +1,310 @@
+//! Map keys and values shared by the kernel programs (`netpol-ebpf`) and the agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields, so both sides agree on the
+//! byte layout and no uninitialised padding ever reaches a map key. Sizes are checked
+//! at compile time at the bottom of this file.
+//!
+//! Addresses are stored as [`Addr`]: a family word followed by 16 address bytes
+//! (IPv4 uses the first four). The family word is part of every LPM prefix, so an IPv6
+//! `::/0` never covers IPv4 addresses and vice versa.
+#![no_std]
+
+/// Peer identity used in POLICY keys for rules that allow any peer (no `from`/`to`).
+pub const IDENTITY_ANY: u32 = 0;
+/// Peer identity of addresses no IPCACHE prefix covers ("the world", outside every
+/// ipBlock and not a known pod).
+pub const IDENTITY_WORLD: u32 = 1;
+/// First identity handed out by the compiler.
+pub const IDENTITY_FIRST_DYNAMIC: u32 = 16;
+
+pub const FAMILY_IPV4: u32 = 4;
+pub const FAMILY_IPV6: u32 = 6;
+
+/// Bits of the family word that precede the address in an LPM key.
+pub const ADDR_FAMILY_BITS: u32 = 32;
+
+/// An IPv4 or IPv6 address as stored in map keys.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct Addr {
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u32,
+    /// Network byte order; IPv4 in `bytes[..4]`, the rest zero.
+    pub bytes: [u8; 16],
+}
+
+impl Addr {
+    pub const fn v4(octets: [u8; 4]) -> Self {
+        let mut bytes = [0u8; 16];
+        bytes[0] = octets[0];
+        bytes[1] = octets[1];
+        bytes[2] = octets[2];
+        bytes[3] = octets[3];
+        Addr { family: FAMILY_IPV4, bytes }
+    }
+
+    pub const fn v6(bytes: [u8; 16]) -> Self {
+        Addr { family: FAMILY_IPV6, bytes }
+    }
+
+    /// Prefix length of an LPM key that covers exactly this address.
+    pub const fn full_prefix_len(&self) -> u32 {
+        if self.family == FAMILY_IPV4 {
+            ADDR_FAMILY_BITS + 32
+        } else {
+            ADDR_FAMILY_BITS + 128
+        }
+    }
+}
+
+/// Value of ENDPOINTS (HASH, key [`Addr`]): one entry per address of each local pod.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct EndpointInfo {
+    /// Node-local endpoint id, the first field of every POLICY key of this pod.
+    pub id: u32,
+    /// `ENDPOINT_*` flags.
+    pub flags: u32,
+}
+
+/// Some policy with policyTypes Ingress selects the pod.
+pub const ENDPOINT_INGRESS_ISOLATED: u32 = 1 << 0;
+/// Some policy with policyTypes Egress selects the pod.
+pub const ENDPOINT_EGRESS_ISOLATED: u32 = 1 << 1;
+/// Would-be drops are counted and let through.
+pub const ENDPOINT_AUDIT: u32 = 1 << 2;
+
+/// Value of IPCACHE (LPM_TRIE, key data [`Addr`], prefix `ADDR_FAMILY_BITS + n`).
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct PeerInfo {
+    pub identity: u32,
+    /// `PEER_*` flags.
+    pub flags: u32,
+}
+
+/// The address belongs to this node: traffic from it to a local pod always passes
+/// (kubelet probes).
+pub const PEER_HOST: u32 = 1 << 0;
+
+/// Direction of a policy decision, from the pod's point of view.
+pub const DIR_INGRESS: u8 = 1;
+pub const DIR_EGRESS: u8 = 2;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+
+/// Key data of POLICY (LPM_TRIE). Fields are matched in order, so the prefix length
+/// selects how much is wildcarded:
+/// - [`POLICY_PREFIX_ANY_PROTO`]: every protocol and port (a rule without `ports`),
+/// - [`POLICY_PREFIX_ANY_PORT`]: one protocol, every port,
+/// - `POLICY_PREFIX_ANY_PORT + n`: one protocol, ports sharing the top `n` bits.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct PolicyKey {
+    pub endpoint: u32,
+    pub identity: u32,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub direction: u8,
+    pub protocol: u8,
+    /// Destination port, network byte order (so LPM prefixes are port prefixes).
+    pub port: [u8; 2],
+}
+
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 32 + 32 + 8;
+pub const POLICY_PREFIX_ANY_PORT: u32 = POLICY_PREFIX_ANY_PROTO + 8;
+pub const POLICY_PREFIX_FULL: u32 = POLICY_PREFIX_ANY_PORT + 16;
+
+/// Value of POLICY: which rule allowed the traffic.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct PolicyValue {
+    /// Index into the agent's rule table (policy, direction, rule number).
+    pub rule: u32,
+    pub _pad: u32,
+}
+
+/// Key of CT (LRU_HASH). Addresses and ports are ordered so that both directions of a
+/// connection share one key: `(addr_a, port_a) <= (addr_b, port_b)`. `local_b` says which
+/// side is the endpoint whose hook created the entry, so the two pods of a node-local
+/// connection keep separate entries.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct CtKey {
+    pub addr_a: Addr,
+    pub addr_b: Addr,
+    /// Host byte order.
+    pub port_a: u16,
+    pub port_b: u16,
+    pub protocol: u8,
+    /// 1 when `addr_b` is the local endpoint, 0 when `addr_a` is.
+    pub local_b: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of CT.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct CtValue {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Rule that allowed the first packet ([`RULE_NONE`] when the endpoint was not
+    /// isolated).
+    pub rule: u32,
+    /// `CT_*` flags.
+    pub flags: u32,
+}
+
+/// The connection was opened by side b (see [`CtKey`]).
+pub const CT_INITIATOR_B: u32 = 1 << 0;
+/// The opening packet went to the pod (ingress), not from it.
+pub const CT_INGRESS: u32 = 1 << 1;
+/// A packet of the reply direction was seen (TCP: the handshake completed).
+pub const CT_SEEN_REPLY: u32 = 1 << 2;
+pub const CT_FIN_INITIATOR: u32 = 1 << 3;
+pub const CT_FIN_RESPONDER: u32 = 1 << 4;
+pub const CT_RST: u32 = 1 << 5;
+
+/// Conntrack lifetimes: an idle entry older than this no longer lets packets through.
+/// TCP flags as found in byte 13 of the TCP header.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+pub const CT_TIMEOUT_TCP_OPENING_NS: u64 = 60 * 1_000_000_000;
+pub const CT_TIMEOUT_TCP_ESTABLISHED_NS: u64 = 6 * 3600 * 1_000_000_000;
+pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+pub const CT_TIMEOUT_OTHER_NS: u64 = 60 * 1_000_000_000;
+
+/// `PolicyValue::rule` / `CtValue::rule` when no rule was involved.
+pub const RULE_NONE: u32 = u32::MAX;
+
+/// Why a packet got its verdict: the index into COUNTERS and the `reason` of events.
+#[repr(u32)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Reason {
+    /// Neither address is a local endpoint (or not IP at all): not ours to judge.
+    NotEndpoint = 0,
+    /// Part of a connection conntrack already allowed, original direction.
+    Established = 1,
+    /// Part of a connection conntrack already allowed, reply direction.
+    Reply = 2,
+    /// The pod is not isolated in this direction.
+    NotIsolated = 3,
+    /// A rule allowed a new connection.
+    PolicyAllowed = 4,
+    /// From the pod's own node (kubelet probes).
+    FromHost = 5,
+    /// Isolated and no rule allows it.
+    PolicyDenied = 6,
+    /// Would have been denied; let through because the endpoint is in audit mode.
+    AuditAllowed = 7,
+    /// The headers could not be parsed.
+    Malformed = 8,
+    /// A later fragment of an IP packet. Only first fragments carry ports; they are
+    /// judged, and a datagram whose first fragment was dropped cannot be reassembled.
+    Fragment = 9,
+    /// IPv6 neighbour discovery and MLD: the link cannot work without them.
+    NetworkControl = 10,
+}
+
+pub const REASON_COUNT: u32 = 11;
+
+impl Reason {
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::NotEndpoint,
+        Reason::Established,
+        Reason::Reply,
+        Reason::NotIsolated,
+        Reason::PolicyAllowed,
+        Reason::FromHost,
+        Reason::PolicyDenied,
+        Reason::AuditAllowed,
+        Reason::Malformed,
+        Reason::Fragment,
+        Reason::NetworkControl,
+    ];
+
+    pub const fn is_drop(self) -> bool {
+        matches!(self, Reason::PolicyDenied | Reason::Malformed)
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::NotEndpoint => "not-endpoint",
+            Reason::Established => "established",
+            Reason::Reply => "reply",
+            Reason::NotIsolated => "not-isolated",
+            Reason::PolicyAllowed => "policy-allowed",
+            Reason::FromHost => "from-host",
+            Reason::PolicyDenied => "policy-denied",
+            Reason::AuditAllowed => "audit-allowed",
+            Reason::Malformed => "malformed",
+            Reason::Fragment => "fragment",
+            Reason::NetworkControl => "network-control",
+        }
+    }
+}
+
+/// Value of COUNTERS (PERCPU_ARRAY indexed by [`Reason`]).
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Names of the maps and programs in the object file; the agent pins them under these.
+pub mod names {
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const IPCACHE: &str = "IPCACHE";
+    pub const POLICY: &str = "POLICY";
+    pub const CT: &str = "CT";
+    pub const COUNTERS: &str = "COUNTERS";
+    /// TC ingress of the host-side veth: packets leaving the pod (its egress policy).
+    pub const PROG_FROM_POD: &str = "from_pod";
+    /// TC egress of the host-side veth: packets entering the pod (its ingress policy).
+    pub const PROG_TO_POD: &str = "to_pod";
+}
+
+/// Default capacities (the agent can override them at load time).
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 4096;
+    pub const IPCACHE: u32 = 262_144;
+    pub const POLICY: u32 = 262_144;
+    pub const CT: u32 = 262_144;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: every type is #[repr(C)], Copy, built only of integers and byte arrays,
+    // with all padding spelled out as fields; any bit pattern is valid.
+    unsafe impl aya::Pod for super::Addr {}
+    unsafe impl aya::Pod for super::EndpointInfo {}
+    unsafe impl aya::Pod for super::PeerInfo {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+// Layout checks: no implicit padding anywhere.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<Addr>() == 20);
+    assert!(size_of::<EndpointInfo>() == 8);
+    assert!(size_of::<PeerInfo>() == 8);
+    assert!(size_of::<PolicyKey>() == 12);
+    assert!(size_of::<PolicyValue>() == 8);
+    assert!(size_of::<CtKey>() == 48);
+    assert!(size_of::<CtValue>() == 40);
+    assert!(size_of::<Counter>() == 16);
+    assert!(POLICY_PREFIX_FULL as usize == size_of::<PolicyKey>() * 8);
+};

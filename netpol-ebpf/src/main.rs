@@ -1,0 +1,59 @@
+//! netpol's kernel half: two TC programs on every pod's host-side veth.
+//!
+//! - `from_pod` (TC ingress of the host veth) sees packets leaving the pod: the pod's
+//!   **egress** policy.
+//! - `to_pod` (TC egress of the host veth) sees packets entering the pod: the pod's
+//!   **ingress** policy.
+//!
+//! Both run the same pipeline, Cilium-style: parse → conntrack → policy → verdict, with
+//! one exit (`verdict::finish`) that counts the reason. Per packet the cost is a fixed
+//! number of map lookups whatever the number of policies: ENDPOINTS, CT, and for a new
+//! flow IPCACHE plus at most two POLICY lookups.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod policy;
+#[cfg(target_arch = "bpf")]
+mod verdict;
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{macros::classifier, programs::TcContext};
+    use netpol_common::{DIR_EGRESS, DIR_INGRESS};
+
+    use crate::verdict;
+
+    /// Packets leaving the pod: its egress policy.
+    #[classifier]
+    pub fn from_pod(ctx: TcContext) -> i32 {
+        verdict::run(&ctx, DIR_EGRESS)
+    }
+
+    /// Packets entering the pod: its ingress policy.
+    #[classifier]
+    pub fn to_pod(ctx: TcContext) -> i32 {
+        verdict::run(&ctx, DIR_INGRESS)
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        // SAFETY: the verifier rejects any program with a reachable panic path.
+        unsafe { core::hint::unreachable_unchecked() }
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// On the host this crate is an empty stub; see `lib.rs`.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

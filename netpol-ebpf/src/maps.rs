@@ -1,0 +1,35 @@
+//! Every map the programs use, in one place. Layouts live in `netpol-common`.
+//!
+//! All maps are pinned by name: the agent gives the loader a bpffs directory, so maps
+//! outlive the agent process (enforcement continues while it restarts) and a new agent
+//! adopts them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use netpol_common::{
+    Addr, Counter, CtKey, CtValue, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, REASON_COUNT,
+    capacity,
+};
+
+/// Local pod address -> endpoint.
+#[map]
+pub static ENDPOINTS: HashMap<Addr, EndpointInfo> =
+    HashMap::pinned(capacity::ENDPOINTS, 0);
+
+/// Address prefix -> peer identity. Longest match decides ipBlock membership exactly.
+#[map]
+pub static IPCACHE: LpmTrie<Addr, PeerInfo> = LpmTrie::pinned(capacity::IPCACHE, 0);
+
+/// {endpoint, identity, direction, protocol, port prefix} -> allowing rule.
+#[map]
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
+
+/// Own connection tracking, so replies of allowed connections pass.
+#[map]
+pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CT, 0);
+
+/// Packets and bytes per verdict reason.
+#[map]
+pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(REASON_COUNT, 0);

@@ -1,0 +1,192 @@
+//! Header parsing: Ethernet, IPv4, IPv6 (extension headers skipped, bounded), and the
+//! first bytes of TCP, UDP, SCTP, ICMP and ICMPv6. Everything is read with
+//! `bpf_skb_load_bytes`, which checks bounds at run time, so a short packet is an error,
+//! never an out-of-bounds read.
+
+use aya_ebpf::programs::TcContext;
+use netpol_common::{
+    Addr, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
+const IPV6_HLEN: usize = 40;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+/// More extension headers than this and the packet is treated as malformed.
+const MAX_EXT_HEADERS: usize = 8;
+
+/// A packet that could not be parsed.
+pub struct Malformed;
+
+/// What the policy pipeline needs to know about an IP packet.
+pub struct Packet {
+    pub src: Addr,
+    pub dst: Addr,
+    pub protocol: u8,
+    /// Host byte order. ICMP echo: the identifier, on the requester's side.
+    pub sport: u16,
+    pub dport: u16,
+    /// Byte 13 of the TCP header, 0 otherwise.
+    pub tcp_flags: u8,
+    /// ICMP / ICMPv6 type, 0 otherwise.
+    pub icmp_type: u8,
+    /// Not the first fragment: no transport header.
+    pub later_fragment: bool,
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
+    ctx.load::<T>(offset).map_err(|_| Malformed)
+}
+
+/// `Ok(None)` for anything that is not IPv4 or IPv6 (ARP, LLDP, ...).
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Malformed> {
+    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    match ethertype {
+        ETH_P_IP => parse_ipv4(ctx).map(Some),
+        ETH_P_IPV6 => parse_ipv6(ctx).map(Some),
+        _ => Ok(None),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext) -> Result<Packet, Malformed> {
+    let version_ihl: u8 = load(ctx, ETH_HLEN)?;
+    if version_ihl >> 4 != 4 {
+        return Err(Malformed);
+    }
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if header_len < 20 {
+        return Err(Malformed);
+    }
+    let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
+    let fragment_offset = frag & 0x1fff;
+    // RFC 1858: a fragment at offset 8 bytes can only serve to overwrite TCP ports/flags.
+    if fragment_offset == 1 {
+        return Err(Malformed);
+    }
+    let protocol: u8 = load(ctx, ETH_HLEN + 9)?;
+    let src: [u8; 4] = load(ctx, ETH_HLEN + 12)?;
+    let dst: [u8; 4] = load(ctx, ETH_HLEN + 16)?;
+    let mut packet = Packet {
+        src: Addr::v4(src),
+        dst: Addr::v4(dst),
+        protocol,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+        later_fragment: fragment_offset != 0,
+    };
+    if !packet.later_fragment {
+        parse_transport(ctx, ETH_HLEN + header_len, &mut packet)?;
+    }
+    Ok(packet)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext) -> Result<Packet, Malformed> {
+    let version: u8 = load(ctx, ETH_HLEN)?;
+    if version >> 4 != 6 {
+        return Err(Malformed);
+    }
+    let mut next: u8 = load(ctx, ETH_HLEN + 6)?;
+    let src: [u8; 16] = load(ctx, ETH_HLEN + 8)?;
+    let dst: [u8; 16] = load(ctx, ETH_HLEN + 24)?;
+    let mut offset = ETH_HLEN + IPV6_HLEN;
+    let mut later_fragment = false;
+    let mut done = false;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let header: [u8; 2] = load(ctx, offset)?;
+                next = header[0];
+                offset += (usize::from(header[1]) + 1) * 8;
+            }
+            NEXTHDR_AUTH => {
+                let header: [u8; 2] = load(ctx, offset)?;
+                next = header[0];
+                offset += (usize::from(header[1]) + 2) * 4;
+            }
+            NEXTHDR_FRAGMENT => {
+                let header: [u8; 4] = load(ctx, offset)?;
+                next = header[0];
+                offset += 8;
+                if u16::from_be_bytes([header[2], header[3]]) >> 3 != 0 {
+                    later_fragment = true;
+                    done = true;
+                    break;
+                }
+            }
+            _ => {
+                done = true;
+                break;
+            }
+        }
+    }
+    if !done {
+        return Err(Malformed);
+    }
+    let mut packet = Packet {
+        src: Addr::v6(src),
+        dst: Addr::v6(dst),
+        protocol: next,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+        later_fragment,
+    };
+    if !later_fragment {
+        parse_transport(ctx, offset, &mut packet)?;
+    }
+    Ok(packet)
+}
+
+#[inline(always)]
+fn parse_transport(ctx: &TcContext, offset: usize, packet: &mut Packet) -> Result<(), Malformed> {
+    match packet.protocol {
+        PROTO_TCP => {
+            let header: [u8; 14] = load(ctx, offset)?;
+            packet.sport = u16::from_be_bytes([header[0], header[1]]);
+            packet.dport = u16::from_be_bytes([header[2], header[3]]);
+            packet.tcp_flags = header[13];
+        }
+        PROTO_UDP | PROTO_SCTP => {
+            let header: [u8; 4] = load(ctx, offset)?;
+            packet.sport = u16::from_be_bytes([header[0], header[1]]);
+            packet.dport = u16::from_be_bytes([header[2], header[3]]);
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let header: [u8; 8] = load(ctx, offset)?;
+            packet.icmp_type = header[0];
+            let id = u16::from_be_bytes([header[4], header[5]]);
+            // Echo request and reply share the identifier: key the request as
+            // (id -> 0) and the reply as (0 -> id) so conntrack sees one flow.
+            match (packet.protocol, header[0]) {
+                (PROTO_ICMP, 8) | (PROTO_ICMPV6, 128) => packet.sport = id,
+                (PROTO_ICMP, 0) | (PROTO_ICMPV6, 129) => packet.dport = id,
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+impl Packet {
+    /// IPv6 neighbour discovery (RS, RA, NS, NA, redirect) and MLD.
+    #[inline(always)]
+    pub fn is_network_control(&self) -> bool {
+        self.protocol == PROTO_ICMPV6
+            && !self.later_fragment
+            && matches!(self.icmp_type, 130..=137 | 143)
+    }
+}

@@ -1,0 +1,61 @@
+//! The policy decision for the first packet of a connection: at most one IPCACHE
+//! lookup and two POLICY lookups, whatever the number of policies.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use netpol_common::{
+    Addr, DIR_INGRESS, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED,
+    EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, PEER_HOST, POLICY_PREFIX_FULL, PeerInfo,
+    PolicyKey, RULE_NONE, Reason,
+};
+
+use crate::{
+    maps::{IPCACHE, POLICY},
+    parse::Packet,
+};
+
+#[inline(always)]
+fn peer(addr: &Addr) -> PeerInfo {
+    match IPCACHE.get(Key::new(addr.full_prefix_len(), *addr)) {
+        Some(info) => *info,
+        None => PeerInfo { identity: IDENTITY_WORLD, flags: 0 },
+    }
+}
+
+#[inline(always)]
+fn allowing_rule(mut key: PolicyKey) -> Option<u32> {
+    if let Some(value) = POLICY.get(Key::new(POLICY_PREFIX_FULL, key)) {
+        return Some(value.rule);
+    }
+    key.identity = IDENTITY_ANY;
+    POLICY.get(Key::new(POLICY_PREFIX_FULL, key)).map(|value| value.rule)
+}
+
+/// Verdict and deciding rule for a packet that opens a connection.
+#[inline(always)]
+pub fn decide(endpoint: &EndpointInfo, packet: &Packet, direction: u8) -> (Reason, u32) {
+    let isolated = if direction == DIR_INGRESS {
+        ENDPOINT_INGRESS_ISOLATED
+    } else {
+        ENDPOINT_EGRESS_ISOLATED
+    };
+    if endpoint.flags & isolated == 0 {
+        return (Reason::NotIsolated, RULE_NONE);
+    }
+    let remote = if direction == DIR_INGRESS { &packet.src } else { &packet.dst };
+    let peer = peer(remote);
+    if direction == DIR_INGRESS && peer.flags & PEER_HOST != 0 {
+        return (Reason::FromHost, RULE_NONE);
+    }
+    let key = PolicyKey {
+        endpoint: endpoint.id,
+        identity: peer.identity,
+        direction,
+        protocol: packet.protocol,
+        port: packet.dport.to_be_bytes(),
+    };
+    match allowing_rule(key) {
+        Some(rule) => (Reason::PolicyAllowed, rule),
+        None if endpoint.flags & ENDPOINT_AUDIT != 0 => (Reason::AuditAllowed, RULE_NONE),
+        None => (Reason::PolicyDenied, RULE_NONE),
+    }
+}
