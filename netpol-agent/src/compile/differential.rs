@@ -1,0 +1,327 @@
+//! Differential property test: [`compile`] + [`model`] against [`reference`].
+//!
+//! Random small clusters (namespaces and pods with random labels, IPs and named ports,
+//! policies with random selectors, ipBlocks around the pod IPs, ports, end ports, named
+//! ports and policyTypes variants) and random flows, including non-pod addresses and
+//! the node's own address. Every verdict of the kernel model over the compiled maps must
+//! equal the reference verdict, and the rule the model reports must be one the
+//! reference says allows the flow.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use netpol_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, Reason};
+use proptest::prelude::*;
+use proptest::sample::select;
+use serde_json::{Value, json};
+
+use super::reference::{self, Verdict};
+use super::testutil::{Cluster, labels};
+use super::{Allocations, Compiled, Direction, compile, model};
+use crate::state::ClusterState;
+
+const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+const NODE_IP: &str = "10.0.2.254";
+/// Addresses that are never pods.
+const OUTSIDE: [&str; 5] = ["10.0.0.200", "10.0.1.77", "192.168.1.1", "8.8.8.8", "fd00::99"];
+const PORT_NAMES: [&str; 3] = ["http", "dns", "metrics"];
+const PORTS: [u16; 5] = [53, 80, 81, 8080, 8081];
+
+fn label_set(keys: &'static [&'static str]) -> impl Strategy<Value = Vec<(&'static str, &'static str)>> {
+    proptest::collection::vec((select(keys), select(&["a", "b"][..])), 0..=2)
+}
+
+fn protocol_name() -> impl Strategy<Value = &'static str> {
+    select(&["TCP", "UDP", "SCTP"][..])
+}
+
+#[derive(Clone, Debug)]
+struct PodSpec {
+    ns: usize,
+    labels: Vec<(&'static str, &'static str)>,
+    subnet: u8,
+    v6: bool,
+    ports: Vec<(&'static str, u16, &'static str)>,
+    local: bool,
+    phase: &'static str,
+    host_network: bool,
+}
+
+fn pod_spec() -> impl Strategy<Value = PodSpec> {
+    (
+        0..3usize,
+        label_set(&["app", "tier"]),
+        0..3u8,
+        prop::bool::weighted(0.3),
+        proptest::collection::vec((select(&PORT_NAMES[..]), select(&PORTS[..]), protocol_name()), 0..=3),
+        prop::bool::weighted(0.8),
+        select(&["Running", "Running", "Running", "Pending", "Succeeded"][..]),
+        prop::bool::weighted(0.05),
+    )
+        .prop_map(|(ns, labels, subnet, v6, ports, local, phase, host_network)| PodSpec {
+            ns,
+            labels,
+            subnet,
+            v6,
+            ports,
+            local,
+            phase,
+            host_network,
+        })
+}
+
+/// A selector as JSON: matchLabels and/or matchExpressions over `keys`.
+fn selector(keys: &'static [&'static str]) -> impl Strategy<Value = Value> {
+    let expr = (select(keys), select(&["In", "NotIn", "Exists", "DoesNotExist"][..])).prop_flat_map(|(key, op)| {
+            let values = if matches!(op, "In" | "NotIn") {
+                proptest::collection::btree_set(select(&["a", "b"][..]), 1..=2)
+                    .prop_map(|s| Some(s.into_iter().collect::<Vec<_>>()))
+                    .boxed()
+            } else {
+                Just(None).boxed()
+            };
+            values.prop_map(move |values| match values {
+                Some(v) => json!({"key": key, "operator": op, "values": v}),
+                None => json!({"key": key, "operator": op}),
+            })
+        });
+    (label_set(keys), proptest::collection::vec(expr, 0..=2), 0..3u8).prop_map(|(ml, exprs, shape)| {
+        let mut sel = serde_json::Map::new();
+        if !ml.is_empty() || shape == 1 {
+            sel.insert("matchLabels".into(), labels(&ml));
+        }
+        if !exprs.is_empty() {
+            sel.insert("matchExpressions".into(), Value::Array(exprs));
+        }
+        Value::Object(sel)
+    })
+}
+
+/// An address the ipBlocks are built around.
+fn block_address() -> impl Strategy<Value = String> {
+    prop_oneof![
+        (0..3u8, 1..9u8).prop_map(|(s, h)| format!("10.0.{s}.{h}")),
+        select(&OUTSIDE[..4]).prop_map(String::from),
+        Just(NODE_IP.to_string()),
+    ]
+}
+
+fn ip_block() -> impl Strategy<Value = Value> {
+    let v4 = (
+        block_address(),
+        select(&[0u8, 8, 16, 23, 24, 30, 32][..]),
+        proptest::collection::vec((block_address(), 1..=32u8), 0..=2),
+    )
+        .prop_map(|(base, len, excepts)| {
+            let cidr: ipnet::IpNet = format!("{base}/{len}").parse().expect("cidr");
+            let except: Vec<String> = excepts
+                .into_iter()
+                .filter_map(|(addr, extra)| {
+                    let e: ipnet::IpNet = format!("{addr}/{}", (len + extra).min(32)).parse().ok()?;
+                    (e.prefix_len() > len && cidr.contains(&e)).then(|| e.to_string())
+                })
+                .collect();
+            // Host bits are allowed in cidr: use the unmasked base address.
+            json!({"cidr": format!("{base}/{len}"), "except": except})
+        });
+    let v6 = (select(&[0u8, 64, 120, 128][..]), 1..7u8).prop_map(|(len, h)| {
+        let except = if len < 128 { vec![format!("fd00::{h}/128")] } else { vec![] };
+        json!({"cidr": format!("fd00::{h}/{len}"), "except": except})
+    });
+    prop_oneof![4 => v4, 1 => v6]
+}
+
+fn peer() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        selector(&["app", "tier"]).prop_map(|s| json!({"podSelector": s})),
+        selector(&["team", "ns"]).prop_map(|s| json!({"namespaceSelector": s})),
+        (selector(&["app", "tier"]), selector(&["team", "ns"]))
+            .prop_map(|(p, n)| json!({"podSelector": p, "namespaceSelector": n})),
+        ip_block().prop_map(|b| json!({"ipBlock": b})),
+        ip_block().prop_map(|b| json!({"ipBlock": b})),
+    ]
+}
+
+fn port() -> impl Strategy<Value = Value> {
+    let protocol = prop_oneof![Just(None), protocol_name().prop_map(Some)];
+    let number = prop_oneof![
+        Just(json!({})),
+        select(&PORTS[..]).prop_map(|p| json!({"port": p})),
+        (select(&PORTS[..]), select(&[0u16, 1, 100, 8000][..])).prop_map(|(p, d)| json!({"port": p, "endPort": p + d})),
+        select(&PORT_NAMES[..]).prop_map(|n| json!({"port": n})),
+        // Invalid: the whole policy is left out by both sides.
+        Just(json!({"port": 81, "endPort": 80})),
+    ];
+    (protocol, number).prop_map(|(protocol, mut p)| {
+        if let Some(proto) = protocol {
+            p["protocol"] = json!(proto);
+        }
+        p
+    })
+}
+
+/// `None`, `[]`, or a few items.
+fn optional_list<S: Strategy<Value = Value> + 'static>(item: S, max: usize) -> impl Strategy<Value = Option<Value>> {
+    prop_oneof![
+        1 => Just(None),
+        1 => Just(Some(json!([]))),
+        4 => proptest::collection::vec(item, 1..=max).prop_map(|v| Some(Value::Array(v))),
+    ]
+}
+
+fn rule(peers_field: &'static str) -> impl Strategy<Value = Value> {
+    (optional_list(peer(), 2), optional_list(port(), 2)).prop_map(move |(peers, ports)| {
+        let mut r = serde_json::Map::new();
+        if let Some(p) = peers {
+            r.insert(peers_field.into(), p);
+        }
+        if let Some(p) = ports {
+            r.insert("ports".into(), p);
+        }
+        Value::Object(r)
+    })
+}
+
+fn policy_spec() -> impl Strategy<Value = (usize, Value)> {
+    let types = select(
+        &[None, Some(&["Ingress"][..]), Some(&["Egress"][..]), Some(&["Ingress", "Egress"][..]), Some(&[][..])][..],
+    );
+    (0..3usize, selector(&["app", "tier"]), types, optional_list(rule("from"), 2), optional_list(rule("to"), 2))
+        .prop_map(|(ns, pod_selector, types, ingress, egress)| {
+            let mut spec = serde_json::Map::new();
+            spec.insert("podSelector".into(), pod_selector);
+            if let Some(t) = types {
+                spec.insert("policyTypes".into(), json!(t));
+            }
+            if let Some(i) = ingress {
+                spec.insert("ingress".into(), i);
+            }
+            if let Some(e) = egress {
+                spec.insert("egress".into(), e);
+            }
+            (ns, Value::Object(spec))
+        })
+}
+
+#[derive(Clone, Debug)]
+struct Scenario {
+    state: ClusterState,
+    addresses: Vec<IpAddr>,
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    (
+        2..=3usize,
+        proptest::collection::vec(label_set(&["team", "ns"]), 3),
+        proptest::collection::vec(pod_spec(), 2..=6),
+        proptest::collection::vec(policy_spec(), 1..=4),
+    )
+        .prop_map(|(n_ns, ns_labels, pods, policies)| {
+            let mut c = Cluster::new().node_name("n1").node_ips(&[NODE_IP]);
+            for (i, name) in NAMESPACES.iter().take(n_ns).enumerate() {
+                c = c.ns(name, &ns_labels[i]);
+            }
+            let mut addresses: Vec<IpAddr> = OUTSIDE.iter().map(|s| s.parse().unwrap()).collect();
+            addresses.push(NODE_IP.parse().unwrap());
+            for (i, p) in pods.iter().enumerate() {
+                let ns = NAMESPACES[p.ns % n_ns];
+                let v4 = format!("10.0.{}.{}", p.subnet, i + 1);
+                let v6 = format!("fd00::{}", i + 1);
+                let mut ips = vec![v4.as_str()];
+                if p.v6 {
+                    ips.push(&v6);
+                }
+                let mut pod = super::testutil::pod(ns, &format!("p{i}"), &p.labels, &ips, &p.ports);
+                let spec = pod.spec.as_mut().unwrap();
+                spec.node_name = Some(if p.local { "n1" } else { "n2" }.into());
+                spec.host_network = p.host_network.then_some(true);
+                pod.status.as_mut().unwrap().phase = Some(p.phase.into());
+                addresses.extend(ips.iter().map(|s| s.parse::<IpAddr>().unwrap()));
+                c = c.raw_pod(pod);
+            }
+            for (i, (ns, spec)) in policies.into_iter().enumerate() {
+                c = c.policy(NAMESPACES[ns % n_ns], &format!("np{i}"), spec);
+            }
+            Scenario { state: c.state, addresses }
+        })
+}
+
+fn flow(n_addresses: usize) -> impl Strategy<Value = (usize, usize, u8, u16)> {
+    (
+        0..n_addresses,
+        0..n_addresses,
+        select(&[PROTO_TCP, PROTO_TCP, PROTO_UDP, PROTO_SCTP][..]),
+        prop_oneof![4 => select(&PORTS[..]), 1 => any::<u16>()],
+    )
+}
+
+fn check(state: &ClusterState, compiled: &Compiled, src: IpAddr, dst: IpAddr, protocol: u8, port: u16) -> Result<(), TestCaseError> {
+    for direction in Direction::BOTH {
+        let got = model::decide(compiled, src, dst, protocol, port, direction);
+        let want = reference::evaluate(state, src, dst, protocol, port, direction);
+        let context = || format!("{direction} {src} -> {dst} proto {protocol} port {port}: model {got:?}, reference {want:?}");
+        match (&want, got.reason) {
+            (Verdict::NotEndpoint, Reason::NotEndpoint)
+            | (Verdict::NotIsolated, Reason::NotIsolated)
+            | (Verdict::FromHost, Reason::FromHost)
+            | (Verdict::Denied, Reason::PolicyDenied) => {}
+            (Verdict::Allowed(rules), Reason::PolicyAllowed) => {
+                let rule = compiled.rules.get(got.rule as usize);
+                prop_assert!(rule.is_some_and(|r| rules.contains(r)), "wrong rule {:?}: {}", rule, context());
+            }
+            _ => prop_assert!(false, "{}", context()),
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn compiled_maps_agree_with_reference(
+        (s, flows) in scenario().prop_flat_map(|s| {
+            let n = s.addresses.len();
+            (Just(s), proptest::collection::vec(flow(n), 24))
+        })
+    ) {
+        let compiled = compile(&s.state, &Allocations::default());
+        for (a, b, protocol, port) in flows {
+            check(&s.state, &compiled, s.addresses[a], s.addresses[b], protocol, port)?;
+        }
+        // Every pod address against every other on the ports the cluster uses, TCP.
+        for &src in &s.addresses {
+            for &dst in &s.addresses {
+                check(&s.state, &compiled, src, dst, PROTO_TCP, 80)?;
+            }
+        }
+    }
+
+    /// Recompiling with the previous allocations after adding an unrelated pod keeps
+    /// every id, and yields the same maps as far as the old objects go.
+    #[test]
+    fn allocations_survive_unrelated_pod(s in scenario()) {
+        let first = compile(&s.state, &Allocations::default());
+        let mut grown = s.state.clone();
+        let extra = super::testutil::pod("unrelated", "zz", &[("nobody", "selects-me")], &["172.31.0.1"], &[]);
+        grown.pods.insert(crate::state::ObjectRef::new("unrelated", "zz"), extra);
+        let second = compile(&grown, &first.allocations);
+        for (pod, id) in first.allocations.endpoints() {
+            prop_assert_eq!(second.allocations.endpoint_id(pod), Some(*id));
+        }
+        for (sig, id) in first.allocations.identities() {
+            prop_assert_eq!(second.allocations.identity(sig), Some(*id));
+        }
+        prop_assert_eq!(&first.endpoints, &second.endpoints);
+        // Selectors like `namespaceSelector: {}` may match the new pod and add entries
+        // for a new identity; nothing that was there changes.
+        for (k, v) in &first.policy {
+            prop_assert_eq!(second.policy.get(k), Some(v));
+        }
+        let new_keys: BTreeSet<_> = second.ipcache.keys().filter(|k| !first.ipcache.contains_key(k)).collect();
+        prop_assert!(new_keys.len() <= 1);
+        for (k, v) in &first.ipcache {
+            prop_assert_eq!(second.ipcache.get(k), Some(v));
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The compiler: a pure function from [`ClusterState`] to the desired BPF map contents.
+//!
+//! No I/O happens here: [`compile`] reads the typed Kubernetes objects and returns
+//! [`Compiled`], which `datapath/` diffs against the kernel. Semantics are exactly those
+//! of `networking.k8s.io/v1` NetworkPolicy:
+//!
+//! - A pod is isolated in a direction when some valid policy of its namespace selects it
+//!   with that policy type (policyTypes defaulting: Ingress always, Egress when egress
+//!   rules exist). What is allowed is the union of the rules of those policies.
+//! - Peers are classified into *identities*: two addresses share an identity when every
+//!   peer in force (selector pairs and ipBlocks of policies that select a local pod)
+//!   treats them alike and, for egress named ports, they resolve names alike. IPCACHE
+//!   maps every pod IP, node IP, ipBlock cidr and except prefix to its identity; the
+//!   kernel's longest-prefix match then decides ipBlock membership exactly.
+//! - POLICY holds, per local endpoint, direction, allowing rule, matched identity (or
+//!   [`IDENTITY_ANY`](netpol_common::IDENTITY_ANY)) and port prefix, the rule's index in
+//!   [`Compiled::rules`]. Its size grows with endpoints × identities they allow, never
+//!   with pods × rules of the cluster.
+//!
+//! Invalid policies are reported in [`Compiled::diagnostics`] and left out; everything
+//! else keeps working. [`model::lookup`] replays the kernel's decision over a
+//! [`Compiled`], and [`reference`] evaluates the same semantics directly over the
+//! objects, so the two can be compared (see the differential property test).
+
+mod compiler;
+mod identity;
+mod lpm;
+pub mod model;
+mod policy;
+mod ports;
+pub mod reference;
+mod selector;
+
+#[cfg(test)]
+mod differential;
+#[cfg(test)]
+mod testutil;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use netpol_common::{Addr, DIR_EGRESS, DIR_INGRESS, EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+
+use crate::state::ObjectRef;
+#[cfg(doc)]
+use crate::state::ClusterState;
+
+pub use compiler::compile;
+pub use identity::{Allocations, IdentitySignature, NamedPortResolution};
+pub use lpm::{Lpm, LpmData, addr, host_key, net_key};
+pub use policy::{FieldError, validate_policy};
+pub use ports::{PortPrefix, port_prefixes};
+
+/// Direction of a rule or decision, from the selected pod's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub const BOTH: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+    /// The `DIR_*` value used in POLICY keys.
+    pub fn as_u8(self) -> u8 {
+        match self {
+            Direction::Ingress => DIR_INGRESS,
+            Direction::Egress => DIR_EGRESS,
+        }
+    }
+
+    /// The `spec` field holding this direction's rules.
+    pub fn field(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+impl std::fmt::Display for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Direction::Ingress => "Ingress",
+            Direction::Egress => "Egress",
+        })
+    }
+}
+
+/// Desired contents of the maps, plus what explaining and reporting need.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// ENDPOINTS: every address of every local, non-hostNetwork, live pod with an IP.
+    pub endpoints: BTreeMap<Addr, EndpointInfo>,
+    /// IPCACHE: pod IPs, node IPs, ipBlock cidr and except prefixes.
+    pub ipcache: BTreeMap<Lpm<Addr>, PeerInfo>,
+    /// POLICY: allow entries; the value names the rule in [`Compiled::rules`].
+    pub policy: BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+    /// The local endpoints, by pod.
+    pub local_pods: Vec<LocalPod>,
+    /// Rule table: `PolicyValue::rule` indexes it.
+    pub rules: Vec<RuleRef>,
+    /// What each identity stands for (including `IDENTITY_ANY` and `IDENTITY_WORLD`).
+    pub identities: BTreeMap<u32, IdentityInfo>,
+    /// Problems with objects; the objects concerned are left out (wholly or partly).
+    pub diagnostics: Vec<Diagnostic>,
+    /// Pass back into the next [`compile`] to keep ids stable.
+    pub allocations: Allocations,
+}
+
+/// One local endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPod {
+    pub pod: ObjectRef,
+    pub endpoint_id: u32,
+    pub ips: Vec<IpAddr>,
+    /// From the `netpol.dev/host-interface` annotation.
+    pub host_interface: Option<String>,
+    /// Valid policies selecting the pod with policy type Ingress.
+    pub ingress_policies: Vec<ObjectRef>,
+    /// Valid policies selecting the pod with policy type Egress.
+    pub egress_policies: Vec<ObjectRef>,
+}
+
+/// A rule of a policy: `spec.<direction>[index]` of `policy`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleRef {
+    pub policy: ObjectRef,
+    pub direction: Direction,
+    pub index: usize,
+}
+
+impl std::fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NetworkPolicy {} spec.{}[{}]", self.policy, self.direction.field(), self.index)
+    }
+}
+
+/// What an identity stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityInfo {
+    pub signature: IdentitySignature,
+    /// One line for humans, e.g. `matches [pods {app=web} in namespace x]`.
+    pub description: String,
+    /// The IPCACHE entries carrying it: `pod x/a 10.0.0.1`, `node 10.0.0.254`, `10.0.0.0/8`.
+    pub members: Vec<String>,
+}
+
+/// A problem with an object, e.g. `NetworkPolicy x/foo: spec.ingress[0].ports[0].endPort: ...`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// Kind and name, e.g. `NetworkPolicy x/foo` or `Pod x/a`.
+    pub object: String,
+    /// JSON path inside the object; may be empty.
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.object, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.object, self.field, self.message)
+        }
+    }
+}
+
+/// `TCP`, `UDP`, `SCTP`, or the number.
+pub fn protocol_name(protocol: u8) -> String {
+    match protocol {
+        netpol_common::PROTO_TCP => "TCP".into(),
+        netpol_common::PROTO_UDP => "UDP".into(),
+        netpol_common::PROTO_SCTP => "SCTP".into(),
+        n => n.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diagnostic_display() {
+        let d = Diagnostic {
+            object: "NetworkPolicy x/foo".into(),
+            field: "spec.ingress[0].ports[0].endPort".into(),
+            message: "must be >= port".into(),
+        };
+        assert_eq!(d.to_string(), "NetworkPolicy x/foo: spec.ingress[0].ports[0].endPort: must be >= port");
+        let d = Diagnostic { object: "Pod x/a".into(), field: String::new(), message: "m".into() };
+        assert_eq!(d.to_string(), "Pod x/a: m");
+    }
+
+    #[test]
+    fn rule_ref_display() {
+        let r = RuleRef { policy: ObjectRef::new("x", "p"), direction: Direction::Egress, index: 2 };
+        assert_eq!(r.to_string(), "NetworkPolicy x/p spec.egress[2]");
+    }
+}

@@ -1,0 +1,293 @@
+//! Label selectors (`metav1.LabelSelector`): validation, matching and a canonical form.
+//!
+//! A selector is parsed once into [`Selector`], which matches label maps and renders a
+//! canonical string (sorted, de-duplicated) used in identity signatures: two selectors
+//! written differently but with the same requirements render the same string.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+/// One requirement of a selector. `matchLabels` entries become `In` with one value.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Requirement {
+    In(String, BTreeSet<String>),
+    NotIn(String, BTreeSet<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+impl Requirement {
+    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            Requirement::In(key, values) => labels.get(key).is_some_and(|v| values.contains(v)),
+            Requirement::NotIn(key, values) => labels.get(key).is_none_or(|v| !values.contains(v)),
+            Requirement::Exists(key) => labels.contains_key(key),
+            Requirement::DoesNotExist(key) => !labels.contains_key(key),
+        }
+    }
+
+    fn render(&self) -> String {
+        fn set(values: &BTreeSet<String>) -> String {
+            values.iter().cloned().collect::<Vec<_>>().join(",")
+        }
+        match self {
+            Requirement::In(key, values) if values.len() == 1 => format!("{key}={}", set(values)),
+            Requirement::In(key, values) => format!("{key} in ({})", set(values)),
+            Requirement::NotIn(key, values) => format!("{key} notin ({})", set(values)),
+            Requirement::Exists(key) => key.clone(),
+            Requirement::DoesNotExist(key) => format!("!{key}"),
+        }
+    }
+}
+
+/// `[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?`, at most 63 characters (a label "name").
+fn is_label_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+/// A DNS subdomain (RFC 1123), as label key prefixes must be.
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|part| {
+            let b = part.as_bytes();
+            !b.is_empty()
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        })
+}
+
+/// A label key: `[prefix/]name` (`validation.IsQualifiedName`).
+fn check_key(key: &str) -> Result<(), String> {
+    let ok = match key.split_once('/') {
+        Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_name(name),
+        None => is_label_name(key),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid label key {key:?}: must be an optional DNS subdomain prefix and '/', then at most 63 \
+             alphanumeric characters, '-', '_' or '.', starting and ending with an alphanumeric character"
+        ))
+    }
+}
+
+/// A label value: empty or a label name (`validation.IsValidLabelValue`).
+fn check_value(value: &str) -> Result<(), String> {
+    if value.is_empty() || is_label_name(value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid label value {value:?}: must be empty or at most 63 alphanumeric characters, '-', '_' \
+             or '.', starting and ending with an alphanumeric character"
+        ))
+    }
+}
+
+/// A validated label selector: the AND of its requirements. Empty matches everything.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub(crate) struct Selector {
+    requirements: BTreeSet<Requirement>,
+}
+
+impl Selector {
+    /// Parses and validates `sel`. Errors are `(field relative to the selector, message)`.
+    pub(crate) fn parse(sel: &LabelSelector) -> Result<Selector, Vec<(String, String)>> {
+        let mut requirements = BTreeSet::new();
+        let mut errors = Vec::new();
+        for (key, value) in sel.match_labels.iter().flatten() {
+            let path = format!("matchLabels.{key}");
+            if let Err(m) = check_key(key) {
+                errors.push((path.clone(), m));
+            }
+            if let Err(m) = check_value(value) {
+                errors.push((path, m));
+            }
+            requirements.insert(Requirement::In(key.clone(), BTreeSet::from([value.clone()])));
+        }
+        for (i, expr) in sel.match_expressions.iter().flatten().enumerate() {
+            let values: BTreeSet<String> = expr.values.iter().flatten().cloned().collect();
+            let values_path = format!("matchExpressions[{i}].values");
+            let key = expr.key.clone();
+            if let Err(m) = check_key(&key) {
+                errors.push((format!("matchExpressions[{i}].key"), m));
+            }
+            for (j, v) in expr.values.iter().flatten().enumerate() {
+                if let Err(m) = check_value(v) {
+                    errors.push((format!("matchExpressions[{i}].values[{j}]"), m));
+                }
+            }
+            let requirement = match expr.operator.as_str() {
+                "In" | "NotIn" if values.is_empty() => {
+                    errors.push((
+                        values_path,
+                        format!("must be non-empty when operator is {}", expr.operator),
+                    ));
+                    continue;
+                }
+                "Exists" | "DoesNotExist" if !values.is_empty() => {
+                    errors.push((
+                        values_path,
+                        format!("may not be specified when operator is {}", expr.operator),
+                    ));
+                    continue;
+                }
+                "In" => Requirement::In(key, values),
+                "NotIn" => Requirement::NotIn(key, values),
+                "Exists" => Requirement::Exists(key),
+                "DoesNotExist" => Requirement::DoesNotExist(key),
+                other => {
+                    errors.push((
+                        format!("matchExpressions[{i}].operator"),
+                        format!(
+                            "unsupported operator {other:?}: must be In, NotIn, Exists or DoesNotExist"
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            requirements.insert(requirement);
+        }
+        if errors.is_empty() { Ok(Selector { requirements }) } else { Err(errors) }
+    }
+
+    pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.requirements.iter().all(|r| r.matches(labels))
+    }
+
+    /// Canonical text, e.g. `{app=web,tier in (a,b),!legacy}`; `{}` selects everything.
+    pub(crate) fn canonical(&self) -> String {
+        let parts: Vec<String> = self.requirements.iter().map(Requirement::render).collect();
+        format!("{{{}}}", parts.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn expr(key: &str, op: &str, values: Option<&[&str]>) -> LabelSelectorRequirement {
+        LabelSelectorRequirement {
+            key: key.into(),
+            operator: op.into(),
+            values: values.map(|v| v.iter().map(|s| s.to_string()).collect()),
+        }
+    }
+
+    fn sel(match_labels: &[(&str, &str)], exprs: Vec<LabelSelectorRequirement>) -> LabelSelector {
+        LabelSelector {
+            match_labels: if match_labels.is_empty() { None } else { Some(labels(match_labels)) },
+            match_expressions: if exprs.is_empty() { None } else { Some(exprs) },
+        }
+    }
+
+    #[test]
+    fn empty_selector_matches_everything() {
+        let s = Selector::parse(&LabelSelector::default()).unwrap();
+        assert!(s.matches(&labels(&[])));
+        assert!(s.matches(&labels(&[("a", "b")])));
+        assert_eq!(s.canonical(), "{}");
+    }
+
+    #[test]
+    fn match_labels_and_expressions_are_anded() {
+        let s = Selector::parse(&sel(
+            &[("app", "web")],
+            vec![expr("tier", "In", Some(&["a", "b"])), expr("legacy", "DoesNotExist", None)],
+        ))
+        .unwrap();
+        assert!(s.matches(&labels(&[("app", "web"), ("tier", "a")])));
+        assert!(s.matches(&labels(&[("app", "web"), ("tier", "b"), ("x", "y")])));
+        assert!(!s.matches(&labels(&[("app", "web"), ("tier", "c")])));
+        assert!(!s.matches(&labels(&[("app", "web")])));
+        assert!(!s.matches(&labels(&[("app", "db"), ("tier", "a")])));
+        assert!(!s.matches(&labels(&[("app", "web"), ("tier", "a"), ("legacy", "")])));
+    }
+
+    #[test]
+    fn notin_and_doesnotexist_match_absent_keys() {
+        let s = Selector::parse(&sel(&[], vec![expr("env", "NotIn", Some(&["prod"]))])).unwrap();
+        assert!(s.matches(&labels(&[])));
+        assert!(s.matches(&labels(&[("env", "dev")])));
+        assert!(!s.matches(&labels(&[("env", "prod")])));
+        let s = Selector::parse(&sel(&[], vec![expr("env", "DoesNotExist", None)])).unwrap();
+        assert!(s.matches(&labels(&[])));
+        assert!(!s.matches(&labels(&[("env", "")])));
+        let s = Selector::parse(&sel(&[], vec![expr("env", "Exists", Some(&[]))])).unwrap();
+        assert!(s.matches(&labels(&[("env", "")])));
+        assert!(!s.matches(&labels(&[("other", "")])));
+    }
+
+    #[test]
+    fn invalid_requirements_are_reported_with_their_field() {
+        let errs = Selector::parse(&sel(
+            &[],
+            vec![
+                expr("a", "In", Some(&[])),
+                expr("b", "NotIn", None),
+                expr("c", "Exists", Some(&["x"])),
+                expr("d", "Equals", Some(&["x"])),
+                expr("e", "in", Some(&["x"])),
+            ],
+        ))
+        .unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "matchExpressions[0].values",
+                "matchExpressions[1].values",
+                "matchExpressions[2].values",
+                "matchExpressions[3].operator",
+                "matchExpressions[4].operator",
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_keys_and_values_are_reported() {
+        let errs = Selector::parse(&sel(
+            &[("bad key", "v"), ("k", "bad,value"), ("example.com/ok", "fine_1.2-x")],
+            vec![expr("-k", "Exists", None), expr("k", "In", Some(&["ok", "(x)"]))],
+        ))
+        .unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["matchLabels.bad key", "matchLabels.k", "matchExpressions[0].key", "matchExpressions[1].values[1]"]
+        );
+        for good in ["a", "app.kubernetes.io/name", "kubernetes.io/metadata.name", "A_b-C.d"] {
+            assert!(check_key(good).is_ok(), "{good}");
+        }
+        for bad in ["", "/a", "a/", "UPPER.com/a", "a/b/c", &"x".repeat(64)] {
+            assert!(check_key(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn canonical_form_ignores_spelling() {
+        let a = Selector::parse(&sel(&[("app", "web")], vec![])).unwrap();
+        let b = Selector::parse(&sel(&[], vec![expr("app", "In", Some(&["web", "web"]))])).unwrap();
+        assert_eq!(a.canonical(), b.canonical());
+        assert_eq!(a.canonical(), "{app=web}");
+        let c = Selector::parse(&sel(
+            &[],
+            vec![expr("t", "In", Some(&["b", "a"])), expr("x", "Exists", None)],
+        ))
+        .unwrap();
+        assert_eq!(c.canonical(), "{t in (a,b),x}");
+    }
+}

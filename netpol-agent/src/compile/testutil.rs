@@ -1,0 +1,93 @@
+//! Builders for cluster states in tests.
+
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde_json::{Value, json};
+
+use crate::state::{ClusterState, ObjectRef};
+
+/// A container port: (name, port, protocol).
+pub type PortDef<'a> = (&'a str, u16, &'a str);
+
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test IP")
+}
+
+pub fn labels(pairs: &[(&str, &str)]) -> Value {
+    Value::Object(pairs.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect())
+}
+
+pub fn namespace(name: &str, label_pairs: &[(&str, &str)]) -> Namespace {
+    serde_json::from_value(json!({"metadata": {"name": name, "labels": labels(label_pairs)}})).expect("namespace")
+}
+
+/// A running pod with `ips` and named container ports.
+pub fn pod(ns: &str, name: &str, label_pairs: &[(&str, &str)], ips: &[&str], ports: &[PortDef]) -> Pod {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p, proto)| json!({"name": n, "containerPort": p, "protocol": proto}))
+        .collect();
+    let pod_ips: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+    let mut status = json!({"phase": "Running", "podIPs": pod_ips});
+    if let Some(first) = ips.first() {
+        status["podIP"] = json!(first);
+    }
+    serde_json::from_value(json!({
+        "metadata": {"namespace": ns, "name": name, "labels": labels(label_pairs)},
+        "spec": {"containers": [{"name": "main", "ports": ports}]},
+        "status": status,
+    }))
+    .expect("pod")
+}
+
+pub fn policy(ns: &str, name: &str, spec: Value) -> NetworkPolicy {
+    serde_json::from_value(json!({"metadata": {"namespace": ns, "name": name}, "spec": spec})).expect("policy")
+}
+
+/// A state builder.
+#[derive(Default)]
+pub struct Cluster {
+    pub state: ClusterState,
+}
+
+impl Cluster {
+    pub fn new() -> Self {
+        Cluster::default()
+    }
+
+    pub fn ns(mut self, name: &str, label_pairs: &[(&str, &str)]) -> Self {
+        self.state.namespaces.insert(name.into(), namespace(name, label_pairs));
+        self
+    }
+
+    pub fn pod(mut self, ns: &str, name: &str, label_pairs: &[(&str, &str)], ips: &[&str], ports: &[PortDef]) -> Self {
+        self.state.pods.insert(ObjectRef::new(ns, name), pod(ns, name, label_pairs, ips, ports));
+        self
+    }
+
+    pub fn raw_pod(mut self, pod: Pod) -> Self {
+        let obj = ObjectRef::new(
+            pod.metadata.namespace.clone().unwrap_or_default(),
+            pod.metadata.name.clone().unwrap_or_default(),
+        );
+        self.state.pods.insert(obj, pod);
+        self
+    }
+
+    pub fn policy(mut self, ns: &str, name: &str, spec: Value) -> Self {
+        self.state.policies.insert(ObjectRef::new(ns, name), policy(ns, name, spec));
+        self
+    }
+
+    pub fn node_ips(mut self, ips: &[&str]) -> Self {
+        self.state.node.ips = ips.iter().map(|s| ip(s)).collect();
+        self
+    }
+
+    pub fn node_name(mut self, name: &str) -> Self {
+        self.state.node.name = Some(name.into());
+        self
+    }
+}

@@ -1,0 +1,141 @@
+//! Map synchronisation: the kernel maps are brought to the desired contents with the
+//! fewest writes. Each map keeps a shadow of what the kernel holds (read back from the
+//! kernel when the agent adopts pinned maps), so a sync costs O(changes) syscalls, not
+//! O(map size).
+
+use std::collections::BTreeMap;
+
+use aya::Pod;
+use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
+use netpol_common::{Addr, EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+
+use crate::compile::Lpm;
+
+/// Counts of one sync, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub inserted: usize,
+    pub updated: usize,
+    pub removed: usize,
+}
+
+impl SyncStats {
+    pub fn writes(&self) -> usize {
+        self.inserted + self.updated + self.removed
+    }
+}
+
+impl std::ops::AddAssign for SyncStats {
+    fn add_assign(&mut self, other: SyncStats) {
+        self.inserted += other.inserted;
+        self.updated += other.updated;
+        self.removed += other.removed;
+    }
+}
+
+/// One BPF map with the kernel-side operations the syncer needs.
+pub trait KernelMap {
+    type Key: Ord + Copy;
+    type Value: PartialEq + Copy;
+    fn put(&mut self, key: &Self::Key, value: &Self::Value) -> Result<(), MapError>;
+    fn delete(&mut self, key: &Self::Key) -> Result<(), MapError>;
+    fn read_all(&self) -> Result<BTreeMap<Self::Key, Self::Value>, MapError>;
+}
+
+impl<K: Pod + Ord, V: Pod + PartialEq> KernelMap for HashMap<MapData, K, V> {
+    type Key = K;
+    type Value = V;
+    fn put(&mut self, key: &K, value: &V) -> Result<(), MapError> {
+        self.insert(key, value, 0)
+    }
+    fn delete(&mut self, key: &K) -> Result<(), MapError> {
+        self.remove(key)
+    }
+    fn read_all(&self) -> Result<BTreeMap<K, V>, MapError> {
+        self.iter().collect()
+    }
+}
+
+impl<K: Pod + Ord, V: Pod + PartialEq> KernelMap for LpmTrie<MapData, K, V> {
+    type Key = Lpm<K>;
+    type Value = V;
+    fn put(&mut self, key: &Lpm<K>, value: &V) -> Result<(), MapError> {
+        self.insert(&Key::new(key.prefix_len, key.data), value, 0)
+    }
+    fn delete(&mut self, key: &Lpm<K>) -> Result<(), MapError> {
+        self.remove(&Key::new(key.prefix_len, key.data))
+    }
+    fn read_all(&self) -> Result<BTreeMap<Lpm<K>, V>, MapError> {
+        self.iter()
+            .map(|entry| {
+                entry.map(|(key, value)| {
+                    (Lpm { prefix_len: key.prefix_len(), data: key.data() }, value)
+                })
+            })
+            .collect()
+    }
+}
+
+/// A kernel map plus the shadow of its contents.
+pub struct Synced<M: KernelMap> {
+    pub name: &'static str,
+    map: M,
+    shadow: BTreeMap<M::Key, M::Value>,
+}
+
+impl<M: KernelMap> Synced<M> {
+    /// Adopts the map, reading what the kernel holds now (a pinned map may carry the
+    /// previous agent's state).
+    pub fn adopt(name: &'static str, map: M) -> Result<Self, MapError> {
+        let shadow = map.read_all()?;
+        Ok(Synced { name, map, shadow })
+    }
+
+    pub fn len(&self) -> usize {
+        self.shadow.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shadow.is_empty()
+    }
+
+    pub fn contents(&self) -> &BTreeMap<M::Key, M::Value> {
+        &self.shadow
+    }
+
+    /// Inserts and updates entries so that every desired entry is in the kernel.
+    /// Stale entries stay until [`Synced::remove_stale`]: callers order the two phases
+    /// across maps so that no packet sees a state that is more open than either the old
+    /// or the new one.
+    pub fn upsert(&mut self, desired: &BTreeMap<M::Key, M::Value>) -> Result<SyncStats, MapError> {
+        let mut stats = SyncStats::default();
+        for (key, value) in desired {
+            match self.shadow.get(key) {
+                Some(current) if current == value => continue,
+                Some(_) => stats.updated += 1,
+                None => stats.inserted += 1,
+            }
+            self.map.put(key, value)?;
+            self.shadow.insert(*key, *value);
+        }
+        Ok(stats)
+    }
+
+    /// Removes entries that are not desired.
+    pub fn remove_stale(&mut self, desired: &BTreeMap<M::Key, M::Value>) -> Result<SyncStats, MapError> {
+        let stale: Vec<M::Key> =
+            self.shadow.keys().filter(|key| !desired.contains_key(key)).copied().collect();
+        for key in &stale {
+            match self.map.delete(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(error) => return Err(error),
+            }
+            self.shadow.remove(key);
+        }
+        Ok(SyncStats { removed: stale.len(), ..SyncStats::default() })
+    }
+}
+
+pub type EndpointsMap = Synced<HashMap<MapData, Addr, EndpointInfo>>;
+pub type IpcacheMap = Synced<LpmTrie<MapData, Addr, PeerInfo>>;
+pub type PolicyMap = Synced<LpmTrie<MapData, PolicyKey, PolicyValue>>;

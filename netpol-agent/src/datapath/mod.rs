@@ -1,0 +1,427 @@
+//! The kernel side of the agent: loads the TC programs, attaches them to pod veths,
+//! and writes the maps `compile` produced, applying only the difference.
+//!
+//! Everything lives under one bpffs directory (`--bpffs-dir`):
+//!
+//! ```text
+//! <dir>/maps/{ENDPOINTS,IPCACHE,POLICY,CT,COUNTERS}   pinned by the loader, adopted on restart
+//! <dir>/links/{from_pod,to_pod}:<ifname>              TCX links, pinned: they outlive the agent
+//! ```
+//!
+//! A link stays attached while its pin exists, so enforcement continues unchanged when
+//! the agent dies (fail-static). A clean shutdown removes the directory, which detaches
+//! everything.
+
+pub mod interfaces;
+pub mod maps;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachType};
+use aya::programs::{ProgramError, SchedClassifier};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use netpol_common::{Counter, REASON_COUNT, Reason, names};
+use tracing::{debug, info, warn};
+
+use crate::compile::Compiled;
+pub use maps::SyncStats;
+use maps::{EndpointsMap, IpcacheMap, PolicyMap, Synced};
+
+/// The programs, built by `build.rs` from `netpol-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netpol"));
+
+/// Errors of the datapath. Each variant is one metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("attaching to {interface}: {source}")]
+    Attach { interface: String, source: ProgramError },
+    #[error("pinning link {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+    #[error("bpffs directory {path}: {source}")]
+    Bpffs { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{0} is not on a bpf filesystem: mount one (`mount -t bpf bpf /sys/fs/bpf`); note that \
+         `ip netns exec` remounts /sys, so start the agent with `nsenter --net=...` instead"
+    )]
+    NotBpffs(PathBuf),
+}
+
+impl Error {
+    /// Stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Load(_) => "load",
+            Error::Program { .. } | Error::MissingProgram(_) => "program",
+            Error::Map { .. } | Error::MissingMap(_) => "map",
+            Error::Attach { .. } => "attach",
+            Error::Pin { .. } => "pin",
+            Error::Bpffs { .. } | Error::NotBpffs(_) => "bpffs",
+        }
+    }
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Optional map capacities (the defaults are in `netpol_common::capacity`).
+#[derive(Clone, Debug, Default)]
+pub struct Capacities {
+    pub endpoints: Option<u32>,
+    pub ipcache: Option<u32>,
+    pub policy: Option<u32>,
+    pub conntrack: Option<u32>,
+}
+
+/// A hook of a pod's host veth.
+#[derive(Clone, Copy, Debug)]
+struct Hook {
+    program: &'static str,
+    attach_type: TcAttachType,
+}
+
+const HOOKS: [Hook; 2] = [
+    Hook { program: names::PROG_FROM_POD, attach_type: TcAttachType::Ingress },
+    Hook { program: names::PROG_TO_POD, attach_type: TcAttachType::Egress },
+];
+
+/// An interface the programs are attached to.
+struct Attachment {
+    ifindex: u32,
+    /// Links of kernels without TCX (netlink/clsact); they cannot be pinned and detach
+    /// when dropped. Empty with TCX, where the pins hold the links.
+    legacy: Vec<SchedClassifierLink>,
+}
+
+/// What one reconciliation did.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyReport {
+    pub maps: SyncStats,
+    pub attached: Vec<String>,
+    pub detached: Vec<String>,
+    /// Local pods whose interface could not be found or attached (retried next time).
+    pub pending: Vec<String>,
+}
+
+/// The loaded programs, their maps and attachments.
+pub struct Datapath {
+    ebpf: Ebpf,
+    dir: PathBuf,
+    endpoints: EndpointsMap,
+    ipcache: IpcacheMap,
+    policy: PolicyMap,
+    counters: PerCpuArray<MapData, Counter>,
+    attachments: BTreeMap<String, Attachment>,
+}
+
+impl Datapath {
+    /// Loads (or adopts, when pinned state exists under `dir`) the maps and programs.
+    pub fn open(dir: &Path, capacities: &Capacities) -> Result<Self> {
+        let bpffs = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Bpffs { path, source }
+        };
+        ensure_bpffs(dir)?;
+        let maps_dir = dir.join("maps");
+        let links_dir = dir.join("links");
+        std::fs::create_dir_all(&maps_dir).map_err(bpffs(&maps_dir))?;
+        std::fs::create_dir_all(&links_dir).map_err(bpffs(&links_dir))?;
+
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&maps_dir);
+        for (name, capacity) in [
+            (names::ENDPOINTS, capacities.endpoints),
+            (names::IPCACHE, capacities.ipcache),
+            (names::POLICY, capacities.policy),
+            (names::CT, capacities.conntrack),
+        ] {
+            if let Some(capacity) = capacity {
+                loader.map_max_entries(name, capacity);
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+        for hook in HOOKS {
+            program(&mut ebpf, hook.program)?
+                .load()
+                .map_err(|source| Error::Program { name: hook.program, source })?;
+        }
+
+        let endpoints = adopt(&mut ebpf, names::ENDPOINTS, HashMap::try_from)?;
+        let ipcache = adopt(&mut ebpf, names::IPCACHE, LpmTrie::try_from)?;
+        let policy = adopt(&mut ebpf, names::POLICY, LpmTrie::try_from)?;
+        let counters = take_map(&mut ebpf, names::COUNTERS)?;
+        let counters = PerCpuArray::try_from(counters)
+            .map_err(|source| Error::Map { name: names::COUNTERS, source })?;
+        info!(
+            dir = %dir.display(),
+            endpoints = endpoints.len(),
+            ipcache = ipcache.len(),
+            policy = policy.len(),
+            "datapath loaded"
+        );
+        Ok(Datapath {
+            ebpf,
+            dir: dir.to_path_buf(),
+            endpoints,
+            ipcache,
+            policy,
+            counters,
+            attachments: BTreeMap::new(),
+        })
+    }
+
+    /// Brings the kernel to `compiled`: map contents first (in an order that never opens
+    /// more than the old or the new state allows), then attachments.
+    pub fn apply(&mut self, compiled: &Compiled) -> Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+        let map_err = |name| move |source| Error::Map { name, source };
+        // Additions: allowing entries before the identities that use them, and both
+        // before endpoints become isolated.
+        report.maps += self.policy.upsert(&compiled.policy).map_err(map_err(names::POLICY))?;
+        report.maps += self.ipcache.upsert(&compiled.ipcache).map_err(map_err(names::IPCACHE))?;
+        report.maps +=
+            self.endpoints.upsert(&compiled.endpoints).map_err(map_err(names::ENDPOINTS))?;
+        // Removals in reverse order.
+        report.maps +=
+            self.endpoints.remove_stale(&compiled.endpoints).map_err(map_err(names::ENDPOINTS))?;
+        report.maps +=
+            self.ipcache.remove_stale(&compiled.ipcache).map_err(map_err(names::IPCACHE))?;
+        report.maps +=
+            self.policy.remove_stale(&compiled.policy).map_err(map_err(names::POLICY))?;
+
+        self.reconcile_attachments(compiled, &mut report)?;
+        Ok(report)
+    }
+
+    fn reconcile_attachments(&mut self, compiled: &Compiled, report: &mut ApplyReport) -> Result<()> {
+        let routes = match interfaces::read_routes() {
+            Ok(routes) => routes,
+            Err(error) => {
+                warn!(%error, "cannot read the routing table; only annotated interfaces are used");
+                Vec::new()
+            }
+        };
+        let mut wanted: BTreeMap<String, u32> = BTreeMap::new();
+        for pod in &compiled.local_pods {
+            let interface = pod.host_interface.clone().or_else(|| {
+                pod.ips
+                    .iter()
+                    .find_map(|ip| interfaces::interface_for(&routes, *ip).map(str::to_owned))
+            });
+            match interface.as_deref().and_then(|name| Some((name, interfaces::ifindex(name)?))) {
+                Some((name, ifindex)) => {
+                    wanted.insert(name.to_owned(), ifindex);
+                }
+                None => report.pending.push(format!(
+                    "{} (interface {})",
+                    pod.pod,
+                    interface.as_deref().unwrap_or("unknown")
+                )),
+            }
+        }
+
+        let gone: Vec<String> = self
+            .attachments
+            .iter()
+            .filter(|(name, attachment)| wanted.get(*name) != Some(&attachment.ifindex))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            self.detach(&name);
+            report.detached.push(name);
+        }
+        for (name, ifindex) in wanted {
+            if self.attachments.contains_key(&name) {
+                continue;
+            }
+            match self.attach(&name, ifindex) {
+                Ok(attachment) => {
+                    self.attachments.insert(name.clone(), attachment);
+                    report.attached.push(name);
+                }
+                Err(error) => {
+                    warn!(interface = %name, error = chain(&error), "attach failed; will retry");
+                    report.pending.push(format!("{name}: {}", chain(&error)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// bpffs refuses names containing '.', which interface names may contain (VLANs);
+    /// ':' can appear in neither, so it separates and stands in for '.'.
+    fn link_pin(&self, interface: &str, hook: Hook) -> PathBuf {
+        self.dir.join("links").join(format!("{}:{}", hook.program, interface.replace('.', ":")))
+    }
+
+    fn attach(&mut self, interface: &str, ifindex: u32) -> Result<Attachment> {
+        let mut legacy = Vec::new();
+        for hook in HOOKS {
+            let pin = self.link_pin(interface, hook);
+            let attach_error =
+                |source| Error::Attach { interface: interface.to_owned(), source };
+            let prog = program(&mut self.ebpf, hook.program)?;
+            // A pinned link from an earlier agent: swap our program in atomically, so
+            // the hook is never empty. A stale pin (its interface is gone) is replaced.
+            let adopted = match PinnedLink::from_pin(&pin) {
+                Ok(pinned) => {
+                    let replaced = match SchedClassifierLink::try_from(FdLink::from(pinned)) {
+                        Ok(link) => prog.attach_to_link(link).map_err(|e| chain(&e)),
+                        Err(error) => Err(chain(&error)),
+                    };
+                    match replaced {
+                        Ok(id) => Some(id),
+                        Err(error) => {
+                            debug!(pin = %pin.display(), %error, "stale link pin replaced");
+                            let _ = std::fs::remove_file(&pin);
+                            None
+                        }
+                    }
+                }
+                Err(_) => None,
+            };
+            let id = match adopted {
+                Some(id) => id,
+                None => prog.attach(interface, hook.attach_type).map_err(attach_error)?,
+            };
+            let link = prog.take_link(id).map_err(attach_error)?;
+            match FdLink::try_from(link) {
+                // Pinned, the link holds itself; our descriptor can go.
+                Ok(fd_link) if !pin.exists() => {
+                    fd_link.pin(&pin).map_err(|error| Error::Pin {
+                        path: pin.clone(),
+                        message: chain(&error),
+                    })?;
+                }
+                Ok(_already_pinned) => {}
+                Err(LinkError::InvalidLink) => {
+                    // Netlink attachment (no TCX): cannot be pinned; keep it alive here.
+                    let prog = program(&mut self.ebpf, hook.program)?;
+                    let id = prog.attach(interface, hook.attach_type).map_err(attach_error)?;
+                    legacy.push(prog.take_link(id).map_err(attach_error)?);
+                }
+                Err(error) => {
+                    return Err(Error::Pin { path: pin, message: chain(&error) });
+                }
+            }
+        }
+        debug!(%interface, ifindex, "attached");
+        Ok(Attachment { ifindex, legacy })
+    }
+
+    fn detach(&mut self, interface: &str) {
+        if let Some(attachment) = self.attachments.remove(interface) {
+            drop(attachment.legacy);
+        }
+        for hook in HOOKS {
+            let pin = self.link_pin(interface, hook);
+            if let Err(error) = std::fs::remove_file(&pin)
+                && error.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(pin = %pin.display(), %error, "cannot remove link pin");
+            }
+        }
+        debug!(%interface, "detached");
+    }
+
+    /// Interfaces with programs attached.
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.attachments.keys().map(String::as_str)
+    }
+
+    /// Map sizes as the kernel holds them: (ENDPOINTS, IPCACHE, POLICY).
+    pub fn map_sizes(&self) -> (usize, usize, usize) {
+        (self.endpoints.len(), self.ipcache.len(), self.policy.len())
+    }
+
+    /// Packets and bytes per reason, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Reason, Counter)>> {
+        let mut out = Vec::with_capacity(REASON_COUNT as usize);
+        for reason in Reason::ALL {
+            let per_cpu = self
+                .counters
+                .get(&(reason as u32), 0)
+                .map_err(|source| Error::Map { name: names::COUNTERS, source })?;
+            let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            });
+            out.push((reason, total));
+        }
+        Ok(out)
+    }
+
+    /// Access to the loaded programs and maps (verdict tests, benchmarks).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Detaches from every interface and removes every pinned object.
+    pub fn shutdown(mut self) {
+        let interfaces: Vec<String> = self.attachments.keys().cloned().collect();
+        for interface in interfaces {
+            self.detach(&interface);
+        }
+        let dir = self.dir.clone();
+        drop(self);
+        if let Err(error) = std::fs::remove_dir_all(&dir)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(dir = %dir.display(), %error, "cannot remove the bpffs directory");
+        }
+        info!(dir = %dir.display(), "datapath removed");
+    }
+}
+
+/// Pins only work on bpffs: check the nearest existing ancestor of `dir`.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let on_bpffs = nix::sys::statfs::statfs(existing)
+        .map(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false);
+    if on_bpffs { Ok(()) } else { Err(Error::NotBpffs(dir.to_path_buf())) }
+}
+
+/// An error with its sources, `outer: inner: innermost`.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name).ok_or(Error::MissingMap(name))
+}
+
+fn adopt<M: maps::KernelMap>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> std::result::Result<M, MapError>,
+) -> Result<Synced<M>> {
+    let map = convert(take_map(ebpf, name)?).map_err(|source| Error::Map { name, source })?;
+    Synced::adopt(name, map).map_err(|source| Error::Map { name, source })
+}
