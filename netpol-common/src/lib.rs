@@ -40,11 +40,17 @@ impl Addr {
         bytes[1] = octets[1];
         bytes[2] = octets[2];
         bytes[3] = octets[3];
-        Addr { family: FAMILY_IPV4, bytes }
+        Addr {
+            family: FAMILY_IPV4,
+            bytes,
+        }
     }
 
     pub const fn v6(bytes: [u8; 16]) -> Self {
-        Addr { family: FAMILY_IPV6, bytes }
+        Addr {
+            family: FAMILY_IPV6,
+            bytes,
+        }
     }
 
     /// Prefix length of an LPM key that covers exactly this address.

@@ -22,7 +22,10 @@ pub fn parse_ipv4_routes(text: &str) -> Vec<Route> {
             let mask = u32::from_str_radix(mask, 16).ok()?.swap_bytes();
             let prefix = u8::try_from(mask.leading_ones()).ok()?;
             let destination = ipnet::Ipv4Net::new(dest, prefix).ok()?;
-            Some(Route { destination: destination.into(), interface: (*iface).to_string() })
+            Some(Route {
+                destination: destination.into(),
+                interface: (*iface).to_string(),
+            })
         })
         .collect()
 }
@@ -36,7 +39,10 @@ pub fn parse_ipv6_routes(text: &str) -> Vec<Route> {
             let prefix = u8::from_str_radix(fields.get(1)?, 16).ok()?;
             let iface = fields.get(9)?;
             let destination = ipnet::Ipv6Net::new(Ipv6Addr::from(dest), prefix).ok()?;
-            Some(Route { destination: destination.into(), interface: (*iface).to_string() })
+            Some(Route {
+                destination: destination.into(),
+                interface: (*iface).to_string(),
+            })
         })
         .collect()
 }
@@ -95,9 +101,18 @@ mod tests {
                     cni0\t0000000A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
         let routes = parse_ipv4_routes(text);
         assert_eq!(routes.len(), 3);
-        assert_eq!(interface_for(&routes, "10.0.0.2".parse().unwrap()), Some("vethab"));
-        assert_eq!(interface_for(&routes, "10.0.7.9".parse().unwrap()), Some("cni0"));
-        assert_eq!(interface_for(&routes, "8.8.8.8".parse().unwrap()), Some("eth0"));
+        assert_eq!(
+            interface_for(&routes, "10.0.0.2".parse().unwrap()),
+            Some("vethab")
+        );
+        assert_eq!(
+            interface_for(&routes, "10.0.7.9".parse().unwrap()),
+            Some("cni0")
+        );
+        assert_eq!(
+            interface_for(&routes, "8.8.8.8".parse().unwrap()),
+            Some("eth0")
+        );
     }
 
     #[test]
@@ -107,7 +122,10 @@ mod tests {
                     00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo\n";
         let routes = parse_ipv6_routes(text);
         assert_eq!(routes.len(), 3);
-        assert_eq!(interface_for(&routes, "fd00::2".parse().unwrap()), Some("vethab"));
+        assert_eq!(
+            interface_for(&routes, "fd00::2".parse().unwrap()),
+            Some("vethab")
+        );
         assert_eq!(interface_for(&routes, "fd00::3".parse().unwrap()), None);
     }
 }

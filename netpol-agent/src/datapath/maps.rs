@@ -69,7 +69,13 @@ impl<K: Pod + Ord, V: Pod + PartialEq> KernelMap for LpmTrie<MapData, K, V> {
         self.iter()
             .map(|entry| {
                 entry.map(|(key, value)| {
-                    (Lpm { prefix_len: key.prefix_len(), data: key.data() }, value)
+                    (
+                        Lpm {
+                            prefix_len: key.prefix_len(),
+                            data: key.data(),
+                        },
+                        value,
+                    )
                 })
             })
             .collect()
@@ -122,9 +128,16 @@ impl<M: KernelMap> Synced<M> {
     }
 
     /// Removes entries that are not desired.
-    pub fn remove_stale(&mut self, desired: &BTreeMap<M::Key, M::Value>) -> Result<SyncStats, MapError> {
-        let stale: Vec<M::Key> =
-            self.shadow.keys().filter(|key| !desired.contains_key(key)).copied().collect();
+    pub fn remove_stale(
+        &mut self,
+        desired: &BTreeMap<M::Key, M::Value>,
+    ) -> Result<SyncStats, MapError> {
+        let stale: Vec<M::Key> = self
+            .shadow
+            .keys()
+            .filter(|key| !desired.contains_key(key))
+            .copied()
+            .collect();
         for key in &stale {
             match self.map.delete(key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
@@ -132,7 +145,10 @@ impl<M: KernelMap> Synced<M> {
             }
             self.shadow.remove(key);
         }
-        Ok(SyncStats { removed: stale.len(), ..SyncStats::default() })
+        Ok(SyncStats {
+            removed: stale.len(),
+            ..SyncStats::default()
+        })
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod interfaces;
 pub mod maps;
+pub mod packet;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -39,19 +40,31 @@ pub enum Error {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("attaching to {interface}: {source}")]
-    Attach { interface: String, source: ProgramError },
+    Attach {
+        interface: String,
+        source: ProgramError,
+    },
     #[error("pinning link {path}: {message}")]
     Pin { path: PathBuf, message: String },
     #[error("bpffs directory {path}: {source}")]
-    Bpffs { path: PathBuf, source: std::io::Error },
+    Bpffs {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "{0} is not on a bpf filesystem: mount one (`mount -t bpf bpf /sys/fs/bpf`); note that \
          `ip netns exec` remounts /sys, so start the agent with `nsenter --net=...` instead"
@@ -92,9 +105,52 @@ struct Hook {
 }
 
 const HOOKS: [Hook; 2] = [
-    Hook { program: names::PROG_FROM_POD, attach_type: TcAttachType::Ingress },
-    Hook { program: names::PROG_TO_POD, attach_type: TcAttachType::Egress },
+    Hook {
+        program: names::PROG_FROM_POD,
+        attach_type: TcAttachType::Ingress,
+    },
+    Hook {
+        program: names::PROG_TO_POD,
+        attach_type: TcAttachType::Egress,
+    },
 ];
+
+/// The two programs, named by what they see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookKind {
+    /// Packets leaving the pod (TC ingress of the host veth): its egress policy.
+    FromPod,
+    /// Packets entering the pod (TC egress of the host veth): its ingress policy.
+    ToPod,
+}
+
+impl HookKind {
+    pub fn program(self) -> &'static str {
+        match self {
+            HookKind::FromPod => names::PROG_FROM_POD,
+            HookKind::ToPod => names::PROG_TO_POD,
+        }
+    }
+}
+
+/// Result of [`Datapath::test_run`].
+#[derive(Clone, Copy, Debug)]
+pub struct TestVerdict {
+    /// The program's return code: `TC_ACT_UNSPEC` (-1) lets the packet go on,
+    /// `TC_ACT_SHOT` (2) drops it.
+    pub action: i32,
+    /// Mean time per run as the kernel measured it.
+    pub duration: std::time::Duration,
+}
+
+impl TestVerdict {
+    pub const TC_ACT_UNSPEC: i32 = -1;
+    pub const TC_ACT_SHOT: i32 = 2;
+
+    pub fn allowed(&self) -> bool {
+        self.action == Self::TC_ACT_UNSPEC
+    }
+}
 
 /// An interface the programs are attached to.
 struct Attachment {
@@ -154,15 +210,20 @@ impl Datapath {
         for hook in HOOKS {
             program(&mut ebpf, hook.program)?
                 .load()
-                .map_err(|source| Error::Program { name: hook.program, source })?;
+                .map_err(|source| Error::Program {
+                    name: hook.program,
+                    source,
+                })?;
         }
 
         let endpoints = adopt(&mut ebpf, names::ENDPOINTS, HashMap::try_from)?;
         let ipcache = adopt(&mut ebpf, names::IPCACHE, LpmTrie::try_from)?;
         let policy = adopt(&mut ebpf, names::POLICY, LpmTrie::try_from)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
-        let counters = PerCpuArray::try_from(counters)
-            .map_err(|source| Error::Map { name: names::COUNTERS, source })?;
+        let counters = PerCpuArray::try_from(counters).map_err(|source| Error::Map {
+            name: names::COUNTERS,
+            source,
+        })?;
         info!(
             dir = %dir.display(),
             endpoints = endpoints.len(),
@@ -188,23 +249,41 @@ impl Datapath {
         let map_err = |name| move |source| Error::Map { name, source };
         // Additions: allowing entries before the identities that use them, and both
         // before endpoints become isolated.
-        report.maps += self.policy.upsert(&compiled.policy).map_err(map_err(names::POLICY))?;
-        report.maps += self.ipcache.upsert(&compiled.ipcache).map_err(map_err(names::IPCACHE))?;
-        report.maps +=
-            self.endpoints.upsert(&compiled.endpoints).map_err(map_err(names::ENDPOINTS))?;
+        report.maps += self
+            .policy
+            .upsert(&compiled.policy)
+            .map_err(map_err(names::POLICY))?;
+        report.maps += self
+            .ipcache
+            .upsert(&compiled.ipcache)
+            .map_err(map_err(names::IPCACHE))?;
+        report.maps += self
+            .endpoints
+            .upsert(&compiled.endpoints)
+            .map_err(map_err(names::ENDPOINTS))?;
         // Removals in reverse order.
-        report.maps +=
-            self.endpoints.remove_stale(&compiled.endpoints).map_err(map_err(names::ENDPOINTS))?;
-        report.maps +=
-            self.ipcache.remove_stale(&compiled.ipcache).map_err(map_err(names::IPCACHE))?;
-        report.maps +=
-            self.policy.remove_stale(&compiled.policy).map_err(map_err(names::POLICY))?;
+        report.maps += self
+            .endpoints
+            .remove_stale(&compiled.endpoints)
+            .map_err(map_err(names::ENDPOINTS))?;
+        report.maps += self
+            .ipcache
+            .remove_stale(&compiled.ipcache)
+            .map_err(map_err(names::IPCACHE))?;
+        report.maps += self
+            .policy
+            .remove_stale(&compiled.policy)
+            .map_err(map_err(names::POLICY))?;
 
         self.reconcile_attachments(compiled, &mut report)?;
         Ok(report)
     }
 
-    fn reconcile_attachments(&mut self, compiled: &Compiled, report: &mut ApplyReport) -> Result<()> {
+    fn reconcile_attachments(
+        &mut self,
+        compiled: &Compiled,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
         let routes = match interfaces::read_routes() {
             Ok(routes) => routes,
             Err(error) => {
@@ -219,7 +298,10 @@ impl Datapath {
                     .iter()
                     .find_map(|ip| interfaces::interface_for(&routes, *ip).map(str::to_owned))
             });
-            match interface.as_deref().and_then(|name| Some((name, interfaces::ifindex(name)?))) {
+            match interface
+                .as_deref()
+                .and_then(|name| Some((name, interfaces::ifindex(name)?)))
+            {
                 Some((name, ifindex)) => {
                     wanted.insert(name.to_owned(), ifindex);
                 }
@@ -262,15 +344,19 @@ impl Datapath {
     /// bpffs refuses names containing '.', which interface names may contain (VLANs);
     /// ':' can appear in neither, so it separates and stands in for '.'.
     fn link_pin(&self, interface: &str, hook: Hook) -> PathBuf {
-        self.dir.join("links").join(format!("{}:{}", hook.program, interface.replace('.', ":")))
+        self.dir
+            .join("links")
+            .join(format!("{}:{}", hook.program, interface.replace('.', ":")))
     }
 
     fn attach(&mut self, interface: &str, ifindex: u32) -> Result<Attachment> {
         let mut legacy = Vec::new();
         for hook in HOOKS {
             let pin = self.link_pin(interface, hook);
-            let attach_error =
-                |source| Error::Attach { interface: interface.to_owned(), source };
+            let attach_error = |source| Error::Attach {
+                interface: interface.to_owned(),
+                source,
+            };
             let prog = program(&mut self.ebpf, hook.program)?;
             // A pinned link from an earlier agent: swap our program in atomically, so
             // the hook is never empty. A stale pin (its interface is gone) is replaced.
@@ -293,7 +379,9 @@ impl Datapath {
             };
             let id = match adopted {
                 Some(id) => id,
-                None => prog.attach(interface, hook.attach_type).map_err(attach_error)?,
+                None => prog
+                    .attach(interface, hook.attach_type)
+                    .map_err(attach_error)?,
             };
             let link = prog.take_link(id).map_err(attach_error)?;
             match FdLink::try_from(link) {
@@ -308,11 +396,16 @@ impl Datapath {
                 Err(LinkError::InvalidLink) => {
                     // Netlink attachment (no TCX): cannot be pinned; keep it alive here.
                     let prog = program(&mut self.ebpf, hook.program)?;
-                    let id = prog.attach(interface, hook.attach_type).map_err(attach_error)?;
+                    let id = prog
+                        .attach(interface, hook.attach_type)
+                        .map_err(attach_error)?;
                     legacy.push(prog.take_link(id).map_err(attach_error)?);
                 }
                 Err(error) => {
-                    return Err(Error::Pin { path: pin, message: chain(&error) });
+                    return Err(Error::Pin {
+                        path: pin,
+                        message: chain(&error),
+                    });
                 }
             }
         }
@@ -352,7 +445,10 @@ impl Datapath {
             let per_cpu = self
                 .counters
                 .get(&(reason as u32), 0)
-                .map_err(|source| Error::Map { name: names::COUNTERS, source })?;
+                .map_err(|source| Error::Map {
+                    name: names::COUNTERS,
+                    source,
+                })?;
             let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
                 packets: acc.packets + c.packets,
                 bytes: acc.bytes + c.bytes,
@@ -362,9 +458,28 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Access to the loaded programs and maps (verdict tests, benchmarks).
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+    /// Runs one hook's program on a crafted frame (BPF_PROG_TEST_RUN) without any
+    /// interface: the verdict the kernel would give, from the real maps.
+    pub fn test_run(&self, hook: HookKind, frame: &[u8], repeat: u32) -> Result<TestVerdict> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let name = hook.program();
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })?;
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat: repeat.max(1),
+                ..TestRunOptions::new()
+            })
+            .map_err(|source| Error::Program { name, source })?;
+        Ok(TestVerdict {
+            action: result.return_value as i32,
+            duration: result.duration,
+        })
     }
 
     /// Detaches from every interface and removes every pinned object.
@@ -387,11 +502,18 @@ impl Datapath {
 /// Pins only work on bpffs: check the nearest existing ancestor of `dir`.
 fn ensure_bpffs(dir: &Path) -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     let on_bpffs = nix::sys::statfs::statfs(existing)
         .map(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
         .unwrap_or(false);
-    if on_bpffs { Ok(()) } else { Err(Error::NotBpffs(dir.to_path_buf())) }
+    if on_bpffs {
+        Ok(())
+    } else {
+        Err(Error::NotBpffs(dir.to_path_buf()))
+    }
 }
 
 /// An error with its sources, `outer: inner: innermost`.
