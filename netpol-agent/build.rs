@@ -10,7 +10,11 @@ fn main() -> anyhow::Result<()> {
     let root = root.to_str().context("non-UTF-8 path to netpol-ebpf")?;
     println!("cargo:rerun-if-changed={root}/../netpol-common/src");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "netpol-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "netpol-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::default(),
     )
 }

@@ -22,9 +22,15 @@ pub enum Error {
     #[error(transparent)]
     Datapath(#[from] datapath::Error),
     #[error("manifest directory {path}: {source}")]
-    Manifests { path: PathBuf, source: std::io::Error },
+    Manifests {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("status file {path}: {source}")]
-    Status { path: PathBuf, source: std::io::Error },
+    Status {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// How the agent runs in local mode.
@@ -85,8 +91,10 @@ async fn reconcile_loop(
             _ = &mut shutdown => return Ok(()),
             _ = ticker.tick() => {}
         }
-        let manifests_error =
-            |source| Error::Manifests { path: config.manifests.clone(), source };
+        let manifests_error = |source| Error::Manifests {
+            path: config.manifests.clone(),
+            source,
+        };
         let current = source.fingerprint().map_err(manifests_error)?;
         let changed = fingerprint.as_ref() != Some(&current);
         if !changed && last_resync.elapsed() < config.resync && status.pending.is_empty() {
@@ -145,7 +153,10 @@ async fn reconcile_loop(
             status.pending = report.pending;
         }
         if let Some(path) = &config.status_file {
-            write_status(path, &status).map_err(|source| Error::Status { path: path.clone(), source })?;
+            write_status(path, &status).map_err(|source| Error::Status {
+                path: path.clone(),
+                source,
+            })?;
         }
     }
 }

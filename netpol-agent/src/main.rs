@@ -9,7 +9,11 @@ use netpol_agent::datapath::Capacities;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
-#[command(name = "netpol-agent", version, about = "Kubernetes NetworkPolicy enforcement in eBPF")]
+#[command(
+    name = "netpol-agent",
+    version,
+    about = "Kubernetes NetworkPolicy enforcement in eBPF"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
@@ -69,7 +73,9 @@ async fn main() -> anyhow::Result<()> {
         None => cli.run,
     };
     let filter = EnvFilter::try_from_env("NETPOL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     if args.log_json {
         subscriber.json().init();
     } else {
@@ -95,7 +101,9 @@ async fn main() -> anyhow::Result<()> {
         resync: Duration::from_millis(args.resync_ms.max(100)),
     };
     tracing::info!(manifests = %config.manifests.display(), bpffs = %config.bpffs_dir.display(), "netpol-agent starting");
-    agent::run_local(config, shutdown_signal()).await.context("agent stopped")?;
+    agent::run_local(config, shutdown_signal())
+        .await
+        .context("agent stopped")?;
     tracing::info!("netpol-agent stopped; programs detached, pins removed");
     Ok(())
 }

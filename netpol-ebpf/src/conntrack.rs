@@ -8,8 +8,8 @@
 use netpol_common::{
     Addr, CT_FIN_INITIATOR, CT_FIN_RESPONDER, CT_INGRESS, CT_INITIATOR_B, CT_RST, CT_SEEN_REPLY,
     CT_TIMEOUT_OTHER_NS, CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS,
-    CT_TIMEOUT_TCP_OPENING_NS, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, Reason,
-    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    CT_TIMEOUT_TCP_OPENING_NS, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, Reason, TCP_ACK,
+    TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{maps::CT, parse::Packet};
@@ -61,7 +61,8 @@ impl Flow {
 
 #[inline(always)]
 fn closing(flags: u32) -> bool {
-    flags & CT_RST != 0 || flags & (CT_FIN_INITIATOR | CT_FIN_RESPONDER) == (CT_FIN_INITIATOR | CT_FIN_RESPONDER)
+    flags & CT_RST != 0
+        || flags & (CT_FIN_INITIATOR | CT_FIN_RESPONDER) == (CT_FIN_INITIATOR | CT_FIN_RESPONDER)
 }
 
 #[inline(always)]
@@ -80,7 +81,7 @@ fn lifetime(protocol: u8, flags: u32) -> u64 {
 /// The verdict conntrack gives on its own: `Some` for a packet of a live connection.
 #[inline(always)]
 pub fn track(flow: &Flow, packet: &Packet, now: u64, len: u32) -> Option<Reason> {
-    let entry = CT.get_ptr_mut(&flow.key)?;
+    let entry = CT.get_ptr_mut(flow.key)?;
     // SAFETY: the pointer comes from a successful lookup; LRU entries stay valid for the
     // duration of the program (RCU). Racing updates of counters may lose increments.
     let entry = unsafe { &mut *entry };
@@ -102,14 +103,22 @@ pub fn track(flow: &Flow, packet: &Packet, now: u64, len: u32) -> Option<Reason>
             flags |= CT_RST;
         }
         if packet.tcp_flags & TCP_FIN != 0 {
-            flags |= if from_initiator { CT_FIN_INITIATOR } else { CT_FIN_RESPONDER };
+            flags |= if from_initiator {
+                CT_FIN_INITIATOR
+            } else {
+                CT_FIN_RESPONDER
+            };
         }
     }
     entry.flags = flags;
     entry.last_seen_ns = now;
     entry.packets += 1;
     entry.bytes += u64::from(len);
-    Some(if from_initiator { Reason::Established } else { Reason::Reply })
+    Some(if from_initiator {
+        Reason::Established
+    } else {
+        Reason::Reply
+    })
 }
 
 /// Record a connection whose first packet was allowed.
@@ -132,5 +141,5 @@ pub fn open(flow: &Flow, packet: &Packet, direction: u8, rule: u32, now: u64, le
     };
     // A full LRU evicts the least recently used entry; an error here only means the
     // next packet is judged by policy again.
-    let _ = CT.insert(&flow.key, &value, 0);
+    let _ = CT.insert(flow.key, value, 0);
 }

@@ -15,8 +15,7 @@ use netpol_common::{
 
 /// Local pod address -> endpoint.
 #[map]
-pub static ENDPOINTS: HashMap<Addr, EndpointInfo> =
-    HashMap::pinned(capacity::ENDPOINTS, 0);
+pub static ENDPOINTS: HashMap<Addr, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
 /// Address prefix -> peer identity. Longest match decides ipBlock membership exactly.
 #[map]

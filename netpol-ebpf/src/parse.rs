@@ -4,9 +4,7 @@
 //! never an out-of-bounds read.
 
 use aya_ebpf::programs::TcContext;
-use netpol_common::{
-    Addr, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-};
+use netpol_common::{Addr, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

@@ -4,8 +4,8 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use netpol_common::{
     Addr, DIR_INGRESS, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED,
-    EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, PEER_HOST, POLICY_PREFIX_FULL, PeerInfo,
-    PolicyKey, RULE_NONE, Reason,
+    EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, PEER_HOST, POLICY_PREFIX_FULL, PeerInfo, PolicyKey,
+    RULE_NONE, Reason,
 };
 
 use crate::{
@@ -17,7 +17,10 @@ use crate::{
 fn peer(addr: &Addr) -> PeerInfo {
     match IPCACHE.get(Key::new(addr.full_prefix_len(), *addr)) {
         Some(info) => *info,
-        None => PeerInfo { identity: IDENTITY_WORLD, flags: 0 },
+        None => PeerInfo {
+            identity: IDENTITY_WORLD,
+            flags: 0,
+        },
     }
 }
 
@@ -27,7 +30,9 @@ fn allowing_rule(mut key: PolicyKey) -> Option<u32> {
         return Some(value.rule);
     }
     key.identity = IDENTITY_ANY;
-    POLICY.get(Key::new(POLICY_PREFIX_FULL, key)).map(|value| value.rule)
+    POLICY
+        .get(Key::new(POLICY_PREFIX_FULL, key))
+        .map(|value| value.rule)
 }
 
 /// Verdict and deciding rule for a packet that opens a connection.
@@ -41,7 +46,11 @@ pub fn decide(endpoint: &EndpointInfo, packet: &Packet, direction: u8) -> (Reaso
     if endpoint.flags & isolated == 0 {
         return (Reason::NotIsolated, RULE_NONE);
     }
-    let remote = if direction == DIR_INGRESS { &packet.src } else { &packet.dst };
+    let remote = if direction == DIR_INGRESS {
+        &packet.src
+    } else {
+        &packet.dst
+    };
     let peer = peer(remote);
     if direction == DIR_INGRESS && peer.flags & PEER_HOST != 0 {
         return (Reason::FromHost, RULE_NONE);

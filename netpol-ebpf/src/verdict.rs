@@ -30,7 +30,11 @@ fn decide(ctx: &TcContext, direction: u8) -> Result<Reason, Malformed> {
     if packet.is_network_control() {
         return Ok(Reason::NetworkControl);
     }
-    let local = if direction == DIR_EGRESS { &packet.src } else { &packet.dst };
+    let local = if direction == DIR_EGRESS {
+        &packet.src
+    } else {
+        &packet.dst
+    };
     // SAFETY: ENDPOINTS is only written from userspace; the value is copied at once.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(local) }).copied() else {
         return Ok(Reason::NotEndpoint);
@@ -60,5 +64,9 @@ fn finish(ctx: &TcContext, reason: Reason) -> i32 {
         counter.packets += 1;
         counter.bytes += u64::from(ctx.len());
     }
-    if reason.is_drop() { TC_ACT_SHOT } else { TC_ACT_UNSPEC }
+    if reason.is_drop() {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_UNSPEC
+    }
 }

@@ -54,7 +54,10 @@ const GENERATION_FILE: &str = ".generation";
 
 impl LocalSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        LocalSource { dir: dir.into(), last_valid_policies: BTreeMap::new() }
+        LocalSource {
+            dir: dir.into(),
+            last_valid_policies: BTreeMap::new(),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -65,8 +68,14 @@ impl LocalSource {
         let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .filter(|path| {
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
+                let extension = path
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .unwrap_or_default();
                 !name.starts_with('.')
                     && matches!(extension, "yaml" | "yml" | "json")
                     && path.is_file()
@@ -97,7 +106,10 @@ impl LocalSource {
         let mut seen: BTreeMap<(&'static str, String), String> = BTreeMap::new();
         let mut rejected_policies: Vec<ObjectRef> = Vec::new();
         for path in self.manifest_files()? {
-            let origin = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let origin = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let text = match std::fs::read_to_string(&path) {
                 Ok(text) => text,
                 Err(error) => {
@@ -136,7 +148,9 @@ impl LocalSource {
                     snapshot.diagnostics.push(Diagnostic {
                         object: format!("{kind} {key}"),
                         field: "metadata.name".into(),
-                        message: format!("defined again in {origin} (first in {first}); the first is used"),
+                        message: format!(
+                            "defined again in {origin} (first in {first}); the first is used"
+                        ),
                     });
                     continue;
                 }
@@ -171,14 +185,22 @@ impl LocalSource {
                 snapshot.namespaces.insert(name, ns);
             }
             Object::Pod(mut pod) => {
-                let namespace = pod.metadata.namespace.get_or_insert_with(|| "default".into()).clone();
+                let namespace = pod
+                    .metadata
+                    .namespace
+                    .get_or_insert_with(|| "default".into())
+                    .clone();
                 let name = pod.metadata.name.clone().unwrap_or_default();
                 snapshot.pods.insert(ObjectRef::new(namespace, name), pod);
             }
             Object::NetworkPolicy(mut policy) => {
-                let namespace =
-                    policy.metadata.namespace.get_or_insert_with(|| "default".into()).clone();
-                let key = ObjectRef::new(namespace, policy.metadata.name.clone().unwrap_or_default());
+                let namespace = policy
+                    .metadata
+                    .namespace
+                    .get_or_insert_with(|| "default".into())
+                    .clone();
+                let key =
+                    ObjectRef::new(namespace, policy.metadata.name.clone().unwrap_or_default());
                 match validate_policy(&policy) {
                     Ok(()) => {
                         snapshot.policies.insert(key, policy);
@@ -205,9 +227,16 @@ fn name_of(object: &Object) -> Result<String, String> {
         Object::Pod(pod) => (&pod.metadata, true),
         Object::NetworkPolicy(policy) => (&policy.metadata, true),
     };
-    let name = metadata.name.as_deref().filter(|n| !n.is_empty()).ok_or("missing")?;
+    let name = metadata
+        .name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .ok_or("missing")?;
     Ok(if namespaced {
-        format!("{}/{name}", metadata.namespace.as_deref().unwrap_or("default"))
+        format!(
+            "{}/{name}",
+            metadata.namespace.as_deref().unwrap_or("default")
+        )
     } else {
         name.to_owned()
     })
@@ -256,9 +285,17 @@ mod tests {
         let second = source.read().unwrap();
         assert_eq!(second.policies.len(), 2, "both policies stay in force");
         let p = &second.policies[&ObjectRef::new("x", "p")];
-        assert_eq!(p.spec.as_ref().unwrap().policy_types.as_deref(), Some(&["Ingress".to_string()][..]));
+        assert_eq!(
+            p.spec.as_ref().unwrap().policy_types.as_deref(),
+            Some(&["Ingress".to_string()][..])
+        );
         let messages: Vec<String> = second.diagnostics.iter().map(ToString::to_string).collect();
-        assert!(messages.iter().any(|m| m.starts_with("NetworkPolicy x/p: spec.ingress[0].ports[0].endPort")), "{messages:?}");
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.starts_with("NetworkPolicy x/p: spec.ingress[0].ports[0].endPort")),
+            "{messages:?}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -269,7 +306,10 @@ mod tests {
         write(&dir, "q.yaml", OTHER);
         write(&dir, ".generation", "7\n");
         let snapshot = LocalSource::new(&dir).read().unwrap();
-        assert_eq!(snapshot.policies.keys().cloned().collect::<Vec<_>>(), [ObjectRef::new("x", "q")]);
+        assert_eq!(
+            snapshot.policies.keys().cloned().collect::<Vec<_>>(),
+            [ObjectRef::new("x", "q")]
+        );
         assert_eq!(snapshot.generation, Some(7));
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -53,7 +53,10 @@ pub fn parse_documents(text: &str, origin: &str) -> Vec<Parsed> {
             }
         };
         if let Some(Value::Array(items)) = value.get("items")
-            && value.get("kind").and_then(Value::as_str).is_some_and(|k| k.ends_with("List"))
+            && value
+                .get("kind")
+                .and_then(Value::as_str)
+                .is_some_and(|k| k.ends_with("List"))
         {
             out.extend(items.iter().cloned().map(|item| parse_object(item, origin)));
         } else {
@@ -65,25 +68,44 @@ pub fn parse_documents(text: &str, origin: &str) -> Vec<Parsed> {
 
 /// Parses one object from its JSON form.
 pub fn parse_object(value: Value, origin: &str) -> Parsed {
-    let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     let name = display_name(&value);
     let describe = |kind: &str| {
-        if name.is_empty() { format!("{kind} in {origin}") } else { format!("{kind} {name}") }
+        if name.is_empty() {
+            format!("{kind} in {origin}")
+        } else {
+            format!("{kind} {name}")
+        }
     };
     let fail = |field: &str, message: String| Diagnostic {
         object: describe(if kind.is_empty() { "object" } else { &kind }),
         field: field.to_owned(),
         message,
     };
-    let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let expected = match kind.as_str() {
         "Namespace" | "Pod" => "v1",
         "NetworkPolicy" => "networking.k8s.io/v1",
         "" => return Err(fail("kind", "missing".into())),
-        other => return Err(fail("kind", format!("unsupported kind {other:?} (expected Namespace, Pod or NetworkPolicy)"))),
+        other => {
+            return Err(fail(
+                "kind",
+                format!("unsupported kind {other:?} (expected Namespace, Pod or NetworkPolicy)"),
+            ));
+        }
     };
     if api_version != expected {
-        return Err(fail("apiVersion", format!("{api_version:?} is not {expected:?}")));
+        return Err(fail(
+            "apiVersion",
+            format!("{api_version:?} is not {expected:?}"),
+        ));
     }
     match kind.as_str() {
         "Namespace" => typed(&value).map(Object::Namespace),
@@ -108,7 +130,10 @@ fn display_name(value: &Value) -> String {
 fn typed<T: DeserializeOwned + serde::Serialize>(value: &Value) -> Result<T, (String, String)> {
     let object: T = serde_path_to_error::deserialize(value).map_err(|error| {
         let path = error.path().to_string();
-        (if path == "." { String::new() } else { path }, error.into_inner().to_string())
+        (
+            if path == "." { String::new() } else { path },
+            error.into_inner().to_string(),
+        )
     })?;
     let round_trip = serde_json::to_value(&object).map_err(|e| (String::new(), e.to_string()))?;
     if let Some(field) = unknown_field(value, &round_trip, String::new()) {
@@ -122,18 +147,26 @@ fn typed<T: DeserializeOwned + serde::Serialize>(value: &Value) -> Result<T, (St
 fn unknown_field(original: &Value, round_trip: &Value, path: String) -> Option<String> {
     match (original, round_trip) {
         (Value::Object(fields), Value::Object(known)) => fields.iter().find_map(|(key, value)| {
-            let child = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+            let child = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
             match known.get(key) {
                 _ if value.is_null() => None,
                 Some(known_value) => unknown_field(value, known_value, child),
                 None => Some(child),
             }
         }),
-        (Value::Array(items), Value::Array(known)) => items
-            .iter()
-            .zip(known)
-            .enumerate()
-            .find_map(|(i, (item, known_item))| unknown_field(item, known_item, format!("{path}[{i}]"))),
+        (Value::Array(items), Value::Array(known)) => {
+            items
+                .iter()
+                .zip(known)
+                .enumerate()
+                .find_map(|(i, (item, known_item))| {
+                    unknown_field(item, known_item, format!("{path}[{i}]"))
+                })
+        }
         _ => None,
     }
 }
@@ -153,7 +186,10 @@ mod tests {
         let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\n\
                     apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\nspec: {containers: [{name: c}]}\n---\n\
                     apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {podSelector: {}}\n---\n";
-        let kinds: Vec<_> = parse_documents(text, "t").into_iter().map(|p| p.unwrap().kind()).collect();
+        let kinds: Vec<_> = parse_documents(text, "t")
+            .into_iter()
+            .map(|p| p.unwrap().kind())
+            .collect();
         assert_eq!(kinds, ["Namespace", "Pod", "NetworkPolicy"]);
     }
 
@@ -188,9 +224,18 @@ mod tests {
 
     #[test]
     fn wrong_kind_and_version_and_bad_yaml() {
-        assert_eq!(one("apiVersion: v1\nkind: Service\nmetadata: {name: s}\n").unwrap_err().field, "kind");
         assert_eq!(
-            one("apiVersion: networking.k8s.io/v1beta1\nkind: NetworkPolicy\nmetadata: {name: s}\n").unwrap_err().field,
+            one("apiVersion: v1\nkind: Service\nmetadata: {name: s}\n")
+                .unwrap_err()
+                .field,
+            "kind"
+        );
+        assert_eq!(
+            one(
+                "apiVersion: networking.k8s.io/v1beta1\nkind: NetworkPolicy\nmetadata: {name: s}\n"
+            )
+            .unwrap_err()
+            .field,
             "apiVersion"
         );
         let error = one("kind: [unclosed\n").unwrap_err();
@@ -199,7 +244,8 @@ mod tests {
 
     #[test]
     fn null_fields_are_not_unknown() {
-        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, creationTimestamp: null}\n";
+        let text =
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, creationTimestamp: null}\n";
         assert!(one(text).is_ok());
     }
 }
