@@ -612,3 +612,50 @@ fn without_policies_everything_passes_and_decisions_follow_updates() {
     let syn = Frame::new(ip("10.1.0.3"), ip("10.1.0.2"), Transport::syn(45002, 81));
     assert!(dp.run(ToPod, &syn));
 }
+
+#[test]
+fn revoking_a_permission_stops_established_connections_and_keeps_the_rest() {
+    let Some(mut dp) = Loaded::new("revoke", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    // Two connections into b: a -> b:80 (to be revoked) and 192.168.0.1 -> b:53/UDP (kept).
+    assert!(dp.run(
+        ToPod,
+        &Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), Transport::syn(46000, 80))
+    ));
+    let dns = |src: &str, dst: &str, sport, dport| {
+        Frame::new(ip(src), ip(dst), Transport::Udp { sport, dport })
+    };
+    assert!(dp.run(ToPod, &dns("192.168.0.1", "10.1.0.2", 6000, 53)));
+    let generation = dp.datapath.as_ref().unwrap().generation();
+
+    // The same policies, but a may now only use 8080.
+    let narrowed = POLICIES.replace(
+        "ports: [{protocol: TCP, port: 80, endPort: 90}]",
+        "ports: [{protocol: TCP, port: 8080}]",
+    );
+    let compiled = compile::compile(&state(&[CLUSTER, &narrowed]), &Allocations::default());
+    dp.datapath.as_mut().unwrap().apply(&compiled).unwrap();
+    assert_ne!(
+        dp.datapath.as_ref().unwrap().generation(),
+        generation,
+        "a policy change bumps the generation"
+    );
+
+    // The revoked connection stops, replies included, and stays stopped.
+    assert!(!dp.run(
+        FromPod,
+        &Frame::new(
+            ip("10.1.0.2"),
+            ip("10.1.0.1"),
+            Transport::syn_ack(80, 46000)
+        )
+    ));
+    assert!(!dp.run(
+        ToPod,
+        &Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), Transport::ack(46000, 80))
+    ));
+    // The connection the new policy still allows goes on.
+    assert!(dp.run(FromPod, &dns("10.1.0.2", "192.168.0.1", 53, 6000)));
+    assert!(dp.run(ToPod, &dns("192.168.0.1", "10.1.0.2", 6000, 53)));
+}

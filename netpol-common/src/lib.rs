@@ -159,11 +159,25 @@ pub struct CtValue {
     pub last_seen_ns: u64,
     pub packets: u64,
     pub bytes: u64,
-    /// Rule that allowed the first packet ([`RULE_NONE`] when the endpoint was not
+    /// Rule that allowed the connection ([`RULE_NONE`] when the endpoint was not
     /// isolated).
     pub rule: u32,
     /// `CT_*` flags.
     pub flags: u32,
+    /// [`DatapathState::generation`] when the connection was last judged by policy.
+    /// A packet that finds an older generation re-checks the connection against the
+    /// policy in force, so revoking a permission also stops established connections.
+    pub generation: u32,
+    pub _pad: u32,
+}
+
+/// Value of STATE (ARRAY, one entry at index 0): written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct DatapathState {
+    /// Bumped by the agent after every change of ENDPOINTS, IPCACHE or POLICY.
+    pub generation: u32,
+    pub _pad: u32,
 }
 
 /// The connection was opened by side b (see [`CtKey`]).
@@ -273,6 +287,7 @@ pub mod names {
     pub const POLICY: &str = "POLICY";
     pub const CT: &str = "CT";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const STATE: &str = "STATE";
     /// TC ingress of the host-side veth: packets leaving the pod (its egress policy).
     pub const PROG_FROM_POD: &str = "from_pod";
     /// TC egress of the host-side veth: packets entering the pod (its ingress policy).
@@ -299,6 +314,7 @@ mod user {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::DatapathState {}
 }
 
 // Layout checks: no implicit padding anywhere.
@@ -310,7 +326,8 @@ const _: () = {
     assert!(size_of::<PolicyKey>() == 12);
     assert!(size_of::<PolicyValue>() == 8);
     assert!(size_of::<CtKey>() == 48);
-    assert!(size_of::<CtValue>() == 40);
+    assert!(size_of::<CtValue>() == 48);
+    assert!(size_of::<DatapathState>() == 8);
     assert!(size_of::<Counter>() == 16);
     assert!(POLICY_PREFIX_FULL as usize == size_of::<PolicyKey>() * 8);
 };

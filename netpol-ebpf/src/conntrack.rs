@@ -12,7 +12,7 @@ use netpol_common::{
     TCP_FIN, TCP_RST, TCP_SYN,
 };
 
-use crate::{maps::CT, parse::Packet};
+use crate::{maps::CT, parse::Packet, policy::Connection};
 
 /// A packet's conntrack key and which end of it sent the packet.
 pub struct Flow {
@@ -78,9 +78,40 @@ fn lifetime(protocol: u8, flags: u32) -> u64 {
     }
 }
 
-/// The verdict conntrack gives on its own: `Some` for a packet of a live connection.
+/// The connection an entry describes, as the policy sees it.
 #[inline(always)]
-pub fn track(flow: &Flow, packet: &Packet, now: u64, len: u32) -> Option<Reason> {
+fn connection<'a>(key: &'a CtKey, flags: u32) -> Connection<'a> {
+    let initiator_b = flags & CT_INITIATOR_B != 0;
+    let local_b = key.local_b != 0;
+    let peer = if local_b { &key.addr_a } else { &key.addr_b };
+    let port = if initiator_b { key.port_a } else { key.port_b };
+    let direction = if flags & CT_INGRESS != 0 {
+        DIR_INGRESS
+    } else {
+        DIR_EGRESS
+    };
+    Connection {
+        direction,
+        peer,
+        protocol: key.protocol,
+        port,
+    }
+}
+
+/// The verdict conntrack gives on its own: `Some` for a packet of a live connection.
+///
+/// An entry made under an older policy generation is first re-judged by `recheck`
+/// (the connection as policy sees it -> allowing rule or `None`): a connection the
+/// current policy no longer allows is forgotten and its packet dropped.
+#[inline(always)]
+pub fn track(
+    flow: &Flow,
+    packet: &Packet,
+    now: u64,
+    len: u32,
+    generation: u32,
+    recheck: impl FnOnce(&Connection) -> Option<u32>,
+) -> Option<Reason> {
     let entry = CT.get_ptr_mut(flow.key)?;
     // SAFETY: the pointer comes from a successful lookup; LRU entries stay valid for the
     // duration of the program (RCU). Racing updates of counters may lose increments.
@@ -93,6 +124,18 @@ pub fn track(flow: &Flow, packet: &Packet, now: u64, len: u32) -> Option<Reason>
     // A new SYN on a closed connection's tuple opens a new connection: judge it afresh.
     if tcp && closing(flags) && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return None;
+    }
+    if entry.generation != generation {
+        match recheck(&connection(&flow.key, flags)) {
+            Some(rule) => {
+                entry.rule = rule;
+                entry.generation = generation;
+            }
+            None => {
+                let _ = CT.remove(flow.key);
+                return Some(Reason::PolicyDenied);
+            }
+        }
     }
     let from_initiator = flow.src_is_a != (flags & CT_INITIATOR_B != 0);
     if !from_initiator {
@@ -123,7 +166,15 @@ pub fn track(flow: &Flow, packet: &Packet, now: u64, len: u32) -> Option<Reason>
 
 /// Record a connection whose first packet was allowed.
 #[inline(always)]
-pub fn open(flow: &Flow, packet: &Packet, direction: u8, rule: u32, now: u64, len: u32) {
+pub fn open(
+    flow: &Flow,
+    packet: &Packet,
+    direction: u8,
+    rule: u32,
+    generation: u32,
+    now: u64,
+    len: u32,
+) {
     if packet.protocol == PROTO_TCP && packet.tcp_flags & TCP_RST != 0 {
         return;
     }
@@ -138,6 +189,8 @@ pub fn open(flow: &Flow, packet: &Packet, direction: u8, rule: u32, now: u64, le
         bytes: u64::from(len),
         rule,
         flags,
+        generation,
+        _pad: 0,
     };
     // A full LRU evicts the least recently used entry; an error here only means the
     // next packet is judged by policy again.

@@ -6,11 +6,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use netpol_common::{
-    Addr, Counter, CtKey, CtValue, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, REASON_COUNT,
-    capacity,
+    Addr, Counter, CtKey, CtValue, DatapathState, EndpointInfo, PeerInfo, PolicyKey, PolicyValue,
+    REASON_COUNT, capacity,
 };
 
 /// Local pod address -> endpoint.
@@ -32,3 +32,7 @@ pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CT, 0);
 /// Packets and bytes per verdict reason.
 #[map]
 pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(REASON_COUNT, 0);
+
+/// Agent-written global state (the policy generation).
+#[map]
+pub static STATE: Array<DatapathState> = Array::pinned(1, 0);

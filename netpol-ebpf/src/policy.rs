@@ -8,10 +8,7 @@ use netpol_common::{
     RULE_NONE, Reason,
 };
 
-use crate::{
-    maps::{IPCACHE, POLICY},
-    parse::Packet,
-};
+use crate::maps::{IPCACHE, POLICY};
 
 #[inline(always)]
 fn peer(addr: &Addr) -> PeerInfo {
@@ -35,10 +32,20 @@ fn allowing_rule(mut key: PolicyKey) -> Option<u32> {
         .map(|value| value.rule)
 }
 
-/// Verdict and deciding rule for a packet that opens a connection.
+/// What the policy decision needs to know about a connection, from the point of view
+/// of the local endpoint: who the peer is and which port the responder listens on.
+pub struct Connection<'a> {
+    /// [`DIR_INGRESS`]: the peer opened it; egress: the pod did.
+    pub direction: u8,
+    pub peer: &'a Addr,
+    pub protocol: u8,
+    pub port: u16,
+}
+
+/// Verdict and deciding rule for a connection.
 #[inline(always)]
-pub fn decide(endpoint: &EndpointInfo, packet: &Packet, direction: u8) -> (Reason, u32) {
-    let isolated = if direction == DIR_INGRESS {
+pub fn decide(endpoint: &EndpointInfo, connection: &Connection) -> (Reason, u32) {
+    let isolated = if connection.direction == DIR_INGRESS {
         ENDPOINT_INGRESS_ISOLATED
     } else {
         ENDPOINT_EGRESS_ISOLATED
@@ -46,21 +53,16 @@ pub fn decide(endpoint: &EndpointInfo, packet: &Packet, direction: u8) -> (Reaso
     if endpoint.flags & isolated == 0 {
         return (Reason::NotIsolated, RULE_NONE);
     }
-    let remote = if direction == DIR_INGRESS {
-        &packet.src
-    } else {
-        &packet.dst
-    };
-    let peer = peer(remote);
-    if direction == DIR_INGRESS && peer.flags & PEER_HOST != 0 {
+    let peer = peer(connection.peer);
+    if connection.direction == DIR_INGRESS && peer.flags & PEER_HOST != 0 {
         return (Reason::FromHost, RULE_NONE);
     }
     let key = PolicyKey {
         endpoint: endpoint.id,
         identity: peer.identity,
-        direction,
-        protocol: packet.protocol,
-        port: packet.dport.to_be_bytes(),
+        direction: connection.direction,
+        protocol: connection.protocol,
+        port: connection.port.to_be_bytes(),
     };
     match allowing_rule(key) {
         Some(rule) => (Reason::PolicyAllowed, rule),

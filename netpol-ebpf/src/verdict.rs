@@ -9,7 +9,7 @@ use netpol_common::{DIR_EGRESS, Reason};
 
 use crate::{
     conntrack::{self, Flow},
-    maps::{COUNTERS, ENDPOINTS},
+    maps::{COUNTERS, ENDPOINTS, STATE},
     parse::{self, Malformed},
     policy,
 };
@@ -44,13 +44,29 @@ fn decide(ctx: &TcContext, direction: u8) -> Result<Reason, Malformed> {
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let len = ctx.len();
+    let generation = STATE.get(0).map_or(0, |state| state.generation);
     let flow = Flow::of(&packet, direction);
-    if let Some(reason) = conntrack::track(&flow, &packet, now, len) {
+    let recheck = |connection: &policy::Connection| {
+        let (reason, rule) = policy::decide(&endpoint, connection);
+        (!reason.is_drop()).then_some(rule)
+    };
+    if let Some(reason) = conntrack::track(&flow, &packet, now, len, generation, recheck) {
         return Ok(reason);
     }
-    let (reason, rule) = policy::decide(&endpoint, &packet, direction);
+    let remote = if direction == DIR_EGRESS {
+        &packet.dst
+    } else {
+        &packet.src
+    };
+    let connection = policy::Connection {
+        direction,
+        peer: remote,
+        protocol: packet.protocol,
+        port: packet.dport,
+    };
+    let (reason, rule) = policy::decide(&endpoint, &connection);
     if !reason.is_drop() {
-        conntrack::open(&flow, &packet, direction, rule, now, len);
+        conntrack::open(&flow, &packet, direction, rule, generation, now, len);
     }
     Ok(reason)
 }

@@ -19,12 +19,12 @@ pub mod packet;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachType};
 use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use netpol_common::{Counter, REASON_COUNT, Reason, names};
+use netpol_common::{Counter, DatapathState, REASON_COUNT, Reason, names};
 use tracing::{debug, info, warn};
 
 use crate::compile::Compiled;
@@ -178,6 +178,10 @@ pub struct Datapath {
     ipcache: IpcacheMap,
     policy: PolicyMap,
     counters: PerCpuArray<MapData, Counter>,
+    state: Array<MapData, DatapathState>,
+    /// Policy generation in STATE: bumped after every change of the three policy maps
+    /// so that conntrack re-checks established connections.
+    generation: u32,
     attachments: BTreeMap<String, Attachment>,
 }
 
@@ -224,8 +228,22 @@ impl Datapath {
             name: names::COUNTERS,
             source,
         })?;
+        let state = take_map(&mut ebpf, names::STATE)?;
+        let state: Array<MapData, DatapathState> =
+            Array::try_from(state).map_err(|source| Error::Map {
+                name: names::STATE,
+                source,
+            })?;
+        let generation = state
+            .get(&0, 0)
+            .map_err(|source| Error::Map {
+                name: names::STATE,
+                source,
+            })?
+            .generation;
         info!(
             dir = %dir.display(),
+            generation,
             endpoints = endpoints.len(),
             ipcache = ipcache.len(),
             policy = policy.len(),
@@ -238,6 +256,8 @@ impl Datapath {
             ipcache,
             policy,
             counters,
+            state,
+            generation,
             attachments: BTreeMap::new(),
         })
     }
@@ -274,6 +294,18 @@ impl Datapath {
             .policy
             .remove_stale(&compiled.policy)
             .map_err(map_err(names::POLICY))?;
+
+        if report.maps.writes() > 0 {
+            self.generation = self.generation.wrapping_add(1);
+            let state = DatapathState {
+                generation: self.generation,
+                _pad: 0,
+            };
+            self.state.set(0, state, 0).map_err(|source| Error::Map {
+                name: names::STATE,
+                source,
+            })?;
+        }
 
         self.reconcile_attachments(compiled, &mut report)?;
         Ok(report)
@@ -431,6 +463,11 @@ impl Datapath {
     /// Interfaces with programs attached.
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attachments.keys().map(String::as_str)
+    }
+
+    /// The policy generation now in the kernel.
+    pub fn generation(&self) -> u32 {
+        self.generation
     }
 
     /// Map sizes as the kernel holds them: (ENDPOINTS, IPCACHE, POLICY).
