@@ -98,21 +98,21 @@ fn state(manifests: &[&str]) -> ClusterState {
                 Object::Namespace(ns) => {
                     state
                         .namespaces
-                        .insert(ns.metadata.name.clone().unwrap(), ns);
+                        .insert(ns.metadata.name.clone().unwrap(), *ns);
                 }
                 Object::Pod(pod) => {
                     let key = ObjectRef::new(
                         pod.metadata.namespace.clone().unwrap(),
                         pod.metadata.name.clone().unwrap(),
                     );
-                    state.pods.insert(key, pod);
+                    state.pods.insert(key, *pod);
                 }
                 Object::NetworkPolicy(p) => {
                     let key = ObjectRef::new(
                         p.metadata.namespace.clone().unwrap(),
                         p.metadata.name.clone().unwrap(),
                     );
-                    state.policies.insert(key, p);
+                    state.policies.insert(key, *p);
                 }
             }
         }

@@ -15,13 +15,16 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use netpol_common::{
-    Addr, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, PEER_HOST,
-    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PeerInfo, PolicyKey, PolicyValue,
+    Addr, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY,
+    IDENTITY_WORLD, PEER_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PeerInfo,
+    PolicyKey, PolicyValue,
 };
 
 use super::identity::{Allocations, IdentitySignature, NamedPortResolution};
 use super::lpm::{Lpm, host_key, net_key};
-use super::policy::{Block, NamespaceMatch, ParsedRule, Peer, PortMatch, parse_policy, protocol_number};
+use super::policy::{
+    Block, NamespaceMatch, ParsedRule, Peer, PortMatch, parse_policy, protocol_number,
+};
 use super::ports::port_prefixes;
 use super::{Compiled, Diagnostic, Direction, IdentityInfo, LocalPod, RuleRef};
 use crate::state::{ClusterState, HOST_INTERFACE_ANNOTATION, ObjectRef};
@@ -57,7 +60,11 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
         for (d, direction) in Direction::BOTH.into_iter().enumerate() {
             base[d] = rules.len();
             for index in 0..parsed.rules(direction).map_or(0, <[ParsedRule]>::len) {
-                rules.push(RuleRef { policy: obj.clone(), direction, index });
+                rules.push(RuleRef {
+                    policy: obj.clone(),
+                    direction,
+                    index,
+                });
             }
         }
         rule_base.push(base);
@@ -88,8 +95,8 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
     // 3. Peers and named ports in force.
     let mut in_force = [BTreeSet::new(), BTreeSet::new()];
     for ep in &endpoints {
-        for d in 0..2 {
-            in_force[d].extend(ep.selected_by[d].iter().copied());
+        for (set, selected_by) in in_force.iter_mut().zip(&ep.selected_by) {
+            set.extend(selected_by.iter().copied());
         }
     }
     let mut peers = PeerTable::default();
@@ -115,21 +122,32 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
     let classes = classify(state, &pods, &namespaces, &peers, &egress_named_ports);
     let signature_of = |class: &ClassKey| IdentitySignature {
         peers: {
-            let mut v: Vec<String> = class.peers.iter().map(|&i| peers.list[i].canonical()).collect();
+            let mut v: Vec<String> = class
+                .peers
+                .iter()
+                .map(|&i| peers.list[i].canonical())
+                .collect();
             v.sort();
             v
         },
         named_ports: class.named_ports.clone(),
     };
-    let signatures: BTreeMap<&ClassKey, IdentitySignature> =
-        classes.keys.values().map(|(class, _)| (class, signature_of(class))).collect();
+    let signatures: BTreeMap<&ClassKey, IdentitySignature> = classes
+        .keys
+        .values()
+        .map(|(class, _)| (class, signature_of(class)))
+        .collect();
     let allocations = prev.next(
         endpoints.iter().map(|ep| pods[ep.pod].obj.clone()),
         signatures.values().filter(|s| !s.is_world()).cloned(),
     );
     let identity_of = |class: &ClassKey| {
         let sig = &signatures[class];
-        if sig.is_world() { IDENTITY_WORLD } else { allocations.identity(sig).expect("allocated above") }
+        if sig.is_world() {
+            IDENTITY_WORLD
+        } else {
+            allocations.identity(sig).expect("allocated above")
+        }
     };
 
     let mut ipcache = BTreeMap::new();
@@ -152,7 +170,13 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
     );
     for (key, (class, entry)) in &classes.keys {
         let identity = identity_of(class);
-        ipcache.insert(*key, PeerInfo { identity, flags: entry.flags });
+        ipcache.insert(
+            *key,
+            PeerInfo {
+                identity,
+                flags: entry.flags,
+            },
+        );
         let info = identities.entry(identity).or_insert_with(|| IdentityInfo {
             signature: signatures[class].clone(),
             description: signatures[class].to_string(),
@@ -170,7 +194,10 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
             peer_identities[p].insert(identity);
         }
         for n in &class.named_ports {
-            named_by_identity.entry((n.name.clone(), n.protocol)).or_default().insert(identity, n.port);
+            named_by_identity
+                .entry((n.name.clone(), n.protocol))
+                .or_default()
+                .insert(identity, n.port);
         }
     }
 
@@ -180,7 +207,7 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
     let mut local_pods = Vec::new();
     for ep in &endpoints {
         let pod = &pods[ep.pod];
-        let id = allocations.endpoint_id(&pod.obj).expect("allocated above");
+        let id = allocations.endpoint_id(pod.obj).expect("allocated above");
         let mut flags = 0;
         if !ep.selected_by[0].is_empty() {
             flags |= ENDPOINT_INGRESS_ISOLATED;
@@ -213,8 +240,14 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
             endpoint_id: id,
             ips: pod.ips.clone(),
             host_interface: pod.host_interface.clone(),
-            ingress_policies: ep.selected_by[0].iter().map(|&i| policies[i].0.clone()).collect(),
-            egress_policies: ep.selected_by[1].iter().map(|&i| policies[i].0.clone()).collect(),
+            ingress_policies: ep.selected_by[0]
+                .iter()
+                .map(|&i| policies[i].0.clone())
+                .collect(),
+            egress_policies: ep.selected_by[1]
+                .iter()
+                .map(|&i| policies[i].0.clone())
+                .collect(),
         });
     }
 
@@ -251,7 +284,10 @@ struct Endpoint {
 /// Labels of every namespace, with `kubernetes.io/metadata.name` as the API server sets it.
 fn namespace_labels(state: &ClusterState) -> BTreeMap<String, BTreeMap<String, String>> {
     let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    let names = state.namespaces.keys().chain(state.pods.keys().map(|p| &p.namespace));
+    let names = state
+        .namespaces
+        .keys()
+        .chain(state.pods.keys().map(|p| &p.namespace));
     for name in names {
         if out.contains_key(name) {
             continue;
@@ -261,7 +297,9 @@ fn namespace_labels(state: &ClusterState) -> BTreeMap<String, BTreeMap<String, S
             .get(name)
             .and_then(|ns| ns.metadata.labels.clone())
             .unwrap_or_default();
-        labels.entry(NAMESPACE_NAME_LABEL.to_string()).or_insert_with(|| name.clone());
+        labels
+            .entry(NAMESPACE_NAME_LABEL.to_string())
+            .or_insert_with(|| name.clone());
         out.insert(name.clone(), labels);
     }
     out
@@ -271,9 +309,21 @@ fn namespace_labels(state: &ClusterState) -> BTreeMap<String, BTreeMap<String, S
 pub(crate) fn pod_ips(pod: &Pod) -> (Vec<IpAddr>, Vec<(String, String)>) {
     let mut ips = Vec::new();
     let mut errors = Vec::new();
-    let Some(status) = &pod.status else { return (ips, errors) };
-    let listed = status.pod_ips.iter().flatten().enumerate().map(|(i, p)| (format!("status.podIPs[{i}].ip"), &p.ip));
-    for (field, text) in listed.chain(status.pod_ip.iter().map(|ip| ("status.podIP".to_string(), ip))) {
+    let Some(status) = &pod.status else {
+        return (ips, errors);
+    };
+    let listed = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, p)| (format!("status.podIPs[{i}].ip"), &p.ip));
+    for (field, text) in listed.chain(
+        status
+            .pod_ip
+            .iter()
+            .map(|ip| ("status.podIP".to_string(), ip)),
+    ) {
         match text.parse::<IpAddr>() {
             Ok(ip) if !ips.contains(&ip) => ips.push(ip),
             Ok(_) => {}
@@ -286,7 +336,11 @@ pub(crate) fn pod_ips(pod: &Pod) -> (Vec<IpAddr>, Vec<(String, String)>) {
 /// Whether the pod takes part at all: not finished and not in the host's network.
 pub(crate) fn is_live_pod_network(pod: &Pod) -> bool {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    let host_network = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+    let host_network = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
     !matches!(phase, Some("Succeeded" | "Failed")) && !host_network
 }
 
@@ -295,9 +349,15 @@ pub(crate) fn container_named_ports(pod: &Pod) -> BTreeMap<(String, u8), u16> {
     let mut out = BTreeMap::new();
     let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
     for port in containers.flat_map(|c| c.ports.iter().flatten()) {
-        let Some(name) = port.name.as_ref() else { continue };
-        let Some(protocol) = protocol_number(port.protocol.as_deref().unwrap_or("TCP")) else { continue };
-        let Ok(number) = u16::try_from(port.container_port) else { continue };
+        let Some(name) = port.name.as_ref() else {
+            continue;
+        };
+        let Some(protocol) = protocol_number(port.protocol.as_deref().unwrap_or("TCP")) else {
+            continue;
+        };
+        let Ok(number) = u16::try_from(port.container_port) else {
+            continue;
+        };
         if number != 0 {
             out.entry((name.clone(), protocol)).or_insert(number);
         }
@@ -315,7 +375,11 @@ fn live_pods<'a>(state: &'a ClusterState, diagnostics: &mut Vec<Diagnostic>) -> 
         let (mut ips, errors) = pod_ips(pod);
         let object = format!("Pod {obj}");
         for (field, message) in errors {
-            diagnostics.push(Diagnostic { object: object.clone(), field, message });
+            diagnostics.push(Diagnostic {
+                object: object.clone(),
+                field,
+                message,
+            });
         }
         ips.retain(|ip| match owner.get(ip) {
             Some(other) => {
@@ -340,7 +404,12 @@ fn live_pods<'a>(state: &'a ClusterState, diagnostics: &mut Vec<Diagnostic>) -> 
             ips,
             named_ports: container_named_ports(pod),
             local: state.node.is_local(pod),
-            host_interface: pod.metadata.annotations.as_ref().and_then(|a| a.get(HOST_INTERFACE_ANNOTATION)).cloned(),
+            host_interface: pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(HOST_INTERFACE_ANNOTATION))
+                .cloned(),
         });
     }
     out
@@ -399,7 +468,11 @@ fn classify(
     egress_named_ports: &BTreeSet<(String, u8)>,
 ) -> Classes {
     let blocks_containing_addr = |ip: IpAddr| -> BTreeSet<usize> {
-        peers.blocks().filter(|(_, b)| b.contains_addr(ip)).map(|(i, _)| i).collect()
+        peers
+            .blocks()
+            .filter(|(_, b)| b.contains_addr(ip))
+            .map(|(i, _)| i)
+            .collect()
     };
     let mut keys = BTreeMap::new();
 
@@ -410,7 +483,10 @@ fn classify(
             .iter()
             .enumerate()
             .filter(|(_, peer)| match peer {
-                Peer::Pods { namespaces: ns, pods: sel } => {
+                Peer::Pods {
+                    namespaces: ns,
+                    pods: sel,
+                } => {
                     let ns_ok = match ns {
                         NamespaceMatch::Named(name) => *name == pod.obj.namespace,
                         NamespaceMatch::Selector(s) => s.matches(ns_labels),
@@ -424,35 +500,73 @@ fn classify(
         let named_ports: Vec<NamedPortResolution> = egress_named_ports
             .iter()
             .filter_map(|(name, protocol)| {
-                pod.named_ports.get(&(name.clone(), *protocol)).map(|&port| NamedPortResolution {
-                    name: name.clone(),
-                    protocol: *protocol,
-                    port,
-                })
+                pod.named_ports
+                    .get(&(name.clone(), *protocol))
+                    .map(|&port| NamedPortResolution {
+                        name: name.clone(),
+                        protocol: *protocol,
+                        port,
+                    })
             })
             .collect();
         for &ip in &pod.ips {
             let mut class_peers = selected.clone();
             class_peers.extend(blocks_containing_addr(ip));
-            let class = ClassKey { peers: class_peers, named_ports: named_ports.clone() };
-            keys.insert(host_key(ip), (class, KeyEntry { flags: 0, member: format!("pod {} {ip}", pod.obj) }));
+            let class = ClassKey {
+                peers: class_peers,
+                named_ports: named_ports.clone(),
+            };
+            keys.insert(
+                host_key(ip),
+                (
+                    class,
+                    KeyEntry {
+                        flags: 0,
+                        member: format!("pod {} {ip}", pod.obj),
+                    },
+                ),
+            );
         }
     }
 
     for &ip in &state.node.ips {
         let entry = keys.entry(host_key(ip)).or_insert_with(|| {
-            let class = ClassKey { peers: blocks_containing_addr(ip), named_ports: vec![] };
-            (class, KeyEntry { flags: 0, member: format!("node {ip}") })
+            let class = ClassKey {
+                peers: blocks_containing_addr(ip),
+                named_ports: vec![],
+            };
+            (
+                class,
+                KeyEntry {
+                    flags: 0,
+                    member: format!("node {ip}"),
+                },
+            )
         });
         entry.1.flags |= PEER_HOST;
     }
 
-    let prefixes: BTreeSet<IpNet> =
-        peers.blocks().flat_map(|(_, b)| std::iter::once(b.cidr).chain(b.except.iter().copied())).collect();
+    let prefixes: BTreeSet<IpNet> = peers
+        .blocks()
+        .flat_map(|(_, b)| std::iter::once(b.cidr).chain(b.except.iter().copied()))
+        .collect();
     for prefix in prefixes {
         keys.entry(net_key(&prefix)).or_insert_with(|| {
-            let class_peers = peers.blocks().filter(|(_, b)| b.contains_prefix(&prefix)).map(|(i, _)| i).collect();
-            (ClassKey { peers: class_peers, named_ports: vec![] }, KeyEntry { flags: 0, member: prefix.to_string() })
+            let class_peers = peers
+                .blocks()
+                .filter(|(_, b)| b.contains_prefix(&prefix))
+                .map(|(i, _)| i)
+                .collect();
+            (
+                ClassKey {
+                    peers: class_peers,
+                    named_ports: vec![],
+                },
+                KeyEntry {
+                    flags: 0,
+                    member: prefix.to_string(),
+                },
+            )
         });
     }
     Classes { keys }
@@ -473,7 +587,10 @@ impl RuleContext<'_> {
     fn emit(&self, rule: &ParsedRule, out: &mut BTreeMap<Lpm<PolicyKey>, PolicyValue>) {
         let identities: BTreeSet<u32> = match &rule.peers {
             None => BTreeSet::from([IDENTITY_ANY]),
-            Some(list) => list.iter().flat_map(|p| self.peer_identities[self.peers.get(p)].iter().copied()).collect(),
+            Some(list) => list
+                .iter()
+                .flat_map(|p| self.peer_identities[self.peers.get(p)].iter().copied())
+                .collect(),
         };
         let Some(ports) = &rule.ports else {
             for &identity in &identities {
@@ -491,16 +608,30 @@ impl RuleContext<'_> {
                 PortMatch::Range(lo, hi) => {
                     for block in port_prefixes(*lo, *hi) {
                         for &identity in &identities {
-                            self.insert(out, identity, spec.protocol, block.value, POLICY_PREFIX_ANY_PORT + block.bits);
+                            self.insert(
+                                out,
+                                identity,
+                                spec.protocol,
+                                block.value,
+                                POLICY_PREFIX_ANY_PORT + block.bits,
+                            );
                         }
                     }
                 }
                 PortMatch::Named(name) => match self.direction {
                     // Resolved on the destination: the local pod itself.
                     Direction::Ingress => {
-                        if let Some(&port) = self.pod.named_ports.get(&(name.clone(), spec.protocol)) {
+                        if let Some(&port) =
+                            self.pod.named_ports.get(&(name.clone(), spec.protocol))
+                        {
                             for &identity in &identities {
-                                self.insert(out, identity, spec.protocol, port, POLICY_PREFIX_ANY_PORT + 16);
+                                self.insert(
+                                    out,
+                                    identity,
+                                    spec.protocol,
+                                    port,
+                                    POLICY_PREFIX_ANY_PORT + 16,
+                                );
                             }
                         }
                     }
@@ -508,8 +639,15 @@ impl RuleContext<'_> {
                     Direction::Egress => {
                         let resolved = self.named_by_identity.get(&(name.clone(), spec.protocol));
                         for (&identity, &port) in resolved.into_iter().flatten() {
-                            if identities.contains(&IDENTITY_ANY) || identities.contains(&identity) {
-                                self.insert(out, identity, spec.protocol, port, POLICY_PREFIX_ANY_PORT + 16);
+                            if identities.contains(&IDENTITY_ANY) || identities.contains(&identity)
+                            {
+                                self.insert(
+                                    out,
+                                    identity,
+                                    spec.protocol,
+                                    port,
+                                    POLICY_PREFIX_ANY_PORT + 16,
+                                );
                             }
                         }
                     }
@@ -533,7 +671,13 @@ impl RuleContext<'_> {
             protocol,
             port: port.to_be_bytes(),
         };
-        let value = out.entry(Lpm::new(prefix_len, key)).or_insert(PolicyValue { rule: self.rule, _pad: 0 });
+        let value = out.entry(Lpm::new(prefix_len, key)).or_insert(PolicyValue {
+            rule: self.rule,
+            _pad: 0,
+        });
         value.rule = value.rule.min(self.rule);
     }
 }
+
+#[cfg(test)]
+mod tests;

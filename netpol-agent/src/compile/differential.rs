@@ -23,16 +23,24 @@ use crate::state::ClusterState;
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const NODE_IP: &str = "10.0.2.254";
 /// Addresses that are never pods.
-const OUTSIDE: [&str; 5] = ["10.0.0.200", "10.0.1.77", "192.168.1.1", "8.8.8.8", "fd00::99"];
+const OUTSIDE: [&str; 5] = [
+    "10.0.0.200",
+    "10.0.1.77",
+    "192.168.1.1",
+    "8.8.8.8",
+    "fd00::99",
+];
 const PORT_NAMES: [&str; 3] = ["http", "dns", "metrics"];
 const PORTS: [u16; 5] = [53, 80, 81, 8080, 8081];
 
-fn label_set(keys: &'static [&'static str]) -> impl Strategy<Value = Vec<(&'static str, &'static str)>> {
+fn label_set(
+    keys: &'static [&'static str],
+) -> impl Strategy<Value = Vec<(&'static str, &'static str)>> {
     proptest::collection::vec((select(keys), select(&["a", "b"][..])), 0..=2)
 }
 
 fn protocol_name() -> impl Strategy<Value = &'static str> {
-    select(&["TCP", "UDP", "SCTP"][..])
+    select(&["TCP", "TCP", "TCP", "UDP", "SCTP"][..])
 }
 
 #[derive(Clone, Debug)]
@@ -53,26 +61,36 @@ fn pod_spec() -> impl Strategy<Value = PodSpec> {
         label_set(&["app", "tier"]),
         0..3u8,
         prop::bool::weighted(0.3),
-        proptest::collection::vec((select(&PORT_NAMES[..]), select(&PORTS[..]), protocol_name()), 0..=3),
+        proptest::collection::vec(
+            (select(&PORT_NAMES[..]), select(&PORTS[..]), protocol_name()),
+            0..=3,
+        ),
         prop::bool::weighted(0.8),
         select(&["Running", "Running", "Running", "Pending", "Succeeded"][..]),
         prop::bool::weighted(0.05),
     )
-        .prop_map(|(ns, labels, subnet, v6, ports, local, phase, host_network)| PodSpec {
-            ns,
-            labels,
-            subnet,
-            v6,
-            ports,
-            local,
-            phase,
-            host_network,
-        })
+        .prop_map(
+            |(ns, labels, subnet, v6, ports, local, phase, host_network)| PodSpec {
+                ns,
+                labels,
+                subnet,
+                v6,
+                ports,
+                local,
+                phase,
+                host_network,
+            },
+        )
 }
 
-/// A selector as JSON: matchLabels and/or matchExpressions over `keys`.
+/// A selector as JSON: often empty, otherwise matchLabels and/or matchExpressions
+/// over `keys`.
 fn selector(keys: &'static [&'static str]) -> impl Strategy<Value = Value> {
-    let expr = (select(keys), select(&["In", "NotIn", "Exists", "DoesNotExist"][..])).prop_flat_map(|(key, op)| {
+    let expr = (
+        select(keys),
+        select(&["In", "NotIn", "Exists", "DoesNotExist"][..]),
+    )
+        .prop_flat_map(|(key, op)| {
             let values = if matches!(op, "In" | "NotIn") {
                 proptest::collection::btree_set(select(&["a", "b"][..]), 1..=2)
                     .prop_map(|s| Some(s.into_iter().collect::<Vec<_>>()))
@@ -85,16 +103,22 @@ fn selector(keys: &'static [&'static str]) -> impl Strategy<Value = Value> {
                 None => json!({"key": key, "operator": op}),
             })
         });
-    (label_set(keys), proptest::collection::vec(expr, 0..=2), 0..3u8).prop_map(|(ml, exprs, shape)| {
-        let mut sel = serde_json::Map::new();
-        if !ml.is_empty() || shape == 1 {
-            sel.insert("matchLabels".into(), labels(&ml));
-        }
-        if !exprs.is_empty() {
-            sel.insert("matchExpressions".into(), Value::Array(exprs));
-        }
-        Value::Object(sel)
-    })
+    let some = (
+        label_set(keys),
+        proptest::collection::vec(expr, 0..=2),
+        any::<bool>(),
+    )
+        .prop_map(|(ml, exprs, empty_labels)| {
+            let mut sel = serde_json::Map::new();
+            if !ml.is_empty() || empty_labels {
+                sel.insert("matchLabels".into(), labels(&ml));
+            }
+            if !exprs.is_empty() {
+                sel.insert("matchExpressions".into(), Value::Array(exprs));
+            }
+            Value::Object(sel)
+        });
+    prop_oneof![1 => Just(json!({})), 2 => some]
 }
 
 /// An address the ipBlocks are built around.
@@ -117,7 +141,8 @@ fn ip_block() -> impl Strategy<Value = Value> {
             let except: Vec<String> = excepts
                 .into_iter()
                 .filter_map(|(addr, extra)| {
-                    let e: ipnet::IpNet = format!("{addr}/{}", (len + extra).min(32)).parse().ok()?;
+                    let e: ipnet::IpNet =
+                        format!("{addr}/{}", (len + extra).min(32)).parse().ok()?;
                     (e.prefix_len() > len && cidr.contains(&e)).then(|| e.to_string())
                 })
                 .collect();
@@ -125,7 +150,11 @@ fn ip_block() -> impl Strategy<Value = Value> {
             json!({"cidr": format!("{base}/{len}"), "except": except})
         });
     let v6 = (select(&[0u8, 64, 120, 128][..]), 1..7u8).prop_map(|(len, h)| {
-        let except = if len < 128 { vec![format!("fd00::{h}/128")] } else { vec![] };
+        let except = if len < 128 {
+            vec![format!("fd00::{h}/128")]
+        } else {
+            vec![]
+        };
         json!({"cidr": format!("fd00::{h}/{len}"), "except": except})
     });
     prop_oneof![4 => v4, 1 => v6]
@@ -145,12 +174,13 @@ fn peer() -> impl Strategy<Value = Value> {
 fn port() -> impl Strategy<Value = Value> {
     let protocol = prop_oneof![Just(None), protocol_name().prop_map(Some)];
     let number = prop_oneof![
-        Just(json!({})),
-        select(&PORTS[..]).prop_map(|p| json!({"port": p})),
-        (select(&PORTS[..]), select(&[0u16, 1, 100, 8000][..])).prop_map(|(p, d)| json!({"port": p, "endPort": p + d})),
-        select(&PORT_NAMES[..]).prop_map(|n| json!({"port": n})),
+        1 => Just(json!({})),
+        1 => select(&PORTS[..]).prop_map(|p| json!({"port": p})),
+        1 => (select(&PORTS[..]), select(&[0u16, 1, 100, 8000][..]))
+            .prop_map(|(p, d)| json!({"port": p, "endPort": p + d})),
+        2 => select(&PORT_NAMES[..]).prop_map(|n| json!({"port": n})),
         // Invalid: the whole policy is left out by both sides.
-        Just(json!({"port": 81, "endPort": 80})),
+        1 => Just(json!({"port": 81, "endPort": 80})),
     ];
     (protocol, number).prop_map(|(protocol, mut p)| {
         if let Some(proto) = protocol {
@@ -161,7 +191,10 @@ fn port() -> impl Strategy<Value = Value> {
 }
 
 /// `None`, `[]`, or a few items.
-fn optional_list<S: Strategy<Value = Value> + 'static>(item: S, max: usize) -> impl Strategy<Value = Option<Value>> {
+fn optional_list<S: Strategy<Value = Value> + 'static>(
+    item: S,
+    max: usize,
+) -> impl Strategy<Value = Option<Value>> {
     prop_oneof![
         1 => Just(None),
         1 => Just(Some(json!([]))),
@@ -183,10 +216,21 @@ fn rule(peers_field: &'static str) -> impl Strategy<Value = Value> {
 }
 
 fn policy_spec() -> impl Strategy<Value = (usize, Value)> {
-    let types = select(
-        &[None, Some(&["Ingress"][..]), Some(&["Egress"][..]), Some(&["Ingress", "Egress"][..]), Some(&[][..])][..],
-    );
-    (0..3usize, selector(&["app", "tier"]), types, optional_list(rule("from"), 2), optional_list(rule("to"), 2))
+    const TYPES: [Option<&[&str]>; 5] = [
+        None,
+        Some(&["Ingress"]),
+        Some(&["Egress"]),
+        Some(&["Ingress", "Egress"]),
+        Some(&[]),
+    ];
+    let types = select(&TYPES[..]);
+    (
+        0..3usize,
+        selector(&["app", "tier"]),
+        types,
+        optional_list(rule("from"), 2),
+        optional_list(rule("to"), 2),
+    )
         .prop_map(|(ns, pod_selector, types, ingress, egress)| {
             let mut spec = serde_json::Map::new();
             spec.insert("podSelector".into(), pod_selector);
@@ -242,24 +286,42 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             for (i, (ns, spec)) in policies.into_iter().enumerate() {
                 c = c.policy(NAMESPACES[ns % n_ns], &format!("np{i}"), spec);
             }
-            Scenario { state: c.state, addresses }
+            Scenario {
+                state: c.state,
+                addresses,
+            }
         })
 }
 
-fn flow(n_addresses: usize) -> impl Strategy<Value = (usize, usize, u8, u16)> {
+/// A protocol and destination port.
+fn probe() -> impl Strategy<Value = (u8, u16)> {
     (
-        0..n_addresses,
-        0..n_addresses,
         select(&[PROTO_TCP, PROTO_TCP, PROTO_UDP, PROTO_SCTP][..]),
-        prop_oneof![4 => select(&PORTS[..]), 1 => any::<u16>()],
+        prop_oneof![6 => select(&PORTS[..]), 1 => any::<u16>()],
     )
 }
 
-fn check(state: &ClusterState, compiled: &Compiled, src: IpAddr, dst: IpAddr, protocol: u8, port: u16) -> Result<(), TestCaseError> {
+/// Any two addresses (pods or not) and a probe.
+fn flow(n_addresses: usize) -> impl Strategy<Value = (usize, usize, (u8, u16))> {
+    (0..n_addresses, 0..n_addresses, probe())
+}
+
+fn check(
+    reference: &reference::Reference,
+    compiled: &Compiled,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    port: u16,
+) -> Result<(), TestCaseError> {
     for direction in Direction::BOTH {
         let got = model::decide(compiled, src, dst, protocol, port, direction);
-        let want = reference::evaluate(state, src, dst, protocol, port, direction);
-        let context = || format!("{direction} {src} -> {dst} proto {protocol} port {port}: model {got:?}, reference {want:?}");
+        let want = reference.evaluate(src, dst, protocol, port, direction);
+        let context = || {
+            format!(
+                "{direction} {src} -> {dst} proto {protocol} port {port}: model {got:?}, reference {want:?}"
+            )
+        };
         match (&want, got.reason) {
             (Verdict::NotEndpoint, Reason::NotEndpoint)
             | (Verdict::NotIsolated, Reason::NotIsolated)
@@ -267,7 +329,12 @@ fn check(state: &ClusterState, compiled: &Compiled, src: IpAddr, dst: IpAddr, pr
             | (Verdict::Denied, Reason::PolicyDenied) => {}
             (Verdict::Allowed(rules), Reason::PolicyAllowed) => {
                 let rule = compiled.rules.get(got.rule as usize);
-                prop_assert!(rule.is_some_and(|r| rules.contains(r)), "wrong rule {:?}: {}", rule, context());
+                prop_assert!(
+                    rule.is_some_and(|r| rules.contains(r)),
+                    "wrong rule {:?}: {}",
+                    rule,
+                    context()
+                );
             }
             _ => prop_assert!(false, "{}", context()),
         }
@@ -280,19 +347,31 @@ proptest! {
 
     #[test]
     fn compiled_maps_agree_with_reference(
-        (s, flows) in scenario().prop_flat_map(|s| {
+        (s, flows, probes) in scenario().prop_flat_map(|s| {
             let n = s.addresses.len();
-            (Just(s), proptest::collection::vec(flow(n), 24))
+            (Just(s), proptest::collection::vec(flow(n), 16), proptest::collection::vec(probe(), 3))
         })
     ) {
         let compiled = compile(&s.state, &Allocations::default());
-        for (a, b, protocol, port) in flows {
-            check(&s.state, &compiled, s.addresses[a], s.addresses[b], protocol, port)?;
+        let reference = reference::Reference::new(&s.state);
+        for (a, b, (protocol, port)) in flows {
+            let (src, dst) = (s.addresses[a], s.addresses[b]);
+            check(&reference, &compiled, src, dst, protocol, port)?;
+            prop_assert_eq!(
+                model::flow_allowed(&compiled, src, dst, protocol, port),
+                reference.flow_allowed(src, dst, protocol, port)
+            );
         }
-        // Every pod address against every other on the ports the cluster uses, TCP.
-        for &src in &s.addresses {
-            for &dst in &s.addresses {
-                check(&s.state, &compiled, src, dst, PROTO_TCP, 80)?;
+        // Every local endpoint against every address, both ways, on two probes.
+        for (i, &endpoint) in s.addresses.iter().enumerate() {
+            if !compiled.endpoints.contains_key(&super::addr(endpoint)) {
+                continue;
+            }
+            for (j, &peer) in s.addresses.iter().enumerate() {
+                let (protocol, port) = probes[(i + j) % probes.len()];
+                check(&reference, &compiled, peer, endpoint, protocol, port)?;
+                let (protocol, port) = probes[(i + j + 1) % probes.len()];
+                check(&reference, &compiled, endpoint, peer, protocol, port)?;
             }
         }
     }

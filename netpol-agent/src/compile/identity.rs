@@ -99,7 +99,11 @@ impl Allocations {
 
 /// Numbers for `wanted`: those in `prev` keep theirs, the others take the lowest numbers
 /// `>= first` not in use, in key order.
-fn allocate<K: Ord + Clone>(prev: &BTreeMap<K, u32>, wanted: impl IntoIterator<Item = K>, first: u32) -> BTreeMap<K, u32> {
+fn allocate<K: Ord + Clone>(
+    prev: &BTreeMap<K, u32>,
+    wanted: impl IntoIterator<Item = K>,
+    first: u32,
+) -> BTreeMap<K, u32> {
     let wanted: BTreeSet<K> = wanted.into_iter().collect();
     let mut out = BTreeMap::new();
     let mut used = BTreeSet::new();
@@ -128,7 +132,10 @@ mod tests {
     use super::*;
 
     fn sig(peers: &[&str]) -> IdentitySignature {
-        IdentitySignature { peers: peers.iter().map(|s| s.to_string()).collect(), named_ports: vec![] }
+        IdentitySignature {
+            peers: peers.iter().map(|s| s.to_string()).collect(),
+            named_ports: vec![],
+        }
     }
 
     #[test]
@@ -137,7 +144,10 @@ mod tests {
         assert_eq!(first, BTreeMap::from([("a", 1), ("b", 2), ("c", 3)]));
         // "b" disappears, "d" and "e" appear: "d" takes the freed 2, "e" the next free 4.
         let second = allocate(&first, ["a", "c", "d", "e"], 1);
-        assert_eq!(second, BTreeMap::from([("a", 1), ("c", 3), ("d", 2), ("e", 4)]));
+        assert_eq!(
+            second,
+            BTreeMap::from([("a", 1), ("c", 3), ("d", 2), ("e", 4)])
+        );
         // "b" comes back: it is a new key now and takes the lowest free number.
         let third = allocate(&second, ["a", "b", "c", "d", "e"], 1);
         assert_eq!(third["b"], 5);
@@ -145,11 +155,15 @@ mod tests {
 
     #[test]
     fn identities_start_at_first_dynamic() {
-        let a = Allocations::default().next([ObjectRef::new("x", "a")], [sig(&["p1"]), sig(&["p2"])]);
+        let a =
+            Allocations::default().next([ObjectRef::new("x", "a")], [sig(&["p1"]), sig(&["p2"])]);
         assert_eq!(a.endpoint_id(&ObjectRef::new("x", "a")), Some(1));
         assert_eq!(a.identity(&sig(&["p1"])), Some(IDENTITY_FIRST_DYNAMIC));
         assert_eq!(a.identity(&sig(&["p2"])), Some(IDENTITY_FIRST_DYNAMIC + 1));
-        let b = a.next([ObjectRef::new("x", "0"), ObjectRef::new("x", "a")], [sig(&["p0"]), sig(&["p2"])]);
+        let b = a.next(
+            [ObjectRef::new("x", "0"), ObjectRef::new("x", "a")],
+            [sig(&["p0"]), sig(&["p2"])],
+        );
         assert_eq!(b.endpoint_id(&ObjectRef::new("x", "a")), Some(1));
         assert_eq!(b.endpoint_id(&ObjectRef::new("x", "0")), Some(2));
         assert_eq!(b.identity(&sig(&["p2"])), Some(IDENTITY_FIRST_DYNAMIC + 1));
@@ -162,8 +176,15 @@ mod tests {
         assert_eq!(IdentitySignature::default().to_string(), "matches no peer");
         let s = IdentitySignature {
             peers: vec!["ipBlock 10.0.0.0/8".into()],
-            named_ports: vec![NamedPortResolution { name: "http".into(), protocol: 6, port: 8080 }],
+            named_ports: vec![NamedPortResolution {
+                name: "http".into(),
+                protocol: 6,
+                port: 8080,
+            }],
         };
-        assert_eq!(s.to_string(), "matches [ipBlock 10.0.0.0/8], named ports [http/TCP=8080]");
+        assert_eq!(
+            s.to_string(),
+            "matches [ipBlock 10.0.0.0/8], named ports [http/TCP=8080]"
+        );
     }
 }

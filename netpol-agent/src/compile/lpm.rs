@@ -10,19 +10,27 @@ use std::net::IpAddr;
 
 use netpol_common::{Addr, PolicyKey};
 
+/// Largest key data [`LpmData`] supports, in bytes.
+pub const MAX_KEY_BYTES: usize = 32;
+
 /// Data part of an LPM key.
 pub trait LpmData: Copy + Ord {
     /// Size of the data in bits: the longest possible prefix.
     const BITS: u32;
-    /// The key's bytes as laid out in memory (`#[repr(C)]`, native endianness).
-    fn to_bytes(&self) -> Vec<u8>;
+    /// The key's bytes as laid out in memory (`#[repr(C)]`, native endianness), in the
+    /// first `BITS / 8` bytes of the buffer.
+    fn to_bytes(&self) -> [u8; MAX_KEY_BYTES];
     /// Inverse of [`LpmData::to_bytes`].
-    fn from_bytes(bytes: &[u8]) -> Self;
+    fn from_bytes(bytes: &[u8; MAX_KEY_BYTES]) -> Self;
 
     /// The key with every bit after the first `prefix_len` cleared.
     fn masked(&self, prefix_len: u32) -> Self {
         let mut bytes = self.to_bytes();
-        for (i, b) in bytes.iter_mut().enumerate() {
+        for (i, b) in bytes
+            .iter_mut()
+            .enumerate()
+            .take(Self::BITS.div_ceil(8) as usize)
+        {
             let start = i as u32 * 8;
             if start >= prefix_len {
                 *b = 0;
@@ -37,30 +45,35 @@ pub trait LpmData: Copy + Ord {
 impl LpmData for Addr {
     const BITS: u32 = 32 + 128;
 
-    fn to_bytes(&self) -> Vec<u8> {
-        let mut v = self.family.to_ne_bytes().to_vec();
-        v.extend_from_slice(&self.bytes);
+    fn to_bytes(&self) -> [u8; MAX_KEY_BYTES] {
+        let mut v = [0; MAX_KEY_BYTES];
+        v[0..4].copy_from_slice(&self.family.to_ne_bytes());
+        v[4..20].copy_from_slice(&self.bytes);
         v
     }
 
-    fn from_bytes(b: &[u8]) -> Self {
+    fn from_bytes(b: &[u8; MAX_KEY_BYTES]) -> Self {
         let mut bytes = [0u8; 16];
         bytes.copy_from_slice(&b[4..20]);
-        Addr { family: u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")), bytes }
+        Addr {
+            family: u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")),
+            bytes,
+        }
     }
 }
 
 impl LpmData for PolicyKey {
     const BITS: u32 = netpol_common::POLICY_PREFIX_FULL;
 
-    fn to_bytes(&self) -> Vec<u8> {
-        let mut v = self.endpoint.to_ne_bytes().to_vec();
-        v.extend_from_slice(&self.identity.to_ne_bytes());
-        v.extend_from_slice(&[self.direction, self.protocol, self.port[0], self.port[1]]);
+    fn to_bytes(&self) -> [u8; MAX_KEY_BYTES] {
+        let mut v = [0; MAX_KEY_BYTES];
+        v[0..4].copy_from_slice(&self.endpoint.to_ne_bytes());
+        v[4..8].copy_from_slice(&self.identity.to_ne_bytes());
+        v[8..12].copy_from_slice(&[self.direction, self.protocol, self.port[0], self.port[1]]);
         v
     }
 
-    fn from_bytes(b: &[u8]) -> Self {
+    fn from_bytes(b: &[u8; MAX_KEY_BYTES]) -> Self {
         PolicyKey {
             endpoint: u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")),
             identity: u32::from_ne_bytes(b[4..8].try_into().expect("4 bytes")),
@@ -81,8 +94,14 @@ pub struct Lpm<K> {
 impl<K: LpmData> Lpm<K> {
     /// A key covering the first `prefix_len` bits of `data`, masked.
     pub fn new(prefix_len: u32, data: K) -> Self {
-        assert!(prefix_len <= K::BITS, "prefix {prefix_len} longer than the key");
-        Lpm { prefix_len, data: data.masked(prefix_len) }
+        assert!(
+            prefix_len <= K::BITS,
+            "prefix {prefix_len} longer than the key"
+        );
+        Lpm {
+            prefix_len,
+            data: data.masked(prefix_len),
+        }
     }
 
     /// Whether `key` falls under this prefix.
@@ -107,12 +126,45 @@ pub fn host_key(ip: IpAddr) -> Lpm<Addr> {
 
 /// IPCACHE key of a prefix.
 pub fn net_key(net: &ipnet::IpNet) -> Lpm<Addr> {
-    Lpm::new(netpol_common::ADDR_FAMILY_BITS + u32::from(net.prefix_len()), addr(net.network()))
+    Lpm::new(
+        netpol_common::ADDR_FAMILY_BITS + u32::from(net.prefix_len()),
+        addr(net.network()),
+    )
 }
 
 /// Longest-prefix-match lookup, as `bpf_map_lookup_elem` on an LPM trie does it.
-pub fn lookup<'a, K: LpmData, V>(map: &'a std::collections::BTreeMap<Lpm<K>, V>, key: &K) -> Option<&'a V> {
-    (0..=K::BITS).rev().find_map(|len| map.get(&Lpm { prefix_len: len, data: key.masked(len) }))
+pub fn lookup<'a, K: LpmData, V>(
+    map: &'a std::collections::BTreeMap<Lpm<K>, V>,
+    key: &K,
+) -> Option<&'a V> {
+    // Small maps: one pass over the entries is cheaper than one probe per length.
+    if map.len() <= K::BITS as usize {
+        lookup_scan(map, key)
+    } else {
+        lookup_probe(map, key)
+    }
+}
+
+fn lookup_scan<'a, K: LpmData, V>(
+    map: &'a std::collections::BTreeMap<Lpm<K>, V>,
+    key: &K,
+) -> Option<&'a V> {
+    map.iter()
+        .filter(|(prefix, _)| prefix.covers(key))
+        .max_by_key(|(prefix, _)| prefix.prefix_len)
+        .map(|(_, v)| v)
+}
+
+fn lookup_probe<'a, K: LpmData, V>(
+    map: &'a std::collections::BTreeMap<Lpm<K>, V>,
+    key: &K,
+) -> Option<&'a V> {
+    (0..=K::BITS).rev().find_map(|len| {
+        map.get(&Lpm {
+            prefix_len: len,
+            data: key.masked(len),
+        })
+    })
 }
 
 #[cfg(test)]
@@ -143,13 +195,49 @@ mod tests {
         assert_eq!(a.masked(32 + 12).bytes[..4], [10, 240, 0, 0]);
         assert_eq!(a.masked(32).bytes, [0; 16]);
         assert_eq!(a.masked(32).family, FAMILY_IPV4);
-        let k = PolicyKey { endpoint: 7, identity: 9, direction: 1, protocol: 6, port: [0x1f, 0x90] };
+        let k = PolicyKey {
+            endpoint: 7,
+            identity: 9,
+            direction: 1,
+            protocol: 6,
+            port: [0x1f, 0x90],
+        };
         assert_eq!(
             k.masked(netpol_common::POLICY_PREFIX_ANY_PROTO),
-            PolicyKey { endpoint: 7, identity: 9, direction: 1, protocol: 0, port: [0, 0] }
+            PolicyKey {
+                endpoint: 7,
+                identity: 9,
+                direction: 1,
+                protocol: 0,
+                port: [0, 0]
+            }
         );
-        assert_eq!(k.masked(netpol_common::POLICY_PREFIX_ANY_PORT + 4).port, [0x10, 0]);
+        assert_eq!(
+            k.masked(netpol_common::POLICY_PREFIX_ANY_PORT + 4).port,
+            [0x10, 0]
+        );
         assert_eq!(k.masked(netpol_common::POLICY_PREFIX_FULL), k);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn scan_and_probe_agree(
+            prefixes in proptest::collection::vec((proptest::prelude::any::<[u8; 4]>(), 0..=32u32), 0..200),
+            probes in proptest::collection::vec(proptest::prelude::any::<[u8; 4]>(), 1..20),
+        ) {
+            let map: BTreeMap<Lpm<Addr>, usize> = prefixes
+                .iter()
+                .enumerate()
+                .map(|(i, (a, len))| (Lpm::new(32 + len, Addr::v4(*a)), i))
+                .collect();
+            for p in probes {
+                // Also probe the prefixes' own addresses, so hits are common.
+                for a in [p, prefixes.first().map_or(p, |x| x.0)] {
+                    let key = Addr::v4(a);
+                    proptest::prop_assert_eq!(lookup_scan(&map, &key), lookup_probe(&map, &key));
+                }
+            }
+        }
     }
 
     #[test]

@@ -39,11 +39,13 @@ mod testutil;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use netpol_common::{Addr, DIR_EGRESS, DIR_INGRESS, EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+use netpol_common::{
+    Addr, DIR_EGRESS, DIR_INGRESS, EndpointInfo, PeerInfo, PolicyKey, PolicyValue,
+};
 
-use crate::state::ObjectRef;
 #[cfg(doc)]
 use crate::state::ClusterState;
+use crate::state::ObjectRef;
 
 pub use compiler::compile;
 pub use identity::{Allocations, IdentitySignature, NamedPortResolution};
@@ -132,7 +134,13 @@ pub struct RuleRef {
 
 impl std::fmt::Display for RuleRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "NetworkPolicy {} spec.{}[{}]", self.policy, self.direction.field(), self.index)
+        write!(
+            f,
+            "NetworkPolicy {} spec.{}[{}]",
+            self.policy,
+            self.direction.field(),
+            self.index
+        )
     }
 }
 
@@ -187,14 +195,25 @@ mod tests {
             field: "spec.ingress[0].ports[0].endPort".into(),
             message: "must be >= port".into(),
         };
-        assert_eq!(d.to_string(), "NetworkPolicy x/foo: spec.ingress[0].ports[0].endPort: must be >= port");
-        let d = Diagnostic { object: "Pod x/a".into(), field: String::new(), message: "m".into() };
+        assert_eq!(
+            d.to_string(),
+            "NetworkPolicy x/foo: spec.ingress[0].ports[0].endPort: must be >= port"
+        );
+        let d = Diagnostic {
+            object: "Pod x/a".into(),
+            field: String::new(),
+            message: "m".into(),
+        };
         assert_eq!(d.to_string(), "Pod x/a: m");
     }
 
     #[test]
     fn rule_ref_display() {
-        let r = RuleRef { policy: ObjectRef::new("x", "p"), direction: Direction::Egress, index: 2 };
+        let r = RuleRef {
+            policy: ObjectRef::new("x", "p"),
+            direction: Direction::Egress,
+            index: 2,
+        };
         assert_eq!(r.to_string(), "NetworkPolicy x/p spec.egress[2]");
     }
 }

@@ -11,8 +11,8 @@
 use std::net::IpAddr;
 
 use netpol_common::{
-    ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY, IDENTITY_WORLD, PEER_HOST,
-    PeerInfo, PolicyKey, RULE_NONE, Reason,
+    ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY,
+    IDENTITY_WORLD, PEER_HOST, PeerInfo, PolicyKey, RULE_NONE, Reason,
 };
 
 use super::lpm::{self, addr};
@@ -39,17 +39,39 @@ impl Decision {
 /// The decision for a new flow `src -> dst` (`dport` = destination port, 0 for protocols
 /// without ports) judged at `direction`'s hook: for [`Direction::Ingress`] the endpoint
 /// is `dst` (packets entering the pod), for [`Direction::Egress`] it is `src`.
-pub fn decide(compiled: &Compiled, src: IpAddr, dst: IpAddr, protocol: u8, dport: u16, direction: Direction) -> Decision {
+pub fn decide(
+    compiled: &Compiled,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    dport: u16,
+    direction: Direction,
+) -> Decision {
     let (local, remote) = match direction {
         Direction::Ingress => (dst, src),
         Direction::Egress => (src, dst),
     };
-    let no_peer = PeerInfo { identity: IDENTITY_WORLD, flags: 0 };
-    let Some(endpoint) = compiled.endpoints.get(&addr(local)) else {
-        return Decision { reason: Reason::NotEndpoint, rule: RULE_NONE, endpoint: None, peer: no_peer };
+    let no_peer = PeerInfo {
+        identity: IDENTITY_WORLD,
+        flags: 0,
     };
-    let peer = lpm::lookup(&compiled.ipcache, &addr(remote)).copied().unwrap_or(no_peer);
-    let decision = |reason, rule| Decision { reason, rule, endpoint: Some(endpoint.id), peer };
+    let Some(endpoint) = compiled.endpoints.get(&addr(local)) else {
+        return Decision {
+            reason: Reason::NotEndpoint,
+            rule: RULE_NONE,
+            endpoint: None,
+            peer: no_peer,
+        };
+    };
+    let peer = lpm::lookup(&compiled.ipcache, &addr(remote))
+        .copied()
+        .unwrap_or(no_peer);
+    let decision = |reason, rule| Decision {
+        reason,
+        rule,
+        endpoint: Some(endpoint.id),
+        peer,
+    };
 
     let isolated = match direction {
         Direction::Ingress => ENDPOINT_INGRESS_ISOLATED,
@@ -79,14 +101,27 @@ pub fn decide(compiled: &Compiled, src: IpAddr, dst: IpAddr, protocol: u8, dport
 
 /// `Some(rule)` when the flow is allowed at `direction`'s hook (`RULE_NONE` when no rule
 /// was needed: not an endpoint, not isolated, from the node), `None` when dropped.
-pub fn lookup(compiled: &Compiled, src: IpAddr, dst: IpAddr, protocol: u8, dport: u16, direction: Direction) -> Option<u32> {
+pub fn lookup(
+    compiled: &Compiled,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    dport: u16,
+    direction: Direction,
+) -> Option<u32> {
     let d = decide(compiled, src, dst, protocol, dport, direction);
     d.allowed().then_some(d.rule)
 }
 
 /// Whether a new flow passes both hooks it crosses on this node: the source pod's
 /// egress hook and the destination pod's ingress hook (either may be absent).
-pub fn flow_allowed(compiled: &Compiled, src: IpAddr, dst: IpAddr, protocol: u8, dport: u16) -> bool {
+pub fn flow_allowed(
+    compiled: &Compiled,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    dport: u16,
+) -> bool {
     lookup(compiled, src, dst, protocol, dport, Direction::Egress).is_some()
         && lookup(compiled, src, dst, protocol, dport, Direction::Ingress).is_some()
 }
@@ -95,7 +130,9 @@ pub fn flow_allowed(compiled: &Compiled, src: IpAddr, dst: IpAddr, protocol: u8,
 mod tests {
     use std::collections::BTreeMap;
 
-    use netpol_common::{Addr, DIR_INGRESS, EndpointInfo, POLICY_PREFIX_ANY_PORT, PROTO_TCP, PROTO_UDP, PolicyValue};
+    use netpol_common::{
+        Addr, DIR_INGRESS, EndpointInfo, POLICY_PREFIX_ANY_PORT, PROTO_TCP, PROTO_UDP, PolicyValue,
+    };
 
     use super::*;
     use crate::compile::lpm::{Lpm, host_key, net_key};
@@ -107,18 +144,60 @@ mod tests {
     /// Hand-built maps: endpoint 10.0.0.1 (id 3) isolated for ingress only.
     fn maps() -> Compiled {
         let mut c = Compiled::default();
-        c.endpoints.insert(Addr::v4([10, 0, 0, 1]), EndpointInfo { id: 3, flags: ENDPOINT_INGRESS_ISOLATED });
-        c.ipcache.insert(host_key(ip("10.0.0.2")), PeerInfo { identity: 20, flags: 0 });
-        c.ipcache.insert(net_key(&"192.168.0.0/16".parse().unwrap()), PeerInfo { identity: 21, flags: 0 });
-        c.ipcache.insert(host_key(ip("10.0.0.254")), PeerInfo { identity: IDENTITY_WORLD, flags: PEER_HOST });
+        c.endpoints.insert(
+            Addr::v4([10, 0, 0, 1]),
+            EndpointInfo {
+                id: 3,
+                flags: ENDPOINT_INGRESS_ISOLATED,
+            },
+        );
+        c.ipcache.insert(
+            host_key(ip("10.0.0.2")),
+            PeerInfo {
+                identity: 20,
+                flags: 0,
+            },
+        );
+        c.ipcache.insert(
+            net_key(&"192.168.0.0/16".parse().unwrap()),
+            PeerInfo {
+                identity: 21,
+                flags: 0,
+            },
+        );
+        c.ipcache.insert(
+            host_key(ip("10.0.0.254")),
+            PeerInfo {
+                identity: IDENTITY_WORLD,
+                flags: PEER_HOST,
+            },
+        );
         let key = |identity, protocol, port: u16, prefix| {
-            Lpm::new(prefix, PolicyKey { endpoint: 3, identity, direction: DIR_INGRESS, protocol, port: port.to_be_bytes() })
+            Lpm::new(
+                prefix,
+                PolicyKey {
+                    endpoint: 3,
+                    identity,
+                    direction: DIR_INGRESS,
+                    protocol,
+                    port: port.to_be_bytes(),
+                },
+            )
         };
         let mut policy = BTreeMap::new();
         // identity 20: TCP 8080-8083 (rule 0); anyone: UDP 53 (rule 1); identity 21: TCP any (rule 2).
-        policy.insert(key(20, PROTO_TCP, 8080, POLICY_PREFIX_ANY_PORT + 14), PolicyValue { rule: 0, _pad: 0 });
-        policy.insert(key(IDENTITY_ANY, PROTO_UDP, 53, POLICY_PREFIX_ANY_PORT + 16), PolicyValue { rule: 1, _pad: 0 });
-        policy.insert(key(21, PROTO_TCP, 0, POLICY_PREFIX_ANY_PORT), PolicyValue { rule: 2, _pad: 0 });
+        policy.insert(
+            key(20, PROTO_TCP, 8080, POLICY_PREFIX_ANY_PORT + 14),
+            PolicyValue { rule: 0, _pad: 0 },
+        );
+        policy.insert(
+            key(IDENTITY_ANY, PROTO_UDP, 53, POLICY_PREFIX_ANY_PORT + 16),
+            PolicyValue { rule: 1, _pad: 0 },
+        );
+        policy.insert(
+            key(21, PROTO_TCP, 0, POLICY_PREFIX_ANY_PORT),
+            PolicyValue { rule: 2, _pad: 0 },
+        );
         c.policy = policy;
         c
     }
@@ -134,17 +213,40 @@ mod tests {
         assert_eq!(tcp("192.168.3.4", 1), Some(2));
         assert_eq!(tcp("172.16.0.1", 8080), None, "world");
         // Identity first, then IDENTITY_ANY.
-        assert_eq!(lookup(&c, ip("10.0.0.2"), ep, PROTO_UDP, 53, Direction::Ingress), Some(1));
-        assert_eq!(lookup(&c, ip("8.8.8.8"), ep, PROTO_UDP, 53, Direction::Ingress), Some(1));
-        assert_eq!(lookup(&c, ip("8.8.8.8"), ep, PROTO_UDP, 54, Direction::Ingress), None);
+        assert_eq!(
+            lookup(&c, ip("10.0.0.2"), ep, PROTO_UDP, 53, Direction::Ingress),
+            Some(1)
+        );
+        assert_eq!(
+            lookup(&c, ip("8.8.8.8"), ep, PROTO_UDP, 53, Direction::Ingress),
+            Some(1)
+        );
+        assert_eq!(
+            lookup(&c, ip("8.8.8.8"), ep, PROTO_UDP, 54, Direction::Ingress),
+            None
+        );
         // From the node: always.
-        let d = decide(&c, ip("10.0.0.254"), ep, PROTO_TCP, 9999, Direction::Ingress);
+        let d = decide(
+            &c,
+            ip("10.0.0.254"),
+            ep,
+            PROTO_TCP,
+            9999,
+            Direction::Ingress,
+        );
         assert_eq!((d.reason, d.rule), (Reason::FromHost, RULE_NONE));
         // Egress of the endpoint is not isolated.
         let d = decide(&c, ep, ip("1.1.1.1"), PROTO_TCP, 1, Direction::Egress);
         assert_eq!(d.reason, Reason::NotIsolated);
         // Not an endpoint at all.
-        let d = decide(&c, ip("10.0.0.2"), ip("10.0.0.9"), PROTO_TCP, 1, Direction::Ingress);
+        let d = decide(
+            &c,
+            ip("10.0.0.2"),
+            ip("10.0.0.9"),
+            PROTO_TCP,
+            1,
+            Direction::Ingress,
+        );
         assert_eq!((d.reason, d.endpoint), (Reason::NotEndpoint, None));
         assert!(flow_allowed(&c, ip("10.0.0.2"), ep, PROTO_TCP, 8081));
         assert!(!flow_allowed(&c, ip("10.0.0.2"), ep, PROTO_TCP, 80));
@@ -154,7 +256,14 @@ mod tests {
     fn audit_lets_denied_traffic_through() {
         let mut c = maps();
         c.endpoints.get_mut(&Addr::v4([10, 0, 0, 1])).unwrap().flags |= ENDPOINT_AUDIT;
-        let d = decide(&c, ip("172.16.0.1"), ip("10.0.0.1"), PROTO_TCP, 80, Direction::Ingress);
+        let d = decide(
+            &c,
+            ip("172.16.0.1"),
+            ip("10.0.0.1"),
+            PROTO_TCP,
+            80,
+            Direction::Ingress,
+        );
         assert_eq!(d.reason, Reason::AuditAllowed);
         assert!(d.allowed());
     }

@@ -10,7 +10,9 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use k8s_openapi::api::networking::v1::{IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netpol_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
@@ -29,7 +31,10 @@ pub struct FieldError {
 
 impl FieldError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError { field: field.into(), message: message.into() }
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -64,7 +69,10 @@ pub(crate) struct ParsedRule {
 /// One entry of `from`/`to`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum Peer {
-    Pods { namespaces: NamespaceMatch, pods: Selector },
+    Pods {
+        namespaces: NamespaceMatch,
+        pods: Selector,
+    },
     Block(Block),
 }
 
@@ -97,10 +105,16 @@ impl Peer {
     /// Canonical text; equal for peers that select the same thing however written.
     pub fn canonical(&self) -> String {
         match self {
-            Peer::Pods { namespaces: NamespaceMatch::Named(ns), pods } => {
+            Peer::Pods {
+                namespaces: NamespaceMatch::Named(ns),
+                pods,
+            } => {
                 format!("pods {} in namespace {ns}", pods.canonical())
             }
-            Peer::Pods { namespaces: NamespaceMatch::Selector(ns), pods } => {
+            Peer::Pods {
+                namespaces: NamespaceMatch::Selector(ns),
+                pods,
+            } => {
                 format!("pods {} in namespaces {}", pods.canonical(), ns.canonical())
             }
             Peer::Block(b) if b.except.is_empty() => format!("ipBlock {}", b.cidr),
@@ -148,7 +162,8 @@ pub(crate) fn is_valid_port_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
         && b.len() <= 15
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b.iter().any(|c| c.is_ascii_lowercase())
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
@@ -177,7 +192,10 @@ pub(crate) fn parse_policy(p: &NetworkPolicy) -> Result<ParsedPolicy, Vec<FieldE
         }
         Some(types) => {
             if types.len() > 2 {
-                errors.push(FieldError::new("spec.policyTypes", "may not specify more than two policyTypes"));
+                errors.push(FieldError::new(
+                    "spec.policyTypes",
+                    "may not specify more than two policyTypes",
+                ));
             }
             for (i, t) in types.iter().enumerate() {
                 match t.as_str() {
@@ -207,7 +225,14 @@ pub(crate) fn parse_policy(p: &NetworkPolicy) -> Result<ParsedPolicy, Vec<FieldE
     let mut egress = Vec::new();
     for (i, rule) in spec.egress.iter().flatten().enumerate() {
         let path = format!("spec.egress[{i}]");
-        egress.push(parse_rule(&namespace, rule.to.as_deref(), rule.ports.as_deref(), &path, "to", &mut errors));
+        egress.push(parse_rule(
+            &namespace,
+            rule.to.as_deref(),
+            rule.ports.as_deref(),
+            &path,
+            "to",
+            &mut errors,
+        ));
     }
 
     if !errors.is_empty() {
@@ -221,10 +246,19 @@ pub(crate) fn parse_policy(p: &NetworkPolicy) -> Result<ParsedPolicy, Vec<FieldE
     })
 }
 
-fn parse_selector(sel: Option<&LabelSelector>, path: &str, errors: &mut Vec<FieldError>) -> Selector {
-    let Some(sel) = sel else { return Selector::default() };
+fn parse_selector(
+    sel: Option<&LabelSelector>,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) -> Selector {
+    let Some(sel) = sel else {
+        return Selector::default();
+    };
     Selector::parse(sel).unwrap_or_else(|errs| {
-        errors.extend(errs.into_iter().map(|(f, m)| FieldError::new(format!("{path}.{f}"), m)));
+        errors.extend(
+            errs.into_iter()
+                .map(|(f, m)| FieldError::new(format!("{path}.{f}"), m)),
+        );
         Selector::default()
     })
 }
@@ -242,7 +276,14 @@ fn parse_rule(
         Some(list) => Some(
             list.iter()
                 .enumerate()
-                .filter_map(|(i, peer)| parse_peer(namespace, peer, &format!("{path}.{peers_field}[{i}]"), errors))
+                .filter_map(|(i, peer)| {
+                    parse_peer(
+                        namespace,
+                        peer,
+                        &format!("{path}.{peers_field}[{i}]"),
+                        errors,
+                    )
+                })
                 .collect(),
         ),
     };
@@ -258,34 +299,57 @@ fn parse_rule(
     ParsedRule { peers, ports }
 }
 
-fn parse_peer(namespace: &str, peer: &NetworkPolicyPeer, path: &str, errors: &mut Vec<FieldError>) -> Option<Peer> {
-    let set = [peer.pod_selector.is_some(), peer.namespace_selector.is_some(), peer.ip_block.is_some()]
-        .iter()
-        .filter(|s| **s)
-        .count();
+fn parse_peer(
+    namespace: &str,
+    peer: &NetworkPolicyPeer,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<Peer> {
+    let set = [
+        peer.pod_selector.is_some(),
+        peer.namespace_selector.is_some(),
+        peer.ip_block.is_some(),
+    ]
+    .iter()
+    .filter(|s| **s)
+    .count();
     if set == 0 {
-        errors.push(FieldError::new(path, "must specify a peer (podSelector, namespaceSelector or ipBlock)"));
+        errors.push(FieldError::new(
+            path,
+            "must specify a peer (podSelector, namespaceSelector or ipBlock)",
+        ));
         return None;
     }
     if let Some(block) = &peer.ip_block {
         if set > 1 {
-            errors.push(FieldError::new(path, "may not specify ipBlock together with another peer"));
+            errors.push(FieldError::new(
+                path,
+                "may not specify ipBlock together with another peer",
+            ));
             return None;
         }
         return parse_ip_block(block, &format!("{path}.ipBlock"), errors).map(Peer::Block);
     }
-    let pods = parse_selector(peer.pod_selector.as_ref(), &format!("{path}.podSelector"), errors);
+    let pods = parse_selector(
+        peer.pod_selector.as_ref(),
+        &format!("{path}.podSelector"),
+        errors,
+    );
     let namespaces = match &peer.namespace_selector {
         None => NamespaceMatch::Named(namespace.to_string()),
-        Some(sel) => {
-            NamespaceMatch::Selector(parse_selector(Some(sel), &format!("{path}.namespaceSelector"), errors))
-        }
+        Some(sel) => NamespaceMatch::Selector(parse_selector(
+            Some(sel),
+            &format!("{path}.namespaceSelector"),
+            errors,
+        )),
     };
     Some(Peer::Pods { namespaces, pods })
 }
 
 fn parse_cidr(text: &str) -> Result<IpNet, String> {
-    text.parse::<IpNet>().map(|n| n.trunc()).map_err(|_| format!("invalid CIDR {text:?}"))
+    text.parse::<IpNet>()
+        .map(|n| n.trunc())
+        .map_err(|_| format!("invalid CIDR {text:?}"))
 }
 
 fn parse_ip_block(block: &IPBlock, path: &str, errors: &mut Vec<FieldError>) -> Option<Block> {
@@ -308,7 +372,10 @@ fn parse_ip_block(block: &IPBlock, path: &str, errors: &mut Vec<FieldError>) -> 
             Ok(net) if net.max_prefix_len() != cidr.max_prefix_len() => {
                 errors.push(FieldError::new(
                     field,
-                    format!("{e:?} is not of the same IP family as cidr {:?}", block.cidr),
+                    format!(
+                        "{e:?} is not of the same IP family as cidr {:?}",
+                        block.cidr
+                    ),
                 ));
                 ok = false;
             }
@@ -327,7 +394,11 @@ fn parse_ip_block(block: &IPBlock, path: &str, errors: &mut Vec<FieldError>) -> 
     ok.then_some(Block { cidr, except })
 }
 
-fn parse_port(port: &NetworkPolicyPort, path: &str, errors: &mut Vec<FieldError>) -> Option<PortSpec> {
+fn parse_port(
+    port: &NetworkPolicyPort,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<PortSpec> {
     let before = errors.len();
     let protocol = match port.protocol.as_deref() {
         None => Some(PROTO_TCP),
@@ -346,7 +417,10 @@ fn parse_port(port: &NetworkPolicyPort, path: &str, errors: &mut Vec<FieldError>
     let port_match = match (&port.port, port.end_port) {
         (None, None) => Some(PortMatch::All),
         (None, Some(_)) => {
-            errors.push(FieldError::new(format!("{path}.endPort"), "may not be specified when port is not specified"));
+            errors.push(FieldError::new(
+                format!("{path}.endPort"),
+                "may not be specified when port is not specified",
+            ));
             None
         }
         (Some(IntOrString::String(name)), end) => {
@@ -360,19 +434,28 @@ fn parse_port(port: &NetworkPolicyPort, path: &str, errors: &mut Vec<FieldError>
                 ));
             }
             if end.is_some() {
-                errors.push(FieldError::new(format!("{path}.endPort"), "may not be specified when port is a named port"));
+                errors.push(FieldError::new(
+                    format!("{path}.endPort"),
+                    "may not be specified when port is a named port",
+                ));
             }
             Some(PortMatch::Named(name.clone()))
         }
         (Some(IntOrString::Int(p)), end) => {
             let p = *p;
             if !in_range(p) {
-                errors.push(FieldError::new(format!("{path}.port"), format!("{p} must be between 1 and 65535")));
+                errors.push(FieldError::new(
+                    format!("{path}.port"),
+                    format!("{p} must be between 1 and 65535"),
+                ));
             }
             match end {
                 None => Some(PortMatch::Range(p as u16, p as u16)),
                 Some(e) if !in_range(e) => {
-                    errors.push(FieldError::new(format!("{path}.endPort"), format!("{e} must be between 1 and 65535")));
+                    errors.push(FieldError::new(
+                        format!("{path}.endPort"),
+                        format!("{e} must be between 1 and 65535"),
+                    ));
                     None
                 }
                 Some(e) if e < p => {
@@ -389,7 +472,10 @@ fn parse_port(port: &NetworkPolicyPort, path: &str, errors: &mut Vec<FieldError>
     if errors.len() != before {
         return None;
     }
-    Some(PortSpec { protocol: protocol?, port: port_match? })
+    Some(PortSpec {
+        protocol: protocol?,
+        port: port_match?,
+    })
 }
 
 #[cfg(test)]
@@ -406,7 +492,11 @@ mod tests {
     }
 
     fn errors(spec: serde_json::Value) -> Vec<(String, String)> {
-        validate_policy(&np(spec)).unwrap_err().into_iter().map(|e| (e.field, e.message)).collect()
+        validate_policy(&np(spec))
+            .unwrap_err()
+            .into_iter()
+            .map(|e| (e.field, e.message))
+            .collect()
     }
 
     fn fields(spec: serde_json::Value) -> Vec<String> {
@@ -430,19 +520,30 @@ mod tests {
     #[test]
     fn missing_metadata() {
         let p = policy(json!({"metadata": {}, "spec": {}}));
-        let f: Vec<String> = validate_policy(&p).unwrap_err().into_iter().map(|e| e.field).collect();
+        let f: Vec<String> = validate_policy(&p)
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
         assert_eq!(f, ["metadata.name", "metadata.namespace"]);
     }
 
     #[test]
     fn bad_cidr_and_except() {
         assert_eq!(
-            fields(json!({"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/33"}}, {"ipBlock": {"cidr": "10.0.0.0"}}]}]})),
-            ["spec.egress[0].to[0].ipBlock.cidr", "spec.egress[0].to[1].ipBlock.cidr"]
+            fields(
+                json!({"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/33"}}, {"ipBlock": {"cidr": "10.0.0.0"}}]}]})
+            ),
+            [
+                "spec.egress[0].to[0].ipBlock.cidr",
+                "spec.egress[0].to[1].ipBlock.cidr"
+            ]
         );
         assert_eq!(
-            fields(json!({"egress": [{}, {"to": [{"podSelector": {}}, {"ipBlock": {"cidr": "10.0.0.0/8",
-                "except": ["10.1.0.0/16", "11.0.0.0/16", "10.0.0.0/8", "10.0.0.0/4", "fd00::/16", "bogus"]}}]}]})),
+            fields(
+                json!({"egress": [{}, {"to": [{"podSelector": {}}, {"ipBlock": {"cidr": "10.0.0.0/8",
+                "except": ["10.1.0.0/16", "11.0.0.0/16", "10.0.0.0/8", "10.0.0.0/4", "fd00::/16", "bogus"]}}]}]})
+            ),
             [
                 "spec.egress[1].to[1].ipBlock.except[1]",
                 "spec.egress[1].to[1].ipBlock.except[2]",
@@ -451,21 +552,30 @@ mod tests {
                 "spec.egress[1].to[1].ipBlock.except[5]",
             ]
         );
-        let errs = errors(json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["fd00::/16"]}}]}]}));
+        let errs = errors(
+            json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["fd00::/16"]}}]}]}),
+        );
         assert!(errs[0].1.contains("family"), "{errs:?}");
-        let errs = errors(json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.0.0/8"]}}]}]}));
+        let errs = errors(
+            json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.0.0/8"]}}]}]}),
+        );
         assert!(errs[0].1.contains("strict subset"), "{errs:?}");
     }
 
     #[test]
     fn cidr_with_host_bits_is_masked() {
-        let p = parse_policy(&np(json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.1.2.3/8",
-            "except": ["10.1.2.3/16"]}}]}]})))
+        let p = parse_policy(&np(
+            json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.1.2.3/8",
+            "except": ["10.1.2.3/16"]}}]}]}),
+        ))
         .unwrap();
         let peers = p.ingress.unwrap()[0].peers.clone().unwrap();
         assert_eq!(
             peers,
-            [Peer::Block(Block { cidr: "10.0.0.0/8".parse().unwrap(), except: vec!["10.1.0.0/16".parse().unwrap()] })]
+            [Peer::Block(Block {
+                cidr: "10.0.0.0/8".parse().unwrap(),
+                except: vec!["10.1.0.0/16".parse().unwrap()]
+            })]
         );
     }
 
@@ -498,10 +608,29 @@ mod tests {
 
     #[test]
     fn port_names() {
-        for good in ["http", "h", "a1", "web-80", "abcdefghijklmno", "1a", "a-b-c"] {
+        for good in [
+            "http",
+            "h",
+            "a1",
+            "web-80",
+            "abcdefghijklmno",
+            "1a",
+            "a-b-c",
+        ] {
             assert!(is_valid_port_name(good), "{good}");
         }
-        for bad in ["", "HTTP", "80", "-http", "http-", "ht--tp", "abcdefghijklmnop", "h_t", "h.t", "1-2"] {
+        for bad in [
+            "",
+            "HTTP",
+            "80",
+            "-http",
+            "http-",
+            "ht--tp",
+            "abcdefghijklmnop",
+            "h_t",
+            "h.t",
+            "1-2",
+        ] {
             assert!(!is_valid_port_name(bad), "{bad}");
         }
         assert_eq!(
@@ -534,8 +663,14 @@ mod tests {
 
     #[test]
     fn policy_types() {
-        assert_eq!(fields(json!({"policyTypes": ["Ingress", "egress"]})), ["spec.policyTypes[1]"]);
-        assert_eq!(fields(json!({"policyTypes": ["Ingress", "Egress", "Ingress"]})), ["spec.policyTypes"]);
+        assert_eq!(
+            fields(json!({"policyTypes": ["Ingress", "egress"]})),
+            ["spec.policyTypes[1]"]
+        );
+        assert_eq!(
+            fields(json!({"policyTypes": ["Ingress", "Egress", "Ingress"]})),
+            ["spec.policyTypes"]
+        );
 
         let parsed = |spec| parse_policy(&np(spec)).unwrap();
         // Defaulting: Ingress always, Egress only with non-empty egress rules.
@@ -560,8 +695,14 @@ mod tests {
         assert_eq!(
             rules[1].ports.as_deref().unwrap(),
             [
-                PortSpec { protocol: PROTO_TCP, port: PortMatch::All },
-                PortSpec { protocol: PROTO_UDP, port: PortMatch::Range(53, 53) }
+                PortSpec {
+                    protocol: PROTO_TCP,
+                    port: PortMatch::All
+                },
+                PortSpec {
+                    protocol: PROTO_UDP,
+                    port: PortMatch::Range(53, 53)
+                }
             ]
         );
     }

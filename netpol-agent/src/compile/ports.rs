@@ -15,8 +15,8 @@ pub struct PortPrefix {
 }
 
 impl PortPrefix {
-    /// Number of ports in the block.
-    pub fn len(self) -> u32 {
+    /// Number of ports in the block (never zero).
+    pub fn size(self) -> u32 {
         1 << (16 - self.bits)
     }
 
@@ -34,11 +34,18 @@ pub fn port_prefixes(lo: u16, hi: u16) -> Vec<PortPrefix> {
     let (mut lo, hi) = (u32::from(lo), u32::from(hi));
     while lo <= hi {
         // The largest aligned block starting at `lo` that does not pass `hi`.
-        let mut size_log2 = if lo == 0 { 16 } else { lo.trailing_zeros().min(16) };
+        let mut size_log2 = if lo == 0 {
+            16
+        } else {
+            lo.trailing_zeros().min(16)
+        };
         while lo + (1 << size_log2) - 1 > hi {
             size_log2 -= 1;
         }
-        out.push(PortPrefix { value: lo as u16, bits: 16 - size_log2 });
+        out.push(PortPrefix {
+            value: lo as u16,
+            bits: 16 - size_log2,
+        });
         lo += 1 << size_log2;
     }
     out
@@ -112,7 +119,7 @@ mod tests {
         assert!(p(1024, 6).contains(2047));
         assert!(!p(1024, 6).contains(2048));
         assert!(!p(1024, 6).contains(1023));
-        assert_eq!(p(1024, 6).len(), 1024);
+        assert_eq!(p(1024, 6).size(), 1024);
         assert!(p(0, 0).contains(65535));
     }
 
@@ -122,10 +129,10 @@ mod tests {
             let (lo, hi) = (a.min(b), a.max(b));
             let blocks = port_prefixes(lo, hi);
             // Exact cover, no overlap, blocks aligned.
-            let total: u32 = blocks.iter().map(|b| b.len()).sum();
+            let total: u32 = blocks.iter().map(|b| b.size()).sum();
             prop_assert_eq!(total, u32::from(hi) - u32::from(lo) + 1);
             for b in &blocks {
-                prop_assert_eq!(u32::from(b.value) % b.len(), 0);
+                prop_assert_eq!(u32::from(b.value) % b.size(), 0);
             }
             let covering = blocks.iter().filter(|b| b.contains(probe)).count();
             prop_assert_eq!(covering, usize::from((lo..=hi).contains(&probe)));
@@ -135,7 +142,7 @@ mod tests {
                 // Two adjacent blocks of the same size that could merge would not be minimal.
                 let mergeable = w[0].bits == w[1].bits
                     && w[0].bits > 0
-                    && u32::from(w[0].value) % (2 * w[0].len()) == 0;
+                    && u32::from(w[0].value) % (2 * w[0].size()) == 0;
                 prop_assert!(!mergeable, "{:?} not minimal", blocks);
             }
         }

@@ -41,67 +41,148 @@ impl Verdict {
 
 /// The verdict for a new flow `src -> dst` at `direction`'s hook of the pod that owns
 /// `dst` (ingress) or `src` (egress).
-pub fn evaluate(state: &ClusterState, src: IpAddr, dst: IpAddr, protocol: u8, port: u16, direction: Direction) -> Verdict {
-    let (local, remote) = match direction {
-        Direction::Ingress => (dst, src),
-        Direction::Egress => (src, dst),
-    };
-    let Some((pod_ref, pod)) = pod_with_ip(state, local) else { return Verdict::NotEndpoint };
-    if !state.node.is_local(pod) {
-        return Verdict::NotEndpoint;
-    }
-    let selecting: Vec<(&ObjectRef, &NetworkPolicy)> = state
-        .policies
-        .iter()
-        .filter(|(_, np)| validate_policy(np).is_ok())
-        .filter(|(_, np)| np.metadata.namespace.as_deref() == Some(pod_ref.namespace.as_str()))
-        .filter(|(_, np)| {
-            let spec = np.spec.clone().unwrap_or_default();
-            selector_matches(&spec.pod_selector.unwrap_or_default(), pod_labels(pod))
-        })
-        .filter(|(_, np)| has_policy_type(np, direction))
-        .collect();
-    if selecting.is_empty() {
-        return Verdict::NotIsolated;
-    }
-    if direction == Direction::Ingress && state.node.ips.contains(&src) {
-        return Verdict::FromHost;
-    }
-    // The pod at the far end, if the far end is a pod; and the destination pod.
-    let remote_pod = pod_with_ip(state, remote);
-    let dst_pod = match direction {
-        Direction::Ingress => Some(pod),
-        Direction::Egress => remote_pod.map(|(_, p)| p),
-    };
-    let mut allowing = Vec::new();
-    for (obj, np) in selecting {
-        let spec = np.spec.clone().unwrap_or_default();
-        let rules: Vec<(Option<Vec<NetworkPolicyPeer>>, Option<Vec<NetworkPolicyPort>>)> = match direction {
-            Direction::Ingress => spec.ingress.unwrap_or_default().into_iter().map(|r| (r.from, r.ports)).collect(),
-            Direction::Egress => spec.egress.unwrap_or_default().into_iter().map(|r| (r.to, r.ports)).collect(),
-        };
-        for (index, (peers, ports)) in rules.into_iter().enumerate() {
-            let peer_ok = match peers.as_deref() {
-                None | Some([]) => true,
-                Some(list) => list.iter().any(|peer| peer_matches(state, &obj.namespace, peer, remote, remote_pod)),
-            };
-            let port_ok = match ports.as_deref() {
-                None | Some([]) => true,
-                Some(list) => list.iter().any(|p| port_matches(p, protocol, port, dst_pod)),
-            };
-            if peer_ok && port_ok {
-                allowing.push(RuleRef { policy: obj.clone(), direction, index });
-            }
-        }
-    }
-    if allowing.is_empty() { Verdict::Denied } else { Verdict::Allowed(allowing) }
+pub fn evaluate(
+    state: &ClusterState,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    port: u16,
+    direction: Direction,
+) -> Verdict {
+    Reference::new(state).evaluate(src, dst, protocol, port, direction)
 }
 
 /// Whether a new flow passes both hooks on this node.
-pub fn flow_allowed(state: &ClusterState, src: IpAddr, dst: IpAddr, protocol: u8, port: u16) -> bool {
-    evaluate(state, src, dst, protocol, port, Direction::Egress).allowed()
-        && evaluate(state, src, dst, protocol, port, Direction::Ingress).allowed()
+pub fn flow_allowed(
+    state: &ClusterState,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    port: u16,
+) -> bool {
+    Reference::new(state).flow_allowed(src, dst, protocol, port)
 }
+
+/// The reference evaluator over one state, with the valid policies picked once.
+pub struct Reference<'a> {
+    state: &'a ClusterState,
+    valid: Vec<(&'a ObjectRef, &'a NetworkPolicy)>,
+}
+
+impl<'a> Reference<'a> {
+    pub fn new(state: &'a ClusterState) -> Self {
+        let valid = state
+            .policies
+            .iter()
+            .filter(|(_, np)| validate_policy(np).is_ok())
+            .collect();
+        Reference { state, valid }
+    }
+
+    /// Whether a new flow passes both hooks on this node.
+    pub fn flow_allowed(&self, src: IpAddr, dst: IpAddr, protocol: u8, port: u16) -> bool {
+        self.evaluate(src, dst, protocol, port, Direction::Egress)
+            .allowed()
+            && self
+                .evaluate(src, dst, protocol, port, Direction::Ingress)
+                .allowed()
+    }
+
+    /// See [`evaluate`].
+    pub fn evaluate(
+        &self,
+        src: IpAddr,
+        dst: IpAddr,
+        protocol: u8,
+        port: u16,
+        direction: Direction,
+    ) -> Verdict {
+        let state = self.state;
+        let (local, remote) = match direction {
+            Direction::Ingress => (dst, src),
+            Direction::Egress => (src, dst),
+        };
+        let Some((pod_ref, pod)) = pod_with_ip(state, local) else {
+            return Verdict::NotEndpoint;
+        };
+        if !state.node.is_local(pod) {
+            return Verdict::NotEndpoint;
+        }
+        let selecting: Vec<(&ObjectRef, &NetworkPolicy)> = self
+            .valid
+            .iter()
+            .copied()
+            .filter(|(_, np)| np.metadata.namespace.as_deref() == Some(pod_ref.namespace.as_str()))
+            .filter(|(_, np)| {
+                let spec = np.spec.clone().unwrap_or_default();
+                selector_matches(&spec.pod_selector.unwrap_or_default(), pod_labels(pod))
+            })
+            .filter(|(_, np)| has_policy_type(np, direction))
+            .collect();
+        if selecting.is_empty() {
+            return Verdict::NotIsolated;
+        }
+        if direction == Direction::Ingress && state.node.ips.contains(&src) {
+            return Verdict::FromHost;
+        }
+        // The pod at the far end, if the far end is a pod; and the destination pod.
+        let remote_pod = pod_with_ip(state, remote);
+        let dst_pod = match direction {
+            Direction::Ingress => Some(pod),
+            Direction::Egress => remote_pod.map(|(_, p)| p),
+        };
+        let mut allowing = Vec::new();
+        for (obj, np) in selecting {
+            let spec = np.spec.clone().unwrap_or_default();
+            let rules: Vec<RuleParts> = match direction {
+                Direction::Ingress => spec
+                    .ingress
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| (r.from, r.ports))
+                    .collect(),
+                Direction::Egress => spec
+                    .egress
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| (r.to, r.ports))
+                    .collect(),
+            };
+            for (index, (peers, ports)) in rules.into_iter().enumerate() {
+                let peer_ok = match peers.as_deref() {
+                    None | Some([]) => true,
+                    Some(list) => list
+                        .iter()
+                        .any(|peer| peer_matches(state, &obj.namespace, peer, remote, remote_pod)),
+                };
+                let port_ok = match ports.as_deref() {
+                    None | Some([]) => true,
+                    Some(list) => list
+                        .iter()
+                        .any(|p| port_matches(p, protocol, port, dst_pod)),
+                };
+                if peer_ok && port_ok {
+                    allowing.push(RuleRef {
+                        policy: obj.clone(),
+                        direction,
+                        index,
+                    });
+                }
+            }
+        }
+        if allowing.is_empty() {
+            Verdict::Denied
+        } else {
+            Verdict::Allowed(allowing)
+        }
+    }
+}
+
+/// A rule's peers (`from` or `to`) and ports.
+type RuleParts = (
+    Option<Vec<NetworkPolicyPeer>>,
+    Option<Vec<NetworkPolicyPort>>,
+);
 
 static EMPTY: BTreeMap<String, String> = BTreeMap::new();
 
@@ -112,14 +193,21 @@ fn pod_labels(pod: &Pod) -> &BTreeMap<String, String> {
 /// The pod network pod (running or pending, not hostNetwork) owning `ip`.
 fn pod_with_ip(state: &ClusterState, ip: IpAddr) -> Option<(&ObjectRef, &Pod)> {
     state.pods.iter().find(|(_, pod)| {
-        let Some(status) = &pod.status else { return false };
+        let Some(status) = &pod.status else {
+            return false;
+        };
         if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
             return false;
         }
         if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
             return false;
         }
-        let mut ips = status.pod_ips.iter().flatten().map(|p| p.ip.as_str()).chain(status.pod_ip.as_deref());
+        let mut ips = status
+            .pod_ips
+            .iter()
+            .flatten()
+            .map(|p| p.ip.as_str())
+            .chain(status.pod_ip.as_deref());
         ips.any(|s| s.parse::<IpAddr>() == Ok(ip))
     })
 }
@@ -165,14 +253,20 @@ fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> b
 }
 
 fn namespace_labels(state: &ClusterState, name: &str) -> BTreeMap<String, String> {
-    let mut labels =
-        state.namespaces.get(name).and_then(|ns| ns.metadata.labels.clone()).unwrap_or_default();
-    labels.entry("kubernetes.io/metadata.name".into()).or_insert_with(|| name.to_string());
+    let mut labels = state
+        .namespaces
+        .get(name)
+        .and_then(|ns| ns.metadata.labels.clone())
+        .unwrap_or_default();
+    labels
+        .entry("kubernetes.io/metadata.name".into())
+        .or_insert_with(|| name.to_string());
     labels
 }
 
 fn in_cidr(cidr: &str, ip: IpAddr) -> bool {
-    cidr.parse::<IpNet>().is_ok_and(|net| net.trunc().contains(&ip))
+    cidr.parse::<IpNet>()
+        .is_ok_and(|net| net.trunc().contains(&ip))
 }
 
 fn peer_matches(
@@ -222,7 +316,10 @@ fn port_matches(p: &NetworkPolicyPort, protocol: u8, port: u16, dst_pod: Option<
             let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
             let resolved = containers
                 .flat_map(|c| c.ports.iter().flatten())
-                .find(|cp| cp.name.as_deref() == Some(name.as_str()) && protocol_of(cp.protocol.as_deref()) == protocol);
+                .find(|cp| {
+                    cp.name.as_deref() == Some(name.as_str())
+                        && protocol_of(cp.protocol.as_deref()) == protocol
+                });
             resolved.is_some_and(|cp| cp.container_port == i32::from(port))
         }
     }
@@ -240,19 +337,40 @@ mod tests {
         let c = Cluster::new()
             .ns("x", &[])
             .ns("y", &[("team", "a")])
-            .pod("x", "a", &[("app", "a")], &["10.0.0.1"], &[("http", 8080, "TCP")])
+            .pod(
+                "x",
+                "a",
+                &[("app", "a")],
+                &["10.0.0.1"],
+                &[("http", 8080, "TCP")],
+            )
             .pod("x", "b", &[("app", "b")], &["10.0.0.2"], &[])
             .pod("y", "c", &[], &["10.0.1.3"], &[])
-            .policy("x", "allow", json!({"podSelector": {"matchLabels": {"app": "a"}},
+            .policy(
+                "x",
+                "allow",
+                json!({"podSelector": {"matchLabels": {"app": "a"}},
                 "ingress": [{"from": [{"podSelector": {}}], "ports": [{"port": "http"}]},
-                            {"from": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]}]}))
+                            {"from": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]}]}),
+            )
             .node_ips(&["10.0.9.9"])
             .state;
-        let eval = |src, dst, port| evaluate(&c, ip(src), ip(dst), PROTO_TCP, port, Direction::Ingress);
-        let rule = |index| RuleRef { policy: ObjectRef::new("x", "allow"), direction: Direction::Ingress, index };
-        assert_eq!(eval("10.0.0.2", "10.0.0.1", 8080), Verdict::Allowed(vec![rule(0)]));
+        let eval =
+            |src, dst, port| evaluate(&c, ip(src), ip(dst), PROTO_TCP, port, Direction::Ingress);
+        let rule = |index| RuleRef {
+            policy: ObjectRef::new("x", "allow"),
+            direction: Direction::Ingress,
+            index,
+        };
+        assert_eq!(
+            eval("10.0.0.2", "10.0.0.1", 8080),
+            Verdict::Allowed(vec![rule(0)])
+        );
         assert_eq!(eval("10.0.0.2", "10.0.0.1", 80), Verdict::Denied);
-        assert_eq!(eval("10.0.1.3", "10.0.0.1", 80), Verdict::Allowed(vec![rule(1)]));
+        assert_eq!(
+            eval("10.0.1.3", "10.0.0.1", 80),
+            Verdict::Allowed(vec![rule(1)])
+        );
         assert_eq!(eval("10.0.9.9", "10.0.0.1", 80), Verdict::FromHost);
         assert_eq!(eval("10.0.0.1", "10.0.0.2", 80), Verdict::NotIsolated);
         assert_eq!(eval("10.0.0.1", "10.0.0.7", 80), Verdict::NotEndpoint);

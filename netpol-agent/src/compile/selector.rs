@@ -48,7 +48,8 @@ fn is_label_name(s: &str) -> bool {
         && b.len() <= 63
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 /// A DNS subdomain (RFC 1123), as label key prefixes must be.
@@ -60,7 +61,8 @@ fn is_dns_subdomain(s: &str) -> bool {
             !b.is_empty()
                 && b[0].is_ascii_alphanumeric()
                 && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         })
 }
 
@@ -111,7 +113,10 @@ impl Selector {
             if let Err(m) = check_value(value) {
                 errors.push((path, m));
             }
-            requirements.insert(Requirement::In(key.clone(), BTreeSet::from([value.clone()])));
+            requirements.insert(Requirement::In(
+                key.clone(),
+                BTreeSet::from([value.clone()]),
+            ));
         }
         for (i, expr) in sel.match_expressions.iter().flatten().enumerate() {
             let values: BTreeSet<String> = expr.values.iter().flatten().cloned().collect();
@@ -156,7 +161,11 @@ impl Selector {
             };
             requirements.insert(requirement);
         }
-        if errors.is_empty() { Ok(Selector { requirements }) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(Selector { requirements })
+        } else {
+            Err(errors)
+        }
     }
 
     pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
@@ -176,7 +185,10 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn expr(key: &str, op: &str, values: Option<&[&str]>) -> LabelSelectorRequirement {
@@ -189,7 +201,11 @@ mod tests {
 
     fn sel(match_labels: &[(&str, &str)], exprs: Vec<LabelSelectorRequirement>) -> LabelSelector {
         LabelSelector {
-            match_labels: if match_labels.is_empty() { None } else { Some(labels(match_labels)) },
+            match_labels: if match_labels.is_empty() {
+                None
+            } else {
+                Some(labels(match_labels))
+            },
             match_expressions: if exprs.is_empty() { None } else { Some(exprs) },
         }
     }
@@ -206,7 +222,10 @@ mod tests {
     fn match_labels_and_expressions_are_anded() {
         let s = Selector::parse(&sel(
             &[("app", "web")],
-            vec![expr("tier", "In", Some(&["a", "b"])), expr("legacy", "DoesNotExist", None)],
+            vec![
+                expr("tier", "In", Some(&["a", "b"])),
+                expr("legacy", "DoesNotExist", None),
+            ],
         ))
         .unwrap();
         assert!(s.matches(&labels(&[("app", "web"), ("tier", "a")])));
@@ -260,16 +279,33 @@ mod tests {
     #[test]
     fn invalid_keys_and_values_are_reported() {
         let errs = Selector::parse(&sel(
-            &[("bad key", "v"), ("k", "bad,value"), ("example.com/ok", "fine_1.2-x")],
-            vec![expr("-k", "Exists", None), expr("k", "In", Some(&["ok", "(x)"]))],
+            &[
+                ("bad key", "v"),
+                ("k", "bad,value"),
+                ("example.com/ok", "fine_1.2-x"),
+            ],
+            vec![
+                expr("-k", "Exists", None),
+                expr("k", "In", Some(&["ok", "(x)"])),
+            ],
         ))
         .unwrap_err();
         let fields: Vec<&str> = errs.iter().map(|(f, _)| f.as_str()).collect();
         assert_eq!(
             fields,
-            ["matchLabels.bad key", "matchLabels.k", "matchExpressions[0].key", "matchExpressions[1].values[1]"]
+            [
+                "matchLabels.bad key",
+                "matchLabels.k",
+                "matchExpressions[0].key",
+                "matchExpressions[1].values[1]"
+            ]
         );
-        for good in ["a", "app.kubernetes.io/name", "kubernetes.io/metadata.name", "A_b-C.d"] {
+        for good in [
+            "a",
+            "app.kubernetes.io/name",
+            "kubernetes.io/metadata.name",
+            "A_b-C.d",
+        ] {
             assert!(check_key(good).is_ok(), "{good}");
         }
         for bad in ["", "/a", "a/", "UPPER.com/a", "a/b/c", &"x".repeat(64)] {
@@ -285,7 +321,10 @@ mod tests {
         assert_eq!(a.canonical(), "{app=web}");
         let c = Selector::parse(&sel(
             &[],
-            vec![expr("t", "In", Some(&["b", "a"])), expr("x", "Exists", None)],
+            vec![
+                expr("t", "In", Some(&["b", "a"])),
+                expr("x", "Exists", None),
+            ],
         ))
         .unwrap();
         assert_eq!(c.canonical(), "{t in (a,b),x}");

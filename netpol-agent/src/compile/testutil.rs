@@ -16,15 +16,27 @@ pub fn ip(s: &str) -> IpAddr {
 }
 
 pub fn labels(pairs: &[(&str, &str)]) -> Value {
-    Value::Object(pairs.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect())
+    Value::Object(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect(),
+    )
 }
 
 pub fn namespace(name: &str, label_pairs: &[(&str, &str)]) -> Namespace {
-    serde_json::from_value(json!({"metadata": {"name": name, "labels": labels(label_pairs)}})).expect("namespace")
+    serde_json::from_value(json!({"metadata": {"name": name, "labels": labels(label_pairs)}}))
+        .expect("namespace")
 }
 
 /// A running pod with `ips` and named container ports.
-pub fn pod(ns: &str, name: &str, label_pairs: &[(&str, &str)], ips: &[&str], ports: &[PortDef]) -> Pod {
+pub fn pod(
+    ns: &str,
+    name: &str,
+    label_pairs: &[(&str, &str)],
+    ips: &[&str],
+    ports: &[PortDef],
+) -> Pod {
     let ports: Vec<Value> = ports
         .iter()
         .map(|(n, p, proto)| json!({"name": n, "containerPort": p, "protocol": proto}))
@@ -43,7 +55,8 @@ pub fn pod(ns: &str, name: &str, label_pairs: &[(&str, &str)], ips: &[&str], por
 }
 
 pub fn policy(ns: &str, name: &str, spec: Value) -> NetworkPolicy {
-    serde_json::from_value(json!({"metadata": {"namespace": ns, "name": name}, "spec": spec})).expect("policy")
+    serde_json::from_value(json!({"metadata": {"namespace": ns, "name": name}, "spec": spec}))
+        .expect("policy")
 }
 
 /// A state builder.
@@ -58,12 +71,24 @@ impl Cluster {
     }
 
     pub fn ns(mut self, name: &str, label_pairs: &[(&str, &str)]) -> Self {
-        self.state.namespaces.insert(name.into(), namespace(name, label_pairs));
+        self.state
+            .namespaces
+            .insert(name.into(), namespace(name, label_pairs));
         self
     }
 
-    pub fn pod(mut self, ns: &str, name: &str, label_pairs: &[(&str, &str)], ips: &[&str], ports: &[PortDef]) -> Self {
-        self.state.pods.insert(ObjectRef::new(ns, name), pod(ns, name, label_pairs, ips, ports));
+    pub fn pod(
+        mut self,
+        ns: &str,
+        name: &str,
+        label_pairs: &[(&str, &str)],
+        ips: &[&str],
+        ports: &[PortDef],
+    ) -> Self {
+        self.state.pods.insert(
+            ObjectRef::new(ns, name),
+            pod(ns, name, label_pairs, ips, ports),
+        );
         self
     }
 
@@ -77,7 +102,9 @@ impl Cluster {
     }
 
     pub fn policy(mut self, ns: &str, name: &str, spec: Value) -> Self {
-        self.state.policies.insert(ObjectRef::new(ns, name), policy(ns, name, spec));
+        self.state
+            .policies
+            .insert(ObjectRef::new(ns, name), policy(ns, name, spec));
         self
     }
 

@@ -44,6 +44,8 @@ pub enum Error {
         name: &'static str,
         source: ProgramError,
     },
+    #[error("this agent was built with AYA_BUILD_SKIP: it has no eBPF programs")]
+    NoPrograms,
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
     #[error("map {name}: {source}")]
@@ -76,7 +78,7 @@ impl Error {
     /// Stable label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
-            Error::Load(_) => "load",
+            Error::Load(_) | Error::NoPrograms => "load",
             Error::Program { .. } | Error::MissingProgram(_) => "program",
             Error::Map { .. } | Error::MissingMap(_) => "map",
             Error::Attach { .. } => "attach",
@@ -192,6 +194,9 @@ impl Datapath {
             let path = path.to_path_buf();
             move |source| Error::Bpffs { path, source }
         };
+        if OBJECT.is_empty() {
+            return Err(Error::NoPrograms);
+        }
         ensure_bpffs(dir)?;
         let maps_dir = dir.join("maps");
         let links_dir = dir.join("links");
@@ -544,7 +549,7 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
     let on_bpffs = nix::sys::statfs::statfs(existing)
-        .map(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false);
     if on_bpffs {
         Ok(())

@@ -182,7 +182,7 @@ impl LocalSource {
         match object {
             Object::Namespace(ns) => {
                 let name = ns.metadata.name.clone().unwrap_or_default();
-                snapshot.namespaces.insert(name, ns);
+                snapshot.namespaces.insert(name, *ns);
             }
             Object::Pod(mut pod) => {
                 let namespace = pod
@@ -191,7 +191,7 @@ impl LocalSource {
                     .get_or_insert_with(|| "default".into())
                     .clone();
                 let name = pod.metadata.name.clone().unwrap_or_default();
-                snapshot.pods.insert(ObjectRef::new(namespace, name), pod);
+                snapshot.pods.insert(ObjectRef::new(namespace, name), *pod);
             }
             Object::NetworkPolicy(mut policy) => {
                 let namespace = policy
@@ -203,7 +203,7 @@ impl LocalSource {
                     ObjectRef::new(namespace, policy.metadata.name.clone().unwrap_or_default());
                 match validate_policy(&policy) {
                     Ok(()) => {
-                        snapshot.policies.insert(key, policy);
+                        snapshot.policies.insert(key, *policy);
                     }
                     Err(errors) => {
                         for error in errors {

@@ -16,9 +16,9 @@ use crate::compile::Diagnostic;
 /// One object of a manifest.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Namespace(Namespace),
-    Pod(Pod),
-    NetworkPolicy(NetworkPolicy),
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    NetworkPolicy(Box<NetworkPolicy>),
 }
 
 impl Object {
@@ -108,9 +108,9 @@ pub fn parse_object(value: Value, origin: &str) -> Parsed {
         ));
     }
     match kind.as_str() {
-        "Namespace" => typed(&value).map(Object::Namespace),
-        "Pod" => typed(&value).map(Object::Pod),
-        _ => typed(&value).map(Object::NetworkPolicy),
+        "Namespace" => typed(&value).map(|ns| Object::Namespace(Box::new(ns))),
+        "Pod" => typed(&value).map(|pod| Object::Pod(Box::new(pod))),
+        _ => typed(&value).map(|policy| Object::NetworkPolicy(Box::new(policy))),
     }
     .map_err(|(field, message)| fail(&field, message))
 }

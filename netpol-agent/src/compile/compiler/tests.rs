@@ -1,0 +1,862 @@
+//! Unit tests of [`compile`]: each asserts map entries derived by hand from the rule
+//! under test.
+
+use std::collections::BTreeMap;
+
+use netpol_common::{
+    Addr, DIR_EGRESS, DIR_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED,
+    EndpointInfo, IDENTITY_ANY, IDENTITY_FIRST_DYNAMIC, IDENTITY_WORLD, PEER_HOST,
+    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, PeerInfo,
+};
+use serde_json::json;
+
+use super::*;
+use crate::compile::testutil::{Cluster, ip};
+use crate::compile::{addr, model};
+
+const D: u32 = IDENTITY_FIRST_DYNAMIC;
+
+/// One POLICY entry, readable: (endpoint, identity, direction, protocol, port, prefix, rule).
+type Entry = (u32, u32, u8, u8, u16, u32, u32);
+
+fn entries(c: &Compiled) -> Vec<Entry> {
+    c.policy
+        .iter()
+        .map(|(k, v)| {
+            let d = &k.data;
+            (
+                d.endpoint,
+                d.identity,
+                d.direction,
+                d.protocol,
+                u16::from_be_bytes(d.port),
+                k.prefix_len,
+                v.rule,
+            )
+        })
+        .collect()
+}
+
+fn run(c: Cluster) -> Compiled {
+    let compiled = compile(&c.state, &Allocations::default());
+    assert!(
+        compiled.diagnostics.is_empty(),
+        "{:?}",
+        compiled.diagnostics
+    );
+    compiled
+}
+
+fn ep(c: &Compiled, ns: &str, name: &str) -> u32 {
+    c.allocations
+        .endpoint_id(&ObjectRef::new(ns, name))
+        .expect("endpoint")
+}
+
+fn peer(c: &Compiled, address: &str) -> PeerInfo {
+    c.ipcache[&host_key(ip(address))]
+}
+
+fn identity(c: &Compiled, address: &str) -> u32 {
+    peer(c, address).identity
+}
+
+fn prefix(c: &Compiled, cidr: &str) -> PeerInfo {
+    c.ipcache[&net_key(&cidr.parse().unwrap())]
+}
+
+/// Namespace x with pods a (10.0.0.1), b (10.0.0.2); namespace y with pod c (10.0.1.3).
+fn basic() -> Cluster {
+    Cluster::new()
+        .ns("x", &[("team", "a")])
+        .ns("y", &[("team", "b")])
+        .pod("x", "a", &[("app", "web")], &["10.0.0.1"], &[])
+        .pod("x", "b", &[("app", "db")], &["10.0.0.2"], &[])
+        .pod("y", "c", &[("app", "web")], &["10.0.1.3"], &[])
+}
+
+#[test]
+fn no_policies_endpoints_and_pod_ips_only() {
+    let mut pending = crate::compile::testutil::pod("x", "pending", &[], &["10.0.0.9"], &[]);
+    pending.status.as_mut().unwrap().phase = Some("Pending".into());
+    let mut done = crate::compile::testutil::pod("x", "done", &[], &["10.0.0.8"], &[]);
+    done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    let mut failed = crate::compile::testutil::pod("x", "failed", &[], &["10.0.0.10"], &[]);
+    failed.status.as_mut().unwrap().phase = Some("Failed".into());
+    let mut host = crate::compile::testutil::pod("x", "host", &[], &["192.168.0.1"], &[]);
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    let c = run(basic()
+        .pod("x", "dual", &[], &["10.0.0.4", "fd00::4"], &[])
+        .pod("x", "noip", &[], &[], &[])
+        .raw_pod(pending)
+        .raw_pod(done)
+        .raw_pod(failed)
+        .raw_pod(host));
+
+    // Ids in pod order: x/a, x/b, x/dual, x/pending, y/c.
+    let expected: BTreeMap<Addr, EndpointInfo> = [
+        ("10.0.0.1", 1),
+        ("10.0.0.2", 2),
+        ("10.0.0.4", 3),
+        ("fd00::4", 3),
+        ("10.0.0.9", 4),
+        ("10.0.1.3", 5),
+    ]
+    .into_iter()
+    .map(|(a, id)| (addr(ip(a)), EndpointInfo { id, flags: 0 }))
+    .collect();
+    assert_eq!(c.endpoints, expected);
+
+    // Every live pod IP is in IPCACHE, as "world" since no peer is in force.
+    let world = PeerInfo {
+        identity: IDENTITY_WORLD,
+        flags: 0,
+    };
+    let expected: BTreeMap<Lpm<Addr>, PeerInfo> = [
+        "10.0.0.1", "10.0.0.2", "10.0.0.4", "fd00::4", "10.0.0.9", "10.0.1.3",
+    ]
+    .into_iter()
+    .map(|a| (host_key(ip(a)), world))
+    .collect();
+    assert_eq!(c.ipcache, expected);
+    assert_eq!(
+        c.ipcache
+            .keys()
+            .find(|k| k.data.family == 6)
+            .unwrap()
+            .prefix_len,
+        32 + 128
+    );
+    assert!(c.policy.is_empty());
+    assert!(c.rules.is_empty());
+    assert_eq!(c.local_pods.len(), 5);
+    assert_eq!(c.local_pods[2].ips, [ip("10.0.0.4"), ip("fd00::4")]);
+}
+
+#[test]
+fn default_deny_ingress_isolates_the_namespace_only() {
+    let c = run(basic().policy("x", "deny", json!({"podSelector": {}})));
+    assert_eq!(
+        c.endpoints[&addr(ip("10.0.0.1"))],
+        EndpointInfo {
+            id: 1,
+            flags: ENDPOINT_INGRESS_ISOLATED
+        }
+    );
+    assert_eq!(
+        c.endpoints[&addr(ip("10.0.0.2"))],
+        EndpointInfo {
+            id: 2,
+            flags: ENDPOINT_INGRESS_ISOLATED
+        }
+    );
+    assert_eq!(
+        c.endpoints[&addr(ip("10.0.1.3"))],
+        EndpointInfo { id: 3, flags: 0 }
+    );
+    assert!(c.policy.is_empty());
+    assert!(c.rules.is_empty());
+    let a = &c.local_pods[0];
+    assert_eq!(a.ingress_policies, [ObjectRef::new("x", "deny")]);
+    assert!(a.egress_policies.is_empty());
+    assert!(c.local_pods[2].ingress_policies.is_empty());
+}
+
+#[test]
+fn policy_types_defaulting() {
+    let flags = |spec: serde_json::Value| {
+        let c = run(basic().policy("x", "p", spec));
+        c.endpoints[&addr(ip("10.0.0.1"))].flags
+    };
+    let both = ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED;
+    assert_eq!(flags(json!({})), ENDPOINT_INGRESS_ISOLATED);
+    assert_eq!(flags(json!({"egress": []})), ENDPOINT_INGRESS_ISOLATED);
+    assert_eq!(flags(json!({"egress": [{}]})), both);
+    assert_eq!(flags(json!({"policyTypes": [], "egress": [{}]})), both);
+    assert_eq!(
+        flags(json!({"policyTypes": ["Egress"]})),
+        ENDPOINT_EGRESS_ISOLATED
+    );
+    assert_eq!(
+        flags(json!({"policyTypes": ["Egress"], "ingress": [{}]})),
+        ENDPOINT_EGRESS_ISOLATED
+    );
+    assert_eq!(flags(json!({"policyTypes": ["Ingress", "Egress"]})), both);
+    // A policy selecting other pods does not isolate.
+    assert_eq!(
+        flags(json!({"podSelector": {"matchLabels": {"app": "db"}}})),
+        0
+    );
+}
+
+#[test]
+fn rules_without_peers_or_ports() {
+    // ingress: [{}] allows everything; egress: [{ports: []}] too; the ingress rule of a
+    // policy without policyType Ingress is ignored entirely.
+    let c = run(basic()
+        .policy(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": []}], "egress": [{"ports": []}]}),
+        )
+        .policy(
+            "x",
+            "q",
+            json!({"podSelector": {"matchLabels": {"app": "db"}},
+            "policyTypes": ["Egress"], "ingress": [{}]}),
+        ));
+    let any = POLICY_PREFIX_ANY_PROTO;
+    assert_eq!(
+        entries(&c),
+        [
+            (1, IDENTITY_ANY, DIR_INGRESS, 0, 0, any, 0),
+            (1, IDENTITY_ANY, DIR_EGRESS, 0, 0, any, 1),
+        ]
+    );
+    assert_eq!(
+        c.rules,
+        [
+            RuleRef {
+                policy: ObjectRef::new("x", "p"),
+                direction: Direction::Ingress,
+                index: 0
+            },
+            RuleRef {
+                policy: ObjectRef::new("x", "p"),
+                direction: Direction::Egress,
+                index: 0
+            },
+        ]
+    );
+    assert_eq!(
+        c.endpoints[&addr(ip("10.0.0.2"))].flags,
+        ENDPOINT_EGRESS_ISOLATED
+    );
+}
+
+#[test]
+fn ports_protocols_and_ranges() {
+    let c = run(basic().policy(
+        "x",
+        "p",
+        json!({"podSelector": {"matchLabels": {"app": "db"}},
+        "ingress": [{"ports": [
+            {"port": 80},
+            {"protocol": "UDP"},
+            {"port": 1000, "endPort": 1003},
+            {"port": 53, "protocol": "SCTP"},
+            {"port": 65534, "endPort": 65535, "protocol": "UDP"},
+            {"port": 1, "endPort": 3},
+        ]}]}),
+    ));
+    let b = 2;
+    let any_port = POLICY_PREFIX_ANY_PORT;
+    let full = POLICY_PREFIX_FULL;
+    let mut expected = vec![
+        (b, IDENTITY_ANY, DIR_INGRESS, PROTO_TCP, 80, full, 0),
+        (b, IDENTITY_ANY, DIR_INGRESS, PROTO_UDP, 0, any_port, 0),
+        // 1000..=1003 is the aligned block 1000/14.
+        (
+            b,
+            IDENTITY_ANY,
+            DIR_INGRESS,
+            PROTO_TCP,
+            1000,
+            any_port + 14,
+            0,
+        ),
+        (b, IDENTITY_ANY, DIR_INGRESS, PROTO_SCTP, 53, full, 0),
+        // 65534..=65535 is 65534/15 (and covered by "UDP any port" anyway).
+        (
+            b,
+            IDENTITY_ANY,
+            DIR_INGRESS,
+            PROTO_UDP,
+            65534,
+            any_port + 15,
+            0,
+        ),
+        // 1..=3: 1/16 and 2/15.
+        (b, IDENTITY_ANY, DIR_INGRESS, PROTO_TCP, 1, full, 0),
+        (b, IDENTITY_ANY, DIR_INGRESS, PROTO_TCP, 2, any_port + 15, 0),
+    ];
+    expected.sort();
+    let mut got = entries(&c);
+    got.sort();
+    assert_eq!(got, expected);
+
+    let check = |proto, port| {
+        model::lookup(
+            &c,
+            ip("8.8.8.8"),
+            ip("10.0.0.2"),
+            proto,
+            port,
+            Direction::Ingress,
+        )
+        .is_some()
+    };
+    assert!(check(PROTO_TCP, 80) && !check(PROTO_TCP, 81));
+    assert!(check(PROTO_UDP, 12345));
+    assert!(check(PROTO_TCP, 1003) && !check(PROTO_TCP, 1004) && !check(PROTO_TCP, 999));
+    assert!(check(PROTO_SCTP, 53) && !check(PROTO_SCTP, 80) && !check(PROTO_UDP + 1, 80));
+    assert!(check(PROTO_TCP, 1) && check(PROTO_TCP, 3) && !check(PROTO_TCP, 4));
+}
+
+#[test]
+fn pod_selector_peer_gets_one_identity() {
+    // x/b allows ingress from app=web pods of its own namespace: x/a only, not y/c.
+    let c = run(basic().policy(
+        "x",
+        "p",
+        json!({"podSelector": {"matchLabels": {"app": "db"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]}),
+    ));
+    assert_eq!(identity(&c, "10.0.0.1"), D);
+    assert_eq!(identity(&c, "10.0.0.2"), IDENTITY_WORLD);
+    assert_eq!(identity(&c, "10.0.1.3"), IDENTITY_WORLD);
+    assert_eq!(
+        entries(&c),
+        [(2, D, DIR_INGRESS, 0, 0, POLICY_PREFIX_ANY_PROTO, 0)]
+    );
+    let info = &c.identities[&D];
+    assert_eq!(info.signature.peers, ["pods {app=web} in namespace x"]);
+    assert_eq!(info.members, ["pod x/a 10.0.0.1"]);
+    assert_eq!(info.description, "matches [pods {app=web} in namespace x]");
+}
+
+#[test]
+fn namespace_selector_alone_and_with_pod_selector() {
+    // Peer 1: every pod of namespaces team=b (y/c, y/d). Peer 2: app=web pods of
+    // namespaces team in (a, b) (x/a, y/c). Classes: x/a {2}, y/c {1, 2}, y/d {1},
+    // x/b {} (world).
+    let c = run(basic()
+        .pod("y", "d", &[("app", "db")], &["10.0.1.4"], &[])
+        .policy("x", "p", json!({"podSelector": {"matchLabels": {"app": "db"}},
+            "ingress": [{"from": [
+                {"namespaceSelector": {"matchLabels": {"team": "b"}}},
+                {"namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "b"]}]},
+                 "podSelector": {"matchLabels": {"app": "web"}}},
+            ]}]})));
+    let (a, cc, d) = (
+        identity(&c, "10.0.0.1"),
+        identity(&c, "10.0.1.3"),
+        identity(&c, "10.0.1.4"),
+    );
+    assert_eq!(identity(&c, "10.0.0.2"), IDENTITY_WORLD);
+    let mut ids = vec![a, cc, d];
+    ids.sort();
+    assert_eq!(ids, [D, D + 1, D + 2], "three distinct identities");
+    let b = ep(&c, "x", "b");
+    let mut expected: Vec<Entry> = [a, cc, d]
+        .iter()
+        .map(|&i| (b, i, DIR_INGRESS, 0, 0, POLICY_PREFIX_ANY_PROTO, 0))
+        .collect();
+    expected.sort();
+    assert_eq!(entries(&c), expected);
+    assert_eq!(
+        c.identities[&d].signature.peers,
+        ["pods {} in namespaces {team=b}"]
+    );
+    assert_eq!(
+        c.identities[&cc].signature.peers,
+        [
+            "pods {app=web} in namespaces {team in (a,b)}",
+            "pods {} in namespaces {team=b}"
+        ]
+    );
+}
+
+#[test]
+fn namespace_name_label_is_implicit() {
+    // Namespace y has no kubernetes.io/metadata.name label in the state; the API server
+    // would have set it, so selecting on it must work.
+    let c = run(basic().policy("x", "p", json!({"podSelector": {"matchLabels": {"app": "db"}},
+        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}}]}]})));
+    assert_eq!(identity(&c, "10.0.1.3"), D);
+    assert_eq!(identity(&c, "10.0.0.1"), IDENTITY_WORLD);
+}
+
+#[test]
+fn ip_block_with_except() {
+    // x/a may send to 10.0.0.0/16 except 10.0.1.0/24. Classes: the /16 and x/a's and
+    // x/b's addresses (inside, not excepted) share one identity; the /24 and y/c's
+    // address (excepted) are world.
+    let c = run(basic().policy(
+        "x",
+        "p",
+        json!({"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.1.0/24"]}}]}]}),
+    ));
+    let block = PeerInfo {
+        identity: D,
+        flags: 0,
+    };
+    let world = PeerInfo {
+        identity: IDENTITY_WORLD,
+        flags: 0,
+    };
+    let expected: BTreeMap<Lpm<Addr>, PeerInfo> = [
+        (net_key(&"10.0.0.0/16".parse().unwrap()), block),
+        (net_key(&"10.0.1.0/24".parse().unwrap()), world),
+        (host_key(ip("10.0.0.1")), block),
+        (host_key(ip("10.0.0.2")), block),
+        (host_key(ip("10.0.1.3")), world),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(c.ipcache, expected);
+    assert_eq!(
+        entries(&c),
+        [(1, D, DIR_EGRESS, 0, 0, POLICY_PREFIX_ANY_PROTO, 0)]
+    );
+
+    let allowed = |dst| {
+        model::lookup(
+            &c,
+            ip("10.0.0.1"),
+            ip(dst),
+            PROTO_TCP,
+            80,
+            Direction::Egress,
+        )
+    };
+    assert_eq!(allowed("10.0.200.1"), Some(0));
+    assert_eq!(allowed("10.0.0.2"), Some(0));
+    assert_eq!(allowed("10.0.1.3"), None);
+    assert_eq!(allowed("10.0.1.200"), None);
+    assert_eq!(allowed("10.1.0.1"), None);
+    assert_eq!(allowed("fd00::1"), None);
+}
+
+#[test]
+fn overlapping_ip_blocks_get_identities_by_containment() {
+    // Peers: A = 10.0.0.0/8 except 10.1.0.0/16, B = 10.1.0.0/16 except 10.1.2.0/24.
+    // Prefix classes: /8 {A}, 10.1.0.0/16 {B}, 10.1.2.0/24 {} (world).
+    let c = run(Cluster::new()
+        .ns("x", &[])
+        .pod("x", "a", &[], &["192.168.0.1"], &[])
+        .policy(
+            "x",
+            "p",
+            json!({"ingress": [{"from": [
+            {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}},
+            {"ipBlock": {"cidr": "10.1.0.0/16", "except": ["10.1.2.0/24"]}},
+        ], "ports": [{"port": 443}]}]}),
+        ));
+    let a = prefix(&c, "10.0.0.0/8").identity;
+    let b = prefix(&c, "10.1.0.0/16").identity;
+    assert_ne!(a, b);
+    assert!(a >= D && b >= D);
+    assert_eq!(prefix(&c, "10.1.2.0/24").identity, IDENTITY_WORLD);
+    assert_eq!(identity(&c, "192.168.0.1"), IDENTITY_WORLD);
+    assert_eq!(c.ipcache.len(), 4);
+    let mut expected = vec![
+        (1, a, DIR_INGRESS, PROTO_TCP, 443, POLICY_PREFIX_FULL, 0),
+        (1, b, DIR_INGRESS, PROTO_TCP, 443, POLICY_PREFIX_FULL, 0),
+    ];
+    expected.sort();
+    assert_eq!(entries(&c), expected);
+    let from = |src| {
+        model::lookup(
+            &c,
+            ip(src),
+            ip("192.168.0.1"),
+            PROTO_TCP,
+            443,
+            Direction::Ingress,
+        )
+    };
+    assert_eq!(from("10.200.0.1"), Some(0));
+    assert_eq!(from("10.1.3.1"), Some(0));
+    assert_eq!(from("10.1.2.1"), None);
+}
+
+#[test]
+fn cidr_host_bits_are_masked_and_v6_works() {
+    let c = run(Cluster::new()
+        .ns("x", &[])
+        .pod("x", "a", &[], &["10.0.0.1", "fd00::1"], &[])
+        .policy(
+            "x",
+            "p",
+            json!({"ingress": [{"from": [
+                {"ipBlock": {"cidr": "10.0.0.1/8"}},
+                {"ipBlock": {"cidr": "fd00::1/64", "except": ["fd00::1/128"]}},
+            ]}]}),
+        ));
+    let v4 = prefix(&c, "10.0.0.0/8");
+    let v6 = prefix(&c, "fd00::/64");
+    assert_eq!(
+        c.ipcache.keys().map(|k| k.prefix_len).collect::<Vec<_>>(),
+        [40, 64, 96, 160]
+    );
+    assert_ne!(v4.identity, v6.identity);
+    // The pod's v4 address is in the v4 block; its v6 address is the except.
+    assert_eq!(identity(&c, "10.0.0.1"), v4.identity);
+    assert_eq!(identity(&c, "fd00::1"), IDENTITY_WORLD);
+    let from = |src| model::lookup(&c, ip(src), ip("fd00::1"), PROTO_UDP, 5, Direction::Ingress);
+    assert_eq!(from("fd00::2"), Some(0));
+    assert_eq!(from("fd00:1::2"), None);
+    assert_eq!(from("11.9.9.9"), None);
+}
+
+#[test]
+fn named_ports_resolve_on_the_local_pod_for_ingress() {
+    let c = run(Cluster::new()
+        .ns("x", &[])
+        .pod("x", "a", &[], &["10.0.0.1"], &[("http", 8080, "TCP"), ("dns", 53, "UDP")])
+        .pod("x", "b", &[], &["10.0.0.2"], &[("http", 9090, "TCP")])
+        .pod("x", "c", &[], &["10.0.0.3"], &[])
+        .policy("x", "p", json!({"ingress": [{"ports": [{"port": "http"}, {"port": "dns"}, {"port": "dns", "protocol": "UDP"}]}]})));
+    let full = POLICY_PREFIX_FULL;
+    assert_eq!(
+        entries(&c),
+        [
+            (1, IDENTITY_ANY, DIR_INGRESS, PROTO_TCP, 8080, full, 0),
+            (1, IDENTITY_ANY, DIR_INGRESS, PROTO_UDP, 53, full, 0),
+            (2, IDENTITY_ANY, DIR_INGRESS, PROTO_TCP, 9090, full, 0),
+        ]
+    );
+    // No egress rule uses a named port: resolutions do not split identities.
+    assert!(
+        c.identities
+            .values()
+            .all(|i| i.signature.named_ports.is_empty())
+    );
+}
+
+#[test]
+fn named_ports_resolve_on_each_peer_for_egress() {
+    // x/s may send to any pod of x on "http". x/a serves http on 8080, x/b on 9090, x/c
+    // not at all (so it shares a class with x/s). 8.8.8.8 is not a pod: never.
+    let c = run(Cluster::new()
+        .ns("x", &[])
+        .pod("x", "a", &[], &["10.0.0.1"], &[("http", 8080, "TCP")])
+        .pod("x", "b", &[], &["10.0.0.2"], &[("http", 9090, "TCP"), ("http", 7070, "UDP")])
+        .pod("x", "c", &[], &["10.0.0.3"], &[])
+        .pod("x", "s", &[("role", "client")], &["10.0.0.4"], &[])
+        .policy("x", "p", json!({"podSelector": {"matchLabels": {"role": "client"}}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"podSelector": {}}], "ports": [{"port": "http"}]},
+                       {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": "http", "protocol": "UDP"}]}]})));
+    let (a, b, cc, s) = (
+        identity(&c, "10.0.0.1"),
+        identity(&c, "10.0.0.2"),
+        identity(&c, "10.0.0.3"),
+        identity(&c, "10.0.0.4"),
+    );
+    assert_eq!(cc, s);
+    assert!(a != b && a != cc && b != cc);
+    assert_eq!(
+        c.identities[&a].signature.named_ports,
+        [NamedPortResolution {
+            name: "http".into(),
+            protocol: PROTO_TCP,
+            port: 8080
+        }]
+    );
+    let sender = ep(&c, "x", "s");
+    let full = POLICY_PREFIX_FULL;
+    let mut expected = vec![
+        (sender, a, DIR_EGRESS, PROTO_TCP, 8080, full, 0),
+        (sender, b, DIR_EGRESS, PROTO_TCP, 9090, full, 0),
+        // Rule 1: UDP "http" via the ipBlock: only x/b resolves it.
+        (sender, b, DIR_EGRESS, PROTO_UDP, 7070, full, 1),
+    ];
+    expected.sort();
+    assert_eq!(entries(&c), expected);
+    let to = |dst, proto, port| {
+        model::lookup(&c, ip("10.0.0.4"), ip(dst), proto, port, Direction::Egress)
+    };
+    assert_eq!(to("10.0.0.1", PROTO_TCP, 8080), Some(0));
+    assert_eq!(to("10.0.0.1", PROTO_TCP, 9090), None);
+    assert_eq!(to("10.0.0.2", PROTO_TCP, 9090), Some(0));
+    assert_eq!(to("10.0.0.3", PROTO_TCP, 8080), None);
+    assert_eq!(to("10.0.0.2", PROTO_UDP, 7070), Some(1));
+    assert_eq!(to("8.8.8.8", PROTO_UDP, 7070), None);
+}
+
+#[test]
+fn node_ips_are_host_peers_with_ip_block_identity() {
+    let c = run(basic().node_ips(&["10.0.0.254", "192.168.7.1"]).policy(
+        "x",
+        "p",
+        json!({"ingress": [{"from": [{"ipBlock": {"cidr": "192.168.0.0/16"}}]}]}),
+    ));
+    assert_eq!(
+        peer(&c, "10.0.0.254"),
+        PeerInfo {
+            identity: IDENTITY_WORLD,
+            flags: PEER_HOST
+        }
+    );
+    let block = prefix(&c, "192.168.0.0/16").identity;
+    assert_eq!(
+        peer(&c, "192.168.7.1"),
+        PeerInfo {
+            identity: block,
+            flags: PEER_HOST
+        }
+    );
+    let d = model::decide(
+        &c,
+        ip("10.0.0.254"),
+        ip("10.0.0.1"),
+        PROTO_TCP,
+        80,
+        Direction::Ingress,
+    );
+    assert_eq!(d.reason, netpol_common::Reason::FromHost);
+    // Egress to the node is judged by policy like any address (x has no egress policy).
+    assert!(
+        model::lookup(
+            &c,
+            ip("10.0.0.1"),
+            ip("10.0.0.254"),
+            PROTO_TCP,
+            80,
+            Direction::Egress
+        )
+        .is_some()
+    );
+}
+
+#[test]
+fn invalid_policy_is_left_out_and_reported() {
+    let c = compile(
+        &basic()
+            .policy(
+                "x",
+                "bad",
+                json!({"ingress": [{"ports": [{"port": 80, "endPort": 79}]}]}),
+            )
+            .policy(
+                "x",
+                "good",
+                json!({"podSelector": {"matchLabels": {"app": "db"}}}),
+            )
+            .state,
+        &Allocations::default(),
+    );
+    assert_eq!(
+        c.diagnostics
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        [
+            "NetworkPolicy x/bad: spec.ingress[0].ports[0].endPort: 79 must be greater than or equal to port 80"
+        ]
+    );
+    // Only "good" isolates (x/b); x/a would have been isolated by "bad".
+    assert_eq!(c.endpoints[&addr(ip("10.0.0.1"))].flags, 0);
+    assert_eq!(
+        c.endpoints[&addr(ip("10.0.0.2"))].flags,
+        ENDPOINT_INGRESS_ISOLATED
+    );
+    assert!(c.rules.is_empty());
+}
+
+#[test]
+fn same_key_keeps_the_lowest_rule() {
+    let c = run(basic()
+        .policy(
+            "x",
+            "a-first",
+            json!({"podSelector": {"matchLabels": {"app": "db"}},
+            "ingress": [{"ports": [{"port": 80}]}, {"ports": [{"port": 80}, {"port": 81}]}]}),
+        )
+        .policy(
+            "x",
+            "b-second",
+            json!({"podSelector": {}, "ingress": [{"ports": [{"port": 81}]}]}),
+        ));
+    let full = POLICY_PREFIX_FULL;
+    let mut expected = vec![
+        (1, IDENTITY_ANY, DIR_INGRESS, PROTO_TCP, 81, full, 2),
+        (2, IDENTITY_ANY, DIR_INGRESS, PROTO_TCP, 80, full, 0),
+        (2, IDENTITY_ANY, DIR_INGRESS, PROTO_TCP, 81, full, 1),
+    ];
+    expected.sort();
+    assert_eq!(entries(&c), expected);
+    assert_eq!(c.rules[2].policy, ObjectRef::new("x", "b-second"));
+}
+
+#[test]
+fn local_pods_and_remote_peers() {
+    let mut remote =
+        crate::compile::testutil::pod("x", "remote", &[("app", "web")], &["10.0.5.5"], &[]);
+    remote.spec.as_mut().unwrap().node_name = Some("other".into());
+    let mut a = crate::compile::testutil::pod("x", "a", &[("app", "web")], &["10.0.0.1"], &[]);
+    a.spec.as_mut().unwrap().node_name = Some("me".into());
+    a.metadata.annotations = Some(
+        [(
+            crate::state::HOST_INTERFACE_ANNOTATION.to_string(),
+            "veth-a".to_string(),
+        )]
+        .into(),
+    );
+    let mut b = crate::compile::testutil::pod("x", "b", &[("app", "db")], &["10.0.0.2"], &[]);
+    b.spec.as_mut().unwrap().node_name = Some("me".into());
+    let c = run(Cluster::new()
+        .node_name("me")
+        .ns("x", &[])
+        .raw_pod(remote)
+        .raw_pod(a)
+        .raw_pod(b)
+        .policy("x", "p", json!({"podSelector": {"matchLabels": {"app": "db"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}], "egress": [{}]})));
+    assert_eq!(c.endpoints.len(), 2);
+    assert!(!c.endpoints.contains_key(&addr(ip("10.0.5.5"))));
+    assert_eq!(identity(&c, "10.0.5.5"), D, "remote pods are peers");
+    assert_eq!(identity(&c, "10.0.0.1"), D);
+    assert_eq!(
+        c.local_pods,
+        [
+            LocalPod {
+                pod: ObjectRef::new("x", "a"),
+                endpoint_id: 1,
+                ips: vec![ip("10.0.0.1")],
+                host_interface: Some("veth-a".into()),
+                ingress_policies: vec![],
+                egress_policies: vec![],
+            },
+            LocalPod {
+                pod: ObjectRef::new("x", "b"),
+                endpoint_id: 2,
+                ips: vec![ip("10.0.0.2")],
+                host_interface: None,
+                ingress_policies: vec![ObjectRef::new("x", "p")],
+                egress_policies: vec![ObjectRef::new("x", "p")],
+            },
+        ]
+    );
+}
+
+#[test]
+fn policies_selecting_no_local_pod_add_no_peers() {
+    // The only policy selects nothing local: no identities, no prefixes.
+    let c = run(basic().policy(
+        "x",
+        "p",
+        json!({"podSelector": {"matchLabels": {"app": "none"}},
+        "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}, {"podSelector": {}}]}]}),
+    ));
+    assert!(c.ipcache.values().all(|p| p.identity == IDENTITY_WORLD));
+    assert_eq!(c.ipcache.len(), 3);
+    assert_eq!(
+        c.rules.len(),
+        1,
+        "the rule table still lists every valid rule"
+    );
+}
+
+#[test]
+fn entries_scale_with_identities_not_pods() {
+    // 60 client pods all match the same peer: one identity, one entry per endpoint.
+    let mut cluster = basic();
+    for i in 0..60 {
+        cluster = cluster.pod(
+            "y",
+            &format!("client{i}"),
+            &[("role", "client")],
+            &[&format!("10.1.0.{i}")],
+            &[],
+        );
+    }
+    let c = run(cluster.policy("x", "p", json!({"podSelector": {},
+        "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"role": "client"}}}],
+                     "ports": [{"port": 80}, {"port": 443}]}]})));
+    assert_eq!(c.ipcache.len(), 63);
+    assert!((0..60).all(|i| identity(&c, &format!("10.1.0.{i}")) == D));
+    let full = POLICY_PREFIX_FULL;
+    let mut expected = vec![];
+    for endpoint in [1, 2] {
+        for port in [80, 443] {
+            expected.push((endpoint, D, DIR_INGRESS, PROTO_TCP, port, full, 0));
+        }
+    }
+    assert_eq!(entries(&c), expected);
+}
+
+#[test]
+fn duplicate_pod_ip_is_reported_and_first_owner_wins() {
+    let c = compile(
+        &basic().pod("x", "z", &[], &["10.0.0.1"], &[]).state,
+        &Allocations::default(),
+    );
+    assert_eq!(c.diagnostics.len(), 1);
+    assert_eq!(c.diagnostics[0].object, "Pod x/z");
+    assert_eq!(c.endpoints[&addr(ip("10.0.0.1"))].id, ep(&c, "x", "a"));
+    assert_eq!(c.allocations.endpoint_id(&ObjectRef::new("x", "z")), None);
+}
+
+#[test]
+fn invalid_pod_ip_is_reported() {
+    let mut p = crate::compile::testutil::pod("x", "a", &[], &["10.0.0.1"], &[]);
+    p.status
+        .as_mut()
+        .unwrap()
+        .pod_ips
+        .as_mut()
+        .unwrap()
+        .push(k8s_openapi::api::core::v1::PodIP {
+            ip: "not-an-ip".into(),
+        });
+    let c = compile(&Cluster::new().raw_pod(p).state, &Allocations::default());
+    assert_eq!(
+        c.diagnostics
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["Pod x/a: status.podIPs[1].ip: invalid IP address \"not-an-ip\""]
+    );
+    assert_eq!(c.endpoints.len(), 1);
+}
+
+#[test]
+fn allocations_are_stable_across_compiles() {
+    let cluster = basic().policy(
+        "x",
+        "p",
+        json!({"podSelector": {"matchLabels": {"app": "db"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]}),
+    );
+    let first = run(cluster);
+    // A pod sorting before everyone, matching the peer, and a new policy peer.
+    let second = compile(
+        &basic()
+            .pod("a", "first", &[], &["10.0.3.1"], &[])
+            .pod("x", "0", &[("app", "web")], &["10.0.0.100"], &[])
+            .policy(
+                "x",
+                "p",
+                json!({"podSelector": {"matchLabels": {"app": "db"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]}),
+            )
+            .state,
+        &first.allocations,
+    );
+    for (name, id) in [("x/a", 1), ("x/b", 2), ("y/c", 3)] {
+        let (ns, n) = name.split_once('/').unwrap();
+        assert_eq!(ep(&second, ns, n), id, "{name}");
+    }
+    assert_eq!(ep(&second, "a", "first"), 4);
+    assert_eq!(ep(&second, "x", "0"), 5);
+    assert_eq!(identity(&second, "10.0.0.1"), identity(&first, "10.0.0.1"));
+    assert_eq!(
+        identity(&second, "10.0.0.100"),
+        identity(&first, "10.0.0.1")
+    );
+    // Deleting x/a frees id 1; the next new pod takes it.
+    let mut state = basic().state;
+    state.pods.remove(&ObjectRef::new("x", "a"));
+    let third = compile(&state, &second.allocations);
+    let fourth = compile(
+        &basic().pod("z", "new", &[], &["10.0.9.9"], &[]).state,
+        &third.allocations,
+    );
+    assert_eq!(ep(&fourth, "x", "a"), 1);
+    assert_eq!(ep(&fourth, "z", "new"), 4);
+}
