@@ -123,6 +123,7 @@ fn state(manifests: &[&str]) -> ClusterState {
 /// A loaded datapath under a unique bpffs directory, removed on drop.
 struct Loaded {
     datapath: Option<Datapath>,
+    compiled: compile::Compiled,
 }
 
 impl Loaded {
@@ -145,6 +146,7 @@ impl Loaded {
         datapath.apply(&compiled).expect("write maps");
         Some(Loaded {
             datapath: Some(datapath),
+            compiled,
         })
     }
 
@@ -658,4 +660,115 @@ fn revoking_a_permission_stops_established_connections_and_keeps_the_rest() {
     // The connection the new policy still allows goes on.
     assert!(dp.run(FromPod, &dns("10.1.0.2", "192.168.0.1", 53, 6000)));
     assert!(dp.run(ToPod, &dns("192.168.0.1", "10.1.0.2", 6000, 53)));
+}
+
+#[test]
+fn drops_and_new_connections_are_reported_with_their_rule() {
+    use netpol_common::{DIR_INGRESS, RULE_NONE, VerdictEvent};
+    let Some(mut dp) = Loaded::new("events", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    let mut events = dp
+        .datapath
+        .as_mut()
+        .unwrap()
+        .take_events()
+        .expect("ring buffer");
+    assert!(!dp.run(
+        ToPod,
+        &Frame::new(ip("10.1.0.3"), ip("10.1.0.2"), Transport::syn(47000, 80))
+    ));
+    assert!(dp.run(
+        ToPod,
+        &Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), Transport::syn(47001, 85))
+    ));
+    // A reply of a known connection is not an event.
+    assert!(dp.run(
+        FromPod,
+        &Frame::new(
+            ip("10.1.0.2"),
+            ip("10.1.0.1"),
+            Transport::syn_ack(85, 47001)
+        )
+    ));
+
+    let mut seen = Vec::new();
+    while let Some(item) = events.next() {
+        assert_eq!(item.len(), std::mem::size_of::<VerdictEvent>());
+        // SAFETY: the kernel wrote a VerdictEvent; read_unaligned copes with alignment.
+        seen.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<VerdictEvent>()) });
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let b = dp
+        .compiled
+        .local_pods
+        .iter()
+        .find(|p| p.pod == ObjectRef::new("x", "b"))
+        .unwrap();
+
+    let denied = &seen[0];
+    assert_eq!(denied.reason, Reason::PolicyDenied as u8);
+    assert_eq!(denied.src, netpol_common::Addr::v4([10, 1, 0, 3]));
+    assert_eq!(
+        (denied.sport, denied.dport, denied.protocol),
+        (47000, 80, 6)
+    );
+    assert_eq!(denied.direction, DIR_INGRESS);
+    assert_eq!(denied.endpoint, b.endpoint_id);
+    assert_eq!(denied.rule, RULE_NONE);
+    assert_ne!(denied.peer_identity, 0, "the peer's identity was looked up");
+
+    let allowed = &seen[1];
+    assert_eq!(allowed.reason, Reason::PolicyAllowed as u8);
+    let rule = &dp.compiled.rules[allowed.rule as usize];
+    assert_eq!(
+        rule.to_string(),
+        "NetworkPolicy x/b-ingress spec.ingress[0]"
+    );
+    // The SYN and the SYN-ACK of that connection count for the rule.
+    let counted = dp
+        .datapath
+        .as_ref()
+        .unwrap()
+        .rule_counter(allowed.rule)
+        .unwrap();
+    assert_eq!(counted.packets, 2);
+    assert_eq!(
+        dp.datapath.as_ref().unwrap().event_losses().unwrap(),
+        (0, 0)
+    );
+}
+
+#[test]
+fn events_are_rate_limited_in_the_kernel() {
+    let Some(mut dp) = Loaded::new("ratelimit", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    let mut events = dp
+        .datapath
+        .as_mut()
+        .unwrap()
+        .take_events()
+        .expect("ring buffer");
+    let denied = Frame::new(ip("10.1.0.3"), ip("10.1.0.2"), Transport::syn(48000, 80)).build();
+    // One BPF_PROG_TEST_RUN call runs the program 5,000 times on one CPU, far faster than
+    // the bucket refills (2,000 per second, 1,000 at most in the bucket).
+    let verdict = dp
+        .datapath
+        .as_ref()
+        .unwrap()
+        .test_run(ToPod, &denied, 5_000)
+        .unwrap();
+    assert!(!verdict.allowed());
+    let mut received = 0u64;
+    while events.next().is_some() {
+        received += 1;
+    }
+    let (suppressed, lost) = dp.datapath.as_ref().unwrap().event_losses().unwrap();
+    assert_eq!(lost, 0);
+    assert_eq!(received + suppressed, 5_000);
+    assert!(
+        (1_000..1_200).contains(&received),
+        "received {received} events"
+    );
 }

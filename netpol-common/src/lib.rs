@@ -280,6 +280,67 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// An entry of EVENTS (RINGBUF): a dropped packet or a newly allowed connection.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct VerdictEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    pub src: Addr,
+    pub dst: Addr,
+    /// Host byte order; 0 where the protocol has none.
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`], from the endpoint's point of view.
+    pub direction: u8,
+    /// A [`Reason`] as u8.
+    pub reason: u8,
+    pub _pad0: u8,
+    /// The local endpoint (0 when unknown, e.g. malformed packets).
+    pub endpoint: u32,
+    /// Identity of the peer as IPCACHE gave it (0 when not looked up).
+    pub peer_identity: u32,
+    /// Rule that allowed it, or [`RULE_NONE`].
+    pub rule: u32,
+    /// Interface the packet was seen on.
+    pub ifindex: u32,
+    /// Packet length.
+    pub len: u32,
+    pub _pad1: u32,
+}
+
+/// Reasons that produce an event (everything else is either part of a known connection
+/// or not ours to judge).
+pub const fn reason_emits_event(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::PolicyDenied
+            | Reason::AuditAllowed
+            | Reason::PolicyAllowed
+            | Reason::NotIsolated
+            | Reason::FromHost
+            | Reason::Malformed
+    )
+}
+
+/// In-kernel rate limit of events, per CPU: a token bucket refilled at this rate...
+pub const EVENTS_PER_SECOND_PER_CPU: u64 = 2_000;
+/// ...holding at most this many tokens.
+pub const EVENTS_BURST: u64 = 1_000;
+
+/// Value of EVENT_BUDGET (PERCPU_ARRAY, one entry): the token bucket.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct EventBudget {
+    pub tokens: u64,
+    pub last_refill_ns: u64,
+    /// Events not sent because the bucket was empty.
+    pub suppressed: u64,
+    /// Events not sent because the ring buffer was full.
+    pub lost: u64,
+}
+
 /// Names of the maps and programs in the object file; the agent pins them under these.
 pub mod names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
@@ -288,6 +349,9 @@ pub mod names {
     pub const CT: &str = "CT";
     pub const COUNTERS: &str = "COUNTERS";
     pub const STATE: &str = "STATE";
+    pub const EVENTS: &str = "EVENTS";
+    pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
+    pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
     /// TC ingress of the host-side veth: packets leaving the pod (its egress policy).
     pub const PROG_FROM_POD: &str = "from_pod";
     /// TC egress of the host-side veth: packets entering the pod (its ingress policy).
@@ -300,6 +364,10 @@ pub mod capacity {
     pub const IPCACHE: u32 = 262_144;
     pub const POLICY: u32 = 262_144;
     pub const CT: u32 = 262_144;
+    /// Rules with their own packet/byte counters (rule indices beyond are not counted).
+    pub const RULE_COUNTERS: u32 = 65_536;
+    /// Bytes of the EVENTS ring buffer (a power of two, a multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 1 << 20;
 }
 
 #[cfg(feature = "user")]
@@ -315,6 +383,8 @@ mod user {
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::DatapathState {}
+    unsafe impl aya::Pod for super::VerdictEvent {}
+    unsafe impl aya::Pod for super::EventBudget {}
 }
 
 // Layout checks: no implicit padding anywhere.
@@ -328,6 +398,8 @@ const _: () = {
     assert!(size_of::<CtKey>() == 48);
     assert!(size_of::<CtValue>() == 48);
     assert!(size_of::<DatapathState>() == 8);
+    assert!(size_of::<VerdictEvent>() == 80);
+    assert!(size_of::<EventBudget>() == 32);
     assert!(size_of::<Counter>() == 16);
     assert!(POLICY_PREFIX_FULL as usize == size_of::<PolicyKey>() * 8);
 };

@@ -8,8 +8,8 @@
 use netpol_common::{
     Addr, CT_FIN_INITIATOR, CT_FIN_RESPONDER, CT_INGRESS, CT_INITIATOR_B, CT_RST, CT_SEEN_REPLY,
     CT_TIMEOUT_OTHER_NS, CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS,
-    CT_TIMEOUT_TCP_OPENING_NS, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, Reason, TCP_ACK,
-    TCP_FIN, TCP_RST, TCP_SYN,
+    CT_TIMEOUT_TCP_OPENING_NS, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, RULE_NONE,
+    Reason, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{maps::CT, parse::Packet, policy::Connection};
@@ -98,6 +98,13 @@ fn connection<'a>(key: &'a CtKey, flags: u32) -> Connection<'a> {
     }
 }
 
+/// What conntrack knows about a packet of a live connection.
+pub struct Tracked {
+    pub reason: Reason,
+    /// The rule that allowed the connection (for per-rule counters), or `RULE_NONE`.
+    pub rule: u32,
+}
+
 /// The verdict conntrack gives on its own: `Some` for a packet of a live connection.
 ///
 /// An entry made under an older policy generation is first re-judged by `recheck`
@@ -111,7 +118,7 @@ pub fn track(
     len: u32,
     generation: u32,
     recheck: impl FnOnce(&Connection) -> Option<u32>,
-) -> Option<Reason> {
+) -> Option<Tracked> {
     let entry = CT.get_ptr_mut(flow.key)?;
     // SAFETY: the pointer comes from a successful lookup; LRU entries stay valid for the
     // duration of the program (RCU). Racing updates of counters may lose increments.
@@ -133,7 +140,10 @@ pub fn track(
             }
             None => {
                 let _ = CT.remove(flow.key);
-                return Some(Reason::PolicyDenied);
+                return Some(Tracked {
+                    reason: Reason::PolicyDenied,
+                    rule: RULE_NONE,
+                });
             }
         }
     }
@@ -157,10 +167,14 @@ pub fn track(
     entry.last_seen_ns = now;
     entry.packets += 1;
     entry.bytes += u64::from(len);
-    Some(if from_initiator {
+    let reason = if from_initiator {
         Reason::Established
     } else {
         Reason::Reply
+    };
+    Some(Tracked {
+        reason,
+        rule: entry.rule,
     })
 }
 

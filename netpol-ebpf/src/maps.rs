@@ -6,11 +6,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use netpol_common::{
-    Addr, Counter, CtKey, CtValue, DatapathState, EndpointInfo, PeerInfo, PolicyKey, PolicyValue,
-    REASON_COUNT, capacity,
+    Addr, Counter, CtKey, CtValue, DatapathState, EndpointInfo, EventBudget, PeerInfo, PolicyKey,
+    PolicyValue, REASON_COUNT, capacity,
 };
 
 /// Local pod address -> endpoint.
@@ -36,3 +36,15 @@ pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(REASON_COUNT, 0)
 /// Agent-written global state (the policy generation).
 #[map]
 pub static STATE: Array<DatapathState> = Array::pinned(1, 0);
+
+/// Verdict events for the agent (flow log), rate-limited per CPU by EVENT_BUDGET.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
+
+/// Token bucket of the event rate limit, per CPU.
+#[map]
+pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
+
+/// Packets and bytes per rule (index = `PolicyValue::rule`), per CPU.
+#[map]
+pub static RULE_COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(capacity::RULE_COUNTERS, 0);

@@ -42,31 +42,54 @@ pub struct Connection<'a> {
     pub port: u16,
 }
 
-/// Verdict and deciding rule for a connection.
+/// The outcome of [`decide`].
+pub struct Decision {
+    pub reason: Reason,
+    /// The allowing rule, or `RULE_NONE`.
+    pub rule: u32,
+    /// The peer's identity (0 when the decision did not need it).
+    pub identity: u32,
+}
+
+/// Verdict, deciding rule and peer identity for a connection.
 #[inline(always)]
-pub fn decide(endpoint: &EndpointInfo, connection: &Connection) -> (Reason, u32) {
+pub fn decide(endpoint: &EndpointInfo, connection: &Connection) -> Decision {
     let isolated = if connection.direction == DIR_INGRESS {
         ENDPOINT_INGRESS_ISOLATED
     } else {
         ENDPOINT_EGRESS_ISOLATED
     };
     if endpoint.flags & isolated == 0 {
-        return (Reason::NotIsolated, RULE_NONE);
+        return Decision {
+            reason: Reason::NotIsolated,
+            rule: RULE_NONE,
+            identity: 0,
+        };
     }
     let peer = peer(connection.peer);
+    let identity = peer.identity;
     if connection.direction == DIR_INGRESS && peer.flags & PEER_HOST != 0 {
-        return (Reason::FromHost, RULE_NONE);
+        return Decision {
+            reason: Reason::FromHost,
+            rule: RULE_NONE,
+            identity,
+        };
     }
     let key = PolicyKey {
         endpoint: endpoint.id,
-        identity: peer.identity,
+        identity,
         direction: connection.direction,
         protocol: connection.protocol,
         port: connection.port.to_be_bytes(),
     };
-    match allowing_rule(key) {
+    let (reason, rule) = match allowing_rule(key) {
         Some(rule) => (Reason::PolicyAllowed, rule),
         None if endpoint.flags & ENDPOINT_AUDIT != 0 => (Reason::AuditAllowed, RULE_NONE),
         None => (Reason::PolicyDenied, RULE_NONE),
+    };
+    Decision {
+        reason,
+        rule,
+        identity,
     }
 }

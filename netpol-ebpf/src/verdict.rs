@@ -1,34 +1,62 @@
 //! The pipeline and its single exit: parse → endpoint → conntrack → policy → verdict.
+//!
+//! Every packet ends in [`finish`], which counts the reason (and the rule, if any) and,
+//! for drops and newly allowed connections, emits a rate-limited event.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
-use netpol_common::{DIR_EGRESS, Reason};
+use netpol_common::{
+    Addr, Counter, DIR_EGRESS, EVENTS_BURST, EVENTS_PER_SECOND_PER_CPU, RULE_NONE, Reason,
+    VerdictEvent, reason_emits_event,
+};
 
 use crate::{
     conntrack::{self, Flow},
-    maps::{COUNTERS, ENDPOINTS, STATE},
-    parse::{self, Malformed},
+    maps::{COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENTS, RULE_COUNTERS, STATE},
+    parse::{self, Malformed, Packet},
     policy,
 };
+
+/// How a packet was judged, with what the exit needs to report it.
+struct Verdict {
+    reason: Reason,
+    rule: u32,
+    endpoint: u32,
+    identity: u32,
+}
+
+impl Verdict {
+    const fn of(reason: Reason) -> Self {
+        Verdict {
+            reason,
+            rule: RULE_NONE,
+            endpoint: 0,
+            identity: 0,
+        }
+    }
+}
 
 /// Entry point shared by both hooks. Allowed packets go on to whatever else is attached
 /// (`TC_ACT_UNSPEC`, i.e. TCX_NEXT), so netpol composes with a CNI's own programs.
 #[inline(always)]
 pub fn run(ctx: &TcContext, direction: u8) -> i32 {
-    let reason = decide(ctx, direction).unwrap_or(Reason::Malformed);
-    finish(ctx, reason)
+    match parse::parse(ctx) {
+        Ok(Some(packet)) => {
+            let verdict = decide(ctx, &packet, direction);
+            finish(ctx, Some(&packet), direction, &verdict)
+        }
+        Ok(None) => finish(ctx, None, direction, &Verdict::of(Reason::NotEndpoint)),
+        Err(Malformed) => finish(ctx, None, direction, &Verdict::of(Reason::Malformed)),
+    }
 }
 
 #[inline(always)]
-fn decide(ctx: &TcContext, direction: u8) -> Result<Reason, Malformed> {
-    let Some(packet) = parse::parse(ctx)? else {
-        return Ok(Reason::NotEndpoint);
-    };
+fn decide(ctx: &TcContext, packet: &Packet, direction: u8) -> Verdict {
     if packet.is_network_control() {
-        return Ok(Reason::NetworkControl);
+        return Verdict::of(Reason::NetworkControl);
     }
     let local = if direction == DIR_EGRESS {
         &packet.src
@@ -37,21 +65,30 @@ fn decide(ctx: &TcContext, direction: u8) -> Result<Reason, Malformed> {
     };
     // SAFETY: ENDPOINTS is only written from userspace; the value is copied at once.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(local) }).copied() else {
-        return Ok(Reason::NotEndpoint);
+        return Verdict::of(Reason::NotEndpoint);
     };
     if packet.later_fragment {
-        return Ok(Reason::Fragment);
+        return Verdict {
+            endpoint: endpoint.id,
+            ..Verdict::of(Reason::Fragment)
+        };
     }
+    // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let len = ctx.len();
     let generation = STATE.get(0).map_or(0, |state| state.generation);
-    let flow = Flow::of(&packet, direction);
+    let flow = Flow::of(packet, direction);
     let recheck = |connection: &policy::Connection| {
-        let (reason, rule) = policy::decide(&endpoint, connection);
-        (!reason.is_drop()).then_some(rule)
+        let decision = policy::decide(&endpoint, connection);
+        (!decision.reason.is_drop()).then_some(decision.rule)
     };
-    if let Some(reason) = conntrack::track(&flow, &packet, now, len, generation, recheck) {
-        return Ok(reason);
+    if let Some(tracked) = conntrack::track(&flow, packet, now, len, generation, recheck) {
+        return Verdict {
+            reason: tracked.reason,
+            rule: tracked.rule,
+            endpoint: endpoint.id,
+            identity: 0,
+        };
     }
     let remote = if direction == DIR_EGRESS {
         &packet.dst
@@ -64,23 +101,106 @@ fn decide(ctx: &TcContext, direction: u8) -> Result<Reason, Malformed> {
         protocol: packet.protocol,
         port: packet.dport,
     };
-    let (reason, rule) = policy::decide(&endpoint, &connection);
-    if !reason.is_drop() {
-        conntrack::open(&flow, &packet, direction, rule, generation, now, len);
+    let decision = policy::decide(&endpoint, &connection);
+    if !decision.reason.is_drop() {
+        conntrack::open(
+            &flow,
+            packet,
+            direction,
+            decision.rule,
+            generation,
+            now,
+            len,
+        );
     }
-    Ok(reason)
+    Verdict {
+        reason: decision.reason,
+        rule: decision.rule,
+        endpoint: endpoint.id,
+        identity: decision.identity,
+    }
 }
 
-/// The one exit: count the reason, then pass or drop.
 #[inline(always)]
-fn finish(ctx: &TcContext, reason: Reason) -> i32 {
-    if let Some(counter) = COUNTERS.get_ptr_mut(reason as u32) {
+fn add(counter: Option<*mut Counter>, len: u32) {
+    if let Some(counter) = counter {
         // SAFETY: per-CPU slot, no concurrent writer.
         let counter = unsafe { &mut *counter };
         counter.packets += 1;
-        counter.bytes += u64::from(ctx.len());
+        counter.bytes += u64::from(len);
     }
-    if reason.is_drop() {
+}
+
+/// Takes a token from this CPU's bucket; false when the rate limit is reached.
+#[inline(always)]
+fn take_event_token(now: u64) -> bool {
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot, no concurrent writer.
+    let budget = unsafe { &mut *budget };
+    // Capped so that the product cannot overflow (and no 128-bit multiply is needed,
+    // which BPF cannot do): a second refills more than the burst anyway.
+    let elapsed = now.saturating_sub(budget.last_refill_ns).min(1_000_000_000);
+    let refill = elapsed * EVENTS_PER_SECOND_PER_CPU / 1_000_000_000;
+    if refill > 0 {
+        budget.tokens = (budget.tokens + refill).min(EVENTS_BURST);
+        budget.last_refill_ns = now;
+    }
+    if budget.tokens == 0 {
+        budget.suppressed += 1;
+        return false;
+    }
+    budget.tokens -= 1;
+    true
+}
+
+#[inline(always)]
+fn emit(ctx: &TcContext, packet: Option<&Packet>, direction: u8, verdict: &Verdict) {
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !take_event_token(now) {
+        return;
+    }
+    let none = Addr::default();
+    let event = VerdictEvent {
+        timestamp_ns: now,
+        src: packet.map_or(none, |p| p.src),
+        dst: packet.map_or(none, |p| p.dst),
+        sport: packet.map_or(0, |p| p.sport),
+        dport: packet.map_or(0, |p| p.dport),
+        protocol: packet.map_or(0, |p| p.protocol),
+        direction,
+        reason: verdict.reason as u8,
+        _pad0: 0,
+        endpoint: verdict.endpoint,
+        peer_identity: verdict.identity,
+        rule: verdict.rule,
+        // SAFETY: the context pointer is valid for the program's run.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        len: ctx.len(),
+        _pad1: 0,
+    };
+    if EVENTS.output::<VerdictEvent>(&event, 0).is_err()
+        && let Some(budget) = EVENT_BUDGET.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { (*budget).lost += 1 };
+    }
+}
+
+/// The one exit: count, report, then pass or drop.
+#[inline(always)]
+fn finish(ctx: &TcContext, packet: Option<&Packet>, direction: u8, verdict: &Verdict) -> i32 {
+    let len = ctx.len();
+    add(COUNTERS.get_ptr_mut(verdict.reason as u32), len);
+    if verdict.rule != RULE_NONE {
+        add(RULE_COUNTERS.get_ptr_mut(verdict.rule), len);
+    }
+    if reason_emits_event(verdict.reason) {
+        emit(ctx, packet, direction, verdict);
+    }
+    if verdict.reason.is_drop() {
         TC_ACT_SHOT
     } else {
         TC_ACT_UNSPEC

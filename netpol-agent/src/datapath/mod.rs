@@ -19,12 +19,12 @@ pub mod packet;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachType};
 use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use netpol_common::{Counter, DatapathState, REASON_COUNT, Reason, names};
+use netpol_common::{Counter, DatapathState, EventBudget, REASON_COUNT, Reason, names};
 use tracing::{debug, info, warn};
 
 use crate::compile::Compiled;
@@ -181,6 +181,10 @@ pub struct Datapath {
     policy: PolicyMap,
     counters: PerCpuArray<MapData, Counter>,
     state: Array<MapData, DatapathState>,
+    rule_counters: PerCpuArray<MapData, Counter>,
+    event_budget: PerCpuArray<MapData, EventBudget>,
+    /// Taken by [`Datapath::take_events`].
+    events: Option<RingBuf<MapData>>,
     /// Policy generation in STATE: bumped after every change of the three policy maps
     /// so that conntrack re-checks established connections.
     generation: u32,
@@ -246,6 +250,13 @@ impl Datapath {
                 source,
             })?
             .generation;
+        let map_err = |name| move |source| Error::Map { name, source };
+        let rule_counters = PerCpuArray::try_from(take_map(&mut ebpf, names::RULE_COUNTERS)?)
+            .map_err(map_err(names::RULE_COUNTERS))?;
+        let event_budget = PerCpuArray::try_from(take_map(&mut ebpf, names::EVENT_BUDGET)?)
+            .map_err(map_err(names::EVENT_BUDGET))?;
+        let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)
+            .map_err(map_err(names::EVENTS))?;
         info!(
             dir = %dir.display(),
             generation,
@@ -262,6 +273,9 @@ impl Datapath {
             policy,
             counters,
             state,
+            rule_counters,
+            event_budget,
+            events: Some(events),
             generation,
             attachments: BTreeMap::new(),
         })
@@ -491,13 +505,39 @@ impl Datapath {
                     name: names::COUNTERS,
                     source,
                 })?;
-            let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            });
+            let total = sum(per_cpu.iter());
             out.push((reason, total));
         }
         Ok(out)
+    }
+
+    /// The ring buffer of verdict events (once; the reader owns it from then on).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Packets and bytes of one rule (index of `Compiled::rules`), summed over CPUs.
+    pub fn rule_counter(&self, rule: u32) -> Result<Counter> {
+        let per_cpu = self
+            .rule_counters
+            .get(&rule, 0)
+            .map_err(|source| Error::Map {
+                name: names::RULE_COUNTERS,
+                source,
+            })?;
+        Ok(sum(per_cpu.iter()))
+    }
+
+    /// Events suppressed by the in-kernel rate limit and lost to a full ring buffer,
+    /// summed over CPUs.
+    pub fn event_losses(&self) -> Result<(u64, u64)> {
+        let per_cpu = self.event_budget.get(&0, 0).map_err(|source| Error::Map {
+            name: names::EVENT_BUDGET,
+            source,
+        })?;
+        Ok(per_cpu
+            .iter()
+            .fold((0, 0), |(s, l), b| (s + b.suppressed, l + b.lost)))
     }
 
     /// Runs one hook's program on a crafted frame (BPF_PROG_TEST_RUN) without any
@@ -539,6 +579,13 @@ impl Datapath {
         }
         info!(dir = %dir.display(), "datapath removed");
     }
+}
+
+fn sum<'a>(counters: impl Iterator<Item = &'a Counter>) -> Counter {
+    counters.fold(Counter::default(), |acc, c| Counter {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    })
 }
 
 /// Pins only work on bpffs: check the nearest existing ancestor of `dir`.
