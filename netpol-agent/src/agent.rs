@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::compile::{self, Allocations, Compiled};
 use crate::datapath::{self, Capacities, Datapath, interfaces};
+use crate::flowlog::{self, Resolver, SharedResolver};
 use crate::source::local::{Fingerprint, LocalSource};
 use crate::state::{ClusterState, NodeContext};
 
@@ -21,6 +22,8 @@ use crate::state::{ClusterState, NodeContext};
 pub enum Error {
     #[error(transparent)]
     Datapath(#[from] datapath::Error),
+    #[error(transparent)]
+    FlowLog(#[from] flowlog::Error),
     #[error("manifest directory {path}: {source}")]
     Manifests {
         path: PathBuf,
@@ -39,6 +42,8 @@ pub struct LocalConfig {
     pub manifests: PathBuf,
     pub bpffs_dir: PathBuf,
     pub status_file: Option<PathBuf>,
+    /// Unix socket serving the flow log (`netpol-agent flows`); `None`: no flow log.
+    pub flow_socket: Option<PathBuf>,
     pub node_name: Option<String>,
     pub capacities: Capacities,
     pub poll: Duration,
@@ -64,15 +69,38 @@ pub async fn run_local(
 ) -> Result<(), Error> {
     let mut source = LocalSource::new(&config.manifests);
     let mut datapath = Datapath::open(&config.bpffs_dir, &config.capacities)?;
-    let result = reconcile_loop(&config, &mut source, &mut datapath, shutdown).await;
+    let resolver = SharedResolver::default();
+    let result = match start_flow_log(&config, &mut datapath, &resolver) {
+        Ok(_server) => {
+            reconcile_loop(&config, &mut source, &mut datapath, &resolver, shutdown).await
+        }
+        Err(error) => Err(error),
+    };
     datapath.shutdown();
     result
+}
+
+/// Starts the event reader and the flow socket; the server lives as long as the value.
+fn start_flow_log(
+    config: &LocalConfig,
+    datapath: &mut Datapath,
+    resolver: &SharedResolver,
+) -> Result<Option<flowlog::Server>, Error> {
+    let (Some(path), Some(events)) = (&config.flow_socket, datapath.take_events()) else {
+        return Ok(None);
+    };
+    let (sender, _) = tokio::sync::broadcast::channel(4096);
+    flowlog::spawn_reader(events, resolver.clone(), sender.clone())?;
+    let server = flowlog::Server::start(path, &sender)?;
+    info!(socket = %path.display(), "flow log listening");
+    Ok(Some(server))
 }
 
 async fn reconcile_loop(
     config: &LocalConfig,
     source: &mut LocalSource,
     datapath: &mut Datapath,
+    resolver: &SharedResolver,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     tokio::pin!(shutdown);
@@ -123,6 +151,9 @@ async fn reconcile_loop(
             reported = messages;
             generation = new_generation.unwrap_or(generation);
             let report = datapath.apply(&compiled)?;
+            if let Ok(mut current) = resolver.write() {
+                *current = std::sync::Arc::new(Resolver::new(&state, &compiled));
+            }
             info!(
                 generation,
                 pods = state.pods.len(),

@@ -26,6 +26,34 @@ struct Cli {
 enum Command {
     /// Enforce policies (the default command).
     Run(RunArgs),
+    /// Follow the verdict events of a running agent (drops and new connections), with
+    /// pods and policy rules named.
+    Flows(FlowsArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct FlowsArgs {
+    /// The agent's flow socket [default: /run/netpol/<name of --bpffs-dir>.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The agent's bpffs directory (names the default socket).
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/netpol")]
+    bpffs_dir: PathBuf,
+    /// Only flows from, to or decided for this pod (ns/name).
+    #[arg(long, value_name = "NS/NAME")]
+    pod: Option<String>,
+    /// Only flows with an end in this namespace.
+    #[arg(long, value_name = "NS")]
+    namespace: Option<String>,
+    /// Only this verdict.
+    #[arg(long, value_parser = ["dropped", "allowed", "audit"])]
+    verdict: Option<String>,
+    /// Only this destination port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -39,6 +67,9 @@ struct RunArgs {
     /// Write a JSON status (generation applied, counts) here after each apply.
     #[arg(long, value_name = "FILE")]
     status_file: Option<PathBuf>,
+    /// Unix socket of the flow log [default: /run/netpol/<name of --bpffs-dir>.sock].
+    #[arg(long, value_name = "PATH")]
+    flow_socket: Option<PathBuf>,
     /// This node's name: only pods with this spec.nodeName are local.
     #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     node_name: Option<String>,
@@ -70,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Run(args)) => args,
+        Some(Command::Flows(args)) => return flows(args).await,
         None => cli.run,
     };
     let filter = EnvFilter::try_from_env("NETPOL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
@@ -90,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
         manifests,
         bpffs_dir: args.bpffs_dir.clone(),
         status_file: args.status_file.clone(),
+        flow_socket: Some(args.flow_socket.clone().unwrap_or_else(|| default_flow_socket(&args.bpffs_dir))),
         node_name: args.node_name.clone(),
         capacities: Capacities {
             endpoints: args.max_endpoints,
@@ -106,6 +139,26 @@ async fn main() -> anyhow::Result<()> {
         .context("agent stopped")?;
     tracing::info!("netpol-agent stopped; programs detached, pins removed");
     Ok(())
+}
+
+async fn flows(args: FlowsArgs) -> anyhow::Result<()> {
+    let socket = args.socket.unwrap_or_else(|| default_flow_socket(&args.bpffs_dir));
+    let filter = netpol_agent::flowlog::FlowFilter {
+        pod: args.pod,
+        namespace: args.namespace,
+        verdict: args.verdict,
+        port: args.port,
+    };
+    let mut out = std::io::stdout();
+    netpol_agent::flowlog::follow(&socket, &filter, args.json, &mut out)
+        .await
+        .with_context(|| format!("following {} (is the agent running?)", socket.display()))
+}
+
+/// One socket per agent instance: named after its bpffs directory.
+fn default_flow_socket(bpffs_dir: &std::path::Path) -> PathBuf {
+    let name = bpffs_dir.file_name().map_or_else(|| "netpol".into(), |n| n.to_string_lossy().into_owned());
+    PathBuf::from("/run/netpol").join(format!("{name}.sock"))
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,576 @@
+//! The flow log: verdict events from the kernel, with names resolved, for people
+//! (`netpol-agent flows`) and machines (`--json`).
+//!
+//! The kernel emits an event for every drop and every newly allowed connection
+//! (rate-limited per CPU). [`Resolver`] turns addresses, endpoint ids and rule indices
+//! into pod names and policy rules using the compiled state in force; [`Server`] streams
+//! the records as JSON lines to clients of a Unix socket that only root can open.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use aya::maps::{MapData, RingBuf};
+use netpol_common::{Addr, DIR_INGRESS, FAMILY_IPV4, FAMILY_IPV6, RULE_NONE, Reason, VerdictEvent};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::broadcast;
+use tracing::{debug, warn};
+
+use crate::compile::{Compiled, protocol_name};
+use crate::state::{ClusterState, ObjectRef};
+
+/// Errors of the flow log. Each variant is one metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("flow socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("reading verdict events: {0}")]
+    Events(std::io::Error),
+}
+
+/// One line of the flow log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    /// Seconds since boot (CLOCK_MONOTONIC) when the kernel saw the packet.
+    pub time: f64,
+    /// `dropped`, `allowed` or `audit` (would have been dropped).
+    pub verdict: String,
+    /// Why: a [`Reason`] name, e.g. `policy-denied`.
+    pub reason: String,
+    /// `ingress` (into the pod) or `egress` (out of it).
+    pub direction: String,
+    /// The local pod the decision was made for, `ns/name`.
+    pub pod: Option<String>,
+    pub src: Peer,
+    pub dst: Peer,
+    /// `TCP`, `UDP`, `SCTP`, `ICMP`, ... .
+    pub protocol: String,
+    pub dport: u16,
+    pub sport: u16,
+    /// The rule that allowed it, e.g. `NetworkPolicy x/web spec.ingress[0]`.
+    pub rule: Option<String>,
+    /// For drops: the policies that isolate the pod in this direction.
+    pub isolated_by: Vec<String>,
+    pub bytes: u32,
+}
+
+/// One end of a flow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub ip: Option<IpAddr>,
+    /// `ns/name` for pods, `node` for this node's addresses.
+    pub name: Option<String>,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.name, &self.ip) {
+            (Some(name), Some(ip)) => write!(f, "{name} ({ip})"),
+            (None, Some(ip)) => write!(f, "{ip}"),
+            (Some(name), None) => f.write_str(name),
+            (None, None) => f.write_str("?"),
+        }
+    }
+}
+
+impl fmt::Display for FlowRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = match self.verdict.as_str() {
+            "dropped" => "DROPPED",
+            "audit" => "AUDIT  ",
+            _ => "ALLOWED",
+        };
+        write!(
+            f,
+            "{:>12.3} {verdict} {} -> {} {}/{} {}",
+            self.time, self.src, self.dst, self.protocol, self.dport, self.direction
+        )?;
+        match (&self.rule, self.isolated_by.is_empty()) {
+            (Some(rule), _) => write!(f, " by {rule}"),
+            (None, false) => write!(
+                f,
+                " [{}: isolated by {}, no rule allows it]",
+                self.reason,
+                self.isolated_by.join(", ")
+            ),
+            (None, true) => write!(f, " [{}]", self.reason),
+        }
+    }
+}
+
+fn ip_of(addr: &Addr) -> Option<IpAddr> {
+    match addr.family {
+        FAMILY_IPV4 => {
+            let b = addr.bytes;
+            Some(IpAddr::from([b[0], b[1], b[2], b[3]]))
+        }
+        FAMILY_IPV6 => Some(IpAddr::from(addr.bytes)),
+        _ => None,
+    }
+}
+
+/// Names for addresses, endpoints and rules, from one compiled state.
+#[derive(Debug, Default)]
+pub struct Resolver {
+    pods_by_ip: BTreeMap<IpAddr, String>,
+    node_ips: Vec<IpAddr>,
+    endpoints: BTreeMap<u32, (ObjectRef, Vec<ObjectRef>, Vec<ObjectRef>)>,
+    rules: Vec<String>,
+}
+
+impl Resolver {
+    pub fn new(state: &ClusterState, compiled: &Compiled) -> Self {
+        let mut pods_by_ip = BTreeMap::new();
+        for (pod_ref, pod) in &state.pods {
+            let status = pod.status.as_ref();
+            let ips = status.and_then(|s| s.pod_ips.as_ref()).map(|ips| {
+                ips.iter()
+                    .filter_map(|ip| ip.ip.parse().ok())
+                    .collect::<Vec<IpAddr>>()
+            });
+            let ips = ips.unwrap_or_else(|| {
+                status
+                    .and_then(|s| s.pod_ip.as_ref())
+                    .and_then(|ip| ip.parse().ok())
+                    .into_iter()
+                    .collect()
+            });
+            for ip in ips {
+                pods_by_ip.entry(ip).or_insert_with(|| pod_ref.to_string());
+            }
+        }
+        let endpoints = compiled
+            .local_pods
+            .iter()
+            .map(|p| {
+                (
+                    p.endpoint_id,
+                    (
+                        p.pod.clone(),
+                        p.ingress_policies.clone(),
+                        p.egress_policies.clone(),
+                    ),
+                )
+            })
+            .collect();
+        Resolver {
+            pods_by_ip,
+            node_ips: state.node.ips.clone(),
+            endpoints,
+            rules: compiled.rules.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn peer(&self, addr: &Addr) -> Peer {
+        let ip = ip_of(addr);
+        let name = ip.and_then(|ip| {
+            self.pods_by_ip
+                .get(&ip)
+                .cloned()
+                .or_else(|| self.node_ips.contains(&ip).then(|| "node".to_owned()))
+        });
+        Peer { ip, name }
+    }
+
+    /// The record of one kernel event.
+    pub fn record(&self, event: &VerdictEvent) -> FlowRecord {
+        let reason = Reason::ALL
+            .into_iter()
+            .find(|r| *r as u8 == event.reason)
+            .unwrap_or(Reason::Malformed);
+        let ingress = event.direction == DIR_INGRESS;
+        let endpoint = self.endpoints.get(&event.endpoint);
+        let isolated_by = match (reason, endpoint) {
+            (
+                Reason::PolicyDenied | Reason::AuditAllowed,
+                Some((_, ingress_policies, egress_policies)),
+            ) => {
+                let policies = if ingress {
+                    ingress_policies
+                } else {
+                    egress_policies
+                };
+                policies
+                    .iter()
+                    .map(|p| format!("NetworkPolicy {p}"))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        FlowRecord {
+            time: event.timestamp_ns as f64 / 1e9,
+            verdict: match reason {
+                Reason::AuditAllowed => "audit",
+                r if r.is_drop() => "dropped",
+                _ => "allowed",
+            }
+            .to_owned(),
+            reason: reason.name().to_owned(),
+            direction: if ingress { "ingress" } else { "egress" }.to_owned(),
+            pod: endpoint.map(|(pod, _, _)| pod.to_string()),
+            src: self.peer(&event.src),
+            dst: self.peer(&event.dst),
+            protocol: protocol_name(event.protocol),
+            dport: event.dport,
+            sport: event.sport,
+            rule: (event.rule != RULE_NONE)
+                .then(|| self.rules.get(event.rule as usize).cloned())
+                .flatten(),
+            isolated_by,
+            bytes: event.len,
+        }
+    }
+}
+
+/// The resolver in force, swapped by the control loop after every apply.
+pub type SharedResolver = Arc<RwLock<Arc<Resolver>>>;
+
+/// Reads the kernel's ring buffer and publishes records until the process ends.
+pub fn spawn_reader(
+    events: RingBuf<MapData>,
+    resolver: SharedResolver,
+    sender: broadcast::Sender<Arc<FlowRecord>>,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    // SAFETY: the ring buffer owns its descriptor and moves into the AsyncFd, which
+    // deregisters it before dropping it; nothing else closes or reuses it meanwhile.
+    let mut events = unsafe { AsyncFd::register(events) }
+        .map_err(|error| Error::Events(std::io::Error::from(error)))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let mut guard = match events.readable_mut().await {
+                Ok(guard) => guard,
+                Err(error) => {
+                    warn!(%error, "verdict event reader stopped");
+                    return;
+                }
+            };
+            let ring = guard.get_inner_mut();
+            let current = resolver.read().map(|r| Arc::clone(&r)).unwrap_or_default();
+            while let Some(item) = ring.next() {
+                if item.len() < std::mem::size_of::<VerdictEvent>() {
+                    continue;
+                }
+                // SAFETY: the kernel wrote a VerdictEvent; read_unaligned copes with
+                // the ring buffer's 8-byte alignment either way.
+                let event =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<VerdictEvent>()) };
+                // No subscriber is fine: the record is simply not delivered.
+                let _ = sender.send(Arc::new(current.record(&event)));
+            }
+            guard.clear_ready();
+        }
+    }))
+}
+
+/// The Unix socket that `netpol-agent flows` reads.
+pub struct Server {
+    path: PathBuf,
+}
+
+impl Server {
+    /// Binds `path` (mode 0600: only root reaches it; pods never see the host's file
+    /// system) and serves every client the live records as JSON lines.
+    pub fn start(
+        path: &Path,
+        sender: &broadcast::Sender<Arc<FlowRecord>>,
+    ) -> Result<Server, Error> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let socket_error = |source| Error::Socket {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(socket_error)?;
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(socket_error(error)),
+        }
+        let listener = tokio::net::UnixListener::bind(path).map_err(socket_error)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(socket_error)?;
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = match listener.accept().await {
+                    Ok(client) => client,
+                    Err(error) => {
+                        warn!(%error, "flow socket accept failed");
+                        continue;
+                    }
+                };
+                let mut records = sender.subscribe();
+                tokio::spawn(async move {
+                    loop {
+                        let line = match records.recv().await {
+                            Ok(record) => serde_json::to_string(&*record).unwrap_or_default(),
+                            Err(broadcast::error::RecvError::Lagged(n)) => {
+                                format!("{{\"lagged\":{n}}}")
+                            }
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        };
+                        if stream
+                            .write_all(format!("{line}\n").as_bytes())
+                            .await
+                            .is_err()
+                        {
+                            debug!("flow client went away");
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Server {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Which records `netpol-agent flows` shows.
+#[derive(Clone, Debug, Default)]
+pub struct FlowFilter {
+    /// `ns/name`: flows from, to or decided for this pod.
+    pub pod: Option<String>,
+    /// Flows with an end in this namespace.
+    pub namespace: Option<String>,
+    /// `dropped`, `allowed` or `audit`.
+    pub verdict: Option<String>,
+    /// Destination port.
+    pub port: Option<u16>,
+}
+
+impl FlowFilter {
+    pub fn matches(&self, record: &FlowRecord) -> bool {
+        let names = [
+            record.src.name.as_deref(),
+            record.dst.name.as_deref(),
+            record.pod.as_deref(),
+        ];
+        self.pod
+            .as_ref()
+            .is_none_or(|pod| names.contains(&Some(pod.as_str())))
+            && self.namespace.as_ref().is_none_or(|ns| {
+                names
+                    .iter()
+                    .flatten()
+                    .any(|name| name.split_once('/').is_some_and(|(n, _)| n == ns))
+            })
+            && self.verdict.as_ref().is_none_or(|v| *v == record.verdict)
+            && self.port.is_none_or(|port| port == record.dport)
+    }
+}
+
+/// Connects to a running agent's flow socket and prints matching records until the
+/// agent goes away: one readable line each, or the JSON line as received.
+pub async fn follow(
+    path: &Path,
+    filter: &FlowFilter,
+    json: bool,
+    out: &mut (dyn std::io::Write + Send),
+) -> Result<(), Error> {
+    use tokio::io::AsyncBufReadExt as _;
+    let socket_error = |source| Error::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    let stream = tokio::net::UnixStream::connect(path)
+        .await
+        .map_err(socket_error)?;
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    while let Some(line) = lines.next_line().await.map_err(socket_error)? {
+        let record: FlowRecord = match serde_json::from_str(&line) {
+            Ok(record) => record,
+            Err(_) => {
+                // `{"lagged": n}`: this client fell behind and n records were skipped.
+                writeln!(out, "... {line}").map_err(socket_error)?;
+                continue;
+            }
+        };
+        if !filter.matches(&record) {
+            continue;
+        }
+        if json {
+            writeln!(out, "{line}")
+        } else {
+            writeln!(out, "{record}")
+        }
+        .map_err(socket_error)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::{Allocations, compile};
+    use crate::source::manifest::{Object, parse_documents};
+
+    fn state() -> ClusterState {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {app: a}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.0.0.1}\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {app: b}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.0.0.2}\n---\n\
+            apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: x}\n\
+            spec: {podSelector: {matchLabels: {app: b}}, ingress: [{from: [{podSelector: {matchLabels: {app: a}}}], ports: [{port: 80}]}]}\n";
+        let mut state = ClusterState::default();
+        state.node.ips = vec!["10.99.0.1".parse().unwrap()];
+        for object in parse_documents(text, "t") {
+            match object.unwrap() {
+                Object::Namespace(ns) => {
+                    state
+                        .namespaces
+                        .insert(ns.metadata.name.clone().unwrap(), *ns);
+                }
+                Object::Pod(pod) => {
+                    let key = ObjectRef::new("x", pod.metadata.name.clone().unwrap());
+                    state.pods.insert(key, *pod);
+                }
+                Object::NetworkPolicy(p) => {
+                    state.policies.insert(ObjectRef::new("x", "web"), *p);
+                }
+            }
+        }
+        state
+    }
+
+    fn event(
+        src: [u8; 4],
+        dst: [u8; 4],
+        dport: u16,
+        reason: Reason,
+        endpoint: u32,
+        rule: u32,
+    ) -> VerdictEvent {
+        VerdictEvent {
+            timestamp_ns: 1_500_000_000,
+            src: Addr::v4(src),
+            dst: Addr::v4(dst),
+            sport: 40000,
+            dport,
+            protocol: 6,
+            direction: DIR_INGRESS,
+            reason: reason as u8,
+            endpoint,
+            rule,
+            len: 60,
+            ..VerdictEvent::default()
+        }
+    }
+
+    #[test]
+    fn a_drop_names_the_pods_and_the_isolating_policy() {
+        let state = state();
+        let compiled = compile(&state, &Allocations::default());
+        let b = compiled
+            .local_pods
+            .iter()
+            .find(|p| p.pod.name == "b")
+            .unwrap()
+            .endpoint_id;
+        let resolver = Resolver::new(&state, &compiled);
+        let record = resolver.record(&event(
+            [10, 0, 0, 1],
+            [10, 0, 0, 2],
+            81,
+            Reason::PolicyDenied,
+            b,
+            RULE_NONE,
+        ));
+        assert_eq!(record.verdict, "dropped");
+        assert_eq!(record.pod.as_deref(), Some("x/b"));
+        assert_eq!(record.src.name.as_deref(), Some("x/a"));
+        assert_eq!(record.isolated_by, ["NetworkPolicy x/web"]);
+        assert_eq!(
+            record.to_string(),
+            "       1.500 DROPPED x/a (10.0.0.1) -> x/b (10.0.0.2) TCP/81 ingress \
+             [policy-denied: isolated by NetworkPolicy x/web, no rule allows it]"
+        );
+        let json: FlowRecord =
+            serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
+        assert_eq!(json, record);
+    }
+
+    #[test]
+    fn filters_select_by_pod_namespace_verdict_and_port() {
+        let state = state();
+        let compiled = compile(&state, &Allocations::default());
+        let resolver = Resolver::new(&state, &compiled);
+        let record = resolver.record(&event(
+            [10, 0, 0, 1],
+            [10, 0, 0, 2],
+            81,
+            Reason::PolicyDenied,
+            1,
+            RULE_NONE,
+        ));
+        let filter = |pod: Option<&str>,
+                      ns: Option<&str>,
+                      verdict: Option<&str>,
+                      port: Option<u16>| FlowFilter {
+            pod: pod.map(Into::into),
+            namespace: ns.map(Into::into),
+            verdict: verdict.map(Into::into),
+            port,
+        };
+        assert!(filter(None, None, None, None).matches(&record));
+        assert!(filter(Some("x/a"), Some("x"), Some("dropped"), Some(81)).matches(&record));
+        assert!(!filter(Some("x/c"), None, None, None).matches(&record));
+        assert!(!filter(None, Some("y"), None, None).matches(&record));
+        assert!(!filter(None, None, Some("allowed"), None).matches(&record));
+        assert!(!filter(None, None, None, Some(80)).matches(&record));
+    }
+
+    #[test]
+    fn an_allowed_connection_names_its_rule_and_the_node_is_named() {
+        let state = state();
+        let compiled = compile(&state, &Allocations::default());
+        let b = compiled
+            .local_pods
+            .iter()
+            .find(|p| p.pod.name == "b")
+            .unwrap()
+            .endpoint_id;
+        let resolver = Resolver::new(&state, &compiled);
+        let record = resolver.record(&event(
+            [10, 0, 0, 1],
+            [10, 0, 0, 2],
+            80,
+            Reason::PolicyAllowed,
+            b,
+            0,
+        ));
+        assert_eq!(
+            record.rule.as_deref(),
+            Some("NetworkPolicy x/web spec.ingress[0]")
+        );
+        assert!(
+            record
+                .to_string()
+                .ends_with("by NetworkPolicy x/web spec.ingress[0]")
+        );
+        let from_node = resolver.record(&event(
+            [10, 99, 0, 1],
+            [10, 0, 0, 2],
+            8080,
+            Reason::FromHost,
+            b,
+            RULE_NONE,
+        ));
+        assert_eq!(from_node.src.name.as_deref(), Some("node"));
+        assert_eq!(from_node.verdict, "allowed");
+    }
+}
