@@ -6,5 +6,6 @@
 pub mod agent;
 pub mod compile;
 pub mod datapath;
+pub mod flowlog;
 pub mod source;
 pub mod state;
