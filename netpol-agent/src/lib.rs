@@ -7,5 +7,6 @@ pub mod agent;
 pub mod compile;
 pub mod datapath;
 pub mod flowlog;
+pub mod observe;
 pub mod source;
 pub mod state;

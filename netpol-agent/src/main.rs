@@ -1,11 +1,18 @@
 //! `netpol-agent`: enforce Kubernetes NetworkPolicies with eBPF.
+use std::io::IsTerminal as _;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use netpol_agent::agent::{self, LocalConfig};
+use netpol_agent::compile::{Allocations, Compiled, compile};
 use netpol_agent::datapath::Capacities;
+use netpol_agent::observe::PortProtocol;
+use netpol_agent::observe::explain::explain_between;
+use netpol_agent::observe::load::{Loaded, Overlay, load_manifests};
+use netpol_agent::observe::matrix::{self, Matrix, MatrixOptions, Style};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -29,6 +36,56 @@ enum Command {
     /// Follow the verdict events of a running agent (drops and new connections), with
     /// pods and policy rules named.
     Flows(FlowsArgs),
+    /// Preview who can reach whom under the manifests' policies (no cluster, no root).
+    ///
+    /// One table per port: rows are source pods, columns the pods that declare the port.
+    /// With --apply, also shows which cells the extra or replacing policies change.
+    Matrix(MatrixArgs),
+    /// Explain, step by step, whether SRC can open a connection to DST on PORT/PROTO,
+    /// and which policy rule allows it or why none does (no cluster, no root).
+    Explain(ExplainArgs),
+}
+
+/// Where a preview's cluster comes from (matrix, explain).
+#[derive(Args, Debug, Clone)]
+struct PreviewArgs {
+    /// Directory of Namespace, Pod and NetworkPolicy manifests, read as local mode does.
+    #[arg(long, value_name = "DIR")]
+    manifests: PathBuf,
+    /// An address of the node: traffic from it to pods always passes (repeatable).
+    #[arg(long = "node-ip", value_name = "IP")]
+    node_ips: Vec<IpAddr>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+struct MatrixArgs {
+    #[command(flatten)]
+    preview: PreviewArgs,
+    /// NetworkPolicies to create or replace (files or directories; repeatable, in order).
+    #[arg(long, value_name = "FILE_OR_DIR")]
+    apply: Vec<PathBuf>,
+    /// Only these ports, e.g. 80/TCP, 53/UDP (repeatable). Default: every declared port.
+    #[arg(long, value_name = "PORT/PROTO")]
+    port: Vec<PortProtocol>,
+    /// Every pod is a destination of every port, whether it declares the port or not.
+    #[arg(long)]
+    all_destinations: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ExplainArgs {
+    /// Source: namespace/pod, `node`, or an IP address.
+    src: String,
+    /// Destination: namespace/pod, `node`, or an IP address.
+    dst: String,
+    /// Destination port and protocol, e.g. 80/TCP, 53/UDP, ICMP.
+    #[arg(value_name = "PORT/PROTO")]
+    port: PortProtocol,
+    #[command(flatten)]
+    preview: PreviewArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -102,6 +159,8 @@ async fn main() -> anyhow::Result<()> {
     let args = match cli.command {
         Some(Command::Run(args)) => args,
         Some(Command::Flows(args)) => return flows(args).await,
+        Some(Command::Matrix(args)) => return matrix_command(&args),
+        Some(Command::Explain(args)) => return explain_command(&args),
         None => cli.run,
     };
     let filter = EnvFilter::try_from_env("NETPOL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
@@ -122,7 +181,11 @@ async fn main() -> anyhow::Result<()> {
         manifests,
         bpffs_dir: args.bpffs_dir.clone(),
         status_file: args.status_file.clone(),
-        flow_socket: Some(args.flow_socket.clone().unwrap_or_else(|| default_flow_socket(&args.bpffs_dir))),
+        flow_socket: Some(
+            args.flow_socket
+                .clone()
+                .unwrap_or_else(|| default_flow_socket(&args.bpffs_dir)),
+        ),
         node_name: args.node_name.clone(),
         capacities: Capacities {
             endpoints: args.max_endpoints,
@@ -142,7 +205,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn flows(args: FlowsArgs) -> anyhow::Result<()> {
-    let socket = args.socket.unwrap_or_else(|| default_flow_socket(&args.bpffs_dir));
+    let socket = args
+        .socket
+        .unwrap_or_else(|| default_flow_socket(&args.bpffs_dir));
     let filter = netpol_agent::flowlog::FlowFilter {
         pod: args.pod,
         namespace: args.namespace,
@@ -157,7 +222,9 @@ async fn flows(args: FlowsArgs) -> anyhow::Result<()> {
 
 /// One socket per agent instance: named after its bpffs directory.
 fn default_flow_socket(bpffs_dir: &std::path::Path) -> PathBuf {
-    let name = bpffs_dir.file_name().map_or_else(|| "netpol".into(), |n| n.to_string_lossy().into_owned());
+    let name = bpffs_dir
+        .file_name()
+        .map_or_else(|| "netpol".into(), |n| n.to_string_lossy().into_owned());
     PathBuf::from("/run/netpol").join(format!("{name}.sock"))
 }
 
@@ -175,4 +242,90 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// Reads and compiles the manifests; prints the diagnostics on stderr.
+fn preview(args: &PreviewArgs) -> anyhow::Result<(Loaded, Compiled)> {
+    let loaded = load_manifests(&args.manifests, &args.node_ips)?;
+    let compiled = compile(&loaded.state, &Allocations::default());
+    report_diagnostics(loaded.diagnostics.iter().chain(&compiled.diagnostics));
+    Ok((loaded, compiled))
+}
+
+fn report_diagnostics<'a>(
+    diagnostics: impl IntoIterator<Item = &'a netpol_agent::compile::Diagnostic>,
+) {
+    for d in diagnostics {
+        eprintln!("warning: {d}");
+    }
+}
+
+fn matrix_command(args: &MatrixArgs) -> anyhow::Result<()> {
+    let (loaded, compiled) = preview(&args.preview)?;
+    let options = MatrixOptions {
+        ports: args.port.clone(),
+        all_destinations: args.all_destinations,
+    };
+    let before = Matrix::new(&loaded.state, &compiled, &options);
+    let mut shown = before.clone();
+    let mut diff = None;
+    if !args.apply.is_empty() {
+        let overlay = Overlay::read(&args.apply)?;
+        report_diagnostics(&overlay.diagnostics);
+        let state = overlay.apply_to(&loaded.state);
+        let after_compiled = compile(&state, &compiled.allocations);
+        report_diagnostics(&after_compiled.diagnostics);
+        let after = Matrix::new(&state, &after_compiled, &options);
+        diff = Some(matrix::diff(&before, &after));
+        shown = after;
+    }
+    if args.preview.json {
+        let value = serde_json::json!({
+            "matrix": shown,
+            "before": diff.as_ref().map(|_| &before),
+            "diff": diff,
+        });
+        emit(&format!("{}\n", serde_json::to_string_pretty(&value)?));
+    } else {
+        emit(&matrix::render(
+            &shown,
+            diff.as_ref(),
+            Style { color: color() },
+        ));
+    }
+    Ok(())
+}
+
+fn explain_command(args: &ExplainArgs) -> anyhow::Result<()> {
+    let (loaded, compiled) = preview(&args.preview)?;
+    let explanations = explain_between(&loaded.state, &compiled, &args.src, &args.dst, args.port)?;
+    if args.preview.json {
+        let value = if explanations.len() == 1 {
+            serde_json::to_value(&explanations[0])?
+        } else {
+            serde_json::to_value(&explanations)?
+        };
+        emit(&format!("{}\n", serde_json::to_string_pretty(&value)?));
+    } else {
+        let texts: Vec<String> = explanations.iter().map(ToString::to_string).collect();
+        emit(&texts.join("\n"));
+    }
+    Ok(())
+}
+
+/// Writes to stdout; a closed pipe (`| head`) ends the output quietly.
+fn emit(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
+        && error.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("error: writing the output: {error}");
+        std::process::exit(1);
+    }
+}
+
+/// Colours only on a terminal, and never with `NO_COLOR` set (https://no-color.org).
+fn color() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

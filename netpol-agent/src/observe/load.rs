@@ -1,0 +1,179 @@
+//! Reading manifests for the observe commands: the manifest directory exactly as local
+//! mode reads it, and NetworkPolicies to apply on top of it (`--apply`).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use super::ObserveError;
+use crate::compile::{Diagnostic, validate_policy};
+use crate::source::local::LocalSource;
+use crate::source::manifest::{self, Object};
+use crate::state::{ClusterState, NodeContext, ObjectRef};
+
+/// A cluster state read from manifests, and the problems found on the way.
+#[derive(Clone, Debug, Default)]
+pub struct Loaded {
+    pub state: ClusterState,
+    /// Objects left out (wholly or partly), as local mode reports them.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Reads `dir` the way the agent's local mode does ([`LocalSource`]). Every pod is
+/// treated as local (a preview of the whole cluster); `node_ips` are the node's
+/// addresses (traffic from them to pods always passes).
+pub fn load_manifests(dir: &Path, node_ips: &[IpAddr]) -> Result<Loaded, ObserveError> {
+    let io = |source| ObserveError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if !dir.is_dir() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            "not a directory",
+        )));
+    }
+    let snapshot = LocalSource::new(dir).read().map_err(io)?;
+    let mut state = ClusterState {
+        node: NodeContext {
+            name: None,
+            ips: node_ips.to_vec(),
+        },
+        ..ClusterState::default()
+    };
+    let (diagnostics, _generation) = snapshot.into_state(&mut state);
+    Ok(Loaded { state, diagnostics })
+}
+
+/// NetworkPolicies to create or replace (by `namespace/name`), read from files or
+/// directories in order: a later definition of the same policy replaces an earlier one.
+#[derive(Clone, Debug, Default)]
+pub struct Overlay {
+    pub policies: BTreeMap<ObjectRef, NetworkPolicy>,
+    /// Invalid policies (left out) and objects of other kinds (ignored).
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Overlay {
+    /// Reads every path: a file, or a directory whose `*.yaml`, `*.yml` and `*.json`
+    /// files (not hidden) are read in name order, as local mode does.
+    pub fn read(paths: &[PathBuf]) -> Result<Overlay, ObserveError> {
+        let mut overlay = Overlay::default();
+        for path in paths {
+            for file in manifest_files(path)? {
+                let text = std::fs::read_to_string(&file).map_err(|source| ObserveError::Io {
+                    path: file.clone(),
+                    source,
+                })?;
+                let origin = file.display().to_string();
+                overlay.add_text(&text, &origin);
+            }
+        }
+        Ok(overlay)
+    }
+
+    /// Adds the objects of one manifest text; `origin` names it in messages.
+    pub fn add_text(&mut self, text: &str, origin: &str) {
+        for parsed in manifest::parse_documents(text, origin) {
+            match parsed {
+                Err(diagnostic) => self.diagnostics.push(diagnostic),
+                Ok(Object::NetworkPolicy(mut policy)) => {
+                    let namespace = policy
+                        .metadata
+                        .namespace
+                        .get_or_insert_with(|| "default".into())
+                        .clone();
+                    let name = policy.metadata.name.clone().unwrap_or_default();
+                    let key = ObjectRef::new(namespace, name);
+                    match validate_policy(&policy) {
+                        Ok(()) => {
+                            self.policies.insert(key, *policy);
+                        }
+                        Err(errors) => {
+                            self.diagnostics
+                                .extend(errors.into_iter().map(|e| Diagnostic {
+                                    object: format!("NetworkPolicy {key}"),
+                                    field: e.field,
+                                    message: e.message,
+                                }));
+                        }
+                    }
+                }
+                Ok(other) => self.diagnostics.push(Diagnostic {
+                    object: format!("{} in {origin}", other.kind()),
+                    field: "kind".into(),
+                    message: "only NetworkPolicy objects can be applied; ignored".into(),
+                }),
+            }
+        }
+    }
+
+    /// `state` with the overlay's policies created or replaced.
+    pub fn apply_to(&self, state: &ClusterState) -> ClusterState {
+        let mut out = state.clone();
+        for (key, policy) in &self.policies {
+            out.policies.insert(key.clone(), policy.clone());
+        }
+        out
+    }
+}
+
+/// `path` itself, or the manifest files directly inside it.
+fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, ObserveError> {
+    let io = |source| ObserveError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(io)?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let extension = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
+            !name.starts_with('.') && matches!(extension, "yaml" | "yml" | "json") && p.is_file()
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_keeps_valid_policies_and_reports_the_rest() {
+        let mut overlay = Overlay::default();
+        overlay.add_text(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: ok}\n\
+             spec: {podSelector: {}}\n---\n\
+             apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: x}\n\
+             spec: {podSelector: {}, ingress: [{ports: [{port: 90, endPort: 80}]}]}\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {name: z}\n",
+            "extra.yaml",
+        );
+        assert_eq!(
+            overlay.policies.keys().cloned().collect::<Vec<_>>(),
+            [ObjectRef::new("default", "ok")]
+        );
+        let messages: Vec<String> = overlay
+            .diagnostics
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            messages[0].starts_with("NetworkPolicy x/bad: spec.ingress[0].ports[0].endPort"),
+            "{messages:?}"
+        );
+        assert_eq!(
+            messages[1],
+            "Namespace in extra.yaml: kind: only NetworkPolicy objects can be applied; ignored"
+        );
+    }
+}

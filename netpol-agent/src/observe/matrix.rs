@@ -1,0 +1,686 @@
+//! Reachability matrices: who can open a connection to whom, per port, as the kernel
+//! would decide it (replayed over the compiled maps by [`model::flow_allowed`]).
+//!
+//! Rows are source pods, columns destination pods; by default one table per
+//! (containerPort, protocol) that some pod declares, with only the pods that declare it
+//! as columns (as in the conformance cases: a probe to a port nobody serves means
+//! nothing). A pod and itself is never a cell (loopback is not filtered). Traffic from
+//! the node always passes and is not shown.
+//!
+//! [`diff`] compares two matrices (before and after `--apply`); [`render`] writes them
+//! for people, `serde::Serialize` for machines.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use super::text::as_display;
+use super::{PodAddresses, PortProtocol, SkippedPod, pod_addresses, served_ports};
+use crate::compile::{Compiled, model};
+use crate::state::{ClusterState, ObjectRef};
+
+/// Whether a source reaches a destination on a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reach {
+    Blocked,
+    /// Allowed over some address family but not another (dual-stack pods, ipBlocks of
+    /// one family).
+    Partial,
+    Allowed,
+}
+
+impl Reach {
+    /// `✓`, `✗` or `~`.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Reach::Allowed => "✓",
+            Reach::Blocked => "✗",
+            Reach::Partial => "~",
+        }
+    }
+}
+
+/// Which ports and destinations a matrix covers.
+#[derive(Clone, Debug, Default)]
+pub struct MatrixOptions {
+    /// Ports to show; empty: every (containerPort, protocol) some pod declares.
+    pub ports: Vec<PortProtocol>,
+    /// Show every pod as a destination of every port, declared or not.
+    pub all_destinations: bool,
+}
+
+/// A pod in the matrix.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MatrixPod {
+    #[serde(serialize_with = "as_display")]
+    pub pod: ObjectRef,
+    pub ips: Vec<IpAddr>,
+    /// The (containerPort, protocol) pairs it declares.
+    pub serves: Vec<PortProtocol>,
+}
+
+/// The matrix of one port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PortTable {
+    pub port: PortProtocol,
+    /// Indices into [`Matrix::pods`] of the columns.
+    pub destinations: Vec<usize>,
+    /// `cells[source][column]`; `None` for a pod and itself, or two pods without a
+    /// common address family.
+    pub cells: Vec<Vec<Option<Reach>>>,
+}
+
+/// Every pod pair, per port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Matrix {
+    /// Rows (sources), in name order; columns index them too.
+    pub pods: Vec<MatrixPod>,
+    pub tables: Vec<PortTable>,
+    /// Pods without a place in the matrix (hostNetwork, finished, no address).
+    pub skipped: Vec<SkippedPod>,
+}
+
+impl Matrix {
+    /// The matrix of `state` as compiled into `compiled` (all pods must be local, as
+    /// [`super::load::load_manifests`] arranges).
+    pub fn new(state: &ClusterState, compiled: &Compiled, options: &MatrixOptions) -> Matrix {
+        let (addressed, skipped) = pod_addresses(state);
+        let pods: Vec<MatrixPod> = addressed
+            .into_iter()
+            .map(|PodAddresses { pod, ips }| MatrixPod {
+                serves: state.pods.get(&pod).map(served_ports).unwrap_or_default(),
+                pod,
+                ips,
+            })
+            .collect();
+        let ports: Vec<PortProtocol> = if options.ports.is_empty() {
+            let all: BTreeSet<PortProtocol> =
+                pods.iter().flat_map(|p| p.serves.iter().copied()).collect();
+            all.into_iter().collect()
+        } else {
+            options.ports.clone()
+        };
+        let tables = ports
+            .into_iter()
+            .map(|port| {
+                let destinations: Vec<usize> = (0..pods.len())
+                    .filter(|&d| options.all_destinations || pods[d].serves.contains(&port))
+                    .collect();
+                let cells = (0..pods.len())
+                    .map(|s| {
+                        destinations
+                            .iter()
+                            .map(|&d| {
+                                if s == d {
+                                    None
+                                } else {
+                                    reach(compiled, &pods[s].ips, &pods[d].ips, port)
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect();
+                PortTable {
+                    port,
+                    destinations,
+                    cells,
+                }
+            })
+            .collect();
+        Matrix {
+            pods,
+            tables,
+            skipped,
+        }
+    }
+
+    /// The cell `src -> dst` on `port`, if the matrix has it.
+    pub fn get(&self, port: PortProtocol, src: &ObjectRef, dst: &ObjectRef) -> Option<Reach> {
+        let table = self.tables.iter().find(|t| t.port == port)?;
+        let s = self.pods.iter().position(|p| p.pod == *src)?;
+        let column = table
+            .destinations
+            .iter()
+            .position(|&d| self.pods[d].pod == *dst)?;
+        table.cells[s][column]
+    }
+
+    /// Every cell: (port, source, destination, reach).
+    pub fn cells(&self) -> impl Iterator<Item = (PortProtocol, &ObjectRef, &ObjectRef, Reach)> {
+        self.tables.iter().flat_map(move |t| {
+            t.cells.iter().enumerate().flat_map(move |(s, row)| {
+                row.iter().enumerate().filter_map(move |(c, cell)| {
+                    cell.map(|r| {
+                        (
+                            t.port,
+                            &self.pods[s].pod,
+                            &self.pods[t.destinations[c]].pod,
+                            r,
+                        )
+                    })
+                })
+            })
+        })
+    }
+}
+
+/// The verdict over every address pair of the same family.
+fn reach(compiled: &Compiled, src: &[IpAddr], dst: &[IpAddr], port: PortProtocol) -> Option<Reach> {
+    let verdicts: BTreeSet<bool> = src
+        .iter()
+        .flat_map(|s| dst.iter().map(move |d| (*s, *d)))
+        .filter(|(s, d)| s.is_ipv4() == d.is_ipv4())
+        .map(|(s, d)| model::flow_allowed(compiled, s, d, port.protocol, port.port))
+        .collect();
+    match (verdicts.contains(&true), verdicts.contains(&false)) {
+        (true, false) => Some(Reach::Allowed),
+        (false, true) => Some(Reach::Blocked),
+        (true, true) => Some(Reach::Partial),
+        (false, false) => None,
+    }
+}
+
+/// A cell that `--apply` changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CellChange {
+    pub port: PortProtocol,
+    #[serde(serialize_with = "as_display")]
+    pub src: ObjectRef,
+    #[serde(serialize_with = "as_display")]
+    pub dst: ObjectRef,
+    pub before: Reach,
+    pub after: Reach,
+}
+
+impl CellChange {
+    /// Whether less gets through afterwards.
+    pub fn newly_blocked(&self) -> bool {
+        self.after < self.before
+    }
+}
+
+impl std::fmt::Display for CellChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.newly_blocked() {
+            "newly blocked"
+        } else {
+            "newly allowed"
+        };
+        write!(
+            f,
+            "{} -> {} {}: {} → {} ({what})",
+            self.src,
+            self.dst,
+            self.port,
+            self.before.symbol(),
+            self.after.symbol()
+        )
+    }
+}
+
+/// The changes from `before` to `after`, and how many in each direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MatrixDiff {
+    pub changes: Vec<CellChange>,
+    pub newly_blocked: usize,
+    pub newly_allowed: usize,
+}
+
+impl MatrixDiff {
+    fn change(&self, port: PortProtocol, src: &ObjectRef, dst: &ObjectRef) -> Option<&CellChange> {
+        self.changes
+            .iter()
+            .find(|c| c.port == port && c.src == *src && c.dst == *dst)
+    }
+}
+
+/// `N cells change: A newly blocked, B newly allowed`.
+impl std::fmt::Display for MatrixDiff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.changes.len();
+        write!(
+            f,
+            "{n} {} change: {} newly blocked, {} newly allowed",
+            if n == 1 { "cell" } else { "cells" },
+            self.newly_blocked,
+            self.newly_allowed
+        )
+    }
+}
+
+/// The cells present in both matrices whose verdict differs (in `after`'s order).
+pub fn diff(before: &Matrix, after: &Matrix) -> MatrixDiff {
+    let mut out = MatrixDiff::default();
+    for (port, src, dst, now) in after.cells() {
+        if let Some(was) = before.get(port, src, dst)
+            && was != now
+        {
+            let change = CellChange {
+                port,
+                src: src.clone(),
+                dst: dst.clone(),
+                before: was,
+                after: now,
+            };
+            if change.newly_blocked() {
+                out.newly_blocked += 1;
+            } else {
+                out.newly_allowed += 1;
+            }
+            out.changes.push(change);
+        }
+    }
+    out
+}
+
+/// How text is decorated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Style {
+    /// ANSI colours (only for terminals, and not with `NO_COLOR`).
+    pub color: bool,
+}
+
+impl Style {
+    fn paint(self, code: &str, text: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+
+    fn reach(self, reach: Reach) -> String {
+        match reach {
+            Reach::Allowed => self.paint("32", reach.symbol()),
+            Reach::Blocked => self.paint("31", reach.symbol()),
+            Reach::Partial => self.paint("33", reach.symbol()),
+        }
+    }
+}
+
+/// Display width of text without escapes (the symbols used are one column wide).
+fn width(text: &str) -> usize {
+    text.chars().count()
+}
+
+/// `text` centred in `w` columns (`styled` is what is printed, `text` its visible form).
+fn centre(styled: &str, text: &str, w: usize) -> String {
+    let pad = w.saturating_sub(width(text));
+    let left = pad / 2;
+    format!("{}{styled}{}", " ".repeat(left), " ".repeat(pad - left))
+}
+
+/// The matrix for people: one table per port, then (with `diff`) the changed cells
+/// and the summary, then a legend. A changed cell reads `✓→✗`.
+pub fn render(matrix: &Matrix, diff: Option<&MatrixDiff>, style: Style) -> String {
+    let mut out = String::new();
+    let corner = "from \\ to";
+    let row_width = matrix
+        .pods
+        .iter()
+        .map(|p| width(&p.pod.to_string()))
+        .chain([width(corner)])
+        .max()
+        .unwrap_or(0);
+    if matrix.pods.is_empty() {
+        out.push_str("no pods with addresses: nothing to show\n");
+    }
+    for table in &matrix.tables {
+        let count = table.destinations.len();
+        let _ = writeln!(
+            out,
+            "{} ({count} destination{})",
+            style.paint("1", &table.port.to_string()),
+            if count == 1 { "" } else { "s" }
+        );
+        if count == 0 {
+            out.push_str("  no pod declares this port (--all-destinations shows every pod)\n\n");
+            continue;
+        }
+        let headers: Vec<String> = table
+            .destinations
+            .iter()
+            .map(|&d| matrix.pods[d].pod.to_string())
+            .collect();
+        let widths: Vec<usize> = headers.iter().map(|h| width(h).max(3)).collect();
+        let _ = write!(out, "  {corner:<row_width$}");
+        for (h, w) in headers.iter().zip(&widths) {
+            let _ = write!(out, "  {}", centre(h, h, *w));
+        }
+        out.push('\n');
+        for (s, row) in table.cells.iter().enumerate() {
+            let name = matrix.pods[s].pod.to_string();
+            let _ = write!(out, "  {name:<row_width$}");
+            for (c, cell) in row.iter().enumerate() {
+                let dst = &matrix.pods[table.destinations[c]].pod;
+                let change = diff.and_then(|d| d.change(table.port, &matrix.pods[s].pod, dst));
+                let (styled, plain) = match (cell, change) {
+                    (_, Some(change)) => {
+                        let plain = format!("{}→{}", change.before.symbol(), change.after.symbol());
+                        let code = if change.newly_blocked() {
+                            "1;31"
+                        } else {
+                            "1;32"
+                        };
+                        (style.paint(code, &plain), plain)
+                    }
+                    (Some(reach), None) => (style.reach(*reach), reach.symbol().to_string()),
+                    (None, None) => (style.paint("2", "-"), "-".to_string()),
+                };
+                let _ = write!(out, "  {}", centre(&styled, &plain, widths[c]));
+            }
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    if let Some(diff) = diff {
+        if !diff.changes.is_empty() {
+            out.push_str("changes:\n");
+            for change in &diff.changes {
+                let _ = writeln!(out, "  {change}");
+            }
+        }
+        let _ = writeln!(out, "{}", style.paint("1", &diff.to_string()));
+    }
+    for s in &matrix.skipped {
+        let _ = writeln!(out, "not shown: {} ({})", s.pod, s.reason);
+    }
+    let _ = write!(
+        out,
+        "legend: {} allowed  {} blocked  {} allowed for one address family only  {} the pod itself \
+         (never filtered)",
+        style.reach(Reach::Allowed),
+        style.reach(Reach::Blocked),
+        style.reach(Reach::Partial),
+        style.paint("2", "-"),
+    );
+    if diff.is_some() {
+        out.push_str("  ✓→✗ changed by --apply");
+    }
+    out.push_str(
+        "\n        rows are sources, columns destinations; traffic from the node always passes\n",
+    );
+    // Centred cells leave trailing blanks.
+    out.lines().map(|l| format!("{}\n", l.trim_end())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::{Allocations, compile, reference};
+    use crate::observe::fixtures::{self, STARS, STARS_POLICIES};
+    use crate::observe::load::Overlay;
+
+    fn pod(s: &str) -> ObjectRef {
+        let (ns, name) = s.split_once('/').unwrap();
+        ObjectRef::new(ns, name)
+    }
+
+    fn matrix_of(state: &ClusterState) -> Matrix {
+        let compiled = compile(state, &Allocations::default());
+        let m = Matrix::new(state, &compiled, &MatrixOptions::default());
+        // Every cell equals the independent reference evaluator.
+        let reference = reference::Reference::new(state);
+        for (port, src, dst, reach) in m.cells() {
+            let ip = |p: &ObjectRef| m.pods.iter().find(|x| x.pod == *p).unwrap().ips[0];
+            let expected = reference.flow_allowed(ip(src), ip(dst), port.protocol, port.port);
+            assert_eq!(reach == Reach::Allowed, expected, "{src} -> {dst} {port}");
+        }
+        m
+    }
+
+    /// `(port, [(src, dst, allowed)])` as a person would write the table.
+    fn assert_table(m: &Matrix, port: PortProtocol, expected: &[(&str, &str, Option<Reach>)]) {
+        let table = m.tables.iter().find(|t| t.port == port).expect("table");
+        let cells = table.destinations.len() * m.pods.len();
+        assert_eq!(cells, expected.len(), "{port}: every cell is listed");
+        for (src, dst, want) in expected {
+            let s = m.pods.iter().position(|p| p.pod == pod(src)).unwrap();
+            let c = table
+                .destinations
+                .iter()
+                .position(|&d| m.pods[d].pod == pod(dst))
+                .unwrap();
+            assert_eq!(table.cells[s][c], *want, "{src} -> {dst} {port}");
+        }
+    }
+
+    const A: Option<Reach> = Some(Reach::Allowed);
+    const B: Option<Reach> = Some(Reach::Blocked);
+    const SELF: Option<Reach> = None;
+
+    #[test]
+    fn stars_without_policies_is_open() {
+        let m = matrix_of(&fixtures::state(STARS, &[]));
+        let ports: Vec<String> = m.tables.iter().map(|t| t.port.to_string()).collect();
+        assert_eq!(ports, ["TCP/80", "TCP/6379", "TCP/9000", "TCP/9001"]);
+        assert!(m.cells().all(|(.., r)| r == Reach::Allowed));
+        assert_eq!(
+            m.cells().count(),
+            4 * 3,
+            "four ports, one server, three clients each"
+        );
+    }
+
+    #[test]
+    fn stars_matrix_by_hand() {
+        let m = matrix_of(&fixtures::stars_with_policies());
+        // frontend: TCP 80 only from namespaces role=client.
+        assert_table(
+            &m,
+            PortProtocol::tcp(80),
+            &[
+                ("client/client", "stars/frontend", A),
+                ("management-ui/management-ui", "stars/frontend", B),
+                ("stars/backend", "stars/frontend", B),
+                ("stars/frontend", "stars/frontend", SELF),
+            ],
+        );
+        // backend: TCP 6379 only from role=frontend pods of stars.
+        assert_table(
+            &m,
+            PortProtocol::tcp(6379),
+            &[
+                ("client/client", "stars/backend", B),
+                ("management-ui/management-ui", "stars/backend", B),
+                ("stars/backend", "stars/backend", SELF),
+                ("stars/frontend", "stars/backend", A),
+            ],
+        );
+        // client and management-ui are selected by nothing: open.
+        assert_table(
+            &m,
+            PortProtocol::tcp(9000),
+            &[
+                ("client/client", "client/client", SELF),
+                ("management-ui/management-ui", "client/client", A),
+                ("stars/backend", "client/client", A),
+                ("stars/frontend", "client/client", A),
+            ],
+        );
+        assert_table(
+            &m,
+            PortProtocol::tcp(9001),
+            &[
+                ("client/client", "management-ui/management-ui", A),
+                (
+                    "management-ui/management-ui",
+                    "management-ui/management-ui",
+                    SELF,
+                ),
+                ("stars/backend", "management-ui/management-ui", A),
+                ("stars/frontend", "management-ui/management-ui", A),
+            ],
+        );
+    }
+
+    #[test]
+    fn explicit_ports_and_all_destinations() {
+        let state = fixtures::stars_with_policies();
+        let compiled = compile(&state, &Allocations::default());
+        let options = MatrixOptions {
+            ports: vec![PortProtocol::tcp(6379), PortProtocol::udp(53)],
+            all_destinations: false,
+        };
+        let m = Matrix::new(&state, &compiled, &options);
+        assert_eq!(m.tables.len(), 2);
+        assert_eq!(m.tables[1].destinations.len(), 0, "nobody serves UDP/53");
+        assert!(render(&m, None, Style::default()).contains("no pod declares this port"));
+
+        let options = MatrixOptions {
+            ports: vec![PortProtocol::tcp(80)],
+            all_destinations: true,
+        };
+        let m = Matrix::new(&state, &compiled, &options);
+        assert_eq!(m.tables[0].destinations.len(), 4);
+        // backend is isolated and allows only 6379: port 80 to it is blocked for all.
+        for src in [
+            "client/client",
+            "stars/frontend",
+            "management-ui/management-ui",
+        ] {
+            assert_eq!(
+                m.get(PortProtocol::tcp(80), &pod(src), &pod("stars/backend")),
+                Some(Reach::Blocked),
+                "{src}"
+            );
+        }
+        // client is not isolated: open on any port.
+        assert_eq!(
+            m.get(
+                PortProtocol::tcp(80),
+                &pod("stars/backend"),
+                &pod("client/client")
+            ),
+            Some(Reach::Allowed)
+        );
+    }
+
+    #[test]
+    fn apply_shows_the_changed_cells() {
+        let state = fixtures::state(STARS, &[]);
+        let compiled = compile(&state, &Allocations::default());
+        let before = Matrix::new(&state, &compiled, &MatrixOptions::default());
+
+        let mut overlay = Overlay::default();
+        overlay.add_text(STARS_POLICIES, "stars-policies.yaml");
+        let after_state = overlay.apply_to(&state);
+        let after_compiled = compile(&after_state, &compiled.allocations);
+        let after = Matrix::new(&after_state, &after_compiled, &MatrixOptions::default());
+        let d = diff(&before, &after);
+        let changes: Vec<String> = d.changes.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            changes,
+            [
+                "management-ui/management-ui -> stars/frontend TCP/80: ✓ → ✗ (newly blocked)",
+                "stars/backend -> stars/frontend TCP/80: ✓ → ✗ (newly blocked)",
+                "client/client -> stars/backend TCP/6379: ✓ → ✗ (newly blocked)",
+                "management-ui/management-ui -> stars/backend TCP/6379: ✓ → ✗ (newly blocked)",
+            ]
+        );
+        assert_eq!(
+            d.to_string(),
+            "4 cells change: 4 newly blocked, 0 newly allowed"
+        );
+
+        // Replacing backend-policy with one that admits every pod of the cluster on 6379
+        // reopens the two cells it closed; frontend-policy is untouched.
+        let mut replace = Overlay::default();
+        replace.add_text(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+             metadata: {name: backend-policy, namespace: stars}\n\
+             spec: {podSelector: {matchLabels: {role: backend}}, \
+             ingress: [{from: [{namespaceSelector: {}}], ports: [{port: 6379}]}]}\n",
+            "open-backend.yaml",
+        );
+        let reopened_state = replace.apply_to(&after_state);
+        let reopened = Matrix::new(
+            &reopened_state,
+            &compile(&reopened_state, &after_compiled.allocations),
+            &MatrixOptions::default(),
+        );
+        let d = diff(&after, &reopened);
+        assert_eq!(
+            d.to_string(),
+            "2 cells change: 0 newly blocked, 2 newly allowed"
+        );
+        assert!(d.changes.iter().all(|c| c.port == PortProtocol::tcp(6379)));
+
+        let text = render(&reopened, Some(&d), Style::default());
+        assert!(text.contains("✗→✓"), "{text}");
+        assert!(text.contains("2 cells change: 0 newly blocked, 2 newly allowed"));
+        assert!(text.contains("changed by --apply"));
+    }
+
+    #[test]
+    fn rendering_is_aligned_and_coloured_only_on_request() {
+        let m = matrix_of(&fixtures::stars_with_policies());
+        let text = render(&m, None, Style::default());
+        assert!(!text.contains('\x1b'));
+        let expected = "\
+TCP/80 (1 destination)
+  from \\ to                    stars/frontend
+  client/client                      ✓
+  management-ui/management-ui        ✗
+  stars/backend                      ✗
+  stars/frontend                     -
+";
+        assert!(text.starts_with(expected), "{text}");
+        assert!(text.contains("legend: ✓ allowed  ✗ blocked"));
+        assert!(text.lines().all(|l| l == l.trim_end()));
+
+        let coloured = render(&m, None, Style { color: true });
+        assert!(coloured.contains("\x1b[31m✗\x1b[0m"));
+        assert!(coloured.contains("\x1b[32m✓\x1b[0m"));
+    }
+
+    #[test]
+    fn one_family_allowed_is_partial() {
+        // Dual-stack pods; egress of a is limited to an IPv4 block containing b.
+        let state = fixtures::state(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec: {containers: [{name: main}]}
+status: {phase: Running, podIPs: [{ip: 10.0.0.1}, {ip: "fd00::1"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {pod: b}}
+spec: {containers: [{name: main, ports: [{containerPort: 80}]}]}
+status: {phase: Running, podIPs: [{ip: 10.0.0.2}, {ip: "fd00::2"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: h, namespace: x}
+spec: {hostNetwork: true, containers: [{name: main, ports: [{containerPort: 80}]}]}
+status: {phase: Running, podIP: 10.0.9.9}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: v4-only, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+  egress: [{to: [{ipBlock: {cidr: 10.0.0.0/24}}]}]
+"#,
+            &[],
+        );
+        let compiled = compile(&state, &Allocations::default());
+        let m = Matrix::new(&state, &compiled, &MatrixOptions::default());
+        assert_eq!(
+            m.get(PortProtocol::tcp(80), &pod("x/a"), &pod("x/b")),
+            Some(Reach::Partial)
+        );
+        assert_eq!(m.skipped.len(), 1);
+        let text = render(&m, None, Style::default());
+        assert!(
+            text.contains("not shown: x/h (hostNetwork: it uses the node's addresses)"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,286 @@
+//! Answers to "what does the policy do?" without a cluster and without the kernel.
+//!
+//! Everything here reads a [`ClusterState`] and its [`Compiled`](crate::compile::Compiled)
+//! form, the very maps the datapath would write, and never performs I/O except
+//! [`load`], which reads manifests the way local mode does:
+//!
+//! - [`explain`]: one flow, step by step: which hooks it crosses, whether each pod is
+//!   isolated and by which policies, the peer's identity, and per rule why it matches
+//!   or not. The verdict is the kernel's decision replayed by
+//!   [`compile::model`](crate::compile::model); the per-rule reasoning is an
+//!   independent evaluation over the objects that must agree with it.
+//! - [`matrix`]: the reachability matrix of every pod pair for each served port, and
+//!   the cells a set of new or replaced NetworkPolicies would change.
+//!
+//! The types are plain data with `Display` (for people) and `serde::Serialize` (for
+//! `--json`), so callers such as the command line or a flow log stay thin.
+
+pub mod explain;
+#[cfg(test)]
+mod fixtures;
+pub mod load;
+pub mod matrix;
+mod text;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use k8s_openapi::api::core::v1::Pod;
+use netpol_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use serde::Serialize;
+
+use crate::compile::protocol_name;
+use crate::state::{ClusterState, ObjectRef};
+
+/// What can go wrong while observing.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "invalid port {0:?}: expected PORT/PROTOCOL (80/TCP, 53/UDP, 3868/SCTP), a bare port \
+         (TCP), or ICMP"
+    )]
+    Port(String),
+    #[error("{input:?}: {reason}")]
+    Endpoint { input: String, reason: String },
+}
+
+/// A destination port and protocol, e.g. `TCP/80`. ICMP and ICMPv6 have port 0.
+///
+/// Ordered by port, then protocol number (so `TCP/53` comes before `UDP/53`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortProtocol {
+    pub port: u16,
+    /// IP protocol number (`PROTO_TCP`, `PROTO_UDP`, ...).
+    pub protocol: u8,
+}
+
+impl PortProtocol {
+    pub fn tcp(port: u16) -> Self {
+        PortProtocol {
+            port,
+            protocol: PROTO_TCP,
+        }
+    }
+
+    pub fn udp(port: u16) -> Self {
+        PortProtocol {
+            port,
+            protocol: PROTO_UDP,
+        }
+    }
+
+    /// Whether the protocol has ports (TCP, UDP, SCTP).
+    pub fn has_ports(&self) -> bool {
+        matches!(self.protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
+    }
+}
+
+impl std::fmt::Display for PortProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.protocol {
+            PROTO_ICMP => f.write_str("ICMP"),
+            PROTO_ICMPV6 => f.write_str("ICMPv6"),
+            p => write!(f, "{}/{}", protocol_name(p), self.port),
+        }
+    }
+}
+
+impl Serialize for PortProtocol {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Accepts `80/TCP`, `TCP/80`, `80` (TCP), any case, and `ICMP`/`ICMPv6`.
+impl FromStr for PortProtocol {
+    type Err = ObserveError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || ObserveError::Port(text.to_string());
+        let protocol_of = |name: &str| match name.to_ascii_uppercase().as_str() {
+            "TCP" => Some(PROTO_TCP),
+            "UDP" => Some(PROTO_UDP),
+            "SCTP" => Some(PROTO_SCTP),
+            _ => None,
+        };
+        let port_of = |s: &str| s.parse::<u16>().ok().filter(|p| *p != 0);
+        let trimmed = text.trim();
+        match trimmed.to_ascii_uppercase().as_str() {
+            "ICMP" => {
+                return Ok(PortProtocol {
+                    port: 0,
+                    protocol: PROTO_ICMP,
+                });
+            }
+            "ICMPV6" => {
+                return Ok(PortProtocol {
+                    port: 0,
+                    protocol: PROTO_ICMPV6,
+                });
+            }
+            _ => {}
+        }
+        let (port, protocol) = match trimmed.split_once('/') {
+            None => (port_of(trimmed), Some(PROTO_TCP)),
+            Some((a, b)) => match port_of(a) {
+                Some(port) => (Some(port), protocol_of(b)),
+                None => (port_of(b), protocol_of(a)),
+            },
+        };
+        match (port, protocol) {
+            (Some(port), Some(protocol)) => Ok(PortProtocol { port, protocol }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// A live pod-network pod and its addresses, the way the compiler sees it: not
+/// `Succeeded`/`Failed`, not `hostNetwork`, valid addresses from `status.podIPs` and
+/// `status.podIP`, an address claimed by two pods belonging to the first (in name order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodAddresses {
+    pub pod: ObjectRef,
+    pub ips: Vec<IpAddr>,
+}
+
+/// Why a pod of the state takes no part in pod-to-pod traffic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SkippedPod {
+    #[serde(serialize_with = "text::as_display")]
+    pub pod: ObjectRef,
+    pub reason: String,
+}
+
+/// The pods that have addresses (in name order) and the ones left out, with why.
+pub fn pod_addresses(state: &ClusterState) -> (Vec<PodAddresses>, Vec<SkippedPod>) {
+    let mut owner: BTreeMap<IpAddr, &ObjectRef> = BTreeMap::new();
+    let mut pods = Vec::new();
+    let mut skipped = Vec::new();
+    for (obj, pod) in &state.pods {
+        let skip = |reason: &str| SkippedPod {
+            pod: obj.clone(),
+            reason: reason.to_string(),
+        };
+        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+            skipped.push(skip("hostNetwork: it uses the node's addresses"));
+            continue;
+        }
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if let Some(phase @ ("Succeeded" | "Failed")) = phase {
+            skipped.push(skip(&format!("phase {phase}: no longer running")));
+            continue;
+        }
+        let mut ips = Vec::new();
+        for ip in listed_ips(pod) {
+            match owner.get(&ip) {
+                Some(_) => {}
+                None => {
+                    owner.insert(ip, obj);
+                    ips.push(ip);
+                }
+            }
+        }
+        if ips.is_empty() {
+            skipped.push(skip("no address in status.podIP(s)"));
+            continue;
+        }
+        pods.push(PodAddresses {
+            pod: obj.clone(),
+            ips,
+        });
+    }
+    (pods, skipped)
+}
+
+/// Valid, distinct addresses of `status.podIPs` then `status.podIP`, in order.
+fn listed_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+    let mut out = Vec::new();
+    for ip in listed
+        .chain(status.pod_ip.as_deref())
+        .filter_map(|s| s.parse::<IpAddr>().ok())
+    {
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out
+}
+
+/// The (port, protocol) pairs a pod's containers declare (`containerPort`, default TCP).
+pub fn served_ports(pod: &Pod) -> Vec<PortProtocol> {
+    let mut out: Vec<PortProtocol> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            let port = u16::try_from(p.container_port).ok().filter(|p| *p != 0)?;
+            let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => PROTO_TCP,
+                "UDP" => PROTO_UDP,
+                "SCTP" => PROTO_SCTP,
+                _ => return None,
+            };
+            Some(PortProtocol { port, protocol })
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_protocol_parses_both_orders_and_defaults_to_tcp() {
+        let p = |s: &str| s.parse::<PortProtocol>().unwrap();
+        assert_eq!(p("80/TCP"), PortProtocol::tcp(80));
+        assert_eq!(p("tcp/80"), PortProtocol::tcp(80));
+        assert_eq!(p("80"), PortProtocol::tcp(80));
+        assert_eq!(p("53/udp"), PortProtocol::udp(53));
+        assert_eq!(
+            p("SCTP/3868"),
+            PortProtocol {
+                port: 3868,
+                protocol: PROTO_SCTP
+            }
+        );
+        assert_eq!(p("icmp").to_string(), "ICMP");
+        assert_eq!(p("53/UDP").to_string(), "UDP/53");
+        for bad in ["", "0/TCP", "80/TPC", "x/80", "70000", "80/TCP/1"] {
+            assert!(bad.parse::<PortProtocol>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ordering_is_by_port_then_protocol() {
+        let mut v = vec![
+            PortProtocol::udp(53),
+            PortProtocol::tcp(80),
+            PortProtocol::tcp(53),
+        ];
+        v.sort();
+        assert_eq!(
+            v,
+            [
+                PortProtocol::tcp(53),
+                PortProtocol::udp(53),
+                PortProtocol::tcp(80)
+            ]
+        );
+    }
+}
