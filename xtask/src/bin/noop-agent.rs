@@ -1,0 +1,48 @@
+//! A stand-in for netpol-agent that honours the local-mode contract of
+//! docs/CONTRACTS.md (`run --manifests DIR --status-file FILE ...`) but enforces
+//! nothing: whenever `DIR/.generation` changes it writes the status file. The lab's own
+//! tests use it to exercise the harness without the real agent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() != Some("run") {
+        bail!("usage: noop-agent run --manifests DIR --status-file FILE [other agent flags]");
+    }
+    let (mut manifests, mut status) = (None, None);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--manifests" => manifests = Some(PathBuf::from(value)),
+            "--status-file" => status = Some(PathBuf::from(value)),
+            _ => {} // --bpffs-dir, --node-name, --log-format: nothing to do
+        }
+    }
+    let manifests = manifests.context("--manifests is required")?;
+    let status = status.context("--status-file is required")?;
+    eprintln!("noop-agent: watching {}", manifests.display());
+
+    let mut reported = None;
+    loop {
+        let generation = std::fs::read_to_string(manifests.join(".generation"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        if let Some(g) = generation.filter(|g| Some(*g) != reported) {
+            let tmp = status.with_extension("tmp");
+            let body = serde_json::json!({
+                "generation": g, "endpoints": 0, "policies": 0, "invalid": 0, "attached": 0,
+            });
+            std::fs::write(&tmp, body.to_string())?;
+            std::fs::rename(&tmp, &status)?;
+            eprintln!("noop-agent: generation {g}");
+            reported = Some(g);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

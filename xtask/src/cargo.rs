@@ -1,0 +1,86 @@
+//! Driving cargo: building the agent and running the test tiers.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use crate::ui;
+
+/// Environment variable through which tests find the agent binary.
+pub const AGENT_BIN_ENV: &str = "NETPOL_AGENT_BIN";
+
+/// The workspace root (the parent of this crate).
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+}
+
+/// A `cargo` command run from the workspace root (the cargo that runs us, if any).
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// `cargo build --release -p netpol-agent` (its build script builds the eBPF programs
+/// with nightly); returns the path of the binary.
+pub fn build_agent() -> Result<PathBuf> {
+    ui::step("building netpol-agent (release)");
+    let mut child = cargo()
+        .args(["build", "--release", "-p", "netpol-agent"])
+        .args(["--message-format", "json-render-diagnostics"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo build")?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut binary = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact"
+            && msg["target"]["name"] == "netpol-agent"
+            && let Some(exe) = msg["executable"].as_str()
+        {
+            binary = Some(PathBuf::from(exe));
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("building netpol-agent failed ({status})");
+    }
+    let binary = binary.context("cargo did not report the netpol-agent executable")?;
+    ui::ok(&format!("{}", binary.display()));
+    Ok(binary)
+}
+
+/// Runs `cargo test ARGS` with the agent path in the environment, output streamed.
+/// Returns whether it passed.
+fn cargo_test(args: &[&str], agent: &Path) -> Result<bool> {
+    let status = cargo()
+        .arg("test")
+        .args(args)
+        .env(AGENT_BIN_ENV, agent)
+        .status()
+        .context("running cargo test")?;
+    Ok(status.success())
+}
+
+/// Tiers 1–2 (`cargo test --workspace` without xtask: unit, property and verdict
+/// tests), then tier 3 (xtask's network-namespace tests). Both always run.
+pub fn test_all(agent: &Path) -> Result<()> {
+    ui::step("tiers 1–2: cargo test --workspace --exclude xtask");
+    let unit = cargo_test(&["--workspace", "--exclude", "xtask"], agent)?;
+    ui::step("tier 3: network-namespace tests (cargo test -p xtask)");
+    let netns = cargo_test(&["-p", "xtask"], agent)?;
+    match (unit, netns) {
+        (true, true) => Ok(()),
+        (false, true) => bail!("tiers 1–2 failed"),
+        (true, false) => bail!("tier 3 failed"),
+        (false, false) => bail!("tiers 1–2 and tier 3 failed"),
+    }
+}

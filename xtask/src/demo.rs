@@ -1,0 +1,435 @@
+//! `cargo xtask run`: the Calico "stars" demo on an emulated node.
+//!
+//! Four pods in three namespaces, the agent in local mode, a reachability matrix before
+//! and after two policies, checked against what the demo's own definition says
+//! ([`ACCESS`]), never against observed output.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::lab::{AgentProcess, Lab, ManifestDir, NODE, PodSpec, Port, Protocol};
+use crate::matrix::{Column, Matrix};
+use crate::{cargo, prereqs, ui};
+
+/// Options of `cargo xtask run`.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Exit after the report instead of running until Ctrl-C.
+    pub once: bool,
+    /// Keep the work directory (manifests, agent log, status file) after exit.
+    pub keep: bool,
+    /// Use this agent binary instead of building one.
+    pub agent: Option<PathBuf>,
+}
+
+/// A namespace of the demo and its labels.
+struct DemoNamespace {
+    name: &'static str,
+    labels: &'static [(&'static str, &'static str)],
+}
+
+/// A pod of the demo: `role` label and the one TCP port it serves.
+struct DemoPod {
+    namespace: &'static str,
+    name: &'static str,
+    role: &'static str,
+    port: u16,
+}
+
+const NAMESPACES: &[DemoNamespace] = &[
+    DemoNamespace {
+        name: "stars",
+        labels: &[],
+    },
+    DemoNamespace {
+        name: "client",
+        labels: &[("role", "client")],
+    },
+    DemoNamespace {
+        name: "management-ui",
+        labels: &[("role", "management-ui")],
+    },
+];
+
+const PODS: &[DemoPod] = &[
+    DemoPod {
+        namespace: "stars",
+        name: "frontend",
+        role: "frontend",
+        port: 80,
+    },
+    DemoPod {
+        namespace: "stars",
+        name: "backend",
+        role: "backend",
+        port: 6379,
+    },
+    DemoPod {
+        namespace: "client",
+        name: "client",
+        role: "client",
+        port: 9000,
+    },
+    DemoPod {
+        namespace: "management-ui",
+        name: "management-ui",
+        role: "management-ui",
+        port: 9001,
+    },
+];
+
+/// Who may reach a protected pod's port once the demo policies are in force.
+enum Admit {
+    /// Pods with this `role` in the destination's own namespace.
+    PodsInOwnNamespaceWithRole(&'static str),
+    /// Any pod in a namespace labelled with this `role`.
+    NamespacesWithRole(&'static str),
+}
+
+impl Admit {
+    fn describe(&self) -> String {
+        match self {
+            Admit::PodsInOwnNamespaceWithRole(role) => {
+                format!("pods labelled role={role} in its own namespace")
+            }
+            Admit::NamespacesWithRole(role) => {
+                format!("pods in namespaces labelled role={role}")
+            }
+        }
+    }
+}
+
+/// The demo's intent, one line per policy: destination pod and who it admits on its
+/// port. Pods not listed stay open. Traffic from the node always passes.
+const ACCESS: &[(&str, Admit)] = &[
+    (
+        "stars/backend",
+        Admit::PodsInOwnNamespaceWithRole("frontend"),
+    ),
+    ("stars/frontend", Admit::NamespacesWithRole("client")),
+];
+
+/// The same intent as Kubernetes objects.
+const POLICIES: &str = r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: backend-policy
+  namespace: stars
+spec:
+  podSelector:
+    matchLabels:
+      role: backend
+  ingress:
+    - from:
+        - podSelector:
+            matchLabels:
+              role: frontend
+      ports:
+        - protocol: TCP
+          port: 6379
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: frontend-policy
+  namespace: stars
+spec:
+  podSelector:
+    matchLabels:
+      role: frontend
+  ingress:
+    - from:
+        - namespaceSelector:
+            matchLabels:
+              role: client
+      ports:
+        - protocol: TCP
+          port: 80
+"#;
+
+const AGENT_READY: Duration = Duration::from_secs(60);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn demo_pod(id: &str) -> Option<&'static DemoPod> {
+    PODS.iter()
+        .find(|p| id.split_once('/') == Some((p.namespace, p.name)))
+}
+
+fn namespace_role(name: &str) -> Option<&'static str> {
+    NAMESPACES
+        .iter()
+        .find(|n| n.name == name)?
+        .labels
+        .iter()
+        .find(|(k, _)| *k == "role")
+        .map(|(_, v)| *v)
+}
+
+/// Whether `src` may reach `dst` (on the port `dst` serves), from the definition.
+fn expected(src: &str, dst: &str, policies: bool) -> bool {
+    if !policies || src == NODE {
+        return true;
+    }
+    let Some((_, admit)) = ACCESS.iter().find(|(d, _)| *d == dst) else {
+        return true;
+    };
+    let (Some(s), Some(d)) = (demo_pod(src), demo_pod(dst)) else {
+        return false;
+    };
+    match admit {
+        Admit::PodsInOwnNamespaceWithRole(role) => s.namespace == d.namespace && s.role == *role,
+        Admit::NamespacesWithRole(role) => namespace_role(s.namespace) == Some(*role),
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C and SIGTERM set a flag instead of killing us, so that Drop cleans up.
+fn install_signal_handlers() -> Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }.context("installing a signal handler")?;
+    }
+    Ok(())
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+fn check_interrupted() -> Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Runs the demo. Returns an error (non-zero exit) if a cell differs from the
+/// expectation.
+pub fn run(opts: &RunOptions) -> Result<()> {
+    install_signal_handlers()?;
+    prereqs::ensure()?;
+    check_interrupted()?;
+    let agent_bin = match &opts.agent {
+        Some(path) => path.clone(),
+        None => cargo::build_agent()?,
+    };
+    check_interrupted()?;
+
+    ui::step("creating the emulated node");
+    let mut lab = Lab::new()?;
+    lab.keep_workdir(opts.keep);
+    for ns in NAMESPACES {
+        lab.set_namespace_labels(ns.name, ns.labels.iter().copied());
+    }
+    for p in PODS {
+        let pod = lab.add_pod(
+            PodSpec::new(p.namespace, p.name)
+                .label("role", p.role)
+                .port(Port::tcp(p.port)),
+        )?;
+        ui::note(&format!(
+            "{:<28} {:<12} serves TCP {:<5} {}",
+            pod.id(),
+            pod.ipv4,
+            p.port,
+            ui::dim(&format!("netns {}, veth {}", pod.netns, pod.host_if))
+        ));
+    }
+    ui::note(&ui::dim(&format!("node netns {}", lab.node_netns())));
+    check_interrupted()?;
+
+    ui::step(&format!("starting {}", agent_bin.display()));
+    let mut manifests = ManifestDir::create(lab.workdir().join("manifests"))?;
+    let generation = manifests.write(&lab, "")?;
+    let mut agent = AgentProcess::start(&lab, &agent_bin, &manifests)?;
+    let status = agent.wait_generation_unless(generation, AGENT_READY, interrupted)?;
+    ui::ok(&format!(
+        "agent reports generation {} ({} endpoints, {} attached)",
+        status.generation, status.endpoints, status.attached
+    ));
+    check_interrupted()?;
+
+    let rows: Vec<String> = PODS
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .chain([NODE.to_string()])
+        .collect();
+    let columns: Vec<Column> = PODS
+        .iter()
+        .map(|p| Column {
+            dst: format!("{}/{}", p.namespace, p.name),
+            port: p.port,
+            protocol: Protocol::Tcp,
+        })
+        .collect();
+    let probes = Matrix::probes(&rows, &columns);
+
+    ui::step("reachability before policies");
+    let results = lab.probe_all(&probes, PROBE_TIMEOUT)?;
+    let before = Matrix::new(rows.clone(), columns.clone(), &results, |s, c| {
+        Some(expected(s, &c.dst, false))
+    });
+    print!("{}", before.render());
+    check_interrupted()?;
+
+    ui::step("applying backend-policy and frontend-policy");
+    ui::note(
+        "backend-policy:  stars/backend accepts TCP 6379 only from role=frontend pods in stars",
+    );
+    ui::note(
+        "frontend-policy: stars/frontend accepts TCP 80 only from namespaces labelled role=client",
+    );
+    let generation = manifests.write(&lab, POLICIES)?;
+    let status = agent.wait_generation_unless(generation, AGENT_READY, interrupted)?;
+    ui::ok(&format!(
+        "agent reports generation {} ({} policies, {} invalid)",
+        status.generation, status.policies, status.invalid
+    ));
+
+    ui::step("reachability after policies");
+    let results = lab.probe_all(&probes, PROBE_TIMEOUT)?;
+    let after = Matrix::new(rows, columns, &results, |s, c| {
+        Some(expected(s, &c.dst, true))
+    });
+    print!("{}", after.render());
+
+    ui::step("verdict");
+    ui::note("expected after the policies (from the demo definition in xtask/src/demo.rs):");
+    for (dst, admit) in ACCESS {
+        let port = demo_pod(dst).map_or(0, |p| p.port);
+        ui::note(&format!("  {dst}:{port} admits only {}", admit.describe()));
+    }
+    ui::note("  every other pod stays open; the node reaches every pod");
+    let denied: Vec<String> = probes
+        .iter()
+        .filter(|p| !expected(&p.src, &p.dst, true))
+        .map(|p| format!("{} -> {}:{}", p.src, p.dst, p.port))
+        .collect();
+    ui::note(&format!(
+        "  so {} of {} cells turn ✗: {}",
+        denied.len(),
+        probes.len(),
+        denied.join(", ")
+    ));
+    let mut mismatches = before.mismatches();
+    mismatches.extend(after.mismatches());
+    let checked = before.checked() + after.checked();
+    if mismatches.is_empty() {
+        ui::ok(&format!("all {checked} cells match the expectation"));
+    } else {
+        for m in &mismatches {
+            println!(
+                "  {} {} -> {}:{}: expected {}, observed {}",
+                ui::red("✗"),
+                m.src,
+                m.column.dst,
+                m.column.port,
+                if m.expected { "allowed" } else { "blocked" },
+                m.outcome
+            );
+        }
+    }
+    ui::note(&ui::dim(
+        "replies: every ✓ is a completed TCP handshake plus the server's greeting byte, so \
+         traffic of allowed connections flows back in the reverse direction too",
+    ));
+
+    if !opts.once {
+        ui::step("running; press Ctrl-C to stop and clean up");
+        ui::note(&format!("agent log:  {}", agent.log_path().display()));
+        ui::note(&format!("manifests:  {}", manifests.path().display()));
+        ui::note(&format!(
+            "explore:    ip netns exec {} ip route",
+            lab.node_netns()
+        ));
+        while !interrupted() {
+            std::thread::sleep(Duration::from_millis(200));
+            if let Some(exit) = agent.exited()? {
+                println!("{}", agent.log_tail(20));
+                bail!("the agent exited unexpectedly ({exit})");
+            }
+        }
+        println!();
+    }
+
+    ui::step("cleaning up");
+    drop(agent);
+    let workdir = lab.workdir().to_path_buf();
+    drop(lab);
+    if opts.keep {
+        ui::ok(&format!("namespaces removed; kept {}", workdir.display()));
+    } else {
+        ui::ok("namespaces, pins and files removed");
+    }
+    if !mismatches.is_empty() {
+        bail!(
+            "{} of {checked} cells differ from the expectation",
+            mismatches.len()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expectations_follow_the_definition() {
+        // Before: everything open.
+        assert!(expected("client/client", "stars/backend", false));
+        // After: backend only from frontend (same namespace, role=frontend).
+        assert!(expected("stars/frontend", "stars/backend", true));
+        assert!(!expected("client/client", "stars/backend", true));
+        assert!(!expected(
+            "management-ui/management-ui",
+            "stars/backend",
+            true
+        ));
+        // After: frontend only from namespaces labelled role=client.
+        assert!(expected("client/client", "stars/frontend", true));
+        assert!(!expected("stars/backend", "stars/frontend", true));
+        assert!(!expected(
+            "management-ui/management-ui",
+            "stars/frontend",
+            true
+        ));
+        // Unprotected pods and the node.
+        assert!(expected("stars/backend", "client/client", true));
+        assert!(expected(NODE, "stars/backend", true));
+    }
+
+    #[test]
+    fn policies_parse_and_name_both_pods() {
+        for doc in POLICIES.split("\n---\n") {
+            let v: serde_json::Value = serde_norway::from_str(doc).expect("valid YAML");
+            assert_eq!(v["kind"], "NetworkPolicy");
+            let role = v["spec"]["podSelector"]["matchLabels"]["role"]
+                .as_str()
+                .unwrap();
+            let dst = PODS
+                .iter()
+                .find(|p| p.role == role)
+                .expect("selects a demo pod");
+            assert!(
+                ACCESS
+                    .iter()
+                    .any(|(d, _)| *d == format!("{}/{}", dst.namespace, dst.name))
+            );
+        }
+    }
+}

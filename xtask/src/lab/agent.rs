@@ -1,0 +1,233 @@
+//! Running the real agent (or any program honouring the same CLI) in the lab's node
+//! namespace, per docs/CONTRACTS.md.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::Deserialize;
+
+use super::{Lab, ManifestDir, NODE_NAME, netns};
+
+/// How long [`Drop`] waits after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(25);
+
+/// The agent's status file (`--status-file`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct AgentStatus {
+    pub generation: u64,
+    pub endpoints: u64,
+    pub policies: u64,
+    pub invalid: u64,
+    pub attached: u64,
+}
+
+/// A running agent. Dropping it stops it (SIGTERM, then SIGKILL after 5 s) and removes
+/// its pin directory. Declare it after the [`Lab`] so that it is dropped first.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Option<Child>,
+    log: PathBuf,
+    status: PathBuf,
+    pin_dir: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `agent_bin run --manifests DIR --bpffs-dir /sys/fs/bpf/netpol-<lab id>
+    /// --status-file <workdir>/agent-status.json --node-name lab-node` inside the node
+    /// namespace, with stdout and stderr appended to `<workdir>/agent.log`.
+    ///
+    /// The process enters the node's network namespace itself (setns before exec)
+    /// instead of going through `ip netns exec`: the latter remounts /sys in a private
+    /// mount namespace, which hides the bpffs mounted at /sys/fs/bpf.
+    pub fn start(lab: &Lab, agent_bin: &Path, manifests: &ManifestDir) -> Result<Self> {
+        let log = lab.workdir().join("agent.log");
+        let status = lab.workdir().join("agent-status.json");
+        let pin_dir = lab.pin_dir();
+        // A status left by a previous agent of this lab must not satisfy a wait.
+        match std::fs::remove_file(&status) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", status.display())),
+        }
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let netns_file = File::open(netns::netns_path(lab.node_netns()))
+            .with_context(|| format!("opening network namespace {}", lab.node_netns()))?;
+        let netns_fd = netns_file.as_raw_fd();
+
+        let mut cmd = Command::new(agent_bin);
+        cmd.arg("run")
+            .arg("--manifests")
+            .arg(manifests.path())
+            .arg("--bpffs-dir")
+            .arg(&pin_dir)
+            .arg("--status-file")
+            .arg(&status)
+            .args(["--node-name", NODE_NAME])
+            // The log is a file: no colour codes in it.
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            // Its own process group: a Ctrl-C at the terminal reaches us, and we stop
+            // the agent in order.
+            .process_group(0);
+        // SAFETY: setns(2) and prctl(2) are async-signal-safe; the closure only makes
+        // those syscalls, on a descriptor that stays open in the parent until spawn
+        // returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // If we die without running Drop (SIGKILL), the agent is told to stop
+                // too instead of running on in an orphaned namespace. (Tied to the
+                // spawning thread: create and drop an AgentProcess on one thread.)
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting agent {}", agent_bin.display()))?;
+        drop(netns_file);
+        Ok(Self {
+            child: Some(child),
+            log,
+            status,
+            pin_dir,
+        })
+    }
+
+    /// The agent's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The current status file, if the agent has written one.
+    pub fn status(&self) -> Option<AgentStatus> {
+        let text = std::fs::read_to_string(&self.status).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Waits (bounded) until the agent reports `generation` or later. Fails early, with
+    /// the log tail, if the agent exits.
+    pub fn wait_generation(&mut self, generation: u64, timeout: Duration) -> Result<AgentStatus> {
+        self.wait_generation_unless(generation, timeout, || false)
+    }
+
+    /// [`AgentProcess::wait_generation`] that also gives up as soon as `cancelled()`
+    /// returns true (e.g. on Ctrl-C).
+    pub fn wait_generation_unless(
+        &mut self,
+        generation: u64,
+        timeout: Duration,
+        cancelled: impl Fn() -> bool,
+    ) -> Result<AgentStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if cancelled() {
+                bail!("cancelled while waiting for generation {generation}");
+            }
+            if let Some(s) = self.status().filter(|s| s.generation >= generation) {
+                return Ok(s);
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(exit) = child.try_wait()?
+            {
+                bail!(
+                    "the agent exited ({exit}) before reporting generation {generation}\n{}",
+                    self.log_tail(30)
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the agent did not report generation {generation} within {timeout:?} \
+                     (status: {:?})\n{}",
+                    self.status(),
+                    self.log_tail(30)
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// The last `lines` lines of the agent's log, indented, with a header.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = File::open(&self.log) {
+            // The tail of a large log is in its last 64 KiB.
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+            let _ = f.read_to_string(&mut text);
+        }
+        let all: Vec<&str> = text.lines().collect();
+        let tail = &all[all.len().saturating_sub(lines)..];
+        format!(
+            "--- last {} lines of {} ---\n  {}",
+            tail.len(),
+            self.log.display(),
+            tail.join("\n  ")
+        )
+    }
+
+    /// `Some(status)` if the agent has exited on its own.
+    pub fn exited(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => Ok(None),
+        }
+    }
+
+    /// Stops the agent now (see [`Drop`]); returns how it exited.
+    pub fn stop(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        let pid = Pid::from_raw(child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            std::thread::sleep(POLL);
+        }
+        let _ = kill(pid, Signal::SIGKILL);
+        Ok(Some(child.wait()?))
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("stopping the agent: {e:#}");
+        }
+        if self.pin_dir.exists() {
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+    }
+}

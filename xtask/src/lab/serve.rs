@@ -1,0 +1,120 @@
+//! Servers for the ports that pods and hosts declare. Listening sockets are created
+//! inside the endpoint's namespace by its [`NetnsWorker`] and served on the lab's
+//! tokio runtime.
+//!
+//! - TCP: accept, send one greeting byte ([`GREETING`]), close.
+//! - UDP: echo every datagram; the first 8 bytes are the probe's token, which is
+//!   recorded so a probe can tell "request lost" from "reply lost".
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use socket2::{Domain, Socket, Type};
+use tokio::io::AsyncWriteExt;
+use tokio::task::JoinHandle;
+
+use super::{NetnsWorker, Protocol};
+
+/// The byte a TCP server sends right after accepting.
+pub const GREETING: u8 = b'!';
+
+/// UDP tokens seen by any server of one lab.
+pub type SeenTokens = Arc<Mutex<HashSet<u64>>>;
+
+#[derive(Default)]
+pub struct Servers {
+    tasks: Vec<JoinHandle<()>>,
+    udp_seen: SeenTokens,
+}
+
+fn bind(addr: SocketAddr, protocol: Protocol) -> std::io::Result<Socket> {
+    let (ty, proto) = match protocol {
+        Protocol::Tcp => (Type::STREAM, socket2::Protocol::TCP),
+        Protocol::Udp => (Type::DGRAM, socket2::Protocol::UDP),
+    };
+    let socket = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    if protocol == Protocol::Tcp {
+        socket.listen(1024)?;
+    }
+    Ok(socket)
+}
+
+impl Servers {
+    pub fn udp_seen(&self) -> SeenTokens {
+        self.udp_seen.clone()
+    }
+
+    /// Binds `ip:port` inside the worker's namespace and serves it on `rt`.
+    pub fn start(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        worker: &NetnsWorker,
+        ip: IpAddr,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<()> {
+        let addr = SocketAddr::new(ip, port);
+        let socket = worker
+            .run(move || bind(addr, protocol))?
+            .with_context(|| format!("binding {protocol} {addr} in {}", worker.netns()))?;
+        let _guard = rt.enter();
+        let task = match protocol {
+            Protocol::Tcp => {
+                let listener = tokio::net::TcpListener::from_std(socket.into())?;
+                rt.spawn(serve_tcp(listener))
+            }
+            Protocol::Udp => {
+                let udp = tokio::net::UdpSocket::from_std(socket.into())?;
+                rt.spawn(serve_udp(udp, self.udp_seen.clone()))
+            }
+        };
+        self.tasks.push(task);
+        Ok(())
+    }
+
+    /// Stops every server; their sockets close when the tasks are dropped.
+    pub fn stop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+async fn serve_tcp(listener: tokio::net::TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((mut stream, _)) => {
+                tokio::spawn(async move {
+                    let _ = stream.write_all(&[GREETING]).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+            // Transient (e.g. out of file descriptors): back off briefly.
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}
+
+async fn serve_udp(socket: tokio::net::UdpSocket, seen: SeenTokens) {
+    let mut buf = [0u8; 1500];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((n, peer)) => {
+                if n >= 8 {
+                    let token = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
+                    seen.lock().expect("not poisoned").insert(token);
+                }
+                let _ = socket.send_to(&buf[..n], peer).await;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Developer tasks for netpol (`cargo xtask …`) and the `lab`: emulated clusters made
+//! of network namespaces, shared by the demo, the tier-3 tests, the conformance runner
+//! and the benchmarks.
+
+pub mod cargo;
+pub mod demo;
+pub mod lab;
+pub mod matrix;
+pub mod prereqs;
+pub mod ui;

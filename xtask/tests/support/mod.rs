@@ -1,0 +1,191 @@
+//! Shared scaffolding for the tier-3 network-namespace tests.
+
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use xtask::lab::{AgentProcess, Family, Lab, ManifestDir, NODE, PodSpec, Port, Probe, Protocol};
+
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether this process may build labs; prints why not.
+pub fn can_run(test: &str) -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("{test}: skipped: network-namespace tests need root");
+        return false;
+    }
+    true
+}
+
+/// The agent under test, from `NETPOL_AGENT_BIN`; prints a skip notice when unset.
+pub fn agent_bin(test: &str) -> Option<PathBuf> {
+    if !can_run(test) {
+        return None;
+    }
+    match std::env::var_os(xtask::cargo::AGENT_BIN_ENV) {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            eprintln!("{test}: skipped: NETPOL_AGENT_BIN is not set; run via `cargo xtask test`");
+            None
+        }
+    }
+}
+
+/// Pod `ns/name` with label `pod=<name>`, serving TCP 80, TCP 81 and UDP 80, dual-stack:
+/// 10.0.0.<i> and fd10::<i>.
+pub fn standard_pod(ns: &str, name: &str, i: u8) -> PodSpec {
+    PodSpec::new(ns, name)
+        .label("pod", name)
+        .ports([
+            Port::tcp(80).named("serve-80-tcp"),
+            Port::tcp(81).named("serve-81-tcp"),
+            Port::udp(80).named("serve-80-udp"),
+        ])
+        .ipv4(Ipv4Addr::new(10, 0, 0, i))
+        .ipv6(Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, 0, i as u16))
+}
+
+/// A lab with namespaces `x` and `y` (labelled `ns=<name>`) and the given standard pods.
+pub fn standard_lab(pods: &[&str]) -> Lab {
+    let mut lab = Lab::new().expect("creating the lab");
+    for ns in ["x", "y"] {
+        lab.set_namespace_labels(ns, [("ns", ns)]);
+    }
+    for (i, id) in pods.iter().enumerate() {
+        let (ns, name) = id.split_once('/').expect("ns/pod");
+        lab.add_pod(standard_pod(ns, name, i as u8 + 1))
+            .expect("adding a pod");
+    }
+    lab
+}
+
+/// The lab with its manifests and a running agent.
+pub struct Cluster {
+    // Field order is drop order: the agent stops before the lab goes away.
+    pub agent: AgentProcess,
+    pub manifests: ManifestDir,
+    pub lab: Lab,
+}
+
+impl Cluster {
+    /// Writes the manifests (no policies), starts `agent` and waits until it is ready.
+    pub fn start(lab: Lab, agent: &std::path::Path) -> Self {
+        let mut manifests =
+            ManifestDir::create(lab.workdir().join("manifests")).expect("manifest dir");
+        let generation = manifests.write(&lab, "").expect("writing manifests");
+        let mut agent = AgentProcess::start(&lab, agent, &manifests).expect("starting the agent");
+        agent
+            .wait_generation(generation, AGENT_TIMEOUT)
+            .expect("agent ready");
+        Self {
+            agent,
+            manifests,
+            lab,
+        }
+    }
+
+    /// Rewrites the manifests with these policies and waits until the agent applied them.
+    pub fn apply(&mut self, policies_yaml: &str) {
+        let generation = self
+            .manifests
+            .write(&self.lab, policies_yaml)
+            .expect("writing manifests");
+        let status = self
+            .agent
+            .wait_generation(generation, AGENT_TIMEOUT)
+            .expect("agent applied the change");
+        assert_eq!(status.invalid, 0, "the agent rejected a policy: {status:?}");
+    }
+
+    /// [`check`] with the agent's log on failure.
+    pub fn check(&self, expectations: &[(Probe, bool)]) {
+        check(&self.lab, expectations, Some(&self.agent));
+    }
+}
+
+/// Every probe from each source to each pod except itself, over TCP 80, TCP 81 and
+/// UDP 80, both families when both ends have them.
+pub fn all_probes(lab: &Lab, sources: &[&str]) -> Vec<Probe> {
+    let mut probes = Vec::new();
+    for &src in sources {
+        for dst in lab.pods() {
+            let dst_id = dst.id();
+            if dst_id == src {
+                continue;
+            }
+            for (port, proto) in [
+                (80, Protocol::Tcp),
+                (81, Protocol::Tcp),
+                (80, Protocol::Udp),
+            ] {
+                let p = Probe::new(src, dst_id.clone(), port, proto);
+                let src_has_v6 = src == NODE || lab.pod(src).is_some_and(|p| p.ipv6.is_some());
+                if src_has_v6 && dst.ipv6.is_some() {
+                    probes.push(p.clone().v6());
+                }
+                probes.push(p);
+            }
+        }
+    }
+    probes
+}
+
+/// Every pod id of the lab plus the node.
+pub fn sources(lab: &Lab) -> Vec<String> {
+    lab.pods()
+        .iter()
+        .map(|p| p.id())
+        .chain([NODE.to_string()])
+        .collect()
+}
+
+/// Runs all probes concurrently and fails with a readable list of every cell that
+/// differs from its expectation (`true` = allowed).
+pub fn check(lab: &Lab, expectations: &[(Probe, bool)], agent: Option<&AgentProcess>) {
+    let probes: Vec<Probe> = expectations.iter().map(|(p, _)| p.clone()).collect();
+    let results = lab.probe_all(&probes, PROBE_TIMEOUT).expect("probing");
+    let wrong: Vec<String> = results
+        .iter()
+        .zip(expectations)
+        .filter(|(r, (_, allowed))| !r.outcome.matches(*allowed))
+        .map(|(r, (p, allowed))| {
+            format!(
+                "  {p}: expected {}, observed {}",
+                if *allowed { "allowed" } else { "blocked" },
+                r.outcome
+            )
+        })
+        .collect();
+    if !wrong.is_empty() {
+        panic!(
+            "{} of {} probes differ from the expectation:\n{}\n{}",
+            wrong.len(),
+            expectations.len(),
+            wrong.join("\n"),
+            agent.map(|a| a.log_tail(40)).unwrap_or_default()
+        );
+    }
+}
+
+/// Pairs every probe with the verdict the scenario predicts.
+pub fn expect(probes: Vec<Probe>, allowed: impl Fn(&Probe) -> bool) -> Vec<(Probe, bool)> {
+    probes
+        .into_iter()
+        .map(|p| {
+            let a = allowed(&p);
+            (p, a)
+        })
+        .collect()
+}
+
+/// Namespace part of an endpoint id (`x/a` -> `x`; `node` -> `node`).
+pub fn ns_of(id: &str) -> &str {
+    id.split_once('/').map_or(id, |(ns, _)| ns)
+}
+
+pub fn is_v6(p: &Probe) -> bool {
+    p.family == Family::V6
+}
