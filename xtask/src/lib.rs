@@ -3,6 +3,7 @@
 //! and the benchmarks.
 
 pub mod cargo;
+pub mod conformance;
 pub mod demo;
 pub mod lab;
 pub mod matrix;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xtask::{cargo, demo, prereqs};
+use xtask::{cargo, conformance, demo, prereqs};
 
 #[derive(Parser)]
 #[command(
@@ -36,8 +36,69 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         agent: Option<PathBuf>,
     },
-    /// Every test tier: cargo test --workspace, then the network-namespace tests.
+    /// Every test tier: cargo test --workspace, the network-namespace tests, then the
+    /// conformance cases.
     Test,
+    /// Run NetworkPolicy conformance cases (FORMAT.md) on emulated pods with real traffic.
+    Conformance(ConformanceArgs),
+}
+
+#[derive(clap::Args)]
+struct ConformanceArgs {
+    /// Case files or directories [default: ../shared/conformance/cases and tests/conformance].
+    paths: Vec<PathBuf>,
+    /// Write a machine-readable report here.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Use this agent binary instead of building one.
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
+    /// Cases run at once, each on its own emulated node.
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+    /// Probe timeout per step, in milliseconds (blocked probes wait this long, together).
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    timeout_ms: u64,
+}
+
+/// Runs the cases and prints `N passed, M failed` last; fails if any case failed.
+fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
+    let paths = if args.paths.is_empty() {
+        let root = cargo::workspace_root();
+        let mut paths = vec![root.join("../shared/conformance/cases")];
+        let own = root.join("tests/conformance");
+        if own.is_dir() {
+            paths.push(own);
+        }
+        paths
+    } else {
+        args.paths
+    };
+    let files = conformance::collect(&paths)?;
+    let agent = match args.agent {
+        Some(agent) => agent,
+        None => cargo::build_agent()?,
+    };
+    let plural = if files.len() == 1 { "case" } else { "cases" };
+    xtask::ui::step(&format!(
+        "conformance: {} {plural}, {} at a time",
+        files.len(),
+        args.jobs
+    ));
+    let options = conformance::Options {
+        agent,
+        timeout: std::time::Duration::from_millis(args.timeout_ms),
+        apply_timeout: std::time::Duration::from_secs(30),
+        jobs: args.jobs,
+        json: args.json,
+    };
+    let summary = conformance::run(&files, &options)?;
+    println!("conformance: {:.0}s", summary.seconds);
+    println!("{} passed, {} failed", summary.passed, summary.failed);
+    if summary.failed > 0 {
+        anyhow::bail!("{} conformance case(s) failed", summary.failed);
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -50,7 +111,18 @@ fn main() -> ExitCode {
         Cmd::Run { once, keep, agent } => demo::run(&demo::RunOptions { once, keep, agent }),
         Cmd::Test => prereqs::ensure()
             .and_then(|()| cargo::build_agent())
-            .and_then(|agent| cargo::test_all(&agent)),
+            .and_then(|agent| {
+                let tiers = cargo::test_all(&agent);
+                let conformance = conformance(ConformanceArgs {
+                    paths: Vec::new(),
+                    json: None,
+                    agent: Some(agent),
+                    jobs: 2,
+                    timeout_ms: 1000,
+                });
+                tiers.and(conformance)
+            }),
+        Cmd::Conformance(args) => prereqs::ensure().and_then(|()| conformance(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -50,6 +50,7 @@ mod agent;
 mod manifest;
 pub mod netns;
 mod probe;
+mod sctp;
 mod serve;
 
 use std::collections::BTreeMap;
@@ -84,6 +85,8 @@ pub const GATEWAY_IPV6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 pub enum Protocol {
     Tcp,
     Udp,
+    /// Crafted INIT / INIT-ACK over raw sockets (see `sctp.rs`).
+    Sctp,
 }
 
 impl Protocol {
@@ -92,6 +95,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
         }
     }
 }
@@ -132,6 +136,14 @@ impl Port {
             name: None,
             port,
             protocol: Protocol::Udp,
+        }
+    }
+
+    pub fn sctp(port: u16) -> Self {
+        Self {
+            name: None,
+            port,
+            protocol: Protocol::Sctp,
         }
     }
 

@@ -27,6 +27,7 @@ const UDP_RESEND: Duration = Duration::from_millis(200);
 ///   greeting arrives: data flows both ways on the established connection, so replies
 ///   of the allowed flow pass.
 /// - UDP is allowed when the datagram reaches the server and its echo comes back.
+/// - SCTP is allowed when an INIT gets its INIT-ACK back (crafted; see `sctp.rs`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Probe {
     pub src: String,
@@ -175,6 +176,7 @@ fn new_socket(dst: SocketAddr, protocol: Protocol) -> std::io::Result<Socket> {
     let ty = match protocol {
         Protocol::Tcp => Type::STREAM,
         Protocol::Udp => Type::DGRAM,
+        Protocol::Sctp => return super::sctp::raw_socket(dst.ip(), false),
     };
     let s = Socket::new(Domain::for_address(dst), ty, None)?;
     s.set_nonblocking(true)?;
@@ -196,6 +198,11 @@ async fn run_one(r: &Resolved, timeout: Duration, seen: &SeenTokens) -> Outcome 
     match protocol {
         Protocol::Tcp => tcp(socket, dst, deadline).await,
         Protocol::Udp => udp(socket, dst, deadline, seen).await,
+        Protocol::Sctp => {
+            // Tokens are shared with UDP; SCTP tags are their low 32 bits.
+            let tag = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed) as u32;
+            super::sctp::probe(socket, dst, deadline, seen, tag).await
+        }
     }
 }
 

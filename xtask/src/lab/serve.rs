@@ -5,6 +5,8 @@
 //! - TCP: accept, send one greeting byte ([`GREETING`]), close.
 //! - UDP: echo every datagram; the first 8 bytes are the probe's token, which is
 //!   recorded so a probe can tell "request lost" from "reply lost".
+//! - SCTP: answer INIT with INIT-ACK from a raw socket (see `sctp.rs`); the INIT's
+//!   initiate tag is recorded like a UDP token.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -33,6 +35,7 @@ fn bind(addr: SocketAddr, protocol: Protocol) -> std::io::Result<Socket> {
     let (ty, proto) = match protocol {
         Protocol::Tcp => (Type::STREAM, socket2::Protocol::TCP),
         Protocol::Udp => (Type::DGRAM, socket2::Protocol::UDP),
+        Protocol::Sctp => return super::sctp::raw_socket(addr.ip(), true),
     };
     let socket = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
     if addr.is_ipv6() {
@@ -75,6 +78,12 @@ impl Servers {
                 let udp = tokio::net::UdpSocket::from_std(socket.into())?;
                 rt.spawn(serve_udp(udp, self.udp_seen.clone()))
             }
+            Protocol::Sctp => rt.spawn(super::sctp::serve(
+                socket,
+                ip.is_ipv4(),
+                port,
+                self.udp_seen.clone(),
+            )),
         };
         self.tasks.push(task);
         Ok(())

@@ -1,0 +1,468 @@
+//! `cargo xtask conformance`: runs NetworkPolicy conformance cases
+//! (../shared/conformance/FORMAT.md) against the real agent on emulated pods, with real
+//! traffic.
+//!
+//! Each case gets its own [`Lab`] (node namespace, pod and host namespaces, servers for
+//! every declared port) and its own agent in local mode. For every step the runner
+//! rewrites the manifest directory, waits until the agent reports that the step's
+//! generation is in the kernel, then probes every pair of every expectation at once
+//! (one timeout per step, not per probe) and compares with the expected verdicts.
+
+pub mod case;
+mod report;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::lab::{self, AgentProcess, Lab, ManifestDir, PodSpec, Port, Probe};
+use case::{
+    Addresses, Case, ClusterPlan, METADATA_NAME, Protocol, Step, Verdict, expand_templates,
+};
+pub use report::print_failure;
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub agent: PathBuf,
+    /// Per-step probe timeout.
+    pub timeout: Duration,
+    /// How long to wait for the agent to apply a step.
+    pub apply_timeout: Duration,
+    /// Cases run at once (each in its own lab).
+    pub jobs: usize,
+    pub json: Option<PathBuf>,
+}
+
+/// The outcome of one probe pair.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cell {
+    pub src: String,
+    pub dst: String,
+    pub expected: Verdict,
+    /// `allowed`, `blocked`, or a broken outcome (one-way, rejected).
+    pub observed: String,
+    pub ok: bool,
+}
+
+/// The probes of one `expect` entry of a step.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExpectResult {
+    pub port: u16,
+    pub protocol: String,
+    pub cells: Vec<Cell>,
+}
+
+impl ExpectResult {
+    pub fn wrong(&self) -> usize {
+        self.cells.iter().filter(|c| !c.ok).count()
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepResult {
+    pub index: usize,
+    pub expects: Vec<ExpectResult>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CaseResult {
+    pub name: String,
+    pub file: PathBuf,
+    pub passed: bool,
+    pub seconds: f64,
+    pub probes: usize,
+    /// Set when the case could not be run to the end (bad file, lab or agent failure).
+    pub error: Option<String>,
+    pub steps: Vec<StepResult>,
+    /// The agent log's tail when the case failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_log: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub passed: usize,
+    pub failed: usize,
+    pub seconds: f64,
+    pub cases: Vec<CaseResult>,
+}
+
+/// Case files named by `paths` (files, or directories of `*.yaml`), sorted, unique.
+pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            for entry in
+                std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))?
+            {
+                let file = entry?.path();
+                if matches!(
+                    file.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml")
+                ) {
+                    files.push(file);
+                }
+            }
+        } else if path.is_file() {
+            files.push(path.clone());
+        } else {
+            bail!("{}: no such case file or directory", path.display());
+        }
+    }
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        bail!(
+            "no case files in {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(files)
+}
+
+/// Runs every case, `jobs` at a time, printing a line per case as it finishes and the
+/// truth tables of failures; returns the summary (also written as JSON if asked).
+pub fn run(files: &[PathBuf], options: &Options) -> Result<Summary> {
+    let started = Instant::now();
+    let queue = Mutex::new(
+        files
+            .iter()
+            .enumerate()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>(),
+    );
+    let results = Mutex::new(BTreeMap::new());
+    let total = files.len();
+    let done = Mutex::new(0usize);
+    std::thread::scope(|scope| {
+        for _ in 0..options.jobs.clamp(1, total) {
+            scope.spawn(|| {
+                loop {
+                    let Some((index, file)) = queue.lock().expect("not poisoned").pop() else {
+                        return;
+                    };
+                    let result = run_case(file, options);
+                    let mut done = done.lock().expect("not poisoned");
+                    *done += 1;
+                    report::print_case_line(*done, total, &result);
+                    if !result.passed {
+                        print_failure(&result);
+                    }
+                    results.lock().expect("not poisoned").insert(index, result);
+                }
+            });
+        }
+    });
+    let cases: Vec<CaseResult> = results
+        .into_inner()
+        .expect("not poisoned")
+        .into_values()
+        .collect();
+    let passed = cases.iter().filter(|c| c.passed).count();
+    let summary = Summary {
+        passed,
+        failed: cases.len() - passed,
+        seconds: started.elapsed().as_secs_f64(),
+        cases,
+    };
+    if let Some(path) = &options.json {
+        let json = serde_json::to_string_pretty(&summary)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(summary)
+}
+
+/// Runs one case to the end, turning every failure into a failed result.
+pub fn run_case(file: &Path, options: &Options) -> CaseResult {
+    let started = Instant::now();
+    let name = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut result = CaseResult {
+        name,
+        file: file.to_path_buf(),
+        passed: false,
+        seconds: 0.0,
+        probes: 0,
+        error: None,
+        steps: Vec::new(),
+        agent_log: None,
+    };
+    let outcome = Case::load(file).and_then(|case| {
+        result.name = case.name.clone();
+        Runner::new(&case, options)?.run(&case, &mut result)
+    });
+    if let Err(error) = outcome {
+        result.error = Some(format!("{error:#}"));
+    }
+    result.passed = result.error.is_none()
+        && result
+            .steps
+            .iter()
+            .all(|s| s.expects.iter().all(|e| e.wrong() == 0));
+    result.seconds = started.elapsed().as_secs_f64();
+    result
+}
+
+/// A case's lab, agent and current policies.
+struct Runner<'a> {
+    lab: Lab,
+    manifests: ManifestDir,
+    agent: Option<AgentProcess>,
+    policies: BTreeMap<(String, String), Value>,
+    options: &'a Options,
+}
+
+impl Addresses for Lab {
+    fn ipv4_of(&self, endpoint: &str) -> Option<Ipv4Addr> {
+        if let Some(name) = endpoint.strip_prefix("host/") {
+            return self
+                .hosts()
+                .iter()
+                .find(|h| h.name == name)
+                .and_then(|h| match h.ip {
+                    IpAddr::V4(ip) => Some(ip),
+                    IpAddr::V6(_) => None,
+                });
+        }
+        self.pod(endpoint).map(|p| p.ipv4)
+    }
+}
+
+fn lab_port(port: &case::PortDef) -> Port {
+    let base = match port.protocol {
+        Protocol::Tcp => Port::tcp(port.port),
+        Protocol::Udp => Port::udp(port.port),
+        Protocol::Sctp => Port::sctp(port.port),
+    };
+    match &port.name {
+        Some(name) => base.named(name.clone()),
+        None => base,
+    }
+}
+
+fn lab_protocol(protocol: Protocol) -> lab::Protocol {
+    match protocol {
+        Protocol::Tcp => lab::Protocol::Tcp,
+        Protocol::Udp => lab::Protocol::Udp,
+        Protocol::Sctp => lab::Protocol::Sctp,
+    }
+}
+
+/// `kubernetes.io/metadata.name` is the API server's to set: the lab adds it.
+fn without_metadata_name(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    labels
+        .iter()
+        .filter(|(k, _)| k.as_str() != METADATA_NAME)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+impl<'a> Runner<'a> {
+    fn new(case: &Case, options: &'a Options) -> Result<Self> {
+        let plan = ClusterPlan::of(case)?;
+        let mut lab = Lab::new()?;
+        for (ns, labels) in &plan.namespaces {
+            lab.set_namespace_labels(ns, without_metadata_name(labels));
+        }
+        for pod in &plan.pods {
+            let (ns, name) = case::split_pod(&pod.name)?;
+            let mut spec = PodSpec::new(ns, name).ports(pod.ports.iter().map(lab_port));
+            spec.labels = pod.labels.clone();
+            lab.add_pod(spec)
+                .with_context(|| format!("creating pod {}", pod.name))?;
+        }
+        for host in &plan.hosts {
+            let ports: Vec<Port> = host.ports.iter().map(lab_port).collect();
+            lab.add_host(&host.name, IpAddr::V4(host.ip), &ports)
+                .with_context(|| format!("creating host/{}", host.name))?;
+        }
+        let manifests = ManifestDir::create(lab.workdir().join("manifests"))?;
+        Ok(Runner {
+            lab,
+            manifests,
+            agent: None,
+            policies: BTreeMap::new(),
+            options,
+        })
+    }
+
+    fn policies_yaml(&self) -> Result<String> {
+        let mut out = String::new();
+        for policy in self.policies.values() {
+            out.push_str("---\n");
+            out.push_str(&serde_norway::to_string(policy).context("rendering a policy")?);
+        }
+        Ok(out)
+    }
+
+    /// Writes the manifests and waits until the agent has them in the kernel.
+    fn sync(&mut self) -> Result<()> {
+        let yaml = self.policies_yaml()?;
+        let generation = self.manifests.write(&self.lab, &yaml)?;
+        if self.agent.is_none() {
+            self.agent = Some(AgentProcess::start(
+                &self.lab,
+                &self.options.agent,
+                &self.manifests,
+            )?);
+        }
+        let agent = self.agent.as_mut().expect("started above");
+        let status = agent.wait_generation(generation, self.options.apply_timeout)?;
+        if status.invalid > 0 {
+            bail!(
+                "the agent rejected {} object(s) of this step; see its log",
+                status.invalid
+            );
+        }
+        Ok(())
+    }
+
+    fn apply_step(&mut self, step: &Step) -> Result<()> {
+        for object in &step.apply {
+            let object = expand_templates(object, &self.lab)?;
+            let kind = object
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if kind != "NetworkPolicy" {
+                bail!("apply: only NetworkPolicy objects can be applied, not {kind:?}");
+            }
+            let metadata = object.get("metadata");
+            let namespace = metadata
+                .and_then(|m| m.get("namespace"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            let name = metadata
+                .and_then(|m| m.get("name"))
+                .and_then(Value::as_str)
+                .context("apply: a NetworkPolicy without metadata.name")?;
+            self.policies
+                .insert((namespace.to_owned(), name.to_owned()), object.clone());
+        }
+        for target in &step.delete {
+            let (ns, name) =
+                case::split_pod(target).with_context(|| format!("delete: {target:?}"))?;
+            if self
+                .policies
+                .remove(&(ns.to_owned(), name.to_owned()))
+                .is_none()
+            {
+                bail!("delete: no NetworkPolicy {target}");
+            }
+        }
+        if step.delete_all_policies {
+            self.policies.clear();
+        }
+        for (pod, labels) in &step.pod_labels {
+            self.lab.set_pod_labels(pod, labels.clone())?;
+        }
+        for (ns, labels) in &step.namespace_labels {
+            if !self.lab.namespaces().contains_key(ns) {
+                bail!("namespace_labels: no namespace {ns}");
+            }
+            self.lab
+                .set_namespace_labels(ns, without_metadata_name(labels));
+        }
+        self.sync()
+    }
+
+    /// Probe endpoints: pods, then hosts, with what they serve.
+    fn endpoints(&self) -> Vec<(String, Vec<(u16, lab::Protocol)>)> {
+        let pods = self.lab.pods().iter().map(|p| {
+            (
+                p.id(),
+                p.ports.iter().map(|q| (q.port, q.protocol)).collect(),
+            )
+        });
+        let hosts = self.lab.hosts().iter().map(|h| {
+            (
+                format!("host/{}", h.name),
+                h.ports.iter().map(|q| (q.port, q.protocol)).collect(),
+            )
+        });
+        pods.chain(hosts).collect()
+    }
+
+    fn check(&self, step: &Step, index: usize) -> Result<StepResult> {
+        let endpoints = self.endpoints();
+        let mut probes = Vec::new();
+        let mut expected = Vec::new();
+        for (e, expect) in step.expect.iter().enumerate() {
+            let protocol = lab_protocol(expect.protocol);
+            for (dst, serves) in &endpoints {
+                if !serves.contains(&(expect.port, protocol)) {
+                    continue;
+                }
+                for (src, _) in &endpoints {
+                    if src == dst {
+                        continue;
+                    }
+                    probes.push(Probe::new(src.clone(), dst.clone(), expect.port, protocol));
+                    expected.push((e, expect.verdict(src, dst)));
+                }
+            }
+        }
+        let results = self.lab.probe_all(&probes, self.options.timeout)?;
+        let mut expects: Vec<ExpectResult> = step
+            .expect
+            .iter()
+            .map(|x| ExpectResult {
+                port: x.port,
+                protocol: x.protocol.to_string(),
+                cells: Vec::new(),
+            })
+            .collect();
+        for (result, (e, want)) in results.into_iter().zip(expected) {
+            let ok = result.outcome.matches(want == Verdict::Allowed);
+            expects[e].cells.push(Cell {
+                src: result.probe.src,
+                dst: result.probe.dst,
+                expected: want,
+                observed: result.outcome.to_string(),
+                ok,
+            });
+        }
+        Ok(StepResult { index, expects })
+    }
+
+    fn run(mut self, case: &Case, result: &mut CaseResult) -> Result<()> {
+        // Step 0: the cluster without policies, so the agent is up before the first change.
+        self.sync().context("starting the agent")?;
+        let outcome = (|| -> Result<()> {
+            for (index, step) in case.steps.iter().enumerate() {
+                self.apply_step(step)
+                    .with_context(|| format!("step {}", index + 1))?;
+                let checked = self
+                    .check(step, index + 1)
+                    .with_context(|| format!("step {}", index + 1))?;
+                result.probes += checked.expects.iter().map(|e| e.cells.len()).sum::<usize>();
+                result.steps.push(checked);
+            }
+            Ok(())
+        })();
+        let failed = outcome.is_err()
+            || result
+                .steps
+                .iter()
+                .any(|s| s.expects.iter().any(|e| e.wrong() > 0));
+        if failed && let Some(agent) = &self.agent {
+            result.agent_log = Some(agent.log_tail(30));
+        }
+        outcome
+    }
+}
