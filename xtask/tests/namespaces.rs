@@ -56,7 +56,7 @@ fn lab_drives_an_agent_through_the_status_file() {
     let workdir = lab.workdir().to_path_buf();
     {
         let mut cluster = Cluster::start(lab, env!("CARGO_BIN_EXE_noop-agent").as_ref());
-        // The manifests describe the lab per docs/CONTRACTS.md.
+        // The manifests describe the lab per README.md ("Using the agent").
         let yaml = std::fs::read_to_string(cluster.manifests.path().join("cluster.yaml")).unwrap();
         for needle in [
             "kind: Namespace",

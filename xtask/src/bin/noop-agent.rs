@@ -1,5 +1,5 @@
 //! A stand-in for netpol-agent that honours the local-mode contract of
-//! docs/CONTRACTS.md (`run --manifests DIR --status-file FILE ...`) but enforces
+//! README.md ("Using the agent") (`run --manifests DIR --status-file FILE ...`) but enforces
 //! nothing: whenever `DIR/.generation` changes it writes the status file. The lab's own
 //! tests use it to exercise the harness without the real agent.
 

@@ -1,5 +1,5 @@
 //! Running the real agent (or any program honouring the same CLI) in the lab's node
-//! namespace, per docs/CONTRACTS.md.
+//! namespace, per README.md ("Using the agent").
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};

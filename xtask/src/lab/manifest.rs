@@ -1,4 +1,4 @@
-//! The agent's local-mode manifest directory (docs/CONTRACTS.md): Namespace and Pod
+//! The agent's local-mode manifest directory (README.md ("Using the agent")): Namespace and Pod
 //! objects describing the lab, NetworkPolicies given as YAML, and the `.generation`
 //! counter written last.
 
