@@ -46,8 +46,21 @@ pub struct LocalConfig {
     pub flow_socket: Option<PathBuf>,
     pub node_name: Option<String>,
     pub capacities: Capacities,
+    /// What a clean exit (SIGTERM, Ctrl-C) does to the kernel state.
+    pub on_exit: OnExit,
     pub poll: Duration,
     pub resync: Duration,
+}
+
+/// What happens to programs, links and maps when the agent exits cleanly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnExit {
+    /// Keep them pinned and attached: policies stay enforced while the agent is away
+    /// (restarts, upgrades), and the next agent adopts them without a gap.
+    #[default]
+    Keep,
+    /// Detach from every interface and remove every pinned object (uninstall).
+    Detach,
 }
 
 /// What the agent has put into the kernel, written to `--status-file` after each apply.
@@ -62,7 +75,8 @@ pub struct Status {
     pub pending: Vec<String>,
 }
 
-/// Runs local mode until `shutdown` resolves; then detaches and unpins everything.
+/// Runs local mode until `shutdown` resolves; then leaves or removes the kernel state
+/// as `config.on_exit` says.
 pub async fn run_local(
     config: LocalConfig,
     shutdown: impl std::future::Future<Output = ()>,
@@ -76,7 +90,10 @@ pub async fn run_local(
         }
         Err(error) => Err(error),
     };
-    datapath.shutdown();
+    match config.on_exit {
+        OnExit::Keep => datapath.release(),
+        OnExit::Detach => datapath.shutdown(),
+    }
     result
 }
 

@@ -148,9 +148,19 @@ struct RunArgs {
     /// Capacity of the conntrack map.
     #[arg(long)]
     max_conntrack: Option<u32>,
+    /// On a clean exit: `keep` leaves programs, links and maps pinned so enforcement goes
+    /// on (fail-static, seamless restarts); `detach` removes everything (uninstall).
+    #[arg(long, value_enum, default_value = "keep")]
+    on_exit: OnExitArg,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum OnExitArg {
+    Keep,
+    Detach,
 }
 
 #[tokio::main]
@@ -193,6 +203,10 @@ async fn main() -> anyhow::Result<()> {
             policy: args.max_policy,
             conntrack: args.max_conntrack,
         },
+        on_exit: match args.on_exit {
+            OnExitArg::Keep => agent::OnExit::Keep,
+            OnExitArg::Detach => agent::OnExit::Detach,
+        },
         poll: Duration::from_millis(args.poll_ms.max(10)),
         resync: Duration::from_millis(args.resync_ms.max(100)),
     };
@@ -200,7 +214,7 @@ async fn main() -> anyhow::Result<()> {
     agent::run_local(config, shutdown_signal())
         .await
         .context("agent stopped")?;
-    tracing::info!("netpol-agent stopped; programs detached, pins removed");
+    tracing::info!("netpol-agent stopped");
     Ok(())
 }
 

@@ -143,7 +143,7 @@ impl Loaded {
             "{:?}",
             compiled.diagnostics
         );
-        datapath.apply(&compiled).expect("write maps");
+        datapath.sync_maps(&compiled).expect("write maps");
         Some(Loaded {
             datapath: Some(datapath),
             compiled,
@@ -599,13 +599,13 @@ fn without_policies_everything_passes_and_decisions_follow_updates() {
     assert!(dp.counter(Reason::NotIsolated) >= 1);
     // Apply the policies: a new connection from c to b is now denied.
     let compiled = compile::compile(&state(&[CLUSTER, POLICIES]), &Allocations::default());
-    dp.datapath.as_mut().unwrap().apply(&compiled).unwrap();
+    dp.datapath.as_mut().unwrap().sync_maps(&compiled).unwrap();
     let syn = Frame::new(ip("10.1.0.3"), ip("10.1.0.2"), Transport::syn(45001, 81));
     assert!(!dp.run(ToPod, &syn));
     assert!(dp.counter(Reason::PolicyDenied) >= 1);
     // And back.
     let compiled = compile::compile(&state(&[CLUSTER]), &compiled.allocations);
-    dp.datapath.as_mut().unwrap().apply(&compiled).unwrap();
+    dp.datapath.as_mut().unwrap().sync_maps(&compiled).unwrap();
     assert_eq!(
         dp.datapath.as_ref().unwrap().map_sizes().2,
         0,
@@ -637,7 +637,7 @@ fn revoking_a_permission_stops_established_connections_and_keeps_the_rest() {
         "ports: [{protocol: TCP, port: 8080}]",
     );
     let compiled = compile::compile(&state(&[CLUSTER, &narrowed]), &Allocations::default());
-    dp.datapath.as_mut().unwrap().apply(&compiled).unwrap();
+    dp.datapath.as_mut().unwrap().sync_maps(&compiled).unwrap();
     assert_ne!(
         dp.datapath.as_ref().unwrap().generation(),
         generation,

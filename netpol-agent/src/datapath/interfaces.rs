@@ -47,12 +47,18 @@ pub fn parse_ipv6_routes(text: &str) -> Vec<Route> {
         .collect()
 }
 
-/// The interface of the most specific route covering `ip` (loopback routes ignored).
+/// The interface of the host route (/32 or /128) of `ip`: how ptp-style CNIs (Calico,
+/// Cilium, kindnet, the lab) reach a pod through its host-side veth. Shorter prefixes
+/// never count: a default or subnet route leads to an uplink or a bridge, and programs
+/// must never be attached there.
 pub fn interface_for(routes: &[Route], ip: IpAddr) -> Option<&str> {
     routes
         .iter()
-        .filter(|route| route.interface != "lo" && route.destination.contains(&ip))
-        .max_by_key(|route| route.destination.prefix_len())
+        .find(|route| {
+            route.interface != "lo"
+                && route.destination.addr() == ip
+                && route.destination.prefix_len() == route.destination.max_prefix_len()
+        })
         .map(|route| route.interface.as_str())
 }
 
@@ -105,14 +111,10 @@ mod tests {
             interface_for(&routes, "10.0.0.2".parse().unwrap()),
             Some("vethab")
         );
-        assert_eq!(
-            interface_for(&routes, "10.0.7.9".parse().unwrap()),
-            Some("cni0")
-        );
-        assert_eq!(
-            interface_for(&routes, "8.8.8.8".parse().unwrap()),
-            Some("eth0")
-        );
+        // Subnet and default routes never name a pod's interface: programs must not land
+        // on a bridge or the uplink.
+        assert_eq!(interface_for(&routes, "10.0.7.9".parse().unwrap()), None);
+        assert_eq!(interface_for(&routes, "8.8.8.8".parse().unwrap()), None);
     }
 
     #[test]

@@ -284,6 +284,14 @@ impl Datapath {
     /// Brings the kernel to `compiled`: map contents first (in an order that never opens
     /// more than the old or the new state allows), then attachments.
     pub fn apply(&mut self, compiled: &Compiled) -> Result<ApplyReport> {
+        let mut report = self.sync_maps(compiled)?;
+        self.reconcile_attachments(compiled, &mut report)?;
+        Ok(report)
+    }
+
+    /// Only the map half of [`Datapath::apply`]: no interface is touched (verdict tests,
+    /// benchmarks).
+    pub fn sync_maps(&mut self, compiled: &Compiled) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
         let map_err = |name| move |source| Error::Map { name, source };
         // Additions: allowing entries before the identities that use them, and both
@@ -325,8 +333,6 @@ impl Datapath {
                 source,
             })?;
         }
-
-        self.reconcile_attachments(compiled, &mut report)?;
         Ok(report)
     }
 
@@ -562,6 +568,12 @@ impl Datapath {
             action: result.return_value as i32,
             duration: result.duration,
         })
+    }
+
+    /// Leaves everything pinned and attached: enforcement goes on unchanged without the
+    /// agent (fail-static), and the next agent adopts maps, conntrack and links.
+    pub fn release(self) {
+        info!(dir = %self.dir.display(), generation = self.generation, "datapath left in place (fail-static)");
     }
 
     /// Detaches from every interface and removes every pinned object.
