@@ -84,3 +84,29 @@ pub fn test_all(agent: &Path) -> Result<()> {
         (false, false) => bail!("tiers 1–2 and tier 3 failed"),
     }
 }
+
+/// The benchmarks (`netpol-agent/benches`), one after the other; `smoke` runs tiny sizes.
+pub fn bench(which: &str, smoke: bool) -> Result<()> {
+    let names: &[&str] = match which {
+        "all" => &["datapath", "control"],
+        "datapath" => &["datapath"],
+        "control" => &["control"],
+        other => bail!("unknown benchmark {other:?} (datapath, control, all)"),
+    };
+    for name in names {
+        ui::step(&format!(
+            "benchmark {name}{}",
+            if smoke { " (smoke)" } else { "" }
+        ));
+        let mut cmd = cargo();
+        cmd.args(["bench", "-p", "netpol-agent", "--bench", name]);
+        if smoke {
+            cmd.args(["--", "--smoke"]);
+        }
+        let status = cmd.status().context("running cargo bench")?;
+        if !status.success() {
+            bail!("benchmark {name} failed ({status})");
+        }
+    }
+    Ok(())
+}

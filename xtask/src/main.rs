@@ -41,6 +41,16 @@ enum Cmd {
     Test,
     /// Run NetworkPolicy conformance cases (FORMAT.md) on emulated pods with real traffic.
     Conformance(ConformanceArgs),
+    /// Benchmarks: tables on stdout, JSON in target/bench/ (see docs/BENCHMARKS.md).
+    Bench {
+        /// Which benchmark: datapath (BPF_PROG_TEST_RUN), control (compile and apply at
+        /// 10k pods), or all.
+        #[arg(value_parser = ["datapath", "control", "all"], default_value = "all")]
+        which: String,
+        /// Tiny sizes, a few seconds: proves the benchmarks still work (CI).
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -112,7 +122,7 @@ fn main() -> ExitCode {
         Cmd::Test => prereqs::ensure()
             .and_then(|()| cargo::build_agent())
             .and_then(|agent| {
-                let tiers = cargo::test_all(&agent);
+                let tiers = cargo::test_all(&agent).and(cargo::bench("all", true));
                 let conformance = conformance(ConformanceArgs {
                     paths: Vec::new(),
                     json: None,
@@ -123,6 +133,7 @@ fn main() -> ExitCode {
                 tiers.and(conformance)
             }),
         Cmd::Conformance(args) => prereqs::ensure().and_then(|()| conformance(args)),
+        Cmd::Bench { which, smoke } => prereqs::ensure().and_then(|()| cargo::bench(&which, smoke)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
