@@ -204,7 +204,7 @@ fn scenarios() -> Vec<Scenario> {
         Scenario {
             key: "established",
             name: "established flow (CT hit)",
-            method: "to_pod, ACK of a tuple whose SYN and SYN-ACK passed: ENDPOINTS + CT hit",
+            method: "to_pod, ACK of a tuple whose SYN and SYN-ACK passed: CT hit (ENDPOINTS not needed)",
             prog: Prog::Netpol(ToPod),
             frame: tcp(CLIENT, SERVER, 40000, 80, TCP_ACK),
             action: PASS,
@@ -213,7 +213,7 @@ fn scenarios() -> Vec<Scenario> {
         Scenario {
             key: "established_reply",
             name: "established flow, reply (CT hit)",
-            method: "from_pod, server's ACK on the same tuple: ENDPOINTS + CT hit",
+            method: "from_pod, server's ACK on the same tuple: CT hit (ENDPOINTS not needed)",
             prog: Prog::Netpol(FromPod),
             frame: tcp(SERVER, CLIENT, 80, 40000, TCP_ACK),
             action: PASS,

@@ -1,7 +1,10 @@
 //! Header parsing: Ethernet, IPv4, IPv6 (extension headers skipped, bounded), and the
-//! first bytes of TCP, UDP, SCTP, ICMP and ICMPv6. Everything is read with
-//! `bpf_skb_load_bytes`, which checks bounds at run time, so a short packet is an error,
-//! never an out-of-bounds read.
+//! first bytes of TCP, UDP, SCTP, ICMP and ICMPv6.
+//!
+//! Fields are read by direct packet access when they lie in the linear part of the
+//! skb (the verifier checks every access against `data_end`), and with
+//! `bpf_skb_load_bytes` otherwise, so a header in a paged fragment is still read and a
+//! short packet is an error, never an out-of-bounds read.
 
 use aya_ebpf::programs::TcContext;
 use netpol_common::{Addr, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
@@ -38,8 +41,18 @@ pub struct Packet {
     pub later_fragment: bool,
 }
 
+/// Offsets beyond this are never direct-accessed (keeps the verifier's range small).
+const MAX_DIRECT_OFFSET: usize = 256;
+
 #[inline(always)]
-fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
+fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if offset <= MAX_DIRECT_OFFSET && start + offset + core::mem::size_of::<T>() <= end {
+        // SAFETY: the bounds check above is against the packet's linear data, and the
+        // verifier re-checks it; T is plain bytes and integers (read unaligned).
+        return Ok(unsafe { ((start + offset) as *const T).read_unaligned() });
+    }
     ctx.load::<T>(offset).map_err(|_| Malformed)
 }
 

@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     programs::TcContext,
 };
 use netpol_common::{
@@ -63,33 +63,45 @@ fn decide(ctx: &TcContext, packet: &Packet, direction: u8) -> Verdict {
     } else {
         &packet.dst
     };
-    // SAFETY: ENDPOINTS is only written from userspace; the value is copied at once.
-    let Some(endpoint) = (unsafe { ENDPOINTS.get(local) }).copied() else {
-        return Verdict::of(Reason::NotEndpoint);
-    };
+    // SAFETY (both lookups): ENDPOINTS is only written from userspace; the value is
+    // copied at once.
+    let endpoint = || (unsafe { ENDPOINTS.get(local) }).copied();
     if packet.later_fragment {
-        return Verdict {
-            endpoint: endpoint.id,
-            ..Verdict::of(Reason::Fragment)
+        return match endpoint() {
+            Some(endpoint) => Verdict {
+                endpoint: endpoint.id,
+                ..Verdict::of(Reason::Fragment)
+            },
+            None => Verdict::of(Reason::NotEndpoint),
         };
     }
+    // The coarse clock (jiffies) is plenty for timeouts of seconds and much cheaper.
     // SAFETY: a helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let len = ctx.len();
     let generation = STATE.get(0).map_or(0, |state| state.generation);
     let flow = Flow::of(packet, direction);
-    let recheck = |connection: &policy::Connection| {
-        let decision = policy::decide(&endpoint, connection);
-        (!decision.reason.is_drop()).then_some(decision.rule)
+    // Conntrack first: a packet of a known connection costs one lookup. Entries exist
+    // only for endpoints, so ENDPOINTS is consulted only when the policy changed since
+    // the entry was judged (a pod that is no longer an endpoint is not ours to judge).
+    let recheck = |connection: &policy::Connection| match endpoint() {
+        Some(endpoint) => {
+            let decision = policy::decide(&endpoint, connection);
+            (!decision.reason.is_drop()).then_some(decision.rule)
+        }
+        None => Some(RULE_NONE),
     };
     if let Some(tracked) = conntrack::track(&flow, packet, now, len, generation, recheck) {
         return Verdict {
             reason: tracked.reason,
             rule: tracked.rule,
-            endpoint: endpoint.id,
+            endpoint: 0,
             identity: 0,
         };
     }
+    let Some(endpoint) = endpoint() else {
+        return Verdict::of(Reason::NotEndpoint);
+    };
     let remote = if direction == DIR_EGRESS {
         &packet.dst
     } else {
