@@ -1,19 +1,31 @@
 //! The agent's control loop: source → state → compile → datapath, one direction.
 //!
-//! Local mode polls the manifest directory (cheap fingerprint every `poll` interval) and
-//! re-applies on change; every `resync` it also re-checks interfaces, so veths that
-//! appear after their pod was declared get their programs.
+//! A [`Source`] says when the cluster may have changed and fills a [`ClusterState`];
+//! the loop then compiles and applies (the datapath writes only differences) and writes
+//! the status file. Every `resync` it also re-checks interfaces, so veths that appear
+//! after their pod was declared get their programs; with pods pending it re-checks on
+//! every poll. Nothing is applied before the source's first complete state.
+//!
+//! - Local mode ([`run_local`]): polls the manifest directory (cheap fingerprint every
+//!   `poll` interval); the status file's generation is the directory's `.generation`.
+//! - Kubernetes mode ([`run_kube`]): watchers feed reflector stores; changes are batched
+//!   (debounce, bounded latency); the generation is the highest resourceVersion applied.
 
 use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-use crate::compile::{self, Allocations, Compiled};
+use crate::compile::{self, Allocations, Compiled, Diagnostic};
 use crate::datapath::{self, Capacities, Datapath, interfaces};
 use crate::flowlog::{self, Resolver, SharedResolver};
+use crate::health::Health;
+use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::local::{Fingerprint, LocalSource};
 use crate::state::{ClusterState, NodeContext};
 
@@ -29,11 +41,29 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Kube(#[from] kube_source::Error),
     #[error("status file {path}: {source}")]
     Status {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// How the agent runs, whatever the source.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub bpffs_dir: PathBuf,
+    pub status_file: Option<PathBuf>,
+    /// Unix socket serving the flow log (`netpol-agent flows`); `None`: no flow log.
+    pub flow_socket: Option<PathBuf>,
+    pub node_name: Option<String>,
+    pub capacities: Capacities,
+    /// What a clean exit (SIGTERM, Ctrl-C) does to the kernel state.
+    pub on_exit: OnExit,
+    /// Longest wait for a change before the loop looks at interfaces again.
+    pub poll: Duration,
+    pub resync: Duration,
 }
 
 /// How the agent runs in local mode.
@@ -52,6 +82,166 @@ pub struct LocalConfig {
     pub resync: Duration,
 }
 
+impl LocalConfig {
+    fn split(self) -> (PathBuf, Config) {
+        (
+            self.manifests,
+            Config {
+                bpffs_dir: self.bpffs_dir,
+                status_file: self.status_file,
+                flow_socket: self.flow_socket,
+                node_name: self.node_name,
+                capacities: self.capacities,
+                on_exit: self.on_exit,
+                poll: self.poll,
+                resync: self.resync,
+            },
+        )
+    }
+}
+
+/// What the agent has put into the kernel, written to `--status-file` after each apply.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Status {
+    /// `.generation` of the manifest set now in the kernel (0 when there is none); in
+    /// Kubernetes mode the highest resourceVersion of the objects in the kernel.
+    pub generation: u64,
+    pub endpoints: usize,
+    pub policies: usize,
+    pub invalid: usize,
+    pub attached: usize,
+    pub pending: Vec<String>,
+}
+
+/// What changed in the cluster, as a source reports it.
+#[derive(Debug, Default)]
+pub struct Update {
+    pub diagnostics: Vec<Diagnostic>,
+    /// The generation to report once this state is in the kernel; `None`: unchanged.
+    pub generation: Option<u64>,
+}
+
+/// Where cluster state comes from.
+pub trait Source {
+    /// Waits (bounded by the source's own poll interval) for the next chance of a change;
+    /// `Ok(true)` when the state changed since the last [`Source::snapshot`] and is
+    /// complete. Never `true` before the source has a complete view.
+    fn changed(&mut self) -> impl Future<Output = Result<bool, Error>> + Send;
+
+    /// Fills `state` (objects and node context).
+    fn snapshot(&mut self, state: &mut ClusterState) -> Result<Update, Error>;
+
+    /// Diagnostics that appeared with the last snapshot (already logged by the loop).
+    fn report(&mut self, _new: &[Diagnostic]) {}
+}
+
+/// Local mode: the manifest directory, polled.
+pub struct LocalManifests {
+    source: LocalSource,
+    node_name: Option<String>,
+    ticker: tokio::time::Interval,
+    fingerprint: Option<Fingerprint>,
+    current: Option<Fingerprint>,
+}
+
+impl LocalManifests {
+    pub fn new(dir: impl Into<PathBuf>, node_name: Option<String>, poll: Duration) -> Self {
+        let mut ticker = tokio::time::interval(poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        LocalManifests {
+            source: LocalSource::new(dir),
+            node_name,
+            ticker,
+            fingerprint: None,
+            current: None,
+        }
+    }
+
+    fn error(&self, source: std::io::Error) -> Error {
+        Error::Manifests {
+            path: self.source.dir().to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl Source for LocalManifests {
+    async fn changed(&mut self) -> Result<bool, Error> {
+        self.ticker.tick().await;
+        let current = self.source.fingerprint().map_err(|e| self.error(e))?;
+        let changed = self.fingerprint.as_ref() != Some(&current);
+        self.current = Some(current);
+        Ok(changed)
+    }
+
+    fn snapshot(&mut self, state: &mut ClusterState) -> Result<Update, Error> {
+        let snapshot = self.source.read().map_err(|e| self.error(e))?;
+        self.fingerprint = self.current.take();
+        state.node = NodeContext {
+            name: self.node_name.clone(),
+            ips: local_addresses(),
+        };
+        let (diagnostics, generation) = snapshot.into_state(state);
+        Ok(Update {
+            diagnostics,
+            generation,
+        })
+    }
+}
+
+/// Kubernetes mode: the API server's objects, through [`KubeSource`].
+pub struct KubeWatch {
+    source: KubeSource,
+    node_name: String,
+    poll: Duration,
+}
+
+impl KubeWatch {
+    pub fn new(source: KubeSource, node_name: String, poll: Duration) -> Self {
+        KubeWatch {
+            source,
+            node_name,
+            poll,
+        }
+    }
+}
+
+impl Source for KubeWatch {
+    async fn changed(&mut self) -> Result<bool, Error> {
+        Ok(self.source.changed(self.poll).await?)
+    }
+
+    fn snapshot(&mut self, state: &mut ClusterState) -> Result<Update, Error> {
+        let snapshot = self.source.snapshot(state);
+        // The Node object's addresses, and the addresses of this network namespace
+        // (the agent runs with hostNetwork): bridge CNIs source host-to-pod traffic
+        // from the bridge's address, which no Node object lists.
+        let mut ips = snapshot.node_ips;
+        ips.extend(local_addresses());
+        ips.sort();
+        ips.dedup();
+        state.node = NodeContext {
+            name: Some(self.node_name.clone()),
+            ips,
+        };
+        Ok(Update {
+            diagnostics: snapshot.diagnostics,
+            generation: snapshot.generation,
+        })
+    }
+
+    fn report(&mut self, new: &[Diagnostic]) {
+        self.source.report(new);
+    }
+}
+
+fn local_addresses() -> Vec<IpAddr> {
+    interfaces::node_addresses().unwrap_or_else(|error| {
+        warn!(%error, "cannot list node addresses");
+        Vec::new()
+    })
+}
+
 /// What happens to programs, links and maps when the agent exits cleanly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum OnExit {
@@ -63,33 +253,76 @@ pub enum OnExit {
     Detach,
 }
 
-/// What the agent has put into the kernel, written to `--status-file` after each apply.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct Status {
-    /// `.generation` of the manifest set now in the kernel (0 when there is none).
-    pub generation: u64,
-    pub endpoints: usize,
-    pub policies: usize,
-    pub invalid: usize,
-    pub attached: usize,
-    pub pending: Vec<String>,
-}
-
 /// Runs local mode until `shutdown` resolves; then leaves or removes the kernel state
 /// as `config.on_exit` says.
 pub async fn run_local(
     config: LocalConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
-    let mut source = LocalSource::new(&config.manifests);
+    run_local_with(config, Arc::new(Health::default()), shutdown).await
+}
+
+/// [`run_local`], reporting to `health`.
+pub async fn run_local_with(
+    config: LocalConfig,
+    health: Arc<Health>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let (manifests, config) = config.split();
+    let source = LocalManifests::new(manifests, config.node_name.clone(), config.poll);
+    run(&config, source, &health, shutdown).await
+}
+
+/// How the agent runs in Kubernetes mode, besides [`Config`].
+#[derive(Clone, Debug)]
+pub struct KubeConfig {
+    /// `None`: in-cluster (or `KUBECONFIG`, `~/.kube/config`).
+    pub kubeconfig: Option<PathBuf>,
+    pub settings: kube_source::Settings,
+}
+
+/// Runs Kubernetes mode until `shutdown` resolves. `config.node_name` is required.
+pub async fn run_kube(
+    config: Config,
+    kube: KubeConfig,
+    health: Arc<Health>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let node_name = config
+        .node_name
+        .clone()
+        .ok_or(kube_source::Error::NoNodeName)?;
+    let client_config = kube_source::config(kube.kubeconfig.as_deref()).await?;
+    let source = KubeSource::start(client_config, kube.settings)?;
+    let source = KubeWatch::new(source, node_name, config.poll);
+    run(&config, source, &health, shutdown).await
+}
+
+/// Runs the control loop over `source` until `shutdown` resolves; then leaves or removes
+/// the kernel state as `config.on_exit` says.
+pub async fn run<S: Source>(
+    config: &Config,
+    mut source: S,
+    health: &Health,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
     let mut datapath = Datapath::open(&config.bpffs_dir, &config.capacities)?;
     let resolver = SharedResolver::default();
-    let result = match start_flow_log(&config, &mut datapath, &resolver) {
+    let result = match start_flow_log(config, &mut datapath, &resolver) {
         Ok(_server) => {
-            reconcile_loop(&config, &mut source, &mut datapath, &resolver, shutdown).await
+            reconcile_loop(
+                config,
+                &mut source,
+                &mut datapath,
+                &resolver,
+                health,
+                shutdown,
+            )
+            .await
         }
         Err(error) => Err(error),
     };
+    health.set_ready(false);
     match config.on_exit {
         OnExit::Keep => datapath.release(),
         OnExit::Detach => datapath.shutdown(),
@@ -99,7 +332,7 @@ pub async fn run_local(
 
 /// Starts the event reader and the flow socket; the server lives as long as the value.
 fn start_flow_log(
-    config: &LocalConfig,
+    config: &Config,
     datapath: &mut Datapath,
     resolver: &SharedResolver,
 ) -> Result<Option<flowlog::Server>, Error> {
@@ -113,61 +346,61 @@ fn start_flow_log(
     Ok(Some(server))
 }
 
-async fn reconcile_loop(
-    config: &LocalConfig,
-    source: &mut LocalSource,
+async fn reconcile_loop<S: Source>(
+    config: &Config,
+    source: &mut S,
     datapath: &mut Datapath,
     resolver: &SharedResolver,
+    health: &Health,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     tokio::pin!(shutdown);
     let mut state = ClusterState::default();
     let mut allocations = Allocations::default();
     let mut compiled = Compiled::default();
-    let mut fingerprint: Option<Fingerprint> = None;
+    // Nothing reaches the kernel before the source's first complete state: until then
+    // `compiled` is empty and applying it would clear maps adopted from a previous agent.
+    let mut primed = false;
     let mut generation = 0;
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut last_resync = Instant::now();
     let mut status = Status::default();
-    let mut ticker = tokio::time::interval(config.poll);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        health.beat();
+        let changed = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = ticker.tick() => {}
-        }
-        let manifests_error = |source| Error::Manifests {
-            path: config.manifests.clone(),
-            source,
+            changed = source.changed() => changed?,
         };
-        let current = source.fingerprint().map_err(manifests_error)?;
-        let changed = fingerprint.as_ref() != Some(&current);
+        if !primed && !changed {
+            continue;
+        }
         if !changed && last_resync.elapsed() < config.resync && status.pending.is_empty() {
             continue;
         }
         last_resync = Instant::now();
         if changed {
             let started = Instant::now();
-            let snapshot = source.read().map_err(manifests_error)?;
-            fingerprint = Some(current);
-            state.node = NodeContext {
-                name: config.node_name.clone(),
-                ips: interfaces::node_addresses().unwrap_or_else(|error| {
-                    warn!(%error, "cannot list node addresses");
-                    Vec::new()
-                }),
-            };
-            let (mut diagnostics, new_generation) = snapshot.into_state(&mut state);
+            let update = source.snapshot(&mut state)?;
+            let mut diagnostics = update.diagnostics;
             compiled = compile::compile(&state, &allocations);
             allocations = compiled.allocations.clone();
             diagnostics.extend(compiled.diagnostics.iter().cloned());
-            let messages: BTreeSet<String> = diagnostics.iter().map(ToString::to_string).collect();
-            for message in messages.difference(&reported) {
-                warn!("invalid object: {message}");
+            let mut messages = BTreeSet::new();
+            let mut new = Vec::new();
+            for diagnostic in diagnostics {
+                let message = diagnostic.to_string();
+                if !reported.contains(&message) && !messages.contains(&message) {
+                    warn!("invalid object: {message}");
+                    new.push(diagnostic);
+                }
+                messages.insert(message);
             }
+            source.report(&new);
             reported = messages;
-            generation = new_generation.unwrap_or(generation);
+            generation = update.generation.unwrap_or(generation);
             let report = datapath.apply(&compiled)?;
+            primed = true;
+            health.set_ready(true);
             if let Ok(mut current) = resolver.write() {
                 *current = std::sync::Arc::new(Resolver::new(&state, &compiled));
             }

@@ -20,7 +20,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
-use crate::compile::{Compiled, protocol_name};
+use crate::compile::{Compiled, RuleRef, protocol_name};
 use crate::state::{ClusterState, ObjectRef};
 
 /// Errors of the flow log. Each variant is one metric label.
@@ -122,7 +122,8 @@ pub struct Resolver {
     pods_by_ip: BTreeMap<IpAddr, String>,
     node_ips: Vec<IpAddr>,
     endpoints: BTreeMap<u32, (ObjectRef, Vec<ObjectRef>, Vec<ObjectRef>)>,
-    rules: Vec<String>,
+    /// Rule ids (`Compiled::rules`); named only when an event names one.
+    rules: BTreeMap<u32, RuleRef>,
 }
 
 impl Resolver {
@@ -164,7 +165,7 @@ impl Resolver {
             pods_by_ip,
             node_ips: state.node.ips.clone(),
             endpoints,
-            rules: compiled.rules.iter().map(ToString::to_string).collect(),
+            rules: compiled.rules.clone(),
         }
     }
 
@@ -221,7 +222,7 @@ impl Resolver {
             dport: event.dport,
             sport: event.sport,
             rule: (event.rule != RULE_NONE)
-                .then(|| self.rules.get(event.rule as usize).cloned())
+                .then(|| self.rules.get(&event.rule).map(ToString::to_string))
                 .flatten(),
             isolated_by,
             bytes: event.len,

@@ -7,6 +7,8 @@ pub mod agent;
 pub mod compile;
 pub mod datapath;
 pub mod flowlog;
+pub mod metrics;
+pub mod health;
 pub mod observe;
 pub mod source;
 pub mod state;

@@ -1,7 +1,8 @@
 //! `netpol-agent`: enforce Kubernetes NetworkPolicies with eBPF.
 use std::io::IsTerminal as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -9,10 +10,12 @@ use clap::{Args, Parser, Subcommand};
 use netpol_agent::agent::{self, LocalConfig};
 use netpol_agent::compile::{Allocations, Compiled, compile};
 use netpol_agent::datapath::Capacities;
+use netpol_agent::health::Health;
 use netpol_agent::observe::PortProtocol;
 use netpol_agent::observe::explain::explain_between;
 use netpol_agent::observe::load::{Loaded, Overlay, load_manifests};
 use netpol_agent::observe::matrix::{self, Matrix, MatrixOptions, Style};
+use netpol_agent::source::kube::Settings;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -116,8 +119,30 @@ struct FlowsArgs {
 #[derive(Args, Debug, Clone)]
 struct RunArgs {
     /// Directory of Namespace, Pod and NetworkPolicy manifests (local mode).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kube", "kubeconfig"])]
     manifests: Option<PathBuf>,
+    /// Kubernetes mode: watch the API server (in-cluster configuration, or KUBECONFIG,
+    /// or ~/.kube/config). Needs --node-name (NODE_NAME).
+    #[arg(long)]
+    kube: bool,
+    /// Kubernetes mode with this kubeconfig file.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: batch changes until none arrived for this long...
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    debounce_ms: u64,
+    /// ...or for at most this long after the first.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    max_delay_ms: u64,
+    /// Kubernetes mode: do not publish invalid policies as Events (logs only).
+    #[arg(long)]
+    no_events: bool,
+    /// This agent's pod name, named in the Events it publishes.
+    #[arg(long, value_name = "NAME", env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// Serve /healthz (liveness) and /readyz (readiness) on this address, e.g. 0.0.0.0:9808.
+    #[arg(long, value_name = "ADDR")]
+    health_addr: Option<SocketAddr>,
     /// bpffs directory for pinned maps and links.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/netpol")]
     bpffs_dir: PathBuf,
@@ -130,7 +155,8 @@ struct RunArgs {
     /// This node's name: only pods with this spec.nodeName are local.
     #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     node_name: Option<String>,
-    /// How often the manifest directory is checked for changes.
+    /// How often the manifest directory is checked for changes (Kubernetes mode: the
+    /// longest wait for a change before interfaces are looked at).
     #[arg(long, value_name = "MS", default_value_t = 100)]
     poll_ms: u64,
     /// How often interfaces are re-checked without a manifest change.
@@ -173,7 +199,12 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Explain(args)) => return explain_command(&args),
         None => cli.run,
     };
-    let filter = EnvFilter::try_from_env("NETPOL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("NETPOL_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "info,{}",
+            netpol_agent::source::kube::LOG_DIRECTIVES
+        ))
+    });
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
@@ -183,35 +214,80 @@ async fn main() -> anyhow::Result<()> {
         subscriber.init();
     }
 
+    let health = Arc::new(Health::default());
+    if let Some(addr) = args.health_addr {
+        netpol_agent::health::serve(addr, health.clone()).await?;
+    }
+    let flow_socket = Some(
+        args.flow_socket
+            .clone()
+            .unwrap_or_else(|| default_flow_socket(&args.bpffs_dir)),
+    );
+    let capacities = Capacities {
+        endpoints: args.max_endpoints,
+        ipcache: args.max_ipcache,
+        policy: args.max_policy,
+        conntrack: args.max_conntrack,
+    };
+    let on_exit = match args.on_exit {
+        OnExitArg::Keep => agent::OnExit::Keep,
+        OnExitArg::Detach => agent::OnExit::Detach,
+    };
+    let poll = Duration::from_millis(args.poll_ms.max(10));
+    let resync = Duration::from_millis(args.resync_ms.max(100));
+    if args.kube || args.kubeconfig.is_some() {
+        let node_name = args
+            .node_name
+            .clone()
+            .context("Kubernetes mode needs --node-name (or NODE_NAME, from the downward API)")?;
+        let mut settings = Settings::new(node_name);
+        settings.debounce = Duration::from_millis(args.debounce_ms);
+        settings.max_delay = Duration::from_millis(args.max_delay_ms.max(args.debounce_ms));
+        settings.events = !args.no_events;
+        settings.instance = args.pod_name.clone();
+        let config = agent::Config {
+            bpffs_dir: args.bpffs_dir.clone(),
+            status_file: args.status_file.clone(),
+            flow_socket,
+            node_name: args.node_name.clone(),
+            capacities,
+            on_exit,
+            poll,
+            resync,
+        };
+        let kube = agent::KubeConfig {
+            kubeconfig: args.kubeconfig.clone(),
+            settings,
+        };
+        tracing::info!(
+            kubeconfig = %kube.kubeconfig.as_deref().map_or_else(|| "in-cluster or inferred".into(), |p| p.display().to_string()),
+            node = %args.node_name.as_deref().unwrap_or_default(),
+            bpffs = %config.bpffs_dir.display(),
+            "netpol-agent starting in Kubernetes mode"
+        );
+        agent::run_kube(config, kube, health, shutdown_signal())
+            .await
+            .context("agent stopped")?;
+        tracing::info!("netpol-agent stopped");
+        return Ok(());
+    }
     let manifests = args
         .manifests
         .clone()
-        .context("--manifests DIR is required (Kubernetes mode is not built yet)")?;
+        .context("--manifests DIR (local mode) or --kube [--kubeconfig FILE] is required")?;
     let config = LocalConfig {
         manifests,
         bpffs_dir: args.bpffs_dir.clone(),
         status_file: args.status_file.clone(),
-        flow_socket: Some(
-            args.flow_socket
-                .clone()
-                .unwrap_or_else(|| default_flow_socket(&args.bpffs_dir)),
-        ),
+        flow_socket,
         node_name: args.node_name.clone(),
-        capacities: Capacities {
-            endpoints: args.max_endpoints,
-            ipcache: args.max_ipcache,
-            policy: args.max_policy,
-            conntrack: args.max_conntrack,
-        },
-        on_exit: match args.on_exit {
-            OnExitArg::Keep => agent::OnExit::Keep,
-            OnExitArg::Detach => agent::OnExit::Detach,
-        },
-        poll: Duration::from_millis(args.poll_ms.max(10)),
-        resync: Duration::from_millis(args.resync_ms.max(100)),
+        capacities,
+        on_exit,
+        poll,
+        resync,
     };
     tracing::info!(manifests = %config.manifests.display(), bpffs = %config.bpffs_dir.display(), "netpol-agent starting");
-    agent::run_local(config, shutdown_signal())
+    agent::run_local_with(config, health, shutdown_signal())
         .await
         .context("agent stopped")?;
     tracing::info!("netpol-agent stopped");

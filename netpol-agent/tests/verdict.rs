@@ -720,7 +720,7 @@ fn drops_and_new_connections_are_reported_with_their_rule() {
 
     let allowed = &seen[1];
     assert_eq!(allowed.reason, Reason::PolicyAllowed as u8);
-    let rule = &dp.compiled.rules[allowed.rule as usize];
+    let rule = &dp.compiled.rules[&allowed.rule];
     assert_eq!(
         rule.to_string(),
         "NetworkPolicy x/b-ingress spec.ingress[0]"
@@ -771,4 +771,40 @@ fn events_are_rate_limited_in_the_kernel() {
         (1_000..1_200).contains(&received),
         "received {received} events"
     );
+}
+
+#[test]
+fn counters_are_kept_per_direction() {
+    use netpol_common::{DIR_EGRESS, DIR_INGRESS};
+    let Some(dp) = Loaded::new("directions", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    assert!(!dp.run(
+        ToPod,
+        &Frame::new(ip("10.1.0.3"), ip("10.1.0.2"), Transport::syn(49000, 80))
+    ));
+    assert!(!dp.run(
+        FromPod,
+        &Frame::new(ip("10.1.0.3"), ip("10.1.0.1"), Transport::syn(49001, 80))
+    ));
+    assert!(!dp.run(
+        FromPod,
+        &Frame::new(ip("10.1.0.3"), ip("10.1.0.2"), Transport::syn(49002, 80))
+    ));
+    let counters = dp
+        .datapath
+        .as_ref()
+        .unwrap()
+        .counters_by_direction()
+        .unwrap();
+    let denied = |direction| {
+        counters
+            .iter()
+            .find(|(r, d, _)| *r == Reason::PolicyDenied && *d == direction)
+            .unwrap()
+            .2
+            .packets
+    };
+    assert_eq!(denied(DIR_INGRESS), 1);
+    assert_eq!(denied(DIR_EGRESS), 2);
 }

@@ -272,7 +272,21 @@ impl Reason {
     }
 }
 
-/// Value of COUNTERS (PERCPU_ARRAY indexed by [`Reason`]).
+/// Index of COUNTERS for a reason seen in a direction ([`DIR_INGRESS`] or
+/// [`DIR_EGRESS`]): ingress reasons first, then egress.
+pub const fn counter_index(reason: Reason, direction: u8) -> u32 {
+    reason as u32
+        + if direction == DIR_EGRESS {
+            REASON_COUNT
+        } else {
+            0
+        }
+}
+
+/// Entries of COUNTERS.
+pub const COUNTER_SLOTS: u32 = 2 * REASON_COUNT;
+
+/// Value of COUNTERS (PERCPU_ARRAY indexed by [`counter_index`]).
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct Counter {

@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use netpol_common::{
-    Addr, Counter, CtKey, CtValue, DatapathState, EndpointInfo, EventBudget, PeerInfo, PolicyKey,
-    PolicyValue, REASON_COUNT, capacity,
+    Addr, COUNTER_SLOTS, Counter, CtKey, CtValue, DatapathState, EndpointInfo, EventBudget,
+    PeerInfo, PolicyKey, PolicyValue, capacity,
 };
 
 /// Local pod address -> endpoint.
@@ -29,9 +29,9 @@ pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::P
 #[map]
 pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CT, 0);
 
-/// Packets and bytes per verdict reason.
+/// Packets and bytes per verdict reason and direction.
 #[map]
-pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(REASON_COUNT, 0);
+pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 /// Agent-written global state (the policy generation).
 #[map]

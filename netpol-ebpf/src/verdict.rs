@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use netpol_common::{
     Addr, Counter, DIR_EGRESS, EVENTS_BURST, EVENTS_PER_SECOND_PER_CPU, RULE_NONE, Reason,
-    VerdictEvent, reason_emits_event,
+    VerdictEvent, counter_index, reason_emits_event,
 };
 
 use crate::{
@@ -205,7 +205,10 @@ fn emit(ctx: &TcContext, packet: Option<&Packet>, direction: u8, verdict: &Verdi
 #[inline(always)]
 fn finish(ctx: &TcContext, packet: Option<&Packet>, direction: u8, verdict: &Verdict) -> i32 {
     let len = ctx.len();
-    add(COUNTERS.get_ptr_mut(verdict.reason as u32), len);
+    add(
+        COUNTERS.get_ptr_mut(counter_index(verdict.reason, direction)),
+        len,
+    );
     if verdict.rule != RULE_NONE {
         add(RULE_COUNTERS.get_ptr_mut(verdict.rule), len);
     }

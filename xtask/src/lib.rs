@@ -5,6 +5,7 @@
 pub mod cargo;
 pub mod conformance;
 pub mod demo;
+pub mod kind;
 pub mod lab;
 pub mod matrix;
 pub mod prereqs;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xtask::{cargo, conformance, demo, prereqs};
+use xtask::{cargo, conformance, demo, kind, prereqs};
 
 #[derive(Parser)]
 #[command(
@@ -37,7 +37,7 @@ enum Cmd {
         agent: Option<PathBuf>,
     },
     /// Every test tier: cargo test --workspace, the network-namespace tests, then the
-    /// conformance cases.
+    /// conformance cases in local mode and in Kubernetes mode.
     Test,
     /// Run NetworkPolicy conformance cases (FORMAT.md) on emulated pods with real traffic.
     Conformance(ConformanceArgs),
@@ -51,6 +51,10 @@ enum Cmd {
         #[arg(long)]
         smoke: bool,
     },
+    /// End-to-end on a real cluster (needs Docker, kind and kubectl): create a kind
+    /// cluster, build and load the agent image, deploy deploy/, wait for the DaemonSet,
+    /// then check enforcement with real pods (see deploy/README.md).
+    KindE2e(kind::Options),
 }
 
 #[derive(clap::Args)]
@@ -69,6 +73,14 @@ struct ConformanceArgs {
     /// Probe timeout per step, in milliseconds (blocked probes wait this long, together).
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     timeout_ms: u64,
+    /// Where the agent reads the cluster: `local` (a manifest directory) or `kube`
+    /// (Kubernetes mode, fed over HTTP list/watch by the in-process API server double).
+    #[arg(long, value_enum, default_value = "local")]
+    source: conformance::SourceKind,
+    /// With `--source kube`: at every step, kill the watch streams, expire the history
+    /// (410 Gone) or restart the API server double, in turn; enforcement must stay right.
+    #[arg(long, requires = "source")]
+    faults: bool,
 }
 
 /// Runs the cases and prints `N passed, M failed` last; fails if any case failed.
@@ -90,13 +102,19 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
         None => cargo::build_agent()?,
     };
     let plural = if files.len() == 1 { "case" } else { "cases" };
+    let source = match args.source {
+        conformance::SourceKind::Local => "local mode",
+        conformance::SourceKind::Kube => "Kubernetes mode (API server double)",
+    };
     xtask::ui::step(&format!(
-        "conformance: {} {plural}, {} at a time",
+        "conformance: {} {plural}, {} at a time, agent in {source}",
         files.len(),
         args.jobs
     ));
     let options = conformance::Options {
         agent,
+        source: args.source,
+        faults: args.faults,
         timeout: std::time::Duration::from_millis(args.timeout_ms),
         apply_timeout: std::time::Duration::from_secs(30),
         jobs: args.jobs,
@@ -123,17 +141,26 @@ fn main() -> ExitCode {
             .and_then(|()| cargo::build_agent())
             .and_then(|agent| {
                 let tiers = cargo::test_all(&agent).and(cargo::bench("all", true));
-                let conformance = conformance(ConformanceArgs {
-                    paths: Vec::new(),
-                    json: None,
-                    agent: Some(agent),
-                    jobs: 2,
-                    timeout_ms: 1000,
-                });
-                tiers.and(conformance)
+                let run = |source| {
+                    conformance(ConformanceArgs {
+                        paths: Vec::new(),
+                        json: None,
+                        agent: Some(agent.clone()),
+                        jobs: 2,
+                        timeout_ms: 1000,
+                        source,
+                        faults: false,
+                    })
+                };
+                // The same cases with the agent in local mode, then in Kubernetes mode
+                // (fed over HTTP list/watch by the API server double).
+                let local = run(conformance::SourceKind::Local);
+                let kube = run(conformance::SourceKind::Kube);
+                tiers.and(local).and(kube)
             }),
         Cmd::Conformance(args) => prereqs::ensure().and_then(|()| conformance(args)),
         Cmd::Bench { which, smoke } => prereqs::ensure().and_then(|()| cargo::bench(&which, smoke)),
+        Cmd::KindE2e(options) => kind::run(&options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

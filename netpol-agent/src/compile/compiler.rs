@@ -1,6 +1,6 @@
 //! [`compile`]: the steps from cluster state to map contents.
 //!
-//! 1. Validate and normalise every policy; number the rules of the valid ones.
+//! 1. Validate and normalise every policy; give each rule of a valid one its id.
 //! 2. Collect live pods (not Succeeded/Failed, not hostNetwork, with an IP) and pick the
 //!    local ones as endpoints; find the policies selecting each endpoint.
 //! 3. The peers in force are the peers of rules of policies that select some local
@@ -8,8 +8,13 @@
 //! 4. Classify every IPCACHE key (pod IPs, node IPs, ipBlock prefixes) by the peers it
 //!    matches and the named ports it resolves; each class is an identity.
 //! 5. Emit POLICY entries per endpoint, direction, rule, identity and port prefix.
+//!
+//! Per-object work (parsing, reading pods, matching pods against peers) is memoised in a
+//! [`CompileCache`] carried by the allocations; it never changes a result.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::borrow::Cow;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -20,11 +25,10 @@ use netpol_common::{
     PolicyKey, PolicyValue,
 };
 
-use super::identity::{Allocations, IdentitySignature, NamedPortResolution};
+use super::cache::{BitSet, CompileCache, Memo, PeerSlots, PodEntry};
+use super::identity::{Allocations, IdentityClasses, IdentitySignature, NamedPortResolution};
 use super::lpm::{Lpm, host_key, net_key};
-use super::policy::{
-    Block, NamespaceMatch, ParsedRule, Peer, PortMatch, parse_policy, protocol_number,
-};
+use super::policy::{NamespaceMatch, ParsedPolicy, ParsedRule, Peer, PortMatch};
 use super::ports::port_prefixes;
 use super::{Compiled, Diagnostic, Direction, IdentityInfo, LocalPod, RuleRef};
 use crate::state::{ClusterState, HOST_INTERFACE_ANNOTATION, ObjectRef};
@@ -35,52 +39,73 @@ pub(crate) const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
 /// Compiles `state` into desired map contents. `prev` is the previous result's
-/// [`Compiled::allocations`] (or the default), so endpoint ids and identity numbers
-/// stay stable while what they stand for exists.
+/// [`Compiled::allocations`] (or the default), so endpoint ids, rule ids and identity
+/// numbers stay stable while what they stand for exists.
+///
+/// Pure in its result: the memo `prev` carries (see [`CompileCache`]) only makes the
+/// compile after a small change fast.
 pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
+    let handle = prev.cache();
+    let mut cache = handle.take();
+    let compiled = compile_with(state, prev, &mut cache);
+    handle.put(cache);
+    compiled
+}
+
+fn compile_with(state: &ClusterState, prev: &Allocations, cache: &mut CompileCache) -> Compiled {
+    let now = cache.begin();
+    cache.sync_policies(&state.policies);
+    cache.sync_pods(&state.pods);
+    let namespaces = namespace_labels(state);
+    let namespace_versions = cache.sync_namespaces(&namespaces);
+    let CompileCache {
+        policies: policy_entries,
+        pods: pod_entries,
+        peers,
+        prefixes,
+        ..
+    } = cache;
     let mut diagnostics = Vec::new();
 
-    // 1. Policies and the rule table.
-    let mut policies = Vec::new();
-    for (obj, np) in &state.policies {
-        match parse_policy(np) {
-            Ok(parsed) => policies.push((obj.clone(), parsed)),
-            Err(errors) => diagnostics.extend(errors.into_iter().map(|e| Diagnostic {
-                object: format!("NetworkPolicy {obj}"),
-                field: e.field,
-                message: e.message,
+    // 1. Policies and rule ids.
+    let mut policies: Vec<(&ObjectRef, &ParsedPolicy)> = Vec::new();
+    for entry in policy_entries.iter() {
+        match &entry.parsed {
+            Ok(parsed) => policies.push((&entry.obj, parsed)),
+            Err(errors) => diagnostics.extend(errors.iter().map(|e| Diagnostic {
+                object: format!("NetworkPolicy {}", entry.obj),
+                field: e.field.clone(),
+                message: e.message.clone(),
             })),
         }
     }
-    let mut rules = Vec::new();
-    // rule_base[policy index][direction] = index in `rules` of the first rule.
-    let mut rule_base = Vec::new();
-    for (obj, parsed) in &policies {
-        let mut base = [0usize; 2];
-        for (d, direction) in Direction::BOTH.into_iter().enumerate() {
-            base[d] = rules.len();
-            for index in 0..parsed.rules(direction).map_or(0, <[ParsedRule]>::len) {
-                rules.push(RuleRef {
-                    policy: obj.clone(),
-                    direction,
-                    index,
-                });
-            }
-        }
-        rule_base.push(base);
+    let rule_refs = policies.iter().flat_map(|&(obj, parsed)| {
+        Direction::BOTH.into_iter().flat_map(move |direction| {
+            let count = parsed.rules(direction).map_or(0, <[ParsedRule]>::len);
+            (0..count).map(move |index| RuleRef {
+                policy: obj.clone(),
+                direction,
+                index,
+            })
+        })
+    });
+    let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, (_, policy)) in policies.iter().enumerate() {
+        by_namespace.entry(&policy.namespace).or_default().push(i);
     }
 
     // 2. Pods.
-    let namespaces = namespace_labels(state);
-    let pods = live_pods(state, &mut diagnostics);
+    let pods = live_pods(state, pod_entries, &mut diagnostics);
     let endpoints: Vec<Endpoint> = pods
         .iter()
         .enumerate()
         .filter(|(_, p)| p.local)
         .map(|(pod, p)| {
             let mut selected_by = [Vec::new(), Vec::new()];
-            for (i, (_, policy)) in policies.iter().enumerate() {
-                if policy.namespace == p.obj.namespace && policy.pod_selector.matches(p.labels) {
+            let candidates = by_namespace.get(p.obj.namespace.as_str());
+            for &i in candidates.into_iter().flatten() {
+                let policy = policies[i].1;
+                if policy.pod_selector.matches(p.labels) {
                     for (d, direction) in Direction::BOTH.into_iter().enumerate() {
                         if policy.rules(direction).is_some() {
                             selected_by[d].push(i);
@@ -99,7 +124,6 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
             set.extend(selected_by.iter().copied());
         }
     }
-    let mut peers = PeerTable::default();
     let mut egress_named_ports = BTreeSet::new();
     for (d, direction) in Direction::BOTH.into_iter().enumerate() {
         for &i in &in_force[d] {
@@ -110,54 +134,102 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
                 if direction == Direction::Egress {
                     for spec in rule.ports.iter().flatten() {
                         if let PortMatch::Named(name) = &spec.port {
-                            egress_named_ports.insert((name.clone(), spec.protocol));
+                            egress_named_ports.insert((name.as_str(), spec.protocol));
                         }
                     }
                 }
             }
         }
     }
+    let egress_named_ports: Vec<(&str, u8)> = egress_named_ports.into_iter().collect();
+    let freed = peers.collect_garbage();
 
     // 4. Classify IPCACHE keys.
-    let classes = classify(state, &pods, &namespaces, &peers, &egress_named_ports);
-    let signature_of = |class: &ClassKey| IdentitySignature {
-        peers: {
-            let mut v: Vec<String> = class
-                .peers
-                .iter()
-                .map(|&i| peers.list[i].canonical())
-                .collect();
-            v.sort();
-            v
-        },
-        named_ports: class.named_ports.clone(),
+    let context = MemoContext {
+        peers,
+        now,
+        freed: &freed,
     };
-    let signatures: BTreeMap<&ClassKey, IdentitySignature> = classes
-        .keys
-        .values()
-        .map(|(class, _)| (class, signature_of(class)))
+    for pod in &pods {
+        let version = namespace_versions[&pod.obj.namespace];
+        let labels = (pod.labels, &namespaces[&pod.obj.namespace]);
+        context.refresh_pod(&mut pod_entries[pod.index], &pod.obj.namespace, labels, version);
+    }
+    let prefixes = context.refresh_prefixes(prefixes);
+    let pod_entries: &[PodEntry] = pod_entries;
+    let peers: &PeerSlots = peers;
+    let classes = classify(state, pod_entries, &pods, peers, &prefixes, &egress_named_ports);
+    let signatures: Vec<IdentitySignature> = classes
+        .list
+        .iter()
+        .map(|class| IdentitySignature {
+            peers: {
+                let mut v: Vec<String> = class
+                    .peers
+                    .iter()
+                    .map(|slot| peers.slot(slot).canonical.clone())
+                    .collect();
+                v.sort();
+                v
+            },
+            named_ports: class
+                .named_ports
+                .iter()
+                .map(|&(i, port)| NamedPortResolution {
+                    name: egress_named_ports[i].0.to_string(),
+                    protocol: egress_named_ports[i].1,
+                    port,
+                })
+                .collect(),
+        })
         .collect();
+    // Dynamic identities: one per distinct signature, in signature order.
+    let mut dynamic: Vec<&IdentitySignature> =
+        signatures.iter().filter(|s| !s.is_world()).collect();
+    dynamic.sort();
+    dynamic.dedup();
+    let class_identity: Vec<Option<usize>> = signatures
+        .iter()
+        .map(|s| dynamic.binary_search(&s).ok())
+        .collect();
+    let identity_classes = IdentityClasses {
+        signatures: dynamic.iter().map(|&s| s.clone()).collect(),
+        keys: classes
+            .keys
+            .iter()
+            .filter_map(|&(key, class, _)| class_identity[class].map(|i| (key, i)))
+            .collect(),
+    };
     let allocations = prev.next(
         endpoints.iter().map(|ep| pods[ep.pod].obj.clone()),
-        signatures.values().filter(|s| !s.is_world()).cloned(),
+        identity_classes,
+        rule_refs,
     );
-    let identity_of = |class: &ClassKey| {
-        let sig = &signatures[class];
-        if sig.is_world() {
-            IDENTITY_WORLD
-        } else {
-            allocations.identity(sig).expect("allocated above")
-        }
-    };
+    let identity_of: Vec<u32> = signatures
+        .iter()
+        .map(|s| {
+            if s.is_world() {
+                IDENTITY_WORLD
+            } else {
+                allocations.identity(s).expect("allocated above")
+            }
+        })
+        .collect();
 
-    let mut ipcache = BTreeMap::new();
+    let ipcache: BTreeMap<Lpm<Addr>, PeerInfo> = classes
+        .keys
+        .iter()
+        .map(|&(key, class, flags)| {
+            let identity = identity_of[class];
+            (key, PeerInfo { identity, flags })
+        })
+        .collect();
     let mut identities: BTreeMap<u32, IdentityInfo> = BTreeMap::new();
     identities.insert(
         IDENTITY_ANY,
         IdentityInfo {
             signature: IdentitySignature::default(),
             description: "any peer (rules without from/to)".into(),
-            members: vec![],
         },
     );
     identities.insert(
@@ -165,43 +237,56 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
         IdentityInfo {
             signature: IdentitySignature::default(),
             description: "the world: matches no peer".into(),
-            members: vec!["every address no IPCACHE entry covers".into()],
         },
     );
-    for (key, (class, entry)) in &classes.keys {
-        let identity = identity_of(class);
-        ipcache.insert(
-            *key,
-            PeerInfo {
-                identity,
-                flags: entry.flags,
+    for (signature, &identity) in allocations.identities() {
+        identities.insert(
+            identity,
+            IdentityInfo {
+                signature: signature.clone(),
+                description: signature.to_string(),
             },
         );
-        let info = identities.entry(identity).or_insert_with(|| IdentityInfo {
-            signature: signatures[class].clone(),
-            description: signatures[class].to_string(),
-            members: vec![],
-        });
-        info.members.push(entry.member.clone());
     }
 
-    // Identities by peer, and named port resolutions by identity (egress).
-    let mut peer_identities: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); peers.list.len()];
-    let mut named_by_identity: BTreeMap<(String, u8), BTreeMap<u32, u16>> = BTreeMap::new();
-    for class in signatures.keys() {
-        let identity = identity_of(class);
-        for &p in &class.peers {
-            peer_identities[p].insert(identity);
+    // Identities by peer slot, and named port resolutions by identity (egress).
+    let mut peer_identities: HashMap<usize, BTreeSet<u32>> = HashMap::new();
+    let mut named_by_identity: Vec<BTreeMap<u32, u16>> =
+        vec![BTreeMap::new(); egress_named_ports.len()];
+    for (class, &identity) in classes.list.iter().zip(&identity_of) {
+        for slot in class.peers.iter() {
+            peer_identities.entry(slot).or_default().insert(identity);
         }
-        for n in &class.named_ports {
-            named_by_identity
-                .entry((n.name.clone(), n.protocol))
-                .or_default()
-                .insert(identity, n.port);
+        for &(i, port) in &class.named_ports {
+            named_by_identity[i].insert(identity, port);
         }
     }
 
-    // 5. ENDPOINTS and POLICY.
+    // 5. ENDPOINTS and POLICY. Rule ids, in the order of `policies` (the allocation map
+    // is ordered by policy, direction and index, as `rule_refs` listed them).
+    let mut ids = allocations.rules().iter();
+    let rule_ids: Vec<[Vec<u32>; 2]> = policies
+        .iter()
+        .map(|&(obj, parsed)| {
+            Direction::BOTH.map(|direction| {
+                let count = parsed.rules(direction).map_or(0, <[ParsedRule]>::len);
+                (0..count)
+                    .map(|index| {
+                        let (rule, &id) = ids.next().expect("every rule has an id");
+                        debug_assert!(
+                            rule.policy == *obj && rule.direction == direction && rule.index == index
+                        );
+                        id
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    let rules: BTreeMap<u32, RuleRef> = allocations
+        .rules()
+        .iter()
+        .map(|(rule, &id)| (id, rule.clone()))
+        .collect();
     let mut endpoint_map = BTreeMap::new();
     let mut policy = BTreeMap::new();
     let mut local_pods = Vec::new();
@@ -215,20 +300,22 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
         if !ep.selected_by[1].is_empty() {
             flags |= ENDPOINT_EGRESS_ISOLATED;
         }
-        for ip in &pod.ips {
+        let entry = &pod_entries[pod.index];
+        for ip in pod.ips(pod_entries) {
             endpoint_map.insert(super::lpm::addr(*ip), EndpointInfo { id, flags });
         }
         for (d, direction) in Direction::BOTH.into_iter().enumerate() {
             for &i in &ep.selected_by[d] {
                 let rules_of_policy = policies[i].1.rules(direction).unwrap_or_default();
-                for (r, rule) in rules_of_policy.iter().enumerate() {
+                for (rule, &rule_id) in rules_of_policy.iter().zip(&rule_ids[i][d]) {
                     let ctx = RuleContext {
                         endpoint: id,
                         direction,
-                        rule: (rule_base[i][d] + r) as u32,
-                        pod,
-                        peers: &peers,
+                        rule: rule_id,
+                        pod: entry,
+                        peers,
                         peer_identities: &peer_identities,
+                        egress_named_ports: &egress_named_ports,
                         named_by_identity: &named_by_identity,
                     };
                     ctx.emit(rule, &mut policy);
@@ -238,8 +325,8 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
         local_pods.push(LocalPod {
             pod: pod.obj.clone(),
             endpoint_id: id,
-            ips: pod.ips.clone(),
-            host_interface: pod.host_interface.clone(),
+            ips: pod.ips(pod_entries).to_vec(),
+            host_interface: pod.host_interface.cloned(),
             ingress_policies: ep.selected_by[0]
                 .iter()
                 .map(|&i| policies[i].0.clone())
@@ -267,11 +354,20 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
 struct PodView<'a> {
     obj: &'a ObjectRef,
     labels: &'a BTreeMap<String, String>,
-    ips: Vec<IpAddr>,
-    /// Container ports by (name, protocol).
-    named_ports: BTreeMap<(String, u8), u16>,
+    /// Index in the cache's pod entries (= in the state's pods).
+    index: usize,
+    /// The addresses this pod owns when another pod listed some of its addresses first;
+    /// `None`: all of them.
+    kept: Option<Vec<IpAddr>>,
     local: bool,
-    host_interface: Option<String>,
+    host_interface: Option<&'a String>,
+}
+
+impl PodView<'_> {
+    /// The pod's addresses (see `kept`).
+    fn ips<'e>(&'e self, entries: &'e [PodEntry]) -> &'e [IpAddr] {
+        self.kept.as_deref().unwrap_or(&entries[self.index].ips)
+    }
 }
 
 /// A local endpoint: index into the pod list, policies selecting it per direction
@@ -305,32 +401,17 @@ fn namespace_labels(state: &ClusterState) -> BTreeMap<String, BTreeMap<String, S
     out
 }
 
-/// Pod addresses from `status.podIPs` and `status.podIP`, de-duplicated, in order.
-pub(crate) fn pod_ips(pod: &Pod) -> (Vec<IpAddr>, Vec<(String, String)>) {
-    let mut ips = Vec::new();
-    let mut errors = Vec::new();
-    let Some(status) = &pod.status else {
-        return (ips, errors);
-    };
+/// The addresses listed in `status.podIPs` and `status.podIP` that parse, in order.
+pub(crate) fn listed_ips(pod: &Pod) -> impl Iterator<Item = IpAddr> + '_ {
+    let status = pod.status.as_ref();
     let listed = status
-        .pod_ips
+        .and_then(|s| s.pod_ips.as_deref())
+        .unwrap_or_default()
         .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, p)| (format!("status.podIPs[{i}].ip"), &p.ip));
-    for (field, text) in listed.chain(
-        status
-            .pod_ip
-            .iter()
-            .map(|ip| ("status.podIP".to_string(), ip)),
-    ) {
-        match text.parse::<IpAddr>() {
-            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
-            Ok(_) => {}
-            Err(_) => errors.push((field, format!("invalid IP address {text:?}"))),
-        }
-    }
-    (ips, errors)
+        .map(|p| p.ip.as_str());
+    listed
+        .chain(status.and_then(|s| s.pod_ip.as_deref()))
+        .filter_map(|text| text.parse().ok())
 }
 
 /// Whether the pod takes part at all: not finished and not in the host's network.
@@ -344,232 +425,272 @@ pub(crate) fn is_live_pod_network(pod: &Pod) -> bool {
     !matches!(phase, Some("Succeeded" | "Failed")) && !host_network
 }
 
-/// Named container ports of a pod: (name, protocol) -> port; the first definition wins.
-pub(crate) fn container_named_ports(pod: &Pod) -> BTreeMap<(String, u8), u16> {
-    let mut out = BTreeMap::new();
-    let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
-    for port in containers.flat_map(|c| c.ports.iter().flatten()) {
-        let Some(name) = port.name.as_ref() else {
-            continue;
-        };
-        let Some(protocol) = protocol_number(port.protocol.as_deref().unwrap_or("TCP")) else {
-            continue;
-        };
-        let Ok(number) = u16::try_from(port.container_port) else {
-            continue;
-        };
-        if number != 0 {
-            out.entry((name.clone(), protocol)).or_insert(number);
-        }
-    }
-    out
-}
-
-fn live_pods<'a>(state: &'a ClusterState, diagnostics: &mut Vec<Diagnostic>) -> Vec<PodView<'a>> {
-    let mut owner: BTreeMap<IpAddr, &ObjectRef> = BTreeMap::new();
-    let mut out = Vec::new();
-    for (obj, pod) in &state.pods {
+/// The live pods with an address, in state order; `entries` are the cache's pod entries
+/// (one per pod of the state, same order). An address listed by an earlier pod is
+/// reported and left out.
+fn live_pods<'a>(
+    state: &'a ClusterState,
+    entries: &[PodEntry],
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<PodView<'a>> {
+    let mut owner: HashMap<IpAddr, &ObjectRef> = HashMap::with_capacity(entries.len() * 2);
+    let mut out = Vec::with_capacity(entries.len());
+    for (index, ((obj, pod), entry)) in state.pods.iter().zip(entries).enumerate() {
         if !is_live_pod_network(pod) {
             continue;
         }
-        let (mut ips, errors) = pod_ips(pod);
-        let object = format!("Pod {obj}");
-        for (field, message) in errors {
+        for (field, message) in &entry.ip_errors {
             diagnostics.push(Diagnostic {
-                object: object.clone(),
-                field,
-                message,
+                object: format!("Pod {obj}"),
+                field: field.clone(),
+                message: message.clone(),
             });
         }
-        ips.retain(|ip| match owner.get(ip) {
-            Some(other) => {
-                diagnostics.push(Diagnostic {
-                    object: object.clone(),
-                    field: "status.podIPs".into(),
-                    message: format!("address {ip} is also used by Pod {other}; ignored here"),
-                });
-                false
+        let mut ips = Cow::Borrowed(entry.ips.as_slice());
+        let mut removed = 0;
+        for (i, ip) in entry.ips.iter().enumerate() {
+            match owner.entry(*ip) {
+                Entry::Vacant(v) => {
+                    v.insert(obj);
+                }
+                Entry::Occupied(other) => {
+                    diagnostics.push(Diagnostic {
+                        object: format!("Pod {obj}"),
+                        field: "status.podIPs".into(),
+                        message: format!(
+                            "address {ip} is also used by Pod {}; ignored here",
+                            other.get()
+                        ),
+                    });
+                    ips.to_mut().remove(i - removed);
+                    removed += 1;
+                }
             }
-            None => {
-                owner.insert(*ip, obj);
-                true
-            }
-        });
+        }
         if ips.is_empty() {
             continue;
         }
         out.push(PodView {
             obj,
             labels: pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
-            ips,
-            named_ports: container_named_ports(pod),
+            index,
+            kept: match ips {
+                Cow::Borrowed(_) => None,
+                Cow::Owned(kept) => Some(kept),
+            },
             local: state.node.is_local(pod),
             host_interface: pod
                 .metadata
                 .annotations
                 .as_ref()
-                .and_then(|a| a.get(HOST_INTERFACE_ANNOTATION))
-                .cloned(),
+                .and_then(|a| a.get(HOST_INTERFACE_ANNOTATION)),
         });
     }
     out
 }
 
-/// The distinct peers in force, numbered.
-#[derive(Default)]
-struct PeerTable {
-    list: Vec<Peer>,
-    index: BTreeMap<Peer, usize>,
+/// What bringing a memo up to date needs: the peer slots, this compile's number and the
+/// slots freed by it.
+struct MemoContext<'a> {
+    peers: &'a PeerSlots,
+    now: u64,
+    freed: &'a [usize],
 }
 
-impl PeerTable {
-    fn intern(&mut self, peer: &Peer) -> usize {
-        if let Some(&i) = self.index.get(peer) {
-            return i;
+impl MemoContext<'_> {
+    /// Brings `memo` up to date: every allocated slot when it was not current, otherwise
+    /// only those freed (cleared) or added by this compile. `matches` decides one slot.
+    fn refresh(&self, memo: &mut Memo, full: bool, matches: impl Fn(&Peer) -> bool) {
+        if full {
+            memo.bits.clear();
+            for (slot, s) in self.peers.allocated() {
+                if matches(&s.peer) {
+                    memo.bits.insert(slot);
+                }
+            }
+        } else {
+            for &slot in self.freed {
+                memo.bits.remove(slot);
+            }
+            for (slot, s) in self.peers.added() {
+                if matches(&s.peer) {
+                    memo.bits.insert(slot);
+                }
+            }
         }
-        self.list.push(peer.clone());
-        self.index.insert(peer.clone(), self.list.len() - 1);
-        self.list.len() - 1
+        memo.at = Some(self.now);
     }
 
-    fn get(&self, peer: &Peer) -> usize {
-        self.index[peer]
+    /// A pod's matches: selector peers from its labels and its namespace's (whose
+    /// version is `version`), ipBlocks per address.
+    fn refresh_pod(
+        &self,
+        entry: &mut PodEntry,
+        namespace: &str,
+        (labels, namespace_labels): (&BTreeMap<String, String>, &BTreeMap<String, String>),
+        version: u64,
+    ) {
+        let current = entry.memo.current(self.now);
+        let full = !current || entry.namespace_version != version;
+        self.refresh(&mut entry.memo, full, |peer| match peer {
+            Peer::Pods {
+                namespaces,
+                pods: selector,
+            } => {
+                let namespace_ok = match namespaces {
+                    NamespaceMatch::Named(name) => name == namespace,
+                    NamespaceMatch::Selector(s) => s.matches(namespace_labels),
+                };
+                namespace_ok && selector.matches(labels)
+            }
+            Peer::Block(_) => false,
+        });
+        entry.namespace_version = version;
+        if !current {
+            entry.ip_bits = vec![BitSet::default(); entry.ips.len()];
+        }
+        for (bits, &ip) in entry.ip_bits.iter_mut().zip(&entry.ips) {
+            let mut memo = Memo {
+                bits: std::mem::take(bits),
+                at: None,
+            };
+            self.refresh(&mut memo, !current, |peer| match peer {
+                Peer::Block(b) => b.contains_addr(ip),
+                Peer::Pods { .. } => false,
+            });
+            *bits = memo.bits;
+        }
     }
 
-    fn blocks(&self) -> impl Iterator<Item = (usize, &Block)> {
-        self.list.iter().enumerate().filter_map(|(i, p)| match p {
-            Peer::Block(b) => Some((i, b)),
-            Peer::Pods { .. } => None,
-        })
+    /// The prefixes of the ipBlocks in force, each with the ipBlocks containing it
+    /// wholly; keeps their memos for the next compile (and only theirs).
+    fn refresh_prefixes(&self, memos: &mut HashMap<IpNet, Memo>) -> Vec<(IpNet, BitSet)> {
+        let prefixes: BTreeSet<IpNet> = self
+            .peers
+            .active
+            .iter()
+            .filter_map(|slot| match &self.peers.slot(slot).peer {
+                Peer::Block(b) => Some(b),
+                Peer::Pods { .. } => None,
+            })
+            .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
+            .collect();
+        memos.retain(|prefix, _| prefixes.contains(prefix));
+        prefixes
+            .into_iter()
+            .map(|prefix| {
+                let memo = memos.entry(prefix).or_default();
+                let full = !memo.current(self.now);
+                self.refresh(memo, full, |peer| match peer {
+                    Peer::Block(b) => b.contains_prefix(&prefix),
+                    Peer::Pods { .. } => false,
+                });
+                (prefix, memo.bits.clone())
+            })
+            .collect()
     }
 }
 
-/// What makes an address class: the peers it matches and the named ports it resolves.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// What makes an address class: the peers in force it matches (slots) and the egress
+/// named ports it resolves (index in the list of those in force, port).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct ClassKey {
-    peers: BTreeSet<usize>,
-    named_ports: Vec<NamedPortResolution>,
-}
-
-struct KeyEntry {
-    flags: u32,
-    member: String,
+    peers: BitSet,
+    named_ports: Vec<(usize, u16)>,
 }
 
 struct Classes {
-    keys: BTreeMap<Lpm<Addr>, (ClassKey, KeyEntry)>,
+    /// The distinct classes, in order of first appearance.
+    list: Vec<ClassKey>,
+    /// Every IPCACHE key, sorted, with its class (index in `list`) and flags.
+    keys: Vec<(Lpm<Addr>, usize, u32)>,
 }
 
+#[derive(Default)]
+struct ClassTable {
+    list: Vec<ClassKey>,
+    index: HashMap<ClassKey, usize>,
+}
+
+impl ClassTable {
+    fn intern(&mut self, key: ClassKey) -> usize {
+        if let Some(&i) = self.index.get(&key) {
+            return i;
+        }
+        self.list.push(key.clone());
+        self.index.insert(key, self.list.len() - 1);
+        self.list.len() - 1
+    }
+}
+
+/// Classes of every pod address, node address and ipBlock prefix. Where keys coincide,
+/// the pod's class wins over the node's, and the node's over the prefix's; node
+/// addresses carry `PEER_HOST` whatever their class.
 fn classify(
     state: &ClusterState,
+    entries: &[PodEntry],
     pods: &[PodView<'_>],
-    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
-    peers: &PeerTable,
-    egress_named_ports: &BTreeSet<(String, u8)>,
+    peers: &PeerSlots,
+    prefixes: &[(IpNet, BitSet)],
+    egress_named_ports: &[(&str, u8)],
 ) -> Classes {
-    let blocks_containing_addr = |ip: IpAddr| -> BTreeSet<usize> {
-        peers
-            .blocks()
-            .filter(|(_, b)| b.contains_addr(ip))
-            .map(|(i, _)| i)
-            .collect()
-    };
-    let mut keys = BTreeMap::new();
-
+    let active = &peers.active;
+    let none = BitSet::default();
+    let mut table = ClassTable::default();
+    // (key, precedence, class, flags)
+    let mut keys: Vec<(Lpm<Addr>, u8, usize, u32)> = Vec::with_capacity(entries.len() * 2);
     for pod in pods {
-        let ns_labels = namespaces.get(&pod.obj.namespace).unwrap_or(&NO_LABELS);
-        let selected: BTreeSet<usize> = peers
-            .list
+        let entry = &entries[pod.index];
+        let named_ports: Vec<(usize, u16)> = egress_named_ports
             .iter()
             .enumerate()
-            .filter(|(_, peer)| match peer {
-                Peer::Pods {
-                    namespaces: ns,
-                    pods: sel,
-                } => {
-                    let ns_ok = match ns {
-                        NamespaceMatch::Named(name) => *name == pod.obj.namespace,
-                        NamespaceMatch::Selector(s) => s.matches(ns_labels),
-                    };
-                    ns_ok && sel.matches(pod.labels)
-                }
-                Peer::Block(_) => false,
-            })
-            .map(|(i, _)| i)
-            .collect();
-        let named_ports: Vec<NamedPortResolution> = egress_named_ports
-            .iter()
-            .filter_map(|(name, protocol)| {
-                pod.named_ports
-                    .get(&(name.clone(), *protocol))
-                    .map(|&port| NamedPortResolution {
-                        name: name.clone(),
-                        protocol: *protocol,
-                        port,
-                    })
+            .filter_map(|(i, &(name, protocol))| {
+                entry.named_port(name, protocol).map(|port| (i, port))
             })
             .collect();
-        for &ip in &pod.ips {
-            let mut class_peers = selected.clone();
-            class_peers.extend(blocks_containing_addr(ip));
+        for &ip in pod.ips(entries) {
+            let at = entry.ips.iter().position(|&a| a == ip).expect("own address");
             let class = ClassKey {
-                peers: class_peers,
+                peers: entry.memo.bits.union_within(&entry.ip_bits[at], active),
                 named_ports: named_ports.clone(),
             };
-            keys.insert(
-                host_key(ip),
-                (
-                    class,
-                    KeyEntry {
-                        flags: 0,
-                        member: format!("pod {} {ip}", pod.obj),
-                    },
-                ),
-            );
+            keys.push((host_key(ip), 0, table.intern(class), 0));
         }
     }
-
     for &ip in &state.node.ips {
-        let entry = keys.entry(host_key(ip)).or_insert_with(|| {
-            let class = ClassKey {
-                peers: blocks_containing_addr(ip),
-                named_ports: vec![],
-            };
-            (
-                class,
-                KeyEntry {
-                    flags: 0,
-                    member: format!("node {ip}"),
-                },
-            )
-        });
-        entry.1.flags |= PEER_HOST;
+        let mut bits = BitSet::default();
+        for slot in active.iter() {
+            if let Peer::Block(b) = &peers.slot(slot).peer
+                && b.contains_addr(ip)
+            {
+                bits.insert(slot);
+            }
+        }
+        let class = ClassKey {
+            peers: bits,
+            named_ports: vec![],
+        };
+        keys.push((host_key(ip), 1, table.intern(class), PEER_HOST));
     }
-
-    let prefixes: BTreeSet<IpNet> = peers
-        .blocks()
-        .flat_map(|(_, b)| std::iter::once(b.cidr).chain(b.except.iter().copied()))
-        .collect();
-    for prefix in prefixes {
-        keys.entry(net_key(&prefix)).or_insert_with(|| {
-            let class_peers = peers
-                .blocks()
-                .filter(|(_, b)| b.contains_prefix(&prefix))
-                .map(|(i, _)| i)
-                .collect();
-            (
-                ClassKey {
-                    peers: class_peers,
-                    named_ports: vec![],
-                },
-                KeyEntry {
-                    flags: 0,
-                    member: prefix.to_string(),
-                },
-            )
-        });
+    for (prefix, bits) in prefixes {
+        let class = ClassKey {
+            peers: bits.union_within(&none, active),
+            named_ports: vec![],
+        };
+        keys.push((net_key(prefix), 2, table.intern(class), 0));
     }
-    Classes { keys }
+    keys.sort_unstable_by_key(|&(key, precedence, _, _)| (key, precedence));
+    let mut merged: Vec<(Lpm<Addr>, usize, u32)> = Vec::with_capacity(keys.len());
+    for (key, _, class, flags) in keys {
+        match merged.last_mut() {
+            Some(last) if last.0 == key => last.2 |= flags,
+            _ => merged.push((key, class, flags)),
+        }
+    }
+    Classes {
+        list: table.list,
+        keys: merged,
+    }
 }
 
 /// Everything needed to turn one rule into POLICY entries for one endpoint.
@@ -577,10 +698,14 @@ struct RuleContext<'a> {
     endpoint: u32,
     direction: Direction,
     rule: u32,
-    pod: &'a PodView<'a>,
-    peers: &'a PeerTable,
-    peer_identities: &'a [BTreeSet<u32>],
-    named_by_identity: &'a BTreeMap<(String, u8), BTreeMap<u32, u16>>,
+    /// The local pod.
+    pod: &'a PodEntry,
+    peers: &'a PeerSlots,
+    /// Identities of the classes each peer slot matches.
+    peer_identities: &'a HashMap<usize, BTreeSet<u32>>,
+    /// Egress named ports in force, and how each identity resolves them.
+    egress_named_ports: &'a [(&'a str, u8)],
+    named_by_identity: &'a [BTreeMap<u32, u16>],
 }
 
 impl RuleContext<'_> {
@@ -589,7 +714,10 @@ impl RuleContext<'_> {
             None => BTreeSet::from([IDENTITY_ANY]),
             Some(list) => list
                 .iter()
-                .flat_map(|p| self.peer_identities[self.peers.get(p)].iter().copied())
+                .flat_map(|p| {
+                    let slot = self.peers.get(p);
+                    self.peer_identities.get(&slot).into_iter().flatten().copied()
+                })
                 .collect(),
         };
         let Some(ports) = &rule.ports else {
@@ -621,9 +749,7 @@ impl RuleContext<'_> {
                 PortMatch::Named(name) => match self.direction {
                     // Resolved on the destination: the local pod itself.
                     Direction::Ingress => {
-                        if let Some(&port) =
-                            self.pod.named_ports.get(&(name.clone(), spec.protocol))
-                        {
+                        if let Some(port) = self.pod.named_port(name, spec.protocol) {
                             for &identity in &identities {
                                 self.insert(
                                     out,
@@ -637,7 +763,12 @@ impl RuleContext<'_> {
                     }
                     // Resolved on the destination: each peer, through its identity.
                     Direction::Egress => {
-                        let resolved = self.named_by_identity.get(&(name.clone(), spec.protocol));
+                        let wanted = (name.as_str(), spec.protocol);
+                        let resolved = self
+                            .egress_named_ports
+                            .iter()
+                            .position(|&n| n == wanted)
+                            .map(|i| &self.named_by_identity[i]);
                         for (&identity, &port) in resolved.into_iter().flatten() {
                             if identities.contains(&IDENTITY_ANY) || identities.contains(&identity)
                             {

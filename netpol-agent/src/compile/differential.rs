@@ -328,7 +328,7 @@ fn check(
             | (Verdict::FromHost, Reason::FromHost)
             | (Verdict::Denied, Reason::PolicyDenied) => {}
             (Verdict::Allowed(rules), Reason::PolicyAllowed) => {
-                let rule = compiled.rules.get(got.rule as usize);
+                let rule = compiled.rules.get(&got.rule);
                 prop_assert!(
                     rule.is_some_and(|r| rules.contains(r)),
                     "wrong rule {:?}: {}",
@@ -401,6 +401,122 @@ proptest! {
         prop_assert!(new_keys.len() <= 1);
         for (k, v) in &first.ipcache {
             prop_assert_eq!(second.ipcache.get(k), Some(v));
+        }
+    }
+}
+
+/// One small change to a state, as the agent sees them one by one.
+#[derive(Clone, Debug)]
+enum Change {
+    /// Set (or remove, with `None`) a label of the n-th pod.
+    PodLabel(usize, &'static str, Option<&'static str>),
+    /// Set a label of the n-th namespace.
+    NamespaceLabel(usize, &'static str, &'static str),
+    /// Remove the n-th policy.
+    RemovePolicy(usize),
+    /// Add a policy (namespace index, spec).
+    AddPolicy(usize, Value),
+    /// Move the n-th pod to the other node (local or not).
+    MovePod(usize),
+    /// Give the n-th pod another IPv4 address (possibly one another pod has).
+    PodAddress(usize, u8),
+    /// Remove the n-th pod.
+    RemovePod(usize),
+}
+
+fn change() -> impl Strategy<Value = Change> {
+    prop_oneof![
+        3 => (any::<usize>(), select(&["app", "tier"][..]), prop::option::of(select(&["a", "b"][..])))
+            .prop_map(|(i, k, v)| Change::PodLabel(i, k, v)),
+        1 => (any::<usize>(), select(&["team", "ns"][..]), select(&["a", "b"][..]))
+            .prop_map(|(i, k, v)| Change::NamespaceLabel(i, k, v)),
+        1 => any::<usize>().prop_map(Change::RemovePolicy),
+        2 => policy_spec().prop_map(|(ns, spec)| Change::AddPolicy(ns, spec)),
+        1 => any::<usize>().prop_map(Change::MovePod),
+        1 => (any::<usize>(), 1..9u8).prop_map(|(i, h)| Change::PodAddress(i, h)),
+        1 => any::<usize>().prop_map(Change::RemovePod),
+    ]
+}
+
+fn apply(state: &mut ClusterState, change: &Change, step: usize) {
+    use crate::state::ObjectRef;
+    let nth_pod = |state: &ClusterState, i: usize| state.pods.keys().nth(i % state.pods.len().max(1)).cloned();
+    match change {
+        Change::PodLabel(i, key, value) => {
+            if let Some(obj) = nth_pod(state, *i) {
+                let labels = state.pods.get_mut(&obj).unwrap().metadata.labels.get_or_insert_default();
+                match value {
+                    Some(v) => labels.insert(key.to_string(), v.to_string()),
+                    None => labels.remove(*key),
+                };
+            }
+        }
+        Change::NamespaceLabel(i, key, value) => {
+            let n = state.namespaces.len().max(1);
+            if let Some(ns) = state.namespaces.values_mut().nth(i % n) {
+                ns.metadata.labels.get_or_insert_default().insert(key.to_string(), value.to_string());
+            }
+        }
+        Change::RemovePolicy(i) => {
+            let n = state.policies.len().max(1);
+            if let Some(obj) = state.policies.keys().nth(i % n).cloned() {
+                state.policies.remove(&obj);
+            }
+        }
+        Change::AddPolicy(ns, spec) => {
+            let ns = NAMESPACES[ns % state.namespaces.len().max(1)];
+            let name = format!("added{step}");
+            state.policies.insert(ObjectRef::new(ns, &name), super::testutil::policy(ns, &name, spec.clone()));
+        }
+        Change::MovePod(i) => {
+            if let Some(obj) = nth_pod(state, *i) {
+                let spec = state.pods.get_mut(&obj).unwrap().spec.as_mut().unwrap();
+                let other = if spec.node_name.as_deref() == Some("n1") { "n2" } else { "n1" };
+                spec.node_name = Some(other.into());
+            }
+        }
+        Change::PodAddress(i, host) => {
+            if let Some(obj) = nth_pod(state, *i) {
+                let status = state.pods.get_mut(&obj).unwrap().status.as_mut().unwrap();
+                let ip = format!("10.0.1.{host}");
+                status.pod_ips = Some(vec![k8s_openapi::api::core::v1::PodIP { ip: ip.clone() }]);
+                status.pod_ip = Some(ip);
+            }
+        }
+        Change::RemovePod(i) => {
+            if let Some(obj) = nth_pod(state, *i) {
+                state.pods.remove(&obj);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// A chain of small changes compiled with the memo the allocations carry gives, at
+    /// every step, exactly what compiling the same state from scratch (same numbers, no
+    /// memo) gives; and the maps still agree with the reference.
+    #[test]
+    fn cache_never_changes_results(
+        (s, changes, flows) in scenario().prop_flat_map(|s| {
+            let n = s.addresses.len();
+            (Just(s), proptest::collection::vec(change(), 1..8), proptest::collection::vec(flow(n), 4))
+        })
+    ) {
+        let mut state = s.state.clone();
+        let mut warm = compile(&state, &Allocations::default());
+        for (step, change) in changes.iter().enumerate() {
+            apply(&mut state, change, step);
+            let cold = compile(&state, &warm.allocations.without_cache());
+            let next = compile(&state, &warm.allocations);
+            prop_assert_eq!(&next, &cold, "after {:?}", change);
+            warm = next;
+            let reference = reference::Reference::new(&state);
+            for &(a, b, (protocol, port)) in &flows {
+                let (src, dst) = (s.addresses[a], s.addresses[b]);
+                check(&reference, &warm, src, dst, protocol, port)?;
+            }
         }
     }
 }

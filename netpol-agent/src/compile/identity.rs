@@ -3,13 +3,20 @@
 //! An identity stands for a class of addresses that every peer in force treats alike.
 //! Its [`IdentitySignature`] lists, in canonical text, the peers (selector pairs and
 //! ipBlocks) that match the class and, for pods, how they resolve the named ports that
-//! egress rules use. The signature is the identity's allocation key, so numbers survive
-//! recompiles for as long as the class exists.
+//! egress rules use.
+//!
+//! Numbers follow the addresses, not the signature: a class keeps the number most of its
+//! addresses carried in the previous compile (see [`Allocations`]), so a policy that
+//! comes into force and adds a peer matching whole classes renumbers nothing, and a pod
+//! that moves between classes rewrites its own IPCACHE entries only.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use netpol_common::IDENTITY_FIRST_DYNAMIC;
+use netpol_common::{Addr, IDENTITY_FIRST_DYNAMIC};
 
+use super::RuleRef;
+use super::cache::CacheHandle;
+use super::lpm::Lpm;
 use crate::state::ObjectRef;
 
 /// How a pod resolves a named port used by some egress rule.
@@ -20,7 +27,8 @@ pub struct NamedPortResolution {
     pub port: u16,
 }
 
-/// What an identity stands for; its allocation key.
+/// What an identity stands for. It keys the identity's number only when none of its
+/// addresses had one (see [`Allocations`]).
 ///
 /// The empty signature (no peer matches, no named port resolves) is
 /// [`netpol_common::IDENTITY_WORLD`] and is never allocated.
@@ -58,10 +66,23 @@ impl std::fmt::Display for IdentitySignature {
 
 /// Numbers handed out by the previous compile; pass [`super::Compiled::allocations`]
 /// back into the next [`super::compile`] so ids stay stable.
+///
+/// - Endpoint ids (from 1) are keyed by pod and rule ids (from 0) by [`RuleRef`]: kept
+///   while the key exists, the lowest free number for a new key.
+/// - Identity numbers (from [`IDENTITY_FIRST_DYNAMIC`]) follow the IPCACHE keys: a class
+///   of addresses takes the number most of its keys had (largest overlap first), else the
+///   number its signature had, else the lowest free one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Allocations {
     endpoints: BTreeMap<ObjectRef, u32>,
+    /// Signature of every dynamic identity in force → its number.
     identities: BTreeMap<IdentitySignature, u32>,
+    /// Dynamic identity of every IPCACHE key (world keys are absent).
+    addresses: BTreeMap<Lpm<Addr>, u32>,
+    /// Rule ids (`PolicyValue::rule`, the RULE_COUNTERS index), from 0.
+    rules: BTreeMap<RuleRef, u32>,
+    /// Memo of per-object work, shared by clones; never changes a result.
+    cache: CacheHandle,
 }
 
 impl Allocations {
@@ -75,6 +96,11 @@ impl Allocations {
         self.identities.get(signature).copied()
     }
 
+    /// Id of a rule of a valid policy (`PolicyValue::rule`).
+    pub fn rule_id(&self, rule: &RuleRef) -> Option<u32> {
+        self.rules.get(rule).copied()
+    }
+
     pub fn endpoints(&self) -> &BTreeMap<ObjectRef, u32> {
         &self.endpoints
     }
@@ -83,18 +109,106 @@ impl Allocations {
         &self.identities
     }
 
-    /// Allocations for `endpoints` and `identities`: kept numbers for keys `self` knows,
-    /// the lowest free ones for new keys (in key order).
+    pub fn rules(&self) -> &BTreeMap<RuleRef, u32> {
+        &self.rules
+    }
+
+    /// Allocations for `endpoints`, the identity `classes` and `rules`: kept numbers for
+    /// keys `self` knows, the lowest free ones for new keys (in key order); identity
+    /// numbers by lineage (see [`Allocations`]).
     pub(crate) fn next(
         &self,
         endpoints: impl IntoIterator<Item = ObjectRef>,
-        identities: impl IntoIterator<Item = IdentitySignature>,
+        classes: IdentityClasses,
+        rules: impl IntoIterator<Item = RuleRef>,
     ) -> Allocations {
+        let numbers = self.identity_numbers(&classes);
+        let addresses = classes
+            .keys
+            .iter()
+            .map(|&(key, class)| (key, numbers[class]))
+            .collect();
+        let identities = classes.signatures.into_iter().zip(numbers).collect();
         Allocations {
             endpoints: allocate(&self.endpoints, endpoints, 1),
-            identities: allocate(&self.identities, identities, IDENTITY_FIRST_DYNAMIC),
+            identities,
+            addresses,
+            rules: allocate(&self.rules, rules, 0),
+            cache: self.cache.clone(),
         }
     }
+
+    /// A number for each class, by lineage (see [`Allocations`]). Deterministic: ties go
+    /// to the lower number, then to the class listed first.
+    fn identity_numbers(&self, classes: &IdentityClasses) -> Vec<u32> {
+        // How many keys of each class carried each previous number (both lists sorted).
+        let mut overlap: HashMap<(usize, u32), usize> = HashMap::new();
+        let mut previous = self.addresses.iter().peekable();
+        for (key, class) in &classes.keys {
+            while previous.next_if(|(k, _)| *k < key).is_some() {}
+            if let Some((_, &number)) = previous.next_if(|(k, _)| *k == key) {
+                *overlap.entry((*class, number)).or_default() += 1;
+            }
+        }
+        let mut candidates: Vec<(usize, u32, usize)> = overlap
+            .into_iter()
+            .map(|((class, number), n)| (n, number, class))
+            .collect();
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let mut out: Vec<Option<u32>> = vec![None; classes.signatures.len()];
+        let mut used = BTreeSet::new();
+        for (_, number, class) in candidates {
+            if out[class].is_none() && !used.contains(&number) {
+                out[class] = Some(number);
+                used.insert(number);
+            }
+        }
+        // No overlap left: the number of the same signature, if still free.
+        for (class, signature) in classes.signatures.iter().enumerate() {
+            if out[class].is_none()
+                && let Some(&number) = self.identities.get(signature)
+                && used.insert(number)
+            {
+                out[class] = Some(number);
+            }
+        }
+        let mut candidate = IDENTITY_FIRST_DYNAMIC;
+        out.into_iter()
+            .map(|number| {
+                number.unwrap_or_else(|| {
+                    while used.contains(&candidate) {
+                        candidate = candidate.checked_add(1).expect("u32 ids exhausted");
+                    }
+                    used.insert(candidate);
+                    candidate
+                })
+            })
+            .collect()
+    }
+
+    /// The memo shared by the compiles of this lineage.
+    pub(crate) fn cache(&self) -> &CacheHandle {
+        &self.cache
+    }
+
+    /// The same numbers with an empty memo of its own: the next compile does all the
+    /// work from scratch.
+    #[cfg(test)]
+    pub(crate) fn without_cache(&self) -> Allocations {
+        Allocations {
+            cache: CacheHandle::default(),
+            ..self.clone()
+        }
+    }
+}
+
+/// The identity classes of one compile.
+#[derive(Debug, Default)]
+pub(crate) struct IdentityClasses {
+    /// One per dynamic identity: distinct, sorted, never the world's.
+    pub signatures: Vec<IdentitySignature>,
+    /// Every IPCACHE key of a dynamic identity, sorted, with its index in `signatures`.
+    pub keys: Vec<(Lpm<Addr>, usize)>,
 }
 
 /// Numbers for `wanted`: those in `prev` keep theirs, the others take the lowest numbers
@@ -131,6 +245,17 @@ fn allocate<K: Ord + Clone>(
 mod tests {
     use super::*;
 
+    /// Classes from (signature, keys), as the compiler lists them.
+    fn classes(list: Vec<(IdentitySignature, Vec<Lpm<Addr>>)>) -> IdentityClasses {
+        let mut out = IdentityClasses::default();
+        for (i, (signature, keys)) in list.into_iter().enumerate() {
+            out.signatures.push(signature);
+            out.keys.extend(keys.into_iter().map(|k| (k, i)));
+        }
+        out.keys.sort();
+        out
+    }
+
     fn sig(peers: &[&str]) -> IdentitySignature {
         IdentitySignature {
             peers: peers.iter().map(|s| s.to_string()).collect(),
@@ -155,20 +280,74 @@ mod tests {
 
     #[test]
     fn identities_start_at_first_dynamic() {
-        let a =
-            Allocations::default().next([ObjectRef::new("x", "a")], [sig(&["p1"]), sig(&["p2"])]);
+        let a = Allocations::default().next(
+            [ObjectRef::new("x", "a")],
+            classes(vec![(sig(&["p1"]), vec![]), (sig(&["p2"]), vec![])]),
+            [],
+        );
         assert_eq!(a.endpoint_id(&ObjectRef::new("x", "a")), Some(1));
         assert_eq!(a.identity(&sig(&["p1"])), Some(IDENTITY_FIRST_DYNAMIC));
         assert_eq!(a.identity(&sig(&["p2"])), Some(IDENTITY_FIRST_DYNAMIC + 1));
         let b = a.next(
             [ObjectRef::new("x", "0"), ObjectRef::new("x", "a")],
-            [sig(&["p0"]), sig(&["p2"])],
+            classes(vec![(sig(&["p0"]), vec![]), (sig(&["p2"]), vec![])]),
+            [],
         );
         assert_eq!(b.endpoint_id(&ObjectRef::new("x", "a")), Some(1));
         assert_eq!(b.endpoint_id(&ObjectRef::new("x", "0")), Some(2));
         assert_eq!(b.identity(&sig(&["p2"])), Some(IDENTITY_FIRST_DYNAMIC + 1));
         assert_eq!(b.identity(&sig(&["p0"])), Some(IDENTITY_FIRST_DYNAMIC));
         assert_eq!(b.identity(&sig(&["p1"])), None);
+    }
+
+    fn key(last: u8) -> Lpm<Addr> {
+        super::super::host_key(std::net::IpAddr::from([10, 0, 0, last]))
+    }
+
+    #[test]
+    fn identity_numbers_follow_the_addresses() {
+        let d = IDENTITY_FIRST_DYNAMIC;
+        let a = Allocations::default().next(
+            [],
+            classes(vec![
+                (sig(&["A"]), vec![key(1), key(2), key(3)]),
+                (sig(&["B"]), vec![key(4)]),
+            ]),
+            [],
+        );
+        assert_eq!(a.identity(&sig(&["A"])), Some(d));
+        assert_eq!(a.identity(&sig(&["B"])), Some(d + 1));
+        // A peer matching 1, 2 and 4 comes into force: every signature changes. The
+        // class {1, 2} keeps A's number (most of its keys had it), {3} takes the lowest
+        // free one, {4} keeps B's.
+        let b = a.next(
+            [],
+            classes(vec![
+                (sig(&["A"]), vec![key(3)]),
+                (sig(&["A", "C"]), vec![key(1), key(2)]),
+                (sig(&["B", "C"]), vec![key(4)]),
+            ]),
+            [],
+        );
+        assert_eq!(b.identity(&sig(&["A", "C"])), Some(d));
+        assert_eq!(b.identity(&sig(&["B", "C"])), Some(d + 1));
+        assert_eq!(b.identity(&sig(&["A"])), Some(d + 2));
+        // Two classes claim number d with equal overlap: the one listed first wins. A class
+        // without overlap takes its signature's number if free ({8} takes B,C's), else the
+        // lowest free one ({2}: its signature's d is taken).
+        let c = b.next(
+            [],
+            classes(vec![
+                (sig(&["A"]), vec![key(1), key(9)]),
+                (sig(&["A", "C"]), vec![key(2)]),
+                (sig(&["B", "C"]), vec![key(8)]),
+            ]),
+            [],
+        );
+        assert_eq!(c.identity(&sig(&["A"])), Some(d));
+        assert_eq!(c.identity(&sig(&["A", "C"])), Some(d + 2));
+        assert_eq!(c.identity(&sig(&["B", "C"])), Some(d + 1));
+        assert_eq!(c.addresses.get(&key(9)), Some(&d));
     }
 
     #[test]

@@ -132,6 +132,19 @@ pub fn net_key(net: &ipnet::IpNet) -> Lpm<Addr> {
     )
 }
 
+/// The prefix an IPCACHE key covers (inverse of [`net_key`]); `None` for a key of no
+/// known family.
+pub fn key_net(key: &Lpm<Addr>) -> Option<ipnet::IpNet> {
+    let bits = key.prefix_len.checked_sub(netpol_common::ADDR_FAMILY_BITS)?;
+    let b = key.data.bytes;
+    let net = match key.data.family {
+        netpol_common::FAMILY_IPV4 => ipnet::IpNet::new(IpAddr::from([b[0], b[1], b[2], b[3]]), bits as u8),
+        netpol_common::FAMILY_IPV6 => ipnet::IpNet::new(IpAddr::from(b), bits as u8),
+        _ => return None,
+    };
+    net.ok()
+}
+
 /// Longest-prefix-match lookup, as `bpf_map_lookup_elem` on an LPM trie does it.
 pub fn lookup<'a, K: LpmData, V>(
     map: &'a std::collections::BTreeMap<Lpm<K>, V>,
@@ -187,6 +200,14 @@ mod tests {
         assert_eq!(k.data.family, FAMILY_IPV6);
         let k = net_key(&"0.0.0.0/0".parse().unwrap());
         assert_eq!((k.prefix_len, k.data.family), (32, FAMILY_IPV4));
+        for net in ["0.0.0.0/0", "10.1.0.0/16", "10.1.2.3/32", "fd00::/8", "fd00::1/128"] {
+            let net: ipnet::IpNet = net.parse().unwrap();
+            assert_eq!(key_net(&net_key(&net)), Some(net));
+        }
+        assert_eq!(
+            key_net(&host_key("10.1.2.3".parse().unwrap())),
+            Some("10.1.2.3/32".parse().unwrap())
+        );
     }
 
     #[test]

@@ -13,8 +13,8 @@
 //!   maps every pod IP, node IP, ipBlock cidr and except prefix to its identity; the
 //!   kernel's longest-prefix match then decides ipBlock membership exactly.
 //! - POLICY holds, per local endpoint, direction, allowing rule, matched identity (or
-//!   [`IDENTITY_ANY`](netpol_common::IDENTITY_ANY)) and port prefix, the rule's index in
-//!   [`Compiled::rules`]. Its size grows with endpoints × identities they allow, never
+//!   [`IDENTITY_ANY`](netpol_common::IDENTITY_ANY)) and port prefix, the id of the
+//!   rule ([`Compiled::rules`]; stable while the rule exists). Its size grows with endpoints × identities they allow, never
 //!   with pods × rules of the cluster.
 //!
 //! Invalid policies are reported in [`Compiled::diagnostics`] and left out; everything
@@ -22,6 +22,7 @@
 //! [`Compiled`], and [`reference`] evaluates the same semantics directly over the
 //! objects, so the two can be compared (see the differential property test).
 
+mod cache;
 mod compiler;
 mod identity;
 mod lpm;
@@ -36,20 +37,19 @@ mod differential;
 #[cfg(test)]
 mod testutil;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use netpol_common::{
-    Addr, DIR_EGRESS, DIR_INGRESS, EndpointInfo, PeerInfo, PolicyKey, PolicyValue,
+    Addr, DIR_EGRESS, DIR_INGRESS, EndpointInfo, IDENTITY_WORLD, PeerInfo, PolicyKey,
+    PolicyValue,
 };
 
-#[cfg(doc)]
-use crate::state::ClusterState;
-use crate::state::ObjectRef;
+use crate::state::{ClusterState, ObjectRef};
 
 pub use compiler::compile;
 pub use identity::{Allocations, IdentitySignature, NamedPortResolution};
-pub use lpm::{Lpm, LpmData, addr, host_key, net_key};
+pub use lpm::{Lpm, LpmData, addr, host_key, key_net, net_key};
 pub use policy::{FieldError, validate_policy};
 pub use ports::{PortPrefix, port_prefixes};
 
@@ -96,12 +96,14 @@ pub struct Compiled {
     pub endpoints: BTreeMap<Addr, EndpointInfo>,
     /// IPCACHE: pod IPs, node IPs, ipBlock cidr and except prefixes.
     pub ipcache: BTreeMap<Lpm<Addr>, PeerInfo>,
-    /// POLICY: allow entries; the value names the rule in [`Compiled::rules`].
+    /// POLICY: allow entries; the value is the id of the rule, see [`Compiled::rules`].
     pub policy: BTreeMap<Lpm<PolicyKey>, PolicyValue>,
     /// The local endpoints, by pod.
     pub local_pods: Vec<LocalPod>,
-    /// Rule table: `PolicyValue::rule` indexes it.
-    pub rules: Vec<RuleRef>,
+    /// Rule table: id (`PolicyValue::rule`, also the RULE_COUNTERS index) → rule, for
+    /// every rule of every valid policy. A rule keeps its id while it exists; a new rule
+    /// takes the lowest free id (see [`Allocations`]).
+    pub rules: BTreeMap<u32, RuleRef>,
     /// What each identity stands for (including `IDENTITY_ANY` and `IDENTITY_WORLD`).
     pub identities: BTreeMap<u32, IdentityInfo>,
     /// Problems with objects; the objects concerned are left out (wholly or partly).
@@ -144,14 +146,48 @@ impl std::fmt::Display for RuleRef {
     }
 }
 
-/// What an identity stands for.
+/// What an identity stands for. Its members are listed on demand by
+/// [`Compiled::members`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdentityInfo {
     pub signature: IdentitySignature,
     /// One line for humans, e.g. `matches [pods {app=web} in namespace x]`.
     pub description: String,
-    /// The IPCACHE entries carrying it: `pod x/a 10.0.0.1`, `node 10.0.0.254`, `10.0.0.0/8`.
-    pub members: Vec<String>,
+}
+
+impl Compiled {
+    /// The IPCACHE entries carrying `identity`, in key order, for humans: `pod x/a
+    /// 10.0.0.1`, `node 10.0.0.254`, `10.0.0.0/8`; the world's list starts with `every
+    /// address no IPCACHE entry covers`. `state` must be the state this was compiled
+    /// from (it names the pods); built on demand, as only explaining needs it.
+    pub fn members(&self, state: &ClusterState, identity: u32) -> Vec<String> {
+        // An address belongs to the first live pod listing it, as in the compile.
+        let mut owners: HashMap<IpAddr, &ObjectRef> = HashMap::new();
+        for (obj, pod) in &state.pods {
+            if compiler::is_live_pod_network(pod) {
+                for ip in compiler::listed_ips(pod) {
+                    owners.entry(ip).or_insert(obj);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if identity == IDENTITY_WORLD {
+            out.push("every address no IPCACHE entry covers".to_string());
+        }
+        for (key, info) in &self.ipcache {
+            let Some(net) = key_net(key).filter(|_| info.identity == identity) else {
+                continue;
+            };
+            let ip = net.addr();
+            let host = net.prefix_len() == net.max_prefix_len();
+            out.push(match owners.get(&ip) {
+                Some(pod) if host => format!("pod {pod} {ip}"),
+                None if host && state.node.ips.contains(&ip) => format!("node {ip}"),
+                _ => net.to_string(),
+            });
+        }
+        out
+    }
 }
 
 /// A problem with an object, e.g. `NetworkPolicy x/foo: spec.ingress[0].ports[0].endPort: ...`.

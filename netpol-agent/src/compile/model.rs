@@ -22,7 +22,7 @@ use super::{Compiled, Direction};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub reason: Reason,
-    /// Index into [`Compiled::rules`] of the rule that allowed it, or [`RULE_NONE`].
+    /// Id ([`Compiled::rules`]) of the rule that allowed it, or [`RULE_NONE`].
     pub rule: u32,
     /// The endpoint id, when the endpoint address is in ENDPOINTS.
     pub endpoint: Option<u32>,

@@ -24,7 +24,10 @@ use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachType};
 use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use netpol_common::{Counter, DatapathState, EventBudget, REASON_COUNT, Reason, names};
+use netpol_common::{
+    Counter, DIR_EGRESS, DIR_INGRESS, DatapathState, EventBudget, REASON_COUNT, Reason,
+    counter_index, names,
+};
 use tracing::{debug, info, warn};
 
 use crate::compile::Compiled;
@@ -500,19 +503,36 @@ impl Datapath {
         (self.endpoints.len(), self.ipcache.len(), self.policy.len())
     }
 
-    /// Packets and bytes per reason, summed over CPUs.
+    /// Packets and bytes per reason, summed over CPUs and both directions.
     pub fn counters(&self) -> Result<Vec<(Reason, Counter)>> {
-        let mut out = Vec::with_capacity(REASON_COUNT as usize);
-        for reason in Reason::ALL {
-            let per_cpu = self
-                .counters
-                .get(&(reason as u32), 0)
-                .map_err(|source| Error::Map {
-                    name: names::COUNTERS,
-                    source,
-                })?;
-            let total = sum(per_cpu.iter());
-            out.push((reason, total));
+        let by_direction = self.counters_by_direction()?;
+        Ok(Reason::ALL
+            .into_iter()
+            .map(|reason| {
+                let total = sum(by_direction
+                    .iter()
+                    .filter(|(r, _, _)| *r == reason)
+                    .map(|(_, _, c)| c));
+                (reason, total)
+            })
+            .collect())
+    }
+
+    /// Packets and bytes per reason and direction (`DIR_INGRESS`/`DIR_EGRESS`, from the
+    /// pod's point of view), summed over CPUs.
+    pub fn counters_by_direction(&self) -> Result<Vec<(Reason, u8, Counter)>> {
+        let mut out = Vec::with_capacity(2 * REASON_COUNT as usize);
+        for direction in [DIR_INGRESS, DIR_EGRESS] {
+            for reason in Reason::ALL {
+                let per_cpu = self
+                    .counters
+                    .get(&counter_index(reason, direction), 0)
+                    .map_err(|source| Error::Map {
+                        name: names::COUNTERS,
+                        source,
+                    })?;
+                out.push((reason, direction, sum(per_cpu.iter())));
+            }
         }
         Ok(out)
     }

@@ -411,7 +411,7 @@ impl<'a> Analysis<'a> {
             Reason::NotIsolated => HookVerdict::NotIsolated,
             Reason::FromHost => HookVerdict::FromNode,
             Reason::AuditAllowed => HookVerdict::AuditAllowed,
-            Reason::PolicyAllowed => match compiled.rules.get(decision.rule as usize) {
+            Reason::PolicyAllowed => match compiled.rules.get(&decision.rule) {
                 Some(rule) => HookVerdict::Allowed { rule: rule.clone() },
                 // A POLICY value always names a rule of the table; be explicit anyway.
                 None => HookVerdict::Denied,

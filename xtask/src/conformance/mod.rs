@@ -9,6 +9,7 @@
 //! (one timeout per step, not per probe) and compares with the expected verdicts.
 
 pub mod case;
+mod kube;
 mod report;
 
 use std::collections::BTreeMap;
@@ -27,10 +28,25 @@ use case::{
 };
 pub use report::print_failure;
 
+/// Where the agent reads the cluster from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceKind {
+    /// A manifest directory (local mode).
+    #[default]
+    Local,
+    /// The Kubernetes API: the in-process API server double, over HTTP list/watch.
+    Kube,
+}
+
 /// How to run.
 #[derive(Clone, Debug)]
 pub struct Options {
     pub agent: PathBuf,
+    /// Local mode or Kubernetes mode.
+    pub source: SourceKind,
+    /// Kubernetes mode: with every step, kill the watch streams, expire the history
+    /// (410 Gone) or restart the API server double, in turn.
+    pub faults: bool,
     /// Per-step probe timeout.
     pub timeout: Duration,
     /// How long to wait for the agent to apply a step.
@@ -221,7 +237,10 @@ pub fn run_case(file: &Path, options: &Options) -> CaseResult {
 /// A case's lab, agent and current policies.
 struct Runner<'a> {
     lab: Lab,
+    /// The agent's manifest directory (local mode), or the staging directory whose
+    /// rendering is published through the API server double (Kubernetes mode).
     manifests: ManifestDir,
+    kube: Option<kube::KubeFeed>,
     agent: Option<AgentProcess>,
     policies: BTreeMap<(String, String), Value>,
     options: &'a Options,
@@ -292,9 +311,14 @@ impl<'a> Runner<'a> {
                 .with_context(|| format!("creating host/{}", host.name))?;
         }
         let manifests = ManifestDir::create(lab.workdir().join("manifests"))?;
+        let kube = match options.source {
+            SourceKind::Local => None,
+            SourceKind::Kube => Some(kube::KubeFeed::start(&lab, options.faults)?),
+        };
         Ok(Runner {
             lab,
             manifests,
+            kube,
             agent: None,
             policies: BTreeMap::new(),
             options,
@@ -313,13 +337,19 @@ impl<'a> Runner<'a> {
     /// Writes the manifests and waits until the agent has them in the kernel.
     fn sync(&mut self) -> Result<()> {
         let yaml = self.policies_yaml()?;
-        let generation = self.manifests.write(&self.lab, &yaml)?;
+        let mut generation = self.manifests.write(&self.lab, &yaml)?;
+        if let Some(kube) = &mut self.kube {
+            generation = kube.publish(&self.lab, self.manifests.path())?;
+        }
         if self.agent.is_none() {
-            self.agent = Some(AgentProcess::start(
-                &self.lab,
-                &self.options.agent,
-                &self.manifests,
-            )?);
+            self.agent = Some(match &self.kube {
+                None => AgentProcess::start(&self.lab, &self.options.agent, &self.manifests)?,
+                Some(kube) => AgentProcess::start_with_source(
+                    &self.lab,
+                    &self.options.agent,
+                    &kube.agent_args(),
+                )?,
+            });
         }
         let agent = self.agent.as_mut().expect("started above");
         let status = agent.wait_generation(generation, self.options.apply_timeout)?;

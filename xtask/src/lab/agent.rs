@@ -50,6 +50,20 @@ impl AgentProcess {
     /// instead of going through `ip netns exec`: the latter remounts /sys in a private
     /// mount namespace, which hides the bpffs mounted at /sys/fs/bpf.
     pub fn start(lab: &Lab, agent_bin: &Path, manifests: &ManifestDir) -> Result<Self> {
+        let source = [
+            std::ffi::OsString::from("--manifests"),
+            manifests.path().as_os_str().to_owned(),
+        ];
+        Self::start_with_source(lab, agent_bin, &source)
+    }
+
+    /// [`AgentProcess::start`] with other source arguments instead of `--manifests DIR`,
+    /// e.g. `--kubeconfig FILE` (Kubernetes mode).
+    pub fn start_with_source(
+        lab: &Lab,
+        agent_bin: &Path,
+        source: &[std::ffi::OsString],
+    ) -> Result<Self> {
         let log = lab.workdir().join("agent.log");
         let status = lab.workdir().join("agent-status.json");
         let pin_dir = lab.pin_dir();
@@ -70,13 +84,14 @@ impl AgentProcess {
 
         let mut cmd = Command::new(agent_bin);
         cmd.arg("run")
-            .arg("--manifests")
-            .arg(manifests.path())
+            .args(source)
             .arg("--bpffs-dir")
             .arg(&pin_dir)
             .arg("--status-file")
             .arg(&status)
             .args(["--node-name", NODE_NAME])
+            .arg("--flow-socket")
+            .arg(lab.workdir().join("flows.sock"))
             // The log is a file: no colour codes in it.
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -112,6 +127,11 @@ impl AgentProcess {
             status,
             pin_dir,
         })
+    }
+
+    /// The agent's flow-log socket (`netpol-agent flows --socket`).
+    pub fn flow_socket(&self) -> PathBuf {
+        self.log.with_file_name("flows.sock")
     }
 
     /// The agent's log file.

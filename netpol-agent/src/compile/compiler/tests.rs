@@ -217,18 +217,24 @@ fn rules_without_peers_or_ports() {
     );
     assert_eq!(
         c.rules,
-        [
-            RuleRef {
-                policy: ObjectRef::new("x", "p"),
-                direction: Direction::Ingress,
-                index: 0
-            },
-            RuleRef {
-                policy: ObjectRef::new("x", "p"),
-                direction: Direction::Egress,
-                index: 0
-            },
-        ]
+        BTreeMap::from([
+            (
+                0,
+                RuleRef {
+                    policy: ObjectRef::new("x", "p"),
+                    direction: Direction::Ingress,
+                    index: 0
+                }
+            ),
+            (
+                1,
+                RuleRef {
+                    policy: ObjectRef::new("x", "p"),
+                    direction: Direction::Egress,
+                    index: 0
+                }
+            ),
+        ])
     );
     assert_eq!(
         c.endpoints[&addr(ip("10.0.0.2"))].flags,
@@ -308,12 +314,14 @@ fn ports_protocols_and_ranges() {
 #[test]
 fn pod_selector_peer_gets_one_identity() {
     // x/b allows ingress from app=web pods of its own namespace: x/a only, not y/c.
-    let c = run(basic().policy(
+    let cluster = basic().policy(
         "x",
         "p",
         json!({"podSelector": {"matchLabels": {"app": "db"}},
         "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]}),
-    ));
+    );
+    let state = cluster.state.clone();
+    let c = run(cluster);
     assert_eq!(identity(&c, "10.0.0.1"), D);
     assert_eq!(identity(&c, "10.0.0.2"), IDENTITY_WORLD);
     assert_eq!(identity(&c, "10.0.1.3"), IDENTITY_WORLD);
@@ -323,7 +331,7 @@ fn pod_selector_peer_gets_one_identity() {
     );
     let info = &c.identities[&D];
     assert_eq!(info.signature.peers, ["pods {app=web} in namespace x"]);
-    assert_eq!(info.members, ["pod x/a 10.0.0.1"]);
+    assert_eq!(c.members(&state, D), ["pod x/a 10.0.0.1"]);
     assert_eq!(info.description, "matches [pods {app=web} in namespace x]");
 }
 
@@ -384,12 +392,14 @@ fn ip_block_with_except() {
     // x/a may send to 10.0.0.0/16 except 10.0.1.0/24. Classes: the /16 and x/a's and
     // x/b's addresses (inside, not excepted) share one identity; the /24 and y/c's
     // address (excepted) are world.
-    let c = run(basic().policy(
+    let cluster = basic().node_ips(&["10.0.0.254"]).policy(
         "x",
         "p",
         json!({"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Egress"],
             "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.1.0/24"]}}]}]}),
-    ));
+    );
+    let state = cluster.state.clone();
+    let c = run(cluster);
     let block = PeerInfo {
         identity: D,
         flags: 0,
@@ -404,10 +414,35 @@ fn ip_block_with_except() {
         (host_key(ip("10.0.0.1")), block),
         (host_key(ip("10.0.0.2")), block),
         (host_key(ip("10.0.1.3")), world),
+        (
+            host_key(ip("10.0.0.254")),
+            PeerInfo {
+                identity: D,
+                flags: PEER_HOST,
+            },
+        ),
     ]
     .into_iter()
     .collect();
     assert_eq!(c.ipcache, expected);
+    // Members in key order (shorter prefixes first).
+    assert_eq!(
+        c.members(&state, D),
+        [
+            "10.0.0.0/16",
+            "pod x/a 10.0.0.1",
+            "pod x/b 10.0.0.2",
+            "node 10.0.0.254"
+        ]
+    );
+    assert_eq!(
+        c.members(&state, IDENTITY_WORLD),
+        [
+            "every address no IPCACHE entry covers",
+            "10.0.1.0/24",
+            "pod y/c 10.0.1.3"
+        ]
+    );
     assert_eq!(
         entries(&c),
         [(1, D, DIR_EGRESS, 0, 0, POLICY_PREFIX_ANY_PROTO, 0)]
@@ -680,7 +715,7 @@ fn same_key_keeps_the_lowest_rule() {
     ];
     expected.sort();
     assert_eq!(entries(&c), expected);
-    assert_eq!(c.rules[2].policy, ObjectRef::new("x", "b-second"));
+    assert_eq!(c.rules[&2].policy, ObjectRef::new("x", "b-second"));
 }
 
 #[test]
@@ -859,4 +894,198 @@ fn allocations_are_stable_across_compiles() {
     );
     assert_eq!(ep(&fourth, "x", "a"), 1);
     assert_eq!(ep(&fourth, "z", "new"), 4);
+}
+
+#[test]
+fn rule_ids_survive_a_policy_added_before_them() {
+    // x/m (two ingress rules) selects x/b; then x/a, which sorts before x/m, is added
+    // with an ingress and an egress rule selecting x/a.
+    let m = json!({"podSelector": {"matchLabels": {"app": "db"}},
+        "ingress": [{"ports": [{"port": 80}]}, {"ports": [{"port": 81}]}]});
+    let first = run(basic().policy("x", "m", m.clone()));
+    let rule = |policy: &str, direction, index| RuleRef {
+        policy: ObjectRef::new("x", policy),
+        direction,
+        index,
+    };
+    assert_eq!(
+        first.rules,
+        BTreeMap::from([
+            (0, rule("m", Direction::Ingress, 0)),
+            (1, rule("m", Direction::Ingress, 1))
+        ])
+    );
+    let added = basic().policy("x", "m", m.clone()).policy(
+        "x",
+        "a",
+        json!({"podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"ports": [{"port": 90}]}], "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}),
+    );
+    let second = compile(&added.state, &first.allocations);
+    assert_eq!(
+        second.rules,
+        BTreeMap::from([
+            (0, rule("m", Direction::Ingress, 0)),
+            (1, rule("m", Direction::Ingress, 1)),
+            (2, rule("a", Direction::Ingress, 0)),
+            (3, rule("a", Direction::Egress, 0)),
+        ])
+    );
+    // Every entry of x/m is untouched; the only new entries are x/a's (endpoint 1).
+    let full = POLICY_PREFIX_FULL;
+    assert_eq!(
+        entries(&first),
+        [
+            (2, IDENTITY_ANY, DIR_INGRESS, PROTO_TCP, 80, full, 0),
+            (2, IDENTITY_ANY, DIR_INGRESS, PROTO_TCP, 81, full, 1),
+        ]
+    );
+    let mut expected = entries(&first);
+    expected.extend([
+        (1, IDENTITY_ANY, DIR_INGRESS, PROTO_TCP, 90, full, 2),
+        (1, IDENTITY_ANY, DIR_EGRESS, PROTO_UDP, 53, full, 3),
+    ]);
+    expected.sort();
+    assert_eq!(entries(&second), expected);
+
+    // x/m goes away: its ids are freed, x/a keeps 2 and 3, and the next new rule takes
+    // the lowest free id, 0.
+    let mut state = added.state.clone();
+    state.policies.remove(&ObjectRef::new("x", "m"));
+    let third = compile(&state, &second.allocations);
+    assert_eq!(
+        third.rules.keys().copied().collect::<Vec<_>>(),
+        [2, 3],
+        "{:?}",
+        third.rules
+    );
+    state.policies.insert(
+        ObjectRef::new("x", "z"),
+        crate::compile::testutil::policy("x", "z", json!({"ingress": [{}]})),
+    );
+    let fourth = compile(&state, &third.allocations);
+    assert_eq!(fourth.rules[&0], rule("z", Direction::Ingress, 0));
+    assert_eq!(fourth.allocations.rule_id(&rule("a", Direction::Egress, 0)), Some(3));
+}
+
+/// Entries that differ between two maps: (key, before, after).
+fn changes<K: Ord + Copy, V: PartialEq + Copy>(
+    before: &BTreeMap<K, V>,
+    after: &BTreeMap<K, V>,
+) -> Vec<(K, Option<V>, Option<V>)> {
+    let keys: std::collections::BTreeSet<K> = before.keys().chain(after.keys()).copied().collect();
+    keys.into_iter()
+        .filter(|k| before.get(k) != after.get(k))
+        .map(|k| (k, before.get(&k).copied(), after.get(&k).copied()))
+        .collect()
+}
+
+#[test]
+fn label_flips_and_new_peers_write_only_the_entries_they_imply() {
+    // x/b allows ingress from app=web and app=api pods of x. Identities in signature
+    // order: {app=api} (x/e) is D, {app=web} (x/a, x/c) is D + 1; x/b and x/d are world.
+    let p = json!({"podSelector": {"matchLabels": {"app": "db"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}},
+                              {"podSelector": {"matchLabels": {"app": "api"}}}]}]});
+    let cluster = |d: &str, a: &str| {
+        Cluster::new()
+            .ns("x", &[])
+            .pod("x", "a", &[("app", a)], &["10.0.0.1"], &[])
+            .pod("x", "b", &[("app", "db")], &["10.0.0.2"], &[])
+            .pod("x", "c", &[("app", "web")], &["10.0.0.3"], &[])
+            .pod("x", "d", &[("app", d)], &["10.0.0.4"], &[])
+            .pod("x", "e", &[("app", "api")], &["10.0.0.5"], &[])
+            .policy("x", "p", p.clone())
+    };
+    let at = |c: &Compiled, a: &str| PeerInfo {
+        identity: identity(c, a),
+        flags: 0,
+    };
+    let pi = |identity| PeerInfo { identity, flags: 0 };
+    let world = pi(IDENTITY_WORLD);
+    let first = run(cluster("other", "web"));
+    assert_eq!(
+        [
+            at(&first, "10.0.0.5"),
+            at(&first, "10.0.0.1"),
+            at(&first, "10.0.0.3")
+        ],
+        [pi(D), pi(D + 1), pi(D + 1)]
+    );
+    let any = POLICY_PREFIX_ANY_PROTO;
+    assert_eq!(
+        entries(&first),
+        [
+            (2, D, DIR_INGRESS, 0, 0, any, 0),
+            (2, D + 1, DIR_INGRESS, 0, 0, any, 0)
+        ]
+    );
+
+    // x/d becomes app=web: it joins D + 1; nothing else changes.
+    let second = compile(&cluster("web", "web").state, &first.allocations);
+    assert_eq!(
+        changes(&first.ipcache, &second.ipcache),
+        [(host_key(ip("10.0.0.4")), Some(world), Some(pi(D + 1)))]
+    );
+    assert_eq!(second.policy, first.policy);
+    assert_eq!(second.endpoints, first.endpoints);
+
+    // x/a becomes app=api: it moves from D + 1 (which x/c and x/d keep) to D.
+    let third_cluster = cluster("web", "api");
+    let third = compile(&third_cluster.state, &second.allocations);
+    assert_eq!(
+        changes(&second.ipcache, &third.ipcache),
+        [(host_key(ip("10.0.0.1")), Some(pi(D + 1)), Some(pi(D)))]
+    );
+    assert_eq!(third.policy, first.policy);
+
+    // A policy selecting x/c and x/d brings `namespaceSelector: {}` into force, which
+    // matches every pod: every signature changes, but the classes {a, e} and {c, d}
+    // keep their numbers; only x/b, no longer world, takes a new one (D + 2). POLICY
+    // gains the new rule's entries (id 1) for x/c (3) and x/d (4), nothing else.
+    let fourth = compile(
+        &third_cluster
+            .policy(
+                "x",
+                "q",
+                json!({"podSelector": {"matchLabels": {"app": "web"}},
+                    "ingress": [{"from": [{"namespaceSelector": {}}]}]}),
+            )
+            .state,
+        &third.allocations,
+    );
+    assert_eq!(
+        changes(&third.ipcache, &fourth.ipcache),
+        [(host_key(ip("10.0.0.2")), Some(world), Some(pi(D + 2)))]
+    );
+    let policy_changes: Vec<(Entry, bool, bool)> = changes(&third.policy, &fourth.policy)
+        .into_iter()
+        .map(|(k, before, after)| {
+            let v = after.or(before).unwrap();
+            let d = k.data;
+            let entry = (d.endpoint, d.identity, d.direction, d.protocol, 0, k.prefix_len, v.rule);
+            (entry, before.is_some(), after.is_some())
+        })
+        .collect();
+    let mut expected = vec![];
+    for endpoint in [3, 4] {
+        for identity in [D, D + 1, D + 2] {
+            expected.push(((endpoint, identity, DIR_INGRESS, 0, 0, any, 1), false, true));
+        }
+    }
+    assert_eq!(policy_changes, expected);
+    let isolated = EndpointInfo {
+        id: 0,
+        flags: ENDPOINT_INGRESS_ISOLATED,
+    };
+    assert_eq!(
+        changes(&third.endpoints, &fourth.endpoints)
+            .into_iter()
+            .map(|(k, _, after)| (k, after.map(|e| e.flags)))
+            .collect::<Vec<_>>(),
+        [
+            (addr(ip("10.0.0.3")), Some(isolated.flags)),
+            (addr(ip("10.0.0.4")), Some(isolated.flags))
+        ]
+    );
 }

@@ -1,0 +1,520 @@
+//! Memo of per-object compile work, kept across compiles.
+//!
+//! Every change is a full [`compile`](super::compile), but most of its inputs did not
+//! change: parsing 2,000 policies, reading 10,000 pods (IP strings, named container
+//! ports) and matching every pod against every peer in force would be repeated for one
+//! flipped label. [`CompileCache`] keeps those results together with the inputs they
+//! were computed from; each compile revalidates every entry against the state (an entry
+//! whose inputs differ is recomputed) and brings the selector matches up to date:
+//!
+//! - a policy is reparsed when its name, namespace or spec changed;
+//! - a pod is re-read when its labels, IP strings or named container ports changed;
+//! - a pod's peer matches are recomputed when the pod or its namespace's labels changed,
+//!   or when the pod was not classified by the previous compile; otherwise only peers
+//!   that came into force since are matched against it. The same holds for ipBlock
+//!   prefixes.
+//!
+//! The cache never decides anything: a compile with it gives exactly the result of a
+//! compile without it (`cache_never_changes_results` checks chains of random changes).
+//! It travels inside [`Allocations`](super::Allocations) behind a shared handle, so the
+//! `compile(&state, &previous.allocations)` loop gets it without further plumbing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError, TryLockError};
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
+
+use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
+use crate::state::ObjectRef;
+
+/// A set of small integers (peer slots), as bits.
+///
+/// Kept trimmed (no trailing zero words), so equal sets are equal values and hash alike.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct BitSet {
+    words: Vec<u64>,
+}
+
+impl BitSet {
+    pub fn insert(&mut self, i: usize) {
+        let word = i / 64;
+        if word >= self.words.len() {
+            self.words.resize(word + 1, 0);
+        }
+        self.words[word] |= 1 << (i % 64);
+    }
+
+    pub fn remove(&mut self, i: usize) {
+        if let Some(w) = self.words.get_mut(i / 64) {
+            *w &= !(1 << (i % 64));
+            self.trim();
+        }
+    }
+
+    pub fn contains(&self, i: usize) -> bool {
+        self.words
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    pub fn clear(&mut self) {
+        self.words.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    /// `(self ∪ extra) ∩ mask`.
+    pub fn union_within(&self, extra: &BitSet, mask: &BitSet) -> BitSet {
+        let len = self.words.len().max(extra.words.len()).min(mask.words.len());
+        let word = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
+        let mut out = BitSet {
+            words: (0..len)
+                .map(|i| (word(&self.words, i) | word(&extra.words, i)) & mask.words[i])
+                .collect(),
+        };
+        out.trim();
+        out
+    }
+
+    /// The members, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words.iter().enumerate().flat_map(|(w, &bits)| {
+            let mut bits = bits;
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let i = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    w * 64 + i
+                })
+            })
+        })
+    }
+
+    fn trim(&mut self) {
+        while self.words.last() == Some(&0) {
+            self.words.pop();
+        }
+    }
+}
+
+/// Shared handle to a [`CompileCache`]; clones share it. Invisible to equality and
+/// `Debug`, since it never changes a result.
+#[derive(Clone, Default)]
+pub(crate) struct CacheHandle(Arc<Mutex<Option<Box<CompileCache>>>>);
+
+impl CacheHandle {
+    /// The cache, taken out of the handle for one compile (a fresh one when the handle is
+    /// empty or another compile holds it); give it back with [`CacheHandle::put`].
+    pub fn take(&self) -> Box<CompileCache> {
+        let slot = match self.0.try_lock() {
+            Ok(slot) => Some(slot),
+            // The lock is never held across a compile, so nothing half-done can sit in
+            // a poisoned slot; and a panicking compile never gives its cache back.
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        slot.and_then(|mut slot| slot.take()).unwrap_or_default()
+    }
+
+    pub fn put(&self, cache: Box<CompileCache>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(cache);
+    }
+}
+
+impl PartialEq for CacheHandle {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for CacheHandle {}
+
+impl std::fmt::Debug for CacheHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CacheHandle")
+    }
+}
+
+/// What one compile leaves for the next. See the module documentation.
+#[derive(Default)]
+pub(crate) struct CompileCache {
+    /// Number of compiles run with this cache; memo entries record the compile that
+    /// last brought them up to date.
+    pub compiles: u64,
+    /// One entry per policy of the last state, in state order.
+    pub policies: Vec<PolicyEntry>,
+    /// One entry per pod of the last state, in state order.
+    pub pods: Vec<PodEntry>,
+    /// Namespace labels (with the implicit name label) and their version.
+    namespaces: HashMap<String, (BTreeMap<String, String>, u64)>,
+    versions: u64,
+    pub peers: PeerSlots,
+    /// ipBlock cidr and except prefixes: the block slots containing each.
+    pub prefixes: HashMap<IpNet, Memo>,
+}
+
+impl CompileCache {
+    /// Starts a compile: returns its number.
+    pub fn begin(&mut self) -> u64 {
+        self.compiles += 1;
+        self.peers.begin();
+        self.compiles
+    }
+
+    /// Brings [`CompileCache::policies`] in line with `policies`, reparsing what changed.
+    pub fn sync_policies(&mut self, policies: &BTreeMap<ObjectRef, NetworkPolicy>) {
+        let mut old = std::mem::take(&mut self.policies).into_iter().peekable();
+        for (obj, np) in policies {
+            while old.next_if(|e| e.obj < *obj).is_some() {}
+            let entry = match old.next_if(|e| e.obj == *obj) {
+                Some(e) if e.matches(np) => e,
+                _ => PolicyEntry::new(obj, np),
+            };
+            self.policies.push(entry);
+        }
+    }
+
+    /// Brings [`CompileCache::pods`] in line with `pods`, re-reading what changed.
+    pub fn sync_pods(&mut self, pods: &BTreeMap<ObjectRef, Pod>) {
+        let mut old = std::mem::take(&mut self.pods).into_iter().peekable();
+        for (obj, pod) in pods {
+            while old.next_if(|e| e.obj < *obj).is_some() {}
+            let entry = match old.next_if(|e| e.obj == *obj) {
+                Some(e) if e.matches(pod) => e,
+                _ => PodEntry::new(obj, pod),
+            };
+            self.pods.push(entry);
+        }
+    }
+
+    /// Records this compile's namespace labels; returns each namespace's version, which
+    /// changes whenever its labels change.
+    pub fn sync_namespaces(
+        &mut self,
+        labels: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> HashMap<String, u64> {
+        self.namespaces.retain(|name, _| labels.contains_key(name));
+        let mut out = HashMap::with_capacity(labels.len());
+        for (name, labels) in labels {
+            let version = match self.namespaces.get(name) {
+                Some((known, version)) if known == labels => *version,
+                _ => {
+                    self.versions += 1;
+                    self.namespaces
+                        .insert(name.clone(), (labels.clone(), self.versions));
+                    self.versions
+                }
+            };
+            out.insert(name.clone(), version);
+        }
+        out
+    }
+}
+
+/// A policy and the result of parsing it.
+pub(crate) struct PolicyEntry {
+    pub obj: ObjectRef,
+    name: Option<String>,
+    namespace: Option<String>,
+    spec: Option<NetworkPolicySpec>,
+    pub parsed: Result<ParsedPolicy, Vec<FieldError>>,
+}
+
+impl PolicyEntry {
+    fn new(obj: &ObjectRef, np: &NetworkPolicy) -> Self {
+        PolicyEntry {
+            obj: obj.clone(),
+            name: np.metadata.name.clone(),
+            namespace: np.metadata.namespace.clone(),
+            spec: np.spec.clone(),
+            parsed: parse_policy(np),
+        }
+    }
+
+    /// Whether `np` holds what the entry was parsed from (all `parse_policy` reads).
+    fn matches(&self, np: &NetworkPolicy) -> bool {
+        self.name == np.metadata.name
+            && self.namespace == np.metadata.namespace
+            && self.spec == np.spec
+    }
+}
+
+/// A named container port: the first definition of each (name, protocol) wins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct NamedPort {
+    pub name: String,
+    pub protocol: u8,
+    pub port: u16,
+}
+
+/// What the compiler reads from a pod besides phase, hostNetwork, node and annotations
+/// (cheap, read from the state each time), what it derives from it, and its peer matches.
+pub(crate) struct PodEntry {
+    pub obj: ObjectRef,
+    labels: Option<BTreeMap<String, String>>,
+    /// `status.podIPs[*].ip`, then `status.podIP`.
+    ip_texts: (Vec<String>, Option<String>),
+    /// Every named container port: (name, protocol, containerPort).
+    port_inputs: Vec<(String, Option<String>, i32)>,
+    /// Parsed addresses, de-duplicated, in order.
+    pub ips: Vec<IpAddr>,
+    /// (field, message) of every address that does not parse.
+    pub ip_errors: Vec<(String, String)>,
+    pub named_ports: Vec<NamedPort>,
+    /// Peer matches, valid when `memo.at` is the previous compile or this one: pod
+    /// selector peers in `memo.bits`; ipBlocks containing each of `ips` in `ip_bits`.
+    pub memo: Memo,
+    pub ip_bits: Vec<BitSet>,
+    /// Namespace label version `memo.bits` was computed with.
+    pub namespace_version: u64,
+}
+
+impl PodEntry {
+    fn new(obj: &ObjectRef, pod: &Pod) -> Self {
+        let status = pod.status.as_ref();
+        let listed: Vec<String> = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|p| p.ip.clone())
+            .collect();
+        let single = status.and_then(|s| s.pod_ip.clone());
+        let mut ips = Vec::new();
+        let mut ip_errors = Vec::new();
+        for (i, text) in listed.iter().chain(single.iter()).enumerate() {
+            match text.parse::<IpAddr>() {
+                Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+                Ok(_) => {}
+                Err(_) => {
+                    let field = if i < listed.len() {
+                        format!("status.podIPs[{i}].ip")
+                    } else {
+                        "status.podIP".to_string()
+                    };
+                    ip_errors.push((field, format!("invalid IP address {text:?}")));
+                }
+            }
+        }
+        let port_inputs: Vec<(String, Option<String>, i32)> = named_port_inputs(pod)
+            .map(|(name, protocol, port)| (name.to_string(), protocol.map(String::from), port))
+            .collect();
+        let mut named_ports: Vec<NamedPort> = Vec::new();
+        for (name, protocol, port) in &port_inputs {
+            let Some(protocol) = protocol_number(protocol.as_deref().unwrap_or("TCP")) else {
+                continue;
+            };
+            let Ok(port) = u16::try_from(*port) else {
+                continue;
+            };
+            let known = named_ports
+                .iter()
+                .any(|n| n.name == *name && n.protocol == protocol);
+            if port != 0 && !known {
+                named_ports.push(NamedPort {
+                    name: name.clone(),
+                    protocol,
+                    port,
+                });
+            }
+        }
+        PodEntry {
+            obj: obj.clone(),
+            labels: pod.metadata.labels.clone(),
+            ip_texts: (listed, single),
+            port_inputs,
+            ips,
+            ip_errors,
+            named_ports,
+            memo: Memo::default(),
+            ip_bits: Vec::new(),
+            namespace_version: 0,
+        }
+    }
+
+    /// Whether `pod` holds what the entry was read from.
+    fn matches(&self, pod: &Pod) -> bool {
+        let status = pod.status.as_ref();
+        let listed = status.and_then(|s| s.pod_ips.as_deref()).unwrap_or_default();
+        self.labels == pod.metadata.labels
+            && self.ip_texts.1.as_deref() == status.and_then(|s| s.pod_ip.as_deref())
+            && self.ip_texts.0.len() == listed.len()
+            && self.ip_texts.0.iter().zip(listed).all(|(a, b)| *a == b.ip)
+            && named_port_inputs(pod).eq(self
+                .port_inputs
+                .iter()
+                .map(|(n, p, v)| (n.as_str(), p.as_deref(), *v)))
+    }
+
+    /// The port a named port resolves to on this pod.
+    pub fn named_port(&self, name: &str, protocol: u8) -> Option<u16> {
+        self.named_ports
+            .iter()
+            .find(|n| n.name == name && n.protocol == protocol)
+            .map(|n| n.port)
+    }
+}
+
+/// Every named container port of `pod`: (name, protocol, containerPort).
+fn named_port_inputs(pod: &Pod) -> impl Iterator<Item = (&str, Option<&str>, i32)> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            p.name
+                .as_deref()
+                .map(|name| (name, p.protocol.as_deref(), p.container_port))
+        })
+}
+
+/// Matched peer slots of one pod or prefix, and the compile they are valid for.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Memo {
+    pub bits: BitSet,
+    pub at: Option<u64>,
+}
+
+impl Memo {
+    /// Whether the previous compile (`now - 1`) left the bits up to date.
+    pub fn current(&self, now: u64) -> bool {
+        self.at == Some(now - 1)
+    }
+}
+
+/// Slots of peers out of force are kept (so a peer that comes back is not matched
+/// against every pod again) until they outnumber those in force and this many. Tests
+/// collect eagerly, to exercise the path.
+const IDLE_SLOTS_KEPT: usize = if cfg!(test) { 0 } else { 64 };
+
+/// One peer in force, or recently in force.
+pub(crate) struct Slot {
+    pub peer: Peer,
+    /// [`Peer::canonical`], rendered once.
+    pub canonical: String,
+}
+
+/// Stable small numbers for peers, so matches can be kept as bits across compiles.
+#[derive(Default)]
+pub(crate) struct PeerSlots {
+    index: HashMap<Peer, usize>,
+    slots: Vec<Option<Slot>>,
+    free: BTreeSet<usize>,
+    /// Slots allocated by this compile: to be matched against entries that are
+    /// otherwise up to date.
+    pub added: Vec<usize>,
+    /// Slots of the peers in force in this compile.
+    pub active: BitSet,
+}
+
+impl PeerSlots {
+    fn begin(&mut self) {
+        self.added.clear();
+        self.active.clear();
+    }
+
+    /// The slot of `peer`, allocated if needed, and marked in force.
+    pub fn intern(&mut self, peer: &Peer) -> usize {
+        let slot = match self.index.get(peer) {
+            Some(&slot) => slot,
+            None => {
+                let slot = self.free.pop_first().unwrap_or(self.slots.len());
+                let entry = Slot {
+                    peer: peer.clone(),
+                    canonical: peer.canonical(),
+                };
+                if slot == self.slots.len() {
+                    self.slots.push(Some(entry));
+                } else {
+                    self.slots[slot] = Some(entry);
+                }
+                self.index.insert(peer.clone(), slot);
+                self.added.push(slot);
+                slot
+            }
+        };
+        self.active.insert(slot);
+        slot
+    }
+
+    /// The slot of a peer interned by this compile.
+    pub fn get(&self, peer: &Peer) -> usize {
+        self.index[peer]
+    }
+
+    pub fn slot(&self, slot: usize) -> &Slot {
+        self.slots[slot].as_ref().expect("allocated slot")
+    }
+
+    /// Every allocated slot (in force or not).
+    pub fn allocated(&self) -> impl Iterator<Item = (usize, &Slot)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+    }
+
+    /// Slots allocated by this compile.
+    pub fn added(&self) -> impl Iterator<Item = (usize, &Slot)> {
+        self.added.iter().map(|&i| (i, self.slot(i)))
+    }
+
+    /// Frees the slots of peers no longer in force once they outnumber those in force
+    /// (and [`IDLE_SLOTS_KEPT`]); returns them, for the caller to clear in up-to-date
+    /// memos.
+    pub fn collect_garbage(&mut self) -> Vec<usize> {
+        let allocated = self.index.len();
+        let active = self.active.iter().count();
+        if allocated - active <= active.max(IDLE_SLOTS_KEPT) {
+            return Vec::new();
+        }
+        let freed: Vec<usize> = self
+            .allocated()
+            .map(|(i, _)| i)
+            .filter(|&i| !self.active.contains(i))
+            .collect();
+        for &i in &freed {
+            if let Some(slot) = self.slots[i].take() {
+                self.index.remove(&slot.peer);
+            }
+            self.free.insert(i);
+        }
+        freed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitset_basics() {
+        let mut a = BitSet::default();
+        for i in [0, 3, 64, 130] {
+            a.insert(i);
+        }
+        assert_eq!(a.iter().collect::<Vec<_>>(), [0, 3, 64, 130]);
+        assert!(a.contains(64) && !a.contains(65) && !a.contains(1000));
+        a.remove(130);
+        a.remove(64);
+        let mut b = BitSet::default();
+        b.insert(3);
+        b.insert(0);
+        assert_eq!(a, b, "trimmed after removals");
+        let mut mask = BitSet::default();
+        mask.insert(3);
+        mask.insert(200);
+        let mut extra = BitSet::default();
+        extra.insert(200);
+        extra.insert(7);
+        assert_eq!(
+            a.union_within(&extra, &mask).iter().collect::<Vec<_>>(),
+            [3, 200]
+        );
+        assert!(a.union_within(&extra, &BitSet::default()).is_empty());
+    }
+}

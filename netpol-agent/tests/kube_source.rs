@@ -1,0 +1,439 @@
+//! Tier 4: the Kubernetes source with the real kube-rs client against the in-process API
+//! server double (`apiserver/`): initial sync gating, updates and deletes, 410 Gone,
+//! killed watch streams and a restarted server, each logged as one line. No root.
+
+mod apiserver;
+
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apiserver::ApiServer;
+use netpol_agent::source::kube::{KubeSource, Settings};
+use netpol_agent::state::{ClusterState, ObjectRef};
+use serde_json::{Value, json};
+
+const NODE: &str = "node-1";
+const WAIT: Duration = Duration::from_secs(15);
+
+fn namespace(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+fn pod(ns: &str, name: &str, node: &str, ip: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels,
+                     "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "nginx",
+                 "ports": [{"name": "http", "containerPort": 80, "protocol": "TCP"}]}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "192.168.0.1"},
+    })
+}
+
+fn policy(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+fn node(name: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+           "status": {"addresses": [{"type": "InternalIP", "address": ip},
+                                    {"type": "Hostname", "address": name}]}})
+}
+
+/// A double holding a small cluster: two namespaces, three pods on two nodes, a policy.
+async fn cluster() -> ApiServer {
+    let server = ApiServer::start().await.expect("the double starts");
+    server.apply(namespace("x", json!({"team": "a"})));
+    server.apply(namespace("y", json!({})));
+    server.apply(pod("x", "a", NODE, "10.0.0.1", json!({"app": "a"})));
+    server.apply(pod("x", "b", NODE, "10.0.0.2", json!({"app": "b"})));
+    server.apply(pod("y", "c", "node-2", "10.0.1.1", json!({"app": "c"})));
+    server.apply(node(NODE, "192.168.0.1"));
+    server.apply(node("node-2", "192.168.0.2"));
+    server.apply(policy(
+        "x",
+        "deny",
+        json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+    ));
+    server
+}
+
+fn settings() -> Settings {
+    let mut settings = Settings::new(NODE);
+    settings.debounce = Duration::from_millis(20);
+    settings.max_delay = Duration::from_millis(200);
+    settings.backoff_initial = Duration::from_millis(50);
+    settings.backoff_max = Duration::from_millis(400);
+    settings
+}
+
+fn source(server: &ApiServer) -> KubeSource {
+    let config = kube::Config::new(server.url().parse().expect("a URL"));
+    KubeSource::start(config, settings()).expect("the source starts")
+}
+
+/// Takes snapshots on every change until `done` holds for the state (bounded).
+async fn wait_for(
+    source: &mut KubeSource,
+    state: &mut ClusterState,
+    what: &str,
+    done: impl Fn(&ClusterState) -> bool,
+) -> Option<u64> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut generation = None;
+    loop {
+        if source
+            .changed(Duration::from_millis(100))
+            .await
+            .expect("watchers run")
+        {
+            generation = source.snapshot(state).generation.or(generation);
+            if done(state) {
+                return generation;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}; state: {} namespaces, {} pods, {} policies",
+            state.namespaces.len(),
+            state.pods.len(),
+            state.policies.len()
+        );
+    }
+}
+
+/// Drives the source (so its logs are flushed) for `period` without expecting changes.
+async fn idle(source: &mut KubeSource, state: &mut ClusterState, period: Duration) {
+    let deadline = tokio::time::Instant::now() + period;
+    while tokio::time::Instant::now() < deadline {
+        if source.changed(Duration::from_millis(50)).await.unwrap() {
+            source.snapshot(state);
+        }
+    }
+}
+
+async fn wait_watches(server: &ApiServer, count: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.open_watches() < count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "watches did not open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn label(state: &ClusterState, ns: &str, name: &str, key: &str) -> Option<String> {
+    state
+        .pods
+        .get(&ObjectRef::new(ns, name))?
+        .metadata
+        .labels
+        .as_ref()?
+        .get(key)
+        .cloned()
+}
+
+/// Captures this thread's logs (the tests run on a current-thread runtime, so the
+/// watcher tasks log here too).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let writer = self.clone();
+        let filter = tracing_subscriber::EnvFilter::new(format!(
+            "info,{}",
+            netpol_agent::source::kube::LOG_DIRECTIVES
+        ));
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        text.lines()
+            .filter(|l| l.contains(" WARN "))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn nothing_before_every_initial_list_then_the_trimmed_cluster() {
+    let server = cluster().await;
+    server.fail("pods", "list", Some(503));
+    let mut source = source(&server);
+    let mut state = ClusterState::default();
+    // Namespaces, policies and the node list fine; pods do not: no view at all.
+    for _ in 0..10 {
+        assert!(
+            !source.changed(Duration::from_millis(50)).await.unwrap(),
+            "a change reported before every initial list completed"
+        );
+    }
+    assert!(!source.is_synced());
+    server.fail("pods", "list", None);
+    let generation = wait_for(&mut source, &mut state, "the initial lists", |s| {
+        s.pods.len() == 3
+    })
+    .await;
+    assert_eq!(generation, Some(server.resource_version()));
+    assert_eq!(
+        state.namespaces.keys().collect::<Vec<_>>(),
+        ["x", "y"],
+        "all namespaces"
+    );
+    assert_eq!(state.policies.len(), 1);
+    let a = &state.pods[&ObjectRef::new("x", "a")];
+    assert_eq!(a.metadata.annotations, None, "foreign annotations trimmed");
+    assert_eq!(
+        a.spec.as_ref().unwrap().containers[0].image,
+        None,
+        "trimmed"
+    );
+    assert_eq!(
+        a.spec.as_ref().unwrap().containers[0]
+            .ports
+            .as_ref()
+            .unwrap()[0]
+            .name
+            .as_deref(),
+        Some("http")
+    );
+    assert_eq!(a.status.as_ref().unwrap().host_ip, None, "trimmed");
+    let snapshot = source.snapshot(&mut state);
+    assert_eq!(
+        snapshot.node_ips,
+        ["192.168.0.1".parse::<std::net::IpAddr>().unwrap()],
+        "only this node's addresses"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn updates_and_deletes_flow_through_in_batches() {
+    let server = cluster().await;
+    let mut source = source(&server);
+    let mut state = ClusterState::default();
+    wait_for(&mut source, &mut state, "sync", |s| s.pods.len() == 3).await;
+
+    // A burst: one batch, and the generation is the last version.
+    server.apply(pod(
+        "x",
+        "a",
+        NODE,
+        "10.0.0.1",
+        json!({"app": "a", "v": "2"}),
+    ));
+    server.apply(pod("x", "d", NODE, "10.0.0.4", json!({"app": "d"})));
+    server.delete("Pod", Some("y"), "c");
+    server.delete("NetworkPolicy", Some("x"), "deny");
+    server.apply(namespace("z", json!({})));
+    let expected = server.resource_version();
+    let generation = wait_for(&mut source, &mut state, "the burst", |s| {
+        s.pods.len() == 3
+            && s.policies.is_empty()
+            && s.namespaces.len() == 3
+            && label(s, "x", "a", "v").as_deref() == Some("2")
+            && !s.pods.contains_key(&ObjectRef::new("y", "c"))
+    })
+    .await;
+    assert_eq!(generation, Some(expected), "the deletion's version counts");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_invalid_update_keeps_the_last_valid_version_and_is_reported() {
+    let server = cluster().await;
+    let mut source = source(&server);
+    let mut state = ClusterState::default();
+    wait_for(&mut source, &mut state, "sync", |s| s.policies.len() == 1).await;
+    // endPort below port: the API server's validation would reject it; the agent must
+    // not trust that a store it reads never holds such an object.
+    server.apply(policy(
+        "x",
+        "deny",
+        json!({"podSelector": {}, "ingress": [{"ports": [{"port": 90, "endPort": 80}]}]}),
+    ));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let diagnostics = loop {
+        if source.changed(Duration::from_millis(100)).await.unwrap() {
+            let snapshot = source.snapshot(&mut state);
+            if !snapshot.diagnostics.is_empty() {
+                break snapshot.diagnostics;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no diagnostics");
+    };
+    let text: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter()
+            .any(|t| t.starts_with("NetworkPolicy x/deny: spec.ingress[0].ports[0].endPort")),
+        "{text:?}"
+    );
+    let kept = &state.policies[&ObjectRef::new("x", "deny")];
+    assert_eq!(
+        kept.spec.as_ref().unwrap().policy_types.as_deref(),
+        Some(&["Ingress".to_owned()][..]),
+        "the last valid version stays"
+    );
+    // ... and an Event on the policy names the field.
+    source.report(&diagnostics);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let events = server.events();
+        if let Some(event) = events.first() {
+            assert_eq!(event["regarding"]["name"], "deny");
+            assert_eq!(event["regarding"]["kind"], "NetworkPolicy");
+            assert_eq!(event["reason"], "InvalidNetworkPolicy");
+            assert!(
+                event["note"]
+                    .as_str()
+                    .unwrap()
+                    .contains("spec.ingress[0].ports[0].endPort"),
+                "{event}"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no Event");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn gone_relists_and_logs_one_line() {
+    let logs = Logs::default();
+    let _guard = logs.install();
+    let server = cluster().await;
+    let mut source = source(&server);
+    let mut state = ClusterState::default();
+    wait_for(&mut source, &mut state, "sync", |s| s.pods.len() == 3).await;
+    wait_watches(&server, 4).await;
+
+    // History lost and every watch told 410 Gone, with a change the watchers can only
+    // learn from a fresh list.
+    server.apply(pod(
+        "x",
+        "b",
+        NODE,
+        "10.0.0.2",
+        json!({"app": "b", "v": "2"}),
+    ));
+    server.expire();
+    server.delete("Pod", Some("x"), "a");
+    wait_for(&mut source, &mut state, "the re-list", |s| {
+        !s.pods.contains_key(&ObjectRef::new("x", "a"))
+            && label(s, "x", "b", "v").as_deref() == Some("2")
+    })
+    .await;
+    idle(&mut source, &mut state, Duration::from_millis(300)).await;
+    assert_eq!(state.pods.len(), 2);
+    assert_eq!(state.policies.len(), 1, "the rest unchanged");
+    let warnings = logs.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(warnings[0].contains("410 Gone"), "{}", warnings[0]);
+    assert!(warnings[0].contains("re-listing"), "{}", warnings[0]);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_watch_refused_with_http_410_relists() {
+    let logs = Logs::default();
+    let _guard = logs.install();
+    let server = cluster().await;
+    let mut source = source(&server);
+    let mut state = ClusterState::default();
+    wait_for(&mut source, &mut state, "sync", |s| s.pods.len() == 3).await;
+    wait_watches(&server, 4).await;
+    // The next watch requests of pods get HTTP 410; only a new list gets past it.
+    server.fail("pods", "watch", Some(410));
+    server.kill_watches();
+    server.apply(pod("x", "e", NODE, "10.0.0.5", json!({})));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.fail("pods", "watch", None);
+    wait_for(&mut source, &mut state, "the new pod", |s| {
+        s.pods.len() == 4
+    })
+    .await;
+    let warnings = logs.warnings();
+    assert!(
+        (1..=2).contains(&warnings.len()),
+        "one line for the broken streams, at most one for the 410: {warnings:#?}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn killed_watch_streams_resume_and_log_one_line() {
+    let logs = Logs::default();
+    let _guard = logs.install();
+    let server = cluster().await;
+    let mut source = source(&server);
+    let mut state = ClusterState::default();
+    wait_for(&mut source, &mut state, "sync", |s| s.pods.len() == 3).await;
+    wait_watches(&server, 4).await;
+
+    server.kill_watches();
+    server.apply(pod("x", "e", NODE, "10.0.0.5", json!({})));
+    wait_for(&mut source, &mut state, "the new pod", |s| {
+        s.pods.len() == 4
+    })
+    .await;
+    idle(&mut source, &mut state, Duration::from_millis(300)).await;
+    let warnings = logs.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("watch streams broke"),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        !server.requests().iter().skip(8).any(|r| r.verb == "list"),
+        "resumed from the last version, no re-list: {:?}",
+        server.requests()
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_restarted_server_leaves_the_state_correct_and_logs_one_line() {
+    let logs = Logs::default();
+    let _guard = logs.install();
+    let mut server = cluster().await;
+    let mut source = source(&server);
+    let mut state = ClusterState::default();
+    wait_for(&mut source, &mut state, "sync", |s| s.pods.len() == 3).await;
+    wait_watches(&server, 4).await;
+
+    server.stop();
+    // Changes while the server is away (written to etcd through another apiserver).
+    server.delete("Pod", Some("x"), "b");
+    server.apply(policy("y", "allow", json!({"podSelector": {}})));
+    idle(&mut source, &mut state, Duration::from_millis(800)).await;
+    assert_eq!(
+        state.pods.len(),
+        3,
+        "the last view stays while the server is away"
+    );
+    server.restart().await.expect("the double restarts");
+    wait_for(&mut source, &mut state, "the changes made meanwhile", |s| {
+        s.pods.len() == 2 && s.policies.len() == 2
+    })
+    .await;
+    idle(&mut source, &mut state, Duration::from_millis(300)).await;
+    let warnings = logs.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(source.failures() >= 4, "every watcher noticed");
+    let _ = std::io::stderr().flush();
+}
