@@ -365,6 +365,8 @@ async fn reconcile_loop<S: Source>(
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut last_resync = Instant::now();
     let mut status = Status::default();
+    let mut last_metrics = Instant::now();
+    let mut last_conntrack_count = Instant::now() - CONNTRACK_COUNT_REFRESH;
     loop {
         health.beat();
         let changed = tokio::select! {
@@ -398,7 +400,26 @@ async fn reconcile_loop<S: Source>(
             source.report(&new);
             reported = messages;
             generation = update.generation.unwrap_or(generation);
-            let report = datapath.apply(&compiled)?;
+            health.metrics.invalid_objects.set(reported.len() as i64);
+            let report = match datapath.apply(&compiled) {
+                Ok(report) => report,
+                Err(error) => {
+                    // A kernel refusal (e.g. a full map) must not stop enforcement of
+                    // what is in place: report it and retry at the next resync.
+                    health.metrics.error(error.kind());
+                    warn!(
+                        error = datapath::chain(&error),
+                        "applying to the kernel failed; will retry"
+                    );
+                    status.pending = vec![format!("apply: {}", datapath::chain(&error))];
+                    continue;
+                }
+            };
+            health.metrics.applies.inc();
+            health
+                .metrics
+                .propagation
+                .observe(started.elapsed().as_secs_f64());
             primed = true;
             health.set_ready(true);
             if let Ok(mut current) = resolver.write() {
@@ -425,13 +446,31 @@ async fn reconcile_loop<S: Source>(
                 pending: report.pending,
             };
         } else {
-            let report = datapath.apply(&compiled)?;
+            let report = match datapath.apply(&compiled) {
+                Ok(report) => report,
+                Err(error) => {
+                    health.metrics.error(error.kind());
+                    warn!(
+                        error = datapath::chain(&error),
+                        "applying to the kernel failed; will retry"
+                    );
+                    continue;
+                }
+            };
             if !report.attached.is_empty() || !report.detached.is_empty() {
                 info!(attached = ?report.attached, detached = ?report.detached, "interfaces changed");
             }
             debug!(pending = report.pending.len(), "resync");
             status.attached = datapath.attached().count();
             status.pending = report.pending;
+        }
+        if last_metrics.elapsed() >= METRICS_REFRESH {
+            let walk_conntrack = last_conntrack_count.elapsed() >= CONNTRACK_COUNT_REFRESH;
+            if walk_conntrack {
+                last_conntrack_count = Instant::now();
+            }
+            refresh_kernel_metrics(datapath, &compiled, health, walk_conntrack);
+            last_metrics = Instant::now();
         }
         if let Some(path) = &config.status_file {
             write_status(path, &status).map_err(|source| Error::Status {
@@ -440,6 +479,57 @@ async fn reconcile_loop<S: Source>(
             })?;
         }
     }
+}
+
+/// How often the kernel's counters are copied into the metrics.
+const METRICS_REFRESH: Duration = Duration::from_secs(1);
+/// Counting conntrack entries walks the map: less often, and at most this many.
+const CONNTRACK_COUNT_REFRESH: Duration = Duration::from_secs(10);
+const CONNTRACK_COUNT_LIMIT: usize = 1 << 20;
+
+/// Copies the kernel's figures into the metrics (errors are counted, never fatal).
+fn refresh_kernel_metrics(
+    datapath: &Datapath,
+    compiled: &Compiled,
+    health: &Health,
+    walk_conntrack: bool,
+) {
+    let mut snapshot = crate::metrics::KernelSnapshot::default();
+    match datapath.counters_by_direction() {
+        Ok(verdicts) => snapshot.verdicts = verdicts,
+        Err(error) => health.metrics.error(error.kind()),
+    }
+    let rules = compiled
+        .rules
+        .iter()
+        .filter_map(|(id, rule)| match datapath.rule_counter(*id) {
+            Ok(counter) => Some((rule, counter)),
+            Err(_) => None,
+        });
+    snapshot.rules = crate::metrics::rule_series(rules);
+    snapshot.maps = datapath
+        .map_fill(walk_conntrack.then_some(CONNTRACK_COUNT_LIMIT))
+        .into_iter()
+        .map(|(name, entries, capacity)| (name.to_owned(), entries, capacity))
+        .collect();
+    snapshot.conntrack_entries = snapshot
+        .maps
+        .iter()
+        .find(|(name, _, _)| name == "CT")
+        .map(|(_, n, _)| *n);
+    if !walk_conntrack {
+        // Keep the last count rather than dropping the series between walks.
+        let previous = health.metrics.kernel_snapshot();
+        snapshot.conntrack_entries = previous.conntrack_entries;
+        if let Some(ct) = previous.maps.into_iter().find(|(name, _, _)| name == "CT") {
+            snapshot.maps.push(ct);
+        }
+    }
+    if let Ok((suppressed, lost)) = datapath.event_losses() {
+        snapshot.events_suppressed = suppressed;
+        snapshot.events_lost = lost;
+    }
+    health.metrics.set_kernel(snapshot);
 }
 
 /// Writes the status atomically (temporary file, then rename).

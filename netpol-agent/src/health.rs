@@ -1,9 +1,10 @@
-//! Liveness and readiness over HTTP, for the kubelet's probes.
+//! Liveness, readiness and metrics over HTTP, for the kubelet's probes and Prometheus.
 //!
 //! - `GET /healthz` (or `/livez`): 200 while the control loop turns (it beats at least
 //!   every poll interval), 503 when it has not beaten for [`Health::stall`].
 //! - `GET /readyz`: 200 once the first complete state is in the kernel (in Kubernetes
 //!   mode: after every initial list), 503 before.
+//! - `GET /metrics`: Prometheus metrics (OpenMetrics text; see `metrics.rs`).
 //!
 //! A minimal HTTP/1.1 responder on a tokio listener: one request per connection, every
 //! read and write bounded by a timeout.
@@ -40,6 +41,8 @@ pub struct Health {
     beat_ms: AtomicU64,
     ready: AtomicBool,
     stall: Duration,
+    /// Served on `/metrics`.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Default for Health {
@@ -56,6 +59,7 @@ impl Health {
             beat_ms: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             stall,
+            metrics: crate::metrics::Metrics::new(),
         }
     }
 
@@ -92,7 +96,7 @@ pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<SocketAddr, 
     let bound = listener
         .local_addr()
         .map_err(|source| Error::Bind { addr, source })?;
-    info!(addr = %bound, "health endpoints: /healthz, /readyz");
+    info!(addr = %bound, "health and metrics endpoints: /healthz, /readyz, /metrics");
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
@@ -135,7 +139,14 @@ async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
+    let metrics;
+    let mut content_type = "text/plain; charset=utf-8";
     let (status, body) = match (method, path) {
+        ("GET" | "HEAD", "/metrics") => {
+            metrics = health.metrics.render();
+            content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+            ("200 OK", metrics.as_str())
+        }
         ("GET" | "HEAD", "/healthz" | "/livez") if health.is_live() => ("200 OK", "ok\n"),
         ("GET" | "HEAD", "/healthz" | "/livez") => {
             ("503 Service Unavailable", "control loop stalled\n")
@@ -146,7 +157,7 @@ async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
         _ => ("405 Method Not Allowed", "method not allowed\n"),
     };
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n",
         body.len()
     );

@@ -283,6 +283,11 @@ impl Metrics {
         }
     }
 
+    /// The kernel figures of the last refresh.
+    pub fn kernel_snapshot(&self) -> KernelSnapshot {
+        self.kernel.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

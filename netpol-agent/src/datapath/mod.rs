@@ -184,6 +184,8 @@ pub struct Datapath {
     policy: PolicyMap,
     counters: PerCpuArray<MapData, Counter>,
     state: Array<MapData, DatapathState>,
+    /// max_entries of ENDPOINTS, IPCACHE, POLICY, CT as loaded.
+    capacities: [u32; 4],
     rule_counters: PerCpuArray<MapData, Counter>,
     event_budget: PerCpuArray<MapData, EventBudget>,
     /// Taken by [`Datapath::take_events`].
@@ -276,6 +278,16 @@ impl Datapath {
             policy,
             counters,
             state,
+            capacities: [
+                capacities
+                    .endpoints
+                    .unwrap_or(netpol_common::capacity::ENDPOINTS),
+                capacities
+                    .ipcache
+                    .unwrap_or(netpol_common::capacity::IPCACHE),
+                capacities.policy.unwrap_or(netpol_common::capacity::POLICY),
+                capacities.conntrack.unwrap_or(netpol_common::capacity::CT),
+            ],
             rule_counters,
             event_budget,
             events: Some(events),
@@ -501,6 +513,26 @@ impl Datapath {
     /// Map sizes as the kernel holds them: (ENDPOINTS, IPCACHE, POLICY).
     pub fn map_sizes(&self) -> (usize, usize, usize) {
         (self.endpoints.len(), self.ipcache.len(), self.policy.len())
+    }
+
+    /// (map, entries, capacity) of ENDPOINTS, IPCACHE and POLICY (from the shadows: no
+    /// syscall), and of CT when `conntrack` is given (counted by walking its keys, at
+    /// most `limit` of them).
+    pub fn map_fill(&self, conntrack_limit: Option<usize>) -> Vec<(&'static str, u64, u64)> {
+        let [endpoints, ipcache, policy, ct] = self.capacities.map(u64::from);
+        let mut out = vec![
+            (names::ENDPOINTS, self.endpoints.len() as u64, endpoints),
+            (names::IPCACHE, self.ipcache.len() as u64, ipcache),
+            (names::POLICY, self.policy.len() as u64, policy),
+        ];
+        if let Some(limit) = conntrack_limit
+            && let Some(map) = self.ebpf.map(names::CT)
+            && let Ok(ct_map) =
+                HashMap::<_, netpol_common::CtKey, netpol_common::CtValue>::try_from(map)
+        {
+            out.push((names::CT, ct_map.keys().take(limit).count() as u64, ct));
+        }
+        out
     }
 
     /// Packets and bytes per reason, summed over CPUs and both directions.

@@ -1,0 +1,214 @@
+//! Tier 3: "which policy dropped my packet?" end to end. A real agent, real traffic, and
+//! the answers an operator reads: the flow log, /metrics, /healthz and /readyz.
+
+mod support;
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::{AGENT_TIMEOUT, PROBE_TIMEOUT, agent_bin, standard_lab};
+use xtask::lab::{AgentProcess, ManifestDir, NetnsWorker, Probe};
+
+const DENY_B: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-only-from-c, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {pod: c}}}]
+"#;
+
+/// The node-local health/metrics address (inside the lab's node namespace).
+const HEALTH: &str = "127.0.0.1:9808";
+
+/// `GET path` from inside the node namespace; returns (status line, body).
+fn http_get(node: &NetnsWorker, path: &'static str) -> (String, String) {
+    node.run(move || -> std::io::Result<(String, String)> {
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&HEALTH.parse().unwrap(), Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: node\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        Ok((
+            head.lines().next().unwrap_or_default().to_owned(),
+            body.to_owned(),
+        ))
+    })
+    .expect("node worker")
+    .expect("HTTP request")
+}
+
+/// The value of one exact series (`name{labels}`) in an OpenMetrics text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn a_dropped_probe_is_named_in_the_flow_log_and_counted_in_metrics() {
+    let Some(agent_path) =
+        agent_bin("a_dropped_probe_is_named_in_the_flow_log_and_counted_in_metrics")
+    else {
+        return;
+    };
+    let lab = standard_lab(&["x/a", "x/b", "x/c"]);
+    let mut manifests = ManifestDir::create(lab.workdir().join("manifests")).expect("manifest dir");
+    let generation = manifests.write(&lab, DENY_B).expect("manifests");
+    let source = [
+        OsString::from("--manifests"),
+        manifests.path().as_os_str().to_owned(),
+        OsString::from("--health-addr"),
+        OsString::from(HEALTH),
+    ];
+    let mut agent = AgentProcess::start_with_source(&lab, &agent_path, &source).expect("agent");
+    agent
+        .wait_generation(generation, AGENT_TIMEOUT)
+        .expect("agent applied the policy");
+    let node = NetnsWorker::spawn(lab.node_netns()).expect("node worker");
+
+    let (status, _) = http_get(&node, "/readyz");
+    assert_eq!(
+        status, "HTTP/1.1 200 OK",
+        "ready once the state is in the kernel"
+    );
+    let (status, _) = http_get(&node, "/healthz");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+
+    // Follow the flow log while x/a is dropped by x/b's policy and x/c is let in.
+    let mut flows = Command::new(&agent_path)
+        .args(["flows", "--json", "--pod", "x/b"])
+        .arg("--socket")
+        .arg(agent.flow_socket())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("netpol-agent flows");
+    let stdout = flows.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let results = lab
+        .probe_all(
+            &[Probe::tcp("x/a", "x/b", 80), Probe::tcp("x/c", "x/b", 80)],
+            PROBE_TIMEOUT,
+        )
+        .expect("probes");
+    assert!(
+        results[0].outcome.is_blocked(),
+        "x/a -> x/b: {}",
+        results[0].outcome
+    );
+    assert!(
+        results[1].outcome.is_allowed(),
+        "x/c -> x/b: {}",
+        results[1].outcome
+    );
+
+    let mut drop_record = None;
+    let mut allow_record = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while (drop_record.is_none() || allow_record.is_none()) && std::time::Instant::now() < deadline
+    {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        let record: serde_json::Value = serde_json::from_str(&line).expect("a JSON flow record");
+        let from = record["src"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if record["verdict"] == "dropped" && from == "x/a" {
+            drop_record = Some(record);
+        } else if record["verdict"] == "allowed"
+            && from == "x/c"
+            && record["direction"] == "ingress"
+        {
+            allow_record = Some(record);
+        }
+    }
+    let _ = flows.kill();
+    let _ = flows.wait();
+    let dropped = drop_record.expect("the drop of x/a -> x/b reached the flow log");
+    assert_eq!(dropped["dst"]["name"], "x/b");
+    assert_eq!(dropped["dport"], 80);
+    assert_eq!(dropped["reason"], "policy-denied");
+    assert_eq!(
+        dropped["isolated_by"],
+        serde_json::json!(["NetworkPolicy x/b-only-from-c"])
+    );
+    let allowed = allow_record.expect("the new connection x/c -> x/b reached the flow log");
+    assert_eq!(
+        allowed["rule"],
+        "NetworkPolicy x/b-only-from-c spec.ingress[0]"
+    );
+
+    // The counters move with traffic (the agent copies them every second).
+    let series =
+        r#"netpol_packets_total{direction="ingress",reason="policy-denied",verdict="dropped"}"#;
+    let read = |node: &NetnsWorker| {
+        let (status, body) = http_get(node, "/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        sample(&body, series).unwrap_or(0.0)
+    };
+    let wait_for = |node: &NetnsWorker, at_least: f64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let value = read(node);
+            if value >= at_least || std::time::Instant::now() > deadline {
+                return value;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let before = wait_for(&node, 1.0);
+    assert!(before >= 1.0, "the dropped SYN is counted: {before}");
+    let again = lab
+        .probe(&Probe::tcp("x/a", "x/b", 81), PROBE_TIMEOUT)
+        .expect("probe");
+    assert!(again.outcome.is_blocked());
+    let after = wait_for(&node, before + 1.0);
+    assert!(
+        after >= before + 1.0,
+        "a new drop moves the counter: {before} -> {after}"
+    );
+
+    let (_, body) = http_get(&node, "/metrics");
+    let rule = r#"netpol_rule_packets_total{policy="x/b-only-from-c",rule="spec.ingress[0]"}"#;
+    assert!(
+        sample(&body, rule).unwrap_or(0.0) >= 1.0,
+        "per-rule counter in\n{body}"
+    );
+    assert!(sample(&body, r#"netpol_map_entries{map="ENDPOINTS"}"#).unwrap_or(0.0) >= 3.0);
+    assert!(body.contains("netpol_change_propagation_seconds_count"));
+    assert!(body.ends_with("# EOF\n"));
+    let scrape = prometheus_parse_lines(&body);
+    assert!(scrape > 10, "{scrape} samples");
+    drop(agent);
+}
+
+/// Counts the sample lines of an exposition, failing on any line that is neither a
+/// comment nor `series value`.
+fn prometheus_parse_lines(text: &str) -> usize {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| {
+            let (_, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("not a sample: {line}"));
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("bad value: {line}"));
+        })
+        .count()
+}
