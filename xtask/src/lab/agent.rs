@@ -39,6 +39,9 @@ pub struct AgentProcess {
     log: PathBuf,
     status: PathBuf,
     pin_dir: PathBuf,
+    /// Leave the pinned programs and maps when dropped (a crash test's restart adopts
+    /// them); the lab removes them in the end.
+    keep_pins: bool,
 }
 
 impl AgentProcess {
@@ -126,7 +129,19 @@ impl AgentProcess {
             log,
             status,
             pin_dir,
+            keep_pins: false,
         })
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would, and leaves everything it pinned in
+    /// place: its programs keep enforcing until the next agent adopts them.
+    pub fn crash(mut self) -> Result<()> {
+        self.keep_pins = true;
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            child.wait().context("waiting for the killed agent")?;
+        }
+        Ok(())
     }
 
     /// The agent's flow-log socket (`netpol-agent flows --socket`).
@@ -246,7 +261,7 @@ impl Drop for AgentProcess {
         if let Err(e) = self.stop() {
             eprintln!("stopping the agent: {e:#}");
         }
-        if self.pin_dir.exists() {
+        if !self.keep_pins && self.pin_dir.exists() {
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
     }
