@@ -20,6 +20,7 @@
 //! `compile(&state, &previous.allocations)` loop gets it without further plumbing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 
@@ -29,6 +30,57 @@ use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
 use crate::state::ObjectRef;
+
+/// A fast, unkeyed hasher (FxHash) for maps keyed by addresses and peer-slot sets,
+/// which no object author chooses freely; maps keyed by names keep the default.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct FxHasher {
+    hash: u64,
+}
+
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.add(n.into());
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.add(n.into());
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    /// Mixed (splitmix64's finaliser): the multiply-rotate steps leave the low bits,
+    /// which pick the bucket, depending on the low input bits only.
+    fn finish(&self) -> u64 {
+        let mut z = self.hash;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// A `HashMap` with [`FxHasher`].
+pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
 /// A set of small integers (peer slots), as bits.
 ///
@@ -70,7 +122,11 @@ impl BitSet {
 
     /// `(self ∪ extra) ∩ mask`.
     pub fn union_within(&self, extra: &BitSet, mask: &BitSet) -> BitSet {
-        let len = self.words.len().max(extra.words.len()).min(mask.words.len());
+        let len = self
+            .words
+            .len()
+            .max(extra.words.len())
+            .min(mask.words.len());
         let word = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
         let mut out = BitSet {
             words: (0..len)
@@ -170,8 +226,7 @@ impl CompileCache {
     pub fn sync_policies(&mut self, policies: &BTreeMap<ObjectRef, NetworkPolicy>) {
         let mut old = std::mem::take(&mut self.policies).into_iter().peekable();
         for (obj, np) in policies {
-            while old.next_if(|e| e.obj < *obj).is_some() {}
-            let entry = match old.next_if(|e| e.obj == *obj) {
+            let entry = match next_entry(&mut old, |e| e.obj.cmp(obj)) {
                 Some(e) if e.matches(np) => e,
                 _ => PolicyEntry::new(obj, np),
             };
@@ -182,9 +237,9 @@ impl CompileCache {
     /// Brings [`CompileCache::pods`] in line with `pods`, re-reading what changed.
     pub fn sync_pods(&mut self, pods: &BTreeMap<ObjectRef, Pod>) {
         let mut old = std::mem::take(&mut self.pods).into_iter().peekable();
+        self.pods.reserve(pods.len());
         for (obj, pod) in pods {
-            while old.next_if(|e| e.obj < *obj).is_some() {}
-            let entry = match old.next_if(|e| e.obj == *obj) {
+            let entry = match next_entry(&mut old, |e| e.obj.cmp(obj)) {
                 Some(e) if e.matches(pod) => e,
                 _ => PodEntry::new(obj, pod),
             };
@@ -213,6 +268,23 @@ impl CompileCache {
             out.insert(name.clone(), version);
         }
         out
+    }
+}
+
+/// In a merge of sorted lists: drops the old entries ordered before the wanted key
+/// (`order` compares an entry with it) and takes the one equal to it, if any.
+fn next_entry<T>(
+    old: &mut std::iter::Peekable<std::vec::IntoIter<T>>,
+    order: impl Fn(&T) -> std::cmp::Ordering,
+) -> Option<T> {
+    loop {
+        match order(old.peek()?) {
+            std::cmp::Ordering::Less => {
+                old.next();
+            }
+            std::cmp::Ordering::Equal => return old.next(),
+            std::cmp::Ordering::Greater => return None,
+        }
     }
 }
 
@@ -256,11 +328,9 @@ pub(crate) struct NamedPort {
 /// (cheap, read from the state each time), what it derives from it, and its peer matches.
 pub(crate) struct PodEntry {
     pub obj: ObjectRef,
-    labels: Option<BTreeMap<String, String>>,
-    /// `status.podIPs[*].ip`, then `status.podIP`.
-    ip_texts: (Vec<String>, Option<String>),
-    /// Every named container port: (name, protocol, containerPort).
-    port_inputs: Vec<(String, Option<String>, i32)>,
+    /// Labels, IP strings and named container ports, serialised by [`encode_inputs`]:
+    /// one allocation to compare against, not one per string.
+    inputs: Box<[u8]>,
     /// Parsed addresses, de-duplicated, in order.
     pub ips: Vec<IpAddr>,
     /// (field, message) of every address that does not parse.
@@ -300,33 +370,30 @@ impl PodEntry {
                 }
             }
         }
-        let port_inputs: Vec<(String, Option<String>, i32)> = named_port_inputs(pod)
-            .map(|(name, protocol, port)| (name.to_string(), protocol.map(String::from), port))
-            .collect();
         let mut named_ports: Vec<NamedPort> = Vec::new();
-        for (name, protocol, port) in &port_inputs {
-            let Some(protocol) = protocol_number(protocol.as_deref().unwrap_or("TCP")) else {
+        for (name, protocol, port) in named_port_inputs(pod) {
+            let Some(protocol) = protocol_number(protocol.unwrap_or("TCP")) else {
                 continue;
             };
-            let Ok(port) = u16::try_from(*port) else {
+            let Ok(port) = u16::try_from(port) else {
                 continue;
             };
             let known = named_ports
                 .iter()
-                .any(|n| n.name == *name && n.protocol == protocol);
+                .any(|n| n.name == name && n.protocol == protocol);
             if port != 0 && !known {
                 named_ports.push(NamedPort {
-                    name: name.clone(),
+                    name: name.to_string(),
                     protocol,
                     port,
                 });
             }
         }
+        let mut inputs = Vec::new();
+        encode_inputs(pod, &mut inputs);
         PodEntry {
             obj: obj.clone(),
-            labels: pod.metadata.labels.clone(),
-            ip_texts: (listed, single),
-            port_inputs,
+            inputs: inputs.into_boxed_slice(),
             ips,
             ip_errors,
             named_ports,
@@ -338,16 +405,12 @@ impl PodEntry {
 
     /// Whether `pod` holds what the entry was read from.
     fn matches(&self, pod: &Pod) -> bool {
-        let status = pod.status.as_ref();
-        let listed = status.and_then(|s| s.pod_ips.as_deref()).unwrap_or_default();
-        self.labels == pod.metadata.labels
-            && self.ip_texts.1.as_deref() == status.and_then(|s| s.pod_ip.as_deref())
-            && self.ip_texts.0.len() == listed.len()
-            && self.ip_texts.0.iter().zip(listed).all(|(a, b)| *a == b.ip)
-            && named_port_inputs(pod).eq(self
-                .port_inputs
-                .iter()
-                .map(|(n, p, v)| (n.as_str(), p.as_deref(), *v)))
+        let mut matcher = Matcher {
+            rest: &self.inputs,
+            equal: true,
+        };
+        encode_inputs(pod, &mut matcher);
+        matcher.equal && matcher.rest.is_empty()
     }
 
     /// The port a named port resolves to on this pod.
@@ -357,6 +420,94 @@ impl PodEntry {
             .find(|n| n.name == name && n.protocol == protocol)
             .map(|n| n.port)
     }
+}
+
+/// Receives the serialisation of [`encode_inputs`].
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+
+    fn number(&mut self, n: u64) {
+        self.put(&n.to_le_bytes());
+    }
+
+    /// A length-prefixed string: no two lists of strings serialise alike.
+    fn text(&mut self, text: &str) {
+        self.number(text.len() as u64);
+        self.put(text.as_bytes());
+    }
+
+    fn optional(&mut self, text: Option<&str>) {
+        match text {
+            None => self.put(&[0]),
+            Some(text) => {
+                self.put(&[1]);
+                self.text(text);
+            }
+        }
+    }
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// Compares a serialisation with a stored one as it is produced, without allocating.
+struct Matcher<'a> {
+    rest: &'a [u8],
+    equal: bool,
+}
+
+impl Sink for Matcher<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        match self.rest.strip_prefix(bytes) {
+            Some(rest) if self.equal => self.rest = rest,
+            _ => self.equal = false,
+        }
+    }
+
+    fn number(&mut self, n: u64) {
+        match self.rest.split_first_chunk::<8>() {
+            Some((head, rest)) if self.equal && u64::from_le_bytes(*head) == n => {
+                self.rest = rest;
+            }
+            _ => self.equal = false,
+        }
+    }
+}
+
+/// Serialises everything [`PodEntry::new`] reads from `pod`: labels, `status.podIPs`,
+/// `status.podIP` and the named container ports. Equal serialisations mean equal
+/// derived data.
+fn encode_inputs(pod: &Pod, sink: &mut impl Sink) {
+    match &pod.metadata.labels {
+        None => sink.put(&[0]),
+        Some(labels) => {
+            sink.put(&[1]);
+            sink.number(labels.len() as u64);
+            for (key, value) in labels {
+                sink.text(key);
+                sink.text(value);
+            }
+        }
+    }
+    let status = pod.status.as_ref();
+    let listed = status
+        .and_then(|s| s.pod_ips.as_deref())
+        .unwrap_or_default();
+    sink.number(listed.len() as u64);
+    for ip in listed {
+        sink.text(&ip.ip);
+    }
+    sink.optional(status.and_then(|s| s.pod_ip.as_deref()));
+    for (name, protocol, port) in named_port_inputs(pod) {
+        sink.put(&[1]);
+        sink.text(name);
+        sink.optional(protocol);
+        sink.number(port as u64);
+    }
+    sink.put(&[0]);
 }
 
 /// Every named container port of `pod`: (name, protocol, containerPort).
@@ -389,7 +540,7 @@ impl Memo {
 /// Slots of peers out of force are kept (so a peer that comes back is not matched
 /// against every pod again) until they outnumber those in force and this many. Tests
 /// collect eagerly, to exercise the path.
-const IDLE_SLOTS_KEPT: usize = if cfg!(test) { 0 } else { 64 };
+const IDLE_SLOTS_KEPT: usize = if cfg!(test) { 1 } else { 64 };
 
 /// One peer in force, or recently in force.
 pub(crate) struct Slot {

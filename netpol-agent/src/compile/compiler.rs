@@ -10,7 +10,7 @@
 //! 5. Emit POLICY entries per endpoint, direction, rule, identity and port prefix.
 //!
 //! Per-object work (parsing, reading pods, matching pods against peers) is memoised in a
-//! [`CompileCache`] carried by the allocations; it never changes a result.
+//! `CompileCache` (`cache.rs`) carried by the allocations; it never changes a result.
 
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;
@@ -25,7 +25,7 @@ use netpol_common::{
     PolicyKey, PolicyValue,
 };
 
-use super::cache::{BitSet, CompileCache, Memo, PeerSlots, PodEntry};
+use super::cache::{BitSet, CompileCache, FastMap, Memo, PeerSlots, PodEntry};
 use super::identity::{Allocations, IdentityClasses, IdentitySignature, NamedPortResolution};
 use super::lpm::{Lpm, host_key, net_key};
 use super::policy::{NamespaceMatch, ParsedPolicy, ParsedRule, Peer, PortMatch};
@@ -42,7 +42,7 @@ static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 /// [`Compiled::allocations`] (or the default), so endpoint ids, rule ids and identity
 /// numbers stay stable while what they stand for exists.
 ///
-/// Pure in its result: the memo `prev` carries (see [`CompileCache`]) only makes the
+/// Pure in its result: the memo that `prev` carries (`compile/cache.rs`) only makes the
 /// compile after a small change fast.
 pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
     let handle = prev.cache();
@@ -150,15 +150,32 @@ fn compile_with(state: &ClusterState, prev: &Allocations, cache: &mut CompileCac
         now,
         freed: &freed,
     };
+    let mut namespace: Option<(&str, u64, &BTreeMap<String, String>)> = None;
     for pod in &pods {
-        let version = namespace_versions[&pod.obj.namespace];
-        let labels = (pod.labels, &namespaces[&pod.obj.namespace]);
-        context.refresh_pod(&mut pod_entries[pod.index], &pod.obj.namespace, labels, version);
+        let name = pod.obj.namespace.as_str();
+        // Pods come sorted by namespace: one lookup per namespace.
+        let (version, namespace_labels) = match namespace {
+            Some((known, version, labels)) if known == name => (version, labels),
+            _ => {
+                let (version, labels) = (namespace_versions[name], &namespaces[name]);
+                namespace = Some((name, version, labels));
+                (version, labels)
+            }
+        };
+        let entry = &mut pod_entries[pod.index];
+        context.refresh_pod(entry, name, (pod.labels, namespace_labels), version);
     }
     let prefixes = context.refresh_prefixes(prefixes);
     let pod_entries: &[PodEntry] = pod_entries;
     let peers: &PeerSlots = peers;
-    let classes = classify(state, pod_entries, &pods, peers, &prefixes, &egress_named_ports);
+    let classes = classify(
+        state,
+        pod_entries,
+        &pods,
+        peers,
+        &prefixes,
+        &egress_named_ports,
+    );
     let signatures: Vec<IdentitySignature> = classes
         .list
         .iter()
@@ -274,7 +291,9 @@ fn compile_with(state: &ClusterState, prev: &Allocations, cache: &mut CompileCac
                     .map(|index| {
                         let (rule, &id) = ids.next().expect("every rule has an id");
                         debug_assert!(
-                            rule.policy == *obj && rule.direction == direction && rule.index == index
+                            rule.policy == *obj
+                                && rule.direction == direction
+                                && rule.index == index
                         );
                         id
                     })
@@ -380,11 +399,10 @@ struct Endpoint {
 /// Labels of every namespace, with `kubernetes.io/metadata.name` as the API server sets it.
 fn namespace_labels(state: &ClusterState) -> BTreeMap<String, BTreeMap<String, String>> {
     let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    let names = state
-        .namespaces
-        .keys()
-        .chain(state.pods.keys().map(|p| &p.namespace));
-    for name in names {
+    // Pods come sorted by namespace: look each of their namespaces up once.
+    let mut pod_namespaces: Vec<&String> = state.pods.keys().map(|p| &p.namespace).collect();
+    pod_namespaces.dedup();
+    for name in state.namespaces.keys().chain(pod_namespaces) {
         if out.contains_key(name) {
             continue;
         }
@@ -433,7 +451,8 @@ fn live_pods<'a>(
     entries: &[PodEntry],
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<PodView<'a>> {
-    let mut owner: HashMap<IpAddr, &ObjectRef> = HashMap::with_capacity(entries.len() * 2);
+    let mut owner: FastMap<IpAddr, &ObjectRef> = FastMap::default();
+    owner.reserve(entries.len() * 2);
     let mut out = Vec::with_capacity(entries.len());
     for (index, ((obj, pod), entry)) in state.pods.iter().zip(entries).enumerate() {
         if !is_live_pod_network(pod) {
@@ -593,14 +612,14 @@ impl MemoContext<'_> {
 
 /// What makes an address class: the peers in force it matches (slots) and the egress
 /// named ports it resolves (index in the list of those in force, port).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 struct ClassKey {
     peers: BitSet,
     named_ports: Vec<(usize, u16)>,
 }
 
 struct Classes {
-    /// The distinct classes, in order of first appearance.
+    /// The distinct classes that some key has.
     list: Vec<ClassKey>,
     /// Every IPCACHE key, sorted, with its class (index in `list`) and flags.
     keys: Vec<(Lpm<Addr>, usize, u32)>,
@@ -609,17 +628,21 @@ struct Classes {
 #[derive(Default)]
 struct ClassTable {
     list: Vec<ClassKey>,
-    index: HashMap<ClassKey, usize>,
+    index: FastMap<ClassKey, usize>,
 }
 
 impl ClassTable {
-    fn intern(&mut self, key: ClassKey) -> usize {
-        if let Some(&i) = self.index.get(&key) {
+    fn intern_ref(&mut self, key: &ClassKey) -> usize {
+        if let Some(&i) = self.index.get(key) {
             return i;
         }
         self.list.push(key.clone());
-        self.index.insert(key, self.list.len() - 1);
+        self.index.insert(key.clone(), self.list.len() - 1);
         self.list.len() - 1
+    }
+
+    fn intern(&mut self, key: ClassKey) -> usize {
+        self.intern_ref(&key)
     }
 }
 
@@ -648,13 +671,29 @@ fn classify(
                 entry.named_port(name, protocol).map(|port| (i, port))
             })
             .collect();
+        // The pod's class; an address inside some ipBlock in force adds to it.
+        let pod_class = ClassKey {
+            peers: entry.memo.bits.union_within(&none, active),
+            named_ports,
+        };
+        // Interned only when some address has it: a class with no key is no identity.
+        let mut pod_class_index = None;
         for &ip in pod.ips(entries) {
-            let at = entry.ips.iter().position(|&a| a == ip).expect("own address");
-            let class = ClassKey {
-                peers: entry.memo.bits.union_within(&entry.ip_bits[at], active),
-                named_ports: named_ports.clone(),
+            let at = entry
+                .ips
+                .iter()
+                .position(|&a| a == ip)
+                .expect("own address");
+            let blocks = entry.ip_bits[at].union_within(&none, active);
+            let class = if blocks.is_empty() {
+                *pod_class_index.get_or_insert_with(|| table.intern_ref(&pod_class))
+            } else {
+                table.intern_ref(&ClassKey {
+                    peers: pod_class.peers.union_within(&blocks, active),
+                    named_ports: pod_class.named_ports.clone(),
+                })
             };
-            keys.push((host_key(ip), 0, table.intern(class), 0));
+            keys.push((host_key(ip), 0, class, 0));
         }
     }
     for &ip in &state.node.ips {
@@ -687,10 +726,17 @@ fn classify(
             _ => merged.push((key, class, flags)),
         }
     }
-    Classes {
-        list: table.list,
-        keys: merged,
+    // A class whose every key another took (a node address that is a pod's, a /32
+    // ipBlock equal to an address) is no identity: keep only classes with keys.
+    let mut renumber: Vec<Option<usize>> = vec![None; table.list.len()];
+    let mut list = Vec::with_capacity(table.list.len());
+    for (_, class, _) in &mut merged {
+        *class = *renumber[*class].get_or_insert_with(|| {
+            list.push(std::mem::take(&mut table.list[*class]));
+            list.len() - 1
+        });
     }
+    Classes { list, keys: merged }
 }
 
 /// Everything needed to turn one rule into POLICY entries for one endpoint.
@@ -716,7 +762,11 @@ impl RuleContext<'_> {
                 .iter()
                 .flat_map(|p| {
                     let slot = self.peers.get(p);
-                    self.peer_identities.get(&slot).into_iter().flatten().copied()
+                    self.peer_identities
+                        .get(&slot)
+                        .into_iter()
+                        .flatten()
+                        .copied()
                 })
                 .collect(),
         };

@@ -353,6 +353,15 @@ proptest! {
         })
     ) {
         let compiled = compile(&s.state, &Allocations::default());
+        // No dead weight: every identity but ANY and WORLD carries some IPCACHE entry,
+        // and POLICY names no other.
+        let carried: BTreeSet<u32> = compiled.ipcache.values().map(|p| p.identity).collect();
+        for id in compiled.identities.keys() {
+            prop_assert!(*id <= netpol_common::IDENTITY_WORLD || carried.contains(id), "identity {} has no address", id);
+        }
+        for k in compiled.policy.keys() {
+            prop_assert!(k.data.identity == netpol_common::IDENTITY_ANY || carried.contains(&k.data.identity));
+        }
         let reference = reference::Reference::new(&s.state);
         for (a, b, (protocol, port)) in flows {
             let (src, dst) = (s.addresses[a], s.addresses[b]);
@@ -440,11 +449,19 @@ fn change() -> impl Strategy<Value = Change> {
 
 fn apply(state: &mut ClusterState, change: &Change, step: usize) {
     use crate::state::ObjectRef;
-    let nth_pod = |state: &ClusterState, i: usize| state.pods.keys().nth(i % state.pods.len().max(1)).cloned();
+    let nth_pod = |state: &ClusterState, i: usize| {
+        state.pods.keys().nth(i % state.pods.len().max(1)).cloned()
+    };
     match change {
         Change::PodLabel(i, key, value) => {
             if let Some(obj) = nth_pod(state, *i) {
-                let labels = state.pods.get_mut(&obj).unwrap().metadata.labels.get_or_insert_default();
+                let labels = state
+                    .pods
+                    .get_mut(&obj)
+                    .unwrap()
+                    .metadata
+                    .labels
+                    .get_or_insert_default();
                 match value {
                     Some(v) => labels.insert(key.to_string(), v.to_string()),
                     None => labels.remove(*key),
@@ -454,7 +471,10 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
         Change::NamespaceLabel(i, key, value) => {
             let n = state.namespaces.len().max(1);
             if let Some(ns) = state.namespaces.values_mut().nth(i % n) {
-                ns.metadata.labels.get_or_insert_default().insert(key.to_string(), value.to_string());
+                ns.metadata
+                    .labels
+                    .get_or_insert_default()
+                    .insert(key.to_string(), value.to_string());
             }
         }
         Change::RemovePolicy(i) => {
@@ -466,12 +486,19 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
         Change::AddPolicy(ns, spec) => {
             let ns = NAMESPACES[ns % state.namespaces.len().max(1)];
             let name = format!("added{step}");
-            state.policies.insert(ObjectRef::new(ns, &name), super::testutil::policy(ns, &name, spec.clone()));
+            state.policies.insert(
+                ObjectRef::new(ns, &name),
+                super::testutil::policy(ns, &name, spec.clone()),
+            );
         }
         Change::MovePod(i) => {
             if let Some(obj) = nth_pod(state, *i) {
                 let spec = state.pods.get_mut(&obj).unwrap().spec.as_mut().unwrap();
-                let other = if spec.node_name.as_deref() == Some("n1") { "n2" } else { "n1" };
+                let other = if spec.node_name.as_deref() == Some("n1") {
+                    "n2"
+                } else {
+                    "n1"
+                };
                 spec.node_name = Some(other.into());
             }
         }

@@ -10,12 +10,12 @@
 //! comes into force and adds a peer matching whole classes renumbers nothing, and a pod
 //! that moves between classes rewrites its own IPCACHE entries only.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use netpol_common::{Addr, IDENTITY_FIRST_DYNAMIC};
 
 use super::RuleRef;
-use super::cache::CacheHandle;
+use super::cache::{CacheHandle, FastMap};
 use super::lpm::Lpm;
 use crate::state::ObjectRef;
 
@@ -142,7 +142,7 @@ impl Allocations {
     /// to the lower number, then to the class listed first.
     fn identity_numbers(&self, classes: &IdentityClasses) -> Vec<u32> {
         // How many keys of each class carried each previous number (both lists sorted).
-        let mut overlap: HashMap<(usize, u32), usize> = HashMap::new();
+        let mut overlap: FastMap<(usize, u32), usize> = FastMap::default();
         let mut previous = self.addresses.iter().peekable();
         for (key, class) in &classes.keys {
             while previous.next_if(|(k, _)| *k < key).is_some() {}
@@ -213,32 +213,44 @@ pub(crate) struct IdentityClasses {
 
 /// Numbers for `wanted`: those in `prev` keep theirs, the others take the lowest numbers
 /// `>= first` not in use, in key order.
-fn allocate<K: Ord + Clone>(
+fn allocate<K: Ord>(
     prev: &BTreeMap<K, u32>,
     wanted: impl IntoIterator<Item = K>,
     first: u32,
 ) -> BTreeMap<K, u32> {
-    let wanted: BTreeSet<K> = wanted.into_iter().collect();
-    let mut out = BTreeMap::new();
-    let mut used = BTreeSet::new();
-    for key in &wanted {
-        if let Some(&id) = prev.get(key) {
-            out.insert(key.clone(), id);
-            used.insert(id);
-        }
+    let mut wanted: Vec<K> = wanted.into_iter().collect();
+    if !wanted.is_sorted() {
+        wanted.sort();
     }
+    wanted.dedup();
+    // Kept numbers: both lists are sorted, so one merge finds them.
+    let mut previous = prev.iter().peekable();
+    let mut numbers: Vec<Option<u32>> = Vec::with_capacity(wanted.len());
+    for key in &wanted {
+        while previous.next_if(|(k, _)| *k < key).is_some() {}
+        numbers.push(previous.next_if(|(k, _)| *k == key).map(|(_, &n)| n));
+    }
+    let mut used: Vec<u32> = numbers.iter().flatten().copied().collect();
+    used.sort_unstable();
+    let mut used = used.into_iter().peekable();
     let mut candidate = first;
-    for key in wanted {
-        if out.contains_key(&key) {
-            continue;
-        }
-        while used.contains(&candidate) {
+    let mut next_free = || {
+        loop {
+            while used.next_if(|&n| n < candidate).is_some() {}
+            if used.next_if_eq(&candidate).is_none() {
+                break;
+            }
             candidate = candidate.checked_add(1).expect("u32 ids exhausted");
         }
-        out.insert(key, candidate);
-        used.insert(candidate);
-    }
-    out
+        let free = candidate;
+        candidate = candidate.checked_add(1).expect("u32 ids exhausted");
+        free
+    };
+    let numbers: Vec<u32> = numbers
+        .into_iter()
+        .map(|n| n.unwrap_or_else(&mut next_free))
+        .collect();
+    wanted.into_iter().zip(numbers).collect()
 }
 
 #[cfg(test)]

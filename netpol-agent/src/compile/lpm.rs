@@ -135,10 +135,14 @@ pub fn net_key(net: &ipnet::IpNet) -> Lpm<Addr> {
 /// The prefix an IPCACHE key covers (inverse of [`net_key`]); `None` for a key of no
 /// known family.
 pub fn key_net(key: &Lpm<Addr>) -> Option<ipnet::IpNet> {
-    let bits = key.prefix_len.checked_sub(netpol_common::ADDR_FAMILY_BITS)?;
+    let bits = key
+        .prefix_len
+        .checked_sub(netpol_common::ADDR_FAMILY_BITS)?;
     let b = key.data.bytes;
     let net = match key.data.family {
-        netpol_common::FAMILY_IPV4 => ipnet::IpNet::new(IpAddr::from([b[0], b[1], b[2], b[3]]), bits as u8),
+        netpol_common::FAMILY_IPV4 => {
+            ipnet::IpNet::new(IpAddr::from([b[0], b[1], b[2], b[3]]), bits as u8)
+        }
         netpol_common::FAMILY_IPV6 => ipnet::IpNet::new(IpAddr::from(b), bits as u8),
         _ => return None,
     };
@@ -200,7 +204,13 @@ mod tests {
         assert_eq!(k.data.family, FAMILY_IPV6);
         let k = net_key(&"0.0.0.0/0".parse().unwrap());
         assert_eq!((k.prefix_len, k.data.family), (32, FAMILY_IPV4));
-        for net in ["0.0.0.0/0", "10.1.0.0/16", "10.1.2.3/32", "fd00::/8", "fd00::1/128"] {
+        for net in [
+            "0.0.0.0/0",
+            "10.1.0.0/16",
+            "10.1.2.3/32",
+            "fd00::/8",
+            "fd00::1/128",
+        ] {
             let net: ipnet::IpNet = net.parse().unwrap();
             assert_eq!(key_net(&net_key(&net)), Some(net));
         }

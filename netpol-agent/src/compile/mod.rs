@@ -41,8 +41,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use netpol_common::{
-    Addr, DIR_EGRESS, DIR_INGRESS, EndpointInfo, IDENTITY_WORLD, PeerInfo, PolicyKey,
-    PolicyValue,
+    Addr, DIR_EGRESS, DIR_INGRESS, EndpointInfo, IDENTITY_WORLD, PeerInfo, PolicyKey, PolicyValue,
 };
 
 use crate::state::{ClusterState, ObjectRef};

@@ -965,7 +965,10 @@ fn rule_ids_survive_a_policy_added_before_them() {
     );
     let fourth = compile(&state, &third.allocations);
     assert_eq!(fourth.rules[&0], rule("z", Direction::Ingress, 0));
-    assert_eq!(fourth.allocations.rule_id(&rule("a", Direction::Egress, 0)), Some(3));
+    assert_eq!(
+        fourth.allocations.rule_id(&rule("a", Direction::Egress, 0)),
+        Some(3)
+    );
 }
 
 /// Entries that differ between two maps: (key, before, after).
@@ -1063,7 +1066,15 @@ fn label_flips_and_new_peers_write_only_the_entries_they_imply() {
         .map(|(k, before, after)| {
             let v = after.or(before).unwrap();
             let d = k.data;
-            let entry = (d.endpoint, d.identity, d.direction, d.protocol, 0, k.prefix_len, v.rule);
+            let entry = (
+                d.endpoint,
+                d.identity,
+                d.direction,
+                d.protocol,
+                0,
+                k.prefix_len,
+                v.rule,
+            );
             (entry, before.is_some(), after.is_some())
         })
         .collect();
