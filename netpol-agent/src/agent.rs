@@ -61,43 +61,11 @@ pub struct Config {
     pub capacities: Capacities,
     /// What a clean exit (SIGTERM, Ctrl-C) does to the kernel state.
     pub on_exit: OnExit,
+    /// Audit mode for every pod: would-be drops are logged and counted, not dropped.
+    pub audit: bool,
     /// Longest wait for a change before the loop looks at interfaces again.
     pub poll: Duration,
     pub resync: Duration,
-}
-
-/// How the agent runs in local mode.
-#[derive(Clone, Debug)]
-pub struct LocalConfig {
-    pub manifests: PathBuf,
-    pub bpffs_dir: PathBuf,
-    pub status_file: Option<PathBuf>,
-    /// Unix socket serving the flow log (`netpol-agent flows`); `None`: no flow log.
-    pub flow_socket: Option<PathBuf>,
-    pub node_name: Option<String>,
-    pub capacities: Capacities,
-    /// What a clean exit (SIGTERM, Ctrl-C) does to the kernel state.
-    pub on_exit: OnExit,
-    pub poll: Duration,
-    pub resync: Duration,
-}
-
-impl LocalConfig {
-    fn split(self) -> (PathBuf, Config) {
-        (
-            self.manifests,
-            Config {
-                bpffs_dir: self.bpffs_dir,
-                status_file: self.status_file,
-                flow_socket: self.flow_socket,
-                node_name: self.node_name,
-                capacities: self.capacities,
-                on_exit: self.on_exit,
-                poll: self.poll,
-                resync: self.resync,
-            },
-        )
-    }
 }
 
 /// What the agent has put into the kernel, written to `--status-file` after each apply.
@@ -253,22 +221,14 @@ pub enum OnExit {
     Detach,
 }
 
-/// Runs local mode until `shutdown` resolves; then leaves or removes the kernel state
-/// as `config.on_exit` says.
+/// Runs local mode on the manifest directory `manifests` until `shutdown` resolves;
+/// then leaves or removes the kernel state as `config.on_exit` says.
 pub async fn run_local(
-    config: LocalConfig,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), Error> {
-    run_local_with(config, Arc::new(Health::default()), shutdown).await
-}
-
-/// [`run_local`], reporting to `health`.
-pub async fn run_local_with(
-    config: LocalConfig,
+    config: Config,
+    manifests: PathBuf,
     health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
-    let (manifests, config) = config.split();
     let source = LocalManifests::new(manifests, config.node_name.clone(), config.poll);
     run(&config, source, &health, shutdown).await
 }
@@ -383,6 +343,7 @@ async fn reconcile_loop<S: Source>(
         if changed {
             let started = Instant::now();
             let update = source.snapshot(&mut state)?;
+            state.audit_all = config.audit;
             let mut diagnostics = update.diagnostics;
             compiled = compile::compile(&state, &allocations);
             allocations = compiled.allocations.clone();

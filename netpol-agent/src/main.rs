@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use netpol_agent::agent::{self, LocalConfig};
+use netpol_agent::agent;
 use netpol_agent::compile::{Allocations, Compiled, compile};
 use netpol_agent::datapath::Capacities;
 use netpol_agent::health::Health;
@@ -174,6 +174,10 @@ struct RunArgs {
     /// Capacity of the conntrack map.
     #[arg(long)]
     max_conntrack: Option<u32>,
+    /// Audit mode for every pod: would-be drops are logged and counted as `audit` but
+    /// let through (namespaces opt in alone with the annotation netpol.dev/audit="true").
+    #[arg(long)]
+    audit: bool,
     /// On a clean exit: `keep` leaves programs, links and maps pinned so enforcement goes
     /// on (fail-static, seamless restarts); `detach` removes everything (uninstall).
     #[arg(long, value_enum, default_value = "keep")]
@@ -235,6 +239,17 @@ async fn main() -> anyhow::Result<()> {
     };
     let poll = Duration::from_millis(args.poll_ms.max(10));
     let resync = Duration::from_millis(args.resync_ms.max(100));
+    let config = agent::Config {
+        bpffs_dir: args.bpffs_dir.clone(),
+        status_file: args.status_file.clone(),
+        flow_socket,
+        node_name: args.node_name.clone(),
+        capacities,
+        on_exit,
+        audit: args.audit,
+        poll,
+        resync,
+    };
     if args.kube || args.kubeconfig.is_some() {
         let node_name = args
             .node_name
@@ -245,16 +260,6 @@ async fn main() -> anyhow::Result<()> {
         settings.max_delay = Duration::from_millis(args.max_delay_ms.max(args.debounce_ms));
         settings.events = !args.no_events;
         settings.instance = args.pod_name.clone();
-        let config = agent::Config {
-            bpffs_dir: args.bpffs_dir.clone(),
-            status_file: args.status_file.clone(),
-            flow_socket,
-            node_name: args.node_name.clone(),
-            capacities,
-            on_exit,
-            poll,
-            resync,
-        };
         let kube = agent::KubeConfig {
             kubeconfig: args.kubeconfig.clone(),
             settings,
@@ -275,19 +280,8 @@ async fn main() -> anyhow::Result<()> {
         .manifests
         .clone()
         .context("--manifests DIR (local mode) or --kube [--kubeconfig FILE] is required")?;
-    let config = LocalConfig {
-        manifests,
-        bpffs_dir: args.bpffs_dir.clone(),
-        status_file: args.status_file.clone(),
-        flow_socket,
-        node_name: args.node_name.clone(),
-        capacities,
-        on_exit,
-        poll,
-        resync,
-    };
-    tracing::info!(manifests = %config.manifests.display(), bpffs = %config.bpffs_dir.display(), "netpol-agent starting");
-    agent::run_local_with(config, health, shutdown_signal())
+    tracing::info!(manifests = %manifests.display(), bpffs = %config.bpffs_dir.display(), "netpol-agent starting");
+    agent::run_local(config, manifests, health, shutdown_signal())
         .await
         .context("agent stopped")?;
     tracing::info!("netpol-agent stopped");

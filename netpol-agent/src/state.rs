@@ -29,6 +29,10 @@ impl std::fmt::Display for ObjectRef {
     }
 }
 
+/// Namespace annotation turning on audit mode for its pods: `"true"` means would-be
+/// drops are logged and counted as `audit` but let through.
+pub const AUDIT_ANNOTATION: &str = "netpol.dev/audit";
+
 /// Annotation naming a pod's host-side interface (local mode; optional).
 pub const HOST_INTERFACE_ANNOTATION: &str = "netpol.dev/host-interface";
 
@@ -40,6 +44,9 @@ pub struct ClusterState {
     pub pods: BTreeMap<ObjectRef, Pod>,
     pub policies: BTreeMap<ObjectRef, NetworkPolicy>,
     pub node: NodeContext,
+    /// Audit mode for every pod (the agent's `--audit`); namespaces can opt in alone
+    /// with [`AUDIT_ANNOTATION`].
+    pub audit_all: bool,
 }
 
 /// The node this agent enforces on.

@@ -808,3 +808,92 @@ fn counters_are_kept_per_direction() {
     assert_eq!(denied(DIR_INGRESS), 1);
     assert_eq!(denied(DIR_EGRESS), 2);
 }
+
+#[test]
+fn audit_mode_counts_and_reports_would_be_drops_but_lets_them_through() {
+    use netpol_common::VerdictEvent;
+    let audited = CLUSTER.replace(
+        "metadata: {name: x, labels:",
+        "metadata: {name: x, annotations: {netpol.dev/audit: \"true\"}, labels:",
+    );
+    assert_ne!(audited, CLUSTER, "the fixture has namespace x");
+    let Some(mut dp) = Loaded::new("audit", &[&audited, POLICIES]) else {
+        return;
+    };
+    let mut events = dp
+        .datapath
+        .as_mut()
+        .unwrap()
+        .take_events()
+        .expect("ring buffer");
+    // c -> b:80 is denied by b-ingress; in audit it passes, and so does the reply.
+    assert!(dp.run(
+        ToPod,
+        &Frame::new(ip("10.1.0.3"), ip("10.1.0.2"), Transport::syn(50000, 80))
+    ));
+    assert!(dp.run(
+        FromPod,
+        &Frame::new(
+            ip("10.1.0.2"),
+            ip("10.1.0.3"),
+            Transport::syn_ack(80, 50000)
+        )
+    ));
+    assert_eq!(dp.counter(Reason::AuditAllowed), 1);
+    assert_eq!(dp.counter(Reason::PolicyDenied), 0);
+    let item = events.next().expect("an event for the would-be drop");
+    // SAFETY: the kernel wrote a VerdictEvent.
+    let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<VerdictEvent>()) };
+    assert_eq!(event.reason, Reason::AuditAllowed as u8);
+    assert_eq!(event.dport, 80);
+}
+
+#[test]
+fn a_rule_id_given_to_another_rule_counts_from_zero() {
+    let Some(mut dp) = Loaded::new("ruleids", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    assert!(dp.run(
+        ToPod,
+        &Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), Transport::syn(51000, 85))
+    ));
+    let (&id, _) = dp
+        .compiled
+        .rules
+        .iter()
+        .find(|(_, r)| r.to_string() == "NetworkPolicy x/b-ingress spec.ingress[0]")
+        .unwrap();
+    assert_eq!(
+        dp.datapath
+            .as_ref()
+            .unwrap()
+            .rule_counter(id)
+            .unwrap()
+            .packets,
+        1
+    );
+
+    // b-ingress goes away and a new policy arrives: its rule takes the freed lowest id.
+    let only_c = POLICIES.split("---").nth(1).unwrap();
+    let newcomer = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a-open, namespace: x}\n\
+                    spec: {podSelector: {matchLabels: {app: a}}, ingress: [{}]}\n";
+    let compiled = compile::compile(
+        &state(&[CLUSTER, only_c, newcomer]),
+        &dp.compiled.allocations,
+    );
+    assert_eq!(
+        compiled.rules[&id].to_string(),
+        "NetworkPolicy x/a-open spec.ingress[0]"
+    );
+    dp.datapath.as_mut().unwrap().sync_maps(&compiled).unwrap();
+    assert_eq!(
+        dp.datapath
+            .as_ref()
+            .unwrap()
+            .rule_counter(id)
+            .unwrap()
+            .packets,
+        0,
+        "the new rule starts at zero"
+    );
+}

@@ -20,9 +20,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use netpol_common::{
-    Addr, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY,
-    IDENTITY_WORLD, PEER_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PeerInfo,
-    PolicyKey, PolicyValue,
+    Addr, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, EndpointInfo,
+    IDENTITY_ANY, IDENTITY_WORLD, PEER_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO,
+    PeerInfo, PolicyKey, PolicyValue,
 };
 
 use super::cache::{BitSet, CompileCache, FastMap, Memo, PeerSlots, PodEntry};
@@ -319,6 +319,9 @@ fn compile_with(state: &ClusterState, prev: &Allocations, cache: &mut CompileCac
         if !ep.selected_by[1].is_empty() {
             flags |= ENDPOINT_EGRESS_ISOLATED;
         }
+        if state.audit_all || audited_namespace(state, &pod.obj.namespace) {
+            flags |= ENDPOINT_AUDIT;
+        }
         let entry = &pod_entries[pod.index];
         for ip in pod.ips(pod_entries) {
             endpoint_map.insert(super::lpm::addr(*ip), EndpointInfo { id, flags });
@@ -394,6 +397,16 @@ impl PodView<'_> {
 struct Endpoint {
     pod: usize,
     selected_by: [Vec<usize>; 2],
+}
+
+/// Whether the namespace opted into audit mode (annotation `netpol.dev/audit: "true"`).
+fn audited_namespace(state: &ClusterState, namespace: &str) -> bool {
+    state
+        .namespaces
+        .get(namespace)
+        .and_then(|ns| ns.metadata.annotations.as_ref())
+        .and_then(|annotations| annotations.get(crate::state::AUDIT_ANNOTATION))
+        .is_some_and(|value| value == "true")
 }
 
 /// Labels of every namespace, with `kubernetes.io/metadata.name` as the API server sets it.

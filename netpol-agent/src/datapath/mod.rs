@@ -187,6 +187,9 @@ pub struct Datapath {
     /// max_entries of ENDPOINTS, IPCACHE, POLICY, CT as loaded.
     capacities: [u32; 4],
     rule_counters: PerCpuArray<MapData, Counter>,
+    /// The rule each id of RULE_COUNTERS counts for; an id given to another rule starts
+    /// again from zero.
+    counted_rules: BTreeMap<u32, crate::compile::RuleRef>,
     event_budget: PerCpuArray<MapData, EventBudget>,
     /// Taken by [`Datapath::take_events`].
     events: Option<RingBuf<MapData>>,
@@ -289,6 +292,7 @@ impl Datapath {
                 capacities.conntrack.unwrap_or(netpol_common::capacity::CT),
             ],
             rule_counters,
+            counted_rules: BTreeMap::new(),
             event_budget,
             events: Some(events),
             generation,
@@ -307,6 +311,7 @@ impl Datapath {
     /// Only the map half of [`Datapath::apply`]: no interface is touched (verdict tests,
     /// benchmarks).
     pub fn sync_maps(&mut self, compiled: &Compiled) -> Result<ApplyReport> {
+        self.reset_reassigned_rule_counters(compiled)?;
         let mut report = ApplyReport::default();
         let map_err = |name| move |source| Error::Map { name, source };
         // Additions: allowing entries before the identities that use them, and both
@@ -569,12 +574,46 @@ impl Datapath {
         Ok(out)
     }
 
+    /// Zeroes the counters of rule ids that now name another rule (or a rule this agent
+    /// has not counted yet: a restarted agent numbers rules afresh), before any POLICY
+    /// value points at them.
+    fn reset_reassigned_rule_counters(&mut self, compiled: &Compiled) -> Result<()> {
+        let fresh: Vec<u32> = compiled
+            .rules
+            .iter()
+            .filter(|(id, rule)| self.counted_rules.get(id) != Some(rule))
+            .map(|(id, _)| *id)
+            .filter(|id| *id < netpol_common::capacity::RULE_COUNTERS)
+            .collect();
+        if !fresh.is_empty() {
+            let cpus = aya::util::nr_cpus().map_err(|(_, source)| Error::Bpffs {
+                path: PathBuf::from("/sys/devices/system/cpu/possible"),
+                source,
+            })?;
+            for id in fresh {
+                let zero = aya::maps::PerCpuValues::try_from(vec![Counter::default(); cpus])
+                    .map_err(|source| Error::Map {
+                        name: names::RULE_COUNTERS,
+                        source: source.into(),
+                    })?;
+                self.rule_counters
+                    .set(id, zero, 0)
+                    .map_err(|source| Error::Map {
+                        name: names::RULE_COUNTERS,
+                        source,
+                    })?;
+            }
+        }
+        self.counted_rules = compiled.rules.clone();
+        Ok(())
+    }
+
     /// The ring buffer of verdict events (once; the reader owns it from then on).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
     }
 
-    /// Packets and bytes of one rule (index of `Compiled::rules`), summed over CPUs.
+    /// Packets and bytes of one rule (its id in `Compiled::rules`), summed over CPUs.
     pub fn rule_counter(&self, rule: u32) -> Result<Counter> {
         let per_cpu = self
             .rule_counters

@@ -1100,3 +1100,52 @@ fn label_flips_and_new_peers_write_only_the_entries_they_imply() {
         ]
     );
 }
+
+#[test]
+fn audit_mode_per_namespace_annotation_and_for_the_whole_agent() {
+    use netpol_common::ENDPOINT_AUDIT;
+    let cluster = || {
+        let mut c = Cluster::new()
+            .ns("x", &[])
+            .ns("y", &[])
+            .pod("x", "a", &[], &["10.0.0.1"], &[])
+            .pod("y", "b", &[], &["10.0.0.2"], &[])
+            .policy("x", "deny", json!({"podSelector": {}}));
+        let annotations = [(crate::state::AUDIT_ANNOTATION.to_owned(), "true".to_owned())];
+        c.state
+            .namespaces
+            .get_mut("x")
+            .unwrap()
+            .metadata
+            .annotations = Some(annotations.into());
+        c
+    };
+    let c = run(cluster());
+    let a = c.endpoints[&addr(ip("10.0.0.1"))];
+    let b = c.endpoints[&addr(ip("10.0.0.2"))];
+    assert_eq!(
+        a.flags,
+        ENDPOINT_INGRESS_ISOLATED | ENDPOINT_AUDIT,
+        "x is annotated"
+    );
+    assert_eq!(b.flags, 0, "y is not");
+    // The denied flow is let through in audit, and the model says so.
+    let decision = model::decide(
+        &c,
+        ip("10.0.0.2"),
+        ip("10.0.0.1"),
+        PROTO_TCP,
+        80,
+        Direction::Ingress,
+    );
+    assert_eq!(decision.reason, netpol_common::Reason::AuditAllowed);
+
+    let mut all = cluster();
+    all.state.audit_all = true;
+    let c = run(all);
+    assert_eq!(
+        c.endpoints[&addr(ip("10.0.0.2"))].flags,
+        ENDPOINT_AUDIT,
+        "--audit covers every pod"
+    );
+}
