@@ -40,8 +40,8 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use netpol_agent::compile::{self, Allocations, Compiled};
 use netpol_agent::datapath::packet::{Frame, Transport, arp_frame};
 use netpol_agent::datapath::{Capacities, Datapath, HookKind};
-use netpol_agent::source::manifest::{Object, parse_documents};
-use netpol_agent::state::{ClusterState, NodeContext, ObjectRef};
+use netpol_agent::source::manifest::parse_documents;
+use netpol_agent::state::{ClusterState, NodeContext};
 use netpol_common::{
     Addr, DIR_EGRESS, DIR_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED,
     EndpointInfo, POLICY_PREFIX_ANY_PORT, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue,
@@ -496,27 +496,9 @@ fn state() -> ClusterState {
         ..ClusterState::default()
     };
     for object in parse_documents(CLUSTER, "bench") {
-        match object.expect("bench manifests are valid") {
-            Object::Namespace(ns) => {
-                state
-                    .namespaces
-                    .insert(ns.metadata.name.clone().unwrap(), *ns);
-            }
-            Object::Pod(pod) => {
-                let key = ObjectRef::new(
-                    pod.metadata.namespace.clone().unwrap(),
-                    pod.metadata.name.clone().unwrap(),
-                );
-                state.pods.insert(key, *pod);
-            }
-            Object::NetworkPolicy(p) => {
-                let key = ObjectRef::new(
-                    p.metadata.namespace.clone().unwrap(),
-                    p.metadata.name.clone().unwrap(),
-                );
-                state.policies.insert(key, *p);
-            }
-        }
+        object
+            .expect("bench manifests are valid")
+            .insert_into(&mut state);
     }
     state
 }

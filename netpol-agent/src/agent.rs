@@ -325,6 +325,7 @@ async fn reconcile_loop<S: Source>(
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut last_resync = Instant::now();
     let mut status = Status::default();
+    let mut apply_failed = false;
     let mut last_metrics = Instant::now();
     let mut last_conntrack_count = Instant::now() - CONNTRACK_COUNT_REFRESH;
     loop {
@@ -333,6 +334,8 @@ async fn reconcile_loop<S: Source>(
             _ = &mut shutdown => return Ok(()),
             changed = source.changed() => changed?,
         };
+        // A state the kernel refused is tried again at the resync interval.
+        let changed = changed || (apply_failed && last_resync.elapsed() >= config.resync);
         if !primed && !changed {
             continue;
         }
@@ -362,20 +365,11 @@ async fn reconcile_loop<S: Source>(
             reported = messages;
             generation = update.generation.unwrap_or(generation);
             health.metrics.invalid_objects.set(reported.len() as i64);
-            let report = match datapath.apply(&compiled) {
-                Ok(report) => report,
-                Err(error) => {
-                    // A kernel refusal (e.g. a full map) must not stop enforcement of
-                    // what is in place: report it and retry at the next resync.
-                    health.metrics.error(error.kind());
-                    warn!(
-                        error = datapath::chain(&error),
-                        "applying to the kernel failed; will retry"
-                    );
-                    status.pending = vec![format!("apply: {}", datapath::chain(&error))];
-                    continue;
-                }
+            let Some(report) = apply(datapath, &compiled, health) else {
+                apply_failed = true;
+                continue;
             };
+            apply_failed = false;
             health.metrics.applies.inc();
             health
                 .metrics
@@ -407,16 +401,8 @@ async fn reconcile_loop<S: Source>(
                 pending: report.pending,
             };
         } else {
-            let report = match datapath.apply(&compiled) {
-                Ok(report) => report,
-                Err(error) => {
-                    health.metrics.error(error.kind());
-                    warn!(
-                        error = datapath::chain(&error),
-                        "applying to the kernel failed; will retry"
-                    );
-                    continue;
-                }
+            let Some(report) = apply(datapath, &compiled, health) else {
+                continue;
             };
             if !report.attached.is_empty() || !report.detached.is_empty() {
                 info!(attached = ?report.attached, detached = ?report.detached, "interfaces changed");
@@ -438,6 +424,26 @@ async fn reconcile_loop<S: Source>(
                 path: path.clone(),
                 source,
             })?;
+        }
+    }
+}
+
+/// Applies `compiled`; a refusal (e.g. a full map) is logged and counted, never fatal:
+/// what is in the kernel stays enforced, and the caller tries again later.
+fn apply(
+    datapath: &mut Datapath,
+    compiled: &Compiled,
+    health: &Health,
+) -> Option<datapath::ApplyReport> {
+    match datapath.apply(compiled) {
+        Ok(report) => Some(report),
+        Err(error) => {
+            health.metrics.error(error.kind());
+            warn!(
+                error = datapath::chain(&error),
+                "applying to the kernel failed; will retry"
+            );
+            None
         }
     }
 }

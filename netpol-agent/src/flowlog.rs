@@ -419,7 +419,7 @@ pub async fn follow(
 mod tests {
     use super::*;
     use crate::compile::{Allocations, compile};
-    use crate::source::manifest::{Object, parse_documents};
+    use crate::source::manifest::parse_documents;
 
     fn state() -> ClusterState {
         let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\n\
@@ -430,20 +430,7 @@ mod tests {
         let mut state = ClusterState::default();
         state.node.ips = vec!["10.99.0.1".parse().unwrap()];
         for object in parse_documents(text, "t") {
-            match object.unwrap() {
-                Object::Namespace(ns) => {
-                    state
-                        .namespaces
-                        .insert(ns.metadata.name.clone().unwrap(), *ns);
-                }
-                Object::Pod(pod) => {
-                    let key = ObjectRef::new("x", pod.metadata.name.clone().unwrap());
-                    state.pods.insert(key, *pod);
-                }
-                Object::NetworkPolicy(p) => {
-                    state.policies.insert(ObjectRef::new("x", "web"), *p);
-                }
-            }
+            object.unwrap().insert_into(&mut state);
         }
         state
     }

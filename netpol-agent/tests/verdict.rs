@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use netpol_agent::compile::{self, Allocations};
 use netpol_agent::datapath::packet::{Frame, Ipv6Ext, Transport, arp_frame};
 use netpol_agent::datapath::{Capacities, Datapath, HookKind};
-use netpol_agent::source::manifest::{Object, parse_documents};
+use netpol_agent::source::manifest::parse_documents;
 use netpol_agent::state::{ClusterState, NodeContext, ObjectRef};
 use netpol_common::Reason;
 
@@ -94,27 +94,9 @@ fn state(manifests: &[&str]) -> ClusterState {
     };
     for text in manifests {
         for object in parse_documents(text, "test") {
-            match object.expect("test manifests are valid") {
-                Object::Namespace(ns) => {
-                    state
-                        .namespaces
-                        .insert(ns.metadata.name.clone().unwrap(), *ns);
-                }
-                Object::Pod(pod) => {
-                    let key = ObjectRef::new(
-                        pod.metadata.namespace.clone().unwrap(),
-                        pod.metadata.name.clone().unwrap(),
-                    );
-                    state.pods.insert(key, *pod);
-                }
-                Object::NetworkPolicy(p) => {
-                    let key = ObjectRef::new(
-                        p.metadata.namespace.clone().unwrap(),
-                        p.metadata.name.clone().unwrap(),
-                    );
-                    state.policies.insert(key, *p);
-                }
-            }
+            object
+                .expect("test manifests are valid")
+                .insert_into(&mut state);
         }
     }
     state

@@ -2,8 +2,8 @@
 
 use std::net::IpAddr;
 
-use crate::source::manifest::{Object, parse_documents};
-use crate::state::{ClusterState, ObjectRef};
+use crate::source::manifest::parse_documents;
+use crate::state::ClusterState;
 
 /// A state from manifest text (every object must parse), with the node's addresses.
 pub fn state(yaml: &str, node_ips: &[&str]) -> ClusterState {
@@ -19,27 +19,7 @@ pub fn state(yaml: &str, node_ips: &[&str]) -> ClusterState {
 /// Adds (or replaces) the objects of `yaml`.
 pub fn add(state: &mut ClusterState, yaml: &str) {
     for object in parse_documents(yaml, "test.yaml") {
-        match object.expect("test manifest") {
-            Object::Namespace(ns) => {
-                state
-                    .namespaces
-                    .insert(ns.metadata.name.clone().unwrap(), *ns);
-            }
-            Object::Pod(pod) => {
-                let key = ObjectRef::new(
-                    pod.metadata.namespace.clone().unwrap(),
-                    pod.metadata.name.clone().unwrap(),
-                );
-                state.pods.insert(key, *pod);
-            }
-            Object::NetworkPolicy(np) => {
-                let key = ObjectRef::new(
-                    np.metadata.namespace.clone().unwrap(),
-                    np.metadata.name.clone().unwrap(),
-                );
-                state.policies.insert(key, *np);
-            }
-        }
+        object.expect("test manifest").insert_into(state);
     }
 }
 

@@ -22,6 +22,32 @@ pub enum Object {
 }
 
 impl Object {
+    /// Adds (or replaces) the object in `state`, as is, under its namespace and name
+    /// (`default` when the namespace is missing). Validation is the caller's business:
+    /// local mode checks policies first; tests and tools insert fixtures directly.
+    pub fn insert_into(self, state: &mut crate::state::ClusterState) {
+        use crate::state::ObjectRef;
+        let key = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            ObjectRef::new(
+                meta.namespace.clone().unwrap_or_else(|| "default".into()),
+                meta.name.clone().unwrap_or_default(),
+            )
+        };
+        match self {
+            Object::Namespace(ns) => {
+                state
+                    .namespaces
+                    .insert(ns.metadata.name.clone().unwrap_or_default(), *ns);
+            }
+            Object::Pod(pod) => {
+                state.pods.insert(key(&pod.metadata), *pod);
+            }
+            Object::NetworkPolicy(policy) => {
+                state.policies.insert(key(&policy.metadata), *policy);
+            }
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Object::Namespace(_) => "Namespace",
