@@ -879,3 +879,53 @@ fn a_rule_id_given_to_another_rule_counts_from_zero() {
         "the new rule starts at zero"
     );
 }
+
+#[test]
+fn a_pod_cannot_leave_with_an_address_that_is_not_its_own() {
+    let Some(dp) = Loaded::new("spoof", &[CLUSTER]) else {
+        return;
+    };
+    // Not an endpoint's address: dropped, even though no policy isolates anyone.
+    assert!(!dp.run(
+        FromPod,
+        &Frame::new(ip("10.9.9.9"), ip("10.2.0.1"), Transport::syn(52000, 80))
+    ));
+    assert!(!dp.run(
+        FromPod,
+        &Frame::new(ip("fd00::99"), ip("fd00::1"), Transport::syn(52000, 80))
+    ));
+    assert_eq!(dp.counter(Reason::Spoofed), 2);
+    // Link-local and unspecified sources are how ND and DHCP talk: they pass.
+    assert!(dp.run(
+        FromPod,
+        &Frame::new(
+            ip("fe80::5"),
+            ip("ff02::2"),
+            Transport::Udp {
+                sport: 546,
+                dport: 547
+            }
+        )
+    ));
+    assert!(dp.run(
+        FromPod,
+        &Frame::new(
+            ip("0.0.0.0"),
+            ip("255.255.255.255"),
+            Transport::Udp {
+                sport: 68,
+                dport: 67
+            }
+        )
+    ));
+    // Towards a pod, an unknown destination is simply not ours to judge.
+    assert!(dp.run(
+        ToPod,
+        &Frame::new(ip("10.2.0.1"), ip("10.9.9.9"), Transport::syn(52001, 80))
+    ));
+    // The pod's own address is fine.
+    assert!(dp.run(
+        FromPod,
+        &Frame::new(ip("10.1.0.3"), ip("10.2.0.1"), Transport::syn(52002, 80))
+    ));
+}

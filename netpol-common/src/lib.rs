@@ -53,6 +53,34 @@ impl Addr {
         }
     }
 
+    /// Link-local (169.254.0.0/16, fe80::/10) or unspecified (0.0.0.0, ::): addresses a
+    /// pod may legitimately send from without them being its own.
+    pub const fn is_link_local_or_unspecified(&self) -> bool {
+        let b = &self.bytes;
+        if self.family == FAMILY_IPV4 {
+            (b[0] == 169 && b[1] == 254) || (b[0] == 0 && b[1] == 0 && b[2] == 0 && b[3] == 0)
+        } else {
+            (b[0] == 0xfe && b[1] & 0xc0 == 0x80)
+                || (b[0]
+                    | b[1]
+                    | b[2]
+                    | b[3]
+                    | b[4]
+                    | b[5]
+                    | b[6]
+                    | b[7]
+                    | b[8]
+                    | b[9]
+                    | b[10]
+                    | b[11]
+                    | b[12]
+                    | b[13]
+                    | b[14]
+                    | b[15])
+                    == 0
+        }
+    }
+
     /// Prefix length of an LPM key that covers exactly this address.
     pub const fn full_prefix_len(&self) -> u32 {
         if self.family == FAMILY_IPV4 {
@@ -232,9 +260,12 @@ pub enum Reason {
     Fragment = 9,
     /// IPv6 neighbour discovery and MLD: the link cannot work without them.
     NetworkControl = 10,
+    /// Leaving a pod with a source address that is not a local endpoint's (nor
+    /// link-local or unspecified): spoofed, dropped.
+    Spoofed = 11,
 }
 
-pub const REASON_COUNT: u32 = 11;
+pub const REASON_COUNT: u32 = 12;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -249,10 +280,14 @@ impl Reason {
         Reason::Malformed,
         Reason::Fragment,
         Reason::NetworkControl,
+        Reason::Spoofed,
     ];
 
     pub const fn is_drop(self) -> bool {
-        matches!(self, Reason::PolicyDenied | Reason::Malformed)
+        matches!(
+            self,
+            Reason::PolicyDenied | Reason::Malformed | Reason::Spoofed
+        )
     }
 
     pub const fn name(self) -> &'static str {
@@ -268,6 +303,7 @@ impl Reason {
             Reason::Malformed => "malformed",
             Reason::Fragment => "fragment",
             Reason::NetworkControl => "network-control",
+            Reason::Spoofed => "spoofed",
         }
     }
 }
@@ -335,6 +371,7 @@ pub const fn reason_emits_event(reason: Reason) -> bool {
             | Reason::NotIsolated
             | Reason::FromHost
             | Reason::Malformed
+            | Reason::Spoofed
     )
 }
 

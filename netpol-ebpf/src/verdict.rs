@@ -72,7 +72,7 @@ fn decide(ctx: &TcContext, packet: &Packet, direction: u8) -> Verdict {
                 endpoint: endpoint.id,
                 ..Verdict::of(Reason::Fragment)
             },
-            None => Verdict::of(Reason::NotEndpoint),
+            None => not_an_endpoint(local, direction),
         };
     }
     // The coarse clock (jiffies) is plenty for timeouts of seconds and much cheaper.
@@ -100,7 +100,7 @@ fn decide(ctx: &TcContext, packet: &Packet, direction: u8) -> Verdict {
         };
     }
     let Some(endpoint) = endpoint() else {
-        return Verdict::of(Reason::NotEndpoint);
+        return not_an_endpoint(local, direction);
     };
     let remote = if direction == DIR_EGRESS {
         &packet.dst
@@ -130,6 +130,19 @@ fn decide(ctx: &TcContext, packet: &Packet, direction: u8) -> Verdict {
         rule: decision.rule,
         endpoint: endpoint.id,
         identity: decision.identity,
+    }
+}
+
+/// The verdict for an IP packet whose local address is no endpoint. Our programs sit
+/// only on pod veths, so a packet leaving the pod must carry one of the pod's addresses
+/// (or a link-local / unspecified one, e.g. for ND or DHCP): anything else would slip
+/// past the pod's egress policy and is dropped as spoofed.
+#[inline(always)]
+fn not_an_endpoint(local: &Addr, direction: u8) -> Verdict {
+    if direction == DIR_EGRESS && !local.is_link_local_or_unspecified() {
+        Verdict::of(Reason::Spoofed)
+    } else {
+        Verdict::of(Reason::NotEndpoint)
     }
 }
 
