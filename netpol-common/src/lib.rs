@@ -177,6 +177,9 @@ pub struct CtKey {
     /// 1 when `addr_b` is the local endpoint, 0 when `addr_a` is.
     pub local_b: u8,
     pub _pad: [u8; 2],
+    /// The host veth the entry belongs to: a pod sending with another pod's addresses
+    /// never finds that pod's connections.
+    pub ifindex: u32,
 }
 
 /// Value of CT.
@@ -403,6 +406,7 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
+    pub const IFACES: &str = "IFACES";
     /// TC ingress of the host-side veth: packets leaving the pod (its egress policy).
     pub const PROG_FROM_POD: &str = "from_pod";
     /// TC egress of the host-side veth: packets entering the pod (its ingress policy).
@@ -415,6 +419,8 @@ pub mod capacity {
     pub const IPCACHE: u32 = 262_144;
     pub const POLICY: u32 = 262_144;
     pub const CT: u32 = 262_144;
+    /// Host-side interfaces bound to their pod (IFACES).
+    pub const IFACES: u32 = ENDPOINTS;
     /// Rules with their own packet/byte counters (rule indices beyond are not counted).
     pub const RULE_COUNTERS: u32 = 65_536;
     /// Bytes of the EVENTS ring buffer (a power of two, a multiple of the page size).
@@ -446,7 +452,7 @@ const _: () = {
     assert!(size_of::<PeerInfo>() == 8);
     assert!(size_of::<PolicyKey>() == 12);
     assert!(size_of::<PolicyValue>() == 8);
-    assert!(size_of::<CtKey>() == 48);
+    assert!(size_of::<CtKey>() == 52);
     assert!(size_of::<CtValue>() == 48);
     assert!(size_of::<DatapathState>() == 8);
     assert!(size_of::<VerdictEvent>() == 80);

@@ -32,7 +32,7 @@ fn words(addr: &Addr) -> (u64, u64) {
 
 impl Flow {
     #[inline(always)]
-    pub fn of(packet: &Packet, direction: u8) -> Flow {
+    pub fn of(packet: &Packet, direction: u8, ifindex: u32) -> Flow {
         let src = (words(&packet.src), packet.sport);
         let dst = (words(&packet.dst), packet.dport);
         let src_is_a = src <= dst;
@@ -53,6 +53,7 @@ impl Flow {
                 protocol: packet.protocol,
                 local_b: u8::from(local_b),
                 _pad: [0; 2],
+                ifindex,
             },
             src_is_a,
         }

@@ -48,3 +48,8 @@ pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 /// Packets and bytes per rule (index = `PolicyValue::rule`), per CPU.
 #[map]
 pub static RULE_COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(capacity::RULE_COUNTERS, 0);
+
+/// Host-side veth (ifindex) -> the endpoint id of the pod behind it. A packet leaving a
+/// pod with another local pod's address is spoofed.
+#[map]
+pub static IFACES: HashMap<u32, u32> = HashMap::pinned(capacity::IFACES, 0);

@@ -15,7 +15,7 @@ use netpol_common::{
 
 use crate::{
     conntrack::{self, Flow},
-    maps::{COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENTS, RULE_COUNTERS, STATE},
+    maps::{COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENTS, IFACES, RULE_COUNTERS, STATE},
     parse::{self, Malformed, Packet},
     policy,
 };
@@ -80,7 +80,9 @@ fn decide(ctx: &TcContext, packet: &Packet, direction: u8) -> Verdict {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let len = ctx.len();
     let generation = STATE.get(0).map_or(0, |state| state.generation);
-    let flow = Flow::of(packet, direction);
+    // SAFETY: the context pointer is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let flow = Flow::of(packet, direction, ifindex);
     // Conntrack first: a packet of a known connection costs one lookup. Entries exist
     // only for endpoints, so ENDPOINTS is consulted only when the policy changed since
     // the entry was judged (a pod that is no longer an endpoint is not ours to judge).
@@ -102,6 +104,9 @@ fn decide(ctx: &TcContext, packet: &Packet, direction: u8) -> Verdict {
     let Some(endpoint) = endpoint() else {
         return not_an_endpoint(local, direction);
     };
+    if direction == DIR_EGRESS && !sent_by_its_owner(ctx, endpoint.id) {
+        return Verdict::of(Reason::Spoofed);
+    }
     let remote = if direction == DIR_EGRESS {
         &packet.dst
     } else {
@@ -143,6 +148,19 @@ fn not_an_endpoint(local: &Addr, direction: u8) -> Verdict {
         Verdict::of(Reason::Spoofed)
     } else {
         Verdict::of(Reason::NotEndpoint)
+    }
+}
+
+/// Whether the pod behind this veth owns the source address's endpoint (true where the
+/// agent has not bound the interface yet).
+#[inline(always)]
+fn sent_by_its_owner(ctx: &TcContext, endpoint: u32) -> bool {
+    // SAFETY: the context pointer is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: IFACES is only written from userspace; the value is copied at once.
+    match unsafe { IFACES.get(ifindex) } {
+        Some(owner) => *owner == endpoint,
+        None => true,
     }
 }
 

@@ -153,5 +153,7 @@ impl<M: KernelMap> Synced<M> {
 }
 
 pub type EndpointsMap = Synced<HashMap<MapData, Addr, EndpointInfo>>;
+/// Host veth ifindex -> endpoint id.
+pub type IfacesMap = Synced<HashMap<MapData, u32, u32>>;
 pub type IpcacheMap = Synced<LpmTrie<MapData, Addr, PeerInfo>>;
 pub type PolicyMap = Synced<LpmTrie<MapData, PolicyKey, PolicyValue>>;

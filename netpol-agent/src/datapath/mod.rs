@@ -180,6 +180,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     dir: PathBuf,
     endpoints: EndpointsMap,
+    ifaces: maps::IfacesMap,
     ipcache: IpcacheMap,
     policy: PolicyMap,
     counters: PerCpuArray<MapData, Counter>,
@@ -239,6 +240,7 @@ impl Datapath {
 
         let endpoints = adopt(&mut ebpf, names::ENDPOINTS, HashMap::try_from)?;
         let ipcache = adopt(&mut ebpf, names::IPCACHE, LpmTrie::try_from)?;
+        let ifaces = adopt(&mut ebpf, names::IFACES, HashMap::try_from)?;
         let policy = adopt(&mut ebpf, names::POLICY, LpmTrie::try_from)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
         let counters = PerCpuArray::try_from(counters).map_err(|source| Error::Map {
@@ -277,6 +279,7 @@ impl Datapath {
             ebpf,
             dir: dir.to_path_buf(),
             endpoints,
+            ifaces,
             ipcache,
             policy,
             counters,
@@ -369,6 +372,8 @@ impl Datapath {
             }
         };
         let mut wanted: BTreeMap<String, u32> = BTreeMap::new();
+        // ifindex -> the endpoints whose pods sit behind it (one, unless misconfigured).
+        let mut owners: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         for pod in &compiled.local_pods {
             let interface = pod.host_interface.clone().or_else(|| {
                 pod.ips
@@ -381,6 +386,7 @@ impl Datapath {
             {
                 Some((name, ifindex)) => {
                     wanted.insert(name.to_owned(), ifindex);
+                    owners.entry(ifindex).or_default().push(pod.endpoint_id);
                 }
                 None => report.pending.push(format!(
                     "{} (interface {})",
@@ -415,6 +421,31 @@ impl Datapath {
                 }
             }
         }
+
+        // Bind each attached veth to its pod's endpoint (anti-spoofing). An interface
+        // claimed by several pods is left unbound rather than blocking one of them.
+        let attached: std::collections::BTreeSet<u32> =
+            self.attachments.values().map(|a| a.ifindex).collect();
+        let mut bindings = BTreeMap::new();
+        for (ifindex, endpoints) in owners {
+            match endpoints.as_slice() {
+                [endpoint] if attached.contains(&ifindex) => {
+                    bindings.insert(ifindex, *endpoint);
+                }
+                [_] => {}
+                _ => warn!(
+                    ifindex,
+                    ?endpoints,
+                    "several pods share one interface; not bound"
+                ),
+            }
+        }
+        let map_err = |source| Error::Map {
+            name: names::IFACES,
+            source,
+        };
+        report.maps += self.ifaces.upsert(&bindings).map_err(map_err)?;
+        report.maps += self.ifaces.remove_stale(&bindings).map_err(map_err)?;
         Ok(())
     }
 
