@@ -88,12 +88,23 @@ pub fn test_all(agent: &Path) -> Result<()> {
 /// The benchmarks (`netpol-agent/benches`), one after the other; `smoke` runs tiny sizes.
 pub fn bench(which: &str, smoke: bool) -> Result<()> {
     let names: &[&str] = match which {
-        "all" => &["datapath", "control"],
+        "all" => &["datapath", "control", "traffic"],
         "datapath" => &["datapath"],
         "control" => &["control"],
-        other => bail!("unknown benchmark {other:?} (datapath, control, all)"),
+        "traffic" => &["traffic"],
+        other => bail!("unknown benchmark {other:?} (datapath, control, traffic, all)"),
     };
     for name in names {
+        if *name == "traffic" {
+            // Runs in this process: the lab, the release agent, iptables (bench_traffic.rs).
+            ui::step(&format!(
+                "benchmark traffic{}",
+                if smoke { " (smoke)" } else { "" }
+            ));
+            let agent = build_agent()?;
+            crate::bench_traffic::run(&agent, smoke)?;
+            continue;
+        }
         ui::step(&format!(
             "benchmark {name}{}",
             if smoke { " (smoke)" } else { "" }

@@ -2,6 +2,7 @@
 //! of network namespaces, shared by the demo, the tier-3 tests, the conformance runner
 //! and the benchmarks.
 
+pub mod bench_traffic;
 pub mod cargo;
 pub mod conformance;
 pub mod demo;

@@ -44,8 +44,9 @@ enum Cmd {
     /// Benchmarks: tables on stdout, JSON in target/bench/ (see docs/BENCHMARKS.md).
     Bench {
         /// Which benchmark: datapath (BPF_PROG_TEST_RUN), control (compile and apply at
-        /// 10k pods), or all.
-        #[arg(value_parser = ["datapath", "control", "all"], default_value = "all")]
+        /// 10k pods), traffic (pod-to-pod TCP through the lab: none, netpol, iptables),
+        /// or all.
+        #[arg(value_parser = ["datapath", "control", "traffic", "all"], default_value = "all")]
         which: String,
         /// Tiny sizes, a few seconds: proves the benchmarks still work (CI).
         #[arg(long)]
