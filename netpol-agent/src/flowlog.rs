@@ -130,20 +130,7 @@ impl Resolver {
     pub fn new(state: &ClusterState, compiled: &Compiled) -> Self {
         let mut pods_by_ip = BTreeMap::new();
         for (pod_ref, pod) in &state.pods {
-            let status = pod.status.as_ref();
-            let ips = status.and_then(|s| s.pod_ips.as_ref()).map(|ips| {
-                ips.iter()
-                    .filter_map(|ip| ip.ip.parse().ok())
-                    .collect::<Vec<IpAddr>>()
-            });
-            let ips = ips.unwrap_or_else(|| {
-                status
-                    .and_then(|s| s.pod_ip.as_ref())
-                    .and_then(|ip| ip.parse().ok())
-                    .into_iter()
-                    .collect()
-            });
-            for ip in ips {
+            for ip in crate::state::pod_ips(pod) {
                 pods_by_ip.entry(ip).or_insert_with(|| pod_ref.to_string());
             }
         }

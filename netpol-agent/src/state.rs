@@ -49,6 +49,39 @@ pub struct ClusterState {
     pub audit_all: bool,
 }
 
+/// The label the API server puts on every namespace: its name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+impl ClusterState {
+    /// A namespace's labels, with [`NAMESPACE_NAME_LABEL`] as the API server sets it
+    /// (also for namespaces the state does not hold, which then have only that label).
+    pub fn namespace_labels(&self, name: &str) -> BTreeMap<String, String> {
+        let mut labels = self
+            .namespaces
+            .get(name)
+            .and_then(|ns| ns.metadata.labels.clone())
+            .unwrap_or_default();
+        labels
+            .entry(NAMESPACE_NAME_LABEL.to_owned())
+            .or_insert_with(|| name.to_owned());
+        labels
+    }
+}
+
+/// The addresses listed in `status.podIPs`, then `status.podIP`, that parse, in order
+/// (the same address may come twice).
+pub fn pod_ips(pod: &Pod) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+    let status = pod.status.as_ref();
+    let listed = status
+        .and_then(|s| s.pod_ips.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| p.ip.as_str());
+    listed
+        .chain(status.and_then(|s| s.pod_ip.as_deref()))
+        .filter_map(|text| text.parse().ok())
+}
+
 /// The node this agent enforces on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeContext {

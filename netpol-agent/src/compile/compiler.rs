@@ -33,9 +33,6 @@ use super::ports::port_prefixes;
 use super::{Compiled, Diagnostic, Direction, IdentityInfo, LocalPod, RuleRef};
 use crate::state::{ClusterState, HOST_INTERFACE_ANNOTATION, ObjectRef};
 
-/// Label every namespace carries (the API server sets it).
-pub(crate) const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
-
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
 /// Compiles `state` into desired map contents. `prev` is the previous result's
@@ -416,33 +413,11 @@ fn namespace_labels(state: &ClusterState) -> BTreeMap<String, BTreeMap<String, S
     let mut pod_namespaces: Vec<&String> = state.pods.keys().map(|p| &p.namespace).collect();
     pod_namespaces.dedup();
     for name in state.namespaces.keys().chain(pod_namespaces) {
-        if out.contains_key(name) {
-            continue;
+        if !out.contains_key(name) {
+            out.insert(name.clone(), state.namespace_labels(name));
         }
-        let mut labels = state
-            .namespaces
-            .get(name)
-            .and_then(|ns| ns.metadata.labels.clone())
-            .unwrap_or_default();
-        labels
-            .entry(NAMESPACE_NAME_LABEL.to_string())
-            .or_insert_with(|| name.clone());
-        out.insert(name.clone(), labels);
     }
     out
-}
-
-/// The addresses listed in `status.podIPs` and `status.podIP` that parse, in order.
-pub(crate) fn listed_ips(pod: &Pod) -> impl Iterator<Item = IpAddr> + '_ {
-    let status = pod.status.as_ref();
-    let listed = status
-        .and_then(|s| s.pod_ips.as_deref())
-        .unwrap_or_default()
-        .iter()
-        .map(|p| p.ip.as_str());
-    listed
-        .chain(status.and_then(|s| s.pod_ip.as_deref()))
-        .filter_map(|text| text.parse().ok())
 }
 
 /// Whether the pod takes part at all: not finished and not in the host's network.

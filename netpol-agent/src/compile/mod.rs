@@ -164,7 +164,7 @@ impl Compiled {
         let mut owners: HashMap<IpAddr, &ObjectRef> = HashMap::new();
         for (obj, pod) in &state.pods {
             if compiler::is_live_pod_network(pod) {
-                for ip in compiler::listed_ips(pod) {
+                for ip in crate::state::pod_ips(pod) {
                     owners.entry(ip).or_insert(obj);
                 }
             }

@@ -567,7 +567,7 @@ impl<'a> Analysis<'a> {
         };
         let namespace_ok = match &peer.namespace_selector {
             None => obj.namespace == policy_namespace,
-            Some(sel) => selector_matches(sel, &namespace_labels(self.state, &obj.namespace)),
+            Some(sel) => selector_matches(sel, &self.state.namespace_labels(&obj.namespace)),
         };
         let pod_ok = peer.pod_selector.as_ref().is_none_or(|sel| {
             selector_matches(sel, &pod.metadata.labels.clone().unwrap_or_default())
@@ -672,19 +672,6 @@ fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> b
         }
     });
     labels_ok && expressions_ok
-}
-
-/// A namespace's labels, with `kubernetes.io/metadata.name` as the API server sets it.
-fn namespace_labels(state: &ClusterState, name: &str) -> BTreeMap<String, String> {
-    let mut labels = state
-        .namespaces
-        .get(name)
-        .and_then(|ns| ns.metadata.labels.clone())
-        .unwrap_or_default();
-    labels
-        .entry("kubernetes.io/metadata.name".into())
-        .or_insert_with(|| name.to_string());
-    labels
 }
 
 impl std::fmt::Display for Explanation {

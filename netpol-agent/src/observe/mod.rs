@@ -202,15 +202,8 @@ pub fn pod_addresses(state: &ClusterState) -> (Vec<PodAddresses>, Vec<SkippedPod
 
 /// Valid, distinct addresses of `status.podIPs` then `status.podIP`, in order.
 fn listed_ips(pod: &Pod) -> Vec<IpAddr> {
-    let Some(status) = &pod.status else {
-        return Vec::new();
-    };
-    let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
     let mut out = Vec::new();
-    for ip in listed
-        .chain(status.pod_ip.as_deref())
-        .filter_map(|s| s.parse::<IpAddr>().ok())
-    {
+    for ip in crate::state::pod_ips(pod) {
         if !out.contains(&ip) {
             out.push(ip);
         }
