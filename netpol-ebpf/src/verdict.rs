@@ -104,7 +104,7 @@ fn decide(ctx: &TcContext, packet: &Packet, direction: u8) -> Verdict {
     let Some(endpoint) = endpoint() else {
         return not_an_endpoint(local, direction);
     };
-    if direction == DIR_EGRESS && !sent_by_its_owner(ctx, endpoint.id) {
+    if direction == DIR_EGRESS && !sent_by_its_owner(ifindex, endpoint.id) {
         return Verdict::of(Reason::Spoofed);
     }
     let remote = if direction == DIR_EGRESS {
@@ -154,9 +154,7 @@ fn not_an_endpoint(local: &Addr, direction: u8) -> Verdict {
 /// Whether the pod behind this veth owns the source address's endpoint (true where the
 /// agent has not bound the interface yet).
 #[inline(always)]
-fn sent_by_its_owner(ctx: &TcContext, endpoint: u32) -> bool {
-    // SAFETY: the context pointer is valid for the program's run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+fn sent_by_its_owner(ifindex: u32, endpoint: u32) -> bool {
     // SAFETY: IFACES is only written from userspace; the value is copied at once.
     match unsafe { IFACES.get(ifindex) } {
         Some(owner) => *owner == endpoint,

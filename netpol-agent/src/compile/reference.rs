@@ -252,6 +252,8 @@ fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> b
     true
 }
 
+/// Deliberately not `ClusterState::namespace_labels`: the reference shares no code with
+/// what it checks.
 fn namespace_labels(state: &ClusterState, name: &str) -> BTreeMap<String, String> {
     let mut labels = state
         .namespaces
