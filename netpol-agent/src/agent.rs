@@ -63,6 +63,11 @@ pub struct Config {
     pub on_exit: OnExit,
     /// Audit mode for every pod: would-be drops are logged and counted, not dropped.
     pub audit: bool,
+    /// Traffic on an attached interface whose pod is not programmed yet is dropped
+    /// (`true`) or passed unjudged.
+    pub deny_unprogrammed: bool,
+    /// Interfaces named with one of these prefixes get the programs when they appear.
+    pub pod_interface_prefixes: Vec<String>,
     /// Longest wait for a change before the loop looks at interfaces again.
     pub poll: Duration,
     pub resync: Duration,
@@ -267,6 +272,8 @@ pub async fn run<S: Source>(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     let mut datapath = Datapath::open(&config.bpffs_dir, &config.capacities)?;
+    datapath.set_unprogrammed_default(config.deny_unprogrammed)?;
+    datapath.set_pod_interfaces(config.pod_interface_prefixes.clone());
     let resolver = SharedResolver::default();
     let result = match start_flow_log(config, &mut datapath, &resolver) {
         Ok(_server) => {
@@ -328,18 +335,34 @@ async fn reconcile_loop<S: Source>(
     let mut apply_failed = false;
     let mut last_metrics = Instant::now();
     let mut last_conntrack_count = Instant::now() - CONNTRACK_COUNT_REFRESH;
+    let mut refusals = Refusals::default();
+    let links = subscribe_links(config);
+    if links.is_some() {
+        // Pod interfaces that exist already are covered before anything else is known
+        // (the unprogrammed default applies to them until their pods are programmed).
+        attach_new_interfaces(datapath, health);
+    }
     loop {
         health.beat();
-        let changed = tokio::select! {
+        let (changed, links_changed) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            changed = source.changed() => changed?,
+            () = wait_links(links.as_ref()) => (false, true),
+            changed = source.changed() => (changed?, false),
         };
+        if links_changed && !primed {
+            attach_new_interfaces(datapath, health);
+            continue;
+        }
         // A state the kernel refused is tried again at the resync interval.
         let changed = changed || (apply_failed && last_resync.elapsed() >= config.resync);
         if !primed && !changed {
             continue;
         }
-        if !changed && last_resync.elapsed() < config.resync && status.pending.is_empty() {
+        if !changed
+            && !links_changed
+            && last_resync.elapsed() < config.resync
+            && status.pending.is_empty()
+        {
             continue;
         }
         last_resync = Instant::now();
@@ -377,6 +400,7 @@ async fn reconcile_loop<S: Source>(
                 .observe(started.elapsed().as_secs_f64());
             primed = true;
             health.set_ready(true);
+            refusals.update(&report.refused, &compiled, source, health);
             if let Ok(mut current) = resolver.write() {
                 *current = std::sync::Arc::new(Resolver::new(&state, &compiled));
             }
@@ -408,6 +432,7 @@ async fn reconcile_loop<S: Source>(
                 info!(attached = ?report.attached, detached = ?report.detached, "interfaces changed");
             }
             debug!(pending = report.pending.len(), "resync");
+            refusals.update(&report.refused, &compiled, source, health);
             status.attached = datapath.attached().count();
             status.pending = report.pending;
         }
@@ -426,6 +451,138 @@ async fn reconcile_loop<S: Source>(
             })?;
         }
     }
+}
+
+/// Link notifications, when pod interfaces are attached by name prefix.
+fn subscribe_links(config: &Config) -> Option<datapath::links::LinkEvents> {
+    if config.pod_interface_prefixes.is_empty() {
+        return None;
+    }
+    match datapath::links::LinkEvents::subscribe() {
+        Ok(links) => Some(links),
+        Err(error) => {
+            warn!(%error, "no netlink link notifications; new interfaces are found at resync");
+            None
+        }
+    }
+}
+
+async fn wait_links(links: Option<&datapath::links::LinkEvents>) {
+    match links {
+        Some(links) => links.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn attach_new_interfaces(datapath: &mut Datapath, health: &Health) {
+    match datapath.attach_new_interfaces() {
+        Ok(report) if !report.attached.is_empty() => {
+            info!(attached = ?report.attached, "pod interfaces covered before their pods are known");
+        }
+        Ok(_) => {}
+        Err(error) => {
+            health.metrics.error(error.kind());
+            warn!(
+                error = datapath::chain(&error),
+                "attaching to new interfaces failed"
+            );
+        }
+    }
+}
+
+/// What did not fit in the maps: logged once, reported (Kubernetes Events on pods),
+/// and exported as `netpol_refused{map}`.
+#[derive(Default)]
+struct Refusals {
+    reported: BTreeSet<String>,
+}
+
+impl Refusals {
+    fn update<S: Source>(
+        &mut self,
+        refused: &[datapath::Refusal],
+        compiled: &Compiled,
+        source: &mut S,
+        health: &Health,
+    ) {
+        for map in [
+            netpol_common::names::ENDPOINTS,
+            netpol_common::names::POLICY,
+            netpol_common::names::IPCACHE,
+        ] {
+            let count = refused.iter().filter(|r| r.map() == map).count();
+            health
+                .metrics
+                .refused
+                .get_or_create(&crate::metrics::MapLabels { map: map.into() })
+                .set(count as i64);
+        }
+        let diagnostics = refusal_diagnostics(refused, compiled);
+        let mut current = BTreeSet::new();
+        let mut new = Vec::new();
+        for diagnostic in diagnostics {
+            let message = diagnostic.to_string();
+            if !self.reported.contains(&message) {
+                warn!("refused: {message}");
+                new.push(diagnostic);
+            }
+            current.insert(message);
+        }
+        for gone in self.reported.difference(&current) {
+            info!("no longer refused: {gone}");
+        }
+        if !new.is_empty() {
+            source.report(&new);
+        }
+        self.reported = current;
+    }
+}
+
+/// One diagnostic per refusal, naming the pod (or the peer address) and the full map.
+pub fn refusal_diagnostics(refused: &[datapath::Refusal], compiled: &Compiled) -> Vec<Diagnostic> {
+    use datapath::Refusal;
+    let pod = |id: u32| {
+        compiled
+            .local_pods
+            .iter()
+            .find(|pod| pod.endpoint_id == id)
+            .map_or_else(
+                || format!("Pod (endpoint {id})"),
+                |pod| format!("Pod {}", pod.pod),
+            )
+    };
+    refused
+        .iter()
+        .map(|refusal| match refusal {
+            Refusal::Endpoint { id, capacity } => Diagnostic {
+                object: pod(*id),
+                field: String::new(),
+                message: format!(
+                    "not programmed: ENDPOINTS is full (capacity {capacity}); its traffic is \
+                     dropped until there is room"
+                ),
+            },
+            Refusal::Policy { id, capacity } => Diagnostic {
+                object: pod(*id),
+                field: String::new(),
+                message: format!(
+                    "policy change not applied: POLICY is full (capacity {capacity}); only \
+                     what both the old and the new policy allow is allowed"
+                ),
+            },
+            Refusal::Peer { addr, capacity } => Diagnostic {
+                object: format!(
+                    "address {}",
+                    flowlog::ip_of(addr).map_or_else(|| "?".into(), |ip| ip.to_string())
+                ),
+                field: String::new(),
+                message: format!(
+                    "not in IPCACHE (full, capacity {capacity}): treated as its enclosing \
+                     ipBlock, so fewer rules match it"
+                ),
+            },
+        })
+        .collect()
 }
 
 /// Applies `compiled`; a refusal (e.g. a full map) is logged and counted, never fatal:

@@ -105,7 +105,7 @@ impl fmt::Display for FlowRecord {
     }
 }
 
-fn ip_of(addr: &Addr) -> Option<IpAddr> {
+pub(crate) fn ip_of(addr: &Addr) -> Option<IpAddr> {
     match addr.family {
         FAMILY_IPV4 => {
             let b = addr.bytes;

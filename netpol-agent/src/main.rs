@@ -182,9 +182,31 @@ struct RunArgs {
     /// on (fail-static, seamless restarts); `detach` removes everything (uninstall).
     #[arg(long, value_enum, default_value = "keep")]
     on_exit: OnExitArg,
+    /// Traffic of a pod whose veth exists before the agent has programmed the pod (it
+    /// just started, or the agent is catching up): `deny` drops it until the pod's
+    /// policies are in the kernel, so a pod a policy selects is isolated from its first
+    /// packet; `allow` lets it through unjudged meanwhile.
+    #[arg(long, value_enum, default_value = "deny")]
+    unprogrammed: UnprogrammedArg,
+    /// Name prefixes of pods' host-side interfaces, comma-separated: these get the
+    /// programs the moment they appear (netlink), before their pod is known. Empty:
+    /// attach only to interfaces of known pods.
+    #[arg(
+        long,
+        value_name = "PREFIX,...",
+        value_delimiter = ',',
+        default_value = "veth,cali,lxc"
+    )]
+    pod_interface_prefix: Vec<String>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum UnprogrammedArg {
+    Deny,
+    Allow,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -247,6 +269,13 @@ async fn main() -> anyhow::Result<()> {
         capacities,
         on_exit,
         audit: args.audit,
+        deny_unprogrammed: matches!(args.unprogrammed, UnprogrammedArg::Deny),
+        pod_interface_prefixes: args
+            .pod_interface_prefix
+            .iter()
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect(),
         poll,
         resync,
     };

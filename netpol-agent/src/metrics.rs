@@ -46,15 +46,16 @@ struct RuleLabels {
     rule: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MapLabels {
-    map: String,
-}
-
 /// Labels of [`Metrics::errors`]: the `kind()` of an error enum variant.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub kind: String,
+}
+
+/// Labels of per-map series: map fill, and [`Metrics::refused`] (the map that was full).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: String,
 }
 
 /// The verdict a reason stands for, as a label.
@@ -219,6 +220,9 @@ pub struct Metrics {
     pub applies: Counter,
     /// Errors by kind (the variant of the module's Error enum).
     pub errors: Family<ErrorLabels, Counter>,
+    /// Endpoints (ENDPOINTS, POLICY) or peer addresses (IPCACHE) not fully programmed
+    /// because the map was full, now.
+    pub refused: Family<MapLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -253,12 +257,20 @@ impl Metrics {
         );
         let errors = Family::<ErrorLabels, Counter>::default();
         registry.register("netpol_errors", "Errors by kind", errors.clone());
+        let refused = Family::<MapLabels, Gauge>::default();
+        registry.register(
+            "netpol_refused",
+            "Endpoints or peer addresses not fully programmed because the map was full \
+             (the change is refused in the closing direction)",
+            refused.clone(),
+        );
         let kernel = Arc::new(Mutex::new(KernelSnapshot::default()));
         registry.register_collector(Box::new(KernelCollector {
             snapshot: kernel.clone(),
         }));
         Metrics {
             registry,
+            refused,
             kernel,
             propagation,
             invalid_objects,

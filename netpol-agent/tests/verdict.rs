@@ -110,6 +110,10 @@ struct Loaded {
 
 impl Loaded {
     fn new(tag: &str, manifests: &[&str]) -> Option<Loaded> {
+        Self::with_capacities(tag, manifests, &Capacities::default())
+    }
+
+    fn with_capacities(tag: &str, manifests: &[&str], capacities: &Capacities) -> Option<Loaded> {
         if !nix::unistd::Uid::effective().is_root() {
             eprintln!("skipped: BPF_PROG_TEST_RUN needs root (run via `cargo xtask test`)");
             return None;
@@ -118,14 +122,17 @@ impl Loaded {
             "/sys/fs/bpf/netpol-verdict-{tag}-{}",
             std::process::id()
         ));
-        let mut datapath = Datapath::open(&dir, &Capacities::default()).expect("load programs");
+        let mut datapath = Datapath::open(&dir, capacities).expect("load programs");
         let compiled = compile::compile(&state(manifests), &Allocations::default());
         assert!(
             compiled.diagnostics.is_empty(),
             "{:?}",
             compiled.diagnostics
         );
-        datapath.sync_maps(&compiled).expect("write maps");
+        let report = datapath.sync_maps(&compiled).expect("write maps");
+        if capacities.endpoints.is_none() && capacities.policy.is_none() {
+            assert!(report.refused.is_empty(), "{:?}", report.refused);
+        }
         Some(Loaded {
             datapath: Some(datapath),
             compiled,
@@ -149,6 +156,16 @@ impl Loaded {
             verdict.action
         );
         verdict.allowed()
+    }
+
+    /// The endpoint id the compiler gave pod `ns/name`.
+    fn endpoint_id(&self, pod: &str) -> u32 {
+        self.compiled
+            .local_pods
+            .iter()
+            .find(|p| p.pod.to_string() == pod)
+            .unwrap_or_else(|| panic!("{pod} is not a local pod"))
+            .endpoint_id
     }
 
     fn counter(&self, reason: Reason) -> u64 {
@@ -880,11 +897,22 @@ fn a_rule_id_given_to_another_rule_counts_from_zero() {
     );
 }
 
+/// BPF_PROG_TEST_RUN delivers packets on loopback (ifindex 1): tests bind it as if it
+/// were a pod's veth.
+const TEST_RUN_IFINDEX: u32 = 1;
+
 #[test]
 fn a_pod_cannot_leave_with_an_address_that_is_not_its_own() {
-    let Some(dp) = Loaded::new("spoof", &[CLUSTER]) else {
+    let Some(mut dp) = Loaded::new("spoof", &[CLUSTER]) else {
         return;
     };
+    // The veth is c's (endpoint 3 = the third local pod, in name order).
+    let c = dp.endpoint_id("x/c");
+    dp.datapath
+        .as_mut()
+        .unwrap()
+        .bind_interface(TEST_RUN_IFINDEX, c)
+        .unwrap();
     // Not an endpoint's address: dropped, even though no policy isolates anyone.
     assert!(!dp.run(
         FromPod,
@@ -928,4 +956,175 @@ fn a_pod_cannot_leave_with_an_address_that_is_not_its_own() {
         FromPod,
         &Frame::new(ip("10.1.0.3"), ip("10.2.0.1"), Transport::syn(52002, 80))
     ));
+}
+
+#[test]
+fn an_interface_the_agent_has_not_programmed_follows_the_default() {
+    let Some(mut dp) = Loaded::new("unprogrammed", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    // A pod the agent does not know yet (10.1.0.9) on an unbound veth.
+    let unknown_out = Frame::new(ip("10.1.0.9"), ip("10.2.0.1"), Transport::syn(53000, 80));
+    let unknown_in = Frame::new(ip("10.2.0.1"), ip("10.1.0.9"), Transport::syn(53001, 80));
+    // allow: passed unjudged, both ways.
+    dp.datapath
+        .as_mut()
+        .unwrap()
+        .set_unprogrammed_default(false)
+        .unwrap();
+    assert!(dp.run(FromPod, &unknown_out));
+    assert!(dp.run(ToPod, &unknown_in));
+    // deny: dropped both ways, counted as unprogrammed.
+    dp.datapath
+        .as_mut()
+        .unwrap()
+        .set_unprogrammed_default(true)
+        .unwrap();
+    assert!(!dp.run(
+        FromPod,
+        &Frame::new(ip("10.1.0.9"), ip("10.2.0.1"), Transport::syn(53002, 80))
+    ));
+    assert!(!dp.run(
+        ToPod,
+        &Frame::new(ip("10.2.0.1"), ip("10.1.0.9"), Transport::syn(53003, 80))
+    ));
+    assert_eq!(dp.counter(Reason::Unprogrammed), 2);
+    // A known pod whose veth is not bound yet (being programmed) gets its own policy,
+    // whatever the default: b is isolated and allows a on TCP 80-90 only.
+    assert!(dp.run(
+        ToPod,
+        &Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), Transport::syn(53004, 80))
+    ));
+    assert!(!dp.run(
+        ToPod,
+        &Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), Transport::syn(53005, 91))
+    ));
+    assert_eq!(dp.counter(Reason::Unprogrammed), 2);
+    // A veth whose pod was refused (a map was full) drops everything, even traffic the
+    // policy would allow.
+    dp.datapath
+        .as_mut()
+        .unwrap()
+        .bind_interface(TEST_RUN_IFINDEX, netpol_common::IFACE_REFUSED)
+        .unwrap();
+    assert!(!dp.run(
+        ToPod,
+        &Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), Transport::syn(53006, 80))
+    ));
+    assert_eq!(dp.counter(Reason::Refused), 1);
+}
+
+#[test]
+fn a_full_endpoints_map_leaves_the_newest_pods_unprogrammed() {
+    // a and b have two addresses each, c and d one: room for a and b only.
+    let capacities = Capacities {
+        endpoints: Some(4),
+        ..Capacities::default()
+    };
+    let Some(mut dp) = Loaded::with_capacities("full-endpoints", &[CLUSTER, POLICIES], &capacities)
+    else {
+        return;
+    };
+    let (c, d) = (dp.endpoint_id("x/c"), dp.endpoint_id("y/d"));
+    let datapath = dp.datapath.as_mut().unwrap();
+    let report = datapath.sync_maps(&dp.compiled).unwrap();
+    let refused: Vec<u32> = report.refused.iter().filter_map(|r| r.endpoint()).collect();
+    assert_eq!(refused, vec![c, d], "{:?}", report.refused);
+    assert_eq!(datapath.map_sizes().0, 4);
+    datapath.set_unprogrammed_default(true).unwrap();
+    // c is not programmed: its packets are not judged by any policy but by the default.
+    assert!(!dp.run(
+        FromPod,
+        &Frame::new(ip("10.1.0.3"), ip("10.2.0.1"), Transport::syn(54000, 80))
+    ));
+    assert_eq!(dp.counter(Reason::Unprogrammed), 1);
+    // a and b are enforced as usual.
+    assert!(dp.run(
+        ToPod,
+        &Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), Transport::syn(54001, 80))
+    ));
+    assert!(!dp.run(
+        ToPod,
+        &Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), Transport::syn(54002, 91))
+    ));
+}
+
+/// b's ingress from a moves from TCP 80-90 to TCP 85-99 while POLICY has no room for
+/// the new entries: b keeps only entries both versions share (none here, the port
+/// prefixes differ), so it allows less than either version, never more; the other
+/// endpoints' policies are untouched. Once room is made, the change goes through.
+#[test]
+fn a_full_policy_map_narrows_the_changed_endpoint_and_nothing_else() {
+    const WIDER: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-ingress, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+    - from: [{podSelector: {matchLabels: {app: a}}}]
+      ports: [{protocol: TCP, port: 85, endPort: 99}]
+    - from: [{ipBlock: {cidr: 192.168.0.0/16, except: [192.168.1.0/24]}}, {ipBlock: {cidr: "fd00:99::/64", except: ["fd00:99::/96"]}}]
+      ports: [{protocol: UDP, port: dns}]
+    - from: [{namespaceSelector: {matchLabels: {team: blue}}}]
+      ports: [{protocol: SCTP, port: 7}]
+"#;
+    let c_egress = POLICIES.split("---").nth(1).unwrap();
+    // Exactly the room the original policies need.
+    let original = compile::compile(&state(&[CLUSTER, POLICIES]), &Allocations::default());
+    let capacities = Capacities {
+        policy: Some(original.policy.len() as u32),
+        ..Capacities::default()
+    };
+    let Some(mut dp) = Loaded::with_capacities("full-policy", &[CLUSTER, POLICIES], &capacities)
+    else {
+        return;
+    };
+    let syn = |port: u16| {
+        Frame::new(
+            ip("10.1.0.1"),
+            ip("10.1.0.2"),
+            Transport::syn(55000 + port, port),
+        )
+    };
+    let c_to_d =
+        |sport: u16| Frame::new(ip("10.1.0.3"), ip("10.2.0.1"), Transport::syn(sport, 9090));
+    assert!(dp.run(ToPod, &syn(85)));
+
+    let wider = compile::compile(
+        &state(&[CLUSTER, WIDER, &format!("---{c_egress}")]),
+        &dp.compiled.allocations,
+    );
+    let b = dp.endpoint_id("x/b");
+    let report = dp.datapath.as_mut().unwrap().sync_maps(&wider).unwrap();
+    assert_eq!(
+        report.refused,
+        vec![netpol_agent::datapath::Refusal::Policy {
+            id: b,
+            capacity: original.policy.len() as u32
+        }]
+    );
+    for (port, old, new) in [(80, true, false), (85, true, true), (95, false, true)] {
+        assert!(
+            !dp.run(ToPod, &syn(port)),
+            "port {port} (old policy: {old}, new: {new}) must be closed while refused"
+        );
+    }
+    // Other rules of b and other endpoints keep their state: c still reaches d's web.
+    assert!(dp.run(FromPod, &c_to_d(56000)));
+
+    // Without c's policy there is room: the change goes through as written.
+    let room = compile::compile(&state(&[CLUSTER, WIDER]), &wider.allocations);
+    let report = dp.datapath.as_mut().unwrap().sync_maps(&room).unwrap();
+    assert!(report.refused.is_empty(), "{:?}", report.refused);
+    for (port, allowed) in [
+        (80, false),
+        (85, true),
+        (95, true),
+        (99, true),
+        (100, false),
+    ] {
+        assert_eq!(dp.run(ToPod, &syn(port)), allowed, "port {port}");
+    }
 }

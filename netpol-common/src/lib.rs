@@ -208,8 +208,22 @@ pub struct CtValue {
 pub struct DatapathState {
     /// Bumped by the agent after every change of ENDPOINTS, IPCACHE or POLICY.
     pub generation: u32,
-    pub _pad: u32,
+    /// `STATE_*` flags.
+    pub flags: u32,
 }
+
+/// Traffic on an interface the agent attached to but has not bound to a programmed pod
+/// (a veth that appeared before its pod was known) is dropped as
+/// [`Reason::Unprogrammed`]. Without the flag it passes unjudged (but still not with a
+/// spoofed source).
+pub const STATE_DENY_UNPROGRAMMED: u32 = 1 << 0;
+
+/// Value of IFACES for a veth whose pod the agent refused to program (a map would have
+/// overflowed): everything on it is dropped as [`Reason::Refused`].
+pub const IFACE_REFUSED: u32 = u32::MAX;
+/// Value of IFACES for a veth several pods claim (a misconfiguration): their policies
+/// apply, the interface is not used for anti-spoofing.
+pub const IFACE_SHARED: u32 = u32::MAX - 1;
 
 /// The connection was opened by side b (see [`CtKey`]).
 pub const CT_INITIATOR_B: u32 = 1 << 0;
@@ -266,9 +280,15 @@ pub enum Reason {
     /// Leaving a pod with a source address that is not a local endpoint's (nor
     /// link-local or unspecified): spoofed, dropped.
     Spoofed = 11,
+    /// On a pod interface the agent has not programmed yet (the pod's veth appeared
+    /// before the agent knew the pod), under the deny default
+    /// ([`STATE_DENY_UNPROGRAMMED`]).
+    Unprogrammed = 12,
+    /// On the interface of a pod the agent refused to program because a map was full.
+    Refused = 13,
 }
 
-pub const REASON_COUNT: u32 = 12;
+pub const REASON_COUNT: u32 = 14;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -284,12 +304,18 @@ impl Reason {
         Reason::Fragment,
         Reason::NetworkControl,
         Reason::Spoofed,
+        Reason::Unprogrammed,
+        Reason::Refused,
     ];
 
     pub const fn is_drop(self) -> bool {
         matches!(
             self,
-            Reason::PolicyDenied | Reason::Malformed | Reason::Spoofed
+            Reason::PolicyDenied
+                | Reason::Malformed
+                | Reason::Spoofed
+                | Reason::Unprogrammed
+                | Reason::Refused
         )
     }
 
@@ -307,6 +333,8 @@ impl Reason {
             Reason::Fragment => "fragment",
             Reason::NetworkControl => "network-control",
             Reason::Spoofed => "spoofed",
+            Reason::Unprogrammed => "unprogrammed",
+            Reason::Refused => "refused",
         }
     }
 }
@@ -375,6 +403,8 @@ pub const fn reason_emits_event(reason: Reason) -> bool {
             | Reason::FromHost
             | Reason::Malformed
             | Reason::Spoofed
+            | Reason::Unprogrammed
+            | Reason::Refused
     )
 }
 

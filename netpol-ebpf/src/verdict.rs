@@ -9,8 +9,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netpol_common::{
-    Addr, Counter, DIR_EGRESS, EVENTS_BURST, EVENTS_PER_SECOND_PER_CPU, RULE_NONE, Reason,
-    VerdictEvent, counter_index, reason_emits_event,
+    Addr, Counter, DIR_EGRESS, EVENTS_BURST, EVENTS_PER_SECOND_PER_CPU, IFACE_REFUSED,
+    IFACE_SHARED, RULE_NONE, Reason, STATE_DENY_UNPROGRAMMED, VerdictEvent, counter_index,
+    reason_emits_event,
 };
 
 use crate::{
@@ -79,7 +80,9 @@ fn decide(ctx: &TcContext, packet: &Packet, direction: u8) -> Verdict {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let len = ctx.len();
-    let generation = STATE.get(0).map_or(0, |state| state.generation);
+    let (generation, flags) = STATE
+        .get(0)
+        .map_or((0, 0), |state| (state.generation, state.flags));
     // SAFETY: the context pointer is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let flow = Flow::of(packet, direction, ifindex);
@@ -101,10 +104,24 @@ fn decide(ctx: &TcContext, packet: &Packet, direction: u8) -> Verdict {
             identity: 0,
         };
     }
+    // SAFETY: IFACES is only written from userspace; the value is copied at once.
+    let owner = (unsafe { IFACES.get(ifindex) }).copied();
+    if owner == Some(IFACE_REFUSED) {
+        return Verdict::of(Reason::Refused);
+    }
     let Some(endpoint) = endpoint() else {
-        return not_an_endpoint(local, direction);
+        return match owner {
+            Some(_) => not_an_endpoint(local, direction),
+            None => unprogrammed(flags),
+        };
     };
-    if direction == DIR_EGRESS && !sent_by_its_owner(ifindex, endpoint.id) {
+    // A veth bound to one pod carries only that pod's addresses. (An unbound one is
+    // being programmed right now: its pod's policy already applies.)
+    if direction == DIR_EGRESS
+        && let Some(owner) = owner
+        && owner != endpoint.id
+        && owner != IFACE_SHARED
+    {
         return Verdict::of(Reason::Spoofed);
     }
     let remote = if direction == DIR_EGRESS {
@@ -151,14 +168,16 @@ fn not_an_endpoint(local: &Addr, direction: u8) -> Verdict {
     }
 }
 
-/// Whether the pod behind this veth owns the source address's endpoint (true where the
-/// agent has not bound the interface yet).
+/// The verdict for a packet of no known endpoint on an interface the agent has not
+/// bound to a pod: a veth that appeared before its pod was programmed. The agent's
+/// `--unprogrammed` default decides: dropped (so a pod that policies will select is
+/// isolated from its first packet), or passed unjudged.
 #[inline(always)]
-fn sent_by_its_owner(ifindex: u32, endpoint: u32) -> bool {
-    // SAFETY: IFACES is only written from userspace; the value is copied at once.
-    match unsafe { IFACES.get(ifindex) } {
-        Some(owner) => *owner == endpoint,
-        None => true,
+fn unprogrammed(flags: u32) -> Verdict {
+    if flags & STATE_DENY_UNPROGRAMMED != 0 {
+        Verdict::of(Reason::Unprogrammed)
+    } else {
+        Verdict::of(Reason::NotEndpoint)
     }
 }
 

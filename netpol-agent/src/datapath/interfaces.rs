@@ -90,6 +90,15 @@ pub fn node_addresses() -> std::io::Result<Vec<IpAddr>> {
     Ok(addresses)
 }
 
+/// Whether `name` is the host side of a pod's interface by the configured prefixes
+/// (loopback never is).
+pub fn is_pod_interface(name: &str, prefixes: &[String]) -> bool {
+    name != "lo"
+        && prefixes
+            .iter()
+            .any(|p| !p.is_empty() && name.starts_with(p.as_str()))
+}
+
 /// Index of an interface by name, `None` if it does not exist (now).
 pub fn ifindex(name: &str) -> Option<u32> {
     nix::net::if_::if_nametoindex(name).ok()
@@ -98,6 +107,16 @@ pub fn ifindex(name: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_interfaces_are_recognised_by_prefix() {
+        let prefixes = vec!["veth".to_string(), "cali".to_string(), String::new()];
+        assert!(is_pod_interface("veth1a2b", &prefixes));
+        assert!(is_pod_interface("cali0123", &prefixes));
+        // An empty prefix matches nothing rather than everything.
+        assert!(!is_pod_interface("eth0", &prefixes));
+        assert!(!is_pod_interface("lo", &["l".to_string()]));
+    }
 
     #[test]
     fn ipv4_routes_resolve_pod_ips_to_their_veth() {

@@ -12,7 +12,9 @@
 //! the agent dies (fail-static). A clean shutdown removes the directory, which detaches
 //! everything.
 
+pub mod fit;
 pub mod interfaces;
+pub mod links;
 pub mod maps;
 pub mod packet;
 
@@ -25,12 +27,13 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachType};
 use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use netpol_common::{
-    Counter, DIR_EGRESS, DIR_INGRESS, DatapathState, EventBudget, REASON_COUNT, Reason,
-    counter_index, names,
+    Counter, DIR_EGRESS, DIR_INGRESS, DatapathState, EventBudget, IFACE_REFUSED, IFACE_SHARED,
+    REASON_COUNT, Reason, STATE_DENY_UNPROGRAMMED, counter_index, names,
 };
 use tracing::{debug, info, warn};
 
-use crate::compile::Compiled;
+use crate::compile::{Compiled, LocalPod};
+pub use fit::Refusal;
 pub use maps::SyncStats;
 use maps::{EndpointsMap, IpcacheMap, PolicyMap, Synced};
 
@@ -65,6 +68,8 @@ pub enum Error {
     },
     #[error("pinning link {path}: {message}")]
     Pin { path: PathBuf, message: String },
+    #[error(transparent)]
+    Full(#[from] fit::PrefixOverflow),
     #[error("bpffs directory {path}: {source}")]
     Bpffs {
         path: PathBuf,
@@ -84,6 +89,7 @@ impl Error {
             Error::Load(_) | Error::NoPrograms => "load",
             Error::Program { .. } | Error::MissingProgram(_) => "program",
             Error::Map { .. } | Error::MissingMap(_) => "map",
+            Error::Full(_) => "full",
             Error::Attach { .. } => "attach",
             Error::Pin { .. } => "pin",
             Error::Bpffs { .. } | Error::NotBpffs(_) => "bpffs",
@@ -173,6 +179,8 @@ pub struct ApplyReport {
     pub detached: Vec<String>,
     /// Local pods whose interface could not be found or attached (retried next time).
     pub pending: Vec<String>,
+    /// What did not fit in the maps (see [`fit`]); retried at every resync.
+    pub refused: Vec<Refusal>,
 }
 
 /// The loaded programs, their maps and attachments.
@@ -197,7 +205,14 @@ pub struct Datapath {
     /// Policy generation in STATE: bumped after every change of the three policy maps
     /// so that conntrack re-checks established connections.
     generation: u32,
+    /// `STATE_*` flags written with the generation.
+    state_flags: u32,
     attachments: BTreeMap<String, Attachment>,
+    /// Interfaces whose names start with one of these get the programs as soon as they
+    /// appear, before their pod is known (see [`Datapath::set_pod_interfaces`]).
+    pod_interface_prefixes: Vec<String>,
+    /// Endpoints that did not fit in ENDPOINTS: their veths are bound to IFACE_REFUSED.
+    refused_endpoints: std::collections::BTreeSet<u32>,
 }
 
 impl Datapath {
@@ -228,6 +243,13 @@ impl Datapath {
                 loader.map_max_entries(name, capacity);
             }
         }
+        // One IFACES entry per pod veth: never fewer than ENDPOINTS can hold.
+        if let Some(endpoints) = capacities.endpoints {
+            loader.map_max_entries(
+                names::IFACES,
+                endpoints.max(netpol_common::capacity::IFACES),
+            );
+        }
         let mut ebpf = loader.load(OBJECT)?;
         for hook in HOOKS {
             program(&mut ebpf, hook.program)?
@@ -253,13 +275,13 @@ impl Datapath {
                 name: names::STATE,
                 source,
             })?;
-        let generation = state
-            .get(&0, 0)
-            .map_err(|source| Error::Map {
-                name: names::STATE,
-                source,
-            })?
-            .generation;
+        let DatapathState {
+            generation,
+            flags: state_flags,
+        } = state.get(&0, 0).map_err(|source| Error::Map {
+            name: names::STATE,
+            source,
+        })?;
         let map_err = |name| move |source| Error::Map { name, source };
         let rule_counters = PerCpuArray::try_from(take_map(&mut ebpf, names::RULE_COUNTERS)?)
             .map_err(map_err(names::RULE_COUNTERS))?;
@@ -299,7 +321,40 @@ impl Datapath {
             event_budget,
             events: Some(events),
             generation,
+            state_flags,
             attachments: BTreeMap::new(),
+            pod_interface_prefixes: Vec::new(),
+            refused_endpoints: Default::default(),
+        })
+    }
+
+    /// What traffic on an attached but unprogrammed interface gets: dropped (`deny`) or
+    /// passed unjudged. Written to the kernel at once.
+    pub fn set_unprogrammed_default(&mut self, deny: bool) -> Result<()> {
+        let flags = if deny {
+            self.state_flags | STATE_DENY_UNPROGRAMMED
+        } else {
+            self.state_flags & !STATE_DENY_UNPROGRAMMED
+        };
+        self.state_flags = flags;
+        self.write_state()
+    }
+
+    /// Name prefixes of the host-side interfaces of pods (`veth`, `cali`, `lxc`, ...):
+    /// such an interface gets the programs as soon as it appears, so a pod is never
+    /// without enforcement, whatever the agent knows about it yet.
+    pub fn set_pod_interfaces(&mut self, prefixes: Vec<String>) {
+        self.pod_interface_prefixes = prefixes;
+    }
+
+    fn write_state(&mut self) -> Result<()> {
+        let state = DatapathState {
+            generation: self.generation,
+            flags: self.state_flags,
+        };
+        self.state.set(0, state, 0).map_err(|source| Error::Map {
+            name: names::STATE,
+            source,
         })
     }
 
@@ -307,7 +362,15 @@ impl Datapath {
     /// more than the old or the new state allows), then attachments.
     pub fn apply(&mut self, compiled: &Compiled) -> Result<ApplyReport> {
         let mut report = self.sync_maps(compiled)?;
-        self.reconcile_attachments(compiled, &mut report)?;
+        self.reconcile_attachments(Some(&compiled.local_pods), &mut report)?;
+        Ok(report)
+    }
+
+    /// Attaches to pod interfaces (by name prefix) that appeared since the last look,
+    /// touching nothing else: safe before the first complete state is known.
+    pub fn attach_new_interfaces(&mut self) -> Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+        self.reconcile_attachments(None, &mut report)?;
         Ok(report)
     }
 
@@ -316,95 +379,131 @@ impl Datapath {
     pub fn sync_maps(&mut self, compiled: &Compiled) -> Result<ApplyReport> {
         self.reset_reassigned_rule_counters(compiled)?;
         let mut report = ApplyReport::default();
+        let [endpoints_cap, ipcache_cap, policy_cap, _] = self.capacities;
+        // What did not fit may fit once the stale entries are gone: a second round.
+        for _round in 0..2 {
+            let kernel = fit::Kernel {
+                endpoints: self.endpoints.contents(),
+                ipcache: self.ipcache.contents(),
+                policy: self.policy.contents(),
+            };
+            let fitted = fit::fit(compiled, &kernel, [endpoints_cap, ipcache_cap, policy_cap])?;
+            let removed_before = report.maps.removed;
+            self.write_maps(&fitted, &mut report)?;
+            report.refused = fitted.refused;
+            if report.refused.is_empty() || report.maps.removed == removed_before {
+                break;
+            }
+        }
+        self.refused_endpoints = report
+            .refused
+            .iter()
+            .filter(|r| matches!(r, Refusal::Endpoint { .. }))
+            .filter_map(Refusal::endpoint)
+            .collect();
+        if report.maps.writes() > 0 {
+            self.generation = self.generation.wrapping_add(1);
+            self.write_state()?;
+        }
+        Ok(report)
+    }
+
+    fn write_maps(&mut self, fitted: &fit::Fitted<'_>, report: &mut ApplyReport) -> Result<()> {
         let map_err = |name| move |source| Error::Map { name, source };
         // Additions: allowing entries before the identities that use them, and both
         // before endpoints become isolated.
         report.maps += self
             .policy
-            .upsert(&compiled.policy)
+            .upsert(&fitted.policy)
             .map_err(map_err(names::POLICY))?;
         report.maps += self
             .ipcache
-            .upsert(&compiled.ipcache)
+            .upsert(&fitted.ipcache)
             .map_err(map_err(names::IPCACHE))?;
         report.maps += self
             .endpoints
-            .upsert(&compiled.endpoints)
+            .upsert(&fitted.endpoints)
             .map_err(map_err(names::ENDPOINTS))?;
         // Removals in reverse order.
         report.maps += self
             .endpoints
-            .remove_stale(&compiled.endpoints)
+            .remove_stale(&fitted.endpoints)
             .map_err(map_err(names::ENDPOINTS))?;
         report.maps += self
             .ipcache
-            .remove_stale(&compiled.ipcache)
+            .remove_stale(&fitted.ipcache)
             .map_err(map_err(names::IPCACHE))?;
         report.maps += self
             .policy
-            .remove_stale(&compiled.policy)
+            .remove_stale(&fitted.policy)
             .map_err(map_err(names::POLICY))?;
-
-        if report.maps.writes() > 0 {
-            self.generation = self.generation.wrapping_add(1);
-            let state = DatapathState {
-                generation: self.generation,
-                _pad: 0,
-            };
-            self.state.set(0, state, 0).map_err(|source| Error::Map {
-                name: names::STATE,
-                source,
-            })?;
-        }
-        Ok(report)
+        Ok(())
     }
 
+    /// Attaches to the interfaces of `local_pods` and to every interface named like a
+    /// pod's, detaches from the rest, and binds each veth to its pod. With `None` (the
+    /// pods are not known yet) it only attaches to new pod-named interfaces.
     fn reconcile_attachments(
         &mut self,
-        compiled: &Compiled,
+        local_pods: Option<&[LocalPod]>,
         report: &mut ApplyReport,
     ) -> Result<()> {
-        let routes = match interfaces::read_routes() {
-            Ok(routes) => routes,
-            Err(error) => {
-                warn!(%error, "cannot read the routing table; only annotated interfaces are used");
-                Vec::new()
-            }
-        };
         let mut wanted: BTreeMap<String, u32> = BTreeMap::new();
-        // ifindex -> the endpoints whose pods sit behind it (one, unless misconfigured).
-        let mut owners: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-        for pod in &compiled.local_pods {
-            let interface = pod.host_interface.clone().or_else(|| {
-                pod.ips
-                    .iter()
-                    .find_map(|ip| interfaces::interface_for(&routes, *ip).map(str::to_owned))
-            });
-            match interface
-                .as_deref()
-                .and_then(|name| Some((name, interfaces::ifindex(name)?)))
-            {
-                Some((name, ifindex)) => {
-                    wanted.insert(name.to_owned(), ifindex);
-                    owners.entry(ifindex).or_default().push(pod.endpoint_id);
+        if !self.pod_interface_prefixes.is_empty() {
+            match nix::net::if_::if_nameindex() {
+                Ok(list) => {
+                    for interface in list.iter() {
+                        let name = interface.name().to_string_lossy();
+                        if interfaces::is_pod_interface(&name, &self.pod_interface_prefixes) {
+                            wanted.insert(name.into_owned(), interface.index());
+                        }
+                    }
                 }
-                None => report.pending.push(format!(
-                    "{} (interface {})",
-                    pod.pod,
-                    interface.as_deref().unwrap_or("unknown")
-                )),
+                Err(error) => warn!(%error, "cannot list interfaces"),
             }
         }
+        // ifindex -> the endpoints whose pods sit behind it (one, unless misconfigured).
+        let mut owners: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        if let Some(local_pods) = local_pods {
+            let routes = match interfaces::read_routes() {
+                Ok(routes) => routes,
+                Err(error) => {
+                    warn!(%error, "cannot read the routing table; only annotated interfaces are used");
+                    Vec::new()
+                }
+            };
+            for pod in local_pods {
+                let interface = pod.host_interface.clone().or_else(|| {
+                    pod.ips
+                        .iter()
+                        .find_map(|ip| interfaces::interface_for(&routes, *ip).map(str::to_owned))
+                });
+                match interface
+                    .as_deref()
+                    .and_then(|name| Some((name, interfaces::ifindex(name)?)))
+                {
+                    Some((name, ifindex)) => {
+                        wanted.insert(name.to_owned(), ifindex);
+                        owners.entry(ifindex).or_default().push(pod.endpoint_id);
+                    }
+                    None => report.pending.push(format!(
+                        "{} (interface {})",
+                        pod.pod,
+                        interface.as_deref().unwrap_or("unknown")
+                    )),
+                }
+            }
 
-        let gone: Vec<String> = self
-            .attachments
-            .iter()
-            .filter(|(name, attachment)| wanted.get(*name) != Some(&attachment.ifindex))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in gone {
-            self.detach(&name);
-            report.detached.push(name);
+            let gone: Vec<String> = self
+                .attachments
+                .iter()
+                .filter(|(name, attachment)| wanted.get(*name) != Some(&attachment.ifindex))
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in gone {
+                self.detach(&name);
+                report.detached.push(name);
+            }
         }
         for (name, ifindex) in wanted {
             if self.attachments.contains_key(&name) {
@@ -421,24 +520,29 @@ impl Datapath {
                 }
             }
         }
+        let Some(_) = local_pods else {
+            return Ok(());
+        };
 
-        // Bind each attached veth to its pod's endpoint (anti-spoofing). An interface
-        // claimed by several pods is left unbound rather than blocking one of them.
+        // Bind each attached veth to its pod's endpoint (anti-spoofing), or mark it
+        // refused (its pod did not fit) or shared (claimed by several pods: their
+        // policies apply, but the interface cannot vouch for a source address).
         let attached: std::collections::BTreeSet<u32> =
             self.attachments.values().map(|a| a.ifindex).collect();
         let mut bindings = BTreeMap::new();
         for (ifindex, endpoints) in owners {
-            match endpoints.as_slice() {
-                [endpoint] if attached.contains(&ifindex) => {
-                    bindings.insert(ifindex, *endpoint);
-                }
-                [_] => {}
-                _ => warn!(
-                    ifindex,
-                    ?endpoints,
-                    "several pods share one interface; not bound"
-                ),
+            if !attached.contains(&ifindex) {
+                continue;
             }
+            let binding = match endpoints.as_slice() {
+                [endpoint] if self.refused_endpoints.contains(endpoint) => IFACE_REFUSED,
+                [endpoint] => *endpoint,
+                _ => {
+                    warn!(ifindex, ?endpoints, "several pods share one interface");
+                    IFACE_SHARED
+                }
+            };
+            bindings.insert(ifindex, binding);
         }
         let map_err = |source| Error::Map {
             name: names::IFACES,
@@ -534,6 +638,22 @@ impl Datapath {
             }
         }
         debug!(%interface, "detached");
+    }
+
+    /// Binds interface `ifindex` to `binding` (an endpoint id, `IFACE_REFUSED` or
+    /// `IFACE_SHARED`) outside reconciliation: for verdict tests, whose packets arrive
+    /// through BPF_PROG_TEST_RUN on loopback rather than on a pod's veth. The next
+    /// [`Datapath::apply`] replaces every binding.
+    pub fn bind_interface(&mut self, ifindex: u32, binding: u32) -> Result<()> {
+        let mut bindings = self.ifaces.contents().clone();
+        bindings.insert(ifindex, binding);
+        self.ifaces
+            .upsert(&bindings)
+            .map(drop)
+            .map_err(|source| Error::Map {
+                name: names::IFACES,
+                source,
+            })
     }
 
     /// Interfaces with programs attached.

@@ -619,20 +619,22 @@ impl KubeSource {
         }
     }
 
-    /// Publishes Events for new diagnostics about NetworkPolicies (in the background,
-    /// each bounded by a timeout; failures are logged at debug level).
+    /// Publishes Events for new diagnostics about NetworkPolicies (invalid) and Pods
+    /// (not fully programmed: a map was full), in the background, each bounded by a
+    /// timeout; failures are logged at debug level.
     pub fn report(&self, diagnostics: &[Diagnostic]) {
         let Some(recorder) = &self.recorder else {
             return;
         };
-        let mut notes: BTreeMap<ObjectRef, Vec<String>> = BTreeMap::new();
+        let mut notes: BTreeMap<(Subject, ObjectRef), Vec<String>> = BTreeMap::new();
         for diagnostic in diagnostics {
-            let Some(key) = diagnostic
-                .object
-                .strip_prefix("NetworkPolicy ")
-                .and_then(|name| name.split_once('/'))
-                .map(|(ns, name)| ObjectRef::new(ns, name))
+            let Some((subject, name)) = [Subject::Policy, Subject::Pod]
+                .into_iter()
+                .find_map(|s| Some((s, diagnostic.object.strip_prefix(s.prefix())?)))
             else {
+                continue;
+            };
+            let Some((ns, name)) = name.split_once('/') else {
                 continue;
             };
             let text = if diagnostic.field.is_empty() {
@@ -640,23 +642,15 @@ impl KubeSource {
             } else {
                 format!("{}: {}", diagnostic.field, diagnostic.message)
             };
-            notes.entry(key).or_default().push(text);
+            notes
+                .entry((subject, ObjectRef::new(ns, name)))
+                .or_default()
+                .push(text);
         }
-        for (key, notes) in notes {
-            let uid = self
-                .stores
-                .policies
-                .state()
-                .into_iter()
-                .find(|p| object_ref(&p.metadata).as_ref() == Some(&key))
-                .and_then(|p| p.metadata.uid.clone());
-            let reference = ObjectReference {
-                api_version: Some(<NetworkPolicy as k8s_openapi::Resource>::API_VERSION.into()),
-                kind: Some(<NetworkPolicy as k8s_openapi::Resource>::KIND.into()),
-                namespace: Some(key.namespace.clone()),
-                name: Some(key.name.clone()),
-                uid,
-                ..ObjectReference::default()
+        for ((subject, key), notes) in notes {
+            let reference = match subject {
+                Subject::Policy => self.reference::<NetworkPolicy>(&self.stores.policies, &key),
+                Subject::Pod => self.reference::<Pod>(&self.stores.pods, &key),
             };
             let mut note = notes.join("; ");
             // The API server limits an Event's note to 1 kB.
@@ -669,7 +663,7 @@ impl KubeSource {
             }
             let event = KubeEvent {
                 type_: EventType::Warning,
-                reason: "InvalidNetworkPolicy".into(),
+                reason: subject.reason().into(),
                 note: Some(note),
                 action: "Enforce".into(),
                 secondary: None,
@@ -679,13 +673,61 @@ impl KubeSource {
                 match tokio::time::timeout(EVENT_TIMEOUT, recorder.publish(&event, &reference))
                     .await
                 {
-                    Ok(Ok(())) => debug!(policy = %key, "Event published"),
+                    Ok(Ok(())) => debug!(object = %key, "Event published"),
                     Ok(Err(error)) => {
-                        debug!(policy = %key, error = %chain(&error), "cannot publish the Event");
+                        debug!(object = %key, error = %chain(&error), "cannot publish the Event");
                     }
-                    Err(_elapsed) => debug!(policy = %key, "publishing the Event timed out"),
+                    Err(_elapsed) => debug!(object = %key, "publishing the Event timed out"),
                 }
             });
+        }
+    }
+
+    fn reference<K>(&self, store: &Store<K>, key: &ObjectRef) -> ObjectReference
+    where
+        K: k8s_openapi::Resource
+            + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>
+            + Lookup
+            + Clone
+            + 'static,
+        K::DynamicType: Eq + Hash + Clone,
+    {
+        let uid = store
+            .state()
+            .into_iter()
+            .find(|o| object_ref(o.metadata()).as_ref() == Some(key))
+            .and_then(|o| o.metadata().uid.clone());
+        ObjectReference {
+            api_version: Some(K::API_VERSION.into()),
+            kind: Some(K::KIND.into()),
+            namespace: Some(key.namespace.clone()),
+            name: Some(key.name.clone()),
+            uid,
+            ..ObjectReference::default()
+        }
+    }
+}
+
+/// What an Event is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Subject {
+    Policy,
+    Pod,
+}
+
+impl Subject {
+    /// How [`Diagnostic::object`] names it.
+    fn prefix(self) -> &'static str {
+        match self {
+            Subject::Policy => "NetworkPolicy ",
+            Subject::Pod => "Pod ",
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Subject::Policy => "InvalidNetworkPolicy",
+            Subject::Pod => "NetworkPolicyNotProgrammed",
         }
     }
 }

@@ -20,6 +20,10 @@ use super::{Lab, ManifestDir, NODE_NAME, netns};
 const STOP_GRACE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(25);
 
+/// Name prefix of the pods' host-side veths in the lab (`v<i>`; hosts' are `x<i>`), passed
+/// to the agent as `--pod-interface-prefix`.
+pub const POD_INTERFACE_PREFIX: &str = "v";
+
 /// The agent's status file (`--status-file`).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(default)]
@@ -93,6 +97,8 @@ impl AgentProcess {
             .arg("--status-file")
             .arg(&status)
             .args(["--node-name", NODE_NAME])
+            // Pods' host veths are v<i>: covered the moment they appear.
+            .args(["--pod-interface-prefix", POD_INTERFACE_PREFIX])
             .arg("--flow-socket")
             .arg(lab.workdir().join("flows.sock"))
             // The log is a file: no colour codes in it.

@@ -1,0 +1,409 @@
+//! Making the compiled state fit the kernel maps: when a map would overflow, the change
+//! is refused for the endpoints (or peers) it concerns, always in the closing direction,
+//! and everything else is applied. Pure: no I/O, tested below.
+//!
+//! A sync first adds (so the map holds the old and the new entries at once), then
+//! removes. The peak it needs is `|kernel ∪ desired|`; entries already in the kernel
+//! never need room. What does not fit:
+//!
+//! - **ENDPOINTS**: a new pod is not programmed at all; its veth is bound to
+//!   [`netpol_common::IFACE_REFUSED`] and every packet on it is dropped (`refused`).
+//! - **POLICY**: an endpoint keeps only the allow entries that are both in the kernel and
+//!   desired (the intersection allows no more than the new policy), under its new
+//!   isolation flags: a subset of what the policy allows, never more.
+//! - **IPCACHE**: a new pod or node address is left out; it resolves to the ipBlock
+//!   prefix around it (or to the world), whose peers are a subset of the pod's own, so
+//!   fewer rules match. A new ipBlock prefix that does not fit cannot be left out safely
+//!   (an `except` left out would open its range), so the whole change is refused instead
+//!   and the kernel keeps the previous state.
+//!
+//! Admission is deterministic: lower endpoint ids (older pods, usually) and lower
+//! addresses first.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+
+use netpol_common::{Addr, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, names};
+
+use crate::compile::{Compiled, Lpm};
+
+/// What could not be admitted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The endpoint is not programmed (ENDPOINTS full): its traffic is dropped.
+    Endpoint { id: u32, capacity: u32 },
+    /// The endpoint keeps only allow entries both old and new (POLICY full).
+    Policy { id: u32, capacity: u32 },
+    /// The peer address resolves to its enclosing prefix (IPCACHE full).
+    Peer { addr: Addr, capacity: u32 },
+}
+
+impl Refusal {
+    /// The map that was full.
+    pub fn map(&self) -> &'static str {
+        match self {
+            Refusal::Endpoint { .. } => names::ENDPOINTS,
+            Refusal::Policy { .. } => names::POLICY,
+            Refusal::Peer { .. } => names::IPCACHE,
+        }
+    }
+
+    /// The endpoint concerned, if any.
+    pub fn endpoint(&self) -> Option<u32> {
+        match self {
+            Refusal::Endpoint { id, .. } | Refusal::Policy { id, .. } => Some(*id),
+            Refusal::Peer { .. } => None,
+        }
+    }
+}
+
+/// The contents to write: `compiled`'s, minus what was refused.
+#[derive(Debug)]
+pub struct Fitted<'a> {
+    pub endpoints: Cow<'a, BTreeMap<Addr, EndpointInfo>>,
+    pub ipcache: Cow<'a, BTreeMap<Lpm<Addr>, PeerInfo>>,
+    pub policy: Cow<'a, BTreeMap<Lpm<PolicyKey>, PolicyValue>>,
+    pub refused: Vec<Refusal>,
+}
+
+/// An ipBlock prefix would not fit in IPCACHE: the change cannot be applied safely.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "IPCACHE is full (capacity {capacity}): {missing} more ipBlock prefixes do not fit; \
+     the previous state stays in force"
+)]
+pub struct PrefixOverflow {
+    pub capacity: u32,
+    pub missing: usize,
+}
+
+/// What the kernel holds now.
+pub struct Kernel<'a> {
+    pub endpoints: &'a BTreeMap<Addr, EndpointInfo>,
+    pub ipcache: &'a BTreeMap<Lpm<Addr>, PeerInfo>,
+    pub policy: &'a BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+}
+
+/// `[ENDPOINTS, IPCACHE, POLICY]` max_entries.
+pub fn fit<'a>(
+    compiled: &'a Compiled,
+    kernel: &Kernel<'_>,
+    [endpoints_cap, ipcache_cap, policy_cap]: [u32; 3],
+) -> Result<Fitted<'a>, PrefixOverflow> {
+    let mut refused = Vec::new();
+
+    // ENDPOINTS: new keys, grouped by endpoint.
+    let mut endpoints = Cow::Borrowed(&compiled.endpoints);
+    let room = free(kernel.endpoints.len(), endpoints_cap);
+    let mut new_by_endpoint: BTreeMap<u32, usize> = BTreeMap::new();
+    for (addr, info) in &compiled.endpoints {
+        if !kernel.endpoints.contains_key(addr) {
+            *new_by_endpoint.entry(info.id).or_default() += 1;
+        }
+    }
+    let refused_endpoints = admit(new_by_endpoint, room);
+    if !refused_endpoints.is_empty() {
+        endpoints
+            .to_mut()
+            .retain(|_, info| !refused_endpoints.contains(&info.id));
+        refused.extend(refused_endpoints.iter().map(|&id| Refusal::Endpoint {
+            id,
+            capacity: endpoints_cap,
+        }));
+    }
+
+    // POLICY: entries of refused endpoints go; then new keys, grouped by endpoint.
+    let mut policy = Cow::Borrowed(&compiled.policy);
+    if !refused_endpoints.is_empty() {
+        policy
+            .to_mut()
+            .retain(|key, _| !refused_endpoints.contains(&key.data.endpoint));
+    }
+    let room = free(kernel.policy.len(), policy_cap);
+    let mut new_by_endpoint: BTreeMap<u32, usize> = BTreeMap::new();
+    for key in policy.keys() {
+        if !kernel.policy.contains_key(key) {
+            *new_by_endpoint.entry(key.data.endpoint).or_default() += 1;
+        }
+    }
+    let narrowed = admit(new_by_endpoint, room);
+    if !narrowed.is_empty() {
+        policy.to_mut().retain(|key, _| {
+            !narrowed.contains(&key.data.endpoint) || kernel.policy.contains_key(key)
+        });
+        refused.extend(narrowed.iter().map(|&id| Refusal::Policy {
+            id,
+            capacity: policy_cap,
+        }));
+    }
+
+    // IPCACHE: ipBlock prefixes must all fit; addresses are admitted while room lasts.
+    let mut ipcache = Cow::Borrowed(&compiled.ipcache);
+    let room = free(kernel.ipcache.len(), ipcache_cap);
+    let (new_prefixes, new_hosts): (Vec<&Lpm<Addr>>, Vec<&Lpm<Addr>>) = compiled
+        .ipcache
+        .keys()
+        .filter(|key| !kernel.ipcache.contains_key(key))
+        .partition(|key| key.prefix_len < key.data.full_prefix_len());
+    if new_prefixes.len() > room {
+        return Err(PrefixOverflow {
+            capacity: ipcache_cap,
+            missing: new_prefixes.len() - room,
+        });
+    }
+    let host_room = room - new_prefixes.len();
+    if new_hosts.len() > host_room {
+        let left_out: BTreeSet<Lpm<Addr>> = new_hosts[host_room..].iter().map(|k| **k).collect();
+        ipcache.to_mut().retain(|key, _| !left_out.contains(key));
+        refused.extend(left_out.iter().map(|key| Refusal::Peer {
+            addr: key.data,
+            capacity: ipcache_cap,
+        }));
+    }
+
+    Ok(Fitted {
+        endpoints,
+        ipcache,
+        policy,
+        refused,
+    })
+}
+
+fn free(used: usize, capacity: u32) -> usize {
+    (capacity as usize).saturating_sub(used)
+}
+
+/// Admits groups (endpoint id → new entries) in id order while they fit in `room`;
+/// returns the ids that do not.
+fn admit(new_by_endpoint: BTreeMap<u32, usize>, mut room: usize) -> BTreeSet<u32> {
+    let mut refused = BTreeSet::new();
+    for (id, needed) in new_by_endpoint {
+        if needed <= room {
+            room -= needed;
+        } else {
+            refused.insert(id);
+        }
+    }
+    refused
+}
+
+#[cfg(test)]
+mod tests {
+    use netpol_common::{
+        DIR_INGRESS, ENDPOINT_INGRESS_ISOLATED, POLICY_PREFIX_FULL, PROTO_TCP, RULE_NONE,
+    };
+
+    use super::*;
+
+    fn addr(last: u8) -> Addr {
+        Addr::v4([10, 0, 0, last])
+    }
+
+    fn endpoint(id: u32) -> EndpointInfo {
+        EndpointInfo {
+            id,
+            flags: ENDPOINT_INGRESS_ISOLATED,
+        }
+    }
+
+    fn allow(endpoint: u32, identity: u32, port: u16) -> (Lpm<PolicyKey>, PolicyValue) {
+        let key = PolicyKey {
+            endpoint,
+            identity,
+            direction: DIR_INGRESS,
+            protocol: PROTO_TCP,
+            port: port.to_be_bytes(),
+        };
+        (
+            Lpm::new(POLICY_PREFIX_FULL, key),
+            PolicyValue { rule: 0, _pad: 0 },
+        )
+    }
+
+    fn host(last: u8, identity: u32) -> (Lpm<Addr>, PeerInfo) {
+        let a = addr(last);
+        (
+            Lpm::new(a.full_prefix_len(), a),
+            PeerInfo { identity, flags: 0 },
+        )
+    }
+
+    fn prefix(third: u8, bits: u32, identity: u32) -> (Lpm<Addr>, PeerInfo) {
+        (
+            Lpm::new(
+                netpol_common::ADDR_FAMILY_BITS + bits,
+                Addr::v4([10, 1, third, 0]),
+            ),
+            PeerInfo { identity, flags: 0 },
+        )
+    }
+
+    struct Maps {
+        endpoints: BTreeMap<Addr, EndpointInfo>,
+        ipcache: BTreeMap<Lpm<Addr>, PeerInfo>,
+        policy: BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+    }
+
+    impl Maps {
+        fn kernel(&self) -> Kernel<'_> {
+            Kernel {
+                endpoints: &self.endpoints,
+                ipcache: &self.ipcache,
+                policy: &self.policy,
+            }
+        }
+    }
+
+    fn compiled(
+        endpoints: &[(u8, u32)],
+        ipcache: &[(Lpm<Addr>, PeerInfo)],
+        policy: &[(Lpm<PolicyKey>, PolicyValue)],
+    ) -> Compiled {
+        Compiled {
+            endpoints: endpoints
+                .iter()
+                .map(|&(last, id)| (addr(last), endpoint(id)))
+                .collect(),
+            ipcache: ipcache.iter().copied().collect(),
+            policy: policy.iter().copied().collect(),
+            ..Compiled::default()
+        }
+    }
+
+    fn empty() -> Maps {
+        Maps {
+            endpoints: BTreeMap::new(),
+            ipcache: BTreeMap::new(),
+            policy: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn everything_fits_nothing_is_copied() {
+        let c = compiled(&[(1, 1)], &[host(1, 16)], &[allow(1, 16, 80)]);
+        let maps = empty();
+        let fitted = fit(&c, &maps.kernel(), [1, 1, 1]).unwrap();
+        assert!(fitted.refused.is_empty());
+        assert!(matches!(fitted.endpoints, Cow::Borrowed(_)));
+        assert!(matches!(fitted.policy, Cow::Borrowed(_)));
+        assert!(matches!(fitted.ipcache, Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn new_endpoints_beyond_capacity_are_refused_whole_with_their_policy() {
+        // Endpoint 2 has two addresses and only one slot is left after endpoint 1.
+        let c = compiled(
+            &[(1, 1), (2, 2), (3, 2), (4, 3)],
+            &[],
+            &[allow(1, 16, 80), allow(2, 16, 80), allow(3, 16, 80)],
+        );
+        let fitted = fit(&c, &empty().kernel(), [2, 100, 100]).unwrap();
+        // 1 fits (1 slot), 2 needs 2 (only 1 left): refused; 3 takes the last slot.
+        assert_eq!(
+            fitted.refused,
+            vec![Refusal::Endpoint { id: 2, capacity: 2 }]
+        );
+        let ids: Vec<u32> = fitted.endpoints.values().map(|e| e.id).collect();
+        assert_eq!(ids, vec![1, 3]);
+        assert!(fitted.policy.keys().all(|k| k.data.endpoint != 2));
+        assert_eq!(fitted.policy.len(), 2);
+    }
+
+    #[test]
+    fn endpoints_already_in_the_kernel_need_no_room() {
+        let mut maps = empty();
+        maps.endpoints.insert(addr(1), endpoint(1));
+        maps.endpoints.insert(addr(9), endpoint(9)); // stale: removed after the adds
+        let c = compiled(&[(1, 1), (2, 2)], &[], &[]);
+        // Peak is {1, 9, 2}: 3 entries.
+        let fitted = fit(&c, &maps.kernel(), [3, 10, 10]).unwrap();
+        assert!(fitted.refused.is_empty());
+        let fitted = fit(&c, &maps.kernel(), [2, 10, 10]).unwrap();
+        assert_eq!(fitted.refused[0].endpoint(), Some(2));
+    }
+
+    #[test]
+    fn policy_overflow_narrows_to_entries_both_old_and_new() {
+        let mut maps = empty();
+        // Endpoint 1 allowed ports 80 and 81; the new policy allows 80 and 82..=84.
+        maps.policy.extend([allow(1, 16, 80), allow(1, 16, 81)]);
+        let c = compiled(
+            &[(1, 1)],
+            &[],
+            &[
+                allow(1, 16, 80),
+                allow(1, 16, 82),
+                allow(1, 16, 83),
+                allow(1, 16, 84),
+            ],
+        );
+        let fitted = fit(&c, &maps.kernel(), [10, 10, 4]).unwrap();
+        assert_eq!(fitted.refused, vec![Refusal::Policy { id: 1, capacity: 4 }]);
+        // Only port 80: allowed before and after. 81 (revoked) is never kept.
+        let ports: Vec<[u8; 2]> = fitted.policy.keys().map(|k| k.data.port).collect();
+        assert_eq!(ports, vec![80u16.to_be_bytes()]);
+    }
+
+    #[test]
+    fn policy_overflow_admits_lower_ids_first() {
+        let c = compiled(
+            &[(1, 1), (2, 2)],
+            &[],
+            &[allow(1, 16, 80), allow(2, 16, 80), allow(2, 16, 81)],
+        );
+        let fitted = fit(&c, &empty().kernel(), [10, 10, 2]).unwrap();
+        assert_eq!(fitted.refused, vec![Refusal::Policy { id: 2, capacity: 2 }]);
+        assert_eq!(fitted.policy.len(), 1);
+        // Endpoint 2 stays programmed (and isolated): it is the policy that narrowed.
+        assert_eq!(fitted.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn ipcache_leaves_out_new_addresses_but_never_prefixes() {
+        let c = compiled(&[], &[prefix(0, 24, 17), host(1, 16), host(2, 16)], &[]);
+        let fitted = fit(&c, &empty().kernel(), [10, 2, 10]).unwrap();
+        assert_eq!(
+            fitted.refused,
+            vec![Refusal::Peer {
+                addr: addr(2),
+                capacity: 2
+            }]
+        );
+        assert!(fitted.ipcache.contains_key(&prefix(0, 24, 17).0));
+
+        let c = compiled(
+            &[],
+            &[prefix(0, 24, 17), prefix(1, 24, 18), host(1, 16)],
+            &[],
+        );
+        let error = fit(&c, &empty().kernel(), [10, 1, 10]).unwrap_err();
+        assert_eq!(
+            error,
+            PrefixOverflow {
+                capacity: 1,
+                missing: 1
+            }
+        );
+        assert!(error.to_string().contains("IPCACHE is full"));
+    }
+
+    #[test]
+    fn rule_none_values_are_irrelevant_to_fitting() {
+        // Values never need room: only keys count.
+        let mut maps = empty();
+        maps.policy.insert(
+            allow(1, 16, 80).0,
+            PolicyValue {
+                rule: RULE_NONE,
+                _pad: 0,
+            },
+        );
+        let c = compiled(&[(1, 1)], &[], &[allow(1, 16, 80)]);
+        assert!(
+            fit(&c, &maps.kernel(), [1, 1, 1])
+                .unwrap()
+                .refused
+                .is_empty()
+        );
+    }
+}
