@@ -4,11 +4,11 @@
 mod support;
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{AGENT_TIMEOUT, PROBE_TIMEOUT, agent_bin, standard_lab};
+use support::{AGENT_TIMEOUT, HEALTH, PROBE_TIMEOUT, agent_bin, http_get, sample, standard_lab};
 use xtask::lab::{AgentProcess, ManifestDir, NetnsWorker, Probe};
 
 const DENY_B: &str = r#"
@@ -20,34 +20,6 @@ spec:
   ingress:
     - from: [{podSelector: {matchLabels: {pod: c}}}]
 "#;
-
-/// The node-local health/metrics address (inside the lab's node namespace).
-const HEALTH: &str = "127.0.0.1:9808";
-
-/// `GET path` from inside the node namespace; returns (status line, body).
-fn http_get(node: &NetnsWorker, path: &'static str) -> (String, String) {
-    node.run(move || -> std::io::Result<(String, String)> {
-        let mut stream =
-            std::net::TcpStream::connect_timeout(&HEALTH.parse().unwrap(), Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: node\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        Ok((
-            head.lines().next().unwrap_or_default().to_owned(),
-            body.to_owned(),
-        ))
-    })
-    .expect("node worker")
-    .expect("HTTP request")
-}
-
-/// The value of one exact series (`name{labels}`) in an OpenMetrics text.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
 
 #[test]
 fn a_dropped_probe_is_named_in_the_flow_log_and_counted_in_metrics() {

@@ -2,11 +2,14 @@
 
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use xtask::lab::{AgentProcess, Family, Lab, ManifestDir, NODE, PodSpec, Port, Probe, Protocol};
+use xtask::lab::{
+    AgentProcess, Family, Lab, ManifestDir, NODE, NetnsWorker, PodSpec, Port, Probe, Protocol,
+};
 
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -188,4 +191,32 @@ pub fn ns_of(id: &str) -> &str {
 
 pub fn is_v6(p: &Probe) -> bool {
     p.family == Family::V6
+}
+
+/// The node-local health/metrics address (`--health-addr`, inside the node namespace).
+pub const HEALTH: &str = "127.0.0.1:9808";
+
+/// `GET path` from [`HEALTH`] inside the node namespace; returns (status line, body).
+pub fn http_get(node: &NetnsWorker, path: &'static str) -> (String, String) {
+    node.run(move || -> std::io::Result<(String, String)> {
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&HEALTH.parse().unwrap(), Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: node\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        Ok((
+            head.lines().next().unwrap_or_default().to_owned(),
+            body.to_owned(),
+        ))
+    })
+    .expect("node worker")
+    .expect("HTTP request")
+}
+
+/// The value of one exact series (`name{labels}`) in an OpenMetrics text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }

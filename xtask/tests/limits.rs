@@ -1,0 +1,93 @@
+//! Tier 3: a full map. The agent runs with room for two dual-stack pods in ENDPOINTS
+//! (`--max-endpoints 4`) and the lab has three. The third pod cannot be programmed, so
+//! its veth is refused: nothing gets in or out (the closing direction). The other two are
+//! enforced as usual, including a policy, and the refusal is reported: a log line naming
+//! the pod and the map, and `netpol_refused{map="ENDPOINTS"}`.
+
+mod support;
+
+use std::ffi::OsString;
+use std::time::{Duration, Instant};
+
+use support::{AGENT_TIMEOUT, HEALTH, agent_bin, check, http_get, sample, standard_lab};
+use xtask::lab::{AgentProcess, ManifestDir, NetnsWorker, Probe};
+
+/// b accepts only c: a -> b is denied by policy, not by the full map.
+const ONLY_FROM_C: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-only-from-c, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {pod: c}}}]
+"#;
+
+#[test]
+fn a_pod_that_does_not_fit_is_refused_and_everything_else_enforced() {
+    let Some(agent_path) =
+        agent_bin("a_pod_that_does_not_fit_is_refused_and_everything_else_enforced")
+    else {
+        return;
+    };
+    let lab = standard_lab(&["x/a", "x/b", "x/c"]);
+    let mut manifests = ManifestDir::create(lab.workdir().join("manifests")).expect("manifest dir");
+    let generation = manifests.write(&lab, ONLY_FROM_C).expect("manifests");
+    let source = [
+        OsString::from("--manifests"),
+        manifests.path().as_os_str().to_owned(),
+        OsString::from("--max-endpoints"),
+        OsString::from("4"),
+        OsString::from("--health-addr"),
+        OsString::from(HEALTH),
+    ];
+    let mut agent = AgentProcess::start_with_source(&lab, &agent_path, &source).expect("agent");
+    agent
+        .wait_generation(generation, AGENT_TIMEOUT)
+        .expect("agent applied the state");
+
+    check(
+        &lab,
+        &[
+            // a and b (the two that fit) are enforced as written.
+            (Probe::tcp("x/b", "x/a", 80), true),
+            (Probe::tcp("x/a", "x/b", 80), false),
+            // c did not fit: refused both ways, even where b's policy would allow it.
+            (Probe::tcp("x/c", "x/b", 80), false),
+            (Probe::tcp("x/a", "x/c", 80), false),
+            (Probe::udp("x/c", "x/a", 80), false),
+        ],
+        Some(&agent),
+    );
+
+    let log = std::fs::read_to_string(agent.log_path()).expect("agent log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("refused: Pod x/c") && l.contains("ENDPOINTS is full")),
+        "the log names the refused pod and the full map:\n{}",
+        agent.log_tail(20)
+    );
+    let node = NetnsWorker::spawn(lab.node_netns()).expect("node worker");
+    let series = r#"netpol_refused{map="ENDPOINTS"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let value = loop {
+        let (_, body) = http_get(&node, "/metrics");
+        match sample(&body, series) {
+            Some(v) if v >= 1.0 || Instant::now() >= deadline => break v,
+            None if Instant::now() >= deadline => panic!("no {series} in /metrics"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert_eq!(value, 1.0, "{series}");
+    let (_, body) = http_get(&node, "/metrics");
+    let refused_packets: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("netpol_packets_total") && l.contains(r#"reason="refused""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        refused_packets >= 1.0,
+        "packets dropped as refused are counted:\n{body}"
+    );
+    println!("ENDPOINTS full: x/c refused (log, {series} = {value}), x/a and x/b enforced");
+}
