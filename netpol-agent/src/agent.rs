@@ -230,12 +230,13 @@ pub enum OnExit {
 /// then leaves or removes the kernel state as `config.on_exit` says.
 pub async fn run_local(
     config: Config,
+    datapath: Datapath,
     manifests: PathBuf,
     health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     let source = LocalManifests::new(manifests, config.node_name.clone(), config.poll);
-    run(&config, source, &health, shutdown).await
+    run(&config, datapath, source, &health, shutdown).await
 }
 
 /// How the agent runs in Kubernetes mode, besides [`Config`].
@@ -249,6 +250,7 @@ pub struct KubeConfig {
 /// Runs Kubernetes mode until `shutdown` resolves. `config.node_name` is required.
 pub async fn run_kube(
     config: Config,
+    datapath: Datapath,
     kube: KubeConfig,
     health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()>,
@@ -260,20 +262,29 @@ pub async fn run_kube(
     let client_config = kube_source::config(kube.kubeconfig.as_deref()).await?;
     let source = KubeSource::start(client_config, kube.settings)?;
     let source = KubeWatch::new(source, node_name, config.poll);
-    run(&config, source, &health, shutdown).await
+    run(&config, datapath, source, &health, shutdown).await
+}
+
+/// Loads (or adopts the pinned) programs and maps under `config.bpffs_dir` and sets
+/// the unprogrammed default and the pod interface prefixes: everything that needs
+/// privileges beyond enforcement's (see [`crate::privileges`]).
+pub fn open_datapath(config: &Config) -> Result<Datapath, Error> {
+    let mut datapath = Datapath::open(&config.bpffs_dir, &config.capacities)?;
+    datapath.set_unprogrammed_default(config.deny_unprogrammed)?;
+    datapath.set_pod_interfaces(config.pod_interface_prefixes.clone());
+    Ok(datapath)
 }
 
 /// Runs the control loop over `source` until `shutdown` resolves; then leaves or removes
 /// the kernel state as `config.on_exit` says.
 pub async fn run<S: Source>(
     config: &Config,
+    datapath: Datapath,
     mut source: S,
     health: &Health,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
-    let mut datapath = Datapath::open(&config.bpffs_dir, &config.capacities)?;
-    datapath.set_unprogrammed_default(config.deny_unprogrammed)?;
-    datapath.set_pod_interfaces(config.pod_interface_prefixes.clone());
+    let mut datapath = datapath;
     let resolver = SharedResolver::default();
     let result = match start_flow_log(config, &mut datapath, &resolver) {
         Ok(_server) => {

@@ -10,5 +10,6 @@ pub mod flowlog;
 pub mod health;
 pub mod metrics;
 pub mod observe;
+pub mod privileges;
 pub mod source;
 pub mod state;

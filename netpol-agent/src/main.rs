@@ -198,6 +198,10 @@ struct RunArgs {
         default_value = "veth,cali,lxc"
     )]
     pod_interface_prefix: Vec<String>,
+    /// Keep every capability the agent was started with (by default it keeps only
+    /// CAP_BPF and CAP_NET_ADMIN once the programs are loaded).
+    #[arg(long)]
+    keep_capabilities: bool,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -215,12 +219,11 @@ enum OnExitArg {
     Detach,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Run(args)) => args,
-        Some(Command::Flows(args)) => return flows(args).await,
+        Some(Command::Flows(args)) => return runtime()?.block_on(flows(args)),
         Some(Command::Matrix(args)) => return matrix_command(&args),
         Some(Command::Explain(args)) => return explain_command(&args),
         None => cli.run,
@@ -240,10 +243,34 @@ async fn main() -> anyhow::Result<()> {
         subscriber.init();
     }
 
-    let health = Arc::new(Health::default());
-    if let Some(addr) = args.health_addr {
-        netpol_agent::health::serve(addr, health.clone()).await?;
+    let config = agent_config(&args);
+    // Privileged start-up, on the only thread: load or adopt the programs, then keep
+    // only the capabilities enforcement needs. Every thread started later (the async
+    // runtime's included) inherits the reduced sets.
+    let datapath = agent::open_datapath(&config).context("opening the datapath")?;
+    if args.keep_capabilities {
+        tracing::warn!("--keep-capabilities: running with every capability it was given");
+    } else {
+        let dropped = netpol_agent::privileges::keep_only(&netpol_agent::privileges::ENFORCEMENT)
+            .context("dropping capabilities")?;
+        tracing::info!(
+            kept = ?netpol_agent::privileges::names(dropped.after),
+            dropped = dropped.before.count_ones() - dropped.after.count_ones(),
+            bounding_set = dropped.bounding,
+            "capabilities dropped"
+        );
     }
+    runtime()?.block_on(serve(args, config, datapath))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn agent_config(args: &RunArgs) -> agent::Config {
     let flow_socket = Some(
         args.flow_socket
             .clone()
@@ -261,7 +288,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let poll = Duration::from_millis(args.poll_ms.max(10));
     let resync = Duration::from_millis(args.resync_ms.max(100));
-    let config = agent::Config {
+    agent::Config {
         bpffs_dir: args.bpffs_dir.clone(),
         status_file: args.status_file.clone(),
         flow_socket,
@@ -278,7 +305,18 @@ async fn main() -> anyhow::Result<()> {
             .collect(),
         poll,
         resync,
-    };
+    }
+}
+
+async fn serve(
+    args: RunArgs,
+    config: agent::Config,
+    datapath: netpol_agent::datapath::Datapath,
+) -> anyhow::Result<()> {
+    let health = Arc::new(Health::default());
+    if let Some(addr) = args.health_addr {
+        netpol_agent::health::serve(addr, health.clone()).await?;
+    }
     if args.kube || args.kubeconfig.is_some() {
         let node_name = args
             .node_name
@@ -299,7 +337,7 @@ async fn main() -> anyhow::Result<()> {
             bpffs = %config.bpffs_dir.display(),
             "netpol-agent starting in Kubernetes mode"
         );
-        agent::run_kube(config, kube, health, shutdown_signal())
+        agent::run_kube(config, datapath, kube, health, shutdown_signal())
             .await
             .context("agent stopped")?;
         tracing::info!("netpol-agent stopped");
@@ -310,7 +348,7 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .context("--manifests DIR (local mode) or --kube [--kubeconfig FILE] is required")?;
     tracing::info!(manifests = %manifests.display(), bpffs = %config.bpffs_dir.display(), "netpol-agent starting");
-    agent::run_local(config, manifests, health, shutdown_signal())
+    agent::run_local(config, datapath, manifests, health, shutdown_signal())
         .await
         .context("agent stopped")?;
     tracing::info!("netpol-agent stopped");

@@ -180,12 +180,21 @@ fn the_daemonset_runs_the_agent_as_the_issue_says() {
         .find(|p| p.name.as_deref() == Some("health"))
         .unwrap();
     assert_eq!(port.container_port, health_port);
+    // On the node's loopback only (hostNetwork): pods cannot reach it.
+    let health_host = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--health-addr="))
+        .and_then(|addr| addr.rsplit_once(':'))
+        .map(|(host, _)| host)
+        .unwrap();
+    assert_eq!(health_host, "127.0.0.1");
     for (probe, path) in [
         (agent.readiness_probe.as_ref(), "/readyz"),
         (agent.liveness_probe.as_ref(), "/healthz"),
     ] {
         let get = probe.unwrap().http_get.as_ref().unwrap();
         assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(get.host.as_deref(), Some(health_host));
     }
     // The binding gives the role to the service account.
     assert_eq!(
