@@ -5,7 +5,8 @@
 //! ports and policyTypes variants) and random flows, including non-pod addresses and
 //! the node's own address. Every verdict of the kernel model over the compiled maps must
 //! equal the reference verdict, and the rule the model reports must be one the
-//! reference says allows the flow.
+//! reference says allows the flow. [`kernel`] puts a sample of the same cases through
+//! the real programs (BPF_PROG_TEST_RUN, root only).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -19,6 +20,8 @@ use super::reference::{self, Verdict};
 use super::testutil::{Cluster, labels};
 use super::{Allocations, Compiled, Direction, compile, model};
 use crate::state::ClusterState;
+
+mod kernel;
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const NODE_IP: &str = "10.0.2.254";
@@ -342,16 +345,49 @@ fn check(
     Ok(())
 }
 
+/// What [`compiled_maps_agree_with_reference`] asks about one cluster: 16 random flows
+/// (indices into the addresses) and 3 probes for the endpoint sweep ([`sweep`]). The
+/// kernel sample ([`kernel`]) draws from the same strategy.
+type Case = (Scenario, Vec<(usize, usize, (u8, u16))>, Vec<(u8, u16)>);
+
+fn case() -> impl Strategy<Value = Case> {
+    scenario().prop_flat_map(|s| {
+        let n = s.addresses.len();
+        (
+            Just(s),
+            proptest::collection::vec(flow(n), 16),
+            proptest::collection::vec(probe(), 3),
+        )
+    })
+}
+
+/// Every endpoint (an address `is_endpoint` accepts) against every address, both ways,
+/// the probes taken in turn: `(src, dst, protocol, port)`.
+fn sweep(
+    addresses: &[IpAddr],
+    probes: &[(u8, u16)],
+    is_endpoint: impl Fn(IpAddr) -> bool,
+) -> Vec<(IpAddr, IpAddr, u8, u16)> {
+    let mut out = Vec::new();
+    for (i, &endpoint) in addresses.iter().enumerate() {
+        if !is_endpoint(endpoint) {
+            continue;
+        }
+        for (j, &peer) in addresses.iter().enumerate() {
+            let (protocol, port) = probes[(i + j) % probes.len()];
+            out.push((peer, endpoint, protocol, port));
+            let (protocol, port) = probes[(i + j + 1) % probes.len()];
+            out.push((endpoint, peer, protocol, port));
+        }
+    }
+    out
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
     #[test]
-    fn compiled_maps_agree_with_reference(
-        (s, flows, probes) in scenario().prop_flat_map(|s| {
-            let n = s.addresses.len();
-            (Just(s), proptest::collection::vec(flow(n), 16), proptest::collection::vec(probe(), 3))
-        })
-    ) {
+    fn compiled_maps_agree_with_reference((s, flows, probes) in case()) {
         let compiled = compile(&s.state, &Allocations::default());
         // No dead weight: every identity but ANY and WORLD carries some IPCACHE entry,
         // and POLICY names no other.
@@ -372,16 +408,9 @@ proptest! {
             );
         }
         // Every local endpoint against every address, both ways, on two probes.
-        for (i, &endpoint) in s.addresses.iter().enumerate() {
-            if !compiled.endpoints.contains_key(&super::addr(endpoint)) {
-                continue;
-            }
-            for (j, &peer) in s.addresses.iter().enumerate() {
-                let (protocol, port) = probes[(i + j) % probes.len()];
-                check(&reference, &compiled, peer, endpoint, protocol, port)?;
-                let (protocol, port) = probes[(i + j + 1) % probes.len()];
-                check(&reference, &compiled, endpoint, peer, protocol, port)?;
-            }
+        let is_endpoint = |ip| compiled.endpoints.contains_key(&super::addr(ip));
+        for (src, dst, protocol, port) in sweep(&s.addresses, &probes, is_endpoint) {
+            check(&reference, &compiled, src, dst, protocol, port)?;
         }
     }
 
