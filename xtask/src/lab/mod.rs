@@ -542,6 +542,30 @@ impl Lab {
         Ok(self.pods.last().expect("just pushed"))
     }
 
+    /// Deletes a pod: stops its servers, deletes its host veth (the pod's end goes with
+    /// it) and its netns; it leaves the manifests at the next write. The name may be
+    /// used again; addresses and interface names of removed pods are not reused.
+    pub fn remove_pod(&mut self, id: &str) -> Result<()> {
+        let (ns, name) = id.split_once('/').context("pod ids are namespace/name")?;
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.namespace == ns && p.name == name)
+            .with_context(|| format!("no pod {id}"))?;
+        let pod = self.pods.remove(i);
+        self.servers.stop_netns(&pod.netns);
+        netns::ip_batch(
+            Some(&self.node_netns),
+            &[format!("link del {}", pod.host_if)],
+        )
+        .with_context(|| format!("deleting the veth of {id}"))?;
+        let netns = pod.netns.clone();
+        drop(pod); // Ends its worker thread, which lives in the netns.
+        netns::delete_netns([netns.as_str()])?;
+        self.created_netns.retain(|n| *n != netns);
+        Ok(())
+    }
+
     /// Creates an endpoint outside the cluster, in its own netns behind a veth to the
     /// node (not a pod: no manifest, no programs). Probe it as `host/NAME`.
     pub fn add_host(&mut self, name: &str, ip: IpAddr, ports: &[Port]) -> Result<&Host> {

@@ -27,7 +27,8 @@ pub type SeenTokens = Arc<Mutex<HashSet<u64>>>;
 
 #[derive(Default)]
 pub struct Servers {
-    tasks: Vec<JoinHandle<()>>,
+    /// Each server task with the namespace it serves in.
+    tasks: Vec<(String, JoinHandle<()>)>,
     udp_seen: SeenTokens,
 }
 
@@ -85,15 +86,25 @@ impl Servers {
                 self.udp_seen.clone(),
             )),
         };
-        self.tasks.push(task);
+        self.tasks.push((worker.netns().to_owned(), task));
         Ok(())
     }
 
     /// Stops every server; their sockets close when the tasks are dropped.
     pub fn stop(&mut self) {
-        for t in self.tasks.drain(..) {
+        for (_, t) in self.tasks.drain(..) {
             t.abort();
         }
+    }
+
+    /// Stops the servers of one namespace.
+    pub fn stop_netns(&mut self, netns: &str) {
+        self.tasks.retain(|(ns, t)| {
+            if ns == netns {
+                t.abort();
+            }
+            ns != netns
+        });
     }
 }
 
