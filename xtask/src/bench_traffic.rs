@@ -47,7 +47,7 @@ impl Sizes {
             }
         } else {
             Self {
-                runs: 5,
+                runs: 7,
                 stream_for: Duration::from_secs(3),
                 round_trips: 20_000,
             }
@@ -62,6 +62,17 @@ struct Row {
     gbits: Vec<f64>,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
+}
+
+impl Row {
+    fn new(setup: &'static str) -> Self {
+        Row {
+            setup,
+            gbits: Vec::new(),
+            p50_us: Vec::new(),
+            p99_us: Vec::new(),
+        }
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -121,45 +132,85 @@ pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
     let server_ip = server.ipv4;
     let servers = BenchServers::start(&lab, server_ip)?;
     let policies = generate_policies();
-    let mut rows = Vec::new();
-
-    // 1. No enforcement.
-    ui::step("traffic: no enforcement");
-    check_enforcement(&lab, false, "none")?;
-    rows.push(measure(&lab, "none", server_ip, sizes)?);
-
-    // 3. iptables + ipset (measured before netpol so that no agent state lingers).
-    ui::step("traffic: iptables + ipset (kube-router style)");
     let rules = IptablesRules::generate(&lab, &policies)?;
-    let iptables_load = Instant::now();
-    rules.load(lab.node_netns())?;
-    let iptables_load = iptables_load.elapsed();
     let iptables_counts = (rules.chains, rules.rules, rules.sets, rules.set_members);
-    check_enforcement(&lab, true, "iptables")?;
-    let iptables_row = measure(&lab, "iptables + ipset", server_ip, sizes)?;
-    IptablesRules::unload(lab.node_netns())?;
-    check_enforcement(&lab, false, "none, after removing the iptables rules")?;
-
-    // 2. netpol.
-    ui::step("traffic: netpol, 1,000 policies");
     let mut manifests = ManifestDir::create(lab.workdir().join("manifests"))?;
     let generation = manifests.write(&lab, &policies_yaml(&policies)?)?;
-    let agent_started = Instant::now();
-    let mut agent = AgentProcess::start(&lab, agent_bin, &manifests)?;
-    agent
-        .wait_generation(generation, Duration::from_secs(60))
-        .with_context(|| format!("agent log:\n{}", agent.log_tail(30)))?;
-    let agent_ready = agent_started.elapsed();
-    check_enforcement(&lab, true, "netpol")?;
-    rows.push(measure(&lab, "netpol (1,000 policies)", server_ip, sizes)?);
-    agent.stop()?;
-    drop(agent);
-    rows.push(iptables_row);
+    let mut iptables_load = Duration::ZERO;
+    let mut agent_ready = Duration::ZERO;
+
+    // The setups take turns, one run each per round, and each round starts with the
+    // next setup: drift in the machine (other tenants, frequency) spreads over all
+    // three instead of landing on whichever was measured in its block.
+    let names = ["none", "netpol (1,000 policies)", "iptables + ipset"];
+    let mut rows: Vec<Row> = names.iter().map(|name| Row::new(name)).collect();
+    check_enforcement(&lab, false, "none")?;
+    for round in 0..sizes.runs {
+        ui::step(&format!("traffic: round {} of {}", round + 1, sizes.runs));
+        for k in 0..names.len() {
+            let setup = (round + k) % names.len();
+            match setup {
+                0 => {
+                    measure(&lab, server_ip, sizes, &mut rows[0])?;
+                }
+                1 => {
+                    let started = Instant::now();
+                    // Detach on exit: after the run the node is back to no enforcement.
+                    let source = [
+                        std::ffi::OsString::from("--manifests"),
+                        manifests.path().as_os_str().to_owned(),
+                        std::ffi::OsString::from("--on-exit"),
+                        std::ffi::OsString::from("detach"),
+                    ];
+                    let mut agent = AgentProcess::start_with_source(&lab, agent_bin, &source)?;
+                    agent
+                        .wait_generation(generation, Duration::from_secs(60))
+                        .with_context(|| format!("agent log:\n{}", agent.log_tail(30)))?;
+                    agent_ready = agent_ready.max(started.elapsed());
+                    check_enforcement(&lab, true, "netpol")?;
+                    measure(&lab, server_ip, sizes, &mut rows[1])?;
+                    let exit = agent.stop()?;
+                    // The kernel releases the links as the last references go: allow it
+                    // a moment (bounded).
+                    let deadline = Instant::now() + Duration::from_secs(3);
+                    while check_enforcement(&lab, false, "none, after the agent detached").is_err()
+                        && Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    check_enforcement(&lab, false, "none, after the agent detached").with_context(
+                        || format!("agent exit {exit:?}, log:\n{}", agent.log_tail(15)),
+                    )?;
+                    drop(agent);
+                }
+                _ => {
+                    let started = Instant::now();
+                    rules.load(lab.node_netns())?;
+                    iptables_load = iptables_load.max(started.elapsed());
+                    check_enforcement(&lab, true, "iptables")?;
+                    measure(&lab, server_ip, sizes, &mut rows[2])?;
+                    IptablesRules::unload(lab.node_netns())?;
+                    check_enforcement(&lab, false, "none, after removing the iptables rules")?;
+                }
+            }
+        }
+    }
+    for row in &rows {
+        ui::ok(&format!(
+            "{}: {:.2} Gbit/s, RR p50 {:.1} µs, p99 {:.1} µs (medians of {} runs)",
+            row.setup,
+            row.gbit(),
+            row.p50(),
+            row.p99(),
+            row.gbits.len()
+        ));
+    }
 
     servers.stop();
     drop(lab);
 
     let base = rows[0].clone();
+    // Reported in this order: the floor, netpol, then the iptables way beside it.
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -184,14 +235,15 @@ pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
     let _ = writeln!(
         out,
         "\nmethod: x/client -> x/server over veths through the node namespace; throughput: \
-         64 KiB writes for {:?}, {} run(s), median; RR: {} 1-byte round trips on one \
-         connection (TCP_NODELAY), per-run p50/p99, median over runs.\n\
+         64 KiB writes for {:?}; RR: {} 1-byte round trips on one connection \
+         (TCP_NODELAY), per-run p50/p99. {} rounds, the setups taking turns within each \
+         round (rotated), medians over rounds; client on CPU 0, servers on CPU 1.\n\
          targets: netpol throughput >= 0.95x none: {} ; netpol p99 <= 1.1x none: {}\n\
          iptables: {} chains, {} rules, {} ipsets ({} members) loaded in {:.0?}; \
          agent ready (1,000 policies) in {:.0?}; total {:.1?}",
         sizes.stream_for,
-        sizes.runs,
         sizes.round_trips,
+        sizes.runs,
         if tput_ok { "met" } else { "MISSED" },
         if p99_ok { "met" } else { "MISSED" },
         iptables_counts.0,
@@ -264,33 +316,32 @@ fn check_enforcement(lab: &Lab, enforced: bool, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn measure(lab: &Lab, setup: &'static str, server: Ipv4Addr, sizes: Sizes) -> Result<Row> {
+/// One run of `row`'s setup: a throughput stream, then request/response, from x/client
+/// pinned to CPU 0 (the servers run on CPU 1).
+fn measure(lab: &Lab, server: Ipv4Addr, sizes: Sizes, row: &mut Row) -> Result<()> {
     let client = lab.worker("x/client")?;
-    let mut row = Row {
-        setup,
-        gbits: Vec::new(),
-        p50_us: Vec::new(),
-        p99_us: Vec::new(),
-    };
-    for _ in 0..sizes.runs {
-        let stream_addr = SocketAddr::new(server.into(), STREAM_PORT);
-        let conn = client
-            .run(move || TcpStream::connect_timeout(&stream_addr, Duration::from_secs(2)))??;
-        row.gbits.push(stream(conn, sizes.stream_for)?);
-        let rr_addr = SocketAddr::new(server.into(), RR_PORT);
-        let conn =
-            client.run(move || TcpStream::connect_timeout(&rr_addr, Duration::from_secs(2)))??;
-        let (p50, p99) = request_response(conn, sizes.round_trips)?;
-        row.p50_us.push(p50);
-        row.p99_us.push(p99);
+    client.run(|| pin_to_cpu(0))?;
+    let stream_addr = SocketAddr::new(server.into(), STREAM_PORT);
+    let conn =
+        client.run(move || TcpStream::connect_timeout(&stream_addr, Duration::from_secs(2)))??;
+    row.gbits.push(stream(conn, sizes.stream_for)?);
+    let rr_addr = SocketAddr::new(server.into(), RR_PORT);
+    let conn =
+        client.run(move || TcpStream::connect_timeout(&rr_addr, Duration::from_secs(2)))??;
+    let (p50, p99) = request_response(conn, sizes.round_trips)?;
+    row.p50_us.push(p50);
+    row.p99_us.push(p99);
+    Ok(())
+}
+
+/// Pins the calling thread to `cpu` when the machine has it (best effort: a bench on one
+/// CPU still runs).
+fn pin_to_cpu(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    let online = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpu < online && set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
     }
-    ui::ok(&format!(
-        "{setup}: {:.2} Gbit/s, RR p50 {:.1} µs, p99 {:.1} µs",
-        row.gbit(),
-        row.p50(),
-        row.p99()
-    ));
-    Ok(row)
 }
 
 /// Writes 64 KiB chunks for `duration`, half-closes, waits for the receiver to close
@@ -354,6 +405,7 @@ impl BenchServers {
             let stop = stop.clone();
             addrs.push(addr);
             threads.push(std::thread::spawn(move || {
+                pin_to_cpu(1);
                 while let Ok((conn, _)) = listener.accept() {
                     if stop.load(Ordering::Relaxed) {
                         break;
