@@ -103,6 +103,12 @@ impl LocalSource {
     /// Reads the whole directory.
     pub fn read(&mut self) -> std::io::Result<Snapshot> {
         let mut snapshot = Snapshot::default();
+        // `.generation` first: writers update it after the manifests, so a read that
+        // overlaps a write reports at most the generation of what it read, never a
+        // newer one with older files.
+        snapshot.generation = std::fs::read_to_string(self.dir.join(GENERATION_FILE))
+            .ok()
+            .and_then(|text| text.trim().parse().ok());
         let mut seen: BTreeMap<(&'static str, String), String> = BTreeMap::new();
         let mut rejected_policies: Vec<ObjectRef> = Vec::new();
         for path in self.manifest_files()? {
@@ -172,9 +178,6 @@ impl LocalSource {
             }
         }
         self.last_valid_policies = snapshot.policies.clone();
-        snapshot.generation = std::fs::read_to_string(self.dir.join(GENERATION_FILE))
-            .ok()
-            .and_then(|text| text.trim().parse().ok());
         Ok(snapshot)
     }
 
