@@ -14,7 +14,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Deserialize;
 
-use super::{Lab, ManifestDir, NODE_NAME, netns};
+use super::{Lab, ManifestDir, netns};
 
 /// How long [`Drop`] waits after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -42,6 +42,7 @@ pub struct AgentProcess {
     child: Option<Child>,
     log: PathBuf,
     status: PathBuf,
+    flow_socket: PathBuf,
     pin_dir: PathBuf,
     /// Leave the pinned programs and maps when dropped (a crash test's restart adopts
     /// them); the lab removes them in the end.
@@ -57,11 +58,24 @@ impl AgentProcess {
     /// instead of going through `ip netns exec`: the latter remounts /sys in a private
     /// mount namespace, which hides the bpffs mounted at /sys/fs/bpf.
     pub fn start(lab: &Lab, agent_bin: &Path, manifests: &ManifestDir) -> Result<Self> {
+        Self::start_on(lab, 0, agent_bin, manifests)
+    }
+
+    /// [`AgentProcess::start`] for node `node` of a [`Lab::with_nodes`] lab: in that
+    /// node's namespace, with `--node-name` its name and its own pin directory
+    /// ([`Lab::node_pin_dir`]); node `n` > 0 logs to `agent-node<n>.log` and has
+    /// `agent-node<n>-status.json` and `flows-node<n>.sock`.
+    pub fn start_on(
+        lab: &Lab,
+        node: usize,
+        agent_bin: &Path,
+        manifests: &ManifestDir,
+    ) -> Result<Self> {
         let source = [
             std::ffi::OsString::from("--manifests"),
             manifests.path().as_os_str().to_owned(),
         ];
-        Self::start_with_source(lab, agent_bin, &source)
+        Self::start_with_source_on(lab, node, agent_bin, &source)
     }
 
     /// [`AgentProcess::start`] with other source arguments instead of `--manifests DIR`,
@@ -71,9 +85,27 @@ impl AgentProcess {
         agent_bin: &Path,
         source: &[std::ffi::OsString],
     ) -> Result<Self> {
-        let log = lab.workdir().join("agent.log");
-        let status = lab.workdir().join("agent-status.json");
-        let pin_dir = lab.pin_dir();
+        Self::start_with_source_on(lab, 0, agent_bin, source)
+    }
+
+    /// [`AgentProcess::start_with_source`] for node `node` (see [`AgentProcess::start_on`]).
+    pub fn start_with_source_on(
+        lab: &Lab,
+        node: usize,
+        agent_bin: &Path,
+        source: &[std::ffi::OsString],
+    ) -> Result<Self> {
+        let Some(node_ns) = lab.nodes().get(node) else {
+            bail!("no node {node} (the lab has {})", lab.nodes().len());
+        };
+        let suffix = match node {
+            0 => String::new(),
+            n => format!("-node{n}"),
+        };
+        let log = lab.workdir().join(format!("agent{suffix}.log"));
+        let status = lab.workdir().join(format!("agent{suffix}-status.json"));
+        let flow_socket = lab.workdir().join(format!("flows{suffix}.sock"));
+        let pin_dir = lab.node_pin_dir(node);
         // A status left by a previous agent of this lab must not satisfy a wait.
         match std::fs::remove_file(&status) {
             Ok(()) => {}
@@ -85,8 +117,8 @@ impl AgentProcess {
             .append(true)
             .open(&log)
             .with_context(|| format!("opening {}", log.display()))?;
-        let netns_file = File::open(netns::netns_path(lab.node_netns()))
-            .with_context(|| format!("opening network namespace {}", lab.node_netns()))?;
+        let netns_file = File::open(netns::netns_path(&node_ns.netns))
+            .with_context(|| format!("opening network namespace {}", node_ns.netns))?;
         let netns_fd = netns_file.as_raw_fd();
 
         let mut cmd = Command::new(agent_bin);
@@ -96,11 +128,12 @@ impl AgentProcess {
             .arg(&pin_dir)
             .arg("--status-file")
             .arg(&status)
-            .args(["--node-name", NODE_NAME])
+            .arg("--node-name")
+            .arg(&node_ns.name)
             // Pods' host veths are v<i>: covered the moment they appear.
             .args(["--pod-interface-prefix", POD_INTERFACE_PREFIX])
             .arg("--flow-socket")
-            .arg(lab.workdir().join("flows.sock"))
+            .arg(&flow_socket)
             // The log is a file: no colour codes in it.
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -134,6 +167,7 @@ impl AgentProcess {
             child: Some(child),
             log,
             status,
+            flow_socket,
             pin_dir,
             keep_pins: false,
         })
@@ -152,7 +186,7 @@ impl AgentProcess {
 
     /// The agent's flow-log socket (`netpol-agent flows --socket`).
     pub fn flow_socket(&self) -> PathBuf {
-        self.log.with_file_name("flows.sock")
+        self.flow_socket.clone()
     }
 
     /// The agent's log file.

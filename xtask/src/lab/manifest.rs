@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use super::{Lab, NODE_NAME, Pod};
+use super::{Lab, Pod};
 
 /// Annotation naming the pod's host-side veth in the node namespace.
 pub const HOST_INTERFACE_ANNOTATION: &str = "netpol.dev/host-interface";
@@ -86,7 +86,11 @@ pub fn cluster_yaml(lab: &Lab) -> Result<String> {
             })
         })
         .collect();
-    docs.extend(lab.pods().iter().map(pod_object));
+    docs.extend(
+        lab.pods()
+            .iter()
+            .map(|pod| pod_object(pod, &lab.nodes()[pod.node].name)),
+    );
     let mut out = String::new();
     for doc in docs {
         out.push_str("---\n");
@@ -95,7 +99,7 @@ pub fn cluster_yaml(lab: &Lab) -> Result<String> {
     Ok(out)
 }
 
-fn pod_object(pod: &Pod) -> Value {
+fn pod_object(pod: &Pod, node_name: &str) -> Value {
     let ports: Vec<Value> = pod
         .ports
         .iter()
@@ -119,7 +123,7 @@ fn pod_object(pod: &Pod) -> Value {
             "annotations": {HOST_INTERFACE_ANNOTATION: pod.host_if},
         },
         "spec": {
-            "nodeName": NODE_NAME,
+            "nodeName": node_name,
             "containers": [{"name": "server", "image": "netpol.dev/lab-server", "ports": ports}],
         },
         "status": {

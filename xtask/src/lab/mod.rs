@@ -2,7 +2,7 @@
 //! conformance runner and benchmarks.
 //!
 //! ```text
-//!                        node netns  np<pid>-<lab>-node
+//!                        node netns  np<pid>-<lab>-node      (node 0, "lab-node")
 //!   pod netns            (forwarding on; node address 172.31.255.1 on lo)
 //!   np<pid>-<lab>-p<i>
 //!   eth0 10.0.0.i/32 ──veth── v<i>   proxy_arp (no delay), fe80::1/64,
@@ -13,12 +13,32 @@
 //!   host netns           (an endpoint outside the cluster: no programs, no manifest)
 //!   np<pid>-<lab>-h<i>
 //!   eth0 <ip>/32 ──────veth── x<i>
+//!
+//!                                    ul1  172.31.254.1/30, fd31:ff:0::1/64
+//!                                     │   route <node 1's pods, hosts, node address>
+//!                                     │         via 172.31.254.2 src 172.31.255.1
+//!                                   veth (underlay)
+//!                                     │
+//!                        node netns  ul0  172.31.254.2/30, fd31:ff:0::2/64
+//!                        np<pid>-<lab>-node1                 (node 1, "lab-node-1")
+//!                        (node address 172.31.255.2 on lo; its own pods v<i>, hosts x<i>)
 //! ```
 //!
 //! Pods are routed Calico-style: a /32 (and /128) on the pod's `eth0`, a default route to
 //! the link-local gateway 169.254.1.1 answered by proxy ARP on the host veth (and to
 //! `fe80::1` for IPv6), and a host route per pod in the node namespace. The agent runs
 //! in the node namespace and attaches to the host veths.
+//!
+//! [`Lab::with_nodes`] makes several nodes (one agent each, see
+//! [`AgentProcess::start_on`]): node `n` has its own namespace, name ([`Lab::node_name`])
+//! and addresses, and every pair of nodes is joined by an underlay veth `ul<m>` (named
+//! after the node at the other end: never the agents' pod prefix `v`) with a /30 and a
+//! /64, plus a route on every other node for each pod, host and node address (no
+//! encapsulation, no NAT: a pod's packets reach a remote pod with its own source address).
+//! [`PodSpec::on_node`] and [`Lab::add_host_on`] place endpoints; the default is node 0,
+//! so [`Lab::new`] is the single-node lab. Probe endpoint `node` is node 0 and `node<n>`
+//! node `n`; a node's traffic is host traffic (always allowed) only towards its own pods,
+//! and a peer like any outside address elsewhere, as in Kubernetes.
 //!
 //! Every pod and host serves its declared ports from this process (TCP: accept and send
 //! one greeting byte; UDP: echo), and [`Lab::probe`] / [`Lab::probe_all`] send real
@@ -67,14 +87,19 @@ pub use manifest::ManifestDir;
 pub use netns::NetnsWorker;
 pub use probe::{Outcome, Probe, ProbeResult};
 
-/// The node's name, as written into `spec.nodeName` and passed as `--node-name`.
+/// The (first) node's name, as written into `spec.nodeName` and passed as `--node-name`;
+/// node `n` > 0 is `lab-node-<n>` ([`Lab::node_name`]).
 pub const NODE_NAME: &str = "lab-node";
-/// Probe endpoint id of the node's own network namespace.
+/// Probe endpoint id of the (first) node's own network namespace; node `n` > 0 is
+/// `node<n>` ([`Lab::node_endpoint`]).
 pub const NODE: &str = "node";
-/// IPv4 address of the node (on loopback inside the node namespace).
+/// IPv4 address of the (first) node (on loopback inside the node namespace); node `n`
+/// has 172.31.255.(n+1).
 pub const NODE_IPV4: Ipv4Addr = Ipv4Addr::new(172, 31, 255, 1);
-/// IPv6 address of the node.
+/// IPv6 address of the (first) node; node `n` has fd31::(n+1).
 pub const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd31, 0, 0, 0, 0, 0, 0, 1);
+/// Most nodes [`Lab::with_nodes`] makes (every pair gets an underlay link).
+pub const MAX_NODES: usize = 8;
 /// Gateway that pods route through (answered by proxy ARP on the host veth).
 pub const GATEWAY_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// IPv6 gateway: the host veth's link-local address.
@@ -172,6 +197,8 @@ pub struct PodSpec {
     pub ipv4: Option<Ipv4Addr>,
     /// `None`: IPv4 only.
     pub ipv6: Option<Ipv6Addr>,
+    /// Index of the node the pod runs on (0 unless [`PodSpec::on_node`]).
+    pub node: usize,
 }
 
 impl PodSpec {
@@ -183,7 +210,14 @@ impl PodSpec {
             ports: Vec::new(),
             ipv4: None,
             ipv6: None,
+            node: 0,
         }
+    }
+
+    /// Runs the pod on node `node` of a [`Lab::with_nodes`] lab.
+    pub fn on_node(mut self, node: usize) -> Self {
+        self.node = node;
+        self
     }
 
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -212,7 +246,7 @@ impl PodSpec {
     }
 }
 
-/// A pod of the emulated node.
+/// A pod of the emulated cluster.
 #[derive(Debug)]
 pub struct Pod {
     pub namespace: String,
@@ -225,6 +259,8 @@ pub struct Pod {
     pub netns: String,
     /// Host-side veth, inside the node namespace.
     pub host_if: String,
+    /// Index of its node in [`Lab::nodes`].
+    pub node: usize,
     worker: Arc<NetnsWorker>,
 }
 
@@ -244,18 +280,33 @@ pub struct Host {
     pub netns: String,
     /// The node-side veth towards the host.
     pub node_if: String,
+    /// Index of the node it hangs off in [`Lab::nodes`].
+    pub node: usize,
+    worker: Arc<NetnsWorker>,
+}
+
+/// An emulated node: a network namespace that forwards between its pods' veths, its
+/// hosts' veths and the underlay links to the other nodes.
+#[derive(Debug)]
+pub struct Node {
+    /// `spec.nodeName` of its pods, and its agent's `--node-name`.
+    pub name: String,
+    pub netns: String,
+    /// The node's addresses (on loopback).
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
     worker: Arc<NetnsWorker>,
 }
 
 static LABS_IN_PROCESS: AtomicU32 = AtomicU32::new(0);
 
-/// An emulated node with its pods and external hosts. Dropping it removes everything.
+/// An emulated cluster (one node unless [`Lab::with_nodes`]) with its pods and external
+/// hosts. Dropping it removes everything.
 pub struct Lab {
     id: String,
     /// `np<pid>-<seq>`: prefix of every namespace of this lab (the sweep parses the pid).
     netns_prefix: String,
-    node_netns: String,
-    node_worker: Arc<NetnsWorker>,
+    nodes: Vec<Node>,
     namespaces: BTreeMap<String, Labels>,
     pods: Vec<Pod>,
     hosts: Vec<Host>,
@@ -272,7 +323,7 @@ impl fmt::Debug for Lab {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lab")
             .field("id", &self.id)
-            .field("node_netns", &self.node_netns)
+            .field("nodes", &self.nodes.len())
             .field("pods", &self.pods.len())
             .field("hosts", &self.hosts.len())
             .finish()
@@ -283,6 +334,15 @@ impl Lab {
     /// Sweeps leftovers of dead runs, then creates the node namespace: loopback up,
     /// IPv4/IPv6 forwarding, DAD off, and the node addresses on loopback.
     pub fn new() -> Result<Self> {
+        Self::with_nodes(1)
+    }
+
+    /// [`Lab::new`] with `nodes` nodes (1 to [`MAX_NODES`]), every pair joined by an
+    /// underlay link (see the module documentation).
+    pub fn with_nodes(nodes: usize) -> Result<Self> {
+        if !(1..=MAX_NODES).contains(&nodes) {
+            bail!("a lab has 1 to {MAX_NODES} nodes, not {nodes}");
+        }
         if !nix::unistd::geteuid().is_root() {
             bail!("the lab needs root (network namespaces, veths, BPF)");
         }
@@ -298,7 +358,6 @@ impl Lab {
         let seq = LABS_IN_PROCESS.fetch_add(1, Ordering::Relaxed);
         let id = format!("lab{seq}-{pid}");
         let netns_prefix = format!("np{pid}-{seq}");
-        let node_netns = format!("{netns_prefix}-node");
         let workdir = std::env::temp_dir().join(format!("netpol-{id}"));
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -308,24 +367,15 @@ impl Lab {
             .build()
             .context("starting the lab's tokio runtime")?;
 
-        netns::create_netns(&node_netns)?;
         // From here on, Drop cleans up whatever exists.
-        let worker = match NetnsWorker::spawn(&node_netns) {
-            Ok(w) => Arc::new(w),
-            Err(e) => {
-                let _ = netns::delete_netns([node_netns.as_str()]);
-                return Err(e);
-            }
-        };
-        let lab = Lab {
+        let mut lab = Lab {
             id,
             netns_prefix,
-            node_netns: node_netns.clone(),
-            node_worker: worker,
+            nodes: Vec::new(),
             namespaces: BTreeMap::new(),
             pods: Vec::new(),
             hosts: Vec::new(),
-            created_netns: vec![node_netns.clone()],
+            created_netns: Vec::new(),
             next_index: 1,
             workdir,
             keep_workdir: false,
@@ -334,8 +384,29 @@ impl Lab {
         };
         std::fs::create_dir_all(&lab.workdir)
             .with_context(|| format!("creating {}", lab.workdir.display()))?;
+        for n in 0..nodes {
+            lab.add_node(n)
+                .with_context(|| format!("creating node {n}"))?;
+        }
+        for b in 0..nodes {
+            for a in 0..b {
+                lab.link_nodes(a, b)
+                    .with_context(|| format!("linking nodes {a} and {b}"))?;
+            }
+        }
+        Ok(lab)
+    }
 
-        lab.node_worker.run(|| -> Result<()> {
+    /// Creates node `n`'s namespace: forwarding on, DAD off, its addresses on loopback.
+    fn add_node(&mut self, n: usize) -> Result<()> {
+        let netns = match n {
+            0 => format!("{}-node", self.netns_prefix),
+            _ => format!("{}-node{n}", self.netns_prefix),
+        };
+        netns::create_netns(&netns)?;
+        self.created_netns.push(netns.clone());
+        let worker = Arc::new(NetnsWorker::spawn(&netns)?);
+        worker.run(|| -> Result<()> {
             netns::sysctl("net/ipv4/ip_forward", "1")?;
             netns::sysctl("net/ipv6/conf/all/forwarding", "1")?;
             netns::sysctl("net/ipv6/conf/default/forwarding", "1")?;
@@ -343,20 +414,134 @@ impl Lab {
             netns::sysctl("net/ipv6/conf/default/accept_dad", "0")?;
             Ok(())
         })??;
+        let (ipv4, ipv6) = (Self::node_ipv4(n), Self::node_ipv6(n));
         netns::ip_batch(
-            Some(&node_netns),
+            Some(&netns),
             &[
                 "link set lo up".into(),
                 // The node's own addresses live on loopback (no dummy driver needed).
-                format!("addr add {NODE_IPV4}/32 dev lo"),
-                format!("addr add {NODE_IPV6}/128 dev lo nodad"),
+                format!("addr add {ipv4}/32 dev lo"),
+                format!("addr add {ipv6}/128 dev lo nodad"),
                 // Proxy ARP answers for the pods' gateway only if the node routes it
                 // out of another interface than the asking veth.
                 format!("route add {GATEWAY_IPV4}/32 dev lo"),
             ],
         )
         .context("setting up the node namespace")?;
-        Ok(lab)
+        self.nodes.push(Node {
+            name: Self::node_name(n),
+            netns,
+            ipv4,
+            ipv6,
+            worker,
+        });
+        Ok(())
+    }
+
+    /// Addresses of the underlay link between nodes `a` and `b`, as seen from `a`:
+    /// ((own IPv4, peer IPv4), (own IPv6, peer IPv6)). Link `k` (one per pair) has
+    /// 172.31.254.4k/30 and fd31:ff:k::/64; the lower node index takes `.1`/`::1`.
+    fn underlay_addrs(a: usize, b: usize) -> ((Ipv4Addr, Ipv4Addr), (Ipv6Addr, Ipv6Addr)) {
+        let (lo, hi) = (a.min(b), a.max(b));
+        let k = hi * (hi - 1) / 2 + lo;
+        let (own, peer) = if a < b { (1, 2) } else { (2, 1) };
+        let v4 = |host: usize| Ipv4Addr::new(172, 31, 254, (4 * k + host) as u8);
+        let v6 = |host: usize| Ipv6Addr::new(0xfd31, 0xff, k as u16, 0, 0, 0, 0, host as u16);
+        ((v4(own), v4(peer)), (v6(own), v6(peer)))
+    }
+
+    /// Joins nodes `a` and `b` with a veth (`ul<b>` in `a`, `ul<a>` in `b`), addresses
+    /// on both ends and routes to each other's node addresses.
+    fn link_nodes(&mut self, a: usize, b: usize) -> Result<()> {
+        netns::ip_batch(
+            Some(&self.nodes[a].netns),
+            &[format!(
+                "link add ul{b} type veth peer name ul{a} netns {}",
+                self.nodes[b].netns
+            )],
+        )?;
+        for (me, peer) in [(a, b), (b, a)] {
+            let ((v4, _), (v6, _)) = Self::underlay_addrs(me, peer);
+            let mut lines = vec![
+                format!("link set ul{peer} up"),
+                format!("addr add {v4}/30 dev ul{peer}"),
+                format!("addr add {v6}/64 dev ul{peer} nodad"),
+            ];
+            let (node4, node6) = (Self::node_ipv4(peer), Self::node_ipv6(peer));
+            lines.extend(self.remote_routes(me, peer, "add", Some(node4), Some(node6)));
+            netns::ip_batch(Some(&self.nodes[me].netns), &lines)?;
+        }
+        Ok(())
+    }
+
+    /// `route <op>` lines for node `me` towards addresses living on node `owner`: via
+    /// the underlay link, with `me`'s node address as the source of its own traffic.
+    fn remote_routes(
+        &self,
+        me: usize,
+        owner: usize,
+        op: &str,
+        ipv4: Option<Ipv4Addr>,
+        ipv6: Option<Ipv6Addr>,
+    ) -> Vec<String> {
+        let ((_, peer4), (_, peer6)) = Self::underlay_addrs(me, owner);
+        let node = &self.nodes[me];
+        let mut lines = Vec::new();
+        if let Some(ip) = ipv4 {
+            lines.push(format!(
+                "route {op} {ip}/32 via {peer4} dev ul{owner} src {}",
+                node.ipv4
+            ));
+        }
+        if let Some(ip) = ipv6 {
+            lines.push(format!(
+                "route {op} {ip}/128 via {peer6} dev ul{owner} src {}",
+                node.ipv6
+            ));
+        }
+        lines
+    }
+
+    /// Routes the addresses of an endpoint on node `owner` from every other node.
+    fn route_from_other_nodes(
+        &self,
+        owner: usize,
+        op: &str,
+        ipv4: Option<Ipv4Addr>,
+        ipv6: Option<Ipv6Addr>,
+    ) -> Result<()> {
+        for me in (0..self.nodes.len()).filter(|&m| m != owner) {
+            let lines = self.remote_routes(me, owner, op, ipv4, ipv6);
+            netns::ip_batch(Some(&self.nodes[me].netns), &lines)
+                .with_context(|| format!("routing from {}", self.nodes[me].name))?;
+        }
+        Ok(())
+    }
+
+    /// Name of node `n`: [`NODE_NAME`] for node 0, `lab-node-<n>` for the others.
+    pub fn node_name(n: usize) -> String {
+        match n {
+            0 => NODE_NAME.to_owned(),
+            _ => format!("{NODE_NAME}-{n}"),
+        }
+    }
+
+    /// Probe endpoint id of node `n`'s namespace: [`NODE`] for node 0, `node<n>` else.
+    pub fn node_endpoint(n: usize) -> String {
+        match n {
+            0 => NODE.to_owned(),
+            _ => format!("{NODE}{n}"),
+        }
+    }
+
+    /// IPv4 address of node `n`: 172.31.255.(n+1).
+    pub fn node_ipv4(n: usize) -> Ipv4Addr {
+        Ipv4Addr::new(172, 31, 255, n as u8 + 1)
+    }
+
+    /// IPv6 address of node `n`: fd31::(n+1).
+    pub fn node_ipv6(n: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd31, 0, 0, 0, 0, 0, 0, n as u16 + 1)
     }
 
     /// Unique id of this lab (`lab<seq>-<pid>`); agents pin under `/sys/fs/bpf/netpol-<id>`.
@@ -364,9 +549,14 @@ impl Lab {
         &self.id
     }
 
-    /// The node's network namespace (where the agent runs).
+    /// The nodes, by index.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The (first) node's network namespace (where its agent runs).
     pub fn node_netns(&self) -> &str {
-        &self.node_netns
+        &self.nodes[0].netns
     }
 
     /// Scratch directory for this lab's files (manifests, logs); removed on drop unless
@@ -380,9 +570,22 @@ impl Lab {
         self.keep_workdir = keep;
     }
 
-    /// bpffs directory the agent of this lab pins into.
+    /// bpffs directory the (first) node's agent pins into.
     pub fn pin_dir(&self) -> PathBuf {
-        Path::new(netns::BPFFS).join(format!("netpol-{}", self.id))
+        self.node_pin_dir(0)
+    }
+
+    /// bpffs directory node `n`'s agent pins into: `netpol-<id>` for node 0,
+    /// `netpol-lab<seq>n<n>-<pid>` for the others (the sweep still finds the pid).
+    pub fn node_pin_dir(&self, n: usize) -> PathBuf {
+        let name = match n {
+            0 => format!("netpol-{}", self.id),
+            _ => {
+                let (lab, pid) = self.id.rsplit_once('-').expect("lab<seq>-<pid>");
+                format!("netpol-{lab}n{n}-{pid}")
+            }
+        };
+        Path::new(netns::BPFFS).join(name)
     }
 
     /// Sets (replaces) a namespace's labels, creating the namespace if needed.
@@ -451,14 +654,19 @@ impl Lab {
         Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, (index >> 16) as u16, index as u16)
     }
 
-    /// Creates a namespace-and-veth pair towards the node, returns (netns, node-side ifname, worker).
+    /// Creates a namespace-and-veth pair towards node `node`, returns (netns, node-side
+    /// ifname, worker).
     fn plumb(
         &mut self,
+        node: usize,
         kind: char,
         index: u32,
         ipv4: Option<Ipv4Addr>,
         ipv6: Option<Ipv6Addr>,
     ) -> Result<(String, String, Arc<NetnsWorker>)> {
+        let Some(node_ns) = self.nodes.get(node).map(|n| n.netns.clone()) else {
+            bail!("no node {node} (the lab has {})", self.nodes.len());
+        };
         let netns = format!("{}-{kind}{index}", self.netns_prefix);
         // Interface names are per namespace, so short names cannot collide.
         let node_if = format!("{}{index}", if kind == 'p' { 'v' } else { 'x' });
@@ -473,18 +681,18 @@ impl Lab {
             Ok(())
         })??;
 
-        let mut node = vec![
+        let mut on_node = vec![
             format!("link add {node_if} type veth peer name eth0 netns {netns}"),
             format!("link set {node_if} up"),
         ];
         let mut inner = vec!["link set lo up".to_string()];
         if let Some(ip) = ipv4 {
-            node.push(format!("route add {ip}/32 dev {node_if}"));
+            on_node.push(format!("route add {ip}/32 dev {node_if}"));
             inner.push(format!("addr add {ip}/32 dev eth0"));
         }
         if let Some(ip) = ipv6 {
-            node.push(format!("addr add {GATEWAY_IPV6}/64 dev {node_if} nodad"));
-            node.push(format!("route add {ip}/128 dev {node_if}"));
+            on_node.push(format!("addr add {GATEWAY_IPV6}/64 dev {node_if} nodad"));
+            on_node.push(format!("route add {ip}/128 dev {node_if}"));
             inner.push(format!("addr add {ip}/128 dev eth0 nodad"));
         }
         inner.push("link set eth0 up".into());
@@ -496,10 +704,11 @@ impl Lab {
         if ipv6.is_some() {
             inner.push(format!("route add default via {GATEWAY_IPV6} dev eth0"));
         }
-        netns::ip_batch(Some(&self.node_netns), &node)
+        netns::ip_batch(Some(&node_ns), &on_node)
             .with_context(|| format!("wiring {netns} into the node"))?;
         let iface = node_if.clone();
-        self.node_worker
+        self.nodes[node]
+            .worker
             .run(move || -> Result<()> {
                 netns::sysctl(&format!("net/ipv4/conf/{iface}/proxy_arp"), "1")?;
                 // Proxy ARP answers broadcast requests after a random delay of up to
@@ -522,7 +731,9 @@ impl Lab {
         }
         let index = self.take_index();
         let ipv4 = spec.ipv4.unwrap_or_else(|| Self::auto_ipv4(index));
-        let (netns, host_if, worker) = self.plumb('p', index, Some(ipv4), spec.ipv6)?;
+        let (netns, host_if, worker) = self.plumb(spec.node, 'p', index, Some(ipv4), spec.ipv6)?;
+        self.route_from_other_nodes(spec.node, "add", Some(ipv4), spec.ipv6)
+            .with_context(|| format!("routing to {}/{}", spec.namespace, spec.name))?;
         let mut addrs = vec![IpAddr::V4(ipv4)];
         addrs.extend(spec.ipv6.map(IpAddr::V6));
         self.start_servers(&worker, &addrs, &spec.ports)
@@ -537,6 +748,7 @@ impl Lab {
             ipv6: spec.ipv6,
             netns,
             host_if,
+            node: spec.node,
             worker,
         });
         Ok(self.pods.last().expect("just pushed"))
@@ -555,10 +767,11 @@ impl Lab {
         let pod = self.pods.remove(i);
         self.servers.stop_netns(&pod.netns);
         netns::ip_batch(
-            Some(&self.node_netns),
+            Some(&self.nodes[pod.node].netns),
             &[format!("link del {}", pod.host_if)],
         )
         .with_context(|| format!("deleting the veth of {id}"))?;
+        self.route_from_other_nodes(pod.node, "del", Some(pod.ipv4), pod.ipv6)?;
         let netns = pod.netns.clone();
         drop(pod); // Ends its worker thread, which lives in the netns.
         netns::delete_netns([netns.as_str()])?;
@@ -569,6 +782,17 @@ impl Lab {
     /// Creates an endpoint outside the cluster, in its own netns behind a veth to the
     /// node (not a pod: no manifest, no programs). Probe it as `host/NAME`.
     pub fn add_host(&mut self, name: &str, ip: IpAddr, ports: &[Port]) -> Result<&Host> {
+        self.add_host_on(0, name, ip, ports)
+    }
+
+    /// [`Lab::add_host`] behind node `node`; the other nodes route it over the underlay.
+    pub fn add_host_on(
+        &mut self,
+        node: usize,
+        name: &str,
+        ip: IpAddr,
+        ports: &[Port],
+    ) -> Result<&Host> {
         if self.hosts.iter().any(|h| h.name == name) {
             bail!("host {name} already exists");
         }
@@ -577,7 +801,9 @@ impl Lab {
             IpAddr::V4(a) => (Some(a), None),
             IpAddr::V6(a) => (None, Some(a)),
         };
-        let (netns, node_if, worker) = self.plumb('h', index, v4, v6)?;
+        let (netns, node_if, worker) = self.plumb(node, 'h', index, v4, v6)?;
+        self.route_from_other_nodes(node, "add", v4, v6)
+            .with_context(|| format!("routing to host/{name}"))?;
         self.start_servers(&worker, &[ip], ports)
             .with_context(|| format!("serving ports of host/{name}"))?;
         self.hosts.push(Host {
@@ -586,6 +812,7 @@ impl Lab {
             ports: ports.to_vec(),
             netns,
             node_if,
+            node,
             worker,
         });
         Ok(self.hosts.last().expect("just pushed"))
@@ -607,10 +834,19 @@ impl Lab {
         Ok(())
     }
 
-    /// Resolves a probe endpoint id: `ns/pod`, `host/NAME` or [`NODE`].
+    /// Resolves a probe endpoint id: `ns/pod`, `host/NAME`, [`NODE`] or `node<n>`.
     fn endpoint(&self, id: &str) -> Result<(Arc<NetnsWorker>, Option<Ipv4Addr>, Option<Ipv6Addr>)> {
-        if id == NODE {
-            return Ok((self.node_worker.clone(), Some(NODE_IPV4), Some(NODE_IPV6)));
+        let node = match id.strip_prefix(NODE) {
+            Some("") => Some(0),
+            Some(n) if n.bytes().all(|b| b.is_ascii_digit()) => n.parse().ok(),
+            _ => None,
+        };
+        if let Some(n) = node {
+            let node: &Node = self
+                .nodes
+                .get(n)
+                .with_context(|| format!("no node {n} (the lab has {})", self.nodes.len()))?;
+            return Ok((node.worker.clone(), Some(node.ipv4), Some(node.ipv6)));
         }
         if let Some(name) = id.strip_prefix("host/") {
             let h = self
@@ -635,7 +871,8 @@ impl Lab {
         dir.write(self, policies_yaml)
     }
 
-    /// The address of an endpoint (`ns/pod`, `host/NAME` or [`NODE`]) in one family.
+    /// The address of an endpoint (`ns/pod`, `host/NAME`, [`NODE`] or `node<n>`) in one
+    /// family.
     pub fn address(&self, id: &str, family: Family) -> Option<IpAddr> {
         let (_, v4, v6) = self.endpoint(id).ok()?;
         match family {
@@ -701,15 +938,51 @@ impl Drop for Lab {
         }
         self.pods.clear();
         self.hosts.clear();
+        let nodes = self.nodes.len();
+        self.nodes.clear();
         if let Err(e) = netns::delete_netns(self.created_netns.iter().map(String::as_str)) {
             eprintln!("lab {}: {e:#}", self.id);
         }
-        let pin = self.pin_dir();
-        if pin.exists() {
-            let _ = std::fs::remove_dir_all(&pin);
+        for n in 0..nodes.max(1) {
+            let pin = self.node_pin_dir(n);
+            if pin.exists() {
+                let _ = std::fs::remove_dir_all(&pin);
+            }
         }
         if !self.keep_workdir {
             let _ = std::fs::remove_dir_all(&self.workdir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn underlay_links_get_their_own_subnets() {
+        let ((a, a_peer), (a6, a6_peer)) = Lab::underlay_addrs(0, 1);
+        assert_eq!(
+            (a, a_peer),
+            (
+                "172.31.254.1".parse().unwrap(),
+                "172.31.254.2".parse().unwrap()
+            )
+        );
+        assert_eq!(Lab::underlay_addrs(1, 0), ((a_peer, a), (a6_peer, a6)));
+        let mut seen = std::collections::BTreeSet::new();
+        for b in 0..MAX_NODES {
+            for a in 0..b {
+                let ((own, _), (own6, _)) = Lab::underlay_addrs(a, b);
+                assert!(
+                    seen.insert(own.octets()[3] / 4),
+                    "link {a}-{b} reuses a /30"
+                );
+                assert!(seen.len() < 64 && own6.segments()[2] as usize == seen.len() - 1);
+            }
+        }
+        assert_eq!(Lab::node_name(0), NODE_NAME);
+        assert_eq!(Lab::node_name(1), "lab-node-1");
+        assert_eq!(Lab::node_endpoint(1), "node1");
     }
 }
