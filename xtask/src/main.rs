@@ -37,7 +37,7 @@ enum Cmd {
         agent: Option<PathBuf>,
     },
     /// Every test tier: cargo test --workspace, the network-namespace tests, then the
-    /// conformance cases in local mode and in Kubernetes mode.
+    /// conformance cases in local mode, in Kubernetes mode and across two nodes.
     Test,
     /// Run NetworkPolicy conformance cases (FORMAT.md) on emulated pods with real traffic.
     Conformance(ConformanceArgs),
@@ -68,9 +68,14 @@ struct ConformanceArgs {
     /// Use this agent binary instead of building one.
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
-    /// Cases run at once, each on its own emulated node.
+    /// Cases run at once, each on its own emulated node(s).
     #[arg(long, default_value_t = 2)]
     jobs: usize,
+    /// Emulated nodes per case, joined by underlay links, one agent each; the case's pods
+    /// are dealt to them in turn so that most probes cross nodes (local mode only).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=xtask::lab::MAX_NODES as i64))]
+    nodes: u16,
     /// Probe timeout per step, in milliseconds (blocked probes wait this long, together).
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     timeout_ms: u64,
@@ -107,8 +112,15 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
         conformance::SourceKind::Local => "local mode",
         conformance::SourceKind::Kube => "Kubernetes mode (API server double)",
     };
+    if args.nodes > 1 && args.source != conformance::SourceKind::Local {
+        anyhow::bail!("--nodes {} needs --source local", args.nodes);
+    }
+    let nodes = match args.nodes {
+        1 => String::new(),
+        n => format!(", {n} nodes (one agent each)"),
+    };
     xtask::ui::step(&format!(
-        "conformance: {} {plural}, {} at a time, agent in {source}",
+        "conformance: {} {plural}, {} at a time, agent in {source}{nodes}",
         files.len(),
         args.jobs
     ));
@@ -119,10 +131,15 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
         timeout: std::time::Duration::from_millis(args.timeout_ms),
         apply_timeout: std::time::Duration::from_secs(30),
         jobs: args.jobs,
+        nodes: args.nodes.into(),
         json: args.json,
     };
     let summary = conformance::run(&files, &options)?;
-    println!("conformance: {:.0}s", summary.seconds);
+    let label = match args.nodes {
+        1 => String::new(),
+        n => format!(" ({n} nodes)"),
+    };
+    println!("conformance{label}: {:.0}s", summary.seconds);
     println!("{} passed, {} failed", summary.passed, summary.failed);
     if summary.failed > 0 {
         anyhow::bail!("{} conformance case(s) failed", summary.failed);
@@ -142,7 +159,7 @@ fn main() -> ExitCode {
             .and_then(|()| cargo::build_agent())
             .and_then(|agent| {
                 let tiers = cargo::test_all(&agent).and(cargo::bench("all", true));
-                let run = |source| {
+                let run = |source, nodes| {
                     conformance(ConformanceArgs {
                         paths: Vec::new(),
                         json: None,
@@ -151,13 +168,16 @@ fn main() -> ExitCode {
                         timeout_ms: 1000,
                         source,
                         faults: false,
+                        nodes,
                     })
                 };
                 // The same cases with the agent in local mode, then in Kubernetes mode
-                // (fed over HTTP list/watch by the API server double).
-                let local = run(conformance::SourceKind::Local);
-                let kube = run(conformance::SourceKind::Kube);
-                tiers.and(local).and(kube)
+                // (fed over HTTP list/watch by the API server double), then across two
+                // nodes (two agents, pods dealt to both).
+                let local = run(conformance::SourceKind::Local, 1);
+                let kube = run(conformance::SourceKind::Kube, 1);
+                let two_nodes = run(conformance::SourceKind::Local, 2);
+                tiers.and(local).and(kube).and(two_nodes)
             }),
         Cmd::Conformance(args) => prereqs::ensure().and_then(|()| conformance(args)),
         Cmd::Bench { which, smoke } => prereqs::ensure().and_then(|()| cargo::bench(&which, smoke)),

@@ -7,6 +7,13 @@
 //! rewrites the manifest directory, waits until the agent reports that the step's
 //! generation is in the kernel, then probes every pair of every expectation at once
 //! (one timeout per step, not per probe) and compares with the expected verdicts.
+//!
+//! With `--nodes N` the lab has N nodes joined by underlay links, one agent each (all
+//! reading the same manifests, each programming the pods whose `spec.nodeName` is its
+//! node), and the case's pods, then its hosts, are dealt to the nodes in turn (pod `i`
+//! on node `i mod N`), so that most pairs cross nodes and both conntracks. FORMAT.md
+//! has no node endpoint: probes run between pods and hosts only, so no verdict depends
+//! on which node is "the" node.
 
 pub mod case;
 mod kube;
@@ -53,6 +60,8 @@ pub struct Options {
     pub apply_timeout: Duration,
     /// Cases run at once (each in its own lab).
     pub jobs: usize,
+    /// Nodes per lab, one agent each (local mode only when more than one).
+    pub nodes: usize,
     pub json: Option<PathBuf>,
 }
 
@@ -236,12 +245,14 @@ pub fn run_case(file: &Path, options: &Options) -> CaseResult {
 
 /// A case's lab, agent and current policies.
 struct Runner<'a> {
+    /// One per node, started by the first sync. Declared first: fields drop in order,
+    /// and the agents must stop before their lab goes away.
+    agents: Vec<AgentProcess>,
     lab: Lab,
     /// The agent's manifest directory (local mode), or the staging directory whose
     /// rendering is published through the API server double (Kubernetes mode).
     manifests: ManifestDir,
     kube: Option<kube::KubeFeed>,
-    agent: Option<AgentProcess>,
     policies: BTreeMap<(String, String), Value>,
     options: &'a Options,
 }
@@ -294,20 +305,29 @@ fn without_metadata_name(labels: &BTreeMap<String, String>) -> BTreeMap<String, 
 impl<'a> Runner<'a> {
     fn new(case: &Case, options: &'a Options) -> Result<Self> {
         let plan = ClusterPlan::of(case)?;
-        let mut lab = Lab::new()?;
+        if options.nodes > 1 && options.source != SourceKind::Local {
+            bail!("more than one node needs the agents in local mode");
+        }
+        let mut lab = Lab::with_nodes(options.nodes)?;
+        // Pods, then hosts, dealt to the nodes in turn.
+        let mut next_node = (0..options.nodes).cycle();
         for (ns, labels) in &plan.namespaces {
             lab.set_namespace_labels(ns, without_metadata_name(labels));
         }
         for pod in &plan.pods {
             let (ns, name) = case::split_pod(&pod.name)?;
-            let mut spec = PodSpec::new(ns, name).ports(pod.ports.iter().map(lab_port));
+            let node = next_node.next().expect("cycles forever");
+            let mut spec = PodSpec::new(ns, name)
+                .ports(pod.ports.iter().map(lab_port))
+                .on_node(node);
             spec.labels = pod.labels.clone();
             lab.add_pod(spec)
                 .with_context(|| format!("creating pod {}", pod.name))?;
         }
         for host in &plan.hosts {
             let ports: Vec<Port> = host.ports.iter().map(lab_port).collect();
-            lab.add_host(&host.name, IpAddr::V4(host.ip), &ports)
+            let node = next_node.next().expect("cycles forever");
+            lab.add_host_on(node, &host.name, IpAddr::V4(host.ip), &ports)
                 .with_context(|| format!("creating host/{}", host.name))?;
         }
         let manifests = ManifestDir::create(lab.workdir().join("manifests"))?;
@@ -319,7 +339,7 @@ impl<'a> Runner<'a> {
             lab,
             manifests,
             kube,
-            agent: None,
+            agents: Vec::new(),
             policies: BTreeMap::new(),
             options,
         })
@@ -341,23 +361,46 @@ impl<'a> Runner<'a> {
         if let Some(kube) = &mut self.kube {
             generation = kube.publish(&self.lab, self.manifests.path())?;
         }
-        if self.agent.is_none() {
-            self.agent = Some(match &self.kube {
-                None => AgentProcess::start(&self.lab, &self.options.agent, &self.manifests)?,
-                Some(kube) => AgentProcess::start_with_source(
-                    &self.lab,
-                    &self.options.agent,
-                    &kube.agent_args(),
-                )?,
-            });
+        if self.agents.is_empty() {
+            for node in 0..self.lab.nodes().len() {
+                self.agents.push(match &self.kube {
+                    None => AgentProcess::start_on(
+                        &self.lab,
+                        node,
+                        &self.options.agent,
+                        &self.manifests,
+                    )?,
+                    Some(kube) => AgentProcess::start_with_source_on(
+                        &self.lab,
+                        node,
+                        &self.options.agent,
+                        &kube.agent_args(),
+                    )?,
+                });
+            }
         }
-        let agent = self.agent.as_mut().expect("started above");
-        let status = agent.wait_generation(generation, self.options.apply_timeout)?;
-        if status.invalid > 0 {
-            bail!(
-                "the agent rejected {} object(s) of this step; see its log",
-                status.invalid
-            );
+        let several = self.agents.len() > 1;
+        for (node, agent) in self.agents.iter_mut().enumerate() {
+            let on = if several {
+                format!(" on {}", Lab::node_name(node))
+            } else {
+                String::new()
+            };
+            let status = agent
+                .wait_generation(generation, self.options.apply_timeout)
+                .map_err(|e| {
+                    if several {
+                        e.context(format!("node {node}"))
+                    } else {
+                        e
+                    }
+                })?;
+            if status.invalid > 0 {
+                bail!(
+                    "the agent{on} rejected {} object(s) of this step; see its log",
+                    status.invalid
+                );
+            }
         }
         Ok(())
     }
@@ -409,6 +452,25 @@ impl<'a> Runner<'a> {
                 .set_namespace_labels(ns, without_metadata_name(labels));
         }
         self.sync()
+    }
+
+    /// Which endpoints run on which node, for failure reports: `lab-node: x/a, y/b, ...`.
+    fn placement(&self) -> String {
+        let mut lines = Vec::new();
+        for (n, node) in self.lab.nodes().iter().enumerate() {
+            let pods = self
+                .lab
+                .pods()
+                .iter()
+                .filter(|p| p.node == n)
+                .map(|p| p.id());
+            let hosts = self.lab.hosts().iter().filter(|h| h.node == n);
+            let names: Vec<String> = pods
+                .chain(hosts.map(|h| format!("host/{}", h.name)))
+                .collect();
+            lines.push(format!("{}: {}", node.name, names.join(", ")));
+        }
+        format!("--- placement ---\n  {}", lines.join("\n  "))
     }
 
     /// Probe endpoints: pods, then hosts, with what they serve.
@@ -490,8 +552,12 @@ impl<'a> Runner<'a> {
                 .steps
                 .iter()
                 .any(|s| s.expects.iter().any(|e| e.wrong() > 0));
-        if failed && let Some(agent) = &self.agent {
-            result.agent_log = Some(agent.log_tail(30));
+        if failed && !self.agents.is_empty() {
+            let mut logs: Vec<String> = self.agents.iter().map(|a| a.log_tail(30)).collect();
+            if self.agents.len() > 1 {
+                logs.insert(0, self.placement());
+            }
+            result.agent_log = Some(logs.join("\n"));
         }
         outcome
     }
