@@ -6,6 +6,7 @@ pub mod bench_traffic;
 pub mod cargo;
 pub mod conformance;
 pub mod demo;
+pub mod fuzz;
 pub mod kind;
 pub mod lab;
 pub mod matrix;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xtask::{cargo, conformance, demo, kind, prereqs};
+use xtask::{cargo, conformance, demo, fuzz, kind, prereqs};
 
 #[derive(Parser)]
 #[command(
@@ -36,8 +36,9 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         agent: Option<PathBuf>,
     },
-    /// Every test tier: cargo test --workspace, the network-namespace tests, then the
-    /// conformance cases in local mode, in Kubernetes mode and across two nodes.
+    /// Every test tier: cargo test --workspace, the network-namespace tests, benchmark and
+    /// fuzz smoke runs, then the conformance cases in local mode, in Kubernetes mode and
+    /// across two nodes.
     Test,
     /// Run NetworkPolicy conformance cases (FORMAT.md) on emulated pods with real traffic.
     Conformance(ConformanceArgs),
@@ -56,6 +57,13 @@ enum Cmd {
     /// cluster, build and load the agent image, deploy deploy/, wait for the DaemonSet,
     /// then check enforcement with real pods (see deploy/README.md).
     KindE2e(kind::Options),
+    /// Fuzz manifest parsing and compiling (cargo-fuzz, nightly; fuzz/): prints the inputs
+    /// run and the corpus size; fails on a crash (the input lands in fuzz/artifacts/).
+    Fuzz {
+        /// How long to fuzz, in seconds.
+        #[arg(long, value_name = "N", default_value_t = fuzz::DEFAULT_SECS)]
+        secs: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -158,7 +166,9 @@ fn main() -> ExitCode {
         Cmd::Test => prereqs::ensure()
             .and_then(|()| cargo::build_agent())
             .and_then(|agent| {
-                let tiers = cargo::test_all(&agent).and(cargo::bench("all", true));
+                let tiers = cargo::test_all(&agent)
+                    .and(cargo::bench("all", true))
+                    .and(fuzz::run(fuzz::SMOKE_SECS));
                 let run = |source, nodes| {
                     conformance(ConformanceArgs {
                         paths: Vec::new(),
@@ -182,6 +192,7 @@ fn main() -> ExitCode {
         Cmd::Conformance(args) => prereqs::ensure().and_then(|()| conformance(args)),
         Cmd::Bench { which, smoke } => prereqs::ensure().and_then(|()| cargo::bench(&which, smoke)),
         Cmd::KindE2e(options) => kind::run(&options),
+        Cmd::Fuzz { secs } => fuzz::run(secs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

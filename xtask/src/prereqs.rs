@@ -30,6 +30,53 @@ pub fn ensure() -> Result<()> {
     Ok(())
 }
 
+/// cargo-fuzz series installed for `cargo xtask fuzz` (and the smoke run of `test`).
+const CARGO_FUZZ_SERIES: &str = "0.13";
+
+/// What `cargo xtask fuzz` needs, installed where missing: a C++ compiler (libfuzzer-sys
+/// builds libFuzzer), the nightly toolchain and cargo-fuzz.
+pub fn ensure_fuzz() -> Result<()> {
+    ui::step("fuzzing prerequisites");
+    Apt::default().ensure("g++")?;
+    ensure_rust_src()?;
+    ensure_cargo_fuzz()
+}
+
+/// `Some(version)` when `cargo fuzz --version` works (`cargo-fuzz 0.13.2`).
+fn cargo_fuzz_version() -> Option<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = probe(&cargo, &["fuzz", "--version"])?;
+    out.split_whitespace().nth(1).map(str::to_owned)
+}
+
+fn ensure_cargo_fuzz() -> Result<()> {
+    match cargo_fuzz_version() {
+        Some(v) if in_series(&v, CARGO_FUZZ_SERIES) => {
+            ui::ok(&format!("cargo-fuzz {v} already installed"));
+            return Ok(());
+        }
+        Some(v) => ui::doing(&format!(
+            "replacing cargo-fuzz {v} with {CARGO_FUZZ_SERIES}.x"
+        )),
+        None => ui::doing(&format!("installing cargo-fuzz {CARGO_FUZZ_SERIES}.x")),
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        &format!("~{CARGO_FUZZ_SERIES}"),
+        "--locked",
+        "--force",
+    ]))?;
+    match cargo_fuzz_version() {
+        Some(v) if in_series(&v, CARGO_FUZZ_SERIES) => Ok(()),
+        other => bail!(
+            "cargo-fuzz is not usable after installing it (found {other:?}); is ~/.cargo/bin on PATH?"
+        ),
+    }
+}
+
 /// Runs a command quietly; returns stdout when it succeeds, `None` when it fails or
 /// does not exist.
 fn probe(program: &str, args: &[&str]) -> Option<String> {
