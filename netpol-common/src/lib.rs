@@ -107,6 +107,11 @@ pub const ENDPOINT_INGRESS_ISOLATED: u32 = 1 << 0;
 pub const ENDPOINT_EGRESS_ISOLATED: u32 = 1 << 1;
 /// Would-be drops are counted and let through.
 pub const ENDPOINT_AUDIT: u32 = 1 << 2;
+/// Some POLICY entry of the endpoint allows any peer ([`IDENTITY_ANY`]) for ingress: only
+/// then is the second POLICY lookup (with identity 0) worth making.
+pub const ENDPOINT_INGRESS_ANY_PEER: u32 = 1 << 3;
+/// The same for egress.
+pub const ENDPOINT_EGRESS_ANY_PEER: u32 = 1 << 4;
 
 /// Value of IPCACHE (LPM_TRIE, key data [`Addr`], prefix `ADDR_FAMILY_BITS + n`).
 #[repr(C)]

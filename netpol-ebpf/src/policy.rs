@@ -3,9 +3,9 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use netpol_common::{
-    Addr, DIR_INGRESS, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED,
-    EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, PEER_HOST, POLICY_PREFIX_FULL, PeerInfo, PolicyKey,
-    RULE_NONE, Reason,
+    Addr, DIR_INGRESS, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ANY_PEER, ENDPOINT_EGRESS_ISOLATED,
+    ENDPOINT_INGRESS_ANY_PEER, ENDPOINT_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY,
+    IDENTITY_WORLD, PEER_HOST, POLICY_PREFIX_FULL, PeerInfo, PolicyKey, RULE_NONE, Reason,
 };
 
 use crate::maps::{IPCACHE, POLICY};
@@ -21,10 +21,15 @@ fn peer(addr: &Addr) -> PeerInfo {
     }
 }
 
+/// The exact identity first; identity 0 (any peer) only where the endpoint has such
+/// entries in this direction (`any_peer`).
 #[inline(always)]
-fn allowing_rule(mut key: PolicyKey) -> Option<u32> {
+fn allowing_rule(mut key: PolicyKey, any_peer: bool) -> Option<u32> {
     if let Some(value) = POLICY.get(Key::new(POLICY_PREFIX_FULL, key)) {
         return Some(value.rule);
+    }
+    if !any_peer {
+        return None;
     }
     key.identity = IDENTITY_ANY;
     POLICY
@@ -54,10 +59,10 @@ pub struct Decision {
 /// Verdict, deciding rule and peer identity for a connection.
 #[inline(always)]
 pub fn decide(endpoint: &EndpointInfo, connection: &Connection) -> Decision {
-    let isolated = if connection.direction == DIR_INGRESS {
-        ENDPOINT_INGRESS_ISOLATED
+    let (isolated, any_peer) = if connection.direction == DIR_INGRESS {
+        (ENDPOINT_INGRESS_ISOLATED, ENDPOINT_INGRESS_ANY_PEER)
     } else {
-        ENDPOINT_EGRESS_ISOLATED
+        (ENDPOINT_EGRESS_ISOLATED, ENDPOINT_EGRESS_ANY_PEER)
     };
     if endpoint.flags & isolated == 0 {
         return Decision {
@@ -82,7 +87,7 @@ pub fn decide(endpoint: &EndpointInfo, connection: &Connection) -> Decision {
         protocol: connection.protocol,
         port: connection.port.to_be_bytes(),
     };
-    let (reason, rule) = match allowing_rule(key) {
+    let (reason, rule) = match allowing_rule(key, endpoint.flags & any_peer != 0) {
         Some(rule) => (Reason::PolicyAllowed, rule),
         None if endpoint.flags & ENDPOINT_AUDIT != 0 => (Reason::AuditAllowed, RULE_NONE),
         None => (Reason::PolicyDenied, RULE_NONE),

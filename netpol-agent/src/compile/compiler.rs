@@ -357,6 +357,21 @@ fn compile_with(state: &ClusterState, prev: &Allocations, cache: &mut CompileCac
         });
     }
 
+    // Endpoints with rules for any peer get the second POLICY lookup; the others are
+    // decided by one (a denied new flow costs one trie walk instead of two).
+    let mut any_peer: BTreeMap<u32, u32> = BTreeMap::new();
+    for key in policy.keys() {
+        if key.data.identity == IDENTITY_ANY {
+            *any_peer.entry(key.data.endpoint).or_default() |= match key.data.direction {
+                netpol_common::DIR_INGRESS => netpol_common::ENDPOINT_INGRESS_ANY_PEER,
+                _ => netpol_common::ENDPOINT_EGRESS_ANY_PEER,
+            };
+        }
+    }
+    for info in endpoint_map.values_mut() {
+        info.flags |= any_peer.get(&info.id).copied().unwrap_or(0);
+    }
+
     Compiled {
         endpoints: endpoint_map,
         ipcache,

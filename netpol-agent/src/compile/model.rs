@@ -90,8 +90,15 @@ pub fn decide(
         protocol,
         port: dport.to_be_bytes(),
     };
-    let hit = lpm::lookup(&compiled.policy, &key(peer.identity))
-        .or_else(|| lpm::lookup(&compiled.policy, &key(IDENTITY_ANY)));
+    let any_peer = match direction {
+        Direction::Ingress => netpol_common::ENDPOINT_INGRESS_ANY_PEER,
+        Direction::Egress => netpol_common::ENDPOINT_EGRESS_ANY_PEER,
+    };
+    let hit = lpm::lookup(&compiled.policy, &key(peer.identity)).or_else(|| {
+        (endpoint.flags & any_peer != 0)
+            .then(|| lpm::lookup(&compiled.policy, &key(IDENTITY_ANY)))
+            .flatten()
+    });
     match hit {
         Some(value) => decision(Reason::PolicyAllowed, value.rule),
         None if endpoint.flags & ENDPOINT_AUDIT != 0 => decision(Reason::AuditAllowed, RULE_NONE),
@@ -141,14 +148,15 @@ mod tests {
         s.parse().unwrap()
     }
 
-    /// Hand-built maps: endpoint 10.0.0.1 (id 3) isolated for ingress only.
+    /// Hand-built maps: endpoint 10.0.0.1 (id 3) isolated for ingress only, with a rule
+    /// for any peer.
     fn maps() -> Compiled {
         let mut c = Compiled::default();
         c.endpoints.insert(
             Addr::v4([10, 0, 0, 1]),
             EndpointInfo {
                 id: 3,
-                flags: ENDPOINT_INGRESS_ISOLATED,
+                flags: ENDPOINT_INGRESS_ISOLATED | netpol_common::ENDPOINT_INGRESS_ANY_PEER,
             },
         );
         c.ipcache.insert(
@@ -223,6 +231,23 @@ mod tests {
         );
         assert_eq!(
             lookup(&c, ip("8.8.8.8"), ep, PROTO_UDP, 54, Direction::Ingress),
+            None
+        );
+        // Without the any-peer flag the identity-0 lookup is not made (the compiler sets
+        // the flag wherever such entries exist).
+        let mut unflagged = c.clone();
+        for info in unflagged.endpoints.values_mut() {
+            info.flags &= !netpol_common::ENDPOINT_INGRESS_ANY_PEER;
+        }
+        assert_eq!(
+            lookup(
+                &unflagged,
+                ip("8.8.8.8"),
+                ep,
+                PROTO_UDP,
+                53,
+                Direction::Ingress
+            ),
             None
         );
         // From the node: always.

@@ -168,6 +168,7 @@ fn policy_types_defaulting() {
     let flags = |spec: serde_json::Value| {
         let c = run(basic().policy("x", "p", spec));
         c.endpoints[&addr(ip("10.0.0.1"))].flags
+            & (ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED)
     };
     let both = ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED;
     assert_eq!(flags(json!({})), ENDPOINT_INGRESS_ISOLATED);
@@ -188,6 +189,31 @@ fn policy_types_defaulting() {
         flags(json!({"podSelector": {"matchLabels": {"app": "db"}}})),
         0
     );
+}
+
+/// Endpoints whose rules allow any peer in a direction are flagged, so the kernel makes
+/// the second (identity 0) POLICY lookup only for them.
+#[test]
+fn endpoints_with_any_peer_rules_are_flagged_per_direction() {
+    use netpol_common::{ENDPOINT_EGRESS_ANY_PEER, ENDPOINT_INGRESS_ANY_PEER};
+    let any = |spec: serde_json::Value| {
+        let c = run(basic().policy("x", "p", spec));
+        c.endpoints[&addr(ip("10.0.0.1"))].flags
+            & (ENDPOINT_INGRESS_ANY_PEER | ENDPOINT_EGRESS_ANY_PEER)
+    };
+    assert_eq!(any(json!({"ingress": [{}]})), ENDPOINT_INGRESS_ANY_PEER);
+    assert_eq!(
+        any(
+            json!({"policyTypes": ["Egress"], "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]})
+        ),
+        ENDPOINT_EGRESS_ANY_PEER
+    );
+    assert_eq!(
+        any(json!({"ingress": [{"from": [{"podSelector": {}}]}]})),
+        0,
+        "a pod selector is no 'any peer'"
+    );
+    assert_eq!(any(json!({})), 0);
 }
 
 #[test]
