@@ -1,119 +1,139 @@
 //! `cargo xtask kind-e2e`: the agent as a cluster operator installs it, on a kind
-//! cluster (needs Docker, kind and kubectl; these machines have no Docker engine, so
-//! this never runs in CI here: the manifests are validated by
-//! netpol-agent/tests/kube_deploy.rs instead).
+//! cluster, checked by the conformance cases (needs Docker, kind and kubectl; these
+//! machines have no Docker engine, so this never runs in CI here: the manifests are
+//! validated by netpol-agent/tests/kube_deploy.rs, the generated objects and probe
+//! commands by the unit tests of conformance/cluster.rs).
 //!
-//! 1. `kind create cluster` with deploy/kind-cluster.yaml (unless it exists);
-//! 2. `docker build` deploy/Dockerfile, `kind load docker-image`;
-//! 3. `kubectl apply -f deploy/netpol-agent.yaml`, the image set to the one built,
+//! 1. fails fast, naming every missing tool, unless docker (with an engine), kind and
+//!    kubectl answer;
+//! 2. `kind create cluster` with deploy/kind-cluster.yaml (unless it exists);
+//! 3. `docker build` deploy/Dockerfile, `kind load docker-image`;
+//! 4. `kubectl apply -f deploy/netpol-agent.yaml`, the image set to the one built,
 //!    `kubectl rollout status` (readiness = every initial list is in the kernel);
-//! 4. enforcement with real pods: a client reaches a server; a default-deny ingress
-//!    policy stops it; deleting the policy lets it through again.
+//! 5. the conformance cases (all, or the given paths) on the cluster
+//!    ([`conformance::cluster`]), reported like `cargo xtask conformance`.
 //!
 //! Every command is bounded by a timeout. The cluster is deleted at the end unless
 //! `--keep`.
 
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::conformance::{self, cluster};
 use crate::{cargo, ui};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct Options {
+    /// Case files or directories [default: ../shared/conformance/cases and tests/conformance].
+    pub paths: Vec<PathBuf>,
     /// Name of the kind cluster.
     #[arg(long, default_value = "netpol-e2e")]
     pub cluster: String,
     /// Image tag to build and load.
     #[arg(long, default_value = "netpol-agent:e2e")]
     pub image: String,
-    /// Keep the cluster afterwards.
+    /// Keep the cluster afterwards (a later run reuses it).
     #[arg(long)]
     pub keep: bool,
+    /// Probes in flight at once (each a `kubectl exec`).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub parallel: usize,
+    /// Timeout of each probe (`agnhost connect --timeout`), in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub probe_timeout_ms: u64,
+    /// Write a machine-readable report here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
-const NS: &str = "netpol-e2e";
-const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.53";
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
 
-/// Runs a command with a deadline; returns its stdout. Fails with its stderr.
 fn exec(program: &str, args: &[&str], timeout: Duration) -> Result<String> {
-    let mut child = Command::new(program)
-        .args(args)
-        .current_dir(cargo::workspace_root())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {program} (is it installed?)"))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait()?.is_some() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{program} {} timed out after {timeout:?}", args.join(" "));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    cluster::exec(program, &strings(args), None, timeout)
 }
 
-fn kubectl(args: &[&str]) -> Result<String> {
-    exec("kubectl", args, Duration::from_secs(180))
+/// What the preflight found for one tool: `Ok(version)` or why it cannot be used.
+pub type ToolCheck = (&'static str, Result<String, String>);
+
+/// The tools kind-e2e needs, asked for their versions (`docker version` also needs the
+/// engine to answer).
+pub fn check_tools() -> Vec<ToolCheck> {
+    let ask = |program: &'static str, args: &[&str], missing: &str| -> ToolCheck {
+        let out = cluster::output(program, &strings(args), None, Duration::from_secs(30));
+        let result = match out {
+            Err(_) => Err(missing.to_owned()),
+            Ok(out) if out.success => Ok(out.stdout.trim().to_owned()),
+            Ok(out) => Err(out
+                .stderr
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("failed")
+                .trim()
+                .to_owned()),
+        };
+        (program, result)
+    };
+    vec![
+        ask(
+            "docker",
+            &["version", "--format", "{{.Server.Version}}"],
+            "not found on PATH (https://docs.docker.com/engine/install/)",
+        ),
+        ask(
+            "kind",
+            &["version"],
+            "not found on PATH (https://kind.sigs.k8s.io/docs/user/quick-start/#installation)",
+        ),
+        ask(
+            "kubectl",
+            &["version", "--client"],
+            "not found on PATH (https://kubernetes.io/docs/tasks/tools/)",
+        ),
+    ]
 }
 
-/// Whether `client` can open a TCP connection to `ip:80` (agnhost connect, 3 s).
-fn connects(ip: &str) -> bool {
-    let target = format!("{ip}:80");
-    kubectl(&[
-        "-n",
-        NS,
-        "exec",
-        "client",
-        "--",
-        "/agnhost",
-        "connect",
-        &target,
-        "--timeout=3s",
-    ])
-    .is_ok()
-}
-
-/// Polls `connects` until it equals `want` (policies apply within a second or two).
-fn expect_connect(ip: &str, want: bool, what: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if connects(ip) == want {
-            ui::ok(what);
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_secs(1));
+/// `None` when every tool works; otherwise the message to fail with.
+pub fn preflight_message(checks: &[ToolCheck]) -> Option<String> {
+    if checks.iter().all(|(_, r)| r.is_ok()) {
+        return None;
     }
-    bail!("{what}: not observed within 30 s")
+    let mut message =
+        String::from("kind-e2e needs Docker with a running engine, kind and kubectl:");
+    for (tool, result) in checks {
+        let line = match result {
+            Ok(version) => format!("ok ({})", version.lines().next().unwrap_or_default()),
+            Err(why) if *tool == "docker" && !why.starts_with("not found") => {
+                format!("no Docker engine answers: {why}")
+            }
+            Err(why) => why.clone(),
+        };
+        message.push_str(&format!("\n  {tool}: {line}"));
+    }
+    message.push_str("\nit cannot run here; see deploy/README.md (\"With kind\")");
+    Some(message)
 }
 
-fn run_e2e(options: &Options) -> Result<()> {
-    for tool in ["docker", "kind", "kubectl"] {
-        exec(tool, &["version"], Duration::from_secs(30)).with_context(|| {
-            format!("kind-e2e needs {tool} (and a Docker engine); see deploy/README.md")
-        })?;
+fn default_paths() -> Vec<PathBuf> {
+    let root = cargo::workspace_root();
+    let mut paths = vec![root.join("../shared/conformance/cases")];
+    let own = root.join("tests/conformance");
+    if own.is_dir() {
+        paths.push(own);
     }
+    paths
+}
+
+fn run_e2e(options: &Options, files: &[PathBuf]) -> Result<()> {
     let root = cargo::workspace_root();
     let deploy = |file: &str| root.join("deploy").join(file).display().to_string();
     let clusters = exec("kind", &["get", "clusters"], Duration::from_secs(30))?;
-    if !clusters.lines().any(|c| c.trim() == options.cluster) {
+    if clusters.lines().any(|c| c.trim() == options.cluster) {
+        ui::ok(&format!("kind cluster {} exists", options.cluster));
+    } else {
         ui::step(&format!("creating kind cluster {}", options.cluster));
         exec(
             "kind",
@@ -131,16 +151,11 @@ fn run_e2e(options: &Options) -> Result<()> {
         )?;
     }
     ui::step(&format!("building {}", options.image));
+    let dockerfile = deploy("Dockerfile");
+    let root_dir = root.display().to_string();
     exec(
         "docker",
-        &[
-            "build",
-            "-t",
-            &options.image,
-            "-f",
-            &deploy("Dockerfile"),
-            ".",
-        ],
+        &["build", "-t", &options.image, "-f", &dockerfile, &root_dir],
         Duration::from_secs(3600),
     )?;
     exec(
@@ -155,8 +170,12 @@ fn run_e2e(options: &Options) -> Result<()> {
         Duration::from_secs(600),
     )?;
     ui::step("deploying deploy/netpol-agent.yaml");
-    kubectl(&["apply", "-f", &deploy("netpol-agent.yaml")])?;
-    kubectl(&[
+    let context = format!("kind-{}", options.cluster);
+    let kubectl = cluster::Kubectl {
+        context: Some(context.clone()),
+    };
+    kubectl.run(&["apply", "-f", &deploy("netpol-agent.yaml")])?;
+    kubectl.run(&[
         "-n",
         "kube-system",
         "set",
@@ -164,7 +183,15 @@ fn run_e2e(options: &Options) -> Result<()> {
         "daemonset/netpol-agent",
         &format!("agent={}", options.image),
     ])?;
-    kubectl(&[
+    // A rebuilt image under the same tag: restart so every node runs it.
+    kubectl.run(&[
+        "-n",
+        "kube-system",
+        "rollout",
+        "restart",
+        "daemonset/netpol-agent",
+    ])?;
+    kubectl.run(&[
         "-n",
         "kube-system",
         "rollout",
@@ -174,76 +201,88 @@ fn run_e2e(options: &Options) -> Result<()> {
     ])?;
     ui::ok("netpol-agent ready on every node");
 
-    ui::step("enforcement with real pods");
-    let _ = kubectl(&["create", "namespace", NS]);
-    for name in ["server", "client"] {
-        let args = if name == "server" {
-            "--command -- /agnhost netexec --http-port=80"
-        } else {
-            "--command -- /agnhost pause"
-        };
-        let mut command = vec![
-            "-n",
-            NS,
-            "run",
-            name,
-            "--image",
-            AGNHOST,
-            "--labels",
-            if name == "server" {
-                "app=server"
-            } else {
-                "app=client"
-            },
-        ];
-        command.extend(args.split(' '));
-        let _ = kubectl(&command);
+    let plural = if files.len() == 1 { "case" } else { "cases" };
+    ui::step(&format!(
+        "conformance: {} {plural} on kind cluster {}, one at a time, probes with kubectl exec ({} at once)",
+        files.len(),
+        options.cluster,
+        options.parallel
+    ));
+    let run_options = cluster::Options {
+        context: Some(context),
+        probe_timeout: Duration::from_millis(options.probe_timeout_ms),
+        parallel: options.parallel,
+        json: options.json.clone(),
+        ..cluster::Options::default()
+    };
+    let summary = cluster::run(files, &run_options)?;
+    println!("conformance (kind): {:.0}s", summary.seconds);
+    println!("{} passed, {} failed", summary.passed, summary.failed);
+    if summary.failed > 0 {
+        bail!("{} conformance case(s) failed on kind", summary.failed);
     }
-    kubectl(&[
-        "-n",
-        NS,
-        "wait",
-        "--for=condition=Ready",
-        "pod/server",
-        "pod/client",
-        "--timeout=120s",
-    ])?;
-    let ip = kubectl(&[
-        "-n",
-        NS,
-        "get",
-        "pod",
-        "server",
-        "-o",
-        "jsonpath={.status.podIP}",
-    ])?;
-    let ip = ip.trim().to_owned();
-    expect_connect(&ip, true, "client reaches server without policies")?;
-    let policy = root.join("target").join("kind-e2e-deny.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: deny, namespace: {NS}}}\n\
-             spec: {{podSelector: {{matchLabels: {{app: server}}}}, policyTypes: [Ingress]}}\n"
-        ),
-    )?;
-    let policy = policy.display().to_string();
-    kubectl(&["apply", "-f", &policy])?;
-    expect_connect(&ip, false, "a default-deny ingress policy stops it")?;
-    kubectl(&["delete", "-f", &policy])?;
-    expect_connect(&ip, true, "deleting the policy lets it through again")?;
     Ok(())
 }
 
-/// Runs the end-to-end check, then deletes the cluster unless `--keep`.
+/// Checks the tools, runs the cases on a kind cluster, then deletes the cluster unless
+/// `--keep`.
 pub fn run(options: &Options) -> Result<()> {
-    let result = run_e2e(options);
-    if !options.keep {
-        let _ = exec(
+    if let Some(message) = preflight_message(&check_tools()) {
+        bail!(message);
+    }
+    let paths = if options.paths.is_empty() {
+        default_paths()
+    } else {
+        options.paths.clone()
+    };
+    let files = conformance::collect(&paths)?;
+    let started = Instant::now();
+    let result = run_e2e(options, &files);
+    if options.keep {
+        ui::note(&format!(
+            "kept kind cluster {} (kind delete cluster --name {})",
+            options.cluster, options.cluster
+        ));
+    } else {
+        ui::step(&format!("deleting kind cluster {}", options.cluster));
+        if let Err(e) = exec(
             "kind",
             &["delete", "cluster", "--name", &options.cluster],
             Duration::from_secs(300),
-        );
+        ) {
+            ui::note(&ui::red(&format!("{e:#}")));
+        }
     }
-    result
+    result.with_context(|| format!("kind-e2e after {:.0}s", started.elapsed().as_secs_f64()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preflight_names_every_missing_tool() {
+        let checks: Vec<ToolCheck> = vec![
+            (
+                "docker",
+                Err("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?".into()),
+            ),
+            ("kind", Err("not found on PATH (https://kind.sigs.k8s.io/docs/user/quick-start/#installation)".into())),
+            ("kubectl", Ok("Client Version: v1.32.4\nKustomize Version: v5.5.0".into())),
+        ];
+        let message = preflight_message(&checks).unwrap();
+        assert_eq!(
+            message,
+            "kind-e2e needs Docker with a running engine, kind and kubectl:\n  \
+             docker: no Docker engine answers: Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?\n  \
+             kind: not found on PATH (https://kind.sigs.k8s.io/docs/user/quick-start/#installation)\n  \
+             kubectl: ok (Client Version: v1.32.4)\n\
+             it cannot run here; see deploy/README.md (\"With kind\")"
+        );
+        let ok: Vec<ToolCheck> = vec![
+            ("docker", Ok("28.2.2".into())),
+            ("kind", Ok("kind v0.27.0".into())),
+        ];
+        assert_eq!(preflight_message(&ok), None);
+    }
 }

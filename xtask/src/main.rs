@@ -55,7 +55,7 @@ enum Cmd {
     },
     /// End-to-end on a real cluster (needs Docker, kind and kubectl): create a kind
     /// cluster, build and load the agent image, deploy deploy/, wait for the DaemonSet,
-    /// then check enforcement with real pods (see deploy/README.md).
+    /// then run the conformance cases with real pods (see deploy/README.md).
     KindE2e(kind::Options),
     /// Fuzz manifest parsing and compiling (cargo-fuzz, nightly; fuzz/): prints the inputs
     /// run and the corpus size; fails on a crash (the input lands in fuzz/artifacts/).

@@ -16,6 +16,7 @@
 //! on which node is "the" node.
 
 pub mod case;
+pub mod cluster;
 mod kube;
 mod report;
 
@@ -159,6 +160,19 @@ pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// Runs every case, `jobs` at a time, printing a line per case as it finishes and the
 /// truth tables of failures; returns the summary (also written as JSON if asked).
 pub fn run(files: &[PathBuf], options: &Options) -> Result<Summary> {
+    run_cases(files, options.jobs, options.json.as_deref(), |file| {
+        run_case(file, options)
+    })
+}
+
+/// The case loop of every backend: `run_one` for each file, `jobs` at a time, a line per
+/// case as it finishes, truth tables of failures, the summary (and its JSON).
+fn run_cases(
+    files: &[PathBuf],
+    jobs: usize,
+    json: Option<&Path>,
+    run_one: impl Fn(&Path) -> CaseResult + Sync,
+) -> Result<Summary> {
     let started = Instant::now();
     let queue = Mutex::new(
         files
@@ -173,13 +187,13 @@ pub fn run(files: &[PathBuf], options: &Options) -> Result<Summary> {
     let total = files.len();
     let done = Mutex::new(0usize);
     std::thread::scope(|scope| {
-        for _ in 0..options.jobs.clamp(1, total) {
+        for _ in 0..jobs.clamp(1, total) {
             scope.spawn(|| {
                 loop {
                     let Some((index, file)) = queue.lock().expect("not poisoned").pop() else {
                         return;
                     };
-                    let result = run_case(file, options);
+                    let result = run_one(file);
                     let mut done = done.lock().expect("not poisoned");
                     *done += 1;
                     report::print_case_line(*done, total, &result);
@@ -203,7 +217,7 @@ pub fn run(files: &[PathBuf], options: &Options) -> Result<Summary> {
         seconds: started.elapsed().as_secs_f64(),
         cases,
     };
-    if let Some(path) = &options.json {
+    if let Some(path) = json {
         let json = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
@@ -212,6 +226,16 @@ pub fn run(files: &[PathBuf], options: &Options) -> Result<Summary> {
 
 /// Runs one case to the end, turning every failure into a failed result.
 pub fn run_case(file: &Path, options: &Options) -> CaseResult {
+    run_case_with(file, |case, result| {
+        Runner::new(case, options)?.run(case, result)
+    })
+}
+
+/// Loads `file` and runs `body` on it; every failure becomes a failed result.
+fn run_case_with(
+    file: &Path,
+    body: impl FnOnce(&Case, &mut CaseResult) -> Result<()>,
+) -> CaseResult {
     let started = Instant::now();
     let name = file
         .file_stem()
@@ -229,7 +253,7 @@ pub fn run_case(file: &Path, options: &Options) -> CaseResult {
     };
     let outcome = Case::load(file).and_then(|case| {
         result.name = case.name.clone();
-        Runner::new(&case, options)?.run(&case, &mut result)
+        body(&case, &mut result)
     });
     if let Err(error) = outcome {
         result.error = Some(format!("{error:#}"));
@@ -241,6 +265,61 @@ pub fn run_case(file: &Path, options: &Options) -> CaseResult {
             .all(|s| s.expects.iter().all(|e| e.wrong() == 0));
     result.seconds = started.elapsed().as_secs_f64();
     result
+}
+
+/// Probe endpoints with what each serves: `(ns/pod or host/name, [(port, protocol)])`.
+pub(crate) type Endpoints = [(String, Vec<(u16, lab::Protocol)>)];
+
+/// Checks one step: every source to every other endpoint that serves an expectation's
+/// port and protocol, probed all at once by `probe` (one outcome per probe, in order),
+/// compared with the expected verdicts. Shared by every backend.
+pub(crate) fn check_step(
+    step: &Step,
+    index: usize,
+    endpoints: &Endpoints,
+    probe: impl FnOnce(&[Probe]) -> Result<Vec<lab::Outcome>>,
+) -> Result<StepResult> {
+    let mut probes = Vec::new();
+    let mut expected = Vec::new();
+    for (e, expect) in step.expect.iter().enumerate() {
+        let protocol = lab_protocol(expect.protocol);
+        for (dst, serves) in endpoints {
+            if !serves.contains(&(expect.port, protocol)) {
+                continue;
+            }
+            for (src, _) in endpoints {
+                if src == dst {
+                    continue;
+                }
+                probes.push(Probe::new(src.clone(), dst.clone(), expect.port, protocol));
+                expected.push((e, expect.verdict(src, dst)));
+            }
+        }
+    }
+    let outcomes = probe(&probes)?;
+    if outcomes.len() != probes.len() {
+        bail!("{} outcomes for {} probes", outcomes.len(), probes.len());
+    }
+    let mut expects: Vec<ExpectResult> = step
+        .expect
+        .iter()
+        .map(|x| ExpectResult {
+            port: x.port,
+            protocol: x.protocol.to_string(),
+            cells: Vec::new(),
+        })
+        .collect();
+    for ((probe, outcome), (e, want)) in probes.into_iter().zip(outcomes).zip(expected) {
+        let ok = outcome.matches(want == Verdict::Allowed);
+        expects[e].cells.push(Cell {
+            src: probe.src,
+            dst: probe.dst,
+            expected: want,
+            observed: outcome.to_string(),
+            ok,
+        });
+    }
+    Ok(StepResult { index, expects })
 }
 
 /// A case's lab, agent and current policies.
@@ -491,45 +570,10 @@ impl<'a> Runner<'a> {
     }
 
     fn check(&self, step: &Step, index: usize) -> Result<StepResult> {
-        let endpoints = self.endpoints();
-        let mut probes = Vec::new();
-        let mut expected = Vec::new();
-        for (e, expect) in step.expect.iter().enumerate() {
-            let protocol = lab_protocol(expect.protocol);
-            for (dst, serves) in &endpoints {
-                if !serves.contains(&(expect.port, protocol)) {
-                    continue;
-                }
-                for (src, _) in &endpoints {
-                    if src == dst {
-                        continue;
-                    }
-                    probes.push(Probe::new(src.clone(), dst.clone(), expect.port, protocol));
-                    expected.push((e, expect.verdict(src, dst)));
-                }
-            }
-        }
-        let results = self.lab.probe_all(&probes, self.options.timeout)?;
-        let mut expects: Vec<ExpectResult> = step
-            .expect
-            .iter()
-            .map(|x| ExpectResult {
-                port: x.port,
-                protocol: x.protocol.to_string(),
-                cells: Vec::new(),
-            })
-            .collect();
-        for (result, (e, want)) in results.into_iter().zip(expected) {
-            let ok = result.outcome.matches(want == Verdict::Allowed);
-            expects[e].cells.push(Cell {
-                src: result.probe.src,
-                dst: result.probe.dst,
-                expected: want,
-                observed: result.outcome.to_string(),
-                ok,
-            });
-        }
-        Ok(StepResult { index, expects })
+        check_step(step, index, &self.endpoints(), |probes| {
+            let results = self.lab.probe_all(probes, self.options.timeout)?;
+            Ok(results.into_iter().map(|r| r.outcome).collect())
+        })
     }
 
     fn run(mut self, case: &Case, result: &mut CaseResult) -> Result<()> {
