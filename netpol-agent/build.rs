@@ -18,12 +18,20 @@ fn main() -> anyhow::Result<()> {
         let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR not set")?);
         std::fs::write(out.join("netpol"), [])?;
     }
+    // The nightly toolchain for the eBPF crate: `nightly`, or a pinned one such as
+    // `nightly-2026-05-20` (deploy/Dockerfile sets it for reproducible images).
+    println!("cargo:rerun-if-env-changed=NETPOL_EBPF_TOOLCHAIN");
+    let pinned = std::env::var("NETPOL_EBPF_TOOLCHAIN").unwrap_or_default();
+    let toolchain = match pinned.trim() {
+        "" => aya_build::Toolchain::default(),
+        name => aya_build::Toolchain::Custom(name),
+    };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "netpol-ebpf",
             root_dir: root,
             ..Default::default()
         }],
-        aya_build::Toolchain::default(),
+        toolchain,
     )
 }
