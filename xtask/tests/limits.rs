@@ -6,22 +6,10 @@
 
 mod support;
 
-use std::ffi::OsString;
 use std::time::{Duration, Instant};
 
-use support::{AGENT_TIMEOUT, HEALTH, agent_bin, check, http_get, sample, standard_lab};
-use xtask::lab::{AgentProcess, ManifestDir, NetnsWorker, Probe};
-
-/// b accepts only c: a -> b is denied by policy, not by the full map.
-const ONLY_FROM_C: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-only-from-c, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: b}}
-  ingress:
-    - from: [{podSelector: {matchLabels: {pod: c}}}]
-"#;
+use support::{B_ONLY_FROM_C, Cluster, HEALTH, agent_bin, check, http_get, sample, standard_lab};
+use xtask::lab::{NetnsWorker, Probe};
 
 #[test]
 fn a_pod_that_does_not_fit_is_refused_and_everything_else_enforced() {
@@ -30,24 +18,17 @@ fn a_pod_that_does_not_fit_is_refused_and_everything_else_enforced() {
     else {
         return;
     };
-    let lab = standard_lab(&["x/a", "x/b", "x/c"]);
-    let mut manifests = ManifestDir::create(lab.workdir().join("manifests")).expect("manifest dir");
-    let generation = manifests.write(&lab, ONLY_FROM_C).expect("manifests");
-    let source = [
-        OsString::from("--manifests"),
-        manifests.path().as_os_str().to_owned(),
-        OsString::from("--max-endpoints"),
-        OsString::from("4"),
-        OsString::from("--health-addr"),
-        OsString::from(HEALTH),
-    ];
-    let mut agent = AgentProcess::start_with_source(&lab, &agent_path, &source).expect("agent");
-    agent
-        .wait_generation(generation, AGENT_TIMEOUT)
-        .expect("agent applied the state");
+    // b accepts only c: a -> b is denied by policy, not by the full map.
+    let cluster = Cluster::start_with(
+        standard_lab(&["x/a", "x/b", "x/c"]),
+        &agent_path,
+        B_ONLY_FROM_C,
+        &["--max-endpoints", "4", "--health-addr", HEALTH],
+    );
+    let (lab, agent) = (&cluster.lab, &cluster.agent);
 
     check(
-        &lab,
+        lab,
         &[
             // a and b (the two that fit) are enforced as written.
             (Probe::tcp("x/b", "x/a", 80), true),
@@ -57,7 +38,7 @@ fn a_pod_that_does_not_fit_is_refused_and_everything_else_enforced() {
             (Probe::tcp("x/a", "x/c", 80), false),
             (Probe::udp("x/c", "x/a", 80), false),
         ],
-        Some(&agent),
+        Some(agent),
     );
 
     let log = std::fs::read_to_string(agent.log_path()).expect("agent log");

@@ -3,23 +3,14 @@
 
 mod support;
 
-use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{AGENT_TIMEOUT, HEALTH, PROBE_TIMEOUT, agent_bin, http_get, sample, standard_lab};
-use xtask::lab::{AgentProcess, ManifestDir, NetnsWorker, Probe};
-
-const DENY_B: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-only-from-c, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: b}}
-  ingress:
-    - from: [{podSelector: {matchLabels: {pod: c}}}]
-"#;
+use support::{
+    B_ONLY_FROM_C, Cluster, HEALTH, PROBE_TIMEOUT, agent_bin, http_get, sample, standard_lab,
+};
+use xtask::lab::{NetnsWorker, Probe};
 
 #[test]
 fn a_dropped_probe_is_named_in_the_flow_log_and_counted_in_metrics() {
@@ -28,19 +19,13 @@ fn a_dropped_probe_is_named_in_the_flow_log_and_counted_in_metrics() {
     else {
         return;
     };
-    let lab = standard_lab(&["x/a", "x/b", "x/c"]);
-    let mut manifests = ManifestDir::create(lab.workdir().join("manifests")).expect("manifest dir");
-    let generation = manifests.write(&lab, DENY_B).expect("manifests");
-    let source = [
-        OsString::from("--manifests"),
-        manifests.path().as_os_str().to_owned(),
-        OsString::from("--health-addr"),
-        OsString::from(HEALTH),
-    ];
-    let mut agent = AgentProcess::start_with_source(&lab, &agent_path, &source).expect("agent");
-    agent
-        .wait_generation(generation, AGENT_TIMEOUT)
-        .expect("agent applied the policy");
+    let cluster = Cluster::start_with(
+        standard_lab(&["x/a", "x/b", "x/c"]),
+        &agent_path,
+        B_ONLY_FROM_C,
+        &["--health-addr", HEALTH],
+    );
+    let (lab, agent) = (&cluster.lab, &cluster.agent);
     let node = NetnsWorker::spawn(lab.node_netns()).expect("node worker");
 
     let (status, _) = http_get(&node, "/readyz");
@@ -166,7 +151,7 @@ fn a_dropped_probe_is_named_in_the_flow_log_and_counted_in_metrics() {
     assert!(body.ends_with("# EOF\n"));
     let scrape = prometheus_parse_lines(&body);
     assert!(scrape > 10, "{scrape} samples");
-    drop(agent);
+    drop(cluster);
 }
 
 /// Counts the sample lines of an exposition, failing on any line that is neither a

@@ -9,14 +9,13 @@
 
 mod support;
 
-use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use support::{AGENT_TIMEOUT, Cluster, HEALTH, agent_bin, http_get, standard_lab};
-use xtask::lab::{AgentProcess, ManifestDir, NetnsWorker};
+use xtask::lab::NetnsWorker;
 
 /// An IPv4 + UDP packet (IP_HDRINCL): the kernel fills the IP checksum and length; a UDP
 /// checksum of 0 means "none" in IPv4.
@@ -148,28 +147,27 @@ fn the_running_agent_keeps_only_bpf_and_net_admin_and_is_not_reachable_from_pods
     let Some(agent) = agent_bin("the_running_agent_keeps_only_bpf_and_net_admin") else {
         return;
     };
-    let lab = standard_lab(&["x/a", "x/b"]);
-    let mut manifests = ManifestDir::create(lab.workdir().join("manifests")).expect("manifests");
-    let generation = manifests.write(&lab, "").expect("writing manifests");
-    let source = [
-        OsString::from("--manifests"),
-        manifests.path().as_os_str().to_owned(),
-        OsString::from("--health-addr"),
-        OsString::from(HEALTH),
-    ];
-    let mut process = AgentProcess::start_with_source(&lab, &agent, &source).expect("agent");
-    process
-        .wait_generation(generation, AGENT_TIMEOUT)
-        .expect("agent ready");
+    let mut cluster = Cluster::start_with(
+        standard_lab(&["x/a", "x/b"]),
+        &agent,
+        "",
+        &["--health-addr", HEALTH],
+    );
     // A pod created now is attached to with what is left (CAP_NET_ADMIN, CAP_BPF).
-    let mut lab = lab;
-    lab.add_pod(support::standard_pod("x", "late", 9))
+    cluster
+        .lab
+        .add_pod(support::standard_pod("x", "late", 9))
         .expect("adding a pod");
-    let generation = manifests.write(&lab, "").expect("writing manifests");
-    let status = process
+    let generation = cluster
+        .manifests
+        .write(&cluster.lab, "")
+        .expect("writing manifests");
+    let status = cluster
+        .agent
         .wait_generation(generation, AGENT_TIMEOUT)
         .expect("agent applied the new pod");
     assert_eq!(status.attached, 3, "x/late's veth got the programs");
+    let (lab, process) = (&cluster.lab, &cluster.agent);
 
     // Every thread of the agent, the async runtime's included.
     const CAP_NET_ADMIN: u64 = 1 << 12;

@@ -18,8 +18,8 @@ mod support;
 use std::net::{SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
-use support::{AGENT_TIMEOUT, Cluster, agent_bin, standard_lab};
-use xtask::lab::{AgentProcess, ManifestDir, NetnsWorker, PodSpec, Port, Probe};
+use support::{Cluster, agent_bin, standard_lab};
+use xtask::lab::{NetnsWorker, PodSpec, Port, Probe};
 
 const POLICY: &str = r#"
 apiVersion: networking.k8s.io/v1
@@ -123,24 +123,7 @@ fn program(cluster: &mut Cluster) {
 
 /// The lab (x/server, x/sink), the policy in force, an agent started with `extra`.
 fn cluster(agent: &std::path::Path, extra: &[&str]) -> Cluster {
-    let lab = standard_lab(&["x/server", "x/sink"]);
-    let mut manifests = ManifestDir::create(lab.workdir().join("manifests")).expect("manifest dir");
-    let generation = manifests.write(&lab, POLICY).expect("writing manifests");
-    let mut args = vec![
-        std::ffi::OsString::from("--manifests"),
-        manifests.path().as_os_str().to_owned(),
-    ];
-    args.extend(extra.iter().map(std::ffi::OsString::from));
-    let mut agent =
-        AgentProcess::start_with_source(&lab, agent, &args).expect("starting the agent");
-    agent
-        .wait_generation(generation, AGENT_TIMEOUT)
-        .expect("agent ready");
-    Cluster {
-        agent,
-        manifests,
-        lab,
-    }
+    Cluster::start_with(standard_lab(&["x/server", "x/sink"]), agent, POLICY, extra)
 }
 
 #[test]

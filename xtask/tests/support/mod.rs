@@ -90,6 +90,36 @@ impl Cluster {
         }
     }
 
+    /// Writes the manifests with `policies_yaml`, starts `agent` with `extra` arguments
+    /// after `--manifests DIR`, and waits until it applied them.
+    pub fn start_with(
+        lab: Lab,
+        agent: &std::path::Path,
+        policies_yaml: &str,
+        extra: &[&str],
+    ) -> Self {
+        let mut manifests =
+            ManifestDir::create(lab.workdir().join("manifests")).expect("manifest dir");
+        let generation = manifests
+            .write(&lab, policies_yaml)
+            .expect("writing manifests");
+        let mut args = vec![
+            std::ffi::OsString::from("--manifests"),
+            manifests.path().as_os_str().to_owned(),
+        ];
+        args.extend(extra.iter().map(std::ffi::OsString::from));
+        let mut agent =
+            AgentProcess::start_with_source(&lab, agent, &args).expect("starting the agent");
+        agent
+            .wait_generation(generation, AGENT_TIMEOUT)
+            .expect("agent applied the manifests");
+        Self {
+            agent,
+            manifests,
+            lab,
+        }
+    }
+
     /// Rewrites the manifests with these policies and waits until the agent applied them.
     pub fn apply(&mut self, policies_yaml: &str) {
         let generation = self
@@ -220,3 +250,14 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// x/b accepts ingress only from x/c.
+pub const B_ONLY_FROM_C: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-only-from-c, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {pod: c}}}]
+"#;
