@@ -520,9 +520,9 @@ impl Datapath {
                 }
             }
         }
-        let Some(_) = local_pods else {
+        if local_pods.is_none() {
             return Ok(());
-        };
+        }
 
         // Bind each attached veth to its pod's endpoint (anti-spoofing), or mark it
         // refused (its pod did not fit) or shared (claimed by several pods: their
