@@ -102,13 +102,15 @@ impl LocalSource {
 
     /// Reads the whole directory.
     pub fn read(&mut self) -> std::io::Result<Snapshot> {
-        let mut snapshot = Snapshot::default();
         // `.generation` first: writers update it after the manifests, so a read that
         // overlaps a write reports at most the generation of what it read, never a
         // newer one with older files.
-        snapshot.generation = std::fs::read_to_string(self.dir.join(GENERATION_FILE))
-            .ok()
-            .and_then(|text| text.trim().parse().ok());
+        let mut snapshot = Snapshot {
+            generation: std::fs::read_to_string(self.dir.join(GENERATION_FILE))
+                .ok()
+                .and_then(|text| text.trim().parse().ok()),
+            ..Snapshot::default()
+        };
         let mut seen: BTreeMap<(&'static str, String), String> = BTreeMap::new();
         let mut rejected_policies: Vec<ObjectRef> = Vec::new();
         for path in self.manifest_files()? {
