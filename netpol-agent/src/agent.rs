@@ -647,18 +647,23 @@ fn refresh_kernel_metrics(
         .into_iter()
         .map(|(name, entries, capacity)| (name.to_owned(), entries, capacity))
         .collect();
-    snapshot.conntrack_entries = snapshot
-        .maps
-        .iter()
-        .find(|(name, _, _)| name == "CT")
-        .map(|(_, n, _)| *n);
-    if !walk_conntrack {
+    let is_conntrack =
+        |name: &str| [netpol_common::names::CT4, netpol_common::names::CT6].contains(&name);
+    if walk_conntrack {
+        let tables = snapshot
+            .maps
+            .iter()
+            .filter(|(name, _, _)| is_conntrack(name));
+        snapshot.conntrack_entries = Some(tables.map(|(_, n, _)| *n).sum());
+    } else {
         // Keep the last count rather than dropping the series between walks.
         let previous = health.metrics.kernel_snapshot();
         snapshot.conntrack_entries = previous.conntrack_entries;
-        if let Some(ct) = previous.maps.into_iter().find(|(name, _, _)| name == "CT") {
-            snapshot.maps.push(ct);
-        }
+        let tables = previous
+            .maps
+            .into_iter()
+            .filter(|(name, _, _)| is_conntrack(name));
+        snapshot.maps.extend(tables);
     }
     if let Ok((suppressed, lost)) = datapath.event_losses() {
         snapshot.events_suppressed = suppressed;

@@ -166,35 +166,56 @@ pub struct PolicyValue {
     pub _pad: u32,
 }
 
-/// Key of CT (LRU_HASH). Addresses and ports are ordered so that both directions of a
-/// connection share one key: `(addr_a, port_a) <= (addr_b, port_b)`. `local_b` says which
-/// side is the endpoint whose hook created the entry, so the two pods of a node-local
-/// connection keep separate entries.
+/// Key of CT4 (LRU_HASH): an IPv4 connection as one endpoint's hooks see it.
+///
+/// The ends are stored from the endpoint's point of view (local, remote), so both
+/// directions of a connection find the same key with no comparison: the packet's source
+/// is the local end on egress and the remote end on ingress. The two pods of a node-local
+/// connection each have their own entry (their local ends differ).
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
-pub struct CtKey {
-    pub addr_a: Addr,
-    pub addr_b: Addr,
-    /// Host byte order.
-    pub port_a: u16,
-    pub port_b: u16,
+pub struct CtKey4 {
+    /// The address as it lies in the packet (network byte order in memory).
+    pub local: u32,
+    pub remote: u32,
+    /// Host byte order. ICMP echo: the identifier on the requester's end, 0 on the other.
+    pub local_port: u16,
+    pub remote_port: u16,
     pub protocol: u8,
-    /// 1 when `addr_b` is the local endpoint, 0 when `addr_a` is.
-    pub local_b: u8,
-    pub _pad: [u8; 2],
+    pub _pad0: u8,
+    pub _pad1: u16,
     /// The host veth the entry belongs to: a pod sending with another pod's addresses
     /// never finds that pod's connections.
     pub ifindex: u32,
 }
 
-/// Value of CT.
+/// Key of CT6 (LRU_HASH): the same for IPv6. A separate map keeps the IPv4 key, which
+/// is hashed and compared on every packet, at 20 bytes instead of 44.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct CtKey6 {
+    /// The address words as they lie in the packet.
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub protocol: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+    pub ifindex: u32,
+}
+
+/// Value of CT4 and CT6.
+///
+/// An established packet writes to it only when something changes (a TCP flag, the
+/// coarse clock's tick), so the two CPUs that usually carry a connection's two
+/// directions do not pass its cache line back and forth on every packet. Packets and
+/// bytes are counted per CPU, by reason and by rule (COUNTERS, RULE_COUNTERS).
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct CtValue {
     pub created_ns: u64,
     pub last_seen_ns: u64,
-    pub packets: u64,
-    pub bytes: u64,
     /// Rule that allowed the connection ([`RULE_NONE`] when the endpoint was not
     /// isolated).
     pub rule: u32,
@@ -223,6 +244,9 @@ pub struct DatapathState {
 /// spoofed source).
 pub const STATE_DENY_UNPROGRAMMED: u32 = 1 << 0;
 
+/// Never a value of IFACES (endpoint ids start at 1): what the programs take for an
+/// interface without an entry, i.e. not bound to a pod.
+pub const IFACE_UNBOUND: u32 = 0;
 /// Value of IFACES for a veth whose pod the agent refused to program (a map would have
 /// overflowed): everything on it is dropped as [`Reason::Refused`].
 pub const IFACE_REFUSED: u32 = u32::MAX;
@@ -230,9 +254,7 @@ pub const IFACE_REFUSED: u32 = u32::MAX;
 /// apply, the interface is not used for anti-spoofing.
 pub const IFACE_SHARED: u32 = u32::MAX - 1;
 
-/// The connection was opened by side b (see [`CtKey`]).
-pub const CT_INITIATOR_B: u32 = 1 << 0;
-/// The opening packet went to the pod (ingress), not from it.
+/// The opening packet went to the pod (ingress): the remote end initiated it.
 pub const CT_INGRESS: u32 = 1 << 1;
 /// A packet of the reply direction was seen (TCP: the handshake completed).
 pub const CT_SEEN_REPLY: u32 = 1 << 2;
@@ -435,7 +457,8 @@ pub mod names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const IPCACHE: &str = "IPCACHE";
     pub const POLICY: &str = "POLICY";
-    pub const CT: &str = "CT";
+    pub const CT4: &str = "CT4";
+    pub const CT6: &str = "CT6";
     pub const COUNTERS: &str = "COUNTERS";
     pub const STATE: &str = "STATE";
     pub const EVENTS: &str = "EVENTS";
@@ -453,6 +476,7 @@ pub mod capacity {
     pub const ENDPOINTS: u32 = 4096;
     pub const IPCACHE: u32 = 262_144;
     pub const POLICY: u32 = 262_144;
+    /// Each of CT4 and CT6.
     pub const CT: u32 = 262_144;
     /// Host-side interfaces bound to their pod (IFACES).
     pub const IFACES: u32 = ENDPOINTS;
@@ -471,7 +495,8 @@ mod user {
     unsafe impl aya::Pod for super::PeerInfo {}
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::PolicyValue {}
-    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtKey4 {}
+    unsafe impl aya::Pod for super::CtKey6 {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::DatapathState {}
@@ -487,8 +512,9 @@ const _: () = {
     assert!(size_of::<PeerInfo>() == 8);
     assert!(size_of::<PolicyKey>() == 12);
     assert!(size_of::<PolicyValue>() == 8);
-    assert!(size_of::<CtKey>() == 52);
-    assert!(size_of::<CtValue>() == 48);
+    assert!(size_of::<CtKey4>() == 20);
+    assert!(size_of::<CtKey6>() == 44);
+    assert!(size_of::<CtValue>() == 32);
     assert!(size_of::<DatapathState>() == 8);
     assert!(size_of::<VerdictEvent>() == 80);
     assert!(size_of::<EventBudget>() == 32);

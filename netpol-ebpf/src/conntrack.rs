@@ -1,61 +1,118 @@
-//! Own connection tracking in an LRU hash, so that replies of allowed connections pass
+//! Own connection tracking in LRU hashes, so that replies of allowed connections pass
 //! in both directions and established connections cost one lookup.
 //!
-//! Both directions of a connection share one key: the two (address, port) ends are
-//! stored in a canonical order. `local_b` records which end is the endpoint whose hook
-//! made the entry, so the two pods of a node-local connection each keep their own.
+//! A connection is keyed from its endpoint's point of view, (local end, remote end), so
+//! both directions of it build the same key by plain field selection: the packet's
+//! source is the local end on egress (`from_pod`) and the remote end on ingress
+//! (`to_pod`). IPv4 and IPv6 have a map each (CT4, CT6), so the key hashed on every
+//! IPv4 packet is 20 bytes.
 
+use aya_ebpf::maps::LruHashMap;
 use netpol_common::{
-    Addr, CT_FIN_INITIATOR, CT_FIN_RESPONDER, CT_INGRESS, CT_INITIATOR_B, CT_RST, CT_SEEN_REPLY,
-    CT_TIMEOUT_OTHER_NS, CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS,
-    CT_TIMEOUT_TCP_OPENING_NS, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, RULE_NONE,
-    Reason, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    CT_FIN_INITIATOR, CT_FIN_RESPONDER, CT_INGRESS, CT_RST, CT_SEEN_REPLY, CT_TIMEOUT_OTHER_NS,
+    CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_OPENING_NS, CtKey4,
+    CtKey6, CtValue, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, RULE_NONE, Reason, TCP_ACK, TCP_FIN,
+    TCP_RST, TCP_SYN,
 };
 
-use crate::{maps::CT, parse::Packet, policy::Connection};
+use crate::{
+    maps::{CT4, CT6},
+    parse::{Family, Packet, V4, V6},
+    policy::Connection,
+};
 
-/// A packet's conntrack key and which end of it sent the packet.
-pub struct Flow {
-    pub key: CtKey,
-    /// The packet's source is end a of the key.
-    pub src_is_a: bool,
+/// An address family's conntrack table: its key and its map.
+pub trait Table: Family {
+    type Key: 'static;
+    fn map() -> &'static LruHashMap<Self::Key, CtValue>;
+    /// The key of `packet` as seen by the endpoint whose hook runs.
+    fn key(packet: &Packet<Self>, ends: Ends, ifindex: u32) -> Self::Key
+    where
+        Self: Sized;
 }
 
-#[inline(always)]
-fn words(addr: &Addr) -> (u64, u64) {
-    let b = &addr.bytes;
-    (
-        u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-        u64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
-    )
-}
+impl Table for V4 {
+    type Key = CtKey4;
 
-impl Flow {
     #[inline(always)]
-    pub fn of(packet: &Packet, direction: u8, ifindex: u32) -> Flow {
-        let src = (words(&packet.src), packet.sport);
-        let dst = (words(&packet.dst), packet.dport);
-        let src_is_a = src <= dst;
-        let (addr_a, port_a, addr_b, port_b) = if src_is_a {
-            (packet.src, packet.sport, packet.dst, packet.dport)
+    fn map() -> &'static LruHashMap<CtKey4, CtValue> {
+        &CT4
+    }
+
+    #[inline(always)]
+    fn key(packet: &Packet<V4>, ends: Ends, ifindex: u32) -> CtKey4 {
+        let (local, remote) = ends.addresses(packet);
+        let (local_port, remote_port) = ends.ports(packet);
+        CtKey4 {
+            local,
+            remote,
+            local_port,
+            remote_port,
+            protocol: packet.protocol,
+            _pad0: 0,
+            _pad1: 0,
+            ifindex,
+        }
+    }
+}
+
+impl Table for V6 {
+    type Key = CtKey6;
+
+    #[inline(always)]
+    fn map() -> &'static LruHashMap<CtKey6, CtValue> {
+        &CT6
+    }
+
+    #[inline(always)]
+    fn key(packet: &Packet<V6>, ends: Ends, ifindex: u32) -> CtKey6 {
+        let (local, remote) = ends.addresses(packet);
+        let (local_port, remote_port) = ends.ports(packet);
+        CtKey6 {
+            local,
+            remote,
+            local_port,
+            remote_port,
+            protocol: packet.protocol,
+            _pad0: 0,
+            _pad1: 0,
+            ifindex,
+        }
+    }
+}
+
+/// Which end of a packet is the endpoint's: fixed by the hook.
+#[derive(Clone, Copy)]
+pub struct Ends {
+    /// Egress (`from_pod`): the local end sent the packet.
+    pub local_is_src: bool,
+}
+
+impl Ends {
+    #[inline(always)]
+    pub fn of(direction: u8) -> Ends {
+        Ends {
+            local_is_src: direction == DIR_EGRESS,
+        }
+    }
+
+    /// (local, remote) addresses.
+    #[inline(always)]
+    pub fn addresses<F: Family>(self, packet: &Packet<F>) -> (F::Raw, F::Raw) {
+        if self.local_is_src {
+            (packet.src, packet.dst)
         } else {
-            (packet.dst, packet.dport, packet.src, packet.sport)
-        };
-        // From the pod (egress) the local end is the source, towards it the destination.
-        let local_is_src = direction == DIR_EGRESS;
-        let local_b = if local_is_src { !src_is_a } else { src_is_a };
-        Flow {
-            key: CtKey {
-                addr_a,
-                addr_b,
-                port_a,
-                port_b,
-                protocol: packet.protocol,
-                local_b: u8::from(local_b),
-                _pad: [0; 2],
-                ifindex,
-            },
-            src_is_a,
+            (packet.dst, packet.src)
+        }
+    }
+
+    /// (local, remote) ports.
+    #[inline(always)]
+    pub fn ports<F: Family>(self, packet: &Packet<F>) -> (u16, u16) {
+        if self.local_is_src {
+            (packet.sport, packet.dport)
+        } else {
+            (packet.dport, packet.sport)
         }
     }
 }
@@ -79,22 +136,21 @@ fn lifetime(protocol: u8, flags: u32) -> u64 {
     }
 }
 
-/// The connection an entry describes, as the policy sees it.
+/// The connection an entry describes, as the policy sees it: who opened it decides the
+/// direction and which end's port is the responder's.
 #[inline(always)]
-fn connection<'a>(key: &'a CtKey, flags: u32) -> Connection<'a> {
-    let initiator_b = flags & CT_INITIATOR_B != 0;
-    let local_b = key.local_b != 0;
-    let peer = if local_b { &key.addr_a } else { &key.addr_b };
-    let port = if initiator_b { key.port_a } else { key.port_b };
-    let direction = if flags & CT_INGRESS != 0 {
-        DIR_INGRESS
+fn connection<F: Family>(packet: &Packet<F>, ends: Ends, flags: u32) -> Connection {
+    let (_, peer) = ends.addresses(packet);
+    let (local_port, remote_port) = ends.ports(packet);
+    let (direction, port) = if flags & CT_INGRESS != 0 {
+        (DIR_INGRESS, local_port)
     } else {
-        DIR_EGRESS
+        (DIR_EGRESS, remote_port)
     };
     Connection {
         direction,
-        peer,
-        protocol: key.protocol,
+        peer: F::addr(&peer),
+        protocol: packet.protocol,
         port,
     }
 }
@@ -112,35 +168,36 @@ pub struct Tracked {
 /// (the connection as policy sees it -> allowing rule or `None`): a connection the
 /// current policy no longer allows is forgotten and its packet dropped.
 #[inline(always)]
-pub fn track(
-    flow: &Flow,
-    packet: &Packet,
+pub fn track<T: Table>(
+    key: &T::Key,
+    packet: &Packet<T>,
+    ends: Ends,
     now: u64,
-    len: u32,
     generation: u32,
     recheck: impl FnOnce(&Connection) -> Option<u32>,
 ) -> Option<Tracked> {
-    let entry = CT.get_ptr_mut(flow.key)?;
+    let entry = T::map().get_ptr_mut(key)?;
     // SAFETY: the pointer comes from a successful lookup; LRU entries stay valid for the
-    // duration of the program (RCU). Racing updates of counters may lose increments.
+    // duration of the program (RCU). Two CPUs racing on one entry may lose a flag
+    // update, never more (the next packet sets it again).
     let entry = unsafe { &mut *entry };
-    let mut flags = entry.flags;
-    if now.saturating_sub(entry.last_seen_ns) > lifetime(packet.protocol, flags) {
+    let old_flags = entry.flags;
+    if now.saturating_sub(entry.last_seen_ns) > lifetime(packet.protocol, old_flags) {
         return None;
     }
     let tcp = packet.protocol == PROTO_TCP;
     // A new SYN on a closed connection's tuple opens a new connection: judge it afresh.
-    if tcp && closing(flags) && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    if tcp && closing(old_flags) && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return None;
     }
     if entry.generation != generation {
-        match recheck(&connection(&flow.key, flags)) {
+        match recheck(&connection(packet, ends, old_flags)) {
             Some(rule) => {
                 entry.rule = rule;
                 entry.generation = generation;
             }
             None => {
-                let _ = CT.remove(flow.key);
+                let _ = T::map().remove(key);
                 return Some(Tracked {
                     reason: Reason::PolicyDenied,
                     rule: RULE_NONE,
@@ -148,7 +205,9 @@ pub fn track(
             }
         }
     }
-    let from_initiator = flow.src_is_a != (flags & CT_INITIATOR_B != 0);
+    // The initiator is the local end unless the connection came in (ingress).
+    let from_initiator = ends.local_is_src == (old_flags & CT_INGRESS == 0);
+    let mut flags = old_flags;
     if !from_initiator {
         flags |= CT_SEEN_REPLY;
     }
@@ -164,10 +223,14 @@ pub fn track(
             };
         }
     }
-    entry.flags = flags;
-    entry.last_seen_ns = now;
-    entry.packets += 1;
-    entry.bytes += u64::from(len);
+    // Write only what changed: the flags a few times per connection, the timestamp
+    // once per tick of the coarse clock.
+    if flags != old_flags {
+        entry.flags = flags;
+    }
+    if entry.last_seen_ns != now {
+        entry.last_seen_ns = now;
+    }
     let reason = if from_initiator {
         Reason::Established
     } else {
@@ -181,33 +244,30 @@ pub fn track(
 
 /// Record a connection whose first packet was allowed.
 #[inline(always)]
-pub fn open(
-    flow: &Flow,
-    packet: &Packet,
+pub fn open<T: Table>(
+    key: &T::Key,
+    packet: &Packet<T>,
     direction: u8,
     rule: u32,
     generation: u32,
     now: u64,
-    len: u32,
 ) {
     if packet.protocol == PROTO_TCP && packet.tcp_flags & TCP_RST != 0 {
         return;
     }
-    let mut flags = if flow.src_is_a { 0 } else { CT_INITIATOR_B };
-    if direction == DIR_INGRESS {
-        flags |= CT_INGRESS;
-    }
     let value = CtValue {
         created_ns: now,
         last_seen_ns: now,
-        packets: 1,
-        bytes: u64::from(len),
         rule,
-        flags,
+        flags: if direction == DIR_INGRESS {
+            CT_INGRESS
+        } else {
+            0
+        },
         generation,
         _pad: 0,
     };
     // A full LRU evicts the least recently used entry; an error here only means the
     // next packet is judged by policy again.
-    let _ = CT.insert(flow.key, value, 0);
+    let _ = T::map().insert(key, value, 0);
 }

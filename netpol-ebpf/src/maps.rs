@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use netpol_common::{
-    Addr, COUNTER_SLOTS, Counter, CtKey, CtValue, DatapathState, EndpointInfo, EventBudget,
-    PeerInfo, PolicyKey, PolicyValue, capacity,
+    Addr, COUNTER_SLOTS, Counter, CtKey4, CtKey6, CtValue, DatapathState, EndpointInfo,
+    EventBudget, PeerInfo, PolicyKey, PolicyValue, capacity,
 };
 
 /// Local pod address -> endpoint.
@@ -25,9 +25,14 @@ pub static IPCACHE: LpmTrie<Addr, PeerInfo> = LpmTrie::pinned(capacity::IPCACHE,
 #[map]
 pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
 
-/// Own connection tracking, so replies of allowed connections pass.
+/// Own connection tracking of IPv4 connections, so replies of allowed connections pass
+/// and established packets cost one lookup.
 #[map]
-pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CT, 0);
+pub static CT4: LruHashMap<CtKey4, CtValue> = LruHashMap::pinned(capacity::CT, 0);
+
+/// The same for IPv6 (a separate map keeps the IPv4 key short).
+#[map]
+pub static CT6: LruHashMap<CtKey6, CtValue> = LruHashMap::pinned(capacity::CT, 0);
 
 /// Packets and bytes per verdict reason and direction.
 #[map]

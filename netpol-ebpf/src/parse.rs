@@ -7,7 +7,9 @@
 //! short packet is an error, never an out-of-bounds read.
 
 use aya_ebpf::programs::TcContext;
-use netpol_common::{Addr, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use netpol_common::{
+    Addr, FAMILY_IPV4, FAMILY_IPV6, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -25,20 +27,78 @@ const MAX_EXT_HEADERS: usize = 8;
 /// A packet that could not be parsed.
 pub struct Malformed;
 
-/// What the policy pipeline needs to know about an IP packet.
-pub struct Packet {
-    pub src: Addr,
-    pub dst: Addr,
+/// An address family: how its addresses travel through the pipeline.
+///
+/// Addresses stay in the words they were read as (network byte order in memory) until a
+/// map keyed by [`Addr`] needs them, so the common path (conntrack) never builds the
+/// 20-byte form, and no byte array is moved byte by byte.
+pub trait Family {
+    type Raw: Copy;
+    /// The address as map keys carry it.
+    fn addr(raw: &Self::Raw) -> Addr;
+}
+
+/// IPv4: one word.
+pub struct V4;
+/// IPv6: four words.
+pub struct V6;
+
+impl Family for V4 {
+    type Raw = u32;
+
+    #[inline(always)]
+    fn addr(raw: &u32) -> Addr {
+        Addr {
+            family: FAMILY_IPV4,
+            bytes: words_to_bytes([*raw, 0, 0, 0]),
+        }
+    }
+}
+
+impl Family for V6 {
+    type Raw = [u32; 4];
+
+    #[inline(always)]
+    fn addr(raw: &[u32; 4]) -> Addr {
+        Addr {
+            family: FAMILY_IPV6,
+            bytes: words_to_bytes(*raw),
+        }
+    }
+}
+
+/// The bytes of four words as they lie in memory.
+#[inline(always)]
+fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
+    let [a, b, c, d] = words.map(u32::to_ne_bytes);
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// What the policy pipeline needs to know about an IP packet of family `F`.
+pub struct Packet<F: Family> {
+    pub src: F::Raw,
+    pub dst: F::Raw,
     pub protocol: u8,
-    /// Host byte order. ICMP echo: the identifier, on the requester's side.
-    pub sport: u16,
-    pub dport: u16,
     /// Byte 13 of the TCP header, 0 otherwise.
     pub tcp_flags: u8,
     /// ICMP / ICMPv6 type, 0 otherwise.
     pub icmp_type: u8,
     /// Not the first fragment: no transport header.
     pub later_fragment: bool,
+    /// Host byte order. ICMP echo: the identifier, on the requester's side.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// A parsed frame.
+pub enum Parsed {
+    V4(Packet<V4>),
+    V6(Packet<V6>),
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...).
+    Other,
 }
 
 /// Offsets beyond this are never direct-accessed (keeps the verifier's range small).
@@ -56,19 +116,18 @@ fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
     ctx.load::<T>(offset).map_err(|_| Malformed)
 }
 
-/// `Ok(None)` for anything that is not IPv4 or IPv6 (ARP, LLDP, ...).
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Malformed> {
+pub fn parse(ctx: &TcContext) -> Result<Parsed, Malformed> {
     let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
     match ethertype {
-        ETH_P_IP => parse_ipv4(ctx).map(Some),
-        ETH_P_IPV6 => parse_ipv6(ctx).map(Some),
-        _ => Ok(None),
+        ETH_P_IP => parse_ipv4(ctx).map(Parsed::V4),
+        ETH_P_IPV6 => parse_ipv6(ctx).map(Parsed::V6),
+        _ => Ok(Parsed::Other),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext) -> Result<Packet, Malformed> {
+fn parse_ipv4(ctx: &TcContext) -> Result<Packet<V4>, Malformed> {
     let version_ihl: u8 = load(ctx, ETH_HLEN)?;
     if version_ihl >> 4 != 4 {
         return Err(Malformed);
@@ -84,11 +143,11 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Packet, Malformed> {
         return Err(Malformed);
     }
     let protocol: u8 = load(ctx, ETH_HLEN + 9)?;
-    let src: [u8; 4] = load(ctx, ETH_HLEN + 12)?;
-    let dst: [u8; 4] = load(ctx, ETH_HLEN + 16)?;
+    let src: u32 = load(ctx, ETH_HLEN + 12)?;
+    let dst: u32 = load(ctx, ETH_HLEN + 16)?;
     let mut packet = Packet {
-        src: Addr::v4(src),
-        dst: Addr::v4(dst),
+        src,
+        dst,
         protocol,
         sport: 0,
         dport: 0,
@@ -103,14 +162,14 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Packet, Malformed> {
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext) -> Result<Packet, Malformed> {
+fn parse_ipv6(ctx: &TcContext) -> Result<Packet<V6>, Malformed> {
     let version: u8 = load(ctx, ETH_HLEN)?;
     if version >> 4 != 6 {
         return Err(Malformed);
     }
     let mut next: u8 = load(ctx, ETH_HLEN + 6)?;
-    let src: [u8; 16] = load(ctx, ETH_HLEN + 8)?;
-    let dst: [u8; 16] = load(ctx, ETH_HLEN + 24)?;
+    let src: [u32; 4] = load(ctx, ETH_HLEN + 8)?;
+    let dst: [u32; 4] = load(ctx, ETH_HLEN + 24)?;
     let mut offset = ETH_HLEN + IPV6_HLEN;
     let mut later_fragment = false;
     let mut done = false;
@@ -146,8 +205,8 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Packet, Malformed> {
         return Err(Malformed);
     }
     let mut packet = Packet {
-        src: Addr::v6(src),
-        dst: Addr::v6(dst),
+        src,
+        dst,
         protocol: next,
         sport: 0,
         dport: 0,
@@ -162,7 +221,11 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Packet, Malformed> {
 }
 
 #[inline(always)]
-fn parse_transport(ctx: &TcContext, offset: usize, packet: &mut Packet) -> Result<(), Malformed> {
+fn parse_transport<F: Family>(
+    ctx: &TcContext,
+    offset: usize,
+    packet: &mut Packet<F>,
+) -> Result<(), Malformed> {
     match packet.protocol {
         PROTO_TCP => {
             let header: [u8; 14] = load(ctx, offset)?;
@@ -192,7 +255,7 @@ fn parse_transport(ctx: &TcContext, offset: usize, packet: &mut Packet) -> Resul
     Ok(())
 }
 
-impl Packet {
+impl<F: Family> Packet<F> {
     /// IPv6 neighbour discovery (RS, RA, NS, NA, redirect) and MLD.
     #[inline(always)]
     pub fn is_network_control(&self) -> bool {

@@ -39,10 +39,10 @@ fn allowing_rule(mut key: PolicyKey, any_peer: bool) -> Option<u32> {
 
 /// What the policy decision needs to know about a connection, from the point of view
 /// of the local endpoint: who the peer is and which port the responder listens on.
-pub struct Connection<'a> {
+pub struct Connection {
     /// [`DIR_INGRESS`]: the peer opened it; egress: the pod did.
     pub direction: u8,
-    pub peer: &'a Addr,
+    pub peer: Addr,
     pub protocol: u8,
     pub port: u16,
 }
@@ -71,7 +71,7 @@ pub fn decide(endpoint: &EndpointInfo, connection: &Connection) -> Decision {
             identity: 0,
         };
     }
-    let peer = peer(connection.peer);
+    let peer = peer(&connection.peer);
     let identity = peer.identity;
     if connection.direction == DIR_INGRESS && peer.flags & PEER_HOST != 0 {
         return Decision {

@@ -10,14 +10,14 @@ use aya_ebpf::{
 };
 use netpol_common::{
     Addr, Counter, DIR_EGRESS, EVENTS_BURST, EVENTS_PER_SECOND_PER_CPU, IFACE_REFUSED,
-    IFACE_SHARED, RULE_NONE, Reason, STATE_DENY_UNPROGRAMMED, VerdictEvent, counter_index,
-    reason_emits_event,
+    IFACE_SHARED, IFACE_UNBOUND, RULE_NONE, Reason, STATE_DENY_UNPROGRAMMED, VerdictEvent,
+    counter_index, reason_emits_event,
 };
 
 use crate::{
-    conntrack::{self, Flow},
+    conntrack::{self, Ends, Table},
     maps::{COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENTS, IFACES, RULE_COUNTERS, STATE},
-    parse::{self, Malformed, Packet},
+    parse::{self, Family, Malformed, Packet, Parsed, V4},
     policy,
 };
 
@@ -45,47 +45,49 @@ impl Verdict {
 #[inline(always)]
 pub fn run(ctx: &TcContext, direction: u8) -> i32 {
     match parse::parse(ctx) {
-        Ok(Some(packet)) => {
+        Ok(Parsed::V4(packet)) => {
             let verdict = decide(ctx, &packet, direction);
             finish(ctx, Some(&packet), direction, &verdict)
         }
-        Ok(None) => finish(ctx, None, direction, &Verdict::of(Reason::NotEndpoint)),
-        Err(Malformed) => finish(ctx, None, direction, &Verdict::of(Reason::Malformed)),
+        Ok(Parsed::V6(packet)) => {
+            let verdict = decide(ctx, &packet, direction);
+            finish(ctx, Some(&packet), direction, &verdict)
+        }
+        Ok(Parsed::Other) => finish::<V4>(ctx, None, direction, &Verdict::of(Reason::NotEndpoint)),
+        Err(Malformed) => finish::<V4>(ctx, None, direction, &Verdict::of(Reason::Malformed)),
     }
 }
 
+/// Conntrack, then (for a new connection) the endpoint, its interface and its policy.
+/// `T` is the packet's address family, with its conntrack table.
 #[inline(always)]
-fn decide(ctx: &TcContext, packet: &Packet, direction: u8) -> Verdict {
+fn decide<T: Table>(ctx: &TcContext, packet: &Packet<T>, direction: u8) -> Verdict {
     if packet.is_network_control() {
         return Verdict::of(Reason::NetworkControl);
     }
-    let local = if direction == DIR_EGRESS {
-        &packet.src
-    } else {
-        &packet.dst
-    };
+    let ends = Ends::of(direction);
+    let (local, remote) = ends.addresses(packet);
     // SAFETY (both lookups): ENDPOINTS is only written from userspace; the value is
     // copied at once.
-    let endpoint = || (unsafe { ENDPOINTS.get(local) }).copied();
+    let endpoint = || (unsafe { ENDPOINTS.get(T::addr(&local)) }).copied();
     if packet.later_fragment {
         return match endpoint() {
             Some(endpoint) => Verdict {
                 endpoint: endpoint.id,
                 ..Verdict::of(Reason::Fragment)
             },
-            None => not_an_endpoint(local, direction),
+            None => not_an_endpoint(&T::addr(&local), direction),
         };
     }
     // The coarse clock (jiffies) is plenty for timeouts of seconds and much cheaper.
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let len = ctx.len();
     let (generation, flags) = STATE
         .get(0)
         .map_or((0, 0), |state| (state.generation, state.flags));
     // SAFETY: the context pointer is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let flow = Flow::of(packet, direction, ifindex);
+    let key = T::key(packet, ends, ifindex);
     // Conntrack first: a packet of a known connection costs one lookup. Entries exist
     // only for endpoints, so ENDPOINTS is consulted only when the policy changed since
     // the entry was judged (a pod that is no longer an endpoint is not ours to judge).
@@ -96,7 +98,7 @@ fn decide(ctx: &TcContext, packet: &Packet, direction: u8) -> Verdict {
         }
         None => Some(RULE_NONE),
     };
-    if let Some(tracked) = conntrack::track(&flow, packet, now, len, generation, recheck) {
+    if let Some(tracked) = conntrack::track::<T>(&key, packet, ends, now, generation, recheck) {
         return Verdict {
             reason: tracked.reason,
             rule: tracked.rule,
@@ -105,47 +107,35 @@ fn decide(ctx: &TcContext, packet: &Packet, direction: u8) -> Verdict {
         };
     }
     // SAFETY: IFACES is only written from userspace; the value is copied at once.
-    let owner = (unsafe { IFACES.get(ifindex) }).copied();
-    if owner == Some(IFACE_REFUSED) {
+    let owner = (unsafe { IFACES.get(ifindex) }).map_or(IFACE_UNBOUND, |owner| *owner);
+    if owner == IFACE_REFUSED {
         return Verdict::of(Reason::Refused);
     }
     let Some(endpoint) = endpoint() else {
-        return match owner {
-            Some(_) => not_an_endpoint(local, direction),
-            None => unprogrammed(flags),
+        return if owner == IFACE_UNBOUND {
+            unprogrammed(flags)
+        } else {
+            not_an_endpoint(&T::addr(&local), direction)
         };
     };
     // A veth bound to one pod carries only that pod's addresses. (An unbound one is
     // being programmed right now: its pod's policy already applies.)
     if direction == DIR_EGRESS
-        && let Some(owner) = owner
+        && owner != IFACE_UNBOUND
         && owner != endpoint.id
         && owner != IFACE_SHARED
     {
         return Verdict::of(Reason::Spoofed);
     }
-    let remote = if direction == DIR_EGRESS {
-        &packet.dst
-    } else {
-        &packet.src
-    };
     let connection = policy::Connection {
         direction,
-        peer: remote,
+        peer: T::addr(&remote),
         protocol: packet.protocol,
         port: packet.dport,
     };
     let decision = policy::decide(&endpoint, &connection);
     if !decision.reason.is_drop() {
-        conntrack::open(
-            &flow,
-            packet,
-            direction,
-            decision.rule,
-            generation,
-            now,
-            len,
-        );
+        conntrack::open::<T>(&key, packet, direction, decision.rule, generation, now);
     }
     Verdict {
         reason: decision.reason,
@@ -216,7 +206,7 @@ fn take_event_token(now: u64) -> bool {
 }
 
 #[inline(always)]
-fn emit(ctx: &TcContext, packet: Option<&Packet>, direction: u8, verdict: &Verdict) {
+fn emit<F: Family>(ctx: &TcContext, packet: Option<&Packet<F>>, direction: u8, verdict: &Verdict) {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if !take_event_token(now) {
@@ -225,8 +215,8 @@ fn emit(ctx: &TcContext, packet: Option<&Packet>, direction: u8, verdict: &Verdi
     let none = Addr::default();
     let event = VerdictEvent {
         timestamp_ns: now,
-        src: packet.map_or(none, |p| p.src),
-        dst: packet.map_or(none, |p| p.dst),
+        src: packet.map_or(none, |p| F::addr(&p.src)),
+        dst: packet.map_or(none, |p| F::addr(&p.dst)),
         sport: packet.map_or(0, |p| p.sport),
         dport: packet.map_or(0, |p| p.dport),
         protocol: packet.map_or(0, |p| p.protocol),
@@ -251,7 +241,12 @@ fn emit(ctx: &TcContext, packet: Option<&Packet>, direction: u8, verdict: &Verdi
 
 /// The one exit: count, report, then pass or drop.
 #[inline(always)]
-fn finish(ctx: &TcContext, packet: Option<&Packet>, direction: u8, verdict: &Verdict) -> i32 {
+fn finish<F: Family>(
+    ctx: &TcContext,
+    packet: Option<&Packet<F>>,
+    direction: u8,
+    verdict: &Verdict,
+) -> i32 {
     let len = ctx.len();
     add(
         COUNTERS.get_ptr_mut(counter_index(verdict.reason, direction)),

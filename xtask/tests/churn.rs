@@ -318,7 +318,7 @@ impl Footprint {
         Footprint {
             maps,
             identities: count("IPCACHE").1,
-            conntrack: count("CT").0,
+            conntrack: count("CT4").0 + count("CT6").0,
             links: link_pins(&lab.pin_dir()),
             fds: std::fs::read_dir(format!("/proc/{pid}/fd"))
                 .expect("/proc/<pid>/fd")
@@ -675,7 +675,7 @@ fn churn_leaves_no_entries_identities_or_attachments_behind() {
         last.links.len().to_string(),
     ));
     rows.push((
-        "CT (not checked)".into(),
+        "CT4 + CT6 (not checked)".into(),
         baseline.conntrack.to_string(),
         last.conntrack.to_string(),
     ));

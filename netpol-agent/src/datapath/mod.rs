@@ -4,7 +4,7 @@
 //! Everything lives under one bpffs directory (`--bpffs-dir`):
 //!
 //! ```text
-//! <dir>/maps/{ENDPOINTS,IPCACHE,POLICY,CT,COUNTERS}   pinned by the loader, adopted on restart
+//! <dir>/maps/{ENDPOINTS,IPCACHE,POLICY,CT4,CT6,...}   pinned by the loader, adopted on restart
 //! <dir>/links/{from_pod,to_pod}:<ifname>              TCX links, pinned: they outlive the agent
 //! ```
 //!
@@ -193,7 +193,7 @@ pub struct Datapath {
     policy: PolicyMap,
     counters: PerCpuArray<MapData, Counter>,
     state: Array<MapData, DatapathState>,
-    /// max_entries of ENDPOINTS, IPCACHE, POLICY, CT as loaded.
+    /// max_entries of ENDPOINTS, IPCACHE, POLICY, and of each of CT4 and CT6, as loaded.
     capacities: [u32; 4],
     rule_counters: PerCpuArray<MapData, Counter>,
     /// The rule each id of RULE_COUNTERS counts for; an id given to another rule starts
@@ -237,7 +237,8 @@ impl Datapath {
             (names::ENDPOINTS, capacities.endpoints),
             (names::IPCACHE, capacities.ipcache),
             (names::POLICY, capacities.policy),
-            (names::CT, capacities.conntrack),
+            (names::CT4, capacities.conntrack),
+            (names::CT6, capacities.conntrack),
         ] {
             if let Some(capacity) = capacity {
                 loader.map_max_entries(name, capacity);
@@ -251,6 +252,7 @@ impl Datapath {
             );
         }
         let mut ebpf = loader.load(OBJECT)?;
+        remove_foreign_pins(&ebpf, &maps_dir);
         for hook in HOOKS {
             program(&mut ebpf, hook.program)?
                 .load()
@@ -672,8 +674,8 @@ impl Datapath {
     }
 
     /// (map, entries, capacity) of ENDPOINTS, IPCACHE and POLICY (from the shadows: no
-    /// syscall), and of CT when `conntrack` is given (counted by walking its keys, at
-    /// most `limit` of them).
+    /// syscall), and of CT4 and CT6 when `conntrack_limit` is given (counted by walking
+    /// their keys, at most `limit` of each).
     pub fn map_fill(&self, conntrack_limit: Option<usize>) -> Vec<(&'static str, u64, u64)> {
         let [endpoints, ipcache, policy, ct] = self.capacities.map(u64::from);
         let mut out = vec![
@@ -681,12 +683,26 @@ impl Datapath {
             (names::IPCACHE, self.ipcache.len() as u64, ipcache),
             (names::POLICY, self.policy.len() as u64, policy),
         ];
-        if let Some(limit) = conntrack_limit
-            && let Some(map) = self.ebpf.map(names::CT)
-            && let Ok(ct_map) =
-                HashMap::<_, netpol_common::CtKey, netpol_common::CtValue>::try_from(map)
-        {
-            out.push((names::CT, ct_map.keys().take(limit).count() as u64, ct));
+        if let Some(limit) = conntrack_limit {
+            fn count<K: aya::Pod>(ebpf: &Ebpf, name: &str, limit: usize) -> Option<u64> {
+                let map = HashMap::<_, K, netpol_common::CtValue>::try_from(ebpf.map(name)?);
+                Some(map.ok()?.keys().take(limit).count() as u64)
+            }
+            let tables = [
+                (
+                    names::CT4,
+                    count::<netpol_common::CtKey4>(&self.ebpf, names::CT4, limit),
+                ),
+                (
+                    names::CT6,
+                    count::<netpol_common::CtKey6>(&self.ebpf, names::CT6, limit),
+                ),
+            ];
+            for (name, entries) in tables {
+                if let Some(entries) = entries {
+                    out.push((name, entries, ct));
+                }
+            }
         }
         out
     }
@@ -876,6 +892,29 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedCl
         .ok_or(Error::MissingProgram(name))?
         .try_into()
         .map_err(|source| Error::Program { name, source })
+}
+
+/// Unpins maps under `maps_dir` that this build's object does not define (left by an
+/// older build, e.g. the single conntrack map `CT` that became CT4 and CT6). Programs
+/// still attached from that build keep their maps alive until they are replaced.
+fn remove_foreign_pins(ebpf: &Ebpf, maps_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(maps_dir) else {
+        return;
+    };
+    let ours: std::collections::BTreeSet<&str> = ebpf.maps().map(|(name, _)| name).collect();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if ours.contains(name) {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => info!(map = name, "unpinned a map this build no longer uses"),
+            Err(error) => {
+                warn!(map = name, %error, "could not unpin a map this build no longer uses")
+            }
+        }
+    }
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map> {

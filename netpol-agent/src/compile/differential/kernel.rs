@@ -56,7 +56,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData};
-use netpol_common::{CtKey, CtValue, IFACE_SHARED, PROTO_SCTP, PROTO_TCP, PROTO_UDP, names};
+use netpol_common::{
+    CtKey4, CtKey6, CtValue, IFACE_SHARED, PROTO_SCTP, PROTO_TCP, PROTO_UDP, names,
+};
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
 use super::super::reference::{Reference, Verdict};
@@ -279,7 +281,8 @@ fn say(text: &str) {
 struct Kernel {
     datapath: Option<Datapath>,
     dir: PathBuf,
-    ct: HashMap<MapData, CtKey, CtValue>,
+    ct4: HashMap<MapData, CtKey4, CtValue>,
+    ct6: HashMap<MapData, CtKey6, CtValue>,
     allocations: Allocations,
     /// Connections the previous case allowed, with their source ports.
     open: Vec<(Query, u16)>,
@@ -367,11 +370,13 @@ impl Kernel {
     /// A datapath loaded under `dir` (bpffs refuses names with dots).
     fn at(dir: PathBuf) -> Result<Kernel, String> {
         let datapath = load(&dir)?;
-        let ct = pinned(&dir, names::CT, Map::LruHashMap);
+        let ct4 = pinned(&dir, names::CT4, Map::LruHashMap);
+        let ct6 = pinned(&dir, names::CT6, Map::LruHashMap);
         Ok(Kernel {
             datapath: Some(datapath),
             dir,
-            ct,
+            ct4,
+            ct6,
             allocations: Allocations::default(),
             open: Vec::new(),
             bound: None,
@@ -399,17 +404,22 @@ impl Kernel {
     }
 
     fn clear_conntrack(&mut self) -> Result<(), String> {
-        let keys: Vec<CtKey> = self
-            .ct
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("CT keys: {e}"))?;
-        for key in keys {
-            self.ct
-                .remove(&key)
-                .map_err(|e| format!("CT remove: {e}"))?;
+        fn clear<K: aya::Pod>(
+            name: &str,
+            map: &mut HashMap<MapData, K, CtValue>,
+        ) -> Result<(), String> {
+            let keys: Vec<K> = map
+                .keys()
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("{name} keys: {e}"))?;
+            for key in keys {
+                map.remove(&key)
+                    .map_err(|e| format!("{name} remove: {e}"))?;
+            }
+            Ok(())
         }
-        Ok(())
+        clear(names::CT4, &mut self.ct4)?;
+        clear(names::CT6, &mut self.ct6)
     }
 
     /// The kernel's three policy maps equal `compiled`'s.
