@@ -471,6 +471,46 @@ fn conntrack_lets_replies_through_both_ways() {
 }
 
 #[test]
+fn each_pod_of_a_node_local_connection_keeps_its_own_entry() {
+    let Some(dp) = Loaded::new("ct-local", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    // a -> b:80: a is not egress-isolated, b allows a. Both hooks run on the same test
+    // interface, so only the (local, remote) order tells the two entries apart.
+    let syn = Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), Transport::syn(43000, 80));
+    assert!(dp.run(FromPod, &syn), "a's egress (not isolated)");
+    assert!(dp.run(ToPod, &syn), "b's ingress (allowed)");
+    let syn_ack = Frame::new(
+        ip("10.1.0.2"),
+        ip("10.1.0.1"),
+        Transport::syn_ack(80, 43000),
+    );
+    let replies = dp.counter(Reason::Reply);
+    assert!(dp.run(FromPod, &syn_ack), "b's reply leaves b");
+    assert!(dp.run(ToPod, &syn_ack), "b's reply reaches a");
+    assert_eq!(
+        dp.counter(Reason::Reply),
+        replies + 2,
+        "both from conntrack"
+    );
+    // d -> b:80 passes d's egress (d is not isolated, so d keeps an entry) but b's
+    // ingress drops it. b's SYN-ACK must not ride d's entry: b is egress-isolated and
+    // has no connection to answer.
+    let syn = Frame::new(ip("10.2.0.1"), ip("10.1.0.2"), Transport::syn(44000, 80));
+    assert!(dp.run(FromPod, &syn), "d's egress (not isolated)");
+    assert!(!dp.run(ToPod, &syn), "b's ingress does not allow d");
+    let syn_ack = Frame::new(
+        ip("10.1.0.2"),
+        ip("10.2.0.1"),
+        Transport::syn_ack(80, 44000),
+    );
+    assert!(
+        !dp.run(FromPod, &syn_ack),
+        "b never accepted this connection"
+    );
+}
+
+#[test]
 fn a_reset_closes_the_connection_for_new_syns_only() {
     let Some(dp) = Loaded::new("rst", &[CLUSTER, POLICIES]) else {
         return;
@@ -1127,4 +1167,38 @@ spec:
     ] {
         assert_eq!(dp.run(ToPod, &syn(port)), allowed, "port {port}");
     }
+}
+
+#[test]
+fn pins_of_maps_this_build_does_not_define_are_removed_at_load() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: loading programs needs root (run via `cargo xtask test`)");
+        return;
+    }
+    /// Removes the bpffs directory however the test ends.
+    struct RemoveDir(PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = RemoveDir(PathBuf::from(format!(
+        "/sys/fs/bpf/netpol-verdict-pins-{}",
+        std::process::id()
+    )));
+    let maps = dir.0.join("maps");
+    let first = Datapath::open(&dir.0, &Capacities::default()).expect("load programs");
+    // What an older build leaves behind: a pinned map under a name this build does not
+    // define (the single conntrack map `CT` became CT4 and CT6).
+    let older = aya::maps::MapData::from_pin(maps.join("COUNTERS")).expect("open a pinned map");
+    older
+        .pin(maps.join("CT"))
+        .expect("pin it under an old name");
+    drop(first); // keeps every pin, as an agent that exits with `--on-exit keep`
+    let second = Datapath::open(&dir.0, &Capacities::default()).expect("adopt the pins");
+    assert!(!maps.join("CT").exists(), "the old map's pin is gone");
+    for name in ["CT4", "CT6", "COUNTERS", "ENDPOINTS"] {
+        assert!(maps.join(name).exists(), "{name} is still pinned");
+    }
+    second.shutdown();
 }
