@@ -106,6 +106,7 @@ fn state(manifests: &[&str]) -> ClusterState {
 struct Loaded {
     datapath: Option<Datapath>,
     compiled: compile::Compiled,
+    dir: PathBuf,
 }
 
 impl Loaded {
@@ -123,6 +124,7 @@ impl Loaded {
             std::process::id()
         ));
         let mut datapath = Datapath::open(&dir, capacities).expect("load programs");
+        let dir = dir.clone();
         let compiled = compile::compile(&state(manifests), &Allocations::default());
         assert!(
             compiled.diagnostics.is_empty(),
@@ -136,6 +138,7 @@ impl Loaded {
         Some(Loaded {
             datapath: Some(datapath),
             compiled,
+            dir,
         })
     }
 
@@ -166,6 +169,18 @@ impl Loaded {
             .find(|p| p.pod.to_string() == pod)
             .unwrap_or_else(|| panic!("{pod} is not a local pod"))
             .endpoint_id
+    }
+
+    /// One of the loaded object's maps, opened through its pin.
+    fn pinned(&self, name: &str) -> aya::maps::MapData {
+        aya::maps::MapData::from_pin(self.dir.join("maps").join(name)).expect("pinned map")
+    }
+
+    /// Jiffies per second as the agent wrote them to STATE.
+    fn jiffies_hz(&self) -> u64 {
+        let state: aya::maps::Array<_, netpol_common::DatapathState> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(self.pinned("STATE"))).unwrap();
+        u64::from(state.get(&0, 0).unwrap().jiffies_hz)
     }
 
     fn counter(&self, reason: Reason) -> u64 {
@@ -507,6 +522,71 @@ fn each_pod_of_a_node_local_connection_keeps_its_own_entry() {
     assert!(
         !dp.run(FromPod, &syn_ack),
         "b never accepted this connection"
+    );
+}
+
+#[test]
+fn an_idle_connection_expires_after_its_timeout() {
+    let Some(dp) = Loaded::new("ct-expiry", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    let hz = dp.jiffies_hz();
+    let mut ct: aya::maps::HashMap<_, netpol_common::CtKey4, netpol_common::CtValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(dp.pinned("CT4"))).unwrap();
+    // a opens b:80; b's entry is aged by `idle_secs` before b answers. A connection
+    // that has not seen its reply lives CT_TIMEOUT_TCP_OPENING_SECS (60 s).
+    let mut answered_after = |port: u16, idle_secs: u64| {
+        let syn = Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), Transport::syn(port, 80));
+        assert!(dp.run(ToPod, &syn));
+        let key = ct
+            .keys()
+            .map(Result::unwrap)
+            .find(|key| key.remote_port == port)
+            .expect("b's entry for the connection");
+        let mut entry = ct.get(&key, 0).unwrap();
+        entry.last_seen_jiffies -= idle_secs * hz;
+        ct.insert(key, entry, 0).unwrap();
+        let syn_ack = Frame::new(ip("10.1.0.2"), ip("10.1.0.1"), Transport::syn_ack(80, port));
+        dp.run(FromPod, &syn_ack)
+    };
+    assert!(answered_after(45000, 59), "59 s idle: still open");
+    assert!(
+        !answered_after(45001, 61),
+        "61 s idle: expired, b may not open anything"
+    );
+}
+
+#[test]
+fn the_tick_rate_in_state_is_the_kernels() {
+    let Some(dp) = Loaded::new("hz", &[CLUSTER]) else {
+        return;
+    };
+    // Independently of the agent's measurement: /proc/timer_list shows jiffies and the
+    // monotonic time; two snapshots 300 ms apart.
+    let snapshot = || -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+        let now = text.lines().find_map(|l| {
+            l.strip_prefix("now at ")?
+                .strip_suffix(" nsecs")?
+                .parse::<u64>()
+                .ok()
+        })?;
+        let jiffies = text
+            .lines()
+            .find_map(|l| l.strip_prefix("jiffies: ")?.trim().parse::<u64>().ok())?;
+        Some((jiffies, now))
+    };
+    let Some((j0, t0)) = snapshot() else {
+        eprintln!("skipped: /proc/timer_list is not readable here");
+        return;
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (j1, t1) = snapshot().expect("/proc/timer_list");
+    let reference = (j1 - j0) as f64 * 1e9 / (t1 - t0) as f64;
+    let hz = dp.jiffies_hz() as f64;
+    assert!(
+        (hz - reference).abs() <= reference * 0.05,
+        "STATE says {hz} jiffies per second, /proc/timer_list {reference:.1}"
     );
 }
 
@@ -1170,7 +1250,7 @@ spec:
 }
 
 #[test]
-fn pins_of_maps_this_build_does_not_define_are_removed_at_load() {
+fn pins_of_maps_this_build_does_not_define_or_changed_are_replaced_at_load() {
     if !nix::unistd::Uid::effective().is_root() {
         eprintln!("skipped: loading programs needs root (run via `cargo xtask test`)");
         return;
@@ -1188,16 +1268,42 @@ fn pins_of_maps_this_build_does_not_define_are_removed_at_load() {
     )));
     let maps = dir.0.join("maps");
     let first = Datapath::open(&dir.0, &Capacities::default()).expect("load programs");
+    // Every map the object pins has the layout the agent checks pins against.
+    let layouts = netpol_agent::datapath::map_layouts();
+    let layout_of = |name: &str| {
+        let info = aya::maps::MapInfo::from_pin(maps.join(name)).expect("pinned map");
+        (info.map_type().ok(), info.key_size(), info.value_size())
+    };
+    let mut pinned: Vec<String> = std::fs::read_dir(&maps)
+        .expect("maps directory")
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    pinned.sort();
+    let mut known: Vec<String> = layouts.iter().map(|l| l.0.to_owned()).collect();
+    known.sort();
+    assert_eq!(pinned, known, "pinned maps vs the layout table");
+    for (name, map_type, key, value) in layouts {
+        assert_eq!(layout_of(name), (Some(map_type), key, value), "{name}");
+    }
     // What an older build leaves behind: a pinned map under a name this build does not
-    // define (the single conntrack map `CT` became CT4 and CT6).
+    // define (the single conntrack map `CT` became CT4 and CT6), and one whose layout
+    // changed (STATE grew from 8 to 16 bytes): here IFACES pinned as STATE.
     let older = aya::maps::MapData::from_pin(maps.join("COUNTERS")).expect("open a pinned map");
     older
         .pin(maps.join("CT"))
         .expect("pin it under an old name");
+    std::fs::remove_file(maps.join("STATE")).unwrap();
+    let ifaces = aya::maps::MapData::from_pin(maps.join("IFACES")).expect("open a pinned map");
+    ifaces.pin(maps.join("STATE")).expect("pin it as STATE");
     drop(first); // keeps every pin, as an agent that exits with `--on-exit keep`
     let second = Datapath::open(&dir.0, &Capacities::default()).expect("adopt the pins");
     assert!(!maps.join("CT").exists(), "the old map's pin is gone");
-    for name in ["CT4", "CT6", "COUNTERS", "ENDPOINTS"] {
+    assert_eq!(
+        layout_of("STATE"),
+        (Some(aya::maps::MapType::Array), 4, 16),
+        "STATE was replaced by one of this build's layout"
+    );
+    for name in ["CT4", "CT6", "COUNTERS", "ENDPOINTS", "IFACES"] {
         assert!(maps.join(name).exists(), "{name} is still pinned");
     }
     second.shutdown();

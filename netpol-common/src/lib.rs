@@ -214,8 +214,10 @@ pub struct CtKey6 {
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct CtValue {
-    pub created_ns: u64,
-    pub last_seen_ns: u64,
+    /// Jiffies (see [`DatapathState::jiffies_hz`]) when the connection was opened.
+    pub created_jiffies: u64,
+    /// Jiffies when a packet of it was last seen.
+    pub last_seen_jiffies: u64,
     /// Rule that allowed the connection ([`RULE_NONE`] when the endpoint was not
     /// isolated).
     pub rule: u32,
@@ -236,7 +238,17 @@ pub struct DatapathState {
     pub generation: u32,
     /// `STATE_*` flags.
     pub flags: u32,
+    /// The kernel's tick rate (CONFIG_HZ), measured by the agent: conntrack timestamps
+    /// are jiffies. 0 until the agent has written it; the programs then assume
+    /// [`JIFFIES_HZ_FALLBACK`].
+    pub jiffies_hz: u32,
+    pub _pad: u32,
 }
+
+/// Tick rate the programs assume while STATE has none: the highest CONFIG_HZ Linux
+/// offers, so that timeouts can only come out longer than configured, never shorter
+/// (a live connection is never cut short).
+pub const JIFFIES_HZ_FALLBACK: u64 = 1000;
 
 /// Traffic on an interface the agent attached to but has not bound to a programmed pod
 /// (a veth that appeared before its pod was known) is dropped as
@@ -262,17 +274,17 @@ pub const CT_FIN_INITIATOR: u32 = 1 << 3;
 pub const CT_FIN_RESPONDER: u32 = 1 << 4;
 pub const CT_RST: u32 = 1 << 5;
 
-/// Conntrack lifetimes: an idle entry older than this no longer lets packets through.
 /// TCP flags as found in byte 13 of the TCP header.
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-pub const CT_TIMEOUT_TCP_OPENING_NS: u64 = 60 * 1_000_000_000;
-pub const CT_TIMEOUT_TCP_ESTABLISHED_NS: u64 = 6 * 3600 * 1_000_000_000;
-pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
-pub const CT_TIMEOUT_OTHER_NS: u64 = 60 * 1_000_000_000;
+/// Conntrack lifetimes: an idle entry older than this no longer lets packets through.
+pub const CT_TIMEOUT_TCP_OPENING_SECS: u64 = 60;
+pub const CT_TIMEOUT_TCP_ESTABLISHED_SECS: u64 = 6 * 3600;
+pub const CT_TIMEOUT_TCP_CLOSING_SECS: u64 = 10;
+pub const CT_TIMEOUT_OTHER_SECS: u64 = 60;
 
 /// `PolicyValue::rule` / `CtValue::rule` when no rule was involved.
 pub const RULE_NONE: u32 = u32::MAX;
@@ -465,6 +477,9 @@ pub mod names {
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
     pub const IFACES: &str = "IFACES";
+    /// Returns the low 32 bits of jiffies; run by the agent (BPF_PROG_TEST_RUN, never
+    /// attached) to measure the kernel's tick rate.
+    pub const PROG_JIFFIES: &str = "jiffies";
     /// TC ingress of the host-side veth: packets leaving the pod (its egress policy).
     pub const PROG_FROM_POD: &str = "from_pod";
     /// TC egress of the host-side veth: packets entering the pod (its ingress policy).
@@ -515,7 +530,7 @@ const _: () = {
     assert!(size_of::<CtKey4>() == 20);
     assert!(size_of::<CtKey6>() == 44);
     assert!(size_of::<CtValue>() == 32);
-    assert!(size_of::<DatapathState>() == 8);
+    assert!(size_of::<DatapathState>() == 16);
     assert!(size_of::<VerdictEvent>() == 80);
     assert!(size_of::<EventBudget>() == 32);
     assert!(size_of::<Counter>() == 16);

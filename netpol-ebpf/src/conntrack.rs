@@ -7,12 +7,12 @@
 //! (`to_pod`). IPv4 and IPv6 have a map each (CT4, CT6), so the key hashed on every
 //! IPv4 packet is 20 bytes.
 
-use aya_ebpf::maps::LruHashMap;
+use aya_ebpf::{helpers::generated::bpf_jiffies64, maps::LruHashMap};
 use netpol_common::{
-    CT_FIN_INITIATOR, CT_FIN_RESPONDER, CT_INGRESS, CT_RST, CT_SEEN_REPLY, CT_TIMEOUT_OTHER_NS,
-    CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_OPENING_NS, CtKey4,
-    CtKey6, CtValue, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, RULE_NONE, Reason, TCP_ACK, TCP_FIN,
-    TCP_RST, TCP_SYN,
+    CT_FIN_INITIATOR, CT_FIN_RESPONDER, CT_INGRESS, CT_RST, CT_SEEN_REPLY, CT_TIMEOUT_OTHER_SECS,
+    CT_TIMEOUT_TCP_CLOSING_SECS, CT_TIMEOUT_TCP_ESTABLISHED_SECS, CT_TIMEOUT_TCP_OPENING_SECS,
+    CtKey4, CtKey6, CtValue, DIR_EGRESS, DIR_INGRESS, JIFFIES_HZ_FALLBACK, PROTO_TCP, RULE_NONE,
+    Reason, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -117,6 +117,36 @@ impl Ends {
     }
 }
 
+/// Conntrack's clock: jiffies. The verifier turns `bpf_jiffies64` into one load, where
+/// even the coarse clock helper costs more than the whole conntrack lookup.
+pub struct Clock {
+    now: u64,
+    /// Jiffies per second.
+    hz: u64,
+}
+
+impl Clock {
+    /// `hz` as the agent wrote it in STATE (0: not yet).
+    #[inline(always)]
+    pub fn now(hz: u32) -> Clock {
+        Clock {
+            // SAFETY: a helper without preconditions.
+            now: unsafe { bpf_jiffies64() },
+            hz: if hz == 0 {
+                JIFFIES_HZ_FALLBACK
+            } else {
+                u64::from(hz)
+            },
+        }
+    }
+
+    /// Whether an entry last seen at `then` has outlived `lifetime_secs`.
+    #[inline(always)]
+    fn expired(&self, then: u64, lifetime_secs: u64) -> bool {
+        self.now.saturating_sub(then) > lifetime_secs * self.hz
+    }
+}
+
 #[inline(always)]
 fn closing(flags: u32) -> bool {
     flags & CT_RST != 0
@@ -124,15 +154,15 @@ fn closing(flags: u32) -> bool {
 }
 
 #[inline(always)]
-fn lifetime(protocol: u8, flags: u32) -> u64 {
+fn lifetime_secs(protocol: u8, flags: u32) -> u64 {
     if protocol != PROTO_TCP {
-        CT_TIMEOUT_OTHER_NS
+        CT_TIMEOUT_OTHER_SECS
     } else if closing(flags) {
-        CT_TIMEOUT_TCP_CLOSING_NS
+        CT_TIMEOUT_TCP_CLOSING_SECS
     } else if flags & CT_SEEN_REPLY == 0 {
-        CT_TIMEOUT_TCP_OPENING_NS
+        CT_TIMEOUT_TCP_OPENING_SECS
     } else {
-        CT_TIMEOUT_TCP_ESTABLISHED_NS
+        CT_TIMEOUT_TCP_ESTABLISHED_SECS
     }
 }
 
@@ -172,7 +202,7 @@ pub fn track<T: Table>(
     key: &T::Key,
     packet: &Packet<T>,
     ends: Ends,
-    now: u64,
+    clock: &Clock,
     generation: u32,
     recheck: impl FnOnce(&Connection) -> Option<u32>,
 ) -> Option<Tracked> {
@@ -182,7 +212,10 @@ pub fn track<T: Table>(
     // update, never more (the next packet sets it again).
     let entry = unsafe { &mut *entry };
     let old_flags = entry.flags;
-    if now.saturating_sub(entry.last_seen_ns) > lifetime(packet.protocol, old_flags) {
+    if clock.expired(
+        entry.last_seen_jiffies,
+        lifetime_secs(packet.protocol, old_flags),
+    ) {
         return None;
     }
     let tcp = packet.protocol == PROTO_TCP;
@@ -224,12 +257,12 @@ pub fn track<T: Table>(
         }
     }
     // Write only what changed: the flags a few times per connection, the timestamp
-    // once per tick of the coarse clock.
+    // once per tick.
     if flags != old_flags {
         entry.flags = flags;
     }
-    if entry.last_seen_ns != now {
-        entry.last_seen_ns = now;
+    if entry.last_seen_jiffies != clock.now {
+        entry.last_seen_jiffies = clock.now;
     }
     let reason = if from_initiator {
         Reason::Established
@@ -250,14 +283,14 @@ pub fn open<T: Table>(
     direction: u8,
     rule: u32,
     generation: u32,
-    now: u64,
+    clock: &Clock,
 ) {
     if packet.protocol == PROTO_TCP && packet.tcp_flags & TCP_RST != 0 {
         return;
     }
     let value = CtValue {
-        created_ns: now,
-        last_seen_ns: now,
+        created_jiffies: clock.now,
+        last_seen_jiffies: clock.now,
         rule,
         flags: if direction == DIR_INGRESS {
             CT_INGRESS

@@ -42,6 +42,15 @@ mod programs {
         verdict::run(&ctx, DIR_INGRESS)
     }
 
+    /// The low 32 bits of jiffies. Never attached: the agent runs it with
+    /// BPF_PROG_TEST_RUN to measure the kernel's tick rate for conntrack's clock.
+    #[classifier]
+    pub fn jiffies(_ctx: TcContext) -> i32 {
+        // SAFETY: a helper without preconditions.
+        let jiffies = unsafe { aya_ebpf::helpers::generated::bpf_jiffies64() };
+        jiffies as u32 as i32
+    }
+
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {
         // SAFETY: the verifier rejects any program with a reachable panic path.

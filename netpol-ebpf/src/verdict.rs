@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use netpol_common::{
@@ -79,12 +79,10 @@ fn decide<T: Table>(ctx: &TcContext, packet: &Packet<T>, direction: u8) -> Verdi
             None => not_an_endpoint(&T::addr(&local), direction),
         };
     }
-    // The coarse clock (jiffies) is plenty for timeouts of seconds and much cheaper.
-    // SAFETY: a helper without preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let (generation, flags) = STATE
-        .get(0)
-        .map_or((0, 0), |state| (state.generation, state.flags));
+    let (generation, flags, hz) = STATE.get(0).map_or((0, 0, 0), |state| {
+        (state.generation, state.flags, state.jiffies_hz)
+    });
+    let clock = conntrack::Clock::now(hz);
     // SAFETY: the context pointer is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let key = T::key(packet, ends, ifindex);
@@ -98,7 +96,7 @@ fn decide<T: Table>(ctx: &TcContext, packet: &Packet<T>, direction: u8) -> Verdi
         }
         None => Some(RULE_NONE),
     };
-    if let Some(tracked) = conntrack::track::<T>(&key, packet, ends, now, generation, recheck) {
+    if let Some(tracked) = conntrack::track::<T>(&key, packet, ends, &clock, generation, recheck) {
         return Verdict {
             reason: tracked.reason,
             rule: tracked.rule,
@@ -135,7 +133,7 @@ fn decide<T: Table>(ctx: &TcContext, packet: &Packet<T>, direction: u8) -> Verdi
     };
     let decision = policy::decide(&endpoint, &connection);
     if !decision.reason.is_drop() {
-        conntrack::open::<T>(&key, packet, direction, decision.rule, generation, now);
+        conntrack::open::<T>(&key, packet, direction, decision.rule, generation, &clock);
     }
     Verdict {
         reason: decision.reason,

@@ -12,6 +12,7 @@
 //! the agent dies (fail-static). A clean shutdown removes the directory, which detaches
 //! everything.
 
+pub mod clock;
 pub mod fit;
 pub mod interfaces;
 pub mod links;
@@ -75,6 +76,8 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("measuring the kernel's tick rate: {0}")]
+    Clock(#[from] clock::ClockError),
     #[error(
         "{0} is not on a bpf filesystem: mount one (`mount -t bpf bpf /sys/fs/bpf`); note that \
          `ip netns exec` remounts /sys, so start the agent with `nsenter --net=...` instead"
@@ -93,6 +96,7 @@ impl Error {
             Error::Attach { .. } => "attach",
             Error::Pin { .. } => "pin",
             Error::Bpffs { .. } | Error::NotBpffs(_) => "bpffs",
+            Error::Clock(_) => "clock",
         }
     }
 }
@@ -213,6 +217,8 @@ pub struct Datapath {
     pod_interface_prefixes: Vec<String>,
     /// Endpoints that did not fit in ENDPOINTS: their veths are bound to IFACE_REFUSED.
     refused_endpoints: std::collections::BTreeSet<u32>,
+    /// The kernel's tick rate, written to STATE for conntrack's clock.
+    jiffies_hz: u32,
 }
 
 impl Datapath {
@@ -251,16 +257,19 @@ impl Datapath {
                 endpoints.max(netpol_common::capacity::IFACES),
             );
         }
+        replace_mismatched_pins(&maps_dir);
         let mut ebpf = loader.load(OBJECT)?;
         remove_foreign_pins(&ebpf, &maps_dir);
-        for hook in HOOKS {
-            program(&mut ebpf, hook.program)?
+        for name in [
+            names::PROG_FROM_POD,
+            names::PROG_TO_POD,
+            names::PROG_JIFFIES,
+        ] {
+            program(&mut ebpf, name)?
                 .load()
-                .map_err(|source| Error::Program {
-                    name: hook.program,
-                    source,
-                })?;
+                .map_err(|source| Error::Program { name, source })?;
         }
+        let jiffies_hz = clock::kernel_hz(program(&mut ebpf, names::PROG_JIFFIES)?)?;
 
         let endpoints = adopt(&mut ebpf, names::ENDPOINTS, HashMap::try_from)?;
         let ipcache = adopt(&mut ebpf, names::IPCACHE, LpmTrie::try_from)?;
@@ -280,6 +289,7 @@ impl Datapath {
         let DatapathState {
             generation,
             flags: state_flags,
+            ..
         } = state.get(&0, 0).map_err(|source| Error::Map {
             name: names::STATE,
             source,
@@ -297,9 +307,10 @@ impl Datapath {
             endpoints = endpoints.len(),
             ipcache = ipcache.len(),
             policy = policy.len(),
+            jiffies_hz,
             "datapath loaded"
         );
-        Ok(Datapath {
+        let mut datapath = Datapath {
             ebpf,
             dir: dir.to_path_buf(),
             endpoints,
@@ -327,7 +338,11 @@ impl Datapath {
             attachments: BTreeMap::new(),
             pod_interface_prefixes: Vec::new(),
             refused_endpoints: Default::default(),
-        })
+            jiffies_hz,
+        };
+        // Before anything is attached: conntrack times entries with it.
+        datapath.write_state()?;
+        Ok(datapath)
     }
 
     /// What traffic on an attached but unprogrammed interface gets: dropped (`deny`) or
@@ -353,6 +368,8 @@ impl Datapath {
         let state = DatapathState {
             generation: self.generation,
             flags: self.state_flags,
+            jiffies_hz: self.jiffies_hz,
+            _pad: 0,
         };
         self.state.set(0, state, 0).map_err(|source| Error::Map {
             name: names::STATE,
@@ -892,6 +909,87 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedCl
         .ok_or(Error::MissingProgram(name))?
         .try_into()
         .map_err(|source| Error::Program { name, source })
+}
+
+/// The layout of every map this build pins: (name, type, key size, value size).
+pub fn map_layouts() -> [(&'static str, aya::maps::MapType, u32, u32); 11] {
+    use aya::maps::MapType::{Array, Hash, LpmTrie, LruHash, PerCpuArray, RingBuf};
+    use netpol_common as c;
+    fn size<T>() -> u32 {
+        std::mem::size_of::<T>() as u32
+    }
+    // LPM trie keys carry their prefix length first.
+    let lpm = |data: u32| 4 + data;
+    [
+        (
+            names::ENDPOINTS,
+            Hash,
+            size::<c::Addr>(),
+            size::<c::EndpointInfo>(),
+        ),
+        (
+            names::IPCACHE,
+            LpmTrie,
+            lpm(size::<c::Addr>()),
+            size::<c::PeerInfo>(),
+        ),
+        (
+            names::POLICY,
+            LpmTrie,
+            lpm(size::<c::PolicyKey>()),
+            size::<c::PolicyValue>(),
+        ),
+        (
+            names::CT4,
+            LruHash,
+            size::<c::CtKey4>(),
+            size::<c::CtValue>(),
+        ),
+        (
+            names::CT6,
+            LruHash,
+            size::<c::CtKey6>(),
+            size::<c::CtValue>(),
+        ),
+        (names::COUNTERS, PerCpuArray, 4, size::<c::Counter>()),
+        (names::STATE, Array, 4, size::<c::DatapathState>()),
+        (names::EVENTS, RingBuf, 0, 0),
+        (
+            names::EVENT_BUDGET,
+            PerCpuArray,
+            4,
+            size::<c::EventBudget>(),
+        ),
+        (names::RULE_COUNTERS, PerCpuArray, 4, size::<c::Counter>()),
+        (names::IFACES, Hash, 4, 4),
+    ]
+}
+
+/// Unpins maps under `maps_dir` whose type, key or value size differ from this build's
+/// (left by an older build), so the loader creates them afresh instead of handing the
+/// programs a map they cannot use. Programs still attached from that build keep the old
+/// maps alive until they are replaced; a new STATE starts from generation 0, which makes
+/// conntrack re-check every connection (always safe).
+fn replace_mismatched_pins(maps_dir: &Path) {
+    for (name, map_type, key_size, value_size) in map_layouts() {
+        let pin = maps_dir.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
+            continue; // not pinned yet
+        };
+        let pinned = (info.map_type().ok(), info.key_size(), info.value_size());
+        if pinned == (Some(map_type), key_size, value_size) {
+            continue;
+        }
+        match std::fs::remove_file(&pin) {
+            Ok(()) => info!(
+                map = name,
+                pinned = ?pinned,
+                expected = ?(map_type, key_size, value_size),
+                "replacing a pinned map whose layout this build changed"
+            ),
+            Err(error) => warn!(map = name, %error, "could not unpin a map whose layout changed"),
+        }
+    }
 }
 
 /// Unpins maps under `maps_dir` that this build's object does not define (left by an
