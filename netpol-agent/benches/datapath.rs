@@ -12,7 +12,7 @@
 //! - The floor is a two-instruction program (`r0 = -1; exit`, i.e. TC_ACT_UNSPEC),
 //!   loaded with a raw `BPF_PROG_LOAD` as a SchedClassifier and run the same way; netpol
 //!   on an ARP frame (parse only) and on an IP frame whose local address is not an
-//!   endpoint (one ENDPOINTS miss) are reported beside it.
+//!   endpoint (CT miss, IFACES, ENDPOINTS miss) are reported beside it.
 //! - Map contents: a small cluster compiled by the real compiler and applied with
 //!   `Datapath::apply` holds every entry the measured packets hit; synthetic entries of
 //!   the same shapes (99 more endpoints, 100,000 pod /32s and /24 ipBlocks, POLICY
@@ -22,9 +22,9 @@
 //!   scenario's verdict and counted reason are checked at every size.
 //! - A new flow cannot be repeated on one frame (the first run creates the CT entry), so
 //!   new-flow cost is measured on frames that create none: a SYN that policy DROPS
-//!   (ENDPOINTS hit, CT miss, IPCACHE hit, POLICY miss for the peer identity, POLICY miss
-//!   for identity 0), and an allowed TCP RST (conntrack `open` creates no entry for RST:
-//!   ENDPOINTS, CT miss, IPCACHE, one POLICY hit). The full allowed SYN, including the CT
+//!   (CT miss, IFACES, ENDPOINTS hit, IPCACHE hit, POLICY miss for the peer identity; the
+//!   server has no any-peer rules, so no second lookup), and an allowed TCP RST (conntrack
+//!   `open` creates no entry for RST: CT miss, IFACES, ENDPOINTS, IPCACHE, one POLICY hit). The full allowed SYN, including the CT
 //!   insert, is measured with single runs (`repeat = 1`) over distinct tuples against a
 //!   single-run floor.
 
@@ -195,7 +195,7 @@ fn scenarios() -> Vec<Scenario> {
         Scenario {
             key: "netpol_not_endpoint",
             name: "floor: netpol, IP, not an endpoint",
-            method: "to_pod, TCP SYN to a non-local pod: parse + 1 ENDPOINTS miss",
+            method: "to_pod, TCP SYN to a non-local pod: parse + CT miss + IFACES + ENDPOINTS miss",
             prog: Prog::Netpol(ToPod),
             frame: tcp(CLIENT, NOT_LOCAL, 40000, 80, netpol_common::TCP_SYN),
             action: PASS,
@@ -222,7 +222,7 @@ fn scenarios() -> Vec<Scenario> {
         Scenario {
             key: "new_flow_denied",
             name: "new flow, denied",
-            method: "to_pod, SYN to port 91: ENDPOINTS + CT miss + IPCACHE + 2 POLICY misses (no CT entry)",
+            method: "to_pod, SYN to port 91: CT miss + IFACES + ENDPOINTS + IPCACHE + 1 POLICY miss (no any-peer rules; no CT entry)",
             prog: Prog::Netpol(ToPod),
             frame: tcp(CLIENT, SERVER, 40001, 91, netpol_common::TCP_SYN),
             action: SHOT,
@@ -231,7 +231,7 @@ fn scenarios() -> Vec<Scenario> {
         Scenario {
             key: "new_flow_allowed_rst",
             name: "new flow, allowed (RST)",
-            method: "to_pod, RST to port 85: ENDPOINTS + CT miss + IPCACHE + 1 POLICY hit (RST opens no CT entry)",
+            method: "to_pod, RST to port 85: CT miss + IFACES + ENDPOINTS + IPCACHE + 1 POLICY hit (RST opens no CT entry)",
             prog: Prog::Netpol(ToPod),
             frame: tcp(CLIENT, SERVER, 40002, 85, TCP_RST),
             action: PASS,
