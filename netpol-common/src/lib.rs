@@ -256,7 +256,9 @@ pub const JIFFIES_HZ_FALLBACK: u64 = 1000;
 /// spoofed source).
 pub const STATE_DENY_UNPROGRAMMED: u32 = 1 << 0;
 
-/// Never a value of IFACES (endpoint ids start at 1): what the programs take for an
+/// The first endpoint id the compiler hands out: 0 is never an endpoint.
+pub const ENDPOINT_ID_FIRST: u32 = 1;
+/// Never a value of IFACES (below [`ENDPOINT_ID_FIRST`]): what the programs take for an
 /// interface without an entry, i.e. not bound to a pod.
 pub const IFACE_UNBOUND: u32 = 0;
 /// Value of IFACES for a veth whose pod the agent refused to program (a map would have
@@ -522,6 +524,7 @@ mod user {
 // Layout checks: no implicit padding anywhere.
 const _: () = {
     use core::mem::size_of;
+    assert!(IFACE_UNBOUND < ENDPOINT_ID_FIRST);
     assert!(size_of::<Addr>() == 20);
     assert!(size_of::<EndpointInfo>() == 8);
     assert!(size_of::<PeerInfo>() == 8);

@@ -130,7 +130,7 @@ impl Allocations {
             .collect();
         let identities = classes.signatures.into_iter().zip(numbers).collect();
         Allocations {
-            endpoints: allocate(&self.endpoints, endpoints, 1),
+            endpoints: allocate(&self.endpoints, endpoints, netpol_common::ENDPOINT_ID_FIRST),
             identities,
             addresses,
             rules: allocate(&self.rules, rules, 0),
