@@ -171,7 +171,7 @@ struct RunArgs {
     /// Capacity of the POLICY map.
     #[arg(long)]
     max_policy: Option<u32>,
-    /// Capacity of the conntrack map.
+    /// Capacity of each conntrack map (CT4 for IPv4 connections, CT6 for IPv6).
     #[arg(long)]
     max_conntrack: Option<u32>,
     /// Audit mode for every pod: would-be drops are logged and counted as `audit` but
