@@ -166,7 +166,8 @@ pub struct PolicyValue {
     pub _pad: u32,
 }
 
-/// Key of CT4 (LRU_HASH): an IPv4 connection as one endpoint's hooks see it.
+/// Key of the conntrack maps (LRU_HASH): a connection as one endpoint's hooks see it,
+/// with addresses `A` as they lie in the packet (network byte order in memory).
 ///
 /// The ends are stored from the endpoint's point of view (local, remote), so both
 /// directions of a connection find the same key with no comparison: the packet's source
@@ -174,10 +175,9 @@ pub struct PolicyValue {
 /// connection each have their own entry (their local ends differ).
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
-pub struct CtKey4 {
-    /// The address as it lies in the packet (network byte order in memory).
-    pub local: u32,
-    pub remote: u32,
+pub struct CtKey<A> {
+    pub local: A,
+    pub remote: A,
     /// Host byte order. ICMP echo: the identifier on the requester's end, 0 on the other.
     pub local_port: u16,
     pub remote_port: u16,
@@ -189,26 +189,15 @@ pub struct CtKey4 {
     pub ifindex: u32,
 }
 
-/// Key of CT6 (LRU_HASH): the same for IPv6. A separate map keeps the IPv4 key, which
-/// is hashed and compared on every packet, at 20 bytes instead of 44.
-#[repr(C)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
-pub struct CtKey6 {
-    /// The address words as they lie in the packet.
-    pub local: [u32; 4],
-    pub remote: [u32; 4],
-    pub local_port: u16,
-    pub remote_port: u16,
-    pub protocol: u8,
-    pub _pad0: u8,
-    pub _pad1: u16,
-    pub ifindex: u32,
-}
+/// Key of CT4: 20 bytes, hashed and compared on every IPv4 packet.
+pub type CtKey4 = CtKey<u32>;
+/// Key of CT6: 44 bytes (a map of its own keeps the IPv4 key short).
+pub type CtKey6 = CtKey<[u32; 4]>;
 
 /// Value of CT4 and CT6.
 ///
 /// An established packet writes to it only when something changes (a TCP flag, the
-/// coarse clock's tick), so the two CPUs that usually carry a connection's two
+/// clock's tick), so the two CPUs that usually carry a connection's two
 /// directions do not pass its cache line back and forth on every packet. Packets and
 /// bytes are counted per CPU, by reason and by rule (COUNTERS, RULE_COUNTERS).
 #[repr(C)]

@@ -11,8 +11,8 @@ use aya_ebpf::{helpers::generated::bpf_jiffies64, maps::LruHashMap};
 use netpol_common::{
     CT_FIN_INITIATOR, CT_FIN_RESPONDER, CT_INGRESS, CT_RST, CT_SEEN_REPLY, CT_TIMEOUT_OTHER_SECS,
     CT_TIMEOUT_TCP_CLOSING_SECS, CT_TIMEOUT_TCP_ESTABLISHED_SECS, CT_TIMEOUT_TCP_OPENING_SECS,
-    CtKey4, CtKey6, CtValue, DIR_EGRESS, DIR_INGRESS, JIFFIES_HZ_FALLBACK, PROTO_TCP, RULE_NONE,
-    Reason, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    CtKey, CtKey4, CtKey6, CtValue, DIR_EGRESS, DIR_INGRESS, JIFFIES_HZ_FALLBACK, PROTO_TCP,
+    RULE_NONE, Reason, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -21,63 +21,39 @@ use crate::{
     policy::Connection,
 };
 
-/// An address family's conntrack table: its key and its map.
-pub trait Table: Family {
-    type Key: 'static;
-    fn map() -> &'static LruHashMap<Self::Key, CtValue>;
+/// An address family's conntrack table: its map, keyed by [`CtKey`] of its addresses.
+pub trait Table: Family + Sized {
+    fn map() -> &'static LruHashMap<CtKey<Self::Raw>, CtValue>;
+
     /// The key of `packet` as seen by the endpoint whose hook runs.
-    fn key(packet: &Packet<Self>, ends: Ends, ifindex: u32) -> Self::Key
-    where
-        Self: Sized;
+    #[inline(always)]
+    fn key(packet: &Packet<Self>, ends: Ends, ifindex: u32) -> CtKey<Self::Raw> {
+        let (local, remote) = ends.addresses(packet);
+        let (local_port, remote_port) = ends.ports(packet);
+        CtKey {
+            local,
+            remote,
+            local_port,
+            remote_port,
+            protocol: packet.protocol,
+            _pad0: 0,
+            _pad1: 0,
+            ifindex,
+        }
+    }
 }
 
 impl Table for V4 {
-    type Key = CtKey4;
-
     #[inline(always)]
     fn map() -> &'static LruHashMap<CtKey4, CtValue> {
         &CT4
     }
-
-    #[inline(always)]
-    fn key(packet: &Packet<V4>, ends: Ends, ifindex: u32) -> CtKey4 {
-        let (local, remote) = ends.addresses(packet);
-        let (local_port, remote_port) = ends.ports(packet);
-        CtKey4 {
-            local,
-            remote,
-            local_port,
-            remote_port,
-            protocol: packet.protocol,
-            _pad0: 0,
-            _pad1: 0,
-            ifindex,
-        }
-    }
 }
 
 impl Table for V6 {
-    type Key = CtKey6;
-
     #[inline(always)]
     fn map() -> &'static LruHashMap<CtKey6, CtValue> {
         &CT6
-    }
-
-    #[inline(always)]
-    fn key(packet: &Packet<V6>, ends: Ends, ifindex: u32) -> CtKey6 {
-        let (local, remote) = ends.addresses(packet);
-        let (local_port, remote_port) = ends.ports(packet);
-        CtKey6 {
-            local,
-            remote,
-            local_port,
-            remote_port,
-            protocol: packet.protocol,
-            _pad0: 0,
-            _pad1: 0,
-            ifindex,
-        }
     }
 }
 
@@ -199,7 +175,7 @@ pub struct Tracked {
 /// current policy no longer allows is forgotten and its packet dropped.
 #[inline(always)]
 pub fn track<T: Table>(
-    key: &T::Key,
+    key: &CtKey<T::Raw>,
     packet: &Packet<T>,
     ends: Ends,
     clock: &Clock,
@@ -278,7 +254,7 @@ pub fn track<T: Table>(
 /// Record a connection whose first packet was allowed.
 #[inline(always)]
 pub fn open<T: Table>(
-    key: &T::Key,
+    key: &CtKey<T::Raw>,
     packet: &Packet<T>,
     direction: u8,
     rule: u32,

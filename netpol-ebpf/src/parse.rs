@@ -33,7 +33,7 @@ pub struct Malformed;
 /// map keyed by [`Addr`] needs them, so the common path (conntrack) never builds the
 /// 20-byte form, and no byte array is moved byte by byte.
 pub trait Family {
-    type Raw: Copy;
+    type Raw: Copy + 'static;
     /// The address as map keys carry it.
     fn addr(raw: &Self::Raw) -> Addr;
 }
