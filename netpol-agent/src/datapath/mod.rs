@@ -257,9 +257,8 @@ impl Datapath {
                 endpoints.max(netpol_common::capacity::IFACES),
             );
         }
-        replace_mismatched_pins(&maps_dir);
+        unpin_incompatible_maps(&maps_dir);
         let mut ebpf = loader.load(OBJECT)?;
-        remove_foreign_pins(&ebpf, &maps_dir);
         for name in [
             names::PROG_FROM_POD,
             names::PROG_TO_POD,
@@ -965,52 +964,38 @@ pub fn map_layouts() -> [(&'static str, aya::maps::MapType, u32, u32); 11] {
     ]
 }
 
-/// Unpins maps under `maps_dir` whose type, key or value size differ from this build's
-/// (left by an older build), so the loader creates them afresh instead of handing the
-/// programs a map they cannot use. Programs still attached from that build keep the old
-/// maps alive until they are replaced; a new STATE starts from generation 0, which makes
-/// conntrack re-check every connection (always safe).
-fn replace_mismatched_pins(maps_dir: &Path) {
-    for (name, map_type, key_size, value_size) in map_layouts() {
-        let pin = maps_dir.join(name);
-        let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
-            continue; // not pinned yet
-        };
-        let pinned = (info.map_type().ok(), info.key_size(), info.value_size());
-        if pinned == (Some(map_type), key_size, value_size) {
-            continue;
-        }
-        match std::fs::remove_file(&pin) {
-            Ok(()) => info!(
-                map = name,
-                pinned = ?pinned,
-                expected = ?(map_type, key_size, value_size),
-                "replacing a pinned map whose layout this build changed"
-            ),
-            Err(error) => warn!(map = name, %error, "could not unpin a map whose layout changed"),
-        }
-    }
-}
-
-/// Unpins maps under `maps_dir` that this build's object does not define (left by an
-/// older build, e.g. the single conntrack map `CT` that became CT4 and CT6). Programs
-/// still attached from that build keep their maps alive until they are replaced.
-fn remove_foreign_pins(ebpf: &Ebpf, maps_dir: &Path) {
+/// Unpins what an older build left under `maps_dir` that this build cannot adopt: maps
+/// it no longer defines (the single conntrack map `CT` became CT4 and CT6) and maps whose
+/// type, key or value size changed (see [`map_layouts`]), so the loader creates them
+/// afresh instead of handing the programs a map they cannot use. Programs still attached
+/// from that build keep the old maps alive until they are replaced; a new STATE starts
+/// from generation 0, which makes conntrack re-check every connection (always safe).
+fn unpin_incompatible_maps(maps_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(maps_dir) else {
         return;
     };
-    let ours: std::collections::BTreeSet<&str> = ebpf.maps().map(|(name, _)| name).collect();
+    let layouts = map_layouts();
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if ours.contains(name) {
+        let expected = layouts
+            .iter()
+            .find(|layout| layout.0 == name)
+            .map(|&(_, map_type, key, value)| (Some(map_type), key, value));
+        let pinned = aya::maps::MapInfo::from_pin(entry.path())
+            .ok()
+            .map(|info| (info.map_type().ok(), info.key_size(), info.value_size()));
+        if expected.is_some() && pinned == expected {
             continue;
         }
         match std::fs::remove_file(entry.path()) {
-            Ok(()) => info!(map = name, "unpinned a map this build no longer uses"),
-            Err(error) => {
-                warn!(map = name, %error, "could not unpin a map this build no longer uses")
-            }
+            Ok(()) => info!(
+                map = name,
+                ?pinned,
+                ?expected,
+                "unpinned a map this build does not define or whose layout changed"
+            ),
+            Err(error) => warn!(map = name, %error, "could not unpin an incompatible map"),
         }
     }
 }
