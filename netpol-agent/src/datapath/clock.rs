@@ -37,47 +37,80 @@ pub fn kernel_hz(program: &SchedClassifier) -> Result<u32, ClockError> {
     if let Some(hz) = HZ.get() {
         return Ok(*hz);
     }
-    let hz = measure(|| jiffies(program))?;
+    let hz = measure(&mut KernelClock {
+        program,
+        origin: Instant::now(),
+    })?;
     Ok(*HZ.get_or_init(|| hz))
 }
 
-/// The low 32 bits of jiffies, as the program returns them.
-fn jiffies(program: &SchedClassifier) -> Result<u32, ClockError> {
-    // Any frame will do: the program does not look at it (TC wants an Ethernet header).
-    let frame = [0u8; 64];
-    let result = program.test_run(TestRunOptions {
-        data_in: Some(&frame),
-        repeat: 1,
-        ..TestRunOptions::new()
-    })?;
-    Ok(result.return_value)
+/// What a measurement reads: the kernel's jiffies and the monotonic time beside them.
+/// The real one runs the program and asks the system clock; tests step a fake one, so
+/// no test depends on how the machine schedules it.
+trait Clock {
+    /// The low 32 bits of jiffies.
+    fn jiffies(&mut self) -> Result<u32, ClockError>;
+    /// Monotonic time since an origin of the clock's choosing.
+    fn now(&mut self) -> Duration;
+    fn sleep(&mut self, span: Duration);
+    /// Lets the tick come while waiting for an edge.
+    fn pause(&mut self);
+}
+
+struct KernelClock<'a> {
+    program: &'a SchedClassifier,
+    origin: Instant,
+}
+
+impl Clock for KernelClock<'_> {
+    fn jiffies(&mut self) -> Result<u32, ClockError> {
+        // Any frame will do: the program does not look at it (TC wants an Ethernet
+        // header).
+        let frame = [0u8; 64];
+        let result = self.program.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            repeat: 1,
+            ..TestRunOptions::new()
+        })?;
+        Ok(result.return_value)
+    }
+
+    fn now(&mut self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    fn sleep(&mut self, span: Duration) {
+        std::thread::sleep(span);
+    }
+
+    fn pause(&mut self) {
+        std::thread::yield_now();
+    }
 }
 
 /// Ticks between two tick edges `SPAN` apart, over the time between them.
-fn measure(mut read: impl FnMut() -> Result<u32, ClockError>) -> Result<u32, ClockError> {
-    let (start_jiffies, start) = next_edge(&mut read)?;
-    std::thread::sleep(SPAN);
-    let (end_jiffies, end) = next_edge(&mut read)?;
+fn measure(clock: &mut impl Clock) -> Result<u32, ClockError> {
+    let (start_jiffies, start) = next_edge(clock)?;
+    clock.sleep(SPAN);
+    let (end_jiffies, end) = next_edge(clock)?;
     let ticks = u64::from(end_jiffies.wrapping_sub(start_jiffies));
-    hz_of(ticks, end - start)
+    hz_of(ticks, end.saturating_sub(start))
 }
 
 /// The jiffies value right after the next tick, and when it was read.
-fn next_edge(
-    read: &mut impl FnMut() -> Result<u32, ClockError>,
-) -> Result<(u32, Instant), ClockError> {
-    let first = read()?;
-    let started = Instant::now();
+fn next_edge(clock: &mut impl Clock) -> Result<(u32, Duration), ClockError> {
+    let first = clock.jiffies()?;
+    let started = clock.now();
     loop {
-        let now = read()?;
-        let at = Instant::now();
+        let now = clock.jiffies()?;
+        let at = clock.now();
         if now != first {
             return Ok((now, at));
         }
-        if at - started > EDGE_TIMEOUT {
+        if at.saturating_sub(started) > EDGE_TIMEOUT {
             return Err(ClockError::Stalled(EDGE_TIMEOUT));
         }
-        std::thread::yield_now();
+        clock.pause();
     }
 }
 
@@ -107,20 +140,66 @@ mod tests {
         assert!(matches!(hz_of(0, ms(100)), Err(ClockError::Implausible(0))));
     }
 
+    /// A simulated kernel: `hz` ticks per second, jiffies starting at `start`, time
+    /// advancing by `step` at every read and by exactly the span when sleeping.
+    struct FakeClock {
+        hz: u64,
+        start: u64,
+        step: Duration,
+        time: Duration,
+    }
+
+    impl Clock for FakeClock {
+        fn jiffies(&mut self) -> Result<u32, ClockError> {
+            self.time += self.step;
+            let ticks = (self.time.as_nanos() * u128::from(self.hz) / 1_000_000_000) as u64;
+            Ok(self.start.wrapping_add(ticks) as u32)
+        }
+
+        fn now(&mut self) -> Duration {
+            self.time
+        }
+
+        fn sleep(&mut self, span: Duration) {
+            self.time += span;
+        }
+
+        fn pause(&mut self) {}
+    }
+
     #[test]
     fn a_counter_that_wraps_between_the_edges_still_measures() {
-        // A fake clock of 250 ticks per second whose low 32 bits wrap.
-        let origin = Instant::now();
-        let measured = measure(|| {
-            let ticks = origin.elapsed().as_millis() as u64 / 4;
-            Ok((u64::from(u32::MAX) - 5 + ticks) as u32)
-        })
-        .unwrap();
-        assert_eq!(measured, 250);
+        // 250 ticks per second whose low 32 bits wrap during the measurement.
+        let mut clock = FakeClock {
+            hz: 250,
+            start: u64::from(u32::MAX) - 5,
+            step: Duration::from_micros(20),
+            time: Duration::ZERO,
+        };
+        assert_eq!(measure(&mut clock).unwrap(), 250);
+    }
+
+    #[test]
+    fn common_tick_rates_are_measured_exactly() {
+        for hz in [100, 250, 300, 1000] {
+            let mut clock = FakeClock {
+                hz,
+                start: 4_000_000_000,
+                step: Duration::from_micros(7),
+                time: Duration::ZERO,
+            };
+            assert_eq!(u64::from(measure(&mut clock).unwrap()), hz);
+        }
     }
 
     #[test]
     fn a_clock_that_does_not_tick_is_an_error() {
-        assert!(matches!(measure(|| Ok(7)), Err(ClockError::Stalled(_))));
+        let mut clock = FakeClock {
+            hz: 0,
+            start: 7,
+            step: Duration::from_millis(1),
+            time: Duration::ZERO,
+        };
+        assert!(matches!(measure(&mut clock), Err(ClockError::Stalled(_))));
     }
 }
