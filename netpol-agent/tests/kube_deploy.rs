@@ -3,17 +3,15 @@
 //! every API call the agent makes (the request log of a run against the API server
 //! double) and nothing it does not need.
 
-mod apiserver;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use apiserver::{ApiServer, Request};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
 use netpol_agent::source::kube::{KubeSource, Settings};
 use netpol_agent::state::ClusterState;
+use netpol_lab::apiserver::{ApiServer, Request};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};

@@ -1,16 +1,14 @@
 //! Tier 4: the Kubernetes source with the real kube-rs client against the in-process API
-//! server double (`apiserver/`): initial sync gating, updates and deletes, 410 Gone,
+//! server double (`netpol_lab::apiserver`): initial sync gating, updates and deletes, 410 Gone,
 //! killed watch streams and a restarted server, each logged as one line. No root.
-
-mod apiserver;
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use apiserver::ApiServer;
 use netpol_agent::source::kube::{KubeSource, Settings};
 use netpol_agent::state::{ClusterState, ObjectRef};
+use netpol_lab::apiserver::ApiServer;
 use serde_json::{Value, json};
 
 const NODE: &str = "node-1";

@@ -14,9 +14,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use netpol_lab::{AgentProcess, Lab, ManifestDir, PodSpec, Port, Probe};
 use serde_json::json;
 
-use crate::lab::{AgentProcess, Lab, ManifestDir, PodSpec, Port, Probe};
 use crate::ui;
 
 const STREAM_PORT: u16 = 5201;
@@ -417,7 +417,7 @@ struct BenchServers {
     stop: Arc<AtomicBool>,
     addrs: Vec<SocketAddr>,
     threads: Vec<JoinHandle<()>>,
-    client: Arc<crate::lab::NetnsWorker>,
+    client: Arc<netpol_lab::NetnsWorker>,
 }
 
 impl BenchServers {
@@ -675,7 +675,7 @@ impl IptablesRules {
             v
         };
         let subset = |want: &Labels, have: &Labels| want.iter().all(|kv| have.contains(kv));
-        let pod_labels = |p: &crate::lab::Pod| -> Labels {
+        let pod_labels = |p: &netpol_lab::Pod| -> Labels {
             p.labels
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))

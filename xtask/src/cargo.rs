@@ -5,11 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
+use netpol_lab::AGENT_BIN_ENV;
 
 use crate::ui;
-
-/// Environment variable through which tests find the agent binary.
-pub const AGENT_BIN_ENV: &str = "NETPOL_AGENT_BIN";
 
 /// The workspace root (the parent of this crate).
 pub fn workspace_root() -> &'static Path {
@@ -58,66 +56,32 @@ pub fn build_agent() -> Result<PathBuf> {
     Ok(binary)
 }
 
-/// Runs `cargo test ARGS` with the agent path in the environment, output streamed.
+/// Runs `cargo test ARGS --no-fail-fast` with the agent path in the environment, output
+/// streamed: a failing test binary does not keep the others of its tier from running.
 /// Returns whether it passed.
 fn cargo_test(args: &[&str], agent: &Path) -> Result<bool> {
     let status = cargo()
         .arg("test")
         .args(args)
+        .arg("--no-fail-fast")
         .env(AGENT_BIN_ENV, agent)
         .status()
         .context("running cargo test")?;
     Ok(status.success())
 }
 
-/// Tiers 1–2 (`cargo test --workspace` without xtask: unit, property and verdict
-/// tests), then tier 3 (xtask's network-namespace tests). Both always run.
+/// Tiers 1–2 (`cargo test --workspace` without netpol-lab: unit, property and verdict
+/// tests), then tier 3 (netpol-lab: the lab's own tests and the network-namespace tests
+/// with the real agent). Both always run; the error names every tier that failed.
 pub fn test_all(agent: &Path) -> Result<()> {
-    ui::step("tiers 1–2: cargo test --workspace --exclude xtask");
-    let unit = cargo_test(&["--workspace", "--exclude", "xtask"], agent)?;
-    ui::step("tier 3: network-namespace tests (cargo test -p xtask)");
-    let netns = cargo_test(&["-p", "xtask"], agent)?;
+    ui::step("tiers 1–2: cargo test --workspace --exclude netpol-lab");
+    let unit = cargo_test(&["--workspace", "--exclude", "netpol-lab"], agent)?;
+    ui::step("tier 3: network-namespace tests (cargo test -p netpol-lab)");
+    let netns = cargo_test(&["-p", "netpol-lab"], agent)?;
     match (unit, netns) {
         (true, true) => Ok(()),
         (false, true) => bail!("tiers 1–2 failed"),
         (true, false) => bail!("tier 3 failed"),
         (false, false) => bail!("tiers 1–2 and tier 3 failed"),
     }
-}
-
-/// The benchmarks (`netpol-agent/benches`), one after the other; `smoke` runs tiny sizes.
-pub fn bench(which: &str, smoke: bool) -> Result<()> {
-    let names: &[&str] = match which {
-        "all" => &["datapath", "control", "traffic"],
-        "datapath" => &["datapath"],
-        "control" => &["control"],
-        "traffic" => &["traffic"],
-        other => bail!("unknown benchmark {other:?} (datapath, control, traffic, all)"),
-    };
-    for name in names {
-        if *name == "traffic" {
-            // Runs in this process: the lab, the release agent, iptables (bench_traffic.rs).
-            ui::step(&format!(
-                "benchmark traffic{}",
-                if smoke { " (smoke)" } else { "" }
-            ));
-            let agent = build_agent()?;
-            crate::bench_traffic::run(&agent, smoke)?;
-            continue;
-        }
-        ui::step(&format!(
-            "benchmark {name}{}",
-            if smoke { " (smoke)" } else { "" }
-        ));
-        let mut cmd = cargo();
-        cmd.args(["bench", "-p", "netpol-agent", "--bench", name]);
-        if smoke {
-            cmd.args(["--", "--smoke"]);
-        }
-        let status = cmd.status().context("running cargo bench")?;
-        if !status.success() {
-            bail!("benchmark {name} failed ({status})");
-        }
-    }
-    Ok(())
 }

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use netpol_lab::{AgentProcess, Lab, ManifestDir, NODE, PodSpec, Port, Protocol};
 
-use crate::lab::{AgentProcess, Lab, ManifestDir, NODE, PodSpec, Port, Protocol};
 use crate::matrix::{Column, Matrix};
 use crate::{cargo, prereqs, ui};
 
@@ -440,7 +440,7 @@ fn explain_a_drop(
     });
     // The client connects once the socket is there; give it a moment, then probe.
     std::thread::sleep(Duration::from_millis(300));
-    let probe = crate::lab::Probe::tcp(WHY_SRC, WHY_DST, WHY_PORT);
+    let probe = netpol_lab::Probe::tcp(WHY_SRC, WHY_DST, WHY_PORT);
     let result = lab.probe(&probe, PROBE_TIMEOUT)?;
     let flow_line = received.recv_timeout(Duration::from_secs(3));
     let _ = flows.kill();

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xtask::{cargo, conformance, demo, fuzz, kind, prereqs};
+use xtask::{bench, cargo, conformance, demo, fuzz, kind, prereqs, ui};
 
 #[derive(Parser)]
 #[command(
@@ -38,7 +38,8 @@ enum Cmd {
     },
     /// Every test tier: cargo test --workspace, the network-namespace tests, benchmark and
     /// fuzz smoke runs, then the conformance cases in local mode, in Kubernetes mode and
-    /// across two nodes.
+    /// across two nodes. Every stage runs even if an earlier one failed; the failures are
+    /// listed at the end, before the total `N passed, M failed` of the conformance cases.
     Test,
     /// Run NetworkPolicy conformance cases (FORMAT.md) on emulated pods with real traffic.
     Conformance(ConformanceArgs),
@@ -82,7 +83,7 @@ struct ConformanceArgs {
     /// Emulated nodes per case, joined by underlay links, one agent each; the case's pods
     /// are dealt to them in turn so that most probes cross nodes (local mode only).
     #[arg(long, value_name = "N", default_value_t = 1,
-          value_parser = clap::value_parser!(u16).range(1..=xtask::lab::MAX_NODES as i64))]
+          value_parser = clap::value_parser!(u16).range(1..=netpol_lab::MAX_NODES as i64))]
     nodes: u16,
     /// Probe timeout per step, in milliseconds (blocked probes wait this long, together).
     #[arg(long, value_name = "MS", default_value_t = 1000)]
@@ -97,8 +98,9 @@ struct ConformanceArgs {
     faults: bool,
 }
 
-/// Runs the cases and prints `N passed, M failed` last; fails if any case failed.
-fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
+/// Runs the cases and prints `N passed, M failed` last; the caller decides what failed
+/// cases mean.
+fn conformance(args: ConformanceArgs) -> anyhow::Result<conformance::Summary> {
     let paths = if args.paths.is_empty() {
         let root = cargo::workspace_root();
         let mut paths = vec![root.join("../shared/conformance/cases")];
@@ -149,8 +151,77 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
     };
     println!("conformance{label}: {:.0}s", summary.seconds);
     println!("{} passed, {} failed", summary.passed, summary.failed);
+    Ok(summary)
+}
+
+/// Fails if any case of `summary` failed.
+fn all_passed(summary: &conformance::Summary) -> anyhow::Result<()> {
     if summary.failed > 0 {
         anyhow::bail!("{} conformance case(s) failed", summary.failed);
+    }
+    Ok(())
+}
+
+/// `cargo xtask test`: every stage, each run even if an earlier one failed. Prints the
+/// failed stages, then the conformance cases of every world as `N passed, M failed` (the
+/// last line); fails if any stage failed.
+fn test(agent: &std::path::Path) -> anyhow::Result<()> {
+    let mut failures: Vec<String> = Vec::new();
+    let mut stages = 0;
+    let mut record = |stage: &str, result: anyhow::Result<()>| {
+        stages += 1;
+        if let Err(e) = result {
+            failures.push(format!("{stage}: {e:#}"));
+        }
+    };
+    record("cargo test tiers", cargo::test_all(agent));
+    for name in bench::ALL {
+        record(&format!("benchmark {name} (smoke)"), bench::one(name, true));
+    }
+    record("fuzz (smoke)", fuzz::run(fuzz::SMOKE_SECS));
+    // The same cases with the agent in local mode, then in Kubernetes mode (fed over HTTP
+    // list/watch by the API server double), then across two nodes (two agents, pods
+    // dealt to both).
+    let worlds = [
+        (
+            "conformance (local mode)",
+            conformance::SourceKind::Local,
+            1,
+        ),
+        (
+            "conformance (Kubernetes mode)",
+            conformance::SourceKind::Kube,
+            1,
+        ),
+        ("conformance (2 nodes)", conformance::SourceKind::Local, 2),
+    ];
+    let (mut passed, mut failed) = (0, 0);
+    for (stage, source, nodes) in worlds {
+        let summary = conformance(ConformanceArgs {
+            paths: Vec::new(),
+            json: None,
+            agent: Some(agent.to_owned()),
+            jobs: 2,
+            timeout_ms: 1000,
+            source,
+            faults: false,
+            nodes,
+        });
+        if let Ok(summary) = &summary {
+            passed += summary.passed;
+            failed += summary.failed;
+        }
+        record(stage, summary.and_then(|s| all_passed(&s)));
+    }
+    if !failures.is_empty() {
+        ui::step(&format!("{} of {stages} stages failed:", failures.len()));
+        for failure in &failures {
+            println!("  {failure}");
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if !failures.is_empty() {
+        anyhow::bail!("{} of {stages} stages failed", failures.len());
     }
     Ok(())
 }
@@ -165,32 +236,11 @@ fn main() -> ExitCode {
         Cmd::Run { once, keep, agent } => demo::run(&demo::RunOptions { once, keep, agent }),
         Cmd::Test => prereqs::ensure()
             .and_then(|()| cargo::build_agent())
-            .and_then(|agent| {
-                let tiers = cargo::test_all(&agent)
-                    .and(cargo::bench("all", true))
-                    .and(fuzz::run(fuzz::SMOKE_SECS));
-                let run = |source, nodes| {
-                    conformance(ConformanceArgs {
-                        paths: Vec::new(),
-                        json: None,
-                        agent: Some(agent.clone()),
-                        jobs: 2,
-                        timeout_ms: 1000,
-                        source,
-                        faults: false,
-                        nodes,
-                    })
-                };
-                // The same cases with the agent in local mode, then in Kubernetes mode
-                // (fed over HTTP list/watch by the API server double), then across two
-                // nodes (two agents, pods dealt to both).
-                let local = run(conformance::SourceKind::Local, 1);
-                let kube = run(conformance::SourceKind::Kube, 1);
-                let two_nodes = run(conformance::SourceKind::Local, 2);
-                tiers.and(local).and(kube).and(two_nodes)
-            }),
-        Cmd::Conformance(args) => prereqs::ensure().and_then(|()| conformance(args)),
-        Cmd::Bench { which, smoke } => prereqs::ensure().and_then(|()| cargo::bench(&which, smoke)),
+            .and_then(|agent| test(&agent)),
+        Cmd::Conformance(args) => prereqs::ensure()
+            .and_then(|()| conformance(args))
+            .and_then(|summary| all_passed(&summary)),
+        Cmd::Bench { which, smoke } => prereqs::ensure().and_then(|()| bench::run(&which, smoke)),
         Cmd::KindE2e(options) => kind::run(&options),
         Cmd::Fuzz { secs } => fuzz::run(secs),
     };

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 
-use crate::lab::{Outcome, Probe, ProbeResult};
+use netpol_lab::{Outcome, Probe, ProbeResult};
+
 use crate::ui;
 
 /// One column: a destination endpoint and port.
@@ -12,13 +13,13 @@ use crate::ui;
 pub struct Column {
     pub dst: String,
     pub port: u16,
-    pub protocol: crate::lab::Protocol,
+    pub protocol: netpol_lab::Protocol,
 }
 
 impl Column {
     fn title(&self) -> String {
         match self.protocol {
-            crate::lab::Protocol::Tcp => format!("{}:{}", self.dst, self.port),
+            netpol_lab::Protocol::Tcp => format!("{}:{}", self.dst, self.port),
             p => format!("{}:{}/{p}", self.dst, self.port),
         }
     }
@@ -198,7 +199,7 @@ impl Matrix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::Protocol;
+    use netpol_lab::Protocol;
     use std::time::Duration;
 
     fn result(src: &str, dst: &str, port: u16, outcome: Outcome) -> ProbeResult {

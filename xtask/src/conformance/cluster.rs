@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use netpol_lab::{self as lab, Outcome, Probe};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -47,7 +48,6 @@ use super::case::{
     expand_templates,
 };
 use super::{CaseResult, Summary, check_step};
-use crate::lab::{self, Outcome, Probe};
 use crate::ui;
 
 /// The upstream e2e test image (`agnhost porter` serves, `agnhost connect` probes);

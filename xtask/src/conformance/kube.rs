@@ -1,5 +1,5 @@
 //! `cargo xtask conformance --source kube`: the agent runs in Kubernetes mode, fed by
-//! the in-process API server double (netpol-agent/tests/apiserver, included here)
+//! the in-process API server double (`netpol_lab::apiserver`)
 //! instead of a manifest directory.
 //!
 //! The double listens on 127.0.0.1 *inside the lab's node network namespace* (its
@@ -14,17 +14,14 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use netpol_lab::Lab;
+use netpol_lab::apiserver::ApiServer;
 use serde_json::{Value, json};
-
-use crate::lab::{self, Lab};
-
-#[path = "../../../netpol-agent/tests/apiserver/mod.rs"]
-mod apiserver;
 
 /// The double and the kubeconfig that points at it.
 pub struct KubeFeed {
     // Dropped before the runtime that serves it.
-    server: apiserver::ApiServer,
+    server: ApiServer,
     runtime: tokio::runtime::Runtime,
     kubeconfig: PathBuf,
     /// Inject a fault with every publication (see [`KubeFeed::publish`]).
@@ -45,20 +42,20 @@ impl KubeFeed {
             .build()
             .context("starting the API server double's runtime")?;
         let listener = lab
-            .worker(lab::NODE)?
+            .worker(netpol_lab::NODE)?
             .run(|| std::net::TcpListener::bind("127.0.0.1:0"))?
             .context("binding the API server double in the node namespace")?;
         let server = {
             let _entered = runtime.enter();
-            apiserver::ApiServer::start_on(listener).context("starting the API server double")?
+            ApiServer::start_on(listener).context("starting the API server double")?
         };
         server.apply(json!({
             "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": lab::NODE_NAME},
+            "metadata": {"name": netpol_lab::NODE_NAME},
             "status": {"addresses": [
-                {"type": "InternalIP", "address": lab::NODE_IPV4.to_string()},
-                {"type": "InternalIP", "address": lab::NODE_IPV6.to_string()},
-                {"type": "Hostname", "address": lab::NODE_NAME},
+                {"type": "InternalIP", "address": netpol_lab::NODE_IPV4.to_string()},
+                {"type": "InternalIP", "address": netpol_lab::NODE_IPV6.to_string()},
+                {"type": "Hostname", "address": netpol_lab::NODE_NAME},
             ]},
         }));
         let kubeconfig = lab.workdir().join("kubeconfig");
@@ -105,7 +102,7 @@ impl KubeFeed {
     /// asynchronously: retried for up to 2 s) and serves on it.
     fn restart(&mut self, lab: &Lab) -> Result<()> {
         let addr = self.server.addr();
-        let worker = lab.worker(lab::NODE)?;
+        let worker = lab.worker(netpol_lab::NODE)?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         let listener = loop {
             match worker.run(move || std::net::TcpListener::bind(addr))? {

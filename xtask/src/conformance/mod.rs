@@ -27,10 +27,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use netpol_lab::{AgentProcess, Lab, ManifestDir, PodSpec, Port, Probe};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::lab::{self, AgentProcess, Lab, ManifestDir, PodSpec, Port, Probe};
 use case::{
     Addresses, Case, ClusterPlan, METADATA_NAME, Protocol, Step, Verdict, expand_templates,
 };
@@ -268,7 +268,7 @@ fn run_case_with(
 }
 
 /// Probe endpoints with what each serves: `(ns/pod or host/name, [(port, protocol)])`.
-pub(crate) type Endpoints = [(String, Vec<(u16, lab::Protocol)>)];
+pub(crate) type Endpoints = [(String, Vec<(u16, netpol_lab::Protocol)>)];
 
 /// Checks one step: every source to every other endpoint that serves an expectation's
 /// port and protocol, probed all at once by `probe` (one outcome per probe, in order),
@@ -277,7 +277,7 @@ pub(crate) fn check_step(
     step: &Step,
     index: usize,
     endpoints: &Endpoints,
-    probe: impl FnOnce(&[Probe]) -> Result<Vec<lab::Outcome>>,
+    probe: impl FnOnce(&[Probe]) -> Result<Vec<netpol_lab::Outcome>>,
 ) -> Result<StepResult> {
     let mut probes = Vec::new();
     let mut expected = Vec::new();
@@ -364,11 +364,11 @@ fn lab_port(port: &case::PortDef) -> Port {
     }
 }
 
-fn lab_protocol(protocol: Protocol) -> lab::Protocol {
+fn lab_protocol(protocol: Protocol) -> netpol_lab::Protocol {
     match protocol {
-        Protocol::Tcp => lab::Protocol::Tcp,
-        Protocol::Udp => lab::Protocol::Udp,
-        Protocol::Sctp => lab::Protocol::Sctp,
+        Protocol::Tcp => netpol_lab::Protocol::Tcp,
+        Protocol::Udp => netpol_lab::Protocol::Udp,
+        Protocol::Sctp => netpol_lab::Protocol::Sctp,
     }
 }
 
@@ -468,6 +468,7 @@ impl<'a> Runner<'a> {
             let status = agent
                 .wait_generation(generation, self.options.apply_timeout)
                 .map_err(|e| {
+                    let e = anyhow::Error::new(e);
                     if several {
                         e.context(format!("node {node}"))
                     } else {
@@ -553,7 +554,7 @@ impl<'a> Runner<'a> {
     }
 
     /// Probe endpoints: pods, then hosts, with what they serve.
-    fn endpoints(&self) -> Vec<(String, Vec<(u16, lab::Protocol)>)> {
+    fn endpoints(&self) -> Vec<(String, Vec<(u16, netpol_lab::Protocol)>)> {
         let pods = self.lab.pods().iter().map(|p| {
             (
                 p.id(),

@@ -6,26 +6,24 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-
-fn main() -> Result<()> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     if args.next().as_deref() != Some("run") {
-        bail!("usage: noop-agent run --manifests DIR --status-file FILE [other agent flags]");
+        return Err(
+            "usage: noop-agent run --manifests DIR --status-file FILE [other agent flags]".into(),
+        );
     }
     let (mut manifests, mut status) = (None, None);
     while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--manifests" => manifests = Some(PathBuf::from(value)),
             "--status-file" => status = Some(PathBuf::from(value)),
             _ => {} // --bpffs-dir, --node-name, --log-format: nothing to do
         }
     }
-    let manifests = manifests.context("--manifests is required")?;
-    let status = status.context("--status-file is required")?;
+    let manifests = manifests.ok_or("--manifests is required")?;
+    let status = status.ok_or("--status-file is required")?;
     eprintln!("noop-agent: watching {}", manifests.display());
 
     let mut reported = None;

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use anyhow::{Context, Result, anyhow, bail};
+use crate::error::{Context, Error, Result, bail};
 use nix::sched::{CloneFlags, setns};
 
 /// Where `ip netns` keeps its named namespaces.
@@ -152,7 +152,7 @@ impl NetnsWorker {
             .context("spawning a netns worker thread")?;
         ready_rx
             .recv()
-            .map_err(|_| anyhow!("netns worker for {netns} died during start"))?
+            .map_err(|_| Error::Failed(format!("netns worker for {netns} died during start")))?
             .with_context(|| format!("setns into {netns}"))?;
         Ok(Self {
             netns: netns.to_owned(),
@@ -175,7 +175,7 @@ impl NetnsWorker {
             .as_ref()
             .expect("sender lives until drop")
             .send(Box::new(move || reply(f())))
-            .map_err(|_| anyhow!("netns worker for {} has stopped", self.netns))
+            .map_err(|_| Error::Failed(format!("netns worker for {} has stopped", self.netns)))
     }
 
     /// Runs `f` inside the namespace and waits for its result (blocking).
@@ -185,7 +185,7 @@ impl NetnsWorker {
             let _ = tx.send(v);
         })?;
         rx.recv()
-            .map_err(|_| anyhow!("netns worker for {} dropped a job", self.netns))
+            .map_err(|_| Error::Failed(format!("netns worker for {} dropped a job", self.netns)))
     }
 
     /// Runs `f` inside the namespace; the result is awaited without blocking the runtime.
@@ -198,7 +198,7 @@ impl NetnsWorker {
             let _ = tx.send(v);
         })?;
         rx.await
-            .map_err(|_| anyhow!("netns worker for {} dropped a job", self.netns))
+            .map_err(|_| Error::Failed(format!("netns worker for {} dropped a job", self.netns)))
     }
 }
 

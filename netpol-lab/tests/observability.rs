@@ -7,10 +7,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use netpol_lab::{NetnsWorker, Probe};
 use support::{
     B_ONLY_FROM_C, Cluster, HEALTH, PROBE_TIMEOUT, agent_bin, http_get, sample, standard_lab,
 };
-use xtask::lab::{NetnsWorker, Probe};
 
 #[test]
 fn a_dropped_probe_is_named_in_the_flow_log_and_counted_in_metrics() {

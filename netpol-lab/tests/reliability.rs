@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use netpol_lab::{AgentProcess, ManifestDir, NetnsWorker, Probe};
 use support::{AGENT_TIMEOUT, agent_bin, standard_lab};
-use xtask::lab::{AgentProcess, ManifestDir, NetnsWorker, Probe};
 
 const STREAM_PORT: u16 = 7000;
 
@@ -31,7 +31,7 @@ const CYCLES: usize = 20;
 /// A blocked probe waits this long for a handshake that must never come.
 const BLOCKED_TIMEOUT: Duration = Duration::from_millis(300);
 
-fn start(lab: &xtask::lab::Lab, agent: &std::path::Path, manifests: &ManifestDir) -> AgentProcess {
+fn start(lab: &netpol_lab::Lab, agent: &std::path::Path, manifests: &ManifestDir) -> AgentProcess {
     let source = [
         OsString::from("--manifests"),
         manifests.path().as_os_str().to_owned(),

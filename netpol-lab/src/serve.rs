@@ -8,22 +8,17 @@
 //! - SCTP: answer INIT with INIT-ACK from a raw socket (see `sctp.rs`); the INIT's
 //!   initiate tag is recorded like a UDP token.
 
-use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
 use socket2::{Domain, Socket, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 
-use super::{NetnsWorker, Protocol};
-
-/// The byte a TCP server sends right after accepting.
-pub const GREETING: u8 = b'!';
-
-/// UDP tokens seen by any server of one lab.
-pub type SeenTokens = Arc<Mutex<HashSet<u64>>>;
+use crate::error::{Context, Result};
+use crate::netns::NetnsWorker;
+use crate::sctp;
+use crate::spec::Protocol;
+use crate::wire::{GREETING, SeenTokens};
 
 #[derive(Default)]
 pub struct Servers {
@@ -36,7 +31,7 @@ fn bind(addr: SocketAddr, protocol: Protocol) -> std::io::Result<Socket> {
     let (ty, proto) = match protocol {
         Protocol::Tcp => (Type::STREAM, socket2::Protocol::TCP),
         Protocol::Udp => (Type::DGRAM, socket2::Protocol::UDP),
-        Protocol::Sctp => return super::sctp::raw_socket(addr.ip(), true),
+        Protocol::Sctp => return sctp::raw_socket(addr.ip(), true),
     };
     let socket = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
     if addr.is_ipv6() {
@@ -79,7 +74,7 @@ impl Servers {
                 let udp = tokio::net::UdpSocket::from_std(socket.into())?;
                 rt.spawn(serve_udp(udp, self.udp_seen.clone()))
             }
-            Protocol::Sctp => rt.spawn(super::sctp::serve(
+            Protocol::Sctp => rt.spawn(sctp::serve(
                 socket,
                 ip.is_ipv4(),
                 port,

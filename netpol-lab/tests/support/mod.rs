@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use xtask::lab::{
+use netpol_lab::{
     AgentProcess, Family, Lab, ManifestDir, NODE, NetnsWorker, PodSpec, Port, Probe, Protocol,
 };
 
@@ -28,7 +28,7 @@ pub fn agent_bin(test: &str) -> Option<PathBuf> {
     if !can_run(test) {
         return None;
     }
-    match std::env::var_os(xtask::cargo::AGENT_BIN_ENV) {
+    match std::env::var_os(netpol_lab::AGENT_BIN_ENV) {
         Some(p) => Some(PathBuf::from(p)),
         None => {
             eprintln!("{test}: skipped: NETPOL_AGENT_BIN is not set; run via `cargo xtask test`");

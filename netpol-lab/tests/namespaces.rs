@@ -9,8 +9,8 @@ mod support;
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use netpol_lab::{NODE, Outcome, Port, Probe};
 use support::*;
-use xtask::lab::{NODE, Outcome, Port, Probe};
 
 // ---------------------------------------------------------------------------------
 // The lab itself (no enforcement): everything reachable, in both families.
@@ -76,7 +76,7 @@ fn lab_drives_an_agent_through_the_status_file() {
         let pid = cluster.agent.pid().unwrap();
         let agent_ns = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
         let node_ns =
-            nix::sys::stat::stat(xtask::lab::netns::netns_path(&node_netns).as_path()).unwrap();
+            nix::sys::stat::stat(netpol_lab::netns::netns_path(&node_netns).as_path()).unwrap();
         assert_eq!(
             agent_ns.to_string_lossy(),
             format!("net:[{}]", node_ns.st_ino)
@@ -86,7 +86,7 @@ fn lab_drives_an_agent_through_the_status_file() {
     // Everything is gone after drop.
     for ns in [&node_netns, &pod_netns] {
         assert!(
-            !xtask::lab::netns::netns_path(ns).exists(),
+            !netpol_lab::netns::netns_path(ns).exists(),
             "{ns} still exists"
         );
     }
@@ -101,7 +101,7 @@ fn blocked_probes_time_out_together() {
     }
     let lab = standard_lab(&["x/a", "y/a"]);
     // Silently drop everything routed to y/a, as a policy drop would.
-    xtask::lab::netns::ip_batch(
+    netpol_lab::netns::ip_batch(
         Some(lab.node_netns()),
         &["route replace blackhole 10.0.0.2/32".to_string()],
     )
@@ -194,7 +194,7 @@ spec:
     cluster.check(&expect(all_probes(&cluster.lab, &srcs), |p| {
         let into_x = ns_of(&p.dst) == "x";
         let admitted =
-            ns_of(&p.src) == "y" && p.port == 80 && p.protocol == xtask::lab::Protocol::Tcp;
+            ns_of(&p.src) == "y" && p.port == 80 && p.protocol == netpol_lab::Protocol::Tcp;
         p.src == NODE || !into_x || admitted
     }));
 }

@@ -8,8 +8,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use netpol_lab::{NetnsWorker, Probe};
 use support::{B_ONLY_FROM_C, Cluster, HEALTH, agent_bin, check, http_get, sample, standard_lab};
-use xtask::lab::{NetnsWorker, Probe};
 
 #[test]
 fn a_pod_that_does_not_fit_is_refused_and_everything_else_enforced() {

@@ -4,15 +4,16 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
 
-use super::serve::{GREETING, SeenTokens};
-use super::{Family, NetnsWorker, Protocol};
+use crate::netns::NetnsWorker;
+use crate::sctp;
+use crate::spec::{Family, Protocol};
+use crate::wire::{GREETING, Outcome, SeenTokens, next_token};
 
 /// Most probes in flight at once.
 const MAX_IN_FLIGHT: usize = 128;
@@ -82,52 +83,6 @@ impl fmt::Display for Probe {
     }
 }
 
-/// What a probe observed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The exchange completed in both directions.
-    Allowed,
-    /// No answer before the timeout: what a policy drop looks like.
-    Blocked,
-    /// The request got through but the answer did not (TCP: handshake completed but the
-    /// greeting never arrived; UDP: the server saw the datagram, its echo was lost).
-    /// Never expected: it means replies of an allowed flow are dropped.
-    OneWay,
-    /// An active error rather than silence: RST, ICMP unreachable, a local error.
-    /// Never expected either: the lab itself is broken.
-    Rejected(String),
-}
-
-impl Outcome {
-    pub fn is_allowed(&self) -> bool {
-        matches!(self, Outcome::Allowed)
-    }
-
-    pub fn is_blocked(&self) -> bool {
-        matches!(self, Outcome::Blocked)
-    }
-
-    /// Whether this outcome is the one a probe expecting `allowed` (or blocked) wants.
-    pub fn matches(&self, allowed: bool) -> bool {
-        if allowed {
-            self.is_allowed()
-        } else {
-            self.is_blocked()
-        }
-    }
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Outcome::Allowed => f.write_str("allowed"),
-            Outcome::Blocked => f.write_str("blocked"),
-            Outcome::OneWay => f.write_str("one-way (reply lost)"),
-            Outcome::Rejected(e) => write!(f, "rejected ({e})"),
-        }
-    }
-}
-
 /// A probe and what it observed.
 #[derive(Clone, Debug)]
 pub struct ProbeResult {
@@ -136,13 +91,13 @@ pub struct ProbeResult {
     pub elapsed: Duration,
 }
 
-pub(super) struct Resolved {
+pub(crate) struct Resolved {
     pub probe: Probe,
     pub src: Arc<NetnsWorker>,
     pub dst: SocketAddr,
 }
 
-pub(super) async fn run_all(
+pub(crate) async fn run_all(
     probes: Vec<Resolved>,
     timeout: Duration,
     seen: SeenTokens,
@@ -176,7 +131,7 @@ fn new_socket(dst: SocketAddr, protocol: Protocol) -> std::io::Result<Socket> {
     let ty = match protocol {
         Protocol::Tcp => Type::STREAM,
         Protocol::Udp => Type::DGRAM,
-        Protocol::Sctp => return super::sctp::raw_socket(dst.ip(), false),
+        Protocol::Sctp => return sctp::raw_socket(dst.ip(), false),
     };
     let s = Socket::new(Domain::for_address(dst), ty, None)?;
     s.set_nonblocking(true)?;
@@ -200,8 +155,8 @@ async fn run_one(r: &Resolved, timeout: Duration, seen: &SeenTokens) -> Outcome 
         Protocol::Udp => udp(socket, dst, deadline, seen).await,
         Protocol::Sctp => {
             // Tokens are shared with UDP; SCTP tags are their low 32 bits.
-            let tag = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed) as u32;
-            super::sctp::probe(socket, dst, deadline, seen, tag).await
+            let tag = next_token() as u32;
+            sctp::probe(socket, dst, deadline, seen, tag).await
         }
     }
 }
@@ -222,8 +177,6 @@ async fn tcp(socket: Socket, dst: SocketAddr, deadline: tokio::time::Instant) ->
     }
 }
 
-static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
-
 async fn udp(
     socket: Socket,
     dst: SocketAddr,
@@ -237,7 +190,7 @@ async fn udp(
     if let Err(e) = socket.connect(dst).await {
         return rejected(e);
     }
-    let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
+    let token = next_token();
     let msg = token.to_be_bytes();
     let mut buf = [0u8; 64];
     loop {

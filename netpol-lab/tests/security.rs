@@ -13,9 +13,9 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
+use netpol_lab::NetnsWorker;
 use socket2::{Domain, Protocol, Socket, Type};
 use support::{AGENT_TIMEOUT, Cluster, HEALTH, agent_bin, http_get, standard_lab};
-use xtask::lab::NetnsWorker;
 
 /// An IPv4 + UDP packet (IP_HDRINCL): the kernel fills the IP checksum and length; a UDP
 /// checksum of 0 means "none" in IPv4.
@@ -201,7 +201,7 @@ fn the_running_agent_keeps_only_bpf_and_net_admin_and_is_not_reachable_from_pods
     let reached = worker
         .run(move || {
             std::net::TcpStream::connect_timeout(
-                &SocketAddr::from((xtask::lab::NODE_IPV4, port)),
+                &SocketAddr::from((netpol_lab::NODE_IPV4, port)),
                 Duration::from_secs(1),
             )
             .is_ok()

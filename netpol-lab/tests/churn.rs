@@ -17,8 +17,8 @@ use std::net::Ipv6Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use netpol_lab::{AgentProcess, Lab, ManifestDir, Pod, PodSpec, Port, Probe};
 use support::{AGENT_TIMEOUT, PROBE_TIMEOUT, agent_bin, can_run};
-use xtask::lab::{AgentProcess, Lab, ManifestDir, Pod, PodSpec, Port, Probe};
 
 const DEFAULT_SECS: u64 = 90;
 /// Churn operations between two checkpoints.
@@ -759,11 +759,11 @@ fn lab_removes_a_pod() {
     assert!(lab.pod("x/b").is_none());
     assert!(lab.remove_pod("x/b").is_err(), "removing it twice");
     assert!(
-        !xtask::lab::netns::netns_path(&netns).exists(),
+        !netpol_lab::netns::netns_path(&netns).exists(),
         "{netns} is gone"
     );
     let veth_exists = lab
-        .worker(xtask::lab::NODE)
+        .worker(netpol_lab::NODE)
         .expect("node worker")
         .run(move || nix::net::if_::if_nametoindex(veth.as_str()).is_ok())
         .expect("node worker");

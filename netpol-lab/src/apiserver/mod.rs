@@ -1,6 +1,6 @@
 //! An in-process Kubernetes API server double, speaking the real HTTP list/watch
-//! protocol so that the real kube-rs client is exercised (tier 4 tests, and
-//! `cargo xtask conformance --source kube`, which includes this file).
+//! protocol so that the real kube-rs client is exercised (the agent's kube tests, and
+//! `cargo xtask conformance --source kube`).
 //!
 //! Served (HTTP/1.1, JSON, keep-alive):
 //! - `GET` list of Namespaces, Pods, NetworkPolicies, Nodes (cluster-wide or in a
@@ -19,81 +19,26 @@
 //! whole server away and back on the same address, with its objects (as etcd keeps
 //! them). Resource versions are one global counter, like etcd revisions.
 //!
-//! Only tokio, serde_json and std: the xtask includes this file as a module.
-#![allow(dead_code)]
+//! HTTP is spoken by hand (`http.rs`): only tokio, serde_json and std.
 
-use std::collections::{BTreeMap, VecDeque};
+mod http;
+mod store;
+
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle};
 
-/// A served kind.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Kind {
-    pub kind: &'static str,
-    pub api_version: &'static str,
-    /// API group ("" for core).
-    pub group: &'static str,
-    pub resource: &'static str,
-    pub namespaced: bool,
-}
-
-pub const KINDS: [Kind; 5] = [
-    Kind {
-        kind: "Namespace",
-        api_version: "v1",
-        group: "",
-        resource: "namespaces",
-        namespaced: false,
-    },
-    Kind {
-        kind: "Pod",
-        api_version: "v1",
-        group: "",
-        resource: "pods",
-        namespaced: true,
-    },
-    Kind {
-        kind: "NetworkPolicy",
-        api_version: "networking.k8s.io/v1",
-        group: "networking.k8s.io",
-        resource: "networkpolicies",
-        namespaced: true,
-    },
-    Kind {
-        kind: "Node",
-        api_version: "v1",
-        group: "",
-        resource: "nodes",
-        namespaced: false,
-    },
-    Kind {
-        kind: "Event",
-        api_version: "events.k8s.io/v1",
-        group: "events.k8s.io",
-        resource: "events",
-        namespaced: true,
-    },
-];
-
-const CORE_EVENTS: Kind = Kind {
-    kind: "Event",
-    api_version: "v1",
-    group: "",
-    resource: "events",
-    namespaced: true,
-};
-
-fn kind_named(kind: &str) -> Option<Kind> {
-    KINDS.iter().copied().find(|k| k.kind == kind)
-}
+use http::{HttpRequest, chunk, read_request, respond, status_body};
+use store::{CORE_EVENTS, Key, Store, key_of, kind_named};
+pub use store::{KINDS, Kind};
 
 /// One API request as the double saw it (for RBAC checks).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -103,27 +48,6 @@ pub struct Request {
     pub group: String,
     pub resource: String,
     pub namespace: Option<String>,
-}
-
-type Key = (&'static str, String, String); // kind, namespace ("" if cluster-scoped), name
-
-#[derive(Clone, Debug)]
-struct Change {
-    version: u64,
-    kind: &'static str,
-    event: &'static str,
-    object: Value,
-}
-
-#[derive(Default)]
-struct Store {
-    version: u64,
-    objects: BTreeMap<Key, Value>,
-    history: VecDeque<Change>,
-    /// A watch from a version older than this gets 410 Gone.
-    oldest: u64,
-    uids: u64,
-    events: Vec<Value>,
 }
 
 struct Shared {
@@ -348,91 +272,6 @@ impl Drop for ApiServer {
     }
 }
 
-fn key_of(object: &Value) -> Key {
-    let kind = object["kind"].as_str().and_then(kind_named);
-    let kind = kind.map_or("", |k| k.kind);
-    let meta = &object["metadata"];
-    let namespace = if kind_named(kind).is_some_and(|k| k.namespaced) {
-        meta["namespace"].as_str().unwrap_or("default").to_owned()
-    } else {
-        String::new()
-    };
-    (
-        kind,
-        namespace,
-        meta["name"].as_str().unwrap_or_default().to_owned(),
-    )
-}
-
-/// The object without what the server sets, for "unchanged" checks.
-fn user_part(object: &Value) -> Value {
-    let mut object = object.clone();
-    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.remove("resourceVersion");
-        meta.remove("uid");
-    }
-    object
-}
-
-impl Store {
-    fn record(&mut self, kind: &'static str, event: &'static str, object: Value) {
-        self.history.push_back(Change {
-            version: self.version,
-            kind,
-            event,
-            object,
-        });
-        // A bounded window, as the API server's watch cache.
-        while self.history.len() > 10_000 {
-            if let Some(change) = self.history.pop_front() {
-                self.oldest = change.version;
-            }
-        }
-    }
-
-    fn apply(&mut self, mut object: Value) -> u64 {
-        let key = key_of(&object);
-        let Some(kind) = kind_named(key.0) else {
-            return self.version;
-        };
-        if kind.namespaced {
-            object["metadata"]["namespace"] = json!(key.1);
-        }
-        object["apiVersion"] = json!(kind.api_version);
-        let existing = self.objects.get(&key);
-        if existing.is_some_and(|old| user_part(old) == user_part(&object)) {
-            return self.version;
-        }
-        let uid = match existing.and_then(|old| old["metadata"]["uid"].as_str()) {
-            Some(uid) => uid.to_owned(),
-            None => {
-                self.uids += 1;
-                format!("00000000-0000-0000-0000-{:012}", self.uids)
-            }
-        };
-        let event = if existing.is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        self.version += 1;
-        object["metadata"]["resourceVersion"] = json!(self.version.to_string());
-        object["metadata"]["uid"] = json!(uid);
-        self.objects.insert(key, object.clone());
-        self.record(kind.kind, event, object);
-        self.version
-    }
-
-    fn delete(&mut self, key: &Key) -> Option<u64> {
-        let mut object = self.objects.remove(key)?;
-        self.version += 1;
-        // The DELETED event carries the object at the deletion's revision.
-        object["metadata"]["resourceVersion"] = json!(self.version.to_string());
-        self.record(key.0, "DELETED", object);
-        Some(self.version)
-    }
-}
-
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -450,13 +289,6 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 /// Idle keep-alive connections are closed after this long.
 const IDLE: Duration = Duration::from_secs(120);
 
-struct HttpRequest {
-    method: String,
-    path: String,
-    query: BTreeMap<String, String>,
-    body: Vec<u8>,
-}
-
 async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
     let mut buffer = Vec::new();
     loop {
@@ -471,90 +303,6 @@ async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
             Ok(false) | Err(_) => return,
         }
     }
-}
-
-async fn read_request(
-    stream: &mut TcpStream,
-    buffer: &mut Vec<u8>,
-) -> std::io::Result<Option<HttpRequest>> {
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end;
-        }
-        if buffer.len() > 64 * 1024 {
-            return Err(std::io::Error::other("request head too large"));
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buffer.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
-    buffer.drain(..head_end + 4);
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next().unwrap_or_default().split_whitespace();
-    let method = first.next().unwrap_or_default().to_owned();
-    let target = first.next().unwrap_or_default().to_owned();
-    let mut length = 0usize;
-    for line in lines {
-        if let Some((name, value)) = line.split_once(':')
-            && name.trim().eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().unwrap_or(0);
-        }
-    }
-    while buffer.len() < length {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buffer.extend_from_slice(&chunk[..n]);
-    }
-    let body: Vec<u8> = buffer.drain(..length).collect();
-    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    let query = query
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect();
-    Ok(Some(HttpRequest {
-        method,
-        path: path.to_owned(),
-        query,
-        body,
-    }))
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = (bytes[i] == b'%' && i + 2 < bytes.len())
-            .then(|| std::str::from_utf8(&bytes[i + 1..i + 3]).ok())
-            .flatten()
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (hex, bytes[i]) {
-            (Some(b), _) => {
-                out.push(b);
-                i += 3;
-            }
-            (None, b'+') => {
-                out.push(b' ');
-                i += 1;
-            }
-            (None, b) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Where a path points: kind, namespace, name.
@@ -576,24 +324,6 @@ fn route(path: &str) -> Option<(Kind, Option<String>, Option<String>)> {
         .chain([CORE_EVENTS])
         .find(|k| k.group == group && k.resource == resource)?;
     Some((kind, namespace.map(str::to_owned), name.map(str::to_owned)))
-}
-
-async fn respond(stream: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<bool> {
-    let body = serde_json::to_vec(body).map_err(std::io::Error::other)?;
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(&body).await?;
-    Ok(true)
-}
-
-fn status_body(code: u16, reason: &str, message: &str) -> Value {
-    json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {},
-        "status": "Failure", "message": message, "reason": reason, "code": code,
-    })
 }
 
 /// `field=value` / `field==value` / `field!=value` terms of a fieldSelector.
@@ -768,17 +498,6 @@ async fn handle(
             .await
         }
     }
-}
-
-async fn chunk(stream: &mut TcpStream, value: &Value) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    stream
-        .write_all(format!("{:x}\r\n", line.len()).as_bytes())
-        .await?;
-    stream.write_all(&line).await?;
-    stream.write_all(b"\r\n").await?;
-    stream.flush().await
 }
 
 /// Streams watch events; `Ok(true)`: ended properly (the connection may be reused),

@@ -13,8 +13,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use super::probe::Outcome;
-use super::serve::SeenTokens;
+use crate::wire::{Outcome, SeenTokens};
 
 const IPPROTO_SCTP: i32 = 132;
 const CHUNK_INIT: u8 = 1;
@@ -88,7 +87,7 @@ fn parse(buf: &[u8], ipv4: bool) -> Option<Parsed> {
 }
 
 /// A raw SCTP socket in the calling thread's namespace.
-pub(super) fn raw_socket(ip: IpAddr, bind: bool) -> std::io::Result<Socket> {
+pub(crate) fn raw_socket(ip: IpAddr, bind: bool) -> std::io::Result<Socket> {
     let domain = if ip.is_ipv4() {
         Domain::IPV4
     } else {
@@ -141,7 +140,7 @@ fn bytes(buf: &[MaybeUninit<u8>], n: usize) -> Vec<u8> {
 }
 
 /// Answers every INIT to `port` on the socket's address with an INIT-ACK.
-pub(super) async fn serve(socket: Socket, ipv4: bool, port: u16, seen: SeenTokens) {
+pub(crate) async fn serve(socket: Socket, ipv4: bool, port: u16, seen: SeenTokens) {
     let Ok(fd) = register(socket) else { return };
     let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
     loop {
@@ -174,7 +173,7 @@ pub(super) async fn serve(socket: Socket, ipv4: bool, port: u16, seen: SeenToken
 
 /// Sends INIT to `dst` from `socket` and waits for the INIT-ACK until `deadline`,
 /// resending every 200 ms (as a real SCTP stack would retransmit).
-pub(super) async fn probe(
+pub(crate) async fn probe(
     socket: Socket,
     dst: SocketAddr,
     deadline: tokio::time::Instant,

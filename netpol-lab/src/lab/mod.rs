@@ -1,77 +1,7 @@
-//! Emulated clusters made of network namespaces, for demos, tier-3 tests, the
-//! conformance runner and benchmarks.
-//!
-//! ```text
-//!                        node netns  np<pid>-<lab>-node      (node 0, "lab-node")
-//!   pod netns            (forwarding on; node address 172.31.255.1 on lo)
-//!   np<pid>-<lab>-p<i>
-//!   eth0 10.0.0.i/32 ──veth── v<i>   proxy_arp (no delay), fe80::1/64,
-//!                                    route 10.0.0.i/32 dev v<i>
-//!   default via 169.254.1.1 onlink
-//!   default via fe80::1
-//!
-//!   host netns           (an endpoint outside the cluster: no programs, no manifest)
-//!   np<pid>-<lab>-h<i>
-//!   eth0 <ip>/32 ──────veth── x<i>
-//!
-//!                                    ul1  172.31.254.1/30, fd31:ff:0::1/64
-//!                                     │   route <node 1's pods, hosts, node address>
-//!                                     │         via 172.31.254.2 src 172.31.255.1
-//!                                   veth (underlay)
-//!                                     │
-//!                        node netns  ul0  172.31.254.2/30, fd31:ff:0::2/64
-//!                        np<pid>-<lab>-node1                 (node 1, "lab-node-1")
-//!                        (node address 172.31.255.2 on lo; its own pods v<i>, hosts x<i>)
-//! ```
-//!
-//! Pods are routed Calico-style: a /32 (and /128) on the pod's `eth0`, a default route to
-//! the link-local gateway 169.254.1.1 answered by proxy ARP on the host veth (and to
-//! `fe80::1` for IPv6), and a host route per pod in the node namespace. The agent runs
-//! in the node namespace and attaches to the host veths.
-//!
-//! [`Lab::with_nodes`] makes several nodes (one agent each, see
-//! [`AgentProcess::start_on`]): node `n` has its own namespace, name ([`Lab::node_name`])
-//! and addresses, and every pair of nodes is joined by an underlay veth `ul<m>` (named
-//! after the node at the other end: never the agents' pod prefix `v`) with a /30 and a
-//! /64, plus a route on every other node for each pod, host and node address (no
-//! encapsulation, no NAT: a pod's packets reach a remote pod with its own source address).
-//! [`PodSpec::on_node`] and [`Lab::add_host_on`] place endpoints; the default is node 0,
-//! so [`Lab::new`] is the single-node lab. Probe endpoint `node` is node 0 and `node<n>`
-//! node `n`; a node's traffic is host traffic (always allowed) only towards its own pods,
-//! and a peer like any outside address elsewhere, as in Kubernetes.
-//!
-//! Every pod and host serves its declared ports from this process (TCP: accept and send
-//! one greeting byte; UDP: echo), and [`Lab::probe`] / [`Lab::probe_all`] send real
-//! traffic between them. Nothing ever touches the root network namespace, and
-//! everything is removed when the [`Lab`] is dropped, panics included. Leftovers of
-//! crashed runs are swept by the next [`Lab::new`]. An [`AgentProcess`] must be dropped
-//! before its lab: declare it after the lab.
-//!
-//! Typical use:
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use xtask::lab::{AgentProcess, Lab, ManifestDir, PodSpec, Port, Probe};
-//! # fn main() -> anyhow::Result<()> {
-//! let mut lab = Lab::new()?;
-//! lab.set_namespace_labels("x", [("team", "a")]);
-//! lab.add_pod(PodSpec::new("x", "a").label("pod", "a").port(Port::tcp(80)))?;
-//! lab.add_pod(PodSpec::new("x", "b").label("pod", "b").port(Port::tcp(80)))?;
-//! let mut manifests = ManifestDir::create(lab.workdir().join("manifests"))?;
-//! let generation = manifests.write(&lab, "")?;
-//! let mut agent = AgentProcess::start(&lab, "target/release/netpol-agent".as_ref(), &manifests)?;
-//! agent.wait_generation(generation, Duration::from_secs(10))?;
-//! let result = lab.probe(&Probe::tcp("x/a", "x/b", 80), Duration::from_secs(1))?;
-//! assert!(result.outcome.is_allowed());
-//! # Ok(()) }
-//! ```
+//! The emulated cluster: nodes, pods and external hosts in their network namespaces,
+//! the servers for their ports, and probes between them (see the crate documentation).
 
-mod agent;
-mod manifest;
-pub mod netns;
-mod probe;
-mod sctp;
-mod serve;
+mod underlay;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -80,171 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use anyhow::{Context, Result, bail};
-
-pub use agent::{AgentProcess, AgentStatus};
-pub use manifest::ManifestDir;
-pub use netns::NetnsWorker;
-pub use probe::{Outcome, Probe, ProbeResult};
-
-/// The (first) node's name, as written into `spec.nodeName` and passed as `--node-name`;
-/// node `n` > 0 is `lab-node-<n>` ([`Lab::node_name`]).
-pub const NODE_NAME: &str = "lab-node";
-/// Probe endpoint id of the (first) node's own network namespace; node `n` > 0 is
-/// `node<n>` ([`Lab::node_endpoint`]).
-pub const NODE: &str = "node";
-/// IPv4 address of the (first) node (on loopback inside the node namespace); node `n`
-/// has 172.31.255.(n+1).
-pub const NODE_IPV4: Ipv4Addr = Ipv4Addr::new(172, 31, 255, 1);
-/// IPv6 address of the (first) node; node `n` has fd31::(n+1).
-pub const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd31, 0, 0, 0, 0, 0, 0, 1);
-/// Most nodes [`Lab::with_nodes`] makes (every pair gets an underlay link).
-pub const MAX_NODES: usize = 8;
-/// Gateway that pods route through (answered by proxy ARP on the host veth).
-pub const GATEWAY_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-/// IPv6 gateway: the host veth's link-local address.
-pub const GATEWAY_IPV6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
-
-/// Transport protocol of a port or probe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    /// Crafted INIT / INIT-ACK over raw sockets (see `sctp.rs`).
-    Sctp,
-}
-
-impl Protocol {
-    /// Kubernetes spelling: `TCP` / `UDP`.
-    pub fn k8s(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-            Protocol::Sctp => "SCTP",
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.k8s())
-    }
-}
-
-/// IP family of a probe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum Family {
-    #[default]
-    V4,
-    V6,
-}
-
-/// A port an endpoint serves (a container port for pods).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Port {
-    pub name: Option<String>,
-    pub port: u16,
-    pub protocol: Protocol,
-}
-
-impl Port {
-    pub fn tcp(port: u16) -> Self {
-        Self {
-            name: None,
-            port,
-            protocol: Protocol::Tcp,
-        }
-    }
-
-    pub fn udp(port: u16) -> Self {
-        Self {
-            name: None,
-            port,
-            protocol: Protocol::Udp,
-        }
-    }
-
-    pub fn sctp(port: u16) -> Self {
-        Self {
-            name: None,
-            port,
-            protocol: Protocol::Sctp,
-        }
-    }
-
-    /// Gives the port a name (`containerPorts[].name`), for named-port policies.
-    pub fn named(mut self, name: impl Into<String>) -> Self {
-        self.name = Some(name.into());
-        self
-    }
-}
-
-/// Labels, sorted for stable output.
-pub type Labels = BTreeMap<String, String>;
-
-fn labels<K: Into<String>, V: Into<String>>(kv: impl IntoIterator<Item = (K, V)>) -> Labels {
-    kv.into_iter().map(|(k, v)| (k.into(), v.into())).collect()
-}
-
-/// What to create with [`Lab::add_pod`].
-#[derive(Clone, Debug)]
-pub struct PodSpec {
-    pub namespace: String,
-    pub name: String,
-    pub labels: Labels,
-    pub ports: Vec<Port>,
-    /// `None`: the lab picks the next free address in 10.0.0.0/8.
-    pub ipv4: Option<Ipv4Addr>,
-    /// `None`: IPv4 only.
-    pub ipv6: Option<Ipv6Addr>,
-    /// Index of the node the pod runs on (0 unless [`PodSpec::on_node`]).
-    pub node: usize,
-}
-
-impl PodSpec {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-            labels: Labels::new(),
-            ports: Vec::new(),
-            ipv4: None,
-            ipv6: None,
-            node: 0,
-        }
-    }
-
-    /// Runs the pod on node `node` of a [`Lab::with_nodes`] lab.
-    pub fn on_node(mut self, node: usize) -> Self {
-        self.node = node;
-        self
-    }
-
-    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.labels.insert(key.into(), value.into());
-        self
-    }
-
-    pub fn port(mut self, port: Port) -> Self {
-        self.ports.push(port);
-        self
-    }
-
-    pub fn ports(mut self, ports: impl IntoIterator<Item = Port>) -> Self {
-        self.ports.extend(ports);
-        self
-    }
-
-    pub fn ipv4(mut self, ip: Ipv4Addr) -> Self {
-        self.ipv4 = Some(ip);
-        self
-    }
-
-    pub fn ipv6(mut self, ip: Ipv6Addr) -> Self {
-        self.ipv6 = Some(ip);
-        self
-    }
-}
+use crate::error::{Context, Result, bail};
+use crate::netns::{self, NetnsWorker};
+use crate::probe::{self, Probe, ProbeResult};
+use crate::serve;
+use crate::spec::{
+    Family, GATEWAY_IPV4, GATEWAY_IPV6, Labels, MAX_NODES, NODE, NODE_NAME, PodSpec, Port, labels,
+};
 
 /// A pod of the emulated cluster.
 #[derive(Debug)]
@@ -438,86 +210,6 @@ impl Lab {
         Ok(())
     }
 
-    /// Addresses of the underlay link between nodes `a` and `b`, as seen from `a`:
-    /// ((own IPv4, peer IPv4), (own IPv6, peer IPv6)). Link `k` (one per pair) has
-    /// 172.31.254.4k/30 and fd31:ff:k::/64; the lower node index takes `.1`/`::1`.
-    fn underlay_addrs(a: usize, b: usize) -> ((Ipv4Addr, Ipv4Addr), (Ipv6Addr, Ipv6Addr)) {
-        let (lo, hi) = (a.min(b), a.max(b));
-        let k = hi * (hi - 1) / 2 + lo;
-        let (own, peer) = if a < b { (1, 2) } else { (2, 1) };
-        let v4 = |host: usize| Ipv4Addr::new(172, 31, 254, (4 * k + host) as u8);
-        let v6 = |host: usize| Ipv6Addr::new(0xfd31, 0xff, k as u16, 0, 0, 0, 0, host as u16);
-        ((v4(own), v4(peer)), (v6(own), v6(peer)))
-    }
-
-    /// Joins nodes `a` and `b` with a veth (`ul<b>` in `a`, `ul<a>` in `b`), addresses
-    /// on both ends and routes to each other's node addresses.
-    fn link_nodes(&mut self, a: usize, b: usize) -> Result<()> {
-        netns::ip_batch(
-            Some(&self.nodes[a].netns),
-            &[format!(
-                "link add ul{b} type veth peer name ul{a} netns {}",
-                self.nodes[b].netns
-            )],
-        )?;
-        for (me, peer) in [(a, b), (b, a)] {
-            let ((v4, _), (v6, _)) = Self::underlay_addrs(me, peer);
-            let mut lines = vec![
-                format!("link set ul{peer} up"),
-                format!("addr add {v4}/30 dev ul{peer}"),
-                format!("addr add {v6}/64 dev ul{peer} nodad"),
-            ];
-            let (node4, node6) = (Self::node_ipv4(peer), Self::node_ipv6(peer));
-            lines.extend(self.remote_routes(me, peer, "add", Some(node4), Some(node6)));
-            netns::ip_batch(Some(&self.nodes[me].netns), &lines)?;
-        }
-        Ok(())
-    }
-
-    /// `route <op>` lines for node `me` towards addresses living on node `owner`: via
-    /// the underlay link, with `me`'s node address as the source of its own traffic.
-    fn remote_routes(
-        &self,
-        me: usize,
-        owner: usize,
-        op: &str,
-        ipv4: Option<Ipv4Addr>,
-        ipv6: Option<Ipv6Addr>,
-    ) -> Vec<String> {
-        let ((_, peer4), (_, peer6)) = Self::underlay_addrs(me, owner);
-        let node = &self.nodes[me];
-        let mut lines = Vec::new();
-        if let Some(ip) = ipv4 {
-            lines.push(format!(
-                "route {op} {ip}/32 via {peer4} dev ul{owner} src {}",
-                node.ipv4
-            ));
-        }
-        if let Some(ip) = ipv6 {
-            lines.push(format!(
-                "route {op} {ip}/128 via {peer6} dev ul{owner} src {}",
-                node.ipv6
-            ));
-        }
-        lines
-    }
-
-    /// Routes the addresses of an endpoint on node `owner` from every other node.
-    fn route_from_other_nodes(
-        &self,
-        owner: usize,
-        op: &str,
-        ipv4: Option<Ipv4Addr>,
-        ipv6: Option<Ipv6Addr>,
-    ) -> Result<()> {
-        for me in (0..self.nodes.len()).filter(|&m| m != owner) {
-            let lines = self.remote_routes(me, owner, op, ipv4, ipv6);
-            netns::ip_batch(Some(&self.nodes[me].netns), &lines)
-                .with_context(|| format!("routing from {}", self.nodes[me].name))?;
-        }
-        Ok(())
-    }
-
     /// Name of node `n`: [`NODE_NAME`] for node 0, `lab-node-<n>` for the others.
     pub fn node_name(n: usize) -> String {
         match n {
@@ -647,11 +339,6 @@ impl Lab {
     pub fn auto_ipv4(index: u32) -> Ipv4Addr {
         let [_, b, c, d] = index.to_be_bytes();
         Ipv4Addr::new(10, b, c, d)
-    }
-
-    /// A matching IPv6 address in fd10::/64, for dual-stack pods.
-    pub fn auto_ipv6(index: u32) -> Ipv6Addr {
-        Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, (index >> 16) as u16, index as u16)
     }
 
     /// Creates a namespace-and-veth pair towards node `node`, returns (netns, node-side
@@ -865,12 +552,6 @@ impl Lab {
         Ok((p.worker.clone(), Some(p.ipv4), p.ipv6))
     }
 
-    /// Writes this lab's namespaces, pods and `policies_yaml` into `dir` and bumps its
-    /// generation; see [`ManifestDir::write`].
-    pub fn write_manifests(&self, dir: &mut ManifestDir, policies_yaml: &str) -> Result<u64> {
-        dir.write(self, policies_yaml)
-    }
-
     /// The address of an endpoint (`ns/pod`, `host/NAME`, [`NODE`] or `node<n>`) in one
     /// family.
     pub fn address(&self, id: &str, family: Family) -> Option<IpAddr> {
@@ -952,37 +633,5 @@ impl Drop for Lab {
         if !self.keep_workdir {
             let _ = std::fs::remove_dir_all(&self.workdir);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn underlay_links_get_their_own_subnets() {
-        let ((a, a_peer), (a6, a6_peer)) = Lab::underlay_addrs(0, 1);
-        assert_eq!(
-            (a, a_peer),
-            (
-                "172.31.254.1".parse().unwrap(),
-                "172.31.254.2".parse().unwrap()
-            )
-        );
-        assert_eq!(Lab::underlay_addrs(1, 0), ((a_peer, a), (a6_peer, a6)));
-        let mut seen = std::collections::BTreeSet::new();
-        for b in 0..MAX_NODES {
-            for a in 0..b {
-                let ((own, _), (own6, _)) = Lab::underlay_addrs(a, b);
-                assert!(
-                    seen.insert(own.octets()[3] / 4),
-                    "link {a}-{b} reuses a /30"
-                );
-                assert!(seen.len() < 64 && own6.segments()[2] as usize == seen.len() - 1);
-            }
-        }
-        assert_eq!(Lab::node_name(0), NODE_NAME);
-        assert_eq!(Lab::node_name(1), "lab-node-1");
-        assert_eq!(Lab::node_endpoint(1), "node1");
     }
 }

@@ -9,8 +9,8 @@ mod support;
 
 use std::path::Path;
 
+use netpol_lab::{AgentProcess, Lab, ManifestDir, NODE, Probe};
 use support::{AGENT_TIMEOUT, agent_bin, check, standard_pod};
-use xtask::lab::{AgentProcess, Lab, ManifestDir, NODE, Probe};
 
 /// x/a and x/c on node 0; y/b and y/e on node 1.
 const PLACEMENT: [(&str, u8, usize); 4] =

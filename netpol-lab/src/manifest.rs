@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use serde_json::{Value, json};
 
-use super::{Lab, Pod};
+use crate::lab::{Lab, Pod};
 
 /// Annotation naming the pod's host-side veth in the node namespace.
 pub const HOST_INTERFACE_ANNOTATION: &str = "netpol.dev/host-interface";
@@ -42,7 +42,7 @@ impl ManifestDir {
     /// Writes the lab's namespaces and pods (`cluster.yaml`) and the given policies
     /// (`policies.yaml`, verbatim; blank means none), then bumps `.generation`.
     /// Returns the new generation; wait for it with
-    /// [`AgentProcess::wait_generation`](super::AgentProcess::wait_generation).
+    /// [`AgentProcess::wait_generation`](crate::AgentProcess::wait_generation).
     pub fn write(&mut self, lab: &Lab, policies_yaml: &str) -> Result<u64> {
         write_atomic(&self.path.join("cluster.yaml"), &cluster_yaml(lab)?)?;
         let policies = self.path.join("policies.yaml");
@@ -72,7 +72,7 @@ fn write_atomic(path: &Path, contents: &str) -> Result<()> {
 }
 
 /// All Namespace and Pod objects of the lab as one multi-document YAML string.
-pub fn cluster_yaml(lab: &Lab) -> Result<String> {
+fn cluster_yaml(lab: &Lab) -> Result<String> {
     let mut docs: Vec<Value> = lab
         .namespaces()
         .iter()

@@ -18,8 +18,8 @@ mod support;
 use std::net::{SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
+use netpol_lab::{NetnsWorker, PodSpec, Port, Probe};
 use support::{Cluster, agent_bin, standard_lab};
-use xtask::lab::{NetnsWorker, PodSpec, Port, Probe};
 
 const POLICY: &str = r#"
 apiVersion: networking.k8s.io/v1
