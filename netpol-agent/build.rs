@@ -1,5 +1,5 @@
 //! Builds the eBPF programs (netpol-ebpf, target bpfel-unknown-none, nightly + bpf-linker)
-//! and places the object in OUT_DIR, where `datapath::loader` embeds it.
+//! and places the object in OUT_DIR, where `datapath/load.rs` embeds it (`OBJECT`).
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {

@@ -30,9 +30,9 @@ use libfuzzer_sys::fuzz_target;
 use netpol_agent::compile::{
     Allocations, Compiled, Diagnostic, Direction, key_net, model, reference, validate_policy,
 };
-use netpol_agent::observe::explain;
-use netpol_agent::observe::matrix::{self, Matrix, MatrixOptions, Style};
-use netpol_agent::observe::{PortProtocol, pod_addresses, served_ports};
+use netpol_agent::preview::explain;
+use netpol_agent::preview::matrix::{self, Matrix, MatrixOptions, Style};
+use netpol_agent::preview::{PortProtocol, pod_addresses, served_ports};
 use netpol_agent::source::local::{LocalSource, Snapshot};
 use netpol_agent::state::{ClusterState, NodeContext, pod_ips};
 use netpol_common::{

@@ -1,33 +1,33 @@
-//! The agent's control loop: source → state → compile → datapath, one direction.
+//! The agent's run: source → state → compile → datapath, one direction.
 //!
 //! A [`Source`] says when the cluster may have changed and fills a [`ClusterState`];
-//! the loop then compiles and applies (the datapath writes only differences) and writes
-//! the status file. Every `resync` it also re-checks interfaces, so veths that appear
-//! after their pod was declared get their programs; with pods pending it re-checks on
-//! every poll. Nothing is applied before the source's first complete state.
+//! the [`Reconciler`] (the control loop) then compiles and applies (the datapath writes
+//! only differences) and writes the status file. Every `resync` it also re-checks
+//! interfaces, so veths that appear after their pod was declared get their programs;
+//! with pods pending it re-checks on every poll. Nothing is applied before the source's
+//! first complete state.
 //!
 //! - Local mode ([`run_local`]): polls the manifest directory (cheap fingerprint every
 //!   `poll` interval); the status file's generation is the directory's `.generation`.
 //! - Kubernetes mode ([`run_kube`]): watchers feed reflector stores; changes are batched
 //!   (debounce, bounded latency); the generation is the highest resourceVersion applied.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde::Serialize;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::compile::{self, Allocations, Compiled, Diagnostic};
-use crate::datapath::{self, Capacities, Datapath, interfaces};
-use crate::flowlog::{self, Resolver, SharedResolver};
-use crate::health::Health;
+use crate::compile::Diagnostic;
+use crate::datapath::{self, Capacities, Datapath};
+use crate::reconcile::Reconciler;
 use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::local::{Fingerprint, LocalSource};
 use crate::state::{ClusterState, NodeContext};
+use crate::telemetry::flowlog::{self, SharedResolver};
+use crate::telemetry::health::Health;
 
 /// Errors that stop the agent. Each variant is one metric label.
 #[derive(Debug, thiserror::Error)]
@@ -71,19 +71,6 @@ pub struct Config {
     /// Longest wait for a change before the loop looks at interfaces again.
     pub poll: Duration,
     pub resync: Duration,
-}
-
-/// What the agent has put into the kernel, written to `--status-file` after each apply.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct Status {
-    /// `.generation` of the manifest set now in the kernel (0 when there is none); in
-    /// Kubernetes mode the highest resourceVersion of the objects in the kernel.
-    pub generation: u64,
-    pub endpoints: usize,
-    pub policies: usize,
-    pub invalid: usize,
-    pub attached: usize,
-    pub pending: Vec<String>,
 }
 
 /// What changed in the cluster, as a source reports it.
@@ -209,7 +196,7 @@ impl Source for KubeWatch {
 }
 
 fn local_addresses() -> Vec<IpAddr> {
-    interfaces::node_addresses().unwrap_or_else(|error| {
+    crate::node::addresses().unwrap_or_else(|error| {
         warn!(%error, "cannot list node addresses");
         Vec::new()
     })
@@ -280,7 +267,7 @@ pub fn open_datapath(config: &Config) -> Result<Datapath, Error> {
 pub async fn run<S: Source>(
     config: &Config,
     datapath: Datapath,
-    mut source: S,
+    source: S,
     health: &Health,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
@@ -288,15 +275,9 @@ pub async fn run<S: Source>(
     let resolver = SharedResolver::default();
     let result = match start_flow_log(config, &mut datapath, &resolver) {
         Ok(_server) => {
-            reconcile_loop(
-                config,
-                &mut source,
-                &mut datapath,
-                &resolver,
-                health,
-                shutdown,
-            )
-            .await
+            Reconciler::new(config, source, &mut datapath, &resolver, health)
+                .run(shutdown)
+                .await
         }
         Err(error) => Err(error),
     };
@@ -322,360 +303,4 @@ fn start_flow_log(
     let server = flowlog::Server::start(path, &sender)?;
     info!(socket = %path.display(), "flow log listening");
     Ok(Some(server))
-}
-
-async fn reconcile_loop<S: Source>(
-    config: &Config,
-    source: &mut S,
-    datapath: &mut Datapath,
-    resolver: &SharedResolver,
-    health: &Health,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), Error> {
-    tokio::pin!(shutdown);
-    let mut state = ClusterState::default();
-    let mut allocations = Allocations::default();
-    let mut compiled = Compiled::default();
-    // Nothing reaches the kernel before the source's first complete state: until then
-    // `compiled` is empty and applying it would clear maps adopted from a previous agent.
-    let mut primed = false;
-    let mut generation = 0;
-    let mut reported: BTreeSet<String> = BTreeSet::new();
-    let mut last_resync = Instant::now();
-    let mut status = Status::default();
-    let mut apply_failed = false;
-    let mut last_metrics = Instant::now();
-    let mut last_conntrack_count = Instant::now() - CONNTRACK_COUNT_REFRESH;
-    let mut refusals = Refusals::default();
-    let links = subscribe_links(config);
-    if links.is_some() {
-        // Pod interfaces that exist already are covered before anything else is known
-        // (the unprogrammed default applies to them until their pods are programmed).
-        attach_new_interfaces(datapath, health);
-    }
-    loop {
-        health.beat();
-        let (changed, links_changed) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            () = wait_links(links.as_ref()) => (false, true),
-            changed = source.changed() => (changed?, false),
-        };
-        if links_changed && !primed {
-            attach_new_interfaces(datapath, health);
-            continue;
-        }
-        // A state the kernel refused is tried again at the resync interval.
-        let changed = changed || (apply_failed && last_resync.elapsed() >= config.resync);
-        if !primed && !changed {
-            continue;
-        }
-        if !changed
-            && !links_changed
-            && last_resync.elapsed() < config.resync
-            && status.pending.is_empty()
-        {
-            continue;
-        }
-        last_resync = Instant::now();
-        if changed {
-            let started = Instant::now();
-            let update = source.snapshot(&mut state)?;
-            state.audit_all = config.audit;
-            let mut diagnostics = update.diagnostics;
-            compiled = compile::compile(&state, &allocations);
-            allocations = compiled.allocations.clone();
-            diagnostics.extend(compiled.diagnostics.iter().cloned());
-            let mut messages = BTreeSet::new();
-            let mut new = Vec::new();
-            for diagnostic in diagnostics {
-                let message = diagnostic.to_string();
-                if !reported.contains(&message) && !messages.contains(&message) {
-                    warn!("invalid object: {message}");
-                    new.push(diagnostic);
-                }
-                messages.insert(message);
-            }
-            source.report(&new);
-            reported = messages;
-            generation = update.generation.unwrap_or(generation);
-            health.metrics.invalid_objects.set(reported.len() as i64);
-            let Some(report) = apply(datapath, &compiled, health) else {
-                apply_failed = true;
-                continue;
-            };
-            apply_failed = false;
-            health.metrics.applies.inc();
-            health
-                .metrics
-                .propagation
-                .observe(started.elapsed().as_secs_f64());
-            primed = true;
-            health.set_ready(true);
-            refusals.update(&report.refused, &compiled, source, health);
-            if let Ok(mut current) = resolver.write() {
-                *current = std::sync::Arc::new(Resolver::new(&state, &compiled));
-            }
-            info!(
-                generation,
-                pods = state.pods.len(),
-                policies = state.policies.len(),
-                endpoints = compiled.local_pods.len(),
-                invalid = reported.len(),
-                map_writes = report.maps.writes(),
-                attached = report.attached.len(),
-                detached = report.detached.len(),
-                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                "applied"
-            );
-            status = Status {
-                generation,
-                endpoints: compiled.local_pods.len(),
-                policies: state.policies.len(),
-                invalid: reported.len(),
-                attached: datapath.attached().count(),
-                pending: report.pending,
-            };
-        } else {
-            let Some(report) = apply(datapath, &compiled, health) else {
-                continue;
-            };
-            if !report.attached.is_empty() || !report.detached.is_empty() {
-                info!(attached = ?report.attached, detached = ?report.detached, "interfaces changed");
-            }
-            debug!(pending = report.pending.len(), "resync");
-            refusals.update(&report.refused, &compiled, source, health);
-            status.attached = datapath.attached().count();
-            status.pending = report.pending;
-        }
-        if last_metrics.elapsed() >= METRICS_REFRESH {
-            let walk_conntrack = last_conntrack_count.elapsed() >= CONNTRACK_COUNT_REFRESH;
-            if walk_conntrack {
-                last_conntrack_count = Instant::now();
-            }
-            refresh_kernel_metrics(datapath, &compiled, health, walk_conntrack);
-            last_metrics = Instant::now();
-        }
-        if let Some(path) = &config.status_file {
-            write_status(path, &status).map_err(|source| Error::Status {
-                path: path.clone(),
-                source,
-            })?;
-        }
-    }
-}
-
-/// Link notifications, when pod interfaces are attached by name prefix.
-fn subscribe_links(config: &Config) -> Option<datapath::links::LinkEvents> {
-    if config.pod_interface_prefixes.is_empty() {
-        return None;
-    }
-    match datapath::links::LinkEvents::subscribe() {
-        Ok(links) => Some(links),
-        Err(error) => {
-            warn!(%error, "no netlink link notifications; new interfaces are found at resync");
-            None
-        }
-    }
-}
-
-async fn wait_links(links: Option<&datapath::links::LinkEvents>) {
-    match links {
-        Some(links) => links.changed().await,
-        None => std::future::pending().await,
-    }
-}
-
-fn attach_new_interfaces(datapath: &mut Datapath, health: &Health) {
-    match datapath.attach_new_interfaces() {
-        Ok(report) if !report.attached.is_empty() => {
-            info!(attached = ?report.attached, "pod interfaces covered before their pods are known");
-        }
-        Ok(_) => {}
-        Err(error) => {
-            health.metrics.error(error.kind());
-            warn!(
-                error = datapath::chain(&error),
-                "attaching to new interfaces failed"
-            );
-        }
-    }
-}
-
-/// What did not fit in the maps: logged once, reported (Kubernetes Events on pods),
-/// and exported as `netpol_refused{map}`.
-#[derive(Default)]
-struct Refusals {
-    reported: BTreeSet<String>,
-}
-
-impl Refusals {
-    fn update<S: Source>(
-        &mut self,
-        refused: &[datapath::Refusal],
-        compiled: &Compiled,
-        source: &mut S,
-        health: &Health,
-    ) {
-        for map in [
-            netpol_common::names::ENDPOINTS,
-            netpol_common::names::POLICY,
-            netpol_common::names::IPCACHE,
-        ] {
-            let count = refused.iter().filter(|r| r.map() == map).count();
-            health
-                .metrics
-                .refused
-                .get_or_create(&crate::metrics::MapLabels { map: map.into() })
-                .set(count as i64);
-        }
-        let diagnostics = refusal_diagnostics(refused, compiled);
-        let mut current = BTreeSet::new();
-        let mut new = Vec::new();
-        for diagnostic in diagnostics {
-            let message = diagnostic.to_string();
-            if !self.reported.contains(&message) {
-                warn!("refused: {message}");
-                new.push(diagnostic);
-            }
-            current.insert(message);
-        }
-        for gone in self.reported.difference(&current) {
-            info!("no longer refused: {gone}");
-        }
-        if !new.is_empty() {
-            source.report(&new);
-        }
-        self.reported = current;
-    }
-}
-
-/// One diagnostic per refusal, naming the pod (or the peer address) and the full map.
-pub fn refusal_diagnostics(refused: &[datapath::Refusal], compiled: &Compiled) -> Vec<Diagnostic> {
-    use datapath::Refusal;
-    let pod = |id: u32| {
-        compiled
-            .local_pods
-            .iter()
-            .find(|pod| pod.endpoint_id == id)
-            .map_or_else(
-                || format!("Pod (endpoint {id})"),
-                |pod| format!("Pod {}", pod.pod),
-            )
-    };
-    refused
-        .iter()
-        .map(|refusal| match refusal {
-            Refusal::Endpoint { id, capacity } => Diagnostic {
-                object: pod(*id),
-                field: String::new(),
-                message: format!(
-                    "not programmed: ENDPOINTS is full (capacity {capacity}); its traffic is \
-                     dropped until there is room"
-                ),
-            },
-            Refusal::Policy { id, capacity } => Diagnostic {
-                object: pod(*id),
-                field: String::new(),
-                message: format!(
-                    "policy change not applied: POLICY is full (capacity {capacity}); only \
-                     what both the old and the new policy allow is allowed"
-                ),
-            },
-            Refusal::Peer { addr, capacity } => Diagnostic {
-                object: format!(
-                    "address {}",
-                    flowlog::ip_of(addr).map_or_else(|| "?".into(), |ip| ip.to_string())
-                ),
-                field: String::new(),
-                message: format!(
-                    "not in IPCACHE (full, capacity {capacity}): treated as its enclosing \
-                     ipBlock, so fewer rules match it"
-                ),
-            },
-        })
-        .collect()
-}
-
-/// Applies `compiled`; a refusal (e.g. a full map) is logged and counted, never fatal:
-/// what is in the kernel stays enforced, and the caller tries again later.
-fn apply(
-    datapath: &mut Datapath,
-    compiled: &Compiled,
-    health: &Health,
-) -> Option<datapath::ApplyReport> {
-    match datapath.apply(compiled) {
-        Ok(report) => Some(report),
-        Err(error) => {
-            health.metrics.error(error.kind());
-            warn!(
-                error = datapath::chain(&error),
-                "applying to the kernel failed; will retry"
-            );
-            None
-        }
-    }
-}
-
-/// How often the kernel's counters are copied into the metrics.
-const METRICS_REFRESH: Duration = Duration::from_secs(1);
-/// Counting conntrack entries walks the map: less often, and at most this many.
-const CONNTRACK_COUNT_REFRESH: Duration = Duration::from_secs(10);
-const CONNTRACK_COUNT_LIMIT: usize = 1 << 20;
-
-/// Copies the kernel's figures into the metrics (errors are counted, never fatal).
-fn refresh_kernel_metrics(
-    datapath: &Datapath,
-    compiled: &Compiled,
-    health: &Health,
-    walk_conntrack: bool,
-) {
-    let mut snapshot = crate::metrics::KernelSnapshot::default();
-    match datapath.counters_by_direction() {
-        Ok(verdicts) => snapshot.verdicts = verdicts,
-        Err(error) => health.metrics.error(error.kind()),
-    }
-    let rules = compiled
-        .rules
-        .iter()
-        .filter_map(|(id, rule)| match datapath.rule_counter(*id) {
-            Ok(counter) => Some((rule, counter)),
-            Err(_) => None,
-        });
-    snapshot.rules = crate::metrics::rule_series(rules);
-    snapshot.maps = datapath
-        .map_fill(walk_conntrack.then_some(CONNTRACK_COUNT_LIMIT))
-        .into_iter()
-        .map(|(name, entries, capacity)| (name.to_owned(), entries, capacity))
-        .collect();
-    let is_conntrack =
-        |name: &str| [netpol_common::names::CT4, netpol_common::names::CT6].contains(&name);
-    if walk_conntrack {
-        let tables = snapshot
-            .maps
-            .iter()
-            .filter(|(name, _, _)| is_conntrack(name));
-        snapshot.conntrack_entries = Some(tables.map(|(_, n, _)| *n).sum());
-    } else {
-        // Keep the last count rather than dropping the series between walks.
-        let previous = health.metrics.kernel_snapshot();
-        snapshot.conntrack_entries = previous.conntrack_entries;
-        let tables = previous
-            .maps
-            .into_iter()
-            .filter(|(name, _, _)| is_conntrack(name));
-        snapshot.maps.extend(tables);
-    }
-    if let Ok((suppressed, lost)) = datapath.event_losses() {
-        snapshot.events_suppressed = suppressed;
-        snapshot.events_lost = lost;
-    }
-    health.metrics.set_kernel(snapshot);
-}
-
-/// Writes the status atomically (temporary file, then rename).
-fn write_status(path: &std::path::Path, status: &Status) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let json = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, json)?;
-    std::fs::rename(&tmp, path)
 }

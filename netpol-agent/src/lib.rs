@@ -6,10 +6,10 @@
 pub mod agent;
 pub mod compile;
 pub mod datapath;
-pub mod flowlog;
-pub mod health;
-pub mod metrics;
-pub mod observe;
+pub mod node;
+pub mod preview;
 pub mod privileges;
+pub mod reconcile;
 pub mod source;
 pub mod state;
+pub mod telemetry;

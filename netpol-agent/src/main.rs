@@ -10,12 +10,12 @@ use clap::{Args, Parser, Subcommand};
 use netpol_agent::agent;
 use netpol_agent::compile::{Allocations, Compiled, compile};
 use netpol_agent::datapath::Capacities;
-use netpol_agent::health::Health;
-use netpol_agent::observe::PortProtocol;
-use netpol_agent::observe::explain::explain_between;
-use netpol_agent::observe::load::{Loaded, Overlay, load_manifests};
-use netpol_agent::observe::matrix::{self, Matrix, MatrixOptions, Style};
+use netpol_agent::preview::PortProtocol;
+use netpol_agent::preview::explain::explain_between;
+use netpol_agent::preview::load::{Loaded, Overlay, load_manifests};
+use netpol_agent::preview::matrix::{self, Matrix, MatrixOptions, Style};
 use netpol_agent::source::kube::Settings;
+use netpol_agent::telemetry::health::Health;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -315,7 +315,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     if let Some(addr) = args.health_addr {
-        netpol_agent::health::serve(addr, health.clone()).await?;
+        netpol_agent::telemetry::health::serve(addr, health.clone()).await?;
     }
     if args.kube || args.kubeconfig.is_some() {
         let node_name = args
@@ -359,14 +359,14 @@ async fn flows(args: FlowsArgs) -> anyhow::Result<()> {
     let socket = args
         .socket
         .unwrap_or_else(|| default_flow_socket(&args.bpffs_dir));
-    let filter = netpol_agent::flowlog::FlowFilter {
+    let filter = netpol_agent::telemetry::flowlog::FlowFilter {
         pod: args.pod,
         namespace: args.namespace,
         verdict: args.verdict,
         port: args.port,
     };
     let mut out = std::io::stdout();
-    netpol_agent::flowlog::follow(&socket, &filter, args.json, &mut out)
+    netpol_agent::telemetry::flowlog::follow(&socket, &filter, args.json, &mut out)
         .await
         .with_context(|| format!("following {} (is the agent running?)", socket.display()))
 }

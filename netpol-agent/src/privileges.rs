@@ -10,9 +10,12 @@
 //! `no_new_privs` is set, so nothing can come back through exec either.
 //!
 //! Capabilities are per thread and inherited by new threads: call [`keep_only`] before
-//! any other thread exists (the agent does it before its async runtime starts).
+//! any other thread exists (the agent does it before its async runtime starts). The
+//! `caps` crate does the system calls (capget/capset, prctl for the bounding and ambient
+//! sets).
 
-use std::io;
+use caps::errors::CapsError;
+use caps::{CapSet, Capability, CapsHashSet};
 
 pub const CAP_SETPCAP: u32 = 8;
 pub const CAP_NET_ADMIN: u32 = 12;
@@ -26,32 +29,14 @@ pub const ENFORCEMENT: [u32; 2] = [CAP_BPF, CAP_NET_ADMIN];
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("reading the capabilities: {0}")]
-    Get(io::Error),
+    Get(CapsError),
     #[error("setting the capabilities: {0}")]
-    Set(io::Error),
+    Set(CapsError),
     #[error("clearing the ambient capabilities: {0}")]
-    Ambient(io::Error),
+    Ambient(CapsError),
     #[error("setting no_new_privs: {0}")]
-    NoNewPrivs(io::Error),
+    NoNewPrivs(std::io::Error),
 }
-
-/// `struct __user_cap_header_struct`.
-#[repr(C)]
-struct Header {
-    version: u32,
-    pid: i32,
-}
-
-/// `struct __user_cap_data_struct`; version 3 uses two of them (capabilities 0-31, 32-63).
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct Data {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const VERSION_3: u32 = 0x2008_0522;
 
 /// The calling thread's sets as 64-bit masks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,51 +47,26 @@ pub struct Sets {
 }
 
 fn get() -> Result<Sets, Error> {
-    let mut header = Header {
-        version: VERSION_3,
-        pid: 0,
+    let read = |set| {
+        caps::read(None, set)
+            .map(|caps| to_mask(&caps))
+            .map_err(Error::Get)
     };
-    let mut data = [Data::default(); 2];
-    // SAFETY: header and two data structs, as capget(2) expects for version 3.
-    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(Error::Get(io::Error::last_os_error()));
-    }
-    let join = |f: fn(&Data) -> u32| u64::from(f(&data[0])) | (u64::from(f(&data[1])) << 32);
     Ok(Sets {
-        effective: join(|d| d.effective),
-        permitted: join(|d| d.permitted),
-        inheritable: join(|d| d.inheritable),
+        effective: read(CapSet::Effective)?,
+        permitted: read(CapSet::Permitted)?,
+        inheritable: read(CapSet::Inheritable)?,
     })
 }
 
+/// Sets the three sets; the effective set first, so it never exceeds the permitted one.
 fn set(sets: Sets) -> Result<(), Error> {
-    let mut header = Header {
-        version: VERSION_3,
-        pid: 0,
-    };
-    let split = |mask: u64| [mask as u32, (mask >> 32) as u32];
-    let (e, p, i) = (
-        split(sets.effective),
-        split(sets.permitted),
-        split(sets.inheritable),
-    );
-    let data = [
-        Data {
-            effective: e[0],
-            permitted: p[0],
-            inheritable: i[0],
-        },
-        Data {
-            effective: e[1],
-            permitted: p[1],
-            inheritable: i[1],
-        },
-    ];
-    // SAFETY: header and two data structs, as capset(2) expects for version 3.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-    if rc != 0 {
-        return Err(Error::Set(io::Error::last_os_error()));
+    for (set, mask) in [
+        (CapSet::Effective, sets.effective),
+        (CapSet::Permitted, sets.permitted),
+        (CapSet::Inheritable, sets.inheritable),
+    ] {
+        caps::set(None, set, &from_mask(mask)).map_err(Error::Set)?;
     }
     Ok(())
 }
@@ -115,12 +75,22 @@ fn mask(caps: &[u32]) -> u64 {
     caps.iter().fold(0, |m, c| m | (1u64 << c))
 }
 
-/// The highest capability this kernel knows.
-fn last_cap() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40)
+fn to_mask(caps: &CapsHashSet) -> u64 {
+    caps.iter().fold(0, |m, c| m | c.bitmask())
+}
+
+fn from_mask(mask: u64) -> CapsHashSet {
+    caps::all()
+        .into_iter()
+        .filter(|c| mask & c.bitmask() != 0)
+        .collect()
+}
+
+/// The capabilities this kernel knows, lowest first.
+fn known() -> Vec<Capability> {
+    let mut known: Vec<Capability> = caps::runtime::thread_all_supported().into_iter().collect();
+    known.sort_by_key(Capability::index);
+    known
 }
 
 /// What [`keep_only`] did.
@@ -138,39 +108,22 @@ pub fn keep_only(kept: &[u32]) -> Result<Dropped, Error> {
     let keep = mask(kept) & before.permitted;
     // The bounding set first: it needs CAP_SETPCAP, which is about to go.
     let mut bounding = true;
-    for cap in 0..=last_cap() {
-        if keep & (1u64 << cap) != 0 {
+    for cap in known() {
+        if keep & cap.bitmask() != 0 {
             continue;
         }
-        // SAFETY: prctl with integer arguments.
-        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-        if rc != 0 {
+        if caps::drop(None, CapSet::Bounding, cap).is_err() {
             bounding = false;
             break;
         }
     }
-    // SAFETY: prctl with integer arguments.
-    let rc = unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
-    if rc != 0 {
-        return Err(Error::Ambient(io::Error::last_os_error()));
-    }
+    caps::clear(None, CapSet::Ambient).map_err(Error::Ambient)?;
     set(Sets {
         effective: keep,
         permitted: keep,
         inheritable: 0,
     })?;
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(Error::NoNewPrivs(io::Error::last_os_error()));
-    }
+    nix::sys::prctl::set_no_new_privs().map_err(|errno| Error::NoNewPrivs(errno.into()))?;
     Ok(Dropped {
         before: before.effective,
         after: get()?.effective,

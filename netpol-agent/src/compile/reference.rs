@@ -271,7 +271,8 @@ fn in_cidr(cidr: &str, ip: IpAddr) -> bool {
         .is_ok_and(|net| net.trunc().contains(&ip))
 }
 
-fn peer_matches(
+/// Whether the far end (`ip`, and its pod if it is one) is one of `peer`.
+pub fn peer_matches(
     state: &ClusterState,
     policy_namespace: &str,
     peer: &NetworkPolicyPeer,
@@ -293,7 +294,9 @@ fn peer_matches(
     namespace_ok && pod_ok
 }
 
-fn protocol_of(name: Option<&str>) -> u8 {
+/// The protocol number of a policy's or container port's protocol (TCP when absent, 0
+/// when unknown).
+pub fn protocol_of(name: Option<&str>) -> u8 {
     match name.unwrap_or("TCP") {
         "TCP" => PROTO_TCP,
         "UDP" => PROTO_UDP,
@@ -302,7 +305,9 @@ fn protocol_of(name: Option<&str>) -> u8 {
     }
 }
 
-fn port_matches(p: &NetworkPolicyPort, protocol: u8, port: u16, dst_pod: Option<&Pod>) -> bool {
+/// Whether a flow to `port`/`protocol` of `dst_pod` (named ports resolve there) is one of
+/// the entry `p`.
+pub fn port_matches(p: &NetworkPolicyPort, protocol: u8, port: u16, dst_pod: Option<&Pod>) -> bool {
     if protocol_of(p.protocol.as_deref()) != protocol {
         return false;
     }
@@ -314,17 +319,21 @@ fn port_matches(p: &NetworkPolicyPort, protocol: u8, port: u16, dst_pod: Option<
         }
         Some(IntOrString::String(name)) => {
             let Some(pod) = dst_pod else { return false };
-            // The first container port with this name and protocol.
-            let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
-            let resolved = containers
-                .flat_map(|c| c.ports.iter().flatten())
-                .find(|cp| {
-                    cp.name.as_deref() == Some(name.as_str())
-                        && protocol_of(cp.protocol.as_deref()) == protocol
-                });
-            resolved.is_some_and(|cp| cp.container_port == i32::from(port))
+            named_port(pod, name, protocol) == Some(i32::from(port))
         }
     }
+}
+
+/// The port a named container port resolves to on `pod`: the first container port with
+/// this name and protocol.
+pub fn named_port(pod: &Pod, name: &str, protocol: u8) -> Option<i32> {
+    let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
+    containers
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|cp| {
+            cp.name.as_deref() == Some(name) && protocol_of(cp.protocol.as_deref()) == protocol
+        })
+        .map(|cp| cp.container_port)
 }
 
 #[cfg(test)]

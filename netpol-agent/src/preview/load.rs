@@ -1,4 +1,4 @@
-//! Reading manifests for the observe commands: the manifest directory exactly as local
+//! Reading manifests for the preview commands: the manifest directory exactly as local
 //! mode reads it, and NetworkPolicies to apply on top of it (`--apply`).
 
 use std::collections::BTreeMap;
@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use super::ObserveError;
+use super::PreviewError;
 use crate::compile::{Diagnostic, validate_policy};
 use crate::source::local::LocalSource;
 use crate::source::manifest::{self, Object};
@@ -24,8 +24,8 @@ pub struct Loaded {
 /// Reads `dir` the way the agent's local mode does ([`LocalSource`]). Every pod is
 /// treated as local (a preview of the whole cluster); `node_ips` are the node's
 /// addresses (traffic from them to pods always passes).
-pub fn load_manifests(dir: &Path, node_ips: &[IpAddr]) -> Result<Loaded, ObserveError> {
-    let io = |source| ObserveError::Io {
+pub fn load_manifests(dir: &Path, node_ips: &[IpAddr]) -> Result<Loaded, PreviewError> {
+    let io = |source| PreviewError::Io {
         path: dir.to_path_buf(),
         source,
     };
@@ -59,11 +59,11 @@ pub struct Overlay {
 impl Overlay {
     /// Reads every path: a file, or a directory whose `*.yaml`, `*.yml` and `*.json`
     /// files (not hidden) are read in name order, as local mode does.
-    pub fn read(paths: &[PathBuf]) -> Result<Overlay, ObserveError> {
+    pub fn read(paths: &[PathBuf]) -> Result<Overlay, PreviewError> {
         let mut overlay = Overlay::default();
         for path in paths {
             for file in manifest_files(path)? {
-                let text = std::fs::read_to_string(&file).map_err(|source| ObserveError::Io {
+                let text = std::fs::read_to_string(&file).map_err(|source| PreviewError::Io {
                     path: file.clone(),
                     source,
                 })?;
@@ -121,8 +121,8 @@ impl Overlay {
 }
 
 /// `path` itself, or the manifest files directly inside it.
-fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, ObserveError> {
-    let io = |source| ObserveError::Io {
+fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, PreviewError> {
+    let io = |source| PreviewError::Io {
         path: path.to_path_buf(),
         source,
     };

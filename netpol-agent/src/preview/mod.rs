@@ -36,7 +36,7 @@ use crate::state::{ClusterState, ObjectRef};
 
 /// What can go wrong while observing.
 #[derive(Debug, thiserror::Error)]
-pub enum ObserveError {
+pub enum PreviewError {
     #[error("cannot read {}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -101,10 +101,10 @@ impl Serialize for PortProtocol {
 
 /// Accepts `80/TCP`, `TCP/80`, `80` (TCP), any case, and `ICMP`/`ICMPv6`.
 impl FromStr for PortProtocol {
-    type Err = ObserveError;
+    type Err = PreviewError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let bad = || ObserveError::Port(text.to_string());
+        let bad = || PreviewError::Port(text.to_string());
         let protocol_of = |name: &str| match name.to_ascii_uppercase().as_str() {
             "TCP" => Some(PROTO_TCP),
             "UDP" => Some(PROTO_UDP),

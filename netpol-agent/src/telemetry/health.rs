@@ -6,15 +6,19 @@
 //!   mode: after every initial list), 503 before.
 //! - `GET /metrics`: Prometheus metrics (OpenMetrics text; see `metrics.rs`).
 //!
-//! A minimal HTTP/1.1 responder on a tokio listener: one request per connection, every
-//! read and write bounded by a timeout.
+//! HTTP/1.1 by hyper on a tokio listener: one request per connection (no keep-alive),
+//! the request head bounded in size and time, the whole exchange bounded by a timeout.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use http::{Method, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
@@ -28,9 +32,9 @@ pub enum Error {
     },
 }
 
-/// Bound on reading a request and writing the answer.
+/// Bound on reading a request and on writing the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Requests larger than this are refused.
+/// Request heads larger than this are refused (hyper's smallest buffer limit).
 const MAX_REQUEST: usize = 8 * 1024;
 
 /// What the probes report; shared between the control loop and the server.
@@ -42,7 +46,7 @@ pub struct Health {
     ready: AtomicBool,
     stall: Duration,
     /// Served on `/metrics`.
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: crate::telemetry::metrics::Metrics,
 }
 
 impl Default for Health {
@@ -59,7 +63,7 @@ impl Health {
             beat_ms: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             stall,
-            metrics: crate::metrics::Metrics::new(),
+            metrics: crate::telemetry::metrics::Metrics::new(),
         }
     }
 
@@ -103,7 +107,7 @@ pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<SocketAddr, 
                 Ok((stream, _)) => {
                     let health = health.clone();
                     tokio::spawn(async move {
-                        if let Err(error) = answer(stream, &health).await {
+                        if let Err(error) = answer(stream, health).await {
                             debug!(%error, "health request");
                         }
                     });
@@ -118,63 +122,61 @@ pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<SocketAddr, 
     Ok(bound)
 }
 
-async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
-    let mut request = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let read = async {
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            request.extend_from_slice(&buf[..n]);
+/// Serves one connection: one request, then the connection closes.
+async fn answer(stream: TcpStream, health: Arc<Health>) -> Result<(), hyper::Error> {
+    let service = service_fn(move |request| {
+        let response = respond(&request, &health);
+        async move { Ok::<_, std::convert::Infallible>(response) }
+    });
+    let connection = http1::Builder::new()
+        .keep_alive(false)
+        .max_buf_size(MAX_REQUEST)
+        .timer(TokioTimer::new())
+        .header_read_timeout(IO_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(2 * IO_TIMEOUT, connection).await {
+        Ok(result) => result,
+        Err(_) => {
+            debug!("health connection timed out");
+            Ok(())
         }
-        Ok::<_, std::io::Error>(())
+    }
+}
+
+/// The answer to one request (hyper leaves the body out for HEAD).
+fn respond(request: &http::Request<Incoming>, health: &Health) -> Response<String> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+    let (status, content_type, body) = if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "method not allowed\n".into(),
+        )
+    } else {
+        match request.uri().path() {
+            "/metrics" => (StatusCode::OK, OPENMETRICS, health.metrics.render()),
+            "/healthz" | "/livez" if health.is_live() => (StatusCode::OK, TEXT, "ok\n".into()),
+            "/healthz" | "/livez" => (unavailable, TEXT, "control loop stalled\n".into()),
+            "/readyz" if health.is_ready() => (StatusCode::OK, TEXT, "ok\n".into()),
+            "/readyz" => (unavailable, TEXT, "not ready\n".into()),
+            _ => (StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
+        }
     };
-    tokio::time::timeout(IO_TIMEOUT, read)
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let metrics;
-    let mut content_type = "text/plain; charset=utf-8";
-    let (status, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => {
-            metrics = health.metrics.render();
-            content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-            ("200 OK", metrics.as_str())
-        }
-        ("GET" | "HEAD", "/healthz" | "/livez") if health.is_live() => ("200 OK", "ok\n"),
-        ("GET" | "HEAD", "/healthz" | "/livez") => {
-            ("503 Service Unavailable", "control loop stalled\n")
-        }
-        ("GET" | "HEAD", "/readyz") if health.is_ready() => ("200 OK", "ok\n"),
-        ("GET" | "HEAD", "/readyz") => ("503 Service Unavailable", "not ready\n"),
-        ("GET" | "HEAD", _) => ("404 Not Found", "not found\n"),
-        _ => ("405 Method Not Allowed", "method not allowed\n"),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
     );
-    let write = async {
-        stream.write_all(head.as_bytes()).await?;
-        if method != "HEAD" {
-            stream.write_all(body.as_bytes()).await?;
-        }
-        stream.shutdown().await
-    };
-    tokio::time::timeout(IO_TIMEOUT, write)
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    response
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
     use super::*;
 
     async fn get(addr: SocketAddr, path: &str) -> String {

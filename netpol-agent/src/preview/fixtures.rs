@@ -1,4 +1,4 @@
-//! Cluster states for the observe tests, written as manifests.
+//! Cluster states for the preview tests, written as manifests.
 
 use std::net::IpAddr;
 

@@ -411,8 +411,8 @@ pub fn render(matrix: &Matrix, diff: Option<&MatrixDiff>, style: Style) -> Strin
 mod tests {
     use super::*;
     use crate::compile::{Allocations, compile, reference};
-    use crate::observe::fixtures::{self, STARS, STARS_POLICIES};
-    use crate::observe::load::Overlay;
+    use crate::preview::fixtures::{self, STARS, STARS_POLICIES};
+    use crate::preview::load::Overlay;
 
     fn pod(s: &str) -> ObjectRef {
         let (ns, name) = s.split_once('/').unwrap();

@@ -1,0 +1,127 @@
+//! How an explanation reads for people (`netpol-agent explain` without `--json`).
+
+use super::{Explanation, HookExplanation, HookVerdict, Mismatch, Party, RuleResult};
+use crate::compile::Direction;
+
+impl std::fmt::Display for Explanation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verdict = if self.allowed { "ALLOWED" } else { "BLOCKED" };
+        writeln!(f, "{} -> {} {}: {verdict}", self.src, self.dst, self.port)?;
+        if !matches!(self.src, Party::Pod { .. }) {
+            writeln!(
+                f,
+                "  egress: {} is not a pod: no egress policy applies",
+                self.src.name()
+            )?;
+        }
+        for hook in &self.hooks {
+            write!(f, "{hook}")?;
+            if hook.direction == Direction::Egress && !matches!(self.dst, Party::Pod { .. }) {
+                writeln!(
+                    f,
+                    "  ingress: {} is not a pod: no ingress policy applies",
+                    self.dst.name()
+                )?;
+            }
+        }
+        if self.hooks.is_empty() {
+            writeln!(
+                f,
+                "  ingress: {} is not a pod: no ingress policy applies",
+                self.dst.name()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for HookExplanation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let field = self.direction.field();
+        let (towards, peer) = match self.direction {
+            Direction::Ingress => ("from", self.peer.name()),
+            Direction::Egress => ("to", self.peer.name()),
+        };
+        write!(f, "  {field} of {}: ", self.pod)?;
+        match &self.verdict {
+            HookVerdict::NotLocal => {
+                return writeln!(f, "not on this node: its own node decides → allowed here");
+            }
+            HookVerdict::NotIsolated => {
+                return writeln!(
+                    f,
+                    "not isolated (no NetworkPolicy with policyTypes {} selects it) → allowed",
+                    self.direction
+                );
+            }
+            _ => {}
+        }
+        let names: Vec<String> = self.isolated_by.iter().map(ToString::to_string).collect();
+        writeln!(f, "isolated by NetworkPolicy {}", names.join(", "))?;
+        if let Some(identity) = &self.peer_identity {
+            writeln!(
+                f,
+                "    peer {peer} has identity {} = {}",
+                identity.id, identity.description
+            )?;
+        }
+        for rule in &self.rules {
+            write!(f, "    NetworkPolicy {}", rule.policy)?;
+            if let Some(index) = rule.index {
+                write!(f, " spec.{field}[{index}]")?;
+            }
+            match &rule.result {
+                RuleResult::Matches => writeln!(f, ": matches")?,
+                RuleResult::NoRules => writeln!(f, ": no {field} rules")?,
+                RuleResult::NoMatch { mismatches } => {
+                    let parts: Vec<String> = mismatches.iter().map(ToString::to_string).collect();
+                    writeln!(f, ": {}", parts.join("; "))?;
+                }
+            }
+        }
+        let port = self.port;
+        match &self.verdict {
+            HookVerdict::FromNode => writeln!(
+                f,
+                "  → allowed: traffic from the pod's own node always passes (kubelet probes)"
+            )?,
+            HookVerdict::Allowed { rule } => writeln!(f, "  → allowed by {rule}")?,
+            HookVerdict::AuditAllowed => writeln!(
+                f,
+                "  → allowed in audit mode: no rule allows {port} {towards} {peer}"
+            )?,
+            HookVerdict::Denied => writeln!(
+                f,
+                "  → dropped: isolated, and no rule allows {port} {towards} {peer}"
+            )?,
+            HookVerdict::NotLocal | HookVerdict::NotIsolated => {}
+        }
+        if !self.analysis_agrees {
+            writeln!(
+                f,
+                "  ! the per-rule reasoning above disagrees with the compiled maps; the verdict \
+                 is the maps' (please report this)"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (part, needs) = match self {
+            Mismatch::Peer { needs } => ("peer", needs),
+            Mismatch::Protocol { needs } => ("protocol", needs),
+            Mismatch::Port { needs } => ("port", needs),
+        };
+        if needs.len() == 1 {
+            write!(f, "{part} does not match (needs {})", needs[0])
+        } else {
+            write!(
+                f,
+                "{part} does not match (needs one of: {})",
+                needs.join("; ")
+            )
+        }
+    }
+}

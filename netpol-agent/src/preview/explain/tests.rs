@@ -1,0 +1,291 @@
+use super::*;
+use crate::compile::{Allocations, compile, reference};
+use crate::preview::fixtures::{self, STARS};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Explains by name, and checks the verdict against the kernel model and the
+/// reference evaluator, and the per-rule reasoning against the maps.
+fn explain_checked(state: &ClusterState, src: &str, dst: &str, port: &str) -> Explanation {
+    let compiled = compile(state, &Allocations::default());
+    let port: PortProtocol = port.parse().unwrap();
+    let mut all = explain_between(state, &compiled, src, dst, port).unwrap();
+    assert_eq!(all.len(), 1);
+    let e = all.remove(0);
+    let (s, d) = (e.src.ip(), e.dst.ip());
+    assert_eq!(
+        e.allowed,
+        model::flow_allowed(&compiled, s, d, port.protocol, port.port),
+        "{e}"
+    );
+    assert_eq!(
+        e.allowed,
+        reference::flow_allowed(state, s, d, port.protocol, port.port),
+        "{e}"
+    );
+    assert!(e.hooks.iter().all(|h| h.analysis_agrees), "{e}");
+    e
+}
+
+#[test]
+fn blocked_by_isolation_names_the_rule_and_the_peer_it_needs() {
+    let e = explain_checked(
+        &fixtures::stars_with_policies(),
+        "client/client",
+        "stars/backend",
+        "6379/TCP",
+    );
+    assert_eq!(
+        e.to_string(),
+        "\
+client/client (10.0.1.1) -> stars/backend (10.0.0.2) TCP/6379: BLOCKED
+  egress of client/client: not isolated (no NetworkPolicy with policyTypes Egress selects it) → allowed
+  ingress of stars/backend: isolated by NetworkPolicy stars/backend-policy
+    peer client/client has identity 17 = matches [pods {} in namespaces {role=client}]
+    NetworkPolicy stars/backend-policy spec.ingress[0]: peer does not match (needs pods {role=frontend} in namespace stars)
+  → dropped: isolated, and no rule allows TCP/6379 from client/client
+"
+    );
+    assert_eq!(e.hooks[1].verdict, HookVerdict::Denied);
+}
+
+#[test]
+fn allowed_names_the_allowing_rule() {
+    let e = explain_checked(
+        &fixtures::stars_with_policies(),
+        "client/client",
+        "stars/frontend",
+        "TCP/80",
+    );
+    assert!(e.allowed);
+    let rule = RuleRef {
+        policy: ObjectRef::new("stars", "frontend-policy"),
+        direction: Direction::Ingress,
+        index: 0,
+    };
+    assert_eq!(e.hooks[1].verdict, HookVerdict::Allowed { rule });
+    let text = e.to_string();
+    assert!(text.contains("NetworkPolicy stars/frontend-policy spec.ingress[0]: matches"));
+    assert!(text.ends_with("  → allowed by NetworkPolicy stars/frontend-policy spec.ingress[0]\n"));
+}
+
+#[test]
+fn blocked_by_port_and_by_protocol() {
+    let state = fixtures::stars_with_policies();
+    let e = explain_checked(&state, "stars/frontend", "stars/backend", "80");
+    assert!(!e.allowed);
+    assert_eq!(
+        e.hooks[1].rules[0].result,
+        RuleResult::NoMatch {
+            mismatches: vec![Mismatch::Port {
+                needs: vec!["TCP/6379".into()]
+            }]
+        }
+    );
+    let e = explain_checked(&state, "stars/frontend", "stars/backend", "6379/UDP");
+    assert!(!e.allowed);
+    assert!(
+        e.to_string()
+            .contains("spec.ingress[0]: protocol does not match (needs TCP/6379)"),
+        "{e}"
+    );
+    // Wrong peer and wrong port: both are named.
+    let e = explain_checked(&state, "client/client", "stars/backend", "80");
+    assert!(e.to_string().contains(
+        "peer does not match (needs pods {role=frontend} in namespace stars); \
+             port does not match (needs TCP/6379)"
+    ));
+}
+
+#[test]
+fn node_traffic_always_passes_and_outside_addresses_are_the_world() {
+    let state = fixtures::stars_with_policies();
+    let e = explain_checked(&state, "node", "stars/backend", "80/TCP");
+    assert!(e.allowed);
+    assert_eq!(e.src, Party::Node { ip: ip("10.0.9.9") });
+    assert_eq!(e.hooks.len(), 1);
+    assert_eq!(e.hooks[0].verdict, HookVerdict::FromNode);
+    assert_eq!(
+        e.to_string(),
+        "\
+node (10.0.9.9) -> stars/backend (10.0.0.2) TCP/80: ALLOWED
+  egress: node 10.0.9.9 is not a pod: no egress policy applies
+  ingress of stars/backend: isolated by NetworkPolicy stars/backend-policy
+  → allowed: traffic from the pod's own node always passes (kubelet probes)
+"
+    );
+
+    let e = explain_checked(&state, "203.0.113.7", "stars/frontend", "80/TCP");
+    assert!(!e.allowed);
+    let hook = &e.hooks[0];
+    assert_eq!(
+        hook.peer_identity.as_ref().unwrap().id,
+        netpol_common::IDENTITY_WORLD
+    );
+    assert!(
+        e.to_string()
+            .contains("    peer 203.0.113.7 has identity 1 = the world: matches no peer\n")
+    );
+
+    // Towards the outside only the source's egress hook counts.
+    let e = explain_checked(&state, "stars/backend", "203.0.113.7", "443");
+    assert!(e.allowed);
+    assert_eq!(
+        e.dst,
+        Party::Outside {
+            ip: ip("203.0.113.7")
+        }
+    );
+    assert!(e.to_string().contains("ingress: 203.0.113.7 is not a pod"));
+}
+
+#[test]
+fn deny_policies_egress_ip_blocks_and_named_ports() {
+    let mut state = fixtures::state(STARS, &[]);
+    fixtures::add(
+        &mut state,
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all, namespace: stars}
+spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: frontend-out, namespace: stars}
+spec:
+  podSelector: {matchLabels: {role: frontend}}
+  policyTypes: [Egress]
+  egress:
+    - to: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.0.2.0/24]}}]
+      ports: [{port: redis}, {port: 9000}]
+"#,
+    );
+    // Named port `redis` resolves on the destination (backend declares 6379).
+    let e = explain_checked(&state, "stars/frontend", "stars/backend", "6379");
+    assert!(!e.allowed, "backend's ingress is denied by deny-all");
+    assert!(e.hooks[0].allowed(), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("→ allowed by NetworkPolicy stars/frontend-out spec.egress[0]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("    NetworkPolicy stars/deny-all: no egress rules\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("    NetworkPolicy stars/deny-all: no ingress rules\n"),
+        "{text}"
+    );
+
+    // 9000 to client: allowed by port number and ipBlock.
+    let e = explain_checked(&state, "stars/frontend", "client/client", "9000");
+    assert!(e.allowed, "{e}");
+    // To management-ui: inside the except.
+    let e = explain_checked(
+        &state,
+        "stars/frontend",
+        "management-ui/management-ui",
+        "9000",
+    );
+    assert!(!e.allowed);
+    assert!(
+        e.to_string()
+            .contains("peer does not match (needs ipBlock 10.0.0.0/16 except 10.0.2.0/24)")
+    );
+    // The named port does not resolve on client (it declares no `redis`).
+    let e = explain_checked(&state, "stars/frontend", "client/client", "6379");
+    assert!(!e.allowed);
+    assert!(
+        e.to_string()
+            .contains("port does not match (needs one of: TCP/redis, which client/client does not declare; TCP/9000)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_pair_agrees_with_the_model_and_the_reference() {
+    let mut states = vec![
+        fixtures::state(STARS, &["10.0.9.9"]),
+        fixtures::stars_with_policies(),
+    ];
+    let mut extra = fixtures::stars_with_policies();
+    fixtures::add(
+        &mut extra,
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-out, namespace: client}
+spec:
+  podSelector: {}
+  egress:
+    - to: [{namespaceSelector: {matchExpressions: [{key: role, operator: NotIn, values: [management-ui]}]}}]
+      ports: [{port: 80}, {port: 6000, endPort: 6400}]
+"#,
+    );
+    states.push(extra);
+    let ports = ["80", "6379", "9000", "9001", "53/UDP", "ICMP"];
+    let ends = [
+        "client/client",
+        "management-ui/management-ui",
+        "stars/backend",
+        "stars/frontend",
+        "10.0.9.9",
+        "198.51.100.1",
+    ];
+    for state in &states {
+        for src in ends {
+            for dst in ends {
+                if src == dst {
+                    continue;
+                }
+                for port in ports {
+                    explain_checked(state, src, dst, port);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn names_that_do_not_resolve_are_errors() {
+    let state = fixtures::stars_with_policies();
+    let compiled = compile(&state, &Allocations::default());
+    let port = PortProtocol::tcp(80);
+    let err = |src: &str, dst: &str| {
+        explain_between(&state, &compiled, src, dst, port)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err("stars/nope", "stars/backend").contains("no such pod; known pods: client/client"));
+    assert!(err("stars", "stars/backend").contains("expected namespace/pod"));
+    assert!(err("stars/backend", "stars/backend").contains("loopback"));
+    assert!(err("stars/backend", "fd00::1").contains("no address family in common"));
+}
+
+#[test]
+fn json_is_structured() {
+    let e = explain_checked(
+        &fixtures::stars_with_policies(),
+        "stars/frontend",
+        "stars/backend",
+        "80",
+    );
+    let v = serde_json::to_value(&e).unwrap();
+    assert_eq!(v["allowed"], false);
+    assert_eq!(v["src"]["kind"], "pod");
+    assert_eq!(v["src"]["pod"], "stars/frontend");
+    assert_eq!(v["port"], "TCP/80");
+    let ingress = &v["hooks"][1];
+    assert_eq!(ingress["direction"], "Ingress");
+    assert_eq!(ingress["verdict"]["verdict"], "denied");
+    assert_eq!(ingress["isolated_by"][0], "stars/backend-policy");
+    assert_eq!(ingress["rules"][0]["result"]["result"], "no-match");
+    assert_eq!(
+        ingress["rules"][0]["result"]["mismatches"][0],
+        serde_json::json!({"part": "port", "needs": ["TCP/6379"]})
+    );
+}

@@ -1,0 +1,310 @@
+//! The control loop as a [`Reconciler`]: wait for a change (or a link notification, or
+//! the resync interval), snapshot the source into the state, compile, apply, report
+//! diagnostics and refusals, refresh the kernel metrics, write the status file.
+//!
+//! Nothing is applied before the source's first complete state: until then the compiled
+//! state is empty and applying it would clear maps adopted from a previous agent; only
+//! pod interfaces (by name prefix) get the programs meanwhile.
+
+mod refusals;
+mod status;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::{debug, info, warn};
+
+use crate::agent::{Config, Error, Source};
+use crate::compile::{self, Allocations, Compiled};
+use crate::datapath::{self, Datapath, links::LinkEvents};
+use crate::state::ClusterState;
+use crate::telemetry::flowlog::{Resolver, SharedResolver};
+use crate::telemetry::health::Health;
+use crate::telemetry::kernel::KernelRefresh;
+use refusals::Refusals;
+pub use refusals::refusal_diagnostics;
+pub use status::Status;
+
+/// Why the loop woke up.
+struct Wake {
+    /// The source's state changed since the last snapshot (and is complete).
+    changed: bool,
+    /// A link appeared, changed or went away.
+    links: bool,
+}
+
+/// The control loop's state between passes.
+pub struct Reconciler<'a, S: Source> {
+    config: &'a Config,
+    source: S,
+    datapath: &'a mut Datapath,
+    resolver: &'a SharedResolver,
+    health: &'a Health,
+    links: Option<LinkEvents>,
+    state: ClusterState,
+    allocations: Allocations,
+    compiled: Compiled,
+    /// The source's first complete state reached the kernel.
+    primed: bool,
+    generation: u64,
+    /// Diagnostics already logged and reported, as text.
+    reported: BTreeSet<String>,
+    last_resync: Instant,
+    status: Status,
+    /// The last apply of a changed state failed: it is tried again at the resync interval.
+    apply_failed: bool,
+    refusals: Refusals,
+    kernel_metrics: KernelRefresh,
+}
+
+impl<'a, S: Source> Reconciler<'a, S> {
+    pub fn new(
+        config: &'a Config,
+        source: S,
+        datapath: &'a mut Datapath,
+        resolver: &'a SharedResolver,
+        health: &'a Health,
+    ) -> Self {
+        Reconciler {
+            config,
+            source,
+            datapath,
+            resolver,
+            health,
+            links: subscribe_links(config),
+            state: ClusterState::default(),
+            allocations: Allocations::default(),
+            compiled: Compiled::default(),
+            primed: false,
+            generation: 0,
+            reported: BTreeSet::new(),
+            last_resync: Instant::now(),
+            status: Status::default(),
+            apply_failed: false,
+            refusals: Refusals::default(),
+            kernel_metrics: KernelRefresh::default(),
+        }
+    }
+
+    /// Runs passes until `shutdown` resolves.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        tokio::pin!(shutdown);
+        if self.links.is_some() {
+            // Pod interfaces that exist already are covered before anything else is known
+            // (the unprogrammed default applies to them until their pods are programmed).
+            self.attach_new_interfaces();
+        }
+        loop {
+            self.health.beat();
+            let wake = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                () = wait_links(self.links.as_ref()) => Wake { changed: false, links: true },
+                changed = self.source.changed() => Wake { changed: changed?, links: false },
+            };
+            self.pass(wake)?;
+        }
+    }
+
+    /// One pass after a wake-up: what is due, and nothing else.
+    fn pass(&mut self, wake: Wake) -> Result<(), Error> {
+        if wake.links && !self.primed {
+            self.attach_new_interfaces();
+            return Ok(());
+        }
+        // A state the kernel refused is tried again at the resync interval.
+        let resync_due = self.last_resync.elapsed() >= self.config.resync;
+        let changed = wake.changed || (self.apply_failed && resync_due);
+        if !self.primed && !changed {
+            return Ok(());
+        }
+        if !changed && !wake.links && !resync_due && self.status.pending.is_empty() {
+            return Ok(());
+        }
+        self.last_resync = Instant::now();
+        let applied = if changed {
+            self.reconcile_change()?
+        } else {
+            self.recheck_interfaces()
+        };
+        if !applied {
+            return Ok(());
+        }
+        self.kernel_metrics
+            .refresh_if_due(self.datapath, &self.compiled, self.health);
+        self.write_status()
+    }
+
+    /// Snapshot, compile, apply: `false` when the kernel refused the state.
+    fn reconcile_change(&mut self) -> Result<bool, Error> {
+        let started = Instant::now();
+        self.snapshot_and_compile()?;
+        let Some(report) = apply(self.datapath, &self.compiled, self.health) else {
+            self.apply_failed = true;
+            return Ok(false);
+        };
+        self.apply_failed = false;
+        self.applied(started, report);
+        Ok(true)
+    }
+
+    /// Fills the state from the source, compiles it and reports new diagnostics.
+    fn snapshot_and_compile(&mut self) -> Result<(), Error> {
+        let update = self.source.snapshot(&mut self.state)?;
+        self.state.audit_all = self.config.audit;
+        let mut diagnostics = update.diagnostics;
+        self.compiled = compile::compile(&self.state, &self.allocations);
+        self.allocations = self.compiled.allocations.clone();
+        diagnostics.extend(self.compiled.diagnostics.iter().cloned());
+        self.report_diagnostics(diagnostics);
+        self.generation = update.generation.unwrap_or(self.generation);
+        self.health
+            .metrics
+            .invalid_objects
+            .set(self.reported.len() as i64);
+        Ok(())
+    }
+
+    /// Logs and reports the diagnostics not reported before; forgets those now gone.
+    fn report_diagnostics(&mut self, diagnostics: Vec<compile::Diagnostic>) {
+        let mut messages = BTreeSet::new();
+        let mut new = Vec::new();
+        for diagnostic in diagnostics {
+            let message = diagnostic.to_string();
+            if !self.reported.contains(&message) && !messages.contains(&message) {
+                warn!("invalid object: {message}");
+                new.push(diagnostic);
+            }
+            messages.insert(message);
+        }
+        self.source.report(&new);
+        self.reported = messages;
+    }
+
+    /// After a changed state reached the kernel: metrics, readiness, refusals, the flow
+    /// log's names, the log line and the status.
+    fn applied(&mut self, started: Instant, report: datapath::ApplyReport) {
+        let health = self.health;
+        health.metrics.applies.inc();
+        health
+            .metrics
+            .propagation
+            .observe(started.elapsed().as_secs_f64());
+        self.primed = true;
+        health.set_ready(true);
+        self.refusals
+            .update(&report.refused, &self.compiled, &mut self.source, health);
+        if let Ok(mut current) = self.resolver.write() {
+            *current = Arc::new(Resolver::new(&self.state, &self.compiled));
+        }
+        info!(
+            generation = self.generation,
+            pods = self.state.pods.len(),
+            policies = self.state.policies.len(),
+            endpoints = self.compiled.local_pods.len(),
+            invalid = self.reported.len(),
+            map_writes = report.maps.writes(),
+            attached = report.attached.len(),
+            detached = report.detached.len(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "applied"
+        );
+        self.status = Status {
+            generation: self.generation,
+            endpoints: self.compiled.local_pods.len(),
+            policies: self.state.policies.len(),
+            invalid: self.reported.len(),
+            attached: self.datapath.attached().count(),
+            pending: report.pending,
+        };
+    }
+
+    /// The periodic re-check: the same compiled state applied again, so interfaces that
+    /// appeared or went away are attached or detached. `false` when the kernel refused.
+    fn recheck_interfaces(&mut self) -> bool {
+        let Some(report) = apply(self.datapath, &self.compiled, self.health) else {
+            return false;
+        };
+        if !report.attached.is_empty() || !report.detached.is_empty() {
+            info!(attached = ?report.attached, detached = ?report.detached, "interfaces changed");
+        }
+        debug!(pending = report.pending.len(), "resync");
+        self.refusals.update(
+            &report.refused,
+            &self.compiled,
+            &mut self.source,
+            self.health,
+        );
+        self.status.attached = self.datapath.attached().count();
+        self.status.pending = report.pending;
+        true
+    }
+
+    fn write_status(&self) -> Result<(), Error> {
+        let Some(path) = &self.config.status_file else {
+            return Ok(());
+        };
+        status::write(path, &self.status).map_err(|source| Error::Status {
+            path: path.clone(),
+            source,
+        })
+    }
+
+    fn attach_new_interfaces(&mut self) {
+        match self.datapath.attach_new_interfaces() {
+            Ok(report) if !report.attached.is_empty() => {
+                info!(attached = ?report.attached, "pod interfaces covered before their pods are known");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                self.health.metrics.error(error.kind());
+                warn!(
+                    error = datapath::chain(&error),
+                    "attaching to new interfaces failed"
+                );
+            }
+        }
+    }
+}
+
+/// Link notifications, when pod interfaces are attached by name prefix.
+fn subscribe_links(config: &Config) -> Option<LinkEvents> {
+    if config.pod_interface_prefixes.is_empty() {
+        return None;
+    }
+    match LinkEvents::subscribe() {
+        Ok(links) => Some(links),
+        Err(error) => {
+            warn!(%error, "no netlink link notifications; new interfaces are found at resync");
+            None
+        }
+    }
+}
+
+async fn wait_links(links: Option<&LinkEvents>) {
+    match links {
+        Some(links) => links.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies `compiled`; a refusal (e.g. a full map) is logged and counted, never fatal:
+/// what is in the kernel stays enforced, and the caller tries again later.
+fn apply(
+    datapath: &mut Datapath,
+    compiled: &Compiled,
+    health: &Health,
+) -> Option<datapath::ApplyReport> {
+    match datapath.apply(compiled) {
+        Ok(report) => Some(report),
+        Err(error) => {
+            health.metrics.error(error.kind());
+            warn!(
+                error = datapath::chain(&error),
+                "applying to the kernel failed; will retry"
+            );
+            None
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! What did not fit in the kernel's maps, as diagnostics: logged once, reported through
+//! the source (Kubernetes Events on pods) and exported as `netpol_refused{map}`.
+
+use std::collections::BTreeSet;
+
+use tracing::{info, warn};
+
+use crate::agent::Source;
+use crate::compile::{Compiled, Diagnostic};
+use crate::datapath;
+use crate::telemetry::flowlog;
+use crate::telemetry::health::Health;
+
+/// What did not fit in the maps: logged once, reported (Kubernetes Events on pods),
+/// and exported as `netpol_refused{map}`.
+#[derive(Default)]
+pub(super) struct Refusals {
+    reported: BTreeSet<String>,
+}
+
+impl Refusals {
+    pub(super) fn update<S: Source>(
+        &mut self,
+        refused: &[datapath::Refusal],
+        compiled: &Compiled,
+        source: &mut S,
+        health: &Health,
+    ) {
+        for map in [
+            netpol_common::names::ENDPOINTS,
+            netpol_common::names::POLICY,
+            netpol_common::names::IPCACHE,
+        ] {
+            let count = refused.iter().filter(|r| r.map() == map).count();
+            health
+                .metrics
+                .refused
+                .get_or_create(&crate::telemetry::metrics::MapLabels { map: map.into() })
+                .set(count as i64);
+        }
+        let diagnostics = refusal_diagnostics(refused, compiled);
+        let mut current = BTreeSet::new();
+        let mut new = Vec::new();
+        for diagnostic in diagnostics {
+            let message = diagnostic.to_string();
+            if !self.reported.contains(&message) {
+                warn!("refused: {message}");
+                new.push(diagnostic);
+            }
+            current.insert(message);
+        }
+        for gone in self.reported.difference(&current) {
+            info!("no longer refused: {gone}");
+        }
+        if !new.is_empty() {
+            source.report(&new);
+        }
+        self.reported = current;
+    }
+}
+
+/// One diagnostic per refusal, naming the pod (or the peer address) and the full map.
+pub fn refusal_diagnostics(refused: &[datapath::Refusal], compiled: &Compiled) -> Vec<Diagnostic> {
+    use datapath::Refusal;
+    let pod = |id: u32| {
+        compiled
+            .local_pods
+            .iter()
+            .find(|pod| pod.endpoint_id == id)
+            .map_or_else(
+                || format!("Pod (endpoint {id})"),
+                |pod| format!("Pod {}", pod.pod),
+            )
+    };
+    refused
+        .iter()
+        .map(|refusal| match refusal {
+            Refusal::Endpoint { id, capacity } => Diagnostic {
+                object: pod(*id),
+                field: String::new(),
+                message: format!(
+                    "not programmed: ENDPOINTS is full (capacity {capacity}); its traffic is \
+                     dropped until there is room"
+                ),
+            },
+            Refusal::Policy { id, capacity } => Diagnostic {
+                object: pod(*id),
+                field: String::new(),
+                message: format!(
+                    "policy change not applied: POLICY is full (capacity {capacity}); only \
+                     what both the old and the new policy allow is allowed"
+                ),
+            },
+            Refusal::Peer { addr, capacity } => Diagnostic {
+                object: format!(
+                    "address {}",
+                    flowlog::ip_of(addr).map_or_else(|| "?".into(), |ip| ip.to_string())
+                ),
+                field: String::new(),
+                message: format!(
+                    "not in IPCACHE (full, capacity {capacity}): treated as its enclosing \
+                     ipBlock, so fewer rules match it"
+                ),
+            },
+        })
+        .collect()
+}
