@@ -5,22 +5,54 @@
 //! skb (the verifier checks every access against `data_end`), and with
 //! `bpf_skb_load_bytes` otherwise, so a header in a paged fragment is still read and a
 //! short packet is an error, never an out-of-bounds read.
+//!
+//! Header layouts are `network-types`' (`EthHdr`, `Ipv4Hdr`, `Ipv6Hdr`, `TcpHdr`,
+//! `UdpHdr`, `SctpHdr`, `IcmpHdr`): only the fields used are read, at their offsets in
+//! those types, never a whole header.
+
+use core::mem::offset_of;
 
 use aya_ebpf::programs::TcContext;
 use netpol_common::{
     Addr, FAMILY_IPV4, FAMILY_IPV6, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
+use network_types::{
+    eth::{EthHdr, EtherType},
+    icmp::{IcmpEcho, IcmpHdr, IcmpV6Hdr},
+    ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
+    sctp::SctpHdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+/// The EtherType as it lies in the frame (network byte order), read as a `u16`.
+const ETHER_TYPE: usize = offset_of!(EthHdr, ether_type);
+const ETH_P_IP: u16 = EtherType::Ipv4 as u16;
+const ETH_P_IPV6: u16 = EtherType::Ipv6 as u16;
 
-const IPV6_HLEN: usize = 40;
-const NEXTHDR_HOP: u8 = 0;
-const NEXTHDR_ROUTING: u8 = 43;
-const NEXTHDR_FRAGMENT: u8 = 44;
-const NEXTHDR_AUTH: u8 = 51;
-const NEXTHDR_DEST: u8 = 60;
+const IPV6_NEXT_HEADER: usize = EthHdr::LEN + offset_of!(Ipv6Hdr, next_hdr);
+const NEXTHDR_HOP: u8 = IpProto::HopOpt as u8;
+const NEXTHDR_ROUTING: u8 = IpProto::Ipv6Route as u8;
+const NEXTHDR_FRAGMENT: u8 = IpProto::Ipv6Frag as u8;
+const NEXTHDR_AUTH: u8 = IpProto::Ah as u8;
+const NEXTHDR_DEST: u8 = IpProto::Ipv6Opts as u8;
+
+/// Source and destination port (network byte order), where UDP and SCTP headers alike
+/// have them.
+const SPORT: usize = offset_of!(UdpHdr, src);
+const DPORT: usize = offset_of!(UdpHdr, dst);
+const _: () = assert!(offset_of!(SctpHdr, src) == SPORT && offset_of!(SctpHdr, dst) == DPORT);
+const TCP_SPORT: usize = offset_of!(TcpHdr, source);
+const TCP_DPORT: usize = offset_of!(TcpHdr, dest);
+/// The TCP flags: the second byte of the 16 bits shared by data offset and flags.
+const TCP_FLAGS: usize = offset_of!(TcpHdr, _bitfield_1) + 1;
+/// ICMP and ICMPv6 share the layout read here: the type, and an echo's identifier.
+const ICMP_TYPE: usize = offset_of!(IcmpHdr, type_);
+const ICMP_ECHO_ID: usize = offset_of!(IcmpHdr, data) + offset_of!(IcmpEcho, id);
+const _: () = assert!(
+    offset_of!(IcmpV6Hdr, type_) == ICMP_TYPE
+        && offset_of!(IcmpV6Hdr, data) == offset_of!(IcmpHdr, data)
+);
 /// More extension headers than this and the packet is treated as malformed.
 const MAX_EXT_HEADERS: usize = 8;
 
@@ -118,7 +150,7 @@ fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
 
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Parsed, Malformed> {
-    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    let ethertype = load::<u16>(ctx, ETHER_TYPE)?;
     match ethertype {
         ETH_P_IP => parse_ipv4(ctx).map(Parsed::V4),
         ETH_P_IPV6 => parse_ipv6(ctx).map(Parsed::V6),
@@ -128,23 +160,24 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Malformed> {
 
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext) -> Result<Packet<V4>, Malformed> {
-    let version_ihl: u8 = load(ctx, ETH_HLEN)?;
+    let at = |field: usize| EthHdr::LEN + field;
+    let version_ihl: u8 = load(ctx, at(offset_of!(Ipv4Hdr, vihl)))?;
     if version_ihl >> 4 != 4 {
         return Err(Malformed);
     }
     let header_len = usize::from(version_ihl & 0x0f) * 4;
-    if header_len < 20 {
+    if header_len < Ipv4Hdr::LEN {
         return Err(Malformed);
     }
-    let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
+    let frag = u16::from_be(load::<u16>(ctx, at(offset_of!(Ipv4Hdr, frags)))?);
     let fragment_offset = frag & 0x1fff;
     // RFC 1858: a fragment at offset 8 bytes can only serve to overwrite TCP ports/flags.
     if fragment_offset == 1 {
         return Err(Malformed);
     }
-    let protocol: u8 = load(ctx, ETH_HLEN + 9)?;
-    let src: u32 = load(ctx, ETH_HLEN + 12)?;
-    let dst: u32 = load(ctx, ETH_HLEN + 16)?;
+    let protocol: u8 = load(ctx, at(offset_of!(Ipv4Hdr, proto)))?;
+    let src: u32 = load(ctx, at(offset_of!(Ipv4Hdr, src_addr)))?;
+    let dst: u32 = load(ctx, at(offset_of!(Ipv4Hdr, dst_addr)))?;
     let mut packet = Packet {
         src,
         dst,
@@ -156,21 +189,22 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Packet<V4>, Malformed> {
         later_fragment: fragment_offset != 0,
     };
     if !packet.later_fragment {
-        parse_transport(ctx, ETH_HLEN + header_len, &mut packet)?;
+        parse_transport(ctx, EthHdr::LEN + header_len, &mut packet)?;
     }
     Ok(packet)
 }
 
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext) -> Result<Packet<V6>, Malformed> {
-    let version: u8 = load(ctx, ETH_HLEN)?;
+    let at = |field: usize| EthHdr::LEN + field;
+    let version: u8 = load(ctx, at(offset_of!(Ipv6Hdr, vcf)))?;
     if version >> 4 != 6 {
         return Err(Malformed);
     }
-    let mut next: u8 = load(ctx, ETH_HLEN + 6)?;
-    let src: [u32; 4] = load(ctx, ETH_HLEN + 8)?;
-    let dst: [u32; 4] = load(ctx, ETH_HLEN + 24)?;
-    let mut offset = ETH_HLEN + IPV6_HLEN;
+    let mut next: u8 = load(ctx, IPV6_NEXT_HEADER)?;
+    let src: [u32; 4] = load(ctx, at(offset_of!(Ipv6Hdr, src_addr)))?;
+    let dst: [u32; 4] = load(ctx, at(offset_of!(Ipv6Hdr, dst_addr)))?;
+    let mut offset = EthHdr::LEN + Ipv6Hdr::LEN;
     let mut later_fragment = false;
     let mut done = false;
     for _ in 0..MAX_EXT_HEADERS {
@@ -228,23 +262,26 @@ fn parse_transport<F: Family>(
 ) -> Result<(), Malformed> {
     match packet.protocol {
         PROTO_TCP => {
-            let header: [u8; 14] = load(ctx, offset)?;
-            packet.sport = u16::from_be_bytes([header[0], header[1]]);
-            packet.dport = u16::from_be_bytes([header[2], header[3]]);
-            packet.tcp_flags = header[13];
+            // Up to the flags, in one read.
+            let header: [u8; TCP_FLAGS + 1] = load(ctx, offset)?;
+            packet.sport = u16::from_be_bytes([header[TCP_SPORT], header[TCP_SPORT + 1]]);
+            packet.dport = u16::from_be_bytes([header[TCP_DPORT], header[TCP_DPORT + 1]]);
+            packet.tcp_flags = header[TCP_FLAGS];
         }
         PROTO_UDP | PROTO_SCTP => {
-            let header: [u8; 4] = load(ctx, offset)?;
-            packet.sport = u16::from_be_bytes([header[0], header[1]]);
-            packet.dport = u16::from_be_bytes([header[2], header[3]]);
+            // Both ports, in one read.
+            let header: [u8; DPORT + 2] = load(ctx, offset)?;
+            packet.sport = u16::from_be_bytes([header[SPORT], header[SPORT + 1]]);
+            packet.dport = u16::from_be_bytes([header[DPORT], header[DPORT + 1]]);
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
-            let header: [u8; 8] = load(ctx, offset)?;
-            packet.icmp_type = header[0];
-            let id = u16::from_be_bytes([header[4], header[5]]);
+            let header: [u8; IcmpHdr::LEN] = load(ctx, offset)?;
+            let icmp_type = header[ICMP_TYPE];
+            packet.icmp_type = icmp_type;
+            let id = u16::from_be_bytes([header[ICMP_ECHO_ID], header[ICMP_ECHO_ID + 1]]);
             // Echo request and reply share the identifier: key the request as
             // (id -> 0) and the reply as (0 -> id) so conntrack sees one flow.
-            match (packet.protocol, header[0]) {
+            match (packet.protocol, icmp_type) {
                 (PROTO_ICMP, 8) | (PROTO_ICMPV6, 128) => packet.sport = id,
                 (PROTO_ICMP, 0) | (PROTO_ICMPV6, 129) => packet.dport = id,
                 _ => {}

@@ -2,7 +2,7 @@
 //! cluster, checked by the conformance cases (needs Docker, kind and kubectl; these
 //! machines have no Docker engine, so this never runs in CI here: the manifests are
 //! validated by netpol-agent/tests/kube_deploy.rs, the generated objects and probe
-//! commands by the unit tests of conformance/cluster.rs).
+//! commands by the unit tests of conformance/cluster/).
 //!
 //! 1. fails fast, naming every missing tool, unless docker (with an engine), kind and
 //!    kubectl answer;
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::conformance::{self, cluster};
+use crate::conformance::{self, cluster, cluster::command};
 use crate::{cargo, ui};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -53,7 +53,7 @@ fn strings(args: &[&str]) -> Vec<String> {
 }
 
 fn exec(program: &str, args: &[&str], timeout: Duration) -> Result<String> {
-    cluster::exec(program, &strings(args), None, timeout)
+    command::exec(program, &strings(args), None, timeout)
 }
 
 /// What the preflight found for one tool: `Ok(version)` or why it cannot be used.
@@ -63,7 +63,7 @@ pub type ToolCheck = (&'static str, Result<String, String>);
 /// engine to answer).
 pub fn check_tools() -> Vec<ToolCheck> {
     let ask = |program: &'static str, args: &[&str], missing: &str| -> ToolCheck {
-        let out = cluster::output(program, &strings(args), None, Duration::from_secs(30));
+        let out = command::output(program, &strings(args), None, Duration::from_secs(30));
         let result = match out {
             Err(_) => Err(missing.to_owned()),
             Ok(out) if out.success => Ok(out.stdout.trim().to_owned()),
@@ -171,7 +171,7 @@ fn run_e2e(options: &Options, files: &[PathBuf]) -> Result<()> {
     )?;
     ui::step("deploying deploy/netpol-agent.yaml");
     let context = format!("kind-{}", options.cluster);
-    let kubectl = cluster::Kubectl {
+    let kubectl = command::Kubectl {
         context: Some(context.clone()),
     };
     kubectl.run(&["apply", "-f", &deploy("netpol-agent.yaml")])?;
