@@ -27,14 +27,14 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use netpol_agent::compile::{
+use netpol_compile::{
     Allocations, Compiled, Diagnostic, Direction, key_net, model, reference, validate_policy,
 };
 use netpol_agent::observe::explain;
 use netpol_agent::observe::matrix::{self, Matrix, MatrixOptions, Style};
 use netpol_agent::observe::{PortProtocol, pod_addresses, served_ports};
 use netpol_agent::source::local::{LocalSource, Snapshot};
-use netpol_agent::state::{ClusterState, NodeContext, pod_ips};
+use netpol_compile::state::{ClusterState, NodeContext, pod_ips};
 use netpol_common::{
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY,
     IDENTITY_WORLD, PEER_HOST, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP,
@@ -84,7 +84,7 @@ fuzz_target!(|data: &[u8]| {
             .as_ref()
             .map(|c| c.allocations.clone())
             .unwrap_or_default();
-        let compiled = netpol_agent::compile::compile(&state, &allocations);
+        let compiled = netpol_compile::compile(&state, &allocations);
         check_maps(&state, &compiled);
         check_against_reference(&state, &compiled);
         check_explain(&state, &compiled);
@@ -192,7 +192,7 @@ fn check_maps(state: &ClusterState, compiled: &Compiled) {
         for ip in &local.ips {
             let info = compiled
                 .endpoints
-                .get(&netpol_agent::compile::addr(*ip))
+                .get(&netpol_compile::addr(*ip))
                 .unwrap_or_else(|| panic!("{} address {ip} not in ENDPOINTS", local.pod));
             assert_eq!(info.id, local.endpoint_id);
             assert_eq!(
@@ -244,7 +244,7 @@ fn check_maps(state: &ClusterState, compiled: &Compiled) {
     for (key, info) in &compiled.ipcache {
         let net = key_net(key).unwrap_or_else(|| panic!("IPCACHE key is no prefix: {key:?}"));
         assert_eq!(
-            netpol_agent::compile::net_key(&net),
+            netpol_compile::net_key(&net),
             *key,
             "IPCACHE key not masked"
         );
@@ -266,7 +266,7 @@ fn check_maps(state: &ClusterState, compiled: &Compiled) {
         let _ = compiled.members(state, *id);
     }
     for ip in &state.node.ips {
-        let info = compiled.ipcache.get(&netpol_agent::compile::host_key(*ip));
+        let info = compiled.ipcache.get(&netpol_compile::host_key(*ip));
         assert!(
             info.is_some_and(|i| i.flags & PEER_HOST != 0),
             "node address {ip} without PEER_HOST: {info:?}"
@@ -282,7 +282,7 @@ fn check_maps(state: &ClusterState, compiled: &Compiled) {
             key.prefix_len
         );
         assert_eq!(
-            netpol_agent::compile::Lpm::new(key.prefix_len, *k),
+            netpol_compile::Lpm::new(key.prefix_len, *k),
             *key,
             "POLICY key not masked"
         );
@@ -483,14 +483,14 @@ fn check_matrix(state: &ClusterState, compiled: &Compiled) {
 /// Compiling the same state again with the allocations it produced changes nothing
 /// (the agent then writes nothing to the kernel).
 fn check_recompile(state: &ClusterState, compiled: &Compiled) {
-    let again = netpol_agent::compile::compile(state, &compiled.allocations);
+    let again = netpol_compile::compile(state, &compiled.allocations);
     assert_eq!(again.endpoints, compiled.endpoints, "ENDPOINTS changed");
     assert_eq!(again.ipcache, compiled.ipcache, "IPCACHE changed");
     assert_eq!(again.policy, compiled.policy, "POLICY changed");
     assert_eq!(again.rules, compiled.rules, "rule table changed");
     assert_eq!(again.local_pods, compiled.local_pods);
     assert_eq!(again.diagnostics, compiled.diagnostics);
-    let fresh = netpol_agent::compile::compile(state, &Allocations::default());
+    let fresh = netpol_compile::compile(state, &Allocations::default());
     assert_eq!(fresh.diagnostics, compiled.diagnostics);
     assert_eq!(fresh.endpoints.len(), compiled.endpoints.len());
     assert_eq!(fresh.rules.len(), compiled.rules.len());

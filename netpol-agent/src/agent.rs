@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-use crate::compile::{self, Allocations, Compiled, Diagnostic};
 use crate::datapath::{self, Capacities, Datapath, interfaces};
 use crate::flowlog::{self, Resolver, SharedResolver};
 use crate::health::Health;
 use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::local::{Fingerprint, LocalSource};
-use crate::state::{ClusterState, NodeContext};
+use netpol_compile::state::{ClusterState, NodeContext};
+use netpol_compile::{Compiled, Compiler, Diagnostic};
 
 /// Errors that stop the agent. Each variant is one metric label.
 #[derive(Debug, thiserror::Error)]
@@ -334,7 +334,7 @@ async fn reconcile_loop<S: Source>(
 ) -> Result<(), Error> {
     tokio::pin!(shutdown);
     let mut state = ClusterState::default();
-    let mut allocations = Allocations::default();
+    let mut compiler = Compiler::new();
     let mut compiled = Compiled::default();
     // Nothing reaches the kernel before the source's first complete state: until then
     // `compiled` is empty and applying it would clear maps adopted from a previous agent.
@@ -382,8 +382,7 @@ async fn reconcile_loop<S: Source>(
             let update = source.snapshot(&mut state)?;
             state.audit_all = config.audit;
             let mut diagnostics = update.diagnostics;
-            compiled = compile::compile(&state, &allocations);
-            allocations = compiled.allocations.clone();
+            compiled = compiler.compile(&state);
             diagnostics.extend(compiled.diagnostics.iter().cloned());
             let mut messages = BTreeSet::new();
             let mut new = Vec::new();

@@ -1,10 +1,10 @@
 //! netpol agent library: everything the `netpol-agent` binary does, testable.
 //!
 //! Data flows one way (see docs/ARCHITECTURE.md):
-//! [`source`] → [`state`] → [`compile`] (pure) → [`datapath`] (kernel).
+//! [`source`] → [`netpol_compile::state`] → [`netpol_compile`] (pure, its own crate) →
+//! [`datapath`] (kernel).
 
 pub mod agent;
-pub mod compile;
 pub mod datapath;
 pub mod flowlog;
 pub mod health;
@@ -12,4 +12,3 @@ pub mod metrics;
 pub mod observe;
 pub mod privileges;
 pub mod source;
-pub mod state;

@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use netpol_agent::agent;
-use netpol_agent::compile::{Allocations, Compiled, compile};
 use netpol_agent::datapath::Capacities;
 use netpol_agent::health::Health;
 use netpol_agent::observe::PortProtocol;
@@ -16,6 +15,7 @@ use netpol_agent::observe::explain::explain_between;
 use netpol_agent::observe::load::{Loaded, Overlay, load_manifests};
 use netpol_agent::observe::matrix::{self, Matrix, MatrixOptions, Style};
 use netpol_agent::source::kube::Settings;
+use netpol_compile::{Allocations, Compiled, compile};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -403,9 +403,7 @@ fn preview(args: &PreviewArgs) -> anyhow::Result<(Loaded, Compiled)> {
     Ok((loaded, compiled))
 }
 
-fn report_diagnostics<'a>(
-    diagnostics: impl IntoIterator<Item = &'a netpol_agent::compile::Diagnostic>,
-) {
+fn report_diagnostics<'a>(diagnostics: impl IntoIterator<Item = &'a netpol_compile::Diagnostic>) {
     for d in diagnostics {
         eprintln!("warning: {d}");
     }

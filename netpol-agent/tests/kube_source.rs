@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use apiserver::ApiServer;
 use netpol_agent::source::kube::{KubeSource, Settings};
-use netpol_agent::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{ClusterState, ObjectRef};
 use serde_json::{Value, json};
 
 const NODE: &str = "node-1";

@@ -33,10 +33,10 @@ use netpol_common::{
 };
 use tracing::{debug, info, warn};
 
-use crate::compile::{Compiled, LocalPod};
 pub use fit::Refusal;
 pub use maps::SyncStats;
 use maps::{EndpointsMap, IpcacheMap, PolicyMap, Synced};
+use netpol_compile::{Compiled, LocalPod};
 
 /// The programs, built by `build.rs` from `netpol-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netpol"));
@@ -202,7 +202,7 @@ pub struct Datapath {
     rule_counters: PerCpuArray<MapData, Counter>,
     /// The rule each id of RULE_COUNTERS counts for; an id given to another rule starts
     /// again from zero.
-    counted_rules: BTreeMap<u32, crate::compile::RuleRef>,
+    counted_rules: BTreeMap<u32, netpol_compile::RuleRef>,
     event_budget: PerCpuArray<MapData, EventBudget>,
     /// Taken by [`Datapath::take_events`].
     events: Option<RingBuf<MapData>>,

@@ -24,8 +24,8 @@ use serde::Serialize;
 
 use super::text::{self, as_display};
 use super::{ObserveError, PodAddresses, PortProtocol, SkippedPod, pod_addresses};
-use crate::compile::{Compiled, Direction, RuleRef, model};
-use crate::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::{Compiled, Direction, RuleRef, model};
 
 /// One end of a flow.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -800,8 +800,8 @@ impl std::fmt::Display for Mismatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::{Allocations, compile, reference};
     use crate::observe::fixtures::{self, STARS};
+    use netpol_compile::{Allocations, compile, reference};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

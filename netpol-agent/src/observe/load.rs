@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::ObserveError;
-use crate::compile::{Diagnostic, validate_policy};
 use crate::source::local::LocalSource;
 use crate::source::manifest::{self, Object};
-use crate::state::{ClusterState, NodeContext, ObjectRef};
+use netpol_compile::state::{ClusterState, NodeContext, ObjectRef};
+use netpol_compile::{Diagnostic, validate_policy};
 
 /// A cluster state read from manifests, and the problems found on the way.
 #[derive(Clone, Debug, Default)]

@@ -49,8 +49,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::compile::{Diagnostic, validate_policy};
-use crate::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::{Diagnostic, validate_policy};
 
 /// Errors of the Kubernetes source. Each variant is one metric label ([`Error::kind`]).
 #[derive(Debug, thiserror::Error)]

@@ -16,8 +16,8 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::manifest::{self, Object};
-use crate::compile::{Diagnostic, validate_policy};
-use crate::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::{Diagnostic, validate_policy};
 
 /// Identity of a file's contents for change detection.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]

@@ -11,7 +11,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::compile::Diagnostic;
+use netpol_compile::Diagnostic;
 
 /// One object of a manifest.
 #[derive(Clone, Debug)]
@@ -25,8 +25,8 @@ impl Object {
     /// Adds (or replaces) the object in `state`, as is, under its namespace and name
     /// (`default` when the namespace is missing). Validation is the caller's business:
     /// local mode checks policies first; tests and tools insert fixtures directly.
-    pub fn insert_into(self, state: &mut crate::state::ClusterState) {
-        use crate::state::ObjectRef;
+    pub fn insert_into(self, state: &mut netpol_compile::state::ClusterState) {
+        use netpol_compile::state::ObjectRef;
         let key = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
             ObjectRef::new(
                 meta.namespace.clone().unwrap_or_else(|| "default".into()),

@@ -5,8 +5,9 @@
 //! ports and policyTypes variants) and random flows, including non-pod addresses and
 //! the node's own address. Every verdict of the kernel model over the compiled maps must
 //! equal the reference verdict, and the rule the model reports must be one the
-//! reference says allows the flow. [`kernel`] puts a sample of the same cases through
-//! the real programs (BPF_PROG_TEST_RUN, root only).
+//! reference says allows the flow. The agent's `tests/differential_kernel.rs` puts a
+//! sample of the same cases ([`case`], [`sweep`]; feature `testing`) through the real
+//! programs (BPF_PROG_TEST_RUN, root only).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -18,10 +19,8 @@ use serde_json::{Value, json};
 
 use super::reference::{self, Verdict};
 use super::testutil::{Cluster, labels};
-use super::{Allocations, Compiled, Direction, compile, model};
+use super::{Allocations, Compiled, Compiler, Direction, compile, model};
 use crate::state::ClusterState;
-
-mod kernel;
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const NODE_IP: &str = "10.0.2.254";
@@ -250,10 +249,12 @@ fn policy_spec() -> impl Strategy<Value = (usize, Value)> {
         })
 }
 
+/// A random cluster and the addresses worth asking about (its pods', the node's and
+/// some that are never pods').
 #[derive(Clone, Debug)]
-struct Scenario {
-    state: ClusterState,
-    addresses: Vec<IpAddr>,
+pub struct Scenario {
+    pub state: ClusterState,
+    pub addresses: Vec<IpAddr>,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -347,10 +348,10 @@ fn check(
 
 /// What [`compiled_maps_agree_with_reference`] asks about one cluster: 16 random flows
 /// (indices into the addresses) and 3 probes for the endpoint sweep ([`sweep`]). The
-/// kernel sample ([`kernel`]) draws from the same strategy.
-type Case = (Scenario, Vec<(usize, usize, (u8, u16))>, Vec<(u8, u16)>);
+/// kernel sample (the agent's `tests/differential_kernel.rs`) draws from the same strategy.
+pub type Case = (Scenario, Vec<(usize, usize, (u8, u16))>, Vec<(u8, u16)>);
 
-fn case() -> impl Strategy<Value = Case> {
+pub fn case() -> impl Strategy<Value = Case> {
     scenario().prop_flat_map(|s| {
         let n = s.addresses.len();
         (
@@ -363,7 +364,7 @@ fn case() -> impl Strategy<Value = Case> {
 
 /// Every endpoint (an address `is_endpoint` accepts) against every address, both ways,
 /// the probes taken in turn: `(src, dst, protocol, port)`.
-fn sweep(
+pub fn sweep(
     addresses: &[IpAddr],
     probes: &[(u8, u16)],
     is_endpoint: impl Fn(IpAddr) -> bool,
@@ -550,7 +551,7 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
 
-    /// A chain of small changes compiled with the memo the allocations carry gives, at
+    /// A chain of small changes compiled by one [`Compiler`] (with its memo) gives, at
     /// every step, exactly what compiling the same state from scratch (same numbers, no
     /// memo) gives; and the maps still agree with the reference.
     #[test]
@@ -561,11 +562,12 @@ proptest! {
         })
     ) {
         let mut state = s.state.clone();
-        let mut warm = compile(&state, &Allocations::default());
+        let mut compiler = Compiler::default();
+        let mut warm = compiler.compile(&state);
         for (step, change) in changes.iter().enumerate() {
             apply(&mut state, change, step);
-            let cold = compile(&state, &warm.allocations.without_cache());
-            let next = compile(&state, &warm.allocations);
+            let cold = compile(&state, &warm.allocations);
+            let next = compiler.compile(&state);
             prop_assert_eq!(&next, &cold, "after {:?}", change);
             warm = next;
             let reference = reference::Reference::new(&state);

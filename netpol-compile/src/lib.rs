@@ -1,7 +1,11 @@
-//! The compiler: a pure function from [`ClusterState`] to the desired BPF map contents.
+//! The pure core of netpol: the cluster state ([`state`]), the compiler from
+//! [`ClusterState`] to the desired BPF map contents, its model of the kernel lookup
+//! ([`model`]), the reference evaluator ([`reference`]) and diagnostics.
 //!
-//! No I/O happens here: [`compile`] reads the typed Kubernetes objects and returns
-//! [`Compiled`], which `datapath/` diffs against the kernel. Semantics are exactly those
+//! No I/O happens here, and Cargo enforces it: this crate depends on no aya, no kube
+//! client and no tokio. A [`Compiler`] (or the cold [`compile`]) reads the typed
+//! Kubernetes objects and returns [`Compiled`], which the agent's `datapath/` diffs
+//! against the kernel. Semantics are exactly those
 //! of `networking.k8s.io/v1` NetworkPolicy:
 //!
 //! - A pod is isolated in a direction when some valid policy of its namespace selects it
@@ -24,6 +28,8 @@
 
 mod cache;
 mod compiler;
+#[cfg(any(test, feature = "testing"))]
+pub mod differential;
 mod identity;
 mod lpm;
 pub mod model;
@@ -31,11 +37,9 @@ mod policy;
 mod ports;
 pub mod reference;
 mod selector;
-
-#[cfg(test)]
-mod differential;
-#[cfg(test)]
-mod testutil;
+pub mod state;
+#[cfg(any(test, feature = "testing"))]
+pub mod testutil;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -46,7 +50,7 @@ use netpol_common::{
 
 use crate::state::{ClusterState, ObjectRef};
 
-pub use compiler::compile;
+pub use compiler::{Compiler, compile};
 pub use identity::{Allocations, IdentitySignature, NamedPortResolution};
 pub use lpm::{Lpm, LpmData, addr, host_key, key_net, net_key};
 pub use policy::{FieldError, validate_policy};

@@ -16,13 +16,13 @@
 //!
 //! The cache never decides anything: a compile with it gives exactly the result of a
 //! compile without it (`cache_never_changes_results` checks chains of random changes).
-//! It travels inside [`Allocations`](super::Allocations) behind a shared handle, so the
-//! `compile(&state, &previous.allocations)` loop gets it without further plumbing.
+//! It lives in the [`Compiler`](super::Compiler) next to the allocations, owned by the
+//! caller (the agent's loop, a benchmark); the cold [`compile`](super::compile) starts
+//! from an empty one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
@@ -155,44 +155,6 @@ impl BitSet {
         while self.words.last() == Some(&0) {
             self.words.pop();
         }
-    }
-}
-
-/// Shared handle to a [`CompileCache`]; clones share it. Invisible to equality and
-/// `Debug`, since it never changes a result.
-#[derive(Clone, Default)]
-pub(crate) struct CacheHandle(Arc<Mutex<Option<Box<CompileCache>>>>);
-
-impl CacheHandle {
-    /// The cache, taken out of the handle for one compile (a fresh one when the handle is
-    /// empty or another compile holds it); give it back with [`CacheHandle::put`].
-    pub fn take(&self) -> Box<CompileCache> {
-        let slot = match self.0.try_lock() {
-            Ok(slot) => Some(slot),
-            // The lock is never held across a compile, so nothing half-done can sit in
-            // a poisoned slot; and a panicking compile never gives its cache back.
-            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        };
-        slot.and_then(|mut slot| slot.take()).unwrap_or_default()
-    }
-
-    pub fn put(&self, cache: Box<CompileCache>) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(cache);
-    }
-}
-
-impl PartialEq for CacheHandle {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for CacheHandle {}
-
-impl std::fmt::Debug for CacheHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CacheHandle")
     }
 }
 
