@@ -25,9 +25,9 @@ use crate::datapath::{self, Capacities, Datapath, interfaces};
 use crate::flowlog::{self, Resolver, SharedResolver};
 use crate::health::Health;
 use crate::source::kube::{self as kube_source, KubeSource};
-use crate::source::local::{Fingerprint, LocalSource};
+use crate::source::local::{Fingerprint, ManifestDir};
 use netpol_compile::state::{ClusterState, NodeContext};
-use netpol_compile::{Compiled, Compiler, Diagnostic};
+use netpol_compile::{Compiled, Compiler, Diagnostic, Kind, ObjectName, Subject};
 
 /// Errors that stop the agent. Each variant is one metric label.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +89,8 @@ pub struct Status {
 /// What changed in the cluster, as a source reports it.
 #[derive(Debug, Default)]
 pub struct Update {
+    /// Problems only the source can see (local mode: unreadable files and documents,
+    /// missing names, duplicates); the compiler reports the rest.
     pub diagnostics: Vec<Diagnostic>,
     /// The generation to report once this state is in the kernel; `None`: unchanged.
     pub generation: Option<u64>,
@@ -104,13 +106,54 @@ pub trait Source {
     /// Fills `state` (objects and node context).
     fn snapshot(&mut self, state: &mut ClusterState) -> Result<Update, Error>;
 
-    /// Diagnostics that appeared with the last snapshot (already logged by the loop).
+    /// Publishes diagnostics that appeared with the last snapshot and compile, or with
+    /// the last apply (already logged, see [`Reporter`]), where the source has a channel
+    /// for them (Kubernetes Events).
     fn report(&mut self, _new: &[Diagnostic]) {}
+}
+
+/// The one place diagnostics of the source and the compiler leave the agent: each
+/// distinct one is logged once while it lasts and handed to [`Source::report`] (Events
+/// in Kubernetes mode); their number is the `invalid_objects` metric and the status
+/// file's `invalid`.
+#[derive(Default)]
+struct Reporter {
+    /// The messages of the current diagnostics.
+    current: BTreeSet<String>,
+}
+
+impl Reporter {
+    /// Publishes `diagnostics` (those of one snapshot and its compile); returns how many
+    /// distinct ones there are.
+    fn publish<'a, S: Source>(
+        &mut self,
+        diagnostics: impl IntoIterator<Item = &'a Diagnostic>,
+        source: &mut S,
+        health: &Health,
+    ) -> usize {
+        let mut messages = BTreeSet::new();
+        let mut new = Vec::new();
+        for diagnostic in diagnostics {
+            let message = diagnostic.to_string();
+            if !self.current.contains(&message) && !messages.contains(&message) {
+                warn!("invalid object: {message}");
+                new.push(diagnostic.clone());
+            }
+            messages.insert(message);
+        }
+        source.report(&new);
+        self.current = messages;
+        health
+            .metrics
+            .invalid_objects
+            .set(self.current.len() as i64);
+        self.current.len()
+    }
 }
 
 /// Local mode: the manifest directory, polled.
 pub struct LocalManifests {
-    source: LocalSource,
+    source: ManifestDir,
     node_name: Option<String>,
     ticker: tokio::time::Interval,
     fingerprint: Option<Fingerprint>,
@@ -122,7 +165,7 @@ impl LocalManifests {
         let mut ticker = tokio::time::interval(poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         LocalManifests {
-            source: LocalSource::new(dir),
+            source: ManifestDir::new(dir),
             node_name,
             ticker,
             fingerprint: None,
@@ -198,7 +241,7 @@ impl Source for KubeWatch {
             ips,
         };
         Ok(Update {
-            diagnostics: snapshot.diagnostics,
+            diagnostics: Vec::new(),
             generation: snapshot.generation,
         })
     }
@@ -340,7 +383,7 @@ async fn reconcile_loop<S: Source>(
     // `compiled` is empty and applying it would clear maps adopted from a previous agent.
     let mut primed = false;
     let mut generation = 0;
-    let mut reported: BTreeSet<String> = BTreeSet::new();
+    let mut reporter = Reporter::default();
     let mut last_resync = Instant::now();
     let mut status = Status::default();
     let mut apply_failed = false;
@@ -381,23 +424,10 @@ async fn reconcile_loop<S: Source>(
             let started = Instant::now();
             let update = source.snapshot(&mut state)?;
             state.audit_all = config.audit;
-            let mut diagnostics = update.diagnostics;
             compiled = compiler.compile(&state);
-            diagnostics.extend(compiled.diagnostics.iter().cloned());
-            let mut messages = BTreeSet::new();
-            let mut new = Vec::new();
-            for diagnostic in diagnostics {
-                let message = diagnostic.to_string();
-                if !reported.contains(&message) && !messages.contains(&message) {
-                    warn!("invalid object: {message}");
-                    new.push(diagnostic);
-                }
-                messages.insert(message);
-            }
-            source.report(&new);
-            reported = messages;
+            let diagnostics = update.diagnostics.iter().chain(&compiled.diagnostics);
+            let invalid = reporter.publish(diagnostics, source, health);
             generation = update.generation.unwrap_or(generation);
-            health.metrics.invalid_objects.set(reported.len() as i64);
             let Some(report) = apply(datapath, &compiled, health) else {
                 apply_failed = true;
                 continue;
@@ -417,9 +447,9 @@ async fn reconcile_loop<S: Source>(
             info!(
                 generation,
                 pods = state.pods.len(),
-                policies = state.policies.len(),
+                policies = compiled.policies.len(),
                 endpoints = compiled.local_pods.len(),
-                invalid = reported.len(),
+                invalid,
                 map_writes = report.maps.writes(),
                 attached = report.attached.len(),
                 detached = report.detached.len(),
@@ -429,8 +459,8 @@ async fn reconcile_loop<S: Source>(
             status = Status {
                 generation,
                 endpoints: compiled.local_pods.len(),
-                policies: state.policies.len(),
-                invalid: reported.len(),
+                policies: compiled.policies.len(),
+                invalid,
                 attached: datapath.attached().count(),
                 pending: report.pending,
             };
@@ -552,45 +582,47 @@ impl Refusals {
 pub fn refusal_diagnostics(refused: &[datapath::Refusal], compiled: &Compiled) -> Vec<Diagnostic> {
     use datapath::Refusal;
     let pod = |id: u32| {
-        compiled
+        let name = compiled
             .local_pods
             .iter()
             .find(|pod| pod.endpoint_id == id)
-            .map_or_else(
-                || format!("Pod (endpoint {id})"),
-                |pod| format!("Pod {}", pod.pod),
-            )
+            .map_or(ObjectName::Endpoint(id), |pod| {
+                ObjectName::Namespaced(pod.pod.clone())
+            });
+        Subject::Object {
+            kind: Kind::Pod,
+            name,
+        }
     };
     refused
         .iter()
         .map(|refusal| match refusal {
-            Refusal::Endpoint { id, capacity } => Diagnostic {
-                object: pod(*id),
-                field: String::new(),
-                message: format!(
+            Refusal::Endpoint { id, capacity } => Diagnostic::new(
+                pod(*id),
+                "",
+                format!(
                     "not programmed: ENDPOINTS is full (capacity {capacity}); its traffic is \
                      dropped until there is room"
                 ),
-            },
-            Refusal::Policy { id, capacity } => Diagnostic {
-                object: pod(*id),
-                field: String::new(),
-                message: format!(
+            ),
+            Refusal::Policy { id, capacity } => Diagnostic::new(
+                pod(*id),
+                "",
+                format!(
                     "policy change not applied: POLICY is full (capacity {capacity}); only \
                      what both the old and the new policy allow is allowed"
                 ),
-            },
-            Refusal::Peer { addr, capacity } => Diagnostic {
-                object: format!(
-                    "address {}",
-                    flowlog::ip_of(addr).map_or_else(|| "?".into(), |ip| ip.to_string())
+            ),
+            Refusal::Peer { addr, capacity } => Diagnostic::new(
+                Subject::Address(
+                    flowlog::ip_of(addr).map_or_else(|| "?".into(), |ip| ip.to_string()),
                 ),
-                field: String::new(),
-                message: format!(
+                "",
+                format!(
                     "not in IPCACHE (full, capacity {capacity}): treated as its enclosing \
                      ipBlock, so fewer rules match it"
                 ),
-            },
+            ),
         })
         .collect()
 }

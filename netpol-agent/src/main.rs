@@ -15,7 +15,7 @@ use netpol_agent::observe::explain::explain_between;
 use netpol_agent::observe::load::{Loaded, Overlay, load_manifests};
 use netpol_agent::observe::matrix::{self, Matrix, MatrixOptions, Style};
 use netpol_agent::source::kube::Settings;
-use netpol_compile::{Allocations, Compiled, compile};
+use netpol_compile::{Allocations, Compiled, Kind, compile};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -423,7 +423,11 @@ fn matrix_command(args: &MatrixArgs) -> anyhow::Result<()> {
         report_diagnostics(&overlay.diagnostics);
         let state = overlay.apply_to(&loaded.state);
         let after_compiled = compile(&state, &compiled.allocations);
-        report_diagnostics(&after_compiled.diagnostics);
+        // Invalid policies of the directory were reported with the first compile.
+        report_diagnostics(after_compiled.diagnostics.iter().filter(|d| {
+            !(matches!(d.object(), Some((Kind::NetworkPolicy, _)))
+                && compiled.diagnostics.contains(d))
+        }));
         let after = Matrix::new(&state, &after_compiled, &options);
         diff = Some(matrix::diff(&before, &after));
         shown = after;

@@ -1,9 +1,9 @@
 //! A sample of the differential cases through the real programs (BPF_PROG_TEST_RUN).
 //!
 //! Clusters come from the same strategy as netpol-compile's
-//! `compiled_maps_agree_with_reference` ([`differential::case`], feature `testing`), and
+//! `compiled_maps_agree_with_reference` ([`case`], feature `testing`), and
 //! each asks the same questions: its 16 random flows and the sweep of every local
-//! endpoint against every address ([`differential::sweep`]), each in both
+//! endpoint against every address ([`sweep`]), each in both
 //! directions. One [`Datapath`] serves the whole run and is re-synced per case, so
 //! `sync_maps` applies only the difference from the previous cluster (with allocations
 //! carried over, as the agent does). Per case:
@@ -63,7 +63,7 @@ use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 use netpol_agent::datapath::maps::KernelMap;
 use netpol_agent::datapath::packet::{Frame, Transport};
 use netpol_agent::datapath::{Capacities, Datapath, HookKind, chain};
-use netpol_compile::differential::{self, Case, Scenario, case, sweep};
+use netpol_compile::differential::{Case, Scenario, case, sweep};
 use netpol_compile::reference::{Reference, Verdict};
 use netpol_compile::{Compiled, Compiler, Direction, addr, model, protocol_name};
 

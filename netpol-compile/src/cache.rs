@@ -23,10 +23,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
 use crate::state::ObjectRef;
@@ -253,28 +254,25 @@ fn next_entry<T>(
 /// A policy and the result of parsing it.
 pub(crate) struct PolicyEntry {
     pub obj: ObjectRef,
-    name: Option<String>,
-    namespace: Option<String>,
-    spec: Option<NetworkPolicySpec>,
-    pub parsed: Result<ParsedPolicy, Vec<FieldError>>,
+    /// The object as parsed.
+    pub policy: Arc<NetworkPolicy>,
+    pub parsed: Result<Arc<ParsedPolicy>, Vec<FieldError>>,
 }
 
 impl PolicyEntry {
     fn new(obj: &ObjectRef, np: &NetworkPolicy) -> Self {
         PolicyEntry {
             obj: obj.clone(),
-            name: np.metadata.name.clone(),
-            namespace: np.metadata.namespace.clone(),
-            spec: np.spec.clone(),
-            parsed: parse_policy(np),
+            policy: Arc::new(np.clone()),
+            parsed: parse_policy(np).map(Arc::new),
         }
     }
 
     /// Whether `np` holds what the entry was parsed from (all `parse_policy` reads).
     fn matches(&self, np: &NetworkPolicy) -> bool {
-        self.name == np.metadata.name
-            && self.namespace == np.metadata.namespace
-            && self.spec == np.spec
+        self.policy.metadata.name == np.metadata.name
+            && self.policy.metadata.namespace == np.metadata.namespace
+            && self.policy.spec == np.spec
     }
 }
 

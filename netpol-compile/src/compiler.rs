@@ -1,6 +1,7 @@
 //! [`Compiler`]: the steps from cluster state to map contents, one function each.
 //!
-//! 1. [`valid_policies`]: validate and normalise every policy.
+//! 1. [`policies_in_force`]: validate and normalise every policy that changed (in the
+//!    memo), and admit the valid ones or the last valid versions (`admission.rs`).
 //! 2. [`select_endpoints`]: collect live pods (not Succeeded/Failed, not hostNetwork,
 //!    with an IP; `pods.rs`) and pick the local ones as endpoints; find the policies
 //!    selecting each endpoint.
@@ -33,23 +34,27 @@ use self::classify::{Classes, classify};
 use self::emit::RuleContext;
 use self::memo::MemoContext;
 use self::pods::{PodView, audited_namespace, live_pods, namespace_labels};
-use crate::cache::{CompileCache, PeerSlots, PodEntry, PolicyEntry};
+use crate::admission::Admission;
+use crate::cache::{CompileCache, PeerSlots, PodEntry};
 use crate::identity::{Allocations, IdentityClasses, IdentitySignature, NamedPortResolution};
 use crate::lpm::Lpm;
 use crate::policy::{ParsedPolicy, ParsedRule, PortMatch};
 use crate::state::{ClusterState, ObjectRef};
-use crate::{Compiled, Diagnostic, Direction, IdentityInfo, LocalPod, RuleRef};
+use crate::{Compiled, Direction, IdentityInfo, LocalPod, RuleRef};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 pub(crate) use self::pods::is_live_pod_network;
 
 /// The compiler and what it keeps from one compile to the next: the numbers it handed
 /// out ([`Allocations`]: endpoint ids, rule ids and identity numbers stay stable while
-/// what they stand for exists) and a memo of per-object work that makes the compile
-/// after a small change fast (it never changes a result). Owned by the caller: the
-/// agent's loop keeps one for its lifetime.
+/// what they stand for exists), the last valid version of each policy (admission, see
+/// the crate documentation), and a memo of per-object work that makes the compile after
+/// a small change fast (it never changes a result). Owned by the caller: the agent's
+/// loop keeps one for its lifetime.
 #[derive(Default)]
 pub struct Compiler {
     allocations: Allocations,
+    admission: Admission,
     cache: CompileCache,
 }
 
@@ -61,7 +66,12 @@ impl Compiler {
     /// Compiles `state` into desired map contents, keeping the numbers of the previous
     /// compile where they still apply.
     pub fn compile(&mut self, state: &ClusterState) -> Compiled {
-        let compiled = compile_with(state, &self.allocations, &mut self.cache);
+        let compiled = compile_with(
+            state,
+            &self.allocations,
+            &mut self.admission,
+            &mut self.cache,
+        );
         self.allocations = compiled.allocations.clone();
         compiled
     }
@@ -70,16 +80,42 @@ impl Compiler {
     pub fn allocations(&self) -> &Allocations {
         &self.allocations
     }
+
+    /// The version of a policy in force after the last compile: the current one when
+    /// valid, else the last valid one.
+    pub fn policy(&self, obj: &ObjectRef) -> Option<&NetworkPolicy> {
+        self.admission.admitted().get(obj).map(|a| &*a.policy)
+    }
+
+    /// The same compiler with an empty memo: its next compile does all the work.
+    #[cfg(test)]
+    pub(crate) fn without_memo(&self) -> Compiler {
+        Compiler {
+            allocations: self.allocations.clone(),
+            admission: self.admission.clone(),
+            cache: CompileCache::default(),
+        }
+    }
 }
 
-/// Compiles `state` from scratch (no memo), keeping the numbers of `prev` (the previous
-/// result's [`Compiled::allocations`], or the default) where they still apply. The same
-/// result as a [`Compiler`] holding `prev` gives.
+/// Compiles `state` from scratch (no memo, no earlier versions of policies), keeping
+/// the numbers of `prev` (the previous result's [`Compiled::allocations`], or the
+/// default) where they still apply.
 pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
-    compile_with(state, prev, &mut CompileCache::default())
+    compile_with(
+        state,
+        prev,
+        &mut Admission::default(),
+        &mut CompileCache::default(),
+    )
 }
 
-fn compile_with(state: &ClusterState, prev: &Allocations, cache: &mut CompileCache) -> Compiled {
+fn compile_with(
+    state: &ClusterState,
+    prev: &Allocations,
+    admission: &mut Admission,
+    cache: &mut CompileCache,
+) -> Compiled {
     let now = cache.begin();
     cache.sync_policies(&state.policies);
     cache.sync_pods(&state.pods);
@@ -94,7 +130,8 @@ fn compile_with(state: &ClusterState, prev: &Allocations, cache: &mut CompileCac
     } = cache;
     let mut diagnostics = Vec::new();
 
-    let policies = valid_policies(policy_entries, &mut diagnostics);
+    admission.update(policy_entries, &state.unreadable_policies, &mut diagnostics);
+    let policies = policies_in_force(admission);
     let pods = live_pods(state, pod_entries, &mut diagnostics);
     let endpoints = select_endpoints(&pods, &policies);
     let egress_named_ports = peers_in_force(&endpoints, &policies, peers);
@@ -168,12 +205,13 @@ fn compile_with(state: &ClusterState, prev: &Allocations, cache: &mut CompileCac
         local_pods,
         rules,
         identities,
+        policies: policies.list.iter().map(|&(obj, _)| obj.clone()).collect(),
         diagnostics,
         allocations,
     }
 }
 
-/// The valid policies, in state order, and which of them live in each namespace.
+/// The policies in force, in order, and which of them live in each namespace.
 struct Policies<'a> {
     list: Vec<(&'a ObjectRef, &'a ParsedPolicy)>,
     by_namespace: HashMap<&'a str, Vec<usize>>,
@@ -199,22 +237,13 @@ impl<'a> Policies<'a> {
     }
 }
 
-/// Step 1: the valid policies; each invalid one is reported, field by field.
-fn valid_policies<'a>(
-    entries: &'a [PolicyEntry],
-    diagnostics: &mut Vec<Diagnostic>,
-) -> Policies<'a> {
-    let mut list: Vec<(&ObjectRef, &ParsedPolicy)> = Vec::new();
-    for entry in entries {
-        match &entry.parsed {
-            Ok(parsed) => list.push((&entry.obj, parsed)),
-            Err(errors) => diagnostics.extend(errors.iter().map(|e| Diagnostic {
-                object: format!("NetworkPolicy {}", entry.obj),
-                field: e.field.clone(),
-                message: e.message.clone(),
-            })),
-        }
-    }
+/// Step 1: the policies in force (admitted by `admission` for this compile).
+fn policies_in_force(admission: &Admission) -> Policies<'_> {
+    let list: Vec<(&ObjectRef, &ParsedPolicy)> = admission
+        .admitted()
+        .iter()
+        .map(|(obj, admitted)| (obj, &*admitted.parsed))
+        .collect();
     let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, (_, policy)) in list.iter().enumerate() {
         by_namespace.entry(&policy.namespace).or_default().push(i);

@@ -9,6 +9,7 @@
 //! sample of the same cases ([`case`], [`sweep`]; feature `testing`) through the real
 //! programs (BPF_PROG_TEST_RUN, root only).
 
+#[cfg(test)]
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
@@ -19,7 +20,9 @@ use serde_json::{Value, json};
 
 use super::reference::{self, Verdict};
 use super::testutil::{Cluster, labels};
-use super::{Allocations, Compiled, Compiler, Direction, compile, model};
+#[cfg(test)]
+use super::{Allocations, Compiler, compile};
+use super::{Compiled, Direction, model};
 use crate::state::ClusterState;
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
@@ -310,6 +313,7 @@ fn flow(n_addresses: usize) -> impl Strategy<Value = (usize, usize, (u8, u16))> 
     (0..n_addresses, 0..n_addresses, probe())
 }
 
+#[cfg(test)]
 fn check(
     reference: &reference::Reference,
     compiled: &Compiled,
@@ -445,6 +449,7 @@ proptest! {
 }
 
 /// One small change to a state, as the agent sees them one by one.
+#[cfg(test)]
 #[derive(Clone, Debug)]
 enum Change {
     /// Set (or remove, with `None`) a label of the n-th pod.
@@ -463,6 +468,7 @@ enum Change {
     RemovePod(usize),
 }
 
+#[cfg(test)]
 fn change() -> impl Strategy<Value = Change> {
     prop_oneof![
         3 => (any::<usize>(), select(&["app", "tier"][..]), prop::option::of(select(&["a", "b"][..])))
@@ -477,6 +483,7 @@ fn change() -> impl Strategy<Value = Change> {
     ]
 }
 
+#[cfg(test)]
 fn apply(state: &mut ClusterState, change: &Change, step: usize) {
     use crate::state::ObjectRef;
     let nth_pod = |state: &ClusterState, i: usize| {
@@ -563,13 +570,12 @@ proptest! {
     ) {
         let mut state = s.state.clone();
         let mut compiler = Compiler::default();
-        let mut warm = compiler.compile(&state);
+        compiler.compile(&state);
         for (step, change) in changes.iter().enumerate() {
             apply(&mut state, change, step);
-            let cold = compile(&state, &warm.allocations);
-            let next = compiler.compile(&state);
-            prop_assert_eq!(&next, &cold, "after {:?}", change);
-            warm = next;
+            let cold = compiler.without_memo().compile(&state);
+            let warm = compiler.compile(&state);
+            prop_assert_eq!(&warm, &cold, "after {:?}", change);
             let reference = reference::Reference::new(&state);
             for &(a, b, (protocol, port)) in &flows {
                 let (src, dst) = (s.addresses[a], s.addresses[b]);

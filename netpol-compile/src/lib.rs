@@ -21,13 +21,18 @@
 //!   rule ([`Compiled::rules`]; stable while the rule exists). Its size grows with endpoints × identities they allow, never
 //!   with pods × rules of the cluster.
 //!
-//! Invalid policies are reported in [`Compiled::diagnostics`] and left out; everything
-//! else keeps working. [`model::lookup`] replays the kernel's decision over a
+//! Admission happens here, once: each policy is validated when it changes, and an
+//! invalid one is reported in [`Compiled::diagnostics`] and left out, or, when a
+//! [`Compiler`] saw a valid version of it before, that version stays in force (as the
+//! API server keeps the stored object when an update is rejected); everything else keeps
+//! working. [`model::lookup`] replays the kernel's decision over a
 //! [`Compiled`], and [`reference`] evaluates the same semantics directly over the
 //! objects, so the two can be compared (see the differential property test).
 
+mod admission;
 mod cache;
 mod compiler;
+mod diagnostics;
 #[cfg(any(test, feature = "testing"))]
 pub mod differential;
 mod identity;
@@ -51,6 +56,7 @@ use netpol_common::{
 use crate::state::{ClusterState, ObjectRef};
 
 pub use compiler::{Compiler, compile};
+pub use diagnostics::{Diagnostic, Kind, ObjectName, Subject};
 pub use identity::{Allocations, IdentitySignature, NamedPortResolution};
 pub use lpm::{Lpm, LpmData, addr, host_key, key_net, net_key};
 pub use policy::{FieldError, validate_policy};
@@ -109,6 +115,9 @@ pub struct Compiled {
     pub rules: BTreeMap<u32, RuleRef>,
     /// What each identity stands for (including `IDENTITY_ANY` and `IDENTITY_WORLD`).
     pub identities: BTreeMap<u32, IdentityInfo>,
+    /// The policies in force, in order: every valid policy, and the last valid version
+    /// of a policy whose current version is invalid (see [`Compiler`]).
+    pub policies: Vec<ObjectRef>,
     /// Problems with objects; the objects concerned are left out (wholly or partly).
     pub diagnostics: Vec<Diagnostic>,
     /// Pass back into the next [`compile`] to keep ids stable.
@@ -193,26 +202,6 @@ impl Compiled {
     }
 }
 
-/// A problem with an object, e.g. `NetworkPolicy x/foo: spec.ingress[0].ports[0].endPort: ...`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Diagnostic {
-    /// Kind and name, e.g. `NetworkPolicy x/foo` or `Pod x/a`.
-    pub object: String,
-    /// JSON path inside the object; may be empty.
-    pub field: String,
-    pub message: String,
-}
-
-impl std::fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.field.is_empty() {
-            write!(f, "{}: {}", self.object, self.message)
-        } else {
-            write!(f, "{}: {}: {}", self.object, self.field, self.message)
-        }
-    }
-}
-
 /// `TCP`, `UDP`, `SCTP`, or the number.
 pub fn protocol_name(protocol: u8) -> String {
     match protocol {
@@ -226,25 +215,6 @@ pub fn protocol_name(protocol: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn diagnostic_display() {
-        let d = Diagnostic {
-            object: "NetworkPolicy x/foo".into(),
-            field: "spec.ingress[0].ports[0].endPort".into(),
-            message: "must be >= port".into(),
-        };
-        assert_eq!(
-            d.to_string(),
-            "NetworkPolicy x/foo: spec.ingress[0].ports[0].endPort: must be >= port"
-        );
-        let d = Diagnostic {
-            object: "Pod x/a".into(),
-            field: String::new(),
-            message: "m".into(),
-        };
-        assert_eq!(d.to_string(), "Pod x/a: m");
-    }
 
     #[test]
     fn rule_ref_display() {

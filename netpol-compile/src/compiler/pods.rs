@@ -8,9 +8,9 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::Diagnostic;
 use crate::cache::{FastMap, PodEntry};
 use crate::state::{ClusterState, HOST_INTERFACE_ANNOTATION, ObjectRef};
+use crate::{Diagnostic, Subject};
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
@@ -85,11 +85,7 @@ pub(super) fn live_pods<'a>(
             continue;
         }
         for (field, message) in &entry.ip_errors {
-            diagnostics.push(Diagnostic {
-                object: format!("Pod {obj}"),
-                field: field.clone(),
-                message: message.clone(),
-            });
+            diagnostics.push(Diagnostic::new(Subject::pod(obj), field, message));
         }
         let mut ips = Cow::Borrowed(entry.ips.as_slice());
         let mut removed = 0;
@@ -99,14 +95,14 @@ pub(super) fn live_pods<'a>(
                     v.insert(obj);
                 }
                 Entry::Occupied(other) => {
-                    diagnostics.push(Diagnostic {
-                        object: format!("Pod {obj}"),
-                        field: "status.podIPs".into(),
-                        message: format!(
+                    diagnostics.push(Diagnostic::new(
+                        Subject::pod(obj),
+                        "status.podIPs",
+                        format!(
                             "address {ip} is also used by Pod {}; ignored here",
                             other.get()
                         ),
-                    });
+                    ));
                     ips.to_mut().remove(i - removed);
                     removed += 1;
                 }

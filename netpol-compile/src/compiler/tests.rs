@@ -14,7 +14,7 @@ use serde_json::json;
 use super::*;
 use crate::lpm::{host_key, net_key};
 use crate::testutil::{Cluster, ip};
-use crate::{addr, model};
+use crate::{Subject, addr, model};
 
 const D: u32 = IDENTITY_FIRST_DYNAMIC;
 
@@ -848,7 +848,10 @@ fn duplicate_pod_ip_is_reported_and_first_owner_wins() {
         &Allocations::default(),
     );
     assert_eq!(c.diagnostics.len(), 1);
-    assert_eq!(c.diagnostics[0].object, "Pod x/z");
+    assert_eq!(
+        c.diagnostics[0].subject,
+        Subject::pod(&ObjectRef::new("x", "z"))
+    );
     assert_eq!(c.endpoints[&addr(ip("10.0.0.1"))].id, ep(&c, "x", "a"));
     assert_eq!(c.allocations.endpoint_id(&ObjectRef::new("x", "z")), None);
 }
