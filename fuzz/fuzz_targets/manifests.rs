@@ -119,22 +119,14 @@ fn state_of(snapshot: Snapshot) -> ClusterState {
 
 /// `read` with the version of each policy that `compiler` has in force.
 fn admitted_state(read: ClusterState, compiler: &Compiler, compiled: &Compiled) -> ClusterState {
-    let policies = compiled
-        .policies
-        .iter()
-        .map(|obj| {
-            let policy = compiler.policy(obj).expect("a policy in force has a version");
-            if let Err(errors) = validate_policy(policy) {
-                panic!("the compiler admitted the invalid policy {obj}: {errors:?}");
-            }
-            (obj.clone(), policy.clone())
-        })
-        .collect();
-    ClusterState {
-        policies,
-        unreadable_policies: BTreeSet::new(),
-        ..read
+    let state = compiler.admitted(&read);
+    assert!(state.policies.keys().eq(&compiled.policies));
+    for (obj, policy) in &state.policies {
+        if let Err(errors) = validate_policy(policy) {
+            panic!("the compiler admitted the invalid policy {obj}: {errors:?}");
+        }
     }
+    state
 }
 
 fn check_diagnostic(d: &Diagnostic) {

@@ -485,7 +485,10 @@ impl Kernel {
             return Err(fail(format!("refused: {:?}", report.refused)));
         }
         self.maps_match(&compiled).map_err(&fail)?;
-        let reference = Reference::new(&s.state);
+        // What the maps enforce: a policy made invalid by this case keeps the version
+        // of an earlier case in force, as in the agent.
+        let admitted = self.compiler.admitted(&s.state);
+        let reference = Reference::new(&admitted);
 
         // Connections of the previous case, re-judged under this one.
         for (query, sport) in std::mem::take(&mut self.open) {

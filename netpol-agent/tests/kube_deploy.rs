@@ -254,8 +254,10 @@ async fn the_cluster_role_covers_every_call_the_agent_makes_and_no_more() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         if source.changed(Duration::from_millis(100)).await.unwrap() {
-            let snapshot = source.snapshot(&mut state);
-            source.report(&snapshot.diagnostics);
+            // As the agent's loop: the compiler reports the invalid policy.
+            source.snapshot(&mut state);
+            let compiled = netpol_compile::compile(&state, &Default::default());
+            source.report(&compiled.diagnostics);
         }
         if !server.events().is_empty() {
             break;

@@ -87,6 +87,22 @@ impl Compiler {
         self.admission.admitted().get(obj).map(|a| &*a.policy)
     }
 
+    /// `state` (the state of the last compile) as admitted: its policies replaced by the
+    /// versions in force (see [`Compiler::policy`]), so that what reads policies from a
+    /// state, such as the reference evaluator, sees what the maps enforce.
+    pub fn admitted(&self, state: &ClusterState) -> ClusterState {
+        ClusterState {
+            policies: self
+                .admission
+                .admitted()
+                .iter()
+                .map(|(obj, admitted)| (obj.clone(), (*admitted.policy).clone()))
+                .collect(),
+            unreadable_policies: Default::default(),
+            ..state.clone()
+        }
+    }
+
     /// The same compiler with an empty memo: its next compile does all the work.
     #[cfg(test)]
     pub(crate) fn without_memo(&self) -> Compiler {

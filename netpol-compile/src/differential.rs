@@ -13,16 +13,18 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use netpol_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, Reason};
+#[cfg(test)]
+use netpol_common::Reason;
+use netpol_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use proptest::prelude::*;
 use proptest::sample::select;
 use serde_json::{Value, json};
 
+#[cfg(test)]
 use super::reference::{self, Verdict};
 use super::testutil::{Cluster, labels};
 #[cfg(test)]
-use super::{Allocations, Compiler, compile};
-use super::{Compiled, Direction, model};
+use super::{Allocations, Compiled, Compiler, Direction, compile, model};
 use crate::state::ClusterState;
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
