@@ -2,14 +2,16 @@
 //!
 //! The input (UTF-8) is the directory's one file, `manifests.yaml`: a YAML stream of
 //! Namespaces, Pods and NetworkPolicies. A line `#@ then` splits it into successive
-//! versions of that file (at most three), read by one [`LocalSource`] (so a broken
-//! update keeps the last valid version, as in the agent) and compiled with the previous
-//! compile's allocations, as the agent's loop does. After every version:
+//! versions of that file (at most three), read by [`ManifestDir`] and compiled by one
+//! [`Compiler`] (so a broken update keeps the last valid version, and ids are kept, as
+//! in the agent's loop). The checks below run over the admitted state: the state read,
+//! with the version of each policy the compiler has in force. After every version:
 //!
 //! - nothing panics (parsing, validation, compiling, the kernel model, the reference
 //!   evaluator, explain, matrix, their text and JSON forms);
 //! - every diagnostic names an object, and the compiler's name objects of the state;
-//! - what local mode admits is valid and keyed by its own namespace and name;
+//! - local mode keys objects by their own namespace and name; what the compiler admits
+//!   is valid;
 //! - the maps only reference what exists: POLICY keys name endpoints of ENDPOINTS,
 //!   identities that IPCACHE carries, and rules of the rule table, of a policy that
 //!   isolates that endpoint in that direction; the rule table names rules of valid
@@ -27,14 +29,15 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use netpol_agent::compile::{
-    Allocations, Compiled, Diagnostic, Direction, key_net, model, reference, validate_policy,
+use netpol_compile::{
+    Allocations, Compiled, Compiler, Diagnostic, Direction, Kind, ObjectName, Subject, key_net,
+    model, reference, validate_policy,
 };
 use netpol_agent::preview::explain;
 use netpol_agent::preview::matrix::{self, Matrix, MatrixOptions, Style};
 use netpol_agent::preview::{PortProtocol, pod_addresses, served_ports};
-use netpol_agent::source::local::{LocalSource, Snapshot};
-use netpol_agent::state::{ClusterState, NodeContext, pod_ips};
+use netpol_agent::source::local::{ManifestDir, Snapshot};
+use netpol_compile::state::{ClusterState, NodeContext, pod_ips};
 use netpol_common::{
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY,
     IDENTITY_WORLD, PEER_HOST, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP,
@@ -73,18 +76,17 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let dir = work_dir();
-    let mut source = LocalSource::new(dir);
+    let source = ManifestDir::new(dir);
+    let mut compiler = Compiler::new();
     let mut previous: Option<Compiled> = None;
     for version in text.split(SPLIT).take(MAX_VERSIONS) {
         std::fs::write(dir.join("manifests.yaml"), version).expect("writing the manifest");
         let snapshot = source.read().expect("reading the manifest directory");
         check_snapshot(&snapshot);
-        let state = state_of(snapshot);
-        let allocations = previous
-            .as_ref()
-            .map(|c| c.allocations.clone())
-            .unwrap_or_default();
-        let compiled = netpol_agent::compile::compile(&state, &allocations);
+        let read = state_of(snapshot);
+        let compiled = compiler.compile(&read);
+        check_diagnostics(&read, &compiled);
+        let state = admitted_state(read, &compiler, &compiled);
         check_maps(&state, &compiled);
         check_against_reference(&state, &compiled);
         check_explain(&state, &compiled);
@@ -115,8 +117,28 @@ fn state_of(snapshot: Snapshot) -> ClusterState {
     state
 }
 
+/// `read` with the version of each policy that `compiler` has in force.
+fn admitted_state(read: ClusterState, compiler: &Compiler, compiled: &Compiled) -> ClusterState {
+    let state = compiler.admitted(&read);
+    assert!(state.policies.keys().eq(&compiled.policies));
+    for (obj, policy) in &state.policies {
+        if let Err(errors) = validate_policy(policy) {
+            panic!("the compiler admitted the invalid policy {obj}: {errors:?}");
+        }
+    }
+    state
+}
+
 fn check_diagnostic(d: &Diagnostic) {
-    assert!(!d.object.is_empty(), "diagnostic names no object: {d:?}");
+    let named = match &d.subject {
+        Subject::Object { name, .. } => match name {
+            ObjectName::Namespaced(_) | ObjectName::Endpoint(_) => true,
+            ObjectName::Cluster(name) | ObjectName::In(name) => !name.is_empty(),
+        },
+        Subject::File { origin, .. } => !origin.is_empty(),
+        Subject::Address(address) => !address.is_empty(),
+    };
+    assert!(named, "diagnostic names no object: {d:?}");
     assert!(!d.message.is_empty(), "diagnostic without a message: {d:?}");
     // (No check of the field's shape: keys may contain dots, e.g. `.name: x` gives
     // `spec.containers[0]..name`, which is faithful.)
@@ -144,35 +166,28 @@ fn check_snapshot(snapshot: &Snapshot) {
             Some(key.namespace.as_str())
         );
         assert_eq!(policy.metadata.name.as_deref(), Some(key.name.as_str()));
-        if let Err(errors) = validate_policy(policy) {
-            panic!("local mode admitted the invalid policy {key}: {errors:?}");
-        }
     }
 }
 
-fn check_maps(state: &ClusterState, compiled: &Compiled) {
-    // Diagnostics name objects of the state.
+/// The compiler's diagnostics name objects of the state it read.
+fn check_diagnostics(state: &ClusterState, compiled: &Compiled) {
     for d in &compiled.diagnostics {
         check_diagnostic(d);
-        let named = |kind: &str| d.object.strip_prefix(kind)?.split_once('/');
-        let exists = if let Some((ns, name)) = named("NetworkPolicy ") {
-            state
-                .policies
-                .keys()
-                .any(|k| k.namespace == ns && k.name == name)
-        } else if let Some((ns, name)) = named("Pod ") {
-            state
-                .pods
-                .keys()
-                .any(|k| k.namespace == ns && k.name == name)
-        } else {
-            false
+        let exists = match d.object() {
+            Some((Kind::NetworkPolicy, key)) => {
+                state.policies.contains_key(key) || state.unreadable_policies.contains(key)
+            }
+            Some((Kind::Pod, key)) => state.pods.contains_key(key),
+            _ => false,
         };
         assert!(
             exists,
             "compiler diagnostic about no object of the state: {d}"
         );
     }
+}
+
+fn check_maps(state: &ClusterState, compiled: &Compiled) {
 
     // Local endpoints and ENDPOINTS.
     let mut endpoint_ids = BTreeMap::new();
@@ -192,7 +207,7 @@ fn check_maps(state: &ClusterState, compiled: &Compiled) {
         for ip in &local.ips {
             let info = compiled
                 .endpoints
-                .get(&netpol_agent::compile::addr(*ip))
+                .get(&netpol_compile::addr(*ip))
                 .unwrap_or_else(|| panic!("{} address {ip} not in ENDPOINTS", local.pod));
             assert_eq!(info.id, local.endpoint_id);
             assert_eq!(
@@ -244,7 +259,7 @@ fn check_maps(state: &ClusterState, compiled: &Compiled) {
     for (key, info) in &compiled.ipcache {
         let net = key_net(key).unwrap_or_else(|| panic!("IPCACHE key is no prefix: {key:?}"));
         assert_eq!(
-            netpol_agent::compile::net_key(&net),
+            netpol_compile::net_key(&net),
             *key,
             "IPCACHE key not masked"
         );
@@ -266,7 +281,7 @@ fn check_maps(state: &ClusterState, compiled: &Compiled) {
         let _ = compiled.members(state, *id);
     }
     for ip in &state.node.ips {
-        let info = compiled.ipcache.get(&netpol_agent::compile::host_key(*ip));
+        let info = compiled.ipcache.get(&netpol_compile::host_key(*ip));
         assert!(
             info.is_some_and(|i| i.flags & PEER_HOST != 0),
             "node address {ip} without PEER_HOST: {info:?}"
@@ -282,7 +297,7 @@ fn check_maps(state: &ClusterState, compiled: &Compiled) {
             key.prefix_len
         );
         assert_eq!(
-            netpol_agent::compile::Lpm::new(key.prefix_len, *k),
+            netpol_compile::Lpm::new(key.prefix_len, *k),
             *key,
             "POLICY key not masked"
         );
@@ -483,15 +498,21 @@ fn check_matrix(state: &ClusterState, compiled: &Compiled) {
 /// Compiling the same state again with the allocations it produced changes nothing
 /// (the agent then writes nothing to the kernel).
 fn check_recompile(state: &ClusterState, compiled: &Compiled) {
-    let again = netpol_agent::compile::compile(state, &compiled.allocations);
+    let again = netpol_compile::compile(state, &compiled.allocations);
     assert_eq!(again.endpoints, compiled.endpoints, "ENDPOINTS changed");
     assert_eq!(again.ipcache, compiled.ipcache, "IPCACHE changed");
     assert_eq!(again.policy, compiled.policy, "POLICY changed");
     assert_eq!(again.rules, compiled.rules, "rule table changed");
     assert_eq!(again.local_pods, compiled.local_pods);
-    assert_eq!(again.diagnostics, compiled.diagnostics);
-    let fresh = netpol_agent::compile::compile(state, &Allocations::default());
-    assert_eq!(fresh.diagnostics, compiled.diagnostics);
+    // The admitted state holds valid policies only: the rest is about pods.
+    let about_pods: Vec<&Diagnostic> = compiled
+        .diagnostics
+        .iter()
+        .filter(|d| !matches!(d.object(), Some((Kind::NetworkPolicy, _))))
+        .collect();
+    assert!(again.diagnostics.iter().eq(about_pods.iter().copied()));
+    let fresh = netpol_compile::compile(state, &Allocations::default());
+    assert!(fresh.diagnostics.iter().eq(about_pods.iter().copied()));
     assert_eq!(fresh.endpoints.len(), compiled.endpoints.len());
     assert_eq!(fresh.rules.len(), compiled.rules.len());
 }

@@ -9,7 +9,7 @@
 //! Method:
 //! - The cluster is built once per size from JSON through k8s-openapi's serde (as the
 //!   manifest source does); building is not timed as compile.
-//! - Compile time: wall clock of `compile(&state, &Allocations::default())`, median of
+//! - Compile time: wall clock of a fresh `Compiler`'s first compile, median of
 //!   the runs; ratio against the same compile at 1/4 of the size (2,500 pods, 50
 //!   namespaces, 500 policies, 25 local pods), measured in the same process.
 //! - Map entries at 2,500 / 5,000 / 10,000 pods (namespaces, policies and local pods
@@ -17,12 +17,12 @@
 //! - Memory: VmRSS / VmHWM from /proc/self/status after the state is built, after the
 //!   full compiles, and after the maps are applied (the agent holds all three).
 //! - Propagation: a change is made to the in-memory state (a pod label flipped, a policy
-//!   added, a pod created, in turn), then `compile` with the previous allocations and
+//!   added, a pod created, in turn), then a compile by the same `Compiler` and
 //!   `Datapath::apply` into real kernel maps under `/sys/fs/bpf/netpol-bench-<pid>` (in
 //!   a private network namespace, so nothing is attached). Time = compile + apply, per
 //!   change; p50 and p99. Baseline: the same loop with no change (no map writes). The
-//!   previous allocations carry the compiler's memo (as in the agent's loop), so this is
-//!   the incremental path; the compile times above are cold (fresh allocations).
+//!   `Compiler` keeps its allocations and memo (as in the agent's loop), so this is the
+//!   incremental path; the compile times above are cold (a fresh `Compiler` each).
 
 mod common;
 
@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use netpol_agent::compile::{Allocations, Compiled, compile};
 use netpol_agent::datapath::{Capacities, Datapath};
-use netpol_agent::state::{ClusterState, NodeContext, ObjectRef};
+use netpol_compile::state::{ClusterState, NodeContext, ObjectRef};
+use netpol_compile::{Compiled, Compiler};
 use serde_json::{Value, json};
 
 use common::{Summary, ms, thousands};
@@ -382,16 +382,22 @@ struct SizeResult {
     identities: usize,
 }
 
-fn measure_compile(state: &ClusterState, size: Size, runs: usize) -> (SizeResult, Compiled) {
+/// The cold compiles of `state`; also the last result and the compiler that made it.
+fn measure_compile(
+    state: &ClusterState,
+    size: Size,
+    runs: usize,
+) -> (SizeResult, Compiled, Compiler) {
     let mut times = Vec::with_capacity(runs);
     let mut last = None;
     for _ in 0..runs {
+        let mut compiler = Compiler::new();
         let t = Instant::now();
-        let compiled = compile(state, &Allocations::default());
+        let compiled = compiler.compile(state);
         times.push(ms(t.elapsed()));
-        last = Some(compiled);
+        last = Some((compiled, compiler));
     }
-    let compiled = last.expect("runs > 0");
+    let (compiled, compiler) = last.expect("runs > 0");
     assert!(
         compiled.diagnostics.is_empty(),
         "synthetic cluster must be valid: {:?}",
@@ -407,7 +413,7 @@ fn measure_compile(state: &ClusterState, size: Size, runs: usize) -> (SizeResult
         policy: compiled.policy.len(),
         identities: compiled.identities.len(),
     };
-    (result, compiled)
+    (result, compiled, compiler)
 }
 
 struct Propagation {
@@ -430,6 +436,7 @@ fn propagation(
     mut state: ClusterState,
     size: Size,
     mut compiled: Compiled,
+    mut compiler: Compiler,
 ) -> Propagation {
     let mut datapath = Datapath::open(dir, &Capacities::default()).expect("load the programs");
     datapath.sync_maps(&compiled).expect("initial apply");
@@ -439,7 +446,7 @@ fn propagation(
     let (mut noop, mut noop_compile, mut noop_apply) = (vec![], vec![], vec![]);
     for _ in 0..config.noop_runs {
         let t0 = Instant::now();
-        let next = compile(&state, &compiled.allocations);
+        let next = compiler.compile(&state);
         let t1 = Instant::now();
         let report = datapath.sync_maps(&next).expect("apply");
         let t2 = Instant::now();
@@ -457,7 +464,7 @@ fn propagation(
     for i in 0..config.changes {
         let kind = change(&mut state, size, i);
         let t0 = Instant::now();
-        let next = compile(&state, &compiled.allocations);
+        let next = compiler.compile(&state);
         let t1 = Instant::now();
         let report = datapath.sync_maps(&next).expect("apply");
         let t2 = Instant::now();
@@ -562,7 +569,7 @@ fn main() {
     let state = cluster(largest);
     let build = t.elapsed();
     let (rss_state, _) = common::memory_mib();
-    let (big, compiled) = measure_compile(&state, largest, config.compile_runs.max(5));
+    let (big, compiled, compiler) = measure_compile(&state, largest, config.compile_runs.max(5));
     let memory_after_compile = common::memory_mib();
     eprintln!(
         "{} pods compiled ({:.1} s)",
@@ -572,7 +579,7 @@ fn main() {
 
     let prop = dir
         .as_ref()
-        .map(|dir| propagation(&config, &dir.path, state, largest, compiled));
+        .map(|dir| propagation(&config, &dir.path, state, largest, compiled, compiler));
     eprintln!(
         "propagation done ({:.1} s)",
         started.elapsed().as_secs_f64()
@@ -623,7 +630,7 @@ fn report(
 
     println!("\n## Control plane: compile and map sizes{smoke}\n");
     println!(
-        "Compile (cold): wall clock of `compile(&state, &Allocations::default())`, median of {} runs \
+        "Compile (cold): wall clock of a fresh `Compiler`'s first compile, median of {} runs \
          (p25–p75 in brackets); ratio against the {}-pod compile measured in the same process. \
          Each size scales namespaces and policies with pods ({} pods and {} policies per \
          namespace); this node runs every (pods / {})-th pod: {} of them at every full size, all \
@@ -745,7 +752,7 @@ fn report(
         );
         println!(
             "Time from a change in the state to the kernel maps holding it: `compile` (with the \
-             previous allocations, which carry the compiler's memo) + `Datapath::apply` into real \
+             same `Compiler`, which keeps its allocations and memo) + `Datapath::apply` into real \
              maps. Ratio against the same loop with no change (median of {} runs, 0 map writes). \
              The last column splits the entries the change rewrote by map (computed untimed).\n",
             config.noop_runs
@@ -880,9 +887,9 @@ fn report(
         "mode": if config.smoke { "smoke" } else { "full" },
         "machine": machine,
         "method": {
-            "compile": "wall clock of compile(&state, &Allocations::default()), median of runs; baseline: the 1/4-size cluster in the same process",
+            "compile": "wall clock of a fresh Compiler's first compile, median of runs; baseline: the 1/4-size cluster in the same process",
             "memory": "VmRSS/VmHWM of the bench process from /proc/self/status",
-            "propagation": "state change, then compile with previous allocations + Datapath::apply into real kernel maps (private netns, unique bpffs dir); baseline: the same loop without a change",
+            "propagation": "state change, then compile by the same Compiler (allocations and memo kept) + Datapath::apply into real kernel maps (private netns, unique bpffs dir); baseline: the same loop without a change",
             "cluster": "50 pods and 10 policies per namespace; 1 pod in 100 local; label selectors with matchExpressions (In, NotIn, Exists), namespace selectors, ipBlocks with excepts (IPv4 and IPv6), named ports (ingress and egress), port ranges, SCTP; 1 pod in 4 dual-stack",
         },
         "cluster_build_s": build.as_secs_f64(),

@@ -37,16 +37,16 @@ use std::path::Path;
 use aya::maps::lpm_trie::Key;
 use aya::maps::{HashMap, LpmTrie, Map, MapData};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use netpol_agent::compile::{self, Allocations, Compiled};
 use netpol_agent::datapath::packet::{Frame, Transport, arp_frame};
 use netpol_agent::datapath::{Capacities, Datapath, HookKind};
 use netpol_agent::source::manifest::parse_documents;
-use netpol_agent::state::{ClusterState, NodeContext};
 use netpol_common::{
     Addr, DIR_EGRESS, DIR_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED,
     EndpointInfo, POLICY_PREFIX_ANY_PORT, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue,
     Reason, TCP_ACK, TCP_RST, names,
 };
+use netpol_compile::state::{ClusterState, NodeContext};
+use netpol_compile::{self as compile, Allocations, Compiled};
 use serde_json::{Value, json};
 
 use common::{Summary, thousands};

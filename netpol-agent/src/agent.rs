@@ -20,14 +20,14 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::compile::Diagnostic;
 use crate::datapath::{self, Capacities, Datapath};
 use crate::reconcile::Reconciler;
 use crate::source::kube::{self as kube_source, KubeSource};
-use crate::source::local::{Fingerprint, LocalSource};
-use crate::state::{ClusterState, NodeContext};
+use crate::source::local::{Fingerprint, ManifestDir};
 use crate::telemetry::flowlog::{self, SharedResolver};
 use crate::telemetry::health::Health;
+use netpol_compile::Diagnostic;
+use netpol_compile::state::{ClusterState, NodeContext};
 
 /// Errors that stop the agent. Each variant is one metric label.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +76,8 @@ pub struct Config {
 /// What changed in the cluster, as a source reports it.
 #[derive(Debug, Default)]
 pub struct Update {
+    /// Problems only the source can see (local mode: unreadable files and documents,
+    /// missing names, duplicates); the compiler reports the rest.
     pub diagnostics: Vec<Diagnostic>,
     /// The generation to report once this state is in the kernel; `None`: unchanged.
     pub generation: Option<u64>,
@@ -91,13 +93,15 @@ pub trait Source {
     /// Fills `state` (objects and node context).
     fn snapshot(&mut self, state: &mut ClusterState) -> Result<Update, Error>;
 
-    /// Diagnostics that appeared with the last snapshot (already logged by the loop).
+    /// Publishes diagnostics that appeared with the last snapshot and compile, or with
+    /// the last apply (already logged, see [`Reporter`]), where the source has a channel
+    /// for them (Kubernetes Events).
     fn report(&mut self, _new: &[Diagnostic]) {}
 }
 
 /// Local mode: the manifest directory, polled.
 pub struct LocalManifests {
-    source: LocalSource,
+    source: ManifestDir,
     node_name: Option<String>,
     ticker: tokio::time::Interval,
     fingerprint: Option<Fingerprint>,
@@ -109,7 +113,7 @@ impl LocalManifests {
         let mut ticker = tokio::time::interval(poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         LocalManifests {
-            source: LocalSource::new(dir),
+            source: ManifestDir::new(dir),
             node_name,
             ticker,
             fingerprint: None,
@@ -185,7 +189,7 @@ impl Source for KubeWatch {
             ips,
         };
         Ok(Update {
-            diagnostics: snapshot.diagnostics,
+            diagnostics: Vec::new(),
             generation: snapshot.generation,
         })
     }

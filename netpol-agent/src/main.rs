@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use netpol_agent::agent;
-use netpol_agent::compile::{Allocations, Compiled, compile};
 use netpol_agent::datapath::Capacities;
 use netpol_agent::preview::PortProtocol;
 use netpol_agent::preview::explain::explain_between;
@@ -16,6 +15,7 @@ use netpol_agent::preview::load::{Loaded, Overlay, load_manifests};
 use netpol_agent::preview::matrix::{self, Matrix, MatrixOptions, Style};
 use netpol_agent::source::kube::Settings;
 use netpol_agent::telemetry::health::Health;
+use netpol_compile::{Allocations, Compiled, Kind, compile};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -403,9 +403,7 @@ fn preview(args: &PreviewArgs) -> anyhow::Result<(Loaded, Compiled)> {
     Ok((loaded, compiled))
 }
 
-fn report_diagnostics<'a>(
-    diagnostics: impl IntoIterator<Item = &'a netpol_agent::compile::Diagnostic>,
-) {
+fn report_diagnostics<'a>(diagnostics: impl IntoIterator<Item = &'a netpol_compile::Diagnostic>) {
     for d in diagnostics {
         eprintln!("warning: {d}");
     }
@@ -425,7 +423,11 @@ fn matrix_command(args: &MatrixArgs) -> anyhow::Result<()> {
         report_diagnostics(&overlay.diagnostics);
         let state = overlay.apply_to(&loaded.state);
         let after_compiled = compile(&state, &compiled.allocations);
-        report_diagnostics(&after_compiled.diagnostics);
+        // Invalid policies of the directory were reported with the first compile.
+        report_diagnostics(after_compiled.diagnostics.iter().filter(|d| {
+            !(matches!(d.object(), Some((Kind::NetworkPolicy, _)))
+                && compiled.diagnostics.contains(d))
+        }));
         let after = Matrix::new(&state, &after_compiled, &options);
         diff = Some(matrix::diff(&before, &after));
         shown = after;

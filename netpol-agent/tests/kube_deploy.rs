@@ -10,7 +10,7 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
 use netpol_agent::source::kube::{KubeSource, Settings};
-use netpol_agent::state::ClusterState;
+use netpol_compile::state::ClusterState;
 use netpol_lab::apiserver::{ApiServer, Request};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -252,8 +252,10 @@ async fn the_cluster_role_covers_every_call_the_agent_makes_and_no_more() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         if source.changed(Duration::from_millis(100)).await.unwrap() {
-            let snapshot = source.snapshot(&mut state);
-            source.report(&snapshot.diagnostics);
+            // As the agent's loop: the compiler reports the invalid policy.
+            source.snapshot(&mut state);
+            let compiled = netpol_compile::compile(&state, &Default::default());
+            source.report(&compiled.diagnostics);
         }
         if !server.events().is_empty() {
             break;

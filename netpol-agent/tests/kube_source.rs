@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use netpol_agent::source::kube::{KubeSource, Settings};
-use netpol_agent::state::{ClusterState, ObjectRef};
+use netpol_compile::Compiler;
+use netpol_compile::state::{ClusterState, ObjectRef};
 use netpol_lab::apiserver::ApiServer;
 use serde_json::{Value, json};
 
@@ -259,7 +260,10 @@ async fn an_invalid_update_keeps_the_last_valid_version_and_is_reported() {
     let server = cluster().await;
     let mut source = source(&server);
     let mut state = ClusterState::default();
+    // As the agent's loop: the source mirrors the objects, the compiler admits them.
+    let mut compiler = Compiler::new();
     wait_for(&mut source, &mut state, "sync", |s| s.policies.len() == 1).await;
+    compiler.compile(&state);
     // endPort below port: the API server's validation would reject it; the agent must
     // not trust that a store it reads never holds such an object.
     server.apply(policy(
@@ -270,9 +274,11 @@ async fn an_invalid_update_keeps_the_last_valid_version_and_is_reported() {
     let deadline = tokio::time::Instant::now() + WAIT;
     let diagnostics = loop {
         if source.changed(Duration::from_millis(100)).await.unwrap() {
-            let snapshot = source.snapshot(&mut state);
-            if !snapshot.diagnostics.is_empty() {
-                break snapshot.diagnostics;
+            source.snapshot(&mut state);
+            let compiled = compiler.compile(&state);
+            if !compiled.diagnostics.is_empty() {
+                assert_eq!(compiled.policies, [ObjectRef::new("x", "deny")]);
+                break compiled.diagnostics;
             }
         }
         assert!(tokio::time::Instant::now() < deadline, "no diagnostics");
@@ -283,7 +289,9 @@ async fn an_invalid_update_keeps_the_last_valid_version_and_is_reported() {
             .any(|t| t.starts_with("NetworkPolicy x/deny: spec.ingress[0].ports[0].endPort")),
         "{text:?}"
     );
-    let kept = &state.policies[&ObjectRef::new("x", "deny")];
+    let kept = compiler
+        .policy(&ObjectRef::new("x", "deny"))
+        .expect("in force");
     assert_eq!(
         kept.spec.as_ref().unwrap().policy_types.as_deref(),
         Some(&["Ingress".to_owned()][..]),

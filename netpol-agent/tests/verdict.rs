@@ -8,12 +8,12 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use netpol_agent::compile::{self, Allocations};
 use netpol_agent::datapath::packet::{Frame, Ipv6Ext, Transport, arp_frame};
 use netpol_agent::datapath::{Capacities, Datapath, HookKind};
 use netpol_agent::source::manifest::parse_documents;
-use netpol_agent::state::{ClusterState, NodeContext, ObjectRef};
 use netpol_common::Reason;
+use netpol_compile::state::{ClusterState, NodeContext, ObjectRef};
+use netpol_compile::{self as compile, Allocations};
 
 /// The cluster every test starts from. Namespace x: a, b (serves 80-90 and dns/53 UDP),
 /// c (names its port `web` = 8080); namespace y: d. a and b are dual-stack.

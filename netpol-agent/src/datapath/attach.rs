@@ -11,7 +11,7 @@ use netpol_common::{IFACE_REFUSED, IFACE_SHARED, names};
 use tracing::{debug, warn};
 
 use super::{ApplyReport, Datapath, Error, Result, chain, interfaces, program};
-use crate::compile::LocalPod;
+use netpol_compile::LocalPod;
 
 /// A hook of a pod's host veth.
 #[derive(Clone, Copy, Debug)]

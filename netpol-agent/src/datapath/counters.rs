@@ -8,7 +8,7 @@ use aya::maps::HashMap;
 use netpol_common::{Counter, DIR_EGRESS, DIR_INGRESS, REASON_COUNT, Reason, counter_index, names};
 
 use super::{Datapath, Error, Result};
-use crate::compile::Compiled;
+use netpol_compile::Compiled;
 
 impl Datapath {
     /// Map sizes as the kernel holds them: (ENDPOINTS, IPCACHE, POLICY).

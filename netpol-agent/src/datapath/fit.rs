@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use netpol_common::{Addr, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, names};
 
-use crate::compile::{Compiled, Lpm};
+use netpol_compile::{Compiled, Lpm};
 
 /// What could not be admitted.
 #[derive(Clone, Debug, PartialEq, Eq)]

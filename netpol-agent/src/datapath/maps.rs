@@ -9,7 +9,7 @@ use aya::Pod;
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
 use netpol_common::{Addr, EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
 
-use crate::compile::Lpm;
+use netpol_compile::Lpm;
 
 /// Counts of one sync, for logs and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -35,12 +35,12 @@ use aya::{Ebpf, EbpfError};
 use netpol_common::{Counter, DatapathState, EventBudget, STATE_DENY_UNPROGRAMMED, names};
 use tracing::{info, warn};
 
-use crate::compile::Compiled;
 use attach::Attachment;
 pub use fit::Refusal;
 pub use load::map_layouts;
 pub use maps::SyncStats;
 use maps::{EndpointsMap, IpcacheMap, PolicyMap};
+use netpol_compile::Compiled;
 
 /// Errors of the datapath. Each variant is one metric label.
 #[derive(Debug, thiserror::Error)]
@@ -177,7 +177,7 @@ pub struct Datapath {
     rule_counters: PerCpuArray<MapData, Counter>,
     /// The rule each id of RULE_COUNTERS counts for; an id given to another rule starts
     /// again from zero.
-    counted_rules: BTreeMap<u32, crate::compile::RuleRef>,
+    counted_rules: BTreeMap<u32, netpol_compile::RuleRef>,
     event_budget: PerCpuArray<MapData, EventBudget>,
     /// Taken by [`Datapath::take_events`].
     events: Option<RingBuf<MapData>>,

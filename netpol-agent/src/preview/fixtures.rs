@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use crate::source::manifest::parse_documents;
-use crate::state::ClusterState;
+use netpol_compile::state::ClusterState;
 
 /// A state from manifest text (every object must parse), with the node's addresses.
 pub fn state(yaml: &str, node_ips: &[&str]) -> ClusterState {

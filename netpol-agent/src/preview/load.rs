@@ -8,20 +8,22 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::PreviewError;
-use crate::compile::{Diagnostic, validate_policy};
-use crate::source::local::LocalSource;
+use crate::source::local::ManifestDir;
 use crate::source::manifest::{self, Object};
-use crate::state::{ClusterState, NodeContext, ObjectRef};
+use netpol_compile::state::{ClusterState, NodeContext, ObjectRef};
+use netpol_compile::{Diagnostic, Kind, ObjectName, Subject, validate_policy};
 
 /// A cluster state read from manifests, and the problems found on the way.
 #[derive(Clone, Debug, Default)]
 pub struct Loaded {
     pub state: ClusterState,
-    /// Objects left out (wholly or partly), as local mode reports them.
+    /// Problems reading the objects, as local mode reports them (the compiler reports
+    /// invalid policies).
     pub diagnostics: Vec<Diagnostic>,
 }
 
-/// Reads `dir` the way the agent's local mode does ([`LocalSource`]). Every pod is
+/// Reads `dir` the way the agent's local mode does ([`ManifestDir`]); the compiler
+/// admits the policies and reports the invalid ones. Every pod is
 /// treated as local (a preview of the whole cluster); `node_ips` are the node's
 /// addresses (traffic from them to pods always passes).
 pub fn load_manifests(dir: &Path, node_ips: &[IpAddr]) -> Result<Loaded, PreviewError> {
@@ -35,7 +37,7 @@ pub fn load_manifests(dir: &Path, node_ips: &[IpAddr]) -> Result<Loaded, Preview
             "not a directory",
         )));
     }
-    let snapshot = LocalSource::new(dir).read().map_err(io)?;
+    let snapshot = ManifestDir::new(dir).read().map_err(io)?;
     let mut state = ClusterState {
         node: NodeContext {
             name: None,
@@ -92,20 +94,20 @@ impl Overlay {
                             self.policies.insert(key, *policy);
                         }
                         Err(errors) => {
-                            self.diagnostics
-                                .extend(errors.into_iter().map(|e| Diagnostic {
-                                    object: format!("NetworkPolicy {key}"),
-                                    field: e.field,
-                                    message: e.message,
-                                }));
+                            self.diagnostics.extend(errors.into_iter().map(|e| {
+                                Diagnostic::new(Subject::policy(&key), e.field, e.message)
+                            }));
                         }
                     }
                 }
-                Ok(other) => self.diagnostics.push(Diagnostic {
-                    object: format!("{} in {origin}", other.kind()),
-                    field: "kind".into(),
-                    message: "only NetworkPolicy objects can be applied; ignored".into(),
-                }),
+                Ok(other) => self.diagnostics.push(Diagnostic::new(
+                    Subject::Object {
+                        kind: Kind::of(other.kind()),
+                        name: ObjectName::In(origin.to_owned()),
+                    },
+                    "kind",
+                    "only NetworkPolicy objects can be applied; ignored",
+                )),
             }
         }
     }

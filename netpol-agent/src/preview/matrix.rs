@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use super::text::as_display;
 use super::{PodAddresses, PortProtocol, SkippedPod, pod_addresses, served_ports};
-use crate::compile::{Compiled, model};
-use crate::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::{Compiled, model};
 
 /// Whether a source reaches a destination on a port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -410,9 +410,9 @@ pub fn render(matrix: &Matrix, diff: Option<&MatrixDiff>, style: Style) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::{Allocations, compile, reference};
     use crate::preview::fixtures::{self, STARS, STARS_POLICIES};
     use crate::preview::load::Overlay;
+    use netpol_compile::{Allocations, compile, reference};
 
     fn pod(s: &str) -> ObjectRef {
         let (ns, name) = s.split_once('/').unwrap();

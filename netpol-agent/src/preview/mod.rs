@@ -1,13 +1,13 @@
 //! Answers to "what does the policy do?" without a cluster and without the kernel.
 //!
-//! Everything here reads a [`ClusterState`] and its [`Compiled`](crate::compile::Compiled)
+//! Everything here reads a [`ClusterState`] and its [`Compiled`](netpol_compile::Compiled)
 //! form, the very maps the datapath would write, and never performs I/O except
 //! [`load`], which reads manifests the way local mode does:
 //!
 //! - [`explain`]: one flow, step by step: which hooks it crosses, whether each pod is
 //!   isolated and by which policies, the peer's identity, and per rule why it matches
 //!   or not. The verdict is the kernel's decision replayed by
-//!   [`compile::model`](crate::compile::model); the per-rule reasoning is an
+//!   [`compile::model`](netpol_compile::model); the per-rule reasoning is an
 //!   independent evaluation over the objects that must agree with it.
 //! - [`matrix`]: the reachability matrix of every pod pair for each served port, and
 //!   the cells a set of new or replaced NetworkPolicies would change.
@@ -31,8 +31,8 @@ use k8s_openapi::api::core::v1::Pod;
 use netpol_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use serde::Serialize;
 
-use crate::compile::protocol_name;
-use crate::state::{ClusterState, ObjectRef};
+use netpol_compile::protocol_name;
+use netpol_compile::state::{ClusterState, ObjectRef};
 
 /// What can go wrong while observing.
 #[derive(Debug, thiserror::Error)]
@@ -203,7 +203,7 @@ pub fn pod_addresses(state: &ClusterState) -> (Vec<PodAddresses>, Vec<SkippedPod
 /// Valid, distinct addresses of `status.podIPs` then `status.podIP`, in order.
 fn listed_ips(pod: &Pod) -> Vec<IpAddr> {
     let mut out = Vec::new();
-    for ip in crate::state::pod_ips(pod) {
+    for ip in netpol_compile::state::pod_ips(pod) {
         if !out.contains(&ip) {
             out.push(ip);
         }

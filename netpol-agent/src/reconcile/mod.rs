@@ -7,9 +7,9 @@
 //! pod interfaces (by name prefix) get the programs meanwhile.
 
 mod refusals;
+mod report;
 mod status;
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,14 +17,15 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::agent::{Config, Error, Source};
-use crate::compile::{self, Allocations, Compiled};
 use crate::datapath::{self, Datapath, links::LinkEvents};
-use crate::state::ClusterState;
 use crate::telemetry::flowlog::{Resolver, SharedResolver};
 use crate::telemetry::health::Health;
 use crate::telemetry::kernel::KernelRefresh;
+use netpol_compile::state::ClusterState;
+use netpol_compile::{Compiled, Compiler};
 use refusals::Refusals;
 pub use refusals::refusal_diagnostics;
+use report::Reporter;
 pub use status::Status;
 
 /// Why the loop woke up.
@@ -44,13 +45,12 @@ pub struct Reconciler<'a, S: Source> {
     health: &'a Health,
     links: Option<LinkEvents>,
     state: ClusterState,
-    allocations: Allocations,
+    compiler: Compiler,
     compiled: Compiled,
     /// The source's first complete state reached the kernel.
     primed: bool,
     generation: u64,
-    /// Diagnostics already logged and reported, as text.
-    reported: BTreeSet<String>,
+    reporter: Reporter,
     last_resync: Instant,
     status: Status,
     /// The last apply of a changed state failed: it is tried again at the resync interval.
@@ -75,11 +75,11 @@ impl<'a, S: Source> Reconciler<'a, S> {
             health,
             links: subscribe_links(config),
             state: ClusterState::default(),
-            allocations: Allocations::default(),
+            compiler: Compiler::new(),
             compiled: Compiled::default(),
             primed: false,
             generation: 0,
-            reported: BTreeSet::new(),
+            reporter: Reporter::default(),
             last_resync: Instant::now(),
             status: Status::default(),
             apply_failed: false,
@@ -149,37 +149,16 @@ impl<'a, S: Source> Reconciler<'a, S> {
         Ok(true)
     }
 
-    /// Fills the state from the source, compiles it and reports new diagnostics.
+    /// Fills the state from the source, compiles it and publishes the diagnostics.
     fn snapshot_and_compile(&mut self) -> Result<(), Error> {
         let update = self.source.snapshot(&mut self.state)?;
         self.state.audit_all = self.config.audit;
-        let mut diagnostics = update.diagnostics;
-        self.compiled = compile::compile(&self.state, &self.allocations);
-        self.allocations = self.compiled.allocations.clone();
-        diagnostics.extend(self.compiled.diagnostics.iter().cloned());
-        self.report_diagnostics(diagnostics);
+        self.compiled = self.compiler.compile(&self.state);
+        let diagnostics = update.diagnostics.iter().chain(&self.compiled.diagnostics);
+        self.reporter
+            .publish(diagnostics, &mut self.source, self.health);
         self.generation = update.generation.unwrap_or(self.generation);
-        self.health
-            .metrics
-            .invalid_objects
-            .set(self.reported.len() as i64);
         Ok(())
-    }
-
-    /// Logs and reports the diagnostics not reported before; forgets those now gone.
-    fn report_diagnostics(&mut self, diagnostics: Vec<compile::Diagnostic>) {
-        let mut messages = BTreeSet::new();
-        let mut new = Vec::new();
-        for diagnostic in diagnostics {
-            let message = diagnostic.to_string();
-            if !self.reported.contains(&message) && !messages.contains(&message) {
-                warn!("invalid object: {message}");
-                new.push(diagnostic);
-            }
-            messages.insert(message);
-        }
-        self.source.report(&new);
-        self.reported = messages;
     }
 
     /// After a changed state reached the kernel: metrics, readiness, refusals, the flow
@@ -201,9 +180,9 @@ impl<'a, S: Source> Reconciler<'a, S> {
         info!(
             generation = self.generation,
             pods = self.state.pods.len(),
-            policies = self.state.policies.len(),
+            policies = self.compiled.policies.len(),
             endpoints = self.compiled.local_pods.len(),
-            invalid = self.reported.len(),
+            invalid = self.reporter.len(),
             map_writes = report.maps.writes(),
             attached = report.attached.len(),
             detached = report.detached.len(),
@@ -213,8 +192,8 @@ impl<'a, S: Source> Reconciler<'a, S> {
         self.status = Status {
             generation: self.generation,
             endpoints: self.compiled.local_pods.len(),
-            policies: self.state.policies.len(),
-            invalid: self.reported.len(),
+            policies: self.compiled.policies.len(),
+            invalid: self.reporter.len(),
             attached: self.datapath.attached().count(),
             pending: report.pending,
         };

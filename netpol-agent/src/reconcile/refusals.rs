@@ -6,10 +6,10 @@ use std::collections::BTreeSet;
 use tracing::{info, warn};
 
 use crate::agent::Source;
-use crate::compile::{Compiled, Diagnostic};
 use crate::datapath;
 use crate::telemetry::flowlog;
 use crate::telemetry::health::Health;
+use netpol_compile::{Compiled, Diagnostic, Kind, ObjectName, Subject};
 
 /// What did not fit in the maps: logged once, reported (Kubernetes Events on pods),
 /// and exported as `netpol_refused{map}`.
@@ -63,45 +63,47 @@ impl Refusals {
 pub fn refusal_diagnostics(refused: &[datapath::Refusal], compiled: &Compiled) -> Vec<Diagnostic> {
     use datapath::Refusal;
     let pod = |id: u32| {
-        compiled
+        let name = compiled
             .local_pods
             .iter()
             .find(|pod| pod.endpoint_id == id)
-            .map_or_else(
-                || format!("Pod (endpoint {id})"),
-                |pod| format!("Pod {}", pod.pod),
-            )
+            .map_or(ObjectName::Endpoint(id), |pod| {
+                ObjectName::Namespaced(pod.pod.clone())
+            });
+        Subject::Object {
+            kind: Kind::Pod,
+            name,
+        }
     };
     refused
         .iter()
         .map(|refusal| match refusal {
-            Refusal::Endpoint { id, capacity } => Diagnostic {
-                object: pod(*id),
-                field: String::new(),
-                message: format!(
+            Refusal::Endpoint { id, capacity } => Diagnostic::new(
+                pod(*id),
+                "",
+                format!(
                     "not programmed: ENDPOINTS is full (capacity {capacity}); its traffic is \
                      dropped until there is room"
                 ),
-            },
-            Refusal::Policy { id, capacity } => Diagnostic {
-                object: pod(*id),
-                field: String::new(),
-                message: format!(
+            ),
+            Refusal::Policy { id, capacity } => Diagnostic::new(
+                pod(*id),
+                "",
+                format!(
                     "policy change not applied: POLICY is full (capacity {capacity}); only \
                      what both the old and the new policy allow is allowed"
                 ),
-            },
-            Refusal::Peer { addr, capacity } => Diagnostic {
-                object: format!(
-                    "address {}",
-                    flowlog::ip_of(addr).map_or_else(|| "?".into(), |ip| ip.to_string())
+            ),
+            Refusal::Peer { addr, capacity } => Diagnostic::new(
+                Subject::Address(
+                    flowlog::ip_of(addr).map_or_else(|| "?".into(), |ip| ip.to_string()),
                 ),
-                field: String::new(),
-                message: format!(
+                "",
+                format!(
                     "not in IPCACHE (full, capacity {capacity}): treated as its enclosing \
                      ipBlock, so fewer rules match it"
                 ),
-            },
+            ),
         })
         .collect()
 }

@@ -17,9 +17,10 @@
 //! `Kubernetes API: watch streams broke (namespaces, pods): ...; resuming from the last
 //! resourceVersion`; repeats within [`INCIDENT_QUIET`] go to debug.
 //!
-//! Invalid policies are reported like local mode does (object and field) and, when
-//! enabled, as `events.k8s.io/v1` Events on the policy; a policy whose update is
-//! invalid keeps its last valid version.
+//! Objects are mirrored as they are; the compiler admits policies (a policy whose update
+//! is invalid keeps its last valid version). What the compiler reports about a
+//! NetworkPolicy (invalid) or a Pod (not programmed) is published, when enabled, as
+//! `events.k8s.io/v1` Events on the object ([`KubeSource::report`]).
 
 mod streams;
 mod trim;
@@ -49,8 +50,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::compile::{Diagnostic, validate_policy};
-use crate::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::{Diagnostic, Kind};
 
 /// Errors of the Kubernetes source. Each variant is one metric label ([`Error::kind`]).
 #[derive(Debug, thiserror::Error)]
@@ -376,7 +377,6 @@ pub struct KubeSource {
     /// A change arrived since the last snapshot.
     dirty: bool,
     incidents: Incidents,
-    last_valid_policies: BTreeMap<ObjectRef, NetworkPolicy>,
     started: Instant,
     last_waiting_report: Instant,
     recorder: Option<Recorder>,
@@ -465,7 +465,6 @@ impl KubeSource {
             synced: BTreeSet::new(),
             dirty: false,
             incidents: Incidents::default(),
-            last_valid_policies: BTreeMap::new(),
             started: now,
             last_waiting_report: now,
             recorder,
@@ -555,13 +554,12 @@ impl KubeSource {
         }
     }
 
-    /// Fills the objects of `state` from the stores and returns the diagnostics, the
-    /// addresses of this node from its Node object, and the highest resourceVersion the
-    /// snapshot contains (the status file's generation in Kubernetes mode).
+    /// Fills the objects of `state` from the stores and returns the addresses of this
+    /// node from its Node object and the highest resourceVersion the snapshot contains
+    /// (the status file's generation in Kubernetes mode).
     pub fn snapshot(&mut self, state: &mut ClusterState) -> Snapshot {
         // Read first: the stores hold at least everything up to this version.
         let generation = self.resource_version.load(Ordering::Acquire);
-        let mut diagnostics = Vec::new();
         state.namespaces = self
             .stores
             .namespaces
@@ -576,34 +574,13 @@ impl KubeSource {
             .into_iter()
             .filter_map(|pod| Some((object_ref(&pod.metadata)?, (*pod).clone())))
             .collect();
-        let mut policies = BTreeMap::new();
-        for policy in self.stores.policies.state() {
-            let Some(key) = object_ref(&policy.metadata) else {
-                continue;
-            };
-            match validate_policy(&policy) {
-                Ok(()) => {
-                    policies.insert(key, (*policy).clone());
-                }
-                Err(errors) => {
-                    diagnostics.extend(errors.into_iter().map(|error| Diagnostic {
-                        object: format!("NetworkPolicy {key}"),
-                        field: error.field,
-                        message: error.message,
-                    }));
-                    if let Some(previous) = self.last_valid_policies.get(&key) {
-                        diagnostics.push(Diagnostic {
-                            object: format!("NetworkPolicy {key}"),
-                            field: String::new(),
-                            message: "the last valid version stays in force".into(),
-                        });
-                        policies.insert(key, previous.clone());
-                    }
-                }
-            }
-        }
-        self.last_valid_policies = policies.clone();
-        state.policies = policies;
+        state.policies = self
+            .stores
+            .policies
+            .state()
+            .into_iter()
+            .filter_map(|policy| Some((object_ref(&policy.metadata)?, (*policy).clone())))
+            .collect();
         let node_ips = self
             .stores
             .node
@@ -613,7 +590,6 @@ impl KubeSource {
             .flat_map(|node| node_addresses(node))
             .collect();
         Snapshot {
-            diagnostics,
             node_ips,
             generation: (generation > 0).then_some(generation),
         }
@@ -628,24 +604,17 @@ impl KubeSource {
         };
         let mut notes: BTreeMap<(Subject, ObjectRef), Vec<String>> = BTreeMap::new();
         for diagnostic in diagnostics {
-            let Some((subject, name)) = [Subject::Policy, Subject::Pod]
-                .into_iter()
-                .find_map(|s| Some((s, diagnostic.object.strip_prefix(s.prefix())?)))
-            else {
-                continue;
-            };
-            let Some((ns, name)) = name.split_once('/') else {
-                continue;
+            let (subject, key) = match diagnostic.object() {
+                Some((Kind::NetworkPolicy, key)) => (Subject::Policy, key),
+                Some((Kind::Pod, key)) => (Subject::Pod, key),
+                _ => continue,
             };
             let text = if diagnostic.field.is_empty() {
                 diagnostic.message.clone()
             } else {
                 format!("{}: {}", diagnostic.field, diagnostic.message)
             };
-            notes
-                .entry((subject, ObjectRef::new(ns, name)))
-                .or_default()
-                .push(text);
+            notes.entry((subject, key.clone())).or_default().push(text);
         }
         for ((subject, key), notes) in notes {
             let reference = match subject {
@@ -716,14 +685,6 @@ enum Subject {
 }
 
 impl Subject {
-    /// How [`Diagnostic::object`] names it.
-    fn prefix(self) -> &'static str {
-        match self {
-            Subject::Policy => "NetworkPolicy ",
-            Subject::Pod => "Pod ",
-        }
-    }
-
     fn reason(self) -> &'static str {
         match self {
             Subject::Policy => "InvalidNetworkPolicy",
@@ -735,7 +696,6 @@ impl Subject {
 /// What one [`KubeSource::snapshot`] produced besides the objects.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub diagnostics: Vec<Diagnostic>,
     /// InternalIP and ExternalIP addresses of this node's Node object.
     pub node_ips: Vec<IpAddr>,
     /// Highest resourceVersion contained (`None` before any object was seen).

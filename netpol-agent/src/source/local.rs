@@ -4,20 +4,22 @@
 //! are skipped). `.generation`, when present, holds the change counter that the agent
 //! echoes in its status file once the kernel has the change (see docs/ARCHITECTURE.md).
 //!
-//! A broken object never takes others down: it is reported, and where an earlier
-//! version of the same object was valid, that version stays in force (as the API
-//! server would keep the stored object when an update is rejected).
+//! The objects are mirrored as they are; the compiler admits policies (and keeps the
+//! last valid version of one whose update is invalid). What only the reader can see is
+//! reported here: unreadable files and documents, missing names, duplicates. A
+//! NetworkPolicy whose document does not parse is listed in
+//! [`Snapshot::unreadable_policies`], so that its last valid version stays in force.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::{Diagnostic, Kind, ObjectName, Subject};
 
 use super::manifest::{self, Object};
-use crate::compile::{Diagnostic, validate_policy};
-use crate::state::{ClusterState, ObjectRef};
 
 /// Identity of a file's contents for change detection.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -29,6 +31,10 @@ pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjectRef, Pod>,
     pub policies: BTreeMap<ObjectRef, NetworkPolicy>,
+    /// NetworkPolicies named by a document that does not parse.
+    pub unreadable_policies: BTreeSet<ObjectRef>,
+    /// Problems only the reader sees (files, documents, names); the compiler reports
+    /// the rest.
     pub diagnostics: Vec<Diagnostic>,
     /// Content of `.generation`, if any.
     pub generation: Option<u64>,
@@ -40,24 +46,21 @@ impl Snapshot {
         state.namespaces = self.namespaces;
         state.pods = self.pods;
         state.policies = self.policies;
+        state.unreadable_policies = self.unreadable_policies;
         (self.diagnostics, self.generation)
     }
 }
 
-/// The manifest directory and the last valid version of each object seen in it.
-pub struct LocalSource {
+/// Reads the manifest directory.
+pub struct ManifestDir {
     dir: PathBuf,
-    last_valid_policies: BTreeMap<ObjectRef, NetworkPolicy>,
 }
 
 const GENERATION_FILE: &str = ".generation";
 
-impl LocalSource {
+impl ManifestDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        LocalSource {
-            dir: dir.into(),
-            last_valid_policies: BTreeMap::new(),
-        }
+        ManifestDir { dir: dir.into() }
     }
 
     pub fn dir(&self) -> &Path {
@@ -101,7 +104,7 @@ impl LocalSource {
     }
 
     /// Reads the whole directory.
-    pub fn read(&mut self) -> std::io::Result<Snapshot> {
+    pub fn read(&self) -> std::io::Result<Snapshot> {
         // `.generation` first: writers update it after the manifests, so a read that
         // overlaps a write reports at most the generation of what it read, never a
         // newer one with older files.
@@ -111,8 +114,7 @@ impl LocalSource {
                 .and_then(|text| text.trim().parse().ok()),
             ..Snapshot::default()
         };
-        let mut seen: BTreeMap<(&'static str, String), String> = BTreeMap::new();
-        let mut rejected_policies: Vec<ObjectRef> = Vec::new();
+        let mut seen: BTreeMap<(&'static str, ObjectName), String> = BTreeMap::new();
         for path in self.manifest_files()? {
             let origin = path
                 .file_name()
@@ -121,11 +123,14 @@ impl LocalSource {
             let text = match std::fs::read_to_string(&path) {
                 Ok(text) => text,
                 Err(error) => {
-                    snapshot.diagnostics.push(Diagnostic {
-                        object: origin,
-                        field: String::new(),
-                        message: format!("cannot read: {error}"),
-                    });
+                    snapshot.diagnostics.push(Diagnostic::new(
+                        Subject::File {
+                            origin,
+                            document: None,
+                        },
+                        "",
+                        format!("cannot read: {error}"),
+                    ));
                     continue;
                 }
             };
@@ -133,58 +138,48 @@ impl LocalSource {
                 let object = match parsed {
                     Ok(object) => object,
                     Err(diagnostic) => {
-                        if let Some(policy) = policy_ref_of(&diagnostic) {
-                            rejected_policies.push(policy);
+                        if let Some((Kind::NetworkPolicy, policy)) = diagnostic.object() {
+                            snapshot.unreadable_policies.insert(policy.clone());
                         }
                         snapshot.diagnostics.push(diagnostic);
                         continue;
                     }
                 };
                 let kind = object.kind();
-                let key = match name_of(&object) {
-                    Ok(key) => key,
-                    Err(message) => {
-                        snapshot.diagnostics.push(Diagnostic {
-                            object: format!("{kind} in {origin}"),
-                            field: "metadata.name".into(),
-                            message,
-                        });
-                        continue;
-                    }
+                let Some(name) = name_of(&object) else {
+                    snapshot.diagnostics.push(Diagnostic::new(
+                        Subject::Object {
+                            kind: Kind::of(kind),
+                            name: ObjectName::In(origin.clone()),
+                        },
+                        "metadata.name",
+                        "missing",
+                    ));
+                    continue;
                 };
-                if let Some(first) = seen.get(&(kind, key.clone())) {
-                    snapshot.diagnostics.push(Diagnostic {
-                        object: format!("{kind} {key}"),
-                        field: "metadata.name".into(),
-                        message: format!(
-                            "defined again in {origin} (first in {first}); the first is used"
-                        ),
-                    });
+                if let Some(first) = seen.get(&(kind, name.clone())) {
+                    snapshot.diagnostics.push(Diagnostic::new(
+                        Subject::Object {
+                            kind: Kind::of(kind),
+                            name,
+                        },
+                        "metadata.name",
+                        format!("defined again in {origin} (first in {first}); the first is used"),
+                    ));
                     continue;
                 }
-                seen.insert((kind, key), origin.clone());
-                self.admit(object, &mut snapshot, &mut rejected_policies);
+                seen.insert((kind, name), origin.clone());
+                object.insert_into_snapshot(&mut snapshot);
             }
         }
-        // A policy whose new version is broken keeps its last valid version.
-        for policy in rejected_policies {
-            if !snapshot.policies.contains_key(&policy)
-                && let Some(previous) = self.last_valid_policies.get(&policy)
-            {
-                snapshot.diagnostics.push(Diagnostic {
-                    object: format!("NetworkPolicy {policy}"),
-                    field: String::new(),
-                    message: "the last valid version stays in force".into(),
-                });
-                snapshot.policies.insert(policy, previous.clone());
-            }
-        }
-        self.last_valid_policies = snapshot.policies.clone();
         Ok(snapshot)
     }
+}
 
-    fn admit(&self, object: Object, snapshot: &mut Snapshot, rejected: &mut Vec<ObjectRef>) {
-        match object {
+impl Object {
+    /// Adds the object to `snapshot` as it is (namespace `default` when missing).
+    fn insert_into_snapshot(self, snapshot: &mut Snapshot) {
+        match self {
             Object::Namespace(ns) => {
                 let name = ns.metadata.name.clone().unwrap_or_default();
                 snapshot.namespaces.insert(name, *ns);
@@ -204,58 +199,38 @@ impl LocalSource {
                     .namespace
                     .get_or_insert_with(|| "default".into())
                     .clone();
-                let key =
-                    ObjectRef::new(namespace, policy.metadata.name.clone().unwrap_or_default());
-                match validate_policy(&policy) {
-                    Ok(()) => {
-                        snapshot.policies.insert(key, *policy);
-                    }
-                    Err(errors) => {
-                        for error in errors {
-                            snapshot.diagnostics.push(Diagnostic {
-                                object: format!("NetworkPolicy {key}"),
-                                field: error.field,
-                                message: error.message,
-                            });
-                        }
-                        rejected.push(key);
-                    }
-                }
+                let name = policy.metadata.name.clone().unwrap_or_default();
+                snapshot
+                    .policies
+                    .insert(ObjectRef::new(namespace, name), *policy);
             }
         }
     }
 }
 
-fn name_of(object: &Object) -> Result<String, String> {
+/// The object's name (`namespace/name` for namespaced kinds, `default` when the
+/// namespace is missing); `None` when it has none.
+fn name_of(object: &Object) -> Option<ObjectName> {
     let (metadata, namespaced) = match object {
         Object::Namespace(ns) => (&ns.metadata, false),
         Object::Pod(pod) => (&pod.metadata, true),
         Object::NetworkPolicy(policy) => (&policy.metadata, true),
     };
-    let name = metadata
-        .name
-        .as_deref()
-        .filter(|n| !n.is_empty())
-        .ok_or("missing")?;
-    Ok(if namespaced {
-        format!(
-            "{}/{name}",
-            metadata.namespace.as_deref().unwrap_or("default")
-        )
+    let name = metadata.name.as_deref().filter(|n| !n.is_empty())?;
+    Some(if namespaced {
+        ObjectName::Namespaced(ObjectRef::new(
+            metadata.namespace.as_deref().unwrap_or("default"),
+            name,
+        ))
     } else {
-        name.to_owned()
+        ObjectName::Cluster(name.to_owned())
     })
-}
-
-/// `ns/name` of a NetworkPolicy a parse diagnostic is about.
-fn policy_ref_of(diagnostic: &Diagnostic) -> Option<ObjectRef> {
-    let name = diagnostic.object.strip_prefix("NetworkPolicy ")?;
-    let (namespace, name) = name.split_once('/')?;
-    Some(ObjectRef::new(namespace, name))
 }
 
 #[cfg(test)]
 mod tests {
+    use netpol_compile::{Compiled, Compiler};
+
     use super::*;
 
     fn write(dir: &Path, name: &str, text: &str) {
@@ -276,29 +251,77 @@ mod tests {
         dir
     }
 
+    /// The snapshot as the agent's loop compiles it: source diagnostics first.
+    fn compile(compiler: &mut Compiler, snapshot: Snapshot) -> (Compiled, Vec<String>) {
+        let mut state = ClusterState::default();
+        let (mut diagnostics, _) = snapshot.into_state(&mut state);
+        let compiled = compiler.compile(&state);
+        diagnostics.extend(compiled.diagnostics.iter().cloned());
+        (
+            compiled,
+            diagnostics.iter().map(ToString::to_string).collect(),
+        )
+    }
+
     #[test]
     fn a_broken_update_keeps_the_last_valid_version_and_the_others() {
         let dir = tempdir("keep");
         write(&dir, "p.yaml", GOOD);
         write(&dir, "q.yaml", OTHER);
-        let mut source = LocalSource::new(&dir);
-        let first = source.read().unwrap();
+        let source = ManifestDir::new(&dir);
+        let mut compiler = Compiler::new();
+        let (first, messages) = compile(&mut compiler, source.read().unwrap());
         assert_eq!(first.policies.len(), 2);
-        assert!(first.diagnostics.is_empty(), "{:?}", first.diagnostics);
+        assert!(messages.is_empty(), "{messages:?}");
 
         write(&dir, "p.yaml", BROKEN);
-        let second = source.read().unwrap();
+        let snapshot = source.read().unwrap();
+        assert_eq!(
+            snapshot.policies.len(),
+            2,
+            "the source mirrors both as they are"
+        );
+        let (second, messages) = compile(&mut compiler, snapshot);
         assert_eq!(second.policies.len(), 2, "both policies stay in force");
-        let p = &second.policies[&ObjectRef::new("x", "p")];
+        let p = compiler.policy(&ObjectRef::new("x", "p")).unwrap();
         assert_eq!(
             p.spec.as_ref().unwrap().policy_types.as_deref(),
             Some(&["Ingress".to_string()][..])
         );
-        let messages: Vec<String> = second.diagnostics.iter().map(ToString::to_string).collect();
         assert!(
             messages
                 .iter()
                 .any(|m| m.starts_with("NetworkPolicy x/p: spec.ingress[0].ports[0].endPort")),
+            "{messages:?}"
+        );
+        assert!(
+            messages.contains(&"NetworkPolicy x/p: the last valid version stays in force".into()),
+            "{messages:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_update_keeps_the_last_valid_version() {
+        let dir = tempdir("unreadable");
+        write(&dir, "p.yaml", GOOD);
+        let source = ManifestDir::new(&dir);
+        let mut compiler = Compiler::new();
+        compile(&mut compiler, source.read().unwrap());
+
+        write(&dir, "p.yaml", &GOOD.replace("podSelector", "PodSelector"));
+        let snapshot = source.read().unwrap();
+        assert!(snapshot.policies.is_empty());
+        assert_eq!(
+            snapshot.unreadable_policies.iter().collect::<Vec<_>>(),
+            [&ObjectRef::new("x", "p")]
+        );
+        let (compiled, messages) = compile(&mut compiler, snapshot);
+        assert_eq!(compiled.policies, [ObjectRef::new("x", "p")]);
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.starts_with("NetworkPolicy x/p: spec.PodSelector")),
             "{messages:?}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
@@ -310,12 +333,10 @@ mod tests {
         write(&dir, "p.yaml", BROKEN);
         write(&dir, "q.yaml", OTHER);
         write(&dir, ".generation", "7\n");
-        let snapshot = LocalSource::new(&dir).read().unwrap();
-        assert_eq!(
-            snapshot.policies.keys().cloned().collect::<Vec<_>>(),
-            [ObjectRef::new("x", "q")]
-        );
+        let snapshot = ManifestDir::new(&dir).read().unwrap();
         assert_eq!(snapshot.generation, Some(7));
+        let (compiled, _) = compile(&mut Compiler::new(), snapshot);
+        assert_eq!(compiled.policies, [ObjectRef::new("x", "q")]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -324,7 +345,7 @@ mod tests {
         let dir = tempdir("dup");
         write(&dir, "a.yaml", GOOD);
         write(&dir, "b.yaml", GOOD);
-        let snapshot = LocalSource::new(&dir).read().unwrap();
+        let snapshot = ManifestDir::new(&dir).read().unwrap();
         assert_eq!(snapshot.policies.len(), 1);
         assert_eq!(snapshot.diagnostics.len(), 1);
         assert!(snapshot.diagnostics[0].message.contains("first in a.yaml"));

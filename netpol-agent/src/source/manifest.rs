@@ -11,7 +11,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::compile::Diagnostic;
+use netpol_compile::state::ObjectRef;
+use netpol_compile::{Diagnostic, Kind, ObjectName, Subject};
 
 /// One object of a manifest.
 #[derive(Clone, Debug)]
@@ -23,10 +24,8 @@ pub enum Object {
 
 impl Object {
     /// Adds (or replaces) the object in `state`, as is, under its namespace and name
-    /// (`default` when the namespace is missing). Validation is the caller's business:
-    /// local mode checks policies first; tests and tools insert fixtures directly.
-    pub fn insert_into(self, state: &mut crate::state::ClusterState) {
-        use crate::state::ObjectRef;
+    /// (`default` when the namespace is missing). Validation is the compiler's business.
+    pub fn insert_into(self, state: &mut netpol_compile::state::ClusterState) {
         let key = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
             ObjectRef::new(
                 meta.namespace.clone().unwrap_or_else(|| "default".into()),
@@ -69,11 +68,14 @@ pub fn parse_documents(text: &str, origin: &str) -> Vec<Parsed> {
             Ok(Value::Null) => continue, // empty document, e.g. a trailing `---`
             Ok(value) => value,
             Err(error) => {
-                out.push(Err(Diagnostic {
-                    object: format!("{origin} document {}", index + 1),
-                    field: String::new(),
-                    message: format!("not valid YAML: {error}"),
-                }));
+                out.push(Err(Diagnostic::new(
+                    Subject::File {
+                        origin: origin.to_owned(),
+                        document: Some(index + 1),
+                    },
+                    "",
+                    format!("not valid YAML: {error}"),
+                )));
                 // The YAML stream cannot be resumed after a syntax error.
                 break;
             }
@@ -99,19 +101,11 @@ pub fn parse_object(value: Value, origin: &str) -> Parsed {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    let name = display_name(&value);
-    let describe = |kind: &str| {
-        if name.is_empty() {
-            format!("{kind} in {origin}")
-        } else {
-            format!("{kind} {name}")
-        }
+    let subject = Subject::Object {
+        kind: Kind::of(&kind),
+        name: written_name(&value).unwrap_or_else(|| ObjectName::In(origin.to_owned())),
     };
-    let fail = |field: &str, message: String| Diagnostic {
-        object: describe(if kind.is_empty() { "object" } else { &kind }),
-        field: field.to_owned(),
-        message,
-    };
+    let fail = |field: &str, message: String| Diagnostic::new(subject.clone(), field, message);
     let api_version = value
         .get("apiVersion")
         .and_then(Value::as_str)
@@ -142,13 +136,13 @@ pub fn parse_object(value: Value, origin: &str) -> Parsed {
 }
 
 /// `namespace/name` or `name` as written in the object, for messages.
-fn display_name(value: &Value) -> String {
+fn written_name(value: &Value) -> Option<ObjectName> {
     let metadata = value.get("metadata");
     let get = |key| metadata.and_then(|m| m.get(key)).and_then(Value::as_str);
     match (get("namespace"), get("name")) {
-        (Some(ns), Some(name)) => format!("{ns}/{name}"),
-        (None, Some(name)) => name.to_owned(),
-        _ => String::new(),
+        (Some(ns), Some(name)) => Some(ObjectName::Namespaced(ObjectRef::new(ns, name))),
+        (None, Some(name)) => Some(ObjectName::Cluster(name.to_owned())),
+        _ => None,
     }
 }
 
@@ -225,7 +219,11 @@ mod tests {
         let text = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: accounts, namespace: prod}\n\
                     spec:\n  podSelector: {}\n  ingress:\n  - from:\n    - NamespaceSelector: {matchLabels: {team: a}}\n";
         let error = one(text).unwrap_err();
-        assert_eq!(error.object, "NetworkPolicy prod/accounts");
+        assert_eq!(error.subject.to_string(), "NetworkPolicy prod/accounts");
+        assert_eq!(
+            error.object(),
+            Some((&Kind::NetworkPolicy, &ObjectRef::new("prod", "accounts")))
+        );
         assert_eq!(error.field, "spec.ingress[0].from[0].NamespaceSelector");
         assert_eq!(error.message, "unknown field");
     }

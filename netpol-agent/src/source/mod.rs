@@ -1,4 +1,4 @@
-//! Where cluster state comes from. Sources only feed [`crate::state::ClusterState`];
+//! Where cluster state comes from. Sources only feed [`netpol_compile::state::ClusterState`];
 //! they never touch the kernel.
 //!
 //! - [`local`]: a directory of manifests (the embedded default; no cluster needed).

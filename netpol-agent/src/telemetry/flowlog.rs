@@ -20,8 +20,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
-use crate::compile::{Compiled, RuleRef, protocol_name};
-use crate::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::{Compiled, RuleRef, protocol_name};
 
 /// Errors of the flow log. Each variant is one metric label.
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +130,7 @@ impl Resolver {
     pub fn new(state: &ClusterState, compiled: &Compiled) -> Self {
         let mut pods_by_ip = BTreeMap::new();
         for (pod_ref, pod) in &state.pods {
-            for ip in crate::state::pod_ips(pod) {
+            for ip in netpol_compile::state::pod_ips(pod) {
                 pods_by_ip.entry(ip).or_insert_with(|| pod_ref.to_string());
             }
         }
@@ -405,8 +405,8 @@ pub async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::{Allocations, compile};
     use crate::source::manifest::parse_documents;
+    use netpol_compile::{Allocations, compile};
 
     fn state() -> ClusterState {
         let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\n\

@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use super::health::Health;
-use crate::compile::Compiled;
 use crate::datapath::Datapath;
+use netpol_compile::Compiled;
 
 /// How often the kernel's counters are copied into the metrics.
 const METRICS_REFRESH: Duration = Duration::from_secs(1);

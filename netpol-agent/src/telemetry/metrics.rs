@@ -311,7 +311,7 @@ impl Metrics {
 
 /// Sums rule counters per (policy, rule) for the snapshot, dropping idle rules.
 pub fn rule_series<'a>(
-    counters: impl IntoIterator<Item = (&'a crate::compile::RuleRef, KernelCounter)>,
+    counters: impl IntoIterator<Item = (&'a netpol_compile::RuleRef, KernelCounter)>,
 ) -> Vec<(String, String, KernelCounter)> {
     let mut out: BTreeMap<(String, String), KernelCounter> = BTreeMap::new();
     for (rule, counter) in counters {

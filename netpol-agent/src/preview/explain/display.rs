@@ -1,7 +1,7 @@
 //! How an explanation reads for people (`netpol-agent explain` without `--json`).
 
 use super::{Explanation, HookExplanation, HookVerdict, Mismatch, Party, RuleResult};
-use crate::compile::Direction;
+use netpol_compile::Direction;
 
 impl std::fmt::Display for Explanation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

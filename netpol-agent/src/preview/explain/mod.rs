@@ -7,7 +7,7 @@
 //! identity the peer has, and for every rule of those policies whether it matches or
 //! which part (peer, protocol, port) does not. The per-rule reasoning is evaluated over
 //! the Kubernetes objects by the reference evaluator's matchers
-//! ([`reference`](crate::compile::reference)), independently of the maps;
+//! ([`reference`](netpol_compile::reference)), independently of the maps;
 //! [`HookExplanation::analysis_agrees`] says whether it agrees with them (it always
 //! should; tests assert it).
 //!
@@ -24,8 +24,8 @@ use serde::Serialize;
 
 use super::text::{self, as_display};
 use super::{PodAddresses, PortProtocol, PreviewError, SkippedPod, pod_addresses};
-use crate::compile::{Compiled, Direction, RuleRef, model, reference};
-use crate::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::{Compiled, Direction, RuleRef, model, reference};
 
 /// One end of a flow.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

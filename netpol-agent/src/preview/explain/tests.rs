@@ -1,6 +1,6 @@
 use super::*;
-use crate::compile::{Allocations, compile, reference};
 use crate::preview::fixtures::{self, STARS};
+use netpol_compile::{Allocations, compile, reference};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

@@ -16,17 +16,18 @@
 //!
 //! The cache never decides anything: a compile with it gives exactly the result of a
 //! compile without it (`cache_never_changes_results` checks chains of random changes).
-//! It travels inside [`Allocations`](super::Allocations) behind a shared handle, so the
-//! `compile(&state, &previous.allocations)` loop gets it without further plumbing.
+//! It lives in the [`Compiler`](super::Compiler) next to the allocations, owned by the
+//! caller (the agent's loop, a benchmark); the cold [`compile`](super::compile) starts
+//! from an empty one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError, TryLockError};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
 use crate::state::ObjectRef;
@@ -158,44 +159,6 @@ impl BitSet {
     }
 }
 
-/// Shared handle to a [`CompileCache`]; clones share it. Invisible to equality and
-/// `Debug`, since it never changes a result.
-#[derive(Clone, Default)]
-pub(crate) struct CacheHandle(Arc<Mutex<Option<Box<CompileCache>>>>);
-
-impl CacheHandle {
-    /// The cache, taken out of the handle for one compile (a fresh one when the handle is
-    /// empty or another compile holds it); give it back with [`CacheHandle::put`].
-    pub fn take(&self) -> Box<CompileCache> {
-        let slot = match self.0.try_lock() {
-            Ok(slot) => Some(slot),
-            // The lock is never held across a compile, so nothing half-done can sit in
-            // a poisoned slot; and a panicking compile never gives its cache back.
-            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        };
-        slot.and_then(|mut slot| slot.take()).unwrap_or_default()
-    }
-
-    pub fn put(&self, cache: Box<CompileCache>) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(cache);
-    }
-}
-
-impl PartialEq for CacheHandle {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for CacheHandle {}
-
-impl std::fmt::Debug for CacheHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CacheHandle")
-    }
-}
-
 /// What one compile leaves for the next. See the module documentation.
 #[derive(Default)]
 pub(crate) struct CompileCache {
@@ -291,28 +254,25 @@ fn next_entry<T>(
 /// A policy and the result of parsing it.
 pub(crate) struct PolicyEntry {
     pub obj: ObjectRef,
-    name: Option<String>,
-    namespace: Option<String>,
-    spec: Option<NetworkPolicySpec>,
-    pub parsed: Result<ParsedPolicy, Vec<FieldError>>,
+    /// The object as parsed.
+    pub policy: Arc<NetworkPolicy>,
+    pub parsed: Result<Arc<ParsedPolicy>, Vec<FieldError>>,
 }
 
 impl PolicyEntry {
     fn new(obj: &ObjectRef, np: &NetworkPolicy) -> Self {
         PolicyEntry {
             obj: obj.clone(),
-            name: np.metadata.name.clone(),
-            namespace: np.metadata.namespace.clone(),
-            spec: np.spec.clone(),
-            parsed: parse_policy(np),
+            policy: Arc::new(np.clone()),
+            parsed: parse_policy(np).map(Arc::new),
         }
     }
 
     /// Whether `np` holds what the entry was parsed from (all `parse_policy` reads).
     fn matches(&self, np: &NetworkPolicy) -> bool {
-        self.name == np.metadata.name
-            && self.namespace == np.metadata.namespace
-            && self.spec == np.spec
+        self.policy.metadata.name == np.metadata.name
+            && self.policy.metadata.namespace == np.metadata.namespace
+            && self.policy.spec == np.spec
     }
 }
 

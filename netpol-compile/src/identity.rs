@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use netpol_common::{Addr, IDENTITY_FIRST_DYNAMIC};
 
 use super::RuleRef;
-use super::cache::{CacheHandle, FastMap};
+use super::cache::FastMap;
 use super::lpm::Lpm;
 use crate::state::ObjectRef;
 
@@ -64,8 +64,9 @@ impl std::fmt::Display for IdentitySignature {
     }
 }
 
-/// Numbers handed out by the previous compile; pass [`super::Compiled::allocations`]
-/// back into the next [`super::compile`] so ids stay stable.
+/// Numbers handed out by the previous compile; a [`super::Compiler`] keeps them (or pass
+/// [`super::Compiled::allocations`] back into the next [`super::compile`]) so ids stay
+/// stable.
 ///
 /// - Endpoint ids (from 1) are keyed by pod and rule ids (from 0) by [`RuleRef`]: kept
 ///   while the key exists, the lowest free number for a new key.
@@ -81,8 +82,6 @@ pub struct Allocations {
     addresses: BTreeMap<Lpm<Addr>, u32>,
     /// Rule ids (`PolicyValue::rule`, the RULE_COUNTERS index), from 0.
     rules: BTreeMap<RuleRef, u32>,
-    /// Memo of per-object work, shared by clones; never changes a result.
-    cache: CacheHandle,
 }
 
 impl Allocations {
@@ -134,7 +133,6 @@ impl Allocations {
             identities,
             addresses,
             rules: allocate(&self.rules, rules, 0),
-            cache: self.cache.clone(),
         }
     }
 
@@ -184,21 +182,6 @@ impl Allocations {
                 })
             })
             .collect()
-    }
-
-    /// The memo shared by the compiles of this lineage.
-    pub(crate) fn cache(&self) -> &CacheHandle {
-        &self.cache
-    }
-
-    /// The same numbers with an empty memo of its own: the next compile does all the
-    /// work from scratch.
-    #[cfg(test)]
-    pub(crate) fn without_cache(&self) -> Allocations {
-        Allocations {
-            cache: CacheHandle::default(),
-            ..self.clone()
-        }
     }
 }
 

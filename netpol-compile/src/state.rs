@@ -1,8 +1,9 @@
 //! The cluster as the agent knows it: typed Kubernetes objects, one store.
 //!
-//! Sources (`source/`) fill it; the compiler (`compile/`) only reads it. No I/O here.
+//! The agent's sources fill it with the objects as they are; the compiler only reads it.
+//! No I/O here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -42,7 +43,12 @@ pub struct ClusterState {
     /// By name.
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjectRef, Pod>,
+    /// As the source has them, valid or not: the compiler admits them.
     pub policies: BTreeMap<ObjectRef, NetworkPolicy>,
+    /// NetworkPolicies the source saw but could not read (local mode: a manifest
+    /// document naming one that does not parse). Like a policy whose new version is
+    /// invalid, such a policy keeps its last valid version in force.
+    pub unreadable_policies: BTreeSet<ObjectRef>,
     pub node: NodeContext,
     /// Audit mode for every pod (the agent's `--audit`); namespaces can opt in alone
     /// with [`AUDIT_ANNOTATION`].

@@ -1,8 +1,9 @@
 //! A sample of the differential cases through the real programs (BPF_PROG_TEST_RUN).
 //!
-//! Clusters come from the same strategy as [`super::compiled_maps_agree_with_reference`]
-//! ([`super::case`]), and each asks the same questions: its 16 random flows and the sweep
-//! of every local endpoint against every address ([`super::sweep`]), each in both
+//! Clusters come from the same strategy as netpol-compile's
+//! `compiled_maps_agree_with_reference` ([`case`], feature `testing`), and
+//! each asks the same questions: its 16 random flows and the sweep of every local
+//! endpoint against every address ([`sweep`]), each in both
 //! directions. One [`Datapath`] serves the whole run and is re-synced per case, so
 //! `sync_maps` applies only the difference from the previous cluster (with allocations
 //! carried over, as the agent does). Per case:
@@ -39,14 +40,12 @@
 //! conntrack). The numbers of cases and questions are printed on stderr outside the
 //! test harness's capture, so CI logs show them.
 //!
-//! Why a unit test here rather than in `tests/verdict.rs`: the generators and the
-//! reference harness are private test code of this module, and the reference evaluator
-//! must stay independent of everything the kernel path uses. Keeping the sample a child
-//! module of `differential` reuses exactly the generators the model is checked with,
-//! without exporting test-only strategies (or proptest) from the library behind a
-//! feature. The cost is that `cargo test --lib` now touches the kernel: the test runs
-//! only as root with the eBPF object built, skips with a note otherwise, and fails when
-//! `CI` is set and the datapath cannot be opened, so CI never passes without it.
+//! Why a test of the agent: netpol-compile is pure (no aya, no kernel), so the sample
+//! through the real programs lives here, and draws from exactly the generators the model
+//! is checked with, which netpol-compile exports behind its `testing` feature (enabled
+//! only in the agent's dev-dependencies). The test runs only as root with the eBPF
+//! object built, skips with a note otherwise, and fails when `CI` is set and the
+//! datapath cannot be opened, so CI never passes without it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
@@ -61,12 +60,12 @@ use netpol_common::{
 };
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
-use super::super::reference::{Reference, Verdict};
-use super::{Case, Scenario, case, sweep};
-use crate::compile::{Allocations, Compiled, Direction, addr, compile, model, protocol_name};
-use crate::datapath::maps::KernelMap;
-use crate::datapath::packet::{Frame, Transport};
-use crate::datapath::{Capacities, Datapath, HookKind, chain};
+use netpol_agent::datapath::maps::KernelMap;
+use netpol_agent::datapath::packet::{Frame, Transport};
+use netpol_agent::datapath::{Capacities, Datapath, HookKind, chain};
+use netpol_compile::differential::{Case, Scenario, case, sweep};
+use netpol_compile::reference::{Reference, Verdict};
+use netpol_compile::{Compiled, Compiler, Direction, addr, model, protocol_name};
 
 /// Clusters per run: about 10 s of CPU (twice that in wall time on two busy cores).
 const CASES: u32 = 2000;
@@ -283,7 +282,8 @@ struct Kernel {
     dir: PathBuf,
     ct4: HashMap<MapData, CtKey4, CtValue>,
     ct6: HashMap<MapData, CtKey6, CtValue>,
-    allocations: Allocations,
+    /// Carried from case to case, as the agent's loop keeps its compiler.
+    compiler: Compiler,
     /// Connections the previous case allowed, with their source ports.
     open: Vec<(Query, u16)>,
     /// What loopback is bound to now.
@@ -377,7 +377,7 @@ impl Kernel {
             dir,
             ct4,
             ct6,
-            allocations: Allocations::default(),
+            compiler: Compiler::new(),
             open: Vec::new(),
             bound: None,
             queries: 0,
@@ -473,8 +473,7 @@ impl Kernel {
     /// One case through the kernel; `Err` carries the reproduction.
     fn check(&mut self, case: &Case) -> Result<(), TestCaseError> {
         let s = &case.0;
-        let compiled = compile(&s.state, &self.allocations);
-        self.allocations = compiled.allocations.clone();
+        let compiled = self.compiler.compile(&s.state);
         let fail = |what: String| {
             TestCaseError::fail(format!("{what}\ncluster:\n{}", show_cluster(s, &compiled)))
         };
@@ -486,7 +485,10 @@ impl Kernel {
             return Err(fail(format!("refused: {:?}", report.refused)));
         }
         self.maps_match(&compiled).map_err(&fail)?;
-        let reference = Reference::new(&s.state);
+        // What the maps enforce: a policy made invalid by this case keeps the version
+        // of an earlier case in force, as in the agent.
+        let admitted = self.compiler.admitted(&s.state);
+        let reference = Reference::new(&admitted);
 
         // Connections of the previous case, re-judged under this one.
         for (query, sport) in std::mem::take(&mut self.open) {

@@ -341,7 +341,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::compile::testutil::{Cluster, ip};
+    use crate::testutil::{Cluster, ip};
 
     #[test]
     fn reference_basics() {

@@ -12,8 +12,9 @@ use netpol_common::{
 use serde_json::json;
 
 use super::*;
-use crate::compile::testutil::{Cluster, ip};
-use crate::compile::{addr, model};
+use crate::lpm::{host_key, net_key};
+use crate::testutil::{Cluster, ip};
+use crate::{Subject, addr, model};
 
 const D: u32 = IDENTITY_FIRST_DYNAMIC;
 
@@ -78,13 +79,13 @@ fn basic() -> Cluster {
 
 #[test]
 fn no_policies_endpoints_and_pod_ips_only() {
-    let mut pending = crate::compile::testutil::pod("x", "pending", &[], &["10.0.0.9"], &[]);
+    let mut pending = crate::testutil::pod("x", "pending", &[], &["10.0.0.9"], &[]);
     pending.status.as_mut().unwrap().phase = Some("Pending".into());
-    let mut done = crate::compile::testutil::pod("x", "done", &[], &["10.0.0.8"], &[]);
+    let mut done = crate::testutil::pod("x", "done", &[], &["10.0.0.8"], &[]);
     done.status.as_mut().unwrap().phase = Some("Succeeded".into());
-    let mut failed = crate::compile::testutil::pod("x", "failed", &[], &["10.0.0.10"], &[]);
+    let mut failed = crate::testutil::pod("x", "failed", &[], &["10.0.0.10"], &[]);
     failed.status.as_mut().unwrap().phase = Some("Failed".into());
-    let mut host = crate::compile::testutil::pod("x", "host", &[], &["192.168.0.1"], &[]);
+    let mut host = crate::testutil::pod("x", "host", &[], &["192.168.0.1"], &[]);
     host.spec.as_mut().unwrap().host_network = Some(true);
     let c = run(basic()
         .pod("x", "dual", &[], &["10.0.0.4", "fd00::4"], &[])
@@ -746,10 +747,9 @@ fn same_key_keeps_the_lowest_rule() {
 
 #[test]
 fn local_pods_and_remote_peers() {
-    let mut remote =
-        crate::compile::testutil::pod("x", "remote", &[("app", "web")], &["10.0.5.5"], &[]);
+    let mut remote = crate::testutil::pod("x", "remote", &[("app", "web")], &["10.0.5.5"], &[]);
     remote.spec.as_mut().unwrap().node_name = Some("other".into());
-    let mut a = crate::compile::testutil::pod("x", "a", &[("app", "web")], &["10.0.0.1"], &[]);
+    let mut a = crate::testutil::pod("x", "a", &[("app", "web")], &["10.0.0.1"], &[]);
     a.spec.as_mut().unwrap().node_name = Some("me".into());
     a.metadata.annotations = Some(
         [(
@@ -758,7 +758,7 @@ fn local_pods_and_remote_peers() {
         )]
         .into(),
     );
-    let mut b = crate::compile::testutil::pod("x", "b", &[("app", "db")], &["10.0.0.2"], &[]);
+    let mut b = crate::testutil::pod("x", "b", &[("app", "db")], &["10.0.0.2"], &[]);
     b.spec.as_mut().unwrap().node_name = Some("me".into());
     let c = run(Cluster::new()
         .node_name("me")
@@ -848,14 +848,17 @@ fn duplicate_pod_ip_is_reported_and_first_owner_wins() {
         &Allocations::default(),
     );
     assert_eq!(c.diagnostics.len(), 1);
-    assert_eq!(c.diagnostics[0].object, "Pod x/z");
+    assert_eq!(
+        c.diagnostics[0].subject,
+        Subject::pod(&ObjectRef::new("x", "z"))
+    );
     assert_eq!(c.endpoints[&addr(ip("10.0.0.1"))].id, ep(&c, "x", "a"));
     assert_eq!(c.allocations.endpoint_id(&ObjectRef::new("x", "z")), None);
 }
 
 #[test]
 fn invalid_pod_ip_is_reported() {
-    let mut p = crate::compile::testutil::pod("x", "a", &[], &["10.0.0.1"], &[]);
+    let mut p = crate::testutil::pod("x", "a", &[], &["10.0.0.1"], &[]);
     p.status
         .as_mut()
         .unwrap()
@@ -987,7 +990,7 @@ fn rule_ids_survive_a_policy_added_before_them() {
     );
     state.policies.insert(
         ObjectRef::new("x", "z"),
-        crate::compile::testutil::policy("x", "z", json!({"ingress": [{}]})),
+        crate::testutil::policy("x", "z", json!({"ingress": [{}]})),
     );
     let fourth = compile(&state, &third.allocations);
     assert_eq!(fourth.rules[&0], rule("z", Direction::Ingress, 0));

@@ -5,23 +5,27 @@
 //! ports and policyTypes variants) and random flows, including non-pod addresses and
 //! the node's own address. Every verdict of the kernel model over the compiled maps must
 //! equal the reference verdict, and the rule the model reports must be one the
-//! reference says allows the flow. [`kernel`] puts a sample of the same cases through
-//! the real programs (BPF_PROG_TEST_RUN, root only).
+//! reference says allows the flow. The agent's `tests/differential_kernel.rs` puts a
+//! sample of the same cases ([`case`], [`sweep`]; feature `testing`) through the real
+//! programs (BPF_PROG_TEST_RUN, root only).
 
+#[cfg(test)]
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use netpol_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, Reason};
+#[cfg(test)]
+use netpol_common::Reason;
+use netpol_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use proptest::prelude::*;
 use proptest::sample::select;
 use serde_json::{Value, json};
 
+#[cfg(test)]
 use super::reference::{self, Verdict};
 use super::testutil::{Cluster, labels};
-use super::{Allocations, Compiled, Direction, compile, model};
+#[cfg(test)]
+use super::{Allocations, Compiled, Compiler, Direction, compile, model};
 use crate::state::ClusterState;
-
-mod kernel;
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const NODE_IP: &str = "10.0.2.254";
@@ -250,10 +254,12 @@ fn policy_spec() -> impl Strategy<Value = (usize, Value)> {
         })
 }
 
+/// A random cluster and the addresses worth asking about (its pods', the node's and
+/// some that are never pods').
 #[derive(Clone, Debug)]
-struct Scenario {
-    state: ClusterState,
-    addresses: Vec<IpAddr>,
+pub struct Scenario {
+    pub state: ClusterState,
+    pub addresses: Vec<IpAddr>,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -309,6 +315,7 @@ fn flow(n_addresses: usize) -> impl Strategy<Value = (usize, usize, (u8, u16))> 
     (0..n_addresses, 0..n_addresses, probe())
 }
 
+#[cfg(test)]
 fn check(
     reference: &reference::Reference,
     compiled: &Compiled,
@@ -347,10 +354,10 @@ fn check(
 
 /// What [`compiled_maps_agree_with_reference`] asks about one cluster: 16 random flows
 /// (indices into the addresses) and 3 probes for the endpoint sweep ([`sweep`]). The
-/// kernel sample ([`kernel`]) draws from the same strategy.
-type Case = (Scenario, Vec<(usize, usize, (u8, u16))>, Vec<(u8, u16)>);
+/// kernel sample (the agent's `tests/differential_kernel.rs`) draws from the same strategy.
+pub type Case = (Scenario, Vec<(usize, usize, (u8, u16))>, Vec<(u8, u16)>);
 
-fn case() -> impl Strategy<Value = Case> {
+pub fn case() -> impl Strategy<Value = Case> {
     scenario().prop_flat_map(|s| {
         let n = s.addresses.len();
         (
@@ -363,7 +370,7 @@ fn case() -> impl Strategy<Value = Case> {
 
 /// Every endpoint (an address `is_endpoint` accepts) against every address, both ways,
 /// the probes taken in turn: `(src, dst, protocol, port)`.
-fn sweep(
+pub fn sweep(
     addresses: &[IpAddr],
     probes: &[(u8, u16)],
     is_endpoint: impl Fn(IpAddr) -> bool,
@@ -444,6 +451,7 @@ proptest! {
 }
 
 /// One small change to a state, as the agent sees them one by one.
+#[cfg(test)]
 #[derive(Clone, Debug)]
 enum Change {
     /// Set (or remove, with `None`) a label of the n-th pod.
@@ -462,6 +470,7 @@ enum Change {
     RemovePod(usize),
 }
 
+#[cfg(test)]
 fn change() -> impl Strategy<Value = Change> {
     prop_oneof![
         3 => (any::<usize>(), select(&["app", "tier"][..]), prop::option::of(select(&["a", "b"][..])))
@@ -476,6 +485,7 @@ fn change() -> impl Strategy<Value = Change> {
     ]
 }
 
+#[cfg(test)]
 fn apply(state: &mut ClusterState, change: &Change, step: usize) {
     use crate::state::ObjectRef;
     let nth_pod = |state: &ClusterState, i: usize| {
@@ -550,7 +560,7 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
 
-    /// A chain of small changes compiled with the memo the allocations carry gives, at
+    /// A chain of small changes compiled by one [`Compiler`] (with its memo) gives, at
     /// every step, exactly what compiling the same state from scratch (same numbers, no
     /// memo) gives; and the maps still agree with the reference.
     #[test]
@@ -561,13 +571,13 @@ proptest! {
         })
     ) {
         let mut state = s.state.clone();
-        let mut warm = compile(&state, &Allocations::default());
+        let mut compiler = Compiler::default();
+        compiler.compile(&state);
         for (step, change) in changes.iter().enumerate() {
             apply(&mut state, change, step);
-            let cold = compile(&state, &warm.allocations.without_cache());
-            let next = compile(&state, &warm.allocations);
-            prop_assert_eq!(&next, &cold, "after {:?}", change);
-            warm = next;
+            let cold = compiler.without_memo().compile(&state);
+            let warm = compiler.compile(&state);
+            prop_assert_eq!(&warm, &cold, "after {:?}", change);
             let reference = reference::Reference::new(&state);
             for &(a, b, (protocol, port)) in &flows {
                 let (src, dst) = (s.addresses[a], s.addresses[b]);

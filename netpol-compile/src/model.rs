@@ -142,7 +142,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::compile::lpm::{Lpm, host_key, net_key};
+    use crate::lpm::{Lpm, host_key, net_key};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -1,13 +1,4 @@
-//! Validation of NetworkPolicy objects and their normalised form.
-//!
-//! [`parse_policy`] is the single place that interprets a `networking.k8s.io/v1`
-//! NetworkPolicy: it either returns every [`FieldError`] (the object is then left out
-//! of the compiled state) or a [`ParsedPolicy`] with defaults applied (policyTypes,
-//! protocol TCP, empty selectors), CIDRs masked and selectors parsed. Checks follow the
-//! API server's validation (`ValidateNetworkPolicy`) for everything the compiler relies
-//! on; unknown fields are the source layer's business (it sees the raw document).
-
-use std::net::IpAddr;
+//! Validation and normalisation of one NetworkPolicy (see the parent module).
 
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::{
@@ -15,159 +6,17 @@ use k8s_openapi::api::networking::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use netpol_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use netpol_common::PROTO_TCP;
 
-use super::Direction;
-use super::selector::Selector;
-
-/// One problem with one field of an object.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct FieldError {
-    /// JSON path from the object root, e.g. `spec.ingress[0].ports[1].endPort`.
-    pub field: String,
-    pub message: String,
-}
-
-impl FieldError {
-    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
-
-/// A valid NetworkPolicy with defaults applied.
-#[derive(Clone, Debug)]
-pub(crate) struct ParsedPolicy {
-    pub namespace: String,
-    pub pod_selector: Selector,
-    /// `None`: the policy does not have policyType Ingress (its ingress rules, if any,
-    /// are ignored, as the API server does).
-    pub ingress: Option<Vec<ParsedRule>>,
-    pub egress: Option<Vec<ParsedRule>>,
-}
-
-impl ParsedPolicy {
-    pub fn rules(&self, direction: Direction) -> Option<&[ParsedRule]> {
-        match direction {
-            Direction::Ingress => self.ingress.as_deref(),
-            Direction::Egress => self.egress.as_deref(),
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub(crate) struct ParsedRule {
-    /// `None`: any peer (absent or empty `from`/`to`).
-    pub peers: Option<Vec<Peer>>,
-    /// `None`: every protocol and port (absent or empty `ports`).
-    pub ports: Option<Vec<PortSpec>>,
-}
-
-/// One entry of `from`/`to`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) enum Peer {
-    Pods {
-        namespaces: NamespaceMatch,
-        pods: Selector,
-    },
-    Block(Block),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) enum NamespaceMatch {
-    /// No namespaceSelector: the policy's own namespace.
-    Named(String),
-    Selector(Selector),
-}
-
-/// An ipBlock with masked prefixes.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) struct Block {
-    pub cidr: IpNet,
-    pub except: Vec<IpNet>,
-}
-
-impl Block {
-    pub fn contains_addr(&self, addr: IpAddr) -> bool {
-        self.cidr.contains(&addr) && !self.except.iter().any(|e| e.contains(&addr))
-    }
-
-    /// Whether every address of `prefix` is in the block.
-    pub fn contains_prefix(&self, prefix: &IpNet) -> bool {
-        self.cidr.contains(prefix) && !self.except.iter().any(|e| e.contains(prefix))
-    }
-}
-
-impl Peer {
-    /// Canonical text; equal for peers that select the same thing however written.
-    pub fn canonical(&self) -> String {
-        match self {
-            Peer::Pods {
-                namespaces: NamespaceMatch::Named(ns),
-                pods,
-            } => {
-                format!("pods {} in namespace {ns}", pods.canonical())
-            }
-            Peer::Pods {
-                namespaces: NamespaceMatch::Selector(ns),
-                pods,
-            } => {
-                format!("pods {} in namespaces {}", pods.canonical(), ns.canonical())
-            }
-            Peer::Block(b) if b.except.is_empty() => format!("ipBlock {}", b.cidr),
-            Peer::Block(b) => {
-                let except: Vec<String> = b.except.iter().map(ToString::to_string).collect();
-                format!("ipBlock {} except {}", b.cidr, except.join(","))
-            }
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) struct PortSpec {
-    pub protocol: u8,
-    pub port: PortMatch,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) enum PortMatch {
-    /// No `port`: every port of the protocol.
-    All,
-    /// `port` with optional `endPort`, inclusive.
-    Range(u16, u16),
-    /// A named port, resolved on the destination pod.
-    Named(String),
-}
+use super::{
+    Block, FieldError, NamespaceMatch, ParsedPolicy, ParsedRule, Peer, PortMatch, PortSpec,
+    is_valid_port_name, protocol_number,
+};
+use crate::selector::Selector;
 
 /// Checks `p` the way the API server would (minus unknown fields).
 pub fn validate_policy(p: &NetworkPolicy) -> Result<(), Vec<FieldError>> {
     parse_policy(p).map(|_| ())
-}
-
-/// Protocol name (`TCP`, `UDP`, `SCTP`) to IP protocol number.
-pub(crate) fn protocol_number(name: &str) -> Option<u8> {
-    match name {
-        "TCP" => Some(PROTO_TCP),
-        "UDP" => Some(PROTO_UDP),
-        "SCTP" => Some(PROTO_SCTP),
-        _ => None,
-    }
-}
-
-/// IANA_SVC_NAME as Kubernetes checks it (`validation.IsValidPortName`).
-pub(crate) fn is_valid_port_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 15
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b.iter().any(|c| c.is_ascii_lowercase())
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-        && !name.contains("--")
 }
 
 pub(crate) fn parse_policy(p: &NetworkPolicy) -> Result<ParsedPolicy, Vec<FieldError>> {
@@ -481,6 +330,7 @@ fn parse_port(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netpol_common::PROTO_UDP;
     use serde_json::json;
 
     fn policy(v: serde_json::Value) -> NetworkPolicy {

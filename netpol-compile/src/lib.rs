@@ -1,7 +1,11 @@
-//! The compiler: a pure function from [`ClusterState`] to the desired BPF map contents.
+//! The pure core of netpol: the cluster state ([`state`]), the compiler from
+//! [`ClusterState`] to the desired BPF map contents, its model of the kernel lookup
+//! ([`model`]), the reference evaluator ([`reference`]) and diagnostics.
 //!
-//! No I/O happens here: [`compile`] reads the typed Kubernetes objects and returns
-//! [`Compiled`], which `datapath/` diffs against the kernel. Semantics are exactly those
+//! No I/O happens here, and Cargo enforces it: this crate depends on no aya, no kube
+//! client and no tokio. A [`Compiler`] (or the cold [`compile`]) reads the typed
+//! Kubernetes objects and returns [`Compiled`], which the agent's `datapath/` diffs
+//! against the kernel. Semantics are exactly those
 //! of `networking.k8s.io/v1` NetworkPolicy:
 //!
 //! - A pod is isolated in a direction when some valid policy of its namespace selects it
@@ -17,13 +21,20 @@
 //!   rule ([`Compiled::rules`]; stable while the rule exists). Its size grows with endpoints × identities they allow, never
 //!   with pods × rules of the cluster.
 //!
-//! Invalid policies are reported in [`Compiled::diagnostics`] and left out; everything
-//! else keeps working. [`model::lookup`] replays the kernel's decision over a
+//! Admission happens here, once: each policy is validated when it changes, and an
+//! invalid one is reported in [`Compiled::diagnostics`] and left out, or, when a
+//! [`Compiler`] saw a valid version of it before, that version stays in force (as the
+//! API server keeps the stored object when an update is rejected); everything else keeps
+//! working. [`model::lookup`] replays the kernel's decision over a
 //! [`Compiled`], and [`reference`] evaluates the same semantics directly over the
 //! objects, so the two can be compared (see the differential property test).
 
+mod admission;
 mod cache;
 mod compiler;
+mod diagnostics;
+#[cfg(any(test, feature = "testing"))]
+pub mod differential;
 mod identity;
 mod lpm;
 pub mod model;
@@ -31,11 +42,9 @@ mod policy;
 mod ports;
 pub mod reference;
 mod selector;
-
-#[cfg(test)]
-mod differential;
-#[cfg(test)]
-mod testutil;
+pub mod state;
+#[cfg(any(test, feature = "testing"))]
+pub mod testutil;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -46,7 +55,8 @@ use netpol_common::{
 
 use crate::state::{ClusterState, ObjectRef};
 
-pub use compiler::compile;
+pub use compiler::{Compiler, compile};
+pub use diagnostics::{Diagnostic, Kind, ObjectName, Subject};
 pub use identity::{Allocations, IdentitySignature, NamedPortResolution};
 pub use lpm::{Lpm, LpmData, addr, host_key, key_net, net_key};
 pub use policy::{FieldError, validate_policy};
@@ -105,6 +115,9 @@ pub struct Compiled {
     pub rules: BTreeMap<u32, RuleRef>,
     /// What each identity stands for (including `IDENTITY_ANY` and `IDENTITY_WORLD`).
     pub identities: BTreeMap<u32, IdentityInfo>,
+    /// The policies in force, in order: every valid policy, and the last valid version
+    /// of a policy whose current version is invalid (see [`Compiler`]).
+    pub policies: Vec<ObjectRef>,
     /// Problems with objects; the objects concerned are left out (wholly or partly).
     pub diagnostics: Vec<Diagnostic>,
     /// Pass back into the next [`compile`] to keep ids stable.
@@ -189,26 +202,6 @@ impl Compiled {
     }
 }
 
-/// A problem with an object, e.g. `NetworkPolicy x/foo: spec.ingress[0].ports[0].endPort: ...`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Diagnostic {
-    /// Kind and name, e.g. `NetworkPolicy x/foo` or `Pod x/a`.
-    pub object: String,
-    /// JSON path inside the object; may be empty.
-    pub field: String,
-    pub message: String,
-}
-
-impl std::fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.field.is_empty() {
-            write!(f, "{}: {}", self.object, self.message)
-        } else {
-            write!(f, "{}: {}: {}", self.object, self.field, self.message)
-        }
-    }
-}
-
 /// `TCP`, `UDP`, `SCTP`, or the number.
 pub fn protocol_name(protocol: u8) -> String {
     match protocol {
@@ -222,25 +215,6 @@ pub fn protocol_name(protocol: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn diagnostic_display() {
-        let d = Diagnostic {
-            object: "NetworkPolicy x/foo".into(),
-            field: "spec.ingress[0].ports[0].endPort".into(),
-            message: "must be >= port".into(),
-        };
-        assert_eq!(
-            d.to_string(),
-            "NetworkPolicy x/foo: spec.ingress[0].ports[0].endPort: must be >= port"
-        );
-        let d = Diagnostic {
-            object: "Pod x/a".into(),
-            field: String::new(),
-            message: "m".into(),
-        };
-        assert_eq!(d.to_string(), "Pod x/a: m");
-    }
 
     #[test]
     fn rule_ref_display() {

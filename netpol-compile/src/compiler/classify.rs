@@ -1,0 +1,140 @@
+//! Step 4b of the compile: every IPCACHE key (pod addresses, node addresses, ipBlock
+//! prefixes) sorted into classes of addresses that every peer in force treats alike.
+
+use ipnet::IpNet;
+use netpol_common::{Addr, PEER_HOST};
+
+use super::pods::PodView;
+use crate::cache::{BitSet, FastMap, PeerSlots, PodEntry};
+use crate::lpm::{Lpm, host_key, net_key};
+use crate::policy::Peer;
+use crate::state::ClusterState;
+
+/// What makes an address class: the peers in force it matches (slots) and the egress
+/// named ports it resolves (index in the list of those in force, port).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub(super) struct ClassKey {
+    pub(super) peers: BitSet,
+    pub(super) named_ports: Vec<(usize, u16)>,
+}
+
+pub(super) struct Classes {
+    /// The distinct classes that some key has.
+    pub(super) list: Vec<ClassKey>,
+    /// Every IPCACHE key, sorted, with its class (index in `list`) and flags.
+    pub(super) keys: Vec<(Lpm<Addr>, usize, u32)>,
+}
+
+#[derive(Default)]
+struct ClassTable {
+    list: Vec<ClassKey>,
+    index: FastMap<ClassKey, usize>,
+}
+
+impl ClassTable {
+    fn intern_ref(&mut self, key: &ClassKey) -> usize {
+        if let Some(&i) = self.index.get(key) {
+            return i;
+        }
+        self.list.push(key.clone());
+        self.index.insert(key.clone(), self.list.len() - 1);
+        self.list.len() - 1
+    }
+
+    fn intern(&mut self, key: ClassKey) -> usize {
+        self.intern_ref(&key)
+    }
+}
+
+/// Classes of every pod address, node address and ipBlock prefix. Where keys coincide,
+/// the pod's class wins over the node's, and the node's over the prefix's; node
+/// addresses carry `PEER_HOST` whatever their class.
+pub(super) fn classify(
+    state: &ClusterState,
+    entries: &[PodEntry],
+    pods: &[PodView<'_>],
+    peers: &PeerSlots,
+    prefixes: &[(IpNet, BitSet)],
+    egress_named_ports: &[(&str, u8)],
+) -> Classes {
+    let active = &peers.active;
+    let none = BitSet::default();
+    let mut table = ClassTable::default();
+    // (key, precedence, class, flags)
+    let mut keys: Vec<(Lpm<Addr>, u8, usize, u32)> = Vec::with_capacity(entries.len() * 2);
+    for pod in pods {
+        let entry = &entries[pod.index];
+        let named_ports: Vec<(usize, u16)> = egress_named_ports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &(name, protocol))| {
+                entry.named_port(name, protocol).map(|port| (i, port))
+            })
+            .collect();
+        // The pod's class; an address inside some ipBlock in force adds to it.
+        let pod_class = ClassKey {
+            peers: entry.memo.bits.union_within(&none, active),
+            named_ports,
+        };
+        // Interned only when some address has it: a class with no key is no identity.
+        let mut pod_class_index = None;
+        for &ip in pod.ips(entries) {
+            let at = entry
+                .ips
+                .iter()
+                .position(|&a| a == ip)
+                .expect("own address");
+            let blocks = entry.ip_bits[at].union_within(&none, active);
+            let class = if blocks.is_empty() {
+                *pod_class_index.get_or_insert_with(|| table.intern_ref(&pod_class))
+            } else {
+                table.intern_ref(&ClassKey {
+                    peers: pod_class.peers.union_within(&blocks, active),
+                    named_ports: pod_class.named_ports.clone(),
+                })
+            };
+            keys.push((host_key(ip), 0, class, 0));
+        }
+    }
+    for &ip in &state.node.ips {
+        let mut bits = BitSet::default();
+        for slot in active.iter() {
+            if let Peer::Block(b) = &peers.slot(slot).peer
+                && b.contains_addr(ip)
+            {
+                bits.insert(slot);
+            }
+        }
+        let class = ClassKey {
+            peers: bits,
+            named_ports: vec![],
+        };
+        keys.push((host_key(ip), 1, table.intern(class), PEER_HOST));
+    }
+    for (prefix, bits) in prefixes {
+        let class = ClassKey {
+            peers: bits.union_within(&none, active),
+            named_ports: vec![],
+        };
+        keys.push((net_key(prefix), 2, table.intern(class), 0));
+    }
+    keys.sort_unstable_by_key(|&(key, precedence, _, _)| (key, precedence));
+    let mut merged: Vec<(Lpm<Addr>, usize, u32)> = Vec::with_capacity(keys.len());
+    for (key, _, class, flags) in keys {
+        match merged.last_mut() {
+            Some(last) if last.0 == key => last.2 |= flags,
+            _ => merged.push((key, class, flags)),
+        }
+    }
+    // A class whose every key another took (a node address that is a pod's, a /32
+    // ipBlock equal to an address) is no identity: keep only classes with keys.
+    let mut renumber: Vec<Option<usize>> = vec![None; table.list.len()];
+    let mut list = Vec::with_capacity(table.list.len());
+    for (_, class, _) in &mut merged {
+        *class = *renumber[*class].get_or_insert_with(|| {
+            list.push(std::mem::take(&mut table.list[*class]));
+            list.len() - 1
+        });
+    }
+    Classes { list, keys: merged }
+}
