@@ -29,19 +29,19 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use netpol_compile::{
-    Allocations, Compiled, Compiler, Diagnostic, Direction, Kind, ObjectName, Subject, key_net,
-    model, reference, validate_policy,
-};
 use netpol_agent::preview::explain;
 use netpol_agent::preview::matrix::{self, Matrix, MatrixOptions, Style};
 use netpol_agent::preview::{PortProtocol, pod_addresses, served_ports};
 use netpol_agent::source::local::{ManifestDir, Snapshot};
-use netpol_compile::state::{ClusterState, NodeContext, pod_ips};
 use netpol_common::{
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY,
     IDENTITY_WORLD, PEER_HOST, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP,
     PROTO_UDP, Reason,
+};
+use netpol_compile::state::{ClusterState, NodeContext, pod_ips};
+use netpol_compile::{
+    Allocations, Compiled, Compiler, Diagnostic, Direction, Kind, ObjectName, Subject, key_net,
+    model, reference, validate_policy,
 };
 
 const SPLIT: &str = "\n#@ then\n";
@@ -188,7 +188,6 @@ fn check_diagnostics(state: &ClusterState, compiled: &Compiled) {
 }
 
 fn check_maps(state: &ClusterState, compiled: &Compiled) {
-
     // Local endpoints and ENDPOINTS.
     let mut endpoint_ids = BTreeMap::new();
     for local in &compiled.local_pods {

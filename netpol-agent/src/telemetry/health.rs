@@ -192,7 +192,8 @@ mod tests {
 
     #[tokio::test]
     async fn probes_follow_the_loop() {
-        let health = Arc::new(Health::new(Duration::from_millis(200)));
+        // A loop that beat within the hour is live, however slowly this test runs.
+        let health = Arc::new(Health::new(Duration::from_secs(3600)));
         let addr = serve("127.0.0.1:0".parse().unwrap(), health.clone())
             .await
             .unwrap();
@@ -205,10 +206,21 @@ mod tests {
         health.set_ready(true);
         assert_eq!(get(addr, "/readyz").await, "HTTP/1.1 200 OK");
         assert_eq!(get(addr, "/nope").await, "HTTP/1.1 404 Not Found");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    #[tokio::test]
+    async fn a_loop_that_stopped_beating_is_not_live() {
+        // With no time allowed between beats, any beat is already too old.
+        let health = Arc::new(Health::new(Duration::ZERO));
+        let addr = serve("127.0.0.1:0".parse().unwrap(), health.clone())
+            .await
+            .unwrap();
+        health.beat();
+        health.set_ready(true);
         assert_eq!(
             get(addr, "/healthz").await,
             "HTTP/1.1 503 Service Unavailable"
         );
+        assert_eq!(get(addr, "/readyz").await, "HTTP/1.1 200 OK");
     }
 }
