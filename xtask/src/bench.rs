@@ -1,5 +1,5 @@
 //! Benchmark orchestration: `cargo bench` for the agent's benchmarks (datapath, control)
-//! and the lab traffic benchmark (`bench_traffic.rs`), which runs in this process.
+//! and the lab traffic benchmark (`bench_traffic/`), which runs in this process.
 
 use anyhow::{Context, Result, bail};
 
@@ -35,7 +35,7 @@ pub fn one(name: &str, smoke: bool) -> Result<()> {
         if smoke { " (smoke)" } else { "" }
     ));
     if name == "traffic" {
-        // Runs in this process: the lab, the release agent, iptables (bench_traffic.rs).
+        // Runs in this process: the lab, the release agent, iptables (bench_traffic/).
         let agent = build_agent()?;
         return bench_traffic::run(&agent, smoke).context("benchmark traffic failed");
     }

@@ -1,61 +1,37 @@
-//! HTTP/1.1 as the double speaks it: reading a request (head, `Content-Length` body,
-//! query), answering with JSON, and writing watch events as chunks.
+//! HTTP/1.1 as the double speaks it, over hyper: the request as the handler needs it
+//! (method, path, decoded query, body), JSON answers, and watch streams as a body fed
+//! through a channel (each event one chunk; an error drops the connection mid-stream,
+//! without the terminating chunk).
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Response, StatusCode};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// The body of every answer: a whole JSON document, or a watch stream.
+pub(super) type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 pub(super) struct HttpRequest {
     pub method: String,
     pub path: String,
     pub query: BTreeMap<String, String>,
-    pub body: Vec<u8>,
+    pub body: Bytes,
 }
 
-pub(super) async fn read_request(
-    stream: &mut TcpStream,
-    buffer: &mut Vec<u8>,
-) -> std::io::Result<Option<HttpRequest>> {
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end;
-        }
-        if buffer.len() > 64 * 1024 {
-            return Err(std::io::Error::other("request head too large"));
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buffer.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
-    buffer.drain(..head_end + 4);
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next().unwrap_or_default().split_whitespace();
-    let method = first.next().unwrap_or_default().to_owned();
-    let target = first.next().unwrap_or_default().to_owned();
-    let mut length = 0usize;
-    for line in lines {
-        if let Some((name, value)) = line.split_once(':')
-            && name.trim().eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().unwrap_or(0);
-        }
-    }
-    while buffer.len() < length {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buffer.extend_from_slice(&chunk[..n]);
-    }
-    let body: Vec<u8> = buffer.drain(..length).collect();
-    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    let query = query
+/// Reads the whole request (the double's requests are small).
+pub(super) async fn read_request(request: hyper::Request<Incoming>) -> hyper::Result<HttpRequest> {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await?.to_bytes();
+    let query = parts
+        .uri
+        .query()
+        .unwrap_or_default()
         .split('&')
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
@@ -63,12 +39,12 @@ pub(super) async fn read_request(
             (percent_decode(k), percent_decode(v))
         })
         .collect();
-    Ok(Some(HttpRequest {
-        method,
-        path: path.to_owned(),
+    Ok(HttpRequest {
+        method: parts.method.as_str().to_owned(),
+        path: parts.uri.path().to_owned(),
         query,
         body,
-    }))
+    })
 }
 
 fn percent_decode(text: &str) -> String {
@@ -98,19 +74,24 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-pub(super) async fn respond(
-    stream: &mut TcpStream,
-    status: &str,
-    body: &Value,
-) -> std::io::Result<bool> {
-    let body = serde_json::to_vec(body).map_err(std::io::Error::other)?;
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(&body).await?;
-    Ok(true)
+fn json_response(status: StatusCode, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// A whole JSON document with `status` (hyper adds its `Content-Length`).
+pub(super) fn respond(status: StatusCode, body: &Value) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).expect("a JSON value serializes");
+    json_response(
+        status,
+        Full::new(Bytes::from(bytes))
+            .map_err(|never| match never {})
+            .boxed(),
+    )
 }
 
 pub(super) fn status_body(code: u16, reason: &str, message: &str) -> Value {
@@ -120,13 +101,37 @@ pub(super) fn status_body(code: u16, reason: &str, message: &str) -> Value {
     })
 }
 
-pub(super) async fn chunk(stream: &mut TcpStream, value: &Value) -> std::io::Result<()> {
+/// What a watch producer sends: one event (a chunk), or an error that drops the
+/// connection without a terminating chunk.
+pub(super) type Chunk = std::io::Result<Bytes>;
+
+/// A 200 answer whose body is what the returned sender sends, one chunk per event
+/// (`Transfer-Encoding: chunked`); it ends properly when the sender is dropped.
+pub(super) fn stream() -> (mpsc::Sender<Chunk>, Response<Body>) {
+    let (tx, rx) = mpsc::channel(64);
+    (tx, json_response(StatusCode::OK, ChannelBody(rx).boxed()))
+}
+
+/// One watch event as a line of JSON.
+pub(super) fn event(value: &Value) -> Chunk {
     let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
     line.push(b'\n');
-    stream
-        .write_all(format!("{:x}\r\n", line.len()).as_bytes())
-        .await?;
-    stream.write_all(&line).await?;
-    stream.write_all(b"\r\n").await?;
-    stream.flush().await
+    Ok(Bytes::from(line))
+}
+
+/// A body of unknown length (so hyper chunks it) read from a channel.
+struct ChannelBody(mpsc::Receiver<Chunk>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| c.map(Frame::data)))
+    }
 }

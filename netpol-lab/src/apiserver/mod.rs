@@ -19,10 +19,12 @@
 //! whole server away and back on the same address, with its objects (as etcd keeps
 //! them). Resource versions are one global counter, like etcd revisions.
 //!
-//! HTTP is spoken by hand (`http.rs`): only tokio, serde_json and std.
+//! HTTP/1.1 is hyper's: `http.rs` adapts requests, JSON answers and chunked bodies to it;
+//! `streams.rs` writes the watch streams, `store.rs` holds the objects and their history.
 
 mod http;
 mod store;
+mod streams;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -30,13 +32,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle};
 
-use http::{HttpRequest, chunk, read_request, respond, status_body};
+use self::http::{Body, HttpRequest, read_request, respond, status_body};
+use self::streams::{Scope, Signals, watch_stream};
 use store::{CORE_EVENTS, Key, Store, key_of, kind_named};
 pub use store::{KINDS, Kind};
 
@@ -286,23 +292,25 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Idle keep-alive connections are closed after this long.
+/// Idle keep-alive connections are closed after this long (hyper's wait for the next
+/// request head).
 const IDLE: Duration = Duration::from_secs(120);
 
-async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
-    let mut buffer = Vec::new();
-    loop {
-        let request = match tokio::time::timeout(IDLE, read_request(&mut stream, &mut buffer)).await
-        {
-            Ok(Ok(Some(request))) => request,
-            _ => return,
-        };
-        match handle(&mut stream, &shared, request).await {
-            Ok(true) => {}
-            // Killed watch: drop the socket without a terminating chunk.
-            Ok(false) | Err(_) => return,
+/// Serves one connection (keep-alive) until the client closes it, it idles for [`IDLE`],
+/// or a killed watch drops it.
+async fn connection(stream: TcpStream, shared: Arc<Shared>) {
+    let service = service_fn(move |request| {
+        let shared = shared.clone();
+        async move {
+            let request = read_request(request).await?;
+            Ok::<_, hyper::Error>(handle(&shared, request))
         }
-    }
+    });
+    let _ = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(IDLE)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 /// Where a path points: kind, namespace, name.
@@ -362,18 +370,12 @@ fn in_scope(
         && selector_matches(selector, object)
 }
 
-async fn handle(
-    stream: &mut TcpStream,
-    shared: &Arc<Shared>,
-    request: HttpRequest,
-) -> std::io::Result<bool> {
+fn handle(shared: &Arc<Shared>, request: HttpRequest) -> Response<Body> {
     let Some((kind, namespace, name)) = route(&request.path) else {
         return respond(
-            stream,
-            "404 Not Found",
+            StatusCode::NOT_FOUND,
             &status_body(404, "NotFound", &format!("no route {}", request.path)),
-        )
-        .await;
+        );
     };
     let watching = matches!(
         request.query.get("watch").map(String::as_str),
@@ -403,16 +405,11 @@ async fn handle(
         .copied();
     if let Some(code) = injected {
         let (status, reason) = match code {
-            410 => ("410 Gone", "Expired"),
-            403 => ("403 Forbidden", "Forbidden"),
-            _ => ("503 Service Unavailable", "ServiceUnavailable"),
+            410 => (StatusCode::GONE, "Expired"),
+            403 => (StatusCode::FORBIDDEN, "Forbidden"),
+            _ => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
         };
-        return respond(
-            stream,
-            status,
-            &status_body(code, reason, "injected failure"),
-        )
-        .await;
+        return respond(status, &status_body(code, reason, "injected failure"));
     }
     let selector = request.query.get("fieldSelector");
     match verb {
@@ -439,7 +436,7 @@ async fn handle(
                     "items": items,
                 })
             };
-            respond(stream, "200 OK", &body).await
+            respond(StatusCode::OK, &body)
         }
         "get" => {
             let key = (
@@ -455,22 +452,30 @@ async fn handle(
                 .get(&key)
                 .cloned();
             match object {
-                Some(object) => respond(stream, "200 OK", &object).await,
-                None => {
-                    respond(
-                        stream,
-                        "404 Not Found",
-                        &status_body(404, "NotFound", "not found"),
-                    )
-                    .await
-                }
+                Some(object) => respond(StatusCode::OK, &object),
+                None => respond(
+                    StatusCode::NOT_FOUND,
+                    &status_body(404, "NotFound", "not found"),
+                ),
             }
         }
         "watch" => {
+            // Subscribed as the request is answered: a fault injected from now on
+            // reaches this stream.
+            let signals = Signals::subscribe(shared);
+            let (events, response) = self::http::stream();
             shared.open_watches.fetch_add(1, Ordering::SeqCst);
-            let result = watch_stream(stream, shared, kind, namespace.as_deref(), &request).await;
-            shared.open_watches.fetch_sub(1, Ordering::SeqCst);
-            result
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let scope = Scope {
+                    kind,
+                    namespace: namespace.as_deref(),
+                    selector: request.query.get("fieldSelector"),
+                };
+                watch_stream(&events, &shared, signals, scope, &request).await;
+                shared.open_watches.fetch_sub(1, Ordering::SeqCst);
+            });
+            response
         }
         "create" | "patch" | "update" if kind.resource == "events" => {
             let mut object: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
@@ -483,136 +488,15 @@ async fn handle(
                 store.events.push(object.clone());
             }
             let status = if verb == "create" {
-                "201 Created"
+                StatusCode::CREATED
             } else {
-                "200 OK"
+                StatusCode::OK
             };
-            respond(stream, status, &object).await
+            respond(status, &object)
         }
-        _ => {
-            respond(
-                stream,
-                "405 Method Not Allowed",
-                &status_body(405, "MethodNotAllowed", "the double only reads"),
-            )
-            .await
-        }
-    }
-}
-
-/// Streams watch events; `Ok(true)`: ended properly (the connection may be reused),
-/// `Ok(false)`: killed.
-async fn watch_stream(
-    stream: &mut TcpStream,
-    shared: &Arc<Shared>,
-    kind: Kind,
-    namespace: Option<&str>,
-    request: &HttpRequest,
-) -> std::io::Result<bool> {
-    let selector = request.query.get("fieldSelector");
-    let bookmarks = matches!(
-        request.query.get("allowWatchBookmarks").map(String::as_str),
-        Some("true" | "1")
-    );
-    let timeout = request
-        .query
-        .get("timeoutSeconds")
-        .and_then(|t| t.parse().ok())
-        .map_or(Duration::from_secs(290), Duration::from_secs);
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut versions = shared.version.subscribe();
-    let mut kill = shared.kill.subscribe();
-    let mut expire = shared.expire.subscribe();
-    kill.mark_unchanged();
-    expire.mark_unchanged();
-    stream
-        .write_all(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
-        )
-        .await?;
-    let requested = request
-        .query
-        .get("resourceVersion")
-        .cloned()
-        .unwrap_or_default();
-    // Where to start: a version to resume from, 410 Gone, or the current objects.
-    enum Start {
-        From(u64),
-        Gone(Value),
-        Current(Vec<Value>, u64),
-    }
-    let start = {
-        let store = shared.store.lock().expect("not poisoned");
-        match requested.parse::<u64>() {
-            Ok(version) if version > 0 && version < store.oldest => Start::Gone(status_body(
-                410,
-                "Expired",
-                &format!("too old resource version: {version} ({})", store.oldest),
-            )),
-            Ok(version) if version > 0 => Start::From(version),
-            // "" or "0": the current objects as ADDED first.
-            _ => Start::Current(
-                store
-                    .objects
-                    .values()
-                    .filter(|o| in_scope(kind, namespace, selector, o))
-                    .map(|o| json!({"type": "ADDED", "object": o}))
-                    .collect(),
-                store.version,
-            ),
-        }
-    };
-    let mut next = match start {
-        Start::From(version) => version,
-        Start::Gone(gone) => {
-            chunk(stream, &json!({"type": "ERROR", "object": gone})).await?;
-            stream.write_all(b"0\r\n\r\n").await?;
-            return Ok(true);
-        }
-        Start::Current(added, version) => {
-            for event in added {
-                chunk(stream, &event).await?;
-            }
-            version
-        }
-    };
-    let mut bookmark = tokio::time::interval(shared.bookmark_interval);
-    bookmark.tick().await;
-    loop {
-        let pending: Vec<Value> = {
-            let store = shared.store.lock().expect("not poisoned");
-            let changes: Vec<Value> = store
-                .history
-                .iter()
-                .filter(|c| c.version > next && in_scope(kind, namespace, selector, &c.object))
-                .map(|c| json!({"type": c.event, "object": c.object}))
-                .collect();
-            next = next.max(store.version);
-            changes
-        };
-        for event in pending {
-            chunk(stream, &event).await?;
-        }
-        tokio::select! {
-            _ = versions.changed() => {}
-            _ = kill.changed() => return Ok(false),
-            _ = expire.changed() => {
-                let gone = status_body(410, "Expired", &format!("too old resource version: {next}"));
-                chunk(stream, &json!({"type": "ERROR", "object": gone})).await?;
-                stream.write_all(b"0\r\n\r\n").await?;
-                return Ok(true);
-            }
-            _ = bookmark.tick(), if bookmarks => {
-                let mark = json!({"type": "BOOKMARK", "object": {
-                    "kind": kind.kind, "apiVersion": kind.api_version,
-                    "metadata": {"resourceVersion": next.to_string()},
-                }});
-                chunk(stream, &mark).await?;
-            }
-            _ = tokio::time::sleep_until(deadline) => {
-                stream.write_all(b"0\r\n\r\n").await?;
-                return Ok(true);
-            }
-        }
+        _ => respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &status_body(405, "MethodNotAllowed", "the double only reads"),
+        ),
     }
 }

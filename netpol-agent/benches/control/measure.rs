@@ -1,0 +1,196 @@
+//! The measurements: cold compiles per size, and change propagation into real kernel
+//! maps against a no-change baseline.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use netpol_agent::datapath::{Capacities, Datapath};
+use netpol_compile::state::ClusterState;
+use netpol_compile::{Compiled, Compiler};
+
+use crate::changes::{ChangeKind, change};
+use crate::common::{self, Summary, ms};
+use crate::{Config, Size};
+
+pub struct SizeResult {
+    pub size: Size,
+    pub local: usize,
+    pub rules: usize,
+    pub compile: Summary,
+    pub endpoints: usize,
+    pub ipcache: usize,
+    pub policy: usize,
+    pub identities: usize,
+}
+
+/// The cold compiles of `state`; also the last result and the compiler that made it.
+pub fn measure_compile(
+    state: &ClusterState,
+    size: Size,
+    runs: usize,
+) -> (SizeResult, Compiled, Compiler) {
+    let mut times = Vec::with_capacity(runs);
+    let mut last = None;
+    for _ in 0..runs {
+        let mut compiler = Compiler::new();
+        let t = Instant::now();
+        let compiled = compiler.compile(state);
+        times.push(ms(t.elapsed()));
+        last = Some((compiled, compiler));
+    }
+    let (compiled, compiler) = last.expect("runs > 0");
+    assert!(
+        compiled.diagnostics.is_empty(),
+        "synthetic cluster must be valid: {:?}",
+        &compiled.diagnostics[..compiled.diagnostics.len().min(5)]
+    );
+    let result = SizeResult {
+        size,
+        local: compiled.local_pods.len(),
+        rules: compiled.rules.len(),
+        compile: Summary::of(&times),
+        endpoints: compiled.endpoints.len(),
+        ipcache: compiled.ipcache.len(),
+        policy: compiled.policy.len(),
+        identities: compiled.identities.len(),
+    };
+    (result, compiled, compiler)
+}
+
+pub struct Propagation {
+    /// Per kind: total time, map writes, IPCACHE and POLICY entries changed.
+    pub per_kind: Vec<(ChangeKind, Summary, Summary, Summary, Summary)>,
+    pub total: Summary,
+    pub compile: Summary,
+    pub apply: Summary,
+    pub writes: Summary,
+    pub noop: Summary,
+    pub noop_compile: Summary,
+    pub noop_apply: Summary,
+    pub memory_after_apply: (f64, f64),
+    pub kernel_sizes: (usize, usize, usize),
+}
+
+pub fn propagation(
+    config: &Config,
+    dir: &std::path::Path,
+    mut state: ClusterState,
+    size: Size,
+    mut compiled: Compiled,
+    mut compiler: Compiler,
+) -> Propagation {
+    let mut datapath = Datapath::open(dir, &Capacities::default()).expect("load the programs");
+    datapath.sync_maps(&compiled).expect("initial apply");
+    let memory_after_apply = common::memory_mib();
+
+    // Baseline: the same loop without a change.
+    let (mut noop, mut noop_compile, mut noop_apply) = (vec![], vec![], vec![]);
+    for _ in 0..config.noop_runs {
+        let t0 = Instant::now();
+        let next = compiler.compile(&state);
+        let t1 = Instant::now();
+        let report = datapath.sync_maps(&next).expect("apply");
+        let t2 = Instant::now();
+        assert_eq!(report.maps.writes(), 0, "no change, no writes");
+        noop.push(ms(t2 - t0));
+        noop_compile.push(ms(t1 - t0));
+        noop_apply.push(ms(t2 - t1));
+        compiled = next;
+    }
+
+    type Samples = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+    let mut by_kind: BTreeMap<usize, Samples> = BTreeMap::new();
+    let (mut total, mut compile_t, mut apply_t, mut writes) = (vec![], vec![], vec![], vec![]);
+    let started = Instant::now();
+    for i in 0..config.changes {
+        let kind = change(&mut state, size, i);
+        let t0 = Instant::now();
+        let next = compiler.compile(&state);
+        let t1 = Instant::now();
+        let report = datapath.sync_maps(&next).expect("apply");
+        let t2 = Instant::now();
+        assert!(next.diagnostics.is_empty(), "{:?}", next.diagnostics);
+        total.push(ms(t2 - t0));
+        compile_t.push(ms(t1 - t0));
+        apply_t.push(ms(t2 - t1));
+        writes.push(report.maps.writes() as f64);
+        let entry = by_kind.entry(kind as usize).or_default();
+        entry.0.push(ms(t2 - t0));
+        entry.1.push(report.maps.writes() as f64);
+        // Which map the writes went to (outside the timed part).
+        entry
+            .2
+            .push(changed(&compiled.ipcache, &next.ipcache) as f64);
+        entry.3.push(changed(&compiled.policy, &next.policy) as f64);
+        compiled = next;
+        if i % 50 == 49 {
+            eprintln!(
+                "{} changes applied ({:.1} s)",
+                i + 1,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let kernel_sizes = datapath.map_sizes();
+    assert_eq!(
+        kernel_sizes,
+        (
+            compiled.endpoints.len(),
+            compiled.ipcache.len(),
+            compiled.policy.len()
+        )
+    );
+    datapath.shutdown();
+    Propagation {
+        per_kind: by_kind
+            .into_iter()
+            .map(|(k, (t, w, i, p))| {
+                let s = Summary::of;
+                (ChangeKind::ALL[k], s(&t), s(&w), s(&i), s(&p))
+            })
+            .collect(),
+        total: Summary::of(&total),
+        compile: Summary::of(&compile_t),
+        apply: Summary::of(&apply_t),
+        writes: Summary::of(&writes),
+        noop: Summary::of(&noop),
+        noop_compile: Summary::of(&noop_compile),
+        noop_apply: Summary::of(&noop_apply),
+        memory_after_apply,
+        kernel_sizes,
+    }
+}
+
+/// Entries added, removed or changed between two versions of a map.
+fn changed<K: Ord, V: PartialEq>(before: &BTreeMap<K, V>, after: &BTreeMap<K, V>) -> usize {
+    let (mut a, mut b) = (before.iter().peekable(), after.iter().peekable());
+    let mut n = 0;
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return n,
+            (Some(_), None) => {
+                a.next();
+                n += 1;
+            }
+            (None, Some(_)) => {
+                b.next();
+                n += 1;
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    a.next();
+                    n += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    b.next();
+                    n += 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    n += usize::from(va != vb);
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+}

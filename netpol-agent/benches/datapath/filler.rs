@@ -1,0 +1,112 @@
+//! Synthetic map contents of the measured shapes, written through the pinned maps.
+
+use std::path::Path;
+
+use aya::maps::lpm_trie::Key;
+use aya::maps::{HashMap, LpmTrie, Map, MapData};
+use netpol_common::{
+    Addr, DIR_EGRESS, DIR_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED,
+    EndpointInfo, POLICY_PREFIX_ANY_PORT, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue,
+    names,
+};
+use netpol_compile::Compiled;
+
+/// Synthetic map filler through the pinned maps.
+pub struct Filler {
+    endpoints: HashMap<MapData, Addr, EndpointInfo>,
+    ipcache: LpmTrie<MapData, Addr, PeerInfo>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    pub policy_written: usize,
+}
+
+/// Filler identities start here, above every identity the compiler hands out for the
+/// small cluster, so no filler entry ever decides a measured packet.
+pub const FILLER_IDENTITY: u32 = 1000;
+const FILLER_ENDPOINTS: u32 = 100;
+
+impl Filler {
+    pub fn open(maps: &Path) -> Filler {
+        let pinned = |name: &str| MapData::from_pin(maps.join(name)).expect("pinned map");
+        Filler {
+            endpoints: HashMap::try_from(Map::HashMap(pinned(names::ENDPOINTS))).expect("map"),
+            ipcache: LpmTrie::try_from(Map::LpmTrie(pinned(names::IPCACHE))).expect("map"),
+            policy: LpmTrie::try_from(Map::LpmTrie(pinned(names::POLICY))).expect("map"),
+            policy_written: 0,
+        }
+    }
+
+    /// 99 more local endpoints (ids 2..=100), as on a node with 100 pods.
+    pub fn endpoints(&mut self, compiled: &Compiled) {
+        for id in 2..=FILLER_ENDPOINTS {
+            let addr = Addr::v4([10, 0, 1, id as u8]);
+            let info = EndpointInfo {
+                id,
+                flags: ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED,
+            };
+            assert!(!compiled.endpoints.contains_key(&addr));
+            self.endpoints.insert(addr, info, 0).expect("ENDPOINTS");
+        }
+    }
+
+    /// IPCACHE up to `total`: pod /32s next to the measured ones (10.1.0.0 upwards) and,
+    /// every 100th, a /24 ipBlock (172.16.0.0/14 region).
+    pub fn ipcache(&mut self, already: usize, total: usize) {
+        for i in 0..total.saturating_sub(already) {
+            let n = i as u32;
+            let identity = FILLER_IDENTITY + n % 500;
+            let (prefix, octets) = if i % 100 == 99 {
+                let j = n / 100;
+                (32 + 24, [172, 16 + (j >> 8) as u8, j as u8, 0])
+            } else {
+                let a = (10u32 << 24) | (1 << 16) | n;
+                (32 + 32, a.to_be_bytes())
+            };
+            let key = Key::new(prefix, Addr::v4(octets));
+            let value = PeerInfo { identity, flags: 0 };
+            self.ipcache.insert(&key, value, 0).expect("IPCACHE");
+        }
+    }
+
+    /// POLICY up to `total` entries (`core` of them from the compiler): entry i goes to
+    /// endpoint 1 + i % 100 (endpoint 1 is the measured server), then identity, direction
+    /// and protocol vary; one in ten is a /8 port prefix, the rest exact ports.
+    pub fn policy(&mut self, core: usize, total: usize) {
+        let want = total.saturating_sub(core);
+        while self.policy_written < want {
+            let i = self.policy_written as u32;
+            let endpoint = 1 + i % FILLER_ENDPOINTS;
+            let rest = i / FILLER_ENDPOINTS;
+            let identity = FILLER_IDENTITY + rest % 250 + 250 * (rest / 1000);
+            let direction = if (rest / 250).is_multiple_of(2) {
+                DIR_INGRESS
+            } else {
+                DIR_EGRESS
+            };
+            let protocol = if (rest / 500).is_multiple_of(2) {
+                PROTO_TCP
+            } else {
+                PROTO_UDP
+            };
+            let (port, bits) = if rest % 10 == 9 {
+                (0x1f00u16, 8)
+            } else {
+                (1000 + (rest % 997) as u16, 16)
+            };
+            let key = PolicyKey {
+                endpoint,
+                identity,
+                direction,
+                protocol,
+                port: port.to_be_bytes(),
+            };
+            let value = PolicyValue {
+                rule: 100_000 + i,
+                _pad: 0,
+            };
+            self.policy
+                .insert(&Key::new(POLICY_PREFIX_ANY_PORT + bits, key), value, 0)
+                .expect("POLICY");
+            self.policy_written += 1;
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! What is measured: the small cluster compiled into the maps, and the scenarios (a
+//! program and a frame, with the verdict and counted reason expected).
+
+use std::net::IpAddr;
+
+use netpol_agent::datapath::HookKind;
+use netpol_agent::datapath::packet::{Frame, Transport, arp_frame};
+use netpol_agent::source::manifest::parse_documents;
+use netpol_common::{Reason, TCP_ACK, TCP_RST};
+use netpol_compile::state::{ClusterState, NodeContext};
+
+/// The measured cluster: `server` (local, node-0) accepts TCP 80-90 from `client`.
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: bench, labels: {team: perf}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: bench, labels: {app: server}}
+spec: {nodeName: node-0, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {phase: Running, podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: bench, labels: {app: client}}
+spec: {nodeName: node-1, containers: [{name: c}]}
+status: {phase: Running, podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: bench, labels: {app: other}}
+spec: {nodeName: node-1, containers: [{name: c}]}
+status: {phase: Running, podIP: 10.0.0.3}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server-ingress, namespace: bench}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  policyTypes: [Ingress]
+  ingress:
+    - from: [{podSelector: {matchLabels: {app: client}}}]
+      ports: [{protocol: TCP, port: 80, endPort: 90}]
+"#;
+
+pub const SERVER: &str = "10.0.0.1";
+pub const CLIENT: &str = "10.0.0.2";
+const NOT_LOCAL: &str = "10.0.0.3";
+
+/// What runs a frame: netpol's program of a hook, or the empty floor program.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Prog {
+    Netpol(HookKind),
+    Empty,
+}
+
+pub struct Scenario {
+    pub key: &'static str,
+    pub name: &'static str,
+    pub method: &'static str,
+    pub prog: Prog,
+    pub frame: Vec<u8>,
+    /// Expected TC action and counted reason (none for the empty program).
+    pub action: i32,
+    pub reason: Option<Reason>,
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("IP")
+}
+
+pub fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    Frame::new(
+        ip(src),
+        ip(dst),
+        Transport::Tcp {
+            sport,
+            dport,
+            flags,
+        },
+    )
+    .build()
+}
+
+pub fn scenarios() -> Vec<Scenario> {
+    use HookKind::{FromPod, ToPod};
+    const PASS: i32 = -1;
+    const SHOT: i32 = 2;
+    vec![
+        Scenario {
+            key: "empty_program",
+            name: "floor: empty TC program",
+            method: "`r0 = -1; exit` (raw BPF_PROG_LOAD), any frame",
+            prog: Prog::Empty,
+            frame: arp_frame(),
+            action: PASS,
+            reason: None,
+        },
+        Scenario {
+            key: "netpol_arp",
+            name: "floor: netpol, non-IP frame",
+            method: "to_pod, ARP request: Ethernet parse only",
+            prog: Prog::Netpol(ToPod),
+            frame: arp_frame(),
+            action: PASS,
+            reason: Some(Reason::NotEndpoint),
+        },
+        Scenario {
+            key: "netpol_not_endpoint",
+            name: "floor: netpol, IP, not an endpoint",
+            method: "to_pod, TCP SYN to a non-local pod: parse + CT miss + IFACES + ENDPOINTS miss",
+            prog: Prog::Netpol(ToPod),
+            frame: tcp(CLIENT, NOT_LOCAL, 40000, 80, netpol_common::TCP_SYN),
+            action: PASS,
+            reason: Some(Reason::NotEndpoint),
+        },
+        Scenario {
+            key: "established",
+            name: "established flow (CT hit)",
+            method: "to_pod, ACK of a tuple whose SYN and SYN-ACK passed: CT hit (ENDPOINTS not needed)",
+            prog: Prog::Netpol(ToPod),
+            frame: tcp(CLIENT, SERVER, 40000, 80, TCP_ACK),
+            action: PASS,
+            reason: Some(Reason::Established),
+        },
+        Scenario {
+            key: "established_reply",
+            name: "established flow, reply (CT hit)",
+            method: "from_pod, server's ACK on the same tuple: CT hit (ENDPOINTS not needed)",
+            prog: Prog::Netpol(FromPod),
+            frame: tcp(SERVER, CLIENT, 80, 40000, TCP_ACK),
+            action: PASS,
+            reason: Some(Reason::Reply),
+        },
+        Scenario {
+            key: "new_flow_denied",
+            name: "new flow, denied",
+            method: "to_pod, SYN to port 91: CT miss + IFACES + ENDPOINTS + IPCACHE + 1 POLICY miss (no any-peer rules; no CT entry)",
+            prog: Prog::Netpol(ToPod),
+            frame: tcp(CLIENT, SERVER, 40001, 91, netpol_common::TCP_SYN),
+            action: SHOT,
+            reason: Some(Reason::PolicyDenied),
+        },
+        Scenario {
+            key: "new_flow_allowed_rst",
+            name: "new flow, allowed (RST)",
+            method: "to_pod, RST to port 85: CT miss + IFACES + ENDPOINTS + IPCACHE + 1 POLICY hit (RST opens no CT entry)",
+            prog: Prog::Netpol(ToPod),
+            frame: tcp(CLIENT, SERVER, 40002, 85, TCP_RST),
+            action: PASS,
+            reason: Some(Reason::PolicyAllowed),
+        },
+    ]
+}
+
+pub fn state() -> ClusterState {
+    let mut state = ClusterState {
+        node: NodeContext {
+            name: Some("node-0".into()),
+            ips: vec![ip("10.99.0.1")],
+        },
+        ..ClusterState::default()
+    };
+    for object in parse_documents(CLUSTER, "bench") {
+        object
+            .expect("bench manifests are valid")
+            .insert_into(&mut state);
+    }
+    state
+}

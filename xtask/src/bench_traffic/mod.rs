@@ -1,0 +1,137 @@
+//! `cargo xtask bench traffic`: pod-to-pod TCP throughput and 1-byte request/response
+//! latency on an emulated node, with no enforcement, with netpol enforcing 1,000
+//! NetworkPolicies, and with the same policies enforced the iptables + ipset way (as
+//! kube-router does). See docs/BENCHMARKS.md ("Traffic").
+//!
+//! - `setups.rs`: switching each setup's enforcement on and off, checked by probes;
+//! - `measure.rs`: the servers in x/server and one measurement run from x/client;
+//! - `policies.rs`: the generated policies; `iptables.rs`: their iptables + ipset form;
+//! - `report.rs`: medians, the table and `target/bench/traffic.json`.
+
+mod iptables;
+mod measure;
+mod policies;
+mod report;
+mod setups;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use netpol_lab::{Lab, ManifestDir, PodSpec, Port};
+
+use crate::ui;
+use iptables::IptablesRules;
+use measure::BenchServers;
+use policies::{generate_policies, policies_yaml};
+use report::{Facts, Row};
+use setups::{NAMES, Setups, check_enforcement};
+
+const STREAM_PORT: u16 = 5201;
+const RR_PORT: u16 = 5202;
+const PROBE_PORT: u16 = 80;
+const POLICIES: usize = 1000;
+/// Policies that select the server (the rest select other, absent, pods).
+const SERVER_POLICIES: usize = 10;
+const OTHER_NAMESPACES: usize = 20;
+
+/// Sizes of one run.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    pub runs: usize,
+    pub stream_for: Duration,
+    pub round_trips: usize,
+}
+
+impl Sizes {
+    pub fn new(smoke: bool) -> Self {
+        if smoke {
+            Self {
+                runs: 1,
+                stream_for: Duration::from_millis(200),
+                round_trips: 300,
+            }
+        } else {
+            Self {
+                runs: 7,
+                stream_for: Duration::from_secs(3),
+                round_trips: 20_000,
+            }
+        }
+    }
+}
+
+/// Runs the benchmark: prints the table, writes `target/bench/traffic.json`.
+pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        println!("traffic: skipped (needs root for the lab)");
+        return Ok(());
+    }
+    let sizes = Sizes::new(smoke);
+    let started = Instant::now();
+    let mut lab = Lab::new()?;
+    lab.set_namespace_labels("x", [("team", "x")]);
+    for i in 0..OTHER_NAMESPACES {
+        lab.set_namespace_labels(&format!("ns-{i}"), [("team", format!("t{}", i % 5))]);
+    }
+    lab.add_pod(
+        PodSpec::new("x", "client")
+            .label("app", "client")
+            .label("tier", "frontend"),
+    )?;
+    lab.add_pod(
+        PodSpec::new("x", "server")
+            .label("app", "server")
+            .label("tier", "backend")
+            .port(Port::tcp(PROBE_PORT)),
+    )?;
+    // Not allowed by any policy: proves the policies are in force.
+    lab.add_pod(PodSpec::new("x", "intruder").label("app", "intruder"))?;
+
+    let server = lab.pod("x/server").context("x/server")?;
+    let server_ip = server.ipv4;
+    let servers = BenchServers::start(&lab, server_ip)?;
+    let policies = generate_policies();
+    let rules = IptablesRules::generate(&lab, &policies)?;
+    let iptables_counts = (rules.chains, rules.rules, rules.sets, rules.set_members);
+    let mut manifests = ManifestDir::create(lab.workdir().join("manifests"))?;
+    let generation = manifests.write(&lab, &policies_yaml(&policies)?)?;
+    let mut setups = Setups {
+        lab: &lab,
+        server_ip,
+        sizes,
+        agent_bin,
+        manifests: &manifests,
+        generation,
+        rules: &rules,
+        agent_ready: Duration::ZERO,
+        iptables_load: Duration::ZERO,
+    };
+
+    // The setups take turns, one run each per round, and each round starts with the
+    // next setup: drift in the machine (other tenants, frequency) spreads over all
+    // three instead of landing on whichever was measured in its block.
+    let mut rows: Vec<Row> = NAMES.iter().map(|name| Row::new(name)).collect();
+    check_enforcement(&lab, false, "none")?;
+    for round in 0..sizes.runs {
+        ui::step(&format!("traffic: round {} of {}", round + 1, sizes.runs));
+        for k in 0..NAMES.len() {
+            let setup = (round + k) % NAMES.len();
+            setups.run(setup, &mut rows[setup])?;
+        }
+    }
+    report::medians(&rows);
+    let facts = Facts {
+        smoke,
+        sizes,
+        iptables_counts,
+        iptables_load: setups.iptables_load,
+        agent_ready: setups.agent_ready,
+        started,
+    };
+
+    servers.stop();
+    drop(lab);
+
+    report::write(&rows, &facts)
+}
