@@ -1,6 +1,6 @@
 //! The agent's run: source → state → compile → datapath, one direction.
 //!
-//! A [`Source`] says when the cluster may have changed and fills a [`ClusterState`];
+//! A [`Source`] ([`crate::source`]) says when the cluster may have changed and fills a [`ClusterState`];
 //! the [`Reconciler`] (the control loop) then compiles and applies (the datapath writes
 //! only differences) and writes the status file. Every `resync` it also re-checks
 //! interfaces, so veths that appear after their pod was declared get their programs;
@@ -12,22 +12,19 @@
 //! - Kubernetes mode ([`run_kube`]): watchers feed reflector stores; changes are batched
 //!   (debounce, bounded latency); the generation is the highest resourceVersion applied.
 
-use std::future::Future;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::datapath::{self, Capacities, Datapath};
 use crate::reconcile::Reconciler;
-use crate::source::kube::{self as kube_source, KubeSource};
-use crate::source::local::{Fingerprint, ManifestDir};
+use crate::source::kube::{self as kube_source, ClusterWatch, KubeSource};
+use crate::source::local::LocalSource;
+use crate::source::{self, Source};
 use crate::telemetry::flowlog::{self, SharedResolver};
 use crate::telemetry::health::Health;
-use netpol_compile::Diagnostic;
-use netpol_compile::state::{ClusterState, NodeContext};
 
 /// Errors that stop the agent. Each variant is one metric label.
 #[derive(Debug, thiserror::Error)]
@@ -36,13 +33,8 @@ pub enum Error {
     Datapath(#[from] datapath::Error),
     #[error(transparent)]
     FlowLog(#[from] flowlog::Error),
-    #[error("manifest directory {path}: {source}")]
-    Manifests {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error(transparent)]
-    Kube(#[from] kube_source::Error),
+    Source(#[from] source::Error),
     #[error("status file {path}: {source}")]
     Status {
         path: PathBuf,
@@ -73,139 +65,6 @@ pub struct Config {
     pub resync: Duration,
 }
 
-/// What changed in the cluster, as a source reports it.
-#[derive(Debug, Default)]
-pub struct Update {
-    /// Problems only the source can see (local mode: unreadable files and documents,
-    /// missing names, duplicates); the compiler reports the rest.
-    pub diagnostics: Vec<Diagnostic>,
-    /// The generation to report once this state is in the kernel; `None`: unchanged.
-    pub generation: Option<u64>,
-}
-
-/// Where cluster state comes from.
-pub trait Source {
-    /// Waits (bounded by the source's own poll interval) for the next chance of a change;
-    /// `Ok(true)` when the state changed since the last [`Source::snapshot`] and is
-    /// complete. Never `true` before the source has a complete view.
-    fn changed(&mut self) -> impl Future<Output = Result<bool, Error>> + Send;
-
-    /// Fills `state` (objects and node context).
-    fn snapshot(&mut self, state: &mut ClusterState) -> Result<Update, Error>;
-
-    /// Publishes diagnostics that appeared with the last snapshot and compile, or with
-    /// the last apply (already logged, see [`Reporter`]), where the source has a channel
-    /// for them (Kubernetes Events).
-    fn report(&mut self, _new: &[Diagnostic]) {}
-}
-
-/// Local mode: the manifest directory, polled.
-pub struct LocalManifests {
-    source: ManifestDir,
-    node_name: Option<String>,
-    ticker: tokio::time::Interval,
-    fingerprint: Option<Fingerprint>,
-    current: Option<Fingerprint>,
-}
-
-impl LocalManifests {
-    pub fn new(dir: impl Into<PathBuf>, node_name: Option<String>, poll: Duration) -> Self {
-        let mut ticker = tokio::time::interval(poll);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        LocalManifests {
-            source: ManifestDir::new(dir),
-            node_name,
-            ticker,
-            fingerprint: None,
-            current: None,
-        }
-    }
-
-    fn error(&self, source: std::io::Error) -> Error {
-        Error::Manifests {
-            path: self.source.dir().to_path_buf(),
-            source,
-        }
-    }
-}
-
-impl Source for LocalManifests {
-    async fn changed(&mut self) -> Result<bool, Error> {
-        self.ticker.tick().await;
-        let current = self.source.fingerprint().map_err(|e| self.error(e))?;
-        let changed = self.fingerprint.as_ref() != Some(&current);
-        self.current = Some(current);
-        Ok(changed)
-    }
-
-    fn snapshot(&mut self, state: &mut ClusterState) -> Result<Update, Error> {
-        let snapshot = self.source.read().map_err(|e| self.error(e))?;
-        self.fingerprint = self.current.take();
-        state.node = NodeContext {
-            name: self.node_name.clone(),
-            ips: local_addresses(),
-        };
-        let (diagnostics, generation) = snapshot.into_state(state);
-        Ok(Update {
-            diagnostics,
-            generation,
-        })
-    }
-}
-
-/// Kubernetes mode: the API server's objects, through [`KubeSource`].
-pub struct KubeWatch {
-    source: KubeSource,
-    node_name: String,
-    poll: Duration,
-}
-
-impl KubeWatch {
-    pub fn new(source: KubeSource, node_name: String, poll: Duration) -> Self {
-        KubeWatch {
-            source,
-            node_name,
-            poll,
-        }
-    }
-}
-
-impl Source for KubeWatch {
-    async fn changed(&mut self) -> Result<bool, Error> {
-        Ok(self.source.changed(self.poll).await?)
-    }
-
-    fn snapshot(&mut self, state: &mut ClusterState) -> Result<Update, Error> {
-        let snapshot = self.source.snapshot(state);
-        // The Node object's addresses, and the addresses of this network namespace
-        // (the agent runs with hostNetwork): bridge CNIs source host-to-pod traffic
-        // from the bridge's address, which no Node object lists.
-        let mut ips = snapshot.node_ips;
-        ips.extend(local_addresses());
-        ips.sort();
-        ips.dedup();
-        state.node = NodeContext {
-            name: Some(self.node_name.clone()),
-            ips,
-        };
-        Ok(Update {
-            diagnostics: Vec::new(),
-            generation: snapshot.generation,
-        })
-    }
-
-    fn report(&mut self, new: &[Diagnostic]) {
-        self.source.report(new);
-    }
-}
-
-fn local_addresses() -> Vec<IpAddr> {
-    crate::node::addresses().unwrap_or_else(|error| {
-        warn!(%error, "cannot list node addresses");
-        Vec::new()
-    })
-}
-
 /// What happens to programs, links and maps when the agent exits cleanly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum OnExit {
@@ -226,7 +85,7 @@ pub async fn run_local(
     health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
-    let source = LocalManifests::new(manifests, config.node_name.clone(), config.poll);
+    let source = LocalSource::new(manifests, config.node_name.clone(), config.poll);
     run(&config, datapath, source, &health, shutdown).await
 }
 
@@ -246,13 +105,10 @@ pub async fn run_kube(
     health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
-    let node_name = config
-        .node_name
-        .clone()
-        .ok_or(kube_source::Error::NoNodeName)?;
+    let node_name = config.node_name.clone().ok_or(source::Error::NoNodeName)?;
     let client_config = kube_source::config(kube.kubeconfig.as_deref()).await?;
-    let source = KubeSource::start(client_config, kube.settings)?;
-    let source = KubeWatch::new(source, node_name, config.poll);
+    let watch = ClusterWatch::start(client_config, kube.settings)?;
+    let source = KubeSource::new(watch, node_name, config.poll);
     run(&config, datapath, source, &health, shutdown).await
 }
 

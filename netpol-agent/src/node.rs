@@ -33,6 +33,15 @@ pub fn addresses() -> std::io::Result<Vec<IpAddr>> {
     Ok(addresses)
 }
 
+/// [`addresses`] for a source's node context: none when they cannot be listed (logged),
+/// so that a failure costs the node addresses, not the snapshot.
+pub fn addresses_or_none() -> Vec<IpAddr> {
+    addresses().unwrap_or_else(|error| {
+        tracing::warn!(%error, "cannot list node addresses");
+        Vec::new()
+    })
+}
+
 /// One route: destination prefix -> output interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
-use netpol_agent::source::kube::{KubeSource, Settings};
+use netpol_agent::source::kube::{ClusterWatch, Settings};
 use netpol_compile::state::ClusterState;
 use netpol_lab::apiserver::{ApiServer, Request};
 use serde::Serialize;
@@ -247,7 +247,7 @@ async fn the_cluster_role_covers_every_call_the_agent_makes_and_no_more() {
     let mut settings = Settings::new("n1");
     settings.debounce = Duration::from_millis(10);
     let config = kube::Config::new(server.url().parse().unwrap());
-    let mut source = KubeSource::start(config, settings).unwrap();
+    let mut source = ClusterWatch::start(config, settings).unwrap();
     let mut state = ClusterState::default();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {

@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use netpol_agent::source::kube::{KubeSource, Settings};
+use netpol_agent::source::kube::{ClusterWatch, Settings};
 use netpol_compile::Compiler;
 use netpol_compile::state::{ClusterState, ObjectRef};
 use netpol_lab::apiserver::ApiServer;
@@ -68,14 +68,14 @@ fn settings() -> Settings {
     settings
 }
 
-fn source(server: &ApiServer) -> KubeSource {
+fn source(server: &ApiServer) -> ClusterWatch {
     let config = kube::Config::new(server.url().parse().expect("a URL"));
-    KubeSource::start(config, settings()).expect("the source starts")
+    ClusterWatch::start(config, settings()).expect("the source starts")
 }
 
 /// Takes snapshots on every change until `done` holds for the state (bounded).
 async fn wait_for(
-    source: &mut KubeSource,
+    source: &mut ClusterWatch,
     state: &mut ClusterState,
     what: &str,
     done: impl Fn(&ClusterState) -> bool,
@@ -104,7 +104,7 @@ async fn wait_for(
 }
 
 /// Drives the source (so its logs are flushed) for `period` without expecting changes.
-async fn idle(source: &mut KubeSource, state: &mut ClusterState, period: Duration) {
+async fn idle(source: &mut ClusterWatch, state: &mut ClusterState, period: Duration) {
     let deadline = tokio::time::Instant::now() + period;
     while tokio::time::Instant::now() < deadline {
         if source.changed(Duration::from_millis(50)).await.unwrap() {

@@ -76,11 +76,6 @@ impl PortProtocol {
             protocol: PROTO_UDP,
         }
     }
-
-    /// Whether the protocol has ports (TCP, UDP, SCTP).
-    pub fn has_ports(&self) -> bool {
-        matches!(self.protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
-    }
 }
 
 impl std::fmt::Display for PortProtocol {

@@ -16,8 +16,9 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
-use crate::agent::{Config, Error, Source};
+use crate::agent::{Config, Error};
 use crate::datapath::{self, Datapath, links::LinkEvents};
+use crate::source::Source;
 use crate::telemetry::flowlog::{Resolver, SharedResolver};
 use crate::telemetry::health::Health;
 use crate::telemetry::kernel::KernelRefresh;

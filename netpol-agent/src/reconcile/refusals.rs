@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 
 use tracing::{info, warn};
 
-use crate::agent::Source;
 use crate::datapath;
+use crate::source::Source;
 use crate::telemetry::flowlog;
 use crate::telemetry::health::Health;
 use netpol_compile::{Compiled, Diagnostic, Kind, ObjectName, Subject};

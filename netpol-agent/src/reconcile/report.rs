@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use netpol_compile::Diagnostic;
 use tracing::warn;
 
-use crate::agent::Source;
+use crate::source::Source;
 use crate::telemetry::health::Health;
 
 /// Each distinct diagnostic is logged once while it lasts and handed to

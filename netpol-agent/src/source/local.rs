@@ -1,5 +1,9 @@
 //! Local mode: cluster state from a directory of manifests, re-read when it changes.
 //!
+//! [`LocalSource`] is the [`Source`]: it polls a [`ManifestDir`] (a cheap fingerprint
+//! every `poll` interval) and reads it when the fingerprint changed; the status file's
+//! generation is the directory's `.generation`.
+//!
 //! Files: every `*.yaml`, `*.yml` and `*.json` directly in the directory (hidden files
 //! are skipped). `.generation`, when present, holds the change counter that the agent
 //! echoes in its status file once the kernel has the change (see docs/ARCHITECTURE.md).
@@ -12,14 +16,69 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{ClusterState, NodeContext, ObjectRef};
 use netpol_compile::{Diagnostic, Kind, ObjectName, Subject};
 
 use super::manifest::{self, Object};
+use super::{Error, Source, Update};
+
+/// Local mode's [`Source`]: the manifest directory, polled.
+pub struct LocalSource {
+    dir: ManifestDir,
+    node_name: Option<String>,
+    ticker: tokio::time::Interval,
+    fingerprint: Option<Fingerprint>,
+    current: Option<Fingerprint>,
+}
+
+impl LocalSource {
+    pub fn new(dir: impl Into<PathBuf>, node_name: Option<String>, poll: Duration) -> Self {
+        let mut ticker = tokio::time::interval(poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        LocalSource {
+            dir: ManifestDir::new(dir),
+            node_name,
+            ticker,
+            fingerprint: None,
+            current: None,
+        }
+    }
+
+    fn error(&self, source: std::io::Error) -> Error {
+        Error::Manifests {
+            path: self.dir.dir().to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl Source for LocalSource {
+    async fn changed(&mut self) -> Result<bool, Error> {
+        self.ticker.tick().await;
+        let current = self.dir.fingerprint().map_err(|e| self.error(e))?;
+        let changed = self.fingerprint.as_ref() != Some(&current);
+        self.current = Some(current);
+        Ok(changed)
+    }
+
+    fn snapshot(&mut self, state: &mut ClusterState) -> Result<Update, Error> {
+        let snapshot = self.dir.read().map_err(|e| self.error(e))?;
+        self.fingerprint = self.current.take();
+        state.node = NodeContext {
+            name: self.node_name.clone(),
+            ips: crate::node::addresses_or_none(),
+        };
+        let (diagnostics, generation) = snapshot.into_state(state);
+        Ok(Update {
+            diagnostics,
+            generation,
+        })
+    }
+}
 
 /// Identity of a file's contents for change detection.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]

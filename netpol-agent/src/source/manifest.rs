@@ -95,7 +95,7 @@ pub fn parse_documents(text: &str, origin: &str) -> Vec<Parsed> {
 }
 
 /// Parses one object from its JSON form.
-pub fn parse_object(value: Value, origin: &str) -> Parsed {
+fn parse_object(value: Value, origin: &str) -> Parsed {
     let kind = value
         .get("kind")
         .and_then(Value::as_str)

@@ -1,7 +1,8 @@
 //! Liveness, readiness and metrics over HTTP, for the kubelet's probes and Prometheus.
 //!
 //! - `GET /healthz` (or `/livez`): 200 while the control loop turns (it beats at least
-//!   every poll interval), 503 when it has not beaten for [`Health::stall`].
+//!   every poll interval), 503 when it has not beaten for the `stall` given to
+//!   [`Health::new`].
 //! - `GET /readyz`: 200 once the first complete state is in the kernel (in Kubernetes
 //!   mode: after every initial list), 503 before.
 //! - `GET /metrics`: Prometheus metrics (OpenMetrics text; see `metrics.rs`).
@@ -84,10 +85,6 @@ impl Health {
     pub fn is_live(&self) -> bool {
         let beat = Duration::from_millis(self.beat_ms.load(Ordering::Relaxed));
         self.started.elapsed().saturating_sub(beat) < self.stall
-    }
-
-    pub fn stall(&self) -> Duration {
-        self.stall
     }
 }
 

@@ -14,7 +14,8 @@ use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Failure, Signal, Watched, chain};
+use super::incidents::{Failure, Signal, chain};
+use super::settings::Watched;
 
 /// Wraps the client's service stack.
 pub(super) struct WatchStreamLayer {

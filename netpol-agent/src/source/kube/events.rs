@@ -1,0 +1,120 @@
+//! What the compiler reports about NetworkPolicies and Pods, published as Kubernetes
+//! Events on the objects.
+
+use std::collections::BTreeMap;
+use std::hash::Hash;
+use std::time::Duration;
+
+use ::kube::runtime::events::{Event as KubeEvent, EventType};
+use ::kube::runtime::reflector::{Lookup, Store};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use tracing::debug;
+
+use netpol_compile::state::ObjectRef;
+use netpol_compile::{Diagnostic, Kind};
+
+use super::incidents::chain;
+use super::watches::{ClusterWatch, object_ref};
+
+/// Bound on publishing one Event.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ClusterWatch {
+    /// Publishes Events for new diagnostics about NetworkPolicies (invalid) and Pods
+    /// (not fully programmed: a map was full), in the background, each bounded by a
+    /// timeout; failures are logged at debug level.
+    pub fn report(&self, diagnostics: &[Diagnostic]) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        let mut notes: BTreeMap<(Subject, ObjectRef), Vec<String>> = BTreeMap::new();
+        for diagnostic in diagnostics {
+            let (subject, key) = match diagnostic.object() {
+                Some((Kind::NetworkPolicy, key)) => (Subject::Policy, key),
+                Some((Kind::Pod, key)) => (Subject::Pod, key),
+                _ => continue,
+            };
+            let text = if diagnostic.field.is_empty() {
+                diagnostic.message.clone()
+            } else {
+                format!("{}: {}", diagnostic.field, diagnostic.message)
+            };
+            notes.entry((subject, key.clone())).or_default().push(text);
+        }
+        for ((subject, key), notes) in notes {
+            let reference = match subject {
+                Subject::Policy => self.reference::<NetworkPolicy>(&self.stores.policies, &key),
+                Subject::Pod => self.reference::<Pod>(&self.stores.pods, &key),
+            };
+            let mut note = notes.join("; ");
+            // The API server limits an Event's note to 1 kB.
+            if note.len() > 1000 {
+                let mut end = 1000;
+                while !note.is_char_boundary(end) {
+                    end -= 1;
+                }
+                note.truncate(end);
+            }
+            let event = KubeEvent {
+                type_: EventType::Warning,
+                reason: subject.reason().into(),
+                note: Some(note),
+                action: "Enforce".into(),
+                secondary: None,
+            };
+            let recorder = recorder.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(EVENT_TIMEOUT, recorder.publish(&event, &reference))
+                    .await
+                {
+                    Ok(Ok(())) => debug!(object = %key, "Event published"),
+                    Ok(Err(error)) => {
+                        debug!(object = %key, error = %chain(&error), "cannot publish the Event");
+                    }
+                    Err(_elapsed) => debug!(object = %key, "publishing the Event timed out"),
+                }
+            });
+        }
+    }
+
+    fn reference<K>(&self, store: &Store<K>, key: &ObjectRef) -> ObjectReference
+    where
+        K: k8s_openapi::Resource
+            + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>
+            + Lookup
+            + Clone
+            + 'static,
+        K::DynamicType: Eq + Hash + Clone,
+    {
+        let uid = store
+            .state()
+            .into_iter()
+            .find(|o| object_ref(o.metadata()).as_ref() == Some(key))
+            .and_then(|o| o.metadata().uid.clone());
+        ObjectReference {
+            api_version: Some(K::API_VERSION.into()),
+            kind: Some(K::KIND.into()),
+            namespace: Some(key.namespace.clone()),
+            name: Some(key.name.clone()),
+            uid,
+            ..ObjectReference::default()
+        }
+    }
+}
+
+/// What an Event is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Subject {
+    Policy,
+    Pod,
+}
+
+impl Subject {
+    fn reason(self) -> &'static str {
+        match self {
+            Subject::Policy => "InvalidNetworkPolicy",
+            Subject::Pod => "NetworkPolicyNotProgrammed",
+        }
+    }
+}

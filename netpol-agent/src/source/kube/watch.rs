@@ -1,0 +1,109 @@
+//! One watcher task: list + watch into a reflector store, signalling the source.
+
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ::kube::Resource;
+use ::kube::api::Api;
+use ::kube::runtime::reflector::Lookup;
+use ::kube::runtime::reflector::store::Writer;
+use ::kube::runtime::utils::Backoff as _;
+use ::kube::runtime::watcher::{self, Event};
+use futures::StreamExt as _;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use super::incidents::{Backoff, Failure, INCIDENT_QUIET, Signal};
+use super::settings::Watched;
+
+/// What a watcher task needs besides its API and store.
+pub(super) struct WatchContext {
+    pub(super) watched: Watched,
+    pub(super) tx: mpsc::UnboundedSender<Signal>,
+    pub(super) resource_version: Arc<AtomicU64>,
+    pub(super) backoff: Backoff,
+}
+
+/// Runs one watcher into its store until the source is dropped.
+pub(super) async fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    mut writer: Writer<K>,
+    trim: fn(&mut K),
+    mut context: WatchContext,
+) where
+    K: Resource + Lookup + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    <K as Lookup>::DynamicType: Eq + Hash + Clone,
+{
+    let watched = context.watched;
+    loop {
+        let mut stream = watcher::watcher(api.clone(), config.clone()).boxed();
+        // Highest version of a list in progress: counted once the list is complete.
+        let mut listing = 0u64;
+        while let Some(item) = stream.next().await {
+            let signal = match item {
+                Ok(event) => {
+                    context.backoff.reset();
+                    let event = event.modify(|object: &mut K| {
+                        let version = numeric_version(object);
+                        listing = listing.max(version);
+                        trim(object);
+                    });
+                    writer.apply_watcher_event(&event);
+                    match &event {
+                        Event::Init => {
+                            listing = 0;
+                            None
+                        }
+                        Event::InitApply(_) => None,
+                        Event::InitDone => {
+                            context
+                                .resource_version
+                                .fetch_max(std::mem::take(&mut listing), Ordering::AcqRel);
+                            Some(Signal::Synced(watched))
+                        }
+                        Event::Apply(_) | Event::Delete(_) => {
+                            context
+                                .resource_version
+                                .fetch_max(std::mem::take(&mut listing), Ordering::AcqRel);
+                            Some(Signal::Changed(watched))
+                        }
+                    }
+                }
+                Err(error) => {
+                    let failure = Failure::of(&error);
+                    // kube's watcher retries a watch refused with HTTP 410 from the same
+                    // version forever: start over with a fresh list instead.
+                    let relist = matches!(
+                        &error,
+                        watcher::Error::WatchStartFailed(::kube::Error::Api(status)) if status.code == 410
+                    );
+                    if context.tx.send(Signal::Failed(watched, failure)).is_err() {
+                        return;
+                    }
+                    // The backoff has no limit of attempts: it always gives a delay.
+                    let delay = context.backoff.next().unwrap_or(INCIDENT_QUIET);
+                    tokio::time::sleep(delay).await;
+                    if relist {
+                        break;
+                    }
+                    None
+                }
+            };
+            if let Some(signal) = signal
+                && context.tx.send(signal).is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// `metadata.resourceVersion` as a number (0 when absent or opaque).
+fn numeric_version<K: Resource>(object: &K) -> u64 {
+    ::kube::ResourceExt::resource_version(object)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,302 @@
+//! The watchers' stores: started together, batched into changes, read as snapshots.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ::kube::Client;
+use ::kube::api::Api;
+use ::kube::runtime::events::{Recorder, Reporter};
+use ::kube::runtime::reflector::Store;
+use ::kube::runtime::watcher;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use netpol_compile::state::{ClusterState, ObjectRef};
+
+use super::incidents::{self, Incidents, Signal};
+use super::settings::{Settings, Watched};
+use super::watch::{WatchContext, watch};
+use super::{streams, trim};
+use crate::source::Error;
+
+/// How often the wait for the initial lists is reported.
+const WAITING_REPORT: Duration = Duration::from_secs(30);
+
+/// The reflector stores, read by [`ClusterWatch::snapshot`].
+#[derive(Clone)]
+pub(super) struct Stores {
+    pub(super) namespaces: Store<Namespace>,
+    pub(super) pods: Store<Pod>,
+    pub(super) policies: Store<NetworkPolicy>,
+    pub(super) node: Store<Node>,
+}
+
+/// Cluster state from the Kubernetes API. Dropping it stops the watchers.
+pub struct ClusterWatch {
+    settings: Settings,
+    pub(super) stores: Stores,
+    signals: mpsc::UnboundedReceiver<Signal>,
+    tasks: Vec<JoinHandle<()>>,
+    /// Highest resourceVersion in the stores (when numeric, as etcd revisions are).
+    resource_version: Arc<AtomicU64>,
+    synced: BTreeSet<Watched>,
+    /// A change arrived since the last snapshot.
+    dirty: bool,
+    incidents: Incidents,
+    started: Instant,
+    last_waiting_report: Instant,
+    pub(super) recorder: Option<Recorder>,
+}
+
+impl Drop for ClusterWatch {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl ClusterWatch {
+    /// Builds the client and starts the watchers (on the current tokio runtime).
+    pub fn start(config: ::kube::Config, settings: Settings) -> Result<Self, Error> {
+        let (tx, signals) = mpsc::unbounded_channel();
+        let client: Client = ::kube::client::ClientBuilder::try_from(config)
+            .map_err(Error::Client)?
+            .with_layer(&streams::WatchStreamLayer {
+                signals: tx.clone(),
+            })
+            .build();
+        let resource_version = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        let node_selector = format!("metadata.name={}", settings.node_name);
+        let context = |watched| WatchContext {
+            watched,
+            tx: tx.clone(),
+            resource_version: resource_version.clone(),
+            backoff: incidents::backoff(settings.backoff_initial, settings.backoff_max),
+        };
+        let (namespaces, writer) = ::kube::runtime::reflector::store();
+        tasks.push(tokio::spawn(watch(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+            writer,
+            trim::namespace,
+            context(Watched::Namespaces),
+        )));
+        let (pods, writer) = ::kube::runtime::reflector::store();
+        tasks.push(tokio::spawn(watch(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default(),
+            writer,
+            trim::pod,
+            context(Watched::Pods),
+        )));
+        let (policies, writer) = ::kube::runtime::reflector::store();
+        tasks.push(tokio::spawn(watch(
+            Api::<NetworkPolicy>::all(client.clone()),
+            watcher::Config::default(),
+            writer,
+            trim::network_policy,
+            context(Watched::NetworkPolicies),
+        )));
+        let (node, writer) = ::kube::runtime::reflector::store();
+        tasks.push(tokio::spawn(watch(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().fields(&node_selector),
+            writer,
+            trim::node,
+            context(Watched::Node),
+        )));
+        let recorder = settings.events.then(|| {
+            Recorder::new(
+                client,
+                Reporter {
+                    controller: "netpol-agent".into(),
+                    instance: settings.instance.clone(),
+                },
+            )
+        });
+        let now = Instant::now();
+        Ok(ClusterWatch {
+            settings,
+            stores: Stores {
+                namespaces,
+                pods,
+                policies,
+                node,
+            },
+            signals,
+            tasks,
+            resource_version,
+            synced: BTreeSet::new(),
+            dirty: false,
+            incidents: Incidents::default(),
+            started: now,
+            last_waiting_report: now,
+            recorder,
+        })
+    }
+
+    /// Every watcher has completed its initial list.
+    pub fn is_synced(&self) -> bool {
+        self.synced.len() == Watched::ALL.len()
+    }
+
+    /// Failures seen so far (logged or not).
+    pub fn failures(&self) -> u64 {
+        self.incidents.failures
+    }
+
+    /// Waits at most `timeout` for changes, then batches a burst (see [`Settings`]).
+    /// `true` when the state changed since the last [`ClusterWatch::snapshot`] and every
+    /// initial list is complete.
+    pub async fn changed(&mut self, timeout: Duration) -> Result<bool, Error> {
+        let first = match tokio::time::timeout(timeout, self.signals.recv()).await {
+            Err(_elapsed) => None,
+            Ok(None) => return Err(Error::WatchersGone),
+            Ok(Some(signal)) => Some(signal),
+        };
+        if let Some(signal) = first {
+            self.handle(signal);
+            let limit = Instant::now() + self.settings.max_delay;
+            loop {
+                let until = (Instant::now() + self.settings.debounce).min(limit);
+                match tokio::time::timeout_at(until, self.signals.recv()).await {
+                    Err(_elapsed) => break,
+                    Ok(None) => return Err(Error::WatchersGone),
+                    Ok(Some(signal)) => self.handle(signal),
+                }
+                if Instant::now() >= limit {
+                    break;
+                }
+            }
+        }
+        self.incidents.flush();
+        if !self.is_synced() && self.last_waiting_report.elapsed() >= WAITING_REPORT {
+            self.last_waiting_report = Instant::now();
+            let missing: Vec<&str> = Watched::ALL
+                .iter()
+                .filter(|w| !self.synced.contains(w))
+                .map(|w| w.resource())
+                .collect();
+            warn!(
+                waited_s = self.started.elapsed().as_secs(),
+                "Kubernetes API: still waiting for the initial list of {}; nothing is \
+                 programmed before every list is complete",
+                missing.join(", ")
+            );
+        }
+        let changed = self.dirty && self.is_synced();
+        if changed {
+            self.dirty = false;
+        }
+        Ok(changed)
+    }
+
+    fn handle(&mut self, signal: Signal) {
+        match signal {
+            Signal::Changed(watched) => {
+                self.dirty = true;
+                self.incidents.succeeded(watched);
+            }
+            Signal::Synced(watched) => {
+                self.dirty = true;
+                self.incidents.succeeded(watched);
+                let was_synced = self.is_synced();
+                if self.synced.insert(watched) && !was_synced && self.is_synced() {
+                    info!(
+                        namespaces = self.stores.namespaces.len(),
+                        pods = self.stores.pods.len(),
+                        policies = self.stores.policies.len(),
+                        node = self.stores.node.len(),
+                        elapsed_ms = self.started.elapsed().as_secs_f64() * 1e3,
+                        "Kubernetes API: initial lists complete"
+                    );
+                } else if was_synced {
+                    debug!(resource = %watched, "re-listed");
+                }
+            }
+            Signal::Failed(watched, failure) => self.incidents.failed(watched, failure),
+        }
+    }
+
+    /// Fills the objects of `state` from the stores and returns the addresses of this
+    /// node from its Node object and the highest resourceVersion the snapshot contains
+    /// (the status file's generation in Kubernetes mode).
+    pub fn snapshot(&mut self, state: &mut ClusterState) -> Snapshot {
+        // Read first: the stores hold at least everything up to this version.
+        let generation = self.resource_version.load(Ordering::Acquire);
+        state.namespaces = self
+            .stores
+            .namespaces
+            .state()
+            .into_iter()
+            .filter_map(|ns| Some((ns.metadata.name.clone()?, (*ns).clone())))
+            .collect();
+        state.pods = self
+            .stores
+            .pods
+            .state()
+            .into_iter()
+            .filter_map(|pod| Some((object_ref(&pod.metadata)?, (*pod).clone())))
+            .collect();
+        state.policies = self
+            .stores
+            .policies
+            .state()
+            .into_iter()
+            .filter_map(|policy| Some((object_ref(&policy.metadata)?, (*policy).clone())))
+            .collect();
+        let node_ips = self
+            .stores
+            .node
+            .state()
+            .iter()
+            .filter(|node| node.metadata.name.as_deref() == Some(&self.settings.node_name))
+            .flat_map(|node| node_addresses(node))
+            .collect();
+        Snapshot {
+            node_ips,
+            generation: (generation > 0).then_some(generation),
+        }
+    }
+}
+
+/// What one [`ClusterWatch::snapshot`] produced besides the objects.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// InternalIP and ExternalIP addresses of this node's Node object.
+    pub node_ips: Vec<IpAddr>,
+    /// Highest resourceVersion contained (`None` before any object was seen).
+    pub generation: Option<u64>,
+}
+
+pub(super) fn object_ref(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<ObjectRef> {
+    Some(ObjectRef::new(
+        metadata.namespace.clone()?,
+        metadata.name.clone()?,
+    ))
+}
+
+/// The InternalIP and ExternalIP addresses of a Node.
+fn node_addresses(node: &Node) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = node
+        .status
+        .iter()
+        .flat_map(|status| status.addresses.iter().flatten())
+        .filter(|address| matches!(address.type_.as_str(), "InternalIP" | "ExternalIP"))
+        .filter_map(|address| address.address.parse().ok())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
