@@ -317,7 +317,7 @@ fn flow(n_addresses: usize) -> impl Strategy<Value = (usize, usize, (u8, u16))> 
 
 #[cfg(test)]
 fn check(
-    reference: &reference::Reference,
+    reference: &reference::Reference<'_>,
     compiled: &Compiled,
     src: IpAddr,
     dst: IpAddr,

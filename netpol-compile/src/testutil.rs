@@ -35,7 +35,7 @@ pub fn pod(
     name: &str,
     label_pairs: &[(&str, &str)],
     ips: &[&str],
-    ports: &[PortDef],
+    ports: &[PortDef<'_>],
 ) -> Pod {
     let ports: Vec<Value> = ports
         .iter()
@@ -83,7 +83,7 @@ impl Cluster {
         name: &str,
         label_pairs: &[(&str, &str)],
         ips: &[&str],
-        ports: &[PortDef],
+        ports: &[PortDef<'_>],
     ) -> Self {
         self.state.pods.insert(
             ObjectRef::new(ns, name),

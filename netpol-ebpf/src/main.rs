@@ -52,7 +52,7 @@ mod programs {
     }
 
     #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
+    fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
         // SAFETY: the verifier rejects any program with a reachable panic path.
         unsafe { core::hint::unreachable_unchecked() }
     }

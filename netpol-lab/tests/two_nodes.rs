@@ -104,7 +104,7 @@ impl TwoNodes {
             .flat_map(|(p, allowed)| [(p.clone(), *allowed), (p.clone().v6(), *allowed)])
             .collect();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            check(&self.lab, &both, None)
+            check(&self.lab, &both, None);
         }));
         if let Err(panic) = result {
             for agent in &self.agents {

@@ -73,7 +73,7 @@ struct KernelCollector {
 }
 
 fn encode_counter_family<L: EncodeLabelSet + std::fmt::Debug>(
-    encoder: &mut DescriptorEncoder,
+    encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
     series: impl IntoIterator<Item = (L, u64)>,
@@ -87,7 +87,7 @@ fn encode_counter_family<L: EncodeLabelSet + std::fmt::Debug>(
 }
 
 fn encode_gauge_family<L: EncodeLabelSet + std::fmt::Debug>(
-    encoder: &mut DescriptorEncoder,
+    encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
     series: impl IntoIterator<Item = (L, i64)>,
@@ -101,7 +101,7 @@ fn encode_gauge_family<L: EncodeLabelSet + std::fmt::Debug>(
 }
 
 impl Collector for KernelCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let snapshot = self.snapshot.lock().map(|s| s.clone()).unwrap_or_default();
         let verdict_labels = |reason: Reason, direction: u8| VerdictLabels {
             direction: if direction == DIR_INGRESS {
