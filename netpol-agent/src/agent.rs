@@ -14,12 +14,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tracing::info;
 
-use crate::datapath::{self, Capacities, Datapath};
-use crate::reconcile::Reconciler;
+use crate::config::{Config, OnExit};
+use crate::datapath::{self, Datapath};
+use crate::reconcile::{self, Reconciler};
 use crate::source::kube::{self as kube_source, ClusterWatch, KubeSource};
 use crate::source::local::LocalSource;
 use crate::source::{self, Source};
@@ -35,45 +35,8 @@ pub enum Error {
     FlowLog(#[from] flowlog::Error),
     #[error(transparent)]
     Source(#[from] source::Error),
-    #[error("status file {path}: {source}")]
-    Status {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
-/// How the agent runs, whatever the source.
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub bpffs_dir: PathBuf,
-    pub status_file: Option<PathBuf>,
-    /// Unix socket serving the flow log (`netpol-agent flows`); `None`: no flow log.
-    pub flow_socket: Option<PathBuf>,
-    pub node_name: Option<String>,
-    pub capacities: Capacities,
-    /// What a clean exit (SIGTERM, Ctrl-C) does to the kernel state.
-    pub on_exit: OnExit,
-    /// Audit mode for every pod: would-be drops are logged and counted, not dropped.
-    pub audit: bool,
-    /// Traffic on an attached interface whose pod is not programmed yet is dropped
-    /// (`true`) or passed unjudged.
-    pub deny_unprogrammed: bool,
-    /// Interfaces named with one of these prefixes get the programs when they appear.
-    pub pod_interface_prefixes: Vec<String>,
-    /// Longest wait for a change before the loop looks at interfaces again.
-    pub poll: Duration,
-    pub resync: Duration,
-}
-
-/// What happens to programs, links and maps when the agent exits cleanly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum OnExit {
-    /// Keep them pinned and attached: policies stay enforced while the agent is away
-    /// (restarts, upgrades), and the next agent adopts them without a gap.
-    #[default]
-    Keep,
-    /// Detach from every interface and remove every pinned object (uninstall).
-    Detach,
+    #[error(transparent)]
+    Reconcile(#[from] reconcile::Error),
 }
 
 /// Runs local mode on the manifest directory `manifests` until `shutdown` resolves;
@@ -134,11 +97,10 @@ pub async fn run<S: Source>(
     let mut datapath = datapath;
     let resolver = SharedResolver::default();
     let result = match start_flow_log(config, &mut datapath, &resolver) {
-        Ok(_server) => {
-            Reconciler::new(config, source, &mut datapath, &resolver, health)
-                .run(shutdown)
-                .await
-        }
+        Ok(_server) => Reconciler::new(config, source, &mut datapath, &resolver, health)
+            .run(shutdown)
+            .await
+            .map_err(Error::from),
         Err(error) => Err(error),
     };
     health.set_ready(false);

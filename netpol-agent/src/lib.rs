@@ -5,6 +5,7 @@
 //! [`datapath`] (kernel).
 
 pub mod agent;
+pub mod config;
 pub mod datapath;
 pub mod node;
 pub mod preview;

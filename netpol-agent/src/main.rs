@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use netpol_agent::agent;
 use netpol_agent::datapath::Capacities;
 use netpol_agent::preview::PortProtocol;
 use netpol_agent::preview::explain::explain_between;
@@ -15,6 +14,7 @@ use netpol_agent::preview::load::{Loaded, Overlay, load_manifests};
 use netpol_agent::preview::matrix::{self, Matrix, MatrixOptions, Style};
 use netpol_agent::source::kube::Settings;
 use netpol_agent::telemetry::health::Health;
+use netpol_agent::{agent, config};
 use netpol_compile::{Allocations, Compiled, Kind, compile};
 use tracing_subscriber::EnvFilter;
 
@@ -270,7 +270,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn agent_config(args: &RunArgs) -> agent::Config {
+fn agent_config(args: &RunArgs) -> config::Config {
     let flow_socket = Some(
         args.flow_socket
             .clone()
@@ -283,12 +283,12 @@ fn agent_config(args: &RunArgs) -> agent::Config {
         conntrack: args.max_conntrack,
     };
     let on_exit = match args.on_exit {
-        OnExitArg::Keep => agent::OnExit::Keep,
-        OnExitArg::Detach => agent::OnExit::Detach,
+        OnExitArg::Keep => config::OnExit::Keep,
+        OnExitArg::Detach => config::OnExit::Detach,
     };
     let poll = Duration::from_millis(args.poll_ms.max(10));
     let resync = Duration::from_millis(args.resync_ms.max(100));
-    agent::Config {
+    config::Config {
         bpffs_dir: args.bpffs_dir.clone(),
         status_file: args.status_file.clone(),
         flow_socket,
@@ -310,7 +310,7 @@ fn agent_config(args: &RunArgs) -> agent::Config {
 
 async fn serve(
     args: RunArgs,
-    config: agent::Config,
+    config: config::Config,
     datapath: netpol_agent::datapath::Datapath,
 ) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
-use crate::agent::{Config, Error};
+use crate::config::Config;
 use crate::datapath::{self, Datapath, links::LinkEvents};
 use crate::source::Source;
 use crate::telemetry::flowlog::{Resolver, SharedResolver};
@@ -28,6 +28,18 @@ use refusals::Refusals;
 pub use refusals::refusal_diagnostics;
 use report::Reporter;
 pub use status::Status;
+
+/// Why the loop stopped. Each variant is one metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Source(#[from] crate::source::Error),
+    #[error("status file {path}: {source}")]
+    Status {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
 
 /// Why the loop woke up.
 struct Wake {
