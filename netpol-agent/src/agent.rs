@@ -82,6 +82,8 @@ pub fn open_datapath(config: &Config) -> Result<Datapath, Error> {
     let mut datapath = Datapath::open(&config.bpffs_dir, &config.capacities)?;
     datapath.set_unprogrammed_default(config.deny_unprogrammed)?;
     datapath.set_pod_interfaces(config.pod_interface_prefixes.clone());
+    datapath.set_exit_interfaces(config.exit_interfaces.clone());
+    datapath.set_service_mark(config.service_mark)?;
     Ok(datapath)
 }
 

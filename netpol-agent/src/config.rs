@@ -24,6 +24,13 @@ pub struct Config {
     pub deny_unprogrammed: bool,
     /// Interfaces named with one of these prefixes get the programs when they appear.
     pub pod_interface_prefixes: Vec<String>,
+    /// The skb mark bit(s) of pods' Service connections, judged after kube-proxy's
+    /// translation (0: off).
+    pub service_mark: u32,
+    /// `Some`: the node's exit devices, by name; `None`: discovered from the routes.
+    pub exit_interfaces: Option<Vec<String>>,
+    /// Service ranges (`--service-cidr`), beside the cluster's ServiceCIDR objects.
+    pub service_cidrs: Vec<ipnet::IpNet>,
     /// Longest wait for a change before the loop looks at interfaces again.
     pub poll: Duration,
     pub resync: Duration,

@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Enforce policies (the default command).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Follow the verdict events of a running agent (drops and new connections), with
     /// pods and policy rules named.
     Flows(FlowsArgs),
@@ -82,7 +82,9 @@ struct MatrixArgs {
 struct ExplainArgs {
     /// Source: namespace/pod, `node`, or an IP address.
     src: String,
-    /// Destination: namespace/pod, `node`, or an IP address.
+    /// Destination: namespace/pod, `node`, an IP address, or a Service (`svc/NS/NAME`,
+    /// or its address), explained for each of its backends after kube-proxy's
+    /// translation (PORT/PROTO is then the Service port).
     dst: String,
     /// Destination port and protocol, e.g. 80/TCP, 53/UDP, ICMP.
     #[arg(value_name = "PORT/PROTO")]
@@ -198,6 +200,24 @@ struct RunArgs {
         default_value = "veth,cali,lxc"
     )]
     pod_interface_prefix: Vec<String>,
+    /// The skb mark bit that `from_pod` puts on a pod's connection to a Service, so
+    /// that its egress is judged after kube-proxy's translation, on the real backend
+    /// (hex or decimal). Pick a bit nothing else on the node uses; the default avoids
+    /// kube-proxy, Calico, Cilium, kube-router, Weave, the AWS VPC CNI and Istio. 0
+    /// turns it off: Service addresses are then judged as they are (nothing selects them).
+    #[arg(long, value_name = "BIT", default_value = "0x400000", value_parser = parse_mark)]
+    service_mark: u32,
+    /// The node's exit devices (uplink, overlay such as flannel.1), comma-separated,
+    /// where Service connections translated to backends on other nodes are judged.
+    /// Default: every interface a route leads to that is neither loopback nor a pod's.
+    #[arg(long, value_name = "IFACE,...", value_delimiter = ',')]
+    exit_interface: Option<Vec<String>>,
+    /// The cluster's Service ranges (kube-apiserver's --service-cluster-ip-range),
+    /// comma-separated: addresses a pod dials there are judged after kube-proxy's
+    /// translation. Needed only where the cluster has no ServiceCIDR objects
+    /// (networking.k8s.io/v1) and for ClusterIPs the agent has not seen yet.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    service_cidr: Vec<ipnet::IpNet>,
     /// Keep every capability the agent was started with (by default it keeps only
     /// CAP_BPF and CAP_NET_ADMIN once the programs are loaded).
     #[arg(long)]
@@ -205,6 +225,22 @@ struct RunArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+}
+
+/// A mark of one bit (or 0), in hex (`0x...`) or decimal.
+fn parse_mark(text: &str) -> Result<u32, String> {
+    let value = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .map_err(|error| format!("not a 32-bit number: {error}"))?;
+    if value.count_ones() > 1 {
+        return Err(format!(
+            "{value:#x} has {} bits set; the Service mark is one bit",
+            value.count_ones()
+        ));
+    }
+    Ok(value)
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -222,7 +258,7 @@ enum OnExitArg {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
-        Some(Command::Run(args)) => args,
+        Some(Command::Run(args)) => *args,
         Some(Command::Flows(args)) => return runtime()?.block_on(flows(args)),
         Some(Command::Matrix(args)) => return matrix_command(&args),
         Some(Command::Explain(args)) => return explain_command(&args),
@@ -303,6 +339,9 @@ fn agent_config(args: &RunArgs) -> config::Config {
             .map(|p| p.trim().to_owned())
             .filter(|p| !p.is_empty())
             .collect(),
+        service_mark: args.service_mark,
+        exit_interfaces: args.exit_interface.clone(),
+        service_cidrs: args.service_cidr.clone(),
         poll,
         resync,
     }
@@ -451,6 +490,20 @@ fn matrix_command(args: &MatrixArgs) -> anyhow::Result<()> {
 
 fn explain_command(args: &ExplainArgs) -> anyhow::Result<()> {
     let (loaded, compiled) = preview(&args.preview)?;
+    if let Some(service) = netpol_agent::preview::explain::explain_service(
+        &loaded.state,
+        &compiled,
+        &args.src,
+        &args.dst,
+        args.port,
+    )? {
+        if args.preview.json {
+            emit(&format!("{}\n", serde_json::to_string_pretty(&service)?));
+        } else {
+            emit(&service.to_string());
+        }
+        return Ok(());
+    }
     let explanations = explain_between(&loaded.state, &compiled, &args.src, &args.dst, args.port)?;
     if args.preview.json {
         let value = if explanations.len() == 1 {
@@ -481,4 +534,27 @@ fn emit(text: &str) {
 /// Colours only on a terminal, and never with `NO_COLOR` set (https://no-color.org).
 fn color() -> bool {
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_service_mark_is_the_one_the_programs_document() {
+        let args = Cli::try_parse_from(["netpol-agent", "run"]).expect("defaults parse");
+        let Some(Command::Run(run)) = args.command else {
+            panic!("not a run");
+        };
+        assert_eq!(run.service_mark, netpol_common::SERVICE_MARK_DEFAULT);
+    }
+
+    #[test]
+    fn a_service_mark_is_one_bit_in_hex_or_decimal() {
+        assert_eq!(parse_mark("0x10"), Ok(16));
+        assert_eq!(parse_mark("64"), Ok(64));
+        assert_eq!(parse_mark("0"), Ok(0));
+        assert!(parse_mark("0x4001").unwrap_err().contains("one bit"));
+        assert!(parse_mark("mark").is_err());
+    }
 }

@@ -1,12 +1,19 @@
-//! The node as the agent's network namespace sees it: its own addresses (`getifaddrs`)
-//! and its routes (an rtnetlink dump of every routing table, IPv4 and IPv6), from which
-//! the datapath finds the host-side interface of a pod.
+//! The node as the agent's network namespace sees it: its own addresses (`getifaddrs`),
+//! and rtnetlink dumps of its routes (every routing table, IPv4 and IPv6), interfaces
+//! (kind, bridge, veth peer, addresses), neighbour entries and bridge forwarding
+//! databases, from which the datapath finds the host-side interface of a pod
+//! (`datapath/interfaces.rs`), and the addresses of a veth peer's namespace.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd as _;
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -15,10 +22,18 @@ use nix::sys::socket::{
     recv, send, socket,
 };
 
-/// Every address configured on an interface of this network namespace.
+/// Interfaces whose addresses are not the node's own: kube-proxy's IPVS mode puts every
+/// ClusterIP on the dummy `kube-ipvs0` so that the kernel accepts them locally, but they
+/// are Service addresses (judged after translation), never node addresses (always
+/// allowed towards pods).
+pub const SERVICE_ADDRESS_INTERFACES: [&str; 1] = ["kube-ipvs0"];
+
+/// Every address configured on an interface of this network namespace, but those of
+/// [`SERVICE_ADDRESS_INTERFACES`].
 pub fn addresses() -> std::io::Result<Vec<IpAddr>> {
     let mut addresses: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
         .map_err(std::io::Error::from)?
+        .filter(|ifaddr| !SERVICE_ADDRESS_INTERFACES.contains(&ifaddr.interface_name.as_str()))
         .filter_map(|ifaddr| {
             let address = ifaddr.address?;
             if let Some(v4) = address.as_sockaddr_in() {
@@ -96,81 +111,333 @@ pub fn route_of(message: &RouteMessage, name_of: impl Fn(u32) -> Option<String>)
 
 /// All routes of the current network namespace, from every routing table.
 pub fn read_routes() -> std::io::Result<Vec<Route>> {
-    let fd = socket(
-        SocketFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkRoute,
-    )?;
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+    let mut socket = Rtnl::open(false)?;
     let name_of = |index: u32| {
         nix::net::if_::if_indextoname(index)
             .ok()
             .map(|name| name.to_string_lossy().into_owned())
     };
     let mut routes = Vec::new();
-    for (sequence, family) in [(1, AddressFamily::Inet), (2, AddressFamily::Inet6)] {
-        for message in dump_routes(fd.as_raw_fd(), sequence, family)? {
-            routes.extend(route_of(&message, name_of));
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut request = RouteMessage::default();
+        request.header.address_family = family;
+        for message in socket.dump(RouteNetlinkMessage::GetRoute(request))? {
+            if let RouteNetlinkMessage::NewRoute(route) = message {
+                routes.extend(route_of(&route, name_of));
+            }
         }
     }
     Ok(routes)
 }
 
-/// One `RTM_GETROUTE` dump of `family` (every table: the dump is not filtered).
-fn dump_routes(
-    fd: std::os::fd::RawFd,
-    sequence: u32,
-    family: AddressFamily,
-) -> std::io::Result<Vec<RouteMessage>> {
-    let mut request = RouteMessage::default();
-    request.header.address_family = family;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = sequence;
-    let mut message = NetlinkMessage::new(
-        header,
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetRoute(request)),
-    );
-    message.finalize();
-    let mut buffer = vec![0; message.buffer_len()];
-    message.serialize(&mut buffer);
-    send(fd, &buffer, MsgFlags::empty())?;
+/// A network interface of this namespace, as rtnetlink describes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub loopback: bool,
+    /// A Linux bridge (`IFLA_INFO_KIND` "bridge").
+    pub bridge: bool,
+    /// The bridge (or bond, VRF) it is a port of (`IFLA_MASTER`).
+    pub master: Option<u32>,
+    /// Its peer in another network namespace (veth): `(namespace id as this namespace
+    /// numbers it, the peer's index there)`.
+    pub peer: Option<(i32, u32)>,
+    /// Its addresses with their prefix lengths.
+    pub addresses: Vec<ipnet::IpNet>,
+}
 
-    let mut routes = Vec::new();
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        let received = recv(fd, &mut buffer, MsgFlags::empty())?;
-        if received == 0 {
-            return Ok(routes);
+/// The link a netlink link message describes (without addresses).
+pub fn link_of(message: &LinkMessage) -> Option<Link> {
+    let mut link = Link {
+        index: message.header.index,
+        loopback: message.header.flags.contains(LinkFlags::Loopback),
+        ..Link::default()
+    };
+    let (mut peer_index, mut peer_netns) = (None, None);
+    for attribute in &message.attributes {
+        match attribute {
+            LinkAttribute::IfName(name) => link.name.clone_from(name),
+            LinkAttribute::Controller(master) => link.master = Some(*master),
+            LinkAttribute::Link(index) => peer_index = Some(*index),
+            LinkAttribute::LinkNetNsId(id) => peer_netns = Some(*id),
+            LinkAttribute::LinkInfo(infos) => {
+                link.bridge |= infos
+                    .iter()
+                    .any(|info| matches!(info, LinkInfo::Kind(InfoKind::Bridge)));
+            }
+            _ => {}
         }
-        let mut offset = 0;
-        while offset + 4 <= received {
-            let length = u32::from_ne_bytes(
-                buffer[offset..offset + 4]
-                    .try_into()
-                    .expect("four bytes make a u32"),
-            ) as usize;
-            if length < 16 || offset + length > received {
-                break;
-            }
-            let parsed = NetlinkMessage::<RouteNetlinkMessage>::deserialize(
-                &buffer[offset..offset + length],
-            );
-            offset += length.next_multiple_of(4);
-            let Ok(parsed) = parsed else { continue };
-            if parsed.header.sequence_number != sequence {
+    }
+    link.peer = peer_netns.zip(peer_index);
+    (!link.name.is_empty()).then_some(link)
+}
+
+/// An address a netlink address message describes: `(interface index, address with its
+/// prefix length)`. For IPv4 the local address (`IFA_LOCAL`: on point-to-point links
+/// `IFA_ADDRESS` is the other end's).
+pub fn address_of(message: &AddressMessage) -> Option<(u32, ipnet::IpNet)> {
+    let mut address = None;
+    let mut local = None;
+    for attribute in &message.attributes {
+        match attribute {
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            AddressAttribute::Local(ip) => local = Some(*ip),
+            _ => {}
+        }
+    }
+    let ip = local.or(address)?;
+    let net = ipnet::IpNet::new(ip, message.header.prefix_len).ok()?;
+    Some((message.header.index, net))
+}
+
+/// Every interface of this namespace with its addresses.
+pub fn read_links() -> std::io::Result<Vec<Link>> {
+    let mut socket = Rtnl::open(false)?;
+    let mut links: Vec<Link> = socket
+        .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?
+        .iter()
+        .filter_map(|message| match message {
+            RouteNetlinkMessage::NewLink(link) => link_of(link),
+            _ => None,
+        })
+        .collect();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut request = AddressMessage::default();
+        request.header.family = family;
+        for message in socket.dump(RouteNetlinkMessage::GetAddress(request))? {
+            let RouteNetlinkMessage::NewAddress(message) = message else {
                 continue;
+            };
+            if let Some((index, net)) = address_of(&message)
+                && let Some(link) = links.iter_mut().find(|link| link.index == index)
+            {
+                link.addresses.push(net);
             }
-            match parsed.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
-                    routes.push(route);
+        }
+    }
+    Ok(links)
+}
+
+/// The addresses of the interfaces of another network namespace, the one this namespace
+/// numbers `netns_id` (a veth's peer namespace, [`Link::peer`]): `(index there,
+/// address)`. rtnetlink reads it without entering it (`IFA_TARGET_NETNSID`, strict
+/// checking; CAP_NET_ADMIN over that namespace).
+pub fn read_peer_addresses(netns_id: i32) -> std::io::Result<Vec<(u32, IpAddr)>> {
+    let mut socket = Rtnl::open(true)?;
+    let mut addresses = Vec::new();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut request = AddressMessage::default();
+        request.header.family = family;
+        request
+            .attributes
+            .push(AddressAttribute::TargetNetNsId(netns_id));
+        for message in socket.dump(RouteNetlinkMessage::GetAddress(request))? {
+            let RouteNetlinkMessage::NewAddress(message) = message else {
+                continue;
+            };
+            // Only answers that say they come from that namespace: a kernel that
+            // ignored the target would describe this namespace instead.
+            let from_target = message
+                .attributes
+                .contains(&AddressAttribute::TargetNetNsId(netns_id));
+            if from_target && let Some((index, net)) = address_of(&message) {
+                addresses.push((index, net.addr()));
+            }
+        }
+    }
+    Ok(addresses)
+}
+
+/// A neighbour (ARP or NDP) entry with a link-layer address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Neighbour {
+    /// The interface it was learned on.
+    pub interface: u32,
+    pub ip: IpAddr,
+    pub mac: Vec<u8>,
+}
+
+/// The neighbour entry a netlink neighbour message describes, when it holds a usable
+/// link-layer address (not failed, not incomplete).
+pub fn neighbour_of(message: &NeighbourMessage) -> Option<Neighbour> {
+    if matches!(
+        message.header.state,
+        NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
+    ) {
+        return None;
+    }
+    let mut ip = None;
+    let mut mac = None;
+    for attribute in &message.attributes {
+        match attribute {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some((*v4).into()),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                ip = Some((*v6).into());
+            }
+            NeighbourAttribute::LinkLayerAddress(address) if address.len() == 6 => {
+                mac = Some(address.clone());
+            }
+            _ => {}
+        }
+    }
+    Some(Neighbour {
+        interface: message.header.ifindex,
+        ip: ip?,
+        mac: mac?,
+    })
+}
+
+/// Every IPv4 and IPv6 neighbour entry of this namespace with a link-layer address.
+pub fn read_neighbours() -> std::io::Result<Vec<Neighbour>> {
+    let mut socket = Rtnl::open(false)?;
+    let mut neighbours = Vec::new();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut request = NeighbourMessage::default();
+        request.header.family = family;
+        for message in socket.dump(RouteNetlinkMessage::GetNeighbour(request))? {
+            if let RouteNetlinkMessage::NewNeighbour(message) = message {
+                neighbours.extend(neighbour_of(&message));
+            }
+        }
+    }
+    Ok(neighbours)
+}
+
+/// A learned (or static) entry of a bridge's forwarding database: frames to `mac` leave
+/// through `port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FdbEntry {
+    pub mac: Vec<u8>,
+    /// The bridge port.
+    pub port: u32,
+    /// The bridge.
+    pub bridge: u32,
+}
+
+/// The bridge FDB entry a netlink `AF_BRIDGE` neighbour message describes: entries of a
+/// bridge's own table (`NDA_MASTER`), but its local ones (`permanent`: the ports' own
+/// addresses, not what sits behind them).
+pub fn fdb_entry_of(message: &NeighbourMessage) -> Option<FdbEntry> {
+    if message.header.state == NeighbourState::Permanent {
+        return None;
+    }
+    let mut bridge = None;
+    let mut mac = None;
+    for attribute in &message.attributes {
+        match attribute {
+            NeighbourAttribute::Controller(index) => bridge = Some(*index),
+            NeighbourAttribute::LinkLayerAddress(address) if address.len() == 6 => {
+                mac = Some(address.clone());
+            }
+            _ => {}
+        }
+    }
+    Some(FdbEntry {
+        mac: mac?,
+        port: message.header.ifindex,
+        bridge: bridge?,
+    })
+}
+
+/// Every bridge FDB entry of this namespace ([`fdb_entry_of`]).
+pub fn read_fdb() -> std::io::Result<Vec<FdbEntry>> {
+    let mut socket = Rtnl::open(false)?;
+    let mut request = NeighbourMessage::default();
+    request.header.family = AddressFamily::Bridge;
+    Ok(socket
+        .dump(RouteNetlinkMessage::GetNeighbour(request))?
+        .iter()
+        .filter_map(|message| match message {
+            RouteNetlinkMessage::NewNeighbour(message) => fdb_entry_of(message),
+            _ => None,
+        })
+        .collect())
+}
+
+/// A route netlink socket for dumps.
+struct Rtnl {
+    fd: std::os::fd::OwnedFd,
+    sequence: u32,
+}
+
+impl Rtnl {
+    /// `strict`: the kernel checks dump requests strictly and honours their filters
+    /// (`NETLINK_GET_STRICT_CHK`), which targeting another namespace needs.
+    fn open(strict: bool) -> std::io::Result<Self> {
+        let fd = socket(
+            SocketFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )?;
+        if strict {
+            let on: libc::c_int = 1;
+            // SAFETY: a valid socket, a pointer to an int and its size.
+            let result = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_NETLINK,
+                    libc::NETLINK_GET_STRICT_CHK,
+                    (&raw const on).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if result != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+        Ok(Rtnl { fd, sequence: 0 })
+    }
+
+    /// One dump request; every message of the answer.
+    fn dump(&mut self, request: RouteNetlinkMessage) -> std::io::Result<Vec<RouteNetlinkMessage>> {
+        self.sequence += 1;
+        let sequence = self.sequence;
+        let fd = self.fd.as_raw_fd();
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.sequence_number = sequence;
+        let mut message = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(request));
+        message.finalize();
+        let mut buffer = vec![0; message.buffer_len()];
+        message.serialize(&mut buffer);
+        send(fd, &buffer, MsgFlags::empty())?;
+
+        let mut messages = Vec::new();
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let received = recv(fd, &mut buffer, MsgFlags::empty())?;
+            if received == 0 {
+                return Ok(messages);
+            }
+            let mut offset = 0;
+            while offset + 4 <= received {
+                let length = u32::from_ne_bytes(
+                    buffer[offset..offset + 4]
+                        .try_into()
+                        .expect("four bytes make a u32"),
+                ) as usize;
+                if length < 16 || offset + length > received {
+                    break;
                 }
-                NetlinkPayload::Done(_) => return Ok(routes),
-                NetlinkPayload::Error(error) if error.code.is_some() => {
-                    return Err(error.to_io());
+                let parsed = NetlinkMessage::<RouteNetlinkMessage>::deserialize(
+                    &buffer[offset..offset + length],
+                );
+                offset += length.next_multiple_of(4);
+                let Ok(parsed) = parsed else { continue };
+                if parsed.header.sequence_number != sequence {
+                    continue;
                 }
-                _ => {}
+                match parsed.payload {
+                    NetlinkPayload::InnerMessage(inner) => messages.push(inner),
+                    NetlinkPayload::Done(_) => return Ok(messages),
+                    NetlinkPayload::Error(error) if error.code.is_some() => {
+                        return Err(error.to_io());
+                    }
+                    _ => {}
+                }
             }
         }
     }
@@ -287,5 +554,158 @@ mod tests {
         // Whatever this namespace holds, the dump completes; every route has a name.
         let routes = read_routes().unwrap();
         assert!(routes.iter().all(|route| !route.interface.is_empty()));
+    }
+
+    #[test]
+    fn addresses_on_kube_ipvs0_are_services_not_the_nodes() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root for a network namespace of its own");
+            return;
+        }
+        // A thread in a network namespace of its own, so nothing touches the caller's.
+        let found = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            // kube-proxy's kube-ipvs0 is a dummy device; this machine's kernel has no
+            // dummy driver, and only the name matters: a veth pair stands in.
+            for command in [
+                "link add kube-ipvs0 type veth peer name uplink",
+                "addr add 10.96.0.10/32 dev kube-ipvs0",
+                "addr add 10.99.0.1/24 dev uplink",
+            ] {
+                let status = std::process::Command::new("ip")
+                    .args(command.split(' '))
+                    .status()
+                    .expect("ip");
+                assert!(status.success(), "ip {command}");
+            }
+            addresses().unwrap()
+        })
+        .join()
+        .unwrap();
+        assert!(found.contains(&"10.99.0.1".parse().unwrap()), "{found:?}");
+        assert!(!found.contains(&"10.96.0.10".parse().unwrap()), "{found:?}");
+    }
+}
+
+#[cfg(test)]
+mod kernel_tests {
+    use super::*;
+
+    /// Runs `ip` with `command` (split on spaces) in the calling thread's namespace.
+    fn ip(command: &str) {
+        let status = std::process::Command::new("ip")
+            .args(command.split(' '))
+            .status()
+            .expect("ip");
+        assert!(status.success(), "ip {command}");
+    }
+
+    type Job = Box<dyn FnOnce() + Send>;
+
+    #[test]
+    fn links_neighbours_bridge_ports_and_peer_addresses_can_be_read() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root for network namespaces of its own");
+            return;
+        }
+        // The "pod": a thread in a namespace of its own, holding the veth's far end.
+        let (to_pod, jobs) = std::sync::mpsc::channel::<Job>();
+        let (pod_tid_tx, pod_tid) = std::sync::mpsc::channel();
+        let pod = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            pod_tid_tx.send(nix::unistd::gettid().as_raw()).unwrap();
+            while let Ok(job) = jobs.recv() {
+                job();
+            }
+        });
+        let pod_tid = pod_tid.recv().unwrap();
+        let seen = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            ip("link add br7 type bridge");
+            ip("addr add 10.77.0.1/24 dev br7");
+            ip("link set br7 up");
+            ip(&format!(
+                "link add vp7 type veth peer name eth0 netns {pod_tid}"
+            ));
+            ip("link set vp7 master br7");
+            ip("link set vp7 up");
+            let (done, wait) = std::sync::mpsc::channel();
+            to_pod
+                .send(Box::new(move || {
+                    ip("link set lo up");
+                    ip("link set eth0 address 02:00:00:00:07:02");
+                    ip("addr add 10.77.0.2/24 dev eth0");
+                    ip("link set eth0 up");
+                    done.send(()).unwrap();
+                }))
+                .unwrap();
+            wait.recv().unwrap();
+            // The pod speaks (a datagram to the bridge's address, after ARP): the node
+            // learns its neighbour entry on br7, the bridge its MAC on vp7.
+            let mut found = None;
+            for _ in 0..500 {
+                to_pod
+                    .send(Box::new(|| {
+                        let socket = std::net::UdpSocket::bind("10.77.0.2:0").unwrap();
+                        let _ = socket.send_to(b"hello", "10.77.0.1:9");
+                    }))
+                    .unwrap();
+                let neighbours = read_neighbours().unwrap();
+                let fdb = read_fdb().unwrap();
+                if neighbours
+                    .iter()
+                    .any(|n| n.ip == IpAddr::from([10, 77, 0, 2]))
+                    && fdb.iter().any(|e| e.mac == [2, 0, 0, 0, 7, 2])
+                {
+                    found = Some((neighbours, fdb));
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let (neighbours, fdb) = found.expect("the pod's neighbour and FDB entries appear");
+            let links = read_links().unwrap();
+            let vp7 = links.iter().find(|l| l.name == "vp7").unwrap().clone();
+            let (netns_id, peer) = vp7.peer.expect("a veth has a peer");
+            let peer_addresses = read_peer_addresses(netns_id).unwrap();
+            // Only now may the pod's thread end (and its namespace with it).
+            drop(to_pod);
+            (links, neighbours, fdb, peer, peer_addresses)
+        })
+        .join()
+        .unwrap();
+        pod.join().unwrap();
+        let (links, neighbours, fdb, peer, peer_addresses) = seen;
+        let br7 = links.iter().find(|l| l.name == "br7").unwrap();
+        let vp7 = links.iter().find(|l| l.name == "vp7").unwrap();
+        let lo = links.iter().find(|l| l.name == "lo").unwrap();
+        assert!(br7.bridge && !br7.loopback);
+        assert!(br7.addresses.contains(&"10.77.0.1/24".parse().unwrap()));
+        assert!(!vp7.bridge && vp7.master == Some(br7.index));
+        assert!(lo.loopback && !lo.bridge);
+        assert!(neighbours.contains(&Neighbour {
+            interface: br7.index,
+            ip: "10.77.0.2".parse().unwrap(),
+            mac: vec![2, 0, 0, 0, 7, 2],
+        }));
+        assert!(fdb.contains(&FdbEntry {
+            mac: vec![2, 0, 0, 0, 7, 2],
+            port: vp7.index,
+            bridge: br7.index,
+        }));
+        // The bridge's and the port's own addresses are not what sits behind a port.
+        assert!(
+            fdb.iter()
+                .all(|e| e.port != br7.index || e.bridge != br7.index)
+        );
+        assert!(
+            peer_addresses.contains(&(peer, "10.77.0.2".parse().unwrap())),
+            "{peer_addresses:?}"
+        );
+        assert!(
+            !peer_addresses
+                .iter()
+                .any(|(_, ip)| *ip == IpAddr::from([10, 77, 0, 1])),
+            "the node's own addresses are not the peer's: {peer_addresses:?}"
+        );
     }
 }

@@ -15,7 +15,10 @@
 //!    re-judges the connection under the new maps: it must pass exactly when the
 //!    reference allows it in the new cluster, or when its local address is no longer an
 //!    endpoint. (A sync that changed nothing leaves the generation, and the connection
-//!    passes unjudged: the same maps allowed it, and model and reference agree.)
+//!    passes unjudged: the same maps allowed it, and model and reference agree.) A
+//!    connection that passed without an entry (its local address was no endpoint's)
+//!    sends a packet conntrack does not know: a TCP ACK also passes when the reference
+//!    allows the connection the other way (it is a reply; see `Reason::Resumed`).
 //! 3. CT is emptied, then each question becomes a first packet (TCP SYN, UDP, SCTP
 //!    INIT; IPv4 or IPv6; mixed-family questions are skipped) with a source port unique
 //!    in the case and distinct from every destination port, so no earlier connection
@@ -56,7 +59,7 @@ use std::time::Instant;
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData};
 use netpol_common::{
-    CtKey4, CtKey6, CtValue, IFACE_SHARED, PROTO_SCTP, PROTO_TCP, PROTO_UDP, names,
+    CtKey, CtKey4, CtKey6, CtValue, IFACE_SHARED, PROTO_SCTP, PROTO_TCP, PROTO_UDP, names,
 };
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
@@ -188,6 +191,7 @@ fn show_reference(verdict: &Verdict) -> String {
         Verdict::NotEndpoint => "not an endpoint".into(),
         Verdict::NotIsolated => "not isolated".into(),
         Verdict::FromHost => "from the node".into(),
+        Verdict::Itself => "itself".into(),
         Verdict::Denied => "denied".into(),
     }
 }
@@ -232,10 +236,7 @@ fn show_cluster(s: &Scenario, compiled: &Compiled) -> String {
             .iter()
             .map(|p| p.ip.as_str())
             .collect();
-        let ports: Vec<String> = spec
-            .into_iter()
-            .flat_map(|s| &s.containers)
-            .flat_map(|c| c.ports.iter().flatten())
+        let ports: Vec<String> = netpol_compile::state::container_ports(pod)
             .map(|p| {
                 format!(
                     "{}={}/{}",
@@ -246,10 +247,11 @@ fn show_cluster(s: &Scenario, compiled: &Compiled) -> String {
             })
             .collect();
         out += &format!(
-            "  Pod {obj} labels {} ips {ips:?} node {} phase {} ports {ports:?}{}\n",
+            "  Pod {obj} labels {} ips {ips:?} node {} phase {} created {} ports {ports:?}{}\n",
             json(&pod.metadata.labels),
             spec.and_then(|s| s.node_name.as_deref()).unwrap_or("-"),
             status.and_then(|s| s.phase.as_deref()).unwrap_or("-"),
+            json(&pod.metadata.creation_timestamp),
             if spec.and_then(|s| s.host_network) == Some(true) {
                 " hostNetwork"
             } else {
@@ -284,8 +286,10 @@ struct Kernel {
     ct6: HashMap<MapData, CtKey6, CtValue>,
     /// Carried from case to case, as the agent's loop keeps its compiler.
     compiler: Compiler,
-    /// Connections the previous case allowed, with their source ports.
-    open: Vec<(Query, u16)>,
+    /// Connections the previous case allowed, with their source ports and whether
+    /// conntrack keeps an entry for them (none where the local address was no
+    /// endpoint's: nothing to judge).
+    open: Vec<(Query, u16, bool)>,
     /// What loopback is bound to now.
     bound: Option<u32>,
     queries: u64,
@@ -403,6 +407,50 @@ impl Kernel {
         Ok(())
     }
 
+    /// Whether conntrack has an entry for `query`'s connection from `sport`.
+    fn tracks(&self, query: &Query, sport: u16) -> Result<bool, String> {
+        let (local, remote, local_port, remote_port) = match query.direction {
+            Direction::Ingress => (query.dst, query.src, query.port, sport),
+            Direction::Egress => (query.src, query.dst, sport, query.port),
+        };
+        let words = |ip: IpAddr| -> [u32; 4] {
+            match ip {
+                IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+                IpAddr::V6(v6) => {
+                    let o = v6.octets();
+                    std::array::from_fn(|i| {
+                        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+                    })
+                }
+            }
+        };
+        fn key<A>(local: A, remote: A, ports: (u16, u16), protocol: u8) -> CtKey<A> {
+            CtKey {
+                local,
+                remote,
+                local_port: ports.0,
+                remote_port: ports.1,
+                protocol,
+                _pad0: 0,
+                _pad1: 0,
+                ifindex: TEST_RUN_IFINDEX,
+            }
+        }
+        let ports = (local_port, remote_port);
+        let found = if local.is_ipv4() {
+            let key = key(words(local)[0], words(remote)[0], ports, query.protocol);
+            self.ct4.get(&key, 0)
+        } else {
+            let key = key(words(local), words(remote), ports, query.protocol);
+            self.ct6.get(&key, 0)
+        };
+        match found {
+            Ok(_) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(format!("reading conntrack: {e}")),
+        }
+    }
+
     fn clear_conntrack(&mut self) -> Result<(), String> {
         fn clear<K: aya::Pod>(
             name: &str,
@@ -485,13 +533,13 @@ impl Kernel {
             return Err(fail(format!("refused: {:?}", report.refused)));
         }
         self.maps_match(&compiled).map_err(&fail)?;
-        // What the maps enforce: a policy made invalid by this case keeps the version
-        // of an earlier case in force, as in the agent.
+        // What the maps enforce: the policies in force after this case, as in the
+        // agent (each as far as it can be read).
         let admitted = self.compiler.admitted(&s.state);
         let reference = Reference::new(&admitted);
 
         // Connections of the previous case, re-judged under this one.
-        for (query, sport) in std::mem::take(&mut self.open) {
+        for (query, sport, tracked) in std::mem::take(&mut self.open) {
             let want = reference.evaluate(
                 query.src,
                 query.dst,
@@ -499,10 +547,23 @@ impl Kernel {
                 query.port,
                 query.direction,
             );
+            // Without an entry the packet (a TCP ACK) is a reply when the local pod's
+            // policy allows the connection the other way.
+            let reply = !tracked
+                && query.protocol == PROTO_TCP
+                && reference
+                    .evaluate(
+                        query.dst,
+                        query.src,
+                        query.protocol,
+                        sport,
+                        query.direction.reverse(),
+                    )
+                    .allowed();
             let frame = query.frame(sport, true);
             let got = verdict(self.datapath(), query.hook(), &frame).map_err(&fail)?;
             self.rechecks += 1;
-            if got != expected_recheck(&want) {
+            if got != (expected_recheck(&want) || reply) {
                 return Err(fail(format!(
                     "re-check disagreement: a connection allowed under the previous cluster, \
                      {}, sends its next packet after this cluster is synced:\n  kernel {}\n  \
@@ -541,7 +602,8 @@ impl Kernel {
                 ));
             }
             if got {
-                self.open.push((query, sport));
+                let tracked = self.tracks(&query, sport).map_err(&fail)?;
+                self.open.push((query, sport, tracked));
             }
         }
         Ok(())

@@ -280,7 +280,15 @@ async fn the_cluster_role_covers_every_call_the_agent_makes_and_no_more() {
         .map(|c| format!("{} {}/{}", c.verb, c.group, c.resource))
         .collect();
     for verb in ["list", "watch"] {
-        for resource in ["pods", "namespaces", "networkpolicies", "nodes"] {
+        for resource in [
+            "pods",
+            "namespaces",
+            "networkpolicies",
+            "nodes",
+            "services",
+            "endpointslices",
+            "servicecidrs",
+        ] {
             assert!(
                 calls
                     .iter()

@@ -225,6 +225,90 @@ async fn nothing_before_every_initial_list_then_the_trimmed_cluster() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn sidecar_ports_and_creation_times_survive_trimming_and_reach_the_compiler() {
+    let server = cluster().await;
+    // x/a gets a native sidecar serving "metrics"; x/z, a newer pod, has a's address
+    // now (x/a's object is stale).
+    let mut a = pod("x", "a", NODE, "10.0.0.1", json!({"app": "a"}));
+    a["metadata"]["creationTimestamp"] = json!("2025-01-01T00:00:00Z");
+    a["spec"]["initContainers"] = json!([
+        {"name": "setup", "image": "busybox", "ports": [{"name": "setup", "containerPort": 81}]},
+        {"name": "proxy", "image": "envoy", "restartPolicy": "Always",
+         "ports": [{"name": "metrics", "containerPort": 9090}]},
+    ]);
+    server.apply(a);
+    let mut z = pod("x", "z", NODE, "10.0.0.1", json!({"app": "z"}));
+    z["metadata"]["creationTimestamp"] = json!("2025-01-02T00:00:00Z");
+    server.apply(z);
+    server.apply(policy(
+        "x",
+        "metrics",
+        json!({"podSelector": {}, "ingress": [{"ports": [{"port": "metrics"}, {"port": "setup"}]}]}),
+    ));
+    let mut source = source(&server);
+    let mut state = ClusterState::default();
+    wait_for(&mut source, &mut state, "the cluster", |s| {
+        s.pods.len() == 4 && s.policies.len() == 2
+    })
+    .await;
+    let a = &state.pods[&ObjectRef::new("x", "a")];
+    let init = a.spec.as_ref().unwrap().init_containers.as_deref().unwrap();
+    assert_eq!(init.len(), 1, "only the native sidecar is kept");
+    assert_eq!(init[0].restart_policy.as_deref(), Some("Always"));
+    assert!(a.metadata.creation_timestamp.is_some());
+
+    let compiled = Compiler::new().compile(&state);
+    let holder = compiled
+        .local_pods
+        .iter()
+        .find(|p| p.ips.contains(&"10.0.0.1".parse().unwrap()))
+        .expect("someone holds 10.0.0.1");
+    assert_eq!(holder.pod, ObjectRef::new("x", "z"), "the newer pod");
+    // 10.0.0.1 is x/z's, which declares no "metrics" port: a's sidecar port is not
+    // admitted on an address a no longer holds.
+    let to = |dst: &str, port| {
+        netpol_compile::model::lookup(
+            &compiled,
+            "10.9.9.9".parse().unwrap(),
+            dst.parse().unwrap(),
+            6,
+            port,
+            netpol_compile::Direction::Ingress,
+        )
+    };
+    assert_eq!(to("10.0.0.1", 9090), None, "x/z has no metrics port");
+    // Give a its own address again: its sidecar's port is admitted, the setup port not.
+    let mut a = pod("x", "a", NODE, "10.0.0.5", json!({"app": "a"}));
+    a["spec"]["initContainers"] = json!([
+        {"name": "setup", "image": "busybox", "ports": [{"name": "setup", "containerPort": 81}]},
+        {"name": "proxy", "image": "envoy", "restartPolicy": "Always",
+         "ports": [{"name": "metrics", "containerPort": 9090}]},
+    ]);
+    server.apply(a);
+    wait_for(&mut source, &mut state, "a's new address", |s| {
+        s.pods[&ObjectRef::new("x", "a")]
+            .status
+            .as_ref()
+            .and_then(|st| st.pod_ip.as_deref())
+            == Some("10.0.0.5")
+    })
+    .await;
+    let compiled = Compiler::new().compile(&state);
+    let to = |port| {
+        netpol_compile::model::lookup(
+            &compiled,
+            "10.9.9.9".parse().unwrap(),
+            "10.0.0.5".parse().unwrap(),
+            6,
+            port,
+            netpol_compile::Direction::Ingress,
+        )
+    };
+    assert!(to(9090).is_some(), "the sidecar's named port is admitted");
+    assert_eq!(to(81), None, "an ordinary init container's port is not");
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn updates_and_deletes_flow_through_in_batches() {
     let server = cluster().await;
     let mut source = source(&server);
@@ -256,7 +340,7 @@ async fn updates_and_deletes_flow_through_in_batches() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn an_invalid_update_keeps_the_last_valid_version_and_is_reported() {
+async fn an_invalid_update_is_enforced_as_far_as_it_can_be_read_and_reported() {
     let server = cluster().await;
     let mut source = source(&server);
     let mut state = ClusterState::default();
@@ -264,21 +348,27 @@ async fn an_invalid_update_keeps_the_last_valid_version_and_is_reported() {
     let mut compiler = Compiler::new();
     wait_for(&mut source, &mut state, "sync", |s| s.policies.len() == 1).await;
     compiler.compile(&state);
-    // endPort below port: the API server's validation would reject it; the agent must
-    // not trust that a store it reads never holds such an object.
+    // An ingress rule allowing 10.0.0.0/8 (written with leading zeros, as the API
+    // server accepts) on 80, and one whose only port cannot be read (endPort below
+    // port: the API server's validation would reject it; the agent must not trust that
+    // a store it reads never holds such an object).
     server.apply(policy(
         "x",
         "deny",
-        json!({"podSelector": {}, "ingress": [{"ports": [{"port": 90, "endPort": 80}]}]}),
+        json!({"podSelector": {}, "ingress": [
+            {"from": [{"ipBlock": {"cidr": "010.0.0.0/8"}}], "ports": [{"port": 80}]},
+            {"ports": [{"port": 90, "endPort": 80}]},
+        ]}),
     ));
     let deadline = tokio::time::Instant::now() + WAIT;
-    let diagnostics = loop {
+    let (compiled, diagnostics) = loop {
         if source.changed(Duration::from_millis(100)).await.unwrap() {
             source.snapshot(&mut state);
             let compiled = compiler.compile(&state);
             if !compiled.diagnostics.is_empty() {
                 assert_eq!(compiled.policies, [ObjectRef::new("x", "deny")]);
-                break compiled.diagnostics;
+                let diagnostics = compiled.diagnostics.clone();
+                break (compiled, diagnostics);
             }
         }
         assert!(tokio::time::Instant::now() < deadline, "no diagnostics");
@@ -286,16 +376,31 @@ async fn an_invalid_update_keeps_the_last_valid_version_and_is_reported() {
     let text: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
     assert!(
         text.iter()
-            .any(|t| t.starts_with("NetworkPolicy x/deny: spec.ingress[0].ports[0].endPort")),
+            .any(|t| t.starts_with("NetworkPolicy x/deny: spec.ingress[1].ports[0].endPort")),
         "{text:?}"
     );
+    // The stored object is in force, as far as it can be read: not the last valid
+    // version, and the rule that cannot be read allows nothing.
     let kept = compiler
         .policy(&ObjectRef::new("x", "deny"))
         .expect("in force");
-    assert_eq!(
-        kept.spec.as_ref().unwrap().policy_types.as_deref(),
-        Some(&["Ingress".to_owned()][..]),
-        "the last valid version stays"
+    assert_eq!(kept, &state.policies[&ObjectRef::new("x", "deny")]);
+    let passes = |src: &str, port| {
+        netpol_compile::model::lookup(
+            &compiled,
+            src.parse().unwrap(),
+            "10.0.0.1".parse().unwrap(),
+            6,
+            port,
+            netpol_compile::Direction::Ingress,
+        )
+        .is_some()
+    };
+    assert!(passes("10.7.0.1", 80), "010.0.0.0/8 is 10.0.0.0/8");
+    assert!(!passes("8.7.0.1", 80), "not the octal 8.0.0.0/8");
+    assert!(
+        !passes("10.7.0.1", 85),
+        "the rule that cannot be read allows nothing"
     );
     // ... and an Event on the policy names the field.
     source.report(&diagnostics);
@@ -310,7 +415,7 @@ async fn an_invalid_update_keeps_the_last_valid_version_and_is_reported() {
                 event["note"]
                     .as_str()
                     .unwrap()
-                    .contains("spec.ingress[0].ports[0].endPort"),
+                    .contains("spec.ingress[1].ports[0].endPort"),
                 "{event}"
             );
             break;
@@ -442,4 +547,56 @@ async fn a_restarted_server_leaves_the_state_correct_and_logs_one_line() {
     assert_eq!(warnings.len(), 1, "{warnings:#?}");
     assert!(source.failures() >= 4, "every watcher noticed");
     let _ = std::io::stderr().flush();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn services_reach_the_state_and_a_cluster_without_servicecidrs_still_syncs() {
+    let server = cluster().await;
+    // An API server older than 1.33: ServiceCIDRs are not served at all.
+    server.fail("servicecidrs", "list", Some(404));
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "db", "namespace": "x", "managedFields": [{"manager": "kubectl"}]},
+        "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "selector": {"app": "b"},
+                 "sessionAffinity": "None", "ports": [{"name": "sql", "port": 5432, "targetPort": 5432}]},
+    }));
+    server.apply(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "db-1", "namespace": "x", "labels": {"kubernetes.io/service-name": "db"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "sql", "port": 5432, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["10.0.0.2"], "targetRef": {"kind": "Pod", "namespace": "x", "name": "b"}}],
+    }));
+    let mut source = source(&server);
+    let mut state = ClusterState::default();
+    wait_for(&mut source, &mut state, "the Service", |s| {
+        s.services.contains_key(&ObjectRef::new("x", "db"))
+            && s.endpoint_slices.contains_key(&ObjectRef::new("x", "db-1"))
+    })
+    .await;
+    assert!(source.is_synced(), "synced without ServiceCIDRs");
+    // Trimmed to what the compiler reads.
+    let service = &state.services[&ObjectRef::new("x", "db")];
+    assert!(service.metadata.managed_fields.is_none());
+    assert_eq!(
+        service.spec.as_ref().unwrap().session_affinity,
+        None,
+        "fields nobody reads are dropped"
+    );
+    // The API becomes available: its ranges arrive (the watcher retries with backoff).
+    server.fail("servicecidrs", "list", None);
+    server.apply(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+        "metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["10.96.0.0/16"]},
+    }));
+    wait_for(&mut source, &mut state, "the ServiceCIDR", |s| {
+        s.service_cidrs.contains_key("kubernetes")
+    })
+    .await;
+    let compiled = netpol_compile::compile(&state, &Default::default());
+    assert!(
+        compiled.diagnostics.is_empty(),
+        "{:?}",
+        compiled.diagnostics
+    );
 }

@@ -634,19 +634,142 @@ fn node_traffic_and_non_ip_and_neighbour_discovery_pass() {
         )
     ));
     assert!(dp.run_bytes(ToPod, &arp_frame()));
-    // Neighbour solicitation to b's address.
-    let ns = Frame::new(
-        ip("fe80::1"),
-        ip("fd00::2"),
-        Transport::Icmp {
-            kind: 135,
-            code: 0,
-            id: 0,
-        },
-    );
+    // Neighbour solicitation to b's address, from the link.
+    let ns = Frame::new(ip("fe80::1"), ip("fd00::2"), icmp(135)).with_hop_limit(255);
     assert!(dp.run(ToPod, &ns));
     assert!(dp.counter(Reason::NetworkControl) >= 1);
     assert!(dp.counter(Reason::FromHost) >= 2);
+}
+
+fn icmp(kind: u8) -> Transport {
+    Transport::Icmp {
+        kind,
+        code: 0,
+        id: 0,
+    }
+}
+
+#[test]
+fn neighbour_discovery_and_mld_pass_only_as_the_link_uses_them() {
+    let Some(mut dp) = Loaded::new("nd", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    // b is isolated both ways and allows no ICMPv6 from anyone.
+    let nd = |src: &str, dst: &str, kind: u8, hops: u8| {
+        Frame::new(ip(src), ip(dst), icmp(kind)).with_hop_limit(hops)
+    };
+    // Solicitations and advertisements on the link: hop limit 255, a link-local or
+    // unspecified source or a link-local or multicast destination.
+    assert!(dp.run(ToPod, &nd("fe80::1", "fd00::2", 135, 255)));
+    assert!(dp.run(ToPod, &nd("fe80::1", "fd00::2", 136, 255)));
+    assert!(dp.run(FromPod, &nd("fd00::2", "ff02::1:ff00:1", 135, 255)));
+    assert!(dp.run(FromPod, &nd("fd00::2", "fe80::1", 136, 255)));
+    assert!(dp.run(FromPod, &nd("::", "ff02::1:ff00:2", 135, 255)));
+    assert_eq!(dp.counter(Reason::NetworkControl), 5);
+    // The same types otherwise are judged like any other packet: b allows none of them.
+    // Forwarded (hop limit below 255):
+    assert!(!dp.run(ToPod, &nd("fe80::1", "fd00::2", 135, 254)));
+    assert!(!dp.run(FromPod, &nd("fd00::2", "ff02::1:ff00:1", 135, 64)));
+    // Between global unicast addresses, even with hop limit 255:
+    assert!(!dp.run(ToPod, &nd("fd00::1", "fd00::2", 135, 255)));
+    assert!(!dp.run(FromPod, &nd("fd00::2", "fd00::1", 136, 255)));
+    // An MLD report that is not link-local.
+    assert!(!dp.run(FromPod, &nd("fd00::2", "ff02::16", 143, 1)));
+    assert_eq!(dp.counter(Reason::NetworkControl), 5);
+    assert_eq!(dp.counter(Reason::PolicyDenied), 5);
+
+    // MLD from a link-local address on the veth bound to c: hop limit 1 to a group.
+    let c = dp.endpoint_id("x/c");
+    dp.datapath
+        .as_mut()
+        .unwrap()
+        .bind_interface(TEST_RUN_IFINDEX, c)
+        .unwrap();
+    assert!(dp.run(FromPod, &nd("fe80::3", "ff02::16", 143, 1)));
+    assert!(dp.run(FromPod, &nd("::", "ff02::16", 143, 1)));
+    // With another hop limit it is no MLD the link needs: a link-local source may not
+    // send it (nor anything else but ND and DHCP).
+    assert!(!dp.run(FromPod, &nd("fe80::3", "ff02::16", 143, 64)));
+    assert!(!dp.run(FromPod, &nd("fe80::3", "fd00::1", 128, 64)));
+    assert_eq!(dp.counter(Reason::Spoofed), 2);
+}
+
+#[test]
+fn link_local_sources_leave_a_pod_only_for_dhcp_and_neighbour_discovery() {
+    let Some(mut dp) = Loaded::new("linklocal", &[CLUSTER]) else {
+        return;
+    };
+    let c = dp.endpoint_id("x/c");
+    dp.datapath
+        .as_mut()
+        .unwrap()
+        .bind_interface(TEST_RUN_IFINDEX, c)
+        .unwrap();
+    let udp = |sport, dport| Transport::Udp { sport, dport };
+    // Arbitrary traffic from a link-local or unspecified address is spoofed: it would
+    // reach other pods unjudged by c's policy.
+    assert!(!dp.run(
+        FromPod,
+        &Frame::new(ip("fe80::5"), ip("fd00::1"), Transport::syn(52000, 80))
+    ));
+    assert!(!dp.run(
+        FromPod,
+        &Frame::new(ip("169.254.3.3"), ip("10.2.0.1"), udp(5000, 53))
+    ));
+    assert!(!dp.run(
+        FromPod,
+        &Frame::new(ip("0.0.0.0"), ip("10.2.0.1"), udp(68, 53))
+    ));
+    assert_eq!(dp.counter(Reason::Spoofed), 3);
+    // DHCP and DHCPv6 clients and neighbour discovery are how a pod gets an address.
+    assert!(dp.run(
+        FromPod,
+        &Frame::new(ip("0.0.0.0"), ip("255.255.255.255"), udp(68, 67))
+    ));
+    assert!(dp.run(
+        FromPod,
+        &Frame::new(ip("fe80::5"), ip("ff02::1:2"), udp(546, 547))
+    ));
+    assert!(dp.run(
+        FromPod,
+        &Frame::new(ip("fe80::5"), ip("ff02::2"), icmp(133)).with_hop_limit(255)
+    ));
+    assert_eq!(dp.counter(Reason::Spoofed), 3);
+}
+
+#[test]
+fn later_fragments_leaving_a_pod_carry_its_own_address() {
+    let Some(mut dp) = Loaded::new("frag-spoof", &[CLUSTER]) else {
+        return;
+    };
+    let c = dp.endpoint_id("x/c");
+    dp.datapath
+        .as_mut()
+        .unwrap()
+        .bind_interface(TEST_RUN_IFINDEX, c)
+        .unwrap();
+    let later = |src: &str, dst: &str| {
+        let mut frame = Frame::new(ip(src), ip(dst), Transport::Udp { sport: 1, dport: 2 });
+        if frame.src.is_ipv6() {
+            frame.ipv6_ext = vec![Ipv6Ext::Fragment {
+                offset: 185,
+                more: false,
+            }];
+        } else {
+            frame.ipv4_fragment_offset = 185;
+        }
+        frame
+    };
+    // c's own address: a later fragment passes (its first fragment was judged).
+    assert!(dp.run(FromPod, &later("10.1.0.3", "10.2.0.1")));
+    // Anyone else's, or no pod's, leaving c's veth: spoofed, as a first fragment is.
+    assert!(!dp.run(FromPod, &later("10.1.0.1", "10.2.0.1")));
+    assert!(!dp.run(FromPod, &later("10.9.9.9", "10.2.0.1")));
+    assert!(!dp.run(FromPod, &later("fd00::1", "fd00::2")));
+    assert!(!dp.run(FromPod, &later("fe80::3", "fd00::2")));
+    assert_eq!(dp.counter(Reason::Spoofed), 4);
+    // Towards a pod, later fragments are not the receiving veth's to vouch for.
+    assert!(dp.run(ToPod, &later("10.2.0.1", "10.1.0.1")));
 }
 
 #[test]
@@ -1307,4 +1430,493 @@ fn pins_of_maps_this_build_does_not_define_or_changed_are_replaced_at_load() {
         assert!(maps.join(name).exists(), "{name} is still pinned");
     }
     second.shutdown();
+}
+
+/// A Service address of the tests (a ClusterIP), and its port.
+const SERVICE_IP: &str = "10.96.0.10";
+const SERVICE_PORT: u16 = 10080;
+const NODE_PORT: u16 = 30080;
+const MARK: u32 = netpol_common::SERVICE_MARK_DEFAULT;
+
+/// The cluster with SERVICE_IP known as a Service address and NODE_PORT as a node port
+/// (as the compiler marks them; kube-proxy's translation is what the tests play).
+fn with_services(tag: &str, manifests: &[&str]) -> Option<Loaded> {
+    let mut dp = Loaded::new(tag, manifests)?;
+    let mut compiled = compile::compile(&state(manifests), &Allocations::default());
+    add_service_addresses(&mut compiled);
+    dp.datapath.as_mut().unwrap().sync_maps(&compiled).unwrap();
+    dp.compiled = compiled;
+    Some(dp)
+}
+
+fn add_service_addresses(compiled: &mut compile::Compiled) {
+    compiled.ipcache.insert(
+        compile::host_key(ip(SERVICE_IP)),
+        netpol_common::PeerInfo {
+            identity: netpol_common::IDENTITY_WORLD,
+            flags: netpol_common::PEER_SERVICE,
+        },
+    );
+    compiled.node_ports.insert(netpol_common::ServicePort {
+        port: NODE_PORT,
+        protocol: netpol_common::PROTO_TCP,
+        _pad: 0,
+    });
+}
+
+impl Loaded {
+    /// Runs `hook` on a packet carrying `mark`: (allowed, the mark the program left).
+    fn run_marked(&self, hook: HookKind, frame: &Frame, mark: u32) -> (bool, u32) {
+        let verdict = self
+            .datapath
+            .as_ref()
+            .unwrap()
+            .test_run_marked(hook, &frame.build(), 1, mark)
+            .expect("test run");
+        (verdict.allowed(), verdict.mark)
+    }
+}
+
+#[test]
+fn a_connection_to_a_service_is_judged_on_the_backend_after_translation() {
+    let Some(dp) = with_services("svc", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    // c may reach namespace y on its named port web (d: 9090), nothing in x.
+    let to_service = Frame::new(
+        ip("10.1.0.3"),
+        ip(SERVICE_IP),
+        Transport::syn(47000, SERVICE_PORT),
+    );
+    assert_eq!(
+        dp.run_marked(FromPod, &to_service, 0),
+        (true, MARK),
+        "from_pod lets the connection to the Service through, marked"
+    );
+    // The model agrees, here and for a pod that is not egress-isolated.
+    let defers = |src: &str| {
+        compile::model::defers_to_service(
+            &dp.compiled,
+            ip(src),
+            ip(SERVICE_IP),
+            netpol_common::PROTO_TCP,
+            SERVICE_PORT,
+        )
+    };
+    assert!(defers("10.1.0.3"));
+    assert!(!defers("10.1.0.1"));
+    // kube-proxy chose d: allowed (veth scrubs the mark on the way into d).
+    let to_d = Frame::new(ip("10.1.0.3"), ip("10.2.0.1"), Transport::syn(47000, 9090));
+    assert!(dp.run_marked(ToPod, &to_d, MARK).0);
+    // kube-proxy chose a (not isolated, so its ingress allows anything): c's egress
+    // does not allow a, so the connection is dropped...
+    let to_a = Frame::new(ip("10.1.0.3"), ip("10.1.0.1"), Transport::syn(47001, 9090));
+    assert!(!dp.run_marked(ToPod, &to_a, MARK).0);
+    // ...which only the mark decides: the same packet unmarked is a's ingress alone.
+    assert!(dp.run_marked(ToPod, &to_a, 0).0);
+    // The port compared is the backend's (target) port, not the Service's.
+    let to_d_service_port = Frame::new(
+        ip("10.1.0.3"),
+        ip("10.2.0.1"),
+        Transport::syn(47002, SERVICE_PORT),
+    );
+    assert!(!dp.run_marked(ToPod, &to_d_service_port, MARK).0);
+    // The connection to d goes on: marked packets of it, and the replies both ways.
+    assert!(
+        dp.run_marked(
+            ToPod,
+            &Frame::new(ip("10.1.0.3"), ip("10.2.0.1"), Transport::ack(47000, 9090)),
+            MARK
+        )
+        .0
+    );
+    assert!(dp.run(
+        FromPod,
+        &Frame::new(
+            ip("10.2.0.1"),
+            ip("10.1.0.3"),
+            Transport::syn_ack(9090, 47000)
+        )
+    ));
+    let reply = Frame::new(
+        ip(SERVICE_IP),
+        ip("10.1.0.3"),
+        Transport::syn_ack(SERVICE_PORT, 47000),
+    );
+    assert!(dp.run(ToPod, &reply), "the un-translated reply reaches c");
+    // Every later packet of c's connection to the Service carries the mark.
+    let ack = Frame::new(
+        ip("10.1.0.3"),
+        ip(SERVICE_IP),
+        Transport::ack(47000, SERVICE_PORT),
+    );
+    assert_eq!(dp.run_marked(FromPod, &ack, 0), (true, MARK));
+}
+
+#[test]
+fn a_pod_that_is_not_egress_isolated_pays_nothing_for_services() {
+    let Some(dp) = with_services("svc-free", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    let to_service = Frame::new(
+        ip("10.1.0.1"),
+        ip(SERVICE_IP),
+        Transport::syn(47100, SERVICE_PORT),
+    );
+    assert_eq!(dp.run_marked(FromPod, &to_service, 0), (true, 0));
+}
+
+#[test]
+fn leave_node_judges_marked_connections_to_backends_elsewhere() {
+    use HookKind::LeaveNode;
+    let Some(dp) = with_services("svc-leave", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    // c may reach 172.16.0.0/12, nothing else outside.
+    let allowed = Frame::new(ip("10.1.0.3"), ip("172.16.5.5"), Transport::syn(47200, 443));
+    let denied = Frame::new(ip("10.1.0.3"), ip("8.8.8.8"), Transport::syn(47201, 443));
+    assert_eq!(dp.run_marked(LeaveNode, &allowed, MARK), (true, 0));
+    assert!(!dp.run_marked(LeaveNode, &denied, MARK).0);
+    // Unmarked traffic on an exit device is not ours: it passes untouched.
+    assert_eq!(dp.run_marked(LeaveNode, &denied, 0x4000), (true, 0x4000));
+    // The allowed connection goes on from conntrack.
+    let ack = Frame::new(ip("10.1.0.3"), ip("172.16.5.5"), Transport::ack(47200, 443));
+    assert!(dp.run_marked(LeaveNode, &ack, MARK).0);
+    // A marked packet whose source is no longer a pod (masqueraded by something other
+    // than kube-proxy's hairpin rule) cannot be judged: dropped, never let through.
+    let masqueraded = Frame::new(ip(NODE_IP), ip("172.16.5.5"), Transport::syn(47202, 443));
+    assert!(!dp.run_marked(LeaveNode, &masqueraded, MARK).0);
+    assert!(dp.counter(Reason::Masqueraded) >= 1);
+}
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_is_never_blocked() {
+    let Some(dp) = with_services("svc-hairpin", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    // b denies all egress and admits TCP 80 from a only.
+    let to_service = Frame::new(
+        ip("10.1.0.2"),
+        ip(SERVICE_IP),
+        Transport::syn(47300, SERVICE_PORT),
+    );
+    assert_eq!(dp.run_marked(FromPod, &to_service, 0), (true, MARK));
+    let to_itself = Frame::new(ip("10.1.0.2"), ip("10.1.0.2"), Transport::syn(47300, 22));
+    assert!(dp.run_marked(ToPod, &to_itself, MARK).0);
+    assert!(dp.counter(Reason::Hairpin) >= 1);
+    // Another pod on that port is still b's ingress decision.
+    let from_c = Frame::new(ip("10.1.0.3"), ip("10.1.0.2"), Transport::syn(47301, 22));
+    assert!(!dp.run_marked(ToPod, &from_c, 0).0);
+    // A policy change re-checks the connection, and it is still b's own.
+    let narrowed = POLICIES.replace("port: 80, endPort: 90", "port: 81, endPort: 90");
+    let mut compiled = compile::compile(&state(&[CLUSTER, &narrowed]), &Allocations::default());
+    add_service_addresses(&mut compiled);
+    let mut dp = dp;
+    dp.datapath.as_mut().unwrap().sync_maps(&compiled).unwrap();
+    let ack = Frame::new(ip("10.1.0.2"), ip("10.1.0.2"), Transport::ack(47300, 22));
+    assert!(dp.run_marked(ToPod, &ack, MARK).0);
+}
+
+#[test]
+fn node_ports_on_node_addresses_are_service_traffic() {
+    let Some(dp) = with_services("svc-nodeport", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    let node_port = Frame::new(
+        ip("10.1.0.3"),
+        ip(NODE_IP),
+        Transport::syn(47400, NODE_PORT),
+    );
+    assert_eq!(dp.run_marked(FromPod, &node_port, 0), (true, MARK));
+    let tcp = netpol_common::PROTO_TCP;
+    let defers = |port| {
+        compile::model::defers_to_service(&dp.compiled, ip("10.1.0.3"), ip(NODE_IP), tcp, port)
+    };
+    assert!(defers(NODE_PORT), "the model agrees on the node port");
+    assert!(!defers(22));
+    // Any other port of the node is the node itself, which c's egress does not allow.
+    let ssh = Frame::new(ip("10.1.0.3"), ip(NODE_IP), Transport::syn(47401, 22));
+    assert_eq!(dp.run_marked(FromPod, &ssh, 0), (false, 0));
+}
+
+#[test]
+fn revoking_the_backends_permission_stops_a_live_service_connection() {
+    let Some(mut dp) = with_services("svc-revoke", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    let syn = Frame::new(
+        ip("10.1.0.3"),
+        ip(SERVICE_IP),
+        Transport::syn(47500, SERVICE_PORT),
+    );
+    assert!(dp.run_marked(FromPod, &syn, 0).0);
+    let to_d = |t| Frame::new(ip("10.1.0.3"), ip("10.2.0.1"), t);
+    assert!(
+        dp.run_marked(ToPod, &to_d(Transport::syn(47500, 9090)), MARK)
+            .0
+    );
+    assert!(
+        dp.run_marked(ToPod, &to_d(Transport::ack(47500, 9090)), MARK)
+            .0
+    );
+
+    // c loses its permission to namespace y.
+    let narrowed = POLICIES.replace("ports: [{port: web}]", "ports: [{port: 1}]");
+    let mut compiled = compile::compile(&state(&[CLUSTER, &narrowed]), &Allocations::default());
+    add_service_addresses(&mut compiled);
+    dp.datapath.as_mut().unwrap().sync_maps(&compiled).unwrap();
+
+    // The Service side still passes from_pod (marked); the backend's hook stops it.
+    let ack = Frame::new(
+        ip("10.1.0.3"),
+        ip(SERVICE_IP),
+        Transport::ack(47500, SERVICE_PORT),
+    );
+    assert_eq!(dp.run_marked(FromPod, &ack, 0), (true, MARK));
+    assert!(
+        !dp.run_marked(ToPod, &to_d(Transport::ack(47500, 9090)), MARK)
+            .0
+    );
+}
+
+/// b accepts a on TCP 80 and is not egress-isolated: its replies need no entry, so only
+/// a revoked entry can keep a revoked connection stopped.
+const B_FROM_A_ONLY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-from-a, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  policyTypes: [Ingress]
+  ingress: [{from: [{podSelector: {matchLabels: {app: a}}}], ports: [{protocol: TCP, port: 80}]}]
+"#;
+
+impl Loaded {
+    fn resync(&mut self, manifests: &[&str]) {
+        let compiled = compile::compile(&state(manifests), &self.compiled.allocations);
+        self.datapath
+            .as_mut()
+            .unwrap()
+            .sync_maps(&compiled)
+            .unwrap();
+        self.compiled = compiled;
+    }
+
+    /// Empties CT4 and CT6, as LRU eviction or a fresh agent would.
+    fn lose_conntrack(&self) {
+        use aya::maps::{HashMap, Map};
+        use netpol_common::{CtKey4, CtKey6, CtValue};
+        let mut ct4: HashMap<_, CtKey4, CtValue> =
+            HashMap::try_from(Map::LruHashMap(self.pinned("CT4"))).unwrap();
+        for key in ct4.keys().collect::<Result<Vec<_>, _>>().unwrap() {
+            ct4.remove(&key).unwrap();
+        }
+        let mut ct6: HashMap<_, CtKey6, CtValue> =
+            HashMap::try_from(Map::LruHashMap(self.pinned("CT6"))).unwrap();
+        for key in ct6.keys().collect::<Result<Vec<_>, _>>().unwrap() {
+            ct6.remove(&key).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_revoked_connection_stays_revoked_from_both_ends() {
+    let Some(mut dp) = Loaded::new("revoked", &[CLUSTER, B_FROM_A_ONLY]) else {
+        return;
+    };
+    for (a, b, sport) in [
+        ("10.1.0.1", "10.1.0.2", 47000),
+        ("fd00::1", "fd00::2", 47001),
+    ] {
+        let to_b = |t| Frame::new(ip(a), ip(b), t);
+        let from_b = |t| Frame::new(ip(b), ip(a), t);
+        assert!(dp.run(ToPod, &to_b(Transport::syn(sport, 80))));
+        assert!(dp.run(FromPod, &from_b(Transport::syn_ack(80, sport))));
+        assert!(dp.run(ToPod, &to_b(Transport::ack(sport, 80))));
+    }
+    let before = dp.counter(Reason::Revoked);
+    // a may now only use port 81.
+    dp.resync(&[CLUSTER, &B_FROM_A_ONLY.replace("port: 80", "port: 81")]);
+    for (a, b, sport) in [
+        ("10.1.0.1", "10.1.0.2", 47000),
+        ("fd00::1", "fd00::2", 47001),
+    ] {
+        let to_b = |t| Frame::new(ip(a), ip(b), t);
+        let from_b = |t| Frame::new(ip(b), ip(a), t);
+        // Every packet of it, from either end, again and again: b's replies would
+        // otherwise open a connection of b's own (b may send anything).
+        for _ in 0..3 {
+            assert!(!dp.run(FromPod, &from_b(Transport::ack(80, sport))));
+            assert!(!dp.run(ToPod, &to_b(Transport::ack(sport, 80))));
+        }
+        // A SYN on the tuple is judged afresh: still denied, and nothing changes.
+        assert!(!dp.run(ToPod, &to_b(Transport::syn(sport, 80))));
+        assert!(!dp.run(FromPod, &from_b(Transport::ack(80, sport))));
+    }
+    assert_eq!(dp.counter(Reason::Revoked) - before, 2 * 7);
+    // A policy that allows it again lets the connection go on.
+    dp.resync(&[CLUSTER, B_FROM_A_ONLY]);
+    for (a, b, sport) in [
+        ("10.1.0.1", "10.1.0.2", 47000),
+        ("fd00::1", "fd00::2", 47001),
+    ] {
+        assert!(dp.run(
+            FromPod,
+            &Frame::new(ip(b), ip(a), Transport::ack(80, sport))
+        ));
+        assert!(dp.run(ToPod, &Frame::new(ip(a), ip(b), Transport::ack(sport, 80))));
+    }
+}
+
+/// a may reach b on TCP 80-90 and nothing else; b (POLICIES) accepts a on 80-90 and
+/// sends nothing: both are isolated both ways.
+const A_TO_B_ONLY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-to-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  policyTypes: [Ingress, Egress]
+  egress: [{to: [{podSelector: {matchLabels: {app: b}}}], ports: [{protocol: TCP, port: 80, endPort: 90}]}]
+"#;
+
+#[test]
+fn an_allowed_connection_survives_its_lost_entries_and_nothing_else_does() {
+    let Some(dp) = Loaded::new("lost", &[CLUSTER, POLICIES, A_TO_B_ONLY]) else {
+        return;
+    };
+    for (a, b, sport) in [
+        ("10.1.0.1", "10.1.0.2", 48000),
+        ("fd00::1", "fd00::2", 48001),
+    ] {
+        let a_to_b = |t| Frame::new(ip(a), ip(b), t);
+        let b_to_a = |t| Frame::new(ip(b), ip(a), t);
+        // The handshake through both pods' hooks (a leaves, b receives; and back).
+        assert!(dp.run(FromPod, &a_to_b(Transport::syn(sport, 80))));
+        assert!(dp.run(ToPod, &a_to_b(Transport::syn(sport, 80))));
+        assert!(dp.run(FromPod, &b_to_a(Transport::syn_ack(80, sport))));
+        assert!(dp.run(ToPod, &b_to_a(Transport::syn_ack(80, sport))));
+        dp.lose_conntrack();
+        // Mid-stream, the server speaks first: each pod's policy allows the connection
+        // the other way, so these are replies, and the entries are made again.
+        let resumed = dp.counter(Reason::Resumed);
+        assert!(dp.run(FromPod, &b_to_a(Transport::ack(80, sport))));
+        assert!(dp.run(ToPod, &b_to_a(Transport::ack(80, sport))));
+        assert_eq!(dp.counter(Reason::Resumed) - resumed, 2);
+        assert!(dp.run(FromPod, &a_to_b(Transport::ack(sport, 80))));
+        assert!(dp.run(ToPod, &a_to_b(Transport::ack(sport, 80))));
+        assert!(dp.run(FromPod, &b_to_a(Transport::ack(80, sport))));
+        assert_eq!(
+            dp.counter(Reason::Resumed) - resumed,
+            2,
+            "entries made again"
+        );
+        // A mid-stream packet that no allowed connection explains either way: b never
+        // accepts a on 95, a never dials b on 95.
+        assert!(!dp.run(FromPod, &b_to_a(Transport::ack(95, sport + 10))));
+        assert!(!dp.run(ToPod, &b_to_a(Transport::ack(95, sport + 10))));
+        assert!(!dp.run(ToPod, &a_to_b(Transport::ack(sport + 10, 95))));
+        // A datagram is never taken for a reply.
+        let dns = Transport::Udp {
+            sport: 53,
+            dport: sport,
+        };
+        assert!(!dp.run(ToPod, &Frame::new(ip(b), ip(a), dns)));
+    }
+    // Nor is a SYN (it opens a connection, judged as such).
+    assert!(!dp.run(
+        FromPod,
+        &Frame::new(ip("10.1.0.2"), ip("10.1.0.1"), Transport::syn(80, 48100))
+    ));
+}
+
+#[test]
+fn icmp_errors_about_a_tracked_connection_pass_both_ways_and_others_are_judged() {
+    let Some(dp) = Loaded::new("icmp-errors", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    // a -> b:80, allowed at b's veth (b is isolated both ways; nothing lets ICMP in or
+    // out of b).
+    for (a, b, router, too_big, sport) in [
+        ("10.1.0.1", "10.1.0.2", "10.77.0.1", (3, 4), 49000),
+        ("fd00::1", "fd00::2", "fd00:77::1", (2, 0), 49001),
+    ] {
+        let syn = Frame::new(ip(a), ip(b), Transport::syn(sport, 80));
+        let syn_ack = Frame::new(ip(b), ip(a), Transport::syn_ack(80, sport));
+        assert!(dp.run(ToPod, &syn));
+        assert!(dp.run(FromPod, &syn_ack));
+        let related = dp.counter(Reason::Related);
+        // A router on the path says b's packets are too big (PMTU discovery)...
+        let (kind, code) = too_big;
+        assert!(dp.run(
+            ToPod,
+            &Frame::icmp_error(ip(router), ip(b), kind, code, &syn_ack)
+        ));
+        // ...and b tells a about a's packet (say, unreachable).
+        let unreachable = if syn.src.is_ipv6() { 1 } else { 3 };
+        assert!(dp.run(
+            FromPod,
+            &Frame::icmp_error(ip(b), ip(a), unreachable, 3, &syn)
+        ));
+        assert_eq!(dp.counter(Reason::Related) - related, 2);
+        // An error about no connection of b's is new traffic: dropped.
+        let stranger = Frame::new(ip(b), ip(a), Transport::syn_ack(80, sport + 100));
+        assert!(!dp.run(
+            ToPod,
+            &Frame::icmp_error(ip(router), ip(b), kind, code, &stranger)
+        ));
+        // So is one addressed to b about another pod's connection.
+        let other = Frame::new(ip(a), ip(b), Transport::syn_ack(80, sport));
+        assert!(!dp.run(
+            ToPod,
+            &Frame::icmp_error(ip(router), ip(b), kind, code, &other)
+        ));
+        assert_eq!(dp.counter(Reason::Related) - related, 2);
+    }
+}
+
+#[test]
+fn a_pod_spraying_new_flows_cannot_break_another_pods_established_connection() {
+    let capacities = Capacities {
+        conntrack: Some(64),
+        ..Capacities::default()
+    };
+    let Some(dp) = Loaded::with_capacities("spray", &[CLUSTER, POLICIES, A_TO_B_ONLY], &capacities)
+    else {
+        return;
+    };
+    let a_to_b = |t| Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), t);
+    let b_to_a = |t| Frame::new(ip("10.1.0.2"), ip("10.1.0.1"), t);
+    assert!(dp.run(FromPod, &a_to_b(Transport::syn(48500, 80))));
+    assert!(dp.run(ToPod, &a_to_b(Transport::syn(48500, 80))));
+    assert!(dp.run(FromPod, &b_to_a(Transport::syn_ack(80, 48500))));
+    assert!(dp.run(ToPod, &b_to_a(Transport::syn_ack(80, 48500))));
+    let created = dp.datapath.as_ref().unwrap().conntrack_created().unwrap();
+    // d (not isolated) opens a thousand connections to c (not isolated), each answered
+    // (so its entry is in use, as a busy spray's are): 64 fit.
+    for sport in 20_000..21_000 {
+        assert!(dp.run(
+            ToPod,
+            &Frame::new(ip("10.2.0.1"), ip("10.1.0.3"), Transport::syn(sport, 8080))
+        ));
+        assert!(dp.run(
+            FromPod,
+            &Frame::new(
+                ip("10.1.0.3"),
+                ip("10.2.0.1"),
+                Transport::syn_ack(8080, sport)
+            )
+        ));
+    }
+    let now = dp.datapath.as_ref().unwrap().conntrack_created().unwrap();
+    assert_eq!(now - created, 1000, "every new key is counted");
+    // a and b's connection goes on both ways, whatever the spray evicted.
+    assert!(dp.run(FromPod, &b_to_a(Transport::ack(80, 48500))));
+    assert!(dp.run(ToPod, &b_to_a(Transport::ack(80, 48500))));
+    assert!(dp.run(FromPod, &a_to_b(Transport::ack(48500, 80))));
+    assert!(dp.run(ToPod, &a_to_b(Transport::ack(48500, 80))));
+    assert!(
+        dp.counter(Reason::Resumed) >= 1,
+        "the spray evicted the connection's entries"
+    );
 }

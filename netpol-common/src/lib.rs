@@ -125,6 +125,10 @@ pub struct PeerInfo {
 /// The address belongs to this node: traffic from it to a local pod always passes
 /// (kubelet probes).
 pub const PEER_HOST: u32 = 1 << 0;
+/// The address is a Service's (a ClusterIP, an externalIP, a load-balancer ingress IP)
+/// or lies in a Service range: kube-proxy translates connections to it after
+/// `from_pod`, so a pod's egress to it is judged after translation, on the backend.
+pub const PEER_SERVICE: u32 = 1 << 1;
 
 /// Direction of a policy decision, from the pod's point of view.
 pub const DIR_INGRESS: u8 = 1;
@@ -216,7 +220,11 @@ pub struct CtValue {
     /// A packet that finds an older generation re-checks the connection against the
     /// policy in force, so revoking a permission also stops established connections.
     pub generation: u32,
-    pub _pad: u32,
+    /// Service bookkeeping. With [`CT_SERVICE`] (`from_pod`'s entry of a connection to a
+    /// Service): the pod's endpoint id, stamped on each of its packets for the hook after
+    /// translation. With [`CT_SERVICE_EGRESS`]: the rule that allowed the source pod's
+    /// egress to the backend ([`RULE_NONE`] when none did, e.g. a pod reaching itself).
+    pub service: u32,
 }
 
 /// Value of STATE (ARRAY, one entry at index 0): written by the agent.
@@ -231,8 +239,18 @@ pub struct DatapathState {
     /// are jiffies. 0 until the agent has written it; the programs then assume
     /// [`JIFFIES_HZ_FALLBACK`].
     pub jiffies_hz: u32,
-    pub _pad: u32,
+    /// The skb mark bit(s) `from_pod` sets on a connection to a Service address, for the
+    /// hook after kube-proxy's translation (0: Service handling off). See
+    /// [`SERVICE_MARK_DEFAULT`].
+    pub service_mark: u32,
 }
+
+/// The default Service mark: one bit that kube-proxy (0x4000 masquerade, 0x8000 drop),
+/// Calico (0xffff0000), Cilium (0x0f00 and the upper half), kube-router (0x10000,
+/// 0x20000), Weave (0x20000, 0x40000), the AWS VPC CNI (0x80) and Istio (0x539, 0x111,
+/// 0x222) leave alone. The skb mark never crosses a network namespace (veth scrubs it),
+/// so a pod cannot set it.
+pub const SERVICE_MARK_DEFAULT: u32 = 0x0040_0000;
 
 /// Tick rate the programs assume while STATE has none: the highest CONFIG_HZ Linux
 /// offers, so that timeouts can only come out longer than configured, never shorter
@@ -264,6 +282,20 @@ pub const CT_SEEN_REPLY: u32 = 1 << 2;
 pub const CT_FIN_INITIATOR: u32 = 1 << 3;
 pub const CT_FIN_RESPONDER: u32 = 1 << 4;
 pub const CT_RST: u32 = 1 << 5;
+/// `from_pod`'s entry of a pod's connection to a Service address: every packet of it
+/// leaving the pod carries the Service mark, so the hook after kube-proxy's translation
+/// sees which packets still await (or have had) the egress decision on the backend.
+pub const CT_SERVICE: u32 = 1 << 6;
+/// An entry made after kube-proxy's translation (the backend's veth or an exit device)
+/// that also stands for the source pod's egress decision on the backend: the rule in
+/// `service` allowed it, and a policy change re-checks that side too.
+pub const CT_SERVICE_EGRESS: u32 = 1 << 7;
+/// A connection a policy change no longer allows: every packet of it is dropped, in
+/// both directions, until the entry times out (dropped packets keep it alive) or a
+/// policy change allows it again or a SYN that policy allows opens the tuple afresh.
+/// Forgetting it instead would let the next packet from the far end open the
+/// connection again as if that end had initiated it.
+pub const CT_REVOKED: u32 = 1 << 8;
 
 /// TCP flags as found in byte 13 of the TCP header.
 pub const TCP_FIN: u8 = 0x01;
@@ -316,9 +348,28 @@ pub enum Reason {
     Unprogrammed = 12,
     /// On the interface of a pod the agent refused to program because a map was full.
     Refused = 13,
+    /// A pod's new connection to a Service address (`from_pod`): let through with the
+    /// Service mark; its egress is judged after kube-proxy's translation, on the backend.
+    ToService = 14,
+    /// A pod reaching itself (through its own Service): never blocked.
+    Hairpin = 15,
+    /// A marked connection leaving the node whose source is no longer a local pod (kube-
+    /// proxy masqueraded it, as `--masquerade-all` does): its egress cannot be judged on
+    /// the backend, so it is dropped rather than let through unjudged.
+    Masqueraded = 16,
+    /// A packet of a connection that a policy change revoked (conntrack keeps the
+    /// entry as [`CT_REVOKED`]): dropped in both directions.
+    Revoked = 17,
+    /// A TCP packet that opens nothing (no SYN) of a connection conntrack has no entry
+    /// for (lost to LRU eviction, or the agent restarted): the receiving pod's policy
+    /// allows the connection the other way, so it is its reply; the entry is made again.
+    Resumed = 18,
+    /// An ICMP error (unreachable, packet too big, time exceeded, parameter problem)
+    /// about a packet of a tracked connection: passes like the connection's replies.
+    Related = 19,
 }
 
-pub const REASON_COUNT: u32 = 14;
+pub const REASON_COUNT: u32 = 20;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -336,6 +387,12 @@ impl Reason {
         Reason::Spoofed,
         Reason::Unprogrammed,
         Reason::Refused,
+        Reason::ToService,
+        Reason::Hairpin,
+        Reason::Masqueraded,
+        Reason::Revoked,
+        Reason::Resumed,
+        Reason::Related,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -346,6 +403,8 @@ impl Reason {
                 | Reason::Spoofed
                 | Reason::Unprogrammed
                 | Reason::Refused
+                | Reason::Masqueraded
+                | Reason::Revoked
         )
     }
 
@@ -365,6 +424,12 @@ impl Reason {
             Reason::Spoofed => "spoofed",
             Reason::Unprogrammed => "unprogrammed",
             Reason::Refused => "refused",
+            Reason::ToService => "to-service",
+            Reason::Hairpin => "hairpin",
+            Reason::Masqueraded => "masqueraded",
+            Reason::Revoked => "revoked",
+            Reason::Resumed => "resumed",
+            Reason::Related => "related",
         }
     }
 }
@@ -380,8 +445,26 @@ pub const fn counter_index(reason: Reason, direction: u8) -> u32 {
         }
 }
 
+/// Index of COUNTERS after the reasons: conntrack entries created (an insert of a key
+/// that was not in CT4 or CT6; `packets` counts them). Against the entries in the maps
+/// it tells how many LRU eviction took.
+pub const COUNTER_CT_CREATED: u32 = 2 * REASON_COUNT;
+
 /// Entries of COUNTERS.
-pub const COUNTER_SLOTS: u32 = 2 * REASON_COUNT;
+pub const COUNTER_SLOTS: u32 = 2 * REASON_COUNT + 1;
+
+/// Key of NODE_PORTS (HASH, value `u32`, unused): a port on which kube-proxy translates
+/// connections to this node's addresses (a NodePort, or a Service port of an externalIP
+/// that is a node address). A pod's connection to a node address on such a port is
+/// Service traffic.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct ServicePort {
+    /// Host byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
 
 /// Value of COUNTERS (PERCPU_ARRAY indexed by [`counter_index`]).
 #[repr(C)]
@@ -435,6 +518,11 @@ pub const fn reason_emits_event(reason: Reason) -> bool {
             | Reason::Spoofed
             | Reason::Unprogrammed
             | Reason::Refused
+            | Reason::ToService
+            | Reason::Hairpin
+            | Reason::Masqueraded
+            | Reason::Revoked
+            | Reason::Resumed
     )
 }
 
@@ -468,6 +556,7 @@ pub mod names {
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
     pub const IFACES: &str = "IFACES";
+    pub const NODE_PORTS: &str = "NODE_PORTS";
     /// Returns the low 32 bits of jiffies; run by the agent (BPF_PROG_TEST_RUN, never
     /// attached) to measure the kernel's tick rate.
     pub const PROG_JIFFIES: &str = "jiffies";
@@ -475,6 +564,10 @@ pub mod names {
     pub const PROG_FROM_POD: &str = "from_pod";
     /// TC egress of the host-side veth: packets entering the pod (its ingress policy).
     pub const PROG_TO_POD: &str = "to_pod";
+    /// TC egress of the node's exit devices (uplink, overlay, links to hosts): the
+    /// egress decision, after kube-proxy's translation, of pods' Service connections
+    /// whose backend is not on this node.
+    pub const PROG_LEAVE_NODE: &str = "leave_node";
 }
 
 /// Default capacities (the agent can override them at load time).
@@ -486,6 +579,9 @@ pub mod capacity {
     pub const CT: u32 = 262_144;
     /// Host-side interfaces bound to their pod (IFACES).
     pub const IFACES: u32 = ENDPOINTS;
+    /// Ports kube-proxy translates on node addresses (NodePorts: at most 2,768 per
+    /// protocol in the default range, three protocols).
+    pub const NODE_PORTS: u32 = 16_384;
     /// Rules with their own packet/byte counters (rule indices beyond are not counted).
     pub const RULE_COUNTERS: u32 = 65_536;
     /// Bytes of the EVENTS ring buffer (a power of two, a multiple of the page size).
@@ -508,6 +604,7 @@ mod user {
     unsafe impl aya::Pod for super::DatapathState {}
     unsafe impl aya::Pod for super::VerdictEvent {}
     unsafe impl aya::Pod for super::EventBudget {}
+    unsafe impl aya::Pod for super::ServicePort {}
 }
 
 // Layout checks: no implicit padding anywhere.
@@ -526,5 +623,6 @@ const _: () = {
     assert!(size_of::<VerdictEvent>() == 80);
     assert!(size_of::<EventBudget>() == 32);
     assert!(size_of::<Counter>() == 16);
+    assert!(size_of::<ServicePort>() == 4);
     assert!(POLICY_PREFIX_FULL as usize == size_of::<PolicyKey>() * 8);
 };

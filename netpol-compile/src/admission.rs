@@ -1,12 +1,17 @@
 //! Admission of NetworkPolicies, in one place: which version of each policy is in force.
 //!
-//! A valid policy is admitted as it is. An invalid one is reported field by field and
-//! left out, unless a valid version of it was admitted before: that version stays in
-//! force (as the API server keeps the stored object when an update is rejected), with a
-//! note saying so. The same holds for a policy the source saw but could not read
-//! ([`ClusterState::unreadable_policies`](crate::state::ClusterState)). A deleted policy
-//! is forgotten. Validation itself happens once per version of a policy, in the
-//! compiler's memo (`cache.rs`); admission only picks between versions.
+//! A policy is admitted as far as it can be read ([`Reading`](crate::policy::Reading)):
+//! what cannot be read is reported field by field and never allows anything nor
+//! isolates less (docs/SECURITY.md, "what the API server accepted never fails open").
+//! The current object always wins over an earlier version, even a valid one: the API
+//! server stored it, so an earlier version may allow what the policy no longer does.
+//! Only when nothing of the current object can be read (no name or namespace, or a
+//! source that could not read its metadata or podSelector,
+//! [`ClusterState::unreadable_policies`](crate::state::ClusterState)) does the version
+//! in force before stay, with a note saying so; there is then no other reading of whom
+//! the policy selects. A deleted policy is forgotten. Reading itself happens once per
+//! version of a policy, in the compiler's memo (`cache.rs`); admission only picks
+//! between versions and reports.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -15,7 +20,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::cache::PolicyEntry;
 use crate::policy::ParsedPolicy;
-use crate::state::ObjectRef;
+use crate::state::{ObjectRef, UnreadablePart};
 use crate::{Diagnostic, Subject};
 
 /// The policies in force after the last compile.
@@ -24,52 +29,70 @@ pub(crate) struct Admission {
     admitted: BTreeMap<ObjectRef, Admitted>,
 }
 
-/// A version of a policy that was valid, with its normalised form.
+/// A version of a policy in force, with what could be read of it.
 #[derive(Clone, Debug)]
 pub(crate) struct Admitted {
     pub policy: Arc<NetworkPolicy>,
     pub parsed: Arc<ParsedPolicy>,
+    /// Whether all of it could be read.
+    pub complete: bool,
 }
 
 impl Admission {
-    /// Admits this compile's policies: `entries` (one per policy of the state, parsed)
-    /// and `unreadable` (present, but unreadable). Reports every invalid one in
-    /// `diagnostics`.
+    /// Admits this compile's policies: `entries` (one per policy of the state, read),
+    /// `unreadable` (present, but nothing of them could be read) and `parts` (parts of
+    /// policies of `entries` that their source could not read). Reports every field that
+    /// cannot be read, and what it costs, in `diagnostics`.
     pub fn update(
         &mut self,
         entries: &[PolicyEntry],
         unreadable: &BTreeSet<ObjectRef>,
+        parts: &BTreeMap<ObjectRef, Vec<UnreadablePart>>,
         diagnostics: &mut Vec<Diagnostic>,
     ) {
         let mut previous = std::mem::take(&mut self.admitted);
-        let mut rejected = Vec::new();
+        let mut unnamed = Vec::new();
         for entry in entries {
+            let subject = Subject::policy(&entry.obj);
+            let holes = parts.get(&entry.obj).map(Vec::as_slice).unwrap_or_default();
+            // What the source replaced is reported as the source saw it; what reading
+            // says about the replacement would only mislead.
+            diagnostics.extend(
+                holes
+                    .iter()
+                    .map(|h| Diagnostic::new(subject.clone(), &h.field, &h.message)),
+            );
+            let replaced = |field: &str| holes.iter().any(|h| within(field, &h.replaced));
+            diagnostics.extend(
+                entry
+                    .errors
+                    .iter()
+                    .chain(&entry.consequences)
+                    .filter(|e| !replaced(&e.field))
+                    .map(|e| Diagnostic::new(subject.clone(), &e.field, &e.message)),
+            );
             match &entry.parsed {
-                Ok(parsed) => {
+                Some(parsed) => {
                     let admitted = Admitted {
                         policy: entry.policy.clone(),
                         parsed: parsed.clone(),
+                        complete: entry.errors.is_empty() && holes.is_empty(),
                     };
                     self.admitted.insert(entry.obj.clone(), admitted);
                 }
-                Err(errors) => {
-                    let subject = Subject::policy(&entry.obj);
-                    diagnostics.extend(errors.iter().map(|error| {
-                        Diagnostic::new(subject.clone(), &error.field, &error.message)
-                    }));
-                    rejected.push(&entry.obj);
-                }
+                None => unnamed.push(&entry.obj),
             }
         }
-        for obj in rejected.into_iter().chain(unreadable) {
+        for obj in unnamed.into_iter().chain(unreadable) {
             if !self.admitted.contains_key(obj)
                 && let Some(last) = previous.remove(obj)
             {
-                diagnostics.push(Diagnostic::new(
-                    Subject::policy(obj),
-                    "",
-                    "the last valid version stays in force",
-                ));
+                let note = if last.complete {
+                    "the last valid version stays in force"
+                } else {
+                    "the last version read (in part) stays in force"
+                };
+                diagnostics.push(Diagnostic::new(Subject::policy(obj), "", note));
                 self.admitted.insert(obj.clone(), last);
             }
         }
@@ -78,5 +101,28 @@ impl Admission {
     /// The policies in force, by name.
     pub fn admitted(&self) -> &BTreeMap<ObjectRef, Admitted> {
         &self.admitted
+    }
+}
+
+/// Whether the field path `field` is `part` or lies inside it (`spec.ingress[1]` holds
+/// `spec.ingress[1].from[0]`, not `spec.ingress[10]`).
+fn within(field: &str, part: &str) -> bool {
+    field
+        .strip_prefix(part)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::within;
+
+    #[test]
+    fn a_field_lies_within_a_part_only_at_a_path_boundary() {
+        assert!(within("spec.ingress[1]", "spec.ingress[1]"));
+        assert!(within("spec.ingress[1].from[0]", "spec.ingress[1]"));
+        assert!(within("spec.ingress[1].ports", "spec.ingress"));
+        assert!(!within("spec.ingress[10]", "spec.ingress[1]"));
+        assert!(!within("spec.ingressX", "spec.ingress"));
+        assert!(!within("spec", "spec.ingress"));
     }
 }

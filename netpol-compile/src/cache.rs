@@ -30,7 +30,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
-use crate::state::ObjectRef;
+use crate::state::{ObjectRef, container_ports};
 
 /// A fast, unkeyed hasher (FxHash) for maps keyed by addresses and peer-slot sets,
 /// which no object author chooses freely; maps keyed by names keep the default.
@@ -251,20 +251,27 @@ fn next_entry<T>(
     }
 }
 
-/// A policy and the result of parsing it.
+/// A policy and what could be read of it ([`Reading`](crate::policy::Reading)).
 pub(crate) struct PolicyEntry {
     pub obj: ObjectRef,
     /// The object as parsed.
     pub policy: Arc<NetworkPolicy>,
-    pub parsed: Result<Arc<ParsedPolicy>, Vec<FieldError>>,
+    /// `None` when nothing of it can be enforced (no name or namespace).
+    pub parsed: Option<Arc<ParsedPolicy>>,
+    /// Every field that cannot be read, and what that costs.
+    pub errors: Vec<FieldError>,
+    pub consequences: Vec<FieldError>,
 }
 
 impl PolicyEntry {
     fn new(obj: &ObjectRef, np: &NetworkPolicy) -> Self {
+        let reading = parse_policy(np);
         PolicyEntry {
             obj: obj.clone(),
             policy: Arc::new(np.clone()),
-            parsed: parse_policy(np).map(Arc::new),
+            parsed: reading.parsed.map(Arc::new),
+            errors: reading.errors,
+            consequences: reading.consequences,
         }
     }
 
@@ -470,17 +477,14 @@ fn encode_inputs(pod: &Pod, sink: &mut impl Sink) {
     sink.put(&[0]);
 }
 
-/// Every named container port of `pod`: (name, protocol, containerPort).
+/// Every named port of `pod`'s containers and native sidecars, in lookup order
+/// ([`container_ports`]): (name, protocol, containerPort).
 fn named_port_inputs(pod: &Pod) -> impl Iterator<Item = (&str, Option<&str>, i32)> {
-    pod.spec
-        .iter()
-        .flat_map(|s| s.containers.iter())
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| {
-            p.name
-                .as_deref()
-                .map(|name| (name, p.protocol.as_deref(), p.container_port))
-        })
+    container_ports(pod).filter_map(|p| {
+        p.name
+            .as_deref()
+            .map(|name| (name, p.protocol.as_deref(), p.container_port))
+    })
 }
 
 /// Matched peer slots of one pod or prefix, and the compile they are valid for.

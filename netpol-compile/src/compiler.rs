@@ -1,9 +1,10 @@
 //! [`Compiler`]: the steps from cluster state to map contents, one function each.
 //!
-//! 1. [`policies_in_force`]: validate and normalise every policy that changed (in the
-//!    memo), and admit the valid ones or the last valid versions (`admission.rs`).
+//! 1. [`policies_in_force`]: read and normalise every policy that changed (in the
+//!    memo), and admit what can be read of each (`admission.rs`).
 //! 2. [`select_endpoints`]: collect live pods (not Succeeded/Failed, not hostNetwork,
-//!    with an IP; `pods.rs`) and pick the local ones as endpoints; find the policies
+//!    with an IP; an address listed by several belongs to the running one, then the one
+//!    created last; `pods.rs`) and pick the local ones as endpoints; find the policies
 //!    selecting each endpoint.
 //! 3. [`peers_in_force`]: the peers in force are the peers of rules of policies that
 //!    select some local endpoint in that direction; the named ports in force are those of
@@ -38,16 +39,14 @@ use crate::admission::Admission;
 use crate::cache::{CompileCache, PeerSlots, PodEntry};
 use crate::identity::{Allocations, IdentityClasses, IdentitySignature, NamedPortResolution};
 use crate::lpm::Lpm;
-use crate::policy::{ParsedPolicy, ParsedRule, PortMatch};
+use crate::policy::{ParsedPolicy, PortMatch};
 use crate::state::{ClusterState, ObjectRef};
 use crate::{Compiled, Direction, IdentityInfo, LocalPod, RuleRef};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-pub(crate) use self::pods::is_live_pod_network;
-
 /// The compiler and what it keeps from one compile to the next: the numbers it handed
 /// out ([`Allocations`]: endpoint ids, rule ids and identity numbers stay stable while
-/// what they stand for exists), the last valid version of each policy (admission, see
+/// what they stand for exists), the version of each policy in force (admission, see
 /// the crate documentation), and a memo of per-object work that makes the compile after
 /// a small change fast (it never changes a result). Owned by the caller: the agent's
 /// loop keeps one for its lifetime.
@@ -81,8 +80,8 @@ impl Compiler {
         &self.allocations
     }
 
-    /// The version of a policy in force after the last compile: the current one when
-    /// valid, else the last valid one.
+    /// The version of a policy in force after the last compile: the current one, read
+    /// as far as it can be, unless nothing of it can be read (then the one before).
     pub fn policy(&self, obj: &ObjectRef) -> Option<&NetworkPolicy> {
         self.admission.admitted().get(obj).map(|a| &*a.policy)
     }
@@ -91,14 +90,23 @@ impl Compiler {
     /// versions in force (see [`Compiler::policy`]), so that what reads policies from a
     /// state, such as the reference evaluator, sees what the maps enforce.
     pub fn admitted(&self, state: &ClusterState) -> ClusterState {
+        let policies: BTreeMap<ObjectRef, NetworkPolicy> = self
+            .admission
+            .admitted()
+            .iter()
+            .map(|(obj, admitted)| (obj.clone(), (*admitted.policy).clone()))
+            .collect();
+        // The source's notes on what it could not read hold for the objects it read.
+        let unreadable_parts = state
+            .unreadable_parts
+            .iter()
+            .filter(|(obj, _)| policies.get(*obj) == state.policies.get(*obj))
+            .map(|(obj, parts)| (obj.clone(), parts.clone()))
+            .collect();
         ClusterState {
-            policies: self
-                .admission
-                .admitted()
-                .iter()
-                .map(|(obj, admitted)| (obj.clone(), (*admitted.policy).clone()))
-                .collect(),
+            policies,
             unreadable_policies: Default::default(),
+            unreadable_parts,
             ..state.clone()
         }
     }
@@ -146,9 +154,15 @@ fn compile_with(
     } = cache;
     let mut diagnostics = Vec::new();
 
-    admission.update(policy_entries, &state.unreadable_policies, &mut diagnostics);
+    admission.update(
+        policy_entries,
+        &state.unreadable_policies,
+        &state.unreadable_parts,
+        &mut diagnostics,
+    );
     let policies = policies_in_force(admission);
     let pods = live_pods(state, pod_entries, &mut diagnostics);
+    let frontends = crate::services::frontends(state, &mut diagnostics);
     let endpoints = select_endpoints(&pods, &policies);
     let egress_named_ports = peers_in_force(&endpoints, &policies, peers);
     let freed = peers.collect_garbage();
@@ -182,6 +196,7 @@ fn compile_with(
         &pods,
         peers,
         &prefixes,
+        &frontends,
         &egress_named_ports,
     );
     let numbered = number_identities(
@@ -223,6 +238,7 @@ fn compile_with(
         identities,
         policies: policies.list.iter().map(|&(obj, _)| obj.clone()).collect(),
         diagnostics,
+        node_ports: frontends.node_ports,
         allocations,
     }
 }
@@ -238,15 +254,15 @@ impl<'a> Policies<'a> {
         self.list[i].1
     }
 
-    /// Every rule of every valid policy, by policy, direction and index.
+    /// Every rule in force of every policy, by policy, direction and index.
     fn rule_refs(&self) -> impl Iterator<Item = RuleRef> + '_ {
         self.list.iter().flat_map(|&(obj, parsed)| {
             Direction::BOTH.into_iter().flat_map(move |direction| {
-                let count = parsed.rules(direction).map_or(0, <[ParsedRule]>::len);
-                (0..count).map(move |index| RuleRef {
+                let rules = parsed.rules(direction).unwrap_or_default();
+                rules.iter().map(move |rule| RuleRef {
                     policy: obj.clone(),
                     direction,
-                    index,
+                    index: rule.index,
                 })
             })
         })
@@ -268,13 +284,13 @@ fn policies_in_force(admission: &Admission) -> Policies<'_> {
 }
 
 /// A local endpoint: index into the pod list, policies selecting it per direction
-/// (indices into the valid policy list; 0 ingress, 1 egress).
+/// (indices into the list of policies in force; 0 ingress, 1 egress).
 struct Endpoint {
     pod: usize,
     selected_by: [Vec<usize>; 2],
 }
 
-/// Step 2: the local pods among `pods`, each with the valid policies of its namespace
+/// Step 2: the local pods among `pods`, each with the policies in force of its namespace
 /// that select it, per direction.
 fn select_endpoints(pods: &[PodView<'_>], policies: &Policies<'_>) -> Vec<Endpoint> {
     pods.iter()
@@ -487,14 +503,15 @@ fn emit_maps(
         .iter()
         .map(|&(obj, parsed)| {
             Direction::BOTH.map(|direction| {
-                let count = parsed.rules(direction).map_or(0, <[ParsedRule]>::len);
-                (0..count)
-                    .map(|index| {
+                let rules = parsed.rules(direction).unwrap_or_default();
+                rules
+                    .iter()
+                    .map(|parsed_rule| {
                         let (rule, &id) = ids.next().expect("every rule has an id");
                         debug_assert!(
                             rule.policy == *obj
                                 && rule.direction == direction
-                                && rule.index == index
+                                && rule.index == parsed_rule.index
                         );
                         id
                     })

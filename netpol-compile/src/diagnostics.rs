@@ -109,6 +109,9 @@ pub enum Kind {
     NetworkPolicy,
     Pod,
     Namespace,
+    Service,
+    EndpointSlice,
+    ServiceCIDR,
     /// Any other kind (unsupported in manifests), or `object` when none is given.
     Other(String),
 }
@@ -120,6 +123,9 @@ impl Kind {
             "NetworkPolicy" => Kind::NetworkPolicy,
             "Pod" => Kind::Pod,
             "Namespace" => Kind::Namespace,
+            "Service" => Kind::Service,
+            "EndpointSlice" => Kind::EndpointSlice,
+            "ServiceCIDR" => Kind::ServiceCIDR,
             "" => Kind::Other("object".into()),
             other => Kind::Other(other.into()),
         }
@@ -132,6 +138,9 @@ impl std::fmt::Display for Kind {
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::ServiceCIDR => "ServiceCIDR",
             Kind::Other(kind) => kind,
         })
     }

@@ -1,13 +1,14 @@
 //! Differential property test: [`compile`] + [`model`] against [`reference`].
 //!
-//! Random small clusters (namespaces and pods with random labels, IPs and named ports,
-//! policies with random selectors, ipBlocks around the pod IPs, ports, end ports, named
-//! ports and policyTypes variants) and random flows, including non-pod addresses and
-//! the node's own address. Every verdict of the kernel model over the compiled maps must
-//! equal the reference verdict, and the rule the model reports must be one the
-//! reference says allows the flow. The agent's `tests/differential_kernel.rs` puts a
-//! sample of the same cases ([`case`], [`sweep`]; feature `testing`) through the real
-//! programs (BPF_PROG_TEST_RUN, root only).
+//! Random small clusters (namespaces and pods with random labels, phases, creation
+//! times, IPs (sometimes one listed by two pods) and named ports (sometimes of native
+//! sidecars or of ordinary init containers), policies with random selectors, ipBlocks
+//! around the pod IPs, ports, end ports, named ports and policyTypes variants) and
+//! random flows, including non-pod addresses and the node's own address. Every verdict
+//! of the kernel model over the compiled maps must equal the reference verdict, and the
+//! rule the model reports must be one the reference says allows the flow. The agent's
+//! `tests/differential_kernel.rs` puts a sample of the same cases ([`case`], [`sweep`];
+//! feature `testing`) through the real programs (BPF_PROG_TEST_RUN, root only).
 
 #[cfg(test)]
 use std::collections::BTreeSet;
@@ -30,12 +31,14 @@ use crate::state::ClusterState;
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const NODE_IP: &str = "10.0.2.254";
 /// Addresses that are never pods.
-const OUTSIDE: [&str; 5] = [
+const OUTSIDE: [&str; 6] = [
     "10.0.0.200",
     "10.0.1.77",
     "192.168.1.1",
     "8.8.8.8",
     "fd00::99",
+    // IPv4-mapped: in no ipBlock, whatever it maps.
+    "::ffff:10.0.1.1",
 ];
 const PORT_NAMES: [&str; 3] = ["http", "dns", "metrics"];
 const PORTS: [u16; 5] = [53, 80, 81, 8080, 8081];
@@ -60,6 +63,14 @@ struct PodSpec {
     local: bool,
     phase: &'static str,
     host_network: bool,
+    /// Ports of an init container: a native sidecar (`restartPolicy: Always`) or not.
+    init_ports: Vec<(&'static str, u16, &'static str)>,
+    sidecar: bool,
+    /// Day of creation, if the object says.
+    created: Option<u8>,
+    /// Lists the previous pod's IPv4 address instead of its own (a stale object and a
+    /// new pod).
+    shares_address: bool,
 }
 
 fn pod_spec() -> impl Strategy<Value = PodSpec> {
@@ -73,11 +84,29 @@ fn pod_spec() -> impl Strategy<Value = PodSpec> {
             0..=3,
         ),
         prop::bool::weighted(0.8),
-        select(&["Running", "Running", "Running", "Pending", "Succeeded"][..]),
+        select(
+            &[
+                "Running",
+                "Running",
+                "Running",
+                "Pending",
+                "Succeeded",
+                "Failed",
+            ][..],
+        ),
         prop::bool::weighted(0.05),
+        (
+            proptest::collection::vec(
+                (select(&PORT_NAMES[..]), select(&PORTS[..]), protocol_name()),
+                0..=2,
+            ),
+            prop::bool::weighted(0.7),
+            prop::option::of(0..3u8),
+            prop::bool::weighted(0.15),
+        ),
     )
         .prop_map(
-            |(ns, labels, subnet, v6, ports, local, phase, host_network)| PodSpec {
+            |(
                 ns,
                 labels,
                 subnet,
@@ -86,6 +115,20 @@ fn pod_spec() -> impl Strategy<Value = PodSpec> {
                 local,
                 phase,
                 host_network,
+                (init_ports, sidecar, created, shares_address),
+            )| PodSpec {
+                ns,
+                labels,
+                subnet,
+                v6,
+                ports,
+                local,
+                phase,
+                host_network,
+                init_ports,
+                sidecar,
+                created,
+                shares_address,
             },
         )
 }
@@ -124,8 +167,28 @@ fn selector(keys: &'static [&'static str]) -> impl Strategy<Value = Value> {
                 sel.insert("matchExpressions".into(), Value::Array(exprs));
             }
             Value::Object(sel)
+        })
+        .boxed();
+    // One that cannot be read in full (an operator that does not exist, values where
+    // none may be) besides requirements that can.
+    let broken = (
+        some.clone(),
+        select(vec![
+            json!({"key": keys[0], "operator": "Is", "values": ["a"]}),
+            json!({"key": keys[0], "operator": "Exists", "values": ["a"]}),
+            json!({"key": "bad key", "operator": "Exists"}),
+        ]),
+    )
+        .prop_map(|(mut sel, expr)| {
+            let exprs = sel
+                .as_object_mut()
+                .unwrap()
+                .entry("matchExpressions")
+                .or_insert_with(|| json!([]));
+            exprs.as_array_mut().unwrap().push(expr);
+            sel
         });
-    prop_oneof![1 => Just(json!({})), 2 => some]
+    prop_oneof![6 => Just(json!({})), 12 => some, 1 => broken]
 }
 
 /// An address the ipBlocks are built around.
@@ -137,24 +200,61 @@ fn block_address() -> impl Strategy<Value = String> {
     ]
 }
 
+/// How an IPv4 CIDR is written: every form the API server accepts reads the same.
+#[derive(Clone, Copy, Debug)]
+enum Spelling {
+    Plain,
+    /// `010.000.001.005/024`: leading zeros, decimal all the same.
+    LeadingZeros,
+    /// `::ffff:10.0.1.5/120`: IPv4-mapped IPv6, the IPv4 network.
+    Mapped,
+}
+
+fn spell(address: &str, len: u8, spelling: Spelling) -> String {
+    match spelling {
+        Spelling::Plain => format!("{address}/{len}"),
+        Spelling::LeadingZeros => {
+            let parts: Vec<String> = address.split('.').map(|p| format!("0{p}")).collect();
+            format!("{}/0{len}", parts.join("."))
+        }
+        Spelling::Mapped => format!("::ffff:{address}/{}", u16::from(len) + 96),
+    }
+}
+
+fn spelling() -> impl Strategy<Value = Spelling> {
+    prop_oneof![
+        6 => Just(Spelling::Plain),
+        1 => Just(Spelling::LeadingZeros),
+        1 => Just(Spelling::Mapped),
+    ]
+}
+
 fn ip_block() -> impl Strategy<Value = Value> {
     let v4 = (
-        block_address(),
+        (block_address(), spelling()),
         select(&[0u8, 8, 16, 23, 24, 30, 32][..]),
-        proptest::collection::vec((block_address(), 1..=32u8), 0..=2),
+        proptest::collection::vec((block_address(), 1..=32u8, spelling()), 0..=2),
+        // An except that cannot be read (not inside cidr, or not a CIDR): the whole
+        // peer cannot.
+        prop::option::weighted(
+            0.1,
+            select(&["192.0.2.0/24", "10.0.0.0/33", "10.0.0.0"][..]),
+        ),
     )
-        .prop_map(|(base, len, excepts)| {
+        .prop_map(|((base, cidr_spelling), len, excepts, broken)| {
             let cidr: ipnet::IpNet = format!("{base}/{len}").parse().expect("cidr");
-            let except: Vec<String> = excepts
+            let mut except: Vec<String> = excepts
                 .into_iter()
-                .filter_map(|(addr, extra)| {
+                .filter_map(|(addr, extra, spelling)| {
                     let e: ipnet::IpNet =
                         format!("{addr}/{}", (len + extra).min(32)).parse().ok()?;
-                    (e.prefix_len() > len && cidr.contains(&e)).then(|| e.to_string())
+                    let written = spell(&e.network().to_string(), e.prefix_len(), spelling);
+                    (e.prefix_len() > len && cidr.contains(&e)).then_some(written)
                 })
                 .collect();
+            except.extend(broken.map(String::from));
             // Host bits are allowed in cidr: use the unmasked base address.
-            json!({"cidr": format!("{base}/{len}"), "except": except})
+            json!({"cidr": spell(&base, len, cidr_spelling), "except": except})
         });
     let v6 = (select(&[0u8, 64, 120, 128][..]), 1..7u8).prop_map(|(len, h)| {
         let except = if len < 128 {
@@ -162,19 +262,28 @@ fn ip_block() -> impl Strategy<Value = Value> {
         } else {
             vec![]
         };
-        json!({"cidr": format!("fd00::{h}/{len}"), "except": except})
+        let cidr = if len == 0 {
+            "::/0".to_string()
+        } else {
+            format!("fd00::{h}/{len}")
+        };
+        json!({"cidr": cidr, "except": except})
     });
     prop_oneof![4 => v4, 1 => v6]
 }
 
 fn peer() -> impl Strategy<Value = Value> {
     prop_oneof![
-        selector(&["app", "tier"]).prop_map(|s| json!({"podSelector": s})),
-        selector(&["team", "ns"]).prop_map(|s| json!({"namespaceSelector": s})),
-        (selector(&["app", "tier"]), selector(&["team", "ns"]))
+        4 => selector(&["app", "tier"]).prop_map(|s| json!({"podSelector": s})),
+        4 => selector(&["team", "ns"]).prop_map(|s| json!({"namespaceSelector": s})),
+        4 => (selector(&["app", "tier"]), selector(&["team", "ns"]))
             .prop_map(|(p, n)| json!({"podSelector": p, "namespaceSelector": n})),
-        ip_block().prop_map(|b| json!({"ipBlock": b})),
-        ip_block().prop_map(|b| json!({"ipBlock": b})),
+        8 => ip_block().prop_map(|b| json!({"ipBlock": b})),
+        // Peers that cannot be read: none, or two at once.
+        1 => select(vec![
+            json!({}),
+            json!({"podSelector": {}, "ipBlock": {"cidr": "10.0.0.0/8"}}),
+        ]),
     ]
 }
 
@@ -186,9 +295,10 @@ fn port() -> impl Strategy<Value = Value> {
         1 => (select(&PORTS[..]), select(&[0u16, 1, 100, 8000][..]))
             .prop_map(|(p, d)| json!({"port": p, "endPort": p + d})),
         2 => select(&PORT_NAMES[..]).prop_map(|n| json!({"port": n})),
-        // Invalid: the whole policy is left out by both sides.
+        // Cannot be read: left out of the rule by both sides.
         1 => Just(json!({"port": 81, "endPort": 80})),
     ];
+    let protocol = prop_oneof![9 => protocol, 1 => Just(Some("ICMP"))];
     (protocol, number).prop_map(|(protocol, mut p)| {
         if let Some(proto) = protocol {
             p["protocol"] = json!(proto);
@@ -223,12 +333,14 @@ fn rule(peers_field: &'static str) -> impl Strategy<Value = Value> {
 }
 
 fn policy_spec() -> impl Strategy<Value = (usize, Value)> {
-    const TYPES: [Option<&[&str]>; 5] = [
+    const TYPES: [Option<&[&str]>; 6] = [
         None,
         Some(&["Ingress"]),
         Some(&["Egress"]),
         Some(&["Ingress", "Egress"]),
         Some(&[]),
+        // Cannot be read: isolates both ways.
+        Some(&["Ingress", "egress"]),
     ];
     let types = select(&TYPES[..]);
     (
@@ -276,21 +388,33 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             }
             let mut addresses: Vec<IpAddr> = OUTSIDE.iter().map(|s| s.parse().unwrap()).collect();
             addresses.push(NODE_IP.parse().unwrap());
+            let mut previous_v4 = None;
             for (i, p) in pods.iter().enumerate() {
                 let ns = NAMESPACES[p.ns % n_ns];
-                let v4 = format!("10.0.{}.{}", p.subnet, i + 1);
+                let own_v4 = format!("10.0.{}.{}", p.subnet, i + 1);
+                let v4 = match &previous_v4 {
+                    Some(previous) if p.shares_address => String::clone(previous),
+                    _ => own_v4,
+                };
                 let v6 = format!("fd00::{}", i + 1);
                 let mut ips = vec![v4.as_str()];
                 if p.v6 {
                     ips.push(&v6);
                 }
                 let mut pod = super::testutil::pod(ns, &format!("p{i}"), &p.labels, &ips, &p.ports);
+                if !p.init_ports.is_empty() {
+                    pod = super::testutil::with_init_container(pod, p.sidecar, &p.init_ports);
+                }
+                let created = p
+                    .created
+                    .map(|day| format!("2025-01-0{}T00:00:00Z", day + 1));
+                pod = super::testutil::with_phase(pod, p.phase, created.as_deref());
                 let spec = pod.spec.as_mut().unwrap();
                 spec.node_name = Some(if p.local { "n1" } else { "n2" }.into());
                 spec.host_network = p.host_network.then_some(true);
-                pod.status.as_mut().unwrap().phase = Some(p.phase.into());
                 addresses.extend(ips.iter().map(|s| s.parse::<IpAddr>().unwrap()));
                 c = c.raw_pod(pod);
+                previous_v4 = Some(v4);
             }
             for (i, (ns, spec)) in policies.into_iter().enumerate() {
                 c = c.policy(NAMESPACES[ns % n_ns], &format!("np{i}"), spec);
@@ -336,6 +460,7 @@ fn check(
             (Verdict::NotEndpoint, Reason::NotEndpoint)
             | (Verdict::NotIsolated, Reason::NotIsolated)
             | (Verdict::FromHost, Reason::FromHost)
+            | (Verdict::Itself, Reason::Hairpin)
             | (Verdict::Denied, Reason::PolicyDenied) => {}
             (Verdict::Allowed(rules), Reason::PolicyAllowed) => {
                 let rule = compiled.rules.get(&got.rule);

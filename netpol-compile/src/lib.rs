@@ -8,7 +8,7 @@
 //! against the kernel. Semantics are exactly those
 //! of `networking.k8s.io/v1` NetworkPolicy:
 //!
-//! - A pod is isolated in a direction when some valid policy of its namespace selects it
+//! - A pod is isolated in a direction when some policy of its namespace selects it
 //!   with that policy type (policyTypes defaulting: Ingress always, Egress when egress
 //!   rules exist). What is allowed is the union of the rules of those policies.
 //! - Peers are classified into *identities*: two addresses share an identity when every
@@ -21,11 +21,13 @@
 //!   rule ([`Compiled::rules`]; stable while the rule exists). Its size grows with endpoints × identities they allow, never
 //!   with pods × rules of the cluster.
 //!
-//! Admission happens here, once: each policy is validated when it changes, and an
-//! invalid one is reported in [`Compiled::diagnostics`] and left out, or, when a
-//! [`Compiler`] saw a valid version of it before, that version stays in force (as the
-//! API server keeps the stored object when an update is rejected); everything else keeps
-//! working. [`model::lookup`] replays the kernel's decision over a
+//! Admission happens here, once: each policy is read when it changes, as the API server
+//! reads it, and what cannot be read is reported in [`Compiled::diagnostics`] and never
+//! allows anything nor isolates less (docs/SECURITY.md): a peer, port or rule that
+//! cannot be read is left out, a podSelector that cannot be read in full isolates at
+//! least the pods meant, without rules. The current object always wins; only when
+//! nothing of it can be read does the version a [`Compiler`] had in force stay.
+//! Everything else keeps working. [`model::lookup`] replays the kernel's decision over a
 //! [`Compiled`], and [`reference`] evaluates the same semantics directly over the
 //! objects, so the two can be compared (see the differential property test).
 
@@ -42,11 +44,12 @@ mod policy;
 mod ports;
 pub mod reference;
 mod selector;
+pub mod services;
 pub mod state;
 #[cfg(any(test, feature = "testing"))]
 pub mod testutil;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use netpol_common::{
@@ -80,6 +83,14 @@ impl Direction {
         }
     }
 
+    /// The other direction.
+    pub fn reverse(self) -> Direction {
+        match self {
+            Direction::Ingress => Direction::Egress,
+            Direction::Egress => Direction::Ingress,
+        }
+    }
+
     /// The `spec` field holding this direction's rules.
     pub fn field(self) -> &'static str {
         match self {
@@ -110,16 +121,20 @@ pub struct Compiled {
     /// The local endpoints, by pod.
     pub local_pods: Vec<LocalPod>,
     /// Rule table: id (`PolicyValue::rule`, also the RULE_COUNTERS index) → rule, for
-    /// every rule of every valid policy. A rule keeps its id while it exists; a new rule
+    /// every rule in force (of every policy, as far as it can be read). A rule keeps its id while it exists; a new rule
     /// takes the lowest free id (see [`Allocations`]).
     pub rules: BTreeMap<u32, RuleRef>,
     /// What each identity stands for (including `IDENTITY_ANY` and `IDENTITY_WORLD`).
     pub identities: BTreeMap<u32, IdentityInfo>,
-    /// The policies in force, in order: every valid policy, and the last valid version
-    /// of a policy whose current version is invalid (see [`Compiler`]).
+    /// The policies in force, in order: every policy of the state as far as it can be
+    /// read, and the version in force before of one that cannot be read at all (see
+    /// [`Compiler`]).
     pub policies: Vec<ObjectRef>,
     /// Problems with objects; the objects concerned are left out (wholly or partly).
     pub diagnostics: Vec<Diagnostic>,
+    /// NODE_PORTS: ports kube-proxy translates on this node's addresses (NodePorts, and
+    /// Service ports of externalIPs that are node addresses).
+    pub node_ports: std::collections::BTreeSet<netpol_common::ServicePort>,
     /// Pass back into the next [`compile`] to keep ids stable.
     pub allocations: Allocations,
 }
@@ -130,11 +145,13 @@ pub struct LocalPod {
     pub pod: ObjectRef,
     pub endpoint_id: u32,
     pub ips: Vec<IpAddr>,
-    /// From the `netpol.dev/host-interface` annotation.
+    /// The host-side interface the operator named for the pod
+    /// ([`state::ClusterState::pod_interfaces`]: local mode only; never from the pod
+    /// object). The datapath checks it against the kernel before using it.
     pub host_interface: Option<String>,
-    /// Valid policies selecting the pod with policy type Ingress.
+    /// Policies in force selecting the pod with policy type Ingress.
     pub ingress_policies: Vec<ObjectRef>,
-    /// Valid policies selecting the pod with policy type Egress.
+    /// Policies in force selecting the pod with policy type Egress.
     pub egress_policies: Vec<ObjectRef>,
 }
 
@@ -173,15 +190,8 @@ impl Compiled {
     /// address no IPCACHE entry covers`. `state` must be the state this was compiled
     /// from (it names the pods); built on demand, as only explaining needs it.
     pub fn members(&self, state: &ClusterState, identity: u32) -> Vec<String> {
-        // An address belongs to the first live pod listing it, as in the compile.
-        let mut owners: HashMap<IpAddr, &ObjectRef> = HashMap::new();
-        for (obj, pod) in &state.pods {
-            if compiler::is_live_pod_network(pod) {
-                for ip in crate::state::pod_ips(pod) {
-                    owners.entry(ip).or_insert(obj);
-                }
-            }
-        }
+        // An address belongs to the pod that holds it, as in the compile.
+        let owners = crate::state::address_owners(state);
         let mut out = Vec::new();
         if identity == IDENTITY_WORLD {
             out.push("every address no IPCACHE entry covers".to_string());

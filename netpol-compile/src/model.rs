@@ -7,12 +7,16 @@
 //! miss, on the same key with `IDENTITY_ANY`. Traffic from the endpoint's node
 //! (`PEER_HOST`) to the pod always passes. The compiler's tests, the datapath's tests
 //! and explain reuse it.
+//!
+//! [`decide`] is the decision on the real peer. A pod's connection to a Service is
+//! decided that way too, after kube-proxy's translation, on the backend;
+//! [`defers_to_service`] models `from_pod`'s step before it.
 
 use std::net::IpAddr;
 
 use netpol_common::{
     ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY,
-    IDENTITY_WORLD, PEER_HOST, PeerInfo, PolicyKey, RULE_NONE, Reason,
+    IDENTITY_WORLD, PEER_HOST, PEER_SERVICE, PeerInfo, PolicyKey, RULE_NONE, Reason, ServicePort,
 };
 
 use super::lpm::{self, addr};
@@ -34,6 +38,35 @@ impl Decision {
     pub fn allowed(&self) -> bool {
         !self.reason.is_drop()
     }
+}
+
+/// Whether `from_pod` lets the new flow `src -> dst` through unjudged, marked for the
+/// decision after kube-proxy's translation: `src` is an egress-isolated endpoint and
+/// `dst` a Service address (IPCACHE flag `PEER_SERVICE`) or a node address on a port of
+/// NODE_PORTS.
+pub fn defers_to_service(
+    compiled: &Compiled,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    dport: u16,
+) -> bool {
+    let Some(endpoint) = compiled.endpoints.get(&addr(src)) else {
+        return false;
+    };
+    if endpoint.flags & ENDPOINT_EGRESS_ISOLATED == 0 {
+        return false;
+    }
+    let Some(peer) = lpm::lookup(&compiled.ipcache, &addr(dst)) else {
+        return false;
+    };
+    peer.flags & PEER_SERVICE != 0
+        || (peer.flags & PEER_HOST != 0
+            && compiled.node_ports.contains(&ServicePort {
+                port: dport,
+                protocol,
+                _pad: 0,
+            }))
 }
 
 /// The decision for a new flow `src -> dst` (`dport` = destination port, 0 for protocols
@@ -73,6 +106,10 @@ pub fn decide(
         peer,
     };
 
+    if remote == local {
+        // A pod is never blocked from itself.
+        return decision(Reason::Hairpin, RULE_NONE);
+    }
     let isolated = match direction {
         Direction::Ingress => ENDPOINT_INGRESS_ISOLATED,
         Direction::Egress => ENDPOINT_EGRESS_ISOLATED,

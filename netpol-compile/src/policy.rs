@@ -1,12 +1,14 @@
 //! The normalised form of a NetworkPolicy; [`parse`] validates and builds it.
 //!
 //! [`parse::parse_policy`] is the single place that interprets a `networking.k8s.io/v1`
-//! NetworkPolicy: it either returns every [`FieldError`] (the object is then left out
-//! of the compiled state) or a [`ParsedPolicy`] with defaults applied (policyTypes,
-//! protocol TCP, empty selectors), CIDRs masked and selectors parsed. Checks follow the
-//! API server's validation (`ValidateNetworkPolicy`) for everything the compiler relies
-//! on; unknown fields are the source layer's business (it sees the raw document).
+//! NetworkPolicy: it returns every [`FieldError`] and a [`ParsedPolicy`] of what can be
+//! read ([`Reading`]: what cannot be read never allows anything and never isolates
+//! less), with defaults applied (policyTypes, protocol TCP, empty selectors), CIDRs read
+//! as the API server reads them (`cidr.rs`) and selectors parsed. Checks follow the API
+//! server's validation (`ValidateNetworkPolicy`) for everything the compiler relies on;
+//! unknown fields are the source layer's business (it sees the raw document).
 
+mod cidr;
 mod parse;
 
 use std::net::IpAddr;
@@ -17,6 +19,8 @@ use netpol_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use super::Direction;
 use super::selector::Selector;
 
+#[allow(unused_imports)] // named in documentation
+pub(crate) use self::parse::Reading;
 pub(crate) use self::parse::parse_policy;
 pub use self::parse::validate_policy;
 
@@ -38,13 +42,13 @@ impl FieldError {
     }
 }
 
-/// A valid NetworkPolicy with defaults applied.
+/// What can be read of a NetworkPolicy (see [`Reading`]), with defaults applied.
 #[derive(Clone, Debug)]
 pub(crate) struct ParsedPolicy {
     pub namespace: String,
     pub pod_selector: Selector,
     /// `None`: the policy does not have policyType Ingress (its ingress rules, if any,
-    /// are ignored, as the API server does).
+    /// are ignored, as the API server does). The rules that can be read, in order.
     pub ingress: Option<Vec<ParsedRule>>,
     pub egress: Option<Vec<ParsedRule>>,
 }
@@ -60,6 +64,9 @@ impl ParsedPolicy {
 
 #[derive(Clone, Debug)]
 pub(crate) struct ParsedRule {
+    /// Its place in `spec.ingress`/`spec.egress`: rules that cannot be read are left
+    /// out of the list, so the position may be smaller.
+    pub index: usize,
     /// `None`: any peer (absent or empty `from`/`to`).
     pub peers: Option<Vec<Peer>>,
     /// `None`: every protocol and port (absent or empty `ports`).
@@ -83,14 +90,28 @@ pub(crate) enum NamespaceMatch {
     Selector(Selector),
 }
 
-/// An ipBlock with masked prefixes.
+/// An ipBlock with masked prefixes, as Go's `IPNet.Contains` reads it (see `cidr.rs`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct Block {
     pub cidr: IpNet,
+    /// Sorted, without duplicates. An IPv6 `cidr` covering the IPv4-mapped range
+    /// `::ffff:0:0/96` has it here too: Go's `Contains` compares those addresses as IPv4,
+    /// so no IPv6 network holds them.
     pub except: Vec<IpNet>,
 }
 
 impl Block {
+    pub fn new(cidr: IpNet, mut except: Vec<IpNet>) -> Block {
+        if let IpNet::V6(v6) = cidr
+            && v6.contains(&cidr::mapped_range())
+        {
+            except.push(IpNet::V6(cidr::mapped_range()));
+        }
+        except.sort();
+        except.dedup();
+        Block { cidr, except }
+    }
+
     pub fn contains_addr(&self, addr: IpAddr) -> bool {
         self.cidr.contains(&addr) && !self.except.iter().any(|e| e.contains(&addr))
     }

@@ -102,33 +102,49 @@ pub(crate) struct Selector {
 
 impl Selector {
     /// Parses and validates `sel`. Errors are `(field relative to the selector, message)`.
+    #[cfg(test)]
     pub(crate) fn parse(sel: &LabelSelector) -> Result<Selector, Vec<(String, String)>> {
+        let (selector, errors) = Selector::read(sel);
+        if errors.is_empty() {
+            Ok(selector)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Reads what can be read of `sel`: the selector of its valid requirements (which
+    /// selects at least every pod `sel` would: requirements are ANDed), and the errors of
+    /// the others, as [`Selector::parse`] reports them.
+    ///
+    /// As the API server, values of `matchExpressions` need not be valid label values:
+    /// it accepts them in objects stored before they were checked, on every update
+    /// (`AllowInvalidLabelValueInSelector`). Such a value matches no label.
+    pub(crate) fn read(sel: &LabelSelector) -> (Selector, Vec<(String, String)>) {
         let mut requirements = BTreeSet::new();
         let mut errors = Vec::new();
         for (key, value) in sel.match_labels.iter().flatten() {
             let path = format!("matchLabels.{key}");
+            let before = errors.len();
             if let Err(m) = check_key(key) {
                 errors.push((path.clone(), m));
             }
             if let Err(m) = check_value(value) {
                 errors.push((path, m));
             }
-            requirements.insert(Requirement::In(
-                key.clone(),
-                BTreeSet::from([value.clone()]),
-            ));
+            if errors.len() == before {
+                requirements.insert(Requirement::In(
+                    key.clone(),
+                    BTreeSet::from([value.clone()]),
+                ));
+            }
         }
         for (i, expr) in sel.match_expressions.iter().flatten().enumerate() {
             let values: BTreeSet<String> = expr.values.iter().flatten().cloned().collect();
             let values_path = format!("matchExpressions[{i}].values");
             let key = expr.key.clone();
+            let before = errors.len();
             if let Err(m) = check_key(&key) {
                 errors.push((format!("matchExpressions[{i}].key"), m));
-            }
-            for (j, v) in expr.values.iter().flatten().enumerate() {
-                if let Err(m) = check_value(v) {
-                    errors.push((format!("matchExpressions[{i}].values[{j}]"), m));
-                }
             }
             let requirement = match expr.operator.as_str() {
                 "In" | "NotIn" if values.is_empty() => {
@@ -159,13 +175,11 @@ impl Selector {
                     continue;
                 }
             };
-            requirements.insert(requirement);
+            if errors.len() == before {
+                requirements.insert(requirement);
+            }
         }
-        if errors.is_empty() {
-            Ok(Selector { requirements })
-        } else {
-            Err(errors)
-        }
+        (Selector { requirements }, errors)
     }
 
     pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
@@ -286,6 +300,7 @@ mod tests {
             ],
             vec![
                 expr("-k", "Exists", None),
+                // Accepted, as the API server does for stored objects: matches no label.
                 expr("k", "In", Some(&["ok", "(x)"])),
             ],
         ))
@@ -297,7 +312,6 @@ mod tests {
                 "matchLabels.bad key",
                 "matchLabels.k",
                 "matchExpressions[0].key",
-                "matchExpressions[1].values[1]"
             ]
         );
         for good in [
@@ -311,6 +325,22 @@ mod tests {
         for bad in ["", "/a", "a/", "UPPER.com/a", "a/b/c", &"x".repeat(64)] {
             assert!(check_key(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn reading_keeps_the_valid_requirements_and_so_selects_at_least_as_much() {
+        let (s, errs) = Selector::read(&sel(
+            &[("app", "web"), ("bad key", "v")],
+            vec![
+                expr("tier", "Equals", Some(&["a"])),
+                expr("env", "In", Some(&["prod"])),
+            ],
+        ));
+        assert_eq!(errs.len(), 2);
+        assert_eq!(s.canonical(), "{app=web,env=prod}");
+        let (s, errs) = Selector::read(&sel(&[], vec![expr("x", "Exists", Some(&["v"]))]));
+        assert_eq!(errs.len(), 1);
+        assert_eq!(s.canonical(), "{}");
     }
 
     #[test]

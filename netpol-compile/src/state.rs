@@ -5,8 +5,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::core::v1::{ContainerPort, Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// `namespace/name` of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -22,6 +24,17 @@ impl ObjectRef {
             name: name.into(),
         }
     }
+
+    /// The key of a manifest's policy, whose namespace defaults to `default` (as
+    /// `kubectl apply` does): the default is written into the object too.
+    pub fn of_policy(policy: &mut NetworkPolicy) -> Self {
+        let namespace = policy
+            .metadata
+            .namespace
+            .get_or_insert_with(|| "default".into())
+            .clone();
+        ObjectRef::new(namespace, policy.metadata.name.clone().unwrap_or_default())
+    }
 }
 
 impl std::fmt::Display for ObjectRef {
@@ -34,7 +47,23 @@ impl std::fmt::Display for ObjectRef {
 /// drops are logged and counted as `audit` but let through.
 pub const AUDIT_ANNOTATION: &str = "netpol.dev/audit";
 
-/// Annotation naming a pod's host-side interface (local mode; optional).
+/// A part of a policy its source could not read (see
+/// [`ClusterState::unreadable_parts`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreadablePart {
+    /// The field that could not be read, from the object root, e.g.
+    /// `spec.ingress[0].from[1].NamespaceSelector`.
+    pub field: String,
+    /// What is wrong, and what it costs.
+    pub message: String,
+    /// The part of the object replaced for it, e.g. `spec.ingress[0].from[1]` (a
+    /// field path, possibly one the document did not have).
+    pub replaced: String,
+}
+
+/// Annotation naming a pod's host-side interface: read by local mode's source only (into
+/// [`ClusterState::pod_interfaces`]); the compiler never reads it, so in Kubernetes mode no
+/// interface name comes from a pod object.
 pub const HOST_INTERFACE_ANNOTATION: &str = "netpol.dev/host-interface";
 
 /// Everything the compiler needs to know, and nothing else.
@@ -43,13 +72,32 @@ pub struct ClusterState {
     /// By name.
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjectRef, Pod>,
+    /// Host-side interfaces named for pods by the operator (local mode's manifests,
+    /// [`HOST_INTERFACE_ANNOTATION`]), by pod. Only local mode's source fills it; in
+    /// Kubernetes mode it stays empty and interfaces are found from the kernel alone.
+    /// The datapath still checks each name before using it.
+    pub pod_interfaces: BTreeMap<ObjectRef, String>,
     /// As the source has them, valid or not: the compiler admits them.
     pub policies: BTreeMap<ObjectRef, NetworkPolicy>,
-    /// NetworkPolicies the source saw but could not read (local mode: a manifest
-    /// document naming one that does not parse). Like a policy whose new version is
-    /// invalid, such a policy keeps its last valid version in force.
+    /// NetworkPolicies the source saw but could not read at all (local mode: a manifest
+    /// document naming one whose metadata or podSelector does not parse). Such a policy
+    /// keeps the version in force before, if any.
     pub unreadable_policies: BTreeSet<ObjectRef>,
+    /// Parts of policies of `policies` the source could not read (local mode: a value of
+    /// the wrong type, an unknown field). The object holds, in place of each, a value
+    /// that validation rejects at the same path, so that it is left out as anything
+    /// that cannot be read is; the diagnostics name the real field.
+    pub unreadable_parts: BTreeMap<ObjectRef, Vec<UnreadablePart>>,
     pub node: NodeContext,
+    /// Services, their EndpointSlices and the cluster's Service ranges, as the source has
+    /// them: kube-proxy translates connections to their addresses after `from_pod`.
+    pub services: BTreeMap<ObjectRef, Service>,
+    pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
+    /// ServiceCIDR objects (cluster-scoped), by name.
+    pub service_cidrs: BTreeMap<String, ServiceCIDR>,
+    /// Service ranges the agent was given (`--service-cidr`): for clusters that have no
+    /// ServiceCIDR objects.
+    pub configured_service_cidrs: Vec<ipnet::IpNet>,
     /// Audit mode for every pod (the agent's `--audit`); namespaces can opt in alone
     /// with [`AUDIT_ANNOTATION`].
     pub audit_all: bool,
@@ -86,6 +134,95 @@ pub fn pod_ips(pod: &Pod) -> impl Iterator<Item = std::net::IpAddr> + '_ {
     listed
         .chain(status.and_then(|s| s.pod_ip.as_deref()))
         .filter_map(|text| text.parse().ok())
+}
+
+/// Whether the pod has finished (phase `Succeeded` or `Failed`). A finished pod holds no
+/// address any more: the API keeps its `status.podIPs`, but the network has already
+/// given them back and may have handed them to a new pod.
+pub fn is_terminal(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// Whether the pod takes part in pod traffic with addresses of its own: not finished
+/// and not in the host's network (a hostNetwork pod's addresses are the node's).
+pub fn holds_pod_addresses(pod: &Pod) -> bool {
+    let host_network = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
+    !is_terminal(pod) && !host_network
+}
+
+/// Whether pod `a` holds an address that pod `b` also lists (both
+/// [`holds_pod_addresses`]): a stale object and the pod that has the address now. The
+/// running pod holds it, then the one created last (the other is an older object the
+/// API has not caught up with), then the first in name order, so the choice never
+/// depends on the order objects arrived in.
+pub fn claims_before(a: (&ObjectRef, &Pod), b: (&ObjectRef, &Pod)) -> bool {
+    claim_order(a, b).0.is_gt()
+}
+
+/// Why `a` holds an address that `b` also lists when [`claims_before`] says so: `it is
+/// running`, `it was created later` or `it comes first in name order`.
+pub fn claim_reason(a: (&ObjectRef, &Pod), b: (&ObjectRef, &Pod)) -> &'static str {
+    claim_order(a, b).1
+}
+
+fn claim_order(a: (&ObjectRef, &Pod), b: (&ObjectRef, &Pod)) -> (std::cmp::Ordering, &'static str) {
+    fn running(pod: &Pod) -> bool {
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    }
+    fn created(pod: &Pod) -> Option<&Time> {
+        pod.metadata.creation_timestamp.as_ref()
+    }
+    let by_phase = running(a.1).cmp(&running(b.1));
+    if by_phase.is_ne() {
+        return (by_phase, "it is running");
+    }
+    let by_age = created(a.1).cmp(&created(b.1));
+    if by_age.is_ne() {
+        return (by_age, "it was created later");
+    }
+    (b.0.cmp(a.0), "it comes first in name order")
+}
+
+/// Who holds each pod address: every address of every pod that
+/// [`holds_pod_addresses`], an address listed by several going to the one
+/// [`claims_before`] the others.
+pub fn address_owners(state: &ClusterState) -> BTreeMap<std::net::IpAddr, &ObjectRef> {
+    let mut owners: BTreeMap<std::net::IpAddr, (&ObjectRef, &Pod)> = BTreeMap::new();
+    for (obj, pod) in &state.pods {
+        if !holds_pod_addresses(pod) {
+            continue;
+        }
+        for ip in pod_ips(pod) {
+            let claim = owners.entry(ip).or_insert((obj, pod));
+            if claims_before((obj, pod), *claim) {
+                *claim = (obj, pod);
+            }
+        }
+    }
+    owners.into_iter().map(|(ip, (obj, _))| (ip, obj)).collect()
+}
+
+/// The ports a pod's containers declare, in the order Kubernetes looks a port name up
+/// (`FindPort`): every container's, then those of its native sidecars (init containers
+/// with `restartPolicy: Always`, which run beside the others). Ports of other init
+/// containers are not served while the pod runs.
+pub fn container_ports(pod: &Pod) -> impl Iterator<Item = &ContainerPort> {
+    let spec = pod.spec.as_ref();
+    let containers = spec.into_iter().flat_map(|s| s.containers.iter());
+    let sidecars = spec
+        .into_iter()
+        .flat_map(|s| s.init_containers.iter().flatten())
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+    containers
+        .chain(sidecars)
+        .flat_map(|c| c.ports.iter().flatten())
 }
 
 /// The node this agent enforces on.

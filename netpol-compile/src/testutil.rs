@@ -54,6 +54,31 @@ pub fn pod(
     .expect("pod")
 }
 
+/// `pod` with one more init container declaring `ports`: a native sidecar
+/// (`restartPolicy: Always`) when `sidecar`, else one that runs to completion first.
+pub fn with_init_container(mut pod: Pod, sidecar: bool, ports: &[PortDef<'_>]) -> Pod {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p, proto)| json!({"name": n, "containerPort": p, "protocol": proto}))
+        .collect();
+    let spec = pod.spec.as_mut().expect("a test pod has a spec");
+    let init = spec.init_containers.get_or_insert_default();
+    let mut container = json!({"name": format!("init{}", init.len()), "ports": ports});
+    if sidecar {
+        container["restartPolicy"] = json!("Always");
+    }
+    init.push(serde_json::from_value(container).expect("container"));
+    pod
+}
+
+/// `pod` in `phase`, created at `created` (RFC 3339), when given.
+pub fn with_phase(mut pod: Pod, phase: &str, created: Option<&str>) -> Pod {
+    pod.status.as_mut().expect("a test pod has a status").phase = Some(phase.into());
+    pod.metadata.creation_timestamp =
+        created.map(|t| serde_json::from_value(json!(t)).expect("an RFC 3339 time"));
+    pod
+}
+
 pub fn policy(ns: &str, name: &str, spec: Value) -> NetworkPolicy {
     serde_json::from_value(json!({"metadata": {"namespace": ns, "name": name}, "spec": spec}))
         .expect("policy")
@@ -105,6 +130,27 @@ impl Cluster {
         self.state
             .policies
             .insert(ObjectRef::new(ns, name), policy(ns, name, spec));
+        self
+    }
+
+    /// A Service from its JSON `spec` (and `status`, when given).
+    pub fn service(mut self, ns: &str, name: &str, spec: Value, status: Value) -> Self {
+        let service = serde_json::from_value(
+            json!({"metadata": {"namespace": ns, "name": name}, "spec": spec, "status": status}),
+        )
+        .expect("service");
+        self.state
+            .services
+            .insert(ObjectRef::new(ns, name), service);
+        self
+    }
+
+    /// A ServiceCIDR with these ranges.
+    pub fn service_cidr(mut self, name: &str, cidrs: &[&str]) -> Self {
+        let cidr =
+            serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"cidrs": cidrs}}))
+                .expect("servicecidr");
+        self.state.service_cidrs.insert(name.to_owned(), cidr);
         self
     }
 

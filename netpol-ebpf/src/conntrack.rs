@@ -9,17 +9,21 @@
 
 use aya_ebpf::{helpers::generated::bpf_jiffies64, maps::LruHashMap};
 use netpol_common::{
-    CT_FIN_INITIATOR, CT_FIN_RESPONDER, CT_INGRESS, CT_RST, CT_SEEN_REPLY, CT_TIMEOUT_OTHER_SECS,
+    COUNTER_CT_CREATED, CT_FIN_INITIATOR, CT_FIN_RESPONDER, CT_INGRESS, CT_REVOKED, CT_RST,
+    CT_SEEN_REPLY, CT_SERVICE, CT_SERVICE_EGRESS, CT_TIMEOUT_OTHER_SECS,
     CT_TIMEOUT_TCP_CLOSING_SECS, CT_TIMEOUT_TCP_ESTABLISHED_SECS, CT_TIMEOUT_TCP_OPENING_SECS,
     CtKey, CtKey4, CtKey6, CtValue, DIR_EGRESS, DIR_INGRESS, JIFFIES_HZ_FALLBACK, PROTO_TCP,
     RULE_NONE, Reason, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
-    maps::{CT4, CT6},
-    parse::{Family, Packet, V4, V6},
+    maps::{COUNTERS, CT4, CT6},
+    parse::{Family, Packet, Quoted, V4, V6},
     policy::Connection,
 };
+
+/// The conntrack key of family `T`.
+pub type CtKeyOf<T> = CtKey<<T as Family>::Raw>;
 
 /// An address family's conntrack table: its map, keyed by [`CtKey`] of its addresses.
 pub trait Table: Family + Sized {
@@ -40,6 +44,28 @@ pub trait Table: Family + Sized {
             _pad1: 0,
             ifindex,
         }
+    }
+}
+
+/// The key, as the endpoint whose hook runs keys its connection, of the packet an ICMP
+/// error quotes: that packet travelled the other way (the endpoint sent what a router
+/// or the far end complains about, or is complaining about what it received).
+#[inline(always)]
+pub fn quoted_key<T: Table>(quoted: &Quoted<T>, ends: Ends, ifindex: u32) -> CtKey<T::Raw> {
+    let (local, remote, local_port, remote_port) = if ends.local_is_src {
+        (quoted.dst, quoted.src, quoted.dport, quoted.sport)
+    } else {
+        (quoted.src, quoted.dst, quoted.sport, quoted.dport)
+    };
+    CtKey {
+        local,
+        remote,
+        local_port,
+        remote_port,
+        protocol: quoted.protocol,
+        _pad0: 0,
+        _pad1: 0,
+        ifindex,
     }
 }
 
@@ -158,6 +184,7 @@ fn connection<F: Family>(packet: &Packet<F>, ends: Ends, flags: u32) -> Connecti
         peer: F::addr(&peer),
         protocol: packet.protocol,
         port,
+        defer_services: false,
     }
 }
 
@@ -166,13 +193,31 @@ pub struct Tracked {
     pub reason: Reason,
     /// The rule that allowed the connection (for per-rule counters), or `RULE_NONE`.
     pub rule: u32,
+    /// The entry's `service` word (see [`CtValue::service`]).
+    pub service: u32,
+    /// The entry's `CT_*` flags.
+    pub flags: u32,
 }
 
-/// The verdict conntrack gives on its own: `Some` for a packet of a live connection.
+/// A connection the current policy still allows, as a re-check found it.
+pub struct Rechecked {
+    pub rule: u32,
+    /// The entry's `service` word (see [`CtValue::service`]).
+    pub service: u32,
+    /// `CT_*` flags the entry gains (e.g. [`CT_SERVICE`] when the pod became egress
+    /// isolated while connected to a Service).
+    pub add_flags: u32,
+}
+
+/// The verdict conntrack gives on its own: `Some` for a packet of a live (or revoked)
+/// connection.
 ///
 /// An entry made under an older policy generation is first re-judged by `recheck`
-/// (the connection as policy sees it -> allowing rule or `None`): a connection the
-/// current policy no longer allows is forgotten and its packet dropped.
+/// (the connection as policy sees it, and the entry's flags -> what allows it now, or
+/// `None`): a connection the current policy no longer allows is kept as revoked
+/// ([`CT_REVOKED`]), and its packets are dropped in both directions until the entry
+/// times out, a later policy allows it again, or a SYN opens the tuple afresh (judged
+/// by policy: `None` is returned for it).
 #[inline(always)]
 pub fn track<T: Table>(
     key: &CtKey<T::Raw>,
@@ -180,7 +225,7 @@ pub fn track<T: Table>(
     ends: Ends,
     clock: &Clock,
     generation: u32,
-    recheck: impl FnOnce(&Connection) -> Option<u32>,
+    recheck: impl FnOnce(Connection, u32) -> Option<Rechecked>,
 ) -> Option<Tracked> {
     let entry = T::map().get_ptr_mut(key)?;
     // SAFETY: the pointer comes from a successful lookup; LRU entries stay valid for the
@@ -195,28 +240,39 @@ pub fn track<T: Table>(
         return None;
     }
     let tcp = packet.protocol == PROTO_TCP;
-    // A new SYN on a closed connection's tuple opens a new connection: judge it afresh.
-    if tcp && closing(old_flags) && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    // A new SYN on a closed or revoked connection's tuple opens a new connection: judge
+    // it afresh (a denied one leaves the entry as it is).
+    if tcp
+        && (closing(old_flags) || old_flags & CT_REVOKED != 0)
+        && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    {
         return None;
     }
+    let mut flags = old_flags;
     if entry.generation != generation {
-        match recheck(&connection(packet, ends, old_flags)) {
-            Some(rule) => {
-                entry.rule = rule;
+        match recheck(connection(packet, ends, old_flags), old_flags) {
+            Some(now) => {
+                entry.rule = now.rule;
+                entry.service = now.service;
                 entry.generation = generation;
+                flags = (flags & !CT_REVOKED) | now.add_flags;
             }
             None => {
-                let _ = T::map().remove(key);
-                return Some(Tracked {
-                    reason: Reason::PolicyDenied,
-                    rule: RULE_NONE,
-                });
+                entry.generation = generation;
+                entry.flags = old_flags | CT_REVOKED;
+                entry.last_seen_jiffies = clock.now;
+                return Some(revoked(old_flags));
             }
         }
+    } else if old_flags & CT_REVOKED != 0 {
+        // Dropped packets keep the entry (and so the revocation) alive.
+        if entry.last_seen_jiffies != clock.now {
+            entry.last_seen_jiffies = clock.now;
+        }
+        return Some(revoked(old_flags));
     }
     // The initiator is the local end unless the connection came in (ingress).
     let from_initiator = ends.local_is_src == (old_flags & CT_INGRESS == 0);
-    let mut flags = old_flags;
     if !from_initiator {
         flags |= CT_SEEN_REPLY;
     }
@@ -248,7 +304,70 @@ pub fn track<T: Table>(
     Some(Tracked {
         reason,
         rule: entry.rule,
+        service: entry.service,
+        flags,
     })
+}
+
+#[inline(always)]
+fn revoked(flags: u32) -> Tracked {
+    Tracked {
+        reason: Reason::Revoked,
+        rule: RULE_NONE,
+        service: RULE_NONE,
+        flags: flags | CT_REVOKED,
+    }
+}
+
+/// Whether an ICMP error whose quoted packet has the conntrack key `key` belongs to a
+/// live connection (neither expired nor revoked). Read only: an error refreshes
+/// nothing.
+#[inline(always)]
+pub fn is_related<T: Table>(key: &CtKey<T::Raw>, clock: &Clock) -> bool {
+    // SAFETY: the value is copied at once.
+    match unsafe { T::map().get(key) } {
+        Some(entry) => {
+            entry.flags & CT_REVOKED == 0
+                && !clock.expired(
+                    entry.last_seen_jiffies,
+                    lifetime_secs(key.protocol, entry.flags),
+                )
+        }
+        None => false,
+    }
+}
+
+/// Records on a live entry that the source pod's egress to the backend was judged after
+/// translation (a connection that was already open when its pod became egress isolated).
+#[inline(always)]
+pub fn add_service_egress<T: Table>(key: &CtKey<T::Raw>, egress_rule: u32) {
+    if let Some(entry) = T::map().get_ptr_mut(key) {
+        // SAFETY: as in `track`.
+        let entry = unsafe { &mut *entry };
+        entry.service = egress_rule;
+        entry.flags |= CT_SERVICE_EGRESS;
+    }
+}
+
+/// Revokes a live connection: its packets are dropped from now on (see [`track`]).
+#[inline(always)]
+pub fn revoke<T: Table>(key: &CtKey<T::Raw>) {
+    if let Some(entry) = T::map().get_ptr_mut(key) {
+        // SAFETY: as in `track`.
+        let entry = unsafe { &mut *entry };
+        entry.flags |= CT_REVOKED;
+    }
+}
+
+/// What a new entry records beside its key.
+pub struct Opening {
+    /// Who opened the connection, from the endpoint's point of view.
+    pub direction: u8,
+    pub rule: u32,
+    /// [`CT_SERVICE`] or [`CT_SERVICE_EGRESS`], or 0.
+    pub service_flags: u32,
+    /// See [`CtValue::service`].
+    pub service: u32,
 }
 
 /// Record a connection whose first packet was allowed.
@@ -256,27 +375,38 @@ pub fn track<T: Table>(
 pub fn open<T: Table>(
     key: &CtKey<T::Raw>,
     packet: &Packet<T>,
-    direction: u8,
-    rule: u32,
+    opening: &Opening,
     generation: u32,
     clock: &Clock,
 ) {
     if packet.protocol == PROTO_TCP && packet.tcp_flags & TCP_RST != 0 {
         return;
     }
+    let direction = if opening.direction == DIR_INGRESS {
+        CT_INGRESS
+    } else {
+        0
+    };
     let value = CtValue {
         created_jiffies: clock.now,
         last_seen_jiffies: clock.now,
-        rule,
-        flags: if direction == DIR_INGRESS {
-            CT_INGRESS
-        } else {
-            0
-        },
+        rule: opening.rule,
+        flags: direction | (opening.service_flags & (CT_SERVICE | CT_SERVICE_EGRESS)),
         generation,
-        _pad: 0,
+        service: opening.service,
     };
     // A full LRU evicts the least recently used entry; an error here only means the
-    // next packet is judged by policy again.
-    let _ = T::map().insert(key, value, 0);
+    // next packet is judged by policy again. A new key is counted (against the entries
+    // in the map, the agent tells evictions); a tuple opened again is overwritten.
+    if T::map().insert(key, value, BPF_NOEXIST).is_ok() {
+        if let Some(created) = COUNTERS.get_ptr_mut(COUNTER_CT_CREATED) {
+            // SAFETY: per-CPU slot, no concurrent writer.
+            unsafe { (*created).packets += 1 };
+        }
+    } else {
+        let _ = T::map().insert(key, value, 0);
+    }
 }
+
+/// `BPF_NOEXIST`: insert only a key that is not in the map.
+const BPF_NOEXIST: u64 = 1;

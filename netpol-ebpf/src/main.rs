@@ -4,6 +4,12 @@
 //!   **egress** policy.
 //! - `to_pod` (TC egress of the host veth) sees packets entering the pod: the pod's
 //!   **ingress** policy.
+//! - `leave_node` (TC egress of the node's exit devices) sees marked Service connections
+//!   leaving the node after kube-proxy's translation.
+//!
+//! A pod's connection to a Service address is judged after translation, on the real
+//! backend: `from_pod` lets it through with the Service mark, and `to_pod` (a backend on
+//! this node) or `leave_node` (elsewhere) makes the pod's egress decision.
 //!
 //! Both run the same pipeline, Cilium-style: parse → conntrack → policy → verdict, with
 //! one exit (`verdict::finish`) that counts the reason. Per packet the cost is a fixed
@@ -26,20 +32,27 @@ mod verdict;
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{macros::classifier, programs::TcContext};
-    use netpol_common::{DIR_EGRESS, DIR_INGRESS};
 
-    use crate::verdict;
+    use crate::verdict::{self, Hook};
 
-    /// Packets leaving the pod: its egress policy.
+    /// Packets leaving the pod: its egress policy (for a Service, after translation).
     #[classifier]
     pub fn from_pod(ctx: TcContext) -> i32 {
-        verdict::run(&ctx, DIR_EGRESS)
+        verdict::run(&ctx, Hook::FromPod)
     }
 
-    /// Packets entering the pod: its ingress policy.
+    /// Packets entering the pod: its ingress policy, and the egress policy of a local
+    /// source pod whose Service connection kube-proxy translated to this pod.
     #[classifier]
     pub fn to_pod(ctx: TcContext) -> i32 {
-        verdict::run(&ctx, DIR_INGRESS)
+        verdict::run(&ctx, Hook::ToPod)
+    }
+
+    /// Packets leaving the node on an exit device: the egress policy of a local pod
+    /// whose Service connection kube-proxy translated to a backend elsewhere.
+    #[classifier]
+    pub fn leave_node(ctx: TcContext) -> i32 {
+        verdict::run(&ctx, Hook::LeaveNode)
     }
 
     /// The low 32 bits of jiffies. Never attached: the agent runs it with

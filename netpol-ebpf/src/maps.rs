@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use netpol_common::{
     Addr, COUNTER_SLOTS, Counter, CtKey4, CtKey6, CtValue, DatapathState, EndpointInfo,
-    EventBudget, PeerInfo, PolicyKey, PolicyValue, capacity,
+    EventBudget, PeerInfo, PolicyKey, PolicyValue, ServicePort, capacity,
 };
 
 /// Local pod address -> endpoint.
@@ -58,3 +58,8 @@ pub static RULE_COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(capacity::R
 /// pod with another local pod's address is spoofed.
 #[map]
 pub static IFACES: HashMap<u32, u32> = HashMap::pinned(capacity::IFACES, 0);
+
+/// Ports kube-proxy translates on this node's addresses (NodePorts): a pod's connection
+/// to a node address on one of them is Service traffic.
+#[map]
+pub static NODE_PORTS: HashMap<ServicePort, u32> = HashMap::pinned(capacity::NODE_PORTS, 0);

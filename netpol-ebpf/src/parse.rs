@@ -64,10 +64,18 @@ pub struct Malformed;
 /// Addresses stay in the words they were read as (network byte order in memory) until a
 /// map keyed by [`Addr`] needs them, so the common path (conntrack) never builds the
 /// 20-byte form, and no byte array is moved byte by byte.
-pub trait Family {
-    type Raw: Copy + 'static;
+pub trait Family: Sized {
+    type Raw: Copy + PartialEq + 'static;
+    /// The ICMP protocol of the family (ICMP or ICMPv6).
+    const ICMP: u8;
     /// The address as map keys carry it.
     fn addr(raw: &Self::Raw) -> Addr;
+    /// Link-local (169.254/16, fe80::/10) or unspecified (0.0.0.0, ::).
+    fn link_local_or_unspecified(raw: &Self::Raw) -> bool;
+    /// Link-local or multicast (224/4, ff00::/8).
+    fn link_local_or_multicast(raw: &Self::Raw) -> bool;
+    /// The IP header (and the transport ports) an ICMP error quotes, at `offset`.
+    fn quoted(ctx: &TcContext, offset: usize) -> Result<Quoted<Self>, Malformed>;
 }
 
 /// IPv4: one word.
@@ -77,6 +85,7 @@ pub struct V6;
 
 impl Family for V4 {
     type Raw = u32;
+    const ICMP: u8 = PROTO_ICMP;
 
     #[inline(always)]
     fn addr(raw: &u32) -> Addr {
@@ -85,10 +94,47 @@ impl Family for V4 {
             bytes: words_to_bytes([*raw, 0, 0, 0]),
         }
     }
+
+    #[inline(always)]
+    fn link_local_or_unspecified(raw: &u32) -> bool {
+        let [a, b, _, _] = raw.to_ne_bytes();
+        *raw == 0 || (a == 169 && b == 254)
+    }
+
+    #[inline(always)]
+    fn link_local_or_multicast(raw: &u32) -> bool {
+        let [a, b, _, _] = raw.to_ne_bytes();
+        a & 0xf0 == 224 || (a == 169 && b == 254)
+    }
+
+    #[inline(always)]
+    fn quoted(ctx: &TcContext, offset: usize) -> Result<Quoted<V4>, Malformed> {
+        // The whole fixed header in one read (at a variable offset, single bytes are
+        // beyond what the verifier can follow).
+        let header: [u8; Ipv4Hdr::LEN] = load(ctx, offset)?;
+        let version_ihl = header[offset_of!(Ipv4Hdr, vihl)];
+        let header_len = usize::from(version_ihl & 0x0f) * 4;
+        if version_ihl >> 4 != 4 || header_len < Ipv4Hdr::LEN {
+            return Err(Malformed);
+        }
+        let word = |at: usize| {
+            u32::from_ne_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
+        let src = word(offset_of!(Ipv4Hdr, src_addr));
+        let dst = word(offset_of!(Ipv4Hdr, dst_addr));
+        quoted_ports(
+            ctx,
+            offset + header_len,
+            src,
+            dst,
+            header[offset_of!(Ipv4Hdr, proto)],
+        )
+    }
 }
 
 impl Family for V6 {
     type Raw = [u32; 4];
+    const ICMP: u8 = PROTO_ICMPV6;
 
     #[inline(always)]
     fn addr(raw: &[u32; 4]) -> Addr {
@@ -97,6 +143,78 @@ impl Family for V6 {
             bytes: words_to_bytes(*raw),
         }
     }
+
+    #[inline(always)]
+    fn link_local_or_unspecified(raw: &[u32; 4]) -> bool {
+        let [a, b, _, _] = raw[0].to_ne_bytes();
+        (a == 0xfe && b & 0xc0 == 0x80) || (raw[0] | raw[1] | raw[2] | raw[3]) == 0
+    }
+
+    #[inline(always)]
+    fn link_local_or_multicast(raw: &[u32; 4]) -> bool {
+        let [a, b, _, _] = raw[0].to_ne_bytes();
+        a == 0xff || (a == 0xfe && b & 0xc0 == 0x80)
+    }
+
+    /// Only a quoted header followed directly by its transport header is read (a quote
+    /// with extension headers is not recognised: the error is judged as new traffic).
+    #[inline(always)]
+    fn quoted(ctx: &TcContext, offset: usize) -> Result<Quoted<V6>, Malformed> {
+        // Version to hop limit, in one read.
+        let head: [u8; 8] = load(ctx, offset)?;
+        if head[offset_of!(Ipv6Hdr, vcf)] >> 4 != 6 {
+            return Err(Malformed);
+        }
+        let protocol = head[offset_of!(Ipv6Hdr, next_hdr)];
+        let src: [u32; 4] = load(ctx, offset + offset_of!(Ipv6Hdr, src_addr))?;
+        let dst: [u32; 4] = load(ctx, offset + offset_of!(Ipv6Hdr, dst_addr))?;
+        quoted_ports(ctx, offset + Ipv6Hdr::LEN, src, dst, protocol)
+    }
+}
+
+/// The packet an ICMP error is about, as its sender sent it: addresses, protocol and
+/// ports keyed as conntrack keys that packet (an echo request's identifier as its
+/// source port).
+#[derive(Clone, Copy)]
+pub struct Quoted<F: Family> {
+    pub src: F::Raw,
+    pub dst: F::Raw,
+    pub protocol: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+#[inline(always)]
+fn quoted_ports<F: Family>(
+    ctx: &TcContext,
+    offset: usize,
+    src: F::Raw,
+    dst: F::Raw,
+    protocol: u8,
+) -> Result<Quoted<F>, Malformed> {
+    // RFC 792 and 4443 quote at least the first 8 bytes of the transport header: the
+    // ports of TCP, UDP and SCTP, an echo's type and identifier.
+    let header: [u8; 8] = load(ctx, offset)?;
+    let first = u16::from_be_bytes([header[0], header[1]]);
+    let second = u16::from_be_bytes([header[2], header[3]]);
+    let (sport, dport) = match protocol {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => (first, second),
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let id = u16::from_be_bytes([header[ICMP_ECHO_ID], header[ICMP_ECHO_ID + 1]]);
+            match (protocol, header[ICMP_TYPE]) {
+                (PROTO_ICMP, 8) | (PROTO_ICMPV6, 128) => (id, 0),
+                _ => return Err(Malformed),
+            }
+        }
+        _ => return Err(Malformed),
+    };
+    Ok(Quoted {
+        src,
+        dst,
+        protocol,
+        sport,
+        dport,
+    })
 }
 
 /// The bytes of four words as they lie in memory.
@@ -118,6 +236,11 @@ pub struct Packet<F: Family> {
     pub tcp_flags: u8,
     /// ICMP / ICMPv6 type, 0 otherwise.
     pub icmp_type: u8,
+    /// IPv6: the hop limit (ND requires 255, MLD 1); IPv4: 0.
+    pub hop_limit: u8,
+    /// Where the transport header starts in the frame (an ICMP error's quote follows its
+    /// header: [`Packet::quoted`]); 0 for a later fragment.
+    pub transport_offset: u16,
     /// Not the first fragment: no transport header.
     pub later_fragment: bool,
     /// Host byte order. ICMP echo: the identifier, on the requester's side.
@@ -186,6 +309,8 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Packet<V4>, Malformed> {
         dport: 0,
         tcp_flags: 0,
         icmp_type: 0,
+        hop_limit: 0,
+        transport_offset: 0,
         later_fragment: fragment_offset != 0,
     };
     if !packet.later_fragment {
@@ -201,7 +326,8 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Packet<V6>, Malformed> {
     if version >> 4 != 6 {
         return Err(Malformed);
     }
-    let mut next: u8 = load(ctx, IPV6_NEXT_HEADER)?;
+    // The next header and the hop limit, in one read.
+    let [mut next, hop_limit]: [u8; 2] = load(ctx, IPV6_NEXT_HEADER)?;
     let src: [u32; 4] = load(ctx, at(offset_of!(Ipv6Hdr, src_addr)))?;
     let dst: [u32; 4] = load(ctx, at(offset_of!(Ipv6Hdr, dst_addr)))?;
     let mut offset = EthHdr::LEN + Ipv6Hdr::LEN;
@@ -246,6 +372,8 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Packet<V6>, Malformed> {
         dport: 0,
         tcp_flags: 0,
         icmp_type: 0,
+        hop_limit,
+        transport_offset: 0,
         later_fragment,
     };
     if !later_fragment {
@@ -286,6 +414,7 @@ fn parse_transport<F: Family>(
                 (PROTO_ICMP, 0) | (PROTO_ICMPV6, 129) => packet.dport = id,
                 _ => {}
             }
+            packet.transport_offset = offset as u16;
         }
         _ => {}
     }
@@ -293,11 +422,64 @@ fn parse_transport<F: Family>(
 }
 
 impl<F: Family> Packet<F> {
-    /// IPv6 neighbour discovery (RS, RA, NS, NA, redirect) and MLD.
+    /// IPv6 neighbour discovery (RS, RA, NS, NA, redirect) and MLD, as the link uses
+    /// them: sent on the link (ND: hop limit 255, which no router forwards, RFC 4861;
+    /// MLD: hop limit 1 to a multicast group from a link-local or unspecified address,
+    /// RFC 3810), between link-local, unspecified or multicast addresses. ND may carry
+    /// a global source towards a multicast or link-local address (Linux solicits with
+    /// the address of the packet that needs the neighbour), and a global destination
+    /// from a link-local source (the answer to such a solicitation). Anything else with
+    /// these types is judged like other traffic.
     #[inline(always)]
     pub fn is_network_control(&self) -> bool {
-        self.protocol == PROTO_ICMPV6
+        if self.protocol != PROTO_ICMPV6 || self.later_fragment {
+            return false;
+        }
+        match self.icmp_type {
+            133..=137 => {
+                self.hop_limit == 255
+                    && (F::link_local_or_unspecified(&self.src)
+                        || F::link_local_or_multicast(&self.dst))
+            }
+            130..=132 | 143 => {
+                self.hop_limit == 1
+                    && F::link_local_or_unspecified(&self.src)
+                    && F::link_local_or_multicast(&self.dst)
+            }
+            _ => false,
+        }
+    }
+
+    /// An ICMP error about a packet: destination unreachable (fragmentation needed
+    /// included), time exceeded, parameter problem; ICMPv6 also packet too big.
+    #[inline(always)]
+    pub fn is_icmp_error(&self) -> bool {
+        self.protocol == F::ICMP
             && !self.later_fragment
-            && matches!(self.icmp_type, 130..=137 | 143)
+            && if F::ICMP == PROTO_ICMP {
+                matches!(self.icmp_type, 3 | 11 | 12)
+            } else {
+                matches!(self.icmp_type, 1..=4)
+            }
+    }
+
+    /// The packet an ICMP error quotes, read only when the hook needs it (never on the
+    /// established path). `None` for anything else, or a quote that cannot be read: no
+    /// error of a known connection, the packet is judged as new traffic.
+    #[inline(always)]
+    pub fn quoted(&self, ctx: &TcContext) -> Option<Quoted<F>> {
+        if !self.is_icmp_error() {
+            return None;
+        }
+        F::quoted(ctx, usize::from(self.transport_offset) + IcmpHdr::LEN).ok()
+    }
+
+    /// DHCP (client to server) or DHCPv6 (client to servers and relays): what a pod
+    /// sends before it has an address.
+    #[inline(always)]
+    pub fn is_dhcp_client(&self) -> bool {
+        self.protocol == PROTO_UDP
+            && !self.later_fragment
+            && matches!((self.sport, self.dport), (68, 67) | (546, 547))
     }
 }

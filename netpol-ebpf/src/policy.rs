@@ -5,10 +5,11 @@ use aya_ebpf::maps::lpm_trie::Key;
 use netpol_common::{
     Addr, DIR_INGRESS, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ANY_PEER, ENDPOINT_EGRESS_ISOLATED,
     ENDPOINT_INGRESS_ANY_PEER, ENDPOINT_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY,
-    IDENTITY_WORLD, PEER_HOST, POLICY_PREFIX_FULL, PeerInfo, PolicyKey, RULE_NONE, Reason,
+    IDENTITY_WORLD, PEER_HOST, PEER_SERVICE, POLICY_PREFIX_FULL, PeerInfo, PolicyKey, RULE_NONE,
+    Reason, ServicePort,
 };
 
-use crate::maps::{IPCACHE, POLICY};
+use crate::maps::{IPCACHE, NODE_PORTS, POLICY};
 
 #[inline(always)]
 fn peer(addr: &Addr) -> PeerInfo {
@@ -45,6 +46,29 @@ pub struct Connection {
     pub peer: Addr,
     pub protocol: u8,
     pub port: u16,
+    /// Egress seen before kube-proxy's translation (`from_pod`) with Service handling
+    /// on: a connection to a Service address is deferred ([`Reason::ToService`]) to the
+    /// hook after translation instead of being judged on the Service address.
+    pub defer_services: bool,
+}
+
+/// Whether kube-proxy will translate a connection to `peer` (an egress seen before
+/// translation): a Service address, or a node address on a node port.
+#[inline(always)]
+fn to_service(peer: &PeerInfo, connection: &Connection) -> bool {
+    if peer.flags & PEER_SERVICE != 0 {
+        return true;
+    }
+    if peer.flags & PEER_HOST == 0 {
+        return false;
+    }
+    let key = ServicePort {
+        port: connection.port,
+        protocol: connection.protocol,
+        _pad: 0,
+    };
+    // SAFETY: NODE_PORTS is only written from userspace; only presence is read.
+    unsafe { NODE_PORTS.get(key) }.is_some()
 }
 
 /// The outcome of [`decide`].
@@ -73,6 +97,13 @@ pub fn decide(endpoint: &EndpointInfo, connection: &Connection) -> Decision {
     }
     let peer = peer(&connection.peer);
     let identity = peer.identity;
+    if connection.defer_services && to_service(&peer, connection) {
+        return Decision {
+            reason: Reason::ToService,
+            rule: RULE_NONE,
+            identity,
+        };
+    }
     if connection.direction == DIR_INGRESS && peer.flags & PEER_HOST != 0 {
         return Decision {
             reason: Reason::FromHost,

@@ -28,7 +28,11 @@
 //! Pods are routed Calico-style: a /32 (and /128) on the pod's `eth0`, a default route to
 //! the link-local gateway 169.254.1.1 answered by proxy ARP on the host veth (and to
 //! `fe80::1` for IPv6), and a host route per pod in the node namespace. The agent runs
-//! in the node namespace and attaches to the host veths.
+//! in the node namespace and attaches to the host veths. A bridged node
+//! ([`Lab::set_bridged`]) is a bridge-CNI node instead (the bridge plugin, flannel): its
+//! pods' veths are ports of the Linux bridge [`BRIDGE`] (10.0.0.254/24, fd10::fe/64, the
+//! pods' gateways), pods have addresses in those subnets and no route of their own. Pod
+//! objects name no interface (tests may add annotations with [`Lab::set_pod_annotation`]).
 //!
 //! [`Lab::with_nodes`] makes several nodes (one agent each, see
 //! [`AgentProcess::start_on`]): node `n` has its own namespace, name ([`Lab::node_name`])
@@ -69,6 +73,7 @@
 
 mod agent;
 pub mod apiserver;
+pub mod dns;
 mod error;
 mod lab;
 mod manifest;
@@ -81,8 +86,9 @@ mod wire;
 
 pub use agent::{AgentProcess, AgentStatus};
 pub use error::{Error, Result};
-pub use lab::{Host, Lab, Node, Pod};
-pub use manifest::ManifestDir;
+pub use lab::services::{ProxyMode, Service, ServicePort, ServiceSpec, TargetPort};
+pub use lab::{BRIDGE, BRIDGE_IPV4, BRIDGE_IPV6, Host, Lab, Node, Pod};
+pub use manifest::{HOST_INTERFACE_ANNOTATION, ManifestDir, cluster_objects, service_objects};
 pub use netns::NetnsWorker;
 pub use probe::{Probe, ProbeResult};
 pub use spec::{

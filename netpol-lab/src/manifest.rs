@@ -2,6 +2,8 @@
 //! objects describing the lab, NetworkPolicies given as YAML, and the `.generation`
 //! counter written last.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Context, Result};
@@ -9,7 +11,9 @@ use serde_json::{Value, json};
 
 use crate::lab::{Lab, Pod};
 
-/// Annotation naming the pod's host-side veth in the node namespace.
+/// Annotation naming a pod's host-side interface, which local mode's operator may set
+/// (the lab's pod objects carry none by default: the agent finds interfaces from the
+/// kernel; tests set it with [`Lab::set_pod_annotation`]).
 pub const HOST_INTERFACE_ANNOTATION: &str = "netpol.dev/host-interface";
 
 /// A manifest directory and its generation counter.
@@ -73,6 +77,17 @@ fn write_atomic(path: &Path, contents: &str) -> Result<()> {
 
 /// All Namespace and Pod objects of the lab as one multi-document YAML string.
 fn cluster_yaml(lab: &Lab) -> Result<String> {
+    let mut out = String::new();
+    for doc in cluster_objects(lab) {
+        out.push_str("---\n");
+        out.push_str(&serde_norway::to_string(&doc).context("rendering YAML")?);
+    }
+    Ok(out)
+}
+
+/// The lab's Namespaces, Pods and Service objects ([`service_objects`]) as the API
+/// server has them (what `cluster.yaml` holds).
+pub fn cluster_objects(lab: &Lab) -> Vec<Value> {
     let mut docs: Vec<Value> = lab
         .namespaces()
         .iter()
@@ -91,12 +106,119 @@ fn cluster_yaml(lab: &Lab) -> Result<String> {
             .iter()
             .map(|pod| pod_object(pod, &lab.nodes()[pod.node].name)),
     );
-    let mut out = String::new();
-    for doc in docs {
-        out.push_str("---\n");
-        out.push_str(&serde_norway::to_string(&doc).context("rendering YAML")?);
+    docs.extend(service_objects(lab));
+    docs
+}
+
+/// A port of an EndpointSlice: (name, target port, protocol).
+type SlicePort = (Option<String>, u16, &'static str);
+
+/// The lab's Services as the API server has them: its ServiceCIDR, and for each Service
+/// the Service (both ClusterIPs) and an
+/// EndpointSlice per family, as the EndpointSlice controller writes them (endpoints
+/// with their pod and node, ports with the target port resolved per endpoint).
+pub fn service_objects(lab: &Lab) -> Vec<Value> {
+    let frontends = lab.service_frontends();
+    let mut out = Vec::new();
+    if !lab.services().is_empty() {
+        let (v4, v4_len) = crate::lab::services::SERVICE_RANGE_V4;
+        let (v6, v6_len) = crate::lab::services::SERVICE_RANGE_V6;
+        out.push(json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "ServiceCIDR",
+            "metadata": {"name": "kubernetes"},
+            "spec": {"cidrs": [format!("{v4}/{v4_len}"), format!("{v6}/{v6_len}")]},
+        }));
     }
-    Ok(out)
+    for service in lab.services() {
+        let spec = &service.spec;
+        let ports: Vec<Value> = spec
+            .ports
+            .iter()
+            .map(|p| {
+                let mut port = json!({"port": p.port, "protocol": p.protocol.k8s()});
+                if let Some(name) = &p.name {
+                    port["name"] = json!(name);
+                }
+                port["targetPort"] = match &p.target {
+                    crate::lab::services::TargetPort::Number(n) => json!(n),
+                    crate::lab::services::TargetPort::Name(name) => json!(name),
+                };
+                port
+            })
+            .collect();
+        let mut object = json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": spec.name, "namespace": spec.namespace},
+            "spec": {
+                "type": "ClusterIP",
+                "clusterIP": service.ipv4.to_string(),
+                "clusterIPs": [service.ipv4.to_string(), service.ipv6.to_string()],
+                "ipFamilies": ["IPv4", "IPv6"],
+                "ipFamilyPolicy": "PreferDualStack",
+                "ports": ports,
+            },
+        });
+        if spec.backends.is_none() {
+            object["spec"]["selector"] = json!(spec.selector);
+        }
+        out.push(object);
+        for (family, ipv6) in [("IPv4", false), ("IPv6", true)] {
+            // One slice per family and target port (a named port can differ per pod).
+            let mut slices: BTreeMap<Vec<SlicePort>, Vec<Value>> = BTreeMap::new();
+            let mut per_pod: BTreeMap<String, (IpAddr, Vec<SlicePort>)> = BTreeMap::new();
+            for frontend in frontends
+                .iter()
+                .filter(|f| f.service == service.id() && f.cluster_ip.is_ipv6() == ipv6)
+            {
+                for endpoint in &frontend.endpoints {
+                    per_pod
+                        .entry(endpoint.pod.clone())
+                        .or_insert_with(|| (endpoint.ip, Vec::new()))
+                        .1
+                        .push((
+                            frontend.port.name.clone(),
+                            endpoint.port,
+                            frontend.port.protocol.k8s(),
+                        ));
+                }
+            }
+            for (pod_id, (ip, ports)) in per_pod {
+                let pod = lab.pod(&pod_id).expect("an endpoint's pod exists");
+                slices.entry(ports).or_default().push(json!({
+                    "addresses": [ip.to_string()],
+                    "conditions": {"ready": true},
+                    "nodeName": lab.nodes()[pod.node].name,
+                    "targetRef": {"kind": "Pod", "namespace": pod.namespace, "name": pod.name},
+                }));
+            }
+            if slices.is_empty() {
+                slices.insert(Vec::new(), Vec::new());
+            }
+            for (i, (ports, endpoints)) in slices.into_iter().enumerate() {
+                let ports: Vec<Value> = ports
+                    .into_iter()
+                    .map(|(name, port, protocol)| {
+                        json!({"name": name.unwrap_or_default(), "port": port, "protocol": protocol})
+                    })
+                    .collect();
+                out.push(json!({
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": {
+                        "name": format!("{}-{}-{i}", spec.name, family.to_lowercase()),
+                        "namespace": spec.namespace,
+                        "labels": {"kubernetes.io/service-name": spec.name},
+                    },
+                    "addressType": family,
+                    "endpoints": endpoints,
+                    "ports": ports,
+                }));
+            }
+        }
+    }
+    out
 }
 
 fn pod_object(pod: &Pod, node_name: &str) -> Value {
@@ -113,15 +235,18 @@ fn pod_object(pod: &Pod, node_name: &str) -> Value {
         .collect();
     let mut ips = vec![json!({"ip": pod.ipv4.to_string()})];
     ips.extend(pod.ipv6.map(|ip| json!({"ip": ip.to_string()})));
+    let mut metadata = json!({
+        "name": pod.name,
+        "namespace": pod.namespace,
+        "labels": pod.labels,
+    });
+    if !pod.annotations.is_empty() {
+        metadata["annotations"] = json!(pod.annotations);
+    }
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {
-            "name": pod.name,
-            "namespace": pod.namespace,
-            "labels": pod.labels,
-            "annotations": {HOST_INTERFACE_ANNOTATION: pod.host_if},
-        },
+        "metadata": metadata,
         "spec": {
             "nodeName": node_name,
             "containers": [{"name": "server", "image": "netpol.dev/lab-server", "ports": ports}],

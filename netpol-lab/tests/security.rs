@@ -14,56 +14,9 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
 use netpol_lab::NetnsWorker;
-use socket2::{Domain, Protocol, Socket, Type};
-use support::{AGENT_TIMEOUT, Cluster, HEALTH, agent_bin, http_get, standard_lab};
-
-/// An IPv4 + UDP packet (IP_HDRINCL): the kernel fills the IP checksum and length; a UDP
-/// checksum of 0 means "none" in IPv4.
-fn udp_packet(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
-    let total = 20 + 8 + payload.len();
-    let mut p = vec![0u8; 20];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&src.ip().octets());
-    p[16..20].copy_from_slice(&dst.ip().octets());
-    p.extend_from_slice(&src.port().to_be_bytes());
-    p.extend_from_slice(&dst.port().to_be_bytes());
-    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    p.extend_from_slice(&[0, 0]);
-    p.extend_from_slice(payload);
-    p
-}
-
-/// Sends `payload` from `from`'s namespace with source `src` (raw, any address).
-fn send_raw(from: &NetnsWorker, src: SocketAddrV4, dst: SocketAddrV4, payload: &'static [u8]) {
-    from.run(move || -> std::io::Result<()> {
-        let raw = Socket::new(
-            Domain::IPV4,
-            Type::RAW,
-            Some(Protocol::from(libc::IPPROTO_RAW)),
-        )?;
-        raw.send_to(&udp_packet(src, dst, payload), &SocketAddr::V4(dst).into())?;
-        Ok(())
-    })
-    .expect("worker")
-    .expect("sending the crafted datagram");
-}
-
-/// Whether `socket` receives `payload` within a second.
-fn receives(socket: &UdpSocket, payload: &[u8]) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(1);
-    let mut buf = [0u8; 64];
-    while std::time::Instant::now() < deadline {
-        match socket.recv(&mut buf) {
-            Ok(n) if &buf[..n] == payload => return true,
-            Ok(_) => continue,
-            Err(_) => return false,
-        }
-    }
-    false
-}
+use support::{
+    AGENT_TIMEOUT, Cluster, HEALTH, agent_bin, http_get, receives, send_raw, standard_lab,
+};
 
 #[test]
 fn a_pod_cannot_borrow_another_pods_address() {

@@ -155,3 +155,109 @@ fn cross_node_connections_pass_both_nodes_policies_and_conntracks() {
         (tcp(NODE, "x/a", 80), true),
     ]);
 }
+
+/// x/a may only send to y/b on TCP 9000 and accepts nothing; y/b accepts x/a on 9000 and
+/// sends nothing: both isolated both ways.
+const TRANSFER: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-sends-to-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Ingress, Egress]
+  egress:
+    - to: [{namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: b}}}]
+      ports: [{port: 9000, protocol: TCP}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-hears-a, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+    - from: [{namespaceSelector: {matchLabels: {ns: x}}, podSelector: {matchLabels: {pod: a}}}]
+      ports: [{port: 9000, protocol: TCP}]
+"#;
+
+/// Sends `len` bytes from x/a to y/b:9000 over `family`'s addresses and returns how
+/// many y/b read before the sender finished or gave up (every wait bounded).
+fn transfer(lab: &Lab, family: netpol_lab::Family, len: usize) -> usize {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::time::Duration;
+    let server_ip = lab.address("y/b", family).expect("y/b has an address");
+    let listen = SocketAddr::new(server_ip, 9000);
+    let listener = lab
+        .worker("y/b")
+        .unwrap()
+        .run(move || TcpListener::bind(listen).expect("listening in y/b"))
+        .unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accepting");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut total = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
+    });
+    let stream = lab
+        .worker("x/a")
+        .unwrap()
+        .run(move || TcpStream::connect_timeout(&listen, Duration::from_secs(5)))
+        .unwrap();
+    if let Ok(mut stream) = stream {
+        stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let chunk = vec![0x5au8; 64 * 1024];
+        let mut sent = 0;
+        while sent < len {
+            if stream.write_all(&chunk).is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        drop(stream);
+    } else {
+        // Unblock the accept so that the reader ends.
+        let _ = lab
+            .worker("x/a")
+            .unwrap()
+            .run(move || TcpStream::connect_timeout(&listen, Duration::from_secs(1)));
+    }
+    reader.join().unwrap()
+}
+
+#[test]
+fn path_mtu_discovery_works_for_pods_isolated_both_ways() {
+    let Some(agent) = agent_bin("two_nodes") else {
+        return;
+    };
+    let mut cluster = TwoNodes::start(&agent);
+    cluster.apply(TRANSFER);
+    // y/b's node forwards into a link of 1280 bytes: it answers a's full-size segments
+    // with "fragmentation needed" / "packet too big", from an address x/a's policy does
+    // not admit. Only as errors of a's connection may they reach a.
+    let b = cluster.lab.pod("y/b").expect("y/b");
+    let node1 = cluster.lab.nodes()[b.node].netns.clone();
+    netpol_lab::netns::ip_batch(Some(&node1), &[format!("link set {} mtu 1280", b.host_if)])
+        .expect("narrowing y/b's link");
+    const LEN: usize = 4 << 20;
+    for family in [netpol_lab::Family::V4, netpol_lab::Family::V6] {
+        let got = transfer(&cluster.lab, family, LEN);
+        if got < LEN {
+            for agent in &cluster.agents {
+                eprintln!("{}", agent.log_tail(30));
+            }
+        }
+        assert!(got >= LEN, "{family:?}: y/b read {got} of {LEN} bytes");
+    }
+}

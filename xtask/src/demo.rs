@@ -249,6 +249,22 @@ pub fn run(opts: &RunOptions) -> Result<()> {
             ui::dim(&format!("netns {}, veth {}", pod.netns, pod.host_if))
         ));
     }
+    let service = lab.add_service(
+        netpol_lab::ServiceSpec::new("stars", "frontend")
+            .select("role", "frontend")
+            .port(netpol_lab::ServicePort {
+                name: Some("http".into()),
+                protocol: Protocol::Tcp,
+                port: SERVICE_PORT,
+                target: netpol_lab::TargetPort::Number(80),
+            }),
+    )?;
+    ui::note(&format!(
+        "{:<28} {:<12} Service port TCP {SERVICE_PORT} -> stars/frontend:80 {}",
+        format!("svc/{}", service.id()),
+        service.ipv4,
+        ui::dim("(kube-proxy's iptables rules on the node)")
+    ));
     ui::note(&ui::dim(&format!("node netns {}", lab.node_netns())));
     check_interrupted()?;
 
@@ -325,6 +341,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         probes.len(),
         denied.join(", ")
     ));
+    let mut mismatches_through_service = 0;
     let mut mismatches = before.mismatches();
     mismatches.extend(after.mismatches());
     let checked = before.checked() + after.checked();
@@ -347,6 +364,32 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         "replies: every ✓ is a completed TCP handshake plus the server's greeting byte, so \
          traffic of allowed connections flows back in the reverse direction too",
     ));
+    check_interrupted()?;
+
+    ui::step("through a Service");
+    ui::note(&format!(
+        "frontend-policy names port 80; pods dial svc/stars/frontend on {SERVICE_PORT}, and \
+         kube-proxy translates after netpol's first hook: the verdict is taken on the backend"
+    ));
+    let through = [
+        ("client/client", true),
+        ("management-ui/management-ui", false),
+    ];
+    for (src, allowed) in through {
+        let probe = netpol_lab::Probe::tcp(src, "svc/stars/frontend", SERVICE_PORT);
+        let outcome = lab.probe(&probe, PROBE_TIMEOUT)?.outcome;
+        let line = format!(
+            "{src} -> svc/stars/frontend:{SERVICE_PORT} -> stars/frontend:80: {outcome} \
+             (expected {})",
+            if allowed { "allowed" } else { "blocked" }
+        );
+        if outcome.matches(allowed) {
+            ui::ok(&line);
+        } else {
+            println!("  {} {line}", ui::red("✗"));
+            mismatches_through_service += 1;
+        }
+    }
     check_interrupted()?;
 
     let why = explain_a_drop(&lab, &agent, &agent_bin, &manifests, &after);
@@ -387,8 +430,16 @@ pub fn run(opts: &RunOptions) -> Result<()> {
             mismatches.len()
         );
     }
+    if mismatches_through_service > 0 {
+        bail!(
+            "{mismatches_through_service} connection(s) through the Service differ from the expectation"
+        );
+    }
     why.context("answering \"which policy dropped my packet?\"")
 }
+
+/// The Service port in front of stars/frontend's port 80.
+const SERVICE_PORT: u16 = 8080;
 
 /// The blocked pair the demo explains.
 const WHY_SRC: &str = "client/client";

@@ -6,7 +6,9 @@
 //!
 //! 1. fails fast, naming every missing tool, unless docker (with an engine), kind and
 //!    kubectl answer;
-//! 2. `kind create cluster` with deploy/kind-cluster.yaml (unless it exists);
+//! 2. `kind create cluster` with deploy/kind-cluster.yaml (unless it exists), then
+//!    kindnet's own NetworkPolicy enforcement (on by default since kind v0.24) turned off
+//!    (`--network-policy=false`), so that the cases see what netpol alone allows;
 //! 3. `docker build` deploy/Dockerfile, `kind load docker-image`;
 //! 4. `kubectl apply -f deploy/netpol-agent.yaml`, the image set to the one built,
 //!    `kubectl rollout status` (readiness = every initial list is in the kernel);
@@ -150,6 +152,11 @@ fn run_e2e(options: &Options, files: &[PathBuf]) -> Result<()> {
             Duration::from_secs(600),
         )?;
     }
+    let context = format!("kind-{}", options.cluster);
+    let kubectl = command::Kubectl {
+        context: Some(context.clone()),
+    };
+    disable_kindnet_policies(&kubectl, &options.cluster)?;
     ui::step(&format!("building {}", options.image));
     let dockerfile = deploy("Dockerfile");
     let root_dir = root.display().to_string();
@@ -170,10 +177,6 @@ fn run_e2e(options: &Options, files: &[PathBuf]) -> Result<()> {
         Duration::from_secs(600),
     )?;
     ui::step("deploying deploy/netpol-agent.yaml");
-    let context = format!("kind-{}", options.cluster);
-    let kubectl = command::Kubectl {
-        context: Some(context.clone()),
-    };
     kubectl.run(&["apply", "-f", &deploy("netpol-agent.yaml")])?;
     kubectl.run(&[
         "-n",
@@ -224,6 +227,113 @@ fn run_e2e(options: &Options, files: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// kindnet's DaemonSet and container: since kind v0.24 kindnet enforces NetworkPolicy
+/// itself (kube-network-policies, on by default), which would hide any over-allowing by
+/// netpol from the conformance cases.
+const KINDNET: &str = "daemonset/kindnet";
+const KINDNET_CONTAINER: &str = "kindnet-cni";
+/// kindnetd's switch for its NetworkPolicy controller.
+const KINDNET_NO_POLICY: &str = "--network-policy=false";
+/// The nftables table kindnet's policy controller creates on each node (not removed when
+/// the controller is switched off).
+const KINDNET_POLICY_TABLE: &str = "kindnet-network-policies";
+
+/// The JSON patch giving kindnet's first container `--network-policy=false`, from its
+/// current `args` (`None`: it has none); `None` when it has the flag already.
+fn kindnet_patch(args: Option<&[String]>) -> Option<String> {
+    let path = "/spec/template/spec/containers/0/args";
+    let patch = match args {
+        Some(args) if args.iter().any(|a| a == KINDNET_NO_POLICY) => return None,
+        Some(_) => {
+            serde_json::json!([{"op": "add", "path": format!("{path}/-"), "value": KINDNET_NO_POLICY}])
+        }
+        None => serde_json::json!([{"op": "add", "path": path, "value": [KINDNET_NO_POLICY]}]),
+    };
+    Some(patch.to_string())
+}
+
+/// Makes the cluster's CNI enforce no NetworkPolicy, so that only netpol does: kindnet
+/// restarted with `--network-policy=false` (and its leftover nftables table removed from
+/// every node). A cluster without kindnet is left alone, with a note.
+fn disable_kindnet_policies(kubectl: &command::Kubectl, cluster: &str) -> Result<()> {
+    let container = kubectl.run(&[
+        "-n",
+        "kube-system",
+        "get",
+        KINDNET,
+        "--ignore-not-found",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].name}",
+    ])?;
+    if container.trim().is_empty() {
+        ui::note("no kindnet DaemonSet: the CNI must enforce no NetworkPolicy itself");
+        return Ok(());
+    }
+    if container.trim() != KINDNET_CONTAINER {
+        bail!("kindnet's first container is {container:?}, not {KINDNET_CONTAINER}");
+    }
+    let args = kubectl.run(&[
+        "-n",
+        "kube-system",
+        "get",
+        KINDNET,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].args}",
+    ])?;
+    let args: Option<Vec<String>> = match args.trim() {
+        "" => None,
+        json => Some(serde_json::from_str(json).with_context(|| format!("kindnet's args {json}"))?),
+    };
+    let Some(patch) = kindnet_patch(args.as_deref()) else {
+        ui::ok("kindnet enforces no NetworkPolicy");
+        return Ok(());
+    };
+    ui::step("turning kindnet's own NetworkPolicy enforcement off");
+    kubectl.run(&[
+        "-n",
+        "kube-system",
+        "patch",
+        KINDNET,
+        "--type=json",
+        "-p",
+        &patch,
+    ])?;
+    kubectl.run(&[
+        "-n",
+        "kube-system",
+        "rollout",
+        "status",
+        KINDNET,
+        "--timeout=180s",
+    ])?;
+    let nodes = exec(
+        "kind",
+        &["get", "nodes", "--name", cluster],
+        Duration::from_secs(30),
+    )?;
+    for node in nodes.lines().map(str::trim).filter(|n| !n.is_empty()) {
+        if let Err(error) = exec(
+            "docker",
+            &[
+                "exec",
+                node,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                KINDNET_POLICY_TABLE,
+            ],
+            Duration::from_secs(30),
+        ) {
+            ui::note(&format!(
+                "{node}: no {KINDNET_POLICY_TABLE} table removed: {error:#}"
+            ));
+        }
+    }
+    ui::ok("kindnet enforces no NetworkPolicy");
+    Ok(())
+}
+
 /// Checks the tools, runs the cases on a kind cluster, then deletes the cluster unless
 /// `--keep`.
 pub fn run(options: &Options) -> Result<()> {
@@ -259,6 +369,21 @@ pub fn run(options: &Options) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kindnet_is_told_to_enforce_no_network_policy_once() {
+        assert_eq!(
+            kindnet_patch(None).unwrap(),
+            r#"[{"op":"add","path":"/spec/template/spec/containers/0/args","value":["--network-policy=false"]}]"#
+        );
+        let args = vec!["--v=2".to_owned()];
+        assert_eq!(
+            kindnet_patch(Some(&args)).unwrap(),
+            r#"[{"op":"add","path":"/spec/template/spec/containers/0/args/-","value":"--network-policy=false"}]"#
+        );
+        let done = vec!["--v=2".to_owned(), KINDNET_NO_POLICY.to_owned()];
+        assert_eq!(kindnet_patch(Some(&done)), None);
+    }
 
     #[test]
     fn preflight_names_every_missing_tool() {

@@ -96,6 +96,14 @@ struct ConformanceArgs {
     /// (410 Gone) or restart the API server double, in turn; enforcement must stay right.
     #[arg(long, requires = "source")]
     faults: bool,
+    /// How probes reach pods: `direct` (the pod's address) or `service` (the pod's own
+    /// ClusterIP Service on a Service port that differs from the target port, translated
+    /// by kube-proxy's rules on the node; hairpin probes too).
+    #[arg(long, value_enum, default_value = "direct")]
+    via: conformance::Via,
+    /// With `--via service`: kube-proxy's iptables or nftables mode.
+    #[arg(long, value_enum, default_value = "iptables")]
+    proxy_mode: conformance::ProxyMode,
 }
 
 /// Runs the cases and prints `N passed, M failed` last; the caller decides what failed
@@ -129,8 +137,17 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<conformance::Summary> {
         1 => String::new(),
         n => format!(", {n} nodes (one agent each)"),
     };
+    let via = match (args.via, args.proxy_mode) {
+        (conformance::Via::Direct, _) => String::new(),
+        (conformance::Via::Service, conformance::ProxyMode::Iptables) => {
+            ", through Services (kube-proxy iptables mode)".to_owned()
+        }
+        (conformance::Via::Service, conformance::ProxyMode::Nftables) => {
+            ", through Services (kube-proxy nftables mode)".to_owned()
+        }
+    };
     xtask::ui::step(&format!(
-        "conformance: {} {plural}, {} at a time, agent in {source}{nodes}",
+        "conformance: {} {plural}, {} at a time, agent in {source}{nodes}{via}",
         files.len(),
         args.jobs
     ));
@@ -142,12 +159,16 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<conformance::Summary> {
         apply_timeout: std::time::Duration::from_secs(30),
         jobs: args.jobs,
         nodes: args.nodes.into(),
+        via: args.via,
+        proxy_mode: args.proxy_mode,
         json: args.json,
     };
     let summary = conformance::run(&files, &options)?;
-    let label = match args.nodes {
-        1 => String::new(),
-        n => format!(" ({n} nodes)"),
+    let label = match (args.nodes, args.via) {
+        (1, conformance::Via::Direct) => String::new(),
+        (1, conformance::Via::Service) => " (through Services)".to_owned(),
+        (n, conformance::Via::Direct) => format!(" ({n} nodes)"),
+        (n, conformance::Via::Service) => format!(" ({n} nodes, through Services)"),
     };
     println!("conformance{label}: {:.0}s", summary.seconds);
     println!("{} passed, {} failed", summary.passed, summary.failed);
@@ -183,21 +204,48 @@ fn test(agent: &std::path::Path) -> anyhow::Result<()> {
     // The same cases with the agent in local mode, then in Kubernetes mode (fed over HTTP
     // list/watch by the API server double), then across two nodes (two agents, pods
     // dealt to both).
+    // Then through Services (kube-proxy's rules on the nodes): one node in iptables mode
+    // with the agent in Kubernetes mode, two nodes in nftables mode.
+    use conformance::{ProxyMode, SourceKind, Via};
     let worlds = [
         (
             "conformance (local mode)",
-            conformance::SourceKind::Local,
+            SourceKind::Local,
             1,
+            Via::Direct,
+            ProxyMode::Iptables,
         ),
         (
             "conformance (Kubernetes mode)",
-            conformance::SourceKind::Kube,
+            SourceKind::Kube,
             1,
+            Via::Direct,
+            ProxyMode::Iptables,
         ),
-        ("conformance (2 nodes)", conformance::SourceKind::Local, 2),
+        (
+            "conformance (2 nodes)",
+            SourceKind::Local,
+            2,
+            Via::Direct,
+            ProxyMode::Iptables,
+        ),
+        (
+            "conformance (through Services, Kubernetes mode)",
+            SourceKind::Kube,
+            1,
+            Via::Service,
+            ProxyMode::Iptables,
+        ),
+        (
+            "conformance (through Services, 2 nodes, nftables)",
+            SourceKind::Local,
+            2,
+            Via::Service,
+            ProxyMode::Nftables,
+        ),
     ];
     let (mut passed, mut failed, mut case_failures) = (0, 0, 0);
-    for (stage, source, nodes) in worlds {
+    for (stage, source, nodes, via, proxy_mode) in worlds {
         let summary = conformance(ConformanceArgs {
             paths: Vec::new(),
             json: None,
@@ -207,6 +255,8 @@ fn test(agent: &std::path::Path) -> anyhow::Result<()> {
             source,
             faults: false,
             nodes,
+            via,
+            proxy_mode,
         });
         if let Ok(summary) = &summary {
             passed += summary.passed;

@@ -14,16 +14,18 @@ const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_SERIES: &str = "0.13";
 const BPFFS: &str = "/sys/fs/bpf";
 
-/// Checks and, where missing, installs: llvm-22-dev, iproute2, iptables, ipset, nightly rust-src,
+/// Checks and, where missing, installs: llvm-22-dev, iproute2, iptables, ipset, nftables, nightly rust-src,
 /// bpf-linker 0.13 (LLVM 22) and a bpffs mount at /sys/fs/bpf.
 pub fn ensure() -> Result<()> {
     ui::step("prerequisites");
     let mut apt = Apt::default();
     apt.ensure(LLVM_DEB)?;
     apt.ensure("iproute2")?;
-    // The iptables + ipset baseline of `cargo xtask bench traffic`.
+    // The iptables + ipset baseline of `cargo xtask bench traffic`, and kube-proxy's
+    // rules in the lab (iptables and nftables modes).
     apt.ensure("iptables")?;
     apt.ensure("ipset")?;
+    apt.ensure("nftables")?;
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_bpffs()?;

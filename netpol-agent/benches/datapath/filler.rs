@@ -35,9 +35,11 @@ impl Filler {
         }
     }
 
-    /// 99 more local endpoints (ids 2..=100), as on a node with 100 pods.
+    /// More local endpoints (ids after the compiled ones, up to 100), as on a node with
+    /// 100 pods.
     pub fn endpoints(&mut self, compiled: &Compiled) {
-        for id in 2..=FILLER_ENDPOINTS {
+        let first = compiled.local_pods.len() as u32 + 1;
+        for id in first..=FILLER_ENDPOINTS {
             let addr = Addr::v4([10, 0, 1, id as u8]);
             let info = EndpointInfo {
                 id,
@@ -68,7 +70,7 @@ impl Filler {
     }
 
     /// POLICY up to `total` entries (`core` of them from the compiler): entry i goes to
-    /// endpoint 1 + i % 100 (endpoint 1 is the measured server), then identity, direction
+    /// endpoint 1 + i % 100 (the measured server and caller among them), then identity, direction
     /// and protocol vary; one in ten is a /8 port prefix, the rest exact ports.
     pub fn policy(&mut self, core: usize, total: usize) {
         let want = total.saturating_sub(core);

@@ -34,17 +34,32 @@ const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 
 /// Loads `r0 = -1 (TC_ACT_UNSPEC); exit` as a SchedClassifier, pins it at `pin` and
 /// opens it through aya, so it runs through exactly the same test-run path as netpol.
+#[allow(dead_code)] // Each user includes this file and calls what it needs.
 pub fn load_empty_program(pin: &Path) -> std::io::Result<SchedClassifier> {
+    load_constant_program(pin, "floor", -1)
+}
+
+/// Loads `r0 = <verdict>; exit` (a TC program that returns `verdict` for every packet)
+/// named `name` (at most 15 bytes), pins it at `pin` and opens it through aya. Also
+/// used by `tests/composition.rs` for a program that lets everything through.
+#[allow(dead_code)] // Each user includes this file and calls what it needs.
+pub fn load_constant_program(
+    pin: &Path,
+    name: &str,
+    verdict: i32,
+) -> std::io::Result<SchedClassifier> {
+    let imm = verdict.to_le_bytes();
     // struct bpf_insn { u8 code; u8 dst:4, src:4; s16 off; s32 imm; }
     let insns: [[u8; 8]; 2] = [
-        // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm -1
-        [0xb7, 0x00, 0, 0, 0xff, 0xff, 0xff, 0xff],
+        // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm = verdict
+        [0xb7, 0x00, 0, 0, imm[0], imm[1], imm[2], imm[3]],
         // BPF_JMP | BPF_EXIT
         [0x95, 0x00, 0, 0, 0, 0, 0, 0],
     ];
     let license = c"GPL";
-    let mut name = [0u8; 16];
-    name[..5].copy_from_slice(b"floor");
+    let mut prog_name = [0u8; 16];
+    let len = name.len().min(15);
+    prog_name[..len].copy_from_slice(&name.as_bytes()[..len]);
     let attr = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_SCHED_CLS,
         insn_cnt: insns.len() as u32,
@@ -55,7 +70,7 @@ pub fn load_empty_program(pin: &Path) -> std::io::Result<SchedClassifier> {
         log_buf: 0,
         kern_version: 0,
         prog_flags: 0,
-        prog_name: name,
+        prog_name,
     };
     // SAFETY: `attr` and everything it points to outlive the call; the kernel reads
     // `size_of::<ProgLoadAttr>()` bytes and treats the rest of `union bpf_attr` as zero.

@@ -46,7 +46,10 @@ use filler::{FILLER_IDENTITY, Filler};
 use floor::load_empty_program;
 use programs::Bench;
 use report::report;
-use scenarios::{CLIENT, Prog, SERVER, Scenario, scenarios, state, tcp};
+use scenarios::{
+    CALLER, CLIENT, MARK, Prog, SERVER, SERVICE, SERVICE_PORT, Scenario, add_service, scenarios,
+    state, tcp,
+};
 
 struct Config {
     smoke: bool,
@@ -98,7 +101,7 @@ struct Measured {
     ipcache_entries: usize,
     repeated: Vec<Summary>,
     /// Single runs: (empty program, netpol ARP, allowed SYN with CT insert).
-    single: [Summary; 3],
+    single: [Summary; 5],
 }
 
 fn main() {
@@ -114,16 +117,20 @@ fn main() {
     let empty = load_empty_program(&dir.path.join("floor")).expect("load the floor program");
     let mut bench = Bench { datapath, empty };
 
-    let compiled = compile::compile(&state(), &Allocations::default());
+    let mut compiled = compile::compile(&state(), &Allocations::default());
+    add_service(&mut compiled);
     assert!(
         compiled.diagnostics.is_empty(),
         "{:?}",
         compiled.diagnostics
     );
-    assert_eq!(compiled.local_pods.len(), 1);
-    assert_eq!(
-        compiled.local_pods[0].endpoint_id, 1,
-        "the filler assumes the server is endpoint 1"
+    assert_eq!(compiled.local_pods.len(), 2);
+    assert!(
+        compiled
+            .local_pods
+            .iter()
+            .all(|p| p.endpoint_id as usize <= compiled.local_pods.len()),
+        "the filler assumes the compiled endpoints come first (1, 2)"
     );
     assert!(compiled.identities.keys().all(|&id| id < FILLER_IDENTITY));
     bench.datapath.sync_maps(&compiled).expect("apply");
@@ -152,6 +159,26 @@ fn main() {
             bench.run(Prog::Netpol(HookKind::FromPod), &syn_ack, 1).0,
             -1
         );
+        // The established Service connections: to the ClusterIP (from_pod), then after
+        // translation to the local server (to_pod) and to the client on another node
+        // (leave_node).
+        let service_syn = tcp(CALLER, SERVICE, 41000, SERVICE_PORT, netpol_common::TCP_SYN);
+        let (action, _) = bench.run(Prog::Netpol(HookKind::FromPod), &service_syn, 1);
+        assert_eq!(action, -1);
+        let to_server = tcp(CALLER, SERVER, 41000, 80, netpol_common::TCP_SYN);
+        let to_client = tcp(CALLER, CLIENT, 41001, 80, netpol_common::TCP_SYN);
+        assert_eq!(
+            bench
+                .run_marked(Prog::Netpol(HookKind::ToPod), &to_server, 1, MARK)
+                .0,
+            -1
+        );
+        assert_eq!(
+            bench
+                .run_marked(Prog::Netpol(HookKind::LeaveNode), &to_client, 1, MARK)
+                .0,
+            -1
+        );
         for s in &scenarios {
             bench.verify(s);
         }
@@ -168,14 +195,14 @@ fn main() {
         let mut samples = vec![Vec::with_capacity(config.rounds); scenarios.len()];
         for _ in 0..config.rounds {
             for (s, out) in scenarios.iter().zip(&mut samples) {
-                let (action, ns) = bench.run(s.prog, &s.frame, config.repeat);
+                let (action, ns) = bench.run_marked(s.prog, &s.frame, config.repeat, s.mark);
                 assert_eq!(action, s.action, "{}", s.name);
                 out.push(ns);
             }
         }
 
         // Allowed SYNs that open a CT entry: one run each, distinct tuples.
-        let mut single = [Vec::new(), Vec::new(), Vec::new()];
+        let mut single = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
         let arp = arp_frame();
         for _ in 0..config.single_runs {
             single[0].push(bench.run(Prog::Empty, &arp, 1).1);
@@ -185,6 +212,20 @@ fn main() {
             let (action, ns) = bench.run(Prog::Netpol(HookKind::ToPod), &frame, 1);
             assert_eq!(action, -1, "allowed SYN");
             single[2].push(ns);
+            // leave_node clears the mark, so a repeated run would measure an unmarked
+            // packet: marked packets on exit devices are single runs.
+            let leave = Prog::Netpol(HookKind::LeaveNode);
+            let new_rst = tcp(CALLER, CLIENT, 41004, 85, netpol_common::TCP_RST);
+            let (action, ns) = bench.run_marked(leave, &new_rst, 1, MARK);
+            assert_eq!(action, -1, "marked RST to a remote backend");
+            single[3].push(ns);
+            let ack = tcp(CALLER, CLIENT, 41001, 80, TCP_ACK);
+            let (action, ns) = bench.run_marked(leave, &ack, 1, MARK);
+            assert_eq!(
+                action, -1,
+                "marked ACK of the established remote connection"
+            );
+            single[4].push(ns);
         }
 
         results.push(Measured {
@@ -215,7 +256,7 @@ fn profile(bench: &Bench, scenarios: &[Scenario], key: &str) {
     let started = std::time::Instant::now();
     let mut calls = 0u32;
     while started.elapsed() < std::time::Duration::from_secs(5) {
-        bench.run(s.prog, &s.frame, 1_000_000);
+        bench.run_marked(s.prog, &s.frame, 1_000_000, s.mark);
         calls += 1;
     }
     eprintln!("profiled {key}: {calls} calls of 1,000,000 runs");

@@ -15,11 +15,16 @@ pub struct Bench {
 impl Bench {
     /// (TC action, kernel mean ns per run).
     pub fn run(&self, prog: Prog, frame: &[u8], repeat: u32) -> (i32, f64) {
+        self.run_marked(prog, frame, repeat, 0)
+    }
+
+    /// [`Bench::run`] of a frame arriving with skb mark `mark`.
+    pub fn run_marked(&self, prog: Prog, frame: &[u8], repeat: u32, mark: u32) -> (i32, f64) {
         match prog {
             Prog::Netpol(hook) => {
                 let v = self
                     .datapath
-                    .test_run(hook, frame, repeat)
+                    .test_run_marked(hook, frame, repeat, mark)
                     .expect("test run");
                 (v.action, v.duration.as_nanos() as f64)
             }
@@ -45,7 +50,7 @@ impl Bench {
     /// Runs a scenario once and checks its verdict and the reason it was counted under.
     pub fn verify(&self, s: &Scenario) {
         let before = self.counted();
-        let (action, _) = self.run(s.prog, &s.frame, 1);
+        let (action, _) = self.run_marked(s.prog, &s.frame, 1, s.mark);
         let after = self.counted();
         assert_eq!(action, s.action, "{}: TC action", s.name);
         if let Some(reason) = s.reason {

@@ -11,6 +11,8 @@ fn single_runs_json(m: &Measured) -> Value {
         "empty_program",
         "netpol_arp",
         "new_flow_allowed_syn_ct_insert",
+        "service_new_leave_node",
+        "service_established_leave_node",
     ];
     let list: Vec<Value> = keys
         .iter()
@@ -67,6 +69,14 @@ pub fn report(config: &Config, machine: &Value, scenarios: &[Scenario], results:
             "new flow, allowed SYN (CT insert)",
             "repeat = 1, to_pod, a SYN of a distinct tuple each run: ENDPOINTS + CT miss + IPCACHE + 1 POLICY hit + CT insert",
         ),
+        (
+            "Service: new flow, exit device",
+            "repeat = 1, leave_node, marked RST to port 85 on another node: CT miss + ENDPOINTS + IPCACHE + POLICY, mark cleared",
+        ),
+        (
+            "Service: established, exit device",
+            "repeat = 1, leave_node, marked ACK to a backend on another node: CT hit, mark cleared",
+        ),
     ];
     for (k, (name, method)) in single_names.iter().enumerate() {
         let mut row = vec![name.to_string(), method.to_string()];
@@ -92,8 +102,13 @@ pub fn report(config: &Config, machine: &Value, scenarios: &[Scenario], results:
         idx("new_flow_denied"),
         idx("new_flow_allowed_rst"),
     );
+    let (service_est, service_new) = (idx("service_established_to_pod"), idx("service_new_to_pod"));
     let first = &results[0];
     let last = &results[results.len() - 1];
+    let worst_service_gap = results
+        .iter()
+        .map(|m| m.repeated[service_est].median - m.repeated[est].median)
+        .fold(f64::MIN, f64::max);
     let worst_gap = results
         .iter()
         .map(|m| m.repeated[est].median - m.repeated[empty].median)
@@ -113,6 +128,18 @@ pub fn report(config: &Config, machine: &Value, scenarios: &[Scenario], results:
             format!("{worst_gap:.0} ns"),
             "≤ 60 ns".into(),
             met(worst_gap <= 60.0).into(),
+        ],
+        vec![
+            "Service established (backend's veth) − direct established (worst size)".to_string(),
+            format!("{worst_service_gap:.0} ns"),
+            "≤ 10 ns".into(),
+            met(worst_service_gap <= 10.0).into(),
+        ],
+        vec![
+            format!("Service new flow (backend's veth): POLICY {hi} / POLICY {lo}"),
+            format!("{:.2}×", scaling(service_new)),
+            "≤ 1.5×".into(),
+            met(scaling(service_new) <= 1.5).into(),
         ],
         vec![
             format!("new flow denied: POLICY {hi} / POLICY {lo}"),

@@ -1,5 +1,5 @@
 //! What is measured: the small cluster compiled into the maps, and the scenarios (a
-//! program and a frame, with the verdict and counted reason expected).
+//! program and a frame with its skb mark, with the verdict and counted reason expected).
 
 use std::net::IpAddr;
 
@@ -9,7 +9,10 @@ use netpol_agent::source::manifest::parse_documents;
 use netpol_common::{Reason, TCP_ACK, TCP_RST};
 use netpol_compile::state::{ClusterState, NodeContext};
 
-/// The measured cluster: `server` (local, node-0) accepts TCP 80-90 from `client`.
+/// The measured cluster: `server` (local, node-0) accepts TCP 80-90 from `client` and
+/// `caller`; `caller` (local, egress-isolated) may reach `server` and `client` (node-1)
+/// on TCP 80-90, also through the Service address [`SERVICE`] (kube-proxy's translation
+/// is what the scenarios play: the hook after it sees the backend and the mark).
 const CLUSTER: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -42,11 +45,34 @@ spec:
   ingress:
     - from: [{podSelector: {matchLabels: {app: client}}}]
       ports: [{protocol: TCP, port: 80, endPort: 90}]
+    - from: [{podSelector: {matchLabels: {app: caller}}}]
+      ports: [{protocol: TCP, port: 80, endPort: 90}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: caller, namespace: bench, labels: {app: caller}}
+spec: {nodeName: node-0, containers: [{name: c}]}
+status: {phase: Running, podIP: 10.0.0.4}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: caller-egress, namespace: bench}
+spec:
+  podSelector: {matchLabels: {app: caller}}
+  policyTypes: [Egress]
+  egress:
+    - to: [{podSelector: {matchLabels: {app: server}}}, {podSelector: {matchLabels: {app: client}}}]
+      ports: [{protocol: TCP, port: 80, endPort: 90}]
 "#;
 
 pub const SERVER: &str = "10.0.0.1";
 pub const CLIENT: &str = "10.0.0.2";
 const NOT_LOCAL: &str = "10.0.0.3";
+pub const CALLER: &str = "10.0.0.4";
+/// A ClusterIP, and the Service port in front of the backends' 80.
+pub const SERVICE: &str = "10.96.0.1";
+pub const SERVICE_PORT: u16 = 10080;
+pub const MARK: u32 = netpol_common::SERVICE_MARK_DEFAULT;
 
 /// What runs a frame: netpol's program of a hook, or the empty floor program.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -61,6 +87,8 @@ pub struct Scenario {
     pub method: &'static str,
     pub prog: Prog,
     pub frame: Vec<u8>,
+    /// The skb mark the frame arrives with (the Service mark after `from_pod`).
+    pub mark: u32,
     /// Expected TC action and counted reason (none for the empty program).
     pub action: i32,
     pub reason: Option<Reason>,
@@ -84,7 +112,7 @@ pub fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
 }
 
 pub fn scenarios() -> Vec<Scenario> {
-    use HookKind::{FromPod, ToPod};
+    use HookKind::{FromPod, LeaveNode, ToPod};
     const PASS: i32 = -1;
     const SHOT: i32 = 2;
     vec![
@@ -94,6 +122,7 @@ pub fn scenarios() -> Vec<Scenario> {
             method: "`r0 = -1; exit` (raw BPF_PROG_LOAD), any frame",
             prog: Prog::Empty,
             frame: arp_frame(),
+            mark: 0,
             action: PASS,
             reason: None,
         },
@@ -103,6 +132,7 @@ pub fn scenarios() -> Vec<Scenario> {
             method: "to_pod, ARP request: Ethernet parse only",
             prog: Prog::Netpol(ToPod),
             frame: arp_frame(),
+            mark: 0,
             action: PASS,
             reason: Some(Reason::NotEndpoint),
         },
@@ -112,6 +142,7 @@ pub fn scenarios() -> Vec<Scenario> {
             method: "to_pod, TCP SYN to a non-local pod: parse + CT miss + IFACES + ENDPOINTS miss",
             prog: Prog::Netpol(ToPod),
             frame: tcp(CLIENT, NOT_LOCAL, 40000, 80, netpol_common::TCP_SYN),
+            mark: 0,
             action: PASS,
             reason: Some(Reason::NotEndpoint),
         },
@@ -121,6 +152,7 @@ pub fn scenarios() -> Vec<Scenario> {
             method: "to_pod, ACK of a tuple whose SYN and SYN-ACK passed: CT hit (ENDPOINTS not needed)",
             prog: Prog::Netpol(ToPod),
             frame: tcp(CLIENT, SERVER, 40000, 80, TCP_ACK),
+            mark: 0,
             action: PASS,
             reason: Some(Reason::Established),
         },
@@ -130,6 +162,7 @@ pub fn scenarios() -> Vec<Scenario> {
             method: "from_pod, server's ACK on the same tuple: CT hit (ENDPOINTS not needed)",
             prog: Prog::Netpol(FromPod),
             frame: tcp(SERVER, CLIENT, 80, 40000, TCP_ACK),
+            mark: 0,
             action: PASS,
             reason: Some(Reason::Reply),
         },
@@ -139,6 +172,7 @@ pub fn scenarios() -> Vec<Scenario> {
             method: "to_pod, SYN to port 91: CT miss + IFACES + ENDPOINTS + IPCACHE + 1 POLICY miss (no any-peer rules; no CT entry)",
             prog: Prog::Netpol(ToPod),
             frame: tcp(CLIENT, SERVER, 40001, 91, netpol_common::TCP_SYN),
+            mark: 0,
             action: SHOT,
             reason: Some(Reason::PolicyDenied),
         },
@@ -148,10 +182,73 @@ pub fn scenarios() -> Vec<Scenario> {
             method: "to_pod, RST to port 85: CT miss + IFACES + ENDPOINTS + IPCACHE + 1 POLICY hit (RST opens no CT entry)",
             prog: Prog::Netpol(ToPod),
             frame: tcp(CLIENT, SERVER, 40002, 85, TCP_RST),
+            mark: 0,
             action: PASS,
             reason: Some(Reason::PolicyAllowed),
         },
+        Scenario {
+            key: "service_established_from_pod",
+            name: "Service: established, from_pod",
+            method: "from_pod, ACK of a connection to the ClusterIP: CT hit (CT_SERVICE), mark set",
+            prog: Prog::Netpol(FromPod),
+            frame: tcp(CALLER, SERVICE, 41000, SERVICE_PORT, TCP_ACK),
+            mark: 0,
+            action: PASS,
+            reason: Some(Reason::Established),
+        },
+        Scenario {
+            key: "service_established_to_pod",
+            name: "Service: established, backend's veth",
+            method: "to_pod, marked ACK after translation: CT hit (CT_SERVICE_EGRESS)",
+            prog: Prog::Netpol(ToPod),
+            frame: tcp(CALLER, SERVER, 41000, 80, TCP_ACK),
+            mark: MARK,
+            action: PASS,
+            reason: Some(Reason::Established),
+        },
+        Scenario {
+            key: "service_new_from_pod",
+            name: "Service: new flow, from_pod",
+            method: "from_pod, RST to the ClusterIP: CT miss + IFACES + ENDPOINTS + IPCACHE (Service), mark set",
+            prog: Prog::Netpol(FromPod),
+            frame: tcp(CALLER, SERVICE, 41002, SERVICE_PORT, TCP_RST),
+            mark: 0,
+            action: PASS,
+            reason: Some(Reason::ToService),
+        },
+        Scenario {
+            key: "service_new_to_pod",
+            name: "Service: new flow, backend's veth",
+            method: "to_pod, marked RST to port 85: CT miss + the caller's egress (ENDPOINTS + IPCACHE + POLICY) + the server's ingress (IFACES + ENDPOINTS + IPCACHE + POLICY)",
+            prog: Prog::Netpol(ToPod),
+            frame: tcp(CALLER, SERVER, 41003, 85, TCP_RST),
+            mark: MARK,
+            action: PASS,
+            reason: Some(Reason::PolicyAllowed),
+        },
+        Scenario {
+            key: "leave_node_unmarked",
+            name: "exit device, any other packet",
+            method: "leave_node, unmarked: STATE + the mark test, what all other traffic leaving the node pays",
+            prog: Prog::Netpol(LeaveNode),
+            frame: tcp(CLIENT, NOT_LOCAL, 40000, 80, TCP_ACK),
+            mark: 0,
+            action: PASS,
+            reason: Some(Reason::NotEndpoint),
+        },
     ]
+}
+
+/// Makes [`SERVICE`] a Service address in the compiled maps (as the compiler does for
+/// a Service's ClusterIP).
+pub fn add_service(compiled: &mut netpol_compile::Compiled) {
+    compiled.ipcache.insert(
+        netpol_compile::host_key(ip(SERVICE)),
+        netpol_common::PeerInfo {
+            identity: netpol_common::IDENTITY_WORLD,
+            flags: netpol_common::PEER_SERVICE,
+        },
+    );
 }
 
 pub fn state() -> ClusterState {

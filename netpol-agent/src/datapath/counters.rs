@@ -130,6 +130,19 @@ impl Datapath {
         Ok(sum(per_cpu.iter()))
     }
 
+    /// Conntrack entries the programs created (new keys in CT4 and CT6) since COUNTERS
+    /// was created, summed over CPUs.
+    pub fn conntrack_created(&self) -> Result<u64> {
+        let per_cpu = self
+            .counters
+            .get(&netpol_common::COUNTER_CT_CREATED, 0)
+            .map_err(|source| Error::Map {
+                name: names::COUNTERS,
+                source,
+            })?;
+        Ok(per_cpu.iter().map(|c| c.packets).sum())
+    }
+
     /// Events suppressed by the in-kernel rate limit and lost to a full ring buffer,
     /// summed over CPUs.
     pub fn event_losses(&self) -> Result<(u64, u64)> {

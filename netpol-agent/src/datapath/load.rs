@@ -57,6 +57,7 @@ impl Datapath {
         for name in [
             names::PROG_FROM_POD,
             names::PROG_TO_POD,
+            names::PROG_LEAVE_NODE,
             names::PROG_JIFFIES,
         ] {
             program(&mut ebpf, name)?
@@ -68,6 +69,7 @@ impl Datapath {
         let endpoints = adopt(&mut ebpf, names::ENDPOINTS, HashMap::try_from)?;
         let ipcache = adopt(&mut ebpf, names::IPCACHE, LpmTrie::try_from)?;
         let ifaces = adopt(&mut ebpf, names::IFACES, HashMap::try_from)?;
+        let node_ports = adopt(&mut ebpf, names::NODE_PORTS, HashMap::try_from)?;
         let policy = adopt(&mut ebpf, names::POLICY, LpmTrie::try_from)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
         let counters = PerCpuArray::try_from(counters).map_err(|source| Error::Map {
@@ -83,6 +85,7 @@ impl Datapath {
         let DatapathState {
             generation,
             flags: state_flags,
+            service_mark,
             ..
         } = state.get(&0, 0).map_err(|source| Error::Map {
             name: names::STATE,
@@ -109,6 +112,7 @@ impl Datapath {
             dir: dir.to_path_buf(),
             endpoints,
             ifaces,
+            node_ports,
             ipcache,
             policy,
             counters,
@@ -130,9 +134,20 @@ impl Datapath {
             generation,
             state_flags,
             attachments: BTreeMap::new(),
+            exits: BTreeMap::new(),
+            exit_interfaces: None,
             pod_interface_prefixes: Vec::new(),
             refused_endpoints: Default::default(),
+            port_peers: Default::default(),
+            unfit_reported: Default::default(),
             jiffies_hz,
+            // Kept from the pins (a restart never changes what live connections carry)
+            // until the agent's configuration sets it.
+            service_mark: if service_mark == 0 {
+                netpol_common::SERVICE_MARK_DEFAULT
+            } else {
+                service_mark
+            },
         };
         // Before anything is attached: conntrack times entries with it.
         datapath.write_state()?;
@@ -158,7 +173,7 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
 }
 
 /// The layout of every map this build pins: (name, type, key size, value size).
-pub fn map_layouts() -> [(&'static str, aya::maps::MapType, u32, u32); 11] {
+pub fn map_layouts() -> [(&'static str, aya::maps::MapType, u32, u32); 12] {
     use aya::maps::MapType::{Array, Hash, LpmTrie, LruHash, PerCpuArray, RingBuf};
     use netpol_common as c;
     fn size<T>() -> u32 {
@@ -208,7 +223,14 @@ pub fn map_layouts() -> [(&'static str, aya::maps::MapType, u32, u32); 11] {
         ),
         (names::RULE_COUNTERS, PerCpuArray, 4, size::<c::Counter>()),
         (names::IFACES, Hash, 4, 4),
+        (names::NODE_PORTS, Hash, size::<c::ServicePort>(), 4),
     ]
+}
+
+/// max_entries that this build fixes (indexed by something the build defines): a pin
+/// with another size is replaced like one whose layout changed.
+fn fixed_capacity(name: &str) -> Option<u32> {
+    (name == names::COUNTERS).then_some(netpol_common::COUNTER_SLOTS)
 }
 
 /// Unpins what an older build left under `maps_dir` that this build cannot adopt: maps
@@ -229,10 +251,13 @@ fn unpin_incompatible_maps(maps_dir: &Path) {
             .iter()
             .find(|layout| layout.0 == name)
             .map(|&(_, map_type, key, value)| (Some(map_type), key, value));
-        let pinned = aya::maps::MapInfo::from_pin(entry.path())
-            .ok()
+        let info = aya::maps::MapInfo::from_pin(entry.path()).ok();
+        let pinned = info
+            .as_ref()
             .map(|info| (info.map_type().ok(), info.key_size(), info.value_size()));
-        if expected.is_some() && pinned == expected {
+        let capacity_ok = fixed_capacity(name)
+            .is_none_or(|fixed| info.as_ref().map(|info| info.max_entries()) == Some(fixed));
+        if expected.is_some() && pinned == expected && capacity_ok {
             continue;
         }
         match std::fs::remove_file(entry.path()) {

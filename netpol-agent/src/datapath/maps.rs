@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use aya::Pod;
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
-use netpol_common::{Addr, EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+use netpol_common::{Addr, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, ServicePort};
 
 use netpol_compile::Lpm;
 
@@ -157,3 +157,5 @@ pub type EndpointsMap = Synced<HashMap<MapData, Addr, EndpointInfo>>;
 pub type IfacesMap = Synced<HashMap<MapData, u32, u32>>;
 pub type IpcacheMap = Synced<LpmTrie<MapData, Addr, PeerInfo>>;
 pub type PolicyMap = Synced<LpmTrie<MapData, PolicyKey, PolicyValue>>;
+/// Ports kube-proxy translates on node addresses -> unused (1).
+pub type NodePortsMap = Synced<HashMap<MapData, ServicePort, u32>>;

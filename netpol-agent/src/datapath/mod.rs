@@ -13,7 +13,8 @@
 //! everything.
 //!
 //! By concern: [`load`] (loading, adopting pins, unpinning old layouts), [`attach`]
-//! (TCX links on pod interfaces), [`maps`] (shadows and differences), [`fit`] (what fits
+//! (TCX links on pod interfaces), [`interfaces`] (which interface is whose, from the
+//! kernel), [`maps`] (shadows and differences), [`fit`] (what fits
 //! in the capacities), [`counters`] (per-CPU counters, map fill).
 
 mod attach;
@@ -118,8 +119,12 @@ pub struct Capacities {
 pub enum HookKind {
     /// Packets leaving the pod (TC ingress of the host veth): its egress policy.
     FromPod,
-    /// Packets entering the pod (TC egress of the host veth): its ingress policy.
+    /// Packets entering the pod (TC egress of the host veth): its ingress policy, and
+    /// for marked packets the source pod's egress after translation.
     ToPod,
+    /// Packets leaving the node (TC egress of an exit device): marked packets' source
+    /// pod egress after translation.
+    LeaveNode,
 }
 
 impl HookKind {
@@ -127,6 +132,7 @@ impl HookKind {
         match self {
             HookKind::FromPod => names::PROG_FROM_POD,
             HookKind::ToPod => names::PROG_TO_POD,
+            HookKind::LeaveNode => names::PROG_LEAVE_NODE,
         }
     }
 }
@@ -139,7 +145,16 @@ pub struct TestVerdict {
     pub action: i32,
     /// Mean time per run as the kernel measured it.
     pub duration: std::time::Duration,
+    /// The skb mark after the program (the Service mark is set or cleared by it).
+    pub mark: u32,
 }
+
+/// Room for `struct __sk_buff` as BPF_PROG_TEST_RUN takes and returns it (192 bytes in
+/// 6.x kernels; the kernel accepts a longer buffer whose tail is zero, and refuses to
+/// return the context into a shorter one). Only the mark is set: offset 8, after `len`
+/// and `pkt_type`.
+const SKB_CTX_LEN: usize = 256;
+const SKB_MARK: usize = 8;
 
 impl TestVerdict {
     pub const TC_ACT_UNSPEC: i32 = -1;
@@ -160,6 +175,8 @@ pub struct ApplyReport {
     pub pending: Vec<String>,
     /// What did not fit in the maps (see [`fit`]); retried at every resync.
     pub refused: Vec<Refusal>,
+    /// Interfaces the operator named for pods (local mode) that are not used, with why.
+    pub refused_names: Vec<interfaces::RefusedName>,
 }
 
 /// The loaded programs, their maps and attachments.
@@ -168,6 +185,7 @@ pub struct Datapath {
     dir: PathBuf,
     endpoints: EndpointsMap,
     ifaces: maps::IfacesMap,
+    node_ports: maps::NodePortsMap,
     ipcache: IpcacheMap,
     policy: PolicyMap,
     counters: PerCpuArray<MapData, Counter>,
@@ -187,18 +205,38 @@ pub struct Datapath {
     /// `STATE_*` flags written with the generation.
     state_flags: u32,
     attachments: BTreeMap<String, Attachment>,
+    /// The node's exit devices with `leave_node` attached (see [`Datapath::set_exits`]).
+    exits: BTreeMap<String, Attachment>,
+    /// `Some`: exactly these interfaces are exit devices (`--exit-interface`); `None`:
+    /// discovered from the routes.
+    exit_interfaces: Option<Vec<String>>,
     /// Interfaces whose names start with one of these get the programs as soon as they
     /// appear, before their pod is known (see [`Datapath::set_pod_interfaces`]).
     pod_interface_prefixes: Vec<String>,
     /// Endpoints that did not fit in ENDPOINTS: their veths are bound to IFACE_REFUSED.
     refused_endpoints: std::collections::BTreeSet<u32>,
+    /// The far ends of veth bridge ports: port index -> (peer namespace id, peer index),
+    /// the peer's addresses (see `attach.rs`, `read_kernel`).
+    port_peers: BTreeMap<u32, ((i32, u32), Vec<std::net::IpAddr>)>,
+    /// Interfaces named like pods' that may not carry the programs, logged once.
+    unfit_reported: std::collections::BTreeSet<String>,
     /// The kernel's tick rate, written to STATE for conntrack's clock.
     jiffies_hz: u32,
+    /// The skb mark bit(s) of Service connections, written to STATE (0: off).
+    service_mark: u32,
 }
 
 impl Datapath {
     /// What traffic on an attached but unprogrammed interface gets: dropped (`deny`) or
     /// passed unjudged. Written to the kernel at once.
+    /// The skb mark bit(s) `from_pod` puts on a pod's connection to a Service for the
+    /// hook after kube-proxy's translation (0: Service connections are judged on the
+    /// Service address, as on a cluster without kube-proxy). Written to the kernel at once.
+    pub fn set_service_mark(&mut self, mark: u32) -> Result<()> {
+        self.service_mark = mark;
+        self.write_state()
+    }
+
     pub fn set_unprogrammed_default(&mut self, deny: bool) -> Result<()> {
         let flags = if deny {
             self.state_flags | STATE_DENY_UNPROGRAMMED
@@ -214,7 +252,7 @@ impl Datapath {
             generation: self.generation,
             flags: self.state_flags,
             jiffies_hz: self.jiffies_hz,
-            _pad: 0,
+            service_mark: self.service_mark,
         };
         self.state.set(0, state, 0).map_err(|source| Error::Map {
             name: names::STATE,
@@ -245,7 +283,7 @@ impl Datapath {
             };
             let fitted = fit::fit(compiled, &kernel, [endpoints_cap, ipcache_cap, policy_cap])?;
             let removed_before = report.maps.removed;
-            self.write_maps(&fitted, &mut report)?;
+            self.write_maps(&fitted, &compiled.node_ports, &mut report)?;
             report.refused = fitted.refused;
             if report.refused.is_empty() || report.maps.removed == removed_before {
                 break;
@@ -264,7 +302,12 @@ impl Datapath {
         Ok(report)
     }
 
-    fn write_maps(&mut self, fitted: &fit::Fitted<'_>, report: &mut ApplyReport) -> Result<()> {
+    fn write_maps(
+        &mut self,
+        fitted: &fit::Fitted<'_>,
+        node_ports: &std::collections::BTreeSet<netpol_common::ServicePort>,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
         let map_err = |name| move |source| Error::Map { name, source };
         // Additions: allowing entries before the identities that use them, and both
         // before endpoints become isolated.
@@ -280,6 +323,18 @@ impl Datapath {
             .endpoints
             .upsert(&fitted.endpoints)
             .map_err(map_err(names::ENDPOINTS))?;
+        // Node ports only widen what `from_pod` defers to the hook after translation;
+        // that hook judges the same policy, so their order with the rest is free.
+        let node_ports: BTreeMap<netpol_common::ServicePort, u32> =
+            node_ports.iter().map(|&port| (port, 1)).collect();
+        report.maps += self
+            .node_ports
+            .upsert(&node_ports)
+            .map_err(map_err(names::NODE_PORTS))?;
+        report.maps += self
+            .node_ports
+            .remove_stale(&node_ports)
+            .map_err(map_err(names::NODE_PORTS))?;
         // Removals in reverse order.
         report.maps += self
             .endpoints
@@ -309,7 +364,22 @@ impl Datapath {
     /// Runs one hook's program on a crafted frame (BPF_PROG_TEST_RUN) without any
     /// interface: the verdict the kernel would give, from the real maps.
     pub fn test_run(&self, hook: HookKind, frame: &[u8], repeat: u32) -> Result<TestVerdict> {
+        self.test_run_marked(hook, frame, repeat, 0)
+    }
+
+    /// [`Datapath::test_run`] of a packet carrying skb mark `mark`; the verdict has the
+    /// mark the program left.
+    pub fn test_run_marked(
+        &self,
+        hook: HookKind,
+        frame: &[u8],
+        repeat: u32,
+        mark: u32,
+    ) -> Result<TestVerdict> {
         use aya::programs::{TestRun as _, TestRunOptions};
+        let mut ctx_in = [0u8; SKB_CTX_LEN];
+        ctx_in[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SKB_CTX_LEN];
         let name = hook.program();
         let program: &SchedClassifier = self
             .ebpf
@@ -320,13 +390,21 @@ impl Datapath {
         let result = program
             .test_run(TestRunOptions {
                 data_in: Some(frame),
+                ctx_in: Some(&ctx_in),
+                ctx_out: Some(&mut ctx_out),
                 repeat: repeat.max(1),
                 ..TestRunOptions::new()
             })
             .map_err(|source| Error::Program { name, source })?;
+        let mark = u32::from_ne_bytes(
+            ctx_out[SKB_MARK..SKB_MARK + 4]
+                .try_into()
+                .expect("four bytes"),
+        );
         Ok(TestVerdict {
             action: result.return_value as i32,
             duration: result.duration,
+            mark,
         })
     }
 
@@ -341,6 +419,10 @@ impl Datapath {
         let interfaces: Vec<String> = self.attachments.keys().cloned().collect();
         for interface in interfaces {
             self.detach(&interface);
+        }
+        let exits: Vec<String> = self.exits.keys().cloned().collect();
+        for interface in exits {
+            self.detach_exit(&interface);
         }
         let dir = self.dir.clone();
         drop(self);

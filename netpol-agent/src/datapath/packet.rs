@@ -5,6 +5,9 @@ use std::net::IpAddr;
 
 use netpol_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN};
 
+/// Bytes of the Ethernet header every frame starts with.
+const ETHERNET_LEN: usize = 14;
+
 /// The transport part of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
@@ -82,6 +85,11 @@ pub struct Frame {
     pub ipv6_ext: Vec<Ipv6Ext>,
     /// Cut the frame to this many bytes (malformed-packet tests).
     pub truncate: Option<usize>,
+    /// IPv4 TTL / IPv6 hop limit (64 unless set).
+    pub hop_limit: u8,
+    /// Bytes after the transport header: e.g. the packet an ICMP error quotes
+    /// ([`Frame::quoted`]).
+    pub payload: Vec<u8>,
 }
 
 impl Frame {
@@ -93,7 +101,23 @@ impl Frame {
             ipv4_fragment_offset: 0,
             ipv6_ext: Vec::new(),
             truncate: None,
+            hop_limit: 64,
+            payload: Vec::new(),
         }
+    }
+
+    /// An ICMP (or ICMPv6) error of `kind` and `code` from `src` to `dst` quoting the
+    /// IP packet of `about` (its IP header and transport header, as routers quote).
+    pub fn icmp_error(src: IpAddr, dst: IpAddr, kind: u8, code: u8, about: &Frame) -> Frame {
+        let mut frame = Frame::new(src, dst, Transport::Icmp { kind, code, id: 0 });
+        frame.payload = about.build()[ETHERNET_LEN..].to_vec();
+        frame
+    }
+
+    /// With this IPv4 TTL or IPv6 hop limit.
+    pub fn with_hop_limit(mut self, hop_limit: u8) -> Frame {
+        self.hop_limit = hop_limit;
+        self
     }
 
     fn protocol(&self) -> u8 {
@@ -153,6 +177,7 @@ impl Frame {
     pub fn build(&self) -> Vec<u8> {
         let mut frame = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
         let mut transport = self.transport_bytes();
+        transport.extend_from_slice(&self.payload);
         match (self.src, self.dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
                 if self.ipv4_fragment_offset > 0 {
@@ -164,7 +189,7 @@ impl Frame {
                 ip[0] = 0x45;
                 ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
                 ip[6..8].copy_from_slice(&(self.ipv4_fragment_offset & 0x1fff).to_be_bytes());
-                ip[8] = 64;
+                ip[8] = self.hop_limit;
                 ip[9] = self.protocol();
                 ip[12..16].copy_from_slice(&src.octets());
                 ip[16..20].copy_from_slice(&dst.octets());
@@ -204,7 +229,7 @@ impl Frame {
                 ip[0] = 0x60;
                 ip[4..6].copy_from_slice(&payload.to_be_bytes());
                 ip[6] = next_headers[0];
-                ip[7] = 64;
+                ip[7] = self.hop_limit;
                 ip[8..24].copy_from_slice(&src.octets());
                 ip[24..40].copy_from_slice(&dst.octets());
                 frame.extend_from_slice(&ip);

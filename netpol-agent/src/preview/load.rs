@@ -10,8 +10,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use super::PreviewError;
 use crate::source::local::ManifestDir;
 use crate::source::manifest::{self, Object};
-use netpol_compile::state::{ClusterState, NodeContext, ObjectRef};
-use netpol_compile::{Diagnostic, Kind, ObjectName, Subject, validate_policy};
+use netpol_compile::state::{ClusterState, NodeContext, ObjectRef, UnreadablePart};
+use netpol_compile::{Diagnostic, Kind, ObjectName, Subject};
 
 /// A cluster state read from manifests, and the problems found on the way.
 #[derive(Clone, Debug, Default)]
@@ -51,10 +51,15 @@ pub fn load_manifests(dir: &Path, node_ips: &[IpAddr]) -> Result<Loaded, Preview
 
 /// NetworkPolicies to create or replace (by `namespace/name`), read from files or
 /// directories in order: a later definition of the same policy replaces an earlier one.
+/// A policy is applied as the agent would enforce it: as far as it can be read (the
+/// compile of the result reports what cannot be).
 #[derive(Clone, Debug, Default)]
 pub struct Overlay {
     pub policies: BTreeMap<ObjectRef, NetworkPolicy>,
-    /// Invalid policies (left out) and objects of other kinds (ignored).
+    /// Parts of `policies` their documents did not let be read.
+    pub unreadable_parts: BTreeMap<ObjectRef, Vec<UnreadablePart>>,
+    /// Documents that could not be read at all (nothing is applied for them, as the
+    /// agent keeps the version in force) and objects of other kinds (ignored).
     pub diagnostics: Vec<Diagnostic>,
 }
 
@@ -79,36 +84,32 @@ impl Overlay {
     /// Adds the objects of one manifest text; `origin` names it in messages.
     pub fn add_text(&mut self, text: &str, origin: &str) {
         for parsed in manifest::parse_documents(text, origin) {
-            match parsed {
-                Err(diagnostic) => self.diagnostics.push(diagnostic),
-                Ok(Object::NetworkPolicy(mut policy)) => {
-                    let namespace = policy
-                        .metadata
-                        .namespace
-                        .get_or_insert_with(|| "default".into())
-                        .clone();
-                    let name = policy.metadata.name.clone().unwrap_or_default();
-                    let key = ObjectRef::new(namespace, name);
-                    match validate_policy(&policy) {
-                        Ok(()) => {
-                            self.policies.insert(key, *policy);
-                        }
-                        Err(errors) => {
-                            self.diagnostics.extend(errors.into_iter().map(|e| {
-                                Diagnostic::new(Subject::policy(&key), e.field, e.message)
-                            }));
-                        }
-                    }
+            let (mut policy, unreadable) = match parsed {
+                Err(diagnostic) => {
+                    self.diagnostics.push(diagnostic);
+                    continue;
                 }
-                Ok(other) => self.diagnostics.push(Diagnostic::new(
-                    Subject::Object {
-                        kind: Kind::of(other.kind()),
-                        name: ObjectName::In(origin.to_owned()),
-                    },
-                    "kind",
-                    "only NetworkPolicy objects can be applied; ignored",
-                )),
+                Ok(Object::NetworkPolicy(policy)) => (policy, Vec::new()),
+                Ok(Object::NetworkPolicyInPart { policy, unreadable }) => (policy, unreadable),
+                Ok(other) => {
+                    self.diagnostics.push(Diagnostic::new(
+                        Subject::Object {
+                            kind: Kind::of(other.kind()),
+                            name: ObjectName::In(origin.to_owned()),
+                        },
+                        "kind",
+                        "only NetworkPolicy objects can be applied; ignored",
+                    ));
+                    continue;
+                }
+            };
+            let key = ObjectRef::of_policy(&mut policy);
+            if unreadable.is_empty() {
+                self.unreadable_parts.remove(&key);
+            } else {
+                self.unreadable_parts.insert(key.clone(), unreadable);
             }
+            self.policies.insert(key, *policy);
         }
     }
 
@@ -117,6 +118,11 @@ impl Overlay {
         let mut out = state.clone();
         for (key, policy) in &self.policies {
             out.policies.insert(key.clone(), policy.clone());
+            out.unreadable_policies.remove(key);
+            match self.unreadable_parts.get(key) {
+                Some(parts) => out.unreadable_parts.insert(key.clone(), parts.clone()),
+                None => out.unreadable_parts.remove(key),
+            };
         }
         out
     }
@@ -150,32 +156,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn overlay_keeps_valid_policies_and_reports_the_rest() {
+    fn overlay_applies_policies_as_far_as_they_can_be_read_and_reports_the_rest() {
         let mut overlay = Overlay::default();
         overlay.add_text(
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: ok}\n\
              spec: {podSelector: {}}\n---\n\
              apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: x}\n\
              spec: {podSelector: {}, ingress: [{ports: [{port: 90, endPort: 80}]}]}\n---\n\
+             apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: part, namespace: x}\n\
+             spec: {podSelector: {}, ingress: [{from: [{podSelectr: {}}]}]}\n---\n\
+             apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: lost, namespace: x}\n\
+             spec: {podSelectr: {}}\n---\n\
              apiVersion: v1\nkind: Namespace\nmetadata: {name: z}\n",
             "extra.yaml",
         );
         assert_eq!(
             overlay.policies.keys().cloned().collect::<Vec<_>>(),
-            [ObjectRef::new("default", "ok")]
+            [
+                ObjectRef::new("default", "ok"),
+                ObjectRef::new("x", "bad"),
+                ObjectRef::new("x", "part"),
+            ]
+        );
+        assert_eq!(
+            overlay.unreadable_parts[&ObjectRef::new("x", "part")][0].field,
+            "spec.ingress[0].from[0].podSelectr"
         );
         let messages: Vec<String> = overlay
             .diagnostics
             .iter()
             .map(ToString::to_string)
             .collect();
-        assert!(
-            messages[0].starts_with("NetworkPolicy x/bad: spec.ingress[0].ports[0].endPort"),
-            "{messages:?}"
-        );
         assert_eq!(
-            messages[1],
-            "Namespace in extra.yaml: kind: only NetworkPolicy objects can be applied; ignored"
+            messages,
+            [
+                "NetworkPolicy x/lost: spec.podSelectr: unknown field",
+                "Namespace in extra.yaml: kind: only NetworkPolicy objects can be applied; ignored"
+            ]
         );
+        let state = overlay.apply_to(&ClusterState::default());
+        assert_eq!(state.unreadable_parts.len(), 1);
     }
 }

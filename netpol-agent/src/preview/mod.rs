@@ -22,7 +22,6 @@ pub mod load;
 pub mod matrix;
 mod text;
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -139,7 +138,9 @@ impl FromStr for PortProtocol {
 
 /// A live pod-network pod and its addresses, the way the compiler sees it: not
 /// `Succeeded`/`Failed`, not `hostNetwork`, valid addresses from `status.podIPs` and
-/// `status.podIP`, an address claimed by two pods belonging to the first (in name order).
+/// `status.podIP`, an address listed by two pods belonging to the one that holds it
+/// ([`address_owners`](netpol_compile::state::address_owners): the running one, then
+/// the one created last, then the first in name order).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodAddresses {
     pub pod: ObjectRef,
@@ -156,7 +157,7 @@ pub struct SkippedPod {
 
 /// The pods that have addresses (in name order) and the ones left out, with why.
 pub fn pod_addresses(state: &ClusterState) -> (Vec<PodAddresses>, Vec<SkippedPod>) {
-    let mut owner: BTreeMap<IpAddr, &ObjectRef> = BTreeMap::new();
+    let owner = netpol_compile::state::address_owners(state);
     let mut pods = Vec::new();
     let mut skipped = Vec::new();
     for (obj, pod) in &state.pods {
@@ -173,18 +174,17 @@ pub fn pod_addresses(state: &ClusterState) -> (Vec<PodAddresses>, Vec<SkippedPod
             skipped.push(skip(&format!("phase {phase}: no longer running")));
             continue;
         }
-        let mut ips = Vec::new();
-        for ip in listed_ips(pod) {
-            match owner.get(&ip) {
-                Some(_) => {}
-                None => {
-                    owner.insert(ip, obj);
-                    ips.push(ip);
-                }
-            }
-        }
-        if ips.is_empty() {
+        let listed = listed_ips(pod);
+        if listed.is_empty() {
             skipped.push(skip("no address in status.podIP(s)"));
+            continue;
+        }
+        let ips: Vec<IpAddr> = listed
+            .into_iter()
+            .filter(|ip| owner.get(ip) == Some(&obj))
+            .collect();
+        if ips.is_empty() {
+            skipped.push(skip("every address it lists is held by another pod"));
             continue;
         }
         pods.push(PodAddresses {
@@ -206,13 +206,10 @@ fn listed_ips(pod: &Pod) -> Vec<IpAddr> {
     out
 }
 
-/// The (port, protocol) pairs a pod's containers declare (`containerPort`, default TCP).
+/// The (port, protocol) pairs a pod's containers and native sidecars declare
+/// (`containerPort`, default TCP).
 pub fn served_ports(pod: &Pod) -> Vec<PortProtocol> {
-    let mut out: Vec<PortProtocol> = pod
-        .spec
-        .iter()
-        .flat_map(|s| s.containers.iter())
-        .flat_map(|c| c.ports.iter().flatten())
+    let mut out: Vec<PortProtocol> = netpol_compile::state::container_ports(pod)
         .filter_map(|p| {
             let port = u16::try_from(p.container_port).ok().filter(|p| *p != 0)?;
             let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
@@ -252,6 +249,61 @@ mod tests {
         for bad in ["", "0/TCP", "80/TPC", "x/80", "70000", "80/TCP/1"] {
             assert!(bad.parse::<PortProtocol>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn native_sidecars_serve_their_ports_and_other_init_containers_do_not() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "x"},
+            "spec": {
+                "containers": [{"name": "c", "ports": [{"containerPort": 80}]}],
+                "initContainers": [
+                    {"name": "setup", "ports": [{"containerPort": 81}]},
+                    {"name": "proxy", "restartPolicy": "Always",
+                     "ports": [{"containerPort": 15001}, {"containerPort": 53, "protocol": "UDP"}]},
+                ],
+            },
+        }))
+        .unwrap();
+        assert_eq!(
+            served_ports(&pod),
+            [
+                PortProtocol::udp(53),
+                PortProtocol::tcp(80),
+                PortProtocol::tcp(15001)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_address_listed_by_two_pods_goes_to_the_running_one() {
+        let pod = |name: &str, phase: &str, ips: &[&str]| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "x"},
+                "spec": {"containers": [{"name": "c"}]},
+                "status": {"phase": phase, "podIPs": ips.iter().map(|ip| serde_json::json!({"ip": ip})).collect::<Vec<_>>()},
+            }))
+            .unwrap()
+        };
+        let mut state = ClusterState::default();
+        for p in [
+            pod("a", "Pending", &["10.0.0.1"]),
+            pod("b", "Running", &["10.0.0.1", "fd00::2"]),
+            pod("c", "Pending", &["fd00::2"]),
+        ] {
+            let key = ObjectRef::new("x", p.metadata.name.clone().unwrap());
+            state.pods.insert(key, p);
+        }
+        let (pods, skipped) = pod_addresses(&state);
+        assert_eq!(
+            pods,
+            [PodAddresses {
+                pod: ObjectRef::new("x", "b"),
+                ips: vec!["10.0.0.1".parse().unwrap(), "fd00::2".parse().unwrap()],
+            }]
+        );
+        let skipped: Vec<&str> = skipped.iter().map(|s| s.pod.name.as_str()).collect();
+        assert_eq!(skipped, ["a", "c"]);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::telemetry::flowlog::{Resolver, SharedResolver};
 use crate::telemetry::health::Health;
 use crate::telemetry::kernel::KernelRefresh;
 use netpol_compile::state::ClusterState;
-use netpol_compile::{Compiled, Compiler};
+use netpol_compile::{Compiled, Compiler, Diagnostic, Subject};
 use refusals::Refusals;
 pub use refusals::refusal_diagnostics;
 use report::Reporter;
@@ -70,6 +70,10 @@ pub struct Reconciler<'a, S: Source> {
     apply_failed: bool,
     refusals: Refusals,
     kernel_metrics: KernelRefresh,
+    /// The diagnostics of the last snapshot and compile.
+    diagnostics: Vec<Diagnostic>,
+    /// Interfaces named for pods that the last apply did not use (local mode).
+    interface_diagnostics: Vec<Diagnostic>,
 }
 
 impl<'a, S: Source> Reconciler<'a, S> {
@@ -98,6 +102,8 @@ impl<'a, S: Source> Reconciler<'a, S> {
             apply_failed: false,
             refusals: Refusals::default(),
             kernel_metrics: KernelRefresh::default(),
+            diagnostics: Vec::new(),
+            interface_diagnostics: Vec::new(),
         }
     }
 
@@ -166,17 +172,37 @@ impl<'a, S: Source> Reconciler<'a, S> {
     fn snapshot_and_compile(&mut self) -> Result<(), Error> {
         let update = self.source.snapshot(&mut self.state)?;
         self.state.audit_all = self.config.audit;
+        self.state.configured_service_cidrs = self.config.service_cidrs.clone();
         self.compiled = self.compiler.compile(&self.state);
-        let diagnostics = update.diagnostics.iter().chain(&self.compiled.diagnostics);
-        self.reporter
-            .publish(diagnostics, &mut self.source, self.health);
+        self.diagnostics = update.diagnostics;
+        self.diagnostics
+            .extend(self.compiled.diagnostics.iter().cloned());
+        self.publish_diagnostics();
         self.generation = update.generation.unwrap_or(self.generation);
         Ok(())
+    }
+
+    /// Publishes the diagnostics of the last compile and of the last apply together.
+    fn publish_diagnostics(&mut self) {
+        let diagnostics = self.diagnostics.iter().chain(&self.interface_diagnostics);
+        self.reporter
+            .publish(diagnostics, &mut self.source, self.health);
+    }
+
+    /// Reports the interfaces named for pods that an apply did not use, when they
+    /// changed.
+    fn report_interfaces(&mut self, refused: &[datapath::interfaces::RefusedName]) {
+        let diagnostics = interface_diagnostics(refused);
+        if diagnostics != self.interface_diagnostics {
+            self.interface_diagnostics = diagnostics;
+            self.publish_diagnostics();
+        }
     }
 
     /// After a changed state reached the kernel: metrics, readiness, refusals, the flow
     /// log's names, the log line and the status.
     fn applied(&mut self, started: Instant, report: datapath::ApplyReport) {
+        self.report_interfaces(&report.refused_names);
         let health = self.health;
         health.metrics.applies.inc();
         health
@@ -222,6 +248,7 @@ impl<'a, S: Source> Reconciler<'a, S> {
             info!(attached = ?report.attached, detached = ?report.detached, "interfaces changed");
         }
         debug!(pending = report.pending.len(), "resync");
+        self.report_interfaces(&report.refused_names);
         self.refusals.update(
             &report.refused,
             &self.compiled,
@@ -229,6 +256,7 @@ impl<'a, S: Source> Reconciler<'a, S> {
             self.health,
         );
         self.status.attached = self.datapath.attached().count();
+        self.status.invalid = self.reporter.len();
         self.status.pending = report.pending;
         true
     }
@@ -258,6 +286,27 @@ impl<'a, S: Source> Reconciler<'a, S> {
             }
         }
     }
+}
+
+/// One diagnostic per interface named for a pod that is not used, naming the pod and
+/// the annotation.
+fn interface_diagnostics(refused: &[datapath::interfaces::RefusedName]) -> Vec<Diagnostic> {
+    refused
+        .iter()
+        .map(|refused| {
+            Diagnostic::new(
+                Subject::pod(&refused.pod),
+                format!(
+                    "metadata.annotations[{}]",
+                    netpol_compile::state::HOST_INTERFACE_ANNOTATION
+                ),
+                format!(
+                    "{}; not used (the pod's interface is found from the kernel)",
+                    refused.reason
+                ),
+            )
+        })
+        .collect()
 }
 
 /// Link notifications, when pod interfaces are attached by name prefix.

@@ -23,8 +23,8 @@
 //! `Kubernetes API: watch streams broke (namespaces, pods): ...; resuming from the last
 //! resourceVersion`; repeats within [`incidents::INCIDENT_QUIET`] go to debug.
 //!
-//! Objects are mirrored as they are; the compiler admits policies (a policy whose update
-//! is invalid keeps its last valid version). What the compiler reports about a
+//! Objects are mirrored as they are; the compiler admits policies, as far as they can be
+//! read (docs/SECURITY.md). What the compiler reports about a
 //! NetworkPolicy (invalid) or a Pod (not programmed) is published, when enabled, as
 //! `events.k8s.io/v1` Events on the object ([`ClusterWatch::report`]).
 
@@ -73,6 +73,10 @@ impl Source for KubeSource {
 
     fn snapshot(&mut self, state: &mut ClusterState) -> Result<Update, Error> {
         let snapshot = self.watch.snapshot(state);
+        // No interface name ever comes from the API: pods' host interfaces are found
+        // from the kernel alone (a pod object naming one, e.g. the node's uplink, would
+        // otherwise choose what the agent attaches to).
+        state.pod_interfaces.clear();
         // The Node object's addresses, and the addresses of this network namespace
         // (the agent runs with hostNetwork): bridge CNIs source host-to-pod traffic
         // from the bridge's address, which no Node object lists.

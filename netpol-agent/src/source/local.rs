@@ -8,19 +8,25 @@
 //! are skipped). `.generation`, when present, holds the change counter that the agent
 //! echoes in its status file once the kernel has the change (see docs/ARCHITECTURE.md).
 //!
-//! The objects are mirrored as they are; the compiler admits policies (and keeps the
-//! last valid version of one whose update is invalid). What only the reader can see is
-//! reported here: unreadable files and documents, missing names, duplicates. A
-//! NetworkPolicy whose document does not parse is listed in
-//! [`Snapshot::unreadable_policies`], so that its last valid version stays in force.
+//! The objects are mirrored as they are; the compiler admits policies, as far as they
+//! can be read (docs/SECURITY.md). What only the reader can see is reported here:
+//! unreadable files and documents, missing names, duplicates. A NetworkPolicy document
+//! that does not parse strictly but whose metadata and podSelector do is read in part
+//! ([`manifest::read_policy_in_part`]): its unreadable parts are listed in
+//! [`Snapshot::unreadable_parts`] and the compiler reports them. One whose metadata or
+//! podSelector does not parse is listed in [`Snapshot::unreadable_policies`], so that
+//! the version in force before, if any, stays.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use netpol_compile::state::{ClusterState, NodeContext, ObjectRef};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
+use netpol_compile::state::{
+    ClusterState, HOST_INTERFACE_ANNOTATION, NodeContext, ObjectRef, UnreadablePart,
+};
 use netpol_compile::{Diagnostic, Kind, ObjectName, Subject};
 
 use super::manifest::{self, Object};
@@ -90,8 +96,15 @@ pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjectRef, Pod>,
     pub policies: BTreeMap<ObjectRef, NetworkPolicy>,
-    /// NetworkPolicies named by a document that does not parse.
+    pub services: BTreeMap<ObjectRef, Service>,
+    pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
+    pub service_cidrs: BTreeMap<String, ServiceCIDR>,
+    /// NetworkPolicies named by a document of which not even whom the policy selects
+    /// can be read (its metadata or podSelector).
     pub unreadable_policies: BTreeSet<ObjectRef>,
+    /// Parts of policies of `policies` that could not be read (see
+    /// [`manifest::read_policy_in_part`]).
+    pub unreadable_parts: BTreeMap<ObjectRef, Vec<UnreadablePart>>,
     /// Problems only the reader sees (files, documents, names); the compiler reports
     /// the rest.
     pub diagnostics: Vec<Diagnostic>,
@@ -100,14 +113,35 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Fills the object part of `state` (the node context is the caller's).
+    /// Fills the object part of `state` (the node context is the caller's), and the
+    /// interfaces the manifests name for pods (`netpol.dev/host-interface`: local mode
+    /// is the only source of such names; the datapath checks each against the kernel).
     pub fn into_state(self, state: &mut ClusterState) -> (Vec<Diagnostic>, Option<u64>) {
+        state.pod_interfaces = named_interfaces(&self.pods);
         state.namespaces = self.namespaces;
         state.pods = self.pods;
         state.policies = self.policies;
+        state.services = self.services;
+        state.endpoint_slices = self.endpoint_slices;
+        state.service_cidrs = self.service_cidrs;
         state.unreadable_policies = self.unreadable_policies;
+        state.unreadable_parts = self.unreadable_parts;
         (self.diagnostics, self.generation)
     }
+}
+
+/// The interface each pod's manifest names with [`HOST_INTERFACE_ANNOTATION`].
+fn named_interfaces(pods: &BTreeMap<ObjectRef, Pod>) -> BTreeMap<ObjectRef, String> {
+    pods.iter()
+        .filter_map(|(name, pod)| {
+            let interface = pod
+                .metadata
+                .annotations
+                .as_ref()?
+                .get(HOST_INTERFACE_ANNOTATION)?;
+            Some((name.clone(), interface.clone()))
+        })
+        .collect()
 }
 
 /// Reads the manifest directory.
@@ -252,19 +286,49 @@ impl Object {
                 let name = pod.metadata.name.clone().unwrap_or_default();
                 snapshot.pods.insert(ObjectRef::new(namespace, name), *pod);
             }
-            Object::NetworkPolicy(mut policy) => {
-                let namespace = policy
-                    .metadata
-                    .namespace
-                    .get_or_insert_with(|| "default".into())
-                    .clone();
-                let name = policy.metadata.name.clone().unwrap_or_default();
-                snapshot
-                    .policies
-                    .insert(ObjectRef::new(namespace, name), *policy);
+            Object::NetworkPolicy(policy) => {
+                insert_policy(snapshot, policy, Vec::new());
+            }
+            Object::NetworkPolicyInPart { policy, unreadable } => {
+                insert_policy(snapshot, policy, unreadable);
+            }
+            Object::Service(service) => {
+                let key = namespaced_key(&service.metadata);
+                snapshot.services.insert(key, *service);
+            }
+            Object::EndpointSlice(slice) => {
+                let key = namespaced_key(&slice.metadata);
+                snapshot.endpoint_slices.insert(key, *slice);
+            }
+            Object::ServiceCIDR(cidr) => {
+                let name = cidr.metadata.name.clone().unwrap_or_default();
+                snapshot.service_cidrs.insert(name, *cidr);
             }
         }
     }
+}
+
+/// Adds a policy (namespace `default` when missing) and the parts of it that could not
+/// be read.
+fn insert_policy(
+    snapshot: &mut Snapshot,
+    mut policy: Box<NetworkPolicy>,
+    unreadable: Vec<UnreadablePart>,
+) {
+    let key = ObjectRef::of_policy(&mut policy);
+    if !unreadable.is_empty() {
+        snapshot.unreadable_parts.insert(key.clone(), unreadable);
+    }
+    snapshot.policies.insert(key, *policy);
+}
+
+fn namespaced_key(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> ObjectRef {
+    ObjectRef::new(
+        metadata.namespace.as_deref().unwrap_or("default"),
+        metadata.name.clone().unwrap_or_default(),
+    )
 }
 
 /// The object's name (`namespace/name` for namespaced kinds, `default` when the
@@ -273,7 +337,12 @@ fn name_of(object: &Object) -> Option<ObjectName> {
     let (metadata, namespaced) = match object {
         Object::Namespace(ns) => (&ns.metadata, false),
         Object::Pod(pod) => (&pod.metadata, true),
-        Object::NetworkPolicy(policy) => (&policy.metadata, true),
+        Object::NetworkPolicy(policy) | Object::NetworkPolicyInPart { policy, .. } => {
+            (&policy.metadata, true)
+        }
+        Object::Service(service) => (&service.metadata, true),
+        Object::EndpointSlice(slice) => (&slice.metadata, true),
+        Object::ServiceCIDR(cidr) => (&cidr.metadata, false),
     };
     let name = metadata.name.as_deref().filter(|n| !n.is_empty())?;
     Some(if namespaced {
@@ -288,7 +357,7 @@ fn name_of(object: &Object) -> Option<ObjectName> {
 
 #[cfg(test)]
 mod tests {
-    use netpol_compile::{Compiled, Compiler};
+    use netpol_compile::{Compiled, Compiler, Direction};
 
     use super::*;
 
@@ -323,7 +392,7 @@ mod tests {
     }
 
     #[test]
-    fn a_broken_update_keeps_the_last_valid_version_and_the_others() {
+    fn a_broken_update_is_enforced_as_far_as_it_can_be_read_and_the_others_stay() {
         let dir = tempdir("keep");
         write(&dir, "p.yaml", GOOD);
         write(&dir, "q.yaml", OTHER);
@@ -342,11 +411,11 @@ mod tests {
         );
         let (second, messages) = compile(&mut compiler, snapshot);
         assert_eq!(second.policies.len(), 2, "both policies stay in force");
+        // The new version, not the last valid one: its rule cannot be read and allows
+        // nothing.
         let p = compiler.policy(&ObjectRef::new("x", "p")).unwrap();
-        assert_eq!(
-            p.spec.as_ref().unwrap().policy_types.as_deref(),
-            Some(&["Ingress".to_string()][..])
-        );
+        assert_eq!(p.spec.as_ref().unwrap().policy_types, None);
+        assert!(second.rules.is_empty());
         assert!(
             messages
                 .iter()
@@ -354,7 +423,7 @@ mod tests {
             "{messages:?}"
         );
         assert!(
-            messages.contains(&"NetworkPolicy x/p: the last valid version stays in force".into()),
+            !messages.iter().any(|m| m.contains("stays in force")),
             "{messages:?}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
@@ -387,7 +456,7 @@ mod tests {
     }
 
     #[test]
-    fn a_policy_broken_from_the_start_is_left_out_alone() {
+    fn a_policy_broken_from_the_start_is_enforced_as_far_as_it_can_be_read() {
         let dir = tempdir("fresh");
         write(&dir, "p.yaml", BROKEN);
         write(&dir, "q.yaml", OTHER);
@@ -395,7 +464,189 @@ mod tests {
         let snapshot = ManifestDir::new(&dir).read().unwrap();
         assert_eq!(snapshot.generation, Some(7));
         let (compiled, _) = compile(&mut Compiler::new(), snapshot);
-        assert_eq!(compiled.policies, [ObjectRef::new("x", "q")]);
+        assert_eq!(
+            compiled.policies,
+            [ObjectRef::new("x", "p"), ObjectRef::new("x", "q")]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Namespace x: pods a (app=a, serves http on 8080) and b (app=b).
+    const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {app: a}}\n\
+        spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}\nstatus: {phase: Running, podIP: 10.0.0.1}\n---\n\
+        apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {app: b}}\n\
+        spec: {containers: [{name: c}]}\nstatus: {phase: Running, podIP: 10.0.0.2}\n";
+
+    /// Compiles PODS with one policy document; returns the maps and the messages.
+    fn with_policy(tag: &str, policy: &str) -> (Compiled, Vec<String>) {
+        let dir = tempdir(tag);
+        write(&dir, "pods.yaml", PODS);
+        write(&dir, "p.yaml", policy);
+        let snapshot = ManifestDir::new(&dir).read().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        compile(&mut Compiler::new(), snapshot)
+    }
+
+    fn passes(c: &Compiled, src: &str, dst: &str, port: u16, direction: Direction) -> bool {
+        let ip = |s: &str| s.parse().unwrap();
+        !netpol_compile::model::decide(c, ip(src), ip(dst), 6, port, direction)
+            .reason
+            .is_drop()
+    }
+
+    const HEAD: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\n";
+
+    #[test]
+    fn a_peer_with_an_unknown_field_is_left_out_of_its_rule_and_named() {
+        // The misspelt namespaceSelector read strictly would be no peer at all: "any".
+        let (c, messages) = with_policy(
+            "peer",
+            &format!(
+                "{HEAD}spec:\n  podSelector: {{matchLabels: {{app: b}}}}\n  ingress:\n  - from:\n    \
+                 - podSelector: {{matchLabels: {{app: a}}}}\n    - NamespaceSelector: {{matchLabels: {{team: z}}}}\n"
+            ),
+        );
+        assert_eq!(
+            messages,
+            [
+                "NetworkPolicy x/p: spec.ingress[0].from[1].NamespaceSelector: unknown field: this peer \
+              cannot be read and is left out of the rule"
+            ]
+        );
+        assert!(passes(&c, "10.0.0.1", "10.0.0.2", 80, Direction::Ingress));
+        assert!(!passes(&c, "10.9.9.9", "10.0.0.2", 80, Direction::Ingress));
+    }
+
+    #[test]
+    fn a_rule_or_port_that_does_not_parse_allows_nothing_and_the_pod_stays_isolated() {
+        for (tag, rule) in [
+            ("rule", "  - form: [{podSelector: {}}]\n"),
+            ("list", "  - from: {podSelector: {}}\n"),
+            ("port", "  - ports: [{port: 80, endport: 90}]\n"),
+            ("portlist", "  - ports: {port: 80}\n"),
+            ("section", "    from: []\n"),
+        ] {
+            let rules = if tag == "section" {
+                format!("  ingress:\n{rule}")
+                    .replace("  ingress:\n    from: []\n", "  ingress: {from: []}\n")
+            } else {
+                format!("  ingress:\n{rule}")
+            };
+            let (c, messages) = with_policy(
+                tag,
+                &format!("{HEAD}spec:\n  podSelector: {{matchLabels: {{app: b}}}}\n{rules}"),
+            );
+            // What could not be read, and (for a list) that the rule is left out.
+            assert!(
+                !messages.is_empty()
+                    && messages
+                        .iter()
+                        .all(|m| m.starts_with("NetworkPolicy x/p: spec.ingress")),
+                "{tag}: {messages:?}"
+            );
+            assert!(
+                !passes(&c, "10.0.0.1", "10.0.0.2", 80, Direction::Ingress),
+                "{tag}"
+            );
+            assert!(
+                passes(&c, "10.0.0.2", "10.0.0.1", 80, Direction::Ingress),
+                "{tag}: a is not selected"
+            );
+        }
+    }
+
+    #[test]
+    fn policy_types_that_do_not_parse_isolate_both_directions() {
+        let (c, messages) = with_policy(
+            "types",
+            &format!(
+                "{HEAD}spec:\n  podSelector: {{matchLabels: {{app: b}}}}\n  policyTypes: Egress\n"
+            ),
+        );
+        assert_eq!(messages.len(), 1, "{messages:?}");
+        assert!(
+            messages[0].starts_with("NetworkPolicy x/p: spec.policyTypes: "),
+            "{messages:?}"
+        );
+        assert!(!passes(&c, "10.0.0.1", "10.0.0.2", 80, Direction::Ingress));
+        assert!(!passes(&c, "10.0.0.2", "10.0.0.1", 80, Direction::Egress));
+    }
+
+    #[test]
+    fn an_unknown_spec_field_may_be_a_misspelt_egress_so_egress_is_isolated() {
+        let (c, messages) = with_policy(
+            "egres",
+            &format!(
+                "{HEAD}spec:\n  podSelector: {{matchLabels: {{app: b}}}}\n  egres: [{{to: [{{podSelector: {{}}}}]}}]\n"
+            ),
+        );
+        assert_eq!(
+            messages,
+            [
+                "NetworkPolicy x/p: spec.egres: unknown field: it may be a misspelt egress, so the \
+              policy isolates egress too"
+            ]
+        );
+        assert!(!passes(&c, "10.0.0.2", "10.0.0.1", 80, Direction::Egress));
+        assert!(!passes(&c, "10.0.0.1", "10.0.0.2", 80, Direction::Ingress));
+        // With policyTypes saying what is isolated, the field is only left out.
+        let (c, messages) = with_policy(
+            "egres-typed",
+            &format!(
+                "{HEAD}spec:\n  podSelector: {{matchLabels: {{app: b}}}}\n  policyTypes: [Ingress]\n  egres: []\n"
+            ),
+        );
+        assert_eq!(
+            messages,
+            ["NetworkPolicy x/p: spec.egres: unknown field: left out"]
+        );
+        assert!(passes(&c, "10.0.0.2", "10.0.0.1", 80, Direction::Egress));
+    }
+
+    #[test]
+    fn without_readable_metadata_or_pod_selector_the_document_cannot_be_read() {
+        for (tag, document) in [
+            (
+                "meta",
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespce: x}\nspec: {podSelector: {}}\n",
+            ),
+            (
+                "selector",
+                &*format!("{HEAD}spec: {{podSelector: {{matchLabel: {{app: b}}}}}}\n"),
+            ),
+            (
+                "misspelt",
+                &*format!("{HEAD}spec: {{podSelectr: {{}}, ingress: []}}\n"),
+            ),
+            ("top", &*format!("{HEAD}specs: {{podSelector: {{}}}}\n")),
+        ] {
+            let (c, messages) = with_policy(tag, document);
+            assert!(c.policies.is_empty(), "{tag}");
+            assert_eq!(messages.len(), 1, "{tag}: {messages:?}");
+        }
+    }
+
+    #[test]
+    fn the_interface_a_manifest_names_for_a_pod_reaches_the_compiled_pod() {
+        let dir = tempdir("named");
+        write(
+            &dir,
+            "pods.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, annotations: \
+             {netpol.dev/host-interface: veth-a}}\nspec: {containers: [{name: c}]}\n\
+             status: {podIP: 10.0.0.1}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x}\n\
+             spec: {containers: [{name: c}]}\nstatus: {podIP: 10.0.0.2}\n",
+        );
+        let (compiled, messages) =
+            compile(&mut Compiler::new(), ManifestDir::new(&dir).read().unwrap());
+        assert!(messages.is_empty(), "{messages:?}");
+        let named: Vec<_> = compiled
+            .local_pods
+            .iter()
+            .map(|pod| (pod.pod.name.as_str(), pod.host_interface.as_deref()))
+            .collect();
+        assert_eq!(named, [("a", Some("veth-a")), ("b", None)]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

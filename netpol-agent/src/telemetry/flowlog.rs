@@ -59,6 +59,29 @@ pub struct FlowRecord {
     /// For drops: the policies that isolate the pod in this direction.
     pub isolated_by: Vec<String>,
     pub bytes: u32,
+    /// For a connection the pod opened to a Service: the Service address it dialled
+    /// (kube-proxy translated it to `dst`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceHop>,
+}
+
+/// The Service a connection went through: what the pod dialled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceHop {
+    /// `ns/name` of the Service, when the address and port are a known Service's.
+    pub name: Option<String>,
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+impl fmt::Display for ServiceHop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let address = std::net::SocketAddr::new(self.ip, self.port);
+        match &self.name {
+            Some(name) => write!(f, "svc {name} {address}"),
+            None => write!(f, "svc {address}"),
+        }
+    }
 }
 
 /// One end of a flow.
@@ -87,10 +110,14 @@ impl fmt::Display for FlowRecord {
             "audit" => "AUDIT  ",
             _ => "ALLOWED",
         };
+        write!(f, "{:>12.3} {verdict} {} -> ", self.time, self.src)?;
+        if let Some(service) = &self.service {
+            write!(f, "{service} -> ")?;
+        }
         write!(
             f,
-            "{:>12.3} {verdict} {} -> {} {}/{} {}",
-            self.time, self.src, self.dst, self.protocol, self.dport, self.direction
+            "{} {}/{} {}",
+            self.dst, self.protocol, self.dport, self.direction
         )?;
         match (&self.rule, self.isolated_by.is_empty()) {
             (Some(rule), _) => write!(f, " by {rule}"),
@@ -124,16 +151,17 @@ pub struct Resolver {
     endpoints: BTreeMap<u32, (ObjectRef, Vec<ObjectRef>, Vec<ObjectRef>)>,
     /// Rule ids (`Compiled::rules`); named only when an event names one.
     rules: BTreeMap<u32, RuleRef>,
+    /// Service frontends: (address, port, protocol) -> `ns/name`.
+    services: BTreeMap<(IpAddr, u16, u8), String>,
 }
 
 impl Resolver {
     pub fn new(state: &ClusterState, compiled: &Compiled) -> Self {
-        let mut pods_by_ip = BTreeMap::new();
-        for (pod_ref, pod) in &state.pods {
-            for ip in netpol_compile::state::pod_ips(pod) {
-                pods_by_ip.entry(ip).or_insert_with(|| pod_ref.to_string());
-            }
-        }
+        // Addresses of live pods, each named by the pod that holds it, as in the compile.
+        let pods_by_ip = netpol_compile::state::address_owners(state)
+            .into_iter()
+            .map(|(ip, pod)| (ip, pod.to_string()))
+            .collect();
         let endpoints = compiled
             .local_pods
             .iter()
@@ -153,7 +181,16 @@ impl Resolver {
             node_ips: state.node.ips.clone(),
             endpoints,
             rules: compiled.rules.clone(),
+            services: netpol_compile::services::ServiceIndex::new(state)
+                .frontends()
+                .map(|(key, frontend)| (key, frontend.service.to_string()))
+                .collect(),
         }
+    }
+
+    /// The Service at a frontend address and port, `ns/name`.
+    pub fn service_at(&self, ip: IpAddr, port: u16, protocol: u8) -> Option<&str> {
+        self.services.get(&(ip, port, protocol)).map(String::as_str)
     }
 
     fn peer(&self, addr: &Addr) -> Peer {
@@ -213,7 +250,55 @@ impl Resolver {
                 .flatten(),
             isolated_by,
             bytes: event.len,
+            service: None,
         }
+    }
+}
+
+/// Joins the two halves of a pod's connection to a Service: `from_pod` reports the
+/// Service address the pod dialled ([`Reason::ToService`], not published on its own),
+/// the hook after kube-proxy's translation reports the decision on the backend. They
+/// share the pod's address, source port and protocol (kube-proxy's DNAT keeps them).
+/// Bounded: the oldest dialled addresses are forgotten first.
+#[derive(Debug, Default)]
+pub struct ServiceHops {
+    by_source: BTreeMap<(IpAddr, u16, u8), (IpAddr, u16)>,
+    order: std::collections::VecDeque<(IpAddr, u16, u8)>,
+}
+
+impl ServiceHops {
+    /// Connections remembered between the two halves.
+    const CAPACITY: usize = 16_384;
+
+    /// The record of `event`, or `None` for the first half of a Service connection
+    /// (remembered for the second).
+    pub fn record(&mut self, resolver: &Resolver, event: &VerdictEvent) -> Option<FlowRecord> {
+        let Some(src) = ip_of(&event.src) else {
+            return Some(resolver.record(event));
+        };
+        let key = (src, event.sport, event.protocol);
+        if event.reason == Reason::ToService as u8
+            && let Some(dst) = ip_of(&event.dst)
+        {
+            if self.by_source.insert(key, (dst, event.dport)).is_none() {
+                self.order.push_back(key);
+                if self.order.len() > Self::CAPACITY
+                    && let Some(oldest) = self.order.pop_front()
+                {
+                    self.by_source.remove(&oldest);
+                }
+            }
+            return None;
+        }
+        let mut record = resolver.record(event);
+        record.service = self.by_source.get(&key).map(|&(ip, port)| ServiceHop {
+            name: resolver
+                .service_at(ip, port, event.protocol)
+                .map(str::to_owned),
+            ip,
+            port,
+        });
+        Some(record)
     }
 }
 
@@ -231,6 +316,7 @@ pub fn spawn_reader(
     let mut events = unsafe { AsyncFd::register(events) }
         .map_err(|error| Error::Events(std::io::Error::from(error)))?;
     Ok(tokio::spawn(async move {
+        let mut hops = ServiceHops::default();
         loop {
             let mut guard = match events.readable_mut().await {
                 Ok(guard) => guard,
@@ -250,7 +336,9 @@ pub fn spawn_reader(
                 let event =
                     unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<VerdictEvent>()) };
                 // No subscriber is fine: the record is simply not delivered.
-                let _ = sender.send(Arc::new(current.record(&event)));
+                if let Some(record) = hops.record(&current, &event) {
+                    let _ = sender.send(Arc::new(record));
+                }
             }
             guard.clear_ready();
         }
@@ -447,6 +535,36 @@ mod tests {
     }
 
     #[test]
+    fn an_address_is_named_by_the_pod_that_holds_it_never_a_finished_or_stale_one() {
+        // x/0done finished and x/0stale is a stale, pending object: both list an address
+        // that a running pod holds now, and both sort before it by name.
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: 0done, namespace: x, creationTimestamp: '2025-01-03T00:00:00Z'}\n\
+            spec: {containers: [{name: c}]}\nstatus: {phase: Succeeded, podIP: 10.0.0.1}\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: 0stale, namespace: x, creationTimestamp: '2025-01-03T00:00:00Z'}\n\
+            spec: {containers: [{name: c}]}\nstatus: {phase: Pending, podIP: 10.0.0.2}\n---\n";
+        let mut state = state();
+        for object in parse_documents(text, "t") {
+            object.unwrap().insert_into(&mut state);
+        }
+        for name in ["a", "b"] {
+            let pod = state.pods.get_mut(&ObjectRef::new("x", name)).unwrap();
+            pod.status.as_mut().unwrap().phase = Some("Running".into());
+        }
+        let compiled = compile(&state, &Allocations::default());
+        let resolver = Resolver::new(&state, &compiled);
+        let record = resolver.record(&event(
+            [10, 0, 0, 1],
+            [10, 0, 0, 2],
+            81,
+            Reason::PolicyDenied,
+            compiled.endpoints[&Addr::v4([10, 0, 0, 2])].id,
+            RULE_NONE,
+        ));
+        assert_eq!(record.src.name.as_deref(), Some("x/a"));
+        assert_eq!(record.dst.name.as_deref(), Some("x/b"));
+    }
+
+    #[test]
     fn a_drop_names_the_pods_and_the_isolating_policy() {
         let state = state();
         let compiled = compile(&state, &Allocations::default());
@@ -507,6 +625,55 @@ mod tests {
         assert!(!filter(None, Some("y"), None, None).matches(&record));
         assert!(!filter(None, None, Some("allowed"), None).matches(&record));
         assert!(!filter(None, None, None, Some(80)).matches(&record));
+    }
+
+    #[test]
+    fn a_service_connection_is_one_line_naming_the_service_and_the_backend() {
+        let state = state();
+        let compiled = compile(&state, &Allocations::default());
+        let mut resolver = Resolver::new(&state, &compiled);
+        resolver
+            .services
+            .insert(("10.96.0.10".parse().unwrap(), 53, 6), "x/db".to_owned());
+        let mut hops = ServiceHops::default();
+        let mut dialled = event(
+            [10, 0, 0, 1],
+            [10, 96, 0, 10],
+            53,
+            Reason::ToService,
+            1,
+            RULE_NONE,
+        );
+        dialled.direction = netpol_common::DIR_EGRESS;
+        assert_eq!(
+            hops.record(&resolver, &dialled),
+            None,
+            "the first half is not a line"
+        );
+        let mut judged = event(
+            [10, 0, 0, 1],
+            [10, 0, 0, 2],
+            5353,
+            Reason::PolicyAllowed,
+            1,
+            RULE_NONE,
+        );
+        judged.direction = netpol_common::DIR_EGRESS;
+        let record = hops.record(&resolver, &judged).unwrap();
+        assert_eq!(
+            record.to_string(),
+            "       1.500 ALLOWED x/a (10.0.0.1) -> svc x/db 10.96.0.10:53 -> x/b (10.0.0.2) \
+             TCP/5353 egress [policy-allowed]"
+        );
+        // Another connection of the same pod is not taken for the Service's.
+        judged.sport = 40001;
+        assert_eq!(hops.record(&resolver, &judged).unwrap().service, None);
+        // An event without addresses (a malformed packet) is still a line.
+        let malformed = VerdictEvent {
+            reason: Reason::Malformed as u8,
+            ..VerdictEvent::default()
+        };
+        assert!(hops.record(&resolver, &malformed).is_some());
     }
 
     #[test]

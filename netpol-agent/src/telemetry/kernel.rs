@@ -92,6 +92,10 @@ fn refresh_kernel_metrics(
             .filter(|(name, _, _)| is_conntrack(name));
         snapshot.maps.extend(tables);
     }
+    match datapath.conntrack_created() {
+        Ok(created) => snapshot.conntrack_created = created,
+        Err(error) => health.metrics.error(error.kind()),
+    }
     if let Ok((suppressed, lost)) = datapath.event_losses() {
         snapshot.events_suppressed = suppressed;
         snapshot.events_lost = lost;

@@ -29,6 +29,8 @@ pub struct KernelSnapshot {
     /// (map, entries, capacity)
     pub maps: Vec<(String, u64, u64)>,
     pub conntrack_entries: Option<u64>,
+    /// Conntrack entries the programs created (see `COUNTER_CT_CREATED`).
+    pub conntrack_created: u64,
     pub events_suppressed: u64,
     pub events_lost: u64,
 }
@@ -50,6 +52,17 @@ struct RuleLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub kind: String,
+}
+
+/// Labels of [`Metrics::invalid_fields`]: a field of an object that cannot be read.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FieldLabels {
+    /// `NetworkPolicy`, `Pod`, ...
+    pub kind: String,
+    /// `namespace/name` (or the name, or the file it was read from).
+    pub object: String,
+    /// The field's path, e.g. `spec.ingress[0].from[1].ipBlock.except[0]`.
+    pub field: String,
 }
 
 /// Labels of per-map series: map fill, and [`Metrics::refused`] (the map that was full).
@@ -182,8 +195,24 @@ impl Collector for KernelCollector {
                 ConstGauge::new(0i64).metric_type(),
             )?;
             ConstGauge::new(gauge(entries)).encode(metric)?;
+            // Entries leave conntrack only by LRU eviction (expired ones stay until
+            // evicted or reused), so what was created and is no longer there was
+            // evicted. An estimate: entries made by programs older than the counter
+            // are not counted.
+            let metric = encoder.encode_descriptor(
+                "netpol_conntrack_evictions",
+                "Conntrack entries evicted to make room (estimated: created minus present)",
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            ConstCounter::new(snapshot.conntrack_created.saturating_sub(entries)).encode(metric)?;
         }
         for (name, help, value) in [
+            (
+                "netpol_conntrack_created",
+                "Conntrack entries created by the programs",
+                snapshot.conntrack_created,
+            ),
             (
                 "netpol_events_suppressed",
                 "Verdict events not sent: in-kernel rate limit",
@@ -214,8 +243,10 @@ pub struct Metrics {
     kernel: Arc<Mutex<KernelSnapshot>>,
     /// Seconds from a change being seen to the kernel holding it.
     pub propagation: Histogram,
-    /// Objects rejected as invalid in the state now in force.
+    /// Distinct problems with objects of the state now in force (each logged).
     pub invalid_objects: Gauge,
+    /// The fields those problems name, 1 each, now.
+    pub invalid_fields: Family<FieldLabels, Gauge>,
     /// Applies of a changed state to the kernel.
     pub applies: Counter,
     /// Errors by kind (the variant of the module's Error enum).
@@ -249,6 +280,13 @@ impl Metrics {
             "Objects rejected as invalid (named in the logs)",
             invalid_objects.clone(),
         );
+        let invalid_fields = Family::<FieldLabels, Gauge>::default();
+        registry.register(
+            "netpol_invalid_fields",
+            "Fields of objects that cannot be read (what cannot be read allows nothing), \
+             1 each, named in the logs and Events",
+            invalid_fields.clone(),
+        );
         let applies = Counter::default();
         registry.register(
             "netpol_applies",
@@ -274,6 +312,7 @@ impl Metrics {
             kernel,
             propagation,
             invalid_objects,
+            invalid_fields,
             applies,
             errors,
         }
@@ -339,6 +378,14 @@ mod tests {
         let metrics = Metrics::new();
         metrics.propagation.observe(0.012);
         metrics.invalid_objects.set(2);
+        metrics
+            .invalid_fields
+            .get_or_create(&FieldLabels {
+                kind: "NetworkPolicy".into(),
+                object: "x/p".into(),
+                field: "spec.ingress[0].from[1]".into(),
+            })
+            .set(1);
         metrics.error("map");
         metrics.set_kernel(KernelSnapshot {
             verdicts: vec![
@@ -369,6 +416,7 @@ mod tests {
             )],
             maps: vec![("POLICY".into(), 12, 262_144)],
             conntrack_entries: Some(4),
+            conntrack_created: 10,
             events_suppressed: 1,
             events_lost: 0,
         });
@@ -402,9 +450,17 @@ mod tests {
         );
         assert_eq!(value(r#"netpol_map_capacity{map="POLICY"}"#), "262144");
         assert_eq!(value("netpol_conntrack_entries"), "4");
+        assert_eq!(value("netpol_conntrack_created_total"), "10");
+        assert_eq!(value("netpol_conntrack_evictions_total"), "6");
         assert_eq!(value(r#"netpol_errors_total{kind="map"}"#), "1");
         assert_eq!(value("netpol_change_propagation_seconds_count"), "1");
         assert_eq!(value("netpol_invalid_objects"), "2");
+        assert_eq!(
+            value(
+                r#"netpol_invalid_fields{kind="NetworkPolicy",object="x/p",field="spec.ingress[0].from[1]"}"#
+            ),
+            "1"
+        );
         assert!(text.ends_with("# EOF\n"));
         // A Prometheus text-format parser reads it back.
         let scrape = prometheus_parse::Scrape::parse(lines.iter().map(|l| Ok(l.to_string())))

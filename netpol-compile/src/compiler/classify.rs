@@ -1,13 +1,15 @@
-//! Step 4b of the compile: every IPCACHE key (pod addresses, node addresses, ipBlock
-//! prefixes) sorted into classes of addresses that every peer in force treats alike.
+//! Step 4b of the compile: every IPCACHE key (pod addresses, node addresses, Service
+//! addresses and ranges, ipBlock prefixes) sorted into classes of addresses that every
+//! peer in force treats alike.
 
 use ipnet::IpNet;
-use netpol_common::{Addr, PEER_HOST};
+use netpol_common::{Addr, PEER_HOST, PEER_SERVICE};
 
 use super::pods::PodView;
 use crate::cache::{BitSet, FastMap, PeerSlots, PodEntry};
-use crate::lpm::{Lpm, host_key, net_key};
+use crate::lpm::{Lpm, host_key, key_net, net_key};
 use crate::policy::Peer;
+use crate::services::Frontends;
 use crate::state::ClusterState;
 
 /// What makes an address class: the peers in force it matches (slots) and the egress
@@ -46,15 +48,18 @@ impl ClassTable {
     }
 }
 
-/// Classes of every pod address, node address and ipBlock prefix. Where keys coincide,
-/// the pod's class wins over the node's, and the node's over the prefix's; node
-/// addresses carry `PEER_HOST` whatever their class.
+/// Classes of every pod address, node address, Service address and range, and ipBlock
+/// prefix. Where keys coincide, the pod's class wins over the node's, the node's over a
+/// Service's, and those over the prefix's; node addresses carry `PEER_HOST`, and Service
+/// addresses, Service ranges and every other key inside a Service range `PEER_SERVICE`,
+/// whatever their class (a node address never is a Service's).
 pub(super) fn classify(
     state: &ClusterState,
     entries: &[PodEntry],
     pods: &[PodView<'_>],
     peers: &PeerSlots,
     prefixes: &[(IpNet, BitSet)],
+    services: &Frontends,
     egress_named_ports: &[(&str, u8)],
 ) -> Classes {
     let active = &peers.active;
@@ -111,12 +116,35 @@ pub(super) fn classify(
         };
         keys.push((host_key(ip), 1, table.intern(class), PEER_HOST));
     }
+    // Service addresses and ranges: matched by the ipBlocks that contain them whole.
+    let blocks_containing = |net: &IpNet| {
+        let mut bits = BitSet::default();
+        for slot in active.iter() {
+            if let Peer::Block(b) = &peers.slot(slot).peer
+                && b.contains_prefix(net)
+            {
+                bits.insert(slot);
+            }
+        }
+        ClassKey {
+            peers: bits,
+            named_ports: vec![],
+        }
+    };
+    for &ip in &services.addresses {
+        let class = table.intern(blocks_containing(&IpNet::from(ip)));
+        keys.push((host_key(ip), 2, class, PEER_SERVICE));
+    }
+    for range in &services.ranges {
+        let class = table.intern(blocks_containing(range));
+        keys.push((net_key(range), 3, class, PEER_SERVICE));
+    }
     for (prefix, bits) in prefixes {
         let class = ClassKey {
             peers: bits.union_within(&none, active),
             named_ports: vec![],
         };
-        keys.push((net_key(prefix), 2, table.intern(class), 0));
+        keys.push((net_key(prefix), 4, table.intern(class), 0));
     }
     keys.sort_unstable_by_key(|&(key, precedence, _, _)| (key, precedence));
     let mut merged: Vec<(Lpm<Addr>, usize, u32)> = Vec::with_capacity(keys.len());
@@ -124,6 +152,24 @@ pub(super) fn classify(
         match merged.last_mut() {
             Some(last) if last.0 == key => last.2 |= flags,
             _ => merged.push((key, class, flags)),
+        }
+    }
+    // A key inside a Service range would otherwise hide the range's flag from the
+    // longest match (an ipBlock /32 on a ClusterIP, say).
+    if !services.ranges.is_empty() {
+        for (key, _, flags) in &mut merged {
+            if *flags & PEER_HOST == 0
+                && let Some(net) = key_net(key)
+                && services.ranges.iter().any(|range| range.contains(&net))
+            {
+                *flags |= PEER_SERVICE;
+            }
+        }
+    }
+    // A node address is the node's, even in a Service range or named by a Service.
+    for (_, _, flags) in &mut merged {
+        if *flags & PEER_HOST != 0 {
+            *flags &= !PEER_SERVICE;
         }
     }
     // A class whose every key another took (a node address that is a pod's, a /32

@@ -1,5 +1,6 @@
-//! Step 2 of the compile: the live pods with their addresses (an address belongs to
-//! the first pod listing it), and what the compiler reads from namespaces.
+//! Step 2 of the compile: the live pods with their addresses (an address listed by
+//! several belongs to the one [`claims_before`] the others: running, then created last,
+//! then first in name order), and what the compiler reads from namespaces.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -9,7 +10,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::cache::{FastMap, PodEntry};
-use crate::state::{ClusterState, HOST_INTERFACE_ANNOTATION, ObjectRef};
+use crate::state::{ClusterState, ObjectRef, claim_reason, claims_before, holds_pod_addresses};
 use crate::{Diagnostic, Subject};
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
@@ -20,10 +21,12 @@ pub(super) struct PodView<'a> {
     pub(super) labels: &'a BTreeMap<String, String>,
     /// Index in the cache's pod entries (= in the state's pods).
     pub(super) index: usize,
-    /// The addresses this pod owns when another pod listed some of its addresses first;
+    /// The addresses this pod holds when another pod holds some of the ones it lists;
     /// `None`: all of them.
     pub(super) kept: Option<Vec<IpAddr>>,
     pub(super) local: bool,
+    /// The interface the operator named for the pod ([`ClusterState::pod_interfaces`]),
+    /// never anything read from the pod object.
     pub(super) host_interface: Option<&'a String>,
 }
 
@@ -58,55 +61,63 @@ pub(super) fn namespace_labels(state: &ClusterState) -> BTreeMap<String, BTreeMa
     out
 }
 
-/// Whether the pod takes part at all: not finished and not in the host's network.
-pub(crate) fn is_live_pod_network(pod: &Pod) -> bool {
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    let host_network = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.host_network)
-        .unwrap_or(false);
-    !matches!(phase, Some("Succeeded" | "Failed")) && !host_network
-}
-
 /// The live pods with an address, in state order; `entries` are the cache's pod entries
-/// (one per pod of the state, same order). An address listed by an earlier pod is
-/// reported and left out.
+/// (one per pod of the state, same order). An address listed by several live pods
+/// belongs to the one [`claims_before`] the others; the others are reported and keep
+/// only the addresses they hold.
 pub(super) fn live_pods<'a>(
     state: &'a ClusterState,
     entries: &[PodEntry],
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<PodView<'a>> {
-    let mut owner: FastMap<IpAddr, &ObjectRef> = FastMap::default();
+    // First pass: who holds each address (index into the state's pods).
+    let pods: Vec<(&ObjectRef, &Pod)> = state.pods.iter().collect();
+    let mut owner: FastMap<IpAddr, usize> = FastMap::default();
     owner.reserve(entries.len() * 2);
-    let mut out = Vec::with_capacity(entries.len());
-    for (index, ((obj, pod), entry)) in state.pods.iter().zip(entries).enumerate() {
-        if !is_live_pod_network(pod) {
+    for (index, ((obj, pod), entry)) in pods.iter().zip(entries).enumerate() {
+        if !holds_pod_addresses(pod) {
             continue;
         }
         for (field, message) in &entry.ip_errors {
             diagnostics.push(Diagnostic::new(Subject::pod(obj), field, message));
         }
+        for ip in &entry.ips {
+            match owner.entry(*ip) {
+                Entry::Vacant(v) => {
+                    v.insert(index);
+                }
+                Entry::Occupied(mut held) => {
+                    if claims_before((obj, pod), pods[*held.get()]) {
+                        held.insert(index);
+                    }
+                }
+            }
+        }
+    }
+    // Second pass: each live pod with the addresses it holds.
+    let mut out = Vec::with_capacity(entries.len());
+    for (index, ((obj, pod), entry)) in pods.iter().zip(entries).enumerate() {
+        if !holds_pod_addresses(pod) {
+            continue;
+        }
         let mut ips = Cow::Borrowed(entry.ips.as_slice());
         let mut removed = 0;
         for (i, ip) in entry.ips.iter().enumerate() {
-            match owner.entry(*ip) {
-                Entry::Vacant(v) => {
-                    v.insert(obj);
-                }
-                Entry::Occupied(other) => {
-                    diagnostics.push(Diagnostic::new(
-                        Subject::pod(obj),
-                        "status.podIPs",
-                        format!(
-                            "address {ip} is also used by Pod {}; ignored here",
-                            other.get()
-                        ),
-                    ));
-                    ips.to_mut().remove(i - removed);
-                    removed += 1;
-                }
+            let holder = owner[ip];
+            if holder == index {
+                continue;
             }
+            diagnostics.push(Diagnostic::new(
+                Subject::pod(obj),
+                "status.podIPs",
+                format!(
+                    "address {ip} is also used by Pod {}, which holds it ({}); ignored here",
+                    pods[holder].0,
+                    claim_reason(pods[holder], (obj, pod)),
+                ),
+            ));
+            ips.to_mut().remove(i - removed);
+            removed += 1;
         }
         if ips.is_empty() {
             continue;
@@ -120,11 +131,7 @@ pub(super) fn live_pods<'a>(
                 Cow::Owned(kept) => Some(kept),
             },
             local: state.node.is_local(pod),
-            host_interface: pod
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(HOST_INTERFACE_ANNOTATION)),
+            host_interface: state.pod_interfaces.get(obj),
         });
     }
     out

@@ -641,6 +641,167 @@ fn named_ports_resolve_on_each_peer_for_egress() {
 }
 
 #[test]
+fn ports_of_native_sidecars_are_named_ports_and_those_of_other_init_containers_are_not() {
+    use crate::testutil::{pod, with_init_container};
+    // x/a serves "metrics" from a native sidecar (restartPolicy: Always); its ordinary
+    // init container's "setup" port is gone once the pod runs. x/s may send to pods of
+    // x on "metrics" and "setup"; x/a admits "metrics" and "setup".
+    let a = with_init_container(
+        with_init_container(
+            pod("x", "a", &[("app", "a")], &["10.0.0.1"], &[]),
+            false,
+            &[("setup", 81, "TCP")],
+        ),
+        true,
+        &[("metrics", 9090, "TCP")],
+    );
+    let c = run(Cluster::new()
+        .ns("x", &[])
+        .raw_pod(a)
+        .pod("x", "s", &[("role", "client")], &["10.0.0.4"], &[])
+        .policy("x", "in", json!({"podSelector": {"matchLabels": {"app": "a"}},
+            "ingress": [{"ports": [{"port": "metrics"}, {"port": "setup"}]}]}))
+        .policy("x", "out", json!({"podSelector": {"matchLabels": {"role": "client"}}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"podSelector": {}}], "ports": [{"port": "metrics"}, {"port": "setup"}]}]})));
+    let to_a = |src, port, direction| {
+        model::lookup(&c, ip(src), ip("10.0.0.1"), PROTO_TCP, port, direction)
+    };
+    assert_eq!(to_a("10.0.0.4", 9090, Direction::Ingress), Some(0));
+    assert_eq!(to_a("10.0.0.4", 9090, Direction::Egress), Some(1));
+    for direction in Direction::BOTH {
+        assert_eq!(to_a("10.0.0.4", 81, direction), None, "{direction}");
+    }
+}
+
+#[test]
+fn a_containers_port_wins_over_a_sidecars_of_the_same_name() {
+    use crate::testutil::{pod, with_init_container};
+    let a = with_init_container(
+        pod("x", "a", &[], &["10.0.0.1"], &[("http", 8080, "TCP")]),
+        true,
+        &[("http", 9090, "TCP")],
+    );
+    let c = run(Cluster::new().ns("x", &[]).raw_pod(a).policy(
+        "x",
+        "in",
+        json!({"ingress": [{"ports": [{"port": "http"}]}]}),
+    ));
+    let to_a = |port| {
+        model::lookup(
+            &c,
+            ip("10.9.9.9"),
+            ip("10.0.0.1"),
+            PROTO_TCP,
+            port,
+            Direction::Ingress,
+        )
+    };
+    assert_eq!(to_a(8080), Some(0));
+    assert_eq!(to_a(9090), None);
+}
+
+/// Pods "old" and "new" both listing 10.0.0.1 (and "new" also fd00::1), with the
+/// given phases and creation times; a policy isolates pods labelled `app: old`.
+fn two_pods_one_address(old: (&str, Option<&str>), new: (&str, Option<&str>)) -> Compiled {
+    use crate::testutil::{pod, with_phase};
+    let c = Cluster::new()
+        .ns("x", &[])
+        .raw_pod(with_phase(
+            pod("x", "old", &[("app", "old")], &["10.0.0.1"], &[]),
+            old.0,
+            old.1,
+        ))
+        .raw_pod(with_phase(
+            pod("x", "new", &[("app", "new")], &["10.0.0.1", "fd00::1"], &[]),
+            new.0,
+            new.1,
+        ))
+        .policy(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"app": "old"}}}),
+        );
+    compile(&c.state, &Allocations::default())
+}
+
+fn diagnostics(c: &Compiled) -> Vec<String> {
+    c.diagnostics.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn of_two_pods_with_one_address_the_running_one_holds_it() {
+    // "new" sorts first by name and was created last, yet "old" is the one running.
+    let c = two_pods_one_address(
+        ("Running", Some("2025-01-01T00:00:00Z")),
+        ("Pending", Some("2025-01-02T00:00:00Z")),
+    );
+    assert_eq!(c.endpoints[&addr(ip("10.0.0.1"))].id, ep(&c, "x", "old"));
+    assert_eq!(
+        c.endpoints[&addr(ip("10.0.0.1"))].flags,
+        ENDPOINT_INGRESS_ISOLATED
+    );
+    assert_eq!(c.endpoints[&addr(ip("fd00::1"))].id, ep(&c, "x", "new"));
+    assert_eq!(
+        diagnostics(&c),
+        [
+            "Pod x/new: status.podIPs: address 10.0.0.1 is also used by Pod x/old, which holds it (it is running); ignored here"
+        ]
+    );
+}
+
+#[test]
+fn of_two_running_pods_with_one_address_the_one_created_last_holds_it() {
+    let c = two_pods_one_address(
+        ("Running", Some("2025-01-01T00:00:00Z")),
+        ("Running", Some("2025-01-02T00:00:00Z")),
+    );
+    assert_eq!(c.endpoints[&addr(ip("10.0.0.1"))].id, ep(&c, "x", "new"));
+    assert_eq!(
+        c.endpoints[&addr(ip("10.0.0.1"))].flags,
+        0,
+        "x/new is not isolated"
+    );
+    assert_eq!(c.allocations.endpoint_id(&ObjectRef::new("x", "old")), None);
+    assert_eq!(
+        diagnostics(&c),
+        [
+            "Pod x/old: status.podIPs: address 10.0.0.1 is also used by Pod x/new, which holds it (it was created later); ignored here"
+        ]
+    );
+    // An object without a creation time is the older one.
+    let c = two_pods_one_address(("Running", Some("2025-01-01T00:00:00Z")), ("Running", None));
+    assert_eq!(c.endpoints[&addr(ip("10.0.0.1"))].id, ep(&c, "x", "old"));
+}
+
+#[test]
+fn of_two_pods_alike_with_one_address_the_first_by_name_holds_it() {
+    let at = Some("2025-01-01T00:00:00Z");
+    let c = two_pods_one_address(("Running", at), ("Running", at));
+    assert_eq!(c.endpoints[&addr(ip("10.0.0.1"))].id, ep(&c, "x", "new"));
+    assert_eq!(
+        diagnostics(&c),
+        [
+            "Pod x/old: status.podIPs: address 10.0.0.1 is also used by Pod x/new, which holds it (it comes first in name order); ignored here"
+        ]
+    );
+}
+
+#[test]
+fn a_finished_pod_holds_no_address() {
+    // "old" finished (its object still lists 10.0.0.1, and it was even created after
+    // "new"): "new" holds the address, though it is not running yet.
+    for phase in ["Succeeded", "Failed"] {
+        let c = two_pods_one_address(
+            (phase, Some("2025-01-03T00:00:00Z")),
+            ("Pending", Some("2025-01-02T00:00:00Z")),
+        );
+        assert_eq!(c.endpoints[&addr(ip("10.0.0.1"))].id, ep(&c, "x", "new"));
+        assert_eq!(c.endpoints[&addr(ip("10.0.0.1"))].flags, 0);
+        assert!(c.diagnostics.is_empty(), "{:?}", c.diagnostics);
+    }
+}
+
+#[test]
 fn node_ips_are_host_peers_with_ip_block_identity() {
     let c = run(basic().node_ips(&["10.0.0.254", "192.168.7.1"]).policy(
         "x",
@@ -686,41 +847,6 @@ fn node_ips_are_host_peers_with_ip_block_identity() {
 }
 
 #[test]
-fn invalid_policy_is_left_out_and_reported() {
-    let c = compile(
-        &basic()
-            .policy(
-                "x",
-                "bad",
-                json!({"ingress": [{"ports": [{"port": 80, "endPort": 79}]}]}),
-            )
-            .policy(
-                "x",
-                "good",
-                json!({"podSelector": {"matchLabels": {"app": "db"}}}),
-            )
-            .state,
-        &Allocations::default(),
-    );
-    assert_eq!(
-        c.diagnostics
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>(),
-        [
-            "NetworkPolicy x/bad: spec.ingress[0].ports[0].endPort: 79 must be greater than or equal to port 80"
-        ]
-    );
-    // Only "good" isolates (x/b); x/a would have been isolated by "bad".
-    assert_eq!(c.endpoints[&addr(ip("10.0.0.1"))].flags, 0);
-    assert_eq!(
-        c.endpoints[&addr(ip("10.0.0.2"))].flags,
-        ENDPOINT_INGRESS_ISOLATED
-    );
-    assert!(c.rules.is_empty());
-}
-
-#[test]
 fn same_key_keeps_the_lowest_rule() {
     let c = run(basic()
         .policy(
@@ -751,23 +877,22 @@ fn local_pods_and_remote_peers() {
     remote.spec.as_mut().unwrap().node_name = Some("other".into());
     let mut a = crate::testutil::pod("x", "a", &[("app", "web")], &["10.0.0.1"], &[]);
     a.spec.as_mut().unwrap().node_name = Some("me".into());
-    a.metadata.annotations = Some(
-        [(
-            crate::state::HOST_INTERFACE_ANNOTATION.to_string(),
-            "veth-a".to_string(),
-        )]
-        .into(),
-    );
     let mut b = crate::testutil::pod("x", "b", &[("app", "db")], &["10.0.0.2"], &[]);
     b.spec.as_mut().unwrap().node_name = Some("me".into());
-    let c = run(Cluster::new()
+    let mut cluster = Cluster::new()
         .node_name("me")
         .ns("x", &[])
         .raw_pod(remote)
         .raw_pod(a)
         .raw_pod(b)
         .policy("x", "p", json!({"podSelector": {"matchLabels": {"app": "db"}},
-            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}], "egress": [{}]})));
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}], "egress": [{}]}));
+    // The interface local mode's operator named for x/a.
+    cluster
+        .state
+        .pod_interfaces
+        .insert(ObjectRef::new("x", "a"), "veth-a".into());
+    let c = run(cluster);
     assert_eq!(c.endpoints.len(), 2);
     assert!(!c.endpoints.contains_key(&addr(ip("10.0.5.5"))));
     assert_eq!(identity(&c, "10.0.5.5"), D, "remote pods are peers");
@@ -793,6 +918,24 @@ fn local_pods_and_remote_peers() {
             },
         ]
     );
+}
+
+#[test]
+fn a_pods_own_annotation_names_no_interface() {
+    // Whatever a pod object says, the interface the datapath gets for it comes only from
+    // the operator's `pod_interfaces` (local mode's source), never from the object:
+    // Kubernetes mode leaves that map empty.
+    let mut hostile = crate::testutil::pod("x", "a", &[], &["10.0.0.1"], &[]);
+    hostile.metadata.annotations = Some(
+        [(
+            crate::state::HOST_INTERFACE_ANNOTATION.to_string(),
+            "eth0".to_string(),
+        )]
+        .into(),
+    );
+    let c = run(Cluster::new().ns("x", &[]).raw_pod(hostile));
+    assert_eq!(c.local_pods.len(), 1);
+    assert_eq!(c.local_pods[0].host_interface, None);
 }
 
 #[test]
@@ -1177,4 +1320,395 @@ fn audit_mode_per_namespace_annotation_and_for_the_whole_agent() {
         ENDPOINT_AUDIT,
         "--audit covers every pod"
     );
+}
+
+mod services {
+    use netpol_common::{PEER_SERVICE, ServicePort};
+
+    use super::*;
+
+    fn with_services() -> Cluster {
+        basic()
+            .node_ips(&["10.99.0.1"])
+            .policy(
+                "x",
+                "to-outside",
+                json!({"podSelector": {}, "policyTypes": ["Egress"],
+                    "egress": [{"to": [{"ipBlock": {"cidr": "10.96.0.0/12", "except": ["10.96.0.128/25"]}}]}]}),
+            )
+            .service(
+                "x",
+                "db",
+                json!({"clusterIPs": ["10.96.0.10", "fd00:96::10"], "externalIPs": ["10.99.0.1", "192.0.2.7"],
+                    "type": "LoadBalancer",
+                    "ports": [{"port": 5432, "targetPort": 5432, "nodePort": 30432},
+                              {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}]}),
+                json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}]}}),
+            )
+            .service("x", "headless", json!({"clusterIP": "None", "ports": [{"port": 80}]}), json!({}))
+    }
+
+    #[test]
+    fn every_frontend_address_of_a_service_is_flagged_in_both_families() {
+        let c = run(with_services());
+        for address in ["10.96.0.10", "fd00:96::10", "192.0.2.7", "198.51.100.9"] {
+            assert_eq!(peer(&c, address).flags, PEER_SERVICE, "{address}");
+        }
+        // A ClusterIP keeps the identity of what contains it: the ipBlock does.
+        let in_block = identity(&c, "10.96.0.10");
+        assert_ne!(in_block, IDENTITY_WORLD);
+        assert_eq!(prefix(&c, "10.96.0.0/12").identity, in_block);
+        assert_eq!(identity(&c, "192.0.2.7"), IDENTITY_WORLD);
+    }
+
+    #[test]
+    fn a_node_address_named_by_a_service_stays_the_nodes_and_gives_node_ports() {
+        let c = run(with_services());
+        assert_eq!(peer(&c, "10.99.0.1").flags, PEER_HOST);
+        let port = |port, protocol| ServicePort {
+            port,
+            protocol,
+            _pad: 0,
+        };
+        let expected = [
+            port(53, PROTO_UDP),
+            port(5432, PROTO_TCP),
+            port(30053, PROTO_UDP),
+            port(30432, PROTO_TCP),
+        ];
+        assert_eq!(c.node_ports.iter().copied().collect::<Vec<_>>(), expected);
+    }
+
+    #[test]
+    fn a_service_range_flags_every_key_inside_it_and_nothing_outside() {
+        let c = run(with_services().service_cidr("kubernetes", &["10.96.0.0/16"]));
+        assert_eq!(prefix(&c, "10.96.0.0/16").flags, PEER_SERVICE);
+        // The ipBlock's except lies inside the range: the longest match must keep it.
+        assert_eq!(prefix(&c, "10.96.0.128/25").flags, PEER_SERVICE);
+        // The ipBlock itself is wider than the range.
+        assert_eq!(prefix(&c, "10.96.0.0/12").flags, 0);
+        assert_eq!(peer(&c, "10.0.0.1").flags, 0, "pods are not Services");
+    }
+
+    #[test]
+    fn the_agents_service_cidrs_count_like_servicecidr_objects() {
+        let mut cluster = basic();
+        cluster.state.configured_service_cidrs = vec!["10.96.0.0/16".parse().unwrap()];
+        let c = run(cluster);
+        assert_eq!(prefix(&c, "10.96.0.0/16").flags, PEER_SERVICE);
+    }
+
+    #[test]
+    fn an_address_that_does_not_parse_is_reported_and_nothing_else_is_lost() {
+        let cluster = with_services()
+            .service(
+                "x",
+                "bad",
+                json!({"clusterIPs": ["10.96.0.20", "not-an-ip"], "externalIPs": ["192.0.2.8", "300.1.1.1"]}),
+                json!({}),
+            )
+            .service_cidr("broken", &["10.97.0.0/33"]);
+        let c = compile(&cluster.state, &Allocations::default());
+        let messages: Vec<String> = c.diagnostics.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [
+                "Service x/bad: spec.clusterIPs[1]: \"not-an-ip\" is not an IP address",
+                "Service x/bad: spec.externalIPs[1]: \"300.1.1.1\" is not an IP address",
+                "ServiceCIDR broken: spec.cidrs[0]: \"10.97.0.0/33\" is not a CIDR",
+            ]
+        );
+        assert_eq!(peer(&c, "10.96.0.20").flags, PEER_SERVICE);
+        assert_eq!(peer(&c, "192.0.2.8").flags, PEER_SERVICE);
+        assert_eq!(peer(&c, "10.96.0.10").flags, PEER_SERVICE);
+    }
+}
+
+/// What the API server accepted never fails open: policies read in part, and CIDRs read
+/// as the API server reads them.
+mod unreadable {
+    use super::*;
+    use crate::state::UnreadablePart;
+
+    fn compiled(c: Cluster) -> Compiled {
+        compile(&c.state, &Allocations::default())
+    }
+
+    fn messages(c: &Compiled) -> Vec<String> {
+        c.diagnostics.iter().map(ToString::to_string).collect()
+    }
+
+    /// Whether a new TCP flow `src -> dst` on `port` passes the hook of `direction`.
+    fn passes(c: &Compiled, src: &str, dst: &str, port: u16, direction: Direction) -> bool {
+        !model::decide(c, ip(src), ip(dst), PROTO_TCP, port, direction)
+            .reason
+            .is_drop()
+    }
+
+    #[test]
+    fn a_policy_read_in_part_isolates_whom_it_selects_and_names_the_field() {
+        // "bad" selects every pod of x; its only rule's only port cannot be read, so the
+        // rule allows nothing, and the pods are isolated all the same.
+        let c = compiled(
+            basic()
+                .policy(
+                    "x",
+                    "bad",
+                    json!({"ingress": [{"ports": [{"port": 80, "endPort": 79}]}]}),
+                )
+                .policy(
+                    "x",
+                    "good",
+                    json!({"podSelector": {"matchLabels": {"app": "db"}}}),
+                ),
+        );
+        assert_eq!(
+            messages(&c),
+            [
+                "NetworkPolicy x/bad: spec.ingress[0].ports[0].endPort: 79 must be greater than or equal to port 80",
+                "NetworkPolicy x/bad: spec.ingress[0].ports[0]: cannot be read: this port is left out of the rule",
+                "NetworkPolicy x/bad: spec.ingress[0]: none of its ports can be read: the rule is left out (it allows nothing)",
+            ]
+        );
+        for pod in ["10.0.0.1", "10.0.0.2"] {
+            assert_eq!(
+                c.endpoints[&addr(ip(pod))].flags,
+                ENDPOINT_INGRESS_ISOLATED,
+                "{pod}"
+            );
+            assert!(
+                !passes(&c, "10.0.1.3", pod, 80, Direction::Ingress),
+                "{pod}"
+            );
+        }
+        assert!(
+            c.rules.is_empty(),
+            "no rule of either policy allows anything"
+        );
+        assert_eq!(c.policies.len(), 2);
+    }
+
+    #[test]
+    fn a_peer_or_port_that_cannot_be_read_is_left_out_and_the_rest_of_the_rule_stays() {
+        // From x/a (app=web) or an ipBlock whose except cannot be read, on 80 or a port
+        // whose protocol cannot be read.
+        let c = compiled(basic().policy(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"app": "db"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}},
+                                     {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.1.0/33"]}}],
+                             "ports": [{"port": 80}, {"port": 81, "protocol": "ICMP"}]}]}),
+        ));
+        let fields: Vec<&str> = c.diagnostics.iter().map(|d| d.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.ingress[0].from[1].ipBlock.except[0]",
+                "spec.ingress[0].ports[1].protocol",
+                "spec.ingress[0].from[1]",
+                "spec.ingress[0].ports[1]",
+            ]
+        );
+        assert!(passes(&c, "10.0.0.1", "10.0.0.2", 80, Direction::Ingress));
+        assert!(!passes(&c, "10.0.0.1", "10.0.0.2", 81, Direction::Ingress));
+        // The ipBlock is gone: y/c (10.0.1.3), which it would have excepted, and
+        // anything else in 10/8 are denied.
+        assert!(!passes(&c, "10.0.1.3", "10.0.0.2", 80, Direction::Ingress));
+        assert!(!passes(&c, "10.0.7.7", "10.0.0.2", 80, Direction::Ingress));
+        assert_eq!(c.rules.values().map(|r| r.index).collect::<Vec<_>>(), [0]);
+    }
+
+    #[test]
+    fn a_rule_whose_peers_all_cannot_be_read_allows_nothing_while_the_others_do() {
+        // Rule 0's only peer cannot be read: as "any peer" it would open everything.
+        let c = compiled(basic().policy(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress", "Egress"],
+                "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}]},
+                            {"ports": [{"port": 5432}]}],
+                "egress": [{"to": [{"podSelector": {"matchExpressions": [{"key": "app", "operator": "Is"}]}}]}]}),
+        ));
+        assert!(!passes(&c, "10.0.0.1", "10.0.0.2", 80, Direction::Ingress));
+        assert!(passes(&c, "10.0.0.1", "10.0.0.2", 5432, Direction::Ingress));
+        assert!(!passes(&c, "10.0.0.2", "10.0.0.1", 80, Direction::Egress));
+        // Rule ids only for rules in force, under their own index.
+        let rules: Vec<String> = c.rules.values().map(ToString::to_string).collect();
+        assert_eq!(rules, ["NetworkPolicy x/p spec.ingress[1]"]);
+    }
+
+    #[test]
+    fn a_pod_selector_that_cannot_be_read_in_full_isolates_at_least_whom_it_meant_without_rules() {
+        // app=web AND an expression that cannot be read: at least the app=web pods are
+        // meant (x/a); they are isolated, and none gets the rule (which could open a
+        // pod that other policies isolate).
+        let c = compiled(
+            basic()
+                .policy(
+                    "x",
+                    "p",
+                    json!({"podSelector": {"matchLabels": {"app": "web"},
+                        "matchExpressions": [{"key": "tier", "operator": "Exists", "values": ["x"]}]},
+                        "ingress": [{}]}),
+                )
+                .policy("x", "db", json!({"podSelector": {"matchLabels": {"app": "db"}}})),
+        );
+        assert_eq!(
+            c.endpoints[&addr(ip("10.0.0.1"))].flags,
+            ENDPOINT_INGRESS_ISOLATED
+        );
+        assert!(!passes(&c, "10.0.1.3", "10.0.0.1", 80, Direction::Ingress));
+        assert!(!passes(&c, "10.0.1.3", "10.0.0.2", 80, Direction::Ingress));
+        assert!(
+            messages(&c)
+                .iter()
+                .any(|m| m
+                    .starts_with("NetworkPolicy x/p: spec.podSelector: cannot be read in full")),
+            "{:?}",
+            messages(&c)
+        );
+    }
+
+    #[test]
+    fn a_policy_type_that_cannot_be_read_isolates_both_directions() {
+        let c = compiled(basic().policy(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress", "egress"],
+                "ingress": [{}]}),
+        ));
+        assert_eq!(
+            c.endpoints[&addr(ip("10.0.0.1"))].flags,
+            ENDPOINT_INGRESS_ISOLATED
+                | ENDPOINT_EGRESS_ISOLATED
+                | netpol_common::ENDPOINT_INGRESS_ANY_PEER
+        );
+        assert!(passes(&c, "10.0.1.3", "10.0.0.1", 80, Direction::Ingress));
+        assert!(!passes(&c, "10.0.0.1", "10.0.1.3", 80, Direction::Egress));
+    }
+
+    #[test]
+    fn cidrs_are_read_as_the_api_server_reads_them() {
+        // Leading zeros are decimal, host bits are masked, a prefix length may have
+        // leading zeros, an IPv4-mapped value is the IPv4 network: 10.0.0.0/8 except
+        // 10.0.1.0/24.
+        for (cidr, except) in [
+            ("010.0.0.0/8", "010.000.001.000/24"),
+            ("10.9.9.9/08", "10.0.1.7/024"),
+            ("::ffff:10.0.0.0/104", "::ffff:10.0.1.0/120"),
+            ("10.0.0.0/8", "::ffff:a00:100/120"),
+        ] {
+            let c = run(basic().policy(
+                "x",
+                "p",
+                json!({"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Egress"],
+                    "egress": [{"to": [{"ipBlock": {"cidr": cidr, "except": [except]}}]}]}),
+            ));
+            let to = |dst| passes(&c, "10.0.0.1", dst, 80, Direction::Egress);
+            assert!(to("10.0.0.2"), "{cidr} except {except}");
+            assert!(to("10.200.0.1"), "{cidr} except {except}");
+            assert!(!to("10.0.1.3"), "{cidr} except {except}");
+            assert!(!to("8.0.0.1"), "{cidr} except {except}: not octal");
+            assert!(!to("11.0.0.1"), "{cidr} except {except}");
+            assert!(
+                !to("::ffff:10.0.0.2"),
+                "{cidr} except {except}: an IPv6 packet"
+            );
+        }
+    }
+
+    #[test]
+    fn an_ipv6_block_holds_no_ipv4_mapped_address() {
+        let c = run(basic().policy(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Egress"],
+                "egress": [{"to": [{"ipBlock": {"cidr": "::/0"}}]}]}),
+        ));
+        let to = |dst| passes(&c, "10.0.0.1", dst, 80, Direction::Egress);
+        assert!(to("fd00::1"));
+        assert!(to("::fffe:10.0.0.2"));
+        assert!(!to("::ffff:10.0.0.2"));
+        assert!(!to("10.0.0.2"));
+    }
+
+    /// Allows x/b (app=db) from x/a (app=web); `spec` replaces it later.
+    fn allow_web() -> Cluster {
+        basic().policy(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"app": "db"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]}),
+        )
+    }
+
+    #[test]
+    fn the_current_object_wins_over_the_last_valid_version() {
+        let mut compiler = Compiler::new();
+        let c = compiler.compile(&allow_web().state);
+        assert!(passes(&c, "10.0.0.1", "10.0.0.2", 80, Direction::Ingress));
+        // The API server stored a version that no longer admits app=web, with a peer the
+        // agent cannot read: the last valid version would keep app=web allowed.
+        let update = basic().policy(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"app": "db"}},
+                "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}},
+                                     {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.0.0/4"]}}]}]}),
+        );
+        let c = compiler.compile(&update.state);
+        assert!(!passes(&c, "10.0.0.1", "10.0.0.2", 80, Direction::Ingress));
+        assert!(passes(&c, "10.0.1.3", "10.0.0.2", 80, Direction::Ingress));
+        let kept = compiler.policy(&ObjectRef::new("x", "p")).unwrap();
+        assert_eq!(kept, &update.state.policies[&ObjectRef::new("x", "p")]);
+        assert!(!messages(&c).iter().any(|m| m.contains("stays in force")));
+    }
+
+    #[test]
+    fn a_policy_that_cannot_be_read_at_all_keeps_the_version_in_force_before() {
+        let mut compiler = Compiler::new();
+        compiler.compile(&allow_web().state);
+        let mut state = basic().state;
+        state.unreadable_policies.insert(ObjectRef::new("x", "p"));
+        let c = compiler.compile(&state);
+        assert!(passes(&c, "10.0.0.1", "10.0.0.2", 80, Direction::Ingress));
+        assert!(!passes(&c, "10.0.1.3", "10.0.0.2", 80, Direction::Ingress));
+        assert_eq!(
+            messages(&c),
+            ["NetworkPolicy x/p: the last valid version stays in force"]
+        );
+        // Without a version before, there is nothing to enforce.
+        let c = Compiler::new().compile(&state);
+        assert!(c.policies.is_empty() && c.diagnostics.is_empty());
+    }
+
+    #[test]
+    fn what_the_source_could_not_read_is_reported_as_it_saw_it() {
+        // The source replaced an unreadable peer with `{}`: the diagnostics name the
+        // field it could not read, never the replacement.
+        let mut c = basic().policy(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"app": "db"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}, {}]}]}),
+        );
+        c.state.unreadable_parts.insert(
+            ObjectRef::new("x", "p"),
+            vec![UnreadablePart {
+                field: "spec.ingress[0].from[1].NamespaceSelector".into(),
+                message: "unknown field: this peer is left out of the rule".into(),
+                replaced: "spec.ingress[0].from[1]".into(),
+            }],
+        );
+        let c = compiled(c);
+        assert_eq!(
+            messages(&c),
+            [
+                "NetworkPolicy x/p: spec.ingress[0].from[1].NamespaceSelector: unknown field: this peer is left out of the rule"
+            ]
+        );
+        assert!(passes(&c, "10.0.0.1", "10.0.0.2", 80, Direction::Ingress));
+        assert!(!passes(&c, "10.0.1.3", "10.0.0.2", 80, Direction::Ingress));
+    }
 }

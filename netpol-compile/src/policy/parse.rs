@@ -1,6 +1,5 @@
 //! Validation and normalisation of one NetworkPolicy (see the parent module).
 
-use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
 };
@@ -9,28 +8,60 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netpol_common::PROTO_TCP;
 
 use super::{
-    Block, FieldError, NamespaceMatch, ParsedPolicy, ParsedRule, Peer, PortMatch, PortSpec,
+    Block, FieldError, NamespaceMatch, ParsedPolicy, ParsedRule, Peer, PortMatch, PortSpec, cidr,
     is_valid_port_name, protocol_number,
 };
 use crate::selector::Selector;
 
-/// Checks `p` the way the API server would (minus unknown fields).
+/// Checks `p` the way the API server would (minus unknown fields): every field that
+/// cannot be read.
 pub fn validate_policy(p: &NetworkPolicy) -> Result<(), Vec<FieldError>> {
-    parse_policy(p).map(|_| ())
+    let reading = parse_policy(p);
+    if reading.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(reading.errors)
+    }
 }
 
-pub(crate) fn parse_policy(p: &NetworkPolicy) -> Result<ParsedPolicy, Vec<FieldError>> {
+/// What can be read of a policy, and what cannot.
+///
+/// The rule (docs/SECURITY.md): what cannot be read never allows anything, and never
+/// isolates less. A peer or port entry that cannot be read is left out of its list (the
+/// entries of a list are alternatives, so the rule allows less); a rule whose peers or
+/// ports all cannot be read is left out (an empty list would mean "any"); the
+/// requirements of `spec.podSelector` that cannot be read are left out (requirements
+/// are ANDed, so the pods selected are at least those meant) and then none of the
+/// policy's rules apply (they would be given to pods not meant); a `policyTypes` entry
+/// that cannot be read makes the policy isolate both directions.
+#[derive(Clone, Debug)]
+pub(crate) struct Reading {
+    /// `None` when the policy has no name or namespace: nothing can be enforced for it.
+    pub parsed: Option<ParsedPolicy>,
+    /// Every field that cannot be read.
+    pub errors: Vec<FieldError>,
+    /// What the errors cost: the part left out, and how.
+    pub consequences: Vec<FieldError>,
+}
+
+pub(crate) fn parse_policy(p: &NetworkPolicy) -> Reading {
     let mut errors = Vec::new();
+    let mut consequences = Vec::new();
+    let mut named = true;
     if p.metadata.name.as_deref().unwrap_or("").is_empty() {
         errors.push(FieldError::new("metadata.name", "is required"));
+        named = false;
     }
     let namespace = p.metadata.namespace.clone().unwrap_or_default();
     if namespace.is_empty() {
         errors.push(FieldError::new("metadata.namespace", "is required"));
+        named = false;
     }
     let spec = p.spec.clone().unwrap_or_default();
 
-    let pod_selector = parse_selector(spec.pod_selector.as_ref(), "spec.podSelector", &mut errors);
+    let before = errors.len();
+    let pod_selector = read_selector(spec.pod_selector.as_ref(), "spec.podSelector", &mut errors);
+    let exact_selector = errors.len() == before;
 
     // policyTypes defaulting: Ingress always, Egress when there are egress rules.
     let (mut has_ingress, mut has_egress) = (false, false);
@@ -50,10 +81,19 @@ pub(crate) fn parse_policy(p: &NetworkPolicy) -> Result<ParsedPolicy, Vec<FieldE
                 match t.as_str() {
                     "Ingress" => has_ingress = true,
                     "Egress" => has_egress = true,
-                    other => errors.push(FieldError::new(
-                        format!("spec.policyTypes[{i}]"),
-                        format!("unsupported value {other:?}: must be Ingress or Egress"),
-                    )),
+                    other => {
+                        errors.push(FieldError::new(
+                            format!("spec.policyTypes[{i}]"),
+                            format!("unsupported value {other:?}: must be Ingress or Egress"),
+                        ));
+                        consequences.push(FieldError::new(
+                            format!("spec.policyTypes[{i}]"),
+                            "cannot be read: it may mean either direction, so the policy \
+                             isolates both",
+                        ));
+                        has_ingress = true;
+                        has_egress = true;
+                    }
                 }
             }
         }
@@ -62,40 +102,62 @@ pub(crate) fn parse_policy(p: &NetworkPolicy) -> Result<ParsedPolicy, Vec<FieldE
     let mut ingress = Vec::new();
     for (i, rule) in spec.ingress.iter().flatten().enumerate() {
         let path = format!("spec.ingress[{i}]");
-        ingress.push(parse_rule(
-            &namespace,
+        let parts = RuleParts {
+            namespace: &namespace,
+            path: &path,
+            peers_field: "from",
+            index: i,
+        };
+        let read = parts.read(
             rule.from.as_deref(),
             rule.ports.as_deref(),
-            &path,
-            "from",
             &mut errors,
-        ));
+            &mut consequences,
+        );
+        ingress.extend(read);
     }
     let mut egress = Vec::new();
     for (i, rule) in spec.egress.iter().flatten().enumerate() {
         let path = format!("spec.egress[{i}]");
-        egress.push(parse_rule(
-            &namespace,
+        let parts = RuleParts {
+            namespace: &namespace,
+            path: &path,
+            peers_field: "to",
+            index: i,
+        };
+        let read = parts.read(
             rule.to.as_deref(),
             rule.ports.as_deref(),
-            &path,
-            "to",
             &mut errors,
+            &mut consequences,
+        );
+        egress.extend(read);
+    }
+    if !exact_selector {
+        consequences.push(FieldError::new(
+            "spec.podSelector",
+            "cannot be read in full: every pod the requirements that can be read select is \
+             isolated, with none of the policy's rules",
         ));
+        ingress.clear();
+        egress.clear();
     }
 
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    Ok(ParsedPolicy {
+    let parsed = named.then(|| ParsedPolicy {
         namespace,
         pod_selector,
         ingress: has_ingress.then_some(ingress),
         egress: has_egress.then_some(egress),
-    })
+    });
+    Reading {
+        parsed,
+        errors,
+        consequences,
+    }
 }
 
-fn parse_selector(
+/// What can be read of `sel` (absent: the empty selector); errors under `path`.
+fn read_selector(
     sel: Option<&LabelSelector>,
     path: &str,
     errors: &mut Vec<FieldError>,
@@ -103,57 +165,101 @@ fn parse_selector(
     let Some(sel) = sel else {
         return Selector::default();
     };
-    Selector::parse(sel).unwrap_or_else(|errs| {
-        errors.extend(
-            errs.into_iter()
-                .map(|(f, m)| FieldError::new(format!("{path}.{f}"), m)),
-        );
-        Selector::default()
-    })
+    let (selector, errs) = Selector::read(sel);
+    errors.extend(
+        errs.into_iter()
+            .map(|(f, m)| FieldError::new(format!("{path}.{f}"), m)),
+    );
+    selector
 }
 
-fn parse_rule(
-    namespace: &str,
-    peers: Option<&[NetworkPolicyPeer]>,
-    ports: Option<&[NetworkPolicyPort]>,
-    path: &str,
-    peers_field: &str,
-    errors: &mut Vec<FieldError>,
-) -> ParsedRule {
-    let peers = match peers {
-        None | Some([]) => None,
-        Some(list) => Some(
-            list.iter()
-                .enumerate()
-                .filter_map(|(i, peer)| {
-                    parse_peer(
-                        namespace,
-                        peer,
-                        &format!("{path}.{peers_field}[{i}]"),
-                        errors,
-                    )
-                })
-                .collect(),
-        ),
-    };
-    let ports = match ports {
-        None | Some([]) => None,
-        Some(list) => Some(
-            list.iter()
-                .enumerate()
-                .filter_map(|(i, port)| parse_port(port, &format!("{path}.ports[{i}]"), errors))
-                .collect(),
-        ),
-    };
-    ParsedRule { peers, ports }
+/// Where one rule sits in its policy.
+struct RuleParts<'a> {
+    namespace: &'a str,
+    /// `spec.ingress[0]`.
+    path: &'a str,
+    /// `from` or `to`.
+    peers_field: &'a str,
+    index: usize,
 }
 
+impl RuleParts<'_> {
+    /// The rule as far as it can be read; `None` when it cannot allow anything.
+    fn read(
+        &self,
+        peers: Option<&[NetworkPolicyPeer]>,
+        ports: Option<&[NetworkPolicyPort]>,
+        errors: &mut Vec<FieldError>,
+        consequences: &mut Vec<FieldError>,
+    ) -> Option<ParsedRule> {
+        let path = self.path;
+        let mut readable = true;
+        let peers = match peers {
+            None | Some([]) => None,
+            Some(list) => {
+                let mut read = Vec::new();
+                for (i, peer) in list.iter().enumerate() {
+                    let field = format!("{path}.{}[{i}]", self.peers_field);
+                    match parse_peer(self.namespace, peer, &field, errors) {
+                        Some(peer) => read.push(peer),
+                        None => consequences.push(FieldError::new(
+                            field,
+                            "cannot be read: this peer is left out of the rule",
+                        )),
+                    }
+                }
+                readable &= !read.is_empty();
+                Some(read)
+            }
+        };
+        let ports = match ports {
+            None | Some([]) => None,
+            Some(list) => {
+                let mut read = Vec::new();
+                for (i, port) in list.iter().enumerate() {
+                    let field = format!("{path}.ports[{i}]");
+                    match parse_port(port, &field, errors) {
+                        Some(port) => read.push(port),
+                        None => consequences.push(FieldError::new(
+                            field,
+                            "cannot be read: this port is left out of the rule",
+                        )),
+                    }
+                }
+                readable &= !read.is_empty();
+                Some(read)
+            }
+        };
+        if !readable {
+            consequences.push(FieldError::new(
+                path,
+                format!(
+                    "none of its {} can be read: the rule is left out (it allows nothing)",
+                    if peers.as_ref().is_some_and(Vec::is_empty) {
+                        self.peers_field
+                    } else {
+                        "ports"
+                    }
+                ),
+            ));
+            return None;
+        }
+        Some(ParsedRule {
+            index: self.index,
+            peers,
+            ports,
+        })
+    }
+}
+
+/// One peer; `None` (with its errors) when any part of it cannot be read.
 fn parse_peer(
     namespace: &str,
     peer: &NetworkPolicyPeer,
     path: &str,
     errors: &mut Vec<FieldError>,
 ) -> Option<Peer> {
+    let before = errors.len();
     let set = [
         peer.pod_selector.is_some(),
         peer.namespace_selector.is_some(),
@@ -179,46 +285,46 @@ fn parse_peer(
         }
         return parse_ip_block(block, &format!("{path}.ipBlock"), errors).map(Peer::Block);
     }
-    let pods = parse_selector(
+    let pods = read_selector(
         peer.pod_selector.as_ref(),
         &format!("{path}.podSelector"),
         errors,
     );
     let namespaces = match &peer.namespace_selector {
         None => NamespaceMatch::Named(namespace.to_string()),
-        Some(sel) => NamespaceMatch::Selector(parse_selector(
+        Some(sel) => NamespaceMatch::Selector(read_selector(
             Some(sel),
             &format!("{path}.namespaceSelector"),
             errors,
         )),
     };
-    Some(Peer::Pods { namespaces, pods })
+    (errors.len() == before).then_some(Peer::Pods { namespaces, pods })
 }
 
-fn parse_cidr(text: &str) -> Result<IpNet, String> {
-    text.parse::<IpNet>()
-        .map(|n| n.trunc())
-        .map_err(|_| format!("invalid CIDR {text:?}"))
-}
-
+/// An ipBlock as the API server validates it (`ValidateIPBlock`): `cidr` and every
+/// `except` parse as `ParseCIDRSloppy` parses them, and each `except`'s address is in
+/// `cidr` with a longer prefix as written. `None` when any of it cannot be read: an
+/// `except` left out would allow what it excludes.
 fn parse_ip_block(block: &IPBlock, path: &str, errors: &mut Vec<FieldError>) -> Option<Block> {
-    let cidr = match parse_cidr(&block.cidr) {
-        Ok(c) => c,
-        Err(m) => {
-            errors.push(FieldError::new(format!("{path}.cidr"), m));
-            return None;
-        }
+    let Some(cidr) = cidr::parse(&block.cidr) else {
+        let message = if block.cidr.is_empty() {
+            "is required".to_string()
+        } else {
+            format!("invalid CIDR {:?}", block.cidr)
+        };
+        errors.push(FieldError::new(format!("{path}.cidr"), message));
+        return None;
     };
     let mut except = Vec::new();
     let mut ok = true;
     for (i, e) in block.except.iter().flatten().enumerate() {
         let field = format!("{path}.except[{i}]");
-        match parse_cidr(e) {
-            Err(m) => {
-                errors.push(FieldError::new(field, m));
+        match cidr::parse(e) {
+            None => {
+                errors.push(FieldError::new(field, format!("invalid CIDR {e:?}")));
                 ok = false;
             }
-            Ok(net) if net.max_prefix_len() != cidr.max_prefix_len() => {
+            Some(net) if net.net.max_prefix_len() != cidr.net.max_prefix_len() => {
                 errors.push(FieldError::new(
                     field,
                     format!(
@@ -228,21 +334,23 @@ fn parse_ip_block(block: &IPBlock, path: &str, errors: &mut Vec<FieldError>) -> 
                 ));
                 ok = false;
             }
-            Ok(net) if !(cidr.contains(&net) && net.prefix_len() > cidr.prefix_len()) => {
+            Some(net)
+                if !(cidr::contains_address(&cidr.net, &net.net)
+                    && cidr.written_len < net.written_len) =>
+            {
                 errors.push(FieldError::new(
                     field,
                     format!("{e:?} must be a strict subset of cidr {:?}", block.cidr),
                 ));
                 ok = false;
             }
-            Ok(net) => except.push(net),
+            Some(net) => except.push(net.net),
         }
     }
-    except.sort();
-    except.dedup();
-    ok.then_some(Block { cidr, except })
+    ok.then(|| Block::new(cidr.net, except))
 }
 
+/// One port entry; `None` (with its errors) when any part of it cannot be read.
 fn parse_port(
     port: &NetworkPolicyPort,
     path: &str,
@@ -341,6 +449,13 @@ mod tests {
         policy(json!({"metadata": {"name": "p", "namespace": "x"}, "spec": spec}))
     }
 
+    /// The reading of a policy that can be read in full.
+    fn complete(p: NetworkPolicy) -> ParsedPolicy {
+        let reading = parse_policy(&p);
+        assert_eq!(reading.errors, [], "{p:?}");
+        reading.parsed.expect("a named policy")
+    }
+
     fn errors(spec: serde_json::Value) -> Vec<(String, String)> {
         validate_policy(&np(spec))
             .unwrap_err()
@@ -413,12 +528,111 @@ mod tests {
     }
 
     #[test]
+    fn every_cidr_form_the_api_server_accepts_is_read() {
+        let block = |cidr: &str, except: &[&str]| {
+            let p = complete(np(
+                json!({"ingress": [{"from": [{"ipBlock": {"cidr": cidr, "except": except}}]}]}),
+            ));
+            match &p.ingress.unwrap()[0].peers.as_ref().unwrap()[0] {
+                Peer::Block(b) => (
+                    b.cidr.to_string(),
+                    b.except.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                ),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            block("010.0.0.0/08", &["010.001.000.000/16"]),
+            ("10.0.0.0/8".into(), vec!["10.1.0.0/16".into()])
+        );
+        // IPv4-mapped values are IPv4 networks, on either side: the subset test compares
+        // addresses as Go does and prefix lengths as written.
+        assert_eq!(
+            block("10.0.0.0/8", &["::ffff:10.1.0.0/112"]),
+            ("10.0.0.0/8".into(), vec!["10.1.0.0/16".into()])
+        );
+        assert_eq!(
+            block("::ffff:10.0.0.0/104", &["::ffff:10.1.0.0/112"]),
+            ("10.0.0.0/8".into(), vec!["10.1.0.0/16".into()])
+        );
+        // ... so an except may even cover all of cidr (the block is then empty).
+        assert_eq!(
+            block("10.0.0.0/16", &["::ffff:10.0.0.0/104"]),
+            ("10.0.0.0/16".into(), vec!["10.0.0.0/8".into()])
+        );
+        // An IPv6 block covering the IPv4-mapped range excludes it, as Go's Contains.
+        assert_eq!(
+            block("::/0", &["fd00::/8"]),
+            (
+                "::/0".into(),
+                vec!["::ffff:0.0.0.0/96".into(), "fd00::/8".into()]
+            )
+        );
+        assert_eq!(block("fd00::/8", &[]), ("fd00::/8".into(), vec![]));
+        assert_eq!(
+            fields(json!({"ingress": [{"from": [
+                {"ipBlock": {"cidr": "::ffff:10.0.0.0/104", "except": ["10.1.0.0/16"]}},
+                {"ipBlock": {"cidr": "::/0", "except": ["::ffff:10.1.0.0/112"]}},
+                {"ipBlock": {"cidr": ""}},
+            ]}]})),
+            [
+                "spec.ingress[0].from[0].ipBlock.except[0]",
+                "spec.ingress[0].from[1].ipBlock.except[0]",
+                "spec.ingress[0].from[2].ipBlock.cidr",
+            ]
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_read_is_left_out_never_widened() {
+        let reading = parse_policy(&np(json!({
+            "podSelector": {"matchLabels": {"app": "a"}},
+            "policyTypes": ["Egress"],
+            "egress": [
+                {"to": [{"podSelector": {}}, {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["bogus"]}}]},
+                {"to": [{}], "ports": [{"port": 53}]},
+                {"ports": [{"port": 0}, {"port": 80}]},
+                {"ports": [{"port": "Bad"}]},
+            ],
+        })));
+        let parsed = reading.parsed.unwrap();
+        let rules = parsed.egress.unwrap();
+        let shape: Vec<(usize, Option<usize>, Option<usize>)> = rules
+            .iter()
+            .map(|r| {
+                (
+                    r.index,
+                    r.peers.as_ref().map(Vec::len),
+                    r.ports.as_ref().map(Vec::len),
+                )
+            })
+            .collect();
+        assert_eq!(shape, [(0, Some(1), None), (2, None, Some(1))]);
+        let consequences: Vec<&str> = reading
+            .consequences
+            .iter()
+            .map(|c| c.field.as_str())
+            .collect();
+        assert_eq!(
+            consequences,
+            [
+                "spec.egress[0].to[1]",
+                "spec.egress[1].to[0]",
+                "spec.egress[1]",
+                "spec.egress[2].ports[0]",
+                "spec.egress[3].ports[0]",
+                "spec.egress[3]",
+            ]
+        );
+        assert!(parsed.ingress.is_none());
+    }
+
+    #[test]
     fn cidr_with_host_bits_is_masked() {
-        let p = parse_policy(&np(
+        let p = complete(np(
             json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.1.2.3/8",
             "except": ["10.1.2.3/16"]}}]}]}),
-        ))
-        .unwrap();
+        ));
         let peers = p.ingress.unwrap()[0].peers.clone().unwrap();
         assert_eq!(
             peers,
@@ -522,7 +736,7 @@ mod tests {
             ["spec.policyTypes"]
         );
 
-        let parsed = |spec| parse_policy(&np(spec)).unwrap();
+        let parsed = |spec| complete(np(spec));
         // Defaulting: Ingress always, Egress only with non-empty egress rules.
         let p = parsed(json!({}));
         assert!(p.ingress.is_some() && p.egress.is_none());
@@ -538,8 +752,9 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let p = parse_policy(&np(json!({"ingress": [{"from": [], "ports": []}, {"ports": [{}, {"port": 53, "protocol": "UDP"}]}]})))
-            .unwrap();
+        let p = complete(np(
+            json!({"ingress": [{"from": [], "ports": []}, {"ports": [{}, {"port": 53, "protocol": "UDP"}]}]}),
+        ));
         let rules = p.ingress.unwrap();
         assert!(rules[0].peers.is_none() && rules[0].ports.is_none());
         assert_eq!(

@@ -16,7 +16,7 @@ pub struct Kind {
     pub namespaced: bool,
 }
 
-pub const KINDS: [Kind; 5] = [
+pub const KINDS: [Kind; 8] = [
     Kind {
         kind: "Namespace",
         api_version: "v1",
@@ -43,6 +43,27 @@ pub const KINDS: [Kind; 5] = [
         api_version: "v1",
         group: "",
         resource: "nodes",
+        namespaced: false,
+    },
+    Kind {
+        kind: "Service",
+        api_version: "v1",
+        group: "",
+        resource: "services",
+        namespaced: true,
+    },
+    Kind {
+        kind: "EndpointSlice",
+        api_version: "discovery.k8s.io/v1",
+        group: "discovery.k8s.io",
+        resource: "endpointslices",
+        namespaced: true,
+    },
+    Kind {
+        kind: "ServiceCIDR",
+        api_version: "networking.k8s.io/v1",
+        group: "networking.k8s.io",
+        resource: "servicecidrs",
         namespaced: false,
     },
     Kind {

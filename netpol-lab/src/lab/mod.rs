@@ -1,6 +1,7 @@
 //! The emulated cluster: nodes, pods and external hosts in their network namespaces,
 //! the servers for their ports, and probes between them (see the crate documentation).
 
+pub mod services;
 mod underlay;
 
 use std::collections::BTreeMap;
@@ -33,6 +34,8 @@ pub struct Pod {
     pub host_if: String,
     /// Index of its node in [`Lab::nodes`].
     pub node: usize,
+    /// Annotations of its Pod object (none unless set with [`Lab::set_pod_annotation`]).
+    pub annotations: Labels,
     worker: Arc<NetnsWorker>,
 }
 
@@ -67,8 +70,18 @@ pub struct Node {
     /// The node's addresses (on loopback).
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
+    /// Whether its pods hang on the Linux bridge [`BRIDGE`] ([`Lab::set_bridged`]).
+    pub bridged: bool,
     worker: Arc<NetnsWorker>,
 }
+
+/// The bridge of a bridged node ([`Lab::set_bridged`]), as the bridge CNI plugin and
+/// flannel name theirs.
+pub const BRIDGE: &str = "cni0";
+/// The bridge's subnets and addresses (the pods' gateways): pods of a bridged node need
+/// addresses in them.
+pub const BRIDGE_IPV4: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 0, 0, 254), 24);
+pub const BRIDGE_IPV6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, 0, 0xfe), 64);
 
 static LABS_IN_PROCESS: AtomicU32 = AtomicU32::new(0);
 
@@ -84,6 +97,10 @@ pub struct Lab {
     hosts: Vec<Host>,
     created_netns: Vec<String>,
     next_index: u32,
+    services: Vec<services::Service>,
+    proxy_mode: services::ProxyMode,
+    /// Whether the nodes have their uplink (created with the first Service).
+    uplinks: bool,
     workdir: PathBuf,
     keep_workdir: bool,
     servers: serve::Servers,
@@ -149,6 +166,9 @@ impl Lab {
             hosts: Vec::new(),
             created_netns: Vec::new(),
             next_index: 1,
+            services: Vec::new(),
+            proxy_mode: services::ProxyMode::default(),
+            uplinks: false,
             workdir,
             keep_workdir: false,
             servers: serve::Servers::default(),
@@ -205,9 +225,84 @@ impl Lab {
             netns,
             ipv4,
             ipv6,
+            bridged: false,
             worker,
         });
         Ok(())
+    }
+
+    /// Makes node `node` a bridge-CNI node (the bridge plugin, flannel): its pods created
+    /// from now on hang on the Linux bridge [`BRIDGE`] (addresses [`BRIDGE_IPV4`] and
+    /// [`BRIDGE_IPV6`], the pods' gateways), with addresses in the bridge's subnets and no
+    /// per-pod route: the node reaches them through the bridge's subnet routes.
+    pub fn set_bridged(&mut self, node: usize) -> Result<()> {
+        let Some(n) = self.nodes.get(node) else {
+            bail!("no node {node} (the lab has {})", self.nodes.len());
+        };
+        if n.bridged {
+            return Ok(());
+        }
+        if self.pods.iter().any(|p| p.node == node) {
+            bail!("node {node} already has pods: make it bridged before adding them");
+        }
+        let ((v4, v4_len), (v6, v6_len)) = (BRIDGE_IPV4, BRIDGE_IPV6);
+        netns::ip_batch(
+            Some(&n.netns),
+            &[
+                format!("link add {BRIDGE} type bridge"),
+                format!("addr add {v4}/{v4_len} dev {BRIDGE}"),
+                format!("addr add {v6}/{v6_len} dev {BRIDGE} nodad"),
+                format!("link set {BRIDGE} up"),
+            ],
+        )
+        .with_context(|| format!("creating the bridge of node {node}"))?;
+        self.nodes[node].bridged = true;
+        Ok(())
+    }
+
+    /// Plumbs a pod of a bridged node: its veth's host end is a port of [`BRIDGE`], its
+    /// addresses are in the bridge's subnets, its default routes lead to the bridge's.
+    fn plumb_bridged(
+        &self,
+        node_ns: &str,
+        netns: &str,
+        node_if: &str,
+        ipv4: Option<Ipv4Addr>,
+        ipv6: Option<Ipv6Addr>,
+    ) -> Result<()> {
+        let ((gw4, len4), (gw6, len6)) = (BRIDGE_IPV4, BRIDGE_IPV6);
+        let mut inner = vec!["link set lo up".to_string()];
+        if let Some(ip) = ipv4 {
+            let same = |a: Ipv4Addr| u32::from(a) >> (32 - len4);
+            if same(ip) != same(gw4) || ip == gw4 {
+                bail!("a pod of a bridged node needs an IPv4 address in {gw4}/{len4} (not {ip})");
+            }
+            inner.push(format!("addr add {ip}/{len4} dev eth0"));
+        }
+        if let Some(ip) = ipv6 {
+            let same = |a: Ipv6Addr| u128::from(a) >> (128 - len6);
+            if same(ip) != same(gw6) || ip == gw6 {
+                bail!("a pod of a bridged node needs an IPv6 address in {gw6}/{len6} (not {ip})");
+            }
+            inner.push(format!("addr add {ip}/{len6} dev eth0 nodad"));
+        }
+        inner.push("link set eth0 up".into());
+        if ipv4.is_some() {
+            inner.push(format!("route add default via {gw4} dev eth0"));
+        }
+        if ipv6.is_some() {
+            inner.push(format!("route add default via {gw6} dev eth0"));
+        }
+        netns::ip_batch(
+            Some(node_ns),
+            &[
+                format!("link add {node_if} type veth peer name eth0 netns {netns}"),
+                format!("link set {node_if} master {BRIDGE}"),
+                format!("link set {node_if} up"),
+            ],
+        )
+        .with_context(|| format!("wiring {netns} into the bridge"))?;
+        netns::ip_batch(Some(netns), &inner).with_context(|| format!("configuring {netns}"))
     }
 
     /// Name of node `n`: [`NODE_NAME`] for node 0, `lab-node-<n>` for the others.
@@ -329,6 +424,24 @@ impl Lab {
         Ok(())
     }
 
+    /// Sets an annotation of a pod's object (rewrite the manifests or publish the
+    /// objects afterwards), e.g. to see what the agent makes of hostile ones.
+    pub fn set_pod_annotation(
+        &mut self,
+        id: &str,
+        key: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<()> {
+        let (ns, name) = id.split_once('/').context("pod ids are namespace/name")?;
+        let pod = self
+            .pods
+            .iter_mut()
+            .find(|p| p.namespace == ns && p.name == name)
+            .with_context(|| format!("no pod {id}"))?;
+        pod.annotations.insert(key.into(), value.into());
+        Ok(())
+    }
+
     fn take_index(&mut self) -> u32 {
         let i = self.next_index;
         self.next_index += 1;
@@ -368,6 +481,10 @@ impl Lab {
             Ok(())
         })??;
 
+        if kind == 'p' && self.nodes[node].bridged {
+            self.plumb_bridged(&node_ns, &netns, &node_if, ipv4, ipv6)?;
+            return Ok((netns, node_if, worker));
+        }
         let mut on_node = vec![
             format!("link add {node_if} type veth peer name eth0 netns {netns}"),
             format!("link set {node_if} up"),
@@ -436,8 +553,10 @@ impl Lab {
             netns,
             host_if,
             node: spec.node,
+            annotations: Labels::new(),
             worker,
         });
+        self.sync_services()?;
         Ok(self.pods.last().expect("just pushed"))
     }
 
@@ -463,7 +582,7 @@ impl Lab {
         drop(pod); // Ends its worker thread, which lives in the netns.
         netns::delete_netns([netns.as_str()])?;
         self.created_netns.retain(|n| *n != netns);
-        Ok(())
+        self.sync_services()
     }
 
     /// Creates an endpoint outside the cluster, in its own netns behind a veth to the
@@ -568,6 +687,80 @@ impl Lab {
         Ok(self.endpoint(id)?.0)
     }
 
+    /// How kube-proxy's rules are written on the nodes (iptables by default).
+    pub fn set_proxy_mode(&mut self, mode: services::ProxyMode) -> Result<()> {
+        self.proxy_mode = mode;
+        self.sync_services()
+    }
+
+    /// Adds a Service (ClusterIPs from [`services::SERVICE_RANGE_V4`] and `_V6`) and
+    /// writes kube-proxy's rules for it on every node. Probe it as `svc/NS/NAME` on a
+    /// Service port.
+    pub fn add_service(&mut self, spec: services::ServiceSpec) -> Result<&services::Service> {
+        let id = format!("{}/{}", spec.namespace, spec.name);
+        if self.service(&id).is_some() {
+            bail!("Service {id} already exists");
+        }
+        let n = u32::try_from(self.services.len()).unwrap_or(u32::MAX) + 10;
+        let (v4, _) = services::SERVICE_RANGE_V4;
+        let (v6, _) = services::SERVICE_RANGE_V6;
+        let ipv4 = Ipv4Addr::from(u32::from(v4) + n);
+        let ipv6 = Ipv6Addr::from(u128::from(v6) + u128::from(n));
+        self.namespaces.entry(spec.namespace.clone()).or_default();
+        self.services.push(services::Service { spec, ipv4, ipv6 });
+        self.sync_services()?;
+        Ok(self.services.last().expect("just pushed"))
+    }
+
+    /// The lab's Services.
+    pub fn services(&self) -> &[services::Service] {
+        &self.services
+    }
+
+    /// A Service by `namespace/name`.
+    pub fn service(&self, id: &str) -> Option<&services::Service> {
+        self.services.iter().find(|s| s.id() == id)
+    }
+
+    /// Every Service port with its endpoints, per family (what kube-proxy programs).
+    pub fn service_frontends(&self) -> Vec<services::Frontend> {
+        services::frontends(&self.services, self.pods.iter())
+    }
+
+    /// Writes kube-proxy's rules for the current Services and pods on every node.
+    fn sync_services(&mut self) -> Result<()> {
+        if self.services.is_empty() {
+            return Ok(());
+        }
+        if !self.uplinks {
+            // A real node routes what is not translated out of its uplink (a default
+            // route): kube-proxy's reject for Service ports without endpoints happens
+            // in FORWARD, on the way there.
+            let (v4, v4_len) = services::SERVICE_RANGE_V4;
+            let (v6, v6_len) = services::SERVICE_RANGE_V6;
+            for node in &self.nodes {
+                netns::ip_batch(
+                    Some(&node.netns),
+                    &[
+                        "link add uplink type veth peer name uplink-end".into(),
+                        "link set uplink up".into(),
+                        "link set uplink-end up".into(),
+                        format!("route add {v4}/{v4_len} dev uplink"),
+                        format!("route add {v6}/{v6_len} dev uplink"),
+                    ],
+                )
+                .with_context(|| format!("giving {} an uplink", node.name))?;
+            }
+            self.uplinks = true;
+        }
+        let frontends = self.service_frontends();
+        for node in &self.nodes {
+            services::apply(&node.netns, self.proxy_mode, &frontends)
+                .with_context(|| format!("kube-proxy's rules on {}", node.name))?;
+        }
+        Ok(())
+    }
+
     /// Runs one probe. See [`Probe`] for what allowed means.
     pub fn probe(&self, probe: &Probe, timeout: std::time::Duration) -> Result<ProbeResult> {
         Ok(self
@@ -590,7 +783,18 @@ impl Lab {
         let mut resolved = Vec::with_capacity(probes.len());
         for p in probes {
             let (src, src4, src6) = self.endpoint(&p.src)?;
-            let (_, dst4, dst6) = self.endpoint(&p.dst)?;
+            let (dst4, dst6) = match p.dst.strip_prefix("svc/") {
+                Some(id) => {
+                    let service = self
+                        .service(id)
+                        .with_context(|| format!("no Service {id}"))?;
+                    (Some(service.ipv4), Some(service.ipv6))
+                }
+                None => {
+                    let (_, dst4, dst6) = self.endpoint(&p.dst)?;
+                    (dst4, dst6)
+                }
+            };
             let (dst, has_src) = match p.family {
                 Family::V4 => (dst4.map(IpAddr::V4), src4.is_some()),
                 Family::V6 => (dst6.map(IpAddr::V6), src6.is_some()),

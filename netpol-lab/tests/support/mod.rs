@@ -3,13 +3,15 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use netpol_lab::apiserver::ApiServer;
 use netpol_lab::{
     AgentProcess, Family, Lab, ManifestDir, NODE, NetnsWorker, PodSpec, Port, Probe, Protocol,
 };
+use serde_json::{Value, json};
 
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -261,3 +263,188 @@ spec:
   ingress:
     - from: [{podSelector: {matchLabels: {pod: c}}}]
 "#;
+
+/// The lab with a running agent in Kubernetes mode, fed by the API server double
+/// (listening on 127.0.0.1 inside node 0's namespace, where the agent runs).
+pub struct KubeCluster {
+    // Field order is drop order: the agent, then the double, then its runtime, then the lab.
+    pub agent: AgentProcess,
+    server: ApiServer,
+    runtime: tokio::runtime::Runtime,
+    pub lab: Lab,
+}
+
+impl KubeCluster {
+    /// Starts the double with node 0's Node object and the lab's objects plus
+    /// `policies`, then the agent (`--kubeconfig`, then `extra`), and waits until it has
+    /// all of it in the kernel.
+    pub fn start(lab: Lab, agent: &Path, policies: &[Value], extra: &[&str]) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("the double's runtime");
+        let listener = lab
+            .worker(NODE)
+            .expect("node worker")
+            .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("node worker")
+            .expect("binding the double in the node namespace");
+        let server = {
+            let _entered = runtime.enter();
+            ApiServer::start_on(listener).expect("starting the double")
+        };
+        server.apply(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": netpol_lab::NODE_NAME},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": netpol_lab::NODE_IPV4.to_string()},
+                {"type": "InternalIP", "address": netpol_lab::NODE_IPV6.to_string()},
+            ]},
+        }));
+        let kubeconfig = lab.workdir().join("kubeconfig");
+        std::fs::write(&kubeconfig, server.kubeconfig()).expect("writing the kubeconfig");
+        let mut args = vec![
+            std::ffi::OsString::from("--kubeconfig"),
+            kubeconfig.into_os_string(),
+        ];
+        args.extend(extra.iter().map(std::ffi::OsString::from));
+        let agent =
+            AgentProcess::start_with_source(&lab, agent, &args).expect("starting the agent");
+        let mut cluster = KubeCluster {
+            agent,
+            server,
+            runtime,
+            lab,
+        };
+        cluster.publish(policies);
+        cluster
+    }
+
+    /// Replaces every Namespace, Pod and NetworkPolicy in the double with the lab's and
+    /// `policies`, and waits until the agent reports the double's resourceVersion.
+    pub fn publish(&mut self, policies: &[Value]) {
+        let objects = netpol_lab::cluster_objects(&self.lab);
+        let of_kind = |kind: &str| -> Vec<Value> {
+            objects
+                .iter()
+                .filter(|o| o["kind"] == kind)
+                .cloned()
+                .collect()
+        };
+        let version = {
+            let _entered = self.runtime.enter();
+            self.server.replace_all("Namespace", of_kind("Namespace"));
+            self.server.replace_all("Pod", of_kind("Pod"));
+            self.server.replace_all("NetworkPolicy", policies.to_vec())
+        };
+        self.agent
+            .wait_generation(version, AGENT_TIMEOUT)
+            .expect("the agent applied the objects");
+    }
+
+    /// [`check`] with the agent's log on failure.
+    pub fn check(&self, expectations: &[(Probe, bool)]) {
+        check(&self.lab, expectations, Some(&self.agent));
+    }
+}
+
+/// A NetworkPolicy object from its YAML.
+pub fn policy_object(yaml: &str) -> Value {
+    serde_norway::from_str(yaml).expect("a policy in YAML")
+}
+
+/// An IPv4 + UDP packet (IP_HDRINCL): the kernel fills the IP checksum and length; a UDP
+/// checksum of 0 means "none" in IPv4.
+pub fn udp_packet(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + 8 + payload.len();
+    let mut p = vec![0u8; 20];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.ip().octets());
+    p[16..20].copy_from_slice(&dst.ip().octets());
+    p.extend_from_slice(&src.port().to_be_bytes());
+    p.extend_from_slice(&dst.port().to_be_bytes());
+    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// Sends `payload` from `from`'s namespace with source `src` (raw, any address).
+pub fn send_raw(from: &NetnsWorker, src: SocketAddrV4, dst: SocketAddrV4, payload: &'static [u8]) {
+    from.run(move || -> std::io::Result<()> {
+        let raw = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+        )?;
+        raw.send_to(&udp_packet(src, dst, payload), &SocketAddr::V4(dst).into())?;
+        Ok(())
+    })
+    .expect("worker")
+    .expect("sending the crafted datagram");
+}
+
+/// Whether `socket` receives `payload` within a second.
+pub fn receives(socket: &UdpSocket, payload: &[u8]) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let mut buf = [0u8; 64];
+    while std::time::Instant::now() < deadline {
+        match socket.recv(&mut buf) {
+            Ok(n) if &buf[..n] == payload => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// A UDP socket bound to `ip:port` in `worker`'s namespace, reading with a short timeout.
+pub fn listen_udp(worker: &NetnsWorker, ip: Ipv4Addr, port: u16) -> UdpSocket {
+    let socket = worker
+        .run(move || UdpSocket::bind(SocketAddrV4::new(ip, port)))
+        .expect("worker")
+        .expect("binding a UDP socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    socket
+}
+
+/// Whether pod `spoofer` gets a datagram carrying pod `victim`'s address through to pod
+/// `echo`'s UDP echo server on port 80 (which would echo it to `victim`). Before that it
+/// checks that the path works: `spoofer`'s datagram with its own address is echoed.
+pub fn borrows_address(lab: &Lab, spoofer: &str, victim: &str, echo: &str) -> bool {
+    let (s, v, e) = (
+        lab.pod(spoofer).unwrap(),
+        lab.pod(victim).unwrap(),
+        lab.pod(echo).unwrap(),
+    );
+    let echo = SocketAddrV4::new(e.ipv4, 80);
+    let worker_s = NetnsWorker::spawn(&s.netns).expect("spoofer worker");
+    let worker_v = NetnsWorker::spawn(&v.netns).expect("victim worker");
+    let at_v = listen_udp(&worker_v, v.ipv4, 40_011);
+    let at_s = listen_udp(&worker_s, s.ipv4, 40_012);
+    send_raw(
+        &worker_s,
+        SocketAddrV4::new(s.ipv4, 40_012),
+        echo,
+        b"honest",
+    );
+    assert!(
+        receives(&at_s, b"honest"),
+        "{spoofer}'s own datagram to {echo} is echoed"
+    );
+    for _ in 0..3 {
+        send_raw(
+            &worker_s,
+            SocketAddrV4::new(v.ipv4, 40_011),
+            echo,
+            b"borrowed",
+        );
+    }
+    receives(&at_v, b"borrowed")
+}

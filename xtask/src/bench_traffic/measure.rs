@@ -12,20 +12,22 @@ use anyhow::{Context, Result, bail};
 use netpol_lab::Lab;
 
 use super::report::Row;
+use super::setups::Target;
 use super::{RR_PORT, STREAM_PORT, Sizes};
 
 const WRITE_SIZE: usize = 64 * 1024;
 
 /// One run of `row`'s setup: a throughput stream, then request/response, from x/client
 /// pinned to CPU 0 (the servers run on CPU 1).
-pub(super) fn measure(lab: &Lab, server: Ipv4Addr, sizes: Sizes, row: &mut Row) -> Result<()> {
+pub(super) fn measure(lab: &Lab, target: Target, sizes: Sizes, row: &mut Row) -> Result<()> {
     let client = lab.worker("x/client")?;
     client.run(|| pin_to_cpu(0))?;
-    let stream_addr = SocketAddr::new(server.into(), STREAM_PORT);
+    let server = target.ip;
+    let stream_addr = SocketAddr::new(server.into(), STREAM_PORT + target.port_offset);
     let conn =
         client.run(move || TcpStream::connect_timeout(&stream_addr, Duration::from_secs(2)))??;
     row.gbits.push(stream(conn, sizes.stream_for)?);
-    let rr_addr = SocketAddr::new(server.into(), RR_PORT);
+    let rr_addr = SocketAddr::new(server.into(), RR_PORT + target.port_offset);
     let conn =
         client.run(move || TcpStream::connect_timeout(&rr_addr, Duration::from_secs(2)))??;
     let (p50, p99) = request_response(conn, sizes.round_trips)?;

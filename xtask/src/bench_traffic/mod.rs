@@ -1,7 +1,9 @@
 //! `cargo xtask bench traffic`: pod-to-pod TCP throughput and 1-byte request/response
 //! latency on an emulated node, with no enforcement, with netpol enforcing 1,000
 //! NetworkPolicies, and with the same policies enforced the iptables + ipset way (as
-//! kube-router does). See docs/BENCHMARKS.md ("Traffic").
+//! kube-router does); then pod to Service (kube-proxy's iptables rules on the node)
+//! without enforcement and with netpol, the client egress-isolated so that every
+//! connection is judged after translation. See docs/BENCHMARKS.md ("Traffic").
 //!
 //! - `setups.rs`: switching each setup's enforcement on and off, checked by probes;
 //! - `measure.rs`: the servers in x/server and one measurement run from x/client;
@@ -23,7 +25,7 @@ use netpol_lab::{Lab, ManifestDir, PodSpec, Port};
 use crate::ui;
 use iptables::IptablesRules;
 use measure::BenchServers;
-use policies::{generate_policies, policies_yaml};
+use policies::{CLIENT_EGRESS, generate_policies, policies_yaml};
 use report::{Facts, Row};
 use setups::{NAMES, Setups, check_enforcement};
 
@@ -34,6 +36,8 @@ const POLICIES: usize = 1000;
 /// Policies that select the server (the rest select other, absent, pods).
 const SERVER_POLICIES: usize = 10;
 const OTHER_NAMESPACES: usize = 20;
+/// x/server's Service ports are its ports plus this.
+const SERVICE_OFFSET: u16 = 10_000;
 
 /// Sizes of one run.
 #[derive(Clone, Copy, Debug)]
@@ -88,6 +92,16 @@ pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
     // Not allowed by any policy: proves the policies are in force.
     lab.add_pod(PodSpec::new("x", "intruder").label("app", "intruder"))?;
 
+    let mut service = netpol_lab::ServiceSpec::new("x", "server").select("app", "server");
+    for port in [STREAM_PORT, RR_PORT, PROBE_PORT] {
+        service = service.port(netpol_lab::ServicePort {
+            name: Some(format!("tcp-{port}")),
+            protocol: netpol_lab::Protocol::Tcp,
+            port: port + SERVICE_OFFSET,
+            target: netpol_lab::TargetPort::Number(port),
+        });
+    }
+    let service_ip = lab.add_service(service)?.ipv4;
     let server = lab.pod("x/server").context("x/server")?;
     let server_ip = server.ipv4;
     let servers = BenchServers::start(&lab, server_ip)?;
@@ -96,9 +110,17 @@ pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
     let iptables_counts = (rules.chains, rules.rules, rules.sets, rules.set_members);
     let mut manifests = ManifestDir::create(lab.workdir().join("manifests"))?;
     let generation = manifests.write(&lab, &policies_yaml(&policies)?)?;
+    let mut isolated_client = ManifestDir::create(lab.workdir().join("manifests-egress"))?;
+    let isolated_generation = isolated_client.write(
+        &lab,
+        &format!("{}{CLIENT_EGRESS}", policies_yaml(&policies)?),
+    )?;
     let mut setups = Setups {
         lab: &lab,
         server_ip,
+        service_ip,
+        isolated_client: &isolated_client,
+        isolated_generation,
         sizes,
         agent_bin,
         manifests: &manifests,

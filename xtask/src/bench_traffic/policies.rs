@@ -160,3 +160,17 @@ pub(super) fn policies_yaml(policies: &[Policy]) -> Result<String> {
     }
     Ok(out)
 }
+
+/// x/client egress-isolated, allowed to x/server's benchmark and probe ports: with it,
+/// each connection through the Service is judged after translation, on x/server.
+pub(super) const CLIENT_EGRESS: &str = r#"---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-egress, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress:
+    - to: [{podSelector: {matchLabels: {app: server}}}]
+      ports: [{protocol: TCP, port: 5201}, {protocol: TCP, port: 5202}, {protocol: TCP, port: 80}]
+"#;

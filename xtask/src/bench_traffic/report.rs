@@ -84,7 +84,8 @@ pub(super) struct Facts {
     pub started: Instant,
 }
 
-/// Prints the table (`rows` in order: none, netpol, iptables) and writes
+/// Prints the table (`rows` in order: none, netpol, iptables, then none and netpol
+/// through a Service) and writes
 /// `target/bench/traffic.json`.
 pub(super) fn write(rows: &[Row], facts: &Facts) -> Result<()> {
     let Facts {
@@ -118,6 +119,15 @@ pub(super) fn write(rows: &[Row], facts: &Facts) -> Result<()> {
     let netpol = &rows[1];
     let tput_ok = netpol.gbit() >= 0.95 * base.gbit();
     let p99_ok = netpol.p99() <= 1.1 * base.p99();
+    // Through the Service: netpol against no enforcement through the same Service.
+    let (service_base, service_netpol) = (&rows[3], &rows[4]);
+    let _ = writeln!(
+        out,
+        "through a Service, netpol / none through the same Service: throughput {:.2}×, RR p50 {:.2}×, p99 {:.2}×",
+        service_netpol.gbit() / service_base.gbit(),
+        service_netpol.p50() / service_base.p50(),
+        service_netpol.p99() / service_base.p99(),
+    );
     // The same ratios round by round (each setup against "none" of its own round), then
     // the median: drift between rounds cancels out. Shown beside the targets, which are
     // judged on the ratios of the medians above.

@@ -13,16 +13,27 @@ use netpol_lab::{AgentProcess, Lab, ManifestDir, Probe};
 use super::iptables::IptablesRules;
 use super::measure::measure;
 use super::report::Row;
-use super::{PROBE_PORT, Sizes};
+use super::{PROBE_PORT, SERVICE_OFFSET, Sizes};
 use crate::ui;
 
 /// The setups, in the order they are reported.
-pub(super) const NAMES: [&str; 3] = ["none", "netpol (1,000 policies)", "iptables + ipset"];
+pub(super) const NAMES: [&str; 5] = [
+    "none",
+    "netpol (1,000 policies)",
+    "iptables + ipset",
+    "through a Service: none",
+    "through a Service: netpol (client egress-isolated)",
+];
 
 /// What the setups need to switch enforcement on and off, and how long that took.
 pub(super) struct Setups<'a> {
     pub lab: &'a Lab,
     pub server_ip: Ipv4Addr,
+    /// x/server's ClusterIP (its ports plus `SERVICE_OFFSET`).
+    pub service_ip: Ipv4Addr,
+    /// The policies plus x/client's egress policy, and their generation.
+    pub isolated_client: &'a ManifestDir,
+    pub isolated_generation: u64,
     pub sizes: Sizes,
     pub agent_bin: &'a Path,
     /// Where the agent reads the cluster and the policies from.
@@ -39,30 +50,42 @@ pub(super) struct Setups<'a> {
 impl Setups<'_> {
     /// One run of setup `setup` (an index of [`NAMES`]) into `row`.
     pub fn run(&mut self, setup: usize, row: &mut Row) -> Result<()> {
+        let direct = Target::direct(self.server_ip);
+        let service = Target::service(self.service_ip);
         match setup {
-            0 => measure(self.lab, self.server_ip, self.sizes, row),
-            1 => self.netpol(row),
-            _ => self.iptables(row),
+            0 => measure(self.lab, direct, self.sizes, row),
+            1 => self.netpol(direct, row),
+            2 => self.iptables(row),
+            3 => measure(self.lab, service, self.sizes, row),
+            _ => self.netpol(service, row),
         }
     }
 
-    fn netpol(&mut self, row: &mut Row) -> Result<()> {
+    fn netpol(&mut self, target: Target, row: &mut Row) -> Result<()> {
         let lab = self.lab;
         let started = Instant::now();
+        let (manifests, generation) = if target.via_service {
+            (self.isolated_client, self.isolated_generation)
+        } else {
+            (self.manifests, self.generation)
+        };
         // Detach on exit: after the run the node is back to no enforcement.
         let source = [
             OsString::from("--manifests"),
-            self.manifests.path().as_os_str().to_owned(),
+            manifests.path().as_os_str().to_owned(),
             OsString::from("--on-exit"),
             OsString::from("detach"),
         ];
         let mut agent = AgentProcess::start_with_source(lab, self.agent_bin, &source)?;
         agent
-            .wait_generation(self.generation, Duration::from_secs(60))
+            .wait_generation(generation, Duration::from_secs(60))
             .with_context(|| format!("agent log:\n{}", agent.log_tail(30)))?;
         self.agent_ready = self.agent_ready.max(started.elapsed());
         check_enforcement(lab, true, "netpol")?;
-        measure(lab, self.server_ip, self.sizes, row)?;
+        if target.via_service {
+            check_through_service(lab)?;
+        }
+        measure(lab, target, self.sizes, row)?;
         let exit = agent.stop()?;
         // The kernel releases the links as the last references go: allow it a moment
         // (bounded).
@@ -83,7 +106,7 @@ impl Setups<'_> {
         self.rules.load(lab.node_netns())?;
         self.iptables_load = self.iptables_load.max(started.elapsed());
         check_enforcement(lab, true, "iptables")?;
-        measure(lab, self.server_ip, self.sizes, row)?;
+        measure(lab, Target::direct(self.server_ip), self.sizes, row)?;
         IptablesRules::unload(lab.node_netns())?;
         check_enforcement(lab, false, "none, after removing the iptables rules")
     }
@@ -116,5 +139,52 @@ pub(super) fn check_enforcement(lab: &Lab, enforced: bool, what: &str) -> Result
         "{what}: client allowed, intruder {}",
         if enforced { "blocked" } else { "allowed" }
     ));
+    Ok(())
+}
+
+/// Where x/client connects: x/server itself, or its Service.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Target {
+    pub ip: Ipv4Addr,
+    /// Added to the benchmark ports.
+    pub port_offset: u16,
+    pub via_service: bool,
+}
+
+impl Target {
+    fn direct(ip: Ipv4Addr) -> Self {
+        Target {
+            ip,
+            port_offset: 0,
+            via_service: false,
+        }
+    }
+
+    fn service(ip: Ipv4Addr) -> Self {
+        Target {
+            ip,
+            port_offset: SERVICE_OFFSET,
+            via_service: true,
+        }
+    }
+}
+
+/// With x/client egress-isolated: its connection through the Service is allowed (judged
+/// on x/server's port 80), x/intruder's (blocked by x/server's ingress) is not.
+fn check_through_service(lab: &Lab) -> Result<()> {
+    let port = PROBE_PORT + SERVICE_OFFSET;
+    let probes = [
+        Probe::tcp("x/client", "svc/x/server", port),
+        Probe::tcp("x/intruder", "svc/x/server", port),
+    ];
+    let results = lab.probe_all(&probes, Duration::from_millis(300))?;
+    if !results[0].outcome.is_allowed() || !results[1].outcome.is_blocked() {
+        bail!(
+            "through the Service: x/client was {}, x/intruder {} (expected allowed, blocked)",
+            results[0].outcome,
+            results[1].outcome
+        );
+    }
+    ui::ok("through the Service: client allowed, intruder blocked");
     Ok(())
 }

@@ -140,7 +140,14 @@ impl KubeFeed {
             }
         }
         let _entered = self.runtime.enter();
-        for kind in ["Namespace", "Pod", "NetworkPolicy"] {
+        for kind in [
+            "Namespace",
+            "Pod",
+            "NetworkPolicy",
+            "Service",
+            "EndpointSlice",
+            "ServiceCIDR",
+        ] {
             let of_kind: Vec<Value> = objects
                 .iter()
                 .filter(|o| o["kind"].as_str() == Some(kind))

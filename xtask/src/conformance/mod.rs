@@ -46,6 +46,26 @@ pub enum SourceKind {
     Kube,
 }
 
+/// How probes travel between pods (FORMAT.md, "Worlds").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// To the destination pod's address.
+    #[default]
+    Direct,
+    /// To the destination pod's own Service (ClusterIP, a Service port that differs from
+    /// the target port), translated by kube-proxy's rules on the node; plus each pod to
+    /// itself through its Service (hairpin).
+    Service,
+}
+
+/// kube-proxy's mode on the emulated nodes (`--via service`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyMode {
+    #[default]
+    Iptables,
+    Nftables,
+}
+
 /// How to run.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -63,6 +83,8 @@ pub struct Options {
     pub jobs: usize,
     /// Nodes per lab, one agent each (local mode only when more than one).
     pub nodes: usize,
+    pub via: Via,
+    pub proxy_mode: ProxyMode,
     pub json: Option<PathBuf>,
 }
 
@@ -279,6 +301,18 @@ pub(crate) fn check_step(
     endpoints: &Endpoints,
     probe: impl FnOnce(&[Probe]) -> Result<Vec<netpol_lab::Outcome>>,
 ) -> Result<StepResult> {
+    check_step_with(step, index, endpoints, false, probe)
+}
+
+/// [`check_step`], with each pod also probing itself when `hairpin` (through its own
+/// Service: always allowed, a pod is never blocked from itself).
+pub(crate) fn check_step_with(
+    step: &Step,
+    index: usize,
+    endpoints: &Endpoints,
+    hairpin: bool,
+    probe: impl FnOnce(&[Probe]) -> Result<Vec<netpol_lab::Outcome>>,
+) -> Result<StepResult> {
     let mut probes = Vec::new();
     let mut expected = Vec::new();
     for (e, expect) in step.expect.iter().enumerate() {
@@ -289,6 +323,10 @@ pub(crate) fn check_step(
             }
             for (src, _) in endpoints {
                 if src == dst {
+                    if hairpin && !src.starts_with("host/") {
+                        probes.push(Probe::new(src.clone(), dst.clone(), expect.port, protocol));
+                        expected.push((e, Verdict::Allowed));
+                    }
                     continue;
                 }
                 probes.push(Probe::new(src.clone(), dst.clone(), expect.port, protocol));
@@ -333,7 +371,52 @@ struct Runner<'a> {
     manifests: ManifestDir,
     kube: Option<kube::KubeFeed>,
     policies: BTreeMap<(String, String), Value>,
+    /// The case applies ClusterNetworkPolicy objects in some step.
+    has_cluster_network_policies: bool,
     options: &'a Options,
+}
+
+/// The port of a pod's own Service in front of its container port `target` (FORMAT.md:
+/// different from the target port, below 65536).
+pub fn service_port(target: u16) -> u16 {
+    if target <= 55_535 {
+        target + 10_000
+    } else {
+        target - 10_000
+    }
+}
+
+/// The Service of its own that `--via service` gives a pod: no selector (case steps
+/// relabel pods), the pod as the only endpoint, one Service port per container port,
+/// targeting the port by name where it has one.
+fn own_service(pod: &case::PodDef) -> Result<netpol_lab::ServiceSpec> {
+    let (ns, name) = case::split_pod(&pod.name)?;
+    let mut spec = netpol_lab::ServiceSpec::new(ns, name).backends([pod.name.clone()]);
+    for port in &pod.ports {
+        let protocol = lab_protocol(port.protocol);
+        spec = spec.port(netpol_lab::ServicePort {
+            name: Some(format!("{}-{}", protocol.k8s().to_lowercase(), port.port)),
+            protocol,
+            port: service_port(port.port),
+            target: match &port.name {
+                Some(name) => netpol_lab::TargetPort::Name(name.clone()),
+                None => netpol_lab::TargetPort::Number(port.port),
+            },
+        });
+    }
+    Ok(spec)
+}
+
+/// A probe to a pod, made to its Service instead (hosts stay direct).
+fn through_service(probe: &Probe) -> Probe {
+    if probe.src.starts_with("host/") || probe.dst.starts_with("host/") {
+        return probe.clone();
+    }
+    Probe {
+        dst: format!("svc/{}", probe.dst),
+        port: service_port(probe.port),
+        ..probe.clone()
+    }
 }
 
 impl Addresses for Lab {
@@ -403,6 +486,15 @@ impl<'a> Runner<'a> {
             lab.add_pod(spec)
                 .with_context(|| format!("creating pod {}", pod.name))?;
         }
+        if options.via == Via::Service {
+            if options.proxy_mode == ProxyMode::Nftables {
+                lab.set_proxy_mode(netpol_lab::ProxyMode::Nftables)?;
+            }
+            for pod in &plan.pods {
+                lab.add_service(own_service(pod)?)
+                    .with_context(|| format!("creating the Service of {}", pod.name))?;
+            }
+        }
         for host in &plan.hosts {
             let ports: Vec<Port> = host.ports.iter().map(lab_port).collect();
             let node = next_node.next().expect("cycles forever");
@@ -420,6 +512,11 @@ impl<'a> Runner<'a> {
             kube,
             agents: Vec::new(),
             policies: BTreeMap::new(),
+            has_cluster_network_policies: case.steps.iter().any(|step| {
+                step.apply.iter().any(|object| {
+                    object.get("kind").and_then(Value::as_str) == Some("ClusterNetworkPolicy")
+                })
+            }),
             options,
         })
     }
@@ -571,8 +668,17 @@ impl<'a> Runner<'a> {
     }
 
     fn check(&self, step: &Step, index: usize) -> Result<StepResult> {
-        check_step(step, index, &self.endpoints(), |probes| {
-            let results = self.lab.probe_all(probes, self.options.timeout)?;
+        let via_service = self.options.via == Via::Service;
+        // Upstream subjects hairpin traffic to ClusterNetworkPolicy (FORMAT.md): not
+        // checked in cases that carry any.
+        let hairpin = via_service && !self.has_cluster_network_policies;
+        check_step_with(step, index, &self.endpoints(), hairpin, |probes| {
+            let probes: Vec<Probe> = if via_service {
+                probes.iter().map(through_service).collect()
+            } else {
+                probes.to_vec()
+            };
+            let results = self.lab.probe_all(&probes, self.options.timeout)?;
             Ok(results.into_iter().map(|r| r.outcome).collect())
         })
     }

@@ -54,6 +54,9 @@ impl std::fmt::Display for HookExplanation {
                     self.direction
                 );
             }
+            HookVerdict::Itself => {
+                return writeln!(f, "the pod reaching itself: never blocked → allowed");
+            }
             _ => {}
         }
         let names: Vec<String> = self.isolated_by.iter().map(ToString::to_string).collect();
@@ -94,7 +97,7 @@ impl std::fmt::Display for HookExplanation {
                 f,
                 "  → dropped: isolated, and no rule allows {port} {towards} {peer}"
             )?,
-            HookVerdict::NotLocal | HookVerdict::NotIsolated => {}
+            HookVerdict::NotLocal | HookVerdict::NotIsolated | HookVerdict::Itself => {}
         }
         if !self.analysis_agrees {
             writeln!(

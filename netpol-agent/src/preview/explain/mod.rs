@@ -17,7 +17,7 @@
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netpol_common::Reason;
 use serde::Serialize;
@@ -106,7 +106,8 @@ pub struct HookExplanation {
     pub port: PortProtocol,
     /// The decision replayed over the compiled maps.
     pub verdict: HookVerdict,
-    /// Valid policies that select the pod with this policy type (empty: not isolated).
+    /// Policies in force that select the pod with this policy type (empty: not
+    /// isolated).
     #[serde(serialize_with = "display_list")]
     pub isolated_by: Vec<ObjectRef>,
     /// The peer's identity, when the pod is isolated and the maps were consulted.
@@ -134,6 +135,8 @@ pub enum HookVerdict {
     NotIsolated,
     /// Ingress from the pod's own node: always allowed (kubelet probes).
     FromNode,
+    /// The pod reaching itself (through its own Service): never blocked.
+    Itself,
     /// Allowed by this rule (the one the POLICY map entry names).
     Allowed {
         #[serde(serialize_with = "as_display")]
@@ -168,7 +171,8 @@ pub struct RuleCheck {
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum RuleResult {
     Matches,
-    /// The policy isolates without rules in this direction (a "deny" policy).
+    /// The policy isolates without rules in this direction (a "deny" policy, or one
+    /// whose rules cannot be read).
     NoRules,
     /// Every part of the rule that does not match.
     NoMatch {
@@ -410,6 +414,7 @@ impl<'a> Analysis<'a> {
             Reason::NotEndpoint => HookVerdict::NotLocal,
             Reason::NotIsolated => HookVerdict::NotIsolated,
             Reason::FromHost => HookVerdict::FromNode,
+            Reason::Hairpin => HookVerdict::Itself,
             Reason::AuditAllowed => HookVerdict::AuditAllowed,
             Reason::PolicyAllowed => match compiled.rules.get(&decision.rule) {
                 Some(rule) => HookVerdict::Allowed { rule: rule.clone() },
@@ -475,7 +480,8 @@ impl<'a> Analysis<'a> {
             let Some(np) = self.state.policies.get(obj) else {
                 continue;
             };
-            let rules = rules_of(np, direction);
+            // As far as the rules can be read: what cannot be read allows nothing.
+            let rules = reference::readable_rules(obj, np, direction);
             if rules.is_empty() {
                 out.push(RuleCheck {
                     policy: obj.clone(),
@@ -483,11 +489,12 @@ impl<'a> Analysis<'a> {
                     result: RuleResult::NoRules,
                 });
             }
-            for (index, (peers, ports)) in rules.into_iter().enumerate() {
-                let result = self.check_rule(&obj.namespace, &peers, &ports, direction, peer);
+            for rule in rules {
+                let result =
+                    self.check_rule(&obj.namespace, &rule.peers, &rule.ports, direction, peer);
                 out.push(RuleCheck {
                     policy: obj.clone(),
-                    index: Some(index),
+                    index: Some(rule.index),
                     result,
                 });
             }
@@ -555,29 +562,6 @@ impl<'a> Analysis<'a> {
     }
 }
 
-/// A rule's peers and ports (empty = any), per direction; none when the policy does
-/// not have the policy type (its rules are then ignored, as by the API server).
-fn rules_of(
-    np: &NetworkPolicy,
-    direction: Direction,
-) -> Vec<(Vec<NetworkPolicyPeer>, Vec<NetworkPolicyPort>)> {
-    let spec = np.spec.clone().unwrap_or_default();
-    match direction {
-        Direction::Ingress => spec
-            .ingress
-            .unwrap_or_default()
-            .into_iter()
-            .map(|r| (r.from.unwrap_or_default(), r.ports.unwrap_or_default()))
-            .collect(),
-        Direction::Egress => spec
-            .egress
-            .unwrap_or_default()
-            .into_iter()
-            .map(|r| (r.to.unwrap_or_default(), r.ports.unwrap_or_default()))
-            .collect(),
-    }
-}
-
 /// A port entry, with what a named port resolves to on the destination.
 fn describe_port(p: &NetworkPolicyPort, dst_pod: Option<(&ObjectRef, &Pod)>) -> String {
     let base = text::port(p);
@@ -595,5 +579,8 @@ fn describe_port(p: &NetworkPolicyPort, dst_pod: Option<(&ObjectRef, &Pod)>) -> 
 }
 
 mod display;
+mod service;
+
+pub use service::{BackendExplanation, ServiceExplanation, explain_service};
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
 use super::*;
 use crate::preview::fixtures::{self, STARS};
+use netpol_common::PROTO_TCP;
 use netpol_compile::{Allocations, compile, reference};
 
 fn ip(s: &str) -> IpAddr {
@@ -96,6 +97,30 @@ fn blocked_by_port_and_by_protocol() {
     assert!(e.to_string().contains(
         "peer does not match (needs pods {role=frontend} in namespace stars); \
              port does not match (needs TCP/6379)"
+    ));
+}
+
+#[test]
+fn a_pod_reaching_its_own_address_is_never_blocked_even_when_isolated() {
+    // By name, explain says a pod reaching itself never crosses its veth; by address
+    // (a hairpin through its own Service arrives so) both hooks let it through.
+    let state = fixtures::stars_with_policies();
+    let compiled = compile(&state, &Allocations::default());
+    let backend = ip("10.0.0.2");
+    let e = explain(&state, &compiled, backend, backend, PortProtocol::tcp(80));
+    assert!(e.allowed, "{e}");
+    assert_eq!(e.hooks.len(), 2);
+    assert!(
+        e.hooks.iter().all(|h| h.verdict == HookVerdict::Itself),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("ingress of stars/backend: the pod reaching itself: never blocked → allowed"),
+        "{e}"
+    );
+    assert!(reference::flow_allowed(
+        &state, backend, backend, PROTO_TCP, 80
     ));
 }
 
@@ -288,4 +313,118 @@ fn json_is_structured() {
         ingress["rules"][0]["result"]["mismatches"][0],
         serde_json::json!({"part": "port", "needs": ["TCP/6379"]})
     );
+}
+
+/// A Service in front of both stars pods (selectorless: its EndpointSlice lists them),
+/// Service port 8080 to target port 80.
+const STARS_SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: stars}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: web, port: 8080, targetPort: http}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: stars, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: web, port: 80, protocol: TCP}]
+endpoints:
+  - {addresses: [10.0.0.1], targetRef: {kind: Pod, namespace: stars, name: frontend}}
+  - {addresses: [10.0.0.2], targetRef: {kind: Pod, namespace: stars, name: backend}}
+"#;
+
+#[test]
+fn a_service_is_explained_for_each_backend_on_its_target_port() {
+    let mut state = fixtures::stars_with_policies();
+    fixtures::add(&mut state, STARS_SERVICE);
+    let compiled = compile(&state, &Allocations::default());
+    for dst in ["svc/stars/web", "10.96.0.10"] {
+        let service = explain_service(
+            &state,
+            &compiled,
+            "client/client",
+            dst,
+            "8080/TCP".parse().unwrap(),
+        )
+        .unwrap()
+        .expect("a Service");
+        assert_eq!(service.backends.len(), 2);
+        // frontend admits role=client namespaces on 80; backend only frontend on 6379.
+        let verdicts: Vec<(IpAddr, u16, bool)> = service
+            .backends
+            .iter()
+            .map(|b| (b.ip, b.port, b.explanation.allowed))
+            .collect();
+        assert_eq!(
+            verdicts,
+            [(ip("10.0.0.1"), 80, true), (ip("10.0.0.2"), 80, false)]
+        );
+        // Each backend's verdict is the model's and the reference's for the translated flow.
+        for b in &service.backends {
+            let (s, d) = (b.explanation.src.ip(), b.ip);
+            assert_eq!(
+                b.explanation.allowed,
+                model::flow_allowed(&compiled, s, d, PROTO_TCP, b.port)
+            );
+            assert_eq!(
+                b.explanation.allowed,
+                reference::flow_allowed(&state, s, d, PROTO_TCP, b.port)
+            );
+        }
+        let text = service.to_string();
+        assert!(text.starts_with("svc stars/web"), "{text}");
+        assert!(text.contains("1 of 2 backends allowed"), "{text}");
+    }
+    // An address that is no Service's is explained as before.
+    assert!(
+        explain_service(
+            &state,
+            &compiled,
+            "client/client",
+            "10.0.0.1",
+            "80/TCP".parse().unwrap()
+        )
+        .unwrap()
+        .is_none()
+    );
+    // A Service port that does not exist is a clear error.
+    let error = explain_service(
+        &state,
+        &compiled,
+        "client/client",
+        "svc/stars/web",
+        "9/TCP".parse().unwrap(),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("has no port TCP/9"), "{error}");
+}
+
+#[test]
+fn a_policy_read_in_part_is_explained_as_far_as_it_can_be_read() {
+    // Rule 0 cannot be read (its only peer has an except outside cidr): it is not
+    // listed, and rule 1 keeps its index; rule 1's second peer cannot be read either.
+    let mut state = fixtures::state(STARS, &[]);
+    fixtures::add(
+        &mut state,
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: backend-policy, namespace: stars}
+spec:
+  podSelector: {matchLabels: {role: backend}}
+  ingress:
+  - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}}]
+  - from:
+    - podSelector: {matchLabels: {role: frontend}}
+    - {NamespaceSelector: {}}
+"#,
+    );
+    let e = explain_checked(&state, "client/client", "stars/backend", "6379/TCP");
+    assert!(!e.allowed);
+    let checks: Vec<Option<usize>> = e.hooks[1].rules.iter().map(|r| r.index).collect();
+    assert_eq!(checks, [Some(1)]);
+    let e = explain_checked(&state, "stars/frontend", "stars/backend", "6379/TCP");
+    assert!(e.allowed);
 }

@@ -10,14 +10,34 @@ pub enum Watched {
     NetworkPolicies,
     /// This node's Node object.
     Node,
+    Services,
+    EndpointSlices,
+    /// ServiceCIDR objects (networking.k8s.io/v1, Kubernetes 1.33+): optional, see
+    /// [`Watched::REQUIRED`].
+    ServiceCidrs,
 }
 
 impl Watched {
-    pub const ALL: [Watched; 4] = [
+    pub const ALL: [Watched; 7] = [
         Watched::Namespaces,
         Watched::Pods,
         Watched::NetworkPolicies,
         Watched::Node,
+        Watched::Services,
+        Watched::EndpointSlices,
+        Watched::ServiceCidrs,
+    ];
+
+    /// What must be listed before anything is programmed. ServiceCIDRs are not: a
+    /// cluster that does not serve them (older than 1.33, or the API turned off) has its
+    /// Service ranges from `--service-cidr`, and its ClusterIPs from the Services.
+    pub const REQUIRED: [Watched; 6] = [
+        Watched::Namespaces,
+        Watched::Pods,
+        Watched::NetworkPolicies,
+        Watched::Node,
+        Watched::Services,
+        Watched::EndpointSlices,
     ];
 
     /// The API resource name.
@@ -27,6 +47,9 @@ impl Watched {
             Watched::Pods => "pods",
             Watched::NetworkPolicies => "networkpolicies",
             Watched::Node => "nodes",
+            Watched::Services => "services",
+            Watched::EndpointSlices => "endpointslices",
+            Watched::ServiceCidrs => "servicecidrs",
         }
     }
 }

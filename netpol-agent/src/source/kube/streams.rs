@@ -129,7 +129,11 @@ mod tests {
             target("/apis/networking.k8s.io/v1/networkpolicies?watch=true"),
             Some(Watched::NetworkPolicies)
         );
+        assert_eq!(
+            target("/api/v1/services?watch=true"),
+            Some(Watched::Services)
+        );
         assert_eq!(target("/api/v1/pods?limit=500"), None);
-        assert_eq!(target("/api/v1/services?watch=true"), None);
+        assert_eq!(target("/api/v1/configmaps?watch=true"), None);
     }
 }

@@ -11,8 +11,9 @@ use ::kube::api::Api;
 use ::kube::runtime::events::{Recorder, Reporter};
 use ::kube::runtime::reflector::Store;
 use ::kube::runtime::watcher;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -36,6 +37,9 @@ pub(super) struct Stores {
     pub(super) pods: Store<Pod>,
     pub(super) policies: Store<NetworkPolicy>,
     pub(super) node: Store<Node>,
+    pub(super) services: Store<Service>,
+    pub(super) endpoint_slices: Store<EndpointSlice>,
+    pub(super) service_cidrs: Store<ServiceCIDR>,
 }
 
 /// Cluster state from the Kubernetes API. Dropping it stops the watchers.
@@ -114,6 +118,30 @@ impl ClusterWatch {
             trim::node,
             context(Watched::Node),
         )));
+        let (services, writer) = ::kube::runtime::reflector::store();
+        tasks.push(tokio::spawn(watch(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+            writer,
+            trim::service,
+            context(Watched::Services),
+        )));
+        let (endpoint_slices, writer) = ::kube::runtime::reflector::store();
+        tasks.push(tokio::spawn(watch(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default(),
+            writer,
+            trim::endpoint_slice,
+            context(Watched::EndpointSlices),
+        )));
+        let (service_cidrs, writer) = ::kube::runtime::reflector::store();
+        tasks.push(tokio::spawn(watch(
+            Api::<ServiceCIDR>::all(client.clone()),
+            watcher::Config::default(),
+            writer,
+            trim::service_cidr,
+            context(Watched::ServiceCidrs),
+        )));
         let recorder = settings.events.then(|| {
             Recorder::new(
                 client,
@@ -131,6 +159,9 @@ impl ClusterWatch {
                 pods,
                 policies,
                 node,
+                services,
+                endpoint_slices,
+                service_cidrs,
             },
             signals,
             tasks,
@@ -146,7 +177,7 @@ impl ClusterWatch {
 
     /// Every watcher has completed its initial list.
     pub fn is_synced(&self) -> bool {
-        self.synced.len() == Watched::ALL.len()
+        Watched::REQUIRED.iter().all(|w| self.synced.contains(w))
     }
 
     /// Failures seen so far (logged or not).
@@ -181,7 +212,7 @@ impl ClusterWatch {
         self.incidents.flush();
         if !self.is_synced() && self.last_waiting_report.elapsed() >= WAITING_REPORT {
             self.last_waiting_report = Instant::now();
-            let missing: Vec<&str> = Watched::ALL
+            let missing: Vec<&str> = Watched::REQUIRED
                 .iter()
                 .filter(|w| !self.synced.contains(w))
                 .map(|w| w.resource())
@@ -253,6 +284,27 @@ impl ClusterWatch {
             .state()
             .into_iter()
             .filter_map(|policy| Some((object_ref(&policy.metadata)?, (*policy).clone())))
+            .collect();
+        state.services = self
+            .stores
+            .services
+            .state()
+            .into_iter()
+            .filter_map(|s| Some((object_ref(&s.metadata)?, (*s).clone())))
+            .collect();
+        state.endpoint_slices = self
+            .stores
+            .endpoint_slices
+            .state()
+            .into_iter()
+            .filter_map(|s| Some((object_ref(&s.metadata)?, (*s).clone())))
+            .collect();
+        state.service_cidrs = self
+            .stores
+            .service_cidrs
+            .state()
+            .into_iter()
+            .filter_map(|c| Some((c.metadata.name.clone()?, (*c).clone())))
             .collect();
         let node_ips = self
             .stores
