@@ -92,8 +92,8 @@ pub use manifest::{HOST_INTERFACE_ANNOTATION, ManifestDir, cluster_objects, serv
 pub use netns::NetnsWorker;
 pub use probe::{Probe, ProbeResult};
 pub use spec::{
-    Family, GATEWAY_IPV4, GATEWAY_IPV6, Labels, MAX_NODES, NODE, NODE_IPV4, NODE_IPV6, NODE_NAME,
-    PodSpec, Port, Protocol,
+    Family, GATEWAY_IPV4, GATEWAY_IPV6, IPV6_IMAGE_PREFIX, Labels, MAX_NODES, NODE, NODE_IPV4,
+    NODE_IPV6, NODE_NAME, PodSpec, Port, Protocol, Stack, ipv6_image,
 };
 pub use wire::Outcome;
 

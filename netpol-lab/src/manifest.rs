@@ -123,11 +123,16 @@ pub fn service_objects(lab: &Lab) -> Vec<Value> {
     if !lab.services().is_empty() {
         let (v4, v4_len) = crate::lab::services::SERVICE_RANGE_V4;
         let (v6, v6_len) = crate::lab::services::SERVICE_RANGE_V6;
+        let mut cidrs = Vec::new();
+        if lab.stack() != crate::Stack::Ipv6 {
+            cidrs.push(format!("{v4}/{v4_len}"));
+        }
+        cidrs.push(format!("{v6}/{v6_len}"));
         out.push(json!({
             "apiVersion": "networking.k8s.io/v1",
             "kind": "ServiceCIDR",
             "metadata": {"name": "kubernetes"},
-            "spec": {"cidrs": [format!("{v4}/{v4_len}"), format!("{v6}/{v6_len}")]},
+            "spec": {"cidrs": cidrs},
         }));
     }
     for service in lab.services() {
@@ -147,16 +152,26 @@ pub fn service_objects(lab: &Lab) -> Vec<Value> {
                 port
             })
             .collect();
+        let cluster_ips: Vec<IpAddr> = service
+            .ipv4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(service.ipv6.map(IpAddr::V6))
+            .collect();
+        let families: Vec<&str> = cluster_ips
+            .iter()
+            .map(|ip| if ip.is_ipv6() { "IPv6" } else { "IPv4" })
+            .collect();
         let mut object = json!({
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": {"name": spec.name, "namespace": spec.namespace},
             "spec": {
                 "type": "ClusterIP",
-                "clusterIP": service.ipv4.to_string(),
-                "clusterIPs": [service.ipv4.to_string(), service.ipv6.to_string()],
-                "ipFamilies": ["IPv4", "IPv6"],
-                "ipFamilyPolicy": "PreferDualStack",
+                "clusterIP": cluster_ips.first().map(ToString::to_string),
+                "clusterIPs": cluster_ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "ipFamilies": families,
+                "ipFamilyPolicy": if cluster_ips.len() > 1 { "PreferDualStack" } else { "SingleStack" },
                 "ports": ports,
             },
         });
@@ -165,6 +180,9 @@ pub fn service_objects(lab: &Lab) -> Vec<Value> {
         }
         out.push(object);
         for (family, ipv6) in [("IPv4", false), ("IPv6", true)] {
+            if !cluster_ips.iter().any(|ip| ip.is_ipv6() == ipv6) {
+                continue;
+            }
             // One slice per family and target port (a named port can differ per pod).
             let mut slices: BTreeMap<Vec<SlicePort>, Vec<Value>> = BTreeMap::new();
             let mut per_pod: BTreeMap<String, (IpAddr, Vec<SlicePort>)> = BTreeMap::new();
@@ -233,8 +251,11 @@ fn pod_object(pod: &Pod, node_name: &str) -> Value {
             port
         })
         .collect();
-    let mut ips = vec![json!({"ip": pod.ipv4.to_string()})];
-    ips.extend(pod.ipv6.map(|ip| json!({"ip": ip.to_string()})));
+    let addresses = pod.addresses();
+    let ips: Vec<Value> = addresses
+        .iter()
+        .map(|ip| json!({"ip": ip.to_string()}))
+        .collect();
     let mut metadata = json!({
         "name": pod.name,
         "namespace": pod.namespace,
@@ -253,7 +274,7 @@ fn pod_object(pod: &Pod, node_name: &str) -> Value {
         },
         "status": {
             "phase": "Running",
-            "podIP": pod.ipv4.to_string(),
+            "podIP": addresses.first().map(ToString::to_string),
             "podIPs": ips,
         },
     })

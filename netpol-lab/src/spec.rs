@@ -57,6 +57,47 @@ pub enum Family {
     V6,
 }
 
+/// The address families of a lab's pods and hosts (FORMAT.md "Worlds").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Stack {
+    /// IPv4 addresses; a pod may be given an IPv6 one too ([`PodSpec::ipv6`]).
+    #[default]
+    Ipv4,
+    /// IPv6 addresses only: no pod, host or Service has an IPv4 address.
+    Ipv6,
+    /// One address of each family for every pod and host.
+    Dual,
+}
+
+impl Stack {
+    /// Whether pods get an address of `family` when none is given.
+    pub fn has(self, family: Family) -> bool {
+        matches!(
+            (self, family),
+            (Stack::Ipv4 | Stack::Dual, Family::V4) | (Stack::Ipv6 | Stack::Dual, Family::V6)
+        )
+    }
+
+    /// The families of its probes, in order.
+    pub fn families(self) -> &'static [Family] {
+        match self {
+            Stack::Ipv4 => &[Family::V4],
+            Stack::Ipv6 => &[Family::V6],
+            Stack::Dual => &[Family::V4, Family::V6],
+        }
+    }
+}
+
+/// The /96 that holds the IPv6 image of every IPv4 address the lab hands out
+/// (`fd00:4::a.b.c.d` for `a.b.c.d`, FORMAT.md's "IPv6 only" world): an IPv6 or
+/// dual-stack pod whose IPv4 address would be `10.0.0.7` gets `fd00:4::a00:7`.
+pub const IPV6_IMAGE_PREFIX: Ipv6Addr = Ipv6Addr::new(0xfd00, 4, 0, 0, 0, 0, 0, 0);
+
+/// The IPv6 image of an IPv4 address in [`IPV6_IMAGE_PREFIX`].
+pub fn ipv6_image(ip: Ipv4Addr) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(IPV6_IMAGE_PREFIX) | u128::from(u32::from(ip)))
+}
+
 /// A port an endpoint serves (a container port for pods).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Port {
@@ -113,9 +154,11 @@ pub struct PodSpec {
     pub name: String,
     pub labels: Labels,
     pub ports: Vec<Port>,
-    /// `None`: the lab picks the next free address in 10.0.0.0/8.
+    /// `None`: the lab picks the next free address in 10.0.0.0/8, unless its
+    /// [`Stack`] is IPv6 only.
     pub ipv4: Option<Ipv4Addr>,
-    /// `None`: IPv4 only.
+    /// `None`: the image of the pod's automatic IPv4 address ([`ipv6_image`]) when the
+    /// lab's [`Stack`] has IPv6, else no IPv6 address.
     pub ipv6: Option<Ipv6Addr>,
     /// Index of the node the pod runs on (0 unless [`PodSpec::on_node`]).
     pub node: usize,

@@ -57,7 +57,7 @@ fn kill_9_and_restart_twenty_times_without_a_gap() {
     // A long TCP stream x/a -> x/b:7000: an echo server in x/b, a client in x/a that
     // sends a numbered message every 10 ms and checks each echo.
     let b = lab.pod("x/b").expect("x/b");
-    let server_addr = SocketAddr::new(b.ipv4.into(), STREAM_PORT);
+    let server_addr = SocketAddr::new(b.v4().into(), STREAM_PORT);
     let server_worker = NetnsWorker::spawn(&b.netns).expect("x/b worker");
     let listener = server_worker
         .run(move || TcpListener::bind(server_addr))

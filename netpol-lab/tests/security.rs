@@ -30,7 +30,7 @@ fn a_pod_cannot_borrow_another_pods_address() {
         lab.pod("x/b").unwrap(),
         lab.pod("x/c").unwrap(),
     );
-    let echo = SocketAddrV4::new(c.ipv4, 80);
+    let echo = SocketAddrV4::new(c.v4(), 80);
     let worker_a = NetnsWorker::spawn(&a.netns).expect("x/a worker");
     let worker_b = NetnsWorker::spawn(&b.netns).expect("x/b worker");
     let listen = |worker: &NetnsWorker, ip: Ipv4Addr, port: u16| {
@@ -44,13 +44,13 @@ fn a_pod_cannot_borrow_another_pods_address() {
         socket
     };
     // x/b listens where x/c's echo of a datagram "from" x/b would arrive.
-    let at_b = listen(&worker_b, b.ipv4, 40_001);
-    let at_a = listen(&worker_a, a.ipv4, 40_002);
+    let at_b = listen(&worker_b, b.v4(), 40_001);
+    let at_a = listen(&worker_a, a.v4(), 40_002);
 
     // Honest datagrams (crafted the same way) get their echo: the path works.
     send_raw(
         &worker_a,
-        SocketAddrV4::new(a.ipv4, 40_002),
+        SocketAddrV4::new(a.v4(), 40_002),
         echo,
         b"honest-from-a",
     );
@@ -60,7 +60,7 @@ fn a_pod_cannot_borrow_another_pods_address() {
     );
     send_raw(
         &worker_b,
-        SocketAddrV4::new(b.ipv4, 40_001),
+        SocketAddrV4::new(b.v4(), 40_001),
         echo,
         b"honest-from-b",
     );
@@ -73,7 +73,7 @@ fn a_pod_cannot_borrow_another_pods_address() {
     for _ in 0..3 {
         send_raw(
             &worker_a,
-            SocketAddrV4::new(b.ipv4, 40_001),
+            SocketAddrV4::new(b.v4(), 40_001),
             echo,
             b"spoofed-by-a",
         );

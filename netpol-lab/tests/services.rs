@@ -133,7 +133,15 @@ fn a_service_whose_backends_get_different_verdicts_reaches_only_the_allowed_one(
     let _names = client_and_db_backends(&mut lab, [("good", 0), ("bad", 0)]);
     let cluster = Cluster::start_with(lab, &agent, CLIENT_TO_GOOD, &[]);
     let lab = &cluster.lab;
-    let service = SocketAddr::new(IpAddr::V4(lab.service("x/db").unwrap().ipv4), 19000);
+    let service = SocketAddr::new(
+        IpAddr::V4(
+            lab.service("x/db")
+                .unwrap()
+                .ipv4
+                .expect("an IPv4 ClusterIP"),
+        ),
+        19000,
+    );
     let client = lab.worker("x/client").unwrap();
 
     let mut reached_good = 0;
@@ -199,7 +207,15 @@ fn a_pod_reaching_itself_through_its_own_service_is_always_allowed() {
     );
     let cluster = Cluster::start_with(lab, &agent, GOOD_ISOLATED, &[]);
     let lab = &cluster.lab;
-    let service = SocketAddr::new(IpAddr::V4(lab.service("x/self").unwrap().ipv4), 19000);
+    let service = SocketAddr::new(
+        IpAddr::V4(
+            lab.service("x/self")
+                .unwrap()
+                .ipv4
+                .expect("an IPv4 ClusterIP"),
+        ),
+        19000,
+    );
     // kube-proxy masquerades the hairpin connection to the node's address.
     for _ in 0..3 {
         assert_eq!(
@@ -227,7 +243,15 @@ fn a_service_without_endpoints_is_refused_by_kube_proxy_not_dropped() {
     .unwrap();
     let cluster = Cluster::start_with(lab, &agent, CLIENT_TO_GOOD, &[]);
     let lab = &cluster.lab;
-    let service = SocketAddr::new(IpAddr::V4(lab.service("x/empty").unwrap().ipv4), 19000);
+    let service = SocketAddr::new(
+        IpAddr::V4(
+            lab.service("x/empty")
+                .unwrap()
+                .ipv4
+                .expect("an IPv4 ClusterIP"),
+        ),
+        19000,
+    );
     // kube-proxy rejects it: the client learns at once, as without any policy. Judged
     // on the Service address instead, the policy would drop it silently.
     let outcome = name_at(&lab.worker("x/client").unwrap(), service);
@@ -308,7 +332,12 @@ fn cluster_dns_behind_its_service_resolves_for_a_pod_with_the_allow_dns_rule_onl
     .expect("DNS server");
     let cluster = Cluster::start_with(lab, &agent, DNS_POLICIES, &[]);
     let lab = &cluster.lab;
-    let server = IpAddr::V4(lab.service("kube-system/kube-dns").unwrap().ipv4);
+    let server = IpAddr::V4(
+        lab.service("kube-system/kube-dns")
+            .unwrap()
+            .ipv4
+            .expect("an IPv4 ClusterIP"),
+    );
     let name = "db.x.svc.cluster.local.";
     for transport in [Transport::Udp, Transport::Tcp] {
         let resolver = &lab.pod("x/resolver").unwrap().netns;
@@ -335,7 +364,15 @@ fn the_lab_translates_services_to_every_backend_in_both_proxy_modes() {
     }
     let mut lab = Lab::with_nodes(2).expect("lab");
     let _names = client_and_db_backends(&mut lab, [("near", 0), ("far", 1)]);
-    let service = SocketAddr::new(IpAddr::V4(lab.service("x/db").unwrap().ipv4), 19000);
+    let service = SocketAddr::new(
+        IpAddr::V4(
+            lab.service("x/db")
+                .unwrap()
+                .ipv4
+                .expect("an IPv4 ClusterIP"),
+        ),
+        19000,
+    );
     let client = lab.worker("x/client").unwrap();
     for mode in [
         netpol_lab::ProxyMode::Iptables,

@@ -57,7 +57,7 @@ impl Sink {
     fn open(cluster: &Cluster) -> Self {
         let sink = cluster.lab.pod("x/sink").expect("x/sink");
         let worker = NetnsWorker::spawn(&sink.netns).expect("x/sink worker");
-        let ip = sink.ipv4;
+        let ip = sink.v4();
         let socket = worker
             .run(move || UdpSocket::bind(SocketAddrV4::new(ip, SINK_PORT)))
             .expect("worker")
@@ -90,7 +90,7 @@ impl Sink {
 fn spray(cluster: &Cluster, sink: &Sink, pod: &str) -> u32 {
     let lab = &cluster.lab;
     let from = lab.pod(pod).expect("the new pod");
-    let to = SocketAddrV4::new(lab.pod("x/sink").expect("x/sink").ipv4, SINK_PORT);
+    let to = SocketAddrV4::new(lab.pod("x/sink").expect("x/sink").v4(), SINK_PORT);
     let worker = NetnsWorker::spawn(&from.netns).expect("sender worker");
     sink.drain();
     worker

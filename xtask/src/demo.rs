@@ -244,7 +244,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         ui::note(&format!(
             "{:<28} {:<12} serves TCP {:<5} {}",
             pod.id(),
-            pod.ipv4,
+            pod.v4(),
             p.port,
             ui::dim(&format!("netns {}, veth {}", pod.netns, pod.host_if))
         ));
@@ -262,7 +262,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     ui::note(&format!(
         "{:<28} {:<12} Service port TCP {SERVICE_PORT} -> stars/frontend:80 {}",
         format!("svc/{}", service.id()),
-        service.ipv4,
+        service.ipv4.map(|ip| ip.to_string()).unwrap_or_default(),
         ui::dim("(kube-proxy's iptables rules on the node)")
     ));
     ui::note(&ui::dim(&format!("node netns {}", lab.node_netns())));

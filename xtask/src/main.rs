@@ -104,6 +104,11 @@ struct ConformanceArgs {
     /// With `--via service`: kube-proxy's iptables or nftables mode.
     #[arg(long, value_enum, default_value = "iptables")]
     proxy_mode: conformance::ProxyMode,
+    /// Address families: `ipv4` (as the cases are written), `ipv6` (every IPv4 address
+    /// of a case stands for its image in fd00:4::/96) or `dual` (both, ipBlocks doubled,
+    /// every probe made over both families).
+    #[arg(long, value_enum, default_value = "ipv4")]
+    family: conformance::Families,
 }
 
 /// Runs the cases and prints `N passed, M failed` last; the caller decides what failed
@@ -146,8 +151,13 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<conformance::Summary> {
             ", through Services (kube-proxy nftables mode)".to_owned()
         }
     };
+    let family = match args.family {
+        conformance::Families::Ipv4 => "",
+        conformance::Families::Ipv6 => ", IPv6 only",
+        conformance::Families::Dual => ", dual stack",
+    };
     xtask::ui::step(&format!(
-        "conformance: {} {plural}, {} at a time, agent in {source}{nodes}{via}",
+        "conformance: {} {plural}, {} at a time, agent in {source}{nodes}{via}{family}",
         files.len(),
         args.jobs
     ));
@@ -161,14 +171,25 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<conformance::Summary> {
         nodes: args.nodes.into(),
         via: args.via,
         proxy_mode: args.proxy_mode,
+        families: args.family,
         json: args.json,
     };
     let summary = conformance::run(&files, &options)?;
-    let label = match (args.nodes, args.via) {
-        (1, conformance::Via::Direct) => String::new(),
-        (1, conformance::Via::Service) => " (through Services)".to_owned(),
-        (n, conformance::Via::Direct) => format!(" ({n} nodes)"),
-        (n, conformance::Via::Service) => format!(" ({n} nodes, through Services)"),
+    let mut world = Vec::new();
+    if args.nodes > 1 {
+        world.push(format!("{} nodes", args.nodes));
+    }
+    if args.via == conformance::Via::Service {
+        world.push("through Services".to_owned());
+    }
+    match args.family {
+        conformance::Families::Ipv4 => {}
+        conformance::Families::Ipv6 => world.push("IPv6".to_owned()),
+        conformance::Families::Dual => world.push("dual stack".to_owned()),
+    }
+    let label = match world.is_empty() {
+        true => String::new(),
+        false => format!(" ({})", world.join(", ")),
     };
     println!("conformance{label}: {:.0}s", summary.seconds);
     println!("{} passed, {} failed", summary.passed, summary.failed);

@@ -16,7 +16,8 @@ use crate::netns::{self, NetnsWorker};
 use crate::probe::{self, Probe, ProbeResult};
 use crate::serve;
 use crate::spec::{
-    Family, GATEWAY_IPV4, GATEWAY_IPV6, Labels, MAX_NODES, NODE, NODE_NAME, PodSpec, Port, labels,
+    Family, GATEWAY_IPV4, GATEWAY_IPV6, Labels, MAX_NODES, NODE, NODE_NAME, PodSpec, Port, Stack,
+    ipv6_image, labels,
 };
 
 /// A pod of the emulated cluster.
@@ -26,7 +27,8 @@ pub struct Pod {
     pub name: String,
     pub labels: Labels,
     pub ports: Vec<Port>,
-    pub ipv4: Ipv4Addr,
+    /// `None` for a pod of an IPv6-only lab.
+    pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
     /// The pod's network namespace.
     pub netns: String,
@@ -44,13 +46,29 @@ impl Pod {
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The IPv4 address of a pod of an IPv4 or dual-stack lab.
+    ///
+    /// # Panics
+    /// For a pod without one (an IPv6-only lab): tests that speak IPv4 build IPv4 labs.
+    pub fn v4(&self) -> Ipv4Addr {
+        self.ipv4
+            .unwrap_or_else(|| panic!("pod {} has no IPv4 address", self.id()))
+    }
+
+    /// Its addresses: IPv4 first.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        let v4 = self.ipv4.map(IpAddr::V4);
+        v4.into_iter().chain(self.ipv6.map(IpAddr::V6)).collect()
+    }
 }
 
 /// An endpoint outside the cluster ("host/NAME" in probes).
 #[derive(Debug)]
 pub struct Host {
     pub name: String,
-    pub ip: IpAddr,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
     pub ports: Vec<Port>,
     pub netns: String,
     /// The node-side veth towards the host.
@@ -99,6 +117,8 @@ pub struct Lab {
     next_index: u32,
     services: Vec<services::Service>,
     proxy_mode: services::ProxyMode,
+    /// The families pods get addresses in when their spec names none.
+    stack: Stack,
     /// Whether the nodes have their uplink (created with the first Service).
     uplinks: bool,
     workdir: PathBuf,
@@ -168,6 +188,7 @@ impl Lab {
             next_index: 1,
             services: Vec::new(),
             proxy_mode: services::ProxyMode::default(),
+            stack: Stack::default(),
             uplinks: false,
             workdir,
             keep_workdir: false,
@@ -303,6 +324,21 @@ impl Lab {
         )
         .with_context(|| format!("wiring {netns} into the bridge"))?;
         netns::ip_batch(Some(netns), &inner).with_context(|| format!("configuring {netns}"))
+    }
+
+    /// Sets the address families of the pods created from now on (by default IPv4, with
+    /// IPv6 only where a [`PodSpec`] names an address) and of the Services' ClusterIPs.
+    pub fn set_stack(&mut self, stack: Stack) -> Result<()> {
+        if !self.pods.is_empty() || !self.services.is_empty() {
+            bail!("set the lab's stack before adding pods and Services");
+        }
+        self.stack = stack;
+        Ok(())
+    }
+
+    /// The address families of the lab's pods ([`Lab::set_stack`]).
+    pub fn stack(&self) -> Stack {
+        self.stack
     }
 
     /// Name of node `n`: [`NODE_NAME`] for node 0, `lab-node-<n>` for the others.
@@ -534,12 +570,21 @@ impl Lab {
             bail!("pod {}/{} already exists", spec.namespace, spec.name);
         }
         let index = self.take_index();
-        let ipv4 = spec.ipv4.unwrap_or_else(|| Self::auto_ipv4(index));
-        let (netns, host_if, worker) = self.plumb(spec.node, 'p', index, Some(ipv4), spec.ipv6)?;
-        self.route_from_other_nodes(spec.node, "add", Some(ipv4), spec.ipv6)
+        let auto = Self::auto_ipv4(index);
+        let ipv4 = spec
+            .ipv4
+            .or_else(|| self.stack.has(Family::V4).then_some(auto));
+        let ipv6 = spec
+            .ipv6
+            .or_else(|| self.stack.has(Family::V6).then(|| ipv6_image(auto)));
+        let (netns, host_if, worker) = self.plumb(spec.node, 'p', index, ipv4, ipv6)?;
+        self.route_from_other_nodes(spec.node, "add", ipv4, ipv6)
             .with_context(|| format!("routing to {}/{}", spec.namespace, spec.name))?;
-        let mut addrs = vec![IpAddr::V4(ipv4)];
-        addrs.extend(spec.ipv6.map(IpAddr::V6));
+        let addrs: Vec<IpAddr> = ipv4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(ipv6.map(IpAddr::V6))
+            .collect();
         self.start_servers(&worker, &addrs, &spec.ports)
             .with_context(|| format!("serving ports of {}/{}", spec.namespace, spec.name))?;
         self.namespaces.entry(spec.namespace.clone()).or_default();
@@ -549,7 +594,7 @@ impl Lab {
             labels: spec.labels,
             ports: spec.ports,
             ipv4,
-            ipv6: spec.ipv6,
+            ipv6,
             netns,
             host_if,
             node: spec.node,
@@ -577,7 +622,7 @@ impl Lab {
             &[format!("link del {}", pod.host_if)],
         )
         .with_context(|| format!("deleting the veth of {id}"))?;
-        self.route_from_other_nodes(pod.node, "del", Some(pod.ipv4), pod.ipv6)?;
+        self.route_from_other_nodes(pod.node, "del", pod.ipv4, pod.ipv6)?;
         let netns = pod.netns.clone();
         drop(pod); // Ends its worker thread, which lives in the netns.
         netns::delete_netns([netns.as_str()])?;
@@ -588,33 +633,45 @@ impl Lab {
     /// Creates an endpoint outside the cluster, in its own netns behind a veth to the
     /// node (not a pod: no manifest, no programs). Probe it as `host/NAME`.
     pub fn add_host(&mut self, name: &str, ip: IpAddr, ports: &[Port]) -> Result<&Host> {
-        self.add_host_on(0, name, ip, ports)
+        self.add_host_on(0, name, &[ip], ports)
     }
 
-    /// [`Lab::add_host`] behind node `node`; the other nodes route it over the underlay.
+    /// [`Lab::add_host`] behind node `node`, with one or two addresses (at most one per
+    /// family); the other nodes route it over the underlay.
     pub fn add_host_on(
         &mut self,
         node: usize,
         name: &str,
-        ip: IpAddr,
+        addrs: &[IpAddr],
         ports: &[Port],
     ) -> Result<&Host> {
         if self.hosts.iter().any(|h| h.name == name) {
             bail!("host {name} already exists");
         }
+        let mut v4 = None;
+        let mut v6 = None;
+        for addr in addrs {
+            let taken = match *addr {
+                IpAddr::V4(a) => v4.replace(a).is_some(),
+                IpAddr::V6(a) => v6.replace(a).is_some(),
+            };
+            if taken {
+                bail!("host {name}: at most one address per family");
+            }
+        }
+        if addrs.is_empty() {
+            bail!("host {name} needs an address");
+        }
         let index = self.take_index();
-        let (v4, v6) = match ip {
-            IpAddr::V4(a) => (Some(a), None),
-            IpAddr::V6(a) => (None, Some(a)),
-        };
         let (netns, node_if, worker) = self.plumb(node, 'h', index, v4, v6)?;
         self.route_from_other_nodes(node, "add", v4, v6)
             .with_context(|| format!("routing to host/{name}"))?;
-        self.start_servers(&worker, &[ip], ports)
+        self.start_servers(&worker, addrs, ports)
             .with_context(|| format!("serving ports of host/{name}"))?;
         self.hosts.push(Host {
             name: name.to_owned(),
-            ip,
+            ipv4: v4,
+            ipv6: v6,
             ports: ports.to_vec(),
             netns,
             node_if,
@@ -660,15 +717,12 @@ impl Lab {
                 .iter()
                 .find(|h| h.name == name)
                 .with_context(|| format!("no host {id}"))?;
-            return Ok(match h.ip {
-                IpAddr::V4(a) => (h.worker.clone(), Some(a), None),
-                IpAddr::V6(a) => (h.worker.clone(), None, Some(a)),
-            });
+            return Ok((h.worker.clone(), h.ipv4, h.ipv6));
         }
         let p = self
             .pod(id)
             .with_context(|| format!("no pod {id} (endpoint ids: ns/pod, host/NAME, node)"))?;
-        Ok((p.worker.clone(), Some(p.ipv4), p.ipv6))
+        Ok((p.worker.clone(), p.ipv4, p.ipv6))
     }
 
     /// The address of an endpoint (`ns/pod`, `host/NAME`, [`NODE`] or `node<n>`) in one
@@ -704,8 +758,9 @@ impl Lab {
         let n = u32::try_from(self.services.len()).unwrap_or(u32::MAX) + 10;
         let (v4, _) = services::SERVICE_RANGE_V4;
         let (v6, _) = services::SERVICE_RANGE_V6;
-        let ipv4 = Ipv4Addr::from(u32::from(v4) + n);
-        let ipv6 = Ipv6Addr::from(u128::from(v6) + u128::from(n));
+        // An IPv6-only cluster's Services are IPv6 only; otherwise PreferDualStack.
+        let ipv4 = (self.stack != Stack::Ipv6).then(|| Ipv4Addr::from(u32::from(v4) + n));
+        let ipv6 = Some(Ipv6Addr::from(u128::from(v6) + u128::from(n)));
         self.namespaces.entry(spec.namespace.clone()).or_default();
         self.services.push(services::Service { spec, ipv4, ipv6 });
         self.sync_services()?;
@@ -788,7 +843,7 @@ impl Lab {
                     let service = self
                         .service(id)
                         .with_context(|| format!("no Service {id}"))?;
-                    (Some(service.ipv4), Some(service.ipv6))
+                    (service.ipv4, service.ipv6)
                 }
                 None => {
                     let (_, dst4, dst6) = self.endpoint(&p.dst)?;

@@ -97,8 +97,9 @@ impl ServiceSpec {
 #[derive(Clone, Debug)]
 pub struct Service {
     pub spec: ServiceSpec,
-    pub ipv4: Ipv4Addr,
-    pub ipv6: Ipv6Addr,
+    /// `None` in an IPv6-only lab.
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
 }
 
 impl Service {
@@ -457,24 +458,17 @@ pub fn frontends<'a>(
                         .map(|p| p.port),
                 };
                 let Some(target) = target else { continue };
-                let id = pod.id();
-                by_family.entry(false).or_default().push(Endpoint {
-                    ip: IpAddr::V4(pod.ipv4),
-                    port: target,
-                    pod: id.clone(),
-                });
-                if let Some(v6) = pod.ipv6 {
-                    by_family.entry(true).or_default().push(Endpoint {
-                        ip: IpAddr::V6(v6),
+                for ip in pod.addresses() {
+                    by_family.entry(ip.is_ipv6()).or_default().push(Endpoint {
+                        ip,
                         port: target,
-                        pod: id,
+                        pod: pod.id(),
                     });
                 }
             }
-            for (ipv6, cluster_ip) in [
-                (false, IpAddr::V4(service.ipv4)),
-                (true, IpAddr::V6(service.ipv6)),
-            ] {
+            let cluster_ips = service.ipv4.map(IpAddr::V4).into_iter();
+            for cluster_ip in cluster_ips.chain(service.ipv6.map(IpAddr::V6)) {
+                let ipv6 = cluster_ip.is_ipv6();
                 out.push(Frontend {
                     service: service.id(),
                     port: port.clone(),

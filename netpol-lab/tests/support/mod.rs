@@ -423,14 +423,14 @@ pub fn borrows_address(lab: &Lab, spoofer: &str, victim: &str, echo: &str) -> bo
         lab.pod(victim).unwrap(),
         lab.pod(echo).unwrap(),
     );
-    let echo = SocketAddrV4::new(e.ipv4, 80);
+    let echo = SocketAddrV4::new(e.v4(), 80);
     let worker_s = NetnsWorker::spawn(&s.netns).expect("spoofer worker");
     let worker_v = NetnsWorker::spawn(&v.netns).expect("victim worker");
-    let at_v = listen_udp(&worker_v, v.ipv4, 40_011);
-    let at_s = listen_udp(&worker_s, s.ipv4, 40_012);
+    let at_v = listen_udp(&worker_v, v.v4(), 40_011);
+    let at_s = listen_udp(&worker_s, s.v4(), 40_012);
     send_raw(
         &worker_s,
-        SocketAddrV4::new(s.ipv4, 40_012),
+        SocketAddrV4::new(s.v4(), 40_012),
         echo,
         b"honest",
     );
@@ -441,7 +441,7 @@ pub fn borrows_address(lab: &Lab, spoofer: &str, victim: &str, echo: &str) -> bo
     for _ in 0..3 {
         send_raw(
             &worker_s,
-            SocketAddrV4::new(v.ipv4, 40_011),
+            SocketAddrV4::new(v.v4(), 40_011),
             echo,
             b"borrowed",
         );

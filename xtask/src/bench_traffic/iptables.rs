@@ -61,7 +61,7 @@ impl IptablesRules {
             sets += 1;
             for pod in lab.pods() {
                 if pod.namespace == p.namespace && subset(&p.selector, &pod_labels(pod)) {
-                    let _ = writeln!(ipset, "add {dst_set} {}", pod.ipv4);
+                    let _ = writeln!(ipset, "add {dst_set} {}", pod.v4());
                     members += 1;
                     match selected.iter_mut().find(|(id, ..)| *id == pod.id()) {
                         Some((.., v)) => v.push(chain.clone()),
@@ -88,7 +88,7 @@ impl IptablesRules {
                                     Some(sel) => subset(sel, &ns_labels(&pod.namespace)),
                                 };
                                 if ns_ok && subset(want, &pod_labels(pod)) {
-                                    let _ = writeln!(ipset, "add {src_set} {}", pod.ipv4);
+                                    let _ = writeln!(ipset, "add {src_set} {}", pod.v4());
                                     members += 1;
                                 }
                             }

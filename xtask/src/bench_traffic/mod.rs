@@ -101,9 +101,12 @@ pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
             target: netpol_lab::TargetPort::Number(port),
         });
     }
-    let service_ip = lab.add_service(service)?.ipv4;
+    let service_ip = lab
+        .add_service(service)?
+        .ipv4
+        .expect("an IPv4 lab gives Services an IPv4 ClusterIP");
     let server = lab.pod("x/server").context("x/server")?;
-    let server_ip = server.ipv4;
+    let server_ip = server.v4();
     let servers = BenchServers::start(&lab, server_ip)?;
     let policies = generate_policies();
     let rules = IptablesRules::generate(&lab, &policies)?;

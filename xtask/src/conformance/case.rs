@@ -438,6 +438,151 @@ fn expand_string(text: &str, addresses: &dyn Addresses) -> Result<String> {
     Ok(out)
 }
 
+/// The address families a case runs in (FORMAT.md, "Worlds"): `--family`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Families {
+    /// IPv4 addresses only, as the cases are written.
+    #[default]
+    Ipv4,
+    /// IPv6 addresses only: every IPv4 address a case writes stands for its image.
+    Ipv6,
+    /// One address of each family per pod and host, ipBlocks doubled, every probe made
+    /// over both families.
+    Dual,
+}
+
+impl Families {
+    pub fn stack(self) -> netpol_lab::Stack {
+        match self {
+            Families::Ipv4 => netpol_lab::Stack::Ipv4,
+            Families::Ipv6 => netpol_lab::Stack::Ipv6,
+            Families::Dual => netpol_lab::Stack::Dual,
+        }
+    }
+}
+
+impl std::fmt::Display for Families {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Families::Ipv4 => "ipv4",
+            Families::Ipv6 => "ipv6",
+            Families::Dual => "dual",
+        })
+    }
+}
+
+/// The IPv6 image of an IPv4 prefix written `a.b.c.d/N`: `P:a.b.c.d/(96+N)`, host bits
+/// kept as written; `None` for anything else (IPv6 prefixes stay as written).
+fn ipv6_image_of_cidr(text: &str) -> Option<String> {
+    let (addr, len) = text.split_once('/')?;
+    let addr: Ipv4Addr = addr.parse().ok()?;
+    let len: u8 = len.parse().ok().filter(|len| *len <= 32)?;
+    Some(format!("{}/{}", netpol_lab::ipv6_image(addr), 96 + len))
+}
+
+fn is_ipv4_cidr(text: &str) -> bool {
+    ipv6_image_of_cidr(text).is_some()
+}
+
+/// An object of a step (templates expanded) as the world of `families` applies it:
+/// unchanged for IPv4; for IPv6 every IPv4 ipBlock `cidr`/`except` and CNP `networks`
+/// entry replaced by its image; for dual stack every IPv4 ipBlock peer followed by its
+/// image (each with the `except` entries of its own family) and every `networks` list
+/// extended by the images of its IPv4 entries.
+pub fn for_families(object: &serde_json::Value, families: Families) -> serde_json::Value {
+    use serde_json::Value;
+    let mut object = object.clone();
+    if families == Families::Ipv4 {
+        return object;
+    }
+    let Some(spec) = object.get_mut("spec") else {
+        return object;
+    };
+    for (rules, peers) in [("ingress", "from"), ("egress", "to")] {
+        let Some(Value::Array(rules)) = spec.get_mut(rules) else {
+            continue;
+        };
+        for rule in rules {
+            if let Some(Value::Array(list)) = rule.get_mut(peers) {
+                *list = list
+                    .iter()
+                    .flat_map(|peer| peer_for_families(peer, families))
+                    .collect();
+                for peer in list.iter_mut() {
+                    if let Some(Value::Array(networks)) = peer.get_mut("networks") {
+                        networks_for_families(networks, families);
+                    }
+                }
+            }
+        }
+    }
+    object
+}
+
+/// One NetworkPolicy peer: itself, or its image(s) when it is an IPv4 ipBlock.
+fn peer_for_families(peer: &serde_json::Value, families: Families) -> Vec<serde_json::Value> {
+    use serde_json::Value;
+    let Some(block) = peer.get("ipBlock") else {
+        return vec![peer.clone()];
+    };
+    let Some(cidr) = block
+        .get("cidr")
+        .and_then(Value::as_str)
+        .filter(|c| is_ipv4_cidr(c))
+    else {
+        return vec![peer.clone()];
+    };
+    let except: Vec<&str> = match block.get("except") {
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    let mut image = peer.clone();
+    image["ipBlock"]["cidr"] = Value::from(ipv6_image_of_cidr(cidr).expect("an IPv4 prefix"));
+    if block.get("except").is_some() {
+        let images: Vec<Value> = except
+            .iter()
+            .map(|e| Value::from(ipv6_image_of_cidr(e).unwrap_or_else(|| (*e).to_owned())))
+            .collect();
+        image["ipBlock"]["except"] = Value::Array(images);
+    }
+    match families {
+        Families::Ipv4 => vec![peer.clone()],
+        Families::Ipv6 => vec![image],
+        Families::Dual => {
+            let mut original = peer.clone();
+            if block.get("except").is_some() {
+                let own: Vec<Value> = except
+                    .iter()
+                    .filter(|e| is_ipv4_cidr(e))
+                    .map(|e| Value::from(*e))
+                    .collect();
+                original["ipBlock"]["except"] = Value::Array(own);
+            }
+            vec![original, image]
+        }
+    }
+}
+
+/// A CNP `networks` list in the world of `families` (`::/0` is kept as written).
+fn networks_for_families(networks: &mut Vec<serde_json::Value>, families: Families) {
+    use serde_json::Value;
+    let images: Vec<Value> = networks
+        .iter()
+        .filter_map(Value::as_str)
+        .filter_map(ipv6_image_of_cidr)
+        .map(Value::from)
+        .collect();
+    match families {
+        Families::Ipv4 => {}
+        Families::Ipv6 => {
+            networks.retain(|n| !n.as_str().is_some_and(is_ipv4_cidr));
+            networks.extend(images);
+        }
+        Families::Dual => networks.extend(images),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,6 +654,83 @@ mod tests {
         assert_eq!(cidr16, "10.1.0.0/16");
         assert!(expand_string("{{ip x/zz}}", &Fixed).is_err());
         assert!(expand_string("{{ipv6 x/b}}", &Fixed).is_err());
+    }
+
+    fn policy_with_ip_block(block: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "kind": "NetworkPolicy",
+            "spec": {"podSelector": {}, "egress": [{"to": [{"podSelector": {}}, {"ipBlock": block}]}]},
+        })
+    }
+
+    #[test]
+    fn an_ipv4_world_applies_objects_as_written() {
+        let policy = policy_with_ip_block(serde_json::json!({"cidr": "10.0.0.0/8"}));
+        assert_eq!(for_families(&policy, Families::Ipv4), policy);
+    }
+
+    #[test]
+    fn an_ipv6_world_replaces_every_ipv4_prefix_by_its_image_in_the_96() {
+        let policy = policy_with_ip_block(
+            serde_json::json!({"cidr": "10.0.0.0/8", "except": ["10.0.0.5/32", "10.1.2.3/24"]}),
+        );
+        let out = for_families(&policy, Families::Ipv6);
+        let peers = &out["spec"]["egress"][0]["to"];
+        assert_eq!(peers.as_array().unwrap().len(), 2);
+        assert_eq!(peers[0], serde_json::json!({"podSelector": {}}));
+        assert_eq!(
+            peers[1]["ipBlock"],
+            // fd00:4::a00:0 is fd00:4::10.0.0.0; host bits stay as written.
+            serde_json::json!({"cidr": "fd00:4::a00:0/104", "except": ["fd00:4::a00:5/128", "fd00:4::a01:203/120"]})
+        );
+    }
+
+    #[test]
+    fn a_dual_world_doubles_each_ipv4_peer_with_the_excepts_of_its_own_family() {
+        let policy = policy_with_ip_block(
+            serde_json::json!({"cidr": "0.0.0.0/0", "except": ["192.168.99.10/32"]}),
+        );
+        let out = for_families(&policy, Families::Dual);
+        let peers = out["spec"]["egress"][0]["to"].as_array().unwrap().clone();
+        assert_eq!(peers.len(), 3);
+        assert_eq!(
+            peers[1]["ipBlock"],
+            serde_json::json!({"cidr": "0.0.0.0/0", "except": ["192.168.99.10/32"]})
+        );
+        assert_eq!(
+            peers[2]["ipBlock"],
+            serde_json::json!({"cidr": "fd00:4::/96", "except": ["fd00:4::c0a8:630a/128"]})
+        );
+    }
+
+    #[test]
+    fn ipv6_prefixes_a_case_writes_stay_as_written_in_every_world() {
+        let policy = policy_with_ip_block(serde_json::json!({"cidr": "::/0"}));
+        for families in [Families::Ipv4, Families::Ipv6, Families::Dual] {
+            assert_eq!(for_families(&policy, families), policy, "{families}");
+        }
+    }
+
+    #[test]
+    fn cnp_networks_gain_or_become_their_images_and_keep_the_ipv6_default() {
+        let cnp = serde_json::json!({
+            "kind": "ClusterNetworkPolicy",
+            "spec": {"egress": [{"to": [{"networks": ["0.0.0.0/0", "::/0"]}, {"namespaces": {}}]}]},
+        });
+        let dual = for_families(&cnp, Families::Dual);
+        assert_eq!(
+            dual["spec"]["egress"][0]["to"][0]["networks"],
+            serde_json::json!(["0.0.0.0/0", "::/0", "fd00:4::/96"])
+        );
+        let v6 = for_families(&cnp, Families::Ipv6);
+        assert_eq!(
+            v6["spec"]["egress"][0]["to"][0]["networks"],
+            serde_json::json!(["::/0", "fd00:4::/96"])
+        );
+        assert_eq!(
+            v6["spec"]["egress"][0]["to"][1],
+            serde_json::json!({"namespaces": {}})
+        );
     }
 
     #[test]

@@ -21,18 +21,20 @@ mod kube;
 mod report;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use netpol_lab::{AgentProcess, Lab, ManifestDir, PodSpec, Port, Probe};
+use netpol_lab::{AgentProcess, Family, Lab, ManifestDir, PodSpec, Port, Probe};
 use serde::Serialize;
 use serde_json::Value;
 
+pub use case::Families;
 use case::{
     Addresses, Case, ClusterPlan, METADATA_NAME, Protocol, Step, Verdict, expand_templates,
+    for_families,
 };
 pub use report::print_failure;
 
@@ -85,6 +87,8 @@ pub struct Options {
     pub nodes: usize,
     pub via: Via,
     pub proxy_mode: ProxyMode,
+    /// The address families of pods, hosts and probes.
+    pub families: Families,
     pub json: Option<PathBuf>,
 }
 
@@ -99,11 +103,13 @@ pub struct Cell {
     pub ok: bool,
 }
 
-/// The probes of one `expect` entry of a step.
+/// The probes of one `expect` entry of a step over one address family.
 #[derive(Clone, Debug, Serialize)]
 pub struct ExpectResult {
     pub port: u16,
     pub protocol: String,
+    /// `IPv4` or `IPv6`: the family every probe of `cells` used.
+    pub family: &'static str,
     pub cells: Vec<Cell>,
 }
 
@@ -301,36 +307,61 @@ pub(crate) fn check_step(
     endpoints: &Endpoints,
     probe: impl FnOnce(&[Probe]) -> Result<Vec<netpol_lab::Outcome>>,
 ) -> Result<StepResult> {
-    check_step_with(step, index, endpoints, false, probe)
+    check_step_with(step, index, endpoints, &[Family::V4], false, probe)
 }
 
-/// [`check_step`], with each pod also probing itself when `hairpin` (through its own
-/// Service: always allowed, a pod is never blocked from itself).
+/// The name reports and `--json` give a family.
+pub fn family_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "IPv4",
+        Family::V6 => "IPv6",
+    }
+}
+
+/// [`check_step`] over each of `families` (every pair probed once per family), with
+/// each pod also probing itself when `hairpin` (through its own Service: always
+/// allowed, a pod is never blocked from itself).
 pub(crate) fn check_step_with(
     step: &Step,
     index: usize,
     endpoints: &Endpoints,
+    families: &[Family],
     hairpin: bool,
     probe: impl FnOnce(&[Probe]) -> Result<Vec<netpol_lab::Outcome>>,
 ) -> Result<StepResult> {
     let mut probes = Vec::new();
+    // (index into `expects`, verdict) per probe.
     let mut expected = Vec::new();
-    for (e, expect) in step.expect.iter().enumerate() {
+    let mut expects = Vec::new();
+    for expect in &step.expect {
         let protocol = lab_protocol(expect.protocol);
-        for (dst, serves) in endpoints {
-            if !serves.contains(&(expect.port, protocol)) {
-                continue;
-            }
-            for (src, _) in endpoints {
-                if src == dst {
-                    if hairpin && !src.starts_with("host/") {
-                        probes.push(Probe::new(src.clone(), dst.clone(), expect.port, protocol));
-                        expected.push((e, Verdict::Allowed));
-                    }
+        for &family in families {
+            let e = expects.len();
+            expects.push(ExpectResult {
+                port: expect.port,
+                protocol: expect.protocol.to_string(),
+                family: family_name(family),
+                cells: Vec::new(),
+            });
+            let new = |src: &String, dst: &String| Probe {
+                family,
+                ..Probe::new(src.clone(), dst.clone(), expect.port, protocol)
+            };
+            for (dst, serves) in endpoints {
+                if !serves.contains(&(expect.port, protocol)) {
                     continue;
                 }
-                probes.push(Probe::new(src.clone(), dst.clone(), expect.port, protocol));
-                expected.push((e, expect.verdict(src, dst)));
+                for (src, _) in endpoints {
+                    if src == dst {
+                        if hairpin && !src.starts_with("host/") {
+                            probes.push(new(src, dst));
+                            expected.push((e, Verdict::Allowed));
+                        }
+                        continue;
+                    }
+                    probes.push(new(src, dst));
+                    expected.push((e, expect.verdict(src, dst)));
+                }
             }
         }
     }
@@ -338,18 +369,10 @@ pub(crate) fn check_step_with(
     if outcomes.len() != probes.len() {
         bail!("{} outcomes for {} probes", outcomes.len(), probes.len());
     }
-    let mut expects: Vec<ExpectResult> = step
-        .expect
-        .iter()
-        .map(|x| ExpectResult {
-            port: x.port,
-            protocol: x.protocol.to_string(),
-            cells: Vec::new(),
-        })
-        .collect();
     for ((probe, outcome), (e, want)) in probes.into_iter().zip(outcomes).zip(expected) {
         let ok = outcome.matches(want == Verdict::Allowed);
-        expects[e].cells.push(Cell {
+        let cells: &mut Vec<Cell> = &mut expects[e].cells;
+        cells.push(Cell {
             src: probe.src,
             dst: probe.dst,
             expected: want,
@@ -419,20 +442,29 @@ fn through_service(probe: &Probe) -> Probe {
     }
 }
 
+/// The templates of a case write IPv4 addresses: an endpoint's own, or in an
+/// IPv6-only lab the address whose image its IPv6 address is.
 impl Addresses for Lab {
     fn ipv4_of(&self, endpoint: &str) -> Option<Ipv4Addr> {
-        if let Some(name) = endpoint.strip_prefix("host/") {
-            return self
-                .hosts()
-                .iter()
-                .find(|h| h.name == name)
-                .and_then(|h| match h.ip {
-                    IpAddr::V4(ip) => Some(ip),
-                    IpAddr::V6(_) => None,
-                });
-        }
-        self.pod(endpoint).map(|p| p.ipv4)
+        let (v4, v6) = match endpoint.strip_prefix("host/") {
+            Some(name) => {
+                let host = self.hosts().iter().find(|h| h.name == name)?;
+                (host.ipv4, host.ipv6)
+            }
+            None => {
+                let pod = self.pod(endpoint)?;
+                (pod.ipv4, pod.ipv6)
+            }
+        };
+        v4.or_else(|| v6.and_then(image_of))
     }
+}
+
+/// The IPv4 address whose image ([`netpol_lab::ipv6_image`]) `ip` is.
+fn image_of(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let bits = u128::from(ip);
+    (bits >> 32 == u128::from(netpol_lab::IPV6_IMAGE_PREFIX) >> 32)
+        .then(|| Ipv4Addr::from(bits as u32))
 }
 
 fn lab_port(port: &case::PortDef) -> Port {
@@ -471,6 +503,7 @@ impl<'a> Runner<'a> {
             bail!("more than one node needs the agents in local mode");
         }
         let mut lab = Lab::with_nodes(options.nodes)?;
+        lab.set_stack(options.families.stack())?;
         // Pods, then hosts, dealt to the nodes in turn.
         let mut next_node = (0..options.nodes).cycle();
         for (ns, labels) in &plan.namespaces {
@@ -498,7 +531,14 @@ impl<'a> Runner<'a> {
         for host in &plan.hosts {
             let ports: Vec<Port> = host.ports.iter().map(lab_port).collect();
             let node = next_node.next().expect("cycles forever");
-            lab.add_host_on(node, &host.name, IpAddr::V4(host.ip), &ports)
+            let mut addrs = Vec::new();
+            if lab.stack().has(Family::V4) {
+                addrs.push(IpAddr::V4(host.ip));
+            }
+            if lab.stack().has(Family::V6) {
+                addrs.push(IpAddr::V6(netpol_lab::ipv6_image(host.ip)));
+            }
+            lab.add_host_on(node, &host.name, &addrs, &ports)
                 .with_context(|| format!("creating host/{}", host.name))?;
         }
         let manifests = ManifestDir::create(lab.workdir().join("manifests"))?;
@@ -584,7 +624,7 @@ impl<'a> Runner<'a> {
 
     fn apply_step(&mut self, step: &Step) -> Result<()> {
         for object in &step.apply {
-            let object = expand_templates(object, &self.lab)?;
+            let object = for_families(&expand_templates(object, &self.lab)?, self.options.families);
             let kind = object
                 .get("kind")
                 .and_then(Value::as_str)
@@ -672,15 +712,23 @@ impl<'a> Runner<'a> {
         // Upstream subjects hairpin traffic to ClusterNetworkPolicy (FORMAT.md): not
         // checked in cases that carry any.
         let hairpin = via_service && !self.has_cluster_network_policies;
-        check_step_with(step, index, &self.endpoints(), hairpin, |probes| {
-            let probes: Vec<Probe> = if via_service {
-                probes.iter().map(through_service).collect()
-            } else {
-                probes.to_vec()
-            };
-            let results = self.lab.probe_all(&probes, self.options.timeout)?;
-            Ok(results.into_iter().map(|r| r.outcome).collect())
-        })
+        let families = self.lab.stack().families();
+        check_step_with(
+            step,
+            index,
+            &self.endpoints(),
+            families,
+            hairpin,
+            |probes| {
+                let probes: Vec<Probe> = if via_service {
+                    probes.iter().map(through_service).collect()
+                } else {
+                    probes.to_vec()
+                };
+                let results = self.lab.probe_all(&probes, self.options.timeout)?;
+                Ok(results.into_iter().map(|r| r.outcome).collect())
+            },
+        )
     }
 
     fn run(mut self, case: &Case, result: &mut CaseResult) -> Result<()> {

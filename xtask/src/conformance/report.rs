@@ -59,10 +59,11 @@ pub fn print_failure(result: &CaseResult) {
             println!(
                 "  {}",
                 ui::bold(&format!(
-                    "step {}, {}/{}: {} wrong",
+                    "step {}, {}/{} over {}: {} wrong",
                     step.index,
                     expect.protocol,
                     expect.port,
+                    expect.family,
                     expect.wrong()
                 ))
             );
@@ -73,9 +74,10 @@ pub fn print_failure(result: &CaseResult) {
                     Verdict::Blocked => "blocked",
                 };
                 println!(
-                    "    {} -> {}: expected {want}, observed {}",
+                    "    {} -> {} over {}: expected {want}, observed {}",
                     cell.src,
                     cell.dst,
+                    expect.family,
                     ui::red(&cell.observed)
                 );
             }
