@@ -19,6 +19,12 @@ pub struct Case {
     pub source: Option<String>,
     #[serde(default)]
     pub cluster: Option<ClusterDef>,
+    /// This repository's extension (tests/conformance/README.md): the worlds a case about
+    /// address families themselves is written for. Such a case runs only there, writes
+    /// each family's addresses itself (`{{ip6 ...}}`, `{{cidr6 ... N}}`) and its objects
+    /// are applied exactly as written (no images, no doubling).
+    #[serde(default)]
+    pub families: Option<Vec<Families>>,
     pub steps: Vec<Step>,
 }
 
@@ -115,6 +121,24 @@ pub struct Step {
     pub expect: Vec<Expect>,
 }
 
+/// `IPv4` or `IPv6`, as an expectation names a family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum IpFamily {
+    #[serde(rename = "IPv4")]
+    Ipv4,
+    #[serde(rename = "IPv6")]
+    Ipv6,
+}
+
+impl IpFamily {
+    pub fn lab(self) -> netpol_lab::Family {
+        match self {
+            IpFamily::Ipv4 => netpol_lab::Family::V4,
+            IpFamily::Ipv6 => netpol_lab::Family::V6,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
@@ -128,6 +152,10 @@ pub struct Expect {
     pub port: u16,
     #[serde(default)]
     pub protocol: Protocol,
+    /// This repository's extension, for cases with `families`: the expectation holds
+    /// for probes of this family only.
+    #[serde(default)]
+    pub family: Option<IpFamily>,
     pub default: Verdict,
     #[serde(default)]
     pub blocked: Vec<String>,
@@ -136,6 +164,23 @@ pub struct Expect {
 }
 
 impl Case {
+    /// Whether the case runs in the world of `families`.
+    pub fn runs_in(&self, families: Families) -> bool {
+        self.families
+            .as_ref()
+            .is_none_or(|listed| listed.contains(&families))
+    }
+
+    /// How a step's objects are applied in the world of `families`: as written for a
+    /// case that lists its families, else per FORMAT.md's worlds ([`for_families`]).
+    pub fn object_for(&self, object: &serde_json::Value, families: Families) -> serde_json::Value {
+        if self.families.is_some() {
+            object.clone()
+        } else {
+            for_families(object, families)
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Case> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -143,6 +188,22 @@ impl Case {
             serde_norway::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         if case.steps.is_empty() {
             bail!("{}: a case needs at least one step", path.display());
+        }
+        let has_families = case.families.as_ref().is_some_and(|f| !f.is_empty());
+        if case.families.is_some() && !has_families {
+            bail!("{}: `families` lists no world", path.display());
+        }
+        if !has_families
+            && case
+                .steps
+                .iter()
+                .flat_map(|s| &s.expect)
+                .any(|e| e.family.is_some())
+        {
+            bail!(
+                "{}: an expectation names a family, so the case must list its `families`",
+                path.display()
+            );
         }
         for (i, step) in case.steps.iter().enumerate() {
             for expect in &step.expect {
@@ -378,10 +439,14 @@ impl Expect {
 /// Address lookups the templates need.
 pub trait Addresses {
     fn ipv4_of(&self, endpoint: &str) -> Option<Ipv4Addr>;
+    /// The endpoint's own IPv6 address (`{{ip6}}`, `{{cidr6}}`); none by default.
+    fn ipv6_of(&self, _endpoint: &str) -> Option<std::net::Ipv6Addr> {
+        None
+    }
 }
 
 /// Expands `{{ip NS/POD}}`, `{{ip host/NAME}}` and `{{cidr NS/POD N}}` in every string of
-/// `value`.
+/// `value`, and the IPv6 forms `{{ip6 ...}}` and `{{cidr6 ... N}}`.
 pub fn expand_templates(
     value: &serde_json::Value,
     addresses: &dyn Addresses,
@@ -420,13 +485,25 @@ fn expand_string(text: &str, addresses: &dyn Addresses) -> Result<String> {
                 .ipv4_of(endpoint)
                 .with_context(|| format!("template in {text:?}: no endpoint {endpoint:?}"))
         };
+        let address6 = |endpoint: &str| {
+            addresses.ipv6_of(endpoint).with_context(|| {
+                format!("template in {text:?}: no endpoint {endpoint:?} with an IPv6 address")
+            })
+        };
+        let bits = |bits: &str| -> Result<u8> {
+            bits.parse()
+                .with_context(|| format!("template in {text:?}: bad prefix length"))
+        };
         match words.as_slice() {
             ["ip", endpoint] => out.push_str(&address(endpoint)?.to_string()),
-            ["cidr", endpoint, bits] => {
-                let bits: u8 = bits
-                    .parse()
+            ["cidr", endpoint, n] => {
+                let net = ipnet::Ipv4Net::new(address(endpoint)?, bits(n)?)
                     .with_context(|| format!("template in {text:?}: bad prefix length"))?;
-                let net = ipnet::Ipv4Net::new(address(endpoint)?, bits)
+                out.push_str(&net.trunc().to_string());
+            }
+            ["ip6", endpoint] => out.push_str(&address6(endpoint)?.to_string()),
+            ["cidr6", endpoint, n] => {
+                let net = ipnet::Ipv6Net::new(address6(endpoint)?, bits(n)?)
                     .with_context(|| format!("template in {text:?}: bad prefix length"))?;
                 out.push_str(&net.trunc().to_string());
             }
@@ -439,7 +516,9 @@ fn expand_string(text: &str, addresses: &dyn Addresses) -> Result<String> {
 }
 
 /// The address families a case runs in (FORMAT.md, "Worlds"): `--family`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Families {
     /// IPv4 addresses only, as the cases are written.
@@ -591,6 +670,7 @@ mod tests {
         Expect {
             port: 80,
             protocol: Protocol::Tcp,
+            family: None,
             default,
             blocked: blocked.iter().map(|s| s.to_string()).collect(),
             allowed: allowed.iter().map(|s| s.to_string()).collect(),
@@ -640,6 +720,51 @@ mod tests {
                 _ => None,
             }
         }
+        fn ipv6_of(&self, endpoint: &str) -> Option<std::net::Ipv6Addr> {
+            (endpoint == "x/b").then(|| "fd00:4::a01:203".parse().unwrap())
+        }
+    }
+
+    #[test]
+    fn ipv6_templates_give_the_endpoints_own_ipv6_address() {
+        assert_eq!(
+            expand_string("{{ip6 x/b}}", &Fixed).unwrap(),
+            "fd00:4::a01:203"
+        );
+        assert_eq!(
+            expand_string("{{cidr6 x/b 120}}", &Fixed).unwrap(),
+            "fd00:4::a01:200/120"
+        );
+        let error = expand_string("{{ip6 host/backup}}", &Fixed).unwrap_err();
+        assert!(format!("{error:#}").contains("with an IPv6 address"));
+    }
+
+    #[test]
+    fn a_case_naming_families_runs_only_there_and_applies_objects_as_written() {
+        let case: Case = serde_norway::from_str(
+            "name: t\nfamilies: [dual]\nsteps: [{expect: [{port: 80, family: IPv6, default: allowed}]}]\n",
+        )
+        .unwrap();
+        assert!(case.runs_in(Families::Dual));
+        assert!(!case.runs_in(Families::Ipv4) && !case.runs_in(Families::Ipv6));
+        let policy = policy_with_ip_block(serde_json::json!({"cidr": "10.0.0.0/8"}));
+        assert_eq!(case.object_for(&policy, Families::Dual), policy);
+        assert_eq!(case.steps[0].expect[0].family, Some(IpFamily::Ipv6));
+    }
+
+    #[test]
+    fn an_expectation_naming_a_family_needs_the_case_to_list_its_families() {
+        let dir = std::env::temp_dir().join(format!("netpol-case-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("t.yaml");
+        std::fs::write(
+            &file,
+            "name: t\nsteps: [{expect: [{port: 80, family: IPv4, default: allowed}]}]\n",
+        )
+        .unwrap();
+        let error = Case::load(&file).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(format!("{error:#}").contains("must list its `families`"));
     }
 
     #[test]

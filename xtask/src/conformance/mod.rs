@@ -34,7 +34,6 @@ use serde_json::Value;
 pub use case::Families;
 use case::{
     Addresses, Case, ClusterPlan, METADATA_NAME, Protocol, Step, Verdict, expand_templates,
-    for_families,
 };
 pub use report::print_failure;
 
@@ -130,6 +129,9 @@ pub struct CaseResult {
     pub name: String,
     pub file: PathBuf,
     pub passed: bool,
+    /// Not run: the case is written for other worlds (its `families`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
     pub seconds: f64,
     pub probes: usize,
     /// Set when the case could not be run to the end (bad file, lab or agent failure).
@@ -144,6 +146,8 @@ pub struct CaseResult {
 pub struct Summary {
     pub passed: usize,
     pub failed: usize,
+    /// Cases written for other worlds only.
+    pub skipped: usize,
     pub seconds: f64,
     pub cases: Vec<CaseResult>,
 }
@@ -225,7 +229,7 @@ fn run_cases(
                     let mut done = done.lock().expect("not poisoned");
                     *done += 1;
                     report::print_case_line(*done, total, &result);
-                    if !result.passed {
+                    if !result.passed && result.skipped.is_none() {
                         print_failure(&result);
                     }
                     results.lock().expect("not poisoned").insert(index, result);
@@ -239,9 +243,11 @@ fn run_cases(
         .into_values()
         .collect();
     let passed = cases.iter().filter(|c| c.passed).count();
+    let skipped = cases.iter().filter(|c| c.skipped.is_some()).count();
     let summary = Summary {
         passed,
-        failed: cases.len() - passed,
+        failed: cases.len() - passed - skipped,
+        skipped,
         seconds: started.elapsed().as_secs_f64(),
         cases,
     };
@@ -254,14 +260,16 @@ fn run_cases(
 
 /// Runs one case to the end, turning every failure into a failed result.
 pub fn run_case(file: &Path, options: &Options) -> CaseResult {
-    run_case_with(file, |case, result| {
+    run_case_with(file, options.families, |case, result| {
         Runner::new(case, options)?.run(case, result)
     })
 }
 
-/// Loads `file` and runs `body` on it; every failure becomes a failed result.
+/// Loads `file` and runs `body` on it unless the case is written for other worlds than
+/// `families`; every failure becomes a failed result.
 fn run_case_with(
     file: &Path,
+    families: Families,
     body: impl FnOnce(&Case, &mut CaseResult) -> Result<()>,
 ) -> CaseResult {
     let started = Instant::now();
@@ -273,6 +281,7 @@ fn run_case_with(
         name,
         file: file.to_path_buf(),
         passed: false,
+        skipped: None,
         seconds: 0.0,
         probes: 0,
         error: None,
@@ -281,12 +290,23 @@ fn run_case_with(
     };
     let outcome = Case::load(file).and_then(|case| {
         result.name = case.name.clone();
+        if !case.runs_in(families) {
+            let listed: Vec<String> = case
+                .families
+                .iter()
+                .flatten()
+                .map(|f| f.to_string())
+                .collect();
+            result.skipped = Some(format!("written for --family {}", listed.join(", ")));
+            return Ok(());
+        }
         body(&case, &mut result)
     });
     if let Err(error) = outcome {
         result.error = Some(format!("{error:#}"));
     }
-    result.passed = result.error.is_none()
+    result.passed = result.skipped.is_none()
+        && result.error.is_none()
         && result
             .steps
             .iter()
@@ -336,6 +356,9 @@ pub(crate) fn check_step_with(
     for expect in &step.expect {
         let protocol = lab_protocol(expect.protocol);
         for &family in families {
+            if expect.family.is_some_and(|only| only.lab() != family) {
+                continue;
+            }
             let e = expects.len();
             expects.push(ExpectResult {
                 port: expect.port,
@@ -457,6 +480,13 @@ impl Addresses for Lab {
             }
         };
         v4.or_else(|| v6.and_then(image_of))
+    }
+
+    fn ipv6_of(&self, endpoint: &str) -> Option<Ipv6Addr> {
+        match endpoint.strip_prefix("host/") {
+            Some(name) => self.hosts().iter().find(|h| h.name == name)?.ipv6,
+            None => self.pod(endpoint)?.ipv6,
+        }
     }
 }
 
@@ -622,9 +652,10 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
-    fn apply_step(&mut self, step: &Step) -> Result<()> {
+    fn apply_step(&mut self, case: &Case, step: &Step) -> Result<()> {
         for object in &step.apply {
-            let object = for_families(&expand_templates(object, &self.lab)?, self.options.families);
+            let object =
+                case.object_for(&expand_templates(object, &self.lab)?, self.options.families);
             let kind = object
                 .get("kind")
                 .and_then(Value::as_str)
@@ -736,7 +767,7 @@ impl<'a> Runner<'a> {
         self.sync().context("starting the agent")?;
         let outcome = (|| -> Result<()> {
             for (index, step) in case.steps.iter().enumerate() {
-                self.apply_step(step)
+                self.apply_step(case, step)
                     .with_context(|| format!("step {}", index + 1))?;
                 let checked = self
                     .check(step, index + 1)

@@ -11,10 +11,18 @@ pub fn print_case_line(done: usize, total: usize, result: &CaseResult) {
     let width = total.to_string().len();
     let status = if result.passed {
         ui::green("PASS")
+    } else if result.skipped.is_some() {
+        ui::dim("SKIP")
     } else {
         ui::red("FAIL")
     };
     let detail = match (&result.error, result.passed) {
+        _ if result.skipped.is_some() => {
+            format!(
+                "  {}",
+                ui::dim(result.skipped.as_deref().unwrap_or_default())
+            )
+        }
         (Some(error), _) => format!("  {}", ui::red(error.lines().next().unwrap_or_default())),
         (None, true) => String::new(),
         (None, false) => {

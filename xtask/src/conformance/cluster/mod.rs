@@ -116,7 +116,7 @@ pub fn run(files: &[PathBuf], options: &Options) -> Result<Summary> {
         bail!("no schedulable node in the cluster");
     }
     super::run_cases(files, 1, options.json.as_deref(), |file| {
-        super::run_case_with(file, |case, result| {
+        super::run_case_with(file, super::Families::Ipv4, |case, result| {
             let mut runner = ClusterRunner::new(case, options, &kubectl, &nodes)?;
             let outcome = runner.run(case, result);
             let failed = outcome.is_err()
