@@ -176,6 +176,9 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<conformance::Summary> {
     };
     let summary = conformance::run(&files, &options)?;
     let mut world = Vec::new();
+    if args.source == conformance::SourceKind::Kube {
+        world.push("Kubernetes mode".to_owned());
+    }
     if args.nodes > 1 {
         world.push(format!("{} nodes", args.nodes));
     }
