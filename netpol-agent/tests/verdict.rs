@@ -666,17 +666,19 @@ fn neighbour_discovery_and_mld_pass_only_as_the_link_uses_them() {
     assert!(dp.run(FromPod, &nd("fd00::2", "fe80::1", 136, 255)));
     assert!(dp.run(FromPod, &nd("::", "ff02::1:ff00:2", 135, 255)));
     assert_eq!(dp.counter(Reason::NetworkControl), 5);
-    // The same types otherwise are judged like any other packet: b allows none of them.
-    // Forwarded (hop limit below 255):
+    // A solicitation that was forwarded (hop limit below 255) is invalid where it
+    // arrives (RFC 4861, 7.1).
     assert!(!dp.run(ToPod, &nd("fe80::1", "fd00::2", 135, 254)));
+    assert_eq!(dp.counter(Reason::Malformed), 1);
+    // The same types otherwise are judged like any other packet: b allows none of them.
     assert!(!dp.run(FromPod, &nd("fd00::2", "ff02::1:ff00:1", 135, 64)));
-    // Between global unicast addresses, even with hop limit 255:
-    assert!(!dp.run(ToPod, &nd("fd00::1", "fd00::2", 135, 255)));
+    // Between global unicast addresses from an interface bound to no pod (see
+    // `neighbour_discovery_between_pods_of_a_bridge_passes_only_on_the_link`):
     assert!(!dp.run(FromPod, &nd("fd00::2", "fd00::1", 136, 255)));
     // An MLD report that is not link-local.
     assert!(!dp.run(FromPod, &nd("fd00::2", "ff02::16", 143, 1)));
     assert_eq!(dp.counter(Reason::NetworkControl), 5);
-    assert_eq!(dp.counter(Reason::PolicyDenied), 5);
+    assert_eq!(dp.counter(Reason::PolicyDenied), 3);
 
     // MLD from a link-local address on the veth bound to c: hop limit 1 to a group.
     let c = dp.endpoint_id("x/c");
@@ -692,6 +694,43 @@ fn neighbour_discovery_and_mld_pass_only_as_the_link_uses_them() {
     assert!(!dp.run(FromPod, &nd("fe80::3", "ff02::16", 143, 64)));
     assert!(!dp.run(FromPod, &nd("fe80::3", "fd00::1", 128, 64)));
     assert_eq!(dp.counter(Reason::Spoofed), 2);
+}
+
+#[test]
+fn neighbour_discovery_between_pods_of_a_bridge_passes_only_on_the_link() {
+    let Some(mut dp) = Loaded::new("nd-bridge", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    // b is isolated both ways and allows no ICMPv6; its veth is a port of the bridge a
+    // shares. Pods of one bridge resolve each other's global addresses directly.
+    let b = dp.endpoint_id("x/b");
+    dp.datapath
+        .as_mut()
+        .unwrap()
+        .bind_interface(TEST_RUN_IFINDEX, b)
+        .unwrap();
+    let nd = |src: &str, dst: &str, kind: u8, hops: u8| {
+        Frame::new(ip(src), ip(dst), icmp(kind)).with_hop_limit(hops)
+    };
+    // b answers a's solicitation and checks a is still there, from its own address to a
+    // pod of this node; a's messages arrive at b straight from the link.
+    assert!(dp.run(FromPod, &nd("fd00::2", "fd00::1", 136, 255)));
+    assert!(dp.run(FromPod, &nd("fd00::2", "fd00::1", 135, 255)));
+    assert!(dp.run(ToPod, &nd("fd00::1", "fd00::2", 136, 255)));
+    assert!(dp.run(ToPod, &nd("fd00::1", "fd00::2", 135, 255)));
+    assert_eq!(dp.counter(Reason::NetworkControl), 4);
+    // Routed on the way (hop limit lowered), the same message is invalid at b.
+    assert!(!dp.run(ToPod, &nd("fd00::1", "fd00::2", 136, 254)));
+    assert_eq!(dp.counter(Reason::Malformed), 1);
+    // Towards an address that is no pod of this node it leaves the link: judged, and
+    // b's egress allows nothing.
+    assert!(!dp.run(FromPod, &nd("fd00::2", "fd00:77::1", 136, 255)));
+    assert!(!dp.run(FromPod, &nd("fd00::2", "fd00::1", 136, 64)));
+    assert_eq!(dp.counter(Reason::PolicyDenied), 2);
+    // From another pod's address on b's veth: spoofed, never network control.
+    assert!(!dp.run(FromPod, &nd("fd00::1", "fd00::2", 136, 255)));
+    assert_eq!(dp.counter(Reason::Spoofed), 1);
+    assert_eq!(dp.counter(Reason::NetworkControl), 4);
 }
 
 #[test]

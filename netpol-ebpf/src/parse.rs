@@ -450,6 +450,17 @@ impl<F: Family> Packet<F> {
         }
     }
 
+    /// A neighbour solicitation or advertisement between two addresses that are neither
+    /// link-local nor multicast: what pods on one bridge (the bridge plugin, flannel)
+    /// send each other to resolve and check their global addresses (Linux solicits with
+    /// the address that needs the neighbour, and answers from the solicited one). Valid
+    /// only as sent on the link, with hop limit 255; the hooks decide where that holds
+    /// (`verdict::on_link_neighbour`).
+    #[inline(always)]
+    pub fn is_neighbour_message(&self) -> bool {
+        self.protocol == PROTO_ICMPV6 && !self.later_fragment && matches!(self.icmp_type, 135 | 136)
+    }
+
     /// An ICMP error about a packet: destination unreachable (fragmentation needed
     /// included), time exceeded, parameter problem; ICMPv6 also packet too big.
     #[inline(always)]

@@ -238,6 +238,11 @@ fn decide<T: Table>(
     let (local, remote) = ends.addresses(packet);
     // SAFETY: the context pointer is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if packet.is_neighbour_message()
+        && let Some(verdict) = on_link_neighbour::<T>(packet, hook, ifindex, &local, &remote)
+    {
+        return verdict;
+    }
     if packet.later_fragment {
         return fragment::<T>(hook, &local, ifindex, state.flags);
     }
@@ -267,6 +272,39 @@ fn decide<T: Table>(
         Hook::FromPod => from_pod(&at, state, marks),
         Hook::ToPod => to_pod(&at, state.flags, stamp),
         Hook::LeaveNode => leave_node(&at, stamp),
+    }
+}
+
+/// Neighbour discovery between global addresses ([`Packet::is_neighbour_message`]),
+/// which pods of one bridge exchange directly. It passes only where it provably stays on
+/// the link: leaving a pod, from its own address (the interface is bound to it), towards
+/// a pod of this node; and arriving at a pod with hop limit 255 (a router would have
+/// lowered it). A copy that was routed instead reaches the destination's hook with a
+/// lower hop limit, and every receiver discards such a message as invalid (RFC 4861,
+/// 7.1): it is dropped there, so the sender's egress policy is never bypassed. `None`:
+/// judged like other traffic.
+#[inline(always)]
+fn on_link_neighbour<T: Table>(
+    packet: &Packet<T>,
+    hook: Hook,
+    ifindex: u32,
+    local: &T::Raw,
+    remote: &T::Raw,
+) -> Option<Verdict> {
+    let direction = hook.direction();
+    match hook {
+        Hook::FromPod
+            if packet.hop_limit == 255
+                && endpoint_at::<T>(local).is_some_and(|own| own.id == owner_of(ifindex))
+                && endpoint_at::<T>(remote).is_some() =>
+        {
+            Some(Verdict::of(Reason::NetworkControl, direction))
+        }
+        Hook::ToPod if packet.hop_limit == 255 => {
+            Some(Verdict::of(Reason::NetworkControl, direction))
+        }
+        Hook::ToPod => Some(Verdict::of(Reason::Malformed, direction)),
+        _ => None,
     }
 }
 
