@@ -11,7 +11,7 @@ use netpol_agent::datapath::Capacities;
 use netpol_agent::preview::PortProtocol;
 use netpol_agent::preview::explain::explain_between;
 use netpol_agent::preview::load::{Loaded, Overlay, load_manifests};
-use netpol_agent::preview::matrix::{self, Matrix, MatrixOptions, Style};
+use netpol_agent::preview::matrix::{self, AddressFamily, Matrix, MatrixOptions, Style};
 use netpol_agent::source::kube::Settings;
 use netpol_agent::telemetry::health::Health;
 use netpol_agent::{agent, config};
@@ -76,6 +76,10 @@ struct MatrixArgs {
     /// Every pod is a destination of every port, whether it declares the port or not.
     #[arg(long)]
     all_destinations: bool,
+    /// Only this address family (ipv4 or ipv6). Default: both, a cell allowed over one
+    /// and not the other showing `~`.
+    #[arg(long, value_name = "ipv4|ipv6")]
+    family: Option<AddressFamily>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -453,6 +457,7 @@ fn matrix_command(args: &MatrixArgs) -> anyhow::Result<()> {
     let options = MatrixOptions {
         ports: args.port.clone(),
         all_destinations: args.all_destinations,
+        family: args.family,
     };
     let before = Matrix::new(&loaded.state, &compiled, &options);
     let mut shown = before.clone();

@@ -221,3 +221,89 @@ fn explain_rejects_unknown_pods_with_a_clear_message() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("\"stars/nope\": no such pod"), "{stderr}");
 }
+
+/// Two dual-stack pods; b admits TCP/80 from an IPv6 block holding a's IPv6 address.
+const DUAL_STACK: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec: {containers: [{name: main, ports: [{containerPort: 80}]}]}
+status: {phase: Running, podIPs: [{ip: 10.0.0.1}, {ip: "fd00::1"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {pod: b}}
+spec: {containers: [{name: main, ports: [{containerPort: 80}]}]}
+status: {phase: Running, podIPs: [{ip: 10.0.0.2}, {ip: "fd00::2"}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-v6, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  ingress: [{from: [{ipBlock: {cidr: "fd00::/64"}}], ports: [{port: 80}]}]
+"#;
+
+#[test]
+fn matrix_family_previews_one_family_and_explain_takes_ipv6_addresses() {
+    let dir = TempDir::new("family");
+    dir.write("cluster.yaml", DUAL_STACK);
+    let cell = |args: &[&str]| {
+        let json: serde_json::Value = serde_json::from_slice(&run(args, &dir.0).stdout).unwrap();
+        let m = &json["matrix"];
+        let a = m["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|p| p["pod"] == "x/a")
+            .unwrap();
+        // The only table is TCP/80; b is its second destination.
+        (m["family"].clone(), m["tables"][0]["cells"][a][1].clone())
+    };
+    assert_eq!(
+        cell(&["matrix", "--json"]),
+        (serde_json::Value::Null, "partial".into())
+    );
+    assert_eq!(
+        cell(&["matrix", "--json", "--family", "ipv4"]),
+        ("IPv4".into(), "blocked".into())
+    );
+    assert_eq!(
+        cell(&["matrix", "--json", "--family", "ipv6"]),
+        ("IPv6".into(), "allowed".into())
+    );
+    let text = stdout(&run(&["matrix", "--family", "ipv6"], &dir.0));
+    assert!(text.starts_with("over IPv6 only\n"), "{text}");
+
+    // By name: one explanation per family; by address: that family only.
+    let text = stdout(&run(&["explain", "x/a", "x/b", "80/TCP"], &dir.0));
+    assert!(
+        text.contains("x/a (10.0.0.1) -> x/b (10.0.0.2) TCP/80: BLOCKED"),
+        "{text}"
+    );
+    assert!(
+        text.contains("x/a (fd00::1) -> x/b (fd00::2) TCP/80: ALLOWED"),
+        "{text}"
+    );
+    let text = stdout(&run(&["explain", "fd00::1", "fd00::2", "80/TCP"], &dir.0));
+    assert!(
+        text.starts_with("x/a (fd00::1) -> x/b (fd00::2) TCP/80: ALLOWED"),
+        "{text}"
+    );
+    assert!(
+        text.contains("NetworkPolicy x/from-v6 spec.ingress[0]"),
+        "{text}"
+    );
+    assert!(!text.contains("10.0.0.1"), "{text}");
+    let text = stdout(&run(&["explain", "x/a", "fd00::2", "80/TCP"], &dir.0));
+    assert!(!text.contains("10.0.0.1"), "{text}");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_netpol-agent"))
+        .args(["matrix", "--family", "ipv5", "--manifests"])
+        .arg(&dir.0)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ipv4 or ipv6"), "{stderr}");
+}

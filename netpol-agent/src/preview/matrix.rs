@@ -50,6 +50,49 @@ pub struct MatrixOptions {
     pub ports: Vec<PortProtocol>,
     /// Show every pod as a destination of every port, declared or not.
     pub all_destinations: bool,
+    /// Only addresses of this family (`--family`); `None`: every pair of addresses of
+    /// the same family, a cell that differs between them being [`Reach::Partial`].
+    pub family: Option<AddressFamily>,
+}
+
+/// An address family, as `--family` names it: `ipv4` or `ipv6`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum AddressFamily {
+    #[serde(rename = "IPv4")]
+    Ipv4,
+    #[serde(rename = "IPv6")]
+    Ipv6,
+}
+
+impl AddressFamily {
+    /// Whether `ip` is of this family.
+    pub fn holds(self, ip: &IpAddr) -> bool {
+        match self {
+            AddressFamily::Ipv4 => ip.is_ipv4(),
+            AddressFamily::Ipv6 => ip.is_ipv6(),
+        }
+    }
+}
+
+impl std::fmt::Display for AddressFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AddressFamily::Ipv4 => "IPv4",
+            AddressFamily::Ipv6 => "IPv6",
+        })
+    }
+}
+
+impl std::str::FromStr for AddressFamily {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "ipv4" | "4" => Ok(AddressFamily::Ipv4),
+            "ipv6" | "6" => Ok(AddressFamily::Ipv6),
+            _ => Err(format!("{text:?} is no address family: ipv4 or ipv6")),
+        }
+    }
 }
 
 /// A pod in the matrix.
@@ -76,6 +119,8 @@ pub struct PortTable {
 /// Every pod pair, per port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Matrix {
+    /// The family previewed (`--family`), or `None` for both.
+    pub family: Option<AddressFamily>,
     /// Rows (sources), in name order; columns index them too.
     pub pods: Vec<MatrixPod>,
     pub tables: Vec<PortTable>,
@@ -87,15 +132,25 @@ impl Matrix {
     /// The matrix of `state` as compiled into `compiled` (all pods must be local, as
     /// [`super::load::load_manifests`] arranges).
     pub fn new(state: &ClusterState, compiled: &Compiled, options: &MatrixOptions) -> Matrix {
-        let (addressed, skipped) = pod_addresses(state);
-        let pods: Vec<MatrixPod> = addressed
-            .into_iter()
-            .map(|PodAddresses { pod, ips }| MatrixPod {
+        let (addressed, mut skipped) = pod_addresses(state);
+        let mut pods: Vec<MatrixPod> = Vec::new();
+        for PodAddresses { pod, mut ips } in addressed {
+            if let Some(family) = options.family {
+                ips.retain(|ip| family.holds(ip));
+                if ips.is_empty() {
+                    skipped.push(SkippedPod {
+                        pod,
+                        reason: format!("no {family} address"),
+                    });
+                    continue;
+                }
+            }
+            pods.push(MatrixPod {
                 serves: state.pods.get(&pod).map(served_ports).unwrap_or_default(),
                 pod,
                 ips,
-            })
-            .collect();
+            });
+        }
         let ports: Vec<PortProtocol> = if options.ports.is_empty() {
             let all: BTreeSet<PortProtocol> =
                 pods.iter().flat_map(|p| p.serves.iter().copied()).collect();
@@ -131,6 +186,7 @@ impl Matrix {
             })
             .collect();
         Matrix {
+            family: options.family,
             pods,
             tables,
             skipped,
@@ -325,6 +381,13 @@ pub fn render(matrix: &Matrix, diff: Option<&MatrixDiff>, style: Style) -> Strin
         .chain([width(corner)])
         .max()
         .unwrap_or(0);
+    if let Some(family) = matrix.family {
+        let _ = writeln!(
+            out,
+            "{}\n",
+            style.paint("1", &format!("over {family} only"))
+        );
+    }
     if matrix.pods.is_empty() {
         out.push_str("no pods with addresses: nothing to show\n");
     }
@@ -524,6 +587,7 @@ mod tests {
         let options = MatrixOptions {
             ports: vec![PortProtocol::tcp(6379), PortProtocol::udp(53)],
             all_destinations: false,
+            family: None,
         };
         let m = Matrix::new(&state, &compiled, &options);
         assert_eq!(m.tables.len(), 2);
@@ -533,6 +597,7 @@ mod tests {
         let options = MatrixOptions {
             ports: vec![PortProtocol::tcp(80)],
             all_destinations: true,
+            family: None,
         };
         let m = Matrix::new(&state, &compiled, &options);
         assert_eq!(m.tables[0].destinations.len(), 4);
@@ -681,6 +746,104 @@ spec:
         assert!(
             text.contains("not shown: x/h (hostNetwork: it uses the node's addresses)"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_family_previews_only_its_addresses() {
+        // a's egress allows only an IPv6 block holding b's IPv6 address; c has IPv4 only.
+        let state = fixtures::state(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec: {containers: [{name: main}]}
+status: {phase: Running, podIPs: [{ip: 10.0.0.1}, {ip: "fd00::1"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {pod: b}}
+spec: {containers: [{name: main, ports: [{containerPort: 80}]}]}
+status: {phase: Running, podIPs: [{ip: 10.0.0.2}, {ip: "fd00::2"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: x, labels: {pod: c}}
+spec: {containers: [{name: main, ports: [{containerPort: 80}]}]}
+status: {phase: Running, podIP: 10.0.0.3}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: v6-only, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+  egress: [{to: [{ipBlock: {cidr: "fd00::/120"}}]}]
+"#,
+            &[],
+        );
+        let compiled = compile(&state, &Allocations::default());
+        let reference = reference::Reference::new(&state);
+        let http = PortProtocol::tcp(80);
+        let of = |family| {
+            let options = MatrixOptions {
+                family,
+                ..MatrixOptions::default()
+            };
+            Matrix::new(&state, &compiled, &options)
+        };
+        let both = of(None);
+        assert_eq!(
+            both.get(http, &pod("x/a"), &pod("x/b")),
+            Some(Reach::Partial)
+        );
+        assert_eq!(
+            both.get(http, &pod("x/a"), &pod("x/c")),
+            Some(Reach::Blocked)
+        );
+
+        let v4 = of(Some(AddressFamily::Ipv4));
+        assert_eq!(v4.get(http, &pod("x/a"), &pod("x/b")), Some(Reach::Blocked));
+        assert_eq!(v4.get(http, &pod("x/a"), &pod("x/c")), Some(Reach::Blocked));
+        assert_eq!(v4.get(http, &pod("x/c"), &pod("x/b")), Some(Reach::Allowed));
+        assert!(v4.pods.iter().all(|p| p.ips.iter().all(IpAddr::is_ipv4)));
+
+        let v6 = of(Some(AddressFamily::Ipv6));
+        assert_eq!(v6.get(http, &pod("x/a"), &pod("x/b")), Some(Reach::Allowed));
+        assert_eq!(
+            v6.get(http, &pod("x/a"), &pod("x/c")),
+            None,
+            "c has no IPv6 address"
+        );
+        assert!(
+            v6.skipped
+                .iter()
+                .any(|s| s.pod == pod("x/c") && s.reason == "no IPv6 address")
+        );
+        // Each one-family cell is the reference evaluator's verdict on that family.
+        for m in [&v4, &v6] {
+            for (port, src, dst, reach) in m.cells() {
+                let ip = |p: &ObjectRef| m.pods.iter().find(|x| x.pod == *p).unwrap().ips[0];
+                let expected = reference.flow_allowed(ip(src), ip(dst), port.protocol, port.port);
+                assert_eq!(reach == Reach::Allowed, expected, "{src} -> {dst} {port}");
+            }
+        }
+        let text = render(&v6, None, Style::default());
+        assert!(text.starts_with("over IPv6 only\n"), "{text}");
+        assert!(text.contains("not shown: x/c (no IPv6 address)"), "{text}");
+        let json = serde_json::to_value(&v6).unwrap();
+        assert_eq!(json["family"], "IPv6");
+        assert_eq!(
+            serde_json::to_value(&both).unwrap()["family"],
+            serde_json::Value::Null
+        );
+        assert_eq!("ipv6".parse::<AddressFamily>(), Ok(AddressFamily::Ipv6));
+        assert_eq!("IPv4".parse::<AddressFamily>(), Ok(AddressFamily::Ipv4));
+        assert!(
+            "ipv5"
+                .parse::<AddressFamily>()
+                .unwrap_err()
+                .contains("ipv4 or ipv6")
         );
     }
 }
