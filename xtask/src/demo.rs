@@ -1,15 +1,18 @@
 //! `cargo xtask run`: the Calico "stars" demo on an emulated node.
 //!
-//! Four pods in three namespaces, the agent in local mode, a reachability matrix before
-//! and after two policies, checked against what the demo's own definition says
-//! ([`ACCESS`]), never against observed output.
+//! Four dual-stack pods in three namespaces, the agent in local mode, a reachability
+//! matrix per address family before and after two policies, checked against what the
+//! demo's own definition says ([`ACCESS`]), never against observed output.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use netpol_lab::{AgentProcess, Lab, ManifestDir, NODE, PodSpec, Port, Protocol};
+use netpol_lab::{
+    AgentProcess, Family, Lab, ManifestDir, NODE, PodSpec, Port, Probe, ProbeResult, Protocol,
+    Stack,
+};
 
 use crate::matrix::{Column, Matrix};
 use crate::{cargo, prereqs, ui};
@@ -232,6 +235,9 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     ui::step("creating the emulated node");
     let mut lab = Lab::new()?;
     lab.keep_workdir(opts.keep);
+    // Dual stack, as EKS, GKE and bare-metal clusters run: every pod, the node and the
+    // Service have an address of each family, and the policies must hold on both.
+    lab.set_stack(Stack::Dual)?;
     for ns in NAMESPACES {
         lab.set_namespace_labels(ns.name, ns.labels.iter().copied());
     }
@@ -242,9 +248,10 @@ pub fn run(opts: &RunOptions) -> Result<()> {
                 .port(Port::tcp(p.port)),
         )?;
         ui::note(&format!(
-            "{:<28} {:<12} serves TCP {:<5} {}",
+            "{:<28} {:<11} {:<15} serves TCP {:<5} {}",
             pod.id(),
-            pod.v4(),
+            show(pod.ipv4),
+            show(pod.ipv6),
             p.port,
             ui::dim(&format!("netns {}, veth {}", pod.netns, pod.host_if))
         ));
@@ -260,9 +267,10 @@ pub fn run(opts: &RunOptions) -> Result<()> {
             }),
     )?;
     ui::note(&format!(
-        "{:<28} {:<12} Service port TCP {SERVICE_PORT} -> stars/frontend:80 {}",
+        "{:<28} {:<11} {:<15} Service port TCP {SERVICE_PORT} -> stars/frontend:80 {}",
         format!("svc/{}", service.id()),
-        service.ipv4.map(|ip| ip.to_string()).unwrap_or_default(),
+        show(service.ipv4),
+        show(service.ipv6),
         ui::dim("(kube-proxy's iptables rules on the node)")
     ));
     ui::note(&ui::dim(&format!("node netns {}", lab.node_netns())));
@@ -295,11 +303,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     let probes = Matrix::probes(&rows, &columns);
 
     ui::step("reachability before policies");
-    let results = lab.probe_all(&probes, PROBE_TIMEOUT)?;
-    let before = Matrix::new(rows.clone(), columns.clone(), &results, |s, c| {
-        Some(expected(s, &c.dst, false))
-    });
-    print!("{}", before.render());
+    let before = observe(&lab, &probes, &rows, &columns, false)?;
     check_interrupted()?;
 
     ui::step("applying backend-policy and frontend-policy");
@@ -317,11 +321,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     ));
 
     ui::step("reachability after policies");
-    let results = lab.probe_all(&probes, PROBE_TIMEOUT)?;
-    let after = Matrix::new(rows, columns, &results, |s, c| {
-        Some(expected(s, &c.dst, true))
-    });
-    print!("{}", after.render());
+    let after = observe(&lab, &probes, &rows, &columns, true)?;
 
     ui::step("verdict");
     ui::note("expected after the policies (from the demo definition in xtask/src/demo.rs):");
@@ -336,25 +336,31 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         .map(|p| format!("{} -> {}:{}", p.src, p.dst, p.port))
         .collect();
     ui::note(&format!(
-        "  so {} of {} cells turn ✗: {}",
+        "  so {} of {} cells of each family turn ✗: {}",
         denied.len(),
         probes.len(),
         denied.join(", ")
     ));
     let mut mismatches_through_service = 0;
-    let mut mismatches = before.mismatches();
-    mismatches.extend(after.mismatches());
-    let checked = before.checked() + after.checked();
+    let mut mismatches = Vec::new();
+    let mut checked = 0;
+    for (family, matrix) in before.iter().chain(&after) {
+        checked += matrix.checked();
+        mismatches.extend(matrix.mismatches().into_iter().map(|m| (*family, m)));
+    }
     if mismatches.is_empty() {
-        ui::ok(&format!("all {checked} cells match the expectation"));
+        ui::ok(&format!(
+            "all {checked} cells match the expectation, over IPv4 and over IPv6"
+        ));
     } else {
-        for m in &mismatches {
+        for (family, m) in &mismatches {
             println!(
-                "  {} {} -> {}:{}: expected {}, observed {}",
+                "  {} {} -> {}:{} over {}: expected {}, observed {}",
                 ui::red("✗"),
                 m.src,
                 m.column.dst,
                 m.column.port,
+                family_name(*family),
                 if m.expected { "allowed" } else { "blocked" },
                 m.outcome
             );
@@ -375,12 +381,16 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         ("client/client", true),
         ("management-ui/management-ui", false),
     ];
-    for (src, allowed) in through {
-        let probe = netpol_lab::Probe::tcp(src, "svc/stars/frontend", SERVICE_PORT);
+    for ((src, allowed), family) in through
+        .into_iter()
+        .flat_map(|t| [(t, Family::V4), (t, Family::V6)])
+    {
+        let probe = over(Probe::tcp(src, "svc/stars/frontend", SERVICE_PORT), family);
         let outcome = lab.probe(&probe, PROBE_TIMEOUT)?.outcome;
         let line = format!(
-            "{src} -> svc/stars/frontend:{SERVICE_PORT} -> stars/frontend:80: {outcome} \
-             (expected {})",
+            "{src} -> svc/stars/frontend:{SERVICE_PORT} -> stars/frontend:80 over {}: \
+             {outcome} (expected {})",
+            family_name(family),
             if allowed { "allowed" } else { "blocked" }
         );
         if outcome.matches(allowed) {
@@ -441,26 +451,79 @@ pub fn run(opts: &RunOptions) -> Result<()> {
 /// The Service port in front of stars/frontend's port 80.
 const SERVICE_PORT: u16 = 8080;
 
+/// The matrix of each address family, in order.
+type Observed = Vec<(Family, Matrix)>;
+
+/// Probes every cell over both families at once, and prints a table per family.
+fn observe(
+    lab: &Lab,
+    probes: &[Probe],
+    rows: &[String],
+    columns: &[Column],
+    policies: bool,
+) -> Result<Observed> {
+    let both: Vec<Probe> = [Family::V4, Family::V6]
+        .into_iter()
+        .flat_map(|family| probes.iter().map(move |p| over(p.clone(), family)))
+        .collect();
+    let results = lab.probe_all(&both, PROBE_TIMEOUT)?;
+    let mut out = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let of: Vec<ProbeResult> = results
+            .iter()
+            .filter(|r| r.probe.family == family)
+            .cloned()
+            .collect();
+        let matrix = Matrix::new(rows.to_vec(), columns.to_vec(), &of, |s, c| {
+            Some(expected(s, &c.dst, policies))
+        });
+        ui::note(&ui::bold(&format!("over {}", family_name(family))));
+        print!("{}", matrix.render());
+        out.push((family, matrix));
+    }
+    Ok(out)
+}
+
+/// `probe` over `family`.
+fn over(probe: Probe, family: Family) -> Probe {
+    match family {
+        Family::V4 => probe,
+        Family::V6 => probe.v6(),
+    }
+}
+
+fn family_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "IPv4",
+        Family::V6 => "IPv6",
+    }
+}
+
+/// An optional address, or `-`.
+fn show(ip: Option<impl std::fmt::Display>) -> String {
+    ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string())
+}
+
 /// The blocked pair the demo explains.
 const WHY_SRC: &str = "client/client";
 const WHY_DST: &str = "stars/backend";
 const WHY_PORT: u16 = 6379;
 
-/// Answers "which policy dropped my packet?" three ways for one blocked probe: the live
-/// flow log, `explain`, and the `matrix` preview, which must reproduce every observed
-/// pod-to-pod cell from the manifests alone.
+/// Answers "which policy dropped my packet?" three ways for one blocked probe (over
+/// IPv6): the live flow log, `explain` (both families), and the `matrix` preview of each
+/// family, which must reproduce every observed pod-to-pod cell from the manifests alone.
 fn explain_a_drop(
     lab: &Lab,
     agent: &AgentProcess,
     agent_bin: &std::path::Path,
     manifests: &ManifestDir,
-    observed: &Matrix,
+    observed: &Observed,
 ) -> Result<()> {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
     ui::step(&format!(
-        "which policy dropped {WHY_SRC} -> {WHY_DST}:{WHY_PORT}?"
+        "which policy dropped {WHY_SRC} -> {WHY_DST}:{WHY_PORT} over IPv6?"
     ));
     // 1. The flow log of the running agent, while the blocked probe is retried.
     let mut flows = Command::new(agent_bin)
@@ -491,7 +554,7 @@ fn explain_a_drop(
     });
     // The client connects once the socket is there; give it a moment, then probe.
     std::thread::sleep(Duration::from_millis(300));
-    let probe = netpol_lab::Probe::tcp(WHY_SRC, WHY_DST, WHY_PORT);
+    let probe = Probe::tcp(WHY_SRC, WHY_DST, WHY_PORT).v6();
     let result = lab.probe(&probe, PROBE_TIMEOUT)?;
     let flow_line = received.recv_timeout(Duration::from_secs(3));
     let _ = flows.kill();
@@ -519,7 +582,7 @@ fn explain_a_drop(
     let text = String::from_utf8_lossy(&explain.stdout);
     ui::note(&ui::bold("explain:"));
     for line in text.lines() {
-        ui::note(&format!("  {line}"));
+        ui::note(format!("  {line}").trim_end());
     }
     if !explain.status.success()
         || !text.contains("BLOCKED")
@@ -531,9 +594,30 @@ fn explain_a_drop(
         );
     }
 
-    // 3. matrix, from the manifests alone, against every observed pod-to-pod cell.
-    let matrix = Command::new(agent_bin)
-        .args(["matrix", "--json"])
+    // 3. matrix, from the manifests alone, against every observed pod-to-pod cell of
+    // each family.
+    for (family, matrix) in observed {
+        let compared = compare_matrix(agent_bin, manifests, *family, matrix)?;
+        ui::ok(&format!(
+            "`netpol-agent matrix --family {}` reproduces all {compared} observed pod-to-pod \
+             cells from the manifests alone",
+            family_name(*family).to_ascii_lowercase()
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `matrix --json --family F` over the demo's manifests and compares each of its
+/// cells with the observed one; the number of cells compared.
+fn compare_matrix(
+    agent_bin: &std::path::Path,
+    manifests: &ManifestDir,
+    family: Family,
+    observed: &Matrix,
+) -> Result<usize> {
+    let name = family_name(family).to_ascii_lowercase();
+    let matrix = std::process::Command::new(agent_bin)
+        .args(["matrix", "--json", "--family", &name])
         .arg("--manifests")
         .arg(manifests.path())
         .output()
@@ -587,15 +671,14 @@ fn explain_a_drop(
     }
     if compared == 0 || !differ.is_empty() {
         bail!(
-            "`matrix` disagrees with the observed traffic on {} of {compared} cells: {}",
+            "`matrix --family {name}` disagrees with the traffic observed over {} on {} of \
+             {compared} cells: {}",
+            family_name(family),
             differ.len(),
             differ.join(", ")
         );
     }
-    ui::ok(&format!(
-        "`netpol-agent matrix --manifests` reproduces all {compared} observed pod-to-pod cells from the manifests alone"
-    ));
-    Ok(())
+    Ok(compared)
 }
 
 #[cfg(test)]

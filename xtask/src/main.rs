@@ -36,9 +36,9 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         agent: Option<PathBuf>,
     },
-    /// Every test tier: cargo test --workspace, the network-namespace tests, benchmark and
-    /// fuzz smoke runs, then the conformance cases in local mode, in Kubernetes mode and
-    /// across two nodes. Every stage runs even if an earlier one failed; the failures are
+    /// Every test tier: cargo test --workspace, the network-namespace tests, the demo,
+    /// benchmark and fuzz smoke runs, then the conformance cases in every world (local
+    /// and Kubernetes mode, two nodes, through Services, IPv6 only, dual stack). Every stage runs even if an earlier one failed; the failures are
     /// listed at the end, before the total `N passed, M failed` of the conformance cases.
     Test,
     /// Run NetworkPolicy conformance cases (FORMAT.md) on emulated pods with real traffic.
@@ -275,6 +275,15 @@ fn test(agent: &std::path::Path) -> anyhow::Result<()> {
         }
     };
     record("cargo test tiers", cargo::test_all(agent));
+    // The README's first command, as a new user runs it (without waiting for Ctrl-C).
+    record(
+        "demo (cargo xtask run --once)",
+        demo::run(&demo::RunOptions {
+            once: true,
+            keep: false,
+            agent: Some(agent.to_owned()),
+        }),
+    );
     for name in bench::ALL {
         record(&format!("benchmark {name} (smoke)"), bench::one(name, true));
     }
