@@ -33,6 +33,7 @@
 
 mod admission;
 mod cache;
+pub mod cnp;
 mod compiler;
 mod diagnostics;
 #[cfg(any(test, feature = "testing"))]
