@@ -174,9 +174,12 @@ struct RunArgs {
     /// Capacity of the IPCACHE map (pod IPs, node IPs, ipBlock prefixes).
     #[arg(long)]
     max_ipcache: Option<u32>,
-    /// Capacity of the POLICY map.
+    /// Capacity of the POLICY map (exact ports, whole protocols).
     #[arg(long)]
     max_policy: Option<u32>,
+    /// Capacity of the POLICY_RANGES map (port ranges).
+    #[arg(long)]
+    max_policy_ranges: Option<u32>,
     /// Capacity of each conntrack map (CT4 for IPv4 connections, CT6 for IPv6).
     #[arg(long)]
     max_conntrack: Option<u32>,
@@ -320,6 +323,7 @@ fn agent_config(args: &RunArgs) -> config::Config {
         endpoints: args.max_endpoints,
         ipcache: args.max_ipcache,
         policy: args.max_policy,
+        policy_ranges: args.max_policy_ranges,
         conntrack: args.max_conntrack,
     };
     let on_exit = match args.on_exit {

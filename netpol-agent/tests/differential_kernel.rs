@@ -68,7 +68,7 @@ use netpol_agent::datapath::packet::{Frame, Transport};
 use netpol_agent::datapath::{Capacities, Datapath, HookKind, chain};
 use netpol_compile::differential::{Case, Scenario, case, sweep};
 use netpol_compile::reference::{Reference, Verdict};
-use netpol_compile::{Compiled, Compiler, Direction, addr, model, protocol_name};
+use netpol_compile::{Compiled, Compiler, Direction, addr, model, policy_maps, protocol_name};
 
 /// Clusters per run: about 10 s of CPU (twice that in wall time on two busy cores).
 const CASES: u32 = 2000;
@@ -470,7 +470,7 @@ impl Kernel {
         clear(names::CT6, &mut self.ct6)
     }
 
-    /// The kernel's three policy maps equal `compiled`'s.
+    /// The kernel's four policy maps equal `compiled`'s.
     fn maps_match(&self, compiled: &Compiled) -> Result<(), String> {
         fn compare<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
             name: &str,
@@ -510,11 +510,23 @@ impl Kernel {
             &ipcache.read_all().map_err(read)?,
             &compiled.ipcache,
         )?;
-        let policy: LpmTrie<MapData, _, _> = pinned(&self.dir, names::POLICY, Map::LpmTrie);
+        // POLICY and POLICY_RANGES, each against its share of the compiled entries.
+        let mut exact = std::collections::BTreeMap::new();
+        let mut ranges = std::collections::BTreeMap::new();
+        for (key, value) in &compiled.policy {
+            match policy_maps::slot(key) {
+                policy_maps::Slot::Policy(key) => exact.insert(key, *value),
+                policy_maps::Slot::Ranges(key) => ranges.insert(key, *value),
+            };
+        }
+        let policy: HashMap<MapData, _, _> = pinned(&self.dir, names::POLICY, Map::HashMap);
+        compare(names::POLICY, &policy.read_all().map_err(read)?, &exact)?;
+        let policy_ranges: LpmTrie<MapData, _, _> =
+            pinned(&self.dir, names::POLICY_RANGES, Map::LpmTrie);
         compare(
-            names::POLICY,
-            &policy.read_all().map_err(read)?,
-            &compiled.policy,
+            names::POLICY_RANGES,
+            &policy_ranges.read_all().map_err(read)?,
+            &ranges,
         )
     }
 

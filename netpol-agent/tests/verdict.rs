@@ -13,7 +13,7 @@ use netpol_agent::datapath::{Capacities, Datapath, HookKind};
 use netpol_agent::source::manifest::parse_documents;
 use netpol_common::Reason;
 use netpol_compile::state::{ClusterState, NodeContext, ObjectRef};
-use netpol_compile::{self as compile, Allocations};
+use netpol_compile::{self as compile, Allocations, policy_maps};
 
 /// The cluster every test starts from. Namespace x: a, b (serves 80-90 and dns/53 UDP),
 /// c (names its port `web` = 8080); namespace y: d. a and b are dual-stack.
@@ -1331,10 +1331,11 @@ fn a_full_endpoints_map_leaves_the_newest_pods_unprogrammed() {
     ));
 }
 
-/// b's ingress from a moves from TCP 80-90 to TCP 85-99 while POLICY has no room for
-/// the new entries: b keeps only entries both versions share (none here, the port
-/// prefixes differ), so it allows less than either version, never more; the other
-/// endpoints' policies are untouched. Once room is made, the change goes through.
+/// b's ingress from a moves from TCP 80-90 to TCP 85-99 while neither POLICY nor
+/// POLICY_RANGES has room for the new entries: b keeps only entries both versions share
+/// (none of these ports, the prefixes differ), so it allows less than either version,
+/// never more; the other endpoints' policies are untouched. Once room is made, the
+/// change goes through.
 #[test]
 fn a_full_policy_map_narrows_the_changed_endpoint_and_nothing_else() {
     const WIDER: &str = r#"
@@ -1352,14 +1353,38 @@ spec:
     - from: [{namespaceSelector: {matchLabels: {team: blue}}}]
       ports: [{protocol: SCTP, port: 7}]
 "#;
+    // c also reaches TCP 1000-1100 of 172.16.0.0/12: port ranges of another endpoint.
+    const C_RANGES: &str = r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: c-ranges, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: c}}
+  policyTypes: [Egress]
+  egress:
+    - to: [{ipBlock: {cidr: 172.16.0.0/12}}]
+      ports: [{protocol: TCP, port: 1000, endPort: 1100}]
+"#;
     let c_egress = POLICIES.split("---").nth(1).unwrap();
-    // Exactly the room the original policies need.
-    let original = compile::compile(&state(&[CLUSTER, POLICIES]), &Allocations::default());
+    // Exactly the room the original policies need, in each of the two maps.
+    let original = compile::compile(
+        &state(&[CLUSTER, POLICIES, C_RANGES]),
+        &Allocations::default(),
+    );
+    let ranges = original
+        .policy
+        .keys()
+        .filter(|k| matches!(policy_maps::slot(k), policy_maps::Slot::Ranges(_)))
+        .count() as u32;
+    let exact = original.policy.len() as u32 - ranges;
     let capacities = Capacities {
-        policy: Some(original.policy.len() as u32),
+        policy: Some(exact),
+        policy_ranges: Some(ranges),
         ..Capacities::default()
     };
-    let Some(mut dp) = Loaded::with_capacities("full-policy", &[CLUSTER, POLICIES], &capacities)
+    let Some(mut dp) =
+        Loaded::with_capacities("full-policy", &[CLUSTER, POLICIES, C_RANGES], &capacities)
     else {
         return;
     };
@@ -1375,16 +1400,21 @@ spec:
     assert!(dp.run(ToPod, &syn(85)));
 
     let wider = compile::compile(
-        &state(&[CLUSTER, WIDER, &format!("---{c_egress}")]),
+        &state(&[CLUSTER, WIDER, &format!("---{c_egress}"), C_RANGES]),
         &dp.compiled.allocations,
     );
     let b = dp.endpoint_id("x/b");
     let report = dp.datapath.as_mut().unwrap().sync_maps(&wider).unwrap();
+    // 85..=99 is port 85 exactly and three port prefixes (80..=90 was two and port 90).
+    // The first round narrows b to what both versions share, which frees b's old
+    // entries; in the second, POLICY has room for port 85 but POLICY_RANGES, with room
+    // for two, cannot take three new prefixes.
     assert_eq!(
         report.refused,
         vec![netpol_agent::datapath::Refusal::Policy {
             id: b,
-            capacity: original.policy.len() as u32
+            map: netpol_common::names::POLICY_RANGES,
+            capacity: ranges
         }]
     );
     for (port, old, new) in [(80, true, false), (85, true, true), (95, false, true)] {
@@ -1396,7 +1426,7 @@ spec:
     // Other rules of b and other endpoints keep their state: c still reaches d's web.
     assert!(dp.run(FromPod, &c_to_d(56000)));
 
-    // Without c's policy there is room: the change goes through as written.
+    // Without c's policies there is room in both maps: the change goes through as written.
     let room = compile::compile(&state(&[CLUSTER, WIDER]), &wider.allocations);
     let report = dp.datapath.as_mut().unwrap().sync_maps(&room).unwrap();
     assert!(report.refused.is_empty(), "{:?}", report.refused);

@@ -112,6 +112,21 @@ pub const ENDPOINT_AUDIT: u32 = 1 << 2;
 pub const ENDPOINT_INGRESS_ANY_PEER: u32 = 1 << 3;
 /// The same for egress.
 pub const ENDPOINT_EGRESS_ANY_PEER: u32 = 1 << 4;
+/// Some ingress entry of the endpoint is a port range (in POLICY_RANGES): only then is
+/// that trie walked.
+pub const ENDPOINT_INGRESS_PORT_RANGES: u32 = 1 << 5;
+/// The same for egress.
+pub const ENDPOINT_EGRESS_PORT_RANGES: u32 = 1 << 6;
+/// Some ingress entry of the endpoint allows every port of a protocol ([`PORT_ANY`]):
+/// only then is that POLICY lookup made.
+pub const ENDPOINT_INGRESS_ANY_PORT: u32 = 1 << 7;
+/// The same for egress.
+pub const ENDPOINT_EGRESS_ANY_PORT: u32 = 1 << 8;
+/// Some ingress entry of the endpoint allows every protocol ([`PROTOCOL_ANY`]): only
+/// then is that POLICY lookup made.
+pub const ENDPOINT_INGRESS_ANY_PROTOCOL: u32 = 1 << 9;
+/// The same for egress.
+pub const ENDPOINT_EGRESS_ANY_PROTOCOL: u32 = 1 << 10;
 
 /// Value of IPCACHE (LPM_TRIE, key data [`Addr`], prefix `ADDR_FAMILY_BITS + n`).
 #[repr(C)]
@@ -140,11 +155,21 @@ pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_SCTP: u8 = 132;
 
-/// Key data of POLICY (LPM_TRIE). Fields are matched in order, so the prefix length
-/// selects how much is wildcarded:
-/// - [`POLICY_PREFIX_ANY_PROTO`]: every protocol and port (a rule without `ports`),
-/// - [`POLICY_PREFIX_ANY_PORT`]: one protocol, every port,
-/// - `POLICY_PREFIX_ANY_PORT + n`: one protocol, ports sharing the top `n` bits.
+/// Key of POLICY (HASH) and key data of POLICY_RANGES (LPM_TRIE): what an endpoint
+/// allows, from which peer identity, in which direction, to which protocol and port.
+///
+/// The common case is one hash lookup: POLICY holds exact ports, every port of one
+/// protocol (`port` [`PORT_ANY`]) and every protocol (`protocol` [`PROTOCOL_ANY`], `port`
+/// [`PORT_ANY`]); no rule names port 0 or protocol 0, so these never collide with a
+/// packet's own key. Port ranges live in POLICY_RANGES, whose fields are matched in
+/// order, so its prefix lengths are `POLICY_PREFIX_ANY_PORT + n` with `0 < n < 16`
+/// (ports sharing the top `n` bits). An endpoint's flags say which of the further
+/// lookups can hit ([`ENDPOINT_INGRESS_PORT_RANGES`], [`ENDPOINT_INGRESS_ANY_PORT`],
+/// [`ENDPOINT_INGRESS_ANY_PROTOCOL`] and their egress twins), so a packet pays only for
+/// the kinds of entries its endpoint has. The agent's logical view of both maps is one
+/// set of LPM keys over this layout: [`POLICY_PREFIX_ANY_PROTO`], [`POLICY_PREFIX_ANY_PORT`]
+/// and [`POLICY_PREFIX_FULL`] go to POLICY (masked, which is the wildcard encoding), the
+/// prefixes between to POLICY_RANGES.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
 pub struct PolicyKey {
@@ -160,6 +185,27 @@ pub struct PolicyKey {
 pub const POLICY_PREFIX_ANY_PROTO: u32 = 32 + 32 + 8;
 pub const POLICY_PREFIX_ANY_PORT: u32 = POLICY_PREFIX_ANY_PROTO + 8;
 pub const POLICY_PREFIX_FULL: u32 = POLICY_PREFIX_ANY_PORT + 16;
+/// `PolicyKey::protocol` of an entry for every protocol (and every port).
+pub const PROTOCOL_ANY: u8 = 0;
+/// `PolicyKey::port` of an entry for every port of its protocol.
+pub const PORT_ANY: [u8; 2] = [0, 0];
+
+impl PolicyKey {
+    /// The POLICY key of an entry for every port of this key's protocol.
+    #[inline(always)]
+    pub fn any_port(mut self) -> PolicyKey {
+        self.port = PORT_ANY;
+        self
+    }
+
+    /// The POLICY key of an entry for every protocol.
+    #[inline(always)]
+    pub fn any_protocol(mut self) -> PolicyKey {
+        self.protocol = PROTOCOL_ANY;
+        self.port = PORT_ANY;
+        self
+    }
+}
 
 /// Value of POLICY: which rule allowed the traffic.
 #[repr(C)]
@@ -548,6 +594,7 @@ pub mod names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const IPCACHE: &str = "IPCACHE";
     pub const POLICY: &str = "POLICY";
+    pub const POLICY_RANGES: &str = "POLICY_RANGES";
     pub const CT4: &str = "CT4";
     pub const CT6: &str = "CT6";
     pub const COUNTERS: &str = "COUNTERS";
@@ -575,6 +622,8 @@ pub mod capacity {
     pub const ENDPOINTS: u32 = 4096;
     pub const IPCACHE: u32 = 262_144;
     pub const POLICY: u32 = 262_144;
+    /// Port-range entries (most rules name single ports).
+    pub const POLICY_RANGES: u32 = 65_536;
     /// Each of CT4 and CT6.
     pub const CT: u32 = 262_144;
     /// Host-side interfaces bound to their pod (IFACES).

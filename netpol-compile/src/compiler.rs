@@ -573,19 +573,12 @@ fn emit_maps(
         });
     }
 
-    // Endpoints with rules for any peer get the second POLICY lookup; the others are
-    // decided by one (a denied new flow costs one trie walk instead of two).
-    let mut any_peer: BTreeMap<u32, u32> = BTreeMap::new();
-    for key in policy.keys() {
-        if key.data.identity == IDENTITY_ANY {
-            *any_peer.entry(key.data.endpoint).or_default() |= match key.data.direction {
-                netpol_common::DIR_INGRESS => netpol_common::ENDPOINT_INGRESS_ANY_PEER,
-                _ => netpol_common::ENDPOINT_EGRESS_ANY_PEER,
-            };
-        }
-    }
+    // Each endpoint is flagged with the kinds of entries it has (any peer, port ranges,
+    // every port, every protocol): the programs make only the lookups that can hit, so
+    // a denied new flow of an endpoint with exact ports only costs one hash lookup.
+    let kinds = crate::policy_maps::kinds(&policy);
     for info in endpoint_map.values_mut() {
-        info.flags |= any_peer.get(&info.id).copied().unwrap_or(0);
+        info.flags |= kinds.get(&info.id).copied().unwrap_or(0);
     }
     (endpoint_map, policy, local_pods)
 }

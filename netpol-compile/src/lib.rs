@@ -42,6 +42,7 @@ mod identity;
 mod lpm;
 pub mod model;
 mod policy;
+pub mod policy_maps;
 mod ports;
 pub mod reference;
 mod selector;

@@ -2,9 +2,10 @@
 //!
 //! It performs exactly the lookups the TC programs perform for the first packet of a
 //! flow (conntrack aside): ENDPOINTS exact match on the endpoint's address, IPCACHE
-//! longest-prefix match on the peer's address (a miss is `IDENTITY_WORLD`), then POLICY
-//! longest-prefix match on `{endpoint, identity, direction, protocol, port}` and, on a
-//! miss, on the same key with `IDENTITY_ANY`. Traffic from the endpoint's node
+//! longest-prefix match on the peer's address (a miss is `IDENTITY_WORLD`), then the
+//! POLICY and POLICY_RANGES lookups the endpoint's flags call for, on `{endpoint,
+//! identity, direction, protocol, port}` and, on a miss, on the same key with
+//! `IDENTITY_ANY` ([`crate::policy_maps::lookup`]). Traffic from the endpoint's node
 //! (`PEER_HOST`) to the pod always passes. The compiler's tests, the datapath's tests
 //! and explain reuse it.
 //!
@@ -15,8 +16,8 @@
 use std::net::IpAddr;
 
 use netpol_common::{
-    ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY,
-    IDENTITY_WORLD, PEER_HOST, PEER_SERVICE, PeerInfo, PolicyKey, RULE_NONE, Reason, ServicePort,
+    ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, IDENTITY_WORLD, PEER_HOST,
+    PEER_SERVICE, PeerInfo, PolicyKey, RULE_NONE, Reason, ServicePort,
 };
 
 use super::lpm::{self, addr};
@@ -127,16 +128,7 @@ pub fn decide(
         protocol,
         port: dport.to_be_bytes(),
     };
-    let any_peer = match direction {
-        Direction::Ingress => netpol_common::ENDPOINT_INGRESS_ANY_PEER,
-        Direction::Egress => netpol_common::ENDPOINT_EGRESS_ANY_PEER,
-    };
-    let hit = lpm::lookup(&compiled.policy, &key(peer.identity)).or_else(|| {
-        (endpoint.flags & any_peer != 0)
-            .then(|| lpm::lookup(&compiled.policy, &key(IDENTITY_ANY)))
-            .flatten()
-    });
-    match hit {
+    match crate::policy_maps::lookup(&compiled.policy, key(peer.identity), endpoint.flags) {
         Some(value) => decision(Reason::PolicyAllowed, value.rule),
         None if endpoint.flags & ENDPOINT_AUDIT != 0 => decision(Reason::AuditAllowed, RULE_NONE),
         None => decision(Reason::PolicyDenied, RULE_NONE),
@@ -175,7 +167,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use netpol_common::{
-        Addr, DIR_INGRESS, EndpointInfo, POLICY_PREFIX_ANY_PORT, PROTO_TCP, PROTO_UDP, PolicyValue,
+        Addr, DIR_INGRESS, EndpointInfo, IDENTITY_ANY, POLICY_PREFIX_ANY_PORT, PROTO_TCP,
+        PROTO_UDP, PolicyValue,
     };
 
     use super::*;
@@ -244,6 +237,10 @@ mod tests {
             PolicyValue { rule: 2, _pad: 0 },
         );
         c.policy = policy;
+        // The kinds of entries it has, as the compiler flags them.
+        for info in c.endpoints.values_mut() {
+            info.flags |= crate::policy_maps::kinds(&c.policy)[&info.id];
+        }
         c
     }
 

@@ -5,6 +5,7 @@
 //! adopts them.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -21,9 +22,18 @@ pub static ENDPOINTS: HashMap<Addr, EndpointInfo> = HashMap::pinned(capacity::EN
 #[map]
 pub static IPCACHE: LpmTrie<Addr, PeerInfo> = LpmTrie::pinned(capacity::IPCACHE, 0);
 
-/// {endpoint, identity, direction, protocol, port prefix} -> allowing rule.
+/// {endpoint, identity, direction, protocol, port} -> allowing rule: exact ports, every
+/// port of a protocol, every protocol (see [`PolicyKey`]). Allocated as entries come, so
+/// its capacity costs no memory until used.
 #[map]
-pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
+pub static POLICY: HashMap<PolicyKey, PolicyValue> =
+    HashMap::pinned(capacity::POLICY, BPF_F_NO_PREALLOC);
+
+/// {endpoint, identity, direction, protocol, port prefix} -> allowing rule, for port
+/// ranges only; walked only for endpoints flagged as having them.
+#[map]
+pub static POLICY_RANGES: LpmTrie<PolicyKey, PolicyValue> =
+    LpmTrie::pinned(capacity::POLICY_RANGES, 0);
 
 /// Own connection tracking of IPv4 connections, so replies of allowed connections pass
 /// and established packets cost one lookup.

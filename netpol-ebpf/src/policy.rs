@@ -1,15 +1,20 @@
-//! The policy decision for the first packet of a connection: at most one IPCACHE
-//! lookup and two POLICY lookups, whatever the number of policies.
+//! The policy decision for the first packet of a connection: one IPCACHE walk and a
+//! fixed number of POLICY lookups, whatever the number of policies. The common case is
+//! one hash lookup; the endpoint's flags add only the lookups that can hit (see
+//! `PolicyKey`): a port-range walk, every port of the protocol, every protocol, each
+//! again for identity 0 (any peer).
 
 use aya_ebpf::maps::lpm_trie::Key;
 use netpol_common::{
-    Addr, DIR_INGRESS, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ANY_PEER, ENDPOINT_EGRESS_ISOLATED,
-    ENDPOINT_INGRESS_ANY_PEER, ENDPOINT_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY,
+    Addr, DIR_INGRESS, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ANY_PEER, ENDPOINT_EGRESS_ANY_PORT,
+    ENDPOINT_EGRESS_ANY_PROTOCOL, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_EGRESS_PORT_RANGES,
+    ENDPOINT_INGRESS_ANY_PEER, ENDPOINT_INGRESS_ANY_PORT, ENDPOINT_INGRESS_ANY_PROTOCOL,
+    ENDPOINT_INGRESS_ISOLATED, ENDPOINT_INGRESS_PORT_RANGES, EndpointInfo, IDENTITY_ANY,
     IDENTITY_WORLD, PEER_HOST, PEER_SERVICE, POLICY_PREFIX_FULL, PeerInfo, PolicyKey, RULE_NONE,
     Reason, ServicePort,
 };
 
-use crate::maps::{IPCACHE, NODE_PORTS, POLICY};
+use crate::maps::{IPCACHE, NODE_PORTS, POLICY, POLICY_RANGES};
 
 #[inline(always)]
 fn peer(addr: &Addr) -> PeerInfo {
@@ -22,20 +27,87 @@ fn peer(addr: &Addr) -> PeerInfo {
     }
 }
 
-/// The exact identity first; identity 0 (any peer) only where the endpoint has such
-/// entries in this direction (`any_peer`).
+/// The endpoint flags of one direction: which kinds of POLICY entries it has.
+#[derive(Clone, Copy)]
+struct Kinds {
+    any_peer: bool,
+    ranges: bool,
+    any_port: bool,
+    any_protocol: bool,
+}
+
+impl Kinds {
+    #[inline(always)]
+    fn of(flags: u32, direction: u8) -> Kinds {
+        let [any_peer, ranges, any_port, any_protocol] = if direction == DIR_INGRESS {
+            [
+                ENDPOINT_INGRESS_ANY_PEER,
+                ENDPOINT_INGRESS_PORT_RANGES,
+                ENDPOINT_INGRESS_ANY_PORT,
+                ENDPOINT_INGRESS_ANY_PROTOCOL,
+            ]
+        } else {
+            [
+                ENDPOINT_EGRESS_ANY_PEER,
+                ENDPOINT_EGRESS_PORT_RANGES,
+                ENDPOINT_EGRESS_ANY_PORT,
+                ENDPOINT_EGRESS_ANY_PROTOCOL,
+            ]
+        };
+        Kinds {
+            any_peer: flags & any_peer != 0,
+            ranges: flags & ranges != 0,
+            any_port: flags & any_port != 0,
+            any_protocol: flags & any_protocol != 0,
+        }
+    }
+}
+
 #[inline(always)]
-fn allowing_rule(mut key: PolicyKey, any_peer: bool) -> Option<u32> {
-    if let Some(value) = POLICY.get(Key::new(POLICY_PREFIX_FULL, key)) {
+fn exact(key: &PolicyKey) -> Option<u32> {
+    // SAFETY: POLICY is only written from userspace; the rule is copied at once.
+    unsafe { POLICY.get(key) }.map(|value| value.rule)
+}
+
+/// The most specific entry for one identity, in the order a single trie over all of
+/// them would rank them: the exact port, the longest port range, every port of the
+/// protocol, every protocol. A function of its own (a BPF-to-BPF call): inlined twice,
+/// its keys would not fit the stack of the programs that call it.
+#[inline(never)]
+fn most_specific(key: &PolicyKey, kinds: &Kinds) -> Option<u32> {
+    if let Some(rule) = exact(key) {
+        return Some(rule);
+    }
+    if kinds.ranges
+        && let Some(value) = POLICY_RANGES.get(Key::new(POLICY_PREFIX_FULL, *key))
+    {
         return Some(value.rule);
     }
-    if !any_peer {
+    let mut wider = key.any_port();
+    if kinds.any_port
+        && let Some(rule) = exact(&wider)
+    {
+        return Some(rule);
+    }
+    if kinds.any_protocol {
+        wider.protocol = netpol_common::PROTOCOL_ANY;
+        return exact(&wider);
+    }
+    None
+}
+
+/// The exact identity first; identity 0 (any peer) only where the endpoint has such
+/// entries in this direction.
+#[inline(always)]
+fn allowing_rule(mut key: PolicyKey, kinds: Kinds) -> Option<u32> {
+    if let Some(rule) = most_specific(&key, &kinds) {
+        return Some(rule);
+    }
+    if !kinds.any_peer {
         return None;
     }
     key.identity = IDENTITY_ANY;
-    POLICY
-        .get(Key::new(POLICY_PREFIX_FULL, key))
-        .map(|value| value.rule)
+    most_specific(&key, &kinds)
 }
 
 /// What the policy decision needs to know about a connection, from the point of view
@@ -83,10 +155,10 @@ pub struct Decision {
 /// Verdict, deciding rule and peer identity for a connection.
 #[inline(always)]
 pub fn decide(endpoint: &EndpointInfo, connection: &Connection) -> Decision {
-    let (isolated, any_peer) = if connection.direction == DIR_INGRESS {
-        (ENDPOINT_INGRESS_ISOLATED, ENDPOINT_INGRESS_ANY_PEER)
+    let isolated = if connection.direction == DIR_INGRESS {
+        ENDPOINT_INGRESS_ISOLATED
     } else {
-        (ENDPOINT_EGRESS_ISOLATED, ENDPOINT_EGRESS_ANY_PEER)
+        ENDPOINT_EGRESS_ISOLATED
     };
     if endpoint.flags & isolated == 0 {
         return Decision {
@@ -118,7 +190,8 @@ pub fn decide(endpoint: &EndpointInfo, connection: &Connection) -> Decision {
         protocol: connection.protocol,
         port: connection.port.to_be_bytes(),
     };
-    let (reason, rule) = match allowing_rule(key, endpoint.flags & any_peer != 0) {
+    let kinds = Kinds::of(endpoint.flags, connection.direction);
+    let (reason, rule) = match allowing_rule(key, kinds) {
         Some(rule) => (Reason::PolicyAllowed, rule),
         None if endpoint.flags & ENDPOINT_AUDIT != 0 => (Reason::AuditAllowed, RULE_NONE),
         None => (Reason::PolicyDenied, RULE_NONE),

@@ -509,14 +509,20 @@ fn from_pod<T: Table>(at: &At<'_, T>, state: &State, marks: &Marks<'_>) -> Verdi
     })
 }
 
+/// `backend_endpoint` of a backend that is no local endpoint (endpoint ids start at
+/// `ENDPOINT_ID_FIRST`). A plain id rather than an `Option`: the payload of a `None`
+/// is undefined, and a register holding it, once spilled, is rejected by the verifier.
+const NO_ENDPOINT: u32 = 0;
+
 /// The source pod's egress decision on the backend, after kube-proxy's translation:
 /// exactly as if the pod had dialled `backend` on `port` itself. `source` is the
-/// packet's source address now, `stamped` the source's endpoint id from `from_pod`.
+/// packet's source address now, `stamped` the source's endpoint id from `from_pod`
+/// ([`NO_ENDPOINT`] when unmarked), `backend_endpoint` the backend's.
 #[inline(always)]
 fn service_egress<T: Table>(
     source: &T::Raw,
     backend: &T::Raw,
-    backend_endpoint: Option<u32>,
+    backend_endpoint: u32,
     stamped: u32,
     protocol: u8,
     port: u16,
@@ -524,7 +530,7 @@ fn service_egress<T: Table>(
     // A pod reaching itself through its own Service: never blocked. kube-proxy
     // masquerades exactly this case, so the source address may be the node's now; the
     // stamped endpoint still names the pod.
-    if source == backend || (stamped != 0 && backend_endpoint == Some(stamped)) {
+    if source == backend || (stamped != 0 && backend_endpoint == stamped) {
         return Side {
             endpoint: stamped,
             ..Side::of(Reason::Hairpin, DIR_EGRESS)
@@ -586,7 +592,7 @@ fn to_pod<T: Table>(at: &At<'_, T>, state_flags: u32, stamp: u32) -> Verdict {
             let side = service_egress::<T>(
                 at.remote,
                 at.local,
-                endpoint.map(|e| e.id),
+                endpoint.map_or(NO_ENDPOINT, |e| e.id),
                 stamped,
                 connection.protocol,
                 connection.port,
@@ -609,7 +615,7 @@ fn to_pod<T: Table>(at: &At<'_, T>, state_flags: u32, stamp: u32) -> Verdict {
             let side = service_egress::<T>(
                 at.remote,
                 at.local,
-                backend().map(|e| e.id),
+                backend().map_or(NO_ENDPOINT, |e| e.id),
                 stamped,
                 at.packet.protocol,
                 at.packet.dport,
@@ -628,7 +634,7 @@ fn to_pod<T: Table>(at: &At<'_, T>, state_flags: u32, stamp: u32) -> Verdict {
             let side = service_egress::<T>(
                 at.remote,
                 at.local,
-                endpoint.map(|e| e.id),
+                endpoint.map_or(NO_ENDPOINT, |e| e.id),
                 stamped,
                 at.packet.protocol,
                 at.packet.dport,
@@ -700,7 +706,7 @@ fn leave_node<T: Table>(at: &At<'_, T>, stamped: u32) -> Verdict {
         let side = service_egress::<T>(
             at.local,
             at.remote,
-            None,
+            NO_ENDPOINT,
             stamped,
             connection.protocol,
             connection.port,
@@ -717,7 +723,7 @@ fn leave_node<T: Table>(at: &At<'_, T>, stamped: u32) -> Verdict {
     let side = service_egress::<T>(
         at.local,
         at.remote,
-        None,
+        NO_ENDPOINT,
         stamped,
         at.packet.protocol,
         at.packet.dport,

@@ -15,7 +15,8 @@ use netpol_compile::Compiled;
 pub struct Filler {
     endpoints: HashMap<MapData, Addr, EndpointInfo>,
     ipcache: LpmTrie<MapData, Addr, PeerInfo>,
-    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    policy_ranges: LpmTrie<MapData, PolicyKey, PolicyValue>,
     pub policy_written: usize,
 }
 
@@ -30,7 +31,9 @@ impl Filler {
         Filler {
             endpoints: HashMap::try_from(Map::HashMap(pinned(names::ENDPOINTS))).expect("map"),
             ipcache: LpmTrie::try_from(Map::LpmTrie(pinned(names::IPCACHE))).expect("map"),
-            policy: LpmTrie::try_from(Map::LpmTrie(pinned(names::POLICY))).expect("map"),
+            policy: HashMap::try_from(Map::HashMap(pinned(names::POLICY))).expect("map"),
+            policy_ranges: LpmTrie::try_from(Map::LpmTrie(pinned(names::POLICY_RANGES)))
+                .expect("map"),
             policy_written: 0,
         }
     }
@@ -69,9 +72,11 @@ impl Filler {
         }
     }
 
-    /// POLICY up to `total` entries (`core` of them from the compiler): entry i goes to
-    /// endpoint 1 + i % 100 (the measured server and caller among them), then identity, direction
-    /// and protocol vary; one in ten is a /8 port prefix, the rest exact ports.
+    /// POLICY and POLICY_RANGES up to `total` entries together (`core` of them from the
+    /// compiler): entry i goes to endpoint 1 + i % 100 (the measured endpoints among
+    /// them), then identity, direction and protocol vary; one in ten is a /8 port prefix
+    /// (POLICY_RANGES), the rest exact ports (POLICY). The endpoints' flags stay as
+    /// compiled, so the measured exact-port endpoints never walk the ranges.
     pub fn policy(&mut self, core: usize, total: usize) {
         let want = total.saturating_sub(core);
         while self.policy_written < want {
@@ -105,9 +110,13 @@ impl Filler {
                 rule: 100_000 + i,
                 _pad: 0,
             };
-            self.policy
-                .insert(&Key::new(POLICY_PREFIX_ANY_PORT + bits, key), value, 0)
-                .expect("POLICY");
+            if bits == 16 {
+                self.policy.insert(key, value, 0).expect("POLICY");
+            } else {
+                self.policy_ranges
+                    .insert(&Key::new(POLICY_PREFIX_ANY_PORT + bits, key), value, 0)
+                    .expect("POLICY_RANGES");
+            }
             self.policy_written += 1;
         }
     }

@@ -15,16 +15,18 @@
 //!   endpoint (CT miss, IFACES, ENDPOINTS miss) are reported beside it.
 //! - Map contents: a small cluster compiled by the real compiler and applied with
 //!   `Datapath::apply` holds every entry the measured packets hit; synthetic entries of
-//!   the same shapes (99 more endpoints, 100,000 pod /32s and /24 ipBlocks, POLICY
-//!   entries spread over 100 endpoints, 250 identities, both directions, TCP/UDP, exact
-//!   ports and port prefixes) are written through the pinned maps (`MapData::from_pin`)
+//!   the same shapes (97 more endpoints, 100,000 pod /32s and /24 ipBlocks, POLICY and
+//!   POLICY_RANGES entries spread over 100 endpoints, 250 identities, both directions,
+//!   TCP/UDP, exact ports and one in ten a port prefix) are written through the pinned maps (`MapData::from_pin`)
 //!   to reach the sizes. Filler identities are >= 1000, so no decision changes: each
 //!   scenario's verdict and counted reason are checked at every size.
 //! - A new flow cannot be repeated on one frame (the first run creates the CT entry), so
 //!   new-flow cost is measured on frames that create none: a SYN that policy DROPS
-//!   (CT miss, IFACES, ENDPOINTS hit, IPCACHE hit, POLICY miss for the peer identity; the
-//!   server has no any-peer rules, so no second lookup), and an allowed TCP RST (conntrack
-//!   `open` creates no entry for RST: CT miss, IFACES, ENDPOINTS, IPCACHE, one POLICY hit). The full allowed SYN, including the CT
+//!   (CT miss, IFACES, ENDPOINTS hit, IPCACHE hit, one POLICY hash miss: the server's
+//!   rules name exact ports for exact peers, so its flags call for no other lookup), and
+//!   an allowed TCP RST (conntrack `open` creates no entry for RST: CT miss, IFACES,
+//!   ENDPOINTS, IPCACHE, one POLICY hash hit); the same two on an endpoint whose rule is a
+//!   port range (a POLICY_RANGES walk after the hash miss). The full allowed SYN, including the CT
 //!   insert, is measured with single runs (`repeat = 1`) over distinct tuples against a
 //!   single-run floor.
 
@@ -124,13 +126,13 @@ fn main() {
         "{:?}",
         compiled.diagnostics
     );
-    assert_eq!(compiled.local_pods.len(), 2);
+    assert_eq!(compiled.local_pods.len(), 3);
     assert!(
         compiled
             .local_pods
             .iter()
             .all(|p| p.endpoint_id as usize <= compiled.local_pods.len()),
-        "the filler assumes the compiled endpoints come first (1, 2)"
+        "the filler assumes the compiled endpoints come first (1, 2, 3)"
     );
     assert!(compiled.identities.keys().all(|&id| id < FILLER_IDENTITY));
     bench.datapath.sync_maps(&compiled).expect("apply");

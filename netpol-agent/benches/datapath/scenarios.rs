@@ -9,10 +9,12 @@ use netpol_agent::source::manifest::parse_documents;
 use netpol_common::{Reason, TCP_ACK, TCP_RST};
 use netpol_compile::state::{ClusterState, NodeContext};
 
-/// The measured cluster: `server` (local, node-0) accepts TCP 80-90 from `client` and
-/// `caller`; `caller` (local, egress-isolated) may reach `server` and `client` (node-1)
-/// on TCP 80-90, also through the Service address [`SERVICE`] (kube-proxy's translation
-/// is what the scenarios play: the hook after it sees the backend and the mark).
+/// The measured cluster: `server` (local, node-0) accepts TCP 80 and 85 from `client`
+/// and `caller`; `caller` (local, egress-isolated) may reach `server` and `client`
+/// (node-1) on TCP 80 and 85, also through the Service address [`SERVICE`] (kube-proxy's
+/// translation is what the scenarios play: the hook after it sees the backend and the
+/// mark). Exact ports are the common case; `ranged` (local) accepts TCP 80-90 from
+/// `client`, the case of an endpoint with port ranges.
 const CLUSTER: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -62,6 +64,22 @@ spec:
   policyTypes: [Egress]
   egress:
     - to: [{podSelector: {matchLabels: {app: server}}}, {podSelector: {matchLabels: {app: client}}}]
+      ports: [{protocol: TCP, port: 80}, {protocol: TCP, port: 85}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ranged, namespace: bench, labels: {app: ranged}}
+spec: {nodeName: node-0, containers: [{name: c}]}
+status: {phase: Running, podIP: 10.0.0.5}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: ranged-ingress, namespace: bench}
+spec:
+  podSelector: {matchLabels: {app: ranged}}
+  policyTypes: [Ingress]
+  ingress:
+    - from: [{podSelector: {matchLabels: {app: client}}}]
       ports: [{protocol: TCP, port: 80, endPort: 90}]
 "#;
 
@@ -69,6 +87,7 @@ pub const SERVER: &str = "10.0.0.1";
 pub const CLIENT: &str = "10.0.0.2";
 const NOT_LOCAL: &str = "10.0.0.3";
 pub const CALLER: &str = "10.0.0.4";
+const RANGED: &str = "10.0.0.5";
 /// A ClusterIP, and the Service port in front of the backends' 80.
 pub const SERVICE: &str = "10.96.0.1";
 pub const SERVICE_PORT: u16 = 10080;
@@ -169,7 +188,7 @@ pub fn scenarios() -> Vec<Scenario> {
         Scenario {
             key: "new_flow_denied",
             name: "new flow, denied",
-            method: "to_pod, SYN to port 91: CT miss + IFACES + ENDPOINTS + IPCACHE + 1 POLICY miss (no any-peer rules; no CT entry)",
+            method: "to_pod, SYN to port 91: CT miss + IFACES + ENDPOINTS + IPCACHE + 1 POLICY hash miss (exact ports only; no CT entry)",
             prog: Prog::Netpol(ToPod),
             frame: tcp(CLIENT, SERVER, 40001, 91, netpol_common::TCP_SYN),
             mark: 0,
@@ -179,9 +198,29 @@ pub fn scenarios() -> Vec<Scenario> {
         Scenario {
             key: "new_flow_allowed_rst",
             name: "new flow, allowed (RST)",
-            method: "to_pod, RST to port 85: CT miss + IFACES + ENDPOINTS + IPCACHE + 1 POLICY hit (RST opens no CT entry)",
+            method: "to_pod, RST to port 85: CT miss + IFACES + ENDPOINTS + IPCACHE + 1 POLICY hash hit (RST opens no CT entry)",
             prog: Prog::Netpol(ToPod),
             frame: tcp(CLIENT, SERVER, 40002, 85, TCP_RST),
+            mark: 0,
+            action: PASS,
+            reason: Some(Reason::PolicyAllowed),
+        },
+        Scenario {
+            key: "new_flow_denied_ranges",
+            name: "new flow, denied, endpoint with port ranges",
+            method: "to_pod, SYN to port 91 of `ranged`: as above + a POLICY_RANGES walk (miss)",
+            prog: Prog::Netpol(ToPod),
+            frame: tcp(CLIENT, RANGED, 40003, 91, netpol_common::TCP_SYN),
+            mark: 0,
+            action: SHOT,
+            reason: Some(Reason::PolicyDenied),
+        },
+        Scenario {
+            key: "new_flow_allowed_ranges_rst",
+            name: "new flow, allowed by a port range (RST)",
+            method: "to_pod, RST to port 85 of `ranged`: POLICY hash miss + POLICY_RANGES hit",
+            prog: Prog::Netpol(ToPod),
+            frame: tcp(CLIENT, RANGED, 40004, 85, TCP_RST),
             mark: 0,
             action: PASS,
             reason: Some(Reason::PolicyAllowed),

@@ -8,7 +8,7 @@ use aya::maps::HashMap;
 use netpol_common::{Counter, DIR_EGRESS, DIR_INGRESS, REASON_COUNT, Reason, counter_index, names};
 
 use super::{Datapath, Error, Result};
-use netpol_compile::Compiled;
+use netpol_compile::{Compiled, policy_maps};
 
 impl Datapath {
     /// Map sizes as the kernel holds them: (ENDPOINTS, IPCACHE, POLICY).
@@ -16,15 +16,23 @@ impl Datapath {
         (self.endpoints.len(), self.ipcache.len(), self.policy.len())
     }
 
-    /// (map, entries, capacity) of ENDPOINTS, IPCACHE and POLICY (from the shadows: no
+    /// (map, entries, capacity) of ENDPOINTS, IPCACHE, POLICY and POLICY_RANGES (from the shadows: no
     /// syscall), and of CT4 and CT6 when `conntrack_limit` is given (counted by walking
     /// their keys, at most `limit` of each).
     pub fn map_fill(&self, conntrack_limit: Option<usize>) -> Vec<(&'static str, u64, u64)> {
-        let [endpoints, ipcache, policy, ct] = self.capacities.map(u64::from);
+        let [endpoints, ipcache, policy, ranges, ct] = self.capacities.map(u64::from);
+        let in_ranges = self
+            .policy
+            .contents()
+            .keys()
+            .filter(|key| matches!(policy_maps::slot(key), policy_maps::Slot::Ranges(_)))
+            .count();
+        let exact = self.policy.len() - in_ranges;
         let mut out = vec![
             (names::ENDPOINTS, self.endpoints.len() as u64, endpoints),
             (names::IPCACHE, self.ipcache.len() as u64, ipcache),
-            (names::POLICY, self.policy.len() as u64, policy),
+            (names::POLICY, exact as u64, policy),
+            (names::POLICY_RANGES, in_ranges as u64, ranges),
         ];
         if let Some(limit) = conntrack_limit {
             fn count<K: aya::Pod>(ebpf: &Ebpf, name: &str, limit: usize) -> Option<u64> {

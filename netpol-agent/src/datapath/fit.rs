@@ -8,9 +8,10 @@
 //!
 //! - **ENDPOINTS**: a new pod is not programmed at all; its veth is bound to
 //!   [`netpol_common::IFACE_REFUSED`] and every packet on it is dropped (`refused`).
-//! - **POLICY**: an endpoint keeps only the allow entries that are both in the kernel and
-//!   desired (the intersection allows no more than the new policy), under its new
-//!   isolation flags: a subset of what the policy allows, never more.
+//! - **POLICY** and **POLICY_RANGES** (each with its own room): an endpoint keeps only the
+//!   allow entries that are both in the kernel and desired (the intersection allows no
+//!   more than the new policy), under its new isolation flags: a subset of what the
+//!   policy allows, never more.
 //! - **IPCACHE**: a new pod or node address is left out; it resolves to the ipBlock
 //!   prefix around it (or to the world), whose peers are a subset of the pod's own, so
 //!   fewer rules match. A new ipBlock prefix that does not fit cannot be left out safely
@@ -25,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use netpol_common::{Addr, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, names};
 
+use netpol_compile::policy_maps::{Slot, slot};
 use netpol_compile::{Compiled, Lpm};
 
 /// What could not be admitted.
@@ -32,8 +34,13 @@ use netpol_compile::{Compiled, Lpm};
 pub enum Refusal {
     /// The endpoint is not programmed (ENDPOINTS full): its traffic is dropped.
     Endpoint { id: u32, capacity: u32 },
-    /// The endpoint keeps only allow entries both old and new (POLICY full).
-    Policy { id: u32, capacity: u32 },
+    /// The endpoint keeps only allow entries both old and new (`map`, POLICY or
+    /// POLICY_RANGES, is full).
+    Policy {
+        id: u32,
+        map: &'static str,
+        capacity: u32,
+    },
     /// The peer address resolves to its enclosing prefix (IPCACHE full).
     Peer { addr: Addr, capacity: u32 },
 }
@@ -43,7 +50,7 @@ impl Refusal {
     pub fn map(&self) -> &'static str {
         match self {
             Refusal::Endpoint { .. } => names::ENDPOINTS,
-            Refusal::Policy { .. } => names::POLICY,
+            Refusal::Policy { map, .. } => map,
             Refusal::Peer { .. } => names::IPCACHE,
         }
     }
@@ -84,24 +91,24 @@ pub struct Kernel<'a> {
     pub policy: &'a BTreeMap<Lpm<PolicyKey>, PolicyValue>,
 }
 
-/// `[ENDPOINTS, IPCACHE, POLICY]` max_entries.
+/// `[ENDPOINTS, IPCACHE, POLICY, POLICY_RANGES]` max_entries.
 pub fn fit<'a>(
     compiled: &'a Compiled,
     kernel: &Kernel<'_>,
-    [endpoints_cap, ipcache_cap, policy_cap]: [u32; 3],
+    [endpoints_cap, ipcache_cap, policy_cap, ranges_cap]: [u32; 4],
 ) -> Result<Fitted<'a>, PrefixOverflow> {
     let mut refused = Vec::new();
 
     // ENDPOINTS: new keys, grouped by endpoint.
     let mut endpoints = Cow::Borrowed(&compiled.endpoints);
     let room = free(kernel.endpoints.len(), endpoints_cap);
-    let mut new_by_endpoint: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut new_by_endpoint: BTreeMap<u32, [usize; 1]> = BTreeMap::new();
     for (addr, info) in &compiled.endpoints {
         if !kernel.endpoints.contains_key(addr) {
-            *new_by_endpoint.entry(info.id).or_default() += 1;
+            new_by_endpoint.entry(info.id).or_default()[0] += 1;
         }
     }
-    let refused_endpoints = admit(new_by_endpoint, room);
+    let refused_endpoints: BTreeSet<u32> = admit(new_by_endpoint, [room]).into_keys().collect();
     if !refused_endpoints.is_empty() {
         endpoints
             .to_mut()
@@ -112,28 +119,39 @@ pub fn fit<'a>(
         }));
     }
 
-    // POLICY: entries of refused endpoints go; then new keys, grouped by endpoint.
+    // POLICY and POLICY_RANGES: entries of refused endpoints go; then new keys, grouped
+    // by endpoint, counted against the room of the map each goes to.
     let mut policy = Cow::Borrowed(&compiled.policy);
     if !refused_endpoints.is_empty() {
         policy
             .to_mut()
             .retain(|key, _| !refused_endpoints.contains(&key.data.endpoint));
     }
-    let room = free(kernel.policy.len(), policy_cap);
-    let mut new_by_endpoint: BTreeMap<u32, usize> = BTreeMap::new();
+    let map_of = |key: &Lpm<PolicyKey>| usize::from(matches!(slot(key), Slot::Ranges(_)));
+    let mut used = [0, 0];
+    for key in kernel.policy.keys() {
+        used[map_of(key)] += 1;
+    }
+    let room = [free(used[0], policy_cap), free(used[1], ranges_cap)];
+    let mut new_by_endpoint: BTreeMap<u32, [usize; 2]> = BTreeMap::new();
     for key in policy.keys() {
         if !kernel.policy.contains_key(key) {
-            *new_by_endpoint.entry(key.data.endpoint).or_default() += 1;
+            new_by_endpoint.entry(key.data.endpoint).or_default()[map_of(key)] += 1;
         }
     }
     let narrowed = admit(new_by_endpoint, room);
     if !narrowed.is_empty() {
         policy.to_mut().retain(|key, _| {
-            !narrowed.contains(&key.data.endpoint) || kernel.policy.contains_key(key)
+            !narrowed.contains_key(&key.data.endpoint) || kernel.policy.contains_key(key)
         });
-        refused.extend(narrowed.iter().map(|&id| Refusal::Policy {
+        let full = [
+            (names::POLICY, policy_cap),
+            (names::POLICY_RANGES, ranges_cap),
+        ];
+        refused.extend(narrowed.iter().map(|(&id, &map)| Refusal::Policy {
             id,
-            capacity: policy_cap,
+            map: full[map].0,
+            capacity: full[map].1,
         }));
     }
 
@@ -173,15 +191,24 @@ fn free(used: usize, capacity: u32) -> usize {
     (capacity as usize).saturating_sub(used)
 }
 
-/// Admits groups (endpoint id → new entries) in id order while they fit in `room`;
-/// returns the ids that do not.
-fn admit(new_by_endpoint: BTreeMap<u32, usize>, mut room: usize) -> BTreeSet<u32> {
-    let mut refused = BTreeSet::new();
+/// Admits groups (endpoint id → new entries in each of `N` maps) in id order while they
+/// fit in every map's `room`; returns the ids that do not, each with the first map that
+/// lacked room.
+fn admit<const N: usize>(
+    new_by_endpoint: BTreeMap<u32, [usize; N]>,
+    mut room: [usize; N],
+) -> BTreeMap<u32, usize> {
+    let mut refused = BTreeMap::new();
     for (id, needed) in new_by_endpoint {
-        if needed <= room {
-            room -= needed;
-        } else {
-            refused.insert(id);
+        match (0..N).find(|&map| needed[map] > room[map]) {
+            Some(map) => {
+                refused.insert(id, map);
+            }
+            None => {
+                for map in 0..N {
+                    room[map] -= needed[map];
+                }
+            }
         }
     }
     refused
@@ -282,7 +309,7 @@ mod tests {
     fn everything_fits_nothing_is_copied() {
         let c = compiled(&[(1, 1)], &[host(1, 16)], &[allow(1, 16, 80)]);
         let maps = empty();
-        let fitted = fit(&c, &maps.kernel(), [1, 1, 1]).unwrap();
+        let fitted = fit(&c, &maps.kernel(), [1, 1, 1, 1]).unwrap();
         assert!(fitted.refused.is_empty());
         assert!(matches!(fitted.endpoints, Cow::Borrowed(_)));
         assert!(matches!(fitted.policy, Cow::Borrowed(_)));
@@ -297,7 +324,7 @@ mod tests {
             &[],
             &[allow(1, 16, 80), allow(2, 16, 80), allow(3, 16, 80)],
         );
-        let fitted = fit(&c, &empty().kernel(), [2, 100, 100]).unwrap();
+        let fitted = fit(&c, &empty().kernel(), [2, 100, 100, 100]).unwrap();
         // 1 fits (1 slot), 2 needs 2 (only 1 left): refused; 3 takes the last slot.
         assert_eq!(
             fitted.refused,
@@ -316,9 +343,9 @@ mod tests {
         maps.endpoints.insert(addr(9), endpoint(9)); // stale: removed after the adds
         let c = compiled(&[(1, 1), (2, 2)], &[], &[]);
         // Peak is {1, 9, 2}: 3 entries.
-        let fitted = fit(&c, &maps.kernel(), [3, 10, 10]).unwrap();
+        let fitted = fit(&c, &maps.kernel(), [3, 10, 10, 10]).unwrap();
         assert!(fitted.refused.is_empty());
-        let fitted = fit(&c, &maps.kernel(), [2, 10, 10]).unwrap();
+        let fitted = fit(&c, &maps.kernel(), [2, 10, 10, 10]).unwrap();
         assert_eq!(fitted.refused[0].endpoint(), Some(2));
     }
 
@@ -337,8 +364,15 @@ mod tests {
                 allow(1, 16, 84),
             ],
         );
-        let fitted = fit(&c, &maps.kernel(), [10, 10, 4]).unwrap();
-        assert_eq!(fitted.refused, vec![Refusal::Policy { id: 1, capacity: 4 }]);
+        let fitted = fit(&c, &maps.kernel(), [10, 10, 4, 10]).unwrap();
+        assert_eq!(
+            fitted.refused,
+            vec![Refusal::Policy {
+                id: 1,
+                map: names::POLICY,
+                capacity: 4
+            }]
+        );
         // Only port 80: allowed before and after. 81 (revoked) is never kept.
         let ports: Vec<[u8; 2]> = fitted.policy.keys().map(|k| k.data.port).collect();
         assert_eq!(ports, vec![80u16.to_be_bytes()]);
@@ -351,17 +385,70 @@ mod tests {
             &[],
             &[allow(1, 16, 80), allow(2, 16, 80), allow(2, 16, 81)],
         );
-        let fitted = fit(&c, &empty().kernel(), [10, 10, 2]).unwrap();
-        assert_eq!(fitted.refused, vec![Refusal::Policy { id: 2, capacity: 2 }]);
+        let fitted = fit(&c, &empty().kernel(), [10, 10, 2, 10]).unwrap();
+        assert_eq!(
+            fitted.refused,
+            vec![Refusal::Policy {
+                id: 2,
+                map: names::POLICY,
+                capacity: 2
+            }]
+        );
         assert_eq!(fitted.policy.len(), 1);
         // Endpoint 2 stays programmed (and isolated): it is the policy that narrowed.
         assert_eq!(fitted.endpoints.len(), 2);
     }
 
     #[test]
+    fn port_ranges_have_their_own_room() {
+        // Endpoint 1: one exact port and a range of two prefixes; POLICY_RANGES holds one.
+        let range = |endpoint, port: u16| {
+            let (key, value) = allow(endpoint, 16, port);
+            (
+                Lpm::new(netpol_common::POLICY_PREFIX_ANY_PORT + 15, key.data),
+                value,
+            )
+        };
+        let c = compiled(
+            &[(1, 1), (2, 2)],
+            &[],
+            &[
+                allow(1, 16, 80),
+                range(1, 8080),
+                range(1, 8082),
+                allow(2, 16, 80),
+            ],
+        );
+        let fitted = fit(&c, &empty().kernel(), [10, 10, 10, 1]).unwrap();
+        assert_eq!(
+            fitted.refused,
+            vec![Refusal::Policy {
+                id: 1,
+                map: names::POLICY_RANGES,
+                capacity: 1
+            }]
+        );
+        // Endpoint 2 needs no range: it is admitted whole.
+        assert_eq!(
+            fitted
+                .policy
+                .keys()
+                .map(|k| k.data.endpoint)
+                .collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert!(
+            fit(&c, &empty().kernel(), [10, 10, 2, 2])
+                .unwrap()
+                .refused
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn ipcache_leaves_out_new_addresses_but_never_prefixes() {
         let c = compiled(&[], &[prefix(0, 24, 17), host(1, 16), host(2, 16)], &[]);
-        let fitted = fit(&c, &empty().kernel(), [10, 2, 10]).unwrap();
+        let fitted = fit(&c, &empty().kernel(), [10, 2, 10, 10]).unwrap();
         assert_eq!(
             fitted.refused,
             vec![Refusal::Peer {
@@ -376,7 +463,7 @@ mod tests {
             &[prefix(0, 24, 17), prefix(1, 24, 18), host(1, 16)],
             &[],
         );
-        let error = fit(&c, &empty().kernel(), [10, 1, 10]).unwrap_err();
+        let error = fit(&c, &empty().kernel(), [10, 1, 10, 10]).unwrap_err();
         assert_eq!(
             error,
             PrefixOverflow {
@@ -400,7 +487,7 @@ mod tests {
         );
         let c = compiled(&[(1, 1)], &[], &[allow(1, 16, 80)]);
         assert!(
-            fit(&c, &maps.kernel(), [1, 1, 1])
+            fit(&c, &maps.kernel(), [1, 1, 1, 1])
                 .unwrap()
                 .refused
                 .is_empty()

@@ -38,6 +38,7 @@ impl Datapath {
             (names::ENDPOINTS, capacities.endpoints),
             (names::IPCACHE, capacities.ipcache),
             (names::POLICY, capacities.policy),
+            (names::POLICY_RANGES, capacities.policy_ranges),
             (names::CT4, capacities.conntrack),
             (names::CT6, capacities.conntrack),
         ] {
@@ -70,7 +71,15 @@ impl Datapath {
         let ipcache = adopt(&mut ebpf, names::IPCACHE, LpmTrie::try_from)?;
         let ifaces = adopt(&mut ebpf, names::IFACES, HashMap::try_from)?;
         let node_ports = adopt(&mut ebpf, names::NODE_PORTS, HashMap::try_from)?;
-        let policy = adopt(&mut ebpf, names::POLICY, LpmTrie::try_from)?;
+        let policy = {
+            let map_err = |name| move |source| Error::Map { name, source };
+            let exact = HashMap::try_from(take_map(&mut ebpf, names::POLICY)?)
+                .map_err(map_err(names::POLICY))?;
+            let ranges = LpmTrie::try_from(take_map(&mut ebpf, names::POLICY_RANGES)?)
+                .map_err(map_err(names::POLICY_RANGES))?;
+            Synced::adopt(names::POLICY, maps::PolicyMaps { exact, ranges })
+                .map_err(map_err(names::POLICY))?
+        };
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
         let counters = PerCpuArray::try_from(counters).map_err(|source| Error::Map {
             name: names::COUNTERS,
@@ -125,6 +134,9 @@ impl Datapath {
                     .ipcache
                     .unwrap_or(netpol_common::capacity::IPCACHE),
                 capacities.policy.unwrap_or(netpol_common::capacity::POLICY),
+                capacities
+                    .policy_ranges
+                    .unwrap_or(netpol_common::capacity::POLICY_RANGES),
                 capacities.conntrack.unwrap_or(netpol_common::capacity::CT),
             ],
             rule_counters,
@@ -173,7 +185,7 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
 }
 
 /// The layout of every map this build pins: (name, type, key size, value size).
-pub fn map_layouts() -> [(&'static str, aya::maps::MapType, u32, u32); 12] {
+pub fn map_layouts() -> [(&'static str, aya::maps::MapType, u32, u32); 13] {
     use aya::maps::MapType::{Array, Hash, LpmTrie, LruHash, PerCpuArray, RingBuf};
     use netpol_common as c;
     fn size<T>() -> u32 {
@@ -196,6 +208,12 @@ pub fn map_layouts() -> [(&'static str, aya::maps::MapType, u32, u32); 12] {
         ),
         (
             names::POLICY,
+            Hash,
+            size::<c::PolicyKey>(),
+            size::<c::PolicyValue>(),
+        ),
+        (
+            names::POLICY_RANGES,
             LpmTrie,
             lpm(size::<c::PolicyKey>()),
             size::<c::PolicyValue>(),

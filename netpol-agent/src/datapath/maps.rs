@@ -10,6 +10,7 @@ use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
 use netpol_common::{Addr, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, ServicePort};
 
 use netpol_compile::Lpm;
+use netpol_compile::policy_maps::{Slot, from_policy, slot};
 
 /// Counts of one sync, for logs and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -156,6 +157,37 @@ pub type EndpointsMap = Synced<HashMap<MapData, Addr, EndpointInfo>>;
 /// Host veth ifindex -> endpoint id.
 pub type IfacesMap = Synced<HashMap<MapData, u32, u32>>;
 pub type IpcacheMap = Synced<LpmTrie<MapData, Addr, PeerInfo>>;
-pub type PolicyMap = Synced<LpmTrie<MapData, PolicyKey, PolicyValue>>;
+pub type PolicyMap = Synced<PolicyMaps>;
+
+/// POLICY and POLICY_RANGES as one map of allow entries (the compiler's view): each
+/// entry is written to the map its kind belongs in (`netpol_compile::policy_maps`).
+pub struct PolicyMaps {
+    pub exact: HashMap<MapData, PolicyKey, PolicyValue>,
+    pub ranges: LpmTrie<MapData, PolicyKey, PolicyValue>,
+}
+
+impl KernelMap for PolicyMaps {
+    type Key = Lpm<PolicyKey>;
+    type Value = PolicyValue;
+    fn put(&mut self, key: &Lpm<PolicyKey>, value: &PolicyValue) -> Result<(), MapError> {
+        match slot(key) {
+            Slot::Policy(key) => self.exact.put(&key, value),
+            Slot::Ranges(key) => self.ranges.put(&key, value),
+        }
+    }
+    fn delete(&mut self, key: &Lpm<PolicyKey>) -> Result<(), MapError> {
+        match slot(key) {
+            Slot::Policy(key) => KernelMap::delete(&mut self.exact, &key),
+            Slot::Ranges(key) => KernelMap::delete(&mut self.ranges, &key),
+        }
+    }
+    fn read_all(&self) -> Result<BTreeMap<Lpm<PolicyKey>, PolicyValue>, MapError> {
+        let mut all = self.ranges.read_all()?;
+        for (key, value) in self.exact.read_all()? {
+            all.insert(from_policy(key), value);
+        }
+        Ok(all)
+    }
+}
 /// Ports kube-proxy translates on node addresses -> unused (1).
 pub type NodePortsMap = Synced<HashMap<MapData, ServicePort, u32>>;

@@ -4,7 +4,7 @@
 //! Everything lives under one bpffs directory (`--bpffs-dir`):
 //!
 //! ```text
-//! <dir>/maps/{ENDPOINTS,IPCACHE,POLICY,CT4,CT6,...}   pinned by the loader, adopted on restart
+//! <dir>/maps/{ENDPOINTS,IPCACHE,POLICY,POLICY_RANGES,CT4,CT6,...}   pinned by the loader, adopted on restart
 //! <dir>/links/{from_pod,to_pod}:<ifname>              TCX links, pinned: they outlive the agent
 //! ```
 //!
@@ -111,6 +111,7 @@ pub struct Capacities {
     pub endpoints: Option<u32>,
     pub ipcache: Option<u32>,
     pub policy: Option<u32>,
+    pub policy_ranges: Option<u32>,
     pub conntrack: Option<u32>,
 }
 
@@ -190,8 +191,9 @@ pub struct Datapath {
     policy: PolicyMap,
     counters: PerCpuArray<MapData, Counter>,
     state: Array<MapData, DatapathState>,
-    /// max_entries of ENDPOINTS, IPCACHE, POLICY, and of each of CT4 and CT6, as loaded.
-    capacities: [u32; 4],
+    /// max_entries of ENDPOINTS, IPCACHE, POLICY, POLICY_RANGES, and of each of CT4 and
+    /// CT6, as loaded.
+    capacities: [u32; 5],
     rule_counters: PerCpuArray<MapData, Counter>,
     /// The rule each id of RULE_COUNTERS counts for; an id given to another rule starts
     /// again from zero.
@@ -273,7 +275,7 @@ impl Datapath {
     pub fn sync_maps(&mut self, compiled: &Compiled) -> Result<ApplyReport> {
         self.reset_reassigned_rule_counters(compiled)?;
         let mut report = ApplyReport::default();
-        let [endpoints_cap, ipcache_cap, policy_cap, _] = self.capacities;
+        let [endpoints_cap, ipcache_cap, policy_cap, ranges_cap, _] = self.capacities;
         // What did not fit may fit once the stale entries are gone: a second round.
         for _round in 0..2 {
             let kernel = fit::Kernel {
@@ -281,7 +283,8 @@ impl Datapath {
                 ipcache: self.ipcache.contents(),
                 policy: self.policy.contents(),
             };
-            let fitted = fit::fit(compiled, &kernel, [endpoints_cap, ipcache_cap, policy_cap])?;
+            let caps = [endpoints_cap, ipcache_cap, policy_cap, ranges_cap];
+            let fitted = fit::fit(compiled, &kernel, caps)?;
             let removed_before = report.maps.removed;
             self.write_maps(&fitted, &compiled.node_ports, &mut report)?;
             report.refused = fitted.refused;

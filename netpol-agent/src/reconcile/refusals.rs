@@ -29,6 +29,7 @@ impl Refusals {
         for map in [
             netpol_common::names::ENDPOINTS,
             netpol_common::names::POLICY,
+            netpol_common::names::POLICY_RANGES,
             netpol_common::names::IPCACHE,
         ] {
             let count = refused.iter().filter(|r| r.map() == map).count();
@@ -86,11 +87,11 @@ pub fn refusal_diagnostics(refused: &[datapath::Refusal], compiled: &Compiled) -
                      dropped until there is room"
                 ),
             ),
-            Refusal::Policy { id, capacity } => Diagnostic::new(
+            Refusal::Policy { id, map, capacity } => Diagnostic::new(
                 pod(*id),
                 "",
                 format!(
-                    "policy change not applied: POLICY is full (capacity {capacity}); only \
+                    "policy change not applied: {map} is full (capacity {capacity}); only \
                      what both the old and the new policy allow is allowed"
                 ),
             ),

@@ -125,7 +125,13 @@ impl RuleContext<'_> {
             protocol,
             port: port.to_be_bytes(),
         };
-        let value = out.entry(Lpm::new(prefix_len, key)).or_insert(PolicyValue {
+        let key = Lpm::new(prefix_len, key);
+        // Port 0 and protocol 0 spell the kernel's wildcards; no rule can name them (the
+        // API rejects them) and none may come to mean "every port" here.
+        if !crate::policy_maps::representable(&key) {
+            return;
+        }
+        let value = out.entry(key).or_insert(PolicyValue {
             rule: self.rule,
             _pad: 0,
         });

@@ -1257,9 +1257,10 @@ fn label_flips_and_new_peers_write_only_the_entries_they_imply() {
         }
     }
     assert_eq!(policy_changes, expected);
+    // Isolated, with entries for every protocol.
     let isolated = EndpointInfo {
         id: 0,
-        flags: ENDPOINT_INGRESS_ISOLATED,
+        flags: ENDPOINT_INGRESS_ISOLATED | netpol_common::ENDPOINT_INGRESS_ANY_PROTOCOL,
     };
     assert_eq!(
         changes(&third.endpoints, &fourth.endpoints)
@@ -1583,6 +1584,7 @@ mod unreadable {
             ENDPOINT_INGRESS_ISOLATED
                 | ENDPOINT_EGRESS_ISOLATED
                 | netpol_common::ENDPOINT_INGRESS_ANY_PEER
+                | netpol_common::ENDPOINT_INGRESS_ANY_PROTOCOL
         );
         assert!(passes(&c, "10.0.1.3", "10.0.0.1", 80, Direction::Ingress));
         assert!(!passes(&c, "10.0.0.1", "10.0.1.3", 80, Direction::Egress));

@@ -1,0 +1,263 @@
+//! How the allow entries of [`Compiled::policy`](crate::Compiled) are laid out in the
+//! kernel, and the kernel's lookup over that layout.
+//!
+//! The compiler thinks in one set of LPM keys over [`PolicyKey`] (a prefix length says
+//! how much of protocol and port is wildcarded). The kernel holds them in two maps so
+//! that the common case is one hash lookup, whatever the number of entries:
+//!
+//! - POLICY (hash): exact ports ([`POLICY_PREFIX_FULL`]), every port of a protocol
+//!   ([`POLICY_PREFIX_ANY_PORT`], port [`PORT_ANY`](netpol_common::PORT_ANY)) and every
+//!   protocol ([`POLICY_PREFIX_ANY_PROTO`], protocol and port 0). The masked key data is
+//!   the hash key: masking is the wildcard encoding.
+//! - POLICY_RANGES (LPM trie): every other prefix, i.e. port ranges.
+//!
+//! An endpoint's flags say, per direction, which kinds of entries it has ([`kind`]), and
+//! the programs make only the lookups that can hit. [`lookup`] replays that sequence and
+//! is what [`crate::model`] uses.
+
+use std::collections::BTreeMap;
+
+use netpol_common::{
+    DIR_INGRESS, ENDPOINT_EGRESS_ANY_PEER, ENDPOINT_EGRESS_ANY_PORT, ENDPOINT_EGRESS_ANY_PROTOCOL,
+    ENDPOINT_EGRESS_PORT_RANGES, ENDPOINT_INGRESS_ANY_PEER, ENDPOINT_INGRESS_ANY_PORT,
+    ENDPOINT_INGRESS_ANY_PROTOCOL, ENDPOINT_INGRESS_PORT_RANGES, IDENTITY_ANY,
+    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROTOCOL_ANY, PolicyKey,
+    PolicyValue,
+};
+
+use crate::lpm::Lpm;
+
+/// Where one allow entry lives in the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// POLICY, under this key.
+    Policy(PolicyKey),
+    /// POLICY_RANGES, under this prefix.
+    Ranges(Lpm<PolicyKey>),
+}
+
+/// The map and key of an allow entry.
+pub fn slot(key: &Lpm<PolicyKey>) -> Slot {
+    match key.prefix_len {
+        POLICY_PREFIX_FULL | POLICY_PREFIX_ANY_PORT | POLICY_PREFIX_ANY_PROTO => {
+            Slot::Policy(key.data)
+        }
+        _ => Slot::Ranges(*key),
+    }
+}
+
+/// The allow entry a POLICY key stands for (inverse of [`slot`]).
+pub fn from_policy(key: PolicyKey) -> Lpm<PolicyKey> {
+    let prefix_len = if key.protocol == PROTOCOL_ANY {
+        POLICY_PREFIX_ANY_PROTO
+    } else if key.port == netpol_common::PORT_ANY {
+        POLICY_PREFIX_ANY_PORT
+    } else {
+        POLICY_PREFIX_FULL
+    };
+    Lpm::new(prefix_len, key)
+}
+
+/// Whether `key` can be held at all: no entry names port 0 exactly or protocol 0 with
+/// a port, since those keys are the wildcard encoding (they would allow more).
+pub fn representable(key: &Lpm<PolicyKey>) -> bool {
+    let wildcard_port = key.data.port == netpol_common::PORT_ANY;
+    match key.prefix_len {
+        POLICY_PREFIX_FULL => !wildcard_port && key.data.protocol != PROTOCOL_ANY,
+        POLICY_PREFIX_ANY_PROTO => true,
+        _ => key.data.protocol != PROTOCOL_ANY,
+    }
+}
+
+/// Every flag [`kind`] can set.
+pub const KIND_FLAGS: u32 = ENDPOINT_INGRESS_ANY_PEER
+    | ENDPOINT_EGRESS_ANY_PEER
+    | ENDPOINT_INGRESS_PORT_RANGES
+    | ENDPOINT_EGRESS_PORT_RANGES
+    | ENDPOINT_INGRESS_ANY_PORT
+    | ENDPOINT_EGRESS_ANY_PORT
+    | ENDPOINT_INGRESS_ANY_PROTOCOL
+    | ENDPOINT_EGRESS_ANY_PROTOCOL;
+
+/// The endpoint flag that makes the programs look for entries like `key` (0 for exact
+/// ports of an exact identity: always looked for).
+pub fn kind(key: &Lpm<PolicyKey>) -> u32 {
+    let ingress = key.data.direction == DIR_INGRESS;
+    let pick = |ingress_flag, egress_flag| if ingress { ingress_flag } else { egress_flag };
+    let mut flags = 0;
+    if key.data.identity == IDENTITY_ANY {
+        flags |= pick(ENDPOINT_INGRESS_ANY_PEER, ENDPOINT_EGRESS_ANY_PEER);
+    }
+    flags |= match key.prefix_len {
+        POLICY_PREFIX_FULL => 0,
+        POLICY_PREFIX_ANY_PORT => pick(ENDPOINT_INGRESS_ANY_PORT, ENDPOINT_EGRESS_ANY_PORT),
+        POLICY_PREFIX_ANY_PROTO => {
+            pick(ENDPOINT_INGRESS_ANY_PROTOCOL, ENDPOINT_EGRESS_ANY_PROTOCOL)
+        }
+        _ => pick(ENDPOINT_INGRESS_PORT_RANGES, ENDPOINT_EGRESS_PORT_RANGES),
+    };
+    flags
+}
+
+/// Every endpoint's kind flags ([`kind`]) over a set of allow entries.
+pub fn kinds(policy: &BTreeMap<Lpm<PolicyKey>, PolicyValue>) -> BTreeMap<u32, u32> {
+    let mut out: BTreeMap<u32, u32> = BTreeMap::new();
+    for key in policy.keys() {
+        *out.entry(key.data.endpoint).or_default() |= kind(key);
+    }
+    out
+}
+
+/// The kernel's lookup: the entry allowing `key` (a packet's exact key) for an endpoint
+/// with `flags`, as `netpol-ebpf/src/policy.rs` finds it in the two maps. The exact
+/// identity first, then [`IDENTITY_ANY`] when flagged; for each, the exact port, the
+/// longest port range, every port of the protocol, every protocol, each looked up only
+/// when flagged.
+pub fn lookup(
+    policy: &BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+    key: PolicyKey,
+    flags: u32,
+) -> Option<&PolicyValue> {
+    let ingress = key.direction == DIR_INGRESS;
+    let has = |ingress_flag: u32, egress_flag: u32| {
+        flags & if ingress { ingress_flag } else { egress_flag } != 0
+    };
+    let ranges = has(ENDPOINT_INGRESS_PORT_RANGES, ENDPOINT_EGRESS_PORT_RANGES);
+    let any_port = has(ENDPOINT_INGRESS_ANY_PORT, ENDPOINT_EGRESS_ANY_PORT);
+    let any_protocol = has(ENDPOINT_INGRESS_ANY_PROTOCOL, ENDPOINT_EGRESS_ANY_PROTOCOL);
+    let hash = |k: PolicyKey| policy.get(&from_policy(k));
+    let most_specific = |k: PolicyKey| {
+        hash(k)
+            .or_else(|| ranges.then(|| range_walk(policy, &k)).flatten())
+            .or_else(|| any_port.then(|| hash(k.any_port())).flatten())
+            .or_else(|| any_protocol.then(|| hash(k.any_protocol())).flatten())
+    };
+    most_specific(key).or_else(|| {
+        has(ENDPOINT_INGRESS_ANY_PEER, ENDPOINT_EGRESS_ANY_PEER)
+            .then(|| {
+                most_specific(PolicyKey {
+                    identity: IDENTITY_ANY,
+                    ..key
+                })
+            })
+            .flatten()
+    })
+}
+
+/// POLICY_RANGES' longest-prefix match: over the prefixes that are not POLICY's.
+fn range_walk<'a>(
+    policy: &'a BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+    key: &PolicyKey,
+) -> Option<&'a PolicyValue> {
+    (POLICY_PREFIX_ANY_PROTO + 1..POLICY_PREFIX_FULL)
+        .rev()
+        .filter(|&len| len != POLICY_PREFIX_ANY_PORT)
+        .find_map(|len| policy.get(&Lpm::new(len, *key)))
+}
+
+#[cfg(test)]
+mod tests {
+    use netpol_common::{DIR_EGRESS, PROTO_TCP, PROTO_UDP};
+
+    use super::*;
+
+    fn key(identity: u32, protocol: u8, port: u16) -> PolicyKey {
+        PolicyKey {
+            endpoint: 7,
+            identity,
+            direction: DIR_EGRESS,
+            protocol,
+            port: port.to_be_bytes(),
+        }
+    }
+
+    fn allow(rule: u32) -> PolicyValue {
+        PolicyValue { rule, _pad: 0 }
+    }
+
+    #[test]
+    fn every_entry_goes_to_one_map_and_comes_back_unchanged() {
+        let entries = [
+            Lpm::new(POLICY_PREFIX_FULL, key(3, PROTO_TCP, 80)),
+            Lpm::new(POLICY_PREFIX_ANY_PORT, key(3, PROTO_UDP, 0)),
+            Lpm::new(POLICY_PREFIX_ANY_PROTO, key(IDENTITY_ANY, 0, 0)),
+            Lpm::new(POLICY_PREFIX_ANY_PORT + 6, key(3, PROTO_TCP, 1024)),
+        ];
+        for entry in entries {
+            assert!(representable(&entry));
+            match slot(&entry) {
+                Slot::Policy(k) => assert_eq!(from_policy(k), entry),
+                Slot::Ranges(lpm) => {
+                    assert_eq!(lpm, entry);
+                    assert_ne!(kind(&entry) & ENDPOINT_EGRESS_PORT_RANGES, 0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn keys_that_spell_a_wildcard_are_not_representable_as_exact_entries() {
+        assert!(!representable(&Lpm::new(
+            POLICY_PREFIX_FULL,
+            key(3, PROTO_TCP, 0)
+        )));
+        assert!(!representable(&Lpm::new(POLICY_PREFIX_FULL, key(3, 0, 80))));
+        assert!(!representable(&Lpm::new(
+            POLICY_PREFIX_ANY_PORT,
+            key(3, 0, 0)
+        )));
+    }
+
+    #[test]
+    fn the_most_specific_entry_decides_and_unflagged_kinds_are_never_looked_up() {
+        let mut policy = BTreeMap::new();
+        policy.insert(
+            Lpm::new(POLICY_PREFIX_FULL, key(3, PROTO_TCP, 8080)),
+            allow(1),
+        );
+        // 8080..=8095
+        policy.insert(
+            Lpm::new(POLICY_PREFIX_ANY_PORT + 12, key(3, PROTO_TCP, 8080)),
+            allow(2),
+        );
+        policy.insert(
+            Lpm::new(POLICY_PREFIX_ANY_PORT, key(3, PROTO_TCP, 0)),
+            allow(3),
+        );
+        policy.insert(
+            Lpm::new(POLICY_PREFIX_ANY_PROTO, key(IDENTITY_ANY, 0, 0)),
+            allow(4),
+        );
+        let flags = kinds(&policy)[&7];
+        let rule = |identity, protocol, port, flags| {
+            lookup(&policy, key(identity, protocol, port), flags).map(|v| v.rule)
+        };
+        assert_eq!(rule(3, PROTO_TCP, 8080, flags), Some(1));
+        assert_eq!(rule(3, PROTO_TCP, 8081, flags), Some(2));
+        assert_eq!(rule(3, PROTO_TCP, 9000, flags), Some(3));
+        assert_eq!(
+            rule(3, PROTO_UDP, 53, flags),
+            Some(4),
+            "any peer, any protocol"
+        );
+        assert_eq!(rule(9, PROTO_UDP, 53, flags), Some(4));
+        // Without a kind's flag its entries are invisible, as in the kernel.
+        let without = |flag: u32| flags & !flag;
+        assert_eq!(
+            rule(3, PROTO_TCP, 8081, without(ENDPOINT_EGRESS_PORT_RANGES)),
+            Some(3)
+        );
+        assert_eq!(
+            rule(3, PROTO_TCP, 9000, without(ENDPOINT_EGRESS_ANY_PORT)),
+            Some(4)
+        );
+        assert_eq!(
+            rule(9, PROTO_UDP, 53, without(ENDPOINT_EGRESS_ANY_PEER)),
+            None
+        );
+        assert_eq!(
+            rule(3, PROTO_UDP, 53, without(ENDPOINT_EGRESS_ANY_PROTOCOL)),
+            None
+        );
+    }
+}
