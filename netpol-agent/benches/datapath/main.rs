@@ -58,6 +58,8 @@ struct Config {
     policy_sizes: Vec<usize>,
     ipcache_size: usize,
     rounds: usize,
+    /// Untimed rounds before each size's measured ones.
+    warmup_rounds: usize,
     repeat: u32,
     single_runs: usize,
     /// `NETPOL_BENCH_PROFILE=<scenario key>`: after filling the maps to the largest size,
@@ -79,6 +81,7 @@ impl Config {
                 policy_sizes: vec![10, 1_000],
                 ipcache_size: 1_000,
                 rounds: 3,
+                warmup_rounds: 1,
                 repeat: 1_000,
                 single_runs: 50,
                 profile: None,
@@ -89,6 +92,7 @@ impl Config {
                 policy_sizes: vec![10, 1_000, 10_000, 100_000],
                 ipcache_size: 100_000,
                 rounds: 21,
+                warmup_rounds: 5,
                 repeat: 100_000,
                 single_runs: 2_000,
                 profile: None,
@@ -194,6 +198,13 @@ fn main() {
             continue;
         }
 
+        // Untimed rounds first: the first size otherwise pays for a cold machine (caches,
+        // clock ramp-up), which showed as 10-30% on every scenario of that column.
+        for _ in 0..config.warmup_rounds {
+            for s in &scenarios {
+                bench.run_marked(s.prog, &s.frame, config.repeat, s.mark);
+            }
+        }
         let mut samples = vec![Vec::with_capacity(config.rounds); scenarios.len()];
         for _ in 0..config.rounds {
             for (s, out) in scenarios.iter().zip(&mut samples) {

@@ -46,9 +46,9 @@ spec:
   policyTypes: [Ingress]
   ingress:
     - from: [{podSelector: {matchLabels: {app: client}}}]
-      ports: [{protocol: TCP, port: 80, endPort: 90}]
+      ports: [{protocol: TCP, port: 80}, {protocol: TCP, port: 85}]
     - from: [{podSelector: {matchLabels: {app: caller}}}]
-      ports: [{protocol: TCP, port: 80, endPort: 90}]
+      ports: [{protocol: TCP, port: 80}, {protocol: TCP, port: 85}]
 ---
 apiVersion: v1
 kind: Pod
