@@ -14,7 +14,8 @@
 //! Both run the same pipeline, Cilium-style: parse → conntrack → policy → verdict, with
 //! one exit (`verdict::finish`) that counts the reason. Per packet the cost is a fixed
 //! number of map lookups whatever the number of policies: ENDPOINTS, CT, and for a new
-//! flow IPCACHE plus at most two POLICY lookups.
+//! flow IPCACHE plus one POLICY hash lookup in the common case (at most eight, by the
+//! kinds of rules the endpoint has; see `policy.rs`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
