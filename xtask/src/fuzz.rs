@@ -77,7 +77,9 @@ impl Stats {
 
     /// `123,456 inputs in 30 s (4,115/s), corpus 312 (57 new), coverage 4,321, peak 210 MB`.
     pub fn summary(&self, secs: u64) -> String {
-        let n = |v: Option<u64>| v.map_or_else(|| "?".to_string(), thousands);
+        let n = |v: Option<u64>| {
+            v.map_or_else(|| "?".to_string(), |n| crate::ui::thousands(n as usize))
+        };
         let mut text = format!(
             "{} inputs in {secs} s ({}/s), corpus {} ({} new)",
             n(self.executed),
@@ -86,26 +88,16 @@ impl Stats {
             n(self.new_units),
         );
         if let Some(coverage) = self.coverage {
-            text.push_str(&format!(", coverage {}", thousands(coverage)));
+            text.push_str(&format!(
+                ", coverage {}",
+                crate::ui::thousands(coverage as usize)
+            ));
         }
         if let Some(rss) = self.peak_rss_mb {
             text.push_str(&format!(", peak {rss} MB"));
         }
         text
     }
-}
-
-/// `1234567` → `1,234,567`.
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// `cargo fuzz` with nightly, from the workspace root, without the eBPF object.
@@ -249,13 +241,5 @@ mod tests {
             Stats::default().summary(5),
             "? inputs in 5 s (?/s), corpus ? (? new)"
         );
-    }
-
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(1_234_567), "1,234,567");
     }
 }

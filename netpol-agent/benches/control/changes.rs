@@ -1,5 +1,5 @@
-//! The changes whose propagation is measured: a pod label flipped, a policy added, a pod
-//! created, in turn.
+//! The changes whose propagation is measured, in turn: a pod label flipped, a policy
+//! added, a pod created, a pod deleted, a namespace label flipped.
 
 use std::collections::BTreeMap;
 
@@ -9,48 +9,59 @@ use serde_json::json;
 use crate::Size;
 use crate::cluster::{ns_name, pod, policy};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ChangeKind {
     LabelFlip,
     PolicyAdded,
     PodCreated,
+    PodDeleted,
+    NamespaceLabel,
 }
 
 impl ChangeKind {
-    pub const ALL: [ChangeKind; 3] = [
+    pub const ALL: [ChangeKind; 5] = [
         ChangeKind::LabelFlip,
         ChangeKind::PolicyAdded,
         ChangeKind::PodCreated,
+        ChangeKind::PodDeleted,
+        ChangeKind::NamespaceLabel,
     ];
     pub fn name(self) -> &'static str {
         match self {
             ChangeKind::LabelFlip => "pod label flipped",
             ChangeKind::PolicyAdded => "policy added",
             ChangeKind::PodCreated => "pod created",
+            ChangeKind::PodDeleted => "pod deleted",
+            ChangeKind::NamespaceLabel => "namespace label flipped",
         }
     }
 }
 
-/// Applies change number `i` to `state`. Half the flips and created pods, and the
-/// policies added in namespaces with local pods, touch this node's endpoints.
+/// A local pod (`n` even) or any pod, chosen by `n`.
+fn pick_pod(state: &ClusterState, n: usize) -> ObjectRef {
+    if n.is_multiple_of(2) {
+        let local: Vec<&ObjectRef> = state
+            .pods
+            .iter()
+            .filter(|(_, p)| state.node.is_local(p))
+            .map(|(k, _)| k)
+            .collect();
+        local[(n * 7) % local.len()].clone()
+    } else {
+        let k = state.pods.keys().nth((n * 7919) % state.pods.len());
+        k.cloned().expect("pods")
+    }
+}
+
+/// Applies change number `i` to `state`. Half the flips, created and deleted pods, and
+/// the policies added in namespaces with local pods, touch this node's endpoints.
 pub fn change(state: &mut ClusterState, size: Size, i: usize) -> ChangeKind {
-    let kind = ChangeKind::ALL[i % 3];
-    let n = i / 3;
+    let kind = ChangeKind::ALL[i % ChangeKind::ALL.len()];
+    let n = i / ChangeKind::ALL.len();
     match kind {
         ChangeKind::LabelFlip => {
-            let keys: Vec<ObjectRef> = if n.is_multiple_of(2) {
-                let local: Vec<&ObjectRef> = state
-                    .pods
-                    .iter()
-                    .filter(|(_, p)| state.node.is_local(p))
-                    .map(|(k, _)| k)
-                    .collect();
-                vec![local[(n * 7) % local.len()].clone()]
-            } else {
-                let k = state.pods.keys().nth((n * 7919) % state.pods.len());
-                k.into_iter().cloned().collect()
-            };
-            let pod = state.pods.get_mut(&keys[0]).expect("pod");
+            let key = pick_pod(state, n);
+            let pod = state.pods.get_mut(&key).expect("pod");
             let labels = pod.metadata.labels.get_or_insert_with(BTreeMap::new);
             let app = labels.get("app").cloned().unwrap_or_default();
             let digit: usize = app.trim_start_matches("app-").parse().unwrap_or(0);
@@ -83,8 +94,20 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> ChangeKind {
             let g = 200_000 + i;
             let ip = format!("10.250.{}.{}", (i / 256) % 256, i % 256);
             let name = format!("new-{i}");
-            let p = pod(ns, &name, n, &[ip], n.is_multiple_of(2), g);
+            let p = pod(ns, &name, n, &[ip], n.is_multiple_of(2), g, size.nodes());
             state.pods.insert(ObjectRef::new(ns_name(ns), name), p);
+        }
+        ChangeKind::PodDeleted => {
+            let key = pick_pod(state, n + 1);
+            state.pods.remove(&key);
+        }
+        ChangeKind::NamespaceLabel => {
+            let ns = ns_name((n * 11) % size.namespaces);
+            let namespace = state.namespaces.get_mut(&ns).expect("namespace");
+            let labels = namespace.metadata.labels.get_or_insert_with(BTreeMap::new);
+            let team = labels.get("team").cloned().unwrap_or_default();
+            let digit: usize = team.trim_start_matches("team-").parse().unwrap_or(0);
+            labels.insert("team".into(), format!("team-{}", (digit + 1) % 10));
         }
     }
     kind

@@ -1,18 +1,19 @@
-//! The synthetic cluster: namespaces, pods (some on this node, some dual-stack) and ten
-//! policies per namespace of the shapes real clusters carry.
+//! The synthetic cluster: namespaces, pods (some on this node, some dual-stack) and
+//! policies of the shapes real clusters carry, three per namespace in rotation over ten
+//! shapes.
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use netpol_compile::state::{ClusterState, NodeContext, ObjectRef};
 use serde_json::{Value, json};
 
-use crate::{LOCAL_PODS, NODE, NODES, PODS_PER_NAMESPACE, Size};
+use crate::{LOCAL_PODS, NODE, PODS_PER_NAMESPACE, POLICIES_PER_NAMESPACE, Size};
 
 const ROLES: [&str; 5] = ["frontend", "backend", "db", "cache", "worker"];
 const ENVS: [&str; 3] = ["prod", "staging", "dev"];
 
 pub fn ns_name(i: usize) -> String {
-    format!("ns-{i:03}")
+    format!("ns-{i:04}")
 }
 
 /// Whether pod `g` of `pods` runs on this node: `LOCAL_PODS` of them (all of them in
@@ -35,7 +36,16 @@ fn namespace(i: usize) -> Namespace {
         .expect("namespace")
 }
 
-pub fn pod(ns: usize, name: &str, j: usize, ips: &[String], local: bool, node: usize) -> Pod {
+/// Pod `j` of namespace `ns`; elsewhere than this node, on one of `nodes - 1` others.
+pub fn pod(
+    ns: usize,
+    name: &str,
+    j: usize,
+    ips: &[String],
+    local: bool,
+    node: usize,
+    nodes: usize,
+) -> Pod {
     let role = ROLES[(j % 10) / 2];
     let mut ports = vec![
         json!({"name": "http", "containerPort": 8080}),
@@ -51,7 +61,7 @@ pub fn pod(ns: usize, name: &str, j: usize, ips: &[String], local: bool, node: u
     let node = if local {
         NODE.to_string()
     } else {
-        format!("node-{}", 1 + node % (NODES - 1))
+        format!("node-{}", 1 + node % nodes.saturating_sub(1).max(1))
     };
     serde_json::from_value(json!({
         "metadata": {"namespace": ns_name(ns), "name": name, "labels": {
@@ -66,7 +76,7 @@ pub fn pod(ns: usize, name: &str, j: usize, ips: &[String], local: bool, node: u
     .expect("pod")
 }
 
-/// Ten policies per namespace, of the shapes real clusters carry.
+/// The ten shapes real clusters carry, for namespace `i`.
 fn policies(i: usize) -> Vec<(String, Value)> {
     let a = |k: usize| format!("app-{}", (i + k) % 10);
     vec![
@@ -110,7 +120,7 @@ fn policies(i: usize) -> Vec<(String, Value)> {
                 "egress": [
                     {"to": [{"namespaceSelector": {"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod"]}]}}],
                      "ports": [{"port": "grpc"}]},
-                    {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ns-000"}}}],
+                    {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ns-0000"}}}],
                      "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]},
                 ],
             }),
@@ -180,7 +190,10 @@ pub fn cluster(size: Size) -> ClusterState {
     };
     for i in 0..size.namespaces {
         state.namespaces.insert(ns_name(i), namespace(i));
-        for (name, spec) in policies(i) {
+        // POLICIES_PER_NAMESPACE of the ten shapes, a different window in each namespace.
+        let shapes = policies(i);
+        for k in 0..POLICIES_PER_NAMESPACE {
+            let (name, spec) = shapes[(i * POLICIES_PER_NAMESPACE + k) % shapes.len()].clone();
             let ns = ns_name(i);
             let p = policy(&ns, &name, spec);
             state.policies.insert(ObjectRef::new(ns, name), p);
@@ -190,10 +203,18 @@ pub fn cluster(size: Size) -> ClusterState {
         let (ns, j) = (g / PODS_PER_NAMESPACE, g % PODS_PER_NAMESPACE);
         let mut ips = vec![pod_ip(g)];
         if g % 4 == 0 {
-            ips.push(format!("fd00:10::{g:x}"));
+            ips.push(format!("fd00:10::{:x}:{:x}", g >> 16, g & 0xffff));
         }
         let name = format!("app-{}-{g}", j % 10);
-        let p = pod(ns, &name, j, &ips, is_local(g, size.pods()), g);
+        let p = pod(
+            ns,
+            &name,
+            j,
+            &ips,
+            is_local(g, size.pods()),
+            g,
+            size.nodes(),
+        );
         state.pods.insert(ObjectRef::new(ns_name(ns), name), p);
     }
     state

@@ -1,28 +1,29 @@
 //! Control plane: compile time, map sizes, memory, and change propagation into real
-//! kernel maps, on a synthetic cluster of 10,000 pods in 200 namespaces with 2,000
-//! policies of realistic shapes, 100 of the pods on this node.
+//! kernel maps, on synthetic clusters of 10,000, 50,000 and 150,000 pods (30 pods and 3
+//! policies per namespace: 5,000 namespaces and 15,000 policies at the top), 110 of the
+//! pods on this node at every size.
 //!
 //! `cargo bench -p netpol-agent --bench control [-- --smoke]` (root for the kernel part;
 //! without root the compile part still runs). Prints Markdown, writes
 //! `target/bench/control.json`.
 //!
 //! Method:
-//! - The cluster is built once per size from JSON through k8s-openapi's serde (as the
-//!   manifest source does); building is not timed as compile.
-//! - Compile time: wall clock of a fresh `Compiler`'s first compile, median of
-//!   the runs; ratio against the same compile at 1/4 of the size (2,500 pods, 50
-//!   namespaces, 500 policies, 25 local pods), measured in the same process.
-//! - Map entries at 2,500 / 5,000 / 10,000 pods (namespaces, policies and local pods
-//!   scaled alike): growth ratios beside the growth of pods × rules.
+//! - Sizes run one after the other, smallest first, each in full before the next one's
+//!   cluster is built (so the process's peak resident memory after a size is that
+//!   size's peak).
+//! - The cluster is built from JSON through k8s-openapi's serde (as the manifest source
+//!   does); building is not timed as compile.
+//! - Compile time: wall clock of a fresh `Compiler`'s first compile, median of the runs.
 //! - Memory: VmRSS / VmHWM from /proc/self/status after the state is built, after the
-//!   full compiles, and after the maps are applied (the agent holds all three).
-//! - Propagation: a change is made to the in-memory state (a pod label flipped, a policy
-//!   added, a pod created, in turn), then a compile by the same `Compiler` and
-//!   `Datapath::apply` into real kernel maps under `/sys/fs/bpf/netpol-bench-<pid>` (in
-//!   a private network namespace, so nothing is attached). Time = compile + apply, per
-//!   change; p50 and p99. Baseline: the same loop with no change (no map writes). The
-//!   `Compiler` keeps its allocations and memo (as in the agent's loop), so this is the
-//!   incremental path; the compile times above are cold (a fresh `Compiler` each).
+//!   cold compiles, and after the changes (the agent holds the state, the compiler's
+//!   memo, the last result and the maps' shadows).
+//! - Propagation: a change is made to the in-memory state (in turn: a pod label flipped,
+//!   a policy added, a pod created, a pod deleted, a namespace label flipped), then a
+//!   compile by the same `Compiler` and `Datapath::apply` into real kernel maps under
+//!   `/sys/fs/bpf/netpol-bench-<pid>/<size>` (in a private network namespace, so nothing
+//!   is attached). Time = compile + apply, per change; p50 and p99. Baseline: the same
+//!   loop with no change (no map writes). The `Compiler` keeps its allocations and memo
+//!   (as in the agent's loop), so this is the path the agent takes after a change.
 
 mod changes;
 mod cluster;
@@ -31,18 +32,17 @@ mod common;
 mod measure;
 mod report;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cluster::cluster;
-use measure::{measure_compile, propagation};
+use measure::{Propagation, SizeResult, measure_compile, propagation};
 use report::report;
 
 const NODE: &str = "node-0";
-const PODS_PER_NAMESPACE: usize = 50;
-const POLICIES_PER_NAMESPACE: usize = 10;
-/// Pods on this node at every size (a node's share of a 10,000-pod, 100-node cluster).
-const LOCAL_PODS: usize = 100;
-const NODES: usize = 100;
+const PODS_PER_NAMESPACE: usize = 30;
+const POLICIES_PER_NAMESPACE: usize = 3;
+/// Pods on this node at every size (150,000 pods on about 1,360 nodes).
+const LOCAL_PODS: usize = 110;
 
 /// One synthetic cluster size.
 #[derive(Clone, Copy, Debug)]
@@ -57,12 +57,16 @@ impl Size {
     fn policies(self) -> usize {
         self.namespaces * POLICIES_PER_NAMESPACE
     }
+    /// Nodes of the cluster: this one and enough others for `LOCAL_PODS` each.
+    fn nodes(self) -> usize {
+        (self.pods() / LOCAL_PODS).max(2)
+    }
 }
 
 struct Config {
     smoke: bool,
-    /// Largest last; the first is 1/4 of the last.
-    sizes: [Size; 3],
+    /// Smallest first.
+    sizes: Vec<Size>,
     compile_runs: usize,
     changes: usize,
     noop_runs: usize,
@@ -73,21 +77,36 @@ impl Config {
         if smoke {
             Config {
                 smoke,
-                sizes: [1, 2, 4].map(|namespaces| Size { namespaces }),
+                sizes: [2, 4, 8].map(|namespaces| Size { namespaces }).to_vec(),
                 compile_runs: 3,
-                changes: 12,
+                changes: 15,
                 noop_runs: 3,
             }
         } else {
             Config {
                 smoke,
-                sizes: [50, 100, 200].map(|namespaces| Size { namespaces }),
-                compile_runs: 5,
-                changes: 200,
+                // 10,020, 50,010 and 150,000 pods.
+                sizes: [334, 1_667, 5_000]
+                    .map(|namespaces| Size { namespaces })
+                    .to_vec(),
+                compile_runs: 3,
+                changes: 250,
                 noop_runs: 10,
             }
         }
     }
+}
+
+/// Everything measured at one size.
+struct SizeRun {
+    compile: SizeResult,
+    build: Duration,
+    /// VmRSS (MiB) once the state is built, and (VmRSS, VmHWM) after the cold compiles
+    /// and after the changes.
+    rss_state: f64,
+    after_compile: (f64, f64),
+    after_changes: (f64, f64),
+    propagation: Option<Propagation>,
 }
 
 fn main() {
@@ -98,44 +117,41 @@ fn main() {
     let machine = common::machine();
     common::print_machine(&machine);
     let started = Instant::now();
-
     let (rss_start, _) = common::memory_mib();
-    let largest = config.sizes[2];
-    let t = Instant::now();
-    let state = cluster(largest);
-    let build = t.elapsed();
-    let (rss_state, _) = common::memory_mib();
-    let (big, compiled, compiler) = measure_compile(&state, largest, config.compile_runs.max(5));
-    let memory_after_compile = common::memory_mib();
-    eprintln!(
-        "{} pods compiled ({:.1} s)",
-        largest.pods(),
-        started.elapsed().as_secs_f64()
-    );
 
-    let prop = dir
-        .as_ref()
-        .map(|dir| propagation(&config, &dir.path, state, largest, compiled, compiler));
-    eprintln!(
-        "propagation done ({:.1} s)",
-        started.elapsed().as_secs_f64()
-    );
-
-    let mut results = Vec::new();
-    for &size in &config.sizes[..2] {
+    let mut runs = Vec::new();
+    for (i, &size) in config.sizes.iter().enumerate() {
+        let t = Instant::now();
         let state = cluster(size);
-        results.push(measure_compile(&state, size, config.compile_runs.max(5)).0);
+        let build = t.elapsed();
+        let (rss_state, _) = common::memory_mib();
+        let (compile, compiled, compiler) = measure_compile(&state, size, config.compile_runs);
+        let after_compile = common::memory_mib();
+        eprintln!(
+            "{} pods: compiled ({:.1} s)",
+            common::thousands(size.pods()),
+            started.elapsed().as_secs_f64()
+        );
+        let propagation = dir.as_ref().map(|dir| {
+            let dir = dir.path.join(format!("size-{i}"));
+            propagation(&config, &dir, state, size, compiled, compiler)
+        });
+        let after_changes = common::memory_mib();
+        eprintln!(
+            "{} pods: changes propagated ({:.1} s)",
+            common::thousands(size.pods()),
+            started.elapsed().as_secs_f64()
+        );
+        runs.push(SizeRun {
+            compile,
+            build,
+            rss_state,
+            after_compile,
+            after_changes,
+            propagation,
+        });
     }
-    results.push(big);
 
-    report(
-        &config,
-        &machine,
-        &results,
-        build,
-        (rss_start, rss_state),
-        memory_after_compile,
-        prop.as_ref(),
-    );
+    report(&config, &machine, &runs, rss_start);
     drop(dir);
 }

@@ -71,6 +71,8 @@ pub struct Propagation {
     pub kernel_sizes: (usize, usize, usize),
 }
 
+/// Changes `state` `config.changes` times, each followed by a compile and an apply into
+/// real kernel maps under `dir`; the state and the compiler are dropped at the end.
 pub fn propagation(
     config: &Config,
     dir: &std::path::Path,
@@ -79,7 +81,13 @@ pub fn propagation(
     mut compiled: Compiled,
     mut compiler: Compiler,
 ) -> Propagation {
-    let mut datapath = Datapath::open(dir, &Capacities::default()).expect("load the programs");
+    // Room for the largest size (150,000 pods: about 190,000 IPCACHE keys).
+    let capacities = Capacities {
+        ipcache: Some(1 << 20),
+        policy: Some(1 << 20),
+        ..Capacities::default()
+    };
+    let mut datapath = Datapath::open(dir, &capacities).expect("load the programs");
     datapath.sync_maps(&compiled).expect("initial apply");
     let memory_after_apply = common::memory_mib();
 
@@ -99,7 +107,7 @@ pub fn propagation(
     }
 
     type Samples = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
-    let mut by_kind: BTreeMap<usize, Samples> = BTreeMap::new();
+    let mut by_kind: BTreeMap<ChangeKind, Samples> = BTreeMap::new();
     let (mut total, mut compile_t, mut apply_t, mut writes) = (vec![], vec![], vec![], vec![]);
     let started = Instant::now();
     for i in 0..config.changes {
@@ -114,7 +122,7 @@ pub fn propagation(
         compile_t.push(ms(t1 - t0));
         apply_t.push(ms(t2 - t1));
         writes.push(report.maps.writes() as f64);
-        let entry = by_kind.entry(kind as usize).or_default();
+        let entry = by_kind.entry(kind).or_default();
         entry.0.push(ms(t2 - t0));
         entry.1.push(report.maps.writes() as f64);
         // Which map the writes went to (outside the timed part).
@@ -123,6 +131,7 @@ pub fn propagation(
             .push(changed(&compiled.ipcache, &next.ipcache) as f64);
         entry.3.push(changed(&compiled.policy, &next.policy) as f64);
         compiled = next;
+        assert!(report.refused.is_empty(), "{:?}", report.refused);
         if i % 50 == 49 {
             eprintln!(
                 "{} changes applied ({:.1} s)",
@@ -146,7 +155,7 @@ pub fn propagation(
             .into_iter()
             .map(|(k, (t, w, i, p))| {
                 let s = Summary::of;
-                (ChangeKind::ALL[k], s(&t), s(&w), s(&i), s(&p))
+                (k, s(&t), s(&w), s(&i), s(&p))
             })
             .collect(),
         total: Summary::of(&total),

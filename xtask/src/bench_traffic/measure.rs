@@ -1,5 +1,6 @@
 //! One measurement run: the bulk receiver and echo servers in x/server, a throughput
-//! stream and 1-byte request/response round trips from x/client.
+//! stream, 1-byte request/response round trips on one connection, and new connections
+//! (connect, one round trip, close) from x/client.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -33,7 +34,38 @@ pub(super) fn measure(lab: &Lab, target: Target, sizes: Sizes, row: &mut Row) ->
     let (p50, p99) = request_response(conn, sizes.round_trips)?;
     row.p50_us.push(p50);
     row.p99_us.push(p99);
+    let (p50, p99) = client.run(move || new_connections(rr_addr, sizes.connections))??;
+    row.conn_p50_us.push(p50);
+    row.conn_p99_us.push(p99);
     Ok(())
+}
+
+/// `count` new connections, one after the other: connect, one 1-byte round trip, close.
+/// (p50, p99) of each one's time in µs. This is where an enforcer's cost per new
+/// connection shows (the policy decision; for iptables every chain of the pod).
+fn new_connections(addr: SocketAddr, count: usize) -> Result<(f64, f64)> {
+    let mut times = Vec::with_capacity(count);
+    let mut b = [1u8];
+    for _ in 0..count {
+        let t = Instant::now();
+        let mut conn =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).context("new connection")?;
+        conn.set_nodelay(true)?;
+        conn.write_all(&b)?;
+        conn.read_exact(&mut b)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        // Closed by the client: TIME_WAIT stays on the client's side, whose ports are
+        // plentiful.
+        drop(conn);
+    }
+    Ok(percentiles(times))
+}
+
+/// (p50, p99) of `times`.
+fn percentiles(mut times: Vec<f64>) -> (f64, f64) {
+    times.sort_by(f64::total_cmp);
+    let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)];
+    (pct(0.50), pct(0.99))
 }
 
 /// Pins the calling thread to `cpu` when the machine has it (best effort: a bench on one
@@ -82,9 +114,7 @@ fn request_response(mut conn: TcpStream, round_trips: usize) -> Result<(f64, f64
         conn.read_exact(&mut b)?;
         times.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    times.sort_by(f64::total_cmp);
-    let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)];
-    Ok((pct(0.50), pct(0.99)))
+    Ok(percentiles(times))
 }
 
 /// The bulk receiver and the echo server, bound inside x/server.

@@ -1,9 +1,10 @@
-//! `cargo xtask bench traffic`: pod-to-pod TCP throughput and 1-byte request/response
-//! latency on an emulated node, with no enforcement, with netpol enforcing 1,000
-//! NetworkPolicies, and with the same policies enforced the iptables + ipset way (as
-//! kube-router does); then pod to Service (kube-proxy's iptables rules on the node)
-//! without enforcement and with netpol, the client egress-isolated so that every
-//! connection is judged after translation. See docs/BENCHMARKS.md ("Traffic").
+//! `cargo xtask bench traffic`: pod-to-pod TCP throughput, 1-byte request/response
+//! latency and new-connection latency on an emulated node, with no enforcement, with
+//! netpol enforcing 1,000 NetworkPolicies, and with the same policies enforced the
+//! iptables + ipset way (as kube-router does); then both again with 10,000 policies that
+//! all select the measured server; then pod to Service (kube-proxy's iptables rules on
+//! the node) without enforcement and with netpol, the client egress-isolated so that
+//! every connection is judged after translation. See docs/BENCHMARKS.md ("Traffic").
 //!
 //! - `setups.rs`: switching each setup's enforcement on and off, checked by probes;
 //! - `measure.rs`: the servers in x/server and one measurement run from x/client;
@@ -25,9 +26,9 @@ use netpol_lab::{Lab, ManifestDir, PodSpec, Port};
 use crate::ui;
 use iptables::IptablesRules;
 use measure::BenchServers;
-use policies::{CLIENT_EGRESS, generate_policies, policies_yaml};
+use policies::{CLIENT_EGRESS, generate_policies, policies_yaml, server_policies};
 use report::{Facts, Row};
-use setups::{NAMES, Setups, check_enforcement};
+use setups::{Setups, check_enforcement, names};
 
 const STREAM_PORT: u16 = 5201;
 const RR_PORT: u16 = 5202;
@@ -45,6 +46,10 @@ pub struct Sizes {
     pub runs: usize,
     pub stream_for: Duration,
     pub round_trips: usize,
+    /// New connections per run.
+    pub connections: usize,
+    /// Policies selecting x/server in the scaled setups.
+    pub scaled_policies: usize,
 }
 
 impl Sizes {
@@ -54,12 +59,16 @@ impl Sizes {
                 runs: 1,
                 stream_for: Duration::from_millis(200),
                 round_trips: 300,
+                connections: 50,
+                scaled_policies: 100,
             }
         } else {
             Self {
                 runs: 7,
                 stream_for: Duration::from_secs(3),
                 round_trips: 20_000,
+                connections: 2_000,
+                scaled_policies: 10_000,
             }
         }
     }
@@ -113,6 +122,16 @@ pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
     let iptables_counts = (rules.chains, rules.rules, rules.sets, rules.set_members);
     let mut manifests = ManifestDir::create(lab.workdir().join("manifests"))?;
     let generation = manifests.write(&lab, &policies_yaml(&policies)?)?;
+    let scaled = server_policies(sizes.scaled_policies);
+    let scaled_rules = IptablesRules::generate(&lab, &scaled)?;
+    let scaled_counts = (
+        scaled_rules.chains,
+        scaled_rules.rules,
+        scaled_rules.sets,
+        scaled_rules.set_members,
+    );
+    let mut scaled_manifests = ManifestDir::create(lab.workdir().join("manifests-scaled"))?;
+    let scaled_generation = scaled_manifests.write(&lab, &policies_yaml(&scaled)?)?;
     let mut isolated_client = ManifestDir::create(lab.workdir().join("manifests-egress"))?;
     let isolated_generation = isolated_client.write(
         &lab,
@@ -129,19 +148,25 @@ pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
         manifests: &manifests,
         generation,
         rules: &rules,
+        scaled_manifests: &scaled_manifests,
+        scaled_generation,
+        scaled_rules: &scaled_rules,
         agent_ready: Duration::ZERO,
         iptables_load: Duration::ZERO,
+        scaled_agent_ready: Duration::ZERO,
+        scaled_iptables_load: Duration::ZERO,
     };
 
     // The setups take turns, one run each per round, and each round starts with the
     // next setup: drift in the machine (other tenants, frequency) spreads over all
     // three instead of landing on whichever was measured in its block.
-    let mut rows: Vec<Row> = NAMES.iter().map(|name| Row::new(name)).collect();
+    let names = names(sizes);
+    let mut rows: Vec<Row> = names.iter().map(|name| Row::new(name.clone())).collect();
     check_enforcement(&lab, false, "none")?;
     for round in 0..sizes.runs {
         ui::step(&format!("traffic: round {} of {}", round + 1, sizes.runs));
-        for k in 0..NAMES.len() {
-            let setup = (round + k) % NAMES.len();
+        for k in 0..names.len() {
+            let setup = (round + k) % names.len();
             setups.run(setup, &mut rows[setup])?;
         }
     }
@@ -152,6 +177,9 @@ pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
         iptables_counts,
         iptables_load: setups.iptables_load,
         agent_ready: setups.agent_ready,
+        scaled_counts,
+        scaled_iptables_load: setups.scaled_iptables_load,
+        scaled_agent_ready: setups.scaled_agent_ready,
         started,
     };
 

@@ -1,5 +1,5 @@
-//! The 1,000 generated NetworkPolicies, as values (for the iptables rules) and as the
-//! YAML the agent reads.
+//! The generated NetworkPolicies, as values (for the iptables rules) and as the YAML the
+//! agent reads: 1,000 of which 10 select x/server, and 10,000 that all select it.
 
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -41,41 +41,56 @@ fn l(pairs: &[(&str, String)]) -> Labels {
         .collect()
 }
 
+/// Policy `i` of those selecting x/server: x/client among other peers and ports, and an
+/// ipBlock.
+fn server_policy(i: usize) -> Policy {
+    let cidr = if i < 256 {
+        format!("192.168.{i}.0/24")
+    } else {
+        format!("172.{}.{}.0/24", 16 + (i / 256) % 16, i % 256)
+    };
+    Policy {
+        namespace: "x".into(),
+        name: format!("server-{i}"),
+        selector: l(&[("app", "server".into())]),
+        ingress: vec![
+            Rule {
+                from: vec![
+                    Peer::Pods {
+                        ns: None,
+                        pod: l(&[("app", "client".into())]),
+                    },
+                    Peer::Pods {
+                        ns: None,
+                        pod: l(&[("app", format!("web-{i}"))]),
+                    },
+                    Peer::Pods {
+                        ns: Some(l(&[("team", format!("t{}", i % 5))])),
+                        pod: l(&[("tier", "frontend".into())]),
+                    },
+                ],
+                ports: vec![PROBE_PORT, STREAM_PORT, RR_PORT, 8000 + (i % 20_000) as u16],
+            },
+            Rule {
+                from: vec![Peer::Cidr(cidr)],
+                ports: vec![9000 + (i % 20_000) as u16],
+            },
+        ],
+    }
+}
+
+/// `count` policies that all select x/server: what an enforcer pays for the policies of
+/// the measured pod itself.
+pub(super) fn server_policies(count: usize) -> Vec<Policy> {
+    (0..count).map(server_policy).collect()
+}
+
 /// 1,000 ingress policies: 10 select x/server (each allows x/client among other peers
 /// and ports), the others select absent pods in x and 20 other namespaces with the same
 /// shapes (pod and namespace selectors, ipBlocks, 1-3 rules, 1-4 ports).
 pub(super) fn generate_policies() -> Vec<Policy> {
     let mut out = Vec::with_capacity(POLICIES);
-    for i in 0..SERVER_POLICIES {
-        out.push(Policy {
-            namespace: "x".into(),
-            name: format!("server-{i}"),
-            selector: l(&[("app", "server".into())]),
-            ingress: vec![
-                Rule {
-                    from: vec![
-                        Peer::Pods {
-                            ns: None,
-                            pod: l(&[("app", "client".into())]),
-                        },
-                        Peer::Pods {
-                            ns: None,
-                            pod: l(&[("app", format!("web-{i}"))]),
-                        },
-                        Peer::Pods {
-                            ns: Some(l(&[("team", format!("t{}", i % 5))])),
-                            pod: l(&[("tier", "frontend".into())]),
-                        },
-                    ],
-                    ports: vec![PROBE_PORT, STREAM_PORT, RR_PORT, 8000 + i as u16],
-                },
-                Rule {
-                    from: vec![Peer::Cidr(format!("192.168.{i}.0/24"))],
-                    ports: vec![9000 + i as u16],
-                },
-            ],
-        });
-    }
+    out.extend((0..SERVER_POLICIES).map(server_policy));
     for i in SERVER_POLICIES..POLICIES {
         let namespace = if i % 4 == 0 {
             "x".to_owned()

@@ -13,19 +13,24 @@ use crate::ui;
 /// One measured setup: medians over the runs.
 #[derive(Clone, Debug)]
 pub(super) struct Row {
-    pub setup: &'static str,
+    pub setup: String,
     pub gbits: Vec<f64>,
     pub p50_us: Vec<f64>,
     pub p99_us: Vec<f64>,
+    /// New connections (connect, one round trip, close): per-run p50 and p99.
+    pub conn_p50_us: Vec<f64>,
+    pub conn_p99_us: Vec<f64>,
 }
 
 impl Row {
-    pub fn new(setup: &'static str) -> Self {
+    pub fn new(setup: String) -> Self {
         Row {
             setup,
             gbits: Vec::new(),
             p50_us: Vec::new(),
             p99_us: Vec::new(),
+            conn_p50_us: Vec::new(),
+            conn_p99_us: Vec::new(),
         }
     }
 }
@@ -54,17 +59,26 @@ impl Row {
     fn p99(&self) -> f64 {
         median(&self.p99_us)
     }
+    fn conn_p50(&self) -> f64 {
+        median(&self.conn_p50_us)
+    }
+    fn conn_p99(&self) -> f64 {
+        median(&self.conn_p99_us)
+    }
 }
 
 /// One line per setup with its medians, as the rounds end.
 pub(super) fn medians(rows: &[Row]) {
     for row in rows {
         ui::ok(&format!(
-            "{}: {:.2} Gbit/s, RR p50 {:.1} µs, p99 {:.1} µs (medians of {} runs)",
+            "{}: {:.2} Gbit/s, RR p50 {:.1} µs, p99 {:.1} µs, new connection p50 {:.0} µs, \
+             p99 {:.0} µs (medians of {} runs)",
             row.setup,
             row.gbit(),
             row.p50(),
             row.p99(),
+            row.conn_p50(),
+            row.conn_p99(),
             row.gbits.len()
         ));
     }
@@ -80,47 +94,71 @@ pub(super) struct Facts {
     pub iptables_load: Duration,
     /// The longest wait for the agent's first complete generation.
     pub agent_ready: Duration,
+    /// The same three for the policies that all select the server.
+    pub scaled_counts: (usize, usize, usize, usize),
+    pub scaled_iptables_load: Duration,
+    pub scaled_agent_ready: Duration,
     /// When the benchmark started.
     pub started: Instant,
 }
 
-/// Prints the table (`rows` in order: none, netpol, iptables, then none and netpol
-/// through a Service) and writes
+/// Prints the table (`rows` in the order of `setups::names`) and writes
 /// `target/bench/traffic.json`.
 pub(super) fn write(rows: &[Row], facts: &Facts) -> Result<()> {
+    use super::setups::{
+        IPTABLES, IPTABLES_SCALED, NETPOL, NETPOL_SCALED, NONE, SERVICE_NETPOL, SERVICE_NONE,
+    };
     let Facts {
         smoke,
         sizes,
         iptables_counts,
         iptables_load,
         agent_ready,
+        scaled_counts,
+        scaled_iptables_load,
+        scaled_agent_ready,
         started,
     } = *facts;
-    let base = rows[0].clone();
+    let base = rows[NONE].clone();
     // Reported in this order: the floor, netpol, then the iptables way beside it.
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n| setup | throughput (Gbit/s) | RR p50 (µs) | RR p99 (µs) |\n|:---|---:|---:|---:|"
+        "\n| setup | throughput (Gbit/s) | RR p50 (µs) | RR p99 (µs) | new connection p50 (µs) | new connection p99 (µs) |\n|:---|---:|---:|---:|---:|---:|"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {:.2} ({:.2}×) | {:.1} ({:.2}×) | {:.1} ({:.2}×) |",
+            "| {} | {:.2} ({:.2}×) | {:.1} ({:.2}×) | {:.1} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) |",
             r.setup,
             r.gbit(),
             r.gbit() / base.gbit(),
             r.p50(),
             r.p50() / base.p50(),
             r.p99(),
-            r.p99() / base.p99()
+            r.p99() / base.p99(),
+            r.conn_p50(),
+            r.conn_p50() / base.conn_p50(),
+            r.conn_p99(),
+            r.conn_p99() / base.conn_p99(),
         );
     }
-    let netpol = &rows[1];
+    let netpol = &rows[NETPOL];
+    // A new connection with every policy selecting the server, against 1,000 policies
+    // of which 10 do: what the policy count costs each enforcer.
+    let scaling = |small: usize, big: usize| rows[big].conn_p50() / rows[small].conn_p50();
+    let _ = writeln!(
+        out,
+        "new connection p50, {} policies selecting the server / 1,000 policies: netpol {:.2}×, \
+         iptables + ipset {:.2}×",
+        ui::thousands(sizes.scaled_policies),
+        scaling(NETPOL, NETPOL_SCALED),
+        scaling(IPTABLES, IPTABLES_SCALED),
+    );
     let tput_ok = netpol.gbit() >= 0.95 * base.gbit();
     let p99_ok = netpol.p99() <= 1.1 * base.p99();
     // Through the Service: netpol against no enforcement through the same Service.
-    let (service_base, service_netpol) = (&rows[3], &rows[4]);
+    let (service_base, service_netpol) = (&rows[SERVICE_NONE], &rows[SERVICE_NETPOL]);
     let _ = writeln!(
         out,
         "through a Service, netpol / none through the same Service: throughput {:.2}×, RR p50 {:.2}×, p99 {:.2}×",
@@ -143,24 +181,30 @@ pub(super) fn write(rows: &[Row], facts: &Facts) -> Result<()> {
     for r in &rows[1..] {
         let _ = writeln!(
             out,
-            "{}: per-round ratios to none, median: throughput {:.2}×, RR p50 {:.2}×, p99 {:.2}×",
+            "{}: per-round ratios to none, median: throughput {:.2}×, RR p50 {:.2}×, p99 {:.2}×, \
+             new connection p50 {:.2}×",
             r.setup,
             paired(r, |r| &r.gbits),
             paired(r, |r| &r.p50_us),
             paired(r, |r| &r.p99_us),
+            paired(r, |r| &r.conn_p50_us),
         );
     }
     let _ = writeln!(
         out,
         "\nmethod: x/client -> x/server over veths through the node namespace; throughput: \
          64 KiB writes for {:?}; RR: {} 1-byte round trips on one connection \
-         (TCP_NODELAY), per-run p50/p99. {} rounds, the setups taking turns within each \
+         (TCP_NODELAY), per-run p50/p99; new connections: {} per run, each connect + one \
+         1-byte round trip + close. {} rounds, the setups taking turns within each \
          round (rotated), medians over rounds; client on CPU 0, servers on CPU 1.\n\
          targets: netpol throughput >= 0.95x none: {} ; netpol p99 <= 1.1x none: {}\n\
-         iptables: {} chains, {} rules, {} ipsets ({} members) loaded in {:.0?}; \
-         agent ready (1,000 policies) in {:.0?}; total {:.1?}",
+         iptables (1,000 policies): {} chains, {} rules, {} ipsets ({} members) loaded in \
+         {:.0?}; agent ready in {:.0?}\n\
+         iptables ({} policies selecting the server): {} chains, {} rules, {} ipsets ({} \
+         members) loaded in {:.0?}; agent ready in {:.0?}; total {:.1?}",
         sizes.stream_for,
         sizes.round_trips,
+        sizes.connections,
         sizes.runs,
         if tput_ok { "met" } else { "MISSED" },
         if p99_ok { "met" } else { "MISSED" },
@@ -170,6 +214,13 @@ pub(super) fn write(rows: &[Row], facts: &Facts) -> Result<()> {
         iptables_counts.3,
         iptables_load,
         agent_ready,
+        ui::thousands(sizes.scaled_policies),
+        scaled_counts.0,
+        scaled_counts.1,
+        scaled_counts.2,
+        scaled_counts.3,
+        scaled_iptables_load,
+        scaled_agent_ready,
         started.elapsed(),
     );
     println!("{out}");
@@ -180,6 +231,8 @@ pub(super) fn write(rows: &[Row], facts: &Facts) -> Result<()> {
         "policies_selecting_server": SERVER_POLICIES,
         "stream_seconds": sizes.stream_for.as_secs_f64(),
         "round_trips": sizes.round_trips,
+        "connections": sizes.connections,
+        "scaled_policies_selecting_server": sizes.scaled_policies,
         "runs": sizes.runs,
         "iptables": {
             "chains": iptables_counts.0, "rules": iptables_counts.1,
@@ -187,6 +240,18 @@ pub(super) fn write(rows: &[Row], facts: &Facts) -> Result<()> {
             "load_ms": iptables_load.as_secs_f64() * 1e3,
         },
         "agent_ready_ms": agent_ready.as_secs_f64() * 1e3,
+        "scaled": {
+            "iptables": {
+                "chains": scaled_counts.0, "rules": scaled_counts.1,
+                "ipsets": scaled_counts.2, "ipset_members": scaled_counts.3,
+                "load_ms": scaled_iptables_load.as_secs_f64() * 1e3,
+            },
+            "agent_ready_ms": scaled_agent_ready.as_secs_f64() * 1e3,
+            "new_connection_p50_scaling": {
+                "netpol": scaling(NETPOL, NETPOL_SCALED),
+                "iptables": scaling(IPTABLES, IPTABLES_SCALED),
+            },
+        },
         "targets": {"netpol_throughput_ge_0.95": tput_ok, "netpol_p99_le_1.1": p99_ok},
         "setups": rows.iter().map(|r| json!({
             "setup": r.setup,
@@ -194,10 +259,13 @@ pub(super) fn write(rows: &[Row], facts: &Facts) -> Result<()> {
             "gbit_ratio": r.gbit() / base.gbit(),
             "rr_p50_us": r.p50(), "rr_p50_runs": r.p50_us, "rr_p50_ratio": r.p50() / base.p50(),
             "rr_p99_us": r.p99(), "rr_p99_runs": r.p99_us, "rr_p99_ratio": r.p99() / base.p99(),
+            "new_connection_p50_us": r.conn_p50(), "new_connection_p50_runs": r.conn_p50_us,
+            "new_connection_p99_us": r.conn_p99(), "new_connection_p99_runs": r.conn_p99_us,
             "paired_ratio_medians": {
                 "gbit_s": paired(r, |r| &r.gbits),
                 "rr_p50": paired(r, |r| &r.p50_us),
                 "rr_p99": paired(r, |r| &r.p99_us),
+                "new_connection_p50": paired(r, |r| &r.conn_p50_us),
             },
         })).collect::<Vec<_>>(),
     });

@@ -1,6 +1,8 @@
-//! The three setups measured: no enforcement, netpol enforcing the policies, and the
-//! same policies as iptables + ipset rules. Each run switches its enforcement on, checks
-//! it is in force, measures, switches it off and checks the node is back to none.
+//! The setups measured: no enforcement, netpol enforcing the policies, and the same
+//! policies as iptables + ipset rules, at 1,000 policies (10 selecting the server) and at
+//! 10,000 (all selecting it); then through a Service. Each run switches its enforcement
+//! on, checks it is in force, measures, switches it off and checks the node is back to
+//! none.
 
 use std::ffi::OsString;
 use std::net::Ipv4Addr;
@@ -16,14 +18,28 @@ use super::report::Row;
 use super::{PROBE_PORT, SERVICE_OFFSET, Sizes};
 use crate::ui;
 
+/// Indices of the setups in [`names`] (the order they are reported in).
+pub(super) const NONE: usize = 0;
+pub(super) const NETPOL: usize = 1;
+pub(super) const IPTABLES: usize = 2;
+pub(super) const NETPOL_SCALED: usize = 3;
+pub(super) const IPTABLES_SCALED: usize = 4;
+pub(super) const SERVICE_NONE: usize = 5;
+pub(super) const SERVICE_NETPOL: usize = 6;
+
 /// The setups, in the order they are reported.
-pub(super) const NAMES: [&str; 5] = [
-    "none",
-    "netpol (1,000 policies)",
-    "iptables + ipset",
-    "through a Service: none",
-    "through a Service: netpol (client egress-isolated)",
-];
+pub(super) fn names(sizes: Sizes) -> Vec<String> {
+    let scaled = crate::ui::thousands(sizes.scaled_policies);
+    vec![
+        "none".into(),
+        "netpol (1,000 policies)".into(),
+        "iptables + ipset (1,000 policies)".into(),
+        format!("netpol ({scaled} policies selecting the server)"),
+        format!("iptables + ipset ({scaled} policies selecting the server)"),
+        "through a Service: none".into(),
+        "through a Service: netpol (client egress-isolated)".into(),
+    ]
+}
 
 /// What the setups need to switch enforcement on and off, and how long that took.
 pub(super) struct Setups<'a> {
@@ -41,31 +57,42 @@ pub(super) struct Setups<'a> {
     /// The generation the agent reaches once it enforces every policy.
     pub generation: u64,
     pub rules: &'a IptablesRules,
+    /// The same for the policies that all select the server.
+    pub scaled_manifests: &'a ManifestDir,
+    pub scaled_generation: u64,
+    pub scaled_rules: &'a IptablesRules,
     /// The longest wait for the agent's first complete generation.
     pub agent_ready: Duration,
     /// The longest load of the iptables rules.
     pub iptables_load: Duration,
+    /// The same two with the policies that all select the server.
+    pub scaled_agent_ready: Duration,
+    pub scaled_iptables_load: Duration,
 }
 
 impl Setups<'_> {
-    /// One run of setup `setup` (an index of [`NAMES`]) into `row`.
+    /// One run of setup `setup` (an index of [`names`]) into `row`.
     pub fn run(&mut self, setup: usize, row: &mut Row) -> Result<()> {
         let direct = Target::direct(self.server_ip);
         let service = Target::service(self.service_ip);
         match setup {
-            0 => measure(self.lab, direct, self.sizes, row),
-            1 => self.netpol(direct, row),
-            2 => self.iptables(row),
-            3 => measure(self.lab, service, self.sizes, row),
-            _ => self.netpol(service, row),
+            NONE => measure(self.lab, direct, self.sizes, row),
+            NETPOL => self.netpol(direct, false, row),
+            IPTABLES => self.iptables(false, row),
+            NETPOL_SCALED => self.netpol(direct, true, row),
+            IPTABLES_SCALED => self.iptables(true, row),
+            SERVICE_NONE => measure(self.lab, service, self.sizes, row),
+            _ => self.netpol(service, false, row),
         }
     }
 
-    fn netpol(&mut self, target: Target, row: &mut Row) -> Result<()> {
+    fn netpol(&mut self, target: Target, scaled: bool, row: &mut Row) -> Result<()> {
         let lab = self.lab;
         let started = Instant::now();
         let (manifests, generation) = if target.via_service {
             (self.isolated_client, self.isolated_generation)
+        } else if scaled {
+            (self.scaled_manifests, self.scaled_generation)
         } else {
             (self.manifests, self.generation)
         };
@@ -80,7 +107,11 @@ impl Setups<'_> {
         agent
             .wait_generation(generation, Duration::from_secs(60))
             .with_context(|| format!("agent log:\n{}", agent.log_tail(30)))?;
-        self.agent_ready = self.agent_ready.max(started.elapsed());
+        if scaled {
+            self.scaled_agent_ready = self.scaled_agent_ready.max(started.elapsed());
+        } else {
+            self.agent_ready = self.agent_ready.max(started.elapsed());
+        }
         check_enforcement(lab, true, "netpol")?;
         if target.via_service {
             check_through_service(lab)?;
@@ -100,11 +131,16 @@ impl Setups<'_> {
         Ok(())
     }
 
-    fn iptables(&mut self, row: &mut Row) -> Result<()> {
+    fn iptables(&mut self, scaled: bool, row: &mut Row) -> Result<()> {
         let lab = self.lab;
         let started = Instant::now();
-        self.rules.load(lab.node_netns())?;
-        self.iptables_load = self.iptables_load.max(started.elapsed());
+        if scaled {
+            self.scaled_rules.load(lab.node_netns())?;
+            self.scaled_iptables_load = self.scaled_iptables_load.max(started.elapsed());
+        } else {
+            self.rules.load(lab.node_netns())?;
+            self.iptables_load = self.iptables_load.max(started.elapsed());
+        }
         check_enforcement(lab, true, "iptables")?;
         measure(lab, Target::direct(self.server_ip), self.sizes, row)?;
         IptablesRules::unload(lab.node_netns())?;
