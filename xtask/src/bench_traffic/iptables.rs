@@ -13,12 +13,18 @@ use super::policies::{Labels, Peer, Policy};
 const MARK: &str = "0x10000/0x10000";
 
 /// The rule set kube-router would program on this node for these policies: per policy a
-/// `KUBE-NWPLCY-<n>` chain and ipsets (the selected pods as destination set, one source
-/// set per peer group), one rule per (rule, port); per local pod selected by a policy a
-/// `KUBE-POD-FW-<n>` chain jumping to its policies' chains and dropping what no rule
-/// marked; FORWARD accepts ESTABLISHED/RELATED first, then sends traffic to a
+/// `<prefix>-NWPLCY-<n>` chain and ipsets (the selected pods as destination set, one
+/// source set per peer group), one rule per (rule, port); per local pod selected by a
+/// policy a `<prefix>-POD-FW-<n>` chain jumping to its policies' chains and dropping what
+/// no rule marked; FORWARD accepts ESTABLISHED/RELATED first, then sends traffic to a
 /// selected pod's veth to its pod chain.
+///
+/// Loading thousands of chains takes minutes with the nf_tables backend, so a rule set
+/// is loaded once ([`IptablesRules::load`]) and switched on and off by its two FORWARD
+/// rules ([`IptablesRules::enable`], [`IptablesRules::disable`]); chains nothing jumps
+/// to are never traversed.
 pub(super) struct IptablesRules {
+    prefix: &'static str,
     restore: String,
     ipset: String,
     pub chains: usize,
@@ -28,7 +34,8 @@ pub(super) struct IptablesRules {
 }
 
 impl IptablesRules {
-    pub fn generate(lab: &Lab, policies: &[Policy]) -> Result<Self> {
+    /// The rules for `policies`, their chains and sets named after `prefix`.
+    pub fn generate(lab: &Lab, policies: &[Policy], prefix: &'static str) -> Result<Self> {
         let ns_labels = |ns: &str| -> Labels {
             let mut v: Labels = lab
                 .namespaces()
@@ -47,14 +54,14 @@ impl IptablesRules {
         };
 
         let mut ipset = String::new();
-        let mut filter = String::from("*filter\n:KUBE-ROUTER-FORWARD - [0:0]\n");
+        let mut filter = format!("*filter\n:{prefix}-FORWARD - [0:0]\n");
         let mut body = String::new();
         let (mut chains, mut rules, mut sets, mut members) = (1usize, 0usize, 0usize, 0usize);
         // pod id -> policy chains selecting it
         let mut selected: Vec<(String, String, Vec<String>)> = Vec::new();
         for (n, p) in policies.iter().enumerate() {
-            let chain = format!("KUBE-NWPLCY-{n}");
-            let dst_set = format!("KUBE-DST-{n}");
+            let chain = format!("{prefix}-NWPLCY-{n}");
+            let dst_set = format!("{prefix}-DST-{n}");
             let _ = writeln!(filter, ":{chain} - [0:0]");
             chains += 1;
             let _ = writeln!(ipset, "create {dst_set} hash:ip family inet hashsize 64");
@@ -71,7 +78,7 @@ impl IptablesRules {
             }
             for (r, rule) in p.ingress.iter().enumerate() {
                 for (g, peer) in rule.from.iter().enumerate() {
-                    let src_set = format!("KUBE-SRC-{n}-{r}-{g}");
+                    let src_set = format!("{prefix}-SRC-{n}-{r}-{g}");
                     sets += 1;
                     match peer {
                         Peer::Cidr(c) => {
@@ -111,19 +118,15 @@ impl IptablesRules {
             bail!("no generated policy selects x/server");
         }
         let mut forward = String::new();
-        let _ = writeln!(
-            forward,
-            "-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
-             -A FORWARD -j KUBE-ROUTER-FORWARD"
-        );
+        // The two FORWARD rules ([`IptablesRules::enable`]).
         rules += 2;
         for (k, (id, host_if, policy_chains)) in selected.iter().enumerate() {
-            let chain = format!("KUBE-POD-FW-{k}");
+            let chain = format!("{prefix}-POD-FW-{k}");
             let _ = writeln!(filter, ":{chain} - [0:0]");
             chains += 1;
             let _ = writeln!(
                 forward,
-                "-A KUBE-ROUTER-FORWARD -o {host_if} -m comment --comment {id} -j {chain}"
+                "-A {prefix}-FORWARD -o {host_if} -m comment --comment {id} -j {chain}"
             );
             let _ = writeln!(
                 body,
@@ -146,6 +149,7 @@ impl IptablesRules {
         }
         let restore = format!("{filter}{forward}{body}COMMIT\n");
         Ok(Self {
+            prefix,
             restore,
             ipset,
             chains,
@@ -155,12 +159,41 @@ impl IptablesRules {
         })
     }
 
+    /// Creates the sets and chains; nothing jumps to them yet.
     pub fn load(&self, netns: &str) -> Result<()> {
         pipe(netns, &["ipset", "restore"], &self.ipset)?;
         pipe(netns, &["iptables-restore", "--noflush"], &self.restore)
     }
 
-    /// Flushes and deletes the chains and sets (deleting the node netns would too).
+    /// Sends forwarded traffic through the loaded rules.
+    pub fn enable(&self, netns: &str) -> Result<()> {
+        pipe(
+            netns,
+            &["iptables-restore", "--noflush"],
+            &self.forward_rules('A'),
+        )
+    }
+
+    /// Takes the rules out of the path again.
+    pub fn disable(&self, netns: &str) -> Result<()> {
+        pipe(
+            netns,
+            &["iptables-restore", "--noflush"],
+            &self.forward_rules('D'),
+        )
+    }
+
+    /// FORWARD accepts ESTABLISHED/RELATED first, then hands the rest to the rule set
+    /// (`op` `A`: append; `D`: delete).
+    fn forward_rules(&self, op: char) -> String {
+        let prefix = self.prefix;
+        format!(
+            "*filter\n-{op} FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+             -{op} FORWARD -j {prefix}-FORWARD\nCOMMIT\n"
+        )
+    }
+
+    /// Flushes and deletes every chain and set (deleting the node netns would too).
     pub fn unload(netns: &str) -> Result<()> {
         pipe(netns, &["iptables-restore"], "*filter\nCOMMIT\n")?;
         pipe(netns, &["ipset", "destroy"], "")

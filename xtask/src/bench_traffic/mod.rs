@@ -118,12 +118,12 @@ pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
     let server_ip = server.v4();
     let servers = BenchServers::start(&lab, server_ip)?;
     let policies = generate_policies();
-    let rules = IptablesRules::generate(&lab, &policies)?;
+    let rules = IptablesRules::generate(&lab, &policies, "KR")?;
     let iptables_counts = (rules.chains, rules.rules, rules.sets, rules.set_members);
     let mut manifests = ManifestDir::create(lab.workdir().join("manifests"))?;
     let generation = manifests.write(&lab, &policies_yaml(&policies)?)?;
     let scaled = server_policies(sizes.scaled_policies);
-    let scaled_rules = IptablesRules::generate(&lab, &scaled)?;
+    let scaled_rules = IptablesRules::generate(&lab, &scaled, "KS")?;
     let scaled_counts = (
         scaled_rules.chains,
         scaled_rules.rules,
@@ -155,6 +155,8 @@ pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
         iptables_load: Duration::ZERO,
         scaled_agent_ready: Duration::ZERO,
         scaled_iptables_load: Duration::ZERO,
+        loaded: false,
+        scaled_loaded: false,
     };
 
     // The setups take turns, one run each per round, and each round starts with the
@@ -184,6 +186,7 @@ pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
     };
 
     servers.stop();
+    IptablesRules::unload(lab.node_netns())?;
     drop(lab);
 
     report::write(&rows, &facts)
