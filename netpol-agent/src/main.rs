@@ -209,9 +209,11 @@ struct RunArgs {
     pod_interface_prefix: Vec<String>,
     /// The skb mark bit that `from_pod` puts on a pod's connection to a Service, so
     /// that its egress is judged after kube-proxy's translation, on the real backend
-    /// (hex or decimal). Pick a bit nothing else on the node uses; the default avoids
-    /// kube-proxy, Calico, Cilium, kube-router, Weave, the AWS VPC CNI and Istio. 0
-    /// turns it off: Service addresses are then judged as they are (nothing selects them).
+    /// (hex or decimal). Pick a bit nothing else on the node uses: the default is clear
+    /// of kube-proxy, Calico's iptables data plane (default mask), the AWS VPC CNI and
+    /// Istio, not of Calico's eBPF data plane or Cilium (docs/SECURITY.md has the table).
+    /// 0 turns it off: Service addresses are then judged as they are (nothing selects
+    /// them).
     #[arg(long, value_name = "BIT", default_value = "0x400000", value_parser = parse_mark)]
     service_mark: u32,
     /// The node's exit devices (uplink, overlay such as flannel.1), comma-separated,
