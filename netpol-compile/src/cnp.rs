@@ -18,6 +18,7 @@
 //! dropped: nothing could refer to it.
 
 pub(crate) mod parse;
+pub mod reference;
 #[cfg(test)]
 mod tests;
 

@@ -337,13 +337,13 @@ pub fn readable_rules(
 
 static EMPTY: BTreeMap<String, String> = BTreeMap::new();
 
-fn pod_labels(pod: &Pod) -> &BTreeMap<String, String> {
+pub(crate) fn pod_labels(pod: &Pod) -> &BTreeMap<String, String> {
     pod.metadata.labels.as_ref().unwrap_or(&EMPTY)
 }
 
 /// The pod network pod (not finished, not hostNetwork) holding `ip`: of several listing
 /// it, the running one, then the one created last, then the first by name.
-fn pod_with_ip(state: &ClusterState, ip: IpAddr) -> Option<(&ObjectRef, &Pod)> {
+pub(crate) fn pod_with_ip(state: &ClusterState, ip: IpAddr) -> Option<(&ObjectRef, &Pod)> {
     let listing = state.pods.iter().filter(|(_, pod)| {
         let Some(status) = &pod.status else {
             return false;

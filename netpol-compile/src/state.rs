@@ -101,6 +101,10 @@ pub struct ClusterState {
     /// Audit mode for every pod (the agent's `--audit`); namespaces can opt in alone
     /// with [`AUDIT_ANNOTATION`].
     pub audit_all: bool,
+    /// ClusterNetworkPolicies (cluster-scoped), by name, as the source has them (JSON,
+    /// valid or not: they are read by `cnp::read_cnp`). Only the tiered reference
+    /// evaluator reads them so far.
+    pub cluster_policies: BTreeMap<String, serde_json::Value>,
 }
 
 /// The label the API server puts on every namespace: its name.
