@@ -18,6 +18,8 @@
 pub mod case;
 pub mod cluster;
 mod kube;
+#[cfg(test)]
+mod oracle;
 mod report;
 
 use std::collections::BTreeMap;
