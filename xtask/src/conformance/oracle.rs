@@ -162,6 +162,14 @@ fn check_case(path: &Path) -> Result<(usize, Vec<String>)> {
                 .to_owned();
             match object["kind"].as_str() {
                 Some("ClusterNetworkPolicy") => {
+                    // A case applies only what the API server accepts.
+                    if let Err(errors) = netpol_compile::cnp::validate_cnp(&object) {
+                        let errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+                        bail!(
+                            "steps[{s}]: ClusterNetworkPolicy {name}: {}",
+                            errors.join("; ")
+                        );
+                    }
                     cluster_policies.insert(name, object);
                 }
                 Some("NetworkPolicy") => {
