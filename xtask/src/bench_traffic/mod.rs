@@ -28,7 +28,7 @@ use iptables::IptablesRules;
 use measure::BenchServers;
 use policies::{CLIENT_EGRESS, generate_policies, policies_yaml, server_policies};
 use report::{Facts, Row};
-use setups::{Setups, check_enforcement, names};
+use setups::{PolicySet, Setups, check_enforcement, names};
 
 const STREAM_PORT: u16 = 5201;
 const RR_PORT: u16 = 5202;
@@ -119,17 +119,10 @@ pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
     let servers = BenchServers::start(&lab, server_ip)?;
     let policies = generate_policies();
     let rules = IptablesRules::generate(&lab, &policies, "KR")?;
-    let iptables_counts = (rules.chains, rules.rules, rules.sets, rules.set_members);
     let mut manifests = ManifestDir::create(lab.workdir().join("manifests"))?;
     let generation = manifests.write(&lab, &policies_yaml(&policies)?)?;
     let scaled = server_policies(sizes.scaled_policies);
     let scaled_rules = IptablesRules::generate(&lab, &scaled, "KS")?;
-    let scaled_counts = (
-        scaled_rules.chains,
-        scaled_rules.rules,
-        scaled_rules.sets,
-        scaled_rules.set_members,
-    );
     let mut scaled_manifests = ManifestDir::create(lab.workdir().join("manifests-scaled"))?;
     let scaled_generation = scaled_manifests.write(&lab, &policies_yaml(&scaled)?)?;
     let mut isolated_client = ManifestDir::create(lab.workdir().join("manifests-egress"))?;
@@ -145,18 +138,8 @@ pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
         isolated_generation,
         sizes,
         agent_bin,
-        manifests: &manifests,
-        generation,
-        rules: &rules,
-        scaled_manifests: &scaled_manifests,
-        scaled_generation,
-        scaled_rules: &scaled_rules,
-        agent_ready: Duration::ZERO,
-        iptables_load: Duration::ZERO,
-        scaled_agent_ready: Duration::ZERO,
-        scaled_iptables_load: Duration::ZERO,
-        loaded: false,
-        scaled_loaded: false,
+        policies: PolicySet::new(&manifests, generation, &rules),
+        scaled: PolicySet::new(&scaled_manifests, scaled_generation, &scaled_rules),
     };
 
     // The setups take turns, one run each per round, and each round starts with the
@@ -176,12 +159,8 @@ pub fn run(agent_bin: &Path, smoke: bool) -> Result<()> {
     let facts = Facts {
         smoke,
         sizes,
-        iptables_counts,
-        iptables_load: setups.iptables_load,
-        agent_ready: setups.agent_ready,
-        scaled_counts,
-        scaled_iptables_load: setups.scaled_iptables_load,
-        scaled_agent_ready: setups.scaled_agent_ready,
+        policies: setups.policies.facts(),
+        scaled: setups.scaled.facts(),
         started,
     };
 

@@ -84,20 +84,48 @@ pub(super) fn medians(rows: &[Row]) {
     }
 }
 
+/// What the report states about one set of policies.
+#[derive(Clone, Copy)]
+pub(super) struct SetFacts {
+    /// Chains, rules, ipsets and ipset members of its iptables form.
+    pub counts: (usize, usize, usize, usize),
+    /// How long loading the iptables rules took.
+    pub iptables_load: Duration,
+    /// The longest wait for the agent's first complete generation.
+    pub agent_ready: Duration,
+}
+
+impl SetFacts {
+    /// One line of the method text.
+    fn line(&self, label: &str) -> String {
+        let (chains, rules, sets, members) = self.counts;
+        format!(
+            "iptables ({label}): {chains} chains, {rules} rules, {sets} ipsets ({members} \
+             members) loaded in {:.0?}; agent ready in {:.0?}",
+            self.iptables_load, self.agent_ready
+        )
+    }
+
+    fn iptables_json(&self) -> serde_json::Value {
+        let (chains, rules, sets, members) = self.counts;
+        json!({
+            "chains": chains, "rules": rules, "ipsets": sets, "ipset_members": members,
+            "load_ms": self.iptables_load.as_secs_f64() * 1e3,
+        })
+    }
+
+    fn agent_ready_ms(&self) -> f64 {
+        self.agent_ready.as_secs_f64() * 1e3
+    }
+}
+
 /// What the report states beside the measurements.
 pub(super) struct Facts {
     pub smoke: bool,
     pub sizes: Sizes,
-    /// Chains, rules, ipsets and ipset members of the iptables setup.
-    pub iptables_counts: (usize, usize, usize, usize),
-    /// The longest load of the iptables rules.
-    pub iptables_load: Duration,
-    /// The longest wait for the agent's first complete generation.
-    pub agent_ready: Duration,
-    /// The same three for the policies that all select the server.
-    pub scaled_counts: (usize, usize, usize, usize),
-    pub scaled_iptables_load: Duration,
-    pub scaled_agent_ready: Duration,
+    /// The 1,000 policies, and those that all select the server.
+    pub policies: SetFacts,
+    pub scaled: SetFacts,
     /// When the benchmark started.
     pub started: Instant,
 }
@@ -111,12 +139,8 @@ pub(super) fn write(rows: &[Row], facts: &Facts) -> Result<()> {
     let Facts {
         smoke,
         sizes,
-        iptables_counts,
-        iptables_load,
-        agent_ready,
-        scaled_counts,
-        scaled_iptables_load,
-        scaled_agent_ready,
+        policies,
+        scaled,
         started,
     } = *facts;
     let base = rows[NONE].clone();
@@ -198,29 +222,18 @@ pub(super) fn write(rows: &[Row], facts: &Facts) -> Result<()> {
          1-byte round trip + close. {} rounds, the setups taking turns within each \
          round (rotated), medians over rounds; client on CPU 0, servers on CPU 1.\n\
          targets: netpol throughput >= 0.95x none: {} ; netpol p99 <= 1.1x none: {}\n\
-         iptables (1,000 policies): {} chains, {} rules, {} ipsets ({} members) loaded in \
-         {:.0?}; agent ready in {:.0?}\n\
-         iptables ({} policies selecting the server): {} chains, {} rules, {} ipsets ({} \
-         members) loaded in {:.0?}; agent ready in {:.0?}; total {:.1?}",
+         {}\n{}; total {:.1?}",
         sizes.stream_for,
         sizes.round_trips,
         sizes.connections,
         sizes.runs,
         if tput_ok { "met" } else { "MISSED" },
         if p99_ok { "met" } else { "MISSED" },
-        iptables_counts.0,
-        iptables_counts.1,
-        iptables_counts.2,
-        iptables_counts.3,
-        iptables_load,
-        agent_ready,
-        ui::thousands(sizes.scaled_policies),
-        scaled_counts.0,
-        scaled_counts.1,
-        scaled_counts.2,
-        scaled_counts.3,
-        scaled_iptables_load,
-        scaled_agent_ready,
+        policies.line("1,000 policies"),
+        scaled.line(&format!(
+            "{} policies selecting the server",
+            ui::thousands(sizes.scaled_policies)
+        )),
         started.elapsed(),
     );
     println!("{out}");
@@ -234,19 +247,11 @@ pub(super) fn write(rows: &[Row], facts: &Facts) -> Result<()> {
         "connections": sizes.connections,
         "scaled_policies_selecting_server": sizes.scaled_policies,
         "runs": sizes.runs,
-        "iptables": {
-            "chains": iptables_counts.0, "rules": iptables_counts.1,
-            "ipsets": iptables_counts.2, "ipset_members": iptables_counts.3,
-            "load_ms": iptables_load.as_secs_f64() * 1e3,
-        },
-        "agent_ready_ms": agent_ready.as_secs_f64() * 1e3,
+        "iptables": policies.iptables_json(),
+        "agent_ready_ms": policies.agent_ready_ms(),
         "scaled": {
-            "iptables": {
-                "chains": scaled_counts.0, "rules": scaled_counts.1,
-                "ipsets": scaled_counts.2, "ipset_members": scaled_counts.3,
-                "load_ms": scaled_iptables_load.as_secs_f64() * 1e3,
-            },
-            "agent_ready_ms": scaled_agent_ready.as_secs_f64() * 1e3,
+            "iptables": scaled.iptables_json(),
+            "agent_ready_ms": scaled.agent_ready_ms(),
             "new_connection_p50_scaling": {
                 "netpol": scaling(NETPOL, NETPOL_SCALED),
                 "iptables": scaling(IPTABLES, IPTABLES_SCALED),

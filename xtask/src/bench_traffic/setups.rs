@@ -14,7 +14,7 @@ use netpol_lab::{AgentProcess, Lab, ManifestDir, Probe};
 
 use super::iptables::IptablesRules;
 use super::measure::measure;
-use super::report::Row;
+use super::report::{Row, SetFacts};
 use super::{PROBE_PORT, SERVICE_OFFSET, Sizes};
 use crate::ui;
 
@@ -41,6 +41,46 @@ pub(super) fn names(sizes: Sizes) -> Vec<String> {
     ]
 }
 
+/// One set of policies, as the agent reads them and as iptables rules, with what
+/// switching it on took.
+pub(super) struct PolicySet<'a> {
+    /// Where the agent reads the cluster and the policies from.
+    pub manifests: &'a ManifestDir,
+    /// The generation the agent reaches once it enforces every policy.
+    pub generation: u64,
+    pub rules: &'a IptablesRules,
+    /// Whether the rules' chains and sets exist (loaded once; runs switch them on and
+    /// off).
+    loaded: bool,
+    /// How long loading the iptables rules took.
+    iptables_load: Duration,
+    /// The longest wait for the agent's first complete generation.
+    agent_ready: Duration,
+}
+
+impl<'a> PolicySet<'a> {
+    pub fn new(manifests: &'a ManifestDir, generation: u64, rules: &'a IptablesRules) -> Self {
+        PolicySet {
+            manifests,
+            generation,
+            rules,
+            loaded: false,
+            iptables_load: Duration::ZERO,
+            agent_ready: Duration::ZERO,
+        }
+    }
+
+    /// What the report states about this set.
+    pub fn facts(&self) -> SetFacts {
+        let r = self.rules;
+        SetFacts {
+            counts: (r.chains, r.rules, r.sets, r.set_members),
+            iptables_load: self.iptables_load,
+            agent_ready: self.agent_ready,
+        }
+    }
+}
+
 /// What the setups need to switch enforcement on and off, and how long that took.
 pub(super) struct Setups<'a> {
     pub lab: &'a Lab,
@@ -52,28 +92,13 @@ pub(super) struct Setups<'a> {
     pub isolated_generation: u64,
     pub sizes: Sizes,
     pub agent_bin: &'a Path,
-    /// Where the agent reads the cluster and the policies from.
-    pub manifests: &'a ManifestDir,
-    /// The generation the agent reaches once it enforces every policy.
-    pub generation: u64,
-    pub rules: &'a IptablesRules,
-    /// The same for the policies that all select the server.
-    pub scaled_manifests: &'a ManifestDir,
-    pub scaled_generation: u64,
-    pub scaled_rules: &'a IptablesRules,
-    /// The longest wait for the agent's first complete generation.
-    pub agent_ready: Duration,
-    /// How long loading the iptables rules took (once; runs switch them on and off).
-    pub iptables_load: Duration,
-    /// The same two with the policies that all select the server.
-    pub scaled_agent_ready: Duration,
-    pub scaled_iptables_load: Duration,
-    /// Whether each rule set's chains and sets exist.
-    pub loaded: bool,
-    pub scaled_loaded: bool,
+    /// The 1,000 policies, 10 of them selecting the server.
+    pub policies: PolicySet<'a>,
+    /// The policies that all select the server.
+    pub scaled: PolicySet<'a>,
 }
 
-impl Setups<'_> {
+impl<'a> Setups<'a> {
     /// One run of setup `setup` (an index of [`names`]) into `row`.
     pub fn run(&mut self, setup: usize, row: &mut Row) -> Result<()> {
         let direct = Target::direct(self.server_ip);
@@ -89,15 +114,22 @@ impl Setups<'_> {
         }
     }
 
+    fn set(&mut self, scaled: bool) -> &mut PolicySet<'a> {
+        if scaled {
+            &mut self.scaled
+        } else {
+            &mut self.policies
+        }
+    }
+
     fn netpol(&mut self, target: Target, scaled: bool, row: &mut Row) -> Result<()> {
         let lab = self.lab;
         let started = Instant::now();
         let (manifests, generation) = if target.via_service {
             (self.isolated_client, self.isolated_generation)
-        } else if scaled {
-            (self.scaled_manifests, self.scaled_generation)
         } else {
-            (self.manifests, self.generation)
+            let set = self.set(scaled);
+            (set.manifests, set.generation)
         };
         // Detach on exit: after the run the node is back to no enforcement.
         let source = [
@@ -110,11 +142,8 @@ impl Setups<'_> {
         agent
             .wait_generation(generation, Duration::from_secs(60))
             .with_context(|| format!("agent log:\n{}", agent.log_tail(30)))?;
-        if scaled {
-            self.scaled_agent_ready = self.scaled_agent_ready.max(started.elapsed());
-        } else {
-            self.agent_ready = self.agent_ready.max(started.elapsed());
-        }
+        let set = self.set(scaled);
+        set.agent_ready = set.agent_ready.max(started.elapsed());
         check_enforcement(lab, true, "netpol")?;
         if target.via_service {
             check_through_service(lab)?;
@@ -137,20 +166,13 @@ impl Setups<'_> {
     fn iptables(&mut self, scaled: bool, row: &mut Row) -> Result<()> {
         let lab = self.lab;
         let netns = lab.node_netns();
-        let (rules, loaded, load_time) = if scaled {
-            (
-                self.scaled_rules,
-                &mut self.scaled_loaded,
-                &mut self.scaled_iptables_load,
-            )
-        } else {
-            (self.rules, &mut self.loaded, &mut self.iptables_load)
-        };
-        if !*loaded {
+        let set = self.set(scaled);
+        let rules = set.rules;
+        if !set.loaded {
             let started = Instant::now();
             rules.load(netns)?;
-            *load_time = started.elapsed();
-            *loaded = true;
+            set.iptables_load = started.elapsed();
+            set.loaded = true;
         }
         rules.enable(netns)?;
         check_enforcement(lab, true, "iptables")?;
