@@ -74,6 +74,20 @@ pub struct PortDef {
     pub protocol: Protocol,
 }
 
+impl PortDef {
+    /// The port as an entry of a container's `ports`.
+    pub fn container_port(&self) -> serde_json::Value {
+        let mut port = serde_json::json!({
+            "containerPort": self.port,
+            "protocol": self.protocol.to_string(),
+        });
+        if let Some(name) = &self.name {
+            port["name"] = serde_json::json!(name);
+        }
+        port
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostDef {

@@ -15,7 +15,9 @@ use netpol_compile::cnp::reference::TieredReference;
 use netpol_compile::state::{ClusterState, ObjectRef};
 use serde_json::{Value, json};
 
-use super::case::{Addresses, Case, ClusterPlan, Protocol, Verdict, expand_templates, split_pod};
+use super::case::{
+    Addresses, Case, ClusterPlan, PortDef, Protocol, Verdict, expand_templates, split_pod,
+};
 
 /// Addresses of a case's pods (10.0.0.1 upwards, in plan order) and hosts (their own).
 struct Plan {
@@ -110,17 +112,7 @@ fn state(
     for pod in &plan.plan.pods {
         let (ns, name) = split_pod(&pod.name)?;
         let ip = plan.pods[&pod.name].to_string();
-        let ports: Vec<Value> = pod
-            .ports
-            .iter()
-            .map(|p| {
-                let mut port = json!({"containerPort": p.port, "protocol": p.protocol.to_string()});
-                if let Some(name) = &p.name {
-                    port["name"] = json!(name);
-                }
-                port
-            })
-            .collect();
+        let ports: Vec<Value> = pod.ports.iter().map(PortDef::container_port).collect();
         let object = json!({
             "metadata": {"namespace": ns, "name": name, "labels": pod_labels[&pod.name]},
             "spec": {"containers": [{"name": "main", "ports": ports}]},

@@ -63,16 +63,7 @@ pub fn pod_object(pod: &PodDef, node: Option<&str>, case: &str, image: &str) -> 
         if ports.is_empty() {
             continue;
         }
-        let container_ports: Vec<Value> = ports
-            .iter()
-            .map(|p| {
-                let mut port = json!({"containerPort": p.port, "protocol": p.protocol.to_string()});
-                if let Some(name) = &p.name {
-                    port["name"] = json!(name);
-                }
-                port
-            })
-            .collect();
+        let container_ports: Vec<Value> = ports.iter().map(|p| p.container_port()).collect();
         let env: Vec<Value> = ports
             .iter()
             .map(|p| json!({"name": porter_env(p), "value": REPLY}))
