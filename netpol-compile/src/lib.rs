@@ -85,6 +85,15 @@ impl Direction {
         }
     }
 
+    /// `(local, remote)` of a flow `src -> dst` judged at this direction's hook: the
+    /// local end is the destination for ingress, the source for egress.
+    pub fn ends<T>(self, src: T, dst: T) -> (T, T) {
+        match self {
+            Direction::Ingress => (dst, src),
+            Direction::Egress => (src, dst),
+        }
+    }
+
     /// The other direction.
     pub fn reverse(self) -> Direction {
         match self {

@@ -81,10 +81,7 @@ pub fn decide(
     dport: u16,
     direction: Direction,
 ) -> Decision {
-    let (local, remote) = match direction {
-        Direction::Ingress => (dst, src),
-        Direction::Egress => (src, dst),
-    };
+    let (local, remote) = direction.ends(src, dst);
     let no_peer = PeerInfo {
         identity: IDENTITY_WORLD,
         flags: 0,

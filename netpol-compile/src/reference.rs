@@ -107,10 +107,7 @@ impl<'a> Reference<'a> {
         direction: Direction,
     ) -> Verdict {
         let state = self.state;
-        let (local, remote) = match direction {
-            Direction::Ingress => (dst, src),
-            Direction::Egress => (src, dst),
-        };
+        let (local, remote) = direction.ends(src, dst);
         let Some((pod_ref, pod)) = pod_with_ip(state, local) else {
             return Verdict::NotEndpoint;
         };

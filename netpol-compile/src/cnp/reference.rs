@@ -122,10 +122,7 @@ impl<'a> TieredReference<'a> {
         port: u16,
         direction: Direction,
     ) -> TieredVerdict {
-        let (local, remote) = match direction {
-            Direction::Ingress => (dst, src),
-            Direction::Egress => (src, dst),
-        };
+        let (local, remote) = direction.ends(src, dst);
         let decided = |decided_by, passed| TieredVerdict { decided_by, passed };
         let Some(pod) = pod_with_ip(self.state, local).filter(|(_, p)| self.state.node.is_local(p))
         else {
