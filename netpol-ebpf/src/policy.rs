@@ -83,15 +83,13 @@ fn most_specific(key: &PolicyKey, kinds: &Kinds) -> Option<u32> {
     {
         return Some(value.rule);
     }
-    let mut wider = key.any_port();
     if kinds.any_port
-        && let Some(rule) = exact(&wider)
+        && let Some(rule) = exact(&key.any_port())
     {
         return Some(rule);
     }
     if kinds.any_protocol {
-        wider.protocol = netpol_common::PROTOCOL_ANY;
-        return exact(&wider);
+        return exact(&key.any_protocol());
     }
     None
 }
