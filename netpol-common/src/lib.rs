@@ -128,6 +128,64 @@ pub const ENDPOINT_INGRESS_ANY_PROTOCOL: u32 = 1 << 9;
 /// The same for egress.
 pub const ENDPOINT_EGRESS_ANY_PROTOCOL: u32 = 1 << 10;
 
+/// The tier of a POLICY entry, in the high bits of [`PolicyKey::direction`]: NetworkPolicy
+/// allow entries (0), and the cluster admin's tiers of ClusterNetworkPolicy, whose entries
+/// carry a [`PolicyValue::verdict`]. A new connection is looked up in the Admin tier, then
+/// (if isolated) NetworkPolicy, then the Baseline tier: each a fixed number of lookups.
+pub const TIER_NETWORK_POLICY: u8 = 0;
+/// See [`TIER_NETWORK_POLICY`].
+pub const TIER_ADMIN: u8 = 1 << 2;
+/// See [`TIER_NETWORK_POLICY`].
+pub const TIER_BASELINE: u8 = 2 << 2;
+/// The bits of [`PolicyKey::direction`] that hold [`DIR_INGRESS`] or [`DIR_EGRESS`].
+pub const DIR_MASK: u8 = 0b11;
+
+/// A tier's kinds of entries, per direction, are a group of four endpoint flags (from bit
+/// 11; [`tier_kinds`]): an endpoint with no entries in a tier has an empty group and pays
+/// nothing for it. Exact ports (looked up whenever the group is not empty).
+pub const TIER_KIND_EXACT: u32 = 1;
+/// Port ranges (POLICY_RANGES).
+pub const TIER_KIND_RANGES: u32 = 2;
+/// Every port of a protocol.
+pub const TIER_KIND_ANY_PORT: u32 = 4;
+/// Every protocol.
+pub const TIER_KIND_ANY_PROTOCOL: u32 = 8;
+/// Every `TIER_KIND_*` bit.
+pub const TIER_KINDS: u32 = 0xf;
+const TIER_KINDS_FIRST_BIT: u32 = 11;
+
+/// Where the group of flags of `tier` ([`TIER_ADMIN`] or [`TIER_BASELINE`]) in
+/// `direction` starts among an endpoint's flags.
+#[inline(always)]
+pub const fn tier_kinds_shift(tier: u8, direction: u8) -> u32 {
+    let group =
+        if tier == TIER_ADMIN { 0 } else { 2 } + if direction == DIR_INGRESS { 0 } else { 1 };
+    TIER_KINDS_FIRST_BIT + 4 * group
+}
+
+/// The `TIER_KIND_*` flags of `tier` in `direction` among an endpoint's `flags`.
+#[inline(always)]
+pub const fn tier_kinds(flags: u32, tier: u8, direction: u8) -> u32 {
+    (flags >> tier_kinds_shift(tier, direction)) & TIER_KINDS
+}
+
+/// Whether a new connection of an endpoint with `flags` in `direction` is looked up at
+/// all: NetworkPolicy isolates it there, or some ClusterNetworkPolicy tier has entries.
+#[inline(always)]
+pub const fn judged(flags: u32, direction: u8) -> bool {
+    let isolated = if direction == DIR_INGRESS {
+        ENDPOINT_INGRESS_ISOLATED
+    } else {
+        ENDPOINT_EGRESS_ISOLATED
+    };
+    flags & isolated != 0
+        || tier_kinds(flags, TIER_ADMIN, direction) != 0
+        || tier_kinds(flags, TIER_BASELINE, direction) != 0
+}
+
+const _: () = assert!(tier_kinds_shift(TIER_BASELINE, DIR_EGRESS) + 4 <= 32);
+const _: () = assert!(tier_kinds_shift(TIER_ADMIN, DIR_INGRESS) > 10);
+
 /// Value of IPCACHE (LPM_TRIE, key data [`Addr`], prefix `ADDR_FAMILY_BITS + n`).
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -175,7 +233,8 @@ pub const PROTO_SCTP: u8 = 132;
 pub struct PolicyKey {
     pub endpoint: u32,
     pub identity: u32,
-    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`], with the entry's tier ([`TIER_ADMIN`],
+    /// [`TIER_BASELINE`]; 0 for NetworkPolicy).
     pub direction: u8,
     pub protocol: u8,
     /// Destination port, network byte order (so LPM prefixes are port prefixes).
@@ -207,13 +266,39 @@ impl PolicyKey {
     }
 }
 
-/// Value of POLICY: which rule allowed the traffic.
+/// Value of POLICY and POLICY_RANGES: which rule decides the traffic, and how.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct PolicyValue {
     /// Index into the agent's rule table (policy, direction, rule number).
     pub rule: u32,
-    pub _pad: u32,
+    /// [`VERDICT_ALLOW`] (every NetworkPolicy entry, a ClusterNetworkPolicy Accept),
+    /// [`VERDICT_DENY`] or [`VERDICT_PASS`] (on to the next tier).
+    pub verdict: u8,
+    pub _pad: [u8; 3],
+}
+
+/// See [`PolicyValue::verdict`].
+pub const VERDICT_ALLOW: u8 = 0;
+/// See [`PolicyValue::verdict`].
+pub const VERDICT_DENY: u8 = 1;
+/// See [`PolicyValue::verdict`].
+pub const VERDICT_PASS: u8 = 2;
+
+impl PolicyValue {
+    /// An entry of `rule` with `verdict`.
+    pub const fn new(rule: u32, verdict: u8) -> PolicyValue {
+        PolicyValue {
+            rule,
+            verdict,
+            _pad: [0; 3],
+        }
+    }
+
+    /// An allow entry of `rule`.
+    pub const fn allow(rule: u32) -> PolicyValue {
+        PolicyValue::new(rule, VERDICT_ALLOW)
+    }
 }
 
 /// Key of the conntrack maps (LRU_HASH): a connection as one endpoint's hooks see it,
@@ -413,9 +498,13 @@ pub enum Reason {
     /// An ICMP error (unreachable, packet too big, time exceeded, parameter problem)
     /// about a packet of a tracked connection: passes like the connection's replies.
     Related = 19,
+    /// A ClusterNetworkPolicy rule (Admin or Baseline tier) accepted a new connection.
+    ClusterAccepted = 20,
+    /// A ClusterNetworkPolicy rule (Admin or Baseline tier) denied a new connection.
+    ClusterDenied = 21,
 }
 
-pub const REASON_COUNT: u32 = 20;
+pub const REASON_COUNT: u32 = 22;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -439,12 +528,15 @@ impl Reason {
         Reason::Revoked,
         Reason::Resumed,
         Reason::Related,
+        Reason::ClusterAccepted,
+        Reason::ClusterDenied,
     ];
 
     pub const fn is_drop(self) -> bool {
         matches!(
             self,
             Reason::PolicyDenied
+                | Reason::ClusterDenied
                 | Reason::Malformed
                 | Reason::Spoofed
                 | Reason::Unprogrammed
@@ -476,6 +568,8 @@ impl Reason {
             Reason::Revoked => "revoked",
             Reason::Resumed => "resumed",
             Reason::Related => "related",
+            Reason::ClusterAccepted => "cluster-accepted",
+            Reason::ClusterDenied => "cluster-denied",
         }
     }
 }
@@ -556,6 +650,8 @@ pub const fn reason_emits_event(reason: Reason) -> bool {
     matches!(
         reason,
         Reason::PolicyDenied
+            | Reason::ClusterDenied
+            | Reason::ClusterAccepted
             | Reason::AuditAllowed
             | Reason::PolicyAllowed
             | Reason::NotIsolated

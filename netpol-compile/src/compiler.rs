@@ -23,18 +23,20 @@ mod classify;
 mod emit;
 mod memo;
 mod pods;
+mod tiers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use netpol_common::{
     Addr, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, EndpointInfo,
-    IDENTITY_ANY, IDENTITY_WORLD, PeerInfo, PolicyKey, PolicyValue,
+    IDENTITY_ANY, IDENTITY_WORLD, PeerInfo, PolicyKey, PolicyValue, TIER_ADMIN, TIER_BASELINE,
 };
 
 use self::classify::{Classes, classify};
 use self::emit::RuleContext;
 use self::memo::MemoContext;
 use self::pods::{PodView, audited_namespace, live_pods, namespace_labels};
+use self::tiers::{ClusterPolicy, TierContext};
 use crate::admission::Admission;
 use crate::cache::{CompileCache, PeerSlots, PodEntry};
 use crate::identity::{Allocations, IdentityClasses, IdentitySignature, NamedPortResolution};
@@ -161,10 +163,11 @@ fn compile_with(
         &mut diagnostics,
     );
     let policies = policies_in_force(admission);
+    let cluster_policies = tiers::read(state, &mut diagnostics);
     let pods = live_pods(state, pod_entries, &mut diagnostics);
     let frontends = crate::services::frontends(state, &mut diagnostics);
-    let endpoints = select_endpoints(&pods, &policies);
-    let egress_named_ports = peers_in_force(&endpoints, &policies, peers);
+    let endpoints = select_endpoints(&pods, &policies, &cluster_policies, &namespaces);
+    let egress_named_ports = peers_in_force(&endpoints, &policies, &cluster_policies, peers);
     let freed = peers.collect_garbage();
 
     let context = MemoContext {
@@ -205,12 +208,17 @@ fn compile_with(
         peers,
         &egress_named_ports,
         endpoints.iter().map(|ep| pods[ep.pod].obj.clone()),
-        policies.rule_refs(),
+        policies.rule_refs().chain(
+            cluster_policies
+                .iter()
+                .flat_map(|p| p.rules.iter().flatten().map(|r| r.rule.clone())),
+        ),
     );
 
     let (endpoint_map, policy, local_pods) = emit_maps(
         state,
         &policies,
+        &cluster_policies,
         &pods,
         &endpoints,
         pod_entries,
@@ -259,11 +267,9 @@ impl<'a> Policies<'a> {
         self.list.iter().flat_map(|&(obj, parsed)| {
             Direction::BOTH.into_iter().flat_map(move |direction| {
                 let rules = parsed.rules(direction).unwrap_or_default();
-                rules.iter().map(move |rule| RuleRef {
-                    policy: obj.clone(),
-                    direction,
-                    index: rule.index,
-                })
+                rules
+                    .iter()
+                    .map(move |rule| RuleRef::network_policy(obj.clone(), direction, rule.index))
             })
         })
     }
@@ -288,11 +294,18 @@ fn policies_in_force(admission: &Admission) -> Policies<'_> {
 struct Endpoint {
     pod: usize,
     selected_by: [Vec<usize>; 2],
+    /// The ClusterNetworkPolicies whose subject it is (indices, in their order).
+    cluster_selected: Vec<usize>,
 }
 
 /// Step 2: the local pods among `pods`, each with the policies in force of its namespace
-/// that select it, per direction.
-fn select_endpoints(pods: &[PodView<'_>], policies: &Policies<'_>) -> Vec<Endpoint> {
+/// that select it, per direction, and the ClusterNetworkPolicies whose subject it is.
+fn select_endpoints(
+    pods: &[PodView<'_>],
+    policies: &Policies<'_>,
+    cluster_policies: &[ClusterPolicy],
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Vec<Endpoint> {
     pods.iter()
         .enumerate()
         .filter(|(_, p)| p.local)
@@ -309,16 +322,28 @@ fn select_endpoints(pods: &[PodView<'_>], policies: &Policies<'_>) -> Vec<Endpoi
                     }
                 }
             }
-            Endpoint { pod, selected_by }
+            let cluster_selected = match namespaces.get(p.obj.namespace.as_str()) {
+                Some(namespace_labels) => (0..cluster_policies.len())
+                    .filter(|&i| cluster_policies[i].selects(p.labels, namespace_labels))
+                    .collect(),
+                None => Vec::new(),
+            };
+            Endpoint {
+                pod,
+                selected_by,
+                cluster_selected,
+            }
         })
         .collect()
 }
 
-/// Step 3: interns the peers of the rules in force into `peers` and returns the egress
-/// named ports in force, sorted.
+/// Step 3: interns the peers of the rules in force (of NetworkPolicies and of
+/// ClusterNetworkPolicies whose subject is some local endpoint) into `peers` and returns
+/// the egress named ports in force, sorted.
 fn peers_in_force<'a>(
     endpoints: &[Endpoint],
     policies: &Policies<'a>,
+    cluster_policies: &'a [ClusterPolicy],
     peers: &mut PeerSlots,
 ) -> Vec<(&'a str, u8)> {
     let mut in_force = [BTreeSet::new(), BTreeSet::new()];
@@ -331,6 +356,26 @@ fn peers_in_force<'a>(
     for (d, direction) in Direction::BOTH.into_iter().enumerate() {
         for &i in &in_force[d] {
             for rule in policies.parsed(i).rules(direction).unwrap_or_default() {
+                for peer in rule.peers.iter().flatten() {
+                    peers.intern(peer);
+                }
+                if direction == Direction::Egress {
+                    for spec in rule.ports.iter().flatten() {
+                        if let PortMatch::Named(name) = &spec.port {
+                            egress_named_ports.insert((name.as_str(), spec.protocol));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let cluster_in_force: BTreeSet<usize> = endpoints
+        .iter()
+        .flat_map(|ep| ep.cluster_selected.iter().copied())
+        .collect();
+    for i in cluster_in_force {
+        for direction in Direction::BOTH {
+            for rule in cluster_policies[i].rules(direction) {
                 for peer in rule.peers.iter().flatten() {
                     peers.intern(peer);
                 }
@@ -487,6 +532,7 @@ type Maps = (
 fn emit_maps(
     state: &ClusterState,
     policies: &Policies<'_>,
+    cluster_policies: &[ClusterPolicy],
     pods: &[PodView<'_>],
     endpoints: &[Endpoint],
     pod_entries: &[PodEntry],
@@ -497,7 +543,10 @@ fn emit_maps(
     let allocations = &numbered.allocations;
     // Rule ids, in the order of `policies` (the allocation map is ordered by policy,
     // direction and index, as `rule_refs` listed them).
-    let mut ids = allocations.rules().iter();
+    let mut ids = allocations
+        .rules()
+        .iter()
+        .filter(|(rule, _)| rule.cluster.is_none());
     let rule_ids: Vec<[Vec<u32>; 2]> = policies
         .list
         .iter()
@@ -519,6 +568,7 @@ fn emit_maps(
             })
         })
         .collect();
+    let all_identities = tiers::all_identities(numbered.identities.keys().copied());
     let mut endpoint_map = BTreeMap::new();
     let mut policy = BTreeMap::new();
     let mut local_pods = Vec::new();
@@ -555,6 +605,36 @@ fn emit_maps(
                     };
                     ctx.emit(rule, &mut policy);
                 }
+            }
+        }
+        for tier in [TIER_ADMIN, TIER_BASELINE] {
+            for direction in Direction::BOTH {
+                let rules: Vec<(&tiers::TierRule, u32)> = ep
+                    .cluster_selected
+                    .iter()
+                    .map(|&i| &cluster_policies[i])
+                    .filter(|p| p.tier == tier)
+                    .flat_map(|p| p.rules(direction))
+                    .map(|rule| {
+                        let id = allocations.rule_id(&rule.rule).expect("allocated above");
+                        (rule, id)
+                    })
+                    .collect();
+                if rules.is_empty() {
+                    continue;
+                }
+                let ctx = TierContext {
+                    endpoint: id,
+                    direction,
+                    tier,
+                    pod: entry,
+                    peers,
+                    peer_identities: &numbered.peer_identities,
+                    all_identities: &all_identities,
+                    egress_named_ports,
+                    named_by_identity: &numbered.named_by_identity,
+                };
+                ctx.emit(&rules, &mut policy);
             }
         }
         let names = |d: usize| {

@@ -112,6 +112,7 @@ pub enum Kind {
     Service,
     EndpointSlice,
     ServiceCIDR,
+    ClusterNetworkPolicy,
     /// Any other kind (unsupported in manifests), or `object` when none is given.
     Other(String),
 }
@@ -126,6 +127,7 @@ impl Kind {
             "Service" => Kind::Service,
             "EndpointSlice" => Kind::EndpointSlice,
             "ServiceCIDR" => Kind::ServiceCIDR,
+            "ClusterNetworkPolicy" => Kind::ClusterNetworkPolicy,
             "" => Kind::Other("object".into()),
             other => Kind::Other(other.into()),
         }
@@ -141,6 +143,7 @@ impl std::fmt::Display for Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::ServiceCIDR => "ServiceCIDR",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
             Kind::Other(kind) => kind,
         })
     }

@@ -1,9 +1,12 @@
-//! Differential property test: [`compile`] + [`model`] against [`reference`].
+//! Differential property test: [`compile`] + [`model`] against [`reference`] and, for
+//! the cluster admin's tiers, [`crate::cnp::reference`].
 //!
 //! Random small clusters (namespaces and pods with random labels, phases, creation
 //! times, IPs (sometimes one listed by two pods) and named ports (sometimes of native
 //! sidecars or of ordinary init containers), policies with random selectors, ipBlocks
-//! around the pod IPs, ports, end ports, named ports and policyTypes variants) and
+//! around the pod IPs, ports, end ports, named ports and policyTypes variants; in half
+//! the clusters ClusterNetworkPolicies of both tiers with random subjects, priorities
+//! (ties included), actions, peers, networks, port numbers, ranges and named ports) and
 //! random flows, including non-pod addresses and the node's own address. Every verdict
 //! of the kernel model over the compiled maps must equal the reference verdict, and the
 //! rule the model reports must be one the reference says allows the flow. The agent's
@@ -22,7 +25,9 @@ use proptest::sample::select;
 use serde_json::{Value, json};
 
 #[cfg(test)]
-use super::reference::{self, Verdict};
+use super::cnp::reference::{DecidedBy, TieredReference};
+#[cfg(test)]
+use super::reference::Verdict;
 use super::testutil::{Cluster, labels};
 #[cfg(test)]
 use super::{Allocations, Compiled, Compiler, Direction, compile, model};
@@ -366,6 +371,108 @@ fn policy_spec() -> impl Strategy<Value = (usize, Value)> {
         })
 }
 
+/// Pods as ClusterNetworkPolicy names them: `namespaces`, or `pods` with both selectors.
+fn cnp_pods() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        selector(&["team", "ns"]).prop_map(|n| json!({"namespaces": n})),
+        (selector(&["team", "ns"]), selector(&["app", "tier"]))
+            .prop_map(|(n, p)| { json!({"pods": {"namespaceSelector": n, "podSelector": p}}) }),
+    ]
+}
+
+/// A `networks` entry: around the pod, node and outside addresses, or IPv6.
+fn cnp_network() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => (block_address(), select(&[0u8, 8, 16, 24, 30, 32][..])).prop_map(|(a, len)| {
+            let net: ipnet::IpNet = format!("{a}/{len}").parse().expect("cidr");
+            net.trunc().to_string()
+        }),
+        1 => select(&["::/0", "fd00::/120", "fd00::2/128"][..]).prop_map(String::from),
+    ]
+}
+
+fn cnp_peer(egress: bool) -> BoxedStrategy<Value> {
+    let pods = cnp_pods();
+    if egress {
+        prop_oneof![
+            3 => pods,
+            2 => proptest::collection::vec(cnp_network(), 1..=2)
+                .prop_map(|nets| json!({"networks": nets})),
+        ]
+        .boxed()
+    } else {
+        pods.boxed()
+    }
+}
+
+fn cnp_protocol() -> impl Strategy<Value = Value> {
+    let port = prop_oneof![
+        2 => select(&PORTS[..]).prop_map(|p| json!({"number": p})),
+        1 => (select(&PORTS[..]), select(&[1u16, 100, 8000][..]))
+            .prop_map(|(p, d)| json!({"range": {"start": p, "end": p + d}})),
+    ];
+    prop_oneof![
+        3 => (select(&["tcp", "tcp", "udp", "sctp"][..]), port)
+            .prop_map(|(proto, port)| json!({proto: {"destinationPort": port}})),
+        1 => select(&PORT_NAMES[..]).prop_map(|n| json!({"destinationNamedPort": n})),
+    ]
+}
+
+fn cnp_rule(egress: bool) -> impl Strategy<Value = Value> {
+    (
+        select(&["Accept", "Deny", "Pass"][..]),
+        proptest::collection::vec(cnp_peer(egress), 1..=2),
+        prop::option::of(proptest::collection::vec(cnp_protocol(), 1..=2)),
+        prop::option::weighted(0.3, select(&["first", "second"][..])),
+    )
+        .prop_map(move |(action, peers, protocols, name)| {
+            let mut r = serde_json::Map::new();
+            r.insert("action".into(), json!(action));
+            r.insert(if egress { "to" } else { "from" }.into(), json!(peers));
+            if let Some(p) = protocols {
+                r.insert("protocols".into(), json!(p));
+            }
+            if let Some(n) = name {
+                r.insert("name".into(), json!(n));
+            }
+            Value::Object(r)
+        })
+}
+
+/// A ClusterNetworkPolicy's `spec`: either tier, priorities that tie often.
+fn cnp_spec() -> impl Strategy<Value = Value> {
+    (
+        select(&["Admin", "Admin", "Baseline"][..]),
+        select(&[0u16, 10, 10, 1000][..]),
+        cnp_pods(),
+        proptest::collection::vec(cnp_rule(false), 0..=2),
+        proptest::collection::vec(cnp_rule(true), 0..=2),
+    )
+        .prop_map(|(tier, priority, subject, ingress, egress)| {
+            let mut spec = serde_json::Map::new();
+            spec.insert("tier".into(), json!(tier));
+            spec.insert("priority".into(), json!(priority));
+            spec.insert("subject".into(), subject);
+            if !ingress.is_empty() {
+                spec.insert("ingress".into(), json!(ingress));
+            }
+            if !egress.is_empty() {
+                spec.insert("egress".into(), json!(egress));
+            }
+            Value::Object(spec)
+        })
+}
+
+/// A whole ClusterNetworkPolicy object.
+fn cnp_object(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": crate::cnp::API_VERSION,
+        "kind": crate::cnp::KIND,
+        "metadata": {"name": name},
+        "spec": spec,
+    })
+}
+
 /// A random cluster and the addresses worth asking about (its pods', the node's and
 /// some that are never pods').
 #[derive(Clone, Debug)]
@@ -379,9 +486,13 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         2..=3usize,
         proptest::collection::vec(label_set(&["team", "ns"]), 3),
         proptest::collection::vec(pod_spec(), 2..=6),
-        proptest::collection::vec(policy_spec(), 1..=4),
+        proptest::collection::vec(policy_spec(), 0..=4),
+        prop_oneof![
+            1 => Just(Vec::new()),
+            1 => proptest::collection::vec(cnp_spec(), 1..=3),
+        ],
     )
-        .prop_map(|(n_ns, ns_labels, pods, policies)| {
+        .prop_map(|(n_ns, ns_labels, pods, policies, cluster_policies)| {
             let mut c = Cluster::new().node_name("n1").node_ips(&[NODE_IP]);
             for (i, name) in NAMESPACES.iter().take(n_ns).enumerate() {
                 c = c.ns(name, &ns_labels[i]);
@@ -419,6 +530,11 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             for (i, (ns, spec)) in policies.into_iter().enumerate() {
                 c = c.policy(NAMESPACES[ns % n_ns], &format!("np{i}"), spec);
             }
+            for (i, spec) in cluster_policies.into_iter().enumerate() {
+                let name = format!("cnp{i}");
+                let object = cnp_object(&name, spec);
+                c.state.cluster_policies.insert(name, object);
+            }
             Scenario {
                 state: c.state,
                 addresses,
@@ -439,9 +555,12 @@ fn flow(n_addresses: usize) -> impl Strategy<Value = (usize, usize, (u8, u16))> 
     (0..n_addresses, 0..n_addresses, probe())
 }
 
+/// The model's decision on one side of a flow against the tiered reference's: the same
+/// outcome, and the rule the model names is the deciding one (a ClusterNetworkPolicy
+/// rule) or one of those the reference says allow it (NetworkPolicy).
 #[cfg(test)]
 fn check(
-    reference: &reference::Reference<'_>,
+    reference: &TieredReference<'_>,
     compiled: &Compiled,
     src: IpAddr,
     dst: IpAddr,
@@ -456,20 +575,41 @@ fn check(
                 "{direction} {src} -> {dst} proto {protocol} port {port}: model {got:?}, reference {want:?}"
             )
         };
-        match (&want, got.reason) {
-            (Verdict::NotEndpoint, Reason::NotEndpoint)
-            | (Verdict::NotIsolated, Reason::NotIsolated)
-            | (Verdict::FromHost, Reason::FromHost)
-            | (Verdict::Itself, Reason::Hairpin)
-            | (Verdict::Denied, Reason::PolicyDenied) => {}
-            (Verdict::Allowed(rules), Reason::PolicyAllowed) => {
-                let rule = compiled.rules.get(&got.rule);
+        let rule = compiled.rules.get(&got.rule);
+        match (&want.decided_by, got.reason) {
+            (DecidedBy::NotEndpoint, Reason::NotEndpoint)
+            | (DecidedBy::Itself, Reason::Hairpin)
+            | (DecidedBy::Default, Reason::NotIsolated | Reason::FromHost)
+            | (DecidedBy::NetworkPolicy(Verdict::FromHost), Reason::FromHost)
+            | (DecidedBy::NetworkPolicy(Verdict::Denied), Reason::PolicyDenied) => {}
+            (DecidedBy::NetworkPolicy(Verdict::Allowed(rules)), Reason::PolicyAllowed) => {
                 prop_assert!(
                     rule.is_some_and(|r| rules.contains(r)),
                     "wrong rule {:?}: {}",
                     rule,
                     context()
                 );
+            }
+            (
+                DecidedBy::Cnp {
+                    rule: want_rule,
+                    action,
+                },
+                Reason::ClusterAccepted | Reason::ClusterDenied,
+            ) => {
+                prop_assert_eq!(
+                    *action == crate::cnp::Action::Deny,
+                    got.reason == Reason::ClusterDenied,
+                    "{}",
+                    context()
+                );
+                let same = rule.is_some_and(|r| {
+                    r.policy.name == want_rule.policy
+                        && r.direction == want_rule.direction
+                        && r.index == want_rule.index
+                        && r.cluster.as_ref().is_some_and(|c| c.tier == want_rule.tier)
+                });
+                prop_assert!(same, "wrong rule {:?}: {}", rule, context());
             }
             _ => prop_assert!(false, "{}", context()),
         }
@@ -522,15 +662,20 @@ proptest! {
     fn compiled_maps_agree_with_reference((s, flows, probes) in case()) {
         let compiled = compile(&s.state, &Allocations::default());
         // No dead weight: every identity but ANY and WORLD carries some IPCACHE entry,
-        // and POLICY names no other.
+        // and POLICY names no other (but the world, in a tier's rule for every peer).
         let carried: BTreeSet<u32> = compiled.ipcache.values().map(|p| p.identity).collect();
         for id in compiled.identities.keys() {
             prop_assert!(*id <= netpol_common::IDENTITY_WORLD || carried.contains(id), "identity {} has no address", id);
         }
         for k in compiled.policy.keys() {
-            prop_assert!(k.data.identity == netpol_common::IDENTITY_ANY || carried.contains(&k.data.identity));
+            let tiered = k.data.direction & !netpol_common::DIR_MASK != 0;
+            prop_assert!(
+                k.data.identity == netpol_common::IDENTITY_ANY
+                    || (tiered && k.data.identity == netpol_common::IDENTITY_WORLD)
+                    || carried.contains(&k.data.identity)
+            );
         }
-        let reference = reference::Reference::new(&s.state);
+        let reference = TieredReference::new(&s.state);
         for (a, b, (protocol, port)) in flows {
             let (src, dst) = (s.addresses[a], s.addresses[b]);
             check(&reference, &compiled, src, dst, protocol, port)?;
@@ -601,6 +746,10 @@ enum Change {
     PodAddress(usize, u8),
     /// Remove the n-th pod.
     RemovePod(usize),
+    /// Add (or replace) a ClusterNetworkPolicy.
+    PutClusterPolicy(usize, Value),
+    /// Remove the n-th ClusterNetworkPolicy.
+    RemoveClusterPolicy(usize),
 }
 
 #[cfg(test)]
@@ -615,6 +764,8 @@ fn change() -> impl Strategy<Value = Change> {
         1 => any::<usize>().prop_map(Change::MovePod),
         1 => (any::<usize>(), 1..9u8).prop_map(|(i, h)| Change::PodAddress(i, h)),
         1 => any::<usize>().prop_map(Change::RemovePod),
+        1 => (0..4usize, cnp_spec()).prop_map(|(i, spec)| Change::PutClusterPolicy(i, spec)),
+        1 => any::<usize>().prop_map(Change::RemoveClusterPolicy),
     ]
 }
 
@@ -687,6 +838,17 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
                 state.pods.remove(&obj);
             }
         }
+        Change::PutClusterPolicy(i, spec) => {
+            let name = format!("cnp{i}");
+            let object = cnp_object(&name, spec.clone());
+            state.cluster_policies.insert(name, object);
+        }
+        Change::RemoveClusterPolicy(i) => {
+            let n = state.cluster_policies.len().max(1);
+            if let Some(name) = state.cluster_policies.keys().nth(i % n).cloned() {
+                state.cluster_policies.remove(&name);
+            }
+        }
     }
 }
 
@@ -711,7 +873,7 @@ proptest! {
             let cold = compiler.without_memo().compile(&state);
             let warm = compiler.compile(&state);
             prop_assert_eq!(&warm, &cold, "after {:?}", change);
-            let reference = reference::Reference::new(&state);
+            let reference = TieredReference::new(&state);
             for &(a, b, (protocol, port)) in &flows {
                 let (src, dst) = (s.addresses[a], s.addresses[b]);
                 check(&reference, &warm, src, dst, protocol, port)?;

@@ -166,23 +166,67 @@ pub struct LocalPod {
     pub egress_policies: Vec<ObjectRef>,
 }
 
-/// A rule of a policy: `spec.<direction>[index]` of `policy`.
+/// A rule of a policy: `spec.<direction>[index]` of `policy`, a NetworkPolicy or (with
+/// `cluster`) a ClusterNetworkPolicy, whose `policy` has an empty namespace.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RuleRef {
     pub policy: ObjectRef,
     pub direction: Direction,
     pub index: usize,
+    /// A ClusterNetworkPolicy's rule: its tier, priority, action and name.
+    pub cluster: Option<ClusterRule>,
+}
+
+/// What names a ClusterNetworkPolicy's rule besides its place.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterRule {
+    pub tier: cnp::Tier,
+    pub priority: u16,
+    pub action: cnp::Action,
+    /// The rule's `name`, if it has one.
+    pub name: Option<String>,
+}
+
+impl RuleRef {
+    /// `spec.<direction>[index]` of the NetworkPolicy `policy`.
+    pub fn network_policy(policy: ObjectRef, direction: Direction, index: usize) -> RuleRef {
+        RuleRef {
+            policy,
+            direction,
+            index,
+            cluster: None,
+        }
+    }
+
+    /// The kind and name of the policy: `NetworkPolicy x/p`,
+    /// `ClusterNetworkPolicy/deny-sys (Admin, priority 10)`.
+    pub fn policy_name(&self) -> String {
+        match &self.cluster {
+            None => format!("NetworkPolicy {}", self.policy),
+            Some(c) => format!(
+                "ClusterNetworkPolicy/{} ({}, priority {})",
+                self.policy.name, c.tier, c.priority
+            ),
+        }
+    }
 }
 
 impl std::fmt::Display for RuleRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "NetworkPolicy {} spec.{}[{}]",
-            self.policy,
-            self.direction.field(),
-            self.index
-        )
+        let field = self.direction.field();
+        match &self.cluster {
+            None => write!(
+                f,
+                "NetworkPolicy {} spec.{field}[{}]",
+                self.policy, self.index
+            ),
+            Some(ClusterRule {
+                name: Some(name), ..
+            }) => {
+                write!(f, "{} {field} rule {name:?}", self.policy_name())
+            }
+            Some(_) => write!(f, "{} spec.{field}[{}]", self.policy_name(), self.index),
+        }
     }
 }
 
@@ -239,11 +283,27 @@ mod tests {
 
     #[test]
     fn rule_ref_display() {
-        let r = RuleRef {
-            policy: ObjectRef::new("x", "p"),
-            direction: Direction::Egress,
-            index: 2,
-        };
+        let r = RuleRef::network_policy(ObjectRef::new("x", "p"), Direction::Egress, 2);
         assert_eq!(r.to_string(), "NetworkPolicy x/p spec.egress[2]");
+        let mut cluster = RuleRef {
+            policy: ObjectRef::new("", "deny-kube-system"),
+            direction: Direction::Ingress,
+            index: 0,
+            cluster: Some(ClusterRule {
+                tier: cnp::Tier::Admin,
+                priority: 10,
+                action: cnp::Action::Deny,
+                name: Some("deny-sys".into()),
+            }),
+        };
+        assert_eq!(
+            cluster.to_string(),
+            "ClusterNetworkPolicy/deny-kube-system (Admin, priority 10) ingress rule \"deny-sys\""
+        );
+        cluster.cluster.as_mut().unwrap().name = None;
+        assert_eq!(
+            cluster.to_string(),
+            "ClusterNetworkPolicy/deny-kube-system (Admin, priority 10) spec.ingress[0]"
+        );
     }
 }

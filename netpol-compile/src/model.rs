@@ -5,7 +5,10 @@
 //! longest-prefix match on the peer's address (a miss is `IDENTITY_WORLD`), then the
 //! POLICY and POLICY_RANGES lookups the endpoint's flags call for, on `{endpoint,
 //! identity, direction, protocol, port}` and, on a miss, on the same key with
-//! `IDENTITY_ANY` ([`crate::policy_maps::lookup`]). Traffic from the endpoint's node
+//! `IDENTITY_ANY` ([`crate::policy_maps::lookup`]). The cluster admin's tiers come
+//! around NetworkPolicy: the Admin tier's entry first (Accept and Deny decide, Pass and
+//! no entry go on), NetworkPolicy if it isolates the pod, then the Baseline tier's, then
+//! allow ([`crate::policy_maps::lookup_tier`]). Traffic from the endpoint's node
 //! (`PEER_HOST`) to the pod always passes. The compiler's tests, the datapath's tests
 //! and explain reuse it.
 //!
@@ -16,8 +19,9 @@
 use std::net::IpAddr;
 
 use netpol_common::{
-    ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, IDENTITY_WORLD, PEER_HOST,
-    PEER_SERVICE, PeerInfo, PolicyKey, RULE_NONE, Reason, ServicePort,
+    DIR_EGRESS, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED,
+    IDENTITY_WORLD, PEER_HOST, PEER_SERVICE, PeerInfo, PolicyKey, RULE_NONE, Reason, ServicePort,
+    TIER_ADMIN, TIER_BASELINE, VERDICT_ALLOW, VERDICT_DENY, judged,
 };
 
 use super::lpm::{self, addr};
@@ -42,7 +46,8 @@ impl Decision {
 }
 
 /// Whether `from_pod` lets the new flow `src -> dst` through unjudged, marked for the
-/// decision after kube-proxy's translation: `src` is an egress-isolated endpoint and
+/// decision after kube-proxy's translation: `src` is an endpoint judged for egress
+/// (isolated, or with ClusterNetworkPolicy entries) and
 /// `dst` a Service address (IPCACHE flag `PEER_SERVICE`) or a node address on a port of
 /// NODE_PORTS.
 pub fn defers_to_service(
@@ -55,7 +60,7 @@ pub fn defers_to_service(
     let Some(endpoint) = compiled.endpoints.get(&addr(src)) else {
         return false;
     };
-    if endpoint.flags & ENDPOINT_EGRESS_ISOLATED == 0 {
+    if !judged(endpoint.flags, DIR_EGRESS) {
         return false;
     }
     let Some(peer) = lpm::lookup(&compiled.ipcache, &addr(dst)) else {
@@ -112,24 +117,40 @@ pub fn decide(
         Direction::Ingress => ENDPOINT_INGRESS_ISOLATED,
         Direction::Egress => ENDPOINT_EGRESS_ISOLATED,
     };
-    if endpoint.flags & isolated == 0 {
+    if !judged(endpoint.flags, direction.as_u8()) {
         return decision(Reason::NotIsolated, RULE_NONE);
     }
     if direction == Direction::Ingress && peer.flags & PEER_HOST != 0 {
         return decision(Reason::FromHost, RULE_NONE);
     }
-    let key = |identity| PolicyKey {
+    let key = PolicyKey {
         endpoint: endpoint.id,
-        identity,
+        identity: peer.identity,
         direction: direction.as_u8(),
         protocol,
         port: dport.to_be_bytes(),
     };
-    match crate::policy_maps::lookup(&compiled.policy, key(peer.identity), endpoint.flags) {
-        Some(value) => decision(Reason::PolicyAllowed, value.rule),
-        None if endpoint.flags & ENDPOINT_AUDIT != 0 => decision(Reason::AuditAllowed, RULE_NONE),
-        None => decision(Reason::PolicyDenied, RULE_NONE),
+    let tier = |tier| {
+        let value = crate::policy_maps::lookup_tier(&compiled.policy, key, tier, endpoint.flags)?;
+        match value.verdict {
+            VERDICT_ALLOW => Some(decision(Reason::ClusterAccepted, value.rule)),
+            VERDICT_DENY => Some(decision(Reason::ClusterDenied, value.rule)),
+            _ => None,
+        }
+    };
+    if let Some(decided) = tier(TIER_ADMIN) {
+        return decided;
     }
+    if endpoint.flags & isolated != 0 {
+        return match crate::policy_maps::lookup(&compiled.policy, key, endpoint.flags) {
+            Some(value) => decision(Reason::PolicyAllowed, value.rule),
+            None if endpoint.flags & ENDPOINT_AUDIT != 0 => {
+                decision(Reason::AuditAllowed, RULE_NONE)
+            }
+            None => decision(Reason::PolicyDenied, RULE_NONE),
+        };
+    }
+    tier(TIER_BASELINE).unwrap_or_else(|| decision(Reason::NotIsolated, RULE_NONE))
 }
 
 /// `Some(rule)` when the flow is allowed at `direction`'s hook (`RULE_NONE` when no rule
@@ -223,15 +244,15 @@ mod tests {
         // identity 20: TCP 8080-8083 (rule 0); anyone: UDP 53 (rule 1); identity 21: TCP any (rule 2).
         policy.insert(
             key(20, PROTO_TCP, 8080, POLICY_PREFIX_ANY_PORT + 14),
-            PolicyValue { rule: 0, _pad: 0 },
+            PolicyValue::allow(0),
         );
         policy.insert(
             key(IDENTITY_ANY, PROTO_UDP, 53, POLICY_PREFIX_ANY_PORT + 16),
-            PolicyValue { rule: 1, _pad: 0 },
+            PolicyValue::allow(1),
         );
         policy.insert(
             key(21, PROTO_TCP, 0, POLICY_PREFIX_ANY_PORT),
-            PolicyValue { rule: 2, _pad: 0 },
+            PolicyValue::allow(2),
         );
         c.policy = policy;
         // The kinds of entries it has, as the compiler flags them.

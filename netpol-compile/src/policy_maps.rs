@@ -18,11 +18,13 @@
 use std::collections::BTreeMap;
 
 use netpol_common::{
-    DIR_INGRESS, ENDPOINT_EGRESS_ANY_PEER, ENDPOINT_EGRESS_ANY_PORT, ENDPOINT_EGRESS_ANY_PROTOCOL,
-    ENDPOINT_EGRESS_PORT_RANGES, ENDPOINT_INGRESS_ANY_PEER, ENDPOINT_INGRESS_ANY_PORT,
-    ENDPOINT_INGRESS_ANY_PROTOCOL, ENDPOINT_INGRESS_PORT_RANGES, IDENTITY_ANY,
-    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROTOCOL_ANY, PolicyKey,
-    PolicyValue,
+    DIR_INGRESS, DIR_MASK, ENDPOINT_EGRESS_ANY_PEER, ENDPOINT_EGRESS_ANY_PORT,
+    ENDPOINT_EGRESS_ANY_PROTOCOL, ENDPOINT_EGRESS_PORT_RANGES, ENDPOINT_INGRESS_ANY_PEER,
+    ENDPOINT_INGRESS_ANY_PORT, ENDPOINT_INGRESS_ANY_PROTOCOL, ENDPOINT_INGRESS_PORT_RANGES,
+    IDENTITY_ANY, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
+    PROTOCOL_ANY, PolicyKey, PolicyValue, TIER_ADMIN, TIER_BASELINE, TIER_KIND_ANY_PORT,
+    TIER_KIND_ANY_PROTOCOL, TIER_KIND_EXACT, TIER_KIND_RANGES, TIER_KINDS, TIER_NETWORK_POLICY,
+    tier_kinds, tier_kinds_shift,
 };
 
 use crate::lpm::Lpm;
@@ -70,7 +72,8 @@ pub fn representable(key: &Lpm<PolicyKey>) -> bool {
 }
 
 /// Every flag [`kind`] can set.
-pub const KIND_FLAGS: u32 = ENDPOINT_INGRESS_ANY_PEER
+pub const KIND_FLAGS: u32 = TIER_FLAGS
+    | ENDPOINT_INGRESS_ANY_PEER
     | ENDPOINT_EGRESS_ANY_PEER
     | ENDPOINT_INGRESS_PORT_RANGES
     | ENDPOINT_EGRESS_PORT_RANGES
@@ -79,10 +82,27 @@ pub const KIND_FLAGS: u32 = ENDPOINT_INGRESS_ANY_PEER
     | ENDPOINT_INGRESS_ANY_PROTOCOL
     | ENDPOINT_EGRESS_ANY_PROTOCOL;
 
+/// Every flag of the groups of the cluster admin's tiers ([`tier_kinds`]).
+pub const TIER_FLAGS: u32 = (TIER_KINDS << tier_kinds_shift(TIER_ADMIN, DIR_INGRESS))
+    | (TIER_KINDS << tier_kinds_shift(TIER_ADMIN, netpol_common::DIR_EGRESS))
+    | (TIER_KINDS << tier_kinds_shift(TIER_BASELINE, DIR_INGRESS))
+    | (TIER_KINDS << tier_kinds_shift(TIER_BASELINE, netpol_common::DIR_EGRESS));
+
 /// The endpoint flag that makes the programs look for entries like `key` (0 for exact
-/// ports of an exact identity: always looked for).
+/// ports of an exact identity in NetworkPolicy's tier: always looked for when isolated).
 pub fn kind(key: &Lpm<PolicyKey>) -> u32 {
-    let ingress = key.data.direction == DIR_INGRESS;
+    let tier = key.data.direction & !DIR_MASK;
+    let direction = key.data.direction & DIR_MASK;
+    if tier != TIER_NETWORK_POLICY {
+        let kind = match key.prefix_len {
+            POLICY_PREFIX_FULL => TIER_KIND_EXACT,
+            POLICY_PREFIX_ANY_PORT => TIER_KIND_ANY_PORT,
+            POLICY_PREFIX_ANY_PROTO => TIER_KIND_ANY_PROTOCOL,
+            _ => TIER_KIND_RANGES,
+        };
+        return kind << tier_kinds_shift(tier, direction);
+    }
+    let ingress = direction == DIR_INGRESS;
     let pick = |ingress_flag, egress_flag| if ingress { ingress_flag } else { egress_flag };
     let mut flags = 0;
     if key.data.identity == IDENTITY_ANY {
@@ -144,6 +164,46 @@ pub fn lookup(
     })
 }
 
+/// The kernel's lookup in a cluster admin's tier ([`TIER_ADMIN`] or [`TIER_BASELINE`]):
+/// the entry deciding `key` (a packet's exact key, NetworkPolicy's direction) for an
+/// endpoint with `flags`, as `netpol-ebpf/src/policy.rs` finds it. Nothing when the
+/// endpoint has no entries in the tier and direction; else the exact port, the longest
+/// port range, every port of the protocol, every protocol, each looked up only when
+/// flagged. Tiers have no any-peer entries: the compiler writes one entry per identity,
+/// each holding the first rule (in the tier's order) that matches it there.
+pub fn lookup_tier(
+    policy: &BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+    key: PolicyKey,
+    tier: u8,
+    flags: u32,
+) -> Option<&PolicyValue> {
+    let kinds = tier_kinds(flags, tier, key.direction);
+    if kinds == 0 {
+        return None;
+    }
+    let key = PolicyKey {
+        direction: key.direction | tier,
+        ..key
+    };
+    let hash = |k: PolicyKey| policy.get(&from_policy(k));
+    hash(key)
+        .or_else(|| {
+            (kinds & TIER_KIND_RANGES != 0)
+                .then(|| range_walk(policy, &key))
+                .flatten()
+        })
+        .or_else(|| {
+            (kinds & TIER_KIND_ANY_PORT != 0)
+                .then(|| hash(key.any_port()))
+                .flatten()
+        })
+        .or_else(|| {
+            (kinds & TIER_KIND_ANY_PROTOCOL != 0)
+                .then(|| hash(key.any_protocol()))
+                .flatten()
+        })
+}
+
 /// POLICY_RANGES' longest-prefix match: over the prefixes that are not POLICY's.
 fn range_walk<'a>(
     policy: &'a BTreeMap<Lpm<PolicyKey>, PolicyValue>,
@@ -172,7 +232,7 @@ mod tests {
     }
 
     fn allow(rule: u32) -> PolicyValue {
-        PolicyValue { rule, _pad: 0 }
+        PolicyValue::allow(rule)
     }
 
     #[test]

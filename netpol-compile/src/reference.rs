@@ -149,11 +149,11 @@ impl<'a> Reference<'a> {
                         .iter()
                         .any(|p| port_matches(p, protocol, port, dst_pod));
                 if peer_ok && port_ok {
-                    allowing.push(RuleRef {
-                        policy: policy.obj.clone(),
+                    allowing.push(RuleRef::network_policy(
+                        policy.obj.clone(),
                         direction,
-                        index: rule.index,
-                    });
+                        rule.index,
+                    ));
                 }
             }
         }
@@ -593,10 +593,8 @@ mod tests {
             .state;
         let eval =
             |src, dst, port| evaluate(&c, ip(src), ip(dst), PROTO_TCP, port, Direction::Ingress);
-        let rule = |index| RuleRef {
-            policy: ObjectRef::new("x", "allow"),
-            direction: Direction::Ingress,
-            index,
+        let rule = |index| {
+            RuleRef::network_policy(ObjectRef::new("x", "allow"), Direction::Ingress, index)
         };
         assert_eq!(
             eval("10.0.0.2", "10.0.0.1", 8080),

@@ -106,10 +106,7 @@ impl Filler {
                 protocol,
                 port: port.to_be_bytes(),
             };
-            let value = PolicyValue {
-                rule: 100_000 + i,
-                _pad: 0,
-            };
+            let value = PolicyValue::allow(100_000 + i);
             if bits == 16 {
                 self.policy.insert(key, value, 0).expect("POLICY");
             } else {

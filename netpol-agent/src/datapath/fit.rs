@@ -241,10 +241,7 @@ mod tests {
             protocol: PROTO_TCP,
             port: port.to_be_bytes(),
         };
-        (
-            Lpm::new(POLICY_PREFIX_FULL, key),
-            PolicyValue { rule: 0, _pad: 0 },
-        )
+        (Lpm::new(POLICY_PREFIX_FULL, key), PolicyValue::allow(0))
     }
 
     fn host(last: u8, identity: u32) -> (Lpm<Addr>, PeerInfo) {
@@ -478,13 +475,8 @@ mod tests {
     fn rule_none_values_are_irrelevant_to_fitting() {
         // Values never need room: only keys count.
         let mut maps = empty();
-        maps.policy.insert(
-            allow(1, 16, 80).0,
-            PolicyValue {
-                rule: RULE_NONE,
-                _pad: 0,
-            },
-        );
+        maps.policy
+            .insert(allow(1, 16, 80).0, PolicyValue::allow(RULE_NONE));
         let c = compiled(&[(1, 1)], &[], &[allow(1, 16, 80)]);
         assert!(
             fit(&c, &maps.kernel(), [1, 1, 1, 1])

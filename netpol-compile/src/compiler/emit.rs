@@ -131,10 +131,7 @@ impl RuleContext<'_> {
         if !crate::policy_maps::representable(&key) {
             return;
         }
-        let value = out.entry(key).or_insert(PolicyValue {
-            rule: self.rule,
-            _pad: 0,
-        });
+        let value = out.entry(key).or_insert(PolicyValue::allow(self.rule));
         value.rule = value.rule.min(self.rule);
     }
 }

@@ -247,19 +247,11 @@ fn rules_without_peers_or_ports() {
         BTreeMap::from([
             (
                 0,
-                RuleRef {
-                    policy: ObjectRef::new("x", "p"),
-                    direction: Direction::Ingress,
-                    index: 0
-                }
+                RuleRef::network_policy(ObjectRef::new("x", "p"), Direction::Ingress, 0)
             ),
             (
                 1,
-                RuleRef {
-                    policy: ObjectRef::new("x", "p"),
-                    direction: Direction::Egress,
-                    index: 0
-                }
+                RuleRef::network_policy(ObjectRef::new("x", "p"), Direction::Egress, 0)
             ),
         ])
     );
@@ -1075,10 +1067,8 @@ fn rule_ids_survive_a_policy_added_before_them() {
     let m = json!({"podSelector": {"matchLabels": {"app": "db"}},
         "ingress": [{"ports": [{"port": 80}]}, {"ports": [{"port": 81}]}]});
     let first = run(basic().policy("x", "m", m.clone()));
-    let rule = |policy: &str, direction, index| RuleRef {
-        policy: ObjectRef::new("x", policy),
-        direction,
-        index,
+    let rule = |policy: &str, direction, index| {
+        RuleRef::network_policy(ObjectRef::new("x", policy), direction, index)
     };
     assert_eq!(
         first.rules,

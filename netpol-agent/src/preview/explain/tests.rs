@@ -61,11 +61,11 @@ fn allowed_names_the_allowing_rule() {
         "TCP/80",
     );
     assert!(e.allowed);
-    let rule = RuleRef {
-        policy: ObjectRef::new("stars", "frontend-policy"),
-        direction: Direction::Ingress,
-        index: 0,
-    };
+    let rule = RuleRef::network_policy(
+        ObjectRef::new("stars", "frontend-policy"),
+        Direction::Ingress,
+        0,
+    );
     assert_eq!(e.hooks[1].verdict, HookVerdict::Allowed { rule });
     let text = e.to_string();
     assert!(text.contains("NetworkPolicy stars/frontend-policy spec.ingress[0]: matches"));

@@ -1,0 +1,434 @@
+//! The cluster admin's tiers: ClusterNetworkPolicies compiled into POLICY entries.
+//!
+//! Within a tier, the first rule that matches decides (policies by priority, then name;
+//! rules in order), so the compiler resolves the order, not the kernel: per endpoint,
+//! tier, direction and peer identity it cuts each protocol's ports into the intervals
+//! where the same rule matches first, and writes one entry per interval (an exact port,
+//! a port-range prefix, every port) holding that rule and its verdict (Accept, Deny,
+//! Pass). A rule for every protocol becomes the every-protocol entry, and intervals it
+//! decides anyway are left to it. The entries of one identity never overlap, so the
+//! kernel's most-specific lookup ([`crate::policy_maps::lookup_tier`]) finds the first
+//! matching rule in a fixed number of lookups, whatever the number of policies.
+//!
+//! A rule for every peer (one that could not be read, denying at its place) gets an
+//! entry for every identity, the world included: tiers have no any-peer entries, which
+//! would rank below every identity's own entries whatever their order.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use netpol_common::{
+    IDENTITY_ANY, IDENTITY_WORLD, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, TIER_ADMIN, TIER_BASELINE, VERDICT_ALLOW,
+    VERDICT_DENY, VERDICT_PASS,
+};
+
+use crate::cache::{PeerSlots, PodEntry};
+use crate::cnp::{Action, CnpPeer, CnpProtocol, ParsedCnp, Pods, Tier, read_cnp};
+use crate::diagnostics::{Diagnostic, Kind, ObjectName, Subject};
+use crate::lpm::Lpm;
+use crate::policy::{Block, NamespaceMatch, Peer, PortMatch, PortSpec};
+use crate::ports::port_prefixes;
+use crate::state::{ClusterState, ObjectRef};
+use crate::{ClusterRule, Direction, RuleRef};
+
+/// One ClusterNetworkPolicy, ready to compile.
+pub(crate) struct ClusterPolicy {
+    /// [`TIER_ADMIN`] or [`TIER_BASELINE`].
+    pub(crate) tier: u8,
+    pub(crate) subject: Pods,
+    /// Ingress, then egress rules, in order.
+    pub(crate) rules: [Vec<TierRule>; 2],
+}
+
+/// One rule of a ClusterNetworkPolicy: what it matches and what it does.
+pub(crate) struct TierRule {
+    pub(crate) rule: RuleRef,
+    /// `VERDICT_*`.
+    pub(crate) verdict: u8,
+    /// `None`: every peer.
+    pub(crate) peers: Option<Vec<Peer>>,
+    /// `None`: every protocol and port.
+    pub(crate) ports: Option<Vec<PortSpec>>,
+}
+
+/// The subject of a diagnostic about the ClusterNetworkPolicy `name`.
+pub(crate) fn subject(name: &str) -> Subject {
+    Subject::Object {
+        kind: Kind::ClusterNetworkPolicy,
+        name: ObjectName::Cluster(name.to_string()),
+    }
+}
+
+/// Every ClusterNetworkPolicy of `state`, as far as it can be read, in the order the
+/// kernel looks at them: the Admin tier, then the Baseline tier, each by priority, then
+/// name. What cannot be read is reported in `diagnostics` (and never allows anything:
+/// see `cnp::parse::Reading`).
+pub(crate) fn read(state: &ClusterState, diagnostics: &mut Vec<Diagnostic>) -> Vec<ClusterPolicy> {
+    let mut parsed: Vec<ParsedCnp> = Vec::new();
+    for (key, object) in &state.cluster_policies {
+        let reading = read_cnp(object);
+        let name = reading.parsed.as_ref().map_or(key.as_str(), |p| &p.name);
+        for error in reading.errors {
+            diagnostics.push(Diagnostic::new(subject(name), error.field, error.message));
+        }
+        if let Some(p) = reading.parsed {
+            let nodes = [&p.ingress, &p.egress].into_iter().flatten().any(|rule| {
+                rule.peers
+                    .iter()
+                    .flatten()
+                    .any(|peer| matches!(peer, CnpPeer::Nodes(_)))
+            });
+            if nodes {
+                diagnostics.push(Diagnostic::new(
+                    subject(&p.name),
+                    "spec.egress",
+                    "nodes peers are not enforced yet: they match no address",
+                ));
+            }
+            parsed.push(p);
+        }
+    }
+    parsed.sort_by(|a, b| (a.tier, a.priority, &a.name).cmp(&(b.tier, b.priority, &b.name)));
+    parsed.into_iter().map(ClusterPolicy::from).collect()
+}
+
+impl From<ParsedCnp> for ClusterPolicy {
+    fn from(p: ParsedCnp) -> Self {
+        let tier = match p.tier {
+            Tier::Admin => TIER_ADMIN,
+            Tier::Baseline => TIER_BASELINE,
+        };
+        let rules = Direction::BOTH.map(|direction| {
+            let list = match direction {
+                Direction::Ingress => &p.ingress,
+                Direction::Egress => &p.egress,
+            };
+            list.iter()
+                .map(|rule| TierRule {
+                    rule: RuleRef {
+                        policy: ObjectRef::new("", p.name.clone()),
+                        direction,
+                        index: rule.index,
+                        cluster: Some(ClusterRule {
+                            tier: p.tier,
+                            priority: p.priority,
+                            action: rule.action,
+                            name: rule.name.clone(),
+                        }),
+                    },
+                    verdict: match rule.action {
+                        Action::Accept => VERDICT_ALLOW,
+                        Action::Deny => VERDICT_DENY,
+                        Action::Pass => VERDICT_PASS,
+                    },
+                    peers: rule
+                        .peers
+                        .as_ref()
+                        .map(|peers| peers.iter().flat_map(peers_of).collect()),
+                    ports: rule
+                        .protocols
+                        .as_ref()
+                        .map(|protocols| protocols.iter().flat_map(ports_of).collect()),
+                })
+                .collect()
+        });
+        ClusterPolicy {
+            tier,
+            subject: p.subject,
+            rules,
+        }
+    }
+}
+
+/// The compiler's peers for one `from`/`to` entry. `nodes` peers match nothing yet.
+/// A network holds what its prefix holds (IPv4-mapped IPv6 addresses in an IPv6 one):
+/// unlike an ipBlock, no Go `IPNet.Contains` reading is part of the API.
+fn peers_of(peer: &CnpPeer) -> Vec<Peer> {
+    match peer {
+        CnpPeer::Pods(pods) => vec![Peer::Pods {
+            namespaces: NamespaceMatch::Selector(pods.namespaces.clone()),
+            pods: pods.pods.clone().unwrap_or_default(),
+        }],
+        CnpPeer::Networks(nets) => nets
+            .iter()
+            .map(|&cidr| {
+                Peer::Block(Block {
+                    cidr,
+                    except: Vec::new(),
+                })
+            })
+            .collect(),
+        CnpPeer::Nodes(_) => Vec::new(),
+    }
+}
+
+/// The compiler's port specs for one entry of `protocols`: a named port stands for that
+/// name in each protocol (the destination's containerPort gives both).
+fn ports_of(protocol: &CnpProtocol) -> Vec<PortSpec> {
+    match protocol {
+        CnpProtocol::Ports {
+            protocol,
+            first,
+            last,
+        } => vec![PortSpec {
+            protocol: *protocol,
+            port: PortMatch::Range(*first, *last),
+        }],
+        CnpProtocol::Named(name) => [PROTO_TCP, PROTO_UDP, PROTO_SCTP]
+            .map(|protocol| PortSpec {
+                protocol,
+                port: PortMatch::Named(name.clone()),
+            })
+            .into(),
+    }
+}
+
+impl ClusterPolicy {
+    /// Whether the policy's subject is the pod with `labels` in a namespace with
+    /// `namespace_labels` (the compiler's endpoints are never host-network pods).
+    pub(crate) fn selects(
+        &self,
+        labels: &BTreeMap<String, String>,
+        namespace_labels: &BTreeMap<String, String>,
+    ) -> bool {
+        self.subject.namespaces.matches(namespace_labels)
+            && self
+                .subject
+                .pods
+                .as_ref()
+                .is_none_or(|pods| pods.matches(labels))
+    }
+
+    /// Every rule, by direction, in order.
+    pub(crate) fn rules(&self, direction: Direction) -> &[TierRule] {
+        match direction {
+            Direction::Ingress => &self.rules[0],
+            Direction::Egress => &self.rules[1],
+        }
+    }
+}
+
+/// The ports a rule matches for one peer identity.
+enum Ports {
+    Every,
+    /// (protocol, first, last).
+    Some(Vec<(u8, u16, u16)>),
+}
+
+/// A cell's outcome: the rule id and its verdict.
+type Outcome = (u32, u8);
+
+/// Everything needed to turn the rules of one tier selecting one endpoint into its
+/// POLICY entries in one direction.
+pub(super) struct TierContext<'a> {
+    pub(super) endpoint: u32,
+    pub(super) direction: Direction,
+    pub(super) tier: u8,
+    /// The local pod.
+    pub(super) pod: &'a PodEntry,
+    pub(super) peers: &'a PeerSlots,
+    /// Identities of the classes each peer slot matches.
+    pub(super) peer_identities: &'a HashMap<usize, BTreeSet<u32>>,
+    /// Every identity there is, the world included (for rules of every peer).
+    pub(super) all_identities: &'a [u32],
+    /// Egress named ports in force, and how each identity resolves them.
+    pub(super) egress_named_ports: &'a [(&'a str, u8)],
+    pub(super) named_by_identity: &'a [BTreeMap<u32, u16>],
+}
+
+impl TierContext<'_> {
+    /// Entries for `rules` (with their ids), in the tier's order.
+    pub(super) fn emit(
+        &self,
+        rules: &[(&TierRule, u32)],
+        out: &mut BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+    ) {
+        // Per identity, the rules whose peers match it, in order.
+        let mut by_identity: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (at, (rule, _)) in rules.iter().enumerate() {
+            let identities: BTreeSet<u32> = match &rule.peers {
+                None => self.all_identities.iter().copied().collect(),
+                Some(peers) => peers
+                    .iter()
+                    .flat_map(|p| {
+                        let slot = self.peers.get(p);
+                        self.peer_identities
+                            .get(&slot)
+                            .into_iter()
+                            .flatten()
+                            .copied()
+                    })
+                    .collect(),
+            };
+            for identity in identities {
+                by_identity.entry(identity).or_default().push(at);
+            }
+        }
+        for (identity, matching) in by_identity {
+            let mut cells: Vec<((u8, u16, u16), Outcome)> = Vec::new();
+            let mut every: Option<Outcome> = None;
+            for &at in &matching {
+                let (rule, id) = rules[at];
+                match self.ports(rule, identity) {
+                    Ports::Every => {
+                        // Matches everything left: nothing after it decides.
+                        every = Some((id, rule.verdict));
+                        break;
+                    }
+                    Ports::Some(list) => {
+                        cells.extend(list.into_iter().map(|r| (r, (id, rule.verdict))));
+                    }
+                }
+            }
+            if let Some(outcome) = every {
+                self.insert(out, identity, 0, 0, POLICY_PREFIX_ANY_PROTO, outcome);
+            }
+            let protocols: BTreeSet<u8> = cells.iter().map(|((p, _, _), _)| *p).collect();
+            for protocol in protocols {
+                let ranges: Vec<(u16, u16, Outcome)> = cells
+                    .iter()
+                    .filter(|((p, _, _), _)| *p == protocol)
+                    .map(|&((_, first, last), outcome)| (first, last, outcome))
+                    .collect();
+                for (first, last, outcome) in first_match_intervals(&ranges) {
+                    if Some(outcome) == every {
+                        continue;
+                    }
+                    for block in port_prefixes(first, last) {
+                        self.insert(
+                            out,
+                            identity,
+                            protocol,
+                            block.value,
+                            POLICY_PREFIX_ANY_PORT + block.bits,
+                            outcome,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// What `rule` matches of a connection with a peer of `identity`. Named ports are
+    /// resolved on the destination: the local pod for ingress, the peer for egress.
+    fn ports(&self, rule: &TierRule, identity: u32) -> Ports {
+        let Some(specs) = &rule.ports else {
+            return Ports::Every;
+        };
+        let mut out = Vec::new();
+        for spec in specs {
+            match &spec.port {
+                PortMatch::All => out.push((spec.protocol, 0, u16::MAX)),
+                PortMatch::Range(first, last) => out.push((spec.protocol, *first, *last)),
+                PortMatch::Named(name) => {
+                    let port = match self.direction {
+                        Direction::Ingress => self.pod.named_port(name, spec.protocol),
+                        Direction::Egress => self
+                            .egress_named_ports
+                            .iter()
+                            .position(|&n| n == (name.as_str(), spec.protocol))
+                            .and_then(|i| self.named_by_identity[i].get(&identity).copied()),
+                    };
+                    if let Some(port) = port {
+                        out.push((spec.protocol, port, port));
+                    }
+                }
+            }
+        }
+        Ports::Some(out)
+    }
+
+    fn insert(
+        &self,
+        out: &mut BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+        identity: u32,
+        protocol: u8,
+        port: u16,
+        prefix_len: u32,
+        (rule, verdict): Outcome,
+    ) {
+        let key = Lpm::new(
+            prefix_len,
+            PolicyKey {
+                endpoint: self.endpoint,
+                identity,
+                direction: self.direction.as_u8() | self.tier,
+                protocol,
+                port: port.to_be_bytes(),
+            },
+        );
+        // As for NetworkPolicy: port 0 and protocol 0 are the wildcard encoding.
+        if crate::policy_maps::representable(&key) {
+            out.insert(key, PolicyValue::new(rule, verdict));
+        }
+    }
+}
+
+/// The ports of one protocol cut where the first matching range changes: `ranges` in
+/// rule order, each `(first, last, outcome)`; the result is disjoint, ascending, with
+/// adjacent intervals of one outcome merged, and leaves out ports no range holds.
+fn first_match_intervals(ranges: &[(u16, u16, Outcome)]) -> Vec<(u16, u16, Outcome)> {
+    let mut cuts: Vec<u32> = ranges
+        .iter()
+        .flat_map(|&(first, last, _)| [u32::from(first), u32::from(last) + 1])
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut out: Vec<(u16, u16, Outcome)> = Vec::new();
+    for pair in cuts.windows(2) {
+        let (first, last) = (pair[0], pair[1] - 1);
+        let Some(&(_, _, outcome)) = ranges
+            .iter()
+            .find(|&&(f, l, _)| u32::from(f) <= first && last <= u32::from(l))
+        else {
+            continue;
+        };
+        let (first, last) = (first as u16, last as u16);
+        match out.last_mut() {
+            Some(prev) if prev.2 == outcome && u32::from(prev.1) + 1 == u32::from(first) => {
+                prev.1 = last;
+            }
+            _ => out.push((first, last, outcome)),
+        }
+    }
+    out
+}
+
+/// Every identity of `identities` (the compile's numbering) and the world, but not
+/// `IDENTITY_ANY`, which no packet has.
+pub(super) fn all_identities(identities: impl Iterator<Item = u32>) -> Vec<u32> {
+    let mut all: Vec<u32> = identities
+        .filter(|&identity| identity != IDENTITY_ANY)
+        .chain([IDENTITY_WORLD])
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_matching_range_decides_each_port_and_equal_neighbours_merge() {
+        let a = (1, VERDICT_DENY);
+        let b = (2, VERDICT_ALLOW);
+        let c = (3, VERDICT_DENY);
+        // a: 80; b: 1-1000; c: 500-2000.
+        let cut = first_match_intervals(&[(80, 80, a), (1, 1000, b), (500, 2000, c)]);
+        assert_eq!(
+            cut,
+            vec![(1, 79, b), (80, 80, a), (81, 1000, b), (1001, 2000, c)]
+        );
+        assert_eq!(
+            first_match_intervals(&[(10, 20, a), (21, 30, a)]),
+            vec![(10, 30, a)]
+        );
+        assert_eq!(
+            first_match_intervals(&[(0, u16::MAX, a)]),
+            vec![(0, u16::MAX, a)]
+        );
+        assert!(first_match_intervals(&[]).is_empty());
+    }
+}
