@@ -66,8 +66,9 @@ use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 use netpol_agent::datapath::maps::KernelMap;
 use netpol_agent::datapath::packet::{Frame, Transport};
 use netpol_agent::datapath::{Capacities, Datapath, HookKind, chain};
+use netpol_compile::cnp::reference::{DecidedBy, TieredReference, TieredVerdict};
 use netpol_compile::differential::{Case, Scenario, case, sweep};
-use netpol_compile::reference::{Reference, Verdict};
+use netpol_compile::reference::Verdict;
 use netpol_compile::{Compiled, Compiler, Direction, addr, model, policy_maps, protocol_name};
 
 /// Clusters per run: about 10 s of CPU (twice that in wall time on two busy cores).
@@ -166,23 +167,53 @@ fn binding(compiled: &Compiled, query: &Query) -> u32 {
 }
 
 /// What the kernel must do with a first packet, given the reference verdict.
-fn expected(reference: &Verdict, query: &Query) -> bool {
-    match reference {
+fn expected(reference: &TieredVerdict, query: &Query) -> bool {
+    match reference.decided_by {
         // Leaving a pod with an address that is no endpoint's: spoofed.
-        Verdict::NotEndpoint if query.direction == Direction::Egress => {
+        DecidedBy::NotEndpoint if query.direction == Direction::Egress => {
             addr(query.src).is_link_local_or_unspecified()
         }
-        verdict => verdict.allowed(),
+        _ => reference.allowed(),
     }
 }
 
 /// What conntrack must do with a packet of a connection allowed under an earlier
 /// policy: re-judged under the current one, passed if its endpoint is gone.
-fn expected_recheck(reference: &Verdict) -> bool {
-    matches!(reference, Verdict::NotEndpoint) || reference.allowed()
+fn expected_recheck(reference: &TieredVerdict) -> bool {
+    matches!(reference.decided_by, DecidedBy::NotEndpoint) || reference.allowed()
 }
 
-fn show_reference(verdict: &Verdict) -> String {
+fn show_reference(verdict: &TieredVerdict) -> String {
+    let passed: Vec<String> = verdict
+        .passed
+        .iter()
+        .map(|r| {
+            format!(
+                " (passed by {} spec.{}[{}])",
+                r.policy,
+                r.direction.field(),
+                r.index
+            )
+        })
+        .collect();
+    let decided = match &verdict.decided_by {
+        DecidedBy::NotEndpoint => "not an endpoint".into(),
+        DecidedBy::Itself => "itself".into(),
+        DecidedBy::Default => "no tier decides: allowed".into(),
+        DecidedBy::Cnp { rule, action } => format!(
+            "{action} by ClusterNetworkPolicy/{} ({}, priority {}) spec.{}[{}]",
+            rule.policy,
+            rule.tier,
+            rule.priority,
+            rule.direction.field(),
+            rule.index
+        ),
+        DecidedBy::NetworkPolicy(verdict) => show_network_policy(verdict),
+    };
+    decided + &passed.concat()
+}
+
+fn show_network_policy(verdict: &Verdict) -> String {
     match verdict {
         Verdict::Allowed(rules) => {
             let rules: Vec<String> = rules.iter().map(ToString::to_string).collect();
@@ -548,7 +579,7 @@ impl Kernel {
         // What the maps enforce: the policies in force after this case, as in the
         // agent (each as far as it can be read).
         let admitted = self.compiler.admitted(&s.state);
-        let reference = Reference::new(&admitted);
+        let reference = TieredReference::new(&admitted);
 
         // Connections of the previous case, re-judged under this one.
         for (query, sport, tracked) in std::mem::take(&mut self.open) {
@@ -627,7 +658,7 @@ impl Kernel {
         compiled: &Compiled,
         query: &Query,
         sport: u16,
-        want: &Verdict,
+        want: &TieredVerdict,
         got: bool,
     ) -> String {
         // Again, alone, for the reason the kernel counts.

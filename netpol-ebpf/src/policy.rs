@@ -3,6 +3,12 @@
 //! one hash lookup; the endpoint's flags add only the lookups that can hit (see
 //! `PolicyKey`): a port-range walk, every port of the protocol, every protocol, each
 //! again for identity 0 (any peer).
+//!
+//! The cluster admin's tiers (ClusterNetworkPolicy) come around NetworkPolicy, each only
+//! for an endpoint with entries in it: the Admin tier's entry (Accept and Deny decide;
+//! Pass and no entry go on), NetworkPolicy if it isolates the endpoint, the Baseline
+//! tier's entry, else allowed. The compiler put the first matching rule of each tier in
+//! every entry, so a tier costs the same lookups as NetworkPolicy does.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use netpol_common::{
@@ -10,8 +16,9 @@ use netpol_common::{
     ENDPOINT_EGRESS_ANY_PROTOCOL, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_EGRESS_PORT_RANGES,
     ENDPOINT_INGRESS_ANY_PEER, ENDPOINT_INGRESS_ANY_PORT, ENDPOINT_INGRESS_ANY_PROTOCOL,
     ENDPOINT_INGRESS_ISOLATED, ENDPOINT_INGRESS_PORT_RANGES, EndpointInfo, IDENTITY_ANY,
-    IDENTITY_WORLD, PEER_HOST, PEER_SERVICE, POLICY_PREFIX_FULL, PeerInfo, PolicyKey, RULE_NONE,
-    Reason, ServicePort,
+    IDENTITY_WORLD, PEER_HOST, PEER_SERVICE, POLICY_PREFIX_FULL, PeerInfo, PolicyKey, PolicyValue,
+    RULE_NONE, Reason, ServicePort, TIER_ADMIN, TIER_BASELINE, TIER_KIND_ANY_PORT,
+    TIER_KIND_ANY_PROTOCOL, TIER_KIND_RANGES, VERDICT_ALLOW, VERDICT_DENY, judged, tier_kinds,
 };
 
 use crate::maps::{IPCACHE, NODE_PORTS, POLICY, POLICY_RANGES};
@@ -61,51 +68,150 @@ impl Kinds {
             any_protocol: flags & any_protocol != 0,
         }
     }
+
+    /// The kinds of a cluster admin's tier (`TIER_KIND_*` bits): no any-peer entries.
+    #[inline(always)]
+    fn of_tier(kinds: u32) -> Kinds {
+        Kinds {
+            any_peer: false,
+            ranges: kinds & TIER_KIND_RANGES != 0,
+            any_port: kinds & TIER_KIND_ANY_PORT != 0,
+            any_protocol: kinds & TIER_KIND_ANY_PROTOCOL != 0,
+        }
+    }
+}
+
+/// [`most_specific`]'s result when no entry matches. A plain word rather than an
+/// `Option` (see `verdict.rs`, `UNMARKED`): the rule in the low half, the verdict above.
+const NO_ENTRY: u64 = u64::MAX;
+
+#[inline(always)]
+fn packed(value: &PolicyValue) -> u64 {
+    u64::from(value.rule) | u64::from(value.verdict) << 32
 }
 
 #[inline(always)]
-fn exact(key: &PolicyKey) -> Option<u32> {
-    // SAFETY: POLICY is only written from userspace; the rule is copied at once.
-    unsafe { POLICY.get(key) }.map(|value| value.rule)
+fn exact(key: &PolicyKey) -> u64 {
+    // SAFETY: POLICY is only written from userspace; the value is copied at once.
+    unsafe { POLICY.get(key) }.map_or(NO_ENTRY, packed)
 }
 
 /// The most specific entry for one identity, in the order a single trie over all of
 /// them would rank them: the exact port, the longest port range, every port of the
-/// protocol, every protocol. A function of its own (a BPF-to-BPF call): inlined twice,
-/// its keys would not fit the stack of the programs that call it.
+/// protocol, every protocol; [`NO_ENTRY`] if none. A function of its own (a BPF-to-BPF
+/// call): inlined at each use, its keys would not fit the stack of the programs that
+/// call it.
 #[inline(never)]
-fn most_specific(key: &PolicyKey, kinds: &Kinds) -> Option<u32> {
-    if let Some(rule) = exact(key) {
-        return Some(rule);
+fn most_specific(key: &PolicyKey, kinds: &Kinds) -> u64 {
+    let found = exact(key);
+    if found != NO_ENTRY {
+        return found;
     }
     if kinds.ranges
         && let Some(value) = POLICY_RANGES.get(Key::new(POLICY_PREFIX_FULL, *key))
     {
-        return Some(value.rule);
+        return packed(value);
     }
-    if kinds.any_port
-        && let Some(rule) = exact(&key.any_port())
-    {
-        return Some(rule);
+    if kinds.any_port {
+        let found = exact(&key.any_port());
+        if found != NO_ENTRY {
+            return found;
+        }
     }
     if kinds.any_protocol {
         return exact(&key.any_protocol());
     }
-    None
+    NO_ENTRY
 }
 
-/// The exact identity first; identity 0 (any peer) only where the endpoint has such
-/// entries in this direction.
+/// NetworkPolicy's allowing rule: the exact identity first; identity 0 (any peer) only
+/// where the endpoint has such entries in this direction.
 #[inline(always)]
 fn allowing_rule(mut key: PolicyKey, kinds: Kinds) -> Option<u32> {
-    if let Some(rule) = most_specific(&key, &kinds) {
-        return Some(rule);
+    let found = most_specific(&key, &kinds);
+    if found != NO_ENTRY {
+        return Some(found as u32);
     }
     if !kinds.any_peer {
         return None;
     }
     key.identity = IDENTITY_ANY;
-    most_specific(&key, &kinds)
+    let found = most_specific(&key, &kinds);
+    (found != NO_ENTRY).then_some(found as u32)
+}
+
+/// [`lookups`]'s result: the reason above, the rule in the low half. A plain word, for
+/// a BPF-to-BPF call returns one register.
+#[inline(always)]
+const fn outcome(reason: Reason, rule: u32) -> u64 {
+    (reason as u64) << 32 | rule as u64
+}
+
+/// [`tier_decision`]'s result when the tier lets the connection go on.
+const GO_ON: u64 = u64::MAX;
+
+/// A cluster admin's tier: the [`outcome`] of its entry for `key` (NetworkPolicy's
+/// direction), or [`GO_ON`] (no entry, no entries in the tier, or Pass).
+#[inline(always)]
+fn tier_decision(key: &PolicyKey, tier: u8, flags: u32) -> u64 {
+    let kinds = tier_kinds(flags, tier, key.direction);
+    if kinds == 0 {
+        return GO_ON;
+    }
+    let tiered = PolicyKey {
+        direction: key.direction | tier,
+        ..*key
+    };
+    let found = most_specific(&tiered, &Kinds::of_tier(kinds));
+    if found == NO_ENTRY {
+        return GO_ON;
+    }
+    let rule = found as u32;
+    match (found >> 32) as u8 {
+        VERDICT_ALLOW => outcome(Reason::ClusterAccepted, rule),
+        VERDICT_DENY => outcome(Reason::ClusterDenied, rule),
+        _ => GO_ON,
+    }
+}
+
+/// The POLICY lookups for a new connection of an endpoint with `flags` that some tier
+/// judges: the Admin tier, NetworkPolicy if it isolates the endpoint, the Baseline
+/// tier, else not isolated.
+///
+/// A global function (BTF linkage global, hence `no_mangle` and the C ABI): the
+/// verifier checks it once, for any key and flags, and its callers see an unknown
+/// result. Inlined, or as a static BPF-to-BPF call, it was walked again for every state
+/// of every caller, and `to_pod`, which decides up to three times per packet, went past
+/// the verifier's million instructions. A global function's pointer argument may be
+/// null as far as the verifier knows: [`RULE_NONE`] with no reason then (never the case).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn netpol_policy_lookups(key: *const PolicyKey, flags: u32) -> u64 {
+    // SAFETY: a valid pointer to a key on the caller's stack, or null (checked).
+    let Some(key) = (unsafe { key.as_ref() }) else {
+        return outcome(Reason::PolicyDenied, RULE_NONE);
+    };
+    let admin = tier_decision(key, TIER_ADMIN, flags);
+    if admin != GO_ON {
+        return admin;
+    }
+    let isolated = if key.direction == DIR_INGRESS {
+        ENDPOINT_INGRESS_ISOLATED
+    } else {
+        ENDPOINT_EGRESS_ISOLATED
+    };
+    if flags & isolated != 0 {
+        return match allowing_rule(*key, Kinds::of(flags, key.direction)) {
+            Some(rule) => outcome(Reason::PolicyAllowed, rule),
+            None if flags & ENDPOINT_AUDIT != 0 => outcome(Reason::AuditAllowed, RULE_NONE),
+            None => outcome(Reason::PolicyDenied, RULE_NONE),
+        };
+    }
+    let baseline = tier_decision(key, TIER_BASELINE, flags);
+    if baseline != GO_ON {
+        return baseline;
+    }
+    outcome(Reason::NotIsolated, RULE_NONE)
 }
 
 /// What the policy decision needs to know about a connection, from the point of view
@@ -153,12 +259,7 @@ pub struct Decision {
 /// Verdict, deciding rule and peer identity for a connection.
 #[inline(always)]
 pub fn decide(endpoint: &EndpointInfo, connection: &Connection) -> Decision {
-    let isolated = if connection.direction == DIR_INGRESS {
-        ENDPOINT_INGRESS_ISOLATED
-    } else {
-        ENDPOINT_EGRESS_ISOLATED
-    };
-    if endpoint.flags & isolated == 0 {
+    if !judged(endpoint.flags, connection.direction) {
         return Decision {
             reason: Reason::NotIsolated,
             rule: RULE_NONE,
@@ -188,15 +289,11 @@ pub fn decide(endpoint: &EndpointInfo, connection: &Connection) -> Decision {
         protocol: connection.protocol,
         port: connection.port.to_be_bytes(),
     };
-    let kinds = Kinds::of(endpoint.flags, connection.direction);
-    let (reason, rule) = match allowing_rule(key, kinds) {
-        Some(rule) => (Reason::PolicyAllowed, rule),
-        None if endpoint.flags & ENDPOINT_AUDIT != 0 => (Reason::AuditAllowed, RULE_NONE),
-        None => (Reason::PolicyDenied, RULE_NONE),
-    };
+    let found = netpol_policy_lookups(&key, endpoint.flags);
     Decision {
-        reason,
-        rule,
+        // SAFETY: `lookups` puts only `Reason` discriminants in the high half.
+        reason: unsafe { core::mem::transmute::<u32, Reason>((found >> 32) as u32) },
+        rule: found as u32,
         identity,
     }
 }

@@ -353,8 +353,10 @@ impl<T: Table> At<'_, T> {
         direction: u8,
     ) -> (policy::Decision, u8) {
         let packet = self.packet;
-        if decision.reason != Reason::PolicyDenied
-            || packet.protocol != PROTO_TCP
+        if !matches!(
+            decision.reason,
+            Reason::PolicyDenied | Reason::ClusterDenied
+        ) || packet.protocol != PROTO_TCP
             || packet.tcp_flags & TCP_SYN != 0
         {
             return (decision, direction);
