@@ -99,6 +99,8 @@ pub struct Snapshot {
     pub services: BTreeMap<ObjectRef, Service>,
     pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
     pub service_cidrs: BTreeMap<String, ServiceCIDR>,
+    /// ClusterNetworkPolicies as written, by name.
+    pub cluster_policies: BTreeMap<String, serde_json::Value>,
     /// NetworkPolicies named by a document of which not even whom the policy selects
     /// can be read (its metadata or podSelector).
     pub unreadable_policies: BTreeSet<ObjectRef>,
@@ -124,6 +126,7 @@ impl Snapshot {
         state.services = self.services;
         state.endpoint_slices = self.endpoint_slices;
         state.service_cidrs = self.service_cidrs;
+        state.cluster_policies = self.cluster_policies;
         state.unreadable_policies = self.unreadable_policies;
         state.unreadable_parts = self.unreadable_parts;
         (self.diagnostics, self.generation)
@@ -304,6 +307,9 @@ impl Object {
                 let name = cidr.metadata.name.clone().unwrap_or_default();
                 snapshot.service_cidrs.insert(name, *cidr);
             }
+            Object::ClusterNetworkPolicy { name, object } => {
+                snapshot.cluster_policies.insert(name, *object);
+            }
         }
     }
 }
@@ -343,6 +349,9 @@ fn name_of(object: &Object) -> Option<ObjectName> {
         Object::Service(service) => (&service.metadata, true),
         Object::EndpointSlice(slice) => (&slice.metadata, true),
         Object::ServiceCIDR(cidr) => (&cidr.metadata, false),
+        Object::ClusterNetworkPolicy { name, .. } => {
+            return Some(ObjectName::Cluster(name.clone()));
+        }
     };
     let name = metadata.name.as_deref().filter(|n| !n.is_empty())?;
     Some(if namespaced {

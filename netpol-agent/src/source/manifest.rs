@@ -34,6 +34,12 @@ pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     ServiceCIDR(Box<ServiceCIDR>),
+    /// A ClusterNetworkPolicy as written (the compiler reads it, as strictly as the
+    /// CRD's validation: `netpol_compile::cnp`), and its name (`metadata.name`).
+    ClusterNetworkPolicy {
+        name: String,
+        object: Box<Value>,
+    },
 }
 
 impl Object {
@@ -76,6 +82,9 @@ impl Object {
                     .service_cidrs
                     .insert(cidr.metadata.name.clone().unwrap_or_default(), *cidr);
             }
+            Object::ClusterNetworkPolicy { name, object } => {
+                state.cluster_policies.insert(name, *object);
+            }
         }
     }
 
@@ -87,6 +96,7 @@ impl Object {
             Object::Service(_) => "Service",
             Object::EndpointSlice(_) => "EndpointSlice",
             Object::ServiceCIDR(_) => "ServiceCIDR",
+            Object::ClusterNetworkPolicy { .. } => "ClusterNetworkPolicy",
         }
     }
 }
@@ -149,13 +159,14 @@ fn parse_object(value: Value, origin: &str) -> Parsed {
         "Namespace" | "Pod" | "Service" => "v1",
         "NetworkPolicy" | "ServiceCIDR" => "networking.k8s.io/v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
+        "ClusterNetworkPolicy" => netpol_compile::cnp::API_VERSION,
         "" => return Err(fail("kind", "missing".into())),
         other => {
             return Err(fail(
                 "kind",
                 format!(
                     "unsupported kind {other:?} (expected Namespace, Pod, NetworkPolicy, \
-                     Service, EndpointSlice or ServiceCIDR)"
+                     Service, EndpointSlice, ServiceCIDR or ClusterNetworkPolicy)"
                 ),
             ));
         }
@@ -172,6 +183,17 @@ fn parse_object(value: Value, origin: &str) -> Parsed {
         "Service" => typed(&value).map(|s| Object::Service(Box::new(s))),
         "EndpointSlice" => typed(&value).map(|s| Object::EndpointSlice(Box::new(s))),
         "ServiceCIDR" => typed(&value).map(|c| Object::ServiceCIDR(Box::new(c))),
+        "ClusterNetworkPolicy" => match value
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .filter(|name| !name.is_empty())
+        {
+            Some(name) => Ok(Object::ClusterNetworkPolicy {
+                name: name.to_owned(),
+                object: Box::new(value.clone()),
+            }),
+            None => Err(("metadata.name".to_owned(), "missing".to_owned())),
+        },
         _ => match typed(&value) {
             Ok(policy) => Ok(Object::NetworkPolicy(Box::new(policy))),
             Err(error) => match read_policy_in_part(&value) {

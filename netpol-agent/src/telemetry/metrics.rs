@@ -24,8 +24,8 @@ use prometheus_client::registry::Registry;
 pub struct KernelSnapshot {
     /// (reason, `DIR_*`, counter)
     pub verdicts: Vec<(Reason, u8, KernelCounter)>,
-    /// Per rule with traffic: (policy `ns/name`, rule `spec.ingress[0]`, counter).
-    pub rules: Vec<(String, String, KernelCounter)>,
+    /// Per rule with traffic.
+    pub rules: Vec<RuleSeries>,
     /// (map, entries, capacity)
     pub maps: Vec<(String, u64, u64)>,
     pub conntrack_entries: Option<u64>,
@@ -42,8 +42,21 @@ struct VerdictLabels {
     verdict: &'static str,
 }
 
+/// One rule's counters, with its labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleSeries {
+    /// `NetworkPolicy`, or a ClusterNetworkPolicy tier: `Admin`, `Baseline`.
+    pub tier: &'static str,
+    /// `ns/name` of a NetworkPolicy, the name of a ClusterNetworkPolicy.
+    pub policy: String,
+    /// `spec.ingress[0]`.
+    pub rule: String,
+    pub counter: KernelCounter,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabels {
+    tier: &'static str,
     policy: String,
     rule: String,
 }
@@ -143,27 +156,29 @@ impl Collector for KernelCollector {
                 .iter()
                 .map(|(r, d, c)| (verdict_labels(*r, *d), c.bytes)),
         )?;
-        let rule_labels = |policy: &str, rule: &str| RuleLabels {
-            policy: policy.to_owned(),
-            rule: rule.to_owned(),
+        let rule_labels = |series: &RuleSeries| RuleLabels {
+            tier: series.tier,
+            policy: series.policy.clone(),
+            rule: series.rule.clone(),
         };
         encode_counter_family(
             &mut encoder,
             "netpol_rule_packets",
-            "Packets of connections each NetworkPolicy rule allowed",
+            "Packets each rule decided: of connections a NetworkPolicy rule allowed, of \
+             those a ClusterNetworkPolicy rule accepted or denied (label tier)",
             snapshot
                 .rules
                 .iter()
-                .map(|(p, r, c)| (rule_labels(p, r), c.packets)),
+                .map(|series| (rule_labels(series), series.counter.packets)),
         )?;
         encode_counter_family(
             &mut encoder,
             "netpol_rule_bytes",
-            "Bytes of connections each NetworkPolicy rule allowed",
+            "Bytes each rule decided (see netpol_rule_packets)",
             snapshot
                 .rules
                 .iter()
-                .map(|(p, r, c)| (rule_labels(p, r), c.bytes)),
+                .map(|series| (rule_labels(series), series.counter.bytes)),
         )?;
         let map_labels = |map: &str| MapLabels {
             map: map.to_owned(),
@@ -348,24 +363,42 @@ impl Metrics {
     }
 }
 
-/// Sums rule counters per (policy, rule) for the snapshot, dropping idle rules.
+/// Sums rule counters per (tier, policy, rule) for the snapshot, dropping idle rules.
 pub fn rule_series<'a>(
     counters: impl IntoIterator<Item = (&'a netpol_compile::RuleRef, KernelCounter)>,
-) -> Vec<(String, String, KernelCounter)> {
-    let mut out: BTreeMap<(String, String), KernelCounter> = BTreeMap::new();
+) -> Vec<RuleSeries> {
+    let mut out: BTreeMap<(&'static str, String, String), KernelCounter> = BTreeMap::new();
     for (rule, counter) in counters {
         if counter.packets == 0 {
             continue;
         }
+        let (tier, policy) = match &rule.cluster {
+            None => ("NetworkPolicy", rule.policy.to_string()),
+            Some(cluster) => (
+                match cluster.tier {
+                    netpol_compile::cnp::Tier::Admin => "Admin",
+                    netpol_compile::cnp::Tier::Baseline => "Baseline",
+                },
+                rule.policy.name.clone(),
+            ),
+        };
         let key = (
-            rule.policy.to_string(),
+            tier,
+            policy,
             format!("spec.{}[{}]", rule.direction.field(), rule.index),
         );
         let entry = out.entry(key).or_default();
         entry.packets += counter.packets;
         entry.bytes += counter.bytes;
     }
-    out.into_iter().map(|((p, r), c)| (p, r, c)).collect()
+    out.into_iter()
+        .map(|((tier, policy, rule), counter)| RuleSeries {
+            tier,
+            policy,
+            rule,
+            counter,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -406,14 +439,15 @@ mod tests {
                     },
                 ),
             ],
-            rules: vec![(
-                "x/web".into(),
-                "spec.ingress[0]".into(),
-                KernelCounter {
+            rules: vec![RuleSeries {
+                tier: "NetworkPolicy",
+                policy: "x/web".into(),
+                rule: "spec.ingress[0]".into(),
+                counter: KernelCounter {
                     packets: 5,
                     bytes: 300,
                 },
-            )],
+            }],
             maps: vec![("POLICY".into(), 12, 262_144)],
             conntrack_entries: Some(4),
             conntrack_created: 10,
@@ -445,7 +479,9 @@ mod tests {
             "180"
         );
         assert_eq!(
-            value(r#"netpol_rule_packets_total{policy="x/web",rule="spec.ingress[0]"}"#),
+            value(
+                r#"netpol_rule_packets_total{tier="NetworkPolicy",policy="x/web",rule="spec.ingress[0]"}"#
+            ),
             "5"
         );
         assert_eq!(value(r#"netpol_map_capacity{map="POLICY"}"#), "262144");

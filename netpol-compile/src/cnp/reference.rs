@@ -29,6 +29,23 @@ pub struct CnpRuleRef {
     pub name: Option<String>,
 }
 
+/// `ClusterNetworkPolicy/deny-sys (Admin, priority 10) ingress rule "deny-sys"`, or
+/// `... spec.ingress[0]` for a rule without a name: as [`crate::RuleRef`] reads.
+impl std::fmt::Display for CnpRuleRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ClusterNetworkPolicy/{} ({}, priority {}) ",
+            self.policy, self.tier, self.priority
+        )?;
+        let field = self.direction.field();
+        match &self.name {
+            Some(name) => write!(f, "{field} rule {name:?}"),
+            None => write!(f, "spec.{field}[{}]", self.index),
+        }
+    }
+}
+
 /// What decided one side of a new connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DecidedBy {

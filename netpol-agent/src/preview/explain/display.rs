@@ -1,6 +1,6 @@
 //! How an explanation reads for people (`netpol-agent explain` without `--json`).
 
-use super::{Explanation, HookExplanation, HookVerdict, Mismatch, Party, RuleResult};
+use super::{Explanation, HookExplanation, HookVerdict, Mismatch, Party, RuleResult, TierStep};
 use netpol_compile::Direction;
 
 impl std::fmt::Display for Explanation {
@@ -42,10 +42,32 @@ impl std::fmt::Display for HookExplanation {
             Direction::Ingress => ("from", self.peer.name()),
             Direction::Egress => ("to", self.peer.name()),
         };
-        write!(f, "  {field} of {}: ", self.pod)?;
+        write!(f, "  {field} of {}:", self.pod)?;
+        if let HookVerdict::NotLocal = &self.verdict {
+            return writeln!(f, " not on this node: its own node decides → allowed here");
+        }
+        if self.tiers.is_empty() {
+            write!(f, " ")?;
+        } else {
+            writeln!(f)?;
+            for step in &self.tiers {
+                writeln!(f, "    {step}")?;
+            }
+            write!(f, "    ")?;
+        }
         match &self.verdict {
-            HookVerdict::NotLocal => {
-                return writeln!(f, "not on this node: its own node decides → allowed here");
+            HookVerdict::ClusterAccepted { rule } => {
+                return writeln!(f, "→ allowed by {rule}");
+            }
+            HookVerdict::ClusterDenied { rule } => {
+                return writeln!(f, "→ dropped by {rule}");
+            }
+            HookVerdict::NotIsolated if !self.tiers.is_empty() => {
+                return writeln!(
+                    f,
+                    "no NetworkPolicy with policyTypes {} selects it, no tier decides → allowed",
+                    self.direction
+                );
             }
             HookVerdict::NotIsolated => {
                 return writeln!(
@@ -97,7 +119,11 @@ impl std::fmt::Display for HookExplanation {
                 f,
                 "  → dropped: isolated, and no rule allows {port} {towards} {peer}"
             )?,
-            HookVerdict::NotLocal | HookVerdict::NotIsolated | HookVerdict::Itself => {}
+            HookVerdict::NotLocal
+            | HookVerdict::NotIsolated
+            | HookVerdict::Itself
+            | HookVerdict::ClusterAccepted { .. }
+            | HookVerdict::ClusterDenied { .. } => {}
         }
         if !self.analysis_agrees {
             writeln!(
@@ -107,6 +133,30 @@ impl std::fmt::Display for HookExplanation {
             )?;
         }
         Ok(())
+    }
+}
+
+impl std::fmt::Display for TierStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let next = |tier: &netpol_compile::cnp::Tier| match tier {
+            netpol_compile::cnp::Tier::Admin => "on to NetworkPolicy",
+            netpol_compile::cnp::Tier::Baseline => "on to the default, allow",
+        };
+        match self {
+            TierStep::NoMatch { tier } => {
+                write!(
+                    f,
+                    "{tier} tier: no ClusterNetworkPolicy rule matches → {}",
+                    next(tier)
+                )
+            }
+            TierStep::Passed { tier, rule } => {
+                write!(f, "{tier} tier: Pass by {rule} → {}", next(tier))
+            }
+            TierStep::Decided { tier, action, rule } => {
+                write!(f, "{tier} tier: {action} by {rule}")
+            }
+        }
     }
 }
 

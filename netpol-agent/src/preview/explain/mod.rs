@@ -24,6 +24,8 @@ use serde::Serialize;
 
 use super::text::{self, as_display};
 use super::{PodAddresses, PortProtocol, PreviewError, SkippedPod, pod_addresses};
+use netpol_compile::cnp::reference::{DecidedBy, TieredReference};
+use netpol_compile::cnp::{Action, Tier};
 use netpol_compile::state::{ClusterState, ObjectRef};
 use netpol_compile::{Compiled, Direction, RuleRef, model, reference};
 
@@ -106,6 +108,10 @@ pub struct HookExplanation {
     pub port: PortProtocol,
     /// The decision replayed over the compiled maps.
     pub verdict: HookVerdict,
+    /// The cluster admin's tiers on the way, when the cluster has ClusterNetworkPolicies:
+    /// the Admin tier, then (if NetworkPolicy did not decide) the Baseline tier.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<TierStep>,
     /// Policies in force that select the pod with this policy type (empty: not
     /// isolated).
     #[serde(serialize_with = "display_list")]
@@ -121,7 +127,10 @@ pub struct HookExplanation {
 
 impl HookExplanation {
     pub fn allowed(&self) -> bool {
-        !matches!(self.verdict, HookVerdict::Denied)
+        !matches!(
+            self.verdict,
+            HookVerdict::Denied | HookVerdict::ClusterDenied { .. }
+        )
     }
 }
 
@@ -146,6 +155,42 @@ pub enum HookVerdict {
     AuditAllowed,
     /// Isolated, and no rule allows it: dropped.
     Denied,
+    /// A ClusterNetworkPolicy rule accepted it (Admin tier, or Baseline where no
+    /// NetworkPolicy isolates the pod).
+    ClusterAccepted {
+        #[serde(serialize_with = "as_display")]
+        rule: RuleRef,
+    },
+    /// A ClusterNetworkPolicy rule denied it: dropped.
+    ClusterDenied {
+        #[serde(serialize_with = "as_display")]
+        rule: RuleRef,
+    },
+}
+
+/// What one tier of ClusterNetworkPolicy made of the flow at a hook.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "step", rename_all = "kebab-case")]
+pub enum TierStep {
+    /// No rule of the tier's policies selecting the pod matches: on to the next step.
+    NoMatch {
+        #[serde(serialize_with = "as_display")]
+        tier: Tier,
+    },
+    /// A Pass rule matched first: the rest of the tier is skipped.
+    Passed {
+        #[serde(serialize_with = "as_display")]
+        tier: Tier,
+        rule: String,
+    },
+    /// An Accept or Deny rule matched first.
+    Decided {
+        #[serde(serialize_with = "as_display")]
+        tier: Tier,
+        #[serde(serialize_with = "as_display")]
+        action: Action,
+        rule: String,
+    },
 }
 
 /// A peer identity as the compiler numbered and described it.
@@ -421,8 +466,18 @@ impl<'a> Analysis<'a> {
                 // A POLICY value always names a rule of the table; be explicit anyway.
                 None => HookVerdict::Denied,
             },
+            Reason::ClusterAccepted | Reason::ClusterDenied => {
+                match compiled.rules.get(&decision.rule) {
+                    Some(rule) if decision.reason == Reason::ClusterAccepted => {
+                        HookVerdict::ClusterAccepted { rule: rule.clone() }
+                    }
+                    Some(rule) => HookVerdict::ClusterDenied { rule: rule.clone() },
+                    None => HookVerdict::Denied,
+                }
+            }
             _ => HookVerdict::Denied,
         };
+        let (tiers, tiers_agree) = self.tier_steps(direction, &verdict);
         let consulted = matches!(
             verdict,
             HookVerdict::Allowed { .. } | HookVerdict::AuditAllowed | HookVerdict::Denied
@@ -451,22 +506,83 @@ impl<'a> Analysis<'a> {
             })
         };
         let any_match = rules.iter().any(|r| r.result == RuleResult::Matches);
-        let analysis_agrees = match &verdict {
-            HookVerdict::Allowed { rule } => matching(rule),
-            HookVerdict::Denied | HookVerdict::AuditAllowed => !any_match,
-            _ => true,
-        };
+        let analysis_agrees = tiers_agree
+            && match &verdict {
+                HookVerdict::Allowed { rule } => matching(rule),
+                HookVerdict::Denied | HookVerdict::AuditAllowed => !any_match,
+                _ => true,
+            };
         HookExplanation {
             direction,
             pod: pod.clone(),
             peer: peer.clone(),
             port,
             verdict,
+            tiers,
             isolated_by,
             peer_identity,
             rules,
             analysis_agrees,
         }
+    }
+
+    /// The tiers' steps, walked by the tiered reference over the objects, and whether
+    /// they agree with the maps' verdict (a ClusterNetworkPolicy verdict names the rule
+    /// the reference decided with; any other, no tier decided).
+    fn tier_steps(&self, direction: Direction, verdict: &HookVerdict) -> (Vec<TierStep>, bool) {
+        if self.state.cluster_policies.is_empty() || matches!(verdict, HookVerdict::NotLocal) {
+            return (Vec::new(), true);
+        }
+        let reference = TieredReference::new(self.state);
+        let port = self.port;
+        let want = reference.evaluate(
+            self.src.ip(),
+            self.dst.ip(),
+            port.protocol,
+            port.port,
+            direction,
+        );
+        if matches!(want.decided_by, DecidedBy::Itself | DecidedBy::NotEndpoint) {
+            return (Vec::new(), true);
+        }
+        let step = |tier: Tier| {
+            if let Some(rule) = want.passed.iter().find(|r| r.tier == tier) {
+                return TierStep::Passed {
+                    tier,
+                    rule: rule.to_string(),
+                };
+            }
+            match &want.decided_by {
+                DecidedBy::Cnp { rule, action } if rule.tier == tier => TierStep::Decided {
+                    tier,
+                    action: *action,
+                    rule: rule.to_string(),
+                },
+                _ => TierStep::NoMatch { tier },
+            }
+        };
+        let mut steps = vec![step(Tier::Admin)];
+        let admin_decided = matches!(steps[0], TierStep::Decided { .. });
+        let networkpolicy_decided = matches!(want.decided_by, DecidedBy::NetworkPolicy(_));
+        if !admin_decided && !networkpolicy_decided {
+            steps.push(step(Tier::Baseline));
+        }
+        let agrees = match (verdict, &want.decided_by) {
+            (
+                HookVerdict::ClusterAccepted { rule } | HookVerdict::ClusterDenied { rule },
+                DecidedBy::Cnp { rule: want, action },
+            ) => {
+                rule.policy.name == want.policy
+                    && rule.index == want.index
+                    && rule.direction == want.direction
+                    && (*action == Action::Deny)
+                        == matches!(verdict, HookVerdict::ClusterDenied { .. })
+            }
+            (HookVerdict::ClusterAccepted { .. } | HookVerdict::ClusterDenied { .. }, _) => false,
+            (_, DecidedBy::Cnp { .. }) => false,
+            _ => true,
+        };
+        (steps, agrees)
     }
 
     fn check_policies(

@@ -1,7 +1,8 @@
 use super::*;
 use crate::preview::fixtures::{self, STARS};
 use netpol_common::PROTO_TCP;
-use netpol_compile::{Allocations, compile, reference};
+use netpol_compile::cnp::reference::TieredReference;
+use netpol_compile::{Allocations, compile};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -23,7 +24,7 @@ fn explain_checked(state: &ClusterState, src: &str, dst: &str, port: &str) -> Ex
     );
     assert_eq!(
         e.allowed,
-        reference::flow_allowed(state, s, d, port.protocol, port.port),
+        TieredReference::new(state).flow_allowed(s, d, port.protocol, port.port),
         "{e}"
     );
     assert!(e.hooks.iter().all(|h| h.analysis_agrees), "{e}");
@@ -427,4 +428,82 @@ spec:
     assert_eq!(checks, [Some(1)]);
     let e = explain_checked(&state, "stars/frontend", "stars/backend", "6379/TCP");
     assert!(e.allowed);
+}
+
+/// `stars_with_policies` and one ClusterNetworkPolicy for the pods of namespace stars.
+fn stars_with_cluster_policy(tier: &str, action: &str) -> ClusterState {
+    let mut state = fixtures::stars_with_policies();
+    let object = serde_json::json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2",
+        "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": "clients"},
+        "spec": {
+            "tier": tier,
+            "priority": 10,
+            "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "stars"}}},
+            "ingress": [{
+                "name": "from-clients",
+                "action": action,
+                "from": [{"namespaces": {"matchLabels": {"role": "client"}}}],
+            }],
+        },
+    });
+    state.cluster_policies.insert("clients".into(), object);
+    state
+}
+
+#[test]
+fn an_admin_deny_decides_before_any_network_policy_and_is_named_with_its_tier() {
+    // Without it, frontend-policy allows this flow (see allowed_names_the_allowing_rule).
+    let state = stars_with_cluster_policy("Admin", "Deny");
+    let e = explain_checked(&state, "client/client", "stars/frontend", "TCP/80");
+    assert!(!e.allowed);
+    let HookVerdict::ClusterDenied { rule } = &e.hooks[1].verdict else {
+        panic!("{e}");
+    };
+    let text = e.to_string();
+    let named = "ClusterNetworkPolicy/clients (Admin, priority 10) ingress rule \"from-clients\"";
+    assert_eq!(rule.to_string(), named);
+    assert!(
+        text.contains(&format!(
+            "    Admin tier: Deny by {named}\n    → dropped by {named}\n"
+        )),
+        "{text}"
+    );
+    // The NetworkPolicy that would allow it is not consulted.
+    assert!(!text.contains("frontend-policy"), "{text}");
+}
+
+#[test]
+fn an_admin_pass_goes_on_to_the_network_policy_and_says_so() {
+    let state = stars_with_cluster_policy("Admin", "Pass");
+    let e = explain_checked(&state, "client/client", "stars/frontend", "TCP/80");
+    assert!(e.allowed);
+    let text = e.to_string();
+    assert!(
+        text.contains(
+            "    Admin tier: Pass by ClusterNetworkPolicy/clients (Admin, priority 10) ingress \
+             rule \"from-clients\" → on to NetworkPolicy\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("  → allowed by NetworkPolicy stars/frontend-policy spec.ingress[0]\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_baseline_deny_yields_to_a_network_policy_and_decides_where_none_isolates() {
+    let state = stars_with_cluster_policy("Baseline", "Deny");
+    // frontend-policy isolates frontend and allows this flow: the Baseline tier is not
+    // reached.
+    let e = explain_checked(&state, "client/client", "stars/frontend", "TCP/80");
+    assert!(e.allowed, "{e}");
+    assert_eq!(e.hooks[1].tiers.len(), 1, "{e}");
+    // client reaching itself is no question; the client's own egress is not isolated
+    // and no Baseline policy selects it: allowed by default.
+    let egress = &e.hooks[0];
+    assert_eq!(egress.verdict, HookVerdict::NotIsolated, "{e}");
+    assert_eq!(egress.tiers.len(), 2, "{e}");
 }
