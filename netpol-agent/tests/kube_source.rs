@@ -600,3 +600,55 @@ async fn services_reach_the_state_and_a_cluster_without_servicecidrs_still_syncs
         compiled.diagnostics
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn cluster_network_policies_arrive_and_a_cluster_without_the_crd_still_syncs() {
+    let server = cluster().await;
+    // The CRD is not installed: the API server does not serve the resource.
+    server.fail("clusternetworkpolicies", "list", Some(404));
+    let mut source = source(&server);
+    let mut state = ClusterState::default();
+    wait_for(&mut source, &mut state, "the first sync", |s| {
+        s.pods.len() == 3
+    })
+    .await;
+    assert!(source.is_synced(), "synced without ClusterNetworkPolicies");
+    assert!(state.cluster_policies.is_empty());
+    // Installed, with a policy: it arrives (the watcher retries with backoff), trimmed.
+    server.fail("clusternetworkpolicies", "list", None);
+    server.apply(json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": "deny-y", "managedFields": [{"manager": "kubectl"}]},
+        "spec": {"tier": "Admin", "priority": 10,
+                 "subject": {"namespaces": {"matchLabels": {"team": "a"}}},
+                 "ingress": [{"name": "no-y", "action": "Deny",
+                              "from": [{"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}}]}]},
+        "status": {"conditions": []},
+    }));
+    wait_for(&mut source, &mut state, "the ClusterNetworkPolicy", |s| {
+        s.cluster_policies.contains_key("deny-y")
+    })
+    .await;
+    let object = &state.cluster_policies["deny-y"];
+    assert!(
+        object.pointer("/metadata/managedFields").is_none(),
+        "{object}"
+    );
+    assert!(object.get("status").is_none(), "{object}");
+    let compiled = netpol_compile::compile(&state, &Default::default());
+    assert!(
+        compiled.diagnostics.is_empty(),
+        "{:?}",
+        compiled.diagnostics
+    );
+    // It is in force: y/c (10.0.1.1) is denied into x/a by the Admin tier.
+    let decision = netpol_compile::model::decide(
+        &compiled,
+        "10.0.1.1".parse().unwrap(),
+        "10.0.0.1".parse().unwrap(),
+        netpol_common::PROTO_TCP,
+        80,
+        netpol_compile::Direction::Ingress,
+    );
+    assert_eq!(decision.reason, netpol_common::Reason::ClusterDenied);
+}

@@ -69,7 +69,8 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct ConformanceArgs {
-    /// Case files or directories [default: ../shared/conformance/cases and tests/conformance].
+    /// Case files or directories [default: ../shared/conformance/cases and cnp,
+    /// tests/conformance and tests/conformance/cnp].
     paths: Vec<PathBuf>,
     /// Write a machine-readable report here.
     #[arg(long, value_name = "FILE")]
@@ -117,9 +118,15 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<conformance::Summary> {
     let paths = if args.paths.is_empty() {
         let root = cargo::workspace_root();
         let mut paths = vec![root.join("../shared/conformance/cases")];
-        let own = root.join("tests/conformance");
-        if own.is_dir() {
-            paths.push(own);
+        // ClusterNetworkPolicy cases: upstream's, translated (../shared), and ours.
+        for dir in [
+            root.join("../shared/conformance/cnp"),
+            root.join("tests/conformance"),
+            root.join("tests/conformance/cnp"),
+        ] {
+            if dir.is_dir() {
+                paths.push(dir);
+            }
         }
         paths
     } else {

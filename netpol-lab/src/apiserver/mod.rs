@@ -407,6 +407,7 @@ fn handle(shared: &Arc<Shared>, request: HttpRequest) -> Response<Body> {
         let (status, reason) = match code {
             410 => (StatusCode::GONE, "Expired"),
             403 => (StatusCode::FORBIDDEN, "Forbidden"),
+            404 => (StatusCode::NOT_FOUND, "NotFound"),
             _ => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
         };
         return respond(status, &status_body(code, reason, "injected failure"));

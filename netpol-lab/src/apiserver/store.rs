@@ -16,7 +16,7 @@ pub struct Kind {
     pub namespaced: bool,
 }
 
-pub const KINDS: [Kind; 8] = [
+pub const KINDS: [Kind; 9] = [
     Kind {
         kind: "Namespace",
         api_version: "v1",
@@ -64,6 +64,13 @@ pub const KINDS: [Kind; 8] = [
         api_version: "networking.k8s.io/v1",
         group: "networking.k8s.io",
         resource: "servicecidrs",
+        namespaced: false,
+    },
+    Kind {
+        kind: "ClusterNetworkPolicy",
+        api_version: "policy.networking.k8s.io/v1alpha2",
+        group: "policy.networking.k8s.io",
+        resource: "clusternetworkpolicies",
         namespaced: false,
     },
     Kind {

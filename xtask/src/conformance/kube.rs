@@ -147,6 +147,7 @@ impl KubeFeed {
             "Service",
             "EndpointSlice",
             "ServiceCIDR",
+            "ClusterNetworkPolicy",
         ] {
             let of_kind: Vec<Value> = objects
                 .iter()

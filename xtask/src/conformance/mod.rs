@@ -418,10 +418,19 @@ struct Runner<'a> {
     /// rendering is published through the API server double (Kubernetes mode).
     manifests: ManifestDir,
     kube: Option<kube::KubeFeed>,
-    policies: BTreeMap<(String, String), Value>,
+    policies: BTreeMap<PolicyName, Value>,
     /// The case applies ClusterNetworkPolicy objects in some step.
     has_cluster_network_policies: bool,
     options: &'a Options,
+}
+
+/// How a step names the policies it applies and deletes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum PolicyName {
+    /// A NetworkPolicy: namespace, name.
+    Namespaced(String, String),
+    /// A ClusterNetworkPolicy (`delete: [ClusterNetworkPolicy/<name>]`).
+    Cluster(String),
 }
 
 /// The port of a pod's own Service in front of its container port `target` (FORMAT.md:
@@ -662,30 +671,38 @@ impl<'a> Runner<'a> {
                 .get("kind")
                 .and_then(Value::as_str)
                 .unwrap_or_default();
-            if kind != "NetworkPolicy" {
-                bail!("apply: only NetworkPolicy objects can be applied, not {kind:?}");
-            }
             let metadata = object.get("metadata");
-            let namespace = metadata
-                .and_then(|m| m.get("namespace"))
-                .and_then(Value::as_str)
-                .unwrap_or("default");
             let name = metadata
                 .and_then(|m| m.get("name"))
                 .and_then(Value::as_str)
-                .context("apply: a NetworkPolicy without metadata.name")?;
-            self.policies
-                .insert((namespace.to_owned(), name.to_owned()), object.clone());
+                .with_context(|| format!("apply: a {kind} without metadata.name"))?;
+            let key = match kind {
+                "NetworkPolicy" => {
+                    let namespace = metadata
+                        .and_then(|m| m.get("namespace"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("default");
+                    PolicyName::Namespaced(namespace.to_owned(), name.to_owned())
+                }
+                "ClusterNetworkPolicy" => PolicyName::Cluster(name.to_owned()),
+                _ => bail!(
+                    "apply: only NetworkPolicy and ClusterNetworkPolicy objects can be \
+                     applied, not {kind:?}"
+                ),
+            };
+            self.policies.insert(key, object.clone());
         }
         for target in &step.delete {
-            let (ns, name) =
-                case::split_pod(target).with_context(|| format!("delete: {target:?}"))?;
-            if self
-                .policies
-                .remove(&(ns.to_owned(), name.to_owned()))
-                .is_none()
-            {
-                bail!("delete: no NetworkPolicy {target}");
+            let key = match target.strip_prefix("ClusterNetworkPolicy/") {
+                Some(name) => PolicyName::Cluster(name.to_owned()),
+                None => {
+                    let (ns, name) =
+                        case::split_pod(target).with_context(|| format!("delete: {target:?}"))?;
+                    PolicyName::Namespaced(ns.to_owned(), name.to_owned())
+                }
+            };
+            if self.policies.remove(&key).is_none() {
+                bail!("delete: no policy {target}");
             }
         }
         if step.delete_all_policies {

@@ -15,10 +15,14 @@ pub enum Watched {
     /// ServiceCIDR objects (networking.k8s.io/v1, Kubernetes 1.33+): optional, see
     /// [`Watched::REQUIRED`].
     ServiceCidrs,
+    /// ClusterNetworkPolicies (policy.networking.k8s.io/v1alpha2, a CRD): required, but
+    /// a cluster that does not serve them (the CRD is not installed) has none, which the
+    /// watch reports as an empty list.
+    ClusterNetworkPolicies,
 }
 
 impl Watched {
-    pub const ALL: [Watched; 7] = [
+    pub const ALL: [Watched; 8] = [
         Watched::Namespaces,
         Watched::Pods,
         Watched::NetworkPolicies,
@@ -26,18 +30,21 @@ impl Watched {
         Watched::Services,
         Watched::EndpointSlices,
         Watched::ServiceCidrs,
+        Watched::ClusterNetworkPolicies,
     ];
 
     /// What must be listed before anything is programmed. ServiceCIDRs are not: a
     /// cluster that does not serve them (older than 1.33, or the API turned off) has its
     /// Service ranges from `--service-cidr`, and its ClusterIPs from the Services.
-    pub const REQUIRED: [Watched; 6] = [
+    /// ClusterNetworkPolicies are: an admin's Deny must hold from the first program.
+    pub const REQUIRED: [Watched; 7] = [
         Watched::Namespaces,
         Watched::Pods,
         Watched::NetworkPolicies,
         Watched::Node,
         Watched::Services,
         Watched::EndpointSlices,
+        Watched::ClusterNetworkPolicies,
     ];
 
     /// The API resource name.
@@ -50,6 +57,7 @@ impl Watched {
             Watched::Services => "services",
             Watched::EndpointSlices => "endpointslices",
             Watched::ServiceCidrs => "servicecidrs",
+            Watched::ClusterNetworkPolicies => "clusternetworkpolicies",
         }
     }
 }

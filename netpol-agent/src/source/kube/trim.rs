@@ -137,6 +137,15 @@ pub fn service_cidr(cidr: &mut ServiceCIDR) {
     cidr.status = None;
 }
 
+/// A ClusterNetworkPolicy keeps its metadata's essentials and its `spec`, which the
+/// compiler reads (and checks) as it is; `status` goes.
+pub fn cluster_policy(policy: &mut ::kube::api::DynamicObject) {
+    metadata(&mut policy.metadata);
+    if let Some(data) = policy.data.as_object_mut() {
+        data.retain(|field, _| field == "spec");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

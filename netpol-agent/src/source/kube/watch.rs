@@ -24,6 +24,9 @@ pub(super) struct WatchContext {
     pub(super) tx: mpsc::UnboundedSender<Signal>,
     pub(super) resource_version: Arc<AtomicU64>,
     pub(super) backoff: Backoff,
+    /// The resource is a CRD's: a 404 means the cluster does not serve it, so it has
+    /// none (an empty list, then retried with the backoff in case it is installed).
+    pub(super) absent_is_empty: bool,
 }
 
 /// Runs one watcher into its store until the source is dropped.
@@ -72,6 +75,16 @@ pub(super) async fn watch<K>(
                         }
                     }
                 }
+                Err(error) if context.absent_is_empty && not_served(&error) => {
+                    writer.apply_watcher_event(&Event::Init);
+                    writer.apply_watcher_event(&Event::InitDone);
+                    if context.tx.send(Signal::Synced(watched)).is_err() {
+                        return;
+                    }
+                    let delay = context.backoff.next().unwrap_or(INCIDENT_QUIET);
+                    tokio::time::sleep(delay).await;
+                    break;
+                }
                 Err(error) => {
                     let failure = Failure::of(&error);
                     // kube's watcher retries a watch refused with HTTP 410 from the same
@@ -98,6 +111,18 @@ pub(super) async fn watch<K>(
                 return;
             }
         }
+    }
+}
+
+/// Whether the API server says it does not serve the resource at all (HTTP 404 on the
+/// list or the watch).
+fn not_served(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(::kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(::kube::Error::Api(status))
+        | watcher::Error::WatchFailed(::kube::Error::Api(status)) => status.code == 404,
+        watcher::Error::WatchError(status) => status.code == 404,
+        _ => false,
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ::kube::Client;
-use ::kube::api::Api;
+use ::kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use ::kube::runtime::events::{Recorder, Reporter};
 use ::kube::runtime::reflector::Store;
 use ::kube::runtime::watcher;
@@ -40,6 +40,7 @@ pub(super) struct Stores {
     pub(super) services: Store<Service>,
     pub(super) endpoint_slices: Store<EndpointSlice>,
     pub(super) service_cidrs: Store<ServiceCIDR>,
+    pub(super) cluster_policies: Store<DynamicObject>,
 }
 
 /// Cluster state from the Kubernetes API. Dropping it stops the watchers.
@@ -85,6 +86,7 @@ impl ClusterWatch {
             tx: tx.clone(),
             resource_version: resource_version.clone(),
             backoff: incidents::backoff(settings.backoff_initial, settings.backoff_max),
+            absent_is_empty: watched == Watched::ClusterNetworkPolicies,
         };
         let (namespaces, writer) = ::kube::runtime::reflector::store();
         tasks.push(tokio::spawn(watch(
@@ -142,6 +144,23 @@ impl ClusterWatch {
             trim::service_cidr,
             context(Watched::ServiceCidrs),
         )));
+        let cluster_policy = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(
+                "policy.networking.k8s.io",
+                "v1alpha2",
+                netpol_compile::cnp::KIND,
+            ),
+            "clusternetworkpolicies",
+        );
+        let writer = ::kube::runtime::reflector::store::Writer::new(cluster_policy.clone());
+        let cluster_policies = writer.as_reader();
+        tasks.push(tokio::spawn(watch(
+            Api::<DynamicObject>::all_with(client.clone(), &cluster_policy),
+            watcher::Config::default(),
+            writer,
+            trim::cluster_policy,
+            context(Watched::ClusterNetworkPolicies),
+        )));
         let recorder = settings.events.then(|| {
             Recorder::new(
                 client,
@@ -162,6 +181,7 @@ impl ClusterWatch {
                 services,
                 endpoint_slices,
                 service_cidrs,
+                cluster_policies,
             },
             signals,
             tasks,
@@ -305,6 +325,22 @@ impl ClusterWatch {
             .state()
             .into_iter()
             .filter_map(|c| Some((c.metadata.name.clone()?, (*c).clone())))
+            .collect();
+        state.cluster_policies = self
+            .stores
+            .cluster_policies
+            .state()
+            .into_iter()
+            .filter_map(|p| {
+                let name = p.metadata.name.clone()?;
+                let mut object = serde_json::to_value(&*p).ok()?;
+                // List items come without them; the reader checks them when present.
+                if let Some(map) = object.as_object_mut() {
+                    map.insert("apiVersion".into(), netpol_compile::cnp::API_VERSION.into());
+                    map.insert("kind".into(), netpol_compile::cnp::KIND.into());
+                }
+                Some((name, object))
+            })
             .collect();
         let node_ips = self
             .stores
