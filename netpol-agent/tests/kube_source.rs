@@ -651,4 +651,39 @@ async fn cluster_network_policies_arrive_and_a_cluster_without_the_crd_still_syn
         netpol_compile::Direction::Ingress,
     );
     assert_eq!(decision.reason, netpol_common::Reason::ClusterDenied);
+
+    // An object the API server stored but that cannot be read in full (a priority out
+    // of range, as an older CRD would let through) is enforced as far as it can be
+    // read and named in an Event on it.
+    server.apply(json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": "odd"},
+        "spec": {"tier": "Baseline", "priority": 5000, "subject": {"namespaces": {}}},
+    }));
+    wait_for(
+        &mut source,
+        &mut state,
+        "the odd ClusterNetworkPolicy",
+        |s| s.cluster_policies.contains_key("odd"),
+    )
+    .await;
+    let compiled = netpol_compile::compile(&state, &Default::default());
+    assert_eq!(compiled.diagnostics.len(), 1, "{:?}", compiled.diagnostics);
+    source.report(&compiled.diagnostics);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let events = server.events();
+        if let Some(event) = events.first() {
+            assert_eq!(event["regarding"]["name"], "odd");
+            assert_eq!(event["regarding"]["kind"], "ClusterNetworkPolicy");
+            assert_eq!(event["reason"], "InvalidClusterNetworkPolicy");
+            assert!(
+                event["note"].as_str().unwrap().contains("spec.priority"),
+                "{event}"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no Event");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

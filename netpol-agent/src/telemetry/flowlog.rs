@@ -565,6 +565,51 @@ mod tests {
     }
 
     #[test]
+    fn a_drop_by_a_cluster_network_policy_names_it_with_its_tier_priority_and_rule() {
+        let text = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\n\
+            metadata: {name: deny-a}\n\
+            spec: {tier: Admin, priority: 10, subject: {namespaces: {}},\n\
+              ingress: [{name: no-a, action: Deny, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: a}}}}]}]}\n";
+        let mut state = state();
+        for object in parse_documents(text, "t") {
+            object.unwrap().insert_into(&mut state);
+        }
+        let compiled = compile(&state, &Allocations::default());
+        assert!(
+            compiled.diagnostics.is_empty(),
+            "{:?}",
+            compiled.diagnostics
+        );
+        // What the kernel does with it (the model replays its lookups): the Admin tier
+        // denies before x/web, which allows port 80, is looked at.
+        let decision = netpol_compile::model::decide(
+            &compiled,
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            6,
+            80,
+            netpol_compile::Direction::Ingress,
+        );
+        assert_eq!(decision.reason, Reason::ClusterDenied);
+        let resolver = Resolver::new(&state, &compiled);
+        let record = resolver.record(&event(
+            [10, 0, 0, 1],
+            [10, 0, 0, 2],
+            80,
+            decision.reason,
+            decision.endpoint.unwrap(),
+            decision.rule,
+        ));
+        assert_eq!(record.verdict, "dropped");
+        assert_eq!(record.reason, "cluster-denied");
+        assert_eq!(
+            record.to_string(),
+            "       1.500 DROPPED x/a (10.0.0.1) -> x/b (10.0.0.2) TCP/80 ingress by \
+             ClusterNetworkPolicy/deny-a (Admin, priority 10) ingress rule \"no-a\""
+        );
+    }
+
+    #[test]
     fn a_drop_names_the_pods_and_the_isolating_policy() {
         let state = state();
         let compiled = compile(&state, &Allocations::default());

@@ -1,5 +1,5 @@
-//! What the compiler reports about NetworkPolicies and Pods, published as Kubernetes
-//! Events on the objects.
+//! What the compiler reports about NetworkPolicies, ClusterNetworkPolicies and Pods,
+//! published as Kubernetes Events on the objects.
 
 use std::collections::BTreeMap;
 use std::hash::Hash;
@@ -12,7 +12,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use tracing::debug;
 
 use netpol_compile::state::ObjectRef;
-use netpol_compile::{Diagnostic, Kind};
+use netpol_compile::{Diagnostic, Kind, ObjectName, Subject as DiagnosticSubject};
 
 use super::incidents::chain;
 use super::watches::{ClusterWatch, object_ref};
@@ -30,9 +30,16 @@ impl ClusterWatch {
         };
         let mut notes: BTreeMap<(Subject, ObjectRef), Vec<String>> = BTreeMap::new();
         for diagnostic in diagnostics {
-            let (subject, key) = match diagnostic.object() {
-                Some((Kind::NetworkPolicy, key)) => (Subject::Policy, key),
-                Some((Kind::Pod, key)) => (Subject::Pod, key),
+            let (subject, key) = match (diagnostic.object(), &diagnostic.subject) {
+                (Some((Kind::NetworkPolicy, key)), _) => (Subject::Policy, key.clone()),
+                (Some((Kind::Pod, key)), _) => (Subject::Pod, key.clone()),
+                (
+                    _,
+                    DiagnosticSubject::Object {
+                        kind: Kind::ClusterNetworkPolicy,
+                        name: ObjectName::Cluster(name),
+                    },
+                ) => (Subject::ClusterPolicy, ObjectRef::new("", name.clone())),
                 _ => continue,
             };
             let text = if diagnostic.field.is_empty() {
@@ -40,12 +47,13 @@ impl ClusterWatch {
             } else {
                 format!("{}: {}", diagnostic.field, diagnostic.message)
             };
-            notes.entry((subject, key.clone())).or_default().push(text);
+            notes.entry((subject, key)).or_default().push(text);
         }
         for ((subject, key), notes) in notes {
             let reference = match subject {
                 Subject::Policy => self.reference::<NetworkPolicy>(&self.stores.policies, &key),
                 Subject::Pod => self.reference::<Pod>(&self.stores.pods, &key),
+                Subject::ClusterPolicy => self.cluster_policy_reference(&key.name),
             };
             let mut note = notes.join("; ");
             // The API server limits an Event's note to 1 kB.
@@ -78,6 +86,23 @@ impl ClusterWatch {
         }
     }
 
+    fn cluster_policy_reference(&self, name: &str) -> ObjectReference {
+        let uid = self
+            .stores
+            .cluster_policies
+            .state()
+            .into_iter()
+            .find(|o| o.metadata.name.as_deref() == Some(name))
+            .and_then(|o| o.metadata.uid.clone());
+        ObjectReference {
+            api_version: Some(netpol_compile::cnp::API_VERSION.into()),
+            kind: Some(netpol_compile::cnp::KIND.into()),
+            name: Some(name.to_owned()),
+            uid,
+            ..ObjectReference::default()
+        }
+    }
+
     fn reference<K>(&self, store: &Store<K>, key: &ObjectRef) -> ObjectReference
     where
         K: k8s_openapi::Resource
@@ -107,6 +132,7 @@ impl ClusterWatch {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Subject {
     Policy,
+    ClusterPolicy,
     Pod,
 }
 
@@ -114,6 +140,7 @@ impl Subject {
     fn reason(self) -> &'static str {
         match self {
             Subject::Policy => "InvalidNetworkPolicy",
+            Subject::ClusterPolicy => "InvalidClusterNetworkPolicy",
             Subject::Pod => "NetworkPolicyNotProgrammed",
         }
     }
