@@ -477,7 +477,15 @@ impl<'a> Analysis<'a> {
             }
             _ => HookVerdict::Denied,
         };
-        let (tiers, tiers_agree) = self.tier_steps(direction, &verdict);
+        let local = match direction {
+            Direction::Ingress => self.dst.ip(),
+            Direction::Egress => self.src.ip(),
+        };
+        let flags = compiled
+            .endpoints
+            .get(&netpol_compile::addr(local))
+            .map_or(0, |e| e.flags);
+        let (tiers, tiers_agree) = self.tier_steps(direction, flags, &verdict);
         let consulted = matches!(
             verdict,
             HookVerdict::Allowed { .. } | HookVerdict::AuditAllowed | HookVerdict::Denied
@@ -528,10 +536,24 @@ impl<'a> Analysis<'a> {
 
     /// The tiers' steps, walked by the tiered reference over the objects, and whether
     /// they agree with the maps' verdict (a ClusterNetworkPolicy verdict names the rule
-    /// the reference decided with; any other, no tier decided).
-    fn tier_steps(&self, direction: Direction, verdict: &HookVerdict) -> (Vec<TierStep>, bool) {
-        if self.state.cluster_policies.is_empty() || matches!(verdict, HookVerdict::NotLocal) {
-            return (Vec::new(), true);
+    /// the reference decided with; any other, no tier decided). None for an endpoint
+    /// (`flags`) with no tier entries in this direction: no ClusterNetworkPolicy has a
+    /// rule for it there, and the steps would only say so.
+    fn tier_steps(
+        &self,
+        direction: Direction,
+        flags: u32,
+        verdict: &HookVerdict,
+    ) -> (Vec<TierStep>, bool) {
+        let d = direction.as_u8();
+        let has_tiers = netpol_common::tier_kinds(flags, netpol_common::TIER_ADMIN, d) != 0
+            || netpol_common::tier_kinds(flags, netpol_common::TIER_BASELINE, d) != 0;
+        if !has_tiers || matches!(verdict, HookVerdict::NotLocal) {
+            let agrees = !matches!(
+                verdict,
+                HookVerdict::ClusterAccepted { .. } | HookVerdict::ClusterDenied { .. }
+            );
+            return (Vec::new(), agrees);
         }
         let reference = TieredReference::new(self.state);
         let port = self.port;

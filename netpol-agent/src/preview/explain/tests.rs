@@ -501,9 +501,25 @@ fn a_baseline_deny_yields_to_a_network_policy_and_decides_where_none_isolates() 
     let e = explain_checked(&state, "client/client", "stars/frontend", "TCP/80");
     assert!(e.allowed, "{e}");
     assert_eq!(e.hooks[1].tiers.len(), 1, "{e}");
-    // client reaching itself is no question; the client's own egress is not isolated
-    // and no Baseline policy selects it: allowed by default.
+    // The client's own egress: not isolated, and no ClusterNetworkPolicy has rules for
+    // it, so no tier steps are shown.
     let egress = &e.hooks[0];
     assert_eq!(egress.verdict, HookVerdict::NotIsolated, "{e}");
-    assert_eq!(egress.tiers.len(), 2, "{e}");
+    assert!(egress.tiers.is_empty(), "{e}");
+    // stars/backend is isolated for ingress and no rule lets the client in: with the
+    // Baseline tier's Deny beside NetworkPolicy, NetworkPolicy still decides.
+    let e = explain_checked(&state, "client/client", "stars/backend", "TCP/6379");
+    assert_eq!(e.hooks[1].verdict, HookVerdict::Denied, "{e}");
+    // A pod no NetworkPolicy isolates for ingress: the Baseline tier decides.
+    let mut open = state.clone();
+    open.policies.clear();
+    let e = explain_checked(&open, "client/client", "stars/backend", "TCP/6379");
+    let HookVerdict::ClusterDenied { rule } = &e.hooks[1].verdict else {
+        panic!("{e}");
+    };
+    assert_eq!(rule.cluster.as_ref().unwrap().tier, Tier::Baseline);
+    assert!(
+        e.to_string().contains("    Admin tier: no ClusterNetworkPolicy rule matches → on to NetworkPolicy\n    Baseline tier: Deny by"),
+        "{e}"
+    );
 }
