@@ -614,6 +614,12 @@ async fn cluster_network_policies_arrive_and_a_cluster_without_the_crd_still_syn
     .await;
     assert!(source.is_synced(), "synced without ClusterNetworkPolicies");
     assert!(state.cluster_policies.is_empty());
+    // Every node's labels and addresses, for `nodes` peers; this node's addresses too.
+    assert_eq!(
+        state.nodes["node-2"].ips,
+        ["192.168.0.2".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(state.nodes.len(), 2);
     // Installed, with a policy: it arrives (the watcher retries with backoff), trimmed.
     server.fail("clusternetworkpolicies", "list", None);
     server.apply(json!({

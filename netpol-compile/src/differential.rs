@@ -35,6 +35,8 @@ use crate::state::ClusterState;
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const NODE_IP: &str = "10.0.2.254";
+/// The other node's address: a `nodes` peer may select it.
+const OTHER_NODE_IP: &str = "10.0.2.253";
 /// Addresses that are never pods.
 const OUTSIDE: [&str; 6] = [
     "10.0.0.200",
@@ -398,6 +400,7 @@ fn cnp_peer(egress: bool) -> BoxedStrategy<Value> {
             3 => pods,
             2 => proptest::collection::vec(cnp_network(), 1..=2)
                 .prop_map(|nets| json!({"networks": nets})),
+            1 => selector(&["zone", "role"]).prop_map(|s| json!({"nodes": s})),
         ]
         .boxed()
     } else {
@@ -491,55 +494,75 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             1 => Just(Vec::new()),
             1 => proptest::collection::vec(cnp_spec(), 1..=3),
         ],
+        proptest::collection::vec(label_set(&["zone", "role"]), 2),
     )
-        .prop_map(|(n_ns, ns_labels, pods, policies, cluster_policies)| {
-            let mut c = Cluster::new().node_name("n1").node_ips(&[NODE_IP]);
-            for (i, name) in NAMESPACES.iter().take(n_ns).enumerate() {
-                c = c.ns(name, &ns_labels[i]);
-            }
-            let mut addresses: Vec<IpAddr> = OUTSIDE.iter().map(|s| s.parse().unwrap()).collect();
-            addresses.push(NODE_IP.parse().unwrap());
-            let mut previous_v4 = None;
-            for (i, p) in pods.iter().enumerate() {
-                let ns = NAMESPACES[p.ns % n_ns];
-                let own_v4 = format!("10.0.{}.{}", p.subnet, i + 1);
-                let v4 = match &previous_v4 {
-                    Some(previous) if p.shares_address => String::clone(previous),
-                    _ => own_v4,
-                };
-                let v6 = format!("fd00::{}", i + 1);
-                let mut ips = vec![v4.as_str()];
-                if p.v6 {
-                    ips.push(&v6);
+        .prop_map(
+            |(n_ns, ns_labels, pods, policies, cluster_policies, node_labels)| {
+                let mut c = Cluster::new().node_name("n1").node_ips(&[NODE_IP]);
+                for (i, name) in NAMESPACES.iter().take(n_ns).enumerate() {
+                    c = c.ns(name, &ns_labels[i]);
                 }
-                let mut pod = super::testutil::pod(ns, &format!("p{i}"), &p.labels, &ips, &p.ports);
-                if !p.init_ports.is_empty() {
-                    pod = super::testutil::with_init_container(pod, p.sidecar, &p.init_ports);
+                let mut addresses: Vec<IpAddr> =
+                    OUTSIDE.iter().map(|s| s.parse().unwrap()).collect();
+                addresses.push(NODE_IP.parse().unwrap());
+                addresses.push(OTHER_NODE_IP.parse().unwrap());
+                for (name, ip, labels) in [
+                    ("n1", NODE_IP, &node_labels[0]),
+                    ("n2", OTHER_NODE_IP, &node_labels[1]),
+                ] {
+                    let labels = labels
+                        .iter()
+                        .map(|&(k, v)| (k.to_string(), v.to_string()))
+                        .collect();
+                    let node = crate::state::NodePeer {
+                        labels,
+                        ips: vec![ip.parse().unwrap()],
+                    };
+                    c.state.nodes.insert(name.to_string(), node);
                 }
-                let created = p
-                    .created
-                    .map(|day| format!("2025-01-0{}T00:00:00Z", day + 1));
-                pod = super::testutil::with_phase(pod, p.phase, created.as_deref());
-                let spec = pod.spec.as_mut().unwrap();
-                spec.node_name = Some(if p.local { "n1" } else { "n2" }.into());
-                spec.host_network = p.host_network.then_some(true);
-                addresses.extend(ips.iter().map(|s| s.parse::<IpAddr>().unwrap()));
-                c = c.raw_pod(pod);
-                previous_v4 = Some(v4);
-            }
-            for (i, (ns, spec)) in policies.into_iter().enumerate() {
-                c = c.policy(NAMESPACES[ns % n_ns], &format!("np{i}"), spec);
-            }
-            for (i, spec) in cluster_policies.into_iter().enumerate() {
-                let name = format!("cnp{i}");
-                let object = cnp_object(&name, spec);
-                c.state.cluster_policies.insert(name, object);
-            }
-            Scenario {
-                state: c.state,
-                addresses,
-            }
-        })
+                let mut previous_v4 = None;
+                for (i, p) in pods.iter().enumerate() {
+                    let ns = NAMESPACES[p.ns % n_ns];
+                    let own_v4 = format!("10.0.{}.{}", p.subnet, i + 1);
+                    let v4 = match &previous_v4 {
+                        Some(previous) if p.shares_address => String::clone(previous),
+                        _ => own_v4,
+                    };
+                    let v6 = format!("fd00::{}", i + 1);
+                    let mut ips = vec![v4.as_str()];
+                    if p.v6 {
+                        ips.push(&v6);
+                    }
+                    let mut pod =
+                        super::testutil::pod(ns, &format!("p{i}"), &p.labels, &ips, &p.ports);
+                    if !p.init_ports.is_empty() {
+                        pod = super::testutil::with_init_container(pod, p.sidecar, &p.init_ports);
+                    }
+                    let created = p
+                        .created
+                        .map(|day| format!("2025-01-0{}T00:00:00Z", day + 1));
+                    pod = super::testutil::with_phase(pod, p.phase, created.as_deref());
+                    let spec = pod.spec.as_mut().unwrap();
+                    spec.node_name = Some(if p.local { "n1" } else { "n2" }.into());
+                    spec.host_network = p.host_network.then_some(true);
+                    addresses.extend(ips.iter().map(|s| s.parse::<IpAddr>().unwrap()));
+                    c = c.raw_pod(pod);
+                    previous_v4 = Some(v4);
+                }
+                for (i, (ns, spec)) in policies.into_iter().enumerate() {
+                    c = c.policy(NAMESPACES[ns % n_ns], &format!("np{i}"), spec);
+                }
+                for (i, spec) in cluster_policies.into_iter().enumerate() {
+                    let name = format!("cnp{i}");
+                    let object = cnp_object(&name, spec);
+                    c.state.cluster_policies.insert(name, object);
+                }
+                Scenario {
+                    state: c.state,
+                    addresses,
+                }
+            },
+        )
 }
 
 /// A protocol and destination port.

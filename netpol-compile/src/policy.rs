@@ -81,6 +81,8 @@ pub(crate) enum Peer {
         pods: Selector,
     },
     Block(Block),
+    /// The addresses of the nodes whose labels match (ClusterNetworkPolicy `nodes`).
+    Nodes(Selector),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -138,6 +140,7 @@ impl Peer {
             } => {
                 format!("pods {} in namespaces {}", pods.canonical(), ns.canonical())
             }
+            Peer::Nodes(nodes) => format!("nodes {}", nodes.canonical()),
             Peer::Block(b) if b.except.is_empty() => format!("ipBlock {}", b.cidr),
             Peer::Block(b) => {
                 let except: Vec<String> = b.except.iter().map(ToString::to_string).collect();

@@ -102,9 +102,42 @@ pub struct ClusterState {
     /// with [`AUDIT_ANNOTATION`].
     pub audit_all: bool,
     /// ClusterNetworkPolicies (cluster-scoped), by name, as the source has them (JSON,
-    /// valid or not: they are read by `cnp::read_cnp`). Only the tiered reference
-    /// evaluator reads them so far.
+    /// valid or not: they are read by `cnp::read_cnp`).
     pub cluster_policies: BTreeMap<String, serde_json::Value>,
+    /// The cluster's nodes, by name: what ClusterNetworkPolicy `nodes` peers select.
+    pub nodes: BTreeMap<String, NodePeer>,
+}
+
+/// What a `nodes` peer needs of a Node: its labels and its InternalIP and ExternalIP
+/// addresses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePeer {
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+/// The InternalIP and ExternalIP addresses of a Node, sorted, without duplicates.
+pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> Vec<std::net::IpAddr> {
+    let mut ips: Vec<std::net::IpAddr> = node
+        .status
+        .iter()
+        .flat_map(|status| status.addresses.iter().flatten())
+        .filter(|address| matches!(address.type_.as_str(), "InternalIP" | "ExternalIP"))
+        .filter_map(|address| address.address.parse().ok())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+impl NodePeer {
+    /// The labels and addresses of a Node object.
+    pub fn of(node: &k8s_openapi::api::core::v1::Node) -> NodePeer {
+        NodePeer {
+            labels: node.metadata.labels.clone().unwrap_or_default(),
+            ips: node_addresses(node),
+        }
+    }
 }
 
 /// The label the API server puts on every namespace: its name.

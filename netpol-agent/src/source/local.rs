@@ -101,6 +101,8 @@ pub struct Snapshot {
     pub service_cidrs: BTreeMap<String, ServiceCIDR>,
     /// ClusterNetworkPolicies as written, by name.
     pub cluster_policies: BTreeMap<String, serde_json::Value>,
+    /// Nodes' labels and addresses, by name.
+    pub nodes: BTreeMap<String, netpol_compile::state::NodePeer>,
     /// NetworkPolicies named by a document of which not even whom the policy selects
     /// can be read (its metadata or podSelector).
     pub unreadable_policies: BTreeSet<ObjectRef>,
@@ -127,6 +129,7 @@ impl Snapshot {
         state.endpoint_slices = self.endpoint_slices;
         state.service_cidrs = self.service_cidrs;
         state.cluster_policies = self.cluster_policies;
+        state.nodes = self.nodes;
         state.unreadable_policies = self.unreadable_policies;
         state.unreadable_parts = self.unreadable_parts;
         (self.diagnostics, self.generation)
@@ -310,6 +313,12 @@ impl Object {
             Object::ClusterNetworkPolicy { name, object } => {
                 snapshot.cluster_policies.insert(name, *object);
             }
+            Object::Node(node) => {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                snapshot
+                    .nodes
+                    .insert(name, netpol_compile::state::NodePeer::of(&node));
+            }
         }
     }
 }
@@ -349,6 +358,7 @@ fn name_of(object: &Object) -> Option<ObjectName> {
         Object::Service(service) => (&service.metadata, true),
         Object::EndpointSlice(slice) => (&slice.metadata, true),
         Object::ServiceCIDR(cidr) => (&cidr.metadata, false),
+        Object::Node(node) => (&node.metadata, false),
         Object::ClusterNetworkPolicy { name, .. } => {
             return Some(ObjectName::Cluster(name.clone()));
         }
@@ -504,6 +514,22 @@ mod tests {
     }
 
     const HEAD: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\n";
+
+    #[test]
+    fn nodes_in_manifests_are_what_a_cluster_network_policy_nodes_peer_selects() {
+        let nodes = "apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {role: control-plane}}\n\
+            status: {addresses: [{type: InternalIP, address: 10.0.9.1}, {type: Hostname, address: n1}]}\n---\n\
+            apiVersion: v1\nkind: Node\nmetadata: {name: n2, labels: {role: worker}}\n\
+            status: {addresses: [{type: InternalIP, address: 10.0.9.2}]}\n";
+        let cnp = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\n\
+            metadata: {name: no-control-plane}\n\
+            spec: {tier: Admin, priority: 1, subject: {namespaces: {}},\n\
+              egress: [{action: Deny, to: [{nodes: {matchLabels: {role: control-plane}}}]}]}\n";
+        let (c, messages) = with_policy("nodes", &format!("{nodes}---\n{cnp}"));
+        assert!(messages.is_empty(), "{messages:?}");
+        assert!(!passes(&c, "10.0.0.1", "10.0.9.1", 6443, Direction::Egress));
+        assert!(passes(&c, "10.0.0.1", "10.0.9.2", 10250, Direction::Egress));
+    }
 
     #[test]
     fn a_peer_with_an_unknown_field_is_left_out_of_its_rule_and_named() {

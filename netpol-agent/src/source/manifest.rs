@@ -6,7 +6,7 @@
 //! misspelt selector silently allows more than its author meant, so here an unknown
 //! field rejects the object.
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, ServiceCIDR,
@@ -34,6 +34,9 @@ pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     ServiceCIDR(Box<ServiceCIDR>),
+    /// A Node: its labels and addresses are what ClusterNetworkPolicy `nodes` peers
+    /// select.
+    Node(Box<Node>),
     /// A ClusterNetworkPolicy as written (the compiler reads it, as strictly as the
     /// CRD's validation: `netpol_compile::cnp`), and its name (`metadata.name`).
     ClusterNetworkPolicy {
@@ -85,6 +88,12 @@ impl Object {
             Object::ClusterNetworkPolicy { name, object } => {
                 state.cluster_policies.insert(name, *object);
             }
+            Object::Node(node) => {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                state
+                    .nodes
+                    .insert(name, netpol_compile::state::NodePeer::of(&node));
+            }
         }
     }
 
@@ -97,6 +106,7 @@ impl Object {
             Object::EndpointSlice(_) => "EndpointSlice",
             Object::ServiceCIDR(_) => "ServiceCIDR",
             Object::ClusterNetworkPolicy { .. } => "ClusterNetworkPolicy",
+            Object::Node(_) => "Node",
         }
     }
 }
@@ -156,7 +166,7 @@ fn parse_object(value: Value, origin: &str) -> Parsed {
         .and_then(Value::as_str)
         .unwrap_or_default();
     let expected = match kind.as_str() {
-        "Namespace" | "Pod" | "Service" => "v1",
+        "Namespace" | "Pod" | "Service" | "Node" => "v1",
         "NetworkPolicy" | "ServiceCIDR" => "networking.k8s.io/v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
         "ClusterNetworkPolicy" => netpol_compile::cnp::API_VERSION,
@@ -166,7 +176,7 @@ fn parse_object(value: Value, origin: &str) -> Parsed {
                 "kind",
                 format!(
                     "unsupported kind {other:?} (expected Namespace, Pod, NetworkPolicy, \
-                     Service, EndpointSlice, ServiceCIDR or ClusterNetworkPolicy)"
+                     Service, EndpointSlice, ServiceCIDR, ClusterNetworkPolicy or Node)"
                 ),
             ));
         }
@@ -183,6 +193,7 @@ fn parse_object(value: Value, origin: &str) -> Parsed {
         "Service" => typed(&value).map(|s| Object::Service(Box::new(s))),
         "EndpointSlice" => typed(&value).map(|s| Object::EndpointSlice(Box::new(s))),
         "ServiceCIDR" => typed(&value).map(|c| Object::ServiceCIDR(Box::new(c))),
+        "Node" => typed(&value).map(|n| Object::Node(Box::new(n))),
         "ClusterNetworkPolicy" => match value
             .pointer("/metadata/name")
             .and_then(Value::as_str)

@@ -237,9 +237,10 @@ impl<'a> TieredReference<'a> {
                     .remote_pod
                     .is_some_and(|remote| self.selects(pods, remote)),
                 CnpPeer::Networks(nets) => nets.iter().any(|net| net.contains(&connection.remote)),
-                // The state holds no Node objects yet: no address is known to be a
-                // node's (FORMAT.md leaves `nodes` peers out for now).
-                CnpPeer::Nodes(_) => false,
+                // The addresses (InternalIP, ExternalIP) of the nodes whose labels match.
+                CnpPeer::Nodes(selector) => self.state.nodes.values().any(|node| {
+                    selector.matches(&node.labels) && node.ips.contains(&connection.remote)
+                }),
             }),
         };
         if !peer_ok {

@@ -101,12 +101,43 @@ pub(super) fn classify(
             keys.push((host_key(ip), 0, class, 0));
         }
     }
+    // Node addresses: this node's always (they carry `PEER_HOST`), the others' when a
+    // `nodes` peer is in force; matched by the ipBlocks holding them and the `nodes`
+    // peers selecting their node.
+    let nodes_in_force = active
+        .iter()
+        .any(|slot| matches!(peers.slot(slot).peer, Peer::Nodes(_)));
+    let mut node_addresses: Vec<(
+        std::net::IpAddr,
+        Option<&std::collections::BTreeMap<String, String>>,
+        u32,
+    )> = Vec::new();
+    let own = state
+        .node
+        .name
+        .as_ref()
+        .and_then(|name| state.nodes.get(name));
     for &ip in &state.node.ips {
+        node_addresses.push((ip, own.map(|n| &n.labels), PEER_HOST));
+    }
+    if nodes_in_force {
+        for node in state.nodes.values() {
+            for &ip in &node.ips {
+                if !state.node.ips.contains(&ip) {
+                    node_addresses.push((ip, Some(&node.labels), 0));
+                }
+            }
+        }
+    }
+    for (ip, labels, flags) in node_addresses {
         let mut bits = BitSet::default();
         for slot in active.iter() {
-            if let Peer::Block(b) = &peers.slot(slot).peer
-                && b.contains_addr(ip)
-            {
+            let matches = match &peers.slot(slot).peer {
+                Peer::Block(b) => b.contains_addr(ip),
+                Peer::Nodes(selector) => labels.is_some_and(|l| selector.matches(l)),
+                Peer::Pods { .. } => false,
+            };
+            if matches {
                 bits.insert(slot);
             }
         }
@@ -114,7 +145,7 @@ pub(super) fn classify(
             peers: bits,
             named_ports: vec![],
         };
-        keys.push((host_key(ip), 1, table.intern(class), PEER_HOST));
+        keys.push((host_key(ip), 1, table.intern(class), flags));
     }
     // Service addresses and ranges: matched by the ipBlocks that contain them whole.
     let blocks_containing = |net: &IpNet| {

@@ -62,7 +62,7 @@ impl MemoContext<'_> {
                 };
                 namespace_ok && selector.matches(labels)
             }
-            Peer::Block(_) => false,
+            Peer::Block(_) | Peer::Nodes(_) => false,
         });
         entry.namespace_version = version;
         if !current {
@@ -75,7 +75,7 @@ impl MemoContext<'_> {
             };
             self.refresh(&mut memo, !current, |peer| match peer {
                 Peer::Block(b) => b.contains_addr(ip),
-                Peer::Pods { .. } => false,
+                Peer::Pods { .. } | Peer::Nodes(_) => false,
             });
             *bits = memo.bits;
         }
@@ -93,7 +93,7 @@ impl MemoContext<'_> {
             .iter()
             .filter_map(|slot| match &self.peers.slot(slot).peer {
                 Peer::Block(b) => Some(b),
-                Peer::Pods { .. } => None,
+                Peer::Pods { .. } | Peer::Nodes(_) => None,
             })
             .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
             .collect();
@@ -105,7 +105,7 @@ impl MemoContext<'_> {
                 let full = !memo.current(self.now);
                 self.refresh(memo, full, |peer| match peer {
                     Peer::Block(b) => b.contains_prefix(&prefix),
-                    Peer::Pods { .. } => false,
+                    Peer::Pods { .. } | Peer::Nodes(_) => false,
                 });
                 (prefix, memo.bits.clone())
             })

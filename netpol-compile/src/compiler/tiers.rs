@@ -72,19 +72,6 @@ pub(crate) fn read(state: &ClusterState, diagnostics: &mut Vec<Diagnostic>) -> V
             diagnostics.push(Diagnostic::new(subject(name), error.field, error.message));
         }
         if let Some(p) = reading.parsed {
-            let nodes = [&p.ingress, &p.egress].into_iter().flatten().any(|rule| {
-                rule.peers
-                    .iter()
-                    .flatten()
-                    .any(|peer| matches!(peer, CnpPeer::Nodes(_)))
-            });
-            if nodes {
-                diagnostics.push(Diagnostic::new(
-                    subject(&p.name),
-                    "spec.egress",
-                    "nodes peers are not enforced yet: they match no address",
-                ));
-            }
             parsed.push(p);
         }
     }
@@ -140,8 +127,7 @@ impl From<ParsedCnp> for ClusterPolicy {
     }
 }
 
-/// The compiler's peers for one `from`/`to` entry. `nodes` peers match nothing yet.
-/// A network holds what its prefix holds (IPv4-mapped IPv6 addresses in an IPv6 one):
+/// The compiler's peers for one `from`/`to` entry. A network holds what its prefix holds (IPv4-mapped IPv6 addresses in an IPv6 one):
 /// unlike an ipBlock, no Go `IPNet.Contains` reading is part of the API.
 fn peers_of(peer: &CnpPeer) -> Vec<Peer> {
     match peer {
@@ -158,7 +144,7 @@ fn peers_of(peer: &CnpPeer) -> Vec<Peer> {
                 })
             })
             .collect(),
-        CnpPeer::Nodes(_) => Vec::new(),
+        CnpPeer::Nodes(nodes) => vec![Peer::Nodes(nodes.clone())],
     }
 }
 

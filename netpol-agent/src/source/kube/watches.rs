@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{ClusterState, NodePeer, ObjectRef, node_addresses};
 
 use super::incidents::{self, Incidents, Signal};
 use super::settings::{Settings, Watched};
@@ -80,7 +80,6 @@ impl ClusterWatch {
             .build();
         let resource_version = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
-        let node_selector = format!("metadata.name={}", settings.node_name);
         let context = |watched| WatchContext {
             watched,
             tx: tx.clone(),
@@ -114,8 +113,9 @@ impl ClusterWatch {
         )));
         let (node, writer) = ::kube::runtime::reflector::store();
         tasks.push(tokio::spawn(watch(
+            // Every node: ClusterNetworkPolicy `nodes` peers select them by label.
             Api::<Node>::all(client.clone()),
-            watcher::Config::default().fields(&node_selector),
+            watcher::Config::default(),
             writer,
             trim::node,
             context(Watched::Node),
@@ -342,10 +342,12 @@ impl ClusterWatch {
                 Some((name, object))
             })
             .collect();
-        let node_ips = self
-            .stores
-            .node
-            .state()
+        let nodes = self.stores.node.state();
+        state.nodes = nodes
+            .iter()
+            .filter_map(|node| Some((node.metadata.name.clone()?, NodePeer::of(node))))
+            .collect();
+        let node_ips = nodes
             .iter()
             .filter(|node| node.metadata.name.as_deref() == Some(&self.settings.node_name))
             .flat_map(|node| node_addresses(node))
@@ -373,18 +375,4 @@ pub(super) fn object_ref(
         metadata.namespace.clone()?,
         metadata.name.clone()?,
     ))
-}
-
-/// The InternalIP and ExternalIP addresses of a Node.
-fn node_addresses(node: &Node) -> Vec<IpAddr> {
-    let mut ips: Vec<IpAddr> = node
-        .status
-        .iter()
-        .flat_map(|status| status.addresses.iter().flatten())
-        .filter(|address| matches!(address.type_.as_str(), "InternalIP" | "ExternalIP"))
-        .filter_map(|address| address.address.parse().ok())
-        .collect();
-    ips.sort();
-    ips.dedup();
-    ips
 }
