@@ -2,6 +2,9 @@
 //! addresses and ranges, ipBlock prefixes) sorted into classes of addresses that every
 //! peer in force treats alike.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
 use ipnet::IpNet;
 use netpol_common::{Addr, PEER_HOST, PEER_SERVICE};
 
@@ -11,6 +14,8 @@ use crate::lpm::{Lpm, host_key, key_net, net_key};
 use crate::policy::Peer;
 use crate::services::Frontends;
 use crate::state::ClusterState;
+
+type Labels = BTreeMap<String, String>;
 
 /// What makes an address class: the peers in force it matches (slots) and the egress
 /// named ports it resolves (index in the list of those in force, port).
@@ -107,11 +112,7 @@ pub(super) fn classify(
     let nodes_in_force = active
         .iter()
         .any(|slot| matches!(peers.slot(slot).peer, Peer::Nodes(_)));
-    let mut node_addresses: Vec<(
-        std::net::IpAddr,
-        Option<&std::collections::BTreeMap<String, String>>,
-        u32,
-    )> = Vec::new();
+    let mut node_addresses: Vec<(IpAddr, Option<&Labels>, u32)> = Vec::new();
     let own = state
         .node
         .name
