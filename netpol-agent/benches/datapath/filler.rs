@@ -7,7 +7,7 @@ use aya::maps::{HashMap, LpmTrie, Map, MapData};
 use netpol_common::{
     Addr, DIR_EGRESS, DIR_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED,
     EndpointInfo, POLICY_PREFIX_ANY_PORT, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue,
-    names,
+    TIER_ADMIN, VERDICT_DENY, names,
 };
 use netpol_compile::Compiled;
 
@@ -18,6 +18,8 @@ pub struct Filler {
     policy: HashMap<MapData, PolicyKey, PolicyValue>,
     policy_ranges: LpmTrie<MapData, PolicyKey, PolicyValue>,
     pub policy_written: usize,
+    /// Of those, Admin-tier (ClusterNetworkPolicy) entries.
+    pub tier_written: usize,
 }
 
 /// Filler identities start here, above every identity the compiler hands out for the
@@ -35,6 +37,7 @@ impl Filler {
             policy_ranges: LpmTrie::try_from(Map::LpmTrie(pinned(names::POLICY_RANGES)))
                 .expect("map"),
             policy_written: 0,
+            tier_written: 0,
         }
     }
 
@@ -75,8 +78,10 @@ impl Filler {
     /// POLICY and POLICY_RANGES up to `total` entries together (`core` of them from the
     /// compiler): entry i goes to endpoint 1 + i % 100 (the measured endpoints among
     /// them), then identity, direction and protocol vary; one in ten is a /8 port prefix
-    /// (POLICY_RANGES), the rest exact ports (POLICY). The endpoints' flags stay as
-    /// compiled, so the measured exact-port endpoints never walk the ranges.
+    /// (POLICY_RANGES), the rest exact ports (POLICY); one in five is an Admin-tier
+    /// entry (a ClusterNetworkPolicy Deny) instead of a NetworkPolicy one. The
+    /// endpoints' flags stay as compiled, so the measured exact-port endpoints never walk
+    /// the ranges.
     pub fn policy(&mut self, core: usize, total: usize) {
         let want = total.saturating_sub(core);
         while self.policy_written < want {
@@ -99,14 +104,24 @@ impl Filler {
             } else {
                 (1000 + (rest % 997) as u16, 16)
             };
+            let tiered = rest % 5 == 4;
             let key = PolicyKey {
                 endpoint,
                 identity,
-                direction,
+                direction: if tiered {
+                    direction | TIER_ADMIN
+                } else {
+                    direction
+                },
                 protocol,
                 port: port.to_be_bytes(),
             };
-            let value = PolicyValue::allow(100_000 + i);
+            let value = if tiered {
+                self.tier_written += 1;
+                PolicyValue::new(100_000 + i, VERDICT_DENY)
+            } else {
+                PolicyValue::allow(100_000 + i)
+            };
             if bits == 16 {
                 self.policy.insert(key, value, 0).expect("POLICY");
             } else {

@@ -17,7 +17,8 @@
 //!   `Datapath::apply` holds every entry the measured packets hit; synthetic entries of
 //!   the same shapes (97 more endpoints, 100,000 pod /32s and /24 ipBlocks, POLICY and
 //!   POLICY_RANGES entries spread over 100 endpoints, 250 identities, both directions,
-//!   TCP/UDP, exact ports and one in ten a port prefix) are written through the pinned maps (`MapData::from_pin`)
+//!   TCP/UDP, exact ports and one in ten a port prefix, one in five an Admin-tier
+//!   ClusterNetworkPolicy entry) are written through the pinned maps (`MapData::from_pin`)
 //!   to reach the sizes. Filler identities are >= 1000, so no decision changes: each
 //!   scenario's verdict and counted reason are checked at every size.
 //! - A new flow cannot be repeated on one frame (the first run creates the CT entry), so
@@ -104,6 +105,8 @@ impl Config {
 /// Per size and scenario: the samples (ns per packet, one per round).
 struct Measured {
     policy_entries: usize,
+    /// Of those, ClusterNetworkPolicy (Admin tier) entries.
+    tier_entries: usize,
     ipcache_entries: usize,
     repeated: Vec<Summary>,
     /// Single runs: (empty program, netpol ARP, allowed SYN with CT insert).
@@ -130,17 +133,22 @@ fn main() {
         "{:?}",
         compiled.diagnostics
     );
-    assert_eq!(compiled.local_pods.len(), 3);
+    assert_eq!(compiled.local_pods.len(), 4);
     assert!(
         compiled
             .local_pods
             .iter()
             .all(|p| p.endpoint_id as usize <= compiled.local_pods.len()),
-        "the filler assumes the compiled endpoints come first (1, 2, 3)"
+        "the filler assumes the compiled endpoints come first (1 to 4)"
     );
     assert!(compiled.identities.keys().all(|&id| id < FILLER_IDENTITY));
     bench.datapath.sync_maps(&compiled).expect("apply");
     let core_policy = compiled.policy.len();
+    let core_tier = compiled
+        .policy
+        .keys()
+        .filter(|k| k.data.direction & !netpol_common::DIR_MASK != 0)
+        .count();
     let core_ipcache = compiled.ipcache.len();
 
     let mut filler = Filler::open(&dir.path.join("maps"));
@@ -243,6 +251,7 @@ fn main() {
 
         results.push(Measured {
             policy_entries,
+            tier_entries: core_tier + filler.tier_written,
             ipcache_entries,
             repeated: samples.iter().map(|v| Summary::of(v)).collect(),
             single: single.map(|v| Summary::of(&v)),

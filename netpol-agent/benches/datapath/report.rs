@@ -35,7 +35,13 @@ const NEW_FLOW_SCALING_LIMIT: f64 = 1.15;
 pub fn report(config: &Config, machine: &Value, scenarios: &[Scenario], results: &[Measured]) {
     let sizes: Vec<String> = results
         .iter()
-        .map(|m| format!("POLICY {}", thousands(m.policy_entries)))
+        .map(|m| {
+            format!(
+                "POLICY {} ({} Admin tier)",
+                thousands(m.policy_entries),
+                thousands(m.tier_entries)
+            )
+        })
         .collect();
     println!(
         "\n## Datapath: ns per packet (BPF_PROG_TEST_RUN){}\n",
@@ -112,6 +118,7 @@ pub fn report(config: &Config, machine: &Value, scenarios: &[Scenario], results:
         idx("new_flow_denied_ranges"),
         idx("new_flow_allowed_ranges_rst"),
     );
+    let (admin_denied, admin_pass) = (idx("new_flow_admin_denied"), idx("new_flow_admin_pass_rst"));
     let first = &results[0];
     let last = &results[results.len() - 1];
     let worst_service_gap = results
@@ -167,6 +174,18 @@ pub fn report(config: &Config, machine: &Value, scenarios: &[Scenario], results:
             met(scaling(rst) <= NEW_FLOW_SCALING_LIMIT).into(),
         ],
         vec![
+            format!("new flow denied by the Admin tier: POLICY {hi} / POLICY {lo}"),
+            format!("{:.2}×", scaling(admin_denied)),
+            format!("≤ {NEW_FLOW_SCALING_LIMIT}×"),
+            met(scaling(admin_denied) <= NEW_FLOW_SCALING_LIMIT).into(),
+        ],
+        vec![
+            format!("new flow, Admin Pass then NetworkPolicy allows: POLICY {hi} / POLICY {lo}"),
+            format!("{:.2}×", scaling(admin_pass)),
+            format!("≤ {NEW_FLOW_SCALING_LIMIT}×"),
+            met(scaling(admin_pass) <= NEW_FLOW_SCALING_LIMIT).into(),
+        ],
+        vec![
             format!("new flow denied, endpoint with port ranges: POLICY {hi} / POLICY {lo}"),
             format!("{:.2}×", scaling(denied_ranges)),
             "(information)".into(),
@@ -202,6 +221,7 @@ pub fn report(config: &Config, machine: &Value, scenarios: &[Scenario], results:
         },
         "sizes": results.iter().map(|m| json!({
             "policy_entries": m.policy_entries,
+            "tier_entries": m.tier_entries,
             "ipcache_entries": m.ipcache_entries,
             "scenarios": scenarios.iter().zip(&m.repeated).map(|(s, r)| json!({
                 "key": s.key, "name": s.name, "method": s.method,
@@ -217,6 +237,8 @@ pub fn report(config: &Config, machine: &Value, scenarios: &[Scenario], results:
             "new_flow_denied_scaling": {"value": scaling(denied), "limit": NEW_FLOW_SCALING_LIMIT, "met": scaling(denied) <= NEW_FLOW_SCALING_LIMIT,
                 "from_policy_entries": first.policy_entries, "to_policy_entries": last.policy_entries},
             "new_flow_allowed_rst_scaling": {"value": scaling(rst), "limit": NEW_FLOW_SCALING_LIMIT, "met": scaling(rst) <= NEW_FLOW_SCALING_LIMIT},
+            "new_flow_admin_denied_scaling": {"value": scaling(admin_denied), "limit": NEW_FLOW_SCALING_LIMIT, "met": scaling(admin_denied) <= NEW_FLOW_SCALING_LIMIT},
+            "new_flow_admin_pass_scaling": {"value": scaling(admin_pass), "limit": NEW_FLOW_SCALING_LIMIT, "met": scaling(admin_pass) <= NEW_FLOW_SCALING_LIMIT},
             "new_flow_denied_ranges_scaling": {"value": scaling(denied_ranges)},
             "new_flow_allowed_ranges_scaling": {"value": scaling(rst_ranges)},
             "allowed_syn_above_floor_scaling": {"value": syn_scaling},

@@ -14,7 +14,9 @@ use netpol_compile::state::{ClusterState, NodeContext};
 /// (node-1) on TCP 80 and 85, also through the Service address [`SERVICE`] (kube-proxy's
 /// translation is what the scenarios play: the hook after it sees the backend and the
 /// mark). Exact ports are the common case; `ranged` (local) accepts TCP 80-90 from
-/// `client`, the case of an endpoint with port ranges.
+/// `client`, the case of an endpoint with port ranges. `guarded` (local) is the subject
+/// of an Admin-tier ClusterNetworkPolicy that denies `client` on TCP 91 and passes the
+/// rest of its traffic on to NetworkPolicy, which allows TCP 85.
 const CLUSTER: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -81,6 +83,38 @@ spec:
   ingress:
     - from: [{podSelector: {matchLabels: {app: client}}}]
       ports: [{protocol: TCP, port: 80, endPort: 90}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: guarded, namespace: bench, labels: {app: guarded}}
+spec: {nodeName: node-0, containers: [{name: c}]}
+status: {phase: Running, podIP: 10.0.0.6}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: guarded-ingress, namespace: bench}
+spec:
+  podSelector: {matchLabels: {app: guarded}}
+  policyTypes: [Ingress]
+  ingress:
+    - from: [{podSelector: {matchLabels: {app: client}}}]
+      ports: [{protocol: TCP, port: 85}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: guard}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: guarded}}}}
+  ingress:
+    - name: deny-91
+      action: Deny
+      from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: client}}}}]
+      protocols: [{tcp: {destinationPort: {number: 91}}}]
+    - name: pass-the-rest
+      action: Pass
+      from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: client}}}}]
 "#;
 
 pub const SERVER: &str = "10.0.0.1";
@@ -88,6 +122,7 @@ pub const CLIENT: &str = "10.0.0.2";
 const NOT_LOCAL: &str = "10.0.0.3";
 pub const CALLER: &str = "10.0.0.4";
 const RANGED: &str = "10.0.0.5";
+const GUARDED: &str = "10.0.0.6";
 /// A ClusterIP, and the Service port in front of the backends' 80.
 pub const SERVICE: &str = "10.96.0.1";
 pub const SERVICE_PORT: u16 = 10080;
@@ -221,6 +256,26 @@ pub fn scenarios() -> Vec<Scenario> {
             method: "to_pod, RST to port 85 of `ranged`: POLICY hash miss + POLICY_RANGES hit",
             prog: Prog::Netpol(ToPod),
             frame: tcp(CLIENT, RANGED, 40004, 85, TCP_RST),
+            mark: 0,
+            action: PASS,
+            reason: Some(Reason::PolicyAllowed),
+        },
+        Scenario {
+            key: "new_flow_admin_denied",
+            name: "new flow, denied by the Admin tier",
+            method: "to_pod, SYN to port 91 of `guarded`: CT miss + IFACES + ENDPOINTS + IPCACHE + 1 POLICY hash hit (Admin tier, Deny)",
+            prog: Prog::Netpol(ToPod),
+            frame: tcp(CLIENT, GUARDED, 40005, 91, netpol_common::TCP_SYN),
+            mark: 0,
+            action: SHOT,
+            reason: Some(Reason::ClusterDenied),
+        },
+        Scenario {
+            key: "new_flow_admin_pass_rst",
+            name: "new flow, Admin Pass then NetworkPolicy allows (RST)",
+            method: "to_pod, RST to port 85 of `guarded`: Admin tier hash miss + every-protocol hit (Pass) + NetworkPolicy hash hit",
+            prog: Prog::Netpol(ToPod),
+            frame: tcp(CLIENT, GUARDED, 40006, 85, TCP_RST),
             mark: 0,
             action: PASS,
             reason: Some(Reason::PolicyAllowed),
