@@ -175,6 +175,9 @@ pub(crate) struct CompileCache {
     pub peers: PeerSlots,
     /// ipBlock cidr and except prefixes: the block slots containing each.
     pub prefixes: HashMap<IpNet, Memo>,
+    /// ClusterNetworkPolicies as read last time, by name, with the object they were
+    /// read from: read again only when it changes.
+    pub cluster_policies: HashMap<String, crate::compiler::ReadCnp>,
 }
 
 impl CompileCache {
@@ -284,7 +287,7 @@ impl PolicyEntry {
 }
 
 /// A named container port: the first definition of each (name, protocol) wins.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct NamedPort {
     pub name: String,
     pub protocol: u8,

@@ -26,6 +26,7 @@ mod pods;
 mod tiers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use netpol_common::{
     Addr, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, EndpointInfo,
@@ -36,6 +37,7 @@ use self::classify::{Classes, classify};
 use self::emit::RuleContext;
 use self::memo::MemoContext;
 use self::pods::{PodView, audited_namespace, live_pods, namespace_labels};
+pub(crate) use self::tiers::ReadCnp;
 use self::tiers::{ClusterPolicy, TierContext};
 use crate::admission::Admission;
 use crate::cache::{CompileCache, PeerSlots, PodEntry};
@@ -152,6 +154,7 @@ fn compile_with(
         pods: pod_entries,
         peers,
         prefixes,
+        cluster_policies: cluster_memo,
         ..
     } = cache;
     let mut diagnostics = Vec::new();
@@ -163,7 +166,7 @@ fn compile_with(
         &mut diagnostics,
     );
     let policies = policies_in_force(admission);
-    let cluster_policies = tiers::read(state, &mut diagnostics);
+    let cluster_policies = tiers::read(state, cluster_memo, &mut diagnostics);
     let pods = live_pods(state, pod_entries, &mut diagnostics);
     let frontends = crate::services::frontends(state, &mut diagnostics);
     let endpoints = select_endpoints(&pods, &policies, &cluster_policies, &namespaces);
@@ -303,7 +306,7 @@ struct Endpoint {
 fn select_endpoints(
     pods: &[PodView<'_>],
     policies: &Policies<'_>,
-    cluster_policies: &[ClusterPolicy],
+    cluster_policies: &[Arc<ClusterPolicy>],
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
 ) -> Vec<Endpoint> {
     pods.iter()
@@ -343,7 +346,7 @@ fn select_endpoints(
 fn peers_in_force<'a>(
     endpoints: &[Endpoint],
     policies: &Policies<'a>,
-    cluster_policies: &'a [ClusterPolicy],
+    cluster_policies: &'a [Arc<ClusterPolicy>],
     peers: &mut PeerSlots,
 ) -> Vec<(&'a str, u8)> {
     let mut in_force = [BTreeSet::new(), BTreeSet::new()];
@@ -532,7 +535,7 @@ type Maps = (
 fn emit_maps(
     state: &ClusterState,
     policies: &Policies<'_>,
-    cluster_policies: &[ClusterPolicy],
+    cluster_policies: &[Arc<ClusterPolicy>],
     pods: &[PodView<'_>],
     endpoints: &[Endpoint],
     pod_entries: &[PodEntry],
@@ -569,6 +572,8 @@ fn emit_maps(
         })
         .collect();
     let all_identities = tiers::all_identities(numbered.identities.keys().copied());
+    type TierCellsKey = (u8, Direction, Vec<usize>, Vec<crate::cache::NamedPort>);
+    let mut tier_cells: HashMap<TierCellsKey, Vec<(Lpm<PolicyKey>, PolicyValue)>> = HashMap::new();
     let mut endpoint_map = BTreeMap::new();
     let mut policy = BTreeMap::new();
     let mut local_pods = Vec::new();
@@ -609,32 +614,50 @@ fn emit_maps(
         }
         for tier in [TIER_ADMIN, TIER_BASELINE] {
             for direction in Direction::BOTH {
-                let rules: Vec<(&tiers::TierRule, u32)> = ep
+                let selecting: Vec<usize> = ep
                     .cluster_selected
                     .iter()
-                    .map(|&i| &cluster_policies[i])
-                    .filter(|p| p.tier == tier)
-                    .flat_map(|p| p.rules(direction))
-                    .map(|rule| {
-                        let id = allocations.rule_id(&rule.rule).expect("allocated above");
-                        (rule, id)
-                    })
+                    .copied()
+                    .filter(|&i| cluster_policies[i].tier == tier)
                     .collect();
-                if rules.is_empty() {
+                if selecting.is_empty() {
                     continue;
                 }
-                let ctx = TierContext {
-                    endpoint: id,
-                    direction,
-                    tier,
-                    pod: entry,
-                    peers,
-                    peer_identities: &numbered.peer_identities,
-                    all_identities: &all_identities,
-                    egress_named_ports,
-                    named_by_identity: &numbered.named_by_identity,
+                // Endpoints selected by the same policies (with the same named ports,
+                // which ingress rules resolve on the pod) get the same entries.
+                let named_ports = match direction {
+                    Direction::Ingress => entry.named_ports.clone(),
+                    Direction::Egress => Vec::new(),
                 };
-                ctx.emit(&rules, &mut policy);
+                let key = (tier, direction, selecting, named_ports);
+                let cells = tier_cells
+                    .entry(key)
+                    .or_insert_with_key(|(_, _, selecting, _)| {
+                        let rules: Vec<(&tiers::TierRule, u32)> = selecting
+                            .iter()
+                            .flat_map(|&i| cluster_policies[i].rules(direction))
+                            .map(|rule| {
+                                let id = allocations.rule_id(&rule.rule).expect("allocated above");
+                                (rule, id)
+                            })
+                            .collect();
+                        let ctx = TierContext {
+                            direction,
+                            tier,
+                            pod: entry,
+                            peers,
+                            peer_identities: &numbered.peer_identities,
+                            all_identities: &all_identities,
+                            egress_named_ports,
+                            named_by_identity: &numbered.named_by_identity,
+                        };
+                        ctx.emit(&rules)
+                    });
+                for (key, value) in cells.iter() {
+                    let mut key = *key;
+                    key.data.endpoint = id;
+                    policy.insert(key, *value);
+                }
             }
         }
         let names = |d: usize| {

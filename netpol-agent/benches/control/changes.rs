@@ -1,5 +1,6 @@
 //! The changes whose propagation is measured, in turn: a pod label flipped, a policy
-//! added, a pod created, a pod deleted, a namespace label flipped.
+//! added, a pod created, a pod deleted, a namespace label flipped, a
+//! ClusterNetworkPolicy replaced.
 
 use std::collections::BTreeMap;
 
@@ -7,7 +8,7 @@ use netpol_compile::state::{ClusterState, ObjectRef};
 use serde_json::json;
 
 use crate::Size;
-use crate::cluster::{ns_name, pod, policy};
+use crate::cluster::{CLUSTER_POLICIES, cluster_policy, ns_name, pod, policy};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ChangeKind {
@@ -16,15 +17,17 @@ pub enum ChangeKind {
     PodCreated,
     PodDeleted,
     NamespaceLabel,
+    ClusterPolicyReplaced,
 }
 
 impl ChangeKind {
-    pub const ALL: [ChangeKind; 5] = [
+    pub const ALL: [ChangeKind; 6] = [
         ChangeKind::LabelFlip,
         ChangeKind::PolicyAdded,
         ChangeKind::PodCreated,
         ChangeKind::PodDeleted,
         ChangeKind::NamespaceLabel,
+        ChangeKind::ClusterPolicyReplaced,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -33,6 +36,7 @@ impl ChangeKind {
             ChangeKind::PodCreated => "pod created",
             ChangeKind::PodDeleted => "pod deleted",
             ChangeKind::NamespaceLabel => "namespace label flipped",
+            ChangeKind::ClusterPolicyReplaced => "ClusterNetworkPolicy replaced",
         }
     }
 }
@@ -108,6 +112,14 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> ChangeKind {
             let team = labels.get("team").cloned().unwrap_or_default();
             let digit: usize = team.trim_start_matches("team-").parse().unwrap_or(0);
             labels.insert("team".into(), format!("team-{}", (digit + 1) % 10));
+        }
+        ChangeKind::ClusterPolicyReplaced => {
+            // Its place takes the next shape's policy (a new tier, subject and rules).
+            let k = (n * 37) % CLUSTER_POLICIES;
+            let (_, mut object) = cluster_policy(k + 1);
+            let name = format!("cnp-{k:03}");
+            object["metadata"]["name"] = json!(name);
+            state.cluster_policies.insert(name, object);
         }
     }
     kind

@@ -1,6 +1,7 @@
-//! The synthetic cluster: namespaces, pods (some on this node, some dual-stack) and
+//! The synthetic cluster: namespaces, pods (some on this node, some dual-stack),
 //! policies of the shapes real clusters carry, three per namespace in rotation over ten
-//! shapes.
+//! shapes, and [`CLUSTER_POLICIES`] ClusterNetworkPolicies of both tiers in rotation over
+//! six shapes.
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -180,6 +181,84 @@ pub fn policy(ns: &str, name: &str, spec: Value) -> NetworkPolicy {
         .expect("policy")
 }
 
+/// ClusterNetworkPolicies at every size.
+pub const CLUSTER_POLICIES: usize = 200;
+
+/// ClusterNetworkPolicy number `k` (Admin tier for four of six shapes: a cluster
+/// admin's guard rails; Baseline defaults for the rest), as the API server holds it.
+pub fn cluster_policy(k: usize) -> (String, Value) {
+    let team = format!("team-{}", k % 10);
+    let (tier, spec) = match k % 6 {
+        0 => (
+            "Admin",
+            json!({
+                "subject": {"namespaces": {"matchLabels": {"team": team}}},
+                "ingress": [{"name": "no-dev-to-db", "action": "Deny",
+                             "from": [{"namespaces": {"matchLabels": {"env": "dev"}}}],
+                             "protocols": [{"tcp": {"destinationPort": {"number": 5432}}}]}],
+            }),
+        ),
+        1 => (
+            "Admin",
+            json!({
+                "subject": {"namespaces": {"matchLabels": {"env": "prod"}}},
+                "egress": [{"name": "no-metadata", "action": "Deny",
+                            "to": [{"networks": ["169.254.169.254/32"]}]},
+                           {"name": "pods-decide", "action": "Pass",
+                            "to": [{"namespaces": {}}]}],
+            }),
+        ),
+        2 => (
+            "Admin",
+            json!({
+                "subject": {"pods": {"namespaceSelector": {"matchLabels": {"team": team}},
+                                     "podSelector": {"matchLabels": {"role": "db"}}}},
+                "ingress": [{"name": "scrape", "action": "Accept",
+                             "from": [{"pods": {"namespaceSelector": {"matchLabels": {"monitoring": "enabled"}},
+                                                "podSelector": {}}}],
+                             "protocols": [{"destinationNamedPort": "metrics"}]}],
+            }),
+        ),
+        3 => (
+            "Admin",
+            json!({
+                "subject": {"namespaces": {}},
+                "ingress": [{"name": "team-ports", "action": "Pass",
+                             "from": [{"namespaces": {"matchLabels": {"team": team}}}],
+                             "protocols": [{"tcp": {"destinationPort": {"range": {"start": 8000, "end": 8999}}}}]}],
+            }),
+        ),
+        4 => (
+            "Baseline",
+            json!({
+                "subject": {"namespaces": {"matchLabels": {"env": "staging"}}},
+                "ingress": [{"name": "no-dev", "action": "Deny",
+                             "from": [{"namespaces": {"matchLabels": {"env": "dev"}}}]}],
+            }),
+        ),
+        _ => (
+            "Baseline",
+            json!({
+                "subject": {"namespaces": {}},
+                "egress": [{"name": "dns", "action": "Accept",
+                            "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "app-5"}}}}],
+                            "protocols": [{"udp": {"destinationPort": {"number": 53}}}]}],
+            }),
+        ),
+    };
+    let mut spec = spec;
+    spec["tier"] = json!(tier);
+    spec["priority"] = json!(k % 1000);
+    let name = format!("cnp-{k:03}");
+    let object = json!({
+        "apiVersion": netpol_compile::cnp::API_VERSION,
+        "kind": netpol_compile::cnp::KIND,
+        "metadata": {"name": name},
+        "spec": spec,
+    });
+    (name, object)
+}
+
 pub fn cluster(size: Size) -> ClusterState {
     let mut state = ClusterState {
         node: NodeContext {
@@ -216,6 +295,10 @@ pub fn cluster(size: Size) -> ClusterState {
             size.nodes(),
         );
         state.pods.insert(ObjectRef::new(ns_name(ns), name), p);
+    }
+    for k in 0..CLUSTER_POLICIES {
+        let (name, object) = cluster_policy(k);
+        state.cluster_policies.insert(name, object);
     }
     state
 }

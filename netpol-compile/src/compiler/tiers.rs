@@ -15,6 +15,7 @@
 //! would rank below every identity's own entries whatever their order.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use netpol_common::{
     IDENTITY_ANY, IDENTITY_WORLD, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PROTO_SCTP,
@@ -59,24 +60,66 @@ pub(crate) fn subject(name: &str) -> Subject {
     }
 }
 
+/// One ClusterNetworkPolicy as read, kept by the compiler's memo: the object it was
+/// read from, what can be read of it (with its place in the order) and its diagnostics.
+pub(crate) struct ReadCnp {
+    object: serde_json::Value,
+    policy: Option<(Order, Arc<ClusterPolicy>)>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+/// Where a policy comes in the kernel's order: tier, priority, name.
+type Order = (Tier, u16, String);
+
 /// Every ClusterNetworkPolicy of `state`, as far as it can be read, in the order the
 /// kernel looks at them: the Admin tier, then the Baseline tier, each by priority, then
 /// name. What cannot be read is reported in `diagnostics` (and never allows anything:
-/// see `cnp::parse::Reading`).
-pub(crate) fn read(state: &ClusterState, diagnostics: &mut Vec<Diagnostic>) -> Vec<ClusterPolicy> {
-    let mut parsed: Vec<ParsedCnp> = Vec::new();
+/// see `cnp::parse::Reading`). `memo` keeps each object's reading until it changes.
+pub(crate) fn read(
+    state: &ClusterState,
+    memo: &mut HashMap<String, ReadCnp>,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<Arc<ClusterPolicy>> {
+    memo.retain(|name, _| state.cluster_policies.contains_key(name));
     for (key, object) in &state.cluster_policies {
-        let reading = read_cnp(object);
-        let name = reading.parsed.as_ref().map_or(key.as_str(), |p| &p.name);
-        for error in reading.errors {
-            diagnostics.push(Diagnostic::new(subject(name), error.field, error.message));
-        }
-        if let Some(p) = reading.parsed {
-            parsed.push(p);
-        }
+        let read = match memo.entry(key.clone()) {
+            std::collections::hash_map::Entry::Occupied(entry) if entry.get().object == *object => {
+                entry.into_mut()
+            }
+            entry => {
+                let reading = read_cnp(object);
+                let name = reading.parsed.as_ref().map_or(key.as_str(), |p| &p.name);
+                let found = reading
+                    .errors
+                    .into_iter()
+                    .map(|e| Diagnostic::new(subject(name), e.field, e.message))
+                    .collect();
+                let policy = reading.parsed.map(|p| {
+                    let order = (p.tier, p.priority, p.name.clone());
+                    (order, Arc::new(ClusterPolicy::from(p)))
+                });
+                let read = ReadCnp {
+                    object: object.clone(),
+                    policy,
+                    diagnostics: found,
+                };
+                match entry {
+                    std::collections::hash_map::Entry::Occupied(mut e) => {
+                        e.insert(read);
+                        e.into_mut()
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(read),
+                }
+            }
+        };
+        diagnostics.extend(read.diagnostics.iter().cloned());
     }
-    parsed.sort_by(|a, b| (a.tier, a.priority, &a.name).cmp(&(b.tier, b.priority, &b.name)));
-    parsed.into_iter().map(ClusterPolicy::from).collect()
+    let mut ordered: Vec<(&Order, &Arc<ClusterPolicy>)> = memo
+        .values()
+        .filter_map(|read| read.policy.as_ref().map(|(order, policy)| (order, policy)))
+        .collect();
+    ordered.sort_by(|a, b| a.0.cmp(b.0));
+    ordered.into_iter().map(|(_, p)| p.clone()).collect()
 }
 
 impl From<ParsedCnp> for ClusterPolicy {
@@ -205,9 +248,10 @@ enum Ports {
 type Outcome = (u32, u8);
 
 /// Everything needed to turn the rules of one tier selecting one endpoint into its
-/// POLICY entries in one direction.
+/// POLICY entries in one direction. The entries depend on the endpoint only through
+/// the rules that select it and (ingress) its named ports: they are made with endpoint
+/// 0, for the caller to stamp, and endpoints alike share them.
 pub(super) struct TierContext<'a> {
-    pub(super) endpoint: u32,
     pub(super) direction: Direction,
     pub(super) tier: u8,
     /// The local pod.
@@ -223,12 +267,9 @@ pub(super) struct TierContext<'a> {
 }
 
 impl TierContext<'_> {
-    /// Entries for `rules` (with their ids), in the tier's order.
-    pub(super) fn emit(
-        &self,
-        rules: &[(&TierRule, u32)],
-        out: &mut BTreeMap<Lpm<PolicyKey>, PolicyValue>,
-    ) {
+    /// Entries for `rules` (with their ids), in the tier's order, with endpoint 0.
+    pub(super) fn emit(&self, rules: &[(&TierRule, u32)]) -> Vec<(Lpm<PolicyKey>, PolicyValue)> {
+        let mut out = Vec::new();
         // Per identity, the rules whose peers match it, in order.
         let mut by_identity: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (at, (rule, _)) in rules.iter().enumerate() {
@@ -267,7 +308,7 @@ impl TierContext<'_> {
                 }
             }
             if let Some(outcome) = every {
-                self.insert(out, identity, 0, 0, POLICY_PREFIX_ANY_PROTO, outcome);
+                self.insert(&mut out, identity, 0, 0, POLICY_PREFIX_ANY_PROTO, outcome);
             }
             let protocols: BTreeSet<u8> = cells.iter().map(|((p, _, _), _)| *p).collect();
             for protocol in protocols {
@@ -282,7 +323,7 @@ impl TierContext<'_> {
                     }
                     for block in port_prefixes(first, last) {
                         self.insert(
-                            out,
+                            &mut out,
                             identity,
                             protocol,
                             block.value,
@@ -293,6 +334,7 @@ impl TierContext<'_> {
                 }
             }
         }
+        out
     }
 
     /// What `rule` matches of a connection with a peer of `identity`. Named ports are
@@ -326,7 +368,7 @@ impl TierContext<'_> {
 
     fn insert(
         &self,
-        out: &mut BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+        out: &mut Vec<(Lpm<PolicyKey>, PolicyValue)>,
         identity: u32,
         protocol: u8,
         port: u16,
@@ -336,7 +378,7 @@ impl TierContext<'_> {
         let key = Lpm::new(
             prefix_len,
             PolicyKey {
-                endpoint: self.endpoint,
+                endpoint: 0,
                 identity,
                 direction: self.direction.as_u8() | self.tier,
                 protocol,
@@ -345,7 +387,7 @@ impl TierContext<'_> {
         );
         // As for NetworkPolicy: port 0 and protocol 0 are the wildcard encoding.
         if crate::policy_maps::representable(&key) {
-            out.insert(key, PolicyValue::new(rule, verdict));
+            out.push((key, PolicyValue::new(rule, verdict)));
         }
     }
 }
