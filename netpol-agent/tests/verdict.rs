@@ -1989,3 +1989,88 @@ fn a_pod_spraying_new_flows_cannot_break_another_pods_established_connection() {
         "the spray evicted the connection's entries"
     );
 }
+
+/// An Admin-tier ClusterNetworkPolicy over namespace x: a's traffic into b is denied on
+/// TCP 80, whatever b's NetworkPolicy says.
+const ADMIN_DENIES_A_INTO_B: &str = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: no-a-into-b}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {pods: {namespaceSelector: {matchLabels: {team: red}}, podSelector: {matchLabels: {app: b}}}}
+  ingress:
+    - name: no-a
+      action: Deny
+      from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: a}}}}]
+      protocols: [{tcp: {destinationPort: {number: 80}}}]
+"#;
+
+#[test]
+fn an_admin_deny_revokes_what_a_network_policy_allowed_and_its_removal_restores_it() {
+    let Some(mut dp) = Loaded::new("admin-revokes", &[CLUSTER, B_FROM_A_ONLY]) else {
+        return;
+    };
+    for (a, b, sport) in [
+        ("10.1.0.1", "10.1.0.2", 48000),
+        ("fd00::1", "fd00::2", 48001),
+    ] {
+        let to_b = |t| Frame::new(ip(a), ip(b), t);
+        let from_b = |t| Frame::new(ip(b), ip(a), t);
+        assert!(dp.run(ToPod, &to_b(Transport::syn(sport, 80))));
+        assert!(dp.run(FromPod, &from_b(Transport::syn_ack(80, sport))));
+        assert!(dp.run(ToPod, &to_b(Transport::ack(sport, 80))));
+    }
+    let (revoked, denied) = (dp.counter(Reason::Revoked), dp.counter(Reason::ClusterDenied));
+    dp.resync(&[CLUSTER, B_FROM_A_ONLY, ADMIN_DENIES_A_INTO_B]);
+    for (a, b, sport) in [
+        ("10.1.0.1", "10.1.0.2", 48000),
+        ("fd00::1", "fd00::2", 48001),
+    ] {
+        let to_b = |t| Frame::new(ip(a), ip(b), t);
+        let from_b = |t| Frame::new(ip(b), ip(a), t);
+        // The open connection is revoked from both ends...
+        assert!(!dp.run(ToPod, &to_b(Transport::ack(sport, 80))));
+        assert!(!dp.run(FromPod, &from_b(Transport::ack(80, sport))));
+        // ... and a new one is denied by the Admin tier, though b-from-a allows it.
+        assert!(!dp.run(ToPod, &to_b(Transport::syn(sport + 10, 80))));
+    }
+    assert_eq!(dp.counter(Reason::Revoked) - revoked, 4);
+    assert_eq!(dp.counter(Reason::ClusterDenied) - denied, 2);
+    // Gone again: the connection goes on.
+    dp.resync(&[CLUSTER, B_FROM_A_ONLY]);
+    for (a, b, sport) in [
+        ("10.1.0.1", "10.1.0.2", 48000),
+        ("fd00::1", "fd00::2", 48001),
+    ] {
+        assert!(dp.run(ToPod, &Frame::new(ip(a), ip(b), Transport::ack(sport, 80))));
+        assert!(dp.run(
+            FromPod,
+            &Frame::new(ip(b), ip(a), Transport::ack(80, sport))
+        ));
+    }
+}
+
+/// An Admin-tier Accept lets a into b on TCP 81, which no NetworkPolicy allows: the
+/// connection's replies pass too.
+#[test]
+fn an_admin_accept_opens_a_connection_whose_replies_pass() {
+    let accept = ADMIN_DENIES_A_INTO_B
+        .replace("action: Deny", "action: Accept")
+        .replace("number: 80", "number: 81");
+    let Some(mut dp) = Loaded::new("admin-accepts", &[CLUSTER, B_FROM_A_ONLY, &accept]) else {
+        return;
+    };
+    let (a, b) = ("10.1.0.1", "10.1.0.2");
+    let accepted = dp.counter(Reason::ClusterAccepted);
+    assert!(dp.run(ToPod, &Frame::new(ip(a), ip(b), Transport::syn(48100, 81))));
+    assert_eq!(dp.counter(Reason::ClusterAccepted) - accepted, 1);
+    assert!(dp.run(
+        FromPod,
+        &Frame::new(ip(b), ip(a), Transport::syn_ack(81, 48100))
+    ));
+    assert!(dp.run(ToPod, &Frame::new(ip(a), ip(b), Transport::ack(48100, 81))));
+    // Port 82: neither the Accept nor b-from-a.
+    assert!(!dp.run(ToPod, &Frame::new(ip(a), ip(b), Transport::syn(48101, 82))));
+}
