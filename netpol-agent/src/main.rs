@@ -67,7 +67,8 @@ struct PreviewArgs {
 struct MatrixArgs {
     #[command(flatten)]
     preview: PreviewArgs,
-    /// NetworkPolicies to create or replace (files or directories; repeatable, in order).
+    /// NetworkPolicies and ClusterNetworkPolicies to create or replace (files or
+    /// directories; repeatable, in order).
     #[arg(long, value_name = "FILE_OR_DIR")]
     apply: Vec<PathBuf>,
     /// Only these ports, e.g. 80/TCP, 53/UDP (repeatable). Default: every declared port.

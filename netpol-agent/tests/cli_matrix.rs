@@ -307,3 +307,58 @@ fn matrix_family_previews_one_family_and_explain_takes_ipv6_addresses() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("ipv4 or ipv6"), "{stderr}");
 }
+
+const ADMIN_DENY_CLIENTS: &str = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: no-clients}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: stars}}}
+  ingress:
+    - name: clients
+      action: Deny
+      from: [{namespaces: {matchLabels: {role: client}}}]
+"#;
+
+#[test]
+fn matrix_apply_previews_a_cluster_network_policy_and_explain_names_its_tier() {
+    let dir = TempDir::new("cnp");
+    let manifests = dir.0.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(manifests.join("cluster.yaml"), CLUSTER).unwrap();
+    let extra = dir.write("admin.yaml", ADMIN_DENY_CLIENTS);
+    let output = run(
+        &[
+            "matrix",
+            "--port",
+            "80/TCP",
+            "--apply",
+            extra.to_str().unwrap(),
+        ],
+        &manifests,
+    );
+    let text = stdout(&output);
+    assert!(
+        text.contains("client/client -> stars/frontend TCP/80: ✓ → ✗ (newly blocked)"),
+        "{text}"
+    );
+    // Only frontend serves TCP/80.
+    assert!(
+        text.contains("1 cell change: 1 newly blocked, 0 newly allowed"),
+        "{text}"
+    );
+    std::fs::copy(&extra, manifests.join("admin.yaml")).unwrap();
+    let text = stdout(&run(
+        &["explain", "client/client", "stars/frontend", "80/TCP"],
+        &manifests,
+    ));
+    assert!(
+        text.contains(
+            "    Admin tier: Deny by ClusterNetworkPolicy/no-clients (Admin, priority 5) \
+             ingress rule \"clients\"\n"
+        ),
+        "{text}"
+    );
+}

@@ -2022,7 +2022,10 @@ fn an_admin_deny_revokes_what_a_network_policy_allowed_and_its_removal_restores_
         assert!(dp.run(FromPod, &from_b(Transport::syn_ack(80, sport))));
         assert!(dp.run(ToPod, &to_b(Transport::ack(sport, 80))));
     }
-    let (revoked, denied) = (dp.counter(Reason::Revoked), dp.counter(Reason::ClusterDenied));
+    let (revoked, denied) = (
+        dp.counter(Reason::Revoked),
+        dp.counter(Reason::ClusterDenied),
+    );
     dp.resync(&[CLUSTER, B_FROM_A_ONLY, ADMIN_DENIES_A_INTO_B]);
     for (a, b, sport) in [
         ("10.1.0.1", "10.1.0.2", 48000),

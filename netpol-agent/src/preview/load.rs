@@ -1,5 +1,6 @@
 //! Reading manifests for the preview commands: the manifest directory exactly as local
-//! mode reads it, and NetworkPolicies to apply on top of it (`--apply`).
+//! mode reads it, and NetworkPolicies and ClusterNetworkPolicies to apply on top of it
+//! (`--apply`).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -49,8 +50,9 @@ pub fn load_manifests(dir: &Path, node_ips: &[IpAddr]) -> Result<Loaded, Preview
     Ok(Loaded { state, diagnostics })
 }
 
-/// NetworkPolicies to create or replace (by `namespace/name`), read from files or
-/// directories in order: a later definition of the same policy replaces an earlier one.
+/// NetworkPolicies (by `namespace/name`) and ClusterNetworkPolicies (by name) to create
+/// or replace, read from files or directories in order: a later definition of the same
+/// policy replaces an earlier one.
 /// A policy is applied as the agent would enforce it: as far as it can be read (the
 /// compile of the result reports what cannot be).
 #[derive(Clone, Debug, Default)]
@@ -58,6 +60,8 @@ pub struct Overlay {
     pub policies: BTreeMap<ObjectRef, NetworkPolicy>,
     /// Parts of `policies` their documents did not let be read.
     pub unreadable_parts: BTreeMap<ObjectRef, Vec<UnreadablePart>>,
+    /// ClusterNetworkPolicies as written, by name.
+    pub cluster_policies: BTreeMap<String, serde_json::Value>,
     /// Documents that could not be read at all (nothing is applied for them, as the
     /// agent keeps the version in force) and objects of other kinds (ignored).
     pub diagnostics: Vec<Diagnostic>,
@@ -91,6 +95,10 @@ impl Overlay {
                 }
                 Ok(Object::NetworkPolicy(policy)) => (policy, Vec::new()),
                 Ok(Object::NetworkPolicyInPart { policy, unreadable }) => (policy, unreadable),
+                Ok(Object::ClusterNetworkPolicy { name, object }) => {
+                    self.cluster_policies.insert(name, *object);
+                    continue;
+                }
                 Ok(other) => {
                     self.diagnostics.push(Diagnostic::new(
                         Subject::Object {
@@ -98,7 +106,7 @@ impl Overlay {
                             name: ObjectName::In(origin.to_owned()),
                         },
                         "kind",
-                        "only NetworkPolicy objects can be applied; ignored",
+                        "only NetworkPolicy and ClusterNetworkPolicy objects can be applied; ignored",
                     ));
                     continue;
                 }
@@ -123,6 +131,9 @@ impl Overlay {
                 Some(parts) => out.unreadable_parts.insert(key.clone(), parts.clone()),
                 None => out.unreadable_parts.remove(key),
             };
+        }
+        for (name, object) in &self.cluster_policies {
+            out.cluster_policies.insert(name.clone(), object.clone());
         }
         out
     }
@@ -191,7 +202,8 @@ mod tests {
             messages,
             [
                 "NetworkPolicy x/lost: spec.podSelectr: unknown field",
-                "Namespace in extra.yaml: kind: only NetworkPolicy objects can be applied; ignored"
+                "Namespace in extra.yaml: kind: only NetworkPolicy and ClusterNetworkPolicy \
+                 objects can be applied; ignored"
             ]
         );
         let state = overlay.apply_to(&ClusterState::default());
