@@ -2062,7 +2062,7 @@ fn an_admin_accept_opens_a_connection_whose_replies_pass() {
     let accept = ADMIN_DENIES_A_INTO_B
         .replace("action: Deny", "action: Accept")
         .replace("number: 80", "number: 81");
-    let Some(mut dp) = Loaded::new("admin-accepts", &[CLUSTER, B_FROM_A_ONLY, &accept]) else {
+    let Some(dp) = Loaded::new("admin-accepts", &[CLUSTER, B_FROM_A_ONLY, &accept]) else {
         return;
     };
     let (a, b) = ("10.1.0.1", "10.1.0.2");
