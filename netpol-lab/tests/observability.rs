@@ -141,7 +141,7 @@ fn a_dropped_probe_is_named_in_the_flow_log_and_counted_in_metrics() {
     );
 
     let (_, body) = http_get(&node, "/metrics");
-    let rule = r#"netpol_rule_packets_total{policy="x/b-only-from-c",rule="spec.ingress[0]"}"#;
+    let rule = r#"netpol_rule_packets_total{tier="NetworkPolicy",policy="x/b-only-from-c",rule="spec.ingress[0]"}"#;
     assert!(
         sample(&body, rule).unwrap_or(0.0) >= 1.0,
         "per-rule counter in\n{body}"
