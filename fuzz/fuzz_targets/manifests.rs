@@ -410,9 +410,11 @@ fn probes(state: &ClusterState) -> Vec<(u8, u16)> {
     out
 }
 
-/// The differential property test's check, on whatever the input made.
+/// The differential property test's check, on whatever the input made: the model
+/// against the reference with the cluster admin's tiers (NetworkPolicy's under it).
 fn check_against_reference(state: &ClusterState, compiled: &Compiled) {
-    let reference = reference::Reference::new(state);
+    use netpol_compile::cnp::reference::{DecidedBy, TieredReference};
+    let reference = TieredReference::new(state);
     let addresses = addresses(state, compiled);
     let probes = probes(state);
     for (i, &src) in addresses.iter().enumerate() {
@@ -421,18 +423,34 @@ fn check_against_reference(state: &ClusterState, compiled: &Compiled) {
             for direction in Direction::BOTH {
                 let got = model::decide(compiled, src, dst, protocol, port, direction);
                 let want = reference.evaluate(src, dst, protocol, port, direction);
-                let agree = match (&want, got.reason) {
-                    (reference::Verdict::NotEndpoint, Reason::NotEndpoint)
-                    | (reference::Verdict::NotIsolated, Reason::NotIsolated)
-                    | (reference::Verdict::FromHost, Reason::FromHost)
-                    | (reference::Verdict::Itself, Reason::Hairpin)
-                    | (reference::Verdict::Denied, Reason::PolicyDenied)
+                let rule = compiled.rules.get(&got.rule);
+                let agree = match (&want.decided_by, got.reason) {
+                    (DecidedBy::NotEndpoint, Reason::NotEndpoint)
+                    | (DecidedBy::Itself, Reason::Hairpin)
+                    | (DecidedBy::Default, Reason::NotIsolated | Reason::FromHost)
+                    | (DecidedBy::NetworkPolicy(reference::Verdict::FromHost), Reason::FromHost)
+                    | (DecidedBy::NetworkPolicy(reference::Verdict::Denied), Reason::PolicyDenied)
                     // The reference knows no audit mode: an audited drop is its Denied.
-                    | (reference::Verdict::Denied, Reason::AuditAllowed) => true,
-                    (reference::Verdict::Allowed(rules), Reason::PolicyAllowed) => compiled
-                        .rules
-                        .get(&got.rule)
-                        .is_some_and(|rule| rules.contains(rule)),
+                    | (
+                        DecidedBy::NetworkPolicy(reference::Verdict::Denied),
+                        Reason::AuditAllowed,
+                    ) => true,
+                    (
+                        DecidedBy::NetworkPolicy(reference::Verdict::Allowed(rules)),
+                        Reason::PolicyAllowed,
+                    ) => rule.is_some_and(|rule| rules.contains(rule)),
+                    (
+                        DecidedBy::Cnp { rule: want, action },
+                        Reason::ClusterAccepted | Reason::ClusterDenied,
+                    ) => {
+                        (*action == netpol_compile::cnp::Action::Deny)
+                            == (got.reason == Reason::ClusterDenied)
+                            && rule.is_some_and(|r| {
+                                r.policy.name == want.policy
+                                    && r.direction == want.direction
+                                    && r.index == want.index
+                            })
+                    }
                     _ => false,
                 };
                 assert!(
