@@ -43,7 +43,7 @@ use crate::admission::Admission;
 use crate::cache::{CompileCache, PeerSlots, PodEntry};
 use crate::identity::{Allocations, IdentityClasses, IdentitySignature, NamedPortResolution};
 use crate::lpm::Lpm;
-use crate::policy::{ParsedPolicy, PortMatch};
+use crate::policy::ParsedPolicy;
 use crate::state::{ClusterState, ObjectRef};
 use crate::{Compiled, Direction, IdentityInfo, LocalPod, RuleRef};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -359,16 +359,8 @@ fn peers_in_force<'a>(
     for (d, direction) in Direction::BOTH.into_iter().enumerate() {
         for &i in &in_force[d] {
             for rule in policies.parsed(i).rules(direction).unwrap_or_default() {
-                for peer in rule.peers.iter().flatten() {
-                    peers.intern(peer);
-                }
-                if direction == Direction::Egress {
-                    for spec in rule.ports.iter().flatten() {
-                        if let PortMatch::Named(name) = &spec.port {
-                            egress_named_ports.insert((name.as_str(), spec.protocol));
-                        }
-                    }
-                }
+                let (list, ports) = (rule.peers.as_deref(), rule.ports.as_deref());
+                emit::intern_rule(list, ports, direction, peers, &mut egress_named_ports);
             }
         }
     }
@@ -379,16 +371,8 @@ fn peers_in_force<'a>(
     for i in cluster_in_force {
         for direction in Direction::BOTH {
             for rule in cluster_policies[i].rules(direction) {
-                for peer in rule.peers.iter().flatten() {
-                    peers.intern(peer);
-                }
-                if direction == Direction::Egress {
-                    for spec in rule.ports.iter().flatten() {
-                        if let PortMatch::Named(name) = &spec.port {
-                            egress_named_ports.insert((name.as_str(), spec.protocol));
-                        }
-                    }
-                }
+                let (list, ports) = (rule.peers.as_deref(), rule.ports.as_deref());
+                emit::intern_rule(list, ports, direction, peers, &mut egress_named_ports);
             }
         }
     }

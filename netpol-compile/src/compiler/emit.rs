@@ -9,7 +9,7 @@ use netpol_common::{
 use crate::Direction;
 use crate::cache::{PeerSlots, PodEntry};
 use crate::lpm::Lpm;
-use crate::policy::{ParsedRule, PortMatch};
+use crate::policy::{ParsedRule, Peer, PortMatch, PortSpec};
 use crate::ports::port_prefixes;
 
 /// Everything needed to turn one rule into POLICY entries for one endpoint.
@@ -27,21 +27,48 @@ pub(super) struct RuleContext<'a> {
     pub(super) named_by_identity: &'a [BTreeMap<u32, u16>],
 }
 
+/// The identities of the classes any of `list` (peers interned by this compile) matches.
+pub(super) fn identities_of(
+    list: &[Peer],
+    peers: &PeerSlots,
+    peer_identities: &HashMap<usize, BTreeSet<u32>>,
+) -> BTreeSet<u32> {
+    list.iter()
+        .flat_map(|p| {
+            peer_identities
+                .get(&peers.get(p))
+                .into_iter()
+                .flatten()
+                .copied()
+        })
+        .collect()
+}
+
+/// Interns the peers of a rule in force and notes its egress named ports.
+pub(super) fn intern_rule<'a>(
+    peers: Option<&[Peer]>,
+    ports: Option<&'a [PortSpec]>,
+    direction: Direction,
+    slots: &mut PeerSlots,
+    egress_named_ports: &mut BTreeSet<(&'a str, u8)>,
+) {
+    for peer in peers.into_iter().flatten() {
+        slots.intern(peer);
+    }
+    if direction == Direction::Egress {
+        for spec in ports.into_iter().flatten() {
+            if let PortMatch::Named(name) = &spec.port {
+                egress_named_ports.insert((name.as_str(), spec.protocol));
+            }
+        }
+    }
+}
+
 impl RuleContext<'_> {
     pub(super) fn emit(&self, rule: &ParsedRule, out: &mut BTreeMap<Lpm<PolicyKey>, PolicyValue>) {
         let identities: BTreeSet<u32> = match &rule.peers {
             None => BTreeSet::from([IDENTITY_ANY]),
-            Some(list) => list
-                .iter()
-                .flat_map(|p| {
-                    let slot = self.peers.get(p);
-                    self.peer_identities
-                        .get(&slot)
-                        .into_iter()
-                        .flatten()
-                        .copied()
-                })
-                .collect(),
+            Some(list) => identities_of(list, self.peers, self.peer_identities),
         };
         let Some(ports) = &rule.ports else {
             for &identity in &identities {

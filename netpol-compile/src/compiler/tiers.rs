@@ -275,17 +275,7 @@ impl TierContext<'_> {
         for (at, (rule, _)) in rules.iter().enumerate() {
             let identities: BTreeSet<u32> = match &rule.peers {
                 None => self.all_identities.iter().copied().collect(),
-                Some(peers) => peers
-                    .iter()
-                    .flat_map(|p| {
-                        let slot = self.peers.get(p);
-                        self.peer_identities
-                            .get(&slot)
-                            .into_iter()
-                            .flatten()
-                            .copied()
-                    })
-                    .collect(),
+                Some(list) => super::emit::identities_of(list, self.peers, self.peer_identities),
             };
             for identity in identities {
                 by_identity.entry(identity).or_default().push(at);
