@@ -140,8 +140,8 @@ fn allowing_rule(mut key: PolicyKey, kinds: Kinds) -> Option<u32> {
     (found != NO_ENTRY).then_some(found as u32)
 }
 
-/// [`lookups`]'s result: the reason above, the rule in the low half. A plain word, for
-/// a BPF-to-BPF call returns one register.
+/// [`netpol_policy_lookups`]'s result: the reason above, the rule in the low half. A
+/// plain word, for a BPF-to-BPF call returns one register.
 #[inline(always)]
 const fn outcome(reason: Reason, rule: u32) -> u64 {
     (reason as u64) << 32 | rule as u64
@@ -182,8 +182,9 @@ fn tier_decision(key: &PolicyKey, tier: u8, flags: u32) -> u64 {
 /// verifier checks it once, for any key and flags, and its callers see an unknown
 /// result. Inlined, or as a static BPF-to-BPF call, it was walked again for every state
 /// of every caller, and `to_pod`, which decides up to three times per packet, went past
-/// the verifier's million instructions. A global function's pointer argument may be
-/// null as far as the verifier knows: [`RULE_NONE`] with no reason then (never the case).
+/// the verifier's million instructions (`netpol-agent/tests/verifier_budget.rs` watches
+/// the margin). A global function's pointer argument may be null as far as the verifier
+/// knows: that is a drop (`policy-denied`), though no caller passes null.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn netpol_policy_lookups(key: *const PolicyKey, flags: u32) -> u64 {
