@@ -2,6 +2,7 @@
 
 use serde_json::{Value, json};
 
+use crate::cluster::CLUSTER_POLICIES;
 use crate::common::{self, Summary, thousands};
 use crate::measure::{Propagation, SizeResult};
 use crate::{Config, LOCAL_PODS, PODS_PER_NAMESPACE, POLICIES_PER_NAMESPACE, SizeRun};
@@ -26,8 +27,9 @@ pub fn report(config: &Config, machine: &Value, runs: &[SizeRun], rss_start: f64
 
     println!("\n## Control plane: compile, maps and memory per cluster size{smoke}\n");
     println!(
-        "{PODS_PER_NAMESPACE} pods and {POLICIES_PER_NAMESPACE} policies per namespace; \
-         {LOCAL_PODS} pods on this node. Compile: a fresh `Compiler`'s first compile, median \
+        "{PODS_PER_NAMESPACE} pods and {POLICIES_PER_NAMESPACE} policies per namespace, and \
+         {CLUSTER_POLICIES} ClusterNetworkPolicies (both tiers); {LOCAL_PODS} pods on this \
+         node. Compile: a fresh `Compiler`'s first compile, median \
          of {} runs. Memory: this process (the state, the compiler's memo, the last result, \
          the maps' shadows), VmRSS after the cold compiles and the peak VmHWM after the \
          changes; the process started at {rss_start:.0} MiB.\n",
@@ -203,7 +205,7 @@ fn write_json(config: &Config, machine: &Value, runs: &[SizeRun], rss_start: f64
             "compile": "wall clock of a fresh Compiler's first compile, median of runs",
             "memory": "VmRSS/VmHWM of the bench process from /proc/self/status; sizes run smallest first, each dropped before the next",
             "propagation": "state change, then compile by the same Compiler (allocations and memo kept) + Datapath::apply into real kernel maps (private netns, unique bpffs dir); baseline: the same loop without a change",
-            "cluster": format!("{PODS_PER_NAMESPACE} pods and {POLICIES_PER_NAMESPACE} policies per namespace (a window over ten shapes), {LOCAL_PODS} local pods; label selectors with matchExpressions (In, NotIn, Exists), namespace selectors, ipBlocks with excepts (IPv4 and IPv6), named ports (ingress and egress), port ranges, SCTP; 1 pod in 4 dual-stack"),
+            "cluster": format!("{PODS_PER_NAMESPACE} pods and {POLICIES_PER_NAMESPACE} policies per namespace (a window over ten shapes), {CLUSTER_POLICIES} ClusterNetworkPolicies (six shapes, both tiers), {LOCAL_PODS} local pods; label selectors with matchExpressions (In, NotIn, Exists), namespace selectors, ipBlocks with excepts (IPv4 and IPv6), named ports (ingress and egress), port ranges, SCTP; 1 pod in 4 dual-stack"),
         },
         "start_rss_mib": rss_start,
         "sizes": runs.iter().map(|run| json!({
