@@ -4,6 +4,8 @@
 //! lookups became one global function, which the verifier checks once. This test fails
 //! while there is still room to restructure, not when the agent no longer loads.
 
+use std::path::PathBuf;
+
 use aya::programs::SchedClassifier;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netpol"));
@@ -12,6 +14,28 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ne
 const KERNEL_LIMIT: u32 = 1_000_000;
 /// The share of it a program may use here.
 const BUDGET: u32 = KERNEL_LIMIT / 2;
+
+/// A bpffs directory of this test's own for the maps the object pins, removed on drop
+/// (so nothing is left in the bpffs root, and no map of another run is adopted).
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn new() -> PinDir {
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/netpol-verifier-budget-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a bpffs directory");
+        PinDir(dir)
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 #[test]
 fn every_program_verifies_within_half_the_kernels_instruction_limit() {
@@ -23,7 +47,9 @@ fn every_program_verifies_within_half_the_kernels_instruction_limit() {
         eprintln!("skipped: built without the eBPF object (AYA_BUILD_SKIP)");
         return;
     }
+    let pins = PinDir::new();
     let mut ebpf = aya::EbpfLoader::new()
+        .default_map_pin_directory(&pins.0)
         .load(OBJECT)
         .expect("the object loads");
     let mut report = Vec::new();
@@ -47,6 +73,8 @@ fn every_program_verifies_within_half_the_kernels_instruction_limit() {
             .expect("the kernel reports verified instructions (5.16+)");
         report.push((name, walked));
     }
+    drop(ebpf);
+    drop(pins);
     eprintln!("verified instructions: {report:?} (budget {BUDGET} each)");
     for (name, walked) in report {
         assert!(
