@@ -14,7 +14,8 @@
 //!    `classify.rs`); each class is an identity. Endpoints, rules and identities get
 //!    their numbers ([`Allocations`]).
 //! 5. [`emit_maps`]: emit ENDPOINTS and POLICY entries per endpoint, direction, rule,
-//!    identity and port prefix (`emit.rs`).
+//!    identity and port prefix (`emit.rs`), and the ClusterNetworkPolicy tiers' entries
+//!    (`tiers.rs`).
 //!
 //! Per-object work (parsing, reading pods, matching pods against peers) is memoised in a
 //! `CompileCache` (`cache.rs`) that the [`Compiler`] keeps; it never changes a result.
@@ -30,7 +31,7 @@ use std::sync::Arc;
 
 use netpol_common::{
     Addr, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, EndpointInfo,
-    IDENTITY_ANY, IDENTITY_WORLD, PeerInfo, PolicyKey, PolicyValue, TIER_ADMIN, TIER_BASELINE,
+    IDENTITY_ANY, IDENTITY_WORLD, PeerInfo, PolicyKey, PolicyValue,
 };
 
 use self::classify::{Classes, classify};
@@ -38,7 +39,7 @@ use self::emit::RuleContext;
 use self::memo::MemoContext;
 use self::pods::{PodView, audited_namespace, live_pods, namespace_labels};
 pub(crate) use self::tiers::ReadCnp;
-use self::tiers::{ClusterPolicy, TierContext};
+use self::tiers::{ClusterPolicy, TierEntries};
 use crate::admission::Admission;
 use crate::cache::{CompileCache, PeerSlots, PodEntry};
 use crate::identity::{Allocations, IdentityClasses, IdentitySignature, NamedPortResolution};
@@ -555,9 +556,15 @@ fn emit_maps(
             })
         })
         .collect();
-    let all_identities = tiers::all_identities(numbered.identities.keys().copied());
-    type TierCellsKey = (u8, Direction, Vec<usize>, Vec<crate::cache::NamedPort>);
-    let mut tier_cells: HashMap<TierCellsKey, Vec<(Lpm<PolicyKey>, PolicyValue)>> = HashMap::new();
+    let mut tier_entries = TierEntries::new(
+        cluster_policies,
+        allocations,
+        peers,
+        &numbered.peer_identities,
+        numbered.identities.keys().copied(),
+        egress_named_ports,
+        &numbered.named_by_identity,
+    );
     let mut endpoint_map = BTreeMap::new();
     let mut policy = BTreeMap::new();
     let mut local_pods = Vec::new();
@@ -596,54 +603,7 @@ fn emit_maps(
                 }
             }
         }
-        for tier in [TIER_ADMIN, TIER_BASELINE] {
-            for direction in Direction::BOTH {
-                let selecting: Vec<usize> = ep
-                    .cluster_selected
-                    .iter()
-                    .copied()
-                    .filter(|&i| cluster_policies[i].tier == tier)
-                    .collect();
-                if selecting.is_empty() {
-                    continue;
-                }
-                // Endpoints selected by the same policies (with the same named ports,
-                // which ingress rules resolve on the pod) get the same entries.
-                let named_ports = match direction {
-                    Direction::Ingress => entry.named_ports.clone(),
-                    Direction::Egress => Vec::new(),
-                };
-                let key = (tier, direction, selecting, named_ports);
-                let cells = tier_cells
-                    .entry(key)
-                    .or_insert_with_key(|(_, _, selecting, _)| {
-                        let rules: Vec<(&tiers::TierRule, u32)> = selecting
-                            .iter()
-                            .flat_map(|&i| cluster_policies[i].rules(direction))
-                            .map(|rule| {
-                                let id = allocations.rule_id(&rule.rule).expect("allocated above");
-                                (rule, id)
-                            })
-                            .collect();
-                        let ctx = TierContext {
-                            direction,
-                            tier,
-                            pod: entry,
-                            peers,
-                            peer_identities: &numbered.peer_identities,
-                            all_identities: &all_identities,
-                            egress_named_ports,
-                            named_by_identity: &numbered.named_by_identity,
-                        };
-                        ctx.emit(&rules)
-                    });
-                for (key, value) in cells.iter() {
-                    let mut key = *key;
-                    key.data.endpoint = id;
-                    policy.insert(key, *value);
-                }
-            }
-        }
+        tier_entries.emit(id, entry, &ep.cluster_selected, &mut policy);
         let names = |d: usize| {
             ep.selected_by[d]
                 .iter()

@@ -23,9 +23,10 @@ use netpol_common::{
     VERDICT_DENY, VERDICT_PASS,
 };
 
-use crate::cache::{PeerSlots, PodEntry};
+use crate::cache::{NamedPort, PeerSlots, PodEntry};
 use crate::cnp::{Action, CnpPeer, CnpProtocol, ParsedCnp, Pods, Tier, read_cnp};
 use crate::diagnostics::{Diagnostic, Kind, ObjectName, Subject};
+use crate::identity::Allocations;
 use crate::lpm::Lpm;
 use crate::policy::{Block, NamespaceMatch, Peer, PortMatch, PortSpec};
 use crate::ports::port_prefixes;
@@ -71,6 +72,28 @@ pub(crate) struct ReadCnp {
 /// Where a policy comes in the kernel's order: tier, priority, name.
 type Order = (Tier, u16, String);
 
+impl ReadCnp {
+    /// Reads `object`, stored under `key`.
+    fn of(key: &str, object: &serde_json::Value) -> ReadCnp {
+        let reading = read_cnp(object);
+        let name = reading.parsed.as_ref().map_or(key, |p| &p.name);
+        let diagnostics = reading
+            .errors
+            .into_iter()
+            .map(|e| Diagnostic::new(subject(name), e.field, e.message))
+            .collect();
+        let policy = reading.parsed.map(|p| {
+            let order = (p.tier, p.priority, p.name.clone());
+            (order, Arc::new(ClusterPolicy::from(p)))
+        });
+        ReadCnp {
+            object: object.clone(),
+            policy,
+            diagnostics,
+        }
+    }
+}
+
 /// Every ClusterNetworkPolicy of `state`, as far as it can be read, in the order the
 /// kernel looks at them: the Admin tier, then the Baseline tier, each by priority, then
 /// name. What cannot be read is reported in `diagnostics` (and never allows anything:
@@ -82,37 +105,10 @@ pub(crate) fn read(
 ) -> Vec<Arc<ClusterPolicy>> {
     memo.retain(|name, _| state.cluster_policies.contains_key(name));
     for (key, object) in &state.cluster_policies {
-        let read = match memo.entry(key.clone()) {
-            std::collections::hash_map::Entry::Occupied(entry) if entry.get().object == *object => {
-                entry.into_mut()
-            }
-            entry => {
-                let reading = read_cnp(object);
-                let name = reading.parsed.as_ref().map_or(key.as_str(), |p| &p.name);
-                let found = reading
-                    .errors
-                    .into_iter()
-                    .map(|e| Diagnostic::new(subject(name), e.field, e.message))
-                    .collect();
-                let policy = reading.parsed.map(|p| {
-                    let order = (p.tier, p.priority, p.name.clone());
-                    (order, Arc::new(ClusterPolicy::from(p)))
-                });
-                let read = ReadCnp {
-                    object: object.clone(),
-                    policy,
-                    diagnostics: found,
-                };
-                match entry {
-                    std::collections::hash_map::Entry::Occupied(mut e) => {
-                        e.insert(read);
-                        e.into_mut()
-                    }
-                    std::collections::hash_map::Entry::Vacant(e) => e.insert(read),
-                }
-            }
-        };
-        diagnostics.extend(read.diagnostics.iter().cloned());
+        if memo.get(key).is_none_or(|read| read.object != *object) {
+            memo.insert(key.clone(), ReadCnp::of(key, object));
+        }
+        diagnostics.extend(memo[key].diagnostics.iter().cloned());
     }
     let mut ordered: Vec<(&Order, &Arc<ClusterPolicy>)> = memo
         .values()
@@ -170,8 +166,9 @@ impl From<ParsedCnp> for ClusterPolicy {
     }
 }
 
-/// The compiler's peers for one `from`/`to` entry. A network holds what its prefix holds (IPv4-mapped IPv6 addresses in an IPv6 one):
-/// unlike an ipBlock, no Go `IPNet.Contains` reading is part of the API.
+/// The compiler's peers for one `from`/`to` entry. A network holds what its prefix holds
+/// (IPv4-mapped IPv6 addresses in an IPv6 one): unlike an ipBlock, no Go
+/// `IPNet.Contains` reading is part of the API.
 fn peers_of(peer: &CnpPeer) -> Vec<Peer> {
     match peer {
         CnpPeer::Pods(pods) => vec![Peer::Pods {
@@ -241,41 +238,142 @@ impl ClusterPolicy {
 enum Ports {
     Every,
     /// (protocol, first, last).
-    Some(Vec<(u8, u16, u16)>),
+    Ranges(Vec<(u8, u16, u16)>),
 }
 
 /// A cell's outcome: the rule id and its verdict.
 type Outcome = (u32, u8);
 
-/// Everything needed to turn the rules of one tier selecting one endpoint into its
-/// POLICY entries in one direction. The entries depend on the endpoint only through
-/// the rules that select it and (ingress) its named ports: they are made with endpoint
-/// 0, for the caller to stamp, and endpoints alike share them.
-pub(super) struct TierContext<'a> {
-    pub(super) direction: Direction,
-    pub(super) tier: u8,
-    /// The local pod.
-    pub(super) pod: &'a PodEntry,
-    pub(super) peers: &'a PeerSlots,
+/// What makes two endpoints' entries in a tier and direction alike: the tier, the
+/// direction, the policies selecting them (indices, in order) and, for ingress, their
+/// named ports (egress ones resolve on the peer).
+type CellsKey = (u8, Direction, Vec<usize>, Vec<NamedPort>);
+
+/// The tiers' POLICY entries of the local endpoints. The entries depend on an endpoint
+/// only through the policies that select it and (ingress) its named ports, so they are
+/// made once per [`CellsKey`], with endpoint 0, and stamped per endpoint.
+pub(super) struct TierEntries<'a> {
+    policies: &'a [Arc<ClusterPolicy>],
+    allocations: &'a Allocations,
+    peers: &'a PeerSlots,
     /// Identities of the classes each peer slot matches.
-    pub(super) peer_identities: &'a HashMap<usize, BTreeSet<u32>>,
+    peer_identities: &'a HashMap<usize, BTreeSet<u32>>,
     /// Every identity there is, the world included (for rules of every peer).
-    pub(super) all_identities: &'a [u32],
+    all_identities: Vec<u32>,
     /// Egress named ports in force, and how each identity resolves them.
-    pub(super) egress_named_ports: &'a [(&'a str, u8)],
-    pub(super) named_by_identity: &'a [BTreeMap<u32, u16>],
+    egress_named_ports: &'a [(&'a str, u8)],
+    named_by_identity: &'a [BTreeMap<u32, u16>],
+    cells: HashMap<CellsKey, Vec<(Lpm<PolicyKey>, PolicyValue)>>,
+}
+
+impl<'a> TierEntries<'a> {
+    pub(super) fn new(
+        policies: &'a [Arc<ClusterPolicy>],
+        allocations: &'a Allocations,
+        peers: &'a PeerSlots,
+        peer_identities: &'a HashMap<usize, BTreeSet<u32>>,
+        identities: impl Iterator<Item = u32>,
+        egress_named_ports: &'a [(&'a str, u8)],
+        named_by_identity: &'a [BTreeMap<u32, u16>],
+    ) -> Self {
+        TierEntries {
+            policies,
+            allocations,
+            peers,
+            peer_identities,
+            all_identities: all_identities(identities),
+            egress_named_ports,
+            named_by_identity,
+            cells: HashMap::new(),
+        }
+    }
+
+    /// Inserts the entries of `endpoint` (the local pod `pod`, subject of the policies
+    /// `selected`) into `out`.
+    pub(super) fn emit(
+        &mut self,
+        endpoint: u32,
+        pod: &PodEntry,
+        selected: &[usize],
+        out: &mut BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+    ) {
+        for tier in [TIER_ADMIN, TIER_BASELINE] {
+            let selecting: Vec<usize> = selected
+                .iter()
+                .copied()
+                .filter(|&i| self.policies[i].tier == tier)
+                .collect();
+            if selecting.is_empty() {
+                continue;
+            }
+            for direction in Direction::BOTH {
+                let named_ports = match direction {
+                    Direction::Ingress => pod.named_ports.clone(),
+                    Direction::Egress => Vec::new(),
+                };
+                let key = (tier, direction, selecting.clone(), named_ports);
+                if !self.cells.contains_key(&key) {
+                    let cells = self.cells_of(tier, direction, &selecting, pod);
+                    self.cells.insert(key.clone(), cells);
+                }
+                for (cell, value) in &self.cells[&key] {
+                    let mut cell = *cell;
+                    cell.data.endpoint = endpoint;
+                    out.insert(cell, *value);
+                }
+            }
+        }
+    }
+
+    /// The entries (endpoint 0) of a pod like `pod` that the policies `selecting` (all
+    /// of `tier`) select, in `direction`.
+    fn cells_of(
+        &self,
+        tier: u8,
+        direction: Direction,
+        selecting: &[usize],
+        pod: &PodEntry,
+    ) -> Vec<(Lpm<PolicyKey>, PolicyValue)> {
+        let rules: Vec<(&TierRule, u32)> = selecting
+            .iter()
+            .flat_map(|&i| self.policies[i].rules(direction))
+            .map(|rule| {
+                let id = self.allocations.rule_id(&rule.rule).expect("allocated");
+                (rule, id)
+            })
+            .collect();
+        let ctx = TierContext {
+            direction,
+            tier,
+            pod,
+            entries: self,
+        };
+        ctx.emit(&rules)
+    }
+}
+
+/// What turning the rules of one tier into entries in one direction needs.
+struct TierContext<'a> {
+    direction: Direction,
+    tier: u8,
+    /// The local pod.
+    pod: &'a PodEntry,
+    entries: &'a TierEntries<'a>,
 }
 
 impl TierContext<'_> {
     /// Entries for `rules` (with their ids), in the tier's order, with endpoint 0.
-    pub(super) fn emit(&self, rules: &[(&TierRule, u32)]) -> Vec<(Lpm<PolicyKey>, PolicyValue)> {
+    fn emit(&self, rules: &[(&TierRule, u32)]) -> Vec<(Lpm<PolicyKey>, PolicyValue)> {
+        let shared = self.entries;
         let mut out = Vec::new();
         // Per identity, the rules whose peers match it, in order.
         let mut by_identity: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (at, (rule, _)) in rules.iter().enumerate() {
             let identities: BTreeSet<u32> = match &rule.peers {
-                None => self.all_identities.iter().copied().collect(),
-                Some(list) => super::emit::identities_of(list, self.peers, self.peer_identities),
+                None => shared.all_identities.iter().copied().collect(),
+                Some(list) => {
+                    super::emit::identities_of(list, shared.peers, shared.peer_identities)
+                }
             };
             for identity in identities {
                 by_identity.entry(identity).or_default().push(at);
@@ -292,7 +390,7 @@ impl TierContext<'_> {
                         every = Some((id, rule.verdict));
                         break;
                     }
-                    Ports::Some(list) => {
+                    Ports::Ranges(list) => {
                         cells.extend(list.into_iter().map(|r| (r, (id, rule.verdict))));
                     }
                 }
@@ -341,11 +439,14 @@ impl TierContext<'_> {
                 PortMatch::Named(name) => {
                     let port = match self.direction {
                         Direction::Ingress => self.pod.named_port(name, spec.protocol),
-                        Direction::Egress => self
-                            .egress_named_ports
-                            .iter()
-                            .position(|&n| n == (name.as_str(), spec.protocol))
-                            .and_then(|i| self.named_by_identity[i].get(&identity).copied()),
+                        Direction::Egress => {
+                            let entries = self.entries;
+                            entries
+                                .egress_named_ports
+                                .iter()
+                                .position(|&n| n == (name.as_str(), spec.protocol))
+                                .and_then(|i| entries.named_by_identity[i].get(&identity).copied())
+                        }
                     };
                     if let Some(port) = port {
                         out.push((spec.protocol, port, port));
@@ -353,7 +454,7 @@ impl TierContext<'_> {
                 }
             }
         }
-        Ports::Some(out)
+        Ports::Ranges(out)
     }
 
     fn insert(
@@ -414,7 +515,7 @@ fn first_match_intervals(ranges: &[(u16, u16, Outcome)]) -> Vec<(u16, u16, Outco
 
 /// Every identity of `identities` (the compile's numbering) and the world, but not
 /// `IDENTITY_ANY`, which no packet has.
-pub(super) fn all_identities(identities: impl Iterator<Item = u32>) -> Vec<u32> {
+fn all_identities(identities: impl Iterator<Item = u32>) -> Vec<u32> {
     let mut all: Vec<u32> = identities
         .filter(|&identity| identity != IDENTITY_ANY)
         .chain([IDENTITY_WORLD])
