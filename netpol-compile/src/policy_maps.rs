@@ -142,23 +142,19 @@ pub fn lookup(
     let has = |ingress_flag: u32, egress_flag: u32| {
         flags & if ingress { ingress_flag } else { egress_flag } != 0
     };
-    let ranges = has(ENDPOINT_INGRESS_PORT_RANGES, ENDPOINT_EGRESS_PORT_RANGES);
-    let any_port = has(ENDPOINT_INGRESS_ANY_PORT, ENDPOINT_EGRESS_ANY_PORT);
-    let any_protocol = has(ENDPOINT_INGRESS_ANY_PROTOCOL, ENDPOINT_EGRESS_ANY_PROTOCOL);
-    let hash = |k: PolicyKey| policy.get(&from_policy(k));
-    let most_specific = |k: PolicyKey| {
-        hash(k)
-            .or_else(|| ranges.then(|| range_walk(policy, &k)).flatten())
-            .or_else(|| any_port.then(|| hash(k.any_port())).flatten())
-            .or_else(|| any_protocol.then(|| hash(k.any_protocol())).flatten())
+    let kinds = Kinds {
+        ranges: has(ENDPOINT_INGRESS_PORT_RANGES, ENDPOINT_EGRESS_PORT_RANGES),
+        any_port: has(ENDPOINT_INGRESS_ANY_PORT, ENDPOINT_EGRESS_ANY_PORT),
+        any_protocol: has(ENDPOINT_INGRESS_ANY_PROTOCOL, ENDPOINT_EGRESS_ANY_PROTOCOL),
     };
-    most_specific(key).or_else(|| {
+    most_specific(policy, key, kinds).or_else(|| {
         has(ENDPOINT_INGRESS_ANY_PEER, ENDPOINT_EGRESS_ANY_PEER)
             .then(|| {
-                most_specific(PolicyKey {
+                let any_peer = PolicyKey {
                     identity: IDENTITY_ANY,
                     ..key
-                })
+                };
+                most_specific(policy, any_peer, kinds)
             })
             .flatten()
     })
@@ -185,20 +181,36 @@ pub fn lookup_tier(
         direction: key.direction | tier,
         ..key
     };
+    let kinds = Kinds {
+        ranges: kinds & TIER_KIND_RANGES != 0,
+        any_port: kinds & TIER_KIND_ANY_PORT != 0,
+        any_protocol: kinds & TIER_KIND_ANY_PROTOCOL != 0,
+    };
+    most_specific(policy, key, kinds)
+}
+
+/// Which lookups after the exact port an endpoint's flags call for.
+#[derive(Clone, Copy)]
+struct Kinds {
+    ranges: bool,
+    any_port: bool,
+    any_protocol: bool,
+}
+
+/// The most specific entry for one identity: the exact port, the longest port range,
+/// every port of the protocol, every protocol, each after the first only when flagged.
+fn most_specific(
+    policy: &BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+    key: PolicyKey,
+    kinds: Kinds,
+) -> Option<&PolicyValue> {
     let hash = |k: PolicyKey| policy.get(&from_policy(k));
     hash(key)
+        .or_else(|| kinds.ranges.then(|| range_walk(policy, &key)).flatten())
+        .or_else(|| kinds.any_port.then(|| hash(key.any_port())).flatten())
         .or_else(|| {
-            (kinds & TIER_KIND_RANGES != 0)
-                .then(|| range_walk(policy, &key))
-                .flatten()
-        })
-        .or_else(|| {
-            (kinds & TIER_KIND_ANY_PORT != 0)
-                .then(|| hash(key.any_port()))
-                .flatten()
-        })
-        .or_else(|| {
-            (kinds & TIER_KIND_ANY_PROTOCOL != 0)
+            kinds
+                .any_protocol
                 .then(|| hash(key.any_protocol()))
                 .flatten()
         })
