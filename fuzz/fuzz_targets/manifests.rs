@@ -445,11 +445,7 @@ fn check_against_reference(state: &ClusterState, compiled: &Compiled) {
                     ) => {
                         (*action == netpol_compile::cnp::Action::Deny)
                             == (got.reason == Reason::ClusterDenied)
-                            && rule.is_some_and(|r| {
-                                r.policy.name == want.policy
-                                    && r.direction == want.direction
-                                    && r.index == want.index
-                            })
+                            && rule.is_some_and(|r| want.names(r))
                     }
                     _ => false,
                 };

@@ -169,6 +169,14 @@ pub const fn tier_kinds(flags: u32, tier: u8, direction: u8) -> u32 {
     (flags >> tier_kinds_shift(tier, direction)) & TIER_KINDS
 }
 
+/// Whether an endpoint with `flags` has entries of a ClusterNetworkPolicy tier in
+/// `direction`.
+#[inline(always)]
+pub const fn tiered(flags: u32, direction: u8) -> bool {
+    tier_kinds(flags, TIER_ADMIN, direction) != 0
+        || tier_kinds(flags, TIER_BASELINE, direction) != 0
+}
+
 /// Whether a new connection of an endpoint with `flags` in `direction` is looked up at
 /// all: NetworkPolicy isolates it there, or some ClusterNetworkPolicy tier has entries.
 #[inline(always)]
@@ -178,9 +186,7 @@ pub const fn judged(flags: u32, direction: u8) -> bool {
     } else {
         ENDPOINT_EGRESS_ISOLATED
     };
-    flags & isolated != 0
-        || tier_kinds(flags, TIER_ADMIN, direction) != 0
-        || tier_kinds(flags, TIER_BASELINE, direction) != 0
+    flags & isolated != 0 || tiered(flags, direction)
 }
 
 const _: () = assert!(tier_kinds_shift(TIER_BASELINE, DIR_EGRESS) + 4 <= 32);

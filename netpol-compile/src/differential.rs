@@ -626,12 +626,7 @@ fn check(
                     "{}",
                     context()
                 );
-                let same = rule.is_some_and(|r| {
-                    r.policy.name == want_rule.policy
-                        && r.direction == want_rule.direction
-                        && r.index == want_rule.index
-                        && r.cluster.as_ref().is_some_and(|c| c.tier == want_rule.tier)
-                });
+                let same = rule.is_some_and(|r| want_rule.names(r));
                 prop_assert!(same, "wrong rule {:?}: {}", rule, context());
             }
             _ => prop_assert!(false, "{}", context()),

@@ -29,6 +29,16 @@ pub struct CnpRuleRef {
     pub name: Option<String>,
 }
 
+impl CnpRuleRef {
+    /// Whether `rule` (the compiler's numbering of rules) is this rule.
+    pub fn names(&self, rule: &crate::RuleRef) -> bool {
+        rule.policy.name == self.policy
+            && rule.direction == self.direction
+            && rule.index == self.index
+            && rule.cluster.as_ref().is_some_and(|c| c.tier == self.tier)
+    }
+}
+
 /// `ClusterNetworkPolicy/deny-sys (Admin, priority 10) ingress rule "deny-sys"`, or
 /// `... spec.ingress[0]` for a rule without a name: as [`crate::RuleRef`] reads.
 impl std::fmt::Display for CnpRuleRef {

@@ -477,10 +477,7 @@ impl<'a> Analysis<'a> {
             }
             _ => HookVerdict::Denied,
         };
-        let local = match direction {
-            Direction::Ingress => self.dst.ip(),
-            Direction::Egress => self.src.ip(),
-        };
+        let (local, _) = direction.ends(self.src.ip(), self.dst.ip());
         let flags = compiled
             .endpoints
             .get(&netpol_compile::addr(local))
@@ -545,10 +542,9 @@ impl<'a> Analysis<'a> {
         flags: u32,
         verdict: &HookVerdict,
     ) -> (Vec<TierStep>, bool) {
-        let d = direction.as_u8();
-        let has_tiers = netpol_common::tier_kinds(flags, netpol_common::TIER_ADMIN, d) != 0
-            || netpol_common::tier_kinds(flags, netpol_common::TIER_BASELINE, d) != 0;
-        if !has_tiers || matches!(verdict, HookVerdict::NotLocal) {
+        if !netpol_common::tiered(flags, direction.as_u8())
+            || matches!(verdict, HookVerdict::NotLocal)
+        {
             let agrees = !matches!(
                 verdict,
                 HookVerdict::ClusterAccepted { .. } | HookVerdict::ClusterDenied { .. }
@@ -594,9 +590,7 @@ impl<'a> Analysis<'a> {
                 HookVerdict::ClusterAccepted { rule } | HookVerdict::ClusterDenied { rule },
                 DecidedBy::Cnp { rule: want, action },
             ) => {
-                rule.policy.name == want.policy
-                    && rule.index == want.index
-                    && rule.direction == want.direction
+                want.names(rule)
                     && (*action == Action::Deny)
                         == matches!(verdict, HookVerdict::ClusterDenied { .. })
             }
