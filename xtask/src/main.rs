@@ -116,19 +116,7 @@ struct ConformanceArgs {
 /// cases mean.
 fn conformance(args: ConformanceArgs) -> anyhow::Result<conformance::Summary> {
     let paths = if args.paths.is_empty() {
-        let root = cargo::workspace_root();
-        let mut paths = vec![root.join("../shared/conformance/cases")];
-        // ClusterNetworkPolicy cases: upstream's, translated (../shared), and ours.
-        for dir in [
-            root.join("../shared/conformance/cnp"),
-            root.join("tests/conformance"),
-            root.join("tests/conformance/cnp"),
-        ] {
-            if dir.is_dir() {
-                paths.push(dir);
-            }
-        }
-        paths
+        conformance::default_case_dirs(cargo::workspace_root())
     } else {
         args.paths
     };

@@ -154,6 +154,24 @@ pub struct Summary {
     pub cases: Vec<CaseResult>,
 }
 
+/// The case directories `cargo xtask conformance` runs by default: the shared cases
+/// (`../shared/conformance/cases`, always) and, where they exist, the shared
+/// ClusterNetworkPolicy cases (`cnp`), ours (`tests/conformance`) and ours with
+/// ClusterNetworkPolicy objects (`tests/conformance/cnp`).
+pub fn default_case_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut dirs = vec![root.join("../shared/conformance/cases")];
+    for dir in [
+        root.join("../shared/conformance/cnp"),
+        root.join("tests/conformance"),
+        root.join("tests/conformance/cnp"),
+    ] {
+        if dir.is_dir() {
+            dirs.push(dir);
+        }
+    }
+    dirs
+}
+
 /// Case files named by `paths` (files, or directories of `*.yaml`), sorted, unique.
 pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();

@@ -257,13 +257,7 @@ fn cases_in(dir: &Path) -> Vec<PathBuf> {
 fn the_references_agree_with_every_case_in_the_ipv4_world() {
     let root = crate::cargo::workspace_root();
     let shared = root.join("../shared/conformance");
-    let dirs = [
-        shared.join("cases"),
-        shared.join("cnp"),
-        root.join("tests/conformance"),
-        // Ours with ClusterNetworkPolicy objects, which the runner does not run yet.
-        root.join("tests/conformance/cnp"),
-    ];
+    let dirs = super::default_case_dirs(root);
     let files: Vec<PathBuf> = dirs.iter().flat_map(|d| cases_in(d)).collect();
     assert!(
         files.iter().any(|f| f.starts_with(shared.join("cnp"))),
