@@ -138,12 +138,17 @@ pub fn service_cidr(cidr: &mut ServiceCIDR) {
 }
 
 /// A ClusterNetworkPolicy keeps its metadata's essentials and its `spec`, which the
-/// compiler reads (and checks) as it is; `status` goes.
+/// compiler reads (and checks) as it is; `status` goes. Its apiVersion and kind are set
+/// (list items come without them), so the object reads whole.
 pub fn cluster_policy(policy: &mut ::kube::api::DynamicObject) {
     metadata(&mut policy.metadata);
     if let Some(data) = policy.data.as_object_mut() {
         data.retain(|field, _| field == "spec");
     }
+    policy.types = Some(::kube::api::TypeMeta {
+        api_version: netpol_compile::cnp::API_VERSION.into(),
+        kind: netpol_compile::cnp::KIND.into(),
+    });
 }
 
 #[cfg(test)]

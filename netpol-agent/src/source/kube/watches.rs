@@ -331,16 +331,7 @@ impl ClusterWatch {
             .cluster_policies
             .state()
             .into_iter()
-            .filter_map(|p| {
-                let name = p.metadata.name.clone()?;
-                let mut object = serde_json::to_value(&*p).ok()?;
-                // List items come without them; the reader checks them when present.
-                if let Some(map) = object.as_object_mut() {
-                    map.insert("apiVersion".into(), netpol_compile::cnp::API_VERSION.into());
-                    map.insert("kind".into(), netpol_compile::cnp::KIND.into());
-                }
-                Some((name, object))
-            })
+            .filter_map(|p| Some((p.metadata.name.clone()?, serde_json::to_value(&*p).ok()?)))
             .collect();
         let nodes = self.stores.node.state();
         state.nodes = nodes
