@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Context, Result};
 use serde_json::{Value, json};
 
-use crate::lab::{Lab, Pod};
+use crate::lab::{Lab, Node, Pod};
 
 /// Annotation naming a pod's host-side interface, which local mode's operator may set
 /// (the lab's pod objects carry none by default: the agent finds interfaces from the
@@ -85,8 +85,8 @@ fn cluster_yaml(lab: &Lab) -> Result<String> {
     Ok(out)
 }
 
-/// The lab's Namespaces, Pods and Service objects ([`service_objects`]) as the API
-/// server has them (what `cluster.yaml` holds).
+/// The lab's Nodes, Namespaces, Pods and Service objects ([`service_objects`]) as the
+/// API server has them (what `cluster.yaml` holds).
 pub fn cluster_objects(lab: &Lab) -> Vec<Value> {
     let mut docs: Vec<Value> = lab
         .namespaces()
@@ -101,6 +101,7 @@ pub fn cluster_objects(lab: &Lab) -> Vec<Value> {
             })
         })
         .collect();
+    docs.extend(lab.nodes().iter().map(node_object));
     docs.extend(
         lab.pods()
             .iter()
@@ -239,6 +240,21 @@ pub fn service_objects(lab: &Lab) -> Vec<Value> {
     out
 }
 
+/// A Node as the kubelet registers it: its labels and its addresses (both families:
+/// the node has both on its loopback whatever the pods' stack).
+fn node_object(node: &Node) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node.name, "labels": node.labels},
+        "status": {"addresses": [
+            {"type": "InternalIP", "address": node.ipv4.to_string()},
+            {"type": "InternalIP", "address": node.ipv6.to_string()},
+            {"type": "Hostname", "address": node.name},
+        ]},
+    })
+}
+
 fn pod_object(pod: &Pod, node_name: &str) -> Value {
     let ports: Vec<Value> = pod
         .ports
@@ -264,14 +280,18 @@ fn pod_object(pod: &Pod, node_name: &str) -> Value {
     if !pod.annotations.is_empty() {
         metadata["annotations"] = json!(pod.annotations);
     }
+    let mut spec = json!({
+        "nodeName": node_name,
+        "containers": [{"name": "server", "image": "netpol.dev/lab-server", "ports": ports}],
+    });
+    if pod.host_network {
+        spec["hostNetwork"] = json!(true);
+    }
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": metadata,
-        "spec": {
-            "nodeName": node_name,
-            "containers": [{"name": "server", "image": "netpol.dev/lab-server", "ports": ports}],
-        },
+        "spec": spec,
         "status": {
             "phase": "Running",
             "podIP": addresses.first().map(ToString::to_string),

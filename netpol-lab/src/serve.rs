@@ -22,7 +22,8 @@ use crate::wire::{GREETING, SeenTokens};
 
 #[derive(Default)]
 pub struct Servers {
-    /// Each server task with the namespace it serves in.
+    /// Each server task with its owner: the namespace it serves in, or for a
+    /// `hostNetwork` pod (which shares its node's namespace) the pod.
     tasks: Vec<(String, JoinHandle<()>)>,
     udp_seen: SeenTokens,
 }
@@ -51,11 +52,13 @@ impl Servers {
         self.udp_seen.clone()
     }
 
-    /// Binds `ip:port` inside the worker's namespace and serves it on `rt`.
+    /// Binds `ip:port` inside the worker's namespace and serves it on `rt`, on behalf
+    /// of `owner` ([`Servers::stop_owner`]).
     pub fn start(
         &mut self,
         rt: &tokio::runtime::Runtime,
         worker: &NetnsWorker,
+        owner: &str,
         ip: IpAddr,
         port: u16,
         protocol: Protocol,
@@ -81,7 +84,7 @@ impl Servers {
                 self.udp_seen.clone(),
             )),
         };
-        self.tasks.push((worker.netns().to_owned(), task));
+        self.tasks.push((owner.to_owned(), task));
         Ok(())
     }
 
@@ -92,13 +95,13 @@ impl Servers {
         }
     }
 
-    /// Stops the servers of one namespace.
-    pub fn stop_netns(&mut self, netns: &str) {
-        self.tasks.retain(|(ns, t)| {
-            if ns == netns {
+    /// Stops the servers of one owner.
+    pub fn stop_owner(&mut self, owner: &str) {
+        self.tasks.retain(|(o, t)| {
+            if o == owner {
                 t.abort();
             }
-            ns != netns
+            o != owner
         });
     }
 }

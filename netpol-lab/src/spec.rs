@@ -162,6 +162,9 @@ pub struct PodSpec {
     pub ipv6: Option<Ipv6Addr>,
     /// Index of the node the pod runs on (0 unless [`PodSpec::on_node`]).
     pub node: usize,
+    /// A `hostNetwork` pod ([`PodSpec::host_network`]): it has no network namespace
+    /// of its own and serves its ports on its node's addresses.
+    pub host_network: bool,
 }
 
 impl PodSpec {
@@ -174,7 +177,17 @@ impl PodSpec {
             ipv4: None,
             ipv6: None,
             node: 0,
+            host_network: false,
         }
+    }
+
+    /// Makes it a `hostNetwork` pod, as a DaemonSet of node agents or a node-local
+    /// server would be: it shares its node's network namespace and addresses (no veth,
+    /// no address of its own), so policies never select it and its traffic is the
+    /// node's.
+    pub fn host_network(mut self) -> Self {
+        self.host_network = true;
+        self
     }
 
     /// Runs the pod on node `node` of a [`Lab::with_nodes`] lab.

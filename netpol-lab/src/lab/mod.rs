@@ -38,6 +38,9 @@ pub struct Pod {
     pub node: usize,
     /// Annotations of its Pod object (none unless set with [`Lab::set_pod_annotation`]).
     pub annotations: Labels,
+    /// A `hostNetwork` pod ([`PodSpec::host_network`]): `netns` is its node's, its
+    /// addresses are the node's and `host_if` is empty.
+    pub host_network: bool,
     worker: Arc<NetnsWorker>,
 }
 
@@ -90,6 +93,8 @@ pub struct Node {
     pub ipv6: Ipv6Addr,
     /// Whether its pods hang on the Linux bridge [`BRIDGE`] ([`Lab::set_bridged`]).
     pub bridged: bool,
+    /// The labels of its Node object ([`Lab::set_node_labels`]).
+    pub labels: Labels,
     worker: Arc<NetnsWorker>,
 }
 
@@ -247,6 +252,7 @@ impl Lab {
             ipv4,
             ipv6,
             bridged: false,
+            labels: Labels::new(),
             worker,
         });
         Ok(())
@@ -421,6 +427,22 @@ impl Lab {
         self.namespaces.insert(namespace.to_owned(), labels(kv));
     }
 
+    /// Sets (replaces) the labels of node `node`'s Node object (rewrite the manifests or
+    /// publish the objects afterwards): what ClusterNetworkPolicy `nodes` peers select.
+    pub fn set_node_labels<K: Into<String>, V: Into<String>>(
+        &mut self,
+        node: usize,
+        kv: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<()> {
+        let count = self.nodes.len();
+        let node = self
+            .nodes
+            .get_mut(node)
+            .with_context(|| format!("no node {node} (the lab has {count})"))?;
+        node.labels = labels(kv);
+        Ok(())
+    }
+
     /// Namespaces and their labels (without `kubernetes.io/metadata.name`).
     pub fn namespaces(&self) -> &BTreeMap<String, Labels> {
         &self.namespaces
@@ -569,6 +591,9 @@ impl Lab {
         {
             bail!("pod {}/{} already exists", spec.namespace, spec.name);
         }
+        if spec.host_network {
+            return self.add_host_network_pod(spec);
+        }
         let index = self.take_index();
         let auto = Self::auto_ipv4(index);
         let ipv4 = spec
@@ -585,7 +610,7 @@ impl Lab {
             .into_iter()
             .chain(ipv6.map(IpAddr::V6))
             .collect();
-        self.start_servers(&worker, &addrs, &spec.ports)
+        self.start_servers(&worker, &netns, &addrs, &spec.ports)
             .with_context(|| format!("serving ports of {}/{}", spec.namespace, spec.name))?;
         self.namespaces.entry(spec.namespace.clone()).or_default();
         self.pods.push(Pod {
@@ -599,6 +624,49 @@ impl Lab {
             host_if,
             node: spec.node,
             annotations: Labels::new(),
+            host_network: false,
+            worker,
+        });
+        self.sync_services()?;
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// A `hostNetwork` pod: its servers listen on its node's addresses (of the lab's
+    /// families), inside the node's namespace. Two of them on one node cannot serve the
+    /// same port, as on a real node.
+    fn add_host_network_pod(&mut self, spec: PodSpec) -> Result<&Pod> {
+        let id = format!("{}/{}", spec.namespace, spec.name);
+        let node = self
+            .nodes
+            .get(spec.node)
+            .with_context(|| format!("pod {id}: no node {}", spec.node))?;
+        if spec.ipv4.is_some() || spec.ipv6.is_some() {
+            bail!("pod {id}: a hostNetwork pod has its node's addresses, not its own");
+        }
+        let ipv4 = self.stack.has(Family::V4).then_some(node.ipv4);
+        let ipv6 = self.stack.has(Family::V6).then_some(node.ipv6);
+        let (netns, worker) = (node.netns.clone(), node.worker.clone());
+        let addrs: Vec<IpAddr> = ipv4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(ipv6.map(IpAddr::V6))
+            .collect();
+        let owner = host_network_owner(&id);
+        self.start_servers(&worker, &owner, &addrs, &spec.ports)
+            .with_context(|| format!("serving ports of {id} on its node"))?;
+        self.namespaces.entry(spec.namespace.clone()).or_default();
+        self.pods.push(Pod {
+            namespace: spec.namespace,
+            name: spec.name,
+            labels: spec.labels,
+            ports: spec.ports,
+            ipv4,
+            ipv6,
+            netns,
+            host_if: String::new(),
+            node: spec.node,
+            annotations: Labels::new(),
+            host_network: true,
             worker,
         });
         self.sync_services()?;
@@ -616,7 +684,11 @@ impl Lab {
             .position(|p| p.namespace == ns && p.name == name)
             .with_context(|| format!("no pod {id}"))?;
         let pod = self.pods.remove(i);
-        self.servers.stop_netns(&pod.netns);
+        if pod.host_network {
+            self.servers.stop_owner(&host_network_owner(id));
+            return self.sync_services();
+        }
+        self.servers.stop_owner(&pod.netns);
         netns::ip_batch(
             Some(&self.nodes[pod.node].netns),
             &[format!("link del {}", pod.host_if)],
@@ -666,7 +738,7 @@ impl Lab {
         let (netns, node_if, worker) = self.plumb(node, 'h', index, v4, v6)?;
         self.route_from_other_nodes(node, "add", v4, v6)
             .with_context(|| format!("routing to host/{name}"))?;
-        self.start_servers(&worker, addrs, ports)
+        self.start_servers(&worker, &netns, addrs, ports)
             .with_context(|| format!("serving ports of host/{name}"))?;
         self.hosts.push(Host {
             name: name.to_owned(),
@@ -684,6 +756,7 @@ impl Lab {
     fn start_servers(
         &mut self,
         worker: &NetnsWorker,
+        owner: &str,
         addrs: &[IpAddr],
         ports: &[Port],
     ) -> Result<()> {
@@ -691,7 +764,7 @@ impl Lab {
         for port in ports {
             for &addr in addrs {
                 self.servers
-                    .start(rt, worker, addr, port.port, port.protocol)?;
+                    .start(rt, worker, owner, addr, port.port, port.protocol)?;
             }
         }
         Ok(())
@@ -893,4 +966,10 @@ impl Drop for Lab {
             let _ = std::fs::remove_dir_all(&self.workdir);
         }
     }
+}
+
+/// The owner of a `hostNetwork` pod's servers (they share the node's namespace with the
+/// node's other servers).
+fn host_network_owner(id: &str) -> String {
+    format!("hostNetwork:{id}")
 }

@@ -37,6 +37,10 @@ pub struct ClusterDef {
     pub pods: Option<Vec<PodEntry>>,
     #[serde(default)]
     pub hosts: Vec<HostDef>,
+    /// This repository's extension (tests/conformance/README.md): the labels of every
+    /// node's Node object, for ClusterNetworkPolicy `nodes` peers.
+    #[serde(default)]
+    pub node_labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -62,6 +66,10 @@ pub struct PodDef {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub ports: Vec<PortDef>,
+    /// This repository's extension (tests/conformance/README.md): a `hostNetwork` pod,
+    /// serving its ports on its node's addresses. Never a probe source.
+    #[serde(default, rename = "hostNetwork")]
+    pub host_network: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -237,6 +245,8 @@ pub struct ClusterPlan {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub pods: Vec<PodDef>,
     pub hosts: Vec<HostDef>,
+    /// The labels of every node.
+    pub node_labels: BTreeMap<String, String>,
 }
 
 const STANDARD_NAMESPACES: [&str; 3] = ["x", "y", "z"];
@@ -296,6 +306,7 @@ impl ClusterPlan {
                 namespaces,
                 pods,
                 hosts: def.hosts,
+                node_labels: def.node_labels,
             }
         } else {
             let keep: Option<Vec<String>> = def.pods.map(|pods| {
@@ -322,6 +333,7 @@ impl ClusterPlan {
                         name,
                         labels: BTreeMap::from([("pod".to_owned(), pod.to_owned())]),
                         ports: standard_ports(),
+                        host_network: false,
                     });
                 }
             }
@@ -336,6 +348,7 @@ impl ClusterPlan {
                 namespaces,
                 pods,
                 hosts: def.hosts,
+                node_labels: def.node_labels,
             }
         };
         for (name, labels) in plan.namespaces.iter_mut() {

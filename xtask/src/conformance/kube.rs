@@ -141,6 +141,7 @@ impl KubeFeed {
         }
         let _entered = self.runtime.enter();
         for kind in [
+            "Node",
             "Namespace",
             "Pod",
             "NetworkPolicy",

@@ -335,8 +335,27 @@ fn run_case_with(
     result
 }
 
-/// Probe endpoints with what each serves: `(ns/pod or host/name, [(port, protocol)])`.
-pub(crate) type Endpoints = [(String, Vec<(u16, netpol_lab::Protocol)>)];
+/// A probe endpoint (`ns/pod` or `host/name`) with what it serves.
+#[derive(Clone, Debug)]
+pub(crate) struct Endpoint {
+    pub id: String,
+    pub serves: Vec<(u16, netpol_lab::Protocol)>,
+    /// Whether it probes others too: every endpoint but a `hostNetwork` pod, whose
+    /// traffic is its node's (tests/conformance/README.md).
+    pub source: bool,
+}
+
+impl Endpoint {
+    pub fn new(id: String, serves: Vec<(u16, netpol_lab::Protocol)>) -> Self {
+        Endpoint {
+            id,
+            serves,
+            source: true,
+        }
+    }
+}
+
+pub(crate) type Endpoints = [Endpoint];
 
 /// Checks one step: every source to every other endpoint that serves an expectation's
 /// port and protocol, probed all at once by `probe` (one outcome per probe, in order),
@@ -390,11 +409,14 @@ pub(crate) fn check_step_with(
                 family,
                 ..Probe::new(src.clone(), dst.clone(), expect.port, protocol)
             };
-            for (dst, serves) in endpoints {
+            for Endpoint {
+                id: dst, serves, ..
+            } in endpoints
+            {
                 if !serves.contains(&(expect.port, protocol)) {
                     continue;
                 }
-                for (src, _) in endpoints {
+                for src in endpoints.iter().filter(|e| e.source).map(|e| &e.id) {
                     if src == dst {
                         if hairpin && !src.starts_with("host/") {
                             probes.push(new(src, dst));
@@ -482,9 +504,11 @@ fn own_service(pod: &case::PodDef) -> Result<netpol_lab::ServiceSpec> {
     Ok(spec)
 }
 
-/// A probe to a pod, made to its Service instead (hosts stay direct).
-fn through_service(probe: &Probe) -> Probe {
-    if probe.src.starts_with("host/") || probe.dst.starts_with("host/") {
+/// A probe to a pod, made to its Service instead (hosts and `hostNetwork` pods stay
+/// direct).
+fn through_service(probe: &Probe, lab: &Lab) -> Probe {
+    let host_network = lab.pod(&probe.dst).is_some_and(|p| p.host_network);
+    if probe.src.starts_with("host/") || probe.dst.starts_with("host/") || host_network {
         return probe.clone();
     }
     Probe {
@@ -568,13 +592,29 @@ impl<'a> Runner<'a> {
         for (ns, labels) in &plan.namespaces {
             lab.set_namespace_labels(ns, without_metadata_name(labels));
         }
+        for node in 0..options.nodes {
+            lab.set_node_labels(node, plan.node_labels.clone())?;
+        }
+        // hostNetwork pods one per node (they serve on the node's addresses).
+        let host_network = plan.pods.iter().filter(|p| p.host_network).count();
+        if host_network > options.nodes {
+            bail!("{host_network} hostNetwork pods need as many nodes (--nodes {host_network})");
+        }
+        let mut next_host_network_node = 0..options.nodes;
         for pod in &plan.pods {
             let (ns, name) = case::split_pod(&pod.name)?;
-            let node = next_node.next().expect("cycles forever");
+            let node = if pod.host_network {
+                next_host_network_node.next().expect("counted above")
+            } else {
+                next_node.next().expect("cycles forever")
+            };
             let mut spec = PodSpec::new(ns, name)
                 .ports(pod.ports.iter().map(lab_port))
                 .on_node(node);
             spec.labels = pod.labels.clone();
+            if pod.host_network {
+                spec = spec.host_network();
+            }
             lab.add_pod(spec)
                 .with_context(|| format!("creating pod {}", pod.name))?;
         }
@@ -582,7 +622,8 @@ impl<'a> Runner<'a> {
             if options.proxy_mode == ProxyMode::Nftables {
                 lab.set_proxy_mode(netpol_lab::ProxyMode::Nftables)?;
             }
-            for pod in &plan.pods {
+            // Upstream probes hostNetwork pods at their address, as hosts.
+            for pod in plan.pods.iter().filter(|p| !p.host_network) {
                 lab.add_service(own_service(pod)?)
                     .with_context(|| format!("creating the Service of {}", pod.name))?;
             }
@@ -759,15 +800,16 @@ impl<'a> Runner<'a> {
     }
 
     /// Probe endpoints: pods, then hosts, with what they serve.
-    fn endpoints(&self) -> Vec<(String, Vec<(u16, netpol_lab::Protocol)>)> {
-        let pods = self.lab.pods().iter().map(|p| {
-            (
+    fn endpoints(&self) -> Vec<Endpoint> {
+        let pods = self.lab.pods().iter().map(|p| Endpoint {
+            source: !p.host_network,
+            ..Endpoint::new(
                 p.id(),
                 p.ports.iter().map(|q| (q.port, q.protocol)).collect(),
             )
         });
         let hosts = self.lab.hosts().iter().map(|h| {
-            (
+            Endpoint::new(
                 format!("host/{}", h.name),
                 h.ports.iter().map(|q| (q.port, q.protocol)).collect(),
             )
@@ -789,7 +831,10 @@ impl<'a> Runner<'a> {
             hairpin,
             |probes| {
                 let probes: Vec<Probe> = if via_service {
-                    probes.iter().map(through_service).collect()
+                    probes
+                        .iter()
+                        .map(|p| through_service(p, &self.lab))
+                        .collect()
                 } else {
                     probes.to_vec()
                 };
@@ -827,5 +872,62 @@ impl<'a> Runner<'a> {
             result.agent_log = Some(logs.join("\n"));
         }
         outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_network_pod_is_probed_but_never_probes() {
+        let case: Case = serde_norway::from_str(
+            "name: t\n\
+             cluster:\n  node_labels: {kubernetes.io/os: linux}\n  pods:\n\
+             \x20   - {name: x/a, ports: [{port: 80}]}\n\
+             \x20   - {name: x/b, ports: [{port: 80}]}\n\
+             \x20   - {name: infra/agent, hostNetwork: true, ports: [{port: 80}]}\n\
+             steps: [{expect: [{port: 80, protocol: TCP, default: allowed}]}]\n",
+        )
+        .unwrap();
+        let plan = ClusterPlan::of(&case).unwrap();
+        assert_eq!(plan.node_labels["kubernetes.io/os"], "linux");
+        let endpoints: Vec<Endpoint> = plan
+            .pods
+            .iter()
+            .map(|p| Endpoint {
+                source: !p.host_network,
+                ..Endpoint::new(p.name.clone(), vec![(80, netpol_lab::Protocol::Tcp)])
+            })
+            .collect();
+        let mut seen = Vec::new();
+        check_step_with(
+            &case.steps[0],
+            1,
+            &endpoints,
+            &[Family::V4],
+            false,
+            |probes| {
+                seen = probes
+                    .iter()
+                    .map(|p| format!("{} -> {}", p.src, p.dst))
+                    .collect();
+                Ok(probes
+                    .iter()
+                    .map(|_| netpol_lab::Outcome::Allowed)
+                    .collect())
+            },
+        )
+        .unwrap();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "x/a -> infra/agent",
+                "x/a -> x/b",
+                "x/b -> infra/agent",
+                "x/b -> x/a"
+            ]
+        );
     }
 }

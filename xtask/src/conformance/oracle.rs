@@ -12,42 +12,59 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use netpol_compile::cnp::reference::TieredReference;
-use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{ClusterState, NodePeer, ObjectRef};
 use serde_json::{Value, json};
 
 use super::case::{
     Addresses, Case, ClusterPlan, PortDef, Protocol, Verdict, expand_templates, split_pod,
 };
 
-/// Addresses of a case's pods (10.0.0.1 upwards, in plan order) and hosts (their own).
+/// Addresses of a case's pods (10.0.0.1 upwards, in plan order; a `hostNetwork` pod
+/// has the address of its node, one node per such pod, as the runner places them),
+/// hosts (their own) and nodes.
 struct Plan {
     plan: ClusterPlan,
     pods: BTreeMap<String, Ipv4Addr>,
+    /// Node names and addresses: at least one, one per `hostNetwork` pod.
+    nodes: Vec<(String, Ipv4Addr)>,
 }
 
 impl Plan {
     fn of(case: &Case) -> Result<Plan> {
         let plan = ClusterPlan::of(case)?;
+        let host_network = plan.pods.iter().filter(|p| p.host_network).count();
+        let nodes: Vec<(String, Ipv4Addr)> = (0..host_network.max(1))
+            .map(|n| (netpol_lab::Lab::node_name(n), netpol_lab::Lab::node_ipv4(n)))
+            .collect();
+        let mut next_node = nodes.iter().map(|(_, ip)| *ip);
         let pods = plan
             .pods
             .iter()
             .enumerate()
             .map(|(i, pod)| {
-                let i = i as u32 + 1;
-                (pod.name.clone(), Ipv4Addr::from(0x0a00_0000 | i))
+                let ip = if pod.host_network {
+                    next_node.next().expect("one node per hostNetwork pod")
+                } else {
+                    Ipv4Addr::from(0x0a00_0000 | (i as u32 + 1))
+                };
+                (pod.name.clone(), ip)
             })
             .collect();
-        Ok(Plan { plan, pods })
+        Ok(Plan { plan, pods, nodes })
     }
 
-    /// Every probe endpoint (pods, then hosts) with its address.
-    fn endpoints(&self) -> Vec<(String, Ipv4Addr)> {
-        let pods = self.pods.iter().map(|(n, ip)| (n.clone(), *ip));
+    /// Every probe endpoint (pods, then hosts) with its address and whether it is a
+    /// probe source (not a `hostNetwork` pod).
+    fn endpoints(&self) -> Vec<(String, Ipv4Addr, bool)> {
+        let pods = self.plan.pods.iter().map(|p| {
+            let ip = self.pods[&p.name];
+            (p.name.clone(), ip, !p.host_network)
+        });
         let hosts = self
             .plan
             .hosts
             .iter()
-            .map(|h| (format!("host/{}", h.name), h.ip));
+            .map(|h| (format!("host/{}", h.name), h.ip, true));
         pods.chain(hosts).collect()
     }
 
@@ -103,6 +120,13 @@ fn state(
     pod_labels: &BTreeMap<String, BTreeMap<String, String>>,
 ) -> Result<ClusterState> {
     let mut state = ClusterState::default();
+    for (name, ip) in &plan.nodes {
+        let peer = NodePeer {
+            labels: plan.plan.node_labels.clone(),
+            ips: vec![IpAddr::V4(*ip)],
+        };
+        state.nodes.insert(name.clone(), peer);
+    }
     for (name, labels) in namespaces {
         let ns = json!({"metadata": {"name": name, "labels": labels}});
         state
@@ -115,7 +139,7 @@ fn state(
         let ports: Vec<Value> = pod.ports.iter().map(PortDef::container_port).collect();
         let object = json!({
             "metadata": {"namespace": ns, "name": name, "labels": pod_labels[&pod.name]},
-            "spec": {"containers": [{"name": "main", "ports": ports}]},
+            "spec": {"containers": [{"name": "main", "ports": ports}], "hostNetwork": pod.host_network},
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
         });
         state
@@ -208,8 +232,8 @@ fn check_case(path: &Path) -> Result<(usize, Vec<String>)> {
         let endpoints = plan.endpoints();
         for expect in &step.expect {
             let protocol = protocol_number(expect.protocol);
-            for (src, src_ip) in &endpoints {
-                for (dst, dst_ip) in &endpoints {
+            for (src, src_ip, _) in endpoints.iter().filter(|e| e.2) {
+                for (dst, dst_ip, _) in &endpoints {
                     if src == dst || !plan.serves(dst, expect.port, expect.protocol) {
                         continue;
                     }

@@ -242,7 +242,7 @@ mod tests {
             return;
         };
         let plan = ClusterPlan::of(&case).unwrap();
-        let endpoints: Vec<(String, Vec<(u16, lab::Protocol)>)> = plan
+        let endpoints: Vec<crate::conformance::Endpoint> = plan
             .pods
             .iter()
             .map(|p| {
@@ -250,7 +250,7 @@ mod tests {
                     .ports
                     .iter()
                     .map(|q| (q.port, crate::conformance::lab_protocol(q.protocol)));
-                (p.name.clone(), serves.collect())
+                crate::conformance::Endpoint::new(p.name.clone(), serves.collect())
             })
             .collect();
         let step = &case.steps[0];

@@ -18,8 +18,8 @@ use super::{AGNHOST, Options, STATUS_FILE, STEP_ANNOTATION};
 use crate::conformance::case::{
     self, Addresses, Case, ClusterPlan, METADATA_NAME, PortDef, Step, expand_templates,
 };
-use crate::conformance::{CaseResult, check_step};
-use netpol_lab::{self as lab, Probe};
+use crate::conformance::{CaseResult, Endpoint, check_step};
+use netpol_lab::Probe;
 
 /// The agent's status file (README.md, "Using the agent").
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -75,6 +75,13 @@ impl<'a> ClusterRunner<'a> {
         nodes: &'a [Node],
     ) -> Result<Self> {
         let plan = ClusterPlan::of(case)?;
+        if plan.pods.iter().any(|p| p.host_network) || !plan.node_labels.is_empty() {
+            bail!(
+                "hostNetwork pods and node_labels (tests/conformance/README.md) are run on \
+                 emulated nodes only: on kind they would need the nodes relabelled and \
+                 host ports free"
+            );
+        }
         Ok(Self {
             options,
             kubectl,
@@ -347,7 +354,7 @@ impl<'a> ClusterRunner<'a> {
         self.sync()
     }
 
-    fn endpoints(&self) -> Vec<(String, Vec<(u16, lab::Protocol)>)> {
+    fn endpoints(&self) -> Vec<Endpoint> {
         let serves = |ports: &[PortDef]| {
             ports
                 .iter()
@@ -358,11 +365,11 @@ impl<'a> ClusterRunner<'a> {
             .plan
             .pods
             .iter()
-            .map(|p| (p.name.clone(), serves(&p.ports)));
+            .map(|p| Endpoint::new(p.name.clone(), serves(&p.ports)));
         let hosts = self
             .hosts
             .iter()
-            .map(|h| (format!("host/{}", h.name), serves(&h.ports)));
+            .map(|h| Endpoint::new(format!("host/{}", h.name), serves(&h.ports)));
         pods.chain(hosts).collect()
     }
 
