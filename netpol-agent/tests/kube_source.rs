@@ -340,6 +340,66 @@ async fn updates_and_deletes_flow_through_in_batches() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn an_update_of_only_what_trimming_drops_moves_the_version_without_a_change() {
+    let server = cluster().await;
+    let mut source = source(&server);
+    let mut state = ClusterState::default();
+    wait_for(&mut source, &mut state, "sync", |s| s.pods.len() == 3).await;
+
+    // A pod's conditions and a node's heartbeat: nothing the agent keeps.
+    let mut ready = pod("x", "a", NODE, "10.0.0.1", json!({"app": "a"}));
+    ready["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+    server.apply(ready);
+    let mut heartbeat = node("node-2", "192.168.0.2");
+    heartbeat["status"]["conditions"] = json!([{"type": "Ready", "status": "True",
+        "lastHeartbeatTime": "2026-12-04T12:00:00Z"}]);
+    server.apply(heartbeat);
+    let expected = server.resource_version();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let reached = loop {
+        let changed = source
+            .changed(Duration::from_millis(100))
+            .await
+            .expect("watchers run");
+        assert!(
+            !changed,
+            "an update of only what trimming drops is no change"
+        );
+        if let Some(generation) = source.unchanged_generation()
+            && generation >= expected
+        {
+            break generation;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the version never moved"
+        );
+    };
+    assert_eq!(reached, expected);
+    assert_eq!(source.unchanged_generation(), None, "reported once");
+
+    // A label is kept: a change, whose snapshot carries the version.
+    server.apply(pod(
+        "x",
+        "a",
+        NODE,
+        "10.0.0.1",
+        json!({"app": "a", "v": "2"}),
+    ));
+    let expected = server.resource_version();
+    let generation = wait_for(&mut source, &mut state, "the label", |s| {
+        label(s, "x", "a", "v").as_deref() == Some("2")
+    })
+    .await;
+    assert_eq!(generation, Some(expected));
+    assert_eq!(
+        source.unchanged_generation(),
+        None,
+        "the snapshot covered it"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn an_invalid_update_is_enforced_as_far_as_it_can_be_read_and_reported() {
     let server = cluster().await;
     let mut source = source(&server);

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use netpol_lab::{NetnsWorker, Probe};
 use support::{
-    B_ONLY_FROM_C, Cluster, HEALTH, PROBE_TIMEOUT, agent_bin, http_get, sample, standard_lab,
+    B_ONLY_FROM_C, Cluster, HEALTH, KubeCluster, PROBE_TIMEOUT, agent_bin, http_get, policy_object,
+    sample, standard_lab,
 };
 
 #[test]
@@ -152,6 +153,51 @@ fn a_dropped_probe_is_named_in_the_flow_log_and_counted_in_metrics() {
     let scrape = prometheus_parse_lines(&body);
     assert!(scrape > 10, "{scrape} samples");
     drop(cluster);
+}
+
+#[test]
+fn in_kubernetes_mode_an_update_of_nothing_the_agent_keeps_is_applied_without_a_compile() {
+    let Some(agent) = agent_bin(
+        "in_kubernetes_mode_an_update_of_nothing_the_agent_keeps_is_applied_without_a_compile",
+    ) else {
+        return;
+    };
+    let mut cluster = KubeCluster::start(
+        standard_lab(&["x/a", "x/b", "x/c"]),
+        &agent,
+        &[policy_object(B_ONLY_FROM_C)],
+        &["--health-addr", HEALTH],
+    );
+    let node = NetnsWorker::spawn(cluster.lab.node_netns()).expect("node worker");
+    let counter = |series: &str| {
+        let (_, body) = http_get(&node, "/metrics");
+        sample(&body, series).unwrap_or(0.0)
+    };
+    let applies = counter("netpol_applies_total");
+
+    // Pods keep no annotations: the version moves, the state does not. `publish` waits
+    // until the status reports the new version.
+    cluster
+        .lab
+        .set_pod_annotation("x/a", "example.com/owner", "team-a")
+        .expect("x/a");
+    cluster.publish(&[policy_object(B_ONLY_FROM_C)]);
+    assert_eq!(
+        counter("netpol_applies_total"),
+        applies,
+        "no compile, no apply"
+    );
+    assert!(counter("netpol_unchanged_updates_total") >= 1.0);
+
+    // A label is kept: compiled and applied.
+    cluster
+        .lab
+        .set_pod_labels("x/a", [("pod", "a"), ("team", "a")])
+        .expect("x/a");
+    cluster.publish(&[policy_object(B_ONLY_FROM_C)]);
+    assert_eq!(counter("netpol_applies_total"), applies + 1.0);
+    let probe = Probe::tcp("x/c", "x/b", 80);
+    cluster.check(&[(probe, true)]);
 }
 
 /// Counts the sample lines of an exposition, failing on any line that is neither a

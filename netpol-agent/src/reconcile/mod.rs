@@ -138,6 +138,9 @@ impl<'a, S: Source> Reconciler<'a, S> {
         if !self.primed && !changed {
             return Ok(());
         }
+        if !changed && self.report_unchanged_generation() {
+            self.write_status()?;
+        }
         if !changed && !wake.links && !resync_due && self.status.pending.is_empty() {
             return Ok(());
         }
@@ -153,6 +156,23 @@ impl<'a, S: Source> Reconciler<'a, S> {
         self.kernel_metrics
             .refresh_if_due(self.datapath, &self.compiled, self.health);
         self.write_status()
+    }
+
+    /// Updates that changed nothing the source gives moved its generation: the
+    /// kernel already holds that generation's state (unless the last apply failed), so
+    /// the status says so without a compile. `true` when the status changed.
+    fn report_unchanged_generation(&mut self) -> bool {
+        let Some(generation) = self.source.unchanged_generation() else {
+            return false;
+        };
+        if self.apply_failed || generation <= self.generation {
+            return false;
+        }
+        debug!(generation, "updates changed nothing the agent keeps");
+        self.health.metrics.unchanged_updates.inc();
+        self.generation = generation;
+        self.status.generation = generation;
+        true
     }
 
     /// Snapshot, compile, apply: `false` when the kernel refused the state.

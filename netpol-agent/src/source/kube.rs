@@ -97,6 +97,10 @@ impl Source for KubeSource {
     fn report(&mut self, new: &[Diagnostic]) {
         self.watch.report(new);
     }
+
+    fn unchanged_generation(&mut self) -> Option<u64> {
+        self.watch.unchanged_generation()
+    }
 }
 
 /// The client configuration from `kubeconfig`, or else inferred as every controller

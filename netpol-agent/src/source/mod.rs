@@ -78,4 +78,11 @@ pub trait Source {
     /// the last apply (already logged, see [`crate::reconcile`]), where the source has a
     /// channel for them (Kubernetes Events).
     fn report(&mut self, _new: &[Diagnostic]) {}
+
+    /// When [`Source::changed`] said no: the generation the source reached through
+    /// updates that changed nothing it gives (so the state in the kernel is already
+    /// that generation's), if it moved. Reported as applied with no compile.
+    fn unchanged_generation(&mut self) -> Option<u64> {
+        None
+    }
 }

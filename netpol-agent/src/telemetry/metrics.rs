@@ -264,6 +264,9 @@ pub struct Metrics {
     pub invalid_fields: Family<FieldLabels, Gauge>,
     /// Applies of a changed state to the kernel.
     pub applies: Counter,
+    /// Batches of updates that changed nothing the agent keeps (reported applied with
+    /// no compile).
+    pub unchanged_updates: Counter,
     /// Errors by kind (the variant of the module's Error enum).
     pub errors: Family<ErrorLabels, Counter>,
     /// Endpoints (ENDPOINTS, POLICY) or peer addresses (IPCACHE) not fully programmed
@@ -308,6 +311,13 @@ impl Metrics {
             "Changed states applied to the kernel",
             applies.clone(),
         );
+        let unchanged_updates = Counter::default();
+        registry.register(
+            "netpol_unchanged_updates",
+            "Batches of object updates that changed nothing the agent keeps of them (a \
+             pod's conditions, a node's heartbeat): reported applied without a compile",
+            unchanged_updates.clone(),
+        );
         let errors = Family::<ErrorLabels, Counter>::default();
         registry.register("netpol_errors", "Errors by kind", errors.clone());
         let refused = Family::<MapLabels, Gauge>::default();
@@ -329,6 +339,7 @@ impl Metrics {
             invalid_objects,
             invalid_fields,
             applies,
+            unchanged_updates,
             errors,
         }
     }

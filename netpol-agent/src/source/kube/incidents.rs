@@ -19,6 +19,10 @@ pub(super) const INCIDENT_QUIET: Duration = Duration::from_secs(30);
 pub(super) enum Signal {
     /// An object was added, modified or deleted.
     Changed(Watched),
+    /// An object was modified in nothing the agent keeps of it (its trimmed form is
+    /// the same, resourceVersion aside: a pod's conditions, a node's heartbeat): the
+    /// version moved, the state did not.
+    Unchanged(Watched),
     /// A (re-)list completed and replaced the store.
     Synced(Watched),
     Failed(Watched, Failure),

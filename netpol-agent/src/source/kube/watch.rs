@@ -29,18 +29,21 @@ pub(super) struct WatchContext {
     pub(super) absent_is_empty: bool,
 }
 
-/// Runs one watcher into its store until the source is dropped.
+/// Runs one watcher into its store until the source is dropped. `dyntype` is the
+/// store's (`()` for the typed resources).
 pub(super) async fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     mut writer: Writer<K>,
+    dyntype: <K as Lookup>::DynamicType,
     trim: fn(&mut K),
     mut context: WatchContext,
 ) where
-    K: Resource + Lookup + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Lookup + Clone + PartialEq + DeserializeOwned + Debug + Send + Sync + 'static,
     <K as Lookup>::DynamicType: Eq + Hash + Clone,
 {
     let watched = context.watched;
+    let reader = writer.as_reader();
     loop {
         let mut stream = watcher::watcher(api.clone(), config.clone()).boxed();
         // Highest version of a list in progress: counted once the list is complete.
@@ -54,6 +57,12 @@ pub(super) async fn watch<K>(
                         listing = listing.max(version);
                         trim(object);
                     });
+                    let unchanged = match &event {
+                        Event::Apply(object) => reader
+                            .get(&object.to_object_ref(dyntype.clone()))
+                            .is_some_and(|old| same_content(old.as_ref(), object)),
+                        _ => false,
+                    };
                     writer.apply_watcher_event(&event);
                     match &event {
                         Event::Init => {
@@ -71,7 +80,11 @@ pub(super) async fn watch<K>(
                             context
                                 .resource_version
                                 .fetch_max(std::mem::take(&mut listing), Ordering::AcqRel);
-                            Some(Signal::Changed(watched))
+                            Some(if unchanged {
+                                Signal::Unchanged(watched)
+                            } else {
+                                Signal::Changed(watched)
+                            })
                         }
                     }
                 }
@@ -127,6 +140,20 @@ fn not_served(error: &watcher::Error) -> bool {
 }
 
 /// `metadata.resourceVersion` as a number (0 when absent or opaque).
+/// Whether the trimmed `new` holds what the stored `old` holds, resourceVersion aside:
+/// an update that touched only what trimming drops (a pod's conditions, a node's
+/// heartbeat, a policy's last-applied annotation) changes nothing the compiler reads.
+fn same_content<K: Resource + Clone + PartialEq>(old: &K, new: &K) -> bool {
+    if old.meta().resource_version == new.meta().resource_version {
+        return old == new;
+    }
+    let mut new = new.clone();
+    new.meta_mut()
+        .resource_version
+        .clone_from(&old.meta().resource_version);
+    *old == new
+}
+
 fn numeric_version<K: Resource>(object: &K) -> u64 {
     ::kube::ResourceExt::resource_version(object)
         .and_then(|v| v.parse().ok())

@@ -54,6 +54,9 @@ pub struct ClusterWatch {
     synced: BTreeSet<Watched>,
     /// A change arrived since the last snapshot.
     dirty: bool,
+    /// Only updates that changed nothing the agent keeps arrived since the last
+    /// snapshot or [`ClusterWatch::unchanged_generation`]: the version moved alone.
+    moved: bool,
     incidents: Incidents,
     started: Instant,
     last_waiting_report: Instant,
@@ -92,6 +95,7 @@ impl ClusterWatch {
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default(),
             writer,
+            (),
             trim::namespace,
             context(Watched::Namespaces),
         )));
@@ -100,6 +104,7 @@ impl ClusterWatch {
             Api::<Pod>::all(client.clone()),
             watcher::Config::default(),
             writer,
+            (),
             trim::pod,
             context(Watched::Pods),
         )));
@@ -108,6 +113,7 @@ impl ClusterWatch {
             Api::<NetworkPolicy>::all(client.clone()),
             watcher::Config::default(),
             writer,
+            (),
             trim::network_policy,
             context(Watched::NetworkPolicies),
         )));
@@ -117,6 +123,7 @@ impl ClusterWatch {
             Api::<Node>::all(client.clone()),
             watcher::Config::default(),
             writer,
+            (),
             trim::node,
             context(Watched::Node),
         )));
@@ -125,6 +132,7 @@ impl ClusterWatch {
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
             writer,
+            (),
             trim::service,
             context(Watched::Services),
         )));
@@ -133,6 +141,7 @@ impl ClusterWatch {
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
             writer,
+            (),
             trim::endpoint_slice,
             context(Watched::EndpointSlices),
         )));
@@ -141,6 +150,7 @@ impl ClusterWatch {
             Api::<ServiceCIDR>::all(client.clone()),
             watcher::Config::default(),
             writer,
+            (),
             trim::service_cidr,
             context(Watched::ServiceCidrs),
         )));
@@ -158,6 +168,7 @@ impl ClusterWatch {
             Api::<DynamicObject>::all_with(client.clone(), &cluster_policy),
             watcher::Config::default(),
             writer,
+            cluster_policy.clone(),
             trim::cluster_policy,
             context(Watched::ClusterNetworkPolicies),
         )));
@@ -188,6 +199,7 @@ impl ClusterWatch {
             resource_version,
             synced: BTreeSet::new(),
             dirty: false,
+            moved: false,
             incidents: Incidents::default(),
             started: now,
             last_waiting_report: now,
@@ -251,10 +263,25 @@ impl ClusterWatch {
         Ok(changed)
     }
 
+    /// The resourceVersion reached by updates that changed nothing the agent keeps,
+    /// when no change is waiting for a snapshot: what the kernel holds is already the
+    /// state at that version, so it can be reported as applied without a compile.
+    pub fn unchanged_generation(&mut self) -> Option<u64> {
+        if !self.moved || self.dirty || !self.is_synced() {
+            return None;
+        }
+        self.moved = false;
+        Some(self.resource_version.load(Ordering::Acquire))
+    }
+
     fn handle(&mut self, signal: Signal) {
         match signal {
             Signal::Changed(watched) => {
                 self.dirty = true;
+                self.incidents.succeeded(watched);
+            }
+            Signal::Unchanged(watched) => {
+                self.moved = true;
                 self.incidents.succeeded(watched);
             }
             Signal::Synced(watched) => {
@@ -284,6 +311,7 @@ impl ClusterWatch {
     pub fn snapshot(&mut self, state: &mut ClusterState) -> Snapshot {
         // Read first: the stores hold at least everything up to this version.
         let generation = self.resource_version.load(Ordering::Acquire);
+        self.moved = false;
         state.namespaces = self
             .stores
             .namespaces
