@@ -340,6 +340,85 @@ async fn updates_and_deletes_flow_through_in_batches() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn a_large_initial_list_arrives_in_pages_of_one_version() {
+    let server = cluster().await;
+    for i in 0..1_234u32 {
+        let ip = format!("10.1.{}.{}", i / 250, i % 250 + 1);
+        server.apply(pod(
+            "big",
+            &format!("p{i}"),
+            "node-2",
+            &ip,
+            json!({"app": "big"}),
+        ));
+    }
+    // The pages of one list: a later change does not show in them, they all carry the
+    // first page's version, and a compaction expires the token.
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::all(client);
+    let first = pods
+        .list(&kube::api::ListParams::default().limit(500))
+        .await
+        .expect("first page");
+    assert_eq!(first.items.len(), 500);
+    let version = first.metadata.resource_version.clone();
+    server.apply(pod("big", "late", "node-2", "10.2.0.1", json!({})));
+    let token = first.metadata.continue_.clone().expect("more pages");
+    let second = pods
+        .list(
+            &kube::api::ListParams::default()
+                .limit(500)
+                .continue_token(&token),
+        )
+        .await
+        .expect("second page");
+    assert_eq!(second.metadata.resource_version, version);
+    let token = second.metadata.continue_.clone().expect("a third page");
+    let third = pods
+        .list(
+            &kube::api::ListParams::default()
+                .limit(500)
+                .continue_token(&token),
+        )
+        .await
+        .expect("third page");
+    assert_eq!(
+        third.items.len(),
+        1_237 - 1_000,
+        "the snapshot of the first page"
+    );
+    assert!(third.metadata.continue_.is_none());
+    let again = pods
+        .list(&kube::api::ListParams::default().limit(1_000))
+        .await
+        .expect("a new list");
+    let token = again.metadata.continue_.clone().expect("more pages");
+    server.compact();
+    let expired = pods
+        .list(
+            &kube::api::ListParams::default()
+                .limit(1_000)
+                .continue_token(&token),
+        )
+        .await;
+    assert!(
+        matches!(&expired, Err(kube::Error::Api(status)) if status.code == 410),
+        "{expired:?}"
+    );
+
+    // The agent's watchers list in pages (kube-rs asks for 500) and get everything.
+    let before = server.requests().len();
+    let mut source = source(&server);
+    let mut state = ClusterState::default();
+    wait_for(&mut source, &mut state, "sync", |s| s.pods.len() == 1_238).await;
+    let pod_lists = server.requests()[before..]
+        .iter()
+        .filter(|r| r.verb == "list" && r.resource == "pods")
+        .count();
+    assert_eq!(pod_lists, 3, "1,238 pods in pages of 500");
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn an_update_of_only_what_trimming_drops_moves_the_version_without_a_change() {
     let server = cluster().await;
     let mut source = source(&server);

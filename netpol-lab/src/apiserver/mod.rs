@@ -6,7 +6,9 @@
 //! - `GET` list of Namespaces, Pods, NetworkPolicies, Nodes (cluster-wide or in a
 //!   namespace): `{"kind": "PodList", "metadata": {"resourceVersion"}, "items"}`, items
 //!   without kind/apiVersion as the real server sends them; `fieldSelector` on
-//!   `metadata.name`, `metadata.namespace`, `spec.nodeName` (`=`, `==`, `!=`).
+//!   `metadata.name`, `metadata.namespace`, `spec.nodeName` (`=`, `==`, `!=`); pages
+//!   with `limit` and `continue` (`metadata.continue`, `remainingItemCount`), every page
+//!   of one list at the first page's version; a token older than a compaction gets 410.
 //! - `GET ...?watch=1&resourceVersion=N`: a chunked stream of `ADDED`, `MODIFIED`,
 //!   `DELETED` events after N, `BOOKMARK`s (with `allowWatchBookmarks`), an `ERROR`
 //!   event with code 410 when N is older than the retained history, and a clean end after
@@ -26,7 +28,7 @@ mod http;
 mod store;
 mod streams;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -224,11 +226,13 @@ impl ApiServer {
         self.shared.kill.send_modify(|epoch| *epoch += 1);
     }
 
-    /// Forgets the event history: watches from older versions get 410 Gone.
+    /// Forgets the event history: watches from older versions get 410 Gone, and so do
+    /// the next pages of lists in progress (their `continue` tokens expire).
     pub fn compact(&self) {
         let mut store = self.shared.store.lock().expect("not poisoned");
         store.history.clear();
         store.oldest = store.version;
+        store.pages.clear();
     }
 
     /// [`ApiServer::compact`], and every open watch ends with an ERROR event 410.
@@ -370,6 +374,67 @@ fn in_scope(
         && selector_matches(selector, object)
 }
 
+/// A list's page: (resourceVersion, items, continue token, items remaining after it).
+type Page = (u64, Vec<Value>, Option<String>, usize);
+
+/// The first page of a list: every object in scope as of now, as the real server sends
+/// list items (without kind and apiVersion), at most `limit` of them; the rest is kept
+/// for the `continue` token.
+fn first_page(
+    store: &mut Store,
+    kind: Kind,
+    namespace: Option<&str>,
+    selector: Option<&String>,
+    limit: Option<usize>,
+) -> Option<Page> {
+    let items: VecDeque<Value> = store
+        .objects
+        .values()
+        .filter(|o| in_scope(kind, namespace, selector, o))
+        .map(|o| {
+            let mut item = o.clone();
+            if let Some(map) = item.as_object_mut() {
+                map.remove("kind");
+                map.remove("apiVersion");
+            }
+            item
+        })
+        .collect();
+    let version = store.version;
+    Some(serve_page(store, version, items, limit))
+}
+
+/// The next page of a paged list; `None` when its token has expired (or never was).
+fn next_page(store: &mut Store, token: &str, limit: Option<usize>) -> Option<Page> {
+    let id: u64 = token.parse().ok()?;
+    let paged = store.pages.remove(&id)?;
+    Some(serve_page(store, paged.version, paged.rest, limit))
+}
+
+fn serve_page(
+    store: &mut Store,
+    version: u64,
+    mut items: VecDeque<Value>,
+    limit: Option<usize>,
+) -> Page {
+    let take = limit.unwrap_or(items.len()).min(items.len());
+    let page: Vec<Value> = items.drain(..take).collect();
+    if items.is_empty() {
+        return (version, page, None, 0);
+    }
+    let id = store.next_paged;
+    store.next_paged += 1;
+    let remaining = items.len();
+    store.pages.insert(
+        id,
+        store::Paged {
+            version,
+            rest: items,
+        },
+    );
+    (version, page, Some(id.to_string()), remaining)
+}
+
 fn handle(shared: &Arc<Shared>, request: HttpRequest) -> Response<Body> {
     let Some((kind, namespace, name)) = route(&request.path) else {
         return respond(
@@ -415,28 +480,44 @@ fn handle(shared: &Arc<Shared>, request: HttpRequest) -> Response<Body> {
     let selector = request.query.get("fieldSelector");
     match verb {
         "list" => {
-            let body = {
-                let store = shared.store.lock().expect("not poisoned");
-                let items: Vec<Value> = store
-                    .objects
-                    .values()
-                    .filter(|o| in_scope(kind, namespace.as_deref(), selector, o))
-                    .map(|o| {
-                        let mut item = o.clone();
-                        if let Some(map) = item.as_object_mut() {
-                            map.remove("kind");
-                            map.remove("apiVersion");
-                        }
-                        item
-                    })
-                    .collect();
-                json!({
-                    "kind": format!("{}List", kind.kind),
-                    "apiVersion": kind.api_version,
-                    "metadata": {"resourceVersion": store.version.to_string()},
-                    "items": items,
-                })
+            let limit = request
+                .query
+                .get("limit")
+                .and_then(|l| l.parse::<usize>().ok())
+                .filter(|&l| l > 0);
+            let continued = request
+                .query
+                .get("continue")
+                .filter(|token| !token.is_empty());
+            let mut store = shared.store.lock().expect("not poisoned");
+            let page = match continued {
+                Some(token) => next_page(&mut store, token, limit),
+                None => first_page(&mut store, kind, namespace.as_deref(), selector, limit),
             };
+            let Some((version, items, token, remaining)) = page else {
+                return respond(
+                    StatusCode::GONE,
+                    &status_body(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old to display a \
+                         consistent list result. You can start a new list without the \
+                         continue parameter.",
+                    ),
+                );
+            };
+            let mut metadata = json!({"resourceVersion": version.to_string()});
+            if let Some(token) = token {
+                metadata["continue"] = json!(token);
+                metadata["remainingItemCount"] = json!(remaining);
+            }
+            let body = json!({
+                "kind": format!("{}List", kind.kind),
+                "apiVersion": kind.api_version,
+                "metadata": metadata,
+                "items": items,
+            });
+            drop(store);
             respond(StatusCode::OK, &body)
         }
         "get" => {

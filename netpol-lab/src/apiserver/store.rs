@@ -112,6 +112,18 @@ pub(super) struct Store {
     pub(super) oldest: u64,
     pub(super) uids: u64,
     pub(super) events: Vec<Value>,
+    /// Lists served in pages (`limit`), by the id in their `continue` token: the rest of
+    /// the items as of the first page's version (the real server reads the later pages
+    /// from etcd at that revision, so a paged list is one consistent snapshot).
+    pub(super) pages: BTreeMap<u64, Paged>,
+    pub(super) next_paged: u64,
+}
+
+/// The items a paged list has still to serve.
+#[derive(Debug)]
+pub(super) struct Paged {
+    pub(super) version: u64,
+    pub(super) rest: VecDeque<Value>,
 }
 
 pub(super) fn key_of(object: &Value) -> Key {
