@@ -29,12 +29,14 @@ mod changes;
 mod cluster;
 #[path = "../common/mod.rs"]
 mod common;
+mod kube_path;
 mod measure;
 mod report;
 
 use std::time::{Duration, Instant};
 
 use cluster::cluster;
+use kube_path::{KubePath, kube_path};
 use measure::{Propagation, SizeResult, measure_compile, propagation};
 use report::report;
 
@@ -107,6 +109,8 @@ struct SizeRun {
     after_compile: (f64, f64),
     after_changes: (f64, f64),
     propagation: Option<Propagation>,
+    /// The agent in Kubernetes mode against the API server double.
+    kube: Option<KubePath>,
 }
 
 fn main() {
@@ -132,6 +136,15 @@ fn main() {
             common::thousands(size.pods()),
             started.elapsed().as_secs_f64()
         );
+        let kube = dir.as_ref().and_then(|dir| {
+            let dir = dir.path.join(format!("kube-{i}"));
+            kube_path(&config, &dir, &state, size)
+        });
+        eprintln!(
+            "{} pods: Kubernetes path measured ({:.1} s)",
+            common::thousands(size.pods()),
+            started.elapsed().as_secs_f64()
+        );
         let propagation = dir.as_ref().map(|dir| {
             let dir = dir.path.join(format!("size-{i}"));
             propagation(&config, &dir, state, size, compiled, compiler)
@@ -149,6 +162,7 @@ fn main() {
             after_compile,
             after_changes,
             propagation,
+            kube,
         });
     }
 

@@ -4,6 +4,7 @@ use serde_json::{Value, json};
 
 use crate::cluster::CLUSTER_POLICIES;
 use crate::common::{self, Summary, thousands};
+use crate::kube_path::{Event, KubePath};
 use crate::measure::{Propagation, SizeResult};
 use crate::{Config, LOCAL_PODS, PODS_PER_NAMESPACE, POLICIES_PER_NAMESPACE, SizeRun};
 
@@ -122,8 +123,64 @@ pub fn report(config: &Config, machine: &Value, runs: &[SizeRun], rss_start: f64
         println!("\n(change propagation skipped: needs root and bpffs)");
     }
 
+    kube_tables(config, runs);
     targets(config, runs);
     write_json(config, machine, runs, rss_start);
+}
+
+/// The agent in Kubernetes mode against the API server double.
+fn kube_tables(config: &Config, runs: &[SizeRun]) {
+    if runs.iter().all(|run| run.kube.is_none()) {
+        println!("\n(the Kubernetes path was skipped: needs root, bpffs and `ip`)");
+        return;
+    }
+    let smoke = if config.smoke { " — SMOKE sizes" } else { "" };
+    println!(
+        "\n## The agent in Kubernetes mode: first sync, memory, watch event → kernel{smoke}\n"
+    );
+    println!(
+        "The release agent (`--kubeconfig`, `--debounce-ms 1 --max-delay-ms 20`) against the \
+         API server double serving the same cluster over HTTP list/watch (kube-rs lists in \
+         pages of 500). First sync: from the agent's start to its status file reporting the \
+         double's resourceVersion (every list, compile and map write done). RSS: the \
+         agent's VmRSS then, and its VmHWM after the changes. Then one watch event at a \
+         time, from the double serving it to the status file reporting its version, p50 / \
+         p99 per kind; \"pod conditions\" is an update of nothing the agent keeps.\n"
+    );
+    let mut header = vec!["".to_string()];
+    header.extend(
+        runs.iter()
+            .map(|run| format!("{} pods", thousands(run.compile.size.pods()))),
+    );
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    let cell = |s: &Summary| format!("{} / {}", fmt_ms(s.median), fmt_ms(s.p99));
+    let row = |name: &str, f: &dyn Fn(&KubePath) -> String| {
+        let mut row = vec![name.to_string()];
+        row.extend(
+            runs.iter()
+                .map(|run| run.kube.as_ref().map_or("-".into(), f)),
+        );
+        row
+    };
+    let mut rows = vec![
+        row("first sync", &|k| {
+            format!("{:.2} s", k.first_sync.as_secs_f64())
+        }),
+        row("agent RSS after the first sync", &|k| mib(k.rss_synced)),
+        row("agent peak RSS", &|k| mib(k.peak_rss)),
+    ];
+    for event in Event::ALL {
+        rows.push(row(event.label(), &|k| {
+            k.per_kind
+                .iter()
+                .find(|(e, _)| *e == event)
+                .map_or("-".into(), |(_, s)| cell(s))
+        }));
+    }
+    rows.push(row("every change (conditions aside)", &|k| {
+        cell(&k.changes)
+    }));
+    common::table(&header, &rows);
 }
 
 /// The targets of issue 16 at the smallest and the largest size (full runs).
@@ -161,6 +218,34 @@ fn targets(config: &Config, runs: &[SizeRun]) {
                 met(p.total.p99 <= limit).into(),
             ]);
         }
+    }
+    if let Some(k) = &big.kube {
+        rows.push(vec![
+            format!("watch event → kernel, p99, {} pods", pods(big)),
+            fmt_ms(k.changes.p99),
+            "≤ 30 ms".into(),
+            met(k.changes.p99 <= 30.0).into(),
+        ]);
+        rows.push(vec![
+            format!("agent peak RSS, Kubernetes mode, {} pods", pods(big)),
+            mib(k.peak_rss),
+            "≤ 200 MiB".into(),
+            met(k.peak_rss <= 200.0).into(),
+        ]);
+        rows.push(vec![
+            format!("first sync, {} pods", pods(big)),
+            format!("{:.2} s", k.first_sync.as_secs_f64()),
+            "≤ 15 s".into(),
+            met(k.first_sync.as_secs_f64() <= 15.0).into(),
+        ]);
+    }
+    if let Some(k) = &small.kube {
+        rows.push(vec![
+            format!("agent peak RSS, Kubernetes mode, {} pods", pods(small)),
+            mib(k.peak_rss),
+            "≤ 60 MiB".into(),
+            met(k.peak_rss <= 60.0).into(),
+        ]);
     }
     common::table(&["target", "measured", "limit", "status"], &rows);
     if config.smoke {
@@ -218,6 +303,15 @@ fn write_json(config: &Config, machine: &Value, runs: &[SizeRun], rss_start: f64
                 "peak": run.after_changes.1,
             },
             "propagation": run.propagation.as_ref().map(propagation_json),
+            "kubernetes_path": run.kube.as_ref().map(|k| json!({
+                "first_sync_s": k.first_sync.as_secs_f64(),
+                "agent_rss_after_sync_mib": k.rss_synced,
+                "agent_peak_rss_mib": k.peak_rss,
+                "watch_event_to_status_ms": k.changes.json(),
+                "per_kind": k.per_kind.iter().map(|(e, s)| json!({
+                    "kind": e.label(), "ms": s.json(),
+                })).collect::<Vec<_>>(),
+            })),
         })).collect::<Vec<_>>(),
     });
     common::write_json("control", &json);

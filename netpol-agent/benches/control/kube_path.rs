@@ -1,0 +1,428 @@
+//! The Kubernetes path: the real agent binary in Kubernetes mode against the API server
+//! double (`netpol_lab::apiserver`) serving the synthetic cluster over HTTP list/watch.
+//! Measured: the time from the agent's start to its first complete sync reaching the
+//! kernel (its status file reports the double's resourceVersion), its memory then and
+//! at the end, and the time from a watch event being served to the status file reporting
+//! its version, per kind of change.
+//!
+//! The agent runs in the bench's private network namespace (no interfaces: its local
+//! pods have no veth, so they are compiled and their entries written, and reported
+//! pending), with the bench's bpffs directory and `--on-exit detach`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_lab::apiserver::ApiServer;
+use serde_json::{Value, json};
+
+use crate::cluster::ns_name;
+use crate::common::{Summary, ms};
+use crate::{Config, NODE, Size};
+
+/// How long the first sync and one change may take before the run is abandoned.
+const SYNC_DEADLINE: Duration = Duration::from_secs(300);
+const CHANGE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The kinds of watch events measured, in turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Event {
+    LabelFlip,
+    PolicyAdded,
+    PodCreated,
+    PodDeleted,
+    NamespaceLabel,
+    /// A pod's status conditions: nothing the agent keeps (no compile).
+    Conditions,
+}
+
+impl Event {
+    pub const ALL: [Event; 6] = [
+        Event::LabelFlip,
+        Event::PolicyAdded,
+        Event::PodCreated,
+        Event::PodDeleted,
+        Event::NamespaceLabel,
+        Event::Conditions,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Event::LabelFlip => "pod label flipped",
+            Event::PolicyAdded => "policy added",
+            Event::PodCreated => "pod created",
+            Event::PodDeleted => "pod deleted",
+            Event::NamespaceLabel => "namespace label flipped",
+            Event::Conditions => "pod conditions (nothing kept)",
+        }
+    }
+}
+
+pub struct KubePath {
+    /// Agent start → its status reports the whole cluster's resourceVersion.
+    pub first_sync: Duration,
+    /// The agent's VmRSS after the first sync, and its VmHWM after the changes (MiB).
+    pub rss_synced: f64,
+    pub peak_rss: f64,
+    /// Watch event served → status file reporting its version, per kind (ms).
+    pub per_kind: Vec<(Event, Summary)>,
+    /// Every kind but `Conditions`.
+    pub changes: Summary,
+}
+
+/// The agent binary this bench was built with.
+fn agent_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_netpol-agent")
+}
+
+/// `kind`/`apiVersion` added to a typed object's JSON.
+fn object<T: serde::Serialize>(kind: &str, api_version: &str, typed: &T) -> Value {
+    let mut value = serde_json::to_value(typed).expect("serializable");
+    value["kind"] = json!(kind);
+    value["apiVersion"] = json!(api_version);
+    value
+}
+
+/// Node `k`'s Node object: `NODE` is this one (10.255.0.1, as the state's node context).
+fn node_object(k: usize) -> Value {
+    let (name, ip) = if k == 0 {
+        (NODE.to_owned(), "10.255.0.1".to_owned())
+    } else {
+        (
+            format!("node-{k}"),
+            format!("10.254.{}.{}", k / 250, k % 250 + 1),
+        )
+    };
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/os": "linux"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+    })
+}
+
+/// Serves `state` from the double: every object as the API server has it.
+fn publish(server: &ApiServer, state: &ClusterState, size: Size) {
+    for k in 0..size.nodes() {
+        server.apply(node_object(k));
+    }
+    for namespace in state.namespaces.values() {
+        server.apply(object("Namespace", "v1", namespace));
+    }
+    for policy in state.policies.values() {
+        server.apply(object("NetworkPolicy", "networking.k8s.io/v1", policy));
+    }
+    for policy in state.cluster_policies.values() {
+        server.apply(policy.clone());
+    }
+    for pod in state.pods.values() {
+        server.apply(object("Pod", "v1", pod));
+    }
+}
+
+/// The agent's status generation, once its status file exists.
+fn status_generation(path: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let status: Value = serde_json::from_str(&text).ok()?;
+    status["generation"].as_u64()
+}
+
+/// Waits until the status reports `version` (polled every 100 µs); the time it took.
+fn wait_status(
+    agent: &mut Child,
+    path: &Path,
+    version: u64,
+    started: Instant,
+    deadline: Duration,
+) -> Result<Duration, String> {
+    loop {
+        if status_generation(path).is_some_and(|g| g >= version) {
+            return Ok(started.elapsed());
+        }
+        if let Ok(Some(exit)) = agent.try_wait() {
+            return Err(format!("the agent exited ({exit})"));
+        }
+        if started.elapsed() > deadline {
+            return Err(format!(
+                "the agent did not report version {version} within {deadline:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// VmRSS and VmHWM of process `pid`, in MiB.
+fn memory_of(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().strip_suffix("kB"))
+            .and_then(|kb| kb.trim().parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The agent process; stopped (SIGTERM, then killed) when dropped.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The objects the changes work on, as last served.
+struct Served {
+    pods: Vec<(ObjectRef, Value)>,
+    local: Vec<usize>,
+    namespaces: BTreeMap<String, Value>,
+}
+
+impl Served {
+    fn of(state: &ClusterState) -> Served {
+        let pods: Vec<(ObjectRef, Value)> = state
+            .pods
+            .iter()
+            .map(|(key, pod)| (key.clone(), object("Pod", "v1", pod)))
+            .collect();
+        let local = state
+            .pods
+            .values()
+            .enumerate()
+            .filter(|(_, pod)| state.node.is_local(pod))
+            .map(|(i, _)| i)
+            .collect();
+        let namespaces = state
+            .namespaces
+            .iter()
+            .map(|(name, ns)| (name.clone(), object("Namespace", "v1", ns)))
+            .collect();
+        Served {
+            pods,
+            local,
+            namespaces,
+        }
+    }
+
+    /// A local pod (`n` even) or any pod; never one deleted before.
+    fn pick(&self, n: usize) -> usize {
+        let i = if n.is_multiple_of(2) && !self.local.is_empty() {
+            self.local[(n * 7) % self.local.len()]
+        } else {
+            (n * 7919) % self.pods.len()
+        };
+        i.min(self.pods.len() - 1)
+    }
+}
+
+/// Makes change `i` in the double; returns its kind and the resourceVersion it got.
+fn change(server: &ApiServer, served: &mut Served, size: Size, i: usize) -> (Event, u64) {
+    let event = Event::ALL[i % Event::ALL.len()];
+    let n = i / Event::ALL.len();
+    let version = match event {
+        Event::LabelFlip => {
+            let index = served.pick(n);
+            let pod = &mut served.pods[index].1;
+            let app = pod["metadata"]["labels"]["app"].as_str().unwrap_or("app-0");
+            let digit: usize = app.trim_start_matches("app-").parse().unwrap_or(0);
+            pod["metadata"]["labels"]["app"] = json!(format!("app-{}", (digit + 1) % 10));
+            server.apply(pod.clone())
+        }
+        Event::PolicyAdded => {
+            let ns = if n.is_multiple_of(2) && !served.local.is_empty() {
+                let i = served.local[(n * 7) % served.local.len()];
+                served.pods[i].0.namespace.clone()
+            } else {
+                ns_name((n * 7 + 1) % size.namespaces)
+            };
+            server.apply(json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": format!("added-{i}"), "namespace": ns},
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": format!("app-{}", n % 10)}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": format!("app-{}", (n + 3) % 10)}}}],
+                                 "ports": [{"port": 7000 + i}]}],
+                },
+            }))
+        }
+        Event::PodCreated => {
+            // A copy of an existing pod (this node's for even `n`) under a new name
+            // and address.
+            let (key, template) = &served.pods[served.pick(n)];
+            let mut pod = template.clone();
+            let ip = format!("10.250.{}.{}", (i / 256) % 256, i % 256);
+            pod["metadata"]["name"] = json!(format!("new-{i}"));
+            pod["metadata"]["namespace"] = json!(key.namespace);
+            pod["metadata"]["uid"] = Value::Null;
+            pod["status"]["podIP"] = json!(ip);
+            pod["status"]["podIPs"] = json!([{"ip": ip}]);
+            let version = server.apply(pod.clone());
+            served
+                .pods
+                .push((ObjectRef::new(&key.namespace, format!("new-{i}")), pod));
+            version
+        }
+        Event::PodDeleted => {
+            let index = served.pick(n + 1);
+            let (key, _) = served.pods.swap_remove(index);
+            served.local.retain(|&l| l != index);
+            let moved = served.pods.len();
+            for l in &mut served.local {
+                if *l == moved {
+                    *l = index;
+                }
+            }
+            server
+                .delete("Pod", Some(&key.namespace), &key.name)
+                .expect("the pod was served")
+        }
+        Event::NamespaceLabel => {
+            let name = ns_name((n * 11) % size.namespaces);
+            let ns = served.namespaces.get_mut(&name).expect("namespace");
+            let team = ns["metadata"]["labels"]["team"]
+                .as_str()
+                .unwrap_or("team-0");
+            let digit: usize = team.trim_start_matches("team-").parse().unwrap_or(0);
+            ns["metadata"]["labels"]["team"] = json!(format!("team-{}", (digit + 1) % 10));
+            server.apply(ns.clone())
+        }
+        Event::Conditions => {
+            let index = served.pick(n);
+            let pod = &mut served.pods[index].1;
+            let ready = if n.is_multiple_of(2) { "True" } else { "False" };
+            pod["status"]["conditions"] = json!([{"type": "Ready", "status": ready}]);
+            server.apply(pod.clone())
+        }
+    };
+    (event, version)
+}
+
+/// Runs the agent against the double serving `state`; `None` (with the reason printed)
+/// when it cannot run here.
+pub fn kube_path(
+    config: &Config,
+    dir: &Path,
+    state: &ClusterState,
+    size: Size,
+) -> Option<KubePath> {
+    match run(config, dir, state, size) {
+        Ok(result) => Some(result),
+        Err(reason) => {
+            eprintln!("Kubernetes path skipped at {} pods: {reason}", size.pods());
+            None
+        }
+    }
+}
+
+fn run(config: &Config, dir: &Path, state: &ClusterState, size: Size) -> Result<KubePath, String> {
+    // The private namespace's loopback carries the double.
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .map_err(|e| format!("ip link set lo up: {e}"))?;
+    if !up.success() {
+        return Err("ip link set lo up failed".into());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let _entered = runtime.enter();
+    let server = runtime
+        .block_on(ApiServer::start())
+        .map_err(|e| format!("starting the API server double: {e}"))?;
+    publish(&server, state, size);
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let work = tempdir(dir)?;
+    let kubeconfig = work.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig()).map_err(|e| e.to_string())?;
+    let status = work.join("status.json");
+    let log = std::fs::File::create(work.join("agent.log")).map_err(|e| e.to_string())?;
+
+    let version = server.resource_version();
+    let started = Instant::now();
+    let child = Command::new(agent_bin())
+        .arg("run")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--node-name", NODE, "--no-events", "--on-exit", "detach"])
+        // The pipeline, not the batching: events are measured one at a time.
+        .args(["--debounce-ms", "1", "--max-delay-ms", "20", "--poll-ms", "20"])
+        .args(["--max-ipcache", "1048576", "--max-policy", "1048576"])
+        .arg("--bpffs-dir")
+        .arg(dir.join("agent"))
+        .arg("--status-file")
+        .arg(&status)
+        .arg("--flow-socket")
+        .arg(work.join("flows.sock"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", agent_bin()))?;
+    let pid = child.id();
+    let mut agent = Agent(child);
+    let first_sync = wait_status(&mut agent.0, &status, version, started, SYNC_DEADLINE)
+        .map_err(|e| format!("first sync: {e}; see {}", work.join("agent.log").display()))?;
+    let (rss_synced, _) = memory_of(pid);
+
+    let mut served = Served::of(state);
+    let mut per_kind: BTreeMap<Event, Vec<f64>> = BTreeMap::new();
+    let count = if config.smoke { 12 } else { 240 };
+    for i in 0..count {
+        let t = Instant::now();
+        let (event, version) = change(&server, &mut served, size, i);
+        let took = wait_status(&mut agent.0, &status, version, t, CHANGE_DEADLINE)
+            .map_err(|e| format!("{}: {e}", event.label()))?;
+        per_kind.entry(event).or_default().push(ms(took));
+    }
+    let (_, peak_rss) = memory_of(pid);
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&work);
+    let changes: Vec<f64> = per_kind
+        .iter()
+        .filter(|(e, _)| **e != Event::Conditions)
+        .flat_map(|(_, v)| v.iter().copied())
+        .collect();
+    Ok(KubePath {
+        first_sync,
+        rss_synced,
+        peak_rss,
+        per_kind: per_kind
+            .into_iter()
+            .map(|(e, v)| (e, Summary::of(&v)))
+            .collect(),
+        changes: Summary::of(&changes),
+    })
+}
+
+/// A fresh directory for the agent's files (kubeconfig, status, log, socket).
+fn tempdir(under: &Path) -> Result<std::path::PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!(
+        "netpol-bench-kube-{}-{}",
+        std::process::id(),
+        under
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
+}
