@@ -20,6 +20,7 @@ pub mod explain;
 mod fixtures;
 pub mod load;
 pub mod matrix;
+pub mod selector;
 mod text;
 
 use std::net::IpAddr;
@@ -49,6 +50,16 @@ pub enum PreviewError {
     Port(String),
     #[error("{input:?}: {reason}")]
     Endpoint { input: String, reason: String },
+    #[error(
+        "label selector {input:?}: {}{reason}",
+        if term == input { String::new() } else { format!("{term:?}: ") }
+    )]
+    Selector {
+        input: String,
+        /// The requirement at fault.
+        term: String,
+        reason: String,
+    },
 }
 
 /// A destination port and protocol, e.g. `TCP/80`. ICMP and ICMPv6 have port 0.
