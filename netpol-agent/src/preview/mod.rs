@@ -3,7 +3,7 @@
 //! Everything here reads a [`ClusterState`] and its [`Compiled`](netpol_compile::Compiled)
 //! form, the very maps the datapath would write, and never performs I/O except
 //! [`load`], which reads manifests the way local mode does, and [`cluster`], which lists
-//! a cluster's objects:
+//! a cluster's objects (for [`plugin`], the commands of `kubectl netpol`):
 //!
 //! - [`explain`]: one flow, step by step: which hooks it crosses, whether each pod is
 //!   isolated and by which policies, the peer's identity, and per rule why it matches
@@ -25,6 +25,7 @@ pub mod explain;
 mod fixtures;
 pub mod load;
 pub mod matrix;
+pub mod plugin;
 pub mod selector;
 mod text;
 
