@@ -486,3 +486,57 @@ async fn kubeconfig_comes_from_the_environment_with_its_current_context() {
     assert!(text.contains("pods of namespace y: 1 of 4"), "{text}");
     assert!(text.contains("read from cluster double:"), "{text}");
 }
+
+/// `kubectl` on the PATH, if there is one.
+fn kubectl() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("kubectl"))
+        .find(|file| file.is_file())
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn kubectl_runs_it_as_the_netpol_plugin_when_it_is_on_the_path() {
+    let Some(kubectl) = kubectl() else {
+        eprintln!("skipped: no kubectl on the PATH");
+        return;
+    };
+    let server = cluster().await;
+    let dir = TempDir::new("kubectl");
+    let config = kubeconfig(&dir, &server);
+    let plugin = PathBuf::from(env!("CARGO_BIN_EXE_kubectl-netpol"));
+    let path = std::env::join_paths(
+        std::iter::once(plugin.parent().unwrap().to_path_buf())
+            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
+    )
+    .unwrap();
+    let output = tokio::process::Command::new(kubectl)
+        .args([
+            "netpol",
+            "explain",
+            "-n",
+            "x",
+            "a",
+            "b",
+            "80/TCP",
+            "--context",
+            CONTEXT,
+        ])
+        .arg("--kubeconfig")
+        .arg(&config)
+        .env("PATH", path)
+        .env("NO_COLOR", "1")
+        .env_remove("KUBECONFIG")
+        .output()
+        .await
+        .unwrap();
+    let text = stdout(&output);
+    assert!(
+        text.starts_with("x/a (10.1.0.1) -> x/b (10.1.0.2) TCP/80: ALLOWED"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("read from cluster {CONTEXT}:")),
+        "{text}"
+    );
+}
