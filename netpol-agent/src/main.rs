@@ -465,6 +465,7 @@ fn matrix_command(args: &MatrixArgs) -> anyhow::Result<()> {
         ports: args.port.clone(),
         all_destinations: args.all_destinations,
         family: args.family,
+        pods: None,
     };
     let before = Matrix::new(&loaded.state, &compiled, &options);
     let mut shown = before.clone();

@@ -53,6 +53,9 @@ pub struct MatrixOptions {
     /// Only addresses of this family (`--family`); `None`: every pair of addresses of
     /// the same family, a cell that differs between them being [`Reach::Partial`].
     pub family: Option<AddressFamily>,
+    /// Only these pods, as rows and columns (`kubectl netpol matrix -n NS -l SELECTOR`);
+    /// `None`: every pod. Pods outside it are not listed as "not shown" either.
+    pub pods: Option<BTreeSet<ObjectRef>>,
 }
 
 /// An address family, as `--family` names it: `ipv4` or `ipv6`.
@@ -132,7 +135,11 @@ impl Matrix {
     /// The matrix of `state` as compiled into `compiled` (all pods must be local, as
     /// [`super::load::load_manifests`] arranges).
     pub fn new(state: &ClusterState, compiled: &Compiled, options: &MatrixOptions) -> Matrix {
-        let (addressed, mut skipped) = pod_addresses(state);
+        let (mut addressed, mut skipped) = pod_addresses(state);
+        if let Some(only) = &options.pods {
+            addressed.retain(|p| only.contains(&p.pod));
+            skipped.retain(|p| only.contains(&p.pod));
+        }
         let mut pods: Vec<MatrixPod> = Vec::new();
         for PodAddresses { pod, mut ips } in addressed {
             if let Some(family) = options.family {
@@ -587,7 +594,7 @@ mod tests {
         let options = MatrixOptions {
             ports: vec![PortProtocol::tcp(6379), PortProtocol::udp(53)],
             all_destinations: false,
-            family: None,
+            ..MatrixOptions::default()
         };
         let m = Matrix::new(&state, &compiled, &options);
         assert_eq!(m.tables.len(), 2);
@@ -597,7 +604,7 @@ mod tests {
         let options = MatrixOptions {
             ports: vec![PortProtocol::tcp(80)],
             all_destinations: true,
-            family: None,
+            ..MatrixOptions::default()
         };
         let m = Matrix::new(&state, &compiled, &options);
         assert_eq!(m.tables[0].destinations.len(), 4);
@@ -622,6 +629,34 @@ mod tests {
             ),
             Some(Reach::Allowed)
         );
+    }
+
+    #[test]
+    fn only_the_chosen_pods_are_rows_and_columns_and_their_verdicts_are_unchanged() {
+        let state = fixtures::stars_with_policies();
+        let compiled = compile(&state, &Allocations::default());
+        let all = Matrix::new(&state, &compiled, &MatrixOptions::default());
+        let options = MatrixOptions {
+            pods: Some([pod("stars/frontend"), pod("stars/backend")].into()),
+            ..MatrixOptions::default()
+        };
+        let m = Matrix::new(&state, &compiled, &options);
+        let rows: Vec<String> = m.pods.iter().map(|p| p.pod.to_string()).collect();
+        assert_eq!(rows, ["stars/backend", "stars/frontend"]);
+        let ports: Vec<String> = m.tables.iter().map(|t| t.port.to_string()).collect();
+        assert_eq!(
+            ports,
+            ["TCP/80", "TCP/6379"],
+            "only the ports the chosen pods serve"
+        );
+        assert_eq!(m.cells().count(), 2);
+        for (port, src, dst, reach) in m.cells() {
+            assert_eq!(
+                all.get(port, src, dst),
+                Some(reach),
+                "{src} -> {dst} {port}"
+            );
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Everything here reads a [`ClusterState`] and its [`Compiled`](netpol_compile::Compiled)
 //! form, the very maps the datapath would write, and never performs I/O except
-//! [`load`], which reads manifests the way local mode does:
+//! [`load`], which reads manifests the way local mode does, and [`cluster`], which lists
+//! a cluster's objects (for [`plugin`], the commands of `kubectl netpol`):
 //!
 //! - [`explain`]: one flow, step by step: which hooks it crosses, whether each pod is
 //!   isolated and by which policies, the peer's identity, and per rule why it matches
@@ -12,14 +13,20 @@
 //! - [`matrix`]: the reachability matrix of every pod pair for each served port, and
 //!   the cells a set of new or replaced NetworkPolicies would change.
 //!
+//! The state comes from a manifest directory ([`load`]) or, for the `kubectl netpol`
+//! plugin, from one list of each kind a live API server serves ([`cluster`], read-only).
+//!
 //! The types are plain data with `Display` (for people) and `serde::Serialize` (for
 //! `--json`), so callers such as the command line or a flow log stay thin.
 
+pub mod cluster;
 pub mod explain;
 #[cfg(test)]
 mod fixtures;
 pub mod load;
 pub mod matrix;
+pub mod plugin;
+pub mod selector;
 mod text;
 
 use std::net::IpAddr;
@@ -49,6 +56,63 @@ pub enum PreviewError {
     Port(String),
     #[error("{input:?}: {reason}")]
     Endpoint { input: String, reason: String },
+    #[error(
+        "label selector {input:?}: {}{reason}",
+        if term == input { String::new() } else { format!("{term:?}: ") }
+    )]
+    Selector {
+        input: String,
+        /// The requirement at fault.
+        term: String,
+        reason: String,
+    },
+    #[error("kubeconfig{}: {source}", path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+    Kubeconfig {
+        /// The file named on the command line; `None`: `KUBECONFIG` or `~/.kube/config`.
+        path: Option<PathBuf>,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes configuration: no kubeconfig ({kubeconfig}) and not in a cluster \
+         ({in_cluster})"
+    )]
+    NoConfig {
+        kubeconfig: kube::config::KubeconfigError,
+        in_cluster: kube::config::InClusterError,
+    },
+    // The client's errors are written out whole, their causes included, and not chained
+    // again as sources (a cause would be printed twice).
+    #[error("Kubernetes client: {}", kube_error(.0))]
+    Client(kube::Error),
+    #[error("listing {resource}: {}", kube_error(error))]
+    List {
+        /// The API resource, e.g. `pods`.
+        resource: &'static str,
+        error: kube::Error,
+    },
+}
+
+/// A kube-rs error for people: the API server's answer as `Forbidden (HTTP 403):
+/// message`, anything else with its chain of causes, each once.
+fn kube_error(error: &kube::Error) -> String {
+    if let kube::Error::Api(status) = error {
+        return format!(
+            "{} (HTTP {}): {}",
+            status.reason, status.code, status.message
+        );
+    }
+    let mut out = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(next) = cause {
+        let text = next.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = next.source();
+    }
+    out
 }
 
 /// A destination port and protocol, e.g. `TCP/80`. ICMP and ICMPv6 have port 0.

@@ -32,7 +32,7 @@ mod events;
 mod incidents;
 mod settings;
 mod streams;
-mod trim;
+pub(crate) mod trim;
 mod watch;
 mod watches;
 
@@ -121,6 +121,19 @@ pub async fn config(kubeconfig: Option<&Path>) -> Result<::kube::Config, Error> 
         }
         None => Ok(::kube::Config::infer().await?),
     }
+}
+
+/// The API resource of ClusterNetworkPolicies (`policy.networking.k8s.io/v1alpha2`,
+/// `clusternetworkpolicies`), read as `DynamicObject`s: the compiler reads their `spec`.
+pub(crate) fn cluster_policy_resource() -> ::kube::api::ApiResource {
+    ::kube::api::ApiResource::from_gvk_with_plural(
+        &::kube::api::GroupVersionKind::gvk(
+            "policy.networking.k8s.io",
+            "v1alpha2",
+            netpol_compile::cnp::KIND,
+        ),
+        "clusternetworkpolicies",
+    )
 }
 
 /// Log directives the binary adds to its default filter: kube-client warns about every

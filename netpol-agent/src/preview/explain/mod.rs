@@ -316,15 +316,47 @@ impl<'a> Resolver<'a> {
                 s.reason
             )));
         }
-        let known: Vec<String> = self.pods.iter().map(|p| p.pod.to_string()).collect();
-        Err(fail(format!(
-            "no such pod; known pods: {}",
-            if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            }
-        )))
+        // A live cluster has thousands of pods: the namespace's, and only a few.
+        let in_namespace: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|p| p.pod.namespace == namespace)
+            .map(|p| p.pod.to_string())
+            .collect();
+        let (what, known) = if in_namespace.is_empty() {
+            let all = self.pods.iter().map(|p| p.pod.to_string()).collect();
+            ("known pods", all)
+        } else {
+            ("pods of the namespace", in_namespace)
+        };
+        Err(fail(format!("no such pod; {what}: {}", few(&known))))
+    }
+}
+
+/// At most [`LISTED`] names, then how many more.
+fn few(names: &[String]) -> String {
+    match names.len() {
+        0 => "none".to_owned(),
+        n if n <= LISTED => names.join(", "),
+        n => format!("{}, and {} more", names[..LISTED].join(", "), n - LISTED),
+    }
+}
+
+/// Names listed in a message.
+const LISTED: usize = 10;
+
+/// `end` (an end of `explain`) with a bare pod name put in `namespace`, as kubectl's `-n`
+/// does: `a` is `namespace/a`, `svc/web` is `svc/namespace/web`; addresses, `node` and
+/// names with their namespace stay as they are.
+pub fn in_namespace(end: &str, namespace: &str) -> String {
+    if end == "node" || end.parse::<IpAddr>().is_ok() {
+        return end.to_owned();
+    }
+    match end.strip_prefix("svc/") {
+        Some(name) if !name.contains('/') => format!("svc/{namespace}/{name}"),
+        Some(_) => end.to_owned(),
+        None if end.contains('/') => end.to_owned(),
+        None => format!("{namespace}/{end}"),
     }
 }
 

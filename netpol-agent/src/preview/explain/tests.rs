@@ -286,7 +286,14 @@ fn names_that_do_not_resolve_are_errors() {
             .unwrap_err()
             .to_string()
     };
-    assert!(err("stars/nope", "stars/backend").contains("no such pod; known pods: client/client"));
+    assert!(
+        err("stars/nope", "stars/backend")
+            .contains("no such pod; pods of the namespace: stars/backend, stars/frontend"),
+        "the namespace's pods"
+    );
+    assert!(
+        err("nowhere/nope", "stars/backend").contains("no such pod; known pods: client/client")
+    );
     assert!(err("stars", "stars/backend").contains("expected namespace/pod"));
     assert!(err("stars/backend", "stars/backend").contains("loopback"));
     assert!(err("stars/backend", "fd00::1").contains("no address family in common"));
@@ -522,4 +529,33 @@ fn a_baseline_deny_yields_to_a_network_policy_and_decides_where_none_isolates() 
         e.to_string().contains("    Admin tier: no ClusterNetworkPolicy rule matches → on to NetworkPolicy\n    Baseline tier: Deny by"),
         "{e}"
     );
+}
+
+#[test]
+fn a_bare_pod_or_service_name_is_put_in_the_namespace_given() {
+    assert_eq!(in_namespace("a", "x"), "x/a");
+    assert_eq!(in_namespace("y/a", "x"), "y/a");
+    assert_eq!(in_namespace("svc/web", "x"), "svc/x/web");
+    assert_eq!(in_namespace("svc/y/web", "x"), "svc/y/web");
+    assert_eq!(in_namespace("node", "x"), "node");
+    assert_eq!(in_namespace("10.0.0.1", "x"), "10.0.0.1");
+    assert_eq!(in_namespace("fd00::1", "x"), "fd00::1");
+}
+
+#[test]
+fn an_unknown_pod_lists_a_few_pods_and_says_how_many_more() {
+    let mut yaml = String::new();
+    for i in 0..12 {
+        yaml.push_str(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i:02}, namespace: x}}\n\
+             spec: {{containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIP: 10.0.0.{}}}\n---\n",
+            i + 1
+        ));
+    }
+    let state = fixtures::state(&yaml, &[]);
+    let compiled = compile(&state, &Allocations::default());
+    let error = explain_between(&state, &compiled, "x/nope", "x/p00", PortProtocol::tcp(80))
+        .unwrap_err()
+        .to_string();
+    assert!(error.ends_with("x/p08, x/p09, and 2 more"), "{error}");
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ::kube::Client;
-use ::kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use ::kube::api::{Api, DynamicObject};
 use ::kube::runtime::events::{Recorder, Reporter};
 use ::kube::runtime::reflector::Store;
 use ::kube::runtime::watcher;
@@ -154,14 +154,7 @@ impl ClusterWatch {
             trim::service_cidr,
             context(Watched::ServiceCidrs),
         )));
-        let cluster_policy = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk(
-                "policy.networking.k8s.io",
-                "v1alpha2",
-                netpol_compile::cnp::KIND,
-            ),
-            "clusternetworkpolicies",
-        );
+        let cluster_policy = super::cluster_policy_resource();
         let writer = ::kube::runtime::reflector::store::Writer::new(cluster_policy.clone());
         let cluster_policies = writer.as_reader();
         tasks.push(tokio::spawn(watch(

@@ -1,0 +1,303 @@
+//! `kubectl netpol`: the preview commands (`explain`, `matrix`) over the live cluster of
+//! the user's kubeconfig, read-only (list requests only). A kubectl plugin: installed as
+//! `kubectl-netpol` on the PATH, kubectl runs it for `kubectl netpol ...`.
+//!
+//! Thin: parses the arguments and prints; the work is `netpol_agent::preview::plugin`.
+
+use std::io::IsTerminal as _;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use netpol_agent::preview::PortProtocol;
+use netpol_agent::preview::cluster::{self, Connection};
+use netpol_agent::preview::matrix::{AddressFamily, MatrixOptions, Style};
+use netpol_agent::preview::plugin::{self, ExplainRequest, MatrixRequest, Namespaces};
+use netpol_agent::preview::selector::LabelSelector;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kubectl-netpol",
+    bin_name = "kubectl netpol",
+    version,
+    about = "NetworkPolicy and ClusterNetworkPolicy answers from the live cluster, read-only",
+    long_about = "NetworkPolicy and ClusterNetworkPolicy answers from the live cluster: who can \
+                  reach whom, and which rule decides, computed by netpol's compiler from one \
+                  list of Namespaces, Pods, NetworkPolicies, ClusterNetworkPolicies, Nodes, \
+                  Services, EndpointSlices and ServiceCIDRs (read-only: list requests only). \
+                  Every answer says which objects it was computed from (each list's \
+                  resourceVersion and count)."
+)]
+struct Cli {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// What kubectl's own flags mean here; accepted before or after the subcommand.
+#[derive(Args, Debug)]
+struct ClusterArgs {
+    /// The kubeconfig file [default: KUBECONFIG, then ~/.kube/config, then the
+    /// in-cluster configuration of a pod].
+    #[arg(long, global = true, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context [default: its current context].
+    #[arg(long, global = true, value_name = "NAME")]
+    context: Option<String>,
+    /// explain: the namespace of bare pod (and `svc/NAME`) names; matrix: a namespace
+    /// to show (repeatable) [default: the context's namespace].
+    #[arg(short = 'n', long = "namespace", global = true, value_name = "NS")]
+    namespaces: Vec<String>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// An address of the node: traffic from it to pods always passes (repeatable).
+    /// explain without it: `node` is the node of the pod at the other end.
+    #[arg(long = "node-ip", global = true, value_name = "IP")]
+    node_ips: Vec<IpAddr>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Explain, step by step, whether SRC can open a connection to DST on PORT/PROTO, and
+    /// which policy rule allows it or why none does.
+    Explain(ExplainArgs),
+    /// Who can reach whom: one table per port, rows are source pods, columns the pods
+    /// that declare the port; with --apply, the cells a policy would change.
+    Matrix(MatrixArgs),
+}
+
+#[derive(Args, Debug)]
+struct ExplainArgs {
+    /// Source: a pod (NAME in -n's namespace, or NS/NAME), `node`, or an IP address.
+    src: String,
+    /// Destination: as SRC, or a Service (`svc/NAME`, `svc/NS/NAME`, or its address),
+    /// explained for each of its backends (PORT/PROTO is then the Service port).
+    dst: String,
+    /// Destination port and protocol, e.g. 80/TCP, 53/UDP, ICMP.
+    #[arg(value_name = "PORT/PROTO")]
+    port: PortProtocol,
+}
+
+#[derive(Args, Debug)]
+struct MatrixArgs {
+    /// Show the pods of every namespace.
+    #[arg(short = 'A', long)]
+    all_namespaces: bool,
+    /// Show only the pods this label selector chooses, e.g. `app=web,tier in (a,b)`.
+    #[arg(short = 'l', long, value_name = "SELECTOR")]
+    selector: Option<LabelSelector>,
+    /// NetworkPolicies and ClusterNetworkPolicies to create or replace (files or
+    /// directories; repeatable, in order): shows the cells they would change, before
+    /// they are applied.
+    #[arg(long, value_name = "FILE_OR_DIR")]
+    apply: Vec<PathBuf>,
+    /// Only these ports, e.g. 80/TCP, 53/UDP (repeatable). Default: every declared port.
+    #[arg(long, value_name = "PORT/PROTO")]
+    port: Vec<PortProtocol>,
+    /// Every pod shown is a destination of every port, whether it declares it or not.
+    #[arg(long)]
+    all_destinations: bool,
+    /// Only this address family (ipv4 or ipv6). Default: both, a cell allowed over one
+    /// and not the other showing `~`.
+    #[arg(long, value_name = "ipv4|ipv6")]
+    family: Option<AddressFamily>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(error) = start(cli) {
+        eprintln!("error: {}", one_line(&error));
+        std::process::exit(1);
+    }
+}
+
+/// The error and its causes on one line, each cause once (most errors here already
+/// quote their source).
+fn one_line(error: &anyhow::Error) -> String {
+    let mut out = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+fn start(cli: Cli) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_env("NETPOL_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let args = &cli.cluster;
+    match &cli.command {
+        Command::Explain(explain) => {
+            let namespace = match args.namespaces.as_slice() {
+                [] => None,
+                [one] => Some(one.clone()),
+                [..] => anyhow::bail!("explain takes one namespace (-n), not several"),
+            };
+            let connection = connect(args).await?;
+            let request = ExplainRequest {
+                src: explain.src.clone(),
+                dst: explain.dst.clone(),
+                port: explain.port,
+                namespace,
+                node_ips: args.node_ips.clone(),
+            };
+            let answer = plugin::explain(&connection, &request).await?;
+            warn(&answer.warnings);
+            match args.output {
+                Output::Json => emit(&format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&answer.json())?
+                )),
+                Output::Text => emit(&answer.text()),
+            }
+        }
+        Command::Matrix(matrix) => {
+            let namespaces = match (matrix.all_namespaces, args.namespaces.as_slice()) {
+                (true, []) => Namespaces::All,
+                (true, _) => anyhow::bail!("-A (--all-namespaces) and -n exclude each other"),
+                (false, []) => Namespaces::Context,
+                (false, list) => Namespaces::Only(list.to_vec()),
+            };
+            let request = MatrixRequest {
+                namespaces,
+                selector: matrix.selector.clone(),
+                apply: matrix.apply.clone(),
+                options: MatrixOptions {
+                    ports: matrix.port.clone(),
+                    all_destinations: matrix.all_destinations,
+                    family: matrix.family,
+                    pods: None,
+                },
+                node_ips: args.node_ips.clone(),
+            };
+            let connection = connect(args).await?;
+            let answer = plugin::matrix(&connection, &request).await?;
+            warn(&answer.warnings);
+            match args.output {
+                Output::Json => emit(&format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&answer.json())?
+                )),
+                Output::Text => emit(&answer.text(Style { color: color() })),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn connect(args: &ClusterArgs) -> anyhow::Result<Connection> {
+    Ok(cluster::connect(args.kubeconfig.as_deref(), args.context.as_deref()).await?)
+}
+
+fn warn(warnings: &[String]) {
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
+}
+
+/// Writes to stdout; a closed pipe (`| head`) ends the output quietly.
+fn emit(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
+        && error.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("error: writing the output: {error}");
+        std::process::exit(1);
+    }
+}
+
+/// Colours only on a terminal, and never with `NO_COLOR` set (https://no-color.org).
+fn color() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubectl_flags_are_accepted_before_and_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "kubectl-netpol",
+            "--context",
+            "kind-netpol",
+            "matrix",
+            "-n",
+            "x",
+            "--namespace",
+            "y",
+            "-o",
+            "json",
+            "-l",
+            "app=web",
+        ])
+        .unwrap();
+        assert_eq!(cli.cluster.context.as_deref(), Some("kind-netpol"));
+        assert_eq!(cli.cluster.namespaces, ["x", "y"]);
+        assert_eq!(cli.cluster.output, Output::Json);
+        let Command::Matrix(matrix) = cli.command else {
+            panic!("not matrix");
+        };
+        assert_eq!(matrix.selector.unwrap().to_string(), "app=web");
+
+        let cli = Cli::try_parse_from([
+            "kubectl-netpol",
+            "-n",
+            "x",
+            "explain",
+            "a",
+            "b",
+            "80/TCP",
+            "--kubeconfig",
+            "/tmp/k",
+        ])
+        .unwrap();
+        assert_eq!(cli.cluster.namespaces, ["x"]);
+        assert_eq!(cli.cluster.kubeconfig, Some(PathBuf::from("/tmp/k")));
+        assert!(matches!(cli.command, Command::Explain(_)));
+    }
+
+    #[test]
+    fn an_error_reads_as_one_line_each_cause_once() {
+        let inner = std::io::Error::other("connection refused");
+        let error = anyhow::Error::new(inner)
+            .context("client error (Connect)")
+            .context("listing pods: client error (Connect)");
+        assert_eq!(
+            one_line(&error),
+            "listing pods: client error (Connect): connection refused"
+        );
+    }
+
+    #[test]
+    fn a_bad_selector_or_output_is_refused_while_parsing() {
+        assert!(Cli::try_parse_from(["kubectl-netpol", "matrix", "-l", "a in (b"]).is_err());
+        assert!(Cli::try_parse_from(["kubectl-netpol", "matrix", "-o", "yaml"]).is_err());
+    }
+}
