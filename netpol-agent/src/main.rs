@@ -11,7 +11,9 @@ use netpol_agent::datapath::Capacities;
 use netpol_agent::preview::PortProtocol;
 use netpol_agent::preview::explain::explain_between;
 use netpol_agent::preview::load::{Loaded, Overlay, load_manifests};
-use netpol_agent::preview::matrix::{self, AddressFamily, Matrix, MatrixOptions, Style};
+use netpol_agent::preview::matrix::{
+    self, AddressFamily, Matrix, MatrixOptions, MatrixReport, Style,
+};
 use netpol_agent::source::kube::Settings;
 use netpol_agent::telemetry::health::Health;
 use netpol_agent::{agent, config};
@@ -467,9 +469,9 @@ fn matrix_command(args: &MatrixArgs) -> anyhow::Result<()> {
         family: args.family,
     };
     let before = Matrix::new(&loaded.state, &compiled, &options);
-    let mut shown = before.clone();
-    let mut diff = None;
-    if !args.apply.is_empty() {
+    let report = if args.apply.is_empty() {
+        MatrixReport::of(before)
+    } else {
         let overlay = Overlay::read(&args.apply)?;
         report_diagnostics(&overlay.diagnostics);
         let state = overlay.apply_to(&loaded.state);
@@ -480,20 +482,14 @@ fn matrix_command(args: &MatrixArgs) -> anyhow::Result<()> {
                 && compiled.diagnostics.contains(d))
         }));
         let after = Matrix::new(&state, &after_compiled, &options);
-        diff = Some(matrix::diff(&before, &after));
-        shown = after;
-    }
+        MatrixReport::applied(before, after)
+    };
     if args.preview.json {
-        let value = serde_json::json!({
-            "matrix": shown,
-            "before": diff.as_ref().map(|_| &before),
-            "diff": diff,
-        });
-        emit(&format!("{}\n", serde_json::to_string_pretty(&value)?));
+        emit(&format!("{}\n", serde_json::to_string_pretty(&report)?));
     } else {
         emit(&matrix::render(
-            &shown,
-            diff.as_ref(),
+            &report.matrix,
+            report.diff.as_ref(),
             Style { color: color() },
         ));
     }
