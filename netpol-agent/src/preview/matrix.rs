@@ -12,8 +12,10 @@
 //! and the destination's ingress hook, with the rule or policies that decided each).
 //!
 //! [`diff`] compares two matrices (before and after `--apply`); [`render`] writes them
-//! for people, `serde::Serialize` for machines ([`MatrixReport`] is what `--json`
-//! prints).
+//! for people, [`html::render`] as a page to look at, `serde::Serialize` for machines
+//! ([`MatrixReport`] is what `--json` prints and the page is drawn from).
+
+pub mod html;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -516,7 +518,7 @@ pub fn diff(before: &Matrix, after: &Matrix) -> MatrixDiff {
     out
 }
 
-/// What `matrix` shows, as `--json` prints it: the matrix
+/// What `matrix` shows, as `--json` prints it and [`html::render`] draws it: the matrix
 /// (after `--apply`, if given) and, with `--apply`, the matrix before it and the cells
 /// that change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
