@@ -45,6 +45,7 @@ enum Command {
     ///
     /// One table per port: rows are source pods, columns the pods that declare the port.
     /// With --apply, also shows which cells the extra or replacing policies change.
+    /// With --html FILE, writes the matrix as a page to open in a browser.
     Matrix(MatrixArgs),
     /// Explain, step by step, whether SRC can open a connection to DST on PORT/PROTO,
     /// and which policy rule allows it or why none does (no cluster, no root).
@@ -83,6 +84,11 @@ struct MatrixArgs {
     /// and not the other showing `~`.
     #[arg(long, value_name = "ipv4|ipv6")]
     family: Option<AddressFamily>,
+    /// Write the matrix as one self-contained HTML page to FILE (colours, counts, the
+    /// deciding rule of each cell on hover and click) instead of printing the text
+    /// (--json still prints JSON).
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -484,9 +490,25 @@ fn matrix_command(args: &MatrixArgs) -> anyhow::Result<()> {
         let after = Matrix::new(&state, &after_compiled, &options);
         MatrixReport::applied(before, after)
     };
+    if let Some(path) = &args.html {
+        let mut source = format!("manifests {}", args.preview.manifests.display());
+        for extra in &args.apply {
+            source = format!("{source} + --apply {}", extra.display());
+        }
+        std::fs::write(path, matrix::html::render(&report, &source))
+            .with_context(|| format!("writing {}", path.display()))?;
+        let (tables, cells) = (report.matrix.tables.len(), report.matrix.cells().count());
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
+        eprintln!(
+            "wrote {}: {tables} table{}, {cells} cell{}",
+            path.display(),
+            plural(tables),
+            plural(cells)
+        );
+    }
     if args.preview.json {
         emit(&format!("{}\n", serde_json::to_string_pretty(&report)?));
-    } else {
+    } else if args.html.is_none() {
         emit(&matrix::render(
             &report.matrix,
             report.diff.as_ref(),
