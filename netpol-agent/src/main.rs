@@ -11,7 +11,9 @@ use netpol_agent::datapath::Capacities;
 use netpol_agent::preview::PortProtocol;
 use netpol_agent::preview::explain::explain_between;
 use netpol_agent::preview::load::{Loaded, Overlay, load_manifests};
-use netpol_agent::preview::matrix::{self, AddressFamily, Matrix, MatrixOptions, Style};
+use netpol_agent::preview::matrix::{
+    self, AddressFamily, Matrix, MatrixOptions, MatrixReport, Style,
+};
 use netpol_agent::source::kube::Settings;
 use netpol_agent::telemetry::health::Health;
 use netpol_agent::{agent, config};
@@ -43,6 +45,7 @@ enum Command {
     ///
     /// One table per port: rows are source pods, columns the pods that declare the port.
     /// With --apply, also shows which cells the extra or replacing policies change.
+    /// With --html FILE, writes the matrix as a page to open in a browser.
     Matrix(MatrixArgs),
     /// Explain, step by step, whether SRC can open a connection to DST on PORT/PROTO,
     /// and which policy rule allows it or why none does (no cluster, no root).
@@ -81,6 +84,11 @@ struct MatrixArgs {
     /// and not the other showing `~`.
     #[arg(long, value_name = "ipv4|ipv6")]
     family: Option<AddressFamily>,
+    /// Write the matrix as one self-contained HTML page to FILE (colours, counts, the
+    /// deciding rule of each cell on hover and click) instead of printing the text
+    /// (--json still prints JSON).
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -468,9 +476,9 @@ fn matrix_command(args: &MatrixArgs) -> anyhow::Result<()> {
         pods: None,
     };
     let before = Matrix::new(&loaded.state, &compiled, &options);
-    let mut shown = before.clone();
-    let mut diff = None;
-    if !args.apply.is_empty() {
+    let report = if args.apply.is_empty() {
+        MatrixReport::of(before)
+    } else {
         let overlay = Overlay::read(&args.apply)?;
         report_diagnostics(&overlay.diagnostics);
         let state = overlay.apply_to(&loaded.state);
@@ -481,20 +489,30 @@ fn matrix_command(args: &MatrixArgs) -> anyhow::Result<()> {
                 && compiled.diagnostics.contains(d))
         }));
         let after = Matrix::new(&state, &after_compiled, &options);
-        diff = Some(matrix::diff(&before, &after));
-        shown = after;
+        MatrixReport::applied(before, after)
+    };
+    if let Some(path) = &args.html {
+        let mut source = format!("manifests {}", args.preview.manifests.display());
+        for extra in &args.apply {
+            source = format!("{source} + --apply {}", extra.display());
+        }
+        std::fs::write(path, matrix::html::render(&report, &source))
+            .with_context(|| format!("writing {}", path.display()))?;
+        let (tables, cells) = (report.matrix.tables.len(), report.matrix.cells().count());
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
+        eprintln!(
+            "wrote {}: {tables} table{}, {cells} cell{}",
+            path.display(),
+            plural(tables),
+            plural(cells)
+        );
     }
     if args.preview.json {
-        let value = serde_json::json!({
-            "matrix": shown,
-            "before": diff.as_ref().map(|_| &before),
-            "diff": diff,
-        });
-        emit(&format!("{}\n", serde_json::to_string_pretty(&value)?));
-    } else {
+        emit(&format!("{}\n", serde_json::to_string_pretty(&report)?));
+    } else if args.html.is_none() {
         emit(&matrix::render(
-            &shown,
-            diff.as_ref(),
+            &report.matrix,
+            report.diff.as_ref(),
             Style { color: color() },
         ));
     }

@@ -156,6 +156,81 @@ fn matrix_apply_marks_the_changes_and_counts_them() {
 }
 
 #[test]
+fn matrix_html_writes_one_page_with_the_cells_of_json_and_prints_no_text() {
+    let dir = TempDir::new("html");
+    let manifests = dir.0.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(manifests.join("cluster.yaml"), CLUSTER).unwrap();
+    let extra = dir.write("backend.yaml", BACKEND_POLICY);
+    let page = dir.0.join("matrix.html");
+    let output = run(
+        &[
+            "matrix",
+            "--html",
+            page.to_str().unwrap(),
+            "--apply",
+            extra.to_str().unwrap(),
+        ],
+        &manifests,
+    );
+    assert_eq!(stdout(&output), "", "the page, not the text");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("wrote {}: 3 tables, 6 cells", page.display())),
+        "{stderr}"
+    );
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    let json: serde_json::Value = serde_json::from_slice(
+        &run(
+            &["matrix", "--json", "--apply", extra.to_str().unwrap()],
+            &manifests,
+        )
+        .stdout,
+    )
+    .unwrap();
+    let cells = |state: &str| {
+        json["matrix"]["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|t| t["cells"].as_array().unwrap())
+            .flat_map(|row| row.as_array().unwrap())
+            .filter(|c| *c == state)
+            .count()
+    };
+    assert_eq!(
+        html.matches("<td class=\"cell allowed").count(),
+        cells("allowed")
+    );
+    assert_eq!(
+        html.matches("<td class=\"cell blocked").count(),
+        cells("blocked")
+    );
+    assert_eq!(
+        html.matches("<td class=\"cell blocked changed newly-blocked")
+            .count(),
+        1
+    );
+    assert!(html.contains(
+        "ingress of stars/backend: isolated by NetworkPolicy stars/backend-policy; no rule allows it"
+    ));
+
+    // With --json too, both are written.
+    let both = run(
+        &["matrix", "--json", "--html", page.to_str().unwrap()],
+        &manifests,
+    );
+    let json: serde_json::Value = serde_json::from_slice(&both.stdout).unwrap();
+    assert_eq!(json["diff"], serde_json::Value::Null);
+    assert!(
+        !std::fs::read_to_string(&page)
+            .unwrap()
+            .contains(" changed ")
+    );
+}
+
+#[test]
 fn explain_names_the_rule() {
     let dir = TempDir::new("explain");
     dir.write("cluster.yaml", CLUSTER);

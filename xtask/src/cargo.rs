@@ -56,28 +56,36 @@ pub fn build_agent() -> Result<PathBuf> {
     Ok(binary)
 }
 
+/// Set for the tests when chromium is installed: the browser test of `matrix --html`
+/// (`netpol-agent/tests/matrix_html.rs`, same name there) then fails where it would
+/// otherwise be skipped for want of a browser.
+const REQUIRE_CHROMIUM_ENV: &str = "NETPOL_TEST_REQUIRE_CHROMIUM";
+
 /// Runs `cargo test ARGS --no-fail-fast` with the agent path in the environment, output
 /// streamed: a failing test binary does not keep the others of its tier from running.
 /// Returns whether it passed.
-fn cargo_test(args: &[&str], agent: &Path) -> Result<bool> {
-    let status = cargo()
-        .arg("test")
+fn cargo_test(args: &[&str], agent: &Path, chromium: bool) -> Result<bool> {
+    let mut cmd = cargo();
+    cmd.arg("test")
         .args(args)
         .arg("--no-fail-fast")
-        .env(AGENT_BIN_ENV, agent)
-        .status()
-        .context("running cargo test")?;
+        .env(AGENT_BIN_ENV, agent);
+    if chromium {
+        cmd.env(REQUIRE_CHROMIUM_ENV, "1");
+    }
+    let status = cmd.status().context("running cargo test")?;
     Ok(status.success())
 }
 
 /// Tiers 1–2 (`cargo test --workspace` without netpol-lab: unit, property and verdict
 /// tests), then tier 3 (netpol-lab: the lab's own tests and the network-namespace tests
 /// with the real agent). Both always run; the error names every tier that failed.
-pub fn test_all(agent: &Path) -> Result<()> {
+/// `chromium`: the browser test must find chromium (it was installed).
+pub fn test_all(agent: &Path, chromium: bool) -> Result<()> {
     ui::step("tiers 1–2: cargo test --workspace --exclude netpol-lab");
-    let unit = cargo_test(&["--workspace", "--exclude", "netpol-lab"], agent)?;
+    let unit = cargo_test(&["--workspace", "--exclude", "netpol-lab"], agent, chromium)?;
     ui::step("tier 3: network-namespace tests (cargo test -p netpol-lab)");
-    let netns = cargo_test(&["-p", "netpol-lab"], agent)?;
+    let netns = cargo_test(&["-p", "netpol-lab"], agent, chromium)?;
     match (unit, netns) {
         (true, true) => Ok(()),
         (false, true) => bail!("tiers 1–2 failed"),

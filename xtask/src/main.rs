@@ -40,6 +40,8 @@ enum Cmd {
     /// benchmark and fuzz smoke runs, then the conformance cases in every world (local
     /// and Kubernetes mode, two nodes, through Services, IPv6 only, dual stack). Every stage runs even if an earlier one failed; the failures are
     /// listed at the end, before the total `N passed, M failed` of the conformance cases.
+    /// Installs chromium first, for the headless-browser test of `matrix --html`; where
+    /// that fails the test is skipped, and the run says so before its last line.
     Test,
     /// Run NetworkPolicy conformance cases (FORMAT.md) on emulated pods with real traffic.
     Conformance(ConformanceArgs),
@@ -269,7 +271,16 @@ fn test(agent: &std::path::Path) -> anyhow::Result<()> {
             failures.push(format!("{stage}: {e:#}"));
         }
     };
-    record("cargo test tiers", cargo::test_all(agent));
+    // Only the tests need a browser (the headless test of `matrix --html`); without one
+    // that test is skipped, which is said now and again at the end.
+    let chromium = prereqs::ensure_chromium();
+    if let Err(e) = &chromium {
+        ui::warn(&format!(
+            "chromium could not be installed ({e:#}): the browser test of matrix --html \
+             will be SKIPPED"
+        ));
+    }
+    record("cargo test tiers", cargo::test_all(agent, chromium.is_ok()));
     // The README's first command, as a new user runs it (without waiting for Ctrl-C).
     record(
         "demo (cargo xtask run --once)",
@@ -336,6 +347,13 @@ fn test(agent: &std::path::Path) -> anyhow::Result<()> {
     // conformance run that could not start) counts once in the closing line, so the
     // line never reads "0 failed" when something did.
     failed += failures.len() - case_failures;
+    if let Err(e) = &chromium {
+        ui::step("skipped (not passed):");
+        ui::warn(&format!(
+            "the browser test of matrix --html (netpol-agent/tests/matrix_html.rs): no \
+             chromium ({e:#})"
+        ));
+    }
     if !failures.is_empty() {
         ui::step(&format!("{} of {stages} stages failed:", failures.len()));
         for failure in &failures {

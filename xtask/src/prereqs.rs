@@ -32,6 +32,24 @@ pub fn ensure() -> Result<()> {
     Ok(())
 }
 
+/// Debian's chromium, where the headless-browser test of `matrix --html` finds it.
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// What only `cargo xtask test` needs, installed where missing: Debian's chromium, for
+/// the headless-browser test of `matrix --html` (`netpol-agent/tests/matrix_html.rs`).
+/// An error means that test will be skipped: the caller says so.
+pub fn ensure_chromium() -> Result<()> {
+    ui::step("test prerequisites");
+    Apt::default().ensure("chromium")?;
+    match probe(CHROMIUM, &["--version"]) {
+        Some(version) => {
+            ui::ok(version.trim());
+            Ok(())
+        }
+        None => bail!("{CHROMIUM} --version fails after installing chromium"),
+    }
+}
+
 /// cargo-fuzz series installed for `cargo xtask fuzz` (and the smoke run of `test`).
 const CARGO_FUZZ_SERIES: &str = "0.13";
 

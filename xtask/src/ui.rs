@@ -53,6 +53,11 @@ pub fn doing(text: &str) {
     println!("  {} {text}", yellow("→"));
 }
 
+/// Something left undone that must not go unnoticed.
+pub fn warn(text: &str) {
+    println!("  {} {}", yellow("!"), yellow(text));
+}
+
 /// A plain indented note.
 pub fn note(text: &str) {
     println!("  {text}");

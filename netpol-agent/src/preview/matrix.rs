@@ -1,5 +1,6 @@
 //! Reachability matrices: who can open a connection to whom, per port, as the kernel
-//! would decide it (replayed over the compiled maps by [`model::flow_allowed`]).
+//! would decide it (replayed over the compiled maps by [`model::decide`] at the source's
+//! egress hook and the destination's ingress hook, as [`model::flow_allowed`] does).
 //!
 //! Rows are source pods, columns destination pods; by default one table per
 //! (containerPort, protocol) that some pod declares, with only the pods that declare it
@@ -7,19 +8,26 @@
 //! nothing). A pod and itself is never a cell (loopback is not filtered). Traffic from
 //! the node always passes and is not shown.
 //!
+//! Each cell also says how it was decided ([`CellDecision`]: the source's egress hook
+//! and the destination's ingress hook, with the rule or policies that decided each).
+//!
 //! [`diff`] compares two matrices (before and after `--apply`); [`render`] writes them
-//! for people, `serde::Serialize` for machines.
+//! for people, [`html::render`] as a page to look at, `serde::Serialize` for machines
+//! ([`MatrixReport`] is what `--json` prints and the page is drawn from).
 
-use std::collections::BTreeSet;
+pub mod html;
+
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use serde::Serialize;
 
+use super::explain::HookVerdict;
 use super::text::as_display;
 use super::{PodAddresses, PortProtocol, SkippedPod, pod_addresses, served_ports};
 use netpol_compile::state::{ClusterState, ObjectRef};
-use netpol_compile::{Compiled, model};
+use netpol_compile::{Compiled, Direction, LocalPod, model};
 
 /// Whether a source reaches a destination on a port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -117,6 +125,78 @@ pub struct PortTable {
     /// `cells[source][column]`; `None` for a pod and itself, or two pods without a
     /// common address family.
     pub cells: Vec<Vec<Option<Reach>>>,
+    /// `decided[source][column]`: how the cell was decided, an index into
+    /// [`Matrix::decisions`]; `None` where `cells` has `None`.
+    pub decided: Vec<Vec<Option<usize>>>,
+}
+
+/// How a cell was decided over the address pairs of one family, or of several that
+/// were decided alike: the two hooks a new connection crosses.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct CellDecision {
+    /// The families of the address pairs decided this way.
+    pub families: Vec<AddressFamily>,
+    /// Both hooks let it through.
+    pub allowed: bool,
+    /// The source pod's egress hook.
+    pub egress: HookDecision,
+    /// The destination pod's ingress hook.
+    pub ingress: HookDecision,
+}
+
+/// What one hook decided, replayed over the compiled maps.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct HookDecision {
+    #[serde(flatten)]
+    pub verdict: HookVerdict,
+    /// When no rule allows it (`denied`, `audit-allowed`): the NetworkPolicies that
+    /// isolate the pod in this direction.
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "super::text::display_list"
+    )]
+    pub isolated_by: Vec<ObjectRef>,
+}
+
+impl HookDecision {
+    /// Whether the hook lets the connection through.
+    pub fn allowed(&self) -> bool {
+        !matches!(
+            self.verdict,
+            HookVerdict::Denied | HookVerdict::ClusterDenied { .. }
+        )
+    }
+}
+
+/// `not isolated`, `allowed by NetworkPolicy x/p spec.ingress[0]`, `isolated by
+/// NetworkPolicy x/p; no rule allows it`, `dropped by ClusterNetworkPolicy/...`.
+impl std::fmt::Display for HookDecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let isolated = || {
+            let names: Vec<String> = self.isolated_by.iter().map(ToString::to_string).collect();
+            if names.is_empty() {
+                "isolated".to_string()
+            } else {
+                format!("isolated by NetworkPolicy {}", names.join(", "))
+            }
+        };
+        match &self.verdict {
+            HookVerdict::NotLocal => f.write_str("not on this node"),
+            HookVerdict::NotIsolated => f.write_str("not isolated"),
+            HookVerdict::FromNode => f.write_str("from the pod's own node: always allowed"),
+            HookVerdict::Itself => f.write_str("the pod itself: never blocked"),
+            HookVerdict::Allowed { rule } | HookVerdict::ClusterAccepted { rule } => {
+                write!(f, "allowed by {rule}")
+            }
+            HookVerdict::AuditAllowed => write!(
+                f,
+                "{}; no rule allows it, let through in audit mode",
+                isolated()
+            ),
+            HookVerdict::Denied => write!(f, "{}; no rule allows it", isolated()),
+            HookVerdict::ClusterDenied { rule } => write!(f, "dropped by {rule}"),
+        }
+    }
 }
 
 /// Every pod pair, per port.
@@ -127,6 +207,9 @@ pub struct Matrix {
     /// Rows (sources), in name order; columns index them too.
     pub pods: Vec<MatrixPod>,
     pub tables: Vec<PortTable>,
+    /// Every distinct way a cell was decided (one entry per family where the families
+    /// of a cell were decided differently); [`PortTable::decided`] indexes it.
+    pub decisions: Vec<Vec<CellDecision>>,
     /// Pods without a place in the matrix (hostNetwork, finished, no address).
     pub skipped: Vec<SkippedPod>,
 }
@@ -165,30 +248,42 @@ impl Matrix {
         } else {
             options.ports.clone()
         };
+        let local: Vec<Option<&LocalPod>> = pods
+            .iter()
+            .map(|p| compiled.local_pods.iter().find(|l| l.pod == p.pod))
+            .collect();
+        let mut decisions = Decisions::default();
         let tables = ports
             .into_iter()
             .map(|port| {
                 let destinations: Vec<usize> = (0..pods.len())
                     .filter(|&d| options.all_destinations || pods[d].serves.contains(&port))
                     .collect();
-                let cells = (0..pods.len())
-                    .map(|s| {
-                        destinations
-                            .iter()
-                            .map(|&d| {
-                                if s == d {
-                                    None
-                                } else {
-                                    reach(compiled, &pods[s].ips, &pods[d].ips, port)
-                                }
-                            })
-                            .collect()
-                    })
-                    .collect();
+                let mut cells = Vec::with_capacity(pods.len());
+                let mut decided = Vec::with_capacity(pods.len());
+                for s in 0..pods.len() {
+                    let (row, why): (Vec<_>, Vec<_>) = destinations
+                        .iter()
+                        .map(|&d| {
+                            if s == d {
+                                return (None, None);
+                            }
+                            let ends = [(&pods[s], local[s]), (&pods[d], local[d])];
+                            let cell = decide(compiled, ends, port);
+                            match reach(&cell) {
+                                Some(reach) => (Some(reach), Some(decisions.intern(cell))),
+                                None => (None, None),
+                            }
+                        })
+                        .unzip();
+                    cells.push(row);
+                    decided.push(why);
+                }
                 PortTable {
                     port,
                     destinations,
                     cells,
+                    decided,
                 }
             })
             .collect();
@@ -196,6 +291,7 @@ impl Matrix {
             family: options.family,
             pods,
             tables,
+            decisions: decisions.list,
             skipped,
         }
     }
@@ -209,6 +305,23 @@ impl Matrix {
             .iter()
             .position(|&d| self.pods[d].pod == *dst)?;
         table.cells[s][column]
+    }
+
+    /// How the cell `src -> dst` on `port` was decided, if the matrix has it.
+    pub fn decision(
+        &self,
+        port: PortProtocol,
+        src: &ObjectRef,
+        dst: &ObjectRef,
+    ) -> Option<&[CellDecision]> {
+        let table = self.tables.iter().find(|t| t.port == port)?;
+        let s = self.pods.iter().position(|p| p.pod == *src)?;
+        let column = table
+            .destinations
+            .iter()
+            .position(|&d| self.pods[d].pod == *dst)?;
+        let index = table.decided[s][column]?;
+        Some(&self.decisions[index])
     }
 
     /// Every cell: (port, source, destination, reach).
@@ -230,15 +343,88 @@ impl Matrix {
     }
 }
 
-/// The verdict over every address pair of the same family.
-fn reach(compiled: &Compiled, src: &[IpAddr], dst: &[IpAddr], port: PortProtocol) -> Option<Reach> {
-    let verdicts: BTreeSet<bool> = src
-        .iter()
-        .flat_map(|s| dst.iter().map(move |d| (*s, *d)))
-        .filter(|(s, d)| s.is_ipv4() == d.is_ipv4())
-        .map(|(s, d)| model::flow_allowed(compiled, s, d, port.protocol, port.port))
-        .collect();
-    match (verdicts.contains(&true), verdicts.contains(&false)) {
+/// The cells' decisions, each distinct one stored once.
+#[derive(Default)]
+struct Decisions {
+    list: Vec<Vec<CellDecision>>,
+    index: HashMap<Vec<CellDecision>, usize>,
+}
+
+impl Decisions {
+    fn intern(&mut self, cell: Vec<CellDecision>) -> usize {
+        if let Some(&i) = self.index.get(&cell) {
+            return i;
+        }
+        self.list.push(cell.clone());
+        self.index.insert(cell, self.list.len() - 1);
+        self.list.len() - 1
+    }
+}
+
+/// The decisions over every address pair of the same family, as the kernel would
+/// make them at both hooks ([`model::decide`]); pairs decided alike are merged.
+fn decide(
+    compiled: &Compiled,
+    [(src, src_local), (dst, dst_local)]: [(&MatrixPod, Option<&LocalPod>); 2],
+    port: PortProtocol,
+) -> Vec<CellDecision> {
+    let hook = |s: IpAddr, d: IpAddr, direction: Direction| {
+        let decision = model::decide(compiled, s, d, port.protocol, port.port, direction);
+        let verdict = HookVerdict::of(compiled, &decision);
+        let local = match direction {
+            Direction::Egress => src_local,
+            Direction::Ingress => dst_local,
+        };
+        let isolated_by = match (&verdict, local) {
+            (HookVerdict::Denied | HookVerdict::AuditAllowed, Some(local)) => match direction {
+                Direction::Egress => local.egress_policies.clone(),
+                Direction::Ingress => local.ingress_policies.clone(),
+            },
+            _ => Vec::new(),
+        };
+        (
+            decision.allowed(),
+            HookDecision {
+                verdict,
+                isolated_by,
+            },
+        )
+    };
+    let mut out: Vec<CellDecision> = Vec::new();
+    for s in &src.ips {
+        for d in dst.ips.iter().filter(|d| d.is_ipv4() == s.is_ipv4()) {
+            let family = if s.is_ipv4() {
+                AddressFamily::Ipv4
+            } else {
+                AddressFamily::Ipv6
+            };
+            let (egress_allowed, egress) = hook(*s, *d, Direction::Egress);
+            let (ingress_allowed, ingress) = hook(*s, *d, Direction::Ingress);
+            let allowed = egress_allowed && ingress_allowed;
+            match out
+                .iter_mut()
+                .find(|c| c.allowed == allowed && c.egress == egress && c.ingress == ingress)
+            {
+                Some(same) if same.families.contains(&family) => {}
+                Some(same) => same.families.push(family),
+                None => out.push(CellDecision {
+                    families: vec![family],
+                    allowed,
+                    egress,
+                    ingress,
+                }),
+            }
+        }
+    }
+    out
+}
+
+/// The verdict of a cell decided over every address pair of the same family (`None`:
+/// no pair).
+fn reach(cell: &[CellDecision]) -> Option<Reach> {
+    let allowed = cell.iter().any(|c| c.allowed);
+    let blocked = cell.iter().any(|c| !c.allowed);
+    match (allowed, blocked) {
         (true, false) => Some(Reach::Allowed),
         (false, true) => Some(Reach::Blocked),
         (true, true) => Some(Reach::Partial),
@@ -337,6 +523,38 @@ pub fn diff(before: &Matrix, after: &Matrix) -> MatrixDiff {
         }
     }
     out
+}
+
+/// What `matrix` shows, as `--json` prints it and [`html::render`] draws it: the matrix
+/// (after `--apply`, if given) and, with `--apply`, the matrix before it and the cells
+/// that change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MatrixReport {
+    pub matrix: Matrix,
+    /// The matrix without `--apply` (`null` without it).
+    pub before: Option<Matrix>,
+    pub diff: Option<MatrixDiff>,
+}
+
+impl MatrixReport {
+    /// A matrix alone.
+    pub fn of(matrix: Matrix) -> MatrixReport {
+        MatrixReport {
+            matrix,
+            before: None,
+            diff: None,
+        }
+    }
+
+    /// `after` shown, with the cells that change from `before`.
+    pub fn applied(before: Matrix, after: Matrix) -> MatrixReport {
+        let diff = diff(&before, &after);
+        MatrixReport {
+            matrix: after,
+            before: Some(before),
+            diff: Some(diff),
+        }
+    }
 }
 
 /// How text is decorated.
@@ -498,6 +716,22 @@ mod tests {
             let ip = |p: &ObjectRef| m.pods.iter().find(|x| x.pod == *p).unwrap().ips[0];
             let expected = reference.flow_allowed(ip(src), ip(dst), port.protocol, port.port);
             assert_eq!(reach == Reach::Allowed, expected, "{src} -> {dst} {port}");
+            // And every cell's decisions are those of its hooks, and make its verdict.
+            let decided = m.decision(port, src, dst).expect("a decided cell");
+            for d in decided {
+                assert_eq!(d.allowed, d.egress.allowed() && d.ingress.allowed());
+            }
+            assert_eq!(super::reach(decided), Some(reach), "{src} -> {dst} {port}");
+        }
+        for table in &m.tables {
+            for (row, why) in table.cells.iter().zip(&table.decided) {
+                let decided: Vec<bool> = why.iter().map(Option::is_some).collect();
+                let cells: Vec<bool> = row.iter().map(Option::is_some).collect();
+                assert_eq!(
+                    decided, cells,
+                    "a decision for every cell and only for cells"
+                );
+            }
         }
         m
     }
@@ -584,6 +818,63 @@ mod tests {
                 ("stars/backend", "management-ui/management-ui", A),
                 ("stars/frontend", "management-ui/management-ui", A),
             ],
+        );
+    }
+
+    #[test]
+    fn every_cell_names_the_rule_or_the_policies_that_decided_it() {
+        let m = matrix_of(&fixtures::stars_with_policies());
+        let why = |port, src, dst| -> Vec<(String, String)> {
+            m.decision(port, &pod(src), &pod(dst))
+                .unwrap()
+                .iter()
+                .map(|d| (d.egress.to_string(), d.ingress.to_string()))
+                .collect()
+        };
+        let not_isolated = || "not isolated".to_string();
+        assert_eq!(
+            why(PortProtocol::tcp(80), "client/client", "stars/frontend"),
+            [(
+                not_isolated(),
+                "allowed by NetworkPolicy stars/frontend-policy spec.ingress[0]".into()
+            )]
+        );
+        assert_eq!(
+            why(PortProtocol::tcp(6379), "client/client", "stars/backend"),
+            [(
+                not_isolated(),
+                "isolated by NetworkPolicy stars/backend-policy; no rule allows it".into()
+            )]
+        );
+        assert_eq!(
+            why(PortProtocol::tcp(9000), "stars/backend", "client/client"),
+            [(not_isolated(), not_isolated())]
+        );
+        // Each distinct way is stored once: open, allowed by either policy's rule, or
+        // blocked by either policy.
+        assert_eq!(m.decisions.len(), 5, "{:#?}", m.decisions);
+
+        let json = serde_json::to_value(&m).unwrap();
+        let backend = m
+            .tables
+            .iter()
+            .position(|t| t.port == PortProtocol::tcp(6379))
+            .unwrap();
+        let client = m
+            .pods
+            .iter()
+            .position(|p| p.pod == pod("client/client"))
+            .unwrap();
+        let index = &json["tables"][backend]["decided"][client][0];
+        let decided = &json["decisions"][index.as_u64().unwrap() as usize];
+        assert_eq!(
+            decided,
+            &serde_json::json!([{
+                "families": ["IPv4"],
+                "allowed": false,
+                "egress": {"verdict": "not-isolated"},
+                "ingress": {"verdict": "denied", "isolated_by": ["stars/backend-policy"]},
+            }])
         );
     }
 
@@ -775,6 +1066,44 @@ spec:
         assert_eq!(
             m.get(PortProtocol::tcp(80), &pod("x/a"), &pod("x/b")),
             Some(Reach::Partial)
+        );
+        // Decided once per family, each naming what decided it.
+        let decided = m
+            .decision(PortProtocol::tcp(80), &pod("x/a"), &pod("x/b"))
+            .unwrap();
+        let ways: Vec<(Vec<AddressFamily>, bool, String)> = decided
+            .iter()
+            .map(|d| (d.families.clone(), d.allowed, d.egress.to_string()))
+            .collect();
+        assert_eq!(
+            ways,
+            [
+                (
+                    vec![AddressFamily::Ipv4],
+                    true,
+                    "allowed by NetworkPolicy x/v4-only spec.egress[0]".into()
+                ),
+                (
+                    vec![AddressFamily::Ipv6],
+                    false,
+                    "isolated by NetworkPolicy x/v4-only; no rule allows it".into()
+                ),
+            ]
+        );
+        // b reaches a (as a destination of every port) over both families alike: one
+        // decision naming both.
+        let options = MatrixOptions {
+            all_destinations: true,
+            ..MatrixOptions::default()
+        };
+        let every = Matrix::new(&state, &compiled, &options);
+        let decided = every
+            .decision(PortProtocol::tcp(80), &pod("x/b"), &pod("x/a"))
+            .unwrap();
+        assert_eq!(decided.len(), 1, "{decided:?}");
+        assert_eq!(
+            decided[0].families,
+            [AddressFamily::Ipv4, AddressFamily::Ipv6]
         );
         assert_eq!(m.skipped.len(), 1);
         let text = render(&m, None, Style::default());

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use netpol_compile::state::ObjectRef;
 
 /// Serializes any `Display` value as a string (for `#[serde(serialize_with)]`).
 pub(crate) fn as_display<T: std::fmt::Display, S: serde::Serializer>(
@@ -13,6 +14,14 @@ pub(crate) fn as_display<T: std::fmt::Display, S: serde::Serializer>(
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.collect_str(value)
+}
+
+/// Serializes objects as a list of `namespace/name` strings.
+pub(crate) fn display_list<S: serde::Serializer>(
+    list: &[ObjectRef],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(list.iter().map(ToString::to_string))
 }
 
 /// One requirement, ordered like the compiler's canonical form (In, NotIn, Exists,

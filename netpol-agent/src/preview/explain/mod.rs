@@ -114,7 +114,7 @@ pub struct HookExplanation {
     pub tiers: Vec<TierStep>,
     /// Policies in force that select the pod with this policy type (empty: not
     /// isolated).
-    #[serde(serialize_with = "display_list")]
+    #[serde(serialize_with = "text::display_list")]
     pub isolated_by: Vec<ObjectRef>,
     /// The peer's identity, when the pod is isolated and the maps were consulted.
     pub peer_identity: Option<PeerIdentity>,
@@ -135,7 +135,7 @@ impl HookExplanation {
 }
 
 /// The kernel's decision at one hook.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(tag = "verdict", rename_all = "kebab-case")]
 pub enum HookVerdict {
     /// The pod is not on this node: its own node judges this hook.
@@ -166,6 +166,32 @@ pub enum HookVerdict {
         #[serde(serialize_with = "as_display")]
         rule: RuleRef,
     },
+}
+
+impl HookVerdict {
+    /// The verdict the model's `decision` stands for, its rule named from
+    /// [`Compiled::rules`].
+    pub fn of(compiled: &Compiled, decision: &model::Decision) -> HookVerdict {
+        let rule = || compiled.rules.get(&decision.rule).cloned();
+        match decision.reason {
+            Reason::NotEndpoint => HookVerdict::NotLocal,
+            Reason::NotIsolated => HookVerdict::NotIsolated,
+            Reason::FromHost => HookVerdict::FromNode,
+            Reason::Hairpin => HookVerdict::Itself,
+            Reason::AuditAllowed => HookVerdict::AuditAllowed,
+            // A POLICY value always names a rule of the table; be explicit anyway.
+            Reason::PolicyAllowed => {
+                rule().map_or(HookVerdict::Denied, |rule| HookVerdict::Allowed { rule })
+            }
+            Reason::ClusterAccepted => rule().map_or(HookVerdict::Denied, |rule| {
+                HookVerdict::ClusterAccepted { rule }
+            }),
+            Reason::ClusterDenied => rule().map_or(HookVerdict::Denied, |rule| {
+                HookVerdict::ClusterDenied { rule }
+            }),
+            _ => HookVerdict::Denied,
+        }
+    }
 }
 
 /// What one tier of ClusterNetworkPolicy made of the flow at a hook.
@@ -235,10 +261,6 @@ pub enum Mismatch {
     Protocol { needs: Vec<String> },
     /// Entries of the protocol exist but none covers the port; `needs` lists them.
     Port { needs: Vec<String> },
-}
-
-fn display_list<S: serde::Serializer>(list: &[ObjectRef], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(list.iter().map(ToString::to_string))
 }
 
 /// Finds pods, the node and outside addresses by name or address.
@@ -487,28 +509,7 @@ impl<'a> Analysis<'a> {
                 Direction::Egress => lp.egress_policies.clone(),
             })
             .unwrap_or_default();
-        let verdict = match decision.reason {
-            Reason::NotEndpoint => HookVerdict::NotLocal,
-            Reason::NotIsolated => HookVerdict::NotIsolated,
-            Reason::FromHost => HookVerdict::FromNode,
-            Reason::Hairpin => HookVerdict::Itself,
-            Reason::AuditAllowed => HookVerdict::AuditAllowed,
-            Reason::PolicyAllowed => match compiled.rules.get(&decision.rule) {
-                Some(rule) => HookVerdict::Allowed { rule: rule.clone() },
-                // A POLICY value always names a rule of the table; be explicit anyway.
-                None => HookVerdict::Denied,
-            },
-            Reason::ClusterAccepted | Reason::ClusterDenied => {
-                match compiled.rules.get(&decision.rule) {
-                    Some(rule) if decision.reason == Reason::ClusterAccepted => {
-                        HookVerdict::ClusterAccepted { rule: rule.clone() }
-                    }
-                    Some(rule) => HookVerdict::ClusterDenied { rule: rule.clone() },
-                    None => HookVerdict::Denied,
-                }
-            }
-            _ => HookVerdict::Denied,
-        };
+        let verdict = HookVerdict::of(compiled, &decision);
         let (local, _) = direction.ends(self.src.ip(), self.dst.ip());
         let flags = compiled
             .endpoints
