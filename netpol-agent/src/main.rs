@@ -1,5 +1,4 @@
 //! `netpol-agent`: enforce Kubernetes NetworkPolicies with eBPF.
-use std::io::IsTerminal as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,6 +13,7 @@ use netpol_agent::preview::load::{Loaded, Overlay, load_manifests};
 use netpol_agent::preview::matrix::{
     self, AddressFamily, Matrix, MatrixOptions, MatrixReport, Style,
 };
+use netpol_agent::preview::terminal::{color, emit};
 use netpol_agent::source::kube::Settings;
 use netpol_agent::telemetry::health::Health;
 use netpol_agent::{agent, config};
@@ -548,23 +548,6 @@ fn explain_command(args: &ExplainArgs) -> anyhow::Result<()> {
         emit(&texts.join("\n"));
     }
     Ok(())
-}
-
-/// Writes to stdout; a closed pipe (`| head`) ends the output quietly.
-fn emit(text: &str) {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    if let Err(error) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
-        && error.kind() != std::io::ErrorKind::BrokenPipe
-    {
-        eprintln!("error: writing the output: {error}");
-        std::process::exit(1);
-    }
-}
-
-/// Colours only on a terminal, and never with `NO_COLOR` set (https://no-color.org).
-fn color() -> bool {
-    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 #[cfg(test)]

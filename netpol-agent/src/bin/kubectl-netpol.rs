@@ -4,7 +4,6 @@
 //!
 //! Thin: parses the arguments and prints; the work is `netpol_agent::preview::plugin`.
 
-use std::io::IsTerminal as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -15,6 +14,7 @@ use netpol_agent::preview::cluster::{self, Connection};
 use netpol_agent::preview::matrix::{AddressFamily, MatrixOptions, Style};
 use netpol_agent::preview::plugin::{self, ExplainRequest, MatrixRequest, Namespaces};
 use netpol_agent::preview::selector::LabelSelector;
+use netpol_agent::preview::terminal::{color, emit};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -218,23 +218,6 @@ fn warn(warnings: &[String]) {
     for warning in warnings {
         eprintln!("warning: {warning}");
     }
-}
-
-/// Writes to stdout; a closed pipe (`| head`) ends the output quietly.
-fn emit(text: &str) {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    if let Err(error) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
-        && error.kind() != std::io::ErrorKind::BrokenPipe
-    {
-        eprintln!("error: writing the output: {error}");
-        std::process::exit(1);
-    }
-}
-
-/// Colours only on a terminal, and never with `NO_COLOR` set (https://no-color.org).
-fn color() -> bool {
-    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ pub mod load;
 pub mod matrix;
 pub mod plugin;
 pub mod selector;
+pub mod terminal;
 mod text;
 
 use std::net::IpAddr;

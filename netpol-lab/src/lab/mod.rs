@@ -612,6 +612,18 @@ impl Lab {
             .collect();
         self.start_servers(&worker, &netns, &addrs, &spec.ports)
             .with_context(|| format!("serving ports of {}/{}", spec.namespace, spec.name))?;
+        self.push_pod(spec, (ipv4, ipv6), netns, host_if, worker)
+    }
+
+    /// Records a plumbed and served pod (its namespace too) and updates the Services.
+    fn push_pod(
+        &mut self,
+        spec: PodSpec,
+        (ipv4, ipv6): (Option<Ipv4Addr>, Option<Ipv6Addr>),
+        netns: String,
+        host_if: String,
+        worker: Arc<NetnsWorker>,
+    ) -> Result<&Pod> {
         self.namespaces.entry(spec.namespace.clone()).or_default();
         self.pods.push(Pod {
             namespace: spec.namespace,
@@ -624,7 +636,7 @@ impl Lab {
             host_if,
             node: spec.node,
             annotations: Labels::new(),
-            host_network: false,
+            host_network: spec.host_network,
             worker,
         });
         self.sync_services()?;
@@ -654,23 +666,7 @@ impl Lab {
         let owner = host_network_owner(&id);
         self.start_servers(&worker, &owner, &addrs, &spec.ports)
             .with_context(|| format!("serving ports of {id} on its node"))?;
-        self.namespaces.entry(spec.namespace.clone()).or_default();
-        self.pods.push(Pod {
-            namespace: spec.namespace,
-            name: spec.name,
-            labels: spec.labels,
-            ports: spec.ports,
-            ipv4,
-            ipv6,
-            netns,
-            host_if: String::new(),
-            node: spec.node,
-            annotations: Labels::new(),
-            host_network: true,
-            worker,
-        });
-        self.sync_services()?;
-        Ok(self.pods.last().expect("just pushed"))
+        self.push_pod(spec, (ipv4, ipv6), netns, String::new(), worker)
     }
 
     /// Deletes a pod: stops its servers, deletes its host veth (the pod's end goes with
