@@ -67,7 +67,7 @@ fn is_dns_subdomain(s: &str) -> bool {
 }
 
 /// A label key: `[prefix/]name` (`validation.IsQualifiedName`).
-fn check_key(key: &str) -> Result<(), String> {
+pub fn check_key(key: &str) -> Result<(), String> {
     let ok = match key.split_once('/') {
         Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_name(name),
         None => is_label_name(key),
@@ -83,7 +83,7 @@ fn check_key(key: &str) -> Result<(), String> {
 }
 
 /// A label value: empty or a label name (`validation.IsValidLabelValue`).
-fn check_value(value: &str) -> Result<(), String> {
+pub fn check_value(value: &str) -> Result<(), String> {
     if value.is_empty() || is_label_name(value) {
         Ok(())
     } else {
@@ -96,14 +96,13 @@ fn check_value(value: &str) -> Result<(), String> {
 
 /// A validated label selector: the AND of its requirements. Empty matches everything.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub(crate) struct Selector {
+pub struct Selector {
     requirements: BTreeSet<Requirement>,
 }
 
 impl Selector {
     /// Parses and validates `sel`. Errors are `(field relative to the selector, message)`.
-    #[cfg(test)]
-    pub(crate) fn parse(sel: &LabelSelector) -> Result<Selector, Vec<(String, String)>> {
+    pub fn parse(sel: &LabelSelector) -> Result<Selector, Vec<(String, String)>> {
         let (selector, errors) = Selector::read(sel);
         if errors.is_empty() {
             Ok(selector)
@@ -182,7 +181,7 @@ impl Selector {
         (Selector { requirements }, errors)
     }
 
-    pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.requirements.iter().all(|r| r.matches(labels))
     }
 

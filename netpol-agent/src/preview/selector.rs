@@ -1,61 +1,33 @@
 //! Label selectors as kubectl's `-l/--selector` writes them, to choose the pods a preview
 //! shows: `app=web`, `app==web`, `tier!=db`, `env in (prod,staging)`, `env notin (dev)`,
 //! `release` (the label exists), `!canary` (it does not), joined by commas (all must
-//! hold).
+//! hold). The syntax is read here; keys and values are checked and the selector matched
+//! by the compiler's own [`Selector`], as a `metav1.LabelSelector` of the same
+//! requirements.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector as K8sSelector, LabelSelectorRequirement,
+};
+use netpol_compile::{Selector, check_label_key, check_label_value};
+
 use super::PreviewError;
-
-/// One requirement of a [`LabelSelector`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Requirement {
-    In(String, BTreeSet<String>),
-    /// Also holds when the label is absent (as `!=` does in Kubernetes).
-    NotIn(String, BTreeSet<String>),
-    Exists(String),
-    DoesNotExist(String),
-}
-
-impl Requirement {
-    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        match self {
-            Requirement::In(key, values) => labels.get(key).is_some_and(|v| values.contains(v)),
-            Requirement::NotIn(key, values) => labels.get(key).is_none_or(|v| !values.contains(v)),
-            Requirement::Exists(key) => labels.contains_key(key),
-            Requirement::DoesNotExist(key) => !labels.contains_key(key),
-        }
-    }
-}
-
-impl std::fmt::Display for Requirement {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let set = |values: &BTreeSet<String>| values.iter().cloned().collect::<Vec<_>>().join(",");
-        match self {
-            Requirement::In(key, values) if values.len() == 1 => write!(f, "{key}={}", set(values)),
-            Requirement::NotIn(key, values) if values.len() == 1 => {
-                write!(f, "{key}!={}", set(values))
-            }
-            Requirement::In(key, values) => write!(f, "{key} in ({})", set(values)),
-            Requirement::NotIn(key, values) => write!(f, "{key} notin ({})", set(values)),
-            Requirement::Exists(key) => f.write_str(key),
-            Requirement::DoesNotExist(key) => write!(f, "!{key}"),
-        }
-    }
-}
 
 /// A label selector in kubectl's syntax: every requirement must hold. Empty (`""`)
 /// selects everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LabelSelector {
-    requirements: Vec<Requirement>,
+    /// The requirements as kubectl writes them, in the order given.
+    terms: Vec<String>,
+    selector: Selector,
 }
 
 impl LabelSelector {
     /// Whether `labels` meet every requirement.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.requirements.iter().all(|r| r.matches(labels))
+        self.selector.matches(labels)
     }
 
     /// Whether the labels of an object (`None`: it has none) meet every requirement.
@@ -70,8 +42,7 @@ impl LabelSelector {
 /// The requirements in the order given, as kubectl writes them.
 impl std::fmt::Display for LabelSelector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let parts: Vec<String> = self.requirements.iter().map(ToString::to_string).collect();
-        f.write_str(&parts.join(","))
+        f.write_str(&self.terms.join(","))
     }
 }
 
@@ -79,23 +50,38 @@ impl FromStr for LabelSelector {
     type Err = PreviewError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let requirements = terms(text)
-            .into_iter()
-            .map(|term| {
+        let mut terms = Vec::new();
+        let mut expressions = Vec::new();
+        for term in split_terms(text) {
+            let (expression, written) =
                 requirement(term).map_err(|reason| PreviewError::Selector {
                     input: text.to_owned(),
                     term: term.to_owned(),
                     reason,
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(LabelSelector { requirements })
+                })?;
+            expressions.push(expression);
+            terms.push(written);
+        }
+        let selector = Selector::parse(&K8sSelector {
+            match_expressions: Some(expressions),
+            match_labels: None,
+        })
+        .map_err(|errors| PreviewError::Selector {
+            input: text.to_owned(),
+            term: text.to_owned(),
+            reason: errors
+                .into_iter()
+                .map(|(_, m)| m)
+                .collect::<Vec<_>>()
+                .join("; "),
+        })?;
+        Ok(LabelSelector { terms, selector })
     }
 }
 
 /// The comma-separated terms of `text` (commas inside `(...)` belong to a value list);
 /// blank terms are dropped, so `""` has none.
-fn terms(text: &str) -> Vec<&str> {
+fn split_terms(text: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut depth = 0usize;
     let mut start = 0;
@@ -117,87 +103,63 @@ fn terms(text: &str) -> Vec<&str> {
         .collect()
 }
 
-fn requirement(term: &str) -> Result<Requirement, String> {
+/// One term as a `matchExpressions` entry, and as kubectl writes it back.
+fn requirement(term: &str) -> Result<(LabelSelectorRequirement, String), String> {
+    let expression =
+        |key: &str, operator: &str, values: Option<BTreeSet<String>>| LabelSelectorRequirement {
+            key: key.to_owned(),
+            operator: operator.to_owned(),
+            values: values.map(|v| v.into_iter().collect()),
+        };
+    let list = |values: &BTreeSet<String>| values.iter().cloned().collect::<Vec<_>>().join(",");
     if let Some(key) = term.strip_prefix('!') {
-        return Ok(Requirement::DoesNotExist(key_of(key.trim())?));
+        let key = key.trim();
+        check_label_key(key)?;
+        return Ok((expression(key, "DoesNotExist", None), format!("!{key}")));
     }
-    if let Some((head, list)) = term.split_once('(') {
-        let Some(list) = list.trim_end().strip_suffix(')') else {
+    if let Some((head, rest)) = term.split_once('(') {
+        let Some(rest) = rest.trim_end().strip_suffix(')') else {
             return Err("a value list ends with ')'".into());
         };
         let words: Vec<&str> = head.split_whitespace().collect();
         let [key, operator] = words[..] else {
             return Err("expected KEY in (V1,V2) or KEY notin (V1,V2)".into());
         };
-        let values: BTreeSet<String> = list
-            .split(',')
-            .map(|v| value_of(v.trim()))
-            .collect::<Result<_, _>>()?;
-        if values.is_empty() || list.trim().is_empty() {
+        check_label_key(key)?;
+        if rest.trim().is_empty() {
             return Err("the value list is empty".into());
         }
-        let key = key_of(key)?;
-        return match operator {
-            "in" => Ok(Requirement::In(key, values)),
-            "notin" => Ok(Requirement::NotIn(key, values)),
-            other => Err(format!("unknown operator {other:?}: in or notin")),
+        let values: BTreeSet<String> = rest.split(',').map(|v| v.trim().to_owned()).collect();
+        for value in &values {
+            check_label_value(value)?;
+        }
+        let (operator, written) = match operator {
+            "in" if values.len() == 1 => ("In", format!("{key}={}", list(&values))),
+            "notin" if values.len() == 1 => ("NotIn", format!("{key}!={}", list(&values))),
+            "in" => ("In", format!("{key} in ({})", list(&values))),
+            "notin" => ("NotIn", format!("{key} notin ({})", list(&values))),
+            other => return Err(format!("unknown operator {other:?}: in or notin")),
         };
+        return Ok((expression(key, operator, Some(values)), written));
     }
-    for (operator, negated) in [("!=", true), ("==", false), ("=", false)] {
-        if let Some((key, value)) = term.split_once(operator) {
-            let key = key_of(key.trim())?;
-            let values = BTreeSet::from([value_of(value.trim())?]);
-            return Ok(if negated {
-                Requirement::NotIn(key, values)
-            } else {
-                Requirement::In(key, values)
-            });
+    for (symbol, operator) in [("!=", "NotIn"), ("==", "In"), ("=", "In")] {
+        if let Some((key, value)) = term.split_once(symbol) {
+            let (key, value) = (key.trim(), value.trim());
+            check_label_key(key)?;
+            check_label_value(value)?;
+            let written = match operator {
+                "NotIn" => format!("{key}!={value}"),
+                _ => format!("{key}={value}"),
+            };
+            let values = BTreeSet::from([value.to_owned()]);
+            return Ok((expression(key, operator, Some(values)), written));
         }
     }
     if term.contains(['<', '>']) {
         return Err("numeric comparisons (gt, lt) are not supported".into());
     }
-    Ok(Requirement::Exists(key_of(term)?))
-}
-
-/// A label key: `[prefix/]name` of letters, digits, `-`, `_`, `.` (the prefix a DNS
-/// name).
-fn key_of(key: &str) -> Result<String, String> {
-    let name_ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    };
-    let ok = match key.split_once('/') {
-        Some((prefix, name)) => {
-            !prefix.is_empty()
-                && prefix.len() <= 253
-                && prefix
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
-                && name_ok(name)
-        }
-        None => name_ok(key),
-    };
-    if ok {
-        Ok(key.to_owned())
-    } else {
-        Err(format!("{key:?} is not a label key"))
-    }
-}
-
-/// A label value: empty, or up to 63 letters, digits, `-`, `_`, `.`.
-fn value_of(value: &str) -> Result<String, String> {
-    if value.len() <= 63
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        Ok(value.to_owned())
-    } else {
-        Err(format!("{value:?} is not a label value"))
-    }
+    check_label_key(term)?;
+    Ok((expression(term, "Exists", None), term.to_owned()))
 }
 
 #[cfg(test)]
@@ -283,14 +245,14 @@ mod tests {
     #[test]
     fn a_malformed_selector_is_refused_with_the_term_at_fault() {
         for (bad, reason) in [
-            ("app=we b", "not a label value"),
-            ("=web", "not a label key"),
-            ("env in prod", "not a label key"),
+            ("app=we b", "invalid label value"),
+            ("=web", "invalid label key"),
+            ("env in prod", "invalid label key"),
             ("env in (prod", "ends with ')'"),
             ("env within (prod)", "unknown operator"),
             ("env in ()", "empty"),
             ("replicas>2", "not supported"),
-            ("!", "not a label key"),
+            ("!", "invalid label key"),
         ] {
             let error = bad.parse::<LabelSelector>().unwrap_err().to_string();
             assert!(error.contains(reason), "{bad}: {error}");
