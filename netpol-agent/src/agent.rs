@@ -98,7 +98,7 @@ pub async fn run<S: Source>(
 ) -> Result<(), Error> {
     let mut datapath = datapath;
     let resolver = SharedResolver::default();
-    let result = match start_flow_log(config, &mut datapath, &resolver) {
+    let result = match start_flow_log(config, &mut datapath, &resolver, health) {
         Ok(_server) => Reconciler::new(config, source, &mut datapath, &resolver, health)
             .run(shutdown)
             .await
@@ -118,12 +118,18 @@ fn start_flow_log(
     config: &Config,
     datapath: &mut Datapath,
     resolver: &SharedResolver,
+    health: &Health,
 ) -> Result<Option<flowlog::Server>, Error> {
     let (Some(path), Some(events)) = (&config.flow_socket, datapath.take_events()) else {
         return Ok(None);
     };
     let (sender, _) = tokio::sync::broadcast::channel(4096);
-    flowlog::spawn_reader(events, resolver.clone(), sender.clone())?;
+    flowlog::spawn_reader(
+        events,
+        resolver.clone(),
+        sender.clone(),
+        health.metrics.staged.clone(),
+    )?;
     let server = flowlog::Server::start(path, &sender)?;
     info!(socket = %path.display(), "flow log listening");
     Ok(Some(server))

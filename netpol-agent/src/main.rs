@@ -120,8 +120,9 @@ struct FlowsArgs {
     /// Only flows with an end in this namespace.
     #[arg(long, value_name = "NS")]
     namespace: Option<String>,
-    /// Only this verdict.
-    #[arg(long, value_parser = ["dropped", "allowed", "audit"])]
+    /// Only this verdict; staged-drop and staged-allow: connections the staged policies
+    /// (annotation netpol.dev/staged) would decide otherwise.
+    #[arg(long, value_parser = ["dropped", "allowed", "audit", "staged-drop", "staged-allow"])]
     verdict: Option<String>,
     /// Only this destination port.
     #[arg(long)]

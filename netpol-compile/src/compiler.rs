@@ -166,7 +166,7 @@ fn compile_with(
         &state.unreadable_parts,
         &mut diagnostics,
     );
-    let policies = policies_in_force(admission);
+    let policies = policies_in_force(admission, state);
     let cluster_policies = tiers::read(state, cluster_memo, &mut diagnostics);
     let pods = live_pods(state, pod_entries, &mut diagnostics);
     let frontends = crate::services::frontends(state, &mut diagnostics);
@@ -280,10 +280,13 @@ impl<'a> Policies<'a> {
 }
 
 /// Step 1: the policies in force (admitted by `admission` for this compile).
-fn policies_in_force(admission: &Admission) -> Policies<'_> {
+/// The admitted policies less the staged ones (unless the state compiles those too):
+/// a staged policy is validated and reported like any other, and enforced by nothing.
+fn policies_in_force<'a>(admission: &'a Admission, state: &ClusterState) -> Policies<'a> {
     let list: Vec<(&ObjectRef, &ParsedPolicy)> = admission
         .admitted()
         .iter()
+        .filter(|(obj, _)| state.in_force(obj))
         .map(|(obj, admitted)| (obj, &*admitted.parsed))
         .collect();
     let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();

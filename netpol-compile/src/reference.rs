@@ -71,6 +71,16 @@ pub fn flow_allowed(
     Reference::new(state).flow_allowed(src, dst, protocol, port)
 }
 
+/// A policy annotated `netpol.dev/staged: "true"` is evaluated only when the state asks
+/// for staged policies to be enforced (read here on its own, not through the compiler's
+/// helper).
+fn staged(np: &NetworkPolicy) -> bool {
+    np.metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.get("netpol.dev/staged").map(String::as_str) == Some("true"))
+}
+
 /// The reference evaluator over one state, with each policy's unreadable fields found
 /// once.
 pub struct Reference<'a> {
@@ -83,6 +93,7 @@ impl<'a> Reference<'a> {
         let policies = state
             .policies
             .iter()
+            .filter(|(_, np)| state.enforce_staged || !staged(np))
             .filter_map(|(obj, np)| Readable::new(obj, np))
             .collect();
         Reference { state, policies }

@@ -47,6 +47,22 @@ impl std::fmt::Display for ObjectRef {
 /// drops are logged and counted as `audit` but let through.
 pub const AUDIT_ANNOTATION: &str = "netpol.dev/audit";
 
+/// NetworkPolicy annotation staging the policy: `"true"` means it is read, validated
+/// and evaluated beside the policies in force, but not enforced. Connections it would
+/// newly drop or newly allow are reported (`staged-drop`, `staged-allow`); removing the
+/// annotation enforces it.
+pub const STAGED_ANNOTATION: &str = "netpol.dev/staged";
+
+/// Whether `policy` is staged ([`STAGED_ANNOTATION`] is `"true"`).
+pub fn is_staged(policy: &NetworkPolicy) -> bool {
+    policy
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(STAGED_ANNOTATION))
+        .is_some_and(|v| v == "true")
+}
+
 /// A part of a policy its source could not read (see
 /// [`ClusterState::unreadable_parts`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +117,9 @@ pub struct ClusterState {
     /// Audit mode for every pod (the agent's `--audit`); namespaces can opt in alone
     /// with [`AUDIT_ANNOTATION`].
     pub audit_all: bool,
+    /// Compile staged NetworkPolicies ([`STAGED_ANNOTATION`]) as if they were in force:
+    /// the view the agent compares the kernel's verdicts with. Off, they are left out.
+    pub enforce_staged: bool,
     /// ClusterNetworkPolicies (cluster-scoped), by name, as the source has them (JSON,
     /// valid or not: they are read by `cnp::read_cnp`).
     pub cluster_policies: BTreeMap<String, serde_json::Value>,
@@ -144,6 +163,20 @@ impl NodePeer {
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 impl ClusterState {
+    /// The staged NetworkPolicies ([`STAGED_ANNOTATION`]).
+    pub fn staged_policies(&self) -> impl Iterator<Item = &ObjectRef> {
+        self.policies
+            .iter()
+            .filter(|(_, np)| is_staged(np))
+            .map(|(obj, _)| obj)
+    }
+
+    /// Whether the policy `obj` is in force in this view: it exists and is not staged,
+    /// or staged policies are compiled as enforced ([`ClusterState::enforce_staged`]).
+    pub fn in_force(&self, obj: &ObjectRef) -> bool {
+        self.enforce_staged || !self.policies.get(obj).is_some_and(is_staged)
+    }
+
     /// A namespace's labels, with [`NAMESPACE_NAME_LABEL`] as the API server sets it
     /// (also for namespaces the state does not hold, which then have only that label).
     pub fn namespace_labels(&self, name: &str) -> BTreeMap<String, String> {

@@ -60,6 +60,9 @@ pub struct Reconciler<'a, S: Source> {
     state: ClusterState,
     compiler: Compiler,
     compiled: Compiled,
+    /// Compiles the state with its staged policies enforced, for the flow log's staged
+    /// verdicts; reset (its memo dropped) while no policy is staged.
+    staged_compiler: Compiler,
     /// The source's first complete state reached the kernel.
     primed: bool,
     generation: u64,
@@ -94,6 +97,7 @@ impl<'a, S: Source> Reconciler<'a, S> {
             state: ClusterState::default(),
             compiler: Compiler::new(),
             compiled: Compiled::default(),
+            staged_compiler: Compiler::new(),
             primed: false,
             generation: 0,
             reporter: Reporter::default(),
@@ -202,6 +206,20 @@ impl<'a, S: Source> Reconciler<'a, S> {
         Ok(())
     }
 
+    /// The state compiled with its staged policies enforced (after the kernel has the
+    /// state in force: the staged view never delays enforcement), or `None` when no
+    /// policy is staged.
+    fn staged_view(&mut self) -> Option<Compiled> {
+        if self.state.staged_policies().next().is_none() {
+            self.staged_compiler = Compiler::new();
+            return None;
+        }
+        self.state.enforce_staged = true;
+        let staged = self.staged_compiler.compile(&self.state);
+        self.state.enforce_staged = false;
+        Some(staged)
+    }
+
     /// Publishes the diagnostics of the last compile and of the last apply together.
     fn publish_diagnostics(&mut self) {
         let diagnostics = self.diagnostics.iter().chain(&self.interface_diagnostics);
@@ -233,8 +251,10 @@ impl<'a, S: Source> Reconciler<'a, S> {
         health.set_ready(true);
         self.refusals
             .update(&report.refused, &self.compiled, &mut self.source, health);
+        let staged = self.staged_view();
+        let resolver = Resolver::new(&self.state, &self.compiled).with_staged(&self.state, staged);
         if let Ok(mut current) = self.resolver.write() {
-            *current = Arc::new(Resolver::new(&self.state, &self.compiled));
+            *current = Arc::new(resolver);
         }
         info!(
             generation = self.generation,

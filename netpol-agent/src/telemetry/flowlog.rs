@@ -6,7 +6,7 @@
 //! into pod names and policy rules using the compiled state in force; [`Server`] streams
 //! the records as JSON lines to clients of a Unix socket that only root can open.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -14,14 +14,18 @@ use std::sync::{Arc, RwLock};
 
 use aya::maps::{MapData, RingBuf};
 use netpol_common::{Addr, DIR_INGRESS, FAMILY_IPV4, FAMILY_IPV6, RULE_NONE, Reason, VerdictEvent};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
+use super::metrics::StagedLabels;
+
 use netpol_compile::state::{ClusterState, ObjectRef};
-use netpol_compile::{Compiled, RuleRef, protocol_name};
+use netpol_compile::{Compiled, Direction, RuleRef, model, protocol_name};
 
 /// Errors of the flow log. Each variant is one metric label.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +67,33 @@ pub struct FlowRecord {
     /// (kube-proxy translated it to `dst`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceHop>,
+    /// What the staged policies (`netpol.dev/staged`) would do with this connection,
+    /// when it differs from what was done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<StagedVerdict>,
+}
+
+/// A connection the staged policies would decide otherwise.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedVerdict {
+    /// `staged-drop` (allowed now, dropped once they are enforced) or `staged-allow`.
+    pub verdict: String,
+    /// The staged policies that would decide it: for a drop, those that would isolate
+    /// the pod in this direction; for an allow, the policy of the allowing rule.
+    pub policies: Vec<String>,
+    /// For `staged-allow`: the rule, e.g. `NetworkPolicy x/web spec.ingress[0]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+impl fmt::Display for StagedVerdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = self.verdict.to_uppercase();
+        match &self.rule {
+            Some(rule) => write!(f, "{verdict} by {rule}"),
+            None => write!(f, "{verdict} by {}", self.policies.join(", ")),
+        }
+    }
 }
 
 /// The Service a connection went through: what the pod dialled.
@@ -128,6 +159,10 @@ impl fmt::Display for FlowRecord {
                 self.isolated_by.join(", ")
             ),
             (None, true) => write!(f, " [{}]", self.reason),
+        }?;
+        match &self.staged {
+            Some(staged) => write!(f, "; {staged} (staged)"),
+            None => Ok(()),
         }
     }
 }
@@ -153,6 +188,128 @@ pub struct Resolver {
     rules: BTreeMap<u32, RuleRef>,
     /// Service frontends: (address, port, protocol) -> `ns/name`.
     services: BTreeMap<(IpAddr, u16, u8), String>,
+    /// The state compiled with its staged policies enforced, when it has any.
+    staged: Option<StagedView>,
+}
+
+/// The staged policies' view of the cluster: the compile with them enforced, against
+/// which the kernel's verdicts are compared.
+#[derive(Debug)]
+struct StagedView {
+    compiled: Compiled,
+    /// The staged policies.
+    staged: BTreeSet<ObjectRef>,
+    /// Per pod: the staged policies that select it for (ingress, egress).
+    isolating: BTreeMap<ObjectRef, (Vec<ObjectRef>, Vec<ObjectRef>)>,
+}
+
+impl StagedView {
+    fn new(state: &ClusterState, compiled: Compiled) -> Self {
+        let staged: BTreeSet<ObjectRef> = state.staged_policies().cloned().collect();
+        let only_staged = |policies: &[ObjectRef]| -> Vec<ObjectRef> {
+            policies
+                .iter()
+                .filter(|p| staged.contains(p))
+                .cloned()
+                .collect()
+        };
+        let isolating = compiled
+            .local_pods
+            .iter()
+            .map(|p| {
+                (
+                    p.pod.clone(),
+                    (
+                        only_staged(&p.ingress_policies),
+                        only_staged(&p.egress_policies),
+                    ),
+                )
+            })
+            .filter(|(_, (ingress, egress))| !ingress.is_empty() || !egress.is_empty())
+            .collect();
+        StagedView {
+            compiled,
+            staged,
+            isolating,
+        }
+    }
+
+    /// What the staged view decides for the connection of `event`, when it differs
+    /// from the kernel's `reason`. `pod` is the local pod the kernel decided for.
+    fn differs(
+        &self,
+        event: &VerdictEvent,
+        reason: Reason,
+        pod: Option<&ObjectRef>,
+    ) -> Option<StagedVerdict> {
+        // Only decisions policy made: the others (a pod reaching itself, the node's
+        // traffic, spoofing, ...) are the same whatever the policies.
+        if !matches!(
+            reason,
+            Reason::PolicyAllowed
+                | Reason::PolicyDenied
+                | Reason::AuditAllowed
+                | Reason::NotIsolated
+                | Reason::ClusterAccepted
+                | Reason::ClusterDenied
+        ) {
+            return None;
+        }
+        let (src, dst) = (ip_of(&event.src)?, ip_of(&event.dst)?);
+        let direction = if event.direction == DIR_INGRESS {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
+        // A connection to a Service that the pod's enforced egress does not judge is
+        // seen here before kube-proxy's translation, without its backend: the staged
+        // view could only judge the Service address, which the kernel never does.
+        if direction == Direction::Egress
+            && model::defers_to_service(&self.compiled, src, dst, event.protocol, event.dport)
+        {
+            return None;
+        }
+        let decision = model::decide(
+            &self.compiled,
+            src,
+            dst,
+            event.protocol,
+            event.dport,
+            direction,
+        );
+        if decision.reason == Reason::NotEndpoint || decision.allowed() == !reason.is_drop() {
+            return None;
+        }
+        if decision.allowed() {
+            // Enforcing more policies opens only through their own rules: the allowing
+            // rule is a staged policy's.
+            let rule = self.compiled.rules.get(&decision.rule);
+            return Some(StagedVerdict {
+                verdict: "staged-allow".to_owned(),
+                policies: rule
+                    .filter(|r| r.cluster.is_none() && self.staged.contains(&r.policy))
+                    .map(RuleRef::policy_name)
+                    .into_iter()
+                    .collect(),
+                rule: rule.map(ToString::to_string),
+            });
+        }
+        let policies = pod
+            .and_then(|pod| self.isolating.get(pod))
+            .map(|(ingress, egress)| match direction {
+                Direction::Ingress => ingress,
+                Direction::Egress => egress,
+            })
+            .into_iter()
+            .flatten()
+            .map(|p| format!("NetworkPolicy {p}"))
+            .collect();
+        Some(StagedVerdict {
+            verdict: "staged-drop".to_owned(),
+            policies,
+            rule: None,
+        })
+    }
 }
 
 impl Resolver {
@@ -185,7 +342,16 @@ impl Resolver {
                 .frontends()
                 .map(|(key, frontend)| (key, frontend.service.to_string()))
                 .collect(),
+            staged: None,
         }
+    }
+
+    /// The same names, with the staged policies' view: `staged` is the state compiled
+    /// with [`ClusterState::enforce_staged`] (`None` when the state has no staged
+    /// policy). Records then say what the staged policies would change.
+    pub fn with_staged(mut self, state: &ClusterState, staged: Option<Compiled>) -> Self {
+        self.staged = staged.map(|compiled| StagedView::new(state, compiled));
+        self
     }
 
     /// The Service at a frontend address and port, `ns/name`.
@@ -251,6 +417,10 @@ impl Resolver {
             isolated_by,
             bytes: event.len,
             service: None,
+            staged: self
+                .staged
+                .as_ref()
+                .and_then(|view| view.differs(event, reason, endpoint.map(|(pod, _, _)| pod))),
         }
     }
 }
@@ -302,6 +472,22 @@ impl ServiceHops {
     }
 }
 
+/// Counts a record's staged verdict against each staged policy it names.
+fn count_staged(counters: &Family<StagedLabels, Counter>, record: &FlowRecord) {
+    let Some(staged) = &record.staged else {
+        return;
+    };
+    for policy in &staged.policies {
+        let policy = policy.strip_prefix("NetworkPolicy ").unwrap_or(policy);
+        counters
+            .get_or_create(&StagedLabels {
+                policy: policy.to_owned(),
+                verdict: staged.verdict.clone(),
+            })
+            .inc();
+    }
+}
+
 /// The resolver in force, swapped by the control loop after every apply.
 pub type SharedResolver = Arc<RwLock<Arc<Resolver>>>;
 
@@ -310,6 +496,7 @@ pub fn spawn_reader(
     events: RingBuf<MapData>,
     resolver: SharedResolver,
     sender: broadcast::Sender<Arc<FlowRecord>>,
+    staged: Family<StagedLabels, Counter>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     // SAFETY: the ring buffer owns its descriptor and moves into the AsyncFd, which
     // deregisters it before dropping it; nothing else closes or reuses it meanwhile.
@@ -337,6 +524,7 @@ pub fn spawn_reader(
                     unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<VerdictEvent>()) };
                 // No subscriber is fine: the record is simply not delivered.
                 if let Some(record) = hops.record(&current, &event) {
+                    count_staged(&staged, &record);
                     let _ = sender.send(Arc::new(record));
                 }
             }
@@ -424,7 +612,8 @@ pub struct FlowFilter {
     pub pod: Option<String>,
     /// Flows with an end in this namespace.
     pub namespace: Option<String>,
-    /// `dropped`, `allowed` or `audit`.
+    /// `dropped`, `allowed` or `audit`; or `staged-drop`, `staged-allow`: what the
+    /// staged policies would change.
     pub verdict: Option<String>,
     /// Destination port.
     pub port: Option<u16>,
@@ -446,7 +635,9 @@ impl FlowFilter {
                     .flatten()
                     .any(|name| name.split_once('/').is_some_and(|(n, _)| n == ns))
             })
-            && self.verdict.as_ref().is_none_or(|v| *v == record.verdict)
+            && self.verdict.as_ref().is_none_or(|v| {
+                *v == record.verdict || record.staged.as_ref().is_some_and(|s| s.verdict == *v)
+            })
             && self.port.is_none_or(|port| port == record.dport)
     }
 }
@@ -607,6 +798,111 @@ mod tests {
             "       1.500 DROPPED x/a (10.0.0.1) -> x/b (10.0.0.2) TCP/80 ingress by \
              ClusterNetworkPolicy/deny-a (Admin, priority 10) ingress rule \"no-a\""
         );
+    }
+
+    /// The resolver of `state` plus `staged` (documents of staged policies), as the
+    /// control loop builds it: the kernel's maps from the state in force, the staged
+    /// view from the same state with the staged policies enforced.
+    fn with_staged(staged: &str) -> (Compiled, Resolver) {
+        let mut state = state();
+        for object in parse_documents(staged, "t") {
+            object.unwrap().insert_into(&mut state);
+        }
+        let compiled = compile(&state, &Allocations::default());
+        state.enforce_staged = true;
+        let view = compile(&state, &Allocations::default());
+        state.enforce_staged = false;
+        let resolver = Resolver::new(&state, &compiled).with_staged(&state, Some(view));
+        (compiled, resolver)
+    }
+
+    /// The kernel's event for `src -> dst:dport` at the destination's ingress, as the
+    /// model of its lookups decides it on the maps in force.
+    fn kernel_event(compiled: &Compiled, src: [u8; 4], dst: [u8; 4], dport: u16) -> VerdictEvent {
+        let decision = netpol_compile::model::decide(
+            compiled,
+            IpAddr::from(src),
+            IpAddr::from(dst),
+            6,
+            dport,
+            Direction::Ingress,
+        );
+        event(
+            src,
+            dst,
+            dport,
+            decision.reason,
+            decision.endpoint.unwrap(),
+            decision.rule,
+        )
+    }
+
+    #[test]
+    fn a_connection_a_staged_policy_would_drop_is_allowed_and_reported_as_staged_drop() {
+        // x/a is not isolated; the staged x/lock-a would isolate it for ingress.
+        let (compiled, resolver) = with_staged(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+             metadata: {name: lock-a, namespace: x, annotations: {netpol.dev/staged: 'true'}}\n\
+             spec: {podSelector: {matchLabels: {app: a}}}\n",
+        );
+        let record = resolver.record(&kernel_event(&compiled, [10, 0, 0, 2], [10, 0, 0, 1], 80));
+        assert_eq!(record.verdict, "allowed", "a staged policy is not enforced");
+        assert_eq!(
+            record.staged,
+            Some(StagedVerdict {
+                verdict: "staged-drop".into(),
+                policies: vec!["NetworkPolicy x/lock-a".into()],
+                rule: None,
+            })
+        );
+        assert_eq!(
+            record.to_string(),
+            "       1.500 ALLOWED x/b (10.0.0.2) -> x/a (10.0.0.1) TCP/80 ingress \
+             [not-isolated]; STAGED-DROP by NetworkPolicy x/lock-a (staged)"
+        );
+        let filter = |verdict: &str| FlowFilter {
+            verdict: Some(verdict.into()),
+            ..FlowFilter::default()
+        };
+        assert!(filter("staged-drop").matches(&record));
+        assert!(filter("allowed").matches(&record));
+        assert!(!filter("staged-allow").matches(&record));
+        let counters = Family::<StagedLabels, Counter>::default();
+        count_staged(&counters, &record);
+        let labels = StagedLabels {
+            policy: "x/lock-a".into(),
+            verdict: "staged-drop".into(),
+        };
+        assert_eq!(counters.get_or_create(&labels).get(), 1);
+
+        // Where the staged view agrees with the kernel, nothing is said.
+        let same = resolver.record(&kernel_event(&compiled, [10, 0, 0, 1], [10, 0, 0, 2], 80));
+        assert_eq!(same.verdict, "allowed");
+        assert_eq!(same.staged, None);
+    }
+
+    #[test]
+    fn a_connection_a_staged_policy_would_allow_is_dropped_and_reported_as_staged_allow() {
+        // x/web allows b's port 80 from a only; the staged x/open-81 would open port 81.
+        let (compiled, resolver) = with_staged(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+             metadata: {name: open-81, namespace: x, annotations: {netpol.dev/staged: 'true'}}\n\
+             spec: {podSelector: {matchLabels: {app: b}}, ingress: [{ports: [{port: 81}]}]}\n",
+        );
+        let record = resolver.record(&kernel_event(&compiled, [10, 0, 0, 1], [10, 0, 0, 2], 81));
+        assert_eq!(record.verdict, "dropped", "a staged policy is not enforced");
+        let staged = record.staged.clone().expect("a staged verdict");
+        assert_eq!(staged.verdict, "staged-allow");
+        assert_eq!(staged.policies, ["NetworkPolicy x/open-81"]);
+        assert_eq!(
+            staged.rule.as_deref(),
+            Some("NetworkPolicy x/open-81 spec.ingress[0]")
+        );
+        // The drop is still explained by the policies in force alone.
+        assert_eq!(record.isolated_by, ["NetworkPolicy x/web"]);
+        let json: FlowRecord =
+            serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
+        assert_eq!(json, record);
     }
 
     #[test]

@@ -84,6 +84,15 @@ pub struct MapLabels {
     pub map: String,
 }
 
+/// Labels of [`Metrics::staged`]: a staged NetworkPolicy and what it would change.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StagedLabels {
+    /// `ns/name`.
+    pub policy: String,
+    /// `staged-drop` or `staged-allow`.
+    pub verdict: String,
+}
+
 /// The verdict a reason stands for, as a label.
 pub fn verdict_of(reason: Reason) -> &'static str {
     match reason {
@@ -272,6 +281,9 @@ pub struct Metrics {
     /// Endpoints (ENDPOINTS, POLICY) or peer addresses (IPCACHE) not fully programmed
     /// because the map was full, now.
     pub refused: Family<MapLabels, Gauge>,
+    /// New connections a staged NetworkPolicy would drop or allow, unlike the
+    /// policies in force (counted from the verdict events the flow log reads).
+    pub staged: Family<StagedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -327,6 +339,14 @@ impl Metrics {
              (the change is refused in the closing direction)",
             refused.clone(),
         );
+        let staged = Family::<StagedLabels, Counter>::default();
+        registry.register(
+            "netpol_staged_connections",
+            "New connections a staged NetworkPolicy (netpol.dev/staged) would drop or \
+             allow unlike the policies in force, from the verdict events (rate-limited \
+             like them)",
+            staged.clone(),
+        );
         let kernel = Arc::new(Mutex::new(KernelSnapshot::default()));
         registry.register_collector(Box::new(KernelCollector {
             snapshot: kernel.clone(),
@@ -341,6 +361,7 @@ impl Metrics {
             applies,
             unchanged_updates,
             errors,
+            staged,
         }
     }
 

@@ -1313,6 +1313,104 @@ fn audit_mode_per_namespace_annotation_and_for_the_whole_agent() {
     );
 }
 
+#[test]
+fn a_staged_policy_is_validated_but_enforced_only_in_the_staged_view() {
+    let staged = |mut c: Cluster, name: &str| {
+        let obj = ObjectRef::new("x", name);
+        let annotations = [(
+            crate::state::STAGED_ANNOTATION.to_owned(),
+            "true".to_owned(),
+        )];
+        c.state.policies.get_mut(&obj).unwrap().metadata.annotations = Some(annotations.into());
+        c
+    };
+    let cluster = || {
+        let c = Cluster::new()
+            .ns("x", &[])
+            .pod("x", "a", &[("app", "a")], &["10.0.0.1"], &[])
+            .pod("x", "b", &[("app", "b")], &["10.0.0.2"], &[])
+            .policy(
+                "x",
+                "deny",
+                json!({"podSelector": {"matchLabels": {"app": "a"}}}),
+            )
+            .policy(
+                "x",
+                "bad",
+                json!({"podSelector": {}, "ingress": [{"ports": [{"port": 0}]}]}),
+            );
+        staged(staged(c, "deny"), "bad")
+    };
+    let full = |c: Cluster| compile(&c.state, &Allocations::default());
+    let decide = |c: &Compiled| {
+        model::decide(
+            c,
+            ip("10.0.0.2"),
+            ip("10.0.0.1"),
+            PROTO_TCP,
+            80,
+            Direction::Ingress,
+        )
+    };
+
+    let enforced = full(cluster());
+    assert_eq!(enforced.endpoints[&addr(ip("10.0.0.1"))].flags, 0);
+    assert_eq!(decide(&enforced).reason, netpol_common::Reason::NotIsolated);
+    assert!(enforced.policies.is_empty(), "{:?}", enforced.policies);
+    assert!(
+        enforced
+            .diagnostics
+            .iter()
+            .any(|d| d.to_string().contains("x/bad")),
+        "a staged policy is validated like any other: {:?}",
+        enforced.diagnostics
+    );
+    assert!(crate::reference::flow_allowed(
+        &cluster().state,
+        ip("10.0.0.2"),
+        ip("10.0.0.1"),
+        PROTO_TCP,
+        80
+    ));
+
+    let staged_cluster = || {
+        let mut c = cluster();
+        c.state.enforce_staged = true;
+        c
+    };
+    let staged_view = full(staged_cluster());
+    assert_eq!(
+        staged_view.endpoints[&addr(ip("10.0.0.1"))].flags,
+        ENDPOINT_INGRESS_ISOLATED
+    );
+    assert_eq!(
+        decide(&staged_view).reason,
+        netpol_common::Reason::PolicyDenied
+    );
+    assert!(!crate::reference::flow_allowed(
+        &staged_cluster().state,
+        ip("10.0.0.2"),
+        ip("10.0.0.1"),
+        PROTO_TCP,
+        80
+    ));
+
+    // Any other value of the annotation enforces the policy.
+    let mut other = cluster();
+    other
+        .state
+        .policies
+        .get_mut(&ObjectRef::new("x", "deny"))
+        .unwrap()
+        .metadata
+        .annotations =
+        Some([(crate::state::STAGED_ANNOTATION.to_owned(), "yes".to_owned())].into());
+    assert_eq!(
+        decide(&full(other)).reason,
+        netpol_common::Reason::PolicyDenied
+    );
+}
+
 mod services {
     use netpol_common::{PEER_SERVICE, ServicePort};
 
