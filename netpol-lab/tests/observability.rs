@@ -155,6 +155,148 @@ fn a_dropped_probe_is_named_in_the_flow_log_and_counted_in_metrics() {
     drop(cluster);
 }
 
+/// x/b would accept ingress only from x/c (staged); x/c accepts none, and would accept
+/// x/a's (staged).
+const STAGED: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-only-from-c, namespace: x, annotations: {netpol.dev/staged: "true"}}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {pod: c}}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: c-closed, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: c}}
+  policyTypes: [Ingress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: c-from-a, namespace: x, annotations: {netpol.dev/staged: "true"}}
+spec:
+  podSelector: {matchLabels: {pod: c}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {pod: a}}}]
+"#;
+
+#[test]
+fn a_staged_policy_changes_no_verdict_and_its_would_be_verdicts_are_reported_until_enforced() {
+    let Some(agent_path) = agent_bin(
+        "a_staged_policy_changes_no_verdict_and_its_would_be_verdicts_are_reported_until_enforced",
+    ) else {
+        return;
+    };
+    let mut cluster = Cluster::start_with(
+        standard_lab(&["x/a", "x/b", "x/c"]),
+        &agent_path,
+        STAGED,
+        &["--health-addr", HEALTH],
+    );
+    let node = NetnsWorker::spawn(cluster.lab.node_netns()).expect("node worker");
+    let mut flows = Command::new(&agent_path)
+        .args(["flows", "--json", "--namespace", "x"])
+        .arg("--socket")
+        .arg(cluster.agent.flow_socket())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("netpol-agent flows");
+    let stdout = flows.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The kernel enforces what is in force alone: x/c closed, x/b open.
+    let a_to_b = Probe::tcp("x/a", "x/b", 80);
+    let a_to_c = Probe::tcp("x/a", "x/c", 80);
+    cluster.check(&[
+        (a_to_b.clone(), true),
+        (Probe::tcp("x/c", "x/b", 80), true),
+        (a_to_c.clone(), false),
+        (Probe::tcp("x/b", "x/c", 80), false),
+    ]);
+
+    // What the staged policies would change is in the flow log, naming them.
+    let mut staged_drop = None;
+    let mut staged_allow = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while (staged_drop.is_none() || staged_allow.is_none()) && std::time::Instant::now() < deadline
+    {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        let record: serde_json::Value = serde_json::from_str(&line).expect("a JSON flow record");
+        let ends = (
+            record["src"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            record["dst"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+        match (
+            ends.0.as_str(),
+            ends.1.as_str(),
+            record["staged"]["verdict"].as_str(),
+        ) {
+            ("x/a", "x/b", Some("staged-drop")) => staged_drop = Some(record),
+            ("x/a", "x/c", Some("staged-allow")) => staged_allow = Some(record),
+            ("x/c", "x/b", Some(verdict)) => panic!("x/c -> x/b is {verdict} in {record}"),
+            _ => {}
+        }
+    }
+    let _ = flows.kill();
+    let _ = flows.wait();
+    let dropped = staged_drop.expect("x/a -> x/b reported as staged-drop");
+    assert_eq!(dropped["verdict"], "allowed");
+    assert_eq!(
+        dropped["staged"]["policies"],
+        serde_json::json!(["NetworkPolicy x/b-only-from-c"])
+    );
+    let allowed = staged_allow.expect("x/a -> x/c reported as staged-allow");
+    assert_eq!(allowed["verdict"], "dropped");
+    assert_eq!(
+        allowed["staged"]["rule"],
+        "NetworkPolicy x/c-from-a spec.ingress[0]"
+    );
+    let (_, body) = http_get(&node, "/metrics");
+    for (policy, verdict) in [
+        ("x/b-only-from-c", "staged-drop"),
+        ("x/c-from-a", "staged-allow"),
+    ] {
+        let series =
+            format!(r#"netpol_staged_connections_total{{policy="{policy}",verdict="{verdict}"}}"#);
+        assert!(
+            sample(&body, &series).unwrap_or(0.0) >= 1.0,
+            "{series} in\n{body}"
+        );
+    }
+
+    // Without the annotation they are enforced.
+    cluster.apply(&STAGED.replace(
+        r#"annotations: {netpol.dev/staged: "true"}"#,
+        "annotations: {}",
+    ));
+    cluster.check(&[
+        (a_to_b, false),
+        (Probe::tcp("x/c", "x/b", 80), true),
+        (a_to_c, true),
+        (Probe::tcp("x/b", "x/c", 80), false),
+    ]);
+    drop(cluster);
+}
+
 #[test]
 fn in_kubernetes_mode_an_update_of_nothing_the_agent_keeps_is_applied_without_a_compile() {
     let Some(agent) = agent_bin(

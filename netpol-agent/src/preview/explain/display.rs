@@ -31,6 +31,26 @@ impl std::fmt::Display for Explanation {
                 self.dst.name()
             )?;
         }
+        if let Some(staged) = &self.staged {
+            let names: Vec<String> = staged.policies.iter().map(ToString::to_string).collect();
+            let would = match (staged.allowed, self.allowed) {
+                (true, true) => "ALLOWED, as now",
+                (false, false) => "BLOCKED, as now",
+                (true, false) => "ALLOWED (staged-allow)",
+                (false, true) => "BLOCKED (staged-drop)",
+            };
+            writeln!(
+                f,
+                "Staged (netpol.dev/staged: NetworkPolicy {}): would be {would}",
+                names.join(", ")
+            )?;
+            // Only the hooks the staged policies change.
+            for (hook, now) in staged.hooks.iter().zip(&self.hooks) {
+                if hook.verdict != now.verdict || hook.isolated_by != now.isolated_by {
+                    write!(f, "{hook}")?;
+                }
+            }
+        }
         Ok(())
     }
 }

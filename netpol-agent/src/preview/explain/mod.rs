@@ -91,6 +91,21 @@ pub struct Explanation {
     pub hooks: Vec<HookExplanation>,
     /// The kernel's verdict: every hook allows it. Equals [`model::flow_allowed`].
     pub allowed: bool,
+    /// When the cluster has staged NetworkPolicies (`netpol.dev/staged`): the same flow
+    /// with them enforced, beside the verdict in force.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staged: Option<Box<StagedExplanation>>,
+}
+
+/// The flow as it would be decided once the staged policies are enforced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StagedExplanation {
+    /// Every staged policy of the cluster.
+    #[serde(serialize_with = "text::display_list")]
+    pub policies: Vec<ObjectRef>,
+    /// The hooks, explained with the staged policies in force.
+    pub hooks: Vec<HookExplanation>,
+    pub allowed: bool,
 }
 
 /// What one hook decides, and why.
@@ -453,13 +468,42 @@ fn explain_parties(
         hooks.push(analysis.hook(compiled, Direction::Ingress, pod, &src));
     }
     let allowed = hooks.iter().all(HookExplanation::allowed);
+    let staged = staged_view(state).map(|(view, compiled)| {
+        let analysis = Analysis::new(&view, &src, &dst, port);
+        let mut hooks = Vec::new();
+        if let Party::Pod { pod, .. } = &src {
+            hooks.push(analysis.hook(&compiled, Direction::Egress, pod, &dst));
+        }
+        if let Party::Pod { pod, .. } = &dst {
+            hooks.push(analysis.hook(&compiled, Direction::Ingress, pod, &src));
+        }
+        Box::new(StagedExplanation {
+            policies: view.staged_policies().cloned().collect(),
+            allowed: hooks.iter().all(HookExplanation::allowed),
+            hooks,
+        })
+    });
     Explanation {
         src,
         dst,
         port,
         hooks,
         allowed,
+        staged,
     }
+}
+
+/// `state` with its staged policies enforced, compiled; `None` without staged policies.
+fn staged_view(state: &ClusterState) -> Option<(ClusterState, Compiled)> {
+    if state.enforce_staged || state.staged_policies().next().is_none() {
+        return None;
+    }
+    let view = ClusterState {
+        enforce_staged: true,
+        ..state.clone()
+    };
+    let compiled = netpol_compile::compile(&view, &Default::default());
+    Some((view, compiled))
 }
 
 /// The independent, per-rule evaluation of one flow over the objects.

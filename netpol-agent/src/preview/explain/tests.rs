@@ -559,3 +559,53 @@ fn an_unknown_pod_lists_a_few_pods_and_says_how_many_more() {
         .to_string();
     assert!(error.ends_with("x/p08, x/p09, and 2 more"), "{error}");
 }
+
+#[test]
+fn a_staged_policy_is_explained_beside_the_verdict_in_force() {
+    let mut state = fixtures::stars_with_policies();
+    let staged = ObjectRef::new("stars", "backend-policy");
+    state
+        .policies
+        .get_mut(&staged)
+        .unwrap()
+        .metadata
+        .annotations = Some(
+        [(
+            netpol_compile::state::STAGED_ANNOTATION.to_owned(),
+            "true".to_owned(),
+        )]
+        .into(),
+    );
+    // In force: nothing isolates the backend, so the client reaches it.
+    let e = explain_checked(&state, "client/client", "stars/backend", "6379/TCP");
+    assert!(e.allowed, "{e}");
+    assert_eq!(e.hooks[1].verdict, HookVerdict::NotIsolated);
+    let view = e.staged.as_deref().expect("the staged view");
+    assert_eq!(view.policies, [staged.clone()]);
+    assert!(!view.allowed, "{e}");
+    assert_eq!(view.hooks[1].verdict, HookVerdict::Denied);
+    assert_eq!(view.hooks[1].isolated_by, [staged]);
+    let text = e.to_string();
+    assert!(
+        text.contains(
+            "Staged (netpol.dev/staged: NetworkPolicy stars/backend-policy): would be \
+             BLOCKED (staged-drop)\n  ingress of stars/backend: isolated by NetworkPolicy \
+             stars/backend-policy\n"
+        ),
+        "{text}"
+    );
+    // The frontend is allowed by the staged policy as by none: the same verdict.
+    let e = explain_checked(&state, "stars/frontend", "stars/backend", "6379/TCP");
+    let view = e.staged.as_deref().unwrap();
+    assert!(e.allowed && view.allowed, "{e}");
+    assert!(e.to_string().contains("would be ALLOWED, as now"), "{e}");
+
+    // Without staged policies there is no staged view.
+    let e = explain_checked(
+        &fixtures::stars_with_policies(),
+        "client/client",
+        "stars/backend",
+        "6379/TCP",
+    );
+    assert!(e.staged.is_none());
+}
