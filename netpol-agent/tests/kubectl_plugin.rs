@@ -443,6 +443,37 @@ async fn the_plugin_only_ever_lists() {
         requests.iter().all(|r| r.namespace.is_none()),
         "cluster-wide lists"
     );
+
+    // deploy/kubectl-netpol-viewer.yaml grants exactly these lists.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubectl-netpol-viewer.yaml");
+    let role: k8s_openapi::api::rbac::v1::ClusterRole =
+        serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).expect("a ClusterRole");
+    let rules = role.rules.unwrap_or_default();
+    let granted: std::collections::BTreeSet<(String, String, String)> = rules
+        .iter()
+        .flat_map(|rule| {
+            let groups = rule.api_groups.clone().unwrap_or_default();
+            let resources = rule.resources.clone().unwrap_or_default();
+            groups.into_iter().flat_map(move |group| {
+                let verbs = rule.verbs.clone();
+                resources.clone().into_iter().flat_map(move |resource| {
+                    let group = group.clone();
+                    verbs
+                        .clone()
+                        .into_iter()
+                        .map(move |verb| (verb, group.clone(), resource.clone()))
+                })
+            })
+        })
+        .collect();
+    let made: std::collections::BTreeSet<(String, String, String)> = requests
+        .iter()
+        .map(|r| (r.verb.clone(), r.group.clone(), r.resource.clone()))
+        .collect();
+    assert_eq!(
+        granted, made,
+        "the viewer role grants what the plugin lists, no more"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
