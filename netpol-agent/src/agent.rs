@@ -123,14 +123,14 @@ fn start_flow_log(
     let (Some(path), Some(events)) = (&config.flow_socket, datapath.take_events()) else {
         return Ok(None);
     };
-    let (sender, _) = tokio::sync::broadcast::channel(4096);
+    let feed = flowlog::FlowFeed::new(flowlog::FlowFeed::HISTORY);
     flowlog::spawn_reader(
         events,
         resolver.clone(),
-        sender.clone(),
+        feed.clone(),
         health.metrics.staged.clone(),
     )?;
-    let server = flowlog::Server::start(path, &sender)?;
+    let server = flowlog::Server::start(path, &feed)?;
     info!(socket = %path.display(), "flow log listening");
     Ok(Some(server))
 }

@@ -127,6 +127,10 @@ struct FlowsArgs {
     /// Only this destination port.
     #[arg(long)]
     port: Option<u16>,
+    /// First the records of this long ago on (90s, 5m, 2h; the agent keeps the last
+    /// 10,000), then the live ones.
+    #[arg(long, value_name = "DURATION", value_parser = netpol_agent::telemetry::flowlog::parse_since)]
+    since: Option<std::time::Duration>,
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
@@ -424,8 +428,12 @@ async fn flows(args: FlowsArgs) -> anyhow::Result<()> {
         verdict: args.verdict,
         port: args.port,
     };
+    let request = args
+        .since
+        .map(netpol_agent::telemetry::flowlog::FlowRequest::since)
+        .unwrap_or_default();
     let mut out = std::io::stdout();
-    netpol_agent::telemetry::flowlog::follow(&socket, &filter, args.json, &mut out)
+    netpol_agent::telemetry::flowlog::follow(&socket, &request, &filter, args.json, &mut out)
         .await
         .with_context(|| format!("following {} (is the agent running?)", socket.display()))
 }

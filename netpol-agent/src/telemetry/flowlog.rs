@@ -44,6 +44,10 @@ pub enum Error {
 pub struct FlowRecord {
     /// Seconds since boot (CLOCK_MONOTONIC) when the kernel saw the packet.
     pub time: f64,
+    /// The same instant as Unix time (seconds), for merging the records of several
+    /// nodes and for `--since` (0 when unknown).
+    #[serde(default)]
+    pub wall: f64,
     /// `dropped`, `allowed` or `audit` (would have been dropped).
     pub verdict: String,
     /// Why: a [`Reason`] name, e.g. `policy-denied`.
@@ -136,31 +140,48 @@ impl fmt::Display for Peer {
 
 impl fmt::Display for FlowRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let verdict = match self.verdict.as_str() {
+        write!(f, "{:>12.3} {}", self.time, self.summary())
+    }
+}
+
+impl FlowRecord {
+    /// The line without its time: `DROPPED x/a (10.0.0.1) -> ...`.
+    pub fn summary(&self) -> Summary<'_> {
+        Summary(self)
+    }
+}
+
+/// [`FlowRecord::summary`].
+pub struct Summary<'a>(&'a FlowRecord);
+
+impl fmt::Display for Summary<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let record = self.0;
+        let verdict = match record.verdict.as_str() {
             "dropped" => "DROPPED",
             "audit" => "AUDIT  ",
             _ => "ALLOWED",
         };
-        write!(f, "{:>12.3} {verdict} {} -> ", self.time, self.src)?;
-        if let Some(service) = &self.service {
+        write!(f, "{verdict} {} -> ", record.src)?;
+        if let Some(service) = &record.service {
             write!(f, "{service} -> ")?;
         }
         write!(
             f,
             "{} {}/{} {}",
-            self.dst, self.protocol, self.dport, self.direction
+            record.dst, record.protocol, record.dport, record.direction
         )?;
-        match (&self.rule, self.isolated_by.is_empty()) {
+        match (&record.rule, record.isolated_by.is_empty()) {
             (Some(rule), _) => write!(f, " by {rule}"),
             (None, false) => write!(
                 f,
                 " [{}: isolated by {}, no rule allows it]",
-                self.reason,
-                self.isolated_by.join(", ")
+                record.reason,
+                record.isolated_by.join(", ")
             ),
-            (None, true) => write!(f, " [{}]", self.reason),
+            (None, true) => write!(f, " [{}]", record.reason),
         }?;
-        match &self.staged {
+        match &record.staged {
             Some(staged) => write!(f, "; {staged} (staged)"),
             None => Ok(()),
         }
@@ -397,6 +418,7 @@ impl Resolver {
         };
         FlowRecord {
             time: event.timestamp_ns as f64 / 1e9,
+            wall: 0.0,
             verdict: match reason {
                 Reason::AuditAllowed => "audit",
                 r if r.is_drop() => "dropped",
@@ -488,6 +510,134 @@ fn count_staged(counters: &Family<StagedLabels, Counter>, record: &FlowRecord) {
     }
 }
 
+/// Converts the kernel's CLOCK_MONOTONIC nanoseconds to Unix time, with the offset of
+/// the two clocks read once per batch of events.
+struct WallClock {
+    monotonic_ns: u64,
+    unix: f64,
+}
+
+impl WallClock {
+    fn now() -> Self {
+        let monotonic = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+            .unwrap_or(0);
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        WallClock {
+            monotonic_ns: monotonic,
+            unix,
+        }
+    }
+
+    /// Unix seconds of the monotonic instant `ns` (0 when a clock could not be read).
+    fn wall(&self, ns: u64) -> f64 {
+        if self.monotonic_ns == 0 || self.unix == 0.0 {
+            return 0.0;
+        }
+        self.unix - (self.monotonic_ns.saturating_sub(ns)) as f64 / 1e9
+    }
+}
+
+/// Records as they are read, to every client of the flow socket, and the most recent
+/// of them for clients that ask for what came before (`flows --since`).
+#[derive(Debug)]
+pub struct FlowFeed {
+    sender: broadcast::Sender<Arc<FlowRecord>>,
+    history: std::sync::Mutex<std::collections::VecDeque<Arc<FlowRecord>>>,
+    capacity: usize,
+}
+
+impl FlowFeed {
+    /// Records kept for `--since`: about 4 MiB of records.
+    pub const HISTORY: usize = 10_000;
+
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(FlowFeed {
+            sender: broadcast::channel(4096).0,
+            history: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(capacity)),
+            capacity,
+        })
+    }
+
+    /// Keeps `record` (forgetting the oldest beyond the capacity) and sends it to the
+    /// clients following now.
+    pub fn publish(&self, record: FlowRecord) {
+        let record = Arc::new(record);
+        let Ok(mut history) = self.history.lock() else {
+            return;
+        };
+        if history.len() == self.capacity {
+            history.pop_front();
+        }
+        history.push_back(record.clone());
+        // Sent under the lock, so a subscriber taken with a replay (below) misses none
+        // and sees none twice. No subscriber is fine.
+        let _ = self.sender.send(record);
+    }
+
+    /// The kept records from Unix time `since` on (none when `since` is `None`), and
+    /// the records published after them.
+    pub fn subscribe(
+        &self,
+        since: Option<f64>,
+    ) -> (Vec<Arc<FlowRecord>>, broadcast::Receiver<Arc<FlowRecord>>) {
+        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        let replay = since.map_or_else(Vec::new, |since| {
+            history
+                .iter()
+                .filter(|r| r.wall >= since)
+                .cloned()
+                .collect()
+        });
+        (replay, self.sender.subscribe())
+    }
+}
+
+/// A duration as `--since` takes it: `90s`, `5m`, `2h`, or seconds alone.
+pub fn parse_since(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => {
+            return Err(format!(
+                "{text:?}: the unit is s, m or h (e.g. 90s, 5m, 2h)"
+            ));
+        }
+    };
+    match number.parse::<f64>() {
+        Ok(n) if n.is_finite() && n >= 0.0 => Ok(std::time::Duration::from_secs_f64(n * scale)),
+        _ => Err(format!("{text:?} is not a duration (e.g. 90s, 5m, 2h)")),
+    }
+}
+
+impl FlowRequest {
+    /// Records from `duration` ago on.
+    pub fn since(duration: std::time::Duration) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        FlowRequest {
+            since: Some(now.saturating_sub(duration).as_secs_f64()),
+        }
+    }
+}
+
+/// What a client of the flow socket asks for, in its first line (JSON).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlowRequest {
+    /// Replay the kept records from this Unix time on before the live ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<f64>,
+}
+
 /// The resolver in force, swapped by the control loop after every apply.
 pub type SharedResolver = Arc<RwLock<Arc<Resolver>>>;
 
@@ -495,7 +645,7 @@ pub type SharedResolver = Arc<RwLock<Arc<Resolver>>>;
 pub fn spawn_reader(
     events: RingBuf<MapData>,
     resolver: SharedResolver,
-    sender: broadcast::Sender<Arc<FlowRecord>>,
+    feed: Arc<FlowFeed>,
     staged: Family<StagedLabels, Counter>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     // SAFETY: the ring buffer owns its descriptor and moves into the AsyncFd, which
@@ -514,6 +664,7 @@ pub fn spawn_reader(
             };
             let ring = guard.get_inner_mut();
             let current = resolver.read().map(|r| Arc::clone(&r)).unwrap_or_default();
+            let clock = WallClock::now();
             while let Some(item) = ring.next() {
                 if item.len() < std::mem::size_of::<VerdictEvent>() {
                     continue;
@@ -523,9 +674,10 @@ pub fn spawn_reader(
                 let event =
                     unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<VerdictEvent>()) };
                 // No subscriber is fine: the record is simply not delivered.
-                if let Some(record) = hops.record(&current, &event) {
+                if let Some(mut record) = hops.record(&current, &event) {
+                    record.wall = clock.wall(event.timestamp_ns);
                     count_staged(&staged, &record);
-                    let _ = sender.send(Arc::new(record));
+                    feed.publish(record);
                 }
             }
             guard.clear_ready();
@@ -541,10 +693,7 @@ pub struct Server {
 impl Server {
     /// Binds `path` (mode 0600: only root reaches it; pods never see the host's file
     /// system) and serves every client the live records as JSON lines.
-    pub fn start(
-        path: &Path,
-        sender: &broadcast::Sender<Arc<FlowRecord>>,
-    ) -> Result<Server, Error> {
+    pub fn start(path: &Path, feed: &Arc<FlowFeed>) -> Result<Server, Error> {
         use std::os::unix::fs::PermissionsExt as _;
         let socket_error = |source| Error::Socket {
             path: path.to_path_buf(),
@@ -561,41 +710,64 @@ impl Server {
         let listener = tokio::net::UnixListener::bind(path).map_err(socket_error)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(socket_error)?;
-        let sender = sender.clone();
+        let feed = feed.clone();
         tokio::spawn(async move {
             loop {
-                let (mut stream, _) = match listener.accept().await {
+                let (stream, _) = match listener.accept().await {
                     Ok(client) => client,
                     Err(error) => {
                         warn!(%error, "flow socket accept failed");
                         continue;
                     }
                 };
-                let mut records = sender.subscribe();
-                tokio::spawn(async move {
-                    loop {
-                        let line = match records.recv().await {
-                            Ok(record) => serde_json::to_string(&*record).unwrap_or_default(),
-                            Err(broadcast::error::RecvError::Lagged(n)) => {
-                                format!("{{\"lagged\":{n}}}")
-                            }
-                            Err(broadcast::error::RecvError::Closed) => return,
-                        };
-                        if stream
-                            .write_all(format!("{line}\n").as_bytes())
-                            .await
-                            .is_err()
-                        {
-                            debug!("flow client went away");
-                            return;
-                        }
-                    }
-                });
+                tokio::spawn(serve_client(stream, feed.clone()));
             }
         });
         Ok(Server {
             path: path.to_path_buf(),
         })
+    }
+}
+
+/// One client: its request line (a client that sends none within a second, or an
+/// unreadable one, follows from now), the replay it asked for, then live records until
+/// it goes away.
+async fn serve_client(stream: tokio::net::UnixStream, feed: Arc<FlowFeed>) {
+    use tokio::io::AsyncBufReadExt as _;
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = tokio::io::BufReader::new(reader);
+    let mut first = String::new();
+    let request = match tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        reader.read_line(&mut first),
+    )
+    .await
+    {
+        Ok(Ok(_)) => serde_json::from_str::<FlowRequest>(&first).unwrap_or_default(),
+        _ => FlowRequest::default(),
+    };
+    let (replay, mut records) = feed.subscribe(request.since);
+    let line = |record: &FlowRecord| {
+        let mut line = serde_json::to_string(record).unwrap_or_default();
+        line.push('\n');
+        line
+    };
+    for record in &replay {
+        if writer.write_all(line(record).as_bytes()).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        let text = match records.recv().await {
+            Ok(record) => line(&record),
+            Err(broadcast::error::RecvError::Lagged(n)) => format!("{{\"lagged\":{n}}}\n"),
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let sent = writer.write_all(text.as_bytes()).await;
+        if sent.is_err() {
+            debug!("flow client went away");
+            return;
+        }
     }
 }
 
@@ -646,6 +818,7 @@ impl FlowFilter {
 /// agent goes away: one readable line each, or the JSON line as received.
 pub async fn follow(
     path: &Path,
+    request: &FlowRequest,
     filter: &FlowFilter,
     json: bool,
     out: &mut (dyn std::io::Write + Send),
@@ -655,7 +828,13 @@ pub async fn follow(
         path: path.to_path_buf(),
         source,
     };
-    let stream = tokio::net::UnixStream::connect(path)
+    let mut stream = tokio::net::UnixStream::connect(path)
+        .await
+        .map_err(socket_error)?;
+    let mut line = serde_json::to_string(request).unwrap_or_else(|_| "{}".into());
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
         .await
         .map_err(socket_error)?;
     let mut lines = tokio::io::BufReader::new(stream).lines();
@@ -903,6 +1082,65 @@ mod tests {
         let json: FlowRecord =
             serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
         assert_eq!(json, record);
+    }
+
+    #[test]
+    fn since_reads_seconds_minutes_and_hours_and_names_what_it_cannot_read() {
+        assert_eq!(parse_since("90s"), Ok(std::time::Duration::from_secs(90)));
+        assert_eq!(parse_since("5m"), Ok(std::time::Duration::from_secs(300)));
+        assert_eq!(parse_since("2h"), Ok(std::time::Duration::from_secs(7200)));
+        assert_eq!(parse_since("15"), Ok(std::time::Duration::from_secs(15)));
+        assert!(parse_since("5d").unwrap_err().contains("s, m or h"));
+        assert!(parse_since("m").unwrap_err().contains("not a duration"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_client_asking_since_gets_the_kept_records_from_then_and_then_the_live_ones() {
+        let feed = FlowFeed::new(3);
+        let record = |wall: f64| {
+            let mut r = Resolver::default().record(&event(
+                [10, 0, 0, 1],
+                [10, 0, 0, 2],
+                80,
+                Reason::PolicyDenied,
+                0,
+                RULE_NONE,
+            ));
+            r.wall = wall;
+            r
+        };
+        for wall in [100.0, 200.0, 300.0, 400.0] {
+            feed.publish(record(wall));
+        }
+        // Three kept: 100 was forgotten.
+        let (replay, mut live) = feed.subscribe(Some(150.0));
+        let walls: Vec<f64> = replay.iter().map(|r| r.wall).collect();
+        assert_eq!(walls, [200.0, 300.0, 400.0]);
+        let (none, _) = feed.subscribe(None);
+        assert!(none.is_empty(), "without since, live only");
+        feed.publish(record(500.0));
+        assert_eq!(live.recv().await.unwrap().wall, 500.0);
+
+        // Over the socket, as `netpol-agent flows --since` asks.
+        let dir = std::env::temp_dir().join(format!("netpol-flowfeed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("flows.sock");
+        let _server = Server::start(&path, &feed).unwrap();
+        let mut out = Vec::new();
+        let request = FlowRequest { since: Some(250.0) };
+        let followed = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            follow(&path, &request, &FlowFilter::default(), true, &mut out),
+        )
+        .await;
+        assert!(followed.is_err(), "it follows until stopped");
+        let walls: Vec<f64> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<FlowRecord>(l).unwrap().wall)
+            .collect();
+        assert_eq!(walls, [300.0, 400.0, 500.0]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub(super) async fn read_request(request: hyper::Request<Incoming>) -> hyper::Re
     })
 }
 
-fn percent_decode(text: &str) -> String {
+pub(super) fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -92,6 +92,13 @@ pub(super) fn respond(status: StatusCode, body: &Value) -> Response<Body> {
             .map_err(|never| match never {})
             .boxed(),
     )
+}
+
+/// An empty body (the 101 of an upgrade).
+pub(super) fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 pub(super) fn status_body(code: u16, reason: &str, message: &str) -> Value {

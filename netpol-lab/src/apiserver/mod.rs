@@ -24,6 +24,7 @@
 //! HTTP/1.1 is hyper's: `http.rs` adapts requests, JSON answers and chunked bodies to it;
 //! `streams.rs` writes the watch streams, `store.rs` holds the objects and their history.
 
+mod exec;
 mod http;
 mod store;
 mod streams;
@@ -45,6 +46,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 
 use self::http::{Body, HttpRequest, read_request, respond, status_body};
 use self::streams::{Scope, Signals, watch_stream};
+pub use exec::{ExecHandler, ExecRequest};
 use store::{CORE_EVENTS, Key, Store, key_of, kind_named};
 pub use store::{KINDS, Kind};
 
@@ -72,6 +74,8 @@ struct Shared {
     bookmark_interval: Duration,
     /// (resource, verb) → HTTP status answered instead of serving.
     failing: Mutex<BTreeMap<(String, String), u16>>,
+    /// What `pods/exec` runs (none: every exec is refused as for a stopped container).
+    exec: Mutex<Option<ExecHandler>>,
 }
 
 /// The double. Dropping it stops serving.
@@ -110,6 +114,7 @@ impl ApiServer {
             open_watches: AtomicUsize::new(0),
             bookmark_interval,
             failing: Mutex::new(BTreeMap::new()),
+            exec: Mutex::new(None),
         });
         let accept = Some(tokio::spawn(accept_loop(listener, shared.clone())));
         ApiServer {
@@ -135,6 +140,11 @@ impl ApiServer {
              current-context: double\nusers:\n- name: double\n  user: {{}}\n",
             self.url()
         )
+    }
+
+    /// Serves `pods/exec` of existing pods with what `handler` makes of each request.
+    pub fn on_exec(&self, handler: ExecHandler) {
+        *self.shared.exec.lock().expect("not poisoned") = Some(handler);
     }
 
     /// The current resource version (etcd's revision).
@@ -303,9 +313,12 @@ const IDLE: Duration = Duration::from_secs(120);
 /// Serves one connection (keep-alive) until the client closes it, it idles for [`IDLE`],
 /// or a killed watch drops it.
 async fn connection(stream: TcpStream, shared: Arc<Shared>) {
-    let service = service_fn(move |request| {
+    let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
         let shared = shared.clone();
         async move {
+            if let Some((namespace, pod)) = exec::exec_path(request.uri().path()) {
+                return Ok::<_, hyper::Error>(serve_exec(&shared, request, namespace, pod));
+            }
             let request = read_request(request).await?;
             Ok::<_, hyper::Error>(handle(&shared, request))
         }
@@ -314,7 +327,32 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
         .timer(TokioTimer::new())
         .header_read_timeout(IDLE)
         .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
         .await;
+}
+
+/// `pods/exec`: recorded as `create pods/exec`, served by [`exec::serve`].
+fn serve_exec(
+    shared: &Arc<Shared>,
+    request: hyper::Request<hyper::body::Incoming>,
+    namespace: String,
+    pod: String,
+) -> hyper::Response<Body> {
+    shared.requests.lock().expect("not poisoned").push(Request {
+        verb: "create".to_owned(),
+        group: String::new(),
+        resource: "pods/exec".to_owned(),
+        namespace: Some(namespace.clone()),
+    });
+    let exec = exec::exec_request(namespace, pod, request.uri().query().unwrap_or_default());
+    let pod_exists = shared
+        .store
+        .lock()
+        .expect("not poisoned")
+        .objects
+        .contains_key(&("Pod", exec.namespace.clone(), exec.pod.clone()));
+    let handler = shared.exec.lock().expect("not poisoned").clone();
+    exec::serve(request, &exec, pod_exists, handler)
 }
 
 /// Where a path points: kind, namespace, name.
