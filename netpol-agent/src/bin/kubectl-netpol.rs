@@ -1,5 +1,6 @@
 //! `kubectl netpol`: the preview commands (`explain`, `matrix`) over the live cluster of
-//! the user's kubeconfig, read-only (list requests only). A kubectl plugin: installed as
+//! the user's kubeconfig, read-only (list requests only), and `flows`, the agents' flow
+//! logs merged (over pods/exec). A kubectl plugin: installed as
 //! `kubectl-netpol` on the PATH, kubectl runs it for `kubectl netpol ...`.
 //!
 //! Thin: parses the arguments and prints; the work is `netpol_agent::preview::plugin`.
@@ -74,6 +75,38 @@ enum Command {
     /// Who can reach whom: one table per port, rows are source pods, columns the pods
     /// that declare the port; with --apply, the cells a policy would change.
     Matrix(MatrixArgs),
+    /// Follow the flow logs of the agents on every node (or --node), merged: drops and
+    /// new connections with the deciding rule, read from each agent over pods/exec.
+    Flows(FlowsArgs),
+}
+
+#[derive(Args, Debug)]
+struct FlowsArgs {
+    /// Only the agents of these nodes (repeatable) [default: every node].
+    #[arg(long = "node", value_name = "NODE")]
+    nodes: Vec<String>,
+    /// First what each agent kept from this long ago on (90s, 5m, 2h), then live.
+    #[arg(long, value_name = "DURATION", value_parser = netpol_agent::telemetry::flowlog::parse_since)]
+    since: Option<std::time::Duration>,
+    /// Only flows from, to or decided for this pod (NS/NAME, or NAME in -n's namespace).
+    #[arg(long, value_name = "POD")]
+    pod: Option<String>,
+    /// Only this verdict; staged-drop and staged-allow: what staged policies would change.
+    #[arg(long, value_parser = ["dropped", "allowed", "audit", "staged-drop", "staged-allow"])]
+    verdict: Option<String>,
+    /// Only this destination port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// The agents' namespace.
+    #[arg(long, value_name = "NS", default_value = "kube-system")]
+    agent_namespace: String,
+    /// The agent pods' label selector.
+    #[arg(
+        long,
+        value_name = "SELECTOR",
+        default_value = "app.kubernetes.io/name=netpol-agent"
+    )]
+    agent_selector: String,
 }
 
 #[derive(Args, Debug)]
@@ -136,7 +169,10 @@ fn one_line(error: &anyhow::Error) -> String {
 }
 
 fn start(cli: Cli) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_env("NETPOL_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    // kube-client logs a failed upgrade (an exec) as an error of its own; the command
+    // reports every failure itself, once.
+    let filter = EnvFilter::try_from_env("NETPOL_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("warn,kube_client=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -206,6 +242,87 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Output::Text => emit(&answer.text(Style { color: color() })),
             }
         }
+        Command::Flows(flows) => return follow_flows(args, flows).await,
+    }
+    Ok(())
+}
+
+/// `kubectl netpol flows`: every agent's records as they come, one line each (or one
+/// JSON object with its `node`); what cannot be read is said on stderr, and fails the
+/// command once every stream has ended.
+async fn follow_flows(args: &ClusterArgs, flows: &FlowsArgs) -> anyhow::Result<()> {
+    use netpol_agent::preview::flows::{self, FlowsEvent, FlowsRequest};
+    use netpol_agent::telemetry::flowlog::FlowFilter;
+    let namespace = match args.namespaces.as_slice() {
+        [] => None,
+        [one] => Some(one.clone()),
+        [..] => anyhow::bail!("flows takes one namespace (-n), not several"),
+    };
+    let pod = flows
+        .pod
+        .as_ref()
+        .map(|pod| match (&namespace, pod.contains('/')) {
+            (Some(ns), false) => format!("{ns}/{pod}"),
+            _ => pod.clone(),
+        });
+    let request = FlowsRequest {
+        nodes: flows.nodes.clone(),
+        since: flows.since,
+        filter: FlowFilter {
+            // A pod named alone is in -n's namespace; -n alone filters by namespace.
+            namespace: namespace.filter(|_| pod.is_none()),
+            pod,
+            verdict: flows.verdict.clone(),
+            port: flows.port,
+        },
+        agent_namespace: flows.agent_namespace.clone(),
+        agent_selector: flows.agent_selector.clone(),
+        ..FlowsRequest::default()
+    };
+    let connection = connect(args).await?;
+    let (sink, mut events) = tokio::sync::mpsc::channel(1024);
+    let follow = flows::follow(&connection, &request, sink);
+    let print = async {
+        let mut unreadable = Vec::new();
+        while let Some(event) = events.recv().await {
+            match event {
+                FlowsEvent::Record { node, record } => match args.output {
+                    Output::Json => {
+                        let mut value = serde_json::to_value(&record).unwrap_or_default();
+                        value["node"] = serde_json::Value::String(node);
+                        emit(&format!("{value}\n"));
+                    }
+                    Output::Text => emit(&format!(
+                        "{} {node:<16} {}\n",
+                        flows::time_of_day(record.wall),
+                        record.summary()
+                    )),
+                },
+                FlowsEvent::Lagged { node, skipped } => {
+                    eprintln!(
+                        "warning: node {node}: {skipped} records skipped (its agent's stream fell behind)"
+                    );
+                }
+                FlowsEvent::Unreachable { node, pod, reason } => {
+                    match pod {
+                        Some(pod) => eprintln!(
+                            "error: node {node}: its agent {pod} cannot be read: {reason}"
+                        ),
+                        None => eprintln!("error: node {node}: {reason}"),
+                    }
+                    unreadable.push(node);
+                }
+                FlowsEvent::Ended { node, reason } => {
+                    eprintln!("warning: node {node}: {reason}");
+                }
+            }
+        }
+        unreadable
+    };
+    let (followed, unreadable) = tokio::join!(follow, print);
+    followed?;
+    if !unreadable.is_empty() {
+        anyhow::bail!("the flows of {} could not be read", unreadable.join(", "));
     }
     Ok(())
 }

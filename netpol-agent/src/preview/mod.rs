@@ -23,6 +23,7 @@ pub mod cluster;
 pub mod explain;
 #[cfg(test)]
 mod fixtures;
+pub mod flows;
 pub mod load;
 pub mod matrix;
 pub mod plugin;

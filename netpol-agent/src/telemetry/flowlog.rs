@@ -298,7 +298,7 @@ impl StagedView {
             event.dport,
             direction,
         );
-        if decision.reason == Reason::NotEndpoint || decision.allowed() == !reason.is_drop() {
+        if decision.reason == Reason::NotEndpoint || decision.allowed() != reason.is_drop() {
             return None;
         }
         if decision.allowed() {

@@ -202,7 +202,10 @@ where
         Some(0) => json!({"metadata": {}, "status": "Success"}),
         code => json!({
             "metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
-            "message": format!("command terminated with non-zero exit code: {code:?}"),
+            "message": match code {
+                Some(code) => format!("command terminated with non-zero exit code {code}"),
+                None => "command terminated by a signal".to_owned(),
+            },
             "details": {"causes": [{"reason": "ExitCode",
                                      "message": code.unwrap_or(-1).to_string()}]},
         }),

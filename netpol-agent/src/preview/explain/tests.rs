@@ -581,7 +581,7 @@ fn a_staged_policy_is_explained_beside_the_verdict_in_force() {
     assert!(e.allowed, "{e}");
     assert_eq!(e.hooks[1].verdict, HookVerdict::NotIsolated);
     let view = e.staged.as_deref().expect("the staged view");
-    assert_eq!(view.policies, [staged.clone()]);
+    assert_eq!(view.policies, std::slice::from_ref(&staged));
     assert!(!view.allowed, "{e}");
     assert_eq!(view.hooks[1].verdict, HookVerdict::Denied);
     assert_eq!(view.hooks[1].isolated_by, [staged]);

@@ -1,0 +1,284 @@
+//! `kubectl netpol flows` against the API server double and two emulated nodes, each
+//! with its agent: the plugin finds the agent pods, reads each agent's flow log over
+//! `pods/exec` (the double runs `netpol-agent flows` where that agent's container
+//! would: beside it, on its socket) and merges them; a node whose agent cannot be read
+//! is named. Needs root and `NETPOL_AGENT_BIN` (`cargo xtask test` gives both).
+
+use std::io::{BufRead as _, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use netpol_lab::apiserver::{ApiServer, ExecHandler};
+use netpol_lab::{AgentProcess, Lab, ManifestDir, PodSpec, Port, Probe};
+use serde_json::{Value, json};
+
+/// Every pod of x admits nothing.
+const DENY_INGRESS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-ingress, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+"#;
+
+fn agent_bin() -> Option<PathBuf> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("kubectl_flows: skipped: network-namespace tests need root");
+        return None;
+    }
+    let bin = std::env::var_os(netpol_lab::AGENT_BIN_ENV).map(PathBuf::from);
+    if bin.is_none() {
+        eprintln!(
+            "kubectl_flows: skipped: NETPOL_AGENT_BIN is not set; run via `cargo xtask test`"
+        );
+    }
+    bin
+}
+
+fn agent_pod(name: &str, node: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "kube-system",
+                     "labels": {"app.kubernetes.io/name": "netpol-agent"}},
+        "spec": {"nodeName": node, "hostNetwork": true,
+                 "containers": [{"name": "agent", "image": "netpol-agent:latest"}]},
+        "status": {"phase": "Running"},
+    })
+}
+
+/// Two nodes with their agents; field order is drop order (agents before the lab).
+struct TwoNodes {
+    agents: Vec<AgentProcess>,
+    _manifests: ManifestDir,
+    lab: Lab,
+}
+
+impl TwoNodes {
+    /// x/a on node 0, x/b on node 1, every ingress of x denied.
+    fn start(agent: &Path) -> Self {
+        let mut lab = Lab::with_nodes(2).expect("a two-node lab");
+        for (name, i, node) in [("a", 1, 0), ("b", 2, 1)] {
+            lab.add_pod(
+                PodSpec::new("x", name)
+                    .label("pod", name)
+                    .ports([Port::tcp(80).named("http")])
+                    .ipv4(Ipv4Addr::new(10, 0, 0, i))
+                    .on_node(node),
+            )
+            .expect("adding a pod");
+        }
+        let mut manifests =
+            ManifestDir::create(lab.workdir().join("manifests")).expect("manifest dir");
+        let generation = manifests.write(&lab, DENY_INGRESS).expect("manifests");
+        let agents = (0..2)
+            .map(|n| {
+                let mut agent =
+                    AgentProcess::start_on(&lab, n, agent, &manifests).expect("an agent");
+                agent
+                    .wait_generation(generation, Duration::from_secs(30))
+                    .expect("the agent applied the policy");
+                agent
+            })
+            .collect();
+        TwoNodes {
+            agents,
+            _manifests: manifests,
+            lab,
+        }
+    }
+}
+
+#[test]
+fn cluster_wide_flows_merge_both_nodes_drops_and_name_the_node_whose_agent_cannot_be_read() {
+    let Some(agent) = agent_bin() else {
+        return;
+    };
+    let cluster = TwoNodes::start(&agent);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(ApiServer::start()).expect("the double");
+    for node in ["node-0", "node-1", "node-2", "node-3"] {
+        server.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}));
+    }
+    // node-2's agent pod cannot be exec'd into; node-3 has none.
+    for (pod, node) in [
+        ("netpol-agent-0", "node-0"),
+        ("netpol-agent-1", "node-1"),
+        ("netpol-agent-2", "node-2"),
+    ] {
+        server.apply(agent_pod(pod, node));
+    }
+    let sockets: Vec<PathBuf> = cluster
+        .agents
+        .iter()
+        .map(AgentProcess::flow_socket)
+        .collect();
+    let handler: ExecHandler = Arc::new(move |exec| {
+        let node: usize = exec.pod.strip_prefix("netpol-agent-")?.parse().ok()?;
+        let socket = sockets.get(node)?;
+        // The container's `netpol-agent ...`, run beside that node's agent.
+        let (program, args) = exec.command.split_first()?;
+        if program != "netpol-agent" || exec.container.as_deref() != Some("agent") {
+            return None;
+        }
+        let mut command = tokio::process::Command::new(&agent);
+        command.args(args).arg("--socket").arg(socket);
+        Some(command)
+    });
+    server.on_exec(handler);
+    let dir = std::env::temp_dir().join(format!("netpol-kubectl-flows-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
+
+    // A drop on node 1 before the plugin starts: it comes from node 1's history.
+    let probe = |src: &str, dst: &str| {
+        let result = cluster
+            .lab
+            .probe(&Probe::tcp(src, dst, 80), Duration::from_secs(1))
+            .expect("probe");
+        assert!(
+            result.outcome.is_blocked(),
+            "{src} -> {dst}: {}",
+            result.outcome
+        );
+    };
+    probe("x/a", "x/b");
+    let mut plugin = Command::new(env!("CARGO_BIN_EXE_kubectl-netpol"))
+        .args([
+            "flows",
+            "-o",
+            "json",
+            "--since",
+            "5m",
+            "--verdict",
+            "dropped",
+        ])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl-netpol flows");
+    let (tx, rx) = std::sync::mpsc::channel::<(bool, String)>();
+    for (is_stdout, pipe) in [
+        (
+            true,
+            Box::new(plugin.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        ),
+        (false, Box::new(plugin.stderr.take().unwrap())),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send((is_stdout, line)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    let mut drops: Vec<Value> = Vec::new();
+    let mut errors = Vec::new();
+    let mut probed_live = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let seen = |drops: &[Value], node: &str, src: &str| {
+        drops
+            .iter()
+            .any(|r| r["node"] == node && r["src"]["name"] == src)
+    };
+    while Instant::now() < deadline
+        && !(seen(&drops, "node-1", "x/a") && seen(&drops, "node-0", "x/b") && errors.len() >= 2)
+    {
+        let Ok((is_stdout, line)) = rx.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        if is_stdout {
+            drops.push(serde_json::from_str(&line).expect("a JSON record per line"));
+        } else {
+            errors.push(line);
+        }
+        // Once node 1's history arrived the streams are open: a live drop on node 0.
+        if !probed_live && seen(&drops, "node-1", "x/a") {
+            probed_live = true;
+            probe("x/b", "x/a");
+        }
+    }
+    let _ = plugin.kill();
+    let _ = plugin.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    for agent in &cluster.agents {
+        eprintln!("{}", agent.log_tail(10));
+    }
+    assert!(
+        seen(&drops, "node-1", "x/a"),
+        "node 1's drop (replayed): {drops:?} {errors:?}"
+    );
+    assert!(
+        seen(&drops, "node-0", "x/b"),
+        "node 0's drop (live): {drops:?} {errors:?}"
+    );
+    for record in &drops {
+        assert_eq!(record["verdict"], "dropped", "{record}");
+        assert_eq!(
+            record["isolated_by"],
+            json!(["NetworkPolicy x/deny-ingress"]),
+            "{record}"
+        );
+        assert!(
+            record["wall"].as_f64().unwrap() > 1.7e9,
+            "Unix time: {record}"
+        );
+    }
+    let said = errors.join("\n");
+    assert!(
+        said.contains("node node-2: its agent kube-system/netpol-agent-2 cannot be read"),
+        "{said}"
+    );
+    assert!(
+        said.contains("node node-3: no agent pod on this node"),
+        "{said}"
+    );
+    // What the plugin asked of the API server: lists and execs, nothing else.
+    let requests = server.requests();
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.verb == "list" || (r.verb == "create" && r.resource == "pods/exec")),
+        "{requests:?}"
+    );
+    let execs: Vec<_> = requests
+        .iter()
+        .filter(|r| r.resource == "pods/exec")
+        .collect();
+    assert_eq!(execs.len(), 3, "one exec per agent pod: {execs:?}");
+    // deploy/: the viewer's ClusterRole and the flows Role (in the agents' namespace)
+    // allow every one of them.
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let read = |file: &str| std::fs::read_to_string(deploy.join(file)).unwrap();
+    let viewer: k8s_openapi::api::rbac::v1::ClusterRole =
+        serde_norway::from_str(&read("kubectl-netpol-viewer.yaml")).unwrap();
+    let flows: k8s_openapi::api::rbac::v1::Role =
+        serde_norway::from_str(&read("kubectl-netpol-flows.yaml")).unwrap();
+    let role_namespace = flows.metadata.namespace.clone();
+    let allows = |rules: &[k8s_openapi::api::rbac::v1::PolicyRule],
+                  r: &netpol_lab::apiserver::Request| {
+        rules.iter().any(|rule| {
+            rule.api_groups.iter().flatten().any(|g| *g == r.group)
+                && rule.resources.iter().flatten().any(|x| *x == r.resource)
+                && rule.verbs.contains(&r.verb)
+        })
+    };
+    for request in &requests {
+        let by_viewer = allows(viewer.rules.as_deref().unwrap_or_default(), request);
+        let by_flows = request.namespace == role_namespace
+            && allows(flows.rules.as_deref().unwrap_or_default(), request);
+        assert!(by_viewer || by_flows, "not granted: {request:?}");
+    }
+    drop(server);
+    drop(runtime);
+}
