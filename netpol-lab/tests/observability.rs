@@ -13,6 +13,45 @@ use support::{
     sample, standard_lab,
 };
 
+/// `netpol-agent flows --json --since 1h ARGS` following an agent, its lines on a
+/// channel; killed on drop. `--since` replays what the agent saw before the client
+/// connected, so no traffic is missed and nothing waits for the connection.
+struct Flows {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Flows {
+    fn follow(agent: &std::path::Path, socket: &std::path::Path, args: &[&str]) -> Self {
+        let mut child = Command::new(agent)
+            .args(["flows", "--json", "--since", "1h"])
+            .args(args)
+            .arg("--socket")
+            .arg(socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("netpol-agent flows");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Flows { child, lines }
+    }
+}
+
+impl Drop for Flows {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn a_dropped_probe_is_named_in_the_flow_log_and_counted_in_metrics() {
     let Some(agent_path) =
@@ -38,24 +77,7 @@ fn a_dropped_probe_is_named_in_the_flow_log_and_counted_in_metrics() {
     assert_eq!(status, "HTTP/1.1 200 OK");
 
     // Follow the flow log while x/a is dropped by x/b's policy and x/c is let in.
-    let mut flows = Command::new(&agent_path)
-        .args(["flows", "--json", "--pod", "x/b"])
-        .arg("--socket")
-        .arg(agent.flow_socket())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("netpol-agent flows");
-    let stdout = flows.stdout.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    let flows = Flows::follow(&agent_path, &agent.flow_socket(), &["--pod", "x/b"]);
     let results = lab
         .probe_all(
             &[Probe::tcp("x/a", "x/b", 80), Probe::tcp("x/c", "x/b", 80)],
@@ -78,7 +100,7 @@ fn a_dropped_probe_is_named_in_the_flow_log_and_counted_in_metrics() {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while (drop_record.is_none() || allow_record.is_none()) && std::time::Instant::now() < deadline
     {
-        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+        let Ok(line) = flows.lines.recv_timeout(Duration::from_millis(200)) else {
             continue;
         };
         let record: serde_json::Value = serde_json::from_str(&line).expect("a JSON flow record");
@@ -95,8 +117,7 @@ fn a_dropped_probe_is_named_in_the_flow_log_and_counted_in_metrics() {
             allow_record = Some(record);
         }
     }
-    let _ = flows.kill();
-    let _ = flows.wait();
+    drop(flows);
     let dropped = drop_record.expect("the drop of x/a -> x/b reached the flow log");
     assert_eq!(dropped["dst"]["name"], "x/b");
     assert_eq!(dropped["dport"], 80);
@@ -196,24 +217,11 @@ fn a_staged_policy_changes_no_verdict_and_its_would_be_verdicts_are_reported_unt
         &["--health-addr", HEALTH],
     );
     let node = NetnsWorker::spawn(cluster.lab.node_netns()).expect("node worker");
-    let mut flows = Command::new(&agent_path)
-        .args(["flows", "--json", "--namespace", "x"])
-        .arg("--socket")
-        .arg(cluster.agent.flow_socket())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("netpol-agent flows");
-    let stdout = flows.stdout.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    let flows = Flows::follow(
+        &agent_path,
+        &cluster.agent.flow_socket(),
+        &["--namespace", "x"],
+    );
 
     // The kernel enforces what is in force alone: x/c closed, x/b open.
     let a_to_b = Probe::tcp("x/a", "x/b", 80);
@@ -231,7 +239,7 @@ fn a_staged_policy_changes_no_verdict_and_its_would_be_verdicts_are_reported_unt
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while (staged_drop.is_none() || staged_allow.is_none()) && std::time::Instant::now() < deadline
     {
-        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+        let Ok(line) = flows.lines.recv_timeout(Duration::from_millis(200)) else {
             continue;
         };
         let record: serde_json::Value = serde_json::from_str(&line).expect("a JSON flow record");
@@ -256,8 +264,7 @@ fn a_staged_policy_changes_no_verdict_and_its_would_be_verdicts_are_reported_unt
             _ => {}
         }
     }
-    let _ = flows.kill();
-    let _ = flows.wait();
+    drop(flows);
     let dropped = staged_drop.expect("x/a -> x/b reported as staged-drop");
     assert_eq!(dropped["verdict"], "allowed");
     assert_eq!(
