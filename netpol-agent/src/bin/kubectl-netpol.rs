@@ -23,13 +23,14 @@ use tracing_subscriber::EnvFilter;
     name = "kubectl-netpol",
     bin_name = "kubectl netpol",
     version,
-    about = "NetworkPolicy and ClusterNetworkPolicy answers from the live cluster, read-only",
+    about = "NetworkPolicy and ClusterNetworkPolicy answers from the live cluster",
     long_about = "NetworkPolicy and ClusterNetworkPolicy answers from the live cluster: who can \
                   reach whom, and which rule decides, computed by netpol's compiler from one \
                   list of Namespaces, Pods, NetworkPolicies, ClusterNetworkPolicies, Nodes, \
-                  Services, EndpointSlices and ServiceCIDRs (read-only: list requests only). \
-                  Every answer says which objects it was computed from (each list's \
-                  resourceVersion and count)."
+                  Services, EndpointSlices and ServiceCIDRs (explain and matrix are read-only: \
+                  list requests only; every answer says which objects it was computed from, \
+                  each list's resourceVersion and count). flows follows the agents' flow \
+                  logs on every node, read over pods/exec."
 )]
 struct Cli {
     #[command(flatten)]
@@ -381,6 +382,34 @@ mod tests {
         assert_eq!(cli.cluster.namespaces, ["x"]);
         assert_eq!(cli.cluster.kubeconfig, Some(PathBuf::from("/tmp/k")));
         assert!(matches!(cli.command, Command::Explain(_)));
+    }
+
+    #[test]
+    fn flows_takes_nodes_since_and_the_filters_of_netpol_agent_flows() {
+        let cli = Cli::try_parse_from([
+            "kubectl-netpol",
+            "flows",
+            "--node",
+            "n1",
+            "--node",
+            "n2",
+            "--since",
+            "5m",
+            "--verdict",
+            "staged-drop",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        let Command::Flows(flows) = cli.command else {
+            panic!("not flows");
+        };
+        assert_eq!(flows.nodes, ["n1", "n2"]);
+        assert_eq!(flows.since, Some(std::time::Duration::from_secs(300)));
+        assert_eq!(flows.verdict.as_deref(), Some("staged-drop"));
+        assert_eq!(flows.agent_namespace, "kube-system");
+        assert!(Cli::try_parse_from(["kubectl-netpol", "flows", "--since", "5d"]).is_err());
+        assert!(Cli::try_parse_from(["kubectl-netpol", "flows", "--verdict", "maybe"]).is_err());
     }
 
     #[test]
