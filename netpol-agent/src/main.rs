@@ -50,6 +50,28 @@ enum Command {
     /// Explain, step by step, whether SRC can open a connection to DST on PORT/PROTO,
     /// and which policy rule allows it or why none does (no cluster, no root).
     Explain(ExplainArgs),
+    /// What this node's kernel holds for a connection, read from a running agent's pins
+    /// (read-only): each hook's verdict for a new connection, the conntrack entries and
+    /// the policy generation, with the agent's status. `kubectl netpol explain --kernel`
+    /// runs it in the agent's container.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// Source address.
+    src: IpAddr,
+    /// Destination address.
+    dst: IpAddr,
+    /// Destination port and protocol, e.g. 80/TCP.
+    #[arg(value_name = "PORT/PROTO")]
+    port: netpol_agent::preview::PortProtocol,
+    /// The agent's bpffs directory.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/netpol")]
+    bpffs_dir: PathBuf,
+    /// The agent's status file (what it has applied).
+    #[arg(long, value_name = "FILE", default_value = "/run/netpol/status.json")]
+    status_file: PathBuf,
 }
 
 /// Where a preview's cluster comes from (matrix, explain).
@@ -285,6 +307,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Flows(args)) => return runtime()?.block_on(flows(args)),
         Some(Command::Matrix(args)) => return matrix_command(&args),
         Some(Command::Explain(args)) => return explain_command(&args),
+        Some(Command::Inspect(args)) => return inspect_command(&args),
         None => cli.run,
     };
     let filter = EnvFilter::try_from_env("NETPOL_LOG").unwrap_or_else(|_| {
@@ -436,6 +459,32 @@ async fn flows(args: FlowsArgs) -> anyhow::Result<()> {
     netpol_agent::telemetry::flowlog::follow(&socket, &request, &filter, args.json, &mut out)
         .await
         .with_context(|| format!("following {} (is the agent running?)", socket.display()))
+}
+
+/// `netpol-agent inspect`: one JSON document, `{"kernel": ..., "status": ...}`.
+fn inspect_command(args: &InspectArgs) -> anyhow::Result<()> {
+    let kernel = netpol_agent::datapath::inspect::inspect(
+        &args.bpffs_dir,
+        args.src,
+        args.dst,
+        args.port.protocol,
+        args.port.port,
+    )
+    .with_context(|| {
+        format!(
+            "reading the maps pinned under {} (is the agent running, and are you root?)",
+            args.bpffs_dir.display()
+        )
+    })?;
+    // The status may be missing (an agent without --status-file): the kernel still answers.
+    let status = std::fs::read_to_string(&args.status_file)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({"kernel": kernel, "status": status}))?
+    );
+    Ok(())
 }
 
 /// One socket per agent instance: named after its bpffs directory.

@@ -191,6 +191,16 @@ impl AgentProcess {
         self.flow_socket.clone()
     }
 
+    /// Its bpffs directory (`--bpffs-dir`), where its maps are pinned.
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Its status file (`--status-file`).
+    pub fn status_path(&self) -> &Path {
+        &self.status
+    }
+
     /// The agent's log file.
     pub fn log_path(&self) -> &Path {
         &self.log

@@ -120,6 +120,21 @@ struct ExplainArgs {
     /// Destination port and protocol, e.g. 80/TCP, 53/UDP, ICMP.
     #[arg(value_name = "PORT/PROTO")]
     port: PortProtocol,
+    /// Also ask the agents on the two pods' nodes what their kernels hold for the
+    /// connection (`netpol-agent inspect` over pods/exec), and say where they disagree
+    /// with the cluster.
+    #[arg(long)]
+    kernel: bool,
+    /// With --kernel: the agents' namespace.
+    #[arg(long, value_name = "NS", default_value = "kube-system")]
+    agent_namespace: String,
+    /// With --kernel: the agent pods' label selector.
+    #[arg(
+        long,
+        value_name = "SELECTOR",
+        default_value = "app.kubernetes.io/name=netpol-agent"
+    )]
+    agent_selector: String,
 }
 
 #[derive(Args, Debug)]
@@ -205,12 +220,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let answer = plugin::explain(&connection, &request).await?;
             warn(&answer.warnings);
+            let checks = match (explain.kernel, &answer.explained) {
+                (false, _) => None,
+                (true, plugin::Explained::Flows(flows)) => {
+                    let agents = netpol_agent::preview::flows::Agents {
+                        namespace: explain.agent_namespace.clone(),
+                        selector: explain.agent_selector.clone(),
+                        ..Default::default()
+                    };
+                    let mut checks = Vec::new();
+                    for flow in flows {
+                        checks.extend(
+                            netpol_agent::preview::kernel::check(
+                                &connection,
+                                &agents,
+                                flow,
+                                &answer.read,
+                            )
+                            .await?,
+                        );
+                    }
+                    Some(checks)
+                }
+                (true, plugin::Explained::Service(_)) => anyhow::bail!(
+                    "--kernel explains a connection to a pod; name the backend pod instead of \
+                     the Service"
+                ),
+            };
             match args.output {
-                Output::Json => emit(&format!(
-                    "{}\n",
-                    serde_json::to_string_pretty(&answer.json())?
-                )),
-                Output::Text => emit(&answer.text()),
+                Output::Json => {
+                    let mut value = answer.json();
+                    if let Some(checks) = &checks {
+                        value["kernel"] = serde_json::to_value(checks)?;
+                    }
+                    emit(&format!("{}\n", serde_json::to_string_pretty(&value)?));
+                }
+                Output::Text => {
+                    emit(&answer.text());
+                    if let Some(checks) = &checks {
+                        emit(&format!(
+                            "\n{}",
+                            netpol_agent::preview::kernel::text(checks)
+                        ));
+                    }
+                }
             }
         }
         Command::Matrix(matrix) => {
@@ -276,9 +329,11 @@ async fn follow_flows(args: &ClusterArgs, flows: &FlowsArgs) -> anyhow::Result<(
             verdict: flows.verdict.clone(),
             port: flows.port,
         },
-        agent_namespace: flows.agent_namespace.clone(),
-        agent_selector: flows.agent_selector.clone(),
-        ..FlowsRequest::default()
+        agents: flows::Agents {
+            namespace: flows.agent_namespace.clone(),
+            selector: flows.agent_selector.clone(),
+            ..flows::Agents::default()
+        },
     };
     let connection = connect(args).await?;
     let (sink, mut events) = tokio::sync::mpsc::channel(1024);

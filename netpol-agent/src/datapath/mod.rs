@@ -21,6 +21,7 @@ mod attach;
 pub mod clock;
 mod counters;
 pub mod fit;
+pub mod inspect;
 pub mod interfaces;
 pub mod links;
 mod load;

@@ -17,7 +17,7 @@ use super::cluster::Connection;
 use crate::telemetry::flowlog::{FlowFilter, FlowRecord};
 
 /// Where the agents run and what is asked of them.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct FlowsRequest {
     /// Only these nodes (empty: every node).
     pub nodes: Vec<String>,
@@ -25,23 +25,117 @@ pub struct FlowsRequest {
     pub since: Option<Duration>,
     /// Which records (applied by each agent and again here).
     pub filter: FlowFilter,
+    pub agents: Agents,
+}
+
+/// Where the agents run: their pods are found by namespace and label selector, and
+/// commands run in their container.
+#[derive(Clone, Debug)]
+pub struct Agents {
     /// The agents' namespace (the DaemonSet's: `kube-system`).
-    pub agent_namespace: String,
+    pub namespace: String,
     /// The label selector of the agent pods.
-    pub agent_selector: String,
+    pub selector: String,
     /// The agent's container.
     pub container: String,
 }
 
-impl Default for FlowsRequest {
+impl Default for Agents {
     fn default() -> Self {
-        FlowsRequest {
-            nodes: Vec::new(),
-            since: None,
-            filter: FlowFilter::default(),
-            agent_namespace: "kube-system".into(),
-            agent_selector: "app.kubernetes.io/name=netpol-agent".into(),
+        Agents {
+            namespace: "kube-system".into(),
+            selector: "app.kubernetes.io/name=netpol-agent".into(),
             container: "agent".into(),
+        }
+    }
+}
+
+impl Agents {
+    /// The agent pod of each node: a running one first, else any (its exec then says
+    /// why it fails).
+    pub async fn pods(&self, client: &kube::Client) -> Result<Vec<(String, String)>, PreviewError> {
+        let pods = Api::<Pod>::namespaced(client.clone(), &self.namespace)
+            .list(&ListParams::default().labels(&self.selector))
+            .await
+            .map_err(|error| PreviewError::List {
+                resource: "pods",
+                error,
+            })?
+            .items;
+        let running = |pod: &Pod| {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.phase.as_deref())
+                .is_some_and(|phase| phase == "Running")
+        };
+        let mut by_node: std::collections::BTreeMap<String, (bool, String)> = Default::default();
+        for pod in &pods {
+            let (Some(node), Some(name)) = (
+                pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                pod.metadata.name.clone(),
+            ) else {
+                continue;
+            };
+            let candidate = (running(pod), name);
+            let keep = by_node.get(&node).is_some_and(|kept| kept.0 >= candidate.0);
+            if !keep {
+                by_node.insert(node, candidate);
+            }
+        }
+        Ok(by_node
+            .into_iter()
+            .map(|(node, (_, pod))| (node, pod))
+            .collect())
+    }
+
+    /// `ns/name` of an agent pod.
+    pub fn name(&self, pod: &str) -> String {
+        format!("{}/{pod}", self.namespace)
+    }
+
+    /// Runs `command` in the agent pod `pod` and returns its standard output; the
+    /// error says what the API server or the command said.
+    pub async fn run(
+        &self,
+        client: &kube::Client,
+        pod: &str,
+        command: Vec<String>,
+    ) -> Result<String, String> {
+        use tokio::io::AsyncReadExt as _;
+        let api = Api::<Pod>::namespaced(client.clone(), &self.namespace);
+        let params = AttachParams::default()
+            .container(self.container.clone())
+            .stdin(false)
+            .stdout(true)
+            .stderr(true);
+        let mut process = api
+            .exec(pod, command, &params)
+            .await
+            .map_err(|error| super::kube_error(&error))?;
+        let (mut out, mut err) = (String::new(), String::new());
+        if let Some(mut stdout) = process.stdout() {
+            let _ = stdout.read_to_string(&mut out).await;
+        }
+        if let Some(mut stderr) = process.stderr() {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), stderr.read_to_string(&mut err)).await;
+        }
+        let status = match process.take_status() {
+            Some(status) => status.await,
+            None => None,
+        };
+        match status {
+            Some(status) if status.status.as_deref() != Some("Success") => Err(format!(
+                "{}{}",
+                status
+                    .message
+                    .unwrap_or_else(|| "the command failed".into()),
+                match err.trim() {
+                    "" => String::new(),
+                    said => format!(": {said}"),
+                }
+            )),
+            _ => Ok(out),
         }
     }
 }
@@ -116,33 +210,15 @@ async fn agents(
             });
         }
     }
-    let pods = Api::<Pod>::namespaced(client, &request.agent_namespace)
-        .list(&ListParams::default().labels(&request.agent_selector))
-        .await
-        .map_err(|error| PreviewError::List {
-            resource: "pods",
-            error,
-        })?
-        .items;
-    let running = |pod: &Pod| {
-        pod.status
-            .as_ref()
-            .and_then(|s| s.phase.as_deref())
-            .is_some_and(|phase| phase == "Running")
-    };
+    let pods = request.agents.pods(&client).await?;
     Ok(nodes
         .into_iter()
         .filter(|node| request.nodes.is_empty() || request.nodes.contains(node))
         .map(|node| {
-            let on_node = |pod: &&Pod| {
-                pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
-            };
-            // A running agent pod first; else any (its exec then says why it fails).
             let pod = pods
                 .iter()
-                .filter(on_node)
-                .max_by_key(|pod| running(pod))
-                .and_then(|pod| pod.metadata.name.clone());
+                .find(|(on, _)| *on == node)
+                .map(|(_, pod)| pod.clone());
             (node, pod)
         })
         .collect())
@@ -163,7 +239,7 @@ pub async fn follow(
         let Some(pod) = pod else {
             let reason = format!(
                 "no agent pod on this node (namespace {}, selector {})",
-                request.agent_namespace, request.agent_selector
+                request.agents.namespace, request.agents.selector
             );
             let _ = sink
                 .send(FlowsEvent::Unreachable {
@@ -174,7 +250,7 @@ pub async fn follow(
                 .await;
             continue;
         };
-        let api = Api::<Pod>::namespaced(connection.client.clone(), &request.agent_namespace);
+        let api = Api::<Pod>::namespaced(connection.client.clone(), &request.agents.namespace);
         let request = request.clone();
         tasks.spawn(async move { follow_agent(api, &request, node, pod, sink).await });
     }
@@ -190,9 +266,9 @@ async fn follow_agent(
     pod: String,
     sink: mpsc::Sender<FlowsEvent>,
 ) {
-    let name = format!("{}/{pod}", request.agent_namespace);
+    let name = request.agents.name(&pod);
     let params = AttachParams::default()
-        .container(request.container.clone())
+        .container(request.agents.container.clone())
         .stdin(false)
         .stdout(true)
         .stderr(true);

@@ -24,6 +24,7 @@ pub mod explain;
 #[cfg(test)]
 mod fixtures;
 pub mod flows;
+pub mod kernel;
 pub mod load;
 pub mod matrix;
 pub mod plugin;

@@ -4,5 +4,6 @@
 
 pub mod flowlog;
 pub mod health;
+pub mod inspect;
 pub mod kernel;
 pub mod metrics;

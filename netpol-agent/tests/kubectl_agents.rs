@@ -1,8 +1,12 @@
-//! `kubectl netpol flows` against the API server double and two emulated nodes, each
-//! with its agent: the plugin finds the agent pods, reads each agent's flow log over
-//! `pods/exec` (the double runs `netpol-agent flows` where that agent's container
-//! would: beside it, on its socket) and merges them; a node whose agent cannot be read
-//! is named. Needs root and `NETPOL_AGENT_BIN` (`cargo xtask test` gives both).
+//! What `kubectl netpol` asks of the agents, against the API server double and two
+//! emulated nodes, each with its agent. The plugin finds the agent pods and runs
+//! `netpol-agent` in their container over `pods/exec`; the double runs it where that
+//! agent's container would: beside it, on its socket, pins and status file.
+//! - `flows`: each agent's flow log, merged; a node whose agent cannot be read is named.
+//! - `explain --kernel`: what each node's kernel holds for the connection, and where it
+//!   disagrees with the cluster.
+//!
+//! Needs root and `NETPOL_AGENT_BIN` (`cargo xtask test` gives both).
 
 use std::io::{BufRead as _, BufReader};
 use std::net::Ipv4Addr;
@@ -92,6 +96,50 @@ impl TwoNodes {
     }
 }
 
+impl TwoNodes {
+    /// What the double runs for an exec into `netpol-agent-<n>` (container `agent`):
+    /// the command's `netpol-agent ...` as that node's agent would run it in its
+    /// container, pointed at that agent's socket, pins and status file.
+    fn exec_handler(&self, agent: &Path) -> ExecHandler {
+        let places: Vec<(PathBuf, PathBuf, PathBuf)> = self
+            .agents
+            .iter()
+            .map(|a| {
+                (
+                    a.flow_socket(),
+                    a.bpffs_dir().to_path_buf(),
+                    a.status_path().to_path_buf(),
+                )
+            })
+            .collect();
+        let agent = agent.to_path_buf();
+        Arc::new(move |exec| {
+            let node: usize = exec.pod.strip_prefix("netpol-agent-")?.parse().ok()?;
+            let (socket, pins, status) = places.get(node)?;
+            let (program, args) = exec.command.split_first()?;
+            if program != "netpol-agent" || exec.container.as_deref() != Some("agent") {
+                return None;
+            }
+            let mut command = tokio::process::Command::new(&agent);
+            command.args(args);
+            match args.first().map(String::as_str) {
+                Some("flows") => {
+                    command.arg("--socket").arg(socket);
+                }
+                Some("inspect") => {
+                    command
+                        .arg("--bpffs-dir")
+                        .arg(pins)
+                        .arg("--status-file")
+                        .arg(status);
+                }
+                _ => {}
+            }
+            Some(command)
+        })
+    }
+}
+
 #[test]
 fn cluster_wide_flows_merge_both_nodes_drops_and_name_the_node_whose_agent_cannot_be_read() {
     let Some(agent) = agent_bin() else {
@@ -111,24 +159,7 @@ fn cluster_wide_flows_merge_both_nodes_drops_and_name_the_node_whose_agent_canno
     ] {
         server.apply(agent_pod(pod, node));
     }
-    let sockets: Vec<PathBuf> = cluster
-        .agents
-        .iter()
-        .map(AgentProcess::flow_socket)
-        .collect();
-    let handler: ExecHandler = Arc::new(move |exec| {
-        let node: usize = exec.pod.strip_prefix("netpol-agent-")?.parse().ok()?;
-        let socket = sockets.get(node)?;
-        // The container's `netpol-agent ...`, run beside that node's agent.
-        let (program, args) = exec.command.split_first()?;
-        if program != "netpol-agent" || exec.container.as_deref() != Some("agent") {
-            return None;
-        }
-        let mut command = tokio::process::Command::new(&agent);
-        command.args(args).arg("--socket").arg(socket);
-        Some(command)
-    });
-    server.on_exec(handler);
+    server.on_exec(cluster.exec_handler(&agent));
     let dir = std::env::temp_dir().join(format!("netpol-kubectl-flows-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
@@ -279,6 +310,118 @@ fn cluster_wide_flows_merge_both_nodes_drops_and_name_the_node_whose_agent_canno
             && allows(flows.rules.as_deref().unwrap_or_default(), request);
         assert!(by_viewer || by_flows, "not granted: {request:?}");
     }
+    drop(server);
+    drop(runtime);
+}
+
+fn pod_object(name: &str, ip: &str, node: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "x", "labels": {"pod": name}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "nginx"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+#[test]
+fn explain_with_the_kernel_says_where_a_node_holds_other_than_the_cluster() {
+    let Some(agent) = agent_bin() else {
+        return;
+    };
+    // The agents enforce DENY_INGRESS; the cluster (the double) does not have it yet.
+    let cluster = TwoNodes::start(&agent);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(ApiServer::start()).expect("the double");
+    server.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}));
+    for (n, node) in ["node-0", "node-1"].into_iter().enumerate() {
+        server.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}));
+        server.apply(agent_pod(&format!("netpol-agent-{n}"), node));
+    }
+    server.apply(pod_object("a", "10.0.0.1", "node-0"));
+    server.apply(pod_object("b", "10.0.0.2", "node-1"));
+    server.on_exec(cluster.exec_handler(&agent));
+    let dir = std::env::temp_dir().join(format!("netpol-kubectl-kernel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
+    let explain = |output: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kubectl-netpol"))
+            .args(["explain", "x/a", "x/b", "80/TCP", "--kernel", "-o", output])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("kubectl-netpol explain --kernel");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    // The cluster allows x/a -> x/b; node-1's kernel drops it at x/b's ingress.
+    let value: Value = serde_json::from_str(&explain("json")).unwrap();
+    assert_eq!(value["allowed"], true, "{value:#}");
+    let kernel = value["kernel"].as_array().expect("kernel checks");
+    assert_eq!(kernel.len(), 2, "{value:#}");
+    let egress = &kernel[0];
+    assert_eq!(
+        (
+            egress["direction"].as_str(),
+            egress["node"].as_str(),
+            egress["agrees"].as_bool()
+        ),
+        (Some("egress"), Some("node-0"), Some(true)),
+        "{egress:#}"
+    );
+    assert_eq!(egress["kernel"]["reason"], "not-isolated");
+    let ingress = &kernel[1];
+    assert_eq!(
+        (
+            ingress["direction"].as_str(),
+            ingress["node"].as_str(),
+            ingress["agrees"].as_bool()
+        ),
+        (Some("ingress"), Some("node-1"), Some(false)),
+        "{ingress:#}"
+    );
+    assert_eq!(ingress["agent"], "kube-system/netpol-agent-1");
+    assert_eq!(ingress["kernel"]["reason"], "policy-denied");
+    assert_eq!(ingress["kernel"]["endpoint"], true);
+    let findings = ingress["findings"].to_string();
+    assert!(
+        findings.contains("the agent has applied resourceVersion 1, the cluster is at"),
+        "{findings}"
+    );
+    let text = explain("text");
+    println!("{text}");
+    assert!(
+        text.contains(
+            "kernel of node node-1, ingress of x/b: dropped (policy-denied), the cluster says \
+             allowed: the kernel DISAGREES"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "kernel of node node-0, egress of x/a: allowed (not-isolated), as the cluster says"
+        ),
+        "{text}"
+    );
+
+    // Once the cluster has the policy too, both agree.
+    server.apply(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "deny-ingress", "namespace": "x"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+    }));
+    let value: Value = serde_json::from_str(&explain("json")).unwrap();
+    assert_eq!(value["allowed"], false, "{value:#}");
+    for check in value["kernel"].as_array().unwrap() {
+        assert_eq!(check["agrees"], true, "{check:#}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     drop(server);
     drop(runtime);
 }
