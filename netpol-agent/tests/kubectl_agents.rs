@@ -31,13 +31,13 @@ spec:
 
 fn agent_bin() -> Option<PathBuf> {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("kubectl_flows: skipped: network-namespace tests need root");
+        eprintln!("kubectl_agents: skipped: network-namespace tests need root");
         return None;
     }
     let bin = std::env::var_os(netpol_lab::AGENT_BIN_ENV).map(PathBuf::from);
     if bin.is_none() {
         eprintln!(
-            "kubectl_flows: skipped: NETPOL_AGENT_BIN is not set; run via `cargo xtask test`"
+            "kubectl_agents: skipped: NETPOL_AGENT_BIN is not set; run via `cargo xtask test`"
         );
     }
     bin
