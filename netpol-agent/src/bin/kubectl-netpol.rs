@@ -98,6 +98,13 @@ struct FlowsArgs {
     /// Only this destination port.
     #[arg(long)]
     port: Option<u16>,
+    #[command(flatten)]
+    agents: AgentArgs,
+}
+
+/// Where the agents are (flows, explain --kernel).
+#[derive(Args, Debug)]
+struct AgentArgs {
     /// The agents' namespace.
     #[arg(long, value_name = "NS", default_value = "kube-system")]
     agent_namespace: String,
@@ -108,6 +115,16 @@ struct FlowsArgs {
         default_value = "app.kubernetes.io/name=netpol-agent"
     )]
     agent_selector: String,
+}
+
+impl AgentArgs {
+    fn agents(&self) -> netpol_agent::preview::flows::Agents {
+        netpol_agent::preview::flows::Agents {
+            namespace: self.agent_namespace.clone(),
+            selector: self.agent_selector.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -125,16 +142,8 @@ struct ExplainArgs {
     /// with the cluster.
     #[arg(long)]
     kernel: bool,
-    /// With --kernel: the agents' namespace.
-    #[arg(long, value_name = "NS", default_value = "kube-system")]
-    agent_namespace: String,
-    /// With --kernel: the agent pods' label selector.
-    #[arg(
-        long,
-        value_name = "SELECTOR",
-        default_value = "app.kubernetes.io/name=netpol-agent"
-    )]
-    agent_selector: String,
+    #[command(flatten)]
+    agents: AgentArgs,
 }
 
 #[derive(Args, Debug)]
@@ -223,11 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let checks = match (explain.kernel, &answer.explained) {
                 (false, _) => None,
                 (true, plugin::Explained::Flows(flows)) => {
-                    let agents = netpol_agent::preview::flows::Agents {
-                        namespace: explain.agent_namespace.clone(),
-                        selector: explain.agent_selector.clone(),
-                        ..Default::default()
-                    };
+                    let agents = explain.agents.agents();
                     let mut checks = Vec::new();
                     for flow in flows {
                         checks.extend(
@@ -329,11 +334,7 @@ async fn follow_flows(args: &ClusterArgs, flows: &FlowsArgs) -> anyhow::Result<(
             verdict: flows.verdict.clone(),
             port: flows.port,
         },
-        agents: flows::Agents {
-            namespace: flows.agent_namespace.clone(),
-            selector: flows.agent_selector.clone(),
-            ..flows::Agents::default()
-        },
+        agents: flows.agents.agents(),
     };
     let connection = connect(args).await?;
     let (sink, mut events) = tokio::sync::mpsc::channel(1024);
@@ -462,7 +463,7 @@ mod tests {
         assert_eq!(flows.nodes, ["n1", "n2"]);
         assert_eq!(flows.since, Some(std::time::Duration::from_secs(300)));
         assert_eq!(flows.verdict.as_deref(), Some("staged-drop"));
-        assert_eq!(flows.agent_namespace, "kube-system");
+        assert_eq!(flows.agents.agents().namespace, "kube-system");
         assert!(Cli::try_parse_from(["kubectl-netpol", "flows", "--since", "5d"]).is_err());
         assert!(Cli::try_parse_from(["kubectl-netpol", "flows", "--verdict", "maybe"]).is_err());
     }
