@@ -417,11 +417,19 @@ pub fn explain_between(
             reason: "a pod reaching itself stays inside it (loopback): never filtered".into(),
         });
     }
+    let staged = staged_view(state);
     let mut out = Vec::new();
     for s in &sources {
         for d in &destinations {
             if s.ip().is_ipv4() == d.ip().is_ipv4() {
-                out.push(explain_parties(state, compiled, s.clone(), d.clone(), port));
+                out.push(explain_parties(
+                    state,
+                    compiled,
+                    staged.as_ref(),
+                    s.clone(),
+                    d.clone(),
+                    port,
+                ));
             }
         }
     }
@@ -446,37 +454,29 @@ pub fn explain(
     explain_parties(
         state,
         compiled,
+        staged_view(state).as_ref(),
         resolver.party(src),
         resolver.party(dst),
         port,
     )
 }
 
+/// The state with its staged policies enforced, and its compile: computed once per
+/// question, shared by every flow it explains.
+pub(super) type StagedView = (ClusterState, Compiled);
+
 fn explain_parties(
     state: &ClusterState,
     compiled: &Compiled,
+    staged: Option<&StagedView>,
     src: Party,
     dst: Party,
     port: PortProtocol,
 ) -> Explanation {
-    let analysis = Analysis::new(state, &src, &dst, port);
-    let mut hooks = Vec::new();
-    if let Party::Pod { pod, .. } = &src {
-        hooks.push(analysis.hook(compiled, Direction::Egress, pod, &dst));
-    }
-    if let Party::Pod { pod, .. } = &dst {
-        hooks.push(analysis.hook(compiled, Direction::Ingress, pod, &src));
-    }
+    let hooks = explain_hooks(state, compiled, &src, &dst, port);
     let allowed = hooks.iter().all(HookExplanation::allowed);
-    let staged = staged_view(state).map(|(view, compiled)| {
-        let analysis = Analysis::new(&view, &src, &dst, port);
-        let mut hooks = Vec::new();
-        if let Party::Pod { pod, .. } = &src {
-            hooks.push(analysis.hook(&compiled, Direction::Egress, pod, &dst));
-        }
-        if let Party::Pod { pod, .. } = &dst {
-            hooks.push(analysis.hook(&compiled, Direction::Ingress, pod, &src));
-        }
+    let staged = staged.map(|(view, compiled)| {
+        let hooks = explain_hooks(view, compiled, &src, &dst, port);
         Box::new(StagedExplanation {
             policies: view.staged_policies().cloned().collect(),
             allowed: hooks.iter().all(HookExplanation::allowed),
@@ -493,8 +493,27 @@ fn explain_parties(
     }
 }
 
+/// The hooks the flow crosses, in packet order, each explained over `compiled`.
+fn explain_hooks(
+    state: &ClusterState,
+    compiled: &Compiled,
+    src: &Party,
+    dst: &Party,
+    port: PortProtocol,
+) -> Vec<HookExplanation> {
+    let analysis = Analysis::new(state, src, dst, port);
+    let mut hooks = Vec::new();
+    if let Party::Pod { pod, .. } = src {
+        hooks.push(analysis.hook(compiled, Direction::Egress, pod, dst));
+    }
+    if let Party::Pod { pod, .. } = dst {
+        hooks.push(analysis.hook(compiled, Direction::Ingress, pod, src));
+    }
+    hooks
+}
+
 /// `state` with its staged policies enforced, compiled; `None` without staged policies.
-fn staged_view(state: &ClusterState) -> Option<(ClusterState, Compiled)> {
+pub(super) fn staged_view(state: &ClusterState) -> Option<StagedView> {
     if state.enforce_staged || state.staged_policies().next().is_none() {
         return None;
     }

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use super::super::text::as_display;
-use super::{Explanation, Resolver, explain_parties};
+use super::{Explanation, Resolver, explain_parties, staged_view};
 use crate::preview::{PortProtocol, PreviewError};
 use netpol_compile::Compiled;
 use netpol_compile::services::{Backend, ServiceIndex};
@@ -100,6 +100,7 @@ pub fn explain_service(
     };
     let resolver = Resolver::new(state);
     let sources = resolver.resolve(src)?;
+    let staged = staged_view(state);
     let mut backends = Vec::new();
     for &Backend {
         ip, port: target, ..
@@ -118,6 +119,7 @@ pub fn explain_service(
             explanation: explain_parties(
                 state,
                 compiled,
+                staged.as_ref(),
                 source.clone(),
                 resolver.party(ip),
                 backend_port,
