@@ -240,6 +240,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 &connection,
                                 &agents,
                                 flow,
+                                &answer.nodes,
                                 &answer.read,
                             )
                             .await?,

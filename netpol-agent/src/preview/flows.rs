@@ -93,6 +93,25 @@ impl Agents {
         format!("{}/{pod}", self.namespace)
     }
 
+    /// Starts `command` in the agent pod `pod` (its output and errors piped); the error
+    /// says what the API server said.
+    pub async fn exec(
+        &self,
+        client: &kube::Client,
+        pod: &str,
+        command: Vec<String>,
+    ) -> Result<kube::api::AttachedProcess, String> {
+        let params = AttachParams::default()
+            .container(self.container.clone())
+            .stdin(false)
+            .stdout(true)
+            .stderr(true);
+        Api::<Pod>::namespaced(client.clone(), &self.namespace)
+            .exec(pod, command, &params)
+            .await
+            .map_err(|error| super::kube_error(&error))
+    }
+
     /// Runs `command` in the agent pod `pod` and returns its standard output; the
     /// error says what the API server or the command said.
     pub async fn run(
@@ -102,16 +121,7 @@ impl Agents {
         command: Vec<String>,
     ) -> Result<String, String> {
         use tokio::io::AsyncReadExt as _;
-        let api = Api::<Pod>::namespaced(client.clone(), &self.namespace);
-        let params = AttachParams::default()
-            .container(self.container.clone())
-            .stdin(false)
-            .stdout(true)
-            .stderr(true);
-        let mut process = api
-            .exec(pod, command, &params)
-            .await
-            .map_err(|error| super::kube_error(&error))?;
+        let mut process = self.exec(client, pod, command).await?;
         let (mut out, mut err) = (String::new(), String::new());
         if let Some(mut stdout) = process.stdout() {
             let _ = stdout.read_to_string(&mut out).await;
@@ -250,9 +260,9 @@ pub async fn follow(
                 .await;
             continue;
         };
-        let api = Api::<Pod>::namespaced(connection.client.clone(), &request.agents.namespace);
+        let client = connection.client.clone();
         let request = request.clone();
-        tasks.spawn(async move { follow_agent(api, &request, node, pod, sink).await });
+        tasks.spawn(async move { follow_agent(&client, &request, node, pod, sink).await });
     }
     while tasks.join_next().await.is_some() {}
     Ok(())
@@ -260,26 +270,22 @@ pub async fn follow(
 
 /// One agent's stream, until it ends.
 async fn follow_agent(
-    api: Api<Pod>,
+    client: &kube::Client,
     request: &FlowsRequest,
     node: String,
     pod: String,
     sink: mpsc::Sender<FlowsEvent>,
 ) {
     let name = request.agents.name(&pod);
-    let params = AttachParams::default()
-        .container(request.agents.container.clone())
-        .stdin(false)
-        .stdout(true)
-        .stderr(true);
-    let mut process = match api.exec(&pod, agent_command(request), &params).await {
+    let command = agent_command(request);
+    let mut process = match request.agents.exec(client, &pod, command).await {
         Ok(process) => process,
-        Err(error) => {
+        Err(reason) => {
             let _ = sink
                 .send(FlowsEvent::Unreachable {
                     node,
                     pod: Some(name),
-                    reason: super::kube_error(&error),
+                    reason,
                 })
                 .await;
             return;

@@ -6,10 +6,10 @@
 //! explains it (a change the agent has not applied, a pod not programmed, a live
 //! conntrack entry).
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
+use netpol_compile::state::ObjectRef;
 use serde::{Deserialize, Serialize};
 
 use super::PreviewError;
@@ -50,19 +50,6 @@ pub struct KernelCheck {
     pub findings: Vec<String>,
 }
 
-/// The node of each pod the explanation names, from one list of its namespace's pods.
-async fn node_of(connection: &Connection, pod: &str) -> Option<String> {
-    let (namespace, name) = pod.split_once('/')?;
-    let list = Api::<Pod>::namespaced(connection.client.clone(), namespace)
-        .list(&ListParams::default().fields(&format!("metadata.name={name}")))
-        .await
-        .ok()?;
-    list.items
-        .into_iter()
-        .find(|p| p.metadata.name.as_deref() == Some(name))
-        .and_then(|p| p.spec.and_then(|s| s.node_name))
-}
-
 /// The highest resourceVersion the explanation was computed from.
 fn cluster_version(read: &ClusterRead) -> Option<u64> {
     read.lists
@@ -71,17 +58,20 @@ fn cluster_version(read: &ClusterRead) -> Option<u64> {
         .max()
 }
 
-/// Asks the kernels of the nodes the hooks of `explanation` are on.
+/// Asks the kernels of the nodes the hooks of `explanation` are on; `nodes` is the node
+/// of each pod (what the explanation was computed from says).
 pub async fn check(
     connection: &Connection,
     agents: &Agents,
     explanation: &Explanation,
+    nodes: &BTreeMap<ObjectRef, String>,
     read: &ClusterRead,
 ) -> Result<Vec<KernelCheck>, PreviewError> {
     let pods = agents.pods(&connection.client).await?;
     let mut checks = Vec::new();
     for hook in &explanation.hooks {
-        checks.push(check_hook(connection, agents, &pods, explanation, hook, read).await);
+        let node = nodes.get(&hook.pod).cloned();
+        checks.push(check_hook(connection, agents, &pods, explanation, hook, node, read).await);
     }
     Ok(checks)
 }
@@ -92,12 +82,13 @@ async fn check_hook(
     pods: &[(String, String)],
     explanation: &Explanation,
     hook: &HookExplanation,
+    node: Option<String>,
     read: &ClusterRead,
 ) -> KernelCheck {
     let mut check = KernelCheck {
         direction: hook.direction.field().to_owned(),
         pod: hook.pod.to_string(),
-        node: node_of(connection, &hook.pod.to_string()).await,
+        node,
         agent: None,
         cluster_allowed: hook.allowed(),
         kernel: None,

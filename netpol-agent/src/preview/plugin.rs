@@ -6,7 +6,7 @@
 //! Every answer carries the [`ClusterRead`] it was computed from (text: a footer; JSON:
 //! the `cluster` field).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -81,6 +81,9 @@ pub enum Explained {
 pub struct ExplainAnswer {
     pub explained: Explained,
     pub read: ClusterRead,
+    /// The node (`spec.nodeName`) of each pod the explanation names, from the same
+    /// lists: where that pod's hook runs (`explain --kernel` asks its agent).
+    pub nodes: BTreeMap<ObjectRef, String>,
     /// Objects that could not be read in full (as the agent reports them).
     pub warnings: Vec<String>,
 }
@@ -151,9 +154,30 @@ pub fn explain_in(
         Some(service) => Explained::Service(service),
         None => Explained::Flows(explain_between(state, &compiled, &src, &dst, request.port)?),
     };
+    let hooks: Vec<&ObjectRef> = match &explained {
+        Explained::Service(service) => service
+            .backends
+            .iter()
+            .flat_map(|b| &b.explanation.hooks)
+            .map(|h| &h.pod)
+            .collect(),
+        Explained::Flows(flows) => flows
+            .iter()
+            .flat_map(|f| &f.hooks)
+            .map(|h| &h.pod)
+            .collect(),
+    };
+    let nodes = hooks
+        .into_iter()
+        .filter_map(|pod| {
+            let node = state.pods.get(pod)?.spec.as_ref()?.node_name.clone()?;
+            Some((pod.clone(), node))
+        })
+        .collect();
     Ok(ExplainAnswer {
         explained,
         read,
+        nodes,
         warnings,
     })
 }
