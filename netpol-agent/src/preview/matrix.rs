@@ -296,15 +296,26 @@ impl Matrix {
         }
     }
 
-    /// The cell `src -> dst` on `port`, if the matrix has it.
-    pub fn get(&self, port: PortProtocol, src: &ObjectRef, dst: &ObjectRef) -> Option<Reach> {
+    /// The table of `port` and the row and column of `src -> dst` in it.
+    fn place(
+        &self,
+        port: PortProtocol,
+        src: &ObjectRef,
+        dst: &ObjectRef,
+    ) -> Option<(&PortTable, usize, usize)> {
         let table = self.tables.iter().find(|t| t.port == port)?;
-        let s = self.pods.iter().position(|p| p.pod == *src)?;
+        let row = self.pods.iter().position(|p| p.pod == *src)?;
         let column = table
             .destinations
             .iter()
             .position(|&d| self.pods[d].pod == *dst)?;
-        table.cells[s][column]
+        Some((table, row, column))
+    }
+
+    /// The cell `src -> dst` on `port`, if the matrix has it.
+    pub fn get(&self, port: PortProtocol, src: &ObjectRef, dst: &ObjectRef) -> Option<Reach> {
+        let (table, row, column) = self.place(port, src, dst)?;
+        table.cells[row][column]
     }
 
     /// How the cell `src -> dst` on `port` was decided, if the matrix has it.
@@ -314,13 +325,8 @@ impl Matrix {
         src: &ObjectRef,
         dst: &ObjectRef,
     ) -> Option<&[CellDecision]> {
-        let table = self.tables.iter().find(|t| t.port == port)?;
-        let s = self.pods.iter().position(|p| p.pod == *src)?;
-        let column = table
-            .destinations
-            .iter()
-            .position(|&d| self.pods[d].pod == *dst)?;
-        let index = table.decided[s][column]?;
+        let (table, row, column) = self.place(port, src, dst)?;
+        let index = table.decided[row][column]?;
         Some(&self.decisions[index])
     }
 
