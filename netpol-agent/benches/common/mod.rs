@@ -126,7 +126,12 @@ pub fn print_machine(machine: &Value) {
 
 /// `VmRSS` and `VmHWM` of this process, in MiB.
 pub fn memory_mib() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    memory_of("self")
+}
+
+/// `VmRSS` and `VmHWM` of the process `/proc/<process>` (a pid, or `self`), in MiB.
+pub fn memory_of(process: &str) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
             .lines()

@@ -19,7 +19,7 @@ use netpol_lab::apiserver::ApiServer;
 use serde_json::{Value, json};
 
 use crate::cluster::ns_name;
-use crate::common::{Summary, ms};
+use crate::common::{Summary, memory_of, ms};
 use crate::{Config, NODE, Size};
 
 /// How long the first sync and one change may take before the run is abandoned.
@@ -150,20 +150,6 @@ fn wait_status(
         }
         std::thread::sleep(Duration::from_micros(100));
     }
-}
-
-/// VmRSS and VmHWM of process `pid`, in MiB.
-fn memory_of(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.trim().strip_suffix("kB"))
-            .and_then(|kb| kb.trim().parse::<f64>().ok())
-            .map_or(f64::NAN, |kb| kb / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// The agent process; stopped (SIGTERM, then killed) when dropped.
@@ -380,7 +366,7 @@ fn run(config: &Config, dir: &Path, state: &ClusterState, size: Size) -> Result<
     let mut agent = Agent(child);
     let first_sync = wait_status(&mut agent.0, &status, version, started, SYNC_DEADLINE)
         .map_err(|e| format!("first sync: {e}; see {}", work.join("agent.log").display()))?;
-    let (rss_synced, _) = memory_of(pid);
+    let (rss_synced, _) = memory_of(&pid.to_string());
 
     let mut served = Served::of(state);
     let mut per_kind: BTreeMap<Event, Vec<f64>> = BTreeMap::new();
@@ -392,7 +378,7 @@ fn run(config: &Config, dir: &Path, state: &ClusterState, size: Size) -> Result<
             .map_err(|e| format!("{}: {e}", event.label()))?;
         per_kind.entry(event).or_default().push(ms(took));
     }
-    let (_, peak_rss) = memory_of(pid);
+    let (_, peak_rss) = memory_of(&pid.to_string());
     drop(agent);
     let _ = std::fs::remove_dir_all(&work);
     let changes: Vec<f64> = per_kind
