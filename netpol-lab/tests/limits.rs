@@ -48,26 +48,29 @@ fn a_pod_that_does_not_fit_is_refused_and_everything_else_enforced() {
         "the log names the refused pod and the full map:\n{}",
         agent.log_tail(20)
     );
+    // The gauge is set when the refusal is found; the packet counters are copied from
+    // the kernel once a second: wait for both, within a bound.
     let node = NetnsWorker::spawn(lab.node_netns()).expect("node worker");
     let series = r#"netpol_refused{map="ENDPOINTS"}"#;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let value = loop {
-        let (_, body) = http_get(&node, "/metrics");
-        match sample(&body, series) {
-            Some(v) if v >= 1.0 || Instant::now() >= deadline => break v,
-            None if Instant::now() >= deadline => panic!("no {series} in /metrics"),
-            _ => std::thread::sleep(Duration::from_millis(200)),
-        }
+    let refused_packets = |body: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with("netpol_packets_total") && l.contains(r#"reason="refused""#))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (_, body) = http_get(&node, "/metrics");
+        let done = sample(&body, series).is_some_and(|v| v >= 1.0) && refused_packets(&body) >= 1.0;
+        if done || Instant::now() >= deadline {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let value = sample(&body, series).unwrap_or_else(|| panic!("no {series} in /metrics:\n{body}"));
     assert_eq!(value, 1.0, "{series}");
-    let (_, body) = http_get(&node, "/metrics");
-    let refused_packets: f64 = body
-        .lines()
-        .filter(|l| l.starts_with("netpol_packets_total") && l.contains(r#"reason="refused""#))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
     assert!(
-        refused_packets >= 1.0,
+        refused_packets(&body) >= 1.0,
         "packets dropped as refused are counted:\n{body}"
     );
     println!("ENDPOINTS full: x/c refused (log, {series} = {value}), x/a and x/b enforced");
