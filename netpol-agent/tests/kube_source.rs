@@ -832,3 +832,112 @@ async fn cluster_network_policies_arrive_and_a_cluster_without_the_crd_still_syn
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The objects of `state` the source fills, for comparing two states.
+fn objects(state: &ClusterState) -> String {
+    format!(
+        "{:#?}",
+        (
+            &state.namespaces,
+            &state.pods,
+            &state.policies,
+            &state.services,
+            &state.endpoint_slices,
+            &state.service_cidrs,
+            &state.cluster_policies,
+            &state.nodes,
+        )
+    )
+}
+
+/// A snapshot copies only the objects that changed since the last one: after random
+/// creates, updates and deletes of every kind the source watches (with broken streams
+/// and an expired history among them, so that re-lists replace whole stores), the state
+/// kept by those snapshots equals the state read whole from the same stores.
+#[tokio::test(flavor = "current_thread")]
+async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
+    let server = cluster().await;
+    let mut source = source(&server);
+    let mut state = ClusterState::default();
+    wait_for(&mut source, &mut state, "sync", |s| s.pods.len() == 3).await;
+
+    // xorshift64: reproducible without a dependency.
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for round in 0..6 {
+        for step in 0..40 {
+            let ns = ["x", "y", "z"][next(3) as usize];
+            let name = format!("p{}", next(8));
+            match next(9) {
+                0..=2 => {
+                    let ip = format!("10.1.{}.{}", next(4), next(250) + 1);
+                    let node = [NODE, "node-2"][next(2) as usize];
+                    let app = format!("a{}", next(3));
+                    server.apply(pod(ns, &name, node, &ip, json!({"app": app})));
+                }
+                3 => {
+                    server.delete("Pod", Some(ns), &name);
+                }
+                4 => {
+                    server.apply(namespace(ns, json!({"team": format!("t{}", next(3))})));
+                }
+                5 => {
+                    let port = 80 + next(3);
+                    server.apply(policy(
+                        ns,
+                        &format!("np{}", next(3)),
+                        json!({"podSelector": {}, "ingress": [{"ports": [{"port": port}]}]}),
+                    ));
+                }
+                6 => {
+                    server.delete("NetworkPolicy", Some(ns), &format!("np{}", next(3)));
+                }
+                7 => {
+                    let mut object = node(["node-2", "node-3"][next(2) as usize], "192.168.0.9");
+                    object["metadata"]["labels"] = json!({"zone": format!("z{}", next(2))});
+                    server.apply(object);
+                }
+                _ => {
+                    server.apply(json!({
+                        "apiVersion": "v1", "kind": "Service",
+                        "metadata": {"name": format!("s{}", next(3)), "namespace": ns},
+                        "spec": {"clusterIP": format!("10.96.0.{}", next(200) + 1),
+                                 "ports": [{"port": 80 + next(2), "protocol": "TCP"}]},
+                    }));
+                }
+            }
+            // Some snapshots in the middle of the burst, as the agent's loop takes them.
+            if step % 7 == 0 && source.changed(Duration::from_millis(5)).await.unwrap() {
+                source.snapshot(&mut state);
+            }
+        }
+        match round {
+            2 => server.kill_watches(),
+            4 => server.expire(),
+            _ => {}
+        }
+        let version = server.resource_version();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if source.changed(Duration::from_millis(50)).await.unwrap()
+                && source.snapshot(&mut state).generation >= Some(version)
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: the source did not reach version {version}"
+            );
+        }
+        let mut whole = ClusterState::default();
+        source.reread_all();
+        source.snapshot(&mut whole);
+        assert_eq!(objects(&state), objects(&whole), "round {round}");
+    }
+    assert!(state.pods.len() > 3, "the changes reached the state");
+}

@@ -356,7 +356,8 @@ fn run(config: &Config, dir: &Path, state: &ClusterState, size: Size) -> Result<
         .arg(&status)
         .arg("--flow-socket")
         .arg(work.join("flows.sock"))
-        .env("RUST_LOG", "warn")
+        // Info: each `applied` line says where the time of a change went.
+        .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -380,6 +381,7 @@ fn run(config: &Config, dir: &Path, state: &ClusterState, size: Size) -> Result<
     }
     let (_, peak_rss) = memory_of(&pid.to_string());
     drop(agent);
+    keep_log(&work.join("agent.log"), size);
     let _ = std::fs::remove_dir_all(&work);
     let changes: Vec<f64> = per_kind
         .iter()
@@ -396,6 +398,16 @@ fn run(config: &Config, dir: &Path, state: &ClusterState, size: Size) -> Result<
             .collect(),
         changes: Summary::of(&changes),
     })
+}
+
+/// Keeps the agent's log as `target/bench/control-agent-<pods>.log`.
+fn keep_log(log: &Path, size: Size) {
+    let dir = crate::common::target_dir().join("bench");
+    let kept = dir.join(format!("control-agent-{}.log", size.pods()));
+    match std::fs::create_dir_all(&dir).and_then(|()| std::fs::copy(log, &kept)) {
+        Ok(_) => eprintln!("agent log: {}", kept.display()),
+        Err(error) => eprintln!("cannot keep the agent log as {}: {error}", kept.display()),
+    }
 }
 
 /// A fresh directory for the agent's files (kubeconfig, status, log, socket).

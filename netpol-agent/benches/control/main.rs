@@ -5,7 +5,9 @@
 //!
 //! `cargo bench -p netpol-agent --bench control [-- --smoke]` (root for the kernel part;
 //! without root the compile part still runs). Prints Markdown, writes
-//! `target/bench/control.json`.
+//! `target/bench/control.json`, and keeps the Kubernetes-mode agent's log of each size as
+//! `target/bench/control-agent-<pods>.log` (its `applied` lines time each phase).
+//! `NETPOL_BENCH_PODS=150000` runs only the sizes named.
 //!
 //! Method:
 //! - Sizes run one after the other, smallest first, each in full before the next one's
@@ -87,16 +89,38 @@ impl Config {
         } else {
             Config {
                 smoke,
-                // 10,020, 50,010 and 150,000 pods.
-                sizes: [334, 1_667, 5_000]
-                    .map(|namespaces| Size { namespaces })
-                    .to_vec(),
+                // 10,020, 50,010 and 150,000 pods, or those of NETPOL_BENCH_PODS.
+                sizes: chosen_sizes().unwrap_or_else(|| {
+                    [334, 1_667, 5_000]
+                        .map(|namespaces| Size { namespaces })
+                        .to_vec()
+                }),
                 compile_runs: 3,
                 changes: 250,
                 noop_runs: 10,
             }
         }
     }
+}
+
+/// `NETPOL_BENCH_PODS=10000,150000`: only these sizes (rounded to whole namespaces), to
+/// look at one size while working on it. The report is the same, with fewer columns.
+fn chosen_sizes() -> Option<Vec<Size>> {
+    let text = std::env::var("NETPOL_BENCH_PODS").ok()?;
+    let mut sizes: Vec<Size> = text
+        .split(',')
+        .filter_map(|pods| match pods.trim().replace('_', "").parse::<usize>() {
+            Ok(pods) if pods >= PODS_PER_NAMESPACE => Some(Size {
+                namespaces: pods.div_ceil(PODS_PER_NAMESPACE),
+            }),
+            _ => {
+                eprintln!("NETPOL_BENCH_PODS: ignoring {pods:?} (a number of pods, at least 30)");
+                None
+            }
+        })
+        .collect();
+    sizes.sort_by_key(|s| s.namespaces);
+    (!sizes.is_empty()).then_some(sizes)
 }
 
 /// Everything measured at one size.

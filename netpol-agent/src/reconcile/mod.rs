@@ -49,6 +49,34 @@ struct Wake {
     links: bool,
 }
 
+/// When each phase of one pass that changed the kernel ended, from its start: where the
+/// time from a change to the kernel goes (the `applied` log line).
+struct Phases {
+    started: Instant,
+    snapshot: std::time::Duration,
+    compiled: std::time::Duration,
+    applied: std::time::Duration,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Phases {
+            started: Instant::now(),
+            snapshot: Default::default(),
+            compiled: Default::default(),
+            applied: Default::default(),
+        }
+    }
+
+    fn since_start(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+}
+
+fn ms(duration: std::time::Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
 /// The control loop's state between passes.
 pub struct Reconciler<'a, S: Source> {
     config: &'a Config,
@@ -181,23 +209,26 @@ impl<'a, S: Source> Reconciler<'a, S> {
 
     /// Snapshot, compile, apply: `false` when the kernel refused the state.
     fn reconcile_change(&mut self) -> Result<bool, Error> {
-        let started = Instant::now();
-        self.snapshot_and_compile()?;
+        let mut phases = Phases::start();
+        self.snapshot_and_compile(&mut phases)?;
         let Some(report) = apply(self.datapath, &self.compiled, self.health) else {
             self.apply_failed = true;
             return Ok(false);
         };
+        phases.applied = phases.since_start();
         self.apply_failed = false;
-        self.applied(started, report);
+        self.applied(phases, report);
         Ok(true)
     }
 
     /// Fills the state from the source, compiles it and publishes the diagnostics.
-    fn snapshot_and_compile(&mut self) -> Result<(), Error> {
+    fn snapshot_and_compile(&mut self, phases: &mut Phases) -> Result<(), Error> {
         let update = self.source.snapshot(&mut self.state)?;
         self.state.audit_all = self.config.audit;
         self.state.configured_service_cidrs = self.config.service_cidrs.clone();
+        phases.snapshot = phases.since_start();
         self.compiled = self.compiler.compile(&self.state);
+        phases.compiled = phases.since_start();
         self.diagnostics = update.diagnostics;
         self.diagnostics
             .extend(self.compiled.diagnostics.iter().cloned());
@@ -239,14 +270,14 @@ impl<'a, S: Source> Reconciler<'a, S> {
 
     /// After a changed state reached the kernel: metrics, readiness, refusals, the flow
     /// log's names, the log line and the status.
-    fn applied(&mut self, started: Instant, report: datapath::ApplyReport) {
+    fn applied(&mut self, phases: Phases, report: datapath::ApplyReport) {
         self.report_interfaces(&report.refused_names);
         let health = self.health;
         health.metrics.applies.inc();
         health
             .metrics
             .propagation
-            .observe(started.elapsed().as_secs_f64());
+            .observe(phases.applied.as_secs_f64());
         self.primed = true;
         health.set_ready(true);
         self.refusals
@@ -265,7 +296,11 @@ impl<'a, S: Source> Reconciler<'a, S> {
             map_writes = report.maps.writes(),
             attached = report.attached.len(),
             detached = report.detached.len(),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            snapshot_ms = ms(phases.snapshot),
+            compile_ms = ms(phases.compiled - phases.snapshot),
+            apply_ms = ms(phases.applied - phases.compiled),
+            names_ms = ms(phases.since_start() - phases.applied),
+            elapsed_ms = ms(phases.since_start()),
             "applied"
         );
         self.status = Status {

@@ -4,7 +4,8 @@
 //! [`KubeSource`] is the [`Source`]; it reads a [`ClusterWatch`] (the watchers and their
 //! stores) and adds the node context. The rooms: [`settings`] (what is watched, how),
 //! [`incidents`] (failures, one log line per incident, and the backoff), [`watch`] (one
-//! watcher task), [`watches`] (the stores, batching and snapshots), [`events`]
+//! watcher task), [`watches`] (the stores, batching and snapshots), [`changes`] (what
+//! changed since the last snapshot: a snapshot copies only that), [`events`]
 //! (diagnostics published as Kubernetes Events), `streams` and `trim`.
 //!
 //! One watcher per resource: Namespaces, Pods and NetworkPolicies of the whole cluster
@@ -28,6 +29,7 @@
 //! NetworkPolicy (invalid) or a Pod (not programmed) is published, when enabled, as
 //! `events.k8s.io/v1` Events on the object ([`ClusterWatch::report`]).
 
+mod changes;
 mod events;
 mod incidents;
 mod settings;

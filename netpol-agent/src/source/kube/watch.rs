@@ -15,6 +15,7 @@ use futures::StreamExt as _;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
+use super::changes::Changes;
 use super::incidents::{Backoff, Failure, INCIDENT_QUIET, Signal};
 use super::settings::Watched;
 
@@ -23,6 +24,8 @@ pub(super) struct WatchContext {
     pub(super) watched: Watched,
     pub(super) tx: mpsc::UnboundedSender<Signal>,
     pub(super) resource_version: Arc<AtomicU64>,
+    /// Where the objects that changed are recorded, before the version is published.
+    pub(super) changes: Arc<Changes>,
     pub(super) backoff: Backoff,
     /// The resource is a CRD's: a 404 means the cluster does not serve it, so it has
     /// none (an empty list, then retried with the backoff in case it is installed).
@@ -71,12 +74,16 @@ pub(super) async fn watch<K>(
                         }
                         Event::InitApply(_) => None,
                         Event::InitDone => {
+                            context.changes.all(watched);
                             context
                                 .resource_version
                                 .fetch_max(std::mem::take(&mut listing), Ordering::AcqRel);
                             Some(Signal::Synced(watched))
                         }
-                        Event::Apply(_) | Event::Delete(_) => {
+                        Event::Apply(object) | Event::Delete(object) => {
+                            if !unchanged {
+                                context.changes.object(watched, object);
+                            }
                             context
                                 .resource_version
                                 .fetch_max(std::mem::take(&mut listing), Ordering::AcqRel);
@@ -91,6 +98,7 @@ pub(super) async fn watch<K>(
                 Err(error) if context.absent_is_empty && not_served(&error) => {
                     writer.apply_watcher_event(&Event::Init);
                     writer.apply_watcher_event(&Event::InitDone);
+                    context.changes.all(watched);
                     if context.tx.send(Signal::Synced(watched)).is_err() {
                         return;
                     }

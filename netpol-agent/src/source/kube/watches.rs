@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use netpol_compile::state::{ClusterState, NodePeer, ObjectRef, node_addresses};
 
+use super::changes::{Changes, refresh};
 use super::incidents::{self, Incidents, Signal};
 use super::settings::{Settings, Watched};
 use super::watch::{WatchContext, watch};
@@ -51,6 +52,9 @@ pub struct ClusterWatch {
     tasks: Vec<JoinHandle<()>>,
     /// Highest resourceVersion in the stores (when numeric, as etcd revisions are).
     resource_version: Arc<AtomicU64>,
+    /// The objects changed since the last snapshot (recorded by the watcher tasks).
+    changes: Arc<Changes>,
+    cluster_policy: ::kube::api::ApiResource,
     synced: BTreeSet<Watched>,
     /// A change arrived since the last snapshot.
     dirty: bool,
@@ -82,11 +86,13 @@ impl ClusterWatch {
             })
             .build();
         let resource_version = Arc::new(AtomicU64::new(0));
+        let changes = Arc::new(Changes::default());
         let mut tasks = Vec::new();
         let context = |watched| WatchContext {
             watched,
             tx: tx.clone(),
             resource_version: resource_version.clone(),
+            changes: changes.clone(),
             backoff: incidents::backoff(settings.backoff_initial, settings.backoff_max),
             absent_is_empty: watched == Watched::ClusterNetworkPolicies,
         };
@@ -190,6 +196,8 @@ impl ClusterWatch {
             signals,
             tasks,
             resource_version,
+            changes,
+            cluster_policy,
             synced: BTreeSet::new(),
             dirty: false,
             moved: false,
@@ -298,76 +306,92 @@ impl ClusterWatch {
         }
     }
 
-    /// Fills the objects of `state` from the stores and returns the addresses of this
-    /// node from its Node object and the highest resourceVersion the snapshot contains
-    /// (the status file's generation in Kubernetes mode).
+    /// Brings the objects of `state` up to date with the stores and returns the
+    /// addresses of this node from its Node object and the highest resourceVersion the
+    /// snapshot contains (the status file's generation in Kubernetes mode).
+    ///
+    /// Only what changed since the last snapshot is copied ([`super::changes`]): `state`
+    /// must be the one the previous snapshots filled (the agent keeps one), or call
+    /// [`ClusterWatch::reread_all`] first.
     pub fn snapshot(&mut self, state: &mut ClusterState) -> Snapshot {
-        // Read first: the stores hold at least everything up to this version.
+        // Read first: the stores hold at least everything up to this version, and the
+        // record taken below names every object those changes touched.
         let generation = self.resource_version.load(Ordering::Acquire);
         self.moved = false;
-        state.namespaces = self
-            .stores
-            .namespaces
-            .state()
-            .into_iter()
-            .filter_map(|ns| Some((ns.metadata.name.clone()?, (*ns).clone())))
-            .collect();
-        state.pods = self
-            .stores
-            .pods
-            .state()
-            .into_iter()
-            .filter_map(|pod| Some((object_ref(&pod.metadata)?, (*pod).clone())))
-            .collect();
-        state.policies = self
-            .stores
-            .policies
-            .state()
-            .into_iter()
-            .filter_map(|policy| Some((object_ref(&policy.metadata)?, (*policy).clone())))
-            .collect();
-        state.services = self
-            .stores
-            .services
-            .state()
-            .into_iter()
-            .filter_map(|s| Some((object_ref(&s.metadata)?, (*s).clone())))
-            .collect();
-        state.endpoint_slices = self
-            .stores
-            .endpoint_slices
-            .state()
-            .into_iter()
-            .filter_map(|s| Some((object_ref(&s.metadata)?, (*s).clone())))
-            .collect();
-        state.service_cidrs = self
-            .stores
-            .service_cidrs
-            .state()
-            .into_iter()
-            .filter_map(|c| Some((c.metadata.name.clone()?, (*c).clone())))
-            .collect();
-        state.cluster_policies = self
-            .stores
-            .cluster_policies
-            .state()
-            .into_iter()
-            .filter_map(|p| Some((p.metadata.name.clone()?, serde_json::to_value(&*p).ok()?)))
-            .collect();
-        let nodes = self.stores.node.state();
-        state.nodes = nodes
-            .iter()
-            .filter_map(|node| Some((node.metadata.name.clone()?, NodePeer::of(node))))
-            .collect();
-        let node_ips = nodes
-            .iter()
-            .filter(|node| node.metadata.name.as_deref() == Some(&self.settings.node_name))
-            .flat_map(|node| node_addresses(node))
-            .collect();
+        let mut changed = self.changes.take();
+        let stores = &self.stores;
+        refresh(
+            &stores.namespaces,
+            &(),
+            changed.remove(&Watched::Namespaces),
+            &mut state.namespaces,
+            |ns: &Namespace| Some(ns.clone()),
+        );
+        refresh(
+            &stores.pods,
+            &(),
+            changed.remove(&Watched::Pods),
+            &mut state.pods,
+            |pod: &Pod| Some(pod.clone()),
+        );
+        refresh(
+            &stores.policies,
+            &(),
+            changed.remove(&Watched::NetworkPolicies),
+            &mut state.policies,
+            |policy: &NetworkPolicy| Some(policy.clone()),
+        );
+        refresh(
+            &stores.services,
+            &(),
+            changed.remove(&Watched::Services),
+            &mut state.services,
+            |service: &Service| Some(service.clone()),
+        );
+        refresh(
+            &stores.endpoint_slices,
+            &(),
+            changed.remove(&Watched::EndpointSlices),
+            &mut state.endpoint_slices,
+            |slice: &EndpointSlice| Some(slice.clone()),
+        );
+        refresh(
+            &stores.service_cidrs,
+            &(),
+            changed.remove(&Watched::ServiceCidrs),
+            &mut state.service_cidrs,
+            |cidr: &ServiceCIDR| Some(cidr.clone()),
+        );
+        refresh(
+            &stores.cluster_policies,
+            &self.cluster_policy,
+            changed.remove(&Watched::ClusterNetworkPolicies),
+            &mut state.cluster_policies,
+            |policy: &DynamicObject| serde_json::to_value(policy).ok(),
+        );
+        refresh(
+            &stores.node,
+            &(),
+            changed.remove(&Watched::Node),
+            &mut state.nodes,
+            |node: &Node| Some(NodePeer::of(node)),
+        );
+        let this_node = ::kube::runtime::reflector::ObjectRef::new(&self.settings.node_name);
+        let node_ips = stores
+            .node
+            .get(&this_node)
+            .map(|node| node_addresses(&node))
+            .unwrap_or_default();
         Snapshot {
             node_ips,
             generation: (generation > 0).then_some(generation),
         }
+    }
+
+    /// The next [`ClusterWatch::snapshot`] copies every object, not only those changed:
+    /// for a state that is not the one the previous snapshots filled.
+    pub fn reread_all(&mut self) {
+        self.changes.everything();
     }
 }
 

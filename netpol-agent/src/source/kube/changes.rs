@@ -1,0 +1,230 @@
+//! What changed in the stores since the last snapshot, so that a snapshot copies only
+//! those objects into the state (O(changes), not O(cluster)).
+//!
+//! The watcher tasks record an object's key before they publish the resourceVersion that
+//! covers it; [`ClusterWatch::snapshot`](super::ClusterWatch::snapshot) reads the version
+//! first and takes the record after. So every change up to the version a snapshot
+//! reports is in the record it takes (the status file never claims a version whose
+//! objects the state lacks); a change recorded but not yet covered by that version is
+//! copied early, which is harmless.
+//!
+//! A completed list (the first, or a re-list after a broken watch) replaces a store as a
+//! whole: it is recorded as [`Changed::All`], and the next snapshot rebuilds that
+//! resource from the store.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::Hash;
+use std::sync::Mutex;
+
+use ::kube::runtime::reflector::{Lookup, ObjectRef as StoreRef, Store};
+use netpol_compile::state::ObjectRef;
+
+use super::settings::Watched;
+
+/// An object's place in its store: (namespace, or empty when cluster-scoped; name).
+pub(super) type Key = (String, String);
+
+/// What changed in one resource's store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Changed {
+    /// The store was replaced (a completed list): every object.
+    All,
+    /// These objects were added, updated or deleted.
+    Objects(BTreeSet<Key>),
+}
+
+/// Changes recorded by the watcher tasks, per resource. Shared with them.
+#[derive(Debug)]
+pub(super) struct Changes {
+    pending: Mutex<BTreeMap<Watched, Changed>>,
+}
+
+impl Default for Changes {
+    /// Everything is to be read: the first snapshot fills the state from every store.
+    fn default() -> Self {
+        Changes {
+            pending: Mutex::new(
+                Watched::ALL
+                    .into_iter()
+                    .map(|w| (w, Changed::All))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+impl Changes {
+    /// One object of `watched` was added, updated or deleted.
+    pub(super) fn object<K: Lookup>(&self, watched: Watched, object: &K) {
+        let key = key_of(object);
+        let mut pending = self.lock();
+        match pending
+            .entry(watched)
+            .or_insert_with(|| Changed::Objects(BTreeSet::new()))
+        {
+            Changed::All => {}
+            Changed::Objects(keys) => {
+                keys.insert(key);
+            }
+        }
+    }
+
+    /// The store of `watched` was replaced as a whole.
+    pub(super) fn all(&self, watched: Watched) {
+        self.lock().insert(watched, Changed::All);
+    }
+
+    /// Every store is to be read again by the next snapshot.
+    pub(super) fn everything(&self) {
+        let mut pending = self.lock();
+        for watched in Watched::ALL {
+            pending.insert(watched, Changed::All);
+        }
+    }
+
+    /// What was recorded since the last call, emptied.
+    pub(super) fn take(&self) -> BTreeMap<Watched, Changed> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Watched, Changed>> {
+        // Nothing panics while holding it; a poisoned record is still a record.
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn key_of<K: Lookup>(object: &K) -> Key {
+    (
+        object
+            .namespace()
+            .map(|n| n.into_owned())
+            .unwrap_or_default(),
+        object.name().map(|n| n.into_owned()).unwrap_or_default(),
+    )
+}
+
+/// How a resource's objects are keyed in [`netpol_compile::state::ClusterState`].
+pub(super) trait StateKey: Ord + Sized {
+    /// `None` for an object without the names its key needs.
+    fn of(key: &Key) -> Option<Self>;
+}
+
+impl StateKey for String {
+    fn of((_, name): &Key) -> Option<Self> {
+        (!name.is_empty()).then(|| name.clone())
+    }
+}
+
+impl StateKey for ObjectRef {
+    fn of((namespace, name): &Key) -> Option<Self> {
+        (!namespace.is_empty() && !name.is_empty())
+            .then(|| ObjectRef::new(namespace.clone(), name.clone()))
+    }
+}
+
+/// Brings `map` (one resource's objects in the state) up to date with `store` for what
+/// `changed` says, converting each object with `convert` (`None`: left out).
+pub(super) fn refresh<K, S, V>(
+    store: &Store<K>,
+    dyntype: &K::DynamicType,
+    changed: Option<Changed>,
+    map: &mut BTreeMap<S, V>,
+    convert: impl Fn(&K) -> Option<V>,
+) where
+    K: Lookup + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+    S: StateKey,
+{
+    match changed {
+        None => {}
+        Some(Changed::All) => {
+            *map = store
+                .state()
+                .iter()
+                .filter_map(|object| Some((S::of(&key_of(object.as_ref()))?, convert(object)?)))
+                .collect();
+        }
+        Some(Changed::Objects(keys)) => {
+            for key in keys {
+                let Some(state_key) = S::of(&key) else {
+                    continue;
+                };
+                let (namespace, name) = key;
+                let mut store_ref = StoreRef::<K>::new_with(&name, dyntype.clone());
+                if !namespace.is_empty() {
+                    store_ref = store_ref.within(&namespace);
+                }
+                match store.get(&store_ref).and_then(|object| convert(&object)) {
+                    Some(value) => {
+                        map.insert(state_key, value);
+                    }
+                    None => {
+                        map.remove(&state_key);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ::kube::runtime::reflector::store::Writer;
+    use ::kube::runtime::watcher::Event;
+    use k8s_openapi::api::core::v1::Pod;
+
+    fn pod(namespace: &str, name: &str, ip: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": namespace, "name": name},
+            "status": {"podIP": ip},
+        }))
+        .unwrap()
+    }
+
+    fn ip(pod: &Pod) -> Option<String> {
+        pod.status.as_ref()?.pod_ip.clone()
+    }
+
+    #[test]
+    fn a_snapshot_copies_the_recorded_objects_and_forgets_the_deleted_ones() {
+        let mut writer: Writer<Pod> = Writer::default();
+        let store = writer.as_reader();
+        let changes = Changes::default();
+        for (name, address) in [("a", "10.0.0.1"), ("b", "10.0.0.2")] {
+            writer.apply_watcher_event(&Event::Apply(pod("x", name, address)));
+        }
+        let mut map: BTreeMap<ObjectRef, String> = BTreeMap::new();
+        let mut taken = changes.take();
+        refresh(&store, &(), taken.remove(&Watched::Pods), &mut map, ip);
+        assert_eq!(map.len(), 2, "the first snapshot reads the whole store");
+
+        // b is updated, a deleted; c exists in the store but its change was not
+        // recorded (yet): it waits for its record.
+        writer.apply_watcher_event(&Event::Apply(pod("x", "b", "10.0.0.3")));
+        changes.object(Watched::Pods, &pod("x", "b", "10.0.0.3"));
+        writer.apply_watcher_event(&Event::Delete(pod("x", "a", "10.0.0.1")));
+        changes.object(Watched::Pods, &pod("x", "a", "10.0.0.1"));
+        writer.apply_watcher_event(&Event::Apply(pod("x", "c", "10.0.0.4")));
+        let mut taken = changes.take();
+        refresh(&store, &(), taken.remove(&Watched::Pods), &mut map, ip);
+        assert_eq!(
+            map,
+            BTreeMap::from([(ObjectRef::new("x", "b"), "10.0.0.3".to_owned())])
+        );
+
+        changes.all(Watched::Pods);
+        changes.object(Watched::Pods, &pod("x", "b", "10.0.0.3"));
+        let mut taken = changes.take();
+        assert_eq!(
+            taken.get(&Watched::Pods),
+            Some(&Changed::All),
+            "All absorbs keys"
+        );
+        refresh(&store, &(), taken.remove(&Watched::Pods), &mut map, ip);
+        assert_eq!(map.len(), 2, "a replaced store is read whole: {map:?}");
+        assert!(changes.take().is_empty(), "taking empties the record");
+    }
+}
