@@ -869,7 +869,21 @@ async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
         seed ^= seed << 17;
         seed % n
     };
+    // Rounds whose snapshots named the pods they changed (the others re-listed).
+    let mut rounds_said = 0;
     for round in 0..6 {
+        // What the snapshots of this round say they changed (`None`: every pod).
+        let before = state.pods.clone();
+        let mut said: Option<std::collections::BTreeSet<ObjectRef>> = Some(Default::default());
+        let mut note = |changed: Option<std::collections::BTreeSet<ObjectRef>>| {
+            said = match (said.take(), changed) {
+                (Some(mut all), Some(changed)) => {
+                    all.extend(changed);
+                    Some(all)
+                }
+                _ => None,
+            }
+        };
         for step in 0..40 {
             let ns = ["x", "y", "z"][next(3) as usize];
             let name = format!("p{}", next(8));
@@ -913,7 +927,7 @@ async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
             }
             // Some snapshots in the middle of the burst, as the agent's loop takes them.
             if step % 7 == 0 && source.changed(Duration::from_millis(5)).await.unwrap() {
-                source.snapshot(&mut state);
+                note(source.snapshot(&mut state).pods_changed);
             }
         }
         match round {
@@ -924,15 +938,27 @@ async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
         let version = server.resource_version();
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if source.changed(Duration::from_millis(50)).await.unwrap()
-                && source.snapshot(&mut state).generation >= Some(version)
-            {
-                break;
+            if source.changed(Duration::from_millis(50)).await.unwrap() {
+                let snapshot = source.snapshot(&mut state);
+                note(snapshot.pods_changed);
+                if snapshot.generation >= Some(version) {
+                    break;
+                }
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "round {round}: the source did not reach version {version}"
             );
+        }
+        if let Some(said) = said {
+            rounds_said += 1;
+            let keys: std::collections::BTreeSet<&ObjectRef> =
+                before.keys().chain(state.pods.keys()).collect();
+            for key in keys {
+                if before.get(key) != state.pods.get(key) {
+                    assert!(said.contains(key), "round {round}: {key} changed, unsaid");
+                }
+            }
         }
         let mut whole = ClusterState::default();
         source.reread_all();
@@ -940,4 +966,8 @@ async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
         assert_eq!(objects(&state), objects(&whole), "round {round}");
     }
     assert!(state.pods.len() > 3, "the changes reached the state");
+    assert!(
+        rounds_said >= 4,
+        "only re-lists read every pod: {rounds_said} of 6 named theirs"
+    );
 }

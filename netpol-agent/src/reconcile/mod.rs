@@ -10,6 +10,7 @@ mod refusals;
 mod report;
 mod status;
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,10 +20,11 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::datapath::{self, Datapath, links::LinkEvents};
 use crate::source::Source;
-use crate::telemetry::flowlog::{Resolver, SharedResolver};
+use crate::telemetry::addresses::AddressBook;
+use crate::telemetry::flowlog::{Resolver, SharedAddressBook, SharedResolver};
 use crate::telemetry::health::Health;
 use crate::telemetry::kernel::KernelRefresh;
-use netpol_compile::state::ClusterState;
+use netpol_compile::state::{ClusterState, ObjectRef};
 use netpol_compile::{Compiled, Compiler, Diagnostic, Subject};
 use refusals::Refusals;
 pub use refusals::refusal_diagnostics;
@@ -105,6 +107,10 @@ pub struct Reconciler<'a, S: Source> {
     diagnostics: Vec<Diagnostic>,
     /// Interfaces named for pods that the last apply did not use (local mode).
     interface_diagnostics: Vec<Diagnostic>,
+    /// The pods' addresses for the flow log, updated after each apply.
+    addresses: SharedAddressBook,
+    /// Pods changed in the state since `addresses` last saw it (`None`: any).
+    addresses_due: Option<BTreeSet<ObjectRef>>,
 }
 
 impl<'a, S: Source> Reconciler<'a, S> {
@@ -136,6 +142,8 @@ impl<'a, S: Source> Reconciler<'a, S> {
             kernel_metrics: KernelRefresh::default(),
             diagnostics: Vec::new(),
             interface_diagnostics: Vec::new(),
+            addresses: SharedAddressBook::default(),
+            addresses_due: None,
         }
     }
 
@@ -224,6 +232,13 @@ impl<'a, S: Source> Reconciler<'a, S> {
     /// Fills the state from the source, compiles it and publishes the diagnostics.
     fn snapshot_and_compile(&mut self, phases: &mut Phases) -> Result<(), Error> {
         let update = self.source.snapshot(&mut self.state)?;
+        self.addresses_due = match (self.addresses_due.take(), update.pods_changed) {
+            (Some(mut due), Some(changed)) => {
+                due.extend(changed);
+                Some(due)
+            }
+            _ => None,
+        };
         self.state.audit_all = self.config.audit;
         self.state.configured_service_cidrs = self.config.service_cidrs.clone();
         phases.snapshot = phases.since_start();
@@ -249,6 +264,18 @@ impl<'a, S: Source> Reconciler<'a, S> {
         let staged = self.staged_compiler.compile(&self.state);
         self.state.enforce_staged = false;
         Some(staged)
+    }
+
+    /// Brings the flow log's pod addresses up to date with the state: the pods changed
+    /// since the last update, or all of them when the source could not say which.
+    fn update_addresses(&mut self) {
+        let Ok(mut book) = self.addresses.write() else {
+            return;
+        };
+        match self.addresses_due.replace(BTreeSet::new()) {
+            Some(pods) => book.update(&self.state, &pods),
+            None => *book = AddressBook::of(&self.state),
+        }
     }
 
     /// Publishes the diagnostics of the last compile and of the last apply together.
@@ -283,7 +310,10 @@ impl<'a, S: Source> Reconciler<'a, S> {
         self.refusals
             .update(&report.refused, &self.compiled, &mut self.source, health);
         let staged = self.staged_view();
-        let resolver = Resolver::new(&self.state, &self.compiled).with_staged(&self.state, staged);
+        self.update_addresses();
+        let resolver =
+            Resolver::with_addresses(self.addresses.clone(), &self.state, &self.compiled)
+                .with_staged(&self.state, staged);
         if let Ok(mut current) = self.resolver.write() {
             *current = Arc::new(resolver);
         }

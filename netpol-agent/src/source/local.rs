@@ -82,6 +82,8 @@ impl Source for LocalSource {
         Ok(Update {
             diagnostics,
             generation,
+            // The directory is read whole.
+            pods_changed: None,
         })
     }
 }

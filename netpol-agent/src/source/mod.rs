@@ -12,11 +12,12 @@ pub mod kube;
 pub mod local;
 pub mod manifest;
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
 
 use netpol_compile::Diagnostic;
-use netpol_compile::state::ClusterState;
+use netpol_compile::state::{ClusterState, ObjectRef};
 
 /// Errors of the sources. Each variant is one metric label ([`Error::kind`]).
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,9 @@ pub struct Update {
     pub diagnostics: Vec<Diagnostic>,
     /// The generation to report once this state is in the kernel; `None`: unchanged.
     pub generation: Option<u64>,
+    /// The pods this snapshot added, updated or deleted in the state; `None` when the
+    /// source cannot say (any may have changed).
+    pub pods_changed: Option<BTreeSet<ObjectRef>>,
 }
 
 /// Where cluster state comes from.

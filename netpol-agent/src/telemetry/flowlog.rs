@@ -22,6 +22,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
+use super::addresses::AddressBook;
 use super::metrics::StagedLabels;
 
 use netpol_compile::state::{ClusterState, ObjectRef};
@@ -202,7 +203,8 @@ pub(crate) fn ip_of(addr: &Addr) -> Option<IpAddr> {
 /// Names for addresses, endpoints and rules, from one compiled state.
 #[derive(Debug, Default)]
 pub struct Resolver {
-    pods_by_ip: BTreeMap<IpAddr, String>,
+    /// Shared with the control loop, which keeps it up to date (O(changes) per apply).
+    pods_by_ip: SharedAddressBook,
     node_ips: Vec<IpAddr>,
     endpoints: BTreeMap<u32, (ObjectRef, Vec<ObjectRef>, Vec<ObjectRef>)>,
     /// Rule ids (`Compiled::rules`); named only when an event names one.
@@ -334,12 +336,20 @@ impl StagedView {
 }
 
 impl Resolver {
+    /// Names from `state` and `compiled` (the pods' addresses read whole: O(pods)).
     pub fn new(state: &ClusterState, compiled: &Compiled) -> Self {
-        // Addresses of live pods, each named by the pod that holds it, as in the compile.
-        let pods_by_ip = netpol_compile::state::address_owners(state)
-            .into_iter()
-            .map(|(ip, pod)| (ip, pod.to_string()))
-            .collect();
+        let book = Arc::new(RwLock::new(AddressBook::of(state)));
+        Resolver::with_addresses(book, state, compiled)
+    }
+
+    /// Names from `state` and `compiled`, the pods' addresses from `book` (kept up to
+    /// date by its owner).
+    pub fn with_addresses(
+        book: SharedAddressBook,
+        state: &ClusterState,
+        compiled: &Compiled,
+    ) -> Self {
+        let pods_by_ip = book;
         let endpoints = compiled
             .local_pods
             .iter()
@@ -384,8 +394,10 @@ impl Resolver {
         let ip = ip_of(addr);
         let name = ip.and_then(|ip| {
             self.pods_by_ip
-                .get(&ip)
-                .cloned()
+                .read()
+                .ok()?
+                .holder(&ip)
+                .map(ToString::to_string)
                 .or_else(|| self.node_ips.contains(&ip).then(|| "node".to_owned()))
         });
         Peer { ip, name }
@@ -640,6 +652,10 @@ pub struct FlowRequest {
 
 /// The resolver in force, swapped by the control loop after every apply.
 pub type SharedResolver = Arc<RwLock<Arc<Resolver>>>;
+
+/// The pods' addresses, shared between the control loop (which updates them) and the
+/// flow log's resolvers.
+pub type SharedAddressBook = Arc<RwLock<AddressBook>>;
 
 /// Reads the kernel's ring buffer and publishes records until the process ends.
 pub fn spawn_reader(

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use netpol_compile::state::{ClusterState, NodePeer, ObjectRef, node_addresses};
 
-use super::changes::{Changes, refresh};
+use super::changes::{Changed, Changes, StateKey as _, refresh};
 use super::incidents::{self, Incidents, Signal};
 use super::settings::{Settings, Watched};
 use super::watch::{WatchContext, watch};
@@ -319,6 +319,11 @@ impl ClusterWatch {
         let generation = self.resource_version.load(Ordering::Acquire);
         self.moved = false;
         let mut changed = self.changes.take();
+        let pods_changed = match changed.get(&Watched::Pods) {
+            None => Some(BTreeSet::new()),
+            Some(Changed::All) => None,
+            Some(Changed::Objects(keys)) => Some(keys.iter().filter_map(ObjectRef::of).collect()),
+        };
         let stores = &self.stores;
         refresh(
             &stores.namespaces,
@@ -385,6 +390,7 @@ impl ClusterWatch {
         Snapshot {
             node_ips,
             generation: (generation > 0).then_some(generation),
+            pods_changed,
         }
     }
 
@@ -402,6 +408,9 @@ pub struct Snapshot {
     pub node_ips: Vec<IpAddr>,
     /// Highest resourceVersion contained (`None` before any object was seen).
     pub generation: Option<u64>,
+    /// The pods this snapshot added, updated or deleted in the state (`None`: it read
+    /// every pod, after a list).
+    pub pods_changed: Option<BTreeSet<ObjectRef>>,
 }
 
 pub(super) fn object_ref(
