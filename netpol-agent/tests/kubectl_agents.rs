@@ -57,7 +57,7 @@ fn agent_pod(name: &str, node: &str) -> Value {
 /// Two nodes with their agents; field order is drop order (agents before the lab).
 struct TwoNodes {
     agents: Vec<AgentProcess>,
-    _manifests: ManifestDir,
+    manifests: ManifestDir,
     lab: Lab,
 }
 
@@ -90,7 +90,7 @@ impl TwoNodes {
             .collect();
         TwoNodes {
             agents,
-            _manifests: manifests,
+            manifests,
             lab,
         }
     }
@@ -424,4 +424,171 @@ fn explain_with_the_kernel_says_where_a_node_holds_other_than_the_cluster() {
     let _ = std::fs::remove_dir_all(&dir);
     drop(server);
     drop(runtime);
+}
+
+/// Only x/b admits nothing.
+const DENY_B: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  policyTypes: [Ingress]
+"#;
+
+/// `kubectl-netpol explain SRC DST PORT --kernel -o json` against `kubeconfig`.
+fn explain_kernel(kubeconfig: &Path, src: &str, dst: &str, port: &str) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_kubectl-netpol"))
+        .args(["explain", src, dst, port, "--kernel", "-o", "json"])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .output()
+        .expect("kubectl-netpol explain --kernel");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+/// The check of the hook in `direction` (`ingress` or `egress`).
+fn hook<'v>(value: &'v Value, direction: &str) -> &'v Value {
+    value["kernel"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["direction"] == direction))
+        .unwrap_or_else(|| panic!("no {direction} check in {value:#}"))
+}
+
+#[test]
+fn explain_with_the_kernel_names_a_refused_pod_a_full_map_and_a_revoked_connection() {
+    let Some(agent) = agent_bin() else {
+        return;
+    };
+    // x/a on node 0; x/b and x/c on node 1, whose agent has room for one address.
+    let mut lab = Lab::with_nodes(2).expect("a two-node lab");
+    for (name, i, node) in [("a", 1, 0), ("b", 2, 1), ("c", 3, 1)] {
+        lab.add_pod(
+            PodSpec::new("x", name)
+                .label("pod", name)
+                .ports([Port::tcp(80)])
+                .ipv4(Ipv4Addr::new(10, 0, 0, i))
+                .on_node(node),
+        )
+        .expect("adding a pod");
+    }
+    let mut manifests = ManifestDir::create(lab.workdir().join("manifests")).expect("manifests");
+    let generation = manifests.write(&lab, "").expect("manifests");
+    let agents: Vec<AgentProcess> = [&[][..], &["--max-endpoints", "1"][..]]
+        .into_iter()
+        .enumerate()
+        .map(|(node, extra)| {
+            let mut source = vec![
+                "--manifests".into(),
+                manifests.path().as_os_str().to_owned(),
+            ];
+            source.extend(extra.iter().map(std::ffi::OsString::from));
+            let mut agent =
+                AgentProcess::start_with_source_on(&lab, node, &agent, &source).expect("an agent");
+            agent
+                .wait_generation(generation, Duration::from_secs(30))
+                .expect("the agent applied the cluster");
+            agent
+        })
+        .collect();
+    let mut nodes = TwoNodes {
+        agents,
+        manifests,
+        lab,
+    };
+    let lab = &nodes.lab;
+
+    // A connection x/a -> x/b:9100 while nothing isolates x/b.
+    let at = std::net::SocketAddr::from(([10, 0, 0, 2], 9100));
+    let listener = lab
+        .worker("x/b")
+        .unwrap()
+        .run(move || std::net::TcpListener::bind(at).expect("listening in x/b"))
+        .unwrap();
+    let mut client = lab
+        .worker("x/a")
+        .unwrap()
+        .run(move || std::net::TcpStream::connect_timeout(&at, Duration::from_secs(5)))
+        .unwrap()
+        .expect("x/a connects to x/b while allowed");
+    let (_server, _) = listener.accept().expect("x/b accepts");
+
+    // The agents then enforce DENY_B, as the cluster does.
+    let generation = nodes.manifests.write(lab, DENY_B).expect("manifests");
+    for agent in &mut nodes.agents {
+        agent
+            .wait_generation(generation, Duration::from_secs(30))
+            .expect("the agent applied the policy");
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(ApiServer::start()).expect("the double");
+    server.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}));
+    for (n, node) in ["node-0", "node-1"].into_iter().enumerate() {
+        server.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}));
+        server.apply(agent_pod(&format!("netpol-agent-{n}"), node));
+    }
+    for (name, ip, node) in [
+        ("a", "10.0.0.1", "node-0"),
+        ("b", "10.0.0.2", "node-1"),
+        ("c", "10.0.0.3", "node-1"),
+    ] {
+        server.apply(pod_object(name, ip, node));
+    }
+    server.apply(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "deny-b", "namespace": "x"},
+        "spec": {"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]},
+    }));
+    server.on_exec(nodes.exec_handler(&agent));
+    let dir = std::env::temp_dir().join(format!("netpol-kubectl-refused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
+
+    // x/c did not fit on node 1: the cluster allows x/a -> x/c, its kernel cannot.
+    let value = explain_kernel(&kubeconfig, "x/a", "x/c", "80/TCP");
+    assert_eq!(value["allowed"], true, "{value:#}");
+    let ingress = hook(&value, "ingress");
+    assert_eq!(ingress["agrees"], false, "{ingress:#}");
+    assert_eq!(ingress["kernel"]["endpoint"], false, "{ingress:#}");
+    let findings = ingress["findings"].to_string();
+    for said in [
+        "not in this node's ENDPOINTS",
+        "refused by the agent: Pod x/c: not programmed: ENDPOINTS is full (capacity 1)",
+        "ENDPOINTS is full (1 of 1 entries)",
+    ] {
+        assert!(findings.contains(said), "{said:?} in {findings}");
+    }
+    assert_eq!(hook(&value, "egress")["agrees"], true, "{value:#}");
+
+    // The connection to x/b outlived the policy: its next packet revokes it, and the
+    // kernel check of x/b's ingress shows the revoked entry (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let findings = loop {
+        use std::io::Write as _;
+        let _ = client.write(b"x");
+        let value = explain_kernel(&kubeconfig, "x/a", "x/b", "9100/TCP");
+        assert_eq!(value["allowed"], false, "{value:#}");
+        let ingress = hook(&value, "ingress");
+        assert_eq!(ingress["agrees"], true, "{ingress:#}");
+        let findings = ingress["findings"].to_string();
+        if findings.contains("revoked") || Instant::now() > deadline {
+            break findings;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        findings.contains("conntrack 10.0.0.2:9100 <-> 10.0.0.1:")
+            && findings.contains("revoked, its packets are dropped until it idles out"),
+        "{findings}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(server);
+    drop(runtime);
+    drop(nodes);
 }

@@ -10,11 +10,12 @@ use std::path::Path;
 use super::Error;
 use super::maps::{KernelMap as _, PolicyMaps};
 use crate::telemetry::inspect::{KernelConnection, KernelHook, KernelView};
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo};
 use netpol_common::{
     Addr, CT_REVOKED, CtKey, CtKey4, CtKey6, CtValue, DatapathState, EndpointInfo, PeerInfo,
     ServicePort, names,
 };
+use netpol_compile::policy_maps;
 use netpol_compile::{Compiled, Direction, model};
 
 fn map_error(name: &'static str) -> impl Fn(MapError) -> Error {
@@ -88,17 +89,32 @@ pub fn inspect(
     for (local, remote, port_local) in [(src, dst, false), (dst, src, true)] {
         conntrack.extend(connections(dir, local, remote, protocol, port, port_local)?);
     }
-    let entries = [
-        ("ENDPOINTS", maps.endpoints.len()),
-        ("IPCACHE", maps.ipcache.len()),
-        ("POLICY", maps.policy.len()),
-    ]
-    .into_iter()
-    .map(|(name, n)| (name.to_owned(), n))
-    .collect();
+    let in_ranges = maps
+        .policy
+        .keys()
+        .filter(|key| matches!(policy_maps::slot(key), policy_maps::Slot::Ranges(_)))
+        .count();
+    let counted = [
+        (names::ENDPOINTS, maps.endpoints.len()),
+        (names::IPCACHE, maps.ipcache.len()),
+        (names::POLICY, maps.policy.len() - in_ranges),
+        (names::POLICY_RANGES, in_ranges),
+    ];
+    let capacity = counted
+        .iter()
+        .filter_map(|(name, _)| {
+            let info = MapInfo::from_pin(dir.join("maps").join(name)).ok()?;
+            Some((name.to_string(), info.max_entries() as usize))
+        })
+        .collect();
+    let entries = counted
+        .into_iter()
+        .map(|(name, n)| (name.to_owned(), n))
+        .collect();
     Ok(KernelView {
         generation,
         entries,
+        capacity,
         hooks,
         conntrack,
     })

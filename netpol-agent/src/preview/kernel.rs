@@ -3,8 +3,9 @@
 //! (the source pod's egress, the destination pod's ingress), `netpol-agent inspect` runs
 //! in the agent's container on that pod's node (over `pods/exec`) and reads the pinned
 //! maps; a hook where the kernel decides otherwise than the cluster is said, with what
-//! explains it (a change the agent has not applied, a pod not programmed, a live
-//! conntrack entry).
+//! explains it: a change the agent has not applied, a pod or policy the agent refused
+//! (its status file lists them), a full map (entries against capacity), a live or
+//! revoked conntrack entry.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -128,6 +129,12 @@ async fn check_hook(
             return check;
         }
     };
+    let full_maps: Vec<String> = inspected
+        .kernel
+        .full_maps()
+        .into_iter()
+        .map(|(name, capacity)| format!("{name} is full ({capacity} of {capacity} entries)"))
+        .collect();
     let kernel = inspected
         .kernel
         .hooks
@@ -136,15 +143,28 @@ async fn check_hook(
     check.generation = Some(inspected.kernel.generation);
     check.conntrack = inspected.kernel.conntrack;
     check.status = inspected.status;
+    // The agent's own account of what it could not program for this pod.
+    let refused: Vec<String> = check
+        .status
+        .as_ref()
+        .and_then(|s| s["refused"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|line| line.as_str())
+        .filter(|line| line.starts_with(&format!("Pod {}:", hook.pod)))
+        .map(|line| format!("refused by the agent: {line}"))
+        .collect();
     if let Some(kernel) = &kernel {
         let agrees = kernel.allowed == check.cluster_allowed && kernel.endpoint;
         check.agrees = Some(agrees);
         if !kernel.endpoint {
             check.findings.push(
-                "the pod is not in this node's ENDPOINTS: not programmed (a change not \
-                 applied yet, or refused because a map was full)"
-                    .into(),
+                "the pod is not in this node's ENDPOINTS: not programmed on this node".into(),
             );
+        }
+        if !agrees || !kernel.endpoint {
+            check.findings.extend(refused);
+            check.findings.extend(full_maps);
         }
         if !agrees {
             let applied = check.status.as_ref().and_then(|s| s["generation"].as_u64());

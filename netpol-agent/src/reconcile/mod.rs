@@ -340,6 +340,7 @@ impl<'a, S: Source> Reconciler<'a, S> {
             invalid: self.reporter.len(),
             attached: self.datapath.attached().count(),
             pending: report.pending,
+            refused: self.refusals.listed(status::REFUSED_LISTED),
         };
     }
 
@@ -363,6 +364,7 @@ impl<'a, S: Source> Reconciler<'a, S> {
         self.status.attached = self.datapath.attached().count();
         self.status.invalid = self.reporter.len();
         self.status.pending = report.pending;
+        self.status.refused = self.refusals.listed(status::REFUSED_LISTED);
         true
     }
 

@@ -19,6 +19,13 @@ pub(super) struct Refusals {
 }
 
 impl Refusals {
+    /// The refusals in force, one line each, in order (for the status file).
+    pub(super) fn listed(&self, at_most: usize) -> Vec<String> {
+        self.reported.iter().take(at_most).cloned().collect()
+    }
+}
+
+impl Refusals {
     pub(super) fn update<S: Source>(
         &mut self,
         refused: &[datapath::Refusal],

@@ -14,7 +14,13 @@ pub struct Status {
     pub invalid: usize,
     pub attached: usize,
     pub pending: Vec<String>,
+    /// What did not fit in the kernel's maps, one line each (`Pod x/c: not programmed:
+    /// ENDPOINTS is full (capacity 4); ...`), at most [`REFUSED_LISTED`] of them.
+    pub refused: Vec<String>,
 }
+
+/// At most this many refusals are listed in the status file (the log names them all).
+pub const REFUSED_LISTED: usize = 100;
 
 /// Writes the status atomically (temporary file, then rename).
 pub(super) fn write(path: &std::path::Path, status: &Status) -> std::io::Result<()> {

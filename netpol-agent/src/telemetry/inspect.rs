@@ -43,6 +43,22 @@ pub struct KernelView {
     pub generation: u32,
     /// Entries per map.
     pub entries: BTreeMap<String, usize>,
+    /// Capacity (max_entries) per map, for those whose entries are counted.
+    #[serde(default)]
+    pub capacity: BTreeMap<String, usize>,
     pub hooks: Vec<KernelHook>,
     pub conntrack: Vec<KernelConnection>,
+}
+
+impl KernelView {
+    /// The maps holding as many entries as they can: nothing more fits.
+    pub fn full_maps(&self) -> Vec<(&str, usize)> {
+        self.capacity
+            .iter()
+            .filter(|(name, capacity)| {
+                **capacity > 0 && self.entries.get(*name).is_some_and(|n| n >= *capacity)
+            })
+            .map(|(name, capacity)| (name.as_str(), *capacity))
+            .collect()
+    }
 }
