@@ -365,24 +365,13 @@ fn run(config: &Config, dir: &Path, state: &ClusterState, size: Size) -> Result<
         .map_err(|e| format!("starting {}: {e}", agent_bin()))?;
     let pid = child.id();
     let mut agent = Agent(child);
-    let first_sync = wait_status(&mut agent.0, &status, version, started, SYNC_DEADLINE)
-        .map_err(|e| format!("first sync: {e}; see {}", work.join("agent.log").display()))?;
-    let (rss_synced, _) = memory_of(&pid.to_string());
-
-    let mut served = Served::of(state);
-    let mut per_kind: BTreeMap<Event, Vec<f64>> = BTreeMap::new();
-    let count = if config.smoke { 12 } else { 240 };
-    for i in 0..count {
-        let t = Instant::now();
-        let (event, version) = change(&server, &mut served, size, i);
-        let took = wait_status(&mut agent.0, &status, version, t, CHANGE_DEADLINE)
-            .map_err(|e| format!("{}: {e}", event.label()))?;
-        per_kind.entry(event).or_default().push(ms(took));
-    }
+    let measured = measure(config, &server, &mut agent, &status, state, size, started, version);
     let (_, peak_rss) = memory_of(&pid.to_string());
     drop(agent);
+    // Kept whatever happened: it says where the time went, or why the agent stopped.
     keep_log(&work.join("agent.log"), size);
     let _ = std::fs::remove_dir_all(&work);
+    let (first_sync, rss_synced, per_kind) = measured?;
     let changes: Vec<f64> = per_kind
         .iter()
         .filter(|(e, _)| **e != Event::Conditions)
@@ -398,6 +387,37 @@ fn run(config: &Config, dir: &Path, state: &ClusterState, size: Size) -> Result<
             .collect(),
         changes: Summary::of(&changes),
     })
+}
+
+/// The first sync, the RSS then (MiB), and each change's time (ms) by kind.
+type Measured = (Duration, f64, BTreeMap<Event, Vec<f64>>);
+
+/// Measures the running agent: see [`Measured`].
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    config: &Config,
+    server: &ApiServer,
+    agent: &mut Agent,
+    status: &Path,
+    state: &ClusterState,
+    size: Size,
+    started: Instant,
+    version: u64,
+) -> Result<Measured, String> {
+    let first_sync = wait_status(&mut agent.0, status, version, started, SYNC_DEADLINE)
+        .map_err(|e| format!("first sync: {e}"))?;
+    let (rss_synced, _) = memory_of(&agent.0.id().to_string());
+    let mut served = Served::of(state);
+    let mut per_kind: BTreeMap<Event, Vec<f64>> = BTreeMap::new();
+    let count = if config.smoke { 12 } else { 240 };
+    for i in 0..count {
+        let t = Instant::now();
+        let (event, version) = change(server, &mut served, size, i);
+        let took = wait_status(&mut agent.0, status, version, t, CHANGE_DEADLINE)
+            .map_err(|e| format!("{}: {e}", event.label()))?;
+        per_kind.entry(event).or_default().push(ms(took));
+    }
+    Ok((first_sync, rss_synced, per_kind))
 }
 
 /// Keeps the agent's log as `target/bench/control-agent-<pods>.log`.
