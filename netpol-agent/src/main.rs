@@ -316,9 +316,11 @@ fn main() -> anyhow::Result<()> {
             netpol_agent::source::kube::LOG_DIRECTIVES
         ))
     });
+    // Colour only for a person at a terminal: a log file or a collector gets plain text.
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     if args.log_json {
         subscriber.json().init();
     } else {

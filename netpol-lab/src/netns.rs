@@ -234,7 +234,8 @@ pub fn dir_owner(name: &str) -> Option<i32> {
     if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    pid.parse().ok()
+    // No process has pid 0: a name ending in `-0` is some other numbering, not an owner.
+    pid.parse().ok().filter(|pid| *pid > 0)
 }
 
 /// What a sweep removed.
@@ -294,5 +295,6 @@ mod tests {
         assert_eq!(dir_owner("netpol"), None);
         assert_eq!(dir_owner("netpol-agent"), None);
         assert_eq!(dir_owner("netpol-x-"), None);
+        assert_eq!(dir_owner("netpol-bench-kube-77-kube-0"), None, "not a pid");
     }
 }

@@ -357,15 +357,17 @@ fn run(config: &Config, dir: &Path, state: &ClusterState, size: Size) -> Result<
         .arg("--flow-socket")
         .arg(work.join("flows.sock"))
         // Info: each `applied` line says where the time of a change went.
-        .env("RUST_LOG", "info")
+        .env("NETPOL_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log)
         .spawn()
         .map_err(|e| format!("starting {}: {e}", agent_bin()))?;
     let pid = child.id();
     let mut agent = Agent(child);
-    let measured = measure(config, &server, &mut agent, &status, state, size, started, version);
+    let measured = measure(
+        config, &server, &mut agent, &status, state, size, started, version,
+    );
     let (_, peak_rss) = memory_of(&pid.to_string());
     drop(agent);
     // Kept whatever happened: it says where the time went, or why the agent stopped.
@@ -430,15 +432,17 @@ fn keep_log(log: &Path, size: Size) {
     }
 }
 
-/// A fresh directory for the agent's files (kubeconfig, status, log, socket).
+/// A fresh directory for the agent's files (kubeconfig, status, log, socket), named
+/// `netpol-bench-<size>-<pid>`: the lab's sweep of stale directories reads the owner
+/// from the last part, and leaves those of live processes alone.
 fn tempdir(under: &Path) -> Result<std::path::PathBuf, String> {
     let dir = std::env::temp_dir().join(format!(
-        "netpol-bench-kube-{}-{}",
-        std::process::id(),
+        "netpol-bench-{}-{}",
         under
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        std::process::id(),
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
