@@ -27,6 +27,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use netpol_common::{Addr, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, names};
 
 use netpol_compile::policy_maps::{Slot, slot};
+
+use super::maps::{absent_from, join};
 use netpol_compile::{Compiled, Lpm};
 
 /// What could not be admitted.
@@ -103,11 +105,11 @@ pub fn fit<'a>(
     let mut endpoints = Cow::Borrowed(&compiled.endpoints);
     let room = free(kernel.endpoints.len(), endpoints_cap);
     let mut new_by_endpoint: BTreeMap<u32, [usize; 1]> = BTreeMap::new();
-    for (addr, info) in &compiled.endpoints {
-        if !kernel.endpoints.contains_key(addr) {
+    join(&compiled.endpoints, kernel.endpoints, |wanted, held| {
+        if let (Some((_, info)), None) = (wanted, held) {
             new_by_endpoint.entry(info.id).or_default()[0] += 1;
         }
-    }
+    });
     let refused_endpoints: BTreeSet<u32> = admit(new_by_endpoint, [room]).into_keys().collect();
     if !refused_endpoints.is_empty() {
         endpoints
@@ -134,10 +136,8 @@ pub fn fit<'a>(
     }
     let room = [free(used[0], policy_cap), free(used[1], ranges_cap)];
     let mut new_by_endpoint: BTreeMap<u32, [usize; 2]> = BTreeMap::new();
-    for key in policy.keys() {
-        if !kernel.policy.contains_key(key) {
-            new_by_endpoint.entry(key.data.endpoint).or_default()[map_of(key)] += 1;
-        }
+    for key in absent_from(&policy, kernel.policy) {
+        new_by_endpoint.entry(key.data.endpoint).or_default()[map_of(key)] += 1;
     }
     let narrowed = admit(new_by_endpoint, room);
     if !narrowed.is_empty() {
@@ -158,11 +158,9 @@ pub fn fit<'a>(
     // IPCACHE: ipBlock prefixes must all fit; addresses are admitted while room lasts.
     let mut ipcache = Cow::Borrowed(&compiled.ipcache);
     let room = free(kernel.ipcache.len(), ipcache_cap);
-    let (new_prefixes, new_hosts): (Vec<&Lpm<Addr>>, Vec<&Lpm<Addr>>) = compiled
-        .ipcache
-        .keys()
-        .filter(|key| !kernel.ipcache.contains_key(key))
-        .partition(|key| key.prefix_len < key.data.full_prefix_len());
+    let (new_prefixes, new_hosts): (Vec<&Lpm<Addr>>, Vec<&Lpm<Addr>>) =
+        absent_from(&compiled.ipcache, kernel.ipcache)
+            .partition(|key| key.prefix_len < key.data.full_prefix_len());
     if new_prefixes.len() > room {
         return Err(PrefixOverflow {
             capacity: ipcache_cap,

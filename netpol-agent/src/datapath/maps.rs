@@ -116,12 +116,21 @@ impl<M: KernelMap> Synced<M> {
     /// or the new one.
     pub fn upsert(&mut self, desired: &BTreeMap<M::Key, M::Value>) -> Result<SyncStats, MapError> {
         let mut stats = SyncStats::default();
-        for (key, value) in desired {
-            match self.shadow.get(key) {
-                Some(current) if current == value => continue,
-                Some(_) => stats.updated += 1,
-                None => stats.inserted += 1,
+        // One ordered walk of both (not a lookup per entry): the shadow and the desired
+        // contents are sorted by the same keys.
+        let mut changed = Vec::new();
+        join(desired, &self.shadow, |want, have| match (want, have) {
+            (Some((key, want)), Some((_, have))) if want != have => {
+                stats.updated += 1;
+                changed.push((key, want));
             }
+            (Some((key, want)), None) => {
+                stats.inserted += 1;
+                changed.push((key, want));
+            }
+            _ => {}
+        });
+        for (key, value) in changed {
             self.map.put(key, value)?;
             self.shadow.insert(*key, *value);
         }
@@ -133,12 +142,7 @@ impl<M: KernelMap> Synced<M> {
         &mut self,
         desired: &BTreeMap<M::Key, M::Value>,
     ) -> Result<SyncStats, MapError> {
-        let stale: Vec<M::Key> = self
-            .shadow
-            .keys()
-            .filter(|key| !desired.contains_key(key))
-            .copied()
-            .collect();
+        let stale: Vec<M::Key> = absent_from(&self.shadow, desired).copied().collect();
         for key in &stale {
             match self.map.delete(key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
@@ -151,6 +155,43 @@ impl<M: KernelMap> Synced<M> {
             ..SyncStats::default()
         })
     }
+}
+
+/// Walks two maps sorted by the same keys together, in key order: `f` gets each key's
+/// entry in `a` and in `b` (at least one of them). O(|a| + |b|), sequential.
+pub fn join<'a, 'b, K: Ord, A, B>(
+    a: &'a BTreeMap<K, A>,
+    b: &'b BTreeMap<K, B>,
+    mut f: impl FnMut(Option<(&'a K, &'a A)>, Option<(&'b K, &'b B)>),
+) {
+    let (mut a, mut b) = (a.iter().peekable(), b.iter().peekable());
+    loop {
+        let order = match (a.peek(), b.peek()) {
+            (None, None) => return,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+        };
+        match order {
+            std::cmp::Ordering::Less => f(a.next(), None),
+            std::cmp::Ordering::Greater => f(None, b.next()),
+            std::cmp::Ordering::Equal => f(a.next(), b.next()),
+        }
+    }
+}
+
+/// The keys of `a` that `b` lacks, in order (one walk of both, see [`join`]).
+pub fn absent_from<'a, K: Ord, A, B>(
+    a: &'a BTreeMap<K, A>,
+    b: &BTreeMap<K, B>,
+) -> impl Iterator<Item = &'a K> + use<'a, K, A, B> {
+    let mut out = Vec::new();
+    join(a, b, |in_a, in_b| {
+        if let (Some((key, _)), None) = (in_a, in_b) {
+            out.push(key);
+        }
+    });
+    out.into_iter()
 }
 
 pub type EndpointsMap = Synced<HashMap<MapData, Addr, EndpointInfo>>;
@@ -191,3 +232,39 @@ impl KernelMap for PolicyMaps {
 }
 /// Ports kube-proxy translates on node addresses -> unused (1).
 pub type NodePortsMap = Synced<HashMap<MapData, ServicePort, u32>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The walk meets every key of either map once, in order, with its values,
+        /// as looking each key up would.
+        #[test]
+        fn a_join_meets_each_key_once_in_order_with_its_values(
+            a in prop::collection::btree_map(0u16..64, 0u8..4, 0..40),
+            b in prop::collection::btree_map(0u16..64, 0u8..4, 0..40),
+        ) {
+            let mut met = Vec::new();
+            join(&a, &b, |x, y| {
+                let key = x.map(|(k, _)| *k).or(y.map(|(k, _)| *k)).expect("a key");
+                if let (Some((ka, _)), Some((kb, _))) = (x, y) {
+                    assert_eq!(ka, kb);
+                }
+                met.push((key, x.map(|(_, v)| *v), y.map(|(_, v)| *v)));
+            });
+            let mut keys: Vec<u16> = a.keys().chain(b.keys()).copied().collect();
+            keys.sort();
+            keys.dedup();
+            let expected: Vec<_> = keys
+                .into_iter()
+                .map(|k| (k, a.get(&k).copied(), b.get(&k).copied()))
+                .collect();
+            prop_assert_eq!(met, expected);
+            let absent: Vec<u16> = absent_from(&a, &b).copied().collect();
+            let naive: Vec<u16> = a.keys().filter(|k| !b.contains_key(k)).copied().collect();
+            prop_assert_eq!(absent, naive);
+        }
+    }
+}
