@@ -200,13 +200,20 @@ impl CompileCache {
         }
     }
 
-    /// Brings [`CompileCache::pods`] in line with `pods`, re-reading what changed.
-    pub fn sync_pods(&mut self, pods: &BTreeMap<ObjectRef, Pod>) {
+    /// Brings [`CompileCache::pods`] in line with `pods`, re-reading what changed: the
+    /// pods of `changed` when the caller knows which changed since the last sync (the
+    /// others' entries are kept unread), else every pod, compared with its entry.
+    pub fn sync_pods(
+        &mut self,
+        pods: &BTreeMap<ObjectRef, Pod>,
+        changed: Option<&BTreeSet<ObjectRef>>,
+    ) {
         let mut old = std::mem::take(&mut self.pods).into_iter().peekable();
         self.pods.reserve(pods.len());
+        let unchanged = |obj: &ObjectRef| changed.is_some_and(|changed| !changed.contains(obj));
         for (obj, pod) in pods {
             let entry = match next_entry(&mut old, |e| e.obj.cmp(obj)) {
-                Some(e) if e.matches(pod) => e,
+                Some(e) if unchanged(obj) || e.matches(pod) => e,
                 _ => PodEntry::new(obj, pod),
             };
             self.pods.push(entry);

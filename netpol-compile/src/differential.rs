@@ -898,4 +898,33 @@ proptest! {
             }
         }
     }
+
+    /// A compiler told which pods changed at each step (as the Kubernetes source says)
+    /// reads only those, and gives at every step exactly what a compiler that reads
+    /// every pod gives.
+    #[test]
+    fn a_compile_told_which_pods_changed_equals_one_that_reads_them_all(
+        (s, changes) in scenario().prop_flat_map(|s| {
+            (Just(s), proptest::collection::vec(change(), 1..10))
+        })
+    ) {
+        let mut state = s.state.clone();
+        let mut told = Compiler::default();
+        let mut reads_all = Compiler::default();
+        told.compile_changed(&state, None);
+        reads_all.compile(&state);
+        for (step, change) in changes.iter().enumerate() {
+            let before = state.pods.clone();
+            apply(&mut state, change, step);
+            let changed: BTreeSet<crate::state::ObjectRef> = before
+                .keys()
+                .chain(state.pods.keys())
+                .filter(|obj| before.get(*obj) != state.pods.get(*obj))
+                .cloned()
+                .collect();
+            let incremental = told.compile_changed(&state, Some(&changed));
+            let full = reads_all.compile(&state);
+            prop_assert_eq!(&incremental, &full, "after {:?}", change);
+        }
+    }
 }

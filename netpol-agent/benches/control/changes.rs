@@ -2,7 +2,7 @@
 //! added, a pod created, a pod deleted, a namespace label flipped, a
 //! ClusterNetworkPolicy replaced.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use netpol_compile::state::{ClusterState, ObjectRef};
 use serde_json::json;
@@ -57,11 +57,14 @@ fn pick_pod(state: &ClusterState, n: usize) -> ObjectRef {
     }
 }
 
-/// Applies change number `i` to `state`. Half the flips, created and deleted pods, and
-/// the policies added in namespaces with local pods, touch this node's endpoints.
-pub fn change(state: &mut ClusterState, size: Size, i: usize) -> ChangeKind {
+/// Applies change number `i` to `state`; returns its kind and the pods it changed (as
+/// the Kubernetes source reports them to the compiler). Half the flips, created and
+/// deleted pods, and the policies added in namespaces with local pods, touch this node's
+/// endpoints.
+pub fn change(state: &mut ClusterState, size: Size, i: usize) -> (ChangeKind, BTreeSet<ObjectRef>) {
     let kind = ChangeKind::ALL[i % ChangeKind::ALL.len()];
     let n = i / ChangeKind::ALL.len();
+    let mut pods = BTreeSet::new();
     match kind {
         ChangeKind::LabelFlip => {
             let key = pick_pod(state, n);
@@ -70,6 +73,7 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> ChangeKind {
             let app = labels.get("app").cloned().unwrap_or_default();
             let digit: usize = app.trim_start_matches("app-").parse().unwrap_or(0);
             labels.insert("app".into(), format!("app-{}", (digit + 1) % 10));
+            pods.insert(key);
         }
         ChangeKind::PolicyAdded => {
             // Half of them in a namespace with local pods (the policy is then in force).
@@ -99,11 +103,14 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> ChangeKind {
             let ip = format!("10.250.{}.{}", (i / 256) % 256, i % 256);
             let name = format!("new-{i}");
             let p = pod(ns, &name, n, &[ip], n.is_multiple_of(2), g, size.nodes());
-            state.pods.insert(ObjectRef::new(ns_name(ns), name), p);
+            let key = ObjectRef::new(ns_name(ns), name);
+            state.pods.insert(key.clone(), p);
+            pods.insert(key);
         }
         ChangeKind::PodDeleted => {
             let key = pick_pod(state, n + 1);
             state.pods.remove(&key);
+            pods.insert(key);
         }
         ChangeKind::NamespaceLabel => {
             let ns = ns_name((n * 11) % size.namespaces);
@@ -122,5 +129,5 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> ChangeKind {
             state.cluster_policies.insert(name, object);
         }
     }
-    kind
+    (kind, pods)
 }

@@ -95,7 +95,7 @@ pub fn propagation(
     let (mut noop, mut noop_compile, mut noop_apply) = (vec![], vec![], vec![]);
     for _ in 0..config.noop_runs {
         let t0 = Instant::now();
-        let next = compiler.compile(&state);
+        let next = compiler.compile_changed(&state, Some(&Default::default()));
         let t1 = Instant::now();
         let report = datapath.sync_maps(&next).expect("apply");
         let t2 = Instant::now();
@@ -111,9 +111,10 @@ pub fn propagation(
     let (mut total, mut compile_t, mut apply_t, mut writes) = (vec![], vec![], vec![], vec![]);
     let started = Instant::now();
     for i in 0..config.changes {
-        let kind = change(&mut state, size, i);
+        let (kind, pods_changed) = change(&mut state, size, i);
         let t0 = Instant::now();
-        let next = compiler.compile(&state);
+        // As the agent's loop: the compiler is told which pods changed.
+        let next = compiler.compile_changed(&state, Some(&pods_changed));
         let t1 = Instant::now();
         let report = datapath.sync_maps(&next).expect("apply");
         let t2 = Instant::now();

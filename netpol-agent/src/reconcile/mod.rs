@@ -232,6 +232,15 @@ impl<'a, S: Source> Reconciler<'a, S> {
     /// Fills the state from the source, compiles it and publishes the diagnostics.
     fn snapshot_and_compile(&mut self, phases: &mut Phases) -> Result<(), Error> {
         let update = self.source.snapshot(&mut self.state)?;
+        self.state.audit_all = self.config.audit;
+        self.state.configured_service_cidrs = self.config.service_cidrs.clone();
+        phases.snapshot = phases.since_start();
+        // Every snapshot is compiled by this compiler: the pods it changed are the pods
+        // changed since the compiler's last compile.
+        self.compiled = self
+            .compiler
+            .compile_changed(&self.state, update.pods_changed.as_ref());
+        phases.compiled = phases.since_start();
         self.addresses_due = match (self.addresses_due.take(), update.pods_changed) {
             (Some(mut due), Some(changed)) => {
                 due.extend(changed);
@@ -239,11 +248,6 @@ impl<'a, S: Source> Reconciler<'a, S> {
             }
             _ => None,
         };
-        self.state.audit_all = self.config.audit;
-        self.state.configured_service_cidrs = self.config.service_cidrs.clone();
-        phases.snapshot = phases.since_start();
-        self.compiled = self.compiler.compile(&self.state);
-        phases.compiled = phases.since_start();
         self.diagnostics = update.diagnostics;
         self.diagnostics
             .extend(self.compiled.diagnostics.iter().cloned());
