@@ -84,8 +84,8 @@ pub fn report(config: &Config, machine: &Value, runs: &[SizeRun], rss_start: f64
         println!(
             "Time from a change in the state to the kernel maps holding it: `compile` by the \
              same `Compiler` (allocations and memo kept, told which pods changed) + \
-             `Datapath::apply` into real maps. p50 / p99 per kind of change; the baseline is the same loop with no change \
-             (median of {} runs, no map writes).\n",
+             `Datapath::apply` into real maps. p50 / p99 per kind of change; the baseline \
+             is the same loop with no change (median of {} runs, no map writes).\n",
             config.noop_runs
         );
         let mut header = vec!["change".to_string()];
