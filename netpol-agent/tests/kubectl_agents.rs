@@ -344,21 +344,7 @@ fn explain_with_the_kernel_says_where_a_node_holds_other_than_the_cluster() {
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
-    let explain = |output: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_kubectl-netpol"))
-            .args(["explain", "x/a", "x/b", "80/TCP", "--kernel", "-o", output])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("kubectl-netpol explain --kernel");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let explain = |output: &str| explain_kernel(&kubeconfig, ["x/a", "x/b", "80/TCP"], output);
 
     // The cluster allows x/a -> x/b; node-1's kernel drops it at x/b's ingress.
     let value: Value = serde_json::from_str(&explain("json")).unwrap();
@@ -436,12 +422,14 @@ spec:
   policyTypes: [Ingress]
 "#;
 
-/// `kubectl-netpol explain SRC DST PORT --kernel -o json` against `kubeconfig`.
-fn explain_kernel(kubeconfig: &Path, src: &str, dst: &str, port: &str) -> Value {
+/// `kubectl-netpol explain SRC DST PORT --kernel -o OUTPUT` against `kubeconfig`: its
+/// standard output (the command must succeed).
+fn explain_kernel(kubeconfig: &Path, [src, dst, port]: [&str; 3], output: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_kubectl-netpol"))
-        .args(["explain", src, dst, port, "--kernel", "-o", "json"])
+        .args(["explain", src, dst, port, "--kernel", "-o", output])
         .arg("--kubeconfig")
         .arg(kubeconfig)
+        .env("NO_COLOR", "1")
         .output()
         .expect("kubectl-netpol explain --kernel");
     assert!(
@@ -449,7 +437,12 @@ fn explain_kernel(kubeconfig: &Path, src: &str, dst: &str, port: &str) -> Value 
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("JSON")
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+/// [`explain_kernel`] as JSON.
+fn explain_kernel_json(kubeconfig: &Path, connection: [&str; 3]) -> Value {
+    serde_json::from_str(&explain_kernel(kubeconfig, connection, "json")).expect("JSON")
 }
 
 /// The check of the hook in `direction` (`ingress` or `egress`).
@@ -551,7 +544,7 @@ fn explain_with_the_kernel_names_a_refused_pod_a_full_map_and_a_revoked_connecti
     std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
 
     // x/c did not fit on node 1: the cluster allows x/a -> x/c, its kernel cannot.
-    let value = explain_kernel(&kubeconfig, "x/a", "x/c", "80/TCP");
+    let value = explain_kernel_json(&kubeconfig, ["x/a", "x/c", "80/TCP"]);
     assert_eq!(value["allowed"], true, "{value:#}");
     let ingress = hook(&value, "ingress");
     assert_eq!(ingress["agrees"], false, "{ingress:#}");
@@ -572,7 +565,7 @@ fn explain_with_the_kernel_names_a_refused_pod_a_full_map_and_a_revoked_connecti
     let findings = loop {
         use std::io::Write as _;
         let _ = client.write(b"x");
-        let value = explain_kernel(&kubeconfig, "x/a", "x/b", "9100/TCP");
+        let value = explain_kernel_json(&kubeconfig, ["x/a", "x/b", "9100/TCP"]);
         assert_eq!(value["allowed"], false, "{value:#}");
         let ingress = hook(&value, "ingress");
         assert_eq!(ingress["agrees"], true, "{ingress:#}");
