@@ -323,6 +323,49 @@ fn pod_object(name: &str, ip: &str, node: &str) -> Value {
     })
 }
 
+/// The API server double as the plugin reads the cluster of [`TwoNodes`]: namespace x,
+/// the two Node objects, an agent pod on each (exec'd as [`TwoNodes::exec_handler`]
+/// says) and `pods` (name, address, node); with a kubeconfig for it in a fresh
+/// directory. Dropping it stops the double and removes the directory.
+struct Double {
+    kubeconfig: PathBuf,
+    dir: PathBuf,
+    server: ApiServer,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Drop for Double {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TwoNodes {
+    fn double(&self, agent: &Path, tag: &str, pods: &[(&str, &str, &str)]) -> Double {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let server = runtime.block_on(ApiServer::start()).expect("the double");
+        server.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}));
+        for (n, node) in ["node-0", "node-1"].into_iter().enumerate() {
+            server.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}));
+            server.apply(agent_pod(&format!("netpol-agent-{n}"), node));
+        }
+        for (name, ip, node) in pods {
+            server.apply(pod_object(name, ip, node));
+        }
+        server.on_exec(self.exec_handler(agent));
+        let dir = std::env::temp_dir().join(format!("netpol-kubectl-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
+        Double {
+            kubeconfig,
+            dir,
+            server,
+            _runtime: runtime,
+        }
+    }
+}
+
 #[test]
 fn explain_with_the_kernel_says_where_a_node_holds_other_than_the_cluster() {
     let Some(agent) = agent_bin() else {
@@ -330,21 +373,13 @@ fn explain_with_the_kernel_says_where_a_node_holds_other_than_the_cluster() {
     };
     // The agents enforce DENY_INGRESS; the cluster (the double) does not have it yet.
     let cluster = TwoNodes::start(&agent);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let server = runtime.block_on(ApiServer::start()).expect("the double");
-    server.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}));
-    for (n, node) in ["node-0", "node-1"].into_iter().enumerate() {
-        server.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}));
-        server.apply(agent_pod(&format!("netpol-agent-{n}"), node));
-    }
-    server.apply(pod_object("a", "10.0.0.1", "node-0"));
-    server.apply(pod_object("b", "10.0.0.2", "node-1"));
-    server.on_exec(cluster.exec_handler(&agent));
-    let dir = std::env::temp_dir().join(format!("netpol-kubectl-kernel-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
-    let explain = |output: &str| explain_kernel(&kubeconfig, ["x/a", "x/b", "80/TCP"], output);
+    let double = cluster.double(
+        &agent,
+        "kernel",
+        &[("a", "10.0.0.1", "node-0"), ("b", "10.0.0.2", "node-1")],
+    );
+    let (server, kubeconfig) = (&double.server, &double.kubeconfig);
+    let explain = |output: &str| explain_kernel(kubeconfig, ["x/a", "x/b", "80/TCP"], output);
 
     // The cluster allows x/a -> x/b; node-1's kernel drops it at x/b's ingress.
     let value: Value = serde_json::from_str(&explain("json")).unwrap();
@@ -407,9 +442,6 @@ fn explain_with_the_kernel_says_where_a_node_holds_other_than_the_cluster() {
     for check in value["kernel"].as_array().unwrap() {
         assert_eq!(check["agrees"], true, "{check:#}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    drop(server);
-    drop(runtime);
 }
 
 /// Only x/b admits nothing.
@@ -518,33 +550,24 @@ fn explain_with_the_kernel_names_a_refused_pod_a_full_map_and_a_revoked_connecti
             .wait_generation(generation, Duration::from_secs(30))
             .expect("the agent applied the policy");
     }
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let server = runtime.block_on(ApiServer::start()).expect("the double");
-    server.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}));
-    for (n, node) in ["node-0", "node-1"].into_iter().enumerate() {
-        server.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}));
-        server.apply(agent_pod(&format!("netpol-agent-{n}"), node));
-    }
-    for (name, ip, node) in [
-        ("a", "10.0.0.1", "node-0"),
-        ("b", "10.0.0.2", "node-1"),
-        ("c", "10.0.0.3", "node-1"),
-    ] {
-        server.apply(pod_object(name, ip, node));
-    }
-    server.apply(json!({
+    let double = nodes.double(
+        &agent,
+        "refused",
+        &[
+            ("a", "10.0.0.1", "node-0"),
+            ("b", "10.0.0.2", "node-1"),
+            ("c", "10.0.0.3", "node-1"),
+        ],
+    );
+    double.server.apply(json!({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": "deny-b", "namespace": "x"},
         "spec": {"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]},
     }));
-    server.on_exec(nodes.exec_handler(&agent));
-    let dir = std::env::temp_dir().join(format!("netpol-kubectl-refused-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
+    let kubeconfig = &double.kubeconfig;
 
     // x/c did not fit on node 1: the cluster allows x/a -> x/c, its kernel cannot.
-    let value = explain_kernel_json(&kubeconfig, ["x/a", "x/c", "80/TCP"]);
+    let value = explain_kernel_json(kubeconfig, ["x/a", "x/c", "80/TCP"]);
     assert_eq!(value["allowed"], true, "{value:#}");
     let ingress = hook(&value, "ingress");
     assert_eq!(ingress["agrees"], false, "{ingress:#}");
@@ -565,7 +588,7 @@ fn explain_with_the_kernel_names_a_refused_pod_a_full_map_and_a_revoked_connecti
     let findings = loop {
         use std::io::Write as _;
         let _ = client.write(b"x");
-        let value = explain_kernel_json(&kubeconfig, ["x/a", "x/b", "9100/TCP"]);
+        let value = explain_kernel_json(kubeconfig, ["x/a", "x/b", "9100/TCP"]);
         assert_eq!(value["allowed"], false, "{value:#}");
         let ingress = hook(&value, "ingress");
         assert_eq!(ingress["agrees"], true, "{ingress:#}");
@@ -580,8 +603,6 @@ fn explain_with_the_kernel_names_a_refused_pod_a_full_map_and_a_revoked_connecti
             && findings.contains("revoked, its packets are dropped until it idles out"),
         "{findings}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
-    drop(server);
-    drop(runtime);
+    drop(double);
     drop(nodes);
 }

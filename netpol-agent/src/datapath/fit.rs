@@ -160,6 +160,7 @@ pub fn fit<'a>(
     let room = free(kernel.ipcache.len(), ipcache_cap);
     let (new_prefixes, new_hosts): (Vec<&Lpm<Addr>>, Vec<&Lpm<Addr>>) =
         absent_from(&compiled.ipcache, kernel.ipcache)
+            .into_iter()
             .partition(|key| key.prefix_len < key.data.full_prefix_len());
     if new_prefixes.len() > room {
         return Err(PrefixOverflow {

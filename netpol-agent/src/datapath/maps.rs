@@ -142,7 +142,10 @@ impl<M: KernelMap> Synced<M> {
         &mut self,
         desired: &BTreeMap<M::Key, M::Value>,
     ) -> Result<SyncStats, MapError> {
-        let stale: Vec<M::Key> = absent_from(&self.shadow, desired).copied().collect();
+        let stale: Vec<M::Key> = absent_from(&self.shadow, desired)
+            .into_iter()
+            .copied()
+            .collect();
         for key in &stale {
             match self.map.delete(key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
@@ -181,17 +184,14 @@ pub fn join<'a, 'b, K: Ord, A, B>(
 }
 
 /// The keys of `a` that `b` lacks, in order (one walk of both, see [`join`]).
-pub fn absent_from<'a, K: Ord, A, B>(
-    a: &'a BTreeMap<K, A>,
-    b: &BTreeMap<K, B>,
-) -> impl Iterator<Item = &'a K> + use<'a, K, A, B> {
+pub fn absent_from<'a, K: Ord, A, B>(a: &'a BTreeMap<K, A>, b: &BTreeMap<K, B>) -> Vec<&'a K> {
     let mut out = Vec::new();
     join(a, b, |in_a, in_b| {
         if let (Some((key, _)), None) = (in_a, in_b) {
             out.push(key);
         }
     });
-    out.into_iter()
+    out
 }
 
 pub type EndpointsMap = Synced<HashMap<MapData, Addr, EndpointInfo>>;
@@ -262,7 +262,7 @@ mod tests {
                 .map(|k| (k, a.get(&k).copied(), b.get(&k).copied()))
                 .collect();
             prop_assert_eq!(met, expected);
-            let absent: Vec<u16> = absent_from(&a, &b).copied().collect();
+            let absent: Vec<u16> = absent_from(&a, &b).into_iter().copied().collect();
             let naive: Vec<u16> = a.keys().filter(|k| !b.contains_key(k)).copied().collect();
             prop_assert_eq!(absent, naive);
         }

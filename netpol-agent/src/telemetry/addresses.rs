@@ -32,15 +32,6 @@ impl AddressBook {
         self.holders.get(ip)
     }
 
-    /// Number of addresses held.
-    pub fn len(&self) -> usize {
-        self.holders.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.holders.is_empty()
-    }
-
     /// Brings the book up to date with `state` for the pods `changed` (added, updated
     /// or deleted since the book last saw `state`).
     pub fn update<'a>(

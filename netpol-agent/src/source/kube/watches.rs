@@ -330,42 +330,42 @@ impl ClusterWatch {
             &(),
             changed.remove(&Watched::Namespaces),
             &mut state.namespaces,
-            |ns: &Namespace| Some(ns.clone()),
+            cloned,
         );
         refresh(
             &stores.pods,
             &(),
             changed.remove(&Watched::Pods),
             &mut state.pods,
-            |pod: &Pod| Some(pod.clone()),
+            cloned,
         );
         refresh(
             &stores.policies,
             &(),
             changed.remove(&Watched::NetworkPolicies),
             &mut state.policies,
-            |policy: &NetworkPolicy| Some(policy.clone()),
+            cloned,
         );
         refresh(
             &stores.services,
             &(),
             changed.remove(&Watched::Services),
             &mut state.services,
-            |service: &Service| Some(service.clone()),
+            cloned,
         );
         refresh(
             &stores.endpoint_slices,
             &(),
             changed.remove(&Watched::EndpointSlices),
             &mut state.endpoint_slices,
-            |slice: &EndpointSlice| Some(slice.clone()),
+            cloned,
         );
         refresh(
             &stores.service_cidrs,
             &(),
             changed.remove(&Watched::ServiceCidrs),
             &mut state.service_cidrs,
-            |cidr: &ServiceCIDR| Some(cidr.clone()),
+            cloned,
         );
         refresh(
             &stores.cluster_policies,
@@ -399,6 +399,11 @@ impl ClusterWatch {
     pub fn reread_all(&mut self) {
         self.changes.everything();
     }
+}
+
+/// The state keeps the stores' objects as they are.
+fn cloned<K: Clone>(object: &K) -> Option<K> {
+    Some(object.clone())
 }
 
 /// What one [`ClusterWatch::snapshot`] produced besides the objects.
