@@ -26,11 +26,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
-use crate::state::{ObjectRef, container_ports};
+use crate::state::{ObjectRef, PodInfo, container_ports};
 
 /// A fast, unkeyed hasher (FxHash) for maps keyed by addresses and peer-slot sets,
 /// which no object author chooses freely; maps keyed by names keep the default.
@@ -205,7 +204,7 @@ impl CompileCache {
     /// others' entries are kept unread), else every pod, compared with its entry.
     pub fn sync_pods(
         &mut self,
-        pods: &BTreeMap<ObjectRef, Pod>,
+        pods: &BTreeMap<ObjectRef, PodInfo>,
         changed: Option<&BTreeSet<ObjectRef>>,
     ) {
         let mut old = std::mem::take(&mut self.pods).into_iter().peekable();
@@ -322,23 +321,16 @@ pub(crate) struct PodEntry {
 }
 
 impl PodEntry {
-    fn new(obj: &ObjectRef, pod: &Pod) -> Self {
-        let status = pod.status.as_ref();
-        let listed: Vec<String> = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|p| p.ip.clone())
-            .collect();
-        let single = status.and_then(|s| s.pod_ip.clone());
+    fn new(obj: &ObjectRef, pod: &PodInfo) -> Self {
+        let listed = pod.listed_ips().len();
         let mut ips = Vec::new();
         let mut ip_errors = Vec::new();
-        for (i, text) in listed.iter().chain(single.iter()).enumerate() {
+        for (i, text) in pod.listed_ips().chain(pod.pod_ip()).enumerate() {
             match text.parse::<IpAddr>() {
                 Ok(ip) if !ips.contains(&ip) => ips.push(ip),
                 Ok(_) => {}
                 Err(_) => {
-                    let field = if i < listed.len() {
+                    let field = if i < listed {
                         format!("status.podIPs[{i}].ip")
                     } else {
                         "status.podIP".to_string()
@@ -381,7 +373,7 @@ impl PodEntry {
     }
 
     /// Whether `pod` holds what the entry was read from.
-    fn matches(&self, pod: &Pod) -> bool {
+    fn matches(&self, pod: &PodInfo) -> bool {
         let mut matcher = Matcher {
             rest: &self.inputs,
             equal: true,
@@ -457,27 +449,18 @@ impl Sink for Matcher<'_> {
 /// Serialises everything [`PodEntry::new`] reads from `pod`: labels, `status.podIPs`,
 /// `status.podIP` and the named container ports. Equal serialisations mean equal
 /// derived data.
-fn encode_inputs(pod: &Pod, sink: &mut impl Sink) {
-    match &pod.metadata.labels {
-        None => sink.put(&[0]),
-        Some(labels) => {
-            sink.put(&[1]);
-            sink.number(labels.len() as u64);
-            for (key, value) in labels {
-                sink.text(key);
-                sink.text(value);
-            }
-        }
+fn encode_inputs(pod: &PodInfo, sink: &mut impl Sink) {
+    let labels = pod.labels();
+    sink.number(labels.len() as u64);
+    for (key, value) in labels {
+        sink.text(key);
+        sink.text(value);
     }
-    let status = pod.status.as_ref();
-    let listed = status
-        .and_then(|s| s.pod_ips.as_deref())
-        .unwrap_or_default();
-    sink.number(listed.len() as u64);
-    for ip in listed {
-        sink.text(&ip.ip);
+    sink.number(pod.listed_ips().len() as u64);
+    for ip in pod.listed_ips() {
+        sink.text(ip);
     }
-    sink.optional(status.and_then(|s| s.pod_ip.as_deref()));
+    sink.optional(pod.pod_ip());
     for (name, protocol, port) in named_port_inputs(pod) {
         sink.put(&[1]);
         sink.text(name);
@@ -489,7 +472,7 @@ fn encode_inputs(pod: &Pod, sink: &mut impl Sink) {
 
 /// Every named port of `pod`'s containers and native sidecars, in lookup order
 /// ([`container_ports`]): (name, protocol, containerPort).
-fn named_port_inputs(pod: &Pod) -> impl Iterator<Item = (&str, Option<&str>, i32)> {
+fn named_port_inputs(pod: &PodInfo) -> impl Iterator<Item = (&str, Option<&str>, i32)> {
     container_ports(pod).filter_map(|p| {
         p.name
             .as_deref()

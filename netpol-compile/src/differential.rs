@@ -716,7 +716,7 @@ proptest! {
         let first = compile(&s.state, &Allocations::default());
         let mut grown = s.state.clone();
         let extra = super::testutil::pod("unrelated", "zz", &[("nobody", "selects-me")], &["172.31.0.1"], &[]);
-        grown.pods.insert(crate::state::ObjectRef::new("unrelated", "zz"), extra);
+        grown.pods.insert(crate::state::ObjectRef::new("unrelated", "zz"), extra.into());
         let second = compile(&grown, &first.allocations);
         for (pod, id) in first.allocations.endpoints() {
             prop_assert_eq!(second.allocations.endpoint_id(pod), Some(*id));
@@ -796,13 +796,7 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
     match change {
         Change::PodLabel(i, key, value) => {
             if let Some(obj) = nth_pod(state, *i) {
-                let labels = state
-                    .pods
-                    .get_mut(&obj)
-                    .unwrap()
-                    .metadata
-                    .labels
-                    .get_or_insert_default();
+                let labels = state.pods.get_mut(&obj).unwrap().labels_mut();
                 match value {
                     Some(v) => labels.insert(key.to_string(), v.to_string()),
                     None => labels.remove(*key),
@@ -834,21 +828,20 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
         }
         Change::MovePod(i) => {
             if let Some(obj) = nth_pod(state, *i) {
-                let spec = state.pods.get_mut(&obj).unwrap().spec.as_mut().unwrap();
-                let other = if spec.node_name.as_deref() == Some("n1") {
+                let pod = state.pods.get_mut(&obj).unwrap();
+                let other = if pod.node_name() == Some("n1") {
                     "n2"
                 } else {
                     "n1"
                 };
-                spec.node_name = Some(other.into());
+                pod.set_node_name(Some(other));
             }
         }
         Change::PodAddress(i, host) => {
             if let Some(obj) = nth_pod(state, *i) {
-                let status = state.pods.get_mut(&obj).unwrap().status.as_mut().unwrap();
                 let ip = format!("10.0.1.{host}");
-                status.pod_ips = Some(vec![k8s_openapi::api::core::v1::PodIP { ip: ip.clone() }]);
-                status.pod_ip = Some(ip);
+                let pod = state.pods.get_mut(&obj).unwrap();
+                pod.set_addresses(&[&ip], Some(&ip));
             }
         }
         Change::RemovePod(i) => {

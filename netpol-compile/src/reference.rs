@@ -16,14 +16,13 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netpol_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 use super::{Direction, RuleRef, validate_policy};
-use crate::state::{ClusterState, ObjectRef};
+use crate::state::{ClusterState, ObjectRef, PodInfo};
 
 /// The reference verdict for one hook.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -343,40 +342,30 @@ pub fn readable_rules(
     Readable::new(obj, np).map_or_else(Vec::new, |p| p.rules(direction))
 }
 
-static EMPTY: BTreeMap<String, String> = BTreeMap::new();
 
-pub(crate) fn pod_labels(pod: &Pod) -> &BTreeMap<String, String> {
-    pod.metadata.labels.as_ref().unwrap_or(&EMPTY)
+pub(crate) fn pod_labels(pod: &PodInfo) -> &BTreeMap<String, String> {
+    pod.labels()
 }
 
 /// The pod network pod (not finished, not hostNetwork) holding `ip`: of several listing
 /// it, the running one, then the one created last, then the first by name.
-pub(crate) fn pod_with_ip(state: &ClusterState, ip: IpAddr) -> Option<(&ObjectRef, &Pod)> {
+pub(crate) fn pod_with_ip(state: &ClusterState, ip: IpAddr) -> Option<(&ObjectRef, &PodInfo)> {
     let listing = state.pods.iter().filter(|(_, pod)| {
-        let Some(status) = &pod.status else {
-            return false;
-        };
-        if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        if matches!(pod.phase(), Some("Succeeded" | "Failed")) {
             return false;
         }
-        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+        if pod.host_network() {
             return false;
         }
-        let mut ips = status
-            .pod_ips
-            .iter()
-            .flatten()
-            .map(|p| p.ip.as_str())
-            .chain(status.pod_ip.as_deref());
+        let mut ips = pod.listed_ips().chain(pod.pod_ip());
         ips.any(|s| s.parse::<IpAddr>() == Ok(ip))
     });
     // Later names lose ties: `max_by_key` keeps the last maximum, so rank by the
     // reversed name.
     listing.max_by_key(|(obj, pod)| {
-        let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
         (
-            phase.as_deref() == Some("Running"),
-            pod.metadata.creation_timestamp.clone(),
+            pod.phase() == Some("Running"),
+            pod.created().cloned(),
             std::cmp::Reverse((*obj).clone()),
         )
     })
@@ -503,7 +492,7 @@ pub fn peer_matches(
     policy_namespace: &str,
     peer: &NetworkPolicyPeer,
     ip: IpAddr,
-    pod: Option<(&ObjectRef, &Pod)>,
+    pod: Option<(&ObjectRef, &PodInfo)>,
 ) -> bool {
     if let Some(block) = &peer.ip_block {
         return in_cidr(&block.cidr, ip) && !block.except.iter().flatten().any(|e| in_cidr(e, ip));
@@ -533,7 +522,7 @@ pub fn protocol_of(name: Option<&str>) -> u8 {
 
 /// Whether a flow to `port`/`protocol` of `dst_pod` (named ports resolve there) is one of
 /// the entry `p`.
-pub fn port_matches(p: &NetworkPolicyPort, protocol: u8, port: u16, dst_pod: Option<&Pod>) -> bool {
+pub fn port_matches(p: &NetworkPolicyPort, protocol: u8, port: u16, dst_pod: Option<&PodInfo>) -> bool {
     if protocol_of(p.protocol.as_deref()) != protocol {
         return false;
     }
@@ -553,23 +542,12 @@ pub fn port_matches(p: &NetworkPolicyPort, protocol: u8, port: u16, dst_pod: Opt
 /// The port a named container port resolves to on `pod`: the first port with this name
 /// and protocol of its containers, else of its native sidecars (init containers with
 /// `restartPolicy: Always`).
-pub fn named_port(pod: &Pod, name: &str, protocol: u8) -> Option<i32> {
-    let spec = pod.spec.as_ref()?;
-    let sidecars = spec
-        .init_containers
+pub fn named_port(pod: &PodInfo, name: &str, protocol: u8) -> Option<i32> {
+    // The ports are in lookup order: containers first, then native sidecars.
+    pod.ports()
         .iter()
-        .flatten()
-        .filter(|c| c.restart_policy.as_deref() == Some("Always"));
-    // Containers first: `find_map` stops at the first container declaring the port.
-    spec.containers.iter().chain(sidecars).find_map(|c| {
-        c.ports
-            .iter()
-            .flatten()
-            .find(|cp| {
-                cp.name.as_deref() == Some(name) && protocol_of(cp.protocol.as_deref()) == protocol
-            })
-            .map(|cp| cp.container_port)
-    })
+        .find(|cp| cp.name.as_deref() == Some(name) && protocol_of(cp.protocol.as_deref()) == protocol)
+        .map(|cp| cp.container_port)
 }
 
 #[cfg(test)]
@@ -624,7 +602,7 @@ mod tests {
     #[test]
     fn a_native_sidecars_port_is_a_named_port_and_a_containers_comes_first() {
         use crate::testutil::{pod, with_init_container};
-        let p = with_init_container(
+        let p = PodInfo::of(&with_init_container(
             with_init_container(
                 pod("x", "a", &[], &["10.0.0.1"], &[("http", 8080, "TCP")]),
                 false,
@@ -632,7 +610,7 @@ mod tests {
             ),
             true,
             &[("metrics", 9090, "TCP"), ("http", 9091, "TCP")],
-        );
+        ));
         assert_eq!(named_port(&p, "metrics", PROTO_TCP), Some(9090));
         assert_eq!(named_port(&p, "http", PROTO_TCP), Some(8080));
         assert_eq!(named_port(&p, "setup", PROTO_TCP), None);

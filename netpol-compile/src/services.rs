@@ -17,12 +17,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Pod, Service, ServicePort as KubeServicePort};
+use k8s_openapi::api::core::v1::{Service, ServicePort as KubeServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netpol_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, ServicePort};
 
 use crate::diagnostics::{Diagnostic, Kind, ObjectName, Subject};
-use crate::state::{ClusterState, ObjectRef, container_ports, is_terminal, pod_ips};
+use crate::state::{ClusterState, ObjectRef, PodInfo, container_ports, is_terminal, pod_ips};
 
 /// What kube-proxy translates, as the datapath needs it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -355,10 +355,8 @@ fn selected_backends(
         if is_terminal(pod) {
             continue;
         }
-        let labels = pod.metadata.labels.as_ref();
-        let selected = selector
-            .iter()
-            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
+        let labels = pod.labels();
+        let selected = selector.iter().all(|(k, v)| labels.get(k) == Some(v));
         if !selected {
             continue;
         }
@@ -379,7 +377,7 @@ fn selected_backends(
 /// The port a Service port translates to on `pod`: `targetPort` as a number, or the
 /// port of that name and protocol of its containers or native sidecars
 /// ([`container_ports`]); the Service port when absent.
-pub fn target_port(pod: &Pod, port: &KubeServicePort, protocol: u8) -> Option<u16> {
+pub fn target_port(pod: &PodInfo, port: &KubeServicePort, protocol: u8) -> Option<u16> {
     match &port.target_port {
         None => u16::try_from(port.port).ok(),
         Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
@@ -414,9 +412,7 @@ mod tests {
             );
         // b names its port `sql` 5433; a has no such port (kube-proxy skips it).
         let b = c.state.pods.get_mut(&ObjectRef::new("db", "b")).unwrap();
-        b.spec.as_mut().unwrap().containers[0].ports = Some(vec![
-            serde_json::from_value(json!({"name": "sql", "containerPort": 5433})).unwrap(),
-        ]);
+        b.set_ports(vec![crate::state::DeclaredPort::new(Some("sql"), 5433, None)]);
         c
     }
 
@@ -446,16 +442,14 @@ mod tests {
 
     #[test]
     fn a_named_target_port_resolves_on_native_sidecars_and_finished_pods_are_no_backends() {
-        use crate::testutil::{with_init_container, with_phase};
+        use crate::testutil::with_init_container;
         let mut c = cluster();
         // a serves `sql` from a native sidecar only; b has finished.
-        let a = c.state.pods.remove(&ObjectRef::new("db", "a")).unwrap();
+        let a = crate::testutil::pod("db", "a", &[("app", "db")], &["10.0.0.1"], &[]);
         let a = with_init_container(a, true, &[("sql", 5434, "TCP")]);
-        c.state.pods.insert(ObjectRef::new("db", "a"), a);
-        let b = c.state.pods.remove(&ObjectRef::new("db", "b")).unwrap();
-        c.state
-            .pods
-            .insert(ObjectRef::new("db", "b"), with_phase(b, "Succeeded", None));
+        c.state.pods.insert(ObjectRef::new("db", "a"), a.into());
+        let b = c.state.pods.get_mut(&ObjectRef::new("db", "b")).unwrap();
+        b.set_phase(Some("Succeeded"));
         let index = ServiceIndex::new(&c.state);
         let backends = index.backends(&ObjectRef::new("db", "db"), "sql", PROTO_TCP);
         assert_eq!(

@@ -5,10 +5,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{ContainerPort, Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+mod intern;
+mod pod;
+
+pub use pod::{DeclaredPort, PodDocument, PodIdentity, PodInfo};
 
 /// `namespace/name` of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -87,7 +92,8 @@ pub const HOST_INTERFACE_ANNOTATION: &str = "netpol.dev/host-interface";
 pub struct ClusterState {
     /// By name.
     pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<ObjectRef, Pod>,
+    /// What decides verdicts of each pod ([`PodInfo`]), not the objects.
+    pub pods: BTreeMap<ObjectRef, PodInfo>,
     /// Host-side interfaces named for pods by the operator (local mode's manifests,
     /// [`HOST_INTERFACE_ANNOTATION`]), by pod. Only local mode's source fills it; in
     /// Kubernetes mode it stays empty and interfaces are found from the kernel alone.
@@ -194,37 +200,23 @@ impl ClusterState {
 
 /// The addresses listed in `status.podIPs`, then `status.podIP`, that parse, in order
 /// (the same address may come twice).
-pub fn pod_ips(pod: &Pod) -> impl Iterator<Item = std::net::IpAddr> + '_ {
-    let status = pod.status.as_ref();
-    let listed = status
-        .and_then(|s| s.pod_ips.as_deref())
-        .unwrap_or_default()
-        .iter()
-        .map(|p| p.ip.as_str());
-    listed
-        .chain(status.and_then(|s| s.pod_ip.as_deref()))
+pub fn pod_ips(pod: &PodInfo) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+    pod.listed_ips()
+        .chain(pod.pod_ip())
         .filter_map(|text| text.parse().ok())
 }
 
 /// Whether the pod has finished (phase `Succeeded` or `Failed`). A finished pod holds no
 /// address any more: the API keeps its `status.podIPs`, but the network has already
 /// given them back and may have handed them to a new pod.
-pub fn is_terminal(pod: &Pod) -> bool {
-    matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
+pub fn is_terminal(pod: &PodInfo) -> bool {
+    matches!(pod.phase(), Some("Succeeded" | "Failed"))
 }
 
 /// Whether the pod takes part in pod traffic with addresses of its own: not finished
 /// and not in the host's network (a hostNetwork pod's addresses are the node's).
-pub fn holds_pod_addresses(pod: &Pod) -> bool {
-    let host_network = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.host_network)
-        .unwrap_or(false);
-    !is_terminal(pod) && !host_network
+pub fn holds_pod_addresses(pod: &PodInfo) -> bool {
+    !is_terminal(pod) && !pod.host_network()
 }
 
 /// Whether pod `a` holds an address that pod `b` also lists (both
@@ -232,22 +224,22 @@ pub fn holds_pod_addresses(pod: &Pod) -> bool {
 /// running pod holds it, then the one created last (the other is an older object the
 /// API has not caught up with), then the first in name order, so the choice never
 /// depends on the order objects arrived in.
-pub fn claims_before(a: (&ObjectRef, &Pod), b: (&ObjectRef, &Pod)) -> bool {
+pub fn claims_before(a: (&ObjectRef, &PodInfo), b: (&ObjectRef, &PodInfo)) -> bool {
     claim_order(a, b).0.is_gt()
 }
 
 /// Why `a` holds an address that `b` also lists when [`claims_before`] says so: `it is
 /// running`, `it was created later` or `it comes first in name order`.
-pub fn claim_reason(a: (&ObjectRef, &Pod), b: (&ObjectRef, &Pod)) -> &'static str {
+pub fn claim_reason(a: (&ObjectRef, &PodInfo), b: (&ObjectRef, &PodInfo)) -> &'static str {
     claim_order(a, b).1
 }
 
-fn claim_order(a: (&ObjectRef, &Pod), b: (&ObjectRef, &Pod)) -> (std::cmp::Ordering, &'static str) {
-    fn running(pod: &Pod) -> bool {
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+fn claim_order(a: (&ObjectRef, &PodInfo), b: (&ObjectRef, &PodInfo)) -> (std::cmp::Ordering, &'static str) {
+    fn running(pod: &PodInfo) -> bool {
+        pod.phase() == Some("Running")
     }
-    fn created(pod: &Pod) -> Option<&Time> {
-        pod.metadata.creation_timestamp.as_ref()
+    fn created(pod: &PodInfo) -> Option<&Time> {
+        pod.created()
     }
     let by_phase = running(a.1).cmp(&running(b.1));
     if by_phase.is_ne() {
@@ -264,7 +256,7 @@ fn claim_order(a: (&ObjectRef, &Pod), b: (&ObjectRef, &Pod)) -> (std::cmp::Order
 /// [`holds_pod_addresses`], an address listed by several going to the one
 /// [`claims_before`] the others.
 pub fn address_owners(state: &ClusterState) -> BTreeMap<std::net::IpAddr, &ObjectRef> {
-    let mut owners: BTreeMap<std::net::IpAddr, (&ObjectRef, &Pod)> = BTreeMap::new();
+    let mut owners: BTreeMap<std::net::IpAddr, (&ObjectRef, &PodInfo)> = BTreeMap::new();
     for (obj, pod) in &state.pods {
         if !holds_pod_addresses(pod) {
             continue;
@@ -283,16 +275,8 @@ pub fn address_owners(state: &ClusterState) -> BTreeMap<std::net::IpAddr, &Objec
 /// (`FindPort`): every container's, then those of its native sidecars (init containers
 /// with `restartPolicy: Always`, which run beside the others). Ports of other init
 /// containers are not served while the pod runs.
-pub fn container_ports(pod: &Pod) -> impl Iterator<Item = &ContainerPort> {
-    let spec = pod.spec.as_ref();
-    let containers = spec.into_iter().flat_map(|s| s.containers.iter());
-    let sidecars = spec
-        .into_iter()
-        .flat_map(|s| s.init_containers.iter().flatten())
-        .filter(|c| c.restart_policy.as_deref() == Some("Always"));
-    containers
-        .chain(sidecars)
-        .flat_map(|c| c.ports.iter().flatten())
+pub fn container_ports(pod: &PodInfo) -> impl Iterator<Item = &DeclaredPort> {
+    pod.ports().iter()
 }
 
 /// The node this agent enforces on.
@@ -306,10 +290,10 @@ pub struct NodeContext {
 }
 
 impl NodeContext {
-    pub fn is_local(&self, pod: &Pod) -> bool {
+    pub fn is_local(&self, pod: &PodInfo) -> bool {
         match &self.name {
             None => true,
-            Some(name) => pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name),
+            Some(name) => pod.node_name() == Some(name),
         }
     }
 }

@@ -112,7 +112,7 @@ impl Cluster {
     ) -> Self {
         self.state.pods.insert(
             ObjectRef::new(ns, name),
-            pod(ns, name, label_pairs, ips, ports),
+            pod(ns, name, label_pairs, ips, ports).into(),
         );
         self
     }
@@ -122,7 +122,7 @@ impl Cluster {
             pod.metadata.namespace.clone().unwrap_or_default(),
             pod.metadata.name.clone().unwrap_or_default(),
         );
-        self.state.pods.insert(obj, pod);
+        self.state.pods.insert(obj, pod.into());
         self
     }
 

@@ -9,12 +9,11 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Pod;
 
 use super::{Action, CnpPeer, CnpProtocol, CnpRule, ParsedCnp, Pods, Tier, read_cnp};
 use crate::Direction;
 use crate::reference::{Reference, Verdict, named_port, pod_labels, pod_with_ip};
-use crate::state::{ClusterState, ObjectRef};
+use crate::state::{ClusterState, ObjectRef, PodInfo};
 
 /// A rule of a ClusterNetworkPolicy, by place.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -224,7 +223,7 @@ impl<'a> TieredReference<'a> {
     }
 
     /// Whether `pods` (a subject, or a `namespaces`/`pods` peer) selects the pod.
-    fn selects(&self, pods: &Pods, (obj, pod): (&ObjectRef, &Pod)) -> bool {
+    fn selects(&self, pods: &Pods, (obj, pod): (&ObjectRef, &PodInfo)) -> bool {
         pods.namespaces
             .matches(&self.state.namespace_labels(&obj.namespace))
             && pods
@@ -233,7 +232,7 @@ impl<'a> TieredReference<'a> {
                 .is_none_or(|selector| selector.matches(pod_labels(pod)))
     }
 
-    fn rule_matches(&self, rule: &CnpRule, connection: &Connection<'_>, local_pod: &Pod) -> bool {
+    fn rule_matches(&self, rule: &CnpRule, connection: &Connection<'_>, local_pod: &PodInfo) -> bool {
         let peer_ok = match &rule.peers {
             // Every peer (a rule that could not be read, denying at its place); the
             // node's own addresses stay out of ingress rules, as they are out of every
@@ -281,9 +280,9 @@ impl<'a> TieredReference<'a> {
 
 /// One side of a new connection.
 struct Connection<'a> {
-    local: (&'a ObjectRef, &'a Pod),
+    local: (&'a ObjectRef, &'a PodInfo),
     remote: IpAddr,
-    remote_pod: Option<(&'a ObjectRef, &'a Pod)>,
+    remote_pod: Option<(&'a ObjectRef, &'a PodInfo)>,
     protocol: u8,
     port: u16,
     direction: Direction,

@@ -7,13 +7,13 @@ use std::collections::BTreeMap;
 use std::collections::hash_map::Entry;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Pod;
 
 use crate::cache::{FastMap, PodEntry};
-use crate::state::{ClusterState, ObjectRef, claim_reason, claims_before, holds_pod_addresses};
+use crate::state::{
+    ClusterState, ObjectRef, PodInfo, claim_reason, claims_before, holds_pod_addresses,
+};
 use crate::{Diagnostic, Subject};
 
-static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
 /// A live pod with an address, as peer and possibly as local endpoint.
 pub(super) struct PodView<'a> {
@@ -71,7 +71,7 @@ pub(super) fn live_pods<'a>(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<PodView<'a>> {
     // First pass: who holds each address (index into the state's pods).
-    let pods: Vec<(&ObjectRef, &Pod)> = state.pods.iter().collect();
+    let pods: Vec<(&ObjectRef, &PodInfo)> = state.pods.iter().collect();
     let mut owner: FastMap<IpAddr, usize> = FastMap::default();
     owner.reserve(entries.len() * 2);
     for (index, ((obj, pod), entry)) in pods.iter().zip(entries).enumerate() {
@@ -124,7 +124,7 @@ pub(super) fn live_pods<'a>(
         }
         out.push(PodView {
             obj,
-            labels: pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
+            labels: pod.labels(),
             index,
             kept: match ips {
                 Cow::Borrowed(_) => None,

@@ -1,0 +1,406 @@
+//! What the agent keeps of a Pod: what decides verdicts and nothing else.
+//!
+//! A Pod object is kilobytes (a k8s-openapi `Pod` with one container is ~4.8 KiB before
+//! any string); a [`PodInfo`] is ~150 bytes, its labels, node name, phase and ports
+//! shared with every pod that has equal ones ([`super::intern`]). Kubernetes mode reads
+//! pods straight into it ([`PodDocument`]: the fields it does not name are skipped by the
+//! parser, never built); local mode and tests convert a `Pod` ([`PodInfo::of`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use serde::Deserialize;
+
+use super::intern;
+
+/// A port a container declares (`spec.containers[].ports[]`, and those of native
+/// sidecars).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeclaredPort {
+    pub name: Option<Box<str>>,
+    pub protocol: Option<Box<str>>,
+    pub container_port: i32,
+}
+
+/// What the compiler, the flow log and the previews read of a pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodInfo {
+    /// `metadata.labels` (absent and empty are the same).
+    labels: Arc<BTreeMap<String, String>>,
+    /// `metadata.creationTimestamp`.
+    created: Option<Time>,
+    /// `spec.nodeName`.
+    node_name: Option<Arc<str>>,
+    /// `spec.hostNetwork`.
+    host_network: bool,
+    /// The ports of `spec.containers`, then of the native sidecars among
+    /// `spec.initContainers` (`restartPolicy: Always`), in the order Kubernetes looks a
+    /// port name up (`FindPort`).
+    ports: Arc<[DeclaredPort]>,
+    /// `status.phase`.
+    phase: Option<Arc<str>>,
+    /// `status.podIPs[].ip`, as written.
+    listed_ips: Box<[Box<str>]>,
+    /// `status.podIP`, as written.
+    pod_ip: Option<Box<str>>,
+}
+
+impl Default for PodInfo {
+    fn default() -> Self {
+        PodInfo::from_parts(PodDocument::default()).1
+    }
+}
+
+impl PodInfo {
+    /// What the agent keeps of `pod`.
+    pub fn of(pod: &Pod) -> PodInfo {
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let containers = spec.into_iter().flat_map(|s| s.containers.iter());
+        let sidecars = spec
+            .into_iter()
+            .flat_map(|s| s.init_containers.iter().flatten())
+            .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+        let ports = containers
+            .chain(sidecars)
+            .flat_map(|c| c.ports.iter().flatten())
+            .map(|p| DeclaredPort {
+                name: p.name.as_deref().map(Box::from),
+                protocol: p.protocol.as_deref().map(Box::from),
+                container_port: p.container_port,
+            })
+            .collect();
+        PodInfo {
+            labels: intern::labels(pod.metadata.labels.clone().unwrap_or_default()),
+            created: pod.metadata.creation_timestamp.clone(),
+            node_name: spec.and_then(|s| s.node_name.as_deref()).map(intern::name),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            ports: intern::ports(ports),
+            phase: status.and_then(|s| s.phase.as_deref()).map(intern::name),
+            listed_ips: status
+                .and_then(|s| s.pod_ips.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .map(|p| Box::from(p.ip.as_str()))
+                .collect(),
+            pod_ip: status.and_then(|s| s.pod_ip.as_deref()).map(Box::from),
+        }
+    }
+
+    /// The pod's identity (namespace, name, uid, resourceVersion) and what is kept of
+    /// it, from a Pod document read by [`PodDocument`].
+    pub fn from_parts(document: PodDocument) -> (PodIdentity, PodInfo) {
+        let PodDocument {
+            metadata,
+            spec,
+            status,
+        } = document;
+        let spec = spec.unwrap_or_default();
+        let status = status.unwrap_or_default();
+        let sidecars = spec
+            .init_containers
+            .into_iter()
+            .flatten()
+            .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+        let ports = spec
+            .containers
+            .into_iter()
+            .flatten()
+            .chain(sidecars)
+            .flat_map(|c| c.ports.into_iter().flatten())
+            .map(|p| DeclaredPort {
+                name: p.name,
+                protocol: p.protocol,
+                container_port: p.container_port,
+            })
+            .collect();
+        let info = PodInfo {
+            labels: intern::labels(metadata.labels.unwrap_or_default()),
+            created: metadata.creation_timestamp,
+            node_name: spec.node_name.as_deref().map(intern::name),
+            host_network: spec.host_network.unwrap_or(false),
+            ports: intern::ports(ports),
+            phase: status.phase.as_deref().map(intern::name),
+            listed_ips: status.pod_ips.into_iter().flatten().map(|p| p.ip).collect(),
+            pod_ip: status.pod_ip,
+        };
+        let identity = PodIdentity {
+            namespace: metadata.namespace,
+            name: metadata.name,
+            uid: metadata.uid,
+            resource_version: metadata.resource_version,
+        };
+        (identity, info)
+    }
+
+    /// `metadata.labels`.
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
+    }
+
+    /// `metadata.creationTimestamp`.
+    pub fn created(&self) -> Option<&Time> {
+        self.created.as_ref()
+    }
+
+    /// `spec.nodeName`.
+    pub fn node_name(&self) -> Option<&str> {
+        self.node_name.as_deref()
+    }
+
+    /// `spec.hostNetwork`.
+    pub fn host_network(&self) -> bool {
+        self.host_network
+    }
+
+    /// The ports its containers declare, then those of its native sidecars (init
+    /// containers with `restartPolicy: Always`, which run beside the others): the order
+    /// Kubernetes looks a port name up in (`FindPort`). Ports of other init containers
+    /// are not served while the pod runs.
+    pub fn ports(&self) -> &[DeclaredPort] {
+        &self.ports
+    }
+
+    /// `status.phase`.
+    pub fn phase(&self) -> Option<&str> {
+        self.phase.as_deref()
+    }
+
+    /// `status.podIPs[].ip`, as written.
+    pub fn listed_ips(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.listed_ips.iter().map(|ip| &**ip)
+    }
+
+    /// `status.podIP`, as written.
+    pub fn pod_ip(&self) -> Option<&str> {
+        self.pod_ip.as_deref()
+    }
+
+    /// The labels, to change (generators and tests: a source replaces the whole pod).
+    pub fn labels_mut(&mut self) -> &mut BTreeMap<String, String> {
+        Arc::make_mut(&mut self.labels)
+    }
+
+    /// Moves the pod to `node`.
+    pub fn set_node_name(&mut self, node: Option<&str>) {
+        self.node_name = node.map(intern::name);
+    }
+
+    /// Sets `status.phase`.
+    pub fn set_phase(&mut self, phase: Option<&str>) {
+        self.phase = phase.map(intern::name);
+    }
+
+    /// Sets `status.podIPs` and `status.podIP`.
+    pub fn set_addresses(&mut self, listed: &[&str], pod_ip: Option<&str>) {
+        self.listed_ips = listed.iter().map(|ip| Box::from(*ip)).collect();
+        self.pod_ip = pod_ip.map(Box::from);
+    }
+
+    /// Replaces the declared ports (in lookup order).
+    pub fn set_ports(&mut self, ports: Vec<DeclaredPort>) {
+        self.ports = intern::ports(ports);
+    }
+}
+
+impl DeclaredPort {
+    /// A port named `name` (if any) of `protocol` (`None`: TCP).
+    pub fn new(name: Option<&str>, container_port: i32, protocol: Option<&str>) -> Self {
+        DeclaredPort {
+            name: name.map(Box::from),
+            protocol: protocol.map(Box::from),
+            container_port,
+        }
+    }
+}
+
+impl From<&Pod> for PodInfo {
+    fn from(pod: &Pod) -> Self {
+        PodInfo::of(pod)
+    }
+}
+
+impl From<Pod> for PodInfo {
+    fn from(pod: Pod) -> Self {
+        PodInfo::of(&pod)
+    }
+}
+
+/// Who a pod is: what names it to the API server (Events, the watch's bookkeeping).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodIdentity {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+}
+
+/// A Pod document (JSON or YAML) as the agent reads it: only the fields [`PodInfo`] and
+/// [`PodIdentity`] keep. Every other field (managed fields, annotations, container
+/// images, environment, volumes, conditions) is skipped by the parser without being
+/// built.
+#[derive(Debug, Default, Deserialize)]
+pub struct PodDocument {
+    #[serde(default)]
+    metadata: Meta,
+    #[serde(default)]
+    spec: Option<Spec>,
+    #[serde(default)]
+    status: Option<Status>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Meta {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    creation_timestamp: Option<Time>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Spec {
+    node_name: Option<String>,
+    host_network: Option<bool>,
+    containers: Option<Vec<Container>>,
+    init_containers: Option<Vec<Container>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Container {
+    restart_policy: Option<String>,
+    ports: Option<Vec<Port>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Port {
+    name: Option<Box<str>>,
+    protocol: Option<Box<str>>,
+    container_port: i32,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Status {
+    phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pod_ip: Option<Box<str>>,
+    #[serde(rename = "podIPs")]
+    pod_ips: Option<Vec<PodIp>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PodIp {
+    ip: Box<str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn full_pod() -> serde_json::Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "a", "namespace": "x", "uid": "u-1", "resourceVersion": "42",
+                "labels": {"app": "web", "pod-template-hash": "5d9c"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                "creationTimestamp": "2025-01-02T03:04:05Z",
+                "managedFields": [{"manager": "kubelet", "operation": "Update"}],
+            },
+            "spec": {
+                "nodeName": "node-1",
+                "hostNetwork": false,
+                "initContainers": [
+                    {"name": "init", "image": "busybox", "ports": [{"name": "once", "containerPort": 1}]},
+                    {"name": "proxy", "image": "envoy", "restartPolicy": "Always",
+                     "ports": [{"name": "admin", "containerPort": 15000}]},
+                ],
+                "containers": [{
+                    "name": "main", "image": "nginx", "env": [{"name": "A", "value": "b"}],
+                    "ports": [
+                        {"name": "http", "containerPort": 8080},
+                        {"containerPort": 9090, "protocol": "UDP"},
+                    ],
+                }],
+                "volumes": [{"name": "v", "emptyDir": {}}],
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": "10.0.0.1",
+                "podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        })
+    }
+
+    #[test]
+    fn a_pod_document_keeps_what_the_same_pod_object_keeps() {
+        let object: Pod = serde_json::from_value(full_pod()).unwrap();
+        let document: PodDocument = serde_json::from_value(full_pod()).unwrap();
+        let (identity, info) = PodInfo::from_parts(document);
+        assert_eq!(info, PodInfo::of(&object));
+        assert_eq!(
+            identity,
+            PodIdentity {
+                namespace: Some("x".into()),
+                name: Some("a".into()),
+                uid: Some("u-1".into()),
+                resource_version: Some("42".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn a_pod_keeps_labels_node_phase_addresses_and_its_served_ports_in_lookup_order() {
+        let info = PodInfo::of(&serde_json::from_value(full_pod()).unwrap());
+        assert_eq!(info.labels().get("app").map(String::as_str), Some("web"));
+        assert_eq!(info.node_name(), Some("node-1"));
+        assert!(!info.host_network());
+        assert_eq!(info.phase(), Some("Running"));
+        assert_eq!(info.listed_ips().collect::<Vec<_>>(), ["10.0.0.1", "fd00::1"]);
+        assert_eq!(info.pod_ip(), Some("10.0.0.1"));
+        assert!(info.created().is_some());
+        let ports: Vec<(Option<&str>, i32)> = info
+            .ports()
+            .iter()
+            .map(|p| (p.name.as_deref(), p.container_port))
+            .collect();
+        // The containers' first, then the native sidecar's; the plain init container's
+        // port is never served.
+        assert_eq!(
+            ports,
+            [(Some("http"), 8080), (None, 9090), (Some("admin"), 15000)]
+        );
+    }
+
+    #[test]
+    fn pods_with_equal_labels_and_ports_share_one_copy_of_them() {
+        let a = PodInfo::of(&serde_json::from_value(full_pod()).unwrap());
+        let mut other = full_pod();
+        other["metadata"]["name"] = json!("b");
+        other["status"]["podIP"] = json!("10.0.0.2");
+        let b = PodInfo::of(&serde_json::from_value(other).unwrap());
+        assert!(Arc::ptr_eq(&a.labels, &b.labels));
+        assert!(Arc::ptr_eq(&a.ports, &b.ports));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn an_empty_document_is_a_pod_with_nothing() {
+        let (identity, info) = PodInfo::from_parts(serde_json::from_value(json!({})).unwrap());
+        assert_eq!(identity, PodIdentity::default());
+        assert_eq!(info, PodInfo::default());
+        assert!(info.labels().is_empty() && info.ports().is_empty());
+        assert_eq!(info.phase(), None);
+    }
+}
