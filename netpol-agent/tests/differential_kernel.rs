@@ -259,14 +259,7 @@ fn show_cluster(s: &Scenario, compiled: &Compiled) -> String {
         out += &format!("  Namespace {name} labels {}\n", json(&ns.metadata.labels));
     }
     for (obj, pod) in &state.pods {
-        let spec = pod.spec.as_ref();
-        let status = pod.status.as_ref();
-        let ips: Vec<&str> = status
-            .and_then(|s| s.pod_ips.as_deref())
-            .unwrap_or_default()
-            .iter()
-            .map(|p| p.ip.as_str())
-            .collect();
+        let ips: Vec<&str> = pod.listed_ips().collect();
         let ports: Vec<String> = netpol_compile::state::container_ports(pod)
             .map(|p| {
                 format!(
@@ -279,11 +272,11 @@ fn show_cluster(s: &Scenario, compiled: &Compiled) -> String {
             .collect();
         out += &format!(
             "  Pod {obj} labels {} ips {ips:?} node {} phase {} created {} ports {ports:?}{}\n",
-            json(&pod.metadata.labels),
-            spec.and_then(|s| s.node_name.as_deref()).unwrap_or("-"),
-            status.and_then(|s| s.phase.as_deref()).unwrap_or("-"),
-            json(&pod.metadata.creation_timestamp),
-            if spec.and_then(|s| s.host_network) == Some(true) {
+            json(pod.labels()),
+            pod.node_name().unwrap_or("-"),
+            pod.phase().unwrap_or("-"),
+            json(&pod.created()),
+            if pod.host_network() {
                 " hostNetwork"
             } else {
                 ""

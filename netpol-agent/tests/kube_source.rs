@@ -128,9 +128,7 @@ fn label(state: &ClusterState, ns: &str, name: &str, key: &str) -> Option<String
     state
         .pods
         .get(&ObjectRef::new(ns, name))?
-        .metadata
-        .labels
-        .as_ref()?
+        .labels()
         .get(key)
         .cloned()
 }
@@ -200,22 +198,12 @@ async fn nothing_before_every_initial_list_then_the_trimmed_cluster() {
     );
     assert_eq!(state.policies.len(), 1);
     let a = &state.pods[&ObjectRef::new("x", "a")];
-    assert_eq!(a.metadata.annotations, None, "foreign annotations trimmed");
-    assert_eq!(
-        a.spec.as_ref().unwrap().containers[0].image,
-        None,
-        "trimmed"
+    assert_eq!(a.ports()[0].name.as_deref(), Some("http"));
+    assert_eq!(a.node_name(), Some(NODE));
+    assert!(
+        state.pod_interfaces.is_empty(),
+        "no pod annotation names an interface in Kubernetes mode"
     );
-    assert_eq!(
-        a.spec.as_ref().unwrap().containers[0]
-            .ports
-            .as_ref()
-            .unwrap()[0]
-            .name
-            .as_deref(),
-        Some("http")
-    );
-    assert_eq!(a.status.as_ref().unwrap().host_ip, None, "trimmed");
     let snapshot = source.snapshot(&mut state);
     assert_eq!(
         snapshot.node_ips,
@@ -252,10 +240,13 @@ async fn sidecar_ports_and_creation_times_survive_trimming_and_reach_the_compile
     })
     .await;
     let a = &state.pods[&ObjectRef::new("x", "a")];
-    let init = a.spec.as_ref().unwrap().init_containers.as_deref().unwrap();
-    assert_eq!(init.len(), 1, "only the native sidecar is kept");
-    assert_eq!(init[0].restart_policy.as_deref(), Some("Always"));
-    assert!(a.metadata.creation_timestamp.is_some());
+    let ports: Vec<_> = a.ports().iter().map(|p| p.name.as_deref()).collect();
+    assert_eq!(
+        ports,
+        [Some("http"), Some("metrics")],
+        "the container's port, then the native sidecar's; not the setup container's"
+    );
+    assert!(a.created().is_some());
 
     let compiled = Compiler::new().compile(&state);
     let holder = compiled
@@ -286,11 +277,7 @@ async fn sidecar_ports_and_creation_times_survive_trimming_and_reach_the_compile
     ]);
     server.apply(a);
     wait_for(&mut source, &mut state, "a's new address", |s| {
-        s.pods[&ObjectRef::new("x", "a")]
-            .status
-            .as_ref()
-            .and_then(|st| st.pod_ip.as_deref())
-            == Some("10.0.0.5")
+        s.pods[&ObjectRef::new("x", "a")].pod_ip() == Some("10.0.0.5")
     })
     .await;
     let compiled = Compiler::new().compile(&state);

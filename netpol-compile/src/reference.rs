@@ -342,7 +342,6 @@ pub fn readable_rules(
     Readable::new(obj, np).map_or_else(Vec::new, |p| p.rules(direction))
 }
 
-
 pub(crate) fn pod_labels(pod: &PodInfo) -> &BTreeMap<String, String> {
     pod.labels()
 }
@@ -522,7 +521,12 @@ pub fn protocol_of(name: Option<&str>) -> u8 {
 
 /// Whether a flow to `port`/`protocol` of `dst_pod` (named ports resolve there) is one of
 /// the entry `p`.
-pub fn port_matches(p: &NetworkPolicyPort, protocol: u8, port: u16, dst_pod: Option<&PodInfo>) -> bool {
+pub fn port_matches(
+    p: &NetworkPolicyPort,
+    protocol: u8,
+    port: u16,
+    dst_pod: Option<&PodInfo>,
+) -> bool {
     if protocol_of(p.protocol.as_deref()) != protocol {
         return false;
     }
@@ -546,7 +550,9 @@ pub fn named_port(pod: &PodInfo, name: &str, protocol: u8) -> Option<i32> {
     // The ports are in lookup order: containers first, then native sidecars.
     pod.ports()
         .iter()
-        .find(|cp| cp.name.as_deref() == Some(name) && protocol_of(cp.protocol.as_deref()) == protocol)
+        .find(|cp| {
+            cp.name.as_deref() == Some(name) && protocol_of(cp.protocol.as_deref()) == protocol
+        })
         .map(|cp| cp.container_port)
 }
 

@@ -412,7 +412,11 @@ mod tests {
             );
         // b names its port `sql` 5433; a has no such port (kube-proxy skips it).
         let b = c.state.pods.get_mut(&ObjectRef::new("db", "b")).unwrap();
-        b.set_ports(vec![crate::state::DeclaredPort::new(Some("sql"), 5433, None)]);
+        b.set_ports(vec![crate::state::DeclaredPort::new(
+            Some("sql"),
+            5433,
+            None,
+        )]);
         c
     }
 

@@ -234,7 +234,10 @@ pub fn claim_reason(a: (&ObjectRef, &PodInfo), b: (&ObjectRef, &PodInfo)) -> &'s
     claim_order(a, b).1
 }
 
-fn claim_order(a: (&ObjectRef, &PodInfo), b: (&ObjectRef, &PodInfo)) -> (std::cmp::Ordering, &'static str) {
+fn claim_order(
+    a: (&ObjectRef, &PodInfo),
+    b: (&ObjectRef, &PodInfo),
+) -> (std::cmp::Ordering, &'static str) {
     fn running(pod: &PodInfo) -> bool {
         pod.phase() == Some("Running")
     }

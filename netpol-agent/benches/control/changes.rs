@@ -69,7 +69,7 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> (ChangeKind, BT
         ChangeKind::LabelFlip => {
             let key = pick_pod(state, n);
             let pod = state.pods.get_mut(&key).expect("pod");
-            let labels = pod.metadata.labels.get_or_insert_with(BTreeMap::new);
+            let labels = pod.labels_mut();
             let app = labels.get("app").cloned().unwrap_or_default();
             let digit: usize = app.trim_start_matches("app-").parse().unwrap_or(0);
             labels.insert("app".into(), format!("app-{}", (digit + 1) % 10));
@@ -104,7 +104,7 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> (ChangeKind, BT
             let name = format!("new-{i}");
             let p = pod(ns, &name, n, &[ip], n.is_multiple_of(2), g, size.nodes());
             let key = ObjectRef::new(ns_name(ns), name);
-            state.pods.insert(key.clone(), p);
+            state.pods.insert(key.clone(), p.into());
             pods.insert(key);
         }
         ChangeKind::PodDeleted => {

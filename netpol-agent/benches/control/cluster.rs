@@ -294,7 +294,9 @@ pub fn cluster(size: Size) -> ClusterState {
             g,
             size.nodes(),
         );
-        state.pods.insert(ObjectRef::new(ns_name(ns), name), p);
+        state
+            .pods
+            .insert(ObjectRef::new(ns_name(ns), name), p.into());
     }
     for k in 0..CLUSTER_POLICIES {
         let (name, object) = cluster_policy(k);

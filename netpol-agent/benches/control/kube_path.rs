@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{ClusterState, ObjectRef, PodInfo};
 use netpol_lab::apiserver::ApiServer;
 use serde_json::{Value, json};
 
@@ -85,6 +85,44 @@ fn object<T: serde::Serialize>(kind: &str, api_version: &str, typed: &T) -> Valu
     value
 }
 
+/// The Pod object the API server holds for what the agent keeps of it: with what a
+/// real Pod carries besides (an image, resources, environment, conditions, managed
+/// fields), which the agent must skip as it reads.
+fn pod_object(key: &ObjectRef, pod: &PodInfo) -> Value {
+    let ports: Vec<Value> = pod
+        .ports()
+        .iter()
+        .map(|p| json!({"name": p.name, "containerPort": p.container_port, "protocol": p.protocol.as_deref().unwrap_or("TCP")}))
+        .collect();
+    let ips: Vec<Value> = pod.listed_ips().map(|ip| json!({"ip": ip})).collect();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "namespace": key.namespace, "name": key.name, "labels": pod.labels(),
+            "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-11-30T10:00:00Z"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{}-rs", key.namespace), "uid": "6b1f0c2e-0000-4000-8000-000000000000", "controller": true}],
+            "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1",
+                               "fieldsV1": {"f:status": {"f:conditions": {}, "f:containerStatuses": {}, "f:podIP": {}, "f:podIPs": {}}}}],
+        },
+        "spec": {
+            "nodeName": pod.node_name(), "hostNetwork": pod.host_network(),
+            "serviceAccountName": "default", "restartPolicy": "Always", "dnsPolicy": "ClusterFirst",
+            "containers": [{
+                "name": "main", "image": "registry.example/app:1.27.3", "ports": ports,
+                "env": [{"name": "LOG_LEVEL", "value": "info"}, {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+                "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}],
+            }],
+            "volumes": [{"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}],
+        },
+        "status": {
+            "phase": pod.phase(), "podIP": pod.pod_ip(), "podIPs": ips, "hostIP": "10.255.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}, {"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": [{"name": "main", "ready": true, "restartCount": 0, "image": "registry.example/app:1.27.3", "imageID": "registry.example/app@sha256:0000", "started": true, "state": {"running": {"startedAt": "2026-11-30T10:00:01Z"}}}],
+        },
+    })
+}
+
 /// Node `k`'s Node object: `NODE` is this one (10.255.0.1, as the state's node context).
 fn node_object(k: usize) -> Value {
     let (name, ip) = if k == 0 {
@@ -116,8 +154,8 @@ fn publish(server: &ApiServer, state: &ClusterState, size: Size) {
     for policy in state.cluster_policies.values() {
         server.apply(policy.clone());
     }
-    for pod in state.pods.values() {
-        server.apply(object("Pod", "v1", pod));
+    for (key, pod) in &state.pods {
+        server.apply(pod_object(key, pod));
     }
 }
 
@@ -183,7 +221,7 @@ impl Served {
         let pods: Vec<(ObjectRef, Value)> = state
             .pods
             .iter()
-            .map(|(key, pod)| (key.clone(), object("Pod", "v1", pod)))
+            .map(|(key, pod)| (key.clone(), pod_object(key, pod)))
             .collect();
         let local = state
             .pods

@@ -15,7 +15,7 @@ use std::path::Path;
 use ::kube::api::{Api, DynamicObject, ListParams};
 use ::kube::config::{KubeConfigOptions, Kubeconfig};
 use ::kube::{Client, Config, Resource};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -24,6 +24,7 @@ use serde::de::DeserializeOwned;
 
 use super::PreviewError;
 use super::load::Loaded;
+use crate::source::kube::pod::WatchedPod;
 use crate::source::kube::{cluster_policy_resource, trim};
 use netpol_compile::state::{ClusterState, NodeContext, NodePeer, ObjectRef};
 
@@ -182,7 +183,8 @@ pub async fn from_cluster(
             trim::namespace,
             false
         ),
-        list(Api::<Pod>::all(c.clone()), "pods", trim::pod, false),
+        // Read trimmed as Kubernetes mode reads them: nothing more to drop.
+        list(Api::<WatchedPod>::all(c.clone()), "pods", |_| {}, false),
         list(
             Api::<NetworkPolicy>::all(c.clone()),
             "networkpolicies",
@@ -227,7 +229,10 @@ pub async fn from_cluster(
     ];
     let state = ClusterState {
         namespaces: named(namespaces.items, |n| &n.metadata),
-        pods: namespaced(pods.items, |p| &p.metadata),
+        pods: namespaced::<_, Vec<_>>(pods.items, |p| p.meta())
+            .into_iter()
+            .map(|(key, pod)| (key, pod.info))
+            .collect(),
         policies: namespaced(policies.items, |p| &p.metadata),
         cluster_policies: cluster_policies
             .items
@@ -389,13 +394,14 @@ mod tests {
         assert_eq!(state.namespaces.keys().collect::<Vec<_>>(), ["x"]);
         let pod = &state.pods[&ObjectRef::new("x", "a")];
         assert_eq!(
-            pod.metadata.annotations, None,
-            "trimmed as Kubernetes mode trims"
+            (pod.phase(), pod.pod_ip(), pod.node_name()),
+            (Some("Running"), Some("10.0.0.1"), Some("n1")),
+            "read as Kubernetes mode reads"
         );
-        assert_eq!(
-            pod.status.as_ref().and_then(|s| s.host_ip.as_deref()),
-            None,
-            "trimmed as Kubernetes mode trims"
+        assert_eq!(pod.labels().get("app").map(String::as_str), Some("a"));
+        assert!(
+            state.pod_interfaces.is_empty(),
+            "no pod names the interface the agent attaches to"
         );
         assert!(state.policies.contains_key(&ObjectRef::new("x", "deny")));
         let cnp = &state.cluster_policies["admin"];

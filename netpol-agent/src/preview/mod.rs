@@ -36,8 +36,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use k8s_openapi::api::core::v1::Pod;
 use netpol_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use netpol_compile::state::PodInfo;
 use serde::Serialize;
 
 use netpol_compile::protocol_name;
@@ -232,12 +232,11 @@ pub fn pod_addresses(state: &ClusterState) -> (Vec<PodAddresses>, Vec<SkippedPod
             pod: obj.clone(),
             reason: reason.to_string(),
         };
-        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+        if pod.host_network() {
             skipped.push(skip("hostNetwork: it uses the node's addresses"));
             continue;
         }
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        if let Some(phase @ ("Succeeded" | "Failed")) = phase {
+        if let Some(phase @ ("Succeeded" | "Failed")) = pod.phase() {
             skipped.push(skip(&format!("phase {phase}: no longer running")));
             continue;
         }
@@ -263,7 +262,7 @@ pub fn pod_addresses(state: &ClusterState) -> (Vec<PodAddresses>, Vec<SkippedPod
 }
 
 /// Valid, distinct addresses of `status.podIPs` then `status.podIP`, in order.
-fn listed_ips(pod: &Pod) -> Vec<IpAddr> {
+fn listed_ips(pod: &PodInfo) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for ip in netpol_compile::state::pod_ips(pod) {
         if !out.contains(&ip) {
@@ -275,7 +274,7 @@ fn listed_ips(pod: &Pod) -> Vec<IpAddr> {
 
 /// The (port, protocol) pairs a pod's containers and native sidecars declare
 /// (`containerPort`, default TCP).
-pub fn served_ports(pod: &Pod) -> Vec<PortProtocol> {
+pub fn served_ports(pod: &PodInfo) -> Vec<PortProtocol> {
     let mut out: Vec<PortProtocol> = netpol_compile::state::container_ports(pod)
         .filter_map(|p| {
             let port = u16::try_from(p.container_port).ok().filter(|p| *p != 0)?;
@@ -320,7 +319,7 @@ mod tests {
 
     #[test]
     fn native_sidecars_serve_their_ports_and_other_init_containers_do_not() {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "a", "namespace": "x"},
             "spec": {
                 "containers": [{"name": "c", "ports": [{"containerPort": 80}]}],
@@ -333,7 +332,7 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(
-            served_ports(&pod),
+            served_ports(&PodInfo::of(&pod)),
             [
                 PortProtocol::udp(53),
                 PortProtocol::tcp(80),
@@ -344,7 +343,7 @@ mod tests {
 
     #[test]
     fn an_address_listed_by_two_pods_goes_to_the_running_one() {
-        let pod = |name: &str, phase: &str, ips: &[&str]| -> Pod {
+        let pod = |name: &str, phase: &str, ips: &[&str]| -> k8s_openapi::api::core::v1::Pod {
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": name, "namespace": "x"},
                 "spec": {"containers": [{"name": "c"}]},
@@ -359,7 +358,7 @@ mod tests {
             pod("c", "Pending", &["fd00::2"]),
         ] {
             let key = ObjectRef::new("x", p.metadata.name.clone().unwrap());
-            state.pods.insert(key, p);
+            state.pods.insert(key, PodInfo::of(&p));
         }
         let (pods, skipped) = pod_addresses(&state);
         assert_eq!(

@@ -170,7 +170,7 @@ pub fn explain_in(
     let nodes = hooks
         .into_iter()
         .filter_map(|pod| {
-            let node = state.pods.get(pod)?.spec.as_ref()?.node_name.clone()?;
+            let node = state.pods.get(pod)?.node_name()?.to_owned();
             Some((pod.clone(), node))
         })
         .collect();
@@ -191,7 +191,7 @@ fn node_of(state: &ClusterState, end: &str) -> Vec<IpAddr> {
     state
         .pods
         .get(&ObjectRef::new(namespace, name))
-        .and_then(|pod| pod.spec.as_ref()?.node_name.as_ref())
+        .and_then(|pod| pod.node_name())
         .and_then(|node| state.nodes.get(node))
         .map(|node| node.ips.clone())
         .unwrap_or_default()
@@ -339,7 +339,7 @@ pub fn matrix_in(
             request
                 .selector
                 .as_ref()
-                .is_none_or(|s| s.matches_object(pod.metadata.labels.as_ref()))
+                .is_none_or(|s| s.matches_object(Some(pod.labels())))
         })
         .map(|(key, _)| key.clone())
         .collect();
@@ -529,7 +529,7 @@ mod tests {
         let mut state = fixtures::stars_with_policies();
         state.node.ips.clear();
         for pod in state.pods.values_mut() {
-            pod.spec.as_mut().unwrap().node_name = Some("n1".into());
+            pod.set_node_name(Some("n1"));
         }
         state.nodes.insert(
             "n1".into(),

@@ -32,6 +32,7 @@
 mod changes;
 mod events;
 mod incidents;
+pub(crate) mod pod;
 mod settings;
 mod streams;
 pub(crate) mod trim;

@@ -25,7 +25,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use netpol_compile::state::{
-    ClusterState, HOST_INTERFACE_ANNOTATION, NodeContext, ObjectRef, UnreadablePart,
+    ClusterState, HOST_INTERFACE_ANNOTATION, NodeContext, ObjectRef, PodInfo, UnreadablePart,
 };
 use netpol_compile::{Diagnostic, Kind, ObjectName, Subject};
 
@@ -125,7 +125,11 @@ impl Snapshot {
     pub fn into_state(self, state: &mut ClusterState) -> (Vec<Diagnostic>, Option<u64>) {
         state.pod_interfaces = named_interfaces(&self.pods);
         state.namespaces = self.namespaces;
-        state.pods = self.pods;
+        state.pods = self
+            .pods
+            .iter()
+            .map(|(key, pod)| (key.clone(), PodInfo::of(pod)))
+            .collect();
         state.policies = self.policies;
         state.services = self.services;
         state.endpoint_slices = self.endpoint_slices;

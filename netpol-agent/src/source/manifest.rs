@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use netpol_compile::state::{ObjectRef, UnreadablePart};
+use netpol_compile::state::{ObjectRef, PodInfo, UnreadablePart};
 use netpol_compile::{Diagnostic, Kind, ObjectName, Subject};
 
 /// One object of a manifest.
@@ -62,7 +62,7 @@ impl Object {
                     .insert(ns.metadata.name.clone().unwrap_or_default(), *ns);
             }
             Object::Pod(pod) => {
-                state.pods.insert(key(&pod.metadata), *pod);
+                state.pods.insert(key(&pod.metadata), PodInfo::of(&pod));
             }
             Object::NetworkPolicy(policy) => {
                 let key = key(&policy.metadata);

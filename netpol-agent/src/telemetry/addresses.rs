@@ -156,7 +156,7 @@ mod tests {
                 match pod_now {
                     Some((ips, phase, created, host_network)) => {
                         let phase = ["Running", "Pending", "Succeeded"][usize::from(phase)];
-                        state.pods.insert(obj.clone(), pod(&ips, phase, created, host_network));
+                        state.pods.insert(obj.clone(), pod(&ips, phase, created, host_network).into());
                     }
                     None => {
                         state.pods.remove(&obj);

@@ -934,7 +934,7 @@ mod tests {
         }
         for name in ["a", "b"] {
             let pod = state.pods.get_mut(&ObjectRef::new("x", name)).unwrap();
-            pod.status.as_mut().unwrap().phase = Some("Running".into());
+            pod.set_phase(Some("Running"));
         }
         let compiled = compile(&state, &Allocations::default());
         let resolver = Resolver::new(&state, &compiled);

@@ -9,7 +9,6 @@
 
 use std::net::IpAddr;
 
-
 use super::{Action, CnpPeer, CnpProtocol, CnpRule, ParsedCnp, Pods, Tier, read_cnp};
 use crate::Direction;
 use crate::reference::{Reference, Verdict, named_port, pod_labels, pod_with_ip};
@@ -232,7 +231,12 @@ impl<'a> TieredReference<'a> {
                 .is_none_or(|selector| selector.matches(pod_labels(pod)))
     }
 
-    fn rule_matches(&self, rule: &CnpRule, connection: &Connection<'_>, local_pod: &PodInfo) -> bool {
+    fn rule_matches(
+        &self,
+        rule: &CnpRule,
+        connection: &Connection<'_>,
+        local_pod: &PodInfo,
+    ) -> bool {
         let peer_ok = match &rule.peers {
             // Every peer (a rule that could not be read, denying at its place); the
             // node's own addresses stay out of ingress rules, as they are out of every

@@ -7,13 +7,11 @@ use std::collections::BTreeMap;
 use std::collections::hash_map::Entry;
 use std::net::IpAddr;
 
-
 use crate::cache::{FastMap, PodEntry};
 use crate::state::{
     ClusterState, ObjectRef, PodInfo, claim_reason, claims_before, holds_pod_addresses,
 };
 use crate::{Diagnostic, Subject};
-
 
 /// A live pod with an address, as peer and possibly as local endpoint.
 pub(super) struct PodView<'a> {

@@ -84,7 +84,9 @@ pub(super) fn labels(labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, S
 
 /// The shared copy of a node name or a phase.
 pub(super) fn name(name: &str) -> Arc<str> {
-    NAMES.get(name).unwrap_or_else(|| NAMES.insert(Arc::from(name)))
+    NAMES
+        .get(name)
+        .unwrap_or_else(|| NAMES.insert(Arc::from(name)))
 }
 
 /// The shared copy of a pod's declared container ports.

@@ -24,8 +24,10 @@ pub struct DeclaredPort {
     pub container_port: i32,
 }
 
-/// What the compiler, the flow log and the previews read of a pod.
-#[derive(Clone, Debug, PartialEq)]
+/// What the compiler, the flow log and the previews read of a pod. It reads from a Pod
+/// document as [`PodDocument`] does.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(from = "PodDocument")]
 pub struct PodInfo {
     /// `metadata.labels` (absent and empty are the same).
     labels: Arc<BTreeMap<String, String>>,
@@ -216,6 +218,12 @@ impl DeclaredPort {
     }
 }
 
+impl From<PodDocument> for PodInfo {
+    fn from(document: PodDocument) -> Self {
+        PodInfo::from_parts(document).1
+    }
+}
+
 impl From<&Pod> for PodInfo {
     fn from(pod: &Pod) -> Self {
         PodInfo::of(pod)
@@ -367,7 +375,10 @@ mod tests {
         assert_eq!(info.node_name(), Some("node-1"));
         assert!(!info.host_network());
         assert_eq!(info.phase(), Some("Running"));
-        assert_eq!(info.listed_ips().collect::<Vec<_>>(), ["10.0.0.1", "fd00::1"]);
+        assert_eq!(
+            info.listed_ips().collect::<Vec<_>>(),
+            ["10.0.0.1", "fd00::1"]
+        );
         assert_eq!(info.pod_ip(), Some("10.0.0.1"));
         assert!(info.created().is_some());
         let ports: Vec<(Option<&str>, i32)> = info

@@ -16,10 +16,10 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netpol_common::Reason;
+use netpol_compile::state::PodInfo;
 use serde::Serialize;
 
 use super::text::{self, as_display};
@@ -543,7 +543,7 @@ impl<'a> Analysis<'a> {
         }
     }
 
-    fn pod_of(&self, party: &Party) -> Option<(&'a ObjectRef, &'a Pod)> {
+    fn pod_of(&self, party: &Party) -> Option<(&'a ObjectRef, &'a PodInfo)> {
         party.pod().and_then(|p| self.state.pods.get_key_value(p))
     }
 
@@ -791,7 +791,7 @@ impl<'a> Analysis<'a> {
 }
 
 /// A port entry, with what a named port resolves to on the destination.
-fn describe_port(p: &NetworkPolicyPort, dst_pod: Option<(&ObjectRef, &Pod)>) -> String {
+fn describe_port(p: &NetworkPolicyPort, dst_pod: Option<(&ObjectRef, &PodInfo)>) -> String {
     let base = text::port(p);
     let Some(IntOrString::String(name)) = &p.port else {
         return base;

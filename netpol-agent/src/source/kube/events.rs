@@ -2,20 +2,18 @@
 //! published as Kubernetes Events on the objects.
 
 use std::collections::BTreeMap;
-use std::hash::Hash;
 use std::time::Duration;
 
 use ::kube::runtime::events::{Event as KubeEvent, EventType};
 use ::kube::runtime::reflector::{Lookup, Store};
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::core::v1::ObjectReference;
 use tracing::debug;
 
 use netpol_compile::state::ObjectRef;
 use netpol_compile::{Diagnostic, Kind, ObjectName, Subject as DiagnosticSubject};
 
 use super::incidents::chain;
-use super::watches::{ClusterWatch, object_ref};
+use super::watches::ClusterWatch;
 
 /// Bound on publishing one Event.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,8 +49,8 @@ impl ClusterWatch {
         }
         for ((subject, key), notes) in notes {
             let reference = match subject {
-                Subject::Policy => self.reference::<NetworkPolicy>(&self.stores.policies, &key),
-                Subject::Pod => self.reference::<Pod>(&self.stores.pods, &key),
+                Subject::Policy => self.reference(&self.stores.policies, &key),
+                Subject::Pod => self.reference(&self.stores.pods, &key),
                 Subject::ClusterPolicy => self.cluster_policy_reference(&key.name),
             };
             let mut note = notes.join("; ");
@@ -105,21 +103,15 @@ impl ClusterWatch {
 
     fn reference<K>(&self, store: &Store<K>, key: &ObjectRef) -> ObjectReference
     where
-        K: k8s_openapi::Resource
-            + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>
-            + Lookup
-            + Clone
-            + 'static,
-        K::DynamicType: Eq + Hash + Clone,
+        K: ::kube::Resource<DynamicType = ()> + Lookup<DynamicType = ()> + Clone + 'static,
     {
+        // One lookup by name, not a walk over every pod of the cluster.
         let uid = store
-            .state()
-            .into_iter()
-            .find(|o| object_ref(o.metadata()).as_ref() == Some(key))
-            .and_then(|o| o.metadata().uid.clone());
+            .get(&::kube::runtime::reflector::ObjectRef::new(&key.name).within(&key.namespace))
+            .and_then(|o| o.meta().uid.clone());
         ObjectReference {
-            api_version: Some(K::API_VERSION.into()),
-            kind: Some(K::KIND.into()),
+            api_version: Some(<K as ::kube::Resource>::api_version(&()).into_owned()),
+            kind: Some(<K as ::kube::Resource>::kind(&()).into_owned()),
             namespace: Some(key.namespace.clone()),
             name: Some(key.name.clone()),
             uid,

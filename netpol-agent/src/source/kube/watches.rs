@@ -11,7 +11,7 @@ use ::kube::api::{Api, DynamicObject};
 use ::kube::runtime::events::{Recorder, Reporter};
 use ::kube::runtime::reflector::Store;
 use ::kube::runtime::watcher;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use tokio::sync::mpsc;
@@ -23,6 +23,7 @@ use netpol_compile::state::{ClusterState, NodePeer, ObjectRef, node_addresses};
 
 use super::changes::{Changed, Changes, StateKey as _, refresh};
 use super::incidents::{self, Incidents, Signal};
+use super::pod::WatchedPod;
 use super::settings::{Settings, Watched};
 use super::watch::{WatchContext, watch};
 use super::{streams, trim};
@@ -35,7 +36,7 @@ const WAITING_REPORT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub(super) struct Stores {
     pub(super) namespaces: Store<Namespace>,
-    pub(super) pods: Store<Pod>,
+    pub(super) pods: Store<WatchedPod>,
     pub(super) policies: Store<NetworkPolicy>,
     pub(super) node: Store<Node>,
     pub(super) services: Store<Service>,
@@ -107,11 +108,12 @@ impl ClusterWatch {
         )));
         let (pods, writer) = ::kube::runtime::reflector::store();
         tasks.push(tokio::spawn(watch(
-            Api::<Pod>::all(client.clone()),
+            Api::<WatchedPod>::all(client.clone()),
             watcher::Config::default(),
             writer,
             (),
-            trim::pod,
+            // Read trimmed: nothing more to drop.
+            |_| {},
             context(Watched::Pods),
         )));
         let (policies, writer) = ::kube::runtime::reflector::store();
@@ -337,7 +339,7 @@ impl ClusterWatch {
             &(),
             changed.remove(&Watched::Pods),
             &mut state.pods,
-            cloned,
+            |pod: &WatchedPod| Some(pod.info.clone()),
         );
         refresh(
             &stores.policies,
@@ -416,13 +418,4 @@ pub struct Snapshot {
     /// The pods this snapshot added, updated or deleted in the state (`None`: it read
     /// every pod, after a list).
     pub pods_changed: Option<BTreeSet<ObjectRef>>,
-}
-
-pub(super) fn object_ref(
-    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> Option<ObjectRef> {
-    Some(ObjectRef::new(
-        metadata.namespace.clone()?,
-        metadata.name.clone()?,
-    ))
 }
