@@ -124,39 +124,78 @@ impl StateKey for ObjectRef {
     }
 }
 
-/// Brings `map` (one resource's objects in the state) up to date with `store` for what
-/// `changed` says, converting each object with `convert` (`None`: left out).
-pub(super) fn refresh<K, S, V>(
-    store: &Store<K>,
-    dyntype: &K::DynamicType,
-    changed: Option<Changed>,
-    map: &mut BTreeMap<S, V>,
-    convert: impl Fn(&K) -> Option<V>,
-) where
+/// A watcher's store as a snapshot reads it.
+pub(super) trait StoreRead {
+    type Object;
+
+    /// Calls `visit` with every object and its key.
+    fn each(&self, visit: &mut dyn FnMut(Key, &Self::Object));
+
+    /// `read` of the object at `key`, if there is one.
+    fn read<T>(&self, key: &Key, read: impl FnOnce(&Self::Object) -> T) -> Option<T>;
+}
+
+/// A kube-rs reflector store and its resource's dynamic type.
+pub(super) struct Reflected<'a, K>
+where
     K: Lookup + Clone + 'static,
     K::DynamicType: Eq + Hash + Clone,
+{
+    pub(super) store: &'a Store<K>,
+    pub(super) dyntype: &'a K::DynamicType,
+}
+
+impl<K> StoreRead for Reflected<'_, K>
+where
+    K: Lookup + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    type Object = K;
+
+    fn each(&self, visit: &mut dyn FnMut(Key, &K)) {
+        for object in self.store.state() {
+            visit(key_of(object.as_ref()), &object);
+        }
+    }
+
+    fn read<T>(&self, (namespace, name): &Key, read: impl FnOnce(&K) -> T) -> Option<T> {
+        let mut store_ref = StoreRef::<K>::new_with(name, self.dyntype.clone());
+        if !namespace.is_empty() {
+            store_ref = store_ref.within(namespace);
+        }
+        self.store.get(&store_ref).map(|object| read(&object))
+    }
+}
+
+/// Brings `map` (one resource's objects in the state) up to date with `store` for what
+/// `changed` says, converting each object with `convert` (`None`: left out).
+pub(super) fn refresh<R, S, V>(
+    store: &R,
+    changed: Option<Changed>,
+    map: &mut BTreeMap<S, V>,
+    convert: impl Fn(&R::Object) -> Option<V>,
+) where
+    R: StoreRead,
     S: StateKey,
 {
     match changed {
         None => {}
         Some(Changed::All) => {
-            *map = store
-                .state()
-                .iter()
-                .filter_map(|object| Some((S::of(&key_of(object.as_ref()))?, convert(object)?)))
-                .collect();
+            map.clear();
+            store.each(&mut |key, object| {
+                if let Some(state_key) = S::of(&key)
+                    && let Some(value) = convert(object)
+                {
+                    map.insert(state_key, value);
+                }
+            });
         }
         Some(Changed::Objects(keys)) => {
             for key in keys {
                 let Some(state_key) = S::of(&key) else {
                     continue;
                 };
-                let (namespace, name) = key;
-                let mut store_ref = StoreRef::<K>::new_with(&name, dyntype.clone());
-                if !namespace.is_empty() {
-                    store_ref = store_ref.within(&namespace);
-                }
-                match store.get(&store_ref).and_then(|object| convert(&object)) {
+                match store.read(&key, &convert).flatten() {
                     Some(value) => {
                         map.insert(state_key, value);
                     }
@@ -192,13 +231,17 @@ mod tests {
     fn a_snapshot_copies_the_recorded_objects_and_forgets_the_deleted_ones() {
         let mut writer: Writer<Pod> = Writer::default();
         let store = writer.as_reader();
+        let reflected = Reflected {
+            store: &store,
+            dyntype: &(),
+        };
         let changes = Changes::default();
         for (name, address) in [("a", "10.0.0.1"), ("b", "10.0.0.2")] {
             writer.apply_watcher_event(&Event::Apply(pod("x", name, address)));
         }
         let mut map: BTreeMap<ObjectRef, String> = BTreeMap::new();
         let mut taken = changes.take();
-        refresh(&store, &(), taken.remove(&Watched::Pods), &mut map, ip);
+        refresh(&reflected, taken.remove(&Watched::Pods), &mut map, ip);
         assert_eq!(map.len(), 2, "the first snapshot reads the whole store");
 
         // b is updated, a deleted; c exists in the store but its change was not
@@ -209,7 +252,7 @@ mod tests {
         changes.object(Watched::Pods, &pod("x", "a", "10.0.0.1"));
         writer.apply_watcher_event(&Event::Apply(pod("x", "c", "10.0.0.4")));
         let mut taken = changes.take();
-        refresh(&store, &(), taken.remove(&Watched::Pods), &mut map, ip);
+        refresh(&reflected, taken.remove(&Watched::Pods), &mut map, ip);
         assert_eq!(
             map,
             BTreeMap::from([(ObjectRef::new("x", "b"), "10.0.0.3".to_owned())])
@@ -223,7 +266,7 @@ mod tests {
             Some(&Changed::All),
             "All absorbs keys"
         );
-        refresh(&store, &(), taken.remove(&Watched::Pods), &mut map, ip);
+        refresh(&reflected, taken.remove(&Watched::Pods), &mut map, ip);
         assert_eq!(map.len(), 2, "a replaced store is read whole: {map:?}");
         assert!(changes.take().is_empty(), "taking empties the record");
     }

@@ -50,7 +50,14 @@ impl ClusterWatch {
         for ((subject, key), notes) in notes {
             let reference = match subject {
                 Subject::Policy => self.reference(&self.stores.policies, &key),
-                Subject::Pod => self.reference(&self.stores.pods, &key),
+                Subject::Pod => ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    namespace: Some(key.namespace.clone()),
+                    name: Some(key.name.clone()),
+                    uid: self.stores.pods.uid(&key),
+                    ..ObjectReference::default()
+                },
                 Subject::ClusterPolicy => self.cluster_policy_reference(&key.name),
             };
             let mut note = notes.join("; ");

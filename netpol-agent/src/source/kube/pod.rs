@@ -1,14 +1,22 @@
-//! Pods as the agent lists and watches them: each object of a page or a watch event is
-//! parsed straight into what the agent keeps ([`PodInfo`]) and the metadata the watch
-//! needs, so no full Pod object is ever built, not even during the initial list.
+//! Pods as the agent lists, watches and keeps them: each object of a page or a watch
+//! event is parsed straight into what the agent keeps ([`PodInfo`]) and the metadata the
+//! watch needs ([`WatchedPod`]), so no full Pod object is ever built, not even during
+//! the initial list; the watcher keeps them in [`PodStore`], by name with their uid,
+//! without a kube-rs reflector's per-object metadata and keys.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ::kube::Resource;
+use ::kube::runtime::watcher::Event;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use netpol_compile::state::{PodDocument, PodInfo};
+use netpol_compile::state::{ObjectRef, PodDocument, PodInfo};
 use serde::Deserialize;
+
+use super::changes::{Key, StoreRead};
+use super::watch::Keeper;
 
 /// A Pod of the API: its identity (name, namespace, uid, resourceVersion: what the
 /// reflector and Events need) and the [`PodInfo`] the compiler reads.
@@ -64,6 +72,124 @@ impl Resource for WatchedPod {
     }
 }
 
+impl WatchedPod {
+    fn key(&self) -> ObjectRef {
+        ObjectRef::new(
+            self.metadata.namespace.clone().unwrap_or_default(),
+            self.metadata.name.clone().unwrap_or_default(),
+        )
+    }
+}
+
+/// A pod as the store keeps it.
+#[derive(Clone, Debug, PartialEq)]
+struct StoredPod {
+    /// `metadata.uid`: for Events about the pod.
+    uid: Option<Box<str>>,
+    info: PodInfo,
+}
+
+impl StoredPod {
+    fn of(pod: &WatchedPod) -> StoredPod {
+        StoredPod {
+            uid: pod.metadata.uid.as_deref().map(Box::from),
+            info: pod.info.clone(),
+        }
+    }
+}
+
+/// The pods the watcher has read, by name; shared with the snapshot and Events.
+#[derive(Clone, Debug, Default)]
+pub(super) struct PodStore {
+    pods: Arc<RwLock<HashMap<ObjectRef, StoredPod>>>,
+}
+
+impl PodStore {
+    fn locked(&self) -> RwLockReadGuard<'_, HashMap<ObjectRef, StoredPod>> {
+        // Every write completes before it lets go: a poisoned map is still whole.
+        self.pods
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn locked_mut(&self) -> RwLockWriteGuard<'_, HashMap<ObjectRef, StoredPod>> {
+        self.pods
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.locked().len()
+    }
+
+    /// The uid of the pod `key`, if the store holds it.
+    pub(super) fn uid(&self, key: &ObjectRef) -> Option<String> {
+        self.locked().get(key)?.uid.as_deref().map(str::to_owned)
+    }
+
+    /// The writer for the pod watcher: what a list brings replaces the store when the
+    /// list completes, as a reflector does.
+    pub(super) fn writer(&self) -> PodWriter {
+        PodWriter {
+            store: self.clone(),
+            listing: None,
+        }
+    }
+}
+
+impl StoreRead for PodStore {
+    type Object = PodInfo;
+
+    fn each(&self, visit: &mut dyn FnMut(Key, &PodInfo)) {
+        for (key, pod) in self.locked().iter() {
+            visit((key.namespace.clone(), key.name.clone()), &pod.info);
+        }
+    }
+
+    fn read<T>(&self, (namespace, name): &Key, read: impl FnOnce(&PodInfo) -> T) -> Option<T> {
+        let key = ObjectRef::new(namespace.clone(), name.clone());
+        self.locked().get(&key).map(|pod| read(&pod.info))
+    }
+}
+
+/// Applies the pod watcher's events to a [`PodStore`].
+pub(super) struct PodWriter {
+    store: PodStore,
+    /// The pods of a list in progress.
+    listing: Option<HashMap<ObjectRef, StoredPod>>,
+}
+
+impl Keeper<WatchedPod> for PodWriter {
+    fn apply(&mut self, event: &Event<WatchedPod>) {
+        match event {
+            Event::Init => self.listing = Some(HashMap::new()),
+            Event::InitApply(pod) => {
+                self.listing
+                    .get_or_insert_default()
+                    .insert(pod.key(), StoredPod::of(pod));
+            }
+            Event::InitDone => {
+                let listed = self.listing.take().unwrap_or_default();
+                *self.store.locked_mut() = listed;
+            }
+            Event::Apply(pod) => {
+                self.store
+                    .locked_mut()
+                    .insert(pod.key(), StoredPod::of(pod));
+            }
+            Event::Delete(pod) => {
+                self.store.locked_mut().remove(&pod.key());
+            }
+        }
+    }
+
+    fn holds(&self, pod: &WatchedPod) -> bool {
+        self.store.locked().get(&pod.key()).is_some_and(|kept| {
+            kept.info == pod.info && kept.uid.as_deref() == pod.metadata.uid.as_deref()
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::core::v1::Pod;
@@ -95,5 +221,60 @@ mod tests {
         assert_eq!(watched.meta().uid.as_deref(), Some("u"));
         assert_eq!(watched.meta().resource_version.as_deref(), Some("7"));
         assert_eq!(watched.meta().annotations, None, "nothing else is kept");
+    }
+
+    fn watched(name: &str, app: &str, version: &str) -> WatchedPod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "x", "uid": format!("uid-{name}"),
+                         "resourceVersion": version, "labels": {"app": app}},
+            "status": {"phase": "Running", "podIP": "10.0.0.1",
+                       "conditions": [{"type": "Ready", "status": version}]},
+        }))
+        .unwrap()
+    }
+
+    fn names(store: &PodStore) -> Vec<String> {
+        let mut names = Vec::new();
+        store.each(&mut |(_, name), _| names.push(name));
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_pod_store_applies_watch_events_and_replaces_itself_when_a_list_completes() {
+        let store = PodStore::default();
+        let mut writer = store.writer();
+        writer.apply(&Event::Init);
+        writer.apply(&Event::InitApply(watched("a", "web", "1")));
+        writer.apply(&Event::InitApply(watched("b", "db", "2")));
+        assert!(names(&store).is_empty(), "a list shows when it is complete");
+        writer.apply(&Event::InitDone);
+        assert_eq!(names(&store), ["a", "b"]);
+        assert_eq!(
+            store.uid(&ObjectRef::new("x", "a")).as_deref(),
+            Some("uid-a")
+        );
+
+        assert!(
+            writer.holds(&watched("a", "web", "3")),
+            "a new version that changed only what is not kept changes nothing"
+        );
+        assert!(!writer.holds(&watched("a", "api", "3")), "a label changed");
+        assert!(!writer.holds(&watched("c", "web", "3")), "a new pod");
+        writer.apply(&Event::Apply(watched("a", "api", "3")));
+        let app = store.read(&("x".into(), "a".into()), |pod| {
+            pod.labels().get("app").cloned()
+        });
+        assert_eq!(app, Some(Some("api".into())));
+        writer.apply(&Event::Delete(watched("b", "db", "4")));
+        assert_eq!(names(&store), ["a"]);
+
+        // A re-list that no longer has a, and has c: the old content until it completes.
+        writer.apply(&Event::Init);
+        writer.apply(&Event::InitApply(watched("c", "web", "5")));
+        assert_eq!(names(&store), ["a"]);
+        writer.apply(&Event::InitDone);
+        assert_eq!(names(&store), ["c"]);
+        assert_eq!(store.len(), 1);
     }
 }

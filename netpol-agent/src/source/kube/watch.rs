@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ::kube::Resource;
 use ::kube::api::Api;
 use ::kube::runtime::reflector::Lookup;
+use ::kube::runtime::reflector::Store;
 use ::kube::runtime::reflector::store::Writer;
 use ::kube::runtime::utils::Backoff as _;
 use ::kube::runtime::watcher::{self, Event};
@@ -18,6 +19,58 @@ use tokio::sync::mpsc;
 use super::changes::Changes;
 use super::incidents::{Backoff, Failure, INCIDENT_QUIET, Signal};
 use super::settings::Watched;
+
+/// Where a watcher keeps what it reads: a kube-rs reflector store ([`Reflector`]), or
+/// one of the agent's own (pods: [`super::pod::PodWriter`]).
+pub(super) trait Keeper<K> {
+    /// Applies one event of the watch (after trimming).
+    fn apply(&mut self, event: &Event<K>);
+
+    /// Whether the kept copy of `object` holds what the (trimmed) `object` holds,
+    /// resourceVersion aside: an update that touched only what trimming drops (a pod's
+    /// conditions, a node's heartbeat, a policy's last-applied annotation) changes
+    /// nothing the compiler reads.
+    fn holds(&self, object: &K) -> bool;
+}
+
+/// A reflector store's writer, with its reader and its resource's dynamic type.
+pub(super) struct Reflector<K: Lookup + Clone + 'static>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    writer: Writer<K>,
+    reader: Store<K>,
+    dyntype: K::DynamicType,
+}
+
+impl<K: Lookup + Clone + 'static> Reflector<K>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    pub(super) fn new(writer: Writer<K>, dyntype: K::DynamicType) -> Self {
+        Reflector {
+            reader: writer.as_reader(),
+            writer,
+            dyntype,
+        }
+    }
+}
+
+impl<K> Keeper<K> for Reflector<K>
+where
+    K: Resource + Lookup + Clone + PartialEq + 'static,
+    <K as Lookup>::DynamicType: Eq + Hash + Clone,
+{
+    fn apply(&mut self, event: &Event<K>) {
+        self.writer.apply_watcher_event(event);
+    }
+
+    fn holds(&self, object: &K) -> bool {
+        self.reader
+            .get(&object.to_object_ref(self.dyntype.clone()))
+            .is_some_and(|old| same_content(old.as_ref(), object))
+    }
+}
 
 /// What a watcher task needs besides its API and store.
 pub(super) struct WatchContext {
@@ -37,16 +90,13 @@ pub(super) struct WatchContext {
 pub(super) async fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
-    mut writer: Writer<K>,
-    dyntype: <K as Lookup>::DynamicType,
+    mut keeper: impl Keeper<K> + Send,
     trim: fn(&mut K),
     mut context: WatchContext,
 ) where
-    K: Resource + Lookup + Clone + PartialEq + DeserializeOwned + Debug + Send + Sync + 'static,
-    <K as Lookup>::DynamicType: Eq + Hash + Clone,
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     let watched = context.watched;
-    let reader = writer.as_reader();
     loop {
         let mut stream = watcher::watcher(api.clone(), config.clone()).boxed();
         // Highest version of a list in progress: counted once the list is complete.
@@ -61,12 +111,10 @@ pub(super) async fn watch<K>(
                         trim(object);
                     });
                     let unchanged = match &event {
-                        Event::Apply(object) => reader
-                            .get(&object.to_object_ref(dyntype.clone()))
-                            .is_some_and(|old| same_content(old.as_ref(), object)),
+                        Event::Apply(object) => keeper.holds(object),
                         _ => false,
                     };
-                    writer.apply_watcher_event(&event);
+                    keeper.apply(&event);
                     match &event {
                         Event::Init => {
                             listing = 0;
@@ -96,8 +144,8 @@ pub(super) async fn watch<K>(
                     }
                 }
                 Err(error) if context.absent_is_empty && not_served(&error) => {
-                    writer.apply_watcher_event(&Event::Init);
-                    writer.apply_watcher_event(&Event::InitDone);
+                    keeper.apply(&Event::Init);
+                    keeper.apply(&Event::InitDone);
                     context.changes.all(watched);
                     if context.tx.send(Signal::Synced(watched)).is_err() {
                         return;
@@ -148,9 +196,7 @@ fn not_served(error: &watcher::Error) -> bool {
 }
 
 /// `metadata.resourceVersion` as a number (0 when absent or opaque).
-/// Whether the trimmed `new` holds what the stored `old` holds, resourceVersion aside:
-/// an update that touched only what trimming drops (a pod's conditions, a node's
-/// heartbeat, a policy's last-applied annotation) changes nothing the compiler reads.
+/// Whether the trimmed `new` holds what the stored `old` holds, resourceVersion aside.
 fn same_content<K: Resource + Clone + PartialEq>(old: &K, new: &K) -> bool {
     if old.meta().resource_version == new.meta().resource_version {
         return old == new;

@@ -19,13 +19,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use netpol_compile::state::{ClusterState, NodePeer, ObjectRef, node_addresses};
+use netpol_compile::state::{ClusterState, NodePeer, ObjectRef, PodInfo, node_addresses};
 
-use super::changes::{Changed, Changes, StateKey as _, refresh};
+use super::changes::{Changed, Changes, Reflected, StateKey as _, refresh};
 use super::incidents::{self, Incidents, Signal};
-use super::pod::WatchedPod;
+use super::pod::{PodStore, WatchedPod};
 use super::settings::{Settings, Watched};
-use super::watch::{WatchContext, watch};
+use super::watch::{Reflector, WatchContext, watch};
 use super::{streams, trim};
 use crate::source::Error;
 
@@ -36,7 +36,7 @@ const WAITING_REPORT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub(super) struct Stores {
     pub(super) namespaces: Store<Namespace>,
-    pub(super) pods: Store<WatchedPod>,
+    pub(super) pods: PodStore,
     pub(super) policies: Store<NetworkPolicy>,
     pub(super) node: Store<Node>,
     pub(super) services: Store<Service>,
@@ -101,17 +101,15 @@ impl ClusterWatch {
         tasks.push(tokio::spawn(watch(
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default(),
-            writer,
-            (),
+            Reflector::new(writer, ()),
             trim::namespace,
             context(Watched::Namespaces),
         )));
-        let (pods, writer) = ::kube::runtime::reflector::store();
+        let pods = PodStore::default();
         tasks.push(tokio::spawn(watch(
             Api::<WatchedPod>::all(client.clone()),
             watcher::Config::default(),
-            writer,
-            (),
+            pods.writer(),
             // Read trimmed: nothing more to drop.
             |_| {},
             context(Watched::Pods),
@@ -120,8 +118,7 @@ impl ClusterWatch {
         tasks.push(tokio::spawn(watch(
             Api::<NetworkPolicy>::all(client.clone()),
             watcher::Config::default(),
-            writer,
-            (),
+            Reflector::new(writer, ()),
             trim::network_policy,
             context(Watched::NetworkPolicies),
         )));
@@ -130,8 +127,7 @@ impl ClusterWatch {
             // Every node: ClusterNetworkPolicy `nodes` peers select them by label.
             Api::<Node>::all(client.clone()),
             watcher::Config::default(),
-            writer,
-            (),
+            Reflector::new(writer, ()),
             trim::node,
             context(Watched::Node),
         )));
@@ -139,8 +135,7 @@ impl ClusterWatch {
         tasks.push(tokio::spawn(watch(
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
-            writer,
-            (),
+            Reflector::new(writer, ()),
             trim::service,
             context(Watched::Services),
         )));
@@ -148,8 +143,7 @@ impl ClusterWatch {
         tasks.push(tokio::spawn(watch(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
-            writer,
-            (),
+            Reflector::new(writer, ()),
             trim::endpoint_slice,
             context(Watched::EndpointSlices),
         )));
@@ -157,8 +151,7 @@ impl ClusterWatch {
         tasks.push(tokio::spawn(watch(
             Api::<ServiceCIDR>::all(client.clone()),
             watcher::Config::default(),
-            writer,
-            (),
+            Reflector::new(writer, ()),
             trim::service_cidr,
             context(Watched::ServiceCidrs),
         )));
@@ -168,8 +161,7 @@ impl ClusterWatch {
         tasks.push(tokio::spawn(watch(
             Api::<DynamicObject>::all_with(client.clone(), &cluster_policy),
             watcher::Config::default(),
-            writer,
-            cluster_policy.clone(),
+            Reflector::new(writer, cluster_policy.clone()),
             trim::cluster_policy,
             context(Watched::ClusterNetworkPolicies),
         )));
@@ -328,57 +320,70 @@ impl ClusterWatch {
         };
         let stores = &self.stores;
         refresh(
-            &stores.namespaces,
-            &(),
+            &Reflected {
+                store: &stores.namespaces,
+                dyntype: &(),
+            },
             changed.remove(&Watched::Namespaces),
             &mut state.namespaces,
             cloned,
         );
         refresh(
             &stores.pods,
-            &(),
             changed.remove(&Watched::Pods),
             &mut state.pods,
-            |pod: &WatchedPod| Some(pod.info.clone()),
+            |pod: &PodInfo| Some(pod.clone()),
         );
         refresh(
-            &stores.policies,
-            &(),
+            &Reflected {
+                store: &stores.policies,
+                dyntype: &(),
+            },
             changed.remove(&Watched::NetworkPolicies),
             &mut state.policies,
             cloned,
         );
         refresh(
-            &stores.services,
-            &(),
+            &Reflected {
+                store: &stores.services,
+                dyntype: &(),
+            },
             changed.remove(&Watched::Services),
             &mut state.services,
             cloned,
         );
         refresh(
-            &stores.endpoint_slices,
-            &(),
+            &Reflected {
+                store: &stores.endpoint_slices,
+                dyntype: &(),
+            },
             changed.remove(&Watched::EndpointSlices),
             &mut state.endpoint_slices,
             cloned,
         );
         refresh(
-            &stores.service_cidrs,
-            &(),
+            &Reflected {
+                store: &stores.service_cidrs,
+                dyntype: &(),
+            },
             changed.remove(&Watched::ServiceCidrs),
             &mut state.service_cidrs,
             cloned,
         );
         refresh(
-            &stores.cluster_policies,
-            &self.cluster_policy,
+            &Reflected {
+                store: &stores.cluster_policies,
+                dyntype: &self.cluster_policy,
+            },
             changed.remove(&Watched::ClusterNetworkPolicies),
             &mut state.cluster_policies,
             |policy: &DynamicObject| serde_json::to_value(policy).ok(),
         );
         refresh(
-            &stores.node,
-            &(),
+            &Reflected {
+                store: &stores.node,
+                dyntype: &(),
+            },
             changed.remove(&Watched::Node),
             &mut state.nodes,
             |node: &Node| Some(NodePeer::of(node)),
