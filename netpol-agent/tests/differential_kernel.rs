@@ -272,7 +272,7 @@ fn show_cluster(s: &Scenario, compiled: &Compiled) -> String {
             .collect();
         out += &format!(
             "  Pod {obj} labels {} ips {ips:?} node {} phase {} created {} ports {ports:?}{}\n",
-            json(pod.labels()),
+            json(&pod.labels().to_map()),
             pod.node_name().unwrap_or("-"),
             pod.phase().unwrap_or("-"),
             json(&pod.created()),

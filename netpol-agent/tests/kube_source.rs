@@ -130,7 +130,7 @@ fn label(state: &ClusterState, ns: &str, name: &str, key: &str) -> Option<String
         .get(&ObjectRef::new(ns, name))?
         .labels()
         .get(key)
-        .cloned()
+        .map(str::to_owned)
 }
 
 /// Captures this thread's logs (the tests run on a current-thread runtime, so the

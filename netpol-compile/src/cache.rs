@@ -452,7 +452,7 @@ impl Sink for Matcher<'_> {
 fn encode_inputs(pod: &PodInfo, sink: &mut impl Sink) {
     let labels = pod.labels();
     sink.number(labels.len() as u64);
-    for (key, value) in labels {
+    for (key, value) in labels.iter() {
         sink.text(key);
         sink.text(value);
     }

@@ -796,11 +796,8 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
     match change {
         Change::PodLabel(i, key, value) => {
             if let Some(obj) = nth_pod(state, *i) {
-                let labels = state.pods.get_mut(&obj).unwrap().labels_mut();
-                match value {
-                    Some(v) => labels.insert(key.to_string(), v.to_string()),
-                    None => labels.remove(*key),
-                };
+                let pod = state.pods.get_mut(&obj).unwrap();
+                pod.set_label(key, value.as_deref());
             }
         }
         Change::NamespaceLabel(i, key, value) => {

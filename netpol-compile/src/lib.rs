@@ -67,7 +67,9 @@ pub use lpm::{Lpm, LpmData, addr, host_key, key_net, net_key};
 pub use policy::{FieldError, validate_policy};
 pub use ports::{PortPrefix, port_prefixes};
 /// Label selectors, validated as the API server does and matched (the compiler's own).
-pub use selector::{Selector, check_key as check_label_key, check_value as check_label_value};
+pub use selector::{
+    LabelSet, Selector, check_key as check_label_key, check_value as check_label_value,
+};
 
 /// Direction of a rule or decision, from the selected pod's point of view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -131,7 +131,7 @@ impl<'a> Reference<'a> {
             .policies
             .iter()
             .filter(|p| p.np.metadata.namespace.as_deref() == Some(pod_ref.namespace.as_str()))
-            .filter(|p| p.selects(pod_labels(pod)))
+            .filter(|p| p.selects(&pod_labels(pod)))
             .filter(|p| p.isolates(direction))
             .collect();
         if selecting.is_empty() {
@@ -342,8 +342,9 @@ pub fn readable_rules(
     Readable::new(obj, np).map_or_else(Vec::new, |p| p.rules(direction))
 }
 
-pub(crate) fn pod_labels(pod: &PodInfo) -> &BTreeMap<String, String> {
-    pod.labels()
+/// A pod's labels as `metav1` has them.
+pub(crate) fn pod_labels(pod: &PodInfo) -> BTreeMap<String, String> {
+    pod.labels().to_map()
 }
 
 /// The pod network pod (not finished, not hostNetwork) holding `ip`: of several listing
@@ -503,7 +504,7 @@ pub fn peer_matches(
     };
     let pod_ok = match &peer.pod_selector {
         None => true,
-        Some(sel) => selector_matches(sel, pod_labels(pod)),
+        Some(sel) => selector_matches(sel, &pod_labels(pod)),
     };
     namespace_ok && pod_ok
 }

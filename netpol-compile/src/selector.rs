@@ -8,6 +8,19 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
+/// Labels a selector matches: a namespace's or a node's map, a pod's
+/// [`Labels`](crate::state::Labels).
+pub trait LabelSet {
+    /// The value of `key`.
+    fn label(&self, key: &str) -> Option<&str>;
+}
+
+impl LabelSet for BTreeMap<String, String> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
 /// One requirement of a selector. `matchLabels` entries become `In` with one value.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum Requirement {
@@ -18,12 +31,14 @@ pub(crate) enum Requirement {
 }
 
 impl Requirement {
-    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    fn matches(&self, labels: &(impl LabelSet + ?Sized)) -> bool {
         match self {
-            Requirement::In(key, values) => labels.get(key).is_some_and(|v| values.contains(v)),
-            Requirement::NotIn(key, values) => labels.get(key).is_none_or(|v| !values.contains(v)),
-            Requirement::Exists(key) => labels.contains_key(key),
-            Requirement::DoesNotExist(key) => !labels.contains_key(key),
+            Requirement::In(key, values) => labels.label(key).is_some_and(|v| values.contains(v)),
+            Requirement::NotIn(key, values) => {
+                labels.label(key).is_none_or(|v| !values.contains(v))
+            }
+            Requirement::Exists(key) => labels.label(key).is_some(),
+            Requirement::DoesNotExist(key) => labels.label(key).is_none(),
         }
     }
 
@@ -181,7 +196,7 @@ impl Selector {
         (Selector { requirements }, errors)
     }
 
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, labels: &(impl LabelSet + ?Sized)) -> bool {
         self.requirements.iter().all(|r| r.matches(labels))
     }
 

@@ -11,8 +11,10 @@ use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 mod intern;
+mod labels;
 mod pod;
 
+pub use labels::Labels;
 pub use pod::{DeclaredPort, PodDocument, PodIdentity, PodInfo};
 
 /// `namespace/name` of a namespaced object.

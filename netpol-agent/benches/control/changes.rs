@@ -69,10 +69,9 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> (ChangeKind, BT
         ChangeKind::LabelFlip => {
             let key = pick_pod(state, n);
             let pod = state.pods.get_mut(&key).expect("pod");
-            let labels = pod.labels_mut();
-            let app = labels.get("app").cloned().unwrap_or_default();
+            let app = pod.labels().get("app").unwrap_or_default();
             let digit: usize = app.trim_start_matches("app-").parse().unwrap_or(0);
-            labels.insert("app".into(), format!("app-{}", (digit + 1) % 10));
+            pod.set_label("app", Some(&format!("app-{}", (digit + 1) % 10)));
             pods.insert(key);
         }
         ChangeKind::PolicyAdded => {

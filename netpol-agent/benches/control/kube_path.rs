@@ -98,7 +98,7 @@ fn pod_object(key: &ObjectRef, pod: &PodInfo) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
-            "namespace": key.namespace, "name": key.name, "labels": pod.labels(),
+            "namespace": key.namespace, "name": key.name, "labels": pod.labels().to_map(),
             "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-11-30T10:00:00Z"},
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{}-rs", key.namespace), "uid": "6b1f0c2e-0000-4000-8000-000000000000", "controller": true}],
             "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1",

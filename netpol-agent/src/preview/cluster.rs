@@ -398,7 +398,7 @@ mod tests {
             (Some("Running"), Some("10.0.0.1"), Some("n1")),
             "read as Kubernetes mode reads"
         );
-        assert_eq!(pod.labels().get("app").map(String::as_str), Some("a"));
+        assert_eq!(pod.labels().get("app"), Some("a"));
         assert!(
             state.pod_interfaces.is_empty(),
             "no pod names the interface the agent attaches to"

@@ -339,7 +339,7 @@ pub fn matrix_in(
             request
                 .selector
                 .as_ref()
-                .is_none_or(|s| s.matches_object(Some(pod.labels())))
+                .is_none_or(|s| s.matches_object(Some(&pod.labels().to_map())))
         })
         .map(|(key, _)| key.clone())
         .collect();

@@ -228,7 +228,7 @@ impl<'a> TieredReference<'a> {
             && pods
                 .pods
                 .as_ref()
-                .is_none_or(|selector| selector.matches(pod_labels(pod)))
+                .is_none_or(|selector| selector.matches(&pod_labels(pod)))
     }
 
     fn rule_matches(

@@ -282,7 +282,7 @@ fn a_subject_that_cannot_be_read_in_full_selects_at_least_the_pods_meant() {
     });
     assert_eq!(r.errors.len(), 1);
     let subject = &parsed(&r).subject;
-    let labels = |pairs: &[(&str, &str)]| {
+    let labels = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -7,6 +7,7 @@ use ipnet::IpNet;
 
 use crate::cache::{BitSet, Memo, PeerSlots, PodEntry};
 use crate::policy::{NamespaceMatch, Peer};
+use crate::state::Labels;
 
 /// What bringing a memo up to date needs: the peer slots, this compile's number and the
 /// slots freed by it.
@@ -46,7 +47,7 @@ impl MemoContext<'_> {
         &self,
         entry: &mut PodEntry,
         namespace: &str,
-        (labels, namespace_labels): (&BTreeMap<String, String>, &BTreeMap<String, String>),
+        (labels, namespace_labels): (&Labels, &BTreeMap<String, String>),
         version: u64,
     ) {
         let current = entry.memo.current(self.now);

@@ -9,14 +9,14 @@ use std::net::IpAddr;
 
 use crate::cache::{FastMap, PodEntry};
 use crate::state::{
-    ClusterState, ObjectRef, PodInfo, claim_reason, claims_before, holds_pod_addresses,
+    ClusterState, Labels, ObjectRef, PodInfo, claim_reason, claims_before, holds_pod_addresses,
 };
 use crate::{Diagnostic, Subject};
 
 /// A live pod with an address, as peer and possibly as local endpoint.
 pub(super) struct PodView<'a> {
     pub(super) obj: &'a ObjectRef,
-    pub(super) labels: &'a BTreeMap<String, String>,
+    pub(super) labels: &'a Labels,
     /// Index in the cache's pod entries (= in the state's pods).
     pub(super) index: usize,
     /// The addresses this pod holds when another pod holds some of the ones it lists;

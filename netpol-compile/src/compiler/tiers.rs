@@ -31,7 +31,7 @@ use crate::lpm::Lpm;
 use crate::policy::{Block, NamespaceMatch, Peer, PortMatch, PortSpec};
 use crate::ports::port_prefixes;
 use crate::state::{ClusterState, ObjectRef};
-use crate::{ClusterRule, Direction, RuleRef};
+use crate::{ClusterRule, Direction, LabelSet, RuleRef};
 
 /// One ClusterNetworkPolicy, ready to compile.
 pub(crate) struct ClusterPolicy {
@@ -214,7 +214,7 @@ impl ClusterPolicy {
     /// `namespace_labels` (the compiler's endpoints are never host-network pods).
     pub(crate) fn selects(
         &self,
-        labels: &BTreeMap<String, String>,
+        labels: &(impl LabelSet + ?Sized),
         namespace_labels: &BTreeMap<String, String>,
     ) -> bool {
         self.subject.namespaces.matches(namespace_labels)

@@ -5,7 +5,7 @@
 //! more are dropped when the table has doubled since it was last swept, so a sweep costs
 //! O(1) per intern call, amortised.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::hash::Hash;
 use std::sync::{Arc, LazyLock, Mutex};
 
@@ -70,19 +70,19 @@ impl<T: ?Sized + Eq + Hash> Interner<T> {
     }
 }
 
-pub(super) static LABELS: LazyLock<Interner<BTreeMap<String, String>>> =
+pub(super) static LABEL_SETS: LazyLock<Interner<[(Arc<str>, Arc<str>)]>> =
     LazyLock::new(Interner::new);
 pub(super) static NAMES: LazyLock<Interner<str>> = LazyLock::new(Interner::new);
 pub(super) static PORTS: LazyLock<Interner<[DeclaredPort]>> = LazyLock::new(Interner::new);
 
-/// The shared copy of a pod's labels (moved in when new: no copy of the strings).
-pub(super) fn labels(labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
-    LABELS
-        .get(&labels)
-        .unwrap_or_else(|| LABELS.insert(Arc::new(labels)))
+/// The shared copy of a pod's label set (its strings interned already).
+pub(super) fn label_set(pairs: Vec<(Arc<str>, Arc<str>)>) -> Arc<[(Arc<str>, Arc<str>)]> {
+    LABEL_SETS
+        .get(pairs.as_slice())
+        .unwrap_or_else(|| LABEL_SETS.insert(Arc::from(pairs)))
 }
 
-/// The shared copy of a node name or a phase.
+/// The shared copy of a string: a node name, a phase, a label key or value.
 pub(super) fn name(name: &str) -> Arc<str> {
     NAMES
         .get(name)

@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::Deserialize;
 
+use super::Labels;
 use super::intern;
 
 /// A port a container declares (`spec.containers[].ports[]`, and those of native
@@ -30,7 +31,7 @@ pub struct DeclaredPort {
 #[serde(from = "PodDocument")]
 pub struct PodInfo {
     /// `metadata.labels` (absent and empty are the same).
-    labels: Arc<BTreeMap<String, String>>,
+    labels: Labels,
     /// `metadata.creationTimestamp`.
     created: Option<Time>,
     /// `spec.nodeName`.
@@ -75,7 +76,12 @@ impl PodInfo {
             })
             .collect();
         PodInfo {
-            labels: intern::labels(pod.metadata.labels.clone().unwrap_or_default()),
+            labels: pod
+                .metadata
+                .labels
+                .as_ref()
+                .map(Labels::from)
+                .unwrap_or_default(),
             created: pod.metadata.creation_timestamp.clone(),
             node_name: spec.and_then(|s| s.node_name.as_deref()).map(intern::name),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
@@ -119,7 +125,11 @@ impl PodInfo {
             })
             .collect();
         let info = PodInfo {
-            labels: intern::labels(metadata.labels.unwrap_or_default()),
+            labels: metadata
+                .labels
+                .as_ref()
+                .map(Labels::from)
+                .unwrap_or_default(),
             created: metadata.creation_timestamp,
             node_name: spec.node_name.as_deref().map(intern::name),
             host_network: spec.host_network.unwrap_or(false),
@@ -138,7 +148,7 @@ impl PodInfo {
     }
 
     /// `metadata.labels`.
-    pub fn labels(&self) -> &BTreeMap<String, String> {
+    pub fn labels(&self) -> &Labels {
         &self.labels
     }
 
@@ -180,9 +190,10 @@ impl PodInfo {
         self.pod_ip.as_deref()
     }
 
-    /// The labels, to change (generators and tests: a source replaces the whole pod).
-    pub fn labels_mut(&mut self) -> &mut BTreeMap<String, String> {
-        Arc::make_mut(&mut self.labels)
+    /// Sets label `key` to `value` (`None`: removes it). For generators and tests: a
+    /// source replaces the whole pod.
+    pub fn set_label(&mut self, key: &str, value: Option<&str>) {
+        self.labels = self.labels.with(key, value);
     }
 
     /// Moves the pod to `node`.
@@ -371,7 +382,7 @@ mod tests {
     #[test]
     fn a_pod_keeps_labels_node_phase_addresses_and_its_served_ports_in_lookup_order() {
         let info = PodInfo::of(&serde_json::from_value(full_pod()).unwrap());
-        assert_eq!(info.labels().get("app").map(String::as_str), Some("web"));
+        assert_eq!(info.labels().get("app"), Some("web"));
         assert_eq!(info.node_name(), Some("node-1"));
         assert!(!info.host_network());
         assert_eq!(info.phase(), Some("Running"));
@@ -401,7 +412,7 @@ mod tests {
         other["metadata"]["name"] = json!("b");
         other["status"]["podIP"] = json!("10.0.0.2");
         let b = PodInfo::of(&serde_json::from_value(other).unwrap());
-        assert!(Arc::ptr_eq(&a.labels, &b.labels));
+        assert_eq!(a.labels, b.labels);
         assert!(Arc::ptr_eq(&a.ports, &b.ports));
         assert_ne!(a, b);
     }

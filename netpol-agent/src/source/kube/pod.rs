@@ -263,7 +263,7 @@ mod tests {
         assert!(!writer.holds(&watched("c", "web", "3")), "a new pod");
         writer.apply(&Event::Apply(watched("a", "api", "3")));
         let app = store.read(&("x".into(), "a".into()), |pod| {
-            pod.labels().get("app").cloned()
+            pod.labels().get("app").map(str::to_owned)
         });
         assert_eq!(app, Some(Some("api".into())));
         writer.apply(&Event::Delete(watched("b", "db", "4")));
