@@ -70,13 +70,15 @@ impl<T: ?Sized + Eq + Hash> Interner<T> {
     }
 }
 
-pub(super) static LABEL_SETS: LazyLock<Interner<[(Arc<str>, Arc<str>)]>> =
-    LazyLock::new(Interner::new);
+/// A label: (key, value).
+pub(super) type Label = (Arc<str>, Arc<str>);
+
+pub(super) static LABEL_SETS: LazyLock<Interner<[Label]>> = LazyLock::new(Interner::new);
 pub(super) static NAMES: LazyLock<Interner<str>> = LazyLock::new(Interner::new);
 pub(super) static PORTS: LazyLock<Interner<[DeclaredPort]>> = LazyLock::new(Interner::new);
 
 /// The shared copy of a pod's label set (its strings interned already).
-pub(super) fn label_set(pairs: Vec<(Arc<str>, Arc<str>)>) -> Arc<[(Arc<str>, Arc<str>)]> {
+pub(super) fn label_set(pairs: Vec<Label>) -> Arc<[Label]> {
     LABEL_SETS
         .get(pairs.as_slice())
         .unwrap_or_else(|| LABEL_SETS.insert(Arc::from(pairs)))

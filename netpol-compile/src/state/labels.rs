@@ -6,12 +6,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::intern;
+use super::intern::{self, Label};
 use crate::selector::LabelSet;
 
 /// A pod's labels.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Labels(Arc<[(Arc<str>, Arc<str>)]>);
+pub struct Labels(Arc<[Label]>);
 
 impl Labels {
     /// The value of `key`.
@@ -60,7 +60,7 @@ impl Labels {
 impl From<&BTreeMap<String, String>> for Labels {
     /// The shared copy of `map`'s labels.
     fn from(map: &BTreeMap<String, String>) -> Self {
-        let pairs: Vec<(Arc<str>, Arc<str>)> = map
+        let pairs: Vec<Label> = map
             .iter()
             .map(|(k, v)| (intern::name(k), intern::name(v)))
             .collect();
