@@ -18,6 +18,7 @@ use netpol_compile::state::{ClusterState, ObjectRef, PodInfo};
 use netpol_lab::apiserver::ApiServer;
 use serde_json::{Value, json};
 
+use crate::churn::{Churn, churn};
 use crate::cluster::ns_name;
 use crate::common::{Summary, memory_of, ms};
 use crate::{Config, NODE, Size};
@@ -70,6 +71,8 @@ pub struct KubePath {
     pub per_kind: Vec<(Event, Summary)>,
     /// Every kind but `Conditions`.
     pub changes: Summary,
+    /// Minutes of churn, then everything it added taken back (the largest size only).
+    pub churn: Option<Churn>,
 }
 
 /// The agent binary this bench was built with.
@@ -167,7 +170,7 @@ fn status_generation(path: &Path) -> Option<u64> {
 }
 
 /// Waits until the status reports `version` (polled every 100 µs); the time it took.
-fn wait_status(
+pub fn wait_status(
     agent: &mut Child,
     path: &Path,
     version: u64,
@@ -191,7 +194,13 @@ fn wait_status(
 }
 
 /// The agent process; stopped (SIGTERM, then killed) when dropped.
-struct Agent(Child);
+pub struct Agent(pub Child);
+
+impl Agent {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
 
 impl Drop for Agent {
     fn drop(&mut self) {
@@ -210,8 +219,8 @@ impl Drop for Agent {
 }
 
 /// The objects the changes work on, as last served.
-struct Served {
-    pods: Vec<(ObjectRef, Value)>,
+pub struct Served {
+    pub pods: Vec<(ObjectRef, Value)>,
     local: Vec<usize>,
     namespaces: BTreeMap<String, Value>,
 }
@@ -243,7 +252,7 @@ impl Served {
     }
 
     /// A local pod (`n` even) or any pod; never one deleted before.
-    fn pick(&self, n: usize) -> usize {
+    pub fn pick(&self, n: usize) -> usize {
         let i = if n.is_multiple_of(2) && !self.local.is_empty() {
             self.local[(n * 7) % self.local.len()]
         } else {
@@ -342,8 +351,9 @@ pub fn kube_path(
     dir: &Path,
     state: &ClusterState,
     size: Size,
+    churn: Option<Duration>,
 ) -> Option<KubePath> {
-    match run(config, dir, state, size) {
+    match run(config, dir, state, size, churn) {
         Ok(result) => Some(result),
         Err(reason) => {
             eprintln!("Kubernetes path skipped at {} pods: {reason}", size.pods());
@@ -352,7 +362,13 @@ pub fn kube_path(
     }
 }
 
-fn run(config: &Config, dir: &Path, state: &ClusterState, size: Size) -> Result<KubePath, String> {
+fn run(
+    config: &Config,
+    dir: &Path,
+    state: &ClusterState,
+    size: Size,
+    churn_for: Option<Duration>,
+) -> Result<KubePath, String> {
     // The private namespace's loopback carries the double.
     let up = Command::new("ip")
         .args(["link", "set", "lo", "up"])
@@ -378,6 +394,10 @@ fn run(config: &Config, dir: &Path, state: &ClusterState, size: Size) -> Result<
     let status = work.join("status.json");
     let log = std::fs::File::create(work.join("agent.log")).map_err(|e| e.to_string())?;
 
+    // Its metrics say how many entries each map holds (the churn's before and after).
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("a free port for the agent's metrics: {e}"))?;
     let version = server.resource_version();
     let started = Instant::now();
     let child = Command::new(agent_bin())
@@ -394,6 +414,8 @@ fn run(config: &Config, dir: &Path, state: &ClusterState, size: Size) -> Result<
         .arg(&status)
         .arg("--flow-socket")
         .arg(work.join("flows.sock"))
+        .arg("--health-addr")
+        .arg(metrics.to_string())
         // Info: each `applied` line says where the time of a change went.
         .env("NETPOL_LOG", "info")
         .stdin(Stdio::null())
@@ -405,13 +427,19 @@ fn run(config: &Config, dir: &Path, state: &ClusterState, size: Size) -> Result<
     let mut agent = Agent(child);
     let measured = measure(
         config, &server, &mut agent, &status, state, size, started, version,
-    );
+    )
+    .and_then(|(measured, served)| {
+        let churned = churn_for
+            .map(|duration| churn(&server, &served, &mut agent, &status, metrics, duration))
+            .transpose()?;
+        Ok((measured, churned))
+    });
     let (_, peak_rss) = memory_of(&pid.to_string());
     drop(agent);
     // Kept whatever happened: it says where the time went, or why the agent stopped.
     keep_log(&work.join("agent.log"), size);
     let _ = std::fs::remove_dir_all(&work);
-    let (first_sync, rss_synced, per_kind) = measured?;
+    let ((first_sync, rss_synced, per_kind), churn) = measured?;
     let changes: Vec<f64> = per_kind
         .iter()
         .filter(|(e, _)| **e != Event::Conditions)
@@ -426,13 +454,14 @@ fn run(config: &Config, dir: &Path, state: &ClusterState, size: Size) -> Result<
             .map(|(e, v)| (e, Summary::of(&v)))
             .collect(),
         changes: Summary::of(&changes),
+        churn,
     })
 }
 
 /// The first sync, the RSS then (MiB), and each change's time (ms) by kind.
 type Measured = (Duration, f64, BTreeMap<Event, Vec<f64>>);
 
-/// Measures the running agent: see [`Measured`].
+/// Measures the running agent: see [`Measured`]; and the objects as it left them.
 #[allow(clippy::too_many_arguments)]
 fn measure(
     config: &Config,
@@ -443,7 +472,7 @@ fn measure(
     size: Size,
     started: Instant,
     version: u64,
-) -> Result<Measured, String> {
+) -> Result<(Measured, Served), String> {
     let first_sync = wait_status(&mut agent.0, status, version, started, SYNC_DEADLINE)
         .map_err(|e| format!("first sync: {e}"))?;
     let (rss_synced, _) = memory_of(&agent.0.id().to_string());
@@ -457,7 +486,7 @@ fn measure(
             .map_err(|e| format!("{}: {e}", event.label()))?;
         per_kind.entry(event).or_default().push(ms(took));
     }
-    Ok((first_sync, rss_synced, per_kind))
+    Ok(((first_sync, rss_synced, per_kind), served))
 }
 
 /// Keeps the agent's log as `target/bench/control-agent-<pods>.log`.

@@ -30,6 +30,7 @@
 //!   after a change.
 
 mod changes;
+mod churn;
 mod cluster;
 #[path = "../common/mod.rs"]
 mod common;
@@ -76,6 +77,8 @@ struct Config {
     compile_runs: usize,
     changes: usize,
     noop_runs: usize,
+    /// Churn against the Kubernetes-mode agent at the largest size.
+    churn: Duration,
 }
 
 impl Config {
@@ -87,6 +90,7 @@ impl Config {
                 compile_runs: 3,
                 changes: 15,
                 noop_runs: 3,
+                churn: Duration::from_secs(2),
             }
         } else {
             Config {
@@ -100,9 +104,19 @@ impl Config {
                 compile_runs: 3,
                 changes: 250,
                 noop_runs: 10,
+                churn: churn_duration(),
             }
         }
     }
+}
+
+/// 10 minutes, or `NETPOL_BENCH_CHURN_S` seconds (0: no churn).
+fn churn_duration() -> Duration {
+    let seconds = std::env::var("NETPOL_BENCH_CHURN_S")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(600);
+    Duration::from_secs(seconds)
 }
 
 /// `NETPOL_BENCH_PODS=10000,150000`: only these sizes (rounded to whole namespaces), to
@@ -175,7 +189,9 @@ fn main() {
         // Last: the double's objects would count in this process's peak RSS above.
         let kube = dir.as_ref().and_then(|dir| {
             let dir = dir.path.join(format!("kube-{i}"));
-            kube_path(&config, &dir, &cluster(size), size)
+            let last = i + 1 == config.sizes.len();
+            let churn = (last && !config.churn.is_zero()).then_some(config.churn);
+            kube_path(&config, &dir, &cluster(size), size, churn)
         });
         eprintln!(
             "{} pods: Kubernetes path measured ({:.1} s)",

@@ -124,6 +124,7 @@ pub fn report(config: &Config, machine: &Value, runs: &[SizeRun], rss_start: f64
     }
 
     kube_tables(config, runs);
+    churn_table(config, runs);
     targets(config, runs);
     write_json(config, machine, runs, rss_start);
 }
@@ -181,6 +182,66 @@ fn kube_tables(config: &Config, runs: &[SizeRun]) {
         cell(&k.changes)
     }));
     common::table(&header, &rows);
+}
+
+/// The churn at the largest size: memory and map entries before, during and after.
+fn churn_table(config: &Config, runs: &[SizeRun]) {
+    let Some((run, churn)) = runs
+        .iter()
+        .rev()
+        .find_map(|run| Some((run, run.kube.as_ref()?.churn.as_ref()?)))
+    else {
+        return;
+    };
+    let smoke = if config.smoke { " — SMOKE" } else { "" };
+    println!(
+        "\n## Churn: {:.0} s at {} pods{smoke}\n",
+        churn.duration.as_secs_f64(),
+        thousands(run.compile.size.pods())
+    );
+    println!(
+        "The same agent, after the changes above: a pod created every 10 ms and the one \
+         created 1,000 before deleted ({} pods came and went), a served pod's label \
+         flipped and back every 100 ms ({} updates), a policy replaced every second ({}). \
+         Then everything the churn added is deleted; \"after\" is once the agent's \
+         status reports that (it took {:.2} s to catch up).\n",
+        thousands(churn.created),
+        thousands(churn.label_flips),
+        thousands(churn.policies_replaced),
+        churn.settle.as_secs_f64(),
+    );
+    let during: Vec<f64> = churn.rss_samples.iter().map(|&(_, rss)| rss).collect();
+    let at = |fraction: f64| {
+        let i = ((during.len() as f64 * fraction) as usize).min(during.len().saturating_sub(1));
+        during.get(i).map_or("-".into(), |&rss| mib(rss))
+    };
+    let mut rows = vec![
+        vec!["agent RSS before".into(), mib(churn.rss_before)],
+        vec!["agent RSS, a third into the churn".into(), at(1.0 / 3.0)],
+        vec!["agent RSS, two thirds in".into(), at(2.0 / 3.0)],
+        vec!["agent RSS at the end of the churn".into(), at(1.0)],
+        vec![
+            "agent RSS, highest sample".into(),
+            during
+                .iter()
+                .copied()
+                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+                .map_or("-".into(), mib),
+        ],
+        vec!["agent RSS after".into(), mib(churn.rss_after)],
+    ];
+    for (map, before) in &churn.entries_before {
+        let after = churn.entries_after.get(map).copied().unwrap_or(0);
+        rows.push(vec![
+            format!("{map} entries, before → after"),
+            format!(
+                "{} → {}",
+                thousands(*before as usize),
+                thousands(after as usize)
+            ),
+        ]);
+    }
+    common::table(&["", "value"], &rows);
 }
 
 /// The targets of issue 16 at the smallest and the largest size (full runs).
@@ -323,6 +384,18 @@ fn write_json(config: &Config, machine: &Value, runs: &[SizeRun], rss_start: f64
                 "per_kind": k.per_kind.iter().map(|(e, s)| json!({
                     "kind": e.label(), "ms": s.json(),
                 })).collect::<Vec<_>>(),
+                "churn": k.churn.as_ref().map(|c| json!({
+                    "seconds": c.duration.as_secs_f64(),
+                    "pods_created_and_deleted": c.created,
+                    "label_updates": c.label_flips,
+                    "policies_replaced": c.policies_replaced,
+                    "rss_before_mib": c.rss_before,
+                    "rss_samples": c.rss_samples,
+                    "rss_after_mib": c.rss_after,
+                    "map_entries_before": c.entries_before,
+                    "map_entries_after": c.entries_after,
+                    "settle_s": c.settle.as_secs_f64(),
+                })),
             })),
         })).collect::<Vec<_>>(),
     });
