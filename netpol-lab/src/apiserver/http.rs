@@ -85,7 +85,12 @@ fn json_response(status: StatusCode, body: Body) -> Response<Body> {
 
 /// A whole JSON document with `status` (hyper adds its `Content-Length`).
 pub(super) fn respond(status: StatusCode, body: &Value) -> Response<Body> {
-    let bytes = serde_json::to_vec(body).expect("a JSON value serializes");
+    respond_with(status, body)
+}
+
+/// A JSON response of any serializable body.
+pub(super) fn respond_with(status: StatusCode, body: &impl serde::Serialize) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).expect("a JSON body serializes");
     json_response(
         status,
         Full::new(Bytes::from(bytes))

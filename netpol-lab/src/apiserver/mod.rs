@@ -44,7 +44,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle};
 
-use self::http::{Body, HttpRequest, read_request, respond, status_body};
+use self::http::{Body, HttpRequest, read_request, respond, respond_with, status_body};
 use self::streams::{Scope, Signals, watch_stream};
 pub use exec::{ExecHandler, ExecRequest};
 use store::{CORE_EVENTS, Key, Store, key_of, kind_named};
@@ -413,11 +413,40 @@ fn in_scope(
 }
 
 /// A list's page: (resourceVersion, items, continue token, items remaining after it).
-type Page = (u64, Vec<Value>, Option<String>, usize);
+type Page = (u64, Vec<Arc<Value>>, Option<String>, usize);
 
-/// The first page of a list: every object in scope as of now, as the real server sends
-/// list items (without kind and apiVersion), at most `limit` of them; the rest is kept
-/// for the `continue` token.
+/// A list item as the real server sends it: the object without kind and apiVersion
+/// (written without copying the stored object).
+struct ListItem<'a>(&'a Value);
+
+impl serde::Serialize for ListItem<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let Value::Object(fields) = self.0 else {
+            return self.0.serialize(serializer);
+        };
+        let mut map = serializer.serialize_map(None)?;
+        for (field, value) in fields {
+            if field != "kind" && field != "apiVersion" {
+                map.serialize_entry(field, value)?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// A list's body.
+#[derive(serde::Serialize)]
+struct ListBody<'a> {
+    kind: String,
+    #[serde(rename = "apiVersion")]
+    api_version: &'a str,
+    metadata: Value,
+    items: Vec<ListItem<'a>>,
+}
+
+/// The first page of a list: every object in scope as of now, at most `limit` of them;
+/// the rest is kept for the `continue` token.
 fn first_page(
     store: &mut Store,
     kind: Kind,
@@ -425,18 +454,11 @@ fn first_page(
     selector: Option<&String>,
     limit: Option<usize>,
 ) -> Option<Page> {
-    let items: VecDeque<Value> = store
+    let items: VecDeque<Arc<Value>> = store
         .objects
         .values()
         .filter(|o| in_scope(kind, namespace, selector, o))
-        .map(|o| {
-            let mut item = o.clone();
-            if let Some(map) = item.as_object_mut() {
-                map.remove("kind");
-                map.remove("apiVersion");
-            }
-            item
-        })
+        .cloned()
         .collect();
     let version = store.version;
     Some(serve_page(store, version, items, limit))
@@ -452,11 +474,11 @@ fn next_page(store: &mut Store, token: &str, limit: Option<usize>) -> Option<Pag
 fn serve_page(
     store: &mut Store,
     version: u64,
-    mut items: VecDeque<Value>,
+    mut items: VecDeque<Arc<Value>>,
     limit: Option<usize>,
 ) -> Page {
     let take = limit.unwrap_or(items.len()).min(items.len());
-    let page: Vec<Value> = items.drain(..take).collect();
+    let page: Vec<Arc<Value>> = items.drain(..take).collect();
     if items.is_empty() {
         return (version, page, None, 0);
     }
@@ -549,14 +571,14 @@ fn handle(shared: &Arc<Shared>, request: HttpRequest) -> Response<Body> {
                 metadata["continue"] = json!(token);
                 metadata["remainingItemCount"] = json!(remaining);
             }
-            let body = json!({
-                "kind": format!("{}List", kind.kind),
-                "apiVersion": kind.api_version,
-                "metadata": metadata,
-                "items": items,
-            });
             drop(store);
-            respond(StatusCode::OK, &body)
+            let body = ListBody {
+                kind: format!("{}List", kind.kind),
+                api_version: kind.api_version,
+                metadata,
+                items: items.iter().map(|item| ListItem(item)).collect(),
+            };
+            respond_with(StatusCode::OK, &body)
         }
         "get" => {
             let key = (

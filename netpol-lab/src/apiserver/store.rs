@@ -2,6 +2,7 @@
 //! history of changes that watches replay (as the API server's watch cache).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use serde_json::{Value, json};
 
@@ -106,7 +107,9 @@ pub(super) struct Change {
 #[derive(Default)]
 pub(super) struct Store {
     pub(super) version: u64,
-    pub(super) objects: BTreeMap<Key, Value>,
+    /// Shared with the pages of lists in progress: a list holds its snapshot without
+    /// copying the objects.
+    pub(super) objects: BTreeMap<Key, Arc<Value>>,
     pub(super) history: VecDeque<Change>,
     /// A watch from a version older than this gets 410 Gone.
     pub(super) oldest: u64,
@@ -123,7 +126,7 @@ pub(super) struct Store {
 #[derive(Debug)]
 pub(super) struct Paged {
     pub(super) version: u64,
-    pub(super) rest: VecDeque<Value>,
+    pub(super) rest: VecDeque<Arc<Value>>,
 }
 
 pub(super) fn key_of(object: &Value) -> Key {
@@ -195,13 +198,13 @@ impl Store {
         self.version += 1;
         object["metadata"]["resourceVersion"] = json!(self.version.to_string());
         object["metadata"]["uid"] = json!(uid);
-        self.objects.insert(key, object.clone());
+        self.objects.insert(key, Arc::new(object.clone()));
         self.record(event, object);
         self.version
     }
 
     pub(super) fn delete(&mut self, key: &Key) -> Option<u64> {
-        let mut object = self.objects.remove(key)?;
+        let mut object = Arc::unwrap_or_clone(self.objects.remove(key)?);
         self.version += 1;
         // The DELETED event carries the object at the deletion's revision.
         object["metadata"]["resourceVersion"] = json!(self.version.to_string());

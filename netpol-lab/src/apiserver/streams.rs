@@ -96,7 +96,7 @@ pub(super) async fn watch_stream(
                     .objects
                     .values()
                     .filter(|o| scope.holds(o))
-                    .map(|o| json!({"type": "ADDED", "object": o}))
+                    .map(|o| json!({"type": "ADDED", "object": &**o}))
                     .collect(),
                 store.version,
             ),
