@@ -3,8 +3,8 @@
 //! everything the churn added removed again: its memory and map entries should come
 //! back to where they were.
 //!
-//! The stream is paced by the clock (one tick per 10 ms: a pod created, the one created
-//! 1,000 ticks before deleted; every 10th tick a served pod's label flipped, back on
+//! The stream is paced by the clock (one tick per 10 ms: a pod created, one in a hundred
+//! on this node, the one created 1,000 ticks before deleted; every 10th tick a served pod's label flipped, back on
 //! the next; every 100th a policy replaced). The agent batches what arrives while it
 //! compiles, as it would on a real cluster. RSS is sampled every 10 s (ten times at
 //! least).
@@ -23,6 +23,8 @@ use crate::kube_path::{Agent, Served, wait_status};
 
 /// Pods the churn keeps alive at once: each one lives this many ticks.
 const WINDOW: usize = 1_000;
+/// One churned pod in this many is on this node.
+const LOCAL_EVERY: usize = 100;
 const TICK: Duration = Duration::from_millis(10);
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 /// How long the agent may take to catch up once the churn stops.
@@ -60,10 +62,16 @@ pub fn churn(
     duration: Duration,
 ) -> Result<Churn, String> {
     let pid = agent.pid().to_string();
+    // Figures younger than the last change measured before.
+    std::thread::sleep(METRICS_AGE);
     let (rss_before, _) = memory_of(&pid);
     let entries_before = map_entries(metrics)?;
     let pod = |k: usize| {
-        let (key, template) = &served.pods[served.pick(k)];
+        // One in a hundred on this node (1/s, about what a node of the cluster gets at
+        // 100/s cluster-wide, with a margin), the rest anywhere (`pick` of an odd
+        // number: any pod; of an even one: this node's).
+        let local = k.is_multiple_of(LOCAL_EVERY);
+        let (key, template) = &served.pods[served.pick(2 * k + usize::from(!local))];
         let mut pod = template.clone();
         let ip = format!("10.{}.{}.{}", 251 + k / 65_536, (k / 256) % 256, k % 256);
         pod["metadata"]["name"] = json!(format!("churn-{k}"));
