@@ -200,8 +200,9 @@ fn churn_table(config: &Config, runs: &[SizeRun]) {
         thousands(run.compile.size.pods())
     );
     println!(
-        "The same agent, after the changes above: a pod created every 10 ms and the one \
-         created 1,000 before deleted ({} pods came and went), a served pod's label \
+        "The same agent, after the changes above: a pod created every 10 ms (one in a \
+         hundred on this node) and the one created 1,000 before deleted ({} pods came and \
+         went), a served pod's label \
          flipped and back every 100 ms ({} updates), a policy replaced every second ({}). \
          Then everything the churn added is deleted; \"after\" is once the agent's \
          status reports that (it took {:.2} s to catch up).\n",
