@@ -1,19 +1,21 @@
-//! Kubernetes mode: cluster state from the API server, through kube-rs watchers and
-//! reflector stores.
+//! Kubernetes mode: cluster state from the API server, through kube-rs watchers, reflector
+//! stores and, for pods, the agent's own compact store.
 //!
 //! [`KubeSource`] is the [`Source`]; it reads a [`ClusterWatch`] (the watchers and their
 //! stores) and adds the node context. The rooms: [`settings`] (what is watched, how),
 //! [`incidents`] (failures, one log line per incident, and the backoff), [`watch`] (one
 //! watcher task), [`watches`] (the stores, batching and snapshots), [`changes`] (what
-//! changed since the last snapshot: a snapshot copies only that), [`events`]
-//! (diagnostics published as Kubernetes Events), `streams` and `trim`.
+//! changed since the last snapshot: a snapshot copies only that), [`pod`] (pods read
+//! straight into `PodInfo`, and their store), [`events`] (diagnostics published as
+//! Kubernetes Events), `streams` and `trim`.
 //!
 //! One watcher per resource: Namespaces, Pods and NetworkPolicies of the whole cluster
 //! (peers live everywhere) and this node's Node object (its addresses). Each runs list +
 //! watch with bookmarks, resumes from the last resourceVersion when a stream breaks,
 //! re-lists when the version has expired (410 Gone, as an ERROR event or as the HTTP
 //! status of the watch request) and backs off exponentially on errors. Objects are
-//! trimmed ([`trim`]) before they enter the stores.
+//! trimmed ([`trim`]) before they enter the stores; pods are parsed into what is kept
+//! of them ([`pod`]), never built whole.
 //!
 //! Never a partial view: [`ClusterWatch::changed`] reports no change before every watcher
 //! has completed its initial list, and a re-list replaces a store atomically when it is

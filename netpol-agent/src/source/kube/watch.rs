@@ -1,4 +1,5 @@
-//! One watcher task: list + watch into a reflector store, signalling the source.
+//! One watcher task: list + watch into its store (a reflector, or the pod store),
+//! signalling the source.
 
 use std::fmt::Debug;
 use std::hash::Hash;
