@@ -260,7 +260,9 @@ fn show_cluster(s: &Scenario, compiled: &Compiled) -> String {
     }
     for (obj, pod) in &state.pods {
         let ips: Vec<&str> = pod.listed_ips().collect();
-        let ports: Vec<String> = netpol_compile::state::container_ports(pod)
+        let ports: Vec<String> = pod
+            .ports()
+            .iter()
             .map(|p| {
                 format!(
                     "{}={}/{}",

@@ -29,7 +29,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
-use crate::state::{ObjectRef, PodInfo, container_ports};
+use crate::state::{ObjectRef, PodInfo};
 
 /// A fast, unkeyed hasher (FxHash) for maps keyed by addresses and peer-slot sets,
 /// which no object author chooses freely; maps keyed by names keep the default.
@@ -471,9 +471,9 @@ fn encode_inputs(pod: &PodInfo, sink: &mut impl Sink) {
 }
 
 /// Every named port of `pod`'s containers and native sidecars, in lookup order
-/// ([`container_ports`]): (name, protocol, containerPort).
+/// ([`PodInfo::ports`]): (name, protocol, containerPort).
 fn named_port_inputs(pod: &PodInfo) -> impl Iterator<Item = (&str, Option<&str>, i32)> {
-    container_ports(pod).filter_map(|p| {
+    pod.ports().iter().filter_map(|p| {
         p.name
             .as_deref()
             .map(|name| (name, p.protocol.as_deref(), p.container_port))

@@ -22,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netpol_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, ServicePort};
 
 use crate::diagnostics::{Diagnostic, Kind, ObjectName, Subject};
-use crate::state::{ClusterState, ObjectRef, PodInfo, container_ports, is_terminal, pod_ips};
+use crate::state::{ClusterState, ObjectRef, PodInfo, is_terminal, pod_ips};
 
 /// What kube-proxy translates, as the datapath needs it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -376,12 +376,14 @@ fn selected_backends(
 
 /// The port a Service port translates to on `pod`: `targetPort` as a number, or the
 /// port of that name and protocol of its containers or native sidecars
-/// ([`container_ports`]); the Service port when absent.
+/// ([`PodInfo::ports`]); the Service port when absent.
 pub fn target_port(pod: &PodInfo, port: &KubeServicePort, protocol: u8) -> Option<u16> {
     match &port.target_port {
         None => u16::try_from(port.port).ok(),
         Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
-        Some(IntOrString::String(name)) => container_ports(pod)
+        Some(IntOrString::String(name)) => pod
+            .ports()
+            .iter()
             .find(|p| {
                 p.name.as_deref() == Some(name.as_str())
                     && protocol_number(p.protocol.as_deref()) == Some(protocol)

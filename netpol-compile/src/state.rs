@@ -276,14 +276,6 @@ pub fn address_owners(state: &ClusterState) -> BTreeMap<std::net::IpAddr, &Objec
     owners.into_iter().map(|(ip, (obj, _))| (ip, obj)).collect()
 }
 
-/// The ports a pod's containers declare, in the order Kubernetes looks a port name up
-/// (`FindPort`): every container's, then those of its native sidecars (init containers
-/// with `restartPolicy: Always`, which run beside the others). Ports of other init
-/// containers are not served while the pod runs.
-pub fn container_ports(pod: &PodInfo) -> impl Iterator<Item = &DeclaredPort> {
-    pod.ports().iter()
-}
-
 /// The node this agent enforces on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeContext {

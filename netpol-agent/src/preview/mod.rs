@@ -275,7 +275,9 @@ fn listed_ips(pod: &PodInfo) -> Vec<IpAddr> {
 /// The (port, protocol) pairs a pod's containers and native sidecars declare
 /// (`containerPort`, default TCP).
 pub fn served_ports(pod: &PodInfo) -> Vec<PortProtocol> {
-    let mut out: Vec<PortProtocol> = netpol_compile::state::container_ports(pod)
+    let mut out: Vec<PortProtocol> = pod
+        .ports()
+        .iter()
         .filter_map(|p| {
             let port = u16::try_from(p.container_port).ok().filter(|p| *p != 0)?;
             let protocol = match p.protocol.as_deref().unwrap_or("TCP") {

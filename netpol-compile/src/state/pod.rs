@@ -57,44 +57,9 @@ impl Default for PodInfo {
 }
 
 impl PodInfo {
-    /// What the agent keeps of `pod`.
+    /// What the agent keeps of `pod`: read as a [`PodDocument`] of it is.
     pub fn of(pod: &Pod) -> PodInfo {
-        let spec = pod.spec.as_ref();
-        let status = pod.status.as_ref();
-        let containers = spec.into_iter().flat_map(|s| s.containers.iter());
-        let sidecars = spec
-            .into_iter()
-            .flat_map(|s| s.init_containers.iter().flatten())
-            .filter(|c| c.restart_policy.as_deref() == Some("Always"));
-        let ports = containers
-            .chain(sidecars)
-            .flat_map(|c| c.ports.iter().flatten())
-            .map(|p| DeclaredPort {
-                name: p.name.as_deref().map(Box::from),
-                protocol: p.protocol.as_deref().map(Box::from),
-                container_port: p.container_port,
-            })
-            .collect();
-        PodInfo {
-            labels: pod
-                .metadata
-                .labels
-                .as_ref()
-                .map(Labels::from)
-                .unwrap_or_default(),
-            created: pod.metadata.creation_timestamp.clone(),
-            node_name: spec.and_then(|s| s.node_name.as_deref()).map(intern::name),
-            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-            ports: intern::ports(ports),
-            phase: status.and_then(|s| s.phase.as_deref()).map(intern::name),
-            listed_ips: status
-                .and_then(|s| s.pod_ips.as_deref())
-                .unwrap_or_default()
-                .iter()
-                .map(|p| Box::from(p.ip.as_str()))
-                .collect(),
-            pod_ip: status.and_then(|s| s.pod_ip.as_deref()).map(Box::from),
-        }
+        PodInfo::from_parts(PodDocument::of(pod)).1
     }
 
     /// The pod's identity (namespace, name, uid, resourceVersion) and what is kept of
@@ -268,6 +233,57 @@ pub struct PodDocument {
     spec: Option<Spec>,
     #[serde(default)]
     status: Option<Status>,
+}
+
+impl PodDocument {
+    /// The fields of `pod` a document would give (copied, nothing derived: that is
+    /// [`PodInfo::from_parts`]'s).
+    fn of(pod: &Pod) -> PodDocument {
+        let container = |c: &k8s_openapi::api::core::v1::Container| Container {
+            restart_policy: c.restart_policy.clone(),
+            ports: c.ports.as_ref().map(|ports| {
+                ports
+                    .iter()
+                    .map(|p| Port {
+                        name: p.name.as_deref().map(Box::from),
+                        protocol: p.protocol.as_deref().map(Box::from),
+                        container_port: p.container_port,
+                    })
+                    .collect()
+            }),
+        };
+        let meta = &pod.metadata;
+        PodDocument {
+            metadata: Meta {
+                name: meta.name.clone(),
+                namespace: meta.namespace.clone(),
+                uid: meta.uid.clone(),
+                resource_version: meta.resource_version.clone(),
+                labels: meta.labels.clone(),
+                creation_timestamp: meta.creation_timestamp.clone(),
+            },
+            spec: pod.spec.as_ref().map(|spec| Spec {
+                node_name: spec.node_name.clone(),
+                host_network: spec.host_network,
+                containers: Some(spec.containers.iter().map(container).collect()),
+                init_containers: spec
+                    .init_containers
+                    .as_ref()
+                    .map(|init| init.iter().map(container).collect()),
+            }),
+            status: pod.status.as_ref().map(|status| Status {
+                phase: status.phase.clone(),
+                pod_ip: status.pod_ip.as_deref().map(Box::from),
+                pod_ips: status.pod_ips.as_ref().map(|ips| {
+                    ips.iter()
+                        .map(|ip| PodIp {
+                            ip: Box::from(ip.ip.as_str()),
+                        })
+                        .collect()
+                }),
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
