@@ -22,6 +22,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netpol_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 use super::{Direction, RuleRef, validate_policy};
+use crate::LabelSet;
 use crate::state::{ClusterState, ObjectRef, PodInfo};
 
 /// The reference verdict for one hook.
@@ -131,7 +132,7 @@ impl<'a> Reference<'a> {
             .policies
             .iter()
             .filter(|p| p.np.metadata.namespace.as_deref() == Some(pod_ref.namespace.as_str()))
-            .filter(|p| p.selects(&pod_labels(pod)))
+            .filter(|p| p.selects(pod.labels()))
             .filter(|p| p.isolates(direction))
             .collect();
         if selecting.is_empty() {
@@ -214,12 +215,12 @@ impl<'a> Readable<'a> {
     }
 
     /// Whether the podSelector's requirements that can be read all hold.
-    fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+    fn selects(&self, labels: &(impl LabelSet + ?Sized)) -> bool {
         let sel = self.spec().pod_selector.unwrap_or_default();
         let labels_ok = sel.match_labels.iter().flatten().all(|(k, v)| {
             self.unreadable
                 .contains(&format!("spec.podSelector.matchLabels.{k}"))
-                || labels.get(k) == Some(v)
+                || labels.label(k) == Some(v.as_str())
         });
         let expressions_ok = sel
             .match_expressions
@@ -342,11 +343,6 @@ pub fn readable_rules(
     Readable::new(obj, np).map_or_else(Vec::new, |p| p.rules(direction))
 }
 
-/// A pod's labels as `metav1` has them.
-pub(crate) fn pod_labels(pod: &PodInfo) -> BTreeMap<String, String> {
-    pod.labels().to_map()
-}
-
 /// The pod network pod (not finished, not hostNetwork) holding `ip`: of several listing
 /// it, the running one, then the one created last, then the first by name.
 pub(crate) fn pod_with_ip(state: &ClusterState, ip: IpAddr) -> Option<(&ObjectRef, &PodInfo)> {
@@ -371,11 +367,11 @@ pub(crate) fn pod_with_ip(state: &ClusterState, ip: IpAddr) -> Option<(&ObjectRe
     })
 }
 
-fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+fn selector_matches(sel: &LabelSelector, labels: &(impl LabelSet + ?Sized)) -> bool {
     sel.match_labels
         .iter()
         .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v))
+        .all(|(k, v)| labels.label(k) == Some(v.as_str()))
         && sel
             .match_expressions
             .iter()
@@ -385,13 +381,13 @@ fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> b
 
 fn requirement_holds(
     expr: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement,
-    labels: &BTreeMap<String, String>,
+    labels: &(impl LabelSet + ?Sized),
 ) -> bool {
-    let values = expr.values.clone().unwrap_or_default();
-    let value = labels.get(&expr.key);
+    let values = expr.values.as_deref().unwrap_or_default();
+    let value = labels.label(&expr.key);
     match expr.operator.as_str() {
-        "In" => value.is_some_and(|v| values.contains(v)),
-        "NotIn" => !value.is_some_and(|v| values.contains(v)),
+        "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
+        "NotIn" => !value.is_some_and(|v| values.iter().any(|x| x == v)),
         "Exists" => value.is_some(),
         "DoesNotExist" => value.is_none(),
         _ => false,
@@ -504,7 +500,7 @@ pub fn peer_matches(
     };
     let pod_ok = match &peer.pod_selector {
         None => true,
-        Some(sel) => selector_matches(sel, &pod_labels(pod)),
+        Some(sel) => selector_matches(sel, pod.labels()),
     };
     namespace_ok && pod_ok
 }

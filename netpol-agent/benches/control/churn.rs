@@ -71,15 +71,9 @@ pub fn churn(
         // 100/s cluster-wide, with a margin), the rest anywhere (`pick` of an odd
         // number: any pod; of an even one: this node's).
         let local = k.is_multiple_of(LOCAL_EVERY);
-        let (key, template) = &served.pods[served.pick(2 * k + usize::from(!local))];
-        let mut pod = template.clone();
         let ip = format!("10.{}.{}.{}", 251 + k / 65_536, (k / 256) % 256, k % 256);
-        pod["metadata"]["name"] = json!(format!("churn-{k}"));
-        pod["metadata"]["namespace"] = json!(key.namespace);
-        pod["metadata"]["uid"] = serde_json::Value::Null;
-        pod["status"]["podIP"] = json!(ip);
-        pod["status"]["podIPs"] = json!([{"ip": ip}]);
-        (key.namespace.clone(), pod)
+        let index = served.pick(2 * k + usize::from(!local));
+        served.copy_of(index, &format!("churn-{k}"), &ip)
     };
     let policy = |m: usize, namespace: &str| {
         json!({
@@ -107,9 +101,9 @@ pub fn churn(
         if let Some(wait) = due.checked_sub(started.elapsed()) {
             std::thread::sleep(wait);
         }
-        let (namespace, object) = pod(tick);
+        let (key, object) = pod(tick);
         server.apply(object);
-        live.push_back((namespace, format!("churn-{tick}")));
+        live.push_back((key.namespace, key.name));
         created += 1;
         if live.len() > WINDOW
             && let Some((namespace, name)) = live.pop_front()

@@ -251,6 +251,18 @@ impl Served {
         }
     }
 
+    /// A new pod: a copy of pod `index` in its namespace, named `name`, at `ip`.
+    pub fn copy_of(&self, index: usize, name: &str, ip: &str) -> (ObjectRef, Value) {
+        let (key, template) = &self.pods[index];
+        let mut pod = template.clone();
+        pod["metadata"]["name"] = json!(name);
+        pod["metadata"]["namespace"] = json!(key.namespace);
+        pod["metadata"]["uid"] = Value::Null;
+        pod["status"]["podIP"] = json!(ip);
+        pod["status"]["podIPs"] = json!([{"ip": ip}]);
+        (ObjectRef::new(&key.namespace, name), pod)
+    }
+
     /// A local pod (`n` even) or any pod; never one deleted before.
     pub fn pick(&self, n: usize) -> usize {
         let i = if n.is_multiple_of(2) && !self.local.is_empty() {
@@ -295,18 +307,10 @@ fn change(server: &ApiServer, served: &mut Served, size: Size, i: usize) -> (Eve
         Event::PodCreated => {
             // A copy of an existing pod (this node's for even `n`) under a new name
             // and address.
-            let (key, template) = &served.pods[served.pick(n)];
-            let mut pod = template.clone();
             let ip = format!("10.250.{}.{}", (i / 256) % 256, i % 256);
-            pod["metadata"]["name"] = json!(format!("new-{i}"));
-            pod["metadata"]["namespace"] = json!(key.namespace);
-            pod["metadata"]["uid"] = Value::Null;
-            pod["status"]["podIP"] = json!(ip);
-            pod["status"]["podIPs"] = json!([{"ip": ip}]);
+            let (key, pod) = served.copy_of(served.pick(n), &format!("new-{i}"), &ip);
             let version = server.apply(pod.clone());
-            served
-                .pods
-                .push((ObjectRef::new(&key.namespace, format!("new-{i}")), pod));
+            served.pods.push((key, pod));
             version
         }
         Event::PodDeleted => {

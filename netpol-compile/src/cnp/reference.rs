@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use super::{Action, CnpPeer, CnpProtocol, CnpRule, ParsedCnp, Pods, Tier, read_cnp};
 use crate::Direction;
-use crate::reference::{Reference, Verdict, named_port, pod_labels, pod_with_ip};
+use crate::reference::{Reference, Verdict, named_port, pod_with_ip};
 use crate::state::{ClusterState, ObjectRef, PodInfo};
 
 /// A rule of a ClusterNetworkPolicy, by place.
@@ -228,7 +228,7 @@ impl<'a> TieredReference<'a> {
             && pods
                 .pods
                 .as_ref()
-                .is_none_or(|selector| selector.matches(&pod_labels(pod)))
+                .is_none_or(|selector| selector.matches(pod.labels()))
     }
 
     fn rule_matches(

@@ -4,15 +4,18 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use ::kube::Resource;
 use ::kube::runtime::events::{Event as KubeEvent, EventType};
-use ::kube::runtime::reflector::{Lookup, Store};
+use ::kube::runtime::reflector::ObjectRef as StoreRef;
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use tracing::debug;
 
 use netpol_compile::state::ObjectRef;
 use netpol_compile::{Diagnostic, Kind, ObjectName, Subject as DiagnosticSubject};
 
 use super::incidents::chain;
+use super::pod::WatchedPod;
 use super::watches::ClusterWatch;
 
 /// Bound on publishing one Event.
@@ -49,15 +52,10 @@ impl ClusterWatch {
         }
         for ((subject, key), notes) in notes {
             let reference = match subject {
-                Subject::Policy => self.reference(&self.stores.policies, &key),
-                Subject::Pod => ObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Pod".into()),
-                    namespace: Some(key.namespace.clone()),
-                    name: Some(key.name.clone()),
-                    uid: self.stores.pods.uid(&key),
-                    ..ObjectReference::default()
-                },
+                Subject::Policy => self.policy_reference(&key),
+                Subject::Pod => {
+                    namespaced_reference::<WatchedPod>(&key, self.stores.pods.uid(&key))
+                }
                 Subject::ClusterPolicy => self.cluster_policy_reference(&key.name),
             };
             let mut note = notes.join("; ");
@@ -108,22 +106,28 @@ impl ClusterWatch {
         }
     }
 
-    fn reference<K>(&self, store: &Store<K>, key: &ObjectRef) -> ObjectReference
-    where
-        K: ::kube::Resource<DynamicType = ()> + Lookup<DynamicType = ()> + Clone + 'static,
-    {
-        // One lookup by name, not a walk over every pod of the cluster.
-        let uid = store
-            .get(&::kube::runtime::reflector::ObjectRef::new(&key.name).within(&key.namespace))
-            .and_then(|o| o.meta().uid.clone());
-        ObjectReference {
-            api_version: Some(<K as ::kube::Resource>::api_version(&()).into_owned()),
-            kind: Some(<K as ::kube::Resource>::kind(&()).into_owned()),
-            namespace: Some(key.namespace.clone()),
-            name: Some(key.name.clone()),
-            uid,
-            ..ObjectReference::default()
-        }
+    fn policy_reference(&self, key: &ObjectRef) -> ObjectReference {
+        let uid = self
+            .stores
+            .policies
+            .get(&StoreRef::new(&key.name).within(&key.namespace))
+            .and_then(|policy| policy.metadata.uid.clone());
+        namespaced_reference::<NetworkPolicy>(key, uid)
+    }
+}
+
+/// The reference to the object `key` of kind `K` (its uid, when the store has it).
+fn namespaced_reference<K: Resource<DynamicType = ()>>(
+    key: &ObjectRef,
+    uid: Option<String>,
+) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(K::api_version(&()).into_owned()),
+        kind: Some(K::kind(&()).into_owned()),
+        namespace: Some(key.namespace.clone()),
+        name: Some(key.name.clone()),
+        uid,
+        ..ObjectReference::default()
     }
 }
 
