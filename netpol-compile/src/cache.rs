@@ -29,7 +29,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
-use crate::state::{ObjectRef, PodInfo};
+use crate::state::{ClusterState, NAMESPACE_NAME_LABEL, ObjectRef, PodInfo, holds_pod_addresses};
 
 /// A fast, unkeyed hasher (FxHash) for maps keyed by addresses and peer-slot sets,
 /// which no object author chooses freely; maps keyed by names keep the default.
@@ -158,6 +158,79 @@ impl BitSet {
     }
 }
 
+/// A namespace's labels as selectors see them (with `kubernetes.io/metadata.name`), and
+/// their version: it changes whenever the labels do.
+pub(crate) struct NamespaceEntry {
+    pub labels: BTreeMap<String, String>,
+    pub version: u64,
+}
+
+/// Every namespace of the state and every namespace some pod lives in, by name.
+pub(crate) type Namespaces = BTreeMap<String, NamespaceEntry>;
+
+/// Kept with the pod entries, in step with them: how many pods holding addresses list
+/// each address (so a compile knows without a pass over every pod whether any address
+/// is listed by two), and how many pods each namespace has.
+#[derive(Default)]
+pub(crate) struct PodCounts {
+    addresses: FastMap<IpAddr, u32>,
+    /// Addresses listed by more than one pod.
+    contested: usize,
+    namespaces: BTreeMap<String, usize>,
+}
+
+impl PodCounts {
+    fn add(&mut self, entry: &PodEntry) {
+        match self.namespaces.get_mut(&entry.obj.namespace) {
+            Some(count) => *count += 1,
+            None => {
+                self.namespaces.insert(entry.obj.namespace.clone(), 1);
+            }
+        }
+        if !entry.holds {
+            return;
+        }
+        for ip in &entry.ips {
+            let count = self.addresses.entry(*ip).or_default();
+            *count += 1;
+            if *count == 2 {
+                self.contested += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, entry: &PodEntry) {
+        if let Some(count) = self.namespaces.get_mut(&entry.obj.namespace) {
+            *count -= 1;
+            if *count == 0 {
+                self.namespaces.remove(&entry.obj.namespace);
+            }
+        }
+        if !entry.holds {
+            return;
+        }
+        for ip in &entry.ips {
+            let Some(count) = self.addresses.get_mut(ip) else {
+                debug_assert!(false, "{ip} was counted");
+                continue;
+            };
+            *count -= 1;
+            match *count {
+                0 => {
+                    self.addresses.remove(ip);
+                }
+                1 => self.contested -= 1,
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether some address is listed by more than one pod holding addresses.
+    pub fn contested(&self) -> bool {
+        self.contested > 0
+    }
+}
+
 /// What one compile leaves for the next. See the module documentation.
 #[derive(Default)]
 pub(crate) struct CompileCache {
@@ -168,9 +241,12 @@ pub(crate) struct CompileCache {
     pub policies: Vec<PolicyEntry>,
     /// One entry per pod of the last state, in state order.
     pub pods: Vec<PodEntry>,
+    /// Counts over [`CompileCache::pods`].
+    pub pod_counts: PodCounts,
     /// Namespace labels (with the implicit name label) and their version.
-    namespaces: HashMap<String, (BTreeMap<String, String>, u64)>,
+    pub namespaces: Namespaces,
     versions: u64,
+    pub named_ports: NamedPortsInForce,
     pub peers: PeerSlots,
     /// ipBlock cidr and except prefixes: the block slots containing each.
     pub prefixes: HashMap<IpNet, Memo>,
@@ -201,46 +277,160 @@ impl CompileCache {
 
     /// Brings [`CompileCache::pods`] in line with `pods`, re-reading what changed: the
     /// pods of `changed` when the caller knows which changed since the last sync (the
-    /// others' entries are kept unread), else every pod, compared with its entry.
+    /// others' entries are kept unread and unvisited), else every pod, compared with its
+    /// entry.
     pub fn sync_pods(
         &mut self,
         pods: &BTreeMap<ObjectRef, PodInfo>,
         changed: Option<&BTreeSet<ObjectRef>>,
     ) {
+        match changed {
+            Some(changed) => self.sync_changed_pods(pods, changed),
+            None => self.sync_every_pod(pods),
+        }
+        debug_assert!(
+            self.pods.iter().map(|e| &e.obj).eq(pods.keys()),
+            "the pod entries follow the state"
+        );
+    }
+
+    fn sync_every_pod(&mut self, pods: &BTreeMap<ObjectRef, PodInfo>) {
         let mut old = std::mem::take(&mut self.pods).into_iter().peekable();
         self.pods.reserve(pods.len());
-        let unchanged = |obj: &ObjectRef| changed.is_some_and(|changed| !changed.contains(obj));
+        self.pod_counts = PodCounts::default();
         for (obj, pod) in pods {
-            let entry = match next_entry(&mut old, |e| e.obj.cmp(obj)) {
-                Some(e) if unchanged(obj) || e.matches(pod) => e,
+            let mut entry = match next_entry(&mut old, |e| e.obj.cmp(obj)) {
+                Some(e) if e.matches(pod) => e,
                 _ => PodEntry::new(obj, pod),
             };
+            entry.holds = holds_pod_addresses(pod);
+            self.pod_counts.add(&entry);
             self.pods.push(entry);
         }
     }
 
-    /// Records this compile's namespace labels; returns each namespace's version, which
-    /// changes whenever its labels change.
-    pub fn sync_namespaces(
+    /// Visits the entries of `changed` only (found by binary search); falls back to
+    /// [`CompileCache::sync_every_pod`] when the entries no longer number the pods (a
+    /// caller that left an added or deleted pod out).
+    fn sync_changed_pods(
         &mut self,
-        labels: &BTreeMap<String, BTreeMap<String, String>>,
-    ) -> HashMap<String, u64> {
-        self.namespaces.retain(|name, _| labels.contains_key(name));
-        let mut out = HashMap::with_capacity(labels.len());
-        for (name, labels) in labels {
-            let version = match self.namespaces.get(name) {
-                Some((known, version)) if known == labels => *version,
-                _ => {
-                    self.versions += 1;
-                    self.namespaces
-                        .insert(name.clone(), (labels.clone(), self.versions));
-                    self.versions
+        pods: &BTreeMap<ObjectRef, PodInfo>,
+        changed: &BTreeSet<ObjectRef>,
+    ) {
+        for obj in changed {
+            let at = self.pods.binary_search_by(|e| e.obj.cmp(obj));
+            match (pods.get(obj), at) {
+                (Some(pod), Ok(i)) => {
+                    let entry = &mut self.pods[i];
+                    self.pod_counts.remove(entry);
+                    if !entry.matches(pod) {
+                        *entry = PodEntry::new(obj, pod);
+                    }
+                    entry.holds = holds_pod_addresses(pod);
+                    self.pod_counts.add(entry);
                 }
-            };
-            out.insert(name.clone(), version);
+                (Some(pod), Err(i)) => {
+                    let entry = PodEntry::new(obj, pod);
+                    self.pod_counts.add(&entry);
+                    self.pods.insert(i, entry);
+                }
+                (None, Ok(i)) => {
+                    let entry = self.pods.remove(i);
+                    self.pod_counts.remove(&entry);
+                }
+                (None, Err(_)) => {}
+            }
         }
-        out
+        if self.pods.len() != pods.len() {
+            self.sync_every_pod(pods);
+        }
     }
+
+    /// Brings [`CompileCache::namespaces`] in line with `state`: every namespace object
+    /// and every namespace with pods, with the labels selectors see. A namespace whose
+    /// labels changed gets a new version.
+    pub fn sync_namespaces(&mut self, state: &ClusterState) {
+        let counts = &self.pod_counts.namespaces;
+        self.namespaces
+            .retain(|name, _| state.namespaces.contains_key(name) || counts.contains_key(name));
+        for name in state.namespaces.keys().chain(counts.keys()) {
+            match self.namespaces.get_mut(name) {
+                Some(entry) if same_namespace_labels(&entry.labels, state, name) => {}
+                Some(entry) => {
+                    self.versions += 1;
+                    entry.labels = state.namespace_labels(name);
+                    entry.version = self.versions;
+                }
+                None => {
+                    self.versions += 1;
+                    let entry = NamespaceEntry {
+                        labels: state.namespace_labels(name),
+                        version: self.versions,
+                    };
+                    self.namespaces.insert(name.clone(), entry);
+                }
+            }
+        }
+    }
+}
+
+/// The egress named ports in force in the last compile, and their version: pod entries
+/// keep their resolution of them with the version it was made for.
+#[derive(Default)]
+pub(crate) struct NamedPortsInForce {
+    list: Vec<(String, u8)>,
+    version: u64,
+}
+
+impl NamedPortsInForce {
+    /// Records the egress named ports in force; returns their version, which changes
+    /// whenever the list does (never 0, the version of no resolution).
+    pub fn sync(&mut self, in_force: &[(&str, u8)]) -> u64 {
+        let same = self.list.len() == in_force.len()
+            && self
+                .list
+                .iter()
+                .zip(in_force)
+                .all(|((name, protocol), (n, p))| name == n && protocol == p);
+        if !same || self.version == 0 {
+            self.list = in_force
+                .iter()
+                .map(|&(name, protocol)| (name.to_owned(), protocol))
+                .collect();
+            self.version += 1;
+        }
+        self.version
+    }
+}
+
+/// Whether `cached` holds the labels selectors see on namespace `name` of `state` (its
+/// labels with the name label), compared without building them.
+fn same_namespace_labels(
+    cached: &BTreeMap<String, String>,
+    state: &ClusterState,
+    name: &str,
+) -> bool {
+    let labels = state
+        .namespaces
+        .get(name)
+        .and_then(|ns| ns.metadata.labels.as_ref());
+    let labels = labels.into_iter().flatten();
+    let mut own_name = false;
+    let mut count = 0;
+    for (key, value) in labels {
+        count += 1;
+        own_name |= key == NAMESPACE_NAME_LABEL;
+        if cached.get(key) != Some(value) {
+            return false;
+        }
+    }
+    if !own_name {
+        count += 1;
+        if cached.get(NAMESPACE_NAME_LABEL).map(String::as_str) != Some(name) {
+            return false;
+        }
+    }
+    cached.len() == count
 }
 
 /// In a merge of sorted lists: drops the old entries ordered before the wanted key
@@ -318,6 +508,12 @@ pub(crate) struct PodEntry {
     pub ip_bits: Vec<BitSet>,
     /// Namespace label version `memo.bits` was computed with.
     pub namespace_version: u64,
+    /// Whether the pod holds its addresses ([`holds_pod_addresses`]): counted in
+    /// [`PodCounts`].
+    pub holds: bool,
+    /// How the pod resolves the egress named ports in force (index in their list, port),
+    /// and the version of that list it was resolved for.
+    resolved: (u64, Vec<(usize, u16)>),
 }
 
 impl PodEntry {
@@ -369,6 +565,8 @@ impl PodEntry {
             memo: Memo::default(),
             ip_bits: Vec::new(),
             namespace_version: 0,
+            holds: holds_pod_addresses(pod),
+            resolved: (0, Vec::new()),
         }
     }
 
@@ -388,6 +586,32 @@ impl PodEntry {
             .iter()
             .find(|n| n.name == name && n.protocol == protocol)
             .map(|n| n.port)
+    }
+
+    /// Resolves the egress named ports in force (`in_force`, whose version from
+    /// [`NamedPortsInForce::sync`] is `version`), unless already done for them.
+    pub fn resolve_named_ports(&mut self, in_force: &[(&str, u8)], version: u64) {
+        if self.resolved.0 == version {
+            return;
+        }
+        let resolved = if self.named_ports.is_empty() {
+            Vec::new()
+        } else {
+            in_force
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &(name, protocol))| {
+                    self.named_port(name, protocol).map(|port| (i, port))
+                })
+                .collect()
+        };
+        self.resolved = (version, resolved);
+    }
+
+    /// The egress named ports in force this pod resolves, as of the last
+    /// [`PodEntry::resolve_named_ports`]: (index in their list, port).
+    pub fn resolved_named_ports(&self) -> &[(usize, u16)] {
+        &self.resolved.1
     }
 }
 

@@ -37,11 +37,11 @@ use netpol_common::{
 use self::classify::{Classes, classify};
 use self::emit::RuleContext;
 use self::memo::MemoContext;
-use self::pods::{PodView, audited_namespace, live_pods, namespace_labels};
+use self::pods::{PodView, audited_namespace, live_pods};
 pub(crate) use self::tiers::ReadCnp;
 use self::tiers::{ClusterPolicy, TierEntries};
 use crate::admission::Admission;
-use crate::cache::{CompileCache, PeerSlots, PodEntry};
+use crate::cache::{CompileCache, Namespaces, PeerSlots, PodEntry};
 use crate::identity::{Allocations, IdentityClasses, IdentitySignature, NamedPortResolution};
 use crate::lpm::Lpm;
 use crate::policy::ParsedPolicy;
@@ -164,16 +164,19 @@ fn compile_with(
     let now = cache.begin();
     cache.sync_policies(&state.policies);
     cache.sync_pods(&state.pods, pods_changed);
-    let namespaces = namespace_labels(state);
-    let namespace_versions = cache.sync_namespaces(&namespaces);
+    cache.sync_namespaces(state);
+    let contested = cache.pod_counts.contested();
     let CompileCache {
         policies: policy_entries,
         pods: pod_entries,
         peers,
         prefixes,
         cluster_policies: cluster_memo,
+        namespaces,
+        named_ports,
         ..
     } = cache;
+    let namespaces: &Namespaces = namespaces;
     let mut diagnostics = Vec::new();
 
     admission.update(
@@ -184,44 +187,38 @@ fn compile_with(
     );
     let policies = policies_in_force(admission, state);
     let cluster_policies = tiers::read(state, cluster_memo, &mut diagnostics);
-    let pods = live_pods(state, pod_entries, &mut diagnostics);
+    let pods = live_pods(state, pod_entries, contested, &mut diagnostics);
     let frontends = crate::services::frontends(state, &mut diagnostics);
-    let endpoints = select_endpoints(&pods, &policies, &cluster_policies, &namespaces);
+    let endpoints = select_endpoints(&pods, &policies, &cluster_policies, namespaces);
     let egress_named_ports = peers_in_force(&endpoints, &policies, &cluster_policies, peers);
     let freed = peers.collect_garbage();
+    let named_ports_version = named_ports.sync(&egress_named_ports);
 
     let context = MemoContext {
         peers,
         now,
         freed: &freed,
     };
-    let mut namespace: Option<(&str, u64, &BTreeMap<String, String>)> = None;
+    let mut namespace: Option<(&str, &crate::cache::NamespaceEntry)> = None;
     for pod in &pods {
         let name = pod.obj.namespace.as_str();
         // Pods come sorted by namespace: one lookup per namespace.
-        let (version, namespace_labels) = match namespace {
-            Some((known, version, labels)) if known == name => (version, labels),
+        let ns = match namespace {
+            Some((known, ns)) if known == name => ns,
             _ => {
-                let (version, labels) = (namespace_versions[name], &namespaces[name]);
-                namespace = Some((name, version, labels));
-                (version, labels)
+                let ns = &namespaces[name];
+                namespace = Some((name, ns));
+                ns
             }
         };
         let entry = &mut pod_entries[pod.index];
-        context.refresh_pod(entry, name, (pod.labels, namespace_labels), version);
+        context.refresh_pod(entry, name, (pod.labels, &ns.labels), ns.version);
+        entry.resolve_named_ports(&egress_named_ports, named_ports_version);
     }
     let prefixes = context.refresh_prefixes(prefixes);
     let pod_entries: &[PodEntry] = pod_entries;
     let peers: &PeerSlots = peers;
-    let classes = classify(
-        state,
-        pod_entries,
-        &pods,
-        peers,
-        &prefixes,
-        &frontends,
-        &egress_named_ports,
-    );
+    let classes = classify(state, pod_entries, &pods, peers, &prefixes, &frontends);
     let numbered = number_identities(
         prev,
         &classes,
@@ -327,7 +324,7 @@ fn select_endpoints(
     pods: &[PodView<'_>],
     policies: &Policies<'_>,
     cluster_policies: &[Arc<ClusterPolicy>],
-    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    namespaces: &Namespaces,
 ) -> Vec<Endpoint> {
     pods.iter()
         .enumerate()
@@ -346,8 +343,8 @@ fn select_endpoints(
                 }
             }
             let cluster_selected = match namespaces.get(p.obj.namespace.as_str()) {
-                Some(namespace_labels) => (0..cluster_policies.len())
-                    .filter(|&i| cluster_policies[i].selects(p.labels, namespace_labels))
+                Some(ns) => (0..cluster_policies.len())
+                    .filter(|&i| cluster_policies[i].selects(p.labels, &ns.labels))
                     .collect(),
                 None => Vec::new(),
             };

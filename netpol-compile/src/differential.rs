@@ -764,6 +764,13 @@ enum Change {
     PodAddress(usize, u8),
     /// Remove the n-th pod.
     RemovePod(usize),
+    /// Add a pod (namespace index, possibly of no Namespace object; labels; IPv4 host
+    /// part, possibly another pod's; local or not).
+    AddPod(usize, Vec<(&'static str, &'static str)>, u8, bool),
+    /// Set the phase of the n-th pod (a finished pod holds no address).
+    PodPhase(usize, &'static str),
+    /// Replace the declared ports of the n-th pod with one named port.
+    PodNamedPort(usize, &'static str, u16, &'static str),
     /// Add (or replace) a ClusterNetworkPolicy.
     PutClusterPolicy(usize, Value),
     /// Remove the n-th ClusterNetworkPolicy.
@@ -782,6 +789,12 @@ fn change() -> impl Strategy<Value = Change> {
         1 => any::<usize>().prop_map(Change::MovePod),
         1 => (any::<usize>(), 1..9u8).prop_map(|(i, h)| Change::PodAddress(i, h)),
         1 => any::<usize>().prop_map(Change::RemovePod),
+        1 => (0..4usize, label_set(&["app", "tier"]), 1..9u8, any::<bool>())
+            .prop_map(|(ns, labels, host, local)| Change::AddPod(ns, labels, host, local)),
+        1 => (any::<usize>(), select(&["Running", "Pending", "Succeeded", "Failed"][..]))
+            .prop_map(|(i, phase)| Change::PodPhase(i, phase)),
+        1 => (any::<usize>(), select(&PORT_NAMES[..]), select(&PORTS[..]), protocol_name())
+            .prop_map(|(i, name, port, protocol)| Change::PodNamedPort(i, name, port, protocol)),
         1 => (0..4usize, cnp_spec()).prop_map(|(i, spec)| Change::PutClusterPolicy(i, spec)),
         1 => any::<usize>().prop_map(Change::RemoveClusterPolicy),
     ]
@@ -844,6 +857,28 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
         Change::RemovePod(i) => {
             if let Some(obj) = nth_pod(state, *i) {
                 state.pods.remove(&obj);
+            }
+        }
+        Change::AddPod(ns, labels, host, local) => {
+            // "w" has no Namespace object: its pods still have a namespace to select.
+            let ns = ["x", "y", "z", "w"][*ns % 4];
+            let name = format!("added{step}");
+            let ip = format!("10.0.1.{host}");
+            let mut pod: crate::state::PodInfo =
+                super::testutil::pod(ns, &name, labels, &[&ip], &[]).into();
+            pod.set_node_name(Some(if *local { "n1" } else { "n2" }));
+            state.pods.insert(ObjectRef::new(ns, &name), pod);
+        }
+        Change::PodPhase(i, phase) => {
+            if let Some(obj) = nth_pod(state, *i) {
+                state.pods.get_mut(&obj).unwrap().set_phase(Some(phase));
+            }
+        }
+        Change::PodNamedPort(i, name, port, protocol) => {
+            if let Some(obj) = nth_pod(state, *i) {
+                let declared =
+                    crate::state::DeclaredPort::new(Some(name), (*port).into(), Some(protocol));
+                state.pods.get_mut(&obj).unwrap().set_ports(vec![declared]);
             }
         }
         Change::PutClusterPolicy(i, spec) => {

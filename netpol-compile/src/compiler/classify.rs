@@ -57,7 +57,8 @@ impl ClassTable {
 /// prefix. Where keys coincide, the pod's class wins over the node's, the node's over a
 /// Service's, and those over the prefix's; node addresses carry `PEER_HOST`, and Service
 /// addresses, Service ranges and every other key inside a Service range `PEER_SERVICE`,
-/// whatever their class (a node address never is a Service's).
+/// whatever their class (a node address never is a Service's). The pods' entries have
+/// resolved the egress named ports in force ([`PodEntry::resolve_named_ports`]).
 pub(super) fn classify(
     state: &ClusterState,
     entries: &[PodEntry],
@@ -65,7 +66,6 @@ pub(super) fn classify(
     peers: &PeerSlots,
     prefixes: &[(IpNet, BitSet)],
     services: &Frontends,
-    egress_named_ports: &[(&str, u8)],
 ) -> Classes {
     let active = &peers.active;
     let none = BitSet::default();
@@ -74,13 +74,7 @@ pub(super) fn classify(
     let mut keys: Vec<(Lpm<Addr>, u8, usize, u32)> = Vec::with_capacity(entries.len() * 2);
     for pod in pods {
         let entry = &entries[pod.index];
-        let named_ports: Vec<(usize, u16)> = egress_named_ports
-            .iter()
-            .enumerate()
-            .filter_map(|(i, &(name, protocol))| {
-                entry.named_port(name, protocol).map(|port| (i, port))
-            })
-            .collect();
+        let named_ports = entry.resolved_named_ports().to_vec();
         // The pod's class; an address inside some ipBlock in force adds to it.
         let pod_class = ClassKey {
             peers: entry.memo.bits.union_within(&none, active),

@@ -3,7 +3,6 @@
 //! then first in name order), and what the compiler reads from namespaces.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::collections::hash_map::Entry;
 use std::net::IpAddr;
 
@@ -45,29 +44,20 @@ pub(super) fn audited_namespace(state: &ClusterState, namespace: &str) -> bool {
         .is_some_and(|value| value == "true")
 }
 
-/// Labels of every namespace, with `kubernetes.io/metadata.name` as the API server sets it.
-pub(super) fn namespace_labels(state: &ClusterState) -> BTreeMap<String, BTreeMap<String, String>> {
-    let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    // Pods come sorted by namespace: look each of their namespaces up once.
-    let mut pod_namespaces: Vec<&String> = state.pods.keys().map(|p| &p.namespace).collect();
-    pod_namespaces.dedup();
-    for name in state.namespaces.keys().chain(pod_namespaces) {
-        if !out.contains_key(name) {
-            out.insert(name.clone(), state.namespace_labels(name));
-        }
-    }
-    out
-}
-
 /// The live pods with an address, in state order; `entries` are the cache's pod entries
 /// (one per pod of the state, same order). An address listed by several live pods
 /// belongs to the one [`claims_before`] the others; the others are reported and keep
-/// only the addresses they hold.
+/// only the addresses they hold. `contested`: whether some address is listed by several
+/// ([`PodCounts`](crate::cache::PodCounts)); when none is, nobody's owner is looked up.
 pub(super) fn live_pods<'a>(
     state: &'a ClusterState,
     entries: &[PodEntry],
+    contested: bool,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<PodView<'a>> {
+    if !contested {
+        return uncontested_pods(state, entries, diagnostics);
+    }
     // First pass: who holds each address (index into the state's pods).
     let pods: Vec<(&ObjectRef, &PodInfo)> = state.pods.iter().collect();
     let mut owner: FastMap<IpAddr, usize> = FastMap::default();
@@ -93,6 +83,18 @@ pub(super) fn live_pods<'a>(
         }
     }
     // Second pass: each live pod with the addresses it holds.
+    #[cfg(debug_assertions)]
+    let owners = owner.len();
+    #[cfg(debug_assertions)]
+    debug_assert!(
+        entries
+            .iter()
+            .filter(|e| e.holds)
+            .map(|e| e.ips.len())
+            .sum::<usize>()
+            > owners,
+        "some address is contested"
+    );
     let mut out = Vec::with_capacity(entries.len());
     for (index, ((obj, pod), entry)) in pods.iter().zip(entries).enumerate() {
         if !holds_pod_addresses(pod) {
@@ -128,6 +130,37 @@ pub(super) fn live_pods<'a>(
                 Cow::Borrowed(_) => None,
                 Cow::Owned(kept) => Some(kept),
             },
+            local: state.node.is_local(pod),
+            host_interface: state.pod_interfaces.get(obj),
+        });
+    }
+    out
+}
+
+/// [`live_pods`] when no address is listed by two pods holding addresses: every such pod
+/// keeps all of its addresses.
+fn uncontested_pods<'a>(
+    state: &'a ClusterState,
+    entries: &[PodEntry],
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<PodView<'a>> {
+    let mut out = Vec::with_capacity(entries.len());
+    for (index, ((obj, pod), entry)) in state.pods.iter().zip(entries).enumerate() {
+        debug_assert_eq!(entry.holds, holds_pod_addresses(pod));
+        if !entry.holds {
+            continue;
+        }
+        for (field, message) in &entry.ip_errors {
+            diagnostics.push(Diagnostic::new(Subject::pod(obj), field, message));
+        }
+        if entry.ips.is_empty() {
+            continue;
+        }
+        out.push(PodView {
+            obj,
+            labels: pod.labels(),
+            index,
+            kept: None,
             local: state.node.is_local(pod),
             host_interface: state.pod_interfaces.get(obj),
         });
