@@ -57,7 +57,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 /// loop keeps one for its lifetime.
 #[derive(Default)]
 pub struct Compiler {
-    allocations: Allocations,
+    allocations: Arc<Allocations>,
     admission: Admission,
     cache: CompileCache,
 }
@@ -90,7 +90,7 @@ impl Compiler {
             &mut self.cache,
             pods_changed,
         );
-        self.allocations = compiled.allocations.clone();
+        self.allocations = Arc::clone(&compiled.allocations);
         compiled
     }
 
@@ -249,6 +249,7 @@ fn compile_with(
         identities,
         ..
     } = numbered;
+    let allocations = Arc::new(allocations);
     let rules: BTreeMap<u32, RuleRef> = allocations
         .rules()
         .iter()
