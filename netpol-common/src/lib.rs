@@ -7,7 +7,7 @@
 //! Addresses are stored as [`Addr`]: a family word followed by 16 address bytes
 //! (IPv4 uses the first four). The family word is part of every LPM prefix, so an IPv6
 //! `::/0` never covers IPv4 addresses and vice versa.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// Peer identity used in POLICY keys for rules that allow any peer (no `from`/`to`).
 pub const IDENTITY_ANY: u32 = 0;
@@ -24,13 +24,57 @@ pub const FAMILY_IPV6: u32 = 6;
 pub const ADDR_FAMILY_BITS: u32 = 32;
 
 /// An IPv4 or IPv6 address as stored in map keys.
+///
+/// Ordered by family, then address (as the bytes compare): the agent keeps sorted maps
+/// of hundreds of thousands of addresses, so the order compares two words instead of
+/// calling `memcmp` on the bytes.
 #[repr(C)]
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
 pub struct Addr {
     /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
     pub family: u32,
     /// Network byte order; IPv4 in `bytes[..4]`, the rest zero.
     pub bytes: [u8; 16],
+}
+
+impl Addr {
+    /// The address as two big-endian words: they order as the bytes do.
+    fn words(&self) -> (u64, u64) {
+        let [
+            a0,
+            a1,
+            a2,
+            a3,
+            a4,
+            a5,
+            a6,
+            a7,
+            b0,
+            b1,
+            b2,
+            b3,
+            b4,
+            b5,
+            b6,
+            b7,
+        ] = self.bytes;
+        (
+            u64::from_be_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+            u64::from_be_bytes([b0, b1, b2, b3, b4, b5, b6, b7]),
+        )
+    }
+}
+
+impl Ord for Addr {
+    fn cmp(&self, other: &Self) -> core::cmp::Ordering {
+        (self.family, self.words()).cmp(&(other.family, other.words()))
+    }
+}
+
+impl PartialOrd for Addr {
+    fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl Addr {
@@ -777,3 +821,40 @@ const _: () = {
     assert!(size_of::<ServicePort>() == 4);
     assert!(POLICY_PREFIX_FULL as usize == size_of::<PolicyKey>() * 8);
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_order_by_family_then_bytes() {
+        let mut addrs = [
+            Addr::default(),
+            Addr::v4([10, 0, 0, 1]),
+            Addr::v4([10, 0, 0, 2]),
+            Addr::v4([9, 255, 255, 255]),
+            Addr::v4([255, 0, 0, 0]),
+        ]
+        .to_vec();
+        for (i, byte) in [0, 7, 8, 15].into_iter().enumerate() {
+            let mut bytes = [0; 16];
+            bytes[byte] = 0x80 >> i;
+            addrs.push(Addr {
+                family: FAMILY_IPV6,
+                bytes,
+            });
+            bytes[0] = 0xfd;
+            addrs.push(Addr {
+                family: FAMILY_IPV6,
+                bytes,
+            });
+        }
+        for a in &addrs {
+            for b in &addrs {
+                let bytewise = (a.family, a.bytes).cmp(&(b.family, b.bytes));
+                assert_eq!(a.cmp(b), bytewise, "{a:?} vs {b:?}");
+                assert_eq!(a.partial_cmp(b), Some(bytewise));
+            }
+        }
+    }
+}

@@ -122,19 +122,19 @@ impl BitSet {
 
     /// `(self ∪ extra) ∩ mask`.
     pub fn union_within(&self, extra: &BitSet, mask: &BitSet) -> BitSet {
-        let len = self
-            .words
-            .len()
-            .max(extra.words.len())
-            .min(mask.words.len());
-        let word = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
-        let mut out = BitSet {
-            words: (0..len)
-                .map(|i| (word(&self.words, i) | word(&extra.words, i)) & mask.words[i])
-                .collect(),
-        };
-        out.trim();
+        let mut out = BitSet::default();
+        out.assign_union_within(self, extra, mask);
         out
+    }
+
+    /// `self = (a ∪ extra) ∩ mask`, reusing `self`'s storage.
+    pub fn assign_union_within(&mut self, a: &BitSet, extra: &BitSet, mask: &BitSet) {
+        let len = a.words.len().max(extra.words.len()).min(mask.words.len());
+        let word = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
+        self.words.clear();
+        self.words
+            .extend((0..len).map(|i| (word(&a.words, i) | word(&extra.words, i)) & mask.words[i]));
+        self.trim();
     }
 
     /// The members, ascending.
@@ -348,30 +348,56 @@ impl CompileCache {
 
     /// Brings [`CompileCache::namespaces`] in line with `state`: every namespace object
     /// and every namespace with pods, with the labels selectors see. A namespace whose
-    /// labels changed gets a new version.
+    /// labels changed gets a new version. One ordered walk, no lookup by name.
     pub fn sync_namespaces(&mut self, state: &ClusterState) {
-        let counts = &self.pod_counts.namespaces;
-        self.namespaces
-            .retain(|name, _| state.namespaces.contains_key(name) || counts.contains_key(name));
-        for name in state.namespaces.keys().chain(counts.keys()) {
-            match self.namespaces.get_mut(name) {
-                Some(entry) if same_namespace_labels(&entry.labels, state, name) => {}
-                Some(entry) => {
+        let mut old = std::mem::take(&mut self.namespaces).into_iter().peekable();
+        let mut objects = state.namespaces.iter().peekable();
+        let mut with_pods = self.pod_counts.namespaces.keys().peekable();
+        let mut next_name = || match (objects.peek(), with_pods.peek()) {
+            (Some((a, _)), Some(b)) if *a == *b => {
+                with_pods.next();
+                objects.next().map(|(name, ns)| (name, Some(ns)))
+            }
+            (Some((a, _)), Some(b)) if a > b => with_pods.next().map(|name| (name, None)),
+            (Some(_), _) => objects.next().map(|(name, ns)| (name, Some(ns))),
+            (None, _) => with_pods.next().map(|name| (name, None)),
+        };
+        let mut namespaces = Vec::with_capacity(state.namespaces.len());
+        while let Some((name, object)) = next_name() {
+            let labels = object.and_then(|ns| ns.metadata.labels.as_ref());
+            let entry = match next_entry(&mut old, |(known, _): &(String, NamespaceEntry)| {
+                known.as_str().cmp(name)
+            }) {
+                Some((_, entry)) if same_namespace_labels(&entry.labels, labels, name) => entry,
+                _ => {
                     self.versions += 1;
-                    entry.labels = state.namespace_labels(name);
-                    entry.version = self.versions;
-                }
-                None => {
-                    self.versions += 1;
-                    let entry = NamespaceEntry {
+                    NamespaceEntry {
                         labels: state.namespace_labels(name),
                         version: self.versions,
-                    };
-                    self.namespaces.insert(name.clone(), entry);
+                    }
                 }
-            }
+            };
+            namespaces.push((name.clone(), entry));
         }
+        self.namespaces = namespaces.into_iter().collect();
     }
+}
+
+/// Whether `cached` holds the labels selectors see on namespace `name` whose object has
+/// `labels`: those, and the name label unless they set it.
+fn same_namespace_labels(
+    cached: &BTreeMap<String, String>,
+    labels: Option<&BTreeMap<String, String>>,
+    name: &str,
+) -> bool {
+    let own_name = labels.is_some_and(|l| l.contains_key(NAMESPACE_NAME_LABEL));
+    if !own_name && cached.get(NAMESPACE_NAME_LABEL).map(String::as_str) != Some(name) {
+        return false;
+    }
+    let cached = cached
+        .iter()
+        .filter(|(key, _)| own_name || key.as_str() != NAMESPACE_NAME_LABEL);
+    cached.eq(labels.into_iter().flatten())
 }
 
 /// The egress named ports in force in the last compile, and their version: pod entries
@@ -403,40 +429,10 @@ impl NamedPortsInForce {
     }
 }
 
-/// Whether `cached` holds the labels selectors see on namespace `name` of `state` (its
-/// labels with the name label), compared without building them.
-fn same_namespace_labels(
-    cached: &BTreeMap<String, String>,
-    state: &ClusterState,
-    name: &str,
-) -> bool {
-    let labels = state
-        .namespaces
-        .get(name)
-        .and_then(|ns| ns.metadata.labels.as_ref());
-    let labels = labels.into_iter().flatten();
-    let mut own_name = false;
-    let mut count = 0;
-    for (key, value) in labels {
-        count += 1;
-        own_name |= key == NAMESPACE_NAME_LABEL;
-        if cached.get(key) != Some(value) {
-            return false;
-        }
-    }
-    if !own_name {
-        count += 1;
-        if cached.get(NAMESPACE_NAME_LABEL).map(String::as_str) != Some(name) {
-            return false;
-        }
-    }
-    cached.len() == count
-}
-
 /// In a merge of sorted lists: drops the old entries ordered before the wanted key
 /// (`order` compares an entry with it) and takes the one equal to it, if any.
 fn next_entry<T>(
-    old: &mut std::iter::Peekable<std::vec::IntoIter<T>>,
+    old: &mut std::iter::Peekable<impl Iterator<Item = T>>,
     order: impl Fn(&T) -> std::cmp::Ordering,
 ) -> Option<T> {
     loop {

@@ -72,14 +72,18 @@ pub(super) fn classify(
     let mut table = ClassTable::default();
     // (key, precedence, class, flags)
     let mut keys: Vec<(Lpm<Addr>, u8, usize, u32)> = Vec::with_capacity(entries.len() * 2);
+    // The pod's class, built in place for each pod (no allocation unless it is new).
+    let mut pod_class = ClassKey::default();
     for pod in pods {
         let entry = &entries[pod.index];
-        let named_ports = entry.resolved_named_ports().to_vec();
         // The pod's class; an address inside some ipBlock in force adds to it.
-        let pod_class = ClassKey {
-            peers: entry.memo.bits.union_within(&none, active),
-            named_ports,
-        };
+        pod_class
+            .peers
+            .assign_union_within(&entry.memo.bits, &none, active);
+        pod_class.named_ports.clear();
+        pod_class
+            .named_ports
+            .extend_from_slice(entry.resolved_named_ports());
         // Interned only when some address has it: a class with no key is no identity.
         let mut pod_class_index = None;
         for &ip in pod.ips(entries) {
@@ -92,7 +96,7 @@ pub(super) fn classify(
             let class = if blocks.is_empty() {
                 *pod_class_index.get_or_insert_with(|| table.intern_ref(&pod_class))
             } else {
-                table.intern_ref(&ClassKey {
+                table.intern(ClassKey {
                     peers: pod_class.peers.union_within(&blocks, active),
                     named_ports: pod_class.named_ports.clone(),
                 })
