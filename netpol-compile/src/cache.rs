@@ -264,7 +264,7 @@ impl CompileCache {
     }
 
     /// Brings [`CompileCache::policies`] in line with `policies`, reparsing what changed.
-    pub fn sync_policies(&mut self, policies: &BTreeMap<ObjectRef, NetworkPolicy>) {
+    pub fn sync_policies(&mut self, policies: &BTreeMap<ObjectRef, Arc<NetworkPolicy>>) {
         let mut old = std::mem::take(&mut self.policies).into_iter().peekable();
         for (obj, np) in policies {
             let entry = match next_entry(&mut old, |e| e.obj.cmp(obj)) {
@@ -459,20 +459,22 @@ pub(crate) struct PolicyEntry {
 }
 
 impl PolicyEntry {
-    fn new(obj: &ObjectRef, np: &NetworkPolicy) -> Self {
+    fn new(obj: &ObjectRef, np: &Arc<NetworkPolicy>) -> Self {
         let reading = parse_policy(np);
         PolicyEntry {
             obj: obj.clone(),
-            policy: Arc::new(np.clone()),
+            policy: Arc::clone(np),
             parsed: reading.parsed.map(Arc::new),
             errors: reading.errors,
             consequences: reading.consequences,
         }
     }
 
-    /// Whether `np` holds what the entry was parsed from (all `parse_policy` reads).
-    fn matches(&self, np: &NetworkPolicy) -> bool {
-        self.policy.metadata.name == np.metadata.name
+    /// Whether `np` holds what the entry was parsed from (all `parse_policy` reads): the
+    /// same object (a source that kept it), or an equal one.
+    fn matches(&self, np: &Arc<NetworkPolicy>) -> bool {
+        Arc::ptr_eq(&self.policy, np)
+            || self.policy.metadata.name == np.metadata.name
             && self.policy.metadata.namespace == np.metadata.namespace
             && self.policy.spec == np.spec
     }

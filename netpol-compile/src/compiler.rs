@@ -109,11 +109,11 @@ impl Compiler {
     /// versions in force (see [`Compiler::policy`]), so that what reads policies from a
     /// state, such as the reference evaluator, sees what the maps enforce.
     pub fn admitted(&self, state: &ClusterState) -> ClusterState {
-        let policies: BTreeMap<ObjectRef, NetworkPolicy> = self
+        let policies: BTreeMap<ObjectRef, Arc<NetworkPolicy>> = self
             .admission
             .admitted()
             .iter()
-            .map(|(obj, admitted)| (obj.clone(), (*admitted.policy).clone()))
+            .map(|(obj, admitted)| (obj.clone(), Arc::clone(&admitted.policy)))
             .collect();
         // The source's notes on what it could not read hold for the objects it read.
         let unreadable_parts = state

@@ -833,7 +833,7 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
             let name = format!("added{step}");
             state.policies.insert(
                 ObjectRef::new(ns, &name),
-                super::testutil::policy(ns, &name, spec.clone()),
+                super::testutil::policy(ns, &name, spec.clone()).into(),
             );
         }
         Change::MovePod(i) => {

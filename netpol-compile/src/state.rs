@@ -4,6 +4,7 @@
 //! No I/O here.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -102,7 +103,9 @@ pub struct ClusterState {
     /// The datapath still checks each name before using it.
     pub pod_interfaces: BTreeMap<ObjectRef, String>,
     /// As the source has them, valid or not: the compiler admits them.
-    pub policies: BTreeMap<ObjectRef, NetworkPolicy>,
+    /// Shared: a source that keeps the object (a reflector store) hands out the same one,
+    /// and the compiler knows an unchanged policy by its pointer.
+    pub policies: BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
     /// NetworkPolicies the source saw but could not read at all (local mode: a manifest
     /// document naming one whose metadata or podSelector does not parse). Such a policy
     /// keeps the version in force before, if any.
@@ -182,7 +185,7 @@ impl ClusterState {
     /// Whether the policy `obj` is in force in this view: it exists and is not staged,
     /// or staged policies are compiled as enforced ([`ClusterState::enforce_staged`]).
     pub fn in_force(&self, obj: &ObjectRef) -> bool {
-        self.enforce_staged || !self.policies.get(obj).is_some_and(is_staged)
+        self.enforce_staged || !self.policies.get(obj).is_some_and(|p| is_staged(p))
     }
 
     /// A namespace's labels, with [`NAMESPACE_NAME_LABEL`] as the API server sets it

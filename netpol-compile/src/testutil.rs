@@ -129,7 +129,7 @@ impl Cluster {
     pub fn policy(mut self, ns: &str, name: &str, spec: Value) -> Self {
         self.state
             .policies
-            .insert(ObjectRef::new(ns, name), policy(ns, name, spec));
+            .insert(ObjectRef::new(ns, name), policy(ns, name, spec).into());
         self
     }
 

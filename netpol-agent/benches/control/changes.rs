@@ -94,7 +94,7 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> (ChangeKind, BT
                              "ports": [{"port": 7000 + i}]}],
             });
             let p = policy(&ns, &name, spec);
-            state.policies.insert(ObjectRef::new(ns, name), p);
+            state.policies.insert(ObjectRef::new(ns, name), p.into());
         }
         ChangeKind::PodCreated => {
             let ns = (n * 13) % size.namespaces;

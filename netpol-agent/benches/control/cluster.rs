@@ -275,7 +275,7 @@ pub fn cluster(size: Size) -> ClusterState {
             let (name, spec) = shapes[(i * POLICIES_PER_NAMESPACE + k) % shapes.len()].clone();
             let ns = ns_name(i);
             let p = policy(&ns, &name, spec);
-            state.policies.insert(ObjectRef::new(ns, name), p);
+            state.policies.insert(ObjectRef::new(ns, name), p.into());
         }
     }
     for g in 0..size.pods() {

@@ -233,7 +233,10 @@ pub async fn from_cluster(
             .into_iter()
             .map(|(key, pod)| (key, pod.info))
             .collect(),
-        policies: namespaced(policies.items, |p| &p.metadata),
+        policies: namespaced::<_, Vec<_>>(policies.items, |p| &p.metadata)
+            .into_iter()
+            .map(|(key, policy)| (key, policy.into()))
+            .collect(),
         cluster_policies: cluster_policies
             .items
             .into_iter()

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
@@ -57,7 +58,7 @@ pub fn load_manifests(dir: &Path, node_ips: &[IpAddr]) -> Result<Loaded, Preview
 /// compile of the result reports what cannot be).
 #[derive(Clone, Debug, Default)]
 pub struct Overlay {
-    pub policies: BTreeMap<ObjectRef, NetworkPolicy>,
+    pub policies: BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
     /// Parts of `policies` their documents did not let be read.
     pub unreadable_parts: BTreeMap<ObjectRef, Vec<UnreadablePart>>,
     /// ClusterNetworkPolicies as written, by name.
@@ -117,7 +118,7 @@ impl Overlay {
             } else {
                 self.unreadable_parts.insert(key.clone(), unreadable);
             }
-            self.policies.insert(key, *policy);
+            self.policies.insert(key, Arc::from(policy));
         }
     }
 

@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -97,7 +98,7 @@ pub struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
 pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjectRef, Pod>,
-    pub policies: BTreeMap<ObjectRef, NetworkPolicy>,
+    pub policies: BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
     pub services: BTreeMap<ObjectRef, Service>,
     pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
     pub service_cidrs: BTreeMap<String, ServiceCIDR>,
@@ -340,7 +341,7 @@ fn insert_policy(
     if !unreadable.is_empty() {
         snapshot.unreadable_parts.insert(key.clone(), unreadable);
     }
-    snapshot.policies.insert(key, *policy);
+    snapshot.policies.insert(key, Arc::from(policy));
 }
 
 fn namespaced_key(

@@ -6,6 +6,7 @@
 //! misspelt selector silently allows more than its author meant, so here an unknown
 //! field rejects the object.
 
+use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{
@@ -67,12 +68,12 @@ impl Object {
             Object::NetworkPolicy(policy) => {
                 let key = key(&policy.metadata);
                 state.unreadable_parts.remove(&key);
-                state.policies.insert(key, *policy);
+                state.policies.insert(key, Arc::from(policy));
             }
             Object::NetworkPolicyInPart { policy, unreadable } => {
                 let key = key(&policy.metadata);
                 state.unreadable_parts.insert(key.clone(), unreadable);
-                state.policies.insert(key, *policy);
+                state.policies.insert(key, Arc::from(policy));
             }
             Object::Service(service) => {
                 state.services.insert(key(&service.metadata), *service);

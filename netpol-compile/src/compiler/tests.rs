@@ -1123,7 +1123,7 @@ fn rule_ids_survive_a_policy_added_before_them() {
     );
     state.policies.insert(
         ObjectRef::new("x", "z"),
-        crate::testutil::policy("x", "z", json!({"ingress": [{}]})),
+        crate::testutil::policy("x", "z", json!({"ingress": [{}]})).into(),
     );
     let fourth = compile(&state, &third.allocations);
     assert_eq!(fourth.rules[&0], rule("z", Direction::Ingress, 0));
@@ -1321,7 +1321,9 @@ fn a_staged_policy_is_validated_but_enforced_only_in_the_staged_view() {
             crate::state::STAGED_ANNOTATION.to_owned(),
             "true".to_owned(),
         )];
-        c.state.policies.get_mut(&obj).unwrap().metadata.annotations = Some(annotations.into());
+        std::sync::Arc::make_mut(c.state.policies.get_mut(&obj).unwrap())
+            .metadata
+            .annotations = Some(annotations.into());
         c
     };
     let cluster = || {
@@ -1397,13 +1399,15 @@ fn a_staged_policy_is_validated_but_enforced_only_in_the_staged_view() {
 
     // Any other value of the annotation enforces the policy.
     let mut other = cluster();
-    other
-        .state
-        .policies
-        .get_mut(&ObjectRef::new("x", "deny"))
-        .unwrap()
-        .metadata
-        .annotations =
+    std::sync::Arc::make_mut(
+        other
+            .state
+            .policies
+            .get_mut(&ObjectRef::new("x", "deny"))
+            .unwrap(),
+    )
+    .metadata
+    .annotations =
         Some([(crate::state::STAGED_ANNOTATION.to_owned(), "yes".to_owned())].into());
     assert_eq!(
         decide(&full(other)).reason,
@@ -1751,7 +1755,7 @@ mod unreadable {
         assert!(!passes(&c, "10.0.0.1", "10.0.0.2", 80, Direction::Ingress));
         assert!(passes(&c, "10.0.1.3", "10.0.0.2", 80, Direction::Ingress));
         let kept = compiler.policy(&ObjectRef::new("x", "p")).unwrap();
-        assert_eq!(kept, &update.state.policies[&ObjectRef::new("x", "p")]);
+        assert_eq!(kept, &*update.state.policies[&ObjectRef::new("x", "p")]);
         assert!(!messages(&c).iter().any(|m| m.contains("stays in force")));
     }
 

@@ -564,10 +564,7 @@ fn an_unknown_pod_lists_a_few_pods_and_says_how_many_more() {
 fn a_staged_policy_is_explained_beside_the_verdict_in_force() {
     let mut state = fixtures::stars_with_policies();
     let staged = ObjectRef::new("stars", "backend-policy");
-    state
-        .policies
-        .get_mut(&staged)
-        .unwrap()
+    std::sync::Arc::make_mut(state.policies.get_mut(&staged).unwrap())
         .metadata
         .annotations = Some(
         [(

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ::kube::runtime::reflector::{Lookup, ObjectRef as StoreRef, Store};
 use netpol_compile::state::ObjectRef;
@@ -150,15 +150,16 @@ where
     K: Lookup + Clone + 'static,
     K::DynamicType: Eq + Hash + Clone,
 {
-    type Object = K;
+    /// The store's own shared object: a state may keep it as it is.
+    type Object = Arc<K>;
 
-    fn each(&self, visit: &mut dyn FnMut(Key, &K)) {
+    fn each(&self, visit: &mut dyn FnMut(Key, &Arc<K>)) {
         for object in self.store.state() {
             visit(key_of(object.as_ref()), &object);
         }
     }
 
-    fn read<T>(&self, (namespace, name): &Key, read: impl FnOnce(&K) -> T) -> Option<T> {
+    fn read<T>(&self, (namespace, name): &Key, read: impl FnOnce(&Arc<K>) -> T) -> Option<T> {
         let mut store_ref = StoreRef::<K>::new_with(name, self.dyntype.clone());
         if !namespace.is_empty() {
             store_ref = store_ref.within(namespace);
@@ -223,7 +224,7 @@ mod tests {
         .unwrap()
     }
 
-    fn ip(pod: &Pod) -> Option<String> {
+    fn ip(pod: &Arc<Pod>) -> Option<String> {
         pod.status.as_ref()?.pod_ip.clone()
     }
 

@@ -341,7 +341,7 @@ impl ClusterWatch {
             },
             changed.remove(&Watched::NetworkPolicies),
             &mut state.policies,
-            cloned,
+            |policy: &Arc<NetworkPolicy>| Some(Arc::clone(policy)),
         );
         refresh(
             &Reflected {
@@ -377,7 +377,7 @@ impl ClusterWatch {
             },
             changed.remove(&Watched::ClusterNetworkPolicies),
             &mut state.cluster_policies,
-            |policy: &DynamicObject| serde_json::to_value(policy).ok(),
+            |policy: &Arc<DynamicObject>| serde_json::to_value(&**policy).ok(),
         );
         refresh(
             &Reflected {
@@ -386,7 +386,7 @@ impl ClusterWatch {
             },
             changed.remove(&Watched::Node),
             &mut state.nodes,
-            |node: &Node| Some(NodePeer::of(node)),
+            |node: &Arc<Node>| Some(NodePeer::of(node)),
         );
         let this_node = ::kube::runtime::reflector::ObjectRef::new(&self.settings.node_name);
         let node_ips = stores
@@ -408,9 +408,9 @@ impl ClusterWatch {
     }
 }
 
-/// The state keeps the stores' objects as they are.
-fn cloned<K: Clone>(object: &K) -> Option<K> {
-    Some(object.clone())
+/// The state keeps a copy of the stores' objects as they are.
+fn cloned<K: Clone>(object: &Arc<K>) -> Option<K> {
+    Some(K::clone(object))
 }
 
 /// What one [`ClusterWatch::snapshot`] produced besides the objects.
