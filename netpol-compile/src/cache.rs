@@ -225,6 +225,13 @@ impl PodCounts {
         }
     }
 
+    /// Every namespace with pods and how many it has, in order (the order of the pods).
+    pub fn namespaces(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.namespaces
+            .iter()
+            .map(|(name, &count)| (name.as_str(), count))
+    }
+
     /// Whether some address is listed by more than one pod holding addresses.
     pub fn contested(&self) -> bool {
         self.contested > 0
@@ -431,7 +438,7 @@ impl NamedPortsInForce {
 
 /// In a merge of sorted lists: drops the old entries ordered before the wanted key
 /// (`order` compares an entry with it) and takes the one equal to it, if any.
-fn next_entry<T>(
+pub(crate) fn next_entry<T>(
     old: &mut std::iter::Peekable<impl Iterator<Item = T>>,
     order: impl Fn(&T) -> std::cmp::Ordering,
 ) -> Option<T> {
@@ -475,8 +482,8 @@ impl PolicyEntry {
     fn matches(&self, np: &Arc<NetworkPolicy>) -> bool {
         Arc::ptr_eq(&self.policy, np)
             || self.policy.metadata.name == np.metadata.name
-            && self.policy.metadata.namespace == np.metadata.namespace
-            && self.policy.spec == np.spec
+                && self.policy.metadata.namespace == np.metadata.namespace
+                && self.policy.spec == np.spec
     }
 }
 

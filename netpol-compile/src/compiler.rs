@@ -174,6 +174,7 @@ fn compile_with(
         cluster_policies: cluster_memo,
         namespaces,
         named_ports,
+        pod_counts,
         ..
     } = cache;
     let namespaces: &Namespaces = namespaces;
@@ -199,18 +200,20 @@ fn compile_with(
         now,
         freed: &freed,
     };
+    // Pods come sorted by namespace, and the counts say how many each has: a pod's
+    // namespace is known by its index, with one lookup per namespace and no name read
+    // per pod.
+    let mut spans = pod_counts.namespaces();
+    let mut span_end = 0;
     let mut namespace: Option<(&str, &crate::cache::NamespaceEntry)> = None;
     for pod in &pods {
-        let name = pod.obj.namespace.as_str();
-        // Pods come sorted by namespace: one lookup per namespace.
-        let ns = match namespace {
-            Some((known, ns)) if known == name => ns,
-            _ => {
-                let ns = &namespaces[name];
-                namespace = Some((name, ns));
-                ns
-            }
-        };
+        while pod.index >= span_end {
+            let (name, count) = spans.next().expect("every pod's namespace is counted");
+            span_end += count;
+            namespace = Some((name, &namespaces[name]));
+        }
+        let (name, ns) = namespace.expect("set above");
+        debug_assert_eq!(name, pod.obj.namespace);
         let entry = &mut pod_entries[pod.index];
         context.refresh_pod(entry, name, (pod.labels, &ns.labels), ns.version);
         entry.resolve_named_ports(&egress_named_ports, named_ports_version);
@@ -297,12 +300,26 @@ impl<'a> Policies<'a> {
 /// The admitted policies less the staged ones (unless the state compiles those too):
 /// a staged policy is validated and reported like any other, and enforced by nothing.
 fn policies_in_force<'a>(admission: &'a Admission, state: &ClusterState) -> Policies<'a> {
+    // `ClusterState::in_force` of each, by one walk of both (both in name order).
+    let mut in_state = state.policies.iter().peekable();
     let list: Vec<(&ObjectRef, &ParsedPolicy)> = admission
         .admitted()
         .iter()
-        .filter(|(obj, _)| state.in_force(obj))
+        .filter(|(obj, _)| {
+            let mut staged = || {
+                crate::cache::next_entry(&mut in_state, |(known, _)| known.cmp(obj))
+                    .is_some_and(|(_, policy)| crate::state::is_staged(policy))
+            };
+            state.enforce_staged || !staged()
+        })
         .map(|(obj, admitted)| (obj, &*admitted.parsed))
         .collect();
+    debug_assert!(
+        list.iter().map(|&(obj, _)| obj).eq(admission
+            .admitted()
+            .keys()
+            .filter(|obj| state.in_force(obj)))
+    );
     let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, (_, policy)) in list.iter().enumerate() {
         by_namespace.entry(&policy.namespace).or_default().push(i);

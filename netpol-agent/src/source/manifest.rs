@@ -6,7 +6,6 @@
 //! misspelt selector silently allows more than its author meant, so here an unknown
 //! field rejects the object.
 
-use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{
@@ -15,6 +14,7 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use std::sync::Arc;
 
 use netpol_compile::state::{ObjectRef, PodInfo, UnreadablePart};
 use netpol_compile::{Diagnostic, Kind, ObjectName, Subject};

@@ -176,7 +176,16 @@ pub(super) fn classify(
         };
         keys.push((net_key(prefix), 4, table.intern(class), 0));
     }
-    keys.sort_unstable_by_key(|&(key, precedence, _, _)| (key, precedence));
+    // By (key, precedence), compared as integers: the order of `Lpm<Addr>`'s fields.
+    keys.sort_unstable_by_key(|&(key, precedence, _, _)| {
+        let family_and_length = (u64::from(key.prefix_len) << 32) | u64::from(key.data.family);
+        (
+            family_and_length,
+            u128::from_be_bytes(key.data.bytes),
+            precedence,
+        )
+    });
+    debug_assert!(keys.is_sorted_by_key(|&(key, precedence, _, _)| (key, precedence)));
     let mut merged: Vec<(Lpm<Addr>, usize, u32)> = Vec::with_capacity(keys.len());
     for (key, _, class, flags) in keys {
         match merged.last_mut() {

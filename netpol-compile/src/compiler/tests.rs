@@ -1407,8 +1407,7 @@ fn a_staged_policy_is_validated_but_enforced_only_in_the_staged_view() {
             .unwrap(),
     )
     .metadata
-    .annotations =
-        Some([(crate::state::STAGED_ANNOTATION.to_owned(), "yes".to_owned())].into());
+    .annotations = Some([(crate::state::STAGED_ANNOTATION.to_owned(), "yes".to_owned())].into());
     assert_eq!(
         decide(&full(other)).reason,
         netpol_common::Reason::PolicyDenied

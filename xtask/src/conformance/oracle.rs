@@ -223,9 +223,12 @@ fn check_case(path: &Path) -> Result<(usize, Vec<String>)> {
         }
         let mut state = state(&plan, &namespaces, &pod_labels)?;
         for ((ns, name), object) in &policies {
-            let policy: k8s_openapi::api::networking::v1::NetworkPolicy = serde_json::from_value(object.clone())
-                .with_context(|| format!("steps[{s}]: NetworkPolicy {ns}/{name}"))?;
-            state.policies.insert(ObjectRef::new(ns, name), policy.into());
+            let policy: k8s_openapi::api::networking::v1::NetworkPolicy =
+                serde_json::from_value(object.clone())
+                    .with_context(|| format!("steps[{s}]: NetworkPolicy {ns}/{name}"))?;
+            state
+                .policies
+                .insert(ObjectRef::new(ns, name), policy.into());
         }
         state.cluster_policies = cluster_policies.clone();
         let reference = TieredReference::new(&state);
