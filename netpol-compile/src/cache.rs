@@ -29,7 +29,10 @@ use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
-use crate::state::{ClusterState, NAMESPACE_NAME_LABEL, ObjectRef, PodInfo, holds_pod_addresses};
+use crate::state::{
+    ClusterState, DeclaredPort, Labels, NAMESPACE_NAME_LABEL, ObjectRef, PodInfo,
+    holds_pod_addresses,
+};
 
 /// A fast, unkeyed hasher (FxHash) for maps keyed by addresses and peer-slot sets,
 /// which no object author chooses freely; maps keyed by names keep the default.
@@ -488,25 +491,50 @@ impl PolicyEntry {
 }
 
 /// A named container port: the first definition of each (name, protocol) wins.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct NamedPort {
-    pub name: String,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct NamedPort<'a> {
+    pub name: &'a str,
     pub protocol: u8,
     pub port: u16,
+}
+
+/// One address a pod lists, as read.
+enum Address {
+    Parsed(IpAddr),
+    /// (field, message).
+    Invalid((String, String)),
+}
+
+/// The addresses of `status.podIPs`, then `status.podIP`, as read.
+fn read_addresses(pod: &PodInfo) -> impl Iterator<Item = Address> + '_ {
+    let listed = pod.listed_ips().len();
+    let texts = pod.listed_ips().chain(pod.pod_ip());
+    texts
+        .enumerate()
+        .map(move |(i, text)| match text.parse::<IpAddr>() {
+            Ok(ip) => Address::Parsed(ip),
+            Err(_) => {
+                let field = if i < listed {
+                    format!("status.podIPs[{i}].ip")
+                } else {
+                    "status.podIP".to_string()
+                };
+                Address::Invalid((field, format!("invalid IP address {text:?}")))
+            }
+        })
 }
 
 /// What the compiler reads from a pod besides phase, hostNetwork, node and annotations
 /// (cheap, read from the state each time), what it derives from it, and its peer matches.
 pub(crate) struct PodEntry {
     pub obj: ObjectRef,
-    /// Labels, IP strings and named container ports, serialised by [`encode_inputs`]:
-    /// one allocation to compare against, not one per string.
-    inputs: Box<[u8]>,
+    /// The labels and declared ports read: the state's own (shared, interned) values.
+    labels: Labels,
+    ports: Arc<[DeclaredPort]>,
     /// Parsed addresses, de-duplicated, in order.
     pub ips: Vec<IpAddr>,
     /// (field, message) of every address that does not parse.
     pub ip_errors: Vec<(String, String)>,
-    pub named_ports: Vec<NamedPort>,
     /// Peer matches, valid when `memo.at` is the previous compile or this one: pod
     /// selector peers in `memo.bits`; ipBlocks containing each of `ips` in `ip_bits`.
     pub memo: Memo,
@@ -523,50 +551,21 @@ pub(crate) struct PodEntry {
 
 impl PodEntry {
     fn new(obj: &ObjectRef, pod: &PodInfo) -> Self {
-        let listed = pod.listed_ips().len();
         let mut ips = Vec::new();
         let mut ip_errors = Vec::new();
-        for (i, text) in pod.listed_ips().chain(pod.pod_ip()).enumerate() {
-            match text.parse::<IpAddr>() {
-                Ok(ip) if !ips.contains(&ip) => ips.push(ip),
-                Ok(_) => {}
-                Err(_) => {
-                    let field = if i < listed {
-                        format!("status.podIPs[{i}].ip")
-                    } else {
-                        "status.podIP".to_string()
-                    };
-                    ip_errors.push((field, format!("invalid IP address {text:?}")));
-                }
+        for address in read_addresses(pod) {
+            match address {
+                Address::Parsed(ip) if !ips.contains(&ip) => ips.push(ip),
+                Address::Parsed(_) => {}
+                Address::Invalid(error) => ip_errors.push(error),
             }
         }
-        let mut named_ports: Vec<NamedPort> = Vec::new();
-        for (name, protocol, port) in named_port_inputs(pod) {
-            let Some(protocol) = protocol_number(protocol.unwrap_or("TCP")) else {
-                continue;
-            };
-            let Ok(port) = u16::try_from(port) else {
-                continue;
-            };
-            let known = named_ports
-                .iter()
-                .any(|n| n.name == name && n.protocol == protocol);
-            if port != 0 && !known {
-                named_ports.push(NamedPort {
-                    name: name.to_string(),
-                    protocol,
-                    port,
-                });
-            }
-        }
-        let mut inputs = Vec::new();
-        encode_inputs(pod, &mut inputs);
         PodEntry {
             obj: obj.clone(),
-            inputs: inputs.into_boxed_slice(),
+            labels: pod.labels().clone(),
+            ports: Arc::clone(pod.shared_ports()),
             ips,
             ip_errors,
-            named_ports,
             memo: Memo::default(),
             ip_bits: Vec::new(),
             namespace_version: 0,
@@ -575,22 +574,53 @@ impl PodEntry {
         }
     }
 
-    /// Whether `pod` holds what the entry was read from.
+    /// Whether `pod` holds what the entry was read from: the same labels and ports, and
+    /// addresses that read the same (compared as they are read, without allocating).
     fn matches(&self, pod: &PodInfo) -> bool {
-        let mut matcher = Matcher {
-            rest: &self.inputs,
-            equal: true,
-        };
-        encode_inputs(pod, &mut matcher);
-        matcher.equal && matcher.rest.is_empty()
+        let same_ports =
+            Arc::ptr_eq(&self.ports, pod.shared_ports()) || *self.ports == *pod.ports();
+        if self.labels != *pod.labels() || !same_ports {
+            return false;
+        }
+        let (mut ips, mut errors) = (0, 0);
+        for address in read_addresses(pod) {
+            match address {
+                Address::Parsed(ip) if self.ips[..ips].contains(&ip) => {}
+                Address::Parsed(ip) if self.ips.get(ips) == Some(&ip) => ips += 1,
+                Address::Invalid(error) if self.ip_errors.get(errors) == Some(&error) => {
+                    errors += 1;
+                }
+                Address::Parsed(_) | Address::Invalid(_) => return false,
+            }
+        }
+        ips == self.ips.len() && errors == self.ip_errors.len()
     }
 
-    /// The port a named port resolves to on this pod.
+    /// The port a named port resolves to on this pod: the first declared port of that
+    /// name and protocol with a number (`FindPort`'s order).
     pub fn named_port(&self, name: &str, protocol: u8) -> Option<u16> {
-        self.named_ports
-            .iter()
+        self.named_ports()
             .find(|n| n.name == name && n.protocol == protocol)
             .map(|n| n.port)
+    }
+
+    /// The named ports the pod declares, the first definition of each (name, protocol).
+    pub fn named_ports(&self) -> impl Iterator<Item = NamedPort<'_>> {
+        let mut seen: Vec<(&str, u8)> = Vec::new();
+        self.ports.iter().filter_map(move |declared| {
+            let name = declared.name.as_deref()?;
+            let protocol = protocol_number(declared.protocol.as_deref().unwrap_or("TCP"))?;
+            let port = u16::try_from(declared.container_port).ok()?;
+            if port == 0 || seen.contains(&(name, protocol)) {
+                return None;
+            }
+            seen.push((name, protocol));
+            Some(NamedPort {
+                name,
+                protocol,
+                port,
+            })
+        })
     }
 
     /// Resolves the egress named ports in force (`in_force`, whose version from
@@ -599,7 +629,7 @@ impl PodEntry {
         if self.resolved.0 == version {
             return;
         }
-        let resolved = if self.named_ports.is_empty() {
+        let resolved = if self.ports.is_empty() {
             Vec::new()
         } else {
             in_force
@@ -618,95 +648,6 @@ impl PodEntry {
     pub fn resolved_named_ports(&self) -> &[(usize, u16)] {
         &self.resolved.1
     }
-}
-
-/// Receives the serialisation of [`encode_inputs`].
-trait Sink {
-    fn put(&mut self, bytes: &[u8]);
-
-    fn number(&mut self, n: u64) {
-        self.put(&n.to_le_bytes());
-    }
-
-    /// A length-prefixed string: no two lists of strings serialise alike.
-    fn text(&mut self, text: &str) {
-        self.number(text.len() as u64);
-        self.put(text.as_bytes());
-    }
-
-    fn optional(&mut self, text: Option<&str>) {
-        match text {
-            None => self.put(&[0]),
-            Some(text) => {
-                self.put(&[1]);
-                self.text(text);
-            }
-        }
-    }
-}
-
-impl Sink for Vec<u8> {
-    fn put(&mut self, bytes: &[u8]) {
-        self.extend_from_slice(bytes);
-    }
-}
-
-/// Compares a serialisation with a stored one as it is produced, without allocating.
-struct Matcher<'a> {
-    rest: &'a [u8],
-    equal: bool,
-}
-
-impl Sink for Matcher<'_> {
-    fn put(&mut self, bytes: &[u8]) {
-        match self.rest.strip_prefix(bytes) {
-            Some(rest) if self.equal => self.rest = rest,
-            _ => self.equal = false,
-        }
-    }
-
-    fn number(&mut self, n: u64) {
-        match self.rest.split_first_chunk::<8>() {
-            Some((head, rest)) if self.equal && u64::from_le_bytes(*head) == n => {
-                self.rest = rest;
-            }
-            _ => self.equal = false,
-        }
-    }
-}
-
-/// Serialises everything [`PodEntry::new`] reads from `pod`: labels, `status.podIPs`,
-/// `status.podIP` and the named container ports. Equal serialisations mean equal
-/// derived data.
-fn encode_inputs(pod: &PodInfo, sink: &mut impl Sink) {
-    let labels = pod.labels();
-    sink.number(labels.len() as u64);
-    for (key, value) in labels.iter() {
-        sink.text(key);
-        sink.text(value);
-    }
-    sink.number(pod.listed_ips().len() as u64);
-    for ip in pod.listed_ips() {
-        sink.text(ip);
-    }
-    sink.optional(pod.pod_ip());
-    for (name, protocol, port) in named_port_inputs(pod) {
-        sink.put(&[1]);
-        sink.text(name);
-        sink.optional(protocol);
-        sink.number(port as u64);
-    }
-    sink.put(&[0]);
-}
-
-/// Every named port of `pod`'s containers and native sidecars, in lookup order
-/// ([`PodInfo::ports`]): (name, protocol, containerPort).
-fn named_port_inputs(pod: &PodInfo) -> impl Iterator<Item = (&str, Option<&str>, i32)> {
-    pod.ports().iter().filter_map(|p| {
-        p.name
-            .as_deref()
-            .map(|name| (name, p.protocol.as_deref(), p.container_port))
-    })
 }
 
 /// Matched peer slots of one pod or prefix, and the compile they are valid for.

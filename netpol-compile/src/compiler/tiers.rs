@@ -247,7 +247,7 @@ type Outcome = (u32, u8);
 /// What makes two endpoints' entries in a tier and direction alike: the tier, the
 /// direction, the policies selecting them (indices, in order) and, for ingress, their
 /// named ports (egress ones resolve on the peer).
-type CellsKey = (u8, Direction, Vec<usize>, Vec<NamedPort>);
+type CellsKey<'a> = (u8, Direction, Vec<usize>, Vec<NamedPort<'a>>);
 
 /// The tiers' POLICY entries of the local endpoints. The entries depend on an endpoint
 /// only through the policies that select it and (ingress) its named ports, so they are
@@ -263,7 +263,7 @@ pub(super) struct TierEntries<'a> {
     /// Egress named ports in force, and how each identity resolves them.
     egress_named_ports: &'a [(&'a str, u8)],
     named_by_identity: &'a [BTreeMap<u32, u16>],
-    cells: HashMap<CellsKey, Vec<(Lpm<PolicyKey>, PolicyValue)>>,
+    cells: HashMap<CellsKey<'a>, Vec<(Lpm<PolicyKey>, PolicyValue)>>,
 }
 
 impl<'a> TierEntries<'a> {
@@ -293,7 +293,7 @@ impl<'a> TierEntries<'a> {
     pub(super) fn emit(
         &mut self,
         endpoint: u32,
-        pod: &PodEntry,
+        pod: &'a PodEntry,
         selected: &[usize],
         out: &mut BTreeMap<Lpm<PolicyKey>, PolicyValue>,
     ) {
@@ -308,7 +308,7 @@ impl<'a> TierEntries<'a> {
             }
             for direction in Direction::BOTH {
                 let named_ports = match direction {
-                    Direction::Ingress => pod.named_ports.clone(),
+                    Direction::Ingress => pod.named_ports().collect(),
                     Direction::Egress => Vec::new(),
                 };
                 let key = (tier, direction, selecting.clone(), named_ports);

@@ -140,6 +140,11 @@ impl PodInfo {
         &self.ports
     }
 
+    /// [`PodInfo::ports`], shared: equal lists are one value (interned).
+    pub fn shared_ports(&self) -> &Arc<[DeclaredPort]> {
+        &self.ports
+    }
+
     /// `status.phase`.
     pub fn phase(&self) -> Option<&str> {
         self.phase.as_deref()
