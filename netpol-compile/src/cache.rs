@@ -4,11 +4,17 @@
 //! change: parsing 2,000 policies, reading 10,000 pods (IP strings, named container
 //! ports) and matching every pod against every peer in force would be repeated for one
 //! flipped label. [`CompileCache`] keeps those results together with the inputs they
-//! were computed from; each compile revalidates every entry against the state (an entry
+//! were computed from; each compile revalidates the entries against the state (an entry
 //! whose inputs differ is recomputed) and brings the selector matches up to date:
 //!
-//! - a policy is reparsed when its name, namespace or spec changed;
-//! - a pod is re-read when its labels, IP strings or named container ports changed;
+//! - a policy is reparsed when its name, namespace or spec changed (the same shared
+//!   object, the common case, is known by its pointer);
+//! - a pod is re-read when its labels, IP strings or declared ports changed; told which
+//!   pods changed ([`Compiler::compile_changed`](super::Compiler::compile_changed)), a
+//!   compile visits only their entries, and keeps [`PodCounts`] (addresses listed by
+//!   several pods, pods per namespace) up to date as it does;
+//! - namespace labels are compared in one ordered walk, and a pod's resolution of the
+//!   egress named ports in force is redone only when that list changes;
 //! - a pod's peer matches are recomputed when the pod or its namespace's labels changed,
 //!   or when the pod was not classified by the previous compile; otherwise only peers
 //!   that came into force since are matched against it. The same holds for ipBlock
