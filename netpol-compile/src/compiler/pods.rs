@@ -83,17 +83,14 @@ pub(super) fn live_pods<'a>(
         }
     }
     // Second pass: each live pod with the addresses it holds.
-    #[cfg(debug_assertions)]
-    let owners = owner.len();
-    #[cfg(debug_assertions)]
     debug_assert!(
         entries
             .iter()
             .filter(|e| e.holds)
             .map(|e| e.ips.len())
             .sum::<usize>()
-            > owners,
-        "some address is contested"
+            > owner.len(),
+        "the counts said some address is contested"
     );
     let mut out = Vec::with_capacity(entries.len());
     for (index, ((obj, pod), entry)) in pods.iter().zip(entries).enumerate() {
