@@ -253,11 +253,7 @@ fn compile_with(
         ..
     } = numbered;
     let allocations = Arc::new(allocations);
-    let rules: BTreeMap<u32, RuleRef> = allocations
-        .rules()
-        .iter()
-        .map(|(rule, &id)| (id, rule.clone()))
-        .collect();
+    let rules = Arc::clone(allocations.rules_by_id());
     Compiled {
         endpoints: endpoint_map,
         ipcache,

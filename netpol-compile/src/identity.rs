@@ -11,6 +11,7 @@
 //! that moves between classes rewrites its own IPCACHE entries only.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use netpol_common::{Addr, IDENTITY_FIRST_DYNAMIC};
 
@@ -80,8 +81,11 @@ pub struct Allocations {
     identities: BTreeMap<IdentitySignature, u32>,
     /// Dynamic identity of every IPCACHE key (world keys are absent).
     addresses: BTreeMap<Lpm<Addr>, u32>,
-    /// Rule ids (`PolicyValue::rule`, the RULE_COUNTERS index), from 0.
-    rules: BTreeMap<RuleRef, u32>,
+    /// Rule ids (`PolicyValue::rule`, the RULE_COUNTERS index), from 0, and the same by
+    /// id: shared with the next allocations while the rules stay the same (15,000 policies
+    /// have some 30,000 rules, whose names would be copied at every compile).
+    rules: Arc<BTreeMap<RuleRef, u32>>,
+    rules_by_id: Arc<BTreeMap<u32, RuleRef>>,
 }
 
 impl Allocations {
@@ -112,6 +116,11 @@ impl Allocations {
         &self.rules
     }
 
+    /// [`Allocations::rules`] by id, shared (see [`crate::Compiled::rules`]).
+    pub fn rules_by_id(&self) -> &Arc<BTreeMap<u32, RuleRef>> {
+        &self.rules_by_id
+    }
+
     /// Allocations for `endpoints`, the identity `classes` and `rules`: kept numbers for
     /// keys `self` knows, the lowest free ones for new keys (in key order); identity
     /// numbers by lineage (see [`Allocations`]).
@@ -128,11 +137,25 @@ impl Allocations {
             .map(|&(key, class)| (key, numbers[class]))
             .collect();
         let identities = classes.signatures.into_iter().zip(numbers).collect();
+        let rules = sorted(rules);
+        let unchanged = rules.len() == self.rules.len() && rules.iter().eq(self.rules.keys());
+        let (rules, rules_by_id) = if unchanged {
+            (Arc::clone(&self.rules), Arc::clone(&self.rules_by_id))
+        } else {
+            let ids = allocate(&self.rules, rules, 0);
+            let by_id = ids.iter().map(|(rule, &id)| (id, rule.clone())).collect();
+            (Arc::new(ids), Arc::new(by_id))
+        };
         Allocations {
-            endpoints: allocate(&self.endpoints, endpoints, netpol_common::ENDPOINT_ID_FIRST),
+            endpoints: allocate(
+                &self.endpoints,
+                sorted(endpoints),
+                netpol_common::ENDPOINT_ID_FIRST,
+            ),
             identities,
             addresses,
-            rules: allocate(&self.rules, rules, 0),
+            rules,
+            rules_by_id,
         }
     }
 
@@ -194,18 +217,20 @@ pub(crate) struct IdentityClasses {
     pub keys: Vec<(Lpm<Addr>, usize)>,
 }
 
-/// Numbers for `wanted`: those in `prev` keep theirs, the others take the lowest numbers
-/// `>= first` not in use, in key order.
-fn allocate<K: Ord>(
-    prev: &BTreeMap<K, u32>,
-    wanted: impl IntoIterator<Item = K>,
-    first: u32,
-) -> BTreeMap<K, u32> {
-    let mut wanted: Vec<K> = wanted.into_iter().collect();
-    if !wanted.is_sorted() {
-        wanted.sort();
+/// `keys`, sorted and without duplicates.
+fn sorted<K: Ord>(keys: impl IntoIterator<Item = K>) -> Vec<K> {
+    let mut keys: Vec<K> = keys.into_iter().collect();
+    if !keys.is_sorted() {
+        keys.sort();
     }
-    wanted.dedup();
+    keys.dedup();
+    keys
+}
+
+/// Numbers for `wanted` ([`sorted`]): those in `prev` keep theirs, the others take the
+/// lowest numbers `>= first` not in use, in key order.
+fn allocate<K: Ord>(prev: &BTreeMap<K, u32>, wanted: Vec<K>, first: u32) -> BTreeMap<K, u32> {
+    debug_assert!(wanted.is_sorted() && wanted.windows(2).all(|w| w[0] != w[1]));
     // Kept numbers: both lists are sorted, so one merge finds them.
     let mut previous = prev.iter().peekable();
     let mut numbers: Vec<Option<u32>> = Vec::with_capacity(wanted.len());
@@ -260,16 +285,16 @@ mod tests {
 
     #[test]
     fn allocate_keeps_ids_and_fills_gaps() {
-        let first = allocate(&BTreeMap::new(), ["a", "b", "c"], 1);
+        let first = allocate(&BTreeMap::new(), sorted(["a", "b", "c"]), 1);
         assert_eq!(first, BTreeMap::from([("a", 1), ("b", 2), ("c", 3)]));
         // "b" disappears, "d" and "e" appear: "d" takes the freed 2, "e" the next free 4.
-        let second = allocate(&first, ["a", "c", "d", "e"], 1);
+        let second = allocate(&first, sorted(["a", "c", "d", "e"]), 1);
         assert_eq!(
             second,
             BTreeMap::from([("a", 1), ("c", 3), ("d", 2), ("e", 4)])
         );
         // "b" comes back: it is a new key now and takes the lowest free number.
-        let third = allocate(&second, ["a", "b", "c", "d", "e"], 1);
+        let third = allocate(&second, sorted(["a", "b", "c", "d", "e"]), 1);
         assert_eq!(third["b"], 5);
     }
 

@@ -137,8 +137,9 @@ pub struct Compiled {
     pub local_pods: Vec<LocalPod>,
     /// Rule table: id (`PolicyValue::rule`, also the RULE_COUNTERS index) → rule, for
     /// every rule in force (of every policy, as far as it can be read). A rule keeps its id while it exists; a new rule
-    /// takes the lowest free id (see [`Allocations`]).
-    pub rules: BTreeMap<u32, RuleRef>,
+    /// takes the lowest free id (see [`Allocations`]). Shared with the allocations, and
+    /// from one compile to the next while the rules stay the same.
+    pub rules: std::sync::Arc<BTreeMap<u32, RuleRef>>,
     /// What each identity stands for (including `IDENTITY_ANY` and `IDENTITY_WORLD`).
     pub identities: BTreeMap<u32, IdentityInfo>,
     /// The policies in force, in order: every policy of the state as far as it can be

@@ -96,6 +96,9 @@ impl Datapath {
     /// has not counted yet: a restarted agent numbers rules afresh), before any POLICY
     /// value points at them.
     pub(super) fn reset_reassigned_rule_counters(&mut self, compiled: &Compiled) -> Result<()> {
+        if std::sync::Arc::ptr_eq(&self.counted_rules, &compiled.rules) {
+            return Ok(()); // the same table as last time (the compiler shares it)
+        }
         let fresh: Vec<u32> = compiled
             .rules
             .iter()

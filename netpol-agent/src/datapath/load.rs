@@ -140,7 +140,7 @@ impl Datapath {
                 capacities.conntrack.unwrap_or(netpol_common::capacity::CT),
             ],
             rule_counters,
-            counted_rules: BTreeMap::new(),
+            counted_rules: Default::default(),
             event_budget,
             events: Some(events),
             generation,

@@ -207,8 +207,8 @@ pub struct Resolver {
     pods_by_ip: SharedAddressBook,
     node_ips: Vec<IpAddr>,
     endpoints: BTreeMap<u32, (ObjectRef, Vec<ObjectRef>, Vec<ObjectRef>)>,
-    /// Rule ids (`Compiled::rules`); named only when an event names one.
-    rules: BTreeMap<u32, RuleRef>,
+    /// Rule ids (`Compiled::rules`, shared); named only when an event names one.
+    rules: std::sync::Arc<BTreeMap<u32, RuleRef>>,
     /// Service frontends: (address, port, protocol) -> `ns/name`.
     services: BTreeMap<(IpAddr, u16, u8), String>,
     /// The state compiled with its staged policies enforced, when it has any.

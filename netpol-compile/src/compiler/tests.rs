@@ -243,7 +243,7 @@ fn rules_without_peers_or_ports() {
         ]
     );
     assert_eq!(
-        c.rules,
+        *c.rules,
         BTreeMap::from([
             (
                 0,
@@ -1071,7 +1071,7 @@ fn rule_ids_survive_a_policy_added_before_them() {
         RuleRef::network_policy(ObjectRef::new("x", policy), direction, index)
     };
     assert_eq!(
-        first.rules,
+        *first.rules,
         BTreeMap::from([
             (0, rule("m", Direction::Ingress, 0)),
             (1, rule("m", Direction::Ingress, 1))
@@ -1085,7 +1085,7 @@ fn rule_ids_survive_a_policy_added_before_them() {
     );
     let second = compile(&added.state, &first.allocations);
     assert_eq!(
-        second.rules,
+        *second.rules,
         BTreeMap::from([
             (0, rule("m", Direction::Ingress, 0)),
             (1, rule("m", Direction::Ingress, 1)),
@@ -1130,6 +1130,45 @@ fn rule_ids_survive_a_policy_added_before_them() {
     assert_eq!(
         fourth.allocations.rule_id(&rule("a", Direction::Egress, 0)),
         Some(3)
+    );
+}
+
+#[test]
+fn an_unchanged_rule_table_is_shared_between_compiles_and_a_changed_one_is_not() {
+    let mut c = basic().policy(
+        "x",
+        "m",
+        json!({"podSelector": {}, "ingress": [{"ports": [{"port": 80}]}]}),
+    );
+    let first = compile(&c.state, &Allocations::default());
+    // A pod's label changes: the rules do not.
+    let web = ObjectRef::new("x", "a");
+    c.state
+        .pods
+        .get_mut(&web)
+        .unwrap()
+        .set_label("tier", Some("front"));
+    let second = compile(&c.state, &first.allocations);
+    assert!(std::sync::Arc::ptr_eq(&first.rules, &second.rules));
+    // A policy is added: a new table, with the new rule and the old ids.
+    c = c.policy("x", "n", json!({"podSelector": {}, "egress": [{}]}));
+    let third = compile(&c.state, &second.allocations);
+    assert!(!std::sync::Arc::ptr_eq(&second.rules, &third.rules));
+    assert_eq!(third.rules.len(), 2);
+    assert_eq!(third.rules[&0], second.rules[&0]);
+    assert_eq!(
+        third
+            .allocations
+            .rules()
+            .iter()
+            .map(|(r, &id)| (id, r))
+            .collect::<Vec<_>>(),
+        third
+            .rules
+            .iter()
+            .map(|(&id, r)| (id, r))
+            .collect::<Vec<_>>(),
+        "the table by id is the allocation's, inverted"
     );
 }
 
