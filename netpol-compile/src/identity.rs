@@ -16,7 +16,6 @@ use std::sync::Arc;
 use netpol_common::{Addr, IDENTITY_FIRST_DYNAMIC};
 
 use super::RuleRef;
-use super::cache::FastMap;
 use super::lpm::Lpm;
 use crate::state::ObjectRef;
 
@@ -79,8 +78,8 @@ pub struct Allocations {
     endpoints: BTreeMap<ObjectRef, u32>,
     /// Signature of every dynamic identity in force → its number.
     identities: BTreeMap<IdentitySignature, u32>,
-    /// Dynamic identity of every IPCACHE key (world keys are absent).
-    addresses: BTreeMap<Lpm<Addr>, u32>,
+    /// Dynamic identity of every IPCACHE key (world keys are absent), sorted by key.
+    addresses: Vec<(Lpm<Addr>, u32)>,
     /// Rule ids (`PolicyValue::rule`, the RULE_COUNTERS index), from 0, and the same by
     /// id: shared with the next allocations while the rules stay the same (15,000 policies
     /// have some 30,000 rules, whose names would be copied at every compile).
@@ -131,11 +130,12 @@ impl Allocations {
         rules: impl IntoIterator<Item = RuleRef>,
     ) -> Allocations {
         let numbers = self.identity_numbers(&classes);
-        let addresses = classes
+        let addresses: Vec<(Lpm<Addr>, u32)> = classes
             .keys
             .iter()
             .map(|&(key, class)| (key, numbers[class]))
             .collect();
+        debug_assert!(addresses.is_sorted_by_key(|&(key, _)| key));
         let identities = classes.signatures.into_iter().zip(numbers).collect();
         let rules = sorted(rules);
         let unchanged = rules.len() == self.rules.len() && rules.iter().eq(self.rules.keys());
@@ -163,17 +163,27 @@ impl Allocations {
     /// to the lower number, then to the class listed first.
     fn identity_numbers(&self, classes: &IdentityClasses) -> Vec<u32> {
         // How many keys of each class carried each previous number (both lists sorted).
-        let mut overlap: FastMap<(usize, u32), usize> = FastMap::default();
+        // A class's keys carried few numbers (most often one): a short list per class.
+        let mut overlap: Vec<Vec<(u32, usize)>> = vec![Vec::new(); classes.signatures.len()];
         let mut previous = self.addresses.iter().peekable();
         for (key, class) in &classes.keys {
-            while previous.next_if(|(k, _)| *k < key).is_some() {}
-            if let Some((_, &number)) = previous.next_if(|(k, _)| *k == key) {
-                *overlap.entry((*class, number)).or_default() += 1;
+            while previous.next_if(|(k, _)| k < key).is_some() {}
+            if let Some(&(_, number)) = previous.next_if(|(k, _)| k == key) {
+                let counts = &mut overlap[*class];
+                match counts.iter_mut().find(|(n, _)| *n == number) {
+                    Some((_, count)) => *count += 1,
+                    None => counts.push((number, 1)),
+                }
             }
         }
         let mut candidates: Vec<(usize, u32, usize)> = overlap
             .into_iter()
-            .map(|((class, number), n)| (n, number, class))
+            .enumerate()
+            .flat_map(|(class, counts)| {
+                counts
+                    .into_iter()
+                    .map(move |(number, n)| (n, number, class))
+            })
             .collect();
         candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
         let mut out: Vec<Option<u32>> = vec![None; classes.signatures.len()];
@@ -367,7 +377,13 @@ mod tests {
         assert_eq!(c.identity(&sig(&["A"])), Some(d));
         assert_eq!(c.identity(&sig(&["A", "C"])), Some(d + 2));
         assert_eq!(c.identity(&sig(&["B", "C"])), Some(d + 1));
-        assert_eq!(c.addresses.get(&key(9)), Some(&d));
+        assert_eq!(
+            c.addresses
+                .iter()
+                .find(|(k, _)| *k == key(9))
+                .map(|(_, n)| n),
+            Some(&d)
+        );
     }
 
     #[test]
