@@ -269,6 +269,8 @@ pub(crate) struct CompileCache {
     /// ClusterNetworkPolicies as read last time, by name, with the object they were
     /// read from: read again only when it changes.
     pub cluster_policies: HashMap<String, crate::compiler::ReadCnp>,
+    /// The address classes handed out, and their epoch (see [`PodEntry::class`]).
+    pub classes: crate::compiler::ClassTable,
 }
 
 impl CompileCache {
@@ -542,7 +544,8 @@ pub(crate) struct PodEntry {
     /// (field, message) of every address that does not parse.
     pub ip_errors: Vec<(String, String)>,
     /// Peer matches, valid when `memo.at` is the previous compile or this one: pod
-    /// selector peers in `memo.bits`; ipBlocks containing each of `ips` in `ip_bits`.
+    /// selector peers in `memo.bits`; ipBlocks containing each of `ips` in `ip_bits` (empty
+    /// when none contains any of them).
     pub memo: Memo,
     pub ip_bits: Vec<BitSet>,
     /// Namespace label version `memo.bits` was computed with.
@@ -553,6 +556,12 @@ pub(crate) struct PodEntry {
     /// How the pod resolves the egress named ports in force (index in their list, port),
     /// and the version of that list it was resolved for.
     resolved: (u64, Vec<(usize, u16)>),
+    /// The last compile that changed what the pod's class is made of (its peer matches,
+    /// its named port resolutions).
+    pub changed_at: u64,
+    /// The pod's class (in the class table's epoch, made at the compile given), when its
+    /// addresses are in no ipBlock in force (`classify.rs`).
+    pub class: Option<(u64, u64, usize)>,
 }
 
 impl PodEntry {
@@ -577,6 +586,8 @@ impl PodEntry {
             namespace_version: 0,
             holds: holds_pod_addresses(pod),
             resolved: (0, Vec::new()),
+            changed_at: 0,
+            class: None,
         }
     }
 
@@ -630,8 +641,10 @@ impl PodEntry {
     }
 
     /// Resolves the egress named ports in force (`in_force`, whose version from
-    /// [`NamedPortsInForce::sync`] is `version`), unless already done for them.
-    pub fn resolve_named_ports(&mut self, in_force: &[(&str, u8)], version: u64) {
+    /// [`NamedPortsInForce::sync`] is `version`), unless already done for them; a
+    /// resolution that differs from the last one marks the entry changed at compile
+    /// `now`.
+    pub fn resolve_named_ports(&mut self, in_force: &[(&str, u8)], version: u64, now: u64) {
         if self.resolved.0 == version {
             return;
         }
@@ -646,6 +659,9 @@ impl PodEntry {
                 })
                 .collect()
         };
+        if resolved != self.resolved.1 {
+            self.changed_at = now;
+        }
         self.resolved = (version, resolved);
     }
 

@@ -34,6 +34,7 @@ use netpol_common::{
     IDENTITY_ANY, IDENTITY_WORLD, PeerInfo, PolicyKey, PolicyValue,
 };
 
+pub(crate) use self::classify::ClassTable;
 use self::classify::{Classes, classify};
 use self::emit::RuleContext;
 use self::memo::MemoContext;
@@ -175,6 +176,7 @@ fn compile_with(
         namespaces,
         named_ports,
         pod_counts,
+        classes: class_table,
         ..
     } = cache;
     let namespaces: &Namespaces = namespaces;
@@ -216,12 +218,21 @@ fn compile_with(
         debug_assert_eq!(name, pod.obj.namespace);
         let entry = &mut pod_entries[pod.index];
         context.refresh_pod(entry, name, (pod.labels, &ns.labels), ns.version);
-        entry.resolve_named_ports(&egress_named_ports, named_ports_version);
+        entry.resolve_named_ports(&egress_named_ports, named_ports_version, now);
     }
     let prefixes = context.refresh_prefixes(prefixes);
-    let pod_entries: &[PodEntry] = pod_entries;
     let peers: &PeerSlots = peers;
-    let classes = classify(state, pod_entries, &pods, peers, &prefixes, &frontends);
+    let classes = classify(
+        state,
+        pod_entries,
+        &pods,
+        peers,
+        &prefixes,
+        &frontends,
+        class_table,
+        now,
+    );
+    let pod_entries: &[PodEntry] = pod_entries;
     let numbered = number_identities(
         prev,
         &classes,

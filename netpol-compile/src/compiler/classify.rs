@@ -25,6 +25,18 @@ pub(super) struct ClassKey {
     pub(super) named_ports: Vec<(usize, u16)>,
 }
 
+impl ClassKey {
+    /// The class of `pod`'s addresses outside every ipBlock in force: the peers in force
+    /// it matches, and the egress named ports it resolves.
+    fn set(&mut self, pod: &PodEntry, active: &BitSet) {
+        self.peers
+            .assign_union_within(&pod.memo.bits, &BitSet::default(), active);
+        self.named_ports.clear();
+        self.named_ports
+            .extend_from_slice(pod.resolved_named_ports());
+    }
+}
+
 pub(super) struct Classes {
     /// The distinct classes that some key has.
     pub(super) list: Vec<ClassKey>,
@@ -32,13 +44,44 @@ pub(super) struct Classes {
     pub(super) keys: Vec<(Lpm<Addr>, usize, u32)>,
 }
 
+/// The classes handed out, kept from one compile to the next (in the compiler's memo), so
+/// a pod whose class inputs did not change keeps its class without building and hashing
+/// its key ([`PodEntry::class`]). Cleared, with a new epoch that voids every pod's
+/// remembered class, when the peers in force change or when it holds many more classes
+/// than the last compile used.
 #[derive(Default)]
-struct ClassTable {
+pub(crate) struct ClassTable {
     list: Vec<ClassKey>,
     index: FastMap<ClassKey, usize>,
+    /// Bumped at every clear; a pod's remembered class is valid in its epoch only.
+    epoch: u64,
+    /// The peers in force the classes were made with.
+    active: BitSet,
 }
 
 impl ClassTable {
+    /// Starts a compile whose peers in force are `active`.
+    fn begin(&mut self, active: &BitSet) {
+        if *active != self.active || self.epoch == 0 {
+            self.clear();
+            self.active = active.clone();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.list.clear();
+        self.index.clear();
+        self.epoch += 1;
+    }
+
+    /// Ends a compile that used `used` classes: sweeps the ones left over from earlier
+    /// compiles once they outnumber those.
+    fn end(&mut self, used: usize) {
+        if self.list.len() > 2 * used + 1024 {
+            self.clear();
+        }
+    }
+
     fn intern_ref(&mut self, key: &ClassKey) -> usize {
         if let Some(&i) = self.index.get(key) {
             return i;
@@ -59,31 +102,45 @@ impl ClassTable {
 /// addresses, Service ranges and every other key inside a Service range `PEER_SERVICE`,
 /// whatever their class (a node address never is a Service's). The pods' entries have
 /// resolved the egress named ports in force ([`PodEntry::resolve_named_ports`]).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn classify(
     state: &ClusterState,
-    entries: &[PodEntry],
+    entries: &mut [PodEntry],
     pods: &[PodView<'_>],
     peers: &PeerSlots,
     prefixes: &[(IpNet, BitSet)],
     services: &Frontends,
+    table: &mut ClassTable,
+    now: u64,
 ) -> Classes {
     let active = &peers.active;
     let none = BitSet::default();
-    let mut table = ClassTable::default();
+    table.begin(active);
     // (key, precedence, class, flags)
     let mut keys: Vec<(Lpm<Addr>, u8, usize, u32)> = Vec::with_capacity(entries.len() * 2);
     // The pod's class, built in place for each pod (no allocation unless it is new).
     let mut pod_class = ClassKey::default();
     for pod in pods {
-        let entry = &entries[pod.index];
+        let entry = &mut entries[pod.index];
+        // No address of the pod in an ipBlock in force: one class for all of them, the
+        // one it had if nothing it depends on changed since.
+        if entry.ip_bits.is_empty() {
+            let class = match entry.class {
+                Some((epoch, at, class)) if epoch == table.epoch && entry.changed_at <= at => class,
+                _ => {
+                    pod_class.set(entry, active);
+                    let class = table.intern_ref(&pod_class);
+                    entry.class = Some((table.epoch, now, class));
+                    class
+                }
+            };
+            let ips = pod.kept.as_deref().unwrap_or(&entry.ips);
+            keys.extend(ips.iter().map(|&ip| (host_key(ip), 0, class, 0)));
+            continue;
+        }
         // The pod's class; an address inside some ipBlock in force adds to it.
-        pod_class
-            .peers
-            .assign_union_within(&entry.memo.bits, &none, active);
-        pod_class.named_ports.clear();
-        pod_class
-            .named_ports
-            .extend_from_slice(entry.resolved_named_ports());
+        let entry = &entries[pod.index];
+        pod_class.set(entry, active);
         // Interned only when some address has it: a class with no key is no identity.
         let mut pod_class_index = None;
         for &ip in pod.ips(entries) {
@@ -214,12 +271,13 @@ pub(super) fn classify(
     // A class whose every key another took (a node address that is a pod's, a /32
     // ipBlock equal to an address) is no identity: keep only classes with keys.
     let mut renumber: Vec<Option<usize>> = vec![None; table.list.len()];
-    let mut list = Vec::with_capacity(table.list.len());
+    let mut list = Vec::new();
     for (_, class, _) in &mut merged {
         *class = *renumber[*class].get_or_insert_with(|| {
-            list.push(std::mem::take(&mut table.list[*class]));
+            list.push(table.list[*class].clone());
             list.len() - 1
         });
     }
+    table.end(list.len());
     Classes { list, keys: merged }
 }

@@ -66,19 +66,34 @@ impl MemoContext<'_> {
             Peer::Block(_) | Peer::Nodes(_) => false,
         });
         entry.namespace_version = version;
-        if !current {
-            entry.ip_bits = vec![BitSet::default(); entry.ips.len()];
+        let slots_moved = !self.freed.is_empty() || !self.peers.added.is_empty();
+        if full || slots_moved {
+            // What the pod's class is made of may have changed (`classify.rs`).
+            entry.changed_at = self.now;
         }
-        for (bits, &ip) in entry.ip_bits.iter_mut().zip(&entry.ips) {
-            let mut memo = Memo {
-                bits: std::mem::take(bits),
-                at: None,
+        // ipBlocks per address; an empty list when no address is in one (the common
+        // case: nothing to read per pod).
+        if !current || slots_moved {
+            let mut ip_bits = if current && !entry.ip_bits.is_empty() {
+                std::mem::take(&mut entry.ip_bits)
+            } else {
+                vec![BitSet::default(); entry.ips.len()]
             };
-            self.refresh(&mut memo, !current, |peer| match peer {
-                Peer::Block(b) => b.contains_addr(ip),
-                Peer::Pods { .. } | Peer::Nodes(_) => false,
-            });
-            *bits = memo.bits;
+            for (bits, &ip) in ip_bits.iter_mut().zip(&entry.ips) {
+                let mut memo = Memo {
+                    bits: std::mem::take(bits),
+                    at: None,
+                };
+                self.refresh(&mut memo, !current, |peer| match peer {
+                    Peer::Block(b) => b.contains_addr(ip),
+                    Peer::Pods { .. } | Peer::Nodes(_) => false,
+                });
+                *bits = memo.bits;
+            }
+            if ip_bits.iter().all(BitSet::is_empty) {
+                ip_bits = Vec::new();
+            }
+            entry.ip_bits = ip_bits;
         }
     }
 
