@@ -251,7 +251,7 @@ fn check_maps(state: &ClusterState, compiled: &Compiled) {
 
     // The rule table: rules of policies of the state that can be read (what cannot be
     // read allows nothing, so has no rule id).
-    for (id, rule) in &compiled.rules {
+    for (id, rule) in compiled.rules.iter() {
         assert_ne!(*id, netpol_common::RULE_NONE);
         let policy = state
             .policies
