@@ -430,13 +430,11 @@ impl NamedPortsInForce {
     /// Records the egress named ports in force; returns their version, which changes
     /// whenever the list does (never 0, the version of no resolution).
     pub fn sync(&mut self, in_force: &[(&str, u8)]) -> u64 {
-        let same = self.list.len() == in_force.len()
-            && self
-                .list
-                .iter()
-                .zip(in_force)
-                .all(|((name, protocol), (n, p))| name == n && protocol == p);
-        if !same || self.version == 0 {
+        let known = self
+            .list
+            .iter()
+            .map(|(name, protocol)| (name.as_str(), *protocol));
+        if !known.eq(in_force.iter().copied()) || self.version == 0 {
             self.list = in_force
                 .iter()
                 .map(|&(name, protocol)| (name.to_owned(), protocol))
@@ -594,9 +592,8 @@ impl PodEntry {
     /// Whether `pod` holds what the entry was read from: the same labels and ports, and
     /// addresses that read the same (compared as they are read, without allocating).
     fn matches(&self, pod: &PodInfo) -> bool {
-        let same_ports =
-            Arc::ptr_eq(&self.ports, pod.shared_ports()) || *self.ports == *pod.ports();
-        if self.labels != *pod.labels() || !same_ports {
+        // Both shared: equal pointers are equal values without a look inside.
+        if self.labels != *pod.labels() || self.ports != *pod.shared_ports() {
             return false;
         }
         let (mut ips, mut errors) = (0, 0);

@@ -134,7 +134,7 @@ pub(super) fn classify(
                     class
                 }
             };
-            let ips = pod.kept.as_deref().unwrap_or(&entry.ips);
+            let ips = pod.ips(entries);
             keys.extend(ips.iter().map(|&ip| (host_key(ip), 0, class, 0)));
             continue;
         }
