@@ -492,7 +492,7 @@ async fn an_invalid_update_is_enforced_as_far_as_it_can_be_read_and_reported() {
             source.snapshot(&mut state);
             let compiled = compiler.compile(&state);
             if !compiled.diagnostics.is_empty() {
-                assert_eq!(compiled.policies, [ObjectRef::new("x", "deny")]);
+                assert_eq!(*compiled.policies, [ObjectRef::new("x", "deny")]);
                 let diagnostics = compiled.diagnostics.clone();
                 break (compiled, diagnostics);
             }

@@ -20,13 +20,27 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::cache::PolicyEntry;
 use crate::policy::ParsedPolicy;
-use crate::state::{ObjectRef, UnreadablePart};
+use crate::state::{ObjectRef, UnreadablePart, is_staged};
 use crate::{Diagnostic, Subject};
 
 /// The policies in force after the last compile.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Admission {
     admitted: BTreeMap<ObjectRef, Admitted>,
+    /// What the last [`Admission::update`] read besides the entries, and what it
+    /// reported: the next one with the same input reports the same and admits nothing
+    /// new ([`Admission::update_if_changed`]).
+    last: Option<LastUpdate>,
+}
+
+#[derive(Clone, Debug)]
+struct LastUpdate {
+    /// [`CompileCache::sync_policies`](crate::cache::CompileCache::sync_policies)'s
+    /// generation of the entries.
+    entries: u64,
+    unreadable: BTreeSet<ObjectRef>,
+    parts: BTreeMap<ObjectRef, Vec<UnreadablePart>>,
+    diagnostics: Vec<Diagnostic>,
 }
 
 /// A version of a policy in force, with what could be read of it.
@@ -36,14 +50,60 @@ pub(crate) struct Admitted {
     pub parsed: Arc<ParsedPolicy>,
     /// Whether all of it could be read.
     pub complete: bool,
+    /// Whether this version is staged ([`is_staged`]): a version kept in force stays
+    /// as it was, staged or enforced.
+    pub staged: bool,
 }
 
 impl Admission {
+    /// [`Admission::update`], unless its input is the last update's: the entries of the
+    /// same generation (`generation`, see
+    /// [`CompileCache::sync_policies`](crate::cache::CompileCache::sync_policies)) and the
+    /// same unreadable policies and parts. Then what it admitted stays, and its diagnostics are reported again. Returns
+    /// whether it admitted anew.
+    pub fn update_if_changed(
+        &mut self,
+        entries: &[PolicyEntry],
+        generation: u64,
+        unreadable: &BTreeSet<ObjectRef>,
+        parts: &BTreeMap<ObjectRef, Vec<UnreadablePart>>,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) -> bool {
+        if let Some(last) = &self.last
+            && last.entries == generation
+            && last.unreadable == *unreadable
+            && last.parts == *parts
+        {
+            diagnostics.extend(last.diagnostics.iter().cloned());
+            return false;
+        }
+        let mut reported = Vec::new();
+        self.update(entries, unreadable, parts, &mut reported);
+        diagnostics.extend(reported.iter().cloned());
+        self.last = Some(LastUpdate {
+            entries: generation,
+            unreadable: unreadable.clone(),
+            parts: parts.clone(),
+            diagnostics: reported,
+        });
+        true
+    }
+
+    /// The same versions in force, without the last update's input: the next update
+    /// admits anew.
+    #[cfg(test)]
+    pub fn without_memo(&self) -> Admission {
+        Admission {
+            admitted: self.admitted.clone(),
+            last: None,
+        }
+    }
+
     /// Admits this compile's policies: `entries` (one per policy of the state, read),
     /// `unreadable` (present, but nothing of them could be read) and `parts` (parts of
     /// policies of `entries` that their source could not read). Reports every field that
     /// cannot be read, and what it costs, in `diagnostics`.
-    pub fn update(
+    fn update(
         &mut self,
         entries: &[PolicyEntry],
         unreadable: &BTreeSet<ObjectRef>,
@@ -77,6 +137,7 @@ impl Admission {
                         policy: entry.policy.clone(),
                         parsed: parsed.clone(),
                         complete: entry.errors.is_empty() && holes.is_empty(),
+                        staged: is_staged(&entry.policy),
                     };
                     self.admitted.insert(entry.obj.clone(), admitted);
                 }

@@ -37,7 +37,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
 use crate::state::{
     ClusterState, DeclaredPort, Labels, NAMESPACE_NAME_LABEL, ObjectRef, PodInfo,
-    holds_pod_addresses,
+    holds_pod_addresses, is_staged,
 };
 
 /// A fast, unkeyed hasher (FxHash) for maps keyed by addresses and peer-slot sets,
@@ -255,6 +255,8 @@ pub(crate) struct CompileCache {
     pub compiles: u64,
     /// One entry per policy of the last state, in state order.
     pub policies: Vec<PolicyEntry>,
+    /// See [`CompileCache::sync_policies`] (0: never synced).
+    policies_generation: u64,
     /// One entry per pod of the last state, in state order.
     pub pods: Vec<PodEntry>,
     /// Counts over [`CompileCache::pods`].
@@ -271,6 +273,8 @@ pub(crate) struct CompileCache {
     pub cluster_policies: HashMap<String, crate::compiler::ReadCnp>,
     /// The address classes handed out, and their epoch (see [`PodEntry::class`]).
     pub classes: crate::compiler::ClassTable,
+    /// What the last compile numbered its rules from.
+    pub rules: crate::compiler::RulesRead,
 }
 
 impl CompileCache {
@@ -281,16 +285,35 @@ impl CompileCache {
         self.compiles
     }
 
-    /// Brings [`CompileCache::policies`] in line with `policies`, reparsing what changed.
-    pub fn sync_policies(&mut self, policies: &BTreeMap<ObjectRef, Arc<NetworkPolicy>>) {
+    /// Brings [`CompileCache::policies`] in line with `policies`, reparsing what changed,
+    /// and returns their generation: a number that changes with every change of an entry
+    /// (one added, reparsed or removed) and that no other cache of this process uses.
+    pub fn sync_policies(&mut self, policies: &BTreeMap<ObjectRef, Arc<NetworkPolicy>>) -> u64 {
+        if self.sync_policy_entries(policies) || self.policies_generation == 0 {
+            static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            self.policies_generation =
+                GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.policies_generation
+    }
+
+    /// Returns whether any entry changed.
+    fn sync_policy_entries(&mut self, policies: &BTreeMap<ObjectRef, Arc<NetworkPolicy>>) -> bool {
+        let before = self.policies.len();
         let mut old = std::mem::take(&mut self.policies).into_iter().peekable();
+        let mut changed = false;
         for (obj, np) in policies {
             let entry = match next_entry(&mut old, |e| e.obj.cmp(obj)) {
                 Some(e) if e.matches(np) => e,
-                _ => PolicyEntry::new(obj, np),
+                _ => {
+                    changed = true;
+                    PolicyEntry::new(obj, np)
+                }
             };
             self.policies.push(entry);
         }
+        // Every entry kept is a distinct old one: with none new, as many means none gone.
+        changed || self.policies.len() != before
     }
 
     /// Brings [`CompileCache::pods`] in line with `pods`, re-reading what changed: the
@@ -486,13 +509,14 @@ impl PolicyEntry {
         }
     }
 
-    /// Whether `np` holds what the entry was parsed from (all `parse_policy` reads): the
-    /// same object (a source that kept it), or an equal one.
+    /// Whether `np` holds what the entry was read from (all `parse_policy` reads, and
+    /// whether it is staged): the same object (a source that kept it), or an equal one.
     fn matches(&self, np: &Arc<NetworkPolicy>) -> bool {
         Arc::ptr_eq(&self.policy, np)
             || self.policy.metadata.name == np.metadata.name
                 && self.policy.metadata.namespace == np.metadata.namespace
                 && self.policy.spec == np.spec
+                && is_staged(&self.policy) == is_staged(np)
     }
 }
 

@@ -136,7 +136,7 @@ impl Compiler {
     pub(crate) fn without_memo(&self) -> Compiler {
         Compiler {
             allocations: self.allocations.clone(),
-            admission: self.admission.clone(),
+            admission: self.admission.without_memo(),
             cache: CompileCache::default(),
         }
     }
@@ -163,7 +163,7 @@ fn compile_with(
     pods_changed: Option<&BTreeSet<ObjectRef>>,
 ) -> Compiled {
     let now = cache.begin();
-    cache.sync_policies(&state.policies);
+    let policies_generation = cache.sync_policies(&state.policies);
     cache.sync_pods(&state.pods, pods_changed);
     cache.sync_namespaces(state);
     let contested = cache.pod_counts.contested();
@@ -177,19 +177,23 @@ fn compile_with(
         named_ports,
         pod_counts,
         classes: class_table,
+        rules: rules_read,
         ..
     } = cache;
     let namespaces: &Namespaces = namespaces;
     let mut diagnostics = Vec::new();
 
-    admission.update(
+    let admitted_anew = admission.update_if_changed(
         policy_entries,
+        policies_generation,
         &state.unreadable_policies,
         &state.unreadable_parts,
         &mut diagnostics,
     );
     let policies = policies_in_force(admission, state);
     let cluster_policies = tiers::read(state, cluster_memo, &mut diagnostics);
+    let same_policies = !admitted_anew && rules_read.enforce_staged(state.enforce_staged);
+    let same_rules = same_policies && rules_read.same_rules(&cluster_policies, prev);
     let pods = live_pods(state, pod_entries, contested, &mut diagnostics);
     let frontends = crate::services::frontends(state, &mut diagnostics);
     let endpoints = select_endpoints(&pods, &policies, &cluster_policies, namespaces);
@@ -239,11 +243,13 @@ fn compile_with(
         peers,
         &egress_named_ports,
         endpoints.iter().map(|ep| pods[ep.pod].obj.clone()),
-        policies.rule_refs().chain(
-            cluster_policies
-                .iter()
-                .flat_map(|p| p.rules.iter().flatten().map(|r| r.rule.clone())),
-        ),
+        (!same_rules).then(|| {
+            policies.rule_refs().chain(
+                cluster_policies
+                    .iter()
+                    .flat_map(|p| p.rules.iter().flatten().map(|r| r.rule.clone())),
+            )
+        }),
     );
 
     let (endpoint_map, policy, local_pods) = emit_maps(
@@ -265,6 +271,11 @@ fn compile_with(
     } = numbered;
     let allocations = Arc::new(allocations);
     let rules = Arc::clone(allocations.rules_by_id());
+    let in_force = match rules_read.in_force().filter(|_| same_policies) {
+        Some(list) => Arc::clone(list),
+        None => policies.list.iter().map(|&(obj, _)| obj.clone()).collect(),
+    };
+    rules_read.record(state.enforce_staged, cluster_policies, &in_force, &rules);
     Compiled {
         endpoints: endpoint_map,
         ipcache,
@@ -272,10 +283,73 @@ fn compile_with(
         local_pods,
         rules,
         identities,
-        policies: policies.list.iter().map(|&(obj, _)| obj.clone()).collect(),
+        policies: in_force,
         diagnostics,
         node_ports: frontends.node_ports,
         allocations,
+    }
+}
+
+/// What the last compile numbered its rules from (kept in the memo). A compile whose
+/// admission admitted nothing anew, with the same [`ClusterState::enforce_staged`], has
+/// the same policies in force; with the same ClusterNetworkPolicies too it has the same
+/// rules, and keeps the previous rule table without listing and sorting some 30,000
+/// rules again.
+#[derive(Default)]
+pub(crate) struct RulesRead {
+    last: Option<LastRules>,
+}
+
+struct LastRules {
+    enforce_staged: bool,
+    /// The ClusterNetworkPolicies read (the memo's shared values, in order).
+    cluster: Vec<Arc<ClusterPolicy>>,
+    /// [`Compiled::policies`].
+    in_force: Arc<[ObjectRef]>,
+    /// [`Allocations::rules_by_id`].
+    table: Arc<BTreeMap<u32, RuleRef>>,
+}
+
+impl RulesRead {
+    /// Whether the last compile had `enforce_staged` too.
+    fn enforce_staged(&self, enforce_staged: bool) -> bool {
+        self.last
+            .as_ref()
+            .is_some_and(|last| last.enforce_staged == enforce_staged)
+    }
+
+    /// Whether the last compile read the same ClusterNetworkPolicies and numbered its
+    /// rules into `prev`.
+    fn same_rules(&self, cluster: &[Arc<ClusterPolicy>], prev: &Allocations) -> bool {
+        self.last.as_ref().is_some_and(|last| {
+            Arc::ptr_eq(&last.table, prev.rules_by_id())
+                && last.cluster.len() == cluster.len()
+                && last
+                    .cluster
+                    .iter()
+                    .zip(cluster)
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
+        })
+    }
+
+    /// The last compile's policies in force.
+    fn in_force(&self) -> Option<&Arc<[ObjectRef]>> {
+        self.last.as_ref().map(|last| &last.in_force)
+    }
+
+    fn record(
+        &mut self,
+        enforce_staged: bool,
+        cluster: Vec<Arc<ClusterPolicy>>,
+        in_force: &Arc<[ObjectRef]>,
+        table: &Arc<BTreeMap<u32, RuleRef>>,
+    ) {
+        self.last = Some(LastRules {
+            enforce_staged,
+            cluster,
+            in_force: Arc::clone(in_force),
+            table: Arc::clone(table),
+        });
     }
 }
 
@@ -307,26 +381,14 @@ impl<'a> Policies<'a> {
 /// The admitted policies less the staged ones (unless the state compiles those too):
 /// a staged policy is validated and reported like any other, and enforced by nothing.
 fn policies_in_force<'a>(admission: &'a Admission, state: &ClusterState) -> Policies<'a> {
-    // `ClusterState::in_force` of each, by one walk of both (both in name order).
-    let mut in_state = state.policies.iter().peekable();
+    // Whether the version in force is staged: the state's object, unless it could not
+    // be read at all (then the version before stays in force as it was).
     let list: Vec<(&ObjectRef, &ParsedPolicy)> = admission
         .admitted()
         .iter()
-        .filter(|(obj, _)| {
-            let mut staged = || {
-                crate::cache::next_entry(&mut in_state, |(known, _)| known.cmp(obj))
-                    .is_some_and(|(_, policy)| crate::state::is_staged(policy))
-            };
-            state.enforce_staged || !staged()
-        })
+        .filter(|(_, admitted)| state.enforce_staged || !admitted.staged)
         .map(|(obj, admitted)| (obj, &*admitted.parsed))
         .collect();
-    debug_assert!(
-        list.iter().map(|&(obj, _)| obj).eq(admission
-            .admitted()
-            .keys()
-            .filter(|obj| state.in_force(obj)))
-    );
     let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, (_, policy)) in list.iter().enumerate() {
         by_namespace.entry(&policy.namespace).or_default().push(i);
@@ -434,14 +496,15 @@ struct Numbered {
 }
 
 /// Step 4: an identity per class (the world for the class matching nothing), numbered
-/// by lineage from `prev`, together with the endpoint and rule numbers.
+/// by lineage from `prev`, together with the endpoint and rule numbers (`rules`: `None`
+/// for `prev`'s).
 fn number_identities(
     prev: &Allocations,
     classes: &Classes,
     peers: &PeerSlots,
     egress_named_ports: &[(&str, u8)],
     endpoints: impl IntoIterator<Item = ObjectRef>,
-    rules: impl IntoIterator<Item = RuleRef>,
+    rules: Option<impl IntoIterator<Item = RuleRef>>,
 ) -> Numbered {
     let signatures: Vec<IdentitySignature> = classes
         .list
@@ -570,33 +633,25 @@ fn emit_maps(
     numbered: &Numbered,
 ) -> Maps {
     let allocations = &numbered.allocations;
-    // Rule ids, in the order of `policies` (the allocation map is ordered by policy,
-    // direction and index, as `rule_refs` listed them).
-    let mut ids = allocations
-        .rules()
-        .iter()
-        .filter(|(rule, _)| rule.cluster.is_none());
-    let rule_ids: Vec<[Vec<u32>; 2]> = policies
-        .list
-        .iter()
-        .map(|&(obj, parsed)| {
-            Direction::BOTH.map(|direction| {
-                let rules = parsed.rules(direction).unwrap_or_default();
-                rules
-                    .iter()
-                    .map(|parsed_rule| {
-                        let (rule, &id) = ids.next().expect("every rule has an id");
-                        debug_assert!(
-                            rule.policy == *obj
-                                && rule.direction == direction
-                                && rule.index == parsed_rule.index
-                        );
-                        id
-                    })
-                    .collect()
-            })
-        })
-        .collect();
+    // Rule ids of the policies selecting some endpoint, per direction, in rule order.
+    let mut rule_ids: HashMap<usize, [Vec<u32>; 2]> = HashMap::new();
+    for ep in endpoints {
+        for &i in ep.selected_by.iter().flatten() {
+            rule_ids.entry(i).or_insert_with(|| {
+                let (obj, parsed) = policies.list[i];
+                Direction::BOTH.map(|direction| {
+                    let rules = parsed.rules(direction).unwrap_or_default();
+                    rules
+                        .iter()
+                        .map(|rule| {
+                            let rule = RuleRef::network_policy(obj.clone(), direction, rule.index);
+                            allocations.rule_id(&rule).expect("every rule has an id")
+                        })
+                        .collect()
+                })
+            });
+        }
+    }
     let mut tier_entries = TierEntries::new(
         cluster_policies,
         allocations,
@@ -629,7 +684,7 @@ fn emit_maps(
         for (d, direction) in Direction::BOTH.into_iter().enumerate() {
             for &i in &ep.selected_by[d] {
                 let rules_of_policy = policies.parsed(i).rules(direction).unwrap_or_default();
-                for (rule, &rule_id) in rules_of_policy.iter().zip(&rule_ids[i][d]) {
+                for (rule, &rule_id) in rules_of_policy.iter().zip(&rule_ids[&i][d]) {
                     let ctx = RuleContext {
                         endpoint: id,
                         direction,

@@ -775,6 +775,17 @@ enum Change {
     PutClusterPolicy(usize, Value),
     /// Remove the n-th ClusterNetworkPolicy.
     RemoveClusterPolicy(usize),
+    /// Stage (or enforce) the n-th policy (`netpol.dev/staged`).
+    StagePolicy(usize, bool),
+    /// Compile staged policies as enforced, or not.
+    EnforceStaged(bool),
+    /// The source could no longer read the n-th policy at all: it is gone from the
+    /// policies and listed as unreadable.
+    UnreadablePolicy(usize),
+    /// The source could not read a part of the n-th policy (its first ingress rule).
+    UnreadablePart(usize),
+    /// The source reads every policy again: nothing is unreadable.
+    AllReadable,
 }
 
 #[cfg(test)]
@@ -797,6 +808,11 @@ fn change() -> impl Strategy<Value = Change> {
             .prop_map(|(i, name, port, protocol)| Change::PodNamedPort(i, name, port, protocol)),
         1 => (0..4usize, cnp_spec()).prop_map(|(i, spec)| Change::PutClusterPolicy(i, spec)),
         1 => any::<usize>().prop_map(Change::RemoveClusterPolicy),
+        1 => (any::<usize>(), any::<bool>()).prop_map(|(i, staged)| Change::StagePolicy(i, staged)),
+        1 => any::<bool>().prop_map(Change::EnforceStaged),
+        1 => any::<usize>().prop_map(Change::UnreadablePolicy),
+        1 => any::<usize>().prop_map(Change::UnreadablePart),
+        1 => Just(Change::AllReadable),
     ]
 }
 
@@ -892,6 +908,41 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
                 state.cluster_policies.remove(&name);
             }
         }
+        Change::StagePolicy(i, staged) => {
+            let n = state.policies.len().max(1);
+            if let Some(policy) = state.policies.values_mut().nth(i % n) {
+                let annotations = std::sync::Arc::make_mut(policy)
+                    .metadata
+                    .annotations
+                    .get_or_insert_default();
+                let value = if *staged { "true" } else { "false" };
+                annotations.insert(crate::state::STAGED_ANNOTATION.into(), value.into());
+            }
+        }
+        Change::EnforceStaged(enforce) => state.enforce_staged = *enforce,
+        Change::UnreadablePolicy(i) => {
+            let n = state.policies.len().max(1);
+            if let Some(obj) = state.policies.keys().nth(i % n).cloned() {
+                state.policies.remove(&obj);
+                state.unreadable_parts.remove(&obj);
+                state.unreadable_policies.insert(obj);
+            }
+        }
+        Change::UnreadablePart(i) => {
+            let n = state.policies.len().max(1);
+            if let Some(obj) = state.policies.keys().nth(i % n).cloned() {
+                let part = crate::state::UnreadablePart {
+                    field: "spec.ingress[0].from[0].namespaceSelector".into(),
+                    message: "cannot be read".into(),
+                    replaced: "spec.ingress[0]".into(),
+                };
+                state.unreadable_parts.entry(obj).or_default().push(part);
+            }
+        }
+        Change::AllReadable => {
+            state.unreadable_policies.clear();
+            state.unreadable_parts.clear();
+        }
     }
 }
 
@@ -916,7 +967,9 @@ proptest! {
             let cold = compiler.without_memo().compile(&state);
             let warm = compiler.compile(&state);
             prop_assert_eq!(&warm, &cold, "after {:?}", change);
-            let reference = TieredReference::new(&state);
+            // The versions in force: a policy the source cannot read keeps its last one.
+            let admitted = compiler.admitted(&state);
+            let reference = TieredReference::new(&admitted);
             for &(a, b, (protocol, port)) in &flows {
                 let (src, dst) = (s.addresses[a], s.addresses[b]);
                 check(&reference, &warm, src, dst, protocol, port)?;

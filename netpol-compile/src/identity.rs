@@ -120,14 +120,14 @@ impl Allocations {
         &self.rules_by_id
     }
 
-    /// Allocations for `endpoints`, the identity `classes` and `rules`: kept numbers for
-    /// keys `self` knows, the lowest free ones for new keys (in key order); identity
-    /// numbers by lineage (see [`Allocations`]).
+    /// Allocations for `endpoints`, the identity `classes` and `rules` (`None`: the same
+    /// rules as `self`): kept numbers for keys `self` knows, the lowest free ones for new
+    /// keys (in key order); identity numbers by lineage (see [`Allocations`]).
     pub(crate) fn next(
         &self,
         endpoints: impl IntoIterator<Item = ObjectRef>,
         classes: IdentityClasses,
-        rules: impl IntoIterator<Item = RuleRef>,
+        rules: Option<impl IntoIterator<Item = RuleRef>>,
     ) -> Allocations {
         let numbers = self.identity_numbers(&classes);
         let addresses: Vec<(Lpm<Addr>, u32)> = classes
@@ -137,14 +137,16 @@ impl Allocations {
             .collect();
         debug_assert!(addresses.is_sorted_by_key(|&(key, _)| key));
         let identities = classes.signatures.into_iter().zip(numbers).collect();
-        let rules = sorted(rules);
-        let unchanged = rules.len() == self.rules.len() && rules.iter().eq(self.rules.keys());
-        let (rules, rules_by_id) = if unchanged {
-            (Arc::clone(&self.rules), Arc::clone(&self.rules_by_id))
-        } else {
-            let ids = allocate(&self.rules, rules, 0);
-            let by_id = ids.iter().map(|(rule, &id)| (id, rule.clone())).collect();
-            (Arc::new(ids), Arc::new(by_id))
+        let rules = rules
+            .map(sorted)
+            .filter(|rules| rules.len() != self.rules.len() || !rules.iter().eq(self.rules.keys()));
+        let (rules, rules_by_id) = match rules {
+            None => (Arc::clone(&self.rules), Arc::clone(&self.rules_by_id)),
+            Some(rules) => {
+                let ids = allocate(&self.rules, rules, 0);
+                let by_id = ids.iter().map(|(rule, &id)| (id, rule.clone())).collect();
+                (Arc::new(ids), Arc::new(by_id))
+            }
         };
         Allocations {
             endpoints: allocate(
@@ -313,7 +315,7 @@ mod tests {
         let a = Allocations::default().next(
             [ObjectRef::new("x", "a")],
             classes(vec![(sig(&["p1"]), vec![]), (sig(&["p2"]), vec![])]),
-            [],
+            Some([]),
         );
         assert_eq!(a.endpoint_id(&ObjectRef::new("x", "a")), Some(1));
         assert_eq!(a.identity(&sig(&["p1"])), Some(IDENTITY_FIRST_DYNAMIC));
@@ -321,7 +323,7 @@ mod tests {
         let b = a.next(
             [ObjectRef::new("x", "0"), ObjectRef::new("x", "a")],
             classes(vec![(sig(&["p0"]), vec![]), (sig(&["p2"]), vec![])]),
-            [],
+            Some([]),
         );
         assert_eq!(b.endpoint_id(&ObjectRef::new("x", "a")), Some(1));
         assert_eq!(b.endpoint_id(&ObjectRef::new("x", "0")), Some(2));
@@ -343,7 +345,7 @@ mod tests {
                 (sig(&["A"]), vec![key(1), key(2), key(3)]),
                 (sig(&["B"]), vec![key(4)]),
             ]),
-            [],
+            Some([]),
         );
         assert_eq!(a.identity(&sig(&["A"])), Some(d));
         assert_eq!(a.identity(&sig(&["B"])), Some(d + 1));
@@ -357,7 +359,7 @@ mod tests {
                 (sig(&["A", "C"]), vec![key(1), key(2)]),
                 (sig(&["B", "C"]), vec![key(4)]),
             ]),
-            [],
+            Some([]),
         );
         assert_eq!(b.identity(&sig(&["A", "C"])), Some(d));
         assert_eq!(b.identity(&sig(&["B", "C"])), Some(d + 1));
@@ -372,7 +374,7 @@ mod tests {
                 (sig(&["A", "C"]), vec![key(2)]),
                 (sig(&["B", "C"]), vec![key(8)]),
             ]),
-            [],
+            Some([]),
         );
         assert_eq!(c.identity(&sig(&["A"])), Some(d));
         assert_eq!(c.identity(&sig(&["A", "C"])), Some(d + 2));

@@ -53,6 +53,7 @@ pub mod testutil;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use netpol_common::{
     Addr, DIR_EGRESS, DIR_INGRESS, EndpointInfo, IDENTITY_WORLD, PeerInfo, PolicyKey, PolicyValue,
@@ -145,7 +146,7 @@ pub struct Compiled {
     /// The policies in force, in order: every policy of the state as far as it can be
     /// read, and the version in force before of one that cannot be read at all (see
     /// [`Compiler`]).
-    pub policies: Vec<ObjectRef>,
+    pub policies: Arc<[ObjectRef]>,
     /// Problems with objects; the objects concerned are left out (wholly or partly).
     pub diagnostics: Vec<Diagnostic>,
     /// NODE_PORTS: ports kube-proxy translates on this node's addresses (NodePorts, and

@@ -471,7 +471,7 @@ mod tests {
             [&ObjectRef::new("x", "p")]
         );
         let (compiled, messages) = compile(&mut compiler, snapshot);
-        assert_eq!(compiled.policies, [ObjectRef::new("x", "p")]);
+        assert_eq!(*compiled.policies, [ObjectRef::new("x", "p")]);
         assert!(
             messages
                 .iter()
@@ -491,7 +491,7 @@ mod tests {
         assert_eq!(snapshot.generation, Some(7));
         let (compiled, _) = compile(&mut Compiler::new(), snapshot);
         assert_eq!(
-            compiled.policies,
+            *compiled.policies,
             [ObjectRef::new("x", "p"), ObjectRef::new("x", "q")]
         );
         std::fs::remove_dir_all(&dir).unwrap();
