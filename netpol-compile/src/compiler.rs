@@ -190,10 +190,13 @@ fn compile_with(
         &state.unreadable_parts,
         &mut diagnostics,
     );
-    let policies = policies_in_force(admission, state);
     let cluster_policies = tiers::read(state, cluster_memo, &mut diagnostics);
     let same_policies = !admitted_anew && rules_read.enforce_staged(state.enforce_staged);
     let same_rules = same_policies && rules_read.same_rules(&cluster_policies, prev);
+    let policies = match rules_read.policies().filter(|_| same_policies) {
+        Some(policies) => policies.clone(),
+        None => policies_in_force(admission, state),
+    };
     let pods = live_pods(state, pod_entries, contested, &mut diagnostics);
     let frontends = crate::services::frontends(state, &mut diagnostics);
     let endpoints = select_endpoints(&pods, &policies, &cluster_policies, namespaces);
@@ -271,11 +274,8 @@ fn compile_with(
     } = numbered;
     let allocations = Arc::new(allocations);
     let rules = Arc::clone(allocations.rules_by_id());
-    let in_force = match rules_read.in_force().filter(|_| same_policies) {
-        Some(list) => Arc::clone(list),
-        None => policies.list.iter().map(|&(obj, _)| obj.clone()).collect(),
-    };
-    rules_read.record(state.enforce_staged, cluster_policies, &in_force, &rules);
+    let in_force = Arc::clone(&policies.names);
+    rules_read.record(state.enforce_staged, cluster_policies, policies, &rules);
     Compiled {
         endpoints: endpoint_map,
         ipcache,
@@ -304,8 +304,7 @@ struct LastRules {
     enforce_staged: bool,
     /// The ClusterNetworkPolicies read (the memo's shared values, in order).
     cluster: Vec<Arc<ClusterPolicy>>,
-    /// [`Compiled::policies`].
-    in_force: Arc<[ObjectRef]>,
+    policies: Policies,
     /// [`Allocations::rules_by_id`].
     table: Arc<BTreeMap<u32, RuleRef>>,
 }
@@ -333,67 +332,81 @@ impl RulesRead {
     }
 
     /// The last compile's policies in force.
-    fn in_force(&self) -> Option<&Arc<[ObjectRef]>> {
-        self.last.as_ref().map(|last| &last.in_force)
+    fn policies(&self) -> Option<&Policies> {
+        self.last.as_ref().map(|last| &last.policies)
     }
 
     fn record(
         &mut self,
         enforce_staged: bool,
         cluster: Vec<Arc<ClusterPolicy>>,
-        in_force: &Arc<[ObjectRef]>,
+        policies: Policies,
         table: &Arc<BTreeMap<u32, RuleRef>>,
     ) {
         self.last = Some(LastRules {
             enforce_staged,
             cluster,
-            in_force: Arc::clone(in_force),
+            policies,
             table: Arc::clone(table),
         });
     }
 }
 
-/// The policies in force, in order, and which of them live in each namespace.
-struct Policies<'a> {
-    list: Vec<(&'a ObjectRef, &'a ParsedPolicy)>,
-    by_namespace: HashMap<&'a str, Vec<usize>>,
+/// The policies in force, in order, and which of them live in each namespace: shared,
+/// so that a compile with the same policies in force reuses the last one's.
+#[derive(Clone)]
+struct Policies {
+    /// [`Compiled::policies`].
+    names: Arc<[ObjectRef]>,
+    parsed: Arc<[Arc<ParsedPolicy>]>,
+    by_namespace: Arc<HashMap<String, Vec<usize>>>,
 }
 
-impl<'a> Policies<'a> {
-    fn parsed(&self, i: usize) -> &'a ParsedPolicy {
-        self.list[i].1
+impl Policies {
+    fn parsed(&self, i: usize) -> &ParsedPolicy {
+        &self.parsed[i]
     }
 
     /// Every rule in force of every policy, by policy, direction and index.
     fn rule_refs(&self) -> impl Iterator<Item = RuleRef> + '_ {
-        self.list.iter().flat_map(|&(obj, parsed)| {
-            Direction::BOTH.into_iter().flat_map(move |direction| {
-                let rules = parsed.rules(direction).unwrap_or_default();
-                rules
-                    .iter()
-                    .map(move |rule| RuleRef::network_policy(obj.clone(), direction, rule.index))
+        self.names
+            .iter()
+            .zip(self.parsed.iter())
+            .flat_map(|(obj, parsed)| {
+                Direction::BOTH.into_iter().flat_map(move |direction| {
+                    let rules = parsed.rules(direction).unwrap_or_default();
+                    rules.iter().map(move |rule| {
+                        RuleRef::network_policy(obj.clone(), direction, rule.index)
+                    })
+                })
             })
-        })
     }
 }
 
 /// Step 1: the policies in force (admitted by `admission` for this compile).
 /// The admitted policies less the staged ones (unless the state compiles those too):
 /// a staged policy is validated and reported like any other, and enforced by nothing.
-fn policies_in_force<'a>(admission: &'a Admission, state: &ClusterState) -> Policies<'a> {
+fn policies_in_force(admission: &Admission, state: &ClusterState) -> Policies {
     // Whether the version in force is staged: the state's object, unless it could not
     // be read at all (then the version before stays in force as it was).
-    let list: Vec<(&ObjectRef, &ParsedPolicy)> = admission
+    let (names, parsed): (Vec<ObjectRef>, Vec<Arc<ParsedPolicy>>) = admission
         .admitted()
         .iter()
         .filter(|(_, admitted)| state.enforce_staged || !admitted.staged)
-        .map(|(obj, admitted)| (obj, &*admitted.parsed))
-        .collect();
-    let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, (_, policy)) in list.iter().enumerate() {
-        by_namespace.entry(&policy.namespace).or_default().push(i);
+        .map(|(obj, admitted)| (obj.clone(), Arc::clone(&admitted.parsed)))
+        .unzip();
+    let mut by_namespace: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, policy) in parsed.iter().enumerate() {
+        match by_namespace.get_mut(policy.namespace.as_str()) {
+            Some(list) => list.push(i),
+            None => drop(by_namespace.insert(policy.namespace.clone(), vec![i])),
+        }
     }
-    Policies { list, by_namespace }
+    Policies {
+        names: names.into(),
+        parsed: parsed.into(),
+        by_namespace: Arc::new(by_namespace),
+    }
 }
 
 /// A local endpoint: index into the pod list, policies selecting it per direction
@@ -409,7 +422,7 @@ struct Endpoint {
 /// that select it, per direction, and the ClusterNetworkPolicies whose subject it is.
 fn select_endpoints(
     pods: &[PodView<'_>],
-    policies: &Policies<'_>,
+    policies: &Policies,
     cluster_policies: &[Arc<ClusterPolicy>],
     namespaces: &Namespaces,
 ) -> Vec<Endpoint> {
@@ -449,7 +462,7 @@ fn select_endpoints(
 /// the egress named ports in force, sorted.
 fn peers_in_force<'a>(
     endpoints: &[Endpoint],
-    policies: &Policies<'a>,
+    policies: &'a Policies,
     cluster_policies: &'a [Arc<ClusterPolicy>],
     peers: &mut PeerSlots,
 ) -> Vec<(&'a str, u8)> {
@@ -623,7 +636,7 @@ type Maps = (
 #[allow(clippy::too_many_arguments)]
 fn emit_maps(
     state: &ClusterState,
-    policies: &Policies<'_>,
+    policies: &Policies,
     cluster_policies: &[Arc<ClusterPolicy>],
     pods: &[PodView<'_>],
     endpoints: &[Endpoint],
@@ -638,7 +651,7 @@ fn emit_maps(
     for ep in endpoints {
         for &i in ep.selected_by.iter().flatten() {
             rule_ids.entry(i).or_insert_with(|| {
-                let (obj, parsed) = policies.list[i];
+                let (obj, parsed) = (&policies.names[i], policies.parsed(i));
                 Direction::BOTH.map(|direction| {
                     let rules = parsed.rules(direction).unwrap_or_default();
                     rules
@@ -703,7 +716,7 @@ fn emit_maps(
         let names = |d: usize| {
             ep.selected_by[d]
                 .iter()
-                .map(|&i| policies.list[i].0.clone())
+                .map(|&i| policies.names[i].clone())
                 .collect()
         };
         local_pods.push(LocalPod {
