@@ -50,9 +50,25 @@ pub(crate) struct Admitted {
     pub parsed: Arc<ParsedPolicy>,
     /// Whether all of it could be read.
     pub complete: bool,
-    /// Whether this version is staged ([`is_staged`]): a version kept in force stays
-    /// as it was, staged or enforced.
+    /// Whether the state's current object is staged ([`is_staged`]). Never for a policy
+    /// the source could not read at all: it may no longer be staged, so the version kept
+    /// in force is enforced (fails closed; SECURITY.md, "Staged policies").
     pub staged: bool,
+}
+
+impl Admitted {
+    /// The version in force as a state would hold it: staged only if the state's object
+    /// is (a version kept for an unreadable object loses its staged annotation).
+    pub fn as_in_force(&self) -> Arc<NetworkPolicy> {
+        if self.staged || !is_staged(&self.policy) {
+            return Arc::clone(&self.policy);
+        }
+        let mut policy = NetworkPolicy::clone(&self.policy);
+        if let Some(annotations) = policy.metadata.annotations.as_mut() {
+            annotations.remove(crate::state::STAGED_ANNOTATION);
+        }
+        Arc::new(policy)
+    }
 }
 
 impl Admission {
@@ -141,13 +157,15 @@ impl Admission {
                     };
                     self.admitted.insert(entry.obj.clone(), admitted);
                 }
-                None => unnamed.push(&entry.obj),
+                None => unnamed.push((&entry.obj, is_staged(&entry.policy))),
             }
         }
-        for obj in unnamed.into_iter().chain(unreadable) {
+        let unreadable = unreadable.iter().map(|obj| (obj, false));
+        for (obj, staged) in unnamed.into_iter().chain(unreadable) {
             if !self.admitted.contains_key(obj)
-                && let Some(last) = previous.remove(obj)
+                && let Some(mut last) = previous.remove(obj)
             {
+                last.staged = staged;
                 let note = if last.complete {
                     "the last valid version stays in force"
                 } else {

@@ -114,7 +114,7 @@ impl Compiler {
             .admission
             .admitted()
             .iter()
-            .map(|(obj, admitted)| (obj.clone(), Arc::clone(&admitted.policy)))
+            .map(|(obj, admitted)| (obj.clone(), admitted.as_in_force()))
             .collect();
         // The source's notes on what it could not read hold for the objects it read.
         let unreadable_parts = state
@@ -387,8 +387,8 @@ impl Policies {
 /// The admitted policies less the staged ones (unless the state compiles those too):
 /// a staged policy is validated and reported like any other, and enforced by nothing.
 fn policies_in_force(admission: &Admission, state: &ClusterState) -> Policies {
-    // Whether the version in force is staged: the state's object, unless it could not
-    // be read at all (then the version before stays in force as it was).
+    // `ClusterState::in_force` of each: admission noted whether the state's object is
+    // staged (a policy the source could not read at all is not).
     let (names, parsed): (Vec<ObjectRef>, Vec<Arc<ParsedPolicy>>) = admission
         .admitted()
         .iter()

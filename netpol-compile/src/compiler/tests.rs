@@ -1816,6 +1816,35 @@ mod unreadable {
     }
 
     #[test]
+    fn a_staged_policy_that_cannot_be_read_at_all_keeps_its_version_before_enforced() {
+        // It may no longer be staged: the version kept in force closes what it closes.
+        let mut staged = allow_web();
+        std::sync::Arc::make_mut(
+            staged
+                .state
+                .policies
+                .get_mut(&ObjectRef::new("x", "p"))
+                .unwrap(),
+        )
+        .metadata
+        .annotations = Some([(crate::state::STAGED_ANNOTATION.into(), "true".into())].into());
+        let mut compiler = Compiler::new();
+        let c = compiler.compile(&staged.state);
+        assert!(c.policies.is_empty(), "staged, not in force");
+        assert!(passes(&c, "10.0.1.3", "10.0.0.2", 80, Direction::Ingress));
+
+        let mut state = basic().state;
+        state.unreadable_policies.insert(ObjectRef::new("x", "p"));
+        let c = compiler.compile(&state);
+        assert_eq!(*c.policies, [ObjectRef::new("x", "p")]);
+        assert!(passes(&c, "10.0.0.1", "10.0.0.2", 80, Direction::Ingress));
+        assert!(!passes(&c, "10.0.1.3", "10.0.0.2", 80, Direction::Ingress));
+        // The state as admitted says the same to the reference evaluator.
+        let admitted = compiler.admitted(&state);
+        assert!(admitted.in_force(&ObjectRef::new("x", "p")));
+    }
+
+    #[test]
     fn what_the_source_could_not_read_is_reported_as_it_saw_it() {
         // The source replaced an unreadable peer with `{}`: the diagnostics name the
         // field it could not read, never the replacement.
