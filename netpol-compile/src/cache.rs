@@ -32,6 +32,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
@@ -391,25 +392,27 @@ impl CompileCache {
     /// and every namespace with pods, with the labels selectors see. A namespace whose
     /// labels changed gets a new version. One ordered walk, no lookup by name.
     pub fn sync_namespaces(&mut self, state: &ClusterState) {
+        // The common case, nothing changed, is known by one walk that copies nothing.
+        let mut known = self.namespaces.iter();
+        let unchanged = namespace_names(state, &self.pod_counts).all(|(name, object)| {
+            known.next().is_some_and(|(known, entry)| {
+                known == name && same_namespace_labels(&entry.labels, labels_of(object), name)
+            })
+        }) && known.next().is_none();
+        if unchanged {
+            return;
+        }
         let mut old = std::mem::take(&mut self.namespaces).into_iter().peekable();
-        let mut objects = state.namespaces.iter().peekable();
-        let mut with_pods = self.pod_counts.namespaces.keys().peekable();
-        let mut next_name = || match (objects.peek(), with_pods.peek()) {
-            (Some((a, _)), Some(b)) if *a == *b => {
-                with_pods.next();
-                objects.next().map(|(name, ns)| (name, Some(ns)))
-            }
-            (Some((a, _)), Some(b)) if a > b => with_pods.next().map(|name| (name, None)),
-            (Some(_), _) => objects.next().map(|(name, ns)| (name, Some(ns))),
-            (None, _) => with_pods.next().map(|name| (name, None)),
-        };
         let mut namespaces = Vec::with_capacity(state.namespaces.len());
-        while let Some((name, object)) = next_name() {
-            let labels = object.and_then(|ns| ns.metadata.labels.as_ref());
+        for (name, object) in namespace_names(state, &self.pod_counts) {
             let entry = match next_entry(&mut old, |(known, _): &(String, NamespaceEntry)| {
                 known.as_str().cmp(name)
             }) {
-                Some((_, entry)) if same_namespace_labels(&entry.labels, labels, name) => entry,
+                Some((_, entry))
+                    if same_namespace_labels(&entry.labels, labels_of(object), name) =>
+                {
+                    entry
+                }
                 _ => {
                     self.versions += 1;
                     NamespaceEntry {
@@ -422,6 +425,29 @@ impl CompileCache {
         }
         self.namespaces = namespaces.into_iter().collect();
     }
+}
+
+/// Every namespace of `state` and every namespace some pod lives in, in name order, with
+/// its object if the state has one.
+fn namespace_names<'a>(
+    state: &'a ClusterState,
+    counts: &'a PodCounts,
+) -> impl Iterator<Item = (&'a String, Option<&'a Namespace>)> {
+    let mut objects = state.namespaces.iter().peekable();
+    let mut with_pods = counts.namespaces.keys().peekable();
+    std::iter::from_fn(move || match (objects.peek(), with_pods.peek()) {
+        (Some((a, _)), Some(b)) if *a == *b => {
+            with_pods.next();
+            objects.next().map(|(name, ns)| (name, Some(ns)))
+        }
+        (Some((a, _)), Some(b)) if a > b => with_pods.next().map(|name| (name, None)),
+        (Some(_), _) => objects.next().map(|(name, ns)| (name, Some(ns))),
+        (None, _) => with_pods.next().map(|name| (name, None)),
+    })
+}
+
+fn labels_of(object: Option<&Namespace>) -> Option<&BTreeMap<String, String>> {
+    object.and_then(|ns| ns.metadata.labels.as_ref())
 }
 
 /// Whether `cached` holds the labels selectors see on namespace `name` whose object has
