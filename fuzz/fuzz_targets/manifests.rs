@@ -122,7 +122,7 @@ fn state_of(snapshot: Snapshot) -> ClusterState {
 /// `read` with the version of each policy that `compiler` has in force.
 fn admitted_state(read: ClusterState, compiler: &Compiler, compiled: &Compiled) -> ClusterState {
     let state = compiler.admitted(&read);
-    assert!(state.policies.keys().eq(&compiled.policies));
+    assert!(state.policies.keys().eq(compiled.policies.iter()));
     for (obj, policy) in &state.policies {
         // Admitted as far as it can be read: a name and a namespace at least.
         if let Err(errors) = validate_policy(policy) {

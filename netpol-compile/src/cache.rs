@@ -7,8 +7,10 @@
 //! were computed from; each compile revalidates the entries against the state (an entry
 //! whose inputs differ is recomputed) and brings the selector matches up to date:
 //!
-//! - a policy is reparsed when its name, namespace or spec changed (the same shared
-//!   object, the common case, is known by its pointer);
+//! - a policy is reparsed when its name, namespace, spec or staged annotation changed
+//!   (the same shared object, the common case, is known by its pointer); the entries'
+//!   generation tells admission and the compile that none did, and they keep the
+//!   policies in force and the rule table of the last compile;
 //! - a pod is re-read when its labels, IP strings or declared ports changed; told which
 //!   pods changed ([`Compiler::compile_changed`](super::Compiler::compile_changed)), a
 //!   compile visits only their entries, and keeps [`PodCounts`] (addresses listed by
