@@ -75,8 +75,8 @@ impl Admission {
     /// [`Admission::update`], unless its input is the last update's: the entries of the
     /// same generation (`generation`, see
     /// [`CompileCache::sync_policies`](crate::cache::CompileCache::sync_policies)) and the
-    /// same unreadable policies and parts. Then what it admitted stays, and its diagnostics are reported again. Returns
-    /// whether it admitted anew.
+    /// same unreadable policies and parts. Then what it admitted stays, and its
+    /// diagnostics are reported again. Returns whether it admitted anew.
     pub fn update_if_changed(
         &mut self,
         entries: &[PolicyEntry],

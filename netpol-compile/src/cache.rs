@@ -276,8 +276,8 @@ pub(crate) struct CompileCache {
     pub cluster_policies: HashMap<String, crate::compiler::ReadCnp>,
     /// The address classes handed out, and their epoch (see [`PodEntry::class`]).
     pub classes: crate::compiler::ClassTable,
-    /// What the last compile numbered its rules from.
-    pub rules: crate::compiler::RulesRead,
+    /// The policies in force and the rule table of the last compile.
+    pub policies_read: crate::compiler::PoliciesRead,
 }
 
 impl CompileCache {

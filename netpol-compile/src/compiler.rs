@@ -177,7 +177,7 @@ fn compile_with(
         named_ports,
         pod_counts,
         classes: class_table,
-        rules: rules_read,
+        policies_read,
         ..
     } = cache;
     let namespaces: &Namespaces = namespaces;
@@ -191,9 +191,9 @@ fn compile_with(
         &mut diagnostics,
     );
     let cluster_policies = tiers::read(state, cluster_memo, &mut diagnostics);
-    let same_policies = !admitted_anew && rules_read.enforce_staged(state.enforce_staged);
-    let same_rules = same_policies && rules_read.same_rules(&cluster_policies, prev);
-    let policies = match rules_read.policies().filter(|_| same_policies) {
+    let same_policies = !admitted_anew && policies_read.enforce_staged(state.enforce_staged);
+    let same_rules = same_policies && policies_read.same_rules(&cluster_policies, prev);
+    let policies = match policies_read.policies().filter(|_| same_policies) {
         Some(policies) => policies.clone(),
         None => policies_in_force(admission, state),
     };
@@ -275,7 +275,7 @@ fn compile_with(
     let allocations = Arc::new(allocations);
     let rules = Arc::clone(allocations.rules_by_id());
     let in_force = Arc::clone(&policies.names);
-    rules_read.record(state.enforce_staged, cluster_policies, policies, &rules);
+    policies_read.record(state.enforce_staged, cluster_policies, policies, &rules);
     Compiled {
         endpoints: endpoint_map,
         ipcache,
@@ -290,17 +290,18 @@ fn compile_with(
     }
 }
 
-/// What the last compile numbered its rules from (kept in the memo). A compile whose
+/// The policies in force and the rule table of the last compile (kept in the memo), with
+/// what they were made from. A compile whose
 /// admission admitted nothing anew, with the same [`ClusterState::enforce_staged`], has
 /// the same policies in force; with the same ClusterNetworkPolicies too it has the same
 /// rules, and keeps the previous rule table without listing and sorting some 30,000
 /// rules again.
 #[derive(Default)]
-pub(crate) struct RulesRead {
-    last: Option<LastRules>,
+pub(crate) struct PoliciesRead {
+    last: Option<LastRead>,
 }
 
-struct LastRules {
+struct LastRead {
     enforce_staged: bool,
     /// The ClusterNetworkPolicies read (the memo's shared values, in order).
     cluster: Vec<Arc<ClusterPolicy>>,
@@ -309,7 +310,7 @@ struct LastRules {
     table: Arc<BTreeMap<u32, RuleRef>>,
 }
 
-impl RulesRead {
+impl PoliciesRead {
     /// Whether the last compile had `enforce_staged` too.
     fn enforce_staged(&self, enforce_staged: bool) -> bool {
         self.last
@@ -343,7 +344,7 @@ impl RulesRead {
         policies: Policies,
         table: &Arc<BTreeMap<u32, RuleRef>>,
     ) {
-        self.last = Some(LastRules {
+        self.last = Some(LastRead {
             enforce_staged,
             cluster,
             policies,

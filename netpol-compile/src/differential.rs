@@ -911,12 +911,8 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
         Change::StagePolicy(i, staged) => {
             let n = state.policies.len().max(1);
             if let Some(policy) = state.policies.values_mut().nth(i % n) {
-                let annotations = std::sync::Arc::make_mut(policy)
-                    .metadata
-                    .annotations
-                    .get_or_insert_default();
                 let value = if *staged { "true" } else { "false" };
-                annotations.insert(crate::state::STAGED_ANNOTATION.into(), value.into());
+                super::testutil::set_staged(policy, value);
             }
         }
         Change::EnforceStaged(enforce) => state.enforce_staged = *enforce,

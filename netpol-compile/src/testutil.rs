@@ -84,6 +84,15 @@ pub fn policy(ns: &str, name: &str, spec: Value) -> NetworkPolicy {
         .expect("policy")
 }
 
+/// Sets `netpol.dev/staged` on `policy` to `value` (`"true"` stages it).
+pub fn set_staged(policy: &mut std::sync::Arc<NetworkPolicy>, value: &str) {
+    std::sync::Arc::make_mut(policy)
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(crate::state::STAGED_ANNOTATION.into(), value.into());
+}
+
 /// A state builder.
 #[derive(Default)]
 pub struct Cluster {
@@ -130,6 +139,13 @@ impl Cluster {
         self.state
             .policies
             .insert(ObjectRef::new(ns, name), policy(ns, name, spec).into());
+        self
+    }
+
+    /// Sets `netpol.dev/staged` on the policy `ns/name` ([`set_staged`]).
+    pub fn staged(mut self, ns: &str, name: &str, value: &str) -> Self {
+        let policy = self.state.policies.get_mut(&ObjectRef::new(ns, name));
+        set_staged(policy.expect("a policy of the cluster"), value);
         self
     }
 

@@ -1354,17 +1354,6 @@ fn audit_mode_per_namespace_annotation_and_for_the_whole_agent() {
 
 #[test]
 fn a_staged_policy_is_validated_but_enforced_only_in_the_staged_view() {
-    let staged = |mut c: Cluster, name: &str| {
-        let obj = ObjectRef::new("x", name);
-        let annotations = [(
-            crate::state::STAGED_ANNOTATION.to_owned(),
-            "true".to_owned(),
-        )];
-        std::sync::Arc::make_mut(c.state.policies.get_mut(&obj).unwrap())
-            .metadata
-            .annotations = Some(annotations.into());
-        c
-    };
     let cluster = || {
         let c = Cluster::new()
             .ns("x", &[])
@@ -1380,7 +1369,7 @@ fn a_staged_policy_is_validated_but_enforced_only_in_the_staged_view() {
                 "bad",
                 json!({"podSelector": {}, "ingress": [{"ports": [{"port": 0}]}]}),
             );
-        staged(staged(c, "deny"), "bad")
+        c.staged("x", "deny", "true").staged("x", "bad", "true")
     };
     let full = |c: Cluster| compile(&c.state, &Allocations::default());
     let decide = |c: &Compiled| {
@@ -1437,16 +1426,7 @@ fn a_staged_policy_is_validated_but_enforced_only_in_the_staged_view() {
     ));
 
     // Any other value of the annotation enforces the policy.
-    let mut other = cluster();
-    std::sync::Arc::make_mut(
-        other
-            .state
-            .policies
-            .get_mut(&ObjectRef::new("x", "deny"))
-            .unwrap(),
-    )
-    .metadata
-    .annotations = Some([(crate::state::STAGED_ANNOTATION.to_owned(), "yes".to_owned())].into());
+    let other = cluster().staged("x", "deny", "yes");
     assert_eq!(
         decide(&full(other)).reason,
         netpol_common::Reason::PolicyDenied
@@ -1818,16 +1798,7 @@ mod unreadable {
     #[test]
     fn a_staged_policy_that_cannot_be_read_at_all_keeps_its_version_before_enforced() {
         // It may no longer be staged: the version kept in force closes what it closes.
-        let mut staged = allow_web();
-        std::sync::Arc::make_mut(
-            staged
-                .state
-                .policies
-                .get_mut(&ObjectRef::new("x", "p"))
-                .unwrap(),
-        )
-        .metadata
-        .annotations = Some([(crate::state::STAGED_ANNOTATION.into(), "true".into())].into());
+        let staged = allow_web().staged("x", "p", "true");
         let mut compiler = Compiler::new();
         let c = compiler.compile(&staged.state);
         assert!(c.policies.is_empty(), "staged, not in force");
