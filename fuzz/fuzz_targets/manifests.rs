@@ -299,7 +299,7 @@ fn check_maps(state: &ClusterState, compiled: &Compiled) {
     }
 
     // POLICY: endpoint, identity, rule, direction all exist and fit together.
-    for (key, value) in &compiled.policy {
+    for (key, value) in compiled.policy.iter() {
         let k = &key.data;
         assert!(
             (POLICY_PREFIX_ANY_PROTO..=POLICY_PREFIX_FULL).contains(&key.prefix_len),

@@ -539,7 +539,7 @@ impl Kernel {
         // POLICY and POLICY_RANGES, each against its share of the compiled entries.
         let mut exact = std::collections::BTreeMap::new();
         let mut ranges = std::collections::BTreeMap::new();
-        for (key, value) in &compiled.policy {
+        for (key, value) in compiled.policy.iter() {
             match policy_maps::slot(key) {
                 policy_maps::Slot::Policy(key) => exact.insert(key, *value),
                 policy_maps::Slot::Ranges(key) => ranges.insert(key, *value),

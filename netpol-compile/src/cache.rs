@@ -276,6 +276,8 @@ pub(crate) struct CompileCache {
     pub cluster_policies: HashMap<String, crate::compiler::ReadCnp>,
     /// The address classes handed out, and their epoch (see [`PodEntry::class`]).
     pub classes: crate::compiler::ClassTable,
+    /// The POLICY map of the last compile, by endpoint.
+    pub kept_policy: crate::compiler::KeptPolicy,
     /// The policies in force and the rule table of the last compile.
     pub policies_read: crate::compiler::PoliciesRead,
 }
@@ -668,6 +670,11 @@ impl PodEntry {
         self.named_ports()
             .find(|n| n.name == name && n.protocol == protocol)
             .map(|n| n.port)
+    }
+
+    /// The ports the pod declares (the state's shared list).
+    pub fn ports(&self) -> &Arc<[DeclaredPort]> {
+        &self.ports
     }
 
     /// The named ports the pod declares, the first definition of each (name, protocol).

@@ -22,6 +22,7 @@
 
 mod classify;
 mod emit;
+mod kept_policy;
 mod memo;
 mod pods;
 mod tiers;
@@ -31,12 +32,14 @@ use std::sync::Arc;
 
 use netpol_common::{
     Addr, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, EndpointInfo,
-    IDENTITY_ANY, IDENTITY_WORLD, PeerInfo, PolicyKey, PolicyValue,
+    IDENTITY_ANY, IDENTITY_WORLD, PeerInfo,
 };
 
 pub(crate) use self::classify::ClassTable;
 use self::classify::{Classes, classify};
 use self::emit::RuleContext;
+pub(crate) use self::kept_policy::KeptPolicy;
+use self::kept_policy::{Context, EndpointInputs, PolicyMap, Update};
 use self::memo::MemoContext;
 use self::pods::{PodView, audited_namespace, live_pods};
 pub(crate) use self::tiers::ReadCnp;
@@ -178,6 +181,7 @@ fn compile_with(
         pod_counts,
         classes: class_table,
         policies_read,
+        kept_policy,
         ..
     } = cache;
     let namespaces: &Namespaces = namespaces;
@@ -255,6 +259,23 @@ fn compile_with(
         }),
     );
 
+    let Numbered {
+        allocations,
+        ipcache,
+        identities,
+        peer_identities,
+        named_by_identity,
+    } = numbered;
+    let context = kept_policy::Context {
+        peer_identities,
+        egress_named_ports: egress_named_ports
+            .iter()
+            .map(|&(name, protocol)| (name.to_string(), protocol))
+            .collect(),
+        named_by_identity,
+        identities: identities.keys().copied().collect(),
+    };
+    let (context, update) = kept_policy.begin(same_rules, context);
     let (endpoint_map, policy, local_pods) = emit_maps(
         state,
         &policies,
@@ -263,15 +284,10 @@ fn compile_with(
         &endpoints,
         pod_entries,
         peers,
-        &egress_named_ports,
-        &numbered,
+        &allocations,
+        context,
+        update,
     );
-    let Numbered {
-        allocations,
-        ipcache,
-        identities,
-        ..
-    } = numbered;
     let allocations = Arc::new(allocations);
     let rules = Arc::clone(allocations.rules_by_id());
     let in_force = Arc::clone(&policies.names);
@@ -627,13 +643,11 @@ fn number_identities(
     }
 }
 
-type Maps = (
-    BTreeMap<Addr, EndpointInfo>,
-    BTreeMap<Lpm<PolicyKey>, PolicyValue>,
-    Vec<LocalPod>,
-);
+type Maps = (BTreeMap<Addr, EndpointInfo>, Arc<PolicyMap>, Vec<LocalPod>);
 
-/// Step 5: ENDPOINTS and POLICY, and the local endpoints by pod.
+/// Step 5: ENDPOINTS and POLICY, and the local endpoints by pod. POLICY entries are made
+/// only for the endpoints whose inputs changed since `update`'s last compile (all of them
+/// when the rules in force or the `context` did; `kept_policy.rs`).
 #[allow(clippy::too_many_arguments)]
 fn emit_maps(
     state: &ClusterState,
@@ -643,45 +657,73 @@ fn emit_maps(
     endpoints: &[Endpoint],
     pod_entries: &[PodEntry],
     peers: &PeerSlots,
-    egress_named_ports: &[(&str, u8)],
-    numbered: &Numbered,
+    allocations: &Allocations,
+    context: &Context,
+    mut update: Update<'_>,
 ) -> Maps {
-    let allocations = &numbered.allocations;
-    // Rule ids of the policies selecting some endpoint, per direction, in rule order.
+    let egress_named_ports: Vec<(&str, u8)> = context
+        .egress_named_ports
+        .iter()
+        .map(|(name, protocol)| (name.as_str(), *protocol))
+        .collect();
+    // Rule ids of the policies selecting some endpoint whose entries are made, per
+    // direction, in rule order.
     let mut rule_ids: HashMap<usize, [Vec<u32>; 2]> = HashMap::new();
-    for ep in endpoints {
-        for &i in ep.selected_by.iter().flatten() {
-            rule_ids.entry(i).or_insert_with(|| {
-                let (obj, parsed) = (&policies.names[i], policies.parsed(i));
-                Direction::BOTH.map(|direction| {
-                    let rules = parsed.rules(direction).unwrap_or_default();
-                    rules
-                        .iter()
-                        .map(|rule| {
-                            let rule = RuleRef::network_policy(obj.clone(), direction, rule.index);
-                            allocations.rule_id(&rule).expect("every rule has an id")
-                        })
-                        .collect()
-                })
-            });
-        }
-    }
     let mut tier_entries = TierEntries::new(
         cluster_policies,
         allocations,
         peers,
-        &numbered.peer_identities,
-        numbered.identities.keys().copied(),
-        egress_named_ports,
-        &numbered.named_by_identity,
+        &context.peer_identities,
+        context.identities.iter().copied(),
+        &egress_named_ports,
+        &context.named_by_identity,
     );
     let mut endpoint_map = BTreeMap::new();
-    let mut policy = BTreeMap::new();
     let mut local_pods = Vec::new();
     for ep in endpoints {
         let pod = &pods[ep.pod];
         let id = allocations.endpoint_id(pod.obj).expect("allocated above");
-        let mut flags = 0;
+        let entry = &pod_entries[pod.index];
+        let inputs = EndpointInputs {
+            selected_by: ep.selected_by.clone(),
+            cluster_selected: ep.cluster_selected.clone(),
+            ports: Arc::clone(entry.ports()),
+        };
+        let kinds = match update.kept(id, &inputs) {
+            Some(kinds) => kinds,
+            None => {
+                let mut entries = PolicyMap::new();
+                for (d, direction) in Direction::BOTH.into_iter().enumerate() {
+                    for &i in &ep.selected_by[d] {
+                        let ids = rule_ids
+                            .entry(i)
+                            .or_insert_with(|| rule_ids_of(policies, i, allocations));
+                        let rules_of_policy =
+                            policies.parsed(i).rules(direction).unwrap_or_default();
+                        for (rule, &rule_id) in rules_of_policy.iter().zip(&ids[d]) {
+                            let ctx = RuleContext {
+                                endpoint: id,
+                                direction,
+                                rule: rule_id,
+                                pod: entry,
+                                peers,
+                                peer_identities: &context.peer_identities,
+                                egress_named_ports: &egress_named_ports,
+                                named_by_identity: &context.named_by_identity,
+                            };
+                            ctx.emit(rule, &mut entries);
+                        }
+                    }
+                }
+                tier_entries.emit(id, entry, &ep.cluster_selected, &mut entries);
+                update.replace(id, inputs, entries)
+            }
+        };
+        // Each endpoint is flagged with the kinds of entries it has (any peer, port
+        // ranges, every port, every protocol): the programs make only the lookups that
+        // can hit, so a denied new flow of an endpoint with exact ports only costs one
+        // hash lookup.
+        let mut flags = kinds;
         if !ep.selected_by[0].is_empty() {
             flags |= ENDPOINT_INGRESS_ISOLATED;
         }
@@ -691,29 +733,9 @@ fn emit_maps(
         if state.audit_all || audited_namespace(state, &pod.obj.namespace) {
             flags |= ENDPOINT_AUDIT;
         }
-        let entry = &pod_entries[pod.index];
         for ip in pod.ips(pod_entries) {
             endpoint_map.insert(crate::lpm::addr(*ip), EndpointInfo { id, flags });
         }
-        for (d, direction) in Direction::BOTH.into_iter().enumerate() {
-            for &i in &ep.selected_by[d] {
-                let rules_of_policy = policies.parsed(i).rules(direction).unwrap_or_default();
-                for (rule, &rule_id) in rules_of_policy.iter().zip(&rule_ids[&i][d]) {
-                    let ctx = RuleContext {
-                        endpoint: id,
-                        direction,
-                        rule: rule_id,
-                        pod: entry,
-                        peers,
-                        peer_identities: &numbered.peer_identities,
-                        egress_named_ports,
-                        named_by_identity: &numbered.named_by_identity,
-                    };
-                    ctx.emit(rule, &mut policy);
-                }
-            }
-        }
-        tier_entries.emit(id, entry, &ep.cluster_selected, &mut policy);
         let names = |d: usize| {
             ep.selected_by[d]
                 .iter()
@@ -729,15 +751,22 @@ fn emit_maps(
             egress_policies: names(1),
         });
     }
+    (endpoint_map, update.finish(), local_pods)
+}
 
-    // Each endpoint is flagged with the kinds of entries it has (any peer, port ranges,
-    // every port, every protocol): the programs make only the lookups that can hit, so
-    // a denied new flow of an endpoint with exact ports only costs one hash lookup.
-    let kinds = crate::policy_maps::kinds(&policy);
-    for info in endpoint_map.values_mut() {
-        info.flags |= kinds.get(&info.id).copied().unwrap_or(0);
-    }
-    (endpoint_map, policy, local_pods)
+/// The rule ids of policy `i` in force, per direction, in rule order.
+fn rule_ids_of(policies: &Policies, i: usize, allocations: &Allocations) -> [Vec<u32>; 2] {
+    let (obj, parsed) = (&policies.names[i], policies.parsed(i));
+    Direction::BOTH.map(|direction| {
+        let rules = parsed.rules(direction).unwrap_or_default();
+        rules
+            .iter()
+            .map(|rule| {
+                let rule = RuleRef::network_policy(obj.clone(), direction, rule.index);
+                allocations.rule_id(&rule).expect("every rule has an id")
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]

@@ -735,7 +735,7 @@ proptest! {
         }
         // Selectors like `namespaceSelector: {}` may match the new pod and add entries
         // for a new identity; nothing that was there changes.
-        for (k, v) in &first.policy {
+        for (k, v) in first.policy.iter() {
             prop_assert_eq!(second.policy.get(k), Some(v));
         }
         let new_keys: BTreeSet<_> = second.ipcache.keys().filter(|k| !first.ipcache.contains_key(k)).collect();
@@ -758,6 +758,8 @@ enum Change {
     RemovePolicy(usize),
     /// Add a policy (namespace index, spec).
     AddPolicy(usize, Value),
+    /// Give every rule of the n-th policy this one port (same peers, other ports).
+    PolicyPort(usize, u16),
     /// Move the n-th pod to the other node (local or not).
     MovePod(usize),
     /// Give the n-th pod another IPv4 address (possibly one another pod has).
@@ -797,6 +799,7 @@ fn change() -> impl Strategy<Value = Change> {
             .prop_map(|(i, k, v)| Change::NamespaceLabel(i, k, v)),
         1 => any::<usize>().prop_map(Change::RemovePolicy),
         2 => policy_spec().prop_map(|(ns, spec)| Change::AddPolicy(ns, spec)),
+        1 => (any::<usize>(), select(&PORTS[..])).prop_map(|(i, port)| Change::PolicyPort(i, port)),
         1 => any::<usize>().prop_map(Change::MovePod),
         1 => (any::<usize>(), 1..9u8).prop_map(|(i, h)| Change::PodAddress(i, h)),
         1 => any::<usize>().prop_map(Change::RemovePod),
@@ -851,6 +854,20 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
                 ObjectRef::new(ns, &name),
                 super::testutil::policy(ns, &name, spec.clone()).into(),
             );
+        }
+        Change::PolicyPort(i, port) => {
+            let n = state.policies.len().max(1);
+            if let Some(obj) = state.policies.keys().nth(i % n).cloned() {
+                let mut object = serde_json::to_value(&*state.policies[&obj]).unwrap();
+                for direction in ["ingress", "egress"] {
+                    let rules = object["spec"][direction].as_array_mut();
+                    for rule in rules.into_iter().flatten() {
+                        rule["ports"] = json!([{ "protocol": "TCP", "port": port }]);
+                    }
+                }
+                let policy = serde_json::from_value(object).unwrap();
+                state.policies.insert(obj, std::sync::Arc::new(policy));
+            }
         }
         Change::MovePod(i) => {
             if let Some(obj) = nth_pod(state, *i) {

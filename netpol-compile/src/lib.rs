@@ -133,7 +133,9 @@ pub struct Compiled {
     /// IPCACHE: pod IPs, node IPs, ipBlock cidr and except prefixes.
     pub ipcache: BTreeMap<Lpm<Addr>, PeerInfo>,
     /// POLICY: allow entries; the value is the id of the rule, see [`Compiled::rules`].
-    pub policy: BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+    /// Shared with the [`Compiler`]'s memo, and with the previous result when no
+    /// endpoint's entries changed (compare with `Arc::ptr_eq` to know it unchanged).
+    pub policy: Arc<BTreeMap<Lpm<PolicyKey>, PolicyValue>>,
     /// The local endpoints, by pod.
     pub local_pods: Vec<LocalPod>,
     /// Rule table: id (`PolicyValue::rule`, also the RULE_COUNTERS index) → rule, for

@@ -254,7 +254,7 @@ mod tests {
             key(21, PROTO_TCP, 0, POLICY_PREFIX_ANY_PORT),
             PolicyValue::allow(2),
         );
-        c.policy = policy;
+        c.policy = std::sync::Arc::new(policy);
         // The kinds of entries it has, as the compiler flags them.
         for info in c.endpoints.values_mut() {
             info.flags |= crate::policy_maps::kinds(&c.policy)[&info.id];

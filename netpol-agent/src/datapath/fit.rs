@@ -123,7 +123,7 @@ pub fn fit<'a>(
 
     // POLICY and POLICY_RANGES: entries of refused endpoints go; then new keys, grouped
     // by endpoint, counted against the room of the map each goes to.
-    let mut policy = Cow::Borrowed(&compiled.policy);
+    let mut policy = Cow::Borrowed(compiled.policy.as_ref());
     if !refused_endpoints.is_empty() {
         policy
             .to_mut()
@@ -288,7 +288,7 @@ mod tests {
                 .map(|&(last, id)| (addr(last), endpoint(id)))
                 .collect(),
             ipcache: ipcache.iter().copied().collect(),
-            policy: policy.iter().copied().collect(),
+            policy: std::sync::Arc::new(policy.iter().copied().collect()),
             ..Compiled::default()
         }
     }

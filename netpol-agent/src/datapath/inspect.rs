@@ -49,7 +49,7 @@ pub fn read_maps(dir: &Path) -> Result<(Compiled, u32), Error> {
     let compiled = Compiled {
         endpoints: endpoints.read_all().map_err(map_error(names::ENDPOINTS))?,
         ipcache: ipcache.read_all().map_err(map_error(names::IPCACHE))?,
-        policy: policy.read_all().map_err(map_error(names::POLICY))?,
+        policy: std::sync::Arc::new(policy.read_all().map_err(map_error(names::POLICY))?),
         node_ports: node_ports
             .read_all()
             .map_err(map_error(names::NODE_PORTS))?

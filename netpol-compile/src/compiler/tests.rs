@@ -78,6 +78,32 @@ fn basic() -> Cluster {
 }
 
 #[test]
+fn a_change_that_moves_no_identity_keeps_the_policy_map_itself() {
+    let allow_web = || {
+        basic().policy(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"app": "db"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]}),
+        )
+    };
+    let mut compiler = Compiler::new();
+    let first = compiler.compile(&allow_web().state);
+    assert!(!first.policy.is_empty());
+    // A new endpoint no policy selects, whose address joins an identity there is.
+    let more = allow_web().pod("y", "d", &[("app", "web")], &["10.0.1.4"], &[]);
+    let second = compiler.compile(&more.state);
+    assert!(Arc::ptr_eq(&first.policy, &second.policy), "shared");
+    assert_ne!(first.ipcache, second.ipcache);
+    assert_eq!(second, compile(&more.state, &first.allocations));
+    // x/a is no longer app=web: the identity x/b admits from changes, and so does POLICY.
+    let moved = more.pod("x", "a", &[("app", "api")], &["10.0.0.1"], &[]);
+    let third = compiler.compile(&moved.state);
+    assert!(!Arc::ptr_eq(&second.policy, &third.policy));
+    assert_eq!(third, compile(&moved.state, &second.allocations));
+}
+
+#[test]
 fn no_policies_endpoints_and_pod_ips_only() {
     let mut pending = crate::testutil::pod("x", "pending", &[], &["10.0.0.9"], &[]);
     pending.status.as_mut().unwrap().phase = Some("Pending".into());
