@@ -1425,6 +1425,11 @@ spec:
     }
     // Other rules of b and other endpoints keep their state: c still reaches d's web.
     assert!(dp.run(FromPod, &c_to_d(56000)));
+    // The same compiled map again: the kernel holds less than it (narrowed), so it is
+    // compared again, not taken as written, and refused the same way.
+    let again = dp.datapath.as_mut().unwrap().sync_maps(&wider).unwrap();
+    assert_eq!(again.refused, report.refused);
+    assert!(!dp.run(ToPod, &syn(95)));
 
     // Without c's policies there is room in both maps: the change goes through as written.
     let room = compile::compile(&state(&[CLUSTER, WIDER]), &wider.allocations);

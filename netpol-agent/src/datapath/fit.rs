@@ -91,6 +91,9 @@ pub struct Kernel<'a> {
     pub endpoints: &'a BTreeMap<Addr, EndpointInfo>,
     pub ipcache: &'a BTreeMap<Lpm<Addr>, PeerInfo>,
     pub policy: &'a BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+    /// Whether `policy` is known to be the compiled POLICY map itself (written whole by
+    /// the last sync, and shared by the compiler since): then it is not compared.
+    pub policy_is_compiled: bool,
 }
 
 /// `[ENDPOINTS, IPCACHE, POLICY, POLICY_RANGES]` max_entries.
@@ -129,16 +132,20 @@ pub fn fit<'a>(
             .to_mut()
             .retain(|key, _| !refused_endpoints.contains(&key.data.endpoint));
     }
+    // The kernel holding this very map already, nothing in it is new.
+    let in_kernel = kernel.policy_is_compiled && refused_endpoints.is_empty();
     let map_of = |key: &Lpm<PolicyKey>| usize::from(matches!(slot(key), Slot::Ranges(_)));
     let mut used = [0, 0];
-    for key in kernel.policy.keys() {
-        used[map_of(key)] += 1;
+    let mut new_by_endpoint: BTreeMap<u32, [usize; 2]> = BTreeMap::new();
+    if !in_kernel {
+        for key in kernel.policy.keys() {
+            used[map_of(key)] += 1;
+        }
+        for key in absent_from(&policy, kernel.policy) {
+            new_by_endpoint.entry(key.data.endpoint).or_default()[map_of(key)] += 1;
+        }
     }
     let room = [free(used[0], policy_cap), free(used[1], ranges_cap)];
-    let mut new_by_endpoint: BTreeMap<u32, [usize; 2]> = BTreeMap::new();
-    for key in absent_from(&policy, kernel.policy) {
-        new_by_endpoint.entry(key.data.endpoint).or_default()[map_of(key)] += 1;
-    }
     let narrowed = admit(new_by_endpoint, room);
     if !narrowed.is_empty() {
         policy.to_mut().retain(|key, _| {
@@ -273,6 +280,7 @@ mod tests {
                 endpoints: &self.endpoints,
                 ipcache: &self.ipcache,
                 policy: &self.policy,
+                policy_is_compiled: false,
             }
         }
     }

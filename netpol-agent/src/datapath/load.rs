@@ -124,6 +124,8 @@ impl Datapath {
             node_ports,
             ipcache,
             policy,
+            // Adopted maps are compared with the first compile's in full.
+            policy_written: None,
             counters,
             state,
             capacities: [

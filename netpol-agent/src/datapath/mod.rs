@@ -28,13 +28,17 @@ mod load;
 pub mod maps;
 pub mod packet;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use aya::maps::{Array, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfError};
-use netpol_common::{Counter, DatapathState, EventBudget, STATE_DENY_UNPROGRAMMED, names};
+use netpol_common::{
+    Counter, DatapathState, EventBudget, PolicyKey, PolicyValue, STATE_DENY_UNPROGRAMMED, names,
+};
 use tracing::{info, warn};
 
 use attach::Attachment;
@@ -42,7 +46,7 @@ pub use fit::Refusal;
 pub use load::map_layouts;
 pub use maps::SyncStats;
 use maps::{EndpointsMap, IpcacheMap, PolicyMap};
-use netpol_compile::Compiled;
+use netpol_compile::{Compiled, Lpm};
 
 /// Errors of the datapath. Each variant is one metric label.
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +194,10 @@ pub struct Datapath {
     node_ports: maps::NodePortsMap,
     ipcache: IpcacheMap,
     policy: PolicyMap,
+    /// The compiled POLICY map the kernel holds exactly (the last sync wrote it whole):
+    /// a sync with this very map again has no POLICY work ([`Compiled::policy`] is
+    /// shared from one compile to the next while no endpoint's entries change).
+    policy_written: Option<Arc<BTreeMap<Lpm<PolicyKey>, PolicyValue>>>,
     counters: PerCpuArray<MapData, Counter>,
     state: Array<MapData, DatapathState>,
     /// max_entries of ENDPOINTS, IPCACHE, POLICY, POLICY_RANGES, and of each of CT4 and
@@ -279,15 +287,25 @@ impl Datapath {
         let [endpoints_cap, ipcache_cap, policy_cap, ranges_cap, _] = self.capacities;
         // What did not fit may fit once the stale entries are gone: a second round.
         for _round in 0..2 {
+            let policy_is_compiled = self
+                .policy_written
+                .take()
+                .is_some_and(|written| Arc::ptr_eq(&written, &compiled.policy));
             let kernel = fit::Kernel {
                 endpoints: self.endpoints.contents(),
                 ipcache: self.ipcache.contents(),
                 policy: self.policy.contents(),
+                policy_is_compiled,
             };
             let caps = [endpoints_cap, ipcache_cap, policy_cap, ranges_cap];
             let fitted = fit::fit(compiled, &kernel, caps)?;
             let removed_before = report.maps.removed;
-            self.write_maps(&fitted, &compiled.node_ports, &mut report)?;
+            let policy_whole = matches!(fitted.policy, Cow::Borrowed(_));
+            let policy_in_kernel = policy_is_compiled && policy_whole;
+            self.write_maps(&fitted, &compiled.node_ports, policy_in_kernel, &mut report)?;
+            if policy_whole {
+                self.policy_written = Some(Arc::clone(&compiled.policy));
+            }
             report.refused = fitted.refused;
             if report.refused.is_empty() || report.maps.removed == removed_before {
                 break;
@@ -310,15 +328,18 @@ impl Datapath {
         &mut self,
         fitted: &fit::Fitted<'_>,
         node_ports: &std::collections::BTreeSet<netpol_common::ServicePort>,
+        policy_in_kernel: bool,
         report: &mut ApplyReport,
     ) -> Result<()> {
         let map_err = |name| move |source| Error::Map { name, source };
         // Additions: allowing entries before the identities that use them, and both
         // before endpoints become isolated.
-        report.maps += self
-            .policy
-            .upsert(&fitted.policy)
-            .map_err(map_err(names::POLICY))?;
+        if !policy_in_kernel {
+            report.maps += self
+                .policy
+                .upsert(&fitted.policy)
+                .map_err(map_err(names::POLICY))?;
+        }
         report.maps += self
             .ipcache
             .upsert(&fitted.ipcache)
@@ -348,10 +369,12 @@ impl Datapath {
             .ipcache
             .remove_stale(&fitted.ipcache)
             .map_err(map_err(names::IPCACHE))?;
-        report.maps += self
-            .policy
-            .remove_stale(&fitted.policy)
-            .map_err(map_err(names::POLICY))?;
+        if !policy_in_kernel {
+            report.maps += self
+                .policy
+                .remove_stale(&fitted.policy)
+                .map_err(map_err(names::POLICY))?;
+        }
         Ok(())
     }
 
