@@ -39,7 +39,7 @@ pub(crate) use self::classify::ClassTable;
 use self::classify::{Classes, classify};
 use self::emit::RuleContext;
 pub(crate) use self::kept_policy::KeptPolicy;
-use self::kept_policy::{Context, EndpointInputs, PolicyMap, Update};
+use self::kept_policy::{EndpointInputs, PolicyMap, Update, View};
 use self::memo::MemoContext;
 use self::pods::{PodView, audited_namespace, live_pods};
 pub(crate) use self::tiers::ReadCnp;
@@ -259,23 +259,6 @@ fn compile_with(
         }),
     );
 
-    let Numbered {
-        allocations,
-        ipcache,
-        identities,
-        peer_identities,
-        named_by_identity,
-    } = numbered;
-    let context = kept_policy::Context {
-        peer_identities,
-        egress_named_ports: egress_named_ports
-            .iter()
-            .map(|&(name, protocol)| (name.to_string(), protocol))
-            .collect(),
-        named_by_identity,
-        identities: identities.keys().copied().collect(),
-    };
-    let (context, update) = kept_policy.begin(same_rules, context);
     let (endpoint_map, policy, local_pods) = emit_maps(
         state,
         &policies,
@@ -284,10 +267,16 @@ fn compile_with(
         &endpoints,
         pod_entries,
         peers,
-        &allocations,
-        context,
-        update,
+        &egress_named_ports,
+        &numbered,
+        kept_policy.begin(),
     );
+    let Numbered {
+        allocations,
+        ipcache,
+        identities,
+        ..
+    } = numbered;
     let allocations = Arc::new(allocations);
     let rules = Arc::clone(allocations.rules_by_id());
     let in_force = Arc::clone(&policies.names);
@@ -646,8 +635,8 @@ fn number_identities(
 type Maps = (BTreeMap<Addr, EndpointInfo>, Arc<PolicyMap>, Vec<LocalPod>);
 
 /// Step 5: ENDPOINTS and POLICY, and the local endpoints by pod. POLICY entries are made
-/// only for the endpoints whose inputs changed since `update`'s last compile (all of them
-/// when the rules in force or the `context` did; `kept_policy.rs`).
+/// only for the endpoints whose inputs changed since `update`'s last compile
+/// (`kept_policy.rs`).
 #[allow(clippy::too_many_arguments)]
 fn emit_maps(
     state: &ClusterState,
@@ -657,15 +646,11 @@ fn emit_maps(
     endpoints: &[Endpoint],
     pod_entries: &[PodEntry],
     peers: &PeerSlots,
-    allocations: &Allocations,
-    context: &Context,
+    egress_named_ports: &[(&str, u8)],
+    numbered: &Numbered,
     mut update: Update<'_>,
 ) -> Maps {
-    let egress_named_ports: Vec<(&str, u8)> = context
-        .egress_named_ports
-        .iter()
-        .map(|(name, protocol)| (name.as_str(), *protocol))
-        .collect();
+    let allocations = &numbered.allocations;
     // Rule ids of the policies selecting some endpoint whose entries are made, per
     // direction, in rule order.
     let mut rule_ids: HashMap<usize, [Vec<u32>; 2]> = HashMap::new();
@@ -673,22 +658,26 @@ fn emit_maps(
         cluster_policies,
         allocations,
         peers,
-        &context.peer_identities,
-        context.identities.iter().copied(),
-        &egress_named_ports,
-        &context.named_by_identity,
+        &numbered.peer_identities,
+        numbered.identities.keys().copied(),
+        egress_named_ports,
+        &numbered.named_by_identity,
     );
+    let identities: Vec<u32> = tier_entries.all_identities().to_vec();
+    let view = View {
+        peers,
+        peer_identities: &numbered.peer_identities,
+        egress_named_ports,
+        named_by_identity: &numbered.named_by_identity,
+        identities: &identities,
+    };
     let mut endpoint_map = BTreeMap::new();
     let mut local_pods = Vec::new();
     for ep in endpoints {
         let pod = &pods[ep.pod];
         let id = allocations.endpoint_id(pod.obj).expect("allocated above");
         let entry = &pod_entries[pod.index];
-        let inputs = EndpointInputs {
-            selected_by: ep.selected_by.clone(),
-            cluster_selected: ep.cluster_selected.clone(),
-            ports: Arc::clone(entry.ports()),
-        };
+        let inputs = endpoint_inputs(ep, entry, policies, cluster_policies, &view);
         let kinds = match update.kept(id, &inputs) {
             Some(kinds) => kinds,
             None => {
@@ -707,9 +696,9 @@ fn emit_maps(
                                 rule: rule_id,
                                 pod: entry,
                                 peers,
-                                peer_identities: &context.peer_identities,
-                                egress_named_ports: &egress_named_ports,
-                                named_by_identity: &context.named_by_identity,
+                                peer_identities: &numbered.peer_identities,
+                                egress_named_ports,
+                                named_by_identity: &numbered.named_by_identity,
                             };
                             ctx.emit(rule, &mut entries);
                         }
@@ -752,6 +741,51 @@ fn emit_maps(
         });
     }
     (endpoint_map, update.finish(), local_pods)
+}
+
+/// What the POLICY entries of `ep` (the local pod `entry`) are made from.
+fn endpoint_inputs(
+    ep: &Endpoint,
+    entry: &PodEntry,
+    policies: &Policies,
+    cluster_policies: &[Arc<ClusterPolicy>],
+    view: &View<'_>,
+) -> EndpointInputs {
+    let mut seen = Vec::new();
+    let selecting = Direction::BOTH.map(|direction| {
+        let d = usize::from(direction == Direction::Egress);
+        ep.selected_by[d]
+            .iter()
+            .map(|&i| {
+                let parsed = policies.parsed(i);
+                for rule in parsed.rules(direction).unwrap_or_default() {
+                    let (peers, ports) = (rule.peers.as_deref(), rule.ports.as_deref());
+                    view.rule(&mut seen, direction, peers, ports, false);
+                }
+                Arc::clone(&policies.parsed[i])
+            })
+            .collect()
+    });
+    let cluster = ep
+        .cluster_selected
+        .iter()
+        .map(|&i| {
+            let policy = &cluster_policies[i];
+            for direction in Direction::BOTH {
+                for rule in policy.rules(direction) {
+                    let (peers, ports) = (rule.peers.as_deref(), rule.ports.as_deref());
+                    view.rule(&mut seen, direction, peers, ports, true);
+                }
+            }
+            Arc::clone(policy)
+        })
+        .collect();
+    EndpointInputs {
+        policies: selecting,
+        cluster,
+        ports: Arc::clone(entry.ports()),
+        view: seen,
+    }
 }
 
 /// The rule ids of policy `i` in force, per direction, in rule order.

@@ -777,6 +777,9 @@ enum Change {
     PutClusterPolicy(usize, Value),
     /// Remove the n-th ClusterNetworkPolicy.
     RemoveClusterPolicy(usize),
+    /// Give every rule of the n-th ClusterNetworkPolicy this action (same subject and
+    /// peers, other verdicts).
+    ClusterPolicyAction(usize, &'static str),
     /// Stage (or enforce) the n-th policy (`netpol.dev/staged`).
     StagePolicy(usize, bool),
     /// Compile staged policies as enforced, or not.
@@ -811,6 +814,8 @@ fn change() -> impl Strategy<Value = Change> {
             .prop_map(|(i, name, port, protocol)| Change::PodNamedPort(i, name, port, protocol)),
         1 => (0..4usize, cnp_spec()).prop_map(|(i, spec)| Change::PutClusterPolicy(i, spec)),
         1 => any::<usize>().prop_map(Change::RemoveClusterPolicy),
+        1 => (any::<usize>(), select(&["Accept", "Deny", "Pass"][..]))
+            .prop_map(|(i, action)| Change::ClusterPolicyAction(i, action)),
         2 => (any::<usize>(), any::<bool>()).prop_map(|(i, staged)| Change::StagePolicy(i, staged)),
         2 => any::<bool>().prop_map(Change::EnforceStaged),
         1 => any::<usize>().prop_map(Change::UnreadablePolicy),
@@ -923,6 +928,17 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
             let n = state.cluster_policies.len().max(1);
             if let Some(name) = state.cluster_policies.keys().nth(i % n).cloned() {
                 state.cluster_policies.remove(&name);
+            }
+        }
+        Change::ClusterPolicyAction(i, action) => {
+            let n = state.cluster_policies.len().max(1);
+            if let Some(object) = state.cluster_policies.values_mut().nth(i % n) {
+                for direction in ["ingress", "egress"] {
+                    let rules = object["spec"][direction].as_array_mut();
+                    for rule in rules.into_iter().flatten() {
+                        rule["action"] = json!(action);
+                    }
+                }
             }
         }
         Change::StagePolicy(i, staged) => {

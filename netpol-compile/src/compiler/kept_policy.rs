@@ -1,53 +1,113 @@
 //! Step 5's POLICY map, kept from one compile to the next.
 //!
-//! An endpoint's entries depend on its number, the policies that select it (the
-//! NetworkPolicies by direction, the ClusterNetworkPolicies whose subject it is), the
-//! ports it declares (ingress named ports resolve on it) and what the compile's
-//! identities stand for (the identities of each peer, the egress named ports each
-//! resolves, every identity for the tiers' rules of every peer). While the policies and
-//! rules in force and the identities stay the same (the [`Context`]), an endpoint whose
-//! own inputs did not change keeps its entries, and a compile in which no endpoint's
-//! entries changed hands out the previous map itself (shared, not copied): a change of a
-//! pod elsewhere in the cluster, or of one that moves no identity, costs no POLICY work.
-//! Anything else in the context voids every kept entry.
+//! An endpoint's entries depend on its number and on its [`EndpointInputs`]: the
+//! policies that select it (the NetworkPolicies by direction, the ClusterNetworkPolicies
+//! whose subject it is: the shared parsed values, whose rules keep their ids while they
+//! exist), the ports it declares (ingress named ports resolve on it) and its view of the
+//! identities: for each peer of those rules the identities it matches, for each egress
+//! named port how each identity resolves it, and every identity where a tier's rule
+//! applies to every peer. An endpoint whose inputs did not change keeps its entries, and
+//! a compile in which no endpoint's entries changed hands out the previous map itself
+//! (shared, not copied): a change elsewhere in the cluster, or one that moves no identity
+//! an endpoint's rules see, costs no POLICY work.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use netpol_common::{PolicyKey, PolicyValue};
 
+use super::tiers::ClusterPolicy;
+use crate::Direction;
+use crate::cache::PeerSlots;
 use crate::lpm::Lpm;
+use crate::policy::{ParsedPolicy, Peer, PortMatch, PortSpec};
 use crate::state::DeclaredPort;
 
 /// POLICY's contents.
 pub(crate) type PolicyMap = BTreeMap<Lpm<PolicyKey>, PolicyValue>;
 
-/// What every endpoint's entries are made with, besides the endpoint's own inputs and
-/// the rules in force.
-#[derive(PartialEq)]
-pub(super) struct Context {
-    /// Identities of the classes each peer slot matches.
-    pub(super) peer_identities: HashMap<usize, BTreeSet<u32>>,
-    /// Egress named ports in force, and how each identity resolves them.
-    pub(super) egress_named_ports: Vec<(String, u8)>,
-    pub(super) named_by_identity: Vec<BTreeMap<u32, u16>>,
-    /// Every identity number.
-    pub(super) identities: Vec<u32>,
-}
-
-/// One endpoint's own inputs: indices in this compile's policies in force and
-/// ClusterNetworkPolicies (stable while the rules are), and its declared ports.
+/// What an endpoint's entries are made from, besides its number.
 pub(super) struct EndpointInputs {
-    pub(super) selected_by: [Vec<usize>; 2],
-    pub(super) cluster_selected: Vec<usize>,
+    /// The NetworkPolicies selecting it, by direction, in order.
+    pub(super) policies: [Vec<Arc<ParsedPolicy>>; 2],
+    /// The ClusterNetworkPolicies whose subject it is, in order.
+    pub(super) cluster: Vec<Arc<ClusterPolicy>>,
     pub(super) ports: Arc<[DeclaredPort]>,
+    /// Its view of the identities ([`View`]).
+    pub(super) view: Vec<u32>,
 }
 
 impl PartialEq for EndpointInputs {
     fn eq(&self, other: &Self) -> bool {
-        self.selected_by == other.selected_by
-            && self.cluster_selected == other.cluster_selected
+        // Shared values compared by address: the memo holds them, so an address is
+        // never another value's while they are compared.
+        fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
+        }
+        same(&self.policies[0], &other.policies[0])
+            && same(&self.policies[1], &other.policies[1])
+            && same(&self.cluster, &other.cluster)
             && (Arc::ptr_eq(&self.ports, &other.ports) || self.ports == other.ports)
+            && self.view == other.view
+    }
+}
+
+/// What the identities of a compile look like to one endpoint's rules, written out as
+/// numbers ([`EndpointInputs::view`]).
+pub(super) struct View<'a> {
+    pub(super) peers: &'a PeerSlots,
+    /// Identities of the classes each peer slot matches.
+    pub(super) peer_identities: &'a HashMap<usize, BTreeSet<u32>>,
+    /// Egress named ports in force, and how each identity resolves them.
+    pub(super) egress_named_ports: &'a [(&'a str, u8)],
+    pub(super) named_by_identity: &'a [BTreeMap<u32, u16>],
+    /// Every identity (for the tiers' rules of every peer).
+    pub(super) identities: &'a [u32],
+}
+
+/// Marks in a view: where a list starts, and what stands for a rule of every peer.
+const LIST: u32 = u32::MAX;
+const EVERY_PEER: u32 = u32::MAX - 1;
+
+impl View<'_> {
+    /// Writes what the identities are to a rule with `peers` and `ports` in `direction`
+    /// (`tier`: a ClusterNetworkPolicy's, whose rules of every peer list every identity).
+    pub(super) fn rule(
+        &self,
+        out: &mut Vec<u32>,
+        direction: Direction,
+        peers: Option<&[Peer]>,
+        ports: Option<&[PortSpec]>,
+        tier: bool,
+    ) {
+        match peers {
+            None if tier => {
+                out.push(LIST);
+                out.extend_from_slice(self.identities);
+            }
+            None => out.push(EVERY_PEER),
+            Some(list) => {
+                for peer in list {
+                    out.push(LIST);
+                    let slot = self.peers.get(peer);
+                    out.extend(self.peer_identities.get(&slot).into_iter().flatten());
+                }
+            }
+        }
+        if direction == Direction::Egress {
+            for spec in ports.into_iter().flatten() {
+                if let PortMatch::Named(name) = &spec.port {
+                    out.push(LIST);
+                    let wanted = (name.as_str(), spec.protocol);
+                    let at = self.egress_named_ports.iter().position(|&n| n == wanted);
+                    for (&identity, &port) in
+                        at.map(|i| &self.named_by_identity[i]).into_iter().flatten()
+                    {
+                        out.extend([identity, u32::from(port)]);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -63,20 +123,13 @@ struct KeptEndpoint {
 /// from. Kept in the compiler's memo.
 #[derive(Default)]
 pub(crate) struct KeptPolicy {
-    /// `None`: nothing is kept (no compile yet).
-    context: Option<Context>,
-    entries: KeptEntries,
-}
-
-#[derive(Default)]
-struct KeptEntries {
     endpoints: HashMap<u32, KeptEndpoint>,
     map: Arc<PolicyMap>,
 }
 
 /// One compile's changes to the kept map, applied by [`Update::finish`].
 pub(super) struct Update<'k> {
-    kept: &'k mut KeptEntries,
+    kept: &'k mut KeptPolicy,
     /// Endpoints whose entries are made again, with them and their kind flags.
     fresh: Vec<(u32, EndpointInputs, PolicyMap, u32)>,
     /// Every endpoint of this compile.
@@ -84,21 +137,13 @@ pub(super) struct Update<'k> {
 }
 
 impl KeptPolicy {
-    /// Starts a compile whose rules in force are those of the last compile
-    /// (`same_rules`) or not, with `context`: what is kept holds only when both are the
-    /// same as then. Returns the context in force and the update to make.
-    pub(super) fn begin(&mut self, same_rules: bool, context: Context) -> (&Context, Update<'_>) {
-        if !same_rules || self.context.as_ref() != Some(&context) {
-            self.entries.endpoints.clear();
-            self.entries.map = Arc::default();
-            self.context = Some(context);
-        }
-        let update = Update {
-            kept: &mut self.entries,
+    /// Starts a compile.
+    pub(super) fn begin(&mut self) -> Update<'_> {
+        Update {
+            kept: self,
             fresh: Vec::new(),
             live: Vec::new(),
-        };
-        (self.context.as_ref().expect("set above"), update)
+        }
     }
 }
 

@@ -288,6 +288,11 @@ impl<'a> TierEntries<'a> {
         }
     }
 
+    /// Every identity there is, the world included (what a rule of every peer matches).
+    pub(super) fn all_identities(&self) -> &[u32] {
+        &self.all_identities
+    }
+
     /// Inserts the entries of `endpoint` (the local pod `pod`, subject of the policies
     /// `selected`) into `out`.
     pub(super) fn emit(
