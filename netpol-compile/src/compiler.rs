@@ -671,13 +671,19 @@ fn emit_maps(
         named_by_identity: &numbered.named_by_identity,
         identities: &identities,
     };
+    // The views through the ClusterNetworkPolicies, per set of them.
+    let mut cluster_views: HashMap<&[usize], Arc<Vec<u32>>> = HashMap::new();
     let mut endpoint_map = BTreeMap::new();
     let mut local_pods = Vec::new();
     for ep in endpoints {
         let pod = &pods[ep.pod];
         let id = allocations.endpoint_id(pod.obj).expect("allocated above");
         let entry = &pod_entries[pod.index];
-        let inputs = endpoint_inputs(ep, entry, policies, cluster_policies, &view);
+        let cluster_view = cluster_views
+            .entry(&ep.cluster_selected)
+            .or_insert_with(|| Arc::new(cluster_view(ep, cluster_policies, &view)));
+        let cluster_view = Arc::clone(cluster_view);
+        let inputs = endpoint_inputs(ep, entry, policies, cluster_policies, &view, cluster_view);
         let kinds = match update.kept(id, &inputs) {
             Some(kinds) => kinds,
             None => {
@@ -743,13 +749,15 @@ fn emit_maps(
     (endpoint_map, update.finish(), local_pods)
 }
 
-/// What the POLICY entries of `ep` (the local pod `entry`) are made from.
+/// What the POLICY entries of `ep` (the local pod `entry`) are made from; its view
+/// through its ClusterNetworkPolicies is `cluster_view` ([`cluster_view`]).
 fn endpoint_inputs(
     ep: &Endpoint,
     entry: &PodEntry,
     policies: &Policies,
     cluster_policies: &[Arc<ClusterPolicy>],
     view: &View<'_>,
+    cluster_view: Arc<Vec<u32>>,
 ) -> EndpointInputs {
     let mut seen = Vec::new();
     let selecting = Direction::BOTH.map(|direction| {
@@ -766,26 +774,35 @@ fn endpoint_inputs(
             })
             .collect()
     });
-    let cluster = ep
-        .cluster_selected
-        .iter()
-        .map(|&i| {
-            let policy = &cluster_policies[i];
-            for direction in Direction::BOTH {
-                for rule in policy.rules(direction) {
-                    let (peers, ports) = (rule.peers.as_deref(), rule.ports.as_deref());
-                    view.rule(&mut seen, direction, peers, ports, true);
-                }
-            }
-            Arc::clone(policy)
-        })
-        .collect();
     EndpointInputs {
         policies: selecting,
-        cluster,
+        cluster: ep
+            .cluster_selected
+            .iter()
+            .map(|&i| Arc::clone(&cluster_policies[i]))
+            .collect(),
         ports: Arc::clone(entry.ports()),
         view: seen,
+        cluster_view,
     }
+}
+
+/// The view of the identities through the ClusterNetworkPolicies whose subject `ep` is.
+fn cluster_view(
+    ep: &Endpoint,
+    cluster_policies: &[Arc<ClusterPolicy>],
+    view: &View<'_>,
+) -> Vec<u32> {
+    let mut seen = Vec::new();
+    for &i in &ep.cluster_selected {
+        for direction in Direction::BOTH {
+            for rule in cluster_policies[i].rules(direction) {
+                let (peers, ports) = (rule.peers.as_deref(), rule.ports.as_deref());
+                view.rule(&mut seen, direction, peers, ports, true);
+            }
+        }
+    }
+    seen
 }
 
 /// The rule ids of policy `i` in force, per direction, in rule order.

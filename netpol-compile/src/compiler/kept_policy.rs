@@ -33,8 +33,10 @@ pub(super) struct EndpointInputs {
     /// The ClusterNetworkPolicies whose subject it is, in order.
     pub(super) cluster: Vec<Arc<ClusterPolicy>>,
     pub(super) ports: Arc<[DeclaredPort]>,
-    /// Its view of the identities ([`View`]).
+    /// Its view of the identities ([`View`]) through its NetworkPolicies, and through
+    /// its ClusterNetworkPolicies (shared by the endpoints that have the same ones).
     pub(super) view: Vec<u32>,
+    pub(super) cluster_view: Arc<Vec<u32>>,
 }
 
 impl PartialEq for EndpointInputs {
@@ -49,6 +51,8 @@ impl PartialEq for EndpointInputs {
             && same(&self.cluster, &other.cluster)
             && (Arc::ptr_eq(&self.ports, &other.ports) || self.ports == other.ports)
             && self.view == other.view
+            && (Arc::ptr_eq(&self.cluster_view, &other.cluster_view)
+                || self.cluster_view == other.cluster_view)
     }
 }
 
@@ -171,55 +175,49 @@ impl Update<'_> {
     pub(super) fn finish(self) -> Arc<PolicyMap> {
         let Update { kept, fresh, live } = self;
         let live: BTreeSet<u32> = live.into_iter().collect();
-        let gone: Vec<u32> = kept
-            .endpoints
-            .keys()
+        let gone = kept.endpoints.keys().filter(|id| !live.contains(id));
+        let replaced: BTreeSet<u32> = gone
             .copied()
-            .filter(|id| !live.contains(id))
+            .chain(fresh.iter().map(|&(id, ..)| id))
             .collect();
-        let has_keys = |id: &u32| kept.endpoints.get(id).is_some_and(|e| !e.keys.is_empty());
-        let unchanged = gone.iter().all(|id| !has_keys(id))
-            && fresh
+        let old_keys: Vec<Box<[Lpm<PolicyKey>]>> = replaced
+            .iter()
+            .filter_map(|id| Some(kept.endpoints.remove(id)?.keys))
+            .collect();
+        let removed: usize = old_keys.iter().map(|keys| keys.len()).sum();
+        let added: usize = fresh.iter().map(|(_, _, entries, _)| entries.len()).sum();
+        if removed + added > kept.map.len() / 4 {
+            // Much changes: one walk keeps the other endpoints' entries, and the map is
+            // built again from sorted entries (no search per key).
+            let mut all: Vec<(Lpm<PolicyKey>, PolicyValue)> = kept
+                .map
                 .iter()
-                .all(|(id, _, entries, _)| entries.is_empty() && !has_keys(id));
-        if unchanged {
-            for id in &gone {
-                kept.endpoints.remove(id);
+                .filter(|(key, _)| !replaced.contains(&key.data.endpoint))
+                .map(|(key, value)| (*key, *value))
+                .collect();
+            for (_, _, entries, _) in &fresh {
+                all.extend(entries.iter().map(|(key, value)| (*key, *value)));
             }
-            for (id, inputs, _, kinds) in fresh {
-                let keys = Box::default();
-                kept.endpoints.insert(
-                    id,
-                    KeptEndpoint {
-                        inputs,
-                        keys,
-                        kinds,
-                    },
-                );
+            all.sort_unstable_by_key(|&(key, _)| key);
+            kept.map = Arc::new(all.into_iter().collect());
+        } else if removed + added > 0 {
+            // Copied here only if the last result still holds it.
+            let map = Arc::make_mut(&mut kept.map);
+            for key in old_keys.iter().flatten() {
+                map.remove(key);
             }
-            return Arc::clone(&kept.map);
-        }
-        // Copied here only if the last result still holds it.
-        let map = Arc::make_mut(&mut kept.map);
-        let replaced = fresh.iter().map(|&(id, ..)| id);
-        for id in gone.iter().copied().chain(replaced) {
-            if let Some(old) = kept.endpoints.remove(&id) {
-                for key in &old.keys {
-                    map.remove(key);
-                }
+            for (_, _, entries, _) in &fresh {
+                map.extend(entries.iter().map(|(key, value)| (*key, *value)));
             }
         }
         for (id, inputs, entries, kinds) in fresh {
-            let keys = entries.keys().copied().collect();
-            map.extend(entries);
-            kept.endpoints.insert(
-                id,
-                KeptEndpoint {
-                    inputs,
-                    keys,
-                    kinds,
-                },
-            );
+            let keys = entries.into_keys().collect();
+            let endpoint = KeptEndpoint {
+                inputs,
+                keys,
+                kinds,
+            };
+            kept.endpoints.insert(id, endpoint);
         }
         Arc::clone(&kept.map)
     }
