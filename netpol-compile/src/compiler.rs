@@ -765,12 +765,12 @@ fn endpoint_inputs(
         ep.selected_by[d]
             .iter()
             .map(|&i| {
-                let parsed = policies.parsed(i);
+                let parsed = &policies.parsed[i];
                 for rule in parsed.rules(direction).unwrap_or_default() {
                     let (peers, ports) = (rule.peers.as_deref(), rule.ports.as_deref());
                     view.rule(&mut seen, direction, peers, ports, false);
                 }
-                Arc::clone(&policies.parsed[i])
+                Arc::clone(parsed)
             })
             .collect()
     });

@@ -72,6 +72,9 @@ pub struct Fitted<'a> {
     pub endpoints: Cow<'a, BTreeMap<Addr, EndpointInfo>>,
     pub ipcache: Cow<'a, BTreeMap<Lpm<Addr>, PeerInfo>>,
     pub policy: Cow<'a, BTreeMap<Lpm<PolicyKey>, PolicyValue>>,
+    /// Whether the kernel holds `policy` already ([`Kernel::policy_is_compiled`], nothing
+    /// refused): there is nothing to write to POLICY.
+    pub policy_in_kernel: bool,
     pub refused: Vec<Refusal>,
 }
 
@@ -133,11 +136,11 @@ pub fn fit<'a>(
             .retain(|key, _| !refused_endpoints.contains(&key.data.endpoint));
     }
     // The kernel holding this very map already, nothing in it is new.
-    let in_kernel = kernel.policy_is_compiled && refused_endpoints.is_empty();
+    let policy_in_kernel = kernel.policy_is_compiled && refused_endpoints.is_empty();
     let map_of = |key: &Lpm<PolicyKey>| usize::from(matches!(slot(key), Slot::Ranges(_)));
     let mut used = [0, 0];
     let mut new_by_endpoint: BTreeMap<u32, [usize; 2]> = BTreeMap::new();
-    if !in_kernel {
+    if !policy_in_kernel {
         for key in kernel.policy.keys() {
             used[map_of(key)] += 1;
         }
@@ -189,6 +192,7 @@ pub fn fit<'a>(
         endpoints,
         ipcache,
         policy,
+        policy_in_kernel,
         refused,
     })
 }

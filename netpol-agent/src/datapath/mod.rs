@@ -300,10 +300,9 @@ impl Datapath {
             let caps = [endpoints_cap, ipcache_cap, policy_cap, ranges_cap];
             let fitted = fit::fit(compiled, &kernel, caps)?;
             let removed_before = report.maps.removed;
-            let policy_whole = matches!(fitted.policy, Cow::Borrowed(_));
-            let policy_in_kernel = policy_is_compiled && policy_whole;
-            self.write_maps(&fitted, &compiled.node_ports, policy_in_kernel, &mut report)?;
-            if policy_whole {
+            self.write_maps(&fitted, &compiled.node_ports, &mut report)?;
+            // Written whole: the kernel holds the compiled map itself.
+            if matches!(fitted.policy, Cow::Borrowed(_)) {
                 self.policy_written = Some(Arc::clone(&compiled.policy));
             }
             report.refused = fitted.refused;
@@ -328,13 +327,12 @@ impl Datapath {
         &mut self,
         fitted: &fit::Fitted<'_>,
         node_ports: &std::collections::BTreeSet<netpol_common::ServicePort>,
-        policy_in_kernel: bool,
         report: &mut ApplyReport,
     ) -> Result<()> {
         let map_err = |name| move |source| Error::Map { name, source };
         // Additions: allowing entries before the identities that use them, and both
         // before endpoints become isolated.
-        if !policy_in_kernel {
+        if !fitted.policy_in_kernel {
             report.maps += self
                 .policy
                 .upsert(&fitted.policy)
@@ -369,7 +367,7 @@ impl Datapath {
             .ipcache
             .remove_stale(&fitted.ipcache)
             .map_err(map_err(names::IPCACHE))?;
-        if !policy_in_kernel {
+        if !fitted.policy_in_kernel {
             report.maps += self
                 .policy
                 .remove_stale(&fitted.policy)

@@ -11,7 +11,7 @@
 //! (shared, not copied): a change elsewhere in the cluster, or one that moves no identity
 //! an endpoint's rules see, costs no POLICY work.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use netpol_common::{PolicyKey, PolicyValue};
@@ -137,7 +137,7 @@ pub(super) struct Update<'k> {
     /// Endpoints whose entries are made again, with them and their kind flags.
     fresh: Vec<(u32, EndpointInputs, PolicyMap, u32)>,
     /// Every endpoint of this compile.
-    live: Vec<u32>,
+    live: HashSet<u32>,
 }
 
 impl KeptPolicy {
@@ -146,7 +146,7 @@ impl KeptPolicy {
         Update {
             kept: self,
             fresh: Vec::new(),
-            live: Vec::new(),
+            live: HashSet::new(),
         }
     }
 }
@@ -156,7 +156,7 @@ impl Update<'_> {
     /// kept (the same inputs as last time); `None`: make them, and hand them to
     /// [`Update::replace`].
     pub(super) fn kept(&mut self, id: u32, inputs: &EndpointInputs) -> Option<u32> {
-        self.live.push(id);
+        self.live.insert(id);
         let kept = self.kept.endpoints.get(&id)?;
         (kept.inputs == *inputs).then_some(kept.kinds)
     }
@@ -174,7 +174,6 @@ impl Update<'_> {
     /// The map of this compile: the last one itself when no endpoint's entries changed.
     pub(super) fn finish(self) -> Arc<PolicyMap> {
         let Update { kept, fresh, live } = self;
-        let live: BTreeSet<u32> = live.into_iter().collect();
         let gone = kept.endpoints.keys().filter(|id| !live.contains(id));
         let replaced: BTreeSet<u32> = gone
             .copied()

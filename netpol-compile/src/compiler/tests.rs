@@ -77,16 +77,18 @@ fn basic() -> Cluster {
         .pod("y", "c", &[("app", "web")], &["10.0.1.3"], &[])
 }
 
+/// [`basic`] with x/b (app=db) admitting x/a (app=web).
+fn allow_web() -> Cluster {
+    basic().policy(
+        "x",
+        "p",
+        json!({"podSelector": {"matchLabels": {"app": "db"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]}),
+    )
+}
+
 #[test]
 fn a_change_that_moves_no_identity_keeps_the_policy_map_itself() {
-    let allow_web = || {
-        basic().policy(
-            "x",
-            "p",
-            json!({"podSelector": {"matchLabels": {"app": "db"}},
-                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]}),
-        )
-    };
     let mut compiler = Compiler::new();
     let first = compiler.compile(&allow_web().state);
     assert!(!first.policy.is_empty());
@@ -1769,16 +1771,6 @@ mod unreadable {
         assert!(to("::fffe:10.0.0.2"));
         assert!(!to("::ffff:10.0.0.2"));
         assert!(!to("10.0.0.2"));
-    }
-
-    /// Allows x/b (app=db) from x/a (app=web); `spec` replaces it later.
-    fn allow_web() -> Cluster {
-        basic().policy(
-            "x",
-            "p",
-            json!({"podSelector": {"matchLabels": {"app": "db"}},
-                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]}),
-        )
     }
 
     #[test]
