@@ -1506,6 +1506,101 @@ fn pins_of_maps_this_build_does_not_define_or_changed_are_replaced_at_load() {
     second.shutdown();
 }
 
+/// A change that moves a few addresses reaches the kernel by the IPCACHE keys it changed
+/// (the kernel holds the version the compiler changed): afterwards the kernel holds
+/// exactly the compiled IPCACHE, and the verdicts follow.
+#[test]
+fn an_ipcache_change_reaches_the_kernel_by_the_keys_it_changed() {
+    let Some(mut dp) = Loaded::new("ipcache-keys", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    let a_to_b = Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), Transport::syn(55085, 85));
+    let mut compiler = compile::Compiler::new();
+    let first = compiler.compile(&state(&[CLUSTER, POLICIES]));
+    dp.datapath.as_mut().unwrap().sync_maps(&first).unwrap();
+    assert!(dp.run(ToPod, &a_to_b));
+    // a is no longer app a: b's rule for app a no longer admits it.
+    let relabelled = CLUSTER.replace("labels: {app: a}", "labels: {app: z}");
+    let second = compiler.compile(&state(&[&relabelled, POLICIES]));
+    let changed = second
+        .ipcache
+        .changes_since(first.ipcache.version())
+        .expect("the compiler made it from the first");
+    let a_keys = [
+        compile::host_key(ip("10.1.0.1")),
+        compile::host_key(ip("fd00::1")),
+    ];
+    assert_eq!(changed, a_keys, "a's two addresses, nothing else");
+    dp.datapath.as_mut().unwrap().sync_maps(&second).unwrap();
+    let (kernel, _) = netpol_agent::datapath::inspect::read_maps(&dp.dir).unwrap();
+    assert_eq!(kernel.ipcache, second.ipcache);
+    assert!(!dp.run(ToPod, &a_to_b));
+    // And back: the kernel follows the keys again.
+    let third = compiler.compile(&state(&[CLUSTER, POLICIES]));
+    assert_eq!(
+        third.ipcache.changes_since(second.ipcache.version()),
+        Some(&a_keys[..])
+    );
+    dp.datapath.as_mut().unwrap().sync_maps(&third).unwrap();
+    let (kernel, _) = netpol_agent::datapath::inspect::read_maps(&dp.dir).unwrap();
+    assert_eq!(kernel.ipcache, third.ipcache);
+    assert!(dp.run(ToPod, &a_to_b));
+}
+
+/// IPCACHE full: a new pod's address is left out (it resolves to the world, which b's
+/// rule for app a does not admit), and once another pod's removal makes room, the next
+/// sync writes it although it is not among the keys that change then: the kernel held
+/// less than the compiled map, so the whole map is compared.
+#[test]
+fn an_address_left_out_of_a_full_ipcache_is_written_once_room_is_made() {
+    const E: &str = r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: e, namespace: x, labels: {app: a}}
+spec: {containers: [{name: c}]}
+status: {podIP: 10.1.0.9}
+"#;
+    let full = compile::compile(&state(&[CLUSTER, POLICIES]), &Allocations::default());
+    let capacities = Capacities {
+        ipcache: Some(full.ipcache.len() as u32),
+        ..Capacities::default()
+    };
+    let Some(mut dp) = Loaded::with_capacities("ipcache-full", &[CLUSTER, POLICIES], &capacities)
+    else {
+        return;
+    };
+    let e_to_b = Frame::new(ip("10.1.0.9"), ip("10.1.0.2"), Transport::syn(55085, 85));
+    let mut compiler = compile::Compiler::new();
+    let cluster = format!("{CLUSTER}{E}");
+    let first = compiler.compile(&state(&[&cluster, POLICIES]));
+    let report = dp.datapath.as_mut().unwrap().sync_maps(&first).unwrap();
+    assert_eq!(
+        report.refused,
+        vec![netpol_agent::datapath::Refusal::Peer {
+            addr: compile::addr(ip("10.1.0.9")),
+            capacity: full.ipcache.len() as u32,
+        }]
+    );
+    assert!(!dp.run(ToPod, &e_to_b), "e's address is not known yet");
+    // d goes: its address makes room.
+    let without_d = cluster.replace("name: d, namespace: y", "name: d, namespace: gone");
+    let without_d: String = without_d
+        .split("---")
+        .filter(|doc| !doc.contains("namespace: gone"))
+        .collect::<Vec<_>>()
+        .join("---");
+    let second = compiler.compile(&state(&[&without_d, POLICIES]));
+    let e_key = compile::host_key(ip("10.1.0.9"));
+    let changed = second.ipcache.changes_since(first.ipcache.version());
+    assert!(changed.is_some_and(|keys| !keys.contains(&e_key)));
+    let report = dp.datapath.as_mut().unwrap().sync_maps(&second).unwrap();
+    assert!(report.refused.is_empty(), "{:?}", report.refused);
+    let (kernel, _) = netpol_agent::datapath::inspect::read_maps(&dp.dir).unwrap();
+    assert_eq!(kernel.ipcache, second.ipcache);
+    assert!(dp.run(ToPod, &e_to_b));
+}
+
 /// A Service address of the tests (a ClusterIP), and its port.
 const SERVICE_IP: &str = "10.96.0.10";
 const SERVICE_PORT: u16 = 10080;
@@ -1524,13 +1619,15 @@ fn with_services(tag: &str, manifests: &[&str]) -> Option<Loaded> {
 }
 
 fn add_service_addresses(compiled: &mut compile::Compiled) {
-    compiled.ipcache.insert(
+    let mut ipcache = (*compiled.ipcache).clone();
+    ipcache.insert(
         compile::host_key(ip(SERVICE_IP)),
         netpol_common::PeerInfo {
             identity: netpol_common::IDENTITY_WORLD,
             flags: netpol_common::PEER_SERVICE,
         },
     );
+    compiled.ipcache = ipcache.into();
     compiled.node_ports.insert(netpol_common::ServicePort {
         port: NODE_PORT,
         protocol: netpol_common::PROTO_TCP,

@@ -278,6 +278,8 @@ pub(crate) struct CompileCache {
     pub classes: crate::compiler::ClassTable,
     /// The POLICY map of the last compile, by endpoint.
     pub kept_policy: crate::compiler::KeptPolicy,
+    /// IPCACHE as the last compile made it.
+    pub ipcache: crate::KeptMap<crate::Lpm<netpol_common::Addr>, netpol_common::PeerInfo>,
     /// The policies in force and the rule table of the last compile.
     pub policies_read: crate::compiler::PoliciesRead,
 }

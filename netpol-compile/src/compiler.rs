@@ -50,7 +50,7 @@ use crate::identity::{Allocations, IdentityClasses, IdentitySignature, NamedPort
 use crate::lpm::Lpm;
 use crate::policy::ParsedPolicy;
 use crate::state::{ClusterState, ObjectRef};
-use crate::{Compiled, Direction, IdentityInfo, LocalPod, RuleRef};
+use crate::{Compiled, Direction, IdentityInfo, KeptMap, LocalPod, RuleRef};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 /// The compiler and what it keeps from one compile to the next: the numbers it handed
@@ -182,6 +182,7 @@ fn compile_with(
         classes: class_table,
         policies_read,
         kept_policy,
+        ipcache: kept_ipcache,
         ..
     } = cache;
     let namespaces: &Namespaces = namespaces;
@@ -247,6 +248,7 @@ fn compile_with(
     let numbered = number_identities(
         prev,
         &classes,
+        kept_ipcache,
         peers,
         &egress_named_ports,
         endpoints.iter().map(|ep| pods[ep.pod].obj.clone()),
@@ -506,7 +508,7 @@ fn peers_in_force<'a>(
 /// what step 5 needs to find the identities of a rule.
 struct Numbered {
     allocations: Allocations,
-    ipcache: BTreeMap<Lpm<Addr>, PeerInfo>,
+    ipcache: KeptMap<Lpm<Addr>, PeerInfo>,
     identities: BTreeMap<u32, IdentityInfo>,
     /// Identities of the classes each peer slot matches.
     peer_identities: HashMap<usize, BTreeSet<u32>>,
@@ -516,10 +518,11 @@ struct Numbered {
 
 /// Step 4: an identity per class (the world for the class matching nothing), numbered
 /// by lineage from `prev`, together with the endpoint and rule numbers (`rules`: `None`
-/// for `prev`'s).
+/// for `prev`'s). IPCACHE is `ipcache` (the last compile's) brought up to date.
 fn number_identities(
     prev: &Allocations,
     classes: &Classes,
+    ipcache: &mut KeptMap<Lpm<Addr>, PeerInfo>,
     peers: &PeerSlots,
     egress_named_ports: &[(&str, u8)],
     endpoints: impl IntoIterator<Item = ObjectRef>,
@@ -578,14 +581,12 @@ fn number_identities(
         })
         .collect();
 
-    let ipcache: BTreeMap<Lpm<Addr>, PeerInfo> = classes
-        .keys
-        .iter()
-        .map(|&(key, class, flags)| {
+    let ipcache = ipcache
+        .update(classes.keys.iter().map(|&(key, class, flags)| {
             let identity = identity_of[class];
             (key, PeerInfo { identity, flags })
-        })
-        .collect();
+        }))
+        .clone();
     let mut identities: BTreeMap<u32, IdentityInfo> = BTreeMap::new();
     identities.insert(
         IDENTITY_ANY,

@@ -30,7 +30,7 @@ use super::cnp::reference::{DecidedBy, TieredReference};
 use super::reference::Verdict;
 use super::testutil::{Cluster, labels};
 #[cfg(test)]
-use super::{Allocations, Compiled, Compiler, Direction, compile, model};
+use super::{Allocations, Compiled, Compiler, Direction, KeptMap, compile, model};
 use crate::state::ClusterState;
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
@@ -975,6 +975,26 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
     }
 }
 
+/// What `now` (a compiler's result) says of how it was made from `before` (the same
+/// compiler's previous result) is true: the keys it names are exactly those whose
+/// entries differ, and the same version holds the same entries.
+#[cfg(test)]
+fn lineage_holds<K, V>(before: &KeptMap<K, V>, now: &KeptMap<K, V>) -> Result<(), TestCaseError>
+where
+    K: Ord + Copy + std::fmt::Debug,
+    V: PartialEq + Copy,
+{
+    let differ: BTreeSet<K> = before
+        .keys()
+        .chain(now.keys())
+        .filter(|key| before.get(key) != now.get(key))
+        .copied()
+        .collect();
+    let differ: Vec<K> = differ.into_iter().collect();
+    prop_assert_eq!(now.changes_since(before.version()), Some(&differ[..]));
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
 
@@ -990,12 +1010,14 @@ proptest! {
     ) {
         let mut state = s.state.clone();
         let mut compiler = Compiler::default();
-        compiler.compile(&state);
+        let mut last = compiler.compile(&state);
         for (step, change) in changes.iter().enumerate() {
             apply(&mut state, change, step);
             let cold = compiler.without_memo().compile(&state);
             let warm = compiler.compile(&state);
             prop_assert_eq!(&warm, &cold, "after {:?}", change);
+            lineage_holds(&last.ipcache, &warm.ipcache)?;
+            last = warm.clone();
             // The versions in force: a policy the source cannot read keeps its last one.
             let admitted = compiler.admitted(&state);
             let reference = TieredReference::new(&admitted);

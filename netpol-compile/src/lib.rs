@@ -39,6 +39,7 @@ mod diagnostics;
 #[cfg(any(test, feature = "testing"))]
 pub mod differential;
 mod identity;
+mod kept_map;
 mod lpm;
 pub mod model;
 mod policy;
@@ -64,6 +65,7 @@ use crate::state::{ClusterState, ObjectRef};
 pub use compiler::{Compiler, compile};
 pub use diagnostics::{Diagnostic, Kind, ObjectName, Subject};
 pub use identity::{Allocations, IdentitySignature, NamedPortResolution};
+pub use kept_map::KeptMap;
 pub use lpm::{Lpm, LpmData, addr, host_key, key_net, net_key};
 pub use policy::{FieldError, validate_policy};
 pub use ports::{PortPrefix, port_prefixes};
@@ -130,8 +132,10 @@ impl std::fmt::Display for Direction {
 pub struct Compiled {
     /// ENDPOINTS: every address of every local, non-hostNetwork, live pod with an IP.
     pub endpoints: BTreeMap<Addr, EndpointInfo>,
-    /// IPCACHE: pod IPs, node IPs, ipBlock cidr and except prefixes.
-    pub ipcache: BTreeMap<Lpm<Addr>, PeerInfo>,
+    /// IPCACHE: pod IPs, node IPs, ipBlock cidr and except prefixes. Kept by the
+    /// [`Compiler`] from one compile to the next, with its version and the keys it
+    /// changed ([`KeptMap`]).
+    pub ipcache: KeptMap<Lpm<Addr>, PeerInfo>,
     /// POLICY: allow entries; the value is the id of the rule, see [`Compiled::rules`].
     /// Shared with the [`Compiler`]'s memo, and with the previous result when no
     /// endpoint's entries changed (compare with `Arc::ptr_eq` to know it unchanged).

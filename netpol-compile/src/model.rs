@@ -207,27 +207,31 @@ mod tests {
                 flags: ENDPOINT_INGRESS_ISOLATED | netpol_common::ENDPOINT_INGRESS_ANY_PEER,
             },
         );
-        c.ipcache.insert(
-            host_key(ip("10.0.0.2")),
-            PeerInfo {
-                identity: 20,
-                flags: 0,
-            },
-        );
-        c.ipcache.insert(
-            net_key(&"192.168.0.0/16".parse().unwrap()),
-            PeerInfo {
-                identity: 21,
-                flags: 0,
-            },
-        );
-        c.ipcache.insert(
-            host_key(ip("10.0.0.254")),
-            PeerInfo {
-                identity: IDENTITY_WORLD,
-                flags: PEER_HOST,
-            },
-        );
+        c.ipcache = [
+            (
+                host_key(ip("10.0.0.2")),
+                PeerInfo {
+                    identity: 20,
+                    flags: 0,
+                },
+            ),
+            (
+                net_key(&"192.168.0.0/16".parse().unwrap()),
+                PeerInfo {
+                    identity: 21,
+                    flags: 0,
+                },
+            ),
+            (
+                host_key(ip("10.0.0.254")),
+                PeerInfo {
+                    identity: IDENTITY_WORLD,
+                    flags: PEER_HOST,
+                },
+            ),
+        ]
+        .into_iter()
+        .collect();
         let key = |identity, protocol, port: u16, prefix| {
             Lpm::new(
                 prefix,

@@ -112,8 +112,12 @@ pub fn propagation(
     let started = Instant::now();
     for i in 0..config.changes {
         let (kind, pods_changed) = change(&mut state, size, i);
+        // As the agent's loop: the last result is released before the compile (its
+        // IPCACHE is the compiler's, updated in place when nobody else holds it), and
+        // the compiler is told which pods changed.
+        let ipcache_before = compiled.ipcache.version();
+        let policy_before = std::mem::take(&mut compiled).policy;
         let t0 = Instant::now();
-        // As the agent's loop: the compiler is told which pods changed.
         let next = compiler.compile_changed(&state, Some(&pods_changed));
         let t1 = Instant::now();
         let report = datapath.sync_maps(&next).expect("apply");
@@ -127,10 +131,11 @@ pub fn propagation(
         entry.0.push(ms(t2 - t0));
         entry.1.push(report.maps.writes() as f64);
         // Which map the writes went to (outside the timed part).
+        let ipcache_changed = next.ipcache.changes_since(ipcache_before);
         entry
             .2
-            .push(changed(&compiled.ipcache, &next.ipcache) as f64);
-        entry.3.push(changed(&compiled.policy, &next.policy) as f64);
+            .push(ipcache_changed.expect("made from the last").len() as f64);
+        entry.3.push(changed(&policy_before, &next.policy) as f64);
         compiled = next;
         assert!(report.refused.is_empty(), "{:?}", report.refused);
         if i % 50 == 49 {

@@ -336,13 +336,15 @@ pub fn scenarios() -> Vec<Scenario> {
 /// Makes [`SERVICE`] a Service address in the compiled maps (as the compiler does for
 /// a Service's ClusterIP).
 pub fn add_service(compiled: &mut netpol_compile::Compiled) {
-    compiled.ipcache.insert(
+    let mut ipcache = (*compiled.ipcache).clone();
+    ipcache.insert(
         netpol_compile::host_key(ip(SERVICE)),
         netpol_common::PeerInfo {
             identity: netpol_common::IDENTITY_WORLD,
             flags: netpol_common::PEER_SERVICE,
         },
     );
+    compiled.ipcache = ipcache.into();
 }
 
 pub fn state() -> ClusterState {

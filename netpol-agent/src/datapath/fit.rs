@@ -71,11 +71,24 @@ impl Refusal {
 pub struct Fitted<'a> {
     pub endpoints: Cow<'a, BTreeMap<Addr, EndpointInfo>>,
     pub ipcache: Cow<'a, BTreeMap<Lpm<Addr>, PeerInfo>>,
+    /// What IPCACHE needs written ([`Kernel::ipcache_version`]).
+    pub ipcache_work: Work<'a, Lpm<Addr>>,
     pub policy: Cow<'a, BTreeMap<Lpm<PolicyKey>, PolicyValue>>,
     /// Whether the kernel holds `policy` already ([`Kernel::policy_is_compiled`], nothing
     /// refused): there is nothing to write to POLICY.
     pub policy_in_kernel: bool,
     pub refused: Vec<Refusal>,
+}
+
+/// What a sync has to write to a map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Work<'a, K> {
+    /// Nothing: the kernel holds the desired contents.
+    Nothing,
+    /// The entries of these keys only (sorted); the kernel holds the rest.
+    Keys(&'a [K]),
+    /// Every entry, compared with what the kernel holds.
+    Whole,
 }
 
 /// An ipBlock prefix would not fit in IPCACHE: the change cannot be applied safely.
@@ -97,6 +110,10 @@ pub struct Kernel<'a> {
     /// Whether `policy` is known to be the compiled POLICY map itself (written whole by
     /// the last sync, and shared by the compiler since): then it is not compared.
     pub policy_is_compiled: bool,
+    /// The version of the compiled IPCACHE ([`netpol_compile::KeptMap`]) that `ipcache`
+    /// is exactly (the last sync wrote it whole), if known: a compiled IPCACHE that
+    /// knows its changes since is written by those keys alone.
+    pub ipcache_version: Option<u64>,
 }
 
 /// `[ENDPOINTS, IPCACHE, POLICY, POLICY_RANGES]` max_entries.
@@ -166,12 +183,23 @@ pub fn fit<'a>(
     }
 
     // IPCACHE: ipBlock prefixes must all fit; addresses are admitted while room lasts.
-    let mut ipcache = Cow::Borrowed(&compiled.ipcache);
+    // The kernel holding a version the compiled map knows its changes since, only the
+    // keys changed can be new.
+    let mut ipcache = Cow::Borrowed(compiled.ipcache.as_ref());
+    let changed = kernel
+        .ipcache_version
+        .and_then(|version| compiled.ipcache.changes_since(version));
+    let absent = match changed {
+        Some(keys) => keys
+            .iter()
+            .filter(|key| compiled.ipcache.contains_key(key) && !kernel.ipcache.contains_key(key))
+            .collect(),
+        None => absent_from(&compiled.ipcache, kernel.ipcache),
+    };
     let room = free(kernel.ipcache.len(), ipcache_cap);
-    let (new_prefixes, new_hosts): (Vec<&Lpm<Addr>>, Vec<&Lpm<Addr>>) =
-        absent_from(&compiled.ipcache, kernel.ipcache)
-            .into_iter()
-            .partition(|key| key.prefix_len < key.data.full_prefix_len());
+    let (new_prefixes, new_hosts): (Vec<&Lpm<Addr>>, Vec<&Lpm<Addr>>) = absent
+        .into_iter()
+        .partition(|key| key.prefix_len < key.data.full_prefix_len());
     if new_prefixes.len() > room {
         return Err(PrefixOverflow {
             capacity: ipcache_cap,
@@ -188,9 +216,15 @@ pub fn fit<'a>(
         }));
     }
 
+    let ipcache_work = match (changed, &ipcache) {
+        (Some([]), Cow::Borrowed(_)) => Work::Nothing,
+        (Some(keys), Cow::Borrowed(_)) => Work::Keys(keys),
+        _ => Work::Whole,
+    };
     Ok(Fitted {
         endpoints,
         ipcache,
+        ipcache_work,
         policy,
         policy_in_kernel,
         refused,
@@ -285,6 +319,7 @@ mod tests {
                 ipcache: &self.ipcache,
                 policy: &self.policy,
                 policy_is_compiled: false,
+                ipcache_version: None,
             }
         }
     }
@@ -480,6 +515,79 @@ mod tests {
             }
         );
         assert!(error.to_string().contains("IPCACHE is full"));
+    }
+
+    /// The kernel holding version `first` of the compiled IPCACHE (`first` entries),
+    /// and the compiled map made from it (`next` entries).
+    fn ipcache_versions(
+        first: &[(Lpm<Addr>, PeerInfo)],
+        next: &[(Lpm<Addr>, PeerInfo)],
+    ) -> (Maps, u64, Compiled) {
+        let mut kept = netpol_compile::KeptMap::default();
+        kept.update(first.to_vec());
+        let version = kept.version();
+        let maps = Maps {
+            ipcache: first.iter().copied().collect(),
+            ..empty()
+        };
+        kept.update(next.to_vec());
+        let c = Compiled {
+            ipcache: kept,
+            ..Compiled::default()
+        };
+        (maps, version, c)
+    }
+
+    #[test]
+    fn an_ipcache_made_from_the_kernels_version_is_written_by_the_keys_it_changed() {
+        let first = [prefix(0, 24, 17), host(1, 16), host(2, 16)];
+        let next = [prefix(0, 24, 17), host(1, 18), host(3, 16)];
+        let (maps, version, c) = ipcache_versions(&first, &next);
+        let kernel = Kernel {
+            ipcache_version: Some(version),
+            ..maps.kernel()
+        };
+        let fitted = fit(&c, &kernel, [10, 10, 10, 10]).unwrap();
+        let changed = [host(1, 0).0, host(2, 0).0, host(3, 0).0];
+        assert_eq!(fitted.ipcache_work, Work::Keys(&changed));
+        // The kernel holding the compiled version itself: nothing to write.
+        let kernel = Kernel {
+            ipcache_version: Some(c.ipcache.version()),
+            ..maps.kernel()
+        };
+        let fitted = fit(&c, &kernel, [10, 10, 10, 10]).unwrap();
+        assert_eq!(fitted.ipcache_work, Work::Nothing);
+    }
+
+    #[test]
+    fn an_ipcache_of_another_lineage_or_narrowed_is_compared_whole() {
+        let first = [prefix(0, 24, 17), host(1, 16)];
+        let next = [prefix(0, 24, 17), host(1, 16), host(2, 16), host(3, 16)];
+        let (maps, version, c) = ipcache_versions(&first, &next);
+        // Some other version in the kernel (or none known).
+        for other in [None, Some(version + 1_000_000)] {
+            let kernel = Kernel {
+                ipcache_version: other,
+                ..maps.kernel()
+            };
+            let fitted = fit(&c, &kernel, [10, 10, 10, 10]).unwrap();
+            assert_eq!(fitted.ipcache_work, Work::Whole);
+        }
+        // Made from the kernel's version, but the room is for one new address of two:
+        // what is written is not the compiled map, so the whole is compared.
+        let kernel = Kernel {
+            ipcache_version: Some(version),
+            ..maps.kernel()
+        };
+        let fitted = fit(&c, &kernel, [10, 3, 10, 10]).unwrap();
+        assert_eq!(
+            fitted.refused,
+            vec![Refusal::Peer {
+                addr: addr(3),
+                capacity: 3
+            }]
+        );
+        assert_eq!(fitted.ipcache_work, Work::Whole);
     }
 
     #[test]

@@ -48,7 +48,10 @@ pub fn read_maps(dir: &Path) -> Result<(Compiled, u32), Error> {
         .generation;
     let compiled = Compiled {
         endpoints: endpoints.read_all().map_err(map_error(names::ENDPOINTS))?,
-        ipcache: ipcache.read_all().map_err(map_error(names::IPCACHE))?,
+        ipcache: ipcache
+            .read_all()
+            .map_err(map_error(names::IPCACHE))?
+            .into(),
         policy: std::sync::Arc::new(policy.read_all().map_err(map_error(names::POLICY))?),
         node_ports: node_ports
             .read_all()

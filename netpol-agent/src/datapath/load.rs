@@ -126,6 +126,7 @@ impl Datapath {
             policy,
             // Adopted maps are compared with the first compile's in full.
             policy_written: None,
+            ipcache_written: None,
             counters,
             state,
             capacities: [

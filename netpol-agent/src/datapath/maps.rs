@@ -158,6 +158,50 @@ impl<M: KernelMap> Synced<M> {
             ..SyncStats::default()
         })
     }
+
+    /// [`Synced::upsert`] for `keys` only: the shadow holds `desired` but for them (the
+    /// kernel holds the map these keys were changed from).
+    pub fn upsert_keys(
+        &mut self,
+        desired: &BTreeMap<M::Key, M::Value>,
+        keys: &[M::Key],
+    ) -> Result<SyncStats, MapError> {
+        let mut stats = SyncStats::default();
+        for key in keys {
+            let Some(want) = desired.get(key) else {
+                continue;
+            };
+            match self.shadow.get(key) {
+                Some(have) if have == want => continue,
+                Some(_) => stats.updated += 1,
+                None => stats.inserted += 1,
+            }
+            self.map.put(key, want)?;
+            self.shadow.insert(*key, *want);
+        }
+        Ok(stats)
+    }
+
+    /// [`Synced::remove_stale`] for `keys` only (see [`Synced::upsert_keys`]).
+    pub fn remove_keys(
+        &mut self,
+        desired: &BTreeMap<M::Key, M::Value>,
+        keys: &[M::Key],
+    ) -> Result<SyncStats, MapError> {
+        let mut stats = SyncStats::default();
+        for key in keys {
+            if desired.contains_key(key) || !self.shadow.contains_key(key) {
+                continue;
+            }
+            match self.map.delete(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(error) => return Err(error),
+            }
+            self.shadow.remove(key);
+            stats.removed += 1;
+        }
+        Ok(stats)
+    }
 }
 
 /// Walks two maps sorted by the same keys together, in key order: `f` gets each key's

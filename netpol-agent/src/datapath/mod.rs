@@ -43,6 +43,7 @@ use tracing::{info, warn};
 
 use attach::Attachment;
 pub use fit::Refusal;
+use fit::Work;
 pub use load::map_layouts;
 pub use maps::SyncStats;
 use maps::{EndpointsMap, IpcacheMap, PolicyMap};
@@ -198,6 +199,9 @@ pub struct Datapath {
     /// a sync with this very map again has no POLICY work ([`Compiled::policy`] is
     /// shared from one compile to the next while no endpoint's entries change).
     policy_written: Option<Arc<BTreeMap<Lpm<PolicyKey>, PolicyValue>>>,
+    /// The version of the compiled IPCACHE the kernel holds exactly (the last sync wrote
+    /// it whole): the next sync writes the keys changed since, or nothing.
+    ipcache_written: Option<u64>,
     counters: PerCpuArray<MapData, Counter>,
     state: Array<MapData, DatapathState>,
     /// max_entries of ENDPOINTS, IPCACHE, POLICY, POLICY_RANGES, and of each of CT4 and
@@ -296,6 +300,7 @@ impl Datapath {
                 ipcache: self.ipcache.contents(),
                 policy: self.policy.contents(),
                 policy_is_compiled,
+                ipcache_version: self.ipcache_written.take(),
             };
             let caps = [endpoints_cap, ipcache_cap, policy_cap, ranges_cap];
             let fitted = fit::fit(compiled, &kernel, caps)?;
@@ -304,6 +309,9 @@ impl Datapath {
             // Written whole: the kernel holds the compiled map itself.
             if matches!(fitted.policy, Cow::Borrowed(_)) {
                 self.policy_written = Some(Arc::clone(&compiled.policy));
+            }
+            if matches!(fitted.ipcache, Cow::Borrowed(_)) {
+                self.ipcache_written = Some(compiled.ipcache.version());
             }
             report.refused = fitted.refused;
             if report.refused.is_empty() || report.maps.removed == removed_before {
@@ -338,10 +346,12 @@ impl Datapath {
                 .upsert(&fitted.policy)
                 .map_err(map_err(names::POLICY))?;
         }
-        report.maps += self
-            .ipcache
-            .upsert(&fitted.ipcache)
-            .map_err(map_err(names::IPCACHE))?;
+        report.maps += match fitted.ipcache_work {
+            Work::Nothing => Ok(SyncStats::default()),
+            Work::Keys(keys) => self.ipcache.upsert_keys(&fitted.ipcache, keys),
+            Work::Whole => self.ipcache.upsert(&fitted.ipcache),
+        }
+        .map_err(map_err(names::IPCACHE))?;
         report.maps += self
             .endpoints
             .upsert(&fitted.endpoints)
@@ -363,10 +373,12 @@ impl Datapath {
             .endpoints
             .remove_stale(&fitted.endpoints)
             .map_err(map_err(names::ENDPOINTS))?;
-        report.maps += self
-            .ipcache
-            .remove_stale(&fitted.ipcache)
-            .map_err(map_err(names::IPCACHE))?;
+        report.maps += match fitted.ipcache_work {
+            Work::Nothing => Ok(SyncStats::default()),
+            Work::Keys(keys) => self.ipcache.remove_keys(&fitted.ipcache, keys),
+            Work::Whole => self.ipcache.remove_stale(&fitted.ipcache),
+        }
+        .map_err(map_err(names::IPCACHE))?;
         if !fitted.policy_in_kernel {
             report.maps += self
                 .policy

@@ -236,7 +236,10 @@ impl<'a, S: Source> Reconciler<'a, S> {
         self.state.configured_service_cidrs = self.config.service_cidrs.clone();
         phases.snapshot = phases.since_start();
         // Every snapshot is compiled by this compiler: the pods it changed are the pods
-        // changed since the compiler's last compile.
+        // changed since the compiler's last compile. The last result shares its maps
+        // with the compiler's memo: released first, they are updated in place, not
+        // copied.
+        self.compiled = Compiled::default();
         self.compiled = self
             .compiler
             .compile_changed(&self.state, update.pods_changed.as_ref());

@@ -148,7 +148,7 @@ fn no_policies_endpoints_and_pod_ips_only() {
     .into_iter()
     .map(|a| (host_key(ip(a)), world))
     .collect();
-    assert_eq!(c.ipcache, expected);
+    assert_eq!(*c.ipcache, expected);
     assert_eq!(
         c.ipcache
             .keys()
@@ -471,7 +471,7 @@ fn ip_block_with_except() {
     ]
     .into_iter()
     .collect();
-    assert_eq!(c.ipcache, expected);
+    assert_eq!(*c.ipcache, expected);
     // Members in key order (shorter prefixes first).
     assert_eq!(
         c.members(&state, D),

@@ -1,0 +1,237 @@
+//! [`KeptMap`]: a compiled map that the compiler keeps from one compile to the next,
+//! with a version naming its contents and the keys by which it differs from the version
+//! it was made from, so that the datapath writes what changed without comparing every
+//! entry.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Versions handed out in this process; 0 names the empty map.
+static VERSIONS: AtomicU64 = AtomicU64::new(1);
+
+fn next_version() -> u64 {
+    VERSIONS.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A map's contents, shared (not copied) with the compiler's memo and with the results
+/// that hold the same contents, together with:
+///
+/// - its **version**: two maps with the same version hold the same entries (versions are
+///   unique within the process; 0 is the empty map's), so whoever wrote one version whole
+///   knows, by the number alone, that a result with the same version needs no write;
+/// - the **change** it was made by, when the compiler knows it: the version it was made
+///   from and the keys whose entries differ (added, changed or removed), sorted.
+///
+/// Results compare by contents: how a map was made says nothing about what it holds.
+#[derive(Clone)]
+pub struct KeptMap<K, V> {
+    map: Arc<BTreeMap<K, V>>,
+    version: u64,
+    changed: Option<(u64, Arc<[K]>)>,
+}
+
+impl<K, V> Default for KeptMap<K, V> {
+    fn default() -> Self {
+        KeptMap {
+            map: Arc::default(),
+            version: 0,
+            changed: None,
+        }
+    }
+}
+
+impl<K: Ord + Copy, V: PartialEq + Copy> KeptMap<K, V> {
+    /// The version naming these contents.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The keys whose entries differ between the map of `version` and this one (sorted),
+    /// when known: `Some(&[])` when `version` is this one's.
+    pub fn changes_since(&self, version: u64) -> Option<&[K]> {
+        if version == self.version {
+            return Some(&[]);
+        }
+        match &self.changed {
+            Some((from, keys)) if *from == version => Some(keys),
+            _ => None,
+        }
+    }
+
+    /// The map holding `entries` (sorted by key, no key twice): this one when they are
+    /// its entries; else its next version, made by the keys that differ (in place when
+    /// nothing else holds the contents, which are otherwise copied first), or built anew
+    /// when more than a quarter of the entries differ.
+    pub fn update<I>(&mut self, entries: I) -> &Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        I::IntoIter: Clone,
+    {
+        let entries = entries.into_iter();
+        let mut changes: Vec<(K, Option<V>)> = Vec::new();
+        let mut held = self.map.iter().peekable();
+        for (key, value) in entries.clone() {
+            while let Some((&old, _)) = held.next_if(|(k, _)| **k < key) {
+                changes.push((old, None));
+            }
+            match held.next_if(|(k, _)| **k == key) {
+                Some((_, old)) if *old == value => {}
+                _ => changes.push((key, Some(value))),
+            }
+        }
+        changes.extend(held.map(|(&old, _)| (old, None)));
+        if changes.is_empty() {
+            return self;
+        }
+        debug_assert!(changes.is_sorted_by_key(|(k, _)| *k));
+        if changes.len() > self.map.len() / 4 {
+            self.map = Arc::new(entries.collect());
+        } else {
+            let map = Arc::make_mut(&mut self.map);
+            for &(key, value) in &changes {
+                match value {
+                    Some(value) => drop(map.insert(key, value)),
+                    None => drop(map.remove(&key)),
+                }
+            }
+        }
+        let keys: Arc<[K]> = changes.into_iter().map(|(k, _)| k).collect();
+        self.changed = Some((self.version, keys));
+        self.version = next_version();
+        self
+    }
+}
+
+impl<K: Ord, V> From<BTreeMap<K, V>> for KeptMap<K, V> {
+    /// A map of its own: a new version, made from nothing known.
+    fn from(map: BTreeMap<K, V>) -> Self {
+        KeptMap {
+            version: if map.is_empty() { 0 } else { next_version() },
+            map: Arc::new(map),
+            changed: None,
+        }
+    }
+}
+
+impl<K: Ord, V> FromIterator<(K, V)> for KeptMap<K, V> {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        BTreeMap::from_iter(iter).into()
+    }
+}
+
+impl<K, V> Deref for KeptMap<K, V> {
+    type Target = BTreeMap<K, V>;
+
+    fn deref(&self) -> &BTreeMap<K, V> {
+        &self.map
+    }
+}
+
+impl<'a, K, V> IntoIterator for &'a KeptMap<K, V> {
+    type Item = (&'a K, &'a V);
+    type IntoIter = std::collections::btree_map::Iter<'a, K, V>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.map.iter()
+    }
+}
+
+impl<K, V> AsRef<BTreeMap<K, V>> for KeptMap<K, V> {
+    fn as_ref(&self) -> &BTreeMap<K, V> {
+        &self.map
+    }
+}
+
+impl<K: PartialEq, V: PartialEq> PartialEq for KeptMap<K, V> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.map, &other.map) || self.map == other.map
+    }
+}
+
+impl<K: Eq, V: Eq> Eq for KeptMap<K, V> {}
+
+impl<K: fmt::Debug, V: fmt::Debug> fmt::Debug for KeptMap<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.map.fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(list: &[(u32, u32)]) -> Vec<(u32, u32)> {
+        list.to_vec()
+    }
+
+    #[test]
+    fn the_same_entries_keep_the_version_and_the_contents_themselves() {
+        let mut kept = KeptMap::default();
+        kept.update(entries(&[(1, 10), (2, 20)]));
+        let before = kept.clone();
+        kept.update(entries(&[(1, 10), (2, 20)]));
+        assert_eq!(kept.version(), before.version());
+        assert!(Arc::ptr_eq(&kept.map, &before.map));
+        assert_eq!(kept.changes_since(before.version()), Some(&[][..]));
+    }
+
+    #[test]
+    fn a_new_version_names_exactly_the_keys_added_changed_and_removed() {
+        let big: Vec<(u32, u32)> = (0..100).map(|k| (k * 2, k)).collect();
+        let mut kept = KeptMap::default();
+        kept.update(big.clone());
+        let first = kept.version();
+        let mut next = big.clone();
+        next[3].1 = 1000; // key 6 changed
+        next.remove(10); // key 20 removed
+        next.insert(1, (1, 1)); // key 1 added between 0 and 2
+        next.push((1001, 5)); // key 1001 added after everything
+        next.remove(0); // key 0 removed, ahead of everything
+        kept.update(next.clone());
+        assert_ne!(kept.version(), first);
+        assert_eq!(kept.changes_since(first), Some(&[0, 1, 6, 20, 1001][..]));
+        assert_eq!(*kept, next.into_iter().collect::<BTreeMap<_, _>>());
+        // Only from the version it was made from.
+        assert_eq!(kept.changes_since(first + 1_000_000), None);
+    }
+
+    #[test]
+    fn contents_shared_with_a_result_are_copied_before_they_change() {
+        let mut kept = KeptMap::default();
+        kept.update((0..100).map(|k| (k, k)).collect::<Vec<_>>());
+        let result = kept.clone();
+        kept.update(
+            (0..100)
+                .map(|k| (k, if k == 7 { 0 } else { k }))
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(result.get(&7), Some(&7), "the earlier result is unchanged");
+        assert_eq!(kept.get(&7), Some(&0));
+    }
+
+    #[test]
+    fn many_changes_build_the_map_again_with_the_same_contents() {
+        let mut kept = KeptMap::default();
+        kept.update((0..100).map(|k| (k, k)).collect::<Vec<_>>());
+        let first = kept.version();
+        let next: Vec<(u32, u32)> = (50..200).map(|k| (k, k + 1)).collect();
+        kept.update(next.clone());
+        assert_eq!(*kept, next.into_iter().collect::<BTreeMap<_, _>>());
+        let changed = kept
+            .changes_since(first)
+            .expect("made from the first")
+            .len();
+        assert_eq!(changed, 200, "50 removed, 150 added or changed");
+    }
+
+    #[test]
+    fn maps_compare_by_contents_whatever_their_versions() {
+        let a: KeptMap<u32, u32> = [(1, 1)].into_iter().collect();
+        let b: KeptMap<u32, u32> = [(1, 1)].into_iter().collect();
+        assert_ne!(a.version(), b.version());
+        assert_eq!(a, b);
+    }
+}
