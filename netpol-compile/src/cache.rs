@@ -276,6 +276,8 @@ pub(crate) struct CompileCache {
     pub cluster_policies: HashMap<String, crate::compiler::ReadCnp>,
     /// The address classes handed out, and their epoch (see [`PodEntry::class`]).
     pub classes: crate::compiler::ClassTable,
+    /// The order the IPCACHE keys were sorted into last time.
+    pub key_order: crate::compiler::KeyOrder,
     /// The POLICY map of the last compile, by endpoint.
     pub kept_policy: crate::compiler::KeptPolicy,
     /// IPCACHE as the last compile made it.

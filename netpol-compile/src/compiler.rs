@@ -35,7 +35,7 @@ use netpol_common::{
     IDENTITY_ANY, IDENTITY_WORLD, PeerInfo,
 };
 
-pub(crate) use self::classify::ClassTable;
+pub(crate) use self::classify::{ClassTable, KeyOrder};
 use self::classify::{Classes, classify};
 use self::emit::RuleContext;
 pub(crate) use self::kept_policy::KeptPolicy;
@@ -180,6 +180,7 @@ fn compile_with(
         named_ports,
         pod_counts,
         classes: class_table,
+        key_order,
         policies_read,
         kept_policy,
         ipcache: kept_ipcache,
@@ -242,6 +243,7 @@ fn compile_with(
         &prefixes,
         &frontends,
         class_table,
+        key_order,
         now,
     );
     let pod_entries: &[PodEntry] = pod_entries;

@@ -96,6 +96,55 @@ impl ClassTable {
     }
 }
 
+/// An IPCACHE key as [`classify`] lists it: key, precedence, class, flags.
+type Listed = (Lpm<Addr>, u8, usize, u32);
+
+/// The order [`classify`] sorted its keys into, kept from one compile to the next (in
+/// the compiler's memo): keys listed in the same sequence as last time (no address,
+/// node, Service or prefix came or went; classes and flags may differ) are put in that
+/// order again without sorting some 190,000 of them.
+#[derive(Default)]
+pub(crate) struct KeyOrder {
+    /// The keys and precedences as listed last time.
+    listed: Vec<(Lpm<Addr>, u8)>,
+    /// Where each sorted key was listed.
+    order: Vec<u32>,
+}
+
+impl KeyOrder {
+    /// `keys` sorted by (key, precedence); keys equal in both keep their listed order.
+    fn sort(&mut self, keys: Vec<Listed>) -> Vec<Listed> {
+        let same = self.listed.len() == keys.len()
+            && self
+                .listed
+                .iter()
+                .zip(&keys)
+                .all(|(&(a, pa), &(b, pb, _, _))| a == b && pa == pb);
+        if !same {
+            // By (key, precedence, place in the list), compared as integers: the order
+            // of `Lpm<Addr>`'s fields.
+            let mut sorted: Vec<(u64, u128, u8, u32)> = keys
+                .iter()
+                .zip(0u32..)
+                .map(|(&(key, precedence, _, _), at)| {
+                    let family_and_length =
+                        (u64::from(key.prefix_len) << 32) | u64::from(key.data.family);
+                    (
+                        family_and_length,
+                        u128::from_be_bytes(key.data.bytes),
+                        precedence,
+                        at,
+                    )
+                })
+                .collect();
+            sorted.sort_unstable();
+            self.order = sorted.into_iter().map(|(_, _, _, at)| at).collect();
+            self.listed = keys.iter().map(|&(key, p, _, _)| (key, p)).collect();
+        }
+        self.order.iter().map(|&at| keys[at as usize]).collect()
+    }
+}
+
 /// Classes of every pod address, node address, Service address and range, and ipBlock
 /// prefix. Where keys coincide, the pod's class wins over the node's, the node's over a
 /// Service's, and those over the prefix's; node addresses carry `PEER_HOST`, and Service
@@ -111,13 +160,13 @@ pub(super) fn classify(
     prefixes: &[(IpNet, BitSet)],
     services: &Frontends,
     table: &mut ClassTable,
+    order: &mut KeyOrder,
     now: u64,
 ) -> Classes {
     let active = &peers.active;
     let none = BitSet::default();
     table.begin(active);
-    // (key, precedence, class, flags)
-    let mut keys: Vec<(Lpm<Addr>, u8, usize, u32)> = Vec::with_capacity(entries.len() * 2);
+    let mut keys: Vec<Listed> = Vec::with_capacity(entries.len() * 2);
     // The pod's class, built in place for each pod (no allocation unless it is new).
     let mut pod_class = ClassKey::default();
     for pod in pods {
@@ -233,15 +282,7 @@ pub(super) fn classify(
         };
         keys.push((net_key(prefix), 4, table.intern(class), 0));
     }
-    // By (key, precedence), compared as integers: the order of `Lpm<Addr>`'s fields.
-    keys.sort_unstable_by_key(|&(key, precedence, _, _)| {
-        let family_and_length = (u64::from(key.prefix_len) << 32) | u64::from(key.data.family);
-        (
-            family_and_length,
-            u128::from_be_bytes(key.data.bytes),
-            precedence,
-        )
-    });
+    let keys = order.sort(keys);
     debug_assert!(keys.is_sorted_by_key(|&(key, precedence, _, _)| (key, precedence)));
     let mut merged: Vec<(Lpm<Addr>, usize, u32)> = Vec::with_capacity(keys.len());
     for (key, _, class, flags) in keys {
