@@ -130,10 +130,7 @@ impl<M: KernelMap> Synced<M> {
             }
             _ => {}
         });
-        for (key, value) in changed {
-            self.map.put(key, value)?;
-            self.shadow.insert(*key, *value);
-        }
+        self.put_all(changed)?;
         Ok(stats)
     }
 
@@ -146,17 +143,7 @@ impl<M: KernelMap> Synced<M> {
             .into_iter()
             .copied()
             .collect();
-        for key in &stale {
-            match self.map.delete(key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(error) => return Err(error),
-            }
-            self.shadow.remove(key);
-        }
-        Ok(SyncStats {
-            removed: stale.len(),
-            ..SyncStats::default()
-        })
+        self.delete_all(stale)
     }
 
     /// [`Synced::upsert`] for `keys` only: the shadow holds `desired` but for them (the
@@ -167,6 +154,7 @@ impl<M: KernelMap> Synced<M> {
         keys: &[M::Key],
     ) -> Result<SyncStats, MapError> {
         let mut stats = SyncStats::default();
+        let mut changed = Vec::new();
         for key in keys {
             let Some(want) = desired.get(key) else {
                 continue;
@@ -176,9 +164,9 @@ impl<M: KernelMap> Synced<M> {
                 Some(_) => stats.updated += 1,
                 None => stats.inserted += 1,
             }
-            self.map.put(key, want)?;
-            self.shadow.insert(*key, *want);
+            changed.push((key, want));
         }
+        self.put_all(changed)?;
         Ok(stats)
     }
 
@@ -188,19 +176,36 @@ impl<M: KernelMap> Synced<M> {
         desired: &BTreeMap<M::Key, M::Value>,
         keys: &[M::Key],
     ) -> Result<SyncStats, MapError> {
-        let mut stats = SyncStats::default();
-        for key in keys {
-            if desired.contains_key(key) || !self.shadow.contains_key(key) {
-                continue;
-            }
+        let stale: Vec<M::Key> = keys
+            .iter()
+            .filter(|key| !desired.contains_key(key) && self.shadow.contains_key(key))
+            .copied()
+            .collect();
+        self.delete_all(stale)
+    }
+
+    /// Writes `entries` to the kernel and the shadow.
+    fn put_all(&mut self, entries: Vec<(&M::Key, &M::Value)>) -> Result<(), MapError> {
+        for (key, value) in entries {
+            self.map.put(key, value)?;
+            self.shadow.insert(*key, *value);
+        }
+        Ok(())
+    }
+
+    /// Deletes `keys` from the kernel (gone already is fine) and the shadow.
+    fn delete_all(&mut self, keys: Vec<M::Key>) -> Result<SyncStats, MapError> {
+        for key in &keys {
             match self.map.delete(key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(error) => return Err(error),
             }
             self.shadow.remove(key);
-            stats.removed += 1;
         }
-        Ok(stats)
+        Ok(SyncStats {
+            removed: keys.len(),
+            ..SyncStats::default()
+        })
     }
 }
 
