@@ -1506,11 +1506,11 @@ fn pins_of_maps_this_build_does_not_define_or_changed_are_replaced_at_load() {
     second.shutdown();
 }
 
-/// A change that moves a few addresses reaches the kernel by the IPCACHE keys it changed
-/// (the kernel holds the version the compiler changed): afterwards the kernel holds
-/// exactly the compiled IPCACHE, and the verdicts follow.
+/// A change that moves a few addresses reaches the kernel by the IPCACHE and POLICY keys
+/// it changed (the kernel holds the versions the compiler changed): afterwards the kernel
+/// holds exactly the compiled maps, and the verdicts follow.
 #[test]
-fn an_ipcache_change_reaches_the_kernel_by_the_keys_it_changed() {
+fn a_change_reaches_the_kernel_by_the_keys_it_changed() {
     let Some(mut dp) = Loaded::new("ipcache-keys", &[CLUSTER, POLICIES]) else {
         return;
     };
@@ -1531,9 +1531,13 @@ fn an_ipcache_change_reaches_the_kernel_by_the_keys_it_changed() {
         compile::host_key(ip("fd00::1")),
     ];
     assert_eq!(changed, a_keys, "a's two addresses, nothing else");
+    // b's entries for a's identity go.
+    let policy_changed = second.policy.changes_since(first.policy.version());
+    assert!(policy_changed.is_some_and(|keys| !keys.is_empty()));
     dp.datapath.as_mut().unwrap().sync_maps(&second).unwrap();
     let (kernel, _) = netpol_agent::datapath::inspect::read_maps(&dp.dir).unwrap();
     assert_eq!(kernel.ipcache, second.ipcache);
+    assert_eq!(kernel.policy, second.policy);
     assert!(!dp.run(ToPod, &a_to_b));
     // And back: the kernel follows the keys again.
     let third = compiler.compile(&state(&[CLUSTER, POLICIES]));
@@ -1544,6 +1548,7 @@ fn an_ipcache_change_reaches_the_kernel_by_the_keys_it_changed() {
     dp.datapath.as_mut().unwrap().sync_maps(&third).unwrap();
     let (kernel, _) = netpol_agent::datapath::inspect::read_maps(&dp.dir).unwrap();
     assert_eq!(kernel.ipcache, third.ipcache);
+    assert_eq!(kernel.policy, third.policy);
     assert!(dp.run(ToPod, &a_to_b));
 }
 

@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use netpol_common::{
     Addr, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, EndpointInfo,
-    IDENTITY_ANY, IDENTITY_WORLD, PeerInfo,
+    IDENTITY_ANY, IDENTITY_WORLD, PeerInfo, PolicyKey, PolicyValue,
 };
 
 pub(crate) use self::classify::{ClassTable, KeyOrder};
@@ -635,7 +635,11 @@ fn number_identities(
     }
 }
 
-type Maps = (BTreeMap<Addr, EndpointInfo>, Arc<PolicyMap>, Vec<LocalPod>);
+type Maps = (
+    BTreeMap<Addr, EndpointInfo>,
+    KeptMap<Lpm<PolicyKey>, PolicyValue>,
+    Vec<LocalPod>,
+);
 
 /// Step 5: ENDPOINTS and POLICY, and the local endpoints by pod. POLICY entries are made
 /// only for the endpoints whose inputs changed since `update`'s last compile

@@ -1017,6 +1017,7 @@ proptest! {
             let warm = compiler.compile(&state);
             prop_assert_eq!(&warm, &cold, "after {:?}", change);
             lineage_holds(&last.ipcache, &warm.ipcache)?;
+            lineage_holds(&last.policy, &warm.policy)?;
             last = warm.clone();
             // The versions in force: a policy the source cannot read keeps its last one.
             let admitted = compiler.admitted(&state);

@@ -64,16 +64,14 @@ impl<K: Ord + Copy, V: PartialEq + Copy> KeptMap<K, V> {
     /// The map holding `entries` (sorted by key, no key twice): this one when they are
     /// its entries; else its next version, made by the keys that differ (in place when
     /// nothing else holds the contents, which are otherwise copied first), or built anew
-    /// when more than a quarter of the entries differ.
+    /// from sorted entries when more than a quarter of them differ.
     pub fn update<I>(&mut self, entries: I) -> &Self
     where
         I: IntoIterator<Item = (K, V)>,
-        I::IntoIter: Clone,
     {
-        let entries = entries.into_iter();
         let mut changes: Vec<(K, Option<V>)> = Vec::new();
         let mut held = self.map.iter().peekable();
-        for (key, value) in entries.clone() {
+        for (key, value) in entries {
             while let Some((&old, _)) = held.next_if(|(k, _)| **k < key) {
                 changes.push((old, None));
             }
@@ -83,12 +81,45 @@ impl<K: Ord + Copy, V: PartialEq + Copy> KeptMap<K, V> {
             }
         }
         changes.extend(held.map(|(&old, _)| (old, None)));
+        self.commit(changes)
+    }
+
+    /// The map with the entries of `changes` (a key's value, `None` to remove it; a key
+    /// named twice takes its last): this one when they are its entries already, else its
+    /// next version (as [`KeptMap::update`] makes it).
+    pub fn change<I>(&mut self, changes: I) -> &Self
+    where
+        I: IntoIterator<Item = (K, Option<V>)>,
+    {
+        let wanted: BTreeMap<K, Option<V>> = changes.into_iter().collect();
+        let changes = wanted
+            .into_iter()
+            .filter(|(key, value)| self.map.get(key) != value.as_ref())
+            .collect();
+        self.commit(changes)
+    }
+
+    /// Makes the next version by `changes` (sorted, each a real change), if any.
+    fn commit(&mut self, changes: Vec<(K, Option<V>)>) -> &Self {
         if changes.is_empty() {
             return self;
         }
         debug_assert!(changes.is_sorted_by_key(|(k, _)| *k));
         if changes.len() > self.map.len() / 4 {
-            self.map = Arc::new(entries.collect());
+            // Built again from sorted entries: the kept ones and the changed ones merged.
+            let mut all = Vec::with_capacity(self.map.len() + changes.len());
+            let mut changed = changes.iter().peekable();
+            for (&key, &value) in self.map.iter() {
+                while let Some(&(k, v)) = changed.next_if(|(k, _)| *k < key) {
+                    all.extend(v.map(|v| (k, v)));
+                }
+                match changed.next_if(|(k, _)| *k == key) {
+                    Some(&(_, v)) => all.extend(v.map(|v| (key, v))),
+                    None => all.push((key, value)),
+                }
+            }
+            all.extend(changed.filter_map(|&(k, v)| Some((k, v?))));
+            self.map = Arc::new(all.into_iter().collect());
         } else {
             let map = Arc::make_mut(&mut self.map);
             for &(key, value) in &changes {
@@ -225,6 +256,36 @@ mod tests {
             .expect("made from the first")
             .len();
         assert_eq!(changed, 200, "50 removed, 150 added or changed");
+    }
+
+    #[test]
+    fn a_change_names_only_the_keys_whose_entries_it_really_changes() {
+        for size in [4, 100] {
+            let mut kept = KeptMap::default();
+            kept.update((0..size).map(|k| (k, k)).collect::<Vec<_>>());
+            let first = kept.version();
+            // 1 removed and put back as it was, 2 removed, 3 changed, size + 1 added, a
+            // key absent removed.
+            let changes = [
+                (1, None),
+                (1, Some(1)),
+                (2, None),
+                (3, Some(30)),
+                (size + 1, Some(0)),
+                (size + 7, None),
+            ];
+            kept.change(changes);
+            assert_eq!(kept.changes_since(first), Some(&[2, 3, size + 1][..]));
+            let mut want: BTreeMap<u32, u32> = (0..size).map(|k| (k, k)).collect();
+            want.remove(&2);
+            want.insert(3, 30);
+            want.insert(size + 1, 0);
+            assert_eq!(*kept, want, "{size} entries");
+            // Nothing that changes anything: the same version.
+            let second = kept.version();
+            kept.change([(3, Some(30)), (size + 7, None)]);
+            assert_eq!(kept.version(), second);
+        }
     }
 
     #[test]

@@ -137,9 +137,9 @@ pub struct Compiled {
     /// changed ([`KeptMap`]).
     pub ipcache: KeptMap<Lpm<Addr>, PeerInfo>,
     /// POLICY: allow entries; the value is the id of the rule, see [`Compiled::rules`].
-    /// Shared with the [`Compiler`]'s memo, and with the previous result when no
-    /// endpoint's entries changed (compare with `Arc::ptr_eq` to know it unchanged).
-    pub policy: Arc<BTreeMap<Lpm<PolicyKey>, PolicyValue>>,
+    /// Kept by the [`Compiler`] as IPCACHE is ([`KeptMap`]): the same version as the
+    /// previous result's when no endpoint's entries changed.
+    pub policy: KeptMap<Lpm<PolicyKey>, PolicyValue>,
     /// The local endpoints, by pod.
     pub local_pods: Vec<LocalPod>,
     /// Rule table: id (`PolicyValue::rule`, also the RULE_COUNTERS index) → rule, for

@@ -258,7 +258,7 @@ mod tests {
             key(21, PROTO_TCP, 0, POLICY_PREFIX_ANY_PORT),
             PolicyValue::allow(2),
         );
-        c.policy = std::sync::Arc::new(policy);
+        c.policy = policy.into();
         // The kinds of entries it has, as the compiler flags them.
         for info in c.endpoints.values_mut() {
             info.flags |= crate::policy_maps::kinds(&c.policy)[&info.id];

@@ -74,9 +74,8 @@ pub struct Fitted<'a> {
     /// What IPCACHE needs written ([`Kernel::ipcache_version`]).
     pub ipcache_work: Work<'a, Lpm<Addr>>,
     pub policy: Cow<'a, BTreeMap<Lpm<PolicyKey>, PolicyValue>>,
-    /// Whether the kernel holds `policy` already ([`Kernel::policy_is_compiled`], nothing
-    /// refused): there is nothing to write to POLICY.
-    pub policy_in_kernel: bool,
+    /// What POLICY and POLICY_RANGES need written ([`Kernel::policy_version`]).
+    pub policy_work: Work<'a, Lpm<PolicyKey>>,
     pub refused: Vec<Refusal>,
 }
 
@@ -107,9 +106,9 @@ pub struct Kernel<'a> {
     pub endpoints: &'a BTreeMap<Addr, EndpointInfo>,
     pub ipcache: &'a BTreeMap<Lpm<Addr>, PeerInfo>,
     pub policy: &'a BTreeMap<Lpm<PolicyKey>, PolicyValue>,
-    /// Whether `policy` is known to be the compiled POLICY map itself (written whole by
-    /// the last sync, and shared by the compiler since): then it is not compared.
-    pub policy_is_compiled: bool,
+    /// The version of the compiled POLICY ([`netpol_compile::KeptMap`]) that `policy` is
+    /// exactly (the last sync wrote it whole), if known: see `ipcache_version`.
+    pub policy_version: Option<u64>,
     /// The version of the compiled IPCACHE ([`netpol_compile::KeptMap`]) that `ipcache`
     /// is exactly (the last sync wrote it whole), if known: a compiled IPCACHE that
     /// knows its changes since is written by those keys alone.
@@ -152,16 +151,20 @@ pub fn fit<'a>(
             .to_mut()
             .retain(|key, _| !refused_endpoints.contains(&key.data.endpoint));
     }
-    // The kernel holding this very map already, nothing in it is new.
-    let policy_in_kernel = kernel.policy_is_compiled && refused_endpoints.is_empty();
+    // The kernel holding the version the compiled map was made from (or this one),
+    // only the keys changed since can be new.
+    let policy_changed = kernel
+        .policy_version
+        .filter(|_| refused_endpoints.is_empty())
+        .and_then(|version| compiled.policy.changes_since(version));
     let map_of = |key: &Lpm<PolicyKey>| usize::from(matches!(slot(key), Slot::Ranges(_)));
     let mut used = [0, 0];
     let mut new_by_endpoint: BTreeMap<u32, [usize; 2]> = BTreeMap::new();
-    if !policy_in_kernel {
+    if policy_changed != Some(&[]) {
         for key in kernel.policy.keys() {
             used[map_of(key)] += 1;
         }
-        for key in absent_from(&policy, kernel.policy) {
+        for key in absent(&policy, kernel.policy, policy_changed) {
             new_by_endpoint.entry(key.data.endpoint).or_default()[map_of(key)] += 1;
         }
     }
@@ -186,20 +189,14 @@ pub fn fit<'a>(
     // The kernel holding a version the compiled map knows its changes since, only the
     // keys changed can be new.
     let mut ipcache = Cow::Borrowed(compiled.ipcache.as_ref());
-    let changed = kernel
+    let ipcache_changed = kernel
         .ipcache_version
         .and_then(|version| compiled.ipcache.changes_since(version));
-    let absent = match changed {
-        Some(keys) => keys
-            .iter()
-            .filter(|key| compiled.ipcache.contains_key(key) && !kernel.ipcache.contains_key(key))
-            .collect(),
-        None => absent_from(&compiled.ipcache, kernel.ipcache),
-    };
     let room = free(kernel.ipcache.len(), ipcache_cap);
-    let (new_prefixes, new_hosts): (Vec<&Lpm<Addr>>, Vec<&Lpm<Addr>>) = absent
-        .into_iter()
-        .partition(|key| key.prefix_len < key.data.full_prefix_len());
+    let (new_prefixes, new_hosts): (Vec<&Lpm<Addr>>, Vec<&Lpm<Addr>>) =
+        absent(&compiled.ipcache, kernel.ipcache, ipcache_changed)
+            .into_iter()
+            .partition(|key| key.prefix_len < key.data.full_prefix_len());
     if new_prefixes.len() > room {
         return Err(PrefixOverflow {
             capacity: ipcache_cap,
@@ -216,19 +213,47 @@ pub fn fit<'a>(
         }));
     }
 
-    let ipcache_work = match (changed, &ipcache) {
-        (Some([]), Cow::Borrowed(_)) => Work::Nothing,
-        (Some(keys), Cow::Borrowed(_)) => Work::Keys(keys),
-        _ => Work::Whole,
-    };
     Ok(Fitted {
         endpoints,
+        ipcache_work: work(ipcache_changed, &ipcache),
         ipcache,
-        ipcache_work,
+        policy_work: work(policy_changed, &policy),
         policy,
-        policy_in_kernel,
         refused,
     })
+}
+
+/// The keys of `desired` the kernel lacks: among `changed` (the keys changed since the
+/// version the kernel holds) when known, else among all.
+fn absent<'a, K: Ord, V>(
+    desired: &'a BTreeMap<K, V>,
+    kernel: &BTreeMap<K, V>,
+    changed: Option<&'a [K]>,
+) -> Vec<&'a K> {
+    match changed {
+        Some(keys) => keys
+            .iter()
+            .filter(|key| desired.contains_key(key) && !kernel.contains_key(key))
+            .collect(),
+        None => absent_from(desired, kernel),
+    }
+}
+
+/// What is left to write of a map whose keys changed since the version the kernel holds
+/// are `changed` (when known): nothing, those keys, or the whole map, when the kernel's
+/// version is unknown or something of the compiled map was refused (`fitted` is not the
+/// compiled map: the kernel will not hold it).
+#[allow(clippy::ptr_arg)] // whether it is borrowed is the question
+fn work<'a, K: Clone, V: Clone>(
+    changed: Option<&'a [K]>,
+    fitted: &Cow<'_, BTreeMap<K, V>>,
+) -> Work<'a, K> {
+    let compiled = matches!(fitted, Cow::Borrowed(_));
+    match changed {
+        Some([]) if compiled => Work::Nothing,
+        Some(keys) if compiled => Work::Keys(keys),
+        _ => Work::Whole,
+    }
 }
 
 fn free(used: usize, capacity: u32) -> usize {
@@ -318,7 +343,7 @@ mod tests {
                 endpoints: &self.endpoints,
                 ipcache: &self.ipcache,
                 policy: &self.policy,
-                policy_is_compiled: false,
+                policy_version: None,
                 ipcache_version: None,
             }
         }
@@ -335,7 +360,7 @@ mod tests {
                 .map(|&(last, id)| (addr(last), endpoint(id)))
                 .collect(),
             ipcache: ipcache.iter().copied().collect(),
-            policy: std::sync::Arc::new(policy.iter().copied().collect()),
+            policy: policy.iter().copied().collect(),
             ..Compiled::default()
         }
     }
@@ -588,6 +613,51 @@ mod tests {
             }]
         );
         assert_eq!(fitted.ipcache_work, Work::Whole);
+    }
+
+    #[test]
+    fn policy_made_from_the_kernels_version_is_written_by_its_keys_unless_refused() {
+        let mut kept = netpol_compile::KeptMap::default();
+        kept.update([allow(1, 16, 80), allow(2, 16, 80)]);
+        let version = kept.version();
+        let maps = Maps {
+            policy: kept.iter().map(|(k, v)| (*k, *v)).collect(),
+            endpoints: [(addr(1), endpoint(1))].into_iter().collect(),
+            ..empty()
+        };
+        // Endpoint 2 gets port 81 instead of 80.
+        kept.change([
+            (allow(2, 16, 80).0, None),
+            (allow(2, 16, 81).0, Some(allow(2, 16, 81).1)),
+        ]);
+        let c = Compiled {
+            endpoints: [(addr(1), endpoint(1)), (addr(2), endpoint(2))]
+                .into_iter()
+                .collect(),
+            policy: kept,
+            ..Compiled::default()
+        };
+        let kernel = Kernel {
+            policy_version: Some(version),
+            ..maps.kernel()
+        };
+        let fitted = fit(&c, &kernel, [10, 10, 10, 10]).unwrap();
+        let changed = [allow(2, 16, 80).0, allow(2, 16, 81).0];
+        assert_eq!(fitted.policy_work, Work::Keys(&changed));
+        // No room for endpoint 2: its entries are refused, so the whole map is compared.
+        let fitted = fit(&c, &kernel, [1, 10, 10, 10]).unwrap();
+        assert_eq!(
+            fitted.refused,
+            vec![Refusal::Endpoint { id: 2, capacity: 1 }]
+        );
+        assert_eq!(fitted.policy_work, Work::Whole);
+        // The kernel holding the compiled version: nothing to write.
+        let kernel = Kernel {
+            policy_version: Some(c.policy.version()),
+            ..maps.kernel()
+        };
+        let fitted = fit(&c, &kernel, [10, 10, 10, 10]).unwrap();
+        assert_eq!(fitted.policy_work, Work::Nothing);
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub fn read_maps(dir: &Path) -> Result<(Compiled, u32), Error> {
             .read_all()
             .map_err(map_error(names::IPCACHE))?
             .into(),
-        policy: std::sync::Arc::new(policy.read_all().map_err(map_error(names::POLICY))?),
+        policy: policy.read_all().map_err(map_error(names::POLICY))?.into(),
         node_ports: node_ports
             .read_all()
             .map_err(map_error(names::NODE_PORTS))?

@@ -31,14 +31,11 @@ pub mod packet;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use aya::maps::{Array, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfError};
-use netpol_common::{
-    Counter, DatapathState, EventBudget, PolicyKey, PolicyValue, STATE_DENY_UNPROGRAMMED, names,
-};
+use netpol_common::{Counter, DatapathState, EventBudget, STATE_DENY_UNPROGRAMMED, names};
 use tracing::{info, warn};
 
 use attach::Attachment;
@@ -47,7 +44,7 @@ use fit::Work;
 pub use load::map_layouts;
 pub use maps::SyncStats;
 use maps::{EndpointsMap, IpcacheMap, PolicyMap};
-use netpol_compile::{Compiled, Lpm};
+use netpol_compile::Compiled;
 
 /// Errors of the datapath. Each variant is one metric label.
 #[derive(Debug, thiserror::Error)]
@@ -195,10 +192,9 @@ pub struct Datapath {
     node_ports: maps::NodePortsMap,
     ipcache: IpcacheMap,
     policy: PolicyMap,
-    /// The compiled POLICY map the kernel holds exactly (the last sync wrote it whole):
-    /// a sync with this very map again has no POLICY work ([`Compiled::policy`] is
-    /// shared from one compile to the next while no endpoint's entries change).
-    policy_written: Option<Arc<BTreeMap<Lpm<PolicyKey>, PolicyValue>>>,
+    /// The version of the compiled POLICY map the kernel holds exactly (the last sync
+    /// wrote it whole): as for IPCACHE below.
+    policy_written: Option<u64>,
     /// The version of the compiled IPCACHE the kernel holds exactly (the last sync wrote
     /// it whole): the next sync writes the keys changed since, or nothing.
     ipcache_written: Option<u64>,
@@ -291,15 +287,11 @@ impl Datapath {
         let [endpoints_cap, ipcache_cap, policy_cap, ranges_cap, _] = self.capacities;
         // What did not fit may fit once the stale entries are gone: a second round.
         for _round in 0..2 {
-            let policy_is_compiled = self
-                .policy_written
-                .take()
-                .is_some_and(|written| Arc::ptr_eq(&written, &compiled.policy));
             let kernel = fit::Kernel {
                 endpoints: self.endpoints.contents(),
                 ipcache: self.ipcache.contents(),
                 policy: self.policy.contents(),
-                policy_is_compiled,
+                policy_version: self.policy_written.take(),
                 ipcache_version: self.ipcache_written.take(),
             };
             let caps = [endpoints_cap, ipcache_cap, policy_cap, ranges_cap];
@@ -308,7 +300,7 @@ impl Datapath {
             self.write_maps(&fitted, &compiled.node_ports, &mut report)?;
             // Written whole: the kernel holds the compiled map itself.
             if matches!(fitted.policy, Cow::Borrowed(_)) {
-                self.policy_written = Some(Arc::clone(&compiled.policy));
+                self.policy_written = Some(compiled.policy.version());
             }
             if matches!(fitted.ipcache, Cow::Borrowed(_)) {
                 self.ipcache_written = Some(compiled.ipcache.version());
@@ -340,12 +332,12 @@ impl Datapath {
         let map_err = |name| move |source| Error::Map { name, source };
         // Additions: allowing entries before the identities that use them, and both
         // before endpoints become isolated.
-        if !fitted.policy_in_kernel {
-            report.maps += self
-                .policy
-                .upsert(&fitted.policy)
-                .map_err(map_err(names::POLICY))?;
+        report.maps += match fitted.policy_work {
+            Work::Nothing => Ok(SyncStats::default()),
+            Work::Keys(keys) => self.policy.upsert_keys(&fitted.policy, keys),
+            Work::Whole => self.policy.upsert(&fitted.policy),
         }
+        .map_err(map_err(names::POLICY))?;
         report.maps += match fitted.ipcache_work {
             Work::Nothing => Ok(SyncStats::default()),
             Work::Keys(keys) => self.ipcache.upsert_keys(&fitted.ipcache, keys),
@@ -379,12 +371,12 @@ impl Datapath {
             Work::Whole => self.ipcache.remove_stale(&fitted.ipcache),
         }
         .map_err(map_err(names::IPCACHE))?;
-        if !fitted.policy_in_kernel {
-            report.maps += self
-                .policy
-                .remove_stale(&fitted.policy)
-                .map_err(map_err(names::POLICY))?;
+        report.maps += match fitted.policy_work {
+            Work::Nothing => Ok(SyncStats::default()),
+            Work::Keys(keys) => self.policy.remove_keys(&fitted.policy, keys),
+            Work::Whole => self.policy.remove_stale(&fitted.policy),
         }
+        .map_err(map_err(names::POLICY))?;
         Ok(())
     }
 

@@ -17,11 +17,11 @@ use std::sync::Arc;
 use netpol_common::{PolicyKey, PolicyValue};
 
 use super::tiers::ClusterPolicy;
-use crate::Direction;
 use crate::cache::PeerSlots;
 use crate::lpm::Lpm;
 use crate::policy::{ParsedPolicy, Peer, PortMatch, PortSpec};
 use crate::state::DeclaredPort;
+use crate::{Direction, KeptMap};
 
 /// POLICY's contents.
 pub(crate) type PolicyMap = BTreeMap<Lpm<PolicyKey>, PolicyValue>;
@@ -128,7 +128,7 @@ struct KeptEndpoint {
 #[derive(Default)]
 pub(crate) struct KeptPolicy {
     endpoints: HashMap<u32, KeptEndpoint>,
-    map: Arc<PolicyMap>,
+    map: KeptMap<Lpm<PolicyKey>, PolicyValue>,
 }
 
 /// One compile's changes to the kept map, applied by [`Update::finish`].
@@ -172,7 +172,7 @@ impl Update<'_> {
     }
 
     /// The map of this compile: the last one itself when no endpoint's entries changed.
-    pub(super) fn finish(self) -> Arc<PolicyMap> {
+    pub(super) fn finish(self) -> KeptMap<Lpm<PolicyKey>, PolicyValue> {
         let Update { kept, fresh, live } = self;
         let gone = kept.endpoints.keys().filter(|id| !live.contains(id));
         let replaced: BTreeSet<u32> = gone
@@ -183,32 +183,13 @@ impl Update<'_> {
             .iter()
             .filter_map(|id| Some(kept.endpoints.remove(id)?.keys))
             .collect();
-        let removed: usize = old_keys.iter().map(|keys| keys.len()).sum();
-        let added: usize = fresh.iter().map(|(_, _, entries, _)| entries.len()).sum();
-        if removed + added > kept.map.len() / 4 {
-            // Much changes: one walk keeps the other endpoints' entries, and the map is
-            // built again from sorted entries (no search per key).
-            let mut all: Vec<(Lpm<PolicyKey>, PolicyValue)> = kept
-                .map
-                .iter()
-                .filter(|(key, _)| !replaced.contains(&key.data.endpoint))
-                .map(|(key, value)| (*key, *value))
-                .collect();
-            for (_, _, entries, _) in &fresh {
-                all.extend(entries.iter().map(|(key, value)| (*key, *value)));
-            }
-            all.sort_unstable_by_key(|&(key, _)| key);
-            kept.map = Arc::new(all.into_iter().collect());
-        } else if removed + added > 0 {
-            // Copied here only if the last result still holds it.
-            let map = Arc::make_mut(&mut kept.map);
-            for key in old_keys.iter().flatten() {
-                map.remove(key);
-            }
-            for (_, _, entries, _) in &fresh {
-                map.extend(entries.iter().map(|(key, value)| (*key, *value)));
-            }
-        }
+        // The old entries of those endpoints go, then their new ones come (a key in both
+        // takes its new value; one whose value stays is no change).
+        let removed = old_keys.iter().flatten().map(|&key| (key, None));
+        let added = fresh
+            .iter()
+            .flat_map(|(_, _, entries, _)| entries.iter().map(|(&key, &value)| (key, Some(value))));
+        kept.map.change(removed.chain(added));
         for (id, inputs, entries, kinds) in fresh {
             let keys = entries.into_keys().collect();
             let endpoint = KeptEndpoint {
@@ -218,6 +199,6 @@ impl Update<'_> {
             };
             kept.endpoints.insert(id, endpoint);
         }
-        Arc::clone(&kept.map)
+        kept.map.clone()
     }
 }
