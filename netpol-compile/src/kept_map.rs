@@ -91,11 +91,33 @@ impl<K: Ord + Copy, V: PartialEq + Copy> KeptMap<K, V> {
     where
         I: IntoIterator<Item = (K, Option<V>)>,
     {
-        let wanted: BTreeMap<K, Option<V>> = changes.into_iter().collect();
-        let changes = wanted
-            .into_iter()
-            .filter(|(key, value)| self.map.get(key) != value.as_ref())
-            .collect();
+        let mut wanted: Vec<(K, Option<V>)> = changes.into_iter().collect();
+        // Sorted, each key once with its last value (the sort is stable).
+        wanted.sort_by_key(|&(key, _)| key);
+        wanted.dedup_by(|later, earlier| {
+            let same = later.0 == earlier.0;
+            if same {
+                *earlier = *later;
+            }
+            same
+        });
+        // What really changes: a lookup each when few, else one walk along the map.
+        let changes = if wanted.len() < self.map.len() / 8 {
+            wanted
+                .into_iter()
+                .filter(|(key, value)| self.map.get(key) != value.as_ref())
+                .collect()
+        } else {
+            let mut held = self.map.iter().peekable();
+            wanted
+                .into_iter()
+                .filter(|(key, value)| {
+                    while held.next_if(|(k, _)| *k < key).is_some() {}
+                    let old = held.peek().filter(|(k, _)| *k == key).map(|(_, v)| *v);
+                    old != value.as_ref()
+                })
+                .collect()
+        };
         self.commit(changes)
     }
 

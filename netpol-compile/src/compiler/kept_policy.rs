@@ -8,8 +8,9 @@
 //! named port how each identity resolves it, and every identity where a tier's rule
 //! applies to every peer. An endpoint whose inputs did not change keeps its entries, and
 //! a compile in which no endpoint's entries changed hands out the previous map itself
-//! (shared, not copied): a change elsewhere in the cluster, or one that moves no identity
-//! an endpoint's rules see, costs no POLICY work.
+//! (the same [`KeptMap`] version, shared, not copied): a change elsewhere in the cluster,
+//! or one that moves no identity an endpoint's rules see, costs no POLICY work; one that
+//! does makes a version naming the keys whose entries changed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
