@@ -28,7 +28,7 @@ use netpol_common::{Addr, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, names}
 
 use netpol_compile::policy_maps::{Slot, slot};
 
-use super::maps::{absent_from, join};
+use super::maps::{Work, absent_from, join};
 use netpol_compile::{Compiled, Lpm};
 
 /// What could not be admitted.
@@ -77,17 +77,6 @@ pub struct Fitted<'a> {
     /// What POLICY and POLICY_RANGES need written ([`Kernel::policy_version`]).
     pub policy_work: Work<'a, Lpm<PolicyKey>>,
     pub refused: Vec<Refusal>,
-}
-
-/// What a sync has to write to a map.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Work<'a, K> {
-    /// Nothing: the kernel holds the desired contents.
-    Nothing,
-    /// The entries of these keys only (sorted); the kernel holds the rest.
-    Keys(&'a [K]),
-    /// Every entry, compared with what the kernel holds.
-    Whole,
 }
 
 /// An ipBlock prefix would not fit in IPCACHE: the change cannot be applied safely.

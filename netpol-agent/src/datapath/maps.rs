@@ -34,6 +34,17 @@ impl std::ops::AddAssign for SyncStats {
     }
 }
 
+/// What a sync has to write to a map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Work<'a, K> {
+    /// Nothing: the kernel holds the desired contents.
+    Nothing,
+    /// The entries of these keys only (sorted); the kernel holds the rest.
+    Keys(&'a [K]),
+    /// Every entry, compared with what the kernel holds.
+    Whole,
+}
+
 /// One BPF map with the kernel-side operations the syncer needs.
 pub trait KernelMap {
     type Key: Ord + Copy;
@@ -144,6 +155,33 @@ impl<M: KernelMap> Synced<M> {
             .copied()
             .collect();
         self.delete_all(stale)
+    }
+
+    /// The additions of `work` towards `desired`: none, those of its keys, or of the
+    /// whole map ([`Synced::upsert_keys`], [`Synced::upsert`]).
+    pub fn upsert_work(
+        &mut self,
+        desired: &BTreeMap<M::Key, M::Value>,
+        work: Work<'_, M::Key>,
+    ) -> Result<SyncStats, MapError> {
+        match work {
+            Work::Nothing => Ok(SyncStats::default()),
+            Work::Keys(keys) => self.upsert_keys(desired, keys),
+            Work::Whole => self.upsert(desired),
+        }
+    }
+
+    /// The removals of `work` towards `desired` (see [`Synced::upsert_work`]).
+    pub fn remove_work(
+        &mut self,
+        desired: &BTreeMap<M::Key, M::Value>,
+        work: Work<'_, M::Key>,
+    ) -> Result<SyncStats, MapError> {
+        match work {
+            Work::Nothing => Ok(SyncStats::default()),
+            Work::Keys(keys) => self.remove_keys(desired, keys),
+            Work::Whole => self.remove_stale(desired),
+        }
     }
 
     /// [`Synced::upsert`] for `keys` only: the shadow holds `desired` but for them (the

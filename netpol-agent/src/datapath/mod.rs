@@ -40,7 +40,6 @@ use tracing::{info, warn};
 
 use attach::Attachment;
 pub use fit::Refusal;
-use fit::Work;
 pub use load::map_layouts;
 pub use maps::SyncStats;
 use maps::{EndpointsMap, IpcacheMap, PolicyMap};
@@ -332,18 +331,14 @@ impl Datapath {
         let map_err = |name| move |source| Error::Map { name, source };
         // Additions: allowing entries before the identities that use them, and both
         // before endpoints become isolated.
-        report.maps += match fitted.policy_work {
-            Work::Nothing => Ok(SyncStats::default()),
-            Work::Keys(keys) => self.policy.upsert_keys(&fitted.policy, keys),
-            Work::Whole => self.policy.upsert(&fitted.policy),
-        }
-        .map_err(map_err(names::POLICY))?;
-        report.maps += match fitted.ipcache_work {
-            Work::Nothing => Ok(SyncStats::default()),
-            Work::Keys(keys) => self.ipcache.upsert_keys(&fitted.ipcache, keys),
-            Work::Whole => self.ipcache.upsert(&fitted.ipcache),
-        }
-        .map_err(map_err(names::IPCACHE))?;
+        report.maps += self
+            .policy
+            .upsert_work(&fitted.policy, fitted.policy_work)
+            .map_err(map_err(names::POLICY))?;
+        report.maps += self
+            .ipcache
+            .upsert_work(&fitted.ipcache, fitted.ipcache_work)
+            .map_err(map_err(names::IPCACHE))?;
         report.maps += self
             .endpoints
             .upsert(&fitted.endpoints)
@@ -365,18 +360,14 @@ impl Datapath {
             .endpoints
             .remove_stale(&fitted.endpoints)
             .map_err(map_err(names::ENDPOINTS))?;
-        report.maps += match fitted.ipcache_work {
-            Work::Nothing => Ok(SyncStats::default()),
-            Work::Keys(keys) => self.ipcache.remove_keys(&fitted.ipcache, keys),
-            Work::Whole => self.ipcache.remove_stale(&fitted.ipcache),
-        }
-        .map_err(map_err(names::IPCACHE))?;
-        report.maps += match fitted.policy_work {
-            Work::Nothing => Ok(SyncStats::default()),
-            Work::Keys(keys) => self.policy.remove_keys(&fitted.policy, keys),
-            Work::Whole => self.policy.remove_stale(&fitted.policy),
-        }
-        .map_err(map_err(names::POLICY))?;
+        report.maps += self
+            .ipcache
+            .remove_work(&fitted.ipcache, fitted.ipcache_work)
+            .map_err(map_err(names::IPCACHE))?;
+        report.maps += self
+            .policy
+            .remove_work(&fitted.policy, fitted.policy_work)
+            .map_err(map_err(names::POLICY))?;
         Ok(())
     }
 
