@@ -204,9 +204,9 @@ pub fn fit<'a>(
 
     Ok(Fitted {
         endpoints,
-        ipcache_work: work(ipcache_changed, &ipcache),
+        ipcache_work: work(ipcache_changed, matches!(ipcache, Cow::Borrowed(_))),
         ipcache,
-        policy_work: work(policy_changed, &policy),
+        policy_work: work(policy_changed, matches!(policy, Cow::Borrowed(_))),
         policy,
         refused,
     })
@@ -230,17 +230,12 @@ fn absent<'a, K: Ord, V>(
 
 /// What is left to write of a map whose keys changed since the version the kernel holds
 /// are `changed` (when known): nothing, those keys, or the whole map, when the kernel's
-/// version is unknown or something of the compiled map was refused (`fitted` is not the
-/// compiled map: the kernel will not hold it).
-#[allow(clippy::ptr_arg)] // whether it is borrowed is the question
-fn work<'a, K: Clone, V: Clone>(
-    changed: Option<&'a [K]>,
-    fitted: &Cow<'_, BTreeMap<K, V>>,
-) -> Work<'a, K> {
-    let compiled = matches!(fitted, Cow::Borrowed(_));
+/// version is unknown or something of the compiled map was refused (`whole`: nothing was,
+/// the kernel will hold the compiled map).
+fn work<K>(changed: Option<&[K]>, whole: bool) -> Work<'_, K> {
     match changed {
-        Some([]) if compiled => Work::Nothing,
-        Some(keys) if compiled => Work::Keys(keys),
+        Some([]) if whole => Work::Nothing,
+        Some(keys) if whole => Work::Keys(keys),
         _ => Work::Whole,
     }
 }

@@ -126,23 +126,7 @@ impl<M: KernelMap> Synced<M> {
     /// across maps so that no packet sees a state that is more open than either the old
     /// or the new one.
     pub fn upsert(&mut self, desired: &BTreeMap<M::Key, M::Value>) -> Result<SyncStats, MapError> {
-        let mut stats = SyncStats::default();
-        // One ordered walk of both (not a lookup per entry): the shadow and the desired
-        // contents are sorted by the same keys.
-        let mut changed = Vec::new();
-        join(desired, &self.shadow, |want, have| match (want, have) {
-            (Some((key, want)), Some((_, have))) if want != have => {
-                stats.updated += 1;
-                changed.push((key, want));
-            }
-            (Some((key, want)), None) => {
-                stats.inserted += 1;
-                changed.push((key, want));
-            }
-            _ => {}
-        });
-        self.put_all(changed)?;
-        Ok(stats)
+        self.upsert_work(desired, Work::Whole)
     }
 
     /// Removes entries that are not desired.
@@ -150,90 +134,72 @@ impl<M: KernelMap> Synced<M> {
         &mut self,
         desired: &BTreeMap<M::Key, M::Value>,
     ) -> Result<SyncStats, MapError> {
-        let stale: Vec<M::Key> = absent_from(&self.shadow, desired)
-            .into_iter()
-            .copied()
-            .collect();
-        self.delete_all(stale)
+        self.remove_work(desired, Work::Whole)
     }
 
-    /// The additions of `work` towards `desired`: none, those of its keys, or of the
-    /// whole map ([`Synced::upsert_keys`], [`Synced::upsert`]).
+    /// [`Synced::upsert`] of what `work` names: nothing, the entries of its keys (the
+    /// shadow holds `desired` but for them), or every entry.
     pub fn upsert_work(
         &mut self,
         desired: &BTreeMap<M::Key, M::Value>,
         work: Work<'_, M::Key>,
     ) -> Result<SyncStats, MapError> {
+        let mut stats = SyncStats::default();
+        let mut changed = Vec::new();
+        let mut stage = |key, want: &M::Value, have: Option<&M::Value>| match have {
+            Some(have) if have == want => {}
+            Some(_) => {
+                stats.updated += 1;
+                changed.push((key, *want));
+            }
+            None => {
+                stats.inserted += 1;
+                changed.push((key, *want));
+            }
+        };
         match work {
-            Work::Nothing => Ok(SyncStats::default()),
-            Work::Keys(keys) => self.upsert_keys(desired, keys),
-            Work::Whole => self.upsert(desired),
+            Work::Nothing => {}
+            Work::Keys(keys) => {
+                for key in keys {
+                    if let Some(want) = desired.get(key) {
+                        stage(*key, want, self.shadow.get(key));
+                    }
+                }
+            }
+            // One ordered walk of both (not a lookup per entry): the shadow and the
+            // desired contents are sorted by the same keys.
+            Work::Whole => join(desired, &self.shadow, |want, have| {
+                if let Some((key, want)) = want {
+                    stage(*key, want, have.map(|(_, have)| have));
+                }
+            }),
         }
+        for (key, value) in changed {
+            self.map.put(&key, &value)?;
+            self.shadow.insert(key, value);
+        }
+        Ok(stats)
     }
 
-    /// The removals of `work` towards `desired` (see [`Synced::upsert_work`]).
+    /// [`Synced::remove_stale`] of what `work` names (see [`Synced::upsert_work`]).
     pub fn remove_work(
         &mut self,
         desired: &BTreeMap<M::Key, M::Value>,
         work: Work<'_, M::Key>,
     ) -> Result<SyncStats, MapError> {
-        match work {
-            Work::Nothing => Ok(SyncStats::default()),
-            Work::Keys(keys) => self.remove_keys(desired, keys),
-            Work::Whole => self.remove_stale(desired),
-        }
-    }
-
-    /// [`Synced::upsert`] for `keys` only: the shadow holds `desired` but for them (the
-    /// kernel holds the map these keys were changed from).
-    pub fn upsert_keys(
-        &mut self,
-        desired: &BTreeMap<M::Key, M::Value>,
-        keys: &[M::Key],
-    ) -> Result<SyncStats, MapError> {
-        let mut stats = SyncStats::default();
-        let mut changed = Vec::new();
-        for key in keys {
-            let Some(want) = desired.get(key) else {
-                continue;
-            };
-            match self.shadow.get(key) {
-                Some(have) if have == want => continue,
-                Some(_) => stats.updated += 1,
-                None => stats.inserted += 1,
-            }
-            changed.push((key, want));
-        }
-        self.put_all(changed)?;
-        Ok(stats)
-    }
-
-    /// [`Synced::remove_stale`] for `keys` only (see [`Synced::upsert_keys`]).
-    pub fn remove_keys(
-        &mut self,
-        desired: &BTreeMap<M::Key, M::Value>,
-        keys: &[M::Key],
-    ) -> Result<SyncStats, MapError> {
-        let stale: Vec<M::Key> = keys
-            .iter()
-            .filter(|key| !desired.contains_key(key) && self.shadow.contains_key(key))
-            .copied()
-            .collect();
-        self.delete_all(stale)
-    }
-
-    /// Writes `entries` to the kernel and the shadow.
-    fn put_all(&mut self, entries: Vec<(&M::Key, &M::Value)>) -> Result<(), MapError> {
-        for (key, value) in entries {
-            self.map.put(key, value)?;
-            self.shadow.insert(*key, *value);
-        }
-        Ok(())
-    }
-
-    /// Deletes `keys` from the kernel (gone already is fine) and the shadow.
-    fn delete_all(&mut self, keys: Vec<M::Key>) -> Result<SyncStats, MapError> {
-        for key in &keys {
+        let stale: Vec<M::Key> = match work {
+            Work::Nothing => Vec::new(),
+            Work::Keys(keys) => keys
+                .iter()
+                .filter(|key| !desired.contains_key(key) && self.shadow.contains_key(key))
+                .copied()
+                .collect(),
+            Work::Whole => absent_from(&self.shadow, desired)
+                .into_iter()
+                .copied()
+                .collect(),
+        };
+        for key in &stale {
             match self.map.delete(key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(error) => return Err(error),
@@ -241,7 +207,7 @@ impl<M: KernelMap> Synced<M> {
             self.shadow.remove(key);
         }
         Ok(SyncStats {
-            removed: keys.len(),
+            removed: stale.len(),
             ..SyncStats::default()
         })
     }
