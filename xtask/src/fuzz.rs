@@ -117,6 +117,48 @@ fn cargo_fuzz(subcommand: &str, target_dir: &Path) -> Command {
     cmd
 }
 
+/// Builds the target, cargo's output shown as it comes; a failure names cargo's error
+/// lines, so a summary that keeps only the last lines still says why.
+fn build(target_dir: &Path) -> Result<()> {
+    let mut child = cargo_fuzz("build", target_dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running cargo fuzz build")?;
+    let mut lines = Vec::new();
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
+    let mut bytes = Vec::new();
+    while stderr.read_until(b'\n', &mut bytes)? > 0 {
+        let line = String::from_utf8_lossy(&bytes).trim_end().to_owned();
+        bytes.clear();
+        eprintln!("{line}");
+        lines.push(line);
+    }
+    let status = child.wait()?;
+    if status.success() {
+        return Ok(());
+    }
+    let errors = error_lines(&lines);
+    if errors.is_empty() {
+        bail!("building the fuzz target failed ({status})");
+    }
+    bail!(
+        "building the fuzz target failed ({status}): {}",
+        errors.join(" | ")
+    )
+}
+
+/// The lines of cargo's output that say what failed (`error: ...`, `error[E0308]: ...`),
+/// at most five, each cut to 200 characters.
+fn error_lines(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|line| line.trim())
+        .filter(|line| line.starts_with("error"))
+        .take(5)
+        .map(|line| line.chars().take(200).collect())
+        .collect()
+}
+
 /// Installs what is missing, builds the target, fuzzes for `secs` seconds and prints
 /// the summary; fails on a crash, a timeout or a memory blow-up.
 pub fn run(secs: u64) -> Result<()> {
@@ -126,11 +168,12 @@ pub fn run(secs: u64) -> Result<()> {
         .map_or_else(|| root.join("target"), PathBuf::from)
         .join("fuzz");
     ui::step(&format!("fuzz: building the {TARGET} target (nightly)"));
-    let status = cargo_fuzz("build", &target_dir)
-        .status()
-        .context("running cargo fuzz build")?;
-    if !status.success() {
-        bail!("building the fuzz target failed ({status})");
+    if let Err(first) = build(&target_dir) {
+        // The build fetches crates and writes a separate target directory: a registry
+        // hiccup or a full disk fails it for reasons outside the code. Once more, said
+        // aloud; a second failure is the stage's.
+        ui::warn(&format!("{first:#}; building once more"));
+        build(&target_dir)?;
     }
 
     ui::step(&format!("fuzz: {TARGET} for {secs} s"));
@@ -205,6 +248,27 @@ pub fn run(secs: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_build_is_named_by_cargos_error_lines() {
+        let output: Vec<String> = [
+            "   Compiling netpol-compile v0.1.0",
+            "error: failed to write /target/fuzz/x.rlib: No space left on device (os error 28)",
+            "  --> src/lib.rs:1:1",
+            "error[E0308]: mismatched types",
+            "warning: build failed, waiting for other jobs to finish...",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(
+            error_lines(&output),
+            [
+                "error: failed to write /target/fuzz/x.rlib: No space left on device (os error 28)",
+                "error[E0308]: mismatched types",
+            ]
+        );
+        assert!(error_lines(&output[..1]).is_empty());
+    }
 
     #[test]
     fn reads_libfuzzer_final_stats_and_status_lines() {
