@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use netpol_agent::source::kube::{ClusterWatch, Settings};
 use netpol_compile::Compiler;
-use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{Changes, ClusterState, ObjectRef};
 use netpol_lab::apiserver::ApiServer;
 use serde_json::{Value, json};
 
@@ -840,7 +840,8 @@ fn objects(state: &ClusterState) -> String {
 /// A snapshot copies only the objects that changed since the last one: after random
 /// creates, updates and deletes of every kind the source watches (with broken streams
 /// and an expired history among them, so that re-lists replace whole stores), the state
-/// kept by those snapshots equals the state read whole from the same stores.
+/// kept by those snapshots equals the state read whole from the same stores, and the
+/// pods, policies and namespaces they say they changed include every one that did.
 #[tokio::test(flavor = "current_thread")]
 async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
     let server = cluster().await;
@@ -856,21 +857,14 @@ async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
         seed ^= seed << 17;
         seed % n
     };
-    // Rounds whose snapshots named the pods they changed (the others re-listed).
-    let mut rounds_said = 0;
+    // Rounds whose snapshots named the objects of a kind they changed (the others
+    // re-listed it), per kind: pods, policies, namespaces.
+    let mut rounds_said = [0; 3];
     for round in 0..6 {
-        // What the snapshots of this round say they changed (`None`: every pod).
-        let before = state.pods.clone();
-        let mut said: Option<std::collections::BTreeSet<ObjectRef>> = Some(Default::default());
-        let mut note = |changed: Option<std::collections::BTreeSet<ObjectRef>>| {
-            said = match (said.take(), changed) {
-                (Some(mut all), Some(changed)) => {
-                    all.extend(changed);
-                    Some(all)
-                }
-                _ => None,
-            }
-        };
+        // What the snapshots of this round say they changed.
+        let before = state.clone();
+        let mut said = Changes::NONE;
+        let mut note = |changed: Changes| said.extend(changed);
         for step in 0..40 {
             let ns = ["x", "y", "z"][next(3) as usize];
             let name = format!("p{}", next(8));
@@ -914,7 +908,7 @@ async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
             }
             // Some snapshots in the middle of the burst, as the agent's loop takes them.
             if step % 7 == 0 && source.changed(Duration::from_millis(5)).await.unwrap() {
-                note(source.snapshot(&mut state).pods_changed);
+                note(source.snapshot(&mut state).changes);
             }
         }
         match round {
@@ -927,7 +921,7 @@ async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
         loop {
             if source.changed(Duration::from_millis(50)).await.unwrap() {
                 let snapshot = source.snapshot(&mut state);
-                note(snapshot.pods_changed);
+                note(snapshot.changes);
                 if snapshot.generation >= Some(version) {
                     break;
                 }
@@ -937,16 +931,14 @@ async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
                 "round {round}: the source did not reach version {version}"
             );
         }
-        if let Some(said) = said {
-            rounds_said += 1;
-            let keys: std::collections::BTreeSet<&ObjectRef> =
-                before.keys().chain(state.pods.keys()).collect();
-            for key in keys {
-                if before.get(key) != state.pods.get(key) {
-                    assert!(said.contains(key), "round {round}: {key} changed, unsaid");
-                }
-            }
-        }
+        rounds_said[0] += all_said(round, &said.pods, &before.pods, &state.pods);
+        rounds_said[1] += all_said(round, &said.policies, &before.policies, &state.policies);
+        rounds_said[2] += all_said(
+            round,
+            &said.namespaces,
+            &before.namespaces,
+            &state.namespaces,
+        );
         let mut whole = ClusterState::default();
         source.reread_all();
         source.snapshot(&mut whole);
@@ -954,7 +946,25 @@ async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
     }
     assert!(state.pods.len() > 3, "the changes reached the state");
     assert!(
-        rounds_said >= 4,
-        "only re-lists read every pod: {rounds_said} of 6 named theirs"
+        rounds_said.iter().all(|&n| n >= 4),
+        "only re-lists read every object: [pods, policies, namespaces] named theirs in \
+         {rounds_said:?} of 6 rounds"
     );
+}
+
+/// Checks that `said` (`None`: every object) names every key whose object differs
+/// between `before` and `after`; returns 1 when it named them, 0 when it said "every".
+fn all_said<K: Ord + std::fmt::Display, V: PartialEq>(
+    round: usize,
+    said: &Option<std::collections::BTreeSet<K>>,
+    before: &std::collections::BTreeMap<K, V>,
+    after: &std::collections::BTreeMap<K, V>,
+) -> usize {
+    let Some(said) = said else { return 0 };
+    for key in before.keys().chain(after.keys()) {
+        if before.get(key) != after.get(key) {
+            assert!(said.contains(key), "round {round}: {key} changed, unsaid");
+        }
+    }
+    1
 }

@@ -297,8 +297,24 @@ impl CompileCache {
     /// Brings [`CompileCache::policies`] in line with `policies`, reparsing what changed,
     /// and returns their generation: a number that changes with every change of an entry
     /// (one added, reparsed or removed) and that no other cache of this process uses.
-    pub fn sync_policies(&mut self, policies: &BTreeMap<ObjectRef, Arc<NetworkPolicy>>) -> u64 {
-        if self.sync_policy_entries(policies) || self.policies_generation == 0 {
+    ///
+    /// `changed`, when the caller knows, names the policies added, updated or deleted
+    /// since the last sync: only their entries are visited (the walk over every entry is
+    /// the fallback when the entries no longer number the policies).
+    pub fn sync_policies(
+        &mut self,
+        policies: &BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
+        changed: Option<&BTreeSet<ObjectRef>>,
+    ) -> u64 {
+        let entries_changed = match changed {
+            Some(changed) => self.sync_changed_policies(policies, changed),
+            None => self.sync_policy_entries(policies),
+        };
+        debug_assert!(
+            self.policies.iter().map(|e| &e.obj).eq(policies.keys()),
+            "the policy entries follow the state"
+        );
+        if entries_changed || self.policies_generation == 0 {
             static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
             self.policies_generation =
                 GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -325,23 +341,53 @@ impl CompileCache {
         changed || self.policies.len() != before
     }
 
+    /// Visits the entries of `changed` only (found by binary search); returns whether any
+    /// entry changed.
+    fn sync_changed_policies(
+        &mut self,
+        policies: &BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
+        changed: &BTreeSet<ObjectRef>,
+    ) -> bool {
+        let mut any = false;
+        for obj in changed {
+            let at = self.policies.binary_search_by(|e| e.obj.cmp(obj));
+            match (policies.get(obj), at) {
+                (Some(np), Ok(i)) if self.policies[i].matches(np) => {}
+                (Some(np), Ok(i)) => self.policies[i] = PolicyEntry::new(obj, np),
+                (Some(np), Err(i)) => self.policies.insert(i, PolicyEntry::new(obj, np)),
+                (None, Ok(i)) => drop(self.policies.remove(i)),
+                (None, Err(_)) => continue,
+            }
+            any = true;
+        }
+        if self.policies.len() != policies.len() {
+            any |= self.sync_policy_entries(policies);
+        }
+        any
+    }
+
     /// Brings [`CompileCache::pods`] in line with `pods`, re-reading what changed: the
     /// pods of `changed` when the caller knows which changed since the last sync (the
     /// others' entries are kept unread and unvisited), else every pod, compared with its
-    /// entry.
+    /// entry. Returns whether only the pods of `changed` were visited (`false` after a
+    /// walk over every pod, which may have found changes elsewhere).
     pub fn sync_pods(
         &mut self,
         pods: &BTreeMap<ObjectRef, PodInfo>,
         changed: Option<&BTreeSet<ObjectRef>>,
-    ) {
-        match changed {
+    ) -> bool {
+        let named_only = match changed {
             Some(changed) => self.sync_changed_pods(pods, changed),
-            None => self.sync_every_pod(pods),
-        }
+            None => {
+                self.sync_every_pod(pods);
+                false
+            }
+        };
         debug_assert!(
             self.pods.iter().map(|e| &e.obj).eq(pods.keys()),
             "the pod entries follow the state"
         );
+        named_only
     }
 
     fn sync_every_pod(&mut self, pods: &BTreeMap<ObjectRef, PodInfo>) {
@@ -361,12 +407,12 @@ impl CompileCache {
 
     /// Visits the entries of `changed` only (found by binary search); falls back to
     /// [`CompileCache::sync_every_pod`] when the entries no longer number the pods (a
-    /// caller that left an added or deleted pod out).
+    /// caller that left an added or deleted pod out); returns `false` then.
     fn sync_changed_pods(
         &mut self,
         pods: &BTreeMap<ObjectRef, PodInfo>,
         changed: &BTreeSet<ObjectRef>,
-    ) {
+    ) -> bool {
         for obj in changed {
             let at = self.pods.binary_search_by(|e| e.obj.cmp(obj));
             match (pods.get(obj), at) {
@@ -393,13 +439,29 @@ impl CompileCache {
         }
         if self.pods.len() != pods.len() {
             self.sync_every_pod(pods);
+            return false;
         }
+        true
     }
 
     /// Brings [`CompileCache::namespaces`] in line with `state`: every namespace object
     /// and every namespace with pods, with the labels selectors see. A namespace whose
-    /// labels changed gets a new version. One ordered walk, no lookup by name.
-    pub fn sync_namespaces(&mut self, state: &ClusterState) {
+    /// labels changed gets a new version. `named`, when the caller knows, names every
+    /// namespace whose object or pods may have changed since the last sync: only those
+    /// are looked at. Else one ordered walk, no lookup by name.
+    pub fn sync_namespaces(&mut self, state: &ClusterState, named: Option<&BTreeSet<&str>>) {
+        if let Some(named) = named {
+            for &name in named {
+                self.sync_namespace(state, name);
+            }
+            debug_assert!(
+                self.namespaces
+                    .keys()
+                    .eq(namespace_names(state, &self.pod_counts).map(|(name, _)| name)),
+                "the namespace entries follow the state"
+            );
+            return;
+        }
         // The common case, nothing changed, is known by one walk that copies nothing.
         let mut known = self.namespaces.iter();
         let unchanged = namespace_names(state, &self.pod_counts).all(|(name, object)| {
@@ -432,6 +494,27 @@ impl CompileCache {
             namespaces.push((name.clone(), entry));
         }
         self.namespaces = namespaces.into_iter().collect();
+    }
+
+    /// The entry of one namespace, as [`CompileCache::sync_namespaces`]' walk makes it.
+    fn sync_namespace(&mut self, state: &ClusterState, name: &str) {
+        let object = state.namespaces.get(name);
+        if object.is_none() && !self.pod_counts.namespaces.contains_key(name) {
+            self.namespaces.remove(name);
+            return;
+        }
+        let kept = self
+            .namespaces
+            .get(name)
+            .is_some_and(|entry| same_namespace_labels(&entry.labels, labels_of(object), name));
+        if !kept {
+            self.versions += 1;
+            let entry = NamespaceEntry {
+                labels: state.namespace_labels(name),
+                version: self.versions,
+            };
+            self.namespaces.insert(name.to_owned(), entry);
+        }
     }
 }
 

@@ -49,7 +49,7 @@ use crate::cache::{CompileCache, Namespaces, PeerSlots, PodEntry};
 use crate::identity::{Allocations, IdentityClasses, IdentitySignature, NamedPortResolution};
 use crate::lpm::Lpm;
 use crate::policy::ParsedPolicy;
-use crate::state::{ClusterState, ObjectRef};
+use crate::state::{Changes, ClusterState, ObjectRef};
 use crate::{Compiled, Direction, IdentityInfo, KeptMap, LocalPod, RuleRef};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
@@ -74,25 +74,22 @@ impl Compiler {
     /// Compiles `state` into desired map contents, keeping the numbers of the previous
     /// compile where they still apply.
     pub fn compile(&mut self, state: &ClusterState) -> Compiled {
-        self.compile_changed(state, None)
+        self.compile_changed(state, &Changes::ANY)
     }
 
-    /// [`Compiler::compile`], told which pods may have changed since this compiler's last
-    /// compile (`None`: any): the memo entries of the others are kept without reading
-    /// their pods, the largest part of a compile after one change at scale. The result
-    /// is the same as [`Compiler::compile`]'s as long as every pod that changed is named
-    /// (callers pass what their source reports; a pod left out keeps its stale entry).
-    pub fn compile_changed(
-        &mut self,
-        state: &ClusterState,
-        pods_changed: Option<&BTreeSet<ObjectRef>>,
-    ) -> Compiled {
+    /// [`Compiler::compile`], told which pods, policies and namespaces may have changed
+    /// since this compiler's last compile: the memo entries of the others are kept
+    /// without reading their objects, the largest part of a compile after one change at
+    /// scale. The result is the same as [`Compiler::compile`]'s as long as every object
+    /// that changed is named (callers pass what their source reports; an object left
+    /// out keeps its stale entry).
+    pub fn compile_changed(&mut self, state: &ClusterState, changes: &Changes) -> Compiled {
         let compiled = compile_with(
             state,
             &self.allocations,
             &mut self.admission,
             &mut self.cache,
-            pods_changed,
+            changes,
         );
         self.allocations = Arc::clone(&compiled.allocations);
         compiled
@@ -154,7 +151,7 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
         prev,
         &mut Admission::default(),
         &mut CompileCache::default(),
-        None,
+        &Changes::ANY,
     )
 }
 
@@ -163,12 +160,23 @@ fn compile_with(
     prev: &Allocations,
     admission: &mut Admission,
     cache: &mut CompileCache,
-    pods_changed: Option<&BTreeSet<ObjectRef>>,
+    changes: &Changes,
 ) -> Compiled {
     let now = cache.begin();
-    let policies_generation = cache.sync_policies(&state.policies);
-    cache.sync_pods(&state.pods, pods_changed);
-    cache.sync_namespaces(state);
+    let policies_generation = cache.sync_policies(&state.policies, changes.policies.as_ref());
+    let pods_named = cache.sync_pods(&state.pods, changes.pods.as_ref());
+    // A namespace's entry moves with its object and with the pods living in it.
+    let namespaces_named = match (pods_named, &changes.pods, &changes.namespaces) {
+        (true, Some(pods), Some(namespaces)) => Some(
+            namespaces
+                .iter()
+                .map(String::as_str)
+                .chain(pods.iter().map(|obj| obj.namespace.as_str()))
+                .collect::<BTreeSet<&str>>(),
+        ),
+        _ => None,
+    };
+    cache.sync_namespaces(state, namespaces_named.as_ref());
     let contested = cache.pod_counts.contested();
     let CompileCache {
         policies: policy_entries,

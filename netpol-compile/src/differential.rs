@@ -14,7 +14,7 @@
 //! feature `testing`) through the real programs (BPF_PROG_TEST_RUN, root only).
 
 #[cfg(test)]
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 #[cfg(test)]
@@ -754,6 +754,9 @@ enum Change {
     PodLabel(usize, &'static str, Option<&'static str>),
     /// Set a label of the n-th namespace.
     NamespaceLabel(usize, &'static str, &'static str),
+    /// Delete the Namespace object of the n-th of x, y, z, w (its pods stay), or create
+    /// it with this team label when there is none.
+    ToggleNamespace(usize, &'static str),
     /// Remove the n-th policy.
     RemovePolicy(usize),
     /// Add a policy (namespace index, spec).
@@ -800,6 +803,7 @@ fn change() -> impl Strategy<Value = Change> {
             .prop_map(|(i, k, v)| Change::PodLabel(i, k, v)),
         1 => (any::<usize>(), select(&["team", "ns"][..]), select(&["a", "b"][..]))
             .prop_map(|(i, k, v)| Change::NamespaceLabel(i, k, v)),
+        1 => (any::<usize>(), select(&["a", "b"][..])).prop_map(|(i, v)| Change::ToggleNamespace(i, v)),
         1 => any::<usize>().prop_map(Change::RemovePolicy),
         2 => policy_spec().prop_map(|(ns, spec)| Change::AddPolicy(ns, spec)),
         1 => (any::<usize>(), select(&PORTS[..])).prop_map(|(i, port)| Change::PolicyPort(i, port)),
@@ -844,6 +848,13 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
                     .labels
                     .get_or_insert_default()
                     .insert(key.to_string(), value.to_string());
+            }
+        }
+        Change::ToggleNamespace(i, team) => {
+            let name = ["x", "y", "z", "w"][i % 4];
+            if state.namespaces.remove(name).is_none() {
+                let object = super::testutil::namespace(name, &[("team", team)]);
+                state.namespaces.insert(name.to_string(), object);
             }
         }
         Change::RemovePolicy(i) => {
@@ -1029,30 +1040,41 @@ proptest! {
         }
     }
 
-    /// A compiler told which pods changed at each step (as the Kubernetes source says)
-    /// reads only those, and gives at every step exactly what a compiler that reads
-    /// every pod gives.
+    /// A compiler told which pods, policies and namespaces changed at each step (as the
+    /// Kubernetes source says) reads only those, and gives at every step exactly what a
+    /// compiler that reads every object gives.
     #[test]
-    fn a_compile_told_which_pods_changed_equals_one_that_reads_them_all(
+    fn a_compile_told_which_objects_changed_equals_one_that_reads_them_all(
         (s, changes) in scenario().prop_flat_map(|s| {
             (Just(s), proptest::collection::vec(change(), 1..10))
         })
     ) {
+        /// The keys whose values differ between `before` and `after`.
+        fn differ<K: Ord + Clone, V: PartialEq>(
+            before: &BTreeMap<K, V>,
+            after: &BTreeMap<K, V>,
+        ) -> BTreeSet<K> {
+            before
+                .keys()
+                .chain(after.keys())
+                .filter(|key| before.get(*key) != after.get(*key))
+                .cloned()
+                .collect()
+        }
         let mut state = s.state.clone();
         let mut told = Compiler::default();
         let mut reads_all = Compiler::default();
-        told.compile_changed(&state, None);
+        told.compile_changed(&state, &crate::state::Changes::ANY);
         reads_all.compile(&state);
         for (step, change) in changes.iter().enumerate() {
-            let before = state.pods.clone();
+            let before = state.clone();
             apply(&mut state, change, step);
-            let changed: BTreeSet<crate::state::ObjectRef> = before
-                .keys()
-                .chain(state.pods.keys())
-                .filter(|obj| before.get(*obj) != state.pods.get(*obj))
-                .cloned()
-                .collect();
-            let incremental = told.compile_changed(&state, Some(&changed));
+            let changed = crate::state::Changes {
+                pods: Some(differ(&before.pods, &state.pods)),
+                policies: Some(differ(&before.policies, &state.policies)),
+                namespaces: Some(differ(&before.namespaces, &state.namespaces)),
+            };
+            let incremental = told.compile_changed(&state, &changed);
             let full = reads_all.compile(&state);
             prop_assert_eq!(&incremental, &full, "after {:?}", change);
         }

@@ -18,6 +18,47 @@ mod pod;
 pub use labels::Labels;
 pub use pod::{DeclaredPort, PodDocument, PodIdentity, PodInfo};
 
+/// What may have changed in a [`ClusterState`] since a compiler's last compile of it, as
+/// its source knows: each set names the objects added, updated or deleted since then,
+/// `None` that any of that kind may have (the compiler then compares them all). A
+/// compile told of changes reads only those objects: one left out keeps its stale memo.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub pods: Option<BTreeSet<ObjectRef>>,
+    pub policies: Option<BTreeSet<ObjectRef>>,
+    /// Namespace objects, by name.
+    pub namespaces: Option<BTreeSet<String>>,
+}
+
+impl Changes {
+    /// Any object may have changed (a source that cannot tell, or the first compile).
+    pub const ANY: Changes = Changes {
+        pods: None,
+        policies: None,
+        namespaces: None,
+    };
+
+    /// No object changed.
+    pub const NONE: Changes = Changes {
+        pods: Some(BTreeSet::new()),
+        policies: Some(BTreeSet::new()),
+        namespaces: Some(BTreeSet::new()),
+    };
+
+    /// Adds the changes of `later` (a compile that did not happen in between).
+    pub fn extend(&mut self, later: Changes) {
+        fn union<K: Ord>(known: &mut Option<BTreeSet<K>>, later: Option<BTreeSet<K>>) {
+            match (known.as_mut(), later) {
+                (Some(known), Some(later)) => known.extend(later),
+                _ => *known = None,
+            }
+        }
+        union(&mut self.pods, later.pods);
+        union(&mut self.policies, later.policies);
+        union(&mut self.namespaces, later.namespaces);
+    }
+}
+
 /// `namespace/name` of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {

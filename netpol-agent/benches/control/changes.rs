@@ -2,9 +2,9 @@
 //! added, a pod created, a pod deleted, a namespace label flipped, a
 //! ClusterNetworkPolicy replaced.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
-use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{Changes, ClusterState, ObjectRef};
 use serde_json::json;
 
 use crate::Size;
@@ -57,14 +57,15 @@ fn pick_pod(state: &ClusterState, n: usize) -> ObjectRef {
     }
 }
 
-/// Applies change number `i` to `state`; returns its kind and the pods it changed (as
-/// the Kubernetes source reports them to the compiler). Half the flips, created and
+/// Applies change number `i` to `state`; returns its kind and the pods, policies and
+/// namespaces it changed (as the Kubernetes source reports them to the compiler). Half the flips, created and
 /// deleted pods, and the policies added in namespaces with local pods, touch this node's
 /// endpoints.
-pub fn change(state: &mut ClusterState, size: Size, i: usize) -> (ChangeKind, BTreeSet<ObjectRef>) {
+pub fn change(state: &mut ClusterState, size: Size, i: usize) -> (ChangeKind, Changes) {
     let kind = ChangeKind::ALL[i % ChangeKind::ALL.len()];
     let n = i / ChangeKind::ALL.len();
-    let mut pods = BTreeSet::new();
+    let mut changes = Changes::NONE;
+    let pods = changes.pods.as_mut().expect("named");
     match kind {
         ChangeKind::LabelFlip => {
             let key = pick_pod(state, n);
@@ -94,7 +95,9 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> (ChangeKind, BT
                              "ports": [{"port": 7000 + i}]}],
             });
             let p = policy(&ns, &name, spec);
-            state.policies.insert(ObjectRef::new(ns, name), p.into());
+            let key = ObjectRef::new(ns, name);
+            state.policies.insert(key.clone(), p.into());
+            changes.policies.as_mut().expect("named").insert(key);
         }
         ChangeKind::PodCreated => {
             let ns = (n * 13) % size.namespaces;
@@ -118,6 +121,7 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> (ChangeKind, BT
             let team = labels.get("team").cloned().unwrap_or_default();
             let digit: usize = team.trim_start_matches("team-").parse().unwrap_or(0);
             labels.insert("team".into(), format!("team-{}", (digit + 1) % 10));
+            changes.namespaces.as_mut().expect("named").insert(ns);
         }
         ChangeKind::ClusterPolicyReplaced => {
             // Its place takes the next shape's policy (a new tier, subject and rules).
@@ -128,5 +132,5 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> (ChangeKind, BT
             state.cluster_policies.insert(name, object);
         }
     }
-    (kind, pods)
+    (kind, changes)
 }

@@ -25,7 +25,7 @@
 //!   `/sys/fs/bpf/netpol-bench-<pid>/<size>` (in a private network namespace, so nothing
 //!   is attached). Time = compile + apply, per change; p50 and p99. Baseline: the same
 //!   loop with no change (no map writes). The `Compiler` keeps its allocations and memo
-//!   and is told which pods changed (`Compiler::compile_changed`, as the agent's loop
+//!   and is told which pods, policies and namespaces changed (`Compiler::compile_changed`, as the agent's loop
 //!   tells it what its Kubernetes source reports), so this is the path the agent takes
 //!   after a change.
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use netpol_agent::datapath::{Capacities, Datapath};
-use netpol_compile::state::ClusterState;
+use netpol_compile::state::{Changes, ClusterState};
 use netpol_compile::{Compiled, Compiler};
 
 use crate::changes::{ChangeKind, change};
@@ -95,7 +95,7 @@ pub fn propagation(
     let (mut noop, mut noop_compile, mut noop_apply) = (vec![], vec![], vec![]);
     for _ in 0..config.noop_runs {
         let t0 = Instant::now();
-        let next = compiler.compile_changed(&state, Some(&Default::default()));
+        let next = compiler.compile_changed(&state, &Changes::NONE);
         let t1 = Instant::now();
         let report = datapath.sync_maps(&next).expect("apply");
         let t2 = Instant::now();
@@ -111,15 +111,15 @@ pub fn propagation(
     let (mut total, mut compile_t, mut apply_t, mut writes) = (vec![], vec![], vec![], vec![]);
     let started = Instant::now();
     for i in 0..config.changes {
-        let (kind, pods_changed) = change(&mut state, size, i);
+        let (kind, changes) = change(&mut state, size, i);
         // As the agent's loop: the last result is released before the compile (its
         // maps are the compiler's, updated in place when nobody else holds them), and
-        // the compiler is told which pods changed.
+        // the compiler is told which pods, policies and namespaces changed.
         let ipcache_before = compiled.ipcache.version();
         let policy_before = compiled.policy.version();
         drop(std::mem::take(&mut compiled));
         let t0 = Instant::now();
-        let next = compiler.compile_changed(&state, Some(&pods_changed));
+        let next = compiler.compile_changed(&state, &changes);
         let t1 = Instant::now();
         let report = datapath.sync_maps(&next).expect("apply");
         let t2 = Instant::now();

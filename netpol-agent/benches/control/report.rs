@@ -83,8 +83,8 @@ pub fn report(config: &Config, machine: &Value, runs: &[SizeRun], rss_start: f64
         );
         println!(
             "Time from a change in the state to the kernel maps holding it: `compile` by the \
-             same `Compiler` (allocations and memo kept, told which pods changed) + \
-             `Datapath::apply` into real maps. p50 / p99 per kind of change; the baseline \
+             same `Compiler` (allocations and memo kept, told which pods, policies and \
+             namespaces changed) + `Datapath::apply` into real maps. p50 / p99 per kind of change; the baseline \
              is the same loop with no change (median of {} runs, no map writes).\n",
             config.noop_runs
         );
@@ -363,7 +363,7 @@ fn write_json(config: &Config, machine: &Value, runs: &[SizeRun], rss_start: f64
         "method": {
             "compile": "wall clock of a fresh Compiler's first compile, median of runs",
             "memory": "VmRSS/VmHWM of the bench process from /proc/self/status; sizes run smallest first, each dropped before the next",
-            "propagation": "state change, then compile by the same Compiler (allocations and memo kept, told which pods changed) + Datapath::apply into real kernel maps (private netns, unique bpffs dir); baseline: the same loop without a change",
+            "propagation": "state change, then compile by the same Compiler (allocations and memo kept, told which pods, policies and namespaces changed) + Datapath::apply into real kernel maps (private netns, unique bpffs dir); baseline: the same loop without a change",
             "cluster": format!("{PODS_PER_NAMESPACE} pods and {POLICIES_PER_NAMESPACE} policies per namespace (a window over ten shapes), {CLUSTER_POLICIES} ClusterNetworkPolicies (six shapes, both tiers), {LOCAL_PODS} local pods; label selectors with matchExpressions (In, NotIn, Exists), namespace selectors, ipBlocks with excepts (IPv4 and IPv6), named ports (ingress and egress), port ranges, SCTP; 1 pod in 4 dual-stack"),
         },
         "start_rss_mib": rss_start,

@@ -240,11 +240,9 @@ impl<'a, S: Source> Reconciler<'a, S> {
         // with the compiler's memo: released first, they are updated in place, not
         // copied.
         self.compiled = Compiled::default();
-        self.compiled = self
-            .compiler
-            .compile_changed(&self.state, update.pods_changed.as_ref());
+        self.compiled = self.compiler.compile_changed(&self.state, &update.changes);
         phases.compiled = phases.since_start();
-        self.addresses_due = match (self.addresses_due.take(), update.pods_changed) {
+        self.addresses_due = match (self.addresses_due.take(), update.changes.pods) {
             (Some(mut due), Some(changed)) => {
                 due.extend(changed);
                 Some(due)

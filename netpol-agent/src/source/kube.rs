@@ -96,7 +96,7 @@ impl Source for KubeSource {
         Ok(Update {
             diagnostics: Vec::new(),
             generation: snapshot.generation,
-            pods_changed: snapshot.pods_changed,
+            changes: snapshot.changes,
         })
     }
 

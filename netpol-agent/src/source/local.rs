@@ -26,7 +26,8 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use netpol_compile::state::{
-    ClusterState, HOST_INTERFACE_ANNOTATION, NodeContext, ObjectRef, PodInfo, UnreadablePart,
+    Changes, ClusterState, HOST_INTERFACE_ANNOTATION, NodeContext, ObjectRef, PodInfo,
+    UnreadablePart,
 };
 use netpol_compile::{Diagnostic, Kind, ObjectName, Subject};
 
@@ -84,7 +85,7 @@ impl Source for LocalSource {
             diagnostics,
             generation,
             // The directory is read whole.
-            pods_changed: None,
+            changes: Changes::ANY,
         })
     }
 }

@@ -12,12 +12,11 @@ pub mod kube;
 pub mod local;
 pub mod manifest;
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
 
 use netpol_compile::Diagnostic;
-use netpol_compile::state::{ClusterState, ObjectRef};
+use netpol_compile::state::{Changes, ClusterState};
 
 /// Errors of the sources. Each variant is one metric label ([`Error::kind`]).
 #[derive(Debug, thiserror::Error)]
@@ -63,9 +62,9 @@ pub struct Update {
     pub diagnostics: Vec<Diagnostic>,
     /// The generation to report once this state is in the kernel; `None`: unchanged.
     pub generation: Option<u64>,
-    /// The pods this snapshot added, updated or deleted in the state; `None` when the
-    /// source cannot say (any may have changed).
-    pub pods_changed: Option<BTreeSet<ObjectRef>>,
+    /// The pods, policies and namespaces this snapshot added, updated or deleted in the
+    /// state, as far as the source can say.
+    pub changes: Changes,
 }
 
 /// Where cluster state comes from.

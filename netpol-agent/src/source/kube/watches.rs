@@ -19,9 +19,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use netpol_compile::state::{ClusterState, NodePeer, ObjectRef, PodInfo, node_addresses};
+use netpol_compile::state::{ClusterState, NodePeer, PodInfo, node_addresses};
 
-use super::changes::{Changed, Changes, Reflected, StateKey as _, refresh};
+use super::changes::{Changed, Changes, Reflected, StateKey, refresh};
 use super::incidents::{self, Incidents, Signal};
 use super::pod::{PodStore, WatchedPod};
 use super::settings::{Settings, Watched};
@@ -313,10 +313,10 @@ impl ClusterWatch {
         let generation = self.resource_version.load(Ordering::Acquire);
         self.moved = false;
         let mut changed = self.changes.take();
-        let pods_changed = match changed.get(&Watched::Pods) {
-            None => Some(BTreeSet::new()),
-            Some(Changed::All) => None,
-            Some(Changed::Objects(keys)) => Some(keys.iter().filter_map(ObjectRef::of).collect()),
+        let changes = netpol_compile::state::Changes {
+            pods: state_keys(changed.get(&Watched::Pods)),
+            policies: state_keys(changed.get(&Watched::NetworkPolicies)),
+            namespaces: state_keys(changed.get(&Watched::Namespaces)),
         };
         let stores = &self.stores;
         refresh(
@@ -397,7 +397,7 @@ impl ClusterWatch {
         Snapshot {
             node_ips,
             generation: (generation > 0).then_some(generation),
-            pods_changed,
+            changes,
         }
     }
 
@@ -420,7 +420,16 @@ pub struct Snapshot {
     pub node_ips: Vec<IpAddr>,
     /// Highest resourceVersion contained (`None` before any object was seen).
     pub generation: Option<u64>,
-    /// The pods this snapshot added, updated or deleted in the state (`None`: it read
-    /// every pod, after a list).
-    pub pods_changed: Option<BTreeSet<ObjectRef>>,
+    /// The pods, policies and namespaces this snapshot added, updated or deleted in the
+    /// state (`None` for a kind whose list it read whole).
+    pub changes: netpol_compile::state::Changes,
+}
+
+/// The state keys of the objects `changed` names (`None`: every object, after a list).
+fn state_keys<K: StateKey>(changed: Option<&Changed>) -> Option<BTreeSet<K>> {
+    match changed {
+        None => Some(BTreeSet::new()),
+        Some(Changed::All) => None,
+        Some(Changed::Objects(keys)) => Some(keys.iter().filter_map(K::of).collect()),
+    }
 }
