@@ -7,16 +7,18 @@
 //! were computed from; each compile revalidates the entries against the state (an entry
 //! whose inputs differ is recomputed) and brings the selector matches up to date:
 //!
+//! - a compile told which pods, policies and namespaces changed
+//!   ([`Compiler::compile_changed`](super::Compiler::compile_changed),
+//!   [`Changes`](crate::state::Changes)) visits only their entries; else it walks them all;
 //! - a policy is reparsed when its name, namespace, spec or staged annotation changed
 //!   (the same shared object, the common case, is known by its pointer); the entries'
 //!   generation tells admission and the compile that none did, and they keep the
 //!   policies in force and the rule table of the last compile;
-//! - a pod is re-read when its labels, IP strings or declared ports changed; told which
-//!   pods changed ([`Compiler::compile_changed`](super::Compiler::compile_changed)), a
-//!   compile visits only their entries, and keeps [`PodCounts`] (addresses listed by
-//!   several pods, pods per namespace) up to date as it does;
-//! - namespace labels are compared in one ordered walk, and a pod's resolution of the
-//!   egress named ports in force is redone only when that list changes;
+//! - a pod is re-read when its labels, IP strings or declared ports changed, and
+//!   [`PodCounts`] (addresses listed by several pods, pods per namespace) follow;
+//! - a namespace's labels are compared when its object or its pods changed (in one
+//!   ordered walk when the caller cannot say), and a pod's resolution of the egress
+//!   named ports in force is redone only when that list changes;
 //! - a pod's peer matches are recomputed when the pod or its namespace's labels changed,
 //!   or when the pod was not classified by the previous compile; otherwise only peers
 //!   that came into force since are matched against it. The same holds for ipBlock
