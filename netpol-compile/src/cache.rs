@@ -41,7 +41,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
 use crate::state::{
-    ClusterState, DeclaredPort, Labels, NAMESPACE_NAME_LABEL, ObjectRef, PodInfo,
+    ClusterState, DeclaredPort, Labels, NAMESPACE_NAME_LABEL, NodeContext, ObjectRef, PodInfo,
     holds_pod_addresses, is_staged,
 };
 
@@ -264,6 +264,8 @@ pub(crate) struct CompileCache {
     policies_generation: u64,
     /// One entry per pod of the last state, in state order.
     pub pods: Vec<PodEntry>,
+    /// The node whose pods the entries' `local` flags name (`None`: never synced).
+    local_node: Option<Option<String>>,
     /// Counts over [`CompileCache::pods`].
     pub pod_counts: PodCounts,
     /// Namespace labels (with the implicit name label) and their version.
@@ -373,15 +375,21 @@ impl CompileCache {
     /// others' entries are kept unread and unvisited), else every pod, compared with its
     /// entry. Returns whether only the pods of `changed` were visited (`false` after a
     /// walk over every pod, which may have found changes elsewhere).
+    ///
+    /// Every entry also says whether its pod runs on `node`: all of them are looked at
+    /// when the node's name is not the one of the last sync.
     pub fn sync_pods(
         &mut self,
         pods: &BTreeMap<ObjectRef, PodInfo>,
         changed: Option<&BTreeSet<ObjectRef>>,
+        node: &NodeContext,
     ) -> bool {
-        let named_only = match changed {
-            Some(changed) => self.sync_changed_pods(pods, changed),
+        let same_node = self.local_node.as_ref() == Some(&node.name);
+        let named_only = match changed.filter(|_| same_node) {
+            Some(changed) => self.sync_changed_pods(pods, changed, node),
             None => {
-                self.sync_every_pod(pods);
+                self.sync_every_pod(pods, node);
+                self.local_node = Some(node.name.clone());
                 false
             }
         };
@@ -392,7 +400,7 @@ impl CompileCache {
         named_only
     }
 
-    fn sync_every_pod(&mut self, pods: &BTreeMap<ObjectRef, PodInfo>) {
+    fn sync_every_pod(&mut self, pods: &BTreeMap<ObjectRef, PodInfo>, node: &NodeContext) {
         let mut old = std::mem::take(&mut self.pods).into_iter().peekable();
         self.pods.reserve(pods.len());
         self.pod_counts = PodCounts::default();
@@ -401,7 +409,7 @@ impl CompileCache {
                 Some(e) if e.matches(pod) => e,
                 _ => PodEntry::new(obj, pod),
             };
-            entry.holds = holds_pod_addresses(pod);
+            entry.read_placement(pod, node);
             self.pod_counts.add(&entry);
             self.pods.push(entry);
         }
@@ -414,6 +422,7 @@ impl CompileCache {
         &mut self,
         pods: &BTreeMap<ObjectRef, PodInfo>,
         changed: &BTreeSet<ObjectRef>,
+        node: &NodeContext,
     ) -> bool {
         for obj in changed {
             let at = self.pods.binary_search_by(|e| e.obj.cmp(obj));
@@ -424,11 +433,12 @@ impl CompileCache {
                     if !entry.matches(pod) {
                         *entry = PodEntry::new(obj, pod);
                     }
-                    entry.holds = holds_pod_addresses(pod);
+                    entry.read_placement(pod, node);
                     self.pod_counts.add(entry);
                 }
                 (Some(pod), Err(i)) => {
-                    let entry = PodEntry::new(obj, pod);
+                    let mut entry = PodEntry::new(obj, pod);
+                    entry.read_placement(pod, node);
                     self.pod_counts.add(&entry);
                     self.pods.insert(i, entry);
                 }
@@ -440,7 +450,7 @@ impl CompileCache {
             }
         }
         if self.pods.len() != pods.len() {
-            self.sync_every_pod(pods);
+            self.sync_every_pod(pods, node);
             return false;
         }
         true
@@ -694,6 +704,8 @@ pub(crate) struct PodEntry {
     /// Whether the pod holds its addresses ([`holds_pod_addresses`]): counted in
     /// [`PodCounts`].
     pub holds: bool,
+    /// Whether the pod runs on the compile's node ([`NodeContext::is_local`]).
+    pub local: bool,
     /// How the pod resolves the egress named ports in force (index in their list, port),
     /// and the version of that list it was resolved for.
     resolved: (u64, Vec<(usize, u16)>),
@@ -706,6 +718,13 @@ pub(crate) struct PodEntry {
 }
 
 impl PodEntry {
+    /// Reads what the entry says of the pod's state beyond its labels and addresses:
+    /// whether it holds them, and whether it runs on `node`.
+    fn read_placement(&mut self, pod: &PodInfo, node: &NodeContext) {
+        self.holds = holds_pod_addresses(pod);
+        self.local = node.is_local(pod);
+    }
+
     fn new(obj: &ObjectRef, pod: &PodInfo) -> Self {
         let mut ips = Vec::new();
         let mut ip_errors = Vec::new();
@@ -726,6 +745,7 @@ impl PodEntry {
             ip_bits: Vec::new(),
             namespace_version: 0,
             holds: holds_pod_addresses(pod),
+            local: false,
             resolved: (0, Vec::new()),
             changed_at: 0,
             class: None,

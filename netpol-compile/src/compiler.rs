@@ -164,7 +164,7 @@ fn compile_with(
 ) -> Compiled {
     let now = cache.begin();
     let policies_generation = cache.sync_policies(&state.policies, changes.policies.as_ref());
-    let pods_named = cache.sync_pods(&state.pods, changes.pods.as_ref());
+    let pods_named = cache.sync_pods(&state.pods, changes.pods.as_ref(), &state.node);
     // A namespace's entry moves with its object and with the pods living in it.
     let namespaces_named = match (pods_named, &changes.pods, &changes.namespaces) {
         (true, Some(pods), Some(namespaces)) => Some(

@@ -97,6 +97,7 @@ pub(super) fn live_pods<'a>(
         if !holds_pod_addresses(pod) {
             continue;
         }
+        debug_assert_eq!(entry.local, state.node.is_local(pod));
         let mut ips = Cow::Borrowed(entry.ips.as_slice());
         let mut removed = 0;
         for (i, ip) in entry.ips.iter().enumerate() {
@@ -127,7 +128,7 @@ pub(super) fn live_pods<'a>(
                 Cow::Borrowed(_) => None,
                 Cow::Owned(kept) => Some(kept),
             },
-            local: state.node.is_local(pod),
+            local: entry.local,
             host_interface: state.pod_interfaces.get(obj),
         });
     }
@@ -144,6 +145,7 @@ fn uncontested_pods<'a>(
     let mut out = Vec::with_capacity(entries.len());
     for (index, ((obj, pod), entry)) in state.pods.iter().zip(entries).enumerate() {
         debug_assert_eq!(entry.holds, holds_pod_addresses(pod));
+        debug_assert_eq!(entry.local, state.node.is_local(pod));
         if !entry.holds {
             continue;
         }
@@ -158,7 +160,7 @@ fn uncontested_pods<'a>(
             labels: pod.labels(),
             index,
             kept: None,
-            local: state.node.is_local(pod),
+            local: entry.local,
             host_interface: state.pod_interfaces.get(obj),
         });
     }

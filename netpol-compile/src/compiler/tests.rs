@@ -106,6 +106,22 @@ fn a_change_that_moves_no_identity_keeps_the_policy_map_itself() {
 }
 
 #[test]
+fn a_compile_told_nothing_changed_still_sees_the_node_renamed() {
+    let mut compiler = Compiler::new();
+    let mut state = allow_web().state;
+    let every_pod_local = compiler.compile(&state);
+    assert!(!every_pod_local.local_pods.is_empty());
+    // The pods name no node: on a node with a name, none of them is local.
+    state.node.name = Some("n1".into());
+    let none_local = compiler.compile_changed(&state, &crate::state::Changes::NONE);
+    assert!(none_local.local_pods.is_empty());
+    assert_eq!(none_local, compile(&state, &every_pod_local.allocations));
+    state.node.name = None;
+    let again = compiler.compile_changed(&state, &crate::state::Changes::NONE);
+    assert_eq!(again, compile(&state, &none_local.allocations));
+}
+
+#[test]
 fn no_policies_endpoints_and_pod_ips_only() {
     let mut pending = crate::testutil::pod("x", "pending", &[], &["10.0.0.9"], &[]);
     pending.status.as_mut().unwrap().phase = Some("Pending".into());
