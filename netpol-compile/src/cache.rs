@@ -182,6 +182,17 @@ pub(crate) struct NamespaceEntry {
 /// Every namespace of the state and every namespace some pod lives in, by name.
 pub(crate) type Namespaces = BTreeMap<String, NamespaceEntry>;
 
+impl NamespaceEntry {
+    /// The entry of namespace `name` as `state` has it, with the next of `versions`.
+    fn new(versions: &mut u64, state: &ClusterState, name: &str) -> Self {
+        *versions += 1;
+        NamespaceEntry {
+            labels: state.namespace_labels(name),
+            version: *versions,
+        }
+    }
+}
+
 /// Kept with the pod entries, in step with them: how many pods holding addresses list
 /// each address (so a compile knows without a pass over every pod whether any address
 /// is listed by two), and how many pods each namespace has.
@@ -405,11 +416,13 @@ impl CompileCache {
         self.pods.reserve(pods.len());
         self.pod_counts = PodCounts::default();
         for (obj, pod) in pods {
-            let mut entry = match next_entry(&mut old, |e| e.obj.cmp(obj)) {
-                Some(e) if e.matches(pod) => e,
-                _ => PodEntry::new(obj, pod),
+            let entry = match next_entry(&mut old, |e| e.obj.cmp(obj)) {
+                Some(mut e) if e.matches(pod) => {
+                    e.read_placement(pod, node);
+                    e
+                }
+                _ => PodEntry::new(obj, pod, node),
             };
-            entry.read_placement(pod, node);
             self.pod_counts.add(&entry);
             self.pods.push(entry);
         }
@@ -430,15 +443,15 @@ impl CompileCache {
                 (Some(pod), Ok(i)) => {
                     let entry = &mut self.pods[i];
                     self.pod_counts.remove(entry);
-                    if !entry.matches(pod) {
-                        *entry = PodEntry::new(obj, pod);
+                    if entry.matches(pod) {
+                        entry.read_placement(pod, node);
+                    } else {
+                        *entry = PodEntry::new(obj, pod, node);
                     }
-                    entry.read_placement(pod, node);
                     self.pod_counts.add(entry);
                 }
                 (Some(pod), Err(i)) => {
-                    let mut entry = PodEntry::new(obj, pod);
-                    entry.read_placement(pod, node);
+                    let entry = PodEntry::new(obj, pod, node);
                     self.pod_counts.add(&entry);
                     self.pods.insert(i, entry);
                 }
@@ -495,13 +508,7 @@ impl CompileCache {
                 {
                     entry
                 }
-                _ => {
-                    self.versions += 1;
-                    NamespaceEntry {
-                        labels: state.namespace_labels(name),
-                        version: self.versions,
-                    }
-                }
+                _ => NamespaceEntry::new(&mut self.versions, state, name),
             };
             namespaces.push((name.clone(), entry));
         }
@@ -520,11 +527,7 @@ impl CompileCache {
             .get(name)
             .is_some_and(|entry| same_namespace_labels(&entry.labels, labels_of(object), name));
         if !kept {
-            self.versions += 1;
-            let entry = NamespaceEntry {
-                labels: state.namespace_labels(name),
-                version: self.versions,
-            };
+            let entry = NamespaceEntry::new(&mut self.versions, state, name);
             self.namespaces.insert(name.to_owned(), entry);
         }
     }
@@ -718,14 +721,15 @@ pub(crate) struct PodEntry {
 }
 
 impl PodEntry {
-    /// Reads what the entry says of the pod's state beyond its labels and addresses:
-    /// whether it holds them, and whether it runs on `node`.
+    /// Reads again what the entry says of the pod beyond its labels, addresses and ports
+    /// (which [`PodEntry::matches`] compares): whether it holds its addresses, and
+    /// whether it runs on `node`.
     fn read_placement(&mut self, pod: &PodInfo, node: &NodeContext) {
         self.holds = holds_pod_addresses(pod);
         self.local = node.is_local(pod);
     }
 
-    fn new(obj: &ObjectRef, pod: &PodInfo) -> Self {
+    fn new(obj: &ObjectRef, pod: &PodInfo, node: &NodeContext) -> Self {
         let mut ips = Vec::new();
         let mut ip_errors = Vec::new();
         for address in read_addresses(pod) {
@@ -745,7 +749,7 @@ impl PodEntry {
             ip_bits: Vec::new(),
             namespace_version: 0,
             holds: holds_pod_addresses(pod),
-            local: false,
+            local: node.is_local(pod),
             resolved: (0, Vec::new()),
             changed_at: 0,
             class: None,

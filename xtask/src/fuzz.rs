@@ -8,7 +8,7 @@
 //! the input in `fuzz/artifacts/manifests/`.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -117,6 +117,18 @@ fn cargo_fuzz(subcommand: &str, target_dir: &Path) -> Command {
     cmd
 }
 
+/// Calls `each` with every line `reader` gives (lossy UTF-8, trailing whitespace cut),
+/// as it comes.
+fn each_line(reader: impl Read, mut each: impl FnMut(String) -> Result<()>) -> Result<()> {
+    let mut reader = BufReader::new(reader);
+    let mut bytes = Vec::new();
+    while reader.read_until(b'\n', &mut bytes)? > 0 {
+        each(String::from_utf8_lossy(&bytes).trim_end().to_owned())?;
+        bytes.clear();
+    }
+    Ok(())
+}
+
 /// Builds the target, cargo's output shown as it comes; a failure names cargo's error
 /// lines, so a summary that keeps only the last lines still says why.
 fn build(target_dir: &Path) -> Result<()> {
@@ -125,14 +137,11 @@ fn build(target_dir: &Path) -> Result<()> {
         .spawn()
         .context("running cargo fuzz build")?;
     let mut lines = Vec::new();
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
-    let mut bytes = Vec::new();
-    while stderr.read_until(b'\n', &mut bytes)? > 0 {
-        let line = String::from_utf8_lossy(&bytes).trim_end().to_owned();
-        bytes.clear();
+    each_line(child.stderr.take().expect("stderr is piped"), |line| {
         eprintln!("{line}");
         lines.push(line);
-    }
+        Ok(())
+    })?;
     let status = child.wait()?;
     if status.success() {
         return Ok(());
@@ -209,18 +218,15 @@ pub fn run(secs: u64) -> Result<()> {
     });
     let mut stats = Stats::default();
     let mut tail: VecDeque<String> = VecDeque::new();
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
-    let mut bytes = Vec::new();
-    while stderr.read_until(b'\n', &mut bytes)? > 0 {
-        let line = String::from_utf8_lossy(&bytes).trim_end().to_owned();
-        bytes.clear();
+    each_line(child.stderr.take().expect("stderr is piped"), |line| {
         writeln!(log, "{line}")?;
         stats.read_line(&line);
         if tail.len() == 40 {
             tail.pop_front();
         }
         tail.push_back(line);
-    }
+        Ok(())
+    })?;
     let status = child.wait()?;
     let hints = stdout_reader.join().unwrap_or_default();
     for line in &hints {
