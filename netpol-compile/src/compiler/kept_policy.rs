@@ -118,8 +118,8 @@ impl View<'_> {
 
 struct KeptEndpoint {
     inputs: EndpointInputs,
-    /// Its keys in the map.
-    keys: Box<[Lpm<PolicyKey>]>,
+    /// Its entries in the map, sorted by key.
+    entries: Box<[(Lpm<PolicyKey>, PolicyValue)]>,
     /// Its kind flags ([`crate::policy_maps::kind`]).
     kinds: u32,
 }
@@ -173,33 +173,83 @@ impl Update<'_> {
     }
 
     /// The map of this compile: the last one itself when no endpoint's entries changed.
+    /// Each endpoint made again is compared with what it had, so the map changes by the
+    /// entries that differ: a new identity seen by every endpoint's rules adds its few
+    /// entries per endpoint, not all of them again.
     pub(super) fn finish(self) -> KeptMap<Lpm<PolicyKey>, PolicyValue> {
         let Update { kept, fresh, live } = self;
-        let gone = kept.endpoints.keys().filter(|id| !live.contains(id));
-        let replaced: BTreeSet<u32> = gone
+        let gone: Vec<u32> = kept
+            .endpoints
+            .keys()
+            .filter(|id| !live.contains(id))
             .copied()
-            .chain(fresh.iter().map(|&(id, ..)| id))
             .collect();
-        let old_keys: Vec<Box<[Lpm<PolicyKey>]>> = replaced
-            .iter()
-            .filter_map(|id| Some(kept.endpoints.remove(id)?.keys))
-            .collect();
-        // The old entries of those endpoints go, then their new ones come (a key in both
-        // takes its new value; one whose value stays is no change).
-        let removed = old_keys.iter().flatten().map(|&key| (key, None));
-        let added = fresh
-            .iter()
-            .flat_map(|(_, _, entries, _)| entries.iter().map(|(&key, &value)| (key, Some(value))));
-        kept.map.change(removed.chain(added));
+        let mut changes: Vec<(Lpm<PolicyKey>, Option<PolicyValue>)> = Vec::new();
+        for id in gone {
+            let endpoint = kept.endpoints.remove(&id).expect("listed above");
+            changes.extend(endpoint.entries.iter().map(|&(key, _)| (key, None)));
+        }
         for (id, inputs, entries, kinds) in fresh {
-            let keys = entries.into_keys().collect();
+            let entries: Box<[(Lpm<PolicyKey>, PolicyValue)]> = entries.into_iter().collect();
+            let had = kept.endpoints.get(&id).map_or(&[][..], |e| &e.entries);
+            differences(had, &entries, &mut changes);
             let endpoint = KeptEndpoint {
                 inputs,
-                keys,
+                entries,
                 kinds,
             };
             kept.endpoints.insert(id, endpoint);
         }
+        kept.map.change(changes);
         kept.map.clone()
+    }
+}
+
+/// The changes that make `old` into `new` (both sorted by key): `None` for a key only
+/// `old` has, the new value for one that is new or whose value differs.
+fn differences<K: Ord + Copy, V: PartialEq + Copy>(
+    old: &[(K, V)],
+    new: &[(K, V)],
+    out: &mut Vec<(K, Option<V>)>,
+) {
+    debug_assert!(old.is_sorted_by_key(|&(k, _)| k) && new.is_sorted_by_key(|&(k, _)| k));
+    let mut old = old.iter().peekable();
+    for &(key, value) in new {
+        while let Some(&(gone, _)) = old.next_if(|(k, _)| *k < key) {
+            out.push((gone, None));
+        }
+        match old.next_if(|(k, _)| *k == key) {
+            Some(&(_, was)) if was == value => {}
+            _ => out.push((key, Some(value))),
+        }
+    }
+    out.extend(old.map(|&(gone, _)| (gone, None)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::differences;
+
+    #[test]
+    fn an_endpoint_made_again_changes_the_map_by_the_entries_that_differ() {
+        let old = [(1, 'a'), (2, 'b'), (4, 'd'), (6, 'f')];
+        let new = [(0, 'z'), (2, 'b'), (4, 'x'), (5, 'e')];
+        let mut out = Vec::new();
+        differences(&old, &new, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                (0, Some('z')),
+                (1, None),
+                (4, Some('x')),
+                (5, Some('e')),
+                (6, None)
+            ]
+        );
+        out.clear();
+        differences(&new, &new, &mut out);
+        assert!(out.is_empty(), "the same entries change nothing");
+        differences(&[], &old, &mut out);
+        assert_eq!(out.len(), old.len(), "an endpoint that had none adds all");
     }
 }

@@ -7,7 +7,7 @@ use netpol_common::{
     Addr, DIR_EGRESS, DIR_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED,
     EndpointInfo, IDENTITY_ANY, IDENTITY_FIRST_DYNAMIC, IDENTITY_WORLD, PEER_HOST,
     POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP, PeerInfo,
+    PROTO_UDP, PeerInfo, TIER_ADMIN,
 };
 use serde_json::json;
 
@@ -674,6 +674,46 @@ fn named_ports_resolve_on_each_peer_for_egress() {
     assert_eq!(to("10.0.0.3", PROTO_TCP, 8080), None);
     assert_eq!(to("10.0.0.2", PROTO_UDP, 7070), Some(1));
     assert_eq!(to("8.8.8.8", PROTO_UDP, 7070), None);
+}
+
+#[test]
+fn a_tiers_egress_named_port_resolves_on_each_peer_matched_by_the_same_rules() {
+    // One Admin rule denies y/c's egress to every pod of x on "web": x/a serves it on 80,
+    // x/b on 8080. Both are matched by the same rules, and each keeps its own port.
+    let mut cluster = Cluster::new()
+        .ns("x", &[("ns", "x")])
+        .ns("y", &[("ns", "y")])
+        .pod("x", "a", &[], &["10.0.0.1"], &[("web", 80, "TCP")])
+        .pod("x", "b", &[], &["10.0.0.2"], &[("web", 8080, "TCP")])
+        .pod("y", "c", &[], &["10.0.1.1"], &[]);
+    cluster.state.cluster_policies.insert(
+        "no-web".into(),
+        json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2",
+            "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "no-web"},
+            "spec": {"tier": "Admin", "priority": 1,
+                     "subject": {"namespaces": {"matchLabels": {"ns": "y"}}},
+                     "egress": [{"action": "Deny",
+                                 "to": [{"namespaces": {"matchLabels": {"ns": "x"}}}],
+                                 "protocols": [{"destinationNamedPort": "web"}]}]},
+        }),
+    );
+    let c = run(cluster);
+    let sender = ep(&c, "y", "c");
+    let ports_to = |address: &str| -> Vec<(u8, u16)> {
+        let peer = identity(&c, address);
+        entries(&c)
+            .into_iter()
+            .filter(|&(endpoint, identity, direction, ..)| {
+                endpoint == sender && identity == peer && direction == DIR_EGRESS | TIER_ADMIN
+            })
+            .map(|(_, _, _, protocol, port, ..)| (protocol, port))
+            .collect()
+    };
+    assert_ne!(identity(&c, "10.0.0.1"), identity(&c, "10.0.0.2"));
+    assert_eq!(ports_to("10.0.0.1"), [(PROTO_TCP, 80)]);
+    assert_eq!(ports_to("10.0.0.2"), [(PROTO_TCP, 8080)]);
 }
 
 #[test]

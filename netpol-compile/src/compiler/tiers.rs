@@ -244,13 +244,16 @@ enum Ports {
 /// A cell's outcome: the rule id and its verdict.
 type Outcome = (u32, u8);
 
+/// An entry of some identity: protocol, port, prefix length and outcome.
+type Cell = (u8, u16, u32, Outcome);
+
 /// What makes two endpoints' entries in a tier and direction alike: the tier, the
-/// direction, the policies selecting them (indices, in order) and, for ingress, their
-/// named ports (egress ones resolve on the peer).
+/// direction, the policies selecting them (indices, in order) and, for ingress, how they
+/// resolve the named ports those policies' rules name (egress ones resolve on the peer).
 type CellsKey<'a> = (u8, Direction, Vec<usize>, Vec<NamedPort<'a>>);
 
 /// The tiers' POLICY entries of the local endpoints. The entries depend on an endpoint
-/// only through the policies that select it and (ingress) its named ports, so they are
+/// only through the policies that select it and (ingress) the named ports they name, so they are
 /// made once per [`CellsKey`], with endpoint 0, and stamped per endpoint.
 pub(super) struct TierEntries<'a> {
     policies: &'a [Arc<ClusterPolicy>],
@@ -312,8 +315,16 @@ impl<'a> TierEntries<'a> {
                 continue;
             }
             for direction in Direction::BOTH {
+                // Ingress named ports resolve on the pod: the key holds how it resolves
+                // the ones these rules name (most name none), so pods that differ only
+                // in others share their cells.
                 let named_ports = match direction {
-                    Direction::Ingress => pod.named_ports().collect(),
+                    Direction::Ingress => {
+                        let named = self.ingress_names(&selecting);
+                        pod.named_ports()
+                            .filter(|n| named.contains(&(n.name, n.protocol)))
+                            .collect()
+                    }
                     Direction::Egress => Vec::new(),
                 };
                 let key = (tier, direction, selecting.clone(), named_ports);
@@ -328,6 +339,24 @@ impl<'a> TierEntries<'a> {
                 }
             }
         }
+    }
+
+    /// The named ports (name, protocol) the ingress rules of the policies `selecting`
+    /// name.
+    fn ingress_names(&self, selecting: &[usize]) -> Vec<(&'a str, u8)> {
+        let policies = self.policies;
+        let mut named: Vec<(&'a str, u8)> = selecting
+            .iter()
+            .flat_map(|&i| policies[i].rules(Direction::Ingress))
+            .flat_map(|rule| rule.ports.iter().flatten())
+            .filter_map(|spec| match &spec.port {
+                PortMatch::Named(name) => Some((name.as_str(), spec.protocol)),
+                PortMatch::All | PortMatch::Range(..) => None,
+            })
+            .collect();
+        named.sort_unstable();
+        named.dedup();
+        named
     }
 
     /// The entries (endpoint 0) of a pod like `pod` that the policies `selecting` (all
@@ -368,6 +397,11 @@ struct TierContext<'a> {
 
 impl TierContext<'_> {
     /// Entries for `rules` (with their ids), in the tier's order, with endpoint 0.
+    ///
+    /// An identity's entries follow from the rules whose peers match it; unless an
+    /// egress named port resolves on it, they are the same for every identity matched by
+    /// the same rules, so they are cut once per such list and stamped per identity (a
+    /// rule of every peer is matched by all of them).
     fn emit(&self, rules: &[(&TierRule, u32)]) -> Vec<(Lpm<PolicyKey>, PolicyValue)> {
         let shared = self.entries;
         let mut out = Vec::new();
@@ -384,46 +418,68 @@ impl TierContext<'_> {
                 by_identity.entry(identity).or_default().push(at);
             }
         }
+        let resolves_on_peer = |rule: &TierRule| {
+            self.direction == Direction::Egress
+                && rule
+                    .ports
+                    .iter()
+                    .flatten()
+                    .any(|spec| matches!(spec.port, PortMatch::Named(_)))
+        };
+        let mut alike: HashMap<Vec<usize>, Vec<Cell>> = HashMap::new();
         for (identity, matching) in by_identity {
-            let mut cells: Vec<((u8, u16, u16), Outcome)> = Vec::new();
-            let mut every: Option<Outcome> = None;
-            for &at in &matching {
-                let (rule, id) = rules[at];
-                match self.ports(rule, identity) {
-                    Ports::Every => {
-                        // Matches everything left: nothing after it decides.
-                        every = Some((id, rule.verdict));
-                        break;
-                    }
-                    Ports::Ranges(list) => {
-                        cells.extend(list.into_iter().map(|r| (r, (id, rule.verdict))));
-                    }
+            let own;
+            let cells = if matching.iter().any(|&at| resolves_on_peer(rules[at].0)) {
+                own = self.cells(rules, &matching, identity);
+                &own
+            } else {
+                alike
+                    .entry(matching)
+                    .or_insert_with_key(|matching| self.cells(rules, matching, identity))
+            };
+            for &(protocol, port, prefix_len, outcome) in cells {
+                self.insert(&mut out, identity, protocol, port, prefix_len, outcome);
+            }
+        }
+        out
+    }
+
+    /// The cells of a peer of `identity` matched by the rules at `matching` (indices
+    /// into `rules`, in order): first match wins.
+    fn cells(&self, rules: &[(&TierRule, u32)], matching: &[usize], identity: u32) -> Vec<Cell> {
+        let mut out = Vec::new();
+        let mut ranges: Vec<((u8, u16, u16), Outcome)> = Vec::new();
+        let mut every: Option<Outcome> = None;
+        for &at in matching {
+            let (rule, id) = rules[at];
+            match self.ports(rule, identity) {
+                Ports::Every => {
+                    // Matches everything left: nothing after it decides.
+                    every = Some((id, rule.verdict));
+                    break;
+                }
+                Ports::Ranges(list) => {
+                    ranges.extend(list.into_iter().map(|r| (r, (id, rule.verdict))));
                 }
             }
-            if let Some(outcome) = every {
-                self.insert(&mut out, identity, 0, 0, POLICY_PREFIX_ANY_PROTO, outcome);
-            }
-            let protocols: BTreeSet<u8> = cells.iter().map(|((p, _, _), _)| *p).collect();
-            for protocol in protocols {
-                let ranges: Vec<(u16, u16, Outcome)> = cells
-                    .iter()
-                    .filter(|((p, _, _), _)| *p == protocol)
-                    .map(|&((_, first, last), outcome)| (first, last, outcome))
-                    .collect();
-                for (first, last, outcome) in first_match_intervals(&ranges) {
-                    if Some(outcome) == every {
-                        continue;
-                    }
-                    for block in port_prefixes(first, last) {
-                        self.insert(
-                            &mut out,
-                            identity,
-                            protocol,
-                            block.value,
-                            POLICY_PREFIX_ANY_PORT + block.bits,
-                            outcome,
-                        );
-                    }
+        }
+        if let Some(outcome) = every {
+            out.push((0, 0, POLICY_PREFIX_ANY_PROTO, outcome));
+        }
+        let protocols: BTreeSet<u8> = ranges.iter().map(|((p, _, _), _)| *p).collect();
+        for protocol in protocols {
+            let of_protocol: Vec<(u16, u16, Outcome)> = ranges
+                .iter()
+                .filter(|((p, _, _), _)| *p == protocol)
+                .map(|&((_, first, last), outcome)| (first, last, outcome))
+                .collect();
+            for (first, last, outcome) in first_match_intervals(&of_protocol) {
+                if Some(outcome) == every {
+                    continue;
+                }
+                for block in port_prefixes(first, last) {
+                    let prefix_len = POLICY_PREFIX_ANY_PORT + block.bits;
+                    out.push((protocol, block.value, prefix_len, outcome));
                 }
             }
         }
