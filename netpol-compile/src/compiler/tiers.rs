@@ -247,6 +247,9 @@ type Outcome = (u32, u8);
 /// An entry of some identity: protocol, port, prefix length and outcome.
 type Cell = (u8, u16, u32, Outcome);
 
+/// A rule as [`TierContext::emit`] reads it: with its id and the identities it matches.
+type ReadRule<'r> = (&'r TierRule, u32, &'r [u32]);
+
 /// What makes two endpoints' entries in a tier and direction alike: the tier, the
 /// direction, the policies selecting them (indices, in order) and, for ingress, how they
 /// resolve the named ports those policies' rules name (egress ones resolve on the peer).
@@ -267,6 +270,9 @@ pub(super) struct TierEntries<'a> {
     egress_named_ports: &'a [(&'a str, u8)],
     named_by_identity: &'a [BTreeMap<u32, u16>],
     cells: HashMap<CellsKey<'a>, Vec<(Lpm<PolicyKey>, PolicyValue)>>,
+    /// Per rule of a policy selecting some endpoint (policy index, direction, place):
+    /// its id and the identities its peers match (empty for a rule of every peer).
+    rules_read: HashMap<(usize, Direction, usize), (u32, Vec<u32>)>,
 }
 
 impl<'a> TierEntries<'a> {
@@ -288,6 +294,7 @@ impl<'a> TierEntries<'a> {
             egress_named_ports,
             named_by_identity,
             cells: HashMap::new(),
+            rules_read: HashMap::new(),
         }
     }
 
@@ -329,6 +336,7 @@ impl<'a> TierEntries<'a> {
                 };
                 let key = (tier, direction, selecting.clone(), named_ports);
                 if !self.cells.contains_key(&key) {
+                    self.read_rules(direction, &selecting);
                     let cells = self.cells_of(tier, direction, &selecting, pod);
                     self.cells.insert(key.clone(), cells);
                 }
@@ -337,6 +345,32 @@ impl<'a> TierEntries<'a> {
                     cell.data.endpoint = endpoint;
                     out.insert(cell, *value);
                 }
+            }
+        }
+    }
+
+    /// Reads the rules of the policies `selecting` in `direction` that no earlier
+    /// endpoint's did: their ids, and the identities their peers match.
+    fn read_rules(&mut self, direction: Direction, selecting: &[usize]) {
+        for &i in selecting {
+            for (at, rule) in self.policies[i].rules(direction).iter().enumerate() {
+                self.rules_read
+                    .entry((i, direction, at))
+                    .or_insert_with(|| {
+                        let id = self.allocations.rule_id(&rule.rule).expect("allocated");
+                        let identities = match &rule.peers {
+                            None => Vec::new(),
+                            Some(list) => {
+                                let of = super::emit::identities_of(
+                                    list,
+                                    self.peers,
+                                    self.peer_identities,
+                                );
+                                of.into_iter().collect()
+                            }
+                        };
+                        (id, identities)
+                    });
             }
         }
     }
@@ -368,12 +402,18 @@ impl<'a> TierEntries<'a> {
         selecting: &[usize],
         pod: &PodEntry,
     ) -> Vec<(Lpm<PolicyKey>, PolicyValue)> {
-        let rules: Vec<(&TierRule, u32)> = selecting
+        let rules: Vec<ReadRule<'_>> = selecting
             .iter()
-            .flat_map(|&i| self.policies[i].rules(direction))
-            .map(|rule| {
-                let id = self.allocations.rule_id(&rule.rule).expect("allocated");
-                (rule, id)
+            .flat_map(|&i| {
+                let rules = self.policies[i].rules(direction).iter().enumerate();
+                rules.map(move |(at, rule)| {
+                    let (id, identities) = &self.rules_read[&(i, direction, at)];
+                    let identities = match rule.peers {
+                        None => &self.all_identities,
+                        Some(_) => identities,
+                    };
+                    (rule, *id, identities.as_slice())
+                })
             })
             .collect();
         let ctx = TierContext {
@@ -402,19 +442,12 @@ impl TierContext<'_> {
     /// egress named port resolves on it, they are the same for every identity matched by
     /// the same rules, so they are cut once per such list and stamped per identity (a
     /// rule of every peer is matched by all of them).
-    fn emit(&self, rules: &[(&TierRule, u32)]) -> Vec<(Lpm<PolicyKey>, PolicyValue)> {
-        let shared = self.entries;
+    fn emit(&self, rules: &[ReadRule<'_>]) -> Vec<(Lpm<PolicyKey>, PolicyValue)> {
         let mut out = Vec::new();
         // Per identity, the rules whose peers match it, in order.
         let mut by_identity: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-        for (at, (rule, _)) in rules.iter().enumerate() {
-            let identities: BTreeSet<u32> = match &rule.peers {
-                None => shared.all_identities.iter().copied().collect(),
-                Some(list) => {
-                    super::emit::identities_of(list, shared.peers, shared.peer_identities)
-                }
-            };
-            for identity in identities {
+        for (at, &(_, _, identities)) in rules.iter().enumerate() {
+            for &identity in identities {
                 by_identity.entry(identity).or_default().push(at);
             }
         }
@@ -446,12 +479,12 @@ impl TierContext<'_> {
 
     /// The cells of a peer of `identity` matched by the rules at `matching` (indices
     /// into `rules`, in order): first match wins.
-    fn cells(&self, rules: &[(&TierRule, u32)], matching: &[usize], identity: u32) -> Vec<Cell> {
+    fn cells(&self, rules: &[ReadRule<'_>], matching: &[usize], identity: u32) -> Vec<Cell> {
         let mut out = Vec::new();
         let mut ranges: Vec<((u8, u16, u16), Outcome)> = Vec::new();
         let mut every: Option<Outcome> = None;
         for &at in matching {
-            let (rule, id) = rules[at];
+            let (rule, id, _) = rules[at];
             match self.ports(rule, identity) {
                 Ports::Every => {
                     // Matches everything left: nothing after it decides.
