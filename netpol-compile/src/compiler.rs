@@ -725,8 +725,9 @@ fn emit_maps(
                         }
                     }
                 }
-                tier_entries.emit(id, entry, &ep.cluster_selected, &mut entries);
-                update.replace(id, inputs, entries)
+                let mut tiers = Vec::new();
+                tier_entries.emit(id, entry, &ep.cluster_selected, &mut tiers);
+                update.replace(id, inputs, entries, tiers)
             }
         };
         // Each endpoint is flagged with the kinds of entries it has (any peer, port

@@ -136,7 +136,12 @@ pub(crate) struct KeptPolicy {
 pub(super) struct Update<'k> {
     kept: &'k mut KeptPolicy,
     /// Endpoints whose entries are made again, with them and their kind flags.
-    fresh: Vec<(u32, EndpointInputs, PolicyMap, u32)>,
+    fresh: Vec<(
+        u32,
+        EndpointInputs,
+        Box<[(Lpm<PolicyKey>, PolicyValue)]>,
+        u32,
+    )>,
     /// Every endpoint of this compile.
     live: HashSet<u32>,
 }
@@ -163,12 +168,31 @@ impl Update<'_> {
     }
 
     /// The entries of endpoint `id` (named before by [`Update::kept`]) made from
-    /// `inputs`; returns their kind flags.
-    pub(super) fn replace(&mut self, id: u32, inputs: EndpointInputs, entries: PolicyMap) -> u32 {
-        let kinds = entries
-            .keys()
-            .fold(0, |kinds, key| kinds | crate::policy_maps::kind(key));
-        self.fresh.push((id, inputs, entries, kinds));
+    /// `inputs`: its NetworkPolicy entries and its tiers' (whose keys are none of the
+    /// others', in any order); returns their kind flags.
+    pub(super) fn replace(
+        &mut self,
+        id: u32,
+        inputs: EndpointInputs,
+        entries: PolicyMap,
+        mut tiers: Vec<(Lpm<PolicyKey>, PolicyValue)>,
+    ) -> u32 {
+        tiers.sort_unstable_by_key(|&(key, _)| key);
+        let mut all = Vec::with_capacity(entries.len() + tiers.len());
+        let mut tiers = tiers.into_iter().peekable();
+        for (key, value) in entries {
+            while let Some(entry) = tiers.next_if(|&(k, _)| k < key) {
+                all.push(entry);
+            }
+            debug_assert!(tiers.peek().is_none_or(|&(k, _)| k != key), "a key twice");
+            all.push((key, value));
+        }
+        all.extend(tiers);
+        debug_assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "a key twice");
+        let kinds = all
+            .iter()
+            .fold(0, |kinds, (key, _)| kinds | crate::policy_maps::kind(key));
+        self.fresh.push((id, inputs, all.into(), kinds));
         kinds
     }
 
@@ -190,7 +214,6 @@ impl Update<'_> {
             changes.extend(endpoint.entries.iter().map(|&(key, _)| (key, None)));
         }
         for (id, inputs, entries, kinds) in fresh {
-            let entries: Box<[(Lpm<PolicyKey>, PolicyValue)]> = entries.into_iter().collect();
             let had = kept.endpoints.get(&id).map_or(&[][..], |e| &e.entries);
             differences(had, &entries, &mut changes);
             let endpoint = KeptEndpoint {

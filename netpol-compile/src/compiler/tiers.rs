@@ -303,14 +303,14 @@ impl<'a> TierEntries<'a> {
         &self.all_identities
     }
 
-    /// Inserts the entries of `endpoint` (the local pod `pod`, subject of the policies
-    /// `selected`) into `out`.
+    /// Adds the entries of `endpoint` (the local pod `pod`, subject of the policies
+    /// `selected`) to `out`, in no particular order (each key once).
     pub(super) fn emit(
         &mut self,
         endpoint: u32,
         pod: &'a PodEntry,
         selected: &[usize],
-        out: &mut BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+        out: &mut Vec<(Lpm<PolicyKey>, PolicyValue)>,
     ) {
         for tier in [TIER_ADMIN, TIER_BASELINE] {
             let selecting: Vec<usize> = selected
@@ -340,11 +340,10 @@ impl<'a> TierEntries<'a> {
                     let cells = self.cells_of(tier, direction, &selecting, pod);
                     self.cells.insert(key.clone(), cells);
                 }
-                for (cell, value) in &self.cells[&key] {
-                    let mut cell = *cell;
+                out.extend(self.cells[&key].iter().map(|&(mut cell, value)| {
                     cell.data.endpoint = endpoint;
-                    out.insert(cell, *value);
-                }
+                    (cell, value)
+                }));
             }
         }
     }
