@@ -116,10 +116,13 @@ impl View<'_> {
     }
 }
 
+/// An endpoint's entries, sorted by key.
+type Entries = Box<[(Lpm<PolicyKey>, PolicyValue)]>;
+
 struct KeptEndpoint {
     inputs: EndpointInputs,
-    /// Its entries in the map, sorted by key.
-    entries: Box<[(Lpm<PolicyKey>, PolicyValue)]>,
+    /// Its entries in the map.
+    entries: Entries,
     /// Its kind flags ([`crate::policy_maps::kind`]).
     kinds: u32,
 }
@@ -136,12 +139,7 @@ pub(crate) struct KeptPolicy {
 pub(super) struct Update<'k> {
     kept: &'k mut KeptPolicy,
     /// Endpoints whose entries are made again, with them and their kind flags.
-    fresh: Vec<(
-        u32,
-        EndpointInputs,
-        Box<[(Lpm<PolicyKey>, PolicyValue)]>,
-        u32,
-    )>,
+    fresh: Vec<(u32, EndpointInputs, Entries, u32)>,
     /// Every endpoint of this compile.
     live: HashSet<u32>,
 }
