@@ -256,8 +256,9 @@ type ReadRule<'r> = (&'r TierRule, u32, &'r [u32]);
 type CellsKey<'a> = (u8, Direction, Vec<usize>, Vec<NamedPort<'a>>);
 
 /// The tiers' POLICY entries of the local endpoints. The entries depend on an endpoint
-/// only through the policies that select it and (ingress) the named ports they name, so they are
-/// made once per [`CellsKey`], with endpoint 0, and stamped per endpoint.
+/// only through the policies that select it and (ingress) how it resolves the named
+/// ports they name, so they are made once per [`CellsKey`], with endpoint 0, and stamped
+/// per endpoint.
 pub(super) struct TierEntries<'a> {
     policies: &'a [Arc<ClusterPolicy>],
     allocations: &'a Allocations,
@@ -435,7 +436,8 @@ struct TierContext<'a> {
 }
 
 impl TierContext<'_> {
-    /// Entries for `rules` (with their ids), in the tier's order, with endpoint 0.
+    /// Entries for `rules` (with their ids and the identities they match), in the tier's
+    /// order, with endpoint 0.
     ///
     /// An identity's entries follow from the rules whose peers match it; unless an
     /// egress named port resolves on it, they are the same for every identity matched by
