@@ -70,17 +70,8 @@ impl<K: Ord + Copy, V: PartialEq + Copy> KeptMap<K, V> {
         I: IntoIterator<Item = (K, V)>,
     {
         let mut changes: Vec<(K, Option<V>)> = Vec::new();
-        let mut held = self.map.iter().peekable();
-        for (key, value) in entries {
-            while let Some((&old, _)) = held.next_if(|(k, _)| **k < key) {
-                changes.push((old, None));
-            }
-            match held.next_if(|(k, _)| **k == key) {
-                Some((_, old)) if *old == value => {}
-                _ => changes.push((key, Some(value))),
-            }
-        }
-        changes.extend(held.map(|(&old, _)| (old, None)));
+        let held = self.map.iter().map(|(&key, &value)| (key, value));
+        differences(held, entries, &mut changes);
         self.commit(changes)
     }
 
@@ -212,6 +203,27 @@ impl<K: fmt::Debug, V: fmt::Debug> fmt::Debug for KeptMap<K, V> {
     }
 }
 
+/// Adds to `out` the changes that make `old` into `new` (both sorted by key, no key
+/// twice): `None` for a key only `old` has, the new value for one that is new or whose
+/// value differs.
+pub(crate) fn differences<K: Ord + Copy, V: PartialEq + Copy>(
+    old: impl IntoIterator<Item = (K, V)>,
+    new: impl IntoIterator<Item = (K, V)>,
+    out: &mut Vec<(K, Option<V>)>,
+) {
+    let mut old = old.into_iter().peekable();
+    for (key, value) in new {
+        while let Some((gone, _)) = old.next_if(|(k, _)| *k < key) {
+            out.push((gone, None));
+        }
+        match old.next_if(|(k, _)| *k == key) {
+            Some((_, was)) if was == value => {}
+            _ => out.push((key, Some(value))),
+        }
+    }
+    out.extend(old.map(|(gone, _)| (gone, None)));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,5 +328,28 @@ mod tests {
         let b: KeptMap<u32, u32> = [(1, 1)].into_iter().collect();
         assert_ne!(a.version(), b.version());
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn an_endpoint_made_again_changes_the_map_by_the_entries_that_differ() {
+        let old = [(1, 'a'), (2, 'b'), (4, 'd'), (6, 'f')];
+        let new = [(0, 'z'), (2, 'b'), (4, 'x'), (5, 'e')];
+        let mut out = Vec::new();
+        differences(old, new, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                (0, Some('z')),
+                (1, None),
+                (4, Some('x')),
+                (5, Some('e')),
+                (6, None)
+            ]
+        );
+        out.clear();
+        differences(new, new, &mut out);
+        assert!(out.is_empty(), "the same entries change nothing");
+        differences([], old, &mut out);
+        assert_eq!(out.len(), old.len(), "an endpoint that had none adds all");
     }
 }

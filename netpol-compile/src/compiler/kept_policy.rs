@@ -19,6 +19,7 @@ use netpol_common::{PolicyKey, PolicyValue};
 
 use super::tiers::ClusterPolicy;
 use crate::cache::PeerSlots;
+use crate::kept_map::differences;
 use crate::lpm::Lpm;
 use crate::policy::{ParsedPolicy, Peer, PortMatch, PortSpec};
 use crate::state::DeclaredPort;
@@ -173,19 +174,10 @@ impl Update<'_> {
         id: u32,
         inputs: EndpointInputs,
         entries: PolicyMap,
-        mut tiers: Vec<(Lpm<PolicyKey>, PolicyValue)>,
+        tiers: Vec<(Lpm<PolicyKey>, PolicyValue)>,
     ) -> u32 {
-        tiers.sort_unstable_by_key(|&(key, _)| key);
-        let mut all = Vec::with_capacity(entries.len() + tiers.len());
-        let mut tiers = tiers.into_iter().peekable();
-        for (key, value) in entries {
-            while let Some(entry) = tiers.next_if(|&(k, _)| k < key) {
-                all.push(entry);
-            }
-            debug_assert!(tiers.peek().is_none_or(|&(k, _)| k != key), "a key twice");
-            all.push((key, value));
-        }
-        all.extend(tiers);
+        let mut all: Vec<_> = entries.into_iter().chain(tiers).collect();
+        all.sort_unstable_by_key(|&(key, _)| key);
         debug_assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "a key twice");
         let kinds = all
             .iter()
@@ -213,7 +205,7 @@ impl Update<'_> {
         }
         for (id, inputs, entries, kinds) in fresh {
             let had = kept.endpoints.get(&id).map_or(&[][..], |e| &e.entries);
-            differences(had, &entries, &mut changes);
+            differences(had.iter().copied(), entries.iter().copied(), &mut changes);
             let endpoint = KeptEndpoint {
                 inputs,
                 entries,
@@ -223,54 +215,5 @@ impl Update<'_> {
         }
         kept.map.change(changes);
         kept.map.clone()
-    }
-}
-
-/// The changes that make `old` into `new` (both sorted by key): `None` for a key only
-/// `old` has, the new value for one that is new or whose value differs.
-fn differences<K: Ord + Copy, V: PartialEq + Copy>(
-    old: &[(K, V)],
-    new: &[(K, V)],
-    out: &mut Vec<(K, Option<V>)>,
-) {
-    debug_assert!(old.is_sorted_by_key(|&(k, _)| k) && new.is_sorted_by_key(|&(k, _)| k));
-    let mut old = old.iter().peekable();
-    for &(key, value) in new {
-        while let Some(&(gone, _)) = old.next_if(|(k, _)| *k < key) {
-            out.push((gone, None));
-        }
-        match old.next_if(|(k, _)| *k == key) {
-            Some(&(_, was)) if was == value => {}
-            _ => out.push((key, Some(value))),
-        }
-    }
-    out.extend(old.map(|&(gone, _)| (gone, None)));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::differences;
-
-    #[test]
-    fn an_endpoint_made_again_changes_the_map_by_the_entries_that_differ() {
-        let old = [(1, 'a'), (2, 'b'), (4, 'd'), (6, 'f')];
-        let new = [(0, 'z'), (2, 'b'), (4, 'x'), (5, 'e')];
-        let mut out = Vec::new();
-        differences(&old, &new, &mut out);
-        assert_eq!(
-            out,
-            vec![
-                (0, Some('z')),
-                (1, None),
-                (4, Some('x')),
-                (5, Some('e')),
-                (6, None)
-            ]
-        );
-        out.clear();
-        differences(&new, &new, &mut out);
-        assert!(out.is_empty(), "the same entries change nothing");
-        differences(&[], &old, &mut out);
-        assert_eq!(out.len(), old.len(), "an endpoint that had none adds all");
     }
 }
