@@ -299,6 +299,11 @@ pub(crate) struct CompileCache {
     pub ipcache: crate::KeptMap<crate::Lpm<netpol_common::Addr>, netpol_common::PeerInfo>,
     /// The policies in force and the rule table of the last compile.
     pub policies_read: crate::compiler::PoliciesRead,
+    /// The IPCACHE keys of the last compile, by class.
+    pub keys: crate::compiler::KeptKeys,
+    /// The pods this compile's sync named, each with the addresses its entry listed
+    /// before (none when it had no entry or held none).
+    pub pods_before: Vec<(ObjectRef, Vec<IpAddr>)>,
 }
 
 impl CompileCache {
@@ -306,7 +311,13 @@ impl CompileCache {
     pub fn begin(&mut self) -> u64 {
         self.compiles += 1;
         self.peers.begin();
+        self.pods_before.clear();
         self.compiles
+    }
+
+    /// A number that changes whenever some namespace's labels do.
+    pub fn namespace_versions(&self) -> u64 {
+        self.versions
     }
 
     /// Brings [`CompileCache::policies`] in line with `policies`, reparsing what changed,
@@ -439,6 +450,11 @@ impl CompileCache {
     ) -> bool {
         for obj in changed {
             let at = self.pods.binary_search_by(|e| e.obj.cmp(obj));
+            let before = match at {
+                Ok(i) if self.pods[i].holds => self.pods[i].ips.clone(),
+                _ => Vec::new(),
+            };
+            self.pods_before.push((obj.clone(), before));
             match (pods.get(obj), at) {
                 (Some(pod), Ok(i)) => {
                     let entry = &mut self.pods[i];

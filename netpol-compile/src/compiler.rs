@@ -35,8 +35,8 @@ use netpol_common::{
     IDENTITY_ANY, IDENTITY_WORLD, PeerInfo, PolicyKey, PolicyValue,
 };
 
-pub(crate) use self::classify::{ClassTable, KeyOrder};
-use self::classify::{Classes, classify};
+pub(crate) use self::classify::{ClassTable, KeptKeys, KeyOrder};
+use self::classify::{Classes, Moved, classify};
 use self::emit::RuleContext;
 pub(crate) use self::kept_policy::KeptPolicy;
 use self::kept_policy::{EndpointInputs, PolicyMap, Update, View};
@@ -176,7 +176,11 @@ fn compile_with(
         ),
         _ => None,
     };
+    let namespace_versions = cache.namespace_versions();
     cache.sync_namespaces(state, namespaces_named.as_ref());
+    // Only the named pods' addresses may classify otherwise than last time when no
+    // namespace's labels moved (and, checked below, no peer slot nor named port).
+    let pods_moved = pods_named && cache.namespace_versions() == namespace_versions;
     let contested = cache.pod_counts.contested();
     let CompileCache {
         policies: policy_entries,
@@ -192,6 +196,8 @@ fn compile_with(
         policies_read,
         kept_policy,
         ipcache: kept_ipcache,
+        keys: kept_keys,
+        pods_before,
         ..
     } = cache;
     let namespaces: &Namespaces = namespaces;
@@ -243,6 +249,12 @@ fn compile_with(
     }
     let prefixes = context.refresh_prefixes(prefixes);
     let peers: &PeerSlots = peers;
+    let slots_moved = !freed.is_empty() || !peers.added.is_empty();
+    let moved = Moved {
+        pods: (pods_moved && !slots_moved).then_some(pods_before.as_slice()),
+        contested,
+        named_ports: named_ports_version,
+    };
     let classes = classify(
         state,
         pod_entries,
@@ -250,8 +262,8 @@ fn compile_with(
         peers,
         &prefixes,
         &frontends,
-        class_table,
-        key_order,
+        (class_table, key_order, kept_keys),
+        moved,
         now,
     );
     let pod_entries: &[PodEntry] = pod_entries;
@@ -261,13 +273,16 @@ fn compile_with(
         kept_ipcache,
         peers,
         &egress_named_ports,
-        endpoints.iter().map(|ep| pods[ep.pod].obj.clone()),
+        endpoints.iter().map(|ep| pods[ep.pod].obj.clone()).collect(),
         (!same_rules).then(|| {
-            policies.rule_refs().chain(
-                cluster_policies
-                    .iter()
-                    .flat_map(|p| p.rules.iter().flatten().map(|r| r.rule.clone())),
-            )
+            policies
+                .rule_refs()
+                .chain(
+                    cluster_policies
+                        .iter()
+                        .flat_map(|p| p.rules.iter().flatten().map(|r| r.rule.clone())),
+                )
+                .collect()
         }),
     );
 
@@ -528,20 +543,23 @@ struct Numbered {
 
 /// Step 4: an identity per class (the world for the class matching nothing), numbered
 /// by lineage from `prev`, together with the endpoint and rule numbers (`rules`: `None`
-/// for `prev`'s). IPCACHE is `ipcache` (the last compile's) brought up to date.
+/// for `prev`'s). IPCACHE is `ipcache` (the last compile's) brought up to date: by the
+/// keys that changed when the classes were patched and no identity took another number
+/// ([`Allocations::patched`]), else by every key.
 fn number_identities(
     prev: &Allocations,
-    classes: &Classes,
+    classes: &Classes<'_>,
     ipcache: &mut KeptMap<Lpm<Addr>, PeerInfo>,
     peers: &PeerSlots,
     egress_named_ports: &[(&str, u8)],
-    endpoints: impl IntoIterator<Item = ObjectRef>,
-    rules: Option<impl IntoIterator<Item = RuleRef>>,
+    endpoints: Vec<ObjectRef>,
+    rules: Option<Vec<RuleRef>>,
 ) -> Numbered {
+    // A signature per class with keys (in the order of `classes.list`).
     let signatures: Vec<IdentitySignature> = classes
         .list
         .iter()
-        .map(|class| IdentitySignature {
+        .map(|(_, class)| IdentitySignature {
             peers: {
                 let mut v: Vec<String> = class
                     .peers
@@ -567,36 +585,66 @@ fn number_identities(
         signatures.iter().filter(|s| !s.is_world()).collect();
     dynamic.sort();
     dynamic.dedup();
-    let class_identity: Vec<Option<usize>> = signatures
-        .iter()
-        .map(|s| dynamic.binary_search(&s).ok())
-        .collect();
-    let identity_classes = IdentityClasses {
-        signatures: dynamic.iter().map(|&s| s.clone()).collect(),
-        keys: classes
-            .keys
-            .iter()
-            .filter_map(|&(key, class, _)| class_identity[class].map(|i| (key, i)))
-            .collect(),
-    };
-    let allocations = prev.next(endpoints, identity_classes, rules);
-    let identity_of: Vec<u32> = signatures
-        .iter()
-        .map(|s| {
-            if s.is_world() {
-                IDENTITY_WORLD
-            } else {
-                allocations.identity(s).expect("allocated above")
+    // The dynamic identity (index in `dynamic`) of each class of the table.
+    let mut class_identity: Vec<Option<usize>> = vec![None; classes.counts.len()];
+    for ((class, _), signature) in classes.list.iter().zip(&signatures) {
+        class_identity[*class] = dynamic.binary_search(&signature).ok();
+    }
+    let dynamic: Vec<IdentitySignature> = dynamic.into_iter().cloned().collect();
+    let patched = classes.changed.as_ref().and_then(|changed| {
+        let mut sizes = vec![0; dynamic.len()];
+        for (class, _) in &classes.list {
+            if let Some(i) = class_identity[*class] {
+                sizes[i] += classes.counts[*class];
             }
-        })
-        .collect();
-
-    let ipcache = ipcache
-        .update(classes.keys.iter().map(|&(key, class, flags)| {
-            let identity = identity_of[class];
-            (key, PeerInfo { identity, flags })
-        }))
-        .clone();
+        }
+        let changed: Vec<(Lpm<Addr>, Option<usize>)> = changed
+            .iter()
+            .map(|&(key, now)| (key, now.and_then(|(class, _)| class_identity[class])))
+            .collect();
+        prev.patched(
+            endpoints.iter().cloned(),
+            dynamic.clone(),
+            &sizes,
+            &changed,
+            rules.clone(),
+        )
+    });
+    let (allocations, changed) = match patched {
+        Some(allocations) => (allocations, classes.changed.as_deref()),
+        None => {
+            let identity_classes = IdentityClasses {
+                signatures: dynamic,
+                keys: classes
+                    .keys
+                    .iter()
+                    .filter_map(|&(key, class, _)| class_identity[class].map(|i| (key, i)))
+                    .collect(),
+            };
+            (prev.next(endpoints, identity_classes, rules), None)
+        }
+    };
+    // The identity number of each class of the table.
+    let mut identity_of: Vec<u32> = vec![IDENTITY_WORLD; classes.counts.len()];
+    for ((class, _), signature) in classes.list.iter().zip(&signatures) {
+        if !signature.is_world() {
+            identity_of[*class] = allocations.identity(signature).expect("allocated above");
+        }
+    }
+    let info = |(class, flags)| PeerInfo {
+        identity: identity_of[class],
+        flags,
+    };
+    let ipcache = match changed {
+        Some(changed) => ipcache.change(changed.iter().map(|&(key, now)| (key, now.map(info)))),
+        None => ipcache.update(
+            classes
+                .keys
+                .iter()
+                .map(|&(key, class, flags)| (key, info((class, flags)))),
+        ),
+    }
+    .clone();
     let mut identities: BTreeMap<u32, IdentityInfo> = BTreeMap::new();
     identities.insert(
         IDENTITY_ANY,
@@ -626,7 +674,8 @@ fn number_identities(
     let mut peer_identities: HashMap<usize, BTreeSet<u32>> = HashMap::new();
     let mut named_by_identity: Vec<BTreeMap<u32, u16>> =
         vec![BTreeMap::new(); egress_named_ports.len()];
-    for (class, &identity) in classes.list.iter().zip(&identity_of) {
+    for &(class_index, class) in &classes.list {
+        let identity = identity_of[class_index];
         for slot in class.peers.iter() {
             peer_identities.entry(slot).or_default().insert(identity);
         }

@@ -135,8 +135,106 @@ impl Allocations {
             .iter()
             .map(|&(key, class)| (key, numbers[class]))
             .collect();
-        debug_assert!(addresses.is_sorted_by_key(|&(key, _)| key));
         let identities = classes.signatures.into_iter().zip(numbers).collect();
+        self.with_identities(endpoints, identities, addresses, rules)
+    }
+
+    /// [`Allocations::next`] for classes whose keys differ from those `self` numbered
+    /// only by `changed` (sorted: each key with the index in `signatures` of its identity
+    /// now, `None` when it has none, gone or the world's); `signatures` are the dynamic
+    /// identities' (distinct, sorted), `sizes` their key counts. The numbers are those
+    /// [`Allocations::next`] gives: an identity none of whose keys changed keeps its
+    /// number, which no other can claim (its keys carried no other); the others compete
+    /// by lineage as there. `None` when one whose keys did not all change takes another
+    /// number (its unchanged keys would change too: the caller numbers every key).
+    pub(crate) fn patched(
+        &self,
+        endpoints: impl IntoIterator<Item = ObjectRef>,
+        signatures: Vec<IdentitySignature>,
+        sizes: &[usize],
+        changed: &[(Lpm<Addr>, Option<usize>)],
+        rules: Option<impl IntoIterator<Item = RuleRef>>,
+    ) -> Option<Allocations> {
+        debug_assert!(changed.is_sorted_by_key(|&(key, _)| key));
+        let previous: Vec<Option<u32>> = signatures
+            .iter()
+            .map(|s| self.identities.get(s).copied())
+            .collect();
+        let number_before = |key: &Lpm<Addr>| {
+            let at = self.addresses.binary_search_by_key(key, |&(k, _)| k);
+            at.ok().map(|i| self.addresses[i].1)
+        };
+        // How many keys of each identity carried each number, for those some changed key
+        // left or joined; the others' keys all carried their number.
+        let mut overlap: Vec<Vec<(u32, usize)>> = vec![Vec::new(); signatures.len()];
+        let mut joined = vec![0usize; signatures.len()];
+        let mut left = BTreeSet::new();
+        for &(key, now) in changed {
+            let before = number_before(&key);
+            left.extend(before);
+            if let Some(i) = now {
+                joined[i] += 1;
+                if let Some(number) = before {
+                    count(&mut overlap[i], number, 1);
+                }
+            }
+        }
+        let mut out: Vec<Option<u32>> = vec![None; signatures.len()];
+        let mut used = BTreeSet::new();
+        let mut candidates: Vec<(usize, u32, usize)> = Vec::new();
+        for (i, counts) in overlap.iter_mut().enumerate() {
+            let stayed = sizes[i].checked_sub(joined[i])?;
+            let affected = joined[i] > 0 || previous[i].is_some_and(|n| left.contains(&n));
+            if stayed > 0 {
+                count(counts, previous[i]?, stayed);
+            }
+            if !affected {
+                out[i] = previous[i];
+                used.insert(previous[i]?);
+                continue;
+            }
+            candidates.extend(counts.iter().map(|&(number, n)| (n, number, i)));
+        }
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        for (_, number, i) in candidates {
+            if out[i].is_none() && !used.contains(&number) {
+                out[i] = Some(number);
+                used.insert(number);
+            }
+        }
+        let numbers = self.fill_numbers(&signatures, out, used);
+        // An identity that kept keys keeps its number, or every key of it changes.
+        let renumbered = (0..signatures.len())
+            .any(|i| sizes[i] > joined[i] && previous[i] != Some(numbers[i]));
+        if renumbered {
+            return None;
+        }
+        let mut addresses = Vec::with_capacity(self.addresses.len() + changed.len());
+        let mut changes = changed.iter().peekable();
+        for &(key, number) in &self.addresses {
+            while let Some(&(k, now)) = changes.next_if(|(k, _)| *k < key) {
+                addresses.extend(now.map(|i| (k, numbers[i])));
+            }
+            match changes.next_if(|(k, _)| *k == key) {
+                Some(&(_, now)) => addresses.extend(now.map(|i| (key, numbers[i]))),
+                None => addresses.push((key, number)),
+            }
+        }
+        addresses.extend(changes.filter_map(|&(k, now)| Some((k, numbers[now?]))));
+        let identities = signatures.into_iter().zip(numbers).collect();
+        Some(self.with_identities(endpoints, identities, addresses, rules))
+    }
+
+    /// The allocations with these identities and keys' numbers, and endpoint and rule
+    /// numbers for `endpoints` and `rules` (see [`Allocations::next`]).
+    fn with_identities(
+        &self,
+        endpoints: impl IntoIterator<Item = ObjectRef>,
+        identities: BTreeMap<IdentitySignature, u32>,
+        addresses: Vec<(Lpm<Addr>, u32)>,
+        rules: Option<impl IntoIterator<Item = RuleRef>>,
+    ) -> Allocations {
+        debug_assert!(addresses.is_sorted_by_key(|&(key, _)| key));
         let rules = rules
             .map(sorted)
             .filter(|rules| rules.len() != self.rules.len() || !rules.iter().eq(self.rules.keys()));
@@ -196,8 +294,19 @@ impl Allocations {
                 used.insert(number);
             }
         }
-        // No overlap left: the number of the same signature, if still free.
-        for (class, signature) in classes.signatures.iter().enumerate() {
+        self.fill_numbers(&classes.signatures, out, used)
+    }
+
+    /// `out` (numbers by lineage, `used` those taken) with a number for every identity:
+    /// when none came by lineage, the number of the same signature if still free, else
+    /// the lowest free one, in signature order.
+    fn fill_numbers(
+        &self,
+        signatures: &[IdentitySignature],
+        mut out: Vec<Option<u32>>,
+        mut used: BTreeSet<u32>,
+    ) -> Vec<u32> {
+        for (class, signature) in signatures.iter().enumerate() {
             if out[class].is_none()
                 && let Some(&number) = self.identities.get(signature)
                 && used.insert(number)
@@ -217,6 +326,14 @@ impl Allocations {
                 })
             })
             .collect()
+    }
+}
+
+/// Adds `n` to the count of `number` in `counts`.
+fn count(counts: &mut Vec<(u32, usize)>, number: u32, n: usize) {
+    match counts.iter_mut().find(|(known, _)| *known == number) {
+        Some((_, count)) => *count += n,
+        None => counts.push((number, n)),
     }
 }
 

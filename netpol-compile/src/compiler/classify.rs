@@ -2,7 +2,7 @@
 //! addresses and ranges, ipBlock prefixes) sorted into classes of addresses that every
 //! peer in force treats alike.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -13,7 +13,7 @@ use crate::cache::{BitSet, FastMap, PeerSlots, PodEntry};
 use crate::lpm::{Lpm, host_key, key_net, net_key};
 use crate::policy::Peer;
 use crate::services::Frontends;
-use crate::state::ClusterState;
+use crate::state::{ClusterState, ObjectRef};
 
 type Labels = BTreeMap<String, String>;
 
@@ -37,11 +37,19 @@ impl ClassKey {
     }
 }
 
-pub(super) struct Classes {
-    /// The distinct classes that some key has.
-    pub(super) list: Vec<ClassKey>,
-    /// Every IPCACHE key, sorted, with its class (index in `list`) and flags.
-    pub(super) keys: Vec<(Lpm<Addr>, usize, u32)>,
+/// A key's class (index in the class table) and flags after a patch; `None`: gone.
+pub(super) type KeyChange = (Lpm<Addr>, Option<(usize, u32)>);
+
+pub(super) struct Classes<'a> {
+    /// The classes some key has: index in the class table, and the class.
+    pub(super) list: Vec<(usize, &'a ClassKey)>,
+    /// Every IPCACHE key, sorted, with its class (index in the class table) and flags.
+    pub(super) keys: &'a [(Lpm<Addr>, usize, u32)],
+    /// How many keys each class of the table has.
+    pub(super) counts: &'a [usize],
+    /// The keys whose class or flags differ from the last compile's, sorted, when this
+    /// compile patched the last compile's keys ([`KeptKeys`]); `None`: listed anew.
+    pub(super) changed: Option<Vec<KeyChange>>,
 }
 
 /// The classes handed out, kept from one compile to the next (in the compiler's memo), so
@@ -57,14 +65,19 @@ pub(crate) struct ClassTable {
     epoch: u64,
     /// The peers in force the classes were made with.
     active: BitSet,
+    /// How many classes the last compile used.
+    used: usize,
 }
 
 impl ClassTable {
-    /// Starts a compile whose peers in force are `active`.
+    /// Starts a compile whose peers in force are `active`; sweeps the classes left over
+    /// from earlier compiles once they outnumber those the last one used.
     fn begin(&mut self, active: &BitSet) {
         if *active != self.active || self.epoch == 0 {
             self.clear();
             self.active = active.clone();
+        } else if self.list.len() > 2 * self.used + 1024 {
+            self.clear();
         }
     }
 
@@ -72,14 +85,6 @@ impl ClassTable {
         self.list.clear();
         self.index.clear();
         self.epoch += 1;
-    }
-
-    /// Ends a compile that used `used` classes: sweeps the ones left over from earlier
-    /// compiles once they outnumber those.
-    fn end(&mut self, used: usize) {
-        if self.list.len() > 2 * used + 1024 {
-            self.clear();
-        }
     }
 
     fn intern_ref(&mut self, key: &ClassKey) -> usize {
@@ -145,74 +150,222 @@ impl KeyOrder {
     }
 }
 
+/// The IPCACHE keys of the last compile with their classes, kept (in the compiler's memo)
+/// so that a compile in which only some pods changed patches their keys instead of
+/// listing and sorting every key again ([`classify`]).
+#[derive(Default)]
+pub(crate) struct KeptKeys {
+    /// Every key, sorted, with its class (index in the class table) and flags.
+    merged: Vec<(Lpm<Addr>, usize, u32)>,
+    /// Keys per class of the table.
+    counts: Vec<usize>,
+    /// Classes with keys.
+    used: usize,
+    /// The keys that are no pod's (nodes, Services, prefixes), sorted.
+    others: Vec<Listed>,
+    /// The class table's epoch the keys were classified in; 0: none to patch (never
+    /// classified, or some address was listed by two pods).
+    epoch: u64,
+    /// The version of the egress named ports in force they were classified with.
+    named_ports: u64,
+}
+
+/// What may make the last compile's keys patchable: the pods named by this compile's
+/// sync with the addresses they listed before, when nothing else that classifies pod
+/// addresses moved (no namespace's labels, no peer slot; see the compiler).
+pub(super) struct Moved<'a> {
+    pub(super) pods: Option<&'a [(ObjectRef, Vec<IpAddr>)]>,
+    /// Whether some address is listed by two pods holding addresses.
+    pub(super) contested: bool,
+    /// The version of the egress named ports in force.
+    pub(super) named_ports: u64,
+}
+
 /// Classes of every pod address, node address, Service address and range, and ipBlock
 /// prefix. Where keys coincide, the pod's class wins over the node's, the node's over a
 /// Service's, and those over the prefix's; node addresses carry `PEER_HOST`, and Service
 /// addresses, Service ranges and every other key inside a Service range `PEER_SERVICE`,
 /// whatever their class (a node address never is a Service's). The pods' entries have
 /// resolved the egress named ports in force ([`PodEntry::resolve_named_ports`]).
+///
+/// When only the pods of `moved` changed since the last compile (same peers in force,
+/// named ports, classes, and keys of nodes, Services and prefixes; no address listed by
+/// two pods, then or now) and no key of theirs is anything else's, their keys are patched
+/// into the kept ones ([`Classes::changed`]): the cost follows the pods that changed.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn classify(
+pub(super) fn classify<'a>(
     state: &ClusterState,
     entries: &mut [PodEntry],
     pods: &[PodView<'_>],
     peers: &PeerSlots,
     prefixes: &[(IpNet, BitSet)],
     services: &Frontends,
+    (table, order, kept): (&'a mut ClassTable, &mut KeyOrder, &'a mut KeptKeys),
+    moved: Moved<'_>,
+    now: u64,
+) -> Classes<'a> {
+    let active = &peers.active;
+    table.begin(active);
+    let mut others = other_keys(state, peers, prefixes, services, table);
+    others.sort_unstable_by_key(|&(key, precedence, _, _)| (key, precedence));
+    let patchable = kept.epoch == table.epoch
+        && kept.named_ports == moved.named_ports
+        && !moved.contested
+        && kept.others == others;
+    let changed = match moved.pods.filter(|_| patchable) {
+        Some(pods) => kept.patch(pods, entries, table, active, &services.ranges, now),
+        None => None,
+    };
+    if changed.is_none() {
+        let merged = all_keys(entries, pods, &others, &services.ranges, table, order, now);
+        kept.counts.clear();
+        kept.counts.resize(table.list.len(), 0);
+        for &(_, class, _) in &merged {
+            kept.counts[class] += 1;
+        }
+        kept.used = kept.counts.iter().filter(|&&n| n > 0).count();
+        kept.merged = merged;
+        kept.others = others;
+        kept.epoch = if moved.contested { 0 } else { table.epoch };
+        kept.named_ports = moved.named_ports;
+    }
+    table.used = kept.used;
+    let table: &'a ClassTable = table;
+    let kept: &'a KeptKeys = kept;
+    Classes {
+        list: kept
+            .counts
+            .iter()
+            .enumerate()
+            .filter(|&(_, &n)| n > 0)
+            .map(|(class, _)| (class, &table.list[class]))
+            .collect(),
+        keys: &kept.merged,
+        counts: &kept.counts,
+        changed,
+    }
+}
+
+/// Every IPCACHE key, sorted, with its class (index in the table) and flags: the pods'
+/// (of `pods`) merged with `others` ([`other_keys`], sorted).
+fn all_keys(
+    entries: &mut [PodEntry],
+    pods: &[PodView<'_>],
+    others: &[Listed],
+    ranges: &BTreeSet<IpNet>,
     table: &mut ClassTable,
     order: &mut KeyOrder,
     now: u64,
-) -> Classes {
-    let active = &peers.active;
-    let none = BitSet::default();
-    table.begin(active);
-    let mut keys: Vec<Listed> = Vec::with_capacity(entries.len() * 2);
+) -> Vec<(Lpm<Addr>, usize, u32)> {
+    let active = table.active.clone();
+    let mut keys: Vec<Listed> = Vec::with_capacity(entries.len() * 2 + others.len());
     // The pod's class, built in place for each pod (no allocation unless it is new).
     let mut pod_class = ClassKey::default();
     for pod in pods {
         let entry = &mut entries[pod.index];
-        // No address of the pod in an ipBlock in force: one class for all of them, the
-        // one it had if nothing it depends on changed since.
-        if entry.ip_bits.is_empty() {
-            let class = match entry.class {
-                Some((epoch, at, class)) if epoch == table.epoch && entry.changed_at <= at => class,
-                _ => {
-                    pod_class.set(entry, active);
-                    let class = table.intern_ref(&pod_class);
-                    entry.class = Some((table.epoch, now, class));
-                    class
-                }
-            };
-            let ips = pod.ips(entries);
-            keys.extend(ips.iter().map(|&ip| (host_key(ip), 0, class, 0)));
-            continue;
-        }
-        // The pod's class; an address inside some ipBlock in force adds to it.
-        let entry = &entries[pod.index];
-        pod_class.set(entry, active);
-        // Interned only when some address has it: a class with no key is no identity.
-        let mut pod_class_index = None;
-        for &ip in pod.ips(entries) {
-            let at = entry
-                .ips
-                .iter()
-                .position(|&a| a == ip)
-                .expect("own address");
-            let blocks = entry.ip_bits[at].union_within(&none, active);
-            let class = if blocks.is_empty() {
-                *pod_class_index.get_or_insert_with(|| table.intern_ref(&pod_class))
-            } else {
-                table.intern(ClassKey {
-                    peers: pod_class.peers.union_within(&blocks, active),
-                    named_ports: pod_class.named_ports.clone(),
-                })
-            };
-            keys.push((host_key(ip), 0, class, 0));
+        let kept = pod.kept.as_deref();
+        pod_keys(entry, kept, table, &mut pod_class, &active, now, |key, class| {
+            keys.push((key, 0, class, 0));
+        });
+    }
+    keys.extend_from_slice(others);
+    let keys = order.sort(keys);
+    debug_assert!(keys.is_sorted_by_key(|&(key, precedence, _, _)| (key, precedence)));
+    let mut merged: Vec<(Lpm<Addr>, usize, u32)> = Vec::with_capacity(keys.len());
+    for (key, _, class, flags) in keys {
+        match merged.last_mut() {
+            Some(last) if last.0 == key => last.2 |= flags,
+            _ => merged.push((key, class, flags)),
         }
     }
-    // Node addresses: this node's always (they carry `PEER_HOST`), the others' when a
-    // `nodes` peer is in force; matched by the ipBlocks holding them and the `nodes`
-    // peers selecting their node.
+    if !ranges.is_empty() {
+        for (key, _, flags) in &mut merged {
+            *flags |= range_flags(key, *flags, ranges);
+        }
+    }
+    // A node address is the node's, even in a Service range or named by a Service.
+    for (_, _, flags) in &mut merged {
+        if *flags & PEER_HOST != 0 {
+            *flags &= !PEER_SERVICE;
+        }
+    }
+    merged
+}
+
+/// `PEER_SERVICE` for a key inside a Service range that is no node's address (`flags`:
+/// its flags so far): a key inside a range would otherwise hide the range's flag from the
+/// longest match (an ipBlock /32 on a ClusterIP, say).
+fn range_flags(key: &Lpm<Addr>, flags: u32, ranges: &BTreeSet<IpNet>) -> u32 {
+    let inside = flags & PEER_HOST == 0
+        && key_net(key).is_some_and(|net| ranges.iter().any(|range| range.contains(&net)));
+    if inside { PEER_SERVICE } else { 0 }
+}
+
+/// The keys of one pod (its entry, and the addresses it holds when others hold some of
+/// those it lists), each with its class: the pod's class, plus the ipBlocks in force
+/// holding the address. The class is the one the pod had when nothing it depends on
+/// changed since and no address of it is in an ipBlock in force (the common case).
+fn pod_keys(
+    entry: &mut PodEntry,
+    kept: Option<&[IpAddr]>,
+    table: &mut ClassTable,
+    pod_class: &mut ClassKey,
+    active: &BitSet,
+    now: u64,
+    mut out: impl FnMut(Lpm<Addr>, usize),
+) {
+    if entry.ip_bits.is_empty() {
+        let class = match entry.class {
+            Some((epoch, at, class)) if epoch == table.epoch && entry.changed_at <= at => class,
+            _ => {
+                pod_class.set(entry, active);
+                let class = table.intern_ref(pod_class);
+                entry.class = Some((table.epoch, now, class));
+                class
+            }
+        };
+        for &ip in kept.unwrap_or(&entry.ips) {
+            out(host_key(ip), class);
+        }
+        return;
+    }
+    pod_class.set(entry, active);
+    let none = BitSet::default();
+    // Interned only when some address has it: a class with no key is no identity.
+    let mut pod_class_index = None;
+    for &ip in kept.unwrap_or(&entry.ips) {
+        let at = entry
+            .ips
+            .iter()
+            .position(|&a| a == ip)
+            .expect("own address");
+        let blocks = entry.ip_bits[at].union_within(&none, active);
+        let class = if blocks.is_empty() {
+            *pod_class_index.get_or_insert_with(|| table.intern_ref(pod_class))
+        } else {
+            table.intern(ClassKey {
+                peers: pod_class.peers.union_within(&blocks, active),
+                named_ports: pod_class.named_ports.clone(),
+            })
+        };
+        out(host_key(ip), class);
+    }
+}
+
+/// The keys that are no pod's, as listed: node addresses (this node's always, carrying
+/// `PEER_HOST`; the others' when a `nodes` peer is in force; matched by the ipBlocks
+/// holding them and the `nodes` peers selecting their node), Service addresses and ranges
+/// (matched by the ipBlocks holding them whole), and the ipBlocks' prefixes.
+fn other_keys(
+    state: &ClusterState,
+    peers: &PeerSlots,
+    prefixes: &[(IpNet, BitSet)],
+    services: &Frontends,
+    table: &mut ClassTable,
+) -> Vec<Listed> {
+    let active = &peers.active;
+    let none = BitSet::default();
+    let mut keys = Vec::new();
     let nodes_in_force = active
         .iter()
         .any(|slot| matches!(peers.slot(slot).peer, Peer::Nodes(_)));
@@ -252,7 +405,6 @@ pub(super) fn classify(
         };
         keys.push((host_key(ip), 1, table.intern(class), flags));
     }
-    // Service addresses and ranges: matched by the ipBlocks that contain them whole.
     let blocks_containing = |net: &IpNet| {
         let mut bits = BitSet::default();
         for slot in active.iter() {
@@ -282,43 +434,88 @@ pub(super) fn classify(
         };
         keys.push((net_key(prefix), 4, table.intern(class), 0));
     }
-    let keys = order.sort(keys);
-    debug_assert!(keys.is_sorted_by_key(|&(key, precedence, _, _)| (key, precedence)));
-    let mut merged: Vec<(Lpm<Addr>, usize, u32)> = Vec::with_capacity(keys.len());
-    for (key, _, class, flags) in keys {
-        match merged.last_mut() {
-            Some(last) if last.0 == key => last.2 |= flags,
-            _ => merged.push((key, class, flags)),
+    keys
+}
+
+impl KeptKeys {
+    /// The kept keys with those of `moved` (pods, each with the addresses it listed
+    /// before) made again, and the keys that changed; `None`, leaving the keys to be
+    /// listed anew, when a key of theirs is also a node's, a Service's or a prefix (the
+    /// precedence between them is [`all_keys`]'s to decide) or another pod's.
+    fn patch(
+        &mut self,
+        moved: &[(ObjectRef, Vec<IpAddr>)],
+        entries: &mut [PodEntry],
+        table: &mut ClassTable,
+        active: &BitSet,
+        ranges: &BTreeSet<IpNet>,
+        now: u64,
+    ) -> Option<Vec<KeyChange>> {
+        // Each key of a moved pod: whether it was one of theirs before, and its class and
+        // flags now.
+        let mut wanted: BTreeMap<Lpm<Addr>, (bool, Option<(usize, u32)>)> = BTreeMap::new();
+        for (_, ips) in moved {
+            wanted.extend(ips.iter().map(|&ip| (host_key(ip), (true, None))));
         }
-    }
-    // A key inside a Service range would otherwise hide the range's flag from the
-    // longest match (an ipBlock /32 on a ClusterIP, say).
-    if !services.ranges.is_empty() {
-        for (key, _, flags) in &mut merged {
-            if *flags & PEER_HOST == 0
-                && let Some(net) = key_net(key)
-                && services.ranges.iter().any(|range| range.contains(&net))
-            {
-                *flags |= PEER_SERVICE;
+        let mut pod_class = ClassKey::default();
+        let mut twice = false;
+        for (obj, _) in moved {
+            let Ok(at) = entries.binary_search_by(|e| e.obj.cmp(obj)) else {
+                continue;
+            };
+            let entry = &mut entries[at];
+            if !entry.holds {
+                continue;
+            }
+            pod_keys(entry, None, table, &mut pod_class, active, now, |key, class| {
+                let class_and_flags = (class, range_flags(&key, 0, ranges));
+                let (_, new) = wanted.entry(key).or_insert((false, None));
+                twice |= new.replace(class_and_flags).is_some();
+            });
+        }
+        let is_other = |key: &Lpm<Addr>| {
+            let at = self.others.partition_point(|&(k, _, _, _)| k < *key);
+            self.others.get(at).is_some_and(|&(k, _, _, _)| k == *key)
+        };
+        let mut changes: Vec<KeyChange> = Vec::with_capacity(wanted.len());
+        for (key, (theirs, new)) in wanted {
+            if is_other(&key) {
+                return None;
+            }
+            let at = self.merged.binary_search_by_key(&key, |&(k, _, _)| k);
+            let old = at.ok().map(|i| (self.merged[i].1, self.merged[i].2));
+            if old.is_some() != theirs {
+                return None;
+            }
+            if old != new {
+                changes.push((key, new));
             }
         }
-    }
-    // A node address is the node's, even in a Service range or named by a Service.
-    for (_, _, flags) in &mut merged {
-        if *flags & PEER_HOST != 0 {
-            *flags &= !PEER_SERVICE;
+        // Checked before anything is changed: each address listed by one moved pod, and
+        // none held by a pod that did not move (the counts said none is contested), nor
+        // one of theirs missing.
+        if twice {
+            return None;
         }
+        self.counts.resize(table.list.len(), 0);
+        for &(key, new) in &changes {
+            let at = self.merged.binary_search_by_key(&key, |&(k, _, _)| k);
+            if let Ok(i) = at {
+                let class = self.merged[i].1;
+                self.counts[class] -= 1;
+                self.used -= usize::from(self.counts[class] == 0);
+            }
+            if let Some((class, _)) = new {
+                self.used += usize::from(self.counts[class] == 0);
+                self.counts[class] += 1;
+            }
+            match (at, new) {
+                (Ok(i), Some((class, flags))) => self.merged[i] = (key, class, flags),
+                (Ok(i), None) => drop(self.merged.remove(i)),
+                (Err(i), Some((class, flags))) => self.merged.insert(i, (key, class, flags)),
+                (Err(_), None) => {}
+            }
+        }
+        Some(changes)
     }
-    // A class whose every key another took (a node address that is a pod's, a /32
-    // ipBlock equal to an address) is no identity: keep only classes with keys.
-    let mut renumber: Vec<Option<usize>> = vec![None; table.list.len()];
-    let mut list = Vec::new();
-    for (_, class, _) in &mut merged {
-        *class = *renumber[*class].get_or_insert_with(|| {
-            list.push(table.list[*class].clone());
-            list.len() - 1
-        });
-    }
-    table.end(list.len());
-    Classes { list, keys: merged }
 }
