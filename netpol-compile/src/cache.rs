@@ -202,6 +202,10 @@ pub(crate) struct PodCounts {
     /// Addresses listed by more than one pod.
     contested: usize,
     namespaces: BTreeMap<String, usize>,
+    /// The pods on this node.
+    pub local: BTreeSet<ObjectRef>,
+    /// The pods holding addresses that list some address that cannot be read.
+    pub unreadable: BTreeSet<ObjectRef>,
 }
 
 impl PodCounts {
@@ -212,8 +216,14 @@ impl PodCounts {
                 self.namespaces.insert(entry.obj.namespace.clone(), 1);
             }
         }
+        if entry.local {
+            self.local.insert(entry.obj.clone());
+        }
         if !entry.holds {
             return;
+        }
+        if !entry.ip_errors.is_empty() {
+            self.unreadable.insert(entry.obj.clone());
         }
         for ip in &entry.ips {
             let count = self.addresses.entry(*ip).or_default();
@@ -231,8 +241,14 @@ impl PodCounts {
                 self.namespaces.remove(&entry.obj.namespace);
             }
         }
+        if entry.local {
+            self.local.remove(&entry.obj);
+        }
         if !entry.holds {
             return;
+        }
+        if !entry.ip_errors.is_empty() {
+            self.unreadable.remove(&entry.obj);
         }
         for ip in &entry.ips {
             let Some(count) = self.addresses.get_mut(ip) else {
@@ -299,6 +315,9 @@ pub(crate) struct CompileCache {
     pub ipcache: crate::KeptMap<crate::Lpm<netpol_common::Addr>, netpol_common::PeerInfo>,
     /// The policies in force and the rule table of the last compile.
     pub policies_read: crate::compiler::PoliciesRead,
+    /// Whether the last compile found some address listed by two pods holding
+    /// addresses (the first compile walks every pod anyway).
+    pub contested: bool,
     /// The IPCACHE keys of the last compile, by class.
     pub keys: crate::compiler::KeptKeys,
     /// The pods this compile's sync named, each with the addresses its entry listed
@@ -598,6 +617,11 @@ pub(crate) struct NamedPortsInForce {
 }
 
 impl NamedPortsInForce {
+    /// The version of the list the last [`NamedPortsInForce::sync`] left.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// Records the egress named ports in force; returns their version, which changes
     /// whenever the list does (never 0, the version of no resolution).
     pub fn sync(&mut self, in_force: &[(&str, u8)]) -> u64 {
@@ -865,9 +889,11 @@ pub(crate) struct Memo {
 }
 
 impl Memo {
-    /// Whether the previous compile (`now - 1`) left the bits up to date.
-    pub fn current(&self, now: u64) -> bool {
-        self.at == Some(now - 1)
+    /// Whether the bits are up to date with the slots as the last compile left them:
+    /// brought up to date since the last compile that allocated or freed slots
+    /// (`last_moved`, [`PeerSlots::last_moved`]).
+    pub fn current(&self, last_moved: u64) -> bool {
+        self.at.is_some_and(|at| at >= last_moved)
     }
 }
 
@@ -892,6 +918,8 @@ pub(crate) struct PeerSlots {
     /// Slots allocated by this compile: to be matched against entries that are
     /// otherwise up to date.
     pub added: Vec<usize>,
+    /// The last compile that allocated or freed slots (0: none).
+    pub last_moved: u64,
     /// Slots of the peers in force in this compile.
     pub active: BitSet,
 }

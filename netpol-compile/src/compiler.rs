@@ -41,7 +41,7 @@ use self::emit::RuleContext;
 pub(crate) use self::kept_policy::KeptPolicy;
 use self::kept_policy::{EndpointInputs, PolicyMap, Update, View};
 use self::memo::MemoContext;
-use self::pods::{PodView, audited_namespace, live_pods};
+use self::pods::{PodView, address_errors, audited_namespace, live_pods, local_live_pods};
 pub(crate) use self::tiers::ReadCnp;
 use self::tiers::{ClusterPolicy, TierEntries};
 use crate::admission::Admission;
@@ -182,6 +182,7 @@ fn compile_with(
     // namespace's labels moved (and, checked below, no peer slot nor named port).
     let pods_moved = pods_named && cache.namespace_versions() == namespace_versions;
     let contested = cache.pod_counts.contested();
+    let contested_before = std::mem::replace(&mut cache.contested, contested);
     let CompileCache {
         policies: policy_entries,
         pods: pod_entries,
@@ -217,48 +218,81 @@ fn compile_with(
         Some(policies) => policies.clone(),
         None => policies_in_force(admission, state),
     };
-    let pods = live_pods(state, pod_entries, contested, &mut diagnostics);
+    address_errors(pod_entries, &pod_counts.unreadable, &mut diagnostics);
+    // Every live pod when this compile walks them all (some address is listed by two
+    // pods, now or in the last compile, or the source could not say which pods
+    // changed); else, until a walk proves needed, only the pods on this node.
+    let mut all = (contested || contested_before || !pods_moved)
+        .then(|| live_pods(state, pod_entries, contested, &mut diagnostics));
+    let pods: Vec<PodView<'_>> = match &all {
+        Some(all) => all.iter().filter(|p| p.local).cloned().collect(),
+        None => local_live_pods(state, pod_entries, &pod_counts.local),
+    };
     let frontends = crate::services::frontends(state, &mut diagnostics);
     let endpoints = select_endpoints(&pods, &policies, &cluster_policies, namespaces);
     let egress_named_ports = peers_in_force(&endpoints, &policies, &cluster_policies, peers);
     let freed = peers.collect_garbage();
+    let named_ports_before = named_ports.version();
     let named_ports_version = named_ports.sync(&egress_named_ports);
+    let slots_moved = !freed.is_empty() || !peers.added.is_empty();
+    // Quiet: the pods the source named are the only ones whose matches and classes may
+    // have moved (the memos of the others are current: see `Memo::current`).
+    let quiet = all.is_none() && !slots_moved && named_ports_version == named_ports_before;
 
     let context = MemoContext {
         peers,
         now,
         freed: &freed,
     };
-    // Pods come sorted by namespace, and the counts say how many each has: a pod's
-    // namespace is known by its index, with one lookup per namespace and no name read
-    // per pod.
-    let mut spans = pod_counts.namespaces();
-    let mut span_end = 0;
-    let mut namespace: Option<(&str, &crate::cache::NamespaceEntry)> = None;
-    for pod in &pods {
-        while pod.index >= span_end {
-            let (name, count) = spans.next().expect("every pod's namespace is counted");
-            span_end += count;
-            namespace = Some((name, &namespaces[name]));
+    if quiet {
+        for (obj, _) in pods_before.iter() {
+            let at = pod_entries.binary_search_by(|e| e.obj.cmp(obj));
+            let (Some(pod), Ok(at)) = (state.pods.get(obj), at) else {
+                continue;
+            };
+            let entry = &mut pod_entries[at];
+            if !entry.holds || entry.ips.is_empty() {
+                continue;
+            }
+            let ns = &namespaces[obj.namespace.as_str()];
+            context.refresh_pod(entry, &obj.namespace, (pod.labels(), &ns.labels), ns.version);
+            entry.resolve_named_ports(&egress_named_ports, named_ports_version, now);
         }
-        let (name, ns) = namespace.expect("set above");
-        debug_assert_eq!(name, pod.obj.namespace);
-        let entry = &mut pod_entries[pod.index];
-        context.refresh_pod(entry, name, (pod.labels, &ns.labels), ns.version);
-        entry.resolve_named_ports(&egress_named_ports, named_ports_version, now);
+    } else {
+        let all = all.get_or_insert_with(|| live_pods(state, pod_entries, false, &mut diagnostics));
+        // Pods come sorted by namespace, and the counts say how many each has: a pod's
+        // namespace is known by its index, with one lookup per namespace and no name read
+        // per pod.
+        let mut spans = pod_counts.namespaces();
+        let mut span_end = 0;
+        let mut namespace: Option<(&str, &crate::cache::NamespaceEntry)> = None;
+        for pod in all.iter() {
+            while pod.index >= span_end {
+                let (name, count) = spans.next().expect("every pod's namespace is counted");
+                span_end += count;
+                namespace = Some((name, &namespaces[name]));
+            }
+            let (name, ns) = namespace.expect("set above");
+            debug_assert_eq!(name, pod.obj.namespace);
+            let entry = &mut pod_entries[pod.index];
+            context.refresh_pod(entry, name, (pod.labels, &ns.labels), ns.version);
+            entry.resolve_named_ports(&egress_named_ports, named_ports_version, now);
+        }
     }
     let prefixes = context.refresh_prefixes(prefixes);
+    if slots_moved {
+        peers.last_moved = now;
+    }
     let peers: &PeerSlots = peers;
-    let slots_moved = !freed.is_empty() || !peers.added.is_empty();
     let moved = Moved {
-        pods: (pods_moved && !slots_moved).then_some(pods_before.as_slice()),
+        pods: quiet.then_some(pods_before.as_slice()),
         contested,
         named_ports: named_ports_version,
     };
     let classes = classify(
         state,
         pod_entries,
-        &pods,
+        all.as_deref(),
         peers,
         &prefixes,
         &frontends,

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use netpol_common::{Addr, PEER_HOST, PEER_SERVICE};
 
-use super::pods::PodView;
+use super::pods::{PodView, live_pods};
 use crate::cache::{BitSet, FastMap, PeerSlots, PodEntry};
 use crate::lpm::{Lpm, host_key, key_net, net_key};
 use crate::policy::Peer;
@@ -188,7 +188,8 @@ pub(super) struct Moved<'a> {
 /// whatever their class (a node address never is a Service's). The pods' entries have
 /// resolved the egress named ports in force ([`PodEntry::resolve_named_ports`]).
 ///
-/// When only the pods of `moved` changed since the last compile (same peers in force,
+/// `pods`: every live pod, when the caller walked them. When only the pods of `moved`
+/// changed since the last compile (same peers in force,
 /// named ports, classes, and keys of nodes, Services and prefixes; no address listed by
 /// two pods, then or now) and no key of theirs is anything else's, their keys are patched
 /// into the kept ones ([`Classes::changed`]): the cost follows the pods that changed.
@@ -196,7 +197,7 @@ pub(super) struct Moved<'a> {
 pub(super) fn classify<'a>(
     state: &ClusterState,
     entries: &mut [PodEntry],
-    pods: &[PodView<'_>],
+    pods: Option<&[PodView<'_>]>,
     peers: &PeerSlots,
     prefixes: &[(IpNet, BitSet)],
     services: &Frontends,
@@ -217,6 +218,15 @@ pub(super) fn classify<'a>(
         None => None,
     };
     if changed.is_none() {
+        // Every live pod, when the caller did not walk them (no address is contested).
+        let walked;
+        let pods = match pods {
+            Some(pods) => pods,
+            None => {
+                walked = live_pods(state, entries, false, &mut Vec::new());
+                &walked
+            }
+        };
         let merged = all_keys(entries, pods, &others, &services.ranges, table, order, now);
         kept.counts.clear();
         kept.counts.resize(table.list.len(), 0);

@@ -50,7 +50,7 @@ impl MemoContext<'_> {
         (labels, namespace_labels): (&Labels, &BTreeMap<String, String>),
         version: u64,
     ) {
-        let current = entry.memo.current(self.now);
+        let current = entry.memo.current(self.peers.last_moved);
         let full = !current || entry.namespace_version != version;
         self.refresh(&mut entry.memo, full, |peer| match peer {
             Peer::Pods {
@@ -118,7 +118,7 @@ impl MemoContext<'_> {
             .into_iter()
             .map(|prefix| {
                 let memo = memos.entry(prefix).or_default();
-                let full = !memo.current(self.now);
+                let full = !memo.current(self.peers.last_moved);
                 self.refresh(memo, full, |peer| match peer {
                     Peer::Block(b) => b.contains_prefix(&prefix),
                     Peer::Pods { .. } | Peer::Nodes(_) => false,

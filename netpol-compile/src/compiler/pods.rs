@@ -3,6 +3,7 @@
 //! then first in name order), and what the compiler reads from namespaces.
 
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::collections::hash_map::Entry;
 use std::net::IpAddr;
 
@@ -13,6 +14,7 @@ use crate::state::{
 use crate::{Diagnostic, Subject};
 
 /// A live pod with an address, as peer and possibly as local endpoint.
+#[derive(Clone)]
 pub(super) struct PodView<'a> {
     pub(super) obj: &'a ObjectRef,
     pub(super) labels: &'a Labels,
@@ -56,7 +58,7 @@ pub(super) fn live_pods<'a>(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<PodView<'a>> {
     if !contested {
-        return uncontested_pods(state, entries, diagnostics);
+        return uncontested_pods(state, entries);
     }
     // First pass: who holds each address (index into the state's pods).
     let pods: Vec<(&ObjectRef, &PodInfo)> = state.pods.iter().collect();
@@ -65,9 +67,6 @@ pub(super) fn live_pods<'a>(
     for (index, ((obj, pod), entry)) in pods.iter().zip(entries).enumerate() {
         if !holds_pod_addresses(pod) {
             continue;
-        }
-        for (field, message) in &entry.ip_errors {
-            diagnostics.push(Diagnostic::new(Subject::pod(obj), field, message));
         }
         for ip in &entry.ips {
             match owner.entry(*ip) {
@@ -129,7 +128,10 @@ pub(super) fn live_pods<'a>(
                 Cow::Owned(kept) => Some(kept),
             },
             local: entry.local,
-            host_interface: state.pod_interfaces.get(obj),
+            host_interface: entry
+                .local
+                .then(|| state.pod_interfaces.get(obj))
+                .flatten(),
         });
     }
     out
@@ -137,22 +139,12 @@ pub(super) fn live_pods<'a>(
 
 /// [`live_pods`] when no address is listed by two pods holding addresses: every such pod
 /// keeps all of its addresses.
-fn uncontested_pods<'a>(
-    state: &'a ClusterState,
-    entries: &[PodEntry],
-    diagnostics: &mut Vec<Diagnostic>,
-) -> Vec<PodView<'a>> {
+fn uncontested_pods<'a>(state: &'a ClusterState, entries: &[PodEntry]) -> Vec<PodView<'a>> {
     let mut out = Vec::with_capacity(entries.len());
     for (index, ((obj, pod), entry)) in state.pods.iter().zip(entries).enumerate() {
         debug_assert_eq!(entry.holds, holds_pod_addresses(pod));
         debug_assert_eq!(entry.local, state.node.is_local(pod));
-        if !entry.holds {
-            continue;
-        }
-        for (field, message) in &entry.ip_errors {
-            diagnostics.push(Diagnostic::new(Subject::pod(obj), field, message));
-        }
-        if entry.ips.is_empty() {
+        if !entry.holds || entry.ips.is_empty() {
             continue;
         }
         out.push(PodView {
@@ -161,8 +153,61 @@ fn uncontested_pods<'a>(
             index,
             kept: None,
             local: entry.local,
+            host_interface: entry
+                .local
+                .then(|| state.pod_interfaces.get(obj))
+                .flatten(),
+        });
+    }
+    out
+}
+
+/// [`live_pods`] on this node (`local`, the pods on it) when no address is listed by two
+/// pods holding addresses: their views without a walk over every pod.
+pub(super) fn local_live_pods<'a>(
+    state: &'a ClusterState,
+    entries: &[PodEntry],
+    local: &'a BTreeSet<ObjectRef>,
+) -> Vec<PodView<'a>> {
+    let mut out = Vec::with_capacity(local.len());
+    for obj in local {
+        let (Some(pod), Ok(index)) = (
+            state.pods.get(obj),
+            entries.binary_search_by(|e| e.obj.cmp(obj)),
+        ) else {
+            debug_assert!(false, "{obj} is counted as local");
+            continue;
+        };
+        let entry = &entries[index];
+        debug_assert!(entry.local);
+        if !entry.holds || entry.ips.is_empty() {
+            continue;
+        }
+        out.push(PodView {
+            obj,
+            labels: pod.labels(),
+            index,
+            kept: None,
+            local: true,
             host_interface: state.pod_interfaces.get(obj),
         });
     }
     out
+}
+
+/// What cannot be read of the addresses of the pods holding addresses (`unreadable`:
+/// those with something that cannot be read), in state order.
+pub(super) fn address_errors(
+    entries: &[PodEntry],
+    unreadable: &BTreeSet<ObjectRef>,
+    diagnostics: &mut Vec<Diagnostic>,
+) {
+    for obj in unreadable {
+        let Ok(at) = entries.binary_search_by(|e| e.obj.cmp(obj)) else {
+            continue;
+        };
+        for (field, message) in &entries[at].ip_errors {
+            diagnostics.push(Diagnostic::new(Subject::pod(obj), field, message));
+        }
+    }
 }
