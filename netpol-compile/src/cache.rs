@@ -320,8 +320,9 @@ pub(crate) struct CompileCache {
     pub contested: bool,
     /// The IPCACHE keys of the last compile, by class.
     pub keys: crate::compiler::KeptKeys,
-    /// The pods this compile's sync named, each with the addresses its entry listed
-    /// before (none when it had no entry or held none).
+    /// The pods this compile's sync named, and those of the namespaces whose labels it
+    /// found changed, each with the addresses its entry listed before (none when it had
+    /// no entry or held none).
     pub pods_before: Vec<(ObjectRef, Vec<IpAddr>)>,
 }
 
@@ -334,10 +335,6 @@ impl CompileCache {
         self.compiles
     }
 
-    /// A number that changes whenever some namespace's labels do.
-    pub fn namespace_versions(&self) -> u64 {
-        self.versions
-    }
 
     /// Brings [`CompileCache::policies`] in line with `policies`, reparsing what changed,
     /// and returns their generation: a number that changes with every change of an entry
@@ -509,10 +506,20 @@ impl CompileCache {
     /// labels changed gets a new version. `named`, when the caller knows, names every
     /// namespace whose object or pods may have changed since the last sync: only those
     /// are looked at. Else one ordered walk, no lookup by name.
-    pub fn sync_namespaces(&mut self, state: &ClusterState, named: Option<&BTreeSet<&str>>) {
+    ///
+    /// The pods of a namespace whose labels changed join [`CompileCache::pods_before`]
+    /// (with the addresses they list) when it names the namespace; `false` when some
+    /// namespace's labels changed and the walk did not say which.
+    pub fn sync_namespaces(
+        &mut self,
+        state: &ClusterState,
+        named: Option<&BTreeSet<&str>>,
+    ) -> bool {
         if let Some(named) = named {
             for &name in named {
-                self.sync_namespace(state, name);
+                if self.sync_namespace(state, name) {
+                    self.note_pods_of(name);
+                }
             }
             debug_assert!(
                 self.namespaces
@@ -520,7 +527,7 @@ impl CompileCache {
                     .eq(namespace_names(state, &self.pod_counts).map(|(name, _)| name)),
                 "the namespace entries follow the state"
             );
-            return;
+            return true;
         }
         // The common case, nothing changed, is known by one walk that copies nothing.
         let mut known = self.namespaces.iter();
@@ -530,7 +537,7 @@ impl CompileCache {
             })
         }) && known.next().is_none();
         if unchanged {
-            return;
+            return true;
         }
         let mut old = std::mem::take(&mut self.namespaces).into_iter().peekable();
         let mut namespaces = Vec::with_capacity(state.namespaces.len());
@@ -548,14 +555,16 @@ impl CompileCache {
             namespaces.push((name.clone(), entry));
         }
         self.namespaces = namespaces.into_iter().collect();
+        false
     }
 
-    /// The entry of one namespace, as [`CompileCache::sync_namespaces`]' walk makes it.
-    fn sync_namespace(&mut self, state: &ClusterState, name: &str) {
+    /// The entry of one namespace, as [`CompileCache::sync_namespaces`]' walk makes it;
+    /// whether its labels changed (a namespace with no pods left that goes needs none).
+    fn sync_namespace(&mut self, state: &ClusterState, name: &str) -> bool {
         let object = state.namespaces.get(name);
         if object.is_none() && !self.pod_counts.namespaces.contains_key(name) {
             self.namespaces.remove(name);
-            return;
+            return false;
         }
         let kept = self
             .namespaces
@@ -565,6 +574,21 @@ impl CompileCache {
             let entry = NamespaceEntry::new(&mut self.versions, state, name);
             self.namespaces.insert(name.to_owned(), entry);
         }
+        !kept
+    }
+
+    /// Adds the pods of namespace `name` that [`CompileCache::pods_before`] does not name
+    /// yet, with the addresses they list (their entries are those of the last compile).
+    fn note_pods_of(&mut self, name: &str) {
+        let start = self.pods.partition_point(|e| e.obj.namespace.as_str() < name);
+        let end = start + self.pods[start..].partition_point(|e| e.obj.namespace == name);
+        let named: BTreeSet<&ObjectRef> = self.pods_before.iter().map(|(obj, _)| obj).collect();
+        let added: Vec<(ObjectRef, Vec<IpAddr>)> = self.pods[start..end]
+            .iter()
+            .filter(|e| !named.contains(&e.obj))
+            .map(|e| (e.obj.clone(), if e.holds { e.ips.clone() } else { Vec::new() }))
+            .collect();
+        self.pods_before.extend(added);
     }
 }
 

@@ -176,11 +176,10 @@ fn compile_with(
         ),
         _ => None,
     };
-    let namespace_versions = cache.namespace_versions();
-    cache.sync_namespaces(state, namespaces_named.as_ref());
-    // Only the named pods' addresses may classify otherwise than last time when no
-    // namespace's labels moved (and, checked below, no peer slot nor named port).
-    let pods_moved = pods_named && cache.namespace_versions() == namespace_versions;
+    // Only the pods named (with those of the namespaces whose labels changed) may
+    // classify otherwise than last time, unless (checked below) a peer slot or a named
+    // port moved.
+    let pods_moved = cache.sync_namespaces(state, namespaces_named.as_ref()) && pods_named;
     let contested = cache.pod_counts.contested();
     let contested_before = std::mem::replace(&mut cache.contested, contested);
     let CompileCache {

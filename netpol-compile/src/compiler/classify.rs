@@ -171,8 +171,9 @@ pub(crate) struct KeptKeys {
 }
 
 /// What may make the last compile's keys patchable: the pods named by this compile's
-/// sync with the addresses they listed before, when nothing else that classifies pod
-/// addresses moved (no namespace's labels, no peer slot; see the compiler).
+/// sync (and those of namespaces whose labels changed) with the addresses they listed
+/// before, when nothing else that classifies pod addresses moved (no peer slot, no named
+/// port in force; see the compiler).
 pub(super) struct Moved<'a> {
     pub(super) pods: Option<&'a [(ObjectRef, Vec<IpAddr>)]>,
     /// Whether some address is listed by two pods holding addresses.
@@ -189,10 +190,10 @@ pub(super) struct Moved<'a> {
 /// resolved the egress named ports in force ([`PodEntry::resolve_named_ports`]).
 ///
 /// `pods`: every live pod, when the caller walked them. When only the pods of `moved`
-/// changed since the last compile (same peers in force,
-/// named ports, classes, and keys of nodes, Services and prefixes; no address listed by
-/// two pods, then or now) and no key of theirs is anything else's, their keys are patched
-/// into the kept ones ([`Classes::changed`]): the cost follows the pods that changed.
+/// changed since the last compile (same peers in force, named ports, classes, and keys
+/// of nodes, Services and prefixes; no address listed by two pods, then or now) and no
+/// key of theirs is anything else's, their keys are patched into the kept ones
+/// ([`Classes::changed`]): the cost follows the pods that changed.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn classify<'a>(
     state: &ClusterState,
