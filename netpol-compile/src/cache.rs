@@ -850,6 +850,11 @@ impl PodEntry {
     }
 
     /// The ports the pod declares (the state's shared list).
+    /// The labels the entry was read with (the pod's).
+    pub fn labels(&self) -> &Labels {
+        &self.labels
+    }
+
     pub fn ports(&self) -> &Arc<[DeclaredPort]> {
         &self.ports
     }

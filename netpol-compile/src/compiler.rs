@@ -48,7 +48,7 @@ use crate::admission::Admission;
 use crate::cache::{CompileCache, Namespaces, PeerSlots, PodEntry};
 use crate::identity::{Allocations, IdentityClasses, IdentitySignature, NamedPortResolution};
 use crate::lpm::Lpm;
-use crate::policy::ParsedPolicy;
+use crate::policy::{NamespaceMatch, ParsedPolicy, Peer};
 use crate::state::{Changes, ClusterState, ObjectRef};
 use crate::{Compiled, Direction, IdentityInfo, KeptMap, LocalPod, RuleRef};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -234,9 +234,20 @@ fn compile_with(
     let named_ports_before = named_ports.version();
     let named_ports_version = named_ports.sync(&egress_named_ports);
     let slots_moved = !freed.is_empty() || !peers.added.is_empty();
-    // Quiet: the pods the source named are the only ones whose matches and classes may
-    // have moved (the memos of the others are current: see `Memo::current`).
-    let quiet = all.is_none() && !slots_moved && named_ports_version == named_ports_before;
+    // Quiet: the pods the source named, and those a pod selector that came into force or
+    // went out of it matches, are the only ones whose matches or classes may have moved
+    // (the memos of the others are current, see `Memo::current`; theirs are brought up
+    // to date below).
+    let quiet = all.is_none()
+        && freed.is_empty()
+        && named_ports_version == named_ports_before
+        && matched_by_slots(
+            &class_table.changed_slots(&peers.active),
+            peers,
+            pod_entries,
+            namespaces,
+            pods_before,
+        );
 
     let context = MemoContext {
         peers,
@@ -249,10 +260,10 @@ fn compile_with(
             let (Some(pod), Ok(at)) = (state.pods.get(obj), at) else {
                 continue;
             };
+            // Its class is made again; its memo brought up to date even when it holds no
+            // address (it may match a slot allocated now).
             let entry = &mut pod_entries[at];
-            if !entry.holds || entry.ips.is_empty() {
-                continue;
-            }
+            entry.class = None;
             let ns = &namespaces[obj.namespace.as_str()];
             context.refresh_pod(entry, &obj.namespace, (pod.labels(), &ns.labels), ns.version);
             entry.resolve_named_ports(&egress_named_ports, named_ports_version, now);
@@ -279,7 +290,8 @@ fn compile_with(
         }
     }
     let prefixes = context.refresh_prefixes(prefixes);
-    if slots_moved {
+    // A quiet compile brought every memo a new slot matches up to date.
+    if slots_moved && !quiet {
         peers.last_moved = now;
     }
     let peers: &PeerSlots = peers;
@@ -560,6 +572,52 @@ fn peers_in_force<'a>(
         }
     }
     egress_named_ports.into_iter().collect()
+}
+
+/// Adds to `moved` (pods with the addresses they listed before) every pod entry, holding
+/// addresses or not, that a slot of `slots` matches (those already named keep theirs):
+/// the pods whose matches or classes the slots coming into force, going out of it or
+/// allocated change. `false` when some slot is no pod selector (an ipBlock or a `nodes`
+/// peer, whose matches are not known by pod).
+fn matched_by_slots(
+    slots: &[usize],
+    peers: &PeerSlots,
+    entries: &[PodEntry],
+    namespaces: &Namespaces,
+    moved: &mut Vec<(ObjectRef, Vec<std::net::IpAddr>)>,
+) -> bool {
+    if slots.is_empty() {
+        return true;
+    }
+    let mut named: BTreeSet<ObjectRef> = moved.iter().map(|(obj, _)| obj.clone()).collect();
+    for &slot in slots {
+        let Peer::Pods {
+            namespaces: in_namespaces,
+            pods: selector,
+        } = &peers.slot(slot).peer
+        else {
+            return false;
+        };
+        let selected: Vec<&str> = match in_namespaces {
+            NamespaceMatch::Named(name) => vec![name.as_str()],
+            NamespaceMatch::Selector(s) => namespaces
+                .iter()
+                .filter(|(_, ns)| s.matches(&ns.labels))
+                .map(|(name, _)| name.as_str())
+                .collect(),
+        };
+        for name in selected {
+            let start = entries.partition_point(|e| e.obj.namespace.as_str() < name);
+            let end = start + entries[start..].partition_point(|e| e.obj.namespace == name);
+            for entry in &entries[start..end] {
+                if selector.matches(entry.labels()) && named.insert(entry.obj.clone()) {
+                    let ips = if entry.holds { entry.ips.clone() } else { Vec::new() };
+                    moved.push((entry.obj.clone(), ips));
+                }
+            }
+        }
+    }
+    true
 }
 
 /// What step 4 decided: the numbers, the IPCACHE, what each identity stands for, and

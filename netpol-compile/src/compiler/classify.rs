@@ -71,14 +71,24 @@ pub(crate) struct ClassTable {
 
 impl ClassTable {
     /// Starts a compile whose peers in force are `active`; sweeps the classes left over
-    /// from earlier compiles once they outnumber those the last one used.
-    fn begin(&mut self, active: &BitSet) {
-        if *active != self.active || self.epoch == 0 {
+    /// from earlier compiles once they outnumber those the last one used. A class
+    /// depends on the peers in force: when they changed, the classes are made again,
+    /// unless `kept` (the caller made again the classes of every pod that matches a slot
+    /// that came into force or went out of it; the others' classes are the same).
+    fn begin(&mut self, active: &BitSet, kept: bool) {
+        if (*active != self.active && !kept) || self.epoch == 0 {
             self.clear();
-            self.active = active.clone();
         } else if self.list.len() > 2 * self.used + 1024 {
             self.clear();
         }
+        self.active = active.clone();
+    }
+
+    /// The slots in force now (`active`) and not in the last compile, or the reverse.
+    pub(super) fn changed_slots(&self, active: &BitSet) -> Vec<usize> {
+        let (now, before): (BTreeSet<usize>, BTreeSet<usize>) =
+            (active.iter().collect(), self.active.iter().collect());
+        now.symmetric_difference(&before).copied().collect()
     }
 
     fn clear(&mut self) {
@@ -207,7 +217,7 @@ pub(super) fn classify<'a>(
     now: u64,
 ) -> Classes<'a> {
     let active = &peers.active;
-    table.begin(active);
+    table.begin(active, moved.pods.is_some());
     let mut others = other_keys(state, peers, prefixes, services, table);
     others.sort_unstable_by_key(|&(key, precedence, _, _)| (key, precedence));
     let patchable = kept.epoch == table.epoch
