@@ -335,7 +335,6 @@ impl CompileCache {
         self.compiles
     }
 
-
     /// Brings [`CompileCache::policies`] in line with `policies`, reparsing what changed,
     /// and returns their generation: a number that changes with every change of an entry
     /// (one added, reparsed or removed) and that no other cache of this process uses.
@@ -580,13 +579,20 @@ impl CompileCache {
     /// Adds the pods of namespace `name` that [`CompileCache::pods_before`] does not name
     /// yet, with the addresses they list (their entries are those of the last compile).
     fn note_pods_of(&mut self, name: &str) {
-        let start = self.pods.partition_point(|e| e.obj.namespace.as_str() < name);
+        let start = self
+            .pods
+            .partition_point(|e| e.obj.namespace.as_str() < name);
         let end = start + self.pods[start..].partition_point(|e| e.obj.namespace == name);
         let named: BTreeSet<&ObjectRef> = self.pods_before.iter().map(|(obj, _)| obj).collect();
         let added: Vec<(ObjectRef, Vec<IpAddr>)> = self.pods[start..end]
             .iter()
             .filter(|e| !named.contains(&e.obj))
-            .map(|e| (e.obj.clone(), if e.holds { e.ips.clone() } else { Vec::new() }))
+            .map(|e| {
+                (
+                    e.obj.clone(),
+                    if e.holds { e.ips.clone() } else { Vec::new() },
+                )
+            })
             .collect();
         self.pods_before.extend(added);
     }

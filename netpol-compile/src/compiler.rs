@@ -265,7 +265,12 @@ fn compile_with(
             let entry = &mut pod_entries[at];
             entry.class = None;
             let ns = &namespaces[obj.namespace.as_str()];
-            context.refresh_pod(entry, &obj.namespace, (pod.labels(), &ns.labels), ns.version);
+            context.refresh_pod(
+                entry,
+                &obj.namespace,
+                (pod.labels(), &ns.labels),
+                ns.version,
+            );
             entry.resolve_named_ports(&egress_named_ports, named_ports_version, now);
         }
     } else {
@@ -318,7 +323,10 @@ fn compile_with(
         kept_ipcache,
         peers,
         &egress_named_ports,
-        endpoints.iter().map(|ep| pods[ep.pod].obj.clone()).collect(),
+        endpoints
+            .iter()
+            .map(|ep| pods[ep.pod].obj.clone())
+            .collect(),
         (!same_rules).then(|| {
             policies
                 .rule_refs()
@@ -611,7 +619,11 @@ fn matched_by_slots(
             let end = start + entries[start..].partition_point(|e| e.obj.namespace == name);
             for entry in &entries[start..end] {
                 if selector.matches(entry.labels()) && named.insert(entry.obj.clone()) {
-                    let ips = if entry.holds { entry.ips.clone() } else { Vec::new() };
+                    let ips = if entry.holds {
+                        entry.ips.clone()
+                    } else {
+                        Vec::new()
+                    };
                     moved.push((entry.obj.clone(), ips));
                 }
             }
@@ -693,16 +705,13 @@ fn number_identities(
             .iter()
             .map(|&(key, now)| (key, now.and_then(|(class, _)| class_identity[class])))
             .collect();
-        prev.patched(
-            endpoints.iter().cloned(),
-            dynamic.clone(),
-            &sizes,
-            &changed,
-            rules.clone(),
-        )
+        prev.patched(dynamic.clone(), &sizes, &changed)
     });
     let (allocations, changed) = match patched {
-        Some(allocations) => (allocations, classes.changed.as_deref()),
+        Some(identities) => (
+            prev.with_identities(endpoints, identities, rules),
+            classes.changed.as_deref(),
+        ),
         None => {
             let identity_classes = IdentityClasses {
                 signatures: dynamic,

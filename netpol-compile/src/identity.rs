@@ -136,25 +136,24 @@ impl Allocations {
             .map(|&(key, class)| (key, numbers[class]))
             .collect();
         let identities = classes.signatures.into_iter().zip(numbers).collect();
-        self.with_identities(endpoints, identities, addresses, rules)
+        self.with_identities(endpoints, (identities, addresses), rules)
     }
 
-    /// [`Allocations::next`] for classes whose keys differ from those `self` numbered
-    /// only by `changed` (sorted: each key with the index in `signatures` of its identity
-    /// now, `None` when it has none, gone or the world's); `signatures` are the dynamic
-    /// identities' (distinct, sorted), `sizes` their key counts. The numbers are those
-    /// [`Allocations::next`] gives: an identity none of whose keys changed keeps its
-    /// number, which no other can claim (its keys carried no other); the others compete
-    /// by lineage as there. `None` when one whose keys did not all change takes another
-    /// number (its unchanged keys would change too: the caller numbers every key).
+    /// The identities [`Allocations::next`] numbers for classes whose keys differ from
+    /// those `self` numbered only by `changed` (sorted: each key with the index in
+    /// `signatures` of its identity now, `None` when it has none, gone or the world's);
+    /// `signatures` are the dynamic identities' (distinct, sorted), `sizes` their key
+    /// counts. An identity none of whose keys changed keeps its number, which no other
+    /// can claim (its keys carried no other); the others compete by lineage as there.
+    /// `None` when one whose keys did not all change takes another number (its unchanged
+    /// keys would change too: the caller numbers every key). The allocations are then
+    /// [`Allocations::with_identities`].
     pub(crate) fn patched(
         &self,
-        endpoints: impl IntoIterator<Item = ObjectRef>,
         signatures: Vec<IdentitySignature>,
         sizes: &[usize],
         changed: &[(Lpm<Addr>, Option<usize>)],
-        rules: Option<impl IntoIterator<Item = RuleRef>>,
-    ) -> Option<Allocations> {
+    ) -> Option<Identities> {
         debug_assert!(changed.is_sorted_by_key(|&(key, _)| key));
         let previous: Vec<Option<u32>> = signatures
             .iter()
@@ -204,8 +203,8 @@ impl Allocations {
         }
         let numbers = self.fill_numbers(&signatures, out, used);
         // An identity that kept keys keeps its number, or every key of it changes.
-        let renumbered = (0..signatures.len())
-            .any(|i| sizes[i] > joined[i] && previous[i] != Some(numbers[i]));
+        let renumbered =
+            (0..signatures.len()).any(|i| sizes[i] > joined[i] && previous[i] != Some(numbers[i]));
         if renumbered {
             return None;
         }
@@ -222,16 +221,15 @@ impl Allocations {
         }
         addresses.extend(changes.filter_map(|&(k, now)| Some((k, numbers[now?]))));
         let identities = signatures.into_iter().zip(numbers).collect();
-        Some(self.with_identities(endpoints, identities, addresses, rules))
+        Some((identities, addresses))
     }
 
-    /// The allocations with these identities and keys' numbers, and endpoint and rule
-    /// numbers for `endpoints` and `rules` (see [`Allocations::next`]).
-    fn with_identities(
+    /// The allocations with `identities` (numbers by signature, and by key), and
+    /// endpoint and rule numbers for `endpoints` and `rules` (see [`Allocations::next`]).
+    pub(crate) fn with_identities(
         &self,
         endpoints: impl IntoIterator<Item = ObjectRef>,
-        identities: BTreeMap<IdentitySignature, u32>,
-        addresses: Vec<(Lpm<Addr>, u32)>,
+        (identities, addresses): Identities,
         rules: Option<impl IntoIterator<Item = RuleRef>>,
     ) -> Allocations {
         debug_assert!(addresses.is_sorted_by_key(|&(key, _)| key));
@@ -328,6 +326,9 @@ impl Allocations {
             .collect()
     }
 }
+
+/// Identity numbers by signature, and of every key of a dynamic identity (sorted).
+pub(crate) type Identities = (BTreeMap<IdentitySignature, u32>, Vec<(Lpm<Addr>, u32)>);
 
 /// Adds `n` to the count of `number` in `counts`.
 fn count(counts: &mut Vec<(u32, usize)>, number: u32, n: usize) {

@@ -37,8 +37,11 @@ impl ClassKey {
     }
 }
 
-/// A key's class (index in the class table) and flags after a patch; `None`: gone.
-pub(super) type KeyChange = (Lpm<Addr>, Option<(usize, u32)>);
+/// A key's class (index in the class table) and flags; `None`: no key.
+type ClassAndFlags = Option<(usize, u32)>;
+
+/// A key's class and flags after a patch.
+pub(super) type KeyChange = (Lpm<Addr>, ClassAndFlags);
 
 pub(super) struct Classes<'a> {
     /// The classes some key has: index in the class table, and the class.
@@ -76,9 +79,8 @@ impl ClassTable {
     /// unless `kept` (the caller made again the classes of every pod that matches a slot
     /// that came into force or went out of it; the others' classes are the same).
     fn begin(&mut self, active: &BitSet, kept: bool) {
-        if (*active != self.active && !kept) || self.epoch == 0 {
-            self.clear();
-        } else if self.list.len() > 2 * self.used + 1024 {
+        let moved = *active != self.active && !kept;
+        if moved || self.epoch == 0 || self.list.len() > 2 * self.used + 1024 {
             self.clear();
         }
         self.active = active.clone();
@@ -285,9 +287,17 @@ fn all_keys(
     for pod in pods {
         let entry = &mut entries[pod.index];
         let kept = pod.kept.as_deref();
-        pod_keys(entry, kept, table, &mut pod_class, &active, now, |key, class| {
-            keys.push((key, 0, class, 0));
-        });
+        pod_keys(
+            entry,
+            kept,
+            table,
+            &mut pod_class,
+            &active,
+            now,
+            |key, class| {
+                keys.push((key, 0, class, 0));
+            },
+        );
     }
     keys.extend_from_slice(others);
     let keys = order.sort(keys);
@@ -474,7 +484,7 @@ impl KeptKeys {
     ) -> Option<Vec<KeyChange>> {
         // Each key of a moved pod: whether it was one of theirs before, and its class and
         // flags now.
-        let mut wanted: BTreeMap<Lpm<Addr>, (bool, Option<(usize, u32)>)> = BTreeMap::new();
+        let mut wanted: BTreeMap<Lpm<Addr>, (bool, ClassAndFlags)> = BTreeMap::new();
         for (_, ips) in moved {
             wanted.extend(ips.iter().map(|&ip| (host_key(ip), (true, None))));
         }
@@ -488,11 +498,19 @@ impl KeptKeys {
             if !entry.holds {
                 continue;
             }
-            pod_keys(entry, None, table, &mut pod_class, active, now, |key, class| {
-                let class_and_flags = (class, range_flags(&key, 0, ranges));
-                let (_, new) = wanted.entry(key).or_insert((false, None));
-                twice |= new.replace(class_and_flags).is_some();
-            });
+            pod_keys(
+                entry,
+                None,
+                table,
+                &mut pod_class,
+                active,
+                now,
+                |key, class| {
+                    let class_and_flags = (class, range_flags(&key, 0, ranges));
+                    let (_, new) = wanted.entry(key).or_insert((false, None));
+                    twice |= new.replace(class_and_flags).is_some();
+                },
+            );
         }
         let is_other = |key: &Lpm<Addr>| {
             let at = self.others.partition_point(|&(k, _, _, _)| k < *key);

@@ -128,10 +128,7 @@ pub(super) fn live_pods<'a>(
                 Cow::Owned(kept) => Some(kept),
             },
             local: entry.local,
-            host_interface: entry
-                .local
-                .then(|| state.pod_interfaces.get(obj))
-                .flatten(),
+            host_interface: entry.local.then(|| state.pod_interfaces.get(obj)).flatten(),
         });
     }
     out
@@ -153,10 +150,7 @@ fn uncontested_pods<'a>(state: &'a ClusterState, entries: &[PodEntry]) -> Vec<Po
             index,
             kept: None,
             local: entry.local,
-            host_interface: entry
-                .local
-                .then(|| state.pod_interfaces.get(obj))
-                .flatten(),
+            host_interface: entry.local.then(|| state.pod_interfaces.get(obj)).flatten(),
         });
     }
     out
