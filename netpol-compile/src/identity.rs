@@ -522,4 +522,66 @@ mod tests {
             "matches [ipBlock 10.0.0.0/8], named ports [http/TCP=8080]"
         );
     }
+    proptest::proptest! {
+        /// Numbering only the identities whose keys moved gives the numbers that numbering
+        /// every key gives, and falls back only when an identity that kept keys would
+        /// take another number.
+        #[test]
+        fn numbering_the_moved_identities_equals_numbering_every_key(
+            before in proptest::collection::vec(proptest::option::of(0usize..5), 1..40),
+            moves in proptest::collection::vec(
+                (0usize..40, proptest::option::of(0usize..6)),
+                0..8,
+            ),
+        ) {
+            let key = |i: usize| crate::lpm::host_key(std::net::IpAddr::from([10, 0, 0, i as u8]));
+            // Key i has the signature `p{n}` for `Some(n)`, else the world's.
+            let list = |of: &[Option<usize>]| {
+                let names: BTreeSet<usize> = of.iter().flatten().copied().collect();
+                let names: Vec<usize> = names.into_iter().collect();
+                let index = |s: Option<usize>| names.binary_search(&s?).ok();
+                let classes = IdentityClasses {
+                    signatures: names.iter().map(|n| sig(&[&format!("p{n}")])).collect(),
+                    keys: (0..of.len())
+                        .filter_map(|i| Some((key(i), index(of[i])?)))
+                        .collect(),
+                };
+                (classes, of.iter().map(|&s| index(s)).collect::<Vec<_>>())
+            };
+            let no_rules = || Some(Vec::<RuleRef>::new());
+            let (first, _) = list(&before);
+            let prev = Allocations::default().next(Vec::new(), first, no_rules());
+            let mut after = before.clone();
+            after.resize(40, None);
+            let mut moved = BTreeSet::new();
+            for &(i, s) in &moves {
+                after[i] = s;
+                moved.insert(i);
+            }
+            let (classes, identity_of) = list(&after);
+            let mut sizes = vec![0; classes.signatures.len()];
+            for &(_, i) in &classes.keys {
+                sizes[i] += 1;
+            }
+            let changed: Vec<(Lpm<Addr>, Option<usize>)> =
+                moved.iter().map(|&i| (key(i), identity_of[i])).collect();
+            let patched = prev.patched(classes.signatures.clone(), &sizes, &changed);
+            let full = prev.next(Vec::new(), classes, no_rules());
+            match patched {
+                Some((identities, addresses)) => {
+                    proptest::prop_assert_eq!(&identities, &full.identities);
+                    proptest::prop_assert_eq!(&addresses, &full.addresses);
+                }
+                None => {
+                    // Some identity with a key that did not move took another number.
+                    let renumbered = (0..after.len()).filter(|i| !moved.contains(i)).any(|i| {
+                        let Some(n) = after[i] else { return false };
+                        let s = sig(&[&format!("p{n}")]);
+                        prev.identity(&s) != full.identity(&s)
+                    });
+                    proptest::prop_assert!(renumbered, "fell back with nothing renumbered");
+                }
+            }
+        }
+    }
 }
