@@ -1012,22 +1012,24 @@ impl PeerSlots {
     }
 
     /// Frees the slots of peers no longer in force once they outnumber those in force
-    /// (and [`IDLE_SLOTS_KEPT`]); returns them, for the caller to clear in up-to-date
-    /// memos.
-    pub fn collect_garbage(&mut self) -> Vec<usize> {
+    /// (and [`IDLE_SLOTS_KEPT`]); returns them with their peers, for the caller to clear
+    /// in up-to-date memos.
+    pub fn collect_garbage(&mut self) -> Vec<(usize, Peer)> {
         let allocated = self.index.len();
         let active = self.active.iter().count();
         if allocated - active <= active.max(IDLE_SLOTS_KEPT) {
             return Vec::new();
         }
-        let freed: Vec<usize> = self
+        let idle: Vec<usize> = self
             .allocated()
             .map(|(i, _)| i)
             .filter(|&i| !self.active.contains(i))
             .collect();
-        for &i in &freed {
+        let mut freed = Vec::with_capacity(idle.len());
+        for i in idle {
             if let Some(slot) = self.slots[i].take() {
                 self.index.remove(&slot.peer);
+                freed.push((i, slot.peer));
             }
             self.free.insert(i);
         }

@@ -230,24 +230,22 @@ fn compile_with(
     let frontends = crate::services::frontends(state, &mut diagnostics);
     let endpoints = select_endpoints(&pods, &policies, &cluster_policies, namespaces);
     let egress_named_ports = peers_in_force(&endpoints, &policies, &cluster_policies, peers);
-    let freed = peers.collect_garbage();
+    let freed_peers = peers.collect_garbage();
+    let freed: Vec<usize> = freed_peers.iter().map(|&(slot, _)| slot).collect();
     let named_ports_before = named_ports.version();
     let named_ports_version = named_ports.sync(&egress_named_ports);
     let slots_moved = !freed.is_empty() || !peers.added.is_empty();
-    // Quiet: the pods the source named, and those a pod selector that came into force or
-    // went out of it matches, are the only ones whose matches or classes may have moved
-    // (the memos of the others are current, see `Memo::current`; theirs are brought up
-    // to date below).
-    let quiet = all.is_none()
-        && freed.is_empty()
-        && named_ports_version == named_ports_before
-        && matched_by_slots(
-            &class_table.changed_slots(&peers.active),
-            peers,
-            pod_entries,
-            namespaces,
-            pods_before,
-        );
+    // Quiet: the pods the source named, and those a pod selector matches that came into
+    // force, went out of it or was freed, are the only ones whose matches or classes may
+    // have moved (the memos of the others are current, see `Memo::current`; theirs are
+    // brought up to date below).
+    let quiet = all.is_none() && named_ports_version == named_ports_before && {
+        let changed = class_table.changed_slots(&peers.active);
+        let kept = changed.into_iter().filter(|slot| !freed.contains(slot));
+        let kept = kept.map(|slot| &peers.slot(slot).peer);
+        let slots = kept.chain(freed_peers.iter().map(|(_, peer)| peer));
+        matched_by_slots(slots, pod_entries, namespaces, pods_before)
+    };
 
     let context = MemoContext {
         peers,
@@ -295,7 +293,7 @@ fn compile_with(
         }
     }
     let prefixes = context.refresh_prefixes(prefixes);
-    // A quiet compile brought every memo a new slot matches up to date.
+    // A quiet compile brought every memo a new or freed slot matches up to date.
     if slots_moved && !quiet {
         peers.last_moved = now;
     }
@@ -583,28 +581,26 @@ fn peers_in_force<'a>(
 }
 
 /// Adds to `moved` (pods with the addresses they listed before) every pod entry, holding
-/// addresses or not, that a slot of `slots` matches (those already named keep theirs):
-/// the pods whose matches or classes the slots coming into force, going out of it or
-/// allocated change. `false` when some slot is no pod selector (an ipBlock or a `nodes`
-/// peer, whose matches are not known by pod).
-fn matched_by_slots(
-    slots: &[usize],
-    peers: &PeerSlots,
+/// addresses or not, that a peer of `slots` matches (those already named keep theirs):
+/// the pods whose matches or classes the slots coming into force, going out of it,
+/// allocated or freed change. A `nodes` peer matches no pod. `false` when some peer is an
+/// ipBlock (whose matches are kept per address, and in the prefixes).
+fn matched_by_slots<'p>(
+    slots: impl Iterator<Item = &'p Peer>,
     entries: &[PodEntry],
     namespaces: &Namespaces,
     moved: &mut Vec<(ObjectRef, Vec<std::net::IpAddr>)>,
 ) -> bool {
-    if slots.is_empty() {
+    let mut slots = slots.peekable();
+    if slots.peek().is_none() {
         return true;
     }
     let mut named: BTreeSet<ObjectRef> = moved.iter().map(|(obj, _)| obj.clone()).collect();
-    for &slot in slots {
-        let Peer::Pods {
-            namespaces: in_namespaces,
-            pods: selector,
-        } = &peers.slot(slot).peer
-        else {
-            return false;
+    for peer in slots {
+        let (in_namespaces, selector) = match peer {
+            Peer::Pods { namespaces, pods } => (namespaces, pods),
+            Peer::Nodes(_) => continue,
+            Peer::Block(_) => return false,
         };
         let selected: Vec<&str> = match in_namespaces {
             NamespaceMatch::Named(name) => vec![name.as_str()],
