@@ -465,10 +465,7 @@ impl CompileCache {
     ) -> bool {
         for obj in changed {
             let at = self.pods.binary_search_by(|e| e.obj.cmp(obj));
-            let before = match at {
-                Ok(i) if self.pods[i].holds => self.pods[i].ips.clone(),
-                _ => Vec::new(),
-            };
+            let before = at.map_or_else(|_| Vec::new(), |i| self.pods[i].held_ips());
             self.pods_before.push((obj.clone(), before));
             match (pods.get(obj), at) {
                 (Some(pod), Ok(i)) => {
@@ -579,23 +576,21 @@ impl CompileCache {
     /// Adds the pods of namespace `name` that [`CompileCache::pods_before`] does not name
     /// yet, with the addresses they list (their entries are those of the last compile).
     fn note_pods_of(&mut self, name: &str) {
-        let start = self
-            .pods
-            .partition_point(|e| e.obj.namespace.as_str() < name);
-        let end = start + self.pods[start..].partition_point(|e| e.obj.namespace == name);
         let named: BTreeSet<&ObjectRef> = self.pods_before.iter().map(|(obj, _)| obj).collect();
-        let added: Vec<(ObjectRef, Vec<IpAddr>)> = self.pods[start..end]
+        let added: Vec<(ObjectRef, Vec<IpAddr>)> = pods_in_namespace(&self.pods, name)
             .iter()
             .filter(|e| !named.contains(&e.obj))
-            .map(|e| {
-                (
-                    e.obj.clone(),
-                    if e.holds { e.ips.clone() } else { Vec::new() },
-                )
-            })
+            .map(|e| (e.obj.clone(), e.held_ips()))
             .collect();
         self.pods_before.extend(added);
     }
+}
+
+/// The entries (in state order) of the pods of namespace `name`.
+pub(crate) fn pods_in_namespace<'e>(entries: &'e [PodEntry], name: &str) -> &'e [PodEntry] {
+    let start = entries.partition_point(|e| e.obj.namespace.as_str() < name);
+    let end = start + entries[start..].partition_point(|e| e.obj.namespace == name);
+    &entries[start..end]
 }
 
 /// Every namespace of `state` and every namespace some pod lives in, in name order, with
@@ -855,12 +850,21 @@ impl PodEntry {
             .map(|n| n.port)
     }
 
-    /// The ports the pod declares (the state's shared list).
     /// The labels the entry was read with (the pod's).
     pub fn labels(&self) -> &Labels {
         &self.labels
     }
 
+    /// The addresses the pod lists when it holds addresses (none when it does not).
+    pub fn held_ips(&self) -> Vec<IpAddr> {
+        if self.holds {
+            self.ips.clone()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The ports the pod declares (the state's shared list).
     pub fn ports(&self) -> &Arc<[DeclaredPort]> {
         &self.ports
     }

@@ -45,7 +45,7 @@ use self::pods::{PodView, address_errors, audited_namespace, live_pods, local_li
 pub(crate) use self::tiers::ReadCnp;
 use self::tiers::{ClusterPolicy, TierEntries};
 use crate::admission::Admission;
-use crate::cache::{CompileCache, Namespaces, PeerSlots, PodEntry};
+use crate::cache::{CompileCache, Namespaces, PeerSlots, PodEntry, pods_in_namespace};
 use crate::identity::{Allocations, IdentityClasses, IdentitySignature, NamedPortResolution};
 use crate::lpm::Lpm;
 use crate::policy::{NamespaceMatch, ParsedPolicy, Peer};
@@ -611,16 +611,9 @@ fn matched_by_slots<'p>(
                 .collect(),
         };
         for name in selected {
-            let start = entries.partition_point(|e| e.obj.namespace.as_str() < name);
-            let end = start + entries[start..].partition_point(|e| e.obj.namespace == name);
-            for entry in &entries[start..end] {
+            for entry in pods_in_namespace(entries, name) {
                 if selector.matches(entry.labels()) && named.insert(entry.obj.clone()) {
-                    let ips = if entry.holds {
-                        entry.ips.clone()
-                    } else {
-                        Vec::new()
-                    };
-                    moved.push((entry.obj.clone(), ips));
+                    moved.push((entry.obj.clone(), entry.held_ips()));
                 }
             }
         }

@@ -194,13 +194,7 @@ impl Allocations {
             }
             candidates.extend(counts.iter().map(|&(number, n)| (n, number, i)));
         }
-        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        for (_, number, i) in candidates {
-            if out[i].is_none() && !used.contains(&number) {
-                out[i] = Some(number);
-                used.insert(number);
-            }
-        }
+        contest(candidates, &mut out, &mut used);
         let numbers = self.fill_numbers(&signatures, out, used);
         // An identity that kept keys keeps its number, or every key of it changes.
         let renumbered =
@@ -267,14 +261,10 @@ impl Allocations {
         for (key, class) in &classes.keys {
             while previous.next_if(|(k, _)| k < key).is_some() {}
             if let Some(&(_, number)) = previous.next_if(|(k, _)| k == key) {
-                let counts = &mut overlap[*class];
-                match counts.iter_mut().find(|(n, _)| *n == number) {
-                    Some((_, count)) => *count += 1,
-                    None => counts.push((number, 1)),
-                }
+                count(&mut overlap[*class], number, 1);
             }
         }
-        let mut candidates: Vec<(usize, u32, usize)> = overlap
+        let candidates: Vec<(usize, u32, usize)> = overlap
             .into_iter()
             .enumerate()
             .flat_map(|(class, counts)| {
@@ -283,15 +273,9 @@ impl Allocations {
                     .map(move |(number, n)| (n, number, class))
             })
             .collect();
-        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
         let mut out: Vec<Option<u32>> = vec![None; classes.signatures.len()];
         let mut used = BTreeSet::new();
-        for (_, number, class) in candidates {
-            if out[class].is_none() && !used.contains(&number) {
-                out[class] = Some(number);
-                used.insert(number);
-            }
-        }
+        contest(candidates, &mut out, &mut used);
         self.fill_numbers(&classes.signatures, out, used)
     }
 
@@ -329,6 +313,23 @@ impl Allocations {
 
 /// Identity numbers by signature, and of every key of a dynamic identity (sorted).
 pub(crate) type Identities = (BTreeMap<IdentitySignature, u32>, Vec<(Lpm<Addr>, u32)>);
+
+/// The lineage contest: `candidates` (keys that carried the number, number, identity)
+/// taken largest overlap first, then lower number, then identity listed first; an
+/// identity without a number in `out` takes the candidate's unless `used` holds it.
+fn contest(
+    mut candidates: Vec<(usize, u32, usize)>,
+    out: &mut [Option<u32>],
+    used: &mut BTreeSet<u32>,
+) {
+    candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    for (_, number, i) in candidates {
+        if out[i].is_none() && !used.contains(&number) {
+            out[i] = Some(number);
+            used.insert(number);
+        }
+    }
+}
 
 /// Adds `n` to the count of `number` in `counts`.
 fn count(counts: &mut Vec<(u32, usize)>, number: u32, n: usize) {

@@ -171,8 +171,6 @@ pub(crate) struct KeptKeys {
     merged: Vec<(Lpm<Addr>, usize, u32)>,
     /// Keys per class of the table.
     counts: Vec<usize>,
-    /// Classes with keys.
-    used: usize,
     /// The keys that are no pod's (nodes, Services, prefixes), sorted.
     others: Vec<Listed>,
     /// The class table's epoch the keys were classified in; 0: none to patch (never
@@ -246,13 +244,12 @@ pub(super) fn classify<'a>(
         for &(_, class, _) in &merged {
             kept.counts[class] += 1;
         }
-        kept.used = kept.counts.iter().filter(|&&n| n > 0).count();
         kept.merged = merged;
         kept.others = others;
         kept.epoch = if moved.contested { 0 } else { table.epoch };
         kept.named_ports = moved.named_ports;
     }
-    table.used = kept.used;
+    table.used = kept.counts.iter().filter(|&&n| n > 0).count();
     let table: &'a ClassTable = table;
     let kept: &'a KeptKeys = kept;
     Classes {
@@ -542,10 +539,8 @@ impl KeptKeys {
             if let Ok(i) = at {
                 let class = self.merged[i].1;
                 self.counts[class] -= 1;
-                self.used -= usize::from(self.counts[class] == 0);
             }
             if let Some((class, _)) = new {
-                self.used += usize::from(self.counts[class] == 0);
                 self.counts[class] += 1;
             }
             match (at, new) {
