@@ -10,7 +10,8 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
@@ -168,15 +169,25 @@ fn error_lines(lines: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// Where the fuzz target is built: `fuzz/` under the workspace's target directory.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| cargo::workspace_root().join("target"), PathBuf::from)
+        .join("fuzz")
+}
+
 /// Installs what is missing, builds the target, fuzzes for `secs` seconds and prints
 /// the summary; fails on a crash, a timeout or a memory blow-up.
 pub fn run(secs: u64) -> Result<()> {
     prereqs::ensure_fuzz()?;
-    let root = cargo::workspace_root();
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from)
-        .join("fuzz");
+    build_target()?;
+    fuzz(secs)
+}
+
+/// Builds the target (cargo-fuzz installed already), once more if the first build fails.
+pub fn build_target() -> Result<()> {
     ui::step(&format!("fuzz: building the {TARGET} target (nightly)"));
+    let target_dir = target_dir();
     if let Err(first) = build(&target_dir) {
         // The build fetches crates and writes a separate target directory: a registry
         // hiccup or a full disk fails it for reasons outside the code. Once more, said
@@ -184,7 +195,89 @@ pub fn run(secs: u64) -> Result<()> {
         ui::warn(&format!("{first:#}; building once more"));
         build(&target_dir)?;
     }
+    Ok(())
+}
 
+/// The target's build (cargo-fuzz installed first where missing) in a child process at
+/// the lowest CPU priority (`nice -n 19`), its output in `target/fuzz/build.log`.
+/// `cargo xtask test` starts it before the test tiers: it runs in the CPU time they and
+/// the conformance worlds leave idle (mostly waiting for packets), instead of adding its
+/// ten minutes to the run. It stays in the terminal's process group, so Ctrl-C stops it
+/// too; dropped before [`BackgroundBuild::wait`], it kills the child xtask.
+pub struct BackgroundBuild {
+    child: Option<Child>,
+    log: PathBuf,
+    started: Instant,
+}
+
+impl BackgroundBuild {
+    /// Starts `nice -n 19 xtask fuzz --build-only`.
+    pub fn start() -> Result<BackgroundBuild> {
+        let dir = target_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let log = dir.join("build.log");
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let xtask = std::env::current_exe().context("finding the xtask binary")?;
+        let child = Command::new("nice")
+            .args(["-n", "19"])
+            .arg(xtask)
+            .args(["fuzz", "--build-only"])
+            .current_dir(cargo::workspace_root())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting the fuzz target's background build (nice)")?;
+        ui::step(&format!(
+            "fuzz: building the {TARGET} target in the background (nice 19; log {})",
+            log.display()
+        ));
+        Ok(BackgroundBuild {
+            child: Some(child),
+            log,
+            started: Instant::now(),
+        })
+    }
+
+    /// Waits for the build; a failure names cargo's error lines and the log.
+    pub fn wait(mut self) -> Result<()> {
+        ui::step(&format!("fuzz: the {TARGET} target's background build"));
+        let mut child = self.child.take().expect("waited once");
+        let status = child.wait().context("waiting for the fuzz build")?;
+        let took = self.started.elapsed().as_secs();
+        if status.success() {
+            ui::ok(&format!("built (started {took} s ago)"));
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        let errors = error_lines(&lines);
+        bail!(
+            "building the fuzz target failed ({status}){}; log {}",
+            match errors.is_empty() {
+                true => String::new(),
+                false => format!(": {}", errors.join(" | ")),
+            },
+            self.log.display()
+        )
+    }
+}
+
+impl Drop for BackgroundBuild {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Fuzzes the built target for `secs` seconds and prints the summary; fails on a crash,
+/// a timeout or a memory blow-up.
+pub fn fuzz(secs: u64) -> Result<()> {
+    let root = cargo::workspace_root();
+    let target_dir = target_dir();
     ui::step(&format!("fuzz: {TARGET} for {secs} s"));
     let fuzz_dir = root.join("fuzz");
     let corpus = fuzz_dir.join("corpus").join(TARGET);

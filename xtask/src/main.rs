@@ -37,9 +37,11 @@ enum Cmd {
         agent: Option<PathBuf>,
     },
     /// Every test tier: cargo test --workspace, the network-namespace tests, the demo,
-    /// benchmark and fuzz smoke runs, then the conformance cases in every world (local
-    /// and Kubernetes mode, two nodes, through Services, IPv6 only, dual stack). Every stage runs even if an earlier one failed; the failures are
-    /// listed at the end, before the total `N passed, M failed` of the conformance cases.
+    /// benchmark smoke runs, the conformance cases in every world (local and Kubernetes
+    /// mode, two nodes, through Services, IPv6 only, dual stack), then a fuzz smoke run
+    /// (its target built in the background meanwhile). Every stage runs even if an
+    /// earlier one failed; the failures are listed at the end, before the total
+    /// `N passed, M failed` of the conformance cases.
     /// Installs chromium first, for the headless-browser test of `matrix --html`; where
     /// that fails the test is skipped, and the run says so before its last line.
     Test,
@@ -66,6 +68,10 @@ enum Cmd {
         /// How long to fuzz, in seconds.
         #[arg(long, value_name = "N", default_value_t = fuzz::DEFAULT_SECS)]
         secs: u64,
+        /// Install cargo-fuzz where missing and build the target, nothing else (the
+        /// background build `cargo xtask test` starts; apt and rustup are its caller's).
+        #[arg(long, hide = true)]
+        build_only: bool,
     },
 }
 
@@ -280,6 +286,9 @@ fn test(agent: &std::path::Path) -> anyhow::Result<()> {
              will be SKIPPED"
         ));
     }
+    // The fuzz target builds in the background, at the lowest CPU priority, from now
+    // until its smoke run after the conformance worlds (their probes mostly wait).
+    let fuzz_build = prereqs::ensure_fuzz_toolchain().and_then(|()| fuzz::BackgroundBuild::start());
     record("cargo test tiers", cargo::test_all(agent, chromium.is_ok()));
     // The README's first command, as a new user runs it (without waiting for Ctrl-C).
     record(
@@ -293,7 +302,6 @@ fn test(agent: &std::path::Path) -> anyhow::Result<()> {
     for name in bench::ALL {
         record(&format!("benchmark {name} (smoke)"), bench::one(name, true));
     }
-    record("fuzz (smoke)", fuzz::run(fuzz::SMOKE_SECS));
     // The same cases in every world: the agent in local mode, in Kubernetes mode (fed
     // over HTTP list/watch by the API server double) and across two nodes (two agents,
     // pods dealt to both); through Services (kube-proxy's rules on the nodes, iptables
@@ -343,6 +351,12 @@ fn test(agent: &std::path::Path) -> anyhow::Result<()> {
         }
         record(&stage, summary.and_then(|s| all_passed(&s)));
     }
+    record(
+        "fuzz (smoke)",
+        fuzz_build
+            .and_then(fuzz::BackgroundBuild::wait)
+            .and_then(|()| fuzz::fuzz(fuzz::SMOKE_SECS)),
+    );
     // A stage that failed other than by failing cases (a test tier, a smoke, a
     // conformance run that could not start) counts once in the closing line, so the
     // line never reads "0 failed" when something did.
@@ -383,7 +397,10 @@ fn main() -> ExitCode {
             .and_then(|summary| all_passed(&summary)),
         Cmd::Bench { which, smoke } => prereqs::ensure().and_then(|()| bench::run(&which, smoke)),
         Cmd::KindE2e(options) => kind::run(&options),
-        Cmd::Fuzz { secs } => fuzz::run(secs),
+        Cmd::Fuzz {
+            build_only: true, ..
+        } => prereqs::ensure_cargo_fuzz().and_then(|()| fuzz::build_target()),
+        Cmd::Fuzz { secs, .. } => fuzz::run(secs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -56,10 +56,17 @@ const CARGO_FUZZ_SERIES: &str = "0.13";
 /// What `cargo xtask fuzz` needs, installed where missing: a C++ compiler (libfuzzer-sys
 /// builds libFuzzer), the nightly toolchain and cargo-fuzz.
 pub fn ensure_fuzz() -> Result<()> {
+    ensure_fuzz_toolchain()?;
+    ensure_cargo_fuzz()
+}
+
+/// The part of [`ensure_fuzz`] that uses apt and rustup: a C++ compiler and the nightly
+/// toolchain. `cargo xtask test` runs it in the foreground (apt allows one user at a
+/// time), and installs cargo-fuzz with the target's background build.
+pub fn ensure_fuzz_toolchain() -> Result<()> {
     ui::step("fuzzing prerequisites");
     Apt::default().ensure("g++")?;
-    ensure_rust_src()?;
-    ensure_cargo_fuzz()
+    ensure_rust_src()
 }
 
 /// `Some(version)` when `cargo fuzz --version` works (`cargo-fuzz 0.13.2`).
@@ -69,7 +76,8 @@ fn cargo_fuzz_version() -> Option<String> {
     out.split_whitespace().nth(1).map(str::to_owned)
 }
 
-fn ensure_cargo_fuzz() -> Result<()> {
+/// cargo-fuzz of [`CARGO_FUZZ_SERIES`], installed with `cargo install` where missing.
+pub fn ensure_cargo_fuzz() -> Result<()> {
     match cargo_fuzz_version() {
         Some(v) if in_series(&v, CARGO_FUZZ_SERIES) => {
             ui::ok(&format!("cargo-fuzz {v} already installed"));

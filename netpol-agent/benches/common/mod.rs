@@ -16,6 +16,18 @@ pub fn smoke() -> bool {
         || std::env::var("NETPOL_BENCH_SMOKE").is_ok_and(|v| v == "1" || v == "true")
 }
 
+/// The title suffix of a run: ` — SMOKE sizes` for a smoke run, and `, unoptimized` when
+/// this binary was built without optimisations (`cargo xtask test` builds the smoke runs
+/// with the test profile, whose build it shares): such figures only prove the bench runs.
+pub fn smoke_label(smoke: bool) -> &'static str {
+    match (smoke, cfg!(debug_assertions)) {
+        (false, false) => "",
+        (true, false) => " — SMOKE sizes",
+        (false, true) => " — unoptimized build",
+        (true, true) => " — SMOKE sizes, unoptimized build",
+    }
+}
+
 /// `cargo bench` passes `--bench`; anything else unknown is a mistake worth saying.
 pub fn check_args() {
     for arg in std::env::args().skip(1) {

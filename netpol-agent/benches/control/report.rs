@@ -24,7 +24,7 @@ fn mib(v: f64) -> String {
 }
 
 pub fn report(config: &Config, machine: &Value, runs: &[SizeRun], rss_start: f64) {
-    let smoke = if config.smoke { " — SMOKE sizes" } else { "" };
+    let smoke = common::smoke_label(config.smoke);
 
     println!("\n## Control plane: compile, maps and memory per cluster size{smoke}\n");
     println!(
@@ -135,7 +135,7 @@ fn kube_tables(config: &Config, runs: &[SizeRun]) {
         println!("\n(the Kubernetes path was skipped: needs root, bpffs and `ip`)");
         return;
     }
-    let smoke = if config.smoke { " — SMOKE sizes" } else { "" };
+    let smoke = common::smoke_label(config.smoke);
     println!(
         "\n## The agent in Kubernetes mode: first sync, memory, watch event → kernel{smoke}\n"
     );

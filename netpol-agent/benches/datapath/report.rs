@@ -45,7 +45,7 @@ pub fn report(config: &Config, machine: &Value, scenarios: &[Scenario], results:
         .collect();
     println!(
         "\n## Datapath: ns per packet (BPF_PROG_TEST_RUN){}\n",
-        if config.smoke { " — SMOKE sizes" } else { "" }
+        common::smoke_label(config.smoke)
     );
     println!(
         "Each cell: median over {} calls of the kernel's mean time per run (repeat = {}), \
