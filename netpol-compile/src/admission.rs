@@ -40,7 +40,37 @@ struct LastUpdate {
     entries: u64,
     unreadable: BTreeSet<ObjectRef>,
     parts: BTreeMap<ObjectRef, Vec<UnreadablePart>>,
-    diagnostics: Vec<Diagnostic>,
+    /// What was reported of each entry (entries with nothing to report left out), in
+    /// the entries' order.
+    reported: BTreeMap<ObjectRef, Vec<Diagnostic>>,
+    /// The policies whose earlier version stays in force, each with its note, after the
+    /// entries' reports.
+    kept: Vec<(ObjectRef, Diagnostic)>,
+}
+
+impl LastUpdate {
+    /// Everything the update reported, in order.
+    fn diagnostics(&self) -> impl Iterator<Item = &Diagnostic> {
+        let kept = self.kept.iter().map(|(_, note)| note);
+        self.reported.values().flatten().chain(kept)
+    }
+}
+
+/// What an update reported: of each entry (by name, entries with nothing to report
+/// left out), and the notes of the policies whose earlier version stays in force.
+type Reports = (
+    BTreeMap<ObjectRef, Vec<Diagnostic>>,
+    Vec<(ObjectRef, Diagnostic)>,
+);
+
+/// What [`CompileCache::sync_policies`](crate::cache::CompileCache::sync_policies) did to
+/// the entries: their generation before and after, and whether only the policies it was
+/// told of changed (no walk over every entry).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PolicySync {
+    pub before: u64,
+    pub generation: u64,
+    pub told: bool,
 }
 
 /// A version of a policy in force, with what could be read of it.
@@ -73,35 +103,49 @@ impl Admitted {
 
 impl Admission {
     /// [`Admission::update`], unless its input is the last update's: the entries of the
-    /// same generation (`generation`, see
+    /// same generation (`sync`, see
     /// [`CompileCache::sync_policies`](crate::cache::CompileCache::sync_policies)) and the
     /// same unreadable policies and parts. Then what it admitted stays, and its
-    /// diagnostics are reported again. Returns whether it admitted anew.
+    /// diagnostics are reported again. When only the policies of `changed` moved since
+    /// the last update (the entries it read, then a sync told of them), only they are
+    /// admitted anew ([`Admission::update_changed`]). Returns whether it admitted anew.
     pub fn update_if_changed(
         &mut self,
         entries: &[PolicyEntry],
-        generation: u64,
+        (sync, changed): (PolicySync, Option<&BTreeSet<ObjectRef>>),
         unreadable: &BTreeSet<ObjectRef>,
         parts: &BTreeMap<ObjectRef, Vec<UnreadablePart>>,
         diagnostics: &mut Vec<Diagnostic>,
     ) -> bool {
+        let same_input = |last: &LastUpdate| last.unreadable == *unreadable && last.parts == *parts;
         if let Some(last) = &self.last
-            && last.entries == generation
-            && last.unreadable == *unreadable
-            && last.parts == *parts
+            && last.entries == sync.generation
+            && same_input(last)
         {
-            diagnostics.extend(last.diagnostics.iter().cloned());
+            diagnostics.extend(last.diagnostics().cloned());
             return false;
         }
-        let mut reported = Vec::new();
-        self.update(entries, unreadable, parts, &mut reported);
-        diagnostics.extend(reported.iter().cloned());
-        self.last = Some(LastUpdate {
-            entries: generation,
+        if let (Some(changed), Some(last)) = (changed, &self.last)
+            && sync.told
+            && last.entries == sync.before
+            && same_input(last)
+            && self.update_changed(entries, changed, parts)
+        {
+            let last = self.last.as_mut().expect("checked above");
+            last.entries = sync.generation;
+            diagnostics.extend(last.diagnostics().cloned());
+            return true;
+        }
+        let (reported, kept) = self.update(entries, unreadable, parts);
+        let last = LastUpdate {
+            entries: sync.generation,
             unreadable: unreadable.clone(),
             parts: parts.clone(),
-            diagnostics: reported,
-        });
+            reported,
+            kept,
+        };
+        diagnostics.extend(last.diagnostics().cloned());
+        self.last = Some(last);
         true
     }
 
@@ -117,49 +161,29 @@ impl Admission {
 
     /// Admits this compile's policies: `entries` (one per policy of the state, read),
     /// `unreadable` (present, but nothing of them could be read) and `parts` (parts of
-    /// policies of `entries` that their source could not read). Reports every field that
-    /// cannot be read, and what it costs, in `diagnostics`.
+    /// policies of `entries` that their source could not read). Returns what it reports
+    /// of each entry (every field that cannot be read, and what it costs), and the notes
+    /// of the policies whose earlier version stays in force.
     fn update(
         &mut self,
         entries: &[PolicyEntry],
         unreadable: &BTreeSet<ObjectRef>,
         parts: &BTreeMap<ObjectRef, Vec<UnreadablePart>>,
-        diagnostics: &mut Vec<Diagnostic>,
-    ) {
+    ) -> Reports {
         let mut previous = std::mem::take(&mut self.admitted);
+        let mut reported = BTreeMap::new();
         let mut unnamed = Vec::new();
         for entry in entries {
-            let subject = Subject::policy(&entry.obj);
-            let holes = parts.get(&entry.obj).map(Vec::as_slice).unwrap_or_default();
-            // What the source replaced is reported as the source saw it; what reading
-            // says about the replacement would only mislead.
-            diagnostics.extend(
-                holes
-                    .iter()
-                    .map(|h| Diagnostic::new(subject.clone(), &h.field, &h.message)),
-            );
-            let replaced = |field: &str| holes.iter().any(|h| within(field, &h.replaced));
-            diagnostics.extend(
-                entry
-                    .errors
-                    .iter()
-                    .chain(&entry.consequences)
-                    .filter(|e| !replaced(&e.field))
-                    .map(|e| Diagnostic::new(subject.clone(), &e.field, &e.message)),
-            );
-            match &entry.parsed {
-                Some(parsed) => {
-                    let admitted = Admitted {
-                        policy: entry.policy.clone(),
-                        parsed: parsed.clone(),
-                        complete: entry.errors.is_empty() && holes.is_empty(),
-                        staged: is_staged(&entry.policy),
-                    };
-                    self.admitted.insert(entry.obj.clone(), admitted);
-                }
+            let report = report(entry, parts);
+            if !report.is_empty() {
+                reported.insert(entry.obj.clone(), report);
+            }
+            match admit(entry, parts) {
+                Some(admitted) => drop(self.admitted.insert(entry.obj.clone(), admitted)),
                 None => unnamed.push((&entry.obj, is_staged(&entry.policy))),
             }
         }
+        let mut kept = Vec::new();
         let unreadable = unreadable.iter().map(|obj| (obj, false));
         for (obj, staged) in unnamed.into_iter().chain(unreadable) {
             if !self.admitted.contains_key(obj)
@@ -171,16 +195,100 @@ impl Admission {
                 } else {
                     "the last version read (in part) stays in force"
                 };
-                diagnostics.push(Diagnostic::new(Subject::policy(obj), "", note));
+                kept.push((obj.clone(), Diagnostic::new(Subject::policy(obj), "", note)));
                 self.admitted.insert(obj.clone(), last);
             }
         }
+        (reported, kept)
+    }
+
+    /// [`Admission::update`] for the policies of `changed` only, the others' admission
+    /// and reports kept: what it would admit and report when everything else is the
+    /// last update's input. Declines (returns `false`, nothing changed) when a policy of
+    /// `changed` has an earlier version kept in force, or has no name to admit it by:
+    /// which version then stays is the whole update's question.
+    fn update_changed(
+        &mut self,
+        entries: &[PolicyEntry],
+        changed: &BTreeSet<ObjectRef>,
+        parts: &BTreeMap<ObjectRef, Vec<UnreadablePart>>,
+    ) -> bool {
+        let Some(last) = self.last.as_mut() else {
+            return false;
+        };
+        let found: Vec<Option<&PolicyEntry>> = changed
+            .iter()
+            .map(|obj| {
+                let at = entries.binary_search_by(|e| e.obj.cmp(obj));
+                at.ok().map(|at| &entries[at])
+            })
+            .collect();
+        let unnamed = found.iter().flatten().any(|entry| entry.parsed.is_none());
+        if unnamed || last.kept.iter().any(|(obj, _)| changed.contains(obj)) {
+            return false;
+        }
+        for (obj, entry) in changed.iter().zip(found) {
+            self.admitted.remove(obj);
+            last.reported.remove(obj);
+            let Some(entry) = entry else {
+                continue;
+            };
+            let report = report(entry, parts);
+            if !report.is_empty() {
+                last.reported.insert(obj.clone(), report);
+            }
+            let admitted = admit(entry, parts).expect("a named entry is admitted");
+            self.admitted.insert(obj.clone(), admitted);
+        }
+        true
     }
 
     /// The policies in force, by name.
     pub fn admitted(&self) -> &BTreeMap<ObjectRef, Admitted> {
         &self.admitted
     }
+}
+
+/// What is reported of `entry`: the parts its source could not read (as the source saw
+/// them), then every field that cannot be read and what it costs, except inside those.
+fn report(
+    entry: &PolicyEntry,
+    parts: &BTreeMap<ObjectRef, Vec<UnreadablePart>>,
+) -> Vec<Diagnostic> {
+    let holes = parts.get(&entry.obj).map(Vec::as_slice).unwrap_or_default();
+    if holes.is_empty() && entry.errors.is_empty() && entry.consequences.is_empty() {
+        return Vec::new();
+    }
+    let subject = Subject::policy(&entry.obj);
+    // What the source replaced is reported as the source saw it; what reading says
+    // about the replacement would only mislead.
+    let replaced = |field: &str| holes.iter().any(|h| within(field, &h.replaced));
+    let holes = holes
+        .iter()
+        .map(|h| Diagnostic::new(subject.clone(), &h.field, &h.message));
+    let errors = entry
+        .errors
+        .iter()
+        .chain(&entry.consequences)
+        .filter(|e| !replaced(&e.field))
+        .map(|e| Diagnostic::new(subject.clone(), &e.field, &e.message));
+    holes.chain(errors).collect()
+}
+
+/// The version of `entry` in force, `None` when nothing of it can be enforced (no name
+/// or namespace).
+fn admit(
+    entry: &PolicyEntry,
+    parts: &BTreeMap<ObjectRef, Vec<UnreadablePart>>,
+) -> Option<Admitted> {
+    let parsed = entry.parsed.as_ref()?;
+    let holes = parts.get(&entry.obj).is_some_and(|holes| !holes.is_empty());
+    Some(Admitted {
+        policy: entry.policy.clone(),
+        parsed: parsed.clone(),
+        complete: entry.errors.is_empty() && !holes,
+        staged: is_staged(&entry.policy),
+    })
 }
 
 /// Whether the field path `field` is `part` or lies inside it (`spec.ingress[1]` holds
@@ -193,7 +301,94 @@ fn within(field: &str, part: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::within;
+    use super::*;
+    use crate::testutil::policy;
+    use serde_json::json;
+
+    /// One step: the policies, those the source could not read, and the policies the
+    /// sync was told of (`None`: it walked them all).
+    type Step<'a> = (
+        Vec<(&'a str, serde_json::Value)>,
+        Vec<&'a str>,
+        Option<Vec<&'a str>>,
+    );
+
+    fn obj(name: &str) -> ObjectRef {
+        ObjectRef::new("ns", name)
+    }
+
+    /// Runs `steps` through an admission told of the changes and one that reads them
+    /// all; both admit the same versions and report the same, at every step.
+    fn told_equals_whole(steps: &[Step<'_>]) {
+        let (mut told, mut whole) = (Admission::default(), Admission::default());
+        let parts = BTreeMap::new();
+        for (generation, (policies, unreadable, changed)) in (1u64..).zip(steps) {
+            let entries: Vec<PolicyEntry> = policies
+                .iter()
+                .map(|(name, spec)| {
+                    let np = Arc::new(policy("ns", name, spec.clone()));
+                    PolicyEntry::new(&obj(name), &np)
+                })
+                .collect();
+            let unreadable: BTreeSet<ObjectRef> = unreadable.iter().map(|n| obj(n)).collect();
+            let changed: Option<BTreeSet<ObjectRef>> =
+                changed.as_ref().map(|c| c.iter().map(|n| obj(n)).collect());
+            let sync = PolicySync {
+                before: generation - 1,
+                generation,
+                told: changed.is_some(),
+            };
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            told.update_if_changed(
+                &entries,
+                (sync, changed.as_ref()),
+                &unreadable,
+                &parts,
+                &mut a,
+            );
+            whole.update_if_changed(&entries, (sync, None), &unreadable, &parts, &mut b);
+            assert_eq!(a, b, "step {generation}: reports");
+            let versions = |admission: &Admission| -> Vec<(ObjectRef, bool, bool)> {
+                let admitted = admission.admitted().iter();
+                admitted
+                    .map(|(o, a)| (o.clone(), a.complete, a.staged))
+                    .collect()
+            };
+            assert_eq!(
+                versions(&told),
+                versions(&whole),
+                "step {generation}: in force"
+            );
+        }
+    }
+
+    #[test]
+    fn admitting_the_changed_policies_equals_admitting_them_all() {
+        let valid = json!({"podSelector": {}, "ingress": [{"ports": [{"port": 80}]}]});
+        let broken = json!({"podSelector": {}, "ingress": [{"ports": [{"port": "no such"}]}]});
+        told_equals_whole(&[
+            (
+                vec![("a", valid.clone()), ("b", broken.clone())],
+                vec![],
+                None,
+            ),
+            // b repaired, c added with an error, a deleted.
+            (
+                vec![("b", valid.clone()), ("c", broken.clone())],
+                vec![],
+                Some(vec!["a", "b", "c"]),
+            ),
+            // b unreadable: its version stays in force, with a note.
+            (vec![("c", broken.clone())], vec!["b"], Some(vec!["b"])),
+            // b read again while still listed unreadable, c repaired.
+            (
+                vec![("b", broken.clone()), ("c", valid.clone())],
+                vec!["b"],
+                Some(vec!["b", "c"]),
+            ),
+            (vec![("b", broken), ("c", valid)], vec![], Some(vec!["b"])),
+        ]);
+    }
 
     #[test]
     fn a_field_lies_within_a_part_only_at_a_path_boundary() {

@@ -40,6 +40,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
+use crate::admission::PolicySync;
 use crate::state::{
     ClusterState, DeclaredPort, Labels, NAMESPACE_NAME_LABEL, NodeContext, ObjectRef, PodInfo,
     holds_pod_addresses, is_staged,
@@ -346,10 +347,11 @@ impl CompileCache {
         &mut self,
         policies: &BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
         changed: Option<&BTreeSet<ObjectRef>>,
-    ) -> u64 {
-        let entries_changed = match changed {
+    ) -> PolicySync {
+        let before = self.policies_generation;
+        let (entries_changed, told) = match changed {
             Some(changed) => self.sync_changed_policies(policies, changed),
-            None => self.sync_policy_entries(policies),
+            None => (self.sync_policy_entries(policies), false),
         };
         debug_assert!(
             self.policies.iter().map(|e| &e.obj).eq(policies.keys()),
@@ -360,7 +362,11 @@ impl CompileCache {
             self.policies_generation =
                 GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        self.policies_generation
+        PolicySync {
+            before,
+            generation: self.policies_generation,
+            told,
+        }
     }
 
     /// Returns whether any entry changed.
@@ -383,12 +389,13 @@ impl CompileCache {
     }
 
     /// Visits the entries of `changed` only (found by binary search); returns whether any
-    /// entry changed.
+    /// entry changed, and whether only those of `changed` may have (no walk over every
+    /// entry was needed).
     fn sync_changed_policies(
         &mut self,
         policies: &BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
         changed: &BTreeSet<ObjectRef>,
-    ) -> bool {
+    ) -> (bool, bool) {
         let mut any = false;
         for obj in changed {
             let at = self.policies.binary_search_by(|e| e.obj.cmp(obj));
@@ -403,8 +410,9 @@ impl CompileCache {
         }
         if self.policies.len() != policies.len() {
             any |= self.sync_policy_entries(policies);
+            return (any, false);
         }
-        any
+        (any, true)
     }
 
     /// Brings [`CompileCache::pods`] in line with `pods`, re-reading what changed: the
@@ -695,7 +703,7 @@ pub(crate) struct PolicyEntry {
 }
 
 impl PolicyEntry {
-    fn new(obj: &ObjectRef, np: &Arc<NetworkPolicy>) -> Self {
+    pub(crate) fn new(obj: &ObjectRef, np: &Arc<NetworkPolicy>) -> Self {
         let reading = parse_policy(np);
         PolicyEntry {
             obj: obj.clone(),

@@ -163,7 +163,7 @@ fn compile_with(
     changes: &Changes,
 ) -> Compiled {
     let now = cache.begin();
-    let policies_generation = cache.sync_policies(&state.policies, changes.policies.as_ref());
+    let policy_sync = cache.sync_policies(&state.policies, changes.policies.as_ref());
     let pods_named = cache.sync_pods(&state.pods, changes.pods.as_ref(), &state.node);
     // A namespace's entry moves with its object and with the pods living in it.
     let namespaces_named = match (pods_named, &changes.pods, &changes.namespaces) {
@@ -205,7 +205,7 @@ fn compile_with(
 
     let admitted_anew = admission.update_if_changed(
         policy_entries,
-        policies_generation,
+        (policy_sync, changes.policies.as_ref()),
         &state.unreadable_policies,
         &state.unreadable_parts,
         &mut diagnostics,
