@@ -16,8 +16,8 @@ pub fn smoke() -> bool {
         || std::env::var("NETPOL_BENCH_SMOKE").is_ok_and(|v| v == "1" || v == "true")
 }
 
-/// The title suffix of a run: ` — SMOKE sizes` for a smoke run, and `, unoptimized` when
-/// this binary was built without optimisations (`cargo xtask test` builds the smoke runs
+/// The title suffix of a run: ` — SMOKE sizes` for a smoke run, and `unoptimized build`
+/// when this binary was built without optimisations (`cargo xtask test` builds the smoke runs
 /// with the test profile, whose build it shares): such figures only prove the bench runs.
 pub fn smoke_label(smoke: bool) -> &'static str {
     match (smoke, cfg!(debug_assertions)) {
