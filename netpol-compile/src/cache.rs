@@ -274,6 +274,11 @@ impl PodCounts {
             .map(|(name, &count)| (name.as_str(), count))
     }
 
+    /// Whether a pod holding addresses lists `ip`.
+    pub fn lists(&self, ip: IpAddr) -> bool {
+        self.addresses.contains_key(&ip)
+    }
+
     /// Whether some address is listed by more than one pod holding addresses.
     pub fn contested(&self) -> bool {
         self.contested > 0

@@ -235,17 +235,18 @@ fn compile_with(
     let named_ports_before = named_ports.version();
     let named_ports_version = named_ports.sync(&egress_named_ports);
     let slots_moved = !freed.is_empty() || !peers.added.is_empty();
-    // Quiet: the pods the source named, and those a pod selector matches that came into
-    // force, went out of it or was freed, are the only ones whose matches or classes may
-    // have moved (the memos of the others are current, see `Memo::current`; theirs are
+    // Quiet: the pods the source named, and those a peer matches that came into force,
+    // went out of it or was freed, are the only ones whose matches or classes may have
+    // moved (the memos of the others are current, see `Memo::current`; theirs are
     // brought up to date below).
-    let quiet = all.is_none() && named_ports_version == named_ports_before && {
+    let quiet = all.is_none() && named_ports_version == named_ports_before;
+    if quiet {
         let changed = class_table.changed_slots(&peers.active);
         let kept = changed.into_iter().filter(|slot| !freed.contains(slot));
         let kept = kept.map(|slot| &peers.slot(slot).peer);
         let slots = kept.chain(freed_peers.iter().map(|(_, peer)| peer));
-        matched_by_slots(slots, pod_entries, namespaces, pods_before)
-    };
+        matched_by_slots(slots, pod_entries, namespaces, pods_before);
+    }
 
     let context = MemoContext {
         peers,
@@ -301,6 +302,7 @@ fn compile_with(
     let moved = Moved {
         pods: quiet.then_some(pods_before.as_slice()),
         contested,
+        listed: pod_counts,
         named_ports: named_ports_version,
     };
     let classes = classify(
@@ -583,24 +585,34 @@ fn peers_in_force<'a>(
 /// Adds to `moved` (pods with the addresses they listed before) every pod entry, holding
 /// addresses or not, that a peer of `slots` matches (those already named keep theirs):
 /// the pods whose matches or classes the slots coming into force, going out of it,
-/// allocated or freed change. A `nodes` peer matches no pod. `false` when some peer is an
-/// ipBlock (whose matches are kept per address, and in the prefixes).
+/// allocated or freed change. A pod peer matches by labels; an ipBlock the pods with an
+/// address in it (their per-address matches, `PodEntry::ip_bits`); a `nodes` peer no pod
+/// (the keys it moves are no pod's: `classify` patches them).
 fn matched_by_slots<'p>(
     slots: impl Iterator<Item = &'p Peer>,
     entries: &[PodEntry],
     namespaces: &Namespaces,
     moved: &mut Vec<(ObjectRef, Vec<std::net::IpAddr>)>,
-) -> bool {
+) {
     let mut slots = slots.peekable();
     if slots.peek().is_none() {
-        return true;
+        return;
     }
     let mut named: BTreeSet<ObjectRef> = moved.iter().map(|(obj, _)| obj.clone()).collect();
+    let mut add = |entry: &PodEntry| {
+        if named.insert(entry.obj.clone()) {
+            moved.push((entry.obj.clone(), entry.held_ips()));
+        }
+    };
+    let mut blocks = Vec::new();
     for peer in slots {
         let (in_namespaces, selector) = match peer {
             Peer::Pods { namespaces, pods } => (namespaces, pods),
             Peer::Nodes(_) => continue,
-            Peer::Block(_) => return false,
+            Peer::Block(block) => {
+                blocks.push(block);
+                continue;
+            }
         };
         let selected: Vec<&str> = match in_namespaces {
             NamespaceMatch::Named(name) => vec![name.as_str()],
@@ -612,13 +624,21 @@ fn matched_by_slots<'p>(
         };
         for name in selected {
             for entry in pods_in_namespace(entries, name) {
-                if selector.matches(entry.labels()) && named.insert(entry.obj.clone()) {
-                    moved.push((entry.obj.clone(), entry.held_ips()));
+                if selector.matches(entry.labels()) {
+                    add(entry);
                 }
             }
         }
     }
-    true
+    // One pass over every entry's addresses for all the ipBlocks (most hold no pod's).
+    if !blocks.is_empty() {
+        for entry in entries {
+            let inside = |&ip: &std::net::IpAddr| blocks.iter().any(|b| b.contains_addr(ip));
+            if entry.ips.iter().any(inside) {
+                add(entry);
+            }
+        }
+    }
 }
 
 /// What step 4 decided: the numbers, the IPCACHE, what each identity stands for, and

@@ -794,6 +794,16 @@ enum Change {
     UnreadablePart(usize),
     /// The source reads every policy again: nothing is unreadable.
     AllReadable,
+    /// Put Service `svc{n}` (namespace x) with this ClusterIP: outside, a pod's, a
+    /// node's, or IPv6.
+    PutService(usize, &'static str),
+    /// Remove the n-th Service.
+    RemoveService(usize),
+    /// The agent's Service ranges (none, one around outside addresses, or one holding
+    /// pods).
+    ServiceRanges(&'static [&'static str]),
+    /// The other node's address: its own, an outside one, or a pod's.
+    OtherNodeAddress(&'static str),
 }
 
 #[cfg(test)]
@@ -825,6 +835,30 @@ fn change() -> impl Strategy<Value = Change> {
         1 => any::<usize>().prop_map(Change::UnreadablePolicy),
         1 => any::<usize>().prop_map(Change::UnreadablePart),
         1 => Just(Change::AllReadable),
+    ]
+}
+
+/// A change of what the compiler reads whole at every compile (Services, Service ranges,
+/// nodes: no [`crate::state::Changes`] names them), beside which the pod side's keys are
+/// patched.
+#[cfg(test)]
+fn frontend_change() -> impl Strategy<Value = Change> {
+    const SERVICE_ADDRESSES: [&str; 6] = [
+        "10.0.0.200",
+        "10.0.1.3",
+        "10.0.1.5",
+        OTHER_NODE_IP,
+        "fd00::2",
+        "10.96.0.10",
+    ];
+    const RANGES: [&[&str]; 3] = [&[], &["10.0.0.192/26"], &["10.0.1.0/29", "fd00::/125"]];
+    prop_oneof![
+        2 => (0..3usize, select(&SERVICE_ADDRESSES[..]))
+            .prop_map(|(i, address)| Change::PutService(i, address)),
+        1 => any::<usize>().prop_map(Change::RemoveService),
+        1 => select(&RANGES[..]).prop_map(Change::ServiceRanges),
+        1 => select(&[OTHER_NODE_IP, "10.0.0.77", "10.0.1.4", "fd00::3"][..])
+            .prop_map(Change::OtherNodeAddress),
     ]
 }
 
@@ -983,6 +1017,29 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
             state.unreadable_policies.clear();
             state.unreadable_parts.clear();
         }
+        Change::PutService(i, address) => {
+            let name = format!("svc{i}");
+            let spec =
+                json!({"clusterIP": address, "clusterIPs": [address], "ports": [{"port": 80}]});
+            let object = json!({"metadata": {"namespace": "x", "name": name}, "spec": spec});
+            let service = serde_json::from_value(object).unwrap();
+            state.services.insert(ObjectRef::new("x", &name), service);
+        }
+        Change::RemoveService(i) => {
+            let n = state.services.len().max(1);
+            if let Some(obj) = state.services.keys().nth(i % n).cloned() {
+                state.services.remove(&obj);
+            }
+        }
+        Change::ServiceRanges(ranges) => {
+            let ranges = ranges.iter().map(|r| r.parse().unwrap());
+            state.configured_service_cidrs = ranges.collect();
+        }
+        Change::OtherNodeAddress(address) => {
+            if let Some(node) = state.nodes.get_mut("n2") {
+                node.ips = vec![address.parse().unwrap()];
+            }
+        }
     }
 }
 
@@ -1046,7 +1103,8 @@ proptest! {
     #[test]
     fn a_compile_told_which_objects_changed_equals_one_that_reads_them_all(
         (s, changes) in scenario().prop_flat_map(|s| {
-            (Just(s), proptest::collection::vec(change(), 1..10))
+            let change = prop_oneof![5 => change(), 1 => frontend_change()];
+            (Just(s), proptest::collection::vec(change, 1..10))
         })
     ) {
         /// The keys whose values differ between `before` and `after`.

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use netpol_common::{Addr, PEER_HOST, PEER_SERVICE};
 
 use super::pods::{PodView, live_pods};
-use crate::cache::{BitSet, FastMap, PeerSlots, PodEntry};
+use crate::cache::{BitSet, FastMap, PeerSlots, PodCounts, PodEntry};
 use crate::lpm::{Lpm, host_key, key_net, net_key};
 use crate::policy::Peer;
 use crate::services::Frontends;
@@ -188,6 +188,8 @@ pub(super) struct Moved<'a> {
     pub(super) pods: Option<&'a [(ObjectRef, Vec<IpAddr>)]>,
     /// Whether some address is listed by two pods holding addresses.
     pub(super) contested: bool,
+    /// The addresses listed by pods holding addresses, now.
+    pub(super) listed: &'a PodCounts,
     /// The version of the egress named ports in force.
     pub(super) named_ports: u64,
 }
@@ -200,10 +202,11 @@ pub(super) struct Moved<'a> {
 /// resolved the egress named ports in force ([`PodEntry::resolve_named_ports`]).
 ///
 /// `pods`: every live pod, when the caller walked them. When only the pods of `moved`
-/// changed since the last compile (same peers in force, named ports, classes, and keys
-/// of nodes, Services and prefixes; no address listed by two pods, then or now) and no
-/// key of theirs is anything else's, their keys are patched into the kept ones
-/// ([`Classes::changed`]): the cost follows the pods that changed.
+/// changed since the last compile (same named ports and classes; no address listed by
+/// two pods, then or now) and no key of theirs is anything else's, their keys are patched
+/// into the kept ones ([`Classes::changed`]), with the keys of nodes, Services and
+/// prefixes that changed (none a pod's; the Service ranges the same): the cost follows
+/// what changed.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn classify<'a>(
     state: &ClusterState,
@@ -220,12 +223,19 @@ pub(super) fn classify<'a>(
     table.begin(active, moved.pods.is_some());
     let mut others = other_keys(state, peers, prefixes, services, table);
     others.sort_unstable_by_key(|&(key, precedence, _, _)| (key, precedence));
-    let patchable = kept.epoch == table.epoch
-        && kept.named_ports == moved.named_ports
-        && !moved.contested
-        && kept.others == others;
+    let patchable =
+        kept.epoch == table.epoch && kept.named_ports == moved.named_ports && !moved.contested;
     let changed = match moved.pods.filter(|_| patchable) {
-        Some(pods) => kept.patch(pods, entries, table, active, &services.ranges, now),
+        Some(pods) => {
+            let context = PatchContext {
+                others: &others,
+                listed: moved.listed,
+                active,
+                ranges: &services.ranges,
+                now,
+            };
+            kept.patch(pods, entries, table, &context)
+        }
         None => None,
     };
     if changed.is_none() {
@@ -465,20 +475,40 @@ fn other_keys(
     keys
 }
 
+/// What [`KeptKeys::patch`] reads besides the pods that moved: the keys that are no
+/// pod's as listed now (sorted), the addresses pods list now, the peers in force, the
+/// Service ranges and this compile's number.
+struct PatchContext<'a> {
+    others: &'a [Listed],
+    listed: &'a PodCounts,
+    active: &'a BitSet,
+    ranges: &'a BTreeSet<IpNet>,
+    now: u64,
+}
+
 impl KeptKeys {
     /// The kept keys with those of `moved` (pods, each with the addresses it listed
-    /// before) made again, and the keys that changed; `None`, leaving the keys to be
-    /// listed anew, when a key of theirs is also a node's, a Service's or a prefix (the
-    /// precedence between them is [`all_keys`]'s to decide) or another pod's.
+    /// before) made again, and those of nodes, Services and prefixes that changed, and
+    /// the keys that changed; `None`, leaving the keys to be listed anew, when a key of
+    /// the pods is also a node's, a Service's or a prefix (the precedence between them is
+    /// [`all_keys`]'s to decide) or another pod's, when a changed key of the others is
+    /// some pod's, or when the Service ranges changed (they flag every key inside them).
     fn patch(
         &mut self,
         moved: &[(ObjectRef, Vec<IpAddr>)],
         entries: &mut [PodEntry],
         table: &mut ClassTable,
-        active: &BitSet,
-        ranges: &BTreeSet<IpNet>,
-        now: u64,
+        context: &PatchContext<'_>,
     ) -> Option<Vec<KeyChange>> {
+        let ranges = |others: &[Listed]| -> Vec<Lpm<Addr>> {
+            let ranges = others
+                .iter()
+                .filter(|&&(_, precedence, _, _)| precedence == 3);
+            ranges.map(|&(key, _, _, _)| key).collect()
+        };
+        if ranges(&self.others) != ranges(context.others) {
+            return None;
+        }
         // Each key of a moved pod: whether it was one of theirs before, and its class and
         // flags now.
         let mut wanted: BTreeMap<Lpm<Addr>, (bool, ClassAndFlags)> = BTreeMap::new();
@@ -500,26 +530,29 @@ impl KeptKeys {
                 None,
                 table,
                 &mut pod_class,
-                active,
-                now,
+                context.active,
+                context.now,
                 |key, class| {
-                    let class_and_flags = (class, range_flags(&key, 0, ranges));
+                    let class_and_flags = (class, range_flags(&key, 0, context.ranges));
                     let (_, new) = wanted.entry(key).or_insert((false, None));
                     twice |= new.replace(class_and_flags).is_some();
                 },
             );
         }
-        let is_other = |key: &Lpm<Addr>| {
-            let at = self.others.partition_point(|&(k, _, _, _)| k < *key);
-            self.others.get(at).is_some_and(|&(k, _, _, _)| k == *key)
+        let is_other = |others: &[Listed], key: &Lpm<Addr>| {
+            let at = others.partition_point(|&(k, _, _, _)| k < *key);
+            others.get(at).is_some_and(|&(k, _, _, _)| k == *key)
+        };
+        let old = |key: &Lpm<Addr>| {
+            let at = self.merged.binary_search_by_key(key, |&(k, _, _)| k);
+            at.ok().map(|i| (self.merged[i].1, self.merged[i].2))
         };
         let mut changes: Vec<KeyChange> = Vec::with_capacity(wanted.len());
-        for (key, (theirs, new)) in wanted {
-            if is_other(&key) {
+        for (&key, &(theirs, new)) in &wanted {
+            if is_other(&self.others, &key) || is_other(context.others, &key) {
                 return None;
             }
-            let at = self.merged.binary_search_by_key(&key, |&(k, _, _)| k);
-            let old = at.ok().map(|i| (self.merged[i].1, self.merged[i].2));
+            let old = old(&key);
             if old.is_some() != theirs {
                 return None;
             }
@@ -533,6 +566,17 @@ impl KeptKeys {
         if twice {
             return None;
         }
+        for (key, new) in changed_others(&self.others, context.others, context.ranges) {
+            let pods = key_net(&key).filter(|net| net.prefix_len() == net.max_prefix_len());
+            if wanted.contains_key(&key) || pods.is_some_and(|net| context.listed.lists(net.addr()))
+            {
+                return None;
+            }
+            if old(&key) != new {
+                changes.push((key, new));
+            }
+        }
+        changes.sort_unstable_by_key(|&(key, _)| key);
         self.counts.resize(table.list.len(), 0);
         for &(key, new) in &changes {
             let at = self.merged.binary_search_by_key(&key, |&(k, _, _)| k);
@@ -550,6 +594,41 @@ impl KeptKeys {
                 (Err(_), None) => {}
             }
         }
+        self.others = context.others.to_vec();
         Some(changes)
+    }
+}
+
+/// The keys that are no pod's whose listings differ between `before` and `now` (both
+/// sorted by key and precedence), each with its class and flags as [`all_keys`] merges
+/// them now (`None`: no longer listed): the class of the first listing, the flags of
+/// all, `PEER_SERVICE` inside a Service range, none on a node's address.
+fn changed_others(before: &[Listed], now: &[Listed], ranges: &BTreeSet<IpNet>) -> Vec<KeyChange> {
+    let (mut before, mut now) = (before, now);
+    let mut changes = Vec::new();
+    loop {
+        let next = match (before.first(), now.first()) {
+            (None, None) => return changes,
+            (Some(&(a, ..)), Some(&(b, ..))) => a.min(b),
+            (Some(&(key, ..)), None) | (None, Some(&(key, ..))) => key,
+        };
+        let (was, rest) = before.split_at(before.partition_point(|&(k, ..)| k == next));
+        before = rest;
+        let (is, rest) = now.split_at(now.partition_point(|&(k, ..)| k == next));
+        now = rest;
+        if was == is {
+            continue;
+        }
+        let merged = is.first().map(|&(key, _, class, _)| {
+            let flags = is.iter().fold(0, |flags, &(_, _, _, f)| flags | f);
+            let flags = flags | range_flags(&key, flags, ranges);
+            let flags = if flags & PEER_HOST != 0 {
+                flags & !PEER_SERVICE
+            } else {
+                flags
+            };
+            (class, flags)
+        });
+        changes.push((next, merged));
     }
 }
