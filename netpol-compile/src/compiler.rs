@@ -46,7 +46,9 @@ pub(crate) use self::tiers::ReadCnp;
 use self::tiers::{ClusterPolicy, TierEntries};
 use crate::admission::Admission;
 use crate::cache::{CompileCache, Namespaces, PeerSlots, PodEntry, pods_in_namespace};
-use crate::identity::{Allocations, IdentityClasses, IdentitySignature, NamedPortResolution};
+use crate::identity::{
+    Allocations, IdentityClasses, IdentitySignature, NamedPortResolution, Rules,
+};
 use crate::lpm::Lpm;
 use crate::policy::{NamespaceMatch, ParsedPolicy, Peer};
 use crate::state::{Changes, ClusterState, ObjectRef};
@@ -327,16 +329,7 @@ fn compile_with(
             .iter()
             .map(|ep| pods[ep.pod].obj.clone())
             .collect(),
-        (!same_rules).then(|| {
-            policies
-                .rule_refs()
-                .chain(
-                    cluster_policies
-                        .iter()
-                        .flat_map(|p| p.rules.iter().flatten().map(|r| r.rule.clone())),
-                )
-                .collect()
-        }),
+        policies_read.rules(same_rules, &policies, &cluster_policies, prev),
     );
 
     let (endpoint_map, policy, local_pods) = emit_maps(
@@ -395,6 +388,79 @@ struct LastRead {
     table: Arc<BTreeMap<u32, RuleRef>>,
 }
 
+impl LastRead {
+    /// The policies whose versions in force differ between this read and `policies` and
+    /// `cluster` (a NetworkPolicy by name and parsed version, a ClusterNetworkPolicy by
+    /// what was read), and their rules now.
+    fn replaced(
+        &self,
+        policies: &Policies,
+        cluster: &[Arc<ClusterPolicy>],
+    ) -> (BTreeSet<ObjectRef>, Vec<RuleRef>) {
+        use std::cmp::Ordering;
+        let mut replaced = BTreeSet::new();
+        let mut rules = Vec::new();
+        // NetworkPolicies: both lists in name order.
+        let (before, now) = (&self.policies, policies);
+        let same =
+            Arc::ptr_eq(&before.names, &now.names) && Arc::ptr_eq(&before.parsed, &now.parsed);
+        let (mut i, mut j) = if same {
+            (before.names.len(), now.names.len())
+        } else {
+            (0, 0)
+        };
+        loop {
+            let order = match (before.names.get(i), now.names.get(j)) {
+                (None, None) => break,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some(a), Some(b)) => a.cmp(b),
+            };
+            if order != Ordering::Greater {
+                i += 1;
+            }
+            if order != Ordering::Less {
+                j += 1;
+            }
+            match order {
+                Ordering::Equal if Arc::ptr_eq(&before.parsed[i - 1], &now.parsed[j - 1]) => {}
+                Ordering::Less => drop(replaced.insert(before.names[i - 1].clone())),
+                Ordering::Equal | Ordering::Greater => {
+                    replaced.insert(now.names[j - 1].clone());
+                    rules.extend(now.rule_refs_of(j - 1));
+                }
+            }
+        }
+        // ClusterNetworkPolicies: by what was read (the memo's shared values).
+        let read = |list: &[Arc<ClusterPolicy>]| -> BTreeSet<*const ClusterPolicy> {
+            list.iter().map(Arc::as_ptr).collect()
+        };
+        let (read_before, read_now) = (read(&self.cluster), read(cluster));
+        for p in &self.cluster {
+            if !read_now.contains(&Arc::as_ptr(p)) {
+                let theirs = cluster_rules(std::slice::from_ref(p));
+                replaced.extend(theirs.map(|rule| rule.policy.clone()));
+            }
+        }
+        for p in cluster {
+            if !read_before.contains(&Arc::as_ptr(p)) {
+                for rule in cluster_rules(std::slice::from_ref(p)) {
+                    replaced.insert(rule.policy.clone());
+                    rules.push(rule.clone());
+                }
+            }
+        }
+        (replaced, rules)
+    }
+}
+
+/// Every rule of the ClusterNetworkPolicies `cluster`.
+fn cluster_rules(cluster: &[Arc<ClusterPolicy>]) -> impl Iterator<Item = &RuleRef> {
+    cluster
+        .iter()
+        .flat_map(|p| p.rules.iter().flatten().map(|r| &r.rule))
+}
+
 impl PoliciesRead {
     /// Whether the last compile had `enforce_staged` too.
     fn enforce_staged(&self, enforce_staged: bool) -> bool {
@@ -415,6 +481,41 @@ impl PoliciesRead {
                     .zip(cluster)
                     .all(|(a, b)| Arc::ptr_eq(a, b))
         })
+    }
+
+    /// The rules in force for [`Allocations::with_identities`] (`same`: those of the last
+    /// compile, numbered into `prev`): when the last compile numbered its rules into
+    /// `prev`, the rules of the policies whose versions in force differ from its own
+    /// (a NetworkPolicy by name and version, a ClusterNetworkPolicy by what was read),
+    /// unless they are many; else every rule in force.
+    fn rules(
+        &self,
+        same: bool,
+        policies: &Policies,
+        cluster: &[Arc<ClusterPolicy>],
+        prev: &Allocations,
+    ) -> Rules {
+        if same {
+            return Rules::Same;
+        }
+        let last = self
+            .last
+            .as_ref()
+            .filter(|last| Arc::ptr_eq(&last.table, prev.rules_by_id()));
+        let replaced = last.map(|last| last.replaced(policies, cluster));
+        // Past a quarter of the policies (and a few), sorting every rule costs no more.
+        let few = |(replaced, _): &(BTreeSet<ObjectRef>, _)| {
+            replaced.len() <= ((policies.names.len() + cluster.len()) / 4).max(64)
+        };
+        match replaced.filter(few) {
+            Some((policies, rules)) => Rules::Replaced { policies, rules },
+            None => Rules::All(
+                policies
+                    .rule_refs()
+                    .chain(cluster_rules(cluster).cloned())
+                    .collect(),
+            ),
+        }
     }
 
     /// The last compile's policies in force.
@@ -455,17 +556,18 @@ impl Policies {
 
     /// Every rule in force of every policy, by policy, direction and index.
     fn rule_refs(&self) -> impl Iterator<Item = RuleRef> + '_ {
-        self.names
-            .iter()
-            .zip(self.parsed.iter())
-            .flat_map(|(obj, parsed)| {
-                Direction::BOTH.into_iter().flat_map(move |direction| {
-                    let rules = parsed.rules(direction).unwrap_or_default();
-                    rules.iter().map(move |rule| {
-                        RuleRef::network_policy(obj.clone(), direction, rule.index)
-                    })
-                })
-            })
+        (0..self.names.len()).flat_map(|i| self.rule_refs_of(i))
+    }
+
+    /// The rules in force of the `i`-th policy, by direction and index.
+    fn rule_refs_of(&self, i: usize) -> impl Iterator<Item = RuleRef> + '_ {
+        let (obj, parsed) = (&self.names[i], &self.parsed[i]);
+        Direction::BOTH.into_iter().flat_map(move |direction| {
+            let rules = parsed.rules(direction).unwrap_or_default();
+            rules
+                .iter()
+                .map(move |rule| RuleRef::network_policy(obj.clone(), direction, rule.index))
+        })
     }
 }
 
@@ -665,7 +767,7 @@ fn number_identities(
     peers: &PeerSlots,
     egress_named_ports: &[(&str, u8)],
     endpoints: Vec<ObjectRef>,
-    rules: Option<Vec<RuleRef>>,
+    rules: Rules,
 ) -> Numbered {
     // A signature per class with keys (in the order of `classes.list`).
     let signatures: Vec<IdentitySignature> = classes

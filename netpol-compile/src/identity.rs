@@ -15,9 +15,26 @@ use std::sync::Arc;
 
 use netpol_common::{Addr, IDENTITY_FIRST_DYNAMIC};
 
-use super::RuleRef;
 use super::lpm::Lpm;
+use super::{Direction, RuleRef};
 use crate::state::ObjectRef;
+
+/// The rules an allocation numbers.
+pub(crate) enum Rules {
+    /// The same rules as the previous allocations'.
+    Same,
+    /// Every rule in force.
+    All(Vec<RuleRef>),
+    /// The previous allocations' rules less those of `policies` (NetworkPolicies, and
+    /// ClusterNetworkPolicies named with an empty namespace), plus `rules`: theirs now.
+    Replaced {
+        policies: BTreeSet<ObjectRef>,
+        rules: Vec<RuleRef>,
+    },
+}
+
+/// A rule table by rule and by id ([`Allocations::rules`], [`Allocations::rules_by_id`]).
+type RuleTables = (Arc<BTreeMap<RuleRef, u32>>, Arc<BTreeMap<u32, RuleRef>>);
 
 /// How a pod resolves a named port used by some egress rule.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -120,14 +137,14 @@ impl Allocations {
         &self.rules_by_id
     }
 
-    /// Allocations for `endpoints`, the identity `classes` and `rules` (`None`: the same
-    /// rules as `self`): kept numbers for keys `self` knows, the lowest free ones for new
-    /// keys (in key order); identity numbers by lineage (see [`Allocations`]).
+    /// Allocations for `endpoints`, the identity `classes` and `rules`: kept numbers for
+    /// keys `self` knows, the lowest free ones for new keys (in key order); identity
+    /// numbers by lineage (see [`Allocations`]).
     pub(crate) fn next(
         &self,
         endpoints: impl IntoIterator<Item = ObjectRef>,
         classes: IdentityClasses,
-        rules: Option<impl IntoIterator<Item = RuleRef>>,
+        rules: Rules,
     ) -> Allocations {
         let numbers = self.identity_numbers(&classes);
         let addresses: Vec<(Lpm<Addr>, u32)> = classes
@@ -224,20 +241,10 @@ impl Allocations {
         &self,
         endpoints: impl IntoIterator<Item = ObjectRef>,
         (identities, addresses): Identities,
-        rules: Option<impl IntoIterator<Item = RuleRef>>,
+        rules: Rules,
     ) -> Allocations {
         debug_assert!(addresses.is_sorted_by_key(|&(key, _)| key));
-        let rules = rules
-            .map(sorted)
-            .filter(|rules| rules.len() != self.rules.len() || !rules.iter().eq(self.rules.keys()));
-        let (rules, rules_by_id) = match rules {
-            None => (Arc::clone(&self.rules), Arc::clone(&self.rules_by_id)),
-            Some(rules) => {
-                let ids = allocate(&self.rules, rules, 0);
-                let by_id = ids.iter().map(|(rule, &id)| (id, rule.clone())).collect();
-                (Arc::new(ids), Arc::new(by_id))
-            }
-        };
+        let (rules, rules_by_id) = self.numbered_rules(rules);
         Allocations {
             endpoints: allocate(
                 &self.endpoints,
@@ -249,6 +256,89 @@ impl Allocations {
             rules,
             rules_by_id,
         }
+    }
+
+    /// The rule table for `rules`, by rule and by id: `self`'s own (shared) when the rules
+    /// are the same.
+    fn numbered_rules(&self, rules: Rules) -> RuleTables {
+        let same = || (Arc::clone(&self.rules), Arc::clone(&self.rules_by_id));
+        match rules {
+            Rules::Same => same(),
+            Rules::All(rules) => {
+                let rules = sorted(rules);
+                if rules.len() == self.rules.len() && rules.iter().eq(self.rules.keys()) {
+                    return same();
+                }
+                let ids = allocate(&self.rules, rules, 0);
+                let by_id = ids.iter().map(|(rule, &id)| (id, rule.clone())).collect();
+                (Arc::new(ids), Arc::new(by_id))
+            }
+            Rules::Replaced { policies, rules } => {
+                if policies.is_empty() {
+                    return same();
+                }
+                self.replaced_rules(&policies, sorted(rules))
+            }
+        }
+    }
+
+    /// `self`'s rule table less the rules of `policies`, plus `rules` (sorted, theirs
+    /// now), numbered as [`allocate`] numbers the whole list: a rule `self` has keeps its
+    /// number, a new one takes the lowest free number (in rule order). Costs a copy of
+    /// the table, not a sort of it.
+    fn replaced_rules(&self, policies: &BTreeSet<ObjectRef>, rules: Vec<RuleRef>) -> RuleTables {
+        let mut by_rule = BTreeMap::clone(&self.rules);
+        let mut by_id = BTreeMap::clone(&self.rules_by_id);
+        let mut freed: BTreeMap<RuleRef, u32> = BTreeMap::new();
+        for policy in policies {
+            // The first rule of `policy` in rule order (fields compared in order).
+            let first = Direction::BOTH
+                .map(|direction| RuleRef {
+                    policy: policy.clone(),
+                    direction,
+                    index: 0,
+                    cluster: None,
+                })
+                .into_iter()
+                .min()
+                .expect("two directions");
+            let theirs = by_rule
+                .range(first..)
+                .take_while(|(rule, _)| rule.policy == *policy);
+            let theirs: Vec<RuleRef> = theirs.map(|(rule, _)| rule.clone()).collect();
+            for rule in theirs {
+                let id = by_rule.remove(&rule).expect("listed above");
+                by_id.remove(&id);
+                freed.insert(rule, id);
+            }
+        }
+        let mut fresh = Vec::new();
+        for rule in rules {
+            match freed.remove(&rule) {
+                Some(id) => {
+                    by_id.insert(id, rule.clone());
+                    by_rule.insert(rule, id);
+                }
+                None if by_rule.contains_key(&rule) => {}
+                None => fresh.push(rule),
+            }
+        }
+        // The lowest numbers no rule holds, one per new rule, in rule order.
+        let mut free = Vec::with_capacity(fresh.len());
+        let mut candidate = 0u32;
+        let mut used = by_id.keys().copied().peekable();
+        while free.len() < fresh.len() {
+            while used.next_if(|&id| id < candidate).is_some() {}
+            if used.next_if_eq(&candidate).is_none() {
+                free.push(candidate);
+            }
+            candidate = candidate.checked_add(1).expect("u32 ids exhausted");
+        }
+        for (rule, id) in fresh.into_iter().zip(free) {
+            by_id.insert(id, rule.clone());
+            by_rule.insert(rule, id);
+        }
+        (Arc::new(by_rule), Arc::new(by_id))
     }
 
     /// A number for each class, by lineage (see [`Allocations`]). Deterministic: ties go
@@ -415,6 +505,48 @@ mod tests {
     }
 
     #[test]
+    fn replacing_some_policies_rules_numbers_them_as_listing_every_rule_does() {
+        let rule = |policy: &str, direction, index| {
+            RuleRef::network_policy(ObjectRef::new("x", policy), direction, index)
+        };
+        let (i, e) = (Direction::Ingress, Direction::Egress);
+        let with_rules = |rules: Vec<RuleRef>| {
+            Allocations::default().with_identities([], Identities::default(), Rules::All(rules))
+        };
+        let before = with_rules(vec![
+            rule("a", i, 0),
+            rule("b", i, 0),
+            rule("b", i, 1),
+            rule("b", e, 0),
+            rule("c", i, 0),
+        ]);
+        // b loses a rule and gains another, c goes, d comes: the numbers freed by b's
+        // lost rule and by c go to the new rules in rule order, b's kept rules keep theirs.
+        let now = vec![
+            rule("a", i, 0),
+            rule("b", i, 0),
+            rule("b", e, 0),
+            rule("b", e, 1),
+            rule("d", i, 0),
+        ];
+        let listed = before.with_identities([], Identities::default(), Rules::All(now.clone()));
+        let replaced = before.with_identities(
+            [],
+            Identities::default(),
+            Rules::Replaced {
+                policies: ["b", "c", "d"].map(|p| ObjectRef::new("x", p)).into(),
+                rules: now.into_iter().filter(|r| r.policy.name != "a").collect(),
+            },
+        );
+        assert_eq!(replaced, listed);
+        let id = |r: &RuleRef| replaced.rule_id(r);
+        assert_eq!(id(&rule("b", e, 0)), before.rule_id(&rule("b", e, 0)));
+        assert_eq!(id(&rule("b", e, 1)), Some(2));
+        assert_eq!(id(&rule("d", i, 0)), Some(4));
+        assert_eq!(replaced.rules_by_id().len(), 5);
+    }
+
+    #[test]
     fn allocate_keeps_ids_and_fills_gaps() {
         let first = allocate(&BTreeMap::new(), sorted(["a", "b", "c"]), 1);
         assert_eq!(first, BTreeMap::from([("a", 1), ("b", 2), ("c", 3)]));
@@ -434,7 +566,7 @@ mod tests {
         let a = Allocations::default().next(
             [ObjectRef::new("x", "a")],
             classes(vec![(sig(&["p1"]), vec![]), (sig(&["p2"]), vec![])]),
-            Some([]),
+            Rules::All(Vec::new()),
         );
         assert_eq!(a.endpoint_id(&ObjectRef::new("x", "a")), Some(1));
         assert_eq!(a.identity(&sig(&["p1"])), Some(IDENTITY_FIRST_DYNAMIC));
@@ -442,7 +574,7 @@ mod tests {
         let b = a.next(
             [ObjectRef::new("x", "0"), ObjectRef::new("x", "a")],
             classes(vec![(sig(&["p0"]), vec![]), (sig(&["p2"]), vec![])]),
-            Some([]),
+            Rules::All(Vec::new()),
         );
         assert_eq!(b.endpoint_id(&ObjectRef::new("x", "a")), Some(1));
         assert_eq!(b.endpoint_id(&ObjectRef::new("x", "0")), Some(2));
@@ -464,7 +596,7 @@ mod tests {
                 (sig(&["A"]), vec![key(1), key(2), key(3)]),
                 (sig(&["B"]), vec![key(4)]),
             ]),
-            Some([]),
+            Rules::All(Vec::new()),
         );
         assert_eq!(a.identity(&sig(&["A"])), Some(d));
         assert_eq!(a.identity(&sig(&["B"])), Some(d + 1));
@@ -478,7 +610,7 @@ mod tests {
                 (sig(&["A", "C"]), vec![key(1), key(2)]),
                 (sig(&["B", "C"]), vec![key(4)]),
             ]),
-            Some([]),
+            Rules::All(Vec::new()),
         );
         assert_eq!(b.identity(&sig(&["A", "C"])), Some(d));
         assert_eq!(b.identity(&sig(&["B", "C"])), Some(d + 1));
@@ -493,7 +625,7 @@ mod tests {
                 (sig(&["A", "C"]), vec![key(2)]),
                 (sig(&["B", "C"]), vec![key(8)]),
             ]),
-            Some([]),
+            Rules::All(Vec::new()),
         );
         assert_eq!(c.identity(&sig(&["A"])), Some(d));
         assert_eq!(c.identity(&sig(&["A", "C"])), Some(d + 2));
@@ -549,7 +681,7 @@ mod tests {
                 };
                 (classes, of.iter().map(|&s| index(s)).collect::<Vec<_>>())
             };
-            let no_rules = || Some(Vec::<RuleRef>::new());
+            let no_rules = || Rules::All(Vec::new());
             let (first, _) = list(&before);
             let prev = Allocations::default().next(Vec::new(), first, no_rules());
             let mut after = before.clone();
