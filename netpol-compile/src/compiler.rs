@@ -539,19 +539,27 @@ impl PoliciesRead {
     }
 }
 
-/// The policies in force, in order, and which of them live in each namespace: shared,
+/// The policies in force, in name order (so those of a namespace are together): shared,
 /// so that a compile with the same policies in force reuses the last one's.
 #[derive(Clone)]
 struct Policies {
     /// [`Compiled::policies`].
     names: Arc<[ObjectRef]>,
     parsed: Arc<[Arc<ParsedPolicy>]>,
-    by_namespace: Arc<HashMap<String, Vec<usize>>>,
 }
 
 impl Policies {
     fn parsed(&self, i: usize) -> &ParsedPolicy {
         &self.parsed[i]
+    }
+
+    /// The policies of `namespace` (indices).
+    fn in_namespace(&self, namespace: &str) -> std::ops::Range<usize> {
+        let start = self
+            .names
+            .partition_point(|n| n.namespace.as_str() < namespace);
+        let count = self.names[start..].partition_point(|n| n.namespace == namespace);
+        start..start + count
     }
 
     /// Every rule in force of every policy, by policy, direction and index.
@@ -583,17 +591,16 @@ fn policies_in_force(admission: &Admission, state: &ClusterState) -> Policies {
         .filter(|(_, admitted)| state.enforce_staged || !admitted.staged)
         .map(|(obj, admitted)| (obj.clone(), Arc::clone(&admitted.parsed)))
         .unzip();
-    let mut by_namespace: HashMap<String, Vec<usize>> = HashMap::new();
-    for (i, policy) in parsed.iter().enumerate() {
-        match by_namespace.get_mut(policy.namespace.as_str()) {
-            Some(list) => list.push(i),
-            None => drop(by_namespace.insert(policy.namespace.clone(), vec![i])),
-        }
-    }
+    // A policy's key names its namespace (the source keys it by its metadata).
+    debug_assert!(
+        names
+            .iter()
+            .zip(&parsed)
+            .all(|(n, p)| n.namespace == p.namespace)
+    );
     Policies {
         names: names.into(),
         parsed: parsed.into(),
-        by_namespace: Arc::new(by_namespace),
     }
 }
 
@@ -619,8 +626,7 @@ fn select_endpoints(
         .filter(|(_, p)| p.local)
         .map(|(pod, p)| {
             let mut selected_by = [Vec::new(), Vec::new()];
-            let candidates = policies.by_namespace.get(p.obj.namespace.as_str());
-            for &i in candidates.into_iter().flatten() {
+            for i in policies.in_namespace(&p.obj.namespace) {
                 let policy = policies.parsed(i);
                 if policy.pod_selector.matches(p.labels) {
                     for (d, direction) in Direction::BOTH.into_iter().enumerate() {
