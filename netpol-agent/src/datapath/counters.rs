@@ -99,10 +99,15 @@ impl Datapath {
         if std::sync::Arc::ptr_eq(&self.counted_rules, &compiled.rules) {
             return Ok(()); // the same table as last time (the compiler shares it)
         }
+        // Both tables in id order: one merge, not a lookup per rule.
+        let mut counted = self.counted_rules.iter().peekable();
         let fresh: Vec<u32> = compiled
             .rules
             .iter()
-            .filter(|(id, rule)| self.counted_rules.get(id) != Some(rule))
+            .filter(|&(id, rule)| {
+                while counted.next_if(|&(counted, _)| counted < id).is_some() {}
+                counted.next_if(|&(counted, _)| counted == id) != Some((id, rule))
+            })
             .map(|(id, _)| *id)
             .filter(|id| *id < netpol_common::capacity::RULE_COUNTERS)
             .collect();
