@@ -42,8 +42,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
 use crate::admission::PolicySync;
 use crate::state::{
-    ClusterState, DeclaredPort, Labels, NAMESPACE_NAME_LABEL, NodeContext, ObjectRef, PodInfo,
-    holds_pod_addresses, is_staged,
+    ClusterState, DeclaredPort, Labels, NAMESPACE_NAME_LABEL, Name, NodeContext, ObjectRef,
+    PodInfo, holds_pod_addresses, is_staged,
 };
 
 /// A fast, unkeyed hasher (FxHash) for maps keyed by addresses and peer-slot sets,
@@ -202,7 +202,7 @@ pub(crate) struct PodCounts {
     addresses: FastMap<IpAddr, u32>,
     /// Addresses listed by more than one pod.
     contested: usize,
-    namespaces: BTreeMap<String, usize>,
+    namespaces: BTreeMap<Name, usize>,
     /// The pods on this node.
     pub local: BTreeSet<ObjectRef>,
     /// The pods holding addresses that list some address that cannot be read.
@@ -561,7 +561,7 @@ impl CompileCache {
                 }
                 _ => NamespaceEntry::new(&mut self.versions, state, name),
             };
-            namespaces.push((name.clone(), entry));
+            namespaces.push((name.to_owned(), entry));
         }
         self.namespaces = namespaces.into_iter().collect();
         false
@@ -611,9 +611,13 @@ pub(crate) fn pods_in_namespace<'e>(entries: &'e [PodEntry], name: &str) -> &'e 
 fn namespace_names<'a>(
     state: &'a ClusterState,
     counts: &'a PodCounts,
-) -> impl Iterator<Item = (&'a String, Option<&'a Namespace>)> {
-    let mut objects = state.namespaces.iter().peekable();
-    let mut with_pods = counts.namespaces.keys().peekable();
+) -> impl Iterator<Item = (&'a str, Option<&'a Namespace>)> {
+    let mut objects = state
+        .namespaces
+        .iter()
+        .map(|(name, ns)| (name.as_str(), ns))
+        .peekable();
+    let mut with_pods = counts.namespaces.keys().map(Name::as_str).peekable();
     std::iter::from_fn(move || match (objects.peek(), with_pods.peek()) {
         (Some((a, _)), Some(b)) if *a == *b => {
             with_pods.next();

@@ -280,7 +280,7 @@ fn backends(
                 .labels
                 .as_ref()
                 .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                == Some(&key.name);
+                .is_some_and(|name| *name == key.name);
         if !owned {
             continue;
         }
@@ -305,7 +305,9 @@ fn backends(
                 .filter(|r| r.kind.as_deref() == Some("Pod"))
                 .and_then(|r| {
                     Some(ObjectRef::new(
-                        r.namespace.clone().unwrap_or_else(|| key.namespace.clone()),
+                        r.namespace
+                            .clone()
+                            .unwrap_or_else(|| key.namespace.to_string()),
                         r.name.clone()?,
                     ))
                 });

@@ -78,13 +78,13 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> (ChangeKind, Ch
         ChangeKind::PolicyAdded => {
             // Half of them in a namespace with local pods (the policy is then in force).
             let ns = if n.is_multiple_of(2) {
-                let local: Vec<&String> = state
+                let local: Vec<&str> = state
                     .pods
                     .iter()
                     .filter(|(_, p)| state.node.is_local(p))
-                    .map(|(k, _)| &k.namespace)
+                    .map(|(k, _)| k.namespace.as_str())
                     .collect();
-                local[(n * 7) % local.len()].clone()
+                local[(n * 7) % local.len()].to_owned()
             } else {
                 ns_name((n * 7 + 1) % size.namespaces)
             };

@@ -103,7 +103,7 @@ pub fn churn(
         }
         let (key, object) = pod(tick);
         server.apply(object);
-        live.push_back((key.namespace, key.name));
+        live.push_back((key.namespace.to_string(), key.name.to_string()));
         created += 1;
         if live.len() > WINDOW
             && let Some((namespace, name)) = live.pop_front()
@@ -128,7 +128,7 @@ pub fn churn(
         }
         if tick.is_multiple_of(100) {
             let m = tick / 100;
-            let namespace = served.pods[served.pick(m)].0.namespace.clone();
+            let namespace = served.pods[served.pick(m)].0.namespace.to_string();
             server.apply(policy(m, &namespace));
             if let Some((namespace, name)) = last_policy.replace((namespace, format!("churn-{m}")))
             {

@@ -290,7 +290,7 @@ fn change(server: &ApiServer, served: &mut Served, size: Size, i: usize) -> (Eve
         Event::PolicyAdded => {
             let ns = if n.is_multiple_of(2) && !served.local.is_empty() {
                 let i = served.local[(n * 7) % served.local.len()];
-                served.pods[i].0.namespace.clone()
+                served.pods[i].0.namespace.to_string()
             } else {
                 ns_name((n * 7 + 1) % size.namespaces)
             };

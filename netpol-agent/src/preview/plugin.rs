@@ -333,7 +333,7 @@ pub fn matrix_in(
         .filter(|(key, _)| {
             namespaces
                 .as_ref()
-                .is_none_or(|list| list.contains(&key.namespace))
+                .is_none_or(|list| list.iter().any(|ns| *ns == key.namespace))
         })
         .filter(|(_, pod)| {
             request

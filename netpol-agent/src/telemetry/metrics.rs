@@ -411,7 +411,7 @@ pub fn rule_series<'a>(
                     netpol_compile::cnp::Tier::Admin => "Admin",
                     netpol_compile::cnp::Tier::Baseline => "Baseline",
                 },
-                rule.policy.name.clone(),
+                rule.policy.name.to_string(),
             ),
         };
         let key = (

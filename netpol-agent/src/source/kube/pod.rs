@@ -142,7 +142,7 @@ impl StoreRead for PodStore {
 
     fn each(&self, visit: &mut dyn FnMut(Key, &PodInfo)) {
         for (key, pod) in self.locked().iter() {
-            visit((key.namespace.clone(), key.name.clone()), &pod.info);
+            visit((key.namespace.to_string(), key.name.to_string()), &pod.info);
         }
     }
 
