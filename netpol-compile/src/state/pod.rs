@@ -44,10 +44,11 @@ pub struct PodInfo {
     ports: Arc<[DeclaredPort]>,
     /// `status.phase`.
     phase: Option<Arc<str>>,
-    /// `status.podIPs[].ip`, as written.
-    listed_ips: Box<[Box<str>]>,
+    /// `status.podIPs[].ip`, as written; shared, like every other field, by the copies
+    /// (the Kubernetes source's pod store and the state hold one each).
+    listed_ips: Arc<[Box<str>]>,
     /// `status.podIP`, as written.
-    pod_ip: Option<Box<str>>,
+    pod_ip: Option<Arc<str>>,
 }
 
 impl Default for PodInfo {
@@ -101,7 +102,7 @@ impl PodInfo {
             ports: intern::ports(ports),
             phase: status.phase.as_deref().map(intern::name),
             listed_ips: status.pod_ips.into_iter().flatten().map(|p| p.ip).collect(),
-            pod_ip: status.pod_ip,
+            pod_ip: status.pod_ip.map(Arc::from),
         };
         let identity = PodIdentity {
             namespace: metadata.namespace,
@@ -179,7 +180,7 @@ impl PodInfo {
     /// Sets `status.podIPs` and `status.podIP`.
     pub fn set_addresses(&mut self, listed: &[&str], pod_ip: Option<&str>) {
         self.listed_ips = listed.iter().map(|ip| Box::from(*ip)).collect();
-        self.pod_ip = pod_ip.map(Box::from);
+        self.pod_ip = pod_ip.map(Arc::from);
     }
 
     /// Replaces the declared ports (in lookup order).
