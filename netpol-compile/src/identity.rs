@@ -324,16 +324,10 @@ impl Allocations {
             }
         }
         // The lowest numbers no rule holds, one per new rule, in rule order.
-        let mut free = Vec::with_capacity(fresh.len());
-        let mut candidate = 0u32;
-        let mut used = by_id.keys().copied().peekable();
-        while free.len() < fresh.len() {
-            while used.next_if(|&id| id < candidate).is_some() {}
-            if used.next_if_eq(&candidate).is_none() {
-                free.push(candidate);
-            }
-            candidate = candidate.checked_add(1).expect("u32 ids exhausted");
-        }
+        let free: Vec<u32> = free_numbers(by_id.keys().copied(), 0)
+            .take(fresh.len())
+            .collect();
+        assert_eq!(free.len(), fresh.len(), "u32 ids exhausted");
         for (rule, id) in fresh.into_iter().zip(free) {
             by_id.insert(id, rule.clone());
             by_rule.insert(rule, id);
@@ -461,25 +455,29 @@ fn allocate<K: Ord>(prev: &BTreeMap<K, u32>, wanted: Vec<K>, first: u32) -> BTre
     }
     let mut used: Vec<u32> = numbers.iter().flatten().copied().collect();
     used.sort_unstable();
-    let mut used = used.into_iter().peekable();
-    let mut candidate = first;
-    let mut next_free = || {
-        loop {
-            while used.next_if(|&n| n < candidate).is_some() {}
-            if used.next_if_eq(&candidate).is_none() {
-                break;
-            }
-            candidate = candidate.checked_add(1).expect("u32 ids exhausted");
-        }
-        let free = candidate;
-        candidate = candidate.checked_add(1).expect("u32 ids exhausted");
-        free
-    };
+    let mut free = free_numbers(used, first);
+    let mut next_free = || free.next().expect("u32 ids exhausted");
     let numbers: Vec<u32> = numbers
         .into_iter()
         .map(|n| n.unwrap_or_else(&mut next_free))
         .collect();
     wanted.into_iter().zip(numbers).collect()
+}
+
+/// The numbers `>= first` that `used` (sorted) does not hold, lowest first.
+fn free_numbers(used: impl IntoIterator<Item = u32>, first: u32) -> impl Iterator<Item = u32> {
+    let mut used = used.into_iter().peekable();
+    let mut candidate = Some(first);
+    std::iter::from_fn(move || {
+        loop {
+            let n = candidate?;
+            candidate = n.checked_add(1);
+            while used.next_if(|&u| u < n).is_some() {}
+            if used.next_if_eq(&n).is_none() {
+                return Some(n);
+            }
+        }
+    })
 }
 
 #[cfg(test)]
