@@ -452,7 +452,7 @@ impl CompileCache {
 
     fn sync_every_pod(&mut self, pods: &BTreeMap<ObjectRef, PodInfo>, node: &NodeContext) {
         let mut old = std::mem::take(&mut self.pods).into_iter().peekable();
-        self.pods.reserve(pods.len());
+        self.pods.reserve_exact(pods.len());
         self.pod_counts = PodCounts::default();
         for (obj, pod) in pods {
             let entry = match next_entry(&mut old, |e| e.obj.cmp(obj)) {
@@ -480,8 +480,9 @@ impl CompileCache {
             let at = self.pods.binary_search_by(|e| e.obj.cmp(obj));
             let before = at.map_or_else(|_| Vec::new(), |i| self.pods[i].held_ips());
             self.pods_before.push((obj.clone(), before));
-            match (pods.get(obj), at) {
-                (Some(pod), Ok(i)) => {
+            // The state's key, not the caller's copy of it: an entry shares the names.
+            match (pods.get_key_value(obj), at) {
+                (Some((obj, pod)), Ok(i)) => {
                     let entry = &mut self.pods[i];
                     self.pod_counts.remove(entry);
                     if entry.matches(pod) {
@@ -491,13 +492,13 @@ impl CompileCache {
                     }
                     self.pod_counts.add(entry);
                 }
-                (Some(pod), Err(i)) => {
+                (Some((obj, pod)), Err(i)) => {
                     let entry = PodEntry::new(obj, pod, node);
                     self.pod_counts.add(&entry);
-                    self.pods.insert(i, entry);
+                    crate::sparing::insert(&mut self.pods, i, entry);
                 }
                 (None, Ok(i)) => {
-                    let entry = self.pods.remove(i);
+                    let entry = crate::sparing::remove(&mut self.pods, i);
                     self.pod_counts.remove(&entry);
                 }
                 (None, Err(_)) => {}
@@ -776,14 +777,14 @@ pub(crate) struct PodEntry {
     labels: Labels,
     ports: Arc<[DeclaredPort]>,
     /// Parsed addresses, de-duplicated, in order.
-    pub ips: Vec<IpAddr>,
+    pub ips: Box<[IpAddr]>,
     /// (field, message) of every address that does not parse.
-    pub ip_errors: Vec<(String, String)>,
+    pub ip_errors: Box<[(String, String)]>,
     /// Peer matches, valid when `memo.at` is the previous compile or this one: pod
     /// selector peers in `memo.bits`; ipBlocks containing each of `ips` in `ip_bits` (empty
     /// when none contains any of them).
     pub memo: Memo,
-    pub ip_bits: Vec<BitSet>,
+    pub ip_bits: Box<[BitSet]>,
     /// Namespace label version `memo.bits` was computed with.
     pub namespace_version: u64,
     /// Whether the pod holds its addresses ([`holds_pod_addresses`]): counted in
@@ -793,7 +794,7 @@ pub(crate) struct PodEntry {
     pub local: bool,
     /// How the pod resolves the egress named ports in force (index in their list, port),
     /// and the version of that list it was resolved for.
-    resolved: (u64, Vec<(usize, u16)>),
+    resolved: (u64, Box<[(usize, u16)]>),
     /// The last compile that changed what the pod's class is made of (its peer matches,
     /// its named port resolutions).
     pub changed_at: u64,
@@ -825,14 +826,14 @@ impl PodEntry {
             obj: obj.clone(),
             labels: pod.labels().clone(),
             ports: Arc::clone(pod.shared_ports()),
-            ips,
-            ip_errors,
+            ips: ips.into(),
+            ip_errors: ip_errors.into(),
             memo: Memo::default(),
-            ip_bits: Vec::new(),
+            ip_bits: Box::default(),
             namespace_version: 0,
             holds: holds_pod_addresses(pod),
             local: node.is_local(pod),
-            resolved: (0, Vec::new()),
+            resolved: (0, Box::default()),
             changed_at: 0,
             class: None,
         }
@@ -875,7 +876,7 @@ impl PodEntry {
     /// The addresses the pod lists when it holds addresses (none when it does not).
     pub fn held_ips(&self) -> Vec<IpAddr> {
         if self.holds {
-            self.ips.clone()
+            self.ips.to_vec()
         } else {
             Vec::new()
         }
@@ -913,8 +914,8 @@ impl PodEntry {
         if self.resolved.0 == version {
             return;
         }
-        let resolved = if self.ports.is_empty() {
-            Vec::new()
+        let resolved: Box<[(usize, u16)]> = if self.ports.is_empty() {
+            Box::default()
         } else {
             in_force
                 .iter()
@@ -1061,6 +1062,13 @@ impl PeerSlots {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_entry_stays_small_at_150000_of_them_it_is_most_of_the_compilers_memory() {
+        // Each field that holds a list is a boxed slice (no room to spare), not a `Vec`.
+        let size = std::mem::size_of::<PodEntry>();
+        assert!(size <= 232, "a PodEntry is {size} bytes");
+    }
 
     #[test]
     fn bitset_basics() {

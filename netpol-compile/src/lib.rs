@@ -48,6 +48,7 @@ mod ports;
 pub mod reference;
 mod selector;
 pub mod services;
+mod sparing;
 pub mod state;
 #[cfg(any(test, feature = "testing"))]
 pub mod testutil;

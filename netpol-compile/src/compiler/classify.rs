@@ -589,8 +589,10 @@ impl KeptKeys {
             }
             match (at, new) {
                 (Ok(i), Some((class, flags))) => self.merged[i] = (key, class, flags),
-                (Ok(i), None) => drop(self.merged.remove(i)),
-                (Err(i), Some((class, flags))) => self.merged.insert(i, (key, class, flags)),
+                (Ok(i), None) => drop(crate::sparing::remove(&mut self.merged, i)),
+                (Err(i), Some((class, flags))) => {
+                    crate::sparing::insert(&mut self.merged, i, (key, class, flags));
+                }
                 (Err(_), None) => {}
             }
         }

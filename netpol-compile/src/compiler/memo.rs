@@ -77,7 +77,7 @@ impl MemoContext<'_> {
             let mut ip_bits = if current && !entry.ip_bits.is_empty() {
                 std::mem::take(&mut entry.ip_bits)
             } else {
-                vec![BitSet::default(); entry.ips.len()]
+                vec![BitSet::default(); entry.ips.len()].into_boxed_slice()
             };
             for (bits, &ip) in ip_bits.iter_mut().zip(&entry.ips) {
                 let mut memo = Memo {
@@ -91,7 +91,7 @@ impl MemoContext<'_> {
                 *bits = memo.bits;
             }
             if ip_bits.iter().all(BitSet::is_empty) {
-                ip_bits = Vec::new();
+                ip_bits = Box::default();
             }
             entry.ip_bits = ip_bits;
         }

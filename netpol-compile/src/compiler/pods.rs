@@ -97,7 +97,7 @@ pub(super) fn live_pods<'a>(
             continue;
         }
         debug_assert_eq!(entry.local, state.node.is_local(pod));
-        let mut ips = Cow::Borrowed(entry.ips.as_slice());
+        let mut ips = Cow::Borrowed(&entry.ips[..]);
         let mut removed = 0;
         for (i, ip) in entry.ips.iter().enumerate() {
             let holder = owner[ip];
