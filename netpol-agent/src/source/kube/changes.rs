@@ -105,22 +105,47 @@ fn key_of<K: Lookup>(object: &K) -> Key {
     )
 }
 
+/// An object's key as its store hands it to a snapshot: its names, or the state's own
+/// key when the store keeps one (the state then shares it: one copy of each name).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum StoredKey<'a> {
+    /// (namespace, or empty when cluster-scoped; name).
+    Names(&'a str, &'a str),
+    Shared(&'a ObjectRef),
+}
+
+impl<'a> From<&'a Key> for StoredKey<'a> {
+    fn from((namespace, name): &'a Key) -> Self {
+        StoredKey::Names(namespace, name)
+    }
+}
+
 /// How a resource's objects are keyed in [`netpol_compile::state::ClusterState`].
 pub(super) trait StateKey: Ord + Sized {
     /// `None` for an object without the names its key needs.
-    fn of(key: &Key) -> Option<Self>;
+    fn of(key: StoredKey<'_>) -> Option<Self>;
 }
 
 impl StateKey for String {
-    fn of((_, name): &Key) -> Option<Self> {
-        (!name.is_empty()).then(|| name.clone())
+    fn of(key: StoredKey<'_>) -> Option<Self> {
+        let name = match key {
+            StoredKey::Names(_, name) => name,
+            StoredKey::Shared(obj) => obj.name.as_str(),
+        };
+        (!name.is_empty()).then(|| name.to_owned())
     }
 }
 
 impl StateKey for ObjectRef {
-    fn of((namespace, name): &Key) -> Option<Self> {
-        (!namespace.is_empty() && !name.is_empty())
-            .then(|| ObjectRef::new(namespace.clone(), name.clone()))
+    fn of(key: StoredKey<'_>) -> Option<Self> {
+        let (namespace, name) = match key {
+            StoredKey::Names(namespace, name) => (namespace, name),
+            StoredKey::Shared(obj) if !obj.namespace.is_empty() && !obj.name.is_empty() => {
+                return Some(obj.clone());
+            }
+            StoredKey::Shared(_) => return None,
+        };
+        (!namespace.is_empty() && !name.is_empty()).then(|| ObjectRef::new(namespace, name))
     }
 }
 
@@ -129,10 +154,11 @@ pub(super) trait StoreRead {
     type Object;
 
     /// Calls `visit` with every object and its key.
-    fn each(&self, visit: &mut dyn FnMut(Key, &Self::Object));
+    fn each(&self, visit: &mut dyn FnMut(StoredKey<'_>, &Self::Object));
 
-    /// `read` of the object at `key`, if there is one.
-    fn read<T>(&self, key: &Key, read: impl FnOnce(&Self::Object) -> T) -> Option<T>;
+    /// `read` of the object at `key` (and its key as stored), if there is one.
+    fn read<T>(&self, key: &Key, read: impl FnOnce(StoredKey<'_>, &Self::Object) -> T)
+    -> Option<T>;
 }
 
 /// A kube-rs reflector store and its resource's dynamic type.
@@ -153,18 +179,24 @@ where
     /// The store's own shared object: a state may keep it as it is.
     type Object = Arc<K>;
 
-    fn each(&self, visit: &mut dyn FnMut(Key, &Arc<K>)) {
+    fn each(&self, visit: &mut dyn FnMut(StoredKey<'_>, &Arc<K>)) {
         for object in self.store.state() {
-            visit(key_of(object.as_ref()), &object);
+            let (namespace, name) = (object.namespace(), object.name());
+            let names = (namespace.as_deref(), name.as_deref());
+            let key = StoredKey::Names(names.0.unwrap_or_default(), names.1.unwrap_or_default());
+            visit(key, &object);
         }
     }
 
-    fn read<T>(&self, (namespace, name): &Key, read: impl FnOnce(&Arc<K>) -> T) -> Option<T> {
+    fn read<T>(&self, key: &Key, read: impl FnOnce(StoredKey<'_>, &Arc<K>) -> T) -> Option<T> {
+        let (namespace, name) = key;
         let mut store_ref = StoreRef::<K>::new_with(name, self.dyntype.clone());
         if !namespace.is_empty() {
             store_ref = store_ref.within(namespace);
         }
-        self.store.get(&store_ref).map(|object| read(&object))
+        self.store
+            .get(&store_ref)
+            .map(|object| read(key.into(), &object))
     }
 }
 
@@ -184,7 +216,7 @@ pub(super) fn refresh<R, S, V>(
         Some(Changed::All) => {
             map.clear();
             store.each(&mut |key, object| {
-                if let Some(state_key) = S::of(&key)
+                if let Some(state_key) = S::of(key)
                     && let Some(value) = convert(object)
                 {
                     map.insert(state_key, value);
@@ -193,12 +225,18 @@ pub(super) fn refresh<R, S, V>(
         }
         Some(Changed::Objects(keys)) => {
             for key in keys {
-                let Some(state_key) = S::of(&key) else {
+                let Some(state_key) = S::of((&key).into()) else {
                     continue;
                 };
-                match store.read(&key, &convert).flatten() {
-                    Some(value) => {
-                        map.insert(state_key, value);
+                // Stored under the store's own key when it keeps one: shared, not a
+                // copy of the names.
+                let read = |stored: StoredKey<'_>, object: &R::Object| {
+                    Some((S::of(stored)?, convert(object)?))
+                };
+                match store.read(&key, read).flatten() {
+                    Some((stored_key, value)) => {
+                        map.remove(&state_key);
+                        map.insert(stored_key, value);
                     }
                     None => {
                         map.remove(&state_key);

@@ -12,10 +12,10 @@ use ::kube::Resource;
 use ::kube::runtime::watcher::Event;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use netpol_compile::state::{ObjectRef, PodDocument, PodInfo};
+use netpol_compile::state::{Name, ObjectRef, PodDocument, PodInfo};
 use serde::Deserialize;
 
-use super::changes::{Key, StoreRead};
+use super::changes::{Key, StoreRead, StoredKey};
 use super::watch::Keeper;
 
 /// A Pod of the API: its identity (name, namespace, uid, resourceVersion: what the
@@ -73,10 +73,11 @@ impl Resource for WatchedPod {
 }
 
 impl WatchedPod {
+    /// The pod's key: its namespace shared with the other pods of the namespace.
     fn key(&self) -> ObjectRef {
         ObjectRef::new(
-            self.metadata.namespace.clone().unwrap_or_default(),
-            self.metadata.name.clone().unwrap_or_default(),
+            Name::interned(self.metadata.namespace.as_deref().unwrap_or_default()),
+            self.metadata.name.as_deref().unwrap_or_default(),
         )
     }
 }
@@ -140,15 +141,21 @@ impl PodStore {
 impl StoreRead for PodStore {
     type Object = PodInfo;
 
-    fn each(&self, visit: &mut dyn FnMut(Key, &PodInfo)) {
+    fn each(&self, visit: &mut dyn FnMut(StoredKey<'_>, &PodInfo)) {
         for (key, pod) in self.locked().iter() {
-            visit((key.namespace.to_string(), key.name.to_string()), &pod.info);
+            visit(StoredKey::Shared(key), &pod.info);
         }
     }
 
-    fn read<T>(&self, (namespace, name): &Key, read: impl FnOnce(&PodInfo) -> T) -> Option<T> {
-        let key = ObjectRef::new(namespace.clone(), name.clone());
-        self.locked().get(&key).map(|pod| read(&pod.info))
+    fn read<T>(
+        &self,
+        (namespace, name): &Key,
+        read: impl FnOnce(StoredKey<'_>, &PodInfo) -> T,
+    ) -> Option<T> {
+        let key = ObjectRef::new(namespace.as_str(), name.as_str());
+        let pods = self.locked();
+        let (stored, pod) = pods.get_key_value(&key)?;
+        Some(read(StoredKey::Shared(stored), &pod.info))
     }
 }
 
@@ -195,6 +202,9 @@ mod tests {
     use k8s_openapi::api::core::v1::Pod;
     use serde_json::json;
 
+    use std::collections::BTreeMap;
+
+    use super::super::changes::{Changed, refresh};
     use super::*;
 
     #[test]
@@ -235,9 +245,49 @@ mod tests {
 
     fn names(store: &PodStore) -> Vec<String> {
         let mut names = Vec::new();
-        store.each(&mut |(_, name), _| names.push(name));
+        store.each(&mut |key, _| {
+            if let StoredKey::Shared(obj) = key {
+                names.push(obj.name.to_string());
+            }
+        });
         names.sort();
         names
+    }
+
+    #[test]
+    fn the_pods_of_a_namespace_share_its_name_and_the_state_shares_the_stores_keys() {
+        let store = PodStore::default();
+        let mut writer = store.writer();
+        writer.apply(&Event::Apply(watched("a", "web", "1")));
+        writer.apply(&Event::Apply(watched("b", "db", "2")));
+        let mut keys = Vec::new();
+        store.each(&mut |key, _| {
+            if let StoredKey::Shared(obj) = key {
+                keys.push(obj.clone());
+            }
+        });
+        assert_eq!(keys.len(), 2);
+        let text = |obj: &ObjectRef| obj.namespace.as_str().as_ptr();
+        assert_eq!(text(&keys[0]), text(&keys[1]), "one copy of the namespace");
+
+        let mut state: BTreeMap<ObjectRef, PodInfo> = BTreeMap::new();
+        let changed = [("x".to_owned(), "a".to_owned())].into();
+        refresh(&store, Some(Changed::Objects(changed)), &mut state, |pod| {
+            Some(pod.clone())
+        });
+        let (kept, _) = state.first_key_value().expect("a");
+        let stored = keys.iter().find(|obj| obj.name == "a").expect("a");
+        assert_eq!(kept.name.as_str().as_ptr(), stored.name.as_str().as_ptr());
+        refresh(&store, Some(Changed::All), &mut state, |pod| {
+            Some(pod.clone())
+        });
+        for (kept, _) in &state {
+            let stored = keys
+                .iter()
+                .find(|obj| obj.name == kept.name)
+                .expect("stored");
+            assert_eq!(kept.name.as_str().as_ptr(), stored.name.as_str().as_ptr());
+        }
     }
 
     #[test]
@@ -262,7 +312,7 @@ mod tests {
         assert!(!writer.holds(&watched("a", "api", "3")), "a label changed");
         assert!(!writer.holds(&watched("c", "web", "3")), "a new pod");
         writer.apply(&Event::Apply(watched("a", "api", "3")));
-        let app = store.read(&("x".into(), "a".into()), |pod| {
+        let app = store.read(&("x".into(), "a".into()), |_, pod| {
             pod.labels().get("app").map(str::to_owned)
         });
         assert_eq!(app, Some(Some("api".into())));

@@ -430,6 +430,6 @@ fn state_keys<K: StateKey>(changed: Option<&Changed>) -> Option<BTreeSet<K>> {
     match changed {
         None => Some(BTreeSet::new()),
         Some(Changed::All) => None,
-        Some(Changed::Objects(keys)) => Some(keys.iter().filter_map(K::of).collect()),
+        Some(Changed::Objects(keys)) => Some(keys.iter().filter_map(|k| K::of(k.into())).collect()),
     }
 }
