@@ -134,7 +134,7 @@ impl PodInfo {
             ports: intern::ports(ports),
             phase: status.phase.as_deref().map(intern::name),
             listed_ips: status.pod_ips.into_iter().flatten().map(|p| p.ip).collect(),
-            pod_ip: status.pod_ip.map(Box::from),
+            pod_ip: status.pod_ip,
         }));
         let identity = PodIdentity {
             namespace: metadata.namespace,

@@ -281,7 +281,7 @@ mod tests {
         refresh(&store, Some(Changed::All), &mut state, |pod| {
             Some(pod.clone())
         });
-        for (kept, _) in &state {
+        for kept in state.keys() {
             let stored = keys
                 .iter()
                 .find(|obj| obj.name == kept.name)
