@@ -2,23 +2,26 @@
 //! compile chooses ([`netpol_compile::state::address_owners`]), kept up to date with the
 //! pods a snapshot changed, so that an apply costs O(changes) here, not O(pods).
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use netpol_compile::state::{ClusterState, ObjectRef, claims_before, holds_pod_addresses, pod_ips};
 
-/// Pod addresses and their holders. Each pod's name is kept once, shared by the three
-/// indexes: at 150,000 pods the book is ~40 MiB, not the ~160 MiB of a name per entry.
+/// Pod addresses and their holders. Each pod's name is kept once, shared by the
+/// indexes; an address is one entry of `holders` unless several pods list it (rare: a
+/// stale object beside the pod that has the address now), so at 150,000 pods the book
+/// is ~30 MiB.
 #[derive(Debug, Default)]
 pub struct AddressBook {
     /// The addresses each pod that holds pod addresses lists (without repeats).
     listed: BTreeMap<Arc<ObjectRef>, Box<[IpAddr]>>,
-    /// (address, pod) for every address every such pod lists.
-    claims: BTreeSet<(IpAddr, Arc<ObjectRef>)>,
-    /// The pod holding each address: of its claimants, the one that claims before the
-    /// others.
+    /// The pod holding each address: of its claimants (the pods listing it), the one
+    /// that claims before the others.
     holders: BTreeMap<IpAddr, Arc<ObjectRef>>,
+    /// The other claimants of each address that more than one pod lists.
+    others: BTreeMap<IpAddr, Vec<Arc<ObjectRef>>>,
 }
 
 impl AddressBook {
@@ -57,10 +60,10 @@ impl AddressBook {
                 None => (Arc::new(obj.clone()), Vec::new()),
             };
             for ip in before.iter().filter(|ip| !now.contains(ip)) {
-                self.claims.remove(&(*ip, name.clone()));
+                self.withdraw(*ip, &name);
             }
             for ip in now.iter().filter(|ip| !before.contains(ip)) {
-                self.claims.insert((*ip, name.clone()));
+                self.claim(*ip, &name);
             }
             // A pod's phase or creation time may change which claim wins, even where
             // its addresses did not change.
@@ -70,29 +73,57 @@ impl AddressBook {
                 self.listed.insert(name, now.into_boxed_slice());
             }
         }
-        let first_name = Arc::new(ObjectRef::new("", ""));
         for ip in touched {
-            let mut claimants = self
-                .claims
-                .range((ip, first_name.clone())..)
-                .take_while(|(claimed, _)| *claimed == ip)
-                .filter_map(|(_, name)| Some((name, state.pods.get(&**name)?)));
-            let holder = claimants.next().map(|first| {
-                claimants.fold(first, |held, claim| {
-                    if claims_before((claim.0, claim.1), (held.0, held.1)) {
-                        claim
-                    } else {
-                        held
-                    }
-                })
-            });
-            match holder {
-                Some((name, _)) => {
-                    self.holders.insert(ip, name.clone());
-                }
-                None => {
-                    self.holders.remove(&ip);
-                }
+            self.choose_holder(state, ip);
+        }
+    }
+
+    /// `name` lists `ip` (the holder is chosen again by the caller).
+    fn claim(&mut self, ip: IpAddr, name: &Arc<ObjectRef>) {
+        match self.holders.entry(ip) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(name.clone());
+            }
+            Entry::Occupied(_) => self.others.entry(ip).or_default().push(name.clone()),
+        }
+    }
+
+    /// `name` no longer lists `ip` (the holder is chosen again by the caller).
+    fn withdraw(&mut self, ip: IpAddr, name: &Arc<ObjectRef>) {
+        if let Entry::Occupied(mut others) = self.others.entry(ip) {
+            let list = others.get_mut();
+            if let Some(at) = list.iter().position(|other| Arc::ptr_eq(other, name)) {
+                list.swap_remove(at);
+            } else if let Some(promoted) = list.pop() {
+                // The holder withdrew: another claimant stands in until chosen again.
+                self.holders.insert(ip, promoted);
+            }
+            if others.get().is_empty() {
+                others.remove();
+            }
+            return;
+        }
+        self.holders.remove(&ip);
+    }
+
+    /// Puts first, in `holders`, the claimant of `ip` that claims before the others.
+    fn choose_holder(&mut self, state: &ClusterState, ip: IpAddr) {
+        let Some(others) = self.others.get_mut(&ip) else {
+            return;
+        };
+        let holder = self
+            .holders
+            .get_mut(&ip)
+            .expect("an address with claimants has a holder");
+        let pod = |name: &Arc<ObjectRef>| state.pods.get(&**name);
+        for other in others.iter_mut() {
+            let better = match (pod(other), pod(holder)) {
+                (Some(a), Some(b)) => claims_before((other, a), (holder, b)),
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if better {
+                std::mem::swap(other, holder);
             }
         }
     }
@@ -171,6 +202,11 @@ mod tests {
                         .map(|(ip, obj)| (ip, obj.clone()))
                         .collect();
                 prop_assert_eq!(holders(&book), expected);
+                // Each claim is in the book once: as the holder or as another claimant.
+                let claims: usize = book.listed.values().map(|ips| ips.len()).sum();
+                let kept = book.holders.len() + book.others.values().map(Vec::len).sum::<usize>();
+                prop_assert_eq!(kept, claims);
+                prop_assert!(book.others.values().all(|others| !others.is_empty()));
             }
             prop_assert_eq!(holders(&book), holders(&AddressBook::of(&state)));
         }
