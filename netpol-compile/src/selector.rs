@@ -4,9 +4,11 @@
 //! canonical string (sorted, de-duplicated) used in identity signatures: two selectors
 //! written differently but with the same requirements render the same string.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use crate::state::Name;
 
 /// Labels a selector matches: a namespace's or a node's map, a pod's
 /// [`Labels`](crate::state::Labels).
@@ -22,12 +24,45 @@ impl LabelSet for BTreeMap<String, String> {
 }
 
 /// One requirement of a selector. `matchLabels` entries become `In` with one value.
+/// Keys and values are interned (the same few strings recur in thousands of policies)
+/// and the values a sorted, de-duplicated slice: a requirement is ~40 bytes, where
+/// `String`s in a `BTreeSet` (a node of room for eleven, even for one value) took ~400.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum Requirement {
-    In(String, BTreeSet<String>),
-    NotIn(String, BTreeSet<String>),
-    Exists(String),
-    DoesNotExist(String),
+    In(Name, Values),
+    NotIn(Name, Values),
+    Exists(Name),
+    DoesNotExist(Name),
+}
+
+/// The values of an `In` or `NotIn` requirement: sorted, without repeats.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Values(Box<[Name]>);
+
+impl Values {
+    fn of<'a>(values: impl IntoIterator<Item = &'a String>) -> Values {
+        let mut values: Vec<Name> = values.into_iter().map(|v| Name::interned(v)).collect();
+        values.sort_unstable();
+        values.dedup();
+        Values(values.into())
+    }
+
+    fn contains(&self, value: &str) -> bool {
+        self.0.binary_search_by(|v| v.as_str().cmp(value)).is_ok()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn join(&self) -> String {
+        let values: Vec<&str> = self.0.iter().map(Name::as_str).collect();
+        values.join(",")
+    }
 }
 
 impl Requirement {
@@ -43,14 +78,13 @@ impl Requirement {
     }
 
     fn render(&self) -> String {
-        fn set(values: &BTreeSet<String>) -> String {
-            values.iter().cloned().collect::<Vec<_>>().join(",")
-        }
         match self {
-            Requirement::In(key, values) if values.len() == 1 => format!("{key}={}", set(values)),
-            Requirement::In(key, values) => format!("{key} in ({})", set(values)),
-            Requirement::NotIn(key, values) => format!("{key} notin ({})", set(values)),
-            Requirement::Exists(key) => key.clone(),
+            Requirement::In(key, values) if values.len() == 1 => {
+                format!("{key}={}", values.join())
+            }
+            Requirement::In(key, values) => format!("{key} in ({})", values.join()),
+            Requirement::NotIn(key, values) => format!("{key} notin ({})", values.join()),
+            Requirement::Exists(key) => key.to_string(),
             Requirement::DoesNotExist(key) => format!("!{key}"),
         }
     }
@@ -109,10 +143,11 @@ pub fn check_value(value: &str) -> Result<(), String> {
     }
 }
 
-/// A validated label selector: the AND of its requirements. Empty matches everything.
+/// A validated label selector: the AND of its requirements (sorted, without repeats).
+/// Empty matches everything.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Selector {
-    requirements: BTreeSet<Requirement>,
+    requirements: Box<[Requirement]>,
 }
 
 impl Selector {
@@ -134,7 +169,7 @@ impl Selector {
     /// it accepts them in objects stored before they were checked, on every update
     /// (`AllowInvalidLabelValueInSelector`). Such a value matches no label.
     pub(crate) fn read(sel: &LabelSelector) -> (Selector, Vec<(String, String)>) {
-        let mut requirements = BTreeSet::new();
+        let mut requirements = Vec::new();
         let mut errors = Vec::new();
         for (key, value) in sel.match_labels.iter().flatten() {
             let path = format!("matchLabels.{key}");
@@ -146,16 +181,13 @@ impl Selector {
                 errors.push((path, m));
             }
             if errors.len() == before {
-                requirements.insert(Requirement::In(
-                    key.clone(),
-                    BTreeSet::from([value.clone()]),
-                ));
+                requirements.push(Requirement::In(Name::interned(key), Values::of([value])));
             }
         }
         for (i, expr) in sel.match_expressions.iter().flatten().enumerate() {
-            let values: BTreeSet<String> = expr.values.iter().flatten().cloned().collect();
+            let values = Values::of(expr.values.iter().flatten());
             let values_path = format!("matchExpressions[{i}].values");
-            let key = expr.key.clone();
+            let key = Name::interned(&expr.key);
             let before = errors.len();
             if let Err(m) = check_key(&key) {
                 errors.push((format!("matchExpressions[{i}].key"), m));
@@ -190,9 +222,12 @@ impl Selector {
                 }
             };
             if errors.len() == before {
-                requirements.insert(requirement);
+                requirements.push(requirement);
             }
         }
+        requirements.sort_unstable();
+        requirements.dedup();
+        let requirements = requirements.into();
         (Selector { requirements }, errors)
     }
 
@@ -372,5 +407,26 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.canonical(), "{t in (a,b),x}");
+    }
+
+    #[test]
+    fn selectors_are_compact_and_share_their_strings_with_every_other_selector() {
+        // 15,000 policies hold ~45,000 selectors at the top of the range.
+        assert!(std::mem::size_of::<Requirement>() <= 40);
+        assert_eq!(std::mem::size_of::<Selector>(), 16);
+        let a = Selector::parse(&sel(&[("app", "web")], vec![])).unwrap();
+        let b = Selector::parse(&sel(&[], vec![expr("app", "In", Some(&["db", "web"]))])).unwrap();
+        let (Requirement::In(key_a, values_a), Requirement::In(key_b, values_b)) =
+            (&a.requirements[0], &b.requirements[0])
+        else {
+            panic!("In requirements: {a:?} {b:?}");
+        };
+        assert_eq!(key_a.as_str().as_ptr(), key_b.as_str().as_ptr(), "one key");
+        assert_eq!(
+            values_a.0[0].as_str().as_ptr(),
+            values_b.0[1].as_str().as_ptr(),
+            "one value web"
+        );
+        assert!(b.matches(&labels(&[("app", "db")])) && !a.matches(&labels(&[("app", "db")])));
     }
 }
