@@ -33,6 +33,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -798,9 +799,10 @@ pub(crate) struct PodEntry {
     /// The last compile that changed what the pod's class is made of (its peer matches,
     /// its named port resolutions).
     pub changed_at: u64,
-    /// The pod's class (in the class table's epoch, made at the compile given), when its
-    /// addresses are in no ipBlock in force (`classify.rs`).
-    pub class: Option<(u64, u64, usize)>,
+    /// The pod's class (in the class table's epoch, from 1; made at the compile given;
+    /// its index in the table), when its addresses are in no ipBlock in force
+    /// (`classify.rs`).
+    pub class: Option<(NonZeroU64, u64, u32)>,
 }
 
 impl PodEntry {
@@ -938,11 +940,12 @@ impl PodEntry {
     }
 }
 
-/// Matched peer slots of one pod or prefix, and the compile they are valid for.
+/// Matched peer slots of one pod or prefix, and the compile they are valid for (compiles
+/// are numbered from 1, [`CompileCache::begin`]).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Memo {
     pub bits: BitSet,
-    pub at: Option<u64>,
+    pub at: Option<NonZeroU64>,
 }
 
 impl Memo {
@@ -950,7 +953,7 @@ impl Memo {
     /// brought up to date since the last compile that allocated or freed slots
     /// (`last_moved`, [`PeerSlots::last_moved`]).
     pub fn current(&self, last_moved: u64) -> bool {
-        self.at.is_some_and(|at| at >= last_moved)
+        self.at.is_some_and(|at| at.get() >= last_moved)
     }
 }
 
@@ -1067,7 +1070,7 @@ mod tests {
     fn a_pod_entry_stays_small_at_150000_of_them_it_is_most_of_the_compilers_memory() {
         // Each field that holds a list is a boxed slice (no room to spare), not a `Vec`.
         let size = std::mem::size_of::<PodEntry>();
-        assert!(size <= 232, "a PodEntry is {size} bytes");
+        assert!(size <= 216, "a PodEntry is {size} bytes");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::num::NonZeroU64;
 
 use ipnet::IpNet;
 use netpol_common::{Addr, PEER_HOST, PEER_SERVICE};
@@ -354,11 +355,15 @@ fn pod_keys(
 ) {
     if entry.ip_bits.is_empty() {
         let class = match entry.class {
-            Some((epoch, at, class)) if epoch == table.epoch && entry.changed_at <= at => class,
+            Some((epoch, at, class)) if epoch.get() == table.epoch && entry.changed_at <= at => {
+                class as usize
+            }
             _ => {
                 pod_class.set(entry, active);
                 let class = table.intern_ref(pod_class);
-                entry.class = Some((table.epoch, now, class));
+                let epoch = NonZeroU64::new(table.epoch).expect("begun: epochs count from 1");
+                let index = u32::try_from(class).expect("fewer classes than pods' addresses");
+                entry.class = Some((epoch, now, index));
                 class
             }
         };

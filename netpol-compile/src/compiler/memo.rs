@@ -38,7 +38,8 @@ impl MemoContext<'_> {
                 }
             }
         }
-        memo.at = Some(self.now);
+        memo.at = std::num::NonZeroU64::new(self.now);
+        debug_assert!(memo.at.is_some(), "compiles are numbered from 1");
     }
 
     /// A pod's matches: selector peers from its labels and its namespace's (whose
