@@ -138,14 +138,13 @@ impl StateKey for String {
 
 impl StateKey for ObjectRef {
     fn of(key: StoredKey<'_>) -> Option<Self> {
-        let (namespace, name) = match key {
-            StoredKey::Names(namespace, name) => (namespace, name),
-            StoredKey::Shared(obj) if !obj.namespace.is_empty() && !obj.name.is_empty() => {
-                return Some(obj.clone());
+        let named = |namespace: &str, name: &str| !namespace.is_empty() && !name.is_empty();
+        match key {
+            StoredKey::Names(namespace, name) => {
+                named(namespace, name).then(|| ObjectRef::new(namespace, name))
             }
-            StoredKey::Shared(_) => return None,
-        };
-        (!namespace.is_empty() && !name.is_empty()).then(|| ObjectRef::new(namespace, name))
+            StoredKey::Shared(obj) => named(&obj.namespace, &obj.name).then(|| obj.clone()),
+        }
     }
 }
 
