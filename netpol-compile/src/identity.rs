@@ -95,8 +95,10 @@ pub struct Allocations {
     endpoints: BTreeMap<ObjectRef, u32>,
     /// Signature of every dynamic identity in force → its number.
     identities: BTreeMap<IdentitySignature, u32>,
-    /// Dynamic identity of every IPCACHE key (world keys are absent), sorted by key.
-    addresses: Vec<(Lpm<Addr>, u32)>,
+    /// Dynamic identity of every IPCACHE key (world keys are absent), sorted by key:
+    /// shared with the next allocations while no key's number changes (150,000 pods
+    /// have some 190,000 keys, copied at every compile before).
+    addresses: Arc<[(Lpm<Addr>, u32)]>,
     /// Rule ids (`PolicyValue::rule`, the RULE_COUNTERS index), from 0, and the same by
     /// id: shared with the next allocations while the rules stay the same (15,000 policies
     /// have some 30,000 rules, whose names would be copied at every compile).
@@ -147,7 +149,7 @@ impl Allocations {
         rules: Rules,
     ) -> Allocations {
         let numbers = self.identity_numbers(&classes);
-        let addresses: Vec<(Lpm<Addr>, u32)> = classes
+        let addresses: Arc<[(Lpm<Addr>, u32)]> = classes
             .keys
             .iter()
             .map(|&(key, class)| (key, numbers[class]))
@@ -219,9 +221,16 @@ impl Allocations {
         if renumbered {
             return None;
         }
+        let identities = signatures.into_iter().zip(&numbers).map(|(s, &n)| (s, n)).collect();
+        let unmoved = |&(key, now): &(Lpm<Addr>, Option<usize>)| {
+            number_before(&key) == now.map(|i: usize| numbers[i])
+        };
+        if changed.iter().all(unmoved) {
+            return Some((identities, Arc::clone(&self.addresses)));
+        }
         let mut addresses = Vec::with_capacity(self.addresses.len() + changed.len());
         let mut changes = changed.iter().peekable();
-        for &(key, number) in &self.addresses {
+        for &(key, number) in self.addresses.iter() {
             while let Some(&(k, now)) = changes.next_if(|(k, _)| *k < key) {
                 addresses.extend(now.map(|i| (k, numbers[i])));
             }
@@ -231,8 +240,7 @@ impl Allocations {
             }
         }
         addresses.extend(changes.filter_map(|&(k, now)| Some((k, numbers[now?]))));
-        let identities = signatures.into_iter().zip(numbers).collect();
-        Some((identities, addresses))
+        Some((identities, addresses.into()))
     }
 
     /// The allocations with `identities` (numbers by signature, and by key), and
@@ -396,7 +404,7 @@ impl Allocations {
 }
 
 /// Identity numbers by signature, and of every key of a dynamic identity (sorted).
-pub(crate) type Identities = (BTreeMap<IdentitySignature, u32>, Vec<(Lpm<Addr>, u32)>);
+pub(crate) type Identities = (BTreeMap<IdentitySignature, u32>, Arc<[(Lpm<Addr>, u32)]>);
 
 /// The lineage contest: `candidates` (keys that carried the number, number, identity)
 /// taken largest overlap first, then lower number, then identity listed first; an
