@@ -858,8 +858,8 @@ async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
         seed % n
     };
     // Rounds whose snapshots named the objects of a kind they changed (the others
-    // re-listed it), per kind: pods, policies, namespaces.
-    let mut rounds_said = [0; 3];
+    // re-listed it), per kind: pods, policies, namespaces, ClusterNetworkPolicies.
+    let mut rounds_said = [0; 4];
     for round in 0..6 {
         // What the snapshots of this round say they changed.
         let before = state.clone();
@@ -868,7 +868,7 @@ async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
         for step in 0..40 {
             let ns = ["x", "y", "z"][next(3) as usize];
             let name = format!("p{}", next(8));
-            match next(9) {
+            match next(10) {
                 0..=2 => {
                     let ip = format!("10.1.{}.{}", next(4), next(250) + 1);
                     let node = [NODE, "node-2"][next(2) as usize];
@@ -896,6 +896,21 @@ async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
                     let mut object = node(["node-2", "node-3"][next(2) as usize], "192.168.0.9");
                     object["metadata"]["labels"] = json!({"zone": format!("z{}", next(2))});
                     server.apply(object);
+                }
+                8 => {
+                    let name = format!("cnp{}", next(3));
+                    if next(4) == 0 {
+                        server.delete("ClusterNetworkPolicy", None, &name);
+                    } else {
+                        server.apply(json!({
+                            "apiVersion": "policy.networking.k8s.io/v1alpha2",
+                            "kind": "ClusterNetworkPolicy",
+                            "metadata": {"name": name},
+                            "spec": {"tier": "Admin", "priority": next(50),
+                                     "subject": {"namespaces": {}},
+                                     "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]},
+                        }));
+                    }
                 }
                 _ => {
                     server.apply(json!({
@@ -939,6 +954,12 @@ async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
             &before.namespaces,
             &state.namespaces,
         );
+        rounds_said[3] += all_said(
+            round,
+            &said.cluster_policies,
+            &before.cluster_policies,
+            &state.cluster_policies,
+        );
         let mut whole = ClusterState::default();
         source.reread_all();
         source.snapshot(&mut whole);
@@ -947,8 +968,8 @@ async fn snapshots_of_what_changed_add_up_to_the_whole_cluster() {
     assert!(state.pods.len() > 3, "the changes reached the state");
     assert!(
         rounds_said.iter().all(|&n| n >= 4),
-        "only re-lists read every object: [pods, policies, namespaces] named theirs in \
-         {rounds_said:?} of 6 rounds"
+        "only re-lists read every object: [pods, policies, namespaces, cluster policies] \
+         named theirs in {rounds_said:?} of 6 rounds"
     );
 }
 

@@ -212,7 +212,12 @@ fn compile_with(
         &state.unreadable_parts,
         &mut diagnostics,
     );
-    let cluster_policies = tiers::read(state, cluster_memo, &mut diagnostics);
+    let cluster_policies = tiers::read(
+        state,
+        cluster_memo,
+        changes.cluster_policies.as_ref(),
+        &mut diagnostics,
+    );
     let same_policies = !admitted_anew && policies_read.enforce_staged(state.enforce_staged);
     let same_rules = same_policies && policies_read.same_rules(&cluster_policies, prev);
     let policies = match policies_read.policies().filter(|_| same_policies) {

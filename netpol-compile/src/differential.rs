@@ -1131,6 +1131,7 @@ proptest! {
                 pods: Some(differ(&before.pods, &state.pods)),
                 policies: Some(differ(&before.policies, &state.policies)),
                 namespaces: Some(differ(&before.namespaces, &state.namespaces)),
+                cluster_policies: Some(differ(&before.cluster_policies, &state.cluster_policies)),
             };
             let incremental = told.compile_changed(&state, &changed);
             let full = reads_all.compile(&state);

@@ -28,6 +28,8 @@ pub struct Changes {
     pub policies: Option<BTreeSet<ObjectRef>>,
     /// Namespace objects, by name.
     pub namespaces: Option<BTreeSet<String>>,
+    /// ClusterNetworkPolicies, by their key in [`ClusterState::cluster_policies`].
+    pub cluster_policies: Option<BTreeSet<String>>,
 }
 
 impl Changes {
@@ -36,6 +38,7 @@ impl Changes {
         pods: None,
         policies: None,
         namespaces: None,
+        cluster_policies: None,
     };
 
     /// No object changed.
@@ -43,6 +46,7 @@ impl Changes {
         pods: Some(BTreeSet::new()),
         policies: Some(BTreeSet::new()),
         namespaces: Some(BTreeSet::new()),
+        cluster_policies: Some(BTreeSet::new()),
     };
 
     /// Adds the changes of `later` (a compile that did not happen in between).
@@ -56,6 +60,7 @@ impl Changes {
         union(&mut self.pods, later.pods);
         union(&mut self.policies, later.policies);
         union(&mut self.namespaces, later.namespaces);
+        union(&mut self.cluster_policies, later.cluster_policies);
     }
 }
 

@@ -129,7 +129,8 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> (ChangeKind, Ch
             let (_, mut object) = cluster_policy(k + 1);
             let name = format!("cnp-{k:03}");
             object["metadata"]["name"] = json!(name);
-            state.cluster_policies.insert(name, object);
+            state.cluster_policies.insert(name.clone(), object);
+            changes.cluster_policies.as_mut().expect("named").insert(name);
         }
     }
     (kind, changes)

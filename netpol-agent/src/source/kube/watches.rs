@@ -317,6 +317,7 @@ impl ClusterWatch {
             pods: state_keys(changed.get(&Watched::Pods)),
             policies: state_keys(changed.get(&Watched::NetworkPolicies)),
             namespaces: state_keys(changed.get(&Watched::Namespaces)),
+            cluster_policies: state_keys(changed.get(&Watched::ClusterNetworkPolicies)),
         };
         let stores = &self.stores;
         refresh(
