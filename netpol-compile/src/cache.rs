@@ -322,6 +322,8 @@ pub(crate) struct CompileCache {
     pub ipcache: crate::KeptMap<crate::Lpm<netpol_common::Addr>, netpol_common::PeerInfo>,
     /// The policies in force and the rule table of the last compile.
     pub policies_read: crate::compiler::PoliciesRead,
+    /// What selected each local pod in the last compile.
+    pub selection: crate::compiler::Selection,
     /// Whether the last compile found some address listed by two pods holding
     /// addresses (the first compile walks every pod anyway).
     pub contested: bool,

@@ -2,7 +2,7 @@
 //!
 //! 1. [`policies_in_force`]: read and normalise every policy that changed (in the
 //!    memo), and admit what can be read of each (`admission.rs`).
-//! 2. [`select_endpoints`]: collect live pods (not Succeeded/Failed, not hostNetwork,
+//! 2. [`select_endpoints`] (`select.rs`): collect live pods (not Succeeded/Failed, not hostNetwork,
 //!    with an IP; an address listed by several belongs to the running one, then the one
 //!    created last; `pods.rs`) and pick the local ones as endpoints; find the policies
 //!    selecting each endpoint.
@@ -25,6 +25,7 @@ mod emit;
 mod kept_policy;
 mod memo;
 mod pods;
+mod select;
 mod tiers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -42,6 +43,8 @@ pub(crate) use self::kept_policy::KeptPolicy;
 use self::kept_policy::{EndpointInputs, PolicyMap, Update, View};
 use self::memo::MemoContext;
 use self::pods::{PodView, address_errors, audited_namespace, live_pods, local_live_pods};
+pub(crate) use self::select::Selection;
+use self::select::select_endpoints;
 pub(crate) use self::tiers::ReadCnp;
 use self::tiers::{ClusterPolicy, TierEntries};
 use crate::admission::Admission;
@@ -200,6 +203,7 @@ fn compile_with(
         ipcache: kept_ipcache,
         keys: kept_keys,
         pods_before,
+        selection,
         ..
     } = cache;
     let namespaces: &Namespaces = namespaces;
@@ -235,7 +239,7 @@ fn compile_with(
         None => local_live_pods(state, pod_entries, &pod_counts.local),
     };
     let frontends = crate::services::frontends(state, &mut diagnostics);
-    let endpoints = select_endpoints(&pods, &policies, &cluster_policies, namespaces);
+    let endpoints = select_endpoints(&pods, &policies, &cluster_policies, namespaces, selection);
     let egress_named_ports = peers_in_force(&endpoints, &policies, &cluster_policies, peers);
     let freed_peers = peers.collect_garbage();
     let freed: Vec<usize> = freed_peers.iter().map(|&(slot, _)| slot).collect();
@@ -616,44 +620,6 @@ struct Endpoint {
     selected_by: [Vec<usize>; 2],
     /// The ClusterNetworkPolicies whose subject it is (indices, in their order).
     cluster_selected: Vec<usize>,
-}
-
-/// Step 2: the local pods among `pods`, each with the policies in force of its namespace
-/// that select it, per direction, and the ClusterNetworkPolicies whose subject it is.
-fn select_endpoints(
-    pods: &[PodView<'_>],
-    policies: &Policies,
-    cluster_policies: &[Arc<ClusterPolicy>],
-    namespaces: &Namespaces,
-) -> Vec<Endpoint> {
-    pods.iter()
-        .enumerate()
-        .filter(|(_, p)| p.local)
-        .map(|(pod, p)| {
-            let mut selected_by = [Vec::new(), Vec::new()];
-            for i in policies.in_namespace(&p.obj.namespace) {
-                let policy = policies.parsed(i);
-                if policy.pod_selector.matches(p.labels) {
-                    for (d, direction) in Direction::BOTH.into_iter().enumerate() {
-                        if policy.rules(direction).is_some() {
-                            selected_by[d].push(i);
-                        }
-                    }
-                }
-            }
-            let cluster_selected = match namespaces.get(p.obj.namespace.as_str()) {
-                Some(ns) => (0..cluster_policies.len())
-                    .filter(|&i| cluster_policies[i].selects(p.labels, &ns.labels))
-                    .collect(),
-                None => Vec::new(),
-            };
-            Endpoint {
-                pod,
-                selected_by,
-                cluster_selected,
-            }
-        })
-        .collect()
 }
 
 /// Step 3: interns the peers of the rules in force (of NetworkPolicies and of

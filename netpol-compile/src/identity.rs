@@ -221,7 +221,11 @@ impl Allocations {
         if renumbered {
             return None;
         }
-        let identities = signatures.into_iter().zip(&numbers).map(|(s, &n)| (s, n)).collect();
+        let identities = signatures
+            .into_iter()
+            .zip(&numbers)
+            .map(|(s, &n)| (s, n))
+            .collect();
         let unmoved = |&(key, now): &(Lpm<Addr>, Option<usize>)| {
             number_before(&key) == now.map(|i: usize| numbers[i])
         };

@@ -130,7 +130,11 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> (ChangeKind, Ch
             let name = format!("cnp-{k:03}");
             object["metadata"]["name"] = json!(name);
             state.cluster_policies.insert(name.clone(), object);
-            changes.cluster_policies.as_mut().expect("named").insert(name);
+            changes
+                .cluster_policies
+                .as_mut()
+                .expect("named")
+                .insert(name);
         }
     }
     (kind, changes)
