@@ -334,6 +334,7 @@ fn main() -> anyhow::Result<()> {
         subscriber.init();
     }
 
+    unblock_stop_signals();
     let config = agent_config(&args);
     // Privileged start-up, on the only thread: load or adopt the programs, then keep
     // only the capabilities enforcement needs. Every thread started later (the async
@@ -502,6 +503,20 @@ fn default_flow_socket(bpffs_dir: &std::path::Path) -> PathBuf {
         .file_name()
         .map_or_else(|| "netpol".into(), |n| n.to_string_lossy().into_owned());
     PathBuf::from("/run/netpol").join(format!("{name}.sock"))
+}
+
+/// A parent may start the agent with SIGTERM blocked (a blocked signal mask is
+/// inherited across exec): the signal would stay pending, and the agent would run on
+/// until SIGKILL without its `--on-exit` clean-up. Called on the only thread, so every
+/// thread started later inherits the unblocked mask.
+fn unblock_stop_signals() {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    if let Err(error) = set.thread_unblock() {
+        tracing::warn!(%error, "cannot unblock SIGTERM and SIGINT; they may not stop the agent");
+    }
 }
 
 async fn shutdown_signal() {

@@ -157,3 +157,58 @@ fn kill_9_and_restart_twenty_times_without_a_gap() {
     );
     drop(agent);
 }
+
+/// A supervisor that starts the agent with SIGTERM blocked (the mask is inherited across
+/// exec) must still be able to stop it: the agent unblocks its stop signals, so SIGTERM
+/// ends it cleanly (`--on-exit detach`: its pinned programs and maps removed) instead of
+/// leaving it running until SIGKILL.
+#[test]
+fn an_agent_started_with_sigterm_blocked_still_stops_on_sigterm() {
+    use nix::sys::signal::{SigSet, Signal};
+    let Some(agent_path) = agent_bin("an_agent_started_with_sigterm_blocked_still_stops") else {
+        return;
+    };
+    let lab = standard_lab(&["x/a"]);
+    let mut manifests = ManifestDir::create(lab.workdir().join("manifests")).expect("manifest dir");
+    manifests.write(&lab, POLICY).expect("manifests");
+    let mut blocked = SigSet::empty();
+    blocked.add(Signal::SIGTERM);
+    blocked.add(Signal::SIGINT);
+    // Only this thread's mask, and only while the agent is spawned.
+    blocked
+        .thread_block()
+        .expect("blocking SIGTERM in this thread");
+    let source = [
+        OsString::from("--manifests"),
+        manifests.path().as_os_str().to_owned(),
+        OsString::from("--on-exit"),
+        OsString::from("detach"),
+    ];
+    let started = AgentProcess::start_with_source(&lab, &agent_path, &source);
+    blocked.thread_unblock().expect("unblocking SIGTERM again");
+    let mut agent = started.expect("starting the agent");
+    agent
+        .wait_generation(manifests.generation(), AGENT_TIMEOUT)
+        .expect("the agent applied the manifests");
+    let pid = agent.pid().expect("running");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGTERM)
+        .expect("sending SIGTERM");
+    let deadline = Instant::now() + AGENT_TIMEOUT;
+    let status = loop {
+        if let Some(status) = agent.exited().expect("waiting for the agent") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running {AGENT_TIMEOUT:?} after SIGTERM\n{}",
+            agent.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    assert!(status.success(), "{status}\n{}", agent.log_tail(20));
+    assert!(
+        !agent.bpffs_dir().join("maps").exists(),
+        "--on-exit detach removed the pinned maps\n{}",
+        agent.log_tail(20)
+    );
+}
