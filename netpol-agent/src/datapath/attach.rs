@@ -12,7 +12,7 @@ use aya::programs::tc::{
 use aya::programs::{ProgramError, SchedClassifier};
 use aya::util::KernelVersion;
 use netpol_common::{IFACE_REFUSED, IFACE_SHARED, names};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{ApplyReport, Datapath, Error, Result, chain, interfaces, program};
 use netpol_compile::LocalPod;
@@ -276,10 +276,15 @@ impl Datapath {
         let names: std::collections::BTreeSet<String> = match &self.exit_interfaces {
             Some(configured) => configured.iter().cloned().collect(),
             None if routes.is_empty() => {
-                warn!("no routes read; exit devices unchanged");
+                if !std::mem::replace(&mut self.no_routes, true) {
+                    warn!("no routes read; exit devices unchanged until there are");
+                }
                 return;
             }
             None => {
+                if std::mem::replace(&mut self.no_routes, false) {
+                    info!("routes read again; exit devices follow them");
+                }
                 let pods = pod_interfaces.keys().map(String::as_str).collect();
                 interfaces::exit_devices(routes, &pods, &self.pod_interface_prefixes)
             }

@@ -151,6 +151,7 @@ impl Datapath {
             attachments: BTreeMap::new(),
             exits: BTreeMap::new(),
             exit_interfaces: None,
+            no_routes: false,
             pod_interface_prefixes: Vec::new(),
             refused_endpoints: Default::default(),
             port_peers: Default::default(),

@@ -220,6 +220,8 @@ pub struct Datapath {
     /// `Some`: exactly these interfaces are exit devices (`--exit-interface`); `None`:
     /// discovered from the routes.
     exit_interfaces: Option<Vec<String>>,
+    /// The last apply read no route (reported once, not at every apply).
+    no_routes: bool,
     /// Interfaces whose names start with one of these get the programs as soon as they
     /// appear, before their pod is known (see [`Datapath::set_pod_interfaces`]).
     pod_interface_prefixes: Vec<String>,
