@@ -15,7 +15,6 @@ use super::tiers::ClusterPolicy;
 use super::{Endpoint, Policies};
 use crate::Direction;
 use crate::cache::Namespaces;
-use crate::policy::ParsedPolicy;
 use crate::state::{Labels, ObjectRef};
 
 /// What selected each local pod in the last compile, and what that was read from.
@@ -23,7 +22,7 @@ use crate::state::{Labels, ObjectRef};
 pub(crate) struct Selection {
     /// The policies in force it was made with (their shared lists: the same lists are
     /// the same policies).
-    policies: Option<(Arc<[ObjectRef]>, Arc<[Arc<ParsedPolicy>]>)>,
+    policies: Option<Policies>,
     /// The ClusterNetworkPolicies it was made with (the memo's shared values, in order).
     cluster: Vec<Arc<ClusterPolicy>>,
     by_pod: HashMap<ObjectRef, Selected>,
@@ -48,8 +47,8 @@ pub(super) fn select_endpoints(
     namespaces: &Namespaces,
     memo: &mut Selection,
 ) -> Vec<Endpoint> {
-    let same_policies = memo.policies.as_ref().is_some_and(|(names, parsed)| {
-        Arc::ptr_eq(names, &policies.names) && Arc::ptr_eq(parsed, &policies.parsed)
+    let same_policies = memo.policies.as_ref().is_some_and(|last| {
+        Arc::ptr_eq(&last.names, &policies.names) && Arc::ptr_eq(&last.parsed, &policies.parsed)
     });
     let same_cluster = memo.cluster.len() == cluster_policies.len()
         && memo
@@ -91,7 +90,7 @@ pub(super) fn select_endpoints(
             cluster_selected,
         });
     }
-    memo.policies = Some((Arc::clone(&policies.names), Arc::clone(&policies.parsed)));
+    memo.policies = Some(policies.clone());
     memo.cluster = cluster_policies.to_vec();
     endpoints
 }
