@@ -27,15 +27,6 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read at its start: one arena (the default, four per CPU, gives
-/// each thread its own; the compile runs on one thread at a time, so the others held
-/// memory nobody reused) and unused pages returned within a second. At 10,000 pods the
-/// bench's agent peaked at 61-63 MiB instead of 70, at 150,000 at 359 instead of 367;
-/// no change in its times beyond the noise. `_RJEM_MALLOC_CONF` in the environment still
-/// overrides them.
-#[unsafe(export_name = "_rjem_malloc_conf")]
-static JEMALLOC_OPTIONS: &[u8; 47] = b"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
-
 #[derive(Parser, Debug)]
 #[command(
     name = "netpol-agent",
