@@ -411,8 +411,7 @@ impl LastRead {
         let mut rules = Vec::new();
         // NetworkPolicies: both lists in name order.
         let (before, now) = (&self.policies, policies);
-        let same =
-            Arc::ptr_eq(&before.names, &now.names) && Arc::ptr_eq(&before.parsed, &now.parsed);
+        let same = before.is(now);
         let (mut i, mut j) = if same {
             (before.names.len(), now.names.len())
         } else {
@@ -482,13 +481,7 @@ impl PoliciesRead {
     /// rules into `prev`.
     fn same_rules(&self, cluster: &[Arc<ClusterPolicy>], prev: &Allocations) -> bool {
         self.last.as_ref().is_some_and(|last| {
-            Arc::ptr_eq(&last.table, prev.rules_by_id())
-                && last.cluster.len() == cluster.len()
-                && last
-                    .cluster
-                    .iter()
-                    .zip(cluster)
-                    .all(|(a, b)| Arc::ptr_eq(a, b))
+            Arc::ptr_eq(&last.table, prev.rules_by_id()) && same_shared(&last.cluster, cluster)
         })
     }
 
@@ -558,6 +551,11 @@ struct Policies {
 }
 
 impl Policies {
+    /// Whether `other` is these very lists (shared, so the same policies in force).
+    fn is(&self, other: &Policies) -> bool {
+        Arc::ptr_eq(&self.names, &other.names) && Arc::ptr_eq(&self.parsed, &other.parsed)
+    }
+
     fn parsed(&self, i: usize) -> &ParsedPolicy {
         &self.parsed[i]
     }
@@ -620,6 +618,12 @@ struct Endpoint {
     selected_by: [Vec<usize>; 2],
     /// The ClusterNetworkPolicies whose subject it is (indices, in their order).
     cluster_selected: Vec<usize>,
+}
+
+/// Whether two lists hold the same shared values, compared by address: the memo holds
+/// them, so an address is never another value's while they are compared.
+fn same_shared<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
 }
 
 /// Step 3: interns the peers of the rules in force (of NetworkPolicies and of

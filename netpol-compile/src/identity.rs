@@ -98,7 +98,7 @@ pub struct Allocations {
     /// Dynamic identity of every IPCACHE key (world keys are absent), sorted by key:
     /// shared with the next allocations while no key's number changes (150,000 pods
     /// have some 190,000 keys, copied at every compile before).
-    addresses: Arc<[(Lpm<Addr>, u32)]>,
+    addresses: Arc<Vec<(Lpm<Addr>, u32)>>,
     /// Rule ids (`PolicyValue::rule`, the RULE_COUNTERS index), from 0, and the same by
     /// id: shared with the next allocations while the rules stay the same (15,000 policies
     /// have some 30,000 rules, whose names would be copied at every compile).
@@ -149,11 +149,13 @@ impl Allocations {
         rules: Rules,
     ) -> Allocations {
         let numbers = self.identity_numbers(&classes);
-        let addresses: Arc<[(Lpm<Addr>, u32)]> = classes
-            .keys
-            .iter()
-            .map(|&(key, class)| (key, numbers[class]))
-            .collect();
+        let addresses = Arc::new(
+            classes
+                .keys
+                .iter()
+                .map(|&(key, class)| (key, numbers[class]))
+                .collect(),
+        );
         let identities = classes.signatures.into_iter().zip(numbers).collect();
         self.with_identities(endpoints, (identities, addresses), rules)
     }
@@ -244,7 +246,7 @@ impl Allocations {
             }
         }
         addresses.extend(changes.filter_map(|&(k, now)| Some((k, numbers[now?]))));
-        Some((identities, addresses.into()))
+        Some((identities, Arc::new(addresses)))
     }
 
     /// The allocations with `identities` (numbers by signature, and by key), and
@@ -408,7 +410,7 @@ impl Allocations {
 }
 
 /// Identity numbers by signature, and of every key of a dynamic identity (sorted).
-pub(crate) type Identities = (BTreeMap<IdentitySignature, u32>, Arc<[(Lpm<Addr>, u32)]>);
+pub(crate) type Identities = (BTreeMap<IdentitySignature, u32>, Arc<Vec<(Lpm<Addr>, u32)>>);
 
 /// The lineage contest: `candidates` (keys that carried the number, number, identity)
 /// taken largest overlap first, then lower number, then identity listed first; an

@@ -43,11 +43,7 @@ pub(super) struct EndpointInputs {
 
 impl PartialEq for EndpointInputs {
     fn eq(&self, other: &Self) -> bool {
-        // Shared values compared by address: the memo holds them, so an address is
-        // never another value's while they are compared.
-        fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
-            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
-        }
+        use super::same_shared as same;
         same(&self.policies[0], &other.policies[0])
             && same(&self.policies[1], &other.policies[1])
             && same(&self.cluster, &other.cluster)

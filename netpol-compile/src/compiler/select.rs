@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::pods::PodView;
 use super::tiers::ClusterPolicy;
-use super::{Endpoint, Policies};
+use super::{Endpoint, Policies, same_shared};
 use crate::Direction;
 use crate::cache::Namespaces;
 use crate::state::{Labels, ObjectRef};
@@ -47,15 +47,8 @@ pub(super) fn select_endpoints(
     namespaces: &Namespaces,
     memo: &mut Selection,
 ) -> Vec<Endpoint> {
-    let same_policies = memo.policies.as_ref().is_some_and(|last| {
-        Arc::ptr_eq(&last.names, &policies.names) && Arc::ptr_eq(&last.parsed, &policies.parsed)
-    });
-    let same_cluster = memo.cluster.len() == cluster_policies.len()
-        && memo
-            .cluster
-            .iter()
-            .zip(cluster_policies)
-            .all(|(a, b)| Arc::ptr_eq(a, b));
+    let same_policies = memo.policies.as_ref().is_some_and(|last| last.is(policies));
+    let same_cluster = same_shared(&memo.cluster, cluster_policies);
     let mut last = std::mem::take(&mut memo.by_pod);
     let mut endpoints = Vec::new();
     for (pod, p) in pods.iter().enumerate().filter(|(_, p)| p.local) {
