@@ -65,6 +65,7 @@ use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
 use netpol_agent::datapath::maps::KernelMap;
 use netpol_agent::datapath::packet::{Frame, Transport};
+use netpol_agent::datapath::peers::PeerMaps;
 use netpol_agent::datapath::{Capacities, Datapath, HookKind, chain};
 use netpol_compile::cnp::reference::{DecidedBy, TieredReference, TieredVerdict};
 use netpol_compile::differential::{Case, Scenario, case, sweep};
@@ -530,10 +531,10 @@ impl Kernel {
             &endpoints.read_all().map_err(read)?,
             &compiled.endpoints,
         )?;
-        let ipcache: LpmTrie<MapData, _, _> = pinned(&self.dir, names::IPCACHE, Map::LpmTrie);
+        // IPCACHE through PEERS: what each prefix resolves to.
         compare(
             names::IPCACHE,
-            &ipcache.read_all().map_err(read)?,
+            &PeerMaps::read_pinned(&self.dir.join("maps")).map_err(read)?,
             &compiled.ipcache,
         )?;
         // POLICY and POLICY_RANGES, each against its share of the compiled entries.

@@ -236,7 +236,11 @@ pub const fn judged(flags: u32, direction: u8) -> bool {
 const _: () = assert!(tier_kinds_shift(TIER_BASELINE, DIR_EGRESS) + 4 <= 32);
 const _: () = assert!(tier_kinds_shift(TIER_ADMIN, DIR_INGRESS) > 10);
 
-/// Value of IPCACHE (LPM_TRIE, key data [`Addr`], prefix `ADDR_FAMILY_BITS + n`).
+/// What a peer address resolves to: the value of PEERS (ARRAY, mappable) at the slot
+/// IPCACHE (LPM_TRIE, key data [`Addr`], prefix `ADDR_FAMILY_BITS + n`) gives the
+/// longest matching prefix. The indirection lets the agent move an address to another
+/// identity with one store into its mapping of PEERS rather than a trie update: a
+/// change of the peer classes renumbers up to every pod address at once.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct PeerInfo {
@@ -244,6 +248,26 @@ pub struct PeerInfo {
     /// `PEER_*` flags.
     pub flags: u32,
 }
+
+impl PeerInfo {
+    /// The entry as one word with its memory layout (the agent stores it, the programs
+    /// load it, in one access: a reader never sees one field new and the other old).
+    #[inline(always)]
+    pub const fn to_word(self) -> u64 {
+        // SAFETY: two u32 fields without padding (size asserted below): any 8 bytes.
+        unsafe { core::mem::transmute::<PeerInfo, u64>(self) }
+    }
+
+    /// The inverse of [`PeerInfo::to_word`].
+    #[inline(always)]
+    pub const fn from_word(word: u64) -> PeerInfo {
+        // SAFETY: as in `to_word`; every bit pattern is a valid `PeerInfo`.
+        unsafe { core::mem::transmute::<u64, PeerInfo>(word) }
+    }
+}
+
+/// Value of IPCACHE: the index of the address's [`PeerInfo`] in PEERS.
+pub type PeerSlot = u32;
 
 /// The address belongs to this node: traffic from it to a local pod always passes
 /// (kubelet probes).
@@ -739,6 +763,7 @@ pub struct EventBudget {
 pub mod names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const IPCACHE: &str = "IPCACHE";
+    pub const PEERS: &str = "PEERS";
     pub const POLICY: &str = "POLICY";
     pub const POLICY_RANGES: &str = "POLICY_RANGES";
     pub const CT4: &str = "CT4";
@@ -766,6 +791,7 @@ pub mod names {
 /// Default capacities (the agent can override them at load time).
 pub mod capacity {
     pub const ENDPOINTS: u32 = 4096;
+    /// Each of IPCACHE and PEERS (a slot of PEERS per IPCACHE entry).
     pub const IPCACHE: u32 = 262_144;
     pub const POLICY: u32 = 262_144;
     /// Port-range entries (most rules name single ports).

@@ -5,22 +5,28 @@
 //! adopts them.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use netpol_common::{
     Addr, COUNTER_SLOTS, Counter, CtKey4, CtKey6, CtValue, DatapathState, EndpointInfo,
-    EventBudget, PeerInfo, PolicyKey, PolicyValue, ServicePort, capacity,
+    EventBudget, PeerInfo, PeerSlot, PolicyKey, PolicyValue, ServicePort, capacity,
 };
 
 /// Local pod address -> endpoint.
 #[map]
 pub static ENDPOINTS: HashMap<Addr, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
-/// Address prefix -> peer identity. Longest match decides ipBlock membership exactly.
+/// Address prefix -> its slot in PEERS. Longest match decides ipBlock membership
+/// exactly.
 #[map]
-pub static IPCACHE: LpmTrie<Addr, PeerInfo> = LpmTrie::pinned(capacity::IPCACHE, 0);
+pub static IPCACHE: LpmTrie<Addr, PeerSlot> = LpmTrie::pinned(capacity::IPCACHE, 0);
+
+/// Slot -> peer identity and flags. Mappable: the agent renumbers addresses by storing
+/// into its mapping, without a system call per address.
+#[map]
+pub static PEERS: Array<PeerInfo> = Array::pinned(capacity::IPCACHE, BPF_F_MMAPABLE);
 
 /// {endpoint, identity, direction, protocol, port} -> allowing rule: exact ports, every
 /// port of a protocol, every protocol (see [`PolicyKey`]). Allocated as entries come, so

@@ -21,16 +21,24 @@ use netpol_common::{
     TIER_KIND_ANY_PROTOCOL, TIER_KIND_RANGES, VERDICT_ALLOW, VERDICT_DENY, judged, tier_kinds,
 };
 
-use crate::maps::{IPCACHE, NODE_PORTS, POLICY, POLICY_RANGES};
+use crate::maps::{IPCACHE, NODE_PORTS, PEERS, POLICY, POLICY_RANGES};
 
+/// What IPCACHE's longest prefix for `addr` resolves to in PEERS; the world when no
+/// prefix covers it.
 #[inline(always)]
 fn peer(addr: &Addr) -> PeerInfo {
-    match IPCACHE.get(Key::new(addr.full_prefix_len(), *addr)) {
-        Some(info) => *info,
-        None => PeerInfo {
-            identity: IDENTITY_WORLD,
-            flags: 0,
-        },
+    const WORLD: PeerInfo = PeerInfo {
+        identity: IDENTITY_WORLD,
+        flags: 0,
+    };
+    let Some(&slot) = IPCACHE.get(Key::new(addr.full_prefix_len(), *addr)) else {
+        return WORLD;
+    };
+    match PEERS.get_ptr(slot) {
+        // SAFETY: an element of an array map, 8-byte aligned (values are laid out at
+        // multiples of 8); one load, as the agent stores it (`PeerInfo::to_word`).
+        Some(info) => PeerInfo::from_word(unsafe { core::ptr::read_volatile(info.cast::<u64>()) }),
+        None => WORLD,
     }
 }
 

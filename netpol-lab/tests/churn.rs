@@ -3,7 +3,7 @@
 //! check the whole matrix against what the scenario predicts. Then the cluster is put
 //! back into its initial state, and what the agent holds must be back at its baseline:
 //! entries of the kernel maps (counted by walking the pinned maps, not taken from the
-//! agent), peer identities (distinct IPCACHE values), attachments (link pins under
+//! agent), peer identities (distinct PEERS values of the IPCACHE entries), attachments (link pins under
 //! `<pin dir>/links`), the agent's open descriptors and its resident memory.
 //!
 //! Bounded: 90 s of churn by default; `NETPOL_CHURN_SECS=N` sets another duration and
@@ -228,8 +228,8 @@ mod bpf {
         }
     }
 
-    /// (entries, distinct values) of the map pinned at `pin`.
-    pub fn entries(pin: &Path) -> Result<(usize, usize)> {
+    /// The map pinned at `pin`, opened.
+    fn open(pin: &Path) -> Result<(OwnedFd, MapInfo)> {
         let path = CString::new(pin.as_os_str().as_bytes()).map_err(Error::other)?;
         let mut get = ObjGet {
             pathname: path.as_ptr() as u64,
@@ -245,13 +245,29 @@ mod bpf {
             info: &mut info as *mut MapInfo as u64,
         };
         sys_bpf(OBJ_GET_INFO_BY_FD, &mut by_fd)?;
+        Ok((fd, info))
+    }
+
+    /// The value of `key` in the map open at `fd`, if it has one.
+    fn lookup(fd: &OwnedFd, info: &MapInfo, key: &[u8]) -> Option<Vec<u8>> {
+        let mut value = vec![0u8; info.value_size as usize];
+        let mut lookup = Elem {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value_or_next_key: value.as_mut_ptr() as u64,
+        };
+        sys_bpf(MAP_LOOKUP_ELEM, &mut lookup).ok().map(|_| value)
+    }
+
+    /// The values of the map pinned at `pin`, one per entry.
+    pub fn values(pin: &Path) -> Result<Vec<Vec<u8>>> {
+        let (fd, info) = open(pin)?;
         let mut key = vec![0u8; info.key_size as usize];
         let mut next = vec![0u8; info.key_size as usize];
-        let mut value = vec![0u8; info.value_size as usize];
-        let mut values = BTreeSet::new();
-        let mut count = 0;
+        let mut values = Vec::new();
         let mut first = true;
-        while count < MAX_ENTRIES {
+        for _ in 0..MAX_ENTRIES {
             let mut elem = Elem {
                 map_fd: fd.as_raw_fd() as u32,
                 _pad: 0,
@@ -261,24 +277,33 @@ mod bpf {
             };
             match sys_bpf(MAP_GET_NEXT_KEY, &mut elem) {
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(values),
                 Err(e) => return Err(e),
             }
             first = false;
             std::mem::swap(&mut key, &mut next);
-            count += 1;
-            let mut lookup = Elem {
-                map_fd: fd.as_raw_fd() as u32,
-                _pad: 0,
-                key: key.as_ptr() as u64,
-                value_or_next_key: value.as_mut_ptr() as u64,
-            };
-            // An entry removed between the two calls is simply not counted as a value.
-            if sys_bpf(MAP_LOOKUP_ELEM, &mut lookup).is_ok() {
-                values.insert(value.clone());
-            }
+            // An entry removed between the two calls is simply not counted.
+            values.extend(lookup(&fd, &info, &key));
         }
-        Ok((count, values.len()))
+        Ok(values)
+    }
+
+    /// (entries, distinct values) of the map pinned at `pin`.
+    pub fn entries(pin: &Path) -> Result<(usize, usize)> {
+        let values = values(pin)?;
+        let distinct: BTreeSet<&Vec<u8>> = values.iter().collect();
+        Ok((values.len(), distinct.len()))
+    }
+
+    /// The distinct values the array pinned at `pin` holds at the indices `slots`
+    /// (4-byte keys, as the other map holds them).
+    pub fn distinct_at(pin: &Path, slots: &[Vec<u8>]) -> Result<usize> {
+        let (fd, info) = open(pin)?;
+        let found: BTreeSet<Vec<u8>> = slots
+            .iter()
+            .filter_map(|slot| lookup(&fd, &info, slot))
+            .collect();
+        Ok(found.len())
     }
 }
 
@@ -287,7 +312,8 @@ mod bpf {
 struct Footprint {
     /// Entries per checked map.
     maps: BTreeMap<&'static str, usize>,
-    /// Distinct IPCACHE values: peer identities (with the host flag).
+    /// Distinct values of PEERS at the slots IPCACHE names: peer identities (with the
+    /// host flag).
     identities: usize,
     /// Conntrack entries (reported only: they expire on their own).
     conntrack: usize,
@@ -317,7 +343,9 @@ impl Footprint {
             .expect("VmRSS in /proc/<pid>/status");
         Footprint {
             maps,
-            identities: count("IPCACHE").1,
+            identities: bpf::values(&maps_dir.join("IPCACHE"))
+                .and_then(|slots| bpf::distinct_at(&maps_dir.join("PEERS"), &slots))
+                .unwrap_or_else(|e| panic!("reading the identities of IPCACHE and PEERS: {e}")),
             conntrack: count("CT4").0 + count("CT6").0,
             links: link_pins(&lab.pin_dir()),
             fds: std::fs::read_dir(format!("/proc/{pid}/fd"))

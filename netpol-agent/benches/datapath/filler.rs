@@ -3,18 +3,19 @@
 use std::path::Path;
 
 use aya::maps::lpm_trie::Key;
-use aya::maps::{HashMap, LpmTrie, Map, MapData};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
 use netpol_common::{
     Addr, DIR_EGRESS, DIR_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED,
-    EndpointInfo, POLICY_PREFIX_ANY_PORT, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue,
-    TIER_ADMIN, VERDICT_DENY, names,
+    EndpointInfo, POLICY_PREFIX_ANY_PORT, PROTO_TCP, PROTO_UDP, PeerInfo, PeerSlot, PolicyKey,
+    PolicyValue, TIER_ADMIN, VERDICT_DENY, names,
 };
 use netpol_compile::Compiled;
 
 /// Synthetic map filler through the pinned maps.
 pub struct Filler {
     endpoints: HashMap<MapData, Addr, EndpointInfo>,
-    ipcache: LpmTrie<MapData, Addr, PeerInfo>,
+    ipcache: LpmTrie<MapData, Addr, PeerSlot>,
+    peers: Array<MapData, PeerInfo>,
     policy: HashMap<MapData, PolicyKey, PolicyValue>,
     policy_ranges: LpmTrie<MapData, PolicyKey, PolicyValue>,
     pub policy_written: usize,
@@ -26,6 +27,7 @@ pub struct Filler {
 /// small cluster, so no filler entry ever decides a measured packet.
 pub const FILLER_IDENTITY: u32 = 1000;
 const FILLER_ENDPOINTS: u32 = 100;
+const FILLER_IDENTITIES: u32 = 500;
 
 impl Filler {
     pub fn open(maps: &Path) -> Filler {
@@ -33,6 +35,7 @@ impl Filler {
         Filler {
             endpoints: HashMap::try_from(Map::HashMap(pinned(names::ENDPOINTS))).expect("map"),
             ipcache: LpmTrie::try_from(Map::LpmTrie(pinned(names::IPCACHE))).expect("map"),
+            peers: Array::try_from(Map::Array(pinned(names::PEERS))).expect("map"),
             policy: HashMap::try_from(Map::HashMap(pinned(names::POLICY))).expect("map"),
             policy_ranges: LpmTrie::try_from(Map::LpmTrie(pinned(names::POLICY_RANGES)))
                 .expect("map"),
@@ -57,11 +60,20 @@ impl Filler {
     }
 
     /// IPCACHE up to `total`: pod /32s next to the measured ones (10.1.0.0 upwards) and,
-    /// every 100th, a /24 ipBlock (172.16.0.0/14 region).
+    /// every 100th, a /24 ipBlock (172.16.0.0/14 region). Their 500 identities take the
+    /// last 500 slots of PEERS, far above the few the agent hands out from the first on.
     pub fn ipcache(&mut self, already: usize, total: usize) {
+        let last = self.peers.len() - 1;
+        let slot = |n: u32| last - n % FILLER_IDENTITIES;
+        for n in 0..FILLER_IDENTITIES {
+            let info = PeerInfo {
+                identity: FILLER_IDENTITY + n,
+                flags: 0,
+            };
+            self.peers.set(slot(n), info, 0).expect("PEERS");
+        }
         for i in 0..total.saturating_sub(already) {
             let n = i as u32;
-            let identity = FILLER_IDENTITY + n % 500;
             let (prefix, octets) = if i % 100 == 99 {
                 let j = n / 100;
                 (32 + 24, [172, 16 + (j >> 8) as u8, j as u8, 0])
@@ -70,8 +82,7 @@ impl Filler {
                 (32 + 32, a.to_be_bytes())
             };
             let key = Key::new(prefix, Addr::v4(octets));
-            let value = PeerInfo { identity, flags: 0 };
-            self.ipcache.insert(&key, value, 0).expect("IPCACHE");
+            self.ipcache.insert(&key, slot(n), 0).expect("IPCACHE");
         }
     }
 

@@ -29,6 +29,7 @@ use netpol_common::{Addr, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, names}
 use netpol_compile::policy_maps::{Slot, slot};
 
 use super::maps::{Work, absent_from, join};
+use super::peers::Peer;
 use netpol_compile::{Compiled, Lpm};
 
 /// What could not be admitted.
@@ -93,7 +94,7 @@ pub struct PrefixOverflow {
 /// What the kernel holds now.
 pub struct Kernel<'a> {
     pub endpoints: &'a BTreeMap<Addr, EndpointInfo>,
-    pub ipcache: &'a BTreeMap<Lpm<Addr>, PeerInfo>,
+    pub ipcache: &'a BTreeMap<Lpm<Addr>, Peer>,
     pub policy: &'a BTreeMap<Lpm<PolicyKey>, PolicyValue>,
     /// The version of the compiled POLICY ([`netpol_compile::KeptMap`]) that `policy` is
     /// exactly (the last sync wrote it whole), if known: see `ipcache_version`.
@@ -214,9 +215,9 @@ pub fn fit<'a>(
 
 /// The keys of `desired` the kernel lacks: among `changed` (the keys changed since the
 /// version the kernel holds) when known, else among all.
-fn absent<'a, K: Ord, V>(
+fn absent<'a, K: Ord, V, W>(
     desired: &'a BTreeMap<K, V>,
-    kernel: &BTreeMap<K, V>,
+    kernel: &BTreeMap<K, W>,
     changed: Option<&'a [K]>,
 ) -> Vec<&'a K> {
     match changed {
@@ -317,8 +318,16 @@ mod tests {
 
     struct Maps {
         endpoints: BTreeMap<Addr, EndpointInfo>,
-        ipcache: BTreeMap<Lpm<Addr>, PeerInfo>,
+        ipcache: BTreeMap<Lpm<Addr>, Peer>,
         policy: BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+    }
+
+    /// IPCACHE entries as the kernel holds them, each in a slot of its own.
+    fn held(entries: &[(Lpm<Addr>, PeerInfo)]) -> BTreeMap<Lpm<Addr>, Peer> {
+        (0..)
+            .zip(entries)
+            .map(|(slot, &(key, info))| (key, Peer { info, slot }))
+            .collect()
     }
 
     impl Maps {
@@ -536,7 +545,7 @@ mod tests {
         kept.update(first.to_vec());
         let version = kept.version();
         let maps = Maps {
-            ipcache: first.iter().copied().collect(),
+            ipcache: held(first),
             ..empty()
         };
         kept.update(next.to_vec());

@@ -9,11 +9,12 @@ use std::path::Path;
 
 use super::Error;
 use super::maps::{KernelMap as _, PolicyMaps};
+use super::peers::PeerMaps;
 use crate::telemetry::inspect::{KernelConnection, KernelHook, KernelView};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo};
 use netpol_common::{
-    Addr, CT_REVOKED, CtKey, CtKey4, CtKey6, CtValue, DatapathState, EndpointInfo, PeerInfo,
-    ServicePort, names,
+    Addr, CT_REVOKED, CtKey, CtKey4, CtKey6, CtValue, DatapathState, EndpointInfo, ServicePort,
+    names,
 };
 use netpol_compile::policy_maps;
 use netpol_compile::{Compiled, Direction, model};
@@ -31,8 +32,7 @@ fn pinned(dir: &Path, name: &'static str) -> Result<Map, Error> {
 pub fn read_maps(dir: &Path) -> Result<(Compiled, u32), Error> {
     let endpoints: HashMap<MapData, Addr, EndpointInfo> =
         HashMap::try_from(pinned(dir, names::ENDPOINTS)?).map_err(map_error(names::ENDPOINTS))?;
-    let ipcache: LpmTrie<MapData, Addr, PeerInfo> =
-        LpmTrie::try_from(pinned(dir, names::IPCACHE)?).map_err(map_error(names::IPCACHE))?;
+    let ipcache = PeerMaps::read_pinned(&dir.join("maps")).map_err(map_error(names::IPCACHE))?;
     let node_ports: HashMap<MapData, ServicePort, u32> =
         HashMap::try_from(pinned(dir, names::NODE_PORTS)?).map_err(map_error(names::NODE_PORTS))?;
     let policy = PolicyMaps {
@@ -48,10 +48,7 @@ pub fn read_maps(dir: &Path) -> Result<(Compiled, u32), Error> {
         .generation;
     let compiled = Compiled {
         endpoints: endpoints.read_all().map_err(map_error(names::ENDPOINTS))?,
-        ipcache: ipcache
-            .read_all()
-            .map_err(map_error(names::IPCACHE))?
-            .into(),
+        ipcache: ipcache.into(),
         policy: policy.read_all().map_err(map_error(names::POLICY))?.into(),
         node_ports: node_ports
             .read_all()

@@ -11,6 +11,7 @@ use netpol_common::{DatapathState, names};
 use tracing::{info, warn};
 
 use super::maps::{self, Synced};
+use super::peers::PeerMaps;
 use super::{Capacities, Datapath, Error, Result, clock, program};
 
 /// The programs, built by `build.rs` from `netpol-ebpf`.
@@ -37,6 +38,7 @@ impl Datapath {
         for (name, capacity) in [
             (names::ENDPOINTS, capacities.endpoints),
             (names::IPCACHE, capacities.ipcache),
+            (names::PEERS, capacities.ipcache),
             (names::POLICY, capacities.policy),
             (names::POLICY_RANGES, capacities.policy_ranges),
             (names::CT4, capacities.conntrack),
@@ -54,6 +56,7 @@ impl Datapath {
             );
         }
         unpin_incompatible_maps(&maps_dir);
+        unpin_unpaired_peers(&maps_dir);
         let mut ebpf = loader.load(OBJECT)?;
         for name in [
             names::PROG_FROM_POD,
@@ -68,7 +71,16 @@ impl Datapath {
         let jiffies_hz = clock::kernel_hz(program(&mut ebpf, names::PROG_JIFFIES)?)?;
 
         let endpoints = adopt(&mut ebpf, names::ENDPOINTS, HashMap::try_from)?;
-        let ipcache = adopt(&mut ebpf, names::IPCACHE, LpmTrie::try_from)?;
+        let ipcache = {
+            let map_err = |name| move |source| Error::Map { name, source };
+            let trie = LpmTrie::try_from(take_map(&mut ebpf, names::IPCACHE)?)
+                .map_err(map_err(names::IPCACHE))?;
+            let aya::maps::Map::Array(peers) = take_map(&mut ebpf, names::PEERS)? else {
+                return Err(Error::MissingMap(names::PEERS));
+            };
+            let maps = PeerMaps::new(trie, &peers).map_err(map_err(names::PEERS))?;
+            Synced::adopt(names::IPCACHE, maps).map_err(map_err(names::IPCACHE))?
+        };
         let ifaces = adopt(&mut ebpf, names::IFACES, HashMap::try_from)?;
         let node_ports = adopt(&mut ebpf, names::NODE_PORTS, HashMap::try_from)?;
         let policy = {
@@ -189,7 +201,7 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
 }
 
 /// The layout of every map this build pins: (name, type, key size, value size).
-pub fn map_layouts() -> [(&'static str, aya::maps::MapType, u32, u32); 13] {
+pub fn map_layouts() -> [(&'static str, aya::maps::MapType, u32, u32); 14] {
     use aya::maps::MapType::{Array, Hash, LpmTrie, LruHash, PerCpuArray, RingBuf};
     use netpol_common as c;
     fn size<T>() -> u32 {
@@ -208,8 +220,9 @@ pub fn map_layouts() -> [(&'static str, aya::maps::MapType, u32, u32); 13] {
             names::IPCACHE,
             LpmTrie,
             lpm(size::<c::Addr>()),
-            size::<c::PeerInfo>(),
+            size::<c::PeerSlot>(),
         ),
+        (names::PEERS, Array, 4, size::<c::PeerInfo>()),
         (
             names::POLICY,
             Hash,
@@ -290,6 +303,34 @@ fn unpin_incompatible_maps(maps_dir: &Path) {
                 "unpinned a map this build does not define or whose layout changed"
             ),
             Err(error) => warn!(map = name, %error, "could not unpin an incompatible map"),
+        }
+    }
+}
+
+/// IPCACHE names slots of PEERS: the two are adopted together or not at all. One
+/// pinned without the other, or PEERS with another capacity than IPCACHE, or not
+/// mappable (no build pins such a pair; a person might), would hand the programs slots
+/// that resolve to nothing or to another prefix's identity: both are unpinned, to be
+/// created afresh.
+fn unpin_unpaired_peers(maps_dir: &Path) {
+    const MMAPABLE: u32 = 1 << 10;
+    let info = |name: &str| aya::maps::MapInfo::from_pin(maps_dir.join(name)).ok();
+    let (trie, peers) = (info(names::IPCACHE), info(names::PEERS));
+    let paired = match (&trie, &peers) {
+        (None, None) => return,
+        (Some(trie), Some(peers)) => {
+            trie.max_entries() == peers.max_entries() && peers.map_flags() & MMAPABLE != 0
+        }
+        _ => false,
+    };
+    if paired {
+        return;
+    }
+    for name in [names::IPCACHE, names::PEERS] {
+        match std::fs::remove_file(maps_dir.join(name)) {
+            Ok(()) => info!(map = name, "unpinned: IPCACHE and PEERS were not a pair"),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => warn!(map = name, %error, "could not unpin an unpaired map"),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use aya::Pod;
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
-use netpol_common::{Addr, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, ServicePort};
+use netpol_common::{Addr, EndpointInfo, PolicyKey, PolicyValue, ServicePort};
 
 use netpol_compile::Lpm;
 use netpol_compile::policy_maps::{Slot, from_policy, slot};
@@ -49,12 +49,54 @@ pub enum Work<'a, K> {
 pub trait KernelMap {
     type Key: Ord + Copy;
     type Value: PartialEq + Copy;
+    /// What the shadow keeps of an entry: its value, and whatever else the map needs to
+    /// find it again (PEERS: the slot; [`Plain`] otherwise).
+    type Stored: Copy;
+    fn value(stored: &Self::Stored) -> &Self::Value;
+    /// Writes `value` at `key`, which held `had` (the shadow's entry, if any).
+    fn put(
+        &mut self,
+        key: &Self::Key,
+        value: &Self::Value,
+        had: Option<&Self::Stored>,
+    ) -> Result<Self::Stored, MapError>;
+    fn delete(&mut self, key: &Self::Key, had: &Self::Stored) -> Result<(), MapError>;
+    fn read_all(&self) -> Result<BTreeMap<Self::Key, Self::Stored>, MapError>;
+}
+
+/// A map whose shadow keeps the value alone.
+pub trait Plain {
+    type Key: Ord + Copy;
+    type Value: PartialEq + Copy;
     fn put(&mut self, key: &Self::Key, value: &Self::Value) -> Result<(), MapError>;
     fn delete(&mut self, key: &Self::Key) -> Result<(), MapError>;
     fn read_all(&self) -> Result<BTreeMap<Self::Key, Self::Value>, MapError>;
 }
 
-impl<K: Pod + Ord, V: Pod + PartialEq> KernelMap for HashMap<MapData, K, V> {
+impl<M: Plain> KernelMap for M {
+    type Key = M::Key;
+    type Value = M::Value;
+    type Stored = M::Value;
+    fn value(stored: &M::Value) -> &M::Value {
+        stored
+    }
+    fn put(
+        &mut self,
+        key: &M::Key,
+        value: &M::Value,
+        _: Option<&M::Value>,
+    ) -> Result<M::Value, MapError> {
+        Plain::put(self, key, value).map(|()| *value)
+    }
+    fn delete(&mut self, key: &M::Key, _: &M::Value) -> Result<(), MapError> {
+        Plain::delete(self, key)
+    }
+    fn read_all(&self) -> Result<BTreeMap<M::Key, M::Value>, MapError> {
+        Plain::read_all(self)
+    }
+}
+
+impl<K: Pod + Ord, V: Pod + PartialEq> Plain for HashMap<MapData, K, V> {
     type Key = K;
     type Value = V;
     fn put(&mut self, key: &K, value: &V) -> Result<(), MapError> {
@@ -68,7 +110,7 @@ impl<K: Pod + Ord, V: Pod + PartialEq> KernelMap for HashMap<MapData, K, V> {
     }
 }
 
-impl<K: Pod + Ord, V: Pod + PartialEq> KernelMap for LpmTrie<MapData, K, V> {
+impl<K: Pod + Ord, V: Pod + PartialEq> Plain for LpmTrie<MapData, K, V> {
     type Key = Lpm<K>;
     type Value = V;
     fn put(&mut self, key: &Lpm<K>, value: &V) -> Result<(), MapError> {
@@ -98,7 +140,7 @@ impl<K: Pod + Ord, V: Pod + PartialEq> KernelMap for LpmTrie<MapData, K, V> {
 pub struct Synced<M: KernelMap> {
     pub name: &'static str,
     map: M,
-    shadow: BTreeMap<M::Key, M::Value>,
+    shadow: BTreeMap<M::Key, M::Stored>,
 }
 
 impl<M: KernelMap> Synced<M> {
@@ -117,7 +159,12 @@ impl<M: KernelMap> Synced<M> {
         self.shadow.is_empty()
     }
 
-    pub fn contents(&self) -> &BTreeMap<M::Key, M::Value> {
+    /// The kernel map itself, for what the sync does not cover.
+    pub fn map_mut(&mut self) -> &mut M {
+        &mut self.map
+    }
+
+    pub fn contents(&self) -> &BTreeMap<M::Key, M::Stored> {
         &self.shadow
     }
 
@@ -146,8 +193,8 @@ impl<M: KernelMap> Synced<M> {
     ) -> Result<SyncStats, MapError> {
         let mut stats = SyncStats::default();
         let mut changed = Vec::new();
-        let mut stage = |key, want: &M::Value, have: Option<&M::Value>| match have {
-            Some(have) if have == want => {}
+        let mut stage = |key, want: &M::Value, have: Option<&M::Stored>| match have {
+            Some(have) if M::value(have) == want => {}
             Some(_) => {
                 stats.updated += 1;
                 changed.push((key, *want));
@@ -175,8 +222,8 @@ impl<M: KernelMap> Synced<M> {
             }),
         }
         for (key, value) in changed {
-            self.map.put(&key, &value)?;
-            self.shadow.insert(key, value);
+            let stored = self.map.put(&key, &value, self.shadow.get(&key))?;
+            self.shadow.insert(key, stored);
         }
         Ok(stats)
     }
@@ -200,7 +247,10 @@ impl<M: KernelMap> Synced<M> {
                 .collect(),
         };
         for key in &stale {
-            match self.map.delete(key) {
+            let Some(had) = self.shadow.get(key) else {
+                continue;
+            };
+            match self.map.delete(key, had) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(error) => return Err(error),
             }
@@ -250,7 +300,7 @@ pub fn absent_from<'a, K: Ord, A, B>(a: &'a BTreeMap<K, A>, b: &BTreeMap<K, B>) 
 pub type EndpointsMap = Synced<HashMap<MapData, Addr, EndpointInfo>>;
 /// Host veth ifindex -> endpoint id.
 pub type IfacesMap = Synced<HashMap<MapData, u32, u32>>;
-pub type IpcacheMap = Synced<LpmTrie<MapData, Addr, PeerInfo>>;
+pub type IpcacheMap = Synced<super::peers::PeerMaps>;
 pub type PolicyMap = Synced<PolicyMaps>;
 
 /// POLICY and POLICY_RANGES as one map of allow entries (the compiler's view): each
@@ -260,24 +310,24 @@ pub struct PolicyMaps {
     pub ranges: LpmTrie<MapData, PolicyKey, PolicyValue>,
 }
 
-impl KernelMap for PolicyMaps {
+impl Plain for PolicyMaps {
     type Key = Lpm<PolicyKey>;
     type Value = PolicyValue;
     fn put(&mut self, key: &Lpm<PolicyKey>, value: &PolicyValue) -> Result<(), MapError> {
         match slot(key) {
-            Slot::Policy(key) => self.exact.put(&key, value),
-            Slot::Ranges(key) => self.ranges.put(&key, value),
+            Slot::Policy(key) => Plain::put(&mut self.exact, &key, value),
+            Slot::Ranges(key) => Plain::put(&mut self.ranges, &key, value),
         }
     }
     fn delete(&mut self, key: &Lpm<PolicyKey>) -> Result<(), MapError> {
         match slot(key) {
-            Slot::Policy(key) => KernelMap::delete(&mut self.exact, &key),
-            Slot::Ranges(key) => KernelMap::delete(&mut self.ranges, &key),
+            Slot::Policy(key) => Plain::delete(&mut self.exact, &key),
+            Slot::Ranges(key) => Plain::delete(&mut self.ranges, &key),
         }
     }
     fn read_all(&self) -> Result<BTreeMap<Lpm<PolicyKey>, PolicyValue>, MapError> {
-        let mut all = self.ranges.read_all()?;
-        for (key, value) in self.exact.read_all()? {
+        let mut all = Plain::read_all(&self.ranges)?;
+        for (key, value) in Plain::read_all(&self.exact)? {
             all.insert(from_policy(key), value);
         }
         Ok(all)

@@ -1,0 +1,290 @@
+//! IPCACHE and PEERS as one map of peer prefixes (the compiler's view, prefix ->
+//! [`PeerInfo`]). IPCACHE gives each prefix a slot, kept while the prefix is in it;
+//! PEERS holds the slot's identity and flags, and the agent writes it through its own
+//! mapping of the array. Moving a prefix to another identity is one store, not a
+//! system call and a trie node: a change of the peer classes (a new pod selected by a
+//! policy shape that was in force nowhere on this node) renumbers up to every pod
+//! address of the cluster at once.
+//!
+//! A slot freed in one sync is reused from the next one on: a packet that read it
+//! from IPCACHE just before its prefix went may still load it, and must find what the
+//! prefix had, never another prefix's identity.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use aya::maps::{LpmTrie, Map, MapData, MapError, lpm_trie::Key};
+use aya::sys::SyscallError;
+use netpol_common::{Addr, PeerInfo, PeerSlot, names};
+use netpol_compile::Lpm;
+
+use super::maps::KernelMap;
+
+/// What the agent keeps of one prefix: what it resolves to, and where that is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub info: PeerInfo,
+    pub slot: PeerSlot,
+}
+
+/// IPCACHE (prefix -> slot) and PEERS (slot -> [`PeerInfo`], mapped into the agent).
+pub struct PeerMaps {
+    trie: LpmTrie<MapData, Addr, PeerSlot>,
+    peers: Mapped,
+    /// Slots from here up to the capacity were never handed out.
+    fresh: PeerSlot,
+    /// Slots free to hand out.
+    free: Vec<PeerSlot>,
+    /// Slots freed in the current sync: free from the next one on.
+    quarantine: Vec<PeerSlot>,
+}
+
+impl PeerMaps {
+    /// Adopts IPCACHE and PEERS as the kernel holds them. A prefix whose slot is out of
+    /// range or shared with another prefix (no build writes such a thing) is given a
+    /// slot of its own with what it resolves to now, before anything reads them.
+    pub fn new(trie: LpmTrie<MapData, Addr, PeerSlot>, peers: &MapData) -> Result<Self, MapError> {
+        let peers = Mapped::new(peers, Access::Write)?;
+        let mut used = vec![false; peers.slots as usize];
+        let mut misplaced = Vec::new();
+        for entry in trie.iter() {
+            let (key, slot) = entry?;
+            match used.get_mut(slot as usize) {
+                Some(taken @ false) => *taken = true,
+                _ => misplaced.push((key, slot)),
+            }
+        }
+        let fresh = used
+            .iter()
+            .rposition(|&u| u)
+            .map_or(0, |last| last as u32 + 1);
+        let free = (0..fresh).rev().filter(|&s| !used[s as usize]).collect();
+        let mut maps = PeerMaps {
+            trie,
+            peers,
+            fresh,
+            free,
+            quarantine: Vec::new(),
+        };
+        for (key, slot) in misplaced {
+            let info = maps.peers.load(slot).unwrap_or_default();
+            let slot = maps.allocate()?;
+            maps.peers.store(slot, info);
+            maps.trie.insert(&key, slot, 0)?;
+        }
+        Ok(maps)
+    }
+
+    /// What each prefix of IPCACHE pinned under `maps_dir` resolves to in PEERS, read
+    /// without writing anything (tools, tests).
+    pub fn read_pinned(maps_dir: &Path) -> Result<BTreeMap<Lpm<Addr>, PeerInfo>, MapError> {
+        let trie: LpmTrie<MapData, Addr, PeerSlot> = LpmTrie::try_from(Map::LpmTrie(
+            MapData::from_pin(maps_dir.join(names::IPCACHE))?,
+        ))?;
+        let peers = Mapped::new(
+            &MapData::from_pin(maps_dir.join(names::PEERS))?,
+            Access::Read,
+        )?;
+        resolve(&trie, &peers).map(|entries| {
+            entries
+                .into_iter()
+                .map(|(key, peer)| (key, peer.info))
+                .collect()
+        })
+    }
+
+    /// The start of a sync: the slots freed by the last one may be handed out again.
+    pub fn begin_sync(&mut self) {
+        self.free.append(&mut self.quarantine);
+    }
+
+    /// The slots PEERS has (IPCACHE's capacity).
+    pub fn capacity(&self) -> u32 {
+        self.peers.slots
+    }
+
+    fn allocate(&mut self) -> Result<PeerSlot, MapError> {
+        if let Some(slot) = self.free.pop() {
+            return Ok(slot);
+        }
+        if self.fresh < self.peers.slots {
+            self.fresh += 1;
+            return Ok(self.fresh - 1);
+        }
+        // Only with IPCACHE at its capacity and prefixes replaced within one sync; the
+        // datapath admits no more prefixes than the capacity.
+        self.quarantine.pop().ok_or(MapError::OutOfBounds {
+            index: self.fresh,
+            max_entries: self.peers.slots,
+        })
+    }
+}
+
+impl KernelMap for PeerMaps {
+    type Key = Lpm<Addr>;
+    type Value = PeerInfo;
+    type Stored = Peer;
+
+    fn value(stored: &Peer) -> &PeerInfo {
+        &stored.info
+    }
+
+    fn put(
+        &mut self,
+        key: &Lpm<Addr>,
+        info: &PeerInfo,
+        had: Option<&Peer>,
+    ) -> Result<Peer, MapError> {
+        if let Some(&Peer { slot, .. }) = had {
+            self.peers.store(slot, *info);
+            return Ok(Peer { info: *info, slot });
+        }
+        // The slot holds the entry before IPCACHE names it.
+        let slot = self.allocate()?;
+        self.peers.store(slot, *info);
+        if let Err(error) = self
+            .trie
+            .insert(&Key::new(key.prefix_len, key.data), slot, 0)
+        {
+            self.free.push(slot);
+            return Err(error);
+        }
+        Ok(Peer { info: *info, slot })
+    }
+
+    fn delete(&mut self, key: &Lpm<Addr>, had: &Peer) -> Result<(), MapError> {
+        let removed = self.trie.remove(&Key::new(key.prefix_len, key.data));
+        if matches!(removed, Ok(()) | Err(MapError::KeyNotFound)) {
+            self.quarantine.push(had.slot);
+        }
+        removed
+    }
+
+    fn read_all(&self) -> Result<BTreeMap<Lpm<Addr>, Peer>, MapError> {
+        resolve(&self.trie, &self.peers)
+    }
+}
+
+/// Every prefix of `trie` with its slot and what the slot holds.
+fn resolve(
+    trie: &LpmTrie<MapData, Addr, PeerSlot>,
+    peers: &Mapped,
+) -> Result<BTreeMap<Lpm<Addr>, Peer>, MapError> {
+    trie.iter()
+        .map(|entry| {
+            let (key, slot) = entry?;
+            let info = peers.load(slot).ok_or(MapError::OutOfBounds {
+                index: slot,
+                max_entries: peers.slots,
+            })?;
+            let key = Lpm {
+                prefix_len: key.prefix_len(),
+                data: key.data(),
+            };
+            Ok((key, Peer { info, slot }))
+        })
+        .collect()
+}
+
+/// How the agent maps PEERS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
+/// PEERS mapped into the agent: one 8-byte word per slot.
+struct Mapped {
+    words: NonNull<AtomicU64>,
+    slots: u32,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics; it is owned by
+// this value and unmapped once, on drop.
+unsafe impl Send for Mapped {}
+unsafe impl Sync for Mapped {}
+
+impl Mapped {
+    fn new(map: &MapData, access: Access) -> Result<Mapped, MapError> {
+        /// `BPF_F_MMAPABLE` (include/uapi/linux/bpf.h).
+        const MMAPABLE: u32 = 1 << 10;
+        let info = map.info()?;
+        if info.value_size() as usize != size_of::<u64>() {
+            return Err(MapError::InvalidValueSize {
+                size: info.value_size() as usize,
+                expected: size_of::<u64>(),
+            });
+        }
+        if info.map_flags() & MMAPABLE == 0 {
+            return Err(MapError::SyscallError(SyscallError {
+                call: "mmap",
+                io_error: std::io::Error::other("the map was not created mappable"),
+            }));
+        }
+        let slots = info.max_entries();
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let bytes = (slots as usize * size_of::<u64>()).div_ceil(page) * page;
+        let fd = map.fd().as_fd();
+        // SAFETY: a new shared mapping of the map's whole value area (array values of 8
+        // bytes are laid out back to back from offset 0); nothing else refers to it.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                match access {
+                    Access::Read => libc::PROT_READ,
+                    Access::Write => libc::PROT_READ | libc::PROT_WRITE,
+                },
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            return Err(MapError::SyscallError(SyscallError {
+                call: "mmap",
+                io_error: std::io::Error::last_os_error(),
+            }));
+        }
+        let words = NonNull::new(address.cast::<AtomicU64>()).ok_or(MapError::SyscallError(
+            SyscallError {
+                call: "mmap",
+                io_error: std::io::Error::other("mapped at address 0"),
+            },
+        ))?;
+        Ok(Mapped {
+            words,
+            slots,
+            bytes,
+        })
+    }
+
+    fn word(&self, slot: PeerSlot) -> Option<&AtomicU64> {
+        // SAFETY: in bounds of the mapping, which lives as long as `self`; the kernel
+        // aligns it to a page.
+        (slot < self.slots).then(|| unsafe { self.words.add(slot as usize).as_ref() })
+    }
+
+    fn load(&self, slot: PeerSlot) -> Option<PeerInfo> {
+        self.word(slot)
+            .map(|word| PeerInfo::from_word(word.load(Ordering::Acquire)))
+    }
+
+    fn store(&self, slot: PeerSlot, info: PeerInfo) {
+        if let Some(word) = self.word(slot) {
+            word.store(info.to_word(), Ordering::Release);
+        }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.words.as_ptr().cast(), self.bytes) };
+    }
+}
