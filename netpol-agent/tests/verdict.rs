@@ -1519,6 +1519,7 @@ fn a_change_reaches_the_kernel_by_the_keys_it_changed() {
     let first = compiler.compile(&state(&[CLUSTER, POLICIES]));
     dp.datapath.as_mut().unwrap().sync_maps(&first).unwrap();
     assert!(dp.run(ToPod, &a_to_b));
+    let slots_before = slots(&dp);
     // a is no longer app a: b's rule for app a no longer admits it.
     let relabelled = CLUSTER.replace("labels: {app: a}", "labels: {app: z}");
     let second = compiler.compile(&state(&[&relabelled, POLICIES]));
@@ -1539,6 +1540,13 @@ fn a_change_reaches_the_kernel_by_the_keys_it_changed() {
     assert_eq!(kernel.ipcache, second.ipcache);
     assert_eq!(kernel.policy, second.policy);
     assert!(!dp.run(ToPod, &a_to_b));
+    // a's addresses moved to another identity in PEERS: IPCACHE was not written.
+    assert_ne!(
+        a_keys.map(|key| first.ipcache.get(&key)),
+        a_keys.map(|key| second.ipcache.get(&key)),
+        "a was renumbered"
+    );
+    assert_eq!(slots(&dp), slots_before, "every prefix kept its slot");
     // And back: the kernel follows the keys again.
     let third = compiler.compile(&state(&[CLUSTER, POLICIES]));
     assert_eq!(
@@ -1549,6 +1557,97 @@ fn a_change_reaches_the_kernel_by_the_keys_it_changed() {
     let (kernel, _) = netpol_agent::datapath::inspect::read_maps(&dp.dir).unwrap();
     assert_eq!(kernel.ipcache, third.ipcache);
     assert_eq!(kernel.policy, third.policy);
+    assert!(dp.run(ToPod, &a_to_b));
+}
+
+/// IPCACHE as the kernel holds it: each prefix's slot in PEERS.
+fn slots(dp: &Loaded) -> std::collections::BTreeMap<(u32, netpol_common::Addr), u32> {
+    use aya::maps::{LpmTrie, Map, MapData};
+    let pin = dp.dir.join("maps").join(netpol_common::names::IPCACHE);
+    let trie: LpmTrie<MapData, netpol_common::Addr, u32> =
+        LpmTrie::try_from(Map::LpmTrie(MapData::from_pin(pin).unwrap())).unwrap();
+    trie.iter()
+        .map(|entry| {
+            let (key, slot) = entry.unwrap();
+            ((key.prefix_len(), key.data()), slot)
+        })
+        .collect()
+}
+
+/// A prefix's slot freed by one sync is handed out again only by a later one: a packet
+/// that read it from IPCACHE just before the prefix went may still load it, and must
+/// not find another prefix's identity there. Nor is it lost: the next sync reuses it.
+#[test]
+fn a_slot_freed_in_one_sync_is_reused_only_in_a_later_one() {
+    let Some(mut dp) = Loaded::new("peer-slots", &[]) else {
+        return;
+    };
+    let host = |last: u8, identity: u32| {
+        let key = compile::host_key(ip(&format!("10.9.0.{last}")));
+        (key, netpol_common::PeerInfo { identity, flags: 0 })
+    };
+    let sync =
+        |dp: &mut Loaded,
+         entries: &[(compile::Lpm<netpol_common::Addr>, netpol_common::PeerInfo)]| {
+            let compiled = compile::Compiled {
+                ipcache: entries
+                    .iter()
+                    .copied()
+                    .collect::<std::collections::BTreeMap<_, _>>()
+                    .into(),
+                ..compile::Compiled::default()
+            };
+            dp.datapath.as_mut().unwrap().sync_maps(&compiled).unwrap();
+        };
+    let slot_of = |dp: &Loaded, last: u8| {
+        let key = compile::host_key(ip(&format!("10.9.0.{last}")));
+        slots(dp)[&(key.prefix_len, key.data)]
+    };
+    sync(&mut dp, &[host(1, 7), host(2, 8)]);
+    let freed = slot_of(&dp, 2);
+    // 2 goes and 3 comes in the same sync: 3 gets another slot.
+    sync(&mut dp, &[host(1, 7), host(3, 9)]);
+    assert_ne!(slot_of(&dp, 3), freed, "reused in the sync that freed it");
+    assert_ne!(slot_of(&dp, 3), slot_of(&dp, 1));
+    // The next sync hands it out again.
+    sync(&mut dp, &[host(1, 7), host(3, 9), host(4, 10)]);
+    assert_eq!(slot_of(&dp, 4), freed, "the freed slot was not reused");
+    let (kernel, _) = netpol_agent::datapath::inspect::read_maps(&dp.dir).unwrap();
+    let want: std::collections::BTreeMap<_, _> =
+        [host(1, 7), host(3, 9), host(4, 10)].into_iter().collect();
+    assert_eq!(*kernel.ipcache, want);
+}
+
+/// IPCACHE names slots of PEERS: pinned without it (or with a PEERS of another
+/// capacity), its slots would resolve to nothing or to other prefixes, so both are
+/// created afresh, and the first sync writes every prefix again.
+#[test]
+fn an_ipcache_pinned_without_its_peers_is_replaced_with_them() {
+    let Some(mut dp) = Loaded::new("unpaired-peers", &[CLUSTER, POLICIES]) else {
+        return;
+    };
+    let a_to_b = Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), Transport::syn(55085, 85));
+    assert!(dp.run(ToPod, &a_to_b));
+    let maps = dp.dir.join("maps");
+    let peers = maps.join(netpol_common::names::PEERS);
+    let trie = aya::maps::MapInfo::from_pin(maps.join(netpol_common::names::IPCACHE))
+        .unwrap()
+        .id();
+    std::fs::remove_file(&peers).unwrap();
+    // Keeps every pin, as an agent that exits with `--on-exit keep`.
+    drop(dp.datapath.take());
+    dp.datapath = Some(Datapath::open(&dp.dir, &Capacities::default()).expect("adopt the pins"));
+    let replaced = aya::maps::MapInfo::from_pin(maps.join(netpol_common::names::IPCACHE))
+        .unwrap()
+        .id();
+    assert_ne!(trie, replaced, "IPCACHE was adopted without its PEERS");
+    assert!(peers.exists());
+    let (kernel, _) = netpol_agent::datapath::inspect::read_maps(&dp.dir).unwrap();
+    assert!(kernel.ipcache.is_empty());
+    let compiled = dp.compiled.clone();
+    dp.datapath.as_mut().unwrap().sync_maps(&compiled).unwrap();
+    let (kernel, _) = netpol_agent::datapath::inspect::read_maps(&dp.dir).unwrap();
+    assert_eq!(kernel.ipcache, compiled.ipcache);
     assert!(dp.run(ToPod, &a_to_b));
 }
 

@@ -159,11 +159,6 @@ impl<M: KernelMap> Synced<M> {
         self.shadow.is_empty()
     }
 
-    /// The kernel map itself, for what the sync does not cover.
-    pub fn map_mut(&mut self) -> &mut M {
-        &mut self.map
-    }
-
     pub fn contents(&self) -> &BTreeMap<M::Key, M::Stored> {
         &self.shadow
     }

@@ -285,7 +285,6 @@ impl Datapath {
     /// benchmarks).
     pub fn sync_maps(&mut self, compiled: &Compiled) -> Result<ApplyReport> {
         self.reset_reassigned_rule_counters(compiled)?;
-        self.ipcache.map_mut().begin_sync();
         let mut report = ApplyReport::default();
         let [endpoints_cap, ipcache_cap, policy_cap, ranges_cap, _] = self.capacities;
         // What did not fit may fit once the stale entries are gone: a second round.

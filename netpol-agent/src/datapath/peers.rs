@@ -6,9 +6,12 @@
 //! policy shape that was in force nowhere on this node) renumbers up to every pod
 //! address of the cluster at once.
 //!
-//! A slot freed in one sync is reused from the next one on: a packet that read it
-//! from IPCACHE just before its prefix went may still load it, and must find what the
-//! prefix had, never another prefix's identity.
+//! A slot freed by a sync is handed out again by a later one, never by the sync that
+//! freed it: a packet that read it from IPCACHE just before its prefix went may still
+//! load it, and must find what the prefix had, not another prefix's identity. Removals
+//! come after every write of a sync (`Datapath::write_maps`), so this holds by order,
+//! but for one case: IPCACHE at its capacity, where the sync's second round admits the
+//! addresses that the first left out into the room its removals made.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd as _, AsRawFd as _};
@@ -38,8 +41,6 @@ pub struct PeerMaps {
     fresh: PeerSlot,
     /// Slots free to hand out.
     free: Vec<PeerSlot>,
-    /// Slots freed in the current sync: free from the next one on.
-    quarantine: Vec<PeerSlot>,
 }
 
 impl PeerMaps {
@@ -67,7 +68,6 @@ impl PeerMaps {
             peers,
             fresh,
             free,
-            quarantine: Vec::new(),
         };
         for (key, slot) in misplaced {
             let info = maps.peers.load(slot).unwrap_or_default();
@@ -96,16 +96,6 @@ impl PeerMaps {
         })
     }
 
-    /// The start of a sync: the slots freed by the last one may be handed out again.
-    pub fn begin_sync(&mut self) {
-        self.free.append(&mut self.quarantine);
-    }
-
-    /// The slots PEERS has (IPCACHE's capacity).
-    pub fn capacity(&self) -> u32 {
-        self.peers.slots
-    }
-
     fn allocate(&mut self) -> Result<PeerSlot, MapError> {
         if let Some(slot) = self.free.pop() {
             return Ok(slot);
@@ -114,9 +104,8 @@ impl PeerMaps {
             self.fresh += 1;
             return Ok(self.fresh - 1);
         }
-        // Only with IPCACHE at its capacity and prefixes replaced within one sync; the
-        // datapath admits no more prefixes than the capacity.
-        self.quarantine.pop().ok_or(MapError::OutOfBounds {
+        // The datapath admits no more prefixes than IPCACHE's capacity, PEERS's too.
+        Err(MapError::OutOfBounds {
             index: self.fresh,
             max_entries: self.peers.slots,
         })
@@ -158,7 +147,7 @@ impl KernelMap for PeerMaps {
     fn delete(&mut self, key: &Lpm<Addr>, had: &Peer) -> Result<(), MapError> {
         let removed = self.trie.remove(&Key::new(key.prefix_len, key.data));
         if matches!(removed, Ok(()) | Err(MapError::KeyNotFound)) {
-            self.quarantine.push(had.slot);
+            self.free.push(had.slot);
         }
         removed
     }
