@@ -654,75 +654,35 @@ fn same_namespace_labels(
     cached.eq(labels.into_iter().flatten())
 }
 
-/// The egress named ports in force, each in a slot kept while it stays in force, and
-/// their version: pod entries keep their resolution of them (slot, port) with the
-/// version it was made for. A name coming into force or going out of it moves no other
-/// name's slot, so only the pods declaring it resolve anew and change class.
+/// The egress named ports in force in the last compile, and their version: pod entries
+/// keep their resolution of them with the version it was made for.
 #[derive(Default)]
 pub(crate) struct NamedPortsInForce {
-    /// By slot; [`NamedPortsInForce::VACANT`] for a free one.
-    slots: Vec<(String, u8)>,
-    /// Free slots, with the version that freed them.
-    free: Vec<(usize, u64)>,
+    list: Vec<(String, u8)>,
     version: u64,
 }
 
 impl NamedPortsInForce {
-    /// A free slot: no port has protocol 0, so no pod resolves it and no rule names it.
-    pub const VACANT: (&'static str, u8) = ("", 0);
-
-    /// The version of the slots the last [`NamedPortsInForce::sync`] left.
+    /// The version of the list the last [`NamedPortsInForce::sync`] left.
     pub fn version(&self) -> u64 {
         self.version
     }
 
-    /// Records the egress named ports in force (`in_force`, sorted): a slot for each
-    /// that came into force (none freed by this sync: a pod may still resolve it until
-    /// it is refreshed), its slot freed for each that went. Returns those that came or
-    /// went; the version changes with them (never 0, the version of no resolution).
-    pub fn sync(&mut self, in_force: &[(&str, u8)]) -> Vec<(String, u8)> {
-        let mut moved = Vec::new();
-        let version = self.version + 1;
-        for (slot, held) in self.slots.iter_mut().enumerate() {
-            let vacant = held.1 == Self::VACANT.1;
-            if !vacant && in_force.binary_search(&(held.0.as_str(), held.1)).is_err() {
-                moved.push(std::mem::replace(
-                    held,
-                    (Self::VACANT.0.to_owned(), Self::VACANT.1),
-                ));
-                self.free.push((slot, version));
-            }
-        }
-        let held: BTreeSet<(&str, u8)> = self
-            .slots
+    /// Records the egress named ports in force; returns their version, which changes
+    /// whenever the list does (never 0, the version of no resolution).
+    pub fn sync(&mut self, in_force: &[(&str, u8)]) -> u64 {
+        let known = self
+            .list
             .iter()
-            .map(|(name, protocol)| (name.as_str(), *protocol))
-            .collect();
-        let new: Vec<(String, u8)> = in_force
-            .iter()
-            .filter(|port| !held.contains(port))
-            .map(|&(name, protocol)| (name.to_owned(), protocol))
-            .collect();
-        for port in new {
-            let reusable = self.free.iter().position(|&(_, freed)| freed < version);
-            match reusable {
-                Some(at) => self.slots[self.free.swap_remove(at).0] = port.clone(),
-                None => self.slots.push(port.clone()),
-            }
-            moved.push(port);
+            .map(|(name, protocol)| (name.as_str(), *protocol));
+        if !known.eq(in_force.iter().copied()) || self.version == 0 {
+            self.list = in_force
+                .iter()
+                .map(|&(name, protocol)| (name.to_owned(), protocol))
+                .collect();
+            self.version += 1;
         }
-        if !moved.is_empty() || self.version == 0 {
-            self.version = version;
-        }
-        moved
-    }
-
-    /// The named ports by slot ([`NamedPortsInForce::VACANT`] for free ones).
-    pub fn slots(&self) -> Vec<(&str, u8)> {
-        self.slots
-            .iter()
-            .map(|(name, protocol)| (name.as_str(), *protocol))
-            .collect()
+        self.version
     }
 }
 
@@ -950,10 +910,10 @@ impl PodEntry {
         })
     }
 
-    /// Resolves the egress named ports in force (`in_force`, by slot, whose version
-    /// from [`NamedPortsInForce::sync`] is `version`), unless already done for them; a
+    /// Resolves the egress named ports in force (`in_force`, whose version from
+    /// [`NamedPortsInForce::sync`] is `version`), unless already done for them; a
     /// resolution that differs from the last one marks the entry changed at compile
-    /// `now`. A free slot resolves on no pod (no port has protocol 0).
+    /// `now`.
     pub fn resolve_named_ports(&mut self, in_force: &[(&str, u8)], version: u64, now: u64) {
         if self.resolved.0 == version {
             return;
@@ -976,7 +936,7 @@ impl PodEntry {
     }
 
     /// The egress named ports in force this pod resolves, as of the last
-    /// [`PodEntry::resolve_named_ports`]: (slot, port).
+    /// [`PodEntry::resolve_named_ports`]: (index in their list, port).
     pub fn resolved_named_ports(&self) -> &[(usize, u16)] {
         &self.resolved.1
     }

@@ -243,23 +243,20 @@ fn compile_with(
     let egress_named_ports = peers_in_force(&endpoints, &policies, &cluster_policies, peers);
     let freed_peers = peers.collect_garbage();
     let freed: Vec<usize> = freed_peers.iter().map(|&(slot, _)| slot).collect();
-    let moved_ports = named_ports.sync(&egress_named_ports);
-    let named_ports_version = named_ports.version();
-    let egress_named_ports = named_ports.slots();
+    let named_ports_before = named_ports.version();
+    let named_ports_version = named_ports.sync(&egress_named_ports);
     let slots_moved = !freed.is_empty() || !peers.added.is_empty();
-    // Quiet: the pods the source named, those a peer matches that came into force, went
-    // out of it or was freed, and those declaring an egress named port that came into
-    // force or went are the only ones whose matches, resolutions or classes may have
+    // Quiet: the pods the source named, and those a peer matches that came into force,
+    // went out of it or was freed, are the only ones whose matches or classes may have
     // moved (the memos of the others are current, see `Memo::current`; theirs are
     // brought up to date below).
-    let quiet = all.is_none();
+    let quiet = all.is_none() && named_ports_version == named_ports_before;
     if quiet {
         let changed = class_table.changed_slots(&peers.active);
         let kept = changed.into_iter().filter(|slot| !freed.contains(slot));
         let kept = kept.map(|slot| &peers.slot(slot).peer);
         let slots = kept.chain(freed_peers.iter().map(|(_, peer)| peer));
         matched_by_slots(slots, pod_entries, namespaces, pods_before);
-        declaring(&moved_ports, pod_entries, pods_before);
     }
 
     let context = MemoContext {
@@ -317,6 +314,7 @@ fn compile_with(
         pods: quiet.then_some(pods_before.as_slice()),
         contested,
         listed: pod_counts,
+        named_ports: named_ports_version,
     };
     let classes = classify(
         state,
@@ -673,32 +671,6 @@ fn peers_in_force<'a>(
 /// allocated or freed change. A pod peer matches by labels; an ipBlock the pods with an
 /// address in it (their per-address matches, `PodEntry::ip_bits`); a `nodes` peer no pod
 /// (the keys it moves are no pod's: `classify` patches them).
-/// Adds to `moved` the pods (of `entries`) that declare one of `ports` (egress named
-/// ports that came into force or went out of it), with the addresses they listed.
-fn declaring(
-    ports: &[(String, u8)],
-    entries: &[PodEntry],
-    moved: &mut Vec<(ObjectRef, Vec<std::net::IpAddr>)>,
-) {
-    if ports.is_empty() {
-        return;
-    }
-    let mut named: BTreeSet<ObjectRef> = moved.iter().map(|(obj, _)| obj.clone()).collect();
-    // Pods share their lists of declared ports: each list is looked at once.
-    let mut lists: HashMap<*const crate::state::DeclaredPort, bool> = HashMap::new();
-    for entry in entries {
-        let list = entry.ports();
-        let declares = *lists.entry(list.as_ptr()).or_insert_with(|| {
-            ports
-                .iter()
-                .any(|(name, protocol)| entry.named_port(name, *protocol).is_some())
-        });
-        if declares && named.insert(entry.obj.clone()) {
-            moved.push((entry.obj.clone(), entry.held_ips()));
-        }
-    }
-}
-
 fn matched_by_slots<'p>(
     slots: impl Iterator<Item = &'p Peer>,
     entries: &[PodEntry],
@@ -792,20 +764,15 @@ fn number_identities(
                 v.sort();
                 v
             },
-            named_ports: {
-                // In name order, whatever their slots.
-                let mut v: Vec<NamedPortResolution> = class
-                    .named_ports
-                    .iter()
-                    .map(|&(i, port)| NamedPortResolution {
-                        name: egress_named_ports[i].0.to_string(),
-                        protocol: egress_named_ports[i].1,
-                        port,
-                    })
-                    .collect();
-                v.sort();
-                v
-            },
+            named_ports: class
+                .named_ports
+                .iter()
+                .map(|&(i, port)| NamedPortResolution {
+                    name: egress_named_ports[i].0.to_string(),
+                    protocol: egress_named_ports[i].1,
+                    port,
+                })
+                .collect(),
         })
         .collect();
     // Dynamic identities: one per distinct signature, in signature order.

@@ -19,7 +19,7 @@ use crate::state::{ClusterState, ObjectRef};
 type Labels = BTreeMap<String, String>;
 
 /// What makes an address class: the peers in force it matches (slots) and the egress
-/// named ports it resolves (slot, port: [`crate::cache::NamedPortsInForce`]).
+/// named ports it resolves (index in the list of those in force, port).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub(super) struct ClassKey {
     pub(super) peers: BitSet,
@@ -177,6 +177,8 @@ pub(crate) struct KeptKeys {
     /// The class table's epoch the keys were classified in; 0: none to patch (never
     /// classified, or some address was listed by two pods).
     epoch: u64,
+    /// The version of the egress named ports in force they were classified with.
+    named_ports: u64,
 }
 
 /// What may make the last compile's keys patchable: the pods named by this compile's
@@ -189,6 +191,8 @@ pub(super) struct Moved<'a> {
     pub(super) contested: bool,
     /// The addresses listed by pods holding addresses, now.
     pub(super) listed: &'a PodCounts,
+    /// The version of the egress named ports in force.
+    pub(super) named_ports: u64,
 }
 
 /// Classes of every pod address, node address, Service address and range, and ipBlock
@@ -220,7 +224,8 @@ pub(super) fn classify<'a>(
     table.begin(active, moved.pods.is_some());
     let mut others = other_keys(state, peers, prefixes, services, table);
     others.sort_unstable_by_key(|&(key, precedence, _, _)| (key, precedence));
-    let patchable = kept.epoch == table.epoch && !moved.contested;
+    let patchable =
+        kept.epoch == table.epoch && kept.named_ports == moved.named_ports && !moved.contested;
     let changed = match moved.pods.filter(|_| patchable) {
         Some(pods) => {
             let context = PatchContext {
@@ -253,6 +258,7 @@ pub(super) fn classify<'a>(
         kept.merged = merged;
         kept.others = others;
         kept.epoch = if moved.contested { 0 } else { table.epoch };
+        kept.named_ports = moved.named_ports;
     }
     table.used = kept.counts.iter().filter(|&&n| n > 0).count();
     let table: &'a ClassTable = table;
