@@ -1618,6 +1618,74 @@ fn a_slot_freed_in_one_sync_is_reused_only_in_a_later_one() {
     assert_eq!(*kernel.ipcache, want);
 }
 
+/// POLICY written in batches: a batch that fails part of the way (the map filled up
+/// behind the agent's back) leaves the agent knowing what the kernel took, so a later
+/// sync removes those entries too; removing keys the kernel no longer has is no error.
+#[test]
+fn a_batch_that_fails_half_way_leaves_no_entry_unknown() {
+    use aya::maps::{HashMap, Map, MapData};
+    use netpol_common::{PolicyKey, PolicyValue};
+    const CAPACITY: u32 = 64;
+    let capacities = Capacities {
+        policy: Some(CAPACITY),
+        ..Capacities::default()
+    };
+    let Some(mut dp) = Loaded::with_capacities("policy-batch", &[], &capacities) else {
+        return;
+    };
+    // Twenty exact entries of endpoint 1.
+    let entries: std::collections::BTreeMap<_, _> = (0..20)
+        .map(|identity| {
+            let key = PolicyKey {
+                endpoint: 1,
+                identity: 100 + identity,
+                direction: netpol_common::DIR_INGRESS,
+                protocol: netpol_common::PROTO_TCP,
+                port: 80u16.to_be_bytes(),
+            };
+            let key = compile::Lpm::new(netpol_common::POLICY_PREFIX_FULL, key);
+            assert!(matches!(
+                policy_maps::slot(&key),
+                policy_maps::Slot::Policy(_)
+            ));
+            (
+                key,
+                PolicyValue {
+                    rule: identity,
+                    ..PolicyValue::default()
+                },
+            )
+        })
+        .collect();
+    let compiled = compile::Compiled {
+        policy: entries.into(),
+        ..compile::Compiled::default()
+    };
+    // Someone else's entries fill POLICY but for a few.
+    let pin = dp.dir.join("maps").join(netpol_common::names::POLICY);
+    let mut policy: HashMap<MapData, PolicyKey, PolicyValue> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(&pin).unwrap())).unwrap();
+    let filler = |i: u32| PolicyKey {
+        endpoint: 4000 + i,
+        ..PolicyKey::default()
+    };
+    let fillers = CAPACITY - 3;
+    for i in 0..fillers {
+        policy.insert(filler(i), PolicyValue::default(), 0).unwrap();
+    }
+    let full = dp.datapath.as_mut().unwrap().sync_maps(&compiled);
+    assert!(full.is_err(), "POLICY was full");
+    // The others' entries go; a sync to no policy at all must leave POLICY empty,
+    // including the entries the failed batch wrote before it stopped.
+    for i in 0..fillers {
+        policy.remove(&filler(i)).unwrap();
+    }
+    let none = compile::Compiled::default();
+    dp.datapath.as_mut().unwrap().sync_maps(&none).unwrap();
+    let left: Vec<PolicyKey> = policy.keys().map(Result::unwrap).collect();
+    assert_eq!(left, Vec::new(), "entries the agent lost track of");
+}
+
 /// IPCACHE names slots of PEERS: pinned without it (or with a PEERS of another
 /// capacity), its slots would resolve to nothing or to other prefixes, so both are
 /// created afresh, and the first sync writes every prefix again.

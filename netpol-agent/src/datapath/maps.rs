@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 
 use aya::Pod;
-use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
+use std::os::fd::AsFd as _;
+
+use aya::maps::{HashMap, IterableMap as _, LpmTrie, MapData, MapError, lpm_trie::Key};
 use netpol_common::{Addr, EndpointInfo, PolicyKey, PolicyValue, ServicePort};
 
 use netpol_compile::Lpm;
@@ -62,7 +64,34 @@ pub trait KernelMap {
     ) -> Result<Self::Stored, MapError>;
     fn delete(&mut self, key: &Self::Key, had: &Self::Stored) -> Result<(), MapError>;
     fn read_all(&self) -> Result<BTreeMap<Self::Key, Self::Stored>, MapError>;
+
+    /// [`KernelMap::put`] of every entry (key, value, what the shadow had), in as few
+    /// system calls as the map allows; what each left, in order.
+    fn put_many(&mut self, entries: &[Write<Self>]) -> Result<Vec<Self::Stored>, MapError> {
+        entries
+            .iter()
+            .map(|(key, value, had)| self.put(key, value, had.as_ref()))
+            .collect()
+    }
+
+    /// [`KernelMap::delete`] of every entry; keys the kernel lacks are no error.
+    fn delete_many(&mut self, entries: &[(Self::Key, Self::Stored)]) -> Result<(), MapError> {
+        for (key, had) in entries {
+            match self.delete(key, had) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
 }
+
+/// One entry for [`KernelMap::put_many`]: key, value, and what the shadow had.
+pub type Write<M> = (
+    <M as KernelMap>::Key,
+    <M as KernelMap>::Value,
+    Option<<M as KernelMap>::Stored>,
+);
 
 /// A map whose shadow keeps the value alone.
 pub trait Plain {
@@ -71,6 +100,24 @@ pub trait Plain {
     fn put(&mut self, key: &Self::Key, value: &Self::Value) -> Result<(), MapError>;
     fn delete(&mut self, key: &Self::Key) -> Result<(), MapError>;
     fn read_all(&self) -> Result<BTreeMap<Self::Key, Self::Value>, MapError>;
+
+    /// Every entry written; one at a time unless the map can take them together.
+    fn put_all(&mut self, entries: &[(Self::Key, Self::Value)]) -> Result<(), MapError> {
+        entries
+            .iter()
+            .try_for_each(|(key, value)| self.put(key, value))
+    }
+
+    /// Every key removed; keys the kernel lacks are no error.
+    fn delete_all(&mut self, keys: &[Self::Key]) -> Result<(), MapError> {
+        for key in keys {
+            match self.delete(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl<M: Plain> KernelMap for M {
@@ -94,6 +141,21 @@ impl<M: Plain> KernelMap for M {
     fn read_all(&self) -> Result<BTreeMap<M::Key, M::Value>, MapError> {
         Plain::read_all(self)
     }
+    fn put_many(
+        &mut self,
+        entries: &[(M::Key, M::Value, Option<M::Value>)],
+    ) -> Result<Vec<M::Value>, MapError> {
+        let entries: Vec<(M::Key, M::Value)> = entries
+            .iter()
+            .map(|&(key, value, _)| (key, value))
+            .collect();
+        self.put_all(&entries)?;
+        Ok(entries.into_iter().map(|(_, value)| value).collect())
+    }
+    fn delete_many(&mut self, entries: &[(M::Key, M::Value)]) -> Result<(), MapError> {
+        let keys: Vec<M::Key> = entries.iter().map(|&(key, _)| key).collect();
+        self.delete_all(&keys)
+    }
 }
 
 impl<K: Pod + Ord, V: Pod + PartialEq> Plain for HashMap<MapData, K, V> {
@@ -108,7 +170,32 @@ impl<K: Pod + Ord, V: Pod + PartialEq> Plain for HashMap<MapData, K, V> {
     fn read_all(&self) -> Result<BTreeMap<K, V>, MapError> {
         self.iter().collect()
     }
+    fn put_all(&mut self, entries: &[(K, V)]) -> Result<(), MapError> {
+        if entries.len() < BATCH_FROM {
+            return entries
+                .iter()
+                .try_for_each(|(key, value)| Plain::put(self, key, value));
+        }
+        let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
+        super::batch::update(self.map().fd().as_fd(), &keys, &values)
+    }
+    fn delete_all(&mut self, keys: &[K]) -> Result<(), MapError> {
+        if keys.len() < BATCH_FROM {
+            for key in keys {
+                match Plain::delete(self, key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            return Ok(());
+        }
+        super::batch::delete(self.map().fd().as_fd(), keys)
+    }
 }
+
+/// Entries from which a hash map's writes go in one system call (below, the copies of
+/// keys and values cost more than the calls they save).
+const BATCH_FROM: usize = 8;
 
 impl<K: Pod + Ord, V: Pod + PartialEq> Plain for LpmTrie<MapData, K, V> {
     type Key = Lpm<K>;
@@ -179,6 +266,22 @@ impl<M: KernelMap> Synced<M> {
         self.remove_work(desired, Work::Whole)
     }
 
+    /// After a failed write, of which the kernel may have taken part (a batch stops at
+    /// the first entry it cannot write): the shadow is what the kernel holds again, so
+    /// that no entry the kernel took is forgotten (a stale allowing entry would stay).
+    /// Returns `error`.
+    fn reread(&mut self, error: MapError) -> MapError {
+        match self.map.read_all() {
+            Ok(shadow) => self.shadow = shadow,
+            Err(reading) => tracing::warn!(
+                map = self.name,
+                error = %reading,
+                "could not read a map back after a failed write"
+            ),
+        }
+        error
+    }
+
     /// [`Synced::upsert`] of what `work` names: nothing, the entries of its keys (the
     /// shadow holds `desired` but for them), or every entry.
     pub fn upsert_work(
@@ -216,8 +319,15 @@ impl<M: KernelMap> Synced<M> {
                 }
             }),
         }
-        for (key, value) in changed {
-            let stored = self.map.put(&key, &value, self.shadow.get(&key))?;
+        let changed: Vec<_> = changed
+            .into_iter()
+            .map(|(key, value)| (key, value, self.shadow.get(&key).copied()))
+            .collect();
+        let stored = self
+            .map
+            .put_many(&changed)
+            .map_err(|error| self.reread(error))?;
+        for ((key, _, _), stored) in changed.into_iter().zip(stored) {
             self.shadow.insert(key, stored);
         }
         Ok(stats)
@@ -241,14 +351,14 @@ impl<M: KernelMap> Synced<M> {
                 .copied()
                 .collect(),
         };
-        for key in &stale {
-            let Some(had) = self.shadow.get(key) else {
-                continue;
-            };
-            match self.map.delete(key, had) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(error) => return Err(error),
-            }
+        let stale: Vec<(M::Key, M::Stored)> = stale
+            .into_iter()
+            .filter_map(|key| Some((key, *self.shadow.get(&key)?)))
+            .collect();
+        self.map
+            .delete_many(&stale)
+            .map_err(|error| self.reread(error))?;
+        for (key, _) in &stale {
             self.shadow.remove(key);
         }
         Ok(SyncStats {
@@ -319,6 +429,29 @@ impl Plain for PolicyMaps {
             Slot::Policy(key) => Plain::delete(&mut self.exact, &key),
             Slot::Ranges(key) => Plain::delete(&mut self.ranges, &key),
         }
+    }
+    fn put_all(&mut self, entries: &[(Lpm<PolicyKey>, PolicyValue)]) -> Result<(), MapError> {
+        let mut exact = Vec::new();
+        for (key, value) in entries {
+            match slot(key) {
+                Slot::Policy(key) => exact.push((key, *value)),
+                Slot::Ranges(key) => Plain::put(&mut self.ranges, &key, value)?,
+            }
+        }
+        self.exact.put_all(&exact)
+    }
+    fn delete_all(&mut self, keys: &[Lpm<PolicyKey>]) -> Result<(), MapError> {
+        let mut exact = Vec::new();
+        for key in keys {
+            match slot(key) {
+                Slot::Policy(key) => exact.push(key),
+                Slot::Ranges(key) => match Plain::delete(&mut self.ranges, &key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(error) => return Err(error),
+                },
+            }
+        }
+        self.exact.delete_all(&exact)
     }
     fn read_all(&self) -> Result<BTreeMap<Lpm<PolicyKey>, PolicyValue>, MapError> {
         let mut all = Plain::read_all(&self.ranges)?;

@@ -18,6 +18,7 @@
 //! in the capacities), [`counters`] (per-CPU counters, map fill).
 
 mod attach;
+mod batch;
 pub mod clock;
 mod counters;
 pub mod fit;
