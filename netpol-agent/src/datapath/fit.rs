@@ -221,11 +221,12 @@ fn absent<'a, K: Ord, V, W>(
     changed: Option<&'a [K]>,
 ) -> Vec<&'a K> {
     match changed {
-        Some(keys) => keys
+        // A lookup per key, unless they are many ([`super::maps::walked`]).
+        Some(keys) if keys.len() * super::maps::WALK_SHARE <= desired.len() => keys
             .iter()
             .filter(|key| desired.contains_key(key) && !kernel.contains_key(key))
             .collect(),
-        None => absent_from(desired, kernel),
+        _ => absent_from(desired, kernel),
     }
 }
 

@@ -290,19 +290,19 @@ impl<M: KernelMap> Synced<M> {
         work: Work<'_, M::Key>,
     ) -> Result<SyncStats, MapError> {
         let mut stats = SyncStats::default();
-        let mut changed = Vec::new();
+        let mut changed: Vec<Write<M>> = Vec::new();
         let mut stage = |key, want: &M::Value, have: Option<&M::Stored>| match have {
             Some(have) if M::value(have) == want => {}
-            Some(_) => {
+            Some(have) => {
                 stats.updated += 1;
-                changed.push((key, *want));
+                changed.push((key, *want, Some(*have)));
             }
             None => {
                 stats.inserted += 1;
-                changed.push((key, *want));
+                changed.push((key, *want, None));
             }
         };
-        match work {
+        match walked(work, desired.len()) {
             Work::Nothing => {}
             Work::Keys(keys) => {
                 for key in keys {
@@ -319,17 +319,29 @@ impl<M: KernelMap> Synced<M> {
                 }
             }),
         }
-        let changed: Vec<_> = changed
-            .into_iter()
-            .map(|(key, value)| (key, value, self.shadow.get(&key).copied()))
-            .collect();
         let stored = self
             .map
             .put_many(&changed)
             .map_err(|error| self.reread(error))?;
-        for ((key, _, _), stored) in changed.into_iter().zip(stored) {
-            self.shadow.insert(key, stored);
+        let written = changed.into_iter().zip(stored);
+        if written.len() * WALK_SHARE <= self.shadow.len() {
+            for ((key, _, _), stored) in written {
+                self.shadow.insert(key, stored);
+            }
+            return Ok(stats);
         }
+        // Many: the entries the shadow has are set in one ordered walk of it (the
+        // written keys are in key order), the new ones inserted after.
+        let mut new = Vec::new();
+        let mut held = self.shadow.iter_mut().peekable();
+        for ((key, _, _), stored) in written {
+            while held.next_if(|(have, _)| **have < key).is_some() {}
+            match held.next_if(|(have, _)| **have == key) {
+                Some((_, slot)) => *slot = stored,
+                None => new.push((key, stored)),
+            }
+        }
+        self.shadow.extend(new);
         Ok(stats)
     }
 
@@ -339,7 +351,7 @@ impl<M: KernelMap> Synced<M> {
         desired: &BTreeMap<M::Key, M::Value>,
         work: Work<'_, M::Key>,
     ) -> Result<SyncStats, MapError> {
-        let stale: Vec<M::Key> = match work {
+        let stale: Vec<M::Key> = match walked(work, desired.len()) {
             Work::Nothing => Vec::new(),
             Work::Keys(keys) => keys
                 .iter()
@@ -365,6 +377,21 @@ impl<M: KernelMap> Synced<M> {
             removed: stale.len(),
             ..SyncStats::default()
         })
+    }
+}
+
+/// A list of keys longer than one in this many of a map's entries is handled by one
+/// ordered walk of the maps rather than a lookup per key (a renumbering of the peer
+/// classes changes up to every address at once).
+pub const WALK_SHARE: usize = 8;
+
+/// `work`, or [`Work::Whole`] when it names too many of a map's `entries` keys to look
+/// each up: comparing every entry in one walk writes the same entries (the keys it does
+/// not name are the same in both).
+pub fn walked<K>(work: Work<'_, K>, entries: usize) -> Work<'_, K> {
+    match work {
+        Work::Keys(keys) if keys.len() * WALK_SHARE > entries => Work::Whole,
+        work => work,
     }
 }
 
