@@ -1686,6 +1686,61 @@ fn a_batch_that_fails_half_way_leaves_no_entry_unknown() {
     assert_eq!(left, Vec::new(), "entries the agent lost track of");
 }
 
+/// IPCACHE written in batches: a batch that fails part of the way (IPCACHE filled up
+/// behind the agent's back) hands back the slots it took for prefixes the kernel did
+/// not take, so once there is room again every prefix gets one and resolves as
+/// compiled.
+#[test]
+fn an_ipcache_batch_that_fails_half_way_loses_no_slot() {
+    use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};
+    const CAPACITY: u32 = 32;
+    let capacities = Capacities {
+        ipcache: Some(CAPACITY),
+        ..Capacities::default()
+    };
+    let Some(mut dp) = Loaded::with_capacities("ipcache-batch", &[], &capacities) else {
+        return;
+    };
+    let host = |last: u8| compile::host_key(ip(&format!("10.9.0.{last}")));
+    let compiled = compile::Compiled {
+        ipcache: (1..=20)
+            .map(|last| {
+                (
+                    host(last),
+                    netpol_common::PeerInfo {
+                        identity: 100 + u32::from(last),
+                        flags: 0,
+                    },
+                )
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into(),
+        ..compile::Compiled::default()
+    };
+    // Someone else's prefixes fill IPCACHE but for a few.
+    let pin = dp.dir.join("maps").join(netpol_common::names::IPCACHE);
+    let mut trie: LpmTrie<MapData, netpol_common::Addr, u32> =
+        LpmTrie::try_from(Map::LpmTrie(MapData::from_pin(&pin).unwrap())).unwrap();
+    let filler = |last: u8| {
+        let key = compile::host_key(ip(&format!("10.200.0.{last}")));
+        Key::new(key.prefix_len, key.data)
+    };
+    let fillers = CAPACITY as u8 - 3;
+    for last in 0..fillers {
+        trie.insert(&filler(last), CAPACITY - 1, 0).unwrap();
+    }
+    assert!(
+        dp.datapath.as_mut().unwrap().sync_maps(&compiled).is_err(),
+        "IPCACHE was full"
+    );
+    for last in 0..fillers {
+        trie.remove(&filler(last)).unwrap();
+    }
+    dp.datapath.as_mut().unwrap().sync_maps(&compiled).unwrap();
+    let (kernel, _) = netpol_agent::datapath::inspect::read_maps(&dp.dir).unwrap();
+    assert_eq!(kernel.ipcache, compiled.ipcache);
+}
+
 /// IPCACHE names slots of PEERS: pinned without it (or with a PEERS of another
 /// capacity), its slots would resolve to nothing or to other prefixes, so both are
 /// created afresh, and the first sync writes every prefix again.

@@ -193,9 +193,9 @@ impl<K: Pod + Ord, V: Pod + PartialEq> Plain for HashMap<MapData, K, V> {
     }
 }
 
-/// Entries from which a hash map's writes go in one system call (below, the copies of
-/// keys and values cost more than the calls they save).
-const BATCH_FROM: usize = 8;
+/// Entries from which a map's writes go in one system call (below, the copies of keys
+/// and values cost more than the calls they save).
+pub const BATCH_FROM: usize = 8;
 
 impl<K: Pod + Ord, V: Pod + PartialEq> Plain for LpmTrie<MapData, K, V> {
     type Key = Lpm<K>;
@@ -205,6 +205,34 @@ impl<K: Pod + Ord, V: Pod + PartialEq> Plain for LpmTrie<MapData, K, V> {
     }
     fn delete(&mut self, key: &Lpm<K>) -> Result<(), MapError> {
         self.remove(&Key::new(key.prefix_len, key.data))
+    }
+    fn put_all(&mut self, entries: &[(Lpm<K>, V)]) -> Result<(), MapError> {
+        if entries.len() < BATCH_FROM {
+            return entries
+                .iter()
+                .try_for_each(|(key, value)| Plain::put(self, key, value));
+        }
+        let (keys, values): (Vec<Key<K>>, Vec<V>) = entries
+            .iter()
+            .map(|(key, value)| (Key::new(key.prefix_len, key.data), *value))
+            .unzip();
+        super::batch::update(self.map().fd().as_fd(), &keys, &values)
+    }
+    fn delete_all(&mut self, keys: &[Lpm<K>]) -> Result<(), MapError> {
+        if keys.len() < BATCH_FROM {
+            for key in keys {
+                match Plain::delete(self, key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            return Ok(());
+        }
+        let keys: Vec<Key<K>> = keys
+            .iter()
+            .map(|key| Key::new(key.prefix_len, key.data))
+            .collect();
+        super::batch::delete(self.map().fd().as_fd(), &keys)
     }
     fn read_all(&self) -> Result<BTreeMap<Lpm<K>, V>, MapError> {
         self.iter()
@@ -458,26 +486,25 @@ impl Plain for PolicyMaps {
         }
     }
     fn put_all(&mut self, entries: &[(Lpm<PolicyKey>, PolicyValue)]) -> Result<(), MapError> {
-        let mut exact = Vec::new();
+        let (mut exact, mut ranges) = (Vec::new(), Vec::new());
         for (key, value) in entries {
             match slot(key) {
                 Slot::Policy(key) => exact.push((key, *value)),
-                Slot::Ranges(key) => Plain::put(&mut self.ranges, &key, value)?,
+                Slot::Ranges(key) => ranges.push((key, *value)),
             }
         }
+        self.ranges.put_all(&ranges)?;
         self.exact.put_all(&exact)
     }
     fn delete_all(&mut self, keys: &[Lpm<PolicyKey>]) -> Result<(), MapError> {
-        let mut exact = Vec::new();
+        let (mut exact, mut ranges) = (Vec::new(), Vec::new());
         for key in keys {
             match slot(key) {
                 Slot::Policy(key) => exact.push(key),
-                Slot::Ranges(key) => match Plain::delete(&mut self.ranges, &key) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(error) => return Err(error),
-                },
+                Slot::Ranges(key) => ranges.push(key),
             }
         }
+        self.ranges.delete_all(&ranges)?;
         self.exact.delete_all(&exact)
     }
     fn read_all(&self) -> Result<BTreeMap<Lpm<PolicyKey>, PolicyValue>, MapError> {

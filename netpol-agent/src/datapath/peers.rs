@@ -24,7 +24,7 @@ use aya::sys::SyscallError;
 use netpol_common::{Addr, PeerInfo, PeerSlot, names};
 use netpol_compile::Lpm;
 
-use super::maps::KernelMap;
+use super::maps::{KernelMap, Plain as _, Write};
 
 /// What the agent keeps of one prefix: what it resolves to, and where that is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,37 +44,15 @@ pub struct PeerMaps {
 }
 
 impl PeerMaps {
-    /// Adopts IPCACHE and PEERS as the kernel holds them. A prefix whose slot is out of
-    /// range or shared with another prefix (no build writes such a thing) is given a
-    /// slot of its own with what it resolves to now, before anything reads them.
+    /// Adopts IPCACHE and PEERS as the kernel holds them ([`PeerMaps::recount`]).
     pub fn new(trie: LpmTrie<MapData, Addr, PeerSlot>, peers: &MapData) -> Result<Self, MapError> {
-        let peers = Mapped::new(peers, Access::Write)?;
-        let mut used = vec![false; peers.slots as usize];
-        let mut misplaced = Vec::new();
-        for entry in trie.iter() {
-            let (key, slot) = entry?;
-            match used.get_mut(slot as usize) {
-                Some(taken @ false) => *taken = true,
-                _ => misplaced.push((key, slot)),
-            }
-        }
-        let fresh = used
-            .iter()
-            .rposition(|&u| u)
-            .map_or(0, |last| last as u32 + 1);
-        let free = (0..fresh).rev().filter(|&s| !used[s as usize]).collect();
         let mut maps = PeerMaps {
             trie,
-            peers,
-            fresh,
-            free,
+            peers: Mapped::new(peers, Access::Write)?,
+            fresh: 0,
+            free: Vec::new(),
         };
-        for (key, slot) in misplaced {
-            let info = maps.peers.load(slot).unwrap_or_default();
-            let slot = maps.allocate()?;
-            maps.peers.store(slot, info);
-            maps.trie.insert(&key, slot, 0)?;
-        }
+        maps.recount()?;
         Ok(maps)
     }
 
@@ -94,6 +72,40 @@ impl PeerMaps {
                 .map(|(key, peer)| (key, peer.info))
                 .collect()
         })
+    }
+
+    /// The free slots as IPCACHE has them: at adoption, and after a write that failed
+    /// part of the way (the slots handed out for prefixes it did not take would be
+    /// lost). A prefix whose slot is out of range or shared with another prefix (this
+    /// agent writes no such thing; someone else might) is given a slot of its own with
+    /// what it resolves to now, while slots last: freeing a shared slot with one of its
+    /// prefixes would hand out a slot another prefix still names.
+    fn recount(&mut self) -> Result<(), MapError> {
+        let mut used = vec![false; self.peers.slots as usize];
+        let mut misplaced = Vec::new();
+        for entry in self.trie.iter() {
+            let (key, slot) = entry?;
+            match used.get_mut(slot as usize) {
+                Some(taken @ false) => *taken = true,
+                _ => misplaced.push((key, slot)),
+            }
+        }
+        (self.fresh, self.free) = free_slots(&used);
+        for (key, slot) in misplaced {
+            let info = self.peers.load(slot).unwrap_or_default();
+            let own = self.allocate()?;
+            self.peers.store(own, info);
+            self.trie.insert(&key, own, 0)?;
+        }
+        Ok(())
+    }
+
+    /// After a failed write: [`PeerMaps::recount`], returning the write's error.
+    fn recounted(&mut self, error: MapError) -> MapError {
+        if let Err(recounting) = self.recount() {
+            tracing::warn!(error = %recounting, "could not recount the slots of PEERS");
+        }
+        error
     }
 
     fn allocate(&mut self) -> Result<PeerSlot, MapError> {
@@ -155,6 +167,44 @@ impl KernelMap for PeerMaps {
     fn read_all(&self) -> Result<BTreeMap<Lpm<Addr>, Peer>, MapError> {
         resolve(&self.trie, &self.peers)
     }
+
+    /// Stores for the prefixes IPCACHE has; slots, then IPCACHE in one batch, for the
+    /// new ones.
+    fn put_many(&mut self, entries: &[Write<Self>]) -> Result<Vec<Peer>, MapError> {
+        let mut stored = Vec::with_capacity(entries.len());
+        let mut new = Vec::new();
+        for &(key, info, had) in entries {
+            let slot = match had {
+                Some(Peer { slot, .. }) => slot,
+                None => {
+                    let slot = self.allocate().map_err(|e| self.recounted(e))?;
+                    new.push((key, slot));
+                    slot
+                }
+            };
+            self.peers.store(slot, info);
+            stored.push(Peer { info, slot });
+        }
+        self.trie.put_all(&new).map_err(|e| self.recounted(e))?;
+        Ok(stored)
+    }
+
+    fn delete_many(&mut self, entries: &[(Lpm<Addr>, Peer)]) -> Result<(), MapError> {
+        let keys: Vec<Lpm<Addr>> = entries.iter().map(|&(key, _)| key).collect();
+        self.trie.delete_all(&keys).map_err(|e| self.recounted(e))?;
+        self.free.extend(entries.iter().map(|(_, peer)| peer.slot));
+        Ok(())
+    }
+}
+
+/// From which slots were used: the first never used, and the free ones below it.
+fn free_slots(used: &[bool]) -> (PeerSlot, Vec<PeerSlot>) {
+    let fresh = used
+        .iter()
+        .rposition(|&u| u)
+        .map_or(0, |last| last as PeerSlot + 1);
+    let free = (0..fresh).rev().filter(|&s| !used[s as usize]).collect();
+    (fresh, free)
 }
 
 /// Every prefix of `trie` with its slot and what the slot holds.
