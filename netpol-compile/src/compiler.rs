@@ -263,6 +263,10 @@ fn compile_with(
         peers,
         now,
         freed: &freed,
+        blocks_moved: peers.added().any(|(_, s)| matches!(s.peer, Peer::Block(_)))
+            || freed_peers
+                .iter()
+                .any(|(_, peer)| matches!(peer, Peer::Block(_))),
     };
     if quiet {
         for (obj, _) in pods_before.iter() {

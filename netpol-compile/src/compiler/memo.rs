@@ -9,12 +9,15 @@ use crate::cache::{BitSet, Memo, PeerSlots, PodEntry};
 use crate::policy::{NamespaceMatch, Peer};
 use crate::state::Labels;
 
-/// What bringing a memo up to date needs: the peer slots, this compile's number and the
-/// slots freed by it.
+/// What bringing a memo up to date needs: the peer slots, this compile's number, the
+/// slots freed by it and whether any of them or of the slots it added is an ipBlock.
 pub(super) struct MemoContext<'a> {
     pub(super) peers: &'a PeerSlots,
     pub(super) now: u64,
     pub(super) freed: &'a [usize],
+    /// Whether an ipBlock is among the slots added or freed: else an up-to-date pod's
+    /// ipBlocks per address stay as they are.
+    pub(super) blocks_moved: bool,
 }
 
 impl MemoContext<'_> {
@@ -74,7 +77,7 @@ impl MemoContext<'_> {
         }
         // ipBlocks per address; an empty list when no address is in one (the common
         // case: nothing to read per pod).
-        if !current || slots_moved {
+        if !current || (slots_moved && self.blocks_moved) {
             let mut ip_bits = if current && !entry.ip_bits.is_empty() {
                 std::mem::take(&mut entry.ip_bits)
             } else {
