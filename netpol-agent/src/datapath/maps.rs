@@ -76,13 +76,7 @@ pub trait KernelMap {
 
     /// [`KernelMap::delete`] of every entry; keys the kernel lacks are no error.
     fn delete_many(&mut self, entries: &[(Self::Key, Self::Stored)]) -> Result<(), MapError> {
-        for (key, had) in entries {
-            match self.delete(key, had) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(error) => return Err(error),
-            }
-        }
-        Ok(())
+        delete_each(entries, |(key, had)| self.delete(key, had))
     }
 }
 
@@ -110,14 +104,22 @@ pub trait Plain {
 
     /// Every key removed; keys the kernel lacks are no error.
     fn delete_all(&mut self, keys: &[Self::Key]) -> Result<(), MapError> {
-        for key in keys {
-            match self.delete(key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(error) => return Err(error),
-            }
-        }
-        Ok(())
+        delete_each(keys, |key| self.delete(key))
     }
+}
+
+/// Removes each of `entries` with `delete`; keys the kernel lacks are no error.
+fn delete_each<E>(
+    entries: &[E],
+    mut delete: impl FnMut(&E) -> Result<(), MapError>,
+) -> Result<(), MapError> {
+    for entry in entries {
+        match delete(entry) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
 }
 
 impl<M: Plain> KernelMap for M {
@@ -181,13 +183,7 @@ impl<K: Pod + Ord, V: Pod + PartialEq> Plain for HashMap<MapData, K, V> {
     }
     fn delete_all(&mut self, keys: &[K]) -> Result<(), MapError> {
         if keys.len() < BATCH_FROM {
-            for key in keys {
-                match Plain::delete(self, key) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(error) => return Err(error),
-                }
-            }
-            return Ok(());
+            return delete_each(keys, |key| Plain::delete(self, key));
         }
         super::batch::delete(self.map().fd().as_fd(), keys)
     }
@@ -220,13 +216,7 @@ impl<K: Pod + Ord, V: Pod + PartialEq> Plain for LpmTrie<MapData, K, V> {
     }
     fn delete_all(&mut self, keys: &[Lpm<K>]) -> Result<(), MapError> {
         if keys.len() < BATCH_FROM {
-            for key in keys {
-                match Plain::delete(self, key) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(error) => return Err(error),
-                }
-            }
-            return Ok(());
+            return delete_each(keys, |key| Plain::delete(self, key));
         }
         let keys: Vec<Key<K>> = keys
             .iter()
