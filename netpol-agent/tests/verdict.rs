@@ -1741,6 +1741,37 @@ fn an_ipcache_batch_that_fails_half_way_loses_no_slot() {
     assert_eq!(kernel.ipcache, compiled.ipcache);
 }
 
+/// The agent maps PEERS only as far as the slots in use reach, growing the mapping as
+/// prefixes come: 20,000 prefixes (beyond the first chunks) are stored where the
+/// programs find them, when they come and when all of them move at once.
+#[test]
+fn prefixes_beyond_the_first_mapped_slots_resolve_as_compiled() {
+    let Some(mut dp) = Loaded::new("peers-grow", &[]) else {
+        return;
+    };
+    let ipcache = |shift: u32| -> std::collections::BTreeMap<_, _> {
+        (0..20_000u32)
+            .map(|n| {
+                let key = compile::host_key(IpAddr::from([10, 50, (n >> 8) as u8, n as u8]));
+                let info = netpol_common::PeerInfo {
+                    identity: 100 + (n + shift) % 7,
+                    flags: 0,
+                };
+                (key, info)
+            })
+            .collect()
+    };
+    for shift in [0, 1] {
+        let compiled = compile::Compiled {
+            ipcache: ipcache(shift).into(),
+            ..compile::Compiled::default()
+        };
+        dp.datapath.as_mut().unwrap().sync_maps(&compiled).unwrap();
+        let (kernel, _) = netpol_agent::datapath::inspect::read_maps(&dp.dir).unwrap();
+        assert_eq!(kernel.ipcache, compiled.ipcache, "shift {shift}");
+    }
+}
+
 /// IPCACHE names slots of PEERS: pinned without it (or with a PEERS of another
 /// capacity), its slots would resolve to nothing or to other prefixes, so both are
 /// created afresh, and the first sync writes every prefix again.

@@ -14,7 +14,7 @@
 //! addresses that the first left out into the room its removals made.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,10 +62,17 @@ impl PeerMaps {
         let trie: LpmTrie<MapData, Addr, PeerSlot> = LpmTrie::try_from(Map::LpmTrie(
             MapData::from_pin(maps_dir.join(names::IPCACHE))?,
         ))?;
-        let peers = Mapped::new(
+        let mut peers = Mapped::new(
             &MapData::from_pin(maps_dir.join(names::PEERS))?,
             Access::Read,
         )?;
+        let mut last = None;
+        for entry in trie.iter() {
+            last = last.max(Some(entry?.1));
+        }
+        if let Some(last) = last {
+            peers.reach(last)?;
+        }
         resolve(&trie, &peers).map(|entries| {
             entries
                 .into_iter()
@@ -91,6 +98,15 @@ impl PeerMaps {
             }
         }
         (self.fresh, self.free) = free_slots(&used);
+        let highest = misplaced.iter().map(|&(_, slot)| slot + 1).max();
+        if let Some(last) = highest
+            .into_iter()
+            .chain([self.fresh])
+            .max()
+            .filter(|&n| n > 0)
+        {
+            self.peers.reach(last - 1)?;
+        }
         for (key, slot) in misplaced {
             let info = self.peers.load(slot).unwrap_or_default();
             let own = self.allocate()?;
@@ -113,6 +129,7 @@ impl PeerMaps {
             return Ok(slot);
         }
         if self.fresh < self.peers.slots {
+            self.peers.reach(self.fresh)?;
             self.fresh += 1;
             return Ok(self.fresh - 1);
         }
@@ -235,17 +252,26 @@ enum Access {
     Write,
 }
 
-/// PEERS mapped into the agent: one 8-byte word per slot.
+/// PEERS mapped into the agent: one 8-byte word per slot, mapped as far as the slots in
+/// use reach (a mapping's pages all count as the agent's memory from the start; the
+/// capacity may be a million slots).
 struct Mapped {
-    words: NonNull<AtomicU64>,
+    fd: OwnedFd,
+    access: Access,
+    /// The map's slots (its capacity).
     slots: u32,
-    bytes: usize,
+    /// The mapping of the first `mapped` slots, and its length in bytes.
+    mapping: Option<(NonNull<AtomicU64>, usize)>,
+    mapped: u32,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics; it is owned by
-// this value and unmapped once, on drop.
+// this value and unmapped once, when replaced or on drop.
 unsafe impl Send for Mapped {}
 unsafe impl Sync for Mapped {}
+
+/// Slots the mapping grows by (64 KiB).
+const MAPPED_CHUNK: u32 = 8192;
 
 impl Mapped {
     fn new(map: &MapData, access: Access) -> Result<Mapped, MapError> {
@@ -259,54 +285,70 @@ impl Mapped {
             });
         }
         if info.map_flags() & MMAPABLE == 0 {
-            return Err(MapError::SyscallError(SyscallError {
-                call: "mmap",
-                io_error: std::io::Error::other("the map was not created mappable"),
-            }));
+            return Err(mmap_error(std::io::Error::other(
+                "the map was not created mappable",
+            )));
         }
-        let slots = info.max_entries();
+        let fd = map.fd().as_fd().try_clone_to_owned().map_err(mmap_error)?;
+        Ok(Mapped {
+            fd,
+            access,
+            slots: info.max_entries(),
+            mapping: None,
+            mapped: 0,
+        })
+    }
+
+    /// Maps at least the slots up to `slot` (within the capacity).
+    fn reach(&mut self, slot: PeerSlot) -> Result<(), MapError> {
+        if slot < self.mapped || self.mapped == self.slots {
+            return Ok(());
+        }
+        let slots = (slot / MAPPED_CHUNK + 1)
+            .saturating_mul(MAPPED_CHUNK)
+            .min(self.slots);
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let bytes = (slots as usize * size_of::<u64>()).div_ceil(page) * page;
-        let fd = map.fd().as_fd();
-        // SAFETY: a new shared mapping of the map's whole value area (array values of 8
-        // bytes are laid out back to back from offset 0); nothing else refers to it.
+        // SAFETY: a new shared mapping of the start of the map's value area (array
+        // values of 8 bytes are laid out back to back from offset 0; the kernel accepts
+        // any length up to the whole area); nothing else refers to it.
         let address = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
-                match access {
+                match self.access {
                     Access::Read => libc::PROT_READ,
                     Access::Write => libc::PROT_READ | libc::PROT_WRITE,
                 },
                 libc::MAP_SHARED,
-                fd.as_raw_fd(),
+                self.fd.as_raw_fd(),
                 0,
             )
         };
         if address == libc::MAP_FAILED {
-            return Err(MapError::SyscallError(SyscallError {
-                call: "mmap",
-                io_error: std::io::Error::last_os_error(),
-            }));
+            return Err(mmap_error(std::io::Error::last_os_error()));
         }
-        let words = NonNull::new(address.cast::<AtomicU64>()).ok_or(MapError::SyscallError(
-            SyscallError {
-                call: "mmap",
-                io_error: std::io::Error::other("mapped at address 0"),
-            },
-        ))?;
-        Ok(Mapped {
-            words,
-            slots,
-            bytes,
-        })
+        let words = NonNull::new(address.cast::<AtomicU64>())
+            .ok_or_else(|| mmap_error(std::io::Error::other("mapped at address 0")))?;
+        self.unmap();
+        self.mapping = Some((words, bytes));
+        self.mapped = slots;
+        Ok(())
+    }
+
+    fn unmap(&mut self) {
+        if let Some((words, bytes)) = self.mapping.take() {
+            // SAFETY: a mapping made by `reach`, unmapped once (taken out of `self`).
+            unsafe { libc::munmap(words.as_ptr().cast(), bytes) };
+        }
     }
 
     fn word(&self, slot: PeerSlot) -> Option<&AtomicU64> {
-        // SAFETY: in bounds of the mapping, which lives as long as `self`; the kernel
-        // aligns it to a page.
-        (slot < self.slots).then(|| unsafe { self.words.add(slot as usize).as_ref() })
+        let (words, _) = self.mapping?;
+        // SAFETY: in bounds of the mapping, which lives as long as `self` (replaced only
+        // through `&mut self`); the kernel aligns it to a page.
+        (slot < self.mapped).then(|| unsafe { words.add(slot as usize).as_ref() })
     }
 
     fn load(&self, slot: PeerSlot) -> Option<PeerInfo> {
@@ -321,9 +363,15 @@ impl Mapped {
     }
 }
 
+fn mmap_error(io_error: std::io::Error) -> MapError {
+    MapError::SyscallError(SyscallError {
+        call: "mmap",
+        io_error,
+    })
+}
+
 impl Drop for Mapped {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.words.as_ptr().cast(), self.bytes) };
+        self.unmap();
     }
 }
