@@ -98,7 +98,10 @@ impl PeerMaps {
             }
         }
         (self.fresh, self.free) = free_slots(&used);
-        let highest = misplaced.iter().map(|&(_, slot)| slot + 1).max();
+        let highest = misplaced
+            .iter()
+            .map(|&(_, slot)| slot.saturating_add(1))
+            .max();
         if let Some(last) = highest
             .into_iter()
             .chain([self.fresh])
