@@ -1,4 +1,4 @@
-//! Many entries of a hash map in one system call (`BPF_MAP_UPDATE_BATCH`,
+//! Many entries of a hash map or LPM trie in one system call (`BPF_MAP_UPDATE_BATCH`,
 //! `BPF_MAP_DELETE_BATCH`; aya has no call for them). A change that writes thousands of
 //! POLICY entries (a ClusterNetworkPolicy replaced: a row per endpoint and identity)
 //! pays the system call once instead of per entry.
@@ -64,7 +64,7 @@ fn error(call: &'static str, io_error: std::io::Error) -> MapError {
     MapError::SyscallError(SyscallError { call, io_error })
 }
 
-/// Inserts or replaces every `(key, value)` in the hash map open at `fd`.
+/// Inserts or replaces every `(key, value)` in the map open at `fd`.
 pub fn update<K: Pod, V: Pod>(
     fd: BorrowedFd<'_>,
     keys: &[K],
@@ -78,8 +78,7 @@ pub fn update<K: Pod, V: Pod>(
         .map_err(|(_, io_error)| error("bpf_map_update_batch", io_error))
 }
 
-/// Removes every key of `keys` from the hash map open at `fd`; keys it lacks are no
-/// error (the kernel stops at the first, then goes on after it).
+/// Removes every key of `keys` from the map open at `fd`; keys it lacks are no error (the kernel stops at the first, then goes on after it).
 pub fn delete<K: Pod>(fd: BorrowedFd<'_>, mut keys: &[K]) -> Result<(), MapError> {
     // Each round gets past one missing key at least: bounded by the keys.
     while !keys.is_empty() {

@@ -313,7 +313,7 @@ fn unpin_incompatible_maps(maps_dir: &Path) {
 /// that resolve to nothing or to another prefix's identity: both are unpinned, to be
 /// created afresh.
 fn unpin_unpaired_peers(maps_dir: &Path) {
-    const MMAPABLE: u32 = 1 << 10;
+    use super::peers::MMAPABLE;
     let info = |name: &str| aya::maps::MapInfo::from_pin(maps_dir.join(name)).ok();
     let (trie, peers) = (info(names::IPCACHE), info(names::PEERS));
     let paired = match (&trie, &peers) {

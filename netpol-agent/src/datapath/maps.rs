@@ -55,29 +55,12 @@ pub trait KernelMap {
     /// find it again (PEERS: the slot; [`Plain`] otherwise).
     type Stored: Copy;
     fn value(stored: &Self::Stored) -> &Self::Value;
-    /// Writes `value` at `key`, which held `had` (the shadow's entry, if any).
-    fn put(
-        &mut self,
-        key: &Self::Key,
-        value: &Self::Value,
-        had: Option<&Self::Stored>,
-    ) -> Result<Self::Stored, MapError>;
-    fn delete(&mut self, key: &Self::Key, had: &Self::Stored) -> Result<(), MapError>;
+    /// Writes every entry (key, value, what the shadow had), in as few system calls as
+    /// the map allows; returns what each left, in order.
+    fn put_many(&mut self, entries: &[Write<Self>]) -> Result<Vec<Self::Stored>, MapError>;
+    /// Removes every entry; keys the kernel lacks are no error.
+    fn delete_many(&mut self, entries: &[(Self::Key, Self::Stored)]) -> Result<(), MapError>;
     fn read_all(&self) -> Result<BTreeMap<Self::Key, Self::Stored>, MapError>;
-
-    /// [`KernelMap::put`] of every entry (key, value, what the shadow had), in as few
-    /// system calls as the map allows; what each left, in order.
-    fn put_many(&mut self, entries: &[Write<Self>]) -> Result<Vec<Self::Stored>, MapError> {
-        entries
-            .iter()
-            .map(|(key, value, had)| self.put(key, value, had.as_ref()))
-            .collect()
-    }
-
-    /// [`KernelMap::delete`] of every entry; keys the kernel lacks are no error.
-    fn delete_many(&mut self, entries: &[(Self::Key, Self::Stored)]) -> Result<(), MapError> {
-        delete_each(entries, |(key, had)| self.delete(key, had))
-    }
 }
 
 /// One entry for [`KernelMap::put_many`]: key, value, and what the shadow had.
@@ -91,35 +74,12 @@ pub type Write<M> = (
 pub trait Plain {
     type Key: Ord + Copy;
     type Value: PartialEq + Copy;
-    fn put(&mut self, key: &Self::Key, value: &Self::Value) -> Result<(), MapError>;
-    fn delete(&mut self, key: &Self::Key) -> Result<(), MapError>;
+    /// Every entry written, in one system call.
+    fn put_all(&mut self, entries: &[(Self::Key, Self::Value)]) -> Result<(), MapError>;
+    /// Every key removed, in as few system calls as missing keys allow (they are no
+    /// error).
+    fn delete_all(&mut self, keys: &[Self::Key]) -> Result<(), MapError>;
     fn read_all(&self) -> Result<BTreeMap<Self::Key, Self::Value>, MapError>;
-
-    /// Every entry written; one at a time unless the map can take them together.
-    fn put_all(&mut self, entries: &[(Self::Key, Self::Value)]) -> Result<(), MapError> {
-        entries
-            .iter()
-            .try_for_each(|(key, value)| self.put(key, value))
-    }
-
-    /// Every key removed; keys the kernel lacks are no error.
-    fn delete_all(&mut self, keys: &[Self::Key]) -> Result<(), MapError> {
-        delete_each(keys, |key| self.delete(key))
-    }
-}
-
-/// Removes each of `entries` with `delete`; keys the kernel lacks are no error.
-fn delete_each<E>(
-    entries: &[E],
-    mut delete: impl FnMut(&E) -> Result<(), MapError>,
-) -> Result<(), MapError> {
-    for entry in entries {
-        match delete(entry) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(())
 }
 
 impl<M: Plain> KernelMap for M {
@@ -129,24 +89,7 @@ impl<M: Plain> KernelMap for M {
     fn value(stored: &M::Value) -> &M::Value {
         stored
     }
-    fn put(
-        &mut self,
-        key: &M::Key,
-        value: &M::Value,
-        _: Option<&M::Value>,
-    ) -> Result<M::Value, MapError> {
-        Plain::put(self, key, value).map(|()| *value)
-    }
-    fn delete(&mut self, key: &M::Key, _: &M::Value) -> Result<(), MapError> {
-        Plain::delete(self, key)
-    }
-    fn read_all(&self) -> Result<BTreeMap<M::Key, M::Value>, MapError> {
-        Plain::read_all(self)
-    }
-    fn put_many(
-        &mut self,
-        entries: &[(M::Key, M::Value, Option<M::Value>)],
-    ) -> Result<Vec<M::Value>, MapError> {
+    fn put_many(&mut self, entries: &[Write<Self>]) -> Result<Vec<M::Value>, MapError> {
         let entries: Vec<(M::Key, M::Value)> = entries
             .iter()
             .map(|&(key, value, _)| (key, value))
@@ -158,56 +101,30 @@ impl<M: Plain> KernelMap for M {
         let keys: Vec<M::Key> = entries.iter().map(|&(key, _)| key).collect();
         self.delete_all(&keys)
     }
+    fn read_all(&self) -> Result<BTreeMap<M::Key, M::Value>, MapError> {
+        Plain::read_all(self)
+    }
 }
 
 impl<K: Pod + Ord, V: Pod + PartialEq> Plain for HashMap<MapData, K, V> {
     type Key = K;
     type Value = V;
-    fn put(&mut self, key: &K, value: &V) -> Result<(), MapError> {
-        self.insert(key, value, 0)
-    }
-    fn delete(&mut self, key: &K) -> Result<(), MapError> {
-        self.remove(key)
-    }
-    fn read_all(&self) -> Result<BTreeMap<K, V>, MapError> {
-        self.iter().collect()
-    }
     fn put_all(&mut self, entries: &[(K, V)]) -> Result<(), MapError> {
-        if entries.len() < BATCH_FROM {
-            return entries
-                .iter()
-                .try_for_each(|(key, value)| Plain::put(self, key, value));
-        }
         let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
         super::batch::update(self.map().fd().as_fd(), &keys, &values)
     }
     fn delete_all(&mut self, keys: &[K]) -> Result<(), MapError> {
-        if keys.len() < BATCH_FROM {
-            return delete_each(keys, |key| Plain::delete(self, key));
-        }
         super::batch::delete(self.map().fd().as_fd(), keys)
     }
+    fn read_all(&self) -> Result<BTreeMap<K, V>, MapError> {
+        self.iter().collect()
+    }
 }
-
-/// Entries from which a map's writes go in one system call (below, the copies of keys
-/// and values cost more than the calls they save).
-pub const BATCH_FROM: usize = 8;
 
 impl<K: Pod + Ord, V: Pod + PartialEq> Plain for LpmTrie<MapData, K, V> {
     type Key = Lpm<K>;
     type Value = V;
-    fn put(&mut self, key: &Lpm<K>, value: &V) -> Result<(), MapError> {
-        self.insert(&Key::new(key.prefix_len, key.data), value, 0)
-    }
-    fn delete(&mut self, key: &Lpm<K>) -> Result<(), MapError> {
-        self.remove(&Key::new(key.prefix_len, key.data))
-    }
     fn put_all(&mut self, entries: &[(Lpm<K>, V)]) -> Result<(), MapError> {
-        if entries.len() < BATCH_FROM {
-            return entries
-                .iter()
-                .try_for_each(|(key, value)| Plain::put(self, key, value));
-        }
         let (keys, values): (Vec<Key<K>>, Vec<V>) = entries
             .iter()
             .map(|(key, value)| (Key::new(key.prefix_len, key.data), *value))
@@ -215,9 +132,6 @@ impl<K: Pod + Ord, V: Pod + PartialEq> Plain for LpmTrie<MapData, K, V> {
         super::batch::update(self.map().fd().as_fd(), &keys, &values)
     }
     fn delete_all(&mut self, keys: &[Lpm<K>]) -> Result<(), MapError> {
-        if keys.len() < BATCH_FROM {
-            return delete_each(keys, |key| Plain::delete(self, key));
-        }
         let keys: Vec<Key<K>> = keys
             .iter()
             .map(|key| Key::new(key.prefix_len, key.data))
@@ -463,18 +377,6 @@ pub struct PolicyMaps {
 impl Plain for PolicyMaps {
     type Key = Lpm<PolicyKey>;
     type Value = PolicyValue;
-    fn put(&mut self, key: &Lpm<PolicyKey>, value: &PolicyValue) -> Result<(), MapError> {
-        match slot(key) {
-            Slot::Policy(key) => Plain::put(&mut self.exact, &key, value),
-            Slot::Ranges(key) => Plain::put(&mut self.ranges, &key, value),
-        }
-    }
-    fn delete(&mut self, key: &Lpm<PolicyKey>) -> Result<(), MapError> {
-        match slot(key) {
-            Slot::Policy(key) => Plain::delete(&mut self.exact, &key),
-            Slot::Ranges(key) => Plain::delete(&mut self.ranges, &key),
-        }
-    }
     fn put_all(&mut self, entries: &[(Lpm<PolicyKey>, PolicyValue)]) -> Result<(), MapError> {
         let (mut exact, mut ranges) = (Vec::new(), Vec::new());
         for (key, value) in entries {

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use aya::maps::{LpmTrie, Map, MapData, MapError, lpm_trie::Key};
+use aya::maps::{LpmTrie, Map, MapData, MapError};
 use aya::sys::SyscallError;
 use netpol_common::{Addr, PeerInfo, PeerSlot, names};
 use netpol_compile::Lpm;
@@ -66,13 +66,8 @@ impl PeerMaps {
             &MapData::from_pin(maps_dir.join(names::PEERS))?,
             Access::Read,
         )?;
-        let mut last = None;
-        for entry in trie.iter() {
-            last = last.max(Some(entry?.1));
-        }
-        if let Some(last) = last {
-            peers.reach(last)?;
-        }
+        // The whole array: a tool reads it once.
+        peers.reach(PeerSlot::MAX)?;
         resolve(&trie, &peers).map(|entries| {
             entries
                 .into_iter()
@@ -98,17 +93,10 @@ impl PeerMaps {
             }
         }
         (self.fresh, self.free) = free_slots(&used);
-        let highest = misplaced
-            .iter()
-            .map(|&(_, slot)| slot.saturating_add(1))
-            .max();
-        if let Some(last) = highest
-            .into_iter()
-            .chain([self.fresh])
-            .max()
-            .filter(|&n| n > 0)
-        {
-            self.peers.reach(last - 1)?;
+        // Every slot in use is below `fresh`, a shared one too (an out-of-range one
+        // resolves to nothing: the next sync writes what the prefix should resolve to).
+        if let Some(last) = self.fresh.checked_sub(1) {
+            self.peers.reach(last)?;
         }
         for (key, slot) in misplaced {
             let info = self.peers.load(slot).unwrap_or_default();
@@ -151,37 +139,6 @@ impl KernelMap for PeerMaps {
 
     fn value(stored: &Peer) -> &PeerInfo {
         &stored.info
-    }
-
-    fn put(
-        &mut self,
-        key: &Lpm<Addr>,
-        info: &PeerInfo,
-        had: Option<&Peer>,
-    ) -> Result<Peer, MapError> {
-        if let Some(&Peer { slot, .. }) = had {
-            self.peers.store(slot, *info);
-            return Ok(Peer { info: *info, slot });
-        }
-        // The slot holds the entry before IPCACHE names it.
-        let slot = self.allocate()?;
-        self.peers.store(slot, *info);
-        if let Err(error) = self
-            .trie
-            .insert(&Key::new(key.prefix_len, key.data), slot, 0)
-        {
-            self.free.push(slot);
-            return Err(error);
-        }
-        Ok(Peer { info: *info, slot })
-    }
-
-    fn delete(&mut self, key: &Lpm<Addr>, had: &Peer) -> Result<(), MapError> {
-        let removed = self.trie.remove(&Key::new(key.prefix_len, key.data));
-        if matches!(removed, Ok(()) | Err(MapError::KeyNotFound)) {
-            self.free.push(had.slot);
-        }
-        removed
     }
 
     fn read_all(&self) -> Result<BTreeMap<Lpm<Addr>, Peer>, MapError> {
@@ -276,10 +233,11 @@ unsafe impl Sync for Mapped {}
 /// Slots the mapping grows by (64 KiB).
 const MAPPED_CHUNK: u32 = 8192;
 
+/// `BPF_F_MMAPABLE` (include/uapi/linux/bpf.h): PEERS is created with it.
+pub(super) const MMAPABLE: u32 = 1 << 10;
+
 impl Mapped {
     fn new(map: &MapData, access: Access) -> Result<Mapped, MapError> {
-        /// `BPF_F_MMAPABLE` (include/uapi/linux/bpf.h).
-        const MMAPABLE: u32 = 1 << 10;
         let info = map.info()?;
         if info.value_size() as usize != size_of::<u64>() {
             return Err(MapError::InvalidValueSize {
