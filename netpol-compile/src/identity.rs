@@ -19,6 +19,10 @@ use super::lpm::Lpm;
 use super::{Direction, RuleRef};
 use crate::state::ObjectRef;
 
+mod addresses;
+
+pub(crate) use self::addresses::Addresses;
+
 /// The rules an allocation numbers.
 pub(crate) enum Rules {
     /// The same rules as the previous allocations'.
@@ -95,10 +99,10 @@ pub struct Allocations {
     endpoints: BTreeMap<ObjectRef, u32>,
     /// Signature of every dynamic identity in force → its number.
     identities: BTreeMap<IdentitySignature, u32>,
-    /// Dynamic identity of every IPCACHE key (world keys are absent), sorted by key:
-    /// shared with the next allocations while no key's number changes (150,000 pods
-    /// have some 190,000 keys, copied at every compile before).
-    addresses: Arc<Vec<(Lpm<Addr>, u32)>>,
+    /// Dynamic identity of every IPCACHE key (world keys are absent): shared with the
+    /// next allocations while no key's number changes, patched when some do (150,000
+    /// pods have some 190,000 keys, copied at every compile before).
+    addresses: Addresses,
     /// Rule ids (`PolicyValue::rule`, the RULE_COUNTERS index), from 0, and the same by
     /// id: shared with the next allocations while the rules stay the same (15,000 policies
     /// have some 30,000 rules, whose names would be copied at every compile).
@@ -149,7 +153,7 @@ impl Allocations {
         rules: Rules,
     ) -> Allocations {
         let numbers = self.identity_numbers(&classes);
-        let addresses = Arc::new(
+        let addresses = Addresses::new(
             classes
                 .keys
                 .iter()
@@ -180,10 +184,7 @@ impl Allocations {
             .iter()
             .map(|s| self.identities.get(s).copied())
             .collect();
-        let number_before = |key: &Lpm<Addr>| {
-            let at = self.addresses.binary_search_by_key(key, |&(k, _)| k);
-            at.ok().map(|i| self.addresses[i].1)
-        };
+        let number_before = |key: &Lpm<Addr>| self.addresses.get(key);
         // How many keys of each identity carried each number, for those some changed key
         // left or joined; the others' keys all carried their number.
         let mut overlap: Vec<Vec<(u32, usize)>> = vec![Vec::new(); signatures.len()];
@@ -232,21 +233,12 @@ impl Allocations {
             number_before(&key) == now.map(|i: usize| numbers[i])
         };
         if changed.iter().all(unmoved) {
-            return Some((identities, Arc::clone(&self.addresses)));
+            return Some((identities, self.addresses.clone()));
         }
-        let mut addresses = Vec::with_capacity(self.addresses.len() + changed.len());
-        let mut changes = changed.iter().peekable();
-        for &(key, number) in self.addresses.iter() {
-            while let Some(&(k, now)) = changes.next_if(|(k, _)| *k < key) {
-                addresses.extend(now.map(|i| (k, numbers[i])));
-            }
-            match changes.next_if(|(k, _)| *k == key) {
-                Some(&(_, now)) => addresses.extend(now.map(|i| (key, numbers[i]))),
-                None => addresses.push((key, number)),
-            }
-        }
-        addresses.extend(changes.filter_map(|&(k, now)| Some((k, numbers[now?]))));
-        Some((identities, Arc::new(addresses)))
+        let changes = changed
+            .iter()
+            .map(|&(key, now)| (key, now.map(|i| numbers[i])));
+        Some((identities, self.addresses.patched(changes)))
     }
 
     /// The allocations with `identities` (numbers by signature, and by key), and
@@ -257,7 +249,6 @@ impl Allocations {
         (identities, addresses): Identities,
         rules: Rules,
     ) -> Allocations {
-        debug_assert!(addresses.is_sorted_by_key(|&(key, _)| key));
         let (rules, rules_by_id) = self.numbered_rules(rules);
         Allocations {
             endpoints: allocate(
@@ -358,7 +349,7 @@ impl Allocations {
         let mut previous = self.addresses.iter().peekable();
         for (key, class) in &classes.keys {
             while previous.next_if(|(k, _)| k < key).is_some() {}
-            if let Some(&(_, number)) = previous.next_if(|(k, _)| k == key) {
+            if let Some((_, number)) = previous.next_if(|(k, _)| k == key) {
                 count(&mut overlap[*class], number, 1);
             }
         }
@@ -410,7 +401,7 @@ impl Allocations {
 }
 
 /// Identity numbers by signature, and of every key of a dynamic identity (sorted).
-pub(crate) type Identities = (BTreeMap<IdentitySignature, u32>, Arc<Vec<(Lpm<Addr>, u32)>>);
+pub(crate) type Identities = (BTreeMap<IdentitySignature, u32>, Addresses);
 
 /// The lineage contest: `candidates` (keys that carried the number, number, identity)
 /// taken largest overlap first, then lower number, then identity listed first; an
@@ -642,13 +633,7 @@ mod tests {
         assert_eq!(c.identity(&sig(&["A"])), Some(d));
         assert_eq!(c.identity(&sig(&["A", "C"])), Some(d + 2));
         assert_eq!(c.identity(&sig(&["B", "C"])), Some(d + 1));
-        assert_eq!(
-            c.addresses
-                .iter()
-                .find(|(k, _)| *k == key(9))
-                .map(|(_, n)| n),
-            Some(&d)
-        );
+        assert_eq!(c.addresses.get(&key(9)), Some(d));
     }
 
     #[test]
