@@ -314,6 +314,8 @@ pub(crate) struct CompileCache {
     pub cluster_policies: HashMap<String, crate::compiler::ReadCnp>,
     /// The address classes handed out, and their epoch (see [`PodEntry::class`]).
     pub classes: crate::compiler::ClassTable,
+    /// The identity signature of each class of the table, as last made.
+    pub signatures: crate::compiler::Signatures,
     /// The order the IPCACHE keys were sorted into last time.
     pub key_order: crate::compiler::KeyOrder,
     /// The POLICY map of the last compile, by endpoint.

@@ -36,8 +36,8 @@ use netpol_common::{
     IDENTITY_ANY, IDENTITY_WORLD, PeerInfo, PolicyKey, PolicyValue,
 };
 
+use self::classify::{ClassKey, Classes, Moved, classify};
 pub(crate) use self::classify::{ClassTable, KeptKeys, KeyOrder};
-use self::classify::{Classes, Moved, classify};
 use self::emit::RuleContext;
 pub(crate) use self::kept_policy::KeptPolicy;
 use self::kept_policy::{EndpointInputs, PolicyMap, Update, View};
@@ -197,6 +197,7 @@ fn compile_with(
         named_ports,
         pod_counts,
         classes: class_table,
+        signatures: signature_memo,
         key_order,
         policies_read,
         kept_policy,
@@ -334,7 +335,10 @@ fn compile_with(
     let pod_entries: &[PodEntry] = pod_entries;
     let numbered = number_identities(
         prev,
-        &classes,
+        (
+            &classes,
+            signature_memo.of(&classes, slots_moved, named_ports_version),
+        ),
         kept_ipcache,
         peers,
         &egress_named_ports,
@@ -747,7 +751,7 @@ struct Numbered {
 /// ([`Allocations::patched`]), else by every key.
 fn number_identities(
     prev: &Allocations,
-    classes: &Classes<'_>,
+    (classes, memo): (&Classes<'_>, &mut Signatures),
     ipcache: &mut KeptMap<Lpm<Addr>, PeerInfo>,
     peers: &PeerSlots,
     egress_named_ports: &[(&str, u8)],
@@ -755,39 +759,38 @@ fn number_identities(
     rules: Rules,
 ) -> Numbered {
     // A signature per class with keys (in the order of `classes.list`).
-    let signatures: Vec<IdentitySignature> = classes
-        .list
-        .iter()
-        .map(|(_, class)| IdentitySignature {
-            peers: {
-                let mut v: Vec<String> = class
-                    .peers
-                    .iter()
-                    .map(|slot| peers.slot(slot).canonical.clone())
-                    .collect();
-                v.sort();
-                v
-            },
-            named_ports: class
-                .named_ports
+    let signatures: Vec<&IdentitySignature> = memo.list(classes, |class| IdentitySignature {
+        peers: {
+            let mut v: Vec<String> = class
+                .peers
                 .iter()
-                .map(|&(i, port)| NamedPortResolution {
-                    name: egress_named_ports[i].0.to_string(),
-                    protocol: egress_named_ports[i].1,
-                    port,
-                })
-                .collect(),
-        })
-        .collect();
+                .map(|slot| peers.slot(slot).canonical.clone())
+                .collect();
+            v.sort();
+            v
+        },
+        named_ports: class
+            .named_ports
+            .iter()
+            .map(|&(i, port)| NamedPortResolution {
+                name: egress_named_ports[i].0.to_string(),
+                protocol: egress_named_ports[i].1,
+                port,
+            })
+            .collect(),
+    });
     // Dynamic identities: one per distinct signature, in signature order.
-    let mut dynamic: Vec<&IdentitySignature> =
-        signatures.iter().filter(|s| !s.is_world()).collect();
+    let mut dynamic: Vec<&IdentitySignature> = signatures
+        .iter()
+        .copied()
+        .filter(|s| !s.is_world())
+        .collect();
     dynamic.sort();
     dynamic.dedup();
     // The dynamic identity (index in `dynamic`) of each class of the table.
     let mut class_identity: Vec<Option<usize>> = vec![None; classes.counts.len()];
     for ((class, _), signature) in classes.list.iter().zip(&signatures) {
-        class_identity[*class] = dynamic.binary_search(&signature).ok();
+        class_identity[*class] = dynamic.binary_search(signature).ok();
     }
     let dynamic: Vec<IdentitySignature> = dynamic.into_iter().cloned().collect();
     let patched = classes.changed.as_ref().and_then(|changed| {
@@ -820,13 +823,24 @@ fn number_identities(
             (prev.next(endpoints, identity_classes, rules), None)
         }
     };
-    // The identity number of each class of the table.
+    // The identity number of each class of the table: the allocations number exactly
+    // the dynamic identities, in signature order.
+    let numbers: Vec<u32> = allocations.identities().values().copied().collect();
     let mut identity_of: Vec<u32> = vec![IDENTITY_WORLD; classes.counts.len()];
-    for ((class, _), signature) in classes.list.iter().zip(&signatures) {
-        if !signature.is_world() {
-            identity_of[*class] = allocations.identity(signature).expect("allocated above");
+    for (class, _) in &classes.list {
+        if let Some(i) = class_identity[*class] {
+            identity_of[*class] = numbers[i];
         }
     }
+    debug_assert!(
+        classes
+            .list
+            .iter()
+            .zip(&signatures)
+            .all(|(&(class, _), s)| {
+                s.is_world() || allocations.identity(s) == Some(identity_of[class])
+            })
+    );
     let info = |(class, flags)| PeerInfo {
         identity: identity_of[class],
         flags,
@@ -885,6 +899,53 @@ fn number_identities(
         identities,
         peer_identities,
         named_by_identity,
+    }
+}
+
+/// The identity signature of each class of the class table, kept from one compile to
+/// the next (in the compiler's memo): a signature is text (every peer's canonical form,
+/// each named port's name), and most compiles see the same classes as the last. Made
+/// again when a class index, a peer slot or the list of egress named ports may name
+/// something else: a new class table epoch, a slot allocated or freed, a new list.
+#[derive(Default)]
+pub(crate) struct Signatures {
+    /// (class table epoch, egress named ports version) the signatures were made for.
+    made_for: (u64, u64),
+    by_class: Vec<Option<IdentitySignature>>,
+}
+
+impl Signatures {
+    /// The memo, emptied unless what it was made for still holds.
+    fn of(&mut self, classes: &Classes<'_>, slots_moved: bool, named_ports: u64) -> &mut Self {
+        let made_for = (classes.epoch, named_ports);
+        if slots_moved || self.made_for != made_for {
+            self.by_class.clear();
+            self.made_for = made_for;
+        }
+        self
+    }
+
+    /// The signature of each class of `classes.list` (in its order), made by `make` for
+    /// those the memo lacks.
+    fn list(
+        &mut self,
+        classes: &Classes<'_>,
+        make: impl Fn(&ClassKey) -> IdentitySignature,
+    ) -> Vec<&IdentitySignature> {
+        for &(class, key) in &classes.list {
+            if self.by_class.len() <= class {
+                self.by_class.resize(class + 1, None);
+            }
+            if self.by_class[class].is_none() {
+                self.by_class[class] = Some(make(key));
+            }
+        }
+        let made = |&(class, _): &(usize, &ClassKey)| self.by_class[class].as_ref();
+        classes
+            .list
+            .iter()
+            .map(|c| made(c).expect("made above"))
+            .collect()
     }
 }
 

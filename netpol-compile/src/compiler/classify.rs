@@ -54,6 +54,8 @@ pub(super) struct Classes<'a> {
     /// The keys whose class or flags differ from the last compile's, sorted, when this
     /// compile patched the last compile's keys ([`KeptKeys`]); `None`: listed anew.
     pub(super) changed: Option<Vec<KeyChange>>,
+    /// The class table's epoch: a class index names the same class throughout one.
+    pub(super) epoch: u64,
 }
 
 /// The classes handed out, kept from one compile to the next (in the compiler's memo), so
@@ -274,6 +276,7 @@ pub(super) fn classify<'a>(
         keys: &kept.merged,
         counts: &kept.counts,
         changed,
+        epoch: table.epoch,
     }
 }
 

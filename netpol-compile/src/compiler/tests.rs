@@ -106,6 +106,43 @@ fn a_change_that_moves_no_identity_keeps_the_policy_map_itself() {
 }
 
 #[test]
+fn a_peer_slot_freed_and_given_to_another_peer_names_the_new_peer_in_signatures() {
+    use crate::state::Changes;
+    // x/p lets app=a and app=c reach x/d, then goes; x/q, letting app=b reach x/d, comes
+    // after the slots of x/p's peers were freed, and takes one of them. The class of x/b
+    // (that one slot) is the class x/a had, by its key: its signature must name app=b.
+    let cluster = || {
+        Cluster::new()
+            .ns("x", &[])
+            .pod("x", "a", &[("app", "a")], &["10.0.0.1"], &[])
+            .pod("x", "b", &[("app", "b")], &["10.0.0.2"], &[])
+            .pod("x", "d", &[("app", "db")], &["10.0.0.3"], &[])
+    };
+    let from = |apps: &[&str]| {
+        let peers: Vec<_> = apps
+            .iter()
+            .map(|app| json!({"podSelector": {"matchLabels": {"app": app}}}))
+            .collect();
+        json!({"podSelector": {"matchLabels": {"app": "db"}}, "ingress": [{"from": peers}]})
+    };
+    let told = |policy: &str| Changes {
+        policies: Some([ObjectRef::new("x", policy)].into()),
+        ..Changes::NONE
+    };
+    let mut compiler = Compiler::new();
+    let first = compiler.compile(&cluster().policy("x", "p", from(&["a", "c"])).state);
+    let none = cluster().state;
+    let gone = compiler.compile_changed(&none, &told("p"));
+    assert_eq!(gone, compile(&none, &first.allocations));
+    let q = cluster().policy("x", "q", from(&["b"])).state;
+    let third = compiler.compile_changed(&q, &told("q"));
+    assert_eq!(third, compile(&q, &gone.allocations));
+    let b = &third.identities[&identity(&third, "10.0.0.2")].signature;
+    assert_eq!(b.peers.len(), 1);
+    assert!(b.peers[0].contains("app=b"), "{b:?}");
+}
+
+#[test]
 fn a_compile_told_nothing_changed_still_sees_the_node_renamed() {
     let mut compiler = Compiler::new();
     let mut state = allow_web().state;
