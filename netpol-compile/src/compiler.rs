@@ -55,7 +55,7 @@ use crate::identity::{
 use crate::lpm::Lpm;
 use crate::policy::{NamespaceMatch, ParsedPolicy, Peer};
 use crate::state::{Changes, ClusterState, ObjectRef};
-use crate::{Compiled, Direction, IdentityInfo, KeptMap, LocalPod, RuleRef};
+use crate::{Compiled, Direction, IdentityInfo, KeptMap, LocalPod, RuleRef, RuleTable};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 /// The compiler and what it keeps from one compile to the next: the numbers it handed
@@ -368,7 +368,7 @@ fn compile_with(
         ..
     } = numbered;
     let allocations = Arc::new(allocations);
-    let rules = Arc::clone(allocations.rules_by_id());
+    let rules = allocations.rules_by_id().clone();
     let in_force = Arc::clone(&policies.names);
     policies_read.record(state.enforce_staged, cluster_policies, policies, &rules);
     Compiled {
@@ -402,7 +402,7 @@ struct LastRead {
     cluster: Vec<Arc<ClusterPolicy>>,
     policies: Policies,
     /// [`Allocations::rules_by_id`].
-    table: Arc<BTreeMap<u32, RuleRef>>,
+    table: RuleTable,
 }
 
 impl LastRead {
@@ -489,7 +489,7 @@ impl PoliciesRead {
     /// rules into `prev`.
     fn same_rules(&self, cluster: &[Arc<ClusterPolicy>], prev: &Allocations) -> bool {
         self.last.as_ref().is_some_and(|last| {
-            Arc::ptr_eq(&last.table, prev.rules_by_id()) && same_shared(&last.cluster, cluster)
+            last.table.same(prev.rules_by_id()) && same_shared(&last.cluster, cluster)
         })
     }
 
@@ -511,7 +511,7 @@ impl PoliciesRead {
         let last = self
             .last
             .as_ref()
-            .filter(|last| Arc::ptr_eq(&last.table, prev.rules_by_id()));
+            .filter(|last| last.table.same(prev.rules_by_id()));
         let replaced = last.map(|last| last.replaced(policies, cluster));
         // Past a quarter of the policies (and a few), sorting every rule costs no more.
         let few = |(replaced, _): &(BTreeSet<ObjectRef>, _)| {
@@ -538,13 +538,13 @@ impl PoliciesRead {
         enforce_staged: bool,
         cluster: Vec<Arc<ClusterPolicy>>,
         policies: Policies,
-        table: &Arc<BTreeMap<u32, RuleRef>>,
+        table: &RuleTable,
     ) {
         self.last = Some(LastRead {
             enforce_staged,
             cluster,
             policies,
-            table: Arc::clone(table),
+            table: table.clone(),
         });
     }
 }

@@ -11,17 +11,16 @@
 //! that moves between classes rewrites its own IPCACHE entries only.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use netpol_common::{Addr, IDENTITY_FIRST_DYNAMIC};
 
 use super::lpm::Lpm;
-use super::{Direction, RuleRef};
+use super::{Direction, RuleRef, RuleTable};
+use crate::layered::Layered;
 use crate::state::ObjectRef;
 
-mod addresses;
-
-pub(crate) use self::addresses::Addresses;
+/// Dynamic identity number of every key of a dynamic identity (world keys are absent).
+pub(crate) type Addresses = Layered<Lpm<Addr>, u32>;
 
 /// The rules an allocation numbers.
 pub(crate) enum Rules {
@@ -38,7 +37,7 @@ pub(crate) enum Rules {
 }
 
 /// A rule table by rule and by id ([`Allocations::rules`], [`Allocations::rules_by_id`]).
-type RuleTables = (Arc<BTreeMap<RuleRef, u32>>, Arc<BTreeMap<u32, RuleRef>>);
+type RuleTables = (Layered<RuleRef, u32>, RuleTable);
 
 /// How a pod resolves a named port used by some egress rule.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -106,8 +105,8 @@ pub struct Allocations {
     /// Rule ids (`PolicyValue::rule`, the RULE_COUNTERS index), from 0, and the same by
     /// id: shared with the next allocations while the rules stay the same (15,000 policies
     /// have some 30,000 rules, whose names would be copied at every compile).
-    rules: Arc<BTreeMap<RuleRef, u32>>,
-    rules_by_id: Arc<BTreeMap<u32, RuleRef>>,
+    rules: Layered<RuleRef, u32>,
+    rules_by_id: RuleTable,
 }
 
 impl Allocations {
@@ -134,12 +133,12 @@ impl Allocations {
         &self.identities
     }
 
-    pub fn rules(&self) -> &BTreeMap<RuleRef, u32> {
+    pub fn rules(&self) -> &Layered<RuleRef, u32> {
         &self.rules
     }
 
     /// [`Allocations::rules`] by id, shared (see [`crate::Compiled::rules`]).
-    pub fn rules_by_id(&self) -> &Arc<BTreeMap<u32, RuleRef>> {
+    pub fn rules_by_id(&self) -> &RuleTable {
         &self.rules_by_id
     }
 
@@ -184,7 +183,7 @@ impl Allocations {
             .iter()
             .map(|s| self.identities.get(s).copied())
             .collect();
-        let number_before = |key: &Lpm<Addr>| self.addresses.get(key);
+        let number_before = |key: &Lpm<Addr>| self.addresses.get(key).copied();
         // How many keys of each identity carried each number, for those some changed key
         // left or joined; the others' keys all carried their number.
         let mut overlap: Vec<Vec<(u32, usize)>> = vec![Vec::new(); signatures.len()];
@@ -255,7 +254,9 @@ impl Allocations {
                 &self.endpoints,
                 sorted(endpoints),
                 netpol_common::ENDPOINT_ID_FIRST,
-            ),
+            )
+            .into_iter()
+            .collect(),
             identities,
             addresses,
             rules,
@@ -266,17 +267,19 @@ impl Allocations {
     /// The rule table for `rules`, by rule and by id: `self`'s own (shared) when the rules
     /// are the same.
     fn numbered_rules(&self, rules: Rules) -> RuleTables {
-        let same = || (Arc::clone(&self.rules), Arc::clone(&self.rules_by_id));
+        let same = || (self.rules.clone(), self.rules_by_id.clone());
         match rules {
             Rules::Same => same(),
             Rules::All(rules) => {
                 let rules = sorted(rules);
-                if rules.len() == self.rules.len() && rules.iter().eq(self.rules.keys()) {
+                if rules.len() == self.rules.len()
+                    && rules.iter().eq(self.rules.iter().map(|(r, _)| r))
+                {
                     return same();
                 }
-                let ids = allocate(&self.rules, rules, 0);
-                let by_id = ids.iter().map(|(rule, &id)| (id, rule.clone())).collect();
-                (Arc::new(ids), Arc::new(by_id))
+                let ids = allocate(self.rules.iter(), rules, 0);
+                let by_id = ids.iter().map(|(rule, id)| (*id, rule.clone())).collect();
+                (Layered::new(ids), by_id)
             }
             Rules::Replaced { policies, rules } => {
                 if policies.is_empty() {
@@ -289,11 +292,10 @@ impl Allocations {
 
     /// `self`'s rule table less the rules of `policies`, plus `rules` (sorted, theirs
     /// now), numbered as [`allocate`] numbers the whole list: a rule `self` has keeps its
-    /// number, a new one takes the lowest free number (in rule order). Costs a copy of
-    /// the table, not a sort of it.
+    /// number, a new one takes the lowest free number (in rule order). Costs the rules of
+    /// `policies` and a pass over the ids when some rule is new, not a copy of the table.
     fn replaced_rules(&self, policies: &BTreeSet<ObjectRef>, rules: Vec<RuleRef>) -> RuleTables {
-        let mut by_rule = BTreeMap::clone(&self.rules);
-        let mut by_id = BTreeMap::clone(&self.rules_by_id);
+        // The rules of `policies` in the table, with their ids.
         let mut freed: BTreeMap<RuleRef, u32> = BTreeMap::new();
         for policy in policies {
             // The first rule of `policy` in rule order (fields compared in order).
@@ -307,37 +309,34 @@ impl Allocations {
                 .into_iter()
                 .min()
                 .expect("two directions");
-            let theirs = by_rule
-                .range(first..)
-                .take_while(|(rule, _)| rule.policy == *policy);
-            let theirs: Vec<RuleRef> = theirs.map(|(rule, _)| rule.clone()).collect();
-            for rule in theirs {
-                let id = by_rule.remove(&rule).expect("listed above");
-                by_id.remove(&id);
-                freed.insert(rule, id);
-            }
+            let theirs = self.rules.iter_from(&first);
+            let theirs = theirs.take_while(|(rule, _)| rule.policy == *policy);
+            freed.extend(theirs.map(|(rule, &id)| (rule.clone(), id)));
         }
+        // A rule of theirs now that the table has keeps its id; the others are new.
         let mut fresh = Vec::new();
         for rule in rules {
-            match freed.remove(&rule) {
-                Some(id) => {
-                    by_id.insert(id, rule.clone());
-                    by_rule.insert(rule, id);
-                }
-                None if by_rule.contains_key(&rule) => {}
-                None => fresh.push(rule),
+            if freed.remove(&rule).is_none() && self.rules.get(&rule).is_none() {
+                fresh.push(rule);
             }
         }
-        // The lowest numbers no rule holds, one per new rule, in rule order.
-        let free: Vec<u32> = free_numbers(by_id.keys().copied(), 0)
-            .take(fresh.len())
-            .collect();
-        assert_eq!(free.len(), fresh.len(), "u32 ids exhausted");
-        for (rule, id) in fresh.into_iter().zip(free) {
-            by_id.insert(id, rule.clone());
-            by_rule.insert(rule, id);
+        let gone: BTreeSet<u32> = freed.values().copied().collect();
+        let mut by_rule: Vec<(RuleRef, Option<u32>)> =
+            freed.into_keys().map(|rule| (rule, None)).collect();
+        let mut by_id: Vec<(u32, Option<RuleRef>)> = gone.iter().map(|&id| (id, None)).collect();
+        if !fresh.is_empty() {
+            // The lowest numbers no rule holds, one per new rule, in rule order.
+            let held = self.rules_by_id.iter().map(|(&id, _)| id);
+            let free: Vec<u32> = free_numbers(held.filter(|id| !gone.contains(id)), 0)
+                .take(fresh.len())
+                .collect();
+            assert_eq!(free.len(), fresh.len(), "u32 ids exhausted");
+            for (rule, id) in fresh.into_iter().zip(free) {
+                by_id.push((id, Some(rule.clone())));
+                by_rule.push((rule, Some(id)));
+            }
         }
-        (Arc::new(by_rule), Arc::new(by_id))
+        (self.rules.patched(by_rule), self.rules_by_id.patched(by_id))
     }
 
     /// A number for each class, by lineage (see [`Allocations`]). Deterministic: ties go
@@ -348,8 +347,8 @@ impl Allocations {
         let mut overlap: Vec<Vec<(u32, usize)>> = vec![Vec::new(); classes.signatures.len()];
         let mut previous = self.addresses.iter().peekable();
         for (key, class) in &classes.keys {
-            while previous.next_if(|(k, _)| k < key).is_some() {}
-            if let Some((_, number)) = previous.next_if(|(k, _)| k == key) {
+            while previous.next_if(|(k, _)| *k < key).is_some() {}
+            if let Some((_, &number)) = previous.next_if(|(k, _)| *k == key) {
                 count(&mut overlap[*class], number, 1);
             }
         }
@@ -449,10 +448,14 @@ fn sorted<K: Ord>(keys: impl IntoIterator<Item = K>) -> Vec<K> {
 
 /// Numbers for `wanted` ([`sorted`]): those in `prev` keep theirs, the others take the
 /// lowest numbers `>= first` not in use, in key order.
-fn allocate<K: Ord>(prev: &BTreeMap<K, u32>, wanted: Vec<K>, first: u32) -> BTreeMap<K, u32> {
+fn allocate<'p, K: Ord + 'p>(
+    prev: impl IntoIterator<Item = (&'p K, &'p u32)>,
+    wanted: Vec<K>,
+    first: u32,
+) -> Vec<(K, u32)> {
     debug_assert!(wanted.is_sorted() && wanted.windows(2).all(|w| w[0] != w[1]));
     // Kept numbers: both lists are sorted, so one merge finds them.
-    let mut previous = prev.iter().peekable();
+    let mut previous = prev.into_iter().peekable();
     let mut numbers: Vec<Option<u32>> = Vec::with_capacity(wanted.len());
     for key in &wanted {
         while previous.next_if(|(k, _)| *k < key).is_some() {}
@@ -551,16 +554,17 @@ mod tests {
 
     #[test]
     fn allocate_keeps_ids_and_fills_gaps() {
-        let first = allocate(&BTreeMap::new(), sorted(["a", "b", "c"]), 1);
+        let map = |list: Vec<(&'static str, u32)>| list.into_iter().collect::<BTreeMap<_, _>>();
+        let first = map(allocate(&BTreeMap::new(), sorted(["a", "b", "c"]), 1));
         assert_eq!(first, BTreeMap::from([("a", 1), ("b", 2), ("c", 3)]));
         // "b" disappears, "d" and "e" appear: "d" takes the freed 2, "e" the next free 4.
-        let second = allocate(&first, sorted(["a", "c", "d", "e"]), 1);
+        let second = map(allocate(&first, sorted(["a", "c", "d", "e"]), 1));
         assert_eq!(
             second,
             BTreeMap::from([("a", 1), ("c", 3), ("d", 2), ("e", 4)])
         );
         // "b" comes back: it is a new key now and takes the lowest free number.
-        let third = allocate(&second, sorted(["a", "b", "c", "d", "e"]), 1);
+        let third = map(allocate(&second, sorted(["a", "b", "c", "d", "e"]), 1));
         assert_eq!(third["b"], 5);
     }
 
@@ -633,7 +637,7 @@ mod tests {
         assert_eq!(c.identity(&sig(&["A"])), Some(d));
         assert_eq!(c.identity(&sig(&["A", "C"])), Some(d + 2));
         assert_eq!(c.identity(&sig(&["B", "C"])), Some(d + 1));
-        assert_eq!(c.addresses.get(&key(9)), Some(d));
+        assert_eq!(c.addresses.get(&key(9)), Some(&d));
     }
 
     #[test]

@@ -40,6 +40,7 @@ mod diagnostics;
 pub mod differential;
 mod identity;
 mod kept_map;
+pub mod layered;
 mod lpm;
 pub mod model;
 mod policy;
@@ -146,8 +147,9 @@ pub struct Compiled {
     /// Rule table: id (`PolicyValue::rule`, also the RULE_COUNTERS index) → rule, for
     /// every rule in force (of every policy, as far as it can be read). A rule keeps its id while it exists; a new rule
     /// takes the lowest free id (see [`Allocations`]). Shared with the allocations, and
-    /// from one compile to the next while the rules stay the same.
-    pub rules: std::sync::Arc<BTreeMap<u32, RuleRef>>,
+    /// from one compile to the next while the rules stay the same
+    /// ([`layered::Layered::same`]); patched, not copied, when some policies' rules change.
+    pub rules: RuleTable,
     /// What each identity stands for (including `IDENTITY_ANY` and `IDENTITY_WORLD`).
     pub identities: BTreeMap<u32, IdentityInfo>,
     /// The policies in force, in order: every policy of the state as far as it can be
@@ -179,6 +181,9 @@ pub struct LocalPod {
     /// Policies in force selecting the pod with policy type Egress.
     pub egress_policies: Vec<ObjectRef>,
 }
+
+/// The rules in force by id ([`Compiled::rules`]).
+pub type RuleTable = layered::Layered<u32, RuleRef>;
 
 /// A rule of a policy: `spec.<direction>[index]` of `policy`, a NetworkPolicy or (with
 /// `cluster`) a ClusterNetworkPolicy, whose `policy` has an empty namespace.

@@ -96,21 +96,23 @@ impl Datapath {
     /// has not counted yet: a restarted agent numbers rules afresh), before any POLICY
     /// value points at them.
     pub(super) fn reset_reassigned_rule_counters(&mut self, compiled: &Compiled) -> Result<()> {
-        if std::sync::Arc::ptr_eq(&self.counted_rules, &compiled.rules) {
+        if self.counted_rules.same(&compiled.rules) {
             return Ok(()); // the same table as last time (the compiler shares it)
         }
         // Both tables in id order: one merge, not a lookup per rule.
-        let mut counted = self.counted_rules.iter().peekable();
-        let fresh: Vec<u32> = compiled
-            .rules
-            .iter()
-            .filter(|&(id, rule)| {
-                while counted.next_if(|&(counted, _)| counted < id).is_some() {}
-                counted.next_if(|&(counted, _)| counted == id) != Some((id, rule))
-            })
-            .map(|(id, _)| *id)
-            .filter(|id| *id < netpol_common::capacity::RULE_COUNTERS)
-            .collect();
+        let fresh: Vec<u32> = {
+            let mut counted = self.counted_rules.iter().peekable();
+            compiled
+                .rules
+                .iter()
+                .filter(|&(id, rule)| {
+                    while counted.next_if(|&(counted, _)| counted < id).is_some() {}
+                    counted.next_if(|&(counted, _)| counted == id) != Some((id, rule))
+                })
+                .map(|(id, _)| *id)
+                .filter(|id| *id < netpol_common::capacity::RULE_COUNTERS)
+                .collect()
+        };
         if !fresh.is_empty() {
             let cpus = aya::util::nr_cpus().map_err(|(_, source)| Error::Bpffs {
                 path: PathBuf::from("/sys/devices/system/cpu/possible"),

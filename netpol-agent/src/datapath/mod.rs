@@ -207,7 +207,7 @@ pub struct Datapath {
     rule_counters: PerCpuArray<MapData, Counter>,
     /// The rule each id of RULE_COUNTERS counts for; an id given to another rule starts
     /// again from zero.
-    counted_rules: std::sync::Arc<BTreeMap<u32, netpol_compile::RuleRef>>,
+    counted_rules: netpol_compile::RuleTable,
     event_budget: PerCpuArray<MapData, EventBudget>,
     /// Taken by [`Datapath::take_events`].
     events: Option<RingBuf<MapData>>,

@@ -208,7 +208,7 @@ pub struct Resolver {
     node_ips: Vec<IpAddr>,
     endpoints: BTreeMap<u32, (ObjectRef, Vec<ObjectRef>, Vec<ObjectRef>)>,
     /// Rule ids (`Compiled::rules`, shared); named only when an event names one.
-    rules: std::sync::Arc<BTreeMap<u32, RuleRef>>,
+    rules: netpol_compile::RuleTable,
     /// Service frontends: (address, port, protocol) -> `ns/name`.
     services: BTreeMap<(IpAddr, u16, u8), String>,
     /// The state compiled with its staged policies enforced, when it has any.

@@ -324,7 +324,7 @@ fn rules_without_peers_or_ports() {
         ]
     );
     assert_eq!(
-        *c.rules,
+        c.rules,
         BTreeMap::from([
             (
                 0,
@@ -1192,7 +1192,7 @@ fn rule_ids_survive_a_policy_added_before_them() {
         RuleRef::network_policy(ObjectRef::new("x", policy), direction, index)
     };
     assert_eq!(
-        *first.rules,
+        first.rules,
         BTreeMap::from([
             (0, rule("m", Direction::Ingress, 0)),
             (1, rule("m", Direction::Ingress, 1))
@@ -1206,7 +1206,7 @@ fn rule_ids_survive_a_policy_added_before_them() {
     );
     let second = compile(&added.state, &first.allocations);
     assert_eq!(
-        *second.rules,
+        second.rules,
         BTreeMap::from([
             (0, rule("m", Direction::Ingress, 0)),
             (1, rule("m", Direction::Ingress, 1)),
@@ -1270,11 +1270,11 @@ fn an_unchanged_rule_table_is_shared_between_compiles_and_a_changed_one_is_not()
         .unwrap()
         .set_label("tier", Some("front"));
     let second = compile(&c.state, &first.allocations);
-    assert!(std::sync::Arc::ptr_eq(&first.rules, &second.rules));
+    assert!(first.rules.same(&second.rules));
     // A policy is added: a new table, with the new rule and the old ids.
     c = c.policy("x", "n", json!({"podSelector": {}, "egress": [{}]}));
     let third = compile(&c.state, &second.allocations);
-    assert!(!std::sync::Arc::ptr_eq(&second.rules, &third.rules));
+    assert!(!second.rules.same(&third.rules));
     assert_eq!(third.rules.len(), 2);
     assert_eq!(third.rules[&0], second.rules[&0]);
     assert_eq!(
