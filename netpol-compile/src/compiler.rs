@@ -333,14 +333,13 @@ fn compile_with(
         now,
     );
     let pod_entries: &[PodEntry] = pod_entries;
+    let signatures = signature_memo.list(&classes, slots_moved, named_ports_version, |class| {
+        signature(class, peers, &egress_named_ports)
+    });
     let numbered = number_identities(
         prev,
-        (
-            &classes,
-            signature_memo.of(&classes, slots_moved, named_ports_version),
-        ),
+        (&classes, &signatures),
         kept_ipcache,
-        peers,
         &egress_named_ports,
         endpoints
             .iter()
@@ -751,34 +750,12 @@ struct Numbered {
 /// ([`Allocations::patched`]), else by every key.
 fn number_identities(
     prev: &Allocations,
-    (classes, memo): (&Classes<'_>, &mut Signatures),
+    (classes, signatures): (&Classes<'_>, &[&IdentitySignature]),
     ipcache: &mut KeptMap<Lpm<Addr>, PeerInfo>,
-    peers: &PeerSlots,
     egress_named_ports: &[(&str, u8)],
     endpoints: Vec<ObjectRef>,
     rules: Rules,
 ) -> Numbered {
-    // A signature per class with keys (in the order of `classes.list`).
-    let signatures: Vec<&IdentitySignature> = memo.list(classes, |class| IdentitySignature {
-        peers: {
-            let mut v: Vec<String> = class
-                .peers
-                .iter()
-                .map(|slot| peers.slot(slot).canonical.clone())
-                .collect();
-            v.sort();
-            v
-        },
-        named_ports: class
-            .named_ports
-            .iter()
-            .map(|&(i, port)| NamedPortResolution {
-                name: egress_named_ports[i].0.to_string(),
-                protocol: egress_named_ports[i].1,
-                port,
-            })
-            .collect(),
-    });
     // Dynamic identities: one per distinct signature, in signature order.
     let mut dynamic: Vec<&IdentitySignature> = signatures
         .iter()
@@ -789,7 +766,7 @@ fn number_identities(
     dynamic.dedup();
     // The dynamic identity (index in `dynamic`) of each class of the table.
     let mut class_identity: Vec<Option<usize>> = vec![None; classes.counts.len()];
-    for ((class, _), signature) in classes.list.iter().zip(&signatures) {
+    for ((class, _), signature) in classes.list.iter().zip(signatures) {
         class_identity[*class] = dynamic.binary_search(signature).ok();
     }
     let dynamic: Vec<IdentitySignature> = dynamic.into_iter().cloned().collect();
@@ -832,15 +809,9 @@ fn number_identities(
             identity_of[*class] = numbers[i];
         }
     }
-    debug_assert!(
-        classes
-            .list
-            .iter()
-            .zip(&signatures)
-            .all(|(&(class, _), s)| {
-                s.is_world() || allocations.identity(s) == Some(identity_of[class])
-            })
-    );
+    debug_assert!(classes.list.iter().zip(signatures).all(|(&(class, _), s)| {
+        s.is_world() || allocations.identity(s) == Some(identity_of[class])
+    }));
     let info = |(class, flags)| PeerInfo {
         identity: identity_of[class],
         flags,
@@ -915,23 +886,22 @@ pub(crate) struct Signatures {
 }
 
 impl Signatures {
-    /// The memo, emptied unless what it was made for still holds.
-    fn of(&mut self, classes: &Classes<'_>, slots_moved: bool, named_ports: u64) -> &mut Self {
+    /// The signature of each class of `classes.list` (in its order), made by `make` for
+    /// those the memo lacks; the memo is emptied first unless it was made for the same
+    /// class table epoch and list of egress named ports (`named_ports`, its version),
+    /// with no slot allocated or freed since (`slots_moved`).
+    fn list(
+        &mut self,
+        classes: &Classes<'_>,
+        slots_moved: bool,
+        named_ports: u64,
+        make: impl Fn(&ClassKey) -> IdentitySignature,
+    ) -> Vec<&IdentitySignature> {
         let made_for = (classes.epoch, named_ports);
         if slots_moved || self.made_for != made_for {
             self.by_class.clear();
             self.made_for = made_for;
         }
-        self
-    }
-
-    /// The signature of each class of `classes.list` (in its order), made by `make` for
-    /// those the memo lacks.
-    fn list(
-        &mut self,
-        classes: &Classes<'_>,
-        make: impl Fn(&ClassKey) -> IdentitySignature,
-    ) -> Vec<&IdentitySignature> {
         for &(class, key) in &classes.list {
             if self.by_class.len() <= class {
                 self.by_class.resize(class + 1, None);
@@ -946,6 +916,33 @@ impl Signatures {
             .iter()
             .map(|c| made(c).expect("made above"))
             .collect()
+    }
+}
+
+/// The signature of `class`: the canonical text of the peers it matches
+/// (sorted) and its resolution of the egress named ports.
+fn signature(
+    class: &ClassKey,
+    peers: &PeerSlots,
+    egress_named_ports: &[(&str, u8)],
+) -> IdentitySignature {
+    let mut matched: Vec<String> = class
+        .peers
+        .iter()
+        .map(|slot| peers.slot(slot).canonical.clone())
+        .collect();
+    matched.sort();
+    IdentitySignature {
+        peers: matched,
+        named_ports: class
+            .named_ports
+            .iter()
+            .map(|&(i, port)| NamedPortResolution {
+                name: egress_named_ports[i].0.to_string(),
+                protocol: egress_named_ports[i].1,
+                port,
+            })
+            .collect(),
     }
 }
 

@@ -272,9 +272,7 @@ impl Allocations {
             Rules::Same => same(),
             Rules::All(rules) => {
                 let rules = sorted(rules);
-                if rules.len() == self.rules.len()
-                    && rules.iter().eq(self.rules.iter().map(|(r, _)| r))
-                {
+                if rules.len() == self.rules.len() && rules.iter().eq(self.rules.keys()) {
                     return same();
                 }
                 let ids = allocate(self.rules.iter(), rules, 0);

@@ -78,7 +78,8 @@ pub fn update<K: Pod, V: Pod>(
         .map_err(|(_, io_error)| error("bpf_map_update_batch", io_error))
 }
 
-/// Removes every key of `keys` from the map open at `fd`; keys it lacks are no error (the kernel stops at the first, then goes on after it).
+/// Removes every key of `keys` from the map open at `fd`; keys it lacks are no error
+/// (the kernel stops at the first, then goes on after it).
 pub fn delete<K: Pod>(fd: BorrowedFd<'_>, mut keys: &[K]) -> Result<(), MapError> {
     // Each round gets past one missing key at least: bounded by the keys.
     while !keys.is_empty() {
