@@ -125,7 +125,7 @@ fn admitted_state(read: ClusterState, compiler: &Compiler, compiled: &Compiled) 
     assert!(state.policies.keys().eq(compiled.policies.iter()));
     for (obj, policy) in &state.policies {
         // Admitted as far as it can be read: a name and a namespace at least.
-        if let Err(errors) = validate_policy(policy) {
+        if let Err(errors) = validate_policy(&policy.object()) {
             assert!(
                 !errors.iter().any(|e| e.field.starts_with("metadata.")),
                 "the compiler admitted {obj}, which names no policy: {errors:?}"
@@ -167,6 +167,7 @@ fn check_snapshot(snapshot: &Snapshot) {
     }
     for (key, policy) in &snapshot.policies {
         assert!(!key.name.is_empty());
+        let policy = policy.object();
         assert_eq!(
             policy.metadata.namespace.as_deref(),
             Some(key.namespace.as_str())
@@ -257,7 +258,7 @@ fn check_maps(state: &ClusterState, compiled: &Compiled) {
             .policies
             .get(&rule.policy)
             .unwrap_or_else(|| panic!("rule {id} of a policy not in the state: {rule}"));
-        let readable = reference::readable_rules(&rule.policy, policy, rule.direction);
+        let readable = reference::readable_rules(&rule.policy, &policy.object(), rule.direction);
         assert!(
             readable.iter().any(|r| r.index == rule.index),
             "rule {id} is {rule}, which cannot be read"
@@ -377,7 +378,9 @@ fn probes(state: &ClusterState) -> Vec<(u8, u16)> {
         }
     };
     for policy in state.policies.values() {
-        let Some(spec) = &policy.spec else { continue };
+        let Some(spec) = &policy.object().spec else {
+            continue;
+        };
         let ingress = spec
             .ingress
             .iter()

@@ -287,7 +287,7 @@ fn show_cluster(s: &Scenario, compiled: &Compiled) -> String {
         );
     }
     for (obj, np) in &state.policies {
-        out += &format!("  NetworkPolicy {obj} spec {}\n", json(&np.spec));
+        out += &format!("  NetworkPolicy {obj} spec {}\n", json(&np.object().spec));
     }
     for diagnostic in &compiled.diagnostics {
         out += &format!("  left out: {diagnostic}\n");

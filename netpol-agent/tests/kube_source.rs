@@ -510,7 +510,7 @@ async fn an_invalid_update_is_enforced_as_far_as_it_can_be_read_and_reported() {
     let kept = compiler
         .policy(&ObjectRef::new("x", "deny"))
         .expect("in force");
-    assert_eq!(kept, &*state.policies[&ObjectRef::new("x", "deny")]);
+    assert_eq!(kept, state.policies[&ObjectRef::new("x", "deny")].object());
     let passes = |src: &str, port| {
         netpol_compile::model::lookup(
             &compiled,

@@ -16,11 +16,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-
 use crate::cache::PolicyEntry;
 use crate::policy::ParsedPolicy;
-use crate::state::{ObjectRef, UnreadablePart, is_staged};
+use crate::state::{ObjectRef, Policy, UnreadablePart};
 use crate::{Diagnostic, Subject};
 
 /// The policies in force after the last compile.
@@ -76,11 +74,11 @@ pub(crate) struct PolicySync {
 /// A version of a policy in force, with what could be read of it.
 #[derive(Clone, Debug)]
 pub(crate) struct Admitted {
-    pub policy: Arc<NetworkPolicy>,
+    pub policy: Policy,
     pub parsed: Arc<ParsedPolicy>,
     /// Whether all of it could be read.
     pub complete: bool,
-    /// Whether the state's current object is staged ([`is_staged`]). Never for a policy
+    /// Whether the state's current object is staged ([`Policy::is_staged`]). Never for a policy
     /// the source could not read at all: it may no longer be staged, so the version kept
     /// in force is enforced (fails closed; SECURITY.md, "Staged policies").
     pub staged: bool,
@@ -89,15 +87,11 @@ pub(crate) struct Admitted {
 impl Admitted {
     /// The version in force as a state would hold it: staged only if the state's object
     /// is (a version kept for an unreadable object loses its staged annotation).
-    pub fn as_in_force(&self) -> Arc<NetworkPolicy> {
-        if self.staged || !is_staged(&self.policy) {
-            return Arc::clone(&self.policy);
+    pub fn as_in_force(&self) -> Policy {
+        if self.staged || !self.policy.is_staged() {
+            return self.policy.clone();
         }
-        let mut policy = NetworkPolicy::clone(&self.policy);
-        if let Some(annotations) = policy.metadata.annotations.as_mut() {
-            annotations.remove(crate::state::STAGED_ANNOTATION);
-        }
-        Arc::new(policy)
+        self.policy.unstaged()
     }
 }
 
@@ -180,7 +174,7 @@ impl Admission {
             }
             match admit(entry, parts) {
                 Some(admitted) => drop(self.admitted.insert(entry.obj.clone(), admitted)),
-                None => unnamed.push((&entry.obj, is_staged(&entry.policy))),
+                None => unnamed.push((&entry.obj, entry.policy.is_staged())),
             }
         }
         let mut kept = Vec::new();
@@ -287,7 +281,7 @@ fn admit(
         policy: entry.policy.clone(),
         parsed: parsed.clone(),
         complete: entry.errors.is_empty() && !holes,
-        staged: is_staged(&entry.policy),
+        staged: entry.policy.is_staged(),
     })
 }
 
@@ -326,7 +320,7 @@ mod tests {
             let entries: Vec<PolicyEntry> = policies
                 .iter()
                 .map(|(name, spec)| {
-                    let np = Arc::new(policy("ns", name, spec.clone()));
+                    let np = policy("ns", name, spec.clone()).into();
                     PolicyEntry::new(&obj(name), &np)
                 })
                 .collect();

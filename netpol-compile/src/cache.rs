@@ -38,13 +38,12 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
 use crate::admission::PolicySync;
 use crate::state::{
     ClusterState, DeclaredPort, Labels, NAMESPACE_NAME_LABEL, Name, NodeContext, ObjectRef,
-    PodInfo, holds_pod_addresses, is_staged,
+    PodInfo, Policy, holds_pod_addresses,
 };
 
 /// A fast, unkeyed hasher (FxHash) for maps keyed by addresses and peer-slot sets,
@@ -355,7 +354,7 @@ impl CompileCache {
     /// the fallback when the entries no longer number the policies).
     pub fn sync_policies(
         &mut self,
-        policies: &BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
+        policies: &BTreeMap<ObjectRef, Policy>,
         changed: Option<&BTreeSet<ObjectRef>>,
     ) -> PolicySync {
         let before = self.policies_generation;
@@ -380,7 +379,7 @@ impl CompileCache {
     }
 
     /// Returns whether any entry changed.
-    fn sync_policy_entries(&mut self, policies: &BTreeMap<ObjectRef, Arc<NetworkPolicy>>) -> bool {
+    fn sync_policy_entries(&mut self, policies: &BTreeMap<ObjectRef, Policy>) -> bool {
         let before = self.policies.len();
         let mut old = std::mem::take(&mut self.policies).into_iter().peekable();
         let mut changed = false;
@@ -403,7 +402,7 @@ impl CompileCache {
     /// entry was needed).
     fn sync_changed_policies(
         &mut self,
-        policies: &BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
+        policies: &BTreeMap<ObjectRef, Policy>,
         changed: &BTreeSet<ObjectRef>,
     ) -> (bool, bool) {
         let mut any = false;
@@ -708,8 +707,8 @@ pub(crate) fn next_entry<T>(
 /// A policy and what could be read of it ([`Reading`](crate::policy::Reading)).
 pub(crate) struct PolicyEntry {
     pub obj: ObjectRef,
-    /// The object as parsed.
-    pub policy: Arc<NetworkPolicy>,
+    /// The policy as parsed.
+    pub policy: Policy,
     /// `None` when nothing of it can be enforced (no name or namespace).
     pub parsed: Option<Arc<ParsedPolicy>>,
     /// Every field that cannot be read, and what that costs.
@@ -718,25 +717,21 @@ pub(crate) struct PolicyEntry {
 }
 
 impl PolicyEntry {
-    pub(crate) fn new(obj: &ObjectRef, np: &Arc<NetworkPolicy>) -> Self {
-        let reading = parse_policy(np);
+    pub(crate) fn new(obj: &ObjectRef, np: &Policy) -> Self {
+        let reading = parse_policy(&np.object());
         PolicyEntry {
             obj: obj.clone(),
-            policy: Arc::clone(np),
+            policy: np.clone(),
             parsed: reading.parsed.map(Arc::new),
             errors: reading.errors,
             consequences: reading.consequences,
         }
     }
 
-    /// Whether `np` holds what the entry was read from (all `parse_policy` reads, and
-    /// whether it is staged): the same object (a source that kept it), or an equal one.
-    fn matches(&self, np: &Arc<NetworkPolicy>) -> bool {
-        Arc::ptr_eq(&self.policy, np)
-            || self.policy.metadata.name == np.metadata.name
-                && self.policy.metadata.namespace == np.metadata.namespace
-                && self.policy.spec == np.spec
-                && is_staged(&self.policy) == is_staged(np)
+    /// Whether `np` is what the entry was read from: the same policy (a source that
+    /// kept it), or an equal one.
+    fn matches(&self, np: &Policy) -> bool {
+        self.policy.same(np) || self.policy == *np
     }
 }
 

@@ -54,7 +54,7 @@ use crate::identity::{
 };
 use crate::lpm::Lpm;
 use crate::policy::{NamespaceMatch, ParsedPolicy, Peer};
-use crate::state::{Changes, ClusterState, ObjectRef};
+use crate::state::{Changes, ClusterState, ObjectRef, Policy};
 use crate::{Compiled, Direction, IdentityInfo, KeptMap, LocalPod, RuleRef, RuleTable};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
@@ -107,15 +107,18 @@ impl Compiler {
 
     /// The version of a policy in force after the last compile: the current one, read
     /// as far as it can be, unless nothing of it can be read (then the one before).
-    pub fn policy(&self, obj: &ObjectRef) -> Option<&NetworkPolicy> {
-        self.admission.admitted().get(obj).map(|a| &*a.policy)
+    pub fn policy(&self, obj: &ObjectRef) -> Option<NetworkPolicy> {
+        self.admission
+            .admitted()
+            .get(obj)
+            .map(|a| a.policy.object())
     }
 
     /// `state` (the state of the last compile) as admitted: its policies replaced by the
     /// versions in force (see [`Compiler::policy`]), so that what reads policies from a
     /// state, such as the reference evaluator, sees what the maps enforce.
     pub fn admitted(&self, state: &ClusterState) -> ClusterState {
-        let policies: BTreeMap<ObjectRef, Arc<NetworkPolicy>> = self
+        let policies: BTreeMap<ObjectRef, Policy> = self
             .admission
             .admitted()
             .iter()

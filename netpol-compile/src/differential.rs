@@ -908,15 +908,16 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
         Change::PolicyPort(i, port) => {
             let n = state.policies.len().max(1);
             if let Some(obj) = state.policies.keys().nth(i % n).cloned() {
-                let mut object = serde_json::to_value(&*state.policies[&obj]).unwrap();
+                let mut object = serde_json::to_value(state.policies[&obj].object()).unwrap();
                 for direction in ["ingress", "egress"] {
                     let rules = object["spec"][direction].as_array_mut();
                     for rule in rules.into_iter().flatten() {
                         rule["ports"] = json!([{ "protocol": "TCP", "port": port }]);
                     }
                 }
-                let policy = serde_json::from_value(object).unwrap();
-                state.policies.insert(obj, std::sync::Arc::new(policy));
+                let policy: k8s_openapi::api::networking::v1::NetworkPolicy =
+                    serde_json::from_value(object).unwrap();
+                state.policies.insert(obj, policy.into());
             }
         }
         Change::MovePod(i) => {

@@ -12,6 +12,7 @@
 //! policyTypes entry isolates both directions. CIDRs are read here too, as Go reads
 //! them, by a second implementation ([`go_cidr`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -93,8 +94,9 @@ impl<'a> Reference<'a> {
         let policies = state
             .policies
             .iter()
+            .map(|(obj, np)| (obj, np.object()))
             .filter(|(_, np)| state.enforce_staged || !staged(np))
-            .filter_map(|(obj, np)| Readable::new(obj, np))
+            .filter_map(|(obj, np)| Readable::new(obj, Cow::Owned(np)))
             .collect();
         Reference { state, policies }
     }
@@ -179,14 +181,14 @@ impl<'a> Reference<'a> {
 /// A policy with the paths of the fields that cannot be read.
 struct Readable<'a> {
     obj: &'a ObjectRef,
-    np: &'a NetworkPolicy,
+    np: Cow<'a, NetworkPolicy>,
     unreadable: Vec<String>,
 }
 
 impl<'a> Readable<'a> {
     /// `None` when nothing of the policy can be enforced (no name or namespace).
-    fn new(obj: &'a ObjectRef, np: &'a NetworkPolicy) -> Option<Self> {
-        let unreadable: Vec<String> = match validate_policy(np) {
+    fn new(obj: &'a ObjectRef, np: Cow<'a, NetworkPolicy>) -> Option<Self> {
+        let unreadable: Vec<String> = match validate_policy(&np) {
             Ok(()) => Vec::new(),
             Err(errors) => errors.into_iter().map(|e| e.field).collect(),
         };
@@ -340,7 +342,7 @@ pub fn readable_rules(
     np: &NetworkPolicy,
     direction: Direction,
 ) -> Vec<ReadableRule> {
-    Readable::new(obj, np).map_or_else(Vec::new, |p| p.rules(direction))
+    Readable::new(obj, Cow::Borrowed(np)).map_or_else(Vec::new, |p| p.rules(direction))
 }
 
 /// The pod network pod (not finished, not hostNetwork) holding `ip`: of several listing

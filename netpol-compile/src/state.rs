@@ -14,9 +14,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 mod intern;
 mod labels;
 mod pod;
+mod policy;
 
 pub use labels::Labels;
 pub use pod::{DeclaredPort, PodDocument, PodIdentity, PodInfo};
+pub use policy::Policy;
 
 /// What may have changed in a [`ClusterState`] since a compiler's last compile of it, as
 /// its source knows: each set names the objects added, updated or deleted since then,
@@ -270,10 +272,11 @@ pub struct ClusterState {
     /// Kubernetes mode it stays empty and interfaces are found from the kernel alone.
     /// The datapath still checks each name before using it.
     pub pod_interfaces: BTreeMap<ObjectRef, String>,
-    /// As the source has them, valid or not: the compiler admits them.
-    /// Shared: a source that keeps the object (a reflector store) hands out the same one,
-    /// and the compiler knows an unchanged policy by its pointer.
-    pub policies: BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
+    /// As the source has them, valid or not: the compiler admits them. Kept compact
+    /// ([`Policy`]: the object's text, read back where a policy's content is read).
+    /// Shared: a source that keeps the policy (a store) hands out the same one, and the
+    /// compiler knows an unchanged policy by [`Policy::same`].
+    pub policies: BTreeMap<ObjectRef, Policy>,
     /// NetworkPolicies the source saw but could not read at all (local mode: a manifest
     /// document naming one whose metadata or podSelector does not parse). Such a policy
     /// keeps the version in force before, if any.
@@ -346,14 +349,14 @@ impl ClusterState {
     pub fn staged_policies(&self) -> impl Iterator<Item = &ObjectRef> {
         self.policies
             .iter()
-            .filter(|(_, np)| is_staged(np))
+            .filter(|(_, np)| np.is_staged())
             .map(|(obj, _)| obj)
     }
 
     /// Whether the policy `obj` is in force in this view: it exists and is not staged,
     /// or staged policies are compiled as enforced ([`ClusterState::enforce_staged`]).
     pub fn in_force(&self, obj: &ObjectRef) -> bool {
-        self.enforce_staged || !self.policies.get(obj).is_some_and(|p| is_staged(p))
+        self.enforce_staged || !self.policies.get(obj).is_some_and(|p| p.is_staged())
     }
 
     /// A namespace's labels, with [`NAMESPACE_NAME_LABEL`] as the API server sets it

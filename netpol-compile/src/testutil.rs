@@ -85,12 +85,14 @@ pub fn policy(ns: &str, name: &str, spec: Value) -> NetworkPolicy {
 }
 
 /// Sets `netpol.dev/staged` on `policy` to `value` (`"true"` stages it).
-pub fn set_staged(policy: &mut std::sync::Arc<NetworkPolicy>, value: &str) {
-    std::sync::Arc::make_mut(policy)
+pub fn set_staged(policy: &mut crate::state::Policy, value: &str) {
+    let mut object = policy.object();
+    object
         .metadata
         .annotations
         .get_or_insert_default()
         .insert(crate::state::STAGED_ANNOTATION.into(), value.into());
+    *policy = object.into();
 }
 
 /// A state builder.

@@ -152,7 +152,11 @@ fn publish(server: &ApiServer, state: &ClusterState, size: Size) {
         server.apply(object("Namespace", "v1", namespace));
     }
     for policy in state.policies.values() {
-        server.apply(object("NetworkPolicy", "networking.k8s.io/v1", &**policy));
+        server.apply(object(
+            "NetworkPolicy",
+            "networking.k8s.io/v1",
+            &policy.object(),
+        ));
     }
     for policy in state.cluster_policies.values() {
         server.apply(policy.clone());

@@ -5,14 +5,11 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::PreviewError;
 use crate::source::local::ManifestDir;
 use crate::source::manifest::{self, Object};
-use netpol_compile::state::{ClusterState, NodeContext, ObjectRef, UnreadablePart};
+use netpol_compile::state::{ClusterState, NodeContext, ObjectRef, Policy, UnreadablePart};
 use netpol_compile::{Diagnostic, Kind, ObjectName, Subject};
 
 /// A cluster state read from manifests, and the problems found on the way.
@@ -58,7 +55,7 @@ pub fn load_manifests(dir: &Path, node_ips: &[IpAddr]) -> Result<Loaded, Preview
 /// compile of the result reports what cannot be).
 #[derive(Clone, Debug, Default)]
 pub struct Overlay {
-    pub policies: BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
+    pub policies: BTreeMap<ObjectRef, Policy>,
     /// Parts of `policies` their documents did not let be read.
     pub unreadable_parts: BTreeMap<ObjectRef, Vec<UnreadablePart>>,
     /// ClusterNetworkPolicies as written, by name.
@@ -118,7 +115,7 @@ impl Overlay {
             } else {
                 self.unreadable_parts.insert(key.clone(), unreadable);
             }
-            self.policies.insert(key, Arc::from(policy));
+            self.policies.insert(key, Policy::new(&policy));
         }
     }
 

@@ -6,7 +6,8 @@
 //! [`incidents`] (failures, one log line per incident, and the backoff), [`watch`] (one
 //! watcher task), [`watches`] (the stores, batching and snapshots), [`changes`] (what
 //! changed since the last snapshot: a snapshot copies only that), [`pod`] (pods read
-//! straight into `PodInfo`, and their store), [`events`] (diagnostics published as
+//! straight into `PodInfo`, and their store), [`policy`] (NetworkPolicies kept as
+//! their compact `Policy`), [`events`] (diagnostics published as
 //! Kubernetes Events), `streams` and `trim`.
 //!
 //! One watcher per resource: Namespaces, Pods and NetworkPolicies of the whole cluster
@@ -35,6 +36,7 @@ mod changes;
 mod events;
 mod incidents;
 pub(crate) mod pod;
+mod policy;
 mod settings;
 mod streams;
 pub(crate) mod trim;

@@ -19,14 +19,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use netpol_compile::state::{
-    Changes, ClusterState, HOST_INTERFACE_ANNOTATION, NodeContext, ObjectRef, PodInfo,
+    Changes, ClusterState, HOST_INTERFACE_ANNOTATION, NodeContext, ObjectRef, PodInfo, Policy,
     UnreadablePart,
 };
 use netpol_compile::{Diagnostic, Kind, ObjectName, Subject};
@@ -99,7 +98,7 @@ pub struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
 pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjectRef, Pod>,
-    pub policies: BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
+    pub policies: BTreeMap<ObjectRef, Policy>,
     pub services: BTreeMap<ObjectRef, Service>,
     pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
     pub service_cidrs: BTreeMap<String, ServiceCIDR>,
@@ -342,7 +341,7 @@ fn insert_policy(
     if !unreadable.is_empty() {
         snapshot.unreadable_parts.insert(key.clone(), unreadable);
     }
-    snapshot.policies.insert(key, Arc::from(policy));
+    snapshot.policies.insert(key, Policy::new(&policy));
 }
 
 fn namespaced_key(

@@ -14,9 +14,8 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use std::sync::Arc;
 
-use netpol_compile::state::{ObjectRef, PodInfo, UnreadablePart};
+use netpol_compile::state::{ObjectRef, PodInfo, Policy, UnreadablePart};
 use netpol_compile::{Diagnostic, Kind, ObjectName, Subject};
 
 /// One object of a manifest.
@@ -68,12 +67,12 @@ impl Object {
             Object::NetworkPolicy(policy) => {
                 let key = key(&policy.metadata);
                 state.unreadable_parts.remove(&key);
-                state.policies.insert(key, Arc::from(policy));
+                state.policies.insert(key, Policy::new(&policy));
             }
             Object::NetworkPolicyInPart { policy, unreadable } => {
                 let key = key(&policy.metadata);
                 state.unreadable_parts.insert(key.clone(), unreadable);
-                state.policies.insert(key, Arc::from(policy));
+                state.policies.insert(key, Policy::new(&policy));
             }
             Object::Service(service) => {
                 state.services.insert(key(&service.metadata), *service);

@@ -1884,7 +1884,10 @@ mod unreadable {
         assert!(!passes(&c, "10.0.0.1", "10.0.0.2", 80, Direction::Ingress));
         assert!(passes(&c, "10.0.1.3", "10.0.0.2", 80, Direction::Ingress));
         let kept = compiler.policy(&ObjectRef::new("x", "p")).unwrap();
-        assert_eq!(kept, &*update.state.policies[&ObjectRef::new("x", "p")]);
+        assert_eq!(
+            kept,
+            update.state.policies[&ObjectRef::new("x", "p")].object()
+        );
         assert!(!messages(&c).iter().any(|m| m.contains("stays in force")));
     }
 

@@ -709,7 +709,7 @@ impl<'a> Analysis<'a> {
                 continue;
             };
             // As far as the rules can be read: what cannot be read allows nothing.
-            let rules = reference::readable_rules(obj, np, direction);
+            let rules = reference::readable_rules(obj, &np.object(), direction);
             if rules.is_empty() {
                 out.push(RuleCheck {
                     policy: obj.clone(),

@@ -564,15 +564,15 @@ fn an_unknown_pod_lists_a_few_pods_and_says_how_many_more() {
 fn a_staged_policy_is_explained_beside_the_verdict_in_force() {
     let mut state = fixtures::stars_with_policies();
     let staged = ObjectRef::new("stars", "backend-policy");
-    std::sync::Arc::make_mut(state.policies.get_mut(&staged).unwrap())
-        .metadata
-        .annotations = Some(
+    let mut object = state.policies[&staged].object();
+    object.metadata.annotations = Some(
         [(
             netpol_compile::state::STAGED_ANNOTATION.to_owned(),
             "true".to_owned(),
         )]
         .into(),
     );
+    state.policies.insert(staged.clone(), object.into());
     // In force: nothing isolates the backend, so the client reaches it.
     let e = explain_checked(&state, "client/client", "stars/backend", "6379/TCP");
     assert!(e.allowed, "{e}");

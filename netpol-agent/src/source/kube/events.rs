@@ -111,7 +111,7 @@ impl ClusterWatch {
             .stores
             .policies
             .get(&StoreRef::new(&key.name).within(&key.namespace))
-            .and_then(|policy| policy.metadata.uid.clone());
+            .and_then(|policy| policy.meta().uid.clone());
         namespaced_reference::<NetworkPolicy>(key, uid)
     }
 }

@@ -13,7 +13,7 @@ use ::kube::runtime::reflector::Store;
 use ::kube::runtime::watcher;
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -24,6 +24,7 @@ use netpol_compile::state::{ClusterState, NodePeer, PodInfo, node_addresses};
 use super::changes::{Changed, Changes, Reflected, StateKey, refresh};
 use super::incidents::{self, Incidents, Signal};
 use super::pod::{PodStore, WatchedPod};
+use super::policy::WatchedPolicy;
 use super::settings::{Settings, Watched};
 use super::watch::{Reflector, WatchContext, watch};
 use super::{streams, trim};
@@ -37,7 +38,7 @@ const WAITING_REPORT: Duration = Duration::from_secs(30);
 pub(super) struct Stores {
     pub(super) namespaces: Store<Namespace>,
     pub(super) pods: PodStore,
-    pub(super) policies: Store<NetworkPolicy>,
+    pub(super) policies: Store<WatchedPolicy>,
     pub(super) node: Store<Node>,
     pub(super) services: Store<Service>,
     pub(super) endpoint_slices: Store<EndpointSlice>,
@@ -116,10 +117,11 @@ impl ClusterWatch {
         )));
         let (policies, writer) = ::kube::runtime::reflector::store();
         tasks.push(tokio::spawn(watch(
-            Api::<NetworkPolicy>::all(client.clone()),
+            Api::<WatchedPolicy>::all(client.clone()),
             watcher::Config::default(),
             Reflector::new(writer, ()),
-            trim::network_policy,
+            // Trimmed as read: nothing more to drop.
+            |_| {},
             context(Watched::NetworkPolicies),
         )));
         let (node, writer) = ::kube::runtime::reflector::store();
@@ -342,7 +344,7 @@ impl ClusterWatch {
             },
             changed.remove(&Watched::NetworkPolicies),
             &mut state.policies,
-            |policy: &Arc<NetworkPolicy>| Some(Arc::clone(policy)),
+            |policy: &Arc<WatchedPolicy>| Some(policy.policy.clone()),
         );
         refresh(
             &Reflected {
