@@ -257,7 +257,10 @@ fn show_cluster(s: &Scenario, compiled: &Compiled) -> String {
         state.node.ips
     );
     for (name, ns) in &state.namespaces {
-        out += &format!("  Namespace {name} labels {}\n", json(&ns.metadata.labels));
+        out += &format!(
+            "  Namespace {name} labels {}\n",
+            json(&ns.labels().to_map())
+        );
     }
     for (obj, pod) in &state.pods {
         let ips: Vec<&str> = pod.listed_ips().collect();

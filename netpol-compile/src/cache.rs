@@ -37,13 +37,12 @@ use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Namespace;
 
 use super::policy::{FieldError, ParsedPolicy, Peer, parse_policy, protocol_number};
 use crate::admission::PolicySync;
 use crate::state::{
-    ClusterState, DeclaredPort, Labels, NAMESPACE_NAME_LABEL, Name, NodeContext, ObjectRef,
-    PodInfo, Policy, holds_pod_addresses,
+    ClusterState, DeclaredPort, Labels, NAMESPACE_NAME_LABEL, Name, NamespaceInfo, NodeContext,
+    ObjectRef, PodInfo, Policy, holds_pod_addresses,
 };
 
 /// A fast, unkeyed hasher (FxHash) for maps keyed by addresses and peer-slot sets,
@@ -616,7 +615,7 @@ pub(crate) fn pods_in_namespace<'e>(entries: &'e [PodEntry], name: &str) -> &'e 
 fn namespace_names<'a>(
     state: &'a ClusterState,
     counts: &'a PodCounts,
-) -> impl Iterator<Item = (&'a str, Option<&'a Namespace>)> {
+) -> impl Iterator<Item = (&'a str, Option<&'a NamespaceInfo>)> {
     let mut objects = state
         .namespaces
         .iter()
@@ -634,15 +633,15 @@ fn namespace_names<'a>(
     })
 }
 
-fn labels_of(object: Option<&Namespace>) -> Option<&BTreeMap<String, String>> {
-    object.and_then(|ns| ns.metadata.labels.as_ref())
+fn labels_of(object: Option<&NamespaceInfo>) -> Option<&Labels> {
+    object.map(NamespaceInfo::labels)
 }
 
 /// Whether `cached` holds the labels selectors see on namespace `name` whose object has
 /// `labels`: those, and the name label unless they set it.
 fn same_namespace_labels(
     cached: &BTreeMap<String, String>,
-    labels: Option<&BTreeMap<String, String>>,
+    labels: Option<&Labels>,
     name: &str,
 ) -> bool {
     let own_name = labels.is_some_and(|l| l.contains_key(NAMESPACE_NAME_LABEL));
@@ -651,8 +650,9 @@ fn same_namespace_labels(
     }
     let cached = cached
         .iter()
-        .filter(|(key, _)| own_name || key.as_str() != NAMESPACE_NAME_LABEL);
-    cached.eq(labels.into_iter().flatten())
+        .filter(|(key, _)| own_name || key.as_str() != NAMESPACE_NAME_LABEL)
+        .map(|(key, value)| (key.as_str(), value.as_str()));
+    cached.eq(labels.into_iter().flat_map(Labels::iter))
 }
 
 /// The egress named ports in force in the last compile, and their version: pod entries

@@ -878,17 +878,14 @@ fn apply(state: &mut ClusterState, change: &Change, step: usize) {
         Change::NamespaceLabel(i, key, value) => {
             let n = state.namespaces.len().max(1);
             if let Some(ns) = state.namespaces.values_mut().nth(i % n) {
-                ns.metadata
-                    .labels
-                    .get_or_insert_default()
-                    .insert(key.to_string(), value.to_string());
+                *ns = ns.with_labels(ns.labels().with(key, Some(value)));
             }
         }
         Change::ToggleNamespace(i, team) => {
             let name = ["x", "y", "z", "w"][i % 4];
             if state.namespaces.remove(name).is_none() {
                 let object = super::testutil::namespace(name, &[("team", team)]);
-                state.namespaces.insert(name.to_string(), object);
+                state.namespaces.insert(name.to_string(), object.into());
             }
         }
         Change::RemovePolicy(i) => {

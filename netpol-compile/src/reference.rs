@@ -399,11 +399,14 @@ fn requirement_holds(
 /// Deliberately not `ClusterState::namespace_labels`: the reference shares no code with
 /// what it checks.
 fn namespace_labels(state: &ClusterState, name: &str) -> BTreeMap<String, String> {
-    let mut labels = state
+    let mut labels: BTreeMap<String, String> = state
         .namespaces
         .get(name)
-        .and_then(|ns| ns.metadata.labels.clone())
-        .unwrap_or_default();
+        .map(|ns| ns.labels().iter())
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
     labels
         .entry("kubernetes.io/metadata.name".into())
         .or_insert_with(|| name.to_string());

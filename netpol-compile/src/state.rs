@@ -6,17 +6,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 mod intern;
 mod labels;
+mod namespace;
 mod pod;
 mod policy;
 
 pub use labels::Labels;
+pub use namespace::NamespaceInfo;
 pub use pod::{DeclaredPort, PodDocument, PodIdentity, PodInfo};
 pub use policy::Policy;
 
@@ -263,8 +265,8 @@ pub const HOST_INTERFACE_ANNOTATION: &str = "netpol.dev/host-interface";
 /// Everything the compiler needs to know, and nothing else.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
-    /// By name.
-    pub namespaces: BTreeMap<String, Namespace>,
+    /// What decides verdicts of each namespace ([`NamespaceInfo`]), by name.
+    pub namespaces: BTreeMap<String, NamespaceInfo>,
     /// What decides verdicts of each pod ([`PodInfo`]), not the objects.
     pub pods: BTreeMap<ObjectRef, PodInfo>,
     /// Host-side interfaces named for pods by the operator (local mode's manifests,
@@ -365,7 +367,7 @@ impl ClusterState {
         let mut labels = self
             .namespaces
             .get(name)
-            .and_then(|ns| ns.metadata.labels.clone())
+            .map(|ns| ns.labels().to_map())
             .unwrap_or_default();
         labels
             .entry(NAMESPACE_NAME_LABEL.to_owned())

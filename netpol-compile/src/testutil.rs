@@ -109,7 +109,7 @@ impl Cluster {
     pub fn ns(mut self, name: &str, label_pairs: &[(&str, &str)]) -> Self {
         self.state
             .namespaces
-            .insert(name.into(), namespace(name, label_pairs));
+            .insert(name.into(), namespace(name, label_pairs).into());
         self
     }
 

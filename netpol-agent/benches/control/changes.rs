@@ -2,8 +2,6 @@
 //! added, a pod created, a pod deleted, a namespace label flipped, a
 //! ClusterNetworkPolicy replaced.
 
-use std::collections::BTreeMap;
-
 use netpol_compile::state::{Changes, ClusterState, ObjectRef};
 use serde_json::json;
 
@@ -117,10 +115,11 @@ pub fn change(state: &mut ClusterState, size: Size, i: usize) -> (ChangeKind, Ch
         ChangeKind::NamespaceLabel => {
             let ns = ns_name((n * 11) % size.namespaces);
             let namespace = state.namespaces.get_mut(&ns).expect("namespace");
-            let labels = namespace.metadata.labels.get_or_insert_with(BTreeMap::new);
-            let team = labels.get("team").cloned().unwrap_or_default();
+            let labels = namespace.labels();
+            let team = labels.get("team").unwrap_or_default();
             let digit: usize = team.trim_start_matches("team-").parse().unwrap_or(0);
-            labels.insert("team".into(), format!("team-{}", (digit + 1) % 10));
+            let team = format!("team-{}", (digit + 1) % 10);
+            *namespace = namespace.with_labels(labels.with("team", Some(&team)));
             changes.namespaces.as_mut().expect("named").insert(ns);
         }
         ChangeKind::ClusterPolicyReplaced => {

@@ -268,7 +268,7 @@ pub fn cluster(size: Size) -> ClusterState {
         ..ClusterState::default()
     };
     for i in 0..size.namespaces {
-        state.namespaces.insert(ns_name(i), namespace(i));
+        state.namespaces.insert(ns_name(i), namespace(i).into());
         // POLICIES_PER_NAMESPACE of the ten shapes, a different window in each namespace.
         let shapes = policies(i);
         for k in 0..POLICIES_PER_NAMESPACE {

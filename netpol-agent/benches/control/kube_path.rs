@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netpol_compile::state::{ClusterState, ObjectRef, PodInfo};
+use netpol_compile::state::{ClusterState, NamespaceInfo, ObjectRef, PodInfo};
 use netpol_lab::apiserver::ApiServer;
 use serde_json::{Value, json};
 
@@ -88,6 +88,16 @@ fn object<T: serde::Serialize>(kind: &str, api_version: &str, typed: &T) -> Valu
     value
 }
 
+/// The Namespace object the API server holds for what the agent keeps of it.
+fn namespace_object(name: &str, namespace: &NamespaceInfo) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": namespace.labels().to_map()},
+        "spec": {"finalizers": ["kubernetes"]},
+        "status": {"phase": "Active"},
+    })
+}
+
 /// The Pod object the API server holds for what the agent keeps of it: with what a
 /// real Pod carries besides (an image, resources, environment, conditions, managed
 /// fields), which the agent must skip as it reads.
@@ -148,8 +158,8 @@ fn publish(server: &ApiServer, state: &ClusterState, size: Size) {
     for k in 0..size.nodes() {
         server.apply(node_object(k));
     }
-    for namespace in state.namespaces.values() {
-        server.apply(object("Namespace", "v1", namespace));
+    for (name, namespace) in &state.namespaces {
+        server.apply(namespace_object(name, namespace));
     }
     for policy in state.policies.values() {
         server.apply(object(
@@ -246,7 +256,7 @@ impl Served {
         let namespaces = state
             .namespaces
             .iter()
-            .map(|(name, ns)| (name.clone(), object("Namespace", "v1", ns)))
+            .map(|(name, ns)| (name.clone(), namespace_object(name, ns)))
             .collect();
         Served {
             pods,

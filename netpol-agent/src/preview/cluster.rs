@@ -228,7 +228,10 @@ pub async fn from_cluster(
         cidrs.listed.clone(),
     ];
     let state = ClusterState {
-        namespaces: named(namespaces.items, |n| &n.metadata),
+        namespaces: named::<_, Vec<_>>(namespaces.items, |n| &n.metadata)
+            .into_iter()
+            .map(|(name, namespace)| (name, namespace.into()))
+            .collect(),
         pods: namespaced::<_, Vec<_>>(pods.items, |p| p.meta())
             .into_iter()
             .map(|(key, pod)| (key, pod.info))

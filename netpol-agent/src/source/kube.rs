@@ -6,8 +6,8 @@
 //! [`incidents`] (failures, one log line per incident, and the backoff), [`watch`] (one
 //! watcher task), [`watches`] (the stores, batching and snapshots), [`changes`] (what
 //! changed since the last snapshot: a snapshot copies only that), [`pod`] (pods read
-//! straight into `PodInfo`, and their store), [`policy`] (NetworkPolicies kept as
-//! their compact `Policy`), [`events`] (diagnostics published as
+//! straight into `PodInfo`, and their store), [`compact`] (NetworkPolicies and
+//! Namespaces kept as their compact `Policy` and `NamespaceInfo`), [`events`] (diagnostics published as
 //! Kubernetes Events), `streams` and `trim`.
 //!
 //! One watcher per resource: Namespaces, Pods and NetworkPolicies of the whole cluster
@@ -33,10 +33,10 @@
 //! `events.k8s.io/v1` Events on the object ([`ClusterWatch::report`]).
 
 mod changes;
+mod compact;
 mod events;
 mod incidents;
 pub(crate) mod pod;
-mod policy;
 mod settings;
 mod streams;
 pub(crate) mod trim;

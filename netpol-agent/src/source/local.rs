@@ -21,12 +21,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use netpol_compile::state::{
-    Changes, ClusterState, HOST_INTERFACE_ANNOTATION, NodeContext, ObjectRef, PodInfo, Policy,
-    UnreadablePart,
+    Changes, ClusterState, HOST_INTERFACE_ANNOTATION, NamespaceInfo, NodeContext, ObjectRef,
+    PodInfo, Policy, UnreadablePart,
 };
 use netpol_compile::{Diagnostic, Kind, ObjectName, Subject};
 
@@ -96,7 +96,7 @@ pub struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
 /// What one read of the directory produced.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub namespaces: BTreeMap<String, Namespace>,
+    pub namespaces: BTreeMap<String, NamespaceInfo>,
     pub pods: BTreeMap<ObjectRef, Pod>,
     pub policies: BTreeMap<ObjectRef, Policy>,
     pub services: BTreeMap<ObjectRef, Service>,
@@ -288,7 +288,7 @@ impl Object {
         match self {
             Object::Namespace(ns) => {
                 let name = ns.metadata.name.clone().unwrap_or_default();
-                snapshot.namespaces.insert(name, *ns);
+                snapshot.namespaces.insert(name, NamespaceInfo::of(&ns));
             }
             Object::Pod(mut pod) => {
                 let namespace = pod

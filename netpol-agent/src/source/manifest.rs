@@ -59,7 +59,7 @@ impl Object {
             Object::Namespace(ns) => {
                 state
                     .namespaces
-                    .insert(ns.metadata.name.clone().unwrap_or_default(), *ns);
+                    .insert(ns.metadata.name.clone().unwrap_or_default(), (&*ns).into());
             }
             Object::Pod(pod) => {
                 state.pods.insert(key(&pod.metadata), PodInfo::of(&pod));

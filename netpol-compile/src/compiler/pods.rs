@@ -9,7 +9,8 @@ use std::net::IpAddr;
 
 use crate::cache::{FastMap, PodEntry};
 use crate::state::{
-    ClusterState, Labels, ObjectRef, PodInfo, claim_reason, claims_before, holds_pod_addresses,
+    ClusterState, Labels, NamespaceInfo, ObjectRef, PodInfo, claim_reason, claims_before,
+    holds_pod_addresses,
 };
 use crate::{Diagnostic, Subject};
 
@@ -41,9 +42,7 @@ pub(super) fn audited_namespace(state: &ClusterState, namespace: &str) -> bool {
     state
         .namespaces
         .get(namespace)
-        .and_then(|ns| ns.metadata.annotations.as_ref())
-        .and_then(|annotations| annotations.get(crate::state::AUDIT_ANNOTATION))
-        .is_some_and(|value| value == "true")
+        .is_some_and(NamespaceInfo::audited)
 }
 
 /// The live pods with an address, in state order; `entries` are the cache's pod entries

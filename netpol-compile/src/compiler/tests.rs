@@ -1434,13 +1434,10 @@ fn audit_mode_per_namespace_annotation_and_for_the_whole_agent() {
             .pod("x", "a", &[], &["10.0.0.1"], &[])
             .pod("y", "b", &[], &["10.0.0.2"], &[])
             .policy("x", "deny", json!({"podSelector": {}}));
+        let mut x = crate::testutil::namespace("x", &[]);
         let annotations = [(crate::state::AUDIT_ANNOTATION.to_owned(), "true".to_owned())];
-        c.state
-            .namespaces
-            .get_mut("x")
-            .unwrap()
-            .metadata
-            .annotations = Some(annotations.into());
+        x.metadata.annotations = Some(annotations.into());
+        c.state.namespaces.insert("x".into(), x.into());
         c
     };
     let c = run(cluster());

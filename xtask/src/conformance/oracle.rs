@@ -129,9 +129,8 @@ fn state(
     }
     for (name, labels) in namespaces {
         let ns = json!({"metadata": {"name": name, "labels": labels}});
-        state
-            .namespaces
-            .insert(name.clone(), serde_json::from_value(ns)?);
+        let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(ns)?;
+        state.namespaces.insert(name.clone(), ns.into());
     }
     for pod in &plan.plan.pods {
         let (ns, name) = split_pod(&pod.name)?;

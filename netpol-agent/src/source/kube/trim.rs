@@ -1,7 +1,8 @@
 //! Trimming watched objects to what the compiler, the flow log and Events need, before
 //! they enter the reflector stores: managed fields, the last-applied copy and status
 //! decide no verdict. Pods, the bulk of a cluster, are not trimmed here: they are read
-//! straight into their compact form ([`super::pod`]).
+//! straight into their compact form ([`super::pod`]); NetworkPolicies are trimmed, then
+//! kept as their text, and Namespaces as their labels ([`super::compact`]).
 
 use std::collections::BTreeMap;
 

@@ -11,7 +11,7 @@ use ::kube::api::{Api, DynamicObject};
 use ::kube::runtime::events::{Recorder, Reporter};
 use ::kube::runtime::reflector::Store;
 use ::kube::runtime::watcher;
-use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use tokio::sync::mpsc;
@@ -19,12 +19,14 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use netpol_compile::state::{ClusterState, NodePeer, PodInfo, node_addresses};
+use netpol_compile::state::{
+    ClusterState, NamespaceInfo, NodePeer, PodInfo, Policy, node_addresses,
+};
 
 use super::changes::{Changed, Changes, Reflected, StateKey, refresh};
+use super::compact::Kept;
 use super::incidents::{self, Incidents, Signal};
 use super::pod::{PodStore, WatchedPod};
-use super::policy::WatchedPolicy;
 use super::settings::{Settings, Watched};
 use super::watch::{Reflector, WatchContext, watch};
 use super::{streams, trim};
@@ -36,9 +38,9 @@ const WAITING_REPORT: Duration = Duration::from_secs(30);
 /// The reflector stores, read by [`ClusterWatch::snapshot`].
 #[derive(Clone)]
 pub(super) struct Stores {
-    pub(super) namespaces: Store<Namespace>,
+    pub(super) namespaces: Store<Kept<NamespaceInfo>>,
     pub(super) pods: PodStore,
-    pub(super) policies: Store<WatchedPolicy>,
+    pub(super) policies: Store<Kept<Policy>>,
     pub(super) node: Store<Node>,
     pub(super) services: Store<Service>,
     pub(super) endpoint_slices: Store<EndpointSlice>,
@@ -100,10 +102,11 @@ impl ClusterWatch {
         };
         let (namespaces, writer) = ::kube::runtime::reflector::store();
         tasks.push(tokio::spawn(watch(
-            Api::<Namespace>::all(client.clone()),
+            Api::<Kept<NamespaceInfo>>::all(client.clone()),
             watcher::Config::default(),
             Reflector::new(writer, ()),
-            trim::namespace,
+            // Read compact: nothing more to drop.
+            |_| {},
             context(Watched::Namespaces),
         )));
         let pods = PodStore::default();
@@ -117,10 +120,10 @@ impl ClusterWatch {
         )));
         let (policies, writer) = ::kube::runtime::reflector::store();
         tasks.push(tokio::spawn(watch(
-            Api::<WatchedPolicy>::all(client.clone()),
+            Api::<Kept<Policy>>::all(client.clone()),
             watcher::Config::default(),
             Reflector::new(writer, ()),
-            // Trimmed as read: nothing more to drop.
+            // Read compact: nothing more to drop.
             |_| {},
             context(Watched::NetworkPolicies),
         )));
@@ -329,7 +332,7 @@ impl ClusterWatch {
             },
             changed.remove(&Watched::Namespaces),
             &mut state.namespaces,
-            cloned,
+            |namespace: &Arc<Kept<NamespaceInfo>>| Some(namespace.value.clone()),
         );
         refresh(
             &stores.pods,
@@ -344,7 +347,7 @@ impl ClusterWatch {
             },
             changed.remove(&Watched::NetworkPolicies),
             &mut state.policies,
-            |policy: &Arc<WatchedPolicy>| Some(policy.policy.clone()),
+            |policy: &Arc<Kept<Policy>>| Some(policy.value.clone()),
         );
         refresh(
             &Reflected {
