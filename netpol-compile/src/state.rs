@@ -4,8 +4,8 @@
 //! No I/O here.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
+use arcstr::ArcStr;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
@@ -77,9 +77,11 @@ pub struct ObjectRef {
 }
 
 /// A name or a namespace, shared: a copy costs a reference count, not an allocation.
-/// Ordered, compared and shown as the text.
+/// One thin pointer (`ArcStr`: the count and length live with the text), so an
+/// [`ObjectRef`] is 16 bytes; every pod's key has several copies. Ordered, compared and
+/// shown as the text.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Name(Arc<str>);
+pub struct Name(ArcStr);
 
 impl Name {
     pub fn as_str(&self) -> &str {
@@ -127,19 +129,19 @@ impl std::fmt::Debug for Name {
 
 impl From<&str> for Name {
     fn from(s: &str) -> Self {
-        Name(Arc::from(s))
+        Name(ArcStr::from(s))
     }
 }
 
 impl From<String> for Name {
     fn from(s: String) -> Self {
-        Name(Arc::from(s))
+        Name(ArcStr::from(s))
     }
 }
 
 impl From<&String> for Name {
     fn from(s: &String) -> Self {
-        Name(Arc::from(s.as_str()))
+        Name(ArcStr::from(s.as_str()))
     }
 }
 

@@ -5,25 +5,47 @@
 //! more are dropped when the table has doubled since it was last swept, so a sweep costs
 //! O(1) per intern call, amortised.
 
+use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::hash::Hash;
 use std::sync::{Arc, LazyLock, Mutex};
+
+use arcstr::ArcStr;
 
 use super::pod::DeclaredPort;
 
 /// Smallest table worth sweeping.
 const FIRST_SWEEP: usize = 1024;
 
-pub(super) struct Interner<T: ?Sized> {
-    table: Mutex<Table<T>>,
+/// A handle to a shared value, whose holders can be counted.
+pub(super) trait Shared: Clone + Eq + Hash {
+    /// How many handles to the value there are (the table's own included).
+    fn holders(&self) -> usize;
 }
 
-struct Table<T: ?Sized> {
-    values: HashSet<Arc<T>>,
+impl<T: ?Sized + Eq + Hash> Shared for Arc<T> {
+    fn holders(&self) -> usize {
+        Arc::strong_count(self)
+    }
+}
+
+impl Shared for ArcStr {
+    fn holders(&self) -> usize {
+        // `None`: a literal, held by the program itself.
+        ArcStr::strong_count(self).unwrap_or(usize::MAX)
+    }
+}
+
+pub(super) struct Interner<H> {
+    table: Mutex<Table<H>>,
+}
+
+struct Table<H> {
+    values: HashSet<H>,
     sweep_at: usize,
 }
 
-impl<T: ?Sized + Eq + Hash> Interner<T> {
+impl<H: Shared> Interner<H> {
     fn new() -> Self {
         Interner {
             table: Mutex::new(Table {
@@ -34,29 +56,29 @@ impl<T: ?Sized + Eq + Hash> Interner<T> {
     }
 
     /// The shared copy of a value equal to `key`, if one is held.
-    fn get<Q>(&self, key: &Q) -> Option<Arc<T>>
+    fn get<Q>(&self, key: &Q) -> Option<H>
     where
-        Arc<T>: std::borrow::Borrow<Q>,
+        H: Borrow<Q>,
         Q: ?Sized + Eq + Hash,
     {
         self.lock().values.get(key).cloned()
     }
 
     /// `value`, or the shared copy of an equal one held already.
-    fn insert(&self, value: Arc<T>) -> Arc<T> {
+    fn insert(&self, value: H) -> H {
         let mut table = self.lock();
         if let Some(shared) = table.values.get(&value) {
             return shared.clone();
         }
         if table.values.len() >= table.sweep_at {
-            table.values.retain(|v| Arc::strong_count(v) > 1);
+            table.values.retain(|v| v.holders() > 1);
             table.sweep_at = (table.values.len() * 2).max(FIRST_SWEEP);
         }
         table.values.insert(value.clone());
         value
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Table<T>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table<H>> {
         // A poisoned table is still a valid table: every operation on it is complete.
         self.table
             .lock()
@@ -70,12 +92,13 @@ impl<T: ?Sized + Eq + Hash> Interner<T> {
     }
 }
 
-/// A label: (key, value).
-pub(super) type Label = (Arc<str>, Arc<str>);
+/// A label: (key, value), each one thin pointer (a set of four labels is 80 bytes with
+/// its counts, not 144: every pod of the bench has a set of its own).
+pub(super) type Label = (ArcStr, ArcStr);
 
-pub(super) static LABEL_SETS: LazyLock<Interner<[Label]>> = LazyLock::new(Interner::new);
-pub(super) static NAMES: LazyLock<Interner<str>> = LazyLock::new(Interner::new);
-pub(super) static PORTS: LazyLock<Interner<[DeclaredPort]>> = LazyLock::new(Interner::new);
+pub(super) static LABEL_SETS: LazyLock<Interner<Arc<[Label]>>> = LazyLock::new(Interner::new);
+pub(super) static NAMES: LazyLock<Interner<ArcStr>> = LazyLock::new(Interner::new);
+pub(super) static PORTS: LazyLock<Interner<Arc<[DeclaredPort]>>> = LazyLock::new(Interner::new);
 
 /// The shared copy of a pod's label set (its strings interned already).
 pub(super) fn label_set(pairs: Vec<Label>) -> Arc<[Label]> {
@@ -85,10 +108,10 @@ pub(super) fn label_set(pairs: Vec<Label>) -> Arc<[Label]> {
 }
 
 /// The shared copy of a string: a node name, a phase, a label key or value.
-pub(super) fn name(name: &str) -> Arc<str> {
+pub(super) fn name(name: &str) -> ArcStr {
     NAMES
         .get(name)
-        .unwrap_or_else(|| NAMES.insert(Arc::from(name)))
+        .unwrap_or_else(|| NAMES.insert(ArcStr::from(name)))
 }
 
 /// The shared copy of a pod's declared container ports.
@@ -104,15 +127,15 @@ mod tests {
 
     #[test]
     fn equal_values_share_one_copy_and_unheld_ones_are_swept() {
-        let interner: Interner<str> = Interner::new();
+        let interner: Interner<ArcStr> = Interner::new();
         let intern = |name: &str| {
             interner
                 .get(name)
-                .unwrap_or_else(|| interner.insert(Arc::from(name)))
+                .unwrap_or_else(|| interner.insert(ArcStr::from(name)))
         };
         let a = intern("node-1");
         let b = intern("node-1");
-        assert!(Arc::ptr_eq(&a, &b));
+        assert!(ArcStr::ptr_eq(&a, &b));
         for i in 0..FIRST_SWEEP * 3 {
             intern(&format!("gone-{i}"));
         }
@@ -122,6 +145,6 @@ mod tests {
             interner.len()
         );
         let c = intern("node-1");
-        assert!(Arc::ptr_eq(&a, &c), "a held value survives the sweeps");
+        assert!(ArcStr::ptr_eq(&a, &c), "a held value survives the sweeps");
     }
 }

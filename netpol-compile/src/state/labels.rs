@@ -77,6 +77,7 @@ impl LabelSet for Labels {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arcstr::ArcStr;
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -106,12 +107,23 @@ mod tests {
     }
 
     #[test]
+    fn a_label_and_a_name_are_thin_pointers() {
+        // Every bench pod has a label set of its own, and four copies of its name.
+        assert_eq!(
+            std::mem::size_of::<Label>(),
+            2 * std::mem::size_of::<usize>()
+        );
+        let object = std::mem::size_of::<crate::state::ObjectRef>();
+        assert_eq!(object, 2 * std::mem::size_of::<usize>());
+    }
+
+    #[test]
     fn equal_label_sets_are_one_copy_and_equal_strings_are_shared() {
         let a = Labels::from(&map(&[("app", "web"), ("hash", "1")]));
         let b = Labels::from(&map(&[("app", "web"), ("hash", "1")]));
         let c = Labels::from(&map(&[("app", "web"), ("hash", "2")]));
         assert!(Arc::ptr_eq(&a.0, &b.0));
-        assert!(Arc::ptr_eq(&a.0[0].0, &c.0[0].0), "key app shared");
-        assert!(Arc::ptr_eq(&a.0[0].1, &c.0[0].1), "value web shared");
+        assert!(ArcStr::ptr_eq(&a.0[0].0, &c.0[0].0), "key app shared");
+        assert!(ArcStr::ptr_eq(&a.0[0].1, &c.0[0].1), "value web shared");
     }
 }

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use arcstr::ArcStr;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::Deserialize;
@@ -43,7 +44,7 @@ struct Fields {
     /// `metadata.creationTimestamp`.
     created: Option<Time>,
     /// `spec.nodeName`.
-    node_name: Option<Arc<str>>,
+    node_name: Option<ArcStr>,
     /// `spec.hostNetwork`.
     host_network: bool,
     /// The ports of `spec.containers`, then of the native sidecars among
@@ -51,7 +52,7 @@ struct Fields {
     /// port name up (`FindPort`).
     ports: Arc<[DeclaredPort]>,
     /// `status.phase`.
-    phase: Option<Arc<str>>,
+    phase: Option<ArcStr>,
     /// `status.podIPs[].ip`, as written.
     listed_ips: Box<[Box<str>]>,
     /// `status.podIP`, as written.
