@@ -5,23 +5,36 @@
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::Arc;
 
-use netpol_compile::state::{ClusterState, ObjectRef, claims_before, holds_pod_addresses, pod_ips};
+use netpol_compile::state::{
+    ClusterState, ObjectRef, PodInfo, claims_before, holds_pod_addresses, pod_ips,
+};
 
-/// Pod addresses and their holders. Each pod's name is kept once, shared by the
-/// indexes; an address is one entry of `holders` unless several pods list it (rare: a
-/// stale object beside the pod that has the address now), so at 150,000 pods the book
-/// is ~30 MiB.
+/// Pod addresses and their holders. A pod's name (two shared strings) is copied, not
+/// the strings; an address is one entry of `holders` unless several pods list it (rare:
+/// a stale object beside the pod that has the address now), so at 150,000 pods the book
+/// is ~15 MiB.
 #[derive(Debug, Default)]
 pub struct AddressBook {
-    /// The addresses each pod that holds pod addresses lists (without repeats).
-    listed: BTreeMap<Arc<ObjectRef>, Box<[IpAddr]>>,
+    /// Each pod that holds pod addresses, as the book last read it (a pointer shared with
+    /// the state's): the addresses it claimed are read from it again when it changes.
+    listed: BTreeMap<ObjectRef, PodInfo>,
     /// The pod holding each address: of its claimants (the pods listing it), the one
     /// that claims before the others.
-    holders: BTreeMap<IpAddr, Arc<ObjectRef>>,
+    holders: BTreeMap<IpAddr, ObjectRef>,
     /// The other claimants of each address that more than one pod lists.
-    others: BTreeMap<IpAddr, Vec<Arc<ObjectRef>>>,
+    others: BTreeMap<IpAddr, Vec<ObjectRef>>,
+}
+
+/// The addresses `pod` claims, without repeats: none unless it holds pod addresses.
+fn claimed(pod: &PodInfo) -> Vec<IpAddr> {
+    if !holds_pod_addresses(pod) {
+        return Vec::new();
+    }
+    let mut ips: Vec<IpAddr> = pod_ips(pod).collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 impl AddressBook {
@@ -34,7 +47,7 @@ impl AddressBook {
 
     /// The pod holding `ip`.
     pub fn holder(&self, ip: &IpAddr) -> Option<&ObjectRef> {
-        self.holders.get(ip).map(|obj| &**obj)
+        self.holders.get(ip)
     }
 
     /// Brings the book up to date with `state` for the pods `changed` (added, updated
@@ -46,18 +59,11 @@ impl AddressBook {
     ) {
         let mut touched = BTreeSet::new();
         for obj in changed {
-            let now: Vec<IpAddr> = match state.pods.get(obj) {
-                Some(pod) if holds_pod_addresses(pod) => {
-                    let mut ips: Vec<IpAddr> = pod_ips(pod).collect();
-                    ips.sort();
-                    ips.dedup();
-                    ips
-                }
-                _ => Vec::new(),
-            };
+            let pod = state.pods.get(obj);
+            let now = pod.map(claimed).unwrap_or_default();
             let (name, before) = match self.listed.remove_entry(obj) {
-                Some((name, before)) => (name, before.into_vec()),
-                None => (Arc::new(obj.clone()), Vec::new()),
+                Some((name, before)) => (name, claimed(&before)),
+                None => (obj.clone(), Vec::new()),
             };
             for ip in before.iter().filter(|ip| !now.contains(ip)) {
                 self.withdraw(*ip, &name);
@@ -69,8 +75,8 @@ impl AddressBook {
             // its addresses did not change.
             touched.extend(before);
             touched.extend(now.iter().copied());
-            if !now.is_empty() {
-                self.listed.insert(name, now.into_boxed_slice());
+            if let Some(pod) = pod.filter(|_| !now.is_empty()) {
+                self.listed.insert(name, pod.clone());
             }
         }
         for ip in touched {
@@ -79,7 +85,7 @@ impl AddressBook {
     }
 
     /// `name` lists `ip` (the holder is chosen again by the caller).
-    fn claim(&mut self, ip: IpAddr, name: &Arc<ObjectRef>) {
+    fn claim(&mut self, ip: IpAddr, name: &ObjectRef) {
         match self.holders.entry(ip) {
             Entry::Vacant(vacant) => {
                 vacant.insert(name.clone());
@@ -89,10 +95,10 @@ impl AddressBook {
     }
 
     /// `name` no longer lists `ip` (the holder is chosen again by the caller).
-    fn withdraw(&mut self, ip: IpAddr, name: &Arc<ObjectRef>) {
+    fn withdraw(&mut self, ip: IpAddr, name: &ObjectRef) {
         if let Entry::Occupied(mut others) = self.others.entry(ip) {
             let list = others.get_mut();
-            if let Some(at) = list.iter().position(|other| Arc::ptr_eq(other, name)) {
+            if let Some(at) = list.iter().position(|other| other == name) {
                 list.swap_remove(at);
             } else if let Some(promoted) = list.pop() {
                 // The holder withdrew: another claimant stands in until chosen again.
@@ -115,7 +121,7 @@ impl AddressBook {
             .holders
             .get_mut(&ip)
             .expect("an address with claimants has a holder");
-        let pod = |name: &Arc<ObjectRef>| state.pods.get(&**name);
+        let pod = |name: &ObjectRef| state.pods.get(name);
         for other in others.iter_mut() {
             let better = match (pod(other), pod(holder)) {
                 (Some(a), Some(b)) => claims_before((other, a), (holder, b)),
@@ -169,10 +175,7 @@ mod tests {
     }
 
     fn holders(book: &AddressBook) -> BTreeMap<IpAddr, ObjectRef> {
-        book.holders
-            .iter()
-            .map(|(ip, obj)| (*ip, (**obj).clone()))
-            .collect()
+        book.holders.clone()
     }
 
     proptest! {
@@ -203,7 +206,7 @@ mod tests {
                         .collect();
                 prop_assert_eq!(holders(&book), expected);
                 // Each claim is in the book once: as the holder or as another claimant.
-                let claims: usize = book.listed.values().map(|ips| ips.len()).sum();
+                let claims: usize = book.listed.values().map(|pod| claimed(pod).len()).sum();
                 let kept = book.holders.len() + book.others.values().map(Vec::len).sum::<usize>();
                 prop_assert_eq!(kept, claims);
                 prop_assert!(book.others.values().all(|others| !others.is_empty()));
