@@ -78,9 +78,9 @@ pub(crate) struct Admitted {
     pub parsed: Arc<ParsedPolicy>,
     /// Whether all of it could be read.
     pub complete: bool,
-    /// Whether the state's current object is staged ([`Policy::is_staged`]). Never for a policy
-    /// the source could not read at all: it may no longer be staged, so the version kept
-    /// in force is enforced (fails closed; SECURITY.md, "Staged policies").
+    /// Whether the state's current object is staged ([`Policy::is_staged`]). Never for a
+    /// policy the source could not read at all: it may no longer be staged, so the version
+    /// kept in force is enforced (fails closed; SECURITY.md, "Staged policies").
     pub staged: bool,
 }
 
