@@ -38,10 +38,41 @@ fn claimed(pod: &PodInfo) -> Vec<IpAddr> {
 }
 
 impl AddressBook {
-    /// Every pod of `state`.
+    /// Every pod of `state`. Built whole from sorted lists rather than pod by pod: the
+    /// maps' nodes are full (filled in key order one entry at a time, they are left half
+    /// empty: ~6 MiB more at 150,000 pods).
     pub fn of(state: &ClusterState) -> Self {
-        let mut book = AddressBook::default();
-        book.update(state, state.pods.keys());
+        let mut claims: Vec<(IpAddr, &ObjectRef)> = Vec::new();
+        let listed = state
+            .pods
+            .iter()
+            .filter_map(|(obj, pod)| {
+                let ips = claimed(pod);
+                if ips.is_empty() {
+                    return None;
+                }
+                claims.extend(ips.into_iter().map(|ip| (ip, obj)));
+                Some((obj.clone(), pod.clone()))
+            })
+            .collect();
+        claims.sort_by_key(|&(ip, _)| ip);
+        let mut holders: Vec<(IpAddr, ObjectRef)> = Vec::with_capacity(claims.len());
+        let mut others: BTreeMap<IpAddr, Vec<ObjectRef>> = BTreeMap::new();
+        for (ip, obj) in claims {
+            match holders.last() {
+                Some((held, _)) if *held == ip => others.entry(ip).or_default().push(obj.clone()),
+                _ => holders.push((ip, obj.clone())),
+            }
+        }
+        let mut book = AddressBook {
+            listed,
+            holders: holders.into_iter().collect(),
+            others,
+        };
+        let contested: Vec<IpAddr> = book.others.keys().copied().collect();
+        for ip in contested {
+            book.choose_holder(state, ip);
+        }
         book
     }
 
@@ -204,7 +235,8 @@ mod tests {
                         .into_iter()
                         .map(|(ip, obj)| (ip, obj.clone()))
                         .collect();
-                prop_assert_eq!(holders(&book), expected);
+                prop_assert_eq!(holders(&book), expected.clone());
+                prop_assert_eq!(holders(&AddressBook::of(&state)), expected);
                 // Each claim is in the book once: as the holder or as another claimant.
                 let claims: usize = book.listed.values().map(|pod| claimed(pod).len()).sum();
                 let kept = book.holders.len() + book.others.values().map(Vec::len).sum::<usize>();
