@@ -115,7 +115,7 @@ impl Overlay {
             } else {
                 self.unreadable_parts.insert(key.clone(), unreadable);
             }
-            self.policies.insert(key, Policy::new(&policy));
+            self.policies.insert(key, Policy::from(*policy));
         }
     }
 

@@ -7,8 +7,8 @@
 //! watcher task), [`watches`] (the stores, batching and snapshots), [`changes`] (what
 //! changed since the last snapshot: a snapshot copies only that), [`pod`] (pods read
 //! straight into `PodInfo`, and their store), [`compact`] (NetworkPolicies and
-//! Namespaces kept as their compact `Policy` and `NamespaceInfo`), [`events`] (diagnostics published as
-//! Kubernetes Events), `streams` and `trim`.
+//! Namespaces kept as their compact `Policy` and `NamespaceInfo`), [`events`]
+//! (diagnostics published as Kubernetes Events), `streams` and `trim`.
 //!
 //! One watcher per resource: Namespaces, Pods and NetworkPolicies of the whole cluster
 //! (peers live everywhere) and this node's Node object (its addresses). Each runs list +

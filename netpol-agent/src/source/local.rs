@@ -341,7 +341,7 @@ fn insert_policy(
     if !unreadable.is_empty() {
         snapshot.unreadable_parts.insert(key.clone(), unreadable);
     }
-    snapshot.policies.insert(key, Policy::new(&policy));
+    snapshot.policies.insert(key, Policy::from(*policy));
 }
 
 fn namespaced_key(

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use netpol_compile::state::{ObjectRef, PodInfo, Policy, UnreadablePart};
+use netpol_compile::state::{NamespaceInfo, ObjectRef, PodInfo, Policy, UnreadablePart};
 use netpol_compile::{Diagnostic, Kind, ObjectName, Subject};
 
 /// One object of a manifest.
@@ -57,9 +57,10 @@ impl Object {
         };
         match self {
             Object::Namespace(ns) => {
-                state
-                    .namespaces
-                    .insert(ns.metadata.name.clone().unwrap_or_default(), (&*ns).into());
+                state.namespaces.insert(
+                    ns.metadata.name.clone().unwrap_or_default(),
+                    NamespaceInfo::of(&ns),
+                );
             }
             Object::Pod(pod) => {
                 state.pods.insert(key(&pod.metadata), PodInfo::of(&pod));
@@ -67,12 +68,12 @@ impl Object {
             Object::NetworkPolicy(policy) => {
                 let key = key(&policy.metadata);
                 state.unreadable_parts.remove(&key);
-                state.policies.insert(key, Policy::new(&policy));
+                state.policies.insert(key, Policy::from(*policy));
             }
             Object::NetworkPolicyInPart { policy, unreadable } => {
                 let key = key(&policy.metadata);
                 state.unreadable_parts.insert(key.clone(), unreadable);
-                state.policies.insert(key, Policy::new(&policy));
+                state.policies.insert(key, Policy::from(*policy));
             }
             Object::Service(service) => {
                 state.services.insert(key(&service.metadata), *service);

@@ -48,12 +48,6 @@ impl NamespaceInfo {
     }
 }
 
-impl From<&Namespace> for NamespaceInfo {
-    fn from(namespace: &Namespace) -> Self {
-        NamespaceInfo::of(namespace)
-    }
-}
-
 impl From<Namespace> for NamespaceInfo {
     fn from(namespace: Namespace) -> Self {
         NamespaceInfo::of(&namespace)

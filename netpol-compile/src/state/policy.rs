@@ -33,21 +33,6 @@ struct Fields {
 }
 
 impl Policy {
-    /// Keeps `object` as it is (a source trims it first if it drops fields), but for
-    /// its `metadata.resourceVersion` and `managedFields`: they decide nothing, and
-    /// without them two versions of a policy that differ only there are equal.
-    pub fn new(object: &NetworkPolicy) -> Policy {
-        let mut object = object.clone();
-        object.metadata.resource_version = None;
-        object.metadata.managed_fields = None;
-        let text = serde_json::to_string(&object)
-            .unwrap_or_else(|error| unreachable!("a NetworkPolicy is written as JSON: {error}"));
-        Policy(Arc::new(Fields {
-            text: text.into_boxed_str(),
-            staged: is_staged(&object),
-        }))
-    }
-
     /// The object, read back from its text.
     pub fn object(&self) -> NetworkPolicy {
         // The text is serde_json's own writing of a typed NetworkPolicy, which it reads
@@ -77,24 +62,23 @@ impl Policy {
         if let Some(annotations) = object.metadata.annotations.as_mut() {
             annotations.remove(super::STAGED_ANNOTATION);
         }
-        Policy::new(&object)
-    }
-
-    /// `metadata.uid`.
-    pub fn uid(&self) -> Option<String> {
-        self.object().metadata.uid
-    }
-}
-
-impl From<&NetworkPolicy> for Policy {
-    fn from(object: &NetworkPolicy) -> Self {
-        Policy::new(object)
+        Policy::from(object)
     }
 }
 
 impl From<NetworkPolicy> for Policy {
-    fn from(object: NetworkPolicy) -> Self {
-        Policy::new(&object)
+    /// Keeps `object` as it is (a source trims it first if it drops fields), but for
+    /// its `metadata.resourceVersion` and `managedFields`: they decide nothing, and
+    /// without them two versions of a policy that differ only there are equal.
+    fn from(mut object: NetworkPolicy) -> Self {
+        object.metadata.resource_version = None;
+        object.metadata.managed_fields = None;
+        let text = serde_json::to_string(&object)
+            .unwrap_or_else(|error| unreachable!("a NetworkPolicy is written as JSON: {error}"));
+        Policy(Arc::new(Fields {
+            text: text.into_boxed_str(),
+            staged: is_staged(&object),
+        }))
     }
 }
 
@@ -149,21 +133,21 @@ mod tests {
                           "spec": {"podSelector": {}}})),
             NetworkPolicy::default(),
         ] {
-            assert_eq!(Policy::new(&np).object(), np);
+            assert_eq!(Policy::from(np.clone()).object(), np);
         }
     }
 
     #[test]
     fn a_kept_policy_is_smaller_than_the_object() {
         let np = every_field();
-        let text = Policy::new(&np).0.text.len();
+        let text = Policy::from(np.clone()).0.text.len();
         // The object's one-label maps alone (five of them) are ~540 bytes each.
         assert!(text < 900, "{text} bytes of text");
     }
 
     #[test]
     fn a_staged_policy_is_known_staged_and_unstaged_in_force() {
-        let staged = Policy::new(&every_field());
+        let staged = Policy::from(every_field());
         assert!(staged.is_staged());
         let in_force = staged.unstaged();
         assert!(!in_force.is_staged());
@@ -171,21 +155,21 @@ mod tests {
         expected.metadata.resource_version = None;
         expected.metadata.annotations = Some(Default::default());
         assert_eq!(in_force.object(), expected);
-        assert_eq!(staged.uid().as_deref(), Some("0a1b"));
+        assert_eq!(staged.object().metadata.uid.as_deref(), Some("0a1b"));
     }
 
     #[test]
     fn policies_are_equal_when_their_objects_are() {
-        let a = Policy::new(&every_field());
+        let a = Policy::from(every_field());
         let mut changed = every_field();
         changed.spec.as_mut().unwrap().policy_types = Some(vec!["Ingress".into()]);
         let mut moved = every_field();
         moved.metadata.resource_version = Some("13".into());
         assert_eq!(
             a,
-            Policy::new(&moved),
+            Policy::from(moved),
             "the resourceVersion decides nothing"
         );
-        assert_ne!(a, Policy::new(&changed));
+        assert_ne!(a, Policy::from(changed));
     }
 }

@@ -28,7 +28,7 @@ impl Compact for Policy {
 
     fn of(mut object: NetworkPolicy) -> Self {
         super::trim::network_policy(&mut object);
-        Policy::new(&object)
+        Policy::from(object)
     }
 }
 
