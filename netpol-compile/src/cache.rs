@@ -455,7 +455,7 @@ impl CompileCache {
 
     fn sync_every_pod(&mut self, pods: &BTreeMap<ObjectRef, PodInfo>, node: &NodeContext) {
         let mut old = std::mem::take(&mut self.pods).into_iter().peekable();
-        self.pods.reserve_exact(pods.len());
+        self.pods = crate::sparing::with_room(pods.len());
         self.pod_counts = PodCounts::default();
         for (obj, pod) in pods {
             let entry = match next_entry(&mut old, |e| e.obj.cmp(obj)) {

@@ -4,11 +4,21 @@
 //! 150,000-pod sync would reserve room for 150,000 more (~37 MiB of pod entries no pod
 //! uses). Here a full vector grows by an eighth, and one left with much more room than
 //! it holds gives the room back; each element still moves O(1) times per growth, on
-//! average.
+//! average. A vector built whole is built with that room ([`with_room`]).
 
 /// The room a full vector of `len` elements gains: an eighth, at least 64 elements.
 fn growth(len: usize) -> usize {
     (len / 8).max(64)
+}
+
+/// An empty vector for `len` elements and one growth's room: a vector built whole
+/// starts with the room a full one would gain, so the first elements inserted after it
+/// is built do not move it. Moving is a copy into a new buffer with the old one still
+/// held: for 150,000 pod entries, 29 MiB more for the copy, which was the agent's peak
+/// (at the first pod created after the first sync). The room costs address space, not
+/// memory, until it is used.
+pub(crate) fn with_room<T>(len: usize) -> Vec<T> {
+    Vec::with_capacity(len + growth(len))
 }
 
 /// `Vec::insert`, growing a full vector by an eighth of its length instead of doubling.
@@ -51,6 +61,19 @@ mod tests {
             insert(&mut vec, 0, 1);
         }
         assert_eq!(vec.capacity(), grown, "no growth until it is full again");
+    }
+
+    #[test]
+    fn a_vector_built_with_room_takes_an_eighth_more_without_moving() {
+        let mut vec: Vec<u64> = with_room(80_000);
+        vec.extend(0..80_000);
+        let at = vec.as_ptr();
+        for i in 0..10_000 {
+            insert(&mut vec, 40_000, i);
+        }
+        assert_eq!(vec.as_ptr(), at, "not moved");
+        insert(&mut vec, 0, 0);
+        assert!(vec.capacity() > 90_000, "then it grows");
     }
 
     #[test]
