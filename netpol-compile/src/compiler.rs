@@ -797,8 +797,7 @@ fn number_identities(
                 keys: classes
                     .keys
                     .iter()
-                    .filter_map(|&(key, class, _)| class_identity[class].map(|i| (key, i)))
-                    .collect(),
+                    .filter_map(|&(key, class, _)| class_identity[class].map(|i| (key, i))),
             };
             (prev.next(endpoints, identity_classes, rules), None)
         }

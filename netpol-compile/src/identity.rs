@@ -145,18 +145,20 @@ impl Allocations {
     /// Allocations for `endpoints`, the identity `classes` and `rules`: kept numbers for
     /// keys `self` knows, the lowest free ones for new keys (in key order); identity
     /// numbers by lineage (see [`Allocations`]).
-    pub(crate) fn next(
+    pub(crate) fn next<K>(
         &self,
         endpoints: impl IntoIterator<Item = ObjectRef>,
-        classes: IdentityClasses,
+        classes: IdentityClasses<K>,
         rules: Rules,
-    ) -> Allocations {
+    ) -> Allocations
+    where
+        K: Iterator<Item = (Lpm<Addr>, usize)> + Clone,
+    {
         let numbers = self.identity_numbers(&classes);
         let addresses = Addresses::new(
             classes
                 .keys
-                .iter()
-                .map(|&(key, class)| (key, numbers[class]))
+                .map(|(key, class)| (key, numbers[class]))
                 .collect(),
         );
         let identities = classes.signatures.into_iter().zip(numbers).collect();
@@ -339,15 +341,18 @@ impl Allocations {
 
     /// A number for each class, by lineage (see [`Allocations`]). Deterministic: ties go
     /// to the lower number, then to the class listed first.
-    fn identity_numbers(&self, classes: &IdentityClasses) -> Vec<u32> {
+    fn identity_numbers<K>(&self, classes: &IdentityClasses<K>) -> Vec<u32>
+    where
+        K: Iterator<Item = (Lpm<Addr>, usize)> + Clone,
+    {
         // How many keys of each class carried each previous number (both lists sorted).
         // A class's keys carried few numbers (most often one): a short list per class.
         let mut overlap: Vec<Vec<(u32, usize)>> = vec![Vec::new(); classes.signatures.len()];
         let mut previous = self.addresses.iter().peekable();
-        for (key, class) in &classes.keys {
-            while previous.next_if(|(k, _)| *k < key).is_some() {}
-            if let Some((_, &number)) = previous.next_if(|(k, _)| *k == key) {
-                count(&mut overlap[*class], number, 1);
+        for (key, class) in classes.keys.clone() {
+            while previous.next_if(|(k, _)| **k < key).is_some() {}
+            if let Some((_, &number)) = previous.next_if(|(k, _)| **k == key) {
+                count(&mut overlap[class], number, 1);
             }
         }
         let candidates: Vec<(usize, u32, usize)> = overlap
@@ -426,12 +431,13 @@ fn count(counts: &mut Vec<(u32, usize)>, number: u32, n: usize) {
 }
 
 /// The identity classes of one compile.
-#[derive(Debug, Default)]
-pub(crate) struct IdentityClasses {
+pub(crate) struct IdentityClasses<K> {
     /// One per dynamic identity: distinct, sorted, never the world's.
     pub signatures: Vec<IdentitySignature>,
-    /// Every IPCACHE key of a dynamic identity, sorted, with its index in `signatures`.
-    pub keys: Vec<(Lpm<Addr>, usize)>,
+    /// Every IPCACHE key of a dynamic identity, sorted, with its index in `signatures`:
+    /// walked twice, never copied (at 150,000 pods a list of them was 6 MiB more at the
+    /// peak of a compile that numbers every key).
+    pub keys: K,
 }
 
 /// `keys`, sorted and without duplicates.
@@ -491,14 +497,20 @@ mod tests {
     use super::*;
 
     /// Classes from (signature, keys), as the compiler lists them.
-    fn classes(list: Vec<(IdentitySignature, Vec<Lpm<Addr>>)>) -> IdentityClasses {
-        let mut out = IdentityClasses::default();
-        for (i, (signature, keys)) in list.into_iter().enumerate() {
-            out.signatures.push(signature);
-            out.keys.extend(keys.into_iter().map(|k| (k, i)));
+    fn classes(
+        list: Vec<(IdentitySignature, Vec<Lpm<Addr>>)>,
+    ) -> IdentityClasses<std::vec::IntoIter<(Lpm<Addr>, usize)>> {
+        let mut signatures = Vec::new();
+        let mut keys = Vec::new();
+        for (i, (signature, listed)) in list.into_iter().enumerate() {
+            signatures.push(signature);
+            keys.extend(listed.into_iter().map(|k| (k, i)));
         }
-        out.keys.sort();
-        out
+        keys.sort();
+        IdentityClasses {
+            signatures,
+            keys: keys.into_iter(),
+        }
     }
 
     fn sig(peers: &[&str]) -> IdentitySignature {
@@ -676,7 +688,8 @@ mod tests {
                     signatures: names.iter().map(|n| sig(&[&format!("p{n}")])).collect(),
                     keys: (0..of.len())
                         .filter_map(|i| Some((key(i), index(of[i])?)))
-                        .collect(),
+                        .collect::<Vec<_>>()
+                        .into_iter(),
                 };
                 (classes, of.iter().map(|&s| index(s)).collect::<Vec<_>>())
             };
@@ -692,7 +705,7 @@ mod tests {
             }
             let (classes, identity_of) = list(&after);
             let mut sizes = vec![0; classes.signatures.len()];
-            for &(_, i) in &classes.keys {
+            for (_, i) in classes.keys.clone() {
                 sizes[i] += 1;
             }
             let changed: Vec<(Lpm<Addr>, Option<usize>)> =
