@@ -199,7 +199,7 @@ pub(super) fn address_errors(
         let Ok(at) = entries.binary_search_by(|e| e.obj.cmp(obj)) else {
             continue;
         };
-        for (field, message) in &entries[at].ip_errors {
+        for (field, message) in entries[at].ip_errors() {
             diagnostics.push(Diagnostic::new(Subject::pod(obj), field, message));
         }
     }

@@ -1136,6 +1136,43 @@ fn invalid_pod_ip_is_reported() {
 }
 
 #[test]
+fn an_unreadable_pod_address_written_otherwise_is_reported_as_written_now() {
+    use crate::state::Changes;
+    let with = |bad: &str| {
+        let mut p = crate::testutil::pod("x", "a", &[], &["10.0.0.1"], &[]);
+        let ips = p.status.as_mut().unwrap().pod_ips.as_mut().unwrap();
+        ips.push(k8s_openapi::api::core::v1::PodIP { ip: bad.into() });
+        Cluster::new().raw_pod(p).state
+    };
+    let reported =
+        |c: &Compiled| -> Vec<String> { c.diagnostics.iter().map(ToString::to_string).collect() };
+    let told = Changes {
+        pods: Some([ObjectRef::new("x", "a")].into()),
+        ..Changes::NONE
+    };
+    let mut compiler = Compiler::new();
+    let first = compiler.compile(&with("not-an-ip"));
+    assert_eq!(
+        reported(&first),
+        ["Pod x/a: status.podIPs[1].ip: invalid IP address \"not-an-ip\""]
+    );
+    // The pod's entry is kept only when what it read is the same: the text too.
+    let second = compiler.compile_changed(&with("10.0.0.999"), &told);
+    assert_eq!(
+        reported(&second),
+        ["Pod x/a: status.podIPs[1].ip: invalid IP address \"10.0.0.999\""]
+    );
+    assert_eq!(second, compile(&with("10.0.0.999"), &first.allocations));
+    let fixed = Cluster::new().pod("x", "a", &[], &["10.0.0.1"], &[]).state;
+    assert!(
+        compiler
+            .compile_changed(&fixed, &told)
+            .diagnostics
+            .is_empty()
+    );
+}
+
+#[test]
 fn allocations_are_stable_across_compiles() {
     let cluster = basic().policy(
         "x",
