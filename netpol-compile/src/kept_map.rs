@@ -435,7 +435,10 @@ mod tests {
         kept.update((0..1000).map(|k| (k, 0)).collect::<Vec<_>>());
         let result = kept.clone();
         kept.update((0..1000).map(|k| (k, 1)).collect::<Vec<_>>());
-        assert!(result.values().all(|&v| v == 0), "the earlier result is unchanged");
+        assert!(
+            result.values().all(|&v| v == 0),
+            "the earlier result is unchanged"
+        );
         assert!(kept.values().all(|&v| v == 1));
     }
 
