@@ -82,93 +82,21 @@ impl WatchedPod {
     }
 }
 
-/// A pod as the store keeps it.
-#[derive(Clone, Debug, PartialEq)]
-struct StoredPod {
-    /// `metadata.uid`: for Events about the pod.
-    uid: Option<Uid>,
-    info: PodInfo,
-}
-
-impl StoredPod {
-    fn of(pod: &WatchedPod) -> StoredPod {
-        StoredPod {
-            uid: pod.metadata.uid.as_deref().map(Uid::new),
-            info: pod.info.clone(),
-        }
-    }
-}
-
-/// A `metadata.uid` as written: the 16 bytes of a UUID in its canonical text (lowercase,
-/// hyphenated: what the API server hands out), else the text. 150,000 pods' uids as
-/// text were ~7 MiB of 48-byte allocations.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Uid {
-    Uuid([u8; 16]),
-    Text(Box<str>),
-}
-
-impl Uid {
-    /// The hyphens of a canonical UUID's text, by position.
-    const HYPHENS: [usize; 4] = [8, 13, 18, 23];
-
-    fn new(text: &str) -> Uid {
-        Uid::uuid(text).map_or_else(|| Uid::Text(text.into()), Uid::Uuid)
-    }
-
-    /// The bytes of `text` when it is a UUID written as [`Uid::text`] writes one.
-    fn uuid(text: &str) -> Option<[u8; 16]> {
-        let text = text.as_bytes();
-        if text.len() != 36 || Uid::HYPHENS.iter().any(|&at| text[at] != b'-') {
-            return None;
-        }
-        let mut digits = text.iter().filter(|&&c| c != b'-');
-        let mut nibble = || match *digits.next()? {
-            c @ b'0'..=b'9' => Some(c - b'0'),
-            c @ b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        };
-        let mut bytes = [0u8; 16];
-        for byte in &mut bytes {
-            *byte = (nibble()? << 4) | nibble()?;
-        }
-        Some(bytes)
-    }
-
-    fn text(&self) -> String {
-        match self {
-            Uid::Text(text) => text.to_string(),
-            Uid::Uuid(bytes) => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                let mut text = String::with_capacity(36);
-                for byte in bytes {
-                    if Uid::HYPHENS.contains(&text.len()) {
-                        text.push('-');
-                    }
-                    text.push(char::from(HEX[usize::from(byte >> 4)]));
-                    text.push(char::from(HEX[usize::from(byte & 15)]));
-                }
-                text
-            }
-        }
-    }
-}
-
 /// The pods the watcher has read, by name; shared with the snapshot and Events.
 #[derive(Clone, Debug, Default)]
 pub(super) struct PodStore {
-    pods: Arc<RwLock<HashMap<ObjectRef, StoredPod>>>,
+    pods: Arc<RwLock<HashMap<ObjectRef, PodInfo>>>,
 }
 
 impl PodStore {
-    fn locked(&self) -> RwLockReadGuard<'_, HashMap<ObjectRef, StoredPod>> {
+    fn locked(&self) -> RwLockReadGuard<'_, HashMap<ObjectRef, PodInfo>> {
         // Every write completes before it lets go: a poisoned map is still whole.
         self.pods
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn locked_mut(&self) -> RwLockWriteGuard<'_, HashMap<ObjectRef, StoredPod>> {
+    fn locked_mut(&self) -> RwLockWriteGuard<'_, HashMap<ObjectRef, PodInfo>> {
         self.pods
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -180,7 +108,7 @@ impl PodStore {
 
     /// The uid of the pod `key`, if the store holds it.
     pub(super) fn uid(&self, key: &ObjectRef) -> Option<String> {
-        self.locked().get(key)?.uid.as_ref().map(Uid::text)
+        self.locked().get(key)?.uid()
     }
 
     /// The writer for the pod watcher: what a list brings replaces the store when the
@@ -198,7 +126,7 @@ impl StoreRead for PodStore {
 
     fn each(&self, visit: &mut dyn FnMut(StoredKey<'_>, &PodInfo)) {
         for (key, pod) in self.locked().iter() {
-            visit(StoredKey::Shared(key), &pod.info);
+            visit(StoredKey::Shared(key), pod);
         }
     }
 
@@ -210,7 +138,7 @@ impl StoreRead for PodStore {
         let key = ObjectRef::new(namespace.as_str(), name.as_str());
         let pods = self.locked();
         let (stored, pod) = pods.get_key_value(&key)?;
-        Some(read(StoredKey::Shared(stored), &pod.info))
+        Some(read(StoredKey::Shared(stored), pod))
     }
 }
 
@@ -218,7 +146,7 @@ impl StoreRead for PodStore {
 pub(super) struct PodWriter {
     store: PodStore,
     /// The pods of a list in progress.
-    listing: Option<HashMap<ObjectRef, StoredPod>>,
+    listing: Option<HashMap<ObjectRef, PodInfo>>,
 }
 
 impl Keeper<WatchedPod> for PodWriter {
@@ -228,16 +156,14 @@ impl Keeper<WatchedPod> for PodWriter {
             Event::InitApply(pod) => {
                 self.listing
                     .get_or_insert_default()
-                    .insert(pod.key(), StoredPod::of(pod));
+                    .insert(pod.key(), pod.info.clone());
             }
             Event::InitDone => {
                 let listed = self.listing.take().unwrap_or_default();
                 *self.store.locked_mut() = listed;
             }
             Event::Apply(pod) => {
-                self.store
-                    .locked_mut()
-                    .insert(pod.key(), StoredPod::of(pod));
+                self.store.locked_mut().insert(pod.key(), pod.info.clone());
             }
             Event::Delete(pod) => {
                 self.store.locked_mut().remove(&pod.key());
@@ -246,9 +172,11 @@ impl Keeper<WatchedPod> for PodWriter {
     }
 
     fn holds(&self, pod: &WatchedPod) -> bool {
-        self.store.locked().get(&pod.key()).is_some_and(|kept| {
-            kept.info == pod.info && kept.uid == pod.metadata.uid.as_deref().map(Uid::new)
-        })
+        // The uid is kept in the info: a pod made again under the same name is news.
+        self.store
+            .locked()
+            .get(&pod.key())
+            .is_some_and(|kept| *kept == pod.info)
     }
 }
 
@@ -310,34 +238,6 @@ mod tests {
     }
 
     #[test]
-    fn a_uid_is_kept_as_written_in_16_bytes_when_it_is_a_canonical_uuid() {
-        for text in [
-            "6b1f0c2e-0000-4000-8000-00000000002a",
-            "ffffffff-ffff-ffff-ffff-ffffffffffff",
-            "00000000-0000-0000-0000-000000000000",
-        ] {
-            let uid = Uid::new(text);
-            assert!(matches!(uid, Uid::Uuid(_)), "{text}");
-            assert_eq!(uid.text(), text);
-        }
-        // Anything else is kept as text, so it reads back as it was written.
-        for text in [
-            "6B1F0C2E-0000-4000-8000-00000000002A",
-            "6b1f0c2e00004000800000000000002a",
-            "6b1f0c2e-0000-4000-8000-00000000002",
-            "6b1f0c2e-0000-4000-8000-00000000002g",
-            "6b1f0c2e-0000-4000-8000+00000000002a",
-            "uid-a",
-            "",
-        ] {
-            let uid = Uid::new(text);
-            assert_eq!(uid, Uid::Text(text.into()), "{text}");
-            assert_eq!(uid.text(), text);
-        }
-        assert_eq!(std::mem::size_of::<StoredPod>(), 32);
-    }
-
-    #[test]
     fn the_pods_of_a_namespace_share_its_name_and_the_state_shares_the_stores_keys() {
         let store = PodStore::default();
         let mut writer = store.writer();
@@ -393,6 +293,20 @@ mod tests {
             "a new version that changed only what is not kept changes nothing"
         );
         assert!(!writer.holds(&watched("a", "api", "3")), "a label changed");
+        let mut again = watched("a", "web", "3");
+        again.metadata.uid = Some("uid-a-again".into());
+        again.info = serde_json::from_value(json!({
+            "metadata": {"name": "a", "namespace": "x", "uid": "uid-a-again",
+                         "labels": {"app": "web"}},
+            "status": {"phase": "Running", "podIP": "10.0.0.1"},
+        }))
+        .unwrap();
+        assert!(!writer.holds(&again), "made again under the same name");
+        assert_eq!(
+            std::mem::size_of::<(ObjectRef, PodInfo)>(),
+            24,
+            "a slot of the store: a name and a pointer"
+        );
         assert!(!writer.holds(&watched("c", "web", "3")), "a new pod");
         writer.apply(&Event::Apply(watched("a", "api", "3")));
         let app = store.read(&("x".into(), "a".into()), |_, pod| {
