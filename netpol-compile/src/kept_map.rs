@@ -124,17 +124,20 @@ impl<K: Ord + Copy, V: PartialEq + Copy> KeptMap<K, V> {
         debug_assert!(changes.is_sorted_by_key(|(k, _)| *k));
         if changes.len() <= self.map.len() / 4 {
             Self::apply(Arc::make_mut(&mut self.map), &changes);
-        } else {
-            // Many. When most of them are new values of keys the map has, and nothing
-            // else holds the map, they are set in one walk of it, with no second map
-            // beside it (IPCACHE renumbered at 150,000 pods: some 190,000 entries, and
-            // 13 MiB more at the peak of the compile when it was built again); else the
-            // map is built again.
-            let in_place =
-                Arc::get_mut(&mut self.map).is_some_and(|map| Self::set_in_place(map, &changes));
-            if !in_place {
-                self.map = Arc::new(Self::merged(&self.map, &changes));
+        } else if let Some(map) = Arc::get_mut(&mut self.map) {
+            // Many, and nothing else holds the map: new values of keys it has are set in
+            // one walk of it, with no second map beside it (IPCACHE renumbered at 150,000
+            // pods: some 190,000 entries, and 13 MiB more at the peak of the compile when
+            // it was built again); the keys that come or go are then added and removed,
+            // or the map built again when they are many (so that its nodes are full).
+            let others = Self::set_held(map, &changes);
+            if others.len() * WALK_SHARE <= map.len() {
+                Self::apply(map, &others);
+            } else {
+                *map = Self::merged(map, &others);
             }
+        } else {
+            self.map = Arc::new(Self::merged(&self.map, &changes));
         }
         let keys: Arc<[K]> = changes.into_iter().map(|(k, _)| k).collect();
         self.changed = Some((self.version, keys));
@@ -152,42 +155,19 @@ impl<K: Ord + Copy, V: PartialEq + Copy> KeptMap<K, V> {
         }
     }
 
-    /// Applies `changes` to `map` in place when few of them add or remove a key (the
-    /// others set a value in one walk of the map); else leaves the map as it was and
-    /// returns false (a map whose keys change that much is built again, so that its
-    /// nodes are full).
-    fn set_in_place(map: &mut BTreeMap<K, V>, changes: &[(K, Option<V>)]) -> bool {
-        // Whether each change's key is in the map, found in one walk of both.
-        let mut held = map.keys().peekable();
-        let mut present = Vec::with_capacity(changes.len());
-        for (key, _) in changes {
-            while held.next_if(|k| *k < key).is_some() {}
-            present.push(held.next_if(|k| *k == key).is_some());
-        }
-        let sets = changes
-            .iter()
-            .zip(&present)
-            .filter(|&(&(_, value), &present)| present && value.is_some())
-            .count();
-        if (changes.len() - sets) * WALK_SHARE > map.len() {
-            return false;
-        }
-        let mut values = map.iter_mut().peekable();
-        for (&(key, value), &present) in changes.iter().zip(&present) {
-            if let (true, Some(value)) = (present, value) {
-                while values.next_if(|(k, _)| **k < key).is_some() {}
-                let (_, held) = values.next().expect("found in the walk above");
-                *held = value;
+    /// Sets the new values `changes` (sorted) gives keys `map` has, in one walk of it;
+    /// returns the other changes (keys added or removed), in order.
+    fn set_held(map: &mut BTreeMap<K, V>, changes: &[(K, Option<V>)]) -> Vec<(K, Option<V>)> {
+        let mut held = map.iter_mut().peekable();
+        let mut others = Vec::new();
+        for &(key, value) in changes {
+            while held.next_if(|(k, _)| **k < key).is_some() {}
+            match (held.next_if(|(k, _)| **k == key), value) {
+                (Some((_, slot)), Some(value)) => *slot = value,
+                _ => others.push((key, value)),
             }
         }
-        let others: Vec<(K, Option<V>)> = changes
-            .iter()
-            .zip(present)
-            .filter(|&(&(_, value), present)| !(present && value.is_some()))
-            .map(|(&change, _)| change)
-            .collect();
-        Self::apply(map, &others);
-        true
+        others
     }
 
     /// `map` with `changes`, built from sorted entries: the kept ones and the changed
