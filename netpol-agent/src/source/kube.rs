@@ -38,6 +38,7 @@ mod events;
 mod incidents;
 pub(crate) mod pod;
 mod settings;
+mod store;
 mod streams;
 pub(crate) mod trim;
 mod watch;

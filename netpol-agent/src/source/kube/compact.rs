@@ -1,7 +1,8 @@
 //! NetworkPolicies and Namespaces as the agent lists, watches and keeps them: each object
 //! of a page or a watch event is read into its compact form ([`Compact`]: a [`Policy`],
-//! a [`NamespaceInfo`], shared with the state) beside the metadata the reflector and
-//! Events need; the typed object lives only while its page is read.
+//! a [`NamespaceInfo`], shared with the state) beside the metadata the watcher needs; the
+//! typed object lives only while its page is read, and the store
+//! ([`super::store::CompactStore`]) keeps the compact value alone.
 
 use std::borrow::Cow;
 use std::fmt::Debug;
@@ -11,9 +12,11 @@ use k8s_openapi::Metadata;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use netpol_compile::state::{NamespaceInfo, Policy};
+use netpol_compile::state::{Name, NamespaceInfo, ObjectRef, Policy};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
+
+use super::store::Compacted;
 
 /// What the agent keeps of an object of kind [`Compact::Object`].
 pub(crate) trait Compact: Clone + Debug + PartialEq + Send + Sync + 'static {
@@ -40,8 +43,8 @@ impl Compact for NamespaceInfo {
     }
 }
 
-/// An object of the API: its identity (name, namespace, uid, resourceVersion) and what
-/// the compiler reads of it.
+/// An object of the API: its identity (name, namespace, uid, resourceVersion: what the
+/// watcher needs) and what the compiler reads of it.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Kept<T> {
     metadata: ObjectMeta,
@@ -97,6 +100,21 @@ impl<T: Compact> Resource for Kept<T> {
 
     fn meta_mut(&mut self) -> &mut ObjectMeta {
         &mut self.metadata
+    }
+}
+
+impl<T: Compact> Compacted for Kept<T> {
+    type Value = T;
+
+    fn key(&self) -> ObjectRef {
+        // A cluster-scoped object's namespace is empty.
+        let namespace = self.metadata.namespace.as_deref().unwrap_or_default();
+        let name = self.metadata.name.as_deref().unwrap_or_default();
+        ObjectRef::new(Name::interned(namespace), name)
+    }
+
+    fn value(&self) -> &T {
+        &self.value
     }
 }
 

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use ::kube::Resource;
 use ::kube::runtime::events::{Event as KubeEvent, EventType};
-use ::kube::runtime::reflector::ObjectRef as StoreRef;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use tracing::debug;
@@ -110,8 +109,8 @@ impl ClusterWatch {
         let uid = self
             .stores
             .policies
-            .get(&StoreRef::new(&key.name).within(&key.namespace))
-            .and_then(|policy| policy.meta().uid.clone());
+            .get(key, |policy| policy.object().metadata.uid)
+            .flatten();
         namespaced_reference::<NetworkPolicy>(key, uid)
     }
 }

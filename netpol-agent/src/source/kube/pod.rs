@@ -1,22 +1,18 @@
 //! Pods as the agent lists, watches and keeps them: each object of a page or a watch
 //! event is parsed straight into what the agent keeps ([`PodInfo`]) and the metadata the
 //! watch needs ([`WatchedPod`]), so no full Pod object is ever built, not even during
-//! the initial list; the watcher keeps them in [`PodStore`], by name with their uid,
-//! without a kube-rs reflector's per-object metadata and keys.
+//! the initial list; the watcher keeps them in a [`PodStore`](super::store::PodStore), by
+//! name with their uid, without a kube-rs reflector's per-object metadata and keys.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ::kube::Resource;
-use ::kube::runtime::watcher::Event;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use netpol_compile::state::{Name, ObjectRef, PodDocument, PodInfo};
 use serde::Deserialize;
 
-use super::changes::{Key, StoreRead, StoredKey};
-use super::watch::Keeper;
+use super::store::Compacted;
 
 /// A Pod of the API: its identity (name, namespace, uid, resourceVersion: what the
 /// reflector and Events need) and the [`PodInfo`] the compiler reads.
@@ -72,7 +68,9 @@ impl Resource for WatchedPod {
     }
 }
 
-impl WatchedPod {
+impl Compacted for WatchedPod {
+    type Value = PodInfo;
+
     /// The pod's key: its namespace shared with the other pods of the namespace.
     fn key(&self) -> ObjectRef {
         ObjectRef::new(
@@ -80,103 +78,9 @@ impl WatchedPod {
             self.metadata.name.as_deref().unwrap_or_default(),
         )
     }
-}
 
-/// The pods the watcher has read, by name; shared with the snapshot and Events.
-#[derive(Clone, Debug, Default)]
-pub(super) struct PodStore {
-    pods: Arc<RwLock<HashMap<ObjectRef, PodInfo>>>,
-}
-
-impl PodStore {
-    fn locked(&self) -> RwLockReadGuard<'_, HashMap<ObjectRef, PodInfo>> {
-        // Every write completes before it lets go: a poisoned map is still whole.
-        self.pods
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn locked_mut(&self) -> RwLockWriteGuard<'_, HashMap<ObjectRef, PodInfo>> {
-        self.pods
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.locked().len()
-    }
-
-    /// The uid of the pod `key`, if the store holds it.
-    pub(super) fn uid(&self, key: &ObjectRef) -> Option<String> {
-        self.locked().get(key)?.uid()
-    }
-
-    /// The writer for the pod watcher: what a list brings replaces the store when the
-    /// list completes, as a reflector does.
-    pub(super) fn writer(&self) -> PodWriter {
-        PodWriter {
-            store: self.clone(),
-            listing: None,
-        }
-    }
-}
-
-impl StoreRead for PodStore {
-    type Object = PodInfo;
-
-    fn each(&self, visit: &mut dyn FnMut(StoredKey<'_>, &PodInfo)) {
-        for (key, pod) in self.locked().iter() {
-            visit(StoredKey::Shared(key), pod);
-        }
-    }
-
-    fn read<T>(
-        &self,
-        (namespace, name): &Key,
-        read: impl FnOnce(StoredKey<'_>, &PodInfo) -> T,
-    ) -> Option<T> {
-        let key = ObjectRef::new(namespace.as_str(), name.as_str());
-        let pods = self.locked();
-        let (stored, pod) = pods.get_key_value(&key)?;
-        Some(read(StoredKey::Shared(stored), pod))
-    }
-}
-
-/// Applies the pod watcher's events to a [`PodStore`].
-pub(super) struct PodWriter {
-    store: PodStore,
-    /// The pods of a list in progress.
-    listing: Option<HashMap<ObjectRef, PodInfo>>,
-}
-
-impl Keeper<WatchedPod> for PodWriter {
-    fn apply(&mut self, event: &Event<WatchedPod>) {
-        match event {
-            Event::Init => self.listing = Some(HashMap::new()),
-            Event::InitApply(pod) => {
-                self.listing
-                    .get_or_insert_default()
-                    .insert(pod.key(), pod.info.clone());
-            }
-            Event::InitDone => {
-                let listed = self.listing.take().unwrap_or_default();
-                *self.store.locked_mut() = listed;
-            }
-            Event::Apply(pod) => {
-                self.store.locked_mut().insert(pod.key(), pod.info.clone());
-            }
-            Event::Delete(pod) => {
-                self.store.locked_mut().remove(&pod.key());
-            }
-        }
-    }
-
-    fn holds(&self, pod: &WatchedPod) -> bool {
-        // The uid is kept in the info: a pod made again under the same name is news.
-        self.store
-            .locked()
-            .get(&pod.key())
-            .is_some_and(|kept| *kept == pod.info)
+    fn value(&self) -> &PodInfo {
+        &self.info
     }
 }
 
@@ -187,7 +91,11 @@ mod tests {
 
     use std::collections::BTreeMap;
 
-    use super::super::changes::{Changed, refresh};
+    use ::kube::runtime::watcher::Event;
+
+    use super::super::changes::{Changed, StoreRead, StoredKey, refresh};
+    use super::super::store::PodStore;
+    use super::super::watch::Keeper;
     use super::*;
 
     #[test]
@@ -277,11 +185,11 @@ mod tests {
     fn the_pod_store_applies_watch_events_and_replaces_itself_when_a_list_completes() {
         let store = PodStore::default();
         let mut writer = store.writer();
-        writer.apply(&Event::Init);
+        writer.apply(&Event::<WatchedPod>::Init);
         writer.apply(&Event::InitApply(watched("a", "web", "1")));
         writer.apply(&Event::InitApply(watched("b", "db", "2")));
         assert!(names(&store).is_empty(), "a list shows when it is complete");
-        writer.apply(&Event::InitDone);
+        writer.apply(&Event::<WatchedPod>::InitDone);
         assert_eq!(names(&store), ["a", "b"]);
         assert_eq!(
             store.uid(&ObjectRef::new("x", "a")).as_deref(),
@@ -317,10 +225,10 @@ mod tests {
         assert_eq!(names(&store), ["a"]);
 
         // A re-list that no longer has a, and has c: the old content until it completes.
-        writer.apply(&Event::Init);
+        writer.apply(&Event::<WatchedPod>::Init);
         writer.apply(&Event::InitApply(watched("c", "web", "5")));
         assert_eq!(names(&store), ["a"]);
-        writer.apply(&Event::InitDone);
+        writer.apply(&Event::<WatchedPod>::InitDone);
         assert_eq!(names(&store), ["c"]);
         assert_eq!(store.len(), 1);
     }

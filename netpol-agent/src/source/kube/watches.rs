@@ -26,8 +26,9 @@ use netpol_compile::state::{
 use super::changes::{Changed, Changes, Reflected, StateKey, refresh};
 use super::compact::Kept;
 use super::incidents::{self, Incidents, Signal};
-use super::pod::{PodStore, WatchedPod};
+use super::pod::WatchedPod;
 use super::settings::{Settings, Watched};
+use super::store::{CompactStore, PodStore};
 use super::watch::{Reflector, WatchContext, watch};
 use super::{streams, trim};
 use crate::source::Error;
@@ -35,12 +36,13 @@ use crate::source::Error;
 /// How often the wait for the initial lists is reported.
 const WAITING_REPORT: Duration = Duration::from_secs(30);
 
-/// The reflector stores, read by [`ClusterWatch::snapshot`].
+/// The stores, read by [`ClusterWatch::snapshot`]: the agent's own for the kinds of
+/// which it keeps many objects, kube-rs reflectors for the others.
 #[derive(Clone)]
 pub(super) struct Stores {
-    pub(super) namespaces: Store<Kept<NamespaceInfo>>,
+    pub(super) namespaces: CompactStore<NamespaceInfo>,
     pub(super) pods: PodStore,
-    pub(super) policies: Store<Kept<Policy>>,
+    pub(super) policies: CompactStore<Policy>,
     pub(super) node: Store<Node>,
     pub(super) services: Store<Service>,
     pub(super) endpoint_slices: Store<EndpointSlice>,
@@ -100,11 +102,11 @@ impl ClusterWatch {
             backoff: incidents::backoff(settings.backoff_initial, settings.backoff_max),
             absent_is_empty: watched == Watched::ClusterNetworkPolicies,
         };
-        let (namespaces, writer) = ::kube::runtime::reflector::store();
+        let namespaces = CompactStore::default();
         tasks.push(tokio::spawn(watch(
             Api::<Kept<NamespaceInfo>>::all(client.clone()),
             watcher::Config::default(),
-            Reflector::new(writer, ()),
+            namespaces.writer(),
             // Read compact: nothing more to drop.
             |_| {},
             context(Watched::Namespaces),
@@ -118,11 +120,11 @@ impl ClusterWatch {
             |_| {},
             context(Watched::Pods),
         )));
-        let (policies, writer) = ::kube::runtime::reflector::store();
+        let policies = CompactStore::default();
         tasks.push(tokio::spawn(watch(
             Api::<Kept<Policy>>::all(client.clone()),
             watcher::Config::default(),
-            Reflector::new(writer, ()),
+            policies.writer(),
             // Read compact: nothing more to drop.
             |_| {},
             context(Watched::NetworkPolicies),
@@ -326,13 +328,10 @@ impl ClusterWatch {
         };
         let stores = &self.stores;
         refresh(
-            &Reflected {
-                store: &stores.namespaces,
-                dyntype: &(),
-            },
+            &stores.namespaces,
             changed.remove(&Watched::Namespaces),
             &mut state.namespaces,
-            |namespace: &Arc<Kept<NamespaceInfo>>| Some(namespace.value.clone()),
+            |namespace: &NamespaceInfo| Some(namespace.clone()),
         );
         refresh(
             &stores.pods,
@@ -341,13 +340,10 @@ impl ClusterWatch {
             |pod: &PodInfo| Some(pod.clone()),
         );
         refresh(
-            &Reflected {
-                store: &stores.policies,
-                dyntype: &(),
-            },
+            &stores.policies,
             changed.remove(&Watched::NetworkPolicies),
             &mut state.policies,
-            |policy: &Arc<Kept<Policy>>| Some(policy.value.clone()),
+            |policy: &Policy| Some(policy.clone()),
         );
         refresh(
             &Reflected {
