@@ -136,7 +136,7 @@ impl KeyOrder {
     /// and each run of equal keys in listed order (the sort is stable, so it has one
     /// result). One pass over the keys through it checks that before anything is copied;
     /// no copy of the keys is kept to compare with (5 MiB at 150,000 pods).
-    fn sort(&mut self, keys: Vec<Listed>) -> Vec<Listed> {
+    fn sort(&mut self, mut keys: Vec<Listed>) -> Vec<Listed> {
         let sort_key = |at: u32| {
             let (key, precedence, _, _) = keys[at as usize];
             (key, precedence)
@@ -147,11 +147,13 @@ impl KeyOrder {
                 a < b || (a == b && at[0] < at[1])
             });
         if ordered {
-            return self.order.iter().map(|&at| keys[at as usize]).collect();
+            permute(&mut keys, &self.order);
+            return keys;
         }
         // By (key, precedence, place in the list), compared as integers: the order of
-        // `Lpm<Addr>`'s fields.
-        let mut sorted: Vec<(u64, u128, u8, u32)> = keys
+        // `Lpm<Addr>`'s fields, then precedence and place packed in one word (32 bytes
+        // an element, not 48: 3 MiB less at 150,000 pods).
+        let mut sorted: Vec<(u64, u128, u64)> = keys
             .iter()
             .zip(0u32..)
             .map(|(&(key, precedence, _, _), at)| {
@@ -160,14 +162,40 @@ impl KeyOrder {
                 (
                     family_and_length,
                     u128::from_be_bytes(key.data.bytes),
-                    precedence,
-                    at,
+                    (u64::from(precedence) << 32) | u64::from(at),
                 )
             })
             .collect();
         sorted.sort_unstable();
-        self.order = sorted.into_iter().map(|(_, _, _, at)| at).collect();
-        self.order.iter().map(|&at| keys[at as usize]).collect()
+        // The place: the low word.
+        self.order = sorted.into_iter().map(|(_, _, tail)| tail as u32).collect();
+        permute(&mut keys, &self.order);
+        keys
+    }
+}
+
+/// Puts `items` in `order` (`items[i]` becomes what was at `order[i]`; `order` is a
+/// permutation of the places) in place, one cycle of the permutation at a time: no second
+/// list of the keys beside the first (7 MiB at 150,000 pods).
+fn permute<T: Copy>(items: &mut [T], order: &[u32]) {
+    debug_assert_eq!(items.len(), order.len());
+    let mut placed = vec![false; items.len()];
+    for start in 0..items.len() {
+        if placed[start] {
+            continue;
+        }
+        let first = items[start];
+        let mut at = start;
+        loop {
+            placed[at] = true;
+            let from = order[at] as usize;
+            if from == start {
+                items[at] = first;
+                break;
+            }
+            items[at] = items[from];
+            at = from;
+        }
     }
 }
 
@@ -668,6 +696,21 @@ mod tests {
         let mut sorted = keys.to_vec();
         sorted.sort_by_key(|&(key, precedence, _, _)| (key, precedence));
         sorted
+    }
+
+    proptest! {
+        /// In place, each item goes where the permutation says, as a copy made through
+        /// it would have it.
+        #[test]
+        fn a_permutation_made_in_place_puts_each_item_where_a_copy_would(
+            order in (0usize..200).prop_flat_map(|n| Just((0..n as u32).collect::<Vec<_>>()).prop_shuffle()),
+        ) {
+            let items: Vec<u32> = (0..order.len() as u32).map(|i| i * 7 + 3).collect();
+            let copied: Vec<u32> = order.iter().map(|&at| items[at as usize]).collect();
+            let mut permuted = items.clone();
+            permute(&mut permuted, &order);
+            prop_assert_eq!(permuted, copied);
+        }
     }
 
     fn listed() -> impl Strategy<Value = Listed> {
