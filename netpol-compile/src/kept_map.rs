@@ -118,37 +118,46 @@ impl<K: Ord + Copy, V: PartialEq + Copy> KeptMap<K, V> {
     }
 
     /// Makes the next version by `changes` (sorted, each a real change), if any.
-    fn commit(&mut self, changes: Vec<(K, Option<V>)>) -> &Self {
+    fn commit(&mut self, mut changes: Vec<(K, Option<V>)>) -> &Self {
         if changes.is_empty() {
             return self;
         }
         debug_assert!(changes.is_sorted_by_key(|(k, _)| *k));
-        let from_empty = self.map.is_empty();
+        let before = std::mem::replace(&mut self.version, next_version());
+        if self.map.is_empty() {
+            // Made from the empty map, every change adds a key: the map is built from
+            // them, and no list of them is kept (whoever writes it writes every entry;
+            // IPCACHE's first compile at 150,000 pods: a 4 MiB list kept until the next
+            // change, and two more copies of the entries while it was built).
+            self.map = Arc::new(
+                changes
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, v?)))
+                    .collect(),
+            );
+            self.changed = None;
+            return self;
+        }
+        let keys: Arc<[K]> = changes.iter().map(|&(k, _)| k).collect();
         if changes.len() <= self.map.len() / 4 {
             Self::apply(Arc::make_mut(&mut self.map), &changes);
         } else if let Some(map) = Arc::get_mut(&mut self.map) {
             // Many, and nothing else holds the map: new values of keys it has are set in
             // one walk of it, with no second map beside it (IPCACHE renumbered at 150,000
             // pods: some 190,000 entries, and 13 MiB more at the peak of the compile when
-            // it was built again); the keys that come or go are then added and removed,
-            // or the map built again when they are many (so that its nodes are full).
-            let others = Self::set_held(map, &changes);
-            if others.len() * WALK_SHARE <= map.len() {
-                Self::apply(map, &others);
+            // it was built again); the keys that come or go (left in `changes`) are then
+            // added and removed, or the map built again when they are many (so that its
+            // nodes are full).
+            Self::set_held(map, &mut changes);
+            if changes.len() * WALK_SHARE <= map.len() {
+                Self::apply(map, &changes);
             } else {
-                *map = Self::merged(map, &others);
+                *map = Self::merged(map, &changes);
             }
         } else {
             self.map = Arc::new(Self::merged(&self.map, &changes));
         }
-        // Made from the empty map, every key is new: whoever writes it writes every
-        // entry, and a list of them would be kept for nothing until the next change
-        // (IPCACHE's first compile at 150,000 pods: 4 MiB).
-        self.changed = (!from_empty).then(|| {
-            let keys: Arc<[K]> = changes.into_iter().map(|(k, _)| k).collect();
-            (self.version, keys)
-        });
-        self.version = next_version();
+        self.changed = Some((before, keys));
         self
     }
 
@@ -163,18 +172,19 @@ impl<K: Ord + Copy, V: PartialEq + Copy> KeptMap<K, V> {
     }
 
     /// Sets the new values `changes` (sorted) gives keys `map` has, in one walk of it;
-    /// returns the other changes (keys added or removed), in order.
-    fn set_held(map: &mut BTreeMap<K, V>, changes: &[(K, Option<V>)]) -> Vec<(K, Option<V>)> {
+    /// leaves in `changes` the others (keys added or removed), in order.
+    fn set_held(map: &mut BTreeMap<K, V>, changes: &mut Vec<(K, Option<V>)>) {
         let mut held = map.iter_mut().peekable();
-        let mut others = Vec::new();
-        for &(key, value) in changes {
+        changes.retain(|&(key, value)| {
             while held.next_if(|(k, _)| **k < key).is_some() {}
             match (held.next_if(|(k, _)| **k == key), value) {
-                (Some((_, slot)), Some(value)) => *slot = value,
-                _ => others.push((key, value)),
+                (Some((_, slot)), Some(value)) => {
+                    *slot = value;
+                    false
+                }
+                _ => true,
             }
-        }
-        others
+        });
     }
 
     /// `map` with `changes`, built from sorted entries: the kept ones and the changed
