@@ -276,6 +276,9 @@ pub(super) fn classify<'a>(
         None => None,
     };
     if changed.is_none() {
+        // Every key is listed again: the old list goes before the new one is built, not
+        // after (6 MiB less at the peak of such a compile at 150,000 pods).
+        kept.merged = Vec::new();
         // Every live pod, when the caller did not walk them (no address is contested).
         let walked;
         let pods = match pods {
