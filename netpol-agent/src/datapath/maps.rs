@@ -216,48 +216,48 @@ impl<M: KernelMap> Synced<M> {
 
     /// [`Synced::upsert`] of what `work` names: nothing, the entries of its keys (the
     /// shadow holds `desired` but for them), or every entry.
+    ///
+    /// The entries to write go to the map [`WRITE_SHARE`] at a time, as the walk finds
+    /// them, not in one list of every entry: the first write of IPCACHE at 150,000 pods
+    /// held some 25 MiB of lists at once (the writes, what each left, the keys and
+    /// values apart for the system call). The shadow takes what was written after the
+    /// walk; a write that fails reads the shadow back from the kernel, as before.
     pub fn upsert_work(
         &mut self,
         desired: &BTreeMap<M::Key, M::Value>,
         work: Work<'_, M::Key>,
     ) -> Result<SyncStats, MapError> {
-        let mut stats = SyncStats::default();
-        let mut changed: Vec<Write<M>> = Vec::new();
-        let mut stage = |key, want: &M::Value, have: Option<&M::Stored>| match have {
-            Some(have) if M::value(have) == want => {}
-            Some(have) => {
-                stats.updated += 1;
-                changed.push((key, *want, Some(*have)));
-            }
-            None => {
-                stats.inserted += 1;
-                changed.push((key, *want, None));
-            }
-        };
+        let Synced { map, shadow, .. } = self;
+        let mut writes = Writes::default();
         match walked(work, desired.len()) {
             Work::Nothing => {}
             Work::Keys(keys) => {
                 for key in keys {
                     if let Some(want) = desired.get(key) {
-                        stage(*key, want, self.shadow.get(key));
+                        writes.stage(map, *key, want, shadow.get(key));
                     }
                 }
             }
             // One ordered walk of both (not a lookup per entry): the shadow and the
             // desired contents are sorted by the same keys.
-            Work::Whole => join(desired, &self.shadow, |want, have| {
+            Work::Whole => join(desired, shadow, |want, have| {
                 if let Some((key, want)) = want {
-                    stage(*key, want, have.map(|(_, have)| have));
+                    writes.stage(map, *key, want, have.map(|(_, have)| have));
                 }
             }),
         }
-        let stored = self
-            .map
-            .put_many(&changed)
-            .map_err(|error| self.reread(error))?;
-        let written = changed.into_iter().zip(stored);
+        writes.flush(map);
+        let Writes {
+            written,
+            failed,
+            stats,
+            ..
+        } = writes;
+        if let Some(error) = failed {
+            return Err(self.reread(error));
+        }
         if written.len() * WALK_SHARE <= self.shadow.len() {
-            for ((key, _, _), stored) in written {
+            for (key, stored) in written {
                 self.shadow.insert(key, stored);
             }
             return Ok(stats);
@@ -266,7 +266,7 @@ impl<M: KernelMap> Synced<M> {
         // written keys are in key order), the new ones inserted after.
         let mut new = Vec::new();
         let mut held = self.shadow.iter_mut().peekable();
-        for ((key, _, _), stored) in written {
+        for (key, stored) in written {
             while held.next_if(|(have, _)| **have < key).is_some() {}
             match held.next_if(|(have, _)| **have == key) {
                 Some((_, slot)) => *slot = stored,
@@ -317,6 +317,67 @@ impl<M: KernelMap> Synced<M> {
             removed: stale.len(),
             ..SyncStats::default()
         })
+    }
+}
+
+/// Entries handed to a map's [`KernelMap::put_many`] at a time by a sync.
+pub const WRITE_SHARE: usize = 16_384;
+
+/// The writes of one [`Synced::upsert_work`]: staged as the walk finds them and handed
+/// to the map [`WRITE_SHARE`] at a time; what each left, in order; the first failure
+/// (after which nothing more is written).
+struct Writes<M: KernelMap> {
+    pending: Vec<Write<M>>,
+    written: Vec<(M::Key, M::Stored)>,
+    failed: Option<MapError>,
+    stats: SyncStats,
+}
+
+impl<M: KernelMap> Default for Writes<M> {
+    fn default() -> Self {
+        Writes {
+            pending: Vec::new(),
+            written: Vec::new(),
+            failed: None,
+            stats: SyncStats::default(),
+        }
+    }
+}
+
+impl<M: KernelMap> Writes<M> {
+    /// Stages `key` when what the kernel has (`have`) is not `want`.
+    fn stage(&mut self, map: &mut M, key: M::Key, want: &M::Value, have: Option<&M::Stored>) {
+        if self.failed.is_some() {
+            return;
+        }
+        match have {
+            Some(have) if M::value(have) == want => return,
+            Some(have) => {
+                self.stats.updated += 1;
+                self.pending.push((key, *want, Some(*have)));
+            }
+            None => {
+                self.stats.inserted += 1;
+                self.pending.push((key, *want, None));
+            }
+        }
+        if self.pending.len() >= WRITE_SHARE {
+            self.flush(map);
+        }
+    }
+
+    /// Hands the staged writes to the map.
+    fn flush(&mut self, map: &mut M) {
+        if self.pending.is_empty() || self.failed.is_some() {
+            return;
+        }
+        match map.put_many(&self.pending) {
+            Ok(stored) => {
+                let keys = self.pending.drain(..).map(|(key, _, _)| key);
+                self.written.extend(keys.zip(stored));
+            }
+            Err(error) => self.failed = Some(error),
+        }
     }
 }
 
@@ -422,6 +483,96 @@ pub type NodePortsMap = Synced<HashMap<MapData, ServicePort, u32>>;
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A map in memory that takes each batch in order, records its size, and refuses
+    /// the entry numbered `refuse` (counted over every entry it was given), keeping
+    /// those before it, as the kernel's batch update does.
+    #[derive(Default)]
+    struct Recording {
+        kernel: BTreeMap<u32, u32>,
+        batches: Vec<usize>,
+        given: usize,
+        refuse: Option<usize>,
+    }
+
+    impl Plain for Recording {
+        type Key = u32;
+        type Value = u32;
+        fn put_all(&mut self, entries: &[(u32, u32)]) -> Result<(), MapError> {
+            self.batches.push(entries.len());
+            for &(key, value) in entries {
+                if self.refuse == Some(self.given) {
+                    return Err(MapError::OutOfBounds {
+                        index: key,
+                        max_entries: 0,
+                    });
+                }
+                self.given += 1;
+                self.kernel.insert(key, value);
+            }
+            Ok(())
+        }
+        fn delete_all(&mut self, keys: &[u32]) -> Result<(), MapError> {
+            for key in keys {
+                self.kernel.remove(key);
+            }
+            Ok(())
+        }
+        fn read_all(&self) -> Result<BTreeMap<u32, u32>, MapError> {
+            Ok(self.kernel.clone())
+        }
+    }
+
+    fn desired(n: u32) -> BTreeMap<u32, u32> {
+        (0..n).map(|k| (k * 3, k % 7)).collect()
+    }
+
+    #[test]
+    fn a_long_write_goes_to_the_map_a_share_at_a_time_and_the_shadow_holds_it_all() {
+        let mut synced = Synced::adopt("test", Recording::default()).unwrap();
+        let want = desired(40_000);
+        let stats = synced.upsert(&want).unwrap();
+        assert_eq!(stats.inserted, 40_000);
+        assert_eq!(
+            synced.map.batches,
+            [WRITE_SHARE, WRITE_SHARE, 40_000 - 2 * WRITE_SHARE]
+        );
+        assert_eq!(synced.contents(), &want);
+        assert_eq!(synced.map.kernel, want);
+        // The same again: nothing to write.
+        synced.map.batches.clear();
+        assert_eq!(synced.upsert(&want).unwrap().writes(), 0);
+        assert!(synced.map.batches.is_empty());
+    }
+
+    #[test]
+    fn a_write_refused_partway_leaves_the_shadow_as_the_kernel_has_it() {
+        let refused_at = WRITE_SHARE + 1_000;
+        let recording = Recording {
+            refuse: Some(refused_at),
+            ..Recording::default()
+        };
+        let mut synced = Synced::adopt("test", recording).unwrap();
+        let want = desired(40_000);
+        assert!(synced.upsert(&want).is_err());
+        assert_eq!(
+            synced.map.batches.len(),
+            2,
+            "nothing written after the failure"
+        );
+        assert_eq!(synced.map.kernel.len(), refused_at);
+        assert_eq!(
+            synced.contents(),
+            &synced.map.kernel,
+            "the shadow read back"
+        );
+        // The next sync writes what the kernel lacks, and only that.
+        synced.map.refuse = None;
+        let stats = synced.upsert(&want).unwrap();
+        assert_eq!(stats.inserted, 40_000 - refused_at);
+        assert_eq!(synced.contents(), &want);
+        assert_eq!(synced.map.kernel, want);
+    }
 
     proptest! {
         /// The walk meets every key of either map once, in order, with its values,
