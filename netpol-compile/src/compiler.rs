@@ -91,7 +91,7 @@ impl Compiler {
     pub fn compile_changed(&mut self, state: &ClusterState, changes: &Changes) -> Compiled {
         let compiled = compile_with(
             state,
-            &self.allocations,
+            &mut self.allocations,
             &mut self.admission,
             &mut self.cache,
             changes,
@@ -156,7 +156,7 @@ impl Compiler {
 pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
     compile_with(
         state,
-        prev,
+        &mut Arc::new(prev.clone()),
         &mut Admission::default(),
         &mut CompileCache::default(),
         &Changes::ANY,
@@ -165,7 +165,7 @@ pub fn compile(state: &ClusterState, prev: &Allocations) -> Compiled {
 
 fn compile_with(
     state: &ClusterState,
-    prev: &Allocations,
+    prev: &mut Arc<Allocations>,
     admission: &mut Admission,
     cache: &mut CompileCache,
     changes: &Changes,
@@ -752,7 +752,7 @@ struct Numbered {
 /// keys that changed when the classes were patched and no identity took another number
 /// ([`Allocations::patched`]), else by every key.
 fn number_identities(
-    prev: &Allocations,
+    prev: &mut Arc<Allocations>,
     (classes, signatures): (&Classes<'_>, &[&IdentitySignature]),
     ipcache: &mut KeptMap<Lpm<Addr>, PeerInfo>,
     egress_named_ports: &[(&str, u8)],
@@ -799,7 +799,8 @@ fn number_identities(
                     .iter()
                     .filter_map(|&(key, class, _)| class_identity[class].map(|i| (key, i))),
             };
-            (prev.next(endpoints, identity_classes, rules), None)
+            let next = Allocations::next_releasing(prev, endpoints, identity_classes, rules);
+            (next, None)
         }
     };
     // The identity number of each class of the table: the allocations number exactly
