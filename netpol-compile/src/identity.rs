@@ -145,19 +145,16 @@ impl Allocations {
 
     /// Allocations for `endpoints`, the identity `classes` and `rules`: kept numbers for
     /// keys `self` knows, the lowest free ones for new keys (in key order); identity
-    /// numbers by lineage (see [`Allocations`]).
+    /// numbers by lineage (see [`Allocations`]). (Tests; the compiler numbers its own
+    /// allocations with [`Allocations::next_releasing`].)
     #[cfg(test)]
-    pub(crate) fn next<K>(
+    pub(crate) fn next<K: Iterator<Item = (Lpm<Addr>, usize)> + Clone>(
         &self,
         endpoints: impl IntoIterator<Item = ObjectRef>,
         classes: IdentityClasses<K>,
         rules: Rules,
-    ) -> Allocations
-    where
-        K: Iterator<Item = (Lpm<Addr>, usize)> + Clone,
-    {
-        let numbers = self.identity_numbers(&classes);
-        self.numbered(endpoints, classes, numbers, rules)
+    ) -> Allocations {
+        Allocations::next_releasing(&mut Arc::new(self.clone()), endpoints, classes, rules)
     }
 
     /// [`Allocations::next`] of allocations that nothing else may hold: the numbers by
@@ -177,20 +174,6 @@ impl Allocations {
         if let Some(own) = Arc::get_mut(this) {
             own.addresses = Addresses::default();
         }
-        this.numbered(endpoints, classes, numbers, rules)
-    }
-
-    /// The allocations [`Allocations::next`] makes, the identities numbered `numbers`.
-    fn numbered<K>(
-        &self,
-        endpoints: impl IntoIterator<Item = ObjectRef>,
-        classes: IdentityClasses<K>,
-        numbers: Vec<u32>,
-        rules: Rules,
-    ) -> Allocations
-    where
-        K: Iterator<Item = (Lpm<Addr>, usize)> + Clone,
-    {
         let addresses = Addresses::new(
             classes
                 .keys
@@ -198,7 +181,7 @@ impl Allocations {
                 .collect(),
         );
         let identities = classes.signatures.into_iter().zip(numbers).collect();
-        self.with_identities(endpoints, (identities, addresses), rules)
+        this.with_identities(endpoints, (identities, addresses), rules)
     }
 
     /// The identities [`Allocations::next`] numbers for classes whose keys differ from
