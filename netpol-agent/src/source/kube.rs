@@ -1,13 +1,15 @@
-//! Kubernetes mode: cluster state from the API server, through kube-rs watchers, reflector
-//! stores and, for pods, the agent's own compact store.
+//! Kubernetes mode: cluster state from the API server, through kube-rs watchers, the
+//! agent's own compact store for pods, NetworkPolicies and Namespaces, and reflector
+//! stores for the other kinds.
 //!
 //! [`KubeSource`] is the [`Source`]; it reads a [`ClusterWatch`] (the watchers and their
 //! stores) and adds the node context. The rooms: [`settings`] (what is watched, how),
 //! [`incidents`] (failures, one log line per incident, and the backoff), [`watch`] (one
 //! watcher task), [`watches`] (the stores, batching and snapshots), [`changes`] (what
-//! changed since the last snapshot: a snapshot copies only that), [`pod`] (pods read
-//! straight into `PodInfo`, and their store), [`compact`] (NetworkPolicies and
-//! Namespaces kept as their compact `Policy` and `NamespaceInfo`), [`events`]
+//! changed since the last snapshot: a snapshot copies only that), [`store`] (the compact
+//! store: by name, what the agent keeps of each object), [`pod`] (pods read straight into
+//! `PodInfo`), [`compact`] (NetworkPolicies and Namespaces read as their compact `Policy`
+//! and `NamespaceInfo`), [`events`]
 //! (diagnostics published as Kubernetes Events), `streams` and `trim`.
 //!
 //! One watcher per resource: Namespaces, Pods and NetworkPolicies of the whole cluster
