@@ -143,10 +143,7 @@ impl Allocations {
         &self.rules_by_id
     }
 
-    /// Allocations for `endpoints`, the identity `classes` and `rules`: kept numbers for
-    /// keys `self` knows, the lowest free ones for new keys (in key order); identity
-    /// numbers by lineage (see [`Allocations`]). (Tests; the compiler numbers its own
-    /// allocations with [`Allocations::next_releasing`].)
+    /// [`Allocations::next_releasing`] of a copy of `self` (tests).
     #[cfg(test)]
     pub(crate) fn next<K: Iterator<Item = (Lpm<Addr>, usize)> + Clone>(
         &self,
@@ -157,10 +154,12 @@ impl Allocations {
         Allocations::next_releasing(&mut Arc::new(self.clone()), endpoints, classes, rules)
     }
 
-    /// [`Allocations::next`] of allocations that nothing else may hold: the numbers by
-    /// key are let go (when nothing else does hold them) once the identities' numbers are
-    /// counted from them, before the new ones are listed: the two lists were held at once
-    /// (4 MiB more at the peak of a renumbering at 150,000 pods).
+    /// Allocations for `endpoints`, the identity `classes` and `rules`: kept numbers for
+    /// keys `this` knows, the lowest free ones for new keys (in key order); identity
+    /// numbers by lineage (see [`Allocations`]). `this`'s numbers by key are let go (when
+    /// nothing else holds them) once the identities' numbers are counted from them, before
+    /// the new ones are listed: the two lists were held at once (4 MiB more at the peak of
+    /// a renumbering at 150,000 pods).
     pub(crate) fn next_releasing<K>(
         this: &mut Arc<Allocations>,
         endpoints: impl IntoIterator<Item = ObjectRef>,
@@ -184,7 +183,7 @@ impl Allocations {
         this.with_identities(endpoints, (identities, addresses), rules)
     }
 
-    /// The identities [`Allocations::next`] numbers for classes whose keys differ from
+    /// The identities [`Allocations::next_releasing`] numbers for classes whose keys differ from
     /// those `self` numbered only by `changed` (sorted: each key with the index in
     /// `signatures` of its identity now, `None` when it has none, gone or the world's);
     /// `signatures` are the dynamic identities' (distinct, sorted), `sizes` their key
@@ -262,7 +261,8 @@ impl Allocations {
     }
 
     /// The allocations with `identities` (numbers by signature, and by key), and
-    /// endpoint and rule numbers for `endpoints` and `rules` (see [`Allocations::next`]).
+    /// endpoint and rule numbers for `endpoints` and `rules` (see
+    /// [`Allocations::next_releasing`]).
     pub(crate) fn with_identities(
         &self,
         endpoints: impl IntoIterator<Item = ObjectRef>,
