@@ -12,7 +12,7 @@ use k8s_openapi::Metadata;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use netpol_compile::state::{Name, NamespaceInfo, ObjectRef, Policy};
+use netpol_compile::state::{NamespaceInfo, Policy};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
@@ -105,13 +105,6 @@ impl<T: Compact> Resource for Kept<T> {
 
 impl<T: Compact> Compacted for Kept<T> {
     type Value = T;
-
-    fn key(&self) -> ObjectRef {
-        // A cluster-scoped object's namespace is empty.
-        let namespace = self.metadata.namespace.as_deref().unwrap_or_default();
-        let name = self.metadata.name.as_deref().unwrap_or_default();
-        ObjectRef::new(Name::interned(namespace), name)
-    }
 
     fn value(&self) -> &T {
         &self.value

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use ::kube::Resource;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use netpol_compile::state::{Name, ObjectRef, PodDocument, PodInfo};
+use netpol_compile::state::{PodDocument, PodInfo};
 use serde::Deserialize;
 
 use super::store::Compacted;
@@ -71,14 +71,6 @@ impl Resource for WatchedPod {
 impl Compacted for WatchedPod {
     type Value = PodInfo;
 
-    /// The pod's key: its namespace shared with the other pods of the namespace.
-    fn key(&self) -> ObjectRef {
-        ObjectRef::new(
-            Name::interned(self.metadata.namespace.as_deref().unwrap_or_default()),
-            self.metadata.name.as_deref().unwrap_or_default(),
-        )
-    }
-
     fn value(&self) -> &PodInfo {
         &self.info
     }
@@ -92,6 +84,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use ::kube::runtime::watcher::Event;
+    use netpol_compile::state::ObjectRef;
 
     use super::super::changes::{Changed, StoreRead, StoredKey, refresh};
     use super::super::store::PodStore;

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ::kube::Resource;
 use ::kube::runtime::watcher::Event;
-use netpol_compile::state::{ObjectRef, PodInfo};
+use netpol_compile::state::{Name, ObjectRef, PodInfo};
 
 use super::changes::{Key, StoreRead, StoredKey};
 use super::watch::Keeper;
@@ -19,9 +19,15 @@ use super::watch::Keeper;
 pub(super) trait Compacted: Resource {
     type Value: Clone + PartialEq;
 
-    /// The object's key (namespace empty when cluster-scoped), its names shared where
-    /// the interner has them.
-    fn key(&self) -> ObjectRef;
+    /// The object's key (namespace empty when cluster-scoped): its namespace shared with
+    /// the other objects of the namespace.
+    fn key(&self) -> ObjectRef {
+        let meta = self.meta();
+        ObjectRef::new(
+            Name::interned(meta.namespace.as_deref().unwrap_or_default()),
+            meta.name.as_deref().unwrap_or_default(),
+        )
+    }
 
     fn value(&self) -> &Self::Value;
 }
