@@ -784,7 +784,7 @@ fn number_identities(
             .iter()
             .map(|&(key, now)| (key, now.and_then(|(class, _)| class_identity[class])))
             .collect();
-        prev.patched(dynamic.clone(), &sizes, &changed)
+        Allocations::patched(prev, dynamic.clone(), &sizes, &changed)
     });
     let (allocations, changed) = match patched {
         Some(identities) => (

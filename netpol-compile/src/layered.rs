@@ -95,44 +95,89 @@ impl<K: Ord + Clone, V: Clone + PartialEq> Layered<K, V> {
 
     /// This map with each key of `changes` set to its value now (`None`: absent).
     pub fn patched(&self, changes: impl IntoIterator<Item = (K, Option<V>)>) -> Self {
-        self.patched_folding_at(changes, (self.base.len() / FOLD_SHARE).max(FOLD_MIN))
+        let mut patched = self.clone();
+        patched.patch(changes);
+        patched
     }
 
-    /// [`Layered::patched`], the list written whole once more than `fold_at` keys
-    /// differ from the base.
-    fn patched_folding_at(
-        &self,
+    /// Sets each key of `changes` to its value now (`None`: absent). What no other map
+    /// shares is changed in place: the changes kept beside the list, and the list itself
+    /// when it is written whole (no second list of 190,000 keys beside the first, as a
+    /// copy of the patched map would hold until the old one is dropped).
+    pub fn patch(&mut self, changes: impl IntoIterator<Item = (K, Option<V>)>) {
+        self.patch_folding_at(changes, (self.base.len() / FOLD_SHARE).max(FOLD_MIN));
+    }
+
+    /// [`Layered::patch`], the list written whole once more than `fold_at` keys differ
+    /// from the base.
+    fn patch_folding_at(
+        &mut self,
         changes: impl IntoIterator<Item = (K, Option<V>)>,
         fold_at: usize,
-    ) -> Self {
-        let mut changed = BTreeMap::clone(&self.changed);
-        let mut len = self.len;
+    ) {
+        let base = &self.base;
+        let in_base = |key: &K| {
+            let at = base.binary_search_by(|(k, _)| k.cmp(key));
+            at.ok().map(|i| &base[i].1)
+        };
+        let changed = Arc::make_mut(&mut self.changed);
         for (key, now) in changes {
             let before = match changed.get(&key) {
                 Some(before) => before.is_some(),
-                None => self.in_base(&key).is_some(),
+                None => in_base(&key).is_some(),
             };
-            len = len + usize::from(now.is_some()) - usize::from(before);
-            if self.in_base(&key) == now.as_ref() {
+            self.len = self.len + usize::from(now.is_some()) - usize::from(before);
+            if in_base(&key) == now.as_ref() {
                 changed.remove(&key);
             } else {
                 changed.insert(key, now);
             }
         }
-        let patched = Layered {
-            base: Arc::clone(&self.base),
-            changed: Arc::new(changed),
-            len,
-        };
-        if patched.changed.len() <= fold_at {
-            return patched;
+        if changed.len() <= fold_at {
+            return;
         }
-        Layered::new(
-            patched
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        )
+        let changed = std::mem::take(&mut self.changed);
+        let changed = Arc::try_unwrap(changed).unwrap_or_else(|shared| BTreeMap::clone(&shared));
+        fold(Arc::make_mut(&mut self.base), changed);
+        debug_assert_eq!(self.base.len(), self.len);
+    }
+}
+
+/// `base` (sorted by key, without repeats) with each key of `changed` set to its value
+/// (`None`: absent), in place: values set and entries removed in one pass, then the new
+/// entries merged in from the back (each entry moves once; the list grows only by the
+/// new entries).
+fn fold<K: Ord + Clone, V: Clone>(base: &mut Vec<(K, V)>, changed: BTreeMap<K, Option<V>>) {
+    let mut changes = changed.into_iter().peekable();
+    let mut new = Vec::new();
+    base.retain_mut(|(key, value)| {
+        while let Some((k, now)) = changes.next_if(|(k, _)| k < key) {
+            new.extend(now.map(|v| (k, v)));
+        }
+        match changes.next_if(|(k, _)| k == key) {
+            None => true,
+            Some((_, Some(now))) => {
+                *value = now;
+                true
+            }
+            Some((_, None)) => false,
+        }
+    });
+    new.extend(changes.filter_map(|(k, now)| Some((k, now?))));
+    // The list's tail takes copies of the new entries (their room), then from the back
+    // each slot takes the larger of the old list's last unplaced entry and the last new
+    // one.
+    let mut old = base.len();
+    base.extend_from_slice(&new);
+    let mut slot = base.len();
+    while let Some((key, _)) = new.last() {
+        slot -= 1;
+        if old > 0 && base[old - 1].0 > *key {
+            base.swap(slot, old - 1);
+            old -= 1;
+        } else {
+            base[slot] = new.pop().expect("a last entry");
+        }
     }
 }
 
@@ -263,8 +308,9 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
-        /// A chain of patches, folded early or late, holds what the map rewritten whole
-        /// after every change holds, and reads from any key as it does.
+        /// A chain of patches, folded early or late, in place or beside a copy, holds what
+        /// the map rewritten whole after every change holds, and reads from any key as it
+        /// does.
         #[test]
         fn a_patched_map_holds_what_a_map_rewritten_whole_holds(
             first in prop::collection::btree_map(0u8..48, 1u32..6, 0..32),
@@ -273,11 +319,19 @@ mod tests {
                 1..24,
             ),
             fold_at in 0usize..12,
+            shared in prop::collection::vec(any::<bool>(), 24),
         ) {
             let mut expected: BTreeMap<u8, u32> = first.clone();
             let mut map = Layered::new(first.into_iter().collect());
-            for step in steps {
-                map = map.patched_folding_at(step.iter().copied(), fold_at);
+            for (step, shared) in steps.into_iter().zip(shared) {
+                // Patched in place, or beside a copy that must not change.
+                let copy = shared.then(|| map.clone());
+                let before: Vec<(u8, u32)> = map.iter().map(|(&k, &v)| (k, v)).collect();
+                map.patch_folding_at(step.iter().copied(), fold_at);
+                if let Some(copy) = copy {
+                    let kept: Vec<(u8, u32)> = copy.iter().map(|(&k, &v)| (k, v)).collect();
+                    prop_assert_eq!(kept, before, "a copy is not patched with the map");
+                }
                 for (key, now) in step {
                     match now {
                         Some(value) => expected.insert(key, value),
@@ -299,6 +353,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_map_nothing_shares_is_written_whole_in_its_own_list() {
+        let mut list: Vec<(u32, u32)> = (0..1000).map(|k| (2 * k, 7)).collect();
+        list.reserve(8);
+        let mut map = Layered::new(list);
+        let at = map.base.as_ptr();
+        // Set, removed and new keys, past the fold: written whole, in the same list.
+        map.patch_folding_at([(4, Some(8)), (6, None), (7, Some(9)), (5000, Some(1))], 2);
+        assert!(map.changed.is_empty(), "folded");
+        assert_eq!(map.base.as_ptr(), at, "in place");
+        assert_eq!(
+            [map.get(&4), map.get(&6), map.get(&7), map.get(&5000)],
+            [Some(&8), None, Some(&9), Some(&1)]
+        );
+        assert_eq!(map.len(), 1001);
+        // A map that shares its list with a copy is written into a list of its own.
+        let copy = map.clone();
+        map.patch_folding_at([(0, None), (1, Some(3)), (2, Some(3))], 2);
+        assert_ne!(map.base.as_ptr(), copy.base.as_ptr());
+        assert_eq!([copy.get(&0), copy.get(&1)], [Some(&7), None]);
+        assert_eq!([map.get(&0), map.get(&1)], [None, Some(&3)]);
     }
 
     #[test]
