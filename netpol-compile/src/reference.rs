@@ -363,7 +363,7 @@ pub(crate) fn pod_with_ip(state: &ClusterState, ip: IpAddr) -> Option<(&ObjectRe
     listing.max_by_key(|(obj, pod)| {
         (
             pod.phase() == Some("Running"),
-            pod.created().cloned(),
+            pod.created(),
             std::cmp::Reverse((*obj).clone()),
         )
     })

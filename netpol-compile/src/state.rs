@@ -421,7 +421,7 @@ fn claim_order(
     fn running(pod: &PodInfo) -> bool {
         pod.phase() == Some("Running")
     }
-    fn created(pod: &PodInfo) -> Option<&Time> {
+    fn created(pod: &PodInfo) -> Option<Time> {
         pod.created()
     }
     let by_phase = running(a.1).cmp(&running(b.1));

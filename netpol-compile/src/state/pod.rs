@@ -12,6 +12,7 @@ use std::sync::Arc;
 use arcstr::ArcStr;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use serde::Deserialize;
 
 use super::Labels;
@@ -42,7 +43,7 @@ struct Fields {
     /// `metadata.labels` (absent and empty are the same).
     labels: Labels,
     /// `metadata.creationTimestamp`.
-    created: Option<Time>,
+    created: Option<Created>,
     /// `spec.nodeName`.
     node_name: Option<ArcStr>,
     /// `spec.hostNetwork`.
@@ -53,10 +54,11 @@ struct Fields {
     ports: Arc<[DeclaredPort]>,
     /// `status.phase`.
     phase: Option<ArcStr>,
-    /// `status.podIPs[].ip`, as written.
-    listed_ips: Box<[Box<str>]>,
-    /// `status.podIP`, as written.
-    pod_ip: PodIpField,
+    /// `status.podIPs[].ip`, as written, then `status.podIP` when it is not the first of
+    /// them (see [`PodIpAt`]).
+    addresses: Box<[Box<str>]>,
+    /// Where `status.podIP` is.
+    pod_ip: PodIpAt,
     /// `metadata.uid`: for Events about the pod.
     uid: Option<Uid>,
 }
@@ -70,7 +72,7 @@ impl std::fmt::Debug for PodInfo {
             host_network,
             ports,
             phase,
-            listed_ips,
+            addresses,
             pod_ip,
             uid,
         } = &*self.0;
@@ -81,7 +83,7 @@ impl std::fmt::Debug for PodInfo {
             .field("host_network", host_network)
             .field("ports", ports)
             .field("phase", phase)
-            .field("listed_ips", listed_ips)
+            .field("addresses", addresses)
             .field("pod_ip", pod_ip)
             .field("uid", uid)
             .finish()
@@ -127,21 +129,20 @@ impl PodInfo {
                 container_port: p.container_port,
             })
             .collect();
-        let listed_ips: Box<[Box<str>]> =
-            status.pod_ips.into_iter().flatten().map(|p| p.ip).collect();
-        let pod_ip = PodIpField::of(status.pod_ip, &listed_ips);
+        let listed = status.pod_ips.into_iter().flatten().map(|p| p.ip).collect();
+        let (addresses, pod_ip) = PodIpAt::of(listed, status.pod_ip);
         let info = PodInfo(Arc::new(Fields {
             labels: metadata
                 .labels
                 .as_ref()
                 .map(Labels::from)
                 .unwrap_or_default(),
-            created: metadata.creation_timestamp,
+            created: metadata.creation_timestamp.as_ref().map(Created::of),
             node_name: spec.node_name.as_deref().map(intern::name),
             host_network: spec.host_network.unwrap_or(false),
             ports: intern::ports(ports),
             phase: status.phase.as_deref().map(intern::name),
-            listed_ips,
+            addresses,
             pod_ip,
             uid: metadata.uid.as_deref().map(Uid::new),
         }));
@@ -160,8 +161,8 @@ impl PodInfo {
     }
 
     /// `metadata.creationTimestamp`.
-    pub fn created(&self) -> Option<&Time> {
-        self.0.created.as_ref()
+    pub fn created(&self) -> Option<Time> {
+        self.0.created.map(Created::time)
     }
 
     /// `spec.nodeName`.
@@ -194,15 +195,20 @@ impl PodInfo {
 
     /// `status.podIPs[].ip`, as written.
     pub fn listed_ips(&self) -> impl ExactSizeIterator<Item = &str> {
-        self.0.listed_ips.iter().map(|ip| &**ip)
+        let Fields {
+            addresses, pod_ip, ..
+        } = &*self.0;
+        let listed = addresses.len() - usize::from(*pod_ip == PodIpAt::Last);
+        addresses[..listed].iter().map(|ip| &**ip)
     }
 
     /// `status.podIP`, as written.
     pub fn pod_ip(&self) -> Option<&str> {
-        match &self.0.pod_ip {
-            PodIpField::None => None,
-            PodIpField::First => self.0.listed_ips.first().map(|ip| &**ip),
-            PodIpField::Text(text) => Some(text),
+        let addresses = &self.0.addresses;
+        match self.0.pod_ip {
+            PodIpAt::None => None,
+            PodIpAt::First => addresses.first().map(|ip| &**ip),
+            PodIpAt::Last => addresses.last().map(|ip| &**ip),
         }
     }
 
@@ -231,8 +237,8 @@ impl PodInfo {
     /// Sets `status.podIPs` and `status.podIP`.
     pub fn set_addresses(&mut self, listed: &[&str], pod_ip: Option<&str>) {
         let fields = Arc::make_mut(&mut self.0);
-        fields.listed_ips = listed.iter().map(|ip| Box::from(*ip)).collect();
-        fields.pod_ip = PodIpField::of(pod_ip.map(Box::from), &fields.listed_ips);
+        let listed = listed.iter().map(|ip| Box::from(*ip)).collect();
+        (fields.addresses, fields.pod_ip) = PodIpAt::of(listed, pod_ip.map(Box::from));
     }
 
     /// Replaces the declared ports (in lookup order).
@@ -297,23 +303,55 @@ impl Uid {
     }
 }
 
-/// `status.podIP` as kept: most often the first of `status.podIPs` (which the API server
-/// makes it), then not written twice (at 150,000 pods, ~2 MiB less). One representation
-/// for each value, so fields compare as the values do.
-#[derive(Clone, Debug, PartialEq)]
-enum PodIpField {
+/// `metadata.creationTimestamp` in 12 bytes (a [`Time`] is 16, 24 as an `Option`; with
+/// the addresses below, a pod's fields fit a 128-byte allocation, not a 160-byte one:
+/// 4.6 MiB less at 150,000 pods).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, packed(4))]
+struct Created {
+    second: i64,
+    nanosecond: i32,
+}
+
+impl Created {
+    fn of(time: &Time) -> Created {
+        Created {
+            second: time.0.as_second(),
+            nanosecond: time.0.subsec_nanosecond(),
+        }
+    }
+
+    fn time(self) -> Time {
+        let Created { second, nanosecond } = self;
+        Time(Timestamp::new(second, nanosecond).expect("the parts of a timestamp"))
+    }
+}
+
+/// Where `status.podIP` is kept: most often it is the first of `status.podIPs` (which
+/// the API server makes it), then not written twice (at 150,000 pods, ~2 MiB less);
+/// else its text follows the listed ones. One representation for each value, so fields
+/// compare as the values do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PodIpAt {
     None,
     /// The same text as `status.podIPs[0].ip`.
     First,
-    Text(Box<str>),
+    /// The text after the listed addresses.
+    Last,
 }
 
-impl PodIpField {
-    fn of(pod_ip: Option<Box<str>>, listed: &[Box<str>]) -> PodIpField {
+impl PodIpAt {
+    /// The addresses kept for `status.podIPs` (`listed`) and `status.podIP` (`pod_ip`),
+    /// and where the latter is.
+    fn of(listed: Vec<Box<str>>, pod_ip: Option<Box<str>>) -> (Box<[Box<str>]>, PodIpAt) {
         match pod_ip {
-            None => PodIpField::None,
-            Some(text) if listed.first() == Some(&text) => PodIpField::First,
-            Some(text) => PodIpField::Text(text),
+            None => (listed.into(), PodIpAt::None),
+            Some(text) if listed.first() == Some(&text) => (listed.into(), PodIpAt::First),
+            Some(text) => {
+                let mut addresses = listed;
+                addresses.push(text);
+                (addresses.into(), PodIpAt::Last)
+            }
         }
     }
 }
@@ -556,7 +594,7 @@ mod tests {
         let first = with(Some("10.0.0.1"), &["10.0.0.1", "fd00::1"]);
         assert_eq!(first.pod_ip(), Some("10.0.0.1"));
         assert!(
-            matches!(first.0.pod_ip, PodIpField::First),
+            first.0.pod_ip == PodIpAt::First && first.0.addresses.len() == 2,
             "not written twice"
         );
         let other = with(Some("10.0.0.9"), &["10.0.0.1"]);
@@ -623,6 +661,28 @@ mod tests {
         assert_eq!(a.labels(), b.labels());
         assert!(Arc::ptr_eq(a.shared_ports(), b.shared_ports()));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_pods_fields_fit_a_128_byte_allocation_with_their_reference_counts() {
+        // Two counts of 8 bytes, then the fields: jemalloc's classes are 112, 128, 160.
+        assert!(16 + std::mem::size_of::<Fields>() <= 128);
+    }
+
+    #[test]
+    fn a_creation_time_reads_back_to_the_nanosecond_before_and_after_1970() {
+        for written in [
+            "2025-01-02T03:04:05Z",
+            "2025-01-02T03:04:05.123456789Z",
+            "1969-12-31T23:59:58.25Z",
+            "0001-01-01T00:00:00Z",
+        ] {
+            let document = json!({"metadata": {"creationTimestamp": written}});
+            let info: PodInfo = serde_json::from_value(document).unwrap();
+            let time: Time = serde_json::from_value(json!(written)).unwrap();
+            assert_eq!(info.created(), Some(time), "{written}");
+        }
+        assert_eq!(PodInfo::default().created(), None);
     }
 
     #[test]
