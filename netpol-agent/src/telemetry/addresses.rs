@@ -119,8 +119,9 @@ fn claimed(pod: &PodInfo) -> Vec<IpAddr> {
 
 impl AddressBook {
     /// Every pod of `state`. Built a family at a time from sorted lists rather than pod
-    /// by pod (see [`holders_of`]); at 150,000 pods the lists built on the way are ~7 MiB
-    /// at most beside the book, where one list of every address with its name was 6.
+    /// by pod (see [`holders_of`]), each list counted first and made to measure; at
+    /// 150,000 pods the heap is ~4 MiB above the finished book at most while it is built
+    /// (6 with lists grown by doubling).
     pub fn of(state: &ClusterState) -> Self {
         let holding = || {
             state
