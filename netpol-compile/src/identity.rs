@@ -170,9 +170,7 @@ impl Allocations {
         K: Iterator<Item = (Lpm<Addr>, usize)> + Clone,
     {
         let numbers = this.identity_numbers(&classes);
-        if let Some(own) = Arc::get_mut(this) {
-            own.addresses = Addresses::default();
-        }
+        drop(Allocations::take_addresses(this));
         let addresses = Addresses::new(
             classes
                 .keys
@@ -261,15 +259,16 @@ impl Allocations {
         let changes = changed
             .iter()
             .map(|&(key, now)| (key, now.map(|i| numbers[i])));
-        let addresses = match Arc::get_mut(this) {
-            Some(own) => {
-                let mut addresses = std::mem::take(&mut own.addresses);
-                addresses.patch(changes);
-                addresses
-            }
-            None => this.addresses.patched(changes),
-        };
+        let mut addresses =
+            Allocations::take_addresses(this).unwrap_or_else(|| this.addresses.clone());
+        addresses.patch(changes);
         Some((identities, addresses))
+    }
+
+    /// `this`'s numbers by key, taken out of it (which is left without them) when nothing
+    /// else holds it; `None` when something does.
+    fn take_addresses(this: &mut Arc<Allocations>) -> Option<Addresses> {
+        Arc::get_mut(this).map(|own| std::mem::take(&mut own.addresses))
     }
 
     /// The allocations with `identities` (numbers by signature, and by key), and

@@ -221,7 +221,8 @@ impl<M: KernelMap> Synced<M> {
     /// them, not in one list of every entry: the first write of IPCACHE at 150,000 pods
     /// held some 25 MiB of lists at once (the writes, what each left, the keys and
     /// values apart for the system call). The shadow takes what was written after the
-    /// walk; a write that fails reads the shadow back from the kernel, as before.
+    /// walk (a map's first write: each share as it is written); a write that fails reads
+    /// the shadow back from the kernel, as before.
     pub fn upsert_work(
         &mut self,
         desired: &BTreeMap<M::Key, M::Value>,
