@@ -191,13 +191,23 @@ fn an_agent_removes_the_programs_an_earlier_one_left_on_an_interface_that_is_no_
         args.extend(extra.iter().map(std::ffi::OsString::from));
         args
     };
-    let reaches_a = |lab: &Lab| {
+    let probe_a = |lab: &Lab| {
         lab.probe(&Probe::tcp("host/ext", "x/a", 80), PROBE_TIMEOUT)
             .expect("probing")
             .outcome
-            .is_allowed()
     };
-    assert!(reaches_a(&lab), "the lab works");
+    let reaches_a = |lab: &Lab| probe_a(lab).is_allowed();
+    // The precondition, with no agent yet: a host just plumbed on a busy machine may
+    // lose its first handshake (one retransmission is the probe's whole second), so it
+    // gets three tries; what it saw is in the message.
+    let mut first_outcomes = vec![probe_a(&lab)];
+    while !first_outcomes[first_outcomes.len() - 1].is_allowed() && first_outcomes.len() < 3 {
+        first_outcomes.push(probe_a(&lab));
+    }
+    assert!(
+        first_outcomes[first_outcomes.len() - 1].is_allowed(),
+        "the lab works without an agent: host/ext -> x/a:80 observed {first_outcomes:?}"
+    );
     // An earlier agent (here: told the host's veth is a pod's) pinned the pod programs
     // there: nothing is programmed behind it, so the host's traffic is dropped, and the
     // pinned link outlives the agent.
