@@ -59,9 +59,33 @@ pub fn measure_compile(
     (result, compiled, compiler)
 }
 
+/// One kind of change: where its time went and what it wrote.
+pub struct KindSummary {
+    pub kind: ChangeKind,
+    /// Compile + apply.
+    pub total: Summary,
+    pub compile: Summary,
+    pub apply: Summary,
+    /// Kernel map writes.
+    pub writes: Summary,
+    /// IPCACHE and POLICY entries changed.
+    pub ipcache: Summary,
+    pub policy: Summary,
+}
+
+/// The samples of one kind of change, as [`KindSummary`] sums them up.
+#[derive(Default)]
+struct KindSamples {
+    total: Vec<f64>,
+    compile: Vec<f64>,
+    apply: Vec<f64>,
+    writes: Vec<f64>,
+    ipcache: Vec<f64>,
+    policy: Vec<f64>,
+}
+
 pub struct Propagation {
-    /// Per kind: total time, map writes, IPCACHE and POLICY entries changed.
-    pub per_kind: Vec<(ChangeKind, Summary, Summary, Summary, Summary)>,
+    pub per_kind: Vec<KindSummary>,
     pub total: Summary,
     pub compile: Summary,
     pub apply: Summary,
@@ -108,8 +132,7 @@ pub fn propagation(
         compiled = next;
     }
 
-    type Samples = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
-    let mut by_kind: BTreeMap<ChangeKind, Samples> = BTreeMap::new();
+    let mut by_kind: BTreeMap<ChangeKind, KindSamples> = BTreeMap::new();
     let (mut total, mut compile_t, mut apply_t, mut writes) = (vec![], vec![], vec![], vec![]);
     let started = Instant::now();
     for i in 0..config.changes {
@@ -131,17 +154,19 @@ pub fn propagation(
         apply_t.push(ms(t2 - t1));
         writes.push(report.maps.writes() as f64);
         let entry = by_kind.entry(kind).or_default();
-        entry.0.push(ms(t2 - t0));
-        entry.1.push(report.maps.writes() as f64);
+        entry.total.push(ms(t2 - t0));
+        entry.compile.push(ms(t1 - t0));
+        entry.apply.push(ms(t2 - t1));
+        entry.writes.push(report.maps.writes() as f64);
         // Which map the writes went to (outside the timed part).
         let ipcache_changed = next.ipcache.changes_since(ipcache_before);
         let policy_changed = next.policy.changes_since(policy_before);
         let made_from_the_last = "the compiler made it from the last result";
         entry
-            .2
+            .ipcache
             .push(ipcache_changed.expect(made_from_the_last).len() as f64);
         entry
-            .3
+            .policy
             .push(policy_changed.expect(made_from_the_last).len() as f64);
         compiled = next;
         assert!(report.refused.is_empty(), "{:?}", report.refused);
@@ -166,9 +191,14 @@ pub fn propagation(
     Propagation {
         per_kind: by_kind
             .into_iter()
-            .map(|(k, (t, w, i, p))| {
-                let s = Summary::of;
-                (k, s(&t), s(&w), s(&i), s(&p))
+            .map(|(kind, samples)| KindSummary {
+                kind,
+                total: Summary::of(&samples.total),
+                compile: Summary::of(&samples.compile),
+                apply: Summary::of(&samples.apply),
+                writes: Summary::of(&samples.writes),
+                ipcache: Summary::of(&samples.ipcache),
+                policy: Summary::of(&samples.policy),
             })
             .collect(),
         total: Summary::of(&total),

@@ -108,8 +108,8 @@ pub fn report(config: &Config, machine: &Value, runs: &[SizeRun], rss_start: f64
             rows.push(row(kind.name(), &|p| {
                 p.per_kind
                     .iter()
-                    .find(|(k, ..)| *k == kind)
-                    .map_or("-".into(), |(_, t, ..)| cell(t))
+                    .find(|k| k.kind == kind)
+                    .map_or("-".into(), |k| cell(&k.total))
             }));
         }
         rows.push(row("all changes", &|p| cell(&p.total)));
@@ -118,6 +118,29 @@ pub fn report(config: &Config, machine: &Value, runs: &[SizeRun], rss_start: f64
         rows.push(row("map writes per change: median (max)", &|p| {
             format!("{:.0} ({:.0})", p.writes.median, p.writes.max)
         }));
+        common::table(&header, &rows);
+
+        println!(
+            "\nWhere each kind's time goes: the compile and the apply (p50 / p99 each), and \
+             the kernel map writes (median, max).\n"
+        );
+        let mut rows = Vec::new();
+        for kind in kinds {
+            rows.push(row(kind.name(), &|p| {
+                p.per_kind
+                    .iter()
+                    .find(|k| k.kind == kind)
+                    .map_or("-".into(), |k| {
+                        format!(
+                            "compile {} · apply {} · writes {} ({})",
+                            cell(&k.compile),
+                            cell(&k.apply),
+                            thousands(k.writes.median as usize),
+                            thousands(k.writes.max as usize)
+                        )
+                    })
+            }));
+        }
         common::table(&header, &rows);
     } else {
         println!("\n(change propagation skipped: needs root and bpffs)");
@@ -348,9 +371,11 @@ fn write_json(config: &Config, machine: &Value, runs: &[SizeRun], rss_start: f64
             "baseline_noop_compile_ms": p.noop_compile.json(),
             "baseline_noop_apply_ms": p.noop_apply.json(),
             "p50_ratio_to_noop": p.total.median / p.noop.median,
-            "per_kind": p.per_kind.iter().map(|(k, t, w, i, pol)| json!({
-                "kind": k.name(), "total_ms": t.json(), "map_writes": w.json(),
-                "ipcache_changed": i.json(), "policy_changed": pol.json(),
+            "per_kind": p.per_kind.iter().map(|k| json!({
+                "kind": k.kind.name(), "total_ms": k.total.json(),
+                "compile_ms": k.compile.json(), "apply_ms": k.apply.json(),
+                "map_writes": k.writes.json(),
+                "ipcache_changed": k.ipcache.json(), "policy_changed": k.policy.json(),
             })).collect::<Vec<_>>(),
             "kernel_map_sizes": {"endpoints": p.kernel_sizes.0, "ipcache": p.kernel_sizes.1, "policy": p.kernel_sizes.2},
             "rss_after_first_apply_mib": p.memory_after_apply.0,
