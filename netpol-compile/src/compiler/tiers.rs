@@ -330,7 +330,8 @@ impl<'a> TierEntries<'a> {
     }
 
     /// Adds the entries of `endpoint` (the local pod `pod`, subject of the policies
-    /// `selected`) to `out`, in no particular order (each key once).
+    /// `selected`) to `out`: one run sorted by key per tier and direction (each key
+    /// once).
     pub(super) fn emit(
         &mut self,
         endpoint: u32,
@@ -363,7 +364,10 @@ impl<'a> TierEntries<'a> {
                 let key = (tier, direction, selecting.clone(), named_ports);
                 if !self.cells.contains_key(&key) {
                     self.read_rules(direction, &selecting);
-                    let cells = self.cells_of(tier, direction, &selecting, pod);
+                    let mut cells = self.cells_of(tier, direction, &selecting, pod);
+                    // Sorted once here: stamping one endpoint on all of them keeps the
+                    // order, so an endpoint's entries are a few sorted runs.
+                    cells.sort_unstable_by_key(|&(key, _)| key);
                     self.cells.insert(key.clone(), cells);
                 }
                 out.extend(self.cells[&key].iter().map(|&(mut cell, value)| {
