@@ -45,6 +45,17 @@ use kube_path::{KubePath, kube_path};
 use measure::{Propagation, SizeResult, measure_compile, propagation};
 use report::report;
 
+/// The agent's allocator with the agent's options (`src/main.rs`), so that what this
+/// process measures in itself (the compile and the apply, its memory) is what the agent
+/// would see, not glibc's malloc.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: Option<&std::ffi::c_char> =
+    // SAFETY: a pointer to the first byte of a static NUL-terminated string.
+    Some(unsafe { &*c"dirty_decay_ms:0,muzzy_decay_ms:0".as_ptr() });
+
 const NODE: &str = "node-0";
 const PODS_PER_NAMESPACE: usize = 30;
 const POLICIES_PER_NAMESPACE: usize = 3;
