@@ -13,3 +13,10 @@ pub mod privileges;
 pub mod reconcile;
 pub mod source;
 pub mod telemetry;
+
+/// jemalloc's options, for the agent's binary and for the control bench that measures the
+/// agent's work in its own process (each exports them as `_rjem_malloc_conf`): pages
+/// freed are given back to the kernel at once, so a compile's or a page's transient memory
+/// does not stay resident; a compile pays for it in page faults (docs/BENCHMARKS.md,
+/// stops 41 and 45).
+pub const JEMALLOC_OPTIONS: &std::ffi::CStr = c"dirty_decay_ms:0,muzzy_decay_ms:0";

@@ -27,7 +27,8 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read when it starts (before `main`): pages freed are given back to
+/// jemalloc's options ([`netpol_agent::JEMALLOC_OPTIONS`]), read when it starts (before
+/// `main`): pages freed are given back to
 /// the kernel at once instead of after ten seconds, so a compile's or a page's transient
 /// memory does not stay resident. In the bench, three runs of each alternating: agent
 /// RSS after the first sync 313 -> 296 MiB and peak 335-339 -> 323-324 at 150,000 pods,
@@ -36,7 +37,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: Option<&std::ffi::c_char> =
     // SAFETY: a pointer to the first byte of a static NUL-terminated string.
-    Some(unsafe { &*c"dirty_decay_ms:0,muzzy_decay_ms:0".as_ptr() });
+    Some(unsafe { &*netpol_agent::JEMALLOC_OPTIONS.as_ptr() });
 
 #[derive(Parser, Debug)]
 #[command(

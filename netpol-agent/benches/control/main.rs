@@ -54,7 +54,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: Option<&std::ffi::c_char> =
     // SAFETY: a pointer to the first byte of a static NUL-terminated string.
-    Some(unsafe { &*c"dirty_decay_ms:0,muzzy_decay_ms:0".as_ptr() });
+    Some(unsafe { &*netpol_agent::JEMALLOC_OPTIONS.as_ptr() });
 
 const NODE: &str = "node-0";
 const PODS_PER_NAMESPACE: usize = 30;
