@@ -133,7 +133,6 @@ pub fn propagation(
     }
 
     let mut by_kind: BTreeMap<ChangeKind, KindSamples> = BTreeMap::new();
-    let (mut total, mut compile_t, mut apply_t, mut writes) = (vec![], vec![], vec![], vec![]);
     let started = Instant::now();
     for i in 0..config.changes {
         let (kind, changes) = change(&mut state, size, i);
@@ -149,10 +148,6 @@ pub fn propagation(
         let report = datapath.sync_maps(&next).expect("apply");
         let t2 = Instant::now();
         assert!(next.diagnostics.is_empty(), "{:?}", next.diagnostics);
-        total.push(ms(t2 - t0));
-        compile_t.push(ms(t1 - t0));
-        apply_t.push(ms(t2 - t1));
-        writes.push(report.maps.writes() as f64);
         let entry = by_kind.entry(kind).or_default();
         entry.total.push(ms(t2 - t0));
         entry.compile.push(ms(t1 - t0));
@@ -188,6 +183,17 @@ pub fn propagation(
         )
     );
     datapath.shutdown();
+    // Every change's samples, whatever its kind.
+    let all = |of: fn(&KindSamples) -> &Vec<f64>| {
+        let samples: Vec<f64> = by_kind.values().flat_map(of).copied().collect();
+        Summary::of(&samples)
+    };
+    let (total, compile, apply, writes) = (
+        all(|k| &k.total),
+        all(|k| &k.compile),
+        all(|k| &k.apply),
+        all(|k| &k.writes),
+    );
     Propagation {
         per_kind: by_kind
             .into_iter()
@@ -201,10 +207,10 @@ pub fn propagation(
                 policy: Summary::of(&samples.policy),
             })
             .collect(),
-        total: Summary::of(&total),
-        compile: Summary::of(&compile_t),
-        apply: Summary::of(&apply_t),
-        writes: Summary::of(&writes),
+        total,
+        compile,
+        apply,
+        writes,
         noop: Summary::of(&noop),
         noop_compile: Summary::of(&noop_compile),
         noop_apply: Summary::of(&noop_apply),
