@@ -488,11 +488,6 @@ impl TierContext<'_> {
         }
         pairs.sort_unstable();
         let ats: Vec<usize> = pairs.iter().map(|&(_, at)| at).collect();
-        let by_identity = pairs.chunk_by(|a, b| a.0 == b.0).scan(0, |start, run| {
-            let matching = &ats[*start..*start + run.len()];
-            *start += run.len();
-            Some((run[0].0, matching))
-        });
         let resolves_on_peer = |rule: &TierRule| {
             self.direction == Direction::Egress
                 && rule
@@ -502,7 +497,11 @@ impl TierContext<'_> {
                     .any(|spec| matches!(spec.port, PortMatch::Named(_)))
         };
         let mut alike: HashMap<&[usize], Vec<Cell>> = HashMap::new();
-        for (identity, matching) in by_identity {
+        let mut rest = ats.as_slice();
+        for run in pairs.chunk_by(|a, b| a.0 == b.0) {
+            let identity = run[0].0;
+            let matching;
+            (matching, rest) = rest.split_at(run.len());
             let own;
             let cells = if matching.iter().any(|&at| resolves_on_peer(rules[at].0)) {
                 own = self.cells(rules, matching, identity);
