@@ -139,10 +139,45 @@ impl Addr {
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct EndpointInfo {
-    /// Node-local endpoint id, the first field of every POLICY key of this pod.
+    /// Node-local endpoint id, the first field of every NetworkPolicy POLICY key of this
+    /// pod.
     pub id: u32,
     /// `ENDPOINT_*` flags.
     pub flags: u32,
+    /// The endpoint's group in each cluster admin's tier ([`TIER_ADMIN`], then
+    /// [`TIER_BASELINE`]; [`EndpointInfo::tier_group`]): the first field of that tier's
+    /// POLICY keys, shared by every local endpoint the same ClusterNetworkPolicies select
+    /// (and, for ingress named ports, that resolves them alike), so a tier's entries are
+    /// written once per group, not once per endpoint. 0 when no policy of the tier
+    /// selects the endpoint.
+    pub tier_groups: [u32; 2],
+}
+
+impl EndpointInfo {
+    /// The endpoint's group in `tier` ([`TIER_ADMIN`] or [`TIER_BASELINE`]).
+    #[inline(always)]
+    pub const fn tier_group(&self, tier: u8) -> u32 {
+        self.tier_groups[tier_index(tier)]
+    }
+
+    /// [`EndpointInfo::tier_groups`] as one word, the Admin tier's in the low half (how
+    /// the programs pass them to their policy lookups).
+    #[inline(always)]
+    pub const fn tier_groups_word(&self) -> u64 {
+        self.tier_groups[0] as u64 | (self.tier_groups[1] as u64) << 32
+    }
+}
+
+/// The group of `tier` in [`EndpointInfo::tier_groups_word`]'s `word`.
+#[inline(always)]
+pub const fn tier_group_of_word(word: u64, tier: u8) -> u32 {
+    (word >> (32 * tier_index(tier))) as u32
+}
+
+/// Where `tier` ([`TIER_ADMIN`] or [`TIER_BASELINE`]) is in [`EndpointInfo::tier_groups`].
+#[inline(always)]
+pub const fn tier_index(tier: u8) -> usize {
+    if tier == TIER_ADMIN { 0 } else { 1 }
 }
 
 /// Some policy with policyTypes Ingress selects the pod.
@@ -305,6 +340,8 @@ pub const PROTO_SCTP: u8 = 132;
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
 pub struct PolicyKey {
+    /// The endpoint's id ([`EndpointInfo::id`]) for NetworkPolicy; its group in the
+    /// tier ([`EndpointInfo::tier_groups`]) for a cluster admin's tier.
     pub endpoint: u32,
     pub identity: u32,
     /// [`DIR_INGRESS`] or [`DIR_EGRESS`], with the entry's tier ([`TIER_ADMIN`],
@@ -833,7 +870,7 @@ const _: () = {
     use core::mem::size_of;
     assert!(IFACE_UNBOUND < ENDPOINT_ID_FIRST);
     assert!(size_of::<Addr>() == 20);
-    assert!(size_of::<EndpointInfo>() == 8);
+    assert!(size_of::<EndpointInfo>() == 16);
     assert!(size_of::<PeerInfo>() == 8);
     assert!(size_of::<PolicyKey>() == 12);
     assert!(size_of::<PolicyValue>() == 8);

@@ -33,14 +33,14 @@ use std::sync::Arc;
 
 use netpol_common::{
     Addr, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, EndpointInfo,
-    IDENTITY_ANY, IDENTITY_WORLD, PeerInfo, PolicyKey, PolicyValue,
+    IDENTITY_ANY, IDENTITY_WORLD, PeerInfo, PolicyKey, PolicyValue, TIER_ADMIN, TIER_BASELINE,
 };
 
 use self::classify::{ClassKey, Classes, Moved, classify};
 pub(crate) use self::classify::{ClassTable, KeptKeys, KeyOrder};
 use self::emit::RuleContext;
 pub(crate) use self::kept_policy::KeptPolicy;
-use self::kept_policy::{EndpointInputs, PolicyMap, Update, View};
+use self::kept_policy::{EndpointInputs, GroupInputs, PolicyMap, Update, View};
 use self::memo::MemoContext;
 use self::pods::{PodView, address_errors, audited_namespace, live_pods, local_live_pods};
 pub(crate) use self::select::Selection;
@@ -48,9 +48,9 @@ use self::select::select_endpoints;
 pub(crate) use self::tiers::ReadCnp;
 use self::tiers::{ClusterPolicy, TierEntries};
 use crate::admission::Admission;
-use crate::cache::{CompileCache, Namespaces, PeerSlots, PodEntry, pods_in_namespace};
+use crate::cache::{CompileCache, NamedPort, Namespaces, PeerSlots, PodEntry, pods_in_namespace};
 use crate::identity::{
-    Allocations, IdentityClasses, IdentitySignature, NamedPortResolution, Rules,
+    Allocations, IdentityClasses, IdentitySignature, NamedPortResolution, Rules, TierGroupKey,
 };
 use crate::lpm::Lpm;
 use crate::policy::{NamespaceMatch, ParsedPolicy, Peer};
@@ -351,6 +351,7 @@ fn compile_with(
         policies_read.rules(same_rules, &policies, &cluster_policies, prev),
     );
 
+    let mut numbered = numbered;
     let (endpoint_map, policy, local_pods) = emit_maps(
         state,
         &policies,
@@ -360,7 +361,7 @@ fn compile_with(
         pod_entries,
         peers,
         &egress_named_ports,
-        &numbered,
+        &mut numbered,
         kept_policy.begin(),
     );
     let Numbered {
@@ -949,15 +950,92 @@ fn signature(
     }
 }
 
+/// A tier group of this compile ([`TierGroupKey`]): the endpoints like `pod` that the
+/// policies `selecting` of `tier` select.
+struct TierGroup<'a> {
+    tier: u8,
+    /// Indices into the ClusterNetworkPolicies in force, in their order.
+    selecting: Vec<usize>,
+    /// The first endpoint's pod (ingress named ports resolve on it, alike for all).
+    pod: &'a PodEntry,
+    key: TierGroupKey,
+}
+
+/// The tier groups of `endpoints`, and each endpoint's (indices into them) in the
+/// Admin, then the Baseline tier.
+fn tier_groups<'a>(
+    endpoints: &[Endpoint],
+    pods: &[PodView<'_>],
+    pod_entries: &'a [PodEntry],
+    cluster_policies: &[Arc<ClusterPolicy>],
+    tier_entries: &TierEntries<'_>,
+) -> (Vec<TierGroup<'a>>, Vec<[Option<usize>; 2]>) {
+    let mut groups: Vec<TierGroup<'a>> = Vec::new();
+    let mut found: HashMap<(u8, Vec<usize>, Vec<NamedPort<'a>>), usize> = HashMap::new();
+    let of_endpoints = endpoints
+        .iter()
+        .map(|ep| {
+            let pod = &pod_entries[pods[ep.pod].index];
+            [TIER_ADMIN, TIER_BASELINE].map(|tier| {
+                let selecting: Vec<usize> = ep
+                    .cluster_selected
+                    .iter()
+                    .copied()
+                    .filter(|&i| cluster_policies[i].tier == tier)
+                    .collect();
+                if selecting.is_empty() {
+                    return None;
+                }
+                // Ingress named ports resolve on the pod: the key holds how it resolves
+                // the ones these rules name (most name none), so pods that differ only
+                // in others share a group.
+                let named = tier_entries.ingress_names(&selecting);
+                let named_ports: Vec<NamedPort<'a>> = pod
+                    .named_ports()
+                    .filter(|n| named.contains(&(n.name, n.protocol)))
+                    .collect();
+                let at = *found
+                    .entry((tier, selecting, named_ports))
+                    .or_insert_with_key(|(tier, selecting, named_ports)| {
+                        let key = TierGroupKey {
+                            tier: *tier,
+                            policies: selecting
+                                .iter()
+                                .map(|&i| cluster_policies[i].name.clone())
+                                .collect(),
+                            named_ports: named_ports
+                                .iter()
+                                .map(|n| NamedPortResolution {
+                                    name: n.name.to_owned(),
+                                    protocol: n.protocol,
+                                    port: n.port,
+                                })
+                                .collect(),
+                        };
+                        groups.push(TierGroup {
+                            tier: *tier,
+                            selecting: selecting.clone(),
+                            pod,
+                            key,
+                        });
+                        groups.len() - 1
+                    });
+                Some(at)
+            })
+        })
+        .collect();
+    (groups, of_endpoints)
+}
+
 type Maps = (
     BTreeMap<Addr, EndpointInfo>,
     KeptMap<Lpm<PolicyKey>, PolicyValue>,
     Vec<LocalPod>,
 );
 
-/// Step 5: ENDPOINTS and POLICY, and the local endpoints by pod. POLICY entries are made
-/// only for the endpoints whose inputs changed since `update`'s last compile
-/// (`kept_policy.rs`).
+/// Step 5: ENDPOINTS and POLICY, the tier groups' numbers, and the local endpoints by
+/// pod. POLICY entries are made only for the endpoints and tier groups whose inputs
+/// changed since `update`'s last compile (`kept_policy.rs`).
 #[allow(clippy::too_many_arguments)]
 fn emit_maps(
     state: &ClusterState,
@@ -968,9 +1046,25 @@ fn emit_maps(
     pod_entries: &[PodEntry],
     peers: &PeerSlots,
     egress_named_ports: &[(&str, u8)],
-    numbered: &Numbered,
+    numbered: &mut Numbered,
     mut update: Update<'_>,
 ) -> Maps {
+    // The tier groups first (their keys need no numbers), then their numbers.
+    let names_only = TierEntries::new(
+        cluster_policies,
+        &numbered.allocations,
+        peers,
+        &numbered.peer_identities,
+        std::iter::empty(),
+        egress_named_ports,
+        &numbered.named_by_identity,
+    );
+    let (groups, endpoint_groups) =
+        tier_groups(endpoints, pods, pod_entries, cluster_policies, &names_only);
+    drop(names_only);
+    let keys = groups.iter().map(|g| g.key.clone()).collect();
+    numbered.allocations.number_tier_groups(keys);
+    let numbered: &Numbered = numbered;
     let allocations = &numbered.allocations;
     // Rule ids of the policies selecting some endpoint whose entries are made, per
     // direction, in rule order.
@@ -992,20 +1086,40 @@ fn emit_maps(
         named_by_identity: &numbered.named_by_identity,
         identities: &identities,
     };
-    // The views through the ClusterNetworkPolicies, per set of them.
-    let mut cluster_views: HashMap<&[usize], Arc<Vec<u32>>> = HashMap::new();
+    // Each tier group's number and kind flags.
+    let groups: Vec<(u32, u32)> = groups
+        .into_iter()
+        .map(|group| {
+            let id = allocations.tier_group(&group.key).expect("numbered above");
+            let inputs = GroupInputs {
+                view: cluster_view(&group.selecting, cluster_policies, &view),
+                cluster: group
+                    .selecting
+                    .iter()
+                    .map(|&i| Arc::clone(&cluster_policies[i]))
+                    .collect(),
+                key: group.key,
+            };
+            let kinds = match update.kept_group(id, &inputs) {
+                Some(kinds) => kinds,
+                None => {
+                    let mut entries = Vec::new();
+                    let (tier, pod) = (group.tier, group.pod);
+                    tier_entries.emit(id, tier, pod, &group.selecting, &mut entries);
+                    update.replace_group(id, inputs, entries)
+                }
+            };
+            (id, kinds)
+        })
+        .collect();
     let mut endpoint_map = BTreeMap::new();
     let mut local_pods = Vec::new();
-    for ep in endpoints {
+    for (ep, in_groups) in endpoints.iter().zip(endpoint_groups) {
         let pod = &pods[ep.pod];
         let id = allocations.endpoint_id(pod.obj).expect("allocated above");
         let entry = &pod_entries[pod.index];
-        let cluster_view = cluster_views
-            .entry(&ep.cluster_selected)
-            .or_insert_with(|| Arc::new(cluster_view(ep, cluster_policies, &view)));
-        let cluster_view = Arc::clone(cluster_view);
-        let inputs = endpoint_inputs(ep, entry, policies, cluster_policies, &view, cluster_view);
-        let kinds = match update.kept(id, &inputs) {
+        let inputs = endpoint_inputs(ep, entry, policies, &view);
+        let kinds = match update.kept_endpoint(id, &inputs) {
             Some(kinds) => kinds,
             None => {
                 let mut entries = PolicyMap::new();
@@ -1031,16 +1145,21 @@ fn emit_maps(
                         }
                     }
                 }
-                let mut tiers = Vec::new();
-                tier_entries.emit(id, entry, &ep.cluster_selected, &mut tiers);
-                update.replace(id, inputs, entries, tiers)
+                update.replace_endpoint(id, inputs, entries)
             }
         };
         // Each endpoint is flagged with the kinds of entries it has (any peer, port
-        // ranges, every port, every protocol): the programs make only the lookups that
-        // can hit, so a denied new flow of an endpoint with exact ports only costs one
-        // hash lookup.
+        // ranges, every port, every protocol), its tier groups' included: the programs
+        // make only the lookups that can hit, so a denied new flow of an endpoint with
+        // exact ports only costs one hash lookup.
         let mut flags = kinds;
+        let tier_groups = in_groups.map(|at| {
+            at.map_or(0, |at| {
+                let (group, kinds) = groups[at];
+                flags |= kinds;
+                group
+            })
+        });
         if !ep.selected_by[0].is_empty() {
             flags |= ENDPOINT_INGRESS_ISOLATED;
         }
@@ -1050,8 +1169,13 @@ fn emit_maps(
         if state.audit_all || audited_namespace(state, &pod.obj.namespace) {
             flags |= ENDPOINT_AUDIT;
         }
+        let info = EndpointInfo {
+            id,
+            flags,
+            tier_groups,
+        };
         for ip in pod.ips(pod_entries) {
-            endpoint_map.insert(crate::lpm::addr(*ip), EndpointInfo { id, flags });
+            endpoint_map.insert(crate::lpm::addr(*ip), info);
         }
         let names = |d: usize| {
             ep.selected_by[d]
@@ -1071,15 +1195,12 @@ fn emit_maps(
     (endpoint_map, update.finish(), local_pods)
 }
 
-/// What the POLICY entries of `ep` (the local pod `entry`) are made from; its view
-/// through its ClusterNetworkPolicies is `cluster_view` ([`cluster_view`]).
+/// What the NetworkPolicy entries of `ep` (the local pod `entry`) are made from.
 fn endpoint_inputs(
     ep: &Endpoint,
     entry: &PodEntry,
     policies: &Policies,
-    cluster_policies: &[Arc<ClusterPolicy>],
     view: &View<'_>,
-    cluster_view: Arc<Vec<u32>>,
 ) -> EndpointInputs {
     let mut seen = Vec::new();
     let selecting = Direction::BOTH.map(|direction| {
@@ -1098,25 +1219,19 @@ fn endpoint_inputs(
     });
     EndpointInputs {
         policies: selecting,
-        cluster: ep
-            .cluster_selected
-            .iter()
-            .map(|&i| Arc::clone(&cluster_policies[i]))
-            .collect(),
         ports: Arc::clone(entry.ports()),
         view: seen,
-        cluster_view,
     }
 }
 
-/// The view of the identities through the ClusterNetworkPolicies whose subject `ep` is.
+/// The view of the identities through the ClusterNetworkPolicies `selecting`.
 fn cluster_view(
-    ep: &Endpoint,
+    selecting: &[usize],
     cluster_policies: &[Arc<ClusterPolicy>],
     view: &View<'_>,
 ) -> Vec<u32> {
     let mut seen = Vec::new();
-    for &i in &ep.cluster_selected {
+    for &i in selecting {
         for direction in Direction::BOTH {
             for rule in cluster_policies[i].rules(direction) {
                 let (peers, ports) = (rule.peers.as_deref(), rule.ports.as_deref());

@@ -48,6 +48,21 @@ pub struct NamedPortResolution {
     pub port: u16,
 }
 
+/// What a cluster admin's tier's entries of a local endpoint are made from, besides the
+/// identities: the endpoints with the same key share one group of entries
+/// ([`netpol_common::EndpointInfo::tier_groups`]), numbered by [`Allocations`].
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TierGroupKey {
+    /// [`netpol_common::TIER_ADMIN`] or [`netpol_common::TIER_BASELINE`].
+    pub tier: u8,
+    /// The ClusterNetworkPolicies of the tier whose subject the endpoints are, in the
+    /// tier's order. By name: one replaced with the same subjects keeps the group, so its
+    /// entries are written once for all of them and no endpoint moves.
+    pub policies: Vec<String>,
+    /// How the endpoints resolve the named ports those policies' ingress rules name.
+    pub named_ports: Vec<NamedPortResolution>,
+}
+
 /// What an identity stands for. It keys the identity's number only when none of its
 /// addresses had one (see [`Allocations`]).
 ///
@@ -91,12 +106,18 @@ impl std::fmt::Display for IdentitySignature {
 ///
 /// - Endpoint ids (from 1) are keyed by pod and rule ids (from 0) by [`RuleRef`]: kept
 ///   while the key exists, the lowest free number for a new key.
+/// - Tier groups (from 1) are keyed by [`TierGroupKey`]: kept while the key exists; a
+///   new key takes the lowest number that neither a kept key nor the previous
+///   allocations held, so no group's entries change meaning under an endpoint that still
+///   names it while the kernel's maps are brought over.
 /// - Identity numbers (from [`IDENTITY_FIRST_DYNAMIC`]) follow the IPCACHE keys: a class
 ///   of addresses takes the number most of its keys had (largest overlap first), else the
 ///   number its signature had, else the lowest free one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Allocations {
     endpoints: BTreeMap<ObjectRef, u32>,
+    /// Tier group numbers ([`Allocations::number_tier_groups`]).
+    tier_groups: BTreeMap<TierGroupKey, u32>,
     /// Signature of every dynamic identity in force → its number.
     identities: BTreeMap<IdentitySignature, u32>,
     /// Dynamic identity of every IPCACHE key (world keys are absent): shared with the
@@ -114,6 +135,33 @@ impl Allocations {
     /// Endpoint id of a local pod.
     pub fn endpoint_id(&self, pod: &ObjectRef) -> Option<u32> {
         self.endpoints.get(pod).copied()
+    }
+
+    /// Number of a tier group.
+    pub fn tier_group(&self, key: &TierGroupKey) -> Option<u32> {
+        self.tier_groups.get(key).copied()
+    }
+
+    pub fn tier_groups(&self) -> &BTreeMap<TierGroupKey, u32> {
+        &self.tier_groups
+    }
+
+    /// Numbers the tier groups `wanted` (see [`Allocations`]), letting go of the others.
+    pub(crate) fn number_tier_groups(&mut self, wanted: BTreeSet<TierGroupKey>) {
+        let before = std::mem::take(&mut self.tier_groups);
+        let mut fresh = Vec::new();
+        let mut held: Vec<u32> = before.values().copied().collect();
+        for key in wanted {
+            match before.get(&key) {
+                Some(&number) => {
+                    self.tier_groups.insert(key, number);
+                }
+                None => fresh.push(key),
+            }
+        }
+        held.sort_unstable();
+        let numbers = free_numbers(held, 1);
+        self.tier_groups.extend(fresh.into_iter().zip(numbers));
     }
 
     /// Identity number of a signature.
@@ -289,6 +337,7 @@ impl Allocations {
             )
             .into_iter()
             .collect(),
+            tier_groups: self.tier_groups.clone(),
             identities,
             addresses,
             rules,

@@ -131,7 +131,7 @@ pub fn decide(
         port: dport.to_be_bytes(),
     };
     let tier = |tier| {
-        let value = crate::policy_maps::lookup_tier(&compiled.policy, key, tier, endpoint.flags)?;
+        let value = crate::policy_maps::lookup_tier(&compiled.policy, key, tier, &endpoint)?;
         match value.verdict {
             VERDICT_ALLOW => Some(decision(Reason::ClusterAccepted, value.rule)),
             VERDICT_DENY => Some(decision(Reason::ClusterDenied, value.rule)),
@@ -205,6 +205,7 @@ mod tests {
             EndpointInfo {
                 id: 3,
                 flags: ENDPOINT_INGRESS_ISOLATED | netpol_common::ENDPOINT_INGRESS_ANY_PEER,
+                tier_groups: [0, 0],
             },
         );
         c.ipcache = [
@@ -261,7 +262,7 @@ mod tests {
         c.policy = policy.into();
         // The kinds of entries it has, as the compiler flags them.
         for info in c.endpoints.values_mut() {
-            info.flags |= crate::policy_maps::kinds(&c.policy)[&info.id];
+            info.flags |= crate::policy_maps::kinds(&c.policy, info);
         }
         c
     }

@@ -21,7 +21,7 @@ use netpol_common::{
     DIR_INGRESS, DIR_MASK, ENDPOINT_EGRESS_ANY_PEER, ENDPOINT_EGRESS_ANY_PORT,
     ENDPOINT_EGRESS_ANY_PROTOCOL, ENDPOINT_EGRESS_PORT_RANGES, ENDPOINT_INGRESS_ANY_PEER,
     ENDPOINT_INGRESS_ANY_PORT, ENDPOINT_INGRESS_ANY_PROTOCOL, ENDPOINT_INGRESS_PORT_RANGES,
-    IDENTITY_ANY, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
+    EndpointInfo, IDENTITY_ANY, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
     PROTOCOL_ANY, PolicyKey, PolicyValue, TIER_ADMIN, TIER_BASELINE, TIER_KIND_ANY_PORT,
     TIER_KIND_ANY_PROTOCOL, TIER_KIND_EXACT, TIER_KIND_RANGES, TIER_KINDS, TIER_NETWORK_POLICY,
     tier_kinds, tier_kinds_shift,
@@ -119,13 +119,24 @@ pub fn kind(key: &Lpm<PolicyKey>) -> u32 {
     flags
 }
 
-/// Every endpoint's kind flags ([`kind`]) over a set of allow entries.
-pub fn kinds(policy: &BTreeMap<Lpm<PolicyKey>, PolicyValue>) -> BTreeMap<u32, u32> {
-    let mut out: BTreeMap<u32, u32> = BTreeMap::new();
-    for key in policy.keys() {
-        *out.entry(key.data.endpoint).or_default() |= kind(key);
-    }
-    out
+/// Whether `key` is one of `endpoint`'s entries: a NetworkPolicy entry of its id, or an
+/// entry of its group in the key's tier ([`EndpointInfo::tier_groups`]).
+pub fn belongs(key: &Lpm<PolicyKey>, endpoint: &EndpointInfo) -> bool {
+    let tier = key.data.direction & !DIR_MASK;
+    let owner = if tier == TIER_NETWORK_POLICY {
+        endpoint.id
+    } else {
+        endpoint.tier_group(tier)
+    };
+    owner != 0 && key.data.endpoint == owner
+}
+
+/// The kind flags ([`kind`]) of `endpoint`'s entries in `policy` ([`belongs`]).
+pub fn kinds(policy: &BTreeMap<Lpm<PolicyKey>, PolicyValue>, endpoint: &EndpointInfo) -> u32 {
+    policy
+        .keys()
+        .filter(|key| belongs(key, endpoint))
+        .fold(0, |kinds, key| kinds | kind(key))
 }
 
 /// The kernel's lookup: the entry allowing `key` (a packet's exact key) for an endpoint
@@ -161,23 +172,24 @@ pub fn lookup(
 }
 
 /// The kernel's lookup in a cluster admin's tier ([`TIER_ADMIN`] or [`TIER_BASELINE`]):
-/// the entry deciding `key` (a packet's exact key, NetworkPolicy's direction) for an
-/// endpoint with `flags`, as `netpol-ebpf/src/policy.rs` finds it. Nothing when the
+/// the entry deciding `key` (a packet's exact key, NetworkPolicy's direction) for
+/// `endpoint`, in its group of the tier, as `netpol-ebpf/src/policy.rs` finds it. Nothing when the
 /// endpoint has no entries in the tier and direction; else the exact port, the longest
 /// port range, every port of the protocol, every protocol, each looked up only when
 /// flagged. Tiers have no any-peer entries: the compiler writes one entry per identity,
 /// each holding the first rule (in the tier's order) that matches it there.
-pub fn lookup_tier(
-    policy: &BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+pub fn lookup_tier<'p>(
+    policy: &'p BTreeMap<Lpm<PolicyKey>, PolicyValue>,
     key: PolicyKey,
     tier: u8,
-    flags: u32,
-) -> Option<&PolicyValue> {
-    let kinds = tier_kinds(flags, tier, key.direction);
+    endpoint: &EndpointInfo,
+) -> Option<&'p PolicyValue> {
+    let kinds = tier_kinds(endpoint.flags, tier, key.direction);
     if kinds == 0 {
         return None;
     }
     let key = PolicyKey {
+        endpoint: endpoint.tier_group(tier),
         direction: key.direction | tier,
         ..key
     };
@@ -300,7 +312,11 @@ mod tests {
             Lpm::new(POLICY_PREFIX_ANY_PROTO, key(IDENTITY_ANY, 0, 0)),
             allow(4),
         );
-        let flags = kinds(&policy)[&7];
+        let endpoint = EndpointInfo {
+            id: 7,
+            ..EndpointInfo::default()
+        };
+        let flags = kinds(&policy, &endpoint);
         let rule = |identity, protocol, port, flags| {
             lookup(&policy, key(identity, protocol, port), flags).map(|v| v.rule)
         };

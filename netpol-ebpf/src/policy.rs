@@ -8,7 +8,9 @@
 //! for an endpoint with entries in it: the Admin tier's entry (Accept and Deny decide;
 //! Pass and no entry go on), NetworkPolicy if it isolates the endpoint, the Baseline
 //! tier's entry, else allowed. The compiler put the first matching rule of each tier in
-//! every entry, so a tier costs the same lookups as NetworkPolicy does.
+//! every entry, so a tier costs the same lookups as NetworkPolicy does. A tier's entries
+//! are keyed by the endpoint's group in it (`EndpointInfo::tier_groups`), not its id:
+//! the endpoints the same policies select share them.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use netpol_common::{
@@ -18,7 +20,8 @@ use netpol_common::{
     ENDPOINT_INGRESS_ISOLATED, ENDPOINT_INGRESS_PORT_RANGES, EndpointInfo, IDENTITY_ANY,
     IDENTITY_WORLD, PEER_HOST, PEER_SERVICE, POLICY_PREFIX_FULL, PeerInfo, PolicyKey, PolicyValue,
     RULE_NONE, Reason, ServicePort, TIER_ADMIN, TIER_BASELINE, TIER_KIND_ANY_PORT,
-    TIER_KIND_ANY_PROTOCOL, TIER_KIND_RANGES, VERDICT_ALLOW, VERDICT_DENY, judged, tier_kinds,
+    TIER_KIND_ANY_PROTOCOL, TIER_KIND_RANGES, VERDICT_ALLOW, VERDICT_DENY, judged,
+    tier_group_of_word, tier_kinds,
 };
 
 use crate::maps::{IPCACHE, NODE_PORTS, PEERS, POLICY, POLICY_RANGES};
@@ -159,14 +162,17 @@ const fn outcome(reason: Reason, rule: u32) -> u64 {
 const GO_ON: u64 = u64::MAX;
 
 /// A cluster admin's tier: the [`outcome`] of its entry for `key` (NetworkPolicy's
-/// direction), or [`GO_ON`] (no entry, no entries in the tier, or Pass).
+/// direction) in the endpoint's group of the tier (from `groups`, see
+/// `EndpointInfo::tier_groups_word`), or [`GO_ON`] (no entry, no entries in the tier,
+/// or Pass).
 #[inline(always)]
-fn tier_decision(key: &PolicyKey, tier: u8, flags: u32) -> u64 {
+fn tier_decision(key: &PolicyKey, tier: u8, flags: u32, groups: u64) -> u64 {
     let kinds = tier_kinds(flags, tier, key.direction);
     if kinds == 0 {
         return GO_ON;
     }
     let tiered = PolicyKey {
+        endpoint: tier_group_of_word(groups, tier),
         direction: key.direction | tier,
         ..*key
     };
@@ -182,8 +188,8 @@ fn tier_decision(key: &PolicyKey, tier: u8, flags: u32) -> u64 {
     }
 }
 
-/// The POLICY lookups for a new connection of an endpoint with `flags` that some tier
-/// judges: the Admin tier, NetworkPolicy if it isolates the endpoint, the Baseline
+/// The POLICY lookups for a new connection of an endpoint with `flags` and tier
+/// `groups` (`EndpointInfo::tier_groups_word`) that some tier judges: the Admin tier, NetworkPolicy if it isolates the endpoint, the Baseline
 /// tier, else not isolated.
 ///
 /// A global function (BTF linkage global, hence `no_mangle` and the C ABI): the
@@ -195,12 +201,12 @@ fn tier_decision(key: &PolicyKey, tier: u8, flags: u32) -> u64 {
 /// knows: that is a drop (`policy-denied`), though no caller passes null.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn netpol_policy_lookups(key: *const PolicyKey, flags: u32) -> u64 {
+pub extern "C" fn netpol_policy_lookups(key: *const PolicyKey, flags: u32, groups: u64) -> u64 {
     // SAFETY: a valid pointer to a key on the caller's stack, or null (checked).
     let Some(key) = (unsafe { key.as_ref() }) else {
         return outcome(Reason::PolicyDenied, RULE_NONE);
     };
-    let admin = tier_decision(key, TIER_ADMIN, flags);
+    let admin = tier_decision(key, TIER_ADMIN, flags, groups);
     if admin != GO_ON {
         return admin;
     }
@@ -216,7 +222,7 @@ pub extern "C" fn netpol_policy_lookups(key: *const PolicyKey, flags: u32) -> u6
             None => outcome(Reason::PolicyDenied, RULE_NONE),
         };
     }
-    let baseline = tier_decision(key, TIER_BASELINE, flags);
+    let baseline = tier_decision(key, TIER_BASELINE, flags, groups);
     if baseline != GO_ON {
         return baseline;
     }
@@ -298,7 +304,7 @@ pub fn decide(endpoint: &EndpointInfo, connection: &Connection) -> Decision {
         protocol: connection.protocol,
         port: connection.port.to_be_bytes(),
     };
-    let found = netpol_policy_lookups(&key, endpoint.flags);
+    let found = netpol_policy_lookups(&key, endpoint.flags, endpoint.tier_groups_word());
     Decision {
         // SAFETY: `lookups` puts only `Reason` discriminants in the high half.
         reason: unsafe { core::mem::transmute::<u32, Reason>((found >> 32) as u32) },

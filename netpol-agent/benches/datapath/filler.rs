@@ -27,6 +27,9 @@ pub struct Filler {
 /// small cluster, so no filler entry ever decides a measured packet.
 pub const FILLER_IDENTITY: u32 = 1000;
 const FILLER_ENDPOINTS: u32 = 100;
+/// The filler endpoints' Admin tier groups: filler endpoint `n`'s is this plus `n`, far
+/// above the few the compiler hands out from 1 on.
+const FILLER_GROUP: u32 = 1_000_000;
 const FILLER_IDENTITIES: u32 = 500;
 
 impl Filler {
@@ -53,6 +56,7 @@ impl Filler {
             let info = EndpointInfo {
                 id,
                 flags: ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED,
+                tier_groups: [FILLER_GROUP + id, 0],
             };
             assert!(!compiled.endpoints.contains_key(&addr));
             self.endpoints.insert(addr, info, 0).expect("ENDPOINTS");
@@ -117,7 +121,11 @@ impl Filler {
             };
             let tiered = rest % 5 == 4;
             let key = PolicyKey {
-                endpoint,
+                endpoint: if tiered {
+                    FILLER_GROUP + endpoint
+                } else {
+                    endpoint
+                },
                 identity,
                 direction: if tiered {
                     direction | TIER_ADMIN

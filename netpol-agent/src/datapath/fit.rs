@@ -11,7 +11,9 @@
 //! - **POLICY** and **POLICY_RANGES** (each with its own room): an endpoint keeps only the
 //!   allow entries that are both in the kernel and desired (the intersection allows no
 //!   more than the new policy), under its new isolation flags: a subset of what the
-//!   policy allows, never more.
+//!   policy allows, never more. A tier group's entries (shared by the endpoints the same
+//!   ClusterNetworkPolicies select) are admitted or narrowed together, and a narrowed
+//!   group is reported for each endpoint in it.
 //! - **IPCACHE**: a new pod or node address is left out; it resolves to the ipBlock
 //!   prefix around it (or to the world), whose peers are a subset of the pod's own, so
 //!   fewer rules match. A new ipBlock prefix that does not fit cannot be left out safely
@@ -24,7 +26,9 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
-use netpol_common::{Addr, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, names};
+use netpol_common::{
+    Addr, DIR_MASK, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, TIER_NETWORK_POLICY, names,
+};
 
 use netpol_compile::policy_maps::{Slot, slot};
 
@@ -133,13 +137,19 @@ pub fn fit<'a>(
         }));
     }
 
-    // POLICY and POLICY_RANGES: entries of refused endpoints go; then new keys, grouped
-    // by endpoint, counted against the room of the map each goes to.
+    // POLICY and POLICY_RANGES: entries of refused endpoints go, and those of the tier
+    // groups only they were in; then new keys, grouped by owner, counted against the
+    // room of the map each goes to.
     let mut policy = Cow::Borrowed(compiled.policy.as_ref());
     if !refused_endpoints.is_empty() {
-        policy
-            .to_mut()
-            .retain(|key, _| !refused_endpoints.contains(&key.data.endpoint));
+        let groups: BTreeSet<u32> = endpoints
+            .values()
+            .flat_map(|info| info.tier_groups)
+            .collect();
+        policy.to_mut().retain(|key, _| match owner(key) {
+            Owner::Endpoint(id) => !refused_endpoints.contains(&id),
+            Owner::Group(group) => groups.contains(&group),
+        });
     }
     // The kernel holding the version the compiled map was made from (or this one),
     // only the keys changed since can be new.
@@ -149,26 +159,41 @@ pub fn fit<'a>(
         .and_then(|version| compiled.policy.changes_since(version));
     let map_of = |key: &Lpm<PolicyKey>| usize::from(matches!(slot(key), Slot::Ranges(_)));
     let mut used = [0, 0];
-    let mut new_by_endpoint: BTreeMap<u32, [usize; 2]> = BTreeMap::new();
+    let mut new_by_owner: BTreeMap<Owner, [usize; 2]> = BTreeMap::new();
     if policy_changed != Some(&[]) {
         for key in kernel.policy.keys() {
             used[map_of(key)] += 1;
         }
         for key in absent(&policy, kernel.policy, policy_changed) {
-            new_by_endpoint.entry(key.data.endpoint).or_default()[map_of(key)] += 1;
+            new_by_owner.entry(owner(key)).or_default()[map_of(key)] += 1;
         }
     }
     let room = [free(used[0], policy_cap), free(used[1], ranges_cap)];
-    let narrowed = admit(new_by_endpoint, room);
+    let narrowed = admit(new_by_owner, room);
     if !narrowed.is_empty() {
         policy.to_mut().retain(|key, _| {
-            !narrowed.contains_key(&key.data.endpoint) || kernel.policy.contains_key(key)
+            !narrowed.contains_key(&owner(key)) || kernel.policy.contains_key(key)
         });
         let full = [
             (names::POLICY, policy_cap),
             (names::POLICY_RANGES, ranges_cap),
         ];
-        refused.extend(narrowed.iter().map(|(&id, &map)| Refusal::Policy {
+        // Each endpoint narrowed, once per map: on its own, or in a tier group.
+        let mut concerned: BTreeSet<(u32, usize)> = BTreeSet::new();
+        for (&owner, &map) in &narrowed {
+            match owner {
+                Owner::Endpoint(id) => {
+                    concerned.insert((id, map));
+                }
+                Owner::Group(group) => concerned.extend(
+                    endpoints
+                        .values()
+                        .filter(|info| info.tier_groups.contains(&group))
+                        .map(|info| (info.id, map)),
+                ),
+            }
+        }
+        refused.extend(concerned.into_iter().map(|(id, map)| Refusal::Policy {
             id,
             map: full[map].0,
             capacity: full[map].1,
@@ -246,15 +271,31 @@ fn free(used: usize, capacity: u32) -> usize {
     (capacity as usize).saturating_sub(used)
 }
 
-/// Admits groups (endpoint id → new entries in each of `N` maps) in id order while they
-/// fit in every map's `room`; returns the ids that do not, each with the first map that
-/// lacked room.
-fn admit<const N: usize>(
-    new_by_endpoint: BTreeMap<u32, [usize; N]>,
+/// Who a POLICY entry belongs to: an endpoint (its NetworkPolicy entries), or a tier
+/// group (see [`EndpointInfo::tier_groups`]). Endpoints are admitted before groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Owner {
+    Endpoint(u32),
+    Group(u32),
+}
+
+fn owner(key: &Lpm<PolicyKey>) -> Owner {
+    if key.data.direction & !DIR_MASK == TIER_NETWORK_POLICY {
+        Owner::Endpoint(key.data.endpoint)
+    } else {
+        Owner::Group(key.data.endpoint)
+    }
+}
+
+/// Admits owners (an endpoint id, say → new entries in each of `N` maps) in order while
+/// they fit in every map's `room`; returns those that do not, each with the first map
+/// that lacked room.
+fn admit<K: Ord, const N: usize>(
+    new_by_owner: BTreeMap<K, [usize; N]>,
     mut room: [usize; N],
-) -> BTreeMap<u32, usize> {
+) -> BTreeMap<K, usize> {
     let mut refused = BTreeMap::new();
-    for (id, needed) in new_by_endpoint {
+    for (id, needed) in new_by_owner {
         match (0..N).find(|&map| needed[map] > room[map]) {
             Some(map) => {
                 refused.insert(id, map);
@@ -283,6 +324,7 @@ mod tests {
 
     fn endpoint(id: u32) -> EndpointInfo {
         EndpointInfo {
+            tier_groups: [0, 0],
             id,
             flags: ENDPOINT_INGRESS_ISOLATED,
         }

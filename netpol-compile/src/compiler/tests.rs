@@ -55,6 +55,11 @@ fn ep(c: &Compiled, ns: &str, name: &str) -> u32 {
         .expect("endpoint")
 }
 
+/// The tier group (`tier`) of the local pod at `address`.
+fn tier_group(c: &Compiled, address: &str, tier: u8) -> u32 {
+    c.endpoints[&addr(ip(address))].tier_group(tier)
+}
+
 fn peer(c: &Compiled, address: &str) -> PeerInfo {
     c.ipcache[&host_key(ip(address))]
 }
@@ -186,7 +191,7 @@ fn no_policies_endpoints_and_pod_ips_only() {
         ("10.0.1.3", 5),
     ]
     .into_iter()
-    .map(|(a, id)| (addr(ip(a)), EndpointInfo { id, flags: 0 }))
+    .map(|(a, id)| (addr(ip(a)), EndpointInfo { id, ..EndpointInfo::default() }))
     .collect();
     assert_eq!(c.endpoints, expected);
 
@@ -223,19 +228,21 @@ fn default_deny_ingress_isolates_the_namespace_only() {
         c.endpoints[&addr(ip("10.0.0.1"))],
         EndpointInfo {
             id: 1,
-            flags: ENDPOINT_INGRESS_ISOLATED
+            flags: ENDPOINT_INGRESS_ISOLATED,
+            tier_groups: [0, 0],
         }
     );
     assert_eq!(
         c.endpoints[&addr(ip("10.0.0.2"))],
         EndpointInfo {
             id: 2,
-            flags: ENDPOINT_INGRESS_ISOLATED
+            flags: ENDPOINT_INGRESS_ISOLATED,
+            tier_groups: [0, 0],
         }
     );
     assert_eq!(
         c.endpoints[&addr(ip("10.0.1.3"))],
-        EndpointInfo { id: 3, flags: 0 }
+        EndpointInfo { id: 3, ..EndpointInfo::default() }
     );
     assert!(c.policy.is_empty());
     assert!(c.rules.is_empty());
@@ -737,7 +744,7 @@ fn a_tiers_egress_named_port_resolves_on_each_peer_matched_by_the_same_rules() {
         }),
     );
     let c = run(cluster);
-    let sender = ep(&c, "y", "c");
+    let sender = tier_group(&c, "10.0.1.1", TIER_ADMIN);
     let ports_to = |address: &str| -> Vec<(u8, u16)> {
         let peer = identity(&c, address);
         entries(&c)
@@ -1448,6 +1455,7 @@ fn label_flips_and_new_peers_write_only_the_entries_they_imply() {
     let isolated = EndpointInfo {
         id: 0,
         flags: ENDPOINT_INGRESS_ISOLATED | netpol_common::ENDPOINT_INGRESS_ANY_PROTOCOL,
+        tier_groups: [0, 0],
     };
     assert_eq!(
         changes(&third.endpoints, &fourth.endpoints)

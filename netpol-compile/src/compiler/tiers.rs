@@ -1,8 +1,9 @@
 //! The cluster admin's tiers: ClusterNetworkPolicies compiled into POLICY entries.
 //!
 //! Within a tier, the first rule that matches decides (policies by priority, then name;
-//! rules in order), so the compiler resolves the order, not the kernel: per endpoint,
-//! tier, direction and peer identity it cuts each protocol's ports into the intervals
+//! rules in order), so the compiler resolves the order, not the kernel: per tier group
+//! (the local endpoints the same policies of the tier select, see
+//! [`crate::TierGroupKey`]), direction and peer identity it cuts each protocol's ports into the intervals
 //! where the same rule matches first, and writes one entry per interval (an exact port,
 //! a port-range prefix, every port) holding that rule and its verdict (Accept, Deny,
 //! Pass). A rule for every protocol becomes the every-protocol entry, and intervals it
@@ -23,7 +24,7 @@ use netpol_common::{
     VERDICT_DENY, VERDICT_PASS,
 };
 
-use crate::cache::{NamedPort, PeerSlots, PodEntry};
+use crate::cache::{PeerSlots, PodEntry};
 use crate::cnp::{Action, CnpPeer, CnpProtocol, ParsedCnp, Pods, Tier, read_cnp};
 use crate::diagnostics::{Diagnostic, Kind, ObjectName, Subject};
 use crate::identity::Allocations;
@@ -35,6 +36,7 @@ use crate::{ClusterRule, Direction, LabelSet, RuleRef};
 
 /// One ClusterNetworkPolicy, ready to compile.
 pub(crate) struct ClusterPolicy {
+    pub(crate) name: String,
     /// [`TIER_ADMIN`] or [`TIER_BASELINE`].
     pub(crate) tier: u8,
     pub(crate) subject: Pods,
@@ -184,6 +186,7 @@ impl From<ParsedCnp> for ClusterPolicy {
                 .collect()
         });
         ClusterPolicy {
+            name: p.name,
             tier,
             subject: p.subject,
             rules,
@@ -275,15 +278,9 @@ type Cell = (u8, u16, u32, Outcome);
 /// A rule as [`TierContext::emit`] reads it: with its id and the identities it matches.
 type ReadRule<'r> = (&'r TierRule, u32, &'r [u32]);
 
-/// What makes two endpoints' entries in a tier and direction alike: the tier, the
-/// direction, the policies selecting them (indices, in order) and, for ingress, how they
-/// resolve the named ports those policies' rules name (egress ones resolve on the peer).
-type CellsKey<'a> = (u8, Direction, Vec<usize>, Vec<NamedPort<'a>>);
-
-/// The tiers' POLICY entries of the local endpoints. The entries depend on an endpoint
-/// only through the policies that select it and (ingress) how it resolves the named
-/// ports they name, so they are made once per [`CellsKey`], with endpoint 0, and stamped
-/// per endpoint.
+/// The tiers' POLICY entries of the local endpoints, made per tier group: they depend
+/// on an endpoint only through the policies of the tier that select it and (ingress)
+/// how it resolves the named ports those policies name.
 pub(super) struct TierEntries<'a> {
     policies: &'a [Arc<ClusterPolicy>],
     allocations: &'a Allocations,
@@ -295,7 +292,6 @@ pub(super) struct TierEntries<'a> {
     /// Egress named ports in force, and how each identity resolves them.
     egress_named_ports: &'a [(&'a str, u8)],
     named_by_identity: &'a [BTreeMap<u32, u16>],
-    cells: HashMap<CellsKey<'a>, Vec<(Lpm<PolicyKey>, PolicyValue)>>,
     /// Per rule of a policy selecting some endpoint (policy index, direction, place):
     /// its id and the identities its peers match (empty for a rule of every peer).
     rules_read: HashMap<(usize, Direction, usize), (u32, Vec<u32>)>,
@@ -319,7 +315,6 @@ impl<'a> TierEntries<'a> {
             all_identities: all_identities(identities),
             egress_named_ports,
             named_by_identity,
-            cells: HashMap::new(),
             rules_read: HashMap::new(),
         }
     }
@@ -329,52 +324,26 @@ impl<'a> TierEntries<'a> {
         &self.all_identities
     }
 
-    /// Adds the entries of `endpoint` (the local pod `pod`, subject of the policies
-    /// `selected`) to `out`: one run sorted by key per tier and direction (each key
-    /// once).
+    /// Adds the entries of tier group `group` to `out`: the endpoints like `pod`, subject
+    /// of the policies `selecting` (all of `tier`, in order); one run sorted by key per
+    /// direction (each key once).
     pub(super) fn emit(
         &mut self,
-        endpoint: u32,
-        pod: &'a PodEntry,
-        selected: &[usize],
+        group: u32,
+        tier: u8,
+        pod: &PodEntry,
+        selecting: &[usize],
         out: &mut Vec<(Lpm<PolicyKey>, PolicyValue)>,
     ) {
-        for tier in [TIER_ADMIN, TIER_BASELINE] {
-            let selecting: Vec<usize> = selected
-                .iter()
-                .copied()
-                .filter(|&i| self.policies[i].tier == tier)
-                .collect();
-            if selecting.is_empty() {
-                continue;
-            }
-            for direction in Direction::BOTH {
-                // Ingress named ports resolve on the pod: the key holds how it resolves
-                // the ones these rules name (most name none), so pods that differ only
-                // in others share their cells.
-                let named_ports = match direction {
-                    Direction::Ingress => {
-                        let named = self.ingress_names(&selecting);
-                        pod.named_ports()
-                            .filter(|n| named.contains(&(n.name, n.protocol)))
-                            .collect()
-                    }
-                    Direction::Egress => Vec::new(),
-                };
-                let key = (tier, direction, selecting.clone(), named_ports);
-                if !self.cells.contains_key(&key) {
-                    self.read_rules(direction, &selecting);
-                    let mut cells = self.cells_of(tier, direction, &selecting, pod);
-                    // Sorted once here: stamping one endpoint on all of them keeps the
-                    // order, so an endpoint's entries are a few sorted runs.
-                    cells.sort_unstable_by_key(|&(key, _)| key);
-                    self.cells.insert(key.clone(), cells);
-                }
-                out.extend(self.cells[&key].iter().map(|&(mut cell, value)| {
-                    cell.data.endpoint = endpoint;
-                    (cell, value)
-                }));
-            }
+        debug_assert!(selecting.iter().all(|&i| self.policies[i].tier == tier));
+        for direction in Direction::BOTH {
+            self.read_rules(direction, selecting);
+            let mut cells = self.cells_of(tier, direction, selecting, pod);
+            cells.sort_unstable_by_key(|&(key, _)| key);
+            out.extend(cells.into_iter().map(|(mut cell, value)| {
+                cell.data.endpoint = group;
+                (cell, value)
+            }));
         }
     }
 
@@ -406,7 +375,7 @@ impl<'a> TierEntries<'a> {
 
     /// The named ports (name, protocol) the ingress rules of the policies `selecting`
     /// name.
-    fn ingress_names(&self, selecting: &[usize]) -> Vec<(&'a str, u8)> {
+    pub(super) fn ingress_names(&self, selecting: &[usize]) -> Vec<(&'a str, u8)> {
         let policies = self.policies;
         let mut named: Vec<(&'a str, u8)> = selecting
             .iter()
