@@ -503,6 +503,65 @@ mod tests {
         assert_eq!(fitted.endpoints.len(), 2);
     }
 
+    /// An Admin tier deny of `group`.
+    fn tier_deny(group: u32, identity: u32, port: u16) -> (Lpm<PolicyKey>, PolicyValue) {
+        let (mut key, _) = allow(group, identity, port);
+        key.data.direction |= netpol_common::TIER_ADMIN;
+        (key, PolicyValue::new(0, netpol_common::VERDICT_DENY))
+    }
+
+    /// [`compiled`] whose endpoints are in Admin tier groups: (address, id, group).
+    fn compiled_in_groups(
+        endpoints: &[(u8, u32, u32)],
+        policy: &[(Lpm<PolicyKey>, PolicyValue)],
+    ) -> Compiled {
+        let mut c = compiled(&[], &[], policy);
+        for &(last, id, group) in endpoints {
+            let info = EndpointInfo {
+                tier_groups: [group, 0],
+                ..endpoint(id)
+            };
+            c.endpoints.insert(addr(last), info);
+        }
+        c
+    }
+
+    #[test]
+    fn a_tier_group_that_does_not_fit_is_narrowed_for_every_endpoint_in_it() {
+        // Endpoints 1 and 2 share group 1 (two new entries), endpoint 3 is alone in group
+        // 2 (one); one entry of room: group 1 does not fit, group 2 does.
+        let c = compiled_in_groups(
+            &[(1, 1, 1), (2, 2, 1), (3, 3, 2)],
+            &[tier_deny(1, 16, 22), tier_deny(1, 17, 22), tier_deny(2, 16, 22)],
+        );
+        let fitted = fit(&c, &empty().kernel(), [10, 10, 1, 10]).unwrap();
+        let refusal = |id| Refusal::Policy {
+            id,
+            map: names::POLICY,
+            capacity: 1,
+        };
+        assert_eq!(fitted.refused, vec![refusal(1), refusal(2)]);
+        let kept: Vec<u32> = fitted.policy.keys().map(|k| k.data.endpoint).collect();
+        assert_eq!(kept, vec![2]);
+    }
+
+    #[test]
+    fn a_refused_endpoints_tier_group_stays_while_another_endpoint_is_in_it() {
+        // Endpoint 2 does not fit in ENDPOINTS; group 1 stays for endpoint 1, group 2
+        // (endpoint 2's alone) goes with it.
+        let c = compiled_in_groups(
+            &[(1, 1, 1), (2, 2, 2), (3, 2, 1)],
+            &[tier_deny(1, 16, 22), tier_deny(2, 16, 22)],
+        );
+        let fitted = fit(&c, &empty().kernel(), [1, 10, 10, 10]).unwrap();
+        assert_eq!(
+            fitted.refused,
+            vec![Refusal::Endpoint { id: 2, capacity: 1 }]
+        );
+        let kept: Vec<u32> = fitted.policy.keys().map(|k| k.data.endpoint).collect();
+        assert_eq!(kept, vec![1]);
+    }
+
     #[test]
     fn port_ranges_have_their_own_room() {
         // Endpoint 1: one exact port and a range of two prefixes; POLICY_RANGES holds one.

@@ -7,7 +7,7 @@ use netpol_common::{
     Addr, DIR_EGRESS, DIR_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED,
     EndpointInfo, IDENTITY_ANY, IDENTITY_FIRST_DYNAMIC, IDENTITY_WORLD, PEER_HOST,
     POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP, PeerInfo, TIER_ADMIN,
+    PROTO_UDP, PeerInfo, Reason, TIER_ADMIN,
 };
 use serde_json::json;
 
@@ -758,6 +758,211 @@ fn a_tiers_egress_named_port_resolves_on_each_peer_matched_by_the_same_rules() {
     assert_ne!(identity(&c, "10.0.0.1"), identity(&c, "10.0.0.2"));
     assert_eq!(ports_to("10.0.0.1"), [(PROTO_TCP, 80)]);
     assert_eq!(ports_to("10.0.0.2"), [(PROTO_TCP, 8080)]);
+}
+
+/// A ClusterNetworkPolicy of the Admin tier, as the API server holds it.
+fn admin_policy(name: &str, priority: u16, spec: serde_json::Value) -> serde_json::Value {
+    let mut spec = spec;
+    spec["tier"] = json!("Admin");
+    spec["priority"] = json!(priority);
+    json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2",
+        "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": name},
+        "spec": spec,
+    })
+}
+
+/// [`basic`] with two Admin policies: "guard" (every pod: no SSH from namespaces of team
+/// b, port `ssh`) and "db" (pods app=db: Postgres from everyone).
+fn guarded(ssh: u16) -> Cluster {
+    let mut cluster = basic();
+    let policies = &mut cluster.state.cluster_policies;
+    policies.insert(
+        "guard".into(),
+        admin_policy(
+            "guard",
+            1,
+            json!({"subject": {"namespaces": {}},
+                   "ingress": [{"action": "Deny",
+                                "from": [{"namespaces": {"matchLabels": {"team": "b"}}}],
+                                "protocols": [{"tcp": {"destinationPort": {"number": ssh}}}]}]}),
+        ),
+    );
+    policies.insert(
+        "db".into(),
+        admin_policy(
+            "db",
+            2,
+            json!({"subject": {"pods": {"namespaceSelector": {},
+                                        "podSelector": {"matchLabels": {"app": "db"}}}},
+                   "ingress": [{"action": "Accept",
+                                "from": [{"namespaces": {}}],
+                                "protocols": [{"tcp": {"destinationPort": {"number": 5432}}}]}]}),
+        ),
+    );
+    cluster
+}
+
+#[test]
+fn endpoints_the_same_cluster_network_policies_select_share_one_tier_group() {
+    let c = run(guarded(22));
+    // x/a and y/c: "guard" alone; x/b: "guard" and "db". No Baseline policy.
+    let (a, b, cc) = (
+        tier_group(&c, "10.0.0.1", TIER_ADMIN),
+        tier_group(&c, "10.0.0.2", TIER_ADMIN),
+        tier_group(&c, "10.0.1.3", TIER_ADMIN),
+    );
+    assert_ne!(a, 0);
+    assert_eq!(a, cc);
+    assert_ne!(a, b);
+    assert_ne!(b, 0);
+    for info in c.endpoints.values() {
+        assert_eq!(info.tier_group(netpol_common::TIER_BASELINE), 0);
+    }
+    // Each group's entries once: the deny for the identity of y/c, and for x/b the
+    // accept for every identity too.
+    let tiered: Vec<Entry> = entries(&c)
+        .into_iter()
+        .filter(|&(_, _, direction, ..)| direction & TIER_ADMIN != 0)
+        .collect();
+    let of = |group: u32| tiered.iter().filter(|e| e.0 == group).count();
+    assert_eq!(of(a), 1, "{tiered:?}");
+    assert!(of(b) > 1, "{tiered:?}");
+    assert_eq!(of(a) + of(b), tiered.len(), "{tiered:?}");
+    // The kernel's lookups find them through each endpoint's group.
+    let decide = |src, dst, port| {
+        model::decide(&c, ip(src), ip(dst), PROTO_TCP, port, Direction::Ingress).reason
+    };
+    assert_eq!(decide("10.0.1.3", "10.0.0.1", 22), Reason::ClusterDenied);
+    assert_eq!(decide("10.0.1.3", "10.0.0.2", 22), Reason::ClusterDenied);
+    assert_eq!(decide("10.0.0.1", "10.0.1.3", 22), Reason::NotIsolated);
+    assert_eq!(decide("10.0.1.3", "10.0.0.2", 5432), Reason::ClusterAccepted);
+    assert_eq!(decide("10.0.1.3", "10.0.0.1", 5432), Reason::NotIsolated);
+}
+
+#[test]
+fn a_cluster_network_policy_replaced_rewrites_its_groups_entries_and_moves_no_endpoint() {
+    let mut compiler = Compiler::new();
+    let first = compiler.compile(&guarded(22).state);
+    let replaced = guarded(2222);
+    let second = compiler.compile(&replaced.state);
+    assert_eq!(second, compile(&replaced.state, &first.allocations));
+    assert_eq!(second.endpoints, first.endpoints, "no endpoint changes group");
+    // Per group, the deny on 22 goes and the one on 2222 comes: four keys, not four per
+    // endpoint.
+    let changed = second
+        .policy
+        .changes_since(first.policy.version())
+        .expect("changes since the last version");
+    let groups = [
+        tier_group(&first, "10.0.0.1", TIER_ADMIN),
+        tier_group(&first, "10.0.0.2", TIER_ADMIN),
+    ];
+    let mut seen: Vec<(u32, u16)> = changed
+        .iter()
+        .map(|key| {
+            assert_eq!(key.data.direction, DIR_INGRESS | TIER_ADMIN);
+            (key.data.endpoint, u16::from_be_bytes(key.data.port))
+        })
+        .collect();
+    seen.sort_unstable();
+    let mut expected: Vec<(u32, u16)> = groups
+        .iter()
+        .flat_map(|&group| [(group, 22), (group, 2222)])
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(seen, expected);
+    let denied = |c: &Compiled, port| {
+        model::decide(c, ip("10.0.1.3"), ip("10.0.0.1"), PROTO_TCP, port, Direction::Ingress)
+            .reason
+    };
+    assert_eq!(denied(&second, 2222), Reason::ClusterDenied);
+    assert_eq!(denied(&second, 22), Reason::NotIsolated);
+}
+
+#[test]
+fn a_new_tier_group_takes_no_number_a_group_let_go_in_the_same_compile() {
+    // "db" goes and "web" (app=web pods) comes: x/b leaves its group, x/a and y/c leave
+    // theirs for a new one. While the kernel is brought over, an endpoint still naming
+    // an old group must find that group's old entries, not a new group's.
+    let mut compiler = Compiler::new();
+    let first = compiler.compile(&guarded(22).state);
+    let mut moved = guarded(22);
+    let policies = &mut moved.state.cluster_policies;
+    policies.remove("db");
+    policies.insert(
+        "web".into(),
+        admin_policy(
+            "web",
+            3,
+            json!({"subject": {"pods": {"namespaceSelector": {},
+                                        "podSelector": {"matchLabels": {"app": "web"}}}},
+                   "ingress": [{"action": "Accept", "from": [{"namespaces": {}}],
+                                "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]}]}),
+        ),
+    );
+    let second = compiler.compile(&moved.state);
+    assert_eq!(second, compile(&moved.state, &first.allocations));
+    let before: Vec<u32> = first.allocations.tier_groups().values().copied().collect();
+    let web = tier_group(&second, "10.0.0.1", TIER_ADMIN);
+    assert!(!before.contains(&web), "{web} was in use: {before:?}");
+    assert_eq!(web, tier_group(&second, "10.0.1.3", TIER_ADMIN));
+    // x/b is selected by "guard" alone now: the group x/a and y/c had, kept.
+    assert_eq!(
+        tier_group(&second, "10.0.0.2", TIER_ADMIN),
+        tier_group(&first, "10.0.0.1", TIER_ADMIN)
+    );
+    let groups: std::collections::BTreeSet<u32> = second
+        .policy
+        .keys()
+        .filter(|key| key.data.direction & TIER_ADMIN != 0)
+        .map(|key| key.data.endpoint)
+        .collect();
+    assert_eq!(groups.len(), 2, "the old groups' entries are gone: {groups:?}");
+}
+
+#[test]
+fn pods_resolving_a_tiers_ingress_named_port_differently_are_in_different_groups() {
+    // "metrics" (every pod) accepts scrapes on the named port "metrics": x/a serves it on
+    // 9090, x/b on 9100, y/c not at all, y/d on 9090 like x/a.
+    let mut cluster = Cluster::new()
+        .ns("x", &[])
+        .ns("y", &[])
+        .pod("x", "a", &[], &["10.0.0.1"], &[("metrics", 9090, "TCP")])
+        .pod("x", "b", &[], &["10.0.0.2"], &[("metrics", 9100, "TCP")])
+        .pod("y", "c", &[], &["10.0.1.3"], &[("http", 80, "TCP")])
+        .pod("y", "d", &[], &["10.0.1.4"], &[("metrics", 9090, "TCP")]);
+    cluster.state.cluster_policies.insert(
+        "metrics".into(),
+        admin_policy(
+            "metrics",
+            1,
+            json!({"subject": {"namespaces": {}},
+                   "ingress": [{"action": "Accept", "from": [{"namespaces": {}}],
+                                "protocols": [{"destinationNamedPort": "metrics"}]}]}),
+        ),
+    );
+    let c = run(cluster);
+    let group = |address| tier_group(&c, address, TIER_ADMIN);
+    let groups = [
+        group("10.0.0.1"),
+        group("10.0.0.2"),
+        group("10.0.1.3"),
+    ];
+    assert!(groups.iter().all(|&g| g != 0));
+    assert_ne!(groups[0], groups[1]);
+    assert_ne!(groups[0], groups[2]);
+    assert_ne!(groups[1], groups[2]);
+    assert_eq!(group("10.0.1.4"), groups[0]);
+    let scraped = |dst, port| {
+        model::decide(&c, ip("10.0.1.3"), ip(dst), PROTO_TCP, port, Direction::Ingress).reason
+    };
+    assert_eq!(scraped("10.0.0.1", 9090), Reason::ClusterAccepted);
+    assert_eq!(scraped("10.0.0.1", 9100), Reason::NotIsolated);
+    assert_eq!(scraped("10.0.0.2", 9100), Reason::ClusterAccepted);
+    assert_eq!(scraped("10.0.0.2", 9090), Reason::NotIsolated);
+    assert_eq!(scraped("10.0.1.4", 9090), Reason::ClusterAccepted);
 }
 
 #[test]
