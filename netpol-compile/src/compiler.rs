@@ -1062,8 +1062,22 @@ fn emit_maps(
     let (groups, endpoint_groups) =
         tier_groups(endpoints, pods, pod_entries, cluster_policies, &names_only);
     drop(names_only);
-    let keys = groups.iter().map(|g| g.key.clone()).collect();
-    numbered.allocations.number_tier_groups(keys);
+    let mut members: Vec<Vec<u32>> = vec![Vec::new(); groups.len()];
+    for (ep, in_groups) in endpoints.iter().zip(&endpoint_groups) {
+        let id = numbered.allocations.endpoint_id(pods[ep.pod].obj);
+        for &at in in_groups.iter().flatten() {
+            members[at].push(id.expect("allocated above"));
+        }
+    }
+    let wanted = groups
+        .iter()
+        .zip(members)
+        .map(|(group, mut ids)| {
+            ids.sort_unstable();
+            (group.key.clone(), ids)
+        })
+        .collect();
+    numbered.allocations.number_tier_groups(wanted);
     let numbered: &Numbered = numbered;
     let allocations = &numbered.allocations;
     // Rule ids of the policies selecting some endpoint whose entries are made, per

@@ -63,6 +63,13 @@ pub struct TierGroupKey {
     pub named_ports: Vec<NamedPortResolution>,
 }
 
+/// A tier group's number and its endpoints' ids (sorted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TierGroup {
+    pub number: u32,
+    pub endpoints: Vec<u32>,
+}
+
 /// What an identity stands for. It keys the identity's number only when none of its
 /// addresses had one (see [`Allocations`]).
 ///
@@ -107,17 +114,19 @@ impl std::fmt::Display for IdentitySignature {
 /// - Endpoint ids (from 1) are keyed by pod and rule ids (from 0) by [`RuleRef`]: kept
 ///   while the key exists, the lowest free number for a new key.
 /// - Tier groups (from 1) are keyed by [`TierGroupKey`]: kept while the key exists; a
-///   new key takes the lowest number that neither a kept key nor the previous
-///   allocations held, so no group's entries change meaning under an endpoint that still
-///   names it while the kernel's maps are brought over.
+///   new key takes the number of a group whose key is gone and all of whose endpoints
+///   it holds now (a ClusterNetworkPolicy of every pod replaced), else the lowest
+///   number that no group held before or holds now. So no endpoint that still names a
+///   group while the kernel's maps are brought over meets entries that were never its
+///   own or its new ones.
 /// - Identity numbers (from [`IDENTITY_FIRST_DYNAMIC`]) follow the IPCACHE keys: a class
 ///   of addresses takes the number most of its keys had (largest overlap first), else the
 ///   number its signature had, else the lowest free one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Allocations {
     endpoints: BTreeMap<ObjectRef, u32>,
-    /// Tier group numbers ([`Allocations::number_tier_groups`]).
-    tier_groups: BTreeMap<TierGroupKey, u32>,
+    /// Tier groups, numbered ([`Allocations::number_tier_groups`]).
+    tier_groups: BTreeMap<TierGroupKey, TierGroup>,
     /// Signature of every dynamic identity in force → its number.
     identities: BTreeMap<IdentitySignature, u32>,
     /// Dynamic identity of every IPCACHE key (world keys are absent): shared with the
@@ -139,29 +148,77 @@ impl Allocations {
 
     /// Number of a tier group.
     pub fn tier_group(&self, key: &TierGroupKey) -> Option<u32> {
-        self.tier_groups.get(key).copied()
+        self.tier_groups.get(key).map(|group| group.number)
     }
 
-    pub fn tier_groups(&self) -> &BTreeMap<TierGroupKey, u32> {
+    pub fn tier_groups(&self) -> &BTreeMap<TierGroupKey, TierGroup> {
         &self.tier_groups
     }
 
-    /// Numbers the tier groups `wanted` (see [`Allocations`]), letting go of the others.
-    pub(crate) fn number_tier_groups(&mut self, wanted: BTreeSet<TierGroupKey>) {
+    /// Numbers the tier groups `wanted` (each with its endpoints' ids; see
+    /// [`Allocations`]), letting go of the others. Called on allocations whose endpoints
+    /// are this compile's.
+    pub(crate) fn number_tier_groups(&mut self, wanted: BTreeMap<TierGroupKey, Vec<u32>>) {
         let before = std::mem::take(&mut self.tier_groups);
-        let mut fresh = Vec::new();
-        let mut held: Vec<u32> = before.values().copied().collect();
-        for key in wanted {
-            match before.get(&key) {
-                Some(&number) => {
-                    self.tier_groups.insert(key, number);
-                }
-                None => fresh.push(key),
+        let live: BTreeSet<u32> = self.endpoints.values().copied().collect();
+        // The key each endpoint is in now, per tier.
+        let mut key_of: BTreeMap<(u8, u32), &TierGroupKey> = BTreeMap::new();
+        for (key, endpoints) in &wanted {
+            key_of.extend(endpoints.iter().map(|&id| ((key.tier, id), key)));
+        }
+        // A key there was keeps its number: its entries are what they were.
+        let mut numbers: BTreeMap<&TierGroupKey, u32> = wanted
+            .keys()
+            .filter_map(|key| Some((key, before.get(key)?.number)))
+            .collect();
+        // A group whose key is gone passes its number on to the key that every one of its
+        // endpoints still here is in, if there is one: they see their entries change in
+        // place, as their own did before groups (the largest group first, then the lower
+        // number). A group that splits passes it on to none: its endpoints that move
+        // would meet the other part's entries before their own move.
+        let mut heirs: Vec<(usize, u32, &TierGroupKey)> = Vec::new();
+        for (old, group) in &before {
+            if wanted.contains_key(old) {
+                continue;
+            }
+            let mut keys = group
+                .endpoints
+                .iter()
+                .filter(|id| live.contains(id))
+                .map(|&id| key_of.get(&(old.tier, id)).copied());
+            let Some(Some(heir)) = keys.next() else {
+                continue;
+            };
+            if keys.all(|key| key == Some(heir)) {
+                heirs.push((group.endpoints.len(), group.number, heir));
             }
         }
+        heirs.sort_unstable_by_key(|&(size, number, _)| (std::cmp::Reverse(size), number));
+        for (_, number, heir) in heirs {
+            numbers.entry(heir).or_insert(number);
+        }
+        // The others: the lowest numbers that no group held before or holds now.
+        let mut held: Vec<u32> = before
+            .values()
+            .map(|group| group.number)
+            .chain(numbers.values().copied())
+            .collect();
         held.sort_unstable();
-        let numbers = free_numbers(held, 1);
-        self.tier_groups.extend(fresh.into_iter().zip(numbers));
+        held.dedup();
+        let mut free = free_numbers(held, 1);
+        let numbered: Vec<(TierGroupKey, u32)> = wanted
+            .keys()
+            .map(|key| {
+                let number = numbers.get(key).copied();
+                let number = number.unwrap_or_else(|| free.next().expect("u32 ids exhausted"));
+                (key.clone(), number)
+            })
+            .collect();
+        self.tier_groups = numbered
+            .into_iter()
+            .zip(wanted.into_values())
+            .map(|((key, number), endpoints)| (key, TierGroup { number, endpoints }))
+            .collect();
     }
 
     /// Identity number of a signature.

@@ -66,7 +66,7 @@ use crate::state::{ClusterState, ObjectRef};
 
 pub use compiler::{Compiler, compile};
 pub use diagnostics::{Diagnostic, Kind, ObjectName, Subject};
-pub use identity::{Allocations, IdentitySignature, NamedPortResolution, TierGroupKey};
+pub use identity::{Allocations, IdentitySignature, NamedPortResolution, TierGroup, TierGroupKey};
 pub use kept_map::KeptMap;
 pub use lpm::{Lpm, LpmData, addr, host_key, key_net, net_key};
 pub use policy::{FieldError, validate_policy};

@@ -532,7 +532,11 @@ mod tests {
         // 2 (one); one entry of room: group 1 does not fit, group 2 does.
         let c = compiled_in_groups(
             &[(1, 1, 1), (2, 2, 1), (3, 3, 2)],
-            &[tier_deny(1, 16, 22), tier_deny(1, 17, 22), tier_deny(2, 16, 22)],
+            &[
+                tier_deny(1, 16, 22),
+                tier_deny(1, 17, 22),
+                tier_deny(2, 16, 22),
+            ],
         );
         let fitted = fit(&c, &empty().kernel(), [10, 10, 1, 10]).unwrap();
         let refusal = |id| Refusal::Policy {

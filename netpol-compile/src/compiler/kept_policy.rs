@@ -22,10 +22,10 @@ use netpol_common::{PolicyKey, PolicyValue};
 
 use super::tiers::ClusterPolicy;
 use crate::cache::PeerSlots;
+use crate::identity::TierGroupKey;
 use crate::kept_map::differences;
 use crate::lpm::Lpm;
 use crate::policy::{ParsedPolicy, Peer, PortMatch, PortSpec};
-use crate::identity::TierGroupKey;
 use crate::state::DeclaredPort;
 use crate::{Direction, KeptMap};
 
@@ -172,7 +172,10 @@ impl<I: PartialEq> Made<I> {
     }
 
     fn replace(&mut self, id: u32, inputs: I, entries: Entries) -> u32 {
-        debug_assert!(entries.windows(2).all(|w| w[0].0 < w[1].0), "sorted, each key once");
+        debug_assert!(
+            entries.windows(2).all(|w| w[0].0 < w[1].0),
+            "sorted, each key once"
+        );
         let kinds = entries
             .iter()
             .fold(0, |kinds, (key, _)| kinds | crate::policy_maps::kind(key));
@@ -193,7 +196,11 @@ impl<I: PartialEq> Made<I> {
         changes: &mut Vec<(Lpm<PolicyKey>, Option<PolicyValue>)>,
     ) {
         let Made { fresh, live } = self;
-        let gone: Vec<u32> = kept.keys().filter(|id| !live.contains(id)).copied().collect();
+        let gone: Vec<u32> = kept
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
         for id in gone {
             let owner = kept.remove(&id).expect("listed above");
             changes.extend(owner.entries.iter().map(|&(key, _)| (key, None)));

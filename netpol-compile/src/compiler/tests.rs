@@ -191,7 +191,15 @@ fn no_policies_endpoints_and_pod_ips_only() {
         ("10.0.1.3", 5),
     ]
     .into_iter()
-    .map(|(a, id)| (addr(ip(a)), EndpointInfo { id, ..EndpointInfo::default() }))
+    .map(|(a, id)| {
+        (
+            addr(ip(a)),
+            EndpointInfo {
+                id,
+                ..EndpointInfo::default()
+            },
+        )
+    })
     .collect();
     assert_eq!(c.endpoints, expected);
 
@@ -242,7 +250,10 @@ fn default_deny_ingress_isolates_the_namespace_only() {
     );
     assert_eq!(
         c.endpoints[&addr(ip("10.0.1.3"))],
-        EndpointInfo { id: 3, ..EndpointInfo::default() }
+        EndpointInfo {
+            id: 3,
+            ..EndpointInfo::default()
+        }
     );
     assert!(c.policy.is_empty());
     assert!(c.rules.is_empty());
@@ -837,7 +848,10 @@ fn endpoints_the_same_cluster_network_policies_select_share_one_tier_group() {
     assert_eq!(decide("10.0.1.3", "10.0.0.1", 22), Reason::ClusterDenied);
     assert_eq!(decide("10.0.1.3", "10.0.0.2", 22), Reason::ClusterDenied);
     assert_eq!(decide("10.0.0.1", "10.0.1.3", 22), Reason::NotIsolated);
-    assert_eq!(decide("10.0.1.3", "10.0.0.2", 5432), Reason::ClusterAccepted);
+    assert_eq!(
+        decide("10.0.1.3", "10.0.0.2", 5432),
+        Reason::ClusterAccepted
+    );
     assert_eq!(decide("10.0.1.3", "10.0.0.1", 5432), Reason::NotIsolated);
 }
 
@@ -848,7 +862,10 @@ fn a_cluster_network_policy_replaced_rewrites_its_groups_entries_and_moves_no_en
     let replaced = guarded(2222);
     let second = compiler.compile(&replaced.state);
     assert_eq!(second, compile(&replaced.state, &first.allocations));
-    assert_eq!(second.endpoints, first.endpoints, "no endpoint changes group");
+    assert_eq!(
+        second.endpoints, first.endpoints,
+        "no endpoint changes group"
+    );
     // Per group, the deny on 22 goes and the one on 2222 comes: four keys, not four per
     // endpoint.
     let changed = second
@@ -874,18 +891,26 @@ fn a_cluster_network_policy_replaced_rewrites_its_groups_entries_and_moves_no_en
     expected.sort_unstable();
     assert_eq!(seen, expected);
     let denied = |c: &Compiled, port| {
-        model::decide(c, ip("10.0.1.3"), ip("10.0.0.1"), PROTO_TCP, port, Direction::Ingress)
-            .reason
+        model::decide(
+            c,
+            ip("10.0.1.3"),
+            ip("10.0.0.1"),
+            PROTO_TCP,
+            port,
+            Direction::Ingress,
+        )
+        .reason
     };
     assert_eq!(denied(&second, 2222), Reason::ClusterDenied);
     assert_eq!(denied(&second, 22), Reason::NotIsolated);
 }
 
 #[test]
-fn a_new_tier_group_takes_no_number_a_group_let_go_in_the_same_compile() {
-    // "db" goes and "web" (app=web pods) comes: x/b leaves its group, x/a and y/c leave
-    // theirs for a new one. While the kernel is brought over, an endpoint still naming
-    // an old group must find that group's old entries, not a new group's.
+fn a_new_tier_group_takes_no_number_of_a_group_whose_endpoints_went_elsewhere() {
+    // "db" goes and "web" (app=web pods) comes: x/b moves to the group x/a and y/c had,
+    // x/a and y/c to a new one. While the kernel is brought over, an endpoint still
+    // naming an old group must find that group's old entries, not a new group's: the
+    // new one takes neither number.
     let mut compiler = Compiler::new();
     let first = compiler.compile(&guarded(22).state);
     let mut moved = guarded(22);
@@ -904,7 +929,12 @@ fn a_new_tier_group_takes_no_number_a_group_let_go_in_the_same_compile() {
     );
     let second = compiler.compile(&moved.state);
     assert_eq!(second, compile(&moved.state, &first.allocations));
-    let before: Vec<u32> = first.allocations.tier_groups().values().copied().collect();
+    let before: Vec<u32> = first
+        .allocations
+        .tier_groups()
+        .values()
+        .map(|g| g.number)
+        .collect();
     let web = tier_group(&second, "10.0.0.1", TIER_ADMIN);
     assert!(!before.contains(&web), "{web} was in use: {before:?}");
     assert_eq!(web, tier_group(&second, "10.0.1.3", TIER_ADMIN));
@@ -919,7 +949,103 @@ fn a_new_tier_group_takes_no_number_a_group_let_go_in_the_same_compile() {
         .filter(|key| key.data.direction & TIER_ADMIN != 0)
         .map(|key| key.data.endpoint)
         .collect();
-    assert_eq!(groups.len(), 2, "the old groups' entries are gone: {groups:?}");
+    assert_eq!(
+        groups.len(),
+        2,
+        "the old groups' entries are gone: {groups:?}"
+    );
+}
+
+/// An Admin policy of every pod of the namespaces `subject` selects, denying `port`
+/// from everywhere.
+fn deny_port(
+    name: &str,
+    priority: u16,
+    subject: serde_json::Value,
+    port: u16,
+) -> serde_json::Value {
+    admin_policy(
+        name,
+        priority,
+        json!({"subject": {"namespaces": subject},
+               "ingress": [{"action": "Deny", "from": [{"namespaces": {}}],
+                            "protocols": [{"tcp": {"destinationPort": {"number": port}}}]}]}),
+    )
+}
+
+#[test]
+fn a_tier_group_whose_endpoints_all_move_to_one_new_key_passes_its_number_on() {
+    // "base" joins "guard" on every pod; then "guard" goes: every group's key changes,
+    // and every group's endpoints move together, so no endpoint changes group.
+    let with_base = || {
+        let mut cluster = guarded(22);
+        cluster
+            .state
+            .cluster_policies
+            .insert("base".into(), deny_port("base", 0, json!({}), 23));
+        cluster
+    };
+    let mut compiler = Compiler::new();
+    let first = compiler.compile(&with_base().state);
+    let mut without_guard = with_base();
+    without_guard.state.cluster_policies.remove("guard");
+    let second = compiler.compile(&without_guard.state);
+    assert_eq!(second, compile(&without_guard.state, &first.allocations));
+    let groups = |c: &Compiled| -> Vec<u32> {
+        c.endpoints
+            .values()
+            .map(|info| info.tier_group(TIER_ADMIN))
+            .collect()
+    };
+    assert_eq!(groups(&second), groups(&first));
+    let keys: Vec<Vec<String>> = second
+        .allocations
+        .tier_groups()
+        .keys()
+        .map(|key| key.policies.clone())
+        .collect();
+    assert_eq!(keys, [vec!["base"], vec!["base", "db"]]);
+    // The groups' entries changed in place (the identities moved too: "guard"'s peer
+    // left), under the numbers they had.
+    let changed = second.policy.changes_since(first.policy.version()).unwrap();
+    assert!(!changed.is_empty());
+    assert!(
+        changed
+            .iter()
+            .all(|key| key.data.direction & TIER_ADMIN != 0
+                && groups(&first).contains(&key.data.endpoint)),
+        "{changed:?}"
+    );
+}
+
+#[test]
+fn a_tier_group_that_splits_passes_its_number_to_neither_part() {
+    // x/a and y/c are one group ("base", "guard"); then "base" selects only x and
+    // "guard" only y: x/a and y/c each take a new group, neither the old one's number.
+    let policies = |base: serde_json::Value, guard: serde_json::Value| {
+        let mut cluster = basic();
+        let all = &mut cluster.state.cluster_policies;
+        all.insert("base".into(), deny_port("base", 0, base, 23));
+        all.insert("guard".into(), deny_port("guard", 1, guard, 22));
+        cluster
+    };
+    let mut compiler = Compiler::new();
+    let first = compiler.compile(&policies(json!({}), json!({})).state);
+    let shared = tier_group(&first, "10.0.0.1", TIER_ADMIN);
+    assert_eq!(shared, tier_group(&first, "10.0.1.3", TIER_ADMIN));
+    let split = policies(
+        json!({"matchLabels": {"team": "a"}}),
+        json!({"matchLabels": {"team": "b"}}),
+    );
+    let second = compiler.compile(&split.state);
+    assert_eq!(second, compile(&split.state, &first.allocations));
+    let (a, c) = (
+        tier_group(&second, "10.0.0.1", TIER_ADMIN),
+        tier_group(&second, "10.0.1.3", TIER_ADMIN),
+    );
+    assert_ne!(a, c);
+    assert_ne!(a, shared);
+    assert_ne!(c, shared);
 }
 
 #[test]
@@ -945,18 +1071,22 @@ fn pods_resolving_a_tiers_ingress_named_port_differently_are_in_different_groups
     );
     let c = run(cluster);
     let group = |address| tier_group(&c, address, TIER_ADMIN);
-    let groups = [
-        group("10.0.0.1"),
-        group("10.0.0.2"),
-        group("10.0.1.3"),
-    ];
+    let groups = [group("10.0.0.1"), group("10.0.0.2"), group("10.0.1.3")];
     assert!(groups.iter().all(|&g| g != 0));
     assert_ne!(groups[0], groups[1]);
     assert_ne!(groups[0], groups[2]);
     assert_ne!(groups[1], groups[2]);
     assert_eq!(group("10.0.1.4"), groups[0]);
     let scraped = |dst, port| {
-        model::decide(&c, ip("10.0.1.3"), ip(dst), PROTO_TCP, port, Direction::Ingress).reason
+        model::decide(
+            &c,
+            ip("10.0.1.3"),
+            ip(dst),
+            PROTO_TCP,
+            port,
+            Direction::Ingress,
+        )
+        .reason
     };
     assert_eq!(scraped("10.0.0.1", 9090), Reason::ClusterAccepted);
     assert_eq!(scraped("10.0.0.1", 9100), Reason::NotIsolated);
