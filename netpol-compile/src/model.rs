@@ -131,7 +131,7 @@ pub fn decide(
         port: dport.to_be_bytes(),
     };
     let tier = |tier| {
-        let value = crate::policy_maps::lookup_tier(&compiled.policy, key, tier, &endpoint)?;
+        let value = crate::policy_maps::lookup_tier(&compiled.policy, key, tier, endpoint)?;
         match value.verdict {
             VERDICT_ALLOW => Some(decision(Reason::ClusterAccepted, value.rule)),
             VERDICT_DENY => Some(decision(Reason::ClusterDenied, value.rule)),
