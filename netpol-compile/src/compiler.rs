@@ -13,8 +13,9 @@
 //!    prefixes) by the peers it matches and the named ports it resolves (`memo.rs`,
 //!    `classify.rs`); each class is an identity. Endpoints, rules and identities get
 //!    their numbers ([`Allocations`]).
-//! 5. [`emit_maps`]: emit ENDPOINTS and POLICY entries per endpoint, direction, rule,
-//!    identity and port prefix (`emit.rs`), and the ClusterNetworkPolicy tiers' entries
+//! 5. [`emit_maps`]: number the tier groups (the endpoints the same ClusterNetworkPolicies
+//!    of a tier select), and emit ENDPOINTS and POLICY entries per endpoint, direction,
+//!    rule, identity and port prefix (`emit.rs`), and the tiers' entries per tier group
 //!    (`tiers.rs`).
 //!
 //! Per-object work (parsing, reading pods, matching pods against peers) is memoised in a

@@ -348,7 +348,7 @@ impl<'a> TierEntries<'a> {
     }
 
     /// Reads the rules of the policies `selecting` in `direction` that no earlier
-    /// endpoint's did: their ids, and the identities their peers match.
+    /// group's did: their ids, and the identities their peers match.
     fn read_rules(&mut self, direction: Direction, selecting: &[usize]) {
         for &i in selecting {
             for (at, rule) in self.policies[i].rules(direction).iter().enumerate() {
