@@ -2437,3 +2437,78 @@ fn an_admin_accept_opens_a_connection_whose_replies_pass() {
     // Port 82: neither the Accept nor b-from-a.
     assert!(!dp.run(ToPod, &Frame::new(ip(a), ip(b), Transport::syn(48101, 82))));
 }
+
+/// An Admin-tier ClusterNetworkPolicy over every pod of namespace x: TCP 80 from
+/// namespace y is denied. Baseline: c alone may not be reached on TCP 81 from anywhere.
+const ADMIN_GUARDS_X: &str = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: guard-x}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {matchLabels: {team: red}}}
+  ingress:
+    - name: not-from-blue
+      action: Deny
+      from: [{namespaces: {matchLabels: {team: blue}}}]
+      protocols: [{tcp: {destinationPort: {number: 80}}}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: c-closed}
+spec:
+  tier: Baseline
+  priority: 10
+  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: c}}}}
+  ingress:
+    - name: not-81
+      action: Deny
+      from: [{namespaces: {}}]
+      protocols: [{tcp: {destinationPort: {number: 81}}}]
+"#;
+
+#[test]
+fn the_pods_one_tier_group_holds_are_judged_by_its_one_set_of_entries() {
+    use netpol_common::{TIER_ADMIN, TIER_BASELINE};
+    let Some(dp) = Loaded::new("tier-group", &[CLUSTER, ADMIN_GUARDS_X]) else {
+        return;
+    };
+    // a, b and c (namespace x) are one Admin group, with one entry: the deny for d's
+    // identity. c alone has a Baseline group.
+    let info = |address: &str| dp.compiled.endpoints[&compile::addr(ip(address))];
+    let group = info("10.1.0.1").tier_group(TIER_ADMIN);
+    assert_ne!(group, 0);
+    for address in ["10.1.0.2", "10.1.0.3"] {
+        assert_eq!(info(address).tier_group(TIER_ADMIN), group, "{address}");
+    }
+    assert_eq!(info("10.1.0.1").tier_group(TIER_BASELINE), 0);
+    assert_ne!(info("10.1.0.3").tier_group(TIER_BASELINE), 0);
+    let admin: Vec<_> = dp
+        .compiled
+        .policy
+        .keys()
+        .filter(|key| key.data.direction & TIER_ADMIN != 0)
+        .collect();
+    assert_eq!(admin.len(), 1, "{admin:?}");
+    // The kernel finds it through each pod's group: d into a, b and c on TCP 80 is
+    // denied; a into b is not (a is no peer of the rule); d is no subject.
+    let denied = dp.counter(Reason::ClusterDenied);
+    for (port, dst) in [
+        (48200, "10.1.0.1"),
+        (48201, "10.1.0.2"),
+        (48202, "10.1.0.3"),
+    ] {
+        let syn = Frame::new(ip("10.2.0.1"), ip(dst), Transport::syn(port, 80));
+        assert!(!dp.run(ToPod, &syn), "d into {dst}");
+    }
+    assert_eq!(dp.counter(Reason::ClusterDenied) - denied, 3);
+    let a_into_b = Frame::new(ip("10.1.0.1"), ip("10.1.0.2"), Transport::syn(48203, 80));
+    assert!(dp.run(ToPod, &a_into_b));
+    let a_into_d = Frame::new(ip("10.1.0.1"), ip("10.2.0.1"), Transport::syn(48204, 80));
+    assert!(dp.run(ToPod, &a_into_d));
+    // The Baseline group is c's alone: a into c on 81 is denied, a into b is not.
+    let a_into = |dst: &str, port| Frame::new(ip("10.1.0.1"), ip(dst), Transport::syn(port, 81));
+    assert!(!dp.run(ToPod, &a_into("10.1.0.3", 48205)));
+    assert!(dp.run(ToPod, &a_into("10.1.0.2", 48206)));
+}
