@@ -969,7 +969,6 @@ fn tier_groups<'a>(
     pods: &[PodView<'_>],
     pod_entries: &'a [PodEntry],
     cluster_policies: &[Arc<ClusterPolicy>],
-    tier_entries: &TierEntries<'_>,
 ) -> (Vec<TierGroup<'a>>, Vec<[Option<usize>; 2]>) {
     let mut groups: Vec<TierGroup<'a>> = Vec::new();
     let mut found: HashMap<(u8, Vec<usize>, Vec<NamedPort<'a>>), usize> = HashMap::new();
@@ -990,7 +989,7 @@ fn tier_groups<'a>(
                 // Ingress named ports resolve on the pod: the key holds how it resolves
                 // the ones these rules name (most name none), so pods that differ only
                 // in others share a group.
-                let named = tier_entries.ingress_names(&selecting);
+                let named = tiers::ingress_names(cluster_policies, &selecting);
                 let named_ports: Vec<NamedPort<'a>> = pod
                     .named_ports()
                     .filter(|n| named.contains(&(n.name, n.protocol)))
@@ -1051,18 +1050,7 @@ fn emit_maps(
     mut update: Update<'_>,
 ) -> Maps {
     // The tier groups first (their keys need no numbers), then their numbers.
-    let names_only = TierEntries::new(
-        cluster_policies,
-        &numbered.allocations,
-        peers,
-        &numbered.peer_identities,
-        std::iter::empty(),
-        egress_named_ports,
-        &numbered.named_by_identity,
-    );
-    let (groups, endpoint_groups) =
-        tier_groups(endpoints, pods, pod_entries, cluster_policies, &names_only);
-    drop(names_only);
+    let (groups, endpoint_groups) = tier_groups(endpoints, pods, pod_entries, cluster_policies);
     let mut members: Vec<Vec<u32>> = vec![Vec::new(); groups.len()];
     for (ep, in_groups) in endpoints.iter().zip(&endpoint_groups) {
         let id = numbered.allocations.endpoint_id(pods[ep.pod].obj);

@@ -373,24 +373,6 @@ impl<'a> TierEntries<'a> {
         }
     }
 
-    /// The named ports (name, protocol) the ingress rules of the policies `selecting`
-    /// name.
-    pub(super) fn ingress_names(&self, selecting: &[usize]) -> Vec<(&'a str, u8)> {
-        let policies = self.policies;
-        let mut named: Vec<(&'a str, u8)> = selecting
-            .iter()
-            .flat_map(|&i| policies[i].rules(Direction::Ingress))
-            .flat_map(|rule| rule.ports.iter().flatten())
-            .filter_map(|spec| match &spec.port {
-                PortMatch::Named(name) => Some((name.as_str(), spec.protocol)),
-                PortMatch::All | PortMatch::Range(..) => None,
-            })
-            .collect();
-        named.sort_unstable();
-        named.dedup();
-        named
-    }
-
     /// The entries (endpoint 0) of a pod like `pod` that the policies `selecting` (all
     /// of `tier`) select, in `direction`.
     fn cells_of(
@@ -422,6 +404,26 @@ impl<'a> TierEntries<'a> {
         };
         ctx.emit(&rules)
     }
+}
+
+/// The named ports (name, protocol) the ingress rules of `policies[i]` for each `i` of
+/// `selecting` name, sorted, each once.
+pub(super) fn ingress_names<'a>(
+    policies: &'a [Arc<ClusterPolicy>],
+    selecting: &[usize],
+) -> Vec<(&'a str, u8)> {
+    let mut named: Vec<(&'a str, u8)> = selecting
+        .iter()
+        .flat_map(|&i| policies[i].rules(Direction::Ingress))
+        .flat_map(|rule| rule.ports.iter().flatten())
+        .filter_map(|spec| match &spec.port {
+            PortMatch::Named(name) => Some((name.as_str(), spec.protocol)),
+            PortMatch::All | PortMatch::Range(..) => None,
+        })
+        .collect();
+    named.sort_unstable();
+    named.dedup();
+    named
 }
 
 /// What turning the rules of one tier into entries in one direction needs.
