@@ -951,30 +951,33 @@ fn signature(
     }
 }
 
-/// A tier group of this compile ([`TierGroupKey`]): the endpoints like `pod` that the
-/// policies `selecting` of `tier` select.
-struct TierGroup<'a> {
-    tier: u8,
+/// A tier group as this compile finds it ([`TierGroupKey`]): the endpoints like `pod`
+/// that the policies `selecting` of the key's tier select.
+struct FoundGroup<'a> {
+    key: TierGroupKey,
     /// Indices into the ClusterNetworkPolicies in force, in their order.
     selecting: Vec<usize>,
     /// The first endpoint's pod (ingress named ports resolve on it, alike for all).
     pod: &'a PodEntry,
-    key: TierGroupKey,
+    /// The endpoints' ids, sorted.
+    endpoints: Vec<u32>,
 }
 
-/// The tier groups of `endpoints`, and each endpoint's (indices into them) in the
-/// Admin, then the Baseline tier.
+/// The tier groups of `endpoints` (whose ids are `ids`), and each endpoint's (indices
+/// into them) in the Admin, then the Baseline tier.
 fn tier_groups<'a>(
     endpoints: &[Endpoint],
+    ids: &[u32],
     pods: &[PodView<'_>],
     pod_entries: &'a [PodEntry],
     cluster_policies: &[Arc<ClusterPolicy>],
-) -> (Vec<TierGroup<'a>>, Vec<[Option<usize>; 2]>) {
-    let mut groups: Vec<TierGroup<'a>> = Vec::new();
+) -> (Vec<FoundGroup<'a>>, Vec<[Option<usize>; 2]>) {
+    let mut groups: Vec<FoundGroup<'a>> = Vec::new();
     let mut found: HashMap<(u8, Vec<usize>, Vec<NamedPort<'a>>), usize> = HashMap::new();
     let of_endpoints = endpoints
         .iter()
-        .map(|ep| {
+        .zip(ids)
+        .map(|(ep, &id)| {
             let pod = &pod_entries[pods[ep.pod].index];
             [TIER_ADMIN, TIER_BASELINE].map(|tier| {
                 let selecting: Vec<usize> = ep
@@ -1012,18 +1015,22 @@ fn tier_groups<'a>(
                                 })
                                 .collect(),
                         };
-                        groups.push(TierGroup {
-                            tier: *tier,
+                        groups.push(FoundGroup {
+                            key,
                             selecting: selecting.clone(),
                             pod,
-                            key,
+                            endpoints: Vec::new(),
                         });
                         groups.len() - 1
                     });
+                groups[at].endpoints.push(id);
                 Some(at)
             })
         })
         .collect();
+    for group in &mut groups {
+        group.endpoints.sort_unstable();
+    }
     (groups, of_endpoints)
 }
 
@@ -1049,22 +1056,19 @@ fn emit_maps(
     numbered: &mut Numbered,
     mut update: Update<'_>,
 ) -> Maps {
+    let ids: Vec<u32> = endpoints
+        .iter()
+        .map(|ep| {
+            let id = numbered.allocations.endpoint_id(pods[ep.pod].obj);
+            id.expect("allocated above")
+        })
+        .collect();
     // The tier groups first (their keys need no numbers), then their numbers.
-    let (groups, endpoint_groups) = tier_groups(endpoints, pods, pod_entries, cluster_policies);
-    let mut members: Vec<Vec<u32>> = vec![Vec::new(); groups.len()];
-    for (ep, in_groups) in endpoints.iter().zip(&endpoint_groups) {
-        let id = numbered.allocations.endpoint_id(pods[ep.pod].obj);
-        for &at in in_groups.iter().flatten() {
-            members[at].push(id.expect("allocated above"));
-        }
-    }
+    let (groups, endpoint_groups) =
+        tier_groups(endpoints, &ids, pods, pod_entries, cluster_policies);
     let wanted = groups
         .iter()
-        .zip(members)
-        .map(|(group, mut ids)| {
-            ids.sort_unstable();
-            (group.key.clone(), ids)
-        })
+        .map(|group| (group.key.clone(), group.endpoints.clone()))
         .collect();
     numbered.allocations.number_tier_groups(wanted);
     let numbered: &Numbered = numbered;
@@ -1107,7 +1111,7 @@ fn emit_maps(
                 Some(kinds) => kinds,
                 None => {
                     let mut entries = Vec::new();
-                    let (tier, pod) = (group.tier, group.pod);
+                    let (tier, pod) = (inputs.key.tier, group.pod);
                     tier_entries.emit(id, tier, pod, &group.selecting, &mut entries);
                     update.replace_group(id, inputs, entries)
                 }
@@ -1117,9 +1121,8 @@ fn emit_maps(
         .collect();
     let mut endpoint_map = BTreeMap::new();
     let mut local_pods = Vec::new();
-    for (ep, in_groups) in endpoints.iter().zip(endpoint_groups) {
+    for ((ep, in_groups), &id) in endpoints.iter().zip(endpoint_groups).zip(&ids) {
         let pod = &pods[ep.pod];
-        let id = allocations.endpoint_id(pod.obj).expect("allocated above");
         let entry = &pod_entries[pod.index];
         let inputs = endpoint_inputs(ep, entry, policies, &view);
         let kinds = match update.kept_endpoint(id, &inputs) {

@@ -173,10 +173,10 @@ pub fn lookup(
 
 /// The kernel's lookup in a cluster admin's tier ([`TIER_ADMIN`] or [`TIER_BASELINE`]):
 /// the entry deciding `key` (a packet's exact key, NetworkPolicy's direction) for
-/// `endpoint`, in its group of the tier, as `netpol-ebpf/src/policy.rs` finds it. Nothing when the
-/// endpoint has no entries in the tier and direction; else the exact port, the longest
-/// port range, every port of the protocol, every protocol, each looked up only when
-/// flagged. Tiers have no any-peer entries: the compiler writes one entry per identity,
+/// `endpoint`, in its group of the tier, as `netpol-ebpf/src/policy.rs` finds it.
+/// Nothing when the endpoint has no entries in the tier and direction; else the exact
+/// port, the longest port range, every port of the protocol, every protocol, each looked
+/// up only when flagged. Tiers have no any-peer entries: the compiler writes one entry per identity,
 /// each holding the first rule (in the tier's order) that matches it there.
 pub fn lookup_tier<'p>(
     policy: &'p BTreeMap<Lpm<PolicyKey>, PolicyValue>,

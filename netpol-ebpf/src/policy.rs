@@ -189,8 +189,8 @@ fn tier_decision(key: &PolicyKey, tier: u8, flags: u32, groups: u64) -> u64 {
 }
 
 /// The POLICY lookups for a new connection of an endpoint with `flags` and tier
-/// `groups` (`EndpointInfo::tier_groups_word`) that some tier judges: the Admin tier, NetworkPolicy if it isolates the endpoint, the Baseline
-/// tier, else not isolated.
+/// `groups` (`EndpointInfo::tier_groups_word`) that some tier judges: the Admin tier,
+/// NetworkPolicy if it isolates the endpoint, the Baseline tier, else not isolated.
 ///
 /// A global function (BTF linkage global, hence `no_mangle` and the C ABI): the
 /// verifier checks it once, for any key and flags, and its callers see an unknown

@@ -295,10 +295,10 @@ fn admit<K: Ord, const N: usize>(
     mut room: [usize; N],
 ) -> BTreeMap<K, usize> {
     let mut refused = BTreeMap::new();
-    for (id, needed) in new_by_owner {
+    for (owner, needed) in new_by_owner {
         match (0..N).find(|&map| needed[map] > room[map]) {
             Some(map) => {
-                refused.insert(id, map);
+                refused.insert(owner, map);
             }
             None => {
                 for map in 0..N {

@@ -3,13 +3,14 @@
 //! Within a tier, the first rule that matches decides (policies by priority, then name;
 //! rules in order), so the compiler resolves the order, not the kernel: per tier group
 //! (the local endpoints the same policies of the tier select, see
-//! [`crate::TierGroupKey`]), direction and peer identity it cuts each protocol's ports into the intervals
-//! where the same rule matches first, and writes one entry per interval (an exact port,
-//! a port-range prefix, every port) holding that rule and its verdict (Accept, Deny,
-//! Pass). A rule for every protocol becomes the every-protocol entry, and intervals it
-//! decides anyway are left to it. The entries of one identity never overlap, so the
-//! kernel's most-specific lookup ([`crate::policy_maps::lookup_tier`]) finds the first
-//! matching rule in a fixed number of lookups, whatever the number of policies.
+//! [`crate::TierGroupKey`]), direction and peer identity it cuts each protocol's ports
+//! into the intervals where the same rule matches first, and writes one entry per
+//! interval (an exact port, a port-range prefix, every port) holding that rule and its
+//! verdict (Accept, Deny, Pass). A rule for every protocol becomes the every-protocol
+//! entry, and intervals it decides anyway are left to it. The entries of one identity
+//! never overlap, so the kernel's most-specific lookup
+//! ([`crate::policy_maps::lookup_tier`]) finds the first matching rule in a fixed number
+//! of lookups, whatever the number of policies.
 //!
 //! A rule for every peer (one that could not be read, denying at its place) gets an
 //! entry for every identity, the world included: tiers have no any-peer entries, which
