@@ -369,6 +369,35 @@ pub(crate) struct CompileCache {
     /// found changed, each with the addresses its entry listed before (none when it had
     /// no entry or held none).
     pub pods_before: Vec<(ObjectRef, Vec<IpAddr>)>,
+    /// The pods whose entries hold ipBlock matches (`PodEntry::ip_bits` not empty).
+    pub in_blocks: InBlocks,
+}
+
+/// The pods whose entries hold ipBlock matches, kept in step with the entries: so that an
+/// ipBlock coming into force, going out of it or freed finds the pods with an address in
+/// it without a pass over every pod's addresses (most hold none: a block is mostly
+/// outside the cluster's pod range).
+#[derive(Default)]
+pub(crate) struct InBlocks(BTreeSet<ObjectRef>);
+
+impl InBlocks {
+    /// Follows `entry` after its ipBlock matches were made again; `had`: whether it held
+    /// some before.
+    pub fn follow(&mut self, entry: &PodEntry, had: bool) {
+        match (had, !entry.ip_bits.is_empty()) {
+            (false, true) => {
+                self.0.insert(entry.obj.clone());
+            }
+            (true, false) => {
+                self.0.remove(&entry.obj);
+            }
+            _ => {}
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ObjectRef> {
+        self.0.iter()
+    }
 }
 
 impl CompileCache {
@@ -493,6 +522,7 @@ impl CompileCache {
         let mut old = std::mem::take(&mut self.pods).into_iter().peekable();
         self.pods = crate::sparing::with_room(pods.len());
         self.pod_counts = PodCounts::default();
+        self.in_blocks = InBlocks::default();
         for (obj, pod) in pods {
             let entry = match next_entry(&mut old, |e| e.obj.cmp(obj)) {
                 Some(mut e) if e.matches(pod) => {
@@ -502,6 +532,7 @@ impl CompileCache {
                 _ => PodEntry::new(obj, pod, node),
             };
             self.pod_counts.add(&entry);
+            self.in_blocks.follow(&entry, false);
             self.pods.push(entry);
         }
     }
@@ -527,7 +558,9 @@ impl CompileCache {
                     if entry.matches(pod) {
                         entry.read_placement(pod, node);
                     } else {
+                        let had = !entry.ip_bits.is_empty();
                         *entry = PodEntry::new(obj, pod, node);
+                        self.in_blocks.follow(entry, had);
                     }
                     self.pod_counts.add(entry);
                 }
@@ -539,6 +572,9 @@ impl CompileCache {
                 (None, Ok(i)) => {
                     let entry = crate::sparing::remove(&mut self.pods, i);
                     self.pod_counts.remove(&entry);
+                    if !entry.ip_bits.is_empty() {
+                        self.in_blocks.0.remove(&entry.obj);
+                    }
                 }
                 (None, Err(_)) => {}
             }

@@ -49,7 +49,9 @@ use self::select::select_endpoints;
 pub(crate) use self::tiers::ReadCnp;
 use self::tiers::{ClusterPolicy, TierEntries};
 use crate::admission::Admission;
-use crate::cache::{CompileCache, NamedPort, Namespaces, PeerSlots, PodEntry, pods_in_namespace};
+use crate::cache::{
+    BitSet, CompileCache, NamedPort, Namespaces, PeerSlots, PodEntry, pods_in_namespace,
+};
 use crate::identity::{
     Allocations, IdentityClasses, IdentitySignature, NamedPortResolution, Rules, TierGroupKey,
 };
@@ -209,6 +211,7 @@ fn compile_with(
         keys: kept_keys,
         pods_before,
         selection,
+        in_blocks,
         ..
     } = cache;
     let namespaces: &Namespaces = namespaces;
@@ -259,9 +262,11 @@ fn compile_with(
     if quiet {
         let changed = class_table.changed_slots(&peers.active);
         let kept = changed.into_iter().filter(|slot| !freed.contains(slot));
-        let kept = kept.map(|slot| &peers.slot(slot).peer);
-        let slots = kept.chain(freed_peers.iter().map(|(_, peer)| peer));
-        matched_by_slots(slots, pod_entries, namespaces, pods_before);
+        let kept = kept.map(|slot| (slot, &peers.slot(slot).peer));
+        let slots = kept.chain(freed_peers.iter().map(|(slot, peer)| (*slot, peer)));
+        let known = |slot: usize| !peers.added.contains(&slot);
+        let (entries, namespaces) = (&*pod_entries, namespaces);
+        matched_by_slots(slots, known, (entries, namespaces, in_blocks), pods_before);
     }
 
     let context = MemoContext {
@@ -284,12 +289,14 @@ fn compile_with(
             let entry = &mut pod_entries[at];
             entry.class = None;
             let ns = &namespaces[obj.namespace.as_str()];
+            let in_a_block = !entry.ip_bits.is_empty();
             context.refresh_pod(
                 entry,
                 &obj.namespace,
                 (pod.labels(), &ns.labels),
                 ns.version,
             );
+            in_blocks.follow(entry, in_a_block);
             entry.resolve_named_ports(&egress_named_ports, named_ports_version, now);
         }
     } else {
@@ -309,7 +316,9 @@ fn compile_with(
             let (name, ns) = namespace.expect("set above");
             debug_assert_eq!(name, pod.obj.namespace);
             let entry = &mut pod_entries[pod.index];
+            let in_a_block = !entry.ip_bits.is_empty();
             context.refresh_pod(entry, name, (pod.labels, &ns.labels), ns.version);
+            in_blocks.follow(entry, in_a_block);
             entry.resolve_named_ports(&egress_named_ports, named_ports_version, now);
         }
     }
@@ -681,12 +690,17 @@ fn peers_in_force<'a>(
 /// addresses or not, that a peer of `slots` matches (those already named keep theirs):
 /// the pods whose matches or classes the slots coming into force, going out of it,
 /// allocated or freed change. A pod peer matches by labels; an ipBlock the pods with an
-/// address in it (their per-address matches, `PodEntry::ip_bits`); a `nodes` peer no pod
-/// (the keys it moves are no pod's: `classify` patches them).
+/// address in it; a `nodes` peer no pod (the keys it moves are no pod's: `classify`
+/// patches them).
+///
+/// A slot `known` (allocated before this compile) is in the ipBlock matches of every
+/// entry with an address in its block (`PodEntry::ip_bits`, brought up to date whenever
+/// slots are allocated or freed): its pods are found among those of `in_blocks`. A block
+/// allocated now is looked for in every entry's addresses.
 fn matched_by_slots<'p>(
-    slots: impl Iterator<Item = &'p Peer>,
-    entries: &[PodEntry],
-    namespaces: &Namespaces,
+    slots: impl Iterator<Item = (usize, &'p Peer)>,
+    known: impl Fn(usize) -> bool,
+    (entries, namespaces, in_blocks): (&[PodEntry], &Namespaces, &crate::cache::InBlocks),
     moved: &mut Vec<(ObjectRef, Vec<std::net::IpAddr>)>,
 ) {
     let mut slots = slots.peekable();
@@ -699,13 +713,17 @@ fn matched_by_slots<'p>(
             moved.push((entry.obj.clone(), entry.held_ips()));
         }
     };
-    let mut blocks = Vec::new();
-    for peer in slots {
+    let (mut known_blocks, mut new_blocks) = (Vec::new(), Vec::new());
+    for (slot, peer) in slots {
         let (in_namespaces, selector) = match peer {
             Peer::Pods { namespaces, pods } => (namespaces, pods),
             Peer::Nodes(_) => continue,
+            Peer::Block(_) if known(slot) => {
+                known_blocks.push(slot);
+                continue;
+            }
             Peer::Block(block) => {
-                blocks.push(block);
+                new_blocks.push(block);
                 continue;
             }
         };
@@ -725,10 +743,20 @@ fn matched_by_slots<'p>(
             }
         }
     }
-    // One pass over every entry's addresses for all the ipBlocks (most hold no pod's).
-    if !blocks.is_empty() {
+    if !known_blocks.is_empty() {
+        for obj in in_blocks.iter() {
+            let at = entries.binary_search_by(|e| e.obj.cmp(obj));
+            let entry = &entries[at.expect("in_blocks follows the entries")];
+            let inside = |bits: &BitSet| known_blocks.iter().any(|&slot| bits.contains(slot));
+            if entry.ip_bits.iter().any(inside) {
+                add(entry);
+            }
+        }
+    }
+    // One pass over every entry's addresses for the ipBlocks allocated now.
+    if !new_blocks.is_empty() {
         for entry in entries {
-            let inside = |&ip: &std::net::IpAddr| blocks.iter().any(|b| b.contains_addr(ip));
+            let inside = |&ip: &std::net::IpAddr| new_blocks.iter().any(|b| b.contains_addr(ip));
             if entry.ips.iter().any(inside) {
                 add(entry);
             }
