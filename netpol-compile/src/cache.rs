@@ -20,9 +20,10 @@
 //!   ordered walk when the caller cannot say), and a pod's resolution of the egress
 //!   named ports in force is redone only when that list changes;
 //! - a pod's peer matches are recomputed when the pod or its namespace's labels changed,
-//!   or when the pod was not classified by the previous compile; otherwise only peers
-//!   that came into force since are matched against it. The same holds for ipBlock
-//!   prefixes.
+//!   when it starts to hold addresses (those of pods holding none are not kept up to
+//!   date), or when the pod was not classified by the previous compile; otherwise only
+//!   peers that came into force since are matched against it. The same holds for ipBlock
+//!   prefixes; the pods with an address in some ipBlock are listed ([`InBlocks`]).
 //!
 //! The cache never decides anything: a compile with it gives exactly the result of a
 //! compile without it (`cache_never_changes_results` checks chains of random changes).
@@ -922,7 +923,13 @@ impl PodEntry {
         // The state's value now (equal in what `matches` compares): the one it replaced
         // is not kept alive here.
         self.pod = pod.clone();
-        self.holds = holds_pod_addresses(pod);
+        let holds = holds_pod_addresses(pod);
+        if holds && !self.holds {
+            // Peer matches are kept up to date for pods holding addresses only (no
+            // other is classified): one that starts to hold them is matched afresh.
+            self.memo.at = None;
+        }
+        self.holds = holds;
         self.local = node.is_local(pod);
     }
 

@@ -266,7 +266,13 @@ fn compile_with(
         let slots = kept.chain(freed_peers.iter().map(|(slot, peer)| (*slot, peer)));
         let known = |slot: usize| !peers.added.contains(&slot);
         let (entries, namespaces) = (&*pod_entries, namespaces);
-        matched_by_slots(slots, known, (entries, namespaces, in_blocks), pods_before);
+        let kept = Kept {
+            entries,
+            namespaces,
+            in_blocks,
+            keys: kept_keys,
+        };
+        matched_by_slots(slots, known, &kept, pods_before);
     }
 
     let context = MemoContext {
@@ -686,23 +692,41 @@ fn peers_in_force<'a>(
     egress_named_ports.into_iter().collect()
 }
 
-/// Adds to `moved` (pods with the addresses they listed before) every pod entry, holding
-/// addresses or not, that a peer of `slots` matches (those already named keep theirs):
-/// the pods whose matches or classes the slots coming into force, going out of it,
-/// allocated or freed change. A pod peer matches by labels; an ipBlock the pods with an
-/// address in it; a `nodes` peer no pod (the keys it moves are no pod's: `classify`
-/// patches them).
+/// What the last compile left that [`matched_by_slots`] reads: the pod entries, the
+/// namespaces, the pods held in some ipBlock, the IPCACHE keys.
+struct Kept<'a> {
+    entries: &'a [PodEntry],
+    namespaces: &'a Namespaces,
+    in_blocks: &'a crate::cache::InBlocks,
+    keys: &'a self::classify::KeptKeys,
+}
+
+/// Adds to `moved` (pods with the addresses they listed before) every pod entry that a
+/// peer of `slots` may match (those already named keep theirs): the pods whose matches or
+/// classes the slots coming into force, going out of it, allocated or freed change. A pod
+/// peer matches by labels; an ipBlock the pods with an address in it; a `nodes` peer no
+/// pod (the keys it moves are no pod's: `classify` patches them). Only the peer matches
+/// of pods holding addresses are kept up to date (no other is classified; one that
+/// starts to hold them is matched afresh): the others need not be found.
 ///
 /// A slot `known` (allocated before this compile) is in the ipBlock matches of every
 /// entry with an address in its block (`PodEntry::ip_bits`, brought up to date whenever
 /// slots are allocated or freed): its pods are found among those of `in_blocks`. A block
-/// allocated now is looked for in every entry's addresses.
+/// allocated now is looked for in every entry's addresses, unless no key of the last
+/// compile lies inside it (the addresses of pods holding them that this compile did not
+/// name are all keys of the last one).
 fn matched_by_slots<'p>(
     slots: impl Iterator<Item = (usize, &'p Peer)>,
     known: impl Fn(usize) -> bool,
-    (entries, namespaces, in_blocks): (&[PodEntry], &Namespaces, &crate::cache::InBlocks),
+    kept: &Kept<'_>,
     moved: &mut Vec<(ObjectRef, Vec<std::net::IpAddr>)>,
 ) {
+    let Kept {
+        entries,
+        namespaces,
+        in_blocks,
+        keys,
+    } = *kept;
     let mut slots = slots.peekable();
     if slots.peek().is_none() {
         return;
@@ -723,7 +747,9 @@ fn matched_by_slots<'p>(
                 continue;
             }
             Peer::Block(block) => {
-                new_blocks.push(block);
+                if keys.lists_inside(&block.cidr) {
+                    new_blocks.push(block);
+                }
                 continue;
             }
         };
@@ -737,7 +763,7 @@ fn matched_by_slots<'p>(
         };
         for name in selected {
             for entry in pods_in_namespace(entries, name) {
-                if selector.matches(entry.labels()) {
+                if entry.holds && selector.matches(entry.labels()) {
                     add(entry);
                 }
             }
@@ -748,14 +774,15 @@ fn matched_by_slots<'p>(
             let at = entries.binary_search_by(|e| e.obj.cmp(obj));
             let entry = &entries[at.expect("in_blocks follows the entries")];
             let inside = |bits: &BitSet| known_blocks.iter().any(|&slot| bits.contains(slot));
-            if entry.ip_bits.iter().any(inside) {
+            if entry.holds && entry.ip_bits.iter().any(inside) {
                 add(entry);
             }
         }
     }
-    // One pass over every entry's addresses for the ipBlocks allocated now.
+    // One pass over every entry's addresses for the ipBlocks allocated now that hold
+    // some address.
     if !new_blocks.is_empty() {
-        for entry in entries {
+        for entry in entries.iter().filter(|entry| entry.holds) {
             let inside = |&ip: &std::net::IpAddr| new_blocks.iter().any(|b| b.contains_addr(ip));
             if entry.ips.iter().any(inside) {
                 add(entry);

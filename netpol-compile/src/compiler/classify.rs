@@ -540,6 +540,14 @@ struct PatchContext<'a> {
 }
 
 impl KeptKeys {
+    /// Whether some key of the last compile is an address inside `net` (a pod's, a
+    /// node's or a Service's): the addresses of a family are one run of the sorted keys.
+    pub(super) fn lists_inside(&self, net: &IpNet) -> bool {
+        let (first, last) = (host_key(net.network()), host_key(net.broadcast()));
+        let at = self.merged.partition_point(|&(key, _, _)| key < first);
+        self.merged.get(at).is_some_and(|&(key, _, _)| key <= last)
+    }
+
     /// The kept keys with those of `moved` (pods, each with the addresses it listed
     /// before) made again, and those of nodes, Services and prefixes that changed, and
     /// the keys that changed; `None`, leaving the keys to be listed anew, when a key of

@@ -1257,6 +1257,50 @@ fn a_finished_pod_holds_no_address() {
 }
 
 #[test]
+fn a_pod_that_holds_its_address_again_is_matched_by_the_peers_that_came_meanwhile() {
+    use crate::state::Changes;
+    use crate::testutil::{pod, with_phase};
+    // x/a runs, finishes, and (in a state a source may well hand over) runs again; while
+    // it holds no address a policy comes whose peer selects it. The compile that sees it
+    // run again must match it against that peer, as a compile from scratch does.
+    let cluster = |phase: &str| {
+        Cluster::new()
+            .ns("x", &[])
+            .raw_pod(with_phase(
+                pod("x", "a", &[("app", "web")], &["10.0.0.1"], &[]),
+                phase,
+                None,
+            ))
+            .pod("x", "d", &[("app", "db")], &["10.0.0.3"], &[])
+    };
+    let told = |pods: &[&str], policies: &[&str]| Changes {
+        pods: Some(pods.iter().map(|&p| ObjectRef::new("x", p)).collect()),
+        policies: Some(policies.iter().map(|&p| ObjectRef::new("x", p)).collect()),
+        ..Changes::NONE
+    };
+    let mut compiler = Compiler::new();
+    compiler.compile(&cluster("Running").state);
+    compiler.compile_changed(&cluster("Succeeded").state, &told(&["a"], &[]));
+    let allow_web = |c: Cluster| {
+        c.policy(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"app": "db"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]}),
+        )
+    };
+    let added =
+        compiler.compile_changed(&allow_web(cluster("Succeeded")).state, &told(&[], &["p"]));
+    let again = allow_web(cluster("Running")).state;
+    let running = compiler.compile_changed(&again, &told(&["a"], &[]));
+    assert_eq!(running, compile(&again, &added.allocations));
+    assert_ne!(
+        identity(&running, "10.0.0.1"),
+        identity(&running, "10.0.0.3")
+    );
+}
+
+#[test]
 fn node_ips_are_host_peers_with_ip_block_identity() {
     let c = run(basic().node_ips(&["10.0.0.254", "192.168.7.1"]).policy(
         "x",
