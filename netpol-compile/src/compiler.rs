@@ -747,7 +747,7 @@ fn matched_by_slots<'p>(
                 continue;
             }
             Peer::Block(block) => {
-                if keys.lists_inside(&block.cidr) {
+                if keys.lists_inside(block) {
                     new_blocks.push(block);
                 }
                 continue;
