@@ -303,7 +303,7 @@ fn compile_with(
                 ns.version,
             );
             in_blocks.follow(entry, in_a_block);
-            entry.resolve_named_ports(&egress_named_ports, named_ports_version, now);
+            entry.resolve_named_ports(&egress_named_ports, named_ports_version);
         }
     } else {
         let all = all.get_or_insert_with(|| live_pods(state, pod_entries, false, &mut diagnostics));
@@ -325,7 +325,7 @@ fn compile_with(
             let in_a_block = !entry.ip_bits.is_empty();
             context.refresh_pod(entry, name, (pod.labels, &ns.labels), ns.version);
             in_blocks.follow(entry, in_a_block);
-            entry.resolve_named_ports(&egress_named_ports, named_ports_version, now);
+            entry.resolve_named_ports(&egress_named_ports, named_ports_version);
         }
     }
     let prefixes = context.refresh_prefixes(prefixes);
@@ -349,9 +349,8 @@ fn compile_with(
         &frontends,
         (class_table, key_order, kept_keys),
         moved,
-        now,
     );
-    let pod_entries: &[PodEntry] = pod_entries;
+    let pod_entries: &[Box<PodEntry>] = pod_entries;
     let signatures = signature_memo.list(&classes, slots_moved, named_ports_version, |class| {
         signature(class, peers, &egress_named_ports)
     });
@@ -695,7 +694,7 @@ fn peers_in_force<'a>(
 /// What the last compile left that [`matched_by_slots`] reads: the pod entries, the
 /// namespaces, the pods held in some ipBlock, the IPCACHE keys.
 struct Kept<'a> {
-    entries: &'a [PodEntry],
+    entries: &'a [Box<PodEntry>],
     namespaces: &'a Namespaces,
     in_blocks: &'a crate::cache::InBlocks,
     keys: &'a self::classify::KeptKeys,
@@ -1024,7 +1023,7 @@ fn tier_groups<'a>(
     endpoints: &[Endpoint],
     ids: &[u32],
     pods: &[PodView<'_>],
-    pod_entries: &'a [PodEntry],
+    pod_entries: &'a [Box<PodEntry>],
     cluster_policies: &[Arc<ClusterPolicy>],
 ) -> (Vec<FoundGroup<'a>>, Vec<[Option<usize>; 2]>) {
     let mut groups: Vec<FoundGroup<'a>> = Vec::new();
@@ -1105,7 +1104,7 @@ fn emit_maps(
     cluster_policies: &[Arc<ClusterPolicy>],
     pods: &[PodView<'_>],
     endpoints: &[Endpoint],
-    pod_entries: &[PodEntry],
+    pod_entries: &[Box<PodEntry>],
     peers: &PeerSlots,
     egress_named_ports: &[(&str, u8)],
     numbered: &mut Numbered,

@@ -1,7 +1,7 @@
 //! Inserting into and removing from the large sorted `Vec`s the compiler keeps between
-//! compiles (a pod entry each, an IPCACHE key each), with a bounded amount of room to
-//! spare: `Vec::insert` doubles a full vector, so the first pod created after a
-//! 150,000-pod sync would reserve room for 150,000 more (~37 MiB of pod entries no pod
+//! compiles (a pod entry's pointer each, an IPCACHE key each), with a bounded amount of
+//! room to spare: `Vec::insert` doubles a full vector, so the first pod created after a
+//! 150,000-pod sync would reserve room for 190,000 more IPCACHE keys (~6 MiB no key
 //! uses). Here a full vector grows by an eighth, and one left with much more room than
 //! it holds gives the room back; each element still moves O(1) times per growth, on
 //! average. A vector built whole is built with that room ([`with_room`]).
@@ -14,9 +14,9 @@ fn growth(len: usize) -> usize {
 /// An empty vector for `len` elements and one growth's room: a vector built whole
 /// starts with the room a full one would gain, so the first elements inserted after it
 /// is built do not move it. Moving is a copy into a new buffer with the old one still
-/// held: for 150,000 pod entries, 29 MiB more for the copy, which was the agent's peak
-/// (at the first pod created after the first sync). The room costs address space, not
-/// memory, until it is used.
+/// held (when the pod entries were held in place, 29 MiB more for the copy at 150,000
+/// pods, the agent's peak then, at the first pod created after the first sync). The room
+/// costs address space, not memory, until it is used.
 pub(crate) fn with_room<T>(len: usize) -> Vec<T> {
     Vec::with_capacity(len + growth(len))
 }

@@ -247,14 +247,13 @@ pub(super) struct Moved<'a> {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn classify<'a>(
     state: &ClusterState,
-    entries: &mut [PodEntry],
+    entries: &mut [Box<PodEntry>],
     pods: Option<&[PodView<'_>]>,
     peers: &PeerSlots,
     prefixes: &[(IpNet, BitSet)],
     services: &Frontends,
     (table, order, kept): (&'a mut ClassTable, &mut KeyOrder, &'a mut KeptKeys),
     moved: Moved<'_>,
-    now: u64,
 ) -> Classes<'a> {
     let active = &peers.active;
     table.begin(active, moved.pods.is_some());
@@ -269,7 +268,6 @@ pub(super) fn classify<'a>(
                 listed: moved.listed,
                 active,
                 ranges: &services.ranges,
-                now,
             };
             kept.patch(pods, entries, table, &context)
         }
@@ -288,7 +286,7 @@ pub(super) fn classify<'a>(
                 &walked
             }
         };
-        let merged = all_keys(entries, pods, &others, &services.ranges, table, order, now);
+        let merged = all_keys(entries, pods, &others, &services.ranges, table, order);
         kept.counts.clear();
         kept.counts.resize(table.list.len(), 0);
         for &(_, class, _) in &merged {
@@ -320,13 +318,12 @@ pub(super) fn classify<'a>(
 /// Every IPCACHE key, sorted, with its class (index in the table) and flags: the pods'
 /// (of `pods`) merged with `others` ([`other_keys`], sorted).
 fn all_keys(
-    entries: &mut [PodEntry],
+    entries: &mut [Box<PodEntry>],
     pods: &[PodView<'_>],
     others: &[Listed],
     ranges: &BTreeSet<IpNet>,
     table: &mut ClassTable,
     order: &mut KeyOrder,
-    now: u64,
 ) -> Vec<(Lpm<Addr>, usize, u32)> {
     let active = table.active.clone();
     let mut keys: Vec<Listed> = Vec::with_capacity(entries.len() * 2 + others.len());
@@ -335,17 +332,9 @@ fn all_keys(
     for pod in pods {
         let entry = &mut entries[pod.index];
         let kept = pod.kept.as_deref();
-        pod_keys(
-            entry,
-            kept,
-            table,
-            &mut pod_class,
-            &active,
-            now,
-            |key, class| {
-                keys.push((key, 0, class, 0));
-            },
-        );
+        pod_keys(entry, kept, table, &mut pod_class, &active, |key, class| {
+            keys.push((key, 0, class, 0));
+        });
     }
     keys.extend_from_slice(others);
     let mut keys = order.sort(keys);
@@ -398,20 +387,17 @@ fn pod_keys(
     table: &mut ClassTable,
     pod_class: &mut ClassKey,
     active: &BitSet,
-    now: u64,
     mut out: impl FnMut(Lpm<Addr>, usize),
 ) {
     if entry.ip_bits.is_empty() {
         let class = match entry.class {
-            Some((epoch, at, class)) if epoch.get() == table.epoch && entry.changed_at <= at => {
-                class as usize
-            }
+            Some((epoch, class)) if epoch.get() == table.epoch => class as usize,
             _ => {
                 pod_class.set(entry, active);
                 let class = table.intern_ref(pod_class);
                 let epoch = NonZeroU64::new(table.epoch).expect("begun: epochs count from 1");
                 let index = u32::try_from(class).expect("fewer classes than pods' addresses");
-                entry.class = Some((epoch, now, index));
+                entry.class = Some((epoch, index));
                 class
             }
         };
@@ -529,14 +515,13 @@ fn other_keys(
 }
 
 /// What [`KeptKeys::patch`] reads besides the pods that moved: the keys that are no
-/// pod's as listed now (sorted), the addresses pods list now, the peers in force, the
-/// Service ranges and this compile's number.
+/// pod's as listed now (sorted), the addresses pods list now, the peers in force and the
+/// Service ranges.
 struct PatchContext<'a> {
     others: &'a [Listed],
     listed: &'a PodCounts,
     active: &'a BitSet,
     ranges: &'a BTreeSet<IpNet>,
-    now: u64,
 }
 
 impl KeptKeys {
@@ -576,7 +561,7 @@ impl KeptKeys {
     fn patch(
         &mut self,
         moved: &[(ObjectRef, Vec<IpAddr>)],
-        entries: &mut [PodEntry],
+        entries: &mut [Box<PodEntry>],
         table: &mut ClassTable,
         context: &PatchContext<'_>,
     ) -> Option<Vec<KeyChange>> {
@@ -611,7 +596,6 @@ impl KeptKeys {
                 table,
                 &mut pod_class,
                 context.active,
-                context.now,
                 |key, class| {
                     let class_and_flags = (class, range_flags(&key, 0, context.ranges));
                     let (_, new) = wanted.entry(key).or_insert((false, None));

@@ -73,7 +73,7 @@ impl MemoContext<'_> {
         let slots_moved = !self.freed.is_empty() || !self.peers.added.is_empty();
         if full || slots_moved {
             // What the pod's class is made of may have changed (`classify.rs`).
-            entry.changed_at = self.now;
+            entry.class = None;
         }
         // ipBlocks per address; an empty list when no address is in one (the common
         // case: nothing to read per pod).

@@ -32,7 +32,7 @@ pub(super) struct PodView<'a> {
 
 impl PodView<'_> {
     /// The pod's addresses (see `kept`).
-    pub(super) fn ips<'e>(&'e self, entries: &'e [PodEntry]) -> &'e [IpAddr] {
+    pub(super) fn ips<'e>(&'e self, entries: &'e [Box<PodEntry>]) -> &'e [IpAddr] {
         self.kept.as_deref().unwrap_or(&entries[self.index].ips)
     }
 }
@@ -52,7 +52,7 @@ pub(super) fn audited_namespace(state: &ClusterState, namespace: &str) -> bool {
 /// ([`PodCounts`](crate::cache::PodCounts)); when none is, nobody's owner is looked up.
 pub(super) fn live_pods<'a>(
     state: &'a ClusterState,
-    entries: &[PodEntry],
+    entries: &[Box<PodEntry>],
     contested: bool,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<PodView<'a>> {
@@ -135,7 +135,7 @@ pub(super) fn live_pods<'a>(
 
 /// [`live_pods`] when no address is listed by two pods holding addresses: every such pod
 /// keeps all of its addresses.
-fn uncontested_pods<'a>(state: &'a ClusterState, entries: &[PodEntry]) -> Vec<PodView<'a>> {
+fn uncontested_pods<'a>(state: &'a ClusterState, entries: &[Box<PodEntry>]) -> Vec<PodView<'a>> {
     let mut out = Vec::with_capacity(entries.len());
     for (index, ((obj, pod), entry)) in state.pods.iter().zip(entries).enumerate() {
         debug_assert_eq!(entry.holds, holds_pod_addresses(pod));
@@ -159,7 +159,7 @@ fn uncontested_pods<'a>(state: &'a ClusterState, entries: &[PodEntry]) -> Vec<Po
 /// pods holding addresses: their views without a walk over every pod.
 pub(super) fn local_live_pods<'a>(
     state: &'a ClusterState,
-    entries: &[PodEntry],
+    entries: &[Box<PodEntry>],
     local: &'a BTreeSet<ObjectRef>,
 ) -> Vec<PodView<'a>> {
     let mut out = Vec::with_capacity(local.len());
@@ -191,7 +191,7 @@ pub(super) fn local_live_pods<'a>(
 /// What cannot be read of the addresses of the pods holding addresses (`unreadable`:
 /// those with something that cannot be read), in state order.
 pub(super) fn address_errors(
-    entries: &[PodEntry],
+    entries: &[Box<PodEntry>],
     unreadable: &BTreeSet<ObjectRef>,
     diagnostics: &mut Vec<Diagnostic>,
 ) {
