@@ -399,6 +399,14 @@ impl InBlocks {
         }
     }
 
+    /// Forgets `entry`, whose ipBlock matches go with it (the entry removed, or made
+    /// anew).
+    fn forget(&mut self, entry: &PodEntry) {
+        if !entry.ip_bits.is_empty() {
+            self.0.remove(&entry.obj);
+        }
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &ObjectRef> {
         self.0.iter()
     }
@@ -562,9 +570,8 @@ impl CompileCache {
                     if entry.matches(pod) {
                         entry.read_placement(pod, node);
                     } else {
-                        let had = !entry.ip_bits.is_empty();
+                        self.in_blocks.forget(entry);
                         **entry = PodEntry::new(obj, pod, node);
-                        self.in_blocks.follow(entry, had);
                     }
                     self.pod_counts.add(entry);
                 }
@@ -576,9 +583,7 @@ impl CompileCache {
                 (None, Ok(i)) => {
                     let entry = crate::sparing::remove(&mut self.pods, i);
                     self.pod_counts.remove(&entry);
-                    if !entry.ip_bits.is_empty() {
-                        self.in_blocks.0.remove(&entry.obj);
-                    }
+                    self.in_blocks.forget(&entry);
                 }
                 (None, Err(_)) => {}
             }
@@ -1044,8 +1049,7 @@ impl PodEntry {
 
     /// Resolves the egress named ports in force (`in_force`, whose version from
     /// [`NamedPortsInForce::sync`] is `version`), unless already done for them; a
-    /// resolution that differs from the last one marks the entry changed at compile
-    /// `now`.
+    /// resolution that differs from the last one forgets the pod's class.
     pub fn resolve_named_ports(&mut self, in_force: &[(&str, u8)], version: u64) {
         if self.resolved.0 == version {
             return;

@@ -266,13 +266,13 @@ fn compile_with(
         let slots = kept.chain(freed_peers.iter().map(|(slot, peer)| (*slot, peer)));
         let known = |slot: usize| !peers.added.contains(&slot);
         let (entries, namespaces) = (&*pod_entries, namespaces);
-        let kept = Kept {
+        let last = LastCompile {
             entries,
             namespaces,
             in_blocks,
             keys: kept_keys,
         };
-        matched_by_slots(slots, known, &kept, pods_before);
+        matched_by_slots(slots, known, &last, pods_before);
     }
 
     let context = MemoContext {
@@ -693,7 +693,7 @@ fn peers_in_force<'a>(
 
 /// What the last compile left that [`matched_by_slots`] reads: the pod entries, the
 /// namespaces, the pods held in some ipBlock, the IPCACHE keys.
-struct Kept<'a> {
+struct LastCompile<'a> {
     entries: &'a [Box<PodEntry>],
     namespaces: &'a Namespaces,
     in_blocks: &'a crate::cache::InBlocks,
@@ -717,15 +717,15 @@ struct Kept<'a> {
 fn matched_by_slots<'p>(
     slots: impl Iterator<Item = (usize, &'p Peer)>,
     known: impl Fn(usize) -> bool,
-    kept: &Kept<'_>,
+    last: &LastCompile<'_>,
     moved: &mut Vec<(ObjectRef, Vec<std::net::IpAddr>)>,
 ) {
-    let Kept {
+    let LastCompile {
         entries,
         namespaces,
         in_blocks,
         keys,
-    } = *kept;
+    } = *last;
     let mut slots = slots.peekable();
     if slots.peek().is_none() {
         return;

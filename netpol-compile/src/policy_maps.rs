@@ -176,8 +176,8 @@ pub fn lookup(
 /// `endpoint`, in its group of the tier, as `netpol-ebpf/src/policy.rs` finds it.
 /// Nothing when the endpoint has no entries in the tier and direction; else the exact
 /// port, the longest port range, every port of the protocol, every protocol, each looked
-/// up only when flagged. Tiers have no any-peer entries: the compiler writes one entry per identity,
-/// each holding the first rule (in the tier's order) that matches it there.
+/// up only when flagged. Tiers have no any-peer entries: the compiler writes one entry
+/// per identity, each holding the first rule (in the tier's order) that matches it there.
 pub fn lookup_tier<'p>(
     policy: &'p BTreeMap<Lpm<PolicyKey>, PolicyValue>,
     key: PolicyKey,
