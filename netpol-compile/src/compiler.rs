@@ -1148,12 +1148,13 @@ fn emit_maps(
         identities: &identities,
     };
     // Each tier group's number and kind flags.
+    let mut views = HashMap::new();
     let groups: Vec<(u32, u32)> = groups
         .into_iter()
         .map(|group| {
             let id = allocations.tier_group(&group.key).expect("numbered above");
             let inputs = GroupInputs {
-                view: cluster_view(&group.selecting, cluster_policies, &view),
+                view: cluster_view(&group.selecting, cluster_policies, &view, &mut views),
                 cluster: group
                     .selecting
                     .iter()
@@ -1284,20 +1285,28 @@ fn endpoint_inputs(
     }
 }
 
-/// The view of the identities through the ClusterNetworkPolicies `selecting`.
+/// The view of the identities through the ClusterNetworkPolicies `selecting`: each
+/// policy's is written once per compile in `of_policy` (by index) and copied into every
+/// group it selects (a policy for every namespace is in every group of its tier).
 fn cluster_view(
     selecting: &[usize],
     cluster_policies: &[Arc<ClusterPolicy>],
     view: &View<'_>,
+    of_policy: &mut HashMap<usize, Vec<u32>>,
 ) -> Vec<u32> {
     let mut seen = Vec::new();
     for &i in selecting {
-        for direction in Direction::BOTH {
-            for rule in cluster_policies[i].rules(direction) {
-                let (peers, ports) = (rule.peers.as_deref(), rule.ports.as_deref());
-                view.rule(&mut seen, direction, peers, ports, true);
+        let written = of_policy.entry(i).or_insert_with(|| {
+            let mut written = Vec::new();
+            for direction in Direction::BOTH {
+                for rule in cluster_policies[i].rules(direction) {
+                    let (peers, ports) = (rule.peers.as_deref(), rule.ports.as_deref());
+                    view.rule(&mut written, direction, peers, ports, true);
+                }
             }
-        }
+            written
+        });
+        seen.extend_from_slice(written);
     }
     seen
 }

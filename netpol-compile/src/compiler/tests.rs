@@ -816,6 +816,74 @@ fn guarded(ssh: u16) -> Cluster {
 }
 
 #[test]
+fn a_tier_rule_for_every_port_decides_its_peers_and_leaves_the_others_to_later_rules() {
+    // Every pod's ingress, in order: deny team b on 22; pass team a on every port (twice:
+    // the second never decides); deny everyone on every port.
+    let mut cluster = basic();
+    let every = |action: &str, from: serde_json::Value, ports: Option<serde_json::Value>| {
+        let mut rule = json!({"action": action, "from": [from]});
+        if let Some(ports) = ports {
+            rule["protocols"] = ports;
+        }
+        json!({"subject": {"namespaces": {}}, "ingress": [rule]})
+    };
+    let (team_a, team_b) = (
+        json!({"namespaces": {"matchLabels": {"team": "a"}}}),
+        json!({"namespaces": {"matchLabels": {"team": "b"}}}),
+    );
+    let ssh = json!([{"tcp": {"destinationPort": {"number": 22}}}]);
+    for (name, priority, spec) in [
+        ("deny-b-ssh", 1, every("Deny", team_b, Some(ssh))),
+        ("pass-a", 2, every("Pass", team_a.clone(), None)),
+        ("pass-a-again", 3, every("Pass", team_a, None)),
+        (
+            "deny-all",
+            4,
+            every("Deny", json!({"namespaces": {}}), None),
+        ),
+    ] {
+        let policy = admin_policy(name, priority, spec);
+        cluster.state.cluster_policies.insert(name.into(), policy);
+    }
+    let c = run(cluster);
+    let decided = |src, port| {
+        let d = model::decide(
+            &c,
+            ip(src),
+            ip("10.0.0.1"),
+            PROTO_TCP,
+            port,
+            Direction::Ingress,
+        );
+        let by = c
+            .rules
+            .get(&d.rule)
+            .map(|rule| rule.policy.name.to_string());
+        (d.reason, by)
+    };
+    let by = |name: &str| Some(name.to_string());
+    assert_eq!(
+        decided("10.0.1.3", 22),
+        (Reason::ClusterDenied, by("deny-b-ssh"))
+    );
+    assert_eq!(
+        decided("10.0.1.3", 80),
+        (Reason::ClusterDenied, by("deny-all"))
+    );
+    assert_eq!(decided("10.0.0.2", 22).0, Reason::NotIsolated);
+    assert_eq!(decided("10.0.0.2", 80).0, Reason::NotIsolated);
+    // Team a's identities: the first pass, one entry for every protocol, nothing else.
+    let group = tier_group(&c, "10.0.0.1", TIER_ADMIN);
+    let of_b: Vec<Entry> = entries(&c)
+        .into_iter()
+        .filter(|&(endpoint, peer, ..)| endpoint == group && peer == identity(&c, "10.0.0.2"))
+        .collect();
+    assert_eq!(of_b.len(), 1, "{of_b:?}");
+    let rule = c.rules.get(&of_b[0].6).map(|r| r.policy.name.to_string());
+    assert_eq!(rule, by("pass-a"));
+}
+
+#[test]
 fn endpoints_the_same_cluster_network_policies_select_share_one_tier_group() {
     let c = run(guarded(22));
     // x/a and y/c: "guard" alone; x/b: "guard" and "db". No Baseline policy.

@@ -293,9 +293,17 @@ pub(super) struct TierEntries<'a> {
     /// Egress named ports in force, and how each identity resolves them.
     egress_named_ports: &'a [(&'a str, u8)],
     named_by_identity: &'a [BTreeMap<u32, u16>],
-    /// Per rule of a policy selecting some endpoint (policy index, direction, place):
-    /// its id and the identities its peers match (empty for a rule of every peer).
-    rules_read: HashMap<(usize, Direction, usize), (u32, Vec<u32>)>,
+    /// Per policy (by index) and direction, once read for some group: each rule's id
+    /// and the identities its peers match (empty for a rule of every peer), in order.
+    rules_read: Vec<[Option<Box<[RuleRead]>>; 2]>,
+}
+
+/// A rule's id and the identities its peers match.
+type RuleRead = (u32, Vec<u32>);
+
+/// The index of `direction` in per-direction arrays: ingress, then egress.
+fn at_direction(direction: Direction) -> usize {
+    usize::from(direction == Direction::Egress)
 }
 
 impl<'a> TierEntries<'a> {
@@ -316,7 +324,7 @@ impl<'a> TierEntries<'a> {
             all_identities: all_identities(identities),
             egress_named_ports,
             named_by_identity,
-            rules_read: HashMap::new(),
+            rules_read: vec![[None, None]; policies.len()],
         }
     }
 
@@ -351,26 +359,24 @@ impl<'a> TierEntries<'a> {
     /// Reads the rules of the policies `selecting` in `direction` that no earlier
     /// group's did: their ids, and the identities their peers match.
     fn read_rules(&mut self, direction: Direction, selecting: &[usize]) {
+        let d = at_direction(direction);
         for &i in selecting {
-            for (at, rule) in self.policies[i].rules(direction).iter().enumerate() {
-                self.rules_read
-                    .entry((i, direction, at))
-                    .or_insert_with(|| {
-                        let id = self.allocations.rule_id(&rule.rule).expect("allocated");
-                        let identities = match &rule.peers {
-                            None => Vec::new(),
-                            Some(list) => {
-                                let of = super::emit::identities_of(
-                                    list,
-                                    self.peers,
-                                    self.peer_identities,
-                                );
-                                of.into_iter().collect()
-                            }
-                        };
-                        (id, identities)
-                    });
+            if self.rules_read[i][d].is_some() {
+                continue;
             }
+            let read = self.policies[i].rules(direction).iter().map(|rule| {
+                let id = self.allocations.rule_id(&rule.rule).expect("allocated");
+                let identities = match &rule.peers {
+                    None => Vec::new(),
+                    Some(list) => {
+                        super::emit::identities_of(list, self.peers, self.peer_identities)
+                            .into_iter()
+                            .collect()
+                    }
+                };
+                (id, identities)
+            });
+            self.rules_read[i][d] = Some(read.collect());
         }
     }
 
@@ -383,12 +389,13 @@ impl<'a> TierEntries<'a> {
         selecting: &[usize],
         pod: &PodEntry,
     ) -> Vec<(Lpm<PolicyKey>, PolicyValue)> {
+        let d = at_direction(direction);
         let rules: Vec<ReadRule<'_>> = selecting
             .iter()
             .flat_map(|&i| {
-                let rules = self.policies[i].rules(direction).iter().enumerate();
-                rules.map(move |(at, rule)| {
-                    let (id, identities) = &self.rules_read[&(i, direction, at)];
+                let read = self.rules_read[i][d].as_deref().expect("read above");
+                let rules = self.policies[i].rules(direction).iter().zip(read);
+                rules.map(|(rule, (id, identities))| {
                     let identities = match rule.peers {
                         None => &self.all_identities,
                         Some(_) => identities,
@@ -427,6 +434,10 @@ pub(super) fn ingress_names<'a>(
     named
 }
 
+/// How many identity lists of rules for every port [`TierContext::emit`] remembers to
+/// pass over a later rule with the same list at once.
+const DECIDING_REMEMBERED: usize = 16;
+
 /// What turning the rules of one tier into entries in one direction needs.
 struct TierContext<'a> {
     direction: Direction,
@@ -446,17 +457,36 @@ impl TierContext<'_> {
     /// rule of every peer is matched by all of them).
     fn emit(&self, rules: &[ReadRule<'_>]) -> Vec<(Lpm<PolicyKey>, PolicyValue)> {
         let mut out = Vec::new();
-        // Per identity, the rules whose peers match it, in order: (identity, rule) pairs
-        // sorted, so that each identity's rules are one slice of `ats` (a map of lists
-        // was a tenth of a compile after a ClusterNetworkPolicy was replaced).
-        let mut pairs: Vec<(u32, usize)> = Vec::with_capacity(
-            rules
-                .iter()
-                .map(|(_, _, identities)| identities.len())
-                .sum(),
-        );
-        for (at, &(_, _, identities)) in rules.iter().enumerate() {
-            pairs.extend(identities.iter().map(|&identity| (identity, at)));
+        // Per identity, the rules whose peers match it, in order, up to the first that
+        // matches every port: nothing after it decides (a large cluster's tiers repeat
+        // such rules, a Pass to every pod in dozens of policies, and a rule whose peers
+        // are those of one already passed, for every port, is not looked at). As
+        // (identity, rule) pairs, sorted, so that each identity's rules are one slice of
+        // `ats` (a map of lists was a tenth of a compile after a ClusterNetworkPolicy
+        // was replaced).
+        let all = self.entries.all_identities();
+        let mut decided = vec![false; all.len()];
+        let mut deciding: Vec<&[u32]> = Vec::new();
+        let mut pairs: Vec<(u32, usize)> = Vec::new();
+        for (at, &(rule, _, identities)) in rules.iter().enumerate() {
+            if deciding.contains(&identities) {
+                continue;
+            }
+            let every_port = rule.ports.is_none();
+            for &identity in identities {
+                match all.binary_search(&identity) {
+                    Ok(i) if decided[i] => {}
+                    Ok(i) => {
+                        pairs.push((identity, at));
+                        decided[i] = every_port;
+                    }
+                    Err(_) => pairs.push((identity, at)),
+                }
+            }
+            // A few remembered are enough for the repeated ones and keep the check short.
+            if every_port && deciding.len() < DECIDING_REMEMBERED {
+                deciding.push(identities);
+            }
         }
         pairs.sort_unstable();
         let ats: Vec<usize> = pairs.iter().map(|&(_, at)| at).collect();
