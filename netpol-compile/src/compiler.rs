@@ -1265,7 +1265,7 @@ fn endpoint_inputs(
 ) -> EndpointInputs {
     let mut seen = Vec::new();
     let selecting = Direction::BOTH.map(|direction| {
-        let d = usize::from(direction == Direction::Egress);
+        let d = direction.index();
         ep.selected_by[d]
             .iter()
             .map(|&i| {

@@ -103,6 +103,15 @@ impl Direction {
         }
     }
 
+    /// This direction's place in per-direction arrays (ingress, then egress: the order
+    /// of [`Direction::BOTH`]).
+    pub fn index(self) -> usize {
+        match self {
+            Direction::Ingress => 0,
+            Direction::Egress => 1,
+        }
+    }
+
     /// The other direction.
     pub fn reverse(self) -> Direction {
         match self {

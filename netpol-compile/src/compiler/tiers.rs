@@ -256,10 +256,7 @@ impl ClusterPolicy {
 
     /// Every rule, by direction, in order.
     pub(crate) fn rules(&self, direction: Direction) -> &[TierRule] {
-        match direction {
-            Direction::Ingress => &self.rules[0],
-            Direction::Egress => &self.rules[1],
-        }
+        &self.rules[direction.index()]
     }
 }
 
@@ -300,11 +297,6 @@ pub(super) struct TierEntries<'a> {
 
 /// A rule's id and the identities its peers match.
 type RuleRead = (u32, Vec<u32>);
-
-/// The index of `direction` in per-direction arrays: ingress, then egress.
-fn at_direction(direction: Direction) -> usize {
-    usize::from(direction == Direction::Egress)
-}
 
 impl<'a> TierEntries<'a> {
     pub(super) fn new(
@@ -359,7 +351,7 @@ impl<'a> TierEntries<'a> {
     /// Reads the rules of the policies `selecting` in `direction` that no earlier
     /// group's did: their ids, and the identities their peers match.
     fn read_rules(&mut self, direction: Direction, selecting: &[usize]) {
-        let d = at_direction(direction);
+        let d = direction.index();
         for &i in selecting {
             if self.rules_read[i][d].is_some() {
                 continue;
@@ -389,7 +381,7 @@ impl<'a> TierEntries<'a> {
         selecting: &[usize],
         pod: &PodEntry,
     ) -> Vec<(Lpm<PolicyKey>, PolicyValue)> {
-        let d = at_direction(direction);
+        let d = direction.index();
         let rules: Vec<ReadRule<'_>> = selecting
             .iter()
             .flat_map(|&i| {
